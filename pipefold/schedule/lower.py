@@ -1,0 +1,138 @@
+"""Lowering: derive each rank's communication from a compute-only schedule.
+
+The result, a `Program`, is what the runtime executes: per rank, the compute
+actions in schedule order with `SEND_*` and `RECV_*` actions inserted.
+
+[Note: send/recv semantics]
+- A SEND is issued right after the action that produced the tensor (F for
+  activations; B or I for input gradients, so a split backward ships the
+  gradient before its W runs). Sends are non-blocking; the runtime only waits
+  for them before it reuses or frees the buffer.
+- A RECV *posts* a non-blocking receive; the consuming compute action waits
+  for it. Receives are posted `lookahead` compute actions before their
+  consumer, so the transfer overlaps that computation.
+- For every ordered pair of ranks, the receiver posts its receives in the
+  order the sender issues the sends. NCCL matches point-to-point messages by
+  order alone, so this makes matching correct on every backend; it can force a
+  receive to be posted earlier than its lookahead asks.
+Under these rules a program can only deadlock through a cycle of compute
+actions waiting for each other's results, which `validate` rules out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pipefold.schedule.deps import message_source
+from pipefold.schedule.ir import Action, Op, Schedule
+
+__all__ = ["Program", "Message", "lower", "messages_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A tensor crossing ranks: `send` on `src` ships what `recv` on `dst` posts for."""
+
+    src: int
+    dst: int
+    send: Action
+    recv: Action
+
+
+@dataclass(frozen=True)
+class Program:
+    """Per-rank instruction lists: compute actions plus derived SEND/RECV actions."""
+
+    schedule: Schedule
+    instructions: tuple[tuple[Action, ...], ...]
+
+    def peer_of(self, action: Action) -> int:
+        """The other rank of a communication action."""
+        placement = self.schedule.placement
+        if action.op in (Op.SEND_F, Op.RECV_B):
+            return placement[action.stage + 1]
+        if action.op in (Op.RECV_F, Op.SEND_B):
+            return placement[action.stage - 1]
+        raise ValueError(f"{action} is not a communication action")
+
+
+def _outgoing(action: Action, schedule: Schedule) -> tuple[Action, int] | None:
+    """The SEND that must follow compute `action`, with its destination rank, if any."""
+    here = schedule.rank_of(action.stage)
+    if action.op is Op.F and action.stage < schedule.num_stages - 1:
+        peer = schedule.rank_of(action.stage + 1)
+        if peer != here:
+            return Action(Op.SEND_F, action.stage, action.microbatch), peer
+    if action.op.is_backward and action.stage > 0:
+        peer = schedule.rank_of(action.stage - 1)
+        if peer != here:
+            return Action(Op.SEND_B, action.stage, action.microbatch), peer
+    return None
+
+
+def _incoming(action: Action) -> Action:
+    """The RECV that feeds compute `action` (caller checked that one is needed)."""
+    op = Op.RECV_F if action.op is Op.F else Op.RECV_B
+    return Action(op, action.stage, action.microbatch)
+
+
+def messages_of(schedule: Schedule) -> list[Message]:
+    """Every cross-rank message, in the order each sender issues them."""
+    found = []
+    for rank, _, action in schedule.iter_actions():
+        outgoing = _outgoing(action, schedule)
+        if outgoing is None:
+            continue
+        send, peer = outgoing
+        consumer_op = Op.F if send.op is Op.SEND_F else Op.B
+        consumer_stage = send.stage + 1 if send.op is Op.SEND_F else send.stage - 1
+        recv = _incoming(Action(consumer_op, consumer_stage, send.microbatch))
+        found.append(Message(rank, peer, send, recv))
+    return found
+
+
+def lower(schedule: Schedule, *, lookahead: int = 1) -> Program:
+    """Insert SEND/RECV actions (see [Note: send/recv semantics]).
+
+    `lookahead` is how many compute actions before its consumer a receive is
+    posted (0 = right before the consumer).
+    """
+    # Position (index among the receiver's compute actions) before which each receive is
+    # posted: `lookahead` actions early, then pulled earlier so that, per sender, posts
+    # happen in send order.
+    consumer_index: dict[Action, int] = {}
+    for _, position, action in schedule.iter_actions():
+        if message_source(action, schedule) is not None:
+            consumer_index[_incoming(action)] = position
+
+    by_pair: dict[tuple[int, int], list[Action]] = defaultdict(list)
+    for message in messages_of(schedule):
+        by_pair[(message.src, message.dst)].append(message.recv)
+
+    post_before: dict[Action, int] = {}
+    for receives in by_pair.values():
+        earliest_later = None
+        for recv in reversed(receives):
+            wanted = max(consumer_index[recv] - lookahead, 0)
+            if earliest_later is not None:
+                wanted = min(wanted, earliest_later)
+            post_before[recv] = wanted
+            earliest_later = wanted
+
+    posts_at: dict[int, dict[int, list[Action]]] = defaultdict(lambda: defaultdict(list))
+    for (_, dst), receives in by_pair.items():
+        for recv in receives:  # send order, so FIFO per pair survives the grouping
+            posts_at[dst][post_before[recv]].append(recv)
+
+    instructions = []
+    for rank, row in enumerate(schedule.actions):
+        program: list[Action] = []
+        for position, action in enumerate(row):
+            program.extend(posts_at[rank].get(position, ()))
+            program.append(action)
+            outgoing = _outgoing(action, schedule)
+            if outgoing is not None:
+                program.append(outgoing[0])
+        instructions.append(tuple(program))
+    return Program(schedule, tuple(instructions))
