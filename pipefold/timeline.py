@@ -26,6 +26,8 @@ class Event:
     action: Action
     start: float
     end: float
+    step: int = 0
+    """Which call of the schedule (training step) this action belongs to, from 0."""
 
     @property
     def duration(self) -> float:
@@ -40,6 +42,8 @@ class Wait:
     waiting_for: Action
     start: float
     end: float
+    step: int = 0
+    """The step of `waiting_for`."""
 
     @property
     def duration(self) -> float:
@@ -52,8 +56,9 @@ class Timeline:
 
     `activation_bytes_peak[rank]` is the peak of activation bytes held on that rank
     (simulated from the cost model, or counted by saved-tensor hooks at run time);
-    `weight_versions_peak[rank]` the most weight versions a rank held at once (1 for
-    flush schedules, more under weight stashing).
+    `weight_versions_peak[rank]` the most versions of one stage's weights a rank held at
+    once (1 for flush schedules, more under weight stashing). Events of several steps
+    (calls of the schedule) carry their `step` index.
     """
 
     num_ranks: int
@@ -64,6 +69,8 @@ class Timeline:
     source: Literal["simulated", "measured"] = "simulated"
     schedule_name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    weight_bytes_peak: tuple[int, ...] = ()
+    """Peak bytes of weights held per rank, stashed versions included (empty when unknown)."""
 
     def __post_init__(self) -> None:
         if len(self.events) != self.num_ranks:
@@ -119,6 +126,34 @@ class Timeline:
             peak = max(peak, held)
         return peak
 
+    @property
+    def num_steps(self) -> int:
+        return 1 + max((event.step for row in self.events for event in row), default=0)
+
+    def step_events(self, step: int) -> tuple[tuple[Event, ...], ...]:
+        """Per rank, the events of one step."""
+        return tuple(tuple(event for event in row if event.step == step) for row in self.events)
+
+    def steady_state_bubble(self) -> float:
+        """Idle share of the last step's period: how full the pipeline runs once warm.
+
+        The period is, over ranks, the longest gap between the end of a rank's work in
+        the second-to-last step and the end of its work in the last step; with one step
+        this is `bubble_fraction`.
+        """
+        last = self.num_steps - 1
+        if last == 0:
+            return self.bubble_fraction
+        period = 0.0
+        busy = 0.0
+        for row in self.events:
+            ends = [max((e.end for e in row if e.step == step), default=0.0) for step in (last - 1, last)]
+            period = max(period, ends[1] - ends[0])
+            busy += sum(event.duration for event in row if event.step == last)
+        if period <= 0:
+            return 0.0
+        return max(0.0, 1.0 - busy / (self.num_ranks * period))
+
     def summary(self) -> dict[str, Any]:
         """Plain-data metrics for JSON output."""
         return {
@@ -127,11 +162,13 @@ class Timeline:
             "num_ranks": self.num_ranks,
             "makespan": self.makespan,
             "bubble_fraction": self.bubble_fraction,
+            "num_steps": self.num_steps,
             "busy_time": [self.busy_time(rank) for rank in range(self.num_ranks)],
             "wait_time": [self.wait_time(rank) for rank in range(self.num_ranks)],
             "peak_activations": [self.peak_activations(rank) for rank in range(self.num_ranks)],
             "activation_bytes_peak": list(self.activation_bytes_peak),
             "weight_versions_peak": list(self.weight_versions_peak),
+            "weight_bytes_peak": list(self.weight_bytes_peak),
         }
 
     # -- serialization -------------------------------------------------------------------------
@@ -144,15 +181,22 @@ class Timeline:
             "meta": self.meta,
             "activation_bytes_peak": list(self.activation_bytes_peak),
             "weight_versions_peak": list(self.weight_versions_peak),
-            "events": [[[str(e.action), e.start, e.end] for e in row] for row in self.events],
-            "waits": [[[str(w.waiting_for), w.start, w.end] for w in row] for row in self.waits],
+            "weight_bytes_peak": list(self.weight_bytes_peak),
+            "events": [[[str(e.action), e.start, e.end, e.step] for e in row] for row in self.events],
+            "waits": [[[str(w.waiting_for), w.start, w.end, w.step] for w in row] for row in self.waits],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Timeline:
         def rows(key: str, kind: type[Event] | type[Wait]) -> tuple[tuple[Any, ...], ...]:
             return tuple(
-                tuple(kind(rank, Action.parse(text), float(s), float(e)) for text, s, e in row)
+                # A fourth entry, the step, was added later; three-entry files are step 0.
+                tuple(
+                    kind(rank, Action.parse(entry[0]), float(entry[1]), float(entry[2]), int(
+                        entry[3] if len(entry) > 3 else 0
+                    ))
+                    for entry in row
+                )
                 for rank, row in enumerate(data.get(key, []))
             )
 
@@ -165,6 +209,7 @@ class Timeline:
             source=data.get("source", "simulated"),
             schedule_name=data.get("schedule_name", ""),
             meta=dict(data.get("meta", {})),
+            weight_bytes_peak=tuple(data.get("weight_bytes_peak", ())),
         )
 
     def dumps(self) -> str:

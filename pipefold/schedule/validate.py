@@ -118,25 +118,35 @@ def _check_progress(schedule: Schedule) -> None:
             break
     if not remaining:
         return
-    blocked = [
-        (rank, positions[rank])
+    blocked = {
+        rank: positions[rank]
         for rank, row in enumerate(schedule.actions)
         if positions[rank] < len(row)
-    ]
-    rank, position = blocked[0]
-    action = schedule.actions[rank][position]
-    missing = [needed for needed in inputs[action] if needed not in done]
-    owner = schedule.rank_of(missing[0].stage)
-    if owner == rank:
-        reason = f"it needs {missing[0]}, which this rank runs later"
-    else:
-        reason = f"it needs {missing[0]} from rank {owner}, which is itself blocked"
-    others = ", ".join(f"rank {r} at {schedule.actions[r][p]}" for r, p in blocked[1:])
+    }
+    # Follow the wait chain from the first stuck rank to its root: a rank waiting on its own
+    # later action, or the first rank seen twice (a cycle across ranks).
+    rank = next(iter(blocked))
+    seen: list[int] = []
+    while True:
+        action = schedule.actions[rank][blocked[rank]]
+        missing = next(needed for needed in inputs[action] if needed not in done)
+        owner = schedule.rank_of(missing.stage)
+        if owner == rank:
+            reason = f"it needs {missing}, which this rank runs later"
+            break
+        if owner in seen or owner not in blocked:
+            reason = f"it needs {missing} from rank {owner}, which is itself blocked (a cycle)"
+            break
+        seen.append(rank)
+        rank = owner
+    others = ", ".join(
+        f"rank {r} at {schedule.actions[r][p]}" for r, p in blocked.items() if r != rank
+    )
     raise _fail(
         schedule,
         f"deadlock: rank {rank} waits forever at {action}: {reason}"
         + (f" (also stuck: {others})" if others else ""),
-        (rank, position),
+        (rank, blocked[rank]),
     )
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pipefold.errors import ScheduleError
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
 from pipefold.schedule.registry import Family, register
-from pipefold.errors import ScheduleError
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:

@@ -1,0 +1,133 @@
+"""Time the full backward (B) against the split one (I + W) on one transformer block.
+
+The zero-bubble schedules assume I + W costs about B; pipefold's split keeps the
+gradients at the frontier nodes during I so that W does not run the input path again.
+This script checks that on a pre-LN transformer block (d=256, 4 heads, seq 128, batch 4,
+fp32, one CPU thread by default) and prints the medians and the ratio (I + W) / B,
+which should stay within 1.15.
+
+Run:
+    .venv/bin/python benchmarks/split_backward.py
+    .venv/bin/python benchmarks/split_backward.py --repeats 50 --checkpoint   # with activation checkpointing
+    .venv/bin/python benchmarks/split_backward.py --device cuda --threads 0
+
+Each repeat runs one fresh forward before each measured backward (the forward is not
+timed), and B and I + W alternate so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.use_checkpoint = use_checkpoint
+
+    def _attention(self, x: Tensor) -> Tensor:
+        h = self.ln1(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_checkpoint:
+            x = checkpoint(self._attention, x, use_reentrant=False)
+        else:
+            x = self._attention(x)
+        return x + self.mlp(self.ln2(x))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 leaves torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpoint", action="store_true", help="checkpoint the attention half")
+    args = parser.parse_args()
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    block = PreLNBlock(args.d_model, args.num_heads, args.checkpoint).to(device)
+    params = list(block.parameters())
+    x = torch.randn(args.batch, args.seq, args.d_model, device=device)
+    grad = torch.randn_like(x)
+
+    def fresh_forward() -> tuple[Tensor, Tensor]:
+        leaf = x.detach().requires_grad_()
+        return leaf, block(leaf)
+
+    def time_full() -> float:
+        leaf, out = fresh_forward()
+        _sync(device)
+        start = time.perf_counter()
+        backward_full((out,), (grad,), (leaf,))
+        _sync(device)
+        return time.perf_counter() - start
+
+    def time_split() -> tuple[float, float]:
+        leaf, out = fresh_forward()
+        _sync(device)
+        start = time.perf_counter()
+        _, state = backward_input((out,), (grad,), (leaf,), params)
+        _sync(device)
+        middle = time.perf_counter()
+        del out  # an executor drops the outputs once I has sent the input gradient
+        backward_weight(state)
+        _sync(device)
+        return middle - start, time.perf_counter() - middle
+
+    b_times: list[float] = []
+    i_times: list[float] = []
+    w_times: list[float] = []
+    for repeat in range(args.warmup + args.repeats):
+        b = time_full()
+        block.zero_grad(set_to_none=True)
+        i, w = time_split()
+        block.zero_grad(set_to_none=True)
+        if repeat >= args.warmup:
+            b_times.append(b)
+            i_times.append(i)
+            w_times.append(w)
+
+    def ms(values: list[float]) -> float:
+        return 1e3 * statistics.median(values)
+
+    ratio = statistics.median([(i + w) / b for i, w, b in zip(i_times, w_times, b_times, strict=True)])
+    print(
+        f"block d={args.d_model} heads={args.num_heads} seq={args.seq} batch={args.batch} "
+        f"device={device} threads={torch.get_num_threads()} checkpoint={args.checkpoint} "
+        f"repeats={args.repeats}"
+    )
+    print(f"B      {ms(b_times):8.2f} ms")
+    print(f"I      {ms(i_times):8.2f} ms")
+    print(f"W      {ms(w_times):8.2f} ms")
+    print(f"I + W  {ms([i + w for i, w in zip(i_times, w_times, strict=True)]):8.2f} ms")
+    print(f"(I + W) / B = {ratio:.3f}  (median of per-repeat ratios; target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""`pipefold bench` (and `python benchmarks/run.py`): pipefold against torch.distributed.pipelining.
+
+    pipefold bench --quick                    # ~1 minute: MLP, 2 ranks, M=8, three schedules
+    pipefold bench                            # the full matrix (2 workloads x 2, 4 ranks x M 4, 8, 16)
+    pipefold bench --workloads transformer --ranks 2 --microbatches 8 --schedules 1f1b zb-v
+
+Every configuration is printed as one JSON line as soon as it is measured; the whole
+run is written to RESULTS_DIR/<name>.json, which `python benchmarks/render.py` turns
+into the BENCHMARKS.md body. DeepSpeed's pipeline engine is timed as a third column
+when `import deepspeed` works (install: `DS_BUILD_OPS=0 pip install deepspeed`).
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipefold.bench.pairs import PAIRS
+from pipefold.bench.quiet import QuietGate
+from pipefold.bench.results import RunOptions
+from pipefold.errors import ConfigError
+
+__all__ = ["add_parser", "options_from_args", "matrices_from_args", "run"]
+
+logger = logging.getLogger(__name__)
+
+_WORKLOADS = ("mlp", "transformer")
+_QUIET_FIELDS = (
+    "workload",
+    "schedule",
+    "peer_schedule",
+    "ranks",
+    "microbatches",
+    "pipefold_step_s",
+    "peer_step_s",
+    "ratio",
+    "efficiency",
+    "peer_efficiency",
+    "predicted_step_s",
+    "prediction_error",
+    "deepspeed_step_s",
+    "deepspeed_ratio",
+    "skipped",
+)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench",
+        help="benchmark pipefold against torch.distributed.pipelining (and DeepSpeed)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    configure_parser(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="reduced matrix, about a minute")
+    parser.add_argument("--workloads", nargs="+", choices=_WORKLOADS, help="default: both (quick: mlp)")
+    parser.add_argument("--ranks", nargs="+", type=_positive, help="rank counts (default 2 4; quick: 2)")
+    parser.add_argument(
+        "--microbatches", nargs="+", type=_positive, help="micro-batch counts (default 4 8 16; quick: 8)"
+    )
+    parser.add_argument(
+        "--schedules", nargs="+", choices=tuple(PAIRS), help="pipefold schedules (default: all pairs)"
+    )
+    parser.add_argument("--steps", type=_positive, help="timed steps per library (default 7; quick: 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per library (default 2; quick: 1)")
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.10,
+        help="largest share of the machine's CPU other processes may use in a kept window (default 0.10)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=3, help="retakes of a disturbed timing window (default 3)"
+    )
+    parser.add_argument(
+        "--peers",
+        choices=("auto", "torch", "none"),
+        default="auto",
+        help="auto: torch, plus deepspeed when it imports; torch: torch only; none: pipefold only",
+    )
+    parser.add_argument(
+        "--no-overhead", action="store_true", help="skip the per-action overhead micro-benchmark"
+    )
+    parser.add_argument(
+        "--full-batch-threads", type=_positive, default=2, help="threads of the full-batch baseline"
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON results go"
+    )
+    parser.add_argument("--name", help="results file name without .json (default: quick or full)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    libraries: tuple[str, ...] = ("pipefold",)
+    if args.peers in ("auto", "torch"):
+        libraries += ("torch",)
+    if args.peers == "auto" and _deepspeed_available():
+        libraries += ("deepspeed",)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if warmup < 0:
+        raise ConfigError(f"--warmup={warmup} must be >= 0")
+    return RunOptions(
+        warmup_steps=warmup,
+        timed_steps=args.steps or (5 if args.quick else 7),
+        libraries=libraries,
+        gate=QuietGate(threshold=args.quiet_threshold, max_retries=args.retries),
+        seed=args.seed,
+    )
+
+
+def matrices_from_args(args: argparse.Namespace) -> list[Any]:
+    from pipefold.bench.runner import FULL, OVERHEAD, QUICK, Matrix
+
+    base = QUICK if args.quick else FULL
+    matrix = Matrix(
+        workloads=tuple(args.workloads or base.workloads),
+        ranks=tuple(args.ranks or base.ranks),
+        microbatches=tuple(args.microbatches or base.microbatches),
+        schedules=tuple(args.schedules or base.schedules),
+    )
+    for num_ranks in matrix.ranks:
+        if num_ranks < 2:
+            raise ConfigError(f"--ranks {num_ranks}: a pipeline needs at least 2 ranks")
+    customized = any((args.workloads, args.ranks, args.microbatches, args.schedules))
+    with_overhead = not (args.quick or args.no_overhead or customized)
+    return [matrix, OVERHEAD] if with_overhead else [matrix]
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps({key: record[key] for key in _QUIET_FIELDS if key in record})
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipefold.bench.runner import run_benchmark
+
+    options = options_from_args(args)
+    matrices = matrices_from_args(args)
+    name = args.name or ("quick" if args.quick else "full")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{name}.json"
+    command = "pipefold bench " + " ".join(shlex.quote(a) for a in sys.argv[2:] if sys.argv[1:2] == ["bench"])
+
+    def emit(record: dict[str, Any]) -> None:
+        sys.stdout.write(_line(record) + "\n")
+        sys.stdout.flush()
+
+    document = run_benchmark(
+        matrices,
+        options,
+        full_batch_threads=args.full_batch_threads,
+        on_record=emit,
+        command=getattr(args, "command_line", None) or command,
+    )
+    path.write_text(json.dumps(document, indent=1))
+    logger.info("results written to %s", path)
+    return 0

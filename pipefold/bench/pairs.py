@@ -1,0 +1,88 @@
+"""Which torch.distributed.pipelining schedule each pipefold schedule is timed against.
+
+Both sides of a pair get the same stage layout (placement of the 8 layers' stages on the
+ranks), so they run the same stage modules; only the schedule implementation differs.
+No torch import.
+
+[Note: zero-bubble pairing]
+torch's zero-bubble schedule for the ordinary (non-V) layout is
+`ScheduleInterleavedZeroBubble`; it accepts one stage per rank, where it runs the
+ZB-H1 order (backward split into I and W, W deferred to fill the bubble). pipefold's
+closest equivalent is `zb-h1` with one stage per rank, so the pair is timed with the
+contiguous layout on both sides rather than torch's usual two-chunk loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipefold.errors import ConfigError
+from pipefold.schedule.ir import contiguous_placement, looped_placement, v_placement
+
+__all__ = ["PAIRS", "SchedulePair", "pair"]
+
+Layout = Literal["contiguous", "looped", "v"]
+
+
+@dataclass(frozen=True)
+class SchedulePair:
+    """A pipefold schedule family and its torch counterpart, with the shared stage layout."""
+
+    schedule: str
+    """pipefold family name (pipefold.schedule.build)."""
+    torch_class: str
+    """Class name in torch.distributed.pipelining."""
+    layout: Layout
+    num_virtual: int
+    """Stages per rank on both sides."""
+
+    def placement(self, num_ranks: int) -> tuple[int, ...]:
+        """Owning rank of every stage, in model order."""
+        if self.layout == "contiguous":
+            return contiguous_placement(num_ranks)
+        if self.layout == "looped":
+            return looped_placement(num_ranks, self.num_virtual)
+        return v_placement(num_ranks, self.num_virtual)
+
+    def stages_of(self, rank: int, num_ranks: int) -> list[int]:
+        return [stage for stage, owner in enumerate(self.placement(num_ranks)) if owner == rank]
+
+    def peer_refusal(self, num_ranks: int, num_microbatches: int) -> str | None:
+        """Why torch would refuse (or misbehave on) this configuration, from PEERS.md; else None.
+
+        Checked before any rank builds the schedule: a torch schedule that fails inside
+        `step` leaves the other ranks blocked in gloo.
+        """
+        if self.torch_class == "Schedule1F1B" and num_microbatches < num_ranks:
+            return f"torch Schedule1F1B needs microbatches >= ranks ({num_microbatches} < {num_ranks})"
+        if self.torch_class == "ScheduleDualPipeV" and num_microbatches < 2 * num_ranks:
+            return (
+                f"torch ScheduleDualPipeV needs microbatches >= 2 x ranks "
+                f"({num_microbatches} < {2 * num_ranks})"
+            )
+        return None
+
+
+PAIRS: dict[str, SchedulePair] = {
+    entry.schedule: entry
+    for entry in (
+        SchedulePair("gpipe", "ScheduleGPipe", "contiguous", 1),
+        SchedulePair("1f1b", "Schedule1F1B", "contiguous", 1),
+        SchedulePair("interleaved-1f1b", "ScheduleInterleaved1F1B", "looped", 2),
+        SchedulePair("looped-bfs", "ScheduleLoopedBFS", "looped", 2),
+        SchedulePair("zb-h1", "ScheduleInterleavedZeroBubble", "contiguous", 1),
+        SchedulePair("zb-v", "ScheduleZBVZeroBubble", "v", 2),
+        SchedulePair("dualpipe-v", "ScheduleDualPipeV", "v", 2),
+    )
+}
+
+
+def pair(schedule: str) -> SchedulePair:
+    try:
+        return PAIRS[schedule]
+    except KeyError:
+        raise ConfigError(
+            f"schedule={schedule!r} has no torch counterpart to benchmark against; "
+            f"choose from {', '.join(PAIRS)}"
+        ) from None

@@ -1,0 +1,72 @@
+"""The pipefold side of a benchmark pair: `pipefold.Pipeline` on the same 8 layers.
+
+pipefold's `step` is the same call on every rank, so every rank passes the batch.
+The layers are cut into the pair's stages with explicit, even boundaries, so both
+libraries run identical stage modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipefold.bench.layout import stage_bounds
+from pipefold.bench.pairs import SchedulePair
+from pipefold.bench.workloads import Workload
+
+__all__ = ["PipefoldSide"]
+
+
+class PipefoldSide:
+    label = "pipefold"
+
+    def __init__(
+        self,
+        workload: Workload,
+        layers: list[nn.Module],
+        schedule_pair: SchedulePair,
+        *,
+        num_ranks: int,
+        num_microbatches: int,
+    ) -> None:
+        from pipefold import Pipeline
+
+        num_stages = num_ranks * schedule_pair.num_virtual
+        self.pipe: Any = Pipeline(
+            copy.deepcopy(layers),
+            loss_fn=workload.loss_fn,
+            schedule=schedule_pair.schedule,
+            num_microbatches=num_microbatches,
+            num_virtual=schedule_pair.num_virtual,
+            partition=uniform_partition(num_stages),
+            device=torch.device("cpu"),
+        )
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.pipe.step(inputs, targets)
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        return {name: p.grad for name, p in self.pipe.named_parameters() if p.grad is not None}
+
+    def zero_grad(self) -> None:
+        for parameter in self.pipe.parameters():
+            parameter.grad = None
+
+    def activation_bytes_peak(self) -> int | None:
+        timeline = self.pipe.last_timeline
+        peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
+        rank = int(self.pipe.rank)
+        return int(peaks[rank]) if rank < len(peaks) else None
+
+
+    def timeline_json(self) -> dict[str, Any] | None:
+        data: dict[str, Any] = self.pipe.last_timeline.to_json()
+        return data
+
+
+def uniform_partition(num_stages: int) -> list[int]:
+    """Layers per stage, the same even split the torch side uses."""
+    return [stop - start for start, stop in stage_bounds(num_stages)]

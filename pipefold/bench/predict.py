@@ -1,0 +1,72 @@
+"""pipefold's simulator prediction for a benchmark configuration.
+
+Stage costs are sums of the per-layer profile (`pipefold.bench.profile`) over each
+stage's layers. The profile's per-layer timings (a few repeats of single kernels) are
+noisier than a whole step, so they are rescaled so that F + B of all layers times M
+equals the median of the one-process accumulation baseline for the same M: the profile
+gives the shape (which layer, F versus B versus I), the baseline the scale.
+No torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipefold.bench.layout import stage_bounds
+from pipefold.bench.pairs import SchedulePair
+from pipefold.bench.results import LayerCost
+from pipefold.schedule import build
+from pipefold.simulate import CostModel, Link, simulate
+from pipefold.timeline import Timeline
+
+__all__ = ["cost_model", "predict"]
+
+
+def cost_model(
+    layer_costs: Sequence[LayerCost],
+    num_stages: int,
+    *,
+    scale: float = 1.0,
+    link: Link | None = None,
+) -> CostModel:
+    """Per-stage CostModel from per-layer costs, times multiplied by `scale`."""
+    bounds = stage_bounds(num_stages)
+
+    def per_stage(values: Sequence[float]) -> list[float]:
+        return [scale * sum(values[start:stop]) for start, stop in bounds]
+
+    return CostModel.from_lists(
+        f=per_stage([c.forward_s for c in layer_costs]),
+        i=per_stage([c.input_grad_s for c in layer_costs]),
+        w=per_stage([c.weight_grad_s for c in layer_costs]),
+        b=per_stage([c.backward_s for c in layer_costs]),
+        activation_bytes=[sum(c.activation_bytes for c in layer_costs[start:stop]) for start, stop in bounds],
+        message_bytes=[layer_costs[stop - 1].output_bytes for _, stop in bounds[:-1]],
+        link=link,
+    )
+
+
+def calibration_scale(layer_costs: Sequence[LayerCost], num_microbatches: int, baseline_s: float) -> float:
+    """Factor that makes the profile's one-process step equal the measured baseline step."""
+    profiled = num_microbatches * sum(c.forward_s + c.backward_s for c in layer_costs)
+    return baseline_s / profiled if profiled > 0 else 1.0
+
+
+def predict(
+    schedule_pair: SchedulePair,
+    num_ranks: int,
+    num_microbatches: int,
+    layer_costs: Sequence[LayerCost],
+    *,
+    scale: float = 1.0,
+    link: Link | None = None,
+) -> Timeline:
+    """The simulated timeline of one step of this configuration."""
+    schedule = build(
+        schedule_pair.schedule,
+        num_ranks=num_ranks,
+        num_microbatches=num_microbatches,
+        num_virtual=schedule_pair.num_virtual,
+    )
+    costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link)
+    return simulate(schedule, costs)

@@ -1,0 +1,310 @@
+"""Render a results document (benchmarks/results/*.json) as the BENCHMARKS.md body, with plots.
+
+    markdown = render_markdown(document, plots_dir=Path("benchmarks/results/plots"),
+                               plots_link="benchmarks/results/plots")
+
+Pure formatting: no torch; matplotlib only inside `save_plots`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_markdown", "save_plots", "table"]
+
+logger = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.0%}"
+
+
+def _mib(values: Sequence[int | None] | None) -> str:
+    if not values or any(value is None for value in values):
+        return "—"
+    return " / ".join(f"{value / 2**20:.0f}" for value in values if value is not None)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _disturbed(record: Record) -> str:
+    sides = record.get("sides", {})
+    counts = [side.get("num_disturbed", 0) for side in sides.values()]
+    totals = [len(side.get("samples_s", [])) for side in sides.values()]
+    return f"{sum(counts)}/{sum(totals)}" if sum(totals) else "—"
+
+
+def _has_deepspeed(records: Sequence[Record]) -> bool:
+    return any("deepspeed_step_s" in record for record in records)
+
+
+def _step_table(records: Sequence[Record]) -> str:
+    deepspeed = _has_deepspeed(records)
+    header = ["schedule (torch class)", "M", "pipefold s", "torch s", "ratio torch/pipefold"]
+    if deepspeed:
+        header += ["deepspeed s", "ratio ds/pipefold"]
+    header += ["eff. pipefold", "eff. torch"]
+    if deepspeed:
+        header += ["eff. deepspeed"]
+    header += ["predicted s", "pred. error", "spread pf / torch", "disturbed"]
+    rows = []
+    for record in records:
+        if record.get("skipped"):
+            continue
+        row = [
+            f"{record['schedule']} ({record['peer_schedule']})",
+            str(record["microbatches"]),
+            _seconds(record["pipefold_step_s"]),
+            _seconds(record["peer_step_s"]),
+            _ratio(record["ratio"]),
+        ]
+        if deepspeed:
+            row += [_seconds(record.get("deepspeed_step_s")), _ratio(record.get("deepspeed_ratio"))]
+        row += [_ratio(record["efficiency"]), _ratio(record["peer_efficiency"])]
+        if deepspeed:
+            row += [_ratio(record.get("deepspeed_efficiency"))]
+        row += [
+            _seconds(record["predicted_step_s"]),
+            _percent(record["prediction_error"]),
+            f"{_percent(record.get('pipefold_spread'))[1:]} / {_percent(record.get('peer_spread'))[1:]}",
+            _disturbed(record),
+        ]
+        rows.append(row)
+    return table(header, rows)
+
+
+def _memory_table(records: Sequence[Record]) -> str:
+    header = [
+        "schedule",
+        "M",
+        "peak RSS pipefold (MiB/rank)",
+        "peak RSS torch (MiB/rank)",
+        "activations counted (MiB/rank)",
+        "activations predicted (MiB/rank)",
+    ]
+    rows = []
+    for record in records:
+        sides = record.get("sides", {})
+        if record.get("skipped"):
+            continue
+        rows.append(
+            [
+                record["schedule"],
+                str(record["microbatches"]),
+                _mib(sides.get("pipefold", {}).get("peak_rss_bytes")),
+                _mib(sides.get("torch", {}).get("peak_rss_bytes")),
+                _mib(sides.get("pipefold", {}).get("activation_bytes_peak")),
+                _mib(record.get("predicted_activation_bytes_peak")),
+            ]
+        )
+    return table(header, rows)
+
+
+def _overhead_table(records: Sequence[Record]) -> str:
+    header = ["schedule", "ranks", "M", "actions/rank", "pipefold µs/action", "torch µs/action", "ratio"]
+    rows = []
+    for record in records:
+        pf, peer = record.get("pipefold_per_action_s"), record.get("peer_per_action_s")
+        rows.append(
+            [
+                record["schedule"],
+                str(record["ranks"]),
+                str(record["microbatches"]),
+                str(record.get("actions_per_rank") or "—"),
+                "—" if pf is None else f"{pf * 1e6:.0f}",
+                "—" if peer is None else f"{peer * 1e6:.0f}",
+                _ratio(record["ratio"]),
+            ]
+        )
+    return table(header, rows)
+
+
+def _baseline_table(document: dict[str, Any], workload: str) -> str:
+    base = document.get("baselines", {}).get(workload)
+    if not base:
+        return ""
+    rows = [
+        [f"1 process, 1 thread, M={m} accumulated", _seconds((entry.get("step_s") or {}).get("median"))]
+        for m, entry in sorted(base["accumulate"].items(), key=lambda item: int(item[0]))
+    ]
+    full = base.get("full_batch") or {}
+    threads = full.get("num_threads", "?")
+    full_s = (full.get("step_s") or {}).get("median")
+    rows.append([f"1 process, {threads} threads, full batch", _seconds(full_s)])
+    return table(["baseline", "step s (median)"], rows)
+
+
+def _skipped(records: Sequence[Record]) -> list[str]:
+    lines = []
+    for record in records:
+        sides = record.get("sides", {})
+        errors = {label: side["error"] for label, side in sides.items() if side.get("error")}
+        if errors:
+            detail = "; ".join(f"{label}: {error}" for label, error in errors.items())
+            where = (
+                f"{record['workload']} {record['schedule']} "
+                f"p={record['ranks']} M={record['microbatches']}"
+            )
+            lines.append(f"- {where}: {detail}")
+    return lines
+
+
+_METHOD = """\
+How these numbers are made (`pipefold/bench/`):
+
+- Both libraries run the same 8 layers (`pipefold/bench/workloads.py`), cut evenly into
+  ranks x virtual stages, with the same stage-to-rank layout per pair: contiguous for GPipe,
+  1F1B and zero-bubble; looped (rank r owns r, r+p) for interleaved 1F1B and looped BFS;
+  V-shaped (rank r owns r and 2p-1-r) for ZB-V and DualPipeV. The transformer's embedding is
+  fused into layer 0 and its final LayerNorm + head into layer 7, so 8 layers split evenly.
+- Zero-bubble: torch's `ScheduleInterleavedZeroBubble` with one stage per rank against
+  pipefold's `zb-h1` (the closest equivalent: ZB-H1 order, backward split into I and W).
+- One set of spawned ranks (gloo on 127.0.0.1, 1 torch thread each) runs every configuration;
+  each library's gradients are checked against one process (`assert_close`) before it is
+  timed; then, after warm-up, the libraries alternate step by step (A B A B). A step's time is
+  the slowest rank's, between two barriers. Tables give medians; *spread* is the interquartile
+  range relative to the median. *ratio* = torch / pipefold, above 1 means pipefold is faster.
+- Efficiency = t(one process, 1 thread, same M accumulated) / (ranks x t(pipeline)); 1.0 is ideal.
+  On CPU, micro-batching itself costs about as much as the bubble, hence this baseline.
+- Prediction: `pipefold.simulate` with per-stage F/B/I/W costs from a per-layer profile of the
+  one-process run, scaled so that its one-process step equals the measured baseline; error =
+  predicted / measured pipefold step - 1. Ranks beyond the core count time-share, which the
+  simulator does not model.
+- Quiet gate: rank 0 reads /proc/stat around every timed step; CPU time the machine spent
+  beyond the ranks' own (`process_time`) is other load. A step where that exceeds the threshold
+  is retaken (up to the retry limit) and, if still disturbed, kept and counted in *disturbed*.
+"""
+
+
+def render_markdown(
+    document: dict[str, Any], *, plots_link: str | None = None, plot_files: Sequence[str] = ()
+) -> str:
+    """The BENCHMARKS.md body for one results document."""
+    machine = document.get("machine", {})
+    options = document.get("options", {})
+    records: list[Record] = list(document.get("records", []))
+    parts = [
+        "# Benchmarks: pipefold vs torch.distributed.pipelining",
+        "",
+        f"- Command: `{document.get('command') or 'pipefold bench'}`",
+        f"- Date: {document.get('started', '?')} to {document.get('finished', '?')} (UTC)",
+        f"- Machine: {machine.get('cpu', '?')}, {machine.get('num_cpus', '?')} CPUs, "
+        f"{machine.get('memory_gib', '?')} GiB; {machine.get('platform', '?')}",
+        f"- Software: Python {machine.get('python', '?')}, torch {machine.get('torch', '?')}, "
+        f"DeepSpeed {machine.get('deepspeed') or 'not installed (DS_BUILD_OPS=0 pip install deepspeed)'}",
+        f"- Options: {options.get('warmup_steps', '?')} warm-up + "
+        f"{options.get('timed_steps', '?')} timed steps per library, "
+        f"quiet threshold {options.get('quiet_threshold', '?')}, "
+        f"{options.get('quiet_max_retries', '?')} retakes",
+        "",
+        _METHOD,
+    ]
+    main_records = [r for r in records if r["workload"] != "tiny"]
+    for workload in dict.fromkeys(r["workload"] for r in main_records):
+        parts += [f"## Workload: {workload}", "", _baseline_table(document, workload), ""]
+        for num_ranks in sorted({r["ranks"] for r in main_records if r["workload"] == workload}):
+            chosen = [r for r in main_records if r["workload"] == workload and r["ranks"] == num_ranks]
+            chosen.sort(key=lambda r: (r["schedule"], r["microbatches"]))
+            parts += [f"### {num_ranks} ranks", "", _step_table(chosen), ""]
+            parts += [f"Memory, {num_ranks} ranks:", "", _memory_table(chosen), ""]
+    overhead = [r for r in records if r["workload"] == "tiny"]
+    if overhead:
+        parts += [
+            "## Per-action overhead",
+            "",
+            "A d=8 model with one sample per micro-batch, so compute is negligible: step time / "
+            "compute actions per rank.",
+            "",
+            _overhead_table(overhead),
+            "",
+        ]
+    if plot_files:
+        parts += ["## Plots", ""]
+        prefix = f"{plots_link.rstrip('/')}/" if plots_link else ""
+        parts += [f"![{Path(name).stem}]({prefix}{name})" for name in plot_files]
+        parts.append("")
+    skipped = _skipped(records)
+    if skipped:
+        parts += ["## Not measured", "", *skipped, ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _bar_chart(records: Sequence[Record], title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [f"{r['schedule']}\nM={r['microbatches']}" for r in records]
+    series = [("pipefold", "pipefold_step_s"), ("torch", "peer_step_s")]
+    if _has_deepspeed(records):
+        series.append(("deepspeed", "deepspeed_step_s"))
+    figure = Figure(figsize=(max(6.0, 0.6 * len(records) + 2), 4.0), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(series)
+    for index, (label, key) in enumerate(series):
+        values = [r.get(key) or 0.0 for r in records]
+        axes.bar([x + index * width for x in range(len(records))], values, width=width, label=label)
+    axes.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(records))])
+    axes.set_xticklabels(labels, fontsize=7)
+    axes.set_ylabel("step time (s, median)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(str(path))
+
+
+def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
+    """Write the PNGs into `plots_dir`; returns their file names, in report order."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    records = [r for r in document.get("records", []) if not r.get("skipped")]
+    names = []
+    for workload in dict.fromkeys(r["workload"] for r in records):
+        for num_ranks in sorted({r["ranks"] for r in records if r["workload"] == workload}):
+            chosen = [r for r in records if r["workload"] == workload and r["ranks"] == num_ranks]
+            chosen.sort(key=lambda r: (r["schedule"], r["microbatches"]))
+            name = f"step_time_{workload}_p{num_ranks}.png"
+            _bar_chart(chosen, f"{workload}, {num_ranks} ranks: step time per schedule", plots_dir / name)
+            names.append(name)
+    compare = _timeline_pair(records)
+    if compare is not None:
+        record, measured, predicted = compare
+        from pipefold.viz import save_png
+
+        name = (
+            f"timeline_{record['workload']}_{record['schedule']}"
+            f"_p{record['ranks']}_m{record['microbatches']}.png"
+        )
+        save_png(measured, plots_dir / name, compare=predicted)
+        names.append(name)
+    return names
+
+
+def _timeline_pair(records: Sequence[Record]) -> tuple[Record, Any, Any] | None:
+    """The first record with both a measured pipefold timeline and a predicted one (1F1B preferred)."""
+    from pipefold.timeline import Timeline
+
+    candidates = sorted(records, key=lambda r: (r["schedule"] != "1f1b", r["workload"] == "tiny"))
+    for record in candidates:
+        measured = record.get("sides", {}).get("pipefold", {}).get("timeline")
+        predicted = record.get("predicted_timeline")
+        if measured and predicted:
+            return record, Timeline.from_json(measured), Timeline.from_json(predicted)
+    return None

@@ -1,0 +1,211 @@
+"""One benchmark rank: runs every configuration of the matrix inside one process group.
+
+The ranks start once (torch's import and gloo's rendezvous are paid once); for each
+configuration every side is built, its gradients are checked against one process,
+then it is warmed up and timed, the sides alternating step by step (A B A B) so that
+slow drifts of the machine hit both alike. Rank 0 sends each configuration's result
+to the parent through `queue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipefold.bench.quiet import CpuCounters, foreign_share, read_cpu_counters
+from pipefold.bench.reference import GradientMismatch, check_gradients, reference_gradients
+from pipefold.bench.results import BenchConfig, ConfigResult, RunOptions, SideResult
+from pipefold.bench.rss import peak_rss_bytes, reset_peak_rss
+from pipefold.bench.sides import Side
+from pipefold.bench.workloads import Workload, workload
+
+__all__ = ["worker_main"]
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def worker_main(
+    rank: int, num_ranks: int, port: int, configs: list[BenchConfig], options: RunOptions, queue: Any
+) -> None:
+    """Entry point of a spawned rank. `queue` receives ("result", json) from rank 0."""
+    # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=num_ranks,
+        timeout=timedelta(seconds=options.timeout_s),
+    )
+    try:
+        references: dict[str, dict[str, torch.Tensor]] = {}
+        for config in configs:
+            result = run_config(config, options, rank, num_ranks, references)
+            if rank == 0:
+                queue.put(("result", result.to_json()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_config(
+    config: BenchConfig,
+    options: RunOptions,
+    rank: int,
+    num_ranks: int,
+    references: dict[str, dict[str, torch.Tensor]],
+) -> ConfigResult:
+    work = workload(config.workload)
+    batch = work.make_batch(options.seed)
+    if config.workload not in references:
+        references[config.workload] = reference_gradients(work, work.build_layers(options.seed), *batch)
+    result = ConfigResult(config)
+    sides: list[Side] = []
+    for label in options.libraries:
+        side, error = _build_side(label, work, config, options, rank, num_ranks)
+        error = _first_error(error)
+        result.sides[label] = SideResult(label=label, error=error)
+        if side is not None and error is None:
+            sides.append(side)
+    for side in list(sides):
+        error, worst = _check(side, batch, references[config.workload])
+        result.sides[side.label].grad_max_abs_err = worst
+        if error is not None:
+            result.sides[side.label].error = error
+            sides.remove(side)
+    if not sides:
+        result.skipped = "; ".join(f"{s.label}: {s.error}" for s in result.sides.values())
+        return result
+    for _ in range(options.warmup_steps):
+        for side in sides:
+            side.zero_grad()
+            side.step(*batch)
+    for _ in range(options.timed_steps):
+        for side in sides:
+            _timed_step(side, batch, options, rank, num_ranks, result.sides[side.label])
+    for side in sides:
+        counted = side.activation_bytes_peak()
+        gathered: list[Any] = [None] * num_ranks
+        dist.all_gather_object(gathered, counted)
+        result.sides[side.label].activation_bytes_peak = list(gathered)
+        if rank == 0:
+            result.sides[side.label].timeline = side.timeline_json()
+    return result
+
+
+def _build_side(
+    label: str, work: Workload, config: BenchConfig, options: RunOptions, rank: int, num_ranks: int
+) -> tuple[Side | None, str | None]:
+    """Construct one library's pipeline; a refusal becomes an error string, not an exception."""
+    layers = work.build_layers(options.seed)
+    schedule_pair = config.pair
+    try:
+        if label == "pipefold":
+            from pipefold.bench.pipefold_side import PipefoldSide
+
+            return PipefoldSide(
+                work, layers, schedule_pair, num_ranks=num_ranks, num_microbatches=config.num_microbatches
+            ), None
+        if label == "torch":
+            refusal = schedule_pair.peer_refusal(num_ranks, config.num_microbatches)
+            if refusal is not None:
+                return None, refusal
+            from pipefold.bench.torch_side import TorchSide
+
+            return TorchSide(
+                work,
+                layers,
+                schedule_pair,
+                rank=rank,
+                num_ranks=num_ranks,
+                num_microbatches=config.num_microbatches,
+            ), None
+        if label == "deepspeed":
+            from pipefold.bench.deepspeed_side import DeepSpeedSide
+
+            return DeepSpeedSide.create(work, layers, config, num_ranks=num_ranks)
+    except (ValueError, RuntimeError, TypeError, ImportError) as error:
+        # Constructors check their arguments identically on every rank, so all ranks agree.
+        return None, f"{type(error).__name__}: {error}"
+    return None, f"unknown library {label!r}"
+
+
+def _first_error(local: str | None) -> str | None:
+    """Agree across ranks: the first rank's error, if any rank has one."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return next((error for error in gathered if error is not None), None)
+
+
+def _check(
+    side: Side, batch: Batch, reference: dict[str, torch.Tensor]
+) -> tuple[str | None, float]:
+    """One step from zero gradients, compared with one process.
+
+    Returns the mismatch (agreed by all ranks) and the largest absolute error over ranks.
+    """
+    side.zero_grad()
+    side.step(*batch)
+    local: str | None = None
+    worst = 0.0
+    try:
+        worst = check_gradients(side.label, side.gradients(), reference)
+    except GradientMismatch as error:
+        local = f"rank {dist.get_rank()}: {error}"
+    worsts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(worsts, worst)
+    return _first_error(local), max(float(value) for value in worsts)
+
+
+def _timed_step(
+    side: Side, batch: Batch, options: RunOptions, rank: int, num_ranks: int, record: SideResult
+) -> None:
+    """Time one step; retake it while the machine was busy with other work, up to the gate's limit."""
+    for attempt in range(options.gate.max_retries + 1):
+        step_s, share, rss = _window(side, batch, rank, num_ranks)
+        quiet = options.gate.is_quiet(share)
+        if quiet or attempt == options.gate.max_retries:
+            break
+        record.num_retakes += 1
+        logger.debug("%s: window disturbed (foreign share %.2f), retaking", side.label, share)
+    record.samples_s.append(step_s)
+    record.foreign_shares.append(share)
+    record.num_disturbed += 0 if quiet else 1
+    if not record.peak_rss_bytes:
+        record.peak_rss_bytes = [0] * num_ranks
+    record.peak_rss_bytes = [max(old, new) for old, new in zip(record.peak_rss_bytes, rss, strict=True)]
+
+
+def _window(side: Side, batch: Batch, rank: int, num_ranks: int) -> tuple[float, float, list[int]]:
+    """(step seconds = slowest rank, foreign CPU share, peak RSS per rank) of one step."""
+    side.zero_grad()
+    reset_peak_rss()
+    dist.barrier()
+    machine_before = read_cpu_counters() if rank == 0 else None
+    cpu_before = time.process_time()
+    start = time.perf_counter()
+    side.step(*batch)
+    elapsed = time.perf_counter() - start
+    # The second barrier closes the window only when every rank is done, so the machine
+    # counters and every rank's CPU time cover the same interval.
+    dist.barrier()
+    own_cpu = time.process_time() - cpu_before
+    machine = CpuCounters(0.0, 0.0)
+    machine_after = read_cpu_counters() if rank == 0 else None
+    if machine_before is not None and machine_after is not None:
+        machine = machine_after - machine_before
+    row = torch.tensor(
+        [elapsed, own_cpu, machine.busy_s, machine.total_s, float(peak_rss_bytes())], dtype=torch.float64
+    )
+    rows = [torch.empty_like(row) for _ in range(num_ranks)]
+    dist.all_gather(rows, row)
+    step_s = max(float(r[0]) for r in rows)
+    own_total = sum(float(r[1]) for r in rows)
+    counters = CpuCounters(float(rows[0][2]), float(rows[0][3]))
+    return step_s, foreign_share(counters, own_total), [int(r[4]) for r in rows]

@@ -1,0 +1,1 @@
+"""The `pipefold` command line. One module per command; each only calls library functions."""

@@ -1,0 +1,100 @@
+"""`pipefold train`: train the built-in GPT on the stdlib corpus, pipelined over local ranks.
+
+    pipefold train                                   # 2 ranks on CPU, 1F1B, a few minutes
+    pipefold train --schedule zb-h1 --ranks 4 --microbatches 8 --steps 50
+    pipefold train --config job.toml --set optimizer.lr=1e-3 --out runs/lr1e-3
+    torchrun --nproc-per-node 4 -m pipefold train --ranks 4   # ranks started by torchrun
+
+The configuration (see pipefold.config) is validated, the schedule included,
+before any worker starts. Under torchrun (WORLD_SIZE set) the job runs in this
+process; otherwise `--ranks` workers are spawned here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from pipefold.config import TrainConfig, load_config, parse_override
+
+# Flag -> config key; flags left unset keep the file's or the default value.
+_FLAGS: dict[str, str] = {
+    "schedule": "schedule.name",
+    "ranks": "schedule.ranks",
+    "microbatches": "schedule.microbatches",
+    "virtual": "schedule.virtual",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "out": "out",
+    "lr": "optimizer.lr",
+    "d_model": "model.d_model",
+    "num_layers": "model.num_layers",
+    "num_heads": "model.num_heads",
+    "seq_len": "model.seq_len",
+    "recompute": "recompute",
+    "device": "device",
+    "timeout": "timeout_s",
+}
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the built-in GPT on the stdlib corpus (the main job)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.config)")
+    parser.add_argument("--schedule", help="schedule family (see `pipefold schedules`); default 1f1b")
+    parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
+    parser.add_argument("--microbatches", type=int, help="micro-batches per step; default 8")
+    parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
+    parser.add_argument("--steps", type=int, help="optimizer steps; default 200")
+    parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")
+    parser.add_argument("--seed", type=int, help="weights and batch order; default 0")
+    parser.add_argument("--out", metavar="DIR", help="output directory; default runs/<timestamp>")
+    parser.add_argument("--lr", type=float, help="AdamW peak learning rate; default 3e-3")
+    parser.add_argument("--d-model", type=int, help="model width; default 128")
+    parser.add_argument("--num-layers", type=int, help="decoder blocks; default 4")
+    parser.add_argument("--num-heads", type=int, help="attention heads; default 4")
+    parser.add_argument("--seq-len", type=int, help="context length in bytes; default 128")
+    parser.add_argument(
+        "--partition", help='"uniform", "parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
+    )
+    parser.add_argument("--recompute", choices=("none", "full"), help="activation recomputation")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument("--timeout", type=float, help="seconds a rank waits for a peer; default 60")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The validated config: defaults < --config file < --set < explicit flags."""
+    overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
+    for flag, key in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if args.partition is not None:
+        text = args.partition.strip()
+        is_counts = text.replace(",", "").replace(" ", "").isdigit()
+        overrides["partition"] = [int(part) for part in text.split(",")] if is_counts else text
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipefold.train import resolve_out_dir, run_local, train_worker
+
+    config = resolve_out_dir(config_from_args(args))
+    if "WORLD_SIZE" in os.environ:
+        # Started by torchrun (or `pipefold launch`): this process is one rank.
+        train_worker(config)
+        return 0
+    result = run_local(config)
+    if not result.ok:
+        print(f"pipefold train: {result.describe()}", file=sys.stderr)
+    return result.exit_code

@@ -1,0 +1,54 @@
+"""Seeded random windows of a token stream, as (inputs, targets) for next-token training."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipefold.errors import ConfigError
+
+__all__ = ["BatchSampler"]
+
+
+class BatchSampler:
+    """Draws `batch_size` windows of `seq_len + 1` tokens at seeded random offsets.
+
+    `inputs[b] = tokens[o : o + seq_len]`, `targets[b] = tokens[o + 1 : o + seq_len + 1]`.
+    The same (tokens, seed) gives the same batches on every rank and every run, so ranks
+    that each build their own sampler agree on the batch without communicating.
+    """
+
+    def __init__(self, tokens: bytes | Tensor, *, batch_size: int, seq_len: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+        if seq_len < 1:
+            raise ConfigError(f"seq_len must be >= 1; got {seq_len}")
+        data = (
+            torch.frombuffer(bytearray(tokens), dtype=torch.uint8)
+            if isinstance(tokens, (bytes, bytearray))
+            else tokens
+        )
+        if data.dim() != 1 or data.numel() < seq_len + 1:
+            raise ConfigError(
+                f"the token stream has {data.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "use a shorter seq_len or more data (data.max_bytes)"
+            )
+        self.tokens = data.to(torch.long)
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self._generator = torch.Generator().manual_seed(seed)
+        # Window offsets of one batch as a (batch, seq_len + 1) index grid: one gather, no loop.
+        self._span = torch.arange(seq_len + 1)
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return self.next_batch()
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next (inputs, targets), both int64 of shape (batch_size, seq_len)."""
+        num_starts = self.tokens.numel() - self.seq_len
+        starts = torch.randint(num_starts, (self.batch_size, 1), generator=self._generator)
+        windows = self.tokens[starts + self._span]
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

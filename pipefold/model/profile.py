@@ -1,0 +1,140 @@
+"""Per-layer measurements: forward and backward time, activation and parameter bytes.
+
+`profile(layers, sample)` builds the whole model on one device (with the weights
+`materialize` would give it), pushes `sample` through it layer by layer, and times
+each layer alone: its input is detached, so a layer's backward time is its own.
+The result feeds `partition(method="profile")` and the simulator's cost model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipefold.errors import ConfigError
+from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
+from pipefold.model.spec import LayerLike
+
+__all__ = ["LayerProfile", "profile"]
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """What one layer costs for one micro-batch shaped like the profiled sample."""
+
+    forward_s: float
+    """Median forward time, seconds."""
+    backward_s: float
+    """Median backward time (input and weight gradients), seconds; 0.0 if nothing needs a gradient."""
+    activation_bytes: int
+    """Bytes autograd saves for the backward (parameters excluded): held per in-flight micro-batch."""
+    parameter_bytes: int
+    """Bytes of the layer's parameters (a tied module counts at each occurrence: each holder stores it)."""
+    output: TensorMeta
+    """What the layer returns: the boundary after it."""
+
+
+def _synchronize(device: torch.device) -> None:
+    # GPU kernels are asynchronous: without a sync the clock would measure only the launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, work: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    _synchronize(device)
+    start = time.perf_counter()
+    result = work(*args)
+    _synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def _tensors(value: Any) -> tuple[Tensor, ...]:
+    return (value,) if isinstance(value, Tensor) else tuple(value)
+
+
+def _detached_input(value: Any) -> Any:
+    # Float inputs require grad so each layer's backward includes its input gradient, as in a pipeline.
+    fresh = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in _tensors(value))
+    return fresh[0] if isinstance(value, Tensor) else fresh
+
+
+def _forward_saving(
+    layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int]
+) -> tuple[Any, int]:
+    """Run one forward; count the bytes autograd saves for backward, each storage once."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in parameter_ptrs:
+            saved[pointer] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = apply_layer(layer, module, _detached_input(value))
+    return output, sum(saved.values())
+
+
+def _backward(output: Any) -> None:
+    outputs = [t for t in _tensors(output) if t.requires_grad]
+    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+
+def profile(
+    layers: nn.Sequential | Sequence[LayerLike],
+    sample: Tensor | tuple[Tensor, ...],
+    *,
+    device: torch.device | str = "cpu",
+    num_repeats: int = 3,
+    seed: int = 0,
+) -> list[LayerProfile]:
+    """Measure every layer on `device` for an input like `sample`; element i is layer i.
+
+    Each layer is warmed up once, then timed `num_repeats` times (the median is
+    kept). The caller's RNG state and modules are left untouched.
+    """
+    if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
+        raise ConfigError(f"num_repeats = {num_repeats!r}; it must be an integer >= 1")
+    description = as_layers(layers)
+    TensorMeta.of(sample, what="sample", fix="pass a batch tensor, or a tuple of them, as the sample")
+    where = torch.device(device)
+    with torch.random.fork_rng(devices=[where.index or 0] if where.type == "cuda" else []):
+        model = build_reference(description, where, seed=seed)
+        value: Any = tuple(t.to(where) for t in _tensors(sample))
+        value = value[0] if isinstance(sample, Tensor) else value
+        result = []
+        for layer, module in zip(description, model, strict=True):
+            parameters = list(module.parameters())
+            parameter_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
+            output, activation_bytes = _forward_saving(layer, module, value, parameter_ptrs)
+            needs_backward = any(t.requires_grad for t in _tensors(output))
+            if needs_backward:
+                _backward(output)  # warm-up: first calls allocate and pick kernels
+            forward_times, backward_times = [], []
+            for _ in range(num_repeats):
+                seconds, output = _timed(where, apply_layer, layer, module, _detached_input(value))
+                forward_times.append(seconds)
+                if needs_backward:
+                    seconds, _ = _timed(where, _backward, output)
+                    backward_times.append(seconds)
+            for parameter in parameters:
+                parameter.grad = None
+            result.append(
+                LayerProfile(
+                    forward_s=statistics.median(forward_times),
+                    backward_s=statistics.median(backward_times) if backward_times else 0.0,
+                    activation_bytes=activation_bytes,
+                    parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
+                    output=TensorMeta.of(output, what="the output of a profiled layer"),
+                )
+            )
+            value = tuple(t.detach() for t in _tensors(output))
+            value = value[0] if isinstance(output, Tensor) else value
+    return result

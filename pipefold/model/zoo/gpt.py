@@ -1,0 +1,246 @@
+"""A small GPT described as a list of layers, so a pipeline can cut it anywhere.
+
+Layer order (num_layers decoder blocks):
+
+    0              TiedLayerSpec("embed", TokenEmbedding)   token ids (B, T) -> (B, T, d_model)
+    1              PositionEmbedding                        adds a learned position vector
+    2 … N+1        DecoderBlock x num_layers                pre-LN causal attention + MLP
+    N+2            nn.LayerNorm                             final norm
+    N+3            TiedLayerSpec("embed", …, forward_fn=tied_head)   (B, T, d_model) -> logits (B, T, vocab)
+
+The first and last layers are ONE module (key "embed"): the head multiplies by the
+token embedding's weight, so the weights are tied across the first and last stage.
+Only the token table is tied; the position table is its own layer because the head
+never uses it, and a tied module whose parameters are partly unused on one owner
+would leave that owner with `None` gradients to sum.
+
+`GPT.from_layers(layers, state_dict)` assembles the whole model on one process
+(parameter names as the pipeline's `state_dict` gives them) to sample from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipefold.errors import ConfigError
+from pipefold.model.spec import LayerSpec, TiedLayerSpec
+
+__all__ = [
+    "TokenEmbedding",
+    "PositionEmbedding",
+    "CausalSelfAttention",
+    "DecoderBlock",
+    "GPT",
+    "gpt_layers",
+    "gpt_loss",
+    "tied_head",
+    "generate",
+]
+
+_INIT_STD = 0.02
+"""GPT-2's init scale; with N(0, 1) the tied head would start with logits of size sqrt(d_model)."""
+
+
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding with GPT-2's small init, because the same table is also the output head."""
+
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__(vocab_size, d_model)
+        nn.init.normal_(self.weight, std=_INIT_STD)
+
+
+def tied_head(embedding: nn.Module, x: Tensor) -> Tensor:
+    """The output head: hidden states times the token table, (B, T, d) -> (B, T, vocab)."""
+    weight = embedding.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"tied head expects a module with a weight tensor, got {type(embedding).__name__}")
+    return x @ weight.t()
+
+
+class PositionEmbedding(nn.Module):
+    """Adds a learned vector per position; sequences up to `seq_len` tokens."""
+
+    def __init__(self, seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.position = nn.Parameter(torch.randn(seq_len, d_model) * _INIT_STD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        if length > self.seq_len:
+            raise ConfigError(
+                f"sequence length {length} exceeds the model's seq_len={self.seq_len}; "
+                "crop the input or build the model with a larger seq_len"
+            )
+        return x + self.position[:length]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).split(d_model, dim=2)
+        head_dim = d_model // self.num_heads
+        q, k, v = (t.view(batch, length, self.num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+        return out
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, num_layers: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, num_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.fc_out = nn.Linear(4 * d_model, d_model)
+        for linear in (self.attn.qkv, self.attn.proj, self.fc, self.fc_out):
+            nn.init.normal_(linear.weight, std=_INIT_STD)
+            nn.init.zeros_(linear.bias)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * depth) so the residual stream's
+        # variance does not grow with the number of blocks.
+        for residual in (self.attn.proj, self.fc_out):
+            nn.init.normal_(residual.weight, std=_INIT_STD / math.sqrt(2 * num_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        out: Tensor = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        return out
+
+
+def gpt_layers(
+    vocab_size: int, d_model: int, num_heads: int, num_layers: int, seq_len: int
+) -> list[LayerSpec]:
+    """The GPT as `num_layers + 4` lazily built layers (see the module docstring)."""
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("d_model", d_model),
+        ("num_heads", num_heads),
+        ("num_layers", num_layers),
+        ("seq_len", seq_len),
+    ):
+        if value < 1:
+            raise ConfigError(f"gpt_layers: {name} must be >= 1; got {value}")
+    if d_model % num_heads != 0:
+        raise ConfigError(
+            f"gpt_layers: d_model={d_model} is not divisible by num_heads={num_heads}; "
+            "pick num_heads dividing d_model (e.g. d_model=128, num_heads=4)"
+        )
+    layers: list[LayerSpec] = [
+        TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model),
+        LayerSpec(PositionEmbedding, seq_len, d_model),
+    ]
+    layers += [LayerSpec(DecoderBlock, d_model, num_heads, num_layers) for _ in range(num_layers)]
+    layers.append(LayerSpec(nn.LayerNorm, d_model))
+    layers.append(TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model, forward_fn=tied_head))
+    return layers
+
+
+def gpt_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over every position of the micro-batch."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class GPT(nn.Module):
+    """The whole layer list on one process; parameter names match the pipeline's ("0.weight").
+
+    A tied key is held once, under the index of its first occurrence, as the pipeline
+    names it, so a state dict gathered from the ranks loads with `strict=True`.
+    """
+
+    def __init__(
+        self, layers: Sequence[LayerSpec], device: torch.device | str = "cpu", *, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.specs = list(layers)
+        self.blocks = nn.ModuleDict()
+        first_of_key: dict[str, int] = {}
+        self._source: list[int] = []
+        for index, spec in enumerate(self.specs):
+            key = spec.key if isinstance(spec, TiedLayerSpec) else None
+            if key is not None and key in first_of_key:
+                self._source.append(first_of_key[key])
+                continue
+            if key is not None:
+                first_of_key[key] = index
+            # Seeded like pipefold.model.materialize, so an unloaded GPT starts from the
+            # same weights as a pipeline built with the same seed.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + index)
+                self.blocks[str(index)] = spec.build(device)
+            self._source.append(index)
+
+    @classmethod
+    def from_layers(
+        cls,
+        layers: Sequence[LayerSpec],
+        state_dict: dict[str, Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> GPT:
+        model = cls(layers, device)
+        if state_dict is not None:
+            model.blocks.load_state_dict(state_dict, strict=True)
+        return model
+
+    @property
+    def seq_len(self) -> int:
+        for module in self.blocks.values():
+            if isinstance(module, PositionEmbedding):
+                return module.seq_len
+        raise ConfigError("this layer list has no PositionEmbedding; build it with gpt_layers()")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = ids
+        for spec, source in zip(self.specs, self._source, strict=True):
+            module = self.blocks[str(source)]
+            forward_fn = spec.forward_fn if isinstance(spec, TiedLayerSpec) else None
+            x = forward_fn(module, x) if forward_fn is not None else module(x)
+        return x
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt_ids: Tensor,
+    num_tokens: int,
+    temperature: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample `num_tokens` tokens after `prompt_ids` (shape (T,) or (B, T)); returns the ids with them.
+
+    The context is cropped to the model's `seq_len`. temperature 0 picks the argmax.
+    """
+    if num_tokens < 0:
+        raise ConfigError(f"generate: num_tokens must be >= 0; got {num_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"generate: temperature must be >= 0; got {temperature} (use 0 for greedy)")
+    was_training = model.training
+    model.eval()
+    ids = prompt_ids.unsqueeze(0) if prompt_ids.dim() == 1 else prompt_ids
+    if ids.shape[1] == 0:
+        raise ConfigError("generate: prompt_ids is empty; give at least one token")
+    seq_len = model.seq_len
+    for _ in range(num_tokens):
+        logits = model(ids[:, -seq_len:])[:, -1, :]
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator)
+        ids = torch.cat([ids, next_id], dim=1)
+    model.train(was_training)
+    return ids.squeeze(0) if prompt_ids.dim() == 1 else ids

@@ -1,0 +1,387 @@
+"""The backward of one stage: whole (`B`), or split into input (`I`) and weight (`W`) halves.
+
+Zero-bubble schedules run `I` as soon as the next stage's gradient arrives, because the
+previous stage waits for it, and defer `W` into what would otherwise be a bubble. The
+split must not cost more than `B`: `W` may not re-run the stage's backward from its
+outputs.
+
+[Note: split backward]
+The stage's autograd graph has three kinds of nodes. Those from which a stage input is
+reachable form the *input closure*: `I` runs exactly these, asking autograd for the input
+gradients only, so every matmul computes its input half and skips its weight half. The
+remaining nodes that lead to a parameter form the weight subgraphs. A node of the input
+closure with an edge into a weight subgraph is a *frontier* node (the `AddmmBackward` of
+a linear layer, the `NativeLayerNormBackward` of a layer norm): during `I` a pre-hook
+keeps the gradient flowing into it. `W` re-enters the graph at the frontier nodes with
+those gradients and asks autograd for the parameters only, so a frontier node computes
+its weight half and nothing on the input path runs again. An output that reaches no
+input (the stage input needs no gradient, or a branch uses only weights) seeds `W`
+directly with its output gradient.
+
+Parameters whose weight subgraphs share a node or a frontier node form one group, and
+`W` runs one autograd call per group. One call for everything would be wrong for cost:
+a frontier node whose input-side edge leads to another group's frontier would compute
+its input gradient again. Within a group with several frontier nodes (a parameter used
+twice), one frontier node can reach another; a pre-hook then replaces whatever arrives
+at each frontier node by the gradient kept in `I`, so nothing is counted twice.
+
+Activation checkpointing (non-reentrant) recomputes a region once per autograd call
+that unpacks its saved tensors. When no two calls of `W` execute the same node, they run
+under one `torch.utils.checkpoint.GraphExecGroup`, so `W` recomputes a region at most
+once (and `I` once more: `I + W` then costs one extra forward of the region over `B`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.utils.hooks import RemovableHandle
+
+from pipefold.errors import BoundaryMismatch, PipelineError
+
+__all__ = ["WeightGradState", "backward_full", "backward_input", "backward_weight"]
+
+Grads = tuple[Tensor | None, ...]
+_PreHook = Callable[[Grads], Grads | None]
+
+
+@dataclass(eq=False)
+class _Frontier:
+    """A node of the input closure with an edge into a weight subgraph."""
+
+    node: Node
+    grads: Grads | None = None
+    """The gradients that arrived at `node` during `I` (one per output of its forward)."""
+
+
+@dataclass(eq=False)
+class _Group:
+    """Parameters whose weight gradients come from the same frontier nodes and outputs."""
+
+    params: list[Tensor]
+    frontiers: list[_Frontier]
+    output_seeds: list[tuple[GradientEdge, Tensor]]
+    """Outputs that reach this group's parameters but no input, with their gradients."""
+
+    def seeds(self) -> tuple[list[GradientEdge], list[Tensor]]:
+        edges = [edge for edge, _ in self.output_seeds]
+        grads = [grad for _, grad in self.output_seeds]
+        for frontier in self.frontiers:
+            for output_nr, grad in enumerate(frontier.grads or ()):
+                if grad is not None:
+                    edges.append(GradientEdge(frontier.node, output_nr))
+                    grads.append(grad)
+        return edges, grads
+
+
+@dataclass(eq=False)
+class WeightGradState:
+    """What `backward_weight` needs from `backward_input` for one (stage, micro-batch).
+
+    It holds the frontier nodes (and so the part of the stage's graph below them) and the
+    gradients kept at them; `backward_weight` releases all of it.
+    """
+
+    _groups: list[_Group] = field(default_factory=list)
+    _disjoint: bool = True
+    """No node runs in two calls of `W` (see `_groups_are_disjoint`)."""
+    _done: bool = False
+
+    @property
+    def num_groups(self) -> int:
+        """How many autograd calls `backward_weight` will make."""
+        return len(self._groups)
+
+    @property
+    def done(self) -> bool:
+        """True once `backward_weight` consumed this state."""
+        return self._done
+
+
+def backward_full(
+    outputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+) -> Grads:
+    """Full backward (`B`) of one stage for one micro-batch.
+
+    Returns the gradient of each input (None where the input needs no gradient or does
+    not affect the outputs) and accumulates the weight gradients into `param.grad` (for
+    every leaf of the stage's graph, as `loss.backward()` would). The inputs' own `.grad`
+    is left as it was. For the last stage pass `outputs=(loss,)`, `output_grads=(None,)`.
+    """
+    roots, root_grads = _roots(outputs, output_grads)
+    wanted = _check_inputs(inputs)
+    if not roots:
+        return tuple(None for _ in inputs)
+    # Inputs are leaves, so autograd accumulates their gradient into `.grad`; lend it an
+    # empty `.grad` and hand back what it had, so the caller's tensors are unchanged.
+    previous = [inputs[i].grad for i in wanted]
+    for i in wanted:
+        inputs[i].grad = None
+    try:
+        torch.autograd.backward(roots, root_grads)
+        result: list[Tensor | None] = [None] * len(inputs)
+        for i in wanted:
+            result[i] = inputs[i].grad
+    finally:
+        for i, grad in zip(wanted, previous, strict=True):
+            inputs[i].grad = grad
+    return tuple(result)
+
+
+def backward_input(
+    outputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+) -> tuple[Grads, WeightGradState]:
+    """Input half (`I`) of the backward of one stage for one micro-batch.
+
+    Returns the input gradients (as `backward_full` does) and the state that
+    `backward_weight` needs to accumulate the gradients of `params` later. No parameter's
+    `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
+    the activations the weight gradients need); the caller may drop `outputs`.
+    """
+    roots, root_grads = _roots(outputs, output_grads)
+    wanted = _check_inputs(inputs)
+    groups = _plan_groups(roots, root_grads, [inputs[i] for i in wanted], params)
+    state = WeightGradState(groups, _disjoint=_groups_are_disjoint(groups))
+    result: list[Tensor | None] = [None] * len(inputs)
+    if not wanted or not roots:
+        return tuple(result), state
+    handles = [
+        frontier.node.register_prehook(_keeper(frontier)) for group in groups for frontier in group.frontiers
+    ]
+    try:
+        grads = torch.autograd.grad(
+            roots,
+            [inputs[i] for i in wanted],
+            root_grads,
+            retain_graph=True,
+            allow_unused=True,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, grad in zip(wanted, grads, strict=True):
+        result[i] = grad
+    return tuple(result), state
+
+
+def backward_weight(state: WeightGradState) -> None:
+    """Weight half (`W`): accumulate the weight gradients into `param.grad`, free the state."""
+    if state.done:
+        raise PipelineError(
+            "backward_weight was called twice with the same WeightGradState; run W exactly once after each I"
+        )
+    disjoint = state._disjoint
+    share = disjoint and hasattr(torch.utils.checkpoint, "GraphExecGroup")
+    recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
+    groups, state._groups = state._groups, []
+    state._done = True
+    with recompute_scope:
+        while groups:
+            # Dropping each group as it runs frees its kept gradients, and (when no other
+            # call needs its nodes) autograd frees the activations saved there, so W reuses
+            # that memory for the weight gradients instead of growing the heap.
+            _run_group(groups.pop(0), retain_graph=not disjoint)
+
+
+def _run_group(group: _Group, retain_graph: bool) -> None:
+    edges, grads = group.seeds()
+    if not edges:
+        return
+    handles: list[RemovableHandle] = []
+    if len(group.frontiers) > 1:
+        handles = [frontier.node.register_prehook(_replacer(frontier)) for frontier in group.frontiers]
+    try:
+        torch.autograd.backward(edges, grads, retain_graph=retain_graph, inputs=group.params)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _keeper(frontier: _Frontier) -> _PreHook:
+    def keep(grad_outputs: Grads) -> None:
+        frontier.grads = tuple(grad_outputs)
+
+    return keep
+
+
+def _replacer(frontier: _Frontier) -> _PreHook:
+    def replace(grad_outputs: Grads) -> Grads | None:
+        return frontier.grads
+
+    return replace
+
+
+def _roots(
+    outputs: Sequence[Tensor], output_grads: Sequence[Tensor | None]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The outputs that carry a gradient, paired with it.
+
+    A None gradient means "d(output) = 1" for a one-element output (the loss) and "no
+    gradient" for any other output (the next stage did not use it).
+    """
+    if len(outputs) != len(output_grads):
+        raise PipelineError(
+            f"got {len(outputs)} outputs but {len(output_grads)} output gradients; "
+            "pass one gradient (or None) per output"
+        )
+    roots: list[Tensor] = []
+    grads: list[Tensor] = []
+    for index, (output, grad) in enumerate(zip(outputs, output_grads, strict=True)):
+        if not output.requires_grad:
+            continue
+        if grad is None:
+            if output.numel() != 1:
+                continue
+            grad = torch.ones_like(output)
+        elif grad.shape != output.shape:
+            raise BoundaryMismatch(
+                f"output_grads[{index}] has shape {tuple(grad.shape)} but output {index} has shape "
+                f"{tuple(output.shape)}; the gradient must match its output"
+            )
+        roots.append(output)
+        grads.append(grad)
+    return roots, grads
+
+
+def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
+    """Indices of the inputs that need a gradient; each must be a leaf."""
+    wanted = []
+    for index, tensor in enumerate(inputs):
+        if not tensor.requires_grad:
+            continue
+        if tensor.grad_fn is not None:
+            raise PipelineError(
+                f"inputs[{index}] is not a leaf (grad_fn={type(tensor.grad_fn).__name__}); "
+                "pass stage inputs as `tensor.detach().requires_grad_()` so the backward stops there"
+            )
+        wanted.append(index)
+    return wanted
+
+
+def _plan_groups(
+    roots: Sequence[Tensor],
+    root_grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+) -> list[_Group]:
+    """Find the frontier nodes and output seeds of each group of parameters."""
+    root_nodes = [get_gradient_edge(root).node for root in roots]
+    parents = _parents(root_nodes)
+    input_nodes = {get_gradient_edge(tensor).node for tensor in inputs}
+    closure = _upward(input_nodes & parents.keys(), parents, stop=frozenset())
+
+    output_edges: dict[Node, list[tuple[GradientEdge, Tensor]]] = {}
+    for root, grad in zip(roots, root_grads, strict=True):
+        edge = get_gradient_edge(root)
+        output_edges.setdefault(edge.node, []).append((edge, grad))
+
+    # Each parameter reaches the graph through frontier nodes and output seeds ("anchors").
+    anchors_of: dict[int, set[Node]] = {}
+    param_of: dict[int, Tensor] = {}
+    for param in params:
+        if not param.requires_grad or id(param) in param_of:
+            continue
+        node = get_gradient_edge(param).node
+        if node not in parents:
+            continue  # the outputs do not depend on it: its gradient stays as it is
+        weight_side = _upward({node}, parents, stop=closure)
+        anchors = {n for n in weight_side if n in closure or n in output_edges}
+        param_of[id(param)] = param
+        anchors_of[id(param)] = anchors
+
+    groups: list[_Group] = []
+    for member_ids in _connected(anchors_of):
+        anchors = set().union(*(anchors_of[i] for i in member_ids))
+        groups.append(
+            _Group(
+                params=[param_of[i] for i in member_ids],
+                frontiers=[_Frontier(n) for n in anchors if n in closure],
+                output_seeds=[seed for n in anchors if n not in closure for seed in output_edges.get(n, [])],
+            )
+        )
+    return groups
+
+
+def _parents(root_nodes: Iterable[Node]) -> dict[Node, list[Node]]:
+    """Every node reachable from the roots, with the nodes that feed it a gradient."""
+    parents: dict[Node, list[Node]] = {}
+    queue: deque[Node] = deque()
+    for node in root_nodes:
+        if node not in parents:
+            parents[node] = []
+            queue.append(node)
+    while queue:
+        node = queue.popleft()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in parents:
+                parents[child] = []
+                queue.append(child)
+            parents[child].append(node)
+    return parents
+
+
+def _upward(
+    start: Iterable[Node], parents: dict[Node, list[Node]], stop: frozenset[Node] | set[Node]
+) -> set[Node]:
+    """The start nodes and every node above them (towards the outputs).
+
+    A node in `stop` is included but not walked through.
+    """
+    seen = set(start)
+    queue = deque(seen)
+    while queue:
+        node = queue.popleft()
+        if node in stop:
+            continue
+        for parent in parents[node]:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return seen
+
+
+def _connected(anchors_of: dict[int, set[Node]]) -> Iterator[list[int]]:
+    """Group the parameters that share an anchor, in first-seen order."""
+    owner: dict[Node, int] = {}
+    root_of = {key: key for key in anchors_of}
+
+    def find(key: int) -> int:
+        while root_of[key] != key:
+            root_of[key] = root_of[root_of[key]]
+            key = root_of[key]
+        return key
+
+    for key, anchors in anchors_of.items():
+        for anchor in anchors:
+            if anchor in owner:
+                root_of[find(key)] = find(owner[anchor])
+            else:
+                owner[anchor] = key
+    members: dict[int, list[int]] = {}
+    for key in anchors_of:
+        members.setdefault(find(key), []).append(key)
+    yield from members.values()
+
+
+def _groups_are_disjoint(groups: Sequence[_Group]) -> bool:
+    """True when no call of `W` can execute a node that another call also executes.
+
+    A group's call executes nodes of the input closure only at its own frontier nodes,
+    unless one of its frontier nodes reaches another through the closure; that happens
+    only for a parameter used at several places, and then the calls may overlap.
+    """
+    return all(len(group.frontiers) <= 1 for group in groups)

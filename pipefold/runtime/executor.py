@@ -1,0 +1,429 @@
+"""The executor: walk this rank's lowered program, one handler per op.
+
+The executor holds no schedule logic. `pipefold.schedule.lower` decides the order of
+every compute and communication action; the executor dispatches each through the
+handler table `{Op.F: ..., Op.B: ..., ...}` and keeps the per-(stage, micro-batch)
+values the handlers hand each other. The dispatch list (handler, action, timed) is
+built once at construction, so the per-action loop does no lookups and allocates
+nothing beyond the tensors and the timeline event it records.
+
+Values kept per (stage, micro-batch), in `[stage][microbatch]` tables:
+- the stage's input leaves and outputs from F, until its B (or I);
+- a value handed over in memory to the next stage on this rank (F) or the previous
+  stage on this rank (input gradients of B/I);
+- posted receives, until the consuming action waits for them;
+- the weight-gradient state between I and W.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pipefold.errors import BoundaryMismatch, PipelineError
+from pipefold.model import TensorMeta
+from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
+from pipefold.runtime.comm import P2P
+from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.stage import Stage, as_leaves, flatten
+from pipefold.schedule import Action, Op, Program
+from pipefold.timeline import Event, Wait
+
+__all__ = ["Executor", "StepInputs", "StepRecord"]
+
+LossFn = Callable[[Any, Any], Tensor]
+Grads = tuple[Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one step needs on this rank.
+
+    `inputs[mb]` only where this rank owns stage 0, `targets[mb]` only where it owns
+    the last stage; `boundaries[mb][layer]` describes layer `layer`'s output for
+    micro-batch `mb`; `scales[mb]` = micro-batch size / batch size.
+    """
+
+    inputs: Sequence[Any] | None
+    targets: Sequence[Any] | None
+    boundaries: Sequence[Sequence[TensorMeta]]
+    scales: Sequence[float]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did on this rank."""
+
+    losses: Tensor
+    """Per micro-batch scaled loss (float64); zeros unless this rank owns the last stage."""
+    events: tuple[Event, ...]
+    waits: tuple[Wait, ...]
+    activation_bytes_peak: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A posted receive: where the data lands and the works to wait for."""
+
+    value: Any
+    works: list[dist.Work]
+    peer: int
+
+
+class Executor:
+    """Runs `program.instructions[rank]` over the local `stages` once per `run`."""
+
+    def __init__(
+        self,
+        program: Program,
+        rank: int,
+        stages: dict[int, Stage],
+        *,
+        loss_fn: LossFn,
+        device: torch.device,
+        p2p: P2P | None,
+        watchdog: Watchdog | None,
+        counter: ActivationCounter | None,
+        step_fn: Callable[[int, int], None] | None = None,
+    ) -> None:
+        schedule = program.schedule
+        self.rank = rank
+        self._stages = stages
+        self._loss_fn = loss_fn
+        self._device = device
+        self._p2p = p2p
+        self._watchdog = watchdog
+        self._counter = counter
+        self._step_fn = step_fn
+        self._num_stages = schedule.num_stages
+        self._num_microbatches = schedule.num_microbatches
+        self._last_stage_here = (schedule.num_stages - 1) in stages
+        self._next_local = [
+            s + 1 < schedule.num_stages and schedule.placement[s + 1] == rank
+            for s in range(schedule.num_stages)
+        ]
+        self._prev_local = [s > 0 and schedule.placement[s - 1] == rank for s in range(schedule.num_stages)]
+        self._in_layer = [0] * schedule.num_stages
+        self._out_layer = [0] * schedule.num_stages
+        for s, stage in stages.items():
+            self._in_layer[s] = stage.layer_indices.start - 1
+            self._out_layer[s] = stage.layer_indices.stop - 1
+
+        handlers: dict[Op, Callable[[Action], None]] = {
+            Op.F: self._forward,
+            Op.B: self._backward,
+            Op.I: self._backward_input,
+            Op.W: self._backward_weight,
+            Op.STEP: self._step,
+            Op.SEND_F: self._send_forward,
+            Op.RECV_F: self._recv_forward,
+            Op.SEND_B: self._send_backward,
+            Op.RECV_B: self._recv_backward,
+        }
+        self._peers: dict[Action, int] = {}
+        dispatch = []
+        for action in program.instructions[rank]:
+            if not action.op.is_compute:
+                self._peers[action] = program.peer_of(action)
+            dispatch.append((handlers[action.op], action, action.op.is_compute))
+        self._dispatch = tuple(dispatch)
+        self.current: Action | None = None
+        """The action running (or last run); names the failure point in error reports."""
+        self._reset(None)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, step: StepInputs) -> StepRecord:
+        self._reset(step)
+        counter = self._counter
+        if counter is not None:
+            counter.reset_peak()
+        events: list[Event] = []
+        self._waits: list[Wait] = []
+        cuda = self._device.type == "cuda"
+        cuda_marks: list[tuple[Action, torch.cuda.Event, torch.cuda.Event]] = []
+        origin = torch.cuda.Event(enable_timing=True) if cuda else None  # type: ignore[no-untyped-call]
+        if origin is not None:
+            origin.record()
+        self._t0 = t0 = time.perf_counter()
+        rank = self.rank
+        clock = time.perf_counter
+        with counter.counting() if counter is not None else _nothing():
+            for handler, action, timed in self._dispatch:
+                self.current = action
+                if not timed:
+                    handler(action)
+                elif cuda:
+                    begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    begin.record()
+                    handler(action)
+                    end.record()
+                    cuda_marks.append((action, begin, end))
+                else:
+                    start = clock()
+                    handler(action)
+                    events.append(Event(rank, action, start - t0, clock() - t0))
+        self.current = None
+        self._wait_sends()
+        if origin is not None:
+            torch.cuda.synchronize(self._device)
+            events = [
+                Event(rank, action, origin.elapsed_time(begin) / 1e3, origin.elapsed_time(end) / 1e3)
+                for action, begin, end in cuda_marks
+            ]
+        losses = torch.zeros(self._num_microbatches, dtype=torch.float64, device=self._device)
+        if self._last_stage_here:
+            losses = torch.stack([loss.to(torch.float64) for loss in self._require_losses()])
+        peak = counter.peak if counter is not None else 0
+        waits = tuple(self._waits)
+        self._reset(None)
+        return StepRecord(losses, tuple(events), waits, peak)
+
+    def _reset(self, step: StepInputs | None) -> None:
+        stages, mbs = self._num_stages, self._num_microbatches
+
+        def table() -> list[list[Any]]:
+            return [[None] * mbs for _ in range(stages)]
+
+        self._inputs_of: list[list[Any]] = table()
+        self._outputs: list[list[Any]] = table()
+        self._held: list[list[Any]] = table()
+        self._forward_handoff: list[list[Any]] = table()
+        self._grad_handoff: list[list[Any]] = table()
+        self._recv_f: list[list[_Pending | None]] = table()
+        self._recv_b: list[list[_Pending | None]] = table()
+        self._send_grads: list[list[Any]] = table()
+        self._weight_state: list[list[WeightGradState | None]] = table()
+        self._losses: list[Tensor | None] = [None] * mbs
+        self._sends: list[tuple[list[dist.Work], Action, int, tuple[Tensor, ...]]] = []
+        self._step_inputs = step
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _inputs(self) -> StepInputs:
+        if self._step_inputs is None:
+            raise PipelineError("the executor ran an action outside run(); call run(step)")
+        return self._step_inputs
+
+    def _comm(self) -> tuple[P2P, Watchdog]:
+        if self._p2p is None or self._watchdog is None:
+            raise PipelineError(
+                f"rank {self.rank} reached a communication action but the pipeline has no process group"
+            )
+        return self._p2p, self._watchdog
+
+    def _require_losses(self) -> list[Tensor]:
+        losses = []
+        for mb, loss in enumerate(self._losses):
+            if loss is None:
+                raise PipelineError(
+                    f"rank {self.rank}: the schedule ran no forward of the last stage for micro-batch {mb}"
+                )
+            losses.append(loss)
+        return losses
+
+    def _complete(self, pending: _Pending, consumer: Action) -> Any:
+        p2p, watchdog = self._comm()
+        start = time.perf_counter()
+        what = str(consumer)
+        for work in pending.works:
+            watchdog.wait(work, what=what, peer=pending.peer)
+        end = time.perf_counter()
+        p2p.after_recv()
+        self._waits.append(Wait(self.rank, consumer, start - self._t0, end - self._t0))
+        return pending.value
+
+    def _wait_sends(self) -> None:
+        if not self._sends:
+            return
+        _, watchdog = self._comm()
+        for works, action, peer, _ in self._sends:
+            for work in works:
+                watchdog.wait(work, what=str(action), peer=peer)
+        self._sends = []
+
+    def _release(self, stage: int, microbatch: int) -> None:
+        self._inputs_of[stage][microbatch] = None
+        self._outputs[stage][microbatch] = None
+        self._held[stage][microbatch] = None
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _forward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        stage = self._stages[s]
+        step = self._inputs()
+        if stage.is_first:
+            if step.inputs is None:
+                raise PipelineError(f"rank {self.rank} owns stage 0 but the step has no inputs")
+            value: Any = step.inputs[mb]
+            leaves: tuple[Tensor, ...] = ()
+        else:
+            pending = self._recv_f[s][mb]
+            if pending is not None:
+                self._recv_f[s][mb] = None
+                raw = self._complete(pending, action)
+            else:
+                raw = self._forward_handoff[s][mb]
+                self._forward_handoff[s][mb] = None
+                if raw is None:
+                    raise PipelineError(
+                        f"rank {self.rank}: {action} has no input (neither received nor handed over)"
+                    )
+            value, leaves = as_leaves(raw)
+        output = stage.forward(value)
+        if stage.is_last:
+            if step.targets is None:
+                raise PipelineError(f"rank {self.rank} owns the last stage but the step has no targets")
+            loss = self._loss_fn(output, step.targets[mb])
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise PipelineError(
+                    f"loss_fn returned {type(loss).__name__}"
+                    f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}"
+                    f" for micro-batch {mb}; it must return a scalar tensor (the mean over the micro-batch)"
+                )
+            scaled = loss * step.scales[mb]
+            self._losses[mb] = scaled.detach()
+            outputs: tuple[Tensor, ...] = (scaled,)
+        else:
+            outputs = flatten(output)
+            if self._next_local[s]:
+                self._forward_handoff[s + 1][mb] = output
+        self._outputs[s][mb] = outputs
+        self._inputs_of[s][mb] = leaves
+        if self._counter is not None:
+            self._held[s][mb] = self._counter.hold(leaves + outputs)
+
+    def _send_forward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        outputs = self._outputs[s][mb]
+        expected = self._inputs().boundaries[mb][self._out_layer[s]]
+        problem = expected.mismatch(outputs if expected.is_tuple else outputs[0])
+        peer = self._peers[action]
+        if problem is not None:
+            raise BoundaryMismatch(
+                f"rank {self.rank}: stage {s} produced an output for micro-batch {mb} that stage {s + 1} "
+                f"on rank {peer} does not expect (its buffers come from the meta-device trace): {problem}; "
+                f"layer outputs must not depend on tensor values"
+            )
+        tensors = tuple(t.detach() for t in outputs)
+        p2p, _ = self._comm()
+        self._sends.append((p2p.send(tensors, peer), action, peer, tensors))
+
+    def _recv_forward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        meta = self._inputs().boundaries[mb][self._in_layer[s]]
+        value = meta.empty(self._device)
+        p2p, _ = self._comm()
+        peer = self._peers[action]
+        self._recv_f[s][mb] = _Pending(value, p2p.recv(flatten(value), peer), peer)
+
+    # -- backward ----------------------------------------------------------------------------
+
+    def _output_grads(self, action: Action) -> Grads:
+        s, mb = action.stage, action.microbatch
+        if self._stages[s].is_last:
+            return (None,)
+        pending = self._recv_b[s][mb]
+        if pending is not None:
+            self._recv_b[s][mb] = None
+            grads: Grads = self._complete(pending, action)
+            return grads
+        handed = self._grad_handoff[s][mb]
+        self._grad_handoff[s][mb] = None
+        if handed is None:
+            raise PipelineError(
+                f"rank {self.rank}: {action} has no output gradient (neither received nor handed over)"
+            )
+        return tuple(handed)
+
+    def _route_input_grads(self, s: int, mb: int, leaves: tuple[Tensor, ...], grads: Grads) -> None:
+        if self._stages[s].is_first:
+            return
+        # Every differentiable boundary tensor gets a gradient (zeros when the stage did not
+        # use it), so both sides agree on what crosses without looking at values.
+        full = tuple(
+            (grad if grad is not None else torch.zeros_like(leaf)) if leaf.requires_grad else None
+            for leaf, grad in zip(leaves, grads, strict=True)
+        )
+        if self._prev_local[s]:
+            self._grad_handoff[s - 1][mb] = full
+        else:
+            self._send_grads[s][mb] = tuple(g for g in full if g is not None)
+
+    def _backward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        grads = self._output_grads(action)
+        leaves = self._inputs_of[s][mb]
+        input_grads = backward_full(self._outputs[s][mb], grads, leaves)
+        self._release(s, mb)
+        self._route_input_grads(s, mb, leaves, input_grads)
+
+    def _backward_input(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        grads = self._output_grads(action)
+        leaves = self._inputs_of[s][mb]
+        input_grads, state = backward_input(self._outputs[s][mb], grads, leaves, self._stages[s].parameters)
+        self._weight_state[s][mb] = state
+        self._release(s, mb)
+        self._route_input_grads(s, mb, leaves, input_grads)
+
+    def _backward_weight(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        state = self._weight_state[s][mb]
+        if state is None:
+            raise PipelineError(
+                f"rank {self.rank}: {action} runs before I{s}.{mb}; the schedule must run I first"
+            )
+        self._weight_state[s][mb] = None
+        backward_weight(state)
+
+    def _send_backward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        grads = self._send_grads[s][mb]
+        self._send_grads[s][mb] = None
+        p2p, _ = self._comm()
+        peer = self._peers[action]
+        self._sends.append((p2p.send(grads, peer), action, peer, grads))
+
+    def _recv_backward(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        meta = self._inputs().boundaries[mb][self._out_layer[s]]
+        grads: Grads = tuple(
+            torch.empty(shape, dtype=dtype, device=self._device) if differentiable else None
+            for shape, dtype, differentiable in zip(
+                meta.shapes, meta.dtypes, meta.differentiable, strict=True
+            )
+        )
+        p2p, _ = self._comm()
+        peer = self._peers[action]
+        buffers = [g for g in grads if g is not None]
+        self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer), peer)
+
+    # -- optimizer ---------------------------------------------------------------------------
+
+    def _step(self, action: Action) -> None:
+        if self._step_fn is None:
+            raise PipelineError(
+                f"rank {self.rank}: the schedule runs {action} but the pipeline has no optimizer; "
+                "asynchronous schedules need Pipeline(optimizer=lambda params: ...)"
+            )
+        self._step_fn(action.stage, action.microbatch)
+
+
+class _nothing:
+    """A do-nothing context manager that costs no generator frame."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,203 @@
+"""Loud, bounded failure: publish a rank's error, and never block without a deadline.
+
+[Note: bounded waits]
+gloo completes a point-to-point `Work` only inside `Work.wait()`, and a `wait(timeout)`
+that expires poisons the whole gloo context, so the main thread cannot poll it. Instead
+a daemon helper thread calls the blocking `wait()` (it releases the GIL) and the main
+thread waits on an event in short slices; between slices it reads the failure key on
+the rendezvous store and checks the deadline. On NCCL, `Work.is_completed()` is an
+event query, so the main thread polls it directly. Either way a rank that waits for a
+peer that failed (and said so) or died (and said nothing) raises `PeerFailure` within
+`poll_s` or `timeout_s`. A wait that was abandoned leaves the pipeline unusable, which
+`Pipeline.step` enforces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch.distributed as dist
+from torch._C._distributed_c10d import Store
+
+from pipefold.errors import PeerFailure
+
+__all__ = ["FailureReport", "FailureBoard", "Watchdog"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """Where a rank failed. `stage`/`microbatch` are None outside a stage's action."""
+
+    rank: int
+    stage: int | None
+    microbatch: int | None
+    action: str
+    message: str
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> FailureReport:
+        data = json.loads(text)
+        return cls(
+            rank=int(data["rank"]),
+            stage=data["stage"],
+            microbatch=data["microbatch"],
+            action=str(data["action"]),
+            message=str(data["message"]),
+        )
+
+    def __str__(self) -> str:
+        where = [f"rank {self.rank}"]
+        if self.stage is not None:
+            where.append(f"stage {self.stage}")
+        if self.microbatch is not None:
+            where.append(f"micro-batch {self.microbatch}")
+        return f"{', '.join(where)} failed at {self.action}: {self.message}"
+
+
+class FailureBoard:
+    """One pipeline's failure key on the rendezvous store; the first report wins.
+
+    Without a store (a single process) publishing is a no-op and nothing is ever read.
+    """
+
+    def __init__(self, store: Store | None, key: str) -> None:
+        self._store = store
+        self._key = key
+
+    def publish(self, report: FailureReport) -> None:
+        if self._store is None:
+            return
+        try:
+            # compare_set with expected "" only writes a missing key: later reports (often
+            # consequences of the first) never overwrite the root cause.
+            self._store.compare_set(self._key, "", report.encode())
+        except Exception as error:  # the store may be gone when the job is tearing down
+            logger.warning("could not publish failure %s on the store: %s", report, error)
+
+    def read(self) -> FailureReport | None:
+        if self._store is None:
+            return None
+        try:
+            if not self._store.check([self._key]):
+                return None
+            return FailureReport.decode(self._store.get(self._key))
+        except Exception as error:
+            logger.warning("could not read the failure key %s: %s", self._key, error)
+            return None
+
+
+class _Waiter(threading.Thread):
+    """Calls the blocking `Work.wait()` off the main thread (see [Note: bounded waits])."""
+
+    def __init__(self) -> None:
+        super().__init__(name="pipefold-waiter", daemon=True)
+        self.requests: queue.SimpleQueue[dist.Work] = queue.SimpleQueue()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            work = self.requests.get()
+            try:
+                work.wait()
+            except BaseException as error:  # handed to the main thread, which raises it
+                self.error = error
+            self.done.set()
+
+
+class Watchdog:
+    """Waits on `Work` with a deadline while watching the failure board."""
+
+    def __init__(
+        self,
+        board: FailureBoard,
+        *,
+        rank: int,
+        timeout_s: float,
+        poll_completion: bool,
+        poll_s: float = 0.05,
+    ) -> None:
+        self._board = board
+        self._rank = rank
+        self._timeout_s = timeout_s
+        self._poll_completion = poll_completion
+        self._poll_s = poll_s
+        self._waiter: _Waiter | None = None
+
+    def wait(self, work: dist.Work, *, what: str, peer: int | None) -> None:
+        """Block until `work` completes; raise PeerFailure if a peer failed or `timeout_s` passed.
+
+        `what` names the action waiting (e.g. "F2.5"); `peer` the rank it waits for
+        (None for a collective).
+        """
+        if self._poll_completion:
+            self._wait_polling(work, what, peer)
+        else:
+            self._wait_threaded(work, what, peer)
+
+    def _wait_polling(self, work: dist.Work, what: str, peer: int | None) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        next_check = time.monotonic() + self._poll_s
+        pause = 1e-5
+        while not work.is_completed():
+            now = time.monotonic()
+            if now >= next_check:
+                self._check(what, peer, deadline, now)
+                next_check = now + self._poll_s
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        self._finish(work.wait, what, peer)
+
+    def _wait_threaded(self, work: dist.Work, what: str, peer: int | None) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = _Waiter()
+            waiter.start()
+        waiter.done.clear()
+        waiter.error = None
+        waiter.requests.put(work)
+        deadline = time.monotonic() + self._timeout_s
+        while not waiter.done.wait(self._poll_s):
+            self._check(what, peer, deadline, time.monotonic())
+        error = waiter.error
+        if error is not None:
+            self._raise_broken(error, what, peer)
+
+    def _finish(self, wait: Callable[[], object], what: str, peer: int | None) -> None:
+        try:
+            wait()
+        except Exception as error:
+            self._raise_broken(error, what, peer)
+
+    def _check(self, what: str, peer: int | None, deadline: float, now: float) -> None:
+        report = self._board.read()
+        if report is not None:
+            raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}")
+        if now >= deadline:
+            source = "the other ranks" if peer is None else f"rank {peer}"
+            raise PeerFailure(
+                f"rank {self._rank} waited {self._timeout_s:g}s at {what} for {source} without an answer; "
+                f"{source} is stuck or died without reporting an error (raise timeout_s if its work "
+                f"legitimately takes longer)"
+            )
+
+    def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:
+        report = self._board.read()
+        if report is not None:
+            raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}") from error
+        source = "a peer" if peer is None else f"rank {peer}"
+        raise PeerFailure(
+            f"rank {self._rank}: communication with {source} failed at {what} "
+            f"({type(error).__name__}: {error}); {source} most likely died"
+        ) from error

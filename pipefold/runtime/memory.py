@@ -1,0 +1,96 @@
+"""Counting the activation bytes a rank holds, with saved-tensor hooks.
+
+Every tensor autograd saves for a backward passes through the pack hook. Bytes are
+counted per storage (a tensor saved by two ops, or two views of one buffer, count
+once) and released when the last saved reference to that storage is freed, which
+is when the graph holding it is freed (after B, or after W for a split backward).
+Parameters are not activations, so their storages are never counted. Stage inputs
+kept for a recomputing backward are counted through `hold`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = ["ActivationCounter"]
+
+
+class _Saved:
+    """What the pack hook hands autograd: the tensor, plus a release on collection."""
+
+    __slots__ = ("tensor", "_counter", "_key")
+
+    def __init__(self, tensor: Tensor, counter: ActivationCounter, key: int) -> None:
+        self.tensor = tensor
+        self._counter = counter
+        self._key = key
+
+    def __del__(self) -> None:
+        self._counter._release(self._key)
+
+
+class ActivationCounter:
+    """Current and peak bytes of saved activations on this rank."""
+
+    def __init__(self, parameters: Iterable[Tensor]) -> None:
+        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        self._held: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+        self.current = 0
+        self.peak = 0
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def _acquire(self, tensor: Tensor) -> int | None:
+        if tensor.device.type == "meta":
+            return None
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._excluded:
+            return None
+        entry = self._held.get(key)
+        if entry is None:
+            size = storage.nbytes()
+            self._held[key] = [1, size]
+            self.current += size
+            if self.current > self.peak:
+                self.peak = self.current
+        else:
+            entry[0] += 1
+        return key
+
+    def _release(self, key: int) -> None:
+        entry = self._held.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._held[key]
+            self.current -= entry[1]
+
+    def _pack(self, tensor: Tensor) -> _Saved | Tensor:
+        key = self._acquire(tensor)
+        return tensor if key is None else _Saved(tensor, self, key)
+
+    @staticmethod
+    def _unpack(saved: _Saved | Tensor) -> Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count what autograd saves inside this block."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def hold(self, tensors: Iterable[Tensor]) -> list[_Saved]:
+        """Count `tensors` as held until the returned handles are dropped."""
+        handles = []
+        for tensor in tensors:
+            key = self._acquire(tensor)
+            if key is not None:
+                handles.append(_Saved(tensor, self, key))
+        return handles

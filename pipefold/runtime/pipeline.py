@@ -1,0 +1,544 @@
+"""`Pipeline`: a model cut into stages, run under a schedule across the ranks of a group.
+
+    pipe = Pipeline(layers, loss_fn=F.cross_entropy, schedule="1f1b", num_microbatches=8)
+    for inputs, targets in data:                  # the same call on every rank
+        loss = pipe.step(inputs, targets)         # batch-mean loss, on every rank
+        optimizer.step(); optimizer.zero_grad()   # flush schedules: the user steps
+
+One `step` is one global batch: the rank of stage 0 broadcasts the batch's shapes,
+every rank traces the boundary shapes on the meta device (cached per shape), the
+executor walks this rank's lowered program, and then the ranks agree on the loss,
+sum the gradients of tied modules and (optionally) gather the measured timeline.
+
+[Note: exact gradients]
+The last stage scales each micro-batch loss by (micro-batch size / batch size), so
+the sum over micro-batches of the gradients is the gradient of the batch-mean loss,
+also for batches that `torch.tensor_split` cuts unevenly. Gradients accumulate into
+`.grad` exactly like `loss.backward()`: nothing is rescaled or zeroed. A tied module's
+gradient is summed across its owners by all-reducing only this step's contribution,
+so accumulation across steps stays exact there too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._C._distributed_c10d import Store
+
+from pipefold.errors import ConfigError, NonFiniteLoss, PeerFailure, PipefoldError, PipelineError
+from pipefold.model import (
+    LayerLike,
+    Partition,
+    TensorMeta,
+    as_layers,
+    materialize,
+    meta_layers,
+    owner_indices,
+    partition,
+    tied_groups,
+    trace_boundaries,
+)
+from pipefold.runtime.comm import P2P, Collectives
+from pipefold.runtime.executor import Executor, StepInputs, StepRecord
+from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
+from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.stage import Stage
+from pipefold.schedule import Schedule, WeightUpdate, build, lower
+from pipefold.timeline import Event, Timeline, Wait
+
+__all__ = ["Pipeline"]
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Pipeline:
+    """Pipeline-parallel execution of `layers` on the ranks of `process_group`.
+
+    Every rank constructs the pipeline with the same arguments. All configuration is
+    checked here, before any communication; see the module docstring for a step.
+    """
+
+    _num_created: ClassVar[itertools.count[int]] = itertools.count()
+
+    def __init__(
+        self,
+        layers: nn.Sequential | Sequence[LayerLike],
+        *,
+        loss_fn: LossFn,
+        schedule: str | Schedule = "1f1b",
+        num_microbatches: int | None = None,
+        num_virtual: int | None = None,
+        partition: str | Sequence[int] | Partition = "uniform",
+        recompute: str | Sequence[int] = "none",
+        device: torch.device | str | None = None,
+        process_group: Any = None,
+        optimizer: OptimizerFactory | None = None,
+        seed: int = 0,
+        timeout_s: float = 60.0,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        record_timeline: bool = True,
+    ) -> None:
+        self._layers = as_layers(layers)
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable (output, target) -> scalar tensor, got {loss_fn!r}")
+        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            raise ConfigError(f"timeout_s = {timeout_s!r}; give a positive number of seconds")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"on_nonfinite = {on_nonfinite!r}; use 'raise' or 'skip'")
+        self._loss_fn = loss_fn
+        self._timeout_s = float(timeout_s)
+        self._on_nonfinite = on_nonfinite
+        self._record_timeline = record_timeline
+
+        self._group, self._ranks = _resolve_group(process_group)
+        num_ranks = len(self._ranks)
+        self.rank = 0 if self._group is None else dist.get_rank(self._group)
+        self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
+        self._check_optimizer(optimizer)
+        self.device = _resolve_device(device, self._group)
+        recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
+        self.partition = _resolve_partition(self._layers, self.schedule, partition)
+
+        # -- local modules (no communication so far) --------------------------------------
+        local_stages = self.schedule.stages_of(self.rank)
+        indices = [i for s in local_stages for i in self.partition.layers_of(s)]
+        modules = materialize(self._layers, indices, self.device, seed=seed)
+        self._owner = owner_indices(self._layers)
+        self._local_modules = modules
+        stages: dict[int, Stage] = {}
+        for s in local_stages:
+            span = self.partition.layers_of(s)
+            stages[s] = Stage(
+                s,
+                span,
+                [self._layers[i] for i in span],
+                [modules[i] for i in span],
+                is_first=s == 0,
+                is_last=s == self.schedule.num_stages - 1,
+                recompute_all=recompute_all,
+                recompute_layers=recompute_layers,
+            )
+        self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
+        self._meta = meta_layers(self._layers)
+        self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
+
+        # -- communication ------------------------------------------------------------------
+        pipeline_id = next(Pipeline._num_created)
+        store = _default_store() if self._group is not None else None
+        self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
+        self._watchdog = Watchdog(
+            self._board,
+            rank=self.rank,
+            timeout_s=self._timeout_s,
+            poll_completion=self.device.type == "cuda",
+        )
+        p2p = None
+        self._collectives: Collectives | None = None
+        if self._group is not None:
+            p2p = P2P(self._group, self._ranks, self.device)
+            self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
+        self._tied = self._tie_groups()
+        counter = ActivationCounter(self.parameters()) if record_timeline else None
+        self._optimizers = self._build_optimizers(optimizer)
+        self._executor = Executor(
+            lower(self.schedule),
+            self.rank,
+            stages,
+            loss_fn=loss_fn,
+            device=self.device,
+            p2p=p2p,
+            watchdog=self._watchdog,
+            counter=counter,
+            step_fn=self._optimizer_step if self._optimizers else None,
+        )
+        self._broken: str | None = None
+        self.last_timeline: Timeline | None = None
+
+    # -- configuration helpers ---------------------------------------------------------------
+
+    def _check_optimizer(self, optimizer: OptimizerFactory | None) -> None:
+        flush = self.schedule.weight_update is WeightUpdate.FLUSH
+        if flush and optimizer is not None:
+            raise ConfigError(
+                f"optimizer is given but schedule {self.schedule.name!r} is a flush schedule; step your "
+                "optimizer after pipe.step() yourself and pass optimizer=None"
+            )
+        if not flush:
+            raise ConfigError(
+                f"schedule {self.schedule.name!r} updates weights during the step "
+                f"({self.schedule.weight_update}); this runtime executes flush schedules only, because "
+                "weight stashing (pipefold.runtime.stash) is not part of it yet; pick a flush schedule"
+            )
+
+    def _build_optimizers(self, optimizer: OptimizerFactory | None) -> dict[int, torch.optim.Optimizer]:
+        if optimizer is None:
+            return {}
+        return {stage.index: optimizer(list(stage.parameters)) for stage in self.stages}
+
+    def _optimizer_step(self, stage: int, index: int) -> None:
+        chosen = self._optimizers[stage]
+        chosen.step()
+        chosen.zero_grad(set_to_none=True)
+
+    def _tie_groups(self) -> list[tuple[dist.ProcessGroup, tuple[nn.Parameter, ...]]]:
+        """Process groups over the owners of each tied module held by several ranks.
+
+        `new_group` is collective over the whole world, so every rank creates every group,
+        in key order, even the ones it is not part of.
+        """
+        found: list[tuple[dist.ProcessGroup, tuple[nn.Parameter, ...]]] = []
+        if self._group is None:
+            return found
+        for key, occurrences in sorted(tied_groups(self._layers).items()):
+            owners = sorted({self.schedule.placement[self.partition.stage_of(i)] for i in occurrences})
+            if len(owners) < 2:
+                continue
+            group = dist.new_group([self._ranks[r] for r in owners])
+            if self.rank in owners:
+                local = next(i for i in occurrences if i in self._local_modules)
+                module = self._local_modules[local]
+                found.append((group, tuple(module.parameters())))
+                logger.debug("tied module %r is shared by ranks %s", key, owners)
+        return found
+
+    # -- parameters ----------------------------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Local parameters named as `nn.Sequential(*layers)` names them ("3.weight")."""
+        seen: set[int] = set()
+        for index in sorted(self._local_modules):
+            module = self._local_modules[index]
+            for name, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{self._owner[index]}.{name}", param
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Local parameters and buffers, with nn.Sequential names."""
+        result: dict[str, Tensor] = {}
+        for index in sorted(self._local_modules):
+            prefix = f"{self._owner[index]}."
+            for name, value in self._local_modules[index].state_dict().items():
+                result.setdefault(prefix + name, value)
+        return result
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load this rank's entries of `state_dict` (a full-model state dict works on every rank).
+
+        Entries of layers held by other ranks are ignored; a missing local entry is an error.
+        """
+        local = self.state_dict()
+        missing = sorted(set(local) - set(state_dict))
+        if missing:
+            raise ConfigError(
+                f"load_state_dict: rank {self.rank} needs {missing}, which the state dict lacks; "
+                f"save with pipe.state_dict() on every rank (or from the full model) and merge"
+            )
+        with torch.no_grad():
+            for name, value in local.items():
+                source = state_dict[name]
+                if tuple(source.shape) != tuple(value.shape):
+                    raise ConfigError(
+                        f"load_state_dict: {name} has shape {tuple(source.shape)} in the state dict but "
+                        f"{tuple(value.shape)} in the model"
+                    )
+                value.copy_(source)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self, inputs: Any, targets: Any) -> float:
+        """Run one global batch through the schedule; returns the batch-mean loss on every rank.
+
+        `inputs` (a tensor or tuple of tensors, batch first) is needed on the rank of
+        stage 0, `targets` on the rank of the last stage; other ranks may pass None.
+        """
+        if self._broken is not None:
+            raise PipelineError(
+                f"rank {self.rank}: this pipeline stopped after a failure ({self._broken}); "
+                "its communication state is undefined, so build a new Pipeline (and process group)"
+            )
+        try:
+            return self._step(inputs, targets)
+        except NonFiniteLoss:
+            raise  # every rank raises it alike after agreeing on the losses: nothing to report
+        except PeerFailure as error:
+            self._broken = str(error)
+            raise
+        except BaseException as error:
+            self._broken = f"{type(error).__name__}: {error}"
+            report = self._report(error)
+            self._board.publish(report)
+            if isinstance(error, PipefoldError) or not isinstance(error, Exception):
+                raise
+            raise PipelineError(str(report)) from error
+
+    def _report(self, error: BaseException) -> FailureReport:
+        action = self._executor.current
+        return FailureReport(
+            rank=self.rank,
+            stage=None if action is None else action.stage,
+            microbatch=None if action is None else action.microbatch,
+            action="step setup" if action is None else str(action),
+            message=f"{type(error).__name__}: {error}",
+        )
+
+    def _step(self, inputs: Any, targets: Any) -> float:
+        schedule = self.schedule
+        first_rank = schedule.placement[0]
+        last_rank = schedule.placement[-1]
+        batch_meta = None
+        if self.rank == first_rank:
+            if inputs is None:
+                raise ConfigError(
+                    f"rank {self.rank} holds stage 0 but step() got inputs=None; pass the batch on this rank"
+                )
+            batch_meta = TensorMeta.of(
+                inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
+            )
+        if self._collectives is not None:
+            batch_meta = self._collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
+        if not isinstance(batch_meta, TensorMeta):
+            raise PipelineError(f"rank {self.rank} received no batch description from rank {first_rank}")
+        batch_size = _batch_size(batch_meta)
+        num_microbatches = schedule.num_microbatches
+        if batch_size < num_microbatches:
+            raise ConfigError(
+                f"the batch has {batch_size} rows but num_microbatches is {num_microbatches}; "
+                f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
+            )
+        sizes = [
+            len(chunk)
+            for chunk in torch.tensor_split(torch.empty(batch_size, device="meta"), num_microbatches)
+        ]
+        boundaries = [self._boundaries(batch_meta, size) for size in sizes]
+
+        split_inputs = None
+        if self.rank == first_rank:
+            split_inputs = _split(inputs, num_microbatches, self.device)
+        split_targets = None
+        if self.rank == last_rank:
+            if targets is None:
+                raise ConfigError(
+                    f"rank {self.rank} holds the last stage but step() got targets=None; pass them here"
+                )
+            target_rows = _batch_size(TensorMeta.of(targets, what="targets"))
+            if target_rows != batch_size:
+                raise ConfigError(
+                    f"targets have {target_rows} rows but inputs have {batch_size}; give one target per row"
+                )
+            split_targets = _split(targets, num_microbatches, self.device)
+
+        restore = self._grad_snapshot() if self._on_nonfinite == "skip" else None
+        tied_before = [[_grad_copy(p) for p in params] for _, params in self._tied]
+        record = self._executor.run(
+            StepInputs(split_inputs, split_targets, boundaries, [size / batch_size for size in sizes])
+        )
+        losses = record.losses
+        if self._collectives is not None:
+            self._collectives.all_reduce_sum(losses, what="loss all-reduce")
+        bad = [mb for mb, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
+        if bad and restore is not None:
+            self._restore(restore)
+            logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
+        else:
+            self._sum_tied(tied_before)
+        if self._record_timeline:
+            self.last_timeline = self._timeline(record)
+        if bad and restore is None:
+            raise NonFiniteLoss(
+                f"the loss of micro-batch(es) {bad} is {losses[bad[0]].item()} (scaled by micro-batch size / "
+                f"batch size); the gradients now hold non-finite values: zero them, lower the learning rate "
+                f"or check the data, or pass on_nonfinite='skip' to drop such steps"
+            )
+        return float(losses.sum().item())
+
+    def _boundaries(self, batch_meta: TensorMeta, rows: int) -> list[TensorMeta]:
+        key = TensorMeta(
+            shapes=tuple((rows, *shape[1:]) for shape in batch_meta.shapes),
+            dtypes=batch_meta.dtypes,
+            is_tuple=batch_meta.is_tuple,
+        )
+        cached = self._boundary_cache.get(key)
+        if cached is None:
+            sample = tuple(
+                torch.empty(s, dtype=d, device="meta") for s, d in zip(key.shapes, key.dtypes, strict=True)
+            )
+            cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
+            self._boundary_cache[key] = cached
+        return cached
+
+    def _grad_snapshot(self) -> list[tuple[nn.Parameter, Tensor | None]]:
+        return [(p, _grad_copy(p)) for p in self.parameters()]
+
+    @staticmethod
+    def _restore(snapshot: list[tuple[nn.Parameter, Tensor | None]]) -> None:
+        for param, grad in snapshot:
+            param.grad = grad
+
+    def _sum_tied(self, before: list[list[Tensor | None]]) -> None:
+        if self._collectives is None:
+            return
+        for (group, params), old in zip(self._tied, before, strict=True):
+            for param, previous in zip(params, old, strict=True):
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                delta = grad if previous is None else grad - previous
+                self._collectives.all_reduce_sum(delta, what="tied-gradient all-reduce", group=group)
+                param.grad = delta if previous is None else previous + delta
+
+    def _timeline(self, record: StepRecord) -> Timeline:
+        mine = (record.events, record.waits, record.activation_bytes_peak)
+        gathered = (
+            [mine]
+            if self._collectives is None
+            else self._collectives.all_gather_object(mine, what="timeline gather")
+        )
+        events: list[tuple[Event, ...]] = [g[0] for g in gathered]
+        waits: list[tuple[Wait, ...]] = [g[1] for g in gathered]
+        return Timeline(
+            num_ranks=len(gathered),
+            events=Timeline.merge_ranks(events),
+            waits=tuple(waits),
+            activation_bytes_peak=tuple(int(g[2]) for g in gathered),
+            weight_versions_peak=tuple(1 for _ in gathered),
+            source="measured",
+            schedule_name=self.schedule.name,
+            meta={
+                "num_microbatches": self.schedule.num_microbatches,
+                "partition": str(self.partition),
+                "device": self.device.type,
+            },
+        )
+
+
+# -- module helpers ----------------------------------------------------------------------------
+
+
+def _resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
+    """The pipeline's group and its members' global ranks; (None, (0,)) for one process."""
+    if process_group is not None and hasattr(process_group, "get_group"):  # a DeviceMesh
+        names = getattr(process_group, "mesh_dim_names", None) or ()
+        process_group = process_group.get_group("pp") if "pp" in names else process_group.get_group()
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, (0,)
+        process_group = dist.group.WORLD
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ConfigError(
+            f"process_group must be a torch.distributed ProcessGroup or a DeviceMesh with a 'pp' dim, "
+            f"got {type(process_group).__name__}"
+        )
+    if dist.get_world_size(process_group) == 1:
+        return None, (dist.get_rank(),)
+    return process_group, tuple(dist.get_process_group_ranks(process_group))
+
+
+def _resolve_schedule(
+    schedule: str | Schedule, num_ranks: int, num_microbatches: int | None, num_virtual: int | None
+) -> Schedule:
+    if isinstance(schedule, Schedule):
+        if schedule.num_ranks != num_ranks:
+            raise ConfigError(
+                f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group has "
+                f"{num_ranks}; build it with num_ranks={num_ranks}"
+            )
+        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
+            raise ConfigError(
+                f"num_microbatches={num_microbatches} but schedule {schedule.name!r} has "
+                f"{schedule.num_microbatches}; leave num_microbatches unset when passing a Schedule"
+            )
+        return schedule
+    if not isinstance(schedule, str):
+        raise ConfigError(f"schedule must be a family name or a Schedule, got {type(schedule).__name__}")
+    count = 8 if num_microbatches is None else num_microbatches
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"num_microbatches = {count!r}; it must be an integer >= 1")
+    return build(schedule, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual)
+
+
+def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup | None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            resolved = torch.device("cpu")
+    else:
+        resolved = torch.device(device)
+    if group is not None:
+        backend = str(dist.get_backend(group)).lower()
+        if resolved.type == "cuda" and "nccl" not in backend:
+            raise ConfigError(
+                f"device {resolved} needs the nccl backend but the process group uses {backend}; "
+                "init_process_group('nccl') for GPUs, or pass device='cpu'"
+            )
+        if resolved.type == "cpu" and "gloo" not in backend:
+            raise ConfigError(
+                f"device cpu needs the gloo backend but the process group uses {backend}; "
+                "init_process_group('gloo') on CPU, or pass a CUDA device"
+            )
+    return resolved
+
+
+def _resolve_recompute(recompute: str | Sequence[int], num_layers: int) -> tuple[bool, frozenset[int]]:
+    if isinstance(recompute, str):
+        if recompute == "none":
+            return False, frozenset()
+        if recompute == "full":
+            return True, frozenset()
+        raise ConfigError(f"recompute = {recompute!r}; use 'none', 'full' or a list of layer indices")
+    indices = list(recompute)
+    for index in indices:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
+            raise ConfigError(
+                f"recompute lists layer {index!r}, but the model has layers 0..{num_layers - 1}; "
+                "give layer indices (selective recomputation), 'full' or 'none'"
+            )
+    return False, frozenset(indices)
+
+
+def _resolve_partition(
+    layers: Sequence[LayerLike], schedule: Schedule, method: str | Sequence[int] | Partition
+) -> Partition:
+    return partition(layers, schedule.num_stages, method, placement=schedule.placement)
+
+
+def _default_store() -> Store | None:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        logger.warning("no default store: failures of other ranks are only detected by timeout")
+        return None
+
+
+def _batch_size(meta: TensorMeta) -> int:
+    rows = {shape[0] if shape else -1 for shape in meta.shapes}
+    if len(rows) != 1 or -1 in rows:
+        raise ConfigError(
+            f"every tensor of a batch must have the same first (batch) dimension, got {meta}; "
+            "put the batch dimension first"
+        )
+    return rows.pop()
+
+
+def _split(value: Any, num_chunks: int, device: torch.device) -> list[Any]:
+    if isinstance(value, Tensor):
+        return list(torch.tensor_split(value.to(device), num_chunks))
+    columns = [torch.tensor_split(tensor.to(device), num_chunks) for tensor in value]
+    return [tuple(column[mb] for column in columns) for mb in range(num_chunks)]
+
+
+def _grad_copy(param: nn.Parameter) -> Tensor | None:
+    return None if param.grad is None else param.grad.detach().clone()

@@ -1,0 +1,99 @@
+"""A stage: a contiguous chunk of layers on this rank, and how its forward runs.
+
+Values between layers follow [Note: layer calling convention] in pipefold/model/build.py:
+each layer receives exactly what the previous one returned (a tensor or a tuple).
+
+Recomputation (`recompute`):
+- "none": autograd keeps every activation of the stage until its backward.
+- "full": the stage forward runs under non-reentrant `torch.utils.checkpoint`, so only
+  the stage input is kept and the forward is recomputed during the backward.
+- a set of layer indices (selective): only those layers are checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from pipefold.model import LayerLike, apply_layer
+
+__all__ = ["Stage", "flatten", "as_leaves"]
+
+
+class Stage:
+    """Stage `index` (virtual, model order) owning the layers `layer_indices`."""
+
+    def __init__(
+        self,
+        index: int,
+        layer_indices: range,
+        layers: Sequence[LayerLike],
+        modules: Sequence[nn.Module],
+        *,
+        is_first: bool,
+        is_last: bool,
+        recompute_all: bool,
+        recompute_layers: frozenset[int],
+    ) -> None:
+        self.index = index
+        self.layer_indices = layer_indices
+        self.is_first = is_first
+        self.is_last = is_last
+        self._calls = tuple(zip(layers, modules, strict=True))
+        self._recompute_all = recompute_all
+        self._checkpointed = tuple(i in recompute_layers for i in layer_indices)
+        seen: set[int] = set()
+        params: list[nn.Parameter] = []
+        for module in modules:  # a tied module held twice by one stage counts once
+            for param in module.parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    params.append(param)
+        self.parameters: tuple[nn.Parameter, ...] = tuple(params)
+        self.modules = tuple(modules)
+
+    def _run(self, value: Any) -> Any:
+        for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
+            if checkpointed:
+                value = torch.utils.checkpoint.checkpoint(
+                    apply_layer, layer, module, value, use_reentrant=False
+                )
+            else:
+                value = apply_layer(layer, module, value)
+        return value
+
+    def forward(self, value: Any) -> Any:
+        if self._recompute_all:
+            return torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
+        return self._run(value)
+
+
+def flatten(value: Any) -> tuple[Tensor, ...]:
+    """The tensors of a boundary value, in order (a tensor is a 1-tuple)."""
+    if isinstance(value, Tensor):
+        return (value,)
+    return tuple(value)
+
+
+def as_leaves(value: Any) -> tuple[Any, tuple[Tensor, ...]]:
+    """Detach a stage input so the stage's graph starts here; differentiable entries require grad.
+
+    Returns the value to feed the stage (same structure) and its tensors. The handoff
+    from a stage on the same rank goes through here too, so each stage's graph stays
+    separate and the backward of one stage never runs into the previous one.
+    """
+    if isinstance(value, Tensor):
+        leaf = _leaf(value)
+        return leaf, (leaf,)
+    leaves = tuple(_leaf(tensor) for tensor in value)
+    return leaves, leaves
+
+
+def _leaf(tensor: Tensor) -> Tensor:
+    leaf = tensor.detach()
+    if leaf.is_floating_point() or leaf.is_complex():
+        leaf.requires_grad_(True)
+    return leaf

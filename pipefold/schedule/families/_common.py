@@ -1,0 +1,71 @@
+"""Helpers shared by the family generators: rows to `Schedule`, parameter checks, padding.
+
+Private: the public surface of a family is its `generate`, `check` and `FAMILY`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from pipefold.errors import ScheduleError
+from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
+
+__all__ = [
+    "make_schedule",
+    "require_virtual",
+    "drop_microbatches",
+    "counted",
+]
+
+
+def make_schedule(
+    name: str,
+    num_ranks: int,
+    num_microbatches: int,
+    placement: tuple[int, ...],
+    rows: Sequence[Iterable[Action]],
+    weight_update: WeightUpdate = WeightUpdate.FLUSH,
+) -> Schedule:
+    """Freeze per-rank action lists into a `Schedule`."""
+    return Schedule(
+        name=name,
+        num_ranks=num_ranks,
+        num_stages=len(placement),
+        num_microbatches=num_microbatches,
+        placement=placement,
+        actions=tuple(tuple(row) for row in rows),
+        weight_update=weight_update,
+    )
+
+
+def require_virtual(name: str, num_virtual: int, expected: int, alternative: str) -> None:
+    """Refuse a `num_virtual` the family cannot use, naming the legal value and an alternative."""
+    if num_virtual != expected:
+        raise ScheduleError(
+            f"{name} runs {expected} stage{'s' if expected > 1 else ''} per rank; got "
+            f"num_virtual={num_virtual}. Pass num_virtual={expected}, or {alternative}."
+        )
+
+
+def drop_microbatches(
+    rows: Iterable[Iterable[Action]], num_microbatches: int
+) -> list[list[Action]]:
+    """Remove every compute action of micro-batches >= `num_microbatches`.
+
+    [Note: padding]
+    A family defined only for some micro-batch counts is generated for the next
+    count it supports and the extra micro-batches are then removed from every
+    rank. Dependencies only link actions of the same micro-batch, or follow one
+    rank's order, so removing whole micro-batches keeps a deadlock-free schedule
+    deadlock-free; the removed slots become idle time.
+    """
+    return [
+        [a for a in row if a.op is Op.STEP or a.microbatch < num_microbatches] for row in rows
+    ]
+
+
+def counted(op: Op, stage: int, counters: dict[tuple[Op, int], int]) -> Action:
+    """The next action `op` of `stage`, micro-batches numbered in the order they are emitted."""
+    microbatch = counters.get((op, stage), 0)
+    counters[(op, stage)] = microbatch + 1
+    return Action(op, stage, microbatch)

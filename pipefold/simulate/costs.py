@@ -1,0 +1,319 @@
+"""`CostModel`: what each action costs in time and memory, and what a message costs.
+
+All times are seconds, all sizes bytes, indexed by *virtual* stage (see [Note: stage
+numbering] in pipefold/schedule/ir.py). A cost model is plain data: built by hand,
+from a measured profile, or loaded from JSON. No torch import.
+
+[Note: link model]
+A message crossing stage boundary `s` (between stage s and s+1; the activation goes
+forward, its gradient, of the same size, goes back) from rank `src` to rank `dst`
+takes `latency + message_bytes[s] / bandwidth`. The (latency, bandwidth) pair is
+`link_overrides[(src, dst)]`, else `link_overrides[(dst, src)]`, else the default
+`link`. A handoff between stages on the same rank is free (the tensor stays in
+memory). Transfers do not occupy compute and do not contend with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipefold.errors import CostModelError
+from pipefold.schedule.ir import Action, Op, Schedule
+
+__all__ = ["Link", "CostModel"]
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A point-to-point link: fixed `latency` (s) plus bytes / `bandwidth` (bytes/s)."""
+
+    latency: float = 0.0
+    bandwidth: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency) and self.latency >= 0):
+            raise CostModelError(
+                f"link latency = {self.latency!r} s; give a finite number >= 0 (0 for an ideal link)"
+            )
+        if not self.bandwidth > 0:
+            raise CostModelError(
+                f"link bandwidth = {self.bandwidth!r} bytes/s; give a number > 0 (inf for an ideal link)"
+            )
+
+    def transfer_time(self, num_bytes: int) -> float:
+        return self.latency + (num_bytes / self.bandwidth if num_bytes else 0.0)
+
+
+def _floats(name: str, values: Sequence[float], num_stages: int) -> tuple[float, ...]:
+    if len(values) != num_stages:
+        raise CostModelError(
+            f"{name} has {len(values)} entries but num_stages is {num_stages}: give one per (virtual) stage"
+        )
+    result = tuple(float(value) for value in values)
+    for stage, value in enumerate(result):
+        if not (math.isfinite(value) and value >= 0):
+            raise CostModelError(f"{name}[{stage}] = {value!r}; times must be finite and >= 0")
+    return result
+
+
+def _ints(name: str, values: Sequence[int], num_entries: int, what: str) -> tuple[int, ...]:
+    if len(values) != num_entries:
+        raise CostModelError(f"{name} has {len(values)} entries but needs {num_entries}: one per {what}")
+    result = tuple(int(value) for value in values)
+    for index, value in enumerate(result):
+        if value < 0 or value != values[index]:
+            raise CostModelError(f"{name}[{index}] = {values[index]!r}; sizes must be whole bytes >= 0")
+    return result
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-stage times and sizes, and the link model (see [Note: link model]).
+
+    Sequence fields left empty take their default: `b` is `i + w` per stage, the
+    others are zeros. Every field is validated on construction.
+    """
+
+    num_stages: int
+    f: tuple[float, ...]
+    """Forward time per stage."""
+    i: tuple[float, ...]
+    """Input-gradient backward (I) time per stage."""
+    w: tuple[float, ...]
+    """Weight-gradient backward (W) time per stage."""
+    b: tuple[float, ...] = ()
+    """Full backward (B) time per stage; defaults to i + w."""
+    step: tuple[float, ...] = ()
+    """Optimizer update (STEP) time per stage; defaults to 0."""
+    activation_bytes: tuple[int, ...] = ()
+    """Bytes one in-flight micro-batch holds on a stage, from the end of F to the end of B or I."""
+    weight_grad_bytes: tuple[int, ...] = ()
+    """Bytes an I keeps for its W, held from the end of I to the end of W."""
+    weight_bytes: tuple[int, ...] = ()
+    """Bytes of one version of a stage's weights."""
+    message_bytes: tuple[int, ...] = ()
+    """Bytes crossing each stage boundary s -> s+1 (num_stages - 1 entries)."""
+    link: Link = field(default_factory=Link)
+    """The default link between two different ranks."""
+    link_overrides: Mapping[tuple[int, int], Link] = field(default_factory=dict, hash=False)
+    """Links for particular rank pairs, e.g. across nodes (left out of the hash: a dict has none)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise CostModelError(f"num_stages = {self.num_stages!r}; give an integer >= 1")
+        n = self.num_stages
+        set_ = object.__setattr__  # frozen: normalise the fields once, here
+        set_(self, "f", _floats("f", self.f, n))
+        set_(self, "i", _floats("i", self.i, n))
+        set_(self, "w", _floats("w", self.w, n))
+        default_b = tuple(i + w for i, w in zip(self.i, self.w, strict=True))
+        set_(self, "b", _floats("b", self.b or default_b, n))
+        set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes"):
+            set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
+        set_(
+            self,
+            "message_bytes",
+            _ints("message_bytes", self.message_bytes or (0,) * (n - 1), n - 1, "stage boundary"),
+        )
+        if not isinstance(self.link, Link):
+            raise CostModelError(f"link = {self.link!r}; give a pipefold.simulate.Link")
+        for pair, link in self.link_overrides.items():
+            if len(pair) != 2 or min(pair) < 0 or not isinstance(link, Link):
+                raise CostModelError(
+                    f"link_overrides[{pair!r}] = {link!r}; keys are (src_rank, dst_rank) pairs of "
+                    "ranks >= 0 and values are Link objects"
+                )
+        set_(self, "link_overrides", dict(self.link_overrides))
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def uniform(
+        cls,
+        num_stages: int,
+        f: float = 1.0,
+        i: float = 1.0,
+        w: float = 1.0,
+        *,
+        b: float | None = None,
+        step: float = 0.0,
+        activation_bytes: int = 0,
+        weight_grad_bytes: int = 0,
+        weight_bytes: int = 0,
+        message_bytes: int = 0,
+        link: Link | None = None,
+    ) -> CostModel:
+        """Every stage costs the same; `b` defaults to `i + w`."""
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise CostModelError(f"num_stages = {num_stages!r}; give an integer >= 1")
+        n = num_stages
+        return cls(
+            num_stages=n,
+            f=(f,) * n,
+            i=(i,) * n,
+            w=(w,) * n,
+            b=(i + w if b is None else b,) * n,
+            step=(step,) * n,
+            activation_bytes=(activation_bytes,) * n,
+            weight_grad_bytes=(weight_grad_bytes,) * n,
+            weight_bytes=(weight_bytes,) * n,
+            message_bytes=(message_bytes,) * (n - 1),
+            link=link or Link(),
+        )
+
+    @classmethod
+    def from_lists(
+        cls,
+        f: Sequence[float],
+        i: Sequence[float],
+        w: Sequence[float],
+        *,
+        b: Sequence[float] = (),
+        step: Sequence[float] = (),
+        activation_bytes: Sequence[int] = (),
+        weight_grad_bytes: Sequence[int] = (),
+        weight_bytes: Sequence[int] = (),
+        message_bytes: Sequence[int] = (),
+        link: Link | None = None,
+        link_overrides: Mapping[tuple[int, int], Link] | None = None,
+    ) -> CostModel:
+        """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
+        return cls(
+            num_stages=len(f),
+            f=tuple(f),
+            i=tuple(i),
+            w=tuple(w),
+            b=tuple(b),
+            step=tuple(step),
+            activation_bytes=tuple(activation_bytes),
+            weight_grad_bytes=tuple(weight_grad_bytes),
+            weight_bytes=tuple(weight_bytes),
+            message_bytes=tuple(message_bytes),
+            link=link or Link(),
+            link_overrides=dict(link_overrides or {}),
+        )
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def time_of(self, action: Action) -> float:
+        """Seconds the compute `action` takes."""
+        op = action.op
+        if op is Op.F:
+            return self.f[action.stage]
+        if op is Op.B:
+            return self.b[action.stage]
+        if op is Op.I:
+            return self.i[action.stage]
+        if op is Op.W:
+            return self.w[action.stage]
+        if op is Op.STEP:
+            return self.step[action.stage]
+        raise CostModelError(f"{action} is not a compute action; only F, B, I, W, STEP cost time")
+
+    def link_between(self, src: int, dst: int) -> Link:
+        return self.link_overrides.get((src, dst)) or self.link_overrides.get((dst, src)) or self.link
+
+    def transfer_time(self, boundary: int, src: int, dst: int) -> float:
+        """Seconds a message across stage boundary `boundary` takes from rank `src` to `dst`."""
+        if src == dst:
+            return 0.0
+        return self.link_between(src, dst).transfer_time(self.message_bytes[boundary])
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        """Raise CostModelError unless this model has one entry per stage of `schedule`."""
+        if self.num_stages != schedule.num_stages:
+            raise CostModelError(
+                f"cost model has num_stages={self.num_stages} but schedule {schedule.name!r} has "
+                f"{schedule.num_stages} stages ({schedule.num_ranks} ranks x {schedule.num_virtual} "
+                f"virtual); build it with CostModel.uniform({schedule.num_stages}, ...) or give "
+                f"{schedule.num_stages} entries per list"
+            )
+        for pair in self.link_overrides:
+            if max(pair) >= schedule.num_ranks:
+                raise CostModelError(
+                    f"link_overrides has pair {pair} but the schedule has ranks 0..{schedule.num_ranks - 1}"
+                )
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data; an infinite bandwidth is written as null (JSON has no infinity)."""
+
+        def link_data(link: Link) -> dict[str, float | None]:
+            bandwidth = None if math.isinf(link.bandwidth) else link.bandwidth
+            return {"latency": link.latency, "bandwidth": bandwidth}
+
+        return {
+            "num_stages": self.num_stages,
+            "f": list(self.f),
+            "i": list(self.i),
+            "w": list(self.w),
+            "b": list(self.b),
+            "step": list(self.step),
+            "activation_bytes": list(self.activation_bytes),
+            "weight_grad_bytes": list(self.weight_grad_bytes),
+            "weight_bytes": list(self.weight_bytes),
+            "message_bytes": list(self.message_bytes),
+            "link": link_data(self.link),
+            "link_overrides": [
+                {"src": src, "dst": dst, **link_data(link)}
+                for (src, dst), link in sorted(self.link_overrides.items())
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, source: str | Path | Mapping[str, Any]) -> CostModel:
+        """Load from a dict as written by `to_json`, or from a JSON file path."""
+        if isinstance(source, (str, Path)):
+            try:
+                data: Mapping[str, Any] = json.loads(Path(source).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise CostModelError(f"cannot read cost model JSON from {str(source)!r}: {error}") from None
+        else:
+            data = source
+        known = {
+            "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
+            "weight_bytes", "message_bytes", "link", "link_overrides",
+        }
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CostModelError(f"unknown cost model field(s) {unknown}; known fields: {sorted(known)}")
+        for required in ("f", "i", "w"):
+            if required not in data:
+                raise CostModelError(f"cost model JSON lacks {required!r}: give one time per stage")
+
+        def link_of(entry: Mapping[str, Any]) -> Link:
+            bandwidth = entry.get("bandwidth")
+            return Link(
+                latency=float(entry.get("latency", 0.0)),
+                bandwidth=math.inf if bandwidth is None else float(bandwidth),
+            )
+
+        overrides = {
+            (int(entry["src"]), int(entry["dst"])): link_of(entry)
+            for entry in data.get("link_overrides", ())
+        }
+        model = cls.from_lists(
+            data["f"],
+            data["i"],
+            data["w"],
+            b=data.get("b", ()),
+            step=data.get("step", ()),
+            activation_bytes=data.get("activation_bytes", ()),
+            weight_grad_bytes=data.get("weight_grad_bytes", ()),
+            weight_bytes=data.get("weight_bytes", ()),
+            message_bytes=data.get("message_bytes", ()),
+            link=link_of(data.get("link", {})),
+            link_overrides=overrides,
+        )
+        if "num_stages" in data and data["num_stages"] != model.num_stages:
+            raise CostModelError(
+                f"num_stages = {data['num_stages']!r} but f has {model.num_stages} entries; make them agree"
+            )
+        return model

@@ -1,0 +1,206 @@
+"""`simulate(schedule, costs)`: predict a schedule's `Timeline` by discrete events.
+
+[Note: simulated semantics]
+The simulator follows the runtime (see [Note: send/recv semantics] in
+pipefold/schedule/lower.py):
+- every rank runs its compute actions one at a time, in schedule order;
+- an action starts when its rank is free and every data input (see [Note: derived
+  dependencies] in pipefold/schedule/deps.py) has arrived: a same-rank input when its
+  producer ends, a cross-rank one `transfer_time` later (see [Note: link model] in
+  costs.py). Sends are non-blocking and receives are posted ahead, so a transfer
+  occupies neither rank's compute;
+- time a rank spends ready but starved of input is recorded as a `Wait`.
+Several steps run the schedule back to back. With `sync=True` a global barrier
+separates steps (a flush: step k+1 starts when the last rank ends step k); with
+`sync=False` each rank goes on to step k+1 as soon as its own step k is done and
+its inputs arrive, so a schedule whose tail overlaps the next step's head (ZB-H2)
+shows its steady state. Ranks still run each call's actions in order, so a call
+that ends in a full drain on rank 0 (1F1B; PipeDream generated one call at a time)
+keeps its bubble across calls.
+
+Since every action has a fixed duration and waits only for earlier work, an
+action's start time depends only on its predecessors; the engine visits actions
+in dependency order with a worklist, O(actions).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, replace
+
+from pipefold.errors import ConfigError, ScheduleError
+from pipefold.schedule.deps import backward_of, data_inputs
+from pipefold.schedule.ir import Action, Schedule, format_grid
+from pipefold.simulate.costs import CostModel
+from pipefold.simulate.memory import activation_bytes_peak, weight_versions
+from pipefold.timeline import Event, Timeline, Wait
+
+__all__ = ["simulate"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """The schedule flattened for speed: every action gets an id (its index in rank-major
+    order) so the hot loop indexes lists instead of hashing `Action`s.
+
+    `inputs[id]` holds (producer id, arrival delay) pairs.
+    """
+
+    actions: tuple[tuple[Action, ...], ...]
+    first_id: tuple[int, ...]
+    durations: tuple[float, ...]
+    inputs: tuple[tuple[tuple[int, float], ...], ...]
+
+
+def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
+    backward = backward_of(schedule)
+    placement = schedule.placement
+    id_of: dict[Action, int] = {}
+    first_id = []
+    for row in schedule.actions:
+        first_id.append(len(id_of))
+        for action in row:
+            id_of.setdefault(action, len(id_of))
+    if len(id_of) != sum(len(row) for row in schedule.actions):
+        raise ScheduleError(
+            f"{schedule.name or 'schedule'}: an action appears twice; run "
+            "pipefold.schedule.validate(schedule) to find it"
+        )
+    durations = []
+    inputs = []
+    for rank, row in enumerate(schedule.actions):
+        for action in row:
+            durations.append(costs.time_of(action))
+            delayed = []
+            for producer in data_inputs(action, schedule, backward):
+                if producer not in id_of:
+                    raise ScheduleError(
+                        f"{schedule.name or 'schedule'}: {action} needs {producer}, which no rank runs; "
+                        "run pipefold.schedule.validate(schedule) for the full diagnosis"
+                    )
+                # The boundary crossed is the lower of the two stages (F: s-1 -> s; B: s+1 -> s).
+                boundary = min(producer.stage, action.stage)
+                delay = costs.transfer_time(boundary, placement[producer.stage], rank)
+                delayed.append((id_of[producer], delay))
+            inputs.append(tuple(delayed))
+    return _Prepared(schedule.actions, tuple(first_id), tuple(durations), tuple(inputs))
+
+
+def _run(
+    prepared: _Prepared,
+    schedule: Schedule,
+    first_step: int,
+    num_steps: int,
+    free: list[float],
+    not_before: float,
+    events: list[list[Event]],
+    waits: list[list[Wait]],
+) -> None:
+    """Run steps first_step .. first_step+num_steps-1 back to back without a barrier."""
+    num_ranks = schedule.num_ranks
+    num_actions = len(prepared.durations)
+    durations = prepared.durations
+    all_inputs = prepared.inputs
+    # ends[local_step * num_actions + id]: end time, or -1.0 while not yet run (times are >= 0).
+    ends = [-1.0] * (num_actions * num_steps)
+    positions = [0] * num_ranks
+    totals = [len(row) * num_steps for row in prepared.actions]
+    blocked_on: dict[int, list[int]] = defaultdict(list)
+    queue = deque(range(num_ranks))
+    while queue:
+        rank = queue.popleft()
+        row = prepared.actions[rank]
+        row_length = len(row)
+        first_id = prepared.first_id[rank]
+        position = positions[rank]
+        rank_free = free[rank]
+        while position < totals[rank]:
+            local_step, index = divmod(position, row_length)
+            action_id = first_id + index
+            offset = local_step * num_actions
+            start = rank_free if rank_free > not_before else not_before
+            missing = -1
+            for producer, delay in all_inputs[action_id]:
+                produced = ends[offset + producer]
+                if produced < 0:
+                    missing = producer
+                    break
+                if produced + delay > start:
+                    start = produced + delay
+            if missing >= 0:
+                blocked_on[offset + missing].append(rank)
+                break
+            action = row[index]
+            step = first_step + local_step
+            if start > rank_free:
+                waits[rank].append(Wait(rank, action, rank_free, start, step))
+            end = start + durations[action_id]
+            events[rank].append(Event(rank, action, start, end, step))
+            ends[offset + action_id] = end
+            rank_free = end
+            position += 1
+            woken = blocked_on.pop(offset + action_id, None)
+            if woken:
+                queue.extend(woken)
+        positions[rank] = position
+        free[rank] = rank_free
+
+    stuck = [rank for rank in range(num_ranks) if positions[rank] < totals[rank]]
+    if stuck:
+        rank = stuck[0]
+        index = positions[rank] % len(prepared.actions[rank])
+        raise ScheduleError(
+            f"{schedule.name or 'schedule'}: simulation deadlocked at rank {rank}, "
+            f"{prepared.actions[rank][index]} (stuck ranks: {stuck}); run "
+            f"pipefold.schedule.validate(schedule) for the full diagnosis\n"
+            f"{format_grid(schedule.actions, mark=(rank, index))}"
+        )
+
+
+def simulate(
+    schedule: Schedule, costs: CostModel, *, num_steps: int = 1, sync: bool = True
+) -> Timeline:
+    """Predict the timeline of `num_steps` calls of `schedule` (see [Note: simulated semantics]).
+
+    Raises ConfigError for a bad `num_steps`, CostModelError if `costs` does not fit
+    the schedule, ScheduleError if the schedule deadlocks or lacks an action another
+    one consumes (a schedule from `build` never does).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"num_steps = {num_steps!r}; give an integer >= 1 (1 simulates one call)")
+    costs.check_schedule(schedule)
+    prepared = _prepare(schedule, costs)
+    num_ranks = schedule.num_ranks
+    events: list[list[Event]] = [[] for _ in range(num_ranks)]
+    waits: list[list[Wait]] = [[] for _ in range(num_ranks)]
+    free = [0.0] * num_ranks
+    if sync:
+        barrier = 0.0
+        for step in range(num_steps):
+            _run(prepared, schedule, step, 1, free, barrier, events, waits)
+            barrier = max(free)
+    else:
+        _run(prepared, schedule, 0, num_steps, free, 0.0, events, waits)
+
+    timeline = Timeline(
+        num_ranks=num_ranks,
+        events=tuple(tuple(row) for row in events),
+        waits=tuple(tuple(row) for row in waits),
+        source="simulated",
+        schedule_name=schedule.name,
+        meta={
+            "num_steps": num_steps,
+            "sync": sync,
+            "num_stages": schedule.num_stages,
+            "num_microbatches": schedule.num_microbatches,
+            "placement": list(schedule.placement),
+            "weight_update": str(schedule.weight_update),
+        },
+    )
+    versions, weight_bytes = weight_versions(timeline, costs, schedule.weight_update, schedule.placement)
+    return replace(
+        timeline,
+        activation_bytes_peak=activation_bytes_peak(timeline, costs),
+        weight_versions_peak=versions,
+        weight_bytes_peak=weight_bytes,
+    )

@@ -1,0 +1,95 @@
+"""Memory a timeline implies under a cost model: activation bytes and weight versions.
+
+Kept apart from the event engine so that a measured timeline can be priced the same
+way (`activation_bytes_peak(timeline, costs)` works on any `Timeline`). No torch.
+
+[Note: what a rank holds]
+- Activations: a (stage, micro-batch) holds `activation_bytes[stage]` from the end of
+  its F to the end of its B or I; after an I, `weight_grad_bytes[stage]` stay until
+  the end of its W.
+- Weights: under `flush` one version per stage. Under `stash` and `double-buffer` a
+  micro-batch's backward must use the weights its forward saw, so a stage holds its
+  current version plus every older version some in-flight micro-batch (F started, B
+  or I not yet ended) still needs. A STEP of the stage makes a new current version.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pipefold.schedule.ir import Op, WeightUpdate
+from pipefold.simulate.costs import CostModel
+from pipefold.timeline import Timeline
+
+__all__ = ["activation_bytes_peak", "weight_versions"]
+
+
+def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
+    """Per rank, the most activation bytes held at once (see [Note: what a rank holds])."""
+    peaks = []
+    for row in timeline.events:
+        changes: list[tuple[float, int]] = []
+        for event in row:
+            action = event.action
+            if action.op is Op.F:
+                changes.append((event.end, costs.activation_bytes[action.stage]))
+            elif action.op.is_backward:
+                changes.append((event.end, -costs.activation_bytes[action.stage]))
+                if action.op is Op.I:
+                    changes.append((event.end, costs.weight_grad_bytes[action.stage]))
+            elif action.op is Op.W:
+                changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+        # Releases first at equal times: memory freed by one action is reusable by the next.
+        changes.sort()
+        held = peak = 0
+        for _, delta in changes:
+            held += delta
+            peak = max(peak, held)
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def weight_versions(
+    timeline: Timeline, costs: CostModel, weight_update: WeightUpdate, placement: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per rank: the most versions of one stage's weights held, and the peak weight bytes."""
+    owned: list[list[int]] = [[] for _ in range(timeline.num_ranks)]
+    for stage, rank in enumerate(placement):
+        owned[rank].append(stage)
+    if weight_update is WeightUpdate.FLUSH:
+        versions = tuple(1 if stages else 0 for stages in owned)
+        sizes = tuple(sum(costs.weight_bytes[stage] for stage in stages) for stages in owned)
+        return versions, sizes
+
+    versions_peak: list[int] = []
+    bytes_peak: list[int] = []
+    for rank, row in enumerate(timeline.events):
+        current = dict.fromkeys(owned[rank], 0)
+        needed: dict[int, Counter[int]] = {stage: Counter() for stage in owned[rank]}
+        seen: dict[tuple[int, int, int], int] = {}
+        held = dict.fromkeys(owned[rank], 1)
+        most = 1 if owned[rank] else 0
+        most_bytes = sum(costs.weight_bytes[stage] for stage in owned[rank])
+        # One rank runs one action at a time, so its events in order are its instants in order.
+        for event in row:
+            action = event.action
+            stage = action.stage
+            if action.op is Op.F:
+                version = current[stage]
+                seen[(event.step, stage, action.microbatch)] = version
+                needed[stage][version] += 1
+            elif action.op.is_backward:
+                version = seen.pop((event.step, stage, action.microbatch), current[stage])
+                needed[stage][version] -= 1
+                if needed[stage][version] <= 0:
+                    del needed[stage][version]
+            elif action.op is Op.STEP:
+                current[stage] += 1
+            else:
+                continue
+            held[stage] = len(set(needed[stage]) | {current[stage]})
+            most = max(most, held[stage])
+            most_bytes = max(most_bytes, sum(held[s] * costs.weight_bytes[s] for s in owned[rank]))
+        versions_peak.append(most)
+        bytes_peak.append(most_bytes)
+    return tuple(versions_peak), tuple(bytes_peak)

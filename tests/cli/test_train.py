@@ -1,0 +1,106 @@
+import argparse
+import json
+import math
+
+import pytest
+
+from pipefold.cli import train as train_cli
+from pipefold.cli.main import main
+from pipefold.config import TrainConfig
+from pipefold.errors import ConfigError
+from pipefold.schedule import Action, Op, build
+from pipefold.timeline import Event, Timeline
+from pipefold.train import measured_costs, resolve_out_dir
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    return parser.parse_args(["train", *argv])
+
+
+def test_flags_override_file_and_set(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('steps = 50\n[schedule]\nname = "gpipe"\nmicrobatches = 4\n')
+    args = _parse(["--config", str(path), "--set", "schedule.microbatches=2", "--set", "seed=9",
+                   "--microbatches", "8", "--partition", "3,5", "--lr", "0.01", "--d-model", "64"])
+    config = train_cli.config_from_args(args)
+    assert config.steps == 50
+    assert config.schedule.name == "gpipe"
+    assert config.schedule.microbatches == 8  # explicit flag wins over --set
+    assert config.seed == 9
+    assert config.partition == (3, 5)
+    assert config.optimizer.lr == 0.01
+    assert config.model.d_model == 64
+
+
+def test_no_arguments_gives_the_default_job():
+    assert train_cli.config_from_args(_parse([])) == TrainConfig()
+
+
+def test_named_partition_flag():
+    assert train_cli.config_from_args(_parse(["--partition", "parameters"])).partition == "parameters"
+
+
+def test_bad_flag_value_is_refused_before_any_worker_starts(capsys):
+    assert main(["train", "--ranks", "0"]) == 2
+    assert "schedule.ranks=0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="schedule.name='gpipe'"):
+        train_cli.config_from_args(_parse(["--schedule", "gpipe", "--virtual", "2"]))
+
+
+def test_resolve_out_dir_is_fixed_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = resolve_out_dir(TrainConfig())
+    assert config.out.startswith("runs/")
+    (tmp_path / config.out).mkdir(parents=True)
+    assert resolve_out_dir(TrainConfig()).out != config.out
+    assert resolve_out_dir(config) is config
+
+
+def test_measured_costs_average_each_op_per_stage():
+    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.F, 0, 1), 1.0, 4.0),
+         Event(0, Action(Op.B, 0, 1), 6.0, 8.0), Event(0, Action(Op.B, 0, 0), 8.0, 12.0)),
+        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.F, 1, 1), 4.0, 5.0),
+         Event(1, Action(Op.B, 1, 0), 5.0, 6.0), Event(1, Action(Op.B, 1, 1), 6.0, 7.0)),
+    )
+    costs = measured_costs(Timeline(num_ranks=2, events=events, source="measured"), schedule)
+    assert costs.f == (2.0, 1.0)
+    assert costs.b == (3.0, 1.0)
+    assert costs.i == (1.5, 0.5) and costs.w == (1.5, 0.5)
+
+
+def _runtime_missing():
+    try:
+        from pipefold.runtime import Pipeline  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_train_end_to_end_tiny(tmp_path, capfd):
+    out = tmp_path / "run"
+    code = main([
+        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--seq-len", "32", "--batch-size", "8", "--microbatches", "4", "--out", str(out),
+        "--set", "data.max_bytes=100000", "--set", "sample_tokens=16", "--device", "cpu",
+    ])
+    assert code == 0, capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    assert summary["config"]["schedule"]["ranks"] == 2
+    assert summary["step_time"]["predicted_makespan"] > 0
+    assert summary["step_time"]["measured_makespan_last"] > 0
+    assert 0 <= summary["measured_timeline"]["bubble_fraction"] < 1
+    assert summary["sample"].startswith(summary["sample_prompt"])
+    assert (out / "timeline.png").stat().st_size > 0
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace
+    printed = capfd.readouterr().out
+    assert "sample" in printed and "loss" in printed

@@ -1,0 +1,200 @@
+"""Cases the runtime tests run on every rank of a worker pool (see _workers.py).
+
+Each case builds a Pipeline, runs it, checks it against a single-process reference
+on the same rank (so no tensors travel back to the test process) and returns a
+small, picklable summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipefold.errors import PeerFailure, PipefoldError
+from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
+from pipefold.runtime import Pipeline
+
+VOCAB, SEQ, DIM = 11, 5, 8
+
+
+class Block(nn.Module):
+    """Linear + tanh: one MLP layer."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+class Attention(nn.Module):
+    """A tiny masked self-attention block; its boundary is (hidden, key mask)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, value):
+        hidden, mask = value
+        q, k, v = self.qkv(self.norm(hidden)).chunk(3, dim=-1)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(~mask[:, None, :], -1e4)
+        return hidden + self.out(scores.softmax(-1) @ v), mask
+
+
+class Sometimes(nn.Module):
+    """A layer that fails (raise, exit or hang) on the rank that holds it."""
+
+    def __init__(self, dim: int, how: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.how = how
+
+    def forward(self, x):
+        if x.device.type == "meta":  # the shape trace must pass; only real steps misbehave
+            return self.linear(x)
+        if self.how == "raise":
+            raise ValueError("injected failure")
+        if self.how == "exit":
+            os._exit(3)
+        if self.how == "hang":
+            time.sleep(30)
+        return self.linear(x)
+
+
+def _embed(embedding: nn.Module, tokens):
+    return embedding(tokens), tokens != 0
+
+
+def _head(embedding: nn.Module, value):
+    hidden, _ = value
+    return hidden @ embedding.weight.T
+
+
+def mlp(num_layers: int = 8) -> list:
+    return [LayerSpec(Block, 6, DIM)] + [LayerSpec(Block, DIM, DIM) for _ in range(num_layers - 2)] + [
+        LayerSpec(nn.Linear, DIM, 3)
+    ]
+
+
+def transformer(num_layers: int = 8) -> list:
+    return (
+        [TiedLayerSpec("embed", nn.Embedding, VOCAB, DIM, forward_fn=_embed)]
+        + [LayerSpec(Attention, DIM) for _ in range(num_layers - 2)]
+        + [TiedLayerSpec("embed", nn.Embedding, VOCAB, DIM, forward_fn=_head)]
+    )
+
+
+def _batch(model: str, rows: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    if model == "mlp":
+        return torch.randn(rows, 6, generator=generator), torch.randn(rows, 3, generator=generator)
+    tokens = torch.randint(0, VOCAB, (rows, SEQ), generator=generator)
+    tokens[:, 0] = 1  # every row attends to at least one key
+    return tokens, torch.randint(0, VOCAB, (rows, SEQ), generator=generator)
+
+
+def _loss_fn(model: str):
+    if model == "mlp":
+        return F.mse_loss
+    return lambda logits, targets: F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def exact(
+    *,
+    schedule: str,
+    num_microbatches: int,
+    model: str = "mlp",
+    rows: int = 10,
+    recompute: Any = "none",
+    num_virtual: int | None = None,
+    num_steps: int = 2,
+    partition: Any = "uniform",
+) -> dict:
+    """Loss and every local gradient equal the single-process reference, over `num_steps` steps.
+
+    Gradients are not zeroed between steps: both sides accumulate.
+    """
+    torch.manual_seed(1234)  # only the data generator and the seeded builds may matter
+    layers = mlp() if model == "mlp" else transformer()
+    loss_fn = _loss_fn(model)
+    pipe = Pipeline(
+        layers,
+        loss_fn=loss_fn,
+        schedule=schedule,
+        num_microbatches=num_microbatches,
+        num_virtual=num_virtual,
+        recompute=recompute,
+        partition=partition,
+        seed=7,
+        timeout_s=30,
+    )
+    reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
+    losses = []
+    for step in range(num_steps):
+        inputs, targets = _batch(model, rows, seed=step)
+        loss = pipe.step(inputs, targets)
+        expected = loss_fn(reference(inputs), targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        losses.append(loss)
+    reference_params = dict(reference.named_parameters())
+    names = []
+    for name, param in pipe.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+        names.append(name)
+    timeline = pipe.last_timeline
+    return {
+        "rank": pipe.rank,
+        "losses": losses,
+        "names": names,
+        "num_events": [len(row) for row in timeline.events],
+        "activation_bytes_peak": list(timeline.activation_bytes_peak),
+        "source": timeline.source,
+    }
+
+
+def failing(*, how: str, fail_rank: int, timeout_s: float = 30.0) -> dict:
+    """Layer 3 misbehaves on its rank (2 ranks, gpipe); every rank reports what it raised."""
+    layers = [LayerSpec(Block, 6, DIM), LayerSpec(Block, DIM, DIM)]
+    layers += [LayerSpec(Sometimes, DIM, how) if fail_rank == 1 else LayerSpec(Block, DIM, DIM)]
+    layers += [LayerSpec(nn.Linear, DIM, 3)]
+    if fail_rank == 0:
+        layers[1] = LayerSpec(Sometimes, DIM, how)
+    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=timeout_s)
+    inputs, targets = _batch("mlp", 4, seed=0)
+    start = time.monotonic()
+    try:
+        pipe.step(inputs, targets)
+    except PipefoldError as error:
+        return {"type": type(error).__name__, "message": str(error), "elapsed": time.monotonic() - start,
+                "peer_failure": isinstance(error, PeerFailure)}
+    return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
+
+
+def nonfinite(*, mode: str) -> dict:
+    """A NaN target in micro-batch 1: every rank raises NonFiniteLoss, or the step is skipped."""
+    pipe = Pipeline(mlp(4), loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, on_nonfinite=mode)
+    inputs, targets = _batch("mlp", 4, seed=0)
+    pipe.step(inputs, targets)
+    before = {name: p.grad.clone() for name, p in pipe.named_parameters()}
+    targets = targets.clone()
+    targets[3, 0] = float("nan")
+    try:
+        loss = pipe.step(inputs, targets)
+    except PipefoldError as error:
+        return {"type": type(error).__name__, "message": str(error)}
+    for name, param in pipe.named_parameters():
+        torch.testing.assert_close(param.grad, before[name])
+    # The pipeline stays usable after a skipped step.
+    pipe.step(inputs, _batch("mlp", 4, seed=0)[1])
+    return {"type": None, "message": str(loss)}

@@ -1,0 +1,306 @@
+"""The split backward (I then W) and the full backward (B) equal a plain autograd backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pipefold.errors import BoundaryMismatch, PipelineError
+from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+
+torch.set_num_threads(1)
+
+D = 16
+
+
+class MLPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, num_heads=2, batch_first=True)
+        self.ln2 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class MaskedStage(nn.Module):
+    """Takes and returns (hidden, mask); the mask needs no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, hidden, mask):
+        return torch.tanh(self.proj(hidden)) * mask.unsqueeze(-1), mask
+
+
+class CheckpointedStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MLPBlock()
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.out(checkpoint(self.inner, x, use_reentrant=False))
+
+
+class TiedStage(nn.Module):
+    """One square weight used at two places, with a nonlinearity between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.bias = nn.Parameter(torch.randn(D))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight + self.bias) @ self.weight
+
+
+def _hidden(batch: int = 3, seq: int = 5) -> Tensor:
+    return torch.randn(batch, seq, D)
+
+
+def _mask(batch: int = 3, seq: int = 5) -> Tensor:
+    return (torch.rand(batch, seq) > 0.3).float()
+
+
+# name -> (module factory, input factory)
+STAGES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Tensor, ...]]]] = {
+    "mlp": (MLPBlock, lambda: (_hidden(),)),
+    "pre_ln_transformer": (PreLNBlock, lambda: (_hidden(),)),
+    "tuple_hidden_mask": (MaskedStage, lambda: (_hidden(), _mask())),
+    "checkpointed": (CheckpointedStage, lambda: (_hidden(),)),
+    "tied": (TiedStage, lambda: (_hidden(),)),
+}
+
+
+def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _stage_inputs(raw: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """What an executor passes: leaves, with a gradient only for floating hidden states."""
+    hidden = raw[0].detach().requires_grad_()
+    return (hidden, *(t.detach() for t in raw[1:]))
+
+
+def _output_grads(outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor | None, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(o.shape, generator=gen) if o.requires_grad else None for o in outputs)
+
+
+def _reference(module: nn.Module, raw: tuple[Tensor, ...], seed: int) -> tuple[Tensor, list[Tensor]]:
+    """Input gradient and parameter gradients from a plain backward."""
+    inputs = _stage_inputs(raw)
+    outputs = _as_tuple(module(*inputs))
+    params = list(module.parameters())
+    grads = _output_grads(outputs, seed)
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
+    result = torch.autograd.grad(
+        [o for o, _ in pairs], [inputs[0], *params], [g for _, g in pairs], allow_unused=True
+    )
+    return result[0], [
+        g if g is not None else torch.zeros_like(p) for g, p in zip(result[1:], params, strict=True)
+    ]
+
+
+def _param_grads(module: nn.Module) -> list[Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("split", [True, False], ids=["I+W", "B"])
+def test_backward_matches_plain_autograd(name, split):
+    torch.manual_seed(0)
+    make_module, make_inputs = STAGES[name]
+    module = make_module()
+    raw = make_inputs()
+    expected_input_grad, expected_param_grads = _reference(module, raw, seed=1)
+
+    inputs = _stage_inputs(raw)
+    outputs = _as_tuple(module(*inputs))
+    grads = _output_grads(outputs, seed=1)
+    if split:
+        input_grads, state = backward_input(outputs, grads, inputs, list(module.parameters()))
+        assert all(p.grad is None for p in module.parameters()), "I must not touch weight gradients"
+        backward_weight(state)
+        assert state.done
+    else:
+        input_grads = backward_full(outputs, grads, inputs)
+
+    assert len(input_grads) == len(inputs)
+    torch.testing.assert_close(input_grads[0], expected_input_grad)
+    assert all(g is None for g in input_grads[1:]), "inputs without requires_grad get None"
+    assert inputs[0].grad is None, "the input's own .grad is left untouched"
+    for got, want in zip(_param_grads(module), expected_param_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_two_microbatches_accumulate_out_of_order(name):
+    """I0 I1 W1 W0 (a zero-bubble order) and B0 B1 both sum the two micro-batches' gradients."""
+    torch.manual_seed(0)
+    make_module, make_inputs = STAGES[name]
+    module = make_module()
+    raws = [make_inputs(), make_inputs()]
+    references = [_reference(module, raw, seed=10 + mb) for mb, raw in enumerate(raws)]
+    expected = [a + b for a, b in zip(references[0][1], references[1][1], strict=True)]
+
+    states = []
+    for mb, raw in enumerate(raws):
+        inputs = _stage_inputs(raw)
+        outputs = _as_tuple(module(*inputs))
+        grads = _output_grads(outputs, 10 + mb)
+        input_grads, state = backward_input(outputs, grads, inputs, list(module.parameters()))
+        torch.testing.assert_close(input_grads[0], references[mb][0])
+        states.append(state)
+    backward_weight(states[1])
+    backward_weight(states[0])
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+    module.zero_grad(set_to_none=True)
+    for mb, raw in enumerate(raws):
+        inputs = _stage_inputs(raw)
+        outputs = _as_tuple(module(*inputs))
+        backward_full(outputs, _output_grads(outputs, 10 + mb), inputs)
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_last_stage_loss_with_none_gradient():
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D)
+    target = torch.randn(4, D)
+    reference_input = x.clone().requires_grad_()
+    nn.functional.mse_loss(module(reference_input), target).backward()
+    expected = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+
+    leaf = x.clone().requires_grad_()
+    loss = nn.functional.mse_loss(module(leaf), target)
+    (input_grad,), state = backward_input((loss,), (None,), (leaf,), list(module.parameters()))
+    backward_weight(state)
+    torch.testing.assert_close(input_grad, reference_input.grad)
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_first_stage_without_input_gradient_does_all_weight_work_in_w():
+    """Stage 0 takes token ids: I has nothing to compute, W still yields every weight gradient."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Embedding(11, D), MLPBlock())
+    ids = torch.randint(0, 11, (3, 5))
+    grad = torch.randn(3, 5, D)
+    module(ids).backward(grad)
+    expected = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+
+    out = module(ids)
+    (input_grad,), state = backward_input((out,), (grad,), (ids,), list(module.parameters()))
+    assert input_grad is None
+    assert all(p.grad is None for p in module.parameters())
+    backward_weight(state)
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_unreached_parameter_keeps_none_grad():
+    torch.manual_seed(0)
+    module = MLPBlock()
+    spare = nn.Parameter(torch.randn(3))
+    x = torch.randn(2, D, requires_grad=True)
+    out = module(x)
+    _, state = backward_input((out,), (torch.ones_like(out),), (x,), [*module.parameters(), spare])
+    backward_weight(state)
+    assert spare.grad is None
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def _find_node(output: Tensor, type_name: str):
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == type_name:
+            return node
+        stack.extend(child for child, _ in node.next_functions)
+    raise LookupError(type_name)
+
+
+def test_w_does_not_rerun_the_input_path():
+    """GeluBackward sits between fc2 and fc1 on the input path only; W must not run it again.
+
+    A W that re-ran the stage's backward from its outputs (or re-derived fc1's output
+    gradient) would run it a second time; the weight-only TBackward of fc1 must run in W
+    and never in I.
+    """
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D, requires_grad=True)
+    out = module(x)
+    counts = {"gelu": 0, "transpose": 0}
+    gelu = _find_node(out, "GeluBackward0")
+    gelu.register_prehook(lambda grads: counts.__setitem__("gelu", counts["gelu"] + 1))
+    # fc1's weight reaches its addmm through a transpose node that only W needs.
+    fc1_addmm = gelu.next_functions[0][0]
+    transpose = next(
+        n for n, _ in fc1_addmm.next_functions if n is not None and "TBackward" in type(n).__name__
+    )
+    transpose.register_prehook(lambda grads: counts.__setitem__("transpose", counts["transpose"] + 1))
+
+    _, state = backward_input((out,), (torch.randn_like(out),), (x,), list(module.parameters()))
+    assert counts == {"gelu": 1, "transpose": 0}
+    backward_weight(state)
+    assert counts == {"gelu": 1, "transpose": 1}
+
+
+def test_weight_twice_is_refused():
+    module = MLPBlock()
+    x = torch.randn(2, D, requires_grad=True)
+    out = module(x)
+    _, state = backward_input((out,), (torch.ones_like(out),), (x,), list(module.parameters()))
+    backward_weight(state)
+    with pytest.raises(PipelineError, match="twice"):
+        backward_weight(state)
+
+
+def test_non_leaf_input_is_refused():
+    module = MLPBlock()
+    x = torch.randn(2, D, requires_grad=True) * 2
+    out = module(x)
+    with pytest.raises(PipelineError, match=r"inputs\[0\] is not a leaf"):
+        backward_input((out,), (torch.ones_like(out),), (x,), list(module.parameters()))
+    with pytest.raises(PipelineError, match=r"inputs\[0\] is not a leaf"):
+        backward_full((out,), (torch.ones_like(out),), (x,))
+
+
+def test_gradient_shape_mismatch_is_refused():
+    module = MLPBlock()
+    x = torch.randn(2, D, requires_grad=True)
+    out = module(x)
+    with pytest.raises(BoundaryMismatch, match=r"output_grads\[0\] has shape \(3, 16\)"):
+        backward_full((out,), (torch.ones(3, D),), (x,))
+    with pytest.raises(PipelineError, match="1 outputs but 2 output gradients"):
+        backward_full((out,), (torch.ones(2, D), None), (x,))

@@ -1,0 +1,151 @@
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pipefold.cli.main import main
+from pipefold.errors import ConfigError
+from pipefold.runtime.launch import LaunchResult, launch_script, script_command, spawn, worker_env
+
+
+def _script(tmp_path, body, name="job.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_worker_env_is_torchrun_style():
+    env = worker_env(1, 3, 29555, 1)
+    assert env["RANK"] == "1" and env["LOCAL_RANK"] == "1" and env["WORLD_SIZE"] == "3"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "29555"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in worker_env(0, 1, 1, None)
+
+
+def test_script_command():
+    assert script_command(["a.py", "x"]) == [sys.executable, "a.py", "x"]
+    assert script_command(["-m", "pkg", "x"]) == [sys.executable, "-m", "pkg", "x"]
+    assert script_command(["echo", "hi"]) == ["echo", "hi"]
+    with pytest.raises(ConfigError, match="no command"):
+        script_command([])
+
+
+def test_bad_rank_count_is_refused():
+    with pytest.raises(ConfigError, match="num_ranks"):
+        launch_script(["x.py"], 0)
+
+
+@pytest.mark.timeout(60)
+def test_success_gives_each_rank_its_environment(tmp_path):
+    script = _script(tmp_path, """
+        import os, sys
+        out = sys.argv[1]
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+        with open(os.path.join(out, "rank" + os.environ["RANK"]), "w") as f:
+            f.write(",".join(os.environ[k] for k in keys))
+    """)
+    result = launch_script([script, str(tmp_path)], 3)
+    assert result == LaunchResult(exit_code=0)
+    seen = sorted((tmp_path / f"rank{rank}").read_text().split(",") for rank in range(3))
+    assert [row[0] for row in seen] == ["0", "1", "2"]
+    assert {row[2] for row in seen} == {"3"}
+    assert len({row[4] for row in seen}) == 1  # one rendezvous port
+    assert {row[5] for row in seen} == {"1"}
+
+
+@pytest.mark.timeout(40)
+def test_a_failing_rank_stops_the_others_and_is_named(tmp_path):
+    # Rank 0 would sleep far past the test timeout unless the launcher stops it.
+    script = _script(tmp_path, """
+        import os, time
+        if os.environ["RANK"] == "1":
+            time.sleep(0.5)
+            raise ValueError("boom on rank one")
+        time.sleep(300)
+    """)
+    result = launch_script([script], 2, grace_s=1.0)
+    assert result.exit_code == 1
+    assert result.failed_rank == 1
+    assert any("boom on rank one" in line for line in result.error_lines)
+    assert "rank 1 failed" in result.describe() and "boom on rank one" in result.describe()
+
+
+@pytest.mark.timeout(40)
+def test_a_worker_ignoring_sigterm_is_killed(tmp_path):
+    script = _script(tmp_path, """
+        import os, signal, sys, time
+        if os.environ["RANK"] == "0":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(300)
+        time.sleep(0.5)
+        sys.exit(3)
+    """)
+    result = launch_script([script], 2, grace_s=0.5)
+    assert result.exit_code == 3 and result.failed_rank == 1
+
+
+@pytest.mark.timeout(40)
+def test_cli_exit_code_and_message(tmp_path, capsys):
+    script = _script(tmp_path, """
+        import os, sys
+        sys.exit(int(os.environ["RANK"]) * 2)
+    """)
+    assert main(["launch", "-n", "2", "--", script]) == 2
+    assert "rank 1 failed with exit code 2" in capsys.readouterr().err
+    ok = _script(tmp_path, "print('fine')\n", name="ok.py")
+    assert main(["launch", "-n", "2", "--", ok]) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_workers_join_a_gloo_group(tmp_path):
+    script = _script(tmp_path, """
+        import sys, torch, torch.distributed as dist
+        from pipefold.runtime.launch import init_process_group_from_env
+        init_process_group_from_env()
+        value = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(value)
+        assert torch.get_num_threads() == 1
+        assert value.item() == 3.0, value
+        dist.destroy_process_group()
+    """)
+    assert launch_script([script], 2).ok
+
+
+def _raise_on_rank_one(marker):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError(f"function failed: {marker}")
+    time.sleep(300)
+
+
+def _write_rank(directory):
+    import torch
+
+    with open(os.path.join(directory, os.environ["RANK"]), "w") as f:
+        f.write(f"{os.environ['WORLD_SIZE']},{torch.get_num_threads()}")
+
+
+@pytest.mark.timeout(90)
+def test_spawn_function_success_and_failure(tmp_path):
+    assert spawn(_write_rank, 2, (str(tmp_path),)).ok
+    assert (tmp_path / "0").read_text() == "2,1" and (tmp_path / "1").read_text() == "2,1"
+    result = spawn(_raise_on_rank_one, 2, ("marker-42",), grace_s=1.0)
+    assert result.exit_code == 1 and result.failed_rank == 1
+    assert any("function failed: marker-42" in line for line in result.error_lines)
+
+
+def test_interrupt_stops_everyone(tmp_path, monkeypatch):
+    script = _script(tmp_path, "import time\ntime.sleep(300)\n")
+    calls = []
+
+    def fake_sleep(seconds, real=time.sleep):
+        calls.append(seconds)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(seconds)
+
+    monkeypatch.setattr("pipefold.runtime.launch.time.sleep", fake_sleep)
+    result = launch_script([script], 2, grace_s=5.0)
+    assert result.interrupted and result.exit_code == 130

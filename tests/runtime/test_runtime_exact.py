@@ -1,0 +1,70 @@
+"""Transparency: every flush schedule gives the loss and gradients of one process.
+
+Each (family, ranks) runs several configurations: uneven batches, M < ranks,
+full and selective recomputation, an MLP, and a tiny transformer whose boundary
+is a (hidden, mask) tuple and whose embedding is tied to the output head.
+Every rank compares its own gradients with a single-process reference
+(`_cases.exact`), accumulated over two steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import _cases
+from pipefold.schedule import WeightUpdate, build, names
+
+FLUSH = [n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is WeightUpdate.FLUSH]
+
+# (model, num_microbatches, rows, recompute): rows not divisible by M makes uneven micro-batches.
+CONFIGS = {
+    1: [("mlp", 3, 10, "none"), ("transformer", 2, 5, "full")],
+    2: [("mlp", 4, 10, "none"), ("mlp", 1, 5, "full"), ("transformer", 3, 7, [1, 3])],
+    4: [("mlp", 8, 11, "none"), ("mlp", 2, 6, "full"), ("transformer", 4, 9, [2, 5])],
+}
+
+
+def _ids(configs):
+    return [f"{m}-M{mb}-rows{rows}-{'sel' if isinstance(rc, list) else rc}" for m, mb, rows, rc in configs]
+
+
+def _check(results, world_size):
+    losses = [r["losses"] for r in results]
+    assert all(row == losses[0] for row in losses), "ranks disagree on the loss"
+    for result in results:
+        assert result["source"] == "measured"
+        assert len(result["num_events"]) == world_size
+        assert all(count > 0 for count in result["num_events"])
+        assert all(peak > 0 for peak in result["activation_bytes_peak"])
+    owned = [name for r in results for name in r["names"]]
+    # Every parameter lives on some rank; only tied ones (embedding "0.weight") on several.
+    assert len(set(owned)) == len(owned) - sum(1 for n in owned if n == "0.weight") + (1 if "0.weight" in owned else 0)
+
+
+@pytest.mark.parametrize("schedule", FLUSH)
+@pytest.mark.parametrize("config", CONFIGS[1], ids=_ids(CONFIGS[1]))
+def test_one_rank(schedule, config):
+    model, num_microbatches, rows, recompute = config
+    result = _cases.exact(schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
+                          recompute=recompute)
+    _check([result], 1)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", FLUSH)
+@pytest.mark.parametrize("config", CONFIGS[2], ids=_ids(CONFIGS[2]))
+def test_two_ranks(pool2, schedule, config):
+    model, num_microbatches, rows, recompute = config
+    results = pool2.run("exact", schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
+                        recompute=recompute)
+    _check(results, 2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", FLUSH)
+@pytest.mark.parametrize("config", CONFIGS[4], ids=_ids(CONFIGS[4]))
+def test_four_ranks(pool4, schedule, config):
+    model, num_microbatches, rows, recompute = config
+    results = pool4.run("exact", schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
+                        recompute=recompute)
+    _check(results, 4)

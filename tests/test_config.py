@@ -1,0 +1,113 @@
+import pytest
+
+from pipefold.config import TrainConfig, load_config, parse_override
+from pipefold.errors import ConfigError
+
+
+def test_defaults_are_valid_and_match_the_documented_job():
+    config = TrainConfig()
+    assert config.schedule.name == "1f1b"
+    assert config.schedule.ranks == 2
+    assert config.to_dict()["model"]["d_model"] == 128
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(
+        'steps = 7\npartition = [3, 5]\n[schedule]\nname = "gpipe"\nmicrobatches = 4\n'
+        "[optimizer]\nlr = 1\n"
+    )
+    config = load_config(path, {"schedule.microbatches": 2, "seed": 5})
+    assert config.steps == 7
+    assert config.schedule.name == "gpipe"
+    assert config.schedule.microbatches == 2
+    assert config.seed == 5
+    assert config.partition == (3, 5)
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+    assert config.to_dict()["partition"] == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("schedule.ranks=4", ("schedule.ranks", 4)),
+        ("optimizer.lr=1e-3", ("optimizer.lr", 1e-3)),
+        ("partition=[2, 6]", ("partition", [2, 6])),
+        ("schedule.name=zb-h1", ("schedule.name", "zb-h1")),
+        ('out="runs/x"', ("out", "runs/x")),
+    ],
+)
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+def test_parse_override_refuses_missing_equals():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("steps")
+
+
+# Every validation path: (overrides, text the message must contain: the field and the value).
+BAD = [
+    ({"steps": 0}, "steps=0"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"batch_size": 4}, "batch_size=4"),
+    ({"timeout_s": 0}, "timeout_s=0"),
+    ({"sample_tokens": -1}, "sample_tokens=-1"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"model.d_model": 0}, "model.d_model=0"),
+    ({"model.num_heads": 3}, "model.num_heads=3"),
+    ({"model.num_layers": 0}, "model.num_layers=0"),
+    ({"model.seq_len": 1}, "model.seq_len=1"),
+    ({"data.max_bytes": 10}, "data.max_bytes=10"),
+    ({"data.val_fraction": 1.5}, "data.val_fraction=1.5"),
+    ({"schedule.ranks": 0}, "schedule.ranks=0"),
+    ({"schedule.microbatches": 0}, "schedule.microbatches=0"),
+    ({"schedule.virtual": -1}, "schedule.virtual=-1"),
+    ({"schedule.name": "nope"}, "schedule.name='nope'"),
+    ({"schedule.ranks": 9}, "model.num_layers=4"),
+    ({"optimizer.lr": 0}, "optimizer.lr=0"),
+    ({"optimizer.weight_decay": -1}, "optimizer.weight_decay=-1"),
+    ({"optimizer.beta1": 1.0}, "optimizer.beta1=1.0"),
+    ({"optimizer.beta2": -0.1}, "optimizer.beta2=-0.1"),
+    ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps=-1"),
+    ({"partition": "random"}, "partition='random'"),
+    ({"partition": "type:("}, "partition='type:('"),
+    ({"partition": [1, 1]}, "partition=[1, 1]"),
+    ({"partition": [0, 8]}, "partition=[0, 8]"),
+    ({"recompute": "some"}, "recompute='some'"),
+    ({"recompute": [99]}, "recompute=[99]"),
+    ({"model.d_model": "wide"}, "model.d_model='wide'"),
+    ({"steps": True}, "steps=True"),
+    ({"partition": [1.5, 2]}, "partition=[1.5, 2]"),
+    ({"nope": 1}, "nope"),
+    ({"model.nope": 1}, "model.nope"),
+    ({"nope.x": 1}, "nope.x"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "names"), BAD, ids=[next(iter(o)) + f"={v}" for o, v in BAD])
+def test_every_bad_value_names_the_field_and_value(overrides, names):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert names in str(info.value)
+
+
+def test_illegal_schedule_combination_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"schedule.name='gpipe' with schedule.ranks=2.*num_virtual=2"):
+        load_config(overrides={"schedule.name": "gpipe", "schedule.virtual": 2})
+
+
+def test_section_must_be_a_table(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("model = 3\n")
+    with pytest.raises(ConfigError, match=r"\[model\]"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("steps = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
