@@ -13,11 +13,20 @@ Run:
 
 Each repeat runs one fresh forward before each measured backward (the forward is not
 timed), and B and I + W alternate so that machine noise hits both alike.
+
+On CPU part of the gap is the allocator, not autograd: I keeps the gradients at the
+frontier nodes until W, so the split needs a few MB more than B at its peak; glibc hands
+freed memory back to the kernel between repeats and the next I page-faults it in again
+(the script prints minor page faults per phase). A caching allocator (CUDA's, or glibc
+told to keep its heap) removes that part:
+    MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000 \
+        .venv/bin/python benchmarks/split_backward.py
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -39,14 +48,16 @@ class PreLNBlock(nn.Module):
 
     def _attention(self, x: Tensor) -> Tensor:
         h = self.ln1(x)
-        return x + self.attn(h, h, h, need_weights=False)[0]
+        attended: Tensor = self.attn(h, h, h, need_weights=False)[0]
+        return x + attended
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_checkpoint:
             x = checkpoint(self._attention, x, use_reentrant=False)
         else:
             x = self._attention(x)
-        return x + self.mlp(self.ln2(x))
+        mixed: Tensor = self.mlp(self.ln2(x))
+        return x + mixed
 
 
 def _sync(device: torch.device) -> None:
@@ -80,38 +91,45 @@ def main() -> None:
         leaf = x.detach().requires_grad_()
         return leaf, block(leaf)
 
-    def time_full() -> float:
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def time_full() -> tuple[float, int]:
         leaf, out = fresh_forward()
         _sync(device)
-        start = time.perf_counter()
+        start, start_faults = time.perf_counter(), faults()
         backward_full((out,), (grad,), (leaf,))
         _sync(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, faults() - start_faults
 
-    def time_split() -> tuple[float, float]:
+    def time_split() -> tuple[float, float, int]:
         leaf, out = fresh_forward()
         _sync(device)
-        start = time.perf_counter()
+        start, start_faults = time.perf_counter(), faults()
         _, state = backward_input((out,), (grad,), (leaf,), params)
         _sync(device)
         middle = time.perf_counter()
         del out  # an executor drops the outputs once I has sent the input gradient
         backward_weight(state)
         _sync(device)
-        return middle - start, time.perf_counter() - middle
+        return middle - start, time.perf_counter() - middle, faults() - start_faults
 
     b_times: list[float] = []
     i_times: list[float] = []
     w_times: list[float] = []
+    b_faults: list[int] = []
+    split_faults: list[int] = []
     for repeat in range(args.warmup + args.repeats):
-        b = time_full()
+        b, b_fault = time_full()
         block.zero_grad(set_to_none=True)
-        i, w = time_split()
+        i, w, split_fault = time_split()
         block.zero_grad(set_to_none=True)
         if repeat >= args.warmup:
             b_times.append(b)
             i_times.append(i)
             w_times.append(w)
+            b_faults.append(b_fault)
+            split_faults.append(split_fault)
 
     def ms(values: list[float]) -> float:
         return 1e3 * statistics.median(values)
@@ -126,6 +144,10 @@ def main() -> None:
     print(f"I      {ms(i_times):8.2f} ms")
     print(f"W      {ms(w_times):8.2f} ms")
     print(f"I + W  {ms([i + w for i, w in zip(i_times, w_times, strict=True)]):8.2f} ms")
+    print(
+        f"minor page faults per repeat (median): B {statistics.median(b_faults):.0f}, "
+        f"I + W {statistics.median(split_faults):.0f}"
+    )
     print(f"(I + W) / B = {ratio:.3f}  (median of per-repeat ratios; target <= 1.15)")
 
 

@@ -25,6 +25,7 @@ TOML layout (every key optional; these are the defaults)::
     num_heads = 4
     num_layers = 4
     seq_len = 128
+    tie_embeddings = true      # false for pipedream / pipedream-2bw
 
     [data]
     max_bytes = 4000000
@@ -103,6 +104,8 @@ class ModelConfig:
     """Decoder blocks. The layer list has num_layers + 4 entries (see NUM_EXTRA_LAYERS)."""
     seq_len: int = 128
     """Context length in bytes."""
+    tie_embeddings: bool = True
+    """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "num_layers"):
@@ -234,7 +237,15 @@ class TrainConfig:
             f"every one of schedule.microbatches={self.schedule.microbatches} micro-batches needs at "
             f"least one sequence; use batch_size >= {self.schedule.microbatches} or fewer micro-batches",
         )
-        num_stages = self._check_schedule()
+        num_stages, weight_update = self._check_schedule()
+        _require(
+            weight_update == "flush" or not self.model.tie_embeddings,
+            "model.tie_embeddings",
+            self.model.tie_embeddings,
+            f"schedule.name={self.schedule.name!r} updates each stage's weights on its own "
+            f"(weight_update={weight_update}), so the head cannot share the embedding; set "
+            "model.tie_embeddings=false (--set model.tie_embeddings=false) or use a flush schedule",
+        )
         num_layers = self.model.num_model_layers
         _require(
             num_layers >= num_stages,
@@ -247,7 +258,8 @@ class TrainConfig:
         self._check_partition(num_stages, num_layers)
         self._check_recompute(num_layers)
 
-    def _check_schedule(self) -> int:
+    def _check_schedule(self) -> tuple[int, str]:
+        """(num_stages, weight update mode) of the schedule, built to prove it legal."""
         from pipefold.schedule import build
 
         s = self.schedule
@@ -260,7 +272,7 @@ class TrainConfig:
                 f"schedule.name={s.name!r} with schedule.ranks={s.ranks}, "
                 f"schedule.microbatches={s.microbatches}, schedule.virtual={s.virtual} is not legal: {error}"
             ) from None
-        return built.num_stages
+        return built.num_stages, str(built.weight_update)
 
     def _check_partition(self, num_stages: int, num_layers: int) -> None:
         value = self.partition
@@ -323,6 +335,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's type hint; ints are accepted for floats, lists for tuples."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):

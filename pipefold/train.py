@@ -11,12 +11,13 @@ writes into `config.out`:
     summary.json     config, loss per step, throughput, bubble, predicted vs measured step time,
                      validation loss and a text sample
 
-The prediction uses costs measured on this run (mean F/B/I/W/STEP time per stage
-over the last step), so the gap between the two is communication and overhead.
+The prediction uses costs measured on this run (median F/B/I/W/STEP time per stage
+over the last 10 steps), so the gap between the two is communication and overhead.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 _SAMPLE_PROMPT = "def "
 _NUM_VAL_BATCHES = 4
+_NUM_COST_STEPS = 10
+"""The prediction uses the stage costs measured over this many final steps."""
 
 
 @dataclass(frozen=True)
@@ -105,32 +108,34 @@ def _device(config: TrainConfig) -> torch.device | None:
     return torch.device("cpu")
 
 
-def measured_costs(timeline: Timeline, schedule: Schedule) -> CostModel:
-    """Per-stage mean durations of each op in `timeline`, as a CostModel for `simulate`.
+def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> CostModel:
+    """Per-stage median duration of each op over `timelines`, as a CostModel for `simulate`.
 
-    A schedule that only runs B has no separate I and W times; they are set to half
-    of B each, which the simulator never uses for such a schedule.
+    The median, because on a shared machine a few actions stall for reasons the
+    schedule does not cause. A schedule that only runs B has no separate I and W
+    times; they are set to half of B each, which the simulator never uses for it.
     """
     durations: dict[tuple[Op, int], list[float]] = {}
-    for row in timeline.events:
-        for event in row:
-            durations.setdefault((event.action.op, event.action.stage), []).append(event.duration)
+    for timeline in timelines:
+        for row in timeline.events:
+            for event in row:
+                durations.setdefault((event.action.op, event.action.stage), []).append(event.duration)
 
-    def mean(op: Op, stage: int) -> float:
+    def median(op: Op, stage: int) -> float:
         values = durations.get((op, stage), [])
-        return statistics.fmean(values) if values else 0.0
+        return statistics.median(values) if values else 0.0
 
     stages = range(schedule.num_stages)
-    f = [mean(Op.F, s) for s in stages]
-    b = [mean(Op.B, s) for s in stages]
-    i = [mean(Op.I, s) for s in stages]
-    w = [mean(Op.W, s) for s in stages]
+    f = [median(Op.F, s) for s in stages]
+    b = [median(Op.B, s) for s in stages]
+    i = [median(Op.I, s) for s in stages]
+    w = [median(Op.W, s) for s in stages]
     if not any(i) and not any(w):
         i = [value / 2 for value in b]
         w = [value / 2 for value in b]
     if not any(b):
         b = [x + y for x, y in zip(i, w, strict=True)]
-    step = [mean(Op.STEP, s) for s in stages]
+    step = [median(Op.STEP, s) for s in stages]
     return CostModel.from_lists(f, i, w, b=b, step=step)
 
 
@@ -223,7 +228,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
 
     corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
     m = config.model
-    layers = gpt_layers(VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len)
+    layers = gpt_layers(
+        VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
+    )
     is_flush = _weight_update(config) is WeightUpdate.FLUSH
     opt = config.optimizer
 
@@ -262,6 +269,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         )
 
     records: list[StepRecord] = []
+    recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     with _progress(report, config.steps) as update:
         for step in range(config.steps):
             inputs, targets = sampler.next_batch()
@@ -273,6 +281,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 scheduler.step()
             seconds = time.perf_counter() - started
             timeline = _last_timeline(pipe.last_timeline)
+            recent.append(timeline)
             record = StepRecord(
                 step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction
             )
@@ -283,9 +292,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     result = TrainResult(steps=records)
     if rank != 0 or state is None:
         return result
-    timeline = _last_timeline(pipe.last_timeline)
     return _finish(
-        config, layers, state, pipe.schedule, timeline, str(pipe.partition), corpus.val, records, report
+        config, layers, state, pipe.schedule, list(recent), str(pipe.partition), corpus.val, records, report
     )
 
 
@@ -320,7 +328,7 @@ def _finish(
     layers: Sequence[Any],
     state: dict[str, Tensor],
     schedule: Schedule,
-    timeline: Timeline,
+    recent: Sequence[Timeline],
     partition: str,
     val: bytes,
     records: list[StepRecord],
@@ -338,7 +346,8 @@ def _finish(
         ids = generate(model, prompt, config.sample_tokens, temperature=0.8, generator=generator)
         sample = decode(ids.tolist())
 
-    predicted = simulate(schedule, measured_costs(timeline, schedule))
+    timeline = recent[-1]
+    predicted = simulate(schedule, measured_costs(recent, schedule))
     save_png(timeline, out / "timeline.png", compare=predicted)
     save_chrome_trace(timeline, out / "trace.json")
 

@@ -79,6 +79,8 @@ BAD = [
     ({"model.d_model": "wide"}, "model.d_model='wide'"),
     ({"steps": True}, "steps=True"),
     ({"partition": [1.5, 2]}, "partition=[1.5, 2]"),
+    ({"schedule.name": "pipedream"}, "model.tie_embeddings=True"),
+    ({"model.tie_embeddings": 1}, "model.tie_embeddings=1"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -111,3 +113,9 @@ def test_missing_and_malformed_files(tmp_path):
     broken.write_text("steps = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken)
+
+
+def test_asynchronous_schedule_with_untied_head_is_accepted():
+    config = load_config(overrides={"schedule.name": "pipedream", "model.tie_embeddings": False})
+    assert config.model.tie_embeddings is False
+    assert parse_override("model.tie_embeddings=false") == ("model.tie_embeddings", False)

@@ -87,7 +87,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="largest share of the machine's CPU other processes may use in a kept window (default 0.10)",
     )
     parser.add_argument(
-        "--retries", type=int, default=3, help="retakes of a disturbed timing window (default 3)"
+        "--retries", type=int, help="retakes of a disturbed timing window (default 3; quick: 1)"
     )
     parser.add_argument(
         "--peers",
@@ -123,11 +123,12 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if warmup < 0:
         raise ConfigError(f"--warmup={warmup} must be >= 0")
+    retries = args.retries if args.retries is not None else (1 if args.quick else 3)
     return RunOptions(
         warmup_steps=warmup,
         timed_steps=args.steps or (5 if args.quick else 7),
         libraries=libraries,
-        gate=QuietGate(threshold=args.quiet_threshold, max_retries=args.retries),
+        gate=QuietGate(threshold=args.quiet_threshold, max_retries=retries),
         seed=args.seed,
     )
 

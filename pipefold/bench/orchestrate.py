@@ -37,8 +37,12 @@ def run_ranks(
     configs: Sequence[BenchConfig],
     options: RunOptions,
     on_result: Callable[[ConfigResult], None] | None = None,
+    on_link: Callable[[dict[str, float]], None] | None = None,
 ) -> list[ConfigResult]:
-    """Run `configs` in `num_ranks` spawned ranks; results in the order of `configs`."""
+    """Run `configs` in `num_ranks` spawned ranks; results in the order of `configs`.
+
+    `on_link` receives the measured link (latency_s, bandwidth_bytes_per_s) before any result.
+    """
     from pipefold.bench.worker import worker_main
 
     context = multiprocessing.get_context("spawn")
@@ -58,7 +62,7 @@ def run_ranks(
     try:
         while len(results) < len(configs):
             try:
-                _, payload = results_queue.get(timeout=_POLL_S)
+                kind, payload = results_queue.get(timeout=_POLL_S)
             except queue_module.Empty:
                 failed = [
                     (rank, p.exitcode) for rank, p in enumerate(processes) if p.exitcode not in (None, 0)
@@ -72,6 +76,10 @@ def run_ranks(
                     ) from None
                 if all(p.exitcode is not None for p in processes):
                     break
+                continue
+            if kind == "link":
+                if on_link is not None:
+                    on_link(payload)
                 continue
             result = ConfigResult.from_json(payload)
             results.append(result)

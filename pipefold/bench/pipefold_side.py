@@ -32,7 +32,9 @@ class PipefoldSide:
         num_ranks: int,
         num_microbatches: int,
     ) -> None:
-        from pipefold import Pipeline
+        # pipefold.runtime rather than the lazy `pipefold.Pipeline`: the same class, and it
+        # also resolves when pipefold is installed as a namespace package.
+        from pipefold.runtime import Pipeline
 
         num_stages = num_ranks * schedule_pair.num_virtual
         self.pipe: Any = Pipeline(

@@ -110,11 +110,21 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def build_record(result: ConfigResult, baselines: Baselines, peer: str = "torch") -> dict[str, Any]:
-    """One flat JSON-able record per configuration (also the `--quick` JSON line)."""
+def build_record(
+    result: ConfigResult,
+    baselines: Baselines,
+    link: dict[str, float] | None = None,
+    peer: str = "torch",
+) -> dict[str, Any]:
+    """One flat JSON-able record per configuration (also the `--quick` JSON line).
+
+    `link` is the measured link between the ranks (see pipefold.bench.link); without it
+    the prediction assumes free communication.
+    """
     from pipefold.bench.predict import calibration_scale, predict
     from pipefold.errors import PipefoldError
     from pipefold.schedule import build
+    from pipefold.simulate import Link
 
     config = result.config
     schedule_pair = config.pair
@@ -139,6 +149,7 @@ def build_record(result: ConfigResult, baselines: Baselines, peer: str = "torch"
             config.num_microbatches,
             costs,
             scale=calibration_scale(costs, config.num_microbatches, single),
+            link=None if link is None else Link(link["latency_s"], link["bandwidth_bytes_per_s"]),
         )
         predicted = timeline.makespan
         predicted_bubble = timeline.bubble_fraction
@@ -217,9 +228,11 @@ def run_benchmark(
                     full_batch_threads,
                 )
     records: list[dict[str, Any]] = []
+    links: dict[int, dict[str, float]] = {}
 
     def collect(result: ConfigResult) -> None:
-        record = build_record(result, baselines[result.config.workload])
+        config = result.config
+        record = build_record(result, baselines[config.workload], links.get(config.num_ranks))
         records.append(record)
         if on_record is not None:
             on_record(record)
@@ -228,7 +241,11 @@ def run_benchmark(
     for num_ranks in rank_counts:
         configs = [c for matrix in matrices if num_ranks in matrix.ranks for c in matrix.configs(num_ranks)]
         logger.info("running %d configurations on %d ranks", len(configs), num_ranks)
-        run_ranks(num_ranks, configs, options, collect)
+
+        def keep_link(link: dict[str, float], num_ranks: int = num_ranks) -> None:
+            links[num_ranks] = link
+
+        run_ranks(num_ranks, configs, options, collect, keep_link)
     return {
         "command": command,
         "started": started.isoformat(timespec="seconds"),
@@ -253,5 +270,6 @@ def run_benchmark(
             }
             for name, base in baselines.items()
         },
+        "links": {str(num_ranks): link for num_ranks, link in links.items()},
         "records": records,
     }

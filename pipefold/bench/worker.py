@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipefold.bench.link import measure_link
 from pipefold.bench.quiet import CpuCounters, foreign_share, read_cpu_counters
 from pipefold.bench.reference import GradientMismatch, check_gradients, reference_gradients
 from pipefold.bench.results import BenchConfig, ConfigResult, RunOptions, SideResult
@@ -34,7 +35,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def worker_main(
     rank: int, num_ranks: int, port: int, configs: list[BenchConfig], options: RunOptions, queue: Any
 ) -> None:
-    """Entry point of a spawned rank. `queue` receives ("result", json) from rank 0."""
+    """Entry point of a spawned rank.
+
+    Rank 0 puts ("link", {...}) once, then ("result", json) per configuration on `queue`.
+    """
     # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -45,6 +49,9 @@ def worker_main(
         timeout=timedelta(seconds=options.timeout_s),
     )
     try:
+        latency, bandwidth = measure_link(rank)
+        if rank == 0:
+            queue.put(("link", {"latency_s": latency, "bandwidth_bytes_per_s": bandwidth}))
         references: dict[str, dict[str, torch.Tensor]] = {}
         for config in configs:
             result = run_config(config, options, rank, num_ranks, references)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    console.print(render_ascii(timeline, width=args.width), highlight=False, markup=False)
+    console.print(render_ascii(timeline, width=args.width), highlight=False, markup=False, soft_wrap=True)
     table = Table(title=f"{schedule.name}: p={schedule.num_ranks} m={schedule.num_microbatches} "
                   f"v={schedule.num_virtual}")
     table.add_column("rank")

@@ -25,10 +25,16 @@ its input gradient again. Within a group with several frontier nodes (a paramete
 twice), one frontier node can reach another; a pre-hook then replaces whatever arrives
 at each frontier node by the gradient kept in `I`, so nothing is counted twice.
 
-Activation checkpointing (non-reentrant) recomputes a region once per autograd call
-that unpacks its saved tensors. When no two calls of `W` execute the same node, they run
-under one `torch.utils.checkpoint.GraphExecGroup`, so `W` recomputes a region at most
-once (and `I` once more: `I + W` then costs one extra forward of the region over `B`).
+When no two calls of `W` execute the same node (every group has one frontier node; only
+a parameter used at several places breaks this), each call frees the activations it
+used, and the calls share one `torch.utils.checkpoint.GraphExecGroup`: non-reentrant
+activation checkpointing recomputes a region once per autograd call that unpacks it, so
+`W` recomputes a region once in all (and `I` once more, so with checkpointing `I + W`
+costs one extra forward of the region over `B`). Otherwise the calls keep the graph
+until the state is dropped, and each recomputes on its own.
+
+Between `I` and `W` the stage's graph stays alive (the frontier nodes hold the
+activations the weight gradients need), plus the gradients kept at the frontier nodes.
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ class Executor:
                         f"rank {self.rank}: {action} has no input (neither received nor handed over)"
                     )
             value, leaves = as_leaves(raw)
-        output = stage.forward(value)
+        output = stage.forward(value, mb)
         if stage.is_last:
             if step.targets is None:
                 raise PipelineError(f"rank {self.rank} owns the last stage but the step has no targets")
@@ -365,6 +365,9 @@ class Executor:
         leaves = self._inputs_of[s][mb]
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
         self._release(s, mb)
+        stash = self._stages[s].stash
+        if stash is not None:
+            stash.after_backward(mb)
         self._route_input_grads(s, mb, leaves, input_grads)
 
     def _backward_input(self, action: Action) -> None:
@@ -385,6 +388,9 @@ class Executor:
             )
         self._weight_state[s][mb] = None
         backward_weight(state)
+        stash = self._stages[s].stash
+        if stash is not None:
+            stash.after_backward(mb)
 
     def _send_backward(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch

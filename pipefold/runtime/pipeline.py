@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -50,6 +50,7 @@ from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
+from pipefold.runtime.stash import WeightStash
 from pipefold.schedule import Schedule, WeightUpdate, build, lower
 from pipefold.timeline import Event, Timeline, Wait
 
@@ -58,7 +59,7 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], Tensor]
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class Pipeline:
@@ -104,7 +105,7 @@ class Pipeline:
         num_ranks = len(self._ranks)
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
         self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
-        self._check_optimizer(optimizer)
+        self._check_async(optimizer, recompute)
         self.device = _resolve_device(device, self._group)
         recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
         self.partition = _resolve_partition(self._layers, self.schedule, partition)
@@ -149,7 +150,8 @@ class Pipeline:
             self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
         self._tied = self._tie_groups()
         counter = ActivationCounter(self.parameters()) if record_timeline else None
-        self._optimizers = self._build_optimizers(optimizer)
+        self._stage_of = stages
+        stepping = self._attach_stashes(optimizer)
         self._executor = Executor(
             lower(self.schedule),
             self.rank,
@@ -159,36 +161,57 @@ class Pipeline:
             p2p=p2p,
             watchdog=self._watchdog,
             counter=counter,
-            step_fn=self._optimizer_step if self._optimizers else None,
+            step_fn=self._stash_step if stepping else None,
         )
         self._broken: str | None = None
         self.last_timeline: Timeline | None = None
 
     # -- configuration helpers ---------------------------------------------------------------
 
-    def _check_optimizer(self, optimizer: OptimizerFactory | None) -> None:
+    def _check_async(self, optimizer: OptimizerFactory | None, recompute: str | Sequence[int]) -> None:
+        """Flush schedules leave the update to the user; asynchronous ones step inside `step`."""
         flush = self.schedule.weight_update is WeightUpdate.FLUSH
-        if flush and optimizer is not None:
+        name = self.schedule.name
+        if flush:
+            if optimizer is not None:
+                raise ConfigError(
+                    f"optimizer is given but schedule {name!r} is a flush schedule; step your "
+                    "optimizer after pipe.step() yourself and pass optimizer=None"
+                )
+            return
+        if optimizer is None or not callable(optimizer):
             raise ConfigError(
-                f"optimizer is given but schedule {self.schedule.name!r} is a flush schedule; step your "
-                "optimizer after pipe.step() yourself and pass optimizer=None"
+                f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
+                f"optimizer=lambda params: torch.optim.SGD(params, lr=...) (a factory), got {optimizer!r}"
             )
-        if not flush:
+        if not (isinstance(recompute, str) and recompute == "none"):
             raise ConfigError(
-                f"schedule {self.schedule.name!r} updates weights during the step "
-                f"({self.schedule.weight_update}); this runtime executes flush schedules only, because "
-                "weight stashing (pipefold.runtime.stash) is not part of it yet; pick a flush schedule"
+                f"recompute={recompute!r} with the asynchronous schedule {name!r}: a recomputed forward "
+                "would run on the live weights, not the stashed version; use recompute='none'"
+            )
+        if self._on_nonfinite != "raise":
+            raise ConfigError(
+                f"on_nonfinite={self._on_nonfinite!r} with the asynchronous schedule {name!r}: its optimizer "
+                "steps during the step, so a bad micro-batch cannot be undone; use on_nonfinite='raise'"
+            )
+        if tied_groups(self._layers):
+            raise ConfigError(
+                f"the asynchronous schedule {name!r} cannot run tied layers (TiedLayerSpec): each stage "
+                "stashes and updates its own weights; untie them or use a flush schedule"
             )
 
-    def _build_optimizers(self, optimizer: OptimizerFactory | None) -> dict[int, torch.optim.Optimizer]:
+    def _attach_stashes(self, optimizer: OptimizerFactory | None) -> bool:
         if optimizer is None:
-            return {}
-        return {stage.index: optimizer(list(stage.parameters)) for stage in self.stages}
+            return False
+        for stage in self.stages:
+            if any(p.requires_grad for p in stage.parameters):
+                stage.stash = WeightStash(stage.module, optimizer)
+        return True
 
-    def _optimizer_step(self, stage: int, index: int) -> None:
-        chosen = self._optimizers[stage]
-        chosen.step()
-        chosen.zero_grad(set_to_none=True)
+    def _stash_step(self, stage: int, index: int) -> None:
+        stash = self._stage_of[stage].stash
+        if stash is not None:  # a stage without trainable weights has nothing to update
+            stash.step()
 
     def _tie_groups(self) -> list[tuple[dist.ProcessGroup, tuple[nn.Parameter, ...]]]:
         """Process groups over the owners of each tied module held by several ranks.
@@ -400,7 +423,8 @@ class Pipeline:
                 param.grad = delta if previous is None else previous + delta
 
     def _timeline(self, record: StepRecord) -> Timeline:
-        mine = (record.events, record.waits, record.activation_bytes_peak)
+        versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
+        mine = (record.events, record.waits, record.activation_bytes_peak, versions)
         gathered = (
             [mine]
             if self._collectives is None
@@ -413,7 +437,7 @@ class Pipeline:
             events=Timeline.merge_ranks(events),
             waits=tuple(waits),
             activation_bytes_peak=tuple(int(g[2]) for g in gathered),
-            weight_versions_peak=tuple(1 for _ in gathered),
+            weight_versions_peak=tuple(int(g[3]) for g in gathered),
             source="measured",
             schedule_name=self.schedule.name,
             meta={

@@ -19,8 +19,21 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipefold.model import LayerLike, apply_layer
+from pipefold.runtime.stash import WeightStash
 
 __all__ = ["Stage", "flatten", "as_leaves"]
+
+
+class _Chain(nn.Module):
+    """The stage's layers as one module, so a weight stash can swap all its weights at once."""
+
+    def __init__(self, stage: Stage, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(modules)
+        self._stage = [stage]  # a list, so nn.Module does not register the stage as a child
+
+    def forward(self, value: Any) -> Any:
+        return self._stage[0]._run(value)
 
 
 class Stage:
@@ -54,6 +67,9 @@ class Stage:
                     params.append(param)
         self.parameters: tuple[nn.Parameter, ...] = tuple(params)
         self.modules = tuple(modules)
+        self.module: nn.Module = _Chain(self, modules)
+        self.stash: WeightStash | None = None
+        """Set for asynchronous schedules: forwards then run on the stashed weight version."""
 
     def _run(self, value: Any) -> Any:
         for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
@@ -65,7 +81,11 @@ class Stage:
                 value = apply_layer(layer, module, value)
         return value
 
-    def forward(self, value: Any) -> Any:
+    def forward(self, value: Any, microbatch: int) -> Any:
+        if self.stash is not None:
+            # The stash calls the module with its version's weights swapped in
+            # (torch.func.functional_call), which runs self._run through _Chain.
+            return self.stash.forward(microbatch, value)
         if self._recompute_all:
             return torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
         return self._run(value)

@@ -78,9 +78,7 @@ def from_json(data: Mapping[str, Any], *, check: bool = True) -> Schedule:
         )
     version = _field(data, "version", int)
     if version != VERSION:
-        raise ScheduleError(
-            f"schedule JSON 'version' is {version}; this pipefold reads version {VERSION}"
-        )
+        raise ScheduleError(f"schedule JSON 'version' is {version}; this pipefold reads version {VERSION}")
     raw_update = _field(data, "weight_update", str)
     try:
         weight_update = WeightUpdate(raw_update)

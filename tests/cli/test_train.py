@@ -58,7 +58,7 @@ def test_resolve_out_dir_is_fixed_once(tmp_path, monkeypatch):
     assert resolve_out_dir(config) is config
 
 
-def test_measured_costs_average_each_op_per_stage():
+def test_measured_costs_take_each_op_per_stage():
     schedule = build("gpipe", num_ranks=2, num_microbatches=2)
     events = (
         (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.F, 0, 1), 1.0, 4.0),
@@ -66,10 +66,16 @@ def test_measured_costs_average_each_op_per_stage():
         (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.F, 1, 1), 4.0, 5.0),
          Event(1, Action(Op.B, 1, 0), 5.0, 6.0), Event(1, Action(Op.B, 1, 1), 6.0, 7.0)),
     )
-    costs = measured_costs(Timeline(num_ranks=2, events=events, source="measured"), schedule)
+    timeline = Timeline(num_ranks=2, events=events, source="measured")
+    costs = measured_costs([timeline], schedule)
     assert costs.f == (2.0, 1.0)
     assert costs.b == (3.0, 1.0)
     assert costs.i == (1.5, 0.5) and costs.w == (1.5, 0.5)
+    # Over several steps each op takes its median, so one stalled action does not skew it.
+    stalled = (Event(0, Action(Op.F, 0, 0), 0.0, 100.0), *events[0][1:])
+    slow = Timeline(num_ranks=2, events=(stalled, events[1]), source="measured")
+    # Stage 0 forwards took 1, 3, 1, 3, 100, 3: the median is 3 (the mean would be 18.5).
+    assert measured_costs([timeline, timeline, slow], schedule).f == (3.0, 1.0)
 
 
 def _runtime_missing():

@@ -85,3 +85,12 @@ def test_generate_extends_and_crops_context():
 def test_bad_sizes_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         gpt_layers(**{**TINY, **kwargs})
+
+
+def test_untied_variant_has_its_own_head():
+    layers = gpt_layers(**TINY, tie_embeddings=False)
+    assert not any(isinstance(layer, TiedLayerSpec) for layer in layers)
+    model = GPT.from_layers(layers)
+    names = {name for name, _ in model.blocks.named_parameters()}
+    assert f"{len(layers) - 1}.weight" in names
+    assert model(torch.randint(0, 32, (2, 8))).shape == (2, 8, 32)

@@ -163,14 +163,14 @@ def exact(
     }
 
 
-def failing(*, how: str, fail_rank: int, timeout_s: float = 30.0) -> dict:
+def failing(*, how: str, fail_rank: int, step_timeout_s: float = 30.0) -> dict:
     """Layer 3 misbehaves on its rank (2 ranks, gpipe); every rank reports what it raised."""
     layers = [LayerSpec(Block, 6, DIM), LayerSpec(Block, DIM, DIM)]
     layers += [LayerSpec(Sometimes, DIM, how) if fail_rank == 1 else LayerSpec(Block, DIM, DIM)]
     layers += [LayerSpec(nn.Linear, DIM, 3)]
     if fail_rank == 0:
         layers[1] = LayerSpec(Sometimes, DIM, how)
-    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=timeout_s)
+    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=step_timeout_s)
     inputs, targets = _batch("mlp", 4, seed=0)
     start = time.monotonic()
     try:
@@ -198,3 +198,71 @@ def nonfinite(*, mode: str) -> dict:
     # The pipeline stays usable after a skipped step.
     pipe.step(inputs, _batch("mlp", 4, seed=0)[1])
     return {"type": None, "message": str(loss)}
+
+
+def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: float = 0.1) -> dict:
+    """An asynchronous schedule (PipeDream / 2BW) with SGD.
+
+    On one rank the result is checked against a replay of the schedule: every F uses
+    the weights current at that moment, every B adds its gradient at those weights,
+    every STEP applies the sum (plain SGD).
+    """
+    from pipefold.schedule import Op
+
+    layers = mlp(4)
+    factory = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
+    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
+                    optimizer=factory, seed=3)
+    reference = build_reference(mlp(4), seed=3)
+    initial = {name: p.detach().clone() for name, p in pipe.named_parameters()}
+    inputs, targets = _batch("mlp", rows, seed=0)
+    loss = pipe.step(inputs, targets)
+    result = {
+        "loss": loss,
+        "versions": list(pipe.last_timeline.weight_versions_peak),
+        "changed": all(not torch.equal(initial[n], p) for n, p in pipe.named_parameters()),
+    }
+    if pipe.schedule.num_ranks == 1:
+        x_mb, y_mb = torch.tensor_split(inputs, num_microbatches), torch.tensor_split(targets, num_microbatches)
+        live = {n: p.detach().clone() for n, p in reference.named_parameters()}
+        seen: dict[int, dict] = {}
+        summed = {n: torch.zeros_like(v) for n, v in live.items()}
+        total = 0.0
+        for action in pipe.schedule.actions[0]:
+            mb = action.microbatch
+            if action.op is Op.F:
+                seen[mb] = {n: v.clone() for n, v in live.items()}
+            elif action.op is Op.B:
+                weights = {n: v.clone().requires_grad_() for n, v in seen.pop(mb).items()}
+                out = torch.func.functional_call(reference, weights, (x_mb[mb],))
+                mb_loss = F.mse_loss(out, y_mb[mb]) * (len(x_mb[mb]) / rows)
+                total += mb_loss.item()
+                grads = torch.autograd.grad(mb_loss, list(weights.values()))
+                for name, grad in zip(weights, grads):
+                    summed[name] += grad
+            elif action.op is Op.STEP:
+                for name in live:
+                    live[name] -= lr * summed[name]
+                    summed[name].zero_()
+        torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-6)
+        for name, param in pipe.named_parameters():
+            torch.testing.assert_close(param.detach(), live[name], msg=lambda m, n=name: f"{n}: {m}")
+    return result
+
+
+def timeline(*, schedule: str, num_microbatches: int, recompute: Any = "none") -> dict:
+    """The measured timeline: which actions ran on which rank, waits, memory peaks."""
+    pipe = Pipeline(mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
+                    recompute=recompute)
+    inputs, targets = _batch("mlp", 2 * num_microbatches, seed=0)
+    pipe.step(inputs, targets)
+    line = pipe.last_timeline
+    return {
+        "events": [[str(e.action) for e in row] for row in line.events],
+        "ordered": all(e.start <= e.end for row in line.events for e in row),
+        "waits_ok": all(w.start <= w.end for row in line.waits for w in row),
+        "num_waits": [len(row) for row in line.waits],
+        "activation_bytes_peak": list(line.activation_bytes_peak),
+        "weight_versions_peak": list(line.weight_versions_peak),
+        "json_roundtrip": type(line).from_json(line.to_json()).num_ranks == line.num_ranks,
+    }

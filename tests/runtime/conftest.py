@@ -13,6 +13,13 @@ from _workers import WorkerPool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
+def pool1():
+    pool = WorkerPool(1)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
 def pool2():
     pool = WorkerPool(2)
     yield pool

@@ -304,3 +304,22 @@ def test_gradient_shape_mismatch_is_refused():
         backward_full((out,), (torch.ones(3, D),), (x,))
     with pytest.raises(PipelineError, match="1 outputs but 2 output gradients"):
         backward_full((out,), (torch.ones(2, D), None), (x,))
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.utils.checkpoint, "GraphExecGroup"), reason="torch without GraphExecGroup"
+)
+def test_checkpointed_region_is_recomputed_once_in_w():
+    """The checkpointed MLP holds two parameter groups; W recomputes it once, not per group."""
+    torch.manual_seed(0)
+    module = CheckpointedStage()
+    calls = []
+    module.inner.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    x = torch.randn(3, 5, D, requires_grad=True)
+    out = module(x)
+    assert len(calls) == 1
+    _, state = backward_input((out,), (torch.randn_like(out),), (x,), list(module.parameters()))
+    assert len(calls) == 2  # I recomputes the region
+    assert state.num_groups == 3  # fc1, fc2 inside the region, out outside
+    backward_weight(state)
+    assert len(calls) == 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-import _cases
 from pipefold.schedule import WeightUpdate, build, names
 
 FLUSH = [n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is WeightUpdate.FLUSH]
@@ -43,11 +42,11 @@ def _check(results, world_size):
 
 @pytest.mark.parametrize("schedule", FLUSH)
 @pytest.mark.parametrize("config", CONFIGS[1], ids=_ids(CONFIGS[1]))
-def test_one_rank(schedule, config):
+def test_one_rank(pool1, schedule, config):
     model, num_microbatches, rows, recompute = config
-    result = _cases.exact(schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
-                          recompute=recompute)
-    _check([result], 1)
+    results = pool1.run("exact", schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
+                        recompute=recompute)
+    _check(results, 1)
 
 
 @pytest.mark.multiprocess

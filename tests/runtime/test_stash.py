@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError, PipelineError
@@ -44,14 +46,18 @@ class Stage(nn.Module):
 
 def _data(num_microbatches: int) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(5, 4, generator=gen), torch.randn(5, 3, generator=gen)) for _ in range(num_microbatches)]
+    return [
+        (torch.randn(5, 4, generator=gen), torch.randn(5, 3, generator=gen)) for _ in range(num_microbatches)
+    ]
 
 
 def _loss(output: Tensor, target: Tensor) -> Tensor:
     return nn.functional.mse_loss(output, target)
 
 
-def _reference_grads(module: nn.Module, weights: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def _reference_grads(
+    module: nn.Module, weights: dict[str, Tensor], x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
     leaves = {name: w.clone().requires_grad_() for name, w in weights.items()}
     loss = _loss(torch.func.functional_call(module, leaves, (x,)), y)
     grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -88,7 +94,10 @@ def _run(pattern: str, split_input: bool = True):
 
     for action in actions:
         if action == "STEP":
-            applied = {name: p.grad.clone() for name, p in module.named_parameters()}
+            applied = {
+                name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for name, p in module.named_parameters()
+            }
             for name in names:
                 torch.testing.assert_close(applied[name], expected_since_step[name])
             stash.step()
@@ -139,6 +148,46 @@ def test_steps_apply_gradients_of_the_weights_each_forward_saw(pattern, peak, sp
     stash = _run(pattern, split_input)
     assert stash.peak_versions_held == peak
     assert stash.version == pattern.split().count("STEP")
+
+
+@st.composite
+def _patterns(draw: st.DrawFn) -> tuple[str, int]:
+    """Any order a stage could see: forwards in order, backwards of in-flight micro-batches
+    in any order (B, or I then W later), STEPs anywhere. Returns (pattern, max in flight)."""
+    num_microbatches = draw(st.integers(1, 5))
+    actions: list[str] = []
+    next_forward, in_flight, awaiting_w, peak = 0, [], [], 0
+    while next_forward < num_microbatches or in_flight or awaiting_w:
+        choices = []
+        if next_forward < num_microbatches:
+            choices.append(f"F{next_forward}")
+        choices += [f"B{mb}" for mb in in_flight] + [f"I{mb}" for mb in in_flight]
+        choices += [f"W{mb}" for mb in awaiting_w]
+        if actions and actions[-1] != "STEP":
+            choices.append("STEP")  # last, so that shrinking removes steps first
+        action = draw(st.sampled_from(choices))
+        actions.append(action)
+        op, mb = action[0], int(action[1:]) if action != "STEP" else -1
+        if op == "F":
+            next_forward += 1
+            in_flight.append(mb)
+        elif op in "BI":
+            in_flight.remove(mb)
+            if op == "I":
+                awaiting_w.append(mb)
+        elif op == "W":
+            awaiting_w.remove(mb)
+        peak = max(peak, len(in_flight) + len(awaiting_w))
+    actions.append("STEP")
+    return " ".join(actions), peak
+
+
+@settings(max_examples=25, deadline=None)
+@given(_patterns())
+def test_any_order_of_forwards_backwards_and_steps(pattern_and_peak):
+    pattern, max_in_flight = pattern_and_peak
+    stash = _run(pattern)
+    assert 1 <= stash.peak_versions_held <= max_in_flight
 
 
 def test_current_version_shares_storage_until_a_step():

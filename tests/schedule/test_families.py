@@ -325,7 +325,10 @@ def test_flush_textbook_bubbles(num_ranks, num_microbatches):
 def test_interleaved_bubble_when_m_is_a_multiple_of_p(num_ranks, num_virtual):
     for num_microbatches in (num_ranks, 2 * num_ranks, 4 * num_ranks):
         schedule = build(
-            "interleaved-1f1b", num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
+            "interleaved-1f1b",
+            num_ranks=num_ranks,
+            num_microbatches=num_microbatches,
+            num_virtual=num_virtual,
         )
         assert unit_makespan(schedule) == 3 * (num_virtual * num_microbatches + num_ranks - 1)
 
@@ -360,10 +363,23 @@ def test_v_zero_bubble_makespan(num_ranks, name):
         assert unit_makespan(schedule) == 6 * num_microbatches + num_ranks - 1
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3, 4])
-def test_v_half_is_no_slower_than_1f1b(num_ranks):
+@pytest.mark.parametrize("num_ranks", [2, 3, 4, 6, 8])
+def test_controllable_memory_bubbles_against_1f1b(num_ranks):
     num_microbatches = 4 * num_ranks
     one_f_one_b = unit_makespan(build("1f1b", num_ranks=num_ranks, num_microbatches=num_microbatches))
     # A chunk is half a stage: in stage units the V makespan is half the chunk-unit count.
-    v_half = unit_makespan(build("v-half", num_ranks=num_ranks, num_microbatches=num_microbatches))
-    assert v_half / 2 <= one_f_one_b
+    v_half = unit_makespan(build("v-half", num_ranks=num_ranks, num_microbatches=num_microbatches)) / 2
+    v_min = unit_makespan(build("v-min", num_ranks=num_ranks, num_microbatches=num_microbatches)) / 2
+    ideal = 3 * num_microbatches
+    assert v_half < one_f_one_b
+    assert (v_min - ideal) / v_min <= 1.7 * (one_f_one_b - ideal) / one_f_one_b
+    if num_ranks in (2, 4):
+        assert v_min < one_f_one_b
+
+
+def test_v_greedy_refuses_a_cap_below_one_microbatch():
+    from pipefold.schedule.families._v_greedy import greedy_v_rows
+
+    with pytest.raises(ScheduleError, match="cap=1"):
+        greedy_v_rows(2, 4, 1)
+    assert sum(len(row) for row in greedy_v_rows(2, 4, 2)) == 3 * 4 * 4

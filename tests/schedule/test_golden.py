@@ -80,7 +80,7 @@ HAND_DRAWN = [
     ("zb-v", 2, 4, 2, """
         rank 0  F0.0 F0.1 F0.2 F3.0 I3.0 W3.0 F3.1 I3.1 W3.1 F0.3 I0.0 W0.0 F3.2 I3.2 W3.2 I0.1 W0.1 F3.3 I3.3 W3.3 I0.2 W0.2 I0.3 W0.3
         rank 1  F1.0 F2.0 F1.1 F2.1 I2.0 W2.0 F1.2 I1.0 W1.0 F2.2 I2.1 W2.1 F1.3 I1.1 W1.1 F2.3 I2.2 W2.2 I1.2 I2.3 I1.3 W1.2 W2.3 W1.3
-    """),
+    """),  # noqa: E501 - one line per rank is the point of the picture
     # Each steady-state F directly followed by a B is one of DualPipe's overlapped pairs.
     ("dualpipe-v", 2, 4, 2, """
         rank 0  F0.0 F0.1 F0.2 F3.0 I3.0 W3.0 F3.1 F0.3 B3.1 F3.2 B0.0 B3.2 F3.3 B0.1 B3.3 I0.2 W0.2 I0.3 W0.3
@@ -127,5 +127,5 @@ def test_golden_file(name, num_ranks, num_microbatches, num_virtual):
     if REGENERATE:
         GOLDEN_DIR.mkdir(exist_ok=True)
         path.write_text(drawn)
-    assert path.exists(), f"{path.name} is missing; regenerate with PIPEFOLD_REGEN_GOLDEN=1 (see module docstring)"
-    assert drawn == path.read_text(), f"{name} changed; if intended, regenerate {path.name} and review the diff"
+    assert path.exists(), f"{path.name} is missing; regenerate: PIPEFOLD_REGEN_GOLDEN=1 (module docstring)"
+    assert drawn == path.read_text(), f"{name} changed; if intended, regenerate {path.name}, review the diff"

@@ -10,6 +10,8 @@ Layer order (num_layers decoder blocks):
 
 The first and last layers are ONE module (key "embed"): the head multiplies by the
 token embedding's weight, so the weights are tied across the first and last stage.
+`tie_embeddings=False` makes the head its own `LMHead` (asynchronous PipeDream
+schedules update each stage's weights on their own, so they cannot share one).
 Only the token table is tied; the position table is its own layer because the head
 never uses it, and a tied module whose parameters are partly unused on one owner
 would leave that owner with `None` gradients to sum.
@@ -32,6 +34,7 @@ from pipefold.model.spec import LayerSpec, TiedLayerSpec
 
 __all__ = [
     "TokenEmbedding",
+    "LMHead",
     "PositionEmbedding",
     "CausalSelfAttention",
     "DecoderBlock",
@@ -51,6 +54,14 @@ class TokenEmbedding(nn.Embedding):
 
     def __init__(self, vocab_size: int, d_model: int) -> None:
         super().__init__(vocab_size, d_model)
+        nn.init.normal_(self.weight, std=_INIT_STD)
+
+
+class LMHead(nn.Linear):
+    """The untied output head: (B, T, d_model) -> logits, no bias, GPT-2's init."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
         nn.init.normal_(self.weight, std=_INIT_STD)
 
 
@@ -122,7 +133,13 @@ class DecoderBlock(nn.Module):
 
 
 def gpt_layers(
-    vocab_size: int, d_model: int, num_heads: int, num_layers: int, seq_len: int
+    vocab_size: int,
+    d_model: int,
+    num_heads: int,
+    num_layers: int,
+    seq_len: int,
+    *,
+    tie_embeddings: bool = True,
 ) -> list[LayerSpec]:
     """The GPT as `num_layers + 4` lazily built layers (see the module docstring)."""
     for name, value in (
@@ -145,7 +162,11 @@ def gpt_layers(
     ]
     layers += [LayerSpec(DecoderBlock, d_model, num_heads, num_layers) for _ in range(num_layers)]
     layers.append(LayerSpec(nn.LayerNorm, d_model))
-    layers.append(TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model, forward_fn=tied_head))
+    if tie_embeddings:
+        layers.append(TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model, forward_fn=tied_head))
+    else:
+        layers[0] = LayerSpec(TokenEmbedding, vocab_size, d_model)
+        layers.append(LayerSpec(LMHead, d_model, vocab_size))
     return layers
 
 

@@ -47,9 +47,7 @@ def require_virtual(name: str, num_virtual: int, expected: int, alternative: str
         )
 
 
-def drop_microbatches(
-    rows: Iterable[Iterable[Action]], num_microbatches: int
-) -> list[list[Action]]:
+def drop_microbatches(rows: Iterable[Iterable[Action]], num_microbatches: int) -> list[list[Action]]:
     """Remove every compute action of micro-batches >= `num_microbatches`.
 
     [Note: padding]
@@ -59,9 +57,7 @@ def drop_microbatches(
     rank's order, so removing whole micro-batches keeps a deadlock-free schedule
     deadlock-free; the removed slots become idle time.
     """
-    return [
-        [a for a in row if a.op is Op.STEP or a.microbatch < num_microbatches] for row in rows
-    ]
+    return [[a for a in row if a.op is Op.STEP or a.microbatch < num_microbatches] for row in rows]
 
 
 def counted(op: Op, stage: int, counters: dict[tuple[Op, int], int]) -> Action:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from pipefold.errors import ScheduleError
 from pipefold.schedule.ir import Action, Op
 
 __all__ = ["greedy_v_rows"]
@@ -28,6 +29,11 @@ __all__ = ["greedy_v_rows"]
 
 def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[Action]]:
     """Per-rank compute orders under the policy of [Note: controllable-memory V schedules]."""
+    if cap < 2:
+        raise ScheduleError(
+            f"a V schedule needs a memory cap of at least 2 stage-chunks (one micro-batch's "
+            f"down and up chunk); got cap={cap}"
+        )
     num_stages = 2 * num_ranks
     finished: dict[Action, int] = {}  # action -> time its result is available
     rows: list[list[Action]] = [[] for _ in range(num_ranks)]
@@ -64,6 +70,9 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
 
     now = 0
     while remaining:
+        if now > max(busy_until) + 1:
+            # Unreachable for cap >= 2 (see the note); a loud stop beats spinning forever.
+            raise ScheduleError(f"greedy V scheduler stalled at time {now} with cap={cap}")
         for rank in range(num_ranks):
             if busy_until[rank] > now:
                 continue

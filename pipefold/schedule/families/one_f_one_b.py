@@ -22,9 +22,7 @@ def rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]
     for mb in range(num_microbatches - num_warmup):
         order.append(Action(Op.F, stage, mb + num_warmup))
         order.append(Action(Op.B, stage, mb))
-    order.extend(
-        Action(Op.B, stage, mb) for mb in range(num_microbatches - num_warmup, num_microbatches)
-    )
+    order.extend(Action(Op.B, stage, mb) for mb in range(num_microbatches - num_warmup, num_microbatches))
     return order
 
 

@@ -28,7 +28,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
 
     Memory: p+2 chunks, i.e. p/2 + 1 stages' worth against 1F1B's p on rank 0
     (half of it for large p; no saving at p <= 2, where 1 stage is the floor). Bubble with F = I = W,
-    measured at m = 4p: 4% (p=2), 11% (p=4), 11% (p=8), at or below 1F1B's
+    measured at m = 4p: 4% (p=2), 9% (p=4), 11% (p=8), below 1F1B's
     (p-1)/(m+p-1) at the same m.
     """
     rows = greedy_v_rows(num_ranks, num_microbatches, memory_cap(num_ranks))
@@ -45,7 +45,7 @@ FAMILY = register(
         generate=generate,
         check=check,
         summary="V-Half: V-shaped schedule with about half of 1F1B's activation memory (Qi et al., 2024)",
-        bubble="at or below 1F1B's (p-1)/(m+p-1) with F = I = W (measured; greedy schedule)",
+        bubble="below 1F1B's (p-1)/(m+p-1) with F = I = W (measured at m = 4p, p <= 8)",
         memory="p+2 chunks of 1/2 stage (p/2 + 1 stages) on every rank",
         legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
         default_virtual=2,

@@ -24,8 +24,8 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
     (_v_greedy.py); exact pictures in tests/schedule/test_golden.py. Memory:
     ceil(2p/3)+2 chunks, about p/3 + 1 stages' worth against 1F1B's p on rank 0.
     Bubble with F = I = W, measured at m = 4p: 4% (p=2), 11% (p=4), 28% (p=6),
-    21% (p=8); near 1F1B's (p-1)/(m+p-1) for small p and above it for larger p,
-    the price of the smaller memory.
+    21% (p=8), against 1F1B's 11%, 16%, 17%, 18% at the same m: below it at
+    p = 2 and 4, up to 1.7x it elsewhere, the price of the smaller memory.
     """
     rows = greedy_v_rows(num_ranks, num_microbatches, memory_cap(num_ranks))
     return make_schedule("v-min", num_ranks, num_microbatches, v_placement(num_ranks, 2), rows)
@@ -41,7 +41,7 @@ FAMILY = register(
         generate=generate,
         check=check,
         summary="V-Min: V-shaped schedule with about a third of 1F1B's activation memory (Qi et al., 2024)",
-        bubble="near 1F1B's (p-1)/(m+p-1) for p <= 4, up to ~2x it at p = 8 (measured; greedy schedule)",
+        bubble="within 1.7x of 1F1B's (p-1)/(m+p-1), below it at p = 2, 4 (measured at m = 4p, p <= 8)",
         memory="ceil(2p/3)+2 chunks of 1/2 stage (about p/3 + 1 stages) on every rank",
         legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
         default_virtual=2,

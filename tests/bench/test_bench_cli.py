@@ -1,0 +1,82 @@
+"""`pipefold bench` argument parsing (nothing is run)."""
+
+import argparse
+
+import pytest
+
+from pipefold.bench import cli
+from pipefold.bench.pairs import PAIRS
+from pipefold.errors import ConfigError
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command")
+    cli.add_parser(subparsers)
+    return parser.parse_args(["bench", *argv])
+
+
+def test_registers_run():
+    args = _parse([])
+    assert args.func is cli.run
+
+
+def test_quick_matrix_and_options():
+    args = _parse(["--quick", "--peers", "torch"])
+    [matrix] = cli.matrices_from_args(args)
+    assert matrix.workloads == ("mlp",) and matrix.ranks == (2,) and matrix.microbatches == (8,)
+    assert len(matrix.schedules) == 3 and {"gpipe", "1f1b"} <= set(matrix.schedules)
+    options = cli.options_from_args(args)
+    assert options.libraries == ("pipefold", "torch")
+    assert (options.warmup_steps, options.timed_steps) == (1, 5)
+
+
+def test_full_matrix_has_every_pair_and_the_overhead_probe():
+    args = _parse(["--peers", "none"])
+    matrix, overhead = cli.matrices_from_args(args)
+    assert set(matrix.schedules) == set(PAIRS)
+    assert matrix.ranks == (2, 4) and matrix.microbatches == (4, 8, 16)
+    assert set(matrix.workloads) == {"mlp", "transformer"}
+    assert overhead.workloads == ("tiny",)
+    assert cli.options_from_args(args).libraries == ("pipefold",)
+    assert len(matrix.configs(2)) == 2 * 3 * len(PAIRS)
+
+
+def test_custom_matrix_skips_overhead():
+    args = _parse(["--workloads", "transformer", "--ranks", "4", "--microbatches", "8", "16",
+                   "--schedules", "zb-v", "--steps", "9", "--warmup", "0", "--quiet-threshold", "0.2"])
+    [matrix] = cli.matrices_from_args(args)
+    assert matrix.workloads == ("transformer",) and matrix.ranks == (4,)
+    assert matrix.microbatches == (8, 16) and matrix.schedules == ("zb-v",)
+    options = cli.options_from_args(args)
+    assert (options.timed_steps, options.warmup_steps, options.gate.threshold) == (9, 0, 0.2)
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(SystemExit):
+        _parse(["--schedules", "pipedream"])  # no torch counterpart
+    with pytest.raises(SystemExit):
+        _parse(["--microbatches", "0"])
+    with pytest.raises(ConfigError, match="--ranks 1"):
+        cli.matrices_from_args(_parse(["--ranks", "1"]))
+    with pytest.raises(ConfigError, match="threshold"):
+        cli.options_from_args(_parse(["--quiet-threshold", "0"]))
+
+
+def test_one_json_line_has_the_required_fields():
+    record = {key: 1 for key in cli._QUIET_FIELDS}
+    record["sides"] = {"big": "blob"}
+    line = cli._line(record)
+    assert "\n" not in line and "sides" not in line
+    for key in ("schedule", "ranks", "microbatches", "pipefold_step_s", "peer_step_s", "ratio",
+                "efficiency", "predicted_step_s"):
+        assert f'"{key}"' in line
+
+
+def test_cli_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pipefold.bench.cli, pipefold.bench.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,65 @@
+"""Runtime behaviour beyond exactness: async schedules, the measured timeline, non-finite losses."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipefold.schedule import WeightUpdate, build, names
+
+ASYNC = [n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is not WeightUpdate.FLUSH]
+
+
+@pytest.mark.parametrize("schedule", ASYNC)
+@pytest.mark.parametrize("num_microbatches", [1, 4])
+def test_async_one_rank_replays_the_schedule(pool1, schedule, num_microbatches):
+    # The case itself compares with a replay of the schedule's F/B/STEP order.
+    (result,) = pool1.run("asynchronous", schedule=schedule, num_microbatches=num_microbatches)
+    assert result["changed"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ASYNC)
+def test_async_two_ranks_updates_weights(pool2, schedule):
+    results = pool2.run("asynchronous", schedule=schedule, num_microbatches=4)
+    assert results[0]["loss"] == results[1]["loss"]
+    assert all(r["changed"] for r in results)
+    versions = results[0]["versions"]
+    assert len(versions) == 2 and all(v >= 1 for v in versions)
+    # Rank 0 has micro-batches in flight across updates, so it holds more than one version.
+    assert versions[0] >= 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v", "interleaved-1f1b"])
+def test_timeline_holds_each_ranks_compute_actions(pool2, schedule):
+    if schedule not in names():
+        pytest.skip(f"{schedule} is not registered")
+    expected = build(schedule, num_ranks=2, num_microbatches=4)
+    (result, _) = pool2.run("timeline", schedule=schedule, num_microbatches=4)
+    for rank in range(2):
+        assert sorted(result["events"][rank]) == sorted(str(a) for a in expected.actions[rank])
+    assert result["ordered"] and result["waits_ok"] and result["json_roundtrip"]
+    assert result["num_waits"][1] > 0  # rank 1 waits for every activation it receives
+    assert result["weight_versions_peak"] == [1, 1]
+
+
+@pytest.mark.multiprocess
+def test_full_recompute_holds_fewer_activation_bytes(pool2):
+    plain = pool2.run("timeline", schedule="gpipe", num_microbatches=4)[0]["activation_bytes_peak"]
+    recomputed = pool2.run("timeline", schedule="gpipe", num_microbatches=4, recompute="full")[0]
+    assert all(r < p for r, p in zip(recomputed["activation_bytes_peak"], plain))
+
+
+@pytest.mark.multiprocess
+def test_nonfinite_loss_raises_on_every_rank(pool2):
+    results = pool2.run("nonfinite", mode="raise")
+    for result in results:
+        assert result["type"] == "NonFiniteLoss"
+        assert "micro-batch(es) [1]" in result["message"]
+
+
+@pytest.mark.multiprocess
+def test_nonfinite_loss_skip_leaves_gradients_unchanged(pool2):
+    # The case checks that the gradients equal those before the bad step, and steps again.
+    results = pool2.run("nonfinite", mode="skip")
+    assert all(r["type"] is None and r["message"] == "nan" for r in results)
