@@ -10,7 +10,7 @@ the value and a fix.
 
 TOML layout (every key optional; these are the defaults)::
 
-    steps = 200
+    steps = 300
     batch_size = 32
     seed = 0
     partition = "uniform"      # or a list of per-stage layer counts, e.g. [3, 5]
@@ -203,7 +203,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    steps: int = 200
+    steps: int = 300
     """Optimizer steps (one pipeline call each)."""
     batch_size: int = 32
     """Sequences per step, split into schedule.microbatches micro-batches (unevenly if need be)."""

@@ -26,7 +26,7 @@ from pipefold.bench.quiet import QuietGate
 from pipefold.bench.results import RunOptions
 from pipefold.errors import ConfigError
 
-__all__ = ["add_parser", "options_from_args", "matrices_from_args", "run"]
+__all__ = ["add_parser", "configure_parser", "matrices_from_args", "options_from_args", "run"]
 
 logger = logging.getLogger(__name__)
 

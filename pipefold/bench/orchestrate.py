@@ -85,8 +85,14 @@ def run_ranks(
             results.append(result)
             if on_result is not None:
                 on_result(result)
-        for process in processes:
+        for rank, process in enumerate(processes):
             process.join(timeout=options.timeout_s)
+            if process.exitcode not in (0, None):
+                logger.warning(
+                    "benchmark rank %d exited with code %s after delivering its results",
+                    rank,
+                    process.exitcode,
+                )
     finally:
         for process in processes:
             if process.is_alive():

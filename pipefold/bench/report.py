@@ -188,6 +188,11 @@ How these numbers are made (`pipefold/bench/`):
   one-process run, scaled so that its one-process step equals the measured baseline; error =
   predicted / measured pipefold step - 1. Ranks beyond the core count time-share, which the
   simulator does not model.
+- Memory: peak RSS is the rank process's high-water mark during each library's timed steps
+  (reset before each step). Both libraries share the process, whose RSS is mostly torch itself
+  and allocator caches that are not returned to the OS, so the two columns are close by
+  construction; the per-library comparison is the activation bytes pipefold counts (saved-tensor
+  hooks) against the simulator's prediction.
 - Quiet gate: rank 0 reads /proc/stat around every timed step; CPU time the machine spent
   beyond the ranks' own (`process_time`) is other load. A step where that exceeds the threshold
   is retaken (up to the retry limit) and, if still disturbed, kept and counted in *disturbed*.

@@ -9,7 +9,10 @@ to the parent through `queue`.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -24,6 +27,7 @@ from pipefold.bench.results import BenchConfig, ConfigResult, RunOptions, SideRe
 from pipefold.bench.rss import peak_rss_bytes, reset_peak_rss
 from pipefold.bench.sides import Side
 from pipefold.bench.workloads import Workload, workload
+from pipefold.errors import PipefoldError
 
 __all__ = ["worker_main"]
 
@@ -39,6 +43,10 @@ def worker_main(
 
     Rank 0 puts ("link", {...}) once, then ("result", json) per configuration on `queue`.
     """
+    # The parent's stdout carries one JSON line per configuration; whatever the libraries print
+    # in the ranks (DeepSpeed prints its topology and build messages) goes to stderr instead.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -58,6 +66,9 @@ def worker_main(
             if rank == 0:
                 queue.put(("result", result.to_json()))
     finally:
+        # Collect the last configuration's pipelines (and their communication helpers) while
+        # the process group they use still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -77,6 +88,8 @@ def run_config(
     for label in options.libraries:
         side, error = _build_side(label, work, config, options, rank, num_ranks)
         error = _first_error(error)
+        if side is None and error is None:
+            continue  # not applicable (DeepSpeed beside a schedule it does not have)
         result.sides[label] = SideResult(label=label, error=error)
         if side is not None and error is None:
             sides.append(side)
@@ -136,7 +149,8 @@ def _build_side(
         if label == "deepspeed":
             from pipefold.bench.deepspeed_side import DeepSpeedSide
 
-            return DeepSpeedSide.create(work, layers, config, num_ranks=num_ranks)
+            ds_side, ds_error = DeepSpeedSide.create(work, layers, config, num_ranks=num_ranks)
+            return ds_side, ds_error
     except (ValueError, RuntimeError, TypeError, ImportError) as error:
         # Constructors check their arguments identically on every rank, so all ranks agree.
         return None, f"{type(error).__name__}: {error}"
@@ -158,13 +172,21 @@ def _check(
     Returns the mismatch (agreed by all ranks) and the largest absolute error over ranks.
     """
     side.zero_grad()
-    side.step(*batch)
+    check_step = getattr(side, "check_step", None)
     local: str | None = None
     worst = 0.0
     try:
+        if check_step is not None:
+            check_step(*batch)  # a library that zeroes its own gradients (DeepSpeed)
+        else:
+            side.step(*batch)
         worst = check_gradients(side.label, side.gradients(), reference)
     except GradientMismatch as error:
         local = f"rank {dist.get_rank()}: {error}"
+    except PipefoldError as error:
+        # pipefold stops every rank on a failure (or times out waiting), so all ranks land
+        # here together and the run goes on with the next configuration.
+        local = f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
     worsts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(worsts, worst)
     return _first_error(local), max(float(value) for value in worsts)

@@ -1,6 +1,6 @@
 """`pipefold train`: train the built-in GPT on the stdlib corpus, pipelined over local ranks.
 
-    pipefold train                                   # 2 ranks on CPU, 1F1B, a few minutes
+    pipefold train                                   # 2 ranks on CPU, 1F1B, 300 steps, a few minutes
     pipefold train --schedule zb-h1 --ranks 4 --microbatches 8 --steps 50
     pipefold train --config job.toml --set optimizer.lr=1e-3 --out runs/lr1e-3
     torchrun --nproc-per-node 4 -m pipefold train --ranks 4   # ranks started by torchrun
@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step; default 8")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
-    parser.add_argument("--steps", type=int, help="optimizer steps; default 200")
+    parser.add_argument("--steps", type=int, help="optimizer steps; default 300")
     parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")
     parser.add_argument("--seed", type=int, help="weights and batch order; default 0")
     parser.add_argument("--out", metavar="DIR", help="output directory; default runs/<timestamp>")

@@ -46,6 +46,13 @@ class BatchSampler:
     def __next__(self) -> tuple[Tensor, Tensor]:
         return self.next_batch()
 
+    def peek(self) -> tuple[Tensor, Tensor]:
+        """The batch `next_batch` would return, without advancing the sampler."""
+        state = self._generator.get_state()
+        batch = self.next_batch()
+        self._generator.set_state(state)
+        return batch
+
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """The next (inputs, targets), both int64 of shape (batch_size, seq_len)."""
         num_starts = self.tokens.numel() - self.seq_len

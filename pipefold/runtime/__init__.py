@@ -6,9 +6,11 @@
 through the executor (executor.py), which dispatches every action of the rank's
 lowered program to one handler. Transfers and collectives (comm.py) never wait
 without a deadline (failure.py); activation memory is counted with saved-tensor
-hooks (memory.py).
+hooks (memory.py). `measured_cost_model` (measured.py) turns a measured timeline
+into a `pipefold.simulate.CostModel`.
 """
 
+from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import Pipeline
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "measured_cost_model"]

@@ -40,6 +40,7 @@ activations the weight gradients need), plus the gradients kept at the frontier 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class _Frontier:
     node: Node
     grads: Grads | None = None
     """The gradients that arrived at `node` during `I` (one per output of its forward)."""
+    order: int = -1
+    """When `node` ran during `I` (0 first); -1 if it did not run."""
 
 
 @dataclass(eq=False)
@@ -163,8 +166,11 @@ def backward_input(
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
         return tuple(result), state
+    clock = itertools.count()
     handles = [
-        frontier.node.register_prehook(_keeper(frontier)) for group in groups for frontier in group.frontiers
+        frontier.node.register_prehook(_keeper(frontier, clock))
+        for group in groups
+        for frontier in group.frontiers
     ]
     try:
         grads = torch.autograd.grad(
@@ -179,6 +185,9 @@ def backward_input(
             handle.remove()
     for i, grad in zip(wanted, grads, strict=True):
         result[i] = grad
+    # W takes the groups whose gradients I kept last first: those are likeliest still in
+    # cache, and the activations there were the last I touched.
+    state._groups.sort(key=lambda group: max((f.order for f in group.frontiers), default=-1), reverse=True)
     return tuple(result), state
 
 
@@ -215,9 +224,10 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
             handle.remove()
 
 
-def _keeper(frontier: _Frontier) -> _PreHook:
+def _keeper(frontier: _Frontier, clock: Iterator[int]) -> _PreHook:
     def keep(grad_outputs: Grads) -> None:
         frontier.grads = tuple(grad_outputs)
+        frontier.order = next(clock)
 
     return keep
 
@@ -283,41 +293,44 @@ def _plan_groups(
     params: Sequence[Tensor],
 ) -> list[_Group]:
     """Find the frontier nodes and output seeds of each group of parameters."""
-    root_nodes = [get_gradient_edge(root).node for root in roots]
-    parents = _parents(root_nodes)
-    input_nodes = {get_gradient_edge(tensor).node for tensor in inputs}
-    closure = _upward(input_nodes & parents.keys(), parents, stop=frozenset())
-
     output_edges: dict[Node, list[tuple[GradientEdge, Tensor]]] = {}
     for root, grad in zip(roots, root_grads, strict=True):
         edge = get_gradient_edge(root)
         output_edges.setdefault(edge.node, []).append((edge, grad))
-
-    # Each parameter reaches the graph through frontier nodes and output seeds ("anchors").
-    anchors_of: dict[int, set[Node]] = {}
-    param_of: dict[int, Tensor] = {}
+    parents = _parents(output_edges)
+    # A leaf's node is the AccumulateGrad that holds it; finding them in the walk is
+    # cheaper than asking for each leaf's gradient edge (a view per tensor).
+    leaf_node: dict[int, Node] = {}
+    for node in parents:
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            leaf_node[id(variable)] = node
+    input_nodes = {leaf_node[id(t)] for t in inputs if id(t) in leaf_node}
+    closure = _upward(input_nodes, parents, stop=frozenset())
+    param_nodes: dict[Node, Tensor] = {}
     for param in params:
-        if not param.requires_grad or id(param) in param_of:
-            continue
-        node = get_gradient_edge(param).node
-        if node not in parents:
-            continue  # the outputs do not depend on it: its gradient stays as it is
-        weight_side = _upward({node}, parents, stop=closure)
-        anchors = {n for n in weight_side if n in closure or n in output_edges}
-        param_of[id(param)] = param
-        anchors_of[id(param)] = anchors
+        param_node = leaf_node.get(id(param))
+        # A parameter the outputs do not depend on is not in the walk; its gradient stays.
+        if param_node is not None and param_node not in closure:
+            param_nodes[param_node] = param
 
-    groups: list[_Group] = []
-    for member_ids in _connected(anchors_of):
-        anchors = set().union(*(anchors_of[i] for i in member_ids))
-        groups.append(
-            _Group(
-                params=[param_of[i] for i in member_ids],
-                frontiers=[_Frontier(n) for n in anchors if n in closure],
-                output_seeds=[seed for n in anchors if n not in closure for seed in output_edges.get(n, [])],
-            )
-        )
-    return groups
+    # The weight subgraphs and their anchors (frontier nodes, output roots); parameters
+    # whose subgraphs touch, directly or through a shared anchor, form one group.
+    weight_side = _upward(param_nodes, parents, stop=closure)
+    components = _Components(weight_side)
+    for node in weight_side - closure:
+        for parent in parents[node]:
+            components.join(node, parent)
+    groups: dict[Node, _Group] = {}
+    for node in weight_side:
+        group = groups.setdefault(components.find(node), _Group([], [], []))
+        if node in param_nodes:
+            group.params.append(param_nodes[node])
+        if node in closure:
+            group.frontiers.append(_Frontier(node))
+        elif node in output_edges:
+            group.output_seeds.extend(output_edges[node])
+    return list(groups.values())
 
 
 def _parents(root_nodes: Iterable[Node]) -> dict[Node, list[Node]]:
@@ -360,27 +373,20 @@ def _upward(
     return seen
 
 
-def _connected(anchors_of: dict[int, set[Node]]) -> Iterator[list[int]]:
-    """Group the parameters that share an anchor, in first-seen order."""
-    owner: dict[Node, int] = {}
-    root_of = {key: key for key in anchors_of}
+class _Components:
+    """Union-find over graph nodes."""
 
-    def find(key: int) -> int:
-        while root_of[key] != key:
-            root_of[key] = root_of[root_of[key]]
-            key = root_of[key]
-        return key
+    def __init__(self, nodes: Iterable[Node]) -> None:
+        self._parent = {node: node for node in nodes}
 
-    for key, anchors in anchors_of.items():
-        for anchor in anchors:
-            if anchor in owner:
-                root_of[find(key)] = find(owner[anchor])
-            else:
-                owner[anchor] = key
-    members: dict[int, list[int]] = {}
-    for key in anchors_of:
-        members.setdefault(find(key), []).append(key)
-    yield from members.values()
+    def find(self, node: Node) -> Node:
+        while self._parent[node] is not node:
+            self._parent[node] = self._parent[self._parent[node]]
+            node = self._parent[node]
+        return node
+
+    def join(self, a: Node, b: Node) -> None:
+        self._parent[self.find(a)] = self.find(b)
 
 
 def _groups_are_disjoint(groups: Sequence[_Group]) -> bool:

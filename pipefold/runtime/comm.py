@@ -107,9 +107,9 @@ class Collectives:
         if work is not None:
             self._watchdog.wait(work, what=what, peer=None)
 
-    def all_reduce_sum(self, tensor: Tensor, *, what: str, group: dist.ProcessGroup | None = None) -> None:
-        """Sum `tensor` in place over `group` (default: the pipeline's group)."""
-        work = dist.all_reduce(tensor, group=self._group if group is None else group, async_op=True)
+    def all_reduce_sum(self, tensor: Tensor, *, what: str) -> None:
+        """Sum `tensor` in place over the pipeline's group."""
+        work = dist.all_reduce(tensor, group=self._group, async_op=True)
         self._wait(work, what)
 
     def broadcast_object(self, value: Any, *, src: int, what: str) -> Any:

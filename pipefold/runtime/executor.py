@@ -17,6 +17,7 @@ Values kept per (stage, micro-batch), in `[stage][microbatch]` tables:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class Executor:
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
         clock = time.perf_counter
-        with counter.counting() if counter is not None else _nothing():
+        with counter.counting() if counter is not None else contextlib.nullcontext():
             for handler, action, timed in self._dispatch:
                 self.current = action
                 if not timed:
@@ -423,13 +424,3 @@ class Executor:
                 "asynchronous schedules need Pipeline(optimizer=lambda params: ...)"
             )
         self._step_fn(action.stage, action.microbatch)
-
-
-class _nothing:
-    """A do-nothing context manager that costs no generator frame."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -102,13 +103,15 @@ class _Waiter(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(name="pipefold-waiter", daemon=True)
-        self.requests: queue.SimpleQueue[dist.Work] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[dist.Work | None] = queue.SimpleQueue()
         self.done = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         while True:
             work = self.requests.get()
+            if work is None:  # the watchdog was collected: its pipeline is gone
+                return
             try:
                 work.wait()
             except BaseException as error:  # handed to the main thread, which raises it
@@ -164,6 +167,7 @@ class Watchdog:
         if waiter is None:
             waiter = self._waiter = _Waiter()
             waiter.start()
+            weakref.finalize(self, waiter.requests.put, None)
         waiter.done.clear()
         waiter.error = None
         waiter.requests.put(work)

@@ -67,6 +67,24 @@ class Pipeline:
 
     Every rank constructs the pipeline with the same arguments. All configuration is
     checked here, before any communication; see the module docstring for a step.
+
+    - `layers`: an `nn.Sequential` or a list of modules / `LayerSpec`s (pipefold.model).
+    - `loss_fn(output, target)`: the scalar mean over one micro-batch, on the last stage.
+    - `schedule`: a family name (`pipefold.schedule.names()`) or a ready `Schedule`;
+      `num_microbatches` (default 8) and `num_virtual` are passed to `build`.
+    - `partition`: anything `pipefold.model.partition` accepts.
+    - `recompute`: "none", "full", or the layer indices to checkpoint.
+    - `device`: default `cuda:<LOCAL_RANK>` when CUDA is available, else cpu; the group's
+      backend must match (nccl for CUDA, gloo for CPU).
+    - `process_group`: default the world (or a single process when torch.distributed is
+      not initialized); a `DeviceMesh` contributes its "pp" dimension.
+    - `optimizer`: a factory `lambda params: torch.optim.X(params, ...)`, required by
+      asynchronous schedules (pipedream, pipedream-2bw) and refused by flush ones.
+    - `seed`: weights of `LayerSpec` layers (see pipefold.model.materialize).
+    - `timeout_s`: the longest any wait for another rank may last.
+    - `on_nonfinite`: "raise" (NonFiniteLoss on every rank) or "skip" (the step's
+      gradient contribution is dropped on every rank).
+    - `record_timeline`: gather `last_timeline` after each step and count activation bytes.
     """
 
     _num_created: ClassVar[itertools.count[int]] = itertools.count()
@@ -143,11 +161,12 @@ class Pipeline:
             timeout_s=self._timeout_s,
             poll_completion=self.device.type == "cuda",
         )
-        p2p = None
+        p2p: P2P | None = None
         self._collectives: Collectives | None = None
         if self._group is not None:
             p2p = P2P(self._group, self._ranks, self.device)
             self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
+        self._p2p = p2p
         self._tied = self._tie_groups()
         counter = ActivationCounter(self.parameters()) if record_timeline else None
         self._stage_of = stages
@@ -213,25 +232,23 @@ class Pipeline:
         if stash is not None:  # a stage without trainable weights has nothing to update
             stash.step()
 
-    def _tie_groups(self) -> list[tuple[dist.ProcessGroup, tuple[nn.Parameter, ...]]]:
-        """Process groups over the owners of each tied module held by several ranks.
+    def _tie_groups(self) -> list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]]:
+        """For each tied module held by several ranks and by this one: (owner ranks, its parameters).
 
-        `new_group` is collective over the whole world, so every rank creates every group,
-        in key order, even the ones it is not part of.
+        The owners exchange gradients point-to-point over the pipeline's own group, so no
+        extra process group is created (a `new_group` per tied module would have to be
+        called by every rank of the world, which breaks when several pipelines share it).
         """
-        found: list[tuple[dist.ProcessGroup, tuple[nn.Parameter, ...]]] = []
+        found: list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]] = []
         if self._group is None:
             return found
         for key, occurrences in sorted(tied_groups(self._layers).items()):
-            owners = sorted({self.schedule.placement[self.partition.stage_of(i)] for i in occurrences})
-            if len(owners) < 2:
+            owners = tuple(sorted({self.schedule.placement[self.partition.stage_of(i)] for i in occurrences}))
+            if len(owners) < 2 or self.rank not in owners:
                 continue
-            group = dist.new_group([self._ranks[r] for r in owners])
-            if self.rank in owners:
-                local = next(i for i in occurrences if i in self._local_modules)
-                module = self._local_modules[local]
-                found.append((group, tuple(module.parameters())))
-                logger.debug("tied module %r is shared by ranks %s", key, owners)
+            local = next(i for i in occurrences if i in self._local_modules)
+            found.append((owners, tuple(self._local_modules[local].parameters())))
+            logger.debug("tied module %r is shared by ranks %s", key, owners)
         return found
 
     # -- parameters ----------------------------------------------------------------------------
@@ -413,14 +430,29 @@ class Pipeline:
             param.grad = grad
 
     def _sum_tied(self, before: list[list[Tensor | None]]) -> None:
-        if self._collectives is None:
+        """Sum this step's gradient of each tied module over its owners (identically on each)."""
+        p2p = self._p2p
+        if p2p is None:
             return
-        for (group, params), old in zip(self._tied, before, strict=True):
+        for (owners, params), old in zip(self._tied, before, strict=True):
             for param, previous in zip(params, old, strict=True):
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                delta = grad if previous is None else grad - previous
-                self._collectives.all_reduce_sum(delta, what="tied-gradient all-reduce", group=group)
-                param.grad = delta if previous is None else previous + delta
+                delta = (grad if previous is None else grad - previous).contiguous()
+                parts: dict[int, Tensor] = {self.rank: delta}
+                pending: list[tuple[dist.Work, int]] = []
+                for peer in owners:
+                    if peer != self.rank:
+                        pending += [(work, peer) for work in p2p.send([delta], peer)]
+                        parts[peer] = torch.empty_like(delta)
+                        pending += [(work, peer) for work in p2p.recv([parts[peer]], peer)]
+                for work, peer in pending:
+                    self._watchdog.wait(work, what="tied-gradient exchange", peer=peer)
+                p2p.after_recv()
+                # Summed in rank order on every owner, so the owners' weights stay bit-identical.
+                total = parts[owners[0]]
+                for rank in owners[1:]:
+                    total = total + parts[rank]
+                param.grad = total if previous is None else previous + total
 
     def _timeline(self, record: StepRecord) -> Timeline:
         versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
@@ -483,6 +515,11 @@ def _resolve_schedule(
             raise ConfigError(
                 f"num_microbatches={num_microbatches} but schedule {schedule.name!r} has "
                 f"{schedule.num_microbatches}; leave num_microbatches unset when passing a Schedule"
+            )
+        if num_virtual is not None and num_virtual != schedule.num_virtual:
+            raise ConfigError(
+                f"num_virtual={num_virtual} but schedule {schedule.name!r} has {schedule.num_virtual} "
+                "stages per rank; leave num_virtual unset when passing a Schedule"
             )
         return schedule
     if not isinstance(schedule, str):

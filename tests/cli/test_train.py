@@ -10,7 +10,7 @@ from pipefold.config import TrainConfig
 from pipefold.errors import ConfigError
 from pipefold.schedule import Action, Op, build
 from pipefold.timeline import Event, Timeline
-from pipefold.train import measured_costs, resolve_out_dir
+from pipefold.train import measured_costs, resolve_device, resolve_out_dir
 
 
 def _parse(argv):
@@ -58,6 +58,14 @@ def test_resolve_out_dir_is_fixed_once(tmp_path, monkeypatch):
     assert resolve_out_dir(config) is config
 
 
+def test_resolve_device_without_enough_gpus(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_device("cpu", 0).type == "cpu"
+    assert resolve_device("auto", 1).type == "cpu"
+    with pytest.raises(ConfigError, match='device="cuda" but local rank 1 has no GPU'):
+        resolve_device("cuda", 1)
+
+
 def test_measured_costs_take_each_op_per_stage():
     schedule = build("gpipe", num_ranks=2, num_microbatches=2)
     events = (
@@ -89,10 +97,15 @@ def _runtime_missing():
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
-def test_train_end_to_end_tiny(tmp_path, capfd):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--schedule", "zb-h1", "--partition", "profile", "--recompute", "full"]],
+    ids=["default-1f1b", "zb-h1-profile-recompute"],
+)
+def test_train_end_to_end_tiny(tmp_path, capfd, extra):
     out = tmp_path / "run"
     code = main([
-        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "train", *extra, "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
         "--seq-len", "32", "--batch-size", "8", "--microbatches", "4", "--out", str(out),
         "--set", "data.max_bytes=100000", "--set", "sample_tokens=16", "--device", "cpu",
     ])

@@ -80,6 +80,13 @@ def test_sampler_shapes_targets_shift_and_seed():
     assert not torch.equal(other[0], inputs)
 
 
+def test_peek_does_not_advance():
+    sampler = BatchSampler(bytes(range(100)), batch_size=3, seq_len=5, seed=1)
+    peeked = sampler.peek()
+    torch.testing.assert_close(sampler.next_batch()[0], peeked[0])
+    assert not torch.equal(sampler.next_batch()[0], peeked[0])
+
+
 def test_sampler_covers_the_last_window():
     tokens = bytes(range(10))
     sampler = BatchSampler(tokens, batch_size=64, seq_len=9, seed=0)

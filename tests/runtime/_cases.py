@@ -70,6 +70,13 @@ class Sometimes(nn.Module):
         return self.linear(x)
 
 
+class ShapeShifter(nn.Module):
+    """Drops a column on the meta device but not on real data: the trace predicts the wrong shape."""
+
+    def forward(self, x):
+        return x[:, :-1] if x.device.type == "meta" else x
+
+
 def _embed(embedding: nn.Module, tokens):
     return embedding(tokens), tokens != 0
 
@@ -80,9 +87,11 @@ def _head(embedding: nn.Module, value):
 
 
 def mlp(num_layers: int = 8) -> list:
-    return [LayerSpec(Block, 6, DIM)] + [LayerSpec(Block, DIM, DIM) for _ in range(num_layers - 2)] + [
-        LayerSpec(nn.Linear, DIM, 3)
-    ]
+    return (
+        [LayerSpec(Block, 6, DIM)]
+        + [LayerSpec(Block, DIM, DIM) for _ in range(num_layers - 2)]
+        + [LayerSpec(nn.Linear, DIM, 3)]
+    )
 
 
 def transformer(num_layers: int = 8) -> list:
@@ -118,6 +127,8 @@ def exact(
     num_virtual: int | None = None,
     num_steps: int = 2,
     partition: Any = "uniform",
+    device: str | None = None,
+    mesh: tuple[int, ...] | None = None,
 ) -> dict:
     """Loss and every local gradient equal the single-process reference, over `num_steps` steps.
 
@@ -126,6 +137,11 @@ def exact(
     torch.manual_seed(1234)  # only the data generator and the seeded builds may matter
     layers = mlp() if model == "mlp" else transformer()
     loss_fn = _loss_fn(model)
+    process_group = None
+    if mesh is not None:  # the last mesh dim is "pp"; with two dims every "dp" replica is its own pipeline
+        from torch.distributed.device_mesh import init_device_mesh
+
+        process_group = init_device_mesh("cpu", mesh, mesh_dim_names=("dp", "pp")[-len(mesh) :])
     pipe = Pipeline(
         layers,
         loss_fn=loss_fn,
@@ -136,6 +152,8 @@ def exact(
         partition=partition,
         seed=7,
         timeout_s=30,
+        device=device,
+        process_group=process_group,
     )
     reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
     losses = []
@@ -150,7 +168,9 @@ def exact(
     names = []
     for name, param in pipe.named_parameters():
         assert param.grad is not None, f"{name} has no gradient"
-        torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            param.grad.cpu(), reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}"
+        )
         names.append(name)
     timeline = pipe.last_timeline
     return {
@@ -170,15 +190,33 @@ def failing(*, how: str, fail_rank: int, step_timeout_s: float = 30.0) -> dict:
     layers += [LayerSpec(nn.Linear, DIM, 3)]
     if fail_rank == 0:
         layers[1] = LayerSpec(Sometimes, DIM, how)
-    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=step_timeout_s)
+    pipe = Pipeline(
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=step_timeout_s
+    )
     inputs, targets = _batch("mlp", 4, seed=0)
     start = time.monotonic()
     try:
         pipe.step(inputs, targets)
     except PipefoldError as error:
-        return {"type": type(error).__name__, "message": str(error), "elapsed": time.monotonic() - start,
-                "peer_failure": isinstance(error, PeerFailure)}
+        return {
+            "type": type(error).__name__,
+            "message": str(error),
+            "elapsed": time.monotonic() - start,
+            "peer_failure": isinstance(error, PeerFailure),
+        }
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
+
+
+def mismatch() -> dict:
+    """Stage 0 (rank 0) produces a shape its meta trace did not predict."""
+    layers = [LayerSpec(Block, 6, DIM), LayerSpec(ShapeShifter), LayerSpec(nn.Linear, DIM - 1, 3)]
+    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, partition=[2, 1])
+    inputs, targets = _batch("mlp", 4, seed=0)
+    try:
+        pipe.step(inputs, targets)
+    except PipefoldError as error:
+        return {"type": type(error).__name__, "message": str(error)}
+    return {"type": None, "message": ""}
 
 
 def nonfinite(*, mode: str) -> dict:
@@ -211,8 +249,14 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
 
     layers = mlp(4)
     factory = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
-    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
-                    optimizer=factory, seed=3)
+    pipe = Pipeline(
+        layers,
+        loss_fn=F.mse_loss,
+        schedule=schedule,
+        num_microbatches=num_microbatches,
+        optimizer=factory,
+        seed=3,
+    )
     reference = build_reference(mlp(4), seed=3)
     initial = {name: p.detach().clone() for name, p in pipe.named_parameters()}
     inputs, targets = _batch("mlp", rows, seed=0)
@@ -223,7 +267,10 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
         "changed": all(not torch.equal(initial[n], p) for n, p in pipe.named_parameters()),
     }
     if pipe.schedule.num_ranks == 1:
-        x_mb, y_mb = torch.tensor_split(inputs, num_microbatches), torch.tensor_split(targets, num_microbatches)
+        x_mb, y_mb = (
+            torch.tensor_split(inputs, num_microbatches),
+            torch.tensor_split(targets, num_microbatches),
+        )
         live = {n: p.detach().clone() for n, p in reference.named_parameters()}
         seen: dict[int, dict] = {}
         summed = {n: torch.zeros_like(v) for n, v in live.items()}
@@ -238,7 +285,7 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
                 mb_loss = F.mse_loss(out, y_mb[mb]) * (len(x_mb[mb]) / rows)
                 total += mb_loss.item()
                 grads = torch.autograd.grad(mb_loss, list(weights.values()))
-                for name, grad in zip(weights, grads):
+                for name, grad in zip(weights, grads, strict=True):
                     summed[name] += grad
             elif action.op is Op.STEP:
                 for name in live:
@@ -252,8 +299,9 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
 
 def timeline(*, schedule: str, num_microbatches: int, recompute: Any = "none") -> dict:
     """The measured timeline: which actions ran on which rank, waits, memory peaks."""
-    pipe = Pipeline(mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
-                    recompute=recompute)
+    pipe = Pipeline(
+        mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches, recompute=recompute
+    )
     inputs, targets = _batch("mlp", 2 * num_microbatches, seed=0)
     pipe.step(inputs, targets)
     line = pipe.last_timeline
@@ -265,4 +313,5 @@ def timeline(*, schedule: str, num_microbatches: int, recompute: Any = "none") -
         "activation_bytes_peak": list(line.activation_bytes_peak),
         "weight_versions_peak": list(line.weight_versions_peak),
         "json_roundtrip": type(line).from_json(line.to_json()).num_ranks == line.num_ranks,
+        "json": line.to_json(),
     }

@@ -30,7 +30,10 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=120),
     )
     import _cases
@@ -59,7 +62,9 @@ class WorkerPool:
         self._results = context.Queue()
         self._processes = [
             context.Process(
-                target=_worker, args=(rank, world_size, init_file, self._tasks[rank], self._results), daemon=True
+                target=_worker,
+                args=(rank, world_size, init_file, self._tasks[rank], self._results),
+                daemon=True,
             )
             for rank in range(world_size)
         ]
@@ -76,8 +81,10 @@ class WorkerPool:
             try:
                 rank, ok, value = self._results.get(timeout=timeout_s)
             except queue.Empty:
-                raise TimeoutError(f"{case}{kwargs}: no answer within {timeout_s}s from ranks "
-                                   f"{sorted(set(range(self.world_size)) - set(results))}") from None
+                raise TimeoutError(
+                    f"{case}{kwargs}: no answer within {timeout_s}s from ranks "
+                    f"{sorted(set(range(self.world_size)) - set(results))}"
+                ) from None
             if ok:
                 results[rank] = value
             else:
@@ -86,16 +93,18 @@ class WorkerPool:
             raise AssertionError(f"{case}{kwargs} failed:\n" + "\n".join(failures))
         return [results[rank] for rank in range(self.world_size)]
 
-    def run_raw(self, case: str, *, timeout_s: float, **kwargs: Any) -> dict[int, Any]:
-        """Like run, but returns whatever answered in time (rank -> result), failures included."""
+    def run_some(self, case: str, *, ranks: list[int], timeout_s: float, **kwargs: Any) -> dict[int, Any]:
+        """Run a case on every rank but wait only for `ranks` (the others may die or hang)."""
         for tasks in self._tasks:
             tasks.put((case, kwargs))
         results: dict[int, Any] = {}
-        for _ in range(self.world_size):
+        while not set(ranks) <= set(results):
             try:
                 rank, ok, value = self._results.get(timeout=timeout_s)
             except queue.Empty:
-                break
+                raise TimeoutError(
+                    f"{case}{kwargs}: ranks {ranks} did not answer within {timeout_s}s"
+                ) from None
             results[rank] = value if ok else f"error: {value}"
         return results
 

@@ -104,7 +104,7 @@ def test_workers_join_a_gloo_group(tmp_path):
     script = _script(tmp_path, """
         import sys, torch, torch.distributed as dist
         from pipefold.runtime.launch import init_process_group_from_env
-        init_process_group_from_env()
+        init_process_group_from_env("gloo")  # explicit: on a GPU host the default is NCCL
         value = torch.tensor([float(dist.get_rank() + 1)])
         dist.all_reduce(value)
         assert torch.get_num_threads() == 1
@@ -131,7 +131,8 @@ def _write_rank(directory):
 def test_spawn_function_success_and_failure(tmp_path):
     assert spawn(_write_rank, 2, (str(tmp_path),)).ok
     assert (tmp_path / "0").read_text() == "2,1" and (tmp_path / "1").read_text() == "2,1"
-    result = spawn(_raise_on_rank_one, 2, ("marker-42",), grace_s=1.0)
+    # num_threads=None: these workers never import torch, which keeps the test fast.
+    result = spawn(_raise_on_rank_one, 2, ("marker-42",), num_threads=None, grace_s=1.0)
     assert result.exit_code == 1 and result.failed_rank == 1
     assert any("function failed: marker-42" in line for line in result.error_lines)
 

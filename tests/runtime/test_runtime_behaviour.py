@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from pipefold.runtime import measured_cost_model
 from pipefold.schedule import WeightUpdate, build, names
+from pipefold.simulate import simulate
+from pipefold.timeline import Timeline
 
-ASYNC = [n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is not WeightUpdate.FLUSH]
+ASYNC = [
+    n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is not WeightUpdate.FLUSH
+]
 
 
 @pytest.mark.parametrize("schedule", ASYNC)
@@ -47,7 +52,7 @@ def test_timeline_holds_each_ranks_compute_actions(pool2, schedule):
 def test_full_recompute_holds_fewer_activation_bytes(pool2):
     plain = pool2.run("timeline", schedule="gpipe", num_microbatches=4)[0]["activation_bytes_peak"]
     recomputed = pool2.run("timeline", schedule="gpipe", num_microbatches=4, recompute="full")[0]
-    assert all(r < p for r, p in zip(recomputed["activation_bytes_peak"], plain))
+    assert all(r < p for r, p in zip(recomputed["activation_bytes_peak"], plain, strict=True))
 
 
 @pytest.mark.multiprocess
@@ -63,3 +68,19 @@ def test_nonfinite_loss_skip_leaves_gradients_unchanged(pool2):
     # The case checks that the gradients equal those before the bad step, and steps again.
     results = pool2.run("nonfinite", mode="skip")
     assert all(r["type"] is None and r["message"] == "nan" for r in results)
+
+
+@pytest.mark.multiprocess
+def test_measured_cost_model_replays_in_the_simulator(pool2):
+    schedule = build("zb-h1", num_ranks=2, num_microbatches=4)
+    (result, _) = pool2.run("timeline", schedule="zb-h1", num_microbatches=4)
+    measured = Timeline.from_json(result["json"])
+    costs = measured_cost_model(measured, schedule)
+    assert costs.num_stages == 2
+    assert all(t > 0 for t in costs.f + costs.i + costs.w)
+    assert all(b > 0 for b in costs.activation_bytes)
+    predicted = simulate(schedule, costs)
+    assert predicted.source == "simulated"
+    assert sorted(str(e.action) for e in predicted.events[0]) == sorted(
+        str(e.action) for e in measured.events[0]
+    )

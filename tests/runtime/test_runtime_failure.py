@@ -7,7 +7,6 @@ abandoned receives, so it is not reused.
 from __future__ import annotations
 
 import pytest
-
 from _workers import WorkerPool
 
 pytestmark = pytest.mark.multiprocess
@@ -34,12 +33,24 @@ def test_a_raising_rank_stops_every_rank_with_peer_failure(fresh_pool, fail_rank
 
 
 def test_a_dead_rank_is_detected(fresh_pool):
-    results = fresh_pool.run_raw("failing", timeout_s=60, how="exit", fail_rank=1, step_timeout_s=10)
-    assert 1 not in results  # rank 1 exited inside the step
+    # Rank 1 exits inside its first forward; rank 0 must not wait for the full timeout of 60 s.
+    results = fresh_pool.run_some(
+        "failing", ranks=[0], timeout_s=60, how="exit", fail_rank=1, step_timeout_s=60
+    )
     assert "rank 1" in results[0]["message"] and results[0]["peer_failure"], results[0]
 
 
 def test_a_stuck_rank_times_out(fresh_pool):
-    results = fresh_pool.run_raw("failing", timeout_s=20, how="hang", fail_rank=1, step_timeout_s=2)
+    results = fresh_pool.run_some(
+        "failing", ranks=[0], timeout_s=20, how="hang", fail_rank=1, step_timeout_s=2
+    )
     assert results[0]["peer_failure"], results[0]
     assert "waited 2s" in results[0]["message"] and "rank 1" in results[0]["message"]
+
+
+def test_a_boundary_shape_mismatch_names_both_sides(fresh_pool):
+    sender, receiver = fresh_pool.run("mismatch")
+    assert sender["type"] == "BoundaryMismatch"
+    assert "stage 0 produced an output for micro-batch 0 that stage 1 on rank 1" in sender["message"]
+    assert "expected float32[2, 7], got float32[2, 8]" in sender["message"]
+    assert receiver["type"] == "PeerFailure" and "rank 0, stage 0, micro-batch 0" in receiver["message"]

@@ -1,0 +1,52 @@
+"""How one configuration's record joins measurements, baselines and the prediction."""
+
+import pytest
+
+from pipefold.bench.baseline import BaselineResult
+from pipefold.bench.results import BenchConfig, ConfigResult, LayerCost, SideResult
+from pipefold.bench.runner import Baselines, build_record
+
+
+def _baselines(m):
+    return Baselines(
+        accumulate={m: BaselineResult(m, 1, samples_s=[0.9, 1.0, 1.1])},
+        full_batch=BaselineResult(1, 2, samples_s=[0.5]),
+        layer_costs={m: [LayerCost(0.01, 0.02, 0.01, 1000, 64) for _ in range(8)]},
+    )
+
+
+def test_ratio_efficiency_and_prediction():
+    config = BenchConfig("mlp", "1f1b", 2, 4)
+    result = ConfigResult(
+        config,
+        sides={
+            "pipefold": SideResult("pipefold", samples_s=[0.6, 0.5, 0.7]),
+            "torch": SideResult("torch", samples_s=[0.75, 0.8, 0.7]),
+        },
+    )
+    record = build_record(result, _baselines(4), link={"latency_s": 0.0, "bandwidth_bytes_per_s": 1e12})
+    assert record["pipefold_step_s"] == 0.6 and record["peer_step_s"] == 0.75
+    assert record["ratio"] == pytest.approx(0.75 / 0.6)
+    assert record["efficiency"] == pytest.approx(1.0 / (2 * 0.6))
+    assert record["peer_efficiency"] == pytest.approx(1.0 / (2 * 0.75))
+    assert record["single_process_s"] == 1.0 and record["full_batch_s"] == 0.5
+    # Calibrated to the 1.0 s baseline, a stage's F + B of one micro-batch is 1.0 / (4 x 2) s;
+    # 1F1B with p=2, m=4 and free links takes (m + p - 1) of those: 0.625 s.
+    assert record["predicted_step_s"] == pytest.approx(0.625, rel=1e-3)
+    assert record["prediction_error"] == pytest.approx(0.625 / 0.6 - 1, rel=1e-3)
+    assert record["actions_per_rank"] == 8
+    assert record["peer_per_action_s"] == pytest.approx(0.75 / 8)
+
+
+def test_missing_peer_leaves_ratio_empty():
+    config = BenchConfig("mlp", "dualpipe-v", 2, 2)
+    result = ConfigResult(
+        config,
+        sides={
+            "pipefold": SideResult("pipefold", samples_s=[0.5]),
+            "torch": SideResult("torch", error="torch ScheduleDualPipeV needs microbatches >= 2 x ranks"),
+        },
+    )
+    record = build_record(result, _baselines(2))
+    assert record["peer_step_s"] is None and record["ratio"] is None and record["peer_efficiency"] is None
+    assert record["efficiency"] == pytest.approx(1.0)

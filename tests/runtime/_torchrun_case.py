@@ -1,0 +1,22 @@
+"""Run one exactness case under torchrun: `torchrun --standalone --nproc-per-node 2 _torchrun_case.py`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _cases  # noqa: E402
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    result = _cases.exact(
+        schedule=sys.argv[1], num_microbatches=3, model="transformer", rows=7, recompute="full"
+    )
+    print(f"rank {dist.get_rank()} ok losses={result['losses']}", flush=True)
+    dist.destroy_process_group()
