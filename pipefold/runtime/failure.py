@@ -116,6 +116,9 @@ class _Waiter(threading.Thread):
                 work.wait()
             except BaseException as error:  # handed to the main thread, which raises it
                 self.error = error
+            # Drop the Work now: a reference kept by this thread would outlive the process
+            # group and abort the interpreter at exit ("terminate called ...").
+            del work
             self.done.set()
 
 

@@ -19,4 +19,13 @@ if __name__ == "__main__":
         schedule=sys.argv[1], num_microbatches=3, model="transformer", rows=7, recompute="full"
     )
     print(f"rank {dist.get_rank()} ok losses={result['losses']}", flush=True)
+    # A pipeline still alive at destroy_process_group and at exit must not abort the
+    # interpreter (its waiter thread once kept a gloo Work past the group's lifetime).
+    import pipefold
+
+    kept = pipefold.Pipeline(
+        [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)],
+        loss_fn=torch.nn.functional.mse_loss, schedule="1f1b", num_microbatches=2,
+    )
+    kept.step(torch.randn(4, 4), torch.randn(4, 4))
     dist.destroy_process_group()
