@@ -16,6 +16,7 @@ from pipefold.bench.layout import stage_bounds
 from pipefold.bench.pairs import SchedulePair
 from pipefold.bench.results import LayerCost
 from pipefold.schedule import build
+from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.timeline import Timeline
 
@@ -68,5 +69,7 @@ def predict(
         num_microbatches=num_microbatches,
         num_virtual=schedule_pair.num_virtual,
     )
+    # The runtime fuses I/W pairs nobody waits on (Pipeline(fuse_backward=True)); predict that.
+    schedule = fuse_adjacent_split_backward(schedule)
     costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link)
     return simulate(schedule, costs)

@@ -22,12 +22,12 @@ actions waiting for each other's results, which `validate` rules out.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipefold.schedule.deps import message_source
 from pipefold.schedule.ir import Action, Op, Schedule
 
-__all__ = ["Program", "Message", "lower", "messages_of"]
+__all__ = ["Program", "Message", "fuse_adjacent_split_backward", "lower", "messages_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +136,43 @@ def lower(schedule: Schedule, *, lookahead: int = 1) -> Program:
                 program.append(outgoing[0])
         instructions.append(tuple(program))
     return Program(schedule, tuple(instructions))
+
+
+def fuse_adjacent_split_backward(schedule: Schedule) -> Schedule:
+    """Replace `I(s, m)` directly followed by `W(s, m)` on a rank by one `B(s, m)`.
+
+    Splitting a backward pays only when another rank waits for the input gradient
+    that `I` ships early, and costs something everywhere: on CPU, `I` + `W` measured
+    1.2-1.6x `B` (the weight half re-enters the graph, one autograd call per parameter
+    group). So a pair is fused when it is adjacent in the rank's order (nothing runs
+    between them, so no bubble was being filled) and stage s's input gradient goes to
+    no other rank (s is the first stage, or stage s-1 sits on the same rank). The
+    result has the same dependencies, so it stays valid; every other action keeps its
+    place. Returns `schedule` itself when nothing fuses.
+    """
+    def fusible(stage: int) -> bool:
+        return stage == 0 or schedule.rank_of(stage - 1) == schedule.rank_of(stage)
+
+    rows = []
+    changed = False
+    for row in schedule.actions:
+        fused: list[Action] = []
+        position = 0
+        while position < len(row):
+            action = row[position]
+            following = row[position + 1] if position + 1 < len(row) else None
+            if (
+                action.op is Op.I
+                and following == Action(Op.W, action.stage, action.microbatch)
+                and fusible(action.stage)
+            ):
+                fused.append(Action(Op.B, action.stage, action.microbatch))
+                position += 2
+                changed = True
+                continue
+            fused.append(action)
+            position += 1
+        rows.append(tuple(fused))
+    if not changed:
+        return schedule
+    return replace(schedule, actions=tuple(rows))

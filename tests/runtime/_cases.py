@@ -297,10 +297,13 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
     return result
 
 
-def timeline(*, schedule: str, num_microbatches: int, recompute: Any = "none") -> dict:
+def timeline(
+    *, schedule: str, num_microbatches: int, recompute: Any = "none", fuse_backward: bool = True
+) -> dict:
     """The measured timeline: which actions ran on which rank, waits, memory peaks."""
     pipe = Pipeline(
-        mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches, recompute=recompute
+        mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
+        recompute=recompute, fuse_backward=fuse_backward,
     )
     inputs, targets = _batch("mlp", 2 * num_microbatches, seed=0)
     pipe.step(inputs, targets)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pipefold.schedule.lower import fuse_adjacent_split_backward
+
 from pipefold.runtime import measured_cost_model
 from pipefold.schedule import WeightUpdate, build, names
 from pipefold.simulate import simulate
@@ -35,12 +37,18 @@ def test_async_two_ranks_updates_weights(pool2, schedule):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v", "interleaved-1f1b"])
-def test_timeline_holds_each_ranks_compute_actions(pool2, schedule):
+@pytest.mark.parametrize(
+    ("schedule", "fuse"),
+    [("gpipe", True), ("1f1b", True), ("zb-h1", True), ("zb-h1", False), ("zb-v", True),
+     ("interleaved-1f1b", True)],
+)
+def test_timeline_holds_each_ranks_compute_actions(pool2, schedule, fuse):
     if schedule not in names():
         pytest.skip(f"{schedule} is not registered")
     expected = build(schedule, num_ranks=2, num_microbatches=4)
-    (result, _) = pool2.run("timeline", schedule=schedule, num_microbatches=4)
+    if fuse:
+        expected = fuse_adjacent_split_backward(expected)
+    (result, _) = pool2.run("timeline", schedule=schedule, num_microbatches=4, fuse_backward=fuse)
     for rank in range(2):
         assert sorted(result["events"][rank]) == sorted(str(a) for a in expected.actions[rank])
     assert result["ordered"] and result["waits_ok"] and result["json_roundtrip"]
@@ -72,7 +80,8 @@ def test_nonfinite_loss_skip_leaves_gradients_unchanged(pool2):
 
 @pytest.mark.multiprocess
 def test_measured_cost_model_replays_in_the_simulator(pool2):
-    schedule = build("zb-h1", num_ranks=2, num_microbatches=4)
+    # The pipeline runs (and measures) the fused schedule: stage 0's I/W pairs run as B.
+    schedule = fuse_adjacent_split_backward(build("zb-h1", num_ranks=2, num_microbatches=4))
     (result, _) = pool2.run("timeline", schedule="zb-h1", num_microbatches=4)
     measured = Timeline.from_json(result["json"])
     costs = measured_cost_model(measured, schedule)

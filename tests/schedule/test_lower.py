@@ -99,3 +99,42 @@ def test_every_family_lowers_fifo_consistently(name, num_ranks, num_microbatches
     assert len(messages_of(schedule)) == sum(
         1 for row in program.instructions for a in row if a.op in (Op.SEND_F, Op.SEND_B)
     )
+
+
+def test_fusion_keeps_early_gradients_and_fuses_the_rest():
+    from pipefold.schedule.lower import fuse_adjacent_split_backward
+    from pipefold.schedule import validate
+
+    fused = fuse_adjacent_split_backward(build("zb-h1", num_ranks=2, num_microbatches=4))
+    validate(fused)
+    assert [" ".join(map(str, row)) for row in fused.actions] == [
+        # stage 0 sends no input gradient: its adjacent I/W pairs become B
+        "F0.0 F0.1 B0.0 F0.2 B0.1 F0.3 B0.2 B0.3",
+        # stage 1's I ships the gradient rank 0 waits for: kept split
+        "F1.0 I1.0 F1.1 I1.1 W1.0 F1.2 I1.2 W1.1 F1.3 I1.3 W1.2 W1.3",
+    ]
+
+
+def test_fusion_leaves_schedules_without_pairs_alone():
+    from pipefold.schedule.lower import fuse_adjacent_split_backward
+
+    schedule = build("1f1b", num_ranks=3, num_microbatches=5)
+    assert fuse_adjacent_split_backward(schedule) is schedule
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "dualpipe-v"]),
+       num_ranks=st.integers(1, 6), num_microbatches=st.integers(1, 12))
+def test_fusion_stays_valid_and_only_merges_local_pairs(name, num_ranks, num_microbatches):
+    from pipefold.schedule.lower import fuse_adjacent_split_backward
+    from pipefold.schedule import validate
+
+    schedule = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches)
+    fused = fuse_adjacent_split_backward(schedule)
+    validate(fused)
+    for row in fused.actions:
+        for action in row:
+            if action.op is Op.B and Action(Op.I, action.stage, action.microbatch) in {
+                a for r in schedule.actions for a in r
+            }:
+                assert action.stage == 0 or schedule.rank_of(action.stage - 1) == schedule.rank_of(action.stage)
