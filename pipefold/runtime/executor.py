@@ -135,15 +135,18 @@ class Executor:
                 self._peers[action] = program.peer_of(action)
             dispatch.append((handlers[action.op], action, action.op.is_compute))
         self._dispatch = tuple(dispatch)
+        self._run_counter: ActivationCounter | None = counter
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
         self._reset(None)
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, step: StepInputs) -> StepRecord:
+    def run(self, step: StepInputs, *, count_memory: bool = True) -> StepRecord:
+        """Execute one step. `count_memory=False` skips the saved-tensor hooks (a Python
+        call per saved tensor, a few percent of a CPU step); the peak is then reported as 0."""
         self._reset(step)
-        counter = self._counter
+        counter = self._run_counter = self._counter if count_memory else None
         if counter is not None:
             counter.reset_peak()
         events: list[Event] = []
@@ -300,8 +303,8 @@ class Executor:
                 self._forward_handoff[s + 1][mb] = output
         self._outputs[s][mb] = outputs
         self._inputs_of[s][mb] = leaves
-        if self._counter is not None:
-            self._held[s][mb] = self._counter.hold(leaves + outputs)
+        if self._run_counter is not None:
+            self._held[s][mb] = self._run_counter.hold(leaves + outputs)
 
     def _send_forward(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch

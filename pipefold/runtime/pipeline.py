@@ -22,6 +22,7 @@ so accumulation across steps stays exact there too.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -86,6 +87,9 @@ class Pipeline:
     - `on_nonfinite`: "raise" (NonFiniteLoss on every rank) or "skip" (the step's
       gradient contribution is dropped on every rank).
     - `record_timeline`: gather `last_timeline` after each step and count activation bytes.
+    - `count_memory_every`: count activation bytes (saved-tensor hooks) on the first step
+      of each new batch shape and then every this many steps; other steps report the last
+      count. 1 counts every step. Counting costs a Python call per saved tensor.
     - `fuse_backward`: run an I directly followed by its W as one B where no other rank
       waits for I's gradient (the first stage, or a predecessor on the same rank);
       `pipe.schedule` is then the fused schedule. False runs the schedule as given.
@@ -111,6 +115,7 @@ class Pipeline:
         on_nonfinite: Literal["raise", "skip"] = "raise",
         record_timeline: bool = True,
         fuse_backward: bool = True,
+        count_memory_every: int = 8,
     ) -> None:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
@@ -123,6 +128,14 @@ class Pipeline:
         self._timeout_s = float(timeout_s)
         self._on_nonfinite = on_nonfinite
         self._record_timeline = record_timeline
+        if not isinstance(count_memory_every, int) or count_memory_every < 1:
+            raise ConfigError(
+                f"count_memory_every = {count_memory_every!r}; give a positive number of steps (1 = every step)"
+            )
+        self._count_memory_every = count_memory_every
+        self._num_steps_run = 0
+        self._memory_counted_for: set[TensorMeta] = set()
+        self._activation_peak = 0
 
         self._group, self._ranks = _resolve_group(process_group)
         num_ranks = len(self._ranks)
@@ -394,9 +407,22 @@ class Pipeline:
 
         restore = self._grad_snapshot() if self._on_nonfinite == "skip" else None
         tied_before = [[_grad_copy(p) for p in params] for _, params in self._tied]
-        record = self._executor.run(
-            StepInputs(split_inputs, split_targets, boundaries, [size / batch_size for size in sizes])
+        # Every rank decides alike (same step count, same broadcast batch shape), so the
+        # counted peaks gathered into the timeline always come from the same step.
+        count_memory = (
+            batch_meta not in self._memory_counted_for
+            or self._num_steps_run % self._count_memory_every == 0
         )
+        self._num_steps_run += 1
+        record = self._executor.run(
+            StepInputs(split_inputs, split_targets, boundaries, [size / batch_size for size in sizes]),
+            count_memory=count_memory,
+        )
+        if count_memory:
+            self._memory_counted_for.add(batch_meta)
+            self._activation_peak = record.activation_bytes_peak
+        else:
+            record = replace(record, activation_bytes_peak=self._activation_peak)
         losses = record.losses
         if self._collectives is not None:
             self._collectives.all_reduce_sum(losses, what="loss all-reduce")

@@ -88,3 +88,14 @@ def test_a_ready_schedule_must_match_the_other_arguments():
         Pipeline(layers(), loss_fn=F.mse_loss, schedule=schedule, num_virtual=4)
     pipe = Pipeline(layers(), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=2, num_virtual=2)
     assert len(pipe.stages) == 2 and str(pipe.partition) == "[0:2 | 2:4]"
+
+
+def test_count_memory_every_must_be_positive():
+    import pytest
+    import torch.nn.functional as F
+    from torch import nn
+
+    from pipefold import ConfigError, Pipeline
+
+    with pytest.raises(ConfigError, match="count_memory_every = 0"):
+        Pipeline([nn.Linear(2, 2)], loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=1, count_memory_every=0)
