@@ -67,6 +67,8 @@ class StepRecord:
     events: tuple[Event, ...]
     waits: tuple[Wait, ...]
     activation_bytes_peak: int
+    origin: float = 0.0
+    """`time.perf_counter()` at the step's start on this rank; event times are relative to it."""
 
 
 @dataclass(eq=False)
@@ -136,6 +138,7 @@ class Executor:
             dispatch.append((handlers[action.op], action, action.op.is_compute))
         self._dispatch = tuple(dispatch)
         self._run_counter: ActivationCounter | None = counter
+        self._ready_at = 0.0
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
         self._reset(None)
@@ -172,9 +175,11 @@ class Executor:
                     end.record()
                     cuda_marks.append((action, begin, end))
                 else:
-                    start = clock()
+                    start = self._ready_at = clock()
                     handler(action)
-                    events.append(Event(rank, action, start - t0, clock() - t0))
+                    # A consumer first waits for its message (recorded as a Wait by
+                    # _complete, which moves _ready_at); the compute event starts after it.
+                    events.append(Event(rank, action, self._ready_at - t0, clock() - t0))
         self.current = None
         self._wait_sends()
         if origin is not None:
@@ -189,7 +194,7 @@ class Executor:
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
-        return StepRecord(losses, tuple(events), waits, peak)
+        return StepRecord(losses, tuple(events), waits, peak, t0)
 
     def _reset(self, step: StepInputs | None) -> None:
         stages, mbs = self._num_stages, self._num_microbatches
@@ -240,7 +245,7 @@ class Executor:
         what = str(consumer)
         for work in pending.works:
             watchdog.wait(work, what=what, peer=pending.peer)
-        end = time.perf_counter()
+        end = self._ready_at = time.perf_counter()
         p2p.after_recv()
         self._waits.append(Wait(self.rank, consumer, start - self._t0, end - self._t0))
         return pending.value

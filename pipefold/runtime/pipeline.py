@@ -22,11 +22,12 @@ so accumulation across steps stays exact there too.
 from __future__ import annotations
 
 import itertools
+import socket
 from dataclasses import replace
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,7 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], Tensor]
+EventOrWait = TypeVar("EventOrWait", Event, Wait)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -492,7 +494,7 @@ class Pipeline:
 
     def _timeline(self, record: StepRecord) -> Timeline:
         versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
-        mine = (record.events, record.waits, record.activation_bytes_peak, versions)
+        mine = (record.events, record.waits, record.activation_bytes_peak, versions, record.origin, _host())
         gathered = (
             [mine]
             if self._collectives is None
@@ -500,6 +502,14 @@ class Pipeline:
         )
         events: list[tuple[Event, ...]] = [g[0] for g in gathered]
         waits: list[tuple[Wait, ...]] = [g[1] for g in gathered]
+        if len({g[5] for g in gathered}) == 1:
+            # One machine: perf_counter is the same monotonic clock in every process, so
+            # the ranks' timelines are put on one time axis (across machines each rank keeps
+            # its own step start as zero).
+            first = min(float(g[4]) for g in gathered)
+            shifts = [float(g[4]) - first for g in gathered]
+            events = [tuple(_shift(e, d) for e in row) for row, d in zip(events, shifts, strict=True)]
+            waits = [tuple(_shift(w, d) for w in row) for row, d in zip(waits, shifts, strict=True)]
         return Timeline(
             num_ranks=len(gathered),
             events=Timeline.merge_ranks(events),
@@ -517,6 +527,14 @@ class Pipeline:
 
 
 # -- module helpers ----------------------------------------------------------------------------
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _shift(item: EventOrWait, delta: float) -> EventOrWait:
+    return replace(item, start=item.start + delta, end=item.end + delta)
 
 
 def _resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:

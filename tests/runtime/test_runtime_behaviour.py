@@ -93,3 +93,15 @@ def test_measured_cost_model_replays_in_the_simulator(pool2):
     assert sorted(str(e.action) for e in predicted.events[0]) == sorted(
         str(e.action) for e in measured.events[0]
     )
+
+
+@pytest.mark.multiprocess
+def test_measured_ranks_share_one_time_axis_and_waits_are_not_compute(pool2):
+    (result, _) = pool2.run("timeline", schedule="gpipe", num_microbatches=4)
+    line = Timeline.from_json(result["json"])
+    first = {str(e.action): e for row in line.events for e in row}
+    # Rank 1's first forward needs rank 0's first output: on one clock it cannot start earlier.
+    assert first["F1.0"].start >= first["F0.0"].end
+    # The wait for that message ends where the compute event begins.
+    wait = next(w for w in line.waits[1] if str(w.waiting_for) == "F1.0")
+    assert first["F1.0"].start >= wait.end
