@@ -74,7 +74,12 @@ class ActivationCounter:
 
     def _pack(self, tensor: Tensor) -> _Saved | Tensor:
         key = self._acquire(tensor)
-        return tensor if key is None else _Saved(tensor, self, key)
+        # Keep a detached alias, not the tensor: a node that saves its own output would
+        # otherwise hold that output, whose grad_fn is the node itself, a cycle through
+        # C++ that no garbage collector sees. A full backward breaks it by freeing the
+        # saved values, but a node that runs only in I (retain_graph) and never in W (an
+        # attention's input path) would keep its activations for ever.
+        return tensor if key is None else _Saved(tensor.detach(), self, key)
 
     @staticmethod
     def _unpack(saved: _Saved | Tensor) -> Tensor:
