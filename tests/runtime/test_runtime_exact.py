@@ -40,51 +40,33 @@ def _check(results, world_size):
     assert len(set(owned)) == len(owned) - max(owned.count("0.weight") - 1, 0)
 
 
+def _run_exact(pool, schedule, config, num_ranks):
+    model, num_microbatches, rows, recompute = config
+    results = pool.run(
+        "exact", schedule=schedule, num_microbatches=num_microbatches, model=model, rows=rows,
+        recompute=recompute,
+    )
+    _check(results, num_ranks)
+
+
 @pytest.mark.parametrize("schedule", FLUSH)
 @pytest.mark.parametrize("config", CONFIGS[1], ids=_ids(CONFIGS[1]))
 def test_one_rank(pool1, schedule, config):
-    model, num_microbatches, rows, recompute = config
-    results = pool1.run(
-        "exact",
-        schedule=schedule,
-        num_microbatches=num_microbatches,
-        model=model,
-        rows=rows,
-        recompute=recompute,
-    )
-    _check(results, 1)
+    _run_exact(pool1, schedule, config, 1)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("schedule", FLUSH)
 @pytest.mark.parametrize("config", CONFIGS[2], ids=_ids(CONFIGS[2]))
 def test_two_ranks(pool2, schedule, config):
-    model, num_microbatches, rows, recompute = config
-    results = pool2.run(
-        "exact",
-        schedule=schedule,
-        num_microbatches=num_microbatches,
-        model=model,
-        rows=rows,
-        recompute=recompute,
-    )
-    _check(results, 2)
+    _run_exact(pool2, schedule, config, 2)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("schedule", FLUSH)
 @pytest.mark.parametrize("config", CONFIGS[4], ids=_ids(CONFIGS[4]))
 def test_four_ranks(pool4, schedule, config):
-    model, num_microbatches, rows, recompute = config
-    results = pool4.run(
-        "exact",
-        schedule=schedule,
-        num_microbatches=num_microbatches,
-        model=model,
-        rows=rows,
-        recompute=recompute,
-    )
-    _check(results, 4)
+    _run_exact(pool4, schedule, config, 4)
 
 
 @pytest.mark.multiprocess
