@@ -18,6 +18,7 @@ from pipefold.errors import PipefoldError
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("pipefold.cli.train", "train"),
     ("pipefold.cli.simulate", "simulate"),
+    ("pipefold.cli.plan", "plan"),
     ("pipefold.cli.schedules", "schedules"),
     ("pipefold.cli.launch", "launch"),
     ("pipefold.bench.cli", "bench"),

@@ -1,0 +1,193 @@
+"""Contiguous cuts of a weighted sequence: the `Partition` value and the exact `balance` solver.
+
+Plain Python and numpy, no torch, so the planner (`pipefold.plan`) balances stages
+without loading a model; `pipefold.model.partition` re-exports both for model users.
+
+[Note: balance tie-break]
+Many cuts often reach the same optimal slowest stage (7 equal layers in 3 stages:
+3+2+2, 2+3+2, 2+2+3). Among them `balance` takes the one with the smallest sum of
+squared stage times, so the other stages are as even as they can be too, and among
+those the one whose earlier stages are larger (3+3+2, not 2+3+3, for 8 layers):
+the last stage also computes the loss, so it is the one to relieve.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipefold.errors import PartitionError
+
+__all__ = ["Partition", "balance", "stage_times", "check_weights"]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Contiguous stages: stage s owns layers `range(bounds[s], bounds[s + 1])`, each at least one."""
+
+    bounds: tuple[int, ...]
+    """num_stages + 1 cut points, from 0 to num_layers, strictly increasing."""
+
+    def __post_init__(self) -> None:
+        try:
+            # operator.index admits numpy integers and refuses floats; a tuple keeps the value hashable.
+            bounds = tuple(operator.index(b) for b in self.bounds if not isinstance(b, bool))
+            complete = len(bounds) == len(self.bounds)
+        except TypeError:
+            bounds, complete = (), False
+        if len(bounds) < 2 or not complete:
+            raise PartitionError(
+                f"Partition bounds must be at least 2 integers (0, ..., num_layers), got {self.bounds!r}"
+            )
+        object.__setattr__(self, "bounds", bounds)
+        if bounds[0] != 0:
+            raise PartitionError(f"Partition bounds must start at 0, got {bounds!r}")
+        for stage in range(len(bounds) - 1):
+            if bounds[stage + 1] <= bounds[stage]:
+                raise PartitionError(
+                    f"Partition bounds {bounds!r} give stage {stage} no layers "
+                    f"({bounds[stage]}:{bounds[stage + 1]}); every stage needs at least one layer"
+                )
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int]) -> Partition:
+        """`Partition.from_counts([3, 3, 2])` is `[0:3 | 3:6 | 6:8]`."""
+        if not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise PartitionError(
+                f"per-stage layer counts must be a non-empty list of integers, got {counts!r}"
+            )
+        for stage, count in enumerate(counts):
+            if count < 1:
+                raise PartitionError(
+                    f"per-stage layer counts {list(counts)} give stage {stage} {count} layers; "
+                    f"every stage needs at least one layer"
+                )
+        bounds = [0]
+        for count in counts:
+            bounds.append(bounds[-1] + count)
+        return cls(tuple(bounds))
+
+    @classmethod
+    def parse(cls, text: str) -> Partition:
+        """Inverse of `str`: `Partition.parse("[0:3 | 3:6 | 6:8]")`."""
+        body = text.strip().removeprefix("[").removesuffix("]")
+        bounds: list[int] = []
+        for part in body.split("|"):
+            match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+            if match is None or (bounds and int(match.group(1)) != bounds[-1]):
+                raise PartitionError(
+                    f"cannot read partition {text!r}; write contiguous ranges like '[0:3 | 3:6 | 6:8]'"
+                )
+            if not bounds:
+                bounds.append(int(match.group(1)))
+            bounds.append(int(match.group(2)))
+        return cls(tuple(bounds))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Layers per stage."""
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+    def layers_of(self, stage: int) -> range:
+        if not 0 <= stage < self.num_stages:
+            raise PartitionError(
+                f"stage {stage} does not exist; this partition has stages 0..{self.num_stages - 1}"
+            )
+        return range(self.bounds[stage], self.bounds[stage + 1])
+
+    def stage_of(self, layer: int) -> int:
+        """The stage that owns layer index `layer`."""
+        if not 0 <= layer < self.num_layers:
+            raise PartitionError(
+                f"layer {layer} does not exist; this partition has layers 0..{self.num_layers - 1}"
+            )
+        return next(s for s in range(self.num_stages) if layer < self.bounds[s + 1])
+
+    def __str__(self) -> str:
+        return "[" + " | ".join(f"{a}:{b}" for a, b in zip(self.bounds, self.bounds[1:], strict=False)) + "]"
+
+
+def check_weights(values: Sequence[float], name: str, num_layers: int) -> list[float]:
+    if len(values) != num_layers:
+        raise PartitionError(
+            f"{name} has {len(values)} entries but the model has {num_layers} layers; give one per layer"
+        )
+    result = [float(v) for v in values]
+    for index, value in enumerate(result):
+        if not math.isfinite(value) or value < 0:
+            raise PartitionError(f"{name}[{index}] = {values[index]!r}; every entry must be finite and >= 0")
+    return result
+
+
+def balance(
+    weights: Sequence[float],
+    num_stages: int,
+    stage_speeds: Sequence[float] | None = None,
+) -> Partition:
+    """The exact min-max contiguous cut of `weights` into `num_stages` stages.
+
+    Stage s takes `sum(weights of its layers) / stage_speeds[s]`. Dynamic programming
+    over (stage, cut point), vectorised per stage: O(num_stages * num_layers**2) time,
+    O(num_layers**2) memory; ties broken as in [Note: balance tie-break].
+    """
+    num_layers = len(weights)
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise PartitionError(f"num_stages = {num_stages!r}; it must be an integer >= 1")
+    if num_stages > num_layers:
+        raise PartitionError(
+            f"cannot cut {num_layers} layers into {num_stages} stages: every stage needs at least one layer; "
+            f"use at most {num_layers} stages, or describe the model with more, smaller layers"
+        )
+    values = check_weights(weights, "weights", num_layers)
+    speeds = [1.0] * num_stages if stage_speeds is None else list(stage_speeds)
+    if len(speeds) != num_stages:
+        raise PartitionError(f"stage_speeds has {len(speeds)} entries but there are {num_stages} stages")
+
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    segment = prefix[None, :] - prefix[:, None]  # segment[a, b] = sum of weights[a:b]
+    forward = np.triu(np.ones((num_layers + 1, num_layers + 1), dtype=bool), k=1)  # a < b: non-empty stage
+    costs = [np.where(forward, segment / speed, np.inf) for speed in speeds]
+
+    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b).
+    best = np.full(num_layers + 1, np.inf)
+    best[0] = 0.0
+    for cost in costs:
+        best = np.maximum(best[:, None], cost).min(axis=0)
+    bottleneck = best[num_layers]
+
+    # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
+    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats.
+    squares = np.full(num_layers + 1, np.inf)
+    squares[0] = 0.0
+    starts = []
+    for cost in costs:
+        total = np.where(cost <= bottleneck, squares[:, None] + cost**2, np.inf)
+        squares = total.min(axis=0)
+        is_best = np.isfinite(total) & (total == squares[None, :])
+        starts.append(num_layers - np.argmax(is_best[::-1], axis=0))
+    bounds = [num_layers]
+    for stage_starts in reversed(starts):
+        bounds.append(int(stage_starts[bounds[-1]]))
+    return Partition(tuple(reversed(bounds)))
+
+
+def stage_times(
+    result: Partition, costs: Sequence[float], stage_speeds: Sequence[float] | None = None
+) -> tuple[float, ...]:
+    """Per stage, `sum(costs of its layers) / stage_speeds[stage]`."""
+    values = check_weights(costs, "costs", result.num_layers)
+    speeds = [1.0] * result.num_stages if stage_speeds is None else stage_speeds
+    return tuple(sum(values[i] for i in result.layers_of(s)) / speeds[s] for s in range(result.num_stages))

@@ -1,0 +1,246 @@
+"""`ModelCosts`: what each layer of a model costs, the planner's only view of the model.
+
+[Note: cost scaling]
+Times and activation/boundary sizes are given for one micro-batch of
+`reference_rows` samples (a profile's sample batch, or 1 for per-sample figures)
+and the planner scales them linearly with the rows of the micro-batch it tries:
+a layer takes `overhead_s + forward_s * rows / reference_rows`. Linear scaling
+ignores that small matrix products run below the device's peak rate, so it
+flatters small micro-batches; `overhead_s` (a fixed cost per layer and action:
+kernel launches, framework dispatch) is the one knob that pushes back. Parameter
+bytes do not scale. Plain data, JSON in and out, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipefold.errors import ConfigError
+
+__all__ = ["LayerCost", "ModelCosts", "ProfileLike"]
+
+
+def _non_negative(owner: str, name: str, value: float) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{owner}.{name} = {value!r}; give a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer, for one micro-batch of `ModelCosts.reference_rows` samples."""
+
+    forward_s: float
+    """Forward time, seconds."""
+    backward_s: float
+    """Full backward time (input and weight gradients), seconds."""
+    activation_bytes: int
+    """Bytes the forward keeps for the backward, per in-flight micro-batch."""
+    output_bytes: int
+    """Bytes of the layer's output: what crosses a stage boundary cut after this layer."""
+    parameter_bytes: int = 0
+    """Bytes of the layer's weights (a tied module counts at each occurrence: each holder stores it)."""
+    weight_grad_s: float | None = None
+    """The weight-gradient part (W) of `backward_s`; None takes half of it, the I = W split of
+    matrix-product layers (Qi et al., 2023)."""
+
+    def __post_init__(self) -> None:
+        for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes"):
+            _non_negative("LayerCost", name, getattr(self, name))
+        for name in ("activation_bytes", "output_bytes", "parameter_bytes"):
+            if int(getattr(self, name)) != getattr(self, name):
+                raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.weight_grad_s is not None:
+            _non_negative("LayerCost", "weight_grad_s", self.weight_grad_s)
+            if self.weight_grad_s > self.backward_s:
+                raise ConfigError(
+                    f"LayerCost.weight_grad_s = {self.weight_grad_s!r} exceeds backward_s = "
+                    f"{self.backward_s!r}; it is the weight-gradient part of the backward, at most all of it"
+                )
+
+    @property
+    def weight_s(self) -> float:
+        """W time: the weight-gradient part of the backward."""
+        return self.backward_s / 2 if self.weight_grad_s is None else self.weight_grad_s
+
+    @property
+    def input_s(self) -> float:
+        """I time: the input-gradient part of the backward."""
+        return self.backward_s - self.weight_s
+
+
+class _HasNumBytes(Protocol):
+    @property
+    def num_bytes(self) -> int: ...
+
+
+class ProfileLike(Protocol):
+    """What `ModelCosts.from_profile` reads: `pipefold.model.LayerProfile` has these fields."""
+
+    @property
+    def forward_s(self) -> float: ...
+    @property
+    def backward_s(self) -> float: ...
+    @property
+    def activation_bytes(self) -> int: ...
+    @property
+    def parameter_bytes(self) -> int: ...
+    @property
+    def output(self) -> _HasNumBytes: ...
+
+
+_FIELDS = (
+    "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
+    "optimizer_bytes_per_parameter_byte", "overhead_s", "source",
+)
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Per-layer costs of a model and what training adds per parameter byte (see [Note: cost scaling])."""
+
+    layers: tuple[LayerCost, ...]
+    reference_rows: int = 1
+    """Samples in the micro-batch the layer costs were taken for."""
+    input_bytes: int = 0
+    """Bytes of the model input for `reference_rows` samples: what stage 0 keeps under recomputation."""
+    gradient_bytes_per_parameter_byte: float = 1.0
+    """Gradient storage per parameter byte (1: gradients in the parameters' dtype)."""
+    optimizer_bytes_per_parameter_byte: float = 2.0
+    """Optimizer state per parameter byte (Adam: two moments, 2)."""
+    overhead_s: float = 0.0
+    """Fixed seconds per layer and per compute action (F, B, I or W), independent of rows."""
+    source: str = ""
+    """Where the numbers come from ("measured on cuda:0", "FLOP estimate ..."), shown with the plan."""
+    _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise ConfigError("ModelCosts.layers is empty; give one LayerCost per layer")
+        if not all(isinstance(layer, LayerCost) for layer in self.layers):
+            raise ConfigError("ModelCosts.layers must hold LayerCost values, one per layer")
+        if isinstance(self.reference_rows, bool) or not isinstance(self.reference_rows, int) or (
+            self.reference_rows < 1
+        ):
+            raise ConfigError(
+                f"ModelCosts.reference_rows = {self.reference_rows!r}; give the samples per micro-batch "
+                "the costs were taken for (an integer >= 1)"
+            )
+        for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
+                     "overhead_s"):
+            _non_negative("ModelCosts", name, getattr(self, name))
+        # Prefix sums, so a stage's totals cost O(1) whatever the partition (the search asks often).
+        columns = (
+            [layer.forward_s for layer in self.layers],
+            [layer.input_s for layer in self.layers],
+            [layer.weight_s for layer in self.layers],
+            [float(layer.activation_bytes) for layer in self.layers],
+            [float(layer.parameter_bytes) for layer in self.layers],
+            # What a checkpointed layer keeps: its input, the previous layer's output.
+            [float(self.input_bytes)] + [float(layer.output_bytes) for layer in self.layers[:-1]],
+        )
+        prefixes = []
+        for column in columns:
+            running = [0.0]
+            for value in column:
+                running.append(running[-1] + value)
+            prefixes.append(tuple(running))
+        object.__setattr__(self, "_prefix", tuple(prefixes))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(layer.parameter_bytes for layer in self.layers)
+
+    @property
+    def state_factor(self) -> float:
+        """Bytes of weights, gradients and optimizer state per parameter byte."""
+        return 1.0 + self.gradient_bytes_per_parameter_byte + self.optimizer_bytes_per_parameter_byte
+
+    def span(self, kind: int, start: int, stop: int) -> float:
+        """Sum over layers [start, stop) of column `kind`: 0 F, 1 I, 2 W (seconds), 3 activation
+        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`)."""
+        prefix = self._prefix[kind]
+        return prefix[stop] - prefix[start]
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def from_profile(
+        cls,
+        profiles: Sequence[ProfileLike],
+        *,
+        rows: int,
+        input_bytes: int = 0,
+        weight_grad_share: float | None = None,
+        **options: Any,
+    ) -> ModelCosts:
+        """From `pipefold.model.profile(layers, sample)`; `rows` is the sample's batch size.
+
+        `weight_grad_share` is the fraction of each backward that is W (default: half).
+        Duck-typed, so this module needs no torch; other keywords go to the constructor.
+        """
+        if weight_grad_share is not None and not 0 <= weight_grad_share <= 1:
+            raise ConfigError(f"weight_grad_share = {weight_grad_share!r}; give a fraction in [0, 1]")
+        layers = tuple(
+            LayerCost(
+                forward_s=p.forward_s,
+                backward_s=p.backward_s,
+                activation_bytes=p.activation_bytes,
+                output_bytes=p.output.num_bytes,
+                parameter_bytes=p.parameter_bytes,
+                weight_grad_s=None if weight_grad_share is None else p.backward_s * weight_grad_share,
+            )
+            for p in profiles
+        )
+        options.setdefault("source", "measured profile")
+        return cls(layers=layers, reference_rows=rows, input_bytes=input_bytes, **options)
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["layers"] = [asdict(layer) for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_json(cls, source: str | Path | Mapping[str, Any]) -> ModelCosts:
+        """From a dict written by `to_json`, or a JSON file path. Unknown fields are refused."""
+        if isinstance(source, (str, Path)):
+            try:
+                data: Mapping[str, Any] = json.loads(Path(source).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ConfigError(f"cannot read model costs JSON from {str(source)!r}: {error}") from None
+        else:
+            data = source
+        if not isinstance(data, Mapping):
+            raise ConfigError("model costs JSON must be an object with a 'layers' list")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown model costs field(s) {unknown}; known fields: {sorted(_FIELDS)}")
+        layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
+                        "weight_grad_s"}
+        layers = []
+        for index, entry in enumerate(data.get("layers") or ()):
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"layers[{index}] must be an object with forward_s, backward_s, ...")
+            extra = sorted(set(entry) - layer_fields)
+            missing = sorted({"forward_s", "backward_s", "activation_bytes", "output_bytes"} - set(entry))
+            if extra or missing:
+                raise ConfigError(
+                    f"layers[{index}]: unknown field(s) {extra}, missing field(s) {missing}; "
+                    f"a layer has {sorted(layer_fields)}"
+                )
+            layers.append(LayerCost(**entry))
+        rest = {name: data[name] for name in _FIELDS if name != "layers" and name in data}
+        return cls(layers=tuple(layers), **rest)

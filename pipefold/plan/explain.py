@@ -1,0 +1,136 @@
+"""Why the others lost: one `Verdict` per schedule family, and per value of the chosen family's settings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from pipefold.plan.result import Candidate, Verdict
+from pipefold.plan.units import format_bytes
+from pipefold.schedule import names
+
+if TYPE_CHECKING:
+    from pipefold.plan.search import Record
+
+__all__ = ["family_verdicts", "setting_verdicts"]
+
+_MAX_VALUES = 8
+"""Settings with more values than this list only the chosen value's neighbours and the extremes."""
+
+
+def _slower(candidate: Candidate, choice: Candidate) -> str:
+    ratio = candidate.step_time / choice.step_time - 1 if choice.step_time > 0 else 0.0
+    if ratio <= 1e-9:
+        return "as fast as the choice; ranked after it by peak memory, then simplicity"
+    return f"{ratio:.1%} slower than the choice"
+
+
+def _over(candidate: Candidate, limit: float) -> str:
+    rank = candidate.peak_rank
+    return (
+        f"over the memory limit on rank {rank} by {format_bytes(candidate.over_limit(limit))} "
+        f"(needs {format_bytes(candidate.peak_memory)})"
+    )
+
+
+def _bound_text(bound: float, choice: Candidate) -> str:
+    ratio = bound / choice.step_time - 1 if choice.step_time > 0 else 0.0
+    return f"at least {max(ratio, 0.0):.1%} slower than the choice (lower bound; not simulated)"
+
+
+def _verdict(
+    subject: str, records: Sequence[Record], choice: Candidate, limit: float, *, detail: bool
+) -> Verdict:
+    """The verdict on a group of configurations (a family, or one value of a setting)."""
+    fits = [c for record in records if (c := record.best(limit)) is not None]
+    if any(candidate == choice for candidate in fits):
+        return Verdict(subject, "chosen", choice.describe())
+    if fits:
+        best = min(fits, key=lambda c: (c.step_time, c.peak_memory))
+        where = f" ({best.describe()})" if detail else ""
+        return Verdict(subject, "slower", _slower(best, choice) + where)
+    leanest = [c for record in records if (c := record.leanest()) is not None]
+    parts = []
+    if leanest:
+        worst = min(leanest, key=lambda c: (c.peak_memory, c.step_time))
+        where = f" at its leanest simulated ({worst.describe()})" if detail else ""
+        parts.append(_over(worst, limit) + where)
+    static = [record.static_over for record in records if record.static_over is not None]
+    if static:
+        rank, excess = min(static, key=lambda item: item[1])
+        parts.append(
+            f"weights, gradients and optimizer state alone exceed the limit on rank {rank} by "
+            f"{format_bytes(excess)}" + (f" in {len(static)} setting(s)" if detail else "")
+        )
+    skipped = [record.pruned_bound for record in records if record.pruned_bound is not None]
+    if skipped:
+        # It lost on time whatever its memory: the settings that might fit are provably slower.
+        return Verdict(subject, "pruned", "; ".join([_bound_text(min(skipped), choice), *parts]))
+    if parts:
+        return Verdict(subject, "over-memory", "; ".join(parts))
+    return Verdict(subject, "not-applicable", "no configuration was searched")
+
+
+def family_verdicts(
+    records: Sequence[Record], excluded: dict[str, tuple[str, str]], choice: Candidate, limit: float
+) -> tuple[Verdict, ...]:
+    """One verdict per registered family, in registry order."""
+    verdicts = []
+    for name in names():
+        if name in excluded:
+            status, reason = excluded[name]
+            verdicts.append(Verdict(name, status, reason))  # type: ignore[arg-type]
+            continue
+        group = [record for record in records if record.config.schedule == name]
+        verdicts.append(_verdict(name, group, choice, limit, detail=True))
+    return tuple(verdicts)
+
+
+def _shown(values: list[int], chosen: int) -> list[int]:
+    if len(values) <= _MAX_VALUES:
+        return values
+    index = values.index(chosen)
+    keep = {values[0], values[-1], *values[max(0, index - 2): index + 3]}
+    return [value for value in values if value in keep]
+
+
+def setting_verdicts(
+    records: Sequence[Record],
+    choice: Candidate,
+    limit: float,
+    run: Callable[[Record, tuple[int, ...]], Candidate],
+    *,
+    asynchronous: bool,
+    recompute_pinned: bool,
+) -> tuple[Verdict, ...]:
+    """For the chosen family: each other micro-batch count, stages-per-rank value and recompute choice."""
+    same = [record for record in records if record.config.schedule == choice.schedule]
+    verdicts = []
+    by_m = {r.config.num_microbatches: r for r in same if r.config.num_virtual == choice.num_virtual}
+    for m in _shown(sorted(by_m), choice.num_microbatches):
+        if m != choice.num_microbatches:
+            verdicts.append(_verdict(f"num_microbatches={m}", [by_m[m]], choice, limit, detail=False))
+    by_v = {r.config.num_virtual: r for r in same if r.config.num_microbatches == choice.num_microbatches}
+    for v in sorted(by_v):
+        if v != choice.num_virtual:
+            verdicts.append(_verdict(f"num_virtual={v}", [by_v[v]], choice, limit, detail=False))
+    chosen = by_m.get(choice.num_microbatches)
+    if asynchronous:
+        verdicts.append(Verdict(
+            "recompute", "not-applicable",
+            "asynchronous schedules run without recompute (it would see the live weights)",
+        ))
+    elif chosen is not None and not recompute_pinned:
+        everything = tuple(range(choice.num_stages))
+        for subject, recompute in (("recompute=none", ()), ("recompute=all", everything)):
+            if recompute == choice.recompute:
+                continue
+            other = run(chosen, recompute)
+            if other.over_limit(limit) > 0:
+                verdicts.append(Verdict(subject, "over-memory", _over(other, limit)))
+            else:
+                verdicts.append(Verdict(subject, "slower", _slower(other, choice)))
+    if not math.isinf(limit) or verdicts:
+        return tuple(verdicts)
+    return ()

@@ -1,0 +1,93 @@
+"""Peak memory per rank: what a rank holds for its weights, and at most for activations.
+
+[Note: planner memory model]
+Rank r holds, for the layers of its stages:
+- weights: one copy, or every version weight stashing keeps alive (the simulator's
+  `weight_bytes_peak`, which is one copy under a flush);
+- gradients and optimizer state: `gradient_bytes_per_parameter_byte` and
+  `optimizer_bytes_per_parameter_byte` times the parameter bytes (one copy each);
+- activations: the simulated peak of bytes held by in-flight micro-batches (see
+  [Note: what a rank holds] in pipefold/simulate/memory.py);
+- recompute: the transient of a recomputing backward (see [Note: recompute model]
+  in stages.py).
+Not counted: framework and allocator overhead, temporary buffers of a backward
+that is not recomputed, communication buffers, the loss. Leave headroom for them in
+the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipefold.plan.costs import ModelCosts
+from pipefold.simulate import CostModel
+from pipefold.timeline import Timeline
+
+__all__ = ["RankMemory", "rank_memory", "static_bytes"]
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Peak bytes one rank needs, by kind (see [Note: planner memory model])."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    recompute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+            "activations": self.activations, "recompute": self.recompute, "total": self.total,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RankMemory:
+        return cls(**{key: int(value) for key, value in data.items() if key != "total"})
+
+
+def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    owned = [0] * num_ranks
+    for stage, rank in enumerate(placement):
+        owned[rank] += model.weight_bytes[stage]
+    return owned
+
+
+def static_bytes(
+    costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int
+) -> tuple[int, ...]:
+    """Per rank, weights (one version), gradients and optimizer state: a lower bound on its peak."""
+    # Rounded part by part exactly as rank_memory does, so the bound never exceeds the peak.
+    return tuple(
+        owned
+        + round(owned * costs.gradient_bytes_per_parameter_byte)
+        + round(owned * costs.optimizer_bytes_per_parameter_byte)
+        for owned in _owned_weight_bytes(model, placement, num_ranks)
+    )
+
+
+def rank_memory(
+    costs: ModelCosts,
+    model: CostModel,
+    timeline: Timeline,
+    placement: tuple[int, ...],
+    transient: tuple[int, ...],
+) -> tuple[RankMemory, ...]:
+    """Per rank, the peak memory of a simulated timeline (see [Note: planner memory model])."""
+    owned = _owned_weight_bytes(model, placement, timeline.num_ranks)
+    return tuple(
+        RankMemory(
+            weights=timeline.weight_bytes_peak[rank],
+            gradients=round(owned[rank] * costs.gradient_bytes_per_parameter_byte),
+            optimizer=round(owned[rank] * costs.optimizer_bytes_per_parameter_byte),
+            activations=timeline.activation_bytes_peak[rank],
+            recompute=transient[rank],
+        )
+        for rank in range(timeline.num_ranks)
+    )

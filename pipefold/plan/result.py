@@ -1,0 +1,253 @@
+"""What the planner returns: `Candidate` configurations, `Verdict`s on the others, the `Plan`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipefold.balance import Partition
+from pipefold.plan.memory import RankMemory
+from pipefold.plan.units import format_bytes
+
+__all__ = ["Candidate", "Verdict", "Plan", "Status"]
+
+Status = Literal["chosen", "slower", "over-memory", "pruned", "not-applicable", "not-searched"]
+"""How a schedule family or a setting fared: see `Verdict`."""
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2,5'."""
+    parts: list[str] = []
+    start = previous = -2
+    for value in values:
+        if value != previous + 1:
+            if start >= 0:
+                parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = value
+        previous = value
+    if start >= 0:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One simulated configuration: what to run, and what the simulator predicts for it."""
+
+    schedule: str
+    num_ranks: int
+    num_virtual: int
+    num_microbatches: int
+    microbatch_rows: int
+    """Samples per micro-batch the costs were scaled to (the largest one, when uneven)."""
+    bounds: tuple[int, ...]
+    """The partition: virtual stage s owns layers [bounds[s], bounds[s + 1])."""
+    recompute: tuple[int, ...]
+    """Virtual stages whose layers are recomputed in the backward (sorted)."""
+    step_time: float
+    """Predicted seconds per step (one call of the schedule, a whole global batch)."""
+    bubble_fraction: float
+    memory: tuple[RankMemory, ...]
+    """Predicted peak memory per rank."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def partition(self) -> Partition:
+        return Partition(self.bounds)
+
+    @property
+    def peak_memory(self) -> int:
+        return max(memory.total for memory in self.memory)
+
+    @property
+    def peak_rank(self) -> int:
+        """The rank with the most memory (the lowest such rank)."""
+        totals = [memory.total for memory in self.memory]
+        return totals.index(max(totals))
+
+    def over_limit(self, limit: float) -> float:
+        """Bytes by which the fullest rank exceeds `limit`; <= 0 when the candidate fits."""
+        return self.peak_memory - limit
+
+    @property
+    def recompute_layers(self) -> tuple[int, ...]:
+        """The layer indices `Pipeline(recompute=...)` takes for this candidate."""
+        return tuple(
+            layer for stage in self.recompute for layer in range(self.bounds[stage], self.bounds[stage + 1])
+        )
+
+    @property
+    def recompute_text(self) -> str:
+        if not self.recompute:
+            return "none"
+        if len(self.recompute) == self.num_stages:
+            return f"all {self.num_stages} stages"
+        return f"stage{'s' if len(self.recompute) > 1 else ''} {_ranges(self.recompute)}"
+
+    def describe(self) -> str:
+        """'zb-v v=2, 16 micro-batches of 4, recompute none'."""
+        return (
+            f"{self.schedule} v={self.num_virtual}, {self.num_microbatches} micro-batches of "
+            f"{self.microbatch_rows}, recompute {self.recompute_text}"
+        )
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that make `pipefold.Pipeline` run exactly this configuration."""
+        return {
+            "schedule": self.schedule,
+            "num_microbatches": self.num_microbatches,
+            "num_virtual": self.num_virtual,
+            "partition": list(self.partition.counts),
+            "recompute": list(self.recompute_layers) if self.recompute else "none",
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule,
+            "num_ranks": self.num_ranks,
+            "num_virtual": self.num_virtual,
+            "num_microbatches": self.num_microbatches,
+            "microbatch_rows": self.microbatch_rows,
+            "bounds": list(self.bounds),
+            "recompute": list(self.recompute),
+            "step_time": self.step_time,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_memory": self.peak_memory,
+            "memory": [memory.to_json() for memory in self.memory],
+            "pipeline_kwargs": self.pipeline_kwargs(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Candidate:
+        return cls(
+            schedule=str(data["schedule"]),
+            num_ranks=int(data["num_ranks"]),
+            num_virtual=int(data["num_virtual"]),
+            num_microbatches=int(data["num_microbatches"]),
+            microbatch_rows=int(data["microbatch_rows"]),
+            bounds=tuple(int(b) for b in data["bounds"]),
+            recompute=tuple(int(s) for s in data["recompute"]),
+            step_time=float(data["step_time"]),
+            bubble_fraction=float(data["bubble_fraction"]),
+            memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a schedule family, or one value of a setting, was or was not chosen."""
+
+    subject: str
+    """A family name ("zb-v"), or a setting and value ("num_microbatches=16")."""
+    status: Status
+    reason: str
+    """One line a person reads: "4.2% slower than the choice at its best (...)"."""
+
+    def to_json(self) -> dict[str, str]:
+        return {"subject": self.subject, "status": self.status, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Verdict:
+        status = str(data["status"])
+        if status not in ("chosen", "slower", "over-memory", "pruned", "not-applicable", "not-searched"):
+            raise ValueError(f"unknown verdict status {status!r}")
+        return cls(str(data["subject"]), status, str(data["reason"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen configuration, the runners-up, and why the rest lost."""
+
+    choice: Candidate
+    top: tuple[Candidate, ...]
+    """The fastest configurations that fit, best first (the choice is `top[0]`)."""
+    families: tuple[Verdict, ...]
+    """One verdict per registered schedule family, in registry order."""
+    settings: tuple[Verdict, ...]
+    """For the chosen family: the other micro-batch counts, virtual stages and recompute choices."""
+    num_ranks: int
+    global_batch: int
+    memory_limit: float
+    """Bytes per rank; math.inf when there is no limit."""
+    num_simulated: int
+    """Simulations run."""
+    num_pruned: int
+    """Configurations skipped because a lower bound on their step time already lost."""
+    source: str = ""
+    """Where the costs came from."""
+
+    @property
+    def step_time(self) -> float:
+        return self.choice.step_time
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.choice.bubble_fraction
+
+    @property
+    def peak_memory(self) -> tuple[int, ...]:
+        """Per rank, the chosen configuration's predicted peak memory."""
+        return tuple(memory.total for memory in self.choice.memory)
+
+    def explain(self) -> str:
+        """The choice and the reasons, as plain text lines."""
+        choice = self.choice
+        limit = "no limit" if math.isinf(self.memory_limit) else f"limit {format_bytes(self.memory_limit)}"
+        lines = [
+            f"choice: {choice.describe()}",
+            f"  predicted step {choice.step_time:.4g} s, bubble {choice.bubble_fraction:.1%}, "
+            f"peak memory {format_bytes(choice.peak_memory)} on rank {choice.peak_rank} ({limit})",
+            f"  partition {choice.partition}",
+            "  Pipeline(" + ", ".join(f"{k}={v!r}" for k, v in choice.pipeline_kwargs().items()) + ")",
+        ]
+        if self.source:
+            lines.append(f"  costs: {self.source}")
+        width = max(len(verdict.subject) for verdict in (*self.families, *self.settings))
+        lines.append("schedules:")
+        lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.families]
+        if self.settings:
+            lines.append(f"settings of {choice.schedule}:")
+            lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.settings]
+        lines.append(
+            f"searched with {self.num_simulated} simulations; {self.num_pruned} configurations skipped "
+            "by a lower bound on their step time"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data; an unlimited memory is written as null (JSON has no infinity)."""
+        return {
+            "choice": self.choice.to_json(),
+            "step_time": self.step_time,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_memory": list(self.peak_memory),
+            "top": [candidate.to_json() for candidate in self.top],
+            "families": [verdict.to_json() for verdict in self.families],
+            "settings": [verdict.to_json() for verdict in self.settings],
+            "num_ranks": self.num_ranks,
+            "global_batch": self.global_batch,
+            "memory_limit": None if math.isinf(self.memory_limit) else self.memory_limit,
+            "num_simulated": self.num_simulated,
+            "num_pruned": self.num_pruned,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        limit = data.get("memory_limit")
+        return cls(
+            choice=Candidate.from_json(data["choice"]),
+            top=tuple(Candidate.from_json(entry) for entry in data["top"]),
+            families=tuple(Verdict.from_json(entry) for entry in data["families"]),
+            settings=tuple(Verdict.from_json(entry) for entry in data["settings"]),
+            num_ranks=int(data["num_ranks"]),
+            global_batch=int(data["global_batch"]),
+            memory_limit=math.inf if limit is None else float(limit),
+            num_simulated=int(data["num_simulated"]),
+            num_pruned=int(data["num_pruned"]),
+            source=str(data.get("source", "")),
+        )

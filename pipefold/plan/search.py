@@ -1,0 +1,322 @@
+"""`plan(costs, options)`: the fastest configuration that fits, found by bounded search.
+
+[Note: planner search]
+1. The space (space.py): every family x stages per rank v x micro-batch count m.
+   The partition of a configuration is the exact time-balanced cut of the layers
+   into p*v stages (`pipefold.balance.balance` of per-layer F + B at the
+   configuration's micro-batch size).
+2. Configurations are visited in order of a lower bound on their step time
+   (bounds.py). Once `top` configurations that fit are known, any configuration
+   whose bound exceeds the slowest of them is skipped unsimulated: it cannot enter
+   the table, let alone win.
+3. Within a configuration, recomputation only lengthens actions, so no recompute
+   is tried first and kept if it fits. Otherwise, with at most
+   `exhaustive_recompute_stages` stages, every subset of recomputed stages is tried
+   in order of its bound (so the best subset is exact); with more stages a greedy
+   search recomputes, on each rank over the limit, the stage that frees the most
+   bytes per second of recomputation, until every rank fits or nothing is left.
+   Asynchronous families never recompute: the runtime refuses it (a recomputed
+   forward would see the live weights, not the stashed version).
+4. Candidates are ranked by step time, then peak memory, then registry order,
+   fewer stages per rank, fewer micro-batches and fewer recomputed stages. Step
+   times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
+   exact to the last digit, and two configurations 0.01% apart should be told apart
+   by memory, not by rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from pipefold.balance import balance
+from pipefold.errors import ConfigError
+from pipefold.plan.bounds import step_time_lower_bound
+from pipefold.plan.costs import ModelCosts
+from pipefold.plan.errors import NoFeasiblePlan
+from pipefold.plan.explain import family_verdicts, setting_verdicts
+from pipefold.plan.memory import rank_memory, static_bytes
+from pipefold.plan.result import Candidate, Plan
+from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
+from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
+from pipefold.schedule import Schedule, build, names
+from pipefold.simulate import CostModel, Link, simulate
+
+__all__ = ["plan", "evaluate", "Record", "rank_key", "TIME_TOLERANCE"]
+
+TIME_TOLERANCE = 0.01
+"""Step times within one bucket this wide (relative) count as equal when ranking."""
+
+
+def time_bucket(step_time: float) -> int:
+    """The tolerance bucket of `step_time` (log-spaced, so relative)."""
+    return math.floor(math.log(max(step_time, 1e-300)) / math.log1p(TIME_TOLERANCE))
+
+
+def bucket_ceiling(step_time: float) -> float:
+    """The largest time in the bucket of `step_time`: bounds above it cannot tie."""
+    return math.exp((time_bucket(step_time) + 1) * math.log1p(TIME_TOLERANCE))
+
+_SLACK = 1e-9
+"""Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
+rounding, and must not skip a configuration that ties."""
+
+
+def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, float, tuple[int, ...]]:
+    """Sort key of candidates that fit: faster, then leaner, then simpler (see [Note: planner search])."""
+    order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
+    return (
+        time_bucket(candidate.step_time), candidate.peak_memory, order, candidate.num_virtual,
+        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
+    return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+
+
+def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
+    # The placement does not depend on m, so the one-micro-batch schedule tells it cheaply.
+    return _schedule(name, num_ranks, 1, num_virtual).placement
+
+
+def evaluate(
+    costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
+    link: Link,
+) -> Candidate:
+    """Simulate one configuration and price its memory: the planner's only source of predictions."""
+    schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
+    layout = StageLayout(bounds, config.microbatch_rows)
+    model = stage_cost_model(costs, layout, recompute, link)
+    timeline = simulate(schedule, model)
+    transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    return Candidate(
+        schedule=config.schedule,
+        num_ranks=num_ranks,
+        num_virtual=config.num_virtual,
+        num_microbatches=config.num_microbatches,
+        microbatch_rows=config.microbatch_rows,
+        bounds=bounds,
+        recompute=tuple(sorted(recompute)),
+        step_time=timeline.makespan,
+        bubble_fraction=timeline.bubble_fraction,
+        memory=rank_memory(costs, model, timeline, schedule.placement, transient),
+    )
+
+
+@dataclass
+class Record:
+    """What the search learned about one configuration."""
+
+    config: Config
+    bounds: tuple[int, ...]
+    placement: tuple[int, ...]
+    lower_bound: float
+    """Lower bound on its step time without recompute."""
+    tried: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
+    """Simulated candidates by recomputed stages."""
+    pruned_bound: float | None = None
+    """The least step-time bound among the choices the bound skipped (all of them, when nothing was
+    simulated; the remaining recompute choices otherwise); None when none was skipped."""
+    static_over: tuple[int, int] | None = None
+    """(rank, bytes) when weights, gradients and optimizer state alone exceed the limit there."""
+
+    def prune(self, bound: float) -> None:
+        self.pruned_bound = bound if self.pruned_bound is None else min(self.pruned_bound, bound)
+
+    def best(self, limit: float) -> Candidate | None:
+        fits = [c for c in self.tried.values() if c.over_limit(limit) <= 0]
+        return min(fits, key=rank_key) if fits else None
+
+    def leanest(self) -> Candidate | None:
+        return min(self.tried.values(), key=lambda c: (c.peak_memory, c.step_time), default=None)
+
+
+class _Search:
+    def __init__(self, costs: ModelCosts, options: PlanOptions) -> None:
+        self.costs = costs
+        self.options = options
+        self.limit = options.memory_limit
+        self.num_simulated = 0
+        self.top: list[Candidate] = []
+        self._layouts: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def bounds_of(self, num_stages: int, rows: int) -> tuple[int, ...]:
+        key = (num_stages, rows)
+        if key not in self._layouts:
+            self._layouts[key] = balance(stage_weights(self.costs, rows), num_stages).bounds
+        return self._layouts[key]
+
+    def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
+        layout = StageLayout(record.bounds, record.config.microbatch_rows)
+        return stage_cost_model(self.costs, layout, recompute, self.options.link)
+
+    def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
+        return step_time_lower_bound(self.model(record, recompute), record.placement,
+                                     record.config.num_microbatches)
+
+    @property
+    def threshold(self) -> float:
+        """A configuration slower than this cannot enter the table."""
+        if len(self.top) < self.options.top:
+            return float("inf")
+        return bucket_ceiling(self.top[self.options.top - 1].step_time) * (1 + _SLACK)
+
+    def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate:
+        if recompute not in record.tried:
+            self.num_simulated += 1
+            record.tried[recompute] = evaluate(
+                self.costs, record.config, self.options.num_ranks, record.bounds, recompute, self.options.link
+            )
+        return record.tried[recompute]
+
+    def keep(self, candidate: Candidate | None) -> None:
+        if candidate is not None:
+            self.top.append(candidate)
+            self.top.sort(key=rank_key)
+            del self.top[self.options.top:]
+
+    # -- the search --------------------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        options = self.options
+        space = search_space(options, self.costs.num_layers)
+        self.excluded = space.excluded
+        records = []
+        for config in space.configs:
+            bounds = self.bounds_of(options.num_ranks * config.num_virtual, config.microbatch_rows)
+            placement = _placement(config.schedule, options.num_ranks, config.num_virtual)
+            record = Record(config, bounds, placement, 0.0)
+            record.lower_bound = self.bound(record, ())
+            records.append(record)
+        order = {name: index for index, name in enumerate(names())}
+        records.sort(key=lambda r: (r.lower_bound, order[r.config.schedule], r.config.num_virtual,
+                                    r.config.num_microbatches))
+        return records
+
+    def recompute_choices(self, record: Record) -> str:
+        if is_asynchronous(record.config.schedule):
+            return "none"
+        return self.options.recompute
+
+    def search_config(self, record: Record) -> None:
+        num_stages = len(record.bounds) - 1
+        everything = tuple(range(num_stages))
+        choice = self.recompute_choices(record)
+        static = static_bytes(self.costs, self.model(record, ()), record.placement, self.options.num_ranks)
+        worst = max(range(len(static)), key=lambda rank: static[rank])
+        if static[worst] > self.limit:
+            record.static_over = (worst, int(static[worst] - self.limit))
+            return
+        first = everything if choice == "full" else ()
+        bound = self.bound(record, first)
+        if bound > self.threshold:
+            record.prune(bound)
+            return
+        candidate = self.run(record, first)
+        if candidate.over_limit(self.limit) <= 0 or choice != "auto":
+            self.keep(record.best(self.limit))
+            return
+        if num_stages <= self.options.exhaustive_recompute_stages:
+            self.exhaustive(record, everything)
+        else:
+            self.greedy(record, candidate)
+        self.keep(record.best(self.limit))
+
+    def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
+        sizes = range(1, len(everything) + 1)
+        subsets = [subset for size in sizes for subset in itertools.combinations(everything, size)]
+        bounded = sorted((self.bound(record, subset), subset) for subset in subsets)
+        best: Candidate | None = None
+        for bound, subset in bounded:
+            tie = bucket_ceiling(best.step_time) * (1 + _SLACK) if best else float("inf")
+            ceiling = min(self.threshold, tie)
+            if bound > ceiling:
+                if best is None:
+                    record.prune(bound)
+                break
+            candidate = self.run(record, subset)
+            fits = candidate.over_limit(self.limit) <= 0
+            if fits and (best is None or rank_key(candidate) < rank_key(best)):
+                best = candidate
+
+    def greedy(self, record: Record, candidate: Candidate) -> None:
+        model = self.model(record, ())
+        full = model.activation_bytes
+        lean = self.model(record, tuple(range(model.num_stages))).activation_bytes
+        recompute: set[int] = set()
+        while candidate.over_limit(self.limit) > 0:
+            added = False
+            for rank, memory in enumerate(candidate.memory):
+                if memory.total <= self.limit:
+                    continue
+                left = [s for s, owner in enumerate(record.placement) if owner == rank and s not in recompute]
+                if not left:
+                    continue
+                # Most bytes freed per second of recomputation; a free forward counts as one microsecond.
+                recompute.add(max(left, key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s)))
+                added = True
+            subset = tuple(sorted(recompute))
+            if not added:
+                return
+            bound = self.bound(record, subset)
+            if bound > self.threshold:
+                record.prune(bound)
+                return
+            candidate = self.run(record, subset)
+
+    def leanest_everywhere(self, records: list[Record]) -> None:
+        """With nothing feasible: the least memory each configuration can reach, for the error."""
+        for record in records:
+            choice = self.recompute_choices(record)
+            lean = () if choice == "none" else tuple(range(len(record.bounds) - 1))
+            self.run(record, lean)
+            self.run(record, ())
+
+
+def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
+    """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
+    [Note: planner search]). Raises `NoFeasiblePlan` naming the least memory that would do.
+    """
+    search = _Search(costs, options)
+    records = search.records()
+    if not records:
+        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in search.excluded.items())
+        raise ConfigError(f"nothing to search: no schedule family applies ({reasons})")
+    for record in records:
+        if record.lower_bound > search.threshold:
+            record.prune(record.lower_bound)
+            continue
+        search.search_config(record)
+    if not search.top:
+        search.leanest_everywhere(records)
+        tried = [c for record in records for c in record.tried.values()]
+        least = min(tried, key=lambda c: (c.peak_memory, rank_key(c)))
+        fastest = min((r.tried[()] for r in records if () in r.tried), key=rank_key, default=least)
+        raise NoFeasiblePlan(options.memory_limit, least, fastest)
+    choice = search.top[0]
+
+    def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
+        return search.run(record, recompute)
+
+    families = family_verdicts(records, search.excluded, choice, options.memory_limit)
+    settings = setting_verdicts(records, choice, options.memory_limit, extra,
+                                asynchronous=is_asynchronous(choice.schedule),
+                                recompute_pinned=options.recompute != "auto")
+    return Plan(
+        choice=choice,
+        top=tuple(search.top),
+        families=families,
+        settings=settings,
+        num_ranks=options.num_ranks,
+        global_batch=options.global_batch,
+        memory_limit=options.memory_limit,
+        num_simulated=search.num_simulated,
+        num_pruned=sum(1 for record in records if record.pruned_bound is not None and not record.tried),
+        source=costs.source,
+    )

@@ -1,0 +1,200 @@
+"""The search space: `PlanOptions` (what the user fixes and bounds) and the `Config`s it spans.
+
+A configuration is a schedule family, stages per rank (v) and micro-batch count (m);
+the partition follows from them (the time-balanced cut of the layers into p*v stages)
+and the recomputed stages are searched per configuration (see search.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipefold.errors import ConfigError, ScheduleError
+from pipefold.schedule import build, names
+from pipefold.schedule.ir import WeightUpdate
+from pipefold.schedule.registry import family
+from pipefold.simulate import Link
+
+__all__ = ["PlanOptions", "Config", "Space", "search_space", "RecomputeChoice", "is_asynchronous"]
+
+RecomputeChoice = Literal["auto", "none", "full"]
+
+
+def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} = {value!r}; give an integer >= 1")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the planner may choose, and the limits it must respect. Validated on construction."""
+
+    num_ranks: int
+    """Pipeline ranks p (devices)."""
+    global_batch: int
+    """Samples per optimizer step, split into the micro-batches."""
+    memory_limit: float = math.inf
+    """Bytes each rank may use (see [Note: planner memory model] in memory.py)."""
+    schedules: tuple[str, ...] = ()
+    """Families to consider; empty: every registered one (asynchronous ones only with allow_async)."""
+    microbatches: int | None = None
+    """Pin the micro-batch count m; None searches it."""
+    virtual: int | None = None
+    """Pin the stages per rank v; None searches 1..max_virtual where the family allows."""
+    recompute: RecomputeChoice = "auto"
+    """"auto" searches which stages to recompute; "none" and "full" pin it."""
+    allow_async: bool = False
+    """Consider pipedream and pipedream-2bw, whose updates do not equal one large batch's."""
+    uneven: bool = False
+    """Allow micro-batch counts that do not divide the batch (micro-batches differ by one sample)."""
+    max_virtual: int = 4
+    max_microbatches: int | None = None
+    """Largest micro-batch count searched; None: the global batch."""
+    top: int = 5
+    """How many candidates the plan lists."""
+    link: Link = field(default_factory=Link)
+    """Link between ranks (latency, bandwidth) for the boundary messages."""
+    exhaustive_recompute_stages: int = 4
+    """Up to this many stages every subset of recomputed stages is tried; above, a greedy search."""
+
+    def __post_init__(self) -> None:
+        _positive_int("num_ranks", self.num_ranks)
+        _positive_int("global_batch", self.global_batch)
+        _positive_int("microbatches", self.microbatches, optional=True)
+        _positive_int("virtual", self.virtual, optional=True)
+        _positive_int("max_virtual", self.max_virtual)
+        _positive_int("max_microbatches", self.max_microbatches, optional=True)
+        _positive_int("top", self.top)
+        if isinstance(self.exhaustive_recompute_stages, bool) or not isinstance(
+            self.exhaustive_recompute_stages, int
+        ) or self.exhaustive_recompute_stages < 0:
+            raise ConfigError(
+                f"exhaustive_recompute_stages = {self.exhaustive_recompute_stages!r}; give an integer >= 0"
+            )
+        if isinstance(self.memory_limit, bool) or not isinstance(self.memory_limit, (int, float)) or not (
+            self.memory_limit > 0
+        ):
+            raise ConfigError(f"memory_limit = {self.memory_limit!r}; give bytes > 0 (math.inf for none)")
+        if self.recompute not in ("auto", "none", "full"):
+            raise ConfigError(f"recompute = {self.recompute!r}; use 'auto', 'none' or 'full'")
+        object.__setattr__(self, "schedules", tuple(self.schedules))
+        for name in self.schedules:
+            family(name)  # raises ScheduleError naming the known families
+        if self.microbatches is not None:
+            if self.microbatches > self.global_batch:
+                raise ConfigError(
+                    f"microbatches = {self.microbatches} but the global batch has {self.global_batch} "
+                    f"samples; every micro-batch needs at least one, so use at most {self.global_batch}"
+                )
+            if self.global_batch % self.microbatches and not self.uneven:
+                legal = ", ".join(map(str, divisors(self.global_batch)))
+                raise ConfigError(
+                    f"microbatches = {self.microbatches} does not divide the global batch "
+                    f"{self.global_batch}; pick a divisor ({legal}) or allow uneven micro-batches"
+                )
+        if not isinstance(self.link, Link):
+            raise ConfigError(f"link = {self.link!r}; give a pipefold.simulate.Link")
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """A schedule family with its stages per rank and micro-batch count."""
+
+    schedule: str
+    num_virtual: int
+    num_microbatches: int
+    microbatch_rows: int
+    """Samples in the largest micro-batch: the costs of every micro-batch are scaled to it."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """The configurations to evaluate, and why the families left out were left out."""
+
+    configs: tuple[Config, ...]
+    excluded: dict[str, tuple[str, str]]
+    """family -> (status, reason) for the families with no configuration."""
+
+
+def divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+@functools.cache
+def is_asynchronous(name: str) -> bool:
+    """Whether the family updates weights inside a call (weight stashing or double buffering)."""
+    entry = family(name)
+    probe = build(name, num_ranks=1, num_microbatches=1, num_virtual=entry.default_virtual)
+    return probe.weight_update is not WeightUpdate.FLUSH
+
+
+def _virtual_values(name: str, options: PlanOptions, num_layers: int, m: int) -> tuple[list[int], str]:
+    """The legal stages-per-rank values for `name`, or none and the reason."""
+    entry = family(name)
+    p = options.num_ranks
+    if options.virtual is not None:
+        tried = [options.virtual]
+    elif entry.default_virtual > 1:
+        # v = 1 of a multi-stage family repeats a one-stage family searched under its own name
+        # (interleaved-1f1b at v = 1 is 1f1b), so it would only add a duplicate.
+        tried = list(range(2, max(options.max_virtual, entry.default_virtual) + 1))
+    else:
+        tried = list(range(1, options.max_virtual + 1))
+    legal, reasons = [], []
+    for v in tried:
+        try:
+            entry.check(p, m, v)
+        except ScheduleError as error:
+            reasons.append(str(error))
+            continue
+        if p * v > num_layers:
+            reasons.append(
+                f"v={v} needs {p}x{v} = {p * v} stages but the model has {num_layers} layers "
+                "(a stage holds at least one)"
+            )
+            continue
+        legal.append(v)
+    return legal, "; ".join(dict.fromkeys(reasons))
+
+
+def _microbatch_values(options: PlanOptions) -> list[int]:
+    if options.microbatches is not None:
+        return [options.microbatches]
+    batch = options.global_batch
+    cap = batch if options.max_microbatches is None else min(batch, options.max_microbatches)
+    if options.uneven:
+        return list(range(1, cap + 1))
+    return [d for d in divisors(batch) if d <= cap]
+
+
+def search_space(options: PlanOptions, num_layers: int) -> Space:
+    """Every configuration the options allow, in registry order, then v, then m."""
+    configs: list[Config] = []
+    excluded: dict[str, tuple[str, str]] = {}
+    microbatch_values = _microbatch_values(options)
+    for name in names():
+        if options.schedules and name not in options.schedules:
+            pinned = ", ".join(options.schedules)
+            excluded[name] = ("not-searched", f"not among the pinned schedules ({pinned})")
+            continue
+        if is_asynchronous(name) and not options.allow_async:
+            excluded[name] = (
+                "not-applicable",
+                "asynchronous (weights stashed: not the update of one large batch); allow async to search it",
+            )
+            continue
+        found = False
+        reason = ""
+        for m in microbatch_values:
+            legal, reason = _virtual_values(name, options, num_layers, m)
+            for v in legal:
+                configs.append(Config(name, v, m, math.ceil(options.global_batch / m)))
+                found = True
+        if not found:
+            excluded[name] = ("not-applicable", reason or "no legal setting")
+    return Space(tuple(configs), excluded)

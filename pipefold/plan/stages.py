@@ -1,0 +1,98 @@
+"""Per-layer costs summed into the simulator's per-stage `CostModel`, with or without recompute.
+
+[Note: recompute model]
+The planner recomputes whole stages, as `Pipeline(recompute=[layer indices])` does
+for the layers of those stages: each layer runs under its own activation checkpoint.
+Such a stage keeps only each layer's input per in-flight micro-batch, and each of its
+backward actions runs the layers' forwards again first: B and I cost one extra
+forward of the stage, and so does W, which re-enters the checkpoints once more (see
+[Note: split backward] in pipefold/runtime/backward.py). While one layer's backward
+runs, its recomputed activations exist for that moment: the rank's peak gains the
+largest such layer (`transient_bytes`). Without recompute a split backward keeps the
+stage's whole graph from I to W, so the bytes W needs are the stage's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from pipefold.plan.costs import ModelCosts
+from pipefold.simulate import CostModel, Link
+
+__all__ = ["StageLayout", "stage_cost_model", "transient_bytes", "stage_weights"]
+
+_F, _I, _W, _ACT, _PARAM, _INPUT = range(6)
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """A partition of the layers and the micro-batch rows the costs are scaled to."""
+
+    bounds: tuple[int, ...]
+    """Virtual stage s owns layers [bounds[s], bounds[s + 1])."""
+    rows: int
+    """Samples per micro-batch."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bounds) - 1
+
+
+def stage_weights(costs: ModelCosts, rows: int) -> list[float]:
+    """Per layer, F + B seconds at `rows` samples: what the balance DP evens out across stages."""
+    scale = rows / costs.reference_rows
+    return [2 * costs.overhead_s + scale * (layer.forward_s + layer.backward_s) for layer in costs.layers]
+
+
+def stage_cost_model(
+    costs: ModelCosts, layout: StageLayout, recompute: Collection[int], link: Link
+) -> CostModel:
+    """The simulator's costs for `layout`, stages in `recompute` recomputed (see [Note: recompute model])."""
+    scale = layout.rows / costs.reference_rows
+    overhead = costs.overhead_s
+    f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
+    for stage in range(layout.num_stages):
+        start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+        fixed = overhead * (stop - start)
+        forward = fixed + scale * costs.span(_F, start, stop)
+        input_grad = fixed + scale * costs.span(_I, start, stop)
+        weight_grad = fixed + scale * costs.span(_W, start, stop)
+        # One B per layer is one action: its fixed cost is paid once, not once per half.
+        backward = fixed + scale * (costs.span(_I, start, stop) + costs.span(_W, start, stop))
+        if stage in recompute:
+            input_grad, weight_grad = input_grad + forward, weight_grad + forward
+            backward += forward
+            kept = round(scale * costs.span(_INPUT, start, stop))
+        else:
+            kept = round(scale * costs.span(_ACT, start, stop))
+        activations.append(kept)
+        held_for_w.append(kept)
+        f.append(forward)
+        i.append(input_grad)
+        w.append(weight_grad)
+        b.append(backward)
+        weights.append(round(costs.span(_PARAM, start, stop)))
+    messages = [round(scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
+    return CostModel.from_lists(
+        f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
+        message_bytes=messages, link=link,
+    )
+
+
+def transient_bytes(
+    costs: ModelCosts,
+    layout: StageLayout,
+    recompute: Collection[int],
+    placement: Sequence[int],
+    num_ranks: int,
+) -> tuple[int, ...]:
+    """Per rank, the largest one-layer activation a recomputing backward rebuilds for a moment."""
+    scale = layout.rows / costs.reference_rows
+    peaks = [0] * num_ranks
+    for stage in recompute:
+        start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+        largest = max(costs.layers[index].activation_bytes for index in range(start, stop))
+        rank = placement[stage]
+        peaks[rank] = max(peaks[rank], round(scale * largest))
+    return tuple(peaks)

@@ -1,0 +1,55 @@
+"""Property: for random layer costs, the plan's prediction is a re-simulation of its configuration."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipefold.plan import LayerCost, ModelCosts, NoFeasiblePlan, PlanOptions, plan
+from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
+from pipefold.schedule import build
+from pipefold.simulate import Link, simulate
+
+layers = st.builds(
+    LayerCost,
+    forward_s=st.floats(0.01, 5.0),
+    backward_s=st.floats(0.01, 10.0),
+    activation_bytes=st.integers(0, 5000),
+    output_bytes=st.integers(1, 500),
+    parameter_bytes=st.integers(0, 2000),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layer_list=st.lists(layers, min_size=2, max_size=6),
+    num_ranks=st.integers(1, 3),
+    batch=st.sampled_from([1, 2, 4, 6]),
+    limit=st.integers(2000, 60000),
+    overhead=st.floats(0.0, 0.5),
+)
+def test_prediction_is_a_resimulation_and_fits(layer_list, num_ranks, batch, limit, overhead):
+    costs = ModelCosts(layers=tuple(layer_list), overhead_s=overhead)
+    if num_ranks > costs.num_layers:
+        return
+    try:
+        result = plan(costs, PlanOptions(num_ranks=num_ranks, global_batch=batch, memory_limit=limit,
+                                          max_virtual=2, top=3))
+    except NoFeasiblePlan as error:
+        assert error.least.peak_memory > limit
+        return
+    choice = result.choice
+    assert choice.peak_memory <= limit
+    schedule = build(choice.schedule, num_ranks=num_ranks, num_microbatches=choice.num_microbatches,
+                     num_virtual=choice.num_virtual)
+    layout = StageLayout(choice.bounds, choice.microbatch_rows)
+    model = stage_cost_model(costs, layout, choice.recompute, Link())
+    timeline = simulate(schedule, model)
+    assert timeline.makespan == pytest.approx(choice.step_time, rel=1e-12)
+    transient = transient_bytes(costs, layout, choice.recompute, schedule.placement, num_ranks)
+    owned = [0] * num_ranks
+    for stage, rank in enumerate(schedule.placement):
+        owned[rank] += model.weight_bytes[stage]
+    # Weights (every live version), then one gradient and two Adam moments per weight byte.
+    totals = [timeline.weight_bytes_peak[r] + 3 * owned[r] + timeline.activation_bytes_peak[r] + transient[r]
+              for r in range(num_ranks)]
+    assert max(totals) == choice.peak_memory <= limit
