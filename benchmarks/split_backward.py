@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.backward import backward_full, backward_input, backward_weight
 
 
@@ -76,7 +77,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 leaves torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint the attention half")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's allocator thresholds alone (Pipeline raises them on CPU; runtime/allocator.py)",
+    )
     args = parser.parse_args()
+    if not args.glibc_default and args.device == "cpu":
+        keep_freed_memory()
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

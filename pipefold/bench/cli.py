@@ -30,7 +30,7 @@ __all__ = ["add_parser", "configure_parser", "matrices_from_args", "options_from
 
 logger = logging.getLogger(__name__)
 
-_WORKLOADS = ("mlp", "transformer")
+_WORKLOADS = ("mlp", "transformer", "tiny")
 _QUIET_FIELDS = (
     "workload",
     "schedule",
@@ -44,6 +44,8 @@ _QUIET_FIELDS = (
     "peer_efficiency",
     "predicted_step_s",
     "prediction_error",
+    "calibrated_predicted_step_s",
+    "calibrated_prediction_error",
     "deepspeed_step_s",
     "deepspeed_ratio",
     "skipped",
@@ -70,7 +72,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced matrix, about a minute")
-    parser.add_argument("--workloads", nargs="+", choices=_WORKLOADS, help="default: both (quick: mlp)")
+    parser.add_argument("--workloads", nargs="+", choices=_WORKLOADS, help="default: mlp transformer (quick: mlp); tiny is the per-action overhead probe")
     parser.add_argument("--ranks", nargs="+", type=_positive, help="rank counts (default 2 4; quick: 2)")
     parser.add_argument(
         "--microbatches", nargs="+", type=_positive, help="micro-batch counts (default 4 8 16; quick: 8)"
@@ -97,6 +99,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-overhead", action="store_true", help="skip the per-action overhead micro-benchmark"
+    )
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also run the per-action overhead micro-benchmark (tiny workload) after a custom matrix",
     )
     parser.add_argument(
         "--full-batch-threads", type=_positive, default=2, help="threads of the full-batch baseline"
@@ -147,7 +154,7 @@ def matrices_from_args(args: argparse.Namespace) -> list[Any]:
         if num_ranks < 2:
             raise ConfigError(f"--ranks {num_ranks}: a pipeline needs at least 2 ranks")
     customized = any((args.workloads, args.ranks, args.microbatches, args.schedules))
-    with_overhead = not (args.quick or args.no_overhead or customized)
+    with_overhead = args.overhead or not (args.quick or args.no_overhead or customized)
     return [matrix, OVERHEAD] if with_overhead else [matrix]
 
 

@@ -63,6 +63,20 @@ class PipefoldSide:
         rank = int(self.pipe.rank)
         return int(peaks[rank]) if rank < len(peaks) else None
 
+    def calibrated_prediction(self) -> float | None:
+        """The simulated step of the schedule that ran, with each stage's F/B/I/W cost
+        measured in the last step (a warm-up step when called before timing): what
+        `pipefold train` reports as its prediction. It carries the ranks' real speeds
+        (two processes on two cores slow each other; cores may differ), which a
+        one-process profile cannot see."""
+        from pipefold.runtime.measured import measured_cost_model
+        from pipefold.simulate import simulate
+
+        timeline = self.pipe.last_timeline
+        if timeline is None:
+            return None
+        schedule = self.pipe.schedule
+        return float(simulate(schedule, measured_cost_model(timeline, schedule)).makespan)
 
     def timeline_json(self) -> dict[str, Any] | None:
         data: dict[str, Any] = self.pipe.last_timeline.to_json()

@@ -64,7 +64,7 @@ def _step_table(records: Sequence[Record]) -> str:
     header += ["eff. pipefold", "eff. torch"]
     if deepspeed:
         header += ["eff. deepspeed"]
-    header += ["predicted s", "pred. error", "spread pf / torch", "disturbed"]
+    header += ["predicted s", "pred. error", "pred. (warm-up costs) s", "error", "spread pf / torch", "disturbed"]
     rows = []
     for record in records:
         if record.get("skipped"):
@@ -84,6 +84,8 @@ def _step_table(records: Sequence[Record]) -> str:
         row += [
             _seconds(record["predicted_step_s"]),
             _percent(record["prediction_error"]),
+            _seconds(record.get("calibrated_predicted_step_s")),
+            _percent(record.get("calibrated_prediction_error")),
             f"{_percent(record.get('pipefold_spread'))[1:]} / {_percent(record.get('peer_spread'))[1:]}",
             _disturbed(record),
         ]
@@ -184,10 +186,17 @@ How these numbers are made (`pipefold/bench/`):
   range relative to the median. *ratio* = torch / pipefold, above 1 means pipefold is faster.
 - Efficiency = t(one process, 1 thread, same M accumulated) / (ranks x t(pipeline)); 1.0 is ideal.
   On CPU, micro-batching itself costs about as much as the bubble, hence this baseline.
+- Transport: pipefold sends boundary tensors between ranks on one host through shared memory
+  (`pipefold/runtime/shm.py`, its default on CPU); torch uses gloo's loopback sockets. Both run
+  in the same processes, so process-wide settings apply to both: pipefold's `Pipeline` raises
+  glibc's trim/mmap thresholds (`pipefold/runtime/allocator.py`) and torch profits as well.
 - Prediction: `pipefold.simulate` with per-stage F/B/I/W costs from a per-layer profile of the
   one-process run, scaled so that its one-process step equals the measured baseline; error =
-  predicted / measured pipefold step - 1. Ranks beyond the core count time-share, which the
-  simulator does not model.
+  predicted / measured pipefold step - 1. It cannot see that two ranks on two cores slow each
+  other, or that the cores differ in speed. *pred. (warm-up costs)* simulates the same schedule
+  with each stage's costs measured in pipefold's last warm-up step (`measured_cost_model`, what
+  `pipefold train` reports), then compares with the timed steps. Ranks beyond the core count
+  time-share, which neither models.
 - Memory: peak RSS is the rank process's high-water mark during each library's timed steps
   (reset before each step). Both libraries share the process, whose RSS is mostly torch itself
   and allocator caches that are not returned to the OS, so the two columns are close by
@@ -197,6 +206,61 @@ How these numbers are made (`pipefold/bench/`):
   beyond the ranks' own (`process_time`) is other load. A step where that exceeds the threshold
   is retaken (up to the retry limit) and, if still disturbed, kept and counted in *disturbed*.
 """
+
+
+def _median_of(values: Sequence[float | None]) -> float | None:
+    kept = sorted(v for v in values if v is not None)
+    if not kept:
+        return None
+    middle = len(kept) // 2
+    return kept[middle] if len(kept) % 2 else (kept[middle - 1] + kept[middle]) / 2
+
+
+def _summary(records: Sequence[Record]) -> list[str]:
+    """One bullet per rank count: speed against torch, efficiency, prediction error."""
+    lines = []
+    for num_ranks in sorted({r["ranks"] for r in records}):
+        chosen = [r for r in records if r["ranks"] == num_ranks and r.get("ratio") is not None]
+        if not chosen:
+            continue
+        ratios = [float(r["ratio"]) for r in chosen]
+        faster = sum(ratio > 1 for ratio in ratios)
+        line = (
+            f"- **{num_ranks} ranks**: torch/pipefold step-time ratio median {_ratio(_median_of(ratios))} "
+            f"(from {min(ratios):.2f} to {max(ratios):.2f}); pipefold faster in {faster} of {len(ratios)}."
+        )
+        for workload in dict.fromkeys(r["workload"] for r in chosen):
+            rows = [r for r in chosen if r["workload"] == workload]
+            best = {
+                m: max((r for r in rows if r["microbatches"] == m), key=lambda r: r["efficiency"] or 0.0)
+                for m in sorted({r["microbatches"] for r in rows})
+            }
+            bests = ", ".join(
+                f"M={m} {_ratio(r['efficiency'])} ({r['schedule']}; torch's best "
+                f"{_ratio(max((x['peer_efficiency'] or 0.0) for x in rows if x['microbatches'] == m))})"
+                for m, r in best.items()
+            )
+            line += (
+                f" {workload}: efficiency median {_ratio(_median_of([r['efficiency'] for r in rows]))} "
+                f"(torch {_ratio(_median_of([r['peer_efficiency'] for r in rows]))}), best {bests}."
+            )
+        profile = [abs(r["prediction_error"]) for r in chosen if r.get("prediction_error") is not None]
+        warm = [
+            abs(r["calibrated_prediction_error"])
+            for r in chosen
+            if r.get("calibrated_prediction_error") is not None
+        ]
+        if profile:
+            line += f" Median |prediction error|: {_percent(_median_of(profile))[1:]} from the profile"
+            if warm:
+                within = sum(error <= 0.10 for error in warm)
+                line += (
+                    f", {_percent(_median_of(warm))[1:]} from warm-up costs "
+                    f"({within} of {len(warm)} within 10%)"
+                )
+            line += "."
+        lines.append(line)
+    return lines
 
 
 def render_markdown(
@@ -222,6 +286,9 @@ def render_markdown(
         "",
         _METHOD,
     ]
+    summary = _summary([r for r in records if r["workload"] != "tiny" and not r.get("skipped")])
+    if summary:
+        parts += ["## Summary", "", *summary, ""]
     main_records = [r for r in records if r["workload"] != "tiny"]
     for workload in dict.fromkeys(r["workload"] for r in main_records):
         parts += [f"## Workload: {workload}", "", _baseline_table(document, workload), ""]

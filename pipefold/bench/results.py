@@ -71,6 +71,8 @@ class SideResult:
     error: str | None = None
     timeline: dict[str, Any] | None = None
     """The library's own measured timeline of its last timed step (pipefold only), as JSON."""
+    calibrated_prediction_s: float | None = None
+    """pipefold only: the simulator's step time with stage costs measured in its warm-up steps."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -166,6 +166,7 @@ def build_record(
         logger.info("no prediction for %s: %s", config.key, error)
     pipefold_s = medians.get("pipefold")
     peer_s = medians.get(peer)
+    calibrated = sides["pipefold"].calibrated_prediction_s if "pipefold" in sides else None
     record: dict[str, Any] = {
         "workload": config.workload,
         "schedule": config.schedule,
@@ -180,6 +181,8 @@ def build_record(
         "peer_efficiency": efficiency(peer_s),
         "predicted_step_s": predicted,
         "prediction_error": None if predicted is None or not pipefold_s else predicted / pipefold_s - 1.0,
+        "calibrated_predicted_step_s": calibrated,
+        "calibrated_prediction_error": None if calibrated is None or not pipefold_s else calibrated / pipefold_s - 1.0,
         "predicted_bubble": predicted_bubble,
         "single_process_s": single,
         "full_batch_s": full,

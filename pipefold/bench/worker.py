@@ -106,6 +106,10 @@ def run_config(
         for side in sides:
             side.zero_grad()
             side.step(*batch)
+    for side in sides:
+        calibrated = getattr(side, "calibrated_prediction", None)
+        if calibrated is not None and options.warmup_steps > 0:
+            result.sides[side.label].calibrated_prediction_s = calibrated()
     for _ in range(options.timed_steps):
         for side in sides:
             _timed_step(side, batch, options, rank, num_ranks, result.sides[side.label])

@@ -24,6 +24,7 @@ afterwards, so building never perturbs the caller's random stream.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,14 @@ class TensorMeta:
     def differentiable(self) -> tuple[bool, ...]:
         """Per tensor: whether a gradient flows back through it (floating or complex dtypes)."""
         return tuple(d.is_floating_point or d.is_complex for d in self.dtypes)
+
+    @property
+    def byte_sizes(self) -> tuple[int, ...]:
+        """Bytes of each tensor described."""
+        return tuple(
+            math.prod(shape) * dtype.itemsize
+            for shape, dtype in zip(self.shapes, self.dtypes, strict=True)
+        )
 
     @property
     def num_bytes(self) -> int:

@@ -17,9 +17,15 @@ the compute stream waits for the comm stream before the buffer is read. On CPU
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
 import pickle
-from collections.abc import Iterator, Sequence
-from typing import Any
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,15 +33,64 @@ from torch import Tensor
 
 from pipefold.errors import PipelineError
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
 
-__all__ = ["P2P", "Collectives"]
+__all__ = ["P2P", "Collectives", "Transfer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Transfer(Protocol):
+    """A started send or a posted receive; `wait` returns once it is complete."""
+
+    def wait(self, watchdog: Watchdog, what: str) -> None: ...
+
+
+@dataclass(eq=False)
+class _WorkTransfer:
+    works: list[dist.Work]
+    peer: int
+
+    def wait(self, watchdog: Watchdog, what: str) -> None:
+        for work in self.works:
+            watchdog.wait(work, what=what, peer=self.peer)
+
+
+class _Sent:
+    """A shared-memory send: complete when `send` returns."""
+
+    def wait(self, watchdog: Watchdog, what: str) -> None:
+        return None
+
+
+_SENT = _Sent()
+
+
+@dataclass(eq=False)
+class _ShmReceive:
+    channel: ShmChannel
+    sequence: int
+    buffers: Sequence[Tensor]
+    offsets: Sequence[int]
+    peer: int
+    peer_alive: Callable[[], bool] | None
+
+    def wait(self, watchdog: Watchdog, what: str) -> None:
+        channel, sequence = self.channel, self.sequence
+        watchdog.wait_until(
+            lambda: channel.ready(sequence), what=what, peer=self.peer, peer_alive=self.peer_alive
+        )
+        channel.read(sequence, self.buffers, self.offsets)
 
 
 class P2P:
     """Non-blocking sends and receives of tensor tuples between ranks of one group.
 
     `ranks` maps the pipeline's rank numbers to global ranks (torch.distributed
-    addresses peers by global rank even inside a subgroup).
+    addresses peers by global rank even inside a subgroup). Between ranks on one host
+    (CPU only) `connect_same_host` adds shared-memory channels that carry a step's
+    boundary tensors when they fit (see [Note: shared-memory channels] in shm.py);
+    everything else goes through the process group.
     """
 
     def __init__(self, group: dist.ProcessGroup, ranks: Sequence[int], device: torch.device) -> None:
@@ -44,6 +99,90 @@ class P2P:
         self._comm_stream = (
             torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
         )
+        self._send_channels: dict[int, ShmChannel] = {}
+        self._recv_channels: dict[int, ShmChannel] = {}
+        self._peer_alive: dict[int, Callable[[], bool]] = {}
+
+    @property
+    def same_host_peers(self) -> tuple[int, ...]:
+        """Peers this rank exchanges boundary tensors with through shared memory."""
+        return tuple(sorted(set(self._send_channels) | set(self._recv_channels)))
+
+    def connect_same_host(
+        self,
+        collectives: Collectives,
+        *,
+        rank: int,
+        send_peers: Sequence[int],
+        recv_peers: Sequence[int],
+        capacity: int,
+    ) -> None:
+        """Open shared-memory channels to the peers on this host (every rank calls this).
+
+        Three small all-gathers: who is where, which channel files were created, which
+        were opened; a channel is used only when both of its ends hold it.
+        """
+        token = new_token()
+        me = (socket.gethostname(), os.getpid(), token, self._comm_stream is None and shm_supported())
+        info = collectives.all_gather_object(me, what="same-host handshake")
+
+        def reachable(peer: int) -> bool:
+            return bool(me[3] and info[peer][3] and info[peer][0] == me[0])
+
+        created: dict[int, ShmChannel] = {}
+        for peer in sorted(set(send_peers)):
+            if reachable(peer):
+                try:
+                    name = _channel_name(token, rank, peer)
+                    created[peer] = ShmChannel.create(SHM_DIR, name, capacity, token)
+                except OSError as error:
+                    logger.info("no shared-memory channel to rank %d (%s): process group", peer, error)
+        announced = collectives.all_gather_object(sorted(created), what="same-host handshake")
+        opened: dict[int, ShmChannel] = {}
+        for peer in sorted(set(recv_peers)):
+            if rank in announced[peer]:
+                peer_token = int(info[peer][2])
+                name = _channel_name(peer_token, peer, rank)
+                channel = ShmChannel.open(SHM_DIR, name, capacity, peer_token)
+                if channel is not None:
+                    opened[peer] = channel
+        accepted = collectives.all_gather_object(sorted(opened), what="same-host handshake")
+        for peer, channel in created.items():
+            channel.unlink()
+            if rank in accepted[peer]:
+                self._send_channels[peer] = channel
+            else:
+                channel.close()
+        self._recv_channels = opened
+        for peer in self.same_host_peers:
+            pid = int(info[peer][1])
+            # Another PID namespace can share /dev/shm; there the pid means nothing and
+            # only the timeout and the failure board detect a dead peer.
+            if _process_alive(pid):
+                self._peer_alive[peer] = functools.partial(_process_alive, pid)
+
+    def close(self) -> None:
+        for channel in (*self._send_channels.values(), *self._recv_channels.values()):
+            channel.close()
+        self._send_channels = {}
+        self._recv_channels = {}
+
+    def begin_step(
+        self, send_bytes: Mapping[int, int], recv_bytes: Mapping[int, int], watchdog: Watchdog
+    ) -> None:
+        """Announce this step's traffic per peer (bytes as laid out by `shm.layout`); both
+        ends of a channel compute the same totals, so they agree on whether it is used."""
+        for peer, channel in self._send_channels.items():
+            if not channel.all_consumed():
+                watchdog.wait_until(
+                    channel.all_consumed,
+                    what="start of step (previous step's messages)",
+                    peer=peer,
+                    peer_alive=self._peer_alive.get(peer),
+                )
+            channel.begin_step(send_bytes.get(peer, 0))
+        for peer, channel in self._recv_channels.items():
+            channel.begin_step(recv_bytes.get(peer, 0))
 
     @contextlib.contextmanager
     def _on_comm_stream(self) -> Iterator[None]:
@@ -54,8 +193,24 @@ class P2P:
         with torch.cuda.stream(self._comm_stream):
             yield
 
-    def send(self, tensors: Sequence[Tensor], peer: int) -> list[dist.Work]:
-        """Start sending `tensors` (in order) to pipeline rank `peer`."""
+    def send(self, tensors: Sequence[Tensor], peer: int) -> Transfer:
+        """Start sending `tensors` (in order) to pipeline rank `peer` (a step's message)."""
+        channel = self._send_channels.get(peer)
+        if channel is not None and channel.active:
+            channel.send(tensors)
+            return _SENT
+        return self.send_direct(tensors, peer)
+
+    def recv(self, buffers: Sequence[Tensor], peer: int) -> Transfer:
+        """Post receives into `buffers` (in order) from pipeline rank `peer` (a step's message)."""
+        channel = self._recv_channels.get(peer)
+        if channel is not None and channel.active:
+            sequence, offsets, _ = channel.claim(buffers)
+            return _ShmReceive(channel, sequence, buffers, offsets, peer, self._peer_alive.get(peer))
+        return self.recv_direct(buffers, peer)
+
+    def send_direct(self, tensors: Sequence[Tensor], peer: int) -> Transfer:
+        """`send` through the process group, outside a step's announced traffic."""
         works = []
         with self._on_comm_stream():
             for tensor in tensors:
@@ -67,10 +222,10 @@ class P2P:
                         f"isend to rank {peer} returned no work; this rank is not in the group"
                     )
                 works.append(work)
-        return works
+        return _WorkTransfer(works, peer)
 
-    def recv(self, buffers: Sequence[Tensor], peer: int) -> list[dist.Work]:
-        """Post receives into `buffers` (in order) from pipeline rank `peer`."""
+    def recv_direct(self, buffers: Sequence[Tensor], peer: int) -> Transfer:
+        """`recv` through the process group, outside a step's announced traffic."""
         works = []
         with self._on_comm_stream():
             for buffer in buffers:
@@ -80,12 +235,31 @@ class P2P:
                         f"irecv from rank {peer} returned no work; this rank is not in the group"
                     )
                 works.append(work)
-        return works
+        return _WorkTransfer(works, peer)
 
     def after_recv(self) -> None:
         """Order the compute stream after completed receives (no-op on CPU)."""
         if self._comm_stream is not None:
             torch.cuda.current_stream(self._comm_stream.device).wait_stream(self._comm_stream)
+
+
+def _channel_name(token: int, sender: int, receiver: int) -> str:
+    return f"pipefold-{token:x}-{sender}-{receiver}"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class Collectives:

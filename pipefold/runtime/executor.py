@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.model import TensorMeta
 from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
-from pipefold.runtime.comm import P2P
+from pipefold.runtime.comm import P2P, Transfer
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.shm import layout
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.schedule import Action, Op, Program
 from pipefold.timeline import Event, Wait
@@ -73,10 +73,10 @@ class StepRecord:
 
 @dataclass(eq=False)
 class _Pending:
-    """A posted receive: where the data lands and the works to wait for."""
+    """A posted receive: where the data lands and the transfer to wait for."""
 
     value: Any
-    works: list[dist.Work]
+    transfer: Transfer
     peer: int
 
 
@@ -136,6 +136,10 @@ class Executor:
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
             dispatch.append((handlers[action.op], action, action.op.is_compute))
+        self._messages = tuple(
+            (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
+        )
+        self._traffic_cache: dict[tuple[int, ...], tuple[dict[int, int], dict[int, int]]] = {}
         self._dispatch = tuple(dispatch)
         self._run_counter: ActivationCounter | None = counter
         self._ready_at = 0.0
@@ -159,6 +163,9 @@ class Executor:
         origin = torch.cuda.Event(enable_timing=True) if cuda else None  # type: ignore[no-untyped-call]
         if origin is not None:
             origin.record()
+        if self._p2p is not None and self._watchdog is not None and self._messages:
+            send_bytes, recv_bytes = self._traffic(step)
+            self._p2p.begin_step(send_bytes, recv_bytes, self._watchdog)
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
         clock = time.perf_counter
@@ -175,7 +182,7 @@ class Executor:
                     end.record()
                     cuda_marks.append((action, begin, end))
                 else:
-                    start = self._ready_at = clock()
+                    self._ready_at = clock()
                     handler(action)
                     # A consumer first waits for its message (recorded as a Wait by
                     # _complete, which moves _ready_at); the compute event starts after it.
@@ -212,7 +219,8 @@ class Executor:
         self._send_grads: list[list[Any]] = table()
         self._weight_state: list[list[WeightGradState | None]] = table()
         self._losses: list[Tensor | None] = [None] * mbs
-        self._sends: list[tuple[list[dist.Work], Action, int, tuple[Tensor, ...]]] = []
+        # Sends in flight, with their tensors kept alive until the transfer completes.
+        self._sends: list[tuple[Transfer, Action, tuple[Tensor, ...]]] = []
         self._step_inputs = step
 
     # -- helpers -----------------------------------------------------------------------------
@@ -242,21 +250,49 @@ class Executor:
     def _complete(self, pending: _Pending, consumer: Action) -> Any:
         p2p, watchdog = self._comm()
         start = time.perf_counter()
-        what = str(consumer)
-        for work in pending.works:
-            watchdog.wait(work, what=what, peer=pending.peer)
+        pending.transfer.wait(watchdog, str(consumer))
         end = self._ready_at = time.perf_counter()
         p2p.after_recv()
         self._waits.append(Wait(self.rank, consumer, start - self._t0, end - self._t0))
         return pending.value
 
+    def _traffic(self, step: StepInputs) -> tuple[dict[int, int], dict[int, int]]:
+        """Bytes this step sends to and receives from each peer, laid out as the
+        shared-memory channels lay them out (see `shm.layout`); cached per batch shape."""
+        key = tuple(map(id, step.boundaries))
+        cached = self._traffic_cache.get(key)
+        if cached is not None:
+            return cached
+        sent: dict[int, int] = {}
+        received: dict[int, int] = {}
+        for action, peer in self._messages:
+            s, mb = action.stage, action.microbatch
+            op = action.op
+            forward = op in (Op.SEND_F, Op.RECV_F)
+            # A forward message carries a stage's output (send) or input (receive); a
+            # backward one the gradient of the other side, differentiable entries only.
+            at_output = op in (Op.SEND_F, Op.RECV_B)
+            meta = step.boundaries[mb][self._out_layer[s] if at_output else self._in_layer[s]]
+            sizes = [
+                size
+                for size, grad in zip(meta.byte_sizes, meta.differentiable, strict=True)
+                if forward or grad
+            ]
+            totals = sent if op in (Op.SEND_F, Op.SEND_B) else received
+            totals[peer] = layout(sizes, totals.get(peer, 0))[1]
+        self._traffic_cache[key] = (sent, received)
+        # The cache keys on the identity of the boundary lists, which the pipeline keeps
+        # per batch shape; a caller building new lists every step would grow it, so bound it.
+        if len(self._traffic_cache) > 64:
+            self._traffic_cache.pop(next(iter(self._traffic_cache)))
+        return sent, received
+
     def _wait_sends(self) -> None:
         if not self._sends:
             return
         _, watchdog = self._comm()
-        for works, action, peer, _ in self._sends:
-            for work in works:
-                watchdog.wait(work, what=str(action), peer=peer)
+        for transfer, action, _ in self._sends:
+            transfer.wait(watchdog, str(action))
         self._sends = []
 
     def _release(self, stage: int, microbatch: int) -> None:
@@ -325,7 +361,7 @@ class Executor:
             )
         tensors = tuple(t.detach() for t in outputs)
         p2p, _ = self._comm()
-        self._sends.append((p2p.send(tensors, peer), action, peer, tensors))
+        self._sends.append((p2p.send(tensors, peer), action, tensors))
 
     def _recv_forward(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch
@@ -407,7 +443,7 @@ class Executor:
         self._send_grads[s][mb] = None
         p2p, _ = self._comm()
         peer = self._peers[action]
-        self._sends.append((p2p.send(grads, peer), action, peer, grads))
+        self._sends.append((p2p.send(grads, peer), action, grads))
 
     def _recv_backward(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch

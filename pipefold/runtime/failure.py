@@ -140,6 +140,9 @@ class Watchdog:
         self._poll_completion = poll_completion
         self._poll_s = poll_s
         self._waiter: _Waiter | None = None
+        self._spin = 200
+        self.max_pause_s = 2e-4
+        """Longest sleep between checks of a shared-memory flag: the latency it may add."""
 
     def wait(self, work: dist.Work, *, what: str, peer: int | None) -> None:
         """Block until `work` completes; raise PeerFailure if a peer failed or `timeout_s` passed.
@@ -151,6 +154,46 @@ class Watchdog:
             self._wait_polling(work, what, peer)
         else:
             self._wait_threaded(work, what, peer)
+
+    def wait_until(
+        self,
+        ready: Callable[[], bool],
+        *,
+        what: str,
+        peer: int | None,
+        peer_alive: Callable[[], bool] | None = None,
+    ) -> None:
+        """Block until `ready()` is true (a flag another process sets in shared memory).
+
+        Spins briefly (a message usually lands within microseconds of the wait), then
+        sleeps in growing pauses up to `max_pause_s`, checking the failure board, the
+        deadline and `peer_alive()` every `poll_s`.
+        """
+        if ready():
+            return
+        for _ in range(self._spin):
+            if ready():
+                return
+        deadline = time.monotonic() + self._timeout_s
+        next_check = time.monotonic() + self._poll_s
+        pause = 1e-5
+        while not ready():
+            now = time.monotonic()
+            if now >= next_check:
+                self._check(what, peer, deadline, now)
+                if peer_alive is not None and not peer_alive():
+                    # A peer that died publishes nothing; without this its neighbours
+                    # would sit out the whole timeout.
+                    report = self._board.read()
+                    if report is not None:
+                        raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}")
+                    raise PeerFailure(
+                        f"rank {self._rank}: rank {peer} exited while rank {self._rank} waited at {what}; "
+                        f"its own output says why"
+                    )
+                next_check = now + self._poll_s
+            time.sleep(pause)
+            pause = min(pause * 2, self.max_pause_s)
 
     def _wait_polling(self, work: dist.Work, what: str, peer: int | None) -> None:
         deadline = time.monotonic() + self._timeout_s

@@ -22,11 +22,11 @@ so accumulation across steps stays exact there too.
 from __future__ import annotations
 
 import itertools
-import socket
-from dataclasses import replace
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
@@ -47,13 +47,14 @@ from pipefold.model import (
     tied_groups,
     trace_boundaries,
 )
-from pipefold.runtime.comm import P2P, Collectives
+from pipefold.runtime.allocator import keep_freed_memory
+from pipefold.runtime.comm import P2P, Collectives, Transfer
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
-from pipefold.schedule import Schedule, WeightUpdate, build, lower
+from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
 
@@ -95,6 +96,14 @@ class Pipeline:
     - `fuse_backward`: run an I directly followed by its W as one B where no other rank
       waits for I's gradient (the first stage, or a predecessor on the same rank);
       `pipe.schedule` is then the fused schedule. False runs the schedule as given.
+    - `shared_memory`: on CPU, ranks on one host exchange boundary tensors through
+      /dev/shm (about 10x lower latency than gloo's loopback sockets; see
+      pipefold/runtime/shm.py); False sends everything through the process group.
+      `shared_memory_bytes` is the most one step may send to one peer that way (pages
+      are allocated as steps need them); a step with more uses the process group.
+    - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
+      returning it to the kernel between micro-batches (process-wide; see
+      pipefold/runtime/allocator.py): fewer page faults, a flat heap at its peak.
     """
 
     _num_created: ClassVar[itertools.count[int]] = itertools.count()
@@ -118,6 +127,9 @@ class Pipeline:
         record_timeline: bool = True,
         fuse_backward: bool = True,
         count_memory_every: int = 8,
+        shared_memory: bool = True,
+        shared_memory_bytes: int = 64 << 20,
+        keep_cpu_heap: bool = True,
     ) -> None:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
@@ -135,6 +147,11 @@ class Pipeline:
                 f"count_memory_every = {count_memory_every!r}; give a positive number of steps (1 = every step)"
             )
         self._count_memory_every = count_memory_every
+        if not isinstance(shared_memory_bytes, int) or shared_memory_bytes < 0:
+            raise ConfigError(
+                f"shared_memory_bytes = {shared_memory_bytes!r}; give a byte count >= 0 "
+                f"(the most one step may send to one peer through shared memory)"
+            )
         self._num_steps_run = 0
         self._memory_counted_for: set[TensorMeta] = set()
         self._activation_peak = 0
@@ -150,6 +167,8 @@ class Pipeline:
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_async(optimizer, recompute)
         self.device = _resolve_device(device, self._group)
+        if keep_cpu_heap and self.device.type == "cpu":
+            keep_freed_memory()
         recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
         self.partition = _resolve_partition(self._layers, self.schedule, partition)
 
@@ -188,16 +207,26 @@ class Pipeline:
         )
         p2p: P2P | None = None
         self._collectives: Collectives | None = None
+        program = lower(self.schedule)
         if self._group is not None:
             p2p = P2P(self._group, self._ranks, self.device)
             self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
+            if shared_memory and shared_memory_bytes > 0 and self.device.type == "cpu":
+                mine = [a for a in program.instructions[self.rank] if not a.op.is_compute]
+                p2p.connect_same_host(
+                    self._collectives,
+                    rank=self.rank,
+                    send_peers=[program.peer_of(a) for a in mine if a.op in (Op.SEND_F, Op.SEND_B)],
+                    recv_peers=[program.peer_of(a) for a in mine if a.op in (Op.RECV_F, Op.RECV_B)],
+                    capacity=shared_memory_bytes,
+                )
         self._p2p = p2p
         self._tied = self._tie_groups()
         counter = ActivationCounter(self.parameters()) if record_timeline else None
         self._stage_of = stages
         stepping = self._attach_stashes(optimizer)
         self._executor = Executor(
-            lower(self.schedule),
+            program,
             self.rank,
             stages,
             loss_fn=loss_fn,
@@ -477,14 +506,14 @@ class Pipeline:
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
                 delta = (grad if previous is None else grad - previous).contiguous()
                 parts: dict[int, Tensor] = {self.rank: delta}
-                pending: list[tuple[dist.Work, int]] = []
+                pending: list[Transfer] = []
                 for peer in owners:
                     if peer != self.rank:
-                        pending += [(work, peer) for work in p2p.send([delta], peer)]
+                        pending.append(p2p.send_direct([delta], peer))
                         parts[peer] = torch.empty_like(delta)
-                        pending += [(work, peer) for work in p2p.recv([parts[peer]], peer)]
-                for work, peer in pending:
-                    self._watchdog.wait(work, what="tied-gradient exchange", peer=peer)
+                        pending.append(p2p.recv_direct([parts[peer]], peer))
+                for transfer in pending:
+                    transfer.wait(self._watchdog, "tied-gradient exchange")
                 p2p.after_recv()
                 # Summed in rank order on every owner, so the owners' weights stay bit-identical.
                 total = parts[owners[0]]

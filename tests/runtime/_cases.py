@@ -129,6 +129,8 @@ def exact(
     partition: Any = "uniform",
     device: str | None = None,
     mesh: tuple[int, ...] | None = None,
+    shared_memory: bool = True,
+    shared_memory_bytes: int = 64 << 20,
 ) -> dict:
     """Loss and every local gradient equal the single-process reference, over `num_steps` steps.
 
@@ -154,6 +156,8 @@ def exact(
         timeout_s=30,
         device=device,
         process_group=process_group,
+        shared_memory=shared_memory,
+        shared_memory_bytes=shared_memory_bytes,
     )
     reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
     losses = []
@@ -180,6 +184,7 @@ def exact(
         "num_events": [len(row) for row in timeline.events],
         "activation_bytes_peak": list(timeline.activation_bytes_peak),
         "source": timeline.source,
+        "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
     }
 
 

@@ -82,3 +82,32 @@ def test_two_pipelines_in_a_dp_by_pp_mesh(pool4, schedule):
     results = pool4.run("exact", schedule=schedule, num_microbatches=3, model="transformer", mesh=(2, 2))
     _check(results[:2], 2)
     _check(results[2:], 2)
+
+
+@pytest.mark.multiprocess
+def test_ranks_on_one_host_talk_through_shared_memory(pool2):
+    results = pool2.run("exact", schedule="zb-v", num_microbatches=4, model="transformer")
+    _check(results, 2)
+    assert [r["same_host_peers"] for r in results] == [[1], [0]]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zb-v", "dualpipe-v"])
+def test_process_group_transport_is_exact_too(pool4, schedule):
+    results = pool4.run(
+        "exact", schedule=schedule, num_microbatches=4, model="transformer", shared_memory=False
+    )
+    _check(results, 4)
+    assert all(r["same_host_peers"] == [] for r in results)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("capacity", [64, 1500])
+def test_steps_larger_than_the_channel_use_the_process_group(pool2, capacity):
+    # 64 bytes holds no step's traffic; 1500 holds the forward direction (2 rows x 8
+    # floats per micro-batch of the MLP) but not both, so one step mixes the transports.
+    results = pool2.run(
+        "exact", schedule="1f1b", num_microbatches=3, model="mlp", rows=6, shared_memory_bytes=capacity
+    )
+    _check(results, 2)
+    assert [r["same_host_peers"] for r in results] == [[1], [0]]

@@ -1,0 +1,241 @@
+"""Same-host transport: boundary tensors through a shared-memory file instead of sockets.
+
+[Note: shared-memory channels]
+On CPU, gloo moves a tensor between two processes on one machine through a loopback
+TCP socket: a write and a read system call, a copy through the kernel, and a wake-up of
+gloo's I/O thread on each side. Measured here (2 vCPUs) one round trip of a 32 KiB
+tensor takes 300-1000 us through gloo and about 30 us through shared memory
+(`benchmarks/transport.py`). A pipeline puts two such latencies per micro-batch on its
+critical path, and gloo's threads compete with the ranks' compute for the same cores.
+
+A `ShmChannel` is one direction (sender -> receiver) between two ranks: a file in
+/dev/shm that both map. The sender copies each message's tensors into the data region
+and then raises `published` (a sequence number in the header); the receiver polls
+`published`, copies the tensors out and raises `consumed`. There is no wrap-around:
+every step lays its messages out from offset 0 in the order both sides already agree on
+(the lowering posts receives in per-peer FIFO order, which is also the send order), and
+both sides compute the layout from the boundary shapes, which every rank knows from
+the meta-device trace. A step whose traffic on a channel exceeds the channel's capacity
+uses the process group for that channel instead; both sides decide alike, from the same
+totals. Before a step writes from offset 0 again the sender checks that the receiver
+consumed everything of the previous step (it always has: every step ends with a
+collective that the receiver joins only after its last receive; the check turns a
+violation into a bounded wait rather than corrupted data).
+
+Ordering: the header counters are written after the data copy returns, and x86-64 keeps
+stores in order (and loads in order), so a receiver that sees `published >= n` sees
+message n's bytes. The channels are therefore only used on x86-64; elsewhere the
+process group carries everything.
+
+The file is created by the sender, opened by the receiver after a handshake through
+the process group, and unlinked as soon as both hold a mapping, so nothing stays in
+/dev/shm even if a rank is killed. Pages are allocated with posix_fallocate before they
+are written, so a full /dev/shm is an error at that point, never a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import secrets
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipefold.errors import PipelineError
+
+__all__ = ["SHM_DIR", "ShmChannel", "layout", "shm_supported"]
+
+SHM_DIR = Path("/dev/shm")
+_HEADER_BYTES = 4096
+_ALIGN = 64
+# Header slots (int64 indices), each on its own 64-byte cache line so the sender's and the
+# receiver's writes do not share a line: magic, published (sender), consumed (receiver).
+_MAGIC, _PUBLISHED, _CONSUMED = 0, 8, 16
+
+
+def shm_supported() -> bool:
+    """Whether this machine can use shared-memory channels (x86-64 Linux with /dev/shm)."""
+    return (
+        platform.system() == "Linux"
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and SHM_DIR.is_dir()
+        and os.access(SHM_DIR, os.W_OK)
+    )
+
+
+def _align(offset: int) -> int:
+    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def layout(sizes: Sequence[int], start: int = 0) -> tuple[list[int], int]:
+    """Offsets of tensors of `sizes` bytes placed one after another from `start`
+    (each on a 64-byte boundary), and the end offset."""
+    offsets = []
+    position = start
+    for size in sizes:
+        position = _align(position)
+        offsets.append(position)
+        position += size
+    return offsets, position
+
+
+def new_token() -> int:
+    """A random non-zero 63-bit value that names a channel file and marks its header."""
+    return secrets.randbits(62) + 1
+
+
+class ShmChannel:
+    """One direction of a same-host channel; see [Note: shared-memory channels].
+
+    The sender creates it with `create`, the receiver with `open`; `capacity` is the
+    largest number of data bytes one step may put through it.
+    """
+
+    def __init__(self, path: Path, capacity: int, fd: int, *, is_sender: bool) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.is_sender = is_sender
+        self._fd = fd
+        self._map = mmap.mmap(fd, _HEADER_BYTES + capacity)
+        # From here the channel owns `fd`: closed when the channel is collected without
+        # `close` (the mapping closes itself). It holds only the number, never the group.
+        self._closer = weakref.finalize(self, os.close, fd)
+        self._header = np.frombuffer(self._map, dtype=np.int64, count=_HEADER_BYTES // 8)
+        self._data = torch.frombuffer(self._map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
+        self._allocated = 0
+        self._sequence = 0
+        self._consumed = 0
+        self._offset = 0
+        self._announced = 0
+        self.active = False
+        """Whether this step's messages go through this channel (set by `begin_step`)."""
+
+    # -- setup -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, name: str, capacity: int, token: int) -> ShmChannel:
+        path = directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Sparse: only the header is allocated now, data pages per step (`begin_step`).
+            os.ftruncate(fd, _HEADER_BYTES + capacity)
+            os.posix_fallocate(fd, 0, _HEADER_BYTES)
+            channel = cls(path, capacity, fd, is_sender=True)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        channel._header[_MAGIC] = token
+        return channel
+
+    @classmethod
+    def open(cls, directory: Path, name: str, capacity: int, token: int) -> ShmChannel | None:
+        """The receiver's side, or None when the file is not there or not the sender's
+        (another machine, or another /dev/shm namespace on this one)."""
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size != _HEADER_BYTES + capacity:
+                os.close(fd)
+                return None
+            channel = cls(path, capacity, fd, is_sender=False)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        if int(channel._header[_MAGIC]) != token:
+            channel.close()
+            return None
+        return channel
+
+    def unlink(self) -> None:
+        """Remove the name; both mappings stay valid."""
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if not self._closer.alive:
+            return
+        del self._data, self._header
+        try:
+            self._map.close()
+        except BufferError:  # a tensor view is still alive somewhere; the GC unmaps later
+            pass
+        self._closer()
+
+    # -- per step ----------------------------------------------------------------------------
+
+    def begin_step(self, num_bytes: int) -> None:
+        """Start a step that moves `num_bytes` (as laid out by `layout`) through this
+        direction; the channel is active only if they fit."""
+        self.active = num_bytes <= self.capacity
+        self._announced = num_bytes
+        self._offset = 0
+        if self.active and self.is_sender and num_bytes > self._allocated:
+            try:
+                os.posix_fallocate(self._fd, _HEADER_BYTES, num_bytes)
+            except OSError as error:
+                raise PipelineError(
+                    f"cannot allocate {num_bytes} bytes in {SHM_DIR} for the same-host channel "
+                    f"{self.path.name} ({error}); free space there, lower shared_memory_bytes, "
+                    f"or pass shared_memory=False to use the process group"
+                ) from error
+            self._allocated = num_bytes
+
+    @property
+    def sequence(self) -> int:
+        """Messages sent (sender) or received (receiver) through this channel so far."""
+        return self._sequence
+
+    def all_consumed(self) -> bool:
+        """Sender: whether the receiver took every message sent so far."""
+        return int(self._header[_CONSUMED]) >= self._sequence
+
+    def send(self, tensors: Sequence[Tensor]) -> None:
+        """Copy `tensors` into the next slots and publish them (sender)."""
+        offsets, end = layout([t.numel() * t.element_size() for t in tensors], self._offset)
+        if end > self._announced:
+            raise PipelineError(
+                f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
+                f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
+            )
+        for tensor, offset in zip(tensors, offsets, strict=True):
+            size = tensor.numel() * tensor.element_size()
+            self._data[offset : offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        self._offset = end
+        self._sequence += 1
+        self._header[_PUBLISHED] = self._sequence
+
+    def ready(self, sequence: int) -> bool:
+        """Receiver: whether message number `sequence` (1-based) has been published."""
+        return int(self._header[_PUBLISHED]) >= sequence
+
+    def claim(self, buffers: Sequence[Tensor]) -> tuple[int, list[int], int]:
+        """Receiver: reserve the next message's slots; returns (sequence, offsets, end)."""
+        offsets, end = layout([b.numel() * b.element_size() for b in buffers], self._offset)
+        if end > self._announced:
+            raise PipelineError(
+                f"same-host channel {self.path.name}: a receive ends at byte {end} but the step "
+                f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
+            )
+        self._offset = end
+        self._sequence += 1
+        return self._sequence, offsets, end
+
+    def read(self, sequence: int, buffers: Sequence[Tensor], offsets: Sequence[int]) -> None:
+        """Receiver: copy a published message out and mark it consumed."""
+        for buffer, offset in zip(buffers, offsets, strict=True):
+            size = buffer.numel() * buffer.element_size()
+            buffer.copy_(self._data[offset : offset + size].view(buffer.dtype).view(buffer.shape))
+        # Messages of one channel may be consumed out of posting order (two stages of the
+        # receiver fed by one sender); `consumed` is the highest taken, which is the
+        # step's last message once the step is done.
+        self._consumed = max(self._consumed, sequence)
+        self._header[_CONSUMED] = self._consumed

@@ -1,0 +1,88 @@
+"""Shared-memory channels (pipefold.runtime.shm), both ends in this one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipefold.errors import PipelineError
+from pipefold.runtime.shm import ShmChannel, layout, new_token, shm_supported
+
+pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared-memory channels need x86-64 Linux")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    token = new_token()
+    sender = ShmChannel.create(tmp_path, "channel", 4096, token)
+    receiver = ShmChannel.open(tmp_path, "channel", 4096, token)
+    assert receiver is not None
+    sender.unlink()
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def test_layout_aligns_every_tensor_to_64_bytes():
+    assert layout([10, 64, 1], start=0) == ([0, 64, 128], 129)
+    assert layout([8], start=129) == ([192], 200)
+    assert layout([], start=5) == ([], 5)
+
+
+def test_messages_arrive_in_order_with_their_dtypes(pair):
+    sender, receiver = pair
+    first = (torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([True, False]))
+    second = (torch.arange(5, dtype=torch.int64),)
+    total = layout([24, 2], 0)[1]
+    total = layout([40], total)[1]
+    sender.begin_step(total)
+    receiver.begin_step(total)
+    assert sender.active and receiver.active
+    buffers_1 = (torch.empty(2, 3), torch.empty(2, dtype=torch.bool))
+    buffers_2 = (torch.empty(5, dtype=torch.int64),)
+    claim_1 = receiver.claim(buffers_1)
+    claim_2 = receiver.claim(buffers_2)
+    assert not receiver.ready(claim_1[0])
+    sender.send(first)
+    assert receiver.ready(claim_1[0]) and not receiver.ready(claim_2[0])
+    sender.send(second)
+    # Consumed out of posting order, as two stages of one receiver may do.
+    receiver.read(claim_2[0], buffers_2, claim_2[1])
+    receiver.read(claim_1[0], buffers_1, claim_1[1])
+    torch.testing.assert_close(buffers_1, first)
+    torch.testing.assert_close(buffers_2, second)
+    assert sender.all_consumed()
+    sender.begin_step(total)  # the next step starts again at offset 0
+    receiver.begin_step(total)
+    claim = receiver.claim(buffers_2)
+    sender.send((torch.full((5,), 7, dtype=torch.int64),))
+    assert not sender.all_consumed()
+    receiver.read(claim[0], buffers_2, claim[1])
+    assert sender.all_consumed()
+    assert buffers_2[0].tolist() == [7] * 5
+
+
+def test_a_step_larger_than_the_channel_leaves_it_inactive(pair):
+    sender, receiver = pair
+    sender.begin_step(4097)
+    receiver.begin_step(4097)
+    assert not sender.active and not receiver.active
+
+
+def test_a_message_beyond_the_announced_step_is_refused(pair):
+    sender, _ = pair
+    sender.begin_step(64)
+    with pytest.raises(PipelineError, match="announced"):
+        sender.send((torch.zeros(17),))
+
+
+def test_open_refuses_another_senders_file(tmp_path):
+    sender = ShmChannel.create(tmp_path, "channel", 4096, new_token())
+    try:
+        assert ShmChannel.open(tmp_path, "channel", 4096, token=1) is None  # wrong token
+        assert ShmChannel.open(tmp_path, "channel", 8192, token=1) is None  # wrong size
+        assert ShmChannel.open(tmp_path, "missing", 4096, token=1) is None
+    finally:
+        sender.unlink()
+        sender.close()
+    assert list(tmp_path.iterdir()) == []
