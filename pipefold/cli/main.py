@@ -19,6 +19,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("pipefold.cli.train", "train"),
     ("pipefold.cli.simulate", "simulate"),
     ("pipefold.cli.plan", "plan"),
+    ("pipefold.cli.profile", "profile"),
     ("pipefold.cli.schedules", "schedules"),
     ("pipefold.cli.launch", "launch"),
     ("pipefold.bench.cli", "bench"),

@@ -3,10 +3,13 @@
     pipefold plan --model gpt --num-layers 24 --d-model 1024 --ranks 4 --batch-size 64 --memory 8GiB
     pipefold plan --costs costs.json --ranks 8 --batch-size 64 --memory 40GiB --top 10
     pipefold plan --model gpt --ranks 4 --memory 2GiB --schedule zb-v --json
+    pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, then plan
 
-Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written from
-`pipefold.model.profile` results) or from a FLOP estimate of the built-in GPT
-(`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement).
+Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
+or from `pipefold.model.profile` results), from a FLOP estimate of the built-in GPT
+(`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement),
+or from measuring that GPT on this machine first (`--profile`, or `--model gpt --measure`:
+what `pipefold profile` does, with its flags).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 from typing import Any
 
+from pipefold.cli.profile import add_measure_arguments
 from pipefold.errors import ConfigError
 
 
@@ -53,6 +57,8 @@ def add_parser(subparsers: Any) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--costs", metavar="FILE", help="a ModelCosts JSON file (per-layer costs)")
     source.add_argument("--model", choices=("gpt",), help="estimate the built-in GPT's costs from FLOPs")
+    source.add_argument("--profile", action="store_true",
+                        help="measure the built-in GPT here (as pipefold profile), then plan")
     # The schedule flags mean what they mean in `pipefold simulate`, but here they pin a value
     # the planner would otherwise search.
     parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks p (default 4)")
@@ -78,7 +84,10 @@ def add_parser(subparsers: Any) -> None:
                         help="link latency per message (default 0)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    gpt = parser.add_argument_group("--model gpt (a FLOP estimate; defaults are pipefold train's)")
+    gpt = parser.add_argument_group(
+        "--model gpt / --profile (the built-in GPT; defaults are pipefold train's; --flops, "
+        "--bytes-per-value and --overhead shape the FLOP estimate only)"
+    )
     gpt.add_argument("--num-layers", "--layers", dest="num_layers", type=int, default=4,
                      help="decoder blocks (default 4)")
     gpt.add_argument("--d-model", dest="d_model", type=int, default=128, help="model width (default 128)")
@@ -86,26 +95,61 @@ def add_parser(subparsers: Any) -> None:
                      help="attention heads (default 4)")
     gpt.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     gpt.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default 256 bytes)")
-    gpt.add_argument("--flops", type=_rate_flag("--flops"), default=1e12,
+    # Estimate-only flags default to None so a measurement can refuse them when given.
+    gpt.add_argument("--flops", type=_rate_flag("--flops"),
                      help="sustained FLOP/s of one device (default 1e12)")
-    gpt.add_argument("--bytes-per-value", type=int, default=4, help="4 for fp32 (default), 2 for bf16")
-    gpt.add_argument("--overhead", type=float, default=0.0, metavar="SECONDS",
+    gpt.add_argument("--bytes-per-value", type=int, help="4 for fp32 (default), 2 for bf16")
+    gpt.add_argument("--overhead", type=float, metavar="SECONDS",
                      help="fixed seconds per layer and action (kernel launches); default 0")
+    gpt.add_argument("--measure", action="store_true",
+                     help="with --model gpt: measure the model here instead of estimating (= --profile)")
+    measure = parser.add_argument_group(
+        "--profile / --measure (rows default: --batch-size / --microbatches, or / 8 as pipefold train)"
+    )
+    add_measure_arguments(measure)
+    measure.add_argument("--save-costs", metavar="FILE", help="also write the measured ModelCosts JSON here")
     parser.set_defaults(func=run)
 
 
 def _costs(args: argparse.Namespace) -> Any:
     from pipefold.plan import ModelCosts, gpt_costs
 
+    if args.measure and not args.model:
+        raise ConfigError("--measure goes with --model gpt (or use --profile); --costs are already numbers")
+    if args.profile or args.measure:
+        return _measured_costs(args)
+    if args.save_costs:
+        raise ConfigError("--save-costs writes measured costs; add --profile (or --model gpt --measure)")
     if args.costs:
         return ModelCosts.from_json(args.costs)
-    if args.overhead < 0:
+    overhead = 0.0 if args.overhead is None else args.overhead
+    if overhead < 0:
         raise ConfigError(f"--overhead = {args.overhead}; give seconds >= 0")
     return gpt_costs(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
-        vocab_size=args.vocab_size, flops=args.flops, bytes_per_value=args.bytes_per_value,
-        overhead_s=args.overhead,
+        vocab_size=args.vocab_size, flops=1e12 if args.flops is None else args.flops,
+        bytes_per_value=4 if args.bytes_per_value is None else args.bytes_per_value, overhead_s=overhead,
     )
+
+
+def _measured_costs(args: argparse.Namespace) -> Any:
+    """Profile the built-in GPT as `pipefold profile` does; show the table unless --json."""
+    from pipefold.cli.profile import measure_gpt, print_table, profile_rows, write_costs
+
+    for flag in ("--flops", "--bytes-per-value", "--overhead"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise ConfigError(
+                f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "
+                f"fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
+            )
+    measured = measure_gpt(args, profile_rows(args))
+    if args.save_costs:
+        write_costs(measured.costs, args.save_costs, flag="--save-costs")
+    if not args.json:
+        from rich.console import Console
+
+        print_table(measured, Console())
+    return measured.costs
 
 
 def run(args: argparse.Namespace) -> int:

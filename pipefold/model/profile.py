@@ -3,7 +3,16 @@
 `profile(layers, sample)` builds the whole model on one device (with the weights
 `materialize` would give it), pushes `sample` through it layer by layer, and times
 each layer alone: its input is detached, so a layer's backward time is its own.
-The result feeds `partition(method="profile")` and the simulator's cost model.
+The result feeds `partition(method="profile")`, the simulator's cost model and the
+planner (`pipefold.plan.ModelCosts.from_profile`).
+
+With `split_backward=True` each layer's backward is also timed split into its input
+half (I) and weight half (W), with the runtime's own `backward_input` and
+`backward_weight`, so the shares are those a zero-bubble schedule will see. The split
+is timed on a forward of its own, after the whole backward: B is still a plain
+`autograd.backward`, and I + W exceeds it by what the split itself costs (a walk of
+the layer's graph in I, one autograd call per group of parameters in W; see
+[Note: measured split] in pipefold/plan/costs.py for how the planner uses the two).
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ class LayerProfile:
     """Bytes of the layer's parameters (a tied module counts at each occurrence: each holder stores it)."""
     output: TensorMeta
     """What the layer returns: the boundary after it."""
+    input_grad_s: float | None = None
+    """Median I time (input gradients only), seconds; None unless profiled with `split_backward=True`."""
+    weight_grad_s: float | None = None
+    """Median W time (weight gradients, after I), seconds; None unless profiled with `split_backward=True`."""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -87,6 +100,26 @@ def _backward(output: Any) -> None:
     torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
+def _split_backward(
+    where: torch.device, layer: LayerLike, module: nn.Module, value: Any, parameters: Sequence[Tensor]
+) -> tuple[float, float]:
+    """One forward (untimed), then the timed I and W of it, as the runtime's executor runs them."""
+    # Deferred: the runtime imports this package, so a module-level import would be circular.
+    from pipefold.runtime.backward import backward_input, backward_weight
+
+    inputs = _tensors(_detached_input(value))
+    output = apply_layer(layer, module, inputs[0] if isinstance(value, Tensor) else inputs)
+    outputs = [t for t in _tensors(output) if t.requires_grad]
+    grads = [torch.ones_like(t) for t in outputs]
+    input_s, (_, state) = _timed(where, backward_input, outputs, grads, inputs, parameters)
+    weight_s, _ = _timed(where, backward_weight, state)
+    return input_s, weight_s
+
+
+def _median_or_zero(times: Sequence[float]) -> float:
+    return statistics.median(times) if times else 0.0
+
+
 def profile(
     layers: nn.Sequential | Sequence[LayerLike],
     sample: Tensor | tuple[Tensor, ...],
@@ -94,11 +127,14 @@ def profile(
     device: torch.device | str = "cpu",
     num_repeats: int = 3,
     seed: int = 0,
+    split_backward: bool = False,
 ) -> list[LayerProfile]:
     """Measure every layer on `device` for an input like `sample`; element i is layer i.
 
     Each layer is warmed up once, then timed `num_repeats` times (the median is
-    kept). The caller's RNG state and modules are left untouched.
+    kept). With `split_backward`, the I and W halves of each backward are timed too
+    (`LayerProfile.input_grad_s`, `weight_grad_s`; 0.0 for a layer with no backward).
+    The caller's RNG state and modules are left untouched.
     """
     if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
         raise ConfigError(f"num_repeats = {num_repeats!r}; it must be an integer >= 1")
@@ -115,15 +151,23 @@ def profile(
             parameter_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
             output, activation_bytes = _forward_saving(layer, module, value, parameter_ptrs)
             needs_backward = any(t.requires_grad for t in _tensors(output))
+            split = split_backward and needs_backward
             if needs_backward:
                 _backward(output)  # warm-up: first calls allocate and pick kernels
+            if split:
+                _split_backward(where, layer, module, value, parameters)  # warm-up of the split path
             forward_times, backward_times = [], []
+            input_times, weight_times = [], []
             for _ in range(num_repeats):
                 seconds, output = _timed(where, apply_layer, layer, module, _detached_input(value))
                 forward_times.append(seconds)
                 if needs_backward:
                     seconds, _ = _timed(where, _backward, output)
                     backward_times.append(seconds)
+                if split:
+                    input_s, weight_s = _split_backward(where, layer, module, value, parameters)
+                    input_times.append(input_s)
+                    weight_times.append(weight_s)
             for parameter in parameters:
                 parameter.grad = None
             result.append(
@@ -133,6 +177,8 @@ def profile(
                     activation_bytes=activation_bytes,
                     parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
                     output=TensorMeta.of(output, what="the output of a profiled layer"),
+                    input_grad_s=_median_or_zero(input_times) if split_backward else None,
+                    weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
                 )
             )
             value = tuple(t.detach() for t in _tensors(output))

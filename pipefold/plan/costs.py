@@ -81,7 +81,11 @@ class _HasNumBytes(Protocol):
 
 
 class ProfileLike(Protocol):
-    """What `ModelCosts.from_profile` reads: `pipefold.model.LayerProfile` has these fields."""
+    """What `ModelCosts.from_profile` reads: `pipefold.model.LayerProfile` has these fields.
+
+    Optional, read when present: `input_grad_s` and `weight_grad_s`, a measured I/W split
+    (None or absent: no split measured).
+    """
 
     @property
     def forward_s(self) -> float: ...
@@ -93,6 +97,27 @@ class ProfileLike(Protocol):
     def parameter_bytes(self) -> int: ...
     @property
     def output(self) -> _HasNumBytes: ...
+
+
+def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
+    """W's part of the layer's backward by its measured I/W split; None (halves) without one.
+
+    [Note: measured split]
+    Splitting a backward costs more than running it whole (I first walks the graph to
+    find the nodes that feed the weights; W makes one autograd call per group of
+    parameters), a roughly fixed amount per layer: a measured I + W is about 1.3 x B for
+    `pipefold train`'s GPT on one CPU thread, and over 2 x B for tiny layers. The planner
+    prices I = B - W, so it gets W's *share* of the measured I + W applied to B: the
+    ratio is the layer's, the sum stays B's. The split's extra cost is shown by
+    `pipefold profile`, not charged to split schedules.
+    """
+    # Read with getattr: older profile-like objects carry no split.
+    input_s = getattr(profile, "input_grad_s", None)
+    weight_s = getattr(profile, "weight_grad_s", None)
+    if input_s is None or weight_s is None or not input_s + weight_s > 0:
+        return None
+    share = float(weight_s) / float(input_s + weight_s)
+    return min(profile.backward_s, profile.backward_s * share)
 
 
 _FIELDS = (
@@ -187,11 +212,20 @@ class ModelCosts:
     ) -> ModelCosts:
         """From `pipefold.model.profile(layers, sample)`; `rows` is the sample's batch size.
 
-        `weight_grad_share` is the fraction of each backward that is W (default: half).
+        Each layer's backward is split into I and W by `weight_grad_share` (the fraction
+        that is W, for every layer) when given; otherwise by the layer's own measured
+        split when the profile has one (`profile(..., split_backward=True)`: W's share of
+        the measured I + W); otherwise in halves. B stays the measured whole backward: the
+        split only apportions it (see [Note: measured split]).
         Duck-typed, so this module needs no torch; other keywords go to the constructor.
         """
         if weight_grad_share is not None and not 0 <= weight_grad_share <= 1:
             raise ConfigError(f"weight_grad_share = {weight_grad_share!r}; give a fraction in [0, 1]")
+        def weight_grad_s(p: ProfileLike) -> float | None:
+            if weight_grad_share is None:
+                return _measured_weight_grad_s(p)
+            return p.backward_s * weight_grad_share
+
         layers = tuple(
             LayerCost(
                 forward_s=p.forward_s,
@@ -199,7 +233,7 @@ class ModelCosts:
                 activation_bytes=p.activation_bytes,
                 output_bytes=p.output.num_bytes,
                 parameter_bytes=p.parameter_bytes,
-                weight_grad_s=None if weight_grad_share is None else p.backward_s * weight_grad_share,
+                weight_grad_s=weight_grad_s(p),
             )
             for p in profiles
         )

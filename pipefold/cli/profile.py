@@ -1,0 +1,256 @@
+"""`pipefold profile`: measure what each layer of the built-in GPT costs here, for the planner.
+
+    pipefold profile                                          # pipefold train's model, CPU, 1 thread
+    pipefold profile --num-layers 12 --d-model 768 --num-heads 12 --device cuda --out costs.json
+    pipefold plan --costs costs.json --ranks 4 --batch-size 32 --memory 8GiB
+    pipefold plan --profile --ranks 4 --memory 2GiB           # measure, then plan, in one command
+
+Each layer of `pipefold.model.zoo.gpt_layers` (the model `pipefold train` builds from the
+same flags) runs alone on one micro-batch of `--rows` sequences (default: the largest
+micro-batch of `--batch-size` cut into `--microbatches`, as training cuts it): its forward
+(F), its whole backward (B), and its backward split into input (I) and weight (W) gradients
+as zero-bubble schedules run them (`pipefold.runtime.backward`). Times are medians of
+`--repeats` runs. The table gives milliseconds and MiB per layer; `--out` writes the
+`pipefold.plan.ModelCosts` JSON that `pipefold plan --costs` reads.
+
+Any other model, from Python:
+
+    from pipefold.model import profile
+    from pipefold.plan import ModelCosts
+    costs = ModelCosts.from_profile(profile(layers, sample, split_backward=True), rows=len(sample))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipefold.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pipefold.model import LayerProfile
+    from pipefold.plan import ModelCosts
+
+DEFAULT_MICROBATCHES = 8
+"""`pipefold train`'s micro-batches per step: the default cut of the batch into profiled rows."""
+
+_ID_BYTES = 8
+"""Token ids are int64: what stage 0 keeps of the model input."""
+
+
+@dataclass(frozen=True)
+class GptProfile:
+    """A measured GPT: the planner's costs plus what the table shows beyond them."""
+
+    costs: ModelCosts
+    profiles: tuple[LayerProfile, ...]
+    names: tuple[str, ...]
+    rows: int
+    seq_len: int
+    device: str
+    """The device in words ("cpu, 1 thread", "cuda:0 NVIDIA H100 80GB HBM3")."""
+
+
+def add_measure_arguments(parser: Any) -> None:
+    """The flags of a measurement, shared by `pipefold profile` and `pipefold plan --profile`."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to measure; auto: CUDA when available, else CPU (default)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads torch uses (default on CPU: 1, as each rank of pipefold train)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N",
+                        help="timed runs per layer, the median is kept (default 5)")
+    parser.add_argument("--rows", type=int, metavar="N",
+                        help="sequences per profiled micro-batch (default: batch size / micro-batches, "
+                        "rounded up)")
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure the built-in GPT's per-layer costs (F, B, I, W, memory) for pipefold plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model (pipefold train's flags and defaults)")
+    model.add_argument("--num-layers", "--layers", dest="num_layers", type=int, default=4,
+                       help="decoder blocks (default 4)")
+    model.add_argument("--d-model", dest="d_model", type=int, default=128, help="model width (default 128)")
+    model.add_argument("--num-heads", "--heads", dest="num_heads", type=int, default=4,
+                       help="attention heads (default 4)")
+    model.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    model.add_argument("--vocab-size", type=int, default=256, help="vocabulary (default 256 bytes)")
+    model.add_argument("--untied", action="store_true",
+                       help="an output head of its own (pipefold train's model.tie_embeddings=false)")
+    model.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=32,
+                       help="sequences per step (default 32)")
+    model.add_argument("--microbatches", type=int,
+                       help=f"micro-batches per step (default {DEFAULT_MICROBATCHES}, at most the batch)")
+    add_measure_arguments(parser)
+    parser.add_argument("--out", metavar="FILE", help="write the ModelCosts JSON here (for plan --costs)")
+    parser.add_argument("--json", action="store_true", help="print the ModelCosts JSON instead of the table")
+    parser.set_defaults(func=run)
+
+
+def _positive(flag: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{flag} = {value!r}; give an integer >= 1")
+
+
+def profile_rows(args: argparse.Namespace) -> int:
+    """Sequences per profiled micro-batch: `--rows`, else the batch's largest micro-batch."""
+    if args.rows is not None:
+        _positive("--rows", args.rows)
+        return int(args.rows)
+    _positive("--batch-size", args.batch_size)
+    _positive("--microbatches", args.microbatches)
+    # Unpinned, pipefold train's count, capped so a small batch still gives whole rows.
+    microbatches: int = args.microbatches or min(DEFAULT_MICROBATCHES, args.batch_size)
+    batch_size: int = args.batch_size
+    if microbatches > batch_size:
+        raise ConfigError(
+            f"--microbatches = {microbatches} exceeds --batch-size = {batch_size}; every micro-batch "
+            "needs at least one sequence (fewer micro-batches, or --rows N)"
+        )
+    # The largest micro-batch, as the planner prices an uneven cut at its largest.
+    return math.ceil(batch_size / microbatches)
+
+
+def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
+    """Profile `gpt_layers` as the flags in `args` describe it, I/W split included."""
+    for flag in ("--num-layers", "--d-model", "--num-heads", "--seq-len", "--vocab-size", "--repeats",
+                 "--threads"):
+        _positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    if args.d_model % args.num_heads:
+        raise ConfigError(
+            f"--num-heads = {args.num_heads} does not divide --d-model = {args.d_model}; "
+            "pick a head count that divides the width (e.g. 4 for 128)"
+        )
+    import torch
+
+    from pipefold.model import profile
+    from pipefold.model.spec import TiedLayerSpec, layer_name
+    from pipefold.model.zoo import gpt_layers
+    from pipefold.plan import ModelCosts
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device = 'cuda' but torch sees no CUDA device here; use --device cpu")
+    # One thread on CPU by default: `pipefold train` runs each rank with one (see
+    # pipefold.runtime.launch), and the planner should price the stages those ranks run.
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
+    layers = gpt_layers(args.vocab_size, args.d_model, args.num_heads, args.num_layers, args.seq_len,
+                        tie_embeddings=not getattr(args, "untied", False))
+    # A generator of its own, so profiling leaves the caller's random stream where it was.
+    ids = torch.randint(0, args.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        profiles = profile(layers, ids, device=device, num_repeats=args.repeats, split_backward=True)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if device == "cuda":
+        where = f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+    else:
+        where = f"cpu, {threads or previous_threads} thread(s)"
+    source = (
+        f"measured on {where}, median of {args.repeats}: GPT (layers={args.num_layers}, "
+        f"d_model={args.d_model}, heads={args.num_heads}, seq_len={args.seq_len}, vocab={args.vocab_size}), "
+        f"{rows} rows per micro-batch"
+    )
+    costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
+                                    source=source)
+
+    def name(layer: Any) -> str:
+        if isinstance(layer, TiedLayerSpec) and layer.forward_fn is not None:
+            return f"{getattr(layer.forward_fn, '__name__', 'forward_fn')} (tied {layer.key!r})"
+        return layer_name(layer)
+
+    names = tuple(name(layer) for layer in layers)
+    return GptProfile(costs, tuple(profiles), names, rows, args.seq_len, where)
+
+
+def print_table(measured: GptProfile, console: Console) -> None:
+    """Per layer F, B, I, W (ms), activation and parameter MiB, and the totals."""
+    from rich.table import Table
+
+    def ms(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+    def mib(num_bytes: int) -> str:
+        return f"{num_bytes / 2**20:.3f}"
+
+    table = Table(title=f"per-layer costs, micro-batch of {measured.rows} x {measured.seq_len} tokens "
+                  f"({measured.device})")
+    for column in ("#", "layer", "F ms", "B ms", "I ms", "W ms", "W share", "act MiB", "param MiB"):
+        table.add_column(column, justify="left" if column == "layer" else "right", overflow="fold")
+    for index, (name, layer, cost) in enumerate(
+        zip(measured.names, measured.profiles, measured.costs.layers, strict=True)
+    ):
+        share = cost.weight_s / cost.backward_s if cost.backward_s > 0 else None
+        table.add_row(
+            str(index), name, ms(layer.forward_s), ms(layer.backward_s), ms(layer.input_grad_s),
+            ms(layer.weight_grad_s), "-" if share is None else f"{share:.0%}", mib(layer.activation_bytes),
+            mib(layer.parameter_bytes),
+        )
+    totals = _totals(measured.profiles)
+    table.add_section()
+    table.add_row(
+        "", "total", ms(totals["F"]), ms(totals["B"]), ms(totals["I"]), ms(totals["W"]),
+        f"{totals['W'] / (totals['I'] + totals['W']):.0%}" if totals["I"] + totals["W"] > 0 else "-",
+        mib(sum(p.activation_bytes for p in measured.profiles)),
+        mib(sum(p.parameter_bytes for p in measured.profiles)),
+    )
+    console.print(table)
+    if totals["B"] > 0:
+        console.print(
+            f"I + W = {(totals['I'] + totals['W']) / totals['B']:.2f} x B: the split's own cost. The planner "
+            "keeps each layer's B and splits it by the layer's W share.",
+            highlight=False, markup=False, soft_wrap=True,
+        )
+    console.print(f"costs: {measured.costs.source}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _totals(profiles: Sequence[LayerProfile]) -> dict[str, float]:
+    return {
+        "F": sum(p.forward_s for p in profiles),
+        "B": sum(p.backward_s for p in profiles),
+        "I": sum(p.input_grad_s or 0.0 for p in profiles),
+        "W": sum(p.weight_grad_s or 0.0 for p in profiles),
+    }
+
+
+def write_costs(costs: ModelCosts, path: str, *, flag: str = "--out") -> None:
+    try:
+        Path(path).write_text(json.dumps(costs.to_json(), indent=1) + "\n")
+    except OSError as error:
+        raise ConfigError(f"{flag} {path!r}: cannot write the costs file: {error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    measured = measure_gpt(args, profile_rows(args))
+    if args.out:
+        write_costs(measured.costs, args.out)
+    if args.json:
+        print(json.dumps(measured.costs.to_json()))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    print_table(measured, console)
+    if args.out:
+        console.print(
+            f"wrote {args.out}; plan with: pipefold plan --costs {args.out} --batch-size {args.batch_size} "
+            "--ranks 2",
+            highlight=False, markup=False, soft_wrap=True,
+        )
+    return 0
