@@ -2,9 +2,11 @@
 
     >>> from pipefold.schedule import build
     >>> schedule = build("1f1b", num_ranks=4, num_microbatches=8)
+    >>> auto = find_schedule(costs, num_ranks=4, num_microbatches=8)   # searched for a CostModel
 """
 
 from pipefold.errors import ScheduleError
+from pipefold.schedule.auto import ScheduleSearch, find_schedule, search_schedule
 from pipefold.schedule.ir import (
     Action,
     Op,
@@ -26,14 +28,17 @@ __all__ = [
     "Program",
     "Schedule",
     "ScheduleError",
+    "ScheduleSearch",
     "WeightUpdate",
     "build",
     "contiguous_placement",
     "family",
+    "find_schedule",
     "format_grid",
     "looped_placement",
     "lower",
     "names",
+    "search_schedule",
     "v_placement",
     "validate",
 ]
