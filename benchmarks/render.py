@@ -1,6 +1,7 @@
 """Render benchmark results (benchmarks/results/*.json) as the BENCHMARKS.md body.
 
-    python benchmarks/render.py benchmarks/results/full.json --out BENCHMARKS.md
+    python benchmarks/render.py benchmarks/results/full.json --out BENCHMARKS.md \
+        --extra benchmarks/results/notes.md
 
 Plots (PNG) go to benchmarks/results/plots/ (or --plots-dir) and are linked from the
 markdown relative to the output file.
@@ -30,11 +31,22 @@ def main() -> int:
         help="where the PNGs go (default benchmarks/results/plots)",
     )
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--extra",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="markdown to append after the generated sections (repeatable)",
+    )
     args = parser.parse_args()
     document = json.loads(args.results.read_text())
     plot_files = [] if args.no_plots else save_plots(document, args.plots_dir)
     link = os.path.relpath(args.plots_dir.resolve(), args.out.resolve().parent)
-    args.out.write_text(render_markdown(document, plots_link=link, plot_files=plot_files))
+    body = render_markdown(document, plots_link=link, plot_files=plot_files)
+    for extra in args.extra:
+        body = body.rstrip("\n") + "\n\n" + extra.read_text().strip("\n") + "\n"
+    args.out.write_text(body)
     print(f"wrote {args.out} ({len(plot_files)} plots in {args.plots_dir})")
     return 0
 

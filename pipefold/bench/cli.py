@@ -111,6 +111,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON results go"
     )
+    parser.add_argument(
+        "--baseline-before",
+        action="store_true",
+        help="time the one-process baseline only before the ranks start, not also inside the "
+        "alternation on rank 0 (faster, but efficiency then mixes two moments of a drifting machine)",
+    )
     parser.add_argument("--name", help="results file name without .json (default: quick or full)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -137,6 +143,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         libraries=libraries,
         gate=QuietGate(threshold=args.quiet_threshold, max_retries=retries),
         seed=args.seed,
+        interleave_baseline=not args.baseline_before,
     )
 
 

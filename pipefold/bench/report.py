@@ -61,7 +61,7 @@ def _step_table(records: Sequence[Record]) -> str:
     header = ["schedule (torch class)", "M", "pipefold s", "torch s", "ratio torch/pipefold"]
     if deepspeed:
         header += ["deepspeed s", "ratio ds/pipefold"]
-    header += ["eff. pipefold", "eff. torch"]
+    header += ["one process s", "eff. pipefold", "eff. torch"]
     if deepspeed:
         header += ["eff. deepspeed"]
     header += ["predicted s", "pred. error", "pred. (warm-up costs) s", "error", "spread pf / torch", "disturbed"]
@@ -78,7 +78,11 @@ def _step_table(records: Sequence[Record]) -> str:
         ]
         if deepspeed:
             row += [_seconds(record.get("deepspeed_step_s")), _ratio(record.get("deepspeed_ratio"))]
-        row += [_ratio(record["efficiency"]), _ratio(record["peer_efficiency"])]
+        row += [
+            _seconds(record.get("single_process_s")),
+            _ratio(record["efficiency"]),
+            _ratio(record["peer_efficiency"]),
+        ]
         if deepspeed:
             row += [_ratio(record.get("deepspeed_efficiency"))]
         row += [
@@ -185,7 +189,11 @@ How these numbers are made (`pipefold/bench/`):
   the slowest rank's, between two barriers. Tables give medians; *spread* is the interquartile
   range relative to the median. *ratio* = torch / pipefold, above 1 means pipefold is faster.
 - Efficiency = t(one process, 1 thread, same M accumulated) / (ranks x t(pipeline)); 1.0 is ideal.
-  On CPU, micro-batching itself costs about as much as the bubble, hence this baseline.
+  On CPU, micro-batching itself costs about as much as the bubble, hence this baseline. It is
+  timed on rank 0 as a third side of the alternation (pipefold, torch, one process, ...) while
+  the other ranks wait, so it sees the same machine as the pipelines (this one drifts by 10-30%
+  within minutes); the table of baselines per workload is the same work timed before the ranks
+  started, and feeds the profile-based prediction.
 - Transport: pipefold sends boundary tensors between ranks on one host through shared memory
   (`pipefold/runtime/shm.py`, its default on CPU); torch uses gloo's loopback sockets. Both run
   in the same processes, so process-wide settings apply to both: pipefold's `Pipeline` raises

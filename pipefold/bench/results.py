@@ -48,6 +48,8 @@ class RunOptions:
     gate: QuietGate = field(default_factory=QuietGate)
     seed: int = 0
     timeout_s: float = 300.0
+    interleave_baseline: bool = True
+    """Time the one-process baseline on rank 0 inside the alternation (pipefold/bench/single_side.py)."""
     """Collective timeout inside the workers: a failed rank stops the run instead of hanging it."""
 
 

@@ -2,8 +2,9 @@
 
 The ranks start once (torch's import and gloo's rendezvous are paid once); for each
 configuration every side is built, its gradients are checked against one process,
-then it is warmed up and timed, the sides alternating step by step (A B A B) so that
-slow drifts of the machine hit both alike. Rank 0 sends each configuration's result
+then it is warmed up and timed, the sides alternating step by step (A B C A B C) so that
+slow drifts of the machine hit them alike; the third side is the efficiency baseline
+(one process, 1 thread, on rank 0; see single_side.py). Rank 0 sends each configuration's result
 to the parent through `queue`.
 """
 
@@ -102,6 +103,15 @@ def run_config(
     if not sides:
         result.skipped = "; ".join(f"{s.label}: {s.error}" for s in result.sides.values())
         return result
+    if options.interleave_baseline:
+        # The reference itself: no gradient check; timed in the same alternation (single_side.py).
+        from pipefold.bench.single_side import SingleProcessSide
+
+        baseline = SingleProcessSide(
+            work, work.build_layers(options.seed), rank=rank, num_microbatches=config.num_microbatches
+        )
+        result.sides[baseline.label] = SideResult(label=baseline.label)
+        sides.append(baseline)
     for _ in range(options.warmup_steps):
         for side in sides:
             side.zero_grad()

@@ -50,3 +50,21 @@ def test_missing_peer_leaves_ratio_empty():
     record = build_record(result, _baselines(2))
     assert record["peer_step_s"] is None and record["ratio"] is None and record["peer_efficiency"] is None
     assert record["efficiency"] == pytest.approx(1.0)
+
+
+def test_interleaved_baseline_is_the_efficiency_numerator():
+    config = BenchConfig("mlp", "1f1b", 2, 4)
+    result = ConfigResult(
+        config,
+        sides={
+            "pipefold": SideResult("pipefold", samples_s=[0.6]),
+            "torch": SideResult("torch", samples_s=[0.75]),
+            "one-process": SideResult("one-process", samples_s=[1.3, 1.2, 1.4]),
+        },
+    )
+    record = build_record(result, _baselines(4))
+    assert record["single_process_source"] == "interleaved"
+    assert record["single_process_s"] == 1.3 and record["single_process_before_s"] == 1.0
+    assert record["efficiency"] == pytest.approx(1.3 / (2 * 0.6))
+    assert record["peer_efficiency"] == pytest.approx(1.3 / (2 * 0.75))
+    assert record["ratio"] == pytest.approx(0.75 / 0.6)
