@@ -17,6 +17,12 @@ also for batches that `torch.tensor_split` cuts unevenly. Gradients accumulate i
 `.grad` exactly like `loss.backward()`: nothing is rescaled or zeroed. A tied module's
 gradient is summed across its owners by all-reducing only this step's contribution,
 so accumulation across steps stays exact there too.
+
+With a data-parallel dimension (`process_group=` a ("dp", "pp") `DeviceMesh`, or
+`data_parallel_group=`), every replica runs this pipeline on its own local batch and
+the replicas then average this step's gradients, weighted by rows, so they equal the
+gradient of the global-batch mean loss (see [Note: data-parallel gradients] in
+data_parallel.py); the returned loss is that global mean on every rank.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from pipefold.model import (
 )
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
+from pipefold.runtime.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -82,7 +89,13 @@ class Pipeline:
     - `device`: default `cuda:<LOCAL_RANK>` when CUDA is available, else cpu; the group's
       backend must match (nccl for CUDA, gloo for CPU).
     - `process_group`: default the world (or a single process when torch.distributed is
-      not initialized); a `DeviceMesh` contributes its "pp" dimension.
+      not initialized); a `DeviceMesh` contributes its "pp" dimension and, if it has
+      one, its "dp" dimension: replicas along "dp" run the same pipeline, each on its
+      own local batch (shard the global batch by `data_parallel_rank` /
+      `num_data_parallel`; all shards of one step should come from one global batch),
+      and their gradients are averaged after each step. Only "dp" and "pp" exist.
+    - `data_parallel_group`: the same without a mesh: the ranks that hold this rank's
+      stages in the other replicas (with `process_group` the pipeline's own group).
     - `optimizer`: a factory `lambda params: torch.optim.X(params, ...)`, required by
       asynchronous schedules (pipedream, pipedream-2bw) and refused by flush ones.
     - `seed`: weights of `LayerSpec` layers (see pipefold.model.materialize).
@@ -120,6 +133,7 @@ class Pipeline:
         recompute: str | Sequence[int] = "none",
         device: torch.device | str | None = None,
         process_group: Any = None,
+        data_parallel_group: Any = None,
         optimizer: OptimizerFactory | None = None,
         seed: int = 0,
         timeout_s: float = 60.0,
@@ -156,9 +170,12 @@ class Pipeline:
         self._memory_counted_for: set[TensorMeta] = set()
         self._activation_peak = 0
 
-        self._group, self._ranks = _resolve_group(process_group)
+        pipeline_group, data_parallel_group = split_mesh(process_group, data_parallel_group)
+        self._group, self._ranks = _resolve_group(pipeline_group)
         num_ranks = len(self._ranks)
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
+        if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
+            data_parallel_group = None
         self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
         if fuse_backward:
             # Adjacent I/W pairs whose early input gradient nobody waits for run as one B:
@@ -166,7 +183,16 @@ class Pipeline:
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_async(optimizer, recompute)
+        if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
+            raise ConfigError(
+                f"schedule {self.schedule.name!r} updates weights inside the step, so data-parallel "
+                f"replicas ({dist.get_world_size(data_parallel_group)} along 'dp') would each step on "
+                "their own gradients and drift apart; use a flush schedule (gpipe, 1f1b, zb-h1, ...) "
+                "or a mesh without a 'dp' dim"
+            )
         self.device = _resolve_device(device, self._group)
+        if data_parallel_group is not None:
+            _resolve_device(self.device, data_parallel_group)  # its backend must match the device too
         if keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
         recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
@@ -197,7 +223,9 @@ class Pipeline:
 
         # -- communication ------------------------------------------------------------------
         pipeline_id = next(Pipeline._num_created)
-        store = _default_store() if self._group is not None else None
+        # The failure key is shared by the whole world, so a replica waiting in the
+        # data-parallel all-reduce learns of a failure in another replica too.
+        store = _default_store() if self._group is not None or data_parallel_group is not None else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
         self._watchdog = Watchdog(
             self._board,
@@ -222,6 +250,12 @@ class Pipeline:
                 )
         self._p2p = p2p
         self._tied = self._tie_groups()
+        self._data_parallel: DataParallel | None = None
+        if data_parallel_group is not None:
+            self._data_parallel = DataParallel(
+                data_parallel_group, self.device, self._watchdog, list(self.parameters())
+            )
+            self._data_parallel.check_replicas_agree(self.rank, num_ranks, self.schedule.name)
         counter = ActivationCounter(self.parameters()) if record_timeline else None
         self._stage_of = stages
         stepping = self._attach_stashes(optimizer)
@@ -305,6 +339,18 @@ class Pipeline:
             logger.debug("tied module %r is shared by ranks %s", key, owners)
         return found
 
+    # -- data parallelism -----------------------------------------------------------------------
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This replica's index along "dp" (0 without data parallelism): which shard to pass."""
+        return 0 if self._data_parallel is None else self._data_parallel.rank
+
+    @property
+    def num_data_parallel(self) -> int:
+        """How many replicas share each step (1 without data parallelism)."""
+        return 1 if self._data_parallel is None else self._data_parallel.num_replicas
+
     # -- parameters ----------------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -359,6 +405,8 @@ class Pipeline:
 
         `inputs` (a tensor or tuple of tensors, batch first) is needed on the rank of
         stage 0, `targets` on the rank of the last stage; other ranks may pass None.
+        With data parallelism each replica passes its own local batch (its shard of the
+        global batch) and the loss returned is the mean over all replicas' rows.
         """
         if self._broken is not None:
             raise PipelineError(
@@ -382,12 +430,14 @@ class Pipeline:
 
     def _report(self, error: BaseException) -> FailureReport:
         action = self._executor.current
+        # Every replica has a rank 0; say which one failed.
+        replica = f" (data-parallel replica {self.data_parallel_rank})" if self.num_data_parallel > 1 else ""
         return FailureReport(
             rank=self.rank,
             stage=None if action is None else action.stage,
             microbatch=None if action is None else action.microbatch,
             action="step setup" if action is None else str(action),
-            message=f"{type(error).__name__}: {error}",
+            message=f"{type(error).__name__}: {error}{replica}",
         )
 
     def _step(self, inputs: Any, targets: Any) -> float:
@@ -436,7 +486,12 @@ class Pipeline:
                 )
             split_targets = _split(targets, num_microbatches, self.device)
 
-        restore = self._grad_snapshot() if self._on_nonfinite == "skip" else None
+        data_parallel = self._data_parallel
+        skip = self._on_nonfinite == "skip"
+        # With data parallelism the set-aside gradients are the snapshot (no copy).
+        restore = self._grad_snapshot() if skip and data_parallel is None else []
+        if data_parallel is not None:
+            data_parallel.set_aside_gradients()
         tied_before = [[_grad_copy(p) for p in params] for _, params in self._tied]
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
@@ -457,15 +512,22 @@ class Pipeline:
         losses = record.losses
         if self._collectives is not None:
             self._collectives.all_reduce_sum(losses, what="loss all-reduce")
+        weight = 1.0
+        if data_parallel is not None:  # every replica then sees every replica's non-finite losses
+            losses, weight = data_parallel.reduce_losses(losses, batch_size)
         bad = [mb for mb, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
-        if bad and restore is not None:
+        if bad and skip:
             self._restore(restore)
+            if data_parallel is not None:
+                data_parallel.restore_set_aside()
             logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
         else:
             self._sum_tied(tied_before)
+            if data_parallel is not None:
+                data_parallel.average_gradients(weight)
         if self._record_timeline:
             self.last_timeline = self._timeline(record)
-        if bad and restore is None:
+        if bad and not skip:
             raise NonFiniteLoss(
                 f"the loss of micro-batch(es) {bad} is {losses[bad[0]].item()} (scaled by micro-batch size / "
                 f"batch size); the gradients now hold non-finite values: zero them, lower the learning rate "
@@ -567,10 +629,10 @@ def _shift(item: EventOrWait, delta: float) -> EventOrWait:
 
 
 def _resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
-    """The pipeline's group and its members' global ranks; (None, (0,)) for one process."""
-    if process_group is not None and hasattr(process_group, "get_group"):  # a DeviceMesh
-        names = getattr(process_group, "mesh_dim_names", None) or ()
-        process_group = process_group.get_group("pp") if "pp" in names else process_group.get_group()
+    """The pipeline's group and its members' global ranks; (None, (0,)) for one process.
+
+    A `DeviceMesh` has already been reduced to its "pp" group by `split_mesh`.
+    """
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None, (0,)

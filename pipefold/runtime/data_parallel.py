@@ -1,0 +1,229 @@
+"""Data parallelism across pipeline replicas: each replica runs the whole pipeline on its
+own shard of the global batch, and after the schedule the replicas average this step's
+gradients so they equal the gradient of the mean loss over the global batch.
+
+    mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
+    pipe = Pipeline(layers, loss_fn=..., process_group=mesh)     # pipeline over "pp"
+    rows = slice(pipe.data_parallel_rank, None, pipe.num_data_parallel)
+    loss = pipe.step(inputs[rows], targets[rows])                # global-batch mean loss
+
+[Note: data-parallel gradients]
+Gradients accumulate across `step` calls exactly as with `loss.backward()`, so only
+this step's contribution may be averaged: averaging the accumulated `.grad` again
+would divide earlier steps' (already averaged) gradients once more. Instead of
+copying every gradient and subtracting afterwards (as the tied-module sum does, which
+costs a copy and rounds `(old + new) - old`), the gradients are *set aside* before the
+schedule runs (`param.grad = None`, no copy), the schedule writes this step's
+contribution into fresh `.grad`s, those are all-reduced, and the set-aside gradients
+are added back in place. A replica's contribution is weighted by its share of the
+global batch's rows (`rows / total rows`, i.e. `1 / dp` for equal shards) before the
+sum, so the result is the gradient of the global-batch mean loss even for unequal
+shards, matching how the last stage weights micro-batches (see [Note: exact
+gradients] in pipeline.py). Tied modules are summed over their pipeline owners first
+(each owner then holds the replica's total), and the data-parallel average of those
+totals is the same on every owner, so both reductions compose.
+
+The reduction flattens gradients into buckets of about 25 MB (one per dtype and
+device run) so a model with thousands of small tensors makes tens of calls, not
+thousands; all buckets are started before any is waited on, and every wait goes
+through the `Watchdog`, so a dead replica stops the others instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipefold.errors import ConfigError
+from pipefold.runtime.comm import Collectives
+from pipefold.runtime.failure import Watchdog
+
+__all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 25 << 20
+"""Gradient bytes flattened into one all-reduce (PyTorch DDP's default bucket size)."""
+
+_MESH_DIMS = ("dp", "pp")
+
+
+def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.ProcessGroup | None]:
+    """(the pipeline's group argument, the data-parallel group or None) from `Pipeline`'s arguments.
+
+    A `DeviceMesh` must name its pipeline dim "pp" and may add a "dp" dim; anything else
+    is refused here, before any communication.
+    """
+    if process_group is not None and hasattr(process_group, "get_group"):  # a DeviceMesh
+        names = tuple(getattr(process_group, "mesh_dim_names", None) or ())
+        if "pp" not in names:
+            raise ConfigError(
+                f"process_group: the DeviceMesh has dims named {names or 'nothing'}, but the pipeline "
+                "runs over a dim named 'pp'; build it with init_device_mesh(device, (dp, pp), "
+                "mesh_dim_names=('dp', 'pp')) or (pp,) with mesh_dim_names=('pp',)"
+            )
+        unknown = [name for name in names if name not in _MESH_DIMS]
+        if unknown:
+            raise ConfigError(
+                f"process_group: the DeviceMesh has dims {names}; pipefold composes only 'dp' (data "
+                f"parallel) and 'pp' (pipeline) and does not implement {unknown} (tensor parallelism "
+                "and FSDP are absent); drop those dims"
+            )
+        if dist.is_available() and dist.is_initialized():
+            mesh_size = int(process_group.size())
+            world_size = dist.get_world_size()
+            if mesh_size != world_size:
+                shape = dict(zip(names, tuple(process_group.shape), strict=True))
+                raise ConfigError(
+                    f"process_group: the DeviceMesh {shape} covers {mesh_size} ranks but the world has "
+                    f"{world_size}; choose dp x pp = {world_size}"
+                )
+        mesh_data_parallel = process_group.get_group("dp") if "dp" in names else None
+        if mesh_data_parallel is not None and data_parallel_group is not None:
+            raise ConfigError(
+                "data_parallel_group is given and the DeviceMesh has a 'dp' dim too; pass one of them"
+            )
+        process_group = process_group.get_group("pp")
+        if data_parallel_group is None:
+            data_parallel_group = mesh_data_parallel
+    if data_parallel_group is not None and not isinstance(data_parallel_group, dist.ProcessGroup):
+        raise ConfigError(
+            f"data_parallel_group must be a torch.distributed ProcessGroup (the ranks that hold the same "
+            f"stages in every replica), got {type(data_parallel_group).__name__}"
+        )
+    if data_parallel_group is not None and dist.get_rank(data_parallel_group) < 0:
+        raise ConfigError(
+            f"data_parallel_group: rank {dist.get_rank()} is not a member of it; pass the group of the "
+            "ranks that hold this rank's stages in the other replicas"
+        )
+    return process_group, data_parallel_group
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    params: tuple[nn.Parameter, ...]
+    num_bytes: int
+
+
+def _buckets(params: Iterable[nn.Parameter], bucket_bytes: int) -> tuple[_Bucket, ...]:
+    """Consecutive parameters of one dtype and device, up to `bucket_bytes` each (a larger
+    parameter gets a bucket of its own). Every replica builds the same list from the same
+    parameter order, which the all-reduces rely on."""
+    result: list[_Bucket] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    for param in params:
+        num_bytes = param.numel() * param.element_size()
+        if current and (
+            size + num_bytes > bucket_bytes
+            or param.dtype != current[0].dtype
+            or param.device != current[0].device
+        ):
+            result.append(_Bucket(tuple(current), size))
+            current, size = [], 0
+        current.append(param)
+        size += num_bytes
+    if current:
+        result.append(_Bucket(tuple(current), size))
+    return tuple(result)
+
+
+class DataParallel:
+    """Averages each step's gradient contribution over the replicas of a data-parallel group.
+
+    Per step (see [Note: data-parallel gradients]): `set_aside_gradients` before the
+    schedule; `reduce_losses` after the pipeline's own loss reduction; then either
+    `average_gradients` or, to drop the step, `restore_set_aside`.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        watchdog: Watchdog,
+        params: Sequence[nn.Parameter],
+        *,
+        bucket_bytes: int = BUCKET_BYTES,
+    ) -> None:
+        self._group = group
+        self._watchdog = watchdog
+        self._collectives = Collectives(group, dist.get_process_group_ranks(group), device, watchdog)
+        self.rank = dist.get_rank(group)
+        self.num_replicas = dist.get_world_size(group)
+        self._params = tuple(p for p in params if p.requires_grad)
+        self._buckets = _buckets(self._params, bucket_bytes)
+        self._set_aside: list[Tensor | None] | None = None
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._buckets)
+
+    def check_replicas_agree(self, pipeline_rank: int, num_pipeline_ranks: int, schedule: str) -> None:
+        """Refuse (on every rank alike) replicas whose stages or parameters differ: their
+        bucketed all-reduces would pair unrelated tensors."""
+        layout = hashlib.sha256(
+            repr([(tuple(p.shape), str(p.dtype)) for p in self._params]).encode()
+        ).hexdigest()[:16]
+        mine = (pipeline_rank, num_pipeline_ranks, schedule, layout)
+        gathered = self._collectives.all_gather_object(mine, what="data-parallel handshake")
+        if any(other != mine for other in gathered):
+            raise ConfigError(
+                f"data_parallel_group: its members do not hold the same stages (pipeline rank, pipeline "
+                f"ranks, schedule, parameter layout per replica: {gathered}); every member must be the "
+                "same pipeline rank of an identically built pipeline (a DeviceMesh's 'dp' dim is)"
+            )
+
+    def set_aside_gradients(self) -> None:
+        """Move `.grad` out of the way so the schedule writes only this step's contribution."""
+        self._set_aside = [p.grad for p in self._params]
+        for param in self._params:
+            param.grad = None
+
+    def restore_set_aside(self) -> None:
+        """Drop this step's contribution: the gradients are what they were before the step."""
+        if self._set_aside is None:
+            return
+        for param, previous in zip(self._params, self._set_aside, strict=True):
+            param.grad = previous
+        self._set_aside = None
+
+    def reduce_losses(self, losses: Tensor, rows: int) -> tuple[Tensor, float]:
+        """Per-micro-batch losses (each replica's summing to its own batch mean) → the same
+        over the global batch on every replica, and this replica's weight `rows / total rows`."""
+        count = torch.tensor([float(rows)], dtype=torch.float64, device=losses.device)
+        packed = torch.cat([losses.detach().to(torch.float64) * rows, count])
+        self._collectives.all_reduce_sum(packed, what="data-parallel loss all-reduce")
+        total_rows = float(packed[-1].item())
+        return (packed[:-1] / total_rows).to(losses.dtype), rows / total_rows
+
+    def average_gradients(self, weight: float) -> None:
+        """Sum `weight` x this step's gradients over the replicas; add back what was set aside."""
+        pending: list[tuple[_Bucket, Tensor, dist.Work | None]] = []
+        for bucket in self._buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat.mul_(weight)
+            pending.append((bucket, flat, dist.all_reduce(flat, group=self._group, async_op=True)))
+        for index, (bucket, flat, work) in enumerate(pending):
+            if work is not None:
+                self._watchdog.wait(
+                    work,
+                    what=f"data-parallel gradient all-reduce (bucket {index} of {len(pending)})",
+                    peer=None,
+                )
+            offset = 0
+            for param in bucket.params:
+                param.grad = flat[offset : offset + param.numel()].view_as(param)
+                offset += param.numel()
+        set_aside = self._set_aside
+        self._set_aside = None
+        if set_aside is None:
+            return
+        for param, previous in zip(self._params, set_aside, strict=True):
+            if previous is not None and param.grad is not None:
+                # In place, so the tensor the user (or an optimizer) holds as `.grad` stays it.
+                param.grad = previous.add_(param.grad)

@@ -1,0 +1,415 @@
+"""Data parallel x pipeline parallel: replicas along "dp" give the gradients of the global batch.
+
+Four ranks start once for the module. Every case gives each replica its own rows of
+one global batch, runs two steps without zeroing (accumulation), and checks on every
+rank that the loss and each local gradient equal a single-process reference run on
+the whole global batch (`dp_exact`). The rank-side functions live in this module:
+the pool's ranks run them in place of `_cases` (see `_dp_worker`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import _workers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _cases import DIM, Block, Sometimes, _batch, _loss_fn, mlp, transformer
+from _workers import WorkerPool
+from torch import nn
+
+from pipefold.errors import ConfigError, PeerFailure, PipefoldError
+from pipefold.model import LayerSpec, build_reference
+from pipefold.runtime import Pipeline
+from pipefold.runtime.data_parallel import _buckets, split_mesh
+
+_run_cases_worker = _workers._worker
+
+
+def _dp_worker(*args):
+    """`_workers._worker`, dispatching case names to this module instead of `_cases`."""
+    sys.modules["_cases"] = sys.modules[__name__]
+    _run_cases_worker(*args)
+
+
+def _pool(world_size):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_workers, "_worker", _dp_worker)
+        return WorkerPool(world_size)
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    pool = _pool(4)
+    yield pool
+    pool.close()
+
+
+# -- rank side -------------------------------------------------------------------------------------
+
+
+def _groups(dims, shape, explicit):
+    """(process_group, data_parallel_group) for Pipeline: a mesh of `shape` named `dims`, or
+    (explicit) groups built by hand for `shape` = (dp, pp) or (independent jobs, dp, pp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not explicit:
+        return init_device_mesh("cpu", shape, mesh_dim_names=dims), None
+    grid = torch.arange(dist.get_world_size()).reshape((1, *shape)[-3:]).tolist()
+    me = dist.get_rank()
+    pipeline_group = data_parallel_group = None
+    # new_group is collective over the world: every rank creates every group, in one order.
+    for job in grid:
+        for ranks in job:  # one pipeline per (job, dp)
+            group = dist.new_group(ranks)
+            if me in ranks:
+                pipeline_group = group
+        for ranks in zip(*job, strict=True):  # one data-parallel group per (job, pp)
+            group = dist.new_group(list(ranks))
+            if me in ranks:
+                data_parallel_group = group
+    return pipeline_group, data_parallel_group
+
+
+def dp_exact(
+    *,
+    schedule,
+    num_microbatches,
+    model="mlp",
+    rows=12,
+    dims=("dp", "pp"),
+    shape=(2, 2),
+    explicit=False,
+    num_virtual=None,
+    shared_memory=True,
+    bucket_bytes=None,
+    num_steps=2,
+):
+    """Each replica steps on its contiguous rows of a `rows`-row global batch (uneven when
+    `rows` does not divide); loss and gradients equal the reference on the whole batch."""
+    torch.manual_seed(1234)
+    process_group, data_parallel_group = _groups(dims, shape, explicit)
+    build = mlp if model == "mlp" else transformer
+    loss_fn = _loss_fn(model)
+    pipe = Pipeline(
+        build(),
+        loss_fn=loss_fn,
+        schedule=schedule,
+        num_microbatches=num_microbatches,
+        num_virtual=num_virtual,
+        seed=7,
+        timeout_s=60,
+        process_group=process_group,
+        data_parallel_group=data_parallel_group,
+        shared_memory=shared_memory,
+    )
+    if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
+        data_parallel = pipe._data_parallel
+        data_parallel._buckets = _buckets(data_parallel._params, bucket_bytes)
+    reference = build_reference(build(), seed=7)
+    losses = []
+    for step in range(num_steps):
+        inputs, targets = _batch(model, rows, seed=step)
+        shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+        loss = pipe.step(inputs[shard], targets[shard])
+        expected = loss_fn(reference(inputs), targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        losses.append(loss)
+    reference_params = dict(reference.named_parameters())
+    names = []
+    for name, param in pipe.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+        names.append(name)
+    data_parallel = pipe._data_parallel
+    return {
+        "rank": pipe.rank,
+        "dp_rank": pipe.data_parallel_rank,
+        "num_dp": pipe.num_data_parallel,
+        "losses": losses,
+        "names": names,
+        "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
+        "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
+        "num_timeline_ranks": pipe.last_timeline.num_ranks,
+    }
+
+
+def dp_skip_nonfinite():
+    """A NaN target on replica 1 only: every rank skips the step and keeps its gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    pipe = Pipeline(
+        mlp(4),
+        loss_fn=F.mse_loss,
+        schedule="gpipe",
+        num_microbatches=2,
+        process_group=mesh,
+        on_nonfinite="skip",
+        seed=3,
+    )
+    reference = build_reference(mlp(4), seed=3)
+    inputs, targets = _batch("mlp", 8, seed=0)
+    shard = slice(4 * pipe.data_parallel_rank, 4 * pipe.data_parallel_rank + 4)
+    pipe.step(inputs[shard], targets[shard])
+    before = {name: p.grad.clone() for name, p in pipe.named_parameters()}
+    bad_targets = targets.clone()
+    bad_targets[5, 0] = float("nan")  # row 5 belongs to replica 1
+    skipped_loss = pipe.step(inputs[shard], bad_targets[shard])
+    for name, param in pipe.named_parameters():
+        torch.testing.assert_close(param.grad, before[name])
+    # Still usable, and still exact: step 1 + step 3 accumulated.
+    pipe.step(inputs[shard], targets[shard])
+    for _ in range(2):
+        F.mse_loss(reference(inputs), targets).backward()
+    reference_params = dict(reference.named_parameters())
+    for name, param in pipe.named_parameters():
+        torch.testing.assert_close(param.grad, reference_params[name].grad)
+    return {"skipped_loss": skipped_loss}
+
+
+class _FakeMesh:
+    """Just enough of a DeviceMesh for `split_mesh`'s checks."""
+
+    def __init__(self, names, shape):
+        self.mesh_dim_names = names
+        self.shape = shape
+
+    def size(self):
+        return int(torch.tensor(self.shape).prod())
+
+    def get_group(self, name=None):
+        return object()  # never used as a group: every case here is refused first
+
+
+def dp_refused(*, what):
+    """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2}
+    try:
+        if what == "async":
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+            Pipeline(mlp(4), schedule="pipedream", optimizer=sgd, process_group=mesh, **kwargs)
+        elif what == "mesh size":
+            Pipeline(mlp(4), process_group=_FakeMesh(("dp", "pp"), (1, 2)), **kwargs)
+        elif what == "dp group of different stages":
+            # Pipeline ranks 0 and 1 of one replica passed as each other's replicas.
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+            pp = mesh.get_group("pp")
+            Pipeline(mlp(4), process_group=pp, data_parallel_group=pp, **kwargs)
+        else:
+            raise ValueError(what)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def dp_failing():
+    """Pipeline rank 1 of replica 1 raises in its forward; every rank stops, none hangs."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    dp_rank = mesh.get_local_rank("dp")
+    how = "raise" if dp_rank == 1 else "pass"
+    layers = [LayerSpec(Block, 6, DIM), LayerSpec(Block, DIM, DIM), LayerSpec(Sometimes, DIM, how)]
+    layers.append(LayerSpec(nn.Linear, DIM, 3))
+    pipe = Pipeline(
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, process_group=mesh, timeout_s=60
+    )
+    inputs, targets = _batch("mlp", 4, seed=0)
+    start = time.monotonic()
+    try:
+        pipe.step(inputs, targets)
+    except PipefoldError as error:
+        return {
+            "type": type(error).__name__,
+            "message": str(error),
+            "elapsed": time.monotonic() - start,
+            "peer_failure": isinstance(error, PeerFailure),
+        }
+    return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
+
+
+# -- single process ---------------------------------------------------------------------------------
+
+
+def test_buckets_split_by_size_and_dtype():
+    params = [nn.Parameter(torch.zeros(n)) for n in (4, 4, 4, 10, 2)]
+    params.insert(3, nn.Parameter(torch.zeros(3, dtype=torch.float64)))
+    buckets = _buckets(params, bucket_bytes=32)
+    # 32 bytes hold eight float32 values; a dtype change or a parameter over the limit starts a bucket.
+    assert [[p.numel() for p in b.params] for b in buckets] == [[4, 4], [4], [3], [10], [2]]
+    assert [b.num_bytes for b in buckets] == [32, 16, 24, 40, 8]
+    assert [p for b in buckets for p in b.params] == params
+
+
+@pytest.mark.parametrize(
+    ("names", "words"),
+    [
+        (None, "dims named nothing"),
+        (("dp", "model"), "dims named ('dp', 'model')"),
+        (("dp", "tp", "pp"), "does not implement ['tp']"),
+    ],
+)
+def test_bad_mesh_is_refused_before_any_communication(names, words):
+    shape = (1,) * (len(names) if names else 2)
+    with pytest.raises(ConfigError, match="process_group") as caught:
+        Pipeline(mlp(4), loss_fn=F.mse_loss, process_group=_FakeMesh(names, shape))
+    assert words in str(caught.value)
+
+
+def test_a_dp_dim_and_a_data_parallel_group_are_not_both_taken():
+    with pytest.raises(ConfigError, match="pass one of them"):
+        split_mesh(_FakeMesh(("dp", "pp"), (1, 1)), data_parallel_group=object())
+
+
+def test_data_parallel_group_must_be_a_process_group():
+    with pytest.raises(ConfigError, match="data_parallel_group must be a torch.distributed ProcessGroup"):
+        split_mesh(None, data_parallel_group="dp")
+
+
+def test_without_data_parallelism_there_is_one_replica():
+    pipe = Pipeline(mlp(4), loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2)
+    assert (pipe.data_parallel_rank, pipe.num_data_parallel) == (0, 1)
+
+
+# -- four ranks -------------------------------------------------------------------------------------
+
+
+def _check(results, *, num_dp, num_pp):
+    assert [r["num_dp"] for r in results] == [num_dp] * len(results)
+    losses = [r["losses"] for r in results]
+    assert all(row == losses[0] for row in losses), "ranks disagree on the global loss"
+    # Each replica holds every parameter exactly once (the tied embedding on two of its ranks).
+    for dp_rank in range(num_dp):
+        replica = [r for r in results if r["dp_rank"] == dp_rank]
+        assert sorted(r["rank"] for r in replica) == list(range(num_pp))
+        assert all(r["num_timeline_ranks"] == num_pp for r in replica)
+        owned = [name for r in replica for name in r["names"]]
+        assert len(set(owned)) == len(owned) - max(owned.count("0.weight") - 1, 0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual", "model"),
+    [
+        ("gpipe", None, "mlp"),
+        ("gpipe", None, "transformer"),
+        ("1f1b", None, "mlp"),
+        ("1f1b", None, "transformer"),
+        ("zb-h1", None, "transformer"),
+        ("interleaved-1f1b", 2, "mlp"),
+        ("zb-v", None, "transformer"),
+    ],
+)
+def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_virtual, model):
+    results = pool4.run(
+        "dp_exact", schedule=schedule, num_microbatches=3, model=model, rows=12, num_virtual=num_virtual
+    )
+    _check(results, num_dp=2, num_pp=2)
+    assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+    assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
+
+
+@pytest.mark.multiprocess
+def test_uneven_shards_weigh_by_rows(pool4):
+    # 9 rows: replica 0 steps on 5, replica 1 on 4; the mean is still over all 9 rows.
+    results = pool4.run("dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", rows=9)
+    _check(results, num_dp=2, num_pp=2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_pipeline_on_strided_ranks(pool4, shared_memory):
+    # ("pp", "dp"): the pipelines are ranks (0, 2) and (1, 3), so pipeline rank 1 is global
+    # rank 2 or 3; sends, receives, broadcasts and tied sums must address global ranks.
+    results = pool4.run(
+        "dp_exact",
+        schedule="1f1b",
+        num_microbatches=3,
+        model="transformer",
+        dims=("pp", "dp"),
+        shared_memory=shared_memory,
+    )
+    _check(results, num_dp=2, num_pp=2)
+    assert [(r["dp_rank"], r["rank"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    expected = [[1], [1], [0], [0]] if shared_memory else [[]] * 4
+    assert [r["same_host_peers"] for r in results] == expected
+
+
+@pytest.mark.multiprocess
+def test_explicit_data_parallel_group(pool4):
+    results = pool4.run("dp_exact", schedule="gpipe", num_microbatches=2, model="transformer", explicit=True)
+    _check(results, num_dp=2, num_pp=2)
+
+
+@pytest.mark.multiprocess
+def test_many_buckets(pool4):
+    results = pool4.run(
+        "dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", bucket_bytes=200
+    )
+    _check(results, num_dp=2, num_pp=2)
+    assert all(r["num_buckets"] > 3 for r in results), [r["num_buckets"] for r in results]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("explicit", [False, True])
+def test_dp4_by_pp1(pool4, explicit):
+    # One stage per replica: no pipeline communication, only the data-parallel average.
+    results = pool4.run(
+        "dp_exact", schedule="gpipe", num_microbatches=2, model="transformer", shape=(4, 1), explicit=explicit
+    )
+    _check(results, num_dp=4, num_pp=1)
+    assert all(r["num_buckets"] == 1 for r in results)
+
+
+@pytest.mark.multiprocess
+def test_dp2_by_pp1_next_to_another_job(pool4):
+    # Ranks (0, 1) and (2, 3) are two independent dp=2 x pp=1 jobs in one world.
+    results = pool4.run(
+        "dp_exact", schedule="1f1b", num_microbatches=2, model="mlp", shape=(2, 2, 1), explicit=True
+    )
+    _check(results[:2], num_dp=2, num_pp=1)
+    _check(results[2:], num_dp=2, num_pp=1)
+
+
+@pytest.mark.multiprocess
+def test_non_finite_loss_on_one_replica_skips_the_step_everywhere(pool4):
+    results = pool4.run("dp_skip_nonfinite")
+    assert all(r["skipped_loss"] != r["skipped_loss"] for r in results)  # NaN on every rank
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("what", "words"),
+    [
+        ("async", "schedule 'pipedream' updates weights inside the step"),
+        ("mesh size", "covers 2 ranks but the world has 4; choose dp x pp = 4"),
+        ("dp group of different stages", "do not hold the same stages"),
+    ],
+)
+def test_refused_with_data_parallelism(pool4, what, words):
+    messages = pool4.run("dp_refused", what=what)
+    assert all(message is not None and words in message for message in messages), messages
+
+
+@pytest.mark.multiprocess
+def test_a_failing_replica_stops_every_rank():
+    pool = _pool(4)  # its own ranks: after a failure the process group holds abandoned work
+    try:
+        results = pool.run("dp_failing", timeout_s=90)
+    finally:
+        pool.close(force=True)
+    failed = results[3]  # replica 1, pipeline rank 1
+    assert failed["type"] == "PipelineError"
+    assert "ValueError: injected failure (data-parallel replica 1)" in failed["message"]
+    for rank in (0, 1, 2):
+        assert results[rank]["peer_failure"], results[rank]
+        assert "data-parallel replica 1" in results[rank]["message"]
+        assert results[rank]["elapsed"] < 50
