@@ -44,6 +44,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -54,6 +55,12 @@ from torch.utils.hooks import RemovableHandle
 from pipefold.errors import BoundaryMismatch, PipelineError
 
 __all__ = ["WeightGradState", "backward_full", "backward_input", "backward_weight"]
+
+# autograd's engine entry point under `torch.autograd.backward` / `grad` (private; absent
+# in some torch version -> the public functions). See `_run_engine`.
+_engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
 
 Grads = tuple[Tensor | None, ...]
 _PreHook = Callable[[Grads], Grads | None]
@@ -136,7 +143,7 @@ def backward_full(
     for i in wanted:
         inputs[i].grad = None
     try:
-        torch.autograd.backward(roots, root_grads)
+        _run_engine(roots, root_grads, (), retain_graph=False, accumulate_grad=True)
         result: list[Tensor | None] = [None] * len(inputs)
         for i in wanted:
             result[i] = inputs[i].grad
@@ -173,12 +180,8 @@ def backward_input(
         for frontier in group.frontiers
     ]
     try:
-        grads = torch.autograd.grad(
-            roots,
-            [inputs[i] for i in wanted],
-            root_grads,
-            retain_graph=True,
-            allow_unused=True,
+        grads = _run_engine(
+            roots, root_grads, [inputs[i] for i in wanted], retain_graph=True, accumulate_grad=False
         )
     finally:
         for handle in handles:
@@ -218,10 +221,51 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
     if len(group.frontiers) > 1:
         handles = [frontier.node.register_prehook(_replacer(frontier)) for frontier in group.frontiers]
     try:
-        torch.autograd.backward(edges, grads, retain_graph=retain_graph, inputs=group.params)
+        _run_engine(edges, grads, group.params, retain_graph=retain_graph, accumulate_grad=True)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _run_engine(
+    roots: Sequence[Tensor | GradientEdge],
+    grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    accumulate_grad: bool,
+) -> tuple[Tensor | None, ...]:
+    """Run autograd from `roots` seeded with `grads`: into `.grad` (`accumulate_grad`), or
+    returning the gradients of `inputs` (None where unused).
+
+    `torch.autograd.backward` / `grad` first re-check every seed in Python (`_make_grads`:
+    about 80 µs a call here, mostly symbolic-shape comparisons for GradientEdge roots), and
+    `W` makes one call per parameter group, so on small stages that check was 15% of `W`.
+    The seeds need no check: `_roots` compared each output gradient's shape with its
+    output, and `W`'s seeds are the gradients autograd itself produced during `I`. Tensor
+    subclasses (`__torch_function__`) take the public path, which dispatches them.
+    """
+    if _engine_run_backward is None or torch.overrides.has_torch_function(
+        tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
+    ):
+        public_roots: Any = list(roots)  # a mix of tensors and edges, which both functions accept
+        if accumulate_grad:
+            torch.autograd.backward(
+                public_roots, list(grads), retain_graph=retain_graph, inputs=list(inputs) or None
+            )
+            return ()
+        return torch.autograd.grad(
+            public_roots, list(inputs), list(grads), retain_graph=retain_graph, allow_unused=True
+        )
+    return _engine_run_backward(
+        tuple(roots),
+        tuple(grads),
+        retain_graph,
+        False,  # create_graph
+        tuple(inputs),
+        allow_unreachable=True,
+        accumulate_grad=accumulate_grad,
+    )
 
 
 def _keeper(frontier: _Frontier, clock: Iterator[int]) -> _PreHook:
