@@ -24,11 +24,12 @@ from pipefold.timeline import Event, Timeline, Wait
 
 if TYPE_CHECKING:
     from pipefold.model import LayerSpec, TiedLayerSpec
-    from pipefold.runtime import Pipeline
+    from pipefold.runtime import CheckpointInfo, Pipeline, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointInfo",
     "ConfigError",
     "Event",
     "LayerSpec",
@@ -41,10 +42,15 @@ __all__ = [
     "TiedLayerSpec",
     "Timeline",
     "Wait",
+    "load_checkpoint",
+    "save_checkpoint",
 ]
 
 _LAZY = {
     "Pipeline": "pipefold.runtime",
+    "CheckpointInfo": "pipefold.runtime",
+    "save_checkpoint": "pipefold.runtime",
+    "load_checkpoint": "pipefold.runtime",
     "LayerSpec": "pipefold.model",
     "TiedLayerSpec": "pipefold.model",
 }

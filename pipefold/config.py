@@ -19,6 +19,8 @@ TOML layout (every key optional; these are the defaults)::
     timeout_s = 60.0
     device = "auto"            # "cpu", "cuda"
     sample_tokens = 300
+    checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
+    resume = ""                # a checkpoint directory to continue from ("" = start fresh)
 
     [model]
     d_model = 128
@@ -221,12 +223,22 @@ class TrainConfig:
     """"auto" (CUDA when available, else CPU), "cpu" or "cuda"."""
     sample_tokens: int = 300
     """Bytes sampled from the trained model at the end (0 = no sample)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint into <out>/checkpoint every this many steps; 0 = only at the end (always)."""
+    resume: str = ""
+    """Checkpoint directory to continue from (weights, optimizer, step counter); "" = start fresh."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "use a positive number of seconds")
         _require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, "use >= 0")
+        _require(
+            self.checkpoint_every >= 0,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "use a number of steps >= 1, or 0 to save only at the end",
+        )
         _require(
             self.device in ("auto", "cpu", "cuda"), "device", self.device, 'use "auto", "cpu" or "cuda"'
         )

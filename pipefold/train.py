@@ -19,6 +19,10 @@ writes into `config.out`:
     trace.json       the same measured timeline as a Chrome/Perfetto trace
     summary.json     config, loss per step, throughput, bubble, predicted vs measured step time,
                      validation loss and a text sample
+    checkpoint/      weights and AdamW state of every rank (pipefold.runtime.checkpoint), saved at
+                     the end and every `checkpoint_every` steps; `--resume <out>/checkpoint`
+                     continues from it with the loss where it left off (same batches, same
+                     optimizer state, same learning-rate schedule)
 
 The prediction uses costs measured on this run (median F/B/I/W/STEP time per stage
 over the last 10 steps), so the gap between the two is communication and overhead.
@@ -69,6 +73,8 @@ __all__ = [
     "resolve_out_dir",
     "resolve_device",
     "measured_costs",
+    "check_resume",
+    "CHECKPOINT_DIR",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +83,8 @@ _SAMPLE_PROMPT = "def "
 _NUM_VAL_BATCHES = 4
 _NUM_COST_STEPS = 10
 """The prediction uses the stage costs measured over this many final steps."""
+CHECKPOINT_DIR = "checkpoint"
+"""Where in `config.out` the job saves its checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,32 @@ def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> CostMod
         b = [x + y for x, y in zip(i, w, strict=True)]
     step = [median(Op.STEP, s) for s in stages]
     return CostModel.from_lists(f, i, w, b=b, step=step)
+
+
+def check_resume(config: TrainConfig) -> int:
+    """The step `config.resume` continues from (0 without one); refuses a bad checkpoint early.
+
+    Reads only the checkpoint's JSON, so it runs before any worker starts.
+    """
+    if not config.resume:
+        return 0
+    from pipefold.runtime.checkpoint import read_checkpoint_info
+
+    try:
+        info = read_checkpoint_info(config.resume)
+    except ConfigError as error:
+        raise ConfigError(f"resume={config.resume!r}: {error}") from None
+    if info.step is None or not info.has_optimizer:
+        raise ConfigError(
+            f"resume={config.resume!r} was not saved by `pipefold train` (it lacks the step counter or "
+            "the optimizer state); give <out>/checkpoint of an earlier run"
+        )
+    if info.step >= config.steps:
+        raise ConfigError(
+            f"resume={config.resume!r} is at step {info.step} but steps={config.steps}; steps counts from "
+            f"the start of the first run: use steps > {info.step} (e.g. --steps {info.step + config.steps})"
+        )
+    return info.step
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -266,6 +300,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if optimizer is not None
         else None
     )
+    from pipefold.runtime.checkpoint import save_checkpoint  # deferred like Pipeline (_make_pipeline)
+
+    optimizers = _optimizers_of(pipe, optimizer)
+    start_step = _resume(config, pipe, optimizers, scheduler, sampler, report)
     if report is not None:
         num_parameters = sum(p.numel() for p in GPT(layers, "meta").parameters())
         report.print(
@@ -278,8 +316,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     tokens_per_step = config.batch_size * m.seq_len
     records: list[StepRecord] = []
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
-    with _progress(report, config.steps) as update:
-        for step in range(config.steps):
+    checkpoint = Path(config.out) / CHECKPOINT_DIR
+    with _progress(report, config.steps - start_step) as update:
+        for step in range(start_step, config.steps):
             inputs, targets = sampler.next_batch()
             started = time.perf_counter()
             loss = pipe.step(inputs, targets)
@@ -295,6 +334,11 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             )
             records.append(record)
             update(record)
+            done = step + 1
+            if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                save_checkpoint(
+                    pipe, checkpoint, optimizer=optimizers, step=done, extra={"config": config.to_dict()}
+                )
 
     state = _gather_state_dict(dict(pipe.state_dict()))
     result = TrainResult(steps=records)
@@ -335,6 +379,40 @@ def _make_pipeline(
         timeout_s=config.timeout_s,
     )
     return pipe, make_optimizer(list(pipe.parameters())) if is_flush else None
+
+
+def _optimizers_of(pipe: Pipeline, optimizer: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
+    """What holds the optimizer state: the loop's AdamW, or (asynchronous schedules) one per stage."""
+    if optimizer is not None:
+        return [optimizer]
+    return [stage.stash.optimizer for stage in pipe.stages if stage.stash is not None]
+
+
+def _resume(
+    config: TrainConfig,
+    pipe: Pipeline,
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+    sampler: BatchSampler,
+    report: Console | None,
+) -> int:
+    """Load `config.resume` (if any) and put the job where the saved run stood; returns its step."""
+    if not config.resume:
+        return 0
+    from pipefold.runtime.checkpoint import load_checkpoint
+
+    start_step = check_resume(config)
+    load_checkpoint(pipe, config.resume, optimizer=optimizers)
+    for _ in range(start_step):
+        # Same batches as an uninterrupted run: the sampler's generator is advanced, not re-seeded.
+        sampler.next_batch()
+    if scheduler is not None:
+        # The learning rate is restored with the optimizer; the scheduler only needs its step
+        # count so its next step() gives the lr of step start_step + 1 (LambdaLR is closed-form).
+        scheduler.last_epoch = start_step
+    if report is not None:
+        report.print(f"resumed from {config.resume} at step {start_step}")
+    return start_step
 
 
 def _partition_argument(
@@ -421,6 +499,8 @@ def _finish(
     summary: dict[str, Any] = {
         "config": config.to_dict(),
         "partition": str(pipe.partition),
+        "start_step": records[0].step,
+        "checkpoint": str(out / CHECKPOINT_DIR),
         "losses": [r.loss for r in records],
         "step_seconds": [r.seconds for r in records],
         "bubble_fraction": [r.bubble_fraction for r in records],
@@ -453,7 +533,10 @@ def _finish(
             report.rule("sample")
             report.print(sample, markup=False, highlight=False)
             report.rule()
-        report.print(f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}")
+        report.print(
+            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, "
+            f"{out / CHECKPOINT_DIR}/"
+        )
     return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)
 
 
@@ -475,4 +558,5 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """Spawn `config.schedule.ranks` local workers running `train_worker`."""
+    check_resume(config)
     return spawn(train_worker, config.schedule.ranks, (config, show))

@@ -3,6 +3,7 @@
     pipefold train                                   # 2 ranks on CPU, 1F1B, 300 steps, a few minutes
     pipefold train --schedule zb-h1 --ranks 4 --microbatches 8 --steps 50
     pipefold train --config job.toml --set optimizer.lr=1e-3 --out runs/lr1e-3
+    pipefold train --steps 600 --resume runs/lr1e-3/checkpoint   # continue to step 600
     torchrun --nproc-per-node 4 -m pipefold train --ranks 4   # ranks started by torchrun
 
 The configuration (see pipefold.config) is validated, the schedule included,
@@ -37,6 +38,8 @@ _FLAGS: dict[str, str] = {
     "recompute": "recompute",
     "device": "device",
     "timeout": "timeout_s",
+    "checkpoint_every": "checkpoint_every",
+    "resume": "resume",
 }
 
 
@@ -67,6 +70,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--recompute", choices=("none", "full"), help="activation recomputation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--timeout", type=float, help="seconds a rank waits for a peer; default 60")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="also save <out>/checkpoint every N steps; default 0 = only at the end")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue from a checkpoint (e.g. runs/x/checkpoint): weights, optimizer, step")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
     parser.set_defaults(func=run)
@@ -87,9 +94,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipefold.train import resolve_out_dir, run_local, train_worker
+    from pipefold.train import check_resume, resolve_out_dir, run_local, train_worker
 
     config = resolve_out_dir(config_from_args(args))
+    check_resume(config)  # a bad --resume is refused here, before any worker starts
     if "WORLD_SIZE" in os.environ:
         # Started by torchrun (or `pipefold launch`): this process is one rank.
         train_worker(config)

@@ -1,0 +1,650 @@
+"""Sharded, atomic, resharding checkpoints of a `Pipeline` (and its optimizer).
+
+    save_checkpoint(pipe, "ckpt", optimizer=opt, step=step)        # on every rank
+    info = load_checkpoint(pipe, "ckpt", optimizer=opt)             # any partition, any rank count
+    start = info.step
+
+Every rank writes only the tensors of its own stages, through
+torch.distributed.checkpoint (DCP), keyed by the names `nn.Sequential(*layers)` gives
+("model/3.weight"); optimizer state is keyed by the same parameter names
+("optimizer/3.weight/exp_avg"), not by the optimizer's integer ids, which depend on
+how the model was cut. So a checkpoint saved with one partition or number of ranks
+loads into another ("resharding"): each rank reads the entries its own layers need.
+A tensor held by several ranks (a tied embedding) is written once (DCP's de-duplication).
+
+[Note: atomic checkpoints]
+The ranks write into a hidden sibling `.<name>.tmp-<token>`; only after DCP reports
+that every rank finished does rank 0 add `pipefold.json` and move the directory into
+place: an existing checkpoint is renamed aside (`.<name>.old-<token>`), the new one
+renamed in, the old one deleted. A failure before that leaves `path` as it was (the
+staging directory is removed when the failure is seen; a killed job leaves only the
+hidden sibling). A crash between the two renames leaves the previous checkpoint
+complete under `.<name>.old-<token>`; `load_checkpoint` names it.
+
+Loading unpickles nothing arbitrary: tensors are read with `torch.load(weights_only=True)`
+(DCP) and DCP's own `.metadata` pickle through an unpickler that admits only DCP's
+metadata classes; everything else pipefold stores (step, extra, optimizer
+hyperparameters) is JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from pipefold.errors import ConfigError, PipefoldError, PipelineError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from pipefold.runtime.pipeline import Pipeline
+
+__all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
+
+METADATA_FILE = "pipefold.json"
+"""pipefold's own description of a checkpoint, next to DCP's files; its presence marks one."""
+
+FORMAT_VERSION = 1
+_MODEL = "model/"
+_OPTIMIZER = "optimizer/"
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+JSONScalar = bool | int | float | str | None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself (from its `pipefold.json`)."""
+
+    path: Path
+    step: int | None
+    """The `step` given to save_checkpoint (None if none was)."""
+    extra: Any
+    """The JSON value given as `extra` (None if none was)."""
+    num_ranks: int
+    """Pipeline ranks that saved it."""
+    partition: tuple[int, ...]
+    """Layers per stage when it was saved."""
+    schedule_name: str
+    pipefold_version: str
+    model_entries: Mapping[str, tuple[int, ...]]
+    """Every parameter and buffer name, with its shape."""
+    has_optimizer: bool
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    pipe: Pipeline,
+    path: str | os.PathLike[str],
+    *,
+    optimizer: Optimizers = None,
+    step: int | None = None,
+    extra: Any = None,
+) -> Path:
+    """Write this pipeline's weights (and optimizer state) to the directory `path`; collective.
+
+    Call on every rank of the pipeline with the same `path`, `step` and `extra` (JSON
+    data). `optimizer` is the optimizer over this rank's parameters, or a list of them
+    (an asynchronous schedule has one per stage: `[s.stash.optimizer for s in pipe.stages]`).
+    An existing checkpoint at `path` is replaced only once the new one is complete.
+    All ranks must see `path` on a shared file system. Returns `path`.
+    """
+    target = Path(path)
+    _check_save_arguments(pipe, target, step, extra)
+    group = pipe._group
+    is_rank0 = _group_rank(group) == 0
+    tensors, record = _local_entries(pipe, _as_list(optimizer))
+    records = _all_gather(record, group)
+    _agree_no_errors([r["error"] for r in records], "save_checkpoint")
+    token = _from_rank0(uuid.uuid4().hex if is_rank0 else None, group)
+    staging = target.parent / f".{target.name}.tmp-{token}"
+    try:
+        # DCP gathers every rank's outcome and raises on all of them alike if any failed.
+        _dcp_save(tensors, staging, group)
+    except BaseException as error:
+        if is_rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, CheckpointException):
+            raise _unwrap(
+                error, f"save_checkpoint: writing {target}", "the previous checkpoint (if any) is intact"
+            ) from error
+        raise
+    failure: str | None = None
+    if is_rank0:
+        try:
+            _write_json(staging / METADATA_FILE, _metadata(pipe, records, step, extra))
+            _publish(staging, target, token)
+        except Exception as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            failure = f"rank 0 could not put the checkpoint in place at {target}: {error!r}"
+    # Nobody returns before the checkpoint is in place: rank 0 sends None, or why it failed.
+    failure = _from_rank0(failure, group)
+    if failure is not None:
+        raise PipelineError(f"save_checkpoint: {failure}; the previous checkpoint (if any) is intact")
+    return target
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    pipe: Pipeline, path: str | os.PathLike[str], *, optimizer: Optimizers = None
+) -> CheckpointInfo:
+    """Load this rank's weights (and optimizer state) from the checkpoint at `path`; collective.
+
+    Call on every rank. The checkpoint may come from any number of ranks and any
+    partition of the same model: each rank reads the entries of its own layers. A
+    missing entry or a different shape or dtype is a ConfigError on every rank, raised
+    before anything is read. `optimizer` must hold this rank's parameters (as for
+    save_checkpoint); its state and hyperparameters are replaced by the saved ones.
+    """
+    target = Path(path)
+    meta = _read_metadata(target)
+    info = _info(target, meta)
+    _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
+    group = pipe._group
+    optimizers = _as_list(optimizer)
+    local = pipe.state_dict()
+    plan: dict[str, Tensor] = {}
+    error: str | None = None
+    try:
+        for name, value in local.items():
+            plan[_MODEL + name] = _empty_like_entry(meta["model"], name, value, target, "")
+        if optimizers:
+            plan.update(_optimizer_plan(pipe, optimizers, meta, target))
+    except ConfigError as problem:
+        error = str(problem)
+    _agree_no_errors(_all_gather(error, group), "load_checkpoint")
+    _dcp_load(plan, target, group)
+    pipe.load_state_dict({name: plan[_MODEL + name] for name in local})
+    for item in optimizers:
+        _load_optimizer(pipe, item, meta["optimizer"], plan)
+    return info
+
+
+def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """What the checkpoint at `path` holds, read from its JSON alone (no tensors, no process group)."""
+    target = Path(path)
+    return _info(target, _read_metadata(target))
+
+
+def _read_metadata(target: Path) -> dict[str, Any]:
+    if not target.exists():
+        raise ConfigError(f"checkpoint path={str(target)!r} does not exist{_leftover_hint(target)}")
+    file = target / METADATA_FILE
+    if not file.is_file():
+        raise ConfigError(
+            f"checkpoint path={str(target)!r} is not a pipefold checkpoint (no {METADATA_FILE} in it); "
+            "give a directory written by save_checkpoint (or `pipefold train`: <out>/checkpoint)"
+        )
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"checkpoint {str(file)!r} cannot be read: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "pipefold-checkpoint":
+        raise ConfigError(f"checkpoint {str(file)!r} is not a pipefold checkpoint description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"checkpoint {str(file)!r} has format_version={meta.get('format_version')!r}; this pipefold "
+            f"reads version {FORMAT_VERSION}; load it with the pipefold that wrote it "
+            f"({meta.get('pipefold_version')!r})"
+        )
+    return meta
+
+
+def _leftover_hint(target: Path) -> str:
+    parent = target.parent
+    if not parent.is_dir():
+        return ""
+    aside = sorted(parent.glob(f".{target.name}.old-*"))
+    if aside:
+        return (
+            f"; a save was interrupted while replacing it, and the previous checkpoint is complete at "
+            f"{str(aside[-1])!r}: rename it to {str(target)!r}"
+        )
+    if any(parent.glob(f".{target.name}.tmp-*")):
+        return "; only an unfinished save's staging directory is there (.tmp-*), which cannot be loaded"
+    return ""
+
+
+def _info(target: Path, meta: Mapping[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(
+        path=target,
+        step=meta["step"],
+        extra=meta["extra"],
+        num_ranks=int(meta["num_ranks"]),
+        partition=tuple(meta["partition"]),
+        schedule_name=str(meta["schedule"]),
+        pipefold_version=str(meta["pipefold_version"]),
+        model_entries={name: tuple(entry["shape"]) for name, entry in meta["model"].items()},
+        has_optimizer=meta["optimizer"] is not None,
+    )
+
+
+def _empty_like_entry(
+    entries: Mapping[str, Any], name: str, local: Tensor, target: Path, kind: str
+) -> Tensor:
+    """A CPU tensor for DCP to fill, once the saved entry is known to fit `local`'s shape and dtype."""
+    entry = entries.get(name)
+    if entry is None:
+        known = ", ".join(sorted(entries)[:8])
+        raise ConfigError(
+            f"checkpoint {str(target)!r} has no {kind}entry {name!r} (shape {tuple(local.shape)}) that this "
+            f"rank's model needs; it holds {len(entries)} entries ({known}, ...); from a different model?"
+        )
+    shape = tuple(entry["shape"])
+    if shape != tuple(local.shape):
+        raise ConfigError(
+            f"checkpoint entry {kind}{name!r} has shape {shape} in {str(target)!r} but "
+            f"{tuple(local.shape)} in this model; build the model the checkpoint was saved from"
+        )
+    dtype = getattr(torch, str(entry["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"checkpoint entry {kind}{name!r} has an unknown dtype {entry['dtype']!r}")
+    if kind == "" and dtype != local.dtype:
+        raise ConfigError(
+            f"checkpoint entry {name!r} is {dtype} in {str(target)!r} but {local.dtype} in this model; "
+            "convert the model (e.g. .to(dtype)) to match before loading"
+        )
+    return torch.empty(shape, dtype=dtype)
+
+
+def _optimizer_plan(
+    pipe: Pipeline, optimizers: list[torch.optim.Optimizer], meta: Mapping[str, Any], target: Path
+) -> dict[str, Tensor]:
+    saved = meta["optimizer"]
+    if saved is None:
+        raise ConfigError(
+            f"checkpoint {str(target)!r} holds no optimizer state; load it without optimizer=, or save "
+            "with save_checkpoint(..., optimizer=...)"
+        )
+    names = _parameter_names(pipe)
+    plan: dict[str, Tensor] = {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = _name_of(param, names, pipe.rank)
+                if name not in saved["group_of"]:
+                    raise ConfigError(
+                        f"checkpoint {str(target)!r} has no optimizer entry for parameter {name!r}; it was "
+                        "saved with an optimizer that did not hold it"
+                    )
+                for key, entry in saved["state"].get(name, {}).items():
+                    # Optimizer state may differ from its parameter (Adam's scalar step), so only shape is
+                    # checked against the saved entry's own description; torch casts on load_state_dict.
+                    plan[f"{_OPTIMIZER}{name}/{key}"] = torch.empty(
+                        tuple(entry["shape"]), dtype=getattr(torch, entry["dtype"])
+                    )
+    return plan
+
+
+def _load_optimizer(
+    pipe: Pipeline, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], plan: Mapping[str, Tensor]
+) -> None:
+    """Give `optimizer` the saved state in its own integer-id layout, then let torch load it."""
+    names = _parameter_names(pipe)
+    current = optimizer.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    groups: list[dict[str, Any]] = []
+    for layout, group in zip(current["param_groups"], optimizer.param_groups, strict=True):
+        param_names = [_name_of(param, names, pipe.rank) for param in group["params"]]
+        indices = {saved["group_of"][name] for name in param_names}
+        if len(indices) > 1:
+            raise ConfigError(
+                f"an optimizer param group holds {param_names}, which were saved in param groups with "
+                f"different hyperparameters ({sorted(indices)}); group the parameters as when saving"
+            )
+        restored = dict(layout)
+        if indices:
+            restored.update(_restore_hyperparameters(saved["param_groups"][indices.pop()], layout))
+        groups.append(restored)
+        for index, name in zip(layout["params"], param_names, strict=True):
+            entry: dict[str, Any] = {
+                key: plan[f"{_OPTIMIZER}{name}/{key}"] for key in saved["state"].get(name, {})
+            }
+            entry.update(saved["scalars"].get(name, {}))
+            if entry:
+                state[index] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _restore_hyperparameters(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved values in the types the live group uses (tuples for betas, tensors for tensor lr)."""
+    restored: dict[str, Any] = {}
+    for key, value in saved.items():
+        now = current.get(key)
+        if isinstance(now, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(now, Tensor):
+            value = torch.tensor(value, dtype=now.dtype, device=now.device)
+        restored[key] = value
+    return restored
+
+
+def _dcp_load(plan: dict[str, Tensor], target: Path, group: dist.ProcessGroup | None) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp_load(plan, storage_reader=_SafeReader(target), process_group=group, no_dist=group is None)
+        except CheckpointException as error:
+            raise _unwrap(
+                error, f"load_checkpoint: reading {target}", "the model may be partly loaded"
+            ) from error
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's reader, but its `.metadata` pickle may only name DCP's metadata types."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ConfigError(
+                f"checkpoint {str(self.path)!r} lacks DCP's .metadata ({error}); it is incomplete"
+            ) from None
+        metadata: Metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        # As DCP's own reader does: older checkpoints have no storage_meta; it carries the load id.
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    # StorageMeta.checkpoint_id is the path the checkpoint was written to.
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        is_torch_enum = module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ENUMS)
+        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS or is_torch_enum:
+            return super().find_class(module, name)
+        raise ConfigError(
+            f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; refusing to "
+            "unpickle it (the file is corrupt or not from save_checkpoint)"
+        )
+
+
+def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra: Any) -> None:
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ConfigError(
+            f"save_checkpoint: step={step!r}; give the number of steps done (an int >= 0) or None"
+        )
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"save_checkpoint: extra={extra!r} is not JSON data ({error}); pass dicts, lists, str, "
+            "int, finite float, bool or None (the checkpoint stores it as JSON, never as a pickle)"
+        ) from None
+    if target.name in ("", ".", ".."):
+        raise ConfigError(
+            f"save_checkpoint: path={str(target)!r} has no directory name; give e.g. runs/x/checkpoint"
+        )
+    is_checkpoint = (target / METADATA_FILE).is_file()
+    if target.exists() and not is_checkpoint and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(
+            f"save_checkpoint: path={str(target)!r} exists and is not a pipefold checkpoint; it would be "
+            "replaced, so give a new or empty directory (or an earlier checkpoint) instead"
+        )
+    if getattr(pipe, "num_data_parallel", 1) > 1 and getattr(pipe, "data_parallel_rank", 0) != 0:
+        raise ConfigError(
+            f"save_checkpoint on data-parallel replica {getattr(pipe, 'data_parallel_rank', 0)}: the "
+            "replicas hold equal weights, so only replica 0 saves; call it under "
+            "`if pipe.data_parallel_rank == 0:` (load_checkpoint runs on every replica)"
+        )
+
+
+def _as_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    found = list(optimizer)
+    for item in found:
+        if not isinstance(item, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer={optimizer!r}: give a torch.optim.Optimizer, a list of them, or None "
+                f"(got a {type(item).__name__} in the list)"
+            )
+    return found
+
+
+def _describe(tensor: Tensor) -> dict[str, Any]:
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _local_entries(
+    pipe: Pipeline, optimizers: list[torch.optim.Optimizer]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """This rank's tensors for DCP, and what it contributes to `pipefold.json` (or an error)."""
+    tensors: dict[str, Tensor] = {}
+    model: dict[str, dict[str, Any]] = {}
+    for name, value in pipe.state_dict().items():
+        tensors[_MODEL + name] = value.detach()
+        model[name] = _describe(value)
+    record: dict[str, Any] = {"model": model, "has_optimizer": bool(optimizers), "error": None}
+    state: dict[str, dict[str, dict[str, Any]]] = {}
+    scalars: dict[str, dict[str, JSONScalar]] = {}
+    hyperparameters: dict[str, dict[str, Any]] = {}
+    try:
+        names = _parameter_names(pipe)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                hyper = _hyperparameters(group)
+                for param in group["params"]:
+                    name = _name_of(param, names, pipe.rank)
+                    hyperparameters[name] = hyper
+                    for key, value in optimizer.state.get(param, {}).items():
+                        if isinstance(value, Tensor):
+                            tensors[f"{_OPTIMIZER}{name}/{key}"] = value.detach()
+                            state.setdefault(name, {})[key] = _describe(value)
+                        elif isinstance(value, (bool, int, float)):
+                            scalars.setdefault(name, {})[key] = value
+                        else:
+                            raise ConfigError(
+                                f"optimizer state {name}/{key} is a {type(value).__name__}; checkpoints "
+                                "hold tensors and numbers only"
+                            )
+    except ConfigError as error:
+        record["error"] = str(error)
+    record.update(state=state, scalars=scalars, hyperparameters=hyperparameters)
+    return tensors, record
+
+
+def _parameter_names(pipe: Pipeline) -> dict[int, str]:
+    return {id(param): name for name, param in pipe.named_parameters()}
+
+
+def _name_of(param: Tensor, names: Mapping[int, str], rank: int) -> str:
+    name = names.get(id(param))
+    if name is None:
+        raise ConfigError(
+            f"rank {rank}: the optimizer holds a parameter of shape {tuple(param.shape)} that is not one of "
+            "this rank's pipeline parameters; build it from pipe.parameters()"
+        )
+    return name
+
+
+def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group without its params, as JSON (tuples become lists, 1-element tensors numbers)."""
+    result: dict[str, Any] = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        elif isinstance(value, (tuple, list)):
+            value = list(value)
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ConfigError(
+                f"optimizer param group entry {key!r} is a {type(value).__name__}; checkpoints store "
+                "hyperparameters as JSON (numbers, strings, lists of them)"
+            ) from None
+        result[key] = value
+    return result
+
+
+def _metadata(
+    pipe: Pipeline, records: Sequence[dict[str, Any]], step: int | None, extra: Any
+) -> dict[str, Any]:
+    from pipefold import __version__
+
+    model: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
+    groups: list[dict[str, Any]] = []
+    group_of: dict[str, int] = {}
+    for record in records:
+        model.update(record["model"])
+        state.update(record["state"])
+        scalars.update(record["scalars"])
+        for name, hyper in record["hyperparameters"].items():
+            if hyper not in groups:
+                groups.append(hyper)
+            group_of[name] = groups.index(hyper)
+    has_optimizer = any(record["has_optimizer"] for record in records)
+    return {
+        "format": "pipefold-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "pipefold_version": __version__,
+        "torch_version": torch.__version__,
+        "step": step,
+        "extra": extra,
+        "schedule": pipe.schedule.name,
+        "num_ranks": pipe.schedule.num_ranks,
+        "num_stages": pipe.schedule.num_stages,
+        "placement": list(pipe.schedule.placement),
+        "partition": list(pipe.partition.counts),
+        "model": dict(sorted(model.items())),
+        "optimizer": (
+            {
+                "param_groups": groups,
+                "group_of": dict(sorted(group_of.items())),
+                "state": state,
+                "scalars": scalars,
+            }
+            if has_optimizer
+            else None
+        ),
+    }
+
+
+def _dcp_save(tensors: dict[str, Tensor], staging: Path, group: dist.ProcessGroup | None) -> None:
+    writer = FileSystemWriter(staging, single_file_per_rank=True, sync_files=True)
+    with warnings.catch_warnings():
+        # One process on purpose (no group): DCP warns that it assumes so, which is right here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+
+
+def _publish(staging: Path, target: Path, token: str) -> None:
+    """Move the finished `staging` to `target`, replacing an old checkpoint only once the new is in."""
+    _fsync_directory(staging)
+    aside = target.parent / f".{target.name}.old-{token}"
+    if target.exists():
+        os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if aside.exists():
+            os.rename(aside, target)
+        raise
+    _fsync_directory(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    # A rename is durable only once its directory is synced (POSIX); best effort elsewhere.
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _unwrap(error: CheckpointException, what: str, consequence: str) -> PipefoldError:
+    """DCP's CheckpointException (a BaseException, which `except Exception` misses) as our own error.
+
+    It carries every failed rank's exception; a ConfigError on every failed rank stays one.
+    """
+    causes = [cause for cause, _ in error.failures.values()]
+    described = "; ".join(
+        f"rank {rank}: {type(cause).__name__}: {cause}" for rank, (cause, _) in sorted(error.failures.items())
+    )
+    kind = ConfigError if causes and all(isinstance(c, ConfigError) for c in causes) else PipelineError
+    return kind(f"{what} failed ({described}); {consequence}")
+
+
+# -- collectives (a no-op for one process) -------------------------------------------------------
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_gather(value: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    if group is None:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _from_rank0(value: Any, group: dist.ProcessGroup | None) -> Any:
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def _agree_no_errors(errors: Sequence[str | None], what: str) -> None:
+    """Raise the same ConfigError on every rank when any rank found a problem (no rank may go on alone)."""
+    found = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error is not None]
+    if found:
+        raise ConfigError(f"{what}: " + "; ".join(found))
