@@ -286,6 +286,12 @@ class Collectives:
         work = dist.all_reduce(tensor, group=self._group, async_op=True)
         self._wait(work, what)
 
+    def all_gather(self, tensor: Tensor, *, what: str) -> list[Tensor]:
+        """Every rank's `tensor` (same shape and dtype everywhere), in rank order."""
+        gathered = [torch.empty_like(tensor) for _ in self._global]
+        self._wait(dist.all_gather(gathered, tensor, group=self._group, async_op=True), what)
+        return gathered
+
     def broadcast_object(self, value: Any, *, src: int, what: str) -> Any:
         """`value` from pipeline rank `src` on every rank (pickled; small objects only)."""
         is_src = dist.get_rank(self._group) == src

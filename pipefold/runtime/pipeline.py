@@ -60,7 +60,9 @@ from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
+from pipefold.runtime import step_gather
 from pipefold.runtime.stash import WeightStash
+from pipefold.runtime.step_gather import RankRecord, host_code
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
@@ -236,6 +238,8 @@ class Pipeline:
         p2p: P2P | None = None
         self._collectives: Collectives | None = None
         program = lower(self.schedule)
+        # Events and waits of any rank fit in as many slots as the longest program has actions.
+        self._timeline_slots = max(len(row) for row in program.instructions)
         if self._group is not None:
             p2p = P2P(self._group, self._ranks, self.device)
             self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
@@ -509,9 +513,14 @@ class Pipeline:
             self._activation_peak = record.activation_bytes_peak
         else:
             record = replace(record, activation_bytes_peak=self._activation_peak)
-        losses = record.losses
-        if self._collectives is not None:
-            self._collectives.all_reduce_sum(losses, what="loss all-reduce")
+        gathered: list[RankRecord] | None = None
+        if self._record_timeline:
+            # One all-gather brings every rank's losses and timeline (step_gather.py).
+            gathered, losses = self._gather_step(record)
+        else:
+            losses = record.losses
+            if self._collectives is not None:
+                self._collectives.all_reduce_sum(losses, what="loss all-reduce")
         weight = 1.0
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
             losses, weight = data_parallel.reduce_losses(losses, batch_size)
@@ -525,8 +534,8 @@ class Pipeline:
             self._sum_tied(tied_before)
             if data_parallel is not None:
                 data_parallel.average_gradients(weight)
-        if self._record_timeline:
-            self.last_timeline = self._timeline(record)
+        if gathered is not None:
+            self.last_timeline = self._timeline(gathered)
         if bad and not skip:
             raise NonFiniteLoss(
                 f"the loss of micro-batch(es) {bad} is {losses[bad[0]].item()} (scaled by micro-batch size / "
@@ -583,30 +592,40 @@ class Pipeline:
                     total = total + parts[rank]
                 param.grad = total if previous is None else previous + total
 
-    def _timeline(self, record: StepRecord) -> Timeline:
+    def _gather_step(self, record: StepRecord) -> tuple[list[RankRecord], Tensor]:
+        """Every rank's measurements and the batch's per-micro-batch losses (summed over ranks)."""
         versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
-        mine = (record.events, record.waits, record.activation_bytes_peak, versions, record.origin, _host())
-        gathered = (
-            [mine]
-            if self._collectives is None
-            else self._collectives.all_gather_object(mine, what="timeline gather")
+        mine = RankRecord(
+            events=record.events,
+            waits=record.waits,
+            activation_bytes_peak=record.activation_bytes_peak,
+            weight_versions_peak=versions,
+            origin=record.origin,
+            host=host_code(_host()),
         )
-        events: list[tuple[Event, ...]] = [g[0] for g in gathered]
-        waits: list[tuple[Wait, ...]] = [g[1] for g in gathered]
-        if len({g[5] for g in gathered}) == 1:
+        if self._collectives is None:
+            return [mine], record.losses
+        row = step_gather.pack(mine, record.losses, self._timeline_slots)
+        rows = self._collectives.all_gather(row, what="loss and timeline gather")
+        return step_gather.unpack(rows, self._timeline_slots, self.schedule.num_microbatches)
+
+    def _timeline(self, gathered: list[RankRecord]) -> Timeline:
+        events: list[tuple[Event, ...]] = [g.events for g in gathered]
+        waits: list[tuple[Wait, ...]] = [g.waits for g in gathered]
+        if len({g.host for g in gathered}) == 1:
             # One machine: perf_counter is the same monotonic clock in every process, so
             # the ranks' timelines are put on one time axis (across machines each rank keeps
             # its own step start as zero).
-            first = min(float(g[4]) for g in gathered)
-            shifts = [float(g[4]) - first for g in gathered]
+            first = min(g.origin for g in gathered)
+            shifts = [g.origin - first for g in gathered]
             events = [tuple(_shift(e, d) for e in row) for row, d in zip(events, shifts, strict=True)]
             waits = [tuple(_shift(w, d) for w in row) for row, d in zip(waits, shifts, strict=True)]
         return Timeline(
             num_ranks=len(gathered),
             events=Timeline.merge_ranks(events),
             waits=tuple(waits),
-            activation_bytes_peak=tuple(int(g[2]) for g in gathered),
-            weight_versions_peak=tuple(int(g[3]) for g in gathered),
+            activation_bytes_peak=tuple(g.activation_bytes_peak for g in gathered),
+            weight_versions_peak=tuple(g.weight_versions_peak for g in gathered),
             source="measured",
             schedule_name=self.schedule.name,
             meta={

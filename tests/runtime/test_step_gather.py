@@ -1,0 +1,47 @@
+"""The end-of-step row: every field survives pack -> unpack exactly."""
+
+import pytest
+import torch
+
+from pipefold.errors import PipelineError
+from pipefold.runtime import step_gather
+from pipefold.runtime.step_gather import RankRecord, host_code
+from pipefold.schedule import Action, Op
+from pipefold.timeline import Event, Wait
+
+
+def _record(rank: int, num_events: int, peak: int) -> RankRecord:
+    ops = [Op.F, Op.B, Op.I, Op.W, Op.STEP]
+    events = tuple(
+        Event(rank, Action(ops[i % len(ops)], rank + 2 * (i % 2), i), 0.001 * i + 1e-7, 0.001 * i + 0.0005)
+        for i in range(num_events)
+    )
+    waits = (Wait(rank, Action(Op.F, rank, 3), 0.0123456789, 0.0234567891),)
+    return RankRecord(events, waits, peak, 2, 12345.678901234, host_code("node-a"))
+
+
+def test_round_trip_is_exact_and_losses_sum():
+    num_slots, num_microbatches = 7, 3
+    records = [_record(0, 5, 2**40 + 3), _record(1, 7, 17)]
+    losses = [torch.zeros(3, dtype=torch.float64), torch.tensor([0.25, 1 / 3, 2.0], dtype=torch.float64)]
+    rows = [step_gather.pack(r, loss, num_slots) for r, loss in zip(records, losses, strict=True)]
+    assert all(row.numel() == step_gather.row_length(num_slots, num_microbatches) for row in rows)
+    unpacked, summed = step_gather.unpack(rows, num_slots, num_microbatches)
+    assert unpacked == records
+    torch.testing.assert_close(summed, losses[1], rtol=0, atol=0)
+
+
+def test_float32_losses_are_widened():
+    record = _record(0, 1, 0)
+    row = step_gather.pack(record, torch.tensor([0.5, 0.25]), num_slots=1)
+    _, summed = step_gather.unpack([row], 1, 2)
+    assert summed.dtype == torch.float64 and summed.tolist() == [0.5, 0.25]
+
+
+def test_more_events_than_slots_is_a_bug_report():
+    with pytest.raises(PipelineError, match="slots"):
+        step_gather.pack(_record(0, 4, 0), torch.zeros(1), num_slots=3)
+
+
+def test_host_code_tells_hosts_apart():
+    assert host_code("node-a") == host_code("node-a") != host_code("node-b")
