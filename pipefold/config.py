@@ -156,7 +156,9 @@ class ScheduleConfig:
     name: str = "1f1b"
     """Schedule family (pipefold.schedule.names())."""
     ranks: int = 2
-    """Pipeline ranks = worker processes."""
+    """Pipeline ranks (stages' processes) per replica."""
+    data_parallel: int = 1
+    """Replicas of the pipeline along a "dp" mesh dimension; processes = ranks x data_parallel."""
     microbatches: int = 8
     """Micro-batches per step."""
     virtual: int = 0
@@ -164,12 +166,17 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
+        _require(self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica")
         _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
 
     @property
     def num_virtual(self) -> int | None:
         return self.virtual or None
+
+    @property
+    def num_processes(self) -> int:
+        return self.ranks * self.data_parallel
 
 
 @dataclass(frozen=True)
@@ -242,14 +249,30 @@ class TrainConfig:
         _require(
             self.device in ("auto", "cpu", "cuda"), "device", self.device, 'use "auto", "cpu" or "cuda"'
         )
+        dp = self.schedule.data_parallel
         _require(
-            self.batch_size >= self.schedule.microbatches,
+            self.batch_size % dp == 0,
+            "batch_size",
+            self.batch_size,
+            f"schedule.data_parallel={dp} replicas each take an equal shard of the batch; use a "
+            f"multiple of {dp} (e.g. {dp * max(1, round(self.batch_size / dp))})",
+        )
+        _require(
+            self.batch_size // dp >= self.schedule.microbatches,
             "batch_size",
             self.batch_size,
             f"every one of schedule.microbatches={self.schedule.microbatches} micro-batches needs at "
-            f"least one sequence; use batch_size >= {self.schedule.microbatches} or fewer micro-batches",
+            f"least one sequence per replica; use batch_size >= {self.schedule.microbatches * dp} "
+            "or fewer micro-batches",
         )
         num_stages, weight_update = self._check_schedule()
+        _require(
+            weight_update == "flush" or dp == 1,
+            "schedule.data_parallel",
+            dp,
+            f"schedule.name={self.schedule.name!r} updates weights inside the step, so replicas would "
+            "drift apart; use schedule.data_parallel=1 or a flush schedule (gpipe, 1f1b, zb-h1, ...)",
+        )
         _require(
             weight_update == "flush" or not self.model.tie_embeddings,
             "model.tie_embeddings",

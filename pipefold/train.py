@@ -278,10 +278,12 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         backend="nccl" if device.type == "cuda" else "gloo", timeout_s=config.timeout_s
     )
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size != config.schedule.ranks:
+    s = config.schedule
+    if world_size != s.num_processes:
         raise ConfigError(
-            f"schedule.ranks={config.schedule.ranks} but {world_size} processes were started; "
-            f"launch {config.schedule.ranks} processes or set schedule.ranks={world_size}"
+            f"schedule.ranks={s.ranks} x schedule.data_parallel={s.data_parallel} needs "
+            f"{s.num_processes} processes but {world_size} were started; launch {s.num_processes} "
+            "processes or change schedule.ranks / schedule.data_parallel to match"
         )
     if not config.out:
         raise ConfigError("out is empty; call resolve_out_dir(config) before starting the ranks")
@@ -308,7 +310,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         num_parameters = sum(p.numel() for p in GPT(layers, "meta").parameters())
         report.print(
             f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(layers)} layers, "
-            f"partition {pipe.partition}, schedule {config.schedule.name} on {world_size} ranks "
+            f"partition {pipe.partition}, schedule {config.schedule.name} on {config.schedule.ranks} ranks"
+            f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''} "
             f"({device.type}), {config.schedule.microbatches} micro-batches, corpus "
             f"{corpus.num_bytes / 1e6:.1f} MB ({corpus.num_files} stdlib files)"
         )
@@ -319,7 +322,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     checkpoint = Path(config.out) / CHECKPOINT_DIR
     with _progress(report, config.steps - start_step) as update:
         for step in range(start_step, config.steps):
-            inputs, targets = sampler.next_batch()
+            inputs, targets = _replica_shard(sampler.next_batch(), pipe)
             started = time.perf_counter()
             loss = pipe.step(inputs, targets)
             if optimizer is not None and scheduler is not None:
@@ -335,7 +338,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             records.append(record)
             update(record)
             done = step + 1
-            if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            due = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            if due and pipe.data_parallel_rank == 0:  # replicas hold equal weights: one saves
                 save_checkpoint(
                     pipe, checkpoint, optimizer=optimizers, step=done, extra={"config": config.to_dict()}
                 )
@@ -367,10 +371,18 @@ def _make_pipeline(
 
     is_flush = schedule.weight_update is WeightUpdate.FLUSH
     recompute = config.recompute
+    process_group: Any = None
+    if s.data_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Row-major (dp, pp): world ranks 0..ranks-1 are replica 0, so world rank 0 (the one
+        # that reports) is pipeline rank 0 of replica 0.
+        process_group = init_device_mesh(device.type, (s.data_parallel, s.ranks), mesh_dim_names=("dp", "pp"))
     pipe = Pipeline(
         layers,
         loss_fn=gpt_loss,
         schedule=schedule,
+        process_group=process_group,
         partition=_partition_argument(config, schedule, layers, sampler, device),
         recompute=list(recompute) if isinstance(recompute, tuple) else recompute,
         device=device,
@@ -379,6 +391,16 @@ def _make_pipeline(
         timeout_s=config.timeout_s,
     )
     return pipe, make_optimizer(list(pipe.parameters())) if is_flush else None
+
+
+def _replica_shard(batch: tuple[Tensor, Tensor], pipe: Pipeline) -> tuple[Tensor, Tensor]:
+    """This replica's rows of the global batch (every rank draws the same global batch)."""
+    if pipe.num_data_parallel == 1:
+        return batch
+    inputs, targets = batch
+    rows = inputs.shape[0] // pipe.num_data_parallel
+    start = pipe.data_parallel_rank * rows
+    return inputs[start : start + rows], targets[start : start + rows]
 
 
 def _optimizers_of(pipe: Pipeline, optimizer: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
@@ -435,7 +457,7 @@ def _partition_argument(
 
     counts: list[list[int] | None] = [None]
     if dist.get_rank() == 0:
-        rows = max(1, config.batch_size // schedule.num_microbatches)
+        rows = max(1, config.batch_size // config.schedule.data_parallel // schedule.num_microbatches)
         sample = sampler.peek()[0][:rows]
         cut = partition(
             layers, schedule.num_stages, "profile", placement=schedule.placement, sample=sample, device=device
@@ -557,6 +579,6 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 
 
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
-    """Spawn `config.schedule.ranks` local workers running `train_worker`."""
+    """Spawn `ranks x data_parallel` local workers running `train_worker`."""
     check_resume(config)
-    return spawn(train_worker, config.schedule.ranks, (config, show))
+    return spawn(train_worker, config.schedule.num_processes, (config, show))

@@ -81,6 +81,13 @@ BAD = [
     ({"partition": [1.5, 2]}, "partition=[1.5, 2]"),
     ({"schedule.name": "pipedream"}, "model.tie_embeddings=True"),
     ({"model.tie_embeddings": 1}, "model.tie_embeddings=1"),
+    ({"schedule.data_parallel": 0}, "schedule.data_parallel=0"),
+    ({"schedule.data_parallel": 3}, "batch_size=32"),
+    ({"schedule.data_parallel": 8}, "batch_size=32"),
+    (
+        {"schedule.data_parallel": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},
+        "schedule.data_parallel=2",
+    ),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),

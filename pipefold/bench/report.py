@@ -155,7 +155,7 @@ def _baseline_table(document: dict[str, Any], workload: str) -> str:
     threads = full.get("num_threads", "?")
     full_s = (full.get("step_s") or {}).get("median")
     rows.append([f"1 process, {threads} threads, full batch", _seconds(full_s)])
-    return table(["baseline", "step s (median)"], rows)
+    return table(["baseline (timed before the ranks started)", "step s (median)"], rows)
 
 
 def _skipped(records: Sequence[Record]) -> list[str]:

@@ -24,6 +24,7 @@ from pipefold.config import TrainConfig, load_config, parse_override
 _FLAGS: dict[str, str] = {
     "schedule": "schedule.name",
     "ranks": "schedule.ranks",
+    "data_parallel": "schedule.data_parallel",
     "microbatches": "schedule.microbatches",
     "virtual": "schedule.virtual",
     "steps": "steps",
@@ -54,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--schedule", help="schedule family (see `pipefold schedules`); default 1f1b")
     parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step; default 8")
+    parser.add_argument("--data-parallel", type=int, metavar="N",
+                        help="replicas of the pipeline, each on its shard of the batch "
+                        "(ranks x N processes); default 1")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help="optimizer steps; default 300")
     parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")

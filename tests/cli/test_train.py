@@ -123,3 +123,28 @@ def test_train_end_to_end_tiny(tmp_path, capfd, extra):
     assert trace
     printed = capfd.readouterr().out
     assert "sample" in printed and "loss" in printed
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
+    """2 replicas x 2 ranks, each on half the batch, train exactly as 1 replica on the whole batch."""
+    common = [
+        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
+        "--set", "sample_tokens=0", "--device", "cpu",
+    ]
+    losses = {}
+    for replicas in (1, 2):
+        out = tmp_path / f"dp{replicas}"
+        code = main([*common, "--data-parallel", str(replicas), "--out", str(out)])
+        assert code == 0, capfd.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["schedule"]["data_parallel"] == replicas
+        losses[replicas] = summary["losses"]
+        assert (out / "checkpoint" / "pipefold.json").is_file()
+    assert len(losses[2]) == 3
+    # Same global batches, gradients averaged over replicas = the whole batch's gradient; only
+    # float32 summation order differs (and AdamW carries it along three steps).
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
