@@ -38,6 +38,8 @@ TOML layout (every key optional; these are the defaults)::
     ranks = 2
     microbatches = 8
     virtual = 0                # 0 = the family's default
+    data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel
+    file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
 
     [optimizer]
     lr = 3e-3
@@ -163,6 +165,9 @@ class ScheduleConfig:
     """Micro-batches per step."""
     virtual: int = 0
     """Stages per rank for interleaved / V schedules; 0 = the family's default."""
+    file: str = ""
+    """A schedule JSON (pipefold.schedule.io, e.g. from `pipefold schedules find --save`) run
+    instead of the family `name`; its ranks and micro-batches must match `ranks` and `microbatches`."""
 
     def __post_init__(self) -> None:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
@@ -294,10 +299,24 @@ class TrainConfig:
         self._check_recompute(num_layers)
 
     def _check_schedule(self) -> tuple[int, str]:
-        """(num_stages, weight update mode) of the schedule, built to prove it legal."""
+        """(num_stages, weight update mode) of the schedule, built (or loaded) to prove it legal."""
         from pipefold.schedule import build
 
         s = self.schedule
+        if s.file:
+            loaded = load_schedule_file(s.file)
+            for key, wanted, found in (
+                ("schedule.ranks", s.ranks, loaded.num_ranks),
+                ("schedule.microbatches", s.microbatches, loaded.num_microbatches),
+            ):
+                _require(
+                    wanted == found,
+                    key,
+                    wanted,
+                    f"schedule.file={s.file!r} is a schedule for {found}; set {key}={found} "
+                    "(pipefold train --schedule-file fills both from the file)",
+                )
+            return loaded.num_stages, str(loaded.weight_update)
         try:
             built = build(
                 s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
@@ -308,6 +327,11 @@ class TrainConfig:
                 f"schedule.microbatches={s.microbatches}, schedule.virtual={s.virtual} is not legal: {error}"
             ) from None
         return built.num_stages, str(built.weight_update)
+
+    @property
+    def schedule_label(self) -> str:
+        """What runs, for messages: the family, or the file and the schedule it holds."""
+        return f"{self.schedule.file} ({load_schedule_file(self.schedule.file).name})" if self.schedule.file else self.schedule.name
 
     def _check_partition(self, num_stages: int, num_layers: int) -> None:
         value = self.partition
@@ -447,3 +471,18 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         _apply(data, key, value)
     config: TrainConfig = _build(TrainConfig, data, "")
     return config
+
+
+def load_schedule_file(path: str) -> Any:
+    """The validated `Schedule` in `path`, or a ConfigError naming `schedule.file`."""
+    from pipefold.schedule.io import load
+
+    try:
+        return load(path)
+    except OSError as error:
+        raise ConfigError(
+            f"schedule.file={path!r} cannot be read ({error.strerror}); give a schedule JSON written by "
+            "`pipefold schedules find --save` or pipefold.schedule.io.save"
+        ) from None
+    except (ScheduleError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"schedule.file={path!r} is not a valid pipefold schedule: {error}") from None

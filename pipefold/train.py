@@ -19,6 +19,8 @@ writes into `config.out`:
     trace.json       the same measured timeline as a Chrome/Perfetto trace
     summary.json     config, loss per step, throughput, bubble, predicted vs measured step time,
                      validation loss and a text sample
+    costs.json       the per-stage F/B/I/W times this run measured (a CostModel): feed it to
+                     `pipefold schedules find --costs-file` and run the result with --schedule-file
     checkpoint/      weights and AdamW state of every rank (pipefold.runtime.checkpoint), saved at
                      the end and every `checkpoint_every` steps; `--resume <out>/checkpoint`
                      continues from it with the loss where it left off (same batches, same
@@ -147,8 +149,10 @@ def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> CostMod
     """Per-stage median duration of each op over `timelines`, as a CostModel for `simulate`.
 
     The median, because on a shared machine a few actions stall for reasons the
-    schedule does not cause. A schedule that only runs B has no separate I and W
-    times; they are set to half of B each, which the simulator never uses for it.
+    schedule does not cause. Each stage fills what its schedule did not run from what
+    it did: a stage that only ran B gets half of B for I and for W (an estimate; the
+    simulator uses it only for schedules that split that stage), a stage that only ran
+    I and W (or whose I/W pairs were fused into B elsewhere) gets I + W for B.
     """
     durations: dict[tuple[Op, int], list[float]] = {}
     for timeline in timelines:
@@ -165,11 +169,11 @@ def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> CostMod
     b = [median(Op.B, s) for s in stages]
     i = [median(Op.I, s) for s in stages]
     w = [median(Op.W, s) for s in stages]
-    if not any(i) and not any(w):
-        i = [value / 2 for value in b]
-        w = [value / 2 for value in b]
-    if not any(b):
-        b = [x + y for x, y in zip(i, w, strict=True)]
+    for stage in stages:
+        if not i[stage] and not w[stage]:
+            i[stage] = w[stage] = b[stage] / 2
+        if not b[stage]:
+            b[stage] = i[stage] + w[stage]
     step = [median(Op.STEP, s) for s in stages]
     return CostModel.from_lists(f, i, w, b=b, step=step)
 
@@ -310,7 +314,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         num_parameters = sum(p.numel() for p in GPT(layers, "meta").parameters())
         report.print(
             f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(layers)} layers, "
-            f"partition {pipe.partition}, schedule {config.schedule.name} on {config.schedule.ranks} ranks"
+            f"partition {pipe.partition}, schedule {config.schedule_label} on {config.schedule.ranks} ranks"
             f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''} "
             f"({device.type}), {config.schedule.microbatches} micro-batches, corpus "
             f"{corpus.num_bytes / 1e6:.1f} MB ({corpus.num_files} stdlib files)"
@@ -362,7 +366,12 @@ def _make_pipeline(
     from pipefold.schedule import build
 
     s, opt = config.schedule, config.optimizer
-    schedule = build(s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual)
+    if s.file:
+        from pipefold.config import load_schedule_file
+
+        schedule = load_schedule_file(s.file)
+    else:
+        schedule = build(s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual)
 
     def make_optimizer(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -511,7 +520,10 @@ def _finish(
         sample = decode(ids.tolist())
 
     timeline = recent[-1]
-    predicted = simulate(pipe.schedule, measured_costs(recent, pipe.schedule))
+    costs = measured_costs(recent, pipe.schedule)
+    predicted = simulate(pipe.schedule, costs)
+    # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
+    _atomic_write_text(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")
     save_png(timeline, out / "timeline.png", compare=predicted)
     save_chrome_trace(timeline, out / "trace.json")
 
@@ -556,7 +568,7 @@ def _finish(
             report.print(sample, markup=False, highlight=False)
             report.rule()
         report.print(
-            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, "
+            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, {out / 'costs.json'}, "
             f"{out / CHECKPOINT_DIR}/"
         )
     return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)

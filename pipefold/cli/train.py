@@ -27,6 +27,7 @@ _FLAGS: dict[str, str] = {
     "data_parallel": "schedule.data_parallel",
     "microbatches": "schedule.microbatches",
     "virtual": "schedule.virtual",
+    "schedule_file": "schedule.file",
     "steps": "steps",
     "batch_size": "batch_size",
     "seed": "seed",
@@ -54,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.config)")
     parser.add_argument("--schedule", help="schedule family (see `pipefold schedules`); default 1f1b")
     parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
+    parser.add_argument("--schedule-file", metavar="FILE",
+                        help="run this schedule JSON (e.g. from `pipefold schedules find --save`) instead "
+                        "of a family; --ranks and --microbatches default to the file's")
     parser.add_argument("--microbatches", type=int, help="micro-batches per step; default 8")
     parser.add_argument("--data-parallel", type=int, metavar="N",
                         help="replicas of the pipeline, each on its shard of the batch "
@@ -90,6 +94,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
+    if args.schedule_file is not None:
+        # The file fixes the pipeline's shape; fill what the user did not pin.
+        from pipefold.config import load_schedule_file
+
+        loaded = load_schedule_file(args.schedule_file)
+        overrides.setdefault("schedule.ranks", loaded.num_ranks)
+        overrides.setdefault("schedule.microbatches", loaded.num_microbatches)
     if args.partition is not None:
         text = args.partition.strip()
         is_counts = text.replace(",", "").replace(" ", "").isdigit()

@@ -6,7 +6,7 @@ import pytest
 
 from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
-from pipefold.config import TrainConfig
+from pipefold.config import TrainConfig, load_config
 from pipefold.errors import ConfigError
 from pipefold.schedule import Action, Op, build
 from pipefold.timeline import Event, Timeline
@@ -86,6 +86,19 @@ def test_measured_costs_take_each_op_per_stage():
     assert measured_costs([timeline, timeline, slow], schedule).f == (3.0, 1.0)
 
 
+def test_measured_costs_fill_each_stage_from_what_it_ran():
+    """zb-h1 with its first stage fused: stage 0 ran B only, stage 1 ran I and W only."""
+    schedule = build("zb-h1", num_ranks=2, num_microbatches=1)
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.B, 0, 0), 5.0, 9.0)),
+        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.I, 1, 0), 2.0, 3.0),
+         Event(1, Action(Op.W, 1, 0), 3.0, 5.0)),
+    )
+    costs = measured_costs([Timeline(num_ranks=2, events=events, source="measured")], schedule)
+    assert costs.b == (4.0, 3.0)
+    assert costs.i == (2.0, 1.0) and costs.w == (2.0, 2.0)
+
+
 def _runtime_missing():
     try:
         from pipefold.runtime import Pipeline  # noqa: F401
@@ -148,3 +161,41 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
     # Same global batches, gradients averaged over replicas = the whole batch's gradient; only
     # float32 summation order differs (and AdamW carries it along three steps).
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_measured_costs_to_found_schedule_to_training(tmp_path, capfd):
+    """train writes costs.json; schedules find searches on it; train runs the saved schedule."""
+    common = [
+        "--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
+        "--set", "data.max_bytes=100000", "--set", "sample_tokens=0", "--device", "cpu",
+    ]
+    first = tmp_path / "measure"
+    code = main(["train", "--schedule", "zb-h1", "--steps", "4", "--microbatches", "4", "--out", str(first), *common])
+    assert code == 0, capfd.readouterr().err
+    costs = json.loads((first / "costs.json").read_text())
+    assert all(value > 0 for key in ("f", "i", "w", "b") for value in costs[key])
+    found = tmp_path / "auto.json"
+    code = main(["schedules", "find", "--ranks", "2", "--microbatches", "4", "--costs-file",
+                 str(first / "costs.json"), "--save", str(found), "--time-budget", "0.2"])
+    assert code == 0 and found.is_file()
+    second = tmp_path / "auto-run"
+    code = main(["train", "--schedule-file", str(found), "--steps", "3", "--out", str(second), *common])
+    assert code == 0, capfd.readouterr().err
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["config"]["schedule"]["file"] == str(found)
+    assert summary["config"]["schedule"]["microbatches"] == 4  # filled from the file
+    assert len(summary["losses"]) == 3 and all(math.isfinite(x) for x in summary["losses"])
+
+
+def test_schedule_file_mismatch_is_refused_before_any_worker(tmp_path):
+    from pipefold.schedule.io import save
+
+    path = tmp_path / "s.json"
+    save(build("1f1b", num_ranks=2, num_microbatches=4), path)
+    with pytest.raises(ConfigError, match=r"schedule.microbatches=8.*set schedule.microbatches=4"):
+        load_config(overrides={"schedule.file": str(path)})
+    with pytest.raises(ConfigError, match="schedule.file='nope.json' cannot be read"):
+        load_config(overrides={"schedule.file": "nope.json"})
