@@ -343,7 +343,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             update(record)
             done = step + 1
             due = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
-            if due and pipe.data_parallel_rank == 0:  # replicas hold equal weights: one saves
+            if due:
                 save_checkpoint(
                     pipe, checkpoint, optimizer=optimizers, step=done, extra={"config": config.to_dict()}
                 )

@@ -103,14 +103,44 @@ def save_checkpoint(
 ) -> Path:
     """Write this pipeline's weights (and optimizer state) to the directory `path`; collective.
 
-    Call on every rank of the pipeline with the same `path`, `step` and `extra` (JSON
-    data). `optimizer` is the optimizer over this rank's parameters, or a list of them
+    Call on every rank of the pipeline (with data parallelism: of every replica; replica 0
+    writes) with the same `path`, `step` and `extra` (JSON data). `optimizer` is the optimizer over this rank's parameters, or a list of them
     (an asynchronous schedule has one per stage: `[s.stash.optimizer for s in pipe.stages]`).
     An existing checkpoint at `path` is replaced only once the new one is complete.
     All ranks must see `path` on a shared file system. Returns `path`.
     """
     target = Path(path)
     _check_save_arguments(pipe, target, step, extra)
+    replicas = _replica_group(pipe)
+    if replicas is None:
+        return _save_replica(pipe, target, optimizer, step, extra)
+    # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
+    # others wait for its outcome, so no rank returns before the checkpoint is in place and
+    # a failure is raised everywhere.
+    if dist.get_rank(replicas) != 0:
+        failure = _from_rank0(None, replicas)
+        if failure is not None:
+            raise PipelineError(f"save_checkpoint: data-parallel replica 0 failed: {failure}")
+        return target
+    try:
+        _save_replica(pipe, target, optimizer, step, extra)
+    except BaseException as error:
+        _from_rank0(f"{type(error).__name__}: {error}", replicas)
+        raise
+    _from_rank0(None, replicas)
+    return target
+
+
+def _replica_group(pipe: Pipeline) -> dist.ProcessGroup | None:
+    """The data-parallel group across replicas of this rank's stages (None without one)."""
+    data_parallel = getattr(pipe, "_data_parallel", None)
+    return None if data_parallel is None else data_parallel._group
+
+
+def _save_replica(
+    pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None, extra: Any
+) -> Path:
+    """save_checkpoint within one pipeline (one replica)."""
     group = pipe._group
     is_rank0 = _group_rank(group) == 0
     tensors, record = _local_entries(pipe, _as_list(optimizer))
@@ -416,12 +446,6 @@ def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra:
         raise ConfigError(
             f"save_checkpoint: path={str(target)!r} exists and is not a pipefold checkpoint; it would be "
             "replaced, so give a new or empty directory (or an earlier checkpoint) instead"
-        )
-    if getattr(pipe, "num_data_parallel", 1) > 1 and getattr(pipe, "data_parallel_rank", 0) != 0:
-        raise ConfigError(
-            f"save_checkpoint on data-parallel replica {getattr(pipe, 'data_parallel_rank', 0)}: the "
-            "replicas hold equal weights, so only replica 0 saves; call it under "
-            "`if pipe.data_parallel_rank == 0:` (load_checkpoint runs on every replica)"
         )
 
 

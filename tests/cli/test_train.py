@@ -161,6 +161,16 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
     # Same global batches, gradients averaged over replicas = the whole batch's gradient; only
     # float32 summation order differs (and AdamW carries it along three steps).
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    # Every rank of both replicas calls save_checkpoint (replica 0 writes); resuming that
+    # checkpoint with two replicas continues the same run.
+    cut = tmp_path / "dp2-cut"
+    dp2 = [arg if arg != "3" else "2" for arg in common] + ["--data-parallel", "2"]
+    assert main([*dp2, "--out", str(cut)]) == 0, capfd.readouterr().err
+    resumed = tmp_path / "dp2-resumed"
+    code = main([*common, "--data-parallel", "2", "--resume", str(cut / "checkpoint"), "--out", str(resumed)])
+    assert code == 0, capfd.readouterr().err
+    tail = json.loads((resumed / "summary.json").read_text())["losses"]
+    assert tail == pytest.approx(losses[2][2:], rel=1e-5)
 
 
 @pytest.mark.multiprocess
