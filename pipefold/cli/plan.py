@@ -4,6 +4,8 @@
     pipefold plan --costs costs.json --ranks 8 --batch-size 64 --memory 40GiB --top 10
     pipefold plan --model gpt --ranks 4 --memory 2GiB --schedule zb-v --json
     pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, then plan
+    pipefold plan --model gpt --devices 8 --batch-size 64 --memory 8GiB    # also choose dp x pp
+    pipefold plan --model gpt --ranks 4 --data-parallel 2 --batch-size 64  # 2 replicas of 4 ranks
 
 Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
 or from `pipefold.model.profile` results), from a FLOP estimate of the built-in GPT
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any
 
 from pipefold.cli.profile import add_measure_arguments
@@ -50,7 +53,7 @@ def _rate_flag(flag: str) -> Any:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="choose schedule, micro-batches, stages and recompute under a memory limit",
+        help="choose schedule, micro-batches, stages, recompute (and dp x pp) under a memory limit",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -61,7 +64,12 @@ def add_parser(subparsers: Any) -> None:
                         help="measure the built-in GPT here (as pipefold profile), then plan")
     # The schedule flags mean what they mean in `pipefold simulate`, but here they pin a value
     # the planner would otherwise search.
-    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks p (default 4)")
+    parser.add_argument("--ranks", type=int,
+                        help="pipeline ranks pp (default 4; with --devices: pins pp, searched otherwise)")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="devices in all: search every dp x pp = N (dp replicas of a pp-rank pipeline)")
+    parser.add_argument("--data-parallel", type=int, metavar="D",
+                        help="pin the data-parallel replicas dp (default 1, or searched with --devices)")
     parser.add_argument("--schedule", action="append", metavar="NAME",
                         help="consider only this family (repeatable); default: every synchronous one")
     parser.add_argument("--microbatches", type=int, help="pin the micro-batch count m")
@@ -82,6 +90,10 @@ def add_parser(subparsers: Any) -> None:
                         help="link bandwidth between ranks, e.g. 50e9 (default: free transfers)")
     parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                         help="link latency per message (default 0)")
+    parser.add_argument("--dp-bandwidth", type=_rate_flag("--dp-bandwidth"), metavar="BYTES_PER_S",
+                        help="bandwidth of the gradient all-reduce between replicas (default: --bandwidth)")
+    parser.add_argument("--dp-latency", type=float, metavar="SECONDS",
+                        help="latency per all-reduce step between replicas (default: --latency)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     gpt = parser.add_argument_group(
@@ -156,10 +168,20 @@ def run(args: argparse.Namespace) -> int:
     from pipefold.plan import PlanOptions, format_bytes, plan
     from pipefold.simulate import Link
 
-    if args.latency < 0 or not math.isfinite(args.latency):
-        raise ConfigError(f"--latency = {args.latency}; give seconds >= 0")
+    for flag, latency in (("--latency", args.latency), ("--dp-latency", args.dp_latency)):
+        if latency is not None and (latency < 0 or not math.isfinite(latency)):
+            raise ConfigError(f"{flag} = {latency}; give seconds >= 0")
+    link = Link(latency=args.latency, bandwidth=args.bandwidth or math.inf)
+    dp_link = None
+    if args.dp_bandwidth is not None or args.dp_latency is not None:
+        dp_link = Link(latency=link.latency if args.dp_latency is None else args.dp_latency,
+                       bandwidth=link.bandwidth if args.dp_bandwidth is None else args.dp_bandwidth)
+    # Without --devices, --ranks keeps its old default of 4: one pipeline, as before dp existed.
+    ranks = 4 if args.ranks is None and args.devices is None else args.ranks
     options = PlanOptions(
-        num_ranks=args.ranks,
+        num_ranks=ranks,
+        num_devices=args.devices,
+        data_parallel=args.data_parallel,
         global_batch=args.batch_size,
         memory_limit=math.inf if args.memory is None else args.memory,
         schedules=tuple(args.schedule or ()),
@@ -171,9 +193,17 @@ def run(args: argparse.Namespace) -> int:
         max_virtual=args.max_virtual,
         max_microbatches=args.max_microbatches,
         top=args.top,
-        link=Link(latency=args.latency, bandwidth=args.bandwidth or math.inf),
+        link=link,
+        dp_link=dp_link,
     )
     result = plan(_costs(args), options)
+    allreduce_free = options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0
+    if allreduce_free and (result.num_devices is not None or result.num_data_parallel > 1):
+        # An ideal link prices the all-reduce at 0, so more replicas always look better; say so
+        # rather than let the plan read as a measurement of the interconnect.
+        print("note: no --dp-bandwidth / --bandwidth given, so the gradient all-reduce between replicas "
+              "costs 0 here and data parallelism looks free; give the interconnect's bandwidth "
+              "(e.g. --dp-bandwidth 25e9) for a plan that weighs it", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -182,16 +212,26 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     limit = "no limit" if math.isinf(result.memory_limit) else format_bytes(result.memory_limit)
-    table = Table(title=f"top {len(result.top)} of p={result.num_ranks}, batch {result.global_batch}, "
+    # The dp columns appear only when data parallelism is in play, so a plain plan reads as before.
+    with_dp = result.num_devices is not None or result.num_data_parallel > 1
+    if result.num_devices is not None:
+        devices = f"{result.num_devices} devices (dp x pp searched)"
+    else:
+        devices = f"p={result.num_ranks}" + (f", dp={result.num_data_parallel}" if with_dp else "")
+    table = Table(title=f"top {len(result.top)} of {devices}, batch {result.global_batch}, "
                   f"memory {limit} per rank")
-    for column in ("#", "schedule", "v", "m x rows", "recompute", "step s", "bubble", "peak (rank)"):
+    columns = ["#", *(["dp x pp"] if with_dp else []), "schedule", "v", "m x rows", "recompute", "step s",
+               *(["all-reduce s"] if with_dp else []), "bubble", "peak (rank)"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("schedule", "recompute") else "right",
                          overflow="fold")
     for index, candidate in enumerate(result.top, start=1):
         table.add_row(
-            str(index), candidate.schedule, str(candidate.num_virtual),
+            str(index), *([f"{candidate.num_data_parallel} x {candidate.num_ranks}"] if with_dp else []),
+            candidate.schedule, str(candidate.num_virtual),
             f"{candidate.num_microbatches} x {candidate.microbatch_rows}", candidate.recompute_text,
-            f"{candidate.step_time:.4g}", f"{candidate.bubble_fraction:.1%}",
+            f"{candidate.step_time:.4g}", *([f"{candidate.allreduce_s:.3g}"] if with_dp else []),
+            f"{candidate.bubble_fraction:.1%}",
             f"{format_bytes(candidate.peak_memory)} ({candidate.peak_rank})",
         )
     console.print(table)

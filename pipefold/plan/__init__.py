@@ -2,7 +2,9 @@
 
 No torch import: it reads per-layer costs (`ModelCosts`: measured with
 `pipefold.model.profile` or estimated with `gpt_costs`), simulates candidate
-configurations with `pipefold.simulate` and prices their memory.
+configurations with `pipefold.simulate` and prices their memory. With
+`PlanOptions(num_devices=N)` it also chooses the data-parallel degree: dp replicas of a
+pp-rank pipeline, dp x pp = N (see [Note: data-parallel step model] in degree.py).
 
     >>> from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
     >>> layer = LayerCost(forward_s=1e-3, backward_s=2e-3, activation_bytes=2**20, output_bytes=2**16,
@@ -10,7 +12,7 @@ configurations with `pipefold.simulate` and prices their memory.
     >>> costs = ModelCosts(layers=(layer,) * 8)
     >>> result = plan(costs, PlanOptions(num_ranks=2, global_batch=8, memory_limit=2**30))
     >>> result.choice.schedule, result.choice.num_microbatches
-    ('dualpipe-v', 8)
+    ('zb-v', 8)
 """
 
 from pipefold.plan.costs import LayerCost, ModelCosts, ProfileLike

@@ -25,14 +25,22 @@ class NoFeasiblePlan(ConfigError):
             knobs.append(f"recompute {fastest.recompute_text} -> {least.recompute_text}")
         if least.num_microbatches != fastest.num_microbatches:
             knobs.append(f"micro-batches {fastest.num_microbatches} -> {least.num_microbatches}")
+        if least.degree_text != fastest.degree_text:
+            knobs.append(f"{fastest.degree_text} -> {least.degree_text}")
         if (least.schedule, least.num_virtual) != (fastest.schedule, fastest.num_virtual):
             before = f"{fastest.schedule} v={fastest.num_virtual}"
             knobs.append(f"schedule {before} -> {least.schedule} v={least.num_virtual}")
         how = f" (from the fastest setting: {'; '.join(knobs)})" if knobs else ""
+
+        def describe(candidate: Candidate) -> str:
+            # The split is named whenever data parallelism is in play, so a reader can rerun it.
+            plain = least.num_data_parallel == fastest.num_data_parallel == 1
+            return candidate.describe() if plain else f"{candidate.degree_text}, {candidate.describe()}"
+
         super().__init__(
             f"no configuration fits the memory limit of {format_bytes(memory_limit)} per rank. The least "
             f"memory any searched configuration needs is {format_bytes(least.peak_memory)} on rank "
-            f"{least.peak_rank}, with {least.describe()}{how}; raise the limit to at least "
+            f"{least.peak_rank}, with {describe(least)}{how}; raise the limit to at least "
             f"{format_bytes(least.peak_memory)} ({least.peak_memory} bytes), or use more ranks. "
-            f"The fastest configuration, {fastest.describe()}, needs {format_bytes(fastest.peak_memory)}."
+            f"The fastest configuration, {describe(fastest)}, needs {format_bytes(fastest.peak_memory)}."
         )

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from pipefold.plan.degree import Degree
 from pipefold.plan.result import Candidate, Verdict
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
@@ -13,7 +14,7 @@ from pipefold.schedule import names
 if TYPE_CHECKING:
     from pipefold.plan.search import Record
 
-__all__ = ["family_verdicts", "setting_verdicts"]
+__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts"]
 
 _MAX_VALUES = 8
 """Settings with more values than this list only the chosen value's neighbours and the extremes."""
@@ -40,21 +41,22 @@ def _bound_text(bound: float, choice: Candidate) -> str:
 
 
 def _verdict(
-    subject: str, records: Sequence[Record], choice: Candidate, limit: float, *, detail: bool
+    subject: str, records: Sequence[Record], choice: Candidate, limit: float, *, detail: bool,
+    describe: Callable[[Candidate], str] = Candidate.describe,
 ) -> Verdict:
-    """The verdict on a group of configurations (a family, or one value of a setting)."""
+    """The verdict on a group of configurations (a family, a value of a setting, a dp x pp split)."""
     fits = [c for record in records if (c := record.best(limit)) is not None]
     if any(candidate == choice for candidate in fits):
         return Verdict(subject, "chosen", choice.describe())
     if fits:
         best = min(fits, key=lambda c: (c.step_time, c.peak_memory))
-        where = f" ({best.describe()})" if detail else ""
+        where = f" ({describe(best)})" if detail else ""
         return Verdict(subject, "slower", _slower(best, choice) + where)
     leanest = [c for record in records if (c := record.leanest()) is not None]
     parts = []
     if leanest:
         worst = min(leanest, key=lambda c: (c.peak_memory, c.step_time))
-        where = f" at its leanest simulated ({worst.describe()})" if detail else ""
+        where = f" at its leanest simulated ({describe(worst)})" if detail else ""
         parts.append(_over(worst, limit) + where)
     static = [record.static_over for record in records if record.static_over is not None]
     if static:
@@ -84,6 +86,39 @@ def family_verdicts(
             continue
         group = [record for record in records if record.config.schedule == name]
         verdicts.append(_verdict(name, group, choice, limit, detail=True))
+    return tuple(verdicts)
+
+
+def _with_allreduce(candidate: Candidate) -> str:
+    if candidate.num_data_parallel == 1:
+        return candidate.describe()
+    return (f"{candidate.describe()}; step = pipeline {candidate.pipeline_s:.4g} s + gradient all-reduce "
+            f"{candidate.allreduce_s:.4g} s")
+
+
+def degree_verdicts(
+    records: Sequence[Record],
+    rejected: dict[tuple[int, int], str],
+    excluded: dict[Degree, dict[str, tuple[str, str]]],
+    pairs: Sequence[tuple[int, int]],
+    choice: Candidate,
+    limit: float,
+) -> tuple[Verdict, ...]:
+    """One verdict per dp x pp split in `pairs` (dp ascending): at its best over every family and setting."""
+    verdicts = []
+    for dp, pp in pairs:
+        subject = f"dp={dp} x pp={pp}"
+        if (dp, pp) in rejected:
+            verdicts.append(Verdict(subject, "not-applicable", rejected[(dp, pp)]))
+            continue
+        group = [r for r in records if (r.degree.num_data_parallel, r.degree.num_ranks) == (dp, pp)]
+        if not group:
+            reasons = [reason for degree, families in excluded.items() if degree.num_data_parallel == dp
+                       for _, reason in families.values()]
+            why = "; ".join(dict.fromkeys(reasons)) or "no configuration"
+            verdicts.append(Verdict(subject, "not-applicable", f"no schedule family applies ({why})"))
+            continue
+        verdicts.append(_verdict(subject, group, choice, limit, detail=True, describe=_with_allreduce))
     return tuple(verdicts)
 
 

@@ -24,7 +24,7 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["RankMemory", "rank_memory", "static_bytes"]
+__all__ = ["RankMemory", "rank_memory", "static_bytes", "gradient_bytes"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,17 @@ def static_bytes(
         owned
         + round(owned * costs.gradient_bytes_per_parameter_byte)
         + round(owned * costs.optimizer_bytes_per_parameter_byte)
+        for owned in _owned_weight_bytes(model, placement, num_ranks)
+    )
+
+
+def gradient_bytes(
+    costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int
+) -> tuple[int, ...]:
+    """Per rank, the bytes of its stages' gradients: what it all-reduces across data-parallel replicas."""
+    # Rounded as rank_memory rounds `RankMemory.gradients`, so the two always agree.
+    return tuple(
+        round(owned * costs.gradient_bytes_per_parameter_byte)
         for owned in _owned_weight_bytes(model, placement, num_ranks)
     )
 

@@ -46,10 +46,30 @@ class Candidate:
     recompute: tuple[int, ...]
     """Virtual stages whose layers are recomputed in the backward (sorted)."""
     step_time: float
-    """Predicted seconds per step (one call of the schedule, a whole global batch)."""
+    """Predicted seconds per step (a whole global batch): the simulated schedule on one replica's
+    batch plus `allreduce_s`."""
     bubble_fraction: float
+    """Of the simulated schedule (the all-reduce after it is not part of it)."""
     memory: tuple[RankMemory, ...]
-    """Predicted peak memory per rank."""
+    """Predicted peak memory per pipeline rank (the same in every replica)."""
+    num_data_parallel: int = 1
+    """Data-parallel replicas dp of the pipeline; `num_ranks` is each one's pipeline ranks pp."""
+    allreduce_s: float = 0.0
+    """Seconds of the gradient all-reduce across replicas after the schedule (0 when dp = 1)."""
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_data_parallel * self.num_ranks
+
+    @property
+    def degree_text(self) -> str:
+        """'dp=2 x pp=4'."""
+        return f"dp={self.num_data_parallel} x pp={self.num_ranks}"
+
+    @property
+    def pipeline_s(self) -> float:
+        """Seconds of the simulated schedule alone."""
+        return self.step_time - self.allreduce_s
 
     @property
     def num_stages(self) -> int:
@@ -114,7 +134,10 @@ class Candidate:
             "microbatch_rows": self.microbatch_rows,
             "bounds": list(self.bounds),
             "recompute": list(self.recompute),
+            "num_data_parallel": self.num_data_parallel,
+            "num_devices": self.num_devices,
             "step_time": self.step_time,
+            "allreduce_s": self.allreduce_s,
             "bubble_fraction": self.bubble_fraction,
             "peak_memory": self.peak_memory,
             "memory": [memory.to_json() for memory in self.memory],
@@ -134,6 +157,8 @@ class Candidate:
             step_time=float(data["step_time"]),
             bubble_fraction=float(data["bubble_fraction"]),
             memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
+            num_data_parallel=int(data.get("num_data_parallel", 1)),
+            allreduce_s=float(data.get("allreduce_s", 0.0)),
         )
 
 
@@ -170,7 +195,9 @@ class Plan:
     settings: tuple[Verdict, ...]
     """For the chosen family: the other micro-batch counts, virtual stages and recompute choices."""
     num_ranks: int
+    """Pipeline ranks pp of the choice."""
     global_batch: int
+    """Samples per step over all replicas."""
     memory_limit: float
     """Bytes per rank; math.inf when there is no limit."""
     num_simulated: int
@@ -179,6 +206,15 @@ class Plan:
     """Configurations skipped because a lower bound on their step time already lost."""
     source: str = ""
     """Where the costs came from."""
+    degrees: tuple[Verdict, ...] = ()
+    """One verdict per dp x pp split searched ("dp=2 x pp=4"), dp ascending; empty when one was pinned."""
+    num_devices: int | None = None
+    """The devices split into dp x pp when the degree was searched; None when it was pinned."""
+
+    @property
+    def num_data_parallel(self) -> int:
+        """Data-parallel replicas dp of the choice."""
+        return self.choice.num_data_parallel
 
     @property
     def step_time(self) -> float:
@@ -197,17 +233,28 @@ class Plan:
         """The choice and the reasons, as plain text lines."""
         choice = self.choice
         limit = "no limit" if math.isinf(self.memory_limit) else f"limit {format_bytes(self.memory_limit)}"
+        with_degree = bool(self.degrees) or choice.num_data_parallel > 1
+        step = f"predicted step {choice.step_time:.4g} s"
+        if choice.num_data_parallel > 1:
+            step += (
+                f" (pipeline {choice.pipeline_s:.4g} s on "
+                f"{self.global_batch // choice.num_data_parallel} rows per replica + gradient all-reduce "
+                f"{choice.allreduce_s:.4g} s across {choice.num_data_parallel} replicas)"
+            )
         lines = [
-            f"choice: {choice.describe()}",
-            f"  predicted step {choice.step_time:.4g} s, bubble {choice.bubble_fraction:.1%}, "
+            f"choice: {choice.degree_text + ', ' if with_degree else ''}{choice.describe()}",
+            f"  {step}, bubble {choice.bubble_fraction:.1%}, "
             f"peak memory {format_bytes(choice.peak_memory)} on rank {choice.peak_rank} ({limit})",
             f"  partition {choice.partition}",
             "  Pipeline(" + ", ".join(f"{k}={v!r}" for k, v in choice.pipeline_kwargs().items()) + ")",
         ]
         if self.source:
             lines.append(f"  costs: {self.source}")
-        width = max(len(verdict.subject) for verdict in (*self.families, *self.settings))
-        lines.append("schedules:")
+        width = max(len(verdict.subject) for verdict in (*self.degrees, *self.families, *self.settings))
+        if self.degrees:
+            lines.append(f"dp x pp for {self.num_devices} devices:")
+            lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.degrees]
+        lines.append(f"schedules at {choice.degree_text}:" if with_degree else "schedules:")
         lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.families]
         if self.settings:
             lines.append(f"settings of {choice.schedule}:")
@@ -229,6 +276,9 @@ class Plan:
             "families": [verdict.to_json() for verdict in self.families],
             "settings": [verdict.to_json() for verdict in self.settings],
             "num_ranks": self.num_ranks,
+            "num_data_parallel": self.num_data_parallel,
+            "num_devices": self.num_devices,
+            "degrees": [verdict.to_json() for verdict in self.degrees],
             "global_batch": self.global_batch,
             "memory_limit": None if math.isinf(self.memory_limit) else self.memory_limit,
             "num_simulated": self.num_simulated,
@@ -250,4 +300,6 @@ class Plan:
             num_simulated=int(data["num_simulated"]),
             num_pruned=int(data["num_pruned"]),
             source=str(data.get("source", "")),
+            degrees=tuple(Verdict.from_json(entry) for entry in data.get("degrees", ())),
+            num_devices=None if data.get("num_devices") is None else int(data["num_devices"]),
         )

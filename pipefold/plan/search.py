@@ -1,14 +1,17 @@
 """`plan(costs, options)`: the fastest configuration that fits, found by bounded search.
 
 [Note: planner search]
-1. The space (space.py): every family x stages per rank v x micro-batch count m.
-   The partition of a configuration is the exact time-balanced cut of the layers
-   into p*v stages (`pipefold.balance.balance` of per-layer F + B at the
-   configuration's micro-batch size).
-2. Configurations are visited in order of a lower bound on their step time
-   (bounds.py). Once `top` configurations that fit are known, any configuration
-   whose bound exceeds the slowest of them is skipped unsimulated: it cannot enter
-   the table, let alone win.
+1. The space (space.py): every data-parallel split dp x pp of the devices (degree.py;
+   one when pinned) x family x stages per rank v x micro-batch count m of the
+   replica's batch. The partition of a configuration is the exact time-balanced cut
+   of the layers into pp*v stages (`pipefold.balance.balance` of per-layer F + B at
+   the configuration's micro-batch size).
+2. Configurations of every split are visited together, in order of a lower bound on
+   their step time (bounds.py, plus the split's gradient all-reduce, which the
+   partition fixes: see [Note: data-parallel step model] in degree.py). Once
+   `top` configurations that fit are known, any configuration whose bound exceeds
+   the slowest of them is skipped unsimulated: it cannot enter the table, let
+   alone win.
 3. Within a configuration, recomputation only lengthens actions, so no recompute
    is tried first and kept if it fits. Otherwise, with at most
    `exhaustive_recompute_stages` stages, every subset of recomputed stages is tried
@@ -17,9 +20,9 @@
    bytes per second of recomputation, until every rank fits or nothing is left.
    Asynchronous families never recompute: the runtime refuses it (a recomputed
    forward would see the live weights, not the stashed version).
-4. Candidates are ranked by step time, then peak memory, then registry order,
-   fewer stages per rank, fewer micro-batches and fewer recomputed stages. Step
-   times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
+4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp),
+   registry order, fewer stages per rank, fewer micro-batches and fewer recomputed
+   stages. Step times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
    exact to the last digit, and two configurations 0.01% apart should be told apart
    by memory, not by rounding.
 """
@@ -35,10 +38,11 @@ from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import step_time_lower_bound
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.degree import Degree, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
-from pipefold.plan.explain import family_verdicts, setting_verdicts
-from pipefold.plan.memory import rank_memory, static_bytes
-from pipefold.plan.result import Candidate, Plan
+from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
+from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes
+from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.schedule import Schedule, build, names
@@ -64,12 +68,13 @@ _SLACK = 1e-9
 rounding, and must not skip a configuration that ties."""
 
 
-def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, float, tuple[int, ...]]:
+def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, int, float, tuple[int, ...]]:
     """Sort key of candidates that fit: faster, then leaner, then simpler (see [Note: planner search])."""
     order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
     return (
-        time_bucket(candidate.step_time), candidate.peak_memory, order, candidate.num_virtual,
-        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
+        time_bucket(candidate.step_time), candidate.peak_memory, candidate.num_data_parallel, order,
+        candidate.num_virtual, candidate.num_microbatches, len(candidate.recompute), candidate.step_time,
+        candidate.recompute,
     )
 
 
@@ -85,14 +90,20 @@ def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
 
 def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
-    link: Link,
+    link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None,
 ) -> Candidate:
-    """Simulate one configuration and price its memory: the planner's only source of predictions."""
+    """Simulate one configuration and price its memory: the planner's only source of predictions.
+
+    `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
+    all-reduce over `dp_link` (default `link`), see [Note: data-parallel step model] in degree.py.
+    """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     model = stage_cost_model(costs, layout, recompute, link)
     timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    allreduce = allreduce_time(max(gradient_bytes(costs, model, schedule.placement, num_ranks)),
+                               num_data_parallel, link if dp_link is None else dp_link)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -101,9 +112,11 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=timeline.makespan,
+        step_time=timeline.makespan + allreduce,
         bubble_fraction=timeline.bubble_fraction,
         memory=rank_memory(costs, model, timeline, schedule.placement, transient),
+        num_data_parallel=num_data_parallel,
+        allreduce_s=allreduce,
     )
 
 
@@ -111,9 +124,12 @@ def evaluate(
 class Record:
     """What the search learned about one configuration."""
 
+    degree: Degree
     config: Config
     bounds: tuple[int, ...]
     placement: tuple[int, ...]
+    allreduce_s: float
+    """The gradient all-reduce after the schedule: fixed by the partition, whatever is recomputed."""
     lower_bound: float
     """Lower bound on its step time without recompute."""
     tried: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
@@ -143,6 +159,10 @@ class _Search:
         self.num_simulated = 0
         self.top: list[Candidate] = []
         self._layouts: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
+        """Per searched degree, the families with no configuration there and why."""
+        self.rejected: dict[tuple[int, int], str] = {}
+        """(dp, pp) -> why that split cannot run this batch at all."""
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -157,8 +177,8 @@ class _Search:
         return stage_cost_model(self.costs, layout, recompute, self.options.link)
 
     def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
-        return step_time_lower_bound(self.model(record, recompute), record.placement,
-                                     record.config.num_microbatches)
+        return record.allreduce_s + step_time_lower_bound(self.model(record, recompute), record.placement,
+                                                          record.config.num_microbatches)
 
     @property
     def threshold(self) -> float:
@@ -170,8 +190,10 @@ class _Search:
     def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate:
         if recompute not in record.tried:
             self.num_simulated += 1
+            degree = record.degree
             record.tried[recompute] = evaluate(
-                self.costs, record.config, self.options.num_ranks, record.bounds, recompute, self.options.link
+                self.costs, record.config, degree.num_ranks, record.bounds, recompute, self.options.link,
+                num_data_parallel=degree.num_data_parallel, dp_link=self.options.allreduce_link,
             )
         return record.tried[recompute]
 
@@ -183,20 +205,42 @@ class _Search:
 
     # -- the search --------------------------------------------------------------------------
 
-    def records(self) -> list[Record]:
+    def degrees(self) -> list[Degree]:
+        """The dp x pp splits to search; the others go to `rejected` with their reason."""
         options = self.options
-        space = search_space(options, self.costs.num_layers)
-        self.excluded = space.excluded
+        found = []
+        for dp, pp in options.degree_pairs():
+            problem = degree_problem(options.global_batch, dp, options.microbatches, options.uneven)
+            if problem is not None:
+                self.rejected[(dp, pp)] = f"dp={dp}: {problem}"
+            elif pp > self.costs.num_layers:
+                self.rejected[(dp, pp)] = (
+                    f"pp={pp}: {pp} pipeline ranks need {pp} stages but the model has "
+                    f"{self.costs.num_layers} layers (a stage holds at least one)"
+                )
+            else:
+                found.append(Degree(dp, pp, options.global_batch // dp))
+        return found
+
+    def records(self) -> list[Record]:
         records = []
-        for config in space.configs:
-            bounds = self.bounds_of(options.num_ranks * config.num_virtual, config.microbatch_rows)
-            placement = _placement(config.schedule, options.num_ranks, config.num_virtual)
-            record = Record(config, bounds, placement, 0.0)
-            record.lower_bound = self.bound(record, ())
-            records.append(record)
+        for degree in self.degrees():
+            space = search_space(self.options, self.costs.num_layers, degree)
+            self.excluded[degree] = space.excluded
+            pp = degree.num_ranks
+            for config in space.configs:
+                bounds = self.bounds_of(pp * config.num_virtual, config.microbatch_rows)
+                placement = _placement(config.schedule, pp, config.num_virtual)
+                model = stage_cost_model(self.costs, StageLayout(bounds, config.microbatch_rows), (),
+                                         self.options.link)
+                allreduce = allreduce_time(max(gradient_bytes(self.costs, model, placement, pp)),
+                                           degree.num_data_parallel, self.options.allreduce_link)
+                record = Record(degree, config, bounds, placement, allreduce, 0.0)
+                record.lower_bound = self.bound(record, ())
+                records.append(record)
         order = {name: index for index, name in enumerate(names())}
-        records.sort(key=lambda r: (r.lower_bound, order[r.config.schedule], r.config.num_virtual,
-                                    r.config.num_microbatches))
+        records.sort(key=lambda r: (r.lower_bound, r.degree.num_data_parallel, order[r.config.schedule],
+                                    r.config.num_virtual, r.config.num_microbatches))
         return records
 
     def recompute_choices(self, record: Record) -> str:
@@ -208,7 +252,7 @@ class _Search:
         num_stages = len(record.bounds) - 1
         everything = tuple(range(num_stages))
         choice = self.recompute_choices(record)
-        static = static_bytes(self.costs, self.model(record, ()), record.placement, self.options.num_ranks)
+        static = static_bytes(self.costs, self.model(record, ()), record.placement, record.degree.num_ranks)
         worst = max(range(len(static)), key=lambda rank: static[rank])
         if static[worst] > self.limit:
             record.static_over = (worst, int(static[worst] - self.limit))
@@ -279,6 +323,21 @@ class _Search:
             self.run(record, ())
 
 
+def _nothing_to_search(search: _Search) -> ConfigError:
+    if not search.options.searches_degree and not search.rejected:
+        (excluded,) = search.excluded.values()
+        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in excluded.items())
+        return ConfigError(f"nothing to search: no schedule family applies ({reasons})")
+    parts = list(search.rejected.values())
+    for degree, excluded in search.excluded.items():
+        why = "; ".join(dict.fromkeys(reason for _, reason in excluded.values()))
+        parts.append(f"{degree.text}: no schedule family applies ({why})")
+    return ConfigError(
+        f"nothing to search: no dp x pp split of {search.options.num_devices} devices can run this batch "
+        f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
+    )
+
+
 def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
     """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
     [Note: planner search]). Raises `NoFeasiblePlan` naming the least memory that would do.
@@ -286,8 +345,7 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
     search = _Search(costs, options)
     records = search.records()
     if not records:
-        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in search.excluded.items())
-        raise ConfigError(f"nothing to search: no schedule family applies ({reasons})")
+        raise _nothing_to_search(search)
     for record in records:
         if record.lower_bound > search.threshold:
             record.prune(record.lower_bound)
@@ -300,23 +358,32 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
         fastest = min((r.tried[()] for r in records if () in r.tried), key=rank_key, default=least)
         raise NoFeasiblePlan(options.memory_limit, least, fastest)
     choice = search.top[0]
+    chosen_degree = Degree(choice.num_data_parallel, choice.num_ranks,
+                           options.global_batch // choice.num_data_parallel)
+    same_degree = [record for record in records if record.degree == chosen_degree]
 
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
         return search.run(record, recompute)
 
-    families = family_verdicts(records, search.excluded, choice, options.memory_limit)
-    settings = setting_verdicts(records, choice, options.memory_limit, extra,
+    families = family_verdicts(same_degree, search.excluded[chosen_degree], choice, options.memory_limit)
+    settings = setting_verdicts(same_degree, choice, options.memory_limit, extra,
                                 asynchronous=is_asynchronous(choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
+    degrees: tuple[Verdict, ...] = ()
+    if options.searches_degree:
+        degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_pairs(), choice,
+                                  options.memory_limit)
     return Plan(
         choice=choice,
         top=tuple(search.top),
         families=families,
         settings=settings,
-        num_ranks=options.num_ranks,
+        num_ranks=choice.num_ranks,
         global_batch=options.global_batch,
         memory_limit=options.memory_limit,
         num_simulated=search.num_simulated,
         num_pruned=sum(1 for record in records if record.pruned_bound is not None and not record.tried),
         source=costs.source,
+        degrees=degrees,
+        num_devices=options.num_devices if options.searches_degree else None,
     )

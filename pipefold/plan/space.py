@@ -1,7 +1,8 @@
 """The search space: `PlanOptions` (what the user fixes and bounds) and the `Config`s it spans.
 
-A configuration is a schedule family, stages per rank (v) and micro-batch count (m);
-the partition follows from them (the time-balanced cut of the layers into p*v stages)
+A configuration is a schedule family, stages per rank (v) and micro-batch count (m),
+for one data-parallel degree (dp replicas of a pp-rank pipeline, degree.py); the
+partition follows from them (the time-balanced cut of the layers into pp*v stages)
 and the recomputed stages are searched per configuration (see search.py).
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipefold.errors import ConfigError, ScheduleError
+from pipefold.plan.degree import Degree, degree_problem, factorizations
 from pipefold.schedule import build, names
 from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
@@ -30,14 +32,24 @@ def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
         raise ConfigError(f"{name} = {value!r}; give an integer >= 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanOptions:
-    """What the planner may choose, and the limits it must respect. Validated on construction."""
+    """What the planner may choose, and the limits it must respect. Validated on construction.
 
-    num_ranks: int
-    """Pipeline ranks p (devices)."""
+    The devices: `num_ranks` alone is one pipeline of that many ranks (dp = 1, or
+    `data_parallel` replicas of it). `num_devices` searches every dp x pp = num_devices;
+    `data_parallel` or `num_ranks` with it pins dp or pp (see [Note: data-parallel step
+    model] in degree.py).
+    """
+
+    num_ranks: int | None = None
+    """Pipeline ranks pp of each replica; None: searched (give num_devices)."""
     global_batch: int
-    """Samples per optimizer step, split into the micro-batches."""
+    """Samples per optimizer step, over all replicas: each runs global_batch / dp of them."""
+    num_devices: int | None = None
+    """Devices in all (dp x pp); None: num_ranks x data_parallel (dp 1 when not given)."""
+    data_parallel: int | None = None
+    """Pin the data-parallel degree dp; None: 1 without num_devices, searched with it."""
     memory_limit: float = math.inf
     """Bytes each rank may use (see [Note: planner memory model] in memory.py)."""
     schedules: tuple[str, ...] = ()
@@ -59,12 +71,16 @@ class PlanOptions:
     """How many candidates the plan lists."""
     link: Link = field(default_factory=Link)
     """Link between ranks (latency, bandwidth) for the boundary messages."""
+    dp_link: Link | None = None
+    """Link the replicas all-reduce gradients over; None: the same as `link`."""
     exhaustive_recompute_stages: int = 4
     """Up to this many stages every subset of recomputed stages is tried; above, a greedy search."""
 
     def __post_init__(self) -> None:
-        _positive_int("num_ranks", self.num_ranks)
+        _positive_int("num_ranks", self.num_ranks, optional=True)
         _positive_int("global_batch", self.global_batch)
+        _positive_int("num_devices", self.num_devices, optional=True)
+        _positive_int("data_parallel", self.data_parallel, optional=True)
         _positive_int("microbatches", self.microbatches, optional=True)
         _positive_int("virtual", self.virtual, optional=True)
         _positive_int("max_virtual", self.max_virtual)
@@ -99,6 +115,57 @@ class PlanOptions:
                 )
         if not isinstance(self.link, Link):
             raise ConfigError(f"link = {self.link!r}; give a pipefold.simulate.Link")
+        if self.dp_link is not None and not isinstance(self.dp_link, Link):
+            raise ConfigError(f"dp_link = {self.dp_link!r}; give a pipefold.simulate.Link (None: link's)")
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        devices, dp, pp = self.num_devices, self.data_parallel, self.num_ranks
+        if devices is None and pp is None:
+            raise ConfigError(
+                "num_ranks and num_devices are both None; give num_ranks (the pipeline ranks) or "
+                "num_devices (every dp x pp split of them is searched)"
+            )
+        if devices is not None:
+            for name, value in (("data_parallel", dp), ("num_ranks", pp)):
+                if value is not None and devices % value:
+                    raise ConfigError(
+                        f"{name} = {value} does not divide num_devices = {devices}; dp x pp must equal "
+                        f"the devices, so pick a divisor ({', '.join(map(str, divisors(devices)))})"
+                    )
+            if dp is not None and pp is not None and dp * pp != devices:
+                raise ConfigError(
+                    f"data_parallel = {dp} x num_ranks = {pp} is {dp * pp}, not num_devices = {devices}; "
+                    "give two of the three, or three that agree"
+                )
+        pairs = self.degree_pairs()
+        if len(pairs) == 1:
+            # A pinned degree that cannot split the batch is a mistake in the options, not a verdict.
+            problem = degree_problem(self.global_batch, pairs[0][0], self.microbatches, self.uneven)
+            if problem is not None:
+                raise ConfigError(
+                    f"data_parallel = {pairs[0][0]}: {problem}; pin a dp that leaves every replica whole "
+                    "micro-batches, or change global_batch"
+                )
+
+    def degree_pairs(self) -> list[tuple[int, int]]:
+        """The (dp, pp) splits these options allow, dp ascending."""
+        if self.num_devices is None:
+            assert self.num_ranks is not None  # checked in __post_init__
+            return [(self.data_parallel or 1, self.num_ranks)]
+        return [
+            (dp, pp) for dp, pp in factorizations(self.num_devices)
+            if self.data_parallel in (None, dp) and self.num_ranks in (None, pp)
+        ]
+
+    @property
+    def searches_degree(self) -> bool:
+        """Whether more than one dp x pp split is searched (the explanation then compares them)."""
+        return len(self.degree_pairs()) > 1
+
+    @property
+    def allreduce_link(self) -> Link:
+        return self.link if self.dp_link is None else self.dp_link
 
 
 @dataclass(frozen=True, order=True)
@@ -133,10 +200,11 @@ def is_asynchronous(name: str) -> bool:
     return probe.weight_update is not WeightUpdate.FLUSH
 
 
-def _virtual_values(name: str, options: PlanOptions, num_layers: int, m: int) -> tuple[list[int], str]:
-    """The legal stages-per-rank values for `name`, or none and the reason."""
+def _virtual_values(
+    name: str, options: PlanOptions, p: int, num_layers: int, m: int
+) -> tuple[list[int], str]:
+    """The legal stages-per-rank values for `name` on `p` pipeline ranks, or none and the reason."""
     entry = family(name)
-    p = options.num_ranks
     if options.virtual is not None:
         tried = [options.virtual]
     elif entry.default_virtual > 1:
@@ -162,21 +230,32 @@ def _virtual_values(name: str, options: PlanOptions, num_layers: int, m: int) ->
     return legal, "; ".join(dict.fromkeys(reasons))
 
 
-def _microbatch_values(options: PlanOptions) -> list[int]:
+def _microbatch_values(options: PlanOptions, batch: int) -> list[int]:
     if options.microbatches is not None:
         return [options.microbatches]
-    batch = options.global_batch
     cap = batch if options.max_microbatches is None else min(batch, options.max_microbatches)
     if options.uneven:
         return list(range(1, cap + 1))
     return [d for d in divisors(batch) if d <= cap]
 
 
-def search_space(options: PlanOptions, num_layers: int) -> Space:
-    """Every configuration the options allow, in registry order, then v, then m."""
+def pinned_degree(options: PlanOptions) -> Degree:
+    """The one degree of options that do not search dp x pp."""
+    pairs = options.degree_pairs()
+    if len(pairs) != 1:
+        raise ConfigError(f"the options search {len(pairs)} dp x pp splits; name one (pass a Degree)")
+    dp, pp = pairs[0]
+    return Degree(dp, pp, options.global_batch // dp)
+
+
+def search_space(options: PlanOptions, num_layers: int, degree: Degree | None = None) -> Space:
+    """Every configuration the options allow at `degree` (default: the options' only one), in registry
+    order, then v, then m. Micro-batches split the replica's batch."""
+    degree = pinned_degree(options) if degree is None else degree
+    batch = degree.replica_batch
     configs: list[Config] = []
     excluded: dict[str, tuple[str, str]] = {}
-    microbatch_values = _microbatch_values(options)
+    microbatch_values = _microbatch_values(options, batch)
     for name in names():
         if options.schedules and name not in options.schedules:
             pinned = ", ".join(options.schedules)
@@ -188,12 +267,19 @@ def search_space(options: PlanOptions, num_layers: int) -> Space:
                 "asynchronous (weights stashed: not the update of one large batch); allow async to search it",
             )
             continue
+        if is_asynchronous(name) and degree.num_data_parallel > 1:
+            excluded[name] = (
+                "not-applicable",
+                f"asynchronous: the runtime refuses it with dp={degree.num_data_parallel} > 1 (each replica "
+                "would update from its own gradients and drift apart)",
+            )
+            continue
         found = False
         reason = ""
         for m in microbatch_values:
-            legal, reason = _virtual_values(name, options, num_layers, m)
+            legal, reason = _virtual_values(name, options, degree.num_ranks, num_layers, m)
             for v in legal:
-                configs.append(Config(name, v, m, math.ceil(options.global_batch / m)))
+                configs.append(Config(name, v, m, math.ceil(batch / m)))
                 found = True
         if not found:
             excluded[name] = ("not-applicable", reason or "no legal setting")
