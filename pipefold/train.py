@@ -26,8 +26,10 @@ writes into `config.out`:
                      continues from it with the loss where it left off (same batches, same
                      optimizer state, same learning-rate schedule)
 
-The prediction uses costs measured on this run (median F/B/I/W/STEP time per stage
-over the last 10 steps), so the gap between the two is communication and overhead.
+The prediction uses costs measured on this run over the last 10 steps: the median
+F/B/I/W/STEP time per stage and the median message latency between ranks
+(`pipefold.runtime.measured_cost_model`), so the gap between the two is what neither
+captures (per-step overhead, stalls, ranks slowing each other unevenly).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode, load_corpus
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss
 from pipefold.runtime.launch import LaunchResult, init_process_group_from_env, spawn
-from pipefold.schedule import Op, Schedule, WeightUpdate
-from pipefold.simulate import CostModel, simulate
+from pipefold.runtime.measured import measured_cost_model
+from pipefold.schedule import Schedule, WeightUpdate
+from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -74,7 +77,6 @@ __all__ = [
     "run_local",
     "resolve_out_dir",
     "resolve_device",
-    "measured_costs",
     "check_resume",
     "CHECKPOINT_DIR",
 ]
@@ -143,39 +145,6 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
     if num_gpus:
         logger.warning("%d local ranks but %d GPUs: running on the CPU", local_world, num_gpus)
     return torch.device("cpu")
-
-
-def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> CostModel:
-    """Per-stage median duration of each op over `timelines`, as a CostModel for `simulate`.
-
-    The median, because on a shared machine a few actions stall for reasons the
-    schedule does not cause. Each stage fills what its schedule did not run from what
-    it did: a stage that only ran B gets half of B for I and for W (an estimate; the
-    simulator uses it only for schedules that split that stage), a stage that only ran
-    I and W (or whose I/W pairs were fused into B elsewhere) gets I + W for B.
-    """
-    durations: dict[tuple[Op, int], list[float]] = {}
-    for timeline in timelines:
-        for row in timeline.events:
-            for event in row:
-                durations.setdefault((event.action.op, event.action.stage), []).append(event.duration)
-
-    def median(op: Op, stage: int) -> float:
-        values = durations.get((op, stage), [])
-        return statistics.median(values) if values else 0.0
-
-    stages = range(schedule.num_stages)
-    f = [median(Op.F, s) for s in stages]
-    b = [median(Op.B, s) for s in stages]
-    i = [median(Op.I, s) for s in stages]
-    w = [median(Op.W, s) for s in stages]
-    for stage in stages:
-        if not i[stage] and not w[stage]:
-            i[stage] = w[stage] = b[stage] / 2
-        if not b[stage]:
-            b[stage] = i[stage] + w[stage]
-    step = [median(Op.STEP, s) for s in stages]
-    return CostModel.from_lists(f, i, w, b=b, step=step)
 
 
 def check_resume(config: TrainConfig) -> int:
@@ -520,7 +489,7 @@ def _finish(
         sample = decode(ids.tolist())
 
     timeline = recent[-1]
-    costs = measured_costs(recent, pipe.schedule)
+    costs = measured_cost_model(recent, pipe.schedule)
     predicted = simulate(pipe.schedule, costs)
     # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
     _atomic_write_text(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")

@@ -7,6 +7,7 @@ libraries run identical stage modules.
 
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = ["PipefoldSide"]
 
 class PipefoldSide:
     label = "pipefold"
+    CALIBRATION_STEPS = 3
+    """The calibrated prediction takes its costs from at most this many latest steps."""
 
     def __init__(
         self,
@@ -46,9 +49,13 @@ class PipefoldSide:
             partition=uniform_partition(num_stages),
             device=torch.device("cpu"),
         )
+        # The measured timelines of the latest steps: the warm-up steps when the runner asks
+        # for the calibrated prediction (it asks before timing).
+        self._recent: collections.deque[Any] = collections.deque(maxlen=self.CALIBRATION_STEPS)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.pipe.step(inputs, targets)
+        self._recent.append(self.pipe.last_timeline)
 
     def gradients(self) -> dict[str, torch.Tensor]:
         return {name: p.grad for name, p in self.pipe.named_parameters() if p.grad is not None}
@@ -64,19 +71,19 @@ class PipefoldSide:
         return int(peaks[rank]) if rank < len(peaks) else None
 
     def calibrated_prediction(self) -> float | None:
-        """The simulated step of the schedule that ran, with each stage's F/B/I/W cost
-        measured in the last step (a warm-up step when called before timing): what
-        `pipefold train` reports as its prediction. It carries the ranks' real speeds
+        """The simulated step of the schedule that ran, with each stage's F/B/I/W cost and
+        the message latency measured in the latest steps (the warm-up steps when called
+        before timing; medians, see [Note: measured costs] in pipefold/runtime/measured.py):
+        what `pipefold train` reports as its prediction. It carries the ranks' real speeds
         (two processes on two cores slow each other; cores may differ), which a
         one-process profile cannot see."""
         from pipefold.runtime.measured import measured_cost_model
         from pipefold.simulate import simulate
 
-        timeline = self.pipe.last_timeline
-        if timeline is None:
+        if not self._recent:
             return None
         schedule = self.pipe.schedule
-        return float(simulate(schedule, measured_cost_model(timeline, schedule)).makespan)
+        return float(simulate(schedule, measured_cost_model(list(self._recent), schedule)).makespan)
 
     def timeline_json(self) -> dict[str, Any] | None:
         data: dict[str, Any] = self.pipe.last_timeline.to_json()

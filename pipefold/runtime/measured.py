@@ -1,52 +1,81 @@
-"""From a measured timeline back to a cost model, so the simulator can replay what ran.
+"""From measured timelines back to a cost model, so the simulator can replay what ran.
 
     pipe.step(inputs, targets)
     costs = measured_cost_model(pipe.last_timeline, pipe.schedule)
     predicted = simulate(pipe.schedule, costs)     # compare with pipe.last_timeline
 
-Per stage, each op's time is the mean duration of its events. A schedule that never
-splits the backward measures only B; I and W are then taken as half of B each, so
-`b = i + w` holds. Activation bytes per stage are estimated from each rank's measured
-peak, divided by the most micro-batch activations that rank held at once and shared
-evenly among its stages (the hooks count bytes per rank, not per stage).
+[Note: measured costs]
+- Times: per stage, each op's time is the median duration of its events over every
+  timeline given (several steps: pass a list). The median, because on a shared machine
+  a few actions stall for reasons the schedule does not cause. Each stage fills what its
+  schedule did not run from what it did: a stage that only ran B gets half of B for I
+  and for W (an estimate; the simulator uses it only for schedules that split that
+  stage), a stage that only ran I and W (or whose I/W pairs were fused into B
+  elsewhere) gets I + W for B.
+- The link: a message's latency is the time from the end of the action that produced it
+  to the end of its consumer's wait, sampled only where the consumer was already blocked
+  when the producer finished (then the wait ends when the message lands). The median of
+  those samples becomes the cost model's `Link(latency=...)`: the send's copy, the
+  transport and the receiver's wake-up together, for this run's boundary size. It needs
+  the ranks on one clock (one host: `meta["clock"] == "shared"`, which `Pipeline` sets);
+  otherwise, or with no such wait, the link stays ideal.
+- Activation bytes per stage come from each rank's counted peak (the largest over the
+  timelines, since steps that skip counting report 0), divided by the most micro-batch
+  activations that rank held at once and shared evenly among its stages (the hooks count
+  bytes per rank, not per stage).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 
 from pipefold.errors import CostModelError
-from pipefold.schedule import Op, Schedule
-from pipefold.simulate import CostModel
+from pipefold.schedule import Action, Op, Schedule
+from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
-__all__ = ["measured_cost_model"]
+__all__ = ["measured_cost_model", "measured_link"]
 
 
-def measured_cost_model(timeline: Timeline, schedule: Schedule) -> CostModel:
-    """A `CostModel` whose per-stage times are the mean measured durations in `timeline`."""
-    if timeline.num_ranks != schedule.num_ranks:
-        raise CostModelError(
-            f"timeline has {timeline.num_ranks} ranks but schedule {schedule.name!r} has "
-            f"{schedule.num_ranks}; pass the schedule the timeline was measured with"
-        )
+def _as_list(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> list[Timeline]:
+    found = [timelines] if isinstance(timelines, Timeline) else list(timelines)
+    if not found:
+        raise CostModelError("no measured timeline given; run at least one step and pass pipe.last_timeline")
+    for timeline in found:
+        if timeline.num_ranks != schedule.num_ranks:
+            raise CostModelError(
+                f"timeline has {timeline.num_ranks} ranks but schedule {schedule.name!r} has "
+                f"{schedule.num_ranks}; pass the schedule the timeline was measured with"
+            )
+    return found
+
+
+def measured_cost_model(
+    timelines: Timeline | Sequence[Timeline], schedule: Schedule, *, with_link: bool = True
+) -> CostModel:
+    """A `CostModel` of the median measured durations per stage and op, and (`with_link`)
+    the measured message latency (see [Note: measured costs])."""
+    found = _as_list(timelines, schedule)
     durations: dict[tuple[Op, int], list[float]] = defaultdict(list)
-    for row in timeline.events:
-        for event in row:
-            durations[(event.action.op, event.action.stage)].append(event.duration)
+    for timeline in found:
+        for row in timeline.events:
+            for event in row:
+                durations[(event.action.op, event.action.stage)].append(event.duration)
 
-    def mean(op: Op, stage: int) -> float | None:
+    def median(op: Op, stage: int) -> float | None:
         values = durations.get((op, stage))
-        return sum(values) / len(values) if values else None
+        return statistics.median(values) if values else None
 
     f, i, w, b, step = [], [], [], [], []
     for stage in range(schedule.num_stages):
-        forward = mean(Op.F, stage)
+        forward = median(Op.F, stage)
         if forward is None:
             raise CostModelError(
                 f"timeline has no F event of stage {stage}; measure a full step of {schedule.name!r}"
             )
-        full, inp, weight = mean(Op.B, stage), mean(Op.I, stage), mean(Op.W, stage)
+        full, inp, weight = median(Op.B, stage), median(Op.I, stage), median(Op.W, stage)
         if inp is None or weight is None:
             if full is None:
                 raise CostModelError(f"timeline has no backward (B, or I and W) event of stage {stage}")
@@ -55,12 +84,52 @@ def measured_cost_model(timeline: Timeline, schedule: Schedule) -> CostModel:
         i.append(inp)
         w.append(weight)
         b.append(full if full is not None else inp + weight)
-        step.append(mean(Op.STEP, stage) or 0.0)
+        step.append(median(Op.STEP, stage) or 0.0)
 
     activation_bytes = [0] * schedule.num_stages
-    for rank, peak_bytes in enumerate(timeline.activation_bytes_peak):
+    for rank in range(schedule.num_ranks):
+        counted = [(t.activation_bytes_peak[rank], t) for t in found if rank < len(t.activation_bytes_peak)]
+        if not counted:
+            continue
+        peak_bytes, timeline = max(counted, key=lambda pair: pair[0])
         stages = schedule.stages_of(rank)
         in_flight = max(timeline.peak_activations(rank), 1)
         for stage in stages:
             activation_bytes[stage] = int(peak_bytes / in_flight / len(stages))
-    return CostModel.from_lists(f, i, w, b=b, step=step, activation_bytes=activation_bytes)
+    link = measured_link(found, schedule) if with_link else None
+    return CostModel.from_lists(f, i, w, b=b, step=step, activation_bytes=activation_bytes, link=link)
+
+
+def _producers(consumer: Action) -> tuple[Action, ...]:
+    """The actions whose output a consumer's received message carries."""
+    if consumer.op == Op.F:
+        return (Action(Op.F, consumer.stage - 1, consumer.microbatch),) if consumer.stage > 0 else ()
+    if consumer.op in (Op.B, Op.I):
+        # The output gradient comes from the next stage's whole or input-half backward.
+        after = consumer.stage + 1
+        return (Action(Op.B, after, consumer.microbatch), Action(Op.I, after, consumer.microbatch))
+    return ()
+
+
+def measured_link(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> Link | None:
+    """The median message latency measured in `timelines` (see [Note: measured costs]), or
+    None when no wait shows it or the ranks were not on one clock."""
+    samples: list[float] = []
+    for timeline in _as_list(timelines, schedule):
+        if timeline.meta.get("clock") != "shared":
+            continue
+        ends: dict[tuple[int, Action], float] = {}
+        for row in timeline.events:
+            for event in row:
+                ends[(event.step, event.action)] = event.end
+        for waits in timeline.waits:
+            for wait in waits:
+                for producer in _producers(wait.waiting_for):
+                    end = ends.get((wait.step, producer))
+                    if end is None or schedule.placement[producer.stage] == wait.rank:
+                        continue
+                    if wait.start <= end <= wait.end:
+                        samples.append(wait.end - end)
+    if not samples:
+        return None
+    return Link(latency=statistics.median(samples))

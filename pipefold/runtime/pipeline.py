@@ -612,7 +612,8 @@ class Pipeline:
     def _timeline(self, gathered: list[RankRecord]) -> Timeline:
         events: list[tuple[Event, ...]] = [g.events for g in gathered]
         waits: list[tuple[Wait, ...]] = [g.waits for g in gathered]
-        if len({g.host for g in gathered}) == 1:
+        one_clock = len({g.host for g in gathered}) == 1
+        if one_clock:
             # One machine: perf_counter is the same monotonic clock in every process, so
             # the ranks' timelines are put on one time axis (across machines each rank keeps
             # its own step start as zero).
@@ -632,6 +633,8 @@ class Pipeline:
                 "num_microbatches": self.schedule.num_microbatches,
                 "partition": str(self.partition),
                 "device": self.device.type,
+                # Whether event times of different ranks compare (measured_link needs it).
+                "clock": "shared" if one_clock else "per-rank",
             },
         )
 

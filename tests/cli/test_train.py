@@ -8,9 +8,8 @@ from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
 from pipefold.config import TrainConfig, load_config
 from pipefold.errors import ConfigError
-from pipefold.schedule import Action, Op, build
-from pipefold.timeline import Event, Timeline
-from pipefold.train import measured_costs, resolve_device, resolve_out_dir
+from pipefold.schedule import build
+from pipefold.train import resolve_device, resolve_out_dir
 
 
 def _parse(argv):
@@ -64,39 +63,6 @@ def test_resolve_device_without_enough_gpus(monkeypatch):
     assert resolve_device("auto", 1).type == "cpu"
     with pytest.raises(ConfigError, match='device="cuda" but local rank 1 has no GPU'):
         resolve_device("cuda", 1)
-
-
-def test_measured_costs_take_each_op_per_stage():
-    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
-    events = (
-        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.F, 0, 1), 1.0, 4.0),
-         Event(0, Action(Op.B, 0, 1), 6.0, 8.0), Event(0, Action(Op.B, 0, 0), 8.0, 12.0)),
-        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.F, 1, 1), 4.0, 5.0),
-         Event(1, Action(Op.B, 1, 0), 5.0, 6.0), Event(1, Action(Op.B, 1, 1), 6.0, 7.0)),
-    )
-    timeline = Timeline(num_ranks=2, events=events, source="measured")
-    costs = measured_costs([timeline], schedule)
-    assert costs.f == (2.0, 1.0)
-    assert costs.b == (3.0, 1.0)
-    assert costs.i == (1.5, 0.5) and costs.w == (1.5, 0.5)
-    # Over several steps each op takes its median, so one stalled action does not skew it.
-    stalled = (Event(0, Action(Op.F, 0, 0), 0.0, 100.0), *events[0][1:])
-    slow = Timeline(num_ranks=2, events=(stalled, events[1]), source="measured")
-    # Stage 0 forwards took 1, 3, 1, 3, 100, 3: the median is 3 (the mean would be 18.5).
-    assert measured_costs([timeline, timeline, slow], schedule).f == (3.0, 1.0)
-
-
-def test_measured_costs_fill_each_stage_from_what_it_ran():
-    """zb-h1 with its first stage fused: stage 0 ran B only, stage 1 ran I and W only."""
-    schedule = build("zb-h1", num_ranks=2, num_microbatches=1)
-    events = (
-        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.B, 0, 0), 5.0, 9.0)),
-        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.I, 1, 0), 2.0, 3.0),
-         Event(1, Action(Op.W, 1, 0), 3.0, 5.0)),
-    )
-    costs = measured_costs([Timeline(num_ranks=2, events=events, source="measured")], schedule)
-    assert costs.b == (4.0, 3.0)
-    assert costs.i == (2.0, 1.0) and costs.w == (2.0, 2.0)
 
 
 def _runtime_missing():

@@ -1,0 +1,94 @@
+"""measured_cost_model and measured_link on hand-made timelines (no ranks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipefold.errors import CostModelError
+from pipefold.runtime.measured import measured_cost_model, measured_link
+from pipefold.schedule import Action, Op, build
+from pipefold.simulate import simulate
+from pipefold.timeline import Event, Timeline, Wait
+
+
+def test_measured_cost_model_take_each_op_per_stage():
+    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.F, 0, 1), 1.0, 4.0),
+         Event(0, Action(Op.B, 0, 1), 6.0, 8.0), Event(0, Action(Op.B, 0, 0), 8.0, 12.0)),
+        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.F, 1, 1), 4.0, 5.0),
+         Event(1, Action(Op.B, 1, 0), 5.0, 6.0), Event(1, Action(Op.B, 1, 1), 6.0, 7.0)),
+    )
+    timeline = Timeline(num_ranks=2, events=events, source="measured")
+    costs = measured_cost_model([timeline], schedule)
+    assert costs.f == (2.0, 1.0)
+    assert costs.b == (3.0, 1.0)
+    assert costs.i == (1.5, 0.5) and costs.w == (1.5, 0.5)
+    # Over several steps each op takes its median, so one stalled action does not skew it.
+    stalled = (Event(0, Action(Op.F, 0, 0), 0.0, 100.0), *events[0][1:])
+    slow = Timeline(num_ranks=2, events=(stalled, events[1]), source="measured")
+    # Stage 0 forwards took 1, 3, 1, 3, 100, 3: the median is 3 (the mean would be 18.5).
+    assert measured_cost_model([timeline, timeline, slow], schedule).f == (3.0, 1.0)
+
+
+def test_measured_cost_model_fill_each_stage_from_what_it_ran():
+    """zb-h1 with its first stage fused: stage 0 ran B only, stage 1 ran I and W only."""
+    schedule = build("zb-h1", num_ranks=2, num_microbatches=1)
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.B, 0, 0), 5.0, 9.0)),
+        (Event(1, Action(Op.F, 1, 0), 1.0, 2.0), Event(1, Action(Op.I, 1, 0), 2.0, 3.0),
+         Event(1, Action(Op.W, 1, 0), 3.0, 5.0)),
+    )
+    costs = measured_cost_model([Timeline(num_ranks=2, events=events, source="measured")], schedule)
+    assert costs.b == (4.0, 3.0)
+    assert costs.i == (2.0, 1.0) and costs.w == (2.0, 2.0)
+
+def _gpipe_two_by_two(clock: str | None) -> tuple[Timeline, object]:
+    """gpipe, 2 ranks, 2 micro-batches; rank 1 waits for each forward message, rank 0 for each
+    gradient, and every message lands 0.25 after its producer ends."""
+    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 1.0), Event(0, Action(Op.F, 0, 1), 1.0, 2.0),
+         Event(0, Action(Op.B, 0, 1), 4.25, 7.0), Event(0, Action(Op.B, 0, 0), 7.0, 9.0)),
+        (Event(1, Action(Op.F, 1, 0), 1.25, 2.0), Event(1, Action(Op.F, 1, 1), 2.25, 3.0),
+         Event(1, Action(Op.B, 1, 1), 3.0, 4.0), Event(1, Action(Op.B, 1, 0), 4.0, 5.0)),
+    )
+    waits = (
+        # B0.1 waits from 2.0 for the gradient of B1.1, which ends at 4.0 and lands at 4.25.
+        (Wait(0, Action(Op.B, 0, 1), 2.0, 4.25),),
+        (Wait(1, Action(Op.F, 1, 0), 0.0, 1.25), Wait(1, Action(Op.F, 1, 1), 2.0, 2.25)),
+    )
+    meta = {} if clock is None else {"clock": clock}
+    return Timeline(num_ranks=2, events=events, waits=waits, source="measured", meta=meta), schedule
+
+
+def test_measured_link_is_the_median_latency_of_awaited_messages():
+    timeline, schedule = _gpipe_two_by_two("shared")
+    link = measured_link(timeline, schedule)
+    assert link is not None and link.latency == pytest.approx(0.25)
+    costs = measured_cost_model([timeline], schedule)
+    assert costs.link.latency == pytest.approx(0.25)
+    # The simulator then charges it on every cross-rank message.
+    assert simulate(schedule, costs).makespan > simulate(schedule, measured_cost_model(
+        [timeline], schedule, with_link=False)).makespan
+
+
+def test_measured_link_needs_one_clock_and_a_blocked_consumer():
+    per_rank, schedule = _gpipe_two_by_two("per-rank")
+    assert measured_link(per_rank, schedule) is None
+    unknown, _ = _gpipe_two_by_two(None)
+    assert measured_link(unknown, schedule) is None
+    assert measured_cost_model(unknown, schedule).link.latency == 0.0
+    # A wait that began after its producer ended says nothing about the latency.
+    shared, _ = _gpipe_two_by_two("shared")
+    late = Timeline(num_ranks=2, events=shared.events, source="measured", meta={"clock": "shared"},
+                    waits=((), (Wait(1, Action(Op.F, 1, 0), 1.1, 1.25),)))
+    assert measured_link(late, schedule) is None
+
+
+def test_measured_cost_model_refuses_a_mismatched_or_empty_input():
+    timeline, _ = _gpipe_two_by_two("shared")
+    with pytest.raises(CostModelError, match="timeline has 2 ranks but schedule 'gpipe' has 4"):
+        measured_cost_model(timeline, build("gpipe", num_ranks=4, num_microbatches=2))
+    with pytest.raises(CostModelError, match="no measured timeline given"):
+        measured_cost_model([], build("gpipe", num_ranks=2, num_microbatches=2))
