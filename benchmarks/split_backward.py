@@ -10,6 +10,8 @@ Run:
     .venv/bin/python benchmarks/split_backward.py
     .venv/bin/python benchmarks/split_backward.py --repeats 50 --checkpoint   # with activation checkpointing
     .venv/bin/python benchmarks/split_backward.py --device cuda --threads 0
+    .venv/bin/python benchmarks/split_backward.py --autograd-w   # W through autograd for every group
+    .venv/bin/python benchmarks/split_backward.py --block mlp --batch 32   # 4 residual MLP blocks, d=512
 
 Each repeat runs one fresh forward before each measured backward (the forward is not
 timed), and B and I + W alternate so that machine noise hits both alike.
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipefold.bench.workloads import ResidualMLP
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.backward import backward_full, backward_input, backward_weight
 
@@ -78,6 +81,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint the attention half")
     parser.add_argument(
+        "--autograd-w",
+        action="store_true",
+        help="W through autograd for every parameter group, not the direct linear/layer-norm "
+        "path ([Note: direct weight gradients] in pipefold/runtime/backward.py)",
+    )
+    parser.add_argument(
+        "--block",
+        choices=("transformer", "mlp"),
+        default="transformer",
+        help="transformer: one pre-LN block on (batch, seq, d); mlp: the benchmark's 4 residual "
+        "MLP blocks (half the mlp workload, one stage at 2 ranks) on (batch, d)",
+    )
+    parser.add_argument(
         "--glibc-default",
         action="store_true",
         help="leave glibc's allocator thresholds alone (Pipeline raises them on CPU; runtime/allocator.py)",
@@ -90,9 +106,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    block = PreLNBlock(args.d_model, args.num_heads, args.checkpoint).to(device)
+    block: nn.Module
+    if args.block == "mlp":
+        block = nn.Sequential(*[ResidualMLP(args.d_model) for _ in range(4)]).to(device)
+        x = torch.randn(args.batch, args.d_model, device=device)
+    else:
+        block = PreLNBlock(args.d_model, args.num_heads, args.checkpoint).to(device)
+        x = torch.randn(args.batch, args.seq, args.d_model, device=device)
     params = list(block.parameters())
-    x = torch.randn(args.batch, args.seq, args.d_model, device=device)
     grad = torch.randn_like(x)
 
     def fresh_forward() -> tuple[Tensor, Tensor]:
@@ -114,7 +135,7 @@ def main() -> None:
         leaf, out = fresh_forward()
         _sync(device)
         start, start_faults = time.perf_counter(), faults()
-        _, state = backward_input((out,), (grad,), (leaf,), params)
+        _, state = backward_input((out,), (grad,), (leaf,), params, direct=not args.autograd_w)
         _sync(device)
         middle = time.perf_counter()
         del out  # an executor drops the outputs once I has sent the input gradient
@@ -144,9 +165,9 @@ def main() -> None:
 
     ratio = statistics.median([(i + w) / b for i, w, b in zip(i_times, w_times, b_times, strict=True)])
     print(
-        f"block d={args.d_model} heads={args.num_heads} seq={args.seq} batch={args.batch} "
+        f"block={args.block} d={args.d_model} heads={args.num_heads} seq={args.seq} batch={args.batch} "
         f"device={device} threads={torch.get_num_threads()} checkpoint={args.checkpoint} "
-        f"repeats={args.repeats}"
+        f"W={'autograd' if args.autograd_w else 'direct where possible'} repeats={args.repeats}"
     )
     print(f"B      {ms(b_times):8.2f} ms")
     print(f"I      {ms(i_times):8.2f} ms")

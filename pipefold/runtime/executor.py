@@ -419,7 +419,12 @@ class Executor:
         s, mb = action.stage, action.microbatch
         grads = self._output_grads(action)
         leaves = self._inputs_of[s][mb]
-        input_grads, state = backward_input(self._outputs[s][mb], grads, leaves, self._stages[s].parameters)
+        stage = self._stages[s]
+        # Recomputed activations must be unpacked inside autograd's call (checkpointing
+        # recomputes once per call), so such stages keep W on autograd's path.
+        input_grads, state = backward_input(
+            self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes
+        )
         self._weight_state[s][mb] = state
         self._release(s, mb)
         self._route_input_grads(s, mb, leaves, input_grads)

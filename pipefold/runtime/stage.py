@@ -71,6 +71,11 @@ class Stage:
         self.stash: WeightStash | None = None
         """Set for asynchronous schedules: forwards then run on the stashed weight version."""
 
+    @property
+    def recomputes(self) -> bool:
+        """True when some of this stage's forward is recomputed in its backward."""
+        return self._recompute_all or any(self._checkpointed)
+
     def _run(self, value: Any) -> Any:
         for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
             if checkpointed:

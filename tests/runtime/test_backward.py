@@ -128,7 +128,9 @@ def _param_grads(module: nn.Module) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-@pytest.mark.parametrize("split", [True, False], ids=["I+W", "B"])
+@pytest.mark.parametrize(
+    "split", [True, "autograd-W", False], ids=["I+W", "I+W(autograd)", "B"]
+)
 @pytest.mark.parametrize("engine", ["direct", "public"])
 def test_backward_matches_plain_autograd(name, split, engine, monkeypatch):
     if engine == "public":
@@ -144,7 +146,9 @@ def test_backward_matches_plain_autograd(name, split, engine, monkeypatch):
     outputs = _as_tuple(module(*inputs))
     grads = _output_grads(outputs, seed=1)
     if split:
-        input_grads, state = backward_input(outputs, grads, inputs, list(module.parameters()))
+        input_grads, state = backward_input(
+            outputs, grads, inputs, list(module.parameters()), direct=split is True
+        )
         assert all(p.grad is None for p in module.parameters()), "I must not touch weight gradients"
         backward_weight(state)
         assert state.done
@@ -254,12 +258,14 @@ def _find_node(output: Tensor, type_name: str):
     raise LookupError(type_name)
 
 
-def test_w_does_not_rerun_the_input_path():
+@pytest.mark.parametrize("direct", [False, True], ids=["autograd", "direct"])
+def test_w_does_not_rerun_the_input_path(direct):
     """GeluBackward sits between fc2 and fc1 on the input path only; W must not run it again.
 
     A W that re-ran the stage's backward from its outputs (or re-derived fc1's output
-    gradient) would run it a second time; the weight-only TBackward of fc1 must run in W
-    and never in I.
+    gradient) would run it a second time. On autograd's path the weight-only TBackward of
+    fc1 runs in W and never in I; the direct path computes fc1's weight gradient from the
+    addmm's saved input and runs no autograd node at all.
     """
     torch.manual_seed(0)
     module = MLPBlock()
@@ -275,10 +281,12 @@ def test_w_does_not_rerun_the_input_path():
     )
     transpose.register_prehook(lambda grads: counts.__setitem__("transpose", counts["transpose"] + 1))
 
-    _, state = backward_input((out,), (torch.randn_like(out),), (x,), list(module.parameters()))
+    _, state = backward_input(
+        (out,), (torch.randn_like(out),), (x,), list(module.parameters()), direct=direct
+    )
     assert counts == {"gelu": 1, "transpose": 0}
     backward_weight(state)
-    assert counts == {"gelu": 1, "transpose": 1}
+    assert counts == {"gelu": 1, "transpose": 0 if direct else 1}
 
 
 def test_weight_twice_is_refused():
@@ -328,3 +336,100 @@ def test_checkpointed_region_is_recomputed_once_in_w():
     assert state.num_groups == 3  # fc1, fc2 inside the region, out outside
     backward_weight(state)
     assert len(calls) == 3
+
+
+# -- direct weight gradients ([Note: direct weight gradients] in backward.py) ---------------
+
+
+class LinearZoo(nn.Module):
+    """Every layer shape the direct path knows: linear with and without bias on 2-D and
+    3-D inputs, layer norm with and without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D, bias=False)
+        self.ln_no_bias = nn.LayerNorm(D, bias=False)
+        self.flat = nn.Linear(D, D)
+        self.flat_no_bias = nn.Linear(D, D, bias=False)
+
+    def forward(self, x):
+        h = x + self.fc2(torch.tanh(self.fc1(self.ln(x))))
+        h = self.ln_no_bias(h)
+        flat = h.reshape(-1, D)
+        return x + (self.flat(flat) + self.flat_no_bias(torch.sin(flat))).reshape(x.shape)
+
+
+def _engine_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = backward_module._run_engine
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backward_module, "_run_engine", counted)
+    return calls
+
+
+def test_direct_w_equals_autograd_and_skips_the_engine(monkeypatch):
+    torch.manual_seed(0)
+    module = LinearZoo()
+    x = torch.randn(3, 5, D)
+    references = [_reference(module, (x,), seed=20 + mb) for mb in range(3)]
+    expected = [sum(r[1][i] for r in references) for i in range(len(references[0][1]))]
+    calls = _engine_calls(monkeypatch)
+    states = []
+    for mb in range(3):
+        inputs = _stage_inputs((x,))
+        outputs = _as_tuple(module(*inputs))
+        _, state = backward_input(outputs, _output_grads(outputs, 20 + mb), inputs, list(module.parameters()))
+        states.append(state)
+    assert len(calls) == 3  # the three I calls
+    assert all(state.num_groups == 6 for state in states)
+    # Out of order, so the second and third W accumulate into existing gradients.
+    for state in (states[2], states[0], states[1]):
+        backward_weight(state)
+    assert len(calls) == 3, "W ran autograd although every group has a direct form"
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_direct_w_leaves_hooked_parameters_to_autograd(monkeypatch):
+    """A hook on a parameter must see its gradient: that group takes autograd's path."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D)
+    _, expected = _reference(module, (x,), seed=3)
+    seen = []
+    module.fc1.weight.register_hook(lambda grad: seen.append(grad.clone()) or grad * 2)
+    calls = _engine_calls(monkeypatch)
+    inputs = _stage_inputs((x,))
+    outputs = _as_tuple(module(*inputs))
+    _, state = backward_input(outputs, _output_grads(outputs, 3), inputs, list(module.parameters()))
+    backward_weight(state)
+    assert len(calls) == 2  # I, and W for fc1 only (fc1's bias shares its group)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected[0])
+    torch.testing.assert_close(module.fc1.weight.grad, 2 * expected[0])
+    for got, want in zip(_param_grads(module)[1:], expected[1:], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+def test_direct_w_falls_back_when_the_gradient_slot_is_unusual(monkeypatch):
+    """A transposed (non-contiguous) existing .grad: autograd's path accumulates into it."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D)
+    _, expected = _reference(module, (x,), seed=4)
+    module.fc2.weight.grad = torch.zeros(2 * D, D).t()
+    calls = _engine_calls(monkeypatch)
+    inputs = _stage_inputs((x,))
+    outputs = _as_tuple(module(*inputs))
+    _, state = backward_input(outputs, _output_grads(outputs, 4), inputs, list(module.parameters()))
+    backward_weight(state)
+    assert len(calls) == 2  # I, and W for fc2's group
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
