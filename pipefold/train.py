@@ -489,8 +489,12 @@ def _finish(
         sample = decode(ids.tolist())
 
     timeline = recent[-1]
-    costs = measured_cost_model(recent, pipe.schedule)
+    # The wall times of the same steps give the time outside the actions (the step's
+    # exchanges and the optimizer update) as the cost model's step_overhead.
+    walls = [r.seconds for r in records[-len(recent) :]]
+    costs = measured_cost_model(recent, pipe.schedule, step_times=walls)
     predicted = simulate(pipe.schedule, costs)
+    predicted_step = predicted.makespan + costs.step_overhead
     # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
     _atomic_write_text(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")
     save_png(timeline, out / "timeline.png", compare=predicted)
@@ -516,6 +520,9 @@ def _finish(
             "measured_wall_median": step_seconds,
             "measured_makespan_last": timeline.makespan,
             "predicted_makespan": predicted.makespan,
+            "predicted_wall": predicted_step,
+            "predicted_action_overhead": costs.action_overhead,
+            "predicted_step_overhead": costs.step_overhead,
             "predicted_bubble_fraction": predicted.bubble_fraction,
             "measured_bubble_fraction_last": timeline.bubble_fraction,
         },
@@ -529,7 +536,7 @@ def _finish(
         report.print(
             f"loss {records[0].loss:.3f} -> {records[-1].loss:.3f} (validation {val_loss:.3f}); "
             f"{summary['tokens_per_s']:,.0f} tokens/s; step {step_seconds * 1e3:.0f} ms measured, "
-            f"{predicted.makespan * 1e3:.0f} ms predicted from measured stage costs; "
+            f"{predicted_step * 1e3:.0f} ms predicted from measured stage costs and overheads; "
             f"bubble {timeline.bubble_fraction:.0%} measured, {predicted.bubble_fraction:.0%} predicted"
         )
         if sample:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import time
 from typing import Any
 
 import torch
@@ -51,11 +52,13 @@ class PipefoldSide:
         )
         # The measured timelines of the latest steps: the warm-up steps when the runner asks
         # for the calibrated prediction (it asks before timing).
-        self._recent: collections.deque[Any] = collections.deque(maxlen=self.CALIBRATION_STEPS)
+        # (timeline, wall seconds of that step on this rank).
+        self._recent: collections.deque[tuple[Any, float]] = collections.deque(maxlen=self.CALIBRATION_STEPS)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        start = time.perf_counter()
         self.pipe.step(inputs, targets)
-        self._recent.append(self.pipe.last_timeline)
+        self._recent.append((self.pipe.last_timeline, time.perf_counter() - start))
 
     def gradients(self) -> dict[str, torch.Tensor]:
         return {name: p.grad for name, p in self.pipe.named_parameters() if p.grad is not None}
@@ -72,18 +75,20 @@ class PipefoldSide:
 
     def calibrated_prediction(self) -> float | None:
         """The simulated step of the schedule that ran, with each stage's F/B/I/W cost and
-        the message latency measured in the latest steps (the warm-up steps when called
-        before timing; medians, see [Note: measured costs] in pipefold/runtime/measured.py):
-        what `pipefold train` reports as its prediction. It carries the ranks' real speeds
-        (two processes on two cores slow each other; cores may differ), which a
-        one-process profile cannot see."""
+        the message latency and the runtime's overheads measured in the latest steps (the
+        warm-up steps when called before timing; see [Note: measured costs] in
+        pipefold/runtime/measured.py): what `pipefold train` reports as its prediction. It
+        carries the ranks' real speeds (two processes on two cores slow each other; cores
+        may differ), which a one-process profile cannot see."""
         from pipefold.runtime.measured import measured_cost_model
-        from pipefold.simulate import simulate
+        from pipefold.simulate import predicted_step_time
 
         if not self._recent:
             return None
         schedule = self.pipe.schedule
-        return float(simulate(schedule, measured_cost_model(list(self._recent), schedule)).makespan)
+        timelines = [timeline for timeline, _ in self._recent]
+        walls = [wall for _, wall in self._recent]
+        return float(predicted_step_time(schedule, measured_cost_model(timelines, schedule, step_times=walls)))
 
     def timeline_json(self) -> dict[str, Any] | None:
         data: dict[str, Any] = self.pipe.last_timeline.to_json()

@@ -19,6 +19,12 @@
   transport and the receiver's wake-up together, for this run's boundary size. It needs
   the ranks on one clock (one host: `meta["clock"] == "shared"`, which `Pipeline` sets);
   otherwise, or with no such wait, the link stays ideal.
+- Overheads ([Note: runtime overheads] in pipefold/simulate/costs.py): `action_overhead`
+  is the mean time between two consecutive compute actions of a rank in a step, up to
+  the next action's start or, where it waited, the start of its wait (once there are 20
+  gaps, the largest 5%, stalls the schedule did not cause, are left out).
+  `step_overhead` needs the steps' wall times (`step_times`, one per timeline): the
+  median of wall time minus the timeline's makespan; without them it stays 0.
 - Activation bytes per stage come from each rank's counted peak (the largest over the
   timelines, since steps that skip counting report 0), divided by the most micro-batch
   activations that rank held at once and shared evenly among its stages (the hooks count
@@ -36,7 +42,7 @@ from pipefold.schedule import Action, Op, Schedule
 from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
-__all__ = ["measured_cost_model", "measured_link"]
+__all__ = ["measured_action_overhead", "measured_cost_model", "measured_link"]
 
 
 def _as_list(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> list[Timeline]:
@@ -53,11 +59,20 @@ def _as_list(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> li
 
 
 def measured_cost_model(
-    timelines: Timeline | Sequence[Timeline], schedule: Schedule, *, with_link: bool = True
+    timelines: Timeline | Sequence[Timeline],
+    schedule: Schedule,
+    *,
+    with_link: bool = True,
+    step_times: Sequence[float] | None = None,
 ) -> CostModel:
-    """A `CostModel` of the median measured durations per stage and op, and (`with_link`)
-    the measured message latency (see [Note: measured costs])."""
+    """A `CostModel` of the median measured durations per stage and op, the runtime's
+    overheads, and (`with_link`) the measured message latency (see [Note: measured costs]).
+    `step_times[k]` is the wall time of the step `timelines[k]` recorded."""
     found = _as_list(timelines, schedule)
+    if step_times is not None and len(step_times) != len(found):
+        raise CostModelError(
+            f"got {len(step_times)} step times for {len(found)} timelines; give one wall time per timeline"
+        )
     durations: dict[tuple[Op, int], list[float]] = defaultdict(list)
     for timeline in found:
         for row in timeline.events:
@@ -97,7 +112,41 @@ def measured_cost_model(
         for stage in stages:
             activation_bytes[stage] = int(peak_bytes / in_flight / len(stages))
     link = measured_link(found, schedule) if with_link else None
-    return CostModel.from_lists(f, i, w, b=b, step=step, activation_bytes=activation_bytes, link=link)
+    step_overhead = 0.0
+    if step_times:
+        step_overhead = max(
+            statistics.median(wall - t.makespan for wall, t in zip(step_times, found, strict=True)), 0.0
+        )
+    return CostModel.from_lists(
+        f,
+        i,
+        w,
+        b=b,
+        step=step,
+        activation_bytes=activation_bytes,
+        link=link,
+        action_overhead=measured_action_overhead(found),
+        step_overhead=step_overhead,
+    )
+
+
+def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
+    """Mean gap between consecutive compute actions of a rank, not counting waits (see
+    [Note: measured costs]); 0 when no rank ran two actions."""
+    gaps: list[float] = []
+    for timeline in timelines:
+        for rank, row in enumerate(timeline.events):
+            waited = {(wait.step, wait.waiting_for): wait.start for wait in timeline.waits[rank]}
+            for before, after in zip(row, row[1:]):
+                if after.step != before.step:
+                    continue
+                until = waited.get((after.step, after.action), after.start)
+                gaps.append(max(until - before.end, 0.0))
+    if not gaps:
+        return 0.0
+    gaps.sort()
+    kept = gaps[: len(gaps) - len(gaps) // 20]  # without the largest 5% (none below 20 gaps)
+    return sum(kept) / len(kept)
 
 
 def _producers(consumer: Action) -> tuple[Action, ...]:

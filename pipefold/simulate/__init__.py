@@ -9,7 +9,7 @@
 
 from pipefold.errors import CostModelError
 from pipefold.simulate.costs import CostModel, Link
-from pipefold.simulate.engine import simulate
+from pipefold.simulate.engine import predicted_step_time, simulate
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "CostModelError",
     "Link",
     "activation_bytes_peak",
+    "predicted_step_time",
     "simulate",
     "weight_versions",
 ]

@@ -11,6 +11,16 @@ takes `latency + message_bytes[s] / bandwidth`. The (latency, bandwidth) pair is
 `link_overrides[(src, dst)]`, else `link_overrides[(dst, src)]`, else the default
 `link`. A handoff between stages on the same rank is free (the tensor stays in
 memory). Transfers do not occupy compute and do not contend with each other.
+
+[Note: runtime overheads]
+A real executor spends time between its compute actions: dispatching the next one,
+posting receives, handing a finished output to the transport. `action_overhead` is that
+time per compute action (charged before every action but a step's first, when the rank
+does not wait anyway). `step_overhead` is the time a step spends outside its actions on
+every rank: agreeing on the batch shape at the start, exchanging losses and the timeline
+at the end. The simulator puts it between the steps of a synchronous run, and
+`predicted_step_time` adds it to one step's makespan. Both default to 0 (the textbook
+model); `pipefold.runtime.measured_cost_model` measures them.
 """
 
 from __future__ import annotations
@@ -102,6 +112,10 @@ class CostModel:
     """The default link between two different ranks."""
     link_overrides: Mapping[tuple[int, int], Link] = field(default_factory=dict, hash=False)
     """Links for particular rank pairs, e.g. across nodes (left out of the hash: a dict has none)."""
+    action_overhead: float = 0.0
+    """Seconds between two compute actions of a rank that does not wait ([Note: runtime overheads])."""
+    step_overhead: float = 0.0
+    """Seconds per step outside the actions, on every rank ([Note: runtime overheads])."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -130,6 +144,13 @@ class CostModel:
                     "ranks >= 0 and values are Link objects"
                 )
         set_(self, "link_overrides", dict(self.link_overrides))
+        for name in ("action_overhead", "step_overhead"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise CostModelError(f"{name} = {value!r} s; give a finite number >= 0 (0: none)")
+            set_(self, name, float(value))
 
     # -- constructors ------------------------------------------------------------------------
 
@@ -148,6 +169,8 @@ class CostModel:
         weight_bytes: int = 0,
         message_bytes: int = 0,
         link: Link | None = None,
+        action_overhead: float = 0.0,
+        step_overhead: float = 0.0,
     ) -> CostModel:
         """Every stage costs the same; `b` defaults to `i + w`."""
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
@@ -165,6 +188,8 @@ class CostModel:
             weight_bytes=(weight_bytes,) * n,
             message_bytes=(message_bytes,) * (n - 1),
             link=link or Link(),
+            action_overhead=action_overhead,
+            step_overhead=step_overhead,
         )
 
     @classmethod
@@ -182,6 +207,8 @@ class CostModel:
         message_bytes: Sequence[int] = (),
         link: Link | None = None,
         link_overrides: Mapping[tuple[int, int], Link] | None = None,
+        action_overhead: float = 0.0,
+        step_overhead: float = 0.0,
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -197,6 +224,8 @@ class CostModel:
             message_bytes=tuple(message_bytes),
             link=link or Link(),
             link_overrides=dict(link_overrides or {}),
+            action_overhead=action_overhead,
+            step_overhead=step_overhead,
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -265,6 +294,8 @@ class CostModel:
                 {"src": src, "dst": dst, **link_data(link)}
                 for (src, dst), link in sorted(self.link_overrides.items())
             ],
+            "action_overhead": self.action_overhead,
+            "step_overhead": self.step_overhead,
         }
 
     @classmethod
@@ -279,7 +310,7 @@ class CostModel:
             data = source
         known = {
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
-            "weight_bytes", "message_bytes", "link", "link_overrides",
+            "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -311,6 +342,8 @@ class CostModel:
             message_bytes=data.get("message_bytes", ()),
             link=link_of(data.get("link", {})),
             link_overrides=overrides,
+            action_overhead=float(data.get("action_overhead", 0.0)),
+            step_overhead=float(data.get("step_overhead", 0.0)),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

@@ -9,6 +9,9 @@ pipefold/schedule/lower.py):
   producer ends, a cross-rank one `transfer_time` later (see [Note: link model] in
   costs.py). Sends are non-blocking and receives are posted ahead, so a transfer
   occupies neither rank's compute;
+- a rank spends `costs.action_overhead` between two of its actions in a step, and a
+  synchronous run puts `costs.step_overhead` between steps (see [Note: runtime
+  overheads] in costs.py; both 0 by default);
 - time a rank spends ready but starved of input is recorded as a `Wait`.
 Several steps run the schedule back to back. With `sync=True` a global barrier
 separates steps (a flush: step k+1 starts when the last rank ends step k); with
@@ -35,7 +38,7 @@ from pipefold.simulate.costs import CostModel
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 from pipefold.timeline import Event, Timeline, Wait
 
-__all__ = ["simulate"]
+__all__ = ["predicted_step_time", "simulate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class _Prepared:
     first_id: tuple[int, ...]
     durations: tuple[float, ...]
     inputs: tuple[tuple[tuple[int, float], ...], ...]
+    action_overhead: float = 0.0
 
 
 def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
@@ -83,7 +87,9 @@ def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
                 delay = costs.transfer_time(boundary, placement[producer.stage], rank)
                 delayed.append((id_of[producer], delay))
             inputs.append(tuple(delayed))
-    return _Prepared(schedule.actions, tuple(first_id), tuple(durations), tuple(inputs))
+    return _Prepared(
+        schedule.actions, tuple(first_id), tuple(durations), tuple(inputs), costs.action_overhead
+    )
 
 
 def _run(
@@ -101,6 +107,7 @@ def _run(
     num_actions = len(prepared.durations)
     durations = prepared.durations
     all_inputs = prepared.inputs
+    overhead = prepared.action_overhead
     # ends[local_step * num_actions + id]: end time, or -1.0 while not yet run (times are >= 0).
     ends = [-1.0] * (num_actions * num_steps)
     positions = [0] * num_ranks
@@ -118,7 +125,8 @@ def _run(
             local_step, index = divmod(position, row_length)
             action_id = first_id + index
             offset = local_step * num_actions
-            start = rank_free if rank_free > not_before else not_before
+            ready = rank_free + overhead if index else rank_free
+            start = ready if ready > not_before else not_before
             missing = -1
             for producer, delay in all_inputs[action_id]:
                 produced = ends[offset + producer]
@@ -132,8 +140,8 @@ def _run(
                 break
             action = row[index]
             step = first_step + local_step
-            if start > rank_free:
-                waits[rank].append(Wait(rank, action, rank_free, start, step))
+            if start > ready:
+                waits[rank].append(Wait(rank, action, ready, start, step))
             end = start + durations[action_id]
             events[rank].append(Event(rank, action, start, end, step))
             ends[offset + action_id] = end
@@ -178,7 +186,7 @@ def simulate(
         barrier = 0.0
         for step in range(num_steps):
             _run(prepared, schedule, step, 1, free, barrier, events, waits)
-            barrier = max(free)
+            barrier = max(free) + costs.step_overhead
     else:
         _run(prepared, schedule, 0, num_steps, free, 0.0, events, waits)
 
@@ -204,3 +212,9 @@ def simulate(
         weight_versions_peak=versions,
         weight_bytes_peak=weight_bytes,
     )
+
+
+def predicted_step_time(schedule: Schedule, costs: CostModel) -> float:
+    """Wall time of one synchronous step: the simulated makespan plus `costs.step_overhead`
+    (the time outside the actions, which a timeline's events do not cover)."""
+    return simulate(schedule, costs).makespan + costs.step_overhead

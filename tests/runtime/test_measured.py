@@ -92,3 +92,22 @@ def test_measured_cost_model_refuses_a_mismatched_or_empty_input():
         measured_cost_model(timeline, build("gpipe", num_ranks=4, num_microbatches=2))
     with pytest.raises(CostModelError, match="no measured timeline given"):
         measured_cost_model([], build("gpipe", num_ranks=2, num_microbatches=2))
+
+
+def test_overheads_from_gaps_and_step_times():
+    """Gaps between a rank's actions count up to the next start or the start of its wait."""
+    timeline, schedule = _gpipe_two_by_two("shared")
+    # Rank 0: F0.0 -> F0.1 gap 0, F0.1 -> B0.1 waits from 2.0 (gap 0), B0.1 -> B0.0 gap 0.
+    # Rank 1: F1.0 -> F1.1 waits from 2.0 (gap 0), then 0 and 0. Shift one event for a gap.
+    rank1 = list(timeline.events[1])
+    rank1[3] = Event(1, rank1[3].action, 4.5, 5.5)  # B1.0 starts 0.5 after B1.1 ends
+    shifted = Timeline(
+        num_ranks=2, events=(timeline.events[0], tuple(rank1)), waits=timeline.waits,
+        source="measured", meta=timeline.meta,
+    )
+    costs = measured_cost_model([shifted], schedule, step_times=[9.75])
+    assert costs.action_overhead == pytest.approx(0.5 / 6)
+    assert costs.step_overhead == pytest.approx(9.75 - shifted.makespan)
+    assert measured_cost_model([shifted], schedule).step_overhead == 0.0
+    with pytest.raises(CostModelError, match="one wall time per timeline"):
+        measured_cost_model([shifted], schedule, step_times=[1.0, 2.0])

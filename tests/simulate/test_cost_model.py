@@ -152,3 +152,14 @@ def test_json_round_trip_property(num_stages, data, bandwidth):
         link=Link(latency=data.draw(st.floats(0.0, 1.0)), bandwidth=bandwidth),
     )
     assert CostModel.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+
+
+def test_overheads_are_validated_and_round_trip():
+    costs = CostModel.uniform(2, action_overhead=1e-4, step_overhead=2e-3)
+    assert CostModel.from_json(costs.to_json()) == costs
+    assert CostModel.from_json({"f": [1], "i": [1], "w": [1]}).action_overhead == 0.0
+    for name in ("action_overhead", "step_overhead"):
+        with pytest.raises(CostModelError, match=name):
+            CostModel.uniform(2, **{name: -1.0})
+        with pytest.raises(CostModelError, match=name):
+            CostModel.uniform(2, **{name: float("nan")})

@@ -140,3 +140,40 @@ def test_missing_producer_is_a_schedule_error():
     schedule = two_rank(["F0.0 B0.0", "B1.0"])
     with pytest.raises(ScheduleError, match="B1.0 needs F1.0, which no rank runs"):
         simulate(schedule, CostModel.uniform(2))
+
+
+# -- runtime overheads ([Note: runtime overheads] in costs.py) ---------------------------------
+
+
+def test_action_overhead_separates_a_ranks_actions_but_not_its_first():
+    schedule = two_rank(["F0.0 B0.0", "F1.0 B1.0"])
+    costs = CostModel.uniform(2, f=1, i=1, w=1, action_overhead=0.25)
+    timeline = simulate(schedule, costs)
+    # Rank 1 waits for F0.0's output anyway, so its first action starts with the message;
+    # B1.0 follows F1.0 after the overhead; rank 0 waits for B1.0, so no extra gap there.
+    assert spans(timeline, 0) == [("F0.0", 0, 1), ("B0.0", 4.25, 6.25)]
+    assert spans(timeline, 1) == [("F1.0", 1, 2), ("B1.0", 2.25, 4.25)]
+    assert [(str(w.waiting_for), w.start, w.end) for w in timeline.waits[0]] == [("B0.0", 1.25, 4.25)]
+
+
+def test_action_overhead_adds_up_on_one_rank():
+    schedule = Schedule(
+        "hand", 1, 1, 2, (0,), (tuple(act(t) for t in "F0.0 F0.1 B0.1 B0.0".split()),), WeightUpdate.FLUSH
+    )
+    base = simulate(schedule, CostModel.uniform(1, f=1, i=1, w=1)).makespan
+    loaded = simulate(schedule, CostModel.uniform(1, f=1, i=1, w=1, action_overhead=0.5)).makespan
+    assert loaded == base + 3 * 0.5
+
+
+def test_step_overhead_sits_between_synchronous_steps_and_in_the_step_time():
+    from pipefold.simulate import predicted_step_time
+
+    schedule = two_rank(["F0.0 B0.0", "F1.0 B1.0"])
+    costs = CostModel.uniform(2, f=1, i=1, w=1, step_overhead=0.5)
+    one = simulate(schedule, costs)
+    assert one.makespan == 6  # the events of one step do not cover the time outside them
+    assert predicted_step_time(schedule, costs) == 6.5
+    two = simulate(schedule, costs, num_steps=2)
+    assert two.makespan == 2 * 6 + 0.5
+    steady = simulate(schedule, costs, num_steps=2, sync=False)
+    assert steady.makespan <= 2 * 6
