@@ -34,6 +34,7 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
+from pipefold.runtime.shm_exchange import ShmExchange
 
 __all__ = ["P2P", "Collectives", "Transfer"]
 
@@ -263,7 +264,12 @@ def _process_alive(pid: int) -> bool:
 
 
 class Collectives:
-    """The step's collectives (shape broadcast, loss reduction, timeline gather), all bounded."""
+    """The step's collectives (shape broadcast, loss reduction, timeline gather), all bounded.
+
+    With `connect_same_host` (CPU, every rank on one host) the step's broadcast and
+    all-gather go through shared memory (see [Note: shared-memory exchange] in
+    shm_exchange.py); everything else, and whatever does not fit, through the group.
+    """
 
     def __init__(
         self,
@@ -276,6 +282,53 @@ class Collectives:
         self._global = tuple(ranks)
         self._device = device
         self._watchdog = watchdog
+        self._exchange: ShmExchange | None = None
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._exchange is not None
+
+    def connect_same_host(self, *, capacity: int) -> None:
+        """Set up the shared-memory exchange if every rank is on this host (every rank calls this)."""
+        rank = dist.get_rank(self._group)
+        num_ranks = len(self._global)
+        token = new_token()
+        usable = self._device.type == "cpu" and shm_supported()
+        me = (socket.gethostname(), os.getpid(), token, usable)
+        info = self.all_gather_object(me, what="same-host exchange handshake")
+        if num_ranks < 2 or not all(entry[3] and entry[0] == me[0] for entry in info):
+            return
+        name = f"pipefold-{int(info[0][2]):x}-exchange"
+        exchange: ShmExchange | None = None
+        if rank == 0:
+            try:
+                exchange = ShmExchange.create(
+                    SHM_DIR, name, num_ranks=num_ranks, capacity=capacity, token=int(info[0][2])
+                )
+            except OSError as error:
+                logger.info("no shared-memory exchange (%s): process group", error)
+        created = self.all_gather_object(exchange is not None, what="same-host exchange handshake")[0]
+        if created and rank != 0:
+            exchange = ShmExchange.open(
+                SHM_DIR, name, num_ranks=num_ranks, rank=rank, capacity=capacity, token=int(info[0][2])
+            )
+        opened = self.all_gather_object(exchange is not None, what="same-host exchange handshake")
+        if rank == 0 and exchange is not None:
+            exchange.unlink()
+        if not all(opened) or exchange is None:
+            if exchange is not None:
+                exchange.close()
+            return
+        pids = [int(entry[1]) for r, entry in enumerate(info) if r != rank]
+        # Another PID namespace can share /dev/shm; only trust pids that exist here.
+        if all(_process_alive(pid) for pid in pids):
+            exchange.peer_alive = lambda: all(_process_alive(pid) for pid in pids)
+        self._exchange = exchange
+
+    def close(self) -> None:
+        if self._exchange is not None:
+            self._exchange.close()
+            self._exchange = None
 
     def _wait(self, work: dist.Work | None, what: str) -> None:
         if work is not None:
@@ -283,11 +336,24 @@ class Collectives:
 
     def all_reduce_sum(self, tensor: Tensor, *, what: str) -> None:
         """Sum `tensor` in place over the pipeline's group."""
+        if self._exchange is not None:
+            shared = self._exchange.all_gather(tensor, watchdog=self._watchdog, what=what)
+            if shared is not None:
+                # Rank order on every rank, so every rank gets the same sum.
+                total = shared[0].clone()
+                for part in shared[1:]:
+                    total += part
+                tensor.copy_(total)
+                return
         work = dist.all_reduce(tensor, group=self._group, async_op=True)
         self._wait(work, what)
 
     def all_gather(self, tensor: Tensor, *, what: str) -> list[Tensor]:
         """Every rank's `tensor` (same shape and dtype everywhere), in rank order."""
+        if self._exchange is not None:
+            shared = self._exchange.all_gather(tensor, watchdog=self._watchdog, what=what)
+            if shared is not None:
+                return shared
         gathered = [torch.empty_like(tensor) for _ in self._global]
         self._wait(dist.all_gather(gathered, tensor, group=self._group, async_op=True), what)
         return gathered
@@ -296,6 +362,12 @@ class Collectives:
         """`value` from pipeline rank `src` on every rank (pickled; small objects only)."""
         is_src = dist.get_rank(self._group) == src
         payload = pickle.dumps(value) if is_src else b""
+        if self._exchange is not None:
+            shared = self._exchange.broadcast(
+                payload if is_src else None, src=src, watchdog=self._watchdog, what=what
+            )
+            if shared is not None:
+                return value if is_src else pickle.loads(shared)
         size = torch.tensor([len(payload)], dtype=torch.int64, device=self._device)
         self._wait(dist.broadcast(size, src=self._global[src], group=self._group, async_op=True), what)
         buffer = self._bytes_tensor(payload, int(size.item()))

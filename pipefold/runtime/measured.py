@@ -137,7 +137,7 @@ def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
     for timeline in timelines:
         for rank, row in enumerate(timeline.events):
             waited = {(wait.step, wait.waiting_for): wait.start for wait in timeline.waits[rank]}
-            for before, after in zip(row, row[1:]):
+            for before, after in zip(row, row[1:], strict=False):
                 if after.step != before.step:
                     continue
                 until = waited.get((after.step, after.action), after.start)

@@ -252,6 +252,9 @@ class Pipeline:
                     recv_peers=[program.peer_of(a) for a in mine if a.op in (Op.RECV_F, Op.RECV_B)],
                     capacity=shared_memory_bytes,
                 )
+                # The step's start broadcast and end gather; the gathered row is the largest payload.
+                row_bytes = 8 * step_gather.row_length(self._timeline_slots, self.schedule.num_microbatches)
+                self._collectives.connect_same_host(capacity=max(row_bytes, 64 * 1024))
         self._p2p = p2p
         self._tied = self._tie_groups()
         self._data_parallel: DataParallel | None = None

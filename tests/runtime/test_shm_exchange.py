@@ -1,0 +1,129 @@
+"""The shared-memory step exchange (pipefold.runtime.shm_exchange), ranks as threads of this process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pipefold.errors import PeerFailure
+from pipefold.runtime.failure import FailureBoard, Watchdog
+from pipefold.runtime.shm import new_token, shm_supported
+from pipefold.runtime.shm_exchange import ShmExchange
+
+pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared memory needs x86-64 Linux")
+
+CAPACITY = 256
+
+
+def _exchanges(tmp_path, num_ranks):
+    token = new_token()
+    first = ShmExchange.create(tmp_path, "exchange", num_ranks=num_ranks, capacity=CAPACITY, token=token)
+    others = [
+        ShmExchange.open(tmp_path, "exchange", num_ranks=num_ranks, rank=r, capacity=CAPACITY, token=token)
+        for r in range(1, num_ranks)
+    ]
+    assert all(other is not None for other in others)
+    first.unlink()
+    return [first, *others]
+
+
+def _watchdog(rank, timeout_s=10.0):
+    return Watchdog(FailureBoard(None, "unused"), rank=rank, timeout_s=timeout_s, poll_completion=False)
+
+
+def _run_ranks(target, num_ranks):
+    results = [None] * num_ranks
+    errors = []
+
+    def body(rank):
+        try:
+            results[rank] = target(rank)
+        except BaseException as error:  # reported below, with the rank
+            errors.append((rank, error))
+
+    threads = [threading.Thread(target=body, args=(rank,)) for rank in range(num_ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_many_broadcasts_and_gathers_in_a_row_keep_every_value(tmp_path, num_ranks):
+    """Operations alternate fast, so buffers are reused while slower ranks still read:
+    every value must come out as sent, payloads too large for shared memory included."""
+    exchanges = _exchanges(tmp_path, num_ranks)
+    num_ops = 200
+
+    def rank_body(rank):
+        exchange, watchdog = exchanges[rank], _watchdog(rank)
+        seen = []
+        for op in range(num_ops):
+            if op % 3 == 2:
+                row = torch.full((4,), float(rank * 1000 + op), dtype=torch.float64)
+                gathered = exchange.all_gather(row, watchdog=watchdog, what="gather")
+                seen.append([float(g[0]) for g in gathered])
+            else:
+                src = op % num_ranks
+                # Every 7th payload exceeds the capacity: None on every rank.
+                size = CAPACITY + 1 if op % 7 == 0 else op % 50
+                payload = bytes([op % 251]) * size if rank == src else None
+                seen.append(exchange.broadcast(payload, src=src, watchdog=watchdog, what="broadcast"))
+            if rank == 0 and op % 10 == 0:
+                time.sleep(0.001)  # rank 0 lags now and then
+        return seen
+
+    results = _run_ranks(rank_body, num_ranks)
+    for op in range(num_ops):
+        if op % 3 == 2:
+            expected = [float(r * 1000 + op) for r in range(num_ranks)]
+        else:
+            expected = None if op % 7 == 0 else bytes([op % 251]) * (op % 50)
+        assert all(result[op] == expected for result in results), op
+    for exchange in exchanges:
+        exchange.close()
+
+
+def test_an_all_gather_too_large_returns_none_everywhere_and_uses_no_operation(tmp_path):
+    exchanges = _exchanges(tmp_path, 2)
+
+    def rank_body(rank):
+        watchdog = _watchdog(rank)
+        big = exchanges[rank].all_gather(torch.zeros(CAPACITY), watchdog=watchdog, what="gather")
+        small = exchanges[rank].all_gather(torch.tensor([rank]), watchdog=watchdog, what="gather")
+        return big, small
+
+    for big, small in _run_ranks(rank_body, 2):
+        assert big is None
+        assert [int(t) for t in small] == [0, 1]
+
+
+def test_a_missing_peer_times_out_naming_the_wait(tmp_path):
+    exchanges = _exchanges(tmp_path, 2)
+    watchdog = _watchdog(0, timeout_s=0.3)
+    with pytest.raises(PeerFailure, match="step start"):
+        exchanges[0].all_gather(torch.zeros(2), watchdog=watchdog, what="step start")
+
+
+def test_a_dead_peer_is_noticed_before_the_timeout(tmp_path):
+    exchanges = _exchanges(tmp_path, 2)
+    exchanges[1].peer_alive = lambda: False
+    watchdog = _watchdog(1, timeout_s=30.0)
+    start = time.monotonic()
+    with pytest.raises(PeerFailure, match="exited"):
+        exchanges[1].broadcast(None, src=0, watchdog=watchdog, what="step start")
+    assert time.monotonic() - start < 5.0
+
+
+def test_open_refuses_another_file(tmp_path):
+    token = new_token()
+    ShmExchange.create(tmp_path, "exchange", num_ranks=2, capacity=CAPACITY, token=token)
+    wrong = token + 1
+    assert ShmExchange.open(tmp_path, "exchange", num_ranks=2, rank=1, capacity=CAPACITY, token=wrong) is None
+    assert ShmExchange.open(tmp_path, "exchange", num_ranks=3, rank=1, capacity=CAPACITY, token=token) is None
+    assert ShmExchange.open(tmp_path, "missing", num_ranks=2, rank=1, capacity=CAPACITY, token=token) is None
