@@ -202,8 +202,9 @@ How these numbers are made (`pipefold/bench/`):
   one-process run, scaled so that its one-process step equals the measured baseline; error =
   predicted / measured pipefold step - 1. It cannot see that two ranks on two cores slow each
   other, or that the cores differ in speed. *pred. (warm-up costs)* simulates the same schedule
-  with each stage's costs and the message latency measured in pipefold's latest untimed steps
-  (the gradient check and the warm-up steps; medians, `measured_cost_model`, what
+  with each stage's costs, the message latency and the runtime's overheads (the gap between
+  two actions, the time a step spends outside its actions) measured in pipefold's latest
+  untimed steps (the gradient check and the warm-up steps; `measured_cost_model`, what
   `pipefold train` reports), then compares with the timed steps. Ranks beyond the core count
   time-share, which neither models.
 - Memory: peak RSS is the rank process's high-water mark during each library's timed steps

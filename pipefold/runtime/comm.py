@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipelineError
+from pipefold.runtime.doorbell import Doorbell, Ringer, ranks_share_cores
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
 from pipefold.runtime.shm_exchange import ShmExchange
@@ -78,8 +79,13 @@ class _ShmReceive:
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         channel, sequence = self.channel, self.sequence
+        doorbell = channel.doorbell
         watchdog.wait_until(
-            lambda: channel.ready(sequence), what=what, peer=self.peer, peer_alive=self.peer_alive
+            lambda: channel.ready(sequence),
+            what=what,
+            peer=self.peer,
+            peer_alive=self.peer_alive,
+            block=None if doorbell is None else doorbell.wait,
         )
         channel.read(sequence, self.buffers, self.offsets)
 
@@ -130,6 +136,8 @@ class P2P:
         def reachable(peer: int) -> bool:
             return bool(me[3] and info[peer][3] and info[peer][0] == me[0])
 
+        # Ranks that share cores wait on doorbells instead of sleeping polls ([Note: doorbells]).
+        bells = ranks_share_cores(sum(1 for entry in info if entry[0] == me[0]))
         created: dict[int, ShmChannel] = {}
         for peer in sorted(set(send_peers)):
             if reachable(peer):
@@ -138,22 +146,48 @@ class P2P:
                     created[peer] = ShmChannel.create(SHM_DIR, name, capacity, token)
                 except OSError as error:
                     logger.info("no shared-memory channel to rank %d (%s): process group", peer, error)
-        announced = collectives.all_gather_object(sorted(created), what="same-host handshake")
+        doorbells: dict[int, Doorbell] = {}
+        for peer in sorted(set(recv_peers)) if bells else ():
+            if reachable(peer):
+                try:
+                    doorbells[peer] = Doorbell.create(SHM_DIR, _channel_name(token, peer, rank) + "-bell")
+                except OSError as error:
+                    logger.info("no doorbell from rank %d (%s): polling", peer, error)
+        announced = collectives.all_gather_object(
+            (sorted(created), sorted(doorbells)), what="same-host handshake"
+        )
         opened: dict[int, ShmChannel] = {}
         for peer in sorted(set(recv_peers)):
-            if rank in announced[peer]:
+            if rank in announced[peer][0]:
                 peer_token = int(info[peer][2])
                 name = _channel_name(peer_token, peer, rank)
                 channel = ShmChannel.open(SHM_DIR, name, capacity, peer_token)
                 if channel is not None:
                     opened[peer] = channel
-        accepted = collectives.all_gather_object(sorted(opened), what="same-host handshake")
+        ringers: dict[int, Ringer] = {}
+        for peer in created:
+            if rank in announced[peer][1]:
+                ringer = Ringer.open(SHM_DIR, _channel_name(int(info[peer][2]), rank, peer) + "-bell")
+                if ringer is not None:
+                    ringers[peer] = ringer
+        accepted = collectives.all_gather_object(
+            (sorted(opened), sorted(ringers)), what="same-host handshake"
+        )
+        for doorbell in doorbells.values():
+            doorbell.unlink()
         for peer, channel in created.items():
             channel.unlink()
-            if rank in accepted[peer]:
+            if rank in accepted[peer][0]:
                 self._send_channels[peer] = channel
+                # Ring only where the receiver keeps its doorbell (it does when it opened the channel).
+                channel.ringer = ringers.get(peer)
             else:
                 channel.close()
+        for peer, doorbell in doorbells.items():
+            if peer in opened and rank in accepted[peer][1]:
+                opened[peer].doorbell = doorbell
+            else:
+                doorbell.close()
         self._recv_channels = opened
         for peer in self.same_host_peers:
             pid = int(info[peer][1])
@@ -307,18 +341,47 @@ class Collectives:
                 )
             except OSError as error:
                 logger.info("no shared-memory exchange (%s): process group", error)
-        created = self.all_gather_object(exchange is not None, what="same-host exchange handshake")[0]
-        if created and rank != 0:
+        # Ranks that share cores block on doorbells between checks ([Note: doorbells]).
+        doorbell: Doorbell | None = None
+        if ranks_share_cores(num_ranks):
+            try:
+                doorbell = Doorbell.create(SHM_DIR, f"{name}-bell-{rank}")
+            except OSError as error:
+                logger.info("no exchange doorbell (%s): polling", error)
+        created = self.all_gather_object(
+            (exchange is not None, doorbell is not None), what="same-host exchange handshake"
+        )
+        if created[0][0] and rank != 0:
             exchange = ShmExchange.open(
                 SHM_DIR, name, num_ranks=num_ranks, rank=rank, capacity=capacity, token=int(info[0][2])
             )
-        opened = self.all_gather_object(exchange is not None, what="same-host exchange handshake")
+        ringers = []
+        if all(bell for _, bell in created):
+            for other in range(num_ranks):
+                if other != rank:
+                    ringer = Ringer.open(SHM_DIR, f"{name}-bell-{other}")
+                    if ringer is not None:
+                        ringers.append(ringer)
+        opened = self.all_gather_object(
+            (exchange is not None, len(ringers) == num_ranks - 1), what="same-host exchange handshake"
+        )
         if rank == 0 and exchange is not None:
             exchange.unlink()
-        if not all(opened) or exchange is None:
+        if doorbell is not None:
+            doorbell.unlink()
+        if not all(ok for ok, _ in opened) or exchange is None:
             if exchange is not None:
                 exchange.close()
+            for end in (doorbell, *ringers):
+                if end is not None:
+                    end.close()
             return
+        if doorbell is not None and all(rung for _, rung in opened):
+            exchange.doorbell, exchange.ringers = doorbell, ringers
+        else:
+            for end in (doorbell, *ringers):
+                if end is not None:
+                    end.close()
         pids = [int(entry[1]) for r, entry in enumerate(info) if r != rank]
         # Another PID namespace can share /dev/shm; only trust pids that exist here.
         if all(_process_alive(pid) for pid in pids):

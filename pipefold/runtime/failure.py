@@ -162,12 +162,15 @@ class Watchdog:
         what: str,
         peer: int | None,
         peer_alive: Callable[[], bool] | None = None,
+        block: Callable[[float], None] | None = None,
     ) -> None:
         """Block until `ready()` is true (a flag another process sets in shared memory).
 
         Spins briefly (a message usually lands within microseconds of the wait), then
-        sleeps in growing pauses up to `max_pause_s`, checking the failure board, the
-        deadline and `peer_alive()` every `poll_s`.
+        sleeps in growing pauses up to `max_pause_s`, or, given `block(timeout_s)` (a
+        doorbell the producer rings, see [Note: doorbells] in doorbell.py), blocks in it;
+        either way it checks the failure board, the deadline and `peer_alive()` every
+        `poll_s`.
         """
         if ready():
             return
@@ -192,6 +195,9 @@ class Watchdog:
                         f"its own output says why"
                     )
                 next_check = now + self._poll_s
+            if block is not None:
+                block(max(next_check - now, 0.0))
+                continue
             time.sleep(pause)
             pause = min(pause * 2, self.max_pause_s)
 

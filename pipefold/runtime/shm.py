@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from pipefold.errors import PipelineError
+from pipefold.runtime.doorbell import Doorbell, Ringer
 
 __all__ = ["SHM_DIR", "ShmChannel", "layout", "shm_supported"]
 
@@ -115,6 +116,10 @@ class ShmChannel:
         self._announced = 0
         self.active = False
         """Whether this step's messages go through this channel (set by `begin_step`)."""
+        self.ringer: Ringer | None = None
+        """Sender: rung after each message when the receiver waits on a doorbell."""
+        self.doorbell: Doorbell | None = None
+        """Receiver: what a wait blocks on between checks, when ranks share cores."""
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -161,6 +166,9 @@ class ShmChannel:
         self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        for end in (self.ringer, self.doorbell):
+            if end is not None:
+                end.close()
         if not self._closer.alive:
             return
         del self._data, self._header
@@ -212,6 +220,8 @@ class ShmChannel:
         self._offset = end
         self._sequence += 1
         self._header[_PUBLISHED] = self._sequence
+        if self.ringer is not None:
+            self.ringer.ring()
 
     def ready(self, sequence: int) -> bool:
         """Receiver: whether message number `sequence` (1-based) has been published."""

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
 
 __all__ = ["ShmExchange"]
@@ -75,6 +76,10 @@ class ShmExchange:
         self._op = 0
         self.peer_alive: Callable[[], bool] | None = None
         """Set by the owner: whether every other rank's process still runs."""
+        self.doorbell: Doorbell | None = None
+        """Set by the owner when ranks share cores: waits block on it ([Note: doorbells])."""
+        self.ringers: list[Ringer] = []
+        """The other ranks' doorbells, rung after each publish."""
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -128,6 +133,9 @@ class ShmExchange:
         self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        for end in (self.doorbell, *self.ringers):
+            if end is not None:
+                end.close()
         if not self._closer.alive:
             return
         del self._data, self._header
@@ -184,6 +192,8 @@ class ShmExchange:
 
     def _publish(self, op: int) -> None:
         self._header[self.rank * _INT64_PER_LINE] = op
+        for ringer in self.ringers:
+            ringer.ring()
 
     def _length_offset(self, rank: int, op: int) -> int:
         return (rank * 2 + op % 2) * self._buffer_bytes
@@ -211,7 +221,11 @@ class ShmExchange:
 
     def _wait_rank(self, rank: int, op: int, watchdog: Watchdog, what: str) -> None:
         watchdog.wait_until(
-            lambda: self._counter(rank) >= op, what=what, peer=rank, peer_alive=self.peer_alive
+            lambda: self._counter(rank) >= op,
+            what=what,
+            peer=rank,
+            peer_alive=self.peer_alive,
+            block=None if self.doorbell is None else self.doorbell.wait,
         )
 
     def _wait_all(self, op: int, watchdog: Watchdog, what: str) -> None:
@@ -223,4 +237,5 @@ class ShmExchange:
             what=what,
             peer=None,
             peer_alive=self.peer_alive,
+            block=None if self.doorbell is None else self.doorbell.wait,
         )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipefold.errors import PeerFailure
+from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import FailureBoard, Watchdog
 from pipefold.runtime.shm import new_token, shm_supported
 from pipefold.runtime.shm_exchange import ShmExchange
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared memory needs
 CAPACITY = 256
 
 
-def _exchanges(tmp_path, num_ranks):
+def _exchanges(tmp_path, num_ranks, doorbells=False):
     token = new_token()
     first = ShmExchange.create(tmp_path, "exchange", num_ranks=num_ranks, capacity=CAPACITY, token=token)
     others = [
@@ -27,7 +28,14 @@ def _exchanges(tmp_path, num_ranks):
     ]
     assert all(other is not None for other in others)
     first.unlink()
-    return [first, *others]
+    exchanges = [first, *others]
+    if doorbells:
+        for rank, exchange in enumerate(exchanges):
+            exchange.doorbell = Doorbell.create(tmp_path, f"bell-{rank}")
+        for rank, exchange in enumerate(exchanges):
+            others = [other for other in range(num_ranks) if other != rank]
+            exchange.ringers = [Ringer.open(tmp_path, f"bell-{other}") for other in others]
+    return exchanges
 
 
 def _watchdog(rank, timeout_s=10.0):
@@ -53,11 +61,12 @@ def _run_ranks(target, num_ranks):
     return results
 
 
+@pytest.mark.parametrize("doorbells", [False, True], ids=["polling", "doorbells"])
 @pytest.mark.parametrize("num_ranks", [2, 3])
-def test_many_broadcasts_and_gathers_in_a_row_keep_every_value(tmp_path, num_ranks):
+def test_many_broadcasts_and_gathers_in_a_row_keep_every_value(tmp_path, num_ranks, doorbells):
     """Operations alternate fast, so buffers are reused while slower ranks still read:
     every value must come out as sent, payloads too large for shared memory included."""
-    exchanges = _exchanges(tmp_path, num_ranks)
+    exchanges = _exchanges(tmp_path, num_ranks, doorbells)
     num_ops = 200
 
     def rank_body(rank):

@@ -1,0 +1,106 @@
+"""Doorbells: a blocking wake-up next to a shared-memory flag, for ranks that share cores.
+
+[Note: doorbells]
+A rank waiting for a shared-memory flag (a message, an exchange) spins briefly and then
+sleeps in growing pauses, checking the flag after each (see `Watchdog.wait_until`).
+That is the fastest wait when every rank has a core of its own. When ranks outnumber
+the cores, a waiting rank shares its core with a rank that computes, and each pause's
+end is a context switch that takes the core away from it: with 4 ranks on 2 vCPUs the
+transformer's steps were up to 13% slower than torch's, whose gloo receives block in
+the kernel until data arrive.
+
+A `Doorbell` is a named pipe (FIFO). The waiting process holds its read end and blocks
+in `select` until a byte arrives or a poll interval passes (the watchdog still checks
+failures, the deadline and the peer between blocks); the producer writes one byte to
+its `Ringer` after raising the flag. The byte stays in the pipe, so a ring that comes
+between the waiter's last check of the flag and its `select` is never lost; a waiter
+drains the pipe when it wakes, and a ring into a full pipe is dropped (it is not empty,
+so nothing is lost either). Both ends are non-blocking. The FIFO is created by the
+waiting side, opened by the producer after a handshake, and unlinked once both hold it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import stat
+import weakref
+from pathlib import Path
+
+__all__ = ["Doorbell", "Ringer", "ranks_share_cores"]
+
+_DRAIN_BYTES = 1 << 16
+
+
+def ranks_share_cores(num_local_ranks: int) -> bool:
+    """Whether `num_local_ranks` processes on this host outnumber the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return num_local_ranks > cores
+
+
+class Doorbell:
+    """The waiting side: `wait(timeout_s)` returns when rung (or after the timeout)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def create(cls, directory: Path, name: str) -> Doorbell:
+        path = directory / name
+        os.mkfifo(path, 0o600)
+        try:
+            # Non-blocking read end: opening does not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd)
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._closer()
+
+    def wait(self, timeout_s: float) -> None:
+        readable, _, _ = select.select([self._fd], [], [], max(timeout_s, 0.0))
+        if readable:
+            try:
+                os.read(self._fd, _DRAIN_BYTES)
+            except BlockingIOError:
+                pass
+
+
+class Ringer:
+    """The producing side of a `Doorbell`."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def open(cls, directory: Path, name: str) -> Ringer | None:
+        """The write end, or None when the FIFO is not there (or has no reader)."""
+        path = directory / name
+        try:
+            if not stat.S_ISFIFO(os.stat(path).st_mode):
+                return None
+            return cls(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self._closer()
+
+    def ring(self) -> None:
+        try:
+            os.write(self._fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, hence not empty: the waiter wakes anyway
+        except BrokenPipeError:
+            pass  # the waiter is gone; the watchdog reports it where it matters
