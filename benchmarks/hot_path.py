@@ -39,6 +39,8 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("activation counting (saved-tensor hooks)", ("ActivationCounter.",)),
     ("sending and posting receives", ("Executor._send_", "Executor._recv_")),
     ("autograd engine (backward kernels)", ("_engine_run_backward",)),
+    # The direct W's kernels (addmm_, layer-norm backward) run in C under these frames.
+    ("weight gradients computed directly (W's linear / layer-norm kernels)", ("_accumulate_direct",)),
     ("split-backward planning (I: graph walk)", ("_plan_groups", "_groups_are_disjoint")),
     ("loss function", ("mse_loss", "cross_entropy")),
     ("layer forward (torch modules)", ("Stage.forward", "Stage._run")),

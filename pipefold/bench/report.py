@@ -345,7 +345,8 @@ def _bar_chart(records: Sequence[Record], title: str, path: Path) -> None:
         values = [r.get(key) or 0.0 for r in records]
         axes.bar([x + index * width for x in range(len(records))], values, width=width, label=label)
     axes.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(records))])
-    axes.set_xticklabels(labels, fontsize=7)
+    # Long family names (interleaved-1f1b) would run into their neighbours upright.
+    axes.set_xticklabels(labels, fontsize=7, rotation=35, ha="right", rotation_mode="anchor")
     axes.set_ylabel("step time (s, median)")
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8)
