@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _stage_work(workload_name: str, num_microbatches: int) -> tuple[object, object]:
     """(module, micro-batches) of the first half of the workload's layers."""
-    import torch
     from torch import nn
 
     from pipefold.bench.workloads import workload

@@ -171,7 +171,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
-        _require(self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica")
+        _require(
+            self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica"
+        )
         _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
 
@@ -331,7 +333,9 @@ class TrainConfig:
     @property
     def schedule_label(self) -> str:
         """What runs, for messages: the family, or the file and the schedule it holds."""
-        return f"{self.schedule.file} ({load_schedule_file(self.schedule.file).name})" if self.schedule.file else self.schedule.name
+        if self.schedule.file:
+            return f"{self.schedule.file} ({load_schedule_file(self.schedule.file).name})"
+        return self.schedule.name
 
     def _check_partition(self, num_stages: int, num_layers: int) -> None:
         value = self.partition

@@ -340,7 +340,9 @@ def _make_pipeline(
 
         schedule = load_schedule_file(s.file)
     else:
-        schedule = build(s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual)
+        schedule = build(
+            s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
+        )
 
     def make_optimizer(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -544,7 +546,8 @@ def _finish(
             report.print(sample, markup=False, highlight=False)
             report.rule()
         report.print(
-            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, {out / 'costs.json'}, "
+            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, "
+            f"{out / 'costs.json'}, "
             f"{out / CHECKPOINT_DIR}/"
         )
     return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)

@@ -72,7 +72,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced matrix, about a minute")
-    parser.add_argument("--workloads", nargs="+", choices=_WORKLOADS, help="default: mlp transformer (quick: mlp); tiny is the per-action overhead probe")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=_WORKLOADS,
+        help="default: mlp transformer (quick: mlp); tiny is the per-action overhead probe",
+    )
     parser.add_argument("--ranks", nargs="+", type=_positive, help="rank counts (default 2 4; quick: 2)")
     parser.add_argument(
         "--microbatches", nargs="+", type=_positive, help="micro-batch counts (default 4 8 16; quick: 8)"

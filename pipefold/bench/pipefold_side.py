@@ -88,7 +88,9 @@ class PipefoldSide:
         schedule = self.pipe.schedule
         timelines = [timeline for timeline, _ in self._recent]
         walls = [wall for _, wall in self._recent]
-        return float(predicted_step_time(schedule, measured_cost_model(timelines, schedule, step_times=walls)))
+        return float(
+            predicted_step_time(schedule, measured_cost_model(timelines, schedule, step_times=walls))
+        )
 
     def timeline_json(self) -> dict[str, Any] | None:
         data: dict[str, Any] = self.pipe.last_timeline.to_json()

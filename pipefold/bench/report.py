@@ -64,7 +64,9 @@ def _step_table(records: Sequence[Record]) -> str:
     header += ["one process s", "eff. pipefold", "eff. torch"]
     if deepspeed:
         header += ["eff. deepspeed"]
-    header += ["predicted s", "pred. error", "pred. (warm-up costs) s", "error", "spread pf / torch", "disturbed"]
+    header += [
+        "predicted s", "pred. error", "pred. (warm-up costs) s", "error", "spread pf / torch", "disturbed"
+    ]
     rows = []
     for record in records:
         if record.get("skipped"):

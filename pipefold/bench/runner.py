@@ -185,7 +185,9 @@ def build_record(
         "predicted_step_s": predicted,
         "prediction_error": None if predicted is None or not pipefold_s else predicted / pipefold_s - 1.0,
         "calibrated_predicted_step_s": calibrated,
-        "calibrated_prediction_error": None if calibrated is None or not pipefold_s else calibrated / pipefold_s - 1.0,
+        "calibrated_prediction_error": (
+            None if calibrated is None or not pipefold_s else calibrated / pipefold_s - 1.0
+        ),
         "predicted_bubble": predicted_bubble,
         "single_process_s": single,
         "single_process_source": "interleaved" if interleaved is not None else "before",

@@ -24,7 +24,9 @@ __all__ = ["SingleProcessSide"]
 class SingleProcessSide:
     label = "one-process"
 
-    def __init__(self, workload: Workload, layers: list[nn.Module], *, rank: int, num_microbatches: int) -> None:
+    def __init__(
+        self, workload: Workload, layers: list[nn.Module], *, rank: int, num_microbatches: int
+    ) -> None:
         self._workload = workload
         self._rank = rank
         self._num_microbatches = num_microbatches
@@ -36,7 +38,9 @@ class SingleProcessSide:
             return
         batch_size = inputs.shape[0]
         pieces = zip(
-            inputs.tensor_split(self._num_microbatches), targets.tensor_split(self._num_microbatches), strict=True
+            inputs.tensor_split(self._num_microbatches),
+            targets.tensor_split(self._num_microbatches),
+            strict=True,
         )
         for x, y in pieces:
             torch.autograd.backward(self._workload.loss_fn(self._model(x), y) * (x.shape[0] / batch_size))

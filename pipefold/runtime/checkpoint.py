@@ -104,7 +104,8 @@ def save_checkpoint(
     """Write this pipeline's weights (and optimizer state) to the directory `path`; collective.
 
     Call on every rank of the pipeline (with data parallelism: of every replica; replica 0
-    writes) with the same `path`, `step` and `extra` (JSON data). `optimizer` is the optimizer over this rank's parameters, or a list of them
+    writes) with the same `path`, `step` and `extra` (JSON data). `optimizer` is the optimizer
+    over this rank's parameters, or a list of them
     (an asynchronous schedule has one per stage: `[s.stash.optimizer for s in pipe.stages]`).
     An existing checkpoint at `path` is replaced only once the new one is complete.
     All ranks must see `path` on a shared file system. Returns `path`.

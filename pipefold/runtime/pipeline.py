@@ -53,6 +53,7 @@ from pipefold.model import (
     tied_groups,
     trace_boundaries,
 )
+from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
 from pipefold.runtime.data_parallel import DataParallel, split_mesh
@@ -60,7 +61,6 @@ from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
-from pipefold.runtime import step_gather
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_gather import RankRecord, host_code
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
@@ -160,7 +160,8 @@ class Pipeline:
         self._record_timeline = record_timeline
         if not isinstance(count_memory_every, int) or count_memory_every < 1:
             raise ConfigError(
-                f"count_memory_every = {count_memory_every!r}; give a positive number of steps (1 = every step)"
+                f"count_memory_every = {count_memory_every!r}; "
+                "give a positive number of steps (1 = every step)"
             )
         self._count_memory_every = count_memory_every
         if not isinstance(shared_memory_bytes, int) or shared_memory_bytes < 0:

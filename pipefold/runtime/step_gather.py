@@ -79,7 +79,9 @@ def pack(record: RankRecord, losses: Tensor, num_slots: int) -> Tensor:
     for items in (record.events, record.waits):
         for item in items:
             action = item.action if isinstance(item, Event) else item.waiting_for
-            values += [_OP_CODE[action.op], float(action.stage), float(action.microbatch), item.start, item.end]
+            values += [
+                _OP_CODE[action.op], float(action.stage), float(action.microbatch), item.start, item.end
+            ]
         values += [0.0] * (_FIELDS * (num_slots - len(items)))
     row = torch.tensor(values, dtype=torch.float64)
     return torch.cat([row.to(losses.device), losses.to(torch.float64).reshape(-1)])

@@ -12,9 +12,9 @@ model order, whatever rank owns it. `placement[stage]` is the owning rank.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterator
 
 from pipefold.errors import ScheduleError
 

@@ -57,7 +57,9 @@ def _check_cells(schedule: Schedule) -> dict[Action, tuple[int, int]]:
         owner = schedule.rank_of(action.stage)
         if owner != rank:
             raise _fail(
-                schedule, f"{action} is on rank {rank} but stage {action.stage} is placed on rank {owner}", cell
+                schedule,
+                f"{action} is on rank {rank} but stage {action.stage} is placed on rank {owner}",
+                cell,
             )
         if action in where:
             first = where[action]

@@ -32,7 +32,9 @@ def test_costs_file(tmp_path, capsys):
 
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(CostModel.uniform(2, f=2, i=1, w=1).to_json()))
-    out = run_json(capsys, "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--costs-file", str(path))
+    out = run_json(
+        capsys, "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--costs-file", str(path)
+    )
     # 1F1B with F=2, B=2: (m + p - 1) * (F + B) = 5 * 4
     assert out["makespan"] == pytest.approx(20.0)
 

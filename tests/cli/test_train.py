@@ -149,7 +149,9 @@ def test_measured_costs_to_found_schedule_to_training(tmp_path, capfd):
         "--set", "data.max_bytes=100000", "--set", "sample_tokens=0", "--device", "cpu",
     ]
     first = tmp_path / "measure"
-    code = main(["train", "--schedule", "zb-h1", "--steps", "4", "--microbatches", "4", "--out", str(first), *common])
+    code = main(
+        ["train", "--schedule", "zb-h1", "--steps", "4", "--microbatches", "4", "--out", str(first), *common]
+    )
     assert code == 0, capfd.readouterr().err
     costs = json.loads((first / "costs.json").read_text())
     assert all(value > 0 for key in ("f", "i", "w", "b") for value in costs[key])

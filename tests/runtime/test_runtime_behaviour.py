@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipefold.schedule.lower import fuse_adjacent_split_backward
-
 from pipefold.runtime import measured_cost_model
 from pipefold.schedule import WeightUpdate, build, names
+from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 

@@ -98,4 +98,6 @@ def test_count_memory_every_must_be_positive():
     from pipefold import ConfigError, Pipeline
 
     with pytest.raises(ConfigError, match="count_memory_every = 0"):
-        Pipeline([nn.Linear(2, 2)], loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=1, count_memory_every=0)
+        Pipeline(
+            [nn.Linear(2, 2)], loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=1, count_memory_every=0
+        )

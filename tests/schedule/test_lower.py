@@ -5,9 +5,9 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipefold.errors import ScheduleError
 from pipefold.schedule import Action, Op, Schedule, build, lower, names, v_placement
 from pipefold.schedule.lower import messages_of
-from pipefold.errors import ScheduleError
 
 
 def rows_text(program):
@@ -88,7 +88,9 @@ def _check_recv_before_consumer(program):
 )
 def test_every_family_lowers_fifo_consistently(name, num_ranks, num_microbatches, num_virtual, lookahead):
     try:
-        schedule = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+        schedule = build(
+            name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
+        )
     except ScheduleError:
         return  # illegal combination for this family; families' own tests cover the refusal
     program = lower(schedule, lookahead=lookahead)
@@ -102,8 +104,8 @@ def test_every_family_lowers_fifo_consistently(name, num_ranks, num_microbatches
 
 
 def test_fusion_keeps_early_gradients_and_fuses_the_rest():
-    from pipefold.schedule.lower import fuse_adjacent_split_backward
     from pipefold.schedule import validate
+    from pipefold.schedule.lower import fuse_adjacent_split_backward
 
     fused = fuse_adjacent_split_backward(build("zb-h1", num_ranks=2, num_microbatches=4))
     validate(fused)
@@ -126,8 +128,8 @@ def test_fusion_leaves_schedules_without_pairs_alone():
 @given(name=st.sampled_from(["zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "dualpipe-v"]),
        num_ranks=st.integers(1, 6), num_microbatches=st.integers(1, 12))
 def test_fusion_stays_valid_and_only_merges_local_pairs(name, num_ranks, num_microbatches):
-    from pipefold.schedule.lower import fuse_adjacent_split_backward
     from pipefold.schedule import validate
+    from pipefold.schedule.lower import fuse_adjacent_split_backward
 
     schedule = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches)
     fused = fuse_adjacent_split_backward(schedule)
@@ -137,4 +139,6 @@ def test_fusion_stays_valid_and_only_merges_local_pairs(name, num_ranks, num_mic
             if action.op is Op.B and Action(Op.I, action.stage, action.microbatch) in {
                 a for r in schedule.actions for a in r
             }:
-                assert action.stage == 0 or schedule.rank_of(action.stage - 1) == schedule.rank_of(action.stage)
+                assert action.stage == 0 or (
+                    schedule.rank_of(action.stage - 1) == schedule.rank_of(action.stage)
+                )

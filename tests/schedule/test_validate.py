@@ -71,7 +71,9 @@ def test_step_allowed_when_stashing():
 
 
 def test_backward_before_forward_on_same_rank_is_a_deadlock():
-    with pytest.raises(ScheduleError, match="rank 1 waits forever at B1.0: it needs F1.0, which this rank runs later"):
+    with pytest.raises(
+        ScheduleError, match="rank 1 waits forever at B1.0: it needs F1.0, which this rank runs later"
+    ):
         validate(two_rank([[F(0, 0), B(0, 0)], [B(1, 0), F(1, 0)]]))
 
 
