@@ -111,6 +111,11 @@ class P2P:
         self._peer_alive: dict[int, Callable[[], bool]] = {}
 
     @property
+    def doorbell_peers(self) -> tuple[int, ...]:
+        """Peers whose messages this rank waits for on a doorbell ([Note: doorbells])."""
+        return tuple(sorted(p for p, c in self._recv_channels.items() if c.doorbell is not None))
+
+    @property
     def same_host_peers(self) -> tuple[int, ...]:
         """Peers this rank exchanges boundary tensors with through shared memory."""
         return tuple(sorted(set(self._send_channels) | set(self._recv_channels)))
@@ -320,7 +325,13 @@ class Collectives:
 
     @property
     def uses_shared_memory(self) -> bool:
+        """Whether the step's broadcast and all-gather go through the shared-memory exchange."""
         return self._exchange is not None
+
+    @property
+    def uses_doorbells(self) -> bool:
+        """Whether the exchange's waits block on doorbells."""
+        return self._exchange is not None and self._exchange.doorbell is not None
 
     def connect_same_host(self, *, capacity: int) -> None:
         """Set up the shared-memory exchange if every rank is on this host (every rank calls this)."""

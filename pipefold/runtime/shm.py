@@ -50,7 +50,7 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.doorbell import Doorbell, Ringer
 
-__all__ = ["SHM_DIR", "ShmChannel", "layout", "shm_supported"]
+__all__ = ["SHM_DIR", "SharedFile", "ShmChannel", "layout", "shm_supported"]
 
 SHM_DIR = Path("/dev/shm")
 _HEADER_BYTES = 4096
@@ -91,6 +91,70 @@ def new_token() -> int:
     return secrets.randbits(62) + 1
 
 
+class SharedFile:
+    """A file in /dev/shm mapped into this process: its name, descriptor and mapping.
+
+    It owns the descriptor from construction: closed by `close`, or when the object is
+    collected (the mapping then closes itself). Views into `map` must be dropped before
+    `close` unmaps it; a view still alive defers the unmapping to the garbage collector.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.map = mmap.mmap(fd, size)
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def create(cls, directory: Path, name: str, size: int, *, allocate: int) -> SharedFile:
+        """Create the file with `size` bytes, the first `allocate` of them backed by pages
+        now (posix_fallocate: a full /dev/shm fails here, never as a SIGBUS later)."""
+        path = directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, allocate)
+            return cls(path, fd, size)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def open(cls, directory: Path, name: str, size: int) -> SharedFile | None:
+        """The existing file, or None when it is not there or not `size` bytes long."""
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size != size:
+                os.close(fd)
+                return None
+            return cls(path, fd, size)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+
+    @property
+    def alive(self) -> bool:
+        return self._closer.alive
+
+    def unlink(self) -> None:
+        """Remove the name; every mapping stays valid."""
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if not self._closer.alive:
+            return
+        try:
+            self.map.close()
+        except BufferError:  # a tensor view is still alive somewhere; the GC unmaps later
+            pass
+        self._closer()
+
+
 class ShmChannel:
     """One direction of a same-host channel; see [Note: shared-memory channels].
 
@@ -98,17 +162,13 @@ class ShmChannel:
     largest number of data bytes one step may put through it.
     """
 
-    def __init__(self, path: Path, capacity: int, fd: int, *, is_sender: bool) -> None:
-        self.path = path
+    def __init__(self, file: SharedFile, capacity: int, *, is_sender: bool) -> None:
+        self._file = file
+        self.path = file.path
         self.capacity = capacity
         self.is_sender = is_sender
-        self._fd = fd
-        self._map = mmap.mmap(fd, _HEADER_BYTES + capacity)
-        # From here the channel owns `fd`: closed when the channel is collected without
-        # `close` (the mapping closes itself). It holds only the number, never the group.
-        self._closer = weakref.finalize(self, os.close, fd)
-        self._header = np.frombuffer(self._map, dtype=np.int64, count=_HEADER_BYTES // 8)
-        self._data = torch.frombuffer(self._map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
+        self._header = np.frombuffer(file.map, dtype=np.int64, count=_HEADER_BYTES // 8)
+        self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
         self._allocated = 0
         self._sequence = 0
         self._consumed = 0
@@ -125,17 +185,9 @@ class ShmChannel:
 
     @classmethod
     def create(cls, directory: Path, name: str, capacity: int, token: int) -> ShmChannel:
-        path = directory / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            # Sparse: only the header is allocated now, data pages per step (`begin_step`).
-            os.ftruncate(fd, _HEADER_BYTES + capacity)
-            os.posix_fallocate(fd, 0, _HEADER_BYTES)
-            channel = cls(path, capacity, fd, is_sender=True)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
+        # Sparse: only the header is allocated now, data pages per step (`begin_step`).
+        file = SharedFile.create(directory, name, _HEADER_BYTES + capacity, allocate=_HEADER_BYTES)
+        channel = cls(file, capacity, is_sender=True)
         channel._header[_MAGIC] = token
         return channel
 
@@ -143,19 +195,10 @@ class ShmChannel:
     def open(cls, directory: Path, name: str, capacity: int, token: int) -> ShmChannel | None:
         """The receiver's side, or None when the file is not there or not the sender's
         (another machine, or another /dev/shm namespace on this one)."""
-        path = directory / name
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
+        file = SharedFile.open(directory, name, _HEADER_BYTES + capacity)
+        if file is None:
             return None
-        try:
-            if os.fstat(fd).st_size != _HEADER_BYTES + capacity:
-                os.close(fd)
-                return None
-            channel = cls(path, capacity, fd, is_sender=False)
-        except (OSError, ValueError):
-            os.close(fd)
-            return None
+        channel = cls(file, capacity, is_sender=False)
         if int(channel._header[_MAGIC]) != token:
             channel.close()
             return None
@@ -163,20 +206,16 @@ class ShmChannel:
 
     def unlink(self) -> None:
         """Remove the name; both mappings stay valid."""
-        self.path.unlink(missing_ok=True)
+        self._file.unlink()
 
     def close(self) -> None:
         for end in (self.ringer, self.doorbell):
             if end is not None:
                 end.close()
-        if not self._closer.alive:
+        if not self._file.alive:
             return
         del self._data, self._header
-        try:
-            self._map.close()
-        except BufferError:  # a tensor view is still alive somewhere; the GC unmaps later
-            pass
-        self._closer()
+        self._file.close()
 
     # -- per step ----------------------------------------------------------------------------
 
@@ -188,7 +227,7 @@ class ShmChannel:
         self._offset = 0
         if self.active and self.is_sender and num_bytes > self._allocated:
             try:
-                os.posix_fallocate(self._fd, _HEADER_BYTES, num_bytes)
+                os.posix_fallocate(self._file.fd, _HEADER_BYTES, num_bytes)
             except OSError as error:
                 raise PipelineError(
                     f"cannot allocate {num_bytes} bytes in {SHM_DIR} for the same-host channel "

@@ -31,9 +31,6 @@ handshake through the process group, and unlinked once every rank holds a mappin
 
 from __future__ import annotations
 
-import mmap
-import os
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from torch import Tensor
 
 from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.shm import SharedFile
 
 __all__ = ["ShmExchange"]
 
@@ -61,18 +59,16 @@ class ShmExchange:
     `capacity` is the largest payload (bytes) one rank may put into one operation.
     """
 
-    def __init__(self, path: Path, fd: int, *, num_ranks: int, rank: int, capacity: int) -> None:
-        self.path = path
+    def __init__(self, file: SharedFile, *, num_ranks: int, rank: int, capacity: int) -> None:
+        self._file = file
+        self.path = file.path
         self.num_ranks = num_ranks
         self.rank = rank
         self.capacity = _align(capacity)
-        self._fd = fd
         self._buffer_bytes = _LINE + self.capacity  # a length line, then the payload
-        self._map = mmap.mmap(fd, self.file_bytes(num_ranks, capacity))
-        self._closer = weakref.finalize(self, os.close, fd)
         counters = num_ranks * _INT64_PER_LINE
-        self._header = np.frombuffer(self._map, dtype=np.int64, count=counters + _INT64_PER_LINE)
-        self._data = torch.frombuffer(self._map, dtype=torch.uint8, offset=(num_ranks + 1) * _LINE)
+        self._header = np.frombuffer(file.map, dtype=np.int64, count=counters + _INT64_PER_LINE)
+        self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=(num_ranks + 1) * _LINE)
         self._op = 0
         self.peer_alive: Callable[[], bool] | None = None
         """Set by the owner: whether every other rank's process still runs."""
@@ -91,18 +87,10 @@ class ShmExchange:
     def create(
         cls, directory: Path, name: str, *, num_ranks: int, capacity: int, token: int
     ) -> ShmExchange:
-        """Rank 0's side: create and allocate the file (a full /dev/shm fails here, never later)."""
-        path = directory / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            size = cls.file_bytes(num_ranks, capacity)
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
-            exchange = cls(path, fd, num_ranks=num_ranks, rank=0, capacity=capacity)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
+        """Rank 0's side: create and allocate the whole file."""
+        size = cls.file_bytes(num_ranks, capacity)
+        file = SharedFile.create(directory, name, size, allocate=size)
+        exchange = cls(file, num_ranks=num_ranks, rank=0, capacity=capacity)
         exchange._header[num_ranks * _INT64_PER_LINE] = token  # the magic line after the counters
         return exchange
 
@@ -111,39 +99,26 @@ class ShmExchange:
         cls, directory: Path, name: str, *, num_ranks: int, rank: int, capacity: int, token: int
     ) -> ShmExchange | None:
         """Another rank's side, or None when the file is not there or not rank 0's."""
-        path = directory / name
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
+        file = SharedFile.open(directory, name, cls.file_bytes(num_ranks, capacity))
+        if file is None:
             return None
-        try:
-            if os.fstat(fd).st_size != cls.file_bytes(num_ranks, capacity):
-                os.close(fd)
-                return None
-            exchange = cls(path, fd, num_ranks=num_ranks, rank=rank, capacity=capacity)
-        except (OSError, ValueError):
-            os.close(fd)
-            return None
+        exchange = cls(file, num_ranks=num_ranks, rank=rank, capacity=capacity)
         if int(exchange._header[num_ranks * _INT64_PER_LINE]) != token:
             exchange.close()
             return None
         return exchange
 
     def unlink(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self._file.unlink()
 
     def close(self) -> None:
         for end in (self.doorbell, *self.ringers):
             if end is not None:
                 end.close()
-        if not self._closer.alive:
+        if not self._file.alive:
             return
         del self._data, self._header
-        try:
-            self._map.close()
-        except BufferError:  # a tensor view is still alive somewhere; the GC unmaps later
-            pass
-        self._closer()
+        self._file.close()
 
     # -- the operations ----------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ class Stage:
         self._calls = tuple(zip(layers, modules, strict=True))
         self._recompute_all = recompute_all
         self._checkpointed = tuple(i in recompute_layers for i in layer_indices)
+        self.recomputes = recompute_all or any(self._checkpointed)
+        """Whether some of this stage's forward is recomputed in its backward."""
         seen: set[int] = set()
         params: list[nn.Parameter] = []
         for module in modules:  # a tied module held twice by one stage counts once
@@ -70,11 +72,6 @@ class Stage:
         self.module: nn.Module = _Chain(self, modules)
         self.stash: WeightStash | None = None
         """Set for asynchronous schedules: forwards then run on the stashed weight version."""
-
-    @property
-    def recomputes(self) -> bool:
-        """True when some of this stage's forward is recomputed in its backward."""
-        return self._recompute_all or any(self._checkpointed)
 
     def _run(self, value: Any) -> Any:
         for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):

@@ -322,4 +322,16 @@ def timeline(
         "weight_versions_peak": list(line.weight_versions_peak),
         "json_roundtrip": type(line).from_json(line.to_json()).num_ranks == line.num_ranks,
         "json": line.to_json(),
+        "transport": _transport(pipe),
+    }
+
+
+def _transport(pipe: Pipeline) -> dict:
+    """How this rank's messages and step exchanges travel (shared memory, doorbells)."""
+    p2p, collectives = pipe._p2p, pipe._collectives
+    return {
+        "shm_peers": list(p2p.same_host_peers) if p2p is not None else [],
+        "doorbell_peers": list(p2p.doorbell_peers) if p2p is not None else [],
+        "exchange": collectives is not None and collectives.uses_shared_memory,
+        "exchange_doorbells": collectives is not None and collectives.uses_doorbells,
     }

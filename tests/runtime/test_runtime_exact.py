@@ -111,3 +111,26 @@ def test_steps_larger_than_the_channel_use_the_process_group(pool2, capacity):
     )
     _check(results, 2)
     assert [r["same_host_peers"] for r in results] == [[1], [0]]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_same_host_ranks_use_shared_memory_and_doorbells_when_sharing_cores(pool2, pool4, num_ranks):
+    """The exact results above went through shared memory; doorbells exactly where ranks
+    outnumber the cores (4 ranks on this 2-core machine)."""
+    from pipefold.runtime.doorbell import ranks_share_cores
+    from pipefold.runtime.shm import shm_supported
+
+    if not shm_supported():
+        pytest.skip("shared memory needs x86-64 Linux")
+    pool = pool2 if num_ranks == 2 else pool4
+    results = pool.run("timeline", schedule="1f1b", num_microbatches=num_ranks)
+    sharing = ranks_share_cores(num_ranks)
+    for rank, result in enumerate(results):
+        transport = result["transport"]
+        neighbours = sorted({r for r in (rank - 1, rank + 1) if 0 <= r < num_ranks})
+        assert transport["shm_peers"] == neighbours
+        assert transport["exchange"]
+        assert transport["exchange_doorbells"] == sharing
+        # Every neighbour sends to this rank (activations forward, gradients back).
+        assert transport["doorbell_peers"] == (neighbours if sharing else [])
