@@ -9,6 +9,7 @@ which also steps the optimizer and zeroes the gradients. So:
 - the gradient check runs one step with lr=1 and recovers the gradient as
   (weights before - weights after), then restores the weights.
 
+Its default `gradient_clipping` (1.0) is switched off: the other sides do not clip.
 DeepSpeed divides each micro-batch loss by the accumulation steps, so from the same
 weights its update equals the batch-mean gradient of one process.
 """
@@ -76,6 +77,10 @@ class DeepSpeedSide:
                 "train_micro_batch_size_per_gpu": work.batch_size // config.num_microbatches,
                 "gradient_accumulation_steps": config.num_microbatches,
                 "steps_per_print": 10**9,
+                # DeepSpeed clips the gradient norm to 1.0 unless told otherwise; pipefold
+                # and torch do not clip, and a clipped step is not the one-process gradient
+                # (the tiny probe's norm is ~3, so its check failed by a factor of ~0.5).
+                "gradient_clipping": 0.0,
                 "wall_clock_breakdown": False,
             },
         )
