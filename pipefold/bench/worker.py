@@ -29,6 +29,7 @@ from pipefold.bench.rss import peak_rss_bytes, reset_peak_rss
 from pipefold.bench.sides import Side
 from pipefold.bench.workloads import Workload, workload
 from pipefold.errors import PipefoldError
+from pipefold.runtime.orphan import die_with_parent
 
 __all__ = ["worker_main"]
 
@@ -38,14 +39,21 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def worker_main(
-    rank: int, num_ranks: int, port: int, configs: list[BenchConfig], options: RunOptions, queue: Any
+    rank: int,
+    num_ranks: int,
+    port: int,
+    configs: list[BenchConfig],
+    options: RunOptions,
+    queue: Any,
+    parent_pid: int,
 ) -> None:
-    """Entry point of a spawned rank.
+    """Entry point of a spawned rank (`parent_pid`: the harness, which this rank must not outlive).
 
     Rank 0 puts ("link", {...}) once, then ("result", json) per configuration on `queue`.
     """
     # The parent's stdout carries one JSON line per configuration; whatever the libraries print
     # in the ranks (DeepSpeed prints its topology and build messages) goes to stderr instead.
+    die_with_parent(parent_pid)
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError
+from pipefold.runtime.orphan import arm_orphan_guard, die_with_parent
 
 __all__ = [
     "LaunchResult",
@@ -130,8 +131,17 @@ class _ScriptWorker:
     def __init__(self, rank: int, command: Sequence[str], env: dict[str, str]) -> None:
         self.rank = rank
         self._tail: collections.deque[str] = collections.deque(maxlen=_NUM_ERROR_LINES)
+        parent_pid = os.getpid()
+        arm_orphan_guard()  # resolve prctl here, not in the forked child
         self._process = subprocess.Popen(
-            list(command), env=env, stderr=subprocess.PIPE, text=True, errors="replace"
+            list(command),
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            # Only a prctl call between fork and exec (no locks, no imports), so it is safe
+            # though the launcher has threads; see pipefold/runtime/orphan.py.
+            preexec_fn=lambda: die_with_parent(parent_pid),  # noqa: PLW1509
         )
         assert self._process.stderr is not None  # set by stderr=PIPE; narrows the type
         self._reader = threading.Thread(target=self._copy, args=(self._process.stderr,), daemon=True)
@@ -166,7 +176,9 @@ def _run_function(
     num_threads: int | None,
     args: tuple[Any, ...],
     error_path: str,
+    parent_pid: int,
 ) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(env)
     if num_threads is not None:
         import torch
@@ -196,7 +208,7 @@ class _FunctionWorker:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=_run_function,
-            args=(fn, rank, env, num_threads, args, self._error_path),
+            args=(fn, rank, env, num_threads, args, self._error_path, os.getpid()),
             name=f"pipefold-rank{rank}",
         )
         self._process.start()
