@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import queue as queue_module
 import socket
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ def run_ranks(
     processes = [
         context.Process(
             target=worker_main,
-            args=(rank, num_ranks, port, list(configs), options, results_queue, os.getpid()),
+            args=(rank, num_ranks, port, list(configs), options, results_queue),
             name=f"pipefold-bench-rank{rank}",
         )
         for rank in range(num_ranks)

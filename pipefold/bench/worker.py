@@ -39,21 +39,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def worker_main(
-    rank: int,
-    num_ranks: int,
-    port: int,
-    configs: list[BenchConfig],
-    options: RunOptions,
-    queue: Any,
-    parent_pid: int,
+    rank: int, num_ranks: int, port: int, configs: list[BenchConfig], options: RunOptions, queue: Any
 ) -> None:
-    """Entry point of a spawned rank (`parent_pid`: the harness, which this rank must not outlive).
+    """Entry point of a spawned rank; it does not outlive the harness that spawned it.
 
     Rank 0 puts ("link", {...}) once, then ("result", json) per configuration on `queue`.
     """
     # The parent's stdout carries one JSON line per configuration; whatever the libraries print
     # in the ranks (DeepSpeed prints its topology and build messages) goes to stderr instead.
-    die_with_parent(parent_pid)
+    die_with_parent()
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).

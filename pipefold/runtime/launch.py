@@ -176,9 +176,8 @@ def _run_function(
     num_threads: int | None,
     args: tuple[Any, ...],
     error_path: str,
-    parent_pid: int,
 ) -> None:
-    die_with_parent(parent_pid)
+    die_with_parent()
     os.environ.update(env)
     if num_threads is not None:
         import torch
@@ -208,7 +207,7 @@ class _FunctionWorker:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=_run_function,
-            args=(fn, rank, env, num_threads, args, self._error_path, os.getpid()),
+            args=(fn, rank, env, num_threads, args, self._error_path),
             name=f"pipefold-rank{rank}",
         )
         self._process.start()

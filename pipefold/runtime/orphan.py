@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -31,10 +32,14 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 def die_with_parent(parent_pid: int | None = None) -> bool:
     """Have the kernel SIGKILL this process when its parent exits; True if armed.
 
-    `parent_pid` is the supervisor's pid as the supervisor saw it. The parent may have
-    died before the request was made (then the kernel will never signal): if our parent
-    is no longer `parent_pid`, exit at once instead.
+    `parent_pid` is the supervisor's pid as the supervisor saw it; in a multiprocessing
+    child it defaults to the one multiprocessing recorded. The parent may have died before
+    the request was made (then the kernel will never signal): if our parent is no longer
+    `parent_pid`, exit at once instead.
     """
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
     prctl = _prctl()
     if prctl is None or prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
