@@ -57,8 +57,9 @@ from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
 from pipefold.runtime.data_parallel import DataParallel, split_mesh
+from pipefold.runtime.doorbell import ranks_share_cores
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
-from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
+from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
@@ -116,6 +117,11 @@ class Pipeline:
       pipefold/runtime/shm.py); False sends everything through the process group.
       `shared_memory_bytes` is the most one step may send to one peer that way (pages
       are allocated as steps need them); a step with more uses the process group.
+    - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for
+      it without sleeping (up to 50 ms, then it sleeps in short pauses); None (default)
+      does so on CPU where every rank of the pipeline has a core of its own, never where
+      ranks share cores ([Note: busy polling] in pipefold/runtime/failure.py). False
+      leaves idle cores idle, at the cost of a slower wake-up.
     - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
       returning it to the kernel between micro-batches (process-wide; see
       pipefold/runtime/allocator.py): fewer page faults, a flat heap at its peak.
@@ -146,6 +152,7 @@ class Pipeline:
         shared_memory: bool = True,
         shared_memory_bytes: int = 64 << 20,
         keep_cpu_heap: bool = True,
+        busy_wait: bool | None = None,
     ) -> None:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
@@ -169,6 +176,8 @@ class Pipeline:
                 f"shared_memory_bytes = {shared_memory_bytes!r}; give a byte count >= 0 "
                 f"(the most one step may send to one peer through shared memory)"
             )
+        if busy_wait is not None and not isinstance(busy_wait, bool):
+            raise ConfigError(f"busy_wait = {busy_wait!r}; use True, False or None (decide by the cores)")
         self._num_steps_run = 0
         self._memory_counted_for: set[TensorMeta] = set()
         self._activation_peak = 0
@@ -236,6 +245,9 @@ class Pipeline:
             timeout_s=self._timeout_s,
             poll_completion=self.device.type == "cuda",
         )
+        if busy_wait is None:
+            busy_wait = self.device.type == "cpu" and not ranks_share_cores(num_ranks)
+        self._watchdog.busy_poll_s = BUSY_POLL_S if busy_wait else 0.0
         p2p: P2P | None = None
         self._collectives: Collectives | None = None
         program = lower(self.schedule)

@@ -42,6 +42,7 @@ def sgd(params):
         ),
         ({"on_nonfinite": "ignore"}, ConfigError, "on_nonfinite = 'ignore'"),
         ({"timeout_s": 0}, ConfigError, "timeout_s = 0"),
+        ({"busy_wait": "yes"}, ConfigError, "busy_wait = 'yes'"),
         ({"partition": [3, 3]}, PartitionError, ""),
     ],
 )
@@ -101,3 +102,16 @@ def test_count_memory_every_must_be_positive():
         Pipeline(
             [nn.Linear(2, 2)], loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=1, count_memory_every=0
         )
+
+
+def test_busy_wait_defaults_to_polling_where_each_rank_has_a_core():
+    """One process has a core of its own; busy_wait=False and True override the choice."""
+    from pipefold.runtime.failure import BUSY_POLL_S
+
+    def busy_poll_s(**kwargs):
+        pipe = Pipeline(layers(), loss_fn=F.mse_loss, schedule="gpipe", device="cpu", **kwargs)
+        return pipe._watchdog.busy_poll_s
+
+    assert busy_poll_s() == BUSY_POLL_S > 0
+    assert busy_poll_s(busy_wait=False) == 0.0
+    assert busy_poll_s(busy_wait=True) == BUSY_POLL_S

@@ -1,0 +1,78 @@
+"""Busy polling in `Watchdog.wait_until` ([Note: busy polling] in pipefold/runtime/failure.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipefold.errors import PeerFailure
+from pipefold.runtime import failure
+from pipefold.runtime.failure import FailureBoard, Watchdog
+
+
+def _watchdog(*, busy_poll_s: float, poll_s: float = 5.0) -> Watchdog:
+    watchdog = Watchdog(FailureBoard(None, "unused"), rank=0, timeout_s=30.0, poll_completion=False, poll_s=poll_s)
+    watchdog.busy_poll_s = busy_poll_s
+    return watchdog
+
+
+class _Sleeps:
+    """Stands in for time.sleep: records when each call came and returns at once."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.at.append(time.monotonic())
+
+
+def _ready_after(num_checks: int):
+    calls = 0
+
+    def ready() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > num_checks
+
+    return ready
+
+
+def test_a_busy_polling_wait_never_sleeps(monkeypatch):
+    sleeps = _Sleeps()
+    monkeypatch.setattr(failure.time, "sleep", sleeps)
+    # Far more checks than the initial spin (200): a sleeping wait would have slept.
+    _watchdog(busy_poll_s=10.0).wait_until(_ready_after(20_000), what="F1.0", peer=0)
+    assert sleeps.at == []
+
+
+def test_without_busy_polling_the_wait_sleeps_after_the_spin(monkeypatch):
+    sleeps = _Sleeps()
+    monkeypatch.setattr(failure.time, "sleep", sleeps)
+    _watchdog(busy_poll_s=0.0).wait_until(_ready_after(20_000), what="F1.0", peer=0)
+    assert sleeps.at
+
+
+def test_busy_polling_gives_way_to_sleeps_after_its_budget(monkeypatch):
+    sleeps = _Sleeps()
+    monkeypatch.setattr(failure.time, "sleep", sleeps)
+    start = time.monotonic()
+    until = start + 0.3
+    _watchdog(busy_poll_s=0.1).wait_until(lambda: time.monotonic() >= until, what="F1.0", peer=0)
+    assert sleeps.at, "a wait longer than busy_poll_s must end up sleeping"
+    assert sleeps.at[0] - start >= 0.1
+
+
+def test_a_busy_polling_wait_still_notices_a_dead_peer():
+    watchdog = _watchdog(busy_poll_s=60.0, poll_s=0.01)
+    start = time.monotonic()
+    with pytest.raises(PeerFailure, match="rank 1 exited while rank 0 waited at F1.0"):
+        watchdog.wait_until(lambda: False, what="F1.0", peer=1, peer_alive=lambda: False)
+    assert time.monotonic() - start < 5.0
+
+
+def test_a_wait_with_a_doorbell_blocks_in_it_instead_of_busy_polling():
+    blocked: list[float] = []
+    watchdog = _watchdog(busy_poll_s=60.0, poll_s=0.01)
+    watchdog.wait_until(lambda: len(blocked) >= 3, what="F1.0", peer=0, block=blocked.append)
+    assert len(blocked) == 3
