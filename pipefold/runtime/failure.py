@@ -70,11 +70,28 @@ class FailureBoard:
     """One pipeline's failure key on the rendezvous store; the first report wins.
 
     Without a store (a single process) publishing is a no-op and nothing is ever read.
+    Once the store fails to answer (its server lives in rank 0's process, so it goes when
+    rank 0 does), the board stops asking: every later attempt would fail the same way and
+    torch prints a stack trace for each, one per waiting rank every `poll_s`, burying the
+    error that says what happened. The waits still notice a dead peer by its pid.
     """
 
     def __init__(self, store: Store | None, key: str) -> None:
         self._store = store
         self._key = key
+        self.lost: str | None = None
+        """Why the store stopped answering, once it has."""
+
+    def _lose(self, doing: str, error: Exception) -> None:
+        self.lost = f"{type(error).__name__}: {error}"
+        self._store = None
+        logger.warning(
+            "the rendezvous store stopped answering (%s the failure key %s: %s); "
+            "failures are no longer read from it",
+            doing,
+            self._key,
+            error,
+        )
 
     def publish(self, report: FailureReport) -> None:
         if self._store is None:
@@ -85,6 +102,7 @@ class FailureBoard:
             self._store.compare_set(self._key, "", report.encode())
         except Exception as error:  # the store may be gone when the job is tearing down
             logger.warning("could not publish failure %s on the store: %s", report, error)
+            self._lose("publishing", error)
 
     def read(self) -> FailureReport | None:
         if self._store is None:
@@ -92,9 +110,14 @@ class FailureBoard:
         try:
             if not self._store.check([self._key]):
                 return None
-            return FailureReport.decode(self._store.get(self._key))
+            raw = self._store.get(self._key)
         except Exception as error:
-            logger.warning("could not read the failure key %s: %s", self._key, error)
+            self._lose("reading", error)
+            return None
+        try:
+            return FailureReport.decode(raw)
+        except (ValueError, KeyError, TypeError) as error:
+            logger.warning("the failure key %s holds no report pipefold wrote: %s", self._key, error)
             return None
 
 
@@ -188,10 +211,11 @@ class Watchdog:
         [Note: busy polling]
         With a core per rank, a waiting rank's core has nothing else to do, and every
         sleep costs twice: the wake-up comes up to a pause (plus the kernel's 50 us timer
-        slack) after the message landed, and on a VM an idle vCPU is halted, after which
-        the next action computes slower (on the AMD EPYC VM of 2026-12-02, alternated in
-        the same processes: 2-rank MLP steps 5-6% faster busy-polling, and each B ~0.8 ms
-        shorter). MPI implementations busy-poll by default for the same reason unless
+        slack) after the message landed, and on a VM an idle vCPU seems slower to compute
+        right after it wakes (on the AMD EPYC VM of 2026-12-02, alternated in the same
+        processes: 2-rank MLP steps 3.5% faster busy-polling, transformer steps 1%, and a
+        B that had waited for its gradient 0.6-0.85 ms shorter). MPI implementations
+        busy-poll by default for the same reason unless
         ranks outnumber cores, and so does pipefold: `Pipeline(busy_wait=None)` polls for
         up to `BUSY_POLL_S` where ranks have their own cores and never where they share
         them (those ranks block on doorbells). The loop holds the GIL between checks;
@@ -285,10 +309,15 @@ class Watchdog:
             raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}")
         if now >= deadline:
             source = "the other ranks" if peer is None else f"rank {peer}"
+            lost = self._board.lost
+            store = "" if lost is None else (
+                f"; the rendezvous store, which rank 0's process serves, stopped answering ({lost}), "
+                f"so rank 0 has most likely exited"
+            )
             raise PeerFailure(
                 f"rank {self._rank} waited {self._timeout_s:g}s at {what} for {source} without an answer; "
                 f"{source} is stuck or died without reporting an error (raise timeout_s if its work "
-                f"legitimately takes longer)"
+                f"legitimately takes longer){store}"
             )
 
     def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:

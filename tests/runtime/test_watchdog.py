@@ -1,4 +1,4 @@
-"""Busy polling in `Watchdog.wait_until` ([Note: busy polling] in pipefold/runtime/failure.py)."""
+"""The watchdog's waits ([Note: busy polling] in pipefold/runtime/failure.py) and its failure board."""
 
 from __future__ import annotations
 
@@ -76,3 +76,35 @@ def test_a_wait_with_a_doorbell_blocks_in_it_instead_of_busy_polling():
     watchdog = _watchdog(busy_poll_s=60.0, poll_s=0.01)
     watchdog.wait_until(lambda: len(blocked) >= 3, what="F1.0", peer=0, block=blocked.append)
     assert len(blocked) == 3
+
+
+class _DeadStore:
+    """A store whose server is gone: every call fails, as torch's TCPStore does then."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _fail(self, *args):
+        self.calls += 1
+        raise RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed.")
+
+    check = get = compare_set = _fail
+
+
+def test_a_board_whose_store_died_stops_asking_it(caplog):
+    """One warning, then silence: not one failed round trip (and torch stack trace) per poll."""
+    store = _DeadStore()
+    board = FailureBoard(store, "pipefold/pipeline0/failure")  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="pipefold.runtime.failure"):
+        for _ in range(20):
+            assert board.read() is None
+    assert store.calls == 1
+    assert board.lost is not None and "Failed to recv" in board.lost
+    assert len([r for r in caplog.records if "stopped answering" in r.message]) == 1
+
+
+def test_a_timeout_after_the_store_died_says_rank_0_most_likely_exited():
+    board = FailureBoard(_DeadStore(), "pipefold/pipeline0/failure")  # type: ignore[arg-type]
+    watchdog = Watchdog(board, rank=1, timeout_s=0.2, poll_completion=False, poll_s=0.01)
+    with pytest.raises(PeerFailure, match="stopped answering .*rank 0 has most likely exited"):
+        watchdog.wait_until(lambda: False, what="step start", peer=0)
