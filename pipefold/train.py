@@ -26,8 +26,8 @@ writes into `config.out`:
                      continues from it with the loss where it left off (same batches, same
                      optimizer state, same learning-rate schedule)
 
-The prediction uses costs measured on this run over the last 10 steps: the median
-F/B/I/W/STEP time per stage and the median message latency between ranks
+The prediction uses costs measured on this run over the last 10 steps: the mean
+F/B/I/W/STEP time per stage without stalls and the median message latency between ranks
 (`pipefold.runtime.measured_cost_model`), so the gap between the two is what neither
 captures (per-step overhead, stalls, ranks slowing each other unevenly).
 """

@@ -24,11 +24,22 @@ def test_measured_cost_model_take_each_op_per_stage():
     assert costs.f == (2.0, 1.0)
     assert costs.b == (3.0, 1.0)
     assert costs.i == (1.5, 0.5) and costs.w == (1.5, 0.5)
-    # Over several steps each op takes its median, so one stalled action does not skew it.
+    # Over several steps each op takes its mean without stalls, so one stalled action does
+    # not skew it. Stage 0 forwards took 1, 3, 1, 3, 100, 3: 100 is above 3 x the median (3),
+    # the rest average 2.2 (the plain mean would be 18.5, the median 3).
     stalled = (Event(0, Action(Op.F, 0, 0), 0.0, 100.0), *events[0][1:])
     slow = Timeline(num_ranks=2, events=(stalled, events[1]), source="measured")
-    # Stage 0 forwards took 1, 3, 1, 3, 100, 3: the median is 3 (the mean would be 18.5).
-    assert measured_cost_model([timeline, timeline, slow], schedule).f == (3.0, 1.0)
+    assert measured_cost_model([timeline, timeline, slow], schedule).f == pytest.approx((2.2, 1.0))
+
+
+def test_typical_duration_keeps_slow_actions_and_drops_stalls():
+    """Actions systematically 30% slower (those after a wait) count; a 10x stall does not."""
+    from pipefold.runtime.measured import typical_duration
+
+    assert typical_duration([10.0] * 6 + [13.0] * 4) == pytest.approx(11.2)
+    assert typical_duration([10.0] * 6 + [13.0] * 4 + [100.0]) == pytest.approx(11.2)
+    with pytest.raises(CostModelError):
+        typical_duration([])
 
 
 def test_measured_cost_model_fill_each_stage_from_what_it_ran():
