@@ -215,10 +215,10 @@ class Watchdog:
         right after it wakes (on the AMD EPYC VM of 2026-12-02, alternated in the same
         processes: 2-rank MLP steps 3.5% faster busy-polling, transformer steps 1%, and a
         B that had waited for its gradient 0.6-0.85 ms shorter). MPI implementations
-        busy-poll by default for the same reason unless
-        ranks outnumber cores, and so does pipefold: `Pipeline(busy_wait=None)` polls for
-        up to `BUSY_POLL_S` where ranks have their own cores and never where they share
-        them (those ranks block on doorbells). The loop holds the GIL between checks;
+        busy-poll by default for the same reason unless ranks outnumber cores, and so
+        does pipefold: `Pipeline(busy_wait=None)` polls for up to `BUSY_POLL_S` where
+        ranks have their own cores and never where they share them (those ranks block on
+        doorbells). The loop holds the GIL between checks;
         another Python thread of the rank still gets it at the interpreter's switch
         interval (5 ms).
         """
