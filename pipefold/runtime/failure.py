@@ -212,9 +212,11 @@ class Watchdog:
         With a core per rank, a waiting rank's core has nothing else to do, and every
         sleep costs twice: the wake-up comes up to a pause (plus the kernel's 50 us timer
         slack) after the message landed, and on a VM an idle vCPU seems slower to compute
-        right after it wakes (on the AMD EPYC VM of 2026-12-02, alternated in the same
-        processes: 2-rank MLP steps 3.5% faster busy-polling, transformer steps 1%, and a
-        B that had waited for its gradient 0.6-0.85 ms shorter). MPI implementations
+        right after it wakes (on the AMD EPYC VM of 2026-12-02, `benchmarks/wait_policy.py`
+        alternating both in the same 2 ranks: MLP steps at M=8 took 0.97-1.06x as long
+        sleeping as busy-polling over 8 runs of 1f1b, gpipe and zb-h1, median 1.01 (a B
+        that had waited for its gradient up to 1 ms shorter), transformer steps
+        1.00-1.01x: a small gain, within the host's drift on any one run). MPI implementations
         busy-poll by default for the same reason unless ranks outnumber cores, and so
         does pipefold: `Pipeline(busy_wait=None)` polls for up to `BUSY_POLL_S` where
         ranks have their own cores and never where they share them (those ranks block on
