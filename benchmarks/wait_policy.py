@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _POLICIES = {"busy": True, "sleeping": False}
 
 
-def _rank(workload_name: str, schedule: str, num_microbatches: int, steps: int, rounds: int, out: Any) -> None:
+def _rank(
+    workload_name: str, schedule: str, num_microbatches: int, steps: int, rounds: int, out: Any
+) -> None:
     import torch
     import torch.distributed as dist
 

@@ -12,7 +12,8 @@ from pipefold.runtime.failure import FailureBoard, Watchdog
 
 
 def _watchdog(*, busy_poll_s: float, poll_s: float = 5.0) -> Watchdog:
-    watchdog = Watchdog(FailureBoard(None, "unused"), rank=0, timeout_s=30.0, poll_completion=False, poll_s=poll_s)
+    board = FailureBoard(None, "unused")
+    watchdog = Watchdog(board, rank=0, timeout_s=30.0, poll_completion=False, poll_s=poll_s)
     watchdog.busy_poll_s = busy_poll_s
     return watchdog
 
