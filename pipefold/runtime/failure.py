@@ -101,8 +101,7 @@ class FailureBoard:
             # consequences of the first) never overwrite the root cause.
             self._store.compare_set(self._key, "", report.encode())
         except Exception as error:  # the store may be gone when the job is tearing down
-            logger.warning("could not publish failure %s on the store: %s", report, error)
-            self._lose("publishing", error)
+            self._lose(f"publishing {report} under", error)
 
     def read(self) -> FailureReport | None:
         if self._store is None:
@@ -165,6 +164,7 @@ class Watchdog:
         timeout_s: float,
         poll_completion: bool,
         poll_s: float = 0.05,
+        busy_poll_s: float = 0.0,
     ) -> None:
         self._board = board
         self._rank = rank
@@ -175,7 +175,7 @@ class Watchdog:
         self._spin = 200
         self.max_pause_s = 2e-4
         """Longest sleep between checks of a shared-memory flag: the latency it may add."""
-        self.busy_poll_s = 0.0
+        self._busy_poll_s = busy_poll_s
         """How long a shared-memory wait without a doorbell keeps checking its flag without
         sleeping before it starts the growing pauses ([Note: busy polling]); 0 sleeps at once."""
 
@@ -232,7 +232,7 @@ class Watchdog:
         now = time.monotonic()
         deadline = now + self._timeout_s
         next_check = now + self._poll_s
-        busy_until = now + (self.busy_poll_s if block is None else 0.0)
+        busy_until = now + (self._busy_poll_s if block is None else 0.0)
         pause = 1e-5
         while not ready():
             now = time.monotonic()

@@ -239,15 +239,17 @@ class Pipeline:
         # data-parallel all-reduce learns of a failure in another replica too.
         store = _default_store() if self._group is not None or data_parallel_group is not None else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
+        if busy_wait is None:
+            # Only shared-memory waits on CPU busy-poll; where ranks share cores they block
+            # on doorbells instead ([Note: busy polling]).
+            busy_wait = self.device.type == "cpu" and not ranks_share_cores(num_ranks)
         self._watchdog = Watchdog(
             self._board,
             rank=self.rank,
             timeout_s=self._timeout_s,
             poll_completion=self.device.type == "cuda",
+            busy_poll_s=BUSY_POLL_S if busy_wait else 0.0,
         )
-        if busy_wait is None:
-            busy_wait = self.device.type == "cpu" and not ranks_share_cores(num_ranks)
-        self._watchdog.busy_poll_s = BUSY_POLL_S if busy_wait else 0.0
         p2p: P2P | None = None
         self._collectives: Collectives | None = None
         program = lower(self.schedule)

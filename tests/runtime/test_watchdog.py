@@ -13,9 +13,9 @@ from pipefold.runtime.failure import FailureBoard, Watchdog
 
 def _watchdog(*, busy_poll_s: float, poll_s: float = 5.0) -> Watchdog:
     board = FailureBoard(None, "unused")
-    watchdog = Watchdog(board, rank=0, timeout_s=30.0, poll_completion=False, poll_s=poll_s)
-    watchdog.busy_poll_s = busy_poll_s
-    return watchdog
+    return Watchdog(
+        board, rank=0, timeout_s=30.0, poll_completion=False, poll_s=poll_s, busy_poll_s=busy_poll_s
+    )
 
 
 class _Sleeps:
