@@ -29,8 +29,10 @@ def cost_model(
     *,
     scale: float = 1.0,
     link: Link | None = None,
+    num_cores: int | None = None,
 ) -> CostModel:
-    """Per-stage CostModel from per-layer costs, times multiplied by `scale`."""
+    """Per-stage CostModel from per-layer costs, times multiplied by `scale`; `num_cores`
+    where the ranks share cores ([Note: shared cores] in pipefold/simulate/costs.py)."""
     bounds = stage_bounds(num_stages)
 
     def per_stage(values: Sequence[float]) -> list[float]:
@@ -44,6 +46,7 @@ def cost_model(
         activation_bytes=[sum(c.activation_bytes for c in layer_costs[start:stop]) for start, stop in bounds],
         message_bytes=[layer_costs[stop - 1].output_bytes for _, stop in bounds[:-1]],
         link=link,
+        num_cores=num_cores,
     )
 
 
@@ -61,6 +64,7 @@ def predict(
     *,
     scale: float = 1.0,
     link: Link | None = None,
+    num_cores: int | None = None,
 ) -> Timeline:
     """The simulated timeline of one step of this configuration."""
     schedule = build(
@@ -71,5 +75,5 @@ def predict(
     )
     # The runtime fuses I/W pairs nobody waits on (Pipeline(fuse_backward=True)); predict that.
     schedule = fuse_adjacent_split_backward(schedule)
-    costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link)
+    costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link, num_cores=num_cores)
     return simulate(schedule, costs)

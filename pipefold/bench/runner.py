@@ -123,6 +123,7 @@ def build_record(
     """
     from pipefold.bench.predict import calibration_scale, predict
     from pipefold.errors import PipefoldError
+    from pipefold.runtime.cores import shared_cores
     from pipefold.schedule import build
     from pipefold.simulate import Link
 
@@ -153,6 +154,8 @@ def build_record(
             costs,
             scale=calibration_scale(costs, config.num_microbatches, single),
             link=None if link is None else Link(link["latency_s"], link["bandwidth_bytes_per_s"]),
+            # Every rank computes on 1 thread; more ranks than cores take turns on them.
+            num_cores=shared_cores(config.num_ranks, threads_per_rank=1),
         )
         predicted = timeline.makespan
         predicted_bubble = timeline.bubble_fraction

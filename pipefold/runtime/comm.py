@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.doorbell import Doorbell, Ringer, ranks_share_cores
+from pipefold.runtime.cores import ranks_share_cores
+from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
 from pipefold.runtime.shm_exchange import ShmExchange

@@ -27,18 +27,9 @@ import stat
 import weakref
 from pathlib import Path
 
-__all__ = ["Doorbell", "Ringer", "ranks_share_cores"]
+__all__ = ["Doorbell", "Ringer"]
 
 _DRAIN_BYTES = 1 << 16
-
-
-def ranks_share_cores(num_local_ranks: int) -> bool:
-    """Whether `num_local_ranks` processes on this host outnumber the cores this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return num_local_ranks > cores
 
 
 class Doorbell:

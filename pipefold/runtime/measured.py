@@ -19,6 +19,13 @@
   and for W (an estimate; the simulator uses it only for schedules that split that
   stage), a stage that only ran I and W (or whose I/W pairs were fused into B
   elsewhere) gets I + W for B.
+- Shared cores ([Note: shared cores] in pipefold/simulate/costs.py): where ranks on one
+  host outnumbered its cores, a timeline's meta says `num_cores` (`Pipeline` records
+  it) and an event's duration is not its work: while k ranks computed at once, each
+  got num_cores / k of a core. Each event then counts for the integral of
+  min(1, num_cores / k(t)) over its span, k(t) counted from every rank's events on the
+  shared clock, and the cost model carries `num_cores`, so the simulator shares the
+  cores again as the replayed schedule overlaps them.
 - The link: a message's latency is the time from the end of the action that produced it
   to the end of its consumer's wait, sampled only where the consumer was already blocked
   when the producer finished (then the wait ends when the message lands). The median of
@@ -40,16 +47,18 @@
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Literal
 
 from pipefold.errors import CostModelError
 from pipefold.schedule import Action, Op, Schedule
 from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
-__all__ = ["measured_action_overhead", "measured_cost_model", "measured_link"]
+__all__ = ["event_work", "measured_action_overhead", "measured_cost_model", "measured_link", "recorded_cores"]
 
 
 def _as_list(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> list[Timeline]:
@@ -71,20 +80,25 @@ def measured_cost_model(
     *,
     with_link: bool = True,
     step_times: Sequence[float] | None = None,
+    num_cores: int | None | Literal["recorded"] = "recorded",
 ) -> CostModel:
     """A `CostModel` of the typical measured durations per stage and op, the runtime's
     overheads, and (`with_link`) the measured message latency (see [Note: measured costs]).
-    `step_times[k]` is the wall time of the step `timelines[k]` recorded."""
+    `step_times[k]` is the wall time of the step `timelines[k]` recorded. `num_cores`:
+    how many ranks could compute at once, by default what the timelines recorded (None:
+    a device per rank)."""
     found = _as_list(timelines, schedule)
     if step_times is not None and len(step_times) != len(found):
         raise CostModelError(
             f"got {len(step_times)} step times for {len(found)} timelines; give one wall time per timeline"
         )
+    cores = recorded_cores(found) if num_cores == "recorded" else num_cores
     durations: dict[tuple[Op, int], list[float]] = defaultdict(list)
     for timeline in found:
-        for row in timeline.events:
-            for event in row:
-                durations[(event.action.op, event.action.stage)].append(event.duration)
+        works = event_work(timeline, cores)
+        for row, row_works in zip(timeline.events, works, strict=True):
+            for event, work in zip(row, row_works, strict=True):
+                durations[(event.action.op, event.action.stage)].append(work)
 
     def typical(op: Op, stage: int) -> float | None:
         values = durations.get((op, stage))
@@ -134,7 +148,44 @@ def measured_cost_model(
         link=link,
         action_overhead=measured_action_overhead(found),
         step_overhead=step_overhead,
+        num_cores=cores if cores is not None and cores < schedule.num_ranks else None,
     )
+
+
+def recorded_cores(timelines: Sequence[Timeline]) -> int | None:
+    """The fewest `num_cores` the timelines' meta recorded; None where none did."""
+    recorded = [int(t.meta["num_cores"]) for t in timelines if t.meta.get("num_cores") is not None]
+    return min(recorded) if recorded else None
+
+
+def event_work(timeline: Timeline, num_cores: int | None) -> list[list[float]]:
+    """Per rank, per event: the seconds of one core's compute each event got (see
+    [Note: measured costs], shared cores); its duration where ranks did not share cores
+    or the ranks' clocks do not compare."""
+    rows = timeline.events
+    if num_cores is None or num_cores >= timeline.num_ranks or timeline.meta.get("clock") != "shared":
+        return [[event.duration for event in row] for row in rows]
+    if num_cores < 1:
+        raise CostModelError(f"num_cores = {num_cores!r}; give an integer >= 1, or None")
+    # Sweep the events' starts and ends once: `share[j]` is the core share each computing
+    # rank had between points[j] and points[j + 1], `credit[j]` its integral up to points[j].
+    points = sorted({t for row in rows for event in row for t in (event.start, event.end)})
+    change = [0] * (len(points) + 1)
+    for row in rows:
+        for event in row:
+            change[bisect.bisect_left(points, event.start)] += 1
+            change[bisect.bisect_left(points, event.end)] -= 1
+    credit = [0.0]
+    computing = 0
+    for j in range(len(points) - 1):
+        computing += change[j]
+        share = min(1.0, num_cores / computing) if computing else 1.0
+        credit.append(credit[-1] + share * (points[j + 1] - points[j]))
+
+    def work(start: float, end: float) -> float:
+        return credit[bisect.bisect_left(points, end)] - credit[bisect.bisect_left(points, start)]
+
+    return [[work(event.start, event.end) for event in row] for row in rows]
 
 
 STALL_FACTOR = 3.0

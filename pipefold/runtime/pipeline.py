@@ -56,8 +56,8 @@ from pipefold.model import (
 from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
+from pipefold.runtime.cores import ranks_share_cores, shared_cores
 from pipefold.runtime.data_parallel import DataParallel, split_mesh
-from pipefold.runtime.doorbell import ranks_share_cores
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -639,6 +639,20 @@ class Pipeline:
             shifts = [g.origin - first for g in gathered]
             events = [tuple(_shift(e, d) for e in row) for row, d in zip(events, shifts, strict=True)]
             waits = [tuple(_shift(w, d) for w in row) for row, d in zip(waits, shifts, strict=True)]
+        meta: dict[str, Any] = {
+            "num_microbatches": self.schedule.num_microbatches,
+            "partition": str(self.partition),
+            "device": self.device.type,
+            # Whether event times of different ranks compare (measured_link needs it).
+            "clock": "shared" if one_clock else "per-rank",
+        }
+        if one_clock and self.device.type == "cpu":
+            # CPU ranks on one host that outnumber its cores compute in turns; the cost
+            # model replays that ([Note: shared cores] in pipefold/simulate/costs.py).
+            # Data-parallel replicas on the same host are not counted.
+            cores = shared_cores(len(gathered), torch.get_num_threads())
+            if cores is not None:
+                meta["num_cores"] = cores
         return Timeline(
             num_ranks=len(gathered),
             events=Timeline.merge_ranks(events),
@@ -647,13 +661,7 @@ class Pipeline:
             weight_versions_peak=tuple(g.weight_versions_peak for g in gathered),
             source="measured",
             schedule_name=self.schedule.name,
-            meta={
-                "num_microbatches": self.schedule.num_microbatches,
-                "partition": str(self.partition),
-                "device": self.device.type,
-                # Whether event times of different ranks compare (measured_link needs it).
-                "clock": "shared" if one_clock else "per-rank",
-            },
+            meta=meta,
         )
 
 

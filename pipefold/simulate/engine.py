@@ -12,7 +12,10 @@ pipefold/schedule/lower.py):
 - a rank spends `costs.action_overhead` between two of its actions in a step, and a
   synchronous run puts `costs.step_overhead` between steps (see [Note: runtime
   overheads] in costs.py; both 0 by default);
-- time a rank spends ready but starved of input is recorded as a `Wait`.
+- time a rank spends ready but starved of input is recorded as a `Wait`;
+- where `costs.num_cores` is fewer than the ranks, ranks computing at once share those
+  cores fairly (see [Note: shared cores] in costs.py), so an action's duration depends
+  on what runs beside it; otherwise every action takes its cost.
 Several steps run the schedule back to back. With `sync=True` a global barrier
 separates steps (a flush: step k+1 starts when the last rank ends step k); with
 `sync=False` each rank goes on to step k+1 as soon as its own step k is done and
@@ -23,11 +26,15 @@ keeps its bubble across calls.
 
 Since every action has a fixed duration and waits only for earlier work, an
 action's start time depends only on its predecessors; the engine visits actions
-in dependency order with a worklist, O(actions).
+in dependency order with a worklist, O(actions). Shared cores break that (a
+duration depends on the neighbours' timing), so that case advances time from event to
+event instead (`_run_shared`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 
@@ -153,7 +160,11 @@ def _run(
         positions[rank] = position
         free[rank] = rank_free
 
-    stuck = [rank for rank in range(num_ranks) if positions[rank] < totals[rank]]
+    _raise_if_stuck(prepared, schedule, positions, totals)
+
+
+def _raise_if_stuck(prepared: _Prepared, schedule: Schedule, positions: list[int], totals: list[int]) -> None:
+    stuck = [rank for rank in range(schedule.num_ranks) if positions[rank] < totals[rank]]
     if stuck:
         rank = stuck[0]
         index = positions[rank] % len(prepared.actions[rank])
@@ -163,6 +174,93 @@ def _run(
             f"pipefold.schedule.validate(schedule) for the full diagnosis\n"
             f"{format_grid(schedule.actions, mark=(rank, index))}"
         )
+
+
+_DONE = 1e-12
+"""Seconds of work below which a running action counts as finished (float round-off)."""
+
+
+def _run_shared(
+    prepared: _Prepared,
+    schedule: Schedule,
+    first_step: int,
+    num_steps: int,
+    free: list[float],
+    not_before: float,
+    events: list[list[Event]],
+    waits: list[list[Wait]],
+    num_cores: int,
+) -> None:
+    """`_run` for ranks that share `num_cores` cores ([Note: shared cores] in costs.py).
+
+    An action's duration now depends on what else runs beside it, so the worklist of
+    `_run` does not apply: time advances from one start or end to the next, and in
+    between every computing rank progresses at min(1, num_cores / computing) of full
+    speed. O(events x ranks).
+    """
+    num_ranks = schedule.num_ranks
+    num_actions = len(prepared.durations)
+    durations = prepared.durations
+    overhead = prepared.action_overhead
+    ends = [-1.0] * (num_actions * num_steps)
+    positions = [0] * num_ranks
+    totals = [len(row) * num_steps for row in prepared.actions]
+    # rank -> [remaining work (s), start, key into `ends`]
+    running: dict[int, list[float]] = {}
+    now = not_before
+    while True:
+        earliest = math.inf
+        began = False
+        for rank in range(num_ranks):
+            position = positions[rank]
+            if rank in running or position >= totals[rank]:
+                continue
+            local_step, index = divmod(position, len(prepared.actions[rank]))
+            action_id = prepared.first_id[rank] + index
+            offset = local_step * num_actions
+            ready = free[rank] + overhead if index else free[rank]
+            start = max(ready, not_before)
+            for producer, delay in prepared.inputs[action_id]:
+                produced = ends[offset + producer]
+                if produced < 0:
+                    start = math.inf  # an input is not produced yet
+                    break
+                start = max(start, produced + delay)
+            if start > now:
+                earliest = min(earliest, start)
+                continue
+            # Times only move forward to the next start or end, so `start` is `now` here
+            # but for round-off.
+            if now > ready + _DONE:
+                action = prepared.actions[rank][index]
+                waits[rank].append(Wait(rank, action, ready, now, first_step + local_step))
+            running[rank] = [durations[action_id], now, float(offset + action_id)]
+            began = True
+        if began:
+            continue  # zero-length actions may have begun: settle them before time moves
+        if not running:
+            if earliest == math.inf:
+                break  # done, or deadlocked (reported below)
+            now = earliest  # idle until the next start
+            continue
+        rate = min(1.0, num_cores / len(running))
+        until = min(min(entry[0] for entry in running.values()) / rate + now, earliest)
+        progress = (until - now) * rate
+        now = until
+        for rank in list(running):
+            entry = running[rank]
+            entry[0] -= progress
+            if entry[0] > _DONE:
+                continue
+            del running[rank]
+            key = int(entry[2])
+            local_step, index = divmod(positions[rank], len(prepared.actions[rank]))
+            action = prepared.actions[rank][index]
+            events[rank].append(Event(rank, action, entry[1], now, first_step + local_step))
+            ends[key] = now
+            free[rank] = now
+            positions[rank] += 1
+    _raise_if_stuck(prepared, schedule, positions, totals)
 
 
 def simulate(
@@ -182,13 +280,16 @@ def simulate(
     events: list[list[Event]] = [[] for _ in range(num_ranks)]
     waits: list[list[Wait]] = [[] for _ in range(num_ranks)]
     free = [0.0] * num_ranks
+    run = _run
+    if costs.num_cores is not None and costs.shares_cores(num_ranks):
+        run = functools.partial(_run_shared, num_cores=costs.num_cores)
     if sync:
         barrier = 0.0
         for step in range(num_steps):
-            _run(prepared, schedule, step, 1, free, barrier, events, waits)
+            run(prepared, schedule, step, 1, free, barrier, events, waits)
             barrier = max(free) + costs.step_overhead
     else:
-        _run(prepared, schedule, 0, num_steps, free, 0.0, events, waits)
+        run(prepared, schedule, 0, num_steps, free, 0.0, events, waits)
 
     timeline = Timeline(
         num_ranks=num_ranks,

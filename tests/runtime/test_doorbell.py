@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pipefold.runtime.doorbell import Doorbell, Ringer, ranks_share_cores
+from pipefold.runtime.cores import ranks_share_cores
+from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import FailureBoard, Watchdog
 from pipefold.runtime.shm import shm_supported
 

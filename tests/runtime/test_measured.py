@@ -122,3 +122,46 @@ def test_overheads_from_gaps_and_step_times():
     assert measured_cost_model([shifted], schedule).step_overhead == 0.0
     with pytest.raises(CostModelError, match="one wall time per timeline"):
         measured_cost_model([shifted], schedule, step_times=[1.0, 2.0])
+
+
+def test_event_work_counts_each_events_share_of_the_cores():
+    """Two ranks on one core: while both compute, each gets half of it."""
+    from pipefold.runtime.measured import event_work
+
+    events = (
+        (Event(0, Action(Op.F, 0, 0), 0.0, 2.0), Event(0, Action(Op.F, 0, 1), 2.0, 6.0)),
+        (Event(1, Action(Op.F, 1, 0), 2.0, 6.0),),
+    )
+    timeline = Timeline(num_ranks=2, events=events, source="measured", meta={"clock": "shared"})
+    assert event_work(timeline, 1) == [[2.0, 2.0], [2.0]]
+    assert event_work(timeline, 2) == [[2.0, 4.0], [4.0]]  # a core each: the durations
+    assert event_work(timeline, None) == [[2.0, 4.0], [4.0]]
+    # Without one clock the overlap is unknown, so durations stand.
+    per_rank = Timeline(num_ranks=2, events=events, source="measured", meta={"clock": "per-rank"})
+    assert event_work(per_rank, 1) == [[2.0, 4.0], [4.0]]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "dualpipe-v"])
+def test_a_shared_core_run_measures_back_to_its_costs(name):
+    """Simulate 4 ranks on 2 cores, read the timeline back as a measurement: the costs (and
+    `num_cores`, from the meta as `Pipeline` records it) come back, and replaying them
+    gives the same step; ignoring the sharing mistakes the slowdown for work."""
+    from pipefold.simulate import CostModel, Link, predicted_step_time
+
+    schedule = build(name, num_ranks=4, num_microbatches=8)
+    n = schedule.num_stages
+    costs = CostModel.from_lists(
+        [1.0 + 0.1 * s for s in range(n)], [1.5] * n, [0.5] * n, link=Link(latency=0.05), num_cores=2
+    )
+    simulated = simulate(schedule, costs)
+    measured = Timeline(
+        num_ranks=4, events=simulated.events, waits=simulated.waits, source="measured",
+        meta={"clock": "shared", "num_cores": 2},
+    )
+    back = measured_cost_model([measured], schedule)
+    assert back.num_cores == 2
+    assert back.f == pytest.approx(costs.f)
+    assert back.b == pytest.approx(costs.b)
+    assert predicted_step_time(schedule, back) == pytest.approx(simulated.makespan, rel=0.02)
+    naive = measured_cost_model([measured], schedule, num_cores=None)
+    assert naive.num_cores is None and max(naive.f) > max(costs.f) * 1.2

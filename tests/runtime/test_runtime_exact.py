@@ -117,8 +117,9 @@ def test_steps_larger_than_the_channel_use_the_process_group(pool2, capacity):
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_same_host_ranks_use_shared_memory_and_doorbells_when_sharing_cores(pool2, pool4, num_ranks):
     """The exact results above went through shared memory; doorbells exactly where ranks
-    outnumber the cores (4 ranks on this 2-core machine)."""
-    from pipefold.runtime.doorbell import ranks_share_cores
+    outnumber the cores (4 ranks on this 2-core machine), and there the timeline records
+    how many could compute at once, for the simulator's replay ([Note: shared cores])."""
+    from pipefold.runtime.cores import ranks_share_cores, shared_cores
     from pipefold.runtime.shm import shm_supported
 
     if not shm_supported():
@@ -126,6 +127,7 @@ def test_same_host_ranks_use_shared_memory_and_doorbells_when_sharing_cores(pool
     pool = pool2 if num_ranks == 2 else pool4
     results = pool.run("timeline", schedule="1f1b", num_microbatches=num_ranks)
     sharing = ranks_share_cores(num_ranks)
+    assert results[0]["json"]["meta"].get("num_cores") == shared_cores(num_ranks, threads_per_rank=1)
     for rank, result in enumerate(results):
         transport = result["transport"]
         neighbours = sorted({r for r in (rank - 1, rank + 1) if 0 <= r < num_ranks})

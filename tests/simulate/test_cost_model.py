@@ -163,3 +163,14 @@ def test_overheads_are_validated_and_round_trip():
             CostModel.uniform(2, **{name: -1.0})
         with pytest.raises(CostModelError, match=name):
             CostModel.uniform(2, **{name: float("nan")})
+
+
+def test_num_cores_is_validated_and_round_trips():
+    costs = CostModel.uniform(2, num_cores=1)
+    assert CostModel.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+    assert CostModel.from_json({"f": [1], "i": [1], "w": [1]}).num_cores is None
+    assert costs.shares_cores(2) and not costs.shares_cores(1)
+    assert not CostModel.uniform(2).shares_cores(64)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(CostModelError, match=r"num_cores = .*cores / threads per rank"):
+            CostModel.uniform(2, num_cores=bad)

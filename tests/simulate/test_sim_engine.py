@@ -3,7 +3,7 @@
 import pytest
 
 from pipefold.errors import ConfigError, CostModelError, ScheduleError
-from pipefold.schedule import Action, Schedule, WeightUpdate
+from pipefold.schedule import Action, Schedule, WeightUpdate, build
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.timeline import Timeline
 
@@ -177,3 +177,22 @@ def test_step_overhead_sits_between_synchronous_steps_and_in_the_step_time():
     assert two.makespan == 2 * 6 + 0.5
     steady = simulate(schedule, costs, num_steps=2, sync=False)
     assert steady.makespan <= 2 * 6
+
+
+def test_ranks_computing_at_once_share_the_cores():
+    """[Note: shared cores]: gpipe, 2 ranks, 2 micro-batches, f=1, b=2, on 1 core. F0.1 and
+    F1.0 overlap from t=1 and each gets half the core, so both end at 3 instead of 2."""
+    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
+    timeline = simulate(schedule, CostModel.uniform(2, f=1, i=1, w=1, num_cores=1))
+    assert spans(timeline, 0)[:2] == [("F0.0", 0, 1), ("F0.1", 1, 3)]
+    assert spans(timeline, 1)[:2] == [("F1.0", 1, 3), ("F1.1", 3, 4)]
+    # F1.1 and B1.0 run alone (rank 0 waits for a gradient): 3-4, 4-6. From 6, B1.1 and
+    # B0.0 (which needed B1.0) share the core: 2 s of work each end at 10; B0.1 alone 10-12.
+    assert spans(timeline, 1)[2:] == [("B1.0", 4, 6), ("B1.1", 6, 10)]
+    assert spans(timeline, 0)[2:] == [("B0.0", 6, 10), ("B0.1", 10, 12)]
+    # The one core never idled: the makespan is the total work, 4 x 1 + 4 x 2.
+    assert timeline.makespan == 12
+    assert [(str(w.waiting_for), w.start, w.end) for w in timeline.waits[0]] == [("B0.0", 3, 6)]
+    # With a core per rank it is the textbook schedule again.
+    alone = simulate(schedule, CostModel.uniform(2, f=1, i=1, w=1, num_cores=2))
+    assert alone.events == simulate(schedule, CostModel.uniform(2, f=1, i=1, w=1)).events

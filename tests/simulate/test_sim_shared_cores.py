@@ -1,0 +1,110 @@
+"""Ranks that share cores ([Note: shared cores] in pipefold/simulate/costs.py), over every
+registered family and legal (p, m, v), for random per-stage costs and link latency:
+
+- with as many cores as ranks, the event-to-event engine gives the worklist engine's
+  timeline (forced onto the shared path, where no rank ever gets less than a core);
+- with fewer, each event still got exactly its cost in core-seconds (checked with the
+  measured side's independent sweep, `event_work`), ranks run in order, inputs arrive
+  before they are used, and the step is no faster than with a core per rank and no
+  faster than the total work spread over the cores.
+"""
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipefold.errors import ScheduleError
+from pipefold.runtime.measured import event_work
+from pipefold.schedule import build, names
+from pipefold.schedule.deps import backward_of, data_inputs
+from pipefold.simulate import CostModel, Link, simulate
+
+EPS = 1e-9
+times = st.floats(min_value=0.0, max_value=4.0, allow_nan=False, allow_infinity=False)
+
+
+def _schedule(name, p, m, v):
+    for num_virtual in (v, None):  # else the family's own v, so each run tests something
+        try:
+            return build(name, num_ranks=p, num_microbatches=m, num_virtual=num_virtual)
+        except ScheduleError:
+            continue
+    return None
+
+
+def _costs(schedule, data, num_cores):
+    n = schedule.num_stages
+    stage_times = st.lists(times, min_size=n, max_size=n)
+    return CostModel.from_lists(
+        data.draw(stage_times, label="f"),
+        data.draw(stage_times, label="i"),
+        data.draw(stage_times, label="w"),
+        step=data.draw(stage_times, label="step"),
+        link=Link(latency=data.draw(st.floats(0.0, 2.0), label="latency")),
+        action_overhead=data.draw(st.floats(0.0, 0.5), label="action_overhead"),
+        num_cores=num_cores,
+    )
+
+
+def _spans(timeline):
+    return [[(e.action, e.step, e.start, e.end) for e in row] for row in timeline.events]
+
+
+@pytest.mark.parametrize("name", names())
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(1, 6), m=st.integers(1, 16), v=st.integers(1, 3), data=st.data(),
+       sync=st.booleans(), num_steps=st.integers(1, 2))
+def test_a_core_per_rank_is_the_worklist_engine(name, p, m, v, data, sync, num_steps):
+    schedule = _schedule(name, p, m, v)
+    if schedule is None:
+        return
+    costs = _costs(schedule, data, num_cores=schedule.num_ranks)
+    expected = simulate(schedule, costs, num_steps=num_steps, sync=sync)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CostModel, "shares_cores", lambda self, num_ranks: True)
+        shared = simulate(schedule, costs, num_steps=num_steps, sync=sync)
+    for got, want in zip(_spans(shared), _spans(expected), strict=True):
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        assert [t for g in got for t in g[2:]] == pytest.approx([t for w in want for t in w[2:]], abs=1e-9)
+    def waits(timeline):  # waits of a picosecond are round-off, which the shared engine drops
+        return [[(w.waiting_for, w.step) for w in row if w.end - w.start > 1e-9] for row in timeline.waits]
+
+    assert waits(shared) == waits(expected)
+
+
+@pytest.mark.parametrize("name", names())
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(2, 6), m=st.integers(1, 16), v=st.integers(1, 3), data=st.data(),
+       sync=st.booleans(), num_steps=st.integers(1, 2))
+def test_fewer_cores_than_ranks_share_them_fairly(name, p, m, v, data, sync, num_steps):
+    schedule = _schedule(name, p, m, v)
+    if schedule is None or schedule.num_ranks < 2:
+        return
+    num_cores = data.draw(st.integers(1, schedule.num_ranks - 1), label="num_cores")
+    costs = _costs(schedule, data, num_cores)
+    timeline = simulate(schedule, costs, num_steps=num_steps, sync=sync)
+    alone_costs = dataclasses.replace(costs, num_cores=None)
+    alone = simulate(schedule, alone_costs, num_steps=num_steps, sync=sync)
+
+    for rank, row in enumerate(schedule.actions):
+        events = timeline.events[rank]
+        assert [e.action for e in events] == list(row) * num_steps
+        for before, after in zip(events, events[1:], strict=False):
+            assert after.start >= before.end - EPS
+    # Every event got exactly its cost in core-seconds, as the measured side counts them.
+    shared_clock = dataclasses.replace(timeline, meta={**timeline.meta, "clock": "shared"})
+    for row, works in zip(timeline.events, event_work(shared_clock, num_cores), strict=True):
+        assert works == pytest.approx([costs.time_of(e.action) for e in row], abs=1e-6)
+    backward = backward_of(schedule)
+    ends = {(e.step, e.action): e.end for row in timeline.events for e in row}
+    for row in timeline.events:
+        for event in row:
+            for producer in data_inputs(event.action, schedule, backward):
+                boundary = min(producer.stage, event.action.stage)
+                delay = costs.transfer_time(boundary, schedule.rank_of(producer.stage), event.rank)
+                assert event.start >= ends[(event.step, producer)] + delay - EPS
+    total_work = num_steps * sum(costs.time_of(a) for row in schedule.actions for a in row)
+    assert timeline.makespan >= alone.makespan - 1e-6
+    assert timeline.makespan >= total_work / num_cores - 1e-6
