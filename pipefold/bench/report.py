@@ -207,8 +207,9 @@ How these numbers are made (`pipefold/bench/`):
   with each stage's costs, the message latency and the runtime's overheads (the gap between
   two actions, the time a step spends outside its actions) measured in pipefold's latest
   untimed steps (the gradient check and the warm-up steps; `measured_cost_model`, what
-  `pipefold train` reports), then compares with the timed steps. Ranks beyond the core count
-  time-share, which neither models.
+  `pipefold train` reports), then compares with the timed steps. Where ranks outnumber the
+  cores, both predictions let the ranks computing at once share the cores fairly
+  (`CostModel.num_cores`, [Note: shared cores] in pipefold/simulate/costs.py).
 - Memory: peak RSS is the rank process's high-water mark during each library's timed steps
   (reset before each step). Both libraries share the process, whose RSS is mostly torch itself
   and allocator caches that are not returned to the OS, so the two columns are close by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -44,6 +45,9 @@ def add_parser(subparsers: Any) -> None:
                        help="uniform per-stage times of forward, input-gradient and weight-gradient "
                        "backward; a full backward B costs I+W (default 1,1,1)")
     costs.add_argument("--costs-file", metavar="FILE", help="a CostModel JSON file")
+    parser.add_argument("--cores", type=int, default=None, metavar="N",
+                        help="the ranks share N cores (CPU processes on one host, cores / threads per "
+                        "rank): ranks computing at once split them fairly; default: a device per rank")
     parser.add_argument("--steps", type=int, default=1, help="steps to simulate back to back")
     parser.add_argument("--no-sync", action="store_true",
                         help="no global barrier between steps (shows asynchronous steady state)")
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         f, i, w = args.costs
         costs = CostModel.uniform(schedule.num_stages, f=f, i=i, w=w)
+    if args.cores is not None:
+        costs = dataclasses.replace(costs, num_cores=args.cores)
     timeline = simulate(schedule, costs, num_steps=args.steps, sync=not args.no_sync)
     if args.png:
         save_png(timeline, args.png)

@@ -67,3 +67,13 @@ def test_schedules_lists_every_family(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["name"] for row in rows] == names()
     assert all(row["bubble"] and row["legal"] for row in rows)
+
+
+def test_ranks_sharing_cores(capsys):
+    args = ("--schedule", "gpipe", "--ranks", "2", "--microbatches", "2", "--costs", "1,1,1")
+    assert run_json(capsys, *args)["makespan"] == pytest.approx(9.0)
+    # One core for both: the step is the total work, 2 x 2 x (1 + 2) (test_sim_engine.py has the spans).
+    assert run_json(capsys, *args, "--cores", "1")["makespan"] == pytest.approx(12.0)
+    assert run_json(capsys, *args, "--cores", "2")["makespan"] == pytest.approx(9.0)
+    assert main(["simulate", *args, "--cores", "0"]) == 2
+    assert "num_cores = 0" in capsys.readouterr().err

@@ -9,6 +9,7 @@ once; no action starts before its inputs have arrived; memory counters agree.
 import functools
 
 import pytest
+from _checks import assert_inputs_arrived
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,11 +102,4 @@ def test_simulation_invariants(name, p, m, v, data, sync, num_steps):
         else:
             assert 1 <= held <= in_flight[rank] + 1
 
-    backward = backward_of(schedule)
-    ends = {(e.step, e.action): e.end for row in timeline.events for e in row}
-    for row in timeline.events:
-        for event in row:
-            for producer in data_inputs(event.action, schedule, backward):
-                boundary = min(producer.stage, event.action.stage)
-                delay = costs.transfer_time(boundary, schedule.rank_of(producer.stage), event.rank)
-                assert event.start >= ends[(event.step, producer)] + delay - EPS
+    assert_inputs_arrived(timeline, schedule, costs)

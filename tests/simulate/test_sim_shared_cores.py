@@ -12,13 +12,13 @@ registered family and legal (p, m, v), for random per-stage costs and link laten
 import dataclasses
 
 import pytest
+from _checks import assert_inputs_arrived
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
 from pipefold.runtime.measured import event_work
 from pipefold.schedule import build, names
-from pipefold.schedule.deps import backward_of, data_inputs
 from pipefold.simulate import CostModel, Link, simulate
 
 EPS = 1e-9
@@ -97,14 +97,7 @@ def test_fewer_cores_than_ranks_share_them_fairly(name, p, m, v, data, sync, num
     shared_clock = dataclasses.replace(timeline, meta={**timeline.meta, "clock": "shared"})
     for row, works in zip(timeline.events, event_work(shared_clock, num_cores), strict=True):
         assert works == pytest.approx([costs.time_of(e.action) for e in row], abs=1e-6)
-    backward = backward_of(schedule)
-    ends = {(e.step, e.action): e.end for row in timeline.events for e in row}
-    for row in timeline.events:
-        for event in row:
-            for producer in data_inputs(event.action, schedule, backward):
-                boundary = min(producer.stage, event.action.stage)
-                delay = costs.transfer_time(boundary, schedule.rank_of(producer.stage), event.rank)
-                assert event.start >= ends[(event.step, producer)] + delay - EPS
+    assert_inputs_arrived(timeline, schedule, costs)
     total_work = num_steps * sum(costs.time_of(a) for row in schedule.actions for a in row)
     assert timeline.makespan >= alone.makespan - 1e-6
     assert timeline.makespan >= total_work / num_cores - 1e-6
