@@ -29,7 +29,7 @@ def cost_model(
     *,
     scale: float = 1.0,
     link: Link | None = None,
-    num_cores: int | None = None,
+    num_cores: float | None = None,
 ) -> CostModel:
     """Per-stage CostModel from per-layer costs, times multiplied by `scale`; `num_cores`
     where the ranks share cores ([Note: shared cores] in pipefold/simulate/costs.py)."""
@@ -64,7 +64,7 @@ def predict(
     *,
     scale: float = 1.0,
     link: Link | None = None,
-    num_cores: int | None = None,
+    num_cores: float | None = None,
 ) -> Timeline:
     """The simulated timeline of one step of this configuration."""
     schedule = build(

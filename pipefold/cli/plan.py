@@ -94,6 +94,9 @@ def add_parser(subparsers: Any) -> None:
                         help="bandwidth of the gradient all-reduce between replicas (default: --bandwidth)")
     parser.add_argument("--dp-latency", type=float, metavar="SECONDS",
                         help="latency per all-reduce step between replicas (default: --latency)")
+    parser.add_argument("--cores", type=int, metavar="N",
+                        help="all processes share N cores (CPU ranks on one host: cores / threads per "
+                        "rank); ranks computing at once split them fairly (default: a device per rank)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     gpt = parser.add_argument_group(
@@ -195,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         link=link,
         dp_link=dp_link,
+        num_cores=args.cores,
     )
     result = plan(_costs(args), options)
     allreduce_free = options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0

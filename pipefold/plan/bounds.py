@@ -6,7 +6,9 @@ start before one micro-batch has gone forward through stages 0..s-1. Hence, for
 every rank r, step >= sum(f[s] for s < first stage of r) + busy(r); and one
 micro-batch's forward and backward through every stage is a chain too. Transfers
 and waits only add time, and recomputation only lengthens actions, so a bound
-computed without them holds for the simulated step.
+computed without them holds for the simulated step. Ranks that share `num_cores`
+cores cannot do more than num_cores seconds of work per second, so the step also
+lasts at least the total work / num_cores (sharing only ever slows an action).
 """
 
 from __future__ import annotations
@@ -29,4 +31,9 @@ def step_time_lower_bound(model: CostModel, placement: tuple[int, ...], num_micr
     for stage in range(model.num_stages):
         head.append(head[-1] + model.f[stage])
     chain = head[-1] + sum(min(b, i + w) for b, i, w in zip(model.b, model.i, model.w, strict=True))
-    return max(chain, max(head[first[rank]] + busy[rank] for rank in range(num_ranks)))
+    bound = max(chain, max(head[first[rank]] + busy[rank] for rank in range(num_ranks)))
+    if model.num_cores is not None:
+        # Ranks sharing cores ([Note: shared cores]) get through at most num_cores x the time
+        # of work together.
+        bound = max(bound, sum(busy) / min(model.num_cores, num_ranks))
+    return bound

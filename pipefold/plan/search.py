@@ -90,16 +90,17 @@ def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
 
 def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
-    link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None,
+    link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
     `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
     all-reduce over `dp_link` (default `link`), see [Note: data-parallel step model] in degree.py.
+    `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
     """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
-    model = stage_cost_model(costs, layout, recompute, link)
+    model = stage_cost_model(costs, layout, recompute, link, num_cores)
     timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
     allreduce = allreduce_time(max(gradient_bytes(costs, model, schedule.placement, num_ranks)),
@@ -174,7 +175,8 @@ class _Search:
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
         layout = StageLayout(record.bounds, record.config.microbatch_rows)
-        return stage_cost_model(self.costs, layout, recompute, self.options.link)
+        cores = self.options.cores_per_pipeline(record.degree.num_data_parallel)
+        return stage_cost_model(self.costs, layout, recompute, self.options.link, cores)
 
     def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
         return record.allreduce_s + step_time_lower_bound(self.model(record, recompute), record.placement,
@@ -194,6 +196,7 @@ class _Search:
             record.tried[recompute] = evaluate(
                 self.costs, record.config, degree.num_ranks, record.bounds, recompute, self.options.link,
                 num_data_parallel=degree.num_data_parallel, dp_link=self.options.allreduce_link,
+                num_cores=self.options.cores_per_pipeline(degree.num_data_parallel),
             )
         return record.tried[recompute]
 

@@ -75,6 +75,14 @@ class PlanOptions:
     """Link the replicas all-reduce gradients over; None: the same as `link`."""
     exhaustive_recompute_stages: int = 4
     """Up to this many stages every subset of recomputed stages is tried; above, a greedy search."""
+    num_cores: int | None = None
+    """Cores that all of the job's processes share (CPU ranks on one host: cores / threads per
+    rank); each of dp replicas then gets num_cores / dp of them ([Note: shared cores] in
+    pipefold/simulate/costs.py). None: a device per rank."""
+
+    def cores_per_pipeline(self, num_data_parallel: int) -> float | None:
+        """`CostModel.num_cores` of one replica's pipeline, or None (a device per rank)."""
+        return None if self.num_cores is None else self.num_cores / num_data_parallel
 
     def __post_init__(self) -> None:
         _positive_int("num_ranks", self.num_ranks, optional=True)
@@ -86,6 +94,7 @@ class PlanOptions:
         _positive_int("max_virtual", self.max_virtual)
         _positive_int("max_microbatches", self.max_microbatches, optional=True)
         _positive_int("top", self.top)
+        _positive_int("num_cores", self.num_cores, optional=True)
         if isinstance(self.exhaustive_recompute_stages, bool) or not isinstance(
             self.exhaustive_recompute_stages, int
         ) or self.exhaustive_recompute_stages < 0:

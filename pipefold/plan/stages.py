@@ -46,9 +46,14 @@ def stage_weights(costs: ModelCosts, rows: int) -> list[float]:
 
 
 def stage_cost_model(
-    costs: ModelCosts, layout: StageLayout, recompute: Collection[int], link: Link
+    costs: ModelCosts,
+    layout: StageLayout,
+    recompute: Collection[int],
+    link: Link,
+    num_cores: float | None = None,
 ) -> CostModel:
-    """The simulator's costs for `layout`, stages in `recompute` recomputed (see [Note: recompute model])."""
+    """The simulator's costs for `layout`, stages in `recompute` recomputed (see [Note: recompute
+    model]); `num_cores` where the ranks share cores ([Note: shared cores] in pipefold/simulate/costs.py)."""
     scale = layout.rows / costs.reference_rows
     overhead = costs.overhead_s
     f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
@@ -76,7 +81,7 @@ def stage_cost_model(
     messages = [round(scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
         f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
-        message_bytes=messages, link=link,
+        message_bytes=messages, link=link, num_cores=num_cores,
     )
 
 

@@ -80,7 +80,7 @@ def measured_cost_model(
     *,
     with_link: bool = True,
     step_times: Sequence[float] | None = None,
-    num_cores: int | None | Literal["recorded"] = "recorded",
+    num_cores: float | None | Literal["recorded"] = "recorded",
 ) -> CostModel:
     """A `CostModel` of the typical measured durations per stage and op, the runtime's
     overheads, and (`with_link`) the measured message latency (see [Note: measured costs]).
@@ -152,21 +152,21 @@ def measured_cost_model(
     )
 
 
-def recorded_cores(timelines: Sequence[Timeline]) -> int | None:
+def recorded_cores(timelines: Sequence[Timeline]) -> float | None:
     """The fewest `num_cores` the timelines' meta recorded; None where none did."""
-    recorded = [int(t.meta["num_cores"]) for t in timelines if t.meta.get("num_cores") is not None]
+    recorded = [float(t.meta["num_cores"]) for t in timelines if t.meta.get("num_cores") is not None]
     return min(recorded) if recorded else None
 
 
-def event_work(timeline: Timeline, num_cores: int | None) -> list[list[float]]:
+def event_work(timeline: Timeline, num_cores: float | None) -> list[list[float]]:
     """Per rank, per event: the seconds of one core's compute each event got (see
     [Note: measured costs], shared cores); its duration where ranks did not share cores
     or the ranks' clocks do not compare."""
     rows = timeline.events
     if num_cores is None or num_cores >= timeline.num_ranks or timeline.meta.get("clock") != "shared":
         return [[event.duration for event in row] for row in rows]
-    if num_cores < 1:
-        raise CostModelError(f"num_cores = {num_cores!r}; give an integer >= 1, or None")
+    if not num_cores > 0:
+        raise CostModelError(f"num_cores = {num_cores!r}; give a number > 0, or None")
     # Sweep the events' starts and ends once: `share[j]` is the core share each computing
     # rank had between points[j] and points[j + 1], `credit[j]` its integral up to points[j].
     points = sorted({t for row in rows for event in row for t in (event.start, event.end)})

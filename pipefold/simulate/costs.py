@@ -23,15 +23,17 @@ at the end. The simulator puts it between the steps of a synchronous run, and
 model); `pipefold.runtime.measured_cost_model` measures them.
 
 [Note: shared cores]
-`num_cores` says how many ranks can compute at full speed at once, for ranks that
-share one pool of cores (several CPU processes on one host, each with its threads):
-the host's usable cores divided by each rank's threads. None (the default) means every
-rank has its own device. When more ranks compute at once than there are cores, each of
-them runs at `num_cores / busy` of full speed, the fair share an OS scheduler gives
-(processor sharing); a waiting rank takes no core. Times `f`, `b`, ... are then the
-*work* of an action, its duration when it has a core to itself. Measured on 4 ranks on
-2 cores (2026-12-02, AMD EPYC VM, 42 benchmark configurations replaying their own last
-step): median |error| 5.5% and 31 within 10% without it, 2.8% and 40 with it.
+`num_cores` says how many ranks can compute at full speed at once, for ranks that share
+one pool of cores (several CPU processes on one host, each with its threads): the host's
+usable cores divided by each rank's threads. A fraction is allowed: data-parallel
+replicas running the same schedule side by side leave each pipeline cores / replicas.
+None (the default) means every rank has its own device. When more ranks compute at once
+than there are cores, each of them runs at `num_cores / computing` of full speed, the
+fair share an OS scheduler gives (processor sharing); a waiting rank takes no core.
+Times `f`, `b`, ... are then the *work* of an action: its duration with a core to itself.
+Measured on 4 ranks on 2 cores (2026-12-02, AMD EPYC VM, 42 benchmark configurations,
+each replaying its own last step): median |error| 5.5% and 31 within 10% with a core
+per rank, 1.8% and 40 within 10% sharing 2 cores.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class CostModel:
     """Seconds between two compute actions of a rank that does not wait ([Note: runtime overheads])."""
     step_overhead: float = 0.0
     """Seconds per step outside the actions, on every rank ([Note: runtime overheads])."""
-    num_cores: int | None = None
+    num_cores: float | None = None
     """Ranks that can compute at full speed at once when they share cores; None: a device
     per rank ([Note: shared cores])."""
 
@@ -166,11 +168,15 @@ class CostModel:
                 raise CostModelError(f"{name} = {value!r} s; give a finite number >= 0 (0: none)")
             set_(self, name, float(value))
         cores = self.num_cores
-        if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
-            raise CostModelError(
-                f"num_cores = {cores!r}; give an integer >= 1 (cores / threads per rank), or None "
-                "when every rank has its own device"
-            )
+        if cores is not None:
+            if isinstance(cores, bool) or not isinstance(cores, (int, float)) or not (
+                math.isfinite(cores) and cores > 0
+            ):
+                raise CostModelError(
+                    f"num_cores = {cores!r}; give a finite number > 0 (cores / threads per rank), or "
+                    "None when every rank has its own device"
+                )
+            set_(self, "num_cores", float(cores))
 
     def shares_cores(self, num_ranks: int) -> bool:
         """Whether `num_ranks` ranks outnumber `num_cores` ([Note: shared cores])."""
@@ -195,7 +201,7 @@ class CostModel:
         link: Link | None = None,
         action_overhead: float = 0.0,
         step_overhead: float = 0.0,
-        num_cores: int | None = None,
+        num_cores: float | None = None,
     ) -> CostModel:
         """Every stage costs the same; `b` defaults to `i + w`."""
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
@@ -235,7 +241,7 @@ class CostModel:
         link_overrides: Mapping[tuple[int, int], Link] | None = None,
         action_overhead: float = 0.0,
         step_overhead: float = 0.0,
-        num_cores: int | None = None,
+        num_cores: float | None = None,
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(

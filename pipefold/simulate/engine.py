@@ -189,7 +189,7 @@ def _run_shared(
     not_before: float,
     events: list[list[Event]],
     waits: list[list[Wait]],
-    num_cores: int,
+    num_cores: float,
 ) -> None:
     """`_run` for ranks that share `num_cores` cores ([Note: shared cores] in costs.py).
 

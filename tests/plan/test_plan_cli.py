@@ -55,3 +55,14 @@ def test_bad_values_are_refused_naming_the_flag(capsys, flag, value):
 def test_bad_pin_is_a_clear_error(capsys):
     assert main([*GPT, "--microbatches", "3"]) == 2
     assert "microbatches = 3 does not divide the global batch 8" in capsys.readouterr().err
+
+
+def test_ranks_sharing_cores_are_planned_with_their_share(capsys):
+    """Two ranks on one core cannot beat one rank's work: the plan's step says so."""
+    assert main([*GPT, "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["choice"]
+    assert main([*GPT, "--cores", "1", "--json"]) == 0
+    shared = json.loads(capsys.readouterr().out)["choice"]
+    assert shared["step_time"] > alone["step_time"] * 1.4
+    assert main([*GPT, "--cores", "0"]) == 2
+    assert "num_cores = 0" in capsys.readouterr().err

@@ -26,14 +26,15 @@ layers = st.builds(
     batch=st.sampled_from([1, 2, 4, 6]),
     limit=st.integers(2000, 60000),
     overhead=st.floats(0.0, 0.5),
+    num_cores=st.one_of(st.none(), st.integers(1, 3)),
 )
-def test_prediction_is_a_resimulation_and_fits(layer_list, num_ranks, batch, limit, overhead):
+def test_prediction_is_a_resimulation_and_fits(layer_list, num_ranks, batch, limit, overhead, num_cores):
     costs = ModelCosts(layers=tuple(layer_list), overhead_s=overhead)
     if num_ranks > costs.num_layers:
         return
     try:
         result = plan(costs, PlanOptions(num_ranks=num_ranks, global_batch=batch, memory_limit=limit,
-                                          max_virtual=2, top=3))
+                                          max_virtual=2, top=3, num_cores=num_cores))
     except NoFeasiblePlan as error:
         assert error.least.peak_memory > limit
         return
@@ -42,7 +43,7 @@ def test_prediction_is_a_resimulation_and_fits(layer_list, num_ranks, batch, lim
     schedule = build(choice.schedule, num_ranks=num_ranks, num_microbatches=choice.num_microbatches,
                      num_virtual=choice.num_virtual)
     layout = StageLayout(choice.bounds, choice.microbatch_rows)
-    model = stage_cost_model(costs, layout, choice.recompute, Link())
+    model = stage_cost_model(costs, layout, choice.recompute, Link(), num_cores)
     timeline = simulate(schedule, model)
     assert timeline.makespan == pytest.approx(choice.step_time, rel=1e-12)
     transient = transient_bytes(costs, layout, choice.recompute, schedule.placement, num_ranks)

@@ -171,6 +171,7 @@ def test_num_cores_is_validated_and_round_trips():
     assert CostModel.from_json({"f": [1], "i": [1], "w": [1]}).num_cores is None
     assert costs.shares_cores(2) and not costs.shares_cores(1)
     assert not CostModel.uniform(2).shares_cores(64)
-    for bad in (0, -1, 1.5, True, "2"):
+    assert CostModel.uniform(2, num_cores=1.5).num_cores == 1.5  # a replica's share of the cores
+    for bad in (0, -1, float("inf"), float("nan"), True, "2"):
         with pytest.raises(CostModelError, match=r"num_cores = .*cores / threads per rank"):
             CostModel.uniform(2, num_cores=bad)
