@@ -250,7 +250,9 @@ def _run_shared(
         for rank in list(running):
             entry = running[rank]
             entry[0] -= progress
-            if entry[0] > _DONE:
+            # Done when what is left is round-off, or too little to move the clock at all
+            # (late in a long step, now + 1e-12 == now): waiting for it would never end.
+            if entry[0] > _DONE and now + entry[0] / rate > now:
                 continue
             del running[rank]
             key = int(entry[2])

@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 from _checks import assert_inputs_arrived
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
@@ -101,3 +101,33 @@ def test_fewer_cores_than_ranks_share_them_fairly(name, p, m, v, data, sync, num
     total_work = num_steps * sum(costs.time_of(a) for row in schedule.actions for a in row)
     assert timeline.makespan >= alone.makespan - 1e-6
     assert timeline.makespan >= total_work / num_cores - 1e-6
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("the shared-core simulation did not finish")
+
+
+# No shrinking: a hang found is reported at once instead of re-run while shrinking.
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(name=st.sampled_from(names()), data=st.data(), num_cores=st.sampled_from([1, 1.5, 2]))
+def test_tiny_and_huge_costs_together_still_finish(name, data, num_cores):
+    """Late in a long step an action's last picoseconds cannot move the clock (now + 1e-12 ==
+    now); the engine must count them done instead of waiting for them forever."""
+    import signal
+
+    schedule = _schedule(name, 3, 6, 2)
+    if schedule is None:
+        return
+    n = schedule.num_stages
+    mixed = st.lists(st.one_of(st.floats(0.0, 1e-7), st.floats(1e4, 1e6)), min_size=n, max_size=n)
+    costs = CostModel.from_lists(data.draw(mixed), data.draw(mixed), data.draw(mixed), num_cores=num_cores)
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(5)
+    try:
+        timeline = simulate(schedule, costs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    total_work = sum(costs.time_of(a) for row in schedule.actions for a in row)
+    assert timeline.makespan >= total_work / num_cores * (1 - 1e-9)
