@@ -86,7 +86,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--schedules", nargs="+", choices=tuple(PAIRS), help="pipefold schedules (default: all pairs)"
     )
     parser.add_argument("--steps", type=_positive, help="timed steps per library (default 7; quick: 5)")
-    parser.add_argument("--warmup", type=int, help="untimed steps per library (default 4; quick: 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per library (default 2; quick: 1)")
     parser.add_argument(
         "--quiet-threshold",
         type=float,
@@ -138,7 +138,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         libraries += ("torch",)
     if args.peers == "auto" and _deepspeed_available():
         libraries += ("deepspeed",)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 4)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if warmup < 0:
         raise ConfigError(f"--warmup={warmup} must be >= 0")
     retries = args.retries if args.retries is not None else (1 if args.quick else 3)

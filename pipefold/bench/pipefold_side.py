@@ -24,11 +24,8 @@ __all__ = ["PipefoldSide"]
 
 class PipefoldSide:
     label = "pipefold"
-    CALIBRATION_STEPS = 4
-    """The calibrated prediction takes its costs from at most this many latest steps: with the
-    default 4 warm-up steps, those and not the gradient check before them (a first step, which
-    also counts memory). More steps average out more of the host's drift; 3 gave 32 of 42
-    within 10% on the AMD host (2026-12-02 14:59 UTC)."""
+    CALIBRATION_STEPS = 3
+    """The calibrated prediction takes its costs from at most this many latest steps."""
 
     def __init__(
         self,

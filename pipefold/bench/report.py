@@ -206,7 +206,7 @@ How these numbers are made (`pipefold/bench/`):
   other, or that the cores differ in speed. *pred. (warm-up costs)* simulates the same schedule
   with each stage's costs, the message latency and the runtime's overheads (the gap between
   two actions, the time a step spends outside its actions) measured in pipefold's latest
-  warm-up steps (up to 4; `measured_cost_model`, what
+  untimed steps (the gradient check and the warm-up steps; `measured_cost_model`, what
   `pipefold train` reports), then compares with the timed steps. Where ranks outnumber the
   cores, both predictions let the ranks computing at once share the cores fairly
   (`CostModel.num_cores`, [Note: shared cores] in pipefold/simulate/costs.py).

@@ -39,7 +39,7 @@ class BenchConfig:
 class RunOptions:
     """How every configuration is measured."""
 
-    warmup_steps: int = 4
+    warmup_steps: int = 2
     """Untimed steps per library after the gradient check (allocator, shape inference)."""
     timed_steps: int = 7
     """Timed steps per library, taken alternately A B A B."""
