@@ -4,7 +4,7 @@ A rank runs its actions one at a time, so a step lasts at least the rank's busy
 time; and a rank's first action is a forward of its lowest stage s, which cannot
 start before one micro-batch has gone forward through stages 0..s-1. Hence, for
 every rank r, step >= sum(f[s] for s < first stage of r) + busy(r); and one
-micro-batch's forward and backward through every stage is a chain too. Transfers
+micro-batch's forward and input-gradient backward through every stage is a chain too. Transfers
 and waits only add time, and recomputation only lengthens actions, so a bound
 computed without them holds for the simulated step. Ranks that share `num_cores`
 cores cannot do more than num_cores seconds of work per second, so the step also
@@ -30,7 +30,9 @@ def step_time_lower_bound(model: CostModel, placement: tuple[int, ...], num_micr
     head = [0.0]
     for stage in range(model.num_stages):
         head.append(head[-1] + model.f[stage])
-    chain = head[-1] + sum(min(b, i + w) for b, i, w in zip(model.b, model.i, model.w, strict=True))
+    # The backward chain runs through each stage's B or, split, only its I: a W waits for
+    # nothing downstream and can run beside the chain, so it is not counted.
+    chain = head[-1] + sum(min(b, i) for b, i in zip(model.b, model.i, strict=True))
     bound = max(chain, max(head[first[rank]] + busy[rank] for rank in range(num_ranks)))
     if model.num_cores is not None:
         # Ranks sharing cores ([Note: shared cores]) get through at most num_cores x the time

@@ -148,7 +148,7 @@ def measured_cost_model(
         link=link,
         action_overhead=measured_action_overhead(found),
         step_overhead=step_overhead,
-        num_cores=cores if cores is not None and cores < schedule.num_ranks else None,
+        num_cores=cores,
     )
 
 

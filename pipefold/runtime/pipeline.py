@@ -239,6 +239,12 @@ class Pipeline:
         # data-parallel all-reduce learns of a failure in another replica too.
         store = _default_store() if self._group is not None or data_parallel_group is not None else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
+        # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
+        # one host records it, so its cost model replays that ([Note: shared cores] in
+        # pipefold/simulate/costs.py). Data-parallel replicas on the same host are not counted.
+        self._shared_cores = (
+            shared_cores(num_ranks, torch.get_num_threads()) if self.device.type == "cpu" else None
+        )
         if busy_wait is None:
             # Only shared-memory waits on CPU busy-poll; where ranks share cores they block
             # on doorbells instead ([Note: busy polling]).
@@ -646,13 +652,8 @@ class Pipeline:
             # Whether event times of different ranks compare (measured_link needs it).
             "clock": "shared" if one_clock else "per-rank",
         }
-        if one_clock and self.device.type == "cpu":
-            # CPU ranks on one host that outnumber its cores compute in turns; the cost
-            # model replays that ([Note: shared cores] in pipefold/simulate/costs.py).
-            # Data-parallel replicas on the same host are not counted.
-            cores = shared_cores(len(gathered), torch.get_num_threads())
-            if cores is not None:
-                meta["num_cores"] = cores
+        if one_clock and self._shared_cores is not None:
+            meta["num_cores"] = self._shared_cores
         return Timeline(
             num_ranks=len(gathered),
             events=Timeline.merge_ranks(events),
