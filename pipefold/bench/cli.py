@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipefold.bench.pairs import PAIRS
+from pipefold.bench.pairs import PAIRS, SOLO
 from pipefold.bench.quiet import QuietGate
 from pipefold.bench.results import RunOptions
 from pipefold.errors import ConfigError
@@ -83,7 +83,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--microbatches", nargs="+", type=_positive, help="micro-batch counts (default 4 8 16; quick: 8)"
     )
     parser.add_argument(
-        "--schedules", nargs="+", choices=tuple(PAIRS), help="pipefold schedules (default: all pairs)"
+        "--schedules",
+        nargs="+",
+        choices=(*PAIRS, *SOLO),
+        help="pipefold schedules (default: every pair with torch, and the searched auto, auto-v)",
     )
     parser.add_argument("--steps", type=_positive, help="timed steps per library (default 7; quick: 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps per library (default 2; quick: 1)")

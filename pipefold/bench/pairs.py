@@ -10,6 +10,13 @@ torch's zero-bubble schedule for the ordinary (non-V) layout is
 ZB-H1 order (backward split into I and W, W deferred to fill the bubble). pipefold's
 closest equivalent is `zb-h1` with one stage per rank, so the pair is timed with the
 contiguous layout on both sides rather than torch's usual two-chunk loop.
+
+[Note: pipefold-only rows]
+`auto` and `auto-v` have no torch counterpart: they are the schedules pipefold searches
+for this model on these ranks (`tune_schedule`: a probe step measures every stage's F,
+B, I, W and the link, then `find_schedule` searches; [Note: schedules from measured
+costs] in pipefold/runtime/tune.py), on the contiguous and the V layout. They are
+timed against the one-process baseline only (efficiency), in the same alternation.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Literal
 from pipefold.errors import ConfigError
 from pipefold.schedule.ir import contiguous_placement, looped_placement, v_placement
 
-__all__ = ["PAIRS", "SchedulePair", "pair"]
+__all__ = ["PAIRS", "SOLO", "SchedulePair", "pair"]
 
 Layout = Literal["contiguous", "looped", "v"]
 
@@ -31,8 +38,8 @@ class SchedulePair:
 
     schedule: str
     """pipefold family name (pipefold.schedule.build)."""
-    torch_class: str
-    """Class name in torch.distributed.pipelining."""
+    torch_class: str | None
+    """Class name in torch.distributed.pipelining; None for a pipefold-only row."""
     layout: Layout
     num_virtual: int
     """Stages per rank on both sides."""
@@ -54,6 +61,8 @@ class SchedulePair:
         Checked before any rank builds the schedule: a torch schedule that fails inside
         `step` leaves the other ranks blocked in gloo.
         """
+        if self.torch_class is None:
+            return f"{self.schedule} is pipefold's own (searched) schedule; torch has none"
         if self.torch_class == "Schedule1F1B" and num_microbatches < num_ranks:
             return f"torch Schedule1F1B needs microbatches >= ranks ({num_microbatches} < {num_ranks})"
         if self.torch_class == "ScheduleDualPipeV" and num_microbatches < 2 * num_ranks:
@@ -78,11 +87,20 @@ PAIRS: dict[str, SchedulePair] = {
 }
 
 
+SOLO: dict[str, SchedulePair] = {
+    entry.schedule: entry
+    for entry in (
+        SchedulePair("auto", None, "contiguous", 1),
+        SchedulePair("auto-v", None, "v", 2),
+    )
+}
+"""pipefold-only rows: schedules searched from measured costs ([Note: pipefold-only rows])."""
+
+
 def pair(schedule: str) -> SchedulePair:
-    try:
-        return PAIRS[schedule]
-    except KeyError:
+    found = PAIRS.get(schedule) or SOLO.get(schedule)
+    if found is None:
         raise ConfigError(
-            f"schedule={schedule!r} has no torch counterpart to benchmark against; "
-            f"choose from {', '.join(PAIRS)}"
-        ) from None
+            f"schedule={schedule!r} is not a benchmark row; choose from {', '.join([*PAIRS, *SOLO])}"
+        )
+    return found

@@ -2,7 +2,9 @@
 
 pipefold's `step` is the same call on every rank, so every rank passes the batch.
 The layers are cut into the pair's stages with explicit, even boundaries, so both
-libraries run identical stage modules.
+libraries run identical stage modules. A pipefold-only row (auto, auto-v) first tunes
+its schedule on the benchmark batch (`tune_schedule`: probe steps, then a search from
+their measured costs; [Note: pipefold-only rows] in pairs.py) and then runs that.
 """
 
 from __future__ import annotations
@@ -35,20 +37,41 @@ class PipefoldSide:
         *,
         num_ranks: int,
         num_microbatches: int,
+        probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         # pipefold.runtime rather than the lazy `pipefold.Pipeline`: the same class, and it
         # also resolves when pipefold is installed as a namespace package.
         from pipefold.runtime import Pipeline
 
         num_stages = num_ranks * schedule_pair.num_virtual
+        options: dict[str, Any] = {"partition": uniform_partition(num_stages), "device": torch.device("cpu")}
+        schedule: Any = schedule_pair.schedule
+        self.tuned: Any = None
+        if schedule_pair.torch_class is None:
+            from pipefold.runtime import tune_schedule
+
+            if probe_batch is None:
+                raise ValueError(
+                    f"{schedule_pair.schedule} searches its schedule on a batch; pass probe_batch"
+                )
+            self.tuned = tune_schedule(
+                copy.deepcopy(layers),
+                loss_fn=workload.loss_fn,
+                inputs=probe_batch[0],
+                targets=probe_batch[1],
+                num_microbatches=num_microbatches,
+                placement=schedule_pair.layout,
+                num_virtual=schedule_pair.num_virtual,
+                **options,
+            )
+            schedule = self.tuned.schedule
         self.pipe: Any = Pipeline(
             copy.deepcopy(layers),
             loss_fn=workload.loss_fn,
-            schedule=schedule_pair.schedule,
+            schedule=schedule,
             num_microbatches=num_microbatches,
             num_virtual=schedule_pair.num_virtual,
-            partition=uniform_partition(num_stages),
-            device=torch.device("cpu"),
+            **options,
         )
         # The measured timelines of the latest steps: the warm-up steps when the runner asks
         # for the calibrated prediction (it asks before timing).
@@ -91,6 +114,14 @@ class PipefoldSide:
         return float(
             predicted_step_time(schedule, measured_cost_model(timelines, schedule, step_times=walls))
         )
+
+    def searched_schedule_json(self) -> dict[str, Any] | None:
+        """The schedule that ran, where it was searched (a pipefold-only row), as JSON."""
+        if self.tuned is None:
+            return None
+        from pipefold.schedule.io import to_json
+
+        return to_json(self.pipe.schedule)
 
     def timeline_json(self) -> dict[str, Any] | None:
         data: dict[str, Any] = self.pipe.last_timeline.to_json()

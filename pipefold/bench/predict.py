@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pipefold.bench.layout import stage_bounds
 from pipefold.bench.pairs import SchedulePair
 from pipefold.bench.results import LayerCost
-from pipefold.schedule import build
+from pipefold.schedule import Schedule, build
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.timeline import Timeline
@@ -65,14 +65,17 @@ def predict(
     scale: float = 1.0,
     link: Link | None = None,
     num_cores: float | None = None,
+    schedule: Schedule | None = None,
 ) -> Timeline:
-    """The simulated timeline of one step of this configuration."""
-    schedule = build(
-        schedule_pair.schedule,
-        num_ranks=num_ranks,
-        num_microbatches=num_microbatches,
-        num_virtual=schedule_pair.num_virtual,
-    )
+    """The simulated timeline of one step of this configuration; `schedule` is the one that
+    ran where it was searched rather than built from the pair's family (auto, auto-v)."""
+    if schedule is None:
+        schedule = build(
+            schedule_pair.schedule,
+            num_ranks=num_ranks,
+            num_microbatches=num_microbatches,
+            num_virtual=schedule_pair.num_virtual,
+        )
     # The runtime fuses I/W pairs nobody waits on (Pipeline(fuse_backward=True)); predict that.
     schedule = fuse_adjacent_split_backward(schedule)
     costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link, num_cores=num_cores)

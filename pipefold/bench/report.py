@@ -72,7 +72,7 @@ def _step_table(records: Sequence[Record]) -> str:
         if record.get("skipped"):
             continue
         row = [
-            f"{record['schedule']} ({record['peer_schedule']})",
+            f"{record['schedule']} ({record['peer_schedule'] or 'searched, pipefold only'})",
             str(record["microbatches"]),
             _seconds(record["pipefold_step_s"]),
             _seconds(record["peer_step_s"]),
@@ -185,6 +185,11 @@ How these numbers are made (`pipefold/bench/`):
   fused into layer 0 and its final LayerNorm + head into layer 7, so 8 layers split evenly.
 - Zero-bubble: torch's `ScheduleInterleavedZeroBubble` with one stage per rank against
   pipefold's `zb-h1` (the closest equivalent: ZB-H1 order, backward split into I and W).
+- pipefold-only rows: *auto* (contiguous layout) and *auto-v* (V layout) run the schedule
+  pipefold searches for this model on these ranks (`pipefold.runtime.tune_schedule`: three
+  probe steps time every stage's F, B, I and W, the link and the runtime's overheads, then
+  `find_schedule` searches from those costs). torch has no counterpart, so they have no ratio
+  and do not count in the ratio medians; they count for the best efficiency.
 - One set of spawned ranks (gloo on 127.0.0.1, 1 torch thread each) runs every configuration;
   each library's gradients are checked against one process (`assert_close`) before it is
   timed; then, after warm-up, the libraries alternate step by step (A B A B). A step's time is
@@ -229,11 +234,22 @@ def _median_of(values: Sequence[float | None]) -> float | None:
     return kept[middle] if len(kept) % 2 else (kept[middle - 1] + kept[middle]) / 2
 
 
+def _efficiency_key(record: Record) -> float:
+    return float(record["efficiency"] or 0.0)
+
+
+def _peer_efficiencies(rows: Sequence[Record], num_microbatches: int) -> list[float]:
+    return [r["peer_efficiency"] or 0.0 for r in rows if r["microbatches"] == num_microbatches]
+
+
 def _summary(records: Sequence[Record]) -> list[str]:
     """One bullet per rank count: speed against torch, efficiency, prediction error."""
     lines = []
     for num_ranks in sorted({r["ranks"] for r in records}):
-        chosen = [r for r in records if r["ranks"] == num_ranks and r.get("ratio") is not None]
+        measured = [r for r in records if r["ranks"] == num_ranks and r.get("efficiency") is not None]
+        # The ratio and the medians are over the pairs; the best efficiency also counts
+        # pipefold's searched rows (auto, auto-v), which torch has no counterpart for.
+        chosen = [r for r in measured if r.get("ratio") is not None]
         if not chosen:
             continue
         ratios = [float(r["ratio"]) for r in chosen]
@@ -244,18 +260,21 @@ def _summary(records: Sequence[Record]) -> list[str]:
         )
         for workload in dict.fromkeys(r["workload"] for r in chosen):
             rows = [r for r in chosen if r["workload"] == workload]
+            candidates = [r for r in measured if r["workload"] == workload]
             best = {
-                m: max((r for r in rows if r["microbatches"] == m), key=lambda r: r["efficiency"] or 0.0)
-                for m in sorted({r["microbatches"] for r in rows})
+                m: max((r for r in candidates if r["microbatches"] == m), key=_efficiency_key)
+                for m in sorted({r["microbatches"] for r in candidates})
             }
             bests = ", ".join(
                 f"M={m} {_ratio(r['efficiency'])} ({r['schedule']}; torch's best "
-                f"{_ratio(max((x['peer_efficiency'] or 0.0) for x in rows if x['microbatches'] == m))})"
+                f"{_ratio(max(_peer_efficiencies(rows, m), default=None))})"
                 for m, r in best.items()
             )
             line += (
                 f" {workload}: efficiency median {_ratio(_median_of([r['efficiency'] for r in rows]))} "
-                f"(torch {_ratio(_median_of([r['peer_efficiency'] for r in rows]))}), best {bests}."
+                f"(torch {_ratio(_median_of([r['peer_efficiency'] for r in rows]))}) "
+                f"over the pairs, "
+                f"best {bests}."
             )
         profile = [abs(r["prediction_error"]) for r in chosen if r.get("prediction_error") is not None]
         warm = [

@@ -48,9 +48,9 @@ class RunOptions:
     gate: QuietGate = field(default_factory=QuietGate)
     seed: int = 0
     timeout_s: float = 300.0
+    """Collective timeout inside the workers: a failed rank stops the run instead of hanging it."""
     interleave_baseline: bool = True
     """Time the one-process baseline on rank 0 inside the alternation (pipefold/bench/single_side.py)."""
-    """Collective timeout inside the workers: a failed rank stops the run instead of hanging it."""
 
 
 @dataclass
@@ -75,6 +75,8 @@ class SideResult:
     """The library's own measured timeline of its last timed step (pipefold only), as JSON."""
     calibrated_prediction_s: float | None = None
     """pipefold only: the simulator's step time with stage costs measured in its warm-up steps."""
+    schedule: dict[str, Any] | None = None
+    """pipefold's searched rows only (auto, auto-v): the schedule that ran, as pipefold.schedule.io JSON."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

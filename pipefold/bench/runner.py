@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipefold.bench.pairs import PAIRS
+from pipefold.bench.pairs import PAIRS, SOLO
 from pipefold.bench.results import BenchConfig, ConfigResult, LayerCost, RunOptions
 from pipefold.bench.stats import summarize
 
@@ -44,7 +44,7 @@ class Matrix:
         ]
 
 
-FULL = Matrix(("mlp", "transformer"), (2, 4), (4, 8, 16), tuple(PAIRS))
+FULL = Matrix(("mlp", "transformer"), (2, 4), (4, 8, 16), (*PAIRS, *SOLO))
 QUICK = Matrix(("mlp",), (2,), (8,), ("gpipe", "1f1b", "zb-v"))
 OVERHEAD = Matrix(("tiny",), (2,), (64,), ("gpipe", "1f1b"))
 """Per-action overhead: 64 one-sample micro-batches of a d=8 model, so compute is negligible."""
@@ -125,6 +125,7 @@ def build_record(
     from pipefold.errors import PipefoldError
     from pipefold.runtime.cores import shared_cores
     from pipefold.schedule import build
+    from pipefold.schedule.io import from_json
     from pipefold.simulate import Link
 
     config = result.config
@@ -146,7 +147,11 @@ def build_record(
     predicted_timeline: dict[str, Any] | None = None
     num_actions: int | None = None
     costs = baselines.layer_costs[config.num_microbatches]
+    searched_json = sides["pipefold"].schedule if "pipefold" in sides else None
     try:
+        searched = None if searched_json is None else from_json(searched_json)
+        if schedule_pair.torch_class is None and searched is None:
+            raise PipefoldError(f"{config.key}: the searched schedule was not recorded")
         timeline = predict(
             schedule_pair,
             config.num_ranks,
@@ -156,12 +161,13 @@ def build_record(
             link=None if link is None else Link(link["latency_s"], link["bandwidth_bytes_per_s"]),
             # Every rank computes on 1 thread; more ranks than cores take turns on them.
             num_cores=shared_cores(config.num_ranks, threads_per_rank=1),
+            schedule=searched,
         )
         predicted = timeline.makespan
         predicted_bubble = timeline.bubble_fraction
         predicted_activation = list(timeline.activation_bytes_peak)
         predicted_timeline = timeline.to_json()
-        schedule = build(
+        schedule = searched if searched is not None else build(
             schedule_pair.schedule,
             num_ranks=config.num_ranks,
             num_microbatches=config.num_microbatches,

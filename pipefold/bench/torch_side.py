@@ -50,6 +50,8 @@ class TorchSide:
             self._modules.append(module)
             self._first_layers.append(start)
             stages.append(pipelining.PipelineStage(module, stage, num_stages, torch.device("cpu")))
+        if schedule_pair.torch_class is None:
+            raise ValueError(f"{schedule_pair.schedule} has no torch.distributed.pipelining counterpart")
         schedule_class = getattr(pipelining, schedule_pair.torch_class)
         self._holds_first = 0 in self._owned
         self._holds_last = num_stages - 1 in self._owned

@@ -132,6 +132,9 @@ def run_config(
         result.sides[side.label].activation_bytes_peak = list(gathered)
         if rank == 0:
             result.sides[side.label].timeline = side.timeline_json()
+            searched = getattr(side, "searched_schedule_json", None)
+            if searched is not None:
+                result.sides[side.label].schedule = searched()
     return result
 
 
@@ -141,12 +144,19 @@ def _build_side(
     """Construct one library's pipeline; a refusal becomes an error string, not an exception."""
     layers = work.build_layers(options.seed)
     schedule_pair = config.pair
+    if label != "pipefold" and schedule_pair.torch_class is None:
+        return None, None  # a pipefold-only row ([Note: pipefold-only rows] in pairs.py)
     try:
         if label == "pipefold":
             from pipefold.bench.pipefold_side import PipefoldSide
 
             return PipefoldSide(
-                work, layers, schedule_pair, num_ranks=num_ranks, num_microbatches=config.num_microbatches
+                work,
+                layers,
+                schedule_pair,
+                num_ranks=num_ranks,
+                num_microbatches=config.num_microbatches,
+                probe_batch=work.make_batch(options.seed),
             ), None
         if label == "torch":
             refusal = schedule_pair.peer_refusal(num_ranks, config.num_microbatches)

@@ -7,19 +7,23 @@ through the executor (executor.py), which dispatches every action of the rank's
 lowered program to one handler. Transfers and collectives (comm.py) never wait
 without a deadline (failure.py); activation memory is counted with saved-tensor
 hooks (memory.py). `measured_cost_model` (measured.py) turns a measured timeline
-into a `pipefold.simulate.CostModel`. `save_checkpoint` / `load_checkpoint`
+into a `pipefold.simulate.CostModel`; `tune_schedule` (tune.py) measures a model's costs
+in probe steps and searches a schedule for them. `save_checkpoint` / `load_checkpoint`
 (checkpoint.py) write and read sharded, atomic checkpoints that load into any partition.
 """
 
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import Pipeline
+from pipefold.runtime.tune import TunedSchedule, tune_schedule
 
 __all__ = [
     "CheckpointInfo",
     "Pipeline",
+    "TunedSchedule",
     "load_checkpoint",
     "measured_cost_model",
     "read_checkpoint_info",
     "save_checkpoint",
+    "tune_schedule",
 ]

@@ -183,7 +183,7 @@ class Pipeline:
         self._activation_peak = 0
 
         pipeline_group, data_parallel_group = split_mesh(process_group, data_parallel_group)
-        self._group, self._ranks = _resolve_group(pipeline_group)
+        self._group, self._ranks = resolve_group(pipeline_group)
         num_ranks = len(self._ranks)
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
         if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
@@ -366,6 +366,18 @@ class Pipeline:
             found.append((owners, tuple(self._local_modules[local].parameters())))
             logger.debug("tied module %r is shared by ranks %s", key, owners)
         return found
+
+    # -- the group --------------------------------------------------------------------------------
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The pipeline's own group (its "pp" ranks); None when it runs in one process."""
+        return self._group
+
+    @property
+    def global_ranks(self) -> tuple[int, ...]:
+        """The world ranks of the pipeline's ranks, in pipeline-rank order."""
+        return self._ranks
 
     # -- data parallelism -----------------------------------------------------------------------
 
@@ -677,7 +689,7 @@ def _shift(item: EventOrWait, delta: float) -> EventOrWait:
     return replace(item, start=item.start + delta, end=item.end + delta)
 
 
-def _resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
+def resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
     """The pipeline's group and its members' global ranks; (None, (0,)) for one process.
 
     A `DeviceMesh` has already been reduced to its "pp" group by `split_mesh`.

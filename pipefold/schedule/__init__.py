@@ -18,6 +18,7 @@ from pipefold.schedule.ir import (
     v_placement,
 )
 from pipefold.schedule.lower import Program, lower
+from pipefold.schedule.probe import probe_schedule
 from pipefold.schedule.registry import Family, build, family, names
 from pipefold.schedule.validate import validate
 
@@ -38,6 +39,7 @@ __all__ = [
     "looped_placement",
     "lower",
     "names",
+    "probe_schedule",
     "search_schedule",
     "v_placement",
     "validate",

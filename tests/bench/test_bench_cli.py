@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from pipefold.bench import cli
-from pipefold.bench.pairs import PAIRS
+from pipefold.bench.pairs import PAIRS, SOLO
 from pipefold.errors import ConfigError
 
 
@@ -34,12 +34,12 @@ def test_quick_matrix_and_options():
 def test_full_matrix_has_every_pair_and_the_overhead_probe():
     args = _parse(["--peers", "none"])
     matrix, overhead = cli.matrices_from_args(args)
-    assert set(matrix.schedules) == set(PAIRS)
+    assert set(matrix.schedules) == set(PAIRS) | set(SOLO)
     assert matrix.ranks == (2, 4) and matrix.microbatches == (4, 8, 16)
     assert set(matrix.workloads) == {"mlp", "transformer"}
     assert overhead.workloads == ("tiny",)
     assert cli.options_from_args(args).libraries == ("pipefold",)
-    assert len(matrix.configs(2)) == 2 * 3 * len(PAIRS)
+    assert len(matrix.configs(2)) == 2 * 3 * (len(PAIRS) + len(SOLO))
 
 
 def test_custom_matrix_skips_overhead():

@@ -5,6 +5,7 @@ import pytest
 from pipefold.bench.baseline import BaselineResult
 from pipefold.bench.results import BenchConfig, ConfigResult, LayerCost, SideResult
 from pipefold.bench.runner import Baselines, build_record
+from pipefold.errors import ConfigError
 
 
 def _baselines(m):
@@ -68,3 +69,29 @@ def test_interleaved_baseline_is_the_efficiency_numerator():
     assert record["efficiency"] == pytest.approx(1.3 / (2 * 0.6))
     assert record["peer_efficiency"] == pytest.approx(1.3 / (2 * 0.75))
     assert record["ratio"] == pytest.approx(0.75 / 0.6)
+
+
+def test_a_searched_row_is_predicted_from_the_schedule_that_ran_and_has_no_peer():
+    from pipefold.schedule import build
+    from pipefold.schedule.io import to_json
+
+    # What the side records: the searched schedule (here zb-h1's order stands in for it).
+    ran = build("zb-h1", num_ranks=2, num_microbatches=4)
+    config = BenchConfig("mlp", "auto", 2, 4)
+    side = SideResult("pipefold", samples_s=[0.6], schedule=to_json(ran))
+    result = ConfigResult(config, sides={"pipefold": side})
+    record = build_record(result, _baselines(4))
+    assert record["peer_schedule"] is None and record["ratio"] is None
+    assert record["efficiency"] == pytest.approx(1.0 / (2 * 0.6))
+    assert record["actions_per_rank"] == max(len(row) for row in ran.actions)
+    # Without the recorded schedule there is nothing to predict (and no guess is made).
+    bare = ConfigResult(config, sides={"pipefold": SideResult("pipefold", samples_s=[0.6])})
+    assert build_record(bare, _baselines(4))["predicted_step_s"] is None
+
+
+def test_pipefold_only_rows_are_refused_for_torch():
+    from pipefold.bench.pairs import pair
+
+    assert pair("auto").peer_refusal(2, 8) is not None and pair("auto-v").num_virtual == 2
+    with pytest.raises(ConfigError, match="not a benchmark row"):
+        pair("nope")

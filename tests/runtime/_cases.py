@@ -335,3 +335,41 @@ def _transport(pipe: Pipeline) -> dict:
         "exchange": collectives is not None and collectives.uses_shared_memory,
         "exchange_doorbells": collectives is not None and collectives.uses_doorbells,
     }
+
+
+def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: int = 10) -> dict:
+    """`tune_schedule` then a `Pipeline` on its schedule: exact against one process, and the probe
+    leaves no gradient behind."""
+    from pipefold.runtime import tune_schedule
+    from pipefold.schedule import validate
+    from pipefold.schedule.io import to_json
+
+    torch.manual_seed(1234)
+    layers = mlp() if model == "mlp" else transformer()
+    loss_fn = _loss_fn(model)
+    inputs, targets = _batch(model, rows, seed=0)
+    options = {"seed": 7, "timeout_s": 30}
+    result = tune_schedule(
+        layers, loss_fn=loss_fn, inputs=inputs, targets=targets, num_microbatches=num_microbatches,
+        placement=placement, time_budget_s=0.2, **options,
+    )
+    validate(result.schedule)
+    pipe = Pipeline(layers, loss_fn=loss_fn, schedule=result.schedule, **options)
+    reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
+    loss = pipe.step(inputs, targets)
+    expected = loss_fn(reference(inputs), targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+    reference_params = dict(reference.named_parameters())
+    for name, param in pipe.named_parameters():
+        torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    costs = result.costs
+    return {
+        "schedule": to_json(result.schedule),
+        "probe": result.probe.name,
+        "predicted_step_s": result.predicted_step_s,
+        "probe_predicted_step_s": result.probe_predicted_step_s,
+        "costs_positive": all(v > 0 for v in (*costs.f, *costs.b, *costs.i, *costs.w)),
+        "num_probe_steps_kept": len(result.probe_step_s),
+        "summary": result.summary(),
+    }

@@ -136,3 +136,24 @@ def test_same_host_ranks_use_shared_memory_and_doorbells_when_sharing_cores(pool
         assert transport["exchange_doorbells"] == sharing
         # Every neighbour sends to this rank (activations forward, gradients back).
         assert transport["doorbell_peers"] == (neighbours if sharing else [])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("placement", "model", "num_microbatches"),
+    [("contiguous", "mlp", 4), ("v", "transformer", 4), ("looped", "mlp", 3),
+     ("contiguous", "transformer", 1)],
+)
+def test_a_tuned_schedule_is_agreed_and_exact(pool2, placement, model, num_microbatches):
+    """tune_schedule: every rank gets rank 0's schedule, searched from costs measured in the probe
+    (every op of every stage timed), and the pipeline on it matches one process."""
+    results = pool2.run("tuned", placement=placement, model=model, num_microbatches=num_microbatches)
+    assert results[0]["schedule"] == results[1]["schedule"]
+    assert results[0]["schedule"]["name"] == "auto"
+    assert all(r["costs_positive"] for r in results)
+    assert results[0]["num_probe_steps_kept"] == 2
+    # Never slower than the probe's own family under the same costs where that family fits the
+    # default memory cap (1F1B's peak), so the search includes it; interleaved 1F1B holds more.
+    if placement != "looped":
+        assert results[0]["predicted_step_s"] <= results[0]["probe_predicted_step_s"] * (1 + 1e-9)
+    assert "auto schedule for 2 ranks" in results[0]["summary"]

@@ -1,0 +1,223 @@
+"""`tune_schedule`: measure the model's costs on its ranks, then search a schedule for them.
+
+    tuned = tune_schedule(layers, loss_fn=F.cross_entropy, inputs=x, targets=y, num_microbatches=8)
+    pipe = Pipeline(layers, loss_fn=F.cross_entropy, schedule=tuned.schedule, num_microbatches=8)
+    print(tuned.summary())        # searched schedule, its predicted step, the probe's costs
+
+Every rank calls it with the same arguments, like `Pipeline`.
+
+[Note: schedules from measured costs]
+A hand-written family assumes costs (F = B / 2, free messages, I + W = B); a real
+model on a real machine has its own: here on CPU I + W is 1.2-1.6x B, a message
+costs a few hundred microseconds, and the last stage carries the loss. So pipefold
+measures before it searches:
+
+1. Probe: a `Pipeline` runs `probe_schedule(base)` for `num_probe_steps` steps on
+   the caller's batch, where `base` is the placement's 1F1B-like family (1f1b,
+   interleaved-1f1b, zb-v) and the probe splits the backward of even micro-batches
+   into I, W and keeps odd ones whole, so every stage's F, B, I and W are measured
+   (pipefold/schedule/probe.py). The first probe step (shape tracing, allocator
+   warm-up) is left out when there are more.
+2. Costs: `measured_cost_model` of the probe's timelines: per-stage op times, the
+   link latency, the runtime's per-action and per-step overheads, activation bytes,
+   and the shared cores where ranks outnumber them ([Note: measured costs]).
+3. Search: `find_schedule` on those costs (list scheduler + local search, scored by
+   the simulator; never slower there than the fitting hand-written families).
+
+Only the pipeline's rank 0 searches: the search stops at a time budget, so two ranks
+could settle on different schedules and then deadlock. Rank 0 broadcasts the schedule
+(or its error, so no rank is left waiting) over the pipeline's group. The probe's
+gradients are dropped: every probed parameter's `.grad` is None afterwards. Modules
+passed as layers are the ones the probe ran (a later `Pipeline` reuses them);
+`LayerSpec` layers are built afresh from the seed each time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from pipefold.errors import ConfigError, PipefoldError, ScheduleError
+from pipefold.model import LayerLike
+from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.pipeline import LossFn, Pipeline
+from pipefold.schedule import Schedule, build, find_schedule, probe_schedule
+from pipefold.schedule.auto import Placement
+from pipefold.schedule.io import from_json, to_json
+from pipefold.simulate import CostModel, simulate
+
+__all__ = ["PROBE_FAMILIES", "TunedSchedule", "tune_schedule"]
+
+PROBE_FAMILIES: dict[str, str] = {"contiguous": "1f1b", "looped": "interleaved-1f1b", "v": "zb-v"}
+"""The hand-written family the probe runs, per placement: 1F1B's memory, every stage busy."""
+
+
+@dataclass(frozen=True)
+class TunedSchedule:
+    """What `tune_schedule` found, and from what."""
+
+    schedule: Schedule
+    """The searched schedule, validated, named "auto"; pass it to `Pipeline(schedule=...)`."""
+    costs: CostModel
+    """The cost model measured in the probe (rank 0's view, sent to every rank)."""
+    probe: Schedule
+    """The schedule the probe steps ran."""
+    predicted_step_s: float
+    """The simulated step of `schedule` under `costs`."""
+    probe_predicted_step_s: float
+    """The simulated step of the probe's base family under `costs`, for comparison."""
+    probe_step_s: tuple[float, ...]
+    """Rank 0's wall time of each probe step kept for the costs."""
+
+    def summary(self) -> str:
+        gain = self.probe_predicted_step_s / self.predicted_step_s if self.predicted_step_s > 0 else 1.0
+        return (
+            f"auto schedule for {self.schedule.num_ranks} ranks x {self.schedule.num_microbatches} "
+            f"micro-batches ({self.schedule.num_stages} stages): predicted step "
+            f"{self.predicted_step_s * 1e3:.1f} ms, {gain:.2f}x the probe family "
+            f"{self.probe.name.removesuffix('+probe')!r} ({self.probe_predicted_step_s * 1e3:.1f} ms) "
+            f"under the same measured costs"
+        )
+
+
+def tune_schedule(
+    layers: nn.Sequential | Sequence[LayerLike],
+    *,
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any,
+    num_microbatches: int,
+    placement: Placement = "contiguous",
+    num_virtual: int | None = None,
+    num_probe_steps: int = 3,
+    time_budget_s: float = 1.0,
+    memory_limit: int | None = None,
+    **pipeline_options: Any,
+) -> TunedSchedule:
+    """Probe, measure and search (see [Note: schedules from measured costs]).
+
+    `pipeline_options` go to every probe `Pipeline` (partition, device, process_group, ...);
+    give the same ones to the `Pipeline` that runs the result. `num_virtual`: stages per
+    rank (default 1 for contiguous, 2 for looped and V). `memory_limit`: the most
+    activation bytes a rank may hold, as `find_schedule` takes it (default 1F1B's peak).
+    """
+    if placement not in PROBE_FAMILIES:
+        raise ConfigError(f"placement = {placement!r}; use one of {', '.join(PROBE_FAMILIES)}")
+    if not isinstance(num_probe_steps, int) or num_probe_steps < 1:
+        raise ConfigError(
+            f"num_probe_steps = {num_probe_steps!r}; give at least 1 step (3 leaves one warm-up)"
+        )
+    for reserved in ("schedule", "num_microbatches", "num_virtual", "fuse_backward", "optimizer"):
+        if reserved in pipeline_options:
+            raise ConfigError(
+                f"tune_schedule sets {reserved}= of its probe pipelines itself; drop it from the options"
+            )
+    virtual = num_virtual if num_virtual is not None else (1 if placement == "contiguous" else 2)
+    family = PROBE_FAMILIES[placement]
+    # The probe `Pipeline` resolves the group; build the base for its rank count once it has.
+    probe_pipe = _probe_pipeline(layers, loss_fn, family, num_microbatches, virtual, pipeline_options)
+    timelines, walls = [], []
+    for _ in range(num_probe_steps):
+        start = time.perf_counter()
+        probe_pipe.step(inputs, targets)
+        walls.append(time.perf_counter() - start)
+        if probe_pipe.last_timeline is None:
+            raise ConfigError("tune_schedule needs the probe's timelines; drop record_timeline=False")
+        timelines.append(probe_pipe.last_timeline)
+    for parameter in probe_pipe.parameters():
+        parameter.grad = None
+    keep = slice(1, None) if num_probe_steps > 1 else slice(None)
+    timelines, walls = timelines[keep], walls[keep]
+    probe = probe_pipe.schedule
+    payload: Any = None
+    if probe_pipe.rank == 0:
+        payload = _search(
+            timelines, walls, probe, family, virtual, placement, num_microbatches, time_budget_s, memory_limit
+        )
+    payload = _broadcast(probe_pipe, payload)
+    if isinstance(payload, str):
+        raise ScheduleError(f"tune_schedule: the search on rank 0 failed: {payload}")
+    schedule_json, costs, predicted, probe_predicted = payload
+    return TunedSchedule(
+        schedule=from_json(schedule_json),
+        costs=costs,
+        probe=probe,
+        predicted_step_s=predicted,
+        probe_predicted_step_s=probe_predicted,
+        probe_step_s=tuple(walls),
+    )
+
+
+def _probe_pipeline(
+    layers: nn.Sequential | Sequence[LayerLike],
+    loss_fn: LossFn,
+    family: str,
+    num_microbatches: int,
+    num_virtual: int,
+    options: dict[str, Any],
+) -> Pipeline:
+    # A first Pipeline on the family itself would build stages twice; the family's schedule
+    # only needs the rank count, which the group gives.
+    from pipefold.runtime.data_parallel import split_mesh
+    from pipefold.runtime.pipeline import resolve_group
+
+    pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
+    _, ranks = resolve_group(pipeline_group)
+    base = build(family, num_ranks=len(ranks), num_microbatches=num_microbatches, num_virtual=num_virtual)
+    return Pipeline(
+        layers,
+        loss_fn=loss_fn,
+        schedule=probe_schedule(base),
+        fuse_backward=False,  # keep the probe's adjacent I, W apart: their costs are what it measures
+        **options,
+    )
+
+
+def _search(
+    timelines: list[Any],
+    walls: list[float],
+    probe: Schedule,
+    family: str,
+    num_virtual: int,
+    placement: Placement,
+    num_microbatches: int,
+    time_budget_s: float,
+    memory_limit: int | None,
+) -> Any:
+    """Rank 0: (schedule JSON, costs, predicted, probe family predicted), or the error text."""
+    try:
+        costs = measured_cost_model(timelines, probe, step_times=walls)
+        found = find_schedule(
+            costs,
+            num_ranks=probe.num_ranks,
+            num_microbatches=num_microbatches,
+            num_virtual=num_virtual,
+            placement=placement,
+            memory_limit=memory_limit,
+            time_budget_s=time_budget_s,
+        )
+        base = build(
+            family, num_ranks=probe.num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
+        )
+        return (
+            to_json(found),
+            costs,
+            simulate(found, costs).makespan,
+            simulate(base, costs).makespan,
+        )
+    except PipefoldError as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def _broadcast(pipe: Pipeline, payload: Any) -> Any:
+    group, ranks = pipe.process_group, pipe.global_ranks
+    if group is None:
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=ranks[0], group=group)
+    return box[0]

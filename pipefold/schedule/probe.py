@@ -1,0 +1,51 @@
+"""`probe_schedule(schedule)`: one step that measures F, B, I and W of every stage.
+
+A cost model for `find_schedule` needs both backward forms of each stage: the whole
+backward B (what an unsplit schedule runs) and its two halves I and W (what a
+zero-bubble schedule runs). On CPU they differ by more than noise (I + W measured
+1.2-1.6x B: the weight half re-enters the graph), so guessing one from the other
+misleads the search about when splitting pays. The probe runs `schedule` with the
+backward of even micro-batches split into I, W (W right after its I) and that of
+odd ones whole, so one measured step holds every op of every stage (with one
+micro-batch only the split form runs). Both rewrites keep every dependency, so the
+probe is as valid as `schedule`. Run it with `Pipeline(..., fuse_backward=False)`,
+or the runtime fuses the adjacent halves back into B. No torch import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipefold.errors import ScheduleError
+from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
+from pipefold.schedule.validate import validate
+
+__all__ = ["probe_schedule"]
+
+
+def probe_schedule(schedule: Schedule) -> Schedule:
+    """`schedule` with I, W on even micro-batches and B on odd ones; validated."""
+    if schedule.weight_update is not WeightUpdate.FLUSH:
+        raise ScheduleError(
+            f"schedule {schedule.name!r} updates weights inside the step; probe a flush schedule "
+            "(gpipe, 1f1b, zb-h1, ...), which is what find_schedule searches"
+        )
+    rows: list[tuple[Action, ...]] = []
+    for row in schedule.actions:
+        probed: list[Action] = []
+        for action in row:
+            split = action.microbatch % 2 == 0
+            if action.op is Op.B and split:
+                probed += [Action(Op.I, action.stage, action.microbatch)]
+                probed += [Action(Op.W, action.stage, action.microbatch)]
+            elif action.op is Op.I and not split:
+                # B where I was: everything after it only needed I's input gradient, which B also ships.
+                probed.append(Action(Op.B, action.stage, action.microbatch))
+            elif action.op is Op.W and not split:
+                continue  # done by the B above
+            else:
+                probed.append(action)
+        rows.append(tuple(probed))
+    probe = replace(schedule, name=f"{schedule.name}+probe", actions=tuple(rows))
+    validate(probe)
+    return probe
