@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipefold.errors import ConfigError, ScheduleError
+from pipefold.schedule.probe import SEARCHED, probe_base
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -156,7 +157,9 @@ class ScheduleConfig:
     SECTION: ClassVar[str] = "schedule"
 
     name: str = "1f1b"
-    """Schedule family (pipefold.schedule.names())."""
+    """Schedule family (pipefold.schedule.names()), or "auto" / "auto-v": a schedule searched from
+    costs measured in probe steps on the ranks (pipefold.runtime.tune_schedule), on the contiguous
+    or the V layout."""
     ranks: int = 2
     """Pipeline ranks (stages' processes) per replica."""
     data_parallel: int = 1
@@ -176,10 +179,25 @@ class ScheduleConfig:
         )
         _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
+        if self.name in SEARCHED:
+            wanted = SEARCHED[self.name][1]
+            _require(
+                self.virtual in (0, wanted),
+                "schedule.virtual",
+                self.virtual,
+                f"schedule.name={self.name!r} searches with {wanted} stage(s) per rank; use 0 or {wanted}",
+            )
 
     @property
     def num_virtual(self) -> int | None:
+        if self.name in SEARCHED and not self.file:
+            return SEARCHED[self.name][1]
         return self.virtual or None
+
+    @property
+    def searched_placement(self) -> str | None:
+        """The layout to search a schedule on ("auto", "auto-v"); None for a family or a file."""
+        return None if self.file or self.name not in SEARCHED else SEARCHED[self.name][0]
 
     @property
     def num_processes(self) -> int:
@@ -320,9 +338,19 @@ class TrainConfig:
                 )
             return loaded.num_stages, str(loaded.weight_update)
         try:
-            built = build(
-                s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
-            )
+            placement = s.searched_placement
+            if placement is not None:
+                # The search runs on the ranks; its probe family proves the combination legal.
+                built = probe_base(
+                    placement,
+                    num_ranks=s.ranks,
+                    num_microbatches=s.microbatches,
+                    num_virtual=s.num_virtual or 1,
+                )
+            else:
+                built = build(
+                    s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
+                )
         except ScheduleError as error:
             raise ConfigError(
                 f"schedule.name={s.name!r} with schedule.ranks={s.ranks}, "

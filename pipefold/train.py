@@ -269,7 +269,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
     )
     sampler = BatchSampler(corpus.train, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
-    pipe, optimizer = _make_pipeline(config, layers, sampler, device)
+    pipe, optimizer, searched = _make_pipeline(config, layers, sampler, device)
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.optimizer.warmup_steps))
         if optimizer is not None
@@ -288,6 +288,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             f"({device.type}), {config.schedule.microbatches} micro-batches, corpus "
             f"{corpus.num_bytes / 1e6:.1f} MB ({corpus.num_files} stdlib files)"
         )
+        if searched is not None:
+            report.print(searched)
 
     tokens_per_step = config.batch_size * m.seq_len
     records: list[StepRecord] = []
@@ -329,16 +331,24 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
 
 def _make_pipeline(
     config: TrainConfig, layers: Sequence[Any], sampler: BatchSampler, device: torch.device
-) -> tuple[Pipeline, torch.optim.Optimizer | None]:
-    """The Pipeline and, for flush schedules, the AdamW the loop steps (async ones step inside)."""
+) -> tuple[Pipeline, torch.optim.Optimizer | None, str | None]:
+    """The Pipeline, for flush schedules the AdamW the loop steps (async ones step inside), and
+    for a searched schedule ("auto", "auto-v") what the search found, to report."""
     from pipefold.runtime import Pipeline  # deferred: the config tests import this module without it
     from pipefold.schedule import build
+    from pipefold.schedule.probe import probe_base
 
     s, opt = config.schedule, config.optimizer
+    placement = s.searched_placement
     if s.file:
         from pipefold.config import load_schedule_file
 
         schedule = load_schedule_file(s.file)
+    elif placement is not None:
+        # Until the search has run, the probe's family stands in (partition, flush or not).
+        schedule = probe_base(
+            placement, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual or 1
+        )
     else:
         schedule = build(
             s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
@@ -358,28 +368,54 @@ def _make_pipeline(
         # Row-major (dp, pp): world ranks 0..ranks-1 are replica 0, so world rank 0 (the one
         # that reports) is pipeline rank 0 of replica 0.
         process_group = init_device_mesh(device.type, (s.data_parallel, s.ranks), mesh_dim_names=("dp", "pp"))
+    note: str | None = None
+    options: dict[str, Any] = {
+        "process_group": process_group,
+        "partition": _partition_argument(config, schedule, layers, sampler, device),
+        "recompute": list(recompute) if isinstance(recompute, tuple) else recompute,
+        "device": device,
+        "seed": config.seed,
+        "timeout_s": config.timeout_s,
+    }
+    if placement is not None:
+        from pipefold.runtime import tune_schedule
+
+        # Probe on the first batch without consuming it: training then starts on that batch.
+        # Row-major (dp, pp): this process is in replica world_rank // ranks.
+        probe_inputs, probe_targets = _shard_rows(sampler.peek(), dist.get_rank() // s.ranks, s.data_parallel)
+        tuned = tune_schedule(
+            layers,
+            loss_fn=gpt_loss,
+            inputs=probe_inputs,
+            targets=probe_targets,
+            num_microbatches=s.microbatches,
+            placement=placement,  # type: ignore[arg-type]  # SEARCHED holds only Placement values
+            num_virtual=s.num_virtual,
+            **options,
+        )
+        schedule = tuned.schedule
+        note = tuned.summary()
     pipe = Pipeline(
         layers,
         loss_fn=gpt_loss,
         schedule=schedule,
-        process_group=process_group,
-        partition=_partition_argument(config, schedule, layers, sampler, device),
-        recompute=list(recompute) if isinstance(recompute, tuple) else recompute,
-        device=device,
         optimizer=None if is_flush else make_optimizer,
-        seed=config.seed,
-        timeout_s=config.timeout_s,
+        **options,
     )
-    return pipe, make_optimizer(list(pipe.parameters())) if is_flush else None
+    return pipe, make_optimizer(list(pipe.parameters())) if is_flush else None, note
 
 
 def _replica_shard(batch: tuple[Tensor, Tensor], pipe: Pipeline) -> tuple[Tensor, Tensor]:
     """This replica's rows of the global batch (every rank draws the same global batch)."""
-    if pipe.num_data_parallel == 1:
+    return _shard_rows(batch, pipe.data_parallel_rank, pipe.num_data_parallel)
+
+
+def _shard_rows(batch: tuple[Tensor, Tensor], replica: int, num_replicas: int) -> tuple[Tensor, Tensor]:
+    if num_replicas == 1:
         return batch
     inputs, targets = batch
-    rows = inputs.shape[0] // pipe.num_data_parallel
-    start = pipe.data_parallel_rank * rows
+    rows = inputs.shape[0] // num_replicas
+    start = replica * rows
     return inputs[start : start + rows], targets[start : start + rows]
 
 

@@ -63,6 +63,7 @@ BAD = [
     ({"schedule.ranks": 0}, "schedule.ranks=0"),
     ({"schedule.microbatches": 0}, "schedule.microbatches=0"),
     ({"schedule.virtual": -1}, "schedule.virtual=-1"),
+    ({"schedule.name": "auto-v", "schedule.virtual": 1}, "schedule.virtual=1"),
     ({"schedule.name": "nope"}, "schedule.name='nope'"),
     ({"schedule.ranks": 9}, "model.num_layers=4"),
     ({"optimizer.lr": 0}, "optimizer.lr=0"),
@@ -99,6 +100,13 @@ def test_every_bad_value_names_the_field_and_value(overrides, names):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert names in str(info.value)
+
+
+def test_searched_schedules_are_accepted_with_their_layout():
+    assert load_config(overrides={"schedule.name": "auto"}).schedule.num_virtual == 1
+    searched = load_config(overrides={"schedule.name": "auto-v"}).schedule
+    assert searched.num_virtual == 2 and searched.searched_placement == "v"
+    assert load_config().schedule.searched_placement is None
 
 
 def test_illegal_schedule_combination_is_refused_before_anything_runs():

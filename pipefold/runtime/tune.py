@@ -46,15 +46,13 @@ from pipefold.errors import ConfigError, PipefoldError, ScheduleError
 from pipefold.model import LayerLike
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import LossFn, Pipeline
-from pipefold.schedule import Schedule, build, find_schedule, probe_schedule
+from pipefold.schedule import Schedule, find_schedule, probe_schedule
 from pipefold.schedule.auto import Placement
 from pipefold.schedule.io import from_json, to_json
+from pipefold.schedule.probe import PROBE_FAMILIES, probe_base
 from pipefold.simulate import CostModel, simulate
 
-__all__ = ["PROBE_FAMILIES", "TunedSchedule", "tune_schedule"]
-
-PROBE_FAMILIES: dict[str, str] = {"contiguous": "1f1b", "looped": "interleaved-1f1b", "v": "zb-v"}
-"""The hand-written family the probe runs, per placement: 1F1B's memory, every stage busy."""
+__all__ = ["TunedSchedule", "tune_schedule"]
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,7 @@ def tune_schedule(
                 f"tune_schedule sets {reserved}= of its probe pipelines itself; drop it from the options"
             )
     virtual = num_virtual if num_virtual is not None else (1 if placement == "contiguous" else 2)
-    family = PROBE_FAMILIES[placement]
-    # The probe `Pipeline` resolves the group; build the base for its rank count once it has.
-    probe_pipe = _probe_pipeline(layers, loss_fn, family, num_microbatches, virtual, pipeline_options)
+    probe_pipe = _probe_pipeline(layers, loss_fn, placement, num_microbatches, virtual, pipeline_options)
     timelines, walls = [], []
     for _ in range(num_probe_steps):
         start = time.perf_counter()
@@ -137,7 +133,7 @@ def tune_schedule(
     payload: Any = None
     if probe_pipe.rank == 0:
         payload = _search(
-            timelines, walls, probe, family, virtual, placement, num_microbatches, time_budget_s, memory_limit
+            timelines, walls, probe, virtual, placement, num_microbatches, time_budget_s, memory_limit
         )
     payload = _broadcast(probe_pipe, payload)
     if isinstance(payload, str):
@@ -156,7 +152,7 @@ def tune_schedule(
 def _probe_pipeline(
     layers: nn.Sequential | Sequence[LayerLike],
     loss_fn: LossFn,
-    family: str,
+    placement: str,
     num_microbatches: int,
     num_virtual: int,
     options: dict[str, Any],
@@ -168,7 +164,9 @@ def _probe_pipeline(
 
     pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
     _, ranks = resolve_group(pipeline_group)
-    base = build(family, num_ranks=len(ranks), num_microbatches=num_microbatches, num_virtual=num_virtual)
+    base = probe_base(
+        placement, num_ranks=len(ranks), num_microbatches=num_microbatches, num_virtual=num_virtual
+    )
     return Pipeline(
         layers,
         loss_fn=loss_fn,
@@ -182,7 +180,6 @@ def _search(
     timelines: list[Any],
     walls: list[float],
     probe: Schedule,
-    family: str,
     num_virtual: int,
     placement: Placement,
     num_microbatches: int,
@@ -201,8 +198,8 @@ def _search(
             memory_limit=memory_limit,
             time_budget_s=time_budget_s,
         )
-        base = build(
-            family, num_ranks=probe.num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
+        base = probe_base(
+            placement, num_ranks=probe.num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
         )
         return (
             to_json(found),

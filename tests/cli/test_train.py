@@ -78,8 +78,8 @@ def _runtime_missing():
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--schedule", "zb-h1", "--partition", "profile", "--recompute", "full"]],
-    ids=["default-1f1b", "zb-h1-profile-recompute"],
+    [[], ["--schedule", "zb-h1", "--partition", "profile", "--recompute", "full"], ["--schedule", "auto-v"]],
+    ids=["default-1f1b", "zb-h1-profile-recompute", "searched-auto-v"],
 )
 def test_train_end_to_end_tiny(tmp_path, capfd, extra):
     out = tmp_path / "run"
@@ -102,6 +102,8 @@ def test_train_end_to_end_tiny(tmp_path, capfd, extra):
     assert trace
     printed = capfd.readouterr().out
     assert "sample" in printed and "loss" in printed
+    if "auto-v" in extra:  # searched on the ranks from the probe's measured costs, and reported
+        assert "auto schedule for 2 ranks x 4 micro-batches (4 stages)" in " ".join(printed.split())
 
 
 @pytest.mark.multiprocess
