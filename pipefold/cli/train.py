@@ -53,8 +53,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.config)")
-    parser.add_argument("--schedule", help="schedule family (see `pipefold schedules`), or auto / auto-v: searched on "
-                        "the ranks from costs measured in probe steps (contiguous / V layout); default 1f1b")
+    parser.add_argument("--schedule",
+                        help="schedule family (see `pipefold schedules`), or auto / auto-v: searched on the "
+                        "ranks from costs measured in probe steps (contiguous / V layout); default 1f1b")
     parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
     parser.add_argument("--schedule-file", metavar="FILE",
                         help="run this schedule JSON (e.g. from `pipefold schedules find --save`) instead "
