@@ -145,6 +145,35 @@ def _overhead_table(records: Sequence[Record]) -> str:
     return table(header, rows)
 
 
+def _breakdown_table(records: Sequence[Record]) -> str:
+    """Per workload, ranks and M: 1F1B and the most efficient row, efficiency factored."""
+    from pipefold.bench.breakdown import efficiency_breakdown
+
+    factors = ("efficiency", "inflation", "balance", "busy", "span_per_step")
+    header = ["workload", "ranks", "M", "schedule", *factors[:-1], "span / step"]
+    rows = []
+    groups = dict.fromkeys((r["workload"], r["ranks"], r["microbatches"]) for r in records)
+    for workload, num_ranks, num_microbatches in groups:
+        chosen = [
+            r for r in records
+            if (r["workload"], r["ranks"], r["microbatches"]) == (workload, num_ranks, num_microbatches)
+            and r.get("efficiency") is not None
+        ]
+        if not chosen:
+            continue
+        best = max(chosen, key=_efficiency_key)
+        shown = [r for r in chosen if r["schedule"] == "1f1b" and r is not best] + [best]
+        for record in shown:
+            parts = efficiency_breakdown(record)
+            if parts is None:
+                continue
+            rows.append(
+                [workload, str(num_ranks), str(num_microbatches), record["schedule"]]
+                + [_ratio(parts[key]) for key in factors]
+            )
+    return table(header, rows) if rows else ""
+
+
 def _baseline_table(document: dict[str, Any], workload: str) -> str:
     base = document.get("baselines", {}).get(workload)
     if not base:
@@ -321,6 +350,27 @@ def render_markdown(
     summary = _summary([r for r in records if r["workload"] != "tiny" and not r.get("skipped")])
     if summary:
         parts += ["## Summary", "", *summary, ""]
+    breakdown = _breakdown_table(
+        sorted(
+            (r for r in records if r["workload"] != "tiny" and not r.get("skipped")),
+            key=lambda r: (r["workload"], r["ranks"], r["microbatches"]),
+        )
+    )
+    if breakdown:
+        parts += [
+            "## Where the efficiency goes",
+            "",
+            "Per workload and M, 1F1B and the most efficient row, their efficiency factored exactly "
+            "(`pipefold/bench/breakdown.py`, from pipefold's timeline of the last timed step): "
+            "*inflation* = one-process time / the sum of every rank's action times (the same work "
+            "running slower inside the pipeline); *balance* = that sum / (ranks x the busiest rank's); "
+            "*busy* = the busiest rank's action time / the step's span (bubble and waits); "
+            "*span / step* = the span / the median step (time outside the actions, and the last "
+            "step against the median).",
+            "",
+            breakdown,
+            "",
+        ]
     main_records = [r for r in records if r["workload"] != "tiny"]
     for workload in dict.fromkeys(r["workload"] for r in main_records):
         parts += [f"## Workload: {workload}", "", _baseline_table(document, workload), ""]

@@ -114,3 +114,25 @@ def test_save_plots_writes_bar_chart_and_timeline_comparison(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     text = render_markdown(_document([record]), plots_link="plots", plot_files=names)
     assert "![step_time_mlp_p2](plots/step_time_mlp_p2.png)" in text
+
+
+def test_efficiency_breakdown_factors_exactly_and_is_rendered():
+    """gpipe p=2 m=4 with F=1, B=2 per stage: each rank computes 12 of a span of 15; with a
+    one-process step of 20 and a median step of 16, the four factors multiply to 20 / 32."""
+    import pytest
+
+    from pipefold.bench.breakdown import efficiency_breakdown
+
+    schedule = build("gpipe", num_ranks=2, num_microbatches=4)
+    measured = simulate(schedule, CostModel.uniform(2, f=1, b=2))
+    record = _record("gpipe", 4, 16.0, 20.0, single_process_s=20.0, efficiency=20 / 32)
+    record["sides"]["pipefold"]["timeline"] = measured.to_json()
+    parts = efficiency_breakdown(record)
+    assert parts["inflation"] == pytest.approx(20 / 24) and parts["balance"] == pytest.approx(1.0)
+    assert parts["busy"] == pytest.approx(12 / 15) and parts["span_per_step"] == pytest.approx(15 / 16)
+    product = parts["inflation"] * parts["balance"] * parts["busy"] * parts["span_per_step"]
+    assert product == pytest.approx(parts["efficiency"]) == pytest.approx(20 / 32)
+    text = render_markdown(_document([record]))
+    assert "## Where the efficiency goes" in text
+    assert "| mlp | 2 | 4 | gpipe | 0.62 | 0.83 | 1.00 | 0.80 | 0.94 |" in text
+    assert efficiency_breakdown({**record, "sides": {}}) is None
