@@ -56,6 +56,11 @@ def _has_deepspeed(records: Sequence[Record]) -> bool:
     return any("deepspeed_step_s" in record for record in records)
 
 
+def _searched_label(record: Record) -> str:
+    ran = record.get("searched_schedule")
+    return "pipefold only, ran " + (f"`{ran}`" if ran else "?")
+
+
 def _step_table(records: Sequence[Record]) -> str:
     deepspeed = _has_deepspeed(records)
     header = ["schedule (torch class)", "M", "pipefold s", "torch s", "ratio torch/pipefold"]
@@ -72,7 +77,7 @@ def _step_table(records: Sequence[Record]) -> str:
         if record.get("skipped"):
             continue
         row = [
-            f"{record['schedule']} ({record['peer_schedule'] or 'searched, pipefold only'})",
+            f"{record['schedule']} ({record['peer_schedule'] or _searched_label(record)})",
             str(record["microbatches"]),
             _seconds(record["pipefold_step_s"]),
             _seconds(record["peer_step_s"]),
@@ -215,10 +220,12 @@ How these numbers are made (`pipefold/bench/`):
 - Zero-bubble: torch's `ScheduleInterleavedZeroBubble` with one stage per rank against
   pipefold's `zb-h1` (the closest equivalent: ZB-H1 order, backward split into I and W).
 - pipefold-only rows: *auto* (contiguous layout) and *auto-v* (V layout) run the schedule
-  pipefold searches for this model on these ranks (`pipefold.runtime.tune_schedule`: three
-  probe steps time every stage's F, B, I and W, the link and the runtime's overheads, then
-  `find_schedule` searches from those costs). torch has no counterpart, so they have no ratio
-  and do not count in the ratio medians; they count for the best efficiency.
+  pipefold tunes for this model on these ranks (`pipefold.runtime.tune_schedule`: three
+  probe steps time every stage's F, B, I and W, the link and the runtime's overheads;
+  `find_schedule` searches from those costs; a two-step measured trial then keeps the faster of
+  the searched schedule and the best family of its layout, named in the row: `auto` is the
+  searched one). torch has no counterpart, so they have no ratio and do not count in the ratio
+  medians; they count for the best efficiency.
 - One set of spawned ranks (gloo on 127.0.0.1, 1 torch thread each) runs every configuration;
   each library's gradients are checked against one process (`assert_close`) before it is
   timed; then, after warm-up, the libraries alternate step by step (A B A B). A step's time is

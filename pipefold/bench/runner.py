@@ -183,6 +183,8 @@ def build_record(
         "workload": config.workload,
         "schedule": config.schedule,
         "peer_schedule": schedule_pair.torch_class,
+        # What a searched row ran: "auto", or the family that won the measured trial.
+        "searched_schedule": None if searched_json is None else searched_json.get("name"),
         "ranks": config.num_ranks,
         "microbatches": config.num_microbatches,
         "num_virtual": schedule_pair.num_virtual,

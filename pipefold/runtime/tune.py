@@ -23,6 +23,13 @@ measures before it searches:
    and the shared cores where ranks outnumber them ([Note: measured costs]).
 3. Search: `find_schedule` on those costs (list scheduler + local search, scored by
    the simulator; never slower there than the fitting hand-written families).
+4. Trial (`num_trial_steps` > 0): the searched schedule and the fastest fitting
+   family of the same layout each run that many steps, alternating, after one untimed
+   step each; the shorter median step on rank 0 wins. The simulator ranks candidates
+   on the probe's costs, and an action costs a few percent more or less in another
+   order (measured on the benchmark's MLP: a searched order predicted ahead of zb-h1
+   ran 6% behind it), more than the margin between close candidates; a measured
+   trial settles it. Where the search returned that family itself, there is no trial.
 
 Only the pipeline's rank 0 searches: the search stops at a time budget, so two ranks
 could settle on different schedules and then deadlock. Rank 0 broadcasts the schedule
@@ -34,6 +41,7 @@ passed as layers are the ones the probe ran (a later `Pipeline` reuses them);
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +54,7 @@ from pipefold.errors import ConfigError, PipefoldError, ScheduleError
 from pipefold.model import LayerLike
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import LossFn, Pipeline
-from pipefold.schedule import Schedule, find_schedule, probe_schedule
+from pipefold.schedule import Schedule, build, probe_schedule, search_schedule
 from pipefold.schedule.auto import Placement
 from pipefold.schedule.io import from_json, to_json
 from pipefold.schedule.probe import PROBE_FAMILIES, probe_base
@@ -71,15 +79,21 @@ class TunedSchedule:
     """The simulated step of the probe's base family under `costs`, for comparison."""
     probe_step_s: tuple[float, ...]
     """Rank 0's wall time of each probe step kept for the costs."""
+    trials: tuple[tuple[str, float], ...] = ()
+    """(schedule name, rank 0's median trial step in seconds) per candidate tried; () if none."""
 
     def summary(self) -> str:
         gain = self.probe_predicted_step_s / self.predicted_step_s if self.predicted_step_s > 0 else 1.0
+        trial = ""
+        if self.trials:
+            tried = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in self.trials)
+            trial = f"; measured trial: {tried}, kept {self.schedule.name!r}"
         return (
             f"auto schedule for {self.schedule.num_ranks} ranks x {self.schedule.num_microbatches} "
             f"micro-batches ({self.schedule.num_stages} stages): predicted step "
             f"{self.predicted_step_s * 1e3:.1f} ms, {gain:.2f}x the probe family "
             f"{self.probe.name.removesuffix('+probe')!r} ({self.probe_predicted_step_s * 1e3:.1f} ms) "
-            f"under the same measured costs"
+            f"under the same measured costs{trial}"
         )
 
 
@@ -95,6 +109,7 @@ def tune_schedule(
     num_probe_steps: int = 3,
     time_budget_s: float = 1.0,
     memory_limit: int | None = None,
+    num_trial_steps: int = 2,
     **pipeline_options: Any,
 ) -> TunedSchedule:
     """Probe, measure and search (see [Note: schedules from measured costs]).
@@ -103,9 +118,12 @@ def tune_schedule(
     give the same ones to the `Pipeline` that runs the result. `num_virtual`: stages per
     rank (default 1 for contiguous, 2 for looped and V). `memory_limit`: the most
     activation bytes a rank may hold, as `find_schedule` takes it (default 1F1B's peak).
+    `num_trial_steps`: timed steps per candidate in the trial (0: keep the search's pick).
     """
     if placement not in PROBE_FAMILIES:
         raise ConfigError(f"placement = {placement!r}; use one of {', '.join(PROBE_FAMILIES)}")
+    if not isinstance(num_trial_steps, int) or num_trial_steps < 0:
+        raise ConfigError(f"num_trial_steps = {num_trial_steps!r}; give 0 (no trial) or more steps")
     if not isinstance(num_probe_steps, int) or num_probe_steps < 1:
         raise ConfigError(
             f"num_probe_steps = {num_probe_steps!r}; give at least 1 step (3 leaves one warm-up)"
@@ -138,15 +156,51 @@ def tune_schedule(
     payload = _broadcast(probe_pipe, payload)
     if isinstance(payload, str):
         raise ScheduleError(f"tune_schedule: the search on rank 0 failed: {payload}")
-    schedule_json, costs, predicted, probe_predicted = payload
+    schedule_json, costs, predicted, probe_predicted, rival_json = payload
+    schedule = from_json(schedule_json)
+    trials: tuple[tuple[str, float], ...] = ()
+    if num_trial_steps > 0 and rival_json is not None:
+        candidates = [schedule, from_json(rival_json)]
+        medians = _trial(candidates, layers, loss_fn, inputs, targets, num_trial_steps, pipeline_options)
+        # Rank 0's clock decides for everyone, like the search.
+        winner = _broadcast(probe_pipe, min(range(len(candidates)), key=medians.__getitem__))
+        trials = tuple((c.name, s) for c, s in zip(candidates, medians, strict=True))
+        schedule = candidates[winner]
+        predicted = simulate(schedule, costs).makespan
     return TunedSchedule(
-        schedule=from_json(schedule_json),
+        schedule=schedule,
         costs=costs,
         probe=probe,
         predicted_step_s=predicted,
         probe_predicted_step_s=probe_predicted,
         probe_step_s=tuple(walls),
+        trials=trials,
     )
+
+
+def _trial(
+    candidates: list[Schedule],
+    layers: nn.Sequential | Sequence[LayerLike],
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any,
+    num_steps: int,
+    options: dict[str, Any],
+) -> list[float]:
+    """This rank's median step per candidate: one untimed step each, then `num_steps` rounds
+    that alternate the candidates, so a drift of the machine hits them alike."""
+    pipes = [Pipeline(layers, loss_fn=loss_fn, schedule=candidate, **options) for candidate in candidates]
+    samples: list[list[float]] = [[] for _ in pipes]
+    for round_index in range(num_steps + 1):
+        for pipe, times in zip(pipes, samples, strict=True):
+            start = time.perf_counter()
+            pipe.step(inputs, targets)
+            if round_index > 0:
+                times.append(time.perf_counter() - start)
+    for pipe in pipes:
+        for parameter in pipe.parameters():
+            parameter.grad = None
+    return [statistics.median(times) for times in samples]
 
 
 def _probe_pipeline(
@@ -186,10 +240,12 @@ def _search(
     time_budget_s: float,
     memory_limit: int | None,
 ) -> Any:
-    """Rank 0: (schedule JSON, costs, predicted, probe family predicted), or the error text."""
+    """Rank 0: (schedule JSON, costs, predicted, probe family predicted, rival family JSON or
+    None), or the error text. The rival is the fastest family of the same layout within the
+    memory limit, unless the search returned it unchanged."""
     try:
         costs = measured_cost_model(timelines, probe, step_times=walls)
-        found = find_schedule(
+        search = search_schedule(
             costs,
             num_ranks=probe.num_ranks,
             num_microbatches=num_microbatches,
@@ -198,6 +254,17 @@ def _search(
             memory_limit=memory_limit,
             time_budget_s=time_budget_s,
         )
+        found = search.schedule
+        rival = next((c for c in search.baselines if c.fits and c.placement == found.placement), None)
+        rival_json = None
+        if rival is not None:
+            built = build(
+                rival.name,
+                num_ranks=probe.num_ranks,
+                num_microbatches=num_microbatches,
+                num_virtual=found.num_stages // probe.num_ranks,
+            )
+            rival_json = None if built.actions == found.actions else to_json(built)
         base = probe_base(
             placement, num_ranks=probe.num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
         )
@@ -206,6 +273,7 @@ def _search(
             costs,
             simulate(found, costs).makespan,
             simulate(base, costs).makespan,
+            rival_json,
         )
     except PipefoldError as error:
         return f"{type(error).__name__}: {error}"

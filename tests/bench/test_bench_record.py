@@ -82,6 +82,7 @@ def test_a_searched_row_is_predicted_from_the_schedule_that_ran_and_has_no_peer(
     result = ConfigResult(config, sides={"pipefold": side})
     record = build_record(result, _baselines(4))
     assert record["peer_schedule"] is None and record["ratio"] is None
+    assert record["searched_schedule"] == "zb-h1"
     assert record["efficiency"] == pytest.approx(1.0 / (2 * 0.6))
     assert record["actions_per_rank"] == max(len(row) for row in ran.actions)
     # Without the recorded schedule there is nothing to predict (and no guess is made).

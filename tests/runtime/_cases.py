@@ -372,4 +372,5 @@ def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: in
         "costs_positive": all(v > 0 for v in (*costs.f, *costs.b, *costs.i, *costs.w)),
         "num_probe_steps_kept": len(result.probe_step_s),
         "summary": result.summary(),
+        "trials": [list(trial) for trial in result.trials],
     }
