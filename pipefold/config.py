@@ -66,6 +66,10 @@ from typing import Any, ClassVar
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.probe import SEARCHED, probe_base
 
+if typing.TYPE_CHECKING:
+    from pipefold.schedule import Schedule
+    from pipefold.schedule.auto import Placement
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 has no tomllib; tomli is the same parser under its PyPI name.
@@ -195,9 +199,27 @@ class ScheduleConfig:
         return self.virtual or None
 
     @property
-    def searched_placement(self) -> str | None:
+    def searched_placement(self) -> Placement | None:
         """The layout to search a schedule on ("auto", "auto-v"); None for a family or a file."""
         return None if self.file or self.name not in SEARCHED else SEARCHED[self.name][0]
+
+    def family_schedule(self) -> Schedule:
+        """The family `name` built for these ranks and micro-batches. For "auto" / "auto-v" it is
+        the layout's probe family, which stands in until the search has run on the ranks: the
+        searched schedule has its stages, placement and flush update. Raises ScheduleError."""
+        placement = self.searched_placement
+        if placement is not None:
+            return probe_base(
+                placement,
+                num_ranks=self.ranks,
+                num_microbatches=self.microbatches,
+                num_virtual=SEARCHED[self.name][1],
+            )
+        from pipefold.schedule import build
+
+        return build(
+            self.name, num_ranks=self.ranks, num_microbatches=self.microbatches, num_virtual=self.num_virtual
+        )
 
     @property
     def num_processes(self) -> int:
@@ -320,8 +342,6 @@ class TrainConfig:
 
     def _check_schedule(self) -> tuple[int, str]:
         """(num_stages, weight update mode) of the schedule, built (or loaded) to prove it legal."""
-        from pipefold.schedule import build
-
         s = self.schedule
         if s.file:
             loaded = load_schedule_file(s.file)
@@ -338,19 +358,7 @@ class TrainConfig:
                 )
             return loaded.num_stages, str(loaded.weight_update)
         try:
-            placement = s.searched_placement
-            if placement is not None:
-                # The search runs on the ranks; its probe family proves the combination legal.
-                built = probe_base(
-                    placement,
-                    num_ranks=s.ranks,
-                    num_microbatches=s.microbatches,
-                    num_virtual=s.num_virtual or 1,
-                )
-            else:
-                built = build(
-                    s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
-                )
+            built = s.family_schedule()
         except ScheduleError as error:
             raise ConfigError(
                 f"schedule.name={s.name!r} with schedule.ranks={s.ranks}, "

@@ -335,8 +335,6 @@ def _make_pipeline(
     """The Pipeline, for flush schedules the AdamW the loop steps (async ones step inside), and
     for a searched schedule ("auto", "auto-v") what the search found, to report."""
     from pipefold.runtime import Pipeline  # deferred: the config tests import this module without it
-    from pipefold.schedule import build
-    from pipefold.schedule.probe import probe_base
 
     s, opt = config.schedule, config.optimizer
     placement = s.searched_placement
@@ -344,15 +342,8 @@ def _make_pipeline(
         from pipefold.config import load_schedule_file
 
         schedule = load_schedule_file(s.file)
-    elif placement is not None:
-        # Until the search has run, the probe's family stands in (partition, flush or not).
-        schedule = probe_base(
-            placement, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual or 1
-        )
     else:
-        schedule = build(
-            s.name, num_ranks=s.ranks, num_microbatches=s.microbatches, num_virtual=s.num_virtual
-        )
+        schedule = s.family_schedule()  # for auto / auto-v, the stand-in until the search has run
 
     def make_optimizer(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -389,7 +380,7 @@ def _make_pipeline(
             inputs=probe_inputs,
             targets=probe_targets,
             num_microbatches=s.microbatches,
-            placement=placement,  # type: ignore[arg-type]  # SEARCHED holds only Placement values
+            placement=placement,
             num_virtual=s.num_virtual,
             **options,
         )

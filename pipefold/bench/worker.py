@@ -89,7 +89,7 @@ def run_config(
     result = ConfigResult(config)
     sides: list[Side] = []
     for label in options.libraries:
-        side, error = _build_side(label, work, config, options, rank, num_ranks)
+        side, error = _build_side(label, work, config, options, rank, num_ranks, batch)
         error = _first_error(error)
         if side is None and error is None:
             continue  # not applicable (DeepSpeed beside a schedule it does not have)
@@ -139,7 +139,13 @@ def run_config(
 
 
 def _build_side(
-    label: str, work: Workload, config: BenchConfig, options: RunOptions, rank: int, num_ranks: int
+    label: str,
+    work: Workload,
+    config: BenchConfig,
+    options: RunOptions,
+    rank: int,
+    num_ranks: int,
+    batch: Batch,
 ) -> tuple[Side | None, str | None]:
     """Construct one library's pipeline; a refusal becomes an error string, not an exception."""
     layers = work.build_layers(options.seed)
@@ -156,7 +162,7 @@ def _build_side(
                 schedule_pair,
                 num_ranks=num_ranks,
                 num_microbatches=config.num_microbatches,
-                probe_batch=work.make_batch(options.seed),
+                probe_batch=batch,  # a searched row tunes on the batch it is timed on
             ), None
         if label == "torch":
             refusal = schedule_pair.peer_refusal(num_ranks, config.num_microbatches)

@@ -2,7 +2,7 @@
 
     tuned = tune_schedule(layers, loss_fn=F.cross_entropy, inputs=x, targets=y, num_microbatches=8)
     pipe = Pipeline(layers, loss_fn=F.cross_entropy, schedule=tuned.schedule, num_microbatches=8)
-    print(tuned.summary())        # searched schedule, its predicted step, the probe's costs
+    summary = tuned.summary()     # searched schedule, its predicted step, the trial; log or print it
 
 Every rank calls it with the same arguments, like `Pipeline`.
 
@@ -68,7 +68,8 @@ class TunedSchedule:
     """What `tune_schedule` found, and from what."""
 
     schedule: Schedule
-    """The searched schedule, validated, named "auto"; pass it to `Pipeline(schedule=...)`."""
+    """What won: the searched schedule (named "auto") or, where the measured trial found it
+    faster, the family it was tried against; pass it to `Pipeline(schedule=...)`."""
     costs: CostModel
     """The cost model measured in the probe (rank 0's view, sent to every rank)."""
     probe: Schedule
@@ -133,18 +134,15 @@ def tune_schedule(
             raise ConfigError(
                 f"tune_schedule sets {reserved}= of its probe pipelines itself; drop it from the options"
             )
+    if pipeline_options.get("record_timeline") is False:
+        raise ConfigError("record_timeline=False: tune_schedule measures the probe's timelines; drop it")
     virtual = num_virtual if num_virtual is not None else (1 if placement == "contiguous" else 2)
     probe_pipe = _probe_pipeline(layers, loss_fn, placement, num_microbatches, virtual, pipeline_options)
     timelines, walls = [], []
     for _ in range(num_probe_steps):
-        start = time.perf_counter()
-        probe_pipe.step(inputs, targets)
-        walls.append(time.perf_counter() - start)
-        if probe_pipe.last_timeline is None:
-            raise ConfigError("tune_schedule needs the probe's timelines; drop record_timeline=False")
+        walls.append(_timed_step(probe_pipe, inputs, targets))
         timelines.append(probe_pipe.last_timeline)
-    for parameter in probe_pipe.parameters():
-        parameter.grad = None
+    _drop_gradients(probe_pipe)
     keep = slice(1, None) if num_probe_steps > 1 else slice(None)
     timelines, walls = timelines[keep], walls[keep]
     probe = probe_pipe.schedule
@@ -193,20 +191,30 @@ def _trial(
     samples: list[list[float]] = [[] for _ in pipes]
     for round_index in range(num_steps + 1):
         for pipe, times in zip(pipes, samples, strict=True):
-            start = time.perf_counter()
-            pipe.step(inputs, targets)
+            seconds = _timed_step(pipe, inputs, targets)
             if round_index > 0:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
     for pipe in pipes:
-        for parameter in pipe.parameters():
-            parameter.grad = None
+        _drop_gradients(pipe)
     return [statistics.median(times) for times in samples]
+
+
+def _timed_step(pipe: Pipeline, inputs: Any, targets: Any) -> float:
+    start = time.perf_counter()
+    pipe.step(inputs, targets)
+    return time.perf_counter() - start
+
+
+def _drop_gradients(pipe: Pipeline) -> None:
+    """Tuning steps are not training steps: leave no gradient behind."""
+    for parameter in pipe.parameters():
+        parameter.grad = None
 
 
 def _probe_pipeline(
     layers: nn.Sequential | Sequence[LayerLike],
     loss_fn: LossFn,
-    placement: str,
+    placement: Placement,
     num_microbatches: int,
     num_virtual: int,
     options: dict[str, Any],

@@ -17,20 +17,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipefold.errors import ScheduleError
+from pipefold.schedule.auto import Placement
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
 from pipefold.schedule.validate import validate
 
 __all__ = ["PROBE_FAMILIES", "SEARCHED", "probe_base", "probe_schedule"]
 
-PROBE_FAMILIES: dict[str, str] = {"contiguous": "1f1b", "looped": "interleaved-1f1b", "v": "zb-v"}
+PROBE_FAMILIES: dict[Placement, str] = {"contiguous": "1f1b", "looped": "interleaved-1f1b", "v": "zb-v"}
 """The hand-written family a probe runs, per placement: 1F1B's memory, every stage busy."""
 
-SEARCHED: dict[str, tuple[str, int]] = {"auto": ("contiguous", 1), "auto-v": ("v", 2)}
+SEARCHED: dict[str, tuple[Placement, int]] = {"auto": ("contiguous", 1), "auto-v": ("v", 2)}
 """Names that ask for a schedule searched from measured costs (`pipefold train --schedule auto`,
 the benchmark's rows): name -> (placement, stages per rank)."""
 
 
-def probe_base(placement: str, *, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
+def probe_base(
+    placement: Placement, *, num_ranks: int, num_microbatches: int, num_virtual: int
+) -> Schedule:
     """The placement's probe family, built (ScheduleError names an illegal combination)."""
     from pipefold.schedule.registry import build
 
