@@ -73,15 +73,16 @@ class PipefoldSide:
             num_virtual=schedule_pair.num_virtual,
             **options,
         )
-        # The measured timelines of the latest steps: the warm-up steps when the runner asks
-        # for the calibrated prediction (it asks before timing).
-        # (timeline, wall seconds of that step on this rank).
+        # The measurements of the latest steps: the warm-up steps when the runner asks for
+        # the calibrated prediction (it asks before timing). (GatheredStep, wall seconds of
+        # that step on this rank); a step's timeline is decoded only when read, outside the
+        # timed window, as a training loop that does not read it would not pay for it.
         self._recent: collections.deque[tuple[Any, float]] = collections.deque(maxlen=self.CALIBRATION_STEPS)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         start = time.perf_counter()
         self.pipe.step(inputs, targets)
-        self._recent.append((self.pipe.last_timeline, time.perf_counter() - start))
+        self._recent.append((self.pipe.last_step, time.perf_counter() - start))
 
     def gradients(self) -> dict[str, torch.Tensor]:
         return {name: p.grad for name, p in self.pipe.named_parameters() if p.grad is not None}
@@ -109,7 +110,7 @@ class PipefoldSide:
         if not self._recent:
             return None
         schedule = self.pipe.schedule
-        timelines = [timeline for timeline, _ in self._recent]
+        timelines = [step.timeline() for step, _ in self._recent]
         walls = [wall for _, wall in self._recent]
         return float(
             predicted_step_time(schedule, measured_cost_model(timelines, schedule, step_times=walls))

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.cores import ranks_share_cores
+from pipefold.runtime.cores import processes_on_host, ranks_share_cores
 from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
@@ -143,7 +143,7 @@ class P2P:
             return bool(me[3] and info[peer][3] and info[peer][0] == me[0])
 
         # Ranks that share cores wait on doorbells instead of sleeping polls ([Note: doorbells]).
-        bells = ranks_share_cores(sum(1 for entry in info if entry[0] == me[0]))
+        bells = ranks_share_cores(processes_on_host(sum(1 for entry in info if entry[0] == me[0])))
         created: dict[int, ShmChannel] = {}
         for peer in sorted(set(send_peers)):
             if reachable(peer):
@@ -355,7 +355,7 @@ class Collectives:
                 logger.info("no shared-memory exchange (%s): process group", error)
         # Ranks that share cores block on doorbells between checks ([Note: doorbells]).
         doorbell: Doorbell | None = None
-        if ranks_share_cores(num_ranks):
+        if ranks_share_cores(processes_on_host(num_ranks)):
             try:
                 doorbell = Doorbell.create(SHM_DIR, f"{name}-bell-{rank}")
             except OSError as error:

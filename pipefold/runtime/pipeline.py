@@ -56,7 +56,7 @@ from pipefold.model import (
 from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
-from pipefold.runtime.cores import ranks_share_cores, shared_cores
+from pipefold.runtime.cores import processes_on_host, ranks_share_cores, shared_cores
 from pipefold.runtime.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
@@ -241,14 +241,19 @@ class Pipeline:
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
         # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
         # one host records it, so its cost model replays that ([Note: shared cores] in
-        # pipefold/simulate/costs.py). Data-parallel replicas on the same host are not counted.
+        # pipefold/simulate/costs.py). Data-parallel replicas on the host count too: they
+        # compute beside this pipeline and take their share of the cores.
+        num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
+        host_processes = processes_on_host(num_ranks, num_replicas)
         self._shared_cores = (
-            shared_cores(num_ranks, torch.get_num_threads()) if self.device.type == "cpu" else None
+            shared_cores(num_ranks, torch.get_num_threads(), host_processes)
+            if self.device.type == "cpu"
+            else None
         )
         if busy_wait is None:
-            # Only shared-memory waits on CPU busy-poll; where ranks share cores they block
-            # on doorbells instead ([Note: busy polling]).
-            busy_wait = self.device.type == "cpu" and not ranks_share_cores(num_ranks)
+            # Only shared-memory waits on CPU busy-poll; where processes share cores they
+            # block on doorbells instead ([Note: busy polling]).
+            busy_wait = self.device.type == "cpu" and not ranks_share_cores(host_processes)
         self._watchdog = Watchdog(
             self._board,
             rank=self.rank,
@@ -299,7 +304,7 @@ class Pipeline:
             step_fn=self._stash_step if stepping else None,
         )
         self._broken: str | None = None
-        self.last_timeline: Timeline | None = None
+        self._last_step: step_gather.GatheredStep | None = None
 
     # -- configuration helpers ---------------------------------------------------------------
 
@@ -549,7 +554,7 @@ class Pipeline:
             self._activation_peak = record.activation_bytes_peak
         else:
             record = replace(record, activation_bytes_peak=self._activation_peak)
-        gathered: list[RankRecord] | None = None
+        gathered: step_gather.GatheredStep | None = None
         if self._record_timeline:
             # One all-gather brings every rank's losses and timeline (step_gather.py).
             gathered, losses = self._gather_step(record)
@@ -571,7 +576,7 @@ class Pipeline:
             if data_parallel is not None:
                 data_parallel.average_gradients(weight)
         if gathered is not None:
-            self.last_timeline = self._timeline(gathered)
+            self._last_step = gathered
         if bad and not skip:
             raise NonFiniteLoss(
                 f"the loss of micro-batch(es) {bad} is {losses[bad[0]].item()} (scaled by micro-batch size / "
@@ -628,7 +633,19 @@ class Pipeline:
                     total = total + parts[rank]
                 param.grad = total if previous is None else previous + total
 
-    def _gather_step(self, record: StepRecord) -> tuple[list[RankRecord], Tensor]:
+    @property
+    def last_timeline(self) -> Timeline | None:
+        """The measured timeline of the last step (every rank's actions), None before the first
+        step or with `record_timeline=False`. Decoded when first read (see step_gather.py)."""
+        return None if self._last_step is None else self._last_step.timeline()
+
+    @property
+    def last_step(self) -> step_gather.GatheredStep | None:
+        """The last step's measurements, not yet decoded: keep several and call `.timeline()`
+        on those you read, instead of decoding every step's `last_timeline`."""
+        return self._last_step
+
+    def _gather_step(self, record: StepRecord) -> tuple[step_gather.GatheredStep, Tensor]:
         """Every rank's measurements and the batch's per-micro-batch losses (summed over ranks)."""
         versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
         mine = RankRecord(
@@ -640,10 +657,12 @@ class Pipeline:
             host=host_code(_host()),
         )
         if self._collectives is None:
-            return [mine], record.losses
-        row = step_gather.pack(mine, record.losses, self._timeline_slots)
+            return step_gather.GatheredStep(lambda: self._timeline([mine])), record.losses
+        slots = self._timeline_slots
+        row = step_gather.pack(mine, record.losses, slots)
         rows = self._collectives.all_gather(row, what="loss and timeline gather")
-        return step_gather.unpack(rows, self._timeline_slots, self.schedule.num_microbatches)
+        losses = step_gather.losses_of(rows, slots, self.schedule.num_microbatches)
+        return step_gather.GatheredStep(lambda: self._timeline(step_gather.unpack(rows, slots))), losses
 
     def _timeline(self, gathered: list[RankRecord]) -> Timeline:
         events: list[tuple[Event, ...]] = [g.events for g in gathered]

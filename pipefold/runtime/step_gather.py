@@ -15,12 +15,17 @@ One `all_gather` of that row replaces both collectives; the batch loss per
 micro-batch is the sum of the rows' loss columns (only the last stage's rank has
 non-zero ones, so the sum is exact). float64 holds every field exactly: byte counts
 below 2**53, hosts as a CRC-32, times as the seconds `perf_counter` gave.
+
+The losses are needed at once (`step` returns them); the records only when someone
+reads the timeline. Decoding the rows into events and building the `Timeline` took
+0.3-0.4 ms per step at 2 ranks on CPU (2026-12-03, MLP, M=8: 0.8% of its step), so
+`GatheredStep` keeps the rows and decodes them on first read.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +33,9 @@ from torch import Tensor
 
 from pipefold.errors import PipelineError
 from pipefold.schedule import Action, Op
-from pipefold.timeline import Event, Wait
+from pipefold.timeline import Event, Timeline, Wait
 
-__all__ = ["RankRecord", "host_code", "pack", "row_length", "unpack"]
+__all__ = ["GatheredStep", "RankRecord", "host_code", "losses_of", "pack", "row_length", "unpack"]
 
 _HEADER = 6
 _FIELDS = 5
@@ -87,11 +92,16 @@ def pack(record: RankRecord, losses: Tensor, num_slots: int) -> Tensor:
     return torch.cat([row.to(losses.device), losses.to(torch.float64).reshape(-1)])
 
 
-def unpack(rows: Sequence[Tensor], num_slots: int, num_microbatches: int) -> tuple[list[RankRecord], Tensor]:
-    """Every rank's record (index = pipeline rank) and the summed per-micro-batch losses."""
+def losses_of(rows: Sequence[Tensor], num_slots: int, num_microbatches: int) -> Tensor:
+    """The per-micro-batch losses, summed over the ranks' rows."""
+    loss_start = _HEADER + 2 * _FIELDS * num_slots
+    return torch.stack([row[loss_start : loss_start + num_microbatches] for row in rows]).sum(dim=0)
+
+
+def unpack(rows: Sequence[Tensor], num_slots: int) -> list[RankRecord]:
+    """Every rank's record (index = pipeline rank)."""
     records = []
     loss_start = _HEADER + 2 * _FIELDS * num_slots
-    losses = torch.stack([row[loss_start : loss_start + num_microbatches] for row in rows]).sum(dim=0)
     for rank, row in enumerate(rows):
         values = row[:loss_start].cpu().tolist()
         num_events, num_waits = int(values[0]), int(values[1])
@@ -115,7 +125,7 @@ def unpack(rows: Sequence[Tensor], num_slots: int, num_microbatches: int) -> tup
                 host=int(values[5]),
             )
         )
-    return records, losses
+    return records
 
 
 def _actions(values: list[float], start: int, count: int) -> list[tuple[Action, float, float]]:
@@ -124,3 +134,16 @@ def _actions(values: list[float], start: int, count: int) -> list[tuple[Action, 
         op, stage, microbatch, begin, end = values[start + _FIELDS * index : start + _FIELDS * (index + 1)]
         found.append((Action(_OPS[int(op)], int(stage), int(microbatch)), begin, end))
     return found
+
+
+class GatheredStep:
+    """One step's measurements, decoded into a `Timeline` on the first `timeline()` call."""
+
+    def __init__(self, decode: Callable[[], Timeline]) -> None:
+        self._decode = decode
+        self._decoded: Timeline | None = None
+
+    def timeline(self) -> Timeline:
+        if self._decoded is None:
+            self._decoded = self._decode()
+        return self._decoded

@@ -135,6 +135,7 @@ def dp_exact(
         "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
         "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
+        "timeline_cores": pipe.last_timeline.meta.get("num_cores"),
     }
 
 
@@ -315,6 +316,12 @@ def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_
     _check(results, num_dp=2, num_pp=2)
     assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
     assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
+    # The other replica computes beside each pipeline: its timeline records the pipeline's
+    # share of the host's cores, which is what the simulator replays ([Note: shared cores]).
+    from pipefold.runtime.cores import shared_cores
+
+    expected_cores = shared_cores(2, threads_per_rank=1, num_host_processes=4)
+    assert [r["timeline_cores"] for r in results] == [expected_cores] * 4
 
 
 @pytest.mark.multiprocess

@@ -7,7 +7,7 @@ from pipefold.errors import PipelineError
 from pipefold.runtime import step_gather
 from pipefold.runtime.step_gather import RankRecord, host_code
 from pipefold.schedule import Action, Op
-from pipefold.timeline import Event, Wait
+from pipefold.timeline import Event, Timeline, Wait
 
 
 def _record(rank: int, num_events: int, peak: int) -> RankRecord:
@@ -26,15 +26,15 @@ def test_round_trip_is_exact_and_losses_sum():
     losses = [torch.zeros(3, dtype=torch.float64), torch.tensor([0.25, 1 / 3, 2.0], dtype=torch.float64)]
     rows = [step_gather.pack(r, loss, num_slots) for r, loss in zip(records, losses, strict=True)]
     assert all(row.numel() == step_gather.row_length(num_slots, num_microbatches) for row in rows)
-    unpacked, summed = step_gather.unpack(rows, num_slots, num_microbatches)
-    assert unpacked == records
+    assert step_gather.unpack(rows, num_slots) == records
+    summed = step_gather.losses_of(rows, num_slots, num_microbatches)
     torch.testing.assert_close(summed, losses[1], rtol=0, atol=0)
 
 
 def test_float32_losses_are_widened():
     record = _record(0, 1, 0)
     row = step_gather.pack(record, torch.tensor([0.5, 0.25]), num_slots=1)
-    _, summed = step_gather.unpack([row], 1, 2)
+    summed = step_gather.losses_of([row], 1, 2)
     assert summed.dtype == torch.float64 and summed.tolist() == [0.5, 0.25]
 
 
@@ -45,3 +45,17 @@ def test_more_events_than_slots_is_a_bug_report():
 
 def test_host_code_tells_hosts_apart():
     assert host_code("node-a") == host_code("node-a") != host_code("node-b")
+
+
+def test_gathered_step_decodes_once_and_only_when_read():
+    calls = []
+    timeline = Timeline(num_ranks=1, events=((),), source="measured")
+
+    def decode() -> Timeline:
+        calls.append(1)
+        return timeline
+
+    step = step_gather.GatheredStep(decode)
+    assert calls == []
+    assert step.timeline() is timeline and step.timeline() is timeline
+    assert calls == [1]
