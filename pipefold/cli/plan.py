@@ -97,6 +97,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--cores", type=int, metavar="N",
                         help="all processes share N cores (CPU ranks on one host: cores / threads per "
                         "rank); ranks computing at once split them fairly (default: a device per rank)")
+    parser.add_argument("--order-search", type=float, default=1.0, metavar="SECONDS",
+                        help="search an order for the choice's configuration for up to this long "
+                        "(default 1; 0: off)")
+    parser.add_argument("--save-schedule", metavar="FILE",
+                        help="write the schedule to run as JSON: the searched order where it is faster "
+                        "than the choice's family, else the family's (pipefold.schedule.io.load reads it)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     gpt = parser.add_argument_group(
@@ -167,6 +173,34 @@ def _measured_costs(args: argparse.Namespace) -> Any:
     return measured.costs
 
 
+def _check_writable(path: str) -> None:
+    from pathlib import Path
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"--save-schedule = {path!r}: the folder {str(parent)!r} does not exist; create it first"
+        )
+    if Path(path).is_dir():
+        raise ConfigError(f"--save-schedule = {path!r} is a folder; give a file name")
+
+
+def _save_schedule(result: Any, path: str) -> None:
+    """The searched order where it beats the family, else the family's own schedule."""
+    from pipefold.schedule import build
+    from pipefold.schedule.io import save
+
+    choice, searched = result.choice, result.searched
+    if searched is not None and searched.gain > 1.0:
+        schedule, what = searched.schedule, f"the searched order ({searched.gain:.3f}x {choice.schedule}'s)"
+    else:
+        schedule = build(choice.schedule, num_ranks=choice.num_ranks,
+                         num_microbatches=choice.num_microbatches, num_virtual=choice.num_virtual)
+        what = f"{choice.schedule}'s order (no searched one was faster)"
+    save(schedule, path)
+    print(f"wrote {what} to {path}; run it with partition={list(choice.partition.counts)}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from pipefold.plan import PlanOptions, format_bytes, plan
     from pipefold.simulate import Link
@@ -174,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, latency in (("--latency", args.latency), ("--dp-latency", args.dp_latency)):
         if latency is not None and (latency < 0 or not math.isfinite(latency)):
             raise ConfigError(f"{flag} = {latency}; give seconds >= 0")
+    if not (0 <= args.order_search < math.inf):
+        raise ConfigError(f"--order-search = {args.order_search}; give seconds >= 0 (0: no order search)")
     link = Link(latency=args.latency, bandwidth=args.bandwidth or math.inf)
     dp_link = None
     if args.dp_bandwidth is not None or args.dp_latency is not None:
@@ -199,8 +235,13 @@ def run(args: argparse.Namespace) -> int:
         link=link,
         dp_link=dp_link,
         num_cores=args.cores,
+        order_search_s=args.order_search,
     )
+    if args.save_schedule is not None:
+        _check_writable(args.save_schedule)
     result = plan(_costs(args), options)
+    if args.save_schedule is not None:
+        _save_schedule(result, args.save_schedule)
     allreduce_free = options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0
     if allreduce_free and (result.num_devices is not None or result.num_data_parallel > 1):
         # An ideal link prices the all-reduce at 0, so more replicas always look better; say so

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipefold.balance import Partition
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.units import format_bytes
+
+if TYPE_CHECKING:
+    from pipefold.plan.refine import SearchedOrder
 
 __all__ = ["Candidate", "Verdict", "Plan", "Status"]
 
@@ -210,6 +213,9 @@ class Plan:
     """One verdict per dp x pp split searched ("dp=2 x pp=4"), dp ascending; empty when one was pinned."""
     num_devices: int | None = None
     """The devices split into dp x pp when the degree was searched; None when it was pinned."""
+    searched: SearchedOrder | None = None
+    """An order searched for the choice's configuration ([Note: planner refinement] in
+    refine.py); None when not searched (asynchronous family, unknown layout, search off)."""
 
     @property
     def num_data_parallel(self) -> int:
@@ -250,6 +256,8 @@ class Plan:
         ]
         if self.source:
             lines.append(f"  costs: {self.source}")
+        if self.searched is not None:
+            lines.append(f"  {self.searched.explain()}")
         width = max(len(verdict.subject) for verdict in (*self.degrees, *self.families, *self.settings))
         if self.degrees:
             lines.append(f"dp x pp for {self.num_devices} devices:")
@@ -284,11 +292,15 @@ class Plan:
             "num_simulated": self.num_simulated,
             "num_pruned": self.num_pruned,
             "source": self.source,
+            "searched": None if self.searched is None else self.searched.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
+        from pipefold.plan.refine import SearchedOrder
+
         limit = data.get("memory_limit")
+        searched = data.get("searched")
         return cls(
             choice=Candidate.from_json(data["choice"]),
             top=tuple(Candidate.from_json(entry) for entry in data["top"]),
@@ -302,4 +314,5 @@ class Plan:
             source=str(data.get("source", "")),
             degrees=tuple(Verdict.from_json(entry) for entry in data.get("degrees", ())),
             num_devices=None if data.get("num_devices") is None else int(data["num_devices"]),
+            searched=None if searched is None else SearchedOrder.from_json(searched),
         )

@@ -42,6 +42,7 @@ from pipefold.plan.degree import Degree, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes
+from pipefold.plan.refine import search_order
 from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
@@ -372,6 +373,11 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
     settings = setting_verdicts(same_degree, choice, options.memory_limit, extra,
                                 asynchronous=is_asynchronous(choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
+    searched = (
+        search_order(costs, options, choice, time_budget_s=options.order_search_s)
+        if options.order_search_s > 0
+        else None
+    )
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:
         degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_pairs(), choice,
@@ -389,4 +395,5 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
         source=costs.source,
         degrees=degrees,
         num_devices=options.num_devices if options.searches_degree else None,
+        searched=searched,
     )

@@ -80,6 +80,9 @@ class PlanOptions:
     rank); each of dp replicas then gets num_cores / dp of them ([Note: shared cores] in
     pipefold/simulate/costs.py). None: a device per rank."""
 
+    order_search_s: float = 1.0
+    """Seconds to search an order for the choice ([Note: planner refinement] in refine.py); 0: none."""
+
     def cores_per_pipeline(self, num_data_parallel: int) -> float | None:
         """`CostModel.num_cores` of one replica's pipeline, or None (a device per rank)."""
         return None if self.num_cores is None else self.num_cores / num_data_parallel
@@ -105,6 +108,12 @@ class PlanOptions:
             self.memory_limit > 0
         ):
             raise ConfigError(f"memory_limit = {self.memory_limit!r}; give bytes > 0 (math.inf for none)")
+        if isinstance(self.order_search_s, bool) or not isinstance(self.order_search_s, (int, float)) or not (
+            0 <= self.order_search_s < math.inf
+        ):
+            raise ConfigError(
+                f"order_search_s = {self.order_search_s!r}; give seconds >= 0 (0: no order search)"
+            )
         if self.recompute not in ("auto", "none", "full"):
             raise ConfigError(f"recompute = {self.recompute!r}; use 'auto', 'none' or 'full'")
         object.__setattr__(self, "schedules", tuple(self.schedules))
