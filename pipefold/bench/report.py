@@ -222,10 +222,10 @@ How these numbers are made (`pipefold/bench/`):
 - pipefold-only rows: *auto* (contiguous layout) and *auto-v* (V layout) run the schedule
   pipefold tunes for this model on these ranks (`pipefold.runtime.tune_schedule`: three
   probe steps time every stage's F, B, I and W, the link and the runtime's overheads;
-  `find_schedule` searches from those costs; a two-step measured trial then keeps the faster of
-  the searched schedule and the best family of its layout, named in the row: `auto` is the
-  searched one). torch has no counterpart, so they have no ratio and do not count in the ratio
-  medians; they count for the best efficiency.
+  `find_schedule` searches from those costs; a measured trial, 2 to 6 alternating rounds, then
+  keeps the fastest of the searched schedule and the two best families of its layout, named in
+  the row: `auto` is the searched one). torch has no counterpart, so they have no ratio and do
+  not count in the ratio medians; they count for the best efficiency.
 - One set of spawned ranks (gloo on 127.0.0.1, 1 torch thread each) runs every configuration;
   each library's gradients are checked against one process (`assert_close`) before it is
   timed; then, after warm-up, the libraries alternate step by step (A B A B). A step's time is

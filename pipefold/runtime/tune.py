@@ -23,13 +23,17 @@ measures before it searches:
    and the shared cores where ranks outnumber them ([Note: measured costs]).
 3. Search: `find_schedule` on those costs (list scheduler + local search, scored by
    the simulator; never slower there than the fitting hand-written families).
-4. Trial (`num_trial_steps` > 0): the searched schedule and the fastest fitting
-   family of the same layout each run that many steps, alternating, after one untimed
-   step each; the shorter median step on rank 0 wins. The simulator ranks candidates
-   on the probe's costs, and an action costs a few percent more or less in another
-   order (measured on the benchmark's MLP: a searched order predicted ahead of zb-h1
-   ran 6% behind it), more than the margin between close candidates; a measured
-   trial settles it. Where the search returned that family itself, there is no trial.
+4. Trial (`num_trial_steps` > 0): the searched schedule and the `num_trial_families`
+   fastest fitting families of the same layout run in rounds, one step each per round
+   in turn, after one untimed step each; the shorter median step on rank 0 wins. The
+   simulator ranks candidates on the probe's costs, and an action costs a few percent
+   more or less in another order (measured on the benchmark's MLP: a searched order
+   predicted ahead of zb-h1 ran 6% behind it), more than the margin between close
+   candidates; a measured trial settles it. The rounds stop early, after at least two,
+   once every step of the leader was shorter than every step of each other candidate
+   (the order is then clear whatever the noise did), else after `num_trial_steps`:
+   two fixed steps did not rank candidates reliably where ranks share cores.
+   A family whose order equals the searched one is not tried twice.
 
 Only the pipeline's rank 0 searches: the search stops at a time budget, so two ranks
 could settle on different schedules and then deadlock. Rank 0 broadcasts the schedule
@@ -82,13 +86,16 @@ class TunedSchedule:
     """Rank 0's wall time of each probe step kept for the costs."""
     trials: tuple[tuple[str, float], ...] = ()
     """(schedule name, rank 0's median trial step in seconds) per candidate tried; () if none."""
+    trial_rounds: int = 0
+    """Timed rounds the trial ran (at most `num_trial_steps`; fewer when it was clear early)."""
 
     def summary(self) -> str:
         gain = self.probe_predicted_step_s / self.predicted_step_s if self.predicted_step_s > 0 else 1.0
         trial = ""
         if self.trials:
             tried = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in self.trials)
-            trial = f"; measured trial: {tried}, kept {self.schedule.name!r}"
+            rounds = f"{self.trial_rounds} round{'s' if self.trial_rounds != 1 else ''}"
+            trial = f"; measured trial ({rounds}): {tried}, kept {self.schedule.name!r}"
         return (
             f"auto schedule for {self.schedule.num_ranks} ranks x {self.schedule.num_microbatches} "
             f"micro-batches ({self.schedule.num_stages} stages): predicted step "
@@ -110,7 +117,8 @@ def tune_schedule(
     num_probe_steps: int = 3,
     time_budget_s: float = 1.0,
     memory_limit: int | None = None,
-    num_trial_steps: int = 2,
+    num_trial_steps: int = 6,
+    num_trial_families: int = 2,
     **pipeline_options: Any,
 ) -> TunedSchedule:
     """Probe, measure and search (see [Note: schedules from measured costs]).
@@ -119,12 +127,21 @@ def tune_schedule(
     give the same ones to the `Pipeline` that runs the result. `num_virtual`: stages per
     rank (default 1 for contiguous, 2 for looped and V). `memory_limit`: the most
     activation bytes a rank may hold, as `find_schedule` takes it (default 1F1B's peak).
-    `num_trial_steps`: timed steps per candidate in the trial (0: keep the search's pick).
+    `num_trial_steps`: the most timed steps per candidate in the trial (0: keep the search's
+    pick); `num_trial_families`: how many of the fastest fitting families it is tried against.
     """
     if placement not in PROBE_FAMILIES:
         raise ConfigError(f"placement = {placement!r}; use one of {', '.join(PROBE_FAMILIES)}")
-    if not isinstance(num_trial_steps, int) or num_trial_steps < 0:
+    if isinstance(num_trial_steps, bool) or not isinstance(num_trial_steps, int) or num_trial_steps < 0:
         raise ConfigError(f"num_trial_steps = {num_trial_steps!r}; give 0 (no trial) or more steps")
+    if (
+        isinstance(num_trial_families, bool)
+        or not isinstance(num_trial_families, int)
+        or num_trial_families < 1
+    ):
+        raise ConfigError(
+            f"num_trial_families = {num_trial_families!r}; give 1 or more (num_trial_steps=0 skips the trial)"
+        )
     if not isinstance(num_probe_steps, int) or num_probe_steps < 1:
         raise ConfigError(
             f"num_probe_steps = {num_probe_steps!r}; give at least 1 step (3 leaves one warm-up)"
@@ -149,17 +166,21 @@ def tune_schedule(
     payload: Any = None
     if probe_pipe.rank == 0:
         payload = _search(
-            timelines, walls, probe, virtual, placement, num_microbatches, time_budget_s, memory_limit
+            timelines, walls, probe, virtual, placement, num_microbatches, time_budget_s, memory_limit,
+            num_trial_families,
         )
     payload = _broadcast(probe_pipe, payload)
     if isinstance(payload, str):
         raise ScheduleError(f"tune_schedule: the search on rank 0 failed: {payload}")
-    schedule_json, costs, predicted, probe_predicted, rival_json = payload
+    schedule_json, costs, predicted, probe_predicted, rivals_json = payload
     schedule = from_json(schedule_json)
     trials: tuple[tuple[str, float], ...] = ()
-    if num_trial_steps > 0 and rival_json is not None:
-        candidates = [schedule, from_json(rival_json)]
-        medians = _trial(candidates, layers, loss_fn, inputs, targets, num_trial_steps, pipeline_options)
+    rounds = 0
+    if num_trial_steps > 0 and rivals_json:
+        candidates = [schedule, *(from_json(rival) for rival in rivals_json)]
+        medians, rounds = _trial(
+            candidates, layers, loss_fn, inputs, targets, num_trial_steps, pipeline_options, probe_pipe
+        )
         # Rank 0's clock decides for everyone, like the search.
         winner = _broadcast(probe_pipe, min(range(len(candidates)), key=medians.__getitem__))
         trials = tuple((c.name, s) for c, s in zip(candidates, medians, strict=True))
@@ -173,6 +194,7 @@ def tune_schedule(
         probe_predicted_step_s=probe_predicted,
         probe_step_s=tuple(walls),
         trials=trials,
+        trial_rounds=rounds,
     )
 
 
@@ -182,21 +204,37 @@ def _trial(
     loss_fn: LossFn,
     inputs: Any,
     targets: Any,
-    num_steps: int,
+    max_rounds: int,
     options: dict[str, Any],
-) -> list[float]:
-    """This rank's median step per candidate: one untimed step each, then `num_steps` rounds
-    that alternate the candidates, so a drift of the machine hits them alike."""
+    decider: Pipeline,
+) -> tuple[list[float], int]:
+    """This rank's median step per candidate and the rounds run: one untimed step each, then
+    rounds that alternate the candidates (a drift of the machine hits them alike) until rank 0
+    sees a clear leader (`_separated`) or `max_rounds` are done."""
     pipes = [Pipeline(layers, loss_fn=loss_fn, schedule=candidate, **options) for candidate in candidates]
+    for pipe in pipes:
+        _timed_step(pipe, inputs, targets)
     samples: list[list[float]] = [[] for _ in pipes]
-    for round_index in range(num_steps + 1):
+    rounds = 0
+    while rounds < max_rounds:
         for pipe, times in zip(pipes, samples, strict=True):
-            seconds = _timed_step(pipe, inputs, targets)
-            if round_index > 0:
-                times.append(seconds)
+            times.append(_timed_step(pipe, inputs, targets))
+        rounds += 1
+        if 2 <= rounds < max_rounds:
+            # Every rank must stop after the same round, so rank 0's samples decide.
+            stop = _separated(samples) if decider.rank == 0 else None
+            if _broadcast(decider, stop):
+                break
     for pipe in pipes:
         _drop_gradients(pipe)
-    return [statistics.median(times) for times in samples]
+    return [statistics.median(times) for times in samples], rounds
+
+
+def _separated(samples: list[list[float]]) -> bool:
+    """Whether every step of the candidate with the shortest median beat every step of each other."""
+    leader = min(range(len(samples)), key=lambda index: statistics.median(samples[index]))
+    slowest_of_leader = max(samples[leader])
+    return all(min(times) > slowest_of_leader for index, times in enumerate(samples) if index != leader)
 
 
 def _timed_step(pipe: Pipeline, inputs: Any, targets: Any) -> float:
@@ -247,10 +285,11 @@ def _search(
     num_microbatches: int,
     time_budget_s: float,
     memory_limit: int | None,
+    num_rivals: int,
 ) -> Any:
-    """Rank 0: (schedule JSON, costs, predicted, probe family predicted, rival family JSON or
-    None), or the error text. The rival is the fastest family of the same layout within the
-    memory limit, unless the search returned it unchanged."""
+    """Rank 0: (schedule JSON, costs, predicted, probe family predicted, rival families' JSON),
+    or the error text. The rivals are the `num_rivals` fastest families of the same layout
+    within the memory limit, leaving out any whose order is the searched one."""
     try:
         costs = measured_cost_model(timelines, probe, step_times=walls)
         search = search_schedule(
@@ -263,16 +302,18 @@ def _search(
             time_budget_s=time_budget_s,
         )
         found = search.schedule
-        rival = next((c for c in search.baselines if c.fits and c.placement == found.placement), None)
-        rival_json = None
-        if rival is not None:
+        rivals_json: list[dict[str, Any]] = []
+        for rival in (c for c in search.baselines if c.fits and c.placement == found.placement):
+            if len(rivals_json) == num_rivals:
+                break
             built = build(
                 rival.name,
                 num_ranks=probe.num_ranks,
                 num_microbatches=num_microbatches,
                 num_virtual=found.num_stages // probe.num_ranks,
             )
-            rival_json = None if built.actions == found.actions else to_json(built)
+            if built.actions != found.actions:
+                rivals_json.append(to_json(built))
         base = probe_base(
             placement, num_ranks=probe.num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
         )
@@ -281,7 +322,7 @@ def _search(
             costs,
             simulate(found, costs).makespan,
             simulate(base, costs).makespan,
-            rival_json,
+            rivals_json,
         )
     except PipefoldError as error:
         return f"{type(error).__name__}: {error}"

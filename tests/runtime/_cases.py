@@ -373,4 +373,5 @@ def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: in
         "num_probe_steps_kept": len(result.probe_step_s),
         "summary": result.summary(),
         "trials": [list(trial) for trial in result.trials],
+        "trial_rounds": result.trial_rounds,
     }

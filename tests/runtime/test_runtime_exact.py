@@ -150,11 +150,15 @@ def test_a_tuned_schedule_is_agreed_and_exact(pool2, placement, model, num_micro
     results = pool2.run("tuned", placement=placement, model=model, num_microbatches=num_microbatches)
     assert results[0]["schedule"] == results[1]["schedule"]
     trials = results[0]["trials"]
-    if trials:  # the searched schedule against the best family, measured: rank 0's faster one runs
-        assert trials[0][0] == "auto" and len(trials) == 2
+    if trials:  # the searched schedule against the best families, measured: rank 0's fastest runs
+        assert trials[0][0] == "auto" and 2 <= len(trials) <= 3
+        assert len({name for name, _ in trials}) == len(trials)
         assert results[0]["schedule"]["name"] == min(trials, key=lambda trial: trial[1])[0]
         assert "measured trial" in results[0]["summary"]
-    else:  # the search returned that family itself
+        # At least two rounds; at most num_trial_steps (6), the same on both ranks.
+        assert 2 <= results[0]["trial_rounds"] <= 6
+        assert results[0]["trial_rounds"] == results[1]["trial_rounds"]
+    else:  # no family of the layout fits the memory cap beside the searched order
         assert results[0]["schedule"]["name"] == "auto"
     assert all(r["costs_positive"] for r in results)
     assert results[0]["num_probe_steps_kept"] == 2
