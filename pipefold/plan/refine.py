@@ -155,7 +155,7 @@ def search_order(
         return None  # not even one micro-batch per rank fits beside the weights
     timeline = simulate(found.schedule, model)
     memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
-    if max(memory.total for memory in memory) > options.memory_limit:
+    if max(rank.total for rank in memory) > options.memory_limit:
         return None
     return SearchedOrder(
         schedule=found.schedule,
