@@ -55,7 +55,8 @@ from pipefold.errors import ConfigError, PipefoldError, PipelineError
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
-    from pipefold.runtime.pipeline import Pipeline
+from pipefold.runtime.pipeline import Pipeline
+from pipefold.runtime.tensor_parallel import is_sharded
 
 __all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
 
@@ -189,6 +190,7 @@ def load_checkpoint(
     before anything is read. `optimizer` must hold this rank's parameters (as for
     save_checkpoint); its state and hyperparameters are replaced by the saved ones.
     """
+    _refuse_tensor_parallel(pipe, "load_checkpoint")
     target = Path(path)
     meta = _read_metadata(target)
     info = _info(target, meta)
@@ -426,7 +428,19 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+def _refuse_tensor_parallel(pipe: Pipeline, what: str) -> None:
+    """Tensor-parallel shards are not written or read yet ([Note: tensor parallel x pipeline]
+    in tensor_parallel.py): refuse on every rank alike, before any file is touched."""
+    if getattr(pipe, "_num_tensor_parallel", 1) > 1 or any(is_sharded(p) for p in pipe.parameters()):
+        raise ConfigError(
+            f"{what}: the pipeline splits layers over a 'tp' mesh dim (tensor_parallel), and checkpoints "
+            "of DTensor shards are not implemented; save the weights yourself with "
+            "torch.distributed.checkpoint over the whole world, or train without tensor_parallel"
+        )
+
+
 def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra: Any) -> None:
+    _refuse_tensor_parallel(pipe, "save_checkpoint")
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise ConfigError(
             f"save_checkpoint: step={step!r}; give the number of steps done (an int >= 0) or None"

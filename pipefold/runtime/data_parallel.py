@@ -43,13 +43,22 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.runtime.comm import Collectives
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.tensor_parallel import is_sharded, local
 
-__all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
+__all__ = ["DataParallel", "split_mesh", "tensor_parallel_mesh", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 << 20
 """Gradient bytes flattened into one all-reduce (PyTorch DDP's default bucket size)."""
 
-_MESH_DIMS = ("dp", "pp")
+_MESH_DIMS = ("dp", "pp", "tp")
+
+
+def tensor_parallel_mesh(process_group: Any) -> Any:
+    """The 1-D "tp" sub-mesh of a `DeviceMesh` that has one, else None ([Note: tensor parallel
+    x pipeline] in tensor_parallel.py)."""
+    from pipefold.runtime.tensor_parallel import has_tp_dim
+
+    return process_group["tp"] if has_tp_dim(process_group) else None
 
 
 def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.ProcessGroup | None]:
@@ -70,8 +79,8 @@ def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.
         if unknown:
             raise ConfigError(
                 f"process_group: the DeviceMesh has dims {names}; pipefold composes only 'dp' (data "
-                f"parallel) and 'pp' (pipeline) and does not implement {unknown} (tensor parallelism "
-                "and FSDP are absent); drop those dims"
+                f"parallel), 'pp' (pipeline) and 'tp' (tensor parallel) and does not implement {unknown} "
+                "(FSDP / context parallelism are absent); drop those dims"
             )
         if dist.is_available() and dist.is_initialized():
             mesh_size = int(process_group.size())
@@ -80,7 +89,7 @@ def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.
                 shape = dict(zip(names, tuple(process_group.shape), strict=True))
                 raise ConfigError(
                     f"process_group: the DeviceMesh {shape} covers {mesh_size} ranks but the world has "
-                    f"{world_size}; choose dp x pp = {world_size}"
+                    f"{world_size}; choose {' x '.join(names)} = {world_size}"
                 )
         mesh_data_parallel = process_group.get_group("dp") if "dp" in names else None
         if mesh_data_parallel is not None and data_parallel_group is not None:
@@ -117,7 +126,7 @@ def _buckets(params: Iterable[nn.Parameter], bucket_bytes: int) -> tuple[_Bucket
     current: list[nn.Parameter] = []
     size = 0
     for param in params:
-        num_bytes = param.numel() * param.element_size()
+        num_bytes = local(param).numel() * param.element_size()  # a DTensor's own shard
         if current and (
             size + num_bytes > bucket_bytes
             or param.dtype != current[0].dtype
@@ -204,7 +213,9 @@ class DataParallel:
         """Sum `weight` x this step's gradients over the replicas; add back what was set aside."""
         pending: list[tuple[_Bucket, Tensor, dist.Work | None]] = []
         for bucket in self._buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+            grads = [
+                local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in bucket.params
+            ]
             flat = torch.cat([g.reshape(-1) for g in grads])
             flat.mul_(weight)
             pending.append((bucket, flat, dist.all_reduce(flat, group=self._group, async_op=True)))
@@ -217,8 +228,17 @@ class DataParallel:
                 )
             offset = 0
             for param in bucket.params:
-                param.grad = flat[offset : offset + param.numel()].view_as(param)
-                offset += param.numel()
+                shard = local(param)
+                averaged = flat[offset : offset + shard.numel()].view_as(shard)
+                offset += shard.numel()
+                if is_sharded(param):
+                    # A tensor-parallel parameter's gradient stays a DTensor of the same layout:
+                    # the averaged shard goes into its local part.
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    local(param.grad).copy_(averaged)
+                else:
+                    param.grad = averaged
         set_aside = self._set_aside
         self._set_aside = None
         if set_aside is None:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from pipefold.runtime.tensor_parallel import local
+
 __all__ = ["ActivationCounter"]
 
 
@@ -37,7 +39,7 @@ class ActivationCounter:
     """Current and peak bytes of saved activations on this rank."""
 
     def __init__(self, parameters: Iterable[Tensor]) -> None:
-        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        self._excluded = {local(p).untyped_storage().data_ptr() for p in parameters}
         self._held: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self.current = 0
         self.peak = 0
@@ -48,7 +50,8 @@ class ActivationCounter:
     def _acquire(self, tensor: Tensor) -> int | None:
         if tensor.device.type == "meta":
             return None
-        storage = tensor.untyped_storage()
+        # A DTensor (tensor parallelism) is a wrapper without storage: count its local shard.
+        storage = local(tensor).untyped_storage()
         key = storage.data_ptr()
         if key == 0 or key in self._excluded:
             return None

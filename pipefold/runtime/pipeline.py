@@ -57,13 +57,14 @@ from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
 from pipefold.runtime.cores import processes_on_host, ranks_share_cores, shared_cores
-from pipefold.runtime.data_parallel import DataParallel, split_mesh
+from pipefold.runtime.data_parallel import DataParallel, split_mesh, tensor_parallel_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_gather import RankRecord, host_code
+from pipefold.runtime.tensor_parallel import TensorParallelPlan, apply_tensor_parallel, check_plan, plan_for
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
@@ -122,6 +123,14 @@ class Pipeline:
       does so on CPU where every rank of the pipeline has a core of its own, never where
       ranks share cores ([Note: busy polling] in pipefold/runtime/failure.py). False
       leaves idle cores idle, at the cost of a slower wake-up.
+    - `tensor_parallel`: with a `DeviceMesh` that has a "tp" dim, how to split each layer
+      over it: a mapping {submodule name pattern: ParallelStyle} (torch's
+      `parallelize_module` plan, e.g. {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+      applied to every layer with such submodules, or a function (layer index, module) ->
+      such a mapping or None. Each layer must map a replicated input to a replicated
+      output. A ("dp", "pp", "tp") mesh composes all three. Flush schedules only; tied
+      layers stay whole ([Note: tensor parallel x pipeline] in
+      pipefold/runtime/tensor_parallel.py).
     - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
       returning it to the kernel between micro-batches (process-wide; see
       pipefold/runtime/allocator.py): fewer page faults, a flat heap at its peak.
@@ -153,6 +162,7 @@ class Pipeline:
         shared_memory_bytes: int = 64 << 20,
         keep_cpu_heap: bool = True,
         busy_wait: bool | None = None,
+        tensor_parallel: TensorParallelPlan | None = None,
     ) -> None:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
@@ -182,6 +192,9 @@ class Pipeline:
         self._memory_counted_for: set[TensorMeta] = set()
         self._activation_peak = 0
 
+        check_plan(tensor_parallel, process_group)
+        split_mesh(process_group, data_parallel_group)  # its checks, before the "tp" sub-mesh is taken
+        tp_mesh = tensor_parallel_mesh(process_group)
         pipeline_group, data_parallel_group = split_mesh(process_group, data_parallel_group)
         self._group, self._ranks = resolve_group(pipeline_group)
         num_ranks = len(self._ranks)
@@ -195,6 +208,9 @@ class Pipeline:
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_async(optimizer, recompute)
+        self._num_tensor_parallel = 1 if tp_mesh is None else int(tp_mesh.size())
+        if tensor_parallel is not None:
+            self._check_tensor_parallel(tensor_parallel)
         if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
             raise ConfigError(
                 f"schedule {self.schedule.name!r} updates weights inside the step, so data-parallel "
@@ -214,6 +230,10 @@ class Pipeline:
         local_stages = self.schedule.stages_of(self.rank)
         indices = [i for s in local_stages for i in self.partition.layers_of(s)]
         modules = materialize(self._layers, indices, self.device, seed=seed)
+        if tensor_parallel is not None:
+            # Whole layers first (the same seed on every tp rank), then split: the shards are
+            # exactly the unsplit model's ([Note: tensor parallel x pipeline]).
+            apply_tensor_parallel(modules, tp_mesh, tensor_parallel)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
         stages: dict[int, Stage] = {}
@@ -230,6 +250,8 @@ class Pipeline:
                 recompute_layers=recompute_layers,
             )
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
+        for stage in self.stages:
+            stage.check_plain_output = tensor_parallel is not None
         self._meta = meta_layers(self._layers)
         self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
 
@@ -244,6 +266,7 @@ class Pipeline:
         # pipefold/simulate/costs.py). Data-parallel replicas on the host count too: they
         # compute beside this pipeline and take their share of the cores.
         num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
+        num_replicas *= self._num_tensor_parallel  # tp peers compute beside this pipeline too
         host_processes = processes_on_host(num_ranks, num_replicas)
         self._shared_cores = (
             shared_cores(num_ranks, torch.get_num_threads(), host_processes)
@@ -339,6 +362,24 @@ class Pipeline:
                 f"the asynchronous schedule {name!r} cannot run tied layers (TiedLayerSpec): each stage "
                 "stashes and updates its own weights; untie them or use a flush schedule"
             )
+
+    def _check_tensor_parallel(self, plan: TensorParallelPlan) -> None:
+        """Refuse what tensor parallelism does not compose with ([Note: tensor parallel x pipeline]
+        in pipefold/runtime/tensor_parallel.py), before any layer is built."""
+        name = self.schedule.name
+        if self.schedule.weight_update is not WeightUpdate.FLUSH:
+            raise ConfigError(
+                f"tensor_parallel with the asynchronous schedule {name!r}: its weight stashes copy whole "
+                "tensors, not DTensor shards; use a flush schedule (gpipe, 1f1b, interleaved-1f1b, ...)"
+            )
+        meta = meta_layers(self._layers)
+        for key, occurrences in sorted(tied_groups(self._layers).items()):
+            split = [i for i in occurrences if plan_for(plan, i, meta[i])]
+            if split:
+                raise ConfigError(
+                    f"tensor_parallel splits the tied layer {key!r} (layers {split}): tied layers exchange "
+                    "whole gradients between ranks; keep them out of the plan (return None for them)"
+                )
 
     def _attach_stashes(self, optimizer: OptimizerFactory | None) -> bool:
         if optimizer is None:

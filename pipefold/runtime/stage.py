@@ -18,8 +18,10 @@ from typing import Any
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, apply_layer
 from pipefold.runtime.stash import WeightStash
+from pipefold.runtime.tensor_parallel import is_sharded
 
 __all__ = ["Stage", "flatten", "as_leaves"]
 
@@ -72,6 +74,9 @@ class Stage:
         self.module: nn.Module = _Chain(self, modules)
         self.stash: WeightStash | None = None
         """Set for asynchronous schedules: forwards then run on the stashed weight version."""
+        self.check_plain_output = False
+        """Set under tensor parallelism: a forward whose output is a DTensor (a layer plan that
+        does not end replicated) raises instead of sending a shard to the next stage."""
 
     def _run(self, value: Any) -> Any:
         for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
@@ -89,8 +94,24 @@ class Stage:
             # (torch.func.functional_call), which runs self._run through _Chain.
             return self.stash.forward(microbatch, value)
         if self._recompute_all:
-            return torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
-        return self._run(value)
+            output = torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
+        else:
+            output = self._run(value)
+        if self.check_plain_output:
+            self._check_plain(output)
+        return output
+
+    def _check_plain(self, output: Any) -> None:
+        for tensor in flatten(output):
+            if is_sharded(tensor):
+                last = self.layer_indices[-1]
+                placements = getattr(tensor, "placements", "?")
+                raise ConfigError(
+                    f"tensor_parallel: layer {last} (the last of stage {self.index}) returns a DTensor "
+                    f"{tuple(tensor.shape)} placed {placements}, not a plain replicated tensor; end each "
+                    "layer's plan replicated (a RowwiseParallel() after a ColwiseParallel(), "
+                    "use_local_output=True)"
+                )
 
 
 def flatten(value: Any) -> tuple[Tensor, ...]:

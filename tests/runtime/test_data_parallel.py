@@ -255,7 +255,8 @@ def test_buckets_split_by_size_and_dtype():
     [
         (None, "dims named nothing"),
         (("dp", "model"), "dims named ('dp', 'model')"),
-        (("dp", "tp", "pp"), "does not implement ['tp']"),
+        (("dp", "tp", "pp"), "'tp' dim but tensor_parallel is None"),
+        (("dp", "cp", "pp"), "does not implement ['cp']"),
     ],
 )
 def test_bad_mesh_is_refused_before_any_communication(names, words):

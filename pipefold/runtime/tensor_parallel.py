@@ -1,0 +1,135 @@
+"""Tensor parallelism inside each stage: the layers of a stage split over a "tp" mesh dim.
+
+[Note: tensor parallel x pipeline]
+A `DeviceMesh` with dims ("pp", "tp") (or ("dp", "pp", "tp")) gives every pipeline rank
+`tp` processes. They hold the same stages and run the same schedule in lockstep; within a
+layer, torch's `parallelize_module` splits the weights as the user's plan says
+(`ColwiseParallel` then `RowwiseParallel` is Megatron's MLP and attention split) and its
+DTensor collectives (all-reduce of a row-parallel output in forward, of a column-parallel
+input gradient in backward) run inside F and B, over the "tp" group only. Between stages
+nothing changes: a layer maps a replicated input to a replicated output, so tp rank t of
+stage s sends its (full, identical) boundary tensor to tp rank t of stage s + 1, along the
+"pp" group of its own tp coordinate. That sends the boundary tp times, which Megatron
+avoids by scattering it over the tp ranks and all-gathering it at the receiver; on one
+host through shared memory the copy is cheap, and it keeps the pipeline's transport, its
+timeline and the simulator unchanged.
+
+Each tp rank's parameters are DTensors holding its shard, and so are their gradients; a
+parameter the plan does not split (a layer norm) is a plain replicated tensor whose
+gradient is the same on every tp rank, because every tp rank runs the same replicated
+computation on it. The plan applies per layer, after the rank's layers are built (so
+`LayerSpec` layers are materialised whole first, with the same seed on every tp rank,
+and then split: the split weights are exactly the unsplit model's).
+
+With a "dp" dim as well (("dp", "pp", "tp"): 3D), replicas along "dp" average each
+parameter's gradient as without tensor parallelism, shard by shard: the data-parallel
+all-reduce carries each DTensor gradient's local part, and the rank that holds a shard in
+one replica holds the same shard in every other.
+
+Not composed with tensor parallelism (refused up front): tied layers that the plan would
+split (their gradient exchange sums whole tensors across pipeline ranks; tied layers the
+plan leaves whole are fine), asynchronous schedules (weight stashes copy whole tensors),
+and sharded checkpoints (`save_checkpoint` refuses a pipeline with tensor parallelism
+rather than write DTensor shards it cannot yet read back into another tp degree).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from pipefold.errors import ConfigError
+
+__all__ = ["TensorParallelPlan", "apply_tensor_parallel", "check_plan", "is_sharded", "local"]
+
+TensorParallelPlan: TypeAlias = Mapping[str, Any] | Callable[[int, nn.Module], Mapping[str, Any] | None]
+"""{submodule pattern: ParallelStyle} for every layer, or (layer index, module) -> that (or None)."""
+
+
+def has_tp_dim(process_group: object) -> bool:
+    """Whether `process_group` is a DeviceMesh with a "tp" dim."""
+    return hasattr(process_group, "get_group") and "tp" in tuple(
+        getattr(process_group, "mesh_dim_names", None) or ()
+    )
+
+
+def check_plan(plan: object, process_group: object) -> None:
+    """Refuse a plan without a "tp" dim, a "tp" dim without a plan, and plans of the wrong type."""
+    has_tp = has_tp_dim(process_group)
+    if plan is None:
+        if has_tp:
+            raise ConfigError(
+                "process_group: the DeviceMesh has a 'tp' dim but tensor_parallel is None; pass "
+                "tensor_parallel={'fc1': ColwiseParallel(), 'fc2': RowwiseParallel()} (the split of each "
+                "layer, see torch.distributed.tensor.parallel) or drop the 'tp' dim"
+            )
+        return
+    if not has_tp:
+        raise ConfigError(
+            "tensor_parallel is given but process_group is not a DeviceMesh with a 'tp' dim; build it "
+            "with init_device_mesh(device, (pp, tp), mesh_dim_names=('pp', 'tp'))"
+        )
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    if callable(plan) and not isinstance(plan, Mapping):
+        return
+    if not isinstance(plan, Mapping) or not plan:
+        raise ConfigError(
+            f"tensor_parallel = {plan!r}; give a non-empty mapping {{submodule pattern: ParallelStyle}} "
+            "or a function (layer index, module) -> such a mapping"
+        )
+    for pattern, style in plan.items():
+        if not isinstance(pattern, str) or not isinstance(style, ParallelStyle):
+            raise ConfigError(
+                f"tensor_parallel[{pattern!r}] = {style!r}; keys are submodule name patterns ('fc1', "
+                "'attn.qkv', 'mlp.*') and values ParallelStyle instances (ColwiseParallel(), ...)"
+            )
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Whether dotted submodule `name` matches `pattern` token by token, as parallelize_module does."""
+    tokens, parts = pattern.split("."), name.split(".")
+    return len(tokens) == len(parts) and all(
+        fnmatch.fnmatch(p, t) for p, t in zip(parts, tokens, strict=True)
+    )
+
+
+def plan_for(plan: TensorParallelPlan, index: int, module: nn.Module) -> dict[str, Any]:
+    """The entries of `plan` that name a submodule of layer `index` (`module`)."""
+    entries = plan(index, module) if callable(plan) and not isinstance(plan, Mapping) else plan
+    if entries is None:
+        return {}
+    if not isinstance(entries, Mapping):
+        raise ConfigError(
+            f"tensor_parallel(layer {index}) returned {entries!r}; return a mapping {{submodule "
+            "pattern: ParallelStyle}} or None to keep the layer whole"
+        )
+    names = [name for name, _ in module.named_modules() if name]
+    return {pattern: style for pattern, style in entries.items() if any(_matches(pattern, n) for n in names)}
+
+
+def apply_tensor_parallel(modules: Mapping[int, nn.Module], mesh: Any, plan: TensorParallelPlan) -> int:
+    """Split every layer of `modules` over the 1-D `mesh` by `plan`; returns how many layers it split."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    num_split = 0
+    for index in sorted(modules):
+        entries = plan_for(plan, index, modules[index])
+        if entries:
+            parallelize_module(modules[index], mesh, entries)
+            num_split += 1
+    return num_split
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a tensor-parallel parameter or gradient)."""
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of `tensor`: its local shard for a DTensor, else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

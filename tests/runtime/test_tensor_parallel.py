@@ -1,0 +1,348 @@
+"""Tensor parallel x pipeline parallel: layers split over "tp" give one process's gradients.
+
+Four ranks start once for the module and form a ("pp", "tp") = (2, 2) mesh. Every case
+builds the same layers, splits each MLP block's two linears column- then row-wise over
+"tp" (Megatron's split), runs two steps without zeroing, and checks on every rank that the
+loss and every gradient (a shard's gathered whole) equal a single-process reference.
+The rank-side functions live in this module (see `_tp_worker`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import _workers
+import pytest
+import torch
+import torch.nn.functional as F
+from _cases import DIM, VOCAB, _batch, _loss_fn
+from _workers import WorkerPool
+from torch import nn
+
+from pipefold.errors import ConfigError
+from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
+from pipefold.runtime import Pipeline
+from pipefold.runtime.tensor_parallel import check_plan, plan_for
+
+_run_cases_worker = _workers._worker
+
+
+def _tp_worker(*args):
+    """`_workers._worker`, dispatching case names to this module instead of `_cases`."""
+    sys.modules["_cases"] = sys.modules[__name__]
+    _run_cases_worker(*args)
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_workers, "_worker", _tp_worker)
+        pool = WorkerPool(4)
+    yield pool
+    pool.close()
+
+
+class MegatronBlock(nn.Module):
+    """x + fc2(tanh(fc1(norm(x)))): fc1 splits by columns, fc2 by rows, norm stays whole."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(self.norm(x))))
+
+
+def megatron_mlp(num_blocks: int = 4) -> list:
+    return [LayerSpec(nn.Linear, 6, DIM), *[LayerSpec(MegatronBlock, DIM) for _ in range(num_blocks)]] + [
+        LayerSpec(nn.Linear, DIM, 3)
+    ]
+
+
+def _embed(embedding: nn.Module, tokens):
+    return embedding(tokens)
+
+
+def _head(embedding: nn.Module, hidden):
+    return hidden @ embedding.weight.T
+
+
+def tied_lm(num_blocks: int = 4) -> list:
+    """A tied embedding / head (kept whole) around Megatron blocks (split)."""
+    return [
+        TiedLayerSpec("embed", nn.Embedding, VOCAB, DIM, forward_fn=_embed),
+        *[LayerSpec(MegatronBlock, DIM) for _ in range(num_blocks)],
+        TiedLayerSpec("embed", nn.Embedding, VOCAB, DIM, forward_fn=_head),
+    ]
+
+
+def _plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+
+
+# -- rank side -------------------------------------------------------------------------------------
+
+
+def _mesh(num_dp: int = 1):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if num_dp == 1:
+        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    return init_device_mesh("cpu", (num_dp, 2, 2), mesh_dim_names=("dp", "pp", "tp"))
+
+
+def tp_exact(
+    *,
+    schedule,
+    num_microbatches,
+    num_virtual=None,
+    recompute="none",
+    num_steps=2,
+    by_function=False,
+    model="mlp",
+    num_dp=1,
+):
+    """pp=2 x tp=2 (x dp) against one process: the loss and every gradient (whole, gathered
+    over tp). With `num_dp` replicas each steps on its rows of the global batch."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(1234)
+    mesh = _mesh(num_dp)
+    plan = _plan()
+    if by_function:  # only the blocks of even index are split; the rest stay whole
+        plan = lambda index, module: _plan() if index % 2 == 0 else None  # noqa: E731
+    build = megatron_mlp if model == "mlp" else tied_lm
+    loss_fn = _loss_fn("mlp" if model == "mlp" else "transformer")
+    pipe = Pipeline(
+        build(),
+        loss_fn=loss_fn,
+        schedule=schedule,
+        num_microbatches=num_microbatches,
+        num_virtual=num_virtual,
+        recompute=recompute,
+        seed=7,
+        timeout_s=60,
+        process_group=mesh,
+        tensor_parallel=plan,
+    )
+    reference = build_reference(build(), seed=7)
+    losses = []
+    rows = 8
+    for step in range(num_steps):
+        inputs, targets = _batch("mlp" if model == "mlp" else "transformer", rows, seed=step)
+        shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+        loss = pipe.step(inputs[shard], targets[shard])
+        expected = loss_fn(reference(inputs), targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        losses.append(loss)
+    reference_params = dict(reference.named_parameters())
+    sharded = []
+    for name, param in pipe.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        grad = param.grad
+        if isinstance(param, DTensor):
+            sharded.append(name)
+            assert isinstance(grad, DTensor)
+            # The shard is the matching slice of the unsplit gradient.
+            assert grad.to_local().numel() * 2 == reference_params[name].numel() or name.endswith("fc2.bias")
+            grad = grad.full_tensor()
+        torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    return {
+        "pp_rank": pipe.rank,
+        "tp_rank": mesh.get_local_rank("tp"),
+        "dp_rank": pipe.data_parallel_rank,
+        "losses": losses,
+        "sharded": sharded,
+        "num_timeline_ranks": pipe.last_timeline.num_ranks,
+    }
+
+
+def tp_refused(*, what):
+    """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
+    kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "process_group": _mesh()}
+    try:
+        if what == "async":
+            sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+            Pipeline(megatron_mlp(), schedule="pipedream", optimizer=sgd, tensor_parallel=_plan(), **kwargs)
+        elif what == "no plan":
+            Pipeline(megatron_mlp(), **kwargs)
+        elif what == "tied":
+            tied = [
+                TiedLayerSpec("block", MegatronBlock, DIM),
+                LayerSpec(MegatronBlock, DIM),
+                TiedLayerSpec("block", MegatronBlock, DIM),
+            ]
+            Pipeline(
+                [LayerSpec(nn.Linear, 6, DIM), *tied, LayerSpec(nn.Linear, DIM, 3)],
+                tensor_parallel=_plan(),
+                **kwargs,
+            )
+        elif what == "checkpoint":
+            from pipefold import save_checkpoint
+
+            pipe = Pipeline(megatron_mlp(), tensor_parallel=_plan(), **kwargs)
+            save_checkpoint(pipe, "/nonexistent/never-written")
+        else:
+            raise ValueError(what)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+class TwoLinears(nn.Module):
+    """fc2(tanh(fc1(x))) without a residual, so a plan can leave its output a DTensor."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tp_dtensor_output():
+    """A plan whose layer returns a DTensor: the stage that runs it raises before sending it."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from pipefold.errors import PipefoldError
+
+    plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel(use_local_output=False)}
+    layers = [LayerSpec(nn.Linear, 6, DIM), LayerSpec(TwoLinears, DIM), LayerSpec(nn.Linear, DIM, 3)]
+    pipe = Pipeline(
+        layers,
+        loss_fn=F.mse_loss,
+        num_microbatches=2,
+        process_group=_mesh(),
+        tensor_parallel=plan,
+        timeout_s=30,
+    )
+    inputs, targets = _batch("mlp", 4, seed=0)
+    try:
+        pipe.step(inputs, targets)
+    except PipefoldError as error:
+        return type(error).__name__, str(error)
+    return None, ""
+
+
+# -- single process ---------------------------------------------------------------------------------
+
+
+def test_a_plan_needs_a_tp_dim_and_the_right_types():
+    with pytest.raises(ConfigError, match="not a DeviceMesh with a 'tp' dim"):
+        Pipeline(megatron_mlp(), loss_fn=F.mse_loss, tensor_parallel=_plan())
+    with pytest.raises(ConfigError, match="ParallelStyle instances"):
+        check_plan({"fc1": "colwise"}, _FakeTpMesh())
+    with pytest.raises(ConfigError, match="non-empty mapping"):
+        check_plan({}, _FakeTpMesh())
+
+
+class _FakeTpMesh:
+    mesh_dim_names = ("pp", "tp")
+
+    def get_group(self, name=None):
+        raise AssertionError("not used")
+
+
+def test_plan_entries_apply_to_the_layers_that_have_those_submodules():
+    plan = _plan()
+    assert set(plan_for(plan, 1, MegatronBlock(4))) == {"fc1", "fc2"}
+    assert plan_for(plan, 0, nn.Linear(6, 4)) == {}
+    nested = nn.Sequential()
+    nested.add_module("mlp", MegatronBlock(4))
+    assert set(plan_for({"mlp.fc*": plan["fc1"]}, 3, nested)) == {"mlp.fc*"}
+    with pytest.raises(ConfigError, match=r"tensor_parallel\(layer 2\) returned 'x'"):
+        plan_for(lambda index, module: "x", 2, MegatronBlock(4))
+
+
+# -- four ranks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual", "recompute"),
+    [
+        ("gpipe", None, "none"),
+        ("1f1b", None, "none"),
+        ("1f1b", None, "full"),
+        ("interleaved-1f1b", 2, "none"),
+        ("zb-h1", None, "none"),
+        ("zb-v", None, "none"),
+        ("dualpipe-v", None, "none"),
+    ],
+)
+def test_pp2_by_tp2_equals_one_process(pool4, schedule, num_virtual, recompute):
+    results = pool4.run(
+        "tp_exact", schedule=schedule, num_microbatches=4, num_virtual=num_virtual, recompute=recompute
+    )
+    assert [(r["pp_rank"], r["tp_rank"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the loss"
+    assert all(r["num_timeline_ranks"] == 2 for r in results)
+    # Every block's fc1 / fc2 weight and bias is sharded, on both tp ranks of its stage.
+    sharded = sorted({name for r in results for name in r["sharded"]})
+    assert [name for name in sharded if name.endswith(".weight")] == [
+        f"{i}.{fc}.weight" for i in range(1, 5) for fc in ("fc1", "fc2")
+    ]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_tied_layers_the_plan_leaves_whole_stay_tied(pool4, schedule):
+    results = pool4.run("tp_exact", schedule=schedule, num_microbatches=2, model="tied")
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert sorted({name.split(".")[0] for r in results for name in r["sharded"]}) == ["1", "2", "3", "4"]
+
+
+@pytest.mark.multiprocess
+def test_a_plan_function_splits_only_the_layers_it_names(pool4):
+    results = pool4.run("tp_exact", schedule="1f1b", num_microbatches=2, by_function=True)
+    sharded = sorted({name.split(".")[0] for r in results for name in r["sharded"]})
+    assert sharded == ["2", "4"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("what", "words"),
+    [
+        ("async", "asynchronous schedule 'pipedream'"),
+        ("no plan", "'tp' dim but tensor_parallel is None"),
+        ("tied", "splits the tied layer 'block'"),
+        ("checkpoint", "checkpoints of DTensor shards are not implemented"),
+    ],
+)
+def test_what_tensor_parallelism_does_not_compose_with_is_refused(pool4, what, words):
+    messages = pool4.run("tp_refused", what=what)
+    assert all(message is not None and words in message for message in messages), messages
+
+
+@pytest.mark.multiprocess
+def test_a_layer_that_returns_a_dtensor_is_named(pool4):
+    results = pool4.run("tp_dtensor_output")
+    # Layers 0-1 are stage 0 (pp rank 0: world ranks 0 and 1); its tp ranks raise, stage 1's hear of it.
+    assert [kind for kind, _ in results[:2]] == ["ConfigError", "ConfigError"]
+    assert all("layer 1 (the last of stage 0) returns a DTensor" in message for _, message in results[:2])
+    assert all(kind is not None for kind, _ in results[2:])
+
+
+@pytest.fixture(scope="module")
+def pool8():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_workers, "_worker", _tp_worker)
+        pool = WorkerPool(8)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
+def test_dp2_by_pp2_by_tp2_equals_one_process_on_the_global_batch(pool8, schedule):
+    """3D: eight ranks, each replica on its half of the global batch."""
+    results = pool8.run("tp_exact", schedule=schedule, num_microbatches=2, num_dp=2, timeout_s=300)
+    coordinates = [(r["dp_rank"], r["pp_rank"], r["tp_rank"]) for r in results]
+    assert coordinates == [(d, p, t) for d in range(2) for p in range(2) for t in range(2)]
+    assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the global loss"
