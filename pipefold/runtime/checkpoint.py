@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
 from pipefold.runtime.pipeline import Pipeline
-from pipefold.runtime.tensor_parallel import is_sharded
+from pipefold.runtime.tensor_parallel import shard_like, whole
 
 __all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
 
@@ -114,23 +114,40 @@ def save_checkpoint(
     target = Path(path)
     _check_save_arguments(pipe, target, step, extra)
     replicas = _replica_group(pipe)
-    if replicas is None:
-        return _save_replica(pipe, target, optimizer, step, extra)
     # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
     # others wait for its outcome, so no rank returns before the checkpoint is in place and
     # a failure is raised everywhere.
-    if dist.get_rank(replicas) != 0:
+    if replicas is not None and dist.get_rank(replicas) != 0:
         failure = _from_rank0(None, replicas)
         if failure is not None:
             raise PipelineError(f"save_checkpoint: data-parallel replica 0 failed: {failure}")
         return target
+    # Tensor-parallel ranks hold shards: all of them gather each whole tensor, tp rank 0
+    # writes it ([Note: tensor-parallel checkpoints]) and the others wait for its outcome.
+    tensor_parallel = _tensor_parallel_group(pipe)
+    if tensor_parallel is not None and dist.get_rank(tensor_parallel) != 0:
+        _local_entries(pipe, _as_list(optimizer))  # its part of every gather; tp rank 0 writes
+        failure = _from_rank0(None, tensor_parallel)
+        _from_rank0(failure, replicas)  # this rank is replica 0's: pass the outcome on
+        if failure is not None:
+            raise PipelineError(f"save_checkpoint: tensor-parallel rank 0 failed: {failure}")
+        return target
+    told = [group for group in (tensor_parallel, replicas) if group is not None]
     try:
         _save_replica(pipe, target, optimizer, step, extra)
     except BaseException as error:
-        _from_rank0(f"{type(error).__name__}: {error}", replicas)
+        for group in told:
+            _from_rank0(f"{type(error).__name__}: {error}", group)
         raise
-    _from_rank0(None, replicas)
+    for group in told:
+        _from_rank0(None, group)
     return target
+
+
+def _tensor_parallel_group(pipe: Pipeline) -> dist.ProcessGroup | None:
+    """The group of this rank's tensor-parallel peers (None without tensor parallelism)."""
+    group: dist.ProcessGroup | None = getattr(pipe, "_tensor_parallel_group", None)
+    return group
 
 
 def _replica_group(pipe: Pipeline) -> dist.ProcessGroup | None:
@@ -190,7 +207,6 @@ def load_checkpoint(
     before anything is read. `optimizer` must hold this rank's parameters (as for
     save_checkpoint); its state and hyperparameters are replaced by the saved ones.
     """
-    _refuse_tensor_parallel(pipe, "load_checkpoint")
     target = Path(path)
     meta = _read_metadata(target)
     info = _info(target, meta)
@@ -351,9 +367,11 @@ def _load_optimizer(
         if indices:
             restored.update(_restore_hyperparameters(saved["param_groups"][indices.pop()], layout))
         groups.append(restored)
-        for index, name in zip(layout["params"], param_names, strict=True):
+        for index, name, param in zip(layout["params"], param_names, group["params"], strict=True):
             entry: dict[str, Any] = {
-                key: plan[f"{_OPTIMIZER}{name}/{key}"] for key in saved["state"].get(name, {})
+                # A tensor-parallel parameter's state (Adam's moments) is sharded like it.
+                key: shard_like(plan[f"{_OPTIMIZER}{name}/{key}"], param)
+                for key in saved["state"].get(name, {})
             }
             entry.update(saved["scalars"].get(name, {}))
             if entry:
@@ -428,19 +446,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
-def _refuse_tensor_parallel(pipe: Pipeline, what: str) -> None:
-    """Tensor-parallel shards are not written or read yet ([Note: tensor parallel x pipeline]
-    in tensor_parallel.py): refuse on every rank alike, before any file is touched."""
-    if getattr(pipe, "_num_tensor_parallel", 1) > 1 or any(is_sharded(p) for p in pipe.parameters()):
-        raise ConfigError(
-            f"{what}: the pipeline splits layers over a 'tp' mesh dim (tensor_parallel), and checkpoints "
-            "of DTensor shards are not implemented; save the weights yourself with "
-            "torch.distributed.checkpoint over the whole world, or train without tensor_parallel"
-        )
-
-
 def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra: Any) -> None:
-    _refuse_tensor_parallel(pipe, "save_checkpoint")
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise ConfigError(
             f"save_checkpoint: step={step!r}; give the number of steps done (an int >= 0) or None"
@@ -490,7 +496,7 @@ def _local_entries(
     tensors: dict[str, Tensor] = {}
     model: dict[str, dict[str, Any]] = {}
     for name, value in pipe.state_dict().items():
-        tensors[_MODEL + name] = value.detach()
+        tensors[_MODEL + name] = whole(value.detach())
         model[name] = _describe(value)
     record: dict[str, Any] = {"model": model, "has_optimizer": bool(optimizers), "error": None}
     state: dict[str, dict[str, dict[str, Any]]] = {}
@@ -506,7 +512,7 @@ def _local_entries(
                     hyperparameters[name] = hyper
                     for key, value in optimizer.state.get(param, {}).items():
                         if isinstance(value, Tensor):
-                            tensors[f"{_OPTIMIZER}{name}/{key}"] = value.detach()
+                            tensors[f"{_OPTIMIZER}{name}/{key}"] = whole(value.detach())
                             state.setdefault(name, {})[key] = _describe(value)
                         elif isinstance(value, (bool, int, float)):
                             scalars.setdefault(name, {})[key] = value

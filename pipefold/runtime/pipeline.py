@@ -64,7 +64,14 @@ from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_gather import RankRecord, host_code
-from pipefold.runtime.tensor_parallel import TensorParallelPlan, apply_tensor_parallel, check_plan, plan_for
+from pipefold.runtime.tensor_parallel import (
+    TensorParallelPlan,
+    apply_tensor_parallel,
+    check_plan,
+    plan_for,
+    shard_like,
+)
+from pipefold.runtime.tensor_parallel import local as local_shard
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
@@ -209,6 +216,9 @@ class Pipeline:
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_async(optimizer, recompute)
         self._num_tensor_parallel = 1 if tp_mesh is None else int(tp_mesh.size())
+        self._tensor_parallel_group: dist.ProcessGroup | None = (
+            None if tp_mesh is None else tp_mesh.get_group()
+        )
         if tensor_parallel is not None:
             self._check_tensor_parallel(tensor_parallel)
         if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
@@ -482,7 +492,8 @@ class Pipeline:
                         f"load_state_dict: {name} has shape {tuple(source.shape)} in the state dict but "
                         f"{tuple(value.shape)} in the model"
                     )
-                value.copy_(source)
+                # A tensor-parallel parameter takes its own slice of the whole tensor.
+                local_shard(value).copy_(local_shard(shard_like(source, value)))
 
     # -- the step ------------------------------------------------------------------------------
 

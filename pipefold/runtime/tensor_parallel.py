@@ -28,9 +28,18 @@ one replica holds the same shard in every other.
 
 Not composed with tensor parallelism (refused up front): tied layers that the plan would
 split (their gradient exchange sums whole tensors across pipeline ranks; tied layers the
-plan leaves whole are fine), asynchronous schedules (weight stashes copy whole tensors),
-and sharded checkpoints (`save_checkpoint` refuses a pipeline with tensor parallelism
-rather than write DTensor shards it cannot yet read back into another tp degree).
+plan leaves whole are fine) and asynchronous schedules (weight stashes copy whole tensors).
+
+[Note: tensor-parallel checkpoints]
+`save_checkpoint` writes whole tensors, as without tensor parallelism: the tp ranks of a
+stage gather each DTensor (`full_tensor`, parameters and optimizer state alike), tp rank 0's
+pipeline writes them, and the other tp ranks wait for its outcome (with "dp" too, replica
+0's tp rank 0 writes). The checkpoint therefore does not depend on the tp degree:
+`load_checkpoint` reads whole tensors on every rank and keeps its own slice
+(`distribute_tensor` without a source rank: no communication), so a checkpoint loads into
+any tp degree, partition and rank count, with or without tensor parallelism. The cost is
+a stage's whole parameters in memory once per save and load, which a stage holds anyway
+without tensor parallelism.
 """
 
 from __future__ import annotations
@@ -44,7 +53,15 @@ from torch.distributed.tensor import DTensor
 
 from pipefold.errors import ConfigError
 
-__all__ = ["TensorParallelPlan", "apply_tensor_parallel", "check_plan", "is_sharded", "local"]
+__all__ = [
+    "TensorParallelPlan",
+    "apply_tensor_parallel",
+    "check_plan",
+    "is_sharded",
+    "local",
+    "shard_like",
+    "whole",
+]
 
 TensorParallelPlan: TypeAlias = Mapping[str, Any] | Callable[[int, nn.Module], Mapping[str, Any] | None]
 """{submodule pattern: ParallelStyle} for every layer, or (layer index, module) -> that (or None)."""
@@ -133,3 +150,20 @@ def is_sharded(tensor: Tensor) -> bool:
 def local(tensor: Tensor) -> Tensor:
     """This rank's part of `tensor`: its local shard for a DTensor, else the tensor."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """The whole tensor: a DTensor gathered over its mesh (a collective: every rank of the
+    mesh calls it, in the same order), anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` laid out as `like`: this rank's shard as a DTensor of `like`'s mesh and
+    placements when `like` is a DTensor of `full`'s shape (no communication: every rank
+    holds `full` and keeps its own slice), else `full` unchanged."""
+    if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
