@@ -38,7 +38,8 @@ TOML layout (every key optional; these are the defaults)::
     ranks = 2
     microbatches = 8
     virtual = 0                # 0 = the family's default
-    data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel
+    data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
+    tensor_parallel = 1        # each block's MLP split over this many ranks per stage ("tp")
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
 
     [optimizer]
@@ -167,7 +168,11 @@ class ScheduleConfig:
     ranks: int = 2
     """Pipeline ranks (stages' processes) per replica."""
     data_parallel: int = 1
-    """Replicas of the pipeline along a "dp" mesh dimension; processes = ranks x data_parallel."""
+    """Replicas of the pipeline along a "dp" mesh dimension; processes = ranks x data_parallel x
+    tensor_parallel."""
+    tensor_parallel: int = 1
+    """Ranks per stage along a "tp" mesh dimension: each decoder block's MLP (fc column-wise,
+    fc_out row-wise) is split over them; attention, embeddings and head stay whole."""
     microbatches: int = 8
     """Micro-batches per step."""
     virtual: int = 0
@@ -180,6 +185,12 @@ class ScheduleConfig:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
         _require(
             self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica"
+        )
+        _require(
+            self.tensor_parallel >= 1,
+            "schedule.tensor_parallel",
+            self.tensor_parallel,
+            "use at least 1 (1 = no tensor parallelism)",
         )
         _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
@@ -223,7 +234,7 @@ class ScheduleConfig:
 
     @property
     def num_processes(self) -> int:
-        return self.ranks * self.data_parallel
+        return self.ranks * self.data_parallel * self.tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -319,6 +330,20 @@ class TrainConfig:
             dp,
             f"schedule.name={self.schedule.name!r} updates weights inside the step, so replicas would "
             "drift apart; use schedule.data_parallel=1 or a flush schedule (gpipe, 1f1b, zb-h1, ...)",
+        )
+        tp = self.schedule.tensor_parallel
+        _require(
+            weight_update == "flush" or tp == 1,
+            "schedule.tensor_parallel",
+            tp,
+            f"schedule.name={self.schedule.name!r} updates weights inside the step from stashed copies, "
+            "which tensor parallelism does not split; use schedule.tensor_parallel=1 or a flush schedule",
+        )
+        _require(
+            (4 * self.model.d_model) % tp == 0,
+            "schedule.tensor_parallel",
+            tp,
+            f"it must divide the MLP width 4 x model.d_model = {4 * self.model.d_model}",
         )
         _require(
             weight_update == "flush" or not self.model.tie_embeddings,

@@ -57,7 +57,7 @@ from torch import Tensor
 from pipefold.config import TrainConfig
 from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode, load_corpus
 from pipefold.errors import ConfigError, PipelineError
-from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss
+from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss, gpt_tensor_parallel_plan
 from pipefold.runtime.launch import LaunchResult, init_process_group_from_env, spawn
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Schedule, WeightUpdate
@@ -193,8 +193,11 @@ def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
 
 
 def _gather_state_dict(local: dict[str, Tensor]) -> dict[str, Tensor] | None:
-    """All ranks' parameters on rank 0 (a tied weight arrives from each owner; they are equal)."""
-    cpu = {name: tensor.detach().cpu() for name, tensor in local.items()}
+    """All ranks' parameters on rank 0 (a tied weight arrives from each owner; they are equal).
+    Tensor-parallel shards are gathered whole first (every tp rank calls this)."""
+    from pipefold.runtime.tensor_parallel import whole  # deferred like Pipeline (_make_pipeline)
+
+    cpu = {name: whole(tensor.detach()).cpu() for name, tensor in local.items()}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return cpu
     parts: list[dict[str, Tensor]] | None = None
@@ -254,9 +257,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     s = config.schedule
     if world_size != s.num_processes:
         raise ConfigError(
-            f"schedule.ranks={s.ranks} x schedule.data_parallel={s.data_parallel} needs "
-            f"{s.num_processes} processes but {world_size} were started; launch {s.num_processes} "
-            "processes or change schedule.ranks / schedule.data_parallel to match"
+            f"schedule.ranks={s.ranks} x schedule.data_parallel={s.data_parallel} x "
+            f"schedule.tensor_parallel={s.tensor_parallel} needs {s.num_processes} processes but "
+            f"{world_size} were started; launch {s.num_processes} processes or change schedule.ranks / "
+            "schedule.data_parallel / schedule.tensor_parallel to match"
         )
     if not config.out:
         raise ConfigError("out is empty; call resolve_out_dir(config) before starting the ranks")
@@ -284,7 +288,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         report.print(
             f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(layers)} layers, "
             f"partition {pipe.partition}, schedule {config.schedule_label} on {config.schedule.ranks} ranks"
-            f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''} "
+            f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''}"
+            f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''} "
             f"({device.type}), {config.schedule.microbatches} micro-batches, corpus "
             f"{corpus.num_bytes / 1e6:.1f} MB ({corpus.num_files} stdlib files)"
         )
@@ -353,12 +358,16 @@ def _make_pipeline(
     is_flush = schedule.weight_update is WeightUpdate.FLUSH
     recompute = config.recompute
     process_group: Any = None
-    if s.data_parallel > 1:
+    if s.data_parallel > 1 or s.tensor_parallel > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        # Row-major (dp, pp): world ranks 0..ranks-1 are replica 0, so world rank 0 (the one
-        # that reports) is pipeline rank 0 of replica 0.
-        process_group = init_device_mesh(device.type, (s.data_parallel, s.ranks), mesh_dim_names=("dp", "pp"))
+        # Row-major (dp, pp, tp): world ranks 0..ranks x tp - 1 are replica 0, so world rank 0
+        # (the one that reports) is pipeline rank 0, tp rank 0 of replica 0.
+        shape: tuple[int, ...] = (s.data_parallel, s.ranks)
+        names: tuple[str, ...] = ("dp", "pp")
+        if s.tensor_parallel > 1:
+            shape, names = (*shape, s.tensor_parallel), (*names, "tp")
+        process_group = init_device_mesh(device.type, shape, mesh_dim_names=names)
     note: str | None = None
     options: dict[str, Any] = {
         "process_group": process_group,
@@ -368,12 +377,15 @@ def _make_pipeline(
         "seed": config.seed,
         "timeout_s": config.timeout_s,
     }
+    if s.tensor_parallel > 1:
+        options["tensor_parallel"] = gpt_tensor_parallel_plan()
     if placement is not None:
         from pipefold.runtime import tune_schedule
 
         # Probe on the first batch without consuming it: training then starts on that batch.
-        # Row-major (dp, pp): this process is in replica world_rank // ranks.
-        probe_inputs, probe_targets = _shard_rows(sampler.peek(), dist.get_rank() // s.ranks, s.data_parallel)
+        # Row-major (dp, pp, tp): this process is in replica world_rank // (ranks x tp).
+        replica = dist.get_rank() // (s.ranks * s.tensor_parallel)
+        probe_inputs, probe_targets = _shard_rows(sampler.peek(), replica, s.data_parallel)
         tuned = tune_schedule(
             layers,
             loss_fn=gpt_loss,
@@ -597,6 +609,6 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 
 
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
-    """Spawn `ranks x data_parallel` local workers running `train_worker`."""
+    """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
     check_resume(config)
     return spawn(train_worker, config.schedule.num_processes, (config, show))

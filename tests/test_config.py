@@ -89,6 +89,12 @@ BAD = [
         {"schedule.data_parallel": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},
         "schedule.data_parallel=2",
     ),
+    ({"schedule.tensor_parallel": 0}, "schedule.tensor_parallel=0"),
+    ({"schedule.tensor_parallel": 3}, "schedule.tensor_parallel=3"),  # 3 does not divide 4 x 128
+    (
+        {"schedule.tensor_parallel": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},
+        "schedule.tensor_parallel=2",
+    ),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),

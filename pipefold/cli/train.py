@@ -25,6 +25,7 @@ _FLAGS: dict[str, str] = {
     "schedule": "schedule.name",
     "ranks": "schedule.ranks",
     "data_parallel": "schedule.data_parallel",
+    "tensor_parallel": "schedule.tensor_parallel",
     "microbatches": "schedule.microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
@@ -64,6 +65,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--data-parallel", type=int, metavar="N",
                         help="replicas of the pipeline, each on its shard of the batch "
                         "(ranks x N processes); default 1")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="ranks per stage: each block's MLP is split over N ranks (ranks x "
+                        "data-parallel x N processes); default 1")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help="optimizer steps; default 300")
     parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")

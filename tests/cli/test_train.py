@@ -144,6 +144,38 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
+    """2 ranks x 2 tensor-parallel (each block's MLP split) train as 2 ranks with whole layers;
+    the checkpoint it writes resumes without tensor parallelism."""
+    common = [
+        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
+        "--set", "sample_tokens=0", "--device", "cpu",
+    ]
+    losses = {}
+    for degree in (1, 2):
+        out = tmp_path / f"tp{degree}"
+        code = main([*common, "--tensor-parallel", str(degree), "--out", str(out)])
+        assert code == 0, capfd.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["schedule"]["tensor_parallel"] == degree
+        losses[degree] = summary["losses"]
+    assert len(losses[2]) == 3
+    # The same arithmetic split over two ranks; only float32 summation order differs.
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    cut = tmp_path / "tp2-cut"
+    tp2 = [arg if arg != "3" else "2" for arg in common] + ["--tensor-parallel", "2"]
+    assert main([*tp2, "--out", str(cut)]) == 0, capfd.readouterr().err
+    resumed = tmp_path / "tp1-resumed"
+    code = main([*common, "--resume", str(cut / "checkpoint"), "--out", str(resumed)])
+    assert code == 0, capfd.readouterr().err
+    tail = json.loads((resumed / "summary.json").read_text())["losses"]
+    assert tail == pytest.approx(losses[1][2:], rel=1e-4)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_measured_costs_to_found_schedule_to_training(tmp_path, capfd):
     """train writes costs.json; schedules find searches on it; train runs the saved schedule."""
     common = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.spec import LayerSpec, TiedLayerSpec
 
 __all__ = [
+    "gpt_tensor_parallel_plan",
     "TokenEmbedding",
     "LMHead",
     "PositionEmbedding",
@@ -130,6 +132,16 @@ class DecoderBlock(nn.Module):
         x = x + self.attn(self.ln1(x))
         out: Tensor = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
         return out
+
+
+def gpt_tensor_parallel_plan() -> dict[str, Any]:
+    """How `pipefold train --tensor-parallel` splits the GPT (`Pipeline(tensor_parallel=...)`):
+    each block's MLP, fc by columns and fc_out by rows (Megatron's split, two thirds of a
+    block's weights). Attention stays whole: its fused qkv projection holds q, k and v one
+    after the other, so a column split would not give each rank whole heads."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"fc": ColwiseParallel(), "fc_out": RowwiseParallel()}
 
 
 def gpt_layers(
