@@ -559,6 +559,10 @@ def _finish(
         "tokens_per_s": config.batch_size * config.model.seq_len / step_seconds,
         "step_time": {
             "measured_wall_median": step_seconds,
+            # The steps the costs were measured in: the like-for-like check of the prediction
+            # (a host that drifts during a long run moves the whole-run median).
+            "measured_wall_median_recent": statistics.median(walls),
+            "num_recent_steps": len(walls),
             "measured_makespan_last": timeline.makespan,
             "predicted_makespan": predicted.makespan,
             "predicted_wall": predicted_step,
@@ -576,8 +580,9 @@ def _finish(
     if report is not None:
         report.print(
             f"loss {records[0].loss:.3f} -> {records[-1].loss:.3f} (validation {val_loss:.3f}); "
-            f"{summary['tokens_per_s']:,.0f} tokens/s; step {step_seconds * 1e3:.0f} ms measured, "
-            f"{predicted_step * 1e3:.0f} ms predicted from measured stage costs and overheads; "
+            f"{summary['tokens_per_s']:,.0f} tokens/s; step {step_seconds * 1e3:.0f} ms (median); last "
+            f"{len(walls)} steps {statistics.median(walls) * 1e3:.0f} ms measured, "
+            f"{predicted_step * 1e3:.0f} ms predicted from their stage costs and overheads; "
             f"bubble {timeline.bubble_fraction:.0%} measured, {predicted.bubble_fraction:.0%} predicted"
         )
         if sample:

@@ -95,6 +95,13 @@ def test_train_end_to_end_tiny(tmp_path, capfd, extra):
     assert summary["config"]["schedule"]["ranks"] == 2
     assert summary["step_time"]["predicted_makespan"] > 0
     assert summary["step_time"]["measured_makespan_last"] > 0
+    recent = summary["step_time"]["num_recent_steps"]
+    assert 1 <= recent <= len(summary["step_seconds"])
+    # The prediction's like-for-like measurement: the median of the steps its costs came from.
+    import statistics
+
+    last = summary["step_seconds"][-recent:]
+    assert summary["step_time"]["measured_wall_median_recent"] == statistics.median(last)
     assert 0 <= summary["measured_timeline"]["bubble_fraction"] < 1
     assert summary["sample"].startswith(summary["sample_prompt"])
     assert (out / "timeline.png").stat().st_size > 0
