@@ -37,7 +37,8 @@ measures before it searches:
 
 Only the pipeline's rank 0 searches: the search stops at a time budget, so two ranks
 could settle on different schedules and then deadlock. Rank 0 broadcasts the schedule
-(or its error, so no rank is left waiting) over the pipeline's group. The probe's
+(or its error, so no rank is left waiting) over the pipeline's group, and the first
+pipeline's decisions go on to the data-parallel replicas and tensor-parallel peers. The probe's
 gradients are dropped: every probed parameter's `.grad` is None afterwards. Modules
 passed as layers are the ones the probe ran (a later `Pipeline` reuses them);
 `LayerSpec` layers are built afresh from the seed each time.
@@ -329,9 +330,19 @@ def _search(
 
 
 def _broadcast(pipe: Pipeline, payload: Any) -> Any:
-    group, ranks = pipe.process_group, pipe.global_ranks
-    if group is None:
-        return payload
+    """Rank 0's `payload` on every rank: over the pipeline's group, then from replica 0 to
+    the other data-parallel replicas and from tp rank 0 to its tensor-parallel peers. Each
+    pipeline's rank 0 decides on its own measurements, and replicas or tp peers that ran
+    different schedules would deadlock (tp) or be refused (dp), so the decision of the
+    first pipeline (dp 0, tp 0) is everyone's."""
     box = [payload]
-    dist.broadcast_object_list(box, src=ranks[0], group=group)
+    data_parallel = getattr(pipe, "_data_parallel", None)
+    groups = [
+        pipe.process_group,
+        None if data_parallel is None else data_parallel._group,
+        getattr(pipe, "_tensor_parallel_group", None),
+    ]
+    for group in groups:
+        if group is not None:
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]

@@ -240,6 +240,29 @@ def tp_checkpoint(*, directory):
     return {"step": info.step, "sharded": any(is_sharded(p) for p in again.parameters())}
 
 
+def tp_tuned(*, num_dp):
+    """tune_schedule on a (dp,) pp x tp mesh: every rank ends with the same schedule and
+    costs, and a Pipeline running it stays exact."""
+    from pipefold.runtime import tune_schedule
+    from pipefold.schedule.io import to_json
+
+    torch.manual_seed(1234)
+    mesh = _mesh(num_dp)
+    options = {"seed": 7, "timeout_s": 60, "process_group": mesh, "tensor_parallel": _plan()}
+    rows = 8
+    inputs, targets = _batch("mlp", rows, seed=0)
+    tuned = tune_schedule(
+        megatron_mlp(), loss_fn=F.mse_loss, inputs=inputs, targets=targets, num_microbatches=4, **options
+    )
+    pipe = Pipeline(megatron_mlp(), loss_fn=F.mse_loss, schedule=tuned.schedule, **options)
+    reference = build_reference(megatron_mlp(), seed=7)
+    shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+    loss = pipe.step(inputs[shard], targets[shard])
+    expected = F.mse_loss(reference(inputs), targets)
+    torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+    return {"schedule": to_json(tuned.schedule), "trial_rounds": tuned.trial_rounds}
+
+
 def tp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "process_group": _mesh()}
@@ -397,6 +420,20 @@ def test_checkpoints_hold_whole_tensors_and_load_into_any_tp_degree(pool4, tmp_p
     results = pool4.run("tp_checkpoint", directory=str(tmp_path))
     assert results == [{"step": 2, "sharded": True}] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "tp"]  # no staging directory left
+
+
+@pytest.mark.multiprocess
+def test_a_tuned_schedule_is_the_same_on_every_tp_rank(pool4):
+    # Each pipeline's rank 0 measures its own probe steps; the first pipeline's choice is
+    # broadcast to its tp peers, which would otherwise deadlock on differing orders.
+    results = pool4.run("tp_tuned", num_dp=1, timeout_s=300)
+    assert all(r == results[0] for r in results)
+
+
+@pytest.mark.multiprocess
+def test_a_tuned_schedule_is_the_same_in_every_replica_and_tp_rank(pool8):
+    results = pool8.run("tp_tuned", num_dp=2, timeout_s=300)
+    assert all(r == results[0] for r in results)
 
 
 @pytest.mark.multiprocess
