@@ -51,12 +51,12 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from pipefold.errors import ConfigError, PipefoldError, PipelineError
+from pipefold.runtime.tensor_parallel import shard_like, whole
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
-from pipefold.runtime.pipeline import Pipeline
-from pipefold.runtime.tensor_parallel import shard_like, whole
+    from pipefold.runtime.pipeline import Pipeline
 
 __all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
 
@@ -146,8 +146,7 @@ def save_checkpoint(
 
 def _tensor_parallel_group(pipe: Pipeline) -> dist.ProcessGroup | None:
     """The group of this rank's tensor-parallel peers (None without tensor parallelism)."""
-    group: dist.ProcessGroup | None = getattr(pipe, "_tensor_parallel_group", None)
-    return group
+    return pipe._tensor_parallel_group
 
 
 def _replica_group(pipe: Pipeline) -> dist.ProcessGroup | None:

@@ -45,20 +45,12 @@ from pipefold.runtime.comm import Collectives
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.tensor_parallel import is_sharded, local
 
-__all__ = ["DataParallel", "split_mesh", "tensor_parallel_mesh", "BUCKET_BYTES"]
+__all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 << 20
 """Gradient bytes flattened into one all-reduce (PyTorch DDP's default bucket size)."""
 
 _MESH_DIMS = ("dp", "pp", "tp")
-
-
-def tensor_parallel_mesh(process_group: Any) -> Any:
-    """The 1-D "tp" sub-mesh of a `DeviceMesh` that has one, else None ([Note: tensor parallel
-    x pipeline] in tensor_parallel.py)."""
-    from pipefold.runtime.tensor_parallel import has_tp_dim
-
-    return process_group["tp"] if has_tp_dim(process_group) else None
 
 
 def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.ProcessGroup | None]:

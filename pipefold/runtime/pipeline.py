@@ -57,7 +57,7 @@ from pipefold.runtime import step_gather
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.comm import P2P, Collectives, Transfer
 from pipefold.runtime.cores import processes_on_host, ranks_share_cores, shared_cores
-from pipefold.runtime.data_parallel import DataParallel, split_mesh, tensor_parallel_mesh
+from pipefold.runtime.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -70,6 +70,7 @@ from pipefold.runtime.tensor_parallel import (
     check_plan,
     plan_for,
     shard_like,
+    tensor_parallel_mesh,
 )
 from pipefold.runtime.tensor_parallel import local as local_shard
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
@@ -200,9 +201,8 @@ class Pipeline:
         self._activation_peak = 0
 
         check_plan(tensor_parallel, process_group)
-        split_mesh(process_group, data_parallel_group)  # its checks, before the "tp" sub-mesh is taken
-        tp_mesh = tensor_parallel_mesh(process_group)
         pipeline_group, data_parallel_group = split_mesh(process_group, data_parallel_group)
+        tp_mesh = tensor_parallel_mesh(process_group)
         self._group, self._ranks = resolve_group(pipeline_group)
         num_ranks = len(self._ranks)
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
@@ -215,10 +215,10 @@ class Pipeline:
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_async(optimizer, recompute)
-        self._num_tensor_parallel = 1 if tp_mesh is None else int(tp_mesh.size())
         self._tensor_parallel_group: dist.ProcessGroup | None = (
             None if tp_mesh is None else tp_mesh.get_group()
         )
+        self._meta = meta_layers(self._layers)
         if tensor_parallel is not None:
             self._check_tensor_parallel(tensor_parallel)
         if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
@@ -262,7 +262,6 @@ class Pipeline:
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
         for stage in self.stages:
             stage.check_plain_output = tensor_parallel is not None
-        self._meta = meta_layers(self._layers)
         self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
 
         # -- communication ------------------------------------------------------------------
@@ -276,7 +275,8 @@ class Pipeline:
         # pipefold/simulate/costs.py). Data-parallel replicas on the host count too: they
         # compute beside this pipeline and take their share of the cores.
         num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
-        num_replicas *= self._num_tensor_parallel  # tp peers compute beside this pipeline too
+        if tp_mesh is not None:
+            num_replicas *= int(tp_mesh.size())  # tp peers compute beside this pipeline too
         host_processes = processes_on_host(num_ranks, num_replicas)
         self._shared_cores = (
             shared_cores(num_ranks, torch.get_num_threads(), host_processes)
@@ -382,9 +382,8 @@ class Pipeline:
                 f"tensor_parallel with the asynchronous schedule {name!r}: its weight stashes copy whole "
                 "tensors, not DTensor shards; use a flush schedule (gpipe, 1f1b, interleaved-1f1b, ...)"
             )
-        meta = meta_layers(self._layers)
         for key, occurrences in sorted(tied_groups(self._layers).items()):
-            split = [i for i in occurrences if plan_for(plan, i, meta[i])]
+            split = [i for i in occurrences if plan_for(plan, i, self._meta[i])]
             if split:
                 raise ConfigError(
                     f"tensor_parallel splits the tied layer {key!r} (layers {split}): tied layers exchange "

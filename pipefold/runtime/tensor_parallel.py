@@ -60,6 +60,7 @@ __all__ = [
     "is_sharded",
     "local",
     "shard_like",
+    "tensor_parallel_mesh",
     "whole",
 ]
 
@@ -72,6 +73,11 @@ def has_tp_dim(process_group: object) -> bool:
     return hasattr(process_group, "get_group") and "tp" in tuple(
         getattr(process_group, "mesh_dim_names", None) or ()
     )
+
+
+def tensor_parallel_mesh(process_group: Any) -> Any:
+    """The 1-D "tp" sub-mesh of a `DeviceMesh` that has one, else None."""
+    return process_group["tp"] if has_tp_dim(process_group) else None
 
 
 def check_plan(plan: object, process_group: object) -> None:

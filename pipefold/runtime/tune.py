@@ -336,11 +336,11 @@ def _broadcast(pipe: Pipeline, payload: Any) -> Any:
     different schedules would deadlock (tp) or be refused (dp), so the decision of the
     first pipeline (dp 0, tp 0) is everyone's."""
     box = [payload]
-    data_parallel = getattr(pipe, "_data_parallel", None)
+    data_parallel = pipe._data_parallel
     groups = [
         pipe.process_group,
         None if data_parallel is None else data_parallel._group,
-        getattr(pipe, "_tensor_parallel_group", None),
+        pipe._tensor_parallel_group,
     ]
     for group in groups:
         if group is not None:

@@ -113,16 +113,20 @@ def test_train_end_to_end_tiny(tmp_path, capfd, extra):
         assert "auto schedule for 2 ranks x 4 micro-batches (4 stages)" in " ".join(printed.split())
 
 
+# Three steps of a tiny GPT on CPU: the runs that parallel layouts are compared on.
+_THREE_TINY_STEPS = (
+    "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+    "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
+    "--set", "sample_tokens=0", "--device", "cpu",
+)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
     """2 replicas x 2 ranks, each on half the batch, train exactly as 1 replica on the whole batch."""
-    common = [
-        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
-        "--set", "sample_tokens=0", "--device", "cpu",
-    ]
+    common = list(_THREE_TINY_STEPS)
     losses = {}
     for replicas in (1, 2):
         out = tmp_path / f"dp{replicas}"
@@ -154,11 +158,7 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
 def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
     """2 ranks x 2 tensor-parallel (each block's MLP split) train as 2 ranks with whole layers;
     the checkpoint it writes resumes without tensor parallelism."""
-    common = [
-        "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
-        "--set", "sample_tokens=0", "--device", "cpu",
-    ]
+    common = list(_THREE_TINY_STEPS)
     losses = {}
     for degree in (1, 2):
         out = tmp_path / f"tp{degree}"

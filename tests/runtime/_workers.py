@@ -4,11 +4,12 @@ Importing torch and joining a process group cost seconds per process, so each
 test module starts its ranks once (`WorkerPool(world_size)`) and sends them many
 cases: `pool.run("exact", schedule="gpipe", ...)` calls `_cases.exact(...)` on
 every rank and returns the per-rank results, or raises with the failing rank's
-traceback.
+traceback. `WorkerPool(n, cases=__name__)` runs a test module's own rank-side functions.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import queue
@@ -22,7 +23,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
+def _worker(rank: int, world_size: int, init_file: str, tasks, results, cases: str = "_cases") -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(HERE))
     import torch
@@ -36,7 +37,8 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=120),
     )
-    import _cases
+    # The module whose functions the cases name (a test module may keep its own rank-side cases).
+    module = importlib.import_module(cases)
 
     while True:
         task = tasks.get()
@@ -44,7 +46,7 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
             break
         name, kwargs = task
         try:
-            results.put((rank, True, getattr(_cases, name)(**kwargs)))
+            results.put((rank, True, getattr(module, name)(**kwargs)))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()
@@ -53,7 +55,7 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
 class WorkerPool:
     """`world_size` spawned ranks in one gloo group, reused across cases."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, cases: str = "_cases") -> None:
         context = multiprocessing.get_context("spawn")
         self.world_size = world_size
         self._dir = tempfile.TemporaryDirectory(prefix="pipefold-pool-")
@@ -63,7 +65,7 @@ class WorkerPool:
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, self._tasks[rank], self._results),
+                args=(rank, world_size, init_file, self._tasks[rank], self._results, cases),
                 daemon=True,
             )
             for rank in range(world_size)

@@ -4,15 +4,13 @@ Four ranks start once for the module. Every case gives each replica its own rows
 one global batch, runs two steps without zeroing (accumulation), and checks on every
 rank that the loss and each local gradient equal a single-process reference run on
 the whole global batch (`dp_exact`). The rank-side functions live in this module:
-the pool's ranks run them in place of `_cases` (see `_dp_worker`).
+the pool's ranks run them in place of `_cases` (`WorkerPool(..., cases=__name__)`).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
-import _workers
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,19 +24,9 @@ from pipefold.model import LayerSpec, build_reference
 from pipefold.runtime import Pipeline
 from pipefold.runtime.data_parallel import _buckets, split_mesh
 
-_run_cases_worker = _workers._worker
-
-
-def _dp_worker(*args):
-    """`_workers._worker`, dispatching case names to this module instead of `_cases`."""
-    sys.modules["_cases"] = sys.modules[__name__]
-    _run_cases_worker(*args)
-
 
 def _pool(world_size):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_workers, "_worker", _dp_worker)
-        return WorkerPool(world_size)
+    return WorkerPool(world_size, cases=__name__)  # the ranks run this module's functions
 
 
 @pytest.fixture(scope="module")

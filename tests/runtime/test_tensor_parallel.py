@@ -4,14 +4,11 @@ Four ranks start once for the module and form a ("pp", "tp") = (2, 2) mesh. Ever
 builds the same layers, splits each MLP block's two linears column- then row-wise over
 "tp" (Megatron's split), runs two steps without zeroing, and checks on every rank that the
 loss and every gradient (a shard's gathered whole) equal a single-process reference.
-The rank-side functions live in this module (see `_tp_worker`).
+The rank-side functions live in this module (`WorkerPool(..., cases=__name__)`).
 """
 
 from __future__ import annotations
 
-import sys
-
-import _workers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,20 +21,14 @@ from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
 from pipefold.runtime import Pipeline
 from pipefold.runtime.tensor_parallel import check_plan, is_sharded, plan_for
 
-_run_cases_worker = _workers._worker
 
-
-def _tp_worker(*args):
-    """`_workers._worker`, dispatching case names to this module instead of `_cases`."""
-    sys.modules["_cases"] = sys.modules[__name__]
-    _run_cases_worker(*args)
+def _pool(world_size):
+    return WorkerPool(world_size, cases=__name__)  # the ranks run this module's functions
 
 
 @pytest.fixture(scope="module")
 def pool4():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_workers, "_worker", _tp_worker)
-        pool = WorkerPool(4)
+    pool = _pool(4)
     yield pool
     pool.close()
 
@@ -447,9 +438,7 @@ def test_a_layer_that_returns_a_dtensor_is_named(pool4):
 
 @pytest.fixture(scope="module")
 def pool8():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_workers, "_worker", _tp_worker)
-        pool = WorkerPool(8)
+    pool = _pool(8)
     yield pool
     pool.close()
 
