@@ -39,7 +39,7 @@ TOML layout (every key optional; these are the defaults)::
     microbatches = 8
     virtual = 0                # 0 = the family's default
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
-    tensor_parallel = 1        # each block's MLP split over this many ranks per stage ("tp")
+    tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
 
     [optimizer]
@@ -171,8 +171,9 @@ class ScheduleConfig:
     """Replicas of the pipeline along a "dp" mesh dimension; processes = ranks x data_parallel x
     tensor_parallel."""
     tensor_parallel: int = 1
-    """Ranks per stage along a "tp" mesh dimension: each decoder block's MLP (fc column-wise,
-    fc_out row-wise) is split over them; attention, embeddings and head stay whole."""
+    """Ranks per stage along a "tp" mesh dimension: each decoder block's attention (by heads)
+    and MLP are split over them (Megatron's split; it must divide model.num_heads); the
+    embeddings, the final norm and the head stay whole."""
     microbatches: int = 8
     """Micro-batches per step."""
     virtual: int = 0
@@ -340,10 +341,11 @@ class TrainConfig:
             "which tensor parallelism does not split; use schedule.tensor_parallel=1 or a flush schedule",
         )
         _require(
-            (4 * self.model.d_model) % tp == 0,
+            self.model.num_heads % tp == 0,
             "schedule.tensor_parallel",
             tp,
-            f"it must divide the MLP width 4 x model.d_model = {4 * self.model.d_model}",
+            f"attention is split by heads, so it must divide model.num_heads={self.model.num_heads} "
+            "(and then divides the MLP width 4 x model.d_model as well)",
         )
         _require(
             weight_update == "flush" or not self.model.tie_embeddings,

@@ -185,6 +185,12 @@ def _run_function(
         torch.set_num_threads(num_threads)
     try:
         fn(*args)
+    except ConfigError as error:
+        # Bad input found on the ranks (a checkpoint that does not fit the model, ...): the
+        # message names the field, the value and the fix, and a traceback printed by every
+        # rank would bury it. Exit 1 without one; the supervisor prints the message.
+        Path(error_path).write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
+        sys.exit(1)
     except BaseException:
         Path(error_path).write_text(traceback.format_exc(), encoding="utf-8")
         raise

@@ -109,7 +109,7 @@ def check_plan(plan: object, process_group: object) -> None:
         if not isinstance(pattern, str) or not isinstance(style, ParallelStyle):
             raise ConfigError(
                 f"tensor_parallel[{pattern!r}] = {style!r}; keys are submodule name patterns ('fc1', "
-                "'attn.qkv', 'mlp.*') and values ParallelStyle instances (ColwiseParallel(), ...)"
+                "'attn.head_qkv', 'mlp.*') and values ParallelStyle instances (ColwiseParallel(), ...)"
             )
 
 

@@ -156,8 +156,8 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
-    """2 ranks x 2 tensor-parallel (each block's MLP split) train as 2 ranks with whole layers;
-    the checkpoint it writes resumes without tensor parallelism."""
+    """2 ranks x 2 tensor-parallel (each block's attention heads and MLP split) train as 2
+    ranks with whole layers; the checkpoint it writes resumes without tensor parallelism."""
     common = list(_THREE_TINY_STEPS)
     losses = {}
     for degree in (1, 2):

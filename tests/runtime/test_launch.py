@@ -137,6 +137,20 @@ def test_spawn_function_success_and_failure(tmp_path):
     assert any("function failed: marker-42" in line for line in result.error_lines)
 
 
+def _bad_input_on_rank_one(marker):
+    if os.environ["RANK"] == "1":
+        raise ConfigError(f"resume={marker!r} does not fit; pass another checkpoint")
+    time.sleep(300)
+
+
+@pytest.mark.timeout(60)
+def test_a_config_error_on_a_rank_is_reported_as_its_message_alone(tmp_path, capfd):
+    result = spawn(_bad_input_on_rank_one, 2, ("marker-7",), num_threads=None, grace_s=1.0)
+    assert result.exit_code == 1 and result.failed_rank == 1
+    assert result.error_lines == ("ConfigError: resume='marker-7' does not fit; pass another checkpoint",)
+    assert "Traceback" not in capfd.readouterr().err  # neither the rank nor multiprocessing printed one
+
+
 def test_interrupt_stops_everyone(tmp_path, monkeypatch):
     script = _script(tmp_path, "import time\ntime.sleep(300)\n")
     calls = []

@@ -12,12 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _cases import DIM, VOCAB, _batch, _loss_fn
+from _cases import DIM, SEQ, VOCAB, _batch, _loss_fn
 from _workers import WorkerPool
 from torch import nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
+from pipefold.model.zoo import gpt_layers, gpt_tensor_parallel_plan
 from pipefold.runtime import Pipeline
 from pipefold.runtime.tensor_parallel import check_plan, is_sharded, plan_for
 
@@ -75,6 +76,11 @@ def _plan():
     return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
 
 
+def gpt(num_blocks: int = 2) -> list:
+    """The built-in GPT, 4 heads of 4 (2 per tp rank), tied embedding and head."""
+    return gpt_layers(VOCAB, 16, 4, num_blocks, SEQ)
+
+
 # -- rank side -------------------------------------------------------------------------------------
 
 
@@ -103,10 +109,10 @@ def tp_exact(
 
     torch.manual_seed(1234)
     mesh = _mesh(num_dp)
-    plan = _plan()
+    plan = gpt_tensor_parallel_plan() if model == "gpt" else _plan()
     if by_function:  # only the blocks of even index are split; the rest stay whole
         plan = lambda index, module: _plan() if index % 2 == 0 else None  # noqa: E731
-    build = megatron_mlp if model == "mlp" else tied_lm
+    build = {"mlp": megatron_mlp, "tied": tied_lm, "gpt": gpt}[model]
     loss_fn = _loss_fn("mlp" if model == "mlp" else "transformer")
     pipe = Pipeline(
         build(),
@@ -139,8 +145,10 @@ def tp_exact(
         if isinstance(param, DTensor):
             sharded.append(name)
             assert isinstance(grad, DTensor)
-            # The shard is the matching slice of the unsplit gradient.
-            assert grad.to_local().numel() * 2 == reference_params[name].numel() or name.endswith("fc2.bias")
+            # The shard is the matching half of the unsplit gradient (a row-split linear's
+            # bias is replicated).
+            halved = grad.to_local().numel() * 2 == reference_params[name].numel()
+            assert halved or all(placement.is_replicate() for placement in param.placements), name
             grad = grad.full_tensor()
         torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
     return {
@@ -374,6 +382,23 @@ def test_pp2_by_tp2_equals_one_process(pool4, schedule, num_virtual, recompute):
     sharded = sorted({name for r in results for name in r["sharded"]})
     assert [name for name in sharded if name.endswith(".weight")] == [
         f"{i}.{fc}.weight" for i in range(1, 5) for fc in ("fc1", "fc2")
+    ]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None), ("interleaved-1f1b", 3)]
+)
+def test_the_gpt_splits_attention_by_heads_and_equals_one_process(pool4, schedule, num_virtual):
+    """gpt_tensor_parallel_plan: each rank holds 2 of the 4 heads (q, k and v of each) and
+    half of the MLP; with split backward (zb-v) W computes the sharded weights' gradients."""
+    results = pool4.run(
+        "tp_exact", schedule=schedule, num_microbatches=4, num_virtual=num_virtual, model="gpt"
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    sharded = sorted({name for r in results for name in r["sharded"]})
+    assert [name for name in sharded if name.endswith(".weight")] == [
+        f"{i}.{part}.weight" for i in (2, 3) for part in ("attn.head_qkv", "attn.proj", "fc", "fc_out")
     ]
 
 

@@ -94,19 +94,30 @@ class PositionEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused input projection.
+
+    `head_qkv`'s output features are grouped by head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...],
+    each of `head_dim` features, rather than [all q | all k | all v]: a column split of the
+    projection (`ColwiseParallel`) then gives each tensor-parallel rank whole heads with
+    their q, k and v, and `proj` split by rows (`RowwiseParallel`) sums the heads' outputs
+    (Megatron's split). The forward reads how many heads it holds from the projection's
+    output width, so the same module runs whole or split.
+    """
+
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.head_dim = d_model // num_heads
+        self.head_qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, length, d_model = x.shape
-        q, k, v = self.qkv(x).split(d_model, dim=2)
-        head_dim = d_model // self.num_heads
-        q, k, v = (t.view(batch, length, self.num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        batch, length, _ = x.shape
+        qkv = self.head_qkv(x)
+        num_local_heads = qkv.shape[-1] // (3 * self.head_dim)
+        q, k, v = qkv.view(batch, length, num_local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+        out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, num_local_heads * self.head_dim))
         return out
 
 
@@ -120,7 +131,7 @@ class DecoderBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.fc_out = nn.Linear(4 * d_model, d_model)
-        for linear in (self.attn.qkv, self.attn.proj, self.fc, self.fc_out):
+        for linear in (self.attn.head_qkv, self.attn.proj, self.fc, self.fc_out):
             nn.init.normal_(linear.weight, std=_INIT_STD)
             nn.init.zeros_(linear.bias)
         # GPT-2: residual projections scaled by 1/sqrt(2 * depth) so the residual stream's
@@ -136,12 +147,19 @@ class DecoderBlock(nn.Module):
 
 def gpt_tensor_parallel_plan() -> dict[str, Any]:
     """How `pipefold train --tensor-parallel` splits the GPT (`Pipeline(tensor_parallel=...)`):
-    each block's MLP, fc by columns and fc_out by rows (Megatron's split, two thirds of a
-    block's weights). Attention stays whole: its fused qkv projection holds q, k and v one
-    after the other, so a column split would not give each rank whole heads."""
+    each decoder block's attention by heads (head_qkv by columns, proj by rows) and its MLP
+    (fc by columns, fc_out by rows), Megatron's split: every weight of a block but its two
+    LayerNorms, and two all-reduces per block forward (and two in its backward). The
+    embeddings, the final LayerNorm and the head stay whole. The degree must divide the
+    number of heads."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    return {"fc": ColwiseParallel(), "fc_out": RowwiseParallel()}
+    return {
+        "attn.head_qkv": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(),
+        "fc": ColwiseParallel(),
+        "fc_out": RowwiseParallel(),
+    }
 
 
 def gpt_layers(
