@@ -6,6 +6,7 @@
     pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, then plan
     pipefold plan --model gpt --devices 8 --batch-size 64 --memory 8GiB    # also choose dp x pp
     pipefold plan --model gpt --ranks 4 --data-parallel 2 --batch-size 64  # 2 replicas of 4 ranks
+    pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
 
 Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
 or from `pipefold.model.profile` results), from a FLOP estimate of the built-in GPT
@@ -53,7 +54,7 @@ def _rate_flag(flag: str) -> Any:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="choose schedule, micro-batches, stages, recompute (and dp x pp) under a memory limit",
+        help="choose schedule, micro-batches, stages, recompute (and dp x pp x tp) under a memory limit",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,6 +71,12 @@ def add_parser(subparsers: Any) -> None:
                         help="devices in all: search every dp x pp = N (dp replicas of a pp-rank pipeline)")
     parser.add_argument("--data-parallel", type=int, metavar="D",
                         help="pin the data-parallel replicas dp (default 1, or searched with --devices)")
+    parser.add_argument("--tensor-parallel", type=int, metavar="T",
+                        help="pin the tensor-parallel ranks tp per stage (default 1, or searched with "
+                        "--max-tensor-parallel)")
+    parser.add_argument("--max-tensor-parallel", type=int, default=1, metavar="T",
+                        help="also search tp = 2 .. T ranks per stage where the model's layers split "
+                        "(the built-in GPT: degrees dividing its heads); default 1: none")
     parser.add_argument("--schedule", action="append", metavar="NAME",
                         help="consider only this family (repeatable); default: every synchronous one")
     parser.add_argument("--microbatches", type=int, help="pin the micro-batch count m")
@@ -94,6 +101,10 @@ def add_parser(subparsers: Any) -> None:
                         help="bandwidth of the gradient all-reduce between replicas (default: --bandwidth)")
     parser.add_argument("--dp-latency", type=float, metavar="SECONDS",
                         help="latency per all-reduce step between replicas (default: --latency)")
+    parser.add_argument("--tp-bandwidth", type=_rate_flag("--tp-bandwidth"), metavar="BYTES_PER_S",
+                        help="bandwidth between the tp ranks of a stage (default: --bandwidth)")
+    parser.add_argument("--tp-latency", type=float, metavar="SECONDS",
+                        help="latency per all-reduce step between tp ranks (default: --latency)")
     parser.add_argument("--cores", type=int, metavar="N",
                         help="all processes share N cores (CPU ranks on one host: cores / threads per "
                         "rank); ranks computing at once split them fairly (default: a device per rank)")
@@ -201,11 +212,17 @@ def _save_schedule(result: Any, path: str) -> None:
     print(f"wrote {what} to {path}; run it with partition={list(choice.partition.counts)}", file=sys.stderr)
 
 
+def _degree_cell(candidate: Any, with_tp: bool) -> str:
+    cell = f"{candidate.num_data_parallel} x {candidate.num_ranks}"
+    return f"{cell} x {candidate.num_tensor_parallel}" if with_tp else cell
+
+
 def run(args: argparse.Namespace) -> int:
     from pipefold.plan import PlanOptions, format_bytes, plan
     from pipefold.simulate import Link
 
-    for flag, latency in (("--latency", args.latency), ("--dp-latency", args.dp_latency)):
+    for flag, latency in (("--latency", args.latency), ("--dp-latency", args.dp_latency),
+                          ("--tp-latency", args.tp_latency)):
         if latency is not None and (latency < 0 or not math.isfinite(latency)):
             raise ConfigError(f"{flag} = {latency}; give seconds >= 0")
     if not (0 <= args.order_search < math.inf):
@@ -215,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dp_bandwidth is not None or args.dp_latency is not None:
         dp_link = Link(latency=link.latency if args.dp_latency is None else args.dp_latency,
                        bandwidth=link.bandwidth if args.dp_bandwidth is None else args.dp_bandwidth)
+    tp_link = None
+    if args.tp_bandwidth is not None or args.tp_latency is not None:
+        tp_link = Link(latency=link.latency if args.tp_latency is None else args.tp_latency,
+                       bandwidth=link.bandwidth if args.tp_bandwidth is None else args.tp_bandwidth)
     # Without --devices, --ranks keeps its old default of 4: one pipeline, as before dp existed.
     ranks = 4 if args.ranks is None and args.devices is None else args.ranks
     options = PlanOptions(
@@ -234,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         link=link,
         dp_link=dp_link,
+        tensor_parallel=args.tensor_parallel,
+        max_tensor_parallel=args.max_tensor_parallel,
+        tp_link=tp_link,
         num_cores=args.cores,
         order_search_s=args.order_search,
     )
@@ -257,22 +281,24 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     limit = "no limit" if math.isinf(result.memory_limit) else format_bytes(result.memory_limit)
-    # The dp columns appear only when data parallelism is in play, so a plain plan reads as before.
-    with_dp = result.num_devices is not None or result.num_data_parallel > 1
+    # The dp (and tp) columns appear only when they are in play, so a plain plan reads as before.
+    with_tp = options.searches_tensor_parallel
+    with_dp = result.num_devices is not None or result.num_data_parallel > 1 or with_tp
     if result.num_devices is not None:
-        devices = f"{result.num_devices} devices (dp x pp searched)"
+        devices = f"{result.num_devices} devices (dp x pp{' x tp' if with_tp else ''} searched)"
     else:
         devices = f"p={result.num_ranks}" + (f", dp={result.num_data_parallel}" if with_dp else "")
     table = Table(title=f"top {len(result.top)} of {devices}, batch {result.global_batch}, "
                   f"memory {limit} per rank")
-    columns = ["#", *(["dp x pp"] if with_dp else []), "schedule", "v", "m x rows", "recompute", "step s",
+    degree_column = "dp x pp x tp" if with_tp else "dp x pp"
+    columns = ["#", *([degree_column] if with_dp else []), "schedule", "v", "m x rows", "recompute", "step s",
                *(["all-reduce s"] if with_dp else []), "bubble", "peak (rank)"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("schedule", "recompute") else "right",
                          overflow="fold")
     for index, candidate in enumerate(result.top, start=1):
         table.add_row(
-            str(index), *([f"{candidate.num_data_parallel} x {candidate.num_ranks}"] if with_dp else []),
+            str(index), *([_degree_cell(candidate, with_tp)] if with_dp else []),
             candidate.schedule, str(candidate.num_virtual),
             f"{candidate.num_microbatches} x {candidate.microbatch_rows}", candidate.recompute_text,
             f"{candidate.step_time:.4g}", *([f"{candidate.allreduce_s:.3g}"] if with_dp else []),

@@ -138,6 +138,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.model.spec import TiedLayerSpec, layer_name
     from pipefold.model.zoo import gpt_layers
     from pipefold.plan import ModelCosts
+    from pipefold.plan.tensor import with_gpt_tensor_parallel
 
     device = args.device
     if device == "auto":
@@ -169,6 +170,10 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     )
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source)
+    # What `pipefold train --tensor-parallel` splits, so the planner can price a tp degree.
+    costs = with_gpt_tensor_parallel(
+        costs, num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads
+    )
 
     def name(layer: Any) -> str:
         if isinstance(layer, TiedLayerSpec) and layer.forward_fn is not None:

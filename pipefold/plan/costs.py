@@ -48,10 +48,32 @@ class LayerCost:
     weight_grad_s: float | None = None
     """The weight-gradient part (W) of `backward_s`; None takes half of it, the I = W split of
     matrix-product layers (Qi et al., 2023)."""
+    fixed_s: float = 0.0
+    """Seconds per forward and per input-gradient backward (I, or B whole) that do not scale
+    with rows, on top of `ModelCosts.overhead_s`: a tensor-parallel all-reduce's latency."""
+    tensor_parallel_share: float = 0.0
+    """The share of the layer's time and parameter bytes that a tensor-parallel split divides
+    over the tp ranks (0: the layer is not split; see [Note: tensor-parallel cost model] in
+    pipefold/plan/tensor.py)."""
+    tensor_parallel_activation_share: float | None = None
+    """The share of its activation bytes that the split divides; None: `tensor_parallel_share`."""
+    num_tensor_parallel_allreduces: int = 0
+    """All-reduces of the layer's output (`output_bytes`) the split adds to each forward, and of
+    the input gradient (as large) to each backward."""
 
     def __post_init__(self) -> None:
-        for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes"):
+        for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
+                     "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share"):
+            share = getattr(self, name)
+            if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
+                raise ConfigError(f"LayerCost.{name} = {share!r}; give a fraction in [0, 1]")
+        if int(self.num_tensor_parallel_allreduces) != self.num_tensor_parallel_allreduces:
+            raise ConfigError(
+                f"LayerCost.num_tensor_parallel_allreduces = {self.num_tensor_parallel_allreduces!r}; "
+                "give a whole number"
+            )
         for name in ("activation_bytes", "output_bytes", "parameter_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
@@ -122,7 +144,7 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
 
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
-    "optimizer_bytes_per_parameter_byte", "overhead_s", "source",
+    "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees",
 )
 
 
@@ -143,6 +165,9 @@ class ModelCosts:
     """Fixed seconds per layer and per compute action (F, B, I or W), independent of rows."""
     source: str = ""
     """Where the numbers come from ("measured on cuda:0", "FLOP estimate ..."), shown with the plan."""
+    tensor_parallel_degrees: tuple[int, ...] = ()
+    """The tensor-parallel degrees the split layers allow (the GPT: the divisors of its head
+    count); empty: any. The planner searches no other."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +186,13 @@ class ModelCosts:
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "overhead_s"):
             _non_negative("ModelCosts", name, getattr(self, name))
+        degrees = tuple(self.tensor_parallel_degrees)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
+            raise ConfigError(
+                f"ModelCosts.tensor_parallel_degrees = {self.tensor_parallel_degrees!r}; give integers >= 1 "
+                "(empty: any degree)"
+            )
+        object.__setattr__(self, "tensor_parallel_degrees", tuple(sorted(set(degrees))))
         # Prefix sums, so a stage's totals cost O(1) whatever the partition (the search asks often).
         columns = (
             [layer.forward_s for layer in self.layers],
@@ -170,6 +202,7 @@ class ModelCosts:
             [float(layer.parameter_bytes) for layer in self.layers],
             # What a checkpointed layer keeps: its input, the previous layer's output.
             [float(self.input_bytes)] + [float(layer.output_bytes) for layer in self.layers[:-1]],
+            [layer.fixed_s for layer in self.layers],
         )
         prefixes = []
         for column in columns:
@@ -188,13 +221,22 @@ class ModelCosts:
         return sum(layer.parameter_bytes for layer in self.layers)
 
     @property
+    def splits(self) -> bool:
+        """Whether any layer has a tensor-parallel share."""
+        return any(layer.tensor_parallel_share > 0 for layer in self.layers)
+
+    def allows_tensor_parallel(self, degree: int) -> bool:
+        return degree == 1 or (self.splits and (not self.tensor_parallel_degrees
+                                                or degree in self.tensor_parallel_degrees))
+
+    @property
     def state_factor(self) -> float:
         """Bytes of weights, gradients and optimizer state per parameter byte."""
         return 1.0 + self.gradient_bytes_per_parameter_byte + self.optimizer_bytes_per_parameter_byte
 
     def span(self, kind: int, start: int, stop: int) -> float:
         """Sum over layers [start, stop) of column `kind`: 0 F, 1 I, 2 W (seconds), 3 activation
-        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`)."""
+        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`), 6 fixed seconds."""
         prefix = self._prefix[kind]
         return prefix[stop] - prefix[start]
 
@@ -245,6 +287,7 @@ class ModelCosts:
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in _FIELDS}
         data["layers"] = [asdict(layer) for layer in self.layers]
+        data["tensor_parallel_degrees"] = list(self.tensor_parallel_degrees)
         return data
 
     @classmethod
@@ -263,7 +306,8 @@ class ModelCosts:
         if unknown:
             raise ConfigError(f"unknown model costs field(s) {unknown}; known fields: {sorted(_FIELDS)}")
         layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
-                        "weight_grad_s"}
+                        "weight_grad_s", "fixed_s", "tensor_parallel_share",
+                        "tensor_parallel_activation_share", "num_tensor_parallel_allreduces"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):
@@ -277,4 +321,6 @@ class ModelCosts:
                 )
             layers.append(LayerCost(**entry))
         rest = {name: data[name] for name in _FIELDS if name != "layers" and name in data}
+        if "tensor_parallel_degrees" in rest:
+            rest["tensor_parallel_degrees"] = tuple(rest["tensor_parallel_degrees"])
         return cls(layers=tuple(layers), **rest)

@@ -1,4 +1,4 @@
-"""The data-parallel degree: which dp x pp splits of the devices to search, and what dp costs.
+"""The degree: which dp x pp (x tp) splits of the devices to search, and what dp costs.
 
 [Note: data-parallel step model]
 `dp` replicas of a `pp`-rank pipeline each run the schedule on global_batch / dp rows
@@ -20,31 +20,45 @@ backward). The planner prices that as:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipefold.simulate import Link
 
-__all__ = ["Degree", "allreduce_time", "factorizations", "degree_problem"]
+__all__ = ["Degree", "allreduce_time", "factorizations", "degree_problem", "split_text"]
 
 
 @dataclass(frozen=True, order=True)
 class Degree:
-    """dp replicas of a pp-rank pipeline, each on `replica_batch` rows."""
+    """dp replicas of a pp-rank pipeline, each on `replica_batch` rows, each stage split over tp ranks."""
 
     num_data_parallel: int
     num_ranks: int
     """Pipeline ranks pp of each replica."""
     replica_batch: int
     """Samples each replica runs per step: global_batch / dp."""
+    num_tensor_parallel: int = 1
+    """Tensor-parallel ranks tp per stage ([Note: tensor-parallel cost model] in tensor.py)."""
 
     @property
     def num_devices(self) -> int:
-        return self.num_data_parallel * self.num_ranks
+        return self.num_data_parallel * self.num_ranks * self.num_tensor_parallel
+
+    @property
+    def split(self) -> tuple[int, int, int]:
+        """(dp, pp, tp)."""
+        return self.num_data_parallel, self.num_ranks, self.num_tensor_parallel
 
     @property
     def text(self) -> str:
-        """'dp=2 x pp=4'."""
-        return f"dp={self.num_data_parallel} x pp={self.num_ranks}"
+        """'dp=2 x pp=4', with ' x tp=2' where the stages are split."""
+        return split_text(*self.split)
+
+
+def split_text(num_data_parallel: int, num_ranks: int, num_tensor_parallel: int = 1) -> str:
+    """'dp=2 x pp=4' (tp = 1) or 'dp=2 x pp=4 x tp=2'."""
+    text = f"dp={num_data_parallel} x pp={num_ranks}"
+    return text if num_tensor_parallel == 1 else f"{text} x tp={num_tensor_parallel}"
 
 
 def allreduce_time(num_bytes: int, num_replicas: int, link: Link) -> float:
@@ -56,9 +70,15 @@ def allreduce_time(num_bytes: int, num_replicas: int, link: Link) -> float:
     return steps / num_replicas * num_bytes / link.bandwidth + steps * link.latency
 
 
-def factorizations(num_devices: int) -> list[tuple[int, int]]:
-    """Every (dp, pp) with dp x pp = num_devices, dp ascending."""
-    return [(dp, num_devices // dp) for dp in range(1, num_devices + 1) if num_devices % dp == 0]
+def factorizations(num_devices: int, tensor_parallel: Sequence[int] = (1,)) -> list[tuple[int, int, int]]:
+    """Every (dp, pp, tp) with dp x pp x tp = num_devices and tp in `tensor_parallel`, dp then
+    tp ascending."""
+    return [
+        (dp, num_devices // (dp * tp), tp)
+        for dp in range(1, num_devices + 1)
+        for tp in sorted(tensor_parallel)
+        if num_devices % (dp * tp) == 0
+    ]
 
 
 def degree_problem(

@@ -13,7 +13,8 @@ vocabulary V, and b bytes per value:
 - the head does 2·T·d·V FLOPs forward and keeps its input and the logits (T·(d+V));
 - parameters: 12·d² + 13·d per block, V·d per embedding table (held by each of the
   two tied layers), T·d for positions.
-Times are FLOPs / `flops` (the device's sustained rate). Real layers run below peak,
+The blocks carry what `pipefold train --tensor-parallel` splits (`with_gpt_tensor_parallel`
+in tensor.py). Times are FLOPs / `flops` (the device's sustained rate). Real layers run below peak,
 and small ones far below: treat the result as a shape, not a measurement.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.tensor import with_gpt_tensor_parallel
 
 __all__ = ["gpt_costs"]
 
@@ -71,7 +73,7 @@ def gpt_costs(
         layer(8 * t * d, 2 * t * d, t * d * b, 2 * d),
         layer(head_flops, head_flops, t * (d + v) * b, v * d),
     ]
-    return ModelCosts(
+    costs = ModelCosts(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
@@ -81,3 +83,4 @@ def gpt_costs(
             f"seq_len={seq_len}, vocab={vocab_size}) at {flops:.3g} FLOP/s, not a measurement"
         ),
     )
+    return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from pipefold.plan.degree import Degree
+from pipefold.plan.degree import Degree, split_text
 from pipefold.plan.result import Candidate, Verdict
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
@@ -98,22 +98,23 @@ def _with_allreduce(candidate: Candidate) -> str:
 
 def degree_verdicts(
     records: Sequence[Record],
-    rejected: dict[tuple[int, int], str],
+    rejected: dict[tuple[int, int, int], str],
     excluded: dict[Degree, dict[str, tuple[str, str]]],
-    pairs: Sequence[tuple[int, int]],
+    splits: Sequence[tuple[int, int, int]],
     choice: Candidate,
     limit: float,
 ) -> tuple[Verdict, ...]:
-    """One verdict per dp x pp split in `pairs` (dp ascending): at its best over every family and setting."""
+    """One verdict per dp x pp x tp split in `splits` (dp, then tp ascending): at its best over every
+    family and setting."""
     verdicts = []
-    for dp, pp in pairs:
-        subject = f"dp={dp} x pp={pp}"
-        if (dp, pp) in rejected:
-            verdicts.append(Verdict(subject, "not-applicable", rejected[(dp, pp)]))
+    for split in splits:
+        subject = split_text(*split)
+        if split in rejected:
+            verdicts.append(Verdict(subject, "not-applicable", rejected[split]))
             continue
-        group = [r for r in records if (r.degree.num_data_parallel, r.degree.num_ranks) == (dp, pp)]
+        group = [r for r in records if r.degree.split == split]
         if not group:
-            reasons = [reason for degree, families in excluded.items() if degree.num_data_parallel == dp
+            reasons = [reason for degree, families in excluded.items() if degree.split == split
                        for _, reason in families.values()]
             why = "; ".join(dict.fromkeys(reasons)) or "no configuration"
             verdicts.append(Verdict(subject, "not-applicable", f"no schedule family applies ({why})"))

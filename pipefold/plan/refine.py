@@ -135,7 +135,8 @@ def search_order(
         return None
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
     model = stage_cost_model(
-        costs, stages, choice.recompute, options.link, options.cores_per_pipeline(choice.num_data_parallel)
+        costs, stages, choice.recompute, options.link,
+        options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel),
     )
     transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
     if math.isinf(options.memory_limit):

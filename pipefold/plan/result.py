@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipefold.balance import Partition
+from pipefold.plan.degree import split_text
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.units import format_bytes
 
@@ -59,15 +60,17 @@ class Candidate:
     """Data-parallel replicas dp of the pipeline; `num_ranks` is each one's pipeline ranks pp."""
     allreduce_s: float = 0.0
     """Seconds of the gradient all-reduce across replicas after the schedule (0 when dp = 1)."""
+    num_tensor_parallel: int = 1
+    """Tensor-parallel ranks tp per stage; `memory` and the times are one tp rank's."""
 
     @property
     def num_devices(self) -> int:
-        return self.num_data_parallel * self.num_ranks
+        return self.num_data_parallel * self.num_ranks * self.num_tensor_parallel
 
     @property
     def degree_text(self) -> str:
-        """'dp=2 x pp=4'."""
-        return f"dp={self.num_data_parallel} x pp={self.num_ranks}"
+        """'dp=2 x pp=4', with ' x tp=2' where the stages are split."""
+        return split_text(self.num_data_parallel, self.num_ranks, self.num_tensor_parallel)
 
     @property
     def pipeline_s(self) -> float:
@@ -138,6 +141,7 @@ class Candidate:
             "bounds": list(self.bounds),
             "recompute": list(self.recompute),
             "num_data_parallel": self.num_data_parallel,
+            "num_tensor_parallel": self.num_tensor_parallel,
             "num_devices": self.num_devices,
             "step_time": self.step_time,
             "allreduce_s": self.allreduce_s,
@@ -162,6 +166,7 @@ class Candidate:
             memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
             num_data_parallel=int(data.get("num_data_parallel", 1)),
             allreduce_s=float(data.get("allreduce_s", 0.0)),
+            num_tensor_parallel=int(data.get("num_tensor_parallel", 1)),
         )
 
 
@@ -210,9 +215,10 @@ class Plan:
     source: str = ""
     """Where the costs came from."""
     degrees: tuple[Verdict, ...] = ()
-    """One verdict per dp x pp split searched ("dp=2 x pp=4"), dp ascending; empty when one was pinned."""
+    """One verdict per dp x pp (x tp) split searched ("dp=2 x pp=4", "dp=1 x pp=4 x tp=2"), dp then
+    tp ascending; empty when one was pinned."""
     num_devices: int | None = None
-    """The devices split into dp x pp when the degree was searched; None when it was pinned."""
+    """The devices split into dp x pp (x tp) when the degree was searched; None when it was pinned."""
     searched: SearchedOrder | None = None
     """An order searched for the choice's configuration ([Note: planner refinement] in
     refine.py); None when not searched (asynchronous family, unknown layout, search off)."""
@@ -221,6 +227,11 @@ class Plan:
     def num_data_parallel(self) -> int:
         """Data-parallel replicas dp of the choice."""
         return self.choice.num_data_parallel
+
+    @property
+    def num_tensor_parallel(self) -> int:
+        """Tensor-parallel ranks tp per stage of the choice."""
+        return self.choice.num_tensor_parallel
 
     @property
     def step_time(self) -> float:
@@ -239,7 +250,7 @@ class Plan:
         """The choice and the reasons, as plain text lines."""
         choice = self.choice
         limit = "no limit" if math.isinf(self.memory_limit) else f"limit {format_bytes(self.memory_limit)}"
-        with_degree = bool(self.degrees) or choice.num_data_parallel > 1
+        with_degree = bool(self.degrees) or choice.num_data_parallel > 1 or choice.num_tensor_parallel > 1
         step = f"predicted step {choice.step_time:.4g} s"
         if choice.num_data_parallel > 1:
             step += (
@@ -254,13 +265,22 @@ class Plan:
             f"  partition {choice.partition}",
             "  Pipeline(" + ", ".join(f"{k}={v!r}" for k, v in choice.pipeline_kwargs().items()) + ")",
         ]
+        if choice.num_tensor_parallel > 1:
+            lines.append(
+                f"  tensor parallel: each stage split over {choice.num_tensor_parallel} ranks: a mesh with "
+                f"a 'tp' dim of {choice.num_tensor_parallel} and Pipeline(tensor_parallel=plan) (pipefold "
+                f"train --tensor-parallel {choice.num_tensor_parallel}); memory and times above are one tp "
+                "rank's"
+            )
         if self.source:
             lines.append(f"  costs: {self.source}")
         if self.searched is not None:
             lines.append(f"  {self.searched.explain()}")
         width = max(len(verdict.subject) for verdict in (*self.degrees, *self.families, *self.settings))
         if self.degrees:
-            lines.append(f"dp x pp for {self.num_devices} devices:")
+            tp = " x tp" if any(" x tp=" in v.subject for v in self.degrees) else ""
+            devices = f"{self.num_devices} devices" if self.num_devices is not None else "the pinned pipeline"
+            lines.append(f"dp x pp{tp} for {devices}:")
             lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.degrees]
         lines.append(f"schedules at {choice.degree_text}:" if with_degree else "schedules:")
         lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.families]
@@ -285,6 +305,7 @@ class Plan:
             "settings": [verdict.to_json() for verdict in self.settings],
             "num_ranks": self.num_ranks,
             "num_data_parallel": self.num_data_parallel,
+            "num_tensor_parallel": self.num_tensor_parallel,
             "num_devices": self.num_devices,
             "degrees": [verdict.to_json() for verdict in self.degrees],
             "global_batch": self.global_batch,

@@ -1,9 +1,11 @@
 """`plan(costs, options)`: the fastest configuration that fits, found by bounded search.
 
 [Note: planner search]
-1. The space (space.py): every data-parallel split dp x pp of the devices (degree.py;
-   one when pinned) x family x stages per rank v x micro-batch count m of the
-   replica's batch. The partition of a configuration is the exact time-balanced cut
+1. The space (space.py): every split dp x pp x tp of the devices (degree.py; one when
+   pinned; tp = 1 unless `max_tensor_parallel` or `tensor_parallel` say otherwise) x
+   family x stages per rank v x micro-batch count m of the replica's batch. At tp > 1
+   the model is one tp rank's (`split_costs`, [Note: tensor-parallel cost model] in
+   tensor.py) and everything below runs on it. The partition of a configuration is the exact time-balanced cut
    of the layers into pp*v stages (`pipefold.balance.balance` of per-layer F + B at
    the configuration's micro-batch size).
 2. Configurations of every split are visited together, in order of a lower bound on
@@ -20,7 +22,7 @@
    bytes per second of recomputation, until every rank fits or nothing is left.
    Asynchronous families never recompute: the runtime refuses it (a recomputed
    forward would see the live weights, not the stashed version).
-4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp),
+4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp), fewer tp ranks,
    registry order, fewer stages per rank, fewer micro-batches and fewer recomputed
    stages. Step times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
    exact to the last digit, and two configurations 0.01% apart should be told apart
@@ -46,6 +48,7 @@ from pipefold.plan.refine import search_order
 from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
+from pipefold.plan.tensor import split_costs
 from pipefold.schedule import Schedule, build, names
 from pipefold.simulate import CostModel, Link, simulate
 
@@ -69,13 +72,13 @@ _SLACK = 1e-9
 rounding, and must not skip a configuration that ties."""
 
 
-def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, int, float, tuple[int, ...]]:
+def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, int, int, float, tuple[int, ...]]:
     """Sort key of candidates that fit: faster, then leaner, then simpler (see [Note: planner search])."""
     order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
     return (
-        time_bucket(candidate.step_time), candidate.peak_memory, candidate.num_data_parallel, order,
-        candidate.num_virtual, candidate.num_microbatches, len(candidate.recompute), candidate.step_time,
-        candidate.recompute,
+        time_bucket(candidate.step_time), candidate.peak_memory, candidate.num_data_parallel,
+        candidate.num_tensor_parallel, order, candidate.num_virtual, candidate.num_microbatches,
+        len(candidate.recompute), candidate.step_time, candidate.recompute,
     )
 
 
@@ -92,12 +95,15 @@ def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
 def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
     link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
+    num_tensor_parallel: int = 1,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
     `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
     all-reduce over `dp_link` (default `link`), see [Note: data-parallel step model] in degree.py.
     `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
+    With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
+    the candidate records the degree.
     """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
@@ -119,6 +125,7 @@ def evaluate(
         memory=rank_memory(costs, model, timeline, schedule.placement, transient),
         num_data_parallel=num_data_parallel,
         allreduce_s=allreduce,
+        num_tensor_parallel=num_tensor_parallel,
     )
 
 
@@ -160,24 +167,36 @@ class _Search:
         self.limit = options.memory_limit
         self.num_simulated = 0
         self.top: list[Candidate] = []
-        self._layouts: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._layouts: dict[tuple[int, int, int], tuple[int, ...]] = {}
+        self._split: dict[int, ModelCosts] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
-        self.rejected: dict[tuple[int, int], str] = {}
-        """(dp, pp) -> why that split cannot run this batch at all."""
+        self.rejected: dict[tuple[int, int, int], str] = {}
+        """(dp, pp, tp) -> why that split cannot run this batch (or this model) at all."""
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def bounds_of(self, num_stages: int, rows: int) -> tuple[int, ...]:
-        key = (num_stages, rows)
+    def costs_at(self, degree: Degree) -> ModelCosts:
+        """The costs of one tp rank at `degree` ([Note: tensor-parallel cost model] in tensor.py)."""
+        tp = degree.num_tensor_parallel
+        if tp not in self._split:
+            self._split[tp] = split_costs(self.costs, tp, self.options.tensor_parallel_link)
+        return self._split[tp]
+
+    def cores(self, degree: Degree) -> float | None:
+        return self.options.cores_per_pipeline(degree.num_data_parallel, degree.num_tensor_parallel)
+
+    def bounds_of(self, degree: Degree, num_stages: int, rows: int) -> tuple[int, ...]:
+        key = (degree.num_tensor_parallel, num_stages, rows)
         if key not in self._layouts:
-            self._layouts[key] = balance(stage_weights(self.costs, rows), num_stages).bounds
+            self._layouts[key] = balance(stage_weights(self.costs_at(degree), rows), num_stages).bounds
         return self._layouts[key]
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
         layout = StageLayout(record.bounds, record.config.microbatch_rows)
-        cores = self.options.cores_per_pipeline(record.degree.num_data_parallel)
-        return stage_cost_model(self.costs, layout, recompute, self.options.link, cores)
+        return stage_cost_model(
+            self.costs_at(record.degree), layout, recompute, self.options.link, self.cores(record.degree)
+        )
 
     def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
         return record.allreduce_s + step_time_lower_bound(self.model(record, recompute), record.placement,
@@ -195,9 +214,10 @@ class _Search:
             self.num_simulated += 1
             degree = record.degree
             record.tried[recompute] = evaluate(
-                self.costs, record.config, degree.num_ranks, record.bounds, recompute, self.options.link,
-                num_data_parallel=degree.num_data_parallel, dp_link=self.options.allreduce_link,
-                num_cores=self.options.cores_per_pipeline(degree.num_data_parallel),
+                self.costs_at(degree), record.config, degree.num_ranks, record.bounds, recompute,
+                self.options.link, num_data_parallel=degree.num_data_parallel,
+                dp_link=self.options.allreduce_link, num_cores=self.cores(degree),
+                num_tensor_parallel=degree.num_tensor_parallel,
             )
         return record.tried[recompute]
 
@@ -210,20 +230,22 @@ class _Search:
     # -- the search --------------------------------------------------------------------------
 
     def degrees(self) -> list[Degree]:
-        """The dp x pp splits to search; the others go to `rejected` with their reason."""
+        """The dp x pp (x tp) splits to search; the others go to `rejected` with their reason."""
         options = self.options
         found = []
-        for dp, pp in options.degree_pairs():
+        for dp, pp, tp in options.degree_splits():
             problem = degree_problem(options.global_batch, dp, options.microbatches, options.uneven)
             if problem is not None:
-                self.rejected[(dp, pp)] = f"dp={dp}: {problem}"
+                self.rejected[(dp, pp, tp)] = f"dp={dp}: {problem}"
             elif pp > self.costs.num_layers:
-                self.rejected[(dp, pp)] = (
+                self.rejected[(dp, pp, tp)] = (
                     f"pp={pp}: {pp} pipeline ranks need {pp} stages but the model has "
                     f"{self.costs.num_layers} layers (a stage holds at least one)"
                 )
+            elif not self.costs.allows_tensor_parallel(tp):
+                self.rejected[(dp, pp, tp)] = f"tp={tp}: {_tensor_parallel_problem(self.costs)}"
             else:
-                found.append(Degree(dp, pp, options.global_batch // dp))
+                found.append(Degree(dp, pp, options.global_batch // dp, tp))
         return found
 
     def records(self) -> list[Record]:
@@ -232,19 +254,22 @@ class _Search:
             space = search_space(self.options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
             pp = degree.num_ranks
+            costs = self.costs_at(degree)
             for config in space.configs:
-                bounds = self.bounds_of(pp * config.num_virtual, config.microbatch_rows)
+                bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows)
                 placement = _placement(config.schedule, pp, config.num_virtual)
-                model = stage_cost_model(self.costs, StageLayout(bounds, config.microbatch_rows), (),
+                model = stage_cost_model(costs, StageLayout(bounds, config.microbatch_rows), (),
                                          self.options.link)
-                allreduce = allreduce_time(max(gradient_bytes(self.costs, model, placement, pp)),
+                allreduce = allreduce_time(max(gradient_bytes(costs, model, placement, pp)),
                                            degree.num_data_parallel, self.options.allreduce_link)
                 record = Record(degree, config, bounds, placement, allreduce, 0.0)
                 record.lower_bound = self.bound(record, ())
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
-        records.sort(key=lambda r: (r.lower_bound, r.degree.num_data_parallel, order[r.config.schedule],
-                                    r.config.num_virtual, r.config.num_microbatches))
+        records.sort(key=lambda r: (
+            r.lower_bound, r.degree.num_data_parallel, r.degree.num_tensor_parallel, order[r.config.schedule],
+            r.config.num_virtual, r.config.num_microbatches,
+        ))
         return records
 
     def recompute_choices(self, record: Record) -> str:
@@ -256,7 +281,8 @@ class _Search:
         num_stages = len(record.bounds) - 1
         everything = tuple(range(num_stages))
         choice = self.recompute_choices(record)
-        static = static_bytes(self.costs, self.model(record, ()), record.placement, record.degree.num_ranks)
+        static = static_bytes(self.costs_at(record.degree), self.model(record, ()), record.placement,
+                              record.degree.num_ranks)
         worst = max(range(len(static)), key=lambda rank: static[rank])
         if static[worst] > self.limit:
             record.static_over = (worst, int(static[worst] - self.limit))
@@ -327,6 +353,23 @@ class _Search:
             self.run(record, ())
 
 
+def _tensor_parallel_problem(costs: ModelCosts) -> str:
+    """Why the model's costs allow no tp degree but 1, or which ones they allow."""
+    if not costs.splits:
+        return (
+            "no layer of the model's costs has a tensor-parallel share (LayerCost.tensor_parallel_share), "
+            "so nothing would split"
+        )
+    return (
+        "the model's split layers allow tp in "
+        f"{', '.join(map(str, costs.tensor_parallel_degrees))} (e.g. divisors of the head count)"
+    )
+
+
+def _splits_name(options: PlanOptions) -> str:
+    return "dp x pp x tp" if options.searches_tensor_parallel else "dp x pp"
+
+
 def _nothing_to_search(search: _Search) -> ConfigError:
     if not search.options.searches_degree and not search.rejected:
         (excluded,) = search.excluded.values()
@@ -336,8 +379,10 @@ def _nothing_to_search(search: _Search) -> ConfigError:
     for degree, excluded in search.excluded.items():
         why = "; ".join(dict.fromkeys(reason for _, reason in excluded.values()))
         parts.append(f"{degree.text}: no schedule family applies ({why})")
+    devices = search.options.num_devices
+    where = f"of {devices} devices" if devices is not None else "of the options"
     return ConfigError(
-        f"nothing to search: no dp x pp split of {search.options.num_devices} devices can run this batch "
+        f"nothing to search: no {_splits_name(search.options)} split {where} can run this batch "
         f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
     )
 
@@ -363,7 +408,7 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
         raise NoFeasiblePlan(options.memory_limit, least, fastest)
     choice = search.top[0]
     chosen_degree = Degree(choice.num_data_parallel, choice.num_ranks,
-                           options.global_batch // choice.num_data_parallel)
+                           options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
     same_degree = [record for record in records if record.degree == chosen_degree]
 
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
@@ -374,13 +419,13 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
                                 asynchronous=is_asynchronous(choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
     searched = (
-        search_order(costs, options, choice, time_budget_s=options.order_search_s)
+        search_order(search.costs_at(chosen_degree), options, choice, time_budget_s=options.order_search_s)
         if options.order_search_s > 0
         else None
     )
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:
-        degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_pairs(), choice,
+        degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_splits(), choice,
                                   options.memory_limit)
     return Plan(
         choice=choice,

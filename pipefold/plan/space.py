@@ -75,6 +75,13 @@ class PlanOptions:
     """Link the replicas all-reduce gradients over; None: the same as `link`."""
     exhaustive_recompute_stages: int = 4
     """Up to this many stages every subset of recomputed stages is tried; above, a greedy search."""
+    tensor_parallel: int | None = None
+    """Pin the tensor-parallel ranks tp per stage; None: 1, or searched up to `max_tensor_parallel`."""
+    max_tensor_parallel: int = 1
+    """Largest tp searched where not pinned (the model's costs say which layers split and into
+    which degrees: [Note: tensor-parallel cost model] in tensor.py); 1: no tensor parallelism."""
+    tp_link: Link | None = None
+    """Link between the tp ranks of a stage (their all-reduces); None: the same as `link`."""
     num_cores: int | None = None
     """Cores that all of the job's processes share (CPU ranks on one host: cores / threads per
     rank); each of dp replicas then gets num_cores / dp of them ([Note: shared cores] in
@@ -83,9 +90,12 @@ class PlanOptions:
     order_search_s: float = 1.0
     """Seconds to search an order for the choice ([Note: planner refinement] in refine.py); 0: none."""
 
-    def cores_per_pipeline(self, num_data_parallel: int) -> float | None:
-        """`CostModel.num_cores` of one replica's pipeline, or None (a device per rank)."""
-        return None if self.num_cores is None else self.num_cores / num_data_parallel
+    def cores_per_pipeline(self, num_data_parallel: int, num_tensor_parallel: int = 1) -> float | None:
+        """`CostModel.num_cores` of one replica's pipeline (one tp rank of each stage), or None (a
+        device per rank): replicas and tp peers compute beside it and take their share."""
+        if self.num_cores is None:
+            return None
+        return self.num_cores / (num_data_parallel * num_tensor_parallel)
 
     def __post_init__(self) -> None:
         _positive_int("num_ranks", self.num_ranks, optional=True)
@@ -98,6 +108,8 @@ class PlanOptions:
         _positive_int("max_microbatches", self.max_microbatches, optional=True)
         _positive_int("top", self.top)
         _positive_int("num_cores", self.num_cores, optional=True)
+        _positive_int("tensor_parallel", self.tensor_parallel, optional=True)
+        _positive_int("max_tensor_parallel", self.max_tensor_parallel)
         if isinstance(self.exhaustive_recompute_stages, bool) or not isinstance(
             self.exhaustive_recompute_stages, int
         ) or self.exhaustive_recompute_stages < 0:
@@ -135,55 +147,82 @@ class PlanOptions:
             raise ConfigError(f"link = {self.link!r}; give a pipefold.simulate.Link")
         if self.dp_link is not None and not isinstance(self.dp_link, Link):
             raise ConfigError(f"dp_link = {self.dp_link!r}; give a pipefold.simulate.Link (None: link's)")
+        if self.tp_link is not None and not isinstance(self.tp_link, Link):
+            raise ConfigError(f"tp_link = {self.tp_link!r}; give a pipefold.simulate.Link (None: link's)")
         self._check_devices()
 
     def _check_devices(self) -> None:
-        devices, dp, pp = self.num_devices, self.data_parallel, self.num_ranks
+        devices, dp, pp, tp = self.num_devices, self.data_parallel, self.num_ranks, self.tensor_parallel
         if devices is None and pp is None:
             raise ConfigError(
                 "num_ranks and num_devices are both None; give num_ranks (the pipeline ranks) or "
                 "num_devices (every dp x pp split of them is searched)"
             )
         if devices is not None:
-            for name, value in (("data_parallel", dp), ("num_ranks", pp)):
+            for name, value in (("data_parallel", dp), ("num_ranks", pp), ("tensor_parallel", tp)):
                 if value is not None and devices % value:
                     raise ConfigError(
-                        f"{name} = {value} does not divide num_devices = {devices}; dp x pp must equal "
+                        f"{name} = {value} does not divide num_devices = {devices}; dp x pp x tp must equal "
                         f"the devices, so pick a divisor ({', '.join(map(str, divisors(devices)))})"
                     )
-            if dp is not None and pp is not None and dp * pp != devices:
+            if dp is not None and pp is not None and dp * pp * (tp or 1) != devices and (
+                tp is not None or self.max_tensor_parallel == 1
+            ):
                 raise ConfigError(
-                    f"data_parallel = {dp} x num_ranks = {pp} is {dp * pp}, not num_devices = {devices}; "
-                    "give two of the three, or three that agree"
+                    f"data_parallel = {dp} x num_ranks = {pp}{f' x tensor_parallel = {tp}' if tp else ''} is "
+                    f"{dp * pp * (tp or 1)}, not num_devices = {devices}; leave one of them out, or give "
+                    "values that agree"
                 )
-        pairs = self.degree_pairs()
-        if len(pairs) == 1:
+            if not self.degree_splits():
+                raise ConfigError(
+                    f"no dp x pp x tp split of num_devices = {devices} matches the pins (data_parallel = "
+                    f"{dp}, num_ranks = {pp}, tensor_parallel = {tp}, max_tensor_parallel = "
+                    f"{self.max_tensor_parallel}); loosen a pin"
+                )
+        splits = self.degree_splits()
+        if len({split[0] for split in splits}) == 1:
             # A pinned degree that cannot split the batch is a mistake in the options, not a verdict.
-            problem = degree_problem(self.global_batch, pairs[0][0], self.microbatches, self.uneven)
+            problem = degree_problem(self.global_batch, splits[0][0], self.microbatches, self.uneven)
             if problem is not None:
                 raise ConfigError(
-                    f"data_parallel = {pairs[0][0]}: {problem}; pin a dp that leaves every replica whole "
+                    f"data_parallel = {splits[0][0]}: {problem}; pin a dp that leaves every replica whole "
                     "micro-batches, or change global_batch"
                 )
 
-    def degree_pairs(self) -> list[tuple[int, int]]:
-        """The (dp, pp) splits these options allow, dp ascending."""
+    def tensor_parallel_values(self) -> list[int]:
+        """The tp degrees to consider: the pinned one, or 1 .. max_tensor_parallel."""
+        if self.tensor_parallel is not None:
+            return [self.tensor_parallel]
+        return list(range(1, self.max_tensor_parallel + 1))
+
+    def degree_splits(self) -> list[tuple[int, int, int]]:
+        """The (dp, pp, tp) splits these options allow, dp then tp ascending."""
+        tensor = self.tensor_parallel_values()
         if self.num_devices is None:
             assert self.num_ranks is not None  # checked in __post_init__
-            return [(self.data_parallel or 1, self.num_ranks)]
+            return [(self.data_parallel or 1, self.num_ranks, tp) for tp in tensor]
         return [
-            (dp, pp) for dp, pp in factorizations(self.num_devices)
+            (dp, pp, tp) for dp, pp, tp in factorizations(self.num_devices, tensor)
             if self.data_parallel in (None, dp) and self.num_ranks in (None, pp)
         ]
 
     @property
     def searches_degree(self) -> bool:
-        """Whether more than one dp x pp split is searched (the explanation then compares them)."""
-        return len(self.degree_pairs()) > 1
+        """Whether more than one dp x pp (x tp) split is searched (the explanation then compares them)."""
+        return len(self.degree_splits()) > 1
+
+    @property
+    def searches_tensor_parallel(self) -> bool:
+        """Whether any split considered has tp > 1 (the explanation then names tp)."""
+        return any(tp > 1 for _, _, tp in self.degree_splits())
 
     @property
     def allreduce_link(self) -> Link:
         return self.link if self.dp_link is None else self.dp_link
+
+    @property
+    def tensor_parallel_link(self) -> Link:
+        return self.link if self.tp_link is None else self.tp_link
 
 
 @dataclass(frozen=True, order=True)
@@ -258,12 +297,12 @@ def _microbatch_values(options: PlanOptions, batch: int) -> list[int]:
 
 
 def pinned_degree(options: PlanOptions) -> Degree:
-    """The one degree of options that do not search dp x pp."""
-    pairs = options.degree_pairs()
-    if len(pairs) != 1:
-        raise ConfigError(f"the options search {len(pairs)} dp x pp splits; name one (pass a Degree)")
-    dp, pp = pairs[0]
-    return Degree(dp, pp, options.global_batch // dp)
+    """The one degree of options that do not search dp x pp (x tp)."""
+    splits = options.degree_splits()
+    if len(splits) != 1:
+        raise ConfigError(f"the options search {len(splits)} dp x pp x tp splits; name one (pass a Degree)")
+    dp, pp, tp = splits[0]
+    return Degree(dp, pp, options.global_batch // dp, tp)
 
 
 def search_space(options: PlanOptions, num_layers: int, degree: Degree | None = None) -> Space:
@@ -290,6 +329,13 @@ def search_space(options: PlanOptions, num_layers: int, degree: Degree | None = 
                 "not-applicable",
                 f"asynchronous: the runtime refuses it with dp={degree.num_data_parallel} > 1 (each replica "
                 "would update from its own gradients and drift apart)",
+            )
+            continue
+        if is_asynchronous(name) and degree.num_tensor_parallel > 1:
+            excluded[name] = (
+                "not-applicable",
+                f"asynchronous: the runtime refuses it with tp={degree.num_tensor_parallel} > 1 (its weight "
+                "stashes copy whole tensors)",
             )
             continue
         found = False

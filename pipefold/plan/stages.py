@@ -22,7 +22,7 @@ from pipefold.simulate import CostModel, Link
 
 __all__ = ["StageLayout", "stage_cost_model", "transient_bytes", "stage_weights"]
 
-_F, _I, _W, _ACT, _PARAM, _INPUT = range(6)
+_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED = range(7)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ class StageLayout:
 def stage_weights(costs: ModelCosts, rows: int) -> list[float]:
     """Per layer, F + B seconds at `rows` samples: what the balance DP evens out across stages."""
     scale = rows / costs.reference_rows
-    return [2 * costs.overhead_s + scale * (layer.forward_s + layer.backward_s) for layer in costs.layers]
+    return [
+        2 * (costs.overhead_s + layer.fixed_s) + scale * (layer.forward_s + layer.backward_s)
+        for layer in costs.layers
+    ]
 
 
 def stage_cost_model(
@@ -60,11 +63,14 @@ def stage_cost_model(
     for stage in range(layout.num_stages):
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
         fixed = overhead * (stop - start)
-        forward = fixed + scale * costs.span(_F, start, stop)
-        input_grad = fixed + scale * costs.span(_I, start, stop)
+        # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
+        # input-gradient half, where the all-reduces run; W has none.
+        own = costs.span(_FIXED, start, stop)
+        forward = fixed + own + scale * costs.span(_F, start, stop)
+        input_grad = fixed + own + scale * costs.span(_I, start, stop)
         weight_grad = fixed + scale * costs.span(_W, start, stop)
         # One B per layer is one action: its fixed cost is paid once, not once per half.
-        backward = fixed + scale * (costs.span(_I, start, stop) + costs.span(_W, start, stop))
+        backward = fixed + own + scale * (costs.span(_I, start, stop) + costs.span(_W, start, stop))
         if stage in recompute:
             input_grad, weight_grad = input_grad + forward, weight_grad + forward
             backward += forward

@@ -194,7 +194,7 @@ def test_bad_degree_options_are_refused_naming_the_field(kwargs, message):
 
 def test_num_devices_with_a_pinned_pp_or_dp_is_one_split():
     options = PlanOptions(num_devices=8, num_ranks=2, global_batch=8)
-    assert options.degree_pairs() == [(4, 2)] and not options.searches_degree
+    assert options.degree_splits() == [(4, 2, 1)] and not options.searches_degree
     result = plan(costs_of(), options)
     assert (result.choice.num_data_parallel, result.choice.num_ranks) == (4, 2)
     assert result.degrees == () and result.num_devices is None

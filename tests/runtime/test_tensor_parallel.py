@@ -161,6 +161,17 @@ def tp_exact(
     }
 
 
+def tp_weight_bytes(*, partition):
+    """This tp rank's parameter bytes (its shards, and whole tensors where nothing is split)."""
+    mesh = _mesh()
+    pipe = Pipeline(
+        gpt(), loss_fn=_loss_fn("transformer"), schedule="1f1b", num_microbatches=2, partition=partition,
+        seed=7, timeout_s=60, process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(),
+    )
+    local = [param.to_local() if is_sharded(param) else param for param in pipe.parameters()]
+    return {"pp_rank": pipe.rank, "bytes": sum(t.numel() * t.element_size() for t in local)}
+
+
 def _adam(params):
     return torch.optim.Adam(params, lr=0.01)
 
@@ -400,6 +411,22 @@ def test_the_gpt_splits_attention_by_heads_and_equals_one_process(pool4, schedul
     assert [name for name in sharded if name.endswith(".weight")] == [
         f"{i}.{part}.weight" for i in (2, 3) for part in ("attn.head_qkv", "attn.proj", "fc", "fc_out")
     ]
+
+
+@pytest.mark.multiprocess
+def test_the_planner_prices_a_tp_rank_s_weights_as_the_runtime_holds_them(pool4):
+    """The planner's tp=2 cost model of the GPT (pipefold.plan.tensor) against the bytes each
+    tp rank of a pp=2 x tp=2 pipeline really holds, for the partition the planner chose."""
+    from pipefold.plan import PlanOptions, gpt_costs, plan
+
+    costs = gpt_costs(num_layers=2, d_model=16, num_heads=4, seq_len=SEQ, vocab_size=VOCAB)
+    options = PlanOptions(num_ranks=2, global_batch=4, tensor_parallel=2, schedules=("1f1b",),
+                          order_search_s=0)
+    choice = plan(costs, options).choice
+    assert choice.num_tensor_parallel == 2
+    results = pool4.run("tp_weight_bytes", partition=list(choice.partition.counts))
+    for result in results:
+        assert result["bytes"] == choice.memory[result["pp_rank"]].weights
 
 
 @pytest.mark.multiprocess
