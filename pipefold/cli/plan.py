@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from typing import Any
 
@@ -196,13 +197,52 @@ def _check_writable(path: str) -> None:
         raise ConfigError(f"--save-schedule = {path!r} is a folder; give a file name")
 
 
+def _saves_searched_order(result: Any) -> bool:
+    return result.searched is not None and result.searched.gain > 1.0
+
+
+def train_command(args: argparse.Namespace, result: Any) -> str | None:
+    """The `pipefold train` command that runs the plan's choice on the model planned for, or
+    None where the costs are not the built-in GPT's as `pipefold train` builds it (`--costs`
+    files describe any model; a vocabulary other than train's byte-level one)."""
+    from pipefold.data.corpus import VOCAB_SIZE
+    from pipefold.plan.space import is_asynchronous
+    from pipefold.schedule.registry import family
+
+    if args.costs or args.vocab_size != VOCAB_SIZE:
+        return None
+    choice = result.choice
+    words = ["pipefold", "train"]
+    if args.save_schedule is not None and _saves_searched_order(result):
+        words += ["--schedule-file", args.save_schedule]
+    else:
+        words += ["--schedule", choice.schedule]
+    words += ["--ranks", str(choice.num_ranks), "--microbatches", str(choice.num_microbatches)]
+    if choice.num_virtual != family(choice.schedule).default_virtual:
+        words += ["--virtual", str(choice.num_virtual)]
+    if choice.num_data_parallel > 1:
+        words += ["--data-parallel", str(choice.num_data_parallel)]
+    if choice.num_tensor_parallel > 1:
+        words += ["--tensor-parallel", str(choice.num_tensor_parallel)]
+    words += ["--batch-size", str(result.global_batch)]
+    words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
+              "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
+    words += ["--partition", ",".join(map(str, choice.partition.counts))]
+    if choice.recompute:
+        layers = ",".join(map(str, choice.recompute_layers))
+        words += ["--set", f"recompute=[{layers}]"]
+    if is_asynchronous(choice.schedule):
+        words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
+    return shlex.join(words)
+
+
 def _save_schedule(result: Any, path: str) -> None:
     """The searched order where it beats the family, else the family's own schedule."""
     from pipefold.schedule import build
     from pipefold.schedule.io import save
 
     choice, searched = result.choice, result.searched
-    if searched is not None and searched.gain > 1.0:
+    if _saves_searched_order(result):
         schedule, what = searched.schedule, f"the searched order ({searched.gain:.3f}x {choice.schedule}'s)"
     else:
         schedule = build(choice.schedule, num_ranks=choice.num_ranks,
@@ -273,8 +313,9 @@ def run(args: argparse.Namespace) -> int:
         print("note: no --dp-bandwidth / --bandwidth given, so the gradient all-reduce between replicas "
               "costs 0 here and data parallelism looks free; give the interconnect's bandwidth "
               "(e.g. --dp-bandwidth 25e9) for a plan that weighs it", file=sys.stderr)
+    command = train_command(args, result)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "train_command": command}))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -307,4 +348,6 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(result.explain(), highlight=False, markup=False, soft_wrap=True)
+    if command is not None:
+        console.print(f"run it: {command}", highlight=False, markup=False, soft_wrap=True)
     return 0
