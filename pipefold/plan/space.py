@@ -305,6 +305,25 @@ def pinned_degree(options: PlanOptions) -> Degree:
     return Degree(dp, pp, options.global_batch // dp, tp)
 
 
+def _asynchronous_refusal(name: str, options: PlanOptions, degree: Degree) -> str | None:
+    """Why the asynchronous family `name` is not searched at `degree`; None if it is (or is synchronous)."""
+    if not is_asynchronous(name):
+        return None
+    if not options.allow_async:
+        return "asynchronous (weights stashed: not the update of one large batch); allow async to search it"
+    if degree.num_data_parallel > 1:
+        return (
+            f"asynchronous: the runtime refuses it with dp={degree.num_data_parallel} > 1 (each replica "
+            "would update from its own gradients and drift apart)"
+        )
+    if degree.num_tensor_parallel > 1:
+        return (
+            f"asynchronous: the runtime refuses it with tp={degree.num_tensor_parallel} > 1 (its weight "
+            "stashes copy whole tensors)"
+        )
+    return None
+
+
 def search_space(options: PlanOptions, num_layers: int, degree: Degree | None = None) -> Space:
     """Every configuration the options allow at `degree` (default: the options' only one), in registry
     order, then v, then m. Micro-batches split the replica's batch."""
@@ -318,25 +337,9 @@ def search_space(options: PlanOptions, num_layers: int, degree: Degree | None = 
             pinned = ", ".join(options.schedules)
             excluded[name] = ("not-searched", f"not among the pinned schedules ({pinned})")
             continue
-        if is_asynchronous(name) and not options.allow_async:
-            excluded[name] = (
-                "not-applicable",
-                "asynchronous (weights stashed: not the update of one large batch); allow async to search it",
-            )
-            continue
-        if is_asynchronous(name) and degree.num_data_parallel > 1:
-            excluded[name] = (
-                "not-applicable",
-                f"asynchronous: the runtime refuses it with dp={degree.num_data_parallel} > 1 (each replica "
-                "would update from its own gradients and drift apart)",
-            )
-            continue
-        if is_asynchronous(name) and degree.num_tensor_parallel > 1:
-            excluded[name] = (
-                "not-applicable",
-                f"asynchronous: the runtime refuses it with tp={degree.num_tensor_parallel} > 1 (its weight "
-                "stashes copy whole tensors)",
-            )
+        refusal = _asynchronous_refusal(name, options, degree)
+        if refusal is not None:
+            excluded[name] = ("not-applicable", refusal)
             continue
         found = False
         reason = ""
