@@ -48,6 +48,7 @@ TOML layout (every key optional; these are the defaults)::
     beta1 = 0.9
     beta2 = 0.95
     warmup_steps = 20
+    zero = false               # shard AdamW's state over the data-parallel replicas (ZeRO-1)
 
 No torch import.
 """
@@ -251,6 +252,9 @@ class OptimizerConfig:
     beta2: float = 0.95
     warmup_steps: int = 20
     """Steps of linear warm-up from lr / warmup_steps to lr."""
+    zero: bool = False
+    """Shard AdamW's state over the data-parallel replicas (ZeRO stage 1,
+    `pipefold.runtime.sharded_optimizer`): each replica keeps and updates 1 / data_parallel of it."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate (e.g. 3e-3)")
@@ -333,6 +337,20 @@ class TrainConfig:
             "drift apart; use schedule.data_parallel=1 or a flush schedule (gpipe, 1f1b, zb-h1, ...)",
         )
         tp = self.schedule.tensor_parallel
+        _require(
+            not self.optimizer.zero or dp > 1,
+            "optimizer.zero",
+            self.optimizer.zero,
+            "it shards AdamW's state over data-parallel replicas; set schedule.data_parallel > 1 "
+            "(--data-parallel 2) or optimizer.zero=false",
+        )
+        _require(
+            not self.optimizer.zero or tp == 1,
+            "optimizer.zero",
+            self.optimizer.zero,
+            "ZeRO shards whole parameters, not tensor-parallel ones; use schedule.tensor_parallel=1 or "
+            "optimizer.zero=false",
+        )
         _require(
             weight_update == "flush" or tp == 1,
             "schedule.tensor_parallel",

@@ -405,7 +405,16 @@ def _make_pipeline(
         optimizer=None if is_flush else make_optimizer,
         **options,
     )
-    return pipe, make_optimizer(list(pipe.parameters())) if is_flush else None, note
+    if not is_flush:
+        return pipe, None, note
+    if opt.zero:
+        from pipefold.runtime import sharded_optimizer
+
+        zero = sharded_optimizer(
+            pipe, torch.optim.AdamW, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
+        )
+        return pipe, zero, note
+    return pipe, make_optimizer(list(pipe.parameters())), note
 
 
 def _replica_shard(batch: tuple[Tensor, Tensor], pipe: Pipeline) -> tuple[Tensor, Tensor]:

@@ -102,6 +102,9 @@ def add_parser(subparsers: Any) -> None:
                         help="bandwidth of the gradient all-reduce between replicas (default: --bandwidth)")
     parser.add_argument("--dp-latency", type=float, metavar="SECONDS",
                         help="latency per all-reduce step between replicas (default: --latency)")
+    parser.add_argument("--zero", action="store_true",
+                        help="shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and "
+                        "tp = 1, as pipefold train --zero does")
     parser.add_argument("--tp-bandwidth", type=_rate_flag("--tp-bandwidth"), metavar="BYTES_PER_S",
                         help="bandwidth between the tp ranks of a stage (default: --bandwidth)")
     parser.add_argument("--tp-latency", type=float, metavar="SECONDS",
@@ -224,6 +227,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--data-parallel", str(choice.num_data_parallel)]
     if choice.num_tensor_parallel > 1:
         words += ["--tensor-parallel", str(choice.num_tensor_parallel)]
+    if choice.sharded_optimizer:
+        words += ["--zero"]
     words += ["--batch-size", str(result.global_batch)]
     words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
               "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
@@ -298,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel,
         max_tensor_parallel=args.max_tensor_parallel,
         tp_link=tp_link,
+        zero=args.zero,
         num_cores=args.cores,
         order_search_s=args.order_search,
     )

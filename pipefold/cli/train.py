@@ -34,6 +34,7 @@ _FLAGS: dict[str, str] = {
     "seed": "seed",
     "out": "out",
     "lr": "optimizer.lr",
+    "zero": "optimizer.zero",
     "d_model": "model.d_model",
     "num_layers": "model.num_layers",
     "num_heads": "model.num_heads",
@@ -65,8 +66,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--data-parallel", type=int, metavar="N",
                         help="replicas of the pipeline, each on its shard of the batch "
                         "(ranks x N processes); default 1")
+    parser.add_argument("--zero", action="store_true", default=None,
+                        help="shard AdamW's state over the --data-parallel replicas (ZeRO stage 1)")
     parser.add_argument("--tensor-parallel", type=int, metavar="N",
-                        help="ranks per stage: each block's MLP is split over N ranks (ranks x "
+                        help="ranks per stage: each block's heads and MLP are split over N ranks (ranks x "
                         "data-parallel x N processes); default 1")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help="optimizer steps; default 300")

@@ -13,8 +13,12 @@ backward). The planner prices that as:
   Every rank reduces at once over its own group, so the largest one sets the time;
   the runtime's 25 MB buckets are all started before any is waited on, so their
   latencies are charged once, not per bucket. dp = 1, or no gradient bytes, costs 0.
-- memory: each replica holds its stages' full weights, gradients and optimizer state
-  (no sharding), so a rank's memory is that of the lone pipeline on the replica batch.
+- memory: each replica holds its stages' full weights, gradients and optimizer state,
+  so a rank's memory is that of the lone pipeline on the replica batch. With
+  `PlanOptions.zero` (ZeRO-1, `pipefold.runtime.sharded_optimizer`) the optimizer state
+  is split over the replicas: 1 / dp of it per rank (the runtime balances whole tensors,
+  so this is the mean share), and the step adds a ring all-gather of the rank's weights
+  after the all-reduce (the owners' broadcasts of what they updated).
   The all-reduce's flat bucket buffers are not counted (as no communication buffer is).
 """
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 from pipefold.simulate import Link
 
-__all__ = ["Degree", "allreduce_time", "factorizations", "degree_problem", "split_text"]
+__all__ = ["Degree", "allgather_time", "allreduce_time", "factorizations", "degree_problem", "split_text"]
 
 
 @dataclass(frozen=True, order=True)
@@ -67,6 +71,16 @@ def allreduce_time(num_bytes: int, num_replicas: int, link: Link) -> float:
     if num_replicas <= 1 or num_bytes <= 0:
         return 0.0
     steps = 2 * (num_replicas - 1)
+    return steps / num_replicas * num_bytes / link.bandwidth + steps * link.latency
+
+
+def allgather_time(num_bytes: int, num_replicas: int, link: Link) -> float:
+    """Seconds of a ring all-gather that leaves `num_bytes` on each of `num_replicas` (ZeRO-1's
+    broadcast of the updated weights from their owners): (dp - 1) / dp x bytes / bandwidth +
+    (dp - 1) x latency; 0 with one replica or no bytes."""
+    if num_replicas <= 1 or num_bytes <= 0:
+        return 0.0
+    steps = num_replicas - 1
     return steps / num_replicas * num_bytes / link.bandwidth + steps * link.latency
 
 

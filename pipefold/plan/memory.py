@@ -24,7 +24,7 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["RankMemory", "rank_memory", "static_bytes", "gradient_bytes"]
+__all__ = ["RankMemory", "rank_memory", "static_bytes", "static_weight_bytes", "gradient_bytes"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     for stage, rank in enumerate(placement):
         owned[rank] += model.weight_bytes[stage]
     return owned
+
+
+def static_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    """Per rank, the bytes of its stages' weights."""
+    return _owned_weight_bytes(model, placement, num_ranks)
 
 
 def static_bytes(

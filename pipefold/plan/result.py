@@ -62,6 +62,9 @@ class Candidate:
     """Seconds of the gradient all-reduce across replicas after the schedule (0 when dp = 1)."""
     num_tensor_parallel: int = 1
     """Tensor-parallel ranks tp per stage; `memory` and the times are one tp rank's."""
+    sharded_optimizer: bool = False
+    """Whether the optimizer state is sharded over the dp replicas (ZeRO-1); `allreduce_s` then
+    includes the weights' all-gather."""
 
     @property
     def num_devices(self) -> int:
@@ -142,6 +145,7 @@ class Candidate:
             "recompute": list(self.recompute),
             "num_data_parallel": self.num_data_parallel,
             "num_tensor_parallel": self.num_tensor_parallel,
+            "sharded_optimizer": self.sharded_optimizer,
             "num_devices": self.num_devices,
             "step_time": self.step_time,
             "allreduce_s": self.allreduce_s,
@@ -167,6 +171,7 @@ class Candidate:
             num_data_parallel=int(data.get("num_data_parallel", 1)),
             allreduce_s=float(data.get("allreduce_s", 0.0)),
             num_tensor_parallel=int(data.get("num_tensor_parallel", 1)),
+            sharded_optimizer=bool(data.get("sharded_optimizer", False)),
         )
 
 
@@ -265,6 +270,11 @@ class Plan:
             f"  partition {choice.partition}",
             "  Pipeline(" + ", ".join(f"{k}={v!r}" for k, v in choice.pipeline_kwargs().items()) + ")",
         ]
+        if choice.sharded_optimizer:
+            lines.append(
+                f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "
+                "(pipefold.runtime.sharded_optimizer; pipefold train --zero)"
+            )
         if choice.num_tensor_parallel > 1:
             lines.append(
                 f"  tensor parallel: each stage split over {choice.num_tensor_parallel} ranks: a mesh with "

@@ -34,16 +34,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import step_time_lower_bound
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.degree import Degree, allreduce_time, degree_problem
+from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
-from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes
+from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
 from pipefold.plan.refine import search_order
 from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
@@ -95,7 +95,7 @@ def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
 def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
     link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
-    num_tensor_parallel: int = 1,
+    num_tensor_parallel: int = 1, sharded_optimizer: bool = False,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -103,15 +103,16 @@ def evaluate(
     all-reduce over `dp_link` (default `link`), see [Note: data-parallel step model] in degree.py.
     `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
     With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
-    the candidate records the degree.
+    the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
+    optimizer bytes of one replica's share; the step adds the weights' all-gather.
     """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     model = stage_cost_model(costs, layout, recompute, link, num_cores)
     timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
-    allreduce = allreduce_time(max(gradient_bytes(costs, model, schedule.placement, num_ranks)),
-                               num_data_parallel, link if dp_link is None else dp_link)
+    allreduce = replica_sync_time(costs, model, schedule.placement, num_ranks, num_data_parallel,
+                                  link if dp_link is None else dp_link, sharded_optimizer)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -126,7 +127,20 @@ def evaluate(
         num_data_parallel=num_data_parallel,
         allreduce_s=allreduce,
         num_tensor_parallel=num_tensor_parallel,
+        sharded_optimizer=sharded_optimizer,
     )
+
+
+def replica_sync_time(
+    costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int, num_replicas: int,
+    link: Link, sharded_optimizer: bool,
+) -> float:
+    """After the schedule: the gradient all-reduce across replicas, and with ZeRO-1 the all-gather
+    of the weights each replica updated (see [Note: data-parallel step model] in degree.py)."""
+    seconds = allreduce_time(max(gradient_bytes(costs, model, placement, num_ranks)), num_replicas, link)
+    if sharded_optimizer:
+        seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
+    return seconds
 
 
 @dataclass
@@ -168,7 +182,7 @@ class _Search:
         self.num_simulated = 0
         self.top: list[Candidate] = []
         self._layouts: dict[tuple[int, int, int], tuple[int, ...]] = {}
-        self._split: dict[int, ModelCosts] = {}
+        self._split: dict[tuple[int, int], ModelCosts] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -177,11 +191,21 @@ class _Search:
     # -- helpers -----------------------------------------------------------------------------
 
     def costs_at(self, degree: Degree) -> ModelCosts:
-        """The costs of one tp rank at `degree` ([Note: tensor-parallel cost model] in tensor.py)."""
-        tp = degree.num_tensor_parallel
-        if tp not in self._split:
-            self._split[tp] = split_costs(self.costs, tp, self.options.tensor_parallel_link)
-        return self._split[tp]
+        """The costs of one tp rank at `degree` ([Note: tensor-parallel cost model] in tensor.py),
+        with ZeRO-1 its share of the optimizer state ([Note: data-parallel step model])."""
+        dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
+        zero = self.shards_optimizer(degree)
+        key = (tp, dp if zero else 1)
+        if key not in self._split:
+            costs = split_costs(self.costs, tp, self.options.tensor_parallel_link)
+            if zero:
+                share = costs.optimizer_bytes_per_parameter_byte / dp
+                costs = replace(costs, optimizer_bytes_per_parameter_byte=share)
+            self._split[key] = costs
+        return self._split[key]
+
+    def shards_optimizer(self, degree: Degree) -> bool:
+        return self.options.shards_optimizer(degree.num_data_parallel, degree.num_tensor_parallel)
 
     def cores(self, degree: Degree) -> float | None:
         return self.options.cores_per_pipeline(degree.num_data_parallel, degree.num_tensor_parallel)
@@ -218,6 +242,7 @@ class _Search:
                 self.options.link, num_data_parallel=degree.num_data_parallel,
                 dp_link=self.options.allreduce_link, num_cores=self.cores(degree),
                 num_tensor_parallel=degree.num_tensor_parallel,
+                sharded_optimizer=self.shards_optimizer(degree),
             )
         return record.tried[recompute]
 
@@ -251,6 +276,7 @@ class _Search:
     def records(self) -> list[Record]:
         records = []
         for degree in self.degrees():
+            zero = self.shards_optimizer(degree)
             space = search_space(self.options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
             pp = degree.num_ranks
@@ -260,8 +286,8 @@ class _Search:
                 placement = _placement(config.schedule, pp, config.num_virtual)
                 model = stage_cost_model(costs, StageLayout(bounds, config.microbatch_rows), (),
                                          self.options.link)
-                allreduce = allreduce_time(max(gradient_bytes(costs, model, placement, pp)),
-                                           degree.num_data_parallel, self.options.allreduce_link)
+                allreduce = replica_sync_time(costs, model, placement, pp, degree.num_data_parallel,
+                                              self.options.allreduce_link, zero)
                 record = Record(degree, config, bounds, placement, allreduce, 0.0)
                 record.lower_bound = self.bound(record, ())
                 records.append(record)

@@ -82,6 +82,9 @@ class PlanOptions:
     which degrees: [Note: tensor-parallel cost model] in tensor.py); 1: no tensor parallelism."""
     tp_link: Link | None = None
     """Link between the tp ranks of a stage (their all-reduces); None: the same as `link`."""
+    zero: bool = False
+    """Shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and tp = 1 (see
+    [Note: data-parallel step model] in degree.py); the runtime refuses it with tp > 1."""
     num_cores: int | None = None
     """Cores that all of the job's processes share (CPU ranks on one host: cores / threads per
     rank); each of dp replicas then gets num_cores / dp of them ([Note: shared cores] in
@@ -126,6 +129,8 @@ class PlanOptions:
             raise ConfigError(
                 f"order_search_s = {self.order_search_s!r}; give seconds >= 0 (0: no order search)"
             )
+        if not isinstance(self.zero, bool):
+            raise ConfigError(f"zero = {self.zero!r}; give True (shard the optimizer state over dp) or False")
         if self.recompute not in ("auto", "none", "full"):
             raise ConfigError(f"recompute = {self.recompute!r}; use 'auto', 'none' or 'full'")
         object.__setattr__(self, "schedules", tuple(self.schedules))
@@ -215,6 +220,10 @@ class PlanOptions:
     def searches_tensor_parallel(self) -> bool:
         """Whether any split considered has tp > 1 (the explanation then names tp)."""
         return any(tp > 1 for _, _, tp in self.degree_splits())
+
+    def shards_optimizer(self, num_data_parallel: int, num_tensor_parallel: int) -> bool:
+        """Whether a candidate of that degree runs ZeRO-1 (only where there are replicas and no tp)."""
+        return self.zero and num_data_parallel > 1 and num_tensor_parallel == 1
 
     @property
     def allreduce_link(self) -> Link:

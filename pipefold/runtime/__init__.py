@@ -9,13 +9,15 @@ without a deadline (failure.py); activation memory is counted with saved-tensor
 hooks (memory.py). `measured_cost_model` (measured.py) turns a measured timeline
 into a `pipefold.simulate.CostModel`; `tune_schedule` (tune.py) measures a model's costs
 in probe steps and searches a schedule for them. `save_checkpoint` / `load_checkpoint`
-(checkpoint.py) write and read sharded, atomic checkpoints that load into any partition.
+(checkpoint.py) write and read sharded, atomic checkpoints that load into any partition;
+`sharded_optimizer` (zero.py) shards the optimizer state over data-parallel replicas (ZeRO-1).
 """
 
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import Pipeline
 from pipefold.runtime.tune import TunedSchedule, tune_schedule
+from pipefold.runtime.zero import sharded_optimizer
 
 __all__ = [
     "CheckpointInfo",
@@ -25,5 +27,6 @@ __all__ = [
     "measured_cost_model",
     "read_checkpoint_info",
     "save_checkpoint",
+    "sharded_optimizer",
     "tune_schedule",
 ]

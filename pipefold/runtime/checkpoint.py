@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from pipefold.errors import ConfigError, PipefoldError, PipelineError
 from pipefold.runtime.tensor_parallel import shard_like, whole
+from pipefold.runtime.zero import consolidate, is_sharded_optimizer
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -113,6 +114,9 @@ def save_checkpoint(
     """
     target = Path(path)
     _check_save_arguments(pipe, target, step, extra)
+    # A ZeRO-sharded optimizer's state is spread over the replicas: gather it on replica 0,
+    # which writes it like a plain optimizer's ([Note: ZeRO-1 over the replicas] in zero.py).
+    consolidate(_as_list(optimizer))
     replicas = _replica_group(pipe)
     # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
     # others wait for its outcome, so no rank returns before the checkpoint is in place and
@@ -351,7 +355,7 @@ def _load_optimizer(
 ) -> None:
     """Give `optimizer` the saved state in its own integer-id layout, then let torch load it."""
     names = _parameter_names(pipe)
-    current = optimizer.state_dict()
+    current = _layout(optimizer)
     state: dict[int, dict[str, Any]] = {}
     groups: list[dict[str, Any]] = []
     for layout, group in zip(current["param_groups"], optimizer.param_groups, strict=True):
@@ -504,12 +508,13 @@ def _local_entries(
     try:
         names = _parameter_names(pipe)
         for optimizer in optimizers:
+            states = _state_by_parameter(optimizer)
             for group in optimizer.param_groups:
                 hyper = _hyperparameters(group)
                 for param in group["params"]:
                     name = _name_of(param, names, pipe.rank)
                     hyperparameters[name] = hyper
-                    for key, value in optimizer.state.get(param, {}).items():
+                    for key, value in states.get(param, {}).items():
                         if isinstance(value, Tensor):
                             tensors[f"{_OPTIMIZER}{name}/{key}"] = whole(value.detach())
                             state.setdefault(name, {})[key] = _describe(value)
@@ -524,6 +529,27 @@ def _local_entries(
         record["error"] = str(error)
     record.update(state=state, scalars=scalars, hyperparameters=hyperparameters)
     return tensors, record
+
+
+def _state_by_parameter(optimizer: torch.optim.Optimizer) -> Mapping[Any, Mapping[str, Any]]:
+    """The optimizer's state per parameter: its `state`, or for a ZeRO-sharded one (consolidated
+    first) the whole state its `state_dict()` holds under the global parameter indices."""
+    if not is_sharded_optimizer(optimizer):
+        return optimizer.state
+    whole_state = optimizer.state_dict()
+    found: dict[Any, Mapping[str, Any]] = {}
+    for group, layout in zip(optimizer.param_groups, whole_state["param_groups"], strict=True):
+        for param, index in zip(group["params"], layout["params"], strict=True):
+            found[param] = whole_state["state"].get(index) or {}
+    return found
+
+
+def _layout(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's integer-id layout of its param groups (a ZeRO-sharded one's global one,
+    which its `state_dict()` gives only after a consolidation)."""
+    if is_sharded_optimizer(optimizer):
+        return torch.optim.Optimizer.state_dict(optimizer)
+    return optimizer.state_dict()
 
 
 def _parameter_names(pipe: Pipeline) -> dict[int, str]:

@@ -446,6 +446,17 @@ class Pipeline:
         """How many replicas share each step (1 without data parallelism)."""
         return 1 if self._data_parallel is None else self._data_parallel.num_replicas
 
+    @property
+    def data_parallel_group(self) -> dist.ProcessGroup | None:
+        """The ranks that hold this rank's stages in the other replicas, this one included
+        (the group gradients are averaged over); None without data parallelism."""
+        return None if self._data_parallel is None else self._data_parallel._group
+
+    @property
+    def tensor_parallel_group(self) -> dist.ProcessGroup | None:
+        """This stage's tensor-parallel ranks (along "tp"); None without tensor parallelism."""
+        return self._tensor_parallel_group
+
     # -- parameters ----------------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

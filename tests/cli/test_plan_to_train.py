@@ -36,8 +36,9 @@ def _train_config(command):
          "--bandwidth", "1e9"],
         ["--ranks", "2", "--batch-size", "16", "--memory", "2MiB"],  # recomputes stages 1-4
         ["--ranks", "2", "--batch-size", "16", "--allow-async", "--schedule", "pipedream"],
+        ["--ranks", "2", "--data-parallel", "2", "--batch-size", "16", "--zero"],
     ],
-    ids=["pipeline", "tp-pinned", "dp-pp-tp-searched", "recompute", "async"],
+    ids=["pipeline", "tp-pinned", "dp-pp-tp-searched", "recompute", "async", "zero"],
 )
 def test_the_printed_command_is_the_planned_configuration(capsys, argv):
     result = _plan(capsys, *argv)
@@ -58,6 +59,7 @@ def test_the_printed_command_is_the_planned_configuration(capsys, argv):
     if "--memory" in argv:
         assert recompute != "none"  # the case is there to carry a recompute list
     assert (config.model.num_layers, config.model.d_model, config.model.num_heads) == (4, 64, 4)
+    assert config.optimizer.zero is choice["sharded_optimizer"] is ("--zero" in argv)
 
 
 def test_no_command_for_a_costs_file(capsys, tmp_path):

@@ -155,6 +155,34 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_train_zero_shards_adamw_and_trains_the_same(tmp_path, capfd):
+    """--zero at 2 replicas x 2 ranks gives the losses of the unsharded run; its checkpoint
+    resumes with --zero and without data parallelism alike."""
+    common = [*_THREE_TINY_STEPS, "--data-parallel", "2"]
+    losses = {}
+    for zero in (False, True):
+        out = tmp_path / f"zero{int(zero)}"
+        code = main([*common, *(["--zero"] if zero else []), "--out", str(out)])
+        assert code == 0, capfd.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["optimizer"]["zero"] is zero
+        losses[zero] = summary["losses"]
+    # The same averaged gradients and AdamW's arithmetic per parameter: only where it runs differs.
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    cut = tmp_path / "zero-cut"
+    two_steps = [arg if arg != "3" else "2" for arg in common]
+    assert main([*two_steps, "--zero", "--out", str(cut)]) == 0, capfd.readouterr().err
+    for extra in (["--zero"], ["--data-parallel", "1"]):
+        resumed = tmp_path / f"resumed{len(extra)}"
+        code = main([*common, *extra, "--resume", str(cut / "checkpoint"), "--out", str(resumed)])
+        assert code == 0, capfd.readouterr().err
+        tail = json.loads((resumed / "summary.json").read_text())["losses"]
+        assert tail == pytest.approx(losses[False][2:], rel=1e-4)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
     """2 ranks x 2 tensor-parallel (each block's attention heads and MLP split) train as 2
     ranks with whole layers; the checkpoint it writes resumes without tensor parallelism."""

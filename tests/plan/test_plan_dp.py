@@ -345,3 +345,44 @@ def test_cli_says_when_the_allreduce_is_priced_free(capsys):
     assert "all-reduce" not in capsys.readouterr().err
     assert main([*GPT, "--json"]) == 0  # one pipeline: no all-reduce to price
     assert capsys.readouterr().err == ""
+
+
+# -- ZeRO-1 ----------------------------------------------------------------------------------------
+
+
+def test_zero_halves_the_optimizer_state_and_adds_the_weights_all_gather():
+    from pipefold.plan.degree import allgather_time
+
+    costs = costs_of()
+    link = Link(latency=0.01, bandwidth=1000.0)
+    base = {"num_ranks": 2, "data_parallel": 2, "global_batch": 8, "dp_link": link, "order_search_s": 0,
+            "schedules": ("1f1b",), "microbatches": 2}
+    plain = plan(costs, PlanOptions(**base)).choice
+    zero = plan(costs, PlanOptions(**base, zero=True)).choice
+    assert zero.sharded_optimizer and not plain.sharded_optimizer
+    assert (zero.bounds, zero.num_microbatches) == (plain.bounds, plain.num_microbatches)
+    for mine, theirs in zip(zero.memory, plain.memory, strict=True):
+        assert mine.optimizer == round(theirs.optimizer / 2)
+        assert (mine.weights, mine.gradients, mine.activations) == (
+            theirs.weights, theirs.gradients, theirs.activations
+        )
+    weights = max(memory.weights for memory in plain.memory)
+    assert zero.allreduce_s == pytest.approx(plain.allreduce_s + allgather_time(weights, 2, link))
+    assert allgather_time(1000, 2, link) == pytest.approx(0.5 + 0.01)
+    assert "ZeRO-1" in plan(costs, PlanOptions(**base, zero=True)).explain()
+    # Without replicas there is nothing to shard: the same plan as without it.
+    alone = {**base, "data_parallel": 1}
+    assert not plan(costs, PlanOptions(**alone, zero=True)).choice.sharded_optimizer
+
+
+def test_zero_makes_replicas_fit_where_their_optimizer_state_does_not():
+    costs = costs_of(parameter_bytes=5000, activation_bytes=10)
+    base = {"num_devices": 4, "global_batch": 8, "order_search_s": 0, "schedules": ("1f1b",)}
+    # dp=4 x pp=1: one rank holds all 8 layers. A limit under their static bytes (weights,
+    # gradients, two Adam moments: 8 x 5000 x 4) but over weights, gradients and half the moments.
+    limit = 8 * 5000 * 3.5
+    found = plan(costs, PlanOptions(**base, memory_limit=limit, zero=True, data_parallel=4))
+    assert found.choice.num_data_parallel == 4 and found.choice.sharded_optimizer
+    assert found.choice.peak_memory <= limit
+    with pytest.raises(NoFeasiblePlan):
+        plan(costs, PlanOptions(**base, memory_limit=limit, data_parallel=4))
