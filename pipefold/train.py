@@ -43,7 +43,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -212,6 +212,62 @@ def _gather_state_dict(local: dict[str, Tensor]) -> dict[str, Tensor] | None:
     return merged
 
 
+def _memory_line(memory: Sequence[Mapping[str, int]]) -> str:
+    """'memory per rank (MiB), replica 0: weights 1.2 / 1.1, Adam state 2.4 / 2.2, activations ...'."""
+    ranks = sorted((entry for entry in memory if entry["replica"] == 0), key=lambda e: e["world_rank"])
+
+    def column(key: str) -> str:
+        return " / ".join(f"{entry[key] / 2**20:.2f}" for entry in ranks)
+
+    return (
+        f"memory per rank (MiB), replica 0: weights {column('weights')}, optimizer state "
+        f"{column('optimizer')}, activations at peak {column('activations_peak')}"
+    )
+
+
+def _local_bytes(tensor: Tensor) -> int:
+    """Bytes this rank stores for `tensor` (a tensor-parallel shard's, not the whole's)."""
+    from pipefold.runtime.tensor_parallel import local  # deferred like Pipeline (_make_pipeline)
+
+    held = local(tensor)
+    return held.numel() * held.element_size()
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
+    """The state this rank holds: a ZeRO-sharded optimizer's own share (`.optim`), else its state."""
+    inner = getattr(optimizer, "optim", None)
+    return (inner if isinstance(inner, torch.optim.Optimizer) else optimizer).state
+
+
+def _gather_memory(
+    pipe: Pipeline, optimizers: Sequence[torch.optim.Optimizer], timeline: Timeline | None
+) -> list[dict[str, int]] | None:
+    """Per world rank (on rank 0; None elsewhere): the bytes it holds in weights and optimizer
+    state (shards where tensor-parallel or ZeRO-sharded; gradients, during the step, are as
+    large as the weights), and its counted activation peak."""
+    params = list(pipe.parameters())
+    peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
+    mine = {
+        "world_rank": dist.get_rank() if dist.is_initialized() else 0,
+        "pipeline_rank": pipe.rank,
+        "replica": pipe.data_parallel_rank,
+        "weights": sum(_local_bytes(p) for p in params),
+        "optimizer": sum(
+            _local_bytes(value)
+            for optimizer in optimizers
+            for state in _optimizer_state(optimizer).values()
+            for value in state.values()
+            if isinstance(value, Tensor) and value.dim() > 0
+        ),
+        "activations_peak": int(peaks[pipe.rank]) if pipe.rank < len(peaks) else 0,
+    }
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    found: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, found, dst=0)
+    return found
+
+
 @contextmanager
 def _progress(console: Console | None, total: int) -> Iterator[Callable[[StepRecord], None]]:
     if console is None:
@@ -324,10 +380,11 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                     pipe, checkpoint, optimizer=optimizers, step=done, extra={"config": config.to_dict()}
                 )
 
+    memory = _gather_memory(pipe, optimizers, recent[-1] if recent else None)
     state = _gather_state_dict(dict(pipe.state_dict()))
     result = TrainResult(steps=records)
     if rank == 0 and state is not None:
-        result = _finish(config, layers, state, pipe, list(recent), corpus.val, records, report)
+        result = _finish(config, layers, state, pipe, list(recent), corpus.val, records, report, memory)
     # Peers wait for rank 0's report: a rank that exits first tears down its gloo
     # connections under rank 0, which some torch builds answer with an abort.
     dist.barrier()
@@ -525,6 +582,7 @@ def _finish(
     val: bytes,
     records: list[StepRecord],
     report: Console | None,
+    memory: list[dict[str, int]] | None = None,
 ) -> TrainResult:
     from pipefold.viz import save_chrome_trace, save_png
 
@@ -581,6 +639,9 @@ def _finish(
             "measured_bubble_fraction_last": timeline.bubble_fraction,
         },
         "measured_timeline": timeline.summary(),
+        # Per world rank: its weights and optimizer state after the last step, and its
+        # counted activation peak.
+        "memory": memory or [],
         "sample_prompt": _SAMPLE_PROMPT,
         "sample": sample,
         "torch": torch.__version__,
@@ -594,6 +655,8 @@ def _finish(
             f"{predicted_step * 1e3:.0f} ms predicted from their stage costs and overheads; "
             f"bubble {timeline.bubble_fraction:.0%} measured, {predicted.bubble_fraction:.0%} predicted"
         )
+        if memory:
+            report.print(_memory_line(memory))
         if sample:
             report.rule("sample")
             report.print(sample, markup=False, highlight=False)

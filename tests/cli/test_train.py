@@ -159,7 +159,7 @@ def test_train_zero_shards_adamw_and_trains_the_same(tmp_path, capfd):
     """--zero at 2 replicas x 2 ranks gives the losses of the unsharded run; its checkpoint
     resumes with --zero and without data parallelism alike."""
     common = [*_THREE_TINY_STEPS, "--data-parallel", "2"]
-    losses = {}
+    losses, memory = {}, {}
     for zero in (False, True):
         out = tmp_path / f"zero{int(zero)}"
         code = main([*common, *(["--zero"] if zero else []), "--out", str(out)])
@@ -167,8 +167,15 @@ def test_train_zero_shards_adamw_and_trains_the_same(tmp_path, capfd):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["config"]["optimizer"]["zero"] is zero
         losses[zero] = summary["losses"]
+        memory[zero] = {(m["pipeline_rank"], m["replica"]): m for m in summary["memory"]}
     # The same averaged gradients and AdamW's arithmetic per parameter: only where it runs differs.
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    # Each replica holds part of a pipeline rank's Adam state; the two parts make the whole.
+    for rank in (0, 1):
+        whole = memory[False][(rank, 0)]["optimizer"]
+        assert whole == 2 * memory[False][(rank, 0)]["weights"] > 0  # two moments per weight
+        parts = [memory[True][(rank, replica)]["optimizer"] for replica in (0, 1)]
+        assert sum(parts) == whole and all(0 < part < whole for part in parts)
     cut = tmp_path / "zero-cut"
     two_steps = [arg if arg != "3" else "2" for arg in common]
     assert main([*two_steps, "--zero", "--out", str(cut)]) == 0, capfd.readouterr().err
@@ -187,7 +194,7 @@ def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
     """2 ranks x 2 tensor-parallel (each block's attention heads and MLP split) train as 2
     ranks with whole layers; the checkpoint it writes resumes without tensor parallelism."""
     common = list(_THREE_TINY_STEPS)
-    losses = {}
+    losses, weights = {}, {}
     for degree in (1, 2):
         out = tmp_path / f"tp{degree}"
         code = main([*common, "--tensor-parallel", str(degree), "--out", str(out)])
@@ -195,7 +202,10 @@ def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["config"]["schedule"]["tensor_parallel"] == degree
         losses[degree] = summary["losses"]
+        weights[degree] = sum(m["weights"] for m in summary["memory"] if m["replica"] == 0)
     assert len(losses[2]) == 3
+    # The tp ranks hold shards of the blocks: 4 processes hold less than 2 whole ranks' twice over.
+    assert weights[1] < weights[2] < 2 * weights[1]
     # The same arithmetic split over two ranks; only float32 summation order differs.
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     cut = tmp_path / "tp2-cut"
