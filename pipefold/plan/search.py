@@ -5,9 +5,9 @@
    pinned; tp = 1 unless `max_tensor_parallel` or `tensor_parallel` say otherwise) x
    family x stages per rank v x micro-batch count m of the replica's batch. At tp > 1
    the model is one tp rank's (`split_costs`, [Note: tensor-parallel cost model] in
-   tensor.py) and everything below runs on it. The partition of a configuration is the exact time-balanced cut
-   of the layers into pp*v stages (`pipefold.balance.balance` of per-layer F + B at
-   the configuration's micro-batch size).
+   tensor.py) and everything below runs on it. The partition of a configuration is the
+   exact time-balanced cut of the layers into pp*v stages (`pipefold.balance.balance` of
+   per-layer F + B at the configuration's micro-batch size).
 2. Configurations of every split are visited together, in order of a lower bound on
    their step time (bounds.py, plus the split's gradient all-reduce, which the
    partition fixes: see [Note: data-parallel step model] in degree.py). Once
@@ -22,9 +22,9 @@
    bytes per second of recomputation, until every rank fits or nothing is left.
    Asynchronous families never recompute: the runtime refuses it (a recomputed
    forward would see the live weights, not the stashed version).
-4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp), fewer tp ranks,
-   registry order, fewer stages per rank, fewer micro-batches and fewer recomputed
-   stages. Step times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
+4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp),
+   fewer tp ranks, registry order, fewer stages per rank, fewer micro-batches and fewer
+   recomputed stages. Step times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
    exact to the last digit, and two configurations 0.01% apart should be told apart
    by memory, not by rounding.
 """
