@@ -41,6 +41,7 @@ TOML layout (every key optional; these are the defaults)::
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
     tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
+    retune_every = 0           # re-search the order from the run's measured costs every N steps
 
     [optimizer]
     lr = 3e-3
@@ -66,6 +67,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipefold.errors import ConfigError, ScheduleError
+from pipefold.schedule.auto import layout_of
 from pipefold.schedule.probe import SEARCHED, probe_base
 
 if typing.TYPE_CHECKING:
@@ -182,6 +184,10 @@ class ScheduleConfig:
     file: str = ""
     """A schedule JSON (pipefold.schedule.io, e.g. from `pipefold schedules find --save`) run
     instead of the family `name`; its ranks and micro-batches must match `ranks` and `microbatches`."""
+    retune_every: int = 0
+    """Every this many steps, search an order for the costs the run measured in its latest steps
+    and switch to it where its predicted step is at least 2% shorter (same stages,
+    `Pipeline.use_schedule`); 0: never. Flush schedules on a layout the search knows."""
 
     def __post_init__(self) -> None:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
@@ -196,6 +202,9 @@ class ScheduleConfig:
         )
         _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
+        _require(
+            self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
+        )
         if self.name in SEARCHED:
             wanted = SEARCHED[self.name][1]
             _require(
@@ -329,6 +338,8 @@ class TrainConfig:
             "or fewer micro-batches",
         )
         num_stages, weight_update = self._check_schedule()
+        if self.schedule.retune_every:
+            self._check_retune(weight_update)
         _require(
             weight_update == "flush" or dp == 1,
             "schedule.data_parallel",
@@ -384,6 +395,25 @@ class TrainConfig:
         )
         self._check_partition(num_stages, num_layers)
         self._check_recompute(num_layers)
+
+    def _check_retune(self, weight_update: str) -> None:
+        s = self.schedule
+        _require(
+            weight_update == "flush",
+            "schedule.retune_every",
+            s.retune_every,
+            f"schedule {s.name!r} updates weights inside the step; re-tuning swaps flush schedules only "
+            "(set schedule.retune_every=0)",
+        )
+        schedule = load_schedule_file(s.file) if s.file else s.family_schedule()
+        num_virtual = schedule.num_stages // schedule.num_ranks
+        _require(
+            layout_of(schedule.placement, schedule.num_ranks, num_virtual) is not None,
+            "schedule.retune_every",
+            s.retune_every,
+            f"the stage placement {list(schedule.placement)} is none the search knows (contiguous, looped "
+            "or V); use such a schedule or schedule.retune_every=0",
+        )
 
     def _check_schedule(self) -> tuple[int, str]:
         """(num_stages, weight update mode) of the schedule, built (or loaded) to prove it legal."""

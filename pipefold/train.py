@@ -58,6 +58,7 @@ from pipefold.config import TrainConfig
 from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode, load_corpus
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss, gpt_tensor_parallel_plan
+from pipefold.retune import Retuner
 from pipefold.runtime.launch import LaunchResult, init_process_group_from_env, spawn
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Schedule, WeightUpdate
@@ -354,6 +355,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
 
     tokens_per_step = config.batch_size * m.seq_len
     records: list[StepRecord] = []
+    retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
     with _progress(report, config.steps - start_step) as update:
@@ -374,6 +376,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             records.append(record)
             update(record)
             done = step + 1
+            if retuner is not None and retuner.due(done, config.steps):
+                walls = [r.seconds for r in records]
+                if retuner.after_steps(done, list(recent), walls):
+                    recent.clear()  # the report's prediction is of the order now running: its steps only
             due = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
             if due:
                 save_checkpoint(
@@ -384,7 +390,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     state = _gather_state_dict(dict(pipe.state_dict()))
     result = TrainResult(steps=records)
     if rank == 0 and state is not None:
-        result = _finish(config, layers, state, pipe, list(recent), corpus.val, records, report, memory)
+        result = _finish(
+            config, layers, state, pipe, list(recent), corpus.val, records, report, memory,
+            retuner.changes if retuner is not None else [],
+        )
     # Peers wait for rank 0's report: a rank that exits first tears down its gloo
     # connections under rank 0, which some torch builds answer with an abort.
     dist.barrier()
@@ -583,6 +592,7 @@ def _finish(
     records: list[StepRecord],
     report: Console | None,
     memory: list[dict[str, int]] | None = None,
+    retunes: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     from pipefold.viz import save_chrome_trace, save_png
 
@@ -642,6 +652,9 @@ def _finish(
         # Per world rank: its weights and optimizer state after the last step, and its
         # counted activation peak.
         "memory": memory or [],
+        # Where schedule.retune_every switched the order (pipefold/retune.py): the step, what ran
+        # before and after, both predictions, both measurements, and whether it was kept.
+        "retunes": retunes or [],
         "sample_prompt": _SAMPLE_PROMPT,
         "sample": sample,
         "torch": torch.__version__,

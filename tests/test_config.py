@@ -92,6 +92,11 @@ BAD = [
     ({"optimizer.zero": True}, "optimizer.zero=True"),  # nothing to shard without replicas
     ({"optimizer.zero": True, "schedule.data_parallel": 2, "schedule.tensor_parallel": 2, "batch_size": 32},
      "optimizer.zero=True"),
+    ({"schedule.retune_every": -1}, "schedule.retune_every=-1"),
+    (
+        {"schedule.retune_every": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},
+        "schedule.retune_every=2",
+    ),
     ({"schedule.tensor_parallel": 0}, "schedule.tensor_parallel=0"),
     ({"schedule.tensor_parallel": 3}, "model.num_heads=4"),  # attention splits by heads: 3 does not divide 4
     (

@@ -32,9 +32,8 @@ from pipefold.plan.result import Candidate
 from pipefold.plan.space import PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.schedule import Schedule, build, search_schedule
-from pipefold.schedule.auto import Placement
+from pipefold.schedule.auto import layout_of
 from pipefold.schedule.io import from_json, to_json
-from pipefold.schedule.ir import contiguous_placement, looped_placement, v_placement
 from pipefold.simulate import simulate
 
 __all__ = ["SearchedOrder", "search_order"]
@@ -106,16 +105,6 @@ class SearchedOrder:
         )
 
 
-def _layout_of(placement: tuple[int, ...], num_ranks: int, num_virtual: int) -> Placement | None:
-    if num_virtual == 1:
-        return "contiguous" if placement == contiguous_placement(num_ranks) else None
-    if placement == v_placement(num_ranks, num_virtual):
-        return "v"
-    if placement == looped_placement(num_ranks, num_virtual):
-        return "looped"
-    return None
-
-
 def search_order(
     costs: ModelCosts,
     options: PlanOptions,
@@ -130,7 +119,7 @@ def search_order(
         return None
     pp, v, m = choice.num_ranks, choice.num_virtual, choice.num_microbatches
     family = build(choice.schedule, num_ranks=pp, num_microbatches=m, num_virtual=v)
-    layout = _layout_of(family.placement, pp, v)
+    layout = layout_of(family.placement, pp, v)
     if layout is None:
         return None
     stages = StageLayout(choice.bounds, choice.microbatch_rows)

@@ -23,6 +23,17 @@ With a data-parallel dimension (`process_group=` a ("dp", "pp") `DeviceMesh`, or
 the replicas then average this step's gradients, weighted by rows, so they equal the
 gradient of the global-batch mean loss (see [Note: data-parallel gradients] in
 data_parallel.py); the returned loss is that global mean on every rank.
+
+[Note: changing the schedule]
+`use_schedule(schedule)` swaps the order of the actions between steps. The stages, their
+weights and gradients, the transport's channels and the data-parallel group depend only
+on the ranks, the micro-batch count and the stage placement, so a flush schedule that
+keeps those three runs on them unchanged: only the lowered program and the executor that
+walks it are rebuilt (and `fuse_backward` applies again). The step-end exchange is sized
+at construction for any such schedule (per stage and micro-batch an F, an I, a W and four
+messages). A step is complete when it returns, so nothing is in flight at the switch, and
+gradients accumulate across it exactly as across any two steps. `pipefold train
+--set schedule.retune_every=N` uses it to re-search the order from the run's own costs.
 """
 
 from __future__ import annotations
@@ -74,7 +85,7 @@ from pipefold.runtime.tensor_parallel import (
 )
 from pipefold.runtime.tensor_parallel import local as local_shard
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
-from pipefold.schedule.lower import fuse_adjacent_split_backward
+from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
 
 __all__ = ["Pipeline"]
@@ -209,6 +220,7 @@ class Pipeline:
         if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
             data_parallel_group = None
         self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
+        self._fuse_backward = fuse_backward
         if fuse_backward:
             # Adjacent I/W pairs whose early input gradient nobody waits for run as one B:
             # same result, cheaper (see fuse_adjacent_split_backward). `self.schedule` is
@@ -312,7 +324,9 @@ class Pipeline:
                     capacity=shared_memory_bytes,
                 )
                 # The step's start broadcast and end gather; the gathered row is the largest payload.
-                row_bytes = 8 * step_gather.row_length(self._timeline_slots, self.schedule.num_microbatches)
+                # Sized for any flush schedule of this layout, so that `use_schedule` fits too.
+                slots = max(self._timeline_slots, _most_slots(self.schedule))
+                row_bytes = 8 * step_gather.row_length(slots, self.schedule.num_microbatches)
                 self._collectives.connect_same_host(capacity=max(row_bytes, 64 * 1024))
         self._p2p = p2p
         self._tied = self._tie_groups()
@@ -325,19 +339,60 @@ class Pipeline:
         counter = ActivationCounter(self.parameters()) if record_timeline else None
         self._stage_of = stages
         stepping = self._attach_stashes(optimizer)
-        self._executor = Executor(
-            program,
-            self.rank,
-            stages,
-            loss_fn=loss_fn,
-            device=self.device,
-            p2p=p2p,
-            watchdog=self._watchdog,
-            counter=counter,
-            step_fn=self._stash_step if stepping else None,
-        )
+
+        def executor(program: Program) -> Executor:
+            return Executor(
+                program,
+                self.rank,
+                stages,
+                loss_fn=loss_fn,
+                device=self.device,
+                p2p=p2p,
+                watchdog=self._watchdog,
+                counter=counter,
+                step_fn=self._stash_step if stepping else None,
+            )
+
+        self._new_executor = executor
+        self._executor = executor(program)
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
+
+    def use_schedule(self, schedule: Schedule) -> None:
+        """Run `schedule` from the next step on, in place of the current one (see [Note: changing
+        the schedule]). It must be a flush schedule for the same ranks, micro-batches and stage
+        placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
+        of the pipeline, and of its replicas and tp peers, must switch to the same schedule
+        before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
+        if not isinstance(schedule, Schedule):
+            raise ConfigError(f"use_schedule({schedule!r}): give a pipefold.schedule.Schedule")
+        current = self.schedule
+        for what, now, new in (
+            ("ranks", current.num_ranks, schedule.num_ranks),
+            ("micro-batches", current.num_microbatches, schedule.num_microbatches),
+            ("stage placement", current.placement, schedule.placement),
+            ("weight update", current.weight_update, schedule.weight_update),
+        ):
+            if now != new:
+                raise ConfigError(
+                    f"use_schedule: {schedule.name or 'the schedule'!r} has {what} {new}, the running "
+                    f"{current.name!r} {now}; a pipeline changes only the order of its actions (build a "
+                    "new Pipeline for another layout)"
+                )
+        if schedule.weight_update is not WeightUpdate.FLUSH:
+            raise ConfigError(
+                f"use_schedule: {schedule.name!r} updates weights inside the step; only flush schedules "
+                "can be swapped (their stashes hold the weight versions in flight)"
+            )
+        from pipefold.schedule.validate import validate
+
+        validate(schedule)
+        if self._fuse_backward:
+            schedule = fuse_adjacent_split_backward(schedule)
+        program = lower(schedule)
+        self._executor = self._new_executor(program)
+        self._timeline_slots = max(len(row) for row in program.instructions)
+        self.schedule = schedule
 
     # -- configuration helpers ---------------------------------------------------------------
 
@@ -760,6 +815,13 @@ class Pipeline:
 
 
 # -- module helpers ----------------------------------------------------------------------------
+
+
+def _most_slots(schedule: Schedule) -> int:
+    """An upper bound on the actions of any rank's program for a flush schedule of this layout:
+    per (stage, micro-batch) an F, an I and a W, and four messages."""
+    per_rank = max(len(schedule.stages_of(rank)) for rank in range(schedule.num_ranks))
+    return 7 * per_rank * schedule.num_microbatches
 
 
 def _host() -> str:

@@ -84,7 +84,7 @@ if TYPE_CHECKING:
 # pipefold.schedule never loads the simulator and the two packages cannot import each other in a
 # cycle.
 
-__all__ = ["Placement", "Candidate", "ScheduleSearch", "find_schedule", "search_schedule"]
+__all__ = ["Placement", "Candidate", "ScheduleSearch", "find_schedule", "layout_of", "search_schedule"]
 
 Placement = Literal["contiguous", "v", "looped"]
 """Stage layout of the searched schedule: one stage per rank, zig-zag (as ZB-V), or round robin."""
@@ -487,6 +487,18 @@ def _local_search(evaluator: _Evaluator, start: _Scored, deadline: float) -> tup
 
 
 # -- entry points ------------------------------------------------------------------------------
+
+
+def layout_of(placement: tuple[int, ...], num_ranks: int, num_virtual: int) -> Placement | None:
+    """The search's name for a stage placement ("contiguous", "looped", "v"), or None for a
+    placement it does not search."""
+    if num_virtual == 1:
+        return "contiguous" if tuple(placement) == contiguous_placement(num_ranks) else None
+    if tuple(placement) == v_placement(num_ranks, num_virtual):
+        return "v"
+    if tuple(placement) == looped_placement(num_ranks, num_virtual):
+        return "looped"
+    return None
 
 
 def _placement_of(placement: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:

@@ -155,6 +155,30 @@ def test_train_data_parallel_matches_one_replica(tmp_path, capfd):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
+def test_train_retuning_changes_the_order_not_the_training(tmp_path, capfd):
+    """schedule.retune_every=2: whatever orders it tries, the losses are those of the run without."""
+    common = [
+        "train", "--steps", "6", "--d-model", "64", "--num-layers", "4", "--num-heads", "2",
+        "--seq-len", "64", "--batch-size", "8", "--microbatches", "4", "--set", "data.max_bytes=100000",
+        "--set", "sample_tokens=0", "--device", "cpu",
+    ]
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"every{every}"
+        code = main([*common, "--set", f"schedule.retune_every={every}", "--out", str(out)])
+        assert code == 0, capfd.readouterr().err
+        runs[every] = json.loads((out / "summary.json").read_text())
+    assert runs[0]["retunes"] == []
+    assert runs[2]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
+    for change in runs[2]["retunes"]:
+        assert change["step"] in (2, 4) and change["from"] != "" and change["to"] != ""
+        assert change["predicted_after_s"] < change["predicted_before_s"]
+        assert change.get("kept") in (True, False, None)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_train_zero_shards_adamw_and_trains_the_same(tmp_path, capfd):
     """--zero at 2 replicas x 2 ranks gives the losses of the unsharded run; its checkpoint
     resumes with --zero and without data parallelism alike."""

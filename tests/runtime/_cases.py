@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefold.errors import PeerFailure, PipefoldError
+from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
 from pipefold.runtime import Pipeline
+from pipefold.schedule import build
 
 VOCAB, SEQ, DIM = 11, 5, 8
 
@@ -131,10 +132,12 @@ def exact(
     mesh: tuple[int, ...] | None = None,
     shared_memory: bool = True,
     shared_memory_bytes: int = 64 << 20,
+    switch_to: str | None = None,
 ) -> dict:
     """Loss and every local gradient equal the single-process reference, over `num_steps` steps.
 
-    Gradients are not zeroed between steps: both sides accumulate.
+    Gradients are not zeroed between steps: both sides accumulate. `switch_to`: after the first
+    step the pipeline runs that family instead (`Pipeline.use_schedule`).
     """
     torch.manual_seed(1234)  # only the data generator and the seeded builds may matter
     layers = mlp() if model == "mlp" else transformer()
@@ -161,9 +164,16 @@ def exact(
     )
     reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
     losses = []
+    ran = []
     for step in range(num_steps):
+        if step == 1 and switch_to is not None:
+            pipe.use_schedule(
+                build(switch_to, num_ranks=pipe.schedule.num_ranks, num_microbatches=num_microbatches,
+                      num_virtual=num_virtual)
+            )
         inputs, targets = _batch(model, rows, seed=step)
         loss = pipe.step(inputs, targets)
+        ran.append(pipe.last_timeline.schedule_name)
         expected = loss_fn(reference(inputs), targets)
         expected.backward()
         torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
@@ -185,7 +195,20 @@ def exact(
         "activation_bytes_peak": list(timeline.activation_bytes_peak),
         "source": timeline.source,
         "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
+        "ran": ran,
+        "last_ops": sorted({event.action.op.value for row in timeline.events for event in row}),
     }
+
+
+def switch_refused(*, to: str, num_virtual: int | None = None) -> str | None:
+    """use_schedule with another layout or an asynchronous family: the ConfigError's text."""
+    pipe = Pipeline(mlp(), loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=4, seed=7, timeout_s=30)
+    try:
+        schedule = build(to, num_ranks=pipe.schedule.num_ranks, num_microbatches=4, num_virtual=num_virtual)
+        pipe.use_schedule(schedule)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def failing(*, how: str, fail_rank: int, step_timeout_s: float = 30.0) -> dict:

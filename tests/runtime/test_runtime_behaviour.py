@@ -104,3 +104,24 @@ def test_measured_ranks_share_one_time_axis_and_waits_are_not_compute(pool2):
     # The wait for that message ends where the compute event begins.
     wait = next(w for w in line.waits[1] if str(w.waiting_for) == "F1.0")
     assert first["F1.0"].start >= wait.end
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("first", "then"), [("1f1b", "zb-h1"), ("zb-h1", "gpipe"), ("gpipe", "1f1b")])
+def test_a_pipeline_switches_schedule_between_steps_and_stays_exact(pool2, first, then):
+    """Step 1 under one family, step 2 under another (accumulating): one process's gradients."""
+    results = pool2.run("exact", schedule=first, num_microbatches=4, switch_to=then)
+    assert all(r["ran"] == [first, then] for r in results)
+    # What ran in step 2 is the new order: zb-h1 keeps some backwards split into I and W.
+    split = {"I", "W"} <= set(results[0]["last_ops"])
+    assert split == (then == "zb-h1")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("to", "num_virtual", "words"),
+    [("interleaved-1f1b", 2, "stage placement"), ("pipedream", None, "weight update")],
+)
+def test_a_schedule_of_another_layout_is_refused(pool2, to, num_virtual, words):
+    results = pool2.run("switch_refused", to=to, num_virtual=num_virtual)
+    assert all(r is not None and words in r for r in results)
