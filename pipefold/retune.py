@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from pipefold.errors import PipefoldError
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Schedule
 from pipefold.schedule.auto import find_schedule, layout_of
@@ -114,24 +115,34 @@ class Retuner:
         schedule = self._pipe.schedule
         payload: list[Any] = [None]
         if _rank() == 0 and timelines:
-            costs = measured_cost_model(timelines, schedule, step_times=list(walls))
-            num_virtual = schedule.num_stages // schedule.num_ranks
-            layout = layout_of(schedule.placement, schedule.num_ranks, num_virtual)
-            assert layout is not None  # TrainConfig checked it
-            found = find_schedule(
-                costs, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches,
-                num_virtual=num_virtual, placement=layout, time_budget_s=SEARCH_BUDGET_S,
-            )
-            before, after = simulate(schedule, costs).makespan, simulate(found, costs).makespan
-            if after < before * (1 - RETUNE_GAIN):
-                payload = [{
-                    "step": done, "from": schedule.name, "to": found.name, "schedule": to_json(found),
-                    "predicted_before_s": before + costs.step_overhead,
-                    "predicted_after_s": after + costs.step_overhead,
-                }]
+            try:
+                payload = [self._found(done, schedule, timelines, walls)]
+            except PipefoldError as error:  # the others wait at the broadcast: answer them
+                self._say(f"step {done}: no re-tuning, the search failed: {error}")
         _broadcast(payload)  # every replica and tp peer runs the same order
         change: dict[str, Any] | None = payload[0]
         return None if change is None else dict(change)
+
+    def _found(
+        self, done: int, schedule: Schedule, timelines: list[Timeline], walls: Sequence[float]
+    ) -> dict[str, Any] | None:
+        """Rank 0: the change to try, or None where no order is predicted `RETUNE_GAIN` faster."""
+        costs = measured_cost_model(timelines, schedule, step_times=list(walls))
+        num_virtual = schedule.num_stages // schedule.num_ranks
+        layout = layout_of(schedule.placement, schedule.num_ranks, num_virtual)
+        assert layout is not None  # TrainConfig checked it
+        found = find_schedule(
+            costs, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches,
+            num_virtual=num_virtual, placement=layout, time_budget_s=SEARCH_BUDGET_S,
+        )
+        before, after = simulate(schedule, costs).makespan, simulate(found, costs).makespan
+        if after >= before * (1 - RETUNE_GAIN):
+            return None
+        return {
+            "step": done, "from": schedule.name, "to": found.name, "schedule": to_json(found),
+            "predicted_before_s": before + costs.step_overhead,
+            "predicted_after_s": after + costs.step_overhead,
+        }
 
     def _say(self, text: str) -> None:
         if self._console is not None:

@@ -236,8 +236,9 @@ def _local_bytes(tensor: Tensor) -> int:
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
     """The state this rank holds: a ZeRO-sharded optimizer's own share (`.optim`), else its state."""
-    inner = getattr(optimizer, "optim", None)
-    return (inner if isinstance(inner, torch.optim.Optimizer) else optimizer).state
+    from pipefold.runtime.zero import is_sharded_optimizer  # deferred like Pipeline (_make_pipeline)
+
+    return optimizer.optim.state if is_sharded_optimizer(optimizer) else optimizer.state  # type: ignore[attr-defined]
 
 
 def _gather_memory(

@@ -262,6 +262,16 @@ def _degree_cell(candidate: Any, with_tp: bool) -> str:
     return f"{cell} x {candidate.num_tensor_parallel}" if with_tp else cell
 
 
+def _override(link: Any, bandwidth: float | None, latency: float | None) -> Any:
+    """`link` with what the flags give instead, or None (the default link) where they give nothing."""
+    if bandwidth is None and latency is None:
+        return None
+    from pipefold.simulate import Link
+
+    return Link(latency=link.latency if latency is None else latency,
+                bandwidth=link.bandwidth if bandwidth is None else bandwidth)
+
+
 def run(args: argparse.Namespace) -> int:
     from pipefold.plan import PlanOptions, format_bytes, plan
     from pipefold.simulate import Link
@@ -273,14 +283,8 @@ def run(args: argparse.Namespace) -> int:
     if not (0 <= args.order_search < math.inf):
         raise ConfigError(f"--order-search = {args.order_search}; give seconds >= 0 (0: no order search)")
     link = Link(latency=args.latency, bandwidth=args.bandwidth or math.inf)
-    dp_link = None
-    if args.dp_bandwidth is not None or args.dp_latency is not None:
-        dp_link = Link(latency=link.latency if args.dp_latency is None else args.dp_latency,
-                       bandwidth=link.bandwidth if args.dp_bandwidth is None else args.dp_bandwidth)
-    tp_link = None
-    if args.tp_bandwidth is not None or args.tp_latency is not None:
-        tp_link = Link(latency=link.latency if args.tp_latency is None else args.tp_latency,
-                       bandwidth=link.bandwidth if args.tp_bandwidth is None else args.tp_bandwidth)
+    dp_link = _override(link, args.dp_bandwidth, args.dp_latency)
+    tp_link = _override(link, args.tp_bandwidth, args.tp_latency)
     # Without --devices, --ranks keeps its old default of 4: one pipeline, as before dp existed.
     ranks = 4 if args.ranks is None and args.devices is None else args.ranks
     options = PlanOptions(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
-from pipefold.plan.tensor import with_gpt_tensor_parallel
+from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
 
 __all__ = ["gpt_costs"]
 
@@ -64,7 +64,7 @@ def gpt_costs(
         )
 
     products = 24 * t * d * d
-    block = layer(products + 4 * t * t * d, products, 16 * t * d * b, 12 * d * d + 13 * d)
+    block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d))
     head_flops = 2 * t * d * v
     layers = [
         layer(0.0, 0.0, 0, v * d),  # a gather: no FLOPs worth counting; ids are not kept as floats

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.simulate import Link
 
-__all__ = ["split_costs", "with_gpt_tensor_parallel"]
+__all__ = ["gpt_block_parameters", "split_costs", "with_gpt_tensor_parallel"]
 
 
 def _allreduce(num_bytes: float, degree: int, link: Link) -> tuple[float, float]:
@@ -77,6 +77,12 @@ def split_costs(costs: ModelCosts, degree: int, link: Link) -> ModelCosts:
     return replace(costs, layers=layers, source=source, tensor_parallel_degrees=())
 
 
+def gpt_block_parameters(d_model: int) -> int:
+    """A GPT decoder block's parameters: 12 d^2 for q/k/v, the projection and the 4x MLP, 13 d
+    for their biases and the two layer norms."""
+    return 12 * d_model * d_model + 13 * d_model
+
+
 def with_gpt_tensor_parallel(
     costs: ModelCosts, *, num_layers: int, d_model: int, num_heads: int
 ) -> ModelCosts:
@@ -86,8 +92,8 @@ def with_gpt_tensor_parallel(
     per forward (and two per backward), three quarters of the activations (the
     layer norms' inputs and outputs stay whole), degrees dividing `num_heads`."""
     d = d_model
-    parameters = 12 * d * d + 13 * d
-    split = 12 * d * d + 7 * d  # all but 2 layer norms (4d) and the proj / fc_out biases (2d)
+    parameters = gpt_block_parameters(d)
+    split = parameters - 6 * d  # all but 2 layer norms (4d) and the proj / fc_out biases (2d)
     blocks = range(2, 2 + num_layers)
     layers = tuple(
         replace(

@@ -20,7 +20,7 @@ from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
 from pipefold.model.zoo import gpt_layers, gpt_tensor_parallel_plan
 from pipefold.runtime import Pipeline
-from pipefold.runtime.tensor_parallel import check_plan, is_sharded, plan_for
+from pipefold.runtime.tensor_parallel import check_plan, is_sharded, local, plan_for
 
 
 def _pool(world_size):
@@ -168,8 +168,8 @@ def tp_weight_bytes(*, partition):
         gpt(), loss_fn=_loss_fn("transformer"), schedule="1f1b", num_microbatches=2, partition=partition,
         seed=7, timeout_s=60, process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(),
     )
-    local = [param.to_local() if is_sharded(param) else param for param in pipe.parameters()]
-    return {"pp_rank": pipe.rank, "bytes": sum(t.numel() * t.element_size() for t in local)}
+    held = [local(param) for param in pipe.parameters()]
+    return {"pp_rank": pipe.rank, "bytes": sum(t.numel() * t.element_size() for t in held)}
 
 
 def _adam(params):
