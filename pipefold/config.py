@@ -40,6 +40,7 @@ TOML layout (every key optional; these are the defaults)::
     virtual = 0                # 0 = the family's default
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
     tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
+    sequence_parallel = false  # with tensor_parallel > 1: also split norms and boundaries by position
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
 
@@ -177,6 +178,12 @@ class ScheduleConfig:
     """Ranks per stage along a "tp" mesh dimension: each decoder block's attention (by heads)
     and MLP are split over them (Megatron's split; it must divide model.num_heads); the
     embeddings, the final norm and the head stay whole."""
+    sequence_parallel: bool = False
+    """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
+    the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms
+    run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
+    residual stream (pipefold/runtime/sequence_parallel.py). model.seq_len must divide by
+    tensor_parallel."""
     microbatches: int = 8
     """Micro-batches per step."""
     virtual: int = 0
@@ -368,6 +375,20 @@ class TrainConfig:
             tp,
             f"schedule.name={self.schedule.name!r} updates weights inside the step from stashed copies, "
             "which tensor parallelism does not split; use schedule.tensor_parallel=1 or a flush schedule",
+        )
+        _require(
+            not self.schedule.sequence_parallel or tp > 1,
+            "schedule.sequence_parallel",
+            self.schedule.sequence_parallel,
+            "it splits the sequence over the tensor-parallel ranks of a stage; set "
+            "schedule.tensor_parallel > 1 (--tensor-parallel 2) or schedule.sequence_parallel=false",
+        )
+        _require(
+            not self.schedule.sequence_parallel or self.model.seq_len % tp == 0,
+            "model.seq_len",
+            self.model.seq_len,
+            f"sequence parallelism splits every sequence over schedule.tensor_parallel={tp} ranks; use a "
+            f"seq_len divisible by {tp} (e.g. {max(tp, self.model.seq_len - self.model.seq_len % tp)})",
         )
         _require(
             self.model.num_heads % tp == 0,

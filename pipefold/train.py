@@ -347,7 +347,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(layers)} layers, "
             f"partition {pipe.partition}, schedule {config.schedule_label} on {config.schedule.ranks} ranks"
             f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''}"
-            f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''} "
+            f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''}"
+            f"{' (sequence-parallel)' if s.sequence_parallel else ''} "
             f"({device.type}), {config.schedule.microbatches} micro-batches, corpus "
             f"{corpus.num_bytes / 1e6:.1f} MB ({corpus.num_files} stdlib files)"
         )
@@ -445,7 +446,7 @@ def _make_pipeline(
         "timeout_s": config.timeout_s,
     }
     if s.tensor_parallel > 1:
-        options["tensor_parallel"] = gpt_tensor_parallel_plan()
+        options["tensor_parallel"] = gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
     if placement is not None:
         from pipefold.runtime import tune_schedule
 

@@ -98,6 +98,11 @@ BAD = [
         "schedule.retune_every=2",
     ),
     ({"schedule.tensor_parallel": 0}, "schedule.tensor_parallel=0"),
+    ({"schedule.sequence_parallel": True}, "schedule.sequence_parallel=True"),  # nothing to split over
+    (
+        {"schedule.sequence_parallel": True, "schedule.tensor_parallel": 2, "model.seq_len": 127},
+        "model.seq_len=127",
+    ),
     ({"schedule.tensor_parallel": 3}, "model.num_heads=4"),  # attention splits by heads: 3 does not divide 4
     (
         {"schedule.tensor_parallel": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},

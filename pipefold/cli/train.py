@@ -26,6 +26,7 @@ _FLAGS: dict[str, str] = {
     "ranks": "schedule.ranks",
     "data_parallel": "schedule.data_parallel",
     "tensor_parallel": "schedule.tensor_parallel",
+    "sequence_parallel": "schedule.sequence_parallel",
     "microbatches": "schedule.microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
@@ -71,6 +72,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--tensor-parallel", type=int, metavar="N",
                         help="ranks per stage: each block's heads and MLP are split over N ranks (ranks x "
                         "data-parallel x N processes); default 1")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="with --tensor-parallel: split the norms, the residual stream and the stage "
+                        "boundaries by position over the tp ranks (Megatron's sequence parallelism)")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help="optimizer steps; default 300")
     parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")

@@ -231,8 +231,15 @@ class Pipeline:
             None if tp_mesh is None else tp_mesh.get_group()
         )
         self._meta = meta_layers(self._layers)
+        # Layer outputs a tp rank holds split along the sequence ([Note: sequence parallel x
+        # pipeline]): the boundaries after them carry 1/tp of the traced shape.
+        self._sequence_sharded: dict[int, int] = {}
         if tensor_parallel is not None:
             self._check_tensor_parallel(tensor_parallel)
+            # Lazily, as Pipeline imports torch's tensor-parallel styles only where it uses them.
+            from pipefold.runtime.sequence_parallel import sequence_sharded_outputs
+
+            self._sequence_sharded = sequence_sharded_outputs(tensor_parallel, self._meta)
         if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
             raise ConfigError(
                 f"schedule {self.schedule.name!r} updates weights inside the step, so data-parallel "
@@ -714,6 +721,11 @@ class Pipeline:
                 torch.empty(s, dtype=d, device="meta") for s, d in zip(key.shapes, key.dtypes, strict=True)
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
+            if self._sequence_sharded:
+                from pipefold.runtime.sequence_parallel import shard_boundaries
+
+                num_shards = dist.get_world_size(self._tensor_parallel_group)
+                cached = shard_boundaries(cached, self._sequence_sharded, num_shards)
             self._boundary_cache[key] = cached
         return cached
 

@@ -9,10 +9,9 @@ DTensor collectives (all-reduce of a row-parallel output in forward, of a column
 input gradient in backward) run inside F and B, over the "tp" group only. Between stages
 nothing changes: a layer maps a replicated input to a replicated output, so tp rank t of
 stage s sends its (full, identical) boundary tensor to tp rank t of stage s + 1, along the
-"pp" group of its own tp coordinate. That sends the boundary tp times, which Megatron
-avoids by scattering it over the tp ranks and all-gathering it at the receiver; on one
-host through shared memory the copy is cheap, and it keeps the pipeline's transport, its
-timeline and the simulator unchanged.
+"pp" group of its own tp coordinate. That sends the boundary tp times; with sequence
+parallelism ([Note: sequence parallel x pipeline] in sequence_parallel.py) the stream is
+split between the blocks and each tp rank sends its 1/tp instead.
 
 Each tp rank's parameters are DTensors holding its shard, and so are their gradients; a
 parameter the plan does not split (a layer norm) is a plain replicated tensor whose
@@ -65,7 +64,8 @@ __all__ = [
 ]
 
 TensorParallelPlan: TypeAlias = Mapping[str, Any] | Callable[[int, nn.Module], Mapping[str, Any] | None]
-"""{submodule pattern: ParallelStyle} for every layer, or (layer index, module) -> that (or None)."""
+"""{submodule pattern: ParallelStyle} for every layer, or (layer index, module) -> that (or None).
+The pattern "" names the layer itself (`ScatterSequence` on a position embedding, say)."""
 
 
 def has_tp_dim(process_group: object) -> bool:
@@ -122,7 +122,8 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def plan_for(plan: TensorParallelPlan, index: int, module: nn.Module) -> dict[str, Any]:
-    """The entries of `plan` that name a submodule of layer `index` (`module`)."""
+    """The entries of `plan` that name a submodule of layer `index` (`module`); the pattern ""
+    names the layer itself."""
     entries = plan(index, module) if callable(plan) and not isinstance(plan, Mapping) else plan
     if entries is None:
         return {}
@@ -132,7 +133,11 @@ def plan_for(plan: TensorParallelPlan, index: int, module: nn.Module) -> dict[st
             "pattern: ParallelStyle}} or None to keep the layer whole"
         )
     names = [name for name, _ in module.named_modules() if name]
-    return {pattern: style for pattern, style in entries.items() if any(_matches(pattern, n) for n in names)}
+    return {
+        pattern: style
+        for pattern, style in entries.items()
+        if pattern == "" or any(_matches(pattern, n) for n in names)
+    }
 
 
 def apply_tensor_parallel(modules: Mapping[int, nn.Module], mesh: Any, plan: TensorParallelPlan) -> int:
@@ -142,9 +147,13 @@ def apply_tensor_parallel(modules: Mapping[int, nn.Module], mesh: Any, plan: Ten
     num_split = 0
     for index in sorted(modules):
         entries = plan_for(plan, index, modules[index])
+        itself = entries.pop("", None)
+        if itself is not None:
+            # parallelize_module takes a style for the module itself, not under a name.
+            parallelize_module(modules[index], mesh, itself)
         if entries:
             parallelize_module(modules[index], mesh, entries)
-            num_split += 1
+        num_split += itself is not None or bool(entries)
     return num_split
 
 

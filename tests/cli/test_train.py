@@ -215,31 +215,40 @@ def test_train_zero_shards_adamw_and_trains_the_same(tmp_path, capfd):
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_runtime_missing(), reason="pipefold.Pipeline cannot be imported yet")
 def test_train_tensor_parallel_matches_whole_layers(tmp_path, capfd):
-    """2 ranks x 2 tensor-parallel (each block's attention heads and MLP split) train as 2
-    ranks with whole layers; the checkpoint it writes resumes without tensor parallelism."""
+    """2 ranks x 2 tensor-parallel (each block's attention heads and MLP split), with and
+    without sequence parallelism, train as 2 ranks with whole layers; the checkpoint it
+    writes resumes without tensor parallelism and with sequence parallelism."""
     common = list(_THREE_TINY_STEPS)
-    losses, weights = {}, {}
-    for degree in (1, 2):
+    losses, weights, activations = {}, {}, {}
+    for degree, extra in ((1, []), (2, []), ("sp", ["--sequence-parallel"])):
         out = tmp_path / f"tp{degree}"
-        code = main([*common, "--tensor-parallel", str(degree), "--out", str(out)])
+        code = main([*common, "--tensor-parallel", "1" if degree == 1 else "2", *extra, "--out", str(out)])
         assert code == 0, capfd.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["config"]["schedule"]["tensor_parallel"] == degree
+        assert summary["config"]["schedule"]["tensor_parallel"] == (1 if degree == 1 else 2)
+        assert summary["config"]["schedule"]["sequence_parallel"] == (degree == "sp")
         losses[degree] = summary["losses"]
         weights[degree] = sum(m["weights"] for m in summary["memory"] if m["replica"] == 0)
+        activations[degree] = max(m["activations_peak"] for m in summary["memory"])
     assert len(losses[2]) == 3
     # The tp ranks hold shards of the blocks: 4 processes hold less than 2 whole ranks' twice over.
     assert weights[1] < weights[2] < 2 * weights[1]
     # The same arithmetic split over two ranks; only float32 summation order differs.
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    # Sequence parallelism: the same weights, the same losses, fewer activations kept (the norms'
+    # inputs and the residual stream are a tp rank's half of the positions).
+    assert weights["sp"] == weights[2]
+    assert losses["sp"] == pytest.approx(losses[1], rel=1e-4)
+    assert activations["sp"] < activations[2]
     cut = tmp_path / "tp2-cut"
     tp2 = [arg if arg != "3" else "2" for arg in common] + ["--tensor-parallel", "2"]
     assert main([*tp2, "--out", str(cut)]) == 0, capfd.readouterr().err
-    resumed = tmp_path / "tp1-resumed"
-    code = main([*common, "--resume", str(cut / "checkpoint"), "--out", str(resumed)])
-    assert code == 0, capfd.readouterr().err
-    tail = json.loads((resumed / "summary.json").read_text())["losses"]
-    assert tail == pytest.approx(losses[1][2:], rel=1e-4)
+    for name, extra in (("tp1", []), ("sp", ["--tensor-parallel", "2", "--sequence-parallel"])):
+        resumed = tmp_path / f"{name}-resumed"
+        code = main([*common, *extra, "--resume", str(cut / "checkpoint"), "--out", str(resumed)])
+        assert code == 0, capfd.readouterr().err
+        tail = json.loads((resumed / "summary.json").read_text())["losses"]
+        assert tail == pytest.approx(losses[1][2:], rel=1e-4)
 
 
 @pytest.mark.multiprocess

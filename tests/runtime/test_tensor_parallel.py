@@ -102,14 +102,17 @@ def tp_exact(
     by_function=False,
     model="mlp",
     num_dp=1,
+    sequence_parallel=False,
+    length=SEQ,
 ):
     """pp=2 x tp=2 (x dp) against one process: the loss and every gradient (whole, gathered
-    over tp). With `num_dp` replicas each steps on its rows of the global batch."""
+    over tp). With `num_dp` replicas each steps on its rows of the global batch. Returns too
+    the shape of the input each local layer saw (its sequence length shows what crossed in)."""
     from torch.distributed.tensor import DTensor
 
     torch.manual_seed(1234)
     mesh = _mesh(num_dp)
-    plan = gpt_tensor_parallel_plan() if model == "gpt" else _plan()
+    plan = gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel) if model == "gpt" else _plan()
     if by_function:  # only the blocks of even index are split; the rest stay whole
         plan = lambda index, module: _plan() if index % 2 == 0 else None  # noqa: E731
     build = {"mlp": megatron_mlp, "tied": tied_lm, "gpt": gpt}[model]
@@ -127,10 +130,20 @@ def tp_exact(
         tensor_parallel=plan,
     )
     reference = build_reference(build(), seed=7)
+    seen: dict[int, tuple[int, ...]] = {}
+
+    def record(index, args):
+        seen.setdefault(index, tuple(args[0].shape))  # returns None: the arguments stay as they are
+
+    for index, module in pipe._local_modules.items():
+        # prepend: before a tp style's own pre-hook makes the input a DTensor (of global shape).
+        module.register_forward_pre_hook(lambda _m, args, i=index: record(i, args), prepend=True)
     losses = []
     rows = 8
     for step in range(num_steps):
         inputs, targets = _batch("mlp" if model == "mlp" else "transformer", rows, seed=step)
+        if model != "mlp":
+            inputs, targets = inputs[:, :length], targets[:, :length]
         shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
         loss = pipe.step(inputs[shard], targets[shard])
         expected = loss_fn(reference(inputs), targets)
@@ -158,6 +171,7 @@ def tp_exact(
         "losses": losses,
         "sharded": sharded,
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
+        "input_shapes": seen,
     }
 
 
@@ -293,6 +307,12 @@ def tp_refused(*, what):
                 tensor_parallel=_plan(),
                 **kwargs,
             )
+        elif what == "uneven sequence":
+            pipe = Pipeline(
+                gpt(), loss_fn=_loss_fn("transformer"), num_microbatches=2, process_group=_mesh(),
+                tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=True),
+            )
+            pipe.step(*_batch("transformer", 4, seed=0))  # 5 positions over 2 tp ranks
         else:
             raise ValueError(what)
     except ConfigError as error:
@@ -414,6 +434,30 @@ def test_the_gpt_splits_attention_by_heads_and_equals_one_process(pool4, schedul
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None), ("interleaved-1f1b", 3)]
+)
+def test_sequence_parallel_gpt_equals_one_process_and_sends_half_the_sequence(pool4, schedule, num_virtual):
+    """gpt_tensor_parallel_plan(sequence_parallel=True): between the position embedding and
+    the final norm each tp rank holds half of the 4 positions, also across stage boundaries
+    (a block on pp rank 1 receives 2 positions), and the loss and every gradient, the norms'
+    replicated weights included, equal one process's."""
+    results = pool4.run(
+        "tp_exact", schedule=schedule, num_microbatches=4, num_virtual=num_virtual, model="gpt",
+        sequence_parallel=True, length=4,
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    lengths = {index: shape[1] for r in results for index, shape in r["input_shapes"].items()}
+    # Layers: 0 token embedding, 1 position embedding, 2-3 blocks, 4 final norm, 5 the tied
+    # head (it reads the embedding's weight; the hook on the module it shares with layer 0
+    # sees the token ids where both are on one rank).
+    assert lengths.pop(5, 4) == 4
+    assert lengths == {0: 4, 1: 4, 2: 2, 3: 2, 4: 2}
+    pp1_inputs = {i for r in results if r["pp_rank"] == 1 for i in r["input_shapes"]}
+    assert pp1_inputs & {2, 3, 4}, "no sharded boundary crossed to pp rank 1"
+
+
+@pytest.mark.multiprocess
 def test_the_planner_prices_a_tp_rank_s_weights_as_the_runtime_holds_them(pool4):
     """The planner's tp=2 cost model of the GPT (pipefold.plan.tensor) against the bytes each
     tp rank of a pp=2 x tp=2 pipeline really holds, for the partition the planner chose."""
@@ -451,6 +495,7 @@ def test_a_plan_function_splits_only_the_layers_it_names(pool4):
         ("async", "asynchronous schedule 'pipedream'"),
         ("no plan", "'tp' dim but tensor_parallel is None"),
         ("tied", "splits the tied layer 'block'"),
+        ("uneven sequence", "a sequence of 5 positions does not split evenly over 2"),
     ],
 )
 def test_what_tensor_parallelism_does_not_compose_with_is_refused(pool4, what, words):

@@ -1,0 +1,140 @@
+"""Sequence parallelism: the tensor-parallel ranks of a stage split the sequence between blocks.
+
+[Note: sequence parallel x pipeline]
+With plain tensor parallelism ([Note: tensor parallel x pipeline]) every tp rank of a
+stage holds the whole residual stream: the layer norms, the residual adds and the stage's
+boundary tensors are computed, kept for backward and sent tp times over. Megatron's
+sequence parallelism (Korthikanti et al., 2022) shards those along the sequence: between
+the split matmuls each tp rank holds T/tp positions. A column-split projection
+all-gathers its input's sequence (instead of taking a replicated input), a row-split one
+reduce-scatters its output (instead of all-reducing it), so the traffic per block is
+the same as tensor parallelism's while the norms, the residual stream and what the
+stage keeps of them shrink by tp.
+
+Between pipeline stages the residual stream stays sharded: tp rank t of stage s sends its
+T/tp positions to tp rank t of stage s + 1, which is exactly the shard that rank needs.
+That is Megatron's scatter/gather of stage boundaries (each tp rank sends 1/tp of the
+boundary), obtained without a scatter or a gather, because the tensor was never whole.
+The pipeline's transport, timeline and simulator need nothing new: a stage's output is a
+plain tensor, only smaller.
+
+Where the stream enters and leaves the sharded region, two styles of this module convert:
+`ScatterSequence` on the layer that ends the replicated region (the GPT's position
+embedding) keeps this rank's slice of its output (no communication forward; its backward
+all-gathers the gradient, so the parameters before it get the whole, identical gradient
+on every tp rank), and `GatherSequence` on the layer that ends the sharded region (the
+final layer norm) runs it on the shard, as `SequenceParallel` does, then all-gathers the
+sequence, so the head and the loss run replicated as without sequence parallelism. The
+norms inside (`SequenceParallel`) hold their weights as replicated DTensors whose
+gradients DTensor sums over the tp ranks, since each rank saw only its positions.
+
+Sequences must split evenly over the tp ranks (the sharded matmuls take their inputs'
+global shape as tp x the local one); a step with other lengths is refused by name before
+anything runs.
+
+The pipeline learns which boundaries are sharded from the plan itself
+(`sequence_sharded_outputs`, on the meta layers every rank has): the outputs of the layer
+that scatters and of every layer after it, up to the one that gathers, are 1/tp along
+the sequence, so their traced (whole-model) shapes are divided there and the receivers
+allocate what really arrives. A layer in between must therefore map a sharded stream to
+a sharded stream, as the GPT's blocks under `gpt_tensor_parallel_plan(sequence_parallel=True)` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
+
+from pipefold.errors import ConfigError
+from pipefold.runtime.tensor_parallel import plan_for
+
+if TYPE_CHECKING:
+    from pipefold.model.build import TensorMeta
+    from pipefold.runtime.tensor_parallel import TensorParallelPlan
+
+__all__ = ["GatherSequence", "ScatterSequence", "sequence_sharded_outputs", "shard_boundaries"]
+
+
+def _uneven(length: int, num_shards: int) -> ConfigError:
+    return ConfigError(
+        f"sequence parallelism: a sequence of {length} positions does not split evenly over "
+        f"{num_shards} tensor-parallel ranks; use sequence lengths divisible by {num_shards} "
+        "(crop or pad the batch) or turn sequence parallelism off"
+    )
+
+
+class ScatterSequence(ParallelStyle):
+    """Keep this tp rank's 1/tp of the module's (replicated) output along `sequence_dim`."""
+
+    def __init__(self, *, sequence_dim: int = 1) -> None:
+        super().__init__()
+        self.sequence_dim = sequence_dim
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        sequence_dim, num_shards = self.sequence_dim, int(device_mesh.size())
+
+        def scatter(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
+            length = output.shape[sequence_dim]
+            if length % num_shards != 0:
+                raise _uneven(length, num_shards)
+            replicated = DTensor.from_local(output, device_mesh, [Replicate()], run_check=False)
+            return replicated.redistribute(device_mesh, [Shard(sequence_dim)]).to_local()
+
+        module.register_forward_hook(scatter)
+        return module
+
+
+class GatherSequence(ParallelStyle):
+    """Run the module on the sequence shard (`SequenceParallel`), then all-gather its output."""
+
+    def __init__(self, *, sequence_dim: int = 1) -> None:
+        super().__init__()
+        self.sequence_dim = sequence_dim
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        SequenceParallel(sequence_dim=self.sequence_dim, use_local_output=False)._apply(module, device_mesh)
+
+        def gather(_module: nn.Module, _inputs: Any, output: DTensor) -> Tensor:
+            return output.redistribute(device_mesh, [Replicate()]).to_local()
+
+        # Registered after SequenceParallel's own output hook, so it sees that hook's DTensor.
+        module.register_forward_hook(gather)
+        return module
+
+
+def sequence_sharded_outputs(plan: TensorParallelPlan, meta_layers: Sequence[nn.Module]) -> dict[int, int]:
+    """{layer index: sequence dim} for every layer whose output is split along the sequence
+    under `plan`: from a `ScatterSequence` layer up to the layer before a `GatherSequence` one."""
+    sharded: dict[int, int] = {}
+    dim: int | None = None
+    for index, module in enumerate(meta_layers):
+        style = plan_for(plan, index, module).get("")
+        if isinstance(style, ScatterSequence):
+            dim = style.sequence_dim
+        elif isinstance(style, GatherSequence):
+            dim = None
+        if dim is not None:
+            sharded[index] = dim
+    return sharded
+
+
+def shard_boundaries(
+    outputs: Sequence[TensorMeta], sharded: Mapping[int, int], num_shards: int
+) -> list[TensorMeta]:
+    """The layers' traced output shapes as one tp rank holds them: divided by `num_shards`
+    along the sequence where `sharded` says so."""
+    result = list(outputs)
+    for index, dim in sharded.items():
+        meta = result[index]
+        shapes = []
+        for shape in meta.shapes:
+            if shape[dim] % num_shards != 0:
+                raise _uneven(shape[dim], num_shards)
+            shapes.append((*shape[:dim], shape[dim] // num_shards, *shape[dim + 1 :]))
+        result[index] = replace(meta, shapes=tuple(shapes))
+    return result
