@@ -60,12 +60,18 @@ class LayerCost:
     num_tensor_parallel_allreduces: int = 0
     """All-reduces of the layer's output (`output_bytes`) the split adds to each forward, and of
     the input gradient (as large) to each backward."""
+    sequence_parallel_activation_share: float | None = None
+    """Set on the layers whose output sequence parallelism splits along the sequence (from the
+    position embedding through the last block): the share of the layer's activation bytes
+    that the split divides then. None: sequence parallelism leaves the layer as tensor
+    parallelism does."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
-        for name in ("tensor_parallel_share", "tensor_parallel_activation_share"):
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
+                     "sequence_parallel_activation_share"):
             share = getattr(self, name)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
                 raise ConfigError(f"LayerCost.{name} = {share!r}; give a fraction in [0, 1]")
@@ -307,7 +313,8 @@ class ModelCosts:
             raise ConfigError(f"unknown model costs field(s) {unknown}; known fields: {sorted(_FIELDS)}")
         layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                         "weight_grad_s", "fixed_s", "tensor_parallel_share",
-                        "tensor_parallel_activation_share", "num_tensor_parallel_allreduces"}
+                        "tensor_parallel_activation_share", "num_tensor_parallel_allreduces",
+                        "sequence_parallel_activation_share"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

@@ -42,6 +42,43 @@ def test_one_tp_rank_of_a_layer_by_the_written_out_formula():
     assert split_costs(ModelCosts(layers=(SPLIT,)), 1, link).layers == (SPLIT,)
 
 
+def test_sequence_parallelism_splits_the_stream_s_layers_by_the_written_out_formula():
+    link = Link(latency=0.01, bandwidth=100.0)
+    block = LayerCost(**{**SPLIT.__dict__, "sequence_parallel_activation_share": 0.8})
+    position = LayerCost(**{**WHOLE.__dict__, "sequence_parallel_activation_share": 0.0})
+    costs = ModelCosts(layers=(position, block, SPLIT, WHOLE))
+    plain = split_costs(costs, 4, link).layers
+    (position4, block4, split4, whole4) = split_costs(costs, 4, link, sequence_parallel=True).layers
+    moving = 2 * (2 * 3 / 4 * 400 / 100)  # priced as the all-reduces the gathers / scatters replace
+    assert block4.forward_s == pytest.approx(1.0 / 4 + moving)  # the norms split too
+    assert block4.backward_s == pytest.approx(3.0 / 4 + moving)
+    assert block4.weight_s == pytest.approx(1.0 / 4)
+    assert block4.fixed_s == plain[1].fixed_s
+    assert block4.activation_bytes == round(1000 * (1 - 0.8 + 0.8 / 4))
+    assert block4.parameter_bytes == plain[1].parameter_bytes  # the norms' weights are replicated
+    assert block4.output_bytes == 100 and position4.output_bytes == 100  # a boundary carries 1/tp
+    assert (position4.forward_s, position4.activation_bytes) == (0.5, 100)  # its work is whole
+    # Layers without the mark are priced as plain tensor parallelism prices them.
+    assert (split4, whole4) == plain[2:]
+    assert plain[:2] == split_costs(ModelCosts(layers=(position, block)), 4, link).layers
+    assert plain[0] == position and plain[1].output_bytes == 400
+
+
+def test_the_gpt_marks_the_layers_sequence_parallelism_splits():
+    costs = gpt_costs(num_layers=3, d_model=64, num_heads=4, seq_len=16)
+    marks = [layer.sequence_parallel_activation_share for layer in costs.layers]
+    assert marks == [None, 0.0, 13 / 16, 13 / 16, 13 / 16, None, None]
+    assert ModelCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+    split = split_costs(costs, 2, Link(), sequence_parallel=True)
+    plain = split_costs(costs, 2, Link())
+    assert sum(layer.activation_bytes for layer in split.layers) < sum(
+        layer.activation_bytes for layer in plain.layers
+    )
+    # Boundaries in the stream halve; the embedding's (before) and the norm's (after) do not.
+    halved = [a.output_bytes * 2 == b.output_bytes for a, b in zip(split.layers, plain.layers, strict=True)]
+    assert halved == [False, True, True, True, True, False, False]
+
+
 def test_the_fixed_seconds_come_with_forward_and_the_input_gradient_not_with_w():
     from pipefold.plan.stages import StageLayout, stage_cost_model
 
