@@ -27,11 +27,13 @@ With sequence parallelism (`split_costs(..., sequence_parallel=True)`, the runti
 - their `output_bytes` (a stage boundary cut after them) divide by tp;
 - a split layer's time divides by tp whole: the norms and residual adds run on T / tp
   positions too;
-- its activation bytes take (1 - a' + a' / tp): 13/16 for a GPT block, measured (torch's
-  column-split projections keep their all-gathered input, 2 of the block's 16 units of
-  (rows x T x d); one more unit stays whole beside them);
+- its activation bytes take (1 - a' + a' / tp): 7/8 for a GPT block (torch's column-split
+  projections keep their all-gathered input, 2 of the block's 16 units of rows x T x d;
+  measured exactly so);
 - the communication is priced as tensor parallelism's: an all-gather plus a
-  reduce-scatter move the bytes of the all-reduce they replace, in as many ring steps.
+  reduce-scatter move the bytes of the all-reduce they replace, in as many ring steps
+  (NCCL's case; gloo on CPU takes about as long for each of them as for the all-reduce at
+  small sizes, so there the split block runs slower: docs/parallelism.md).
 The devices are then dp x pp x tp. Only flush schedules: the runtime refuses
 asynchronous ones with tensor parallelism (their weight stashes copy whole tensors).
 """
@@ -50,10 +52,12 @@ __all__ = [
     "with_gpt_tensor_parallel",
 ]
 
-GPT_BLOCK_SEQUENCE_PARALLEL_SHARE = 13 / 16
-"""The share of a GPT block's activation bytes sequence parallelism divides over the tp ranks,
-measured with saved-tensor hooks at d=256, T=128, tp=2: 4.76 of 8.02 MiB kept, i.e.
-1 - a + a / 2 = 0.594 (plain tensor parallelism: 5.01 MiB, the 0.75 share)."""
+GPT_BLOCK_SEQUENCE_PARALLEL_SHARE = 7 / 8
+"""The share of a GPT block's activation bytes sequence parallelism divides over the tp ranks.
+The block keeps 16 units of rows x T x d for backward; torch's column-split projections keep
+their all-gathered input whole (2 units: head_qkv's and fc's), the rest splits. Measured with
+saved-tensor hooks at d=256, T=128, tp=2 (`benchmarks/sequence_parallel.py`): 4.51 of 8.02 MiB
+kept, 1 - a + a / 2 = 0.5625 (plain tensor parallelism: 5.01 MiB, the 0.75 share)."""
 
 
 def _allreduce(num_bytes: float, degree: int, link: Link) -> tuple[float, float]:
