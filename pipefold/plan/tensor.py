@@ -27,13 +27,13 @@ With sequence parallelism (`split_costs(..., sequence_parallel=True)`, the runti
 - their `output_bytes` (a stage boundary cut after them) divide by tp;
 - a split layer's time divides by tp whole: the norms and residual adds run on T / tp
   positions too;
-- its activation bytes take (1 - a' + a' / tp): 7/8 for a GPT block (torch's column-split
-  projections keep their all-gathered input, 2 of the block's 16 units of rows x T x d;
-  measured exactly so);
+- its activation bytes take (1 - a' + a' / tp): a' = 1 for a GPT block, whose column-split
+  projections keep the sequence slice and all-gather it again for W (measured exactly so);
 - the communication is priced as tensor parallelism's: an all-gather plus a
   reduce-scatter move the bytes of the all-reduce they replace, in as many ring steps
-  (NCCL's case; gloo on CPU takes about as long for each of them as for the all-reduce at
-  small sizes, so there the split block runs slower: docs/parallelism.md).
+  (NCCL's case). W (and B whole) adds the re-gather of each column-split projection's
+  input, one all-gather per all-reduce counted: (tp - 1) / tp x bytes / bandwidth (its
+  latency is not priced: `fixed_s` comes with F and I only).
 The devices are then dp x pp x tp. Only flush schedules: the runtime refuses
 asynchronous ones with tensor parallelism (their weight stashes copy whole tensors).
 """
@@ -52,12 +52,12 @@ __all__ = [
     "with_gpt_tensor_parallel",
 ]
 
-GPT_BLOCK_SEQUENCE_PARALLEL_SHARE = 7 / 8
-"""The share of a GPT block's activation bytes sequence parallelism divides over the tp ranks.
-The block keeps 16 units of rows x T x d for backward; torch's column-split projections keep
-their all-gathered input whole (2 units: head_qkv's and fc's), the rest splits. Measured with
-saved-tensor hooks at d=256, T=128, tp=2 (`benchmarks/sequence_parallel.py`): 4.51 of 8.02 MiB
-kept, 1 - a + a / 2 = 0.5625 (plain tensor parallelism: 5.01 MiB, the 0.75 share)."""
+GPT_BLOCK_SEQUENCE_PARALLEL_SHARE = 1.0
+"""The share of a GPT block's activation bytes sequence parallelism divides over the tp ranks:
+all of them, since its column-split projections keep the sequence slice and all-gather it
+again in backward (`ColwiseFromSequence`). Measured with saved-tensor hooks at d=256, T=128,
+tp=2 (`benchmarks/sequence_parallel.py`): 4.01 of 8.02 MiB kept, exactly half (plain tensor
+parallelism: 5.01 MiB, the 0.75 share)."""
 
 
 def _allreduce(num_bytes: float, degree: int, link: Link) -> tuple[float, float]:
@@ -86,12 +86,14 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
     # Priced on the whole output: the all-gather + reduce-scatter of sequence parallelism move
     # what the all-reduce would.
     moving, fixed = _allreduce(layer.output_bytes, degree, link)
-    weight = layer.weight_s * time_keep
+    # W all-gathers each column-split projection's input again (ColwiseFromSequence).
+    regather = n * moving / 2 if by_position else 0.0
+    weight = layer.weight_s * time_keep + regather
     return replace(
         layer,
         forward_s=layer.forward_s * time_keep + n * moving,
         # The backward's all-reduces are the input-gradient half's: W keeps its share only.
-        backward_s=layer.backward_s * time_keep + n * moving,
+        backward_s=layer.backward_s * time_keep + n * moving + regather,
         weight_grad_s=weight,
         fixed_s=layer.fixed_s + n * fixed,
         activation_bytes=round(layer.activation_bytes * (1 - activation_share + activation_share / degree)),

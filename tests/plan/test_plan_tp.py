@@ -50,9 +50,11 @@ def test_sequence_parallelism_splits_the_stream_s_layers_by_the_written_out_form
     plain = split_costs(costs, 4, link).layers
     (position4, block4, split4, whole4) = split_costs(costs, 4, link, sequence_parallel=True).layers
     moving = 2 * (2 * 3 / 4 * 400 / 100)  # priced as the all-reduces the gathers / scatters replace
+    regather = 2 * (3 / 4 * 400 / 100)  # W all-gathers the two projections' inputs again
     assert block4.forward_s == pytest.approx(1.0 / 4 + moving)  # the norms split too
-    assert block4.backward_s == pytest.approx(3.0 / 4 + moving)
-    assert block4.weight_s == pytest.approx(1.0 / 4)
+    assert block4.backward_s == pytest.approx(3.0 / 4 + moving + regather)
+    assert block4.weight_s == pytest.approx(1.0 / 4 + regather)
+    assert block4.input_s == pytest.approx(2.0 / 4 + moving)
     assert block4.fixed_s == plain[1].fixed_s
     assert block4.activation_bytes == round(1000 * (1 - 0.8 + 0.8 / 4))
     assert block4.parameter_bytes == plain[1].parameter_bytes  # the norms' weights are replicated
@@ -67,7 +69,7 @@ def test_sequence_parallelism_splits_the_stream_s_layers_by_the_written_out_form
 def test_the_gpt_marks_the_layers_sequence_parallelism_splits():
     costs = gpt_costs(num_layers=3, d_model=64, num_heads=4, seq_len=16)
     marks = [layer.sequence_parallel_activation_share for layer in costs.layers]
-    assert marks == [None, 0.0, 7 / 8, 7 / 8, 7 / 8, None, None]
+    assert marks == [None, 0.0, 1.0, 1.0, 1.0, None, None]
     assert ModelCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
     split = split_costs(costs, 2, Link(), sequence_parallel=True)
     plain = split_costs(costs, 2, Link())

@@ -332,6 +332,58 @@ class TwoLinears(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+def gathered_linear_halves():
+    """ColwiseFromSequence against torch's ColwiseParallel(input_layouts=Shard(1)) on one linear,
+    through pipefold's split backward: the same output and gradients; I communicates only the
+    input gradient's reduce-scatter and W only the input's all-gather; the forward keeps the
+    slice, not the gathered input."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from pipefold.runtime import sequence_parallel
+    from pipefold.runtime.backward import backward_input, backward_weight
+    from pipefold.runtime.memory import ActivationCounter
+
+    mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+    rank = mesh.get_local_rank()
+    whole = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(1))
+    results = {}
+    calls: list[str] = []
+    for name, style in (("torch", ColwiseParallel(input_layouts=Shard(1))),
+                        ("pipefold", sequence_parallel.ColwiseFromSequence(sequence_dim=1))):
+        torch.manual_seed(3)
+        linear = parallelize_module(nn.Linear(6, 16), mesh, style)
+        x = whole.tensor_split(4, dim=1)[rank].clone().requires_grad_()
+        counter = ActivationCounter(linear.parameters())
+        with counter.counting():
+            y = linear(x * 1.0)  # not the leaf itself, as in a block (its norm comes first)
+        calls.clear()
+        output_grad = grad.tensor_split(4, dim=2)[rank]
+        (grad_x,), state = backward_input([y], [output_grad], [x], list(linear.parameters()))
+        after_input = list(calls)
+        backward_weight(state)
+        results[name] = {
+            "y": y.detach(), "grad_x": grad_x, "saved": counter.peak,
+            "grads": [p.grad.full_tensor() for p in linear.parameters()],
+            "input_calls": after_input, "weight_calls": calls[len(after_input):],
+        }
+        if name == "torch":  # count pipefold's collectives from here on
+            for fn in ("_all_gather", "_reduce_scatter"):
+                original = getattr(sequence_parallel, fn)
+                setattr(sequence_parallel, fn, lambda *a, _f=original, _n=fn: (calls.append(_n), _f(*a))[1])
+    ours, theirs = results["pipefold"], results["torch"]
+    torch.testing.assert_close(ours["y"], theirs["y"])
+    torch.testing.assert_close(ours["grad_x"], theirs["grad_x"])
+    for mine, expected in zip(ours["grads"], theirs["grads"], strict=True):
+        torch.testing.assert_close(mine, expected)
+    return {
+        "input_calls": ours["input_calls"], "weight_calls": ours["weight_calls"],
+        "saved": ours["saved"], "saved_torch": theirs["saved"], "slice_bytes": 3 * 2 * 6 * 4,
+    }
+
+
 def tp_dtensor_output():
     """A plan whose layer returns a DTensor: the stage that runs it raises before sending it."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -435,16 +487,19 @@ def test_the_gpt_splits_attention_by_heads_and_equals_one_process(pool4, schedul
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None), ("interleaved-1f1b", 3)]
+    ("schedule", "num_virtual", "recompute"),
+    [("1f1b", None, "none"), ("zb-v", None, "none"), ("interleaved-1f1b", 3, "none"), ("1f1b", None, "full")],
 )
-def test_sequence_parallel_gpt_equals_one_process_and_sends_half_the_sequence(pool4, schedule, num_virtual):
+def test_sequence_parallel_gpt_equals_one_process_and_sends_half_the_sequence(
+    pool4, schedule, num_virtual, recompute
+):
     """gpt_tensor_parallel_plan(sequence_parallel=True): between the position embedding and
     the final norm each tp rank holds half of the 4 positions, also across stage boundaries
     (a block on pp rank 1 receives 2 positions), and the loss and every gradient, the norms'
     replicated weights included, equal one process's."""
     results = pool4.run(
         "tp_exact", schedule=schedule, num_microbatches=4, num_virtual=num_virtual, model="gpt",
-        sequence_parallel=True, length=4,
+        sequence_parallel=True, length=4, recompute=recompute,
     )
     assert all(r["losses"] == results[0]["losses"] for r in results)
     lengths = {index: shape[1] for r in results for index, shape in r["input_shapes"].items()}
@@ -455,6 +510,16 @@ def test_sequence_parallel_gpt_equals_one_process_and_sends_half_the_sequence(po
     assert lengths == {0: 4, 1: 4, 2: 2, 3: 2, 4: 2}
     pp1_inputs = {i for r in results if r["pp_rank"] == 1 for i in r["input_shapes"]}
     assert pp1_inputs & {2, 3, 4}, "no sharded boundary crossed to pp rank 1"
+
+
+@pytest.mark.multiprocess
+def test_the_sequence_gathering_linear_keeps_the_slice_and_splits_its_communication(pool4):
+    results = pool4.run("gathered_linear_halves")
+    for result in results:
+        assert result["input_calls"] == ["_reduce_scatter"]  # I: no all-gather
+        assert result["weight_calls"] == ["_all_gather"]  # W: the input again, no input gradient
+        assert result["saved"] == result["slice_bytes"]  # the 2 positions, not the 8 gathered
+        assert result["saved_torch"] == 4 * result["slice_bytes"]
 
 
 @pytest.mark.multiprocess

@@ -172,7 +172,7 @@ def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParall
             "fc": ColwiseParallel(),
             "fc_out": RowwiseParallel(),
         }
-    from pipefold.runtime.sequence_parallel import GatherSequence, ScatterSequence
+    from pipefold.runtime.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
 
     def by_layer(_index: int, module: nn.Module) -> dict[str, Any] | None:
         # By type, not index: the plan holds for any num_layers and for both head kinds.
@@ -182,10 +182,10 @@ def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParall
             sequence = Shard(1)
             return {
                 "ln1": SequenceParallel(),
-                "attn.head_qkv": ColwiseParallel(input_layouts=sequence),
+                "attn.head_qkv": ColwiseFromSequence(sequence_dim=1),
                 "attn.proj": RowwiseParallel(output_layouts=sequence),
                 "ln2": SequenceParallel(),
-                "fc": ColwiseParallel(input_layouts=sequence),
+                "fc": ColwiseFromSequence(sequence_dim=1),
                 "fc_out": RowwiseParallel(output_layouts=sequence),
             }
         if isinstance(module, nn.LayerNorm):  # the final norm: the last layer of the sharded stream
