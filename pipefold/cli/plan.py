@@ -79,7 +79,8 @@ def add_parser(subparsers: Any) -> None:
                         help="also search tp = 2 .. T ranks per stage where the model's layers split "
                         "(the built-in GPT: degrees dividing its heads); default 1: none")
     parser.add_argument("--schedule", action="append", metavar="NAME",
-                        help="consider only this family (repeatable); default: every synchronous one")
+                        help="consider only this family (repeatable; 'auto' lets searched orders compete "
+                        "too); default: every synchronous family and searched orders")
     parser.add_argument("--microbatches", type=int, help="pin the micro-batch count m")
     parser.add_argument("--virtual", type=int, help="pin the stages per rank v")
     parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=32,
@@ -113,11 +114,17 @@ def add_parser(subparsers: Any) -> None:
                         help="all processes share N cores (CPU ranks on one host: cores / threads per "
                         "rank); ranks computing at once split them fairly (default: a device per rank)")
     parser.add_argument("--order-search", type=float, default=1.0, metavar="SECONDS",
-                        help="search an order for the choice's configuration for up to this long "
-                        "(default 1; 0: off)")
+                        help="search the order of the choice's and the closest configurations, each for up "
+                        "to this long; a searched order faster than every family becomes the choice "
+                        "(default 1; 0: off, families only)")
+    parser.add_argument("--order-search-total", type=float, default=2.0, metavar="SECONDS",
+                        help="seconds all order searches together may take (default 2)")
+    parser.add_argument("--max-order-searches", type=int, default=8, metavar="N",
+                        help="most configurations whose order is searched (default 8)")
     parser.add_argument("--save-schedule", metavar="FILE",
-                        help="write the schedule to run as JSON: the searched order where it is faster "
-                        "than the choice's family, else the family's (pipefold.schedule.io.load reads it)")
+                        help="write the schedule to run as JSON: the searched order where it is the choice "
+                        "or faster than the choice's family, else the family's (pipefold.schedule.io.load "
+                        "reads it; pipefold train --schedule-file runs it)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     gpt = parser.add_argument_group(
@@ -200,28 +207,35 @@ def _check_writable(path: str) -> None:
         raise ConfigError(f"--save-schedule = {path!r} is a folder; give a file name")
 
 
-def _saves_searched_order(result: Any) -> bool:
-    return result.searched is not None and result.searched.gain > 1.0
+def _trains_the_planned_model(args: argparse.Namespace) -> bool:
+    """Whether the costs are the built-in GPT's as `pipefold train` builds it (a `--costs` file
+    describes any model; train reads bytes, a vocabulary of 256)."""
+    from pipefold.data.corpus import VOCAB_SIZE
+
+    return not args.costs and args.vocab_size == VOCAB_SIZE
 
 
 def train_command(args: argparse.Namespace, result: Any) -> str | None:
     """The `pipefold train` command that runs the plan's choice on the model planned for, or
     None where the costs are not the built-in GPT's as `pipefold train` builds it (`--costs`
-    files describe any model; a vocabulary other than train's byte-level one)."""
-    from pipefold.data.corpus import VOCAB_SIZE
+    files describe any model; a vocabulary other than train's byte-level one), and where the
+    choice is a searched order but no `--save-schedule FILE` holds it for train to read."""
     from pipefold.plan.space import is_asynchronous
     from pipefold.schedule.registry import family
 
-    if args.costs or args.vocab_size != VOCAB_SIZE:
+    if not _trains_the_planned_model(args):
         return None
     choice = result.choice
+    if choice.is_searched_order and args.save_schedule is None:
+        return None
     words = ["pipefold", "train"]
-    if args.save_schedule is not None and _saves_searched_order(result):
+    if args.save_schedule is not None and result.saves_searched_order:
         words += ["--schedule-file", args.save_schedule]
     else:
         words += ["--schedule", choice.schedule]
     words += ["--ranks", str(choice.num_ranks), "--microbatches", str(choice.num_microbatches)]
-    if choice.num_virtual != family(choice.schedule).default_virtual:
+    # A searched order's file fixes its stages per rank; a family's default need not be given.
+    if not choice.is_searched_order and choice.num_virtual != family(choice.schedule).default_virtual:
         words += ["--virtual", str(choice.num_virtual)]
     if choice.num_data_parallel > 1:
         words += ["--data-parallel", str(choice.num_data_parallel)]
@@ -236,24 +250,24 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     if choice.recompute:
         layers = ",".join(map(str, choice.recompute_layers))
         words += ["--set", f"recompute=[{layers}]"]
-    if is_asynchronous(choice.schedule):
+    if not choice.is_searched_order and is_asynchronous(choice.schedule):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)
 
 
 def _save_schedule(result: Any, path: str) -> None:
-    """The searched order where it beats the family, else the family's own schedule."""
-    from pipefold.schedule import build
+    """The chosen searched order, or the one searched for the family choice where it beats the family,
+    else the family's own schedule (`Plan.schedule_to_run`)."""
     from pipefold.schedule.io import save
 
     choice, searched = result.choice, result.searched
-    if _saves_searched_order(result):
-        schedule, what = searched.schedule, f"the searched order ({searched.gain:.3f}x {choice.schedule}'s)"
+    if choice.is_searched_order:
+        what = f"the chosen searched order (on {choice.base_family}'s configuration)"
+    elif result.saves_searched_order:
+        what = f"the searched order ({searched.gain:.3f}x {choice.schedule}'s)"
     else:
-        schedule = build(choice.schedule, num_ranks=choice.num_ranks,
-                         num_microbatches=choice.num_microbatches, num_virtual=choice.num_virtual)
         what = f"{choice.schedule}'s order (no searched one was faster)"
-    save(schedule, path)
+    save(result.schedule_to_run(), path)
     print(f"wrote {what} to {path}; run it with partition={list(choice.partition.counts)}", file=sys.stderr)
 
 
@@ -282,6 +296,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} = {latency}; give seconds >= 0")
     if not (0 <= args.order_search < math.inf):
         raise ConfigError(f"--order-search = {args.order_search}; give seconds >= 0 (0: no order search)")
+    if not (0 <= args.order_search_total < math.inf):
+        raise ConfigError(f"--order-search-total = {args.order_search_total}; give seconds >= 0")
+    if args.max_order_searches < 1:
+        raise ConfigError(f"--max-order-searches = {args.max_order_searches}; give a count >= 1")
     link = Link(latency=args.latency, bandwidth=args.bandwidth or math.inf)
     dp_link = _override(link, args.dp_bandwidth, args.dp_latency)
     tp_link = _override(link, args.tp_bandwidth, args.tp_latency)
@@ -310,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
         zero=args.zero,
         num_cores=args.cores,
         order_search_s=args.order_search,
+        order_search_total_s=args.order_search_total,
+        max_order_searches=args.max_order_searches,
     )
     if args.save_schedule is not None:
         _check_writable(args.save_schedule)
@@ -350,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     for index, candidate in enumerate(result.top, start=1):
         table.add_row(
             str(index), *([_degree_cell(candidate, with_tp)] if with_dp else []),
-            candidate.schedule, str(candidate.num_virtual),
+            candidate.schedule_text, str(candidate.num_virtual),
             f"{candidate.num_microbatches} x {candidate.microbatch_rows}", candidate.recompute_text,
             f"{candidate.step_time:.4g}", *([f"{candidate.allreduce_s:.3g}"] if with_dp else []),
             f"{candidate.bubble_fraction:.1%}",
@@ -360,4 +380,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(result.explain(), highlight=False, markup=False, soft_wrap=True)
     if command is not None:
         console.print(f"run it: {command}", highlight=False, markup=False, soft_wrap=True)
+    elif result.choice.is_searched_order and _trains_the_planned_model(args):
+        # train reads a searched order from a file, which only --save-schedule writes.
+        console.print("run it: add --save-schedule FILE (the choice is a searched order, which pipefold "
+                      "train runs with --schedule-file FILE) and plan again", highlight=False,
+                      markup=False, soft_wrap=True)
     return 0

@@ -10,6 +10,9 @@ from pipefold.balance import Partition
 from pipefold.plan.degree import split_text
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.units import format_bytes
+from pipefold.schedule import Schedule
+from pipefold.schedule.io import from_json as schedule_from_json
+from pipefold.schedule.io import to_json as schedule_to_json
 
 if TYPE_CHECKING:
     from pipefold.plan.refine import SearchedOrder
@@ -65,6 +68,20 @@ class Candidate:
     sharded_optimizer: bool = False
     """Whether the optimizer state is sharded over the dp replicas (ZeRO-1); `allreduce_s` then
     includes the weights' all-gather."""
+    order: Schedule | None = None
+    """For a searched order (`schedule` "auto"): the order itself, to save and run; None for a family."""
+    base_family: str | None = None
+    """For a searched order: the family of the same configuration it was searched against (the best
+    family order there, or the fastest where none fits); None for a family."""
+
+    @property
+    def is_searched_order(self) -> bool:
+        return self.order is not None
+
+    @property
+    def schedule_text(self) -> str:
+        """'zb-h2', or for a searched order 'auto (vs zb-h2)'."""
+        return f"{self.schedule} (vs {self.base_family})" if self.is_searched_order else self.schedule
 
     @property
     def num_devices(self) -> int:
@@ -118,16 +135,17 @@ class Candidate:
         return f"stage{'s' if len(self.recompute) > 1 else ''} {_ranges(self.recompute)}"
 
     def describe(self) -> str:
-        """'zb-v v=2, 16 micro-batches of 4, recompute none'."""
+        """'zb-v v=2, 16 micro-batches of 4, recompute none'; a searched order 'auto (vs zb-h2) v=1, ...'."""
         return (
-            f"{self.schedule} v={self.num_virtual}, {self.num_microbatches} micro-batches of "
+            f"{self.schedule_text} v={self.num_virtual}, {self.num_microbatches} micro-batches of "
             f"{self.microbatch_rows}, recompute {self.recompute_text}"
         )
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that make `pipefold.Pipeline` run exactly this configuration."""
+        """Keyword arguments that make `pipefold.Pipeline` run exactly this configuration (a searched
+        order's `schedule` is its `Schedule`)."""
         return {
-            "schedule": self.schedule,
+            "schedule": self.schedule if self.order is None else self.order,
             "num_microbatches": self.num_microbatches,
             "num_virtual": self.num_virtual,
             "partition": list(self.partition.counts),
@@ -152,7 +170,10 @@ class Candidate:
             "bubble_fraction": self.bubble_fraction,
             "peak_memory": self.peak_memory,
             "memory": [memory.to_json() for memory in self.memory],
-            "pipeline_kwargs": self.pipeline_kwargs(),
+            # A searched order's schedule is "auto" here; its actions are in "order" (once, not twice).
+            "pipeline_kwargs": {**self.pipeline_kwargs(), "schedule": self.schedule},
+            "order": None if self.order is None else schedule_to_json(self.order),
+            "base_family": self.base_family,
         }
 
     @classmethod
@@ -172,6 +193,8 @@ class Candidate:
             allreduce_s=float(data.get("allreduce_s", 0.0)),
             num_tensor_parallel=int(data.get("num_tensor_parallel", 1)),
             sharded_optimizer=bool(data.get("sharded_optimizer", False)),
+            order=None if data.get("order") is None else schedule_from_json(data["order"]),
+            base_family=None if data.get("base_family") is None else str(data["base_family"]),
         )
 
 
@@ -225,8 +248,19 @@ class Plan:
     num_devices: int | None = None
     """The devices split into dp x pp (x tp) when the degree was searched; None when it was pinned."""
     searched: SearchedOrder | None = None
-    """An order searched for the choice's configuration ([Note: planner refinement] in
-    refine.py); None when not searched (asynchronous family, unknown layout, search off)."""
+    """The order searched for the choice's configuration ([Note: planner refinement] in
+    refine.py): where the choice is a searched order, that order; None when not searched
+    (asynchronous family, unknown layout, search off)."""
+    best_family: Candidate | None = None
+    """Where the choice is a searched order: the fastest family candidate, the choice a plan
+    without order search makes; None where the choice is a family."""
+    num_order_searches: int = 0
+    """Configurations whose order was searched (the family choice's first)."""
+    num_order_pruned: int = 0
+    """Configurations within the margin left unsearched because their step-time bound could not
+    beat the best found."""
+    num_order_unsearched: int = 0
+    """Configurations within the margin left unsearched because the budget was spent."""
 
     @property
     def num_data_parallel(self) -> int:
@@ -241,6 +275,27 @@ class Plan:
     @property
     def step_time(self) -> float:
         return self.choice.step_time
+
+    @property
+    def saves_searched_order(self) -> bool:
+        """Whether the schedule to run is a searched order: the choice is one, or the order searched
+        for the family choice's configuration is faster than its family's (if within 1%)."""
+        if self.choice.is_searched_order:
+            return True
+        return self.searched is not None and self.searched.gain > 1.0
+
+    def schedule_to_run(self) -> Schedule:
+        """What `pipefold plan --save-schedule` writes: the searched order where
+        `saves_searched_order`, else the chosen family's order."""
+        if self.choice.order is not None:
+            return self.choice.order
+        if self.searched is not None and self.searched.gain > 1.0:
+            return self.searched.schedule
+        from pipefold.schedule import build
+
+        choice = self.choice
+        return build(choice.schedule, num_ranks=choice.num_ranks, num_microbatches=choice.num_microbatches,
+                     num_virtual=choice.num_virtual)
 
     @property
     def bubble_fraction(self) -> float:
@@ -268,7 +323,10 @@ class Plan:
             f"  {step}, bubble {choice.bubble_fraction:.1%}, "
             f"peak memory {format_bytes(choice.peak_memory)} on rank {choice.peak_rank} ({limit})",
             f"  partition {choice.partition}",
-            "  Pipeline(" + ", ".join(f"{k}={v!r}" for k, v in choice.pipeline_kwargs().items()) + ")",
+            "  Pipeline(" + ", ".join(
+                f"{k}={'pipefold.schedule.io.load(FILE)' if k == 'schedule' and choice.order else repr(v)}"
+                for k, v in choice.pipeline_kwargs().items()
+            ) + ")" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
         if choice.sharded_optimizer:
             lines.append(
@@ -284,7 +342,9 @@ class Plan:
             )
         if self.source:
             lines.append(f"  costs: {self.source}")
-        if self.searched is not None:
+        if choice.is_searched_order and self.best_family is not None:
+            lines.append(f"  {self._searched_choice_text(self.best_family)}")
+        elif self.searched is not None:
             lines.append(f"  {self.searched.explain()}")
         width = max(len(verdict.subject) for verdict in (*self.degrees, *self.families, *self.settings))
         if self.degrees:
@@ -295,13 +355,35 @@ class Plan:
         lines.append(f"schedules at {choice.degree_text}:" if with_degree else "schedules:")
         lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.families]
         if self.settings:
-            lines.append(f"settings of {choice.schedule}:")
+            if choice.is_searched_order:
+                lines.append(
+                    f"settings of {choice.base_family} (the family of the searched order's configuration):"
+                )
+            else:
+                lines.append(f"settings of {choice.schedule}:")
             lines += [f"  {v.subject:<{width}}  {v.status:<14}  {v.reason}" for v in self.settings]
         lines.append(
             f"searched with {self.num_simulated} simulations; {self.num_pruned} configurations skipped "
             "by a lower bound on their step time"
         )
+        if self.num_order_searches:
+            lines.append(
+                f"orders searched for {self.num_order_searches} configuration(s); "
+                f"{self.num_order_pruned} more skipped by the bound, {self.num_order_unsearched} by the "
+                "order-search budget (--order-search-total, --max-order-searches)"
+            )
         return "\n".join(lines)
+
+    def _searched_choice_text(self, family: Candidate) -> str:
+        searched = self.searched
+        gain = family.step_time / self.choice.step_time - 1 if self.choice.step_time > 0 else 0.0
+        origin = f", found from {searched.origin}" if searched is not None else ""
+        where = f"{family.degree_text}, " if family.degree_text != self.choice.degree_text else ""
+        return (
+            f"searched order chosen: {gain:.1%} faster than the fastest family candidate ({where}"
+            f"{family.describe()}, {family.step_time:.4g} s){origin}; `pipefold plan --save-schedule FILE` "
+            "writes it"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Plain data; an unlimited memory is written as null (JSON has no infinity)."""
@@ -324,6 +406,10 @@ class Plan:
             "num_pruned": self.num_pruned,
             "source": self.source,
             "searched": None if self.searched is None else self.searched.to_json(),
+            "best_family": None if self.best_family is None else self.best_family.to_json(),
+            "num_order_searches": self.num_order_searches,
+            "num_order_pruned": self.num_order_pruned,
+            "num_order_unsearched": self.num_order_unsearched,
         }
 
     @classmethod
@@ -332,6 +418,7 @@ class Plan:
 
         limit = data.get("memory_limit")
         searched = data.get("searched")
+        best_family = data.get("best_family")
         return cls(
             choice=Candidate.from_json(data["choice"]),
             top=tuple(Candidate.from_json(entry) for entry in data["top"]),
@@ -346,4 +433,8 @@ class Plan:
             degrees=tuple(Verdict.from_json(entry) for entry in data.get("degrees", ())),
             num_devices=None if data.get("num_devices") is None else int(data["num_devices"]),
             searched=None if searched is None else SearchedOrder.from_json(searched),
+            best_family=None if best_family is None else Candidate.from_json(best_family),
+            num_order_searches=int(data.get("num_order_searches", 0)),
+            num_order_pruned=int(data.get("num_order_pruned", 0)),
+            num_order_unsearched=int(data.get("num_order_unsearched", 0)),
         )

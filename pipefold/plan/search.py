@@ -22,11 +22,21 @@
    bytes per second of recomputation, until every rank fits or nothing is left.
    Asynchronous families never recompute: the runtime refuses it (a recomputed
    forward would see the live weights, not the stashed version).
-4. Candidates are ranked by step time, then peak memory, then fewer replicas (dp),
-   fewer tp ranks, registry order, fewer stages per rank, fewer micro-batches and fewer
-   recomputed stages. Step times are compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not
-   exact to the last digit, and two configurations 0.01% apart should be told apart
-   by memory, not by rounding.
+4. Candidates are ranked by step time, then a family's order before a searched one,
+   then peak memory, then fewer replicas (dp), fewer tp ranks, registry order, fewer
+   stages per rank, fewer micro-batches and fewer recomputed stages. Step times are
+   compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not exact to the last
+   digit, and two configurations 0.01% apart should be told apart by memory, not by
+   rounding.
+5. Then the orders: the family choice's configuration and the closest others (within 10%,
+   over-memory ones included) are searched for an order of their own, pruned by the same
+   bounds (they hold for any order of a configuration's actions) and bounded by
+   `order_search_s`, `order_search_total_s` and `max_order_searches`; each order found
+   faster than its family's, or fitting where no family order of it does, joins the
+   ranking as schedule "auto" (`Refinement`, `_Search.refine`; [Note: planner refinement]
+   in refine.py). By 4, one becomes the choice only where it is faster than every family
+   candidate beyond the 1% tolerance. Where no family order fits at all, the orders are
+   searched (leanest first) before `NoFeasiblePlan` is raised.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 from pipefold.balance import balance
@@ -44,7 +55,13 @@ from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
-from pipefold.plan.refine import search_order
+from pipefold.plan.refine import (
+    ORDER_SEARCH_MARGIN,
+    SearchedOrder,
+    search_order,
+    searchable,
+    searched_candidate,
+)
 from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
@@ -67,18 +84,26 @@ def bucket_ceiling(step_time: float) -> float:
     """The largest time in the bucket of `step_time`: bounds above it cannot tie."""
     return math.exp((time_bucket(step_time) + 1) * math.log1p(TIME_TOLERANCE))
 
+
+def bucket_floor(step_time: float) -> float:
+    """The smallest time in the bucket of `step_time`: only times below it rank ahead whatever else."""
+    return math.exp(time_bucket(step_time) * math.log1p(TIME_TOLERANCE))
+
 _SLACK = 1e-9
 """Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
 rounding, and must not skip a configuration that ties."""
 
 
-def rank_key(candidate: Candidate) -> tuple[int, int, int, int, int, int, int, int, float, tuple[int, ...]]:
-    """Sort key of candidates that fit: faster, then leaner, then simpler (see [Note: planner search])."""
+def rank_key(
+    candidate: Candidate,
+) -> tuple[int, bool, int, int, int, int, int, int, int, float, tuple[int, ...]]:
+    """Sort key of candidates that fit: faster, then a family's order before a searched one, then
+    leaner, then simpler (see [Note: planner search])."""
     order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
     return (
-        time_bucket(candidate.step_time), candidate.peak_memory, candidate.num_data_parallel,
-        candidate.num_tensor_parallel, order, candidate.num_virtual, candidate.num_microbatches,
-        len(candidate.recompute), candidate.step_time, candidate.recompute,
+        time_bucket(candidate.step_time), candidate.is_searched_order, candidate.peak_memory,
+        candidate.num_data_parallel, candidate.num_tensor_parallel, order, candidate.num_virtual,
+        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
     )
 
 
@@ -172,6 +197,34 @@ class Record:
 
     def leanest(self) -> Candidate | None:
         return min(self.tried.values(), key=lambda c: (c.peak_memory, c.step_time), default=None)
+
+
+@dataclass(frozen=True)
+class OrderTarget:
+    """One configuration whose order may be searched ([Note: planner refinement] in refine.py)."""
+
+    base: Candidate
+    """The best family candidate of the configuration (the fastest, where none fits)."""
+    bound: float
+    """Lower bound on the step of any order of its actions."""
+    costs: ModelCosts
+    """One tp rank's costs at its degree."""
+
+
+@dataclass
+class Refinement:
+    """What the order search found, and what it left unsearched."""
+
+    found: list[tuple[Candidate, SearchedOrder]] = field(default_factory=list)
+    """Searched orders that fit, as candidates, with what the search reported."""
+    of_choice: SearchedOrder | None = None
+    """The searched order of the family choice's configuration (fitting), if it was searched."""
+    num_searches: int = 0
+    num_pruned: int = 0
+    num_unsearched: int = 0
+
+    def searched_for(self, candidate: Candidate) -> SearchedOrder | None:
+        return next((order for found, order in self.found if found == candidate), None)
 
 
 class _Search:
@@ -370,6 +423,87 @@ class _Search:
                 return
             candidate = self.run(record, subset)
 
+    # -- the order search ([Note: planner refinement] in refine.py) ---------------------------
+
+    def order_targets(self, records: list[Record], choice: Candidate | None) -> list[OrderTarget]:
+        """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
+        search knows the layout of, within the margin of the family `choice`, the choice's own first,
+        then by step; with no choice (no family order fits), every one, the leanest first."""
+        groups: dict[tuple[object, ...], list[tuple[Record, Candidate]]] = {}
+        for record in records:
+            if record.static_over is not None or not record.tried:
+                continue
+            config = record.config
+            for recompute, candidate in record.tried.items():
+                key = (record.degree, record.bounds, config.microbatch_rows, config.num_microbatches,
+                       config.num_virtual, record.placement, recompute)
+                groups.setdefault(key, []).append((record, candidate))
+        targets = []
+        for members in groups.values():
+            candidates = [candidate for _, candidate in members]
+            fits = [c for c in candidates if c.over_limit(self.limit) <= 0]
+            fastest = min(candidates, key=lambda c: (c.step_time, rank_key(c)))
+            base = min(fits, key=rank_key) if fits else fastest
+            if choice is not None and base != choice and (
+                base.step_time > choice.step_time * (1 + ORDER_SEARCH_MARGIN)
+            ):
+                continue
+            if not searchable(base):
+                continue
+            record = members[0][0]
+            bound = self.bound(record, base.recompute)
+            targets.append(OrderTarget(base, bound, self.costs_at(record.degree)))
+        if choice is None:
+            # Nothing fits: the orders most likely to fit first (the least over the limit).
+            targets.sort(key=lambda t: (t.base.peak_memory, t.base.step_time, t.bound))
+        else:
+            targets.sort(key=lambda t: (t.base != choice, t.base.step_time, t.bound, rank_key(t.base)))
+        return targets
+
+    def refine(self, records: list[Record], choice: Candidate | None) -> Refinement:
+        """Search the orders of the targets, best first, while they can still beat the family `choice`
+        (None: no family order fits) and the budget lasts (see [Note: planner refinement] in refine.py)."""
+        options = self.options
+        refinement = Refinement()
+        if options.order_search_s <= 0 or (choice is None and not options.ranks_searched_orders):
+            return refinement
+        start = time.perf_counter()
+        # A searched order ranks ahead of the family choice only below the choice's time bucket.
+        ceiling = math.inf if choice is None else bucket_floor(choice.step_time)
+        targets = self.order_targets(records, choice)
+        if not options.ranks_searched_orders:
+            # Families pinned without "auto": only the choice's order is searched, to report beside it.
+            targets = [target for target in targets if target.base == choice]
+        for index, target in enumerate(targets):
+            left = options.order_search_total_s - (time.perf_counter() - start)
+            is_choice = choice is not None and target.base == choice
+            if not is_choice:
+                if target.bound > ceiling * (1 + _SLACK):
+                    refinement.num_pruned += 1
+                    continue
+                if refinement.num_searches >= options.max_order_searches or left <= 0:
+                    refinement.num_unsearched += 1
+                    continue
+            # An equal share of what is left for each search that may still run, so the first
+            # searches do not spend the budget of the rest.
+            num_left = max(1, min(options.max_order_searches - refinement.num_searches,
+                                  len(targets) - index))
+            refinement.num_searches += 1
+            found = search_order(target.costs, options, target.base,
+                                 time_budget_s=max(0.0, min(options.order_search_s, left / num_left)))
+            if found is None:
+                continue
+            if is_choice:
+                refinement.of_choice = found
+            if not options.ranks_searched_orders or (found.family_fits and found.gain <= 1 + _SLACK):
+                continue  # not competing, or no faster than its family's order: nothing new to rank
+            candidate = searched_candidate(target.base, found)
+            refinement.found.append((candidate, found))
+            if candidate.step_time < ceiling:
+                # Later targets must also reach this one's bucket to matter.
+                ceiling = bucket_ceiling(candidate.step_time)
+        return refinement
+
     def leanest_everywhere(self, records: list[Record]) -> None:
         """With nothing feasible: the least memory each configuration can reach, for the error."""
         for record in records:
@@ -426,13 +560,18 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
             record.prune(record.lower_bound)
             continue
         search.search_config(record)
-    if not search.top:
+    family_choice = search.top[0] if search.top else None
+    if family_choice is None:
         search.leanest_everywhere(records)
+    refinement = search.refine(records, family_choice)
+    if family_choice is None and not refinement.found:
         tried = [c for record in records for c in record.tried.values()]
         least = min(tried, key=lambda c: (c.peak_memory, rank_key(c)))
         fastest = min((r.tried[()] for r in records if () in r.tried), key=rank_key, default=least)
         raise NoFeasiblePlan(options.memory_limit, least, fastest)
-    choice = search.top[0]
+    top = sorted([*search.top, *(candidate for candidate, _ in refinement.found)], key=rank_key)
+    del top[options.top:]
+    choice = top[0]
     chosen_degree = Degree(choice.num_data_parallel, choice.num_ranks,
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
     same_degree = [record for record in records if record.degree == chosen_degree]
@@ -440,22 +579,28 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
         return search.run(record, recompute)
 
+    # A searched choice's settings are those of its configuration's family, compared with its step.
+    setting_choice = choice
+    if choice.base_family is not None:
+        setting_choice = replace(choice, schedule=choice.base_family, order=None, base_family=None)
     families = family_verdicts(same_degree, search.excluded[chosen_degree], choice, options.memory_limit)
-    settings = setting_verdicts(same_degree, choice, options.memory_limit, extra,
-                                asynchronous=is_asynchronous(choice.schedule),
+    settings = setting_verdicts(same_degree, setting_choice, options.memory_limit, extra,
+                                asynchronous=is_asynchronous(setting_choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
-    searched = (
-        search_order(search.costs_at(chosen_degree), options, choice, time_budget_s=options.order_search_s)
-        if options.order_search_s > 0
-        else None
-    )
+    searched = refinement.searched_for(choice) if choice.is_searched_order else refinement.of_choice
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:
         degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_splits(), choice,
                                   options.memory_limit)
+        if choice.is_searched_order:
+            # No family candidate is the choice, so the chosen split reads "slower" than itself otherwise.
+            degrees = tuple(
+                Verdict(v.subject, "chosen", choice.describe()) if v.subject == choice.degree_text else v
+                for v in degrees
+            )
     return Plan(
         choice=choice,
-        top=tuple(search.top),
+        top=tuple(top),
         families=families,
         settings=settings,
         num_ranks=choice.num_ranks,
@@ -467,4 +612,8 @@ def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
         degrees=degrees,
         num_devices=options.num_devices if options.searches_degree else None,
         searched=searched,
+        best_family=family_choice if choice.is_searched_order else None,  # None too where no family fits
+        num_order_searches=refinement.num_searches,
+        num_order_pruned=refinement.num_pruned,
+        num_order_unsearched=refinement.num_unsearched,
     )

@@ -20,9 +20,15 @@ from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
 from pipefold.simulate import Link
 
-__all__ = ["PlanOptions", "Config", "Space", "search_space", "RecomputeChoice", "is_asynchronous"]
+__all__ = [
+    "SEARCHED_ORDER", "PlanOptions", "Config", "Space", "search_space", "RecomputeChoice", "is_asynchronous",
+]
 
 RecomputeChoice = Literal["auto", "none", "full"]
+
+SEARCHED_ORDER = "auto"
+"""The name a searched order goes by (`Candidate.schedule`, a pin in `PlanOptions.schedules`), as
+`pipefold.schedule.find_schedule` names what it finds."""
 
 
 def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
@@ -53,7 +59,9 @@ class PlanOptions:
     memory_limit: float = math.inf
     """Bytes each rank may use (see [Note: planner memory model] in memory.py)."""
     schedules: tuple[str, ...] = ()
-    """Families to consider; empty: every registered one (asynchronous ones only with allow_async)."""
+    """Families to consider; empty: every registered one (asynchronous ones only with allow_async)
+    and searched orders. With families pinned, a searched order competes only where "auto" is
+    among them; otherwise the choice's own is searched and reported beside it."""
     microbatches: int | None = None
     """Pin the micro-batch count m; None searches it."""
     virtual: int | None = None
@@ -91,7 +99,14 @@ class PlanOptions:
     pipefold/simulate/costs.py). None: a device per rank."""
 
     order_search_s: float = 1.0
-    """Seconds to search an order for the choice ([Note: planner refinement] in refine.py); 0: none."""
+    """Seconds one order search may take ([Note: planner refinement] in refine.py); 0: no order
+    search at all (every candidate is a family's order, as before orders were searched)."""
+    order_search_total_s: float = 2.0
+    """Seconds all order searches together may take: each gets at most what is left of them, and
+    none but the first (the family choice's configuration, always searched) starts once they are
+    spent. A search's list-scheduler runs always finish, so the total can run a little over."""
+    max_order_searches: int = 8
+    """Most configurations whose order is searched, the family choice's included."""
 
     def cores_per_pipeline(self, num_data_parallel: int, num_tensor_parallel: int = 1) -> float | None:
         """`CostModel.num_cores` of one replica's pipeline (one tp rank of each stage), or None (a
@@ -129,13 +144,27 @@ class PlanOptions:
             raise ConfigError(
                 f"order_search_s = {self.order_search_s!r}; give seconds >= 0 (0: no order search)"
             )
+        if isinstance(self.order_search_total_s, bool) or not isinstance(
+            self.order_search_total_s, (int, float)
+        ) or not (0 <= self.order_search_total_s < math.inf):
+            raise ConfigError(
+                f"order_search_total_s = {self.order_search_total_s!r}; give seconds >= 0 (the budget of "
+                "all order searches together; 0: only the choice's configuration, on its list scheduler)"
+            )
+        _positive_int("max_order_searches", self.max_order_searches)
         if not isinstance(self.zero, bool):
             raise ConfigError(f"zero = {self.zero!r}; give True (shard the optimizer state over dp) or False")
         if self.recompute not in ("auto", "none", "full"):
             raise ConfigError(f"recompute = {self.recompute!r}; use 'auto', 'none' or 'full'")
         object.__setattr__(self, "schedules", tuple(self.schedules))
         for name in self.schedules:
-            family(name)  # raises ScheduleError naming the known families
+            if name != SEARCHED_ORDER:
+                family(name)  # raises ScheduleError naming the known families
+        if self.schedules and all(name == SEARCHED_ORDER for name in self.schedules):
+            raise ConfigError(
+                f"schedules = {self.schedules!r}: a searched order ('auto') starts from the configurations "
+                "the families are searched at; pin at least one family beside it, or none"
+            )
         if self.microbatches is not None:
             if self.microbatches > self.global_batch:
                 raise ConfigError(
@@ -224,6 +253,11 @@ class PlanOptions:
     def shards_optimizer(self, num_data_parallel: int, num_tensor_parallel: int) -> bool:
         """Whether a candidate of that degree runs ZeRO-1 (only where there are replicas and no tp)."""
         return self.zero and num_data_parallel > 1 and num_tensor_parallel == 1
+
+    @property
+    def ranks_searched_orders(self) -> bool:
+        """Whether searched orders compete with the families ([Note: planner refinement] in refine.py)."""
+        return self.order_search_s > 0 and (not self.schedules or SEARCHED_ORDER in self.schedules)
 
     @property
     def allreduce_link(self) -> Link:

@@ -26,8 +26,10 @@ def costs_of(num_layers=8, parameter_bytes=500, activation_bytes=1000):
 def expected_step(costs, candidate, link, dp_link):
     """Independently: the replica's pipeline re-simulated, plus the ring all-reduce of the largest
     rank's gradient bytes written out from the formula."""
-    schedule = build(candidate.schedule, num_ranks=candidate.num_ranks,
-                     num_microbatches=candidate.num_microbatches, num_virtual=candidate.num_virtual)
+    # A searched order ("auto") carries its schedule; a family's is rebuilt from its name.
+    schedule = candidate.order or build(candidate.schedule, num_ranks=candidate.num_ranks,
+                                        num_microbatches=candidate.num_microbatches,
+                                        num_virtual=candidate.num_virtual)
     model = stage_cost_model(costs, StageLayout(candidate.bounds, candidate.microbatch_rows),
                              candidate.recompute, link)
     pipeline = simulate(schedule, model).makespan

@@ -40,8 +40,9 @@ def test_prediction_is_a_resimulation_and_fits(layer_list, num_ranks, batch, lim
         return
     choice = result.choice
     assert choice.peak_memory <= limit
-    schedule = build(choice.schedule, num_ranks=num_ranks, num_microbatches=choice.num_microbatches,
-                     num_virtual=choice.num_virtual)
+    # A searched order ("auto") carries its schedule; a family's is rebuilt from its name.
+    schedule = choice.order or build(choice.schedule, num_ranks=num_ranks,
+                                     num_microbatches=choice.num_microbatches, num_virtual=choice.num_virtual)
     layout = StageLayout(choice.bounds, choice.microbatch_rows)
     model = stage_cost_model(costs, layout, choice.recompute, Link(), num_cores)
     timeline = simulate(schedule, model)
