@@ -106,6 +106,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--zero", action="store_true",
                         help="shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and "
                         "tp = 1, as pipefold train --zero does")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="price sequence parallelism wherever tp > 1 (norms, residual stream and stage "
+                        "boundaries split by position), as pipefold train --sequence-parallel runs it")
     parser.add_argument("--tp-bandwidth", type=_rate_flag("--tp-bandwidth"), metavar="BYTES_PER_S",
                         help="bandwidth between the tp ranks of a stage (default: --bandwidth)")
     parser.add_argument("--tp-latency", type=float, metavar="SECONDS",
@@ -241,6 +244,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--data-parallel", str(choice.num_data_parallel)]
     if choice.num_tensor_parallel > 1:
         words += ["--tensor-parallel", str(choice.num_tensor_parallel)]
+    if choice.sequence_parallel:
+        words += ["--sequence-parallel"]
     if choice.sharded_optimizer:
         words += ["--zero"]
     words += ["--batch-size", str(result.global_batch)]
@@ -326,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         max_tensor_parallel=args.max_tensor_parallel,
         tp_link=tp_link,
         zero=args.zero,
+        sequence_parallel=args.sequence_parallel,
         num_cores=args.cores,
         order_search_s=args.order_search,
         order_search_total_s=args.order_search_total,

@@ -68,6 +68,8 @@ class Candidate:
     sharded_optimizer: bool = False
     """Whether the optimizer state is sharded over the dp replicas (ZeRO-1); `allreduce_s` then
     includes the weights' all-gather."""
+    sequence_parallel: bool = False
+    """Whether the tp ranks split the stream by position too (sequence parallelism)."""
     order: Schedule | None = None
     """For a searched order (`schedule` "auto"): the order itself, to save and run; None for a family."""
     base_family: str | None = None
@@ -164,6 +166,7 @@ class Candidate:
             "num_data_parallel": self.num_data_parallel,
             "num_tensor_parallel": self.num_tensor_parallel,
             "sharded_optimizer": self.sharded_optimizer,
+            "sequence_parallel": self.sequence_parallel,
             "num_devices": self.num_devices,
             "step_time": self.step_time,
             "allreduce_s": self.allreduce_s,
@@ -193,6 +196,7 @@ class Candidate:
             allreduce_s=float(data.get("allreduce_s", 0.0)),
             num_tensor_parallel=int(data.get("num_tensor_parallel", 1)),
             sharded_optimizer=bool(data.get("sharded_optimizer", False)),
+            sequence_parallel=bool(data.get("sequence_parallel", False)),
             order=None if data.get("order") is None else schedule_from_json(data["order"]),
             base_family=None if data.get("base_family") is None else str(data["base_family"]),
         )
@@ -339,6 +343,12 @@ class Plan:
                 f"a 'tp' dim of {choice.num_tensor_parallel} and Pipeline(tensor_parallel=plan) (pipefold "
                 f"train --tensor-parallel {choice.num_tensor_parallel}); memory and times above are one tp "
                 "rank's"
+            )
+        if choice.sequence_parallel:
+            lines.append(
+                "  sequence parallel: the norms, the residual stream and the stage boundaries split by "
+                "position over the tp ranks (gpt_tensor_parallel_plan(sequence_parallel=True); pipefold "
+                "train --sequence-parallel)"
             )
         if self.source:
             lines.append(f"  costs: {self.source}")

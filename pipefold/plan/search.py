@@ -120,7 +120,7 @@ def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
 def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
     link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
-    num_tensor_parallel: int = 1, sharded_optimizer: bool = False,
+    num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -130,6 +130,7 @@ def evaluate(
     With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
     the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
     optimizer bytes of one replica's share; the step adds the weights' all-gather.
+    `sequence_parallel` is recorded: `costs` already split the stream (`split_costs`).
     """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
@@ -153,6 +154,7 @@ def evaluate(
         allreduce_s=allreduce,
         num_tensor_parallel=num_tensor_parallel,
         sharded_optimizer=sharded_optimizer,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -250,7 +252,10 @@ class _Search:
         zero = self.shards_optimizer(degree)
         key = (tp, dp if zero else 1)
         if key not in self._split:
-            costs = split_costs(self.costs, tp, self.options.tensor_parallel_link)
+            costs = split_costs(
+                self.costs, tp, self.options.tensor_parallel_link,
+                sequence_parallel=self.options.splits_sequence(tp),
+            )
             if zero:
                 share = costs.optimizer_bytes_per_parameter_byte / dp
                 costs = replace(costs, optimizer_bytes_per_parameter_byte=share)
@@ -296,6 +301,7 @@ class _Search:
                 dp_link=self.options.allreduce_link, num_cores=self.cores(degree),
                 num_tensor_parallel=degree.num_tensor_parallel,
                 sharded_optimizer=self.shards_optimizer(degree),
+                sequence_parallel=self.options.splits_sequence(degree.num_tensor_parallel),
             )
         return record.tried[recompute]
 

@@ -90,6 +90,10 @@ class PlanOptions:
     which degrees: [Note: tensor-parallel cost model] in tensor.py); 1: no tensor parallelism."""
     tp_link: Link | None = None
     """Link between the tp ranks of a stage (their all-reduces); None: the same as `link`."""
+    sequence_parallel: bool = False
+    """Sequence parallelism wherever tp > 1 (the layers' `sequence_parallel_activation_share`
+    says which it splits: [Note: tensor-parallel cost model] in tensor.py), as `pipefold train
+    --sequence-parallel` runs it."""
     zero: bool = False
     """Shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and tp = 1 (see
     [Note: data-parallel step model] in degree.py); the runtime refuses it with tp > 1."""
@@ -152,6 +156,11 @@ class PlanOptions:
                 "all order searches together; 0: only the choice's configuration, on its list scheduler)"
             )
         _positive_int("max_order_searches", self.max_order_searches)
+        if not isinstance(self.sequence_parallel, bool):
+            raise ConfigError(
+                f"sequence_parallel = {self.sequence_parallel!r}; give True (split the stream by position "
+                "wherever tp > 1) or False"
+            )
         if not isinstance(self.zero, bool):
             raise ConfigError(f"zero = {self.zero!r}; give True (shard the optimizer state over dp) or False")
         if self.recompute not in ("auto", "none", "full"):
@@ -253,6 +262,10 @@ class PlanOptions:
     def shards_optimizer(self, num_data_parallel: int, num_tensor_parallel: int) -> bool:
         """Whether a candidate of that degree runs ZeRO-1 (only where there are replicas and no tp)."""
         return self.zero and num_data_parallel > 1 and num_tensor_parallel == 1
+
+    def splits_sequence(self, num_tensor_parallel: int) -> bool:
+        """Whether a candidate of that tp degree runs sequence parallelism."""
+        return self.sequence_parallel and num_tensor_parallel > 1
 
     @property
     def ranks_searched_orders(self) -> bool:

@@ -37,8 +37,9 @@ def _train_config(command):
         ["--ranks", "2", "--batch-size", "16", "--memory", "2MiB"],  # recomputes stages 1-4
         ["--ranks", "2", "--batch-size", "16", "--allow-async", "--schedule", "pipedream"],
         ["--ranks", "2", "--data-parallel", "2", "--batch-size", "16", "--zero"],
+        ["--ranks", "2", "--tensor-parallel", "2", "--batch-size", "8", "--sequence-parallel"],
     ],
-    ids=["pipeline", "tp-pinned", "dp-pp-tp-searched", "recompute", "async", "zero"],
+    ids=["pipeline", "tp-pinned", "dp-pp-tp-searched", "recompute", "async", "zero", "sequence-parallel"],
 )
 def test_the_printed_command_is_the_planned_configuration(capsys, argv):
     result = _plan(capsys, *argv)
@@ -60,6 +61,7 @@ def test_the_printed_command_is_the_planned_configuration(capsys, argv):
         assert recompute != "none"  # the case is there to carry a recompute list
     assert (config.model.num_layers, config.model.d_model, config.model.num_heads) == (4, 64, 4)
     assert config.optimizer.zero is choice["sharded_optimizer"] is ("--zero" in argv)
+    assert s.sequence_parallel is choice["sequence_parallel"] is ("--sequence-parallel" in argv)
 
 
 def test_no_command_for_a_costs_file(capsys, tmp_path):
@@ -74,10 +76,12 @@ def test_no_command_for_a_costs_file(capsys, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_a_planned_tp_configuration_trains(tmp_path, capfd):
-    """Plan a tiny GPT over pp=2 x tp=2, then run the printed command for two steps."""
+    """Plan a tiny GPT over pp=2 x tp=2 with sequence parallelism, then run the printed command
+    for two steps."""
     tiny = ["--num-layers", "2", "--d-model", "32", "--num-heads", "2", "--seq-len", "32"]
     assert main(["plan", "--model", "gpt", *tiny, "--ranks", "2", "--tensor-parallel", "2",
-                 "--batch-size", "8", "--schedule", "1f1b", "--order-search", "0", "--json"]) == 0
+                 "--sequence-parallel", "--batch-size", "8", "--schedule", "1f1b", "--order-search", "0",
+                 "--json"]) == 0
     result = json.loads(capfd.readouterr().out)
     out = tmp_path / "run"
     words = shlex.split(result["train_command"])[1:] + [
@@ -87,5 +91,6 @@ def test_a_planned_tp_configuration_trains(tmp_path, capfd):
     assert main(words) == 0, capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["schedule"]["tensor_parallel"] == 2
+    assert summary["config"]["schedule"]["sequence_parallel"] is True
     assert summary["config"]["partition"] == result["choice"]["pipeline_kwargs"]["partition"]
     assert len(summary["losses"]) == 2

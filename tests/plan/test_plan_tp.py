@@ -236,3 +236,21 @@ def test_cli_searches_tp_and_shows_it(capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "choice: dp=1 x pp=2 x tp=2" in out and "tensor parallel: each stage split over 2 ranks" in out
+
+
+def test_sequence_parallelism_lowers_the_planned_activations_and_is_recorded():
+    costs = gpt_costs(num_layers=4, d_model=128, num_heads=4, seq_len=128)
+    common = dict(num_ranks=2, tensor_parallel=2, global_batch=8, order_search_s=0.0)
+    plain = plan(costs, PlanOptions(**common))
+    split = plan(costs, PlanOptions(**common, sequence_parallel=True))
+    assert split.choice.sequence_parallel and not plain.choice.sequence_parallel
+    assert split.choice.peak_memory < plain.choice.peak_memory
+    assert "sequence parallel" in split.explain() and "sequence parallel" not in plain.explain()
+    assert Plan.from_json(json.loads(json.dumps(split.to_json()))).choice == split.choice
+    # Without tp there is nothing to split: the flag changes nothing.
+    alone = dict(num_ranks=2, global_batch=8, order_search_s=0.0)
+    assert plan(costs, PlanOptions(**alone, sequence_parallel=True)).choice == plan(
+        costs, PlanOptions(**alone)
+    ).choice
+    with pytest.raises(ConfigError, match="sequence_parallel = 1"):
+        PlanOptions(**alone, sequence_parallel=1)
