@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "PipefoldError",
     "ConfigError",
+    "CheckpointError",
     "ScheduleError",
     "CostModelError",
     "PartitionError",
@@ -25,6 +26,11 @@ class PipefoldError(Exception):
 
 class ConfigError(PipefoldError, ValueError):
     """A configuration value is out of range or inconsistent with another one."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint on disk is missing, damaged, refused as unsafe, or does not fit the model;
+    the message names the file and what to do."""
 
 
 class ScheduleError(PipefoldError, ValueError):

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from pipefold.errors import ConfigError, PipefoldError, PipelineError
+from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
 from pipefold.runtime.tensor_parallel import shard_like, whole
 from pipefold.runtime.zero import consolidate, is_sharded_optimizer
 
@@ -417,7 +417,15 @@ class _SafeReader(FileSystemReader):
             raise ConfigError(
                 f"checkpoint {str(self.path)!r} lacks DCP's .metadata ({error}); it is incomplete"
             ) from None
-        metadata: Metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        try:
+            metadata: Metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        except Exception as error:  # a damaged pickle raises any of a dozen types
+            raise CheckpointError(
+                f"{path} is damaged ({type(error).__name__}: {error}); the checkpoint cannot be read: "
+                "resume from another checkpoint or start afresh"
+            ) from None
         # As DCP's own reader does: older checkpoints have no storage_meta; it carries the load id.
         storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
         storage_meta.load_id = self.load_id
@@ -425,25 +433,39 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    # StorageMeta.checkpoint_id is the path the checkpoint was written to.
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# Exact (module, name) pairs: a module-wide rule would let pickle's dotted names reach
+# anything the module imports (("...filesystem", "os.system") resolves to os.system).
+_ALLOWED_GLOBALS = frozenset(
+    {
+        (_DCP_METADATA, "Metadata"),
+        (_DCP_METADATA, "MetadataIndex"),
+        (_DCP_METADATA, "StorageMeta"),
+        (_DCP_METADATA, "TensorStorageMetadata"),
+        (_DCP_METADATA, "BytesStorageMetadata"),
+        (_DCP_METADATA, "ChunkStorageMetadata"),
+        (_DCP_METADATA, "TensorProperties"),
+        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        # StorageMeta.checkpoint_id is the path the checkpoint was written to.
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("pathlib._local", "PosixPath"),
+        ("pathlib._local", "WindowsPath"),
+    }
+    | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        is_torch_enum = module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ENUMS)
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS or is_torch_enum:
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise ConfigError(
+        raise CheckpointError(
             f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; refusing to "
             "unpickle it (the file is corrupt or not from save_checkpoint)"
         )

@@ -24,6 +24,7 @@ Several machines: use torchrun, which sets the same variables, e.g. on each node
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -52,6 +53,8 @@ __all__ = [
     "launch_script",
     "spawn",
     "init_process_group_from_env",
+    "is_loopback",
+    "loopback_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -325,10 +328,65 @@ def spawn(
         return _supervise(workers, grace_s)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether `address` (a MASTER_ADDR) names this host's loopback interface."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_store(address: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
+    """The rendezvous store of a job whose ranks all run on this host.
+
+    torch's own TCPStore server listens on every interface without authentication, so
+    anyone on the network could write the job's keys (fake failure reports included).
+    Here rank 0 binds the listening socket to `address` (a loopback address) itself and
+    hands it to the server; the other ranks connect as clients.
+    """
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # exported, not in __all__
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return TCPStore(host, port, world_size, False, timeout)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(max(128, world_size))
+    except OSError as error:
+        listener.close()
+        raise ConfigError(
+            f"MASTER_PORT={port}: cannot listen on {host}:{port} ({error}); pick a free port"
+        ) from None
+    # The server owns the descriptor from here on and closes it when the store goes.
+    fd = listener.detach()
+    return TCPStore(
+        host, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=fd
+    )
+
+
+def _pin_transports_to_loopback() -> None:
+    """gloo and NCCL pick their interface from the host name; a local job keeps them on
+    loopback too (unless the user already chose an interface)."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    if "lo" in names:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
 def init_process_group_from_env(backend: str | None = None, timeout_s: float = 60.0) -> None:
     """Join the default process group from torchrun's variables (no-op when already joined).
 
-    `backend=None` picks NCCL when CUDA is available, else gloo.
+    `backend=None` picks NCCL when CUDA is available, else gloo. Where MASTER_ADDR is a
+    loopback address (`pipefold launch`, `pipefold train`, `torchrun --standalone` with
+    its default) the rendezvous store listens on loopback only (`loopback_store`); under
+    torchrun's agent, or with a routable MASTER_ADDR (several hosts), torch's store is
+    used as is, and listens on every interface (README, "Security").
     """
     import torch
     import torch.distributed as dist
@@ -346,9 +404,14 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float = 6
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend=backend,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(seconds=timeout_s),
-    )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    address = os.environ["MASTER_ADDR"]
+    # torchrun's agent serves the store itself (its workers only connect to it).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if is_loopback(address) and not agent_store:
+        _pin_transports_to_loopback()
+        store = loopback_store(address, int(os.environ["MASTER_PORT"]), rank, world_size, timeout_s)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        return
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)

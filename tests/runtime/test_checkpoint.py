@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefold.errors import ConfigError, PipelineError
+from pipefold.errors import CheckpointError, ConfigError, PipelineError
 from pipefold.model import LayerSpec, TiedLayerSpec
 from pipefold.runtime import Pipeline, load_checkpoint, read_checkpoint_info, save_checkpoint
 
@@ -420,7 +420,39 @@ def test_bad_save_arguments_are_refused(tmp_path):
 def test_metadata_pickle_may_not_name_arbitrary_objects(tmp_path):
     path = _saved(tmp_path)
     (path / ".metadata").write_bytes(pickle.dumps(os.system))
-    with pytest.raises(ConfigError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_checkpoint(make("gpipe")[0], path)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint.metadata", "torch"],
+)
+def test_crafted_metadata_naming_a_dotted_global_runs_nothing(tmp_path, module):
+    """The attack as reported: protocol-4 GLOBAL of (a DCP module, "os.system") on a command.
+    Pickle resolves dotted names through the module's attributes, so only exact pairs are safe."""
+    path = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    command = f"touch {marker}".encode()
+    crafted = (
+        b"\x80\x04c" + module.encode() + b"\nos.system\n"
+        + b"C" + bytes([len(command)]) + command + b"\x85R."
+    )
+    (path / ".metadata").write_bytes(crafted)
+    with pytest.raises(CheckpointError, match=r"\.metadata.*names .*os\.system.*refusing to unpickle"):
+        load_checkpoint(make("gpipe")[0], path)
+    assert not marker.exists()
+    # The same bytes through a plain unpickler would have run it: the test's payload is live.
+    if module != "torch":
+        pickle.loads(crafted)
+        assert marker.exists()
+
+
+def test_truncated_metadata_is_a_typed_error_naming_the_file(tmp_path):
+    path = _saved(tmp_path)
+    data = (path / ".metadata").read_bytes()
+    (path / ".metadata").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"\.metadata is damaged"):
         load_checkpoint(make("gpipe")[0], path)
 
 

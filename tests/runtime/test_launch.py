@@ -1,13 +1,26 @@
+import ipaddress
 import os
+import socket
 import sys
 import textwrap
 import time
+from datetime import timedelta
 
 import pytest
+import torch.distributed
 
 from pipefold.cli.main import main
 from pipefold.errors import ConfigError
-from pipefold.runtime.launch import LaunchResult, launch_script, script_command, spawn, worker_env
+from pipefold.runtime.launch import (
+    LaunchResult,
+    free_port,
+    is_loopback,
+    launch_script,
+    loopback_store,
+    script_command,
+    spawn,
+    worker_env,
+)
 
 
 def _script(tmp_path, body, name="job.py"):
@@ -109,9 +122,61 @@ def test_workers_join_a_gloo_group(tmp_path):
         dist.all_reduce(value)
         assert torch.get_num_threads() == 1
         assert value.item() == 3.0, value
+        if dist.get_rank() == 0:
+            import os, socket
+            port = int(os.environ["MASTER_PORT"])
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            address = sys.argv[1]
+            if address != "none":
+                try:
+                    socket.create_connection((address, port), timeout=5).close()
+                except ConnectionRefusedError:
+                    pass
+                else:
+                    raise AssertionError(f"the store answered on {address}:{port}")
+        dist.barrier()
         dist.destroy_process_group()
     """)
-    assert launch_script([script], 2).ok
+    assert launch_script([script, _routable_address() or "none"], 2).ok
+
+
+def _routable_address():
+    """One of this host's non-loopback IPv4 addresses (None on a host without one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: picks the route's source address, sends nothing
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_store_of_a_local_job_refuses_other_addresses():
+    """The attack as reported: a plain TCPStore client from another address of the host.
+    rank 0's store must accept loopback only."""
+    address = _routable_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback address to connect from")
+    port = free_port()
+    server = loopback_store("127.0.0.1", port, 0, 1, 10.0)
+    server.set("job/key", "value")
+    client = torch.distributed.TCPStore("127.0.0.1", port, 1, False, timedelta(seconds=5))
+    assert client.get("job/key") == b"value"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, port), timeout=5).close()
+    with pytest.raises(Exception, match="(?i)connect|refused|timed out|timeout"):
+        torch.distributed.TCPStore(address, port, 1, False, timedelta(seconds=2)).set("job/failure", "fake")
+    assert client.get("job/key") == b"value"
+    del client, server
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("127.0.0.2", True),
+     ("10.0.0.1", False), ("node-0", False), ("0.0.0.0", False)],
+)
+def test_loopback_addresses(address, expected):
+    assert is_loopback(address) is expected
 
 
 def _raise_on_rank_one(marker):
