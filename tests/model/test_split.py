@@ -1,0 +1,199 @@
+"""pipefold.split: a module cut at its blocks runs, piece by piece, exactly as the module.
+
+One process: the pieces applied in order give the module's output and every gradient,
+for a transformer written the natural way (tied head, a parameter on the top module, a
+mask made in the forward), Hugging Face GPT-2 and Llama; and the refusals name the module.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pipefold.errors import ConfigError
+from pipefold.model.split import SplitPiece, find_blocks, split
+
+VOCAB, DIM, SEQ = 13, 8, 5
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, scale=1.0):
+        return x + self.fc(self.norm(x)) * mask * scale
+
+
+class NaturalTransformer(nn.Module):
+    """An embedding, a ModuleList of blocks, a final norm and a head tied to the embedding."""
+
+    def __init__(self, num_blocks: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.position = nn.Parameter(torch.randn(16, DIM))
+        self.blocks = nn.ModuleList(Block(DIM) for _ in range(num_blocks))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        mask = torch.ones(tokens.shape[1], 1)
+        for block in self.blocks:
+            x = block(x, mask, scale=0.5)
+        return self.head(self.norm(x))
+
+
+def _run(layers, x):
+    value = x
+    for layer in layers:
+        value = layer(value)
+    return value
+
+
+def _assert_exact(module, x, reference_forward=None):
+    layers = split(module, example_inputs=(x,))
+    out = _run(layers, x)
+    expected = (reference_forward or module)(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    piece_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    (reference_forward or module)(x).square().sum().backward()
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(piece_grads[name], param.grad, msg=name)
+    return layers
+
+
+def _names(layers):
+    names = {}
+    for layer in layers:
+        names.update({global_name: layer.kind for global_name in layer.parameter_names().values()})
+    return names
+
+
+def test_natural_transformer_is_exact_and_keeps_its_names():
+    torch.manual_seed(0)
+    model = NaturalTransformer()
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    layers = _assert_exact(model, x)
+    assert [layer.kind for layer in layers] == ["prefix", "block", "block", "block", "suffix"]
+    assert all(isinstance(layer, SplitPiece) for layer in layers)
+    assert set(_names(layers)) == {name for name, _ in model.named_parameters()}
+    # The head's weight is the embedding's: one parameter, named as the module names it.
+    assert layers[-1].parameter_names()["head.weight"] == "embed.weight"
+    assert layers[0].parameter_names()["position"] == "position"
+
+
+def test_blocks_are_the_largest_repeated_list():
+    model = NaturalTransformer()
+    path, blocks = find_blocks(model)
+    assert path == "blocks" and len(blocks) == 3
+    assert find_blocks(nn.Linear(2, 2)) is None
+
+
+class SkipAcrossBlocks(nn.Module):
+    """Adds the embedding to the output after the blocks: not a chain of module calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block(DIM) for _ in range(2))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens):
+        x0 = x = self.embed(tokens)
+        mask = torch.ones(tokens.shape[1], 1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(x + x0)
+
+
+class BlockTwice(NaturalTransformer):
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        mask = torch.ones(tokens.shape[1], 1)
+        for block in [*self.blocks, self.blocks[0]]:
+            x = block(x, mask)
+        return self.head(x)
+
+
+def test_refusals_name_the_module_and_the_reason():
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    with pytest.raises(ConfigError, match=r"SkipAcrossBlocks .*head on something other than"):
+        split(SkipAcrossBlocks(), example_inputs=(x,))
+    with pytest.raises(ConfigError, match=r"BlockTwice.forward called its blocks as .*two depths"):
+        split(BlockTwice(), example_inputs=(x,))
+    with pytest.raises(ConfigError, match=r"Linear has no repeated blocks"):
+        split(nn.Linear(2, 2), example_inputs=(torch.zeros(1, 2),))
+    with pytest.raises(ConfigError, match=r"give example_inputs"):
+        split(NaturalTransformer())
+    with pytest.raises(ConfigError, match=r"split_points.*not supported yet"):
+        split(NaturalTransformer(), split_points=["blocks.1"], example_inputs=(x,))
+
+
+def test_a_changed_constant_is_refused_at_run_time():
+    class Scaled(NaturalTransformer):
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            mask = torch.ones(tokens.shape[1], 1)
+            for block in self.blocks:
+                x = block(x, mask, scale=float(tokens.shape[0]))
+            return self.head(self.norm(x))
+
+    model = Scaled()
+    layers = split(model, example_inputs=(torch.zeros(2, SEQ, dtype=torch.long),))
+    with pytest.raises(ConfigError, match=r"changed from 2.0 at split time to 3.0"):
+        layers[0](torch.zeros(3, SEQ, dtype=torch.long))
+
+
+def test_a_module_on_the_meta_device_splits_without_memory():
+    with torch.device("meta"):
+        model = NaturalTransformer(num_blocks=4)
+    layers = split(model, example_inputs=(torch.zeros(2, SEQ, dtype=torch.long),))
+    assert len(layers) == 6
+    assert all(p.is_meta for layer in layers for p in layer.parameters())
+
+
+hf = pytest.importorskip("transformers")
+
+
+def _quiet():
+    warnings.filterwarnings("ignore")
+    hf.logging.set_verbosity_error()
+
+
+def test_hugging_face_gpt2_is_exact_with_its_tied_head():
+    _quiet()
+    torch.manual_seed(0)
+    config = hf.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = hf.GPT2LMHeadModel(config)
+    x = torch.randint(0, 50, (2, 7))
+    layers = _assert_exact(model, x, lambda t: model(t, use_cache=False).logits)
+    assert [layer.paths for layer in layers][0] == ("transformer.wte", "transformer.wpe", "transformer.drop")
+    assert layers[-1].parameter_names()["lm_head.weight"] == "transformer.wte.weight"
+    assert set(_names(layers)) == {name for name, _ in model.named_parameters()}
+
+
+def test_hugging_face_llama_is_exact_with_rotary_tables_carried():
+    _quiet()
+    torch.manual_seed(0)
+    config = hf.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16,
+    )
+    model = hf.LlamaForCausalLM(config)
+    x = torch.randint(0, 50, (2, 7))
+    layers = _assert_exact(model, x, lambda t: model(t, use_cache=False).logits)
+    boundary = layers[0](x)
+    # hidden state, position ids and the rotary cos/sin tables cross each block boundary
+    assert isinstance(boundary, tuple) and boundary[0].shape == (2, 7, 16) and len(boundary) >= 3
+    assert set(_names(layers)) == {name for name, _ in model.named_parameters()}
