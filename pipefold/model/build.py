@@ -47,6 +47,9 @@ __all__ = [
     "tied_groups",
     "owner_indices",
     "named_parameters",
+    "name_prefix",
+    "parameter_names",
+    "shared_parameters",
 ]
 
 Device = torch.device | str
@@ -243,11 +246,27 @@ def owner_indices(layers: Sequence[LayerLike]) -> list[int]:
     return result
 
 
+def parameter_names(layer_index: int, owner: int, module: nn.Module) -> dict[str, str]:
+    """A built layer's parameter names -> the names the pipeline gives them: the
+    layer's own names under its (owner's) index, `"<owner>.<name>"`, or for a layer cut out
+    of a user's module by `pipefold.split` the names that module gives them."""
+    if getattr(module, "pipefold_keeps_names", False):
+        names: dict[str, str] = module.parameter_names()  # type: ignore[operator]
+        return names
+    return {name: f"{owner}.{name}" for name, _ in module.named_parameters(remove_duplicate=False)}
+
+
+def name_prefix(owner: int, module: nn.Module) -> str:
+    """What the pipeline puts before a layer's own state-dict keys ("" for split pieces)."""
+    return "" if getattr(module, "pipefold_keeps_names", False) else f"{owner}."
+
+
 def named_parameters(
     layers: Sequence[LayerLike], modules: Mapping[int, nn.Module]
 ) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters of the built `modules` (index -> module, as `materialize` returns them),
-    under the names `nn.Sequential(*layers)` would give: `"<layer index>.<param name>"`.
+    under the names `nn.Sequential(*layers)` would give: `"<layer index>.<param name>"`
+    (for `pipefold.split` pieces, the split module's own names).
 
     A tied module is listed once, named after its FIRST occurrence even on a rank that
     holds only a later one, so every holder agrees on the name of the shared weight.
@@ -255,10 +274,33 @@ def named_parameters(
     owners = owner_indices(layers)
     seen: set[int] = set()
     for index in sorted(modules):
+        names = parameter_names(index, owners[index], modules[index])
         for name, parameter in modules[index].named_parameters():
             if id(parameter) not in seen:
                 seen.add(id(parameter))
-                yield f"{owners[index]}.{name}", parameter
+                yield names[name], parameter
+
+
+def shared_parameters(
+    layers: Sequence[LayerLike], meta: Sequence[nn.Module]
+) -> dict[str, tuple[int, ...]]:
+    """Parameters held by several layers that are not one `TiedLayerSpec` key: a tensor
+    object shared between modules (`head.weight = embed.weight`, a module reused inside two
+    layers, a split module's tied embedding and head). Name (as `named_parameters` gives it,
+    after the first holder) -> the indices of the layers that hold it, in model order.
+
+    `meta` is `meta_layers(layers)`, which keeps such sharing (one copy per tensor)."""
+    owners = owner_indices(layers)
+    holders: dict[int, list[int]] = {}
+    first_name: dict[int, str] = {}
+    for index, module in enumerate(meta):
+        names = parameter_names(index, owners[index], module)
+        for name, param in module.named_parameters(remove_duplicate=False):
+            found = holders.setdefault(id(param), [])
+            if owners[index] not in (owners[i] for i in found):
+                found.append(index)
+            first_name.setdefault(id(param), names[name])
+    return {first_name[key]: tuple(indices) for key, indices in holders.items() if len(indices) > 1}
 
 
 def apply_layer(layer: LayerLike, module: nn.Module, x: Any) -> Any:

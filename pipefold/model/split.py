@@ -56,6 +56,9 @@ class _Template:
     spec: pytree.TreeSpec
     leaves: tuple[Any, ...]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Template:
+        return self  # immutable; and copying a TreeSpec warns in torch 2.13
+
     @property
     def num_tensors(self) -> int:
         return sum(1 for leaf in self.leaves if leaf is _SLOT)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipefold.errors import ConfigError
+from pipefold.model.build import meta_layers, named_parameters, shared_parameters
 from pipefold.model.split import SplitPiece, find_blocks, split
 
 VOCAB, DIM, SEQ = 13, 8, 5
@@ -88,6 +89,23 @@ def test_natural_transformer_is_exact_and_keeps_its_names():
     # The head's weight is the embedding's: one parameter, named as the module names it.
     assert layers[-1].parameter_names()["head.weight"] == "embed.weight"
     assert layers[0].parameter_names()["position"] == "position"
+
+
+def test_shared_parameters_are_found_across_layers():
+    """A parameter held by two layers (a tied embedding and head) must be tied by the
+    pipeline or it trains two diverging copies: found for split pieces and plain lists."""
+    model = NaturalTransformer()
+    layers = split(model, example_inputs=(torch.zeros(2, SEQ, dtype=torch.long),))
+    assert shared_parameters(layers, meta_layers(layers)) == {"embed.weight": (0, 4)}
+    # Every holder names it the same, whichever pieces a rank holds.
+    assert sorted(name for name, _ in named_parameters(layers, {4: layers[4]})) == [
+        "embed.weight", "norm.bias", "norm.weight"
+    ]
+    embed, head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB, bias=False)
+    head.weight = embed.weight
+    plain = [embed, nn.Linear(DIM, DIM), head]
+    assert shared_parameters(plain, meta_layers(plain)) == {"0.weight": (0, 2)}
+    assert shared_parameters(plain[:2], meta_layers(plain[:2])) == {}
 
 
 def test_blocks_are_the_largest_repeated_list():
