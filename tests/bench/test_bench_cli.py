@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from pipefold.bench import cli
-from pipefold.bench.pairs import PAIRS, SOLO
+from benchmarks.harness import cli
+from benchmarks.harness.pairs import PAIRS, SOLO
 from pipefold.errors import ConfigError
 
 
@@ -77,6 +77,6 @@ def test_cli_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, pipefold.bench.cli, pipefold.bench.report; print('torch' in sys.modules)"
+    code = "import sys, benchmarks.harness.cli, benchmarks.harness.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipefold.bench.layout import NUM_LAYERS, stage_bounds
-from pipefold.bench.pairs import PAIRS, pair
-from pipefold.bench.pipefold_side import uniform_partition
-from pipefold.bench.sides import global_name
-from pipefold.bench.workloads import WORKLOADS, workload
+from benchmarks.harness.layout import NUM_LAYERS, stage_bounds
+from benchmarks.harness.pairs import PAIRS, pair
+from benchmarks.harness.pipefold_side import uniform_partition
+from benchmarks.harness.sides import global_name
+from benchmarks.harness.workloads import WORKLOADS, workload
 from pipefold.errors import ConfigError
 from pipefold.model import Partition
 from pipefold.schedule import build

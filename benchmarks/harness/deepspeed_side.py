@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipefold.bench.results import BenchConfig
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.results import BenchConfig
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["DeepSpeedSide"]
 
@@ -79,7 +79,7 @@ class DeepSpeedSide:
                 "steps_per_print": 10**9,
                 # DeepSpeed clips the gradient norm to 1.0 unless told otherwise; pipefold
                 # and torch do not clip, and a clipped step is not the one-process gradient
-                # (the tiny probe's norm is ~3, so its check failed by a factor of ~0.5).
+                # (docs/decisions.md, "DeepSpeed runs without gradient clipping").
                 "gradient_clipping": 0.0,
                 "wall_clock_breakdown": False,
             },

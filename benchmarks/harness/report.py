@@ -152,7 +152,7 @@ def _overhead_table(records: Sequence[Record]) -> str:
 
 def _breakdown_table(records: Sequence[Record]) -> str:
     """Per workload, ranks and M: 1F1B and the most efficient row, efficiency factored."""
-    from pipefold.bench.breakdown import efficiency_breakdown
+    from benchmarks.harness.breakdown import efficiency_breakdown
 
     factors = ("efficiency", "inflation", "balance", "busy", "span_per_step")
     header = ["workload", "ranks", "M", "schedule", *factors[:-1], "span / step"]
@@ -210,9 +210,9 @@ def _skipped(records: Sequence[Record]) -> list[str]:
 
 
 _METHOD = """\
-How these numbers are made (`pipefold/bench/`):
+How these numbers are made (`benchmarks/harness/`):
 
-- Both libraries run the same 8 layers (`pipefold/bench/workloads.py`), cut evenly into
+- Both libraries run the same 8 layers (`benchmarks/harness/workloads.py`), cut evenly into
   ranks x virtual stages, with the same stage-to-rank layout per pair: contiguous for GPipe,
   1F1B and zero-bubble; looped (rank r owns r, r+p) for interleaved 1F1B and looped BFS;
   V-shaped (rank r owns r and 2p-1-r) for ZB-V and DualPipeV. The transformer's embedding is
@@ -250,7 +250,7 @@ How these numbers are made (`pipefold/bench/`):
   untimed steps (the gradient check and the warm-up steps; `measured_cost_model`, what
   `pipefold train` reports), then compares with the timed steps. Where ranks outnumber the
   cores, both predictions let the ranks computing at once share the cores fairly
-  (`CostModel.num_cores`, [Note: shared cores] in pipefold/simulate/costs.py).
+  (`CostModel.num_cores`, docs/decisions.md, "shared cores").
 - Memory: peak RSS is the rank process's high-water mark during each library's timed steps
   (reset before each step). Both libraries share the process, whose RSS is mostly torch itself
   and allocator caches that are not returned to the OS, so the two columns are close by
@@ -368,7 +368,7 @@ def render_markdown(
             "## Where the efficiency goes",
             "",
             "Per workload and M, 1F1B and the most efficient row, their efficiency factored exactly "
-            "(`pipefold/bench/breakdown.py`, from pipefold's timeline of the last timed step): "
+            "(`benchmarks/harness/breakdown.py`, from pipefold's timeline of the last timed step): "
             "*inflation* = one-process time / the sum of every rank's action times (the same work "
             "running slower inside the pipeline); *balance* = that sum / (ranks x the busiest rank's); "
             "*busy* = the busiest rank's action time / the step's span (bubble and waits); "

@@ -4,7 +4,7 @@ pipefold's `step` is the same call on every rank, so every rank passes the batch
 The layers are cut into the pair's stages with explicit, even boundaries, so both
 libraries run identical stage modules. A pipefold-only row (auto, auto-v) first tunes
 its schedule on the benchmark batch (`tune_schedule`: probe steps, then a search from
-their measured costs; [Note: pipefold-only rows] in pairs.py) and then runs that.
+their measured costs; docs/decisions.md, "pipefold-only rows") and then runs that.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipefold.bench.layout import stage_bounds
-from pipefold.bench.pairs import SchedulePair
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.layout import stage_bounds
+from benchmarks.harness.pairs import SchedulePair
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["PipefoldSide"]
 
@@ -100,8 +100,8 @@ class PipefoldSide:
     def calibrated_prediction(self) -> float | None:
         """The simulated step of the schedule that ran, with each stage's F/B/I/W cost and
         the message latency and the runtime's overheads measured in the latest steps (the
-        warm-up steps when called before timing; see [Note: measured costs] in
-        pipefold/runtime/measured.py): what `pipefold train` reports as its prediction. It
+        warm-up steps when called before timing; see docs/decisions.md, "measured
+        costs"): what `pipefold train` reports as its prediction. It
         carries the ranks' real speeds (two processes on two cores slow each other; cores
         may differ), which a one-process profile cannot see."""
         from pipefold.runtime.measured import measured_cost_model
