@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from benchmarks.harness.results import BenchConfig
@@ -51,12 +52,11 @@ class DeepSpeedSide:
             return None, (
                 f"DeepSpeed needs the batch ({work.batch_size}) divisible by M={config.num_microbatches}"
             )
-        import torch.distributed as dist
-
         # DeepSpeed reads its rank from the environment; the process group already exists.
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(num_ranks))
+        # DeepSpeed is optional (not installed by default) and slow to import.
         import deepspeed  # type: ignore[import-not-found]
         from deepspeed.pipe import PipelineModule  # type: ignore[import-not-found]
 

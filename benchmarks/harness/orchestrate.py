@@ -43,6 +43,7 @@ def run_ranks(
 
     `on_link` receives the measured link (latency_s, bandwidth_bytes_per_s) before any result.
     """
+    # The worker imports torch; the parent imports it only once ranks are started.
     from benchmarks.harness.worker import worker_main
 
     context = multiprocessing.get_context("spawn")

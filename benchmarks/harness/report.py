@@ -13,6 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.breakdown import efficiency_breakdown
+from pipefold.timeline import Timeline
+from pipefold.viz import save_png
+
 __all__ = ["render_markdown", "save_plots", "table"]
 
 logger = logging.getLogger(__name__)
@@ -152,8 +156,6 @@ def _overhead_table(records: Sequence[Record]) -> str:
 
 def _breakdown_table(records: Sequence[Record]) -> str:
     """Per workload, ranks and M: 1F1B and the most efficient row, efficiency factored."""
-    from benchmarks.harness.breakdown import efficiency_breakdown
-
     factors = ("efficiency", "inflation", "balance", "busy", "span_per_step")
     header = ["workload", "ranks", "M", "schedule", *factors[:-1], "span / step"]
     rows = []
@@ -409,6 +411,7 @@ def render_markdown(
 
 
 def _bar_chart(records: Sequence[Record], title: str, path: Path) -> None:
+    # matplotlib only where a plot is drawn: the tables render without it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -448,8 +451,6 @@ def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
     compare = _timeline_pair(records)
     if compare is not None:
         record, measured, predicted = compare
-        from pipefold.viz import save_png
-
         name = (
             f"timeline_{record['workload']}_{record['schedule']}"
             f"_p{record['ranks']}_m{record['microbatches']}.png"
@@ -461,8 +462,6 @@ def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
 
 def _timeline_pair(records: Sequence[Record]) -> tuple[Record, Any, Any] | None:
     """The first record with both a measured pipefold timeline and a predicted one (1F1B preferred)."""
-    from pipefold.timeline import Timeline
-
     candidates = sorted(records, key=lambda r: (r["schedule"] != "1f1b", r["workload"] == "tiny"))
     for record in candidates:
         measured = record.get("sides", {}).get("pipefold", {}).get("timeline")

@@ -21,12 +21,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from benchmarks.harness.deepspeed_side import DeepSpeedSide
 from benchmarks.harness.link import measure_link
+from benchmarks.harness.pipefold_side import PipefoldSide
 from benchmarks.harness.quiet import CpuCounters, foreign_share, read_cpu_counters
 from benchmarks.harness.reference import GradientMismatch, check_gradients, reference_gradients
 from benchmarks.harness.results import BenchConfig, ConfigResult, RunOptions, SideResult
 from benchmarks.harness.rss import peak_rss_bytes, reset_peak_rss
 from benchmarks.harness.sides import Side
+from benchmarks.harness.single_side import SingleProcessSide
+from benchmarks.harness.torch_side import TorchSide
 from benchmarks.harness.workloads import Workload, workload
 from pipefold.errors import PipefoldError
 from pipefold.runtime.orphan import die_with_parent
@@ -107,8 +111,6 @@ def run_config(
         return result
     if options.interleave_baseline:
         # The reference itself: no gradient check; timed in the same alternation (single_side.py).
-        from benchmarks.harness.single_side import SingleProcessSide
-
         baseline = SingleProcessSide(
             work, work.build_layers(options.seed), rank=rank, num_microbatches=config.num_microbatches
         )
@@ -154,8 +156,6 @@ def _build_side(
         return None, None  # a pipefold-only row (docs/decisions.md, "pipefold-only rows")
     try:
         if label == "pipefold":
-            from benchmarks.harness.pipefold_side import PipefoldSide
-
             return PipefoldSide(
                 work,
                 layers,
@@ -168,8 +168,6 @@ def _build_side(
             refusal = schedule_pair.peer_refusal(num_ranks, config.num_microbatches)
             if refusal is not None:
                 return None, refusal
-            from benchmarks.harness.torch_side import TorchSide
-
             return TorchSide(
                 work,
                 layers,
@@ -179,8 +177,6 @@ def _build_side(
                 num_microbatches=config.num_microbatches,
             ), None
         if label == "deepspeed":
-            from benchmarks.harness.deepspeed_side import DeepSpeedSide
-
             ds_side, ds_error = DeepSpeedSide.create(work, layers, config, num_ranks=num_ranks)
             return ds_side, ds_error
     except (ValueError, RuntimeError, TypeError, ImportError) as error:

@@ -47,6 +47,16 @@ def test_transformer_ends_hold_embedding_and_head():
     assert hasattr(layers[0], "tokens") and hasattr(layers[-1], "head")
 
 
+def test_workloads_are_built_from_the_zoo():
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.model.zoo.gpt import DecoderBlock
+
+    assert all(type(layer) is ResidualMLP for layer in workload("mlp").build_layers())
+    layers = workload("transformer").build_layers()
+    blocks = [layers[0].block, *layers[1:-1], layers[-1].block]
+    assert len(blocks) == NUM_LAYERS and all(type(block) is DecoderBlock for block in blocks)
+
+
 def test_workload_matches_issue_sizes():
     assert WORKLOADS["mlp"].batch_size == 256 and WORKLOADS["mlp"].width == 512
     transformer = WORKLOADS["transformer"]
