@@ -343,7 +343,7 @@ def render_markdown(
     parts = [
         "# Benchmarks: pipefold vs torch.distributed.pipelining",
         "",
-        f"- Command: `{document.get('command') or 'pipefold bench'}`",
+        f"- Command: `{document.get('command') or 'python benchmarks/run.py'}`",
         f"- Date: {document.get('started', '?')} to {document.get('finished', '?')} (UTC)",
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('num_cpus', '?')} CPUs, "
         f"{machine.get('memory_gib', '?')} GiB; {machine.get('platform', '?')}",

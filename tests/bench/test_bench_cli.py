@@ -85,7 +85,6 @@ def test_one_json_line_has_the_required_fields():
 def test_cli_module_does_not_import_torch():
     import subprocess
     import sys
-
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
