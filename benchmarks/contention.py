@@ -32,7 +32,7 @@ def _stage_work(workload_name: str, num_microbatches: int) -> tuple[object, obje
     """(module, micro-batches) of the first half of the workload's layers."""
     from torch import nn
 
-    from pipefold.bench.workloads import workload
+    from benchmarks.harness.workloads import workload
 
     work = workload(workload_name)
     layers = work.build_layers()

@@ -55,8 +55,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from pipefold.bench.pipefold_side import uniform_partition
-    from pipefold.bench.workloads import workload
+    from benchmarks.harness.pipefold_side import uniform_partition
+    from benchmarks.harness.workloads import workload
     from pipefold.runtime import Pipeline
     from pipefold.schedule.registry import family
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipefold.bench.report import render_markdown, save_plots  # noqa: E402
+from benchmarks.harness.report import render_markdown, save_plots  # noqa: E402
 
 
 def main() -> int:

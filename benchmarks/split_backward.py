@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipefold.bench.workloads import ResidualMLP
+from pipefold.model.zoo import ResidualMLP
 from pipefold.runtime.allocator import keep_freed_memory
 from pipefold.runtime.backward import backward_full, backward_input, backward_weight
 
@@ -84,7 +84,7 @@ def main() -> None:
         "--autograd-w",
         action="store_true",
         help="W through autograd for every parameter group, not the direct linear/layer-norm "
-        "path ([Note: direct weight gradients] in pipefold/runtime/backward.py)",
+        "path (docs/decisions.md, 'direct weight gradients')",
     )
     parser.add_argument(
         "--block",

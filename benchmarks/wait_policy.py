@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/wait_policy.py --workload transformer --schedules 1f1b --steps 3
 
 Two `Pipeline`s on the same layers run in the same 2 spawned ranks, one with
-`busy_wait=True` and one with `busy_wait=False` ([Note: busy polling] in
-pipefold/runtime/failure.py), `--steps` steps each per round, alternating for `--rounds`
+`busy_wait=True` and one with `busy_wait=False` (docs/decisions.md,
+"busy polling"), `--steps` steps each per round, alternating for `--rounds`
 rounds, so both see the same machine. Prints the median step (the slowest rank's wall
 time) and each rank's median F and B per policy, and the sleeping / busy ratio (above 1:
 busy polling is faster). Run it with a core per rank; where ranks share cores pipefold
@@ -32,7 +32,7 @@ def _rank(
     import torch
     import torch.distributed as dist
 
-    from pipefold.bench.workloads import workload
+    from benchmarks.harness.workloads import workload
     from pipefold.runtime import Pipeline
     from pipefold.runtime.launch import init_process_group_from_env
 

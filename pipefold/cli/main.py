@@ -22,7 +22,6 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("pipefold.cli.profile", "profile"),
     ("pipefold.cli.schedules", "schedules"),
     ("pipefold.cli.launch", "launch"),
-    ("pipefold.bench.cli", "bench"),
 )
 
 

@@ -1,24 +1,33 @@
-"""`pipefold bench` argument parsing (nothing is run)."""
-
-import argparse
+"""`python benchmarks/run.py` argument parsing (nothing is run)."""
 
 import pytest
 
-from pipefold.bench import cli
-from pipefold.bench.pairs import PAIRS, SOLO
+from benchmarks.harness import cli
+from benchmarks.harness.pairs import PAIRS, SOLO
 from pipefold.errors import ConfigError
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    subparsers = parser.add_subparsers(dest="command")
-    cli.add_parser(subparsers)
-    return parser.parse_args(["bench", *argv])
+    return cli.build_parser().parse_args(argv)
 
 
-def test_registers_run():
+def test_parser_is_run_py_s():
+    parser = cli.build_parser()
+    assert parser.prog == "benchmarks/run.py"
     args = _parse([])
-    assert args.func is cli.run
+    assert not args.quick and args.peers == "auto" and args.seed == 0
+
+
+def test_pipefold_cli_has_no_bench_command():
+    from pipefold.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--quick"])
+
+
+def test_a_refused_option_is_a_message_not_a_traceback(capsys):
+    assert cli.main(["--ranks", "1", "--results-dir", "/nonexistent/never-written"]) == 2
+    assert "--ranks 1" in capsys.readouterr().err
 
 
 def test_quick_matrix_and_options():
@@ -76,7 +85,9 @@ def test_one_json_line_has_the_required_fields():
 def test_cli_module_does_not_import_torch():
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = "import sys, pipefold.bench.cli, pipefold.bench.report; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parents[2]
+    code = "import sys, benchmarks.harness.cli, benchmarks.harness.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

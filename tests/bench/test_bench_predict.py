@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipefold.bench.pairs import pair
-from pipefold.bench.predict import calibration_scale, cost_model, predict
-from pipefold.bench.reference import GradientMismatch, check_gradients
-from pipefold.bench.results import LayerCost
+from benchmarks.harness.pairs import pair
+from benchmarks.harness.predict import calibration_scale, cost_model, predict
+from benchmarks.harness.reference import GradientMismatch, check_gradients
+from benchmarks.harness.results import LayerCost
 
 
 def _costs():

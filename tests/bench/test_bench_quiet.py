@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipefold.bench.quiet import CpuCounters, QuietGate, foreign_share, parse_proc_stat
-from pipefold.bench.stats import summarize
+from benchmarks.harness.quiet import CpuCounters, QuietGate, foreign_share, parse_proc_stat
+from benchmarks.harness.stats import summarize
 from pipefold.errors import ConfigError
 
 PROC_STAT = """\

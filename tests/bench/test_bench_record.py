@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipefold.bench.baseline import BaselineResult
-from pipefold.bench.results import BenchConfig, ConfigResult, LayerCost, SideResult
-from pipefold.bench.runner import Baselines, build_record
+from benchmarks.harness.baseline import BaselineResult
+from benchmarks.harness.results import BenchConfig, ConfigResult, LayerCost, SideResult
+from benchmarks.harness.runner import Baselines, build_record
 from pipefold.errors import ConfigError
 
 
@@ -91,7 +91,7 @@ def test_a_searched_row_is_predicted_from_the_schedule_that_ran_and_has_no_peer(
 
 
 def test_pipefold_only_rows_are_refused_for_torch():
-    from pipefold.bench.pairs import pair
+    from benchmarks.harness.pairs import pair
 
     assert pair("auto").peer_refusal(2, 8) is not None and pair("auto-v").num_virtual == 2
     with pytest.raises(ConfigError, match="not a benchmark row"):

@@ -1,6 +1,6 @@
 """The BENCHMARKS.md renderer on a synthetic results document."""
 
-from pipefold.bench.report import render_markdown, save_plots, table
+from benchmarks.harness.report import render_markdown, save_plots, table
 from pipefold.schedule import build
 from pipefold.simulate import CostModel, simulate
 
@@ -121,7 +121,7 @@ def test_efficiency_breakdown_factors_exactly_and_is_rendered():
     one-process step of 20 and a median step of 16, the four factors multiply to 20 / 32."""
     import pytest
 
-    from pipefold.bench.breakdown import efficiency_breakdown
+    from benchmarks.harness.breakdown import efficiency_breakdown
 
     schedule = build("gpipe", num_ranks=2, num_microbatches=4)
     measured = simulate(schedule, CostModel.uniform(2, f=1, b=2))

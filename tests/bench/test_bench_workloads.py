@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipefold.bench.layout import NUM_LAYERS, stage_bounds
-from pipefold.bench.pairs import PAIRS, pair
-from pipefold.bench.pipefold_side import uniform_partition
-from pipefold.bench.sides import global_name
-from pipefold.bench.workloads import WORKLOADS, workload
+from benchmarks.harness.layout import NUM_LAYERS, stage_bounds
+from benchmarks.harness.pairs import PAIRS, pair
+from benchmarks.harness.pipefold_side import uniform_partition
+from benchmarks.harness.sides import global_name
+from benchmarks.harness.workloads import WORKLOADS, workload
 from pipefold.errors import ConfigError
 from pipefold.model import Partition
 from pipefold.schedule import build
@@ -45,6 +45,16 @@ def test_transformer_ends_hold_embedding_and_head():
     assert logits.shape == (2, work.seq_len, work.vocab)
     assert work.loss_fn(logits, targets).ndim == 0
     assert hasattr(layers[0], "tokens") and hasattr(layers[-1], "head")
+
+
+def test_workloads_are_built_from_the_zoo():
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.model.zoo.gpt import DecoderBlock
+
+    assert all(type(layer) is ResidualMLP for layer in workload("mlp").build_layers())
+    layers = workload("transformer").build_layers()
+    blocks = [layers[0].block, *layers[1:-1], layers[-1].block]
+    assert len(blocks) == NUM_LAYERS and all(type(block) is DecoderBlock for block in blocks)
 
 
 def test_workload_matches_issue_sizes():

@@ -4,19 +4,10 @@ Both sides of a pair get the same stage layout (placement of the 8 layers' stage
 ranks), so they run the same stage modules; only the schedule implementation differs.
 No torch import.
 
-[Note: zero-bubble pairing]
-torch's zero-bubble schedule for the ordinary (non-V) layout is
-`ScheduleInterleavedZeroBubble`; it accepts one stage per rank, where it runs the
-ZB-H1 order (backward split into I and W, W deferred to fill the bubble). pipefold's
-closest equivalent is `zb-h1` with one stage per rank, so the pair is timed with the
-contiguous layout on both sides rather than torch's usual two-chunk loop.
-
-[Note: pipefold-only rows]
-`auto` and `auto-v` have no torch counterpart: they are the schedules pipefold searches
-for this model on these ranks (`tune_schedule`: a probe step measures every stage's F,
-B, I, W and the link, then `find_schedule` searches; [Note: schedules from measured
-costs] in pipefold/runtime/tune.py), on the contiguous and the V layout. They are
-timed against the one-process baseline only (efficiency), in the same alternation.
+Zero-bubble is paired as `zb-h1` against `ScheduleInterleavedZeroBubble`, one stage per
+rank on both sides (docs/decisions.md, "zero-bubble pairing"); `auto` and `auto-v` are
+pipefold-only rows, timed against the one-process baseline only (docs/decisions.md,
+"pipefold-only rows").
 """
 
 from __future__ import annotations
@@ -56,7 +47,7 @@ class SchedulePair:
         return [stage for stage, owner in enumerate(self.placement(num_ranks)) if owner == rank]
 
     def peer_refusal(self, num_ranks: int, num_microbatches: int) -> str | None:
-        """Why torch would refuse (or misbehave on) this configuration, from PEERS.md; else None.
+        """Why torch would refuse (or misbehave on) this configuration, else None.
 
         Checked before any rank builds the schedule: a torch schedule that fails inside
         `step` leaves the other ranks blocked in gloo.
@@ -94,7 +85,7 @@ SOLO: dict[str, SchedulePair] = {
         SchedulePair("auto-v", None, "v", 2),
     )
 }
-"""pipefold-only rows: schedules searched from measured costs ([Note: pipefold-only rows])."""
+"""pipefold-only rows: schedules searched from measured costs (docs/decisions.md, "pipefold-only rows")."""
 
 
 def pair(schedule: str) -> SchedulePair:

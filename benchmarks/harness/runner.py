@@ -17,9 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipefold.bench.pairs import PAIRS, SOLO
-from pipefold.bench.results import BenchConfig, ConfigResult, LayerCost, RunOptions
-from pipefold.bench.stats import summarize
+from benchmarks.harness.machine import describe_machine
+from benchmarks.harness.orchestrate import run_ranks
+from benchmarks.harness.pairs import PAIRS, SOLO
+from benchmarks.harness.predict import calibration_scale, predict
+from benchmarks.harness.results import BenchConfig, ConfigResult, LayerCost, RunOptions
+from benchmarks.harness.stats import summarize
+from pipefold.errors import PipefoldError
+from pipefold.schedule import build
+from pipefold.schedule.io import from_json
+from pipefold.simulate import Link
 
 __all__ = ["FULL", "OVERHEAD", "QUICK", "Matrix", "run_benchmark"]
 
@@ -65,11 +72,13 @@ class Baselines:
 def measure_baselines(
     workload_name: str, microbatches: Sequence[int], options: RunOptions, full_batch_threads: int
 ) -> Baselines:
+    # torch only here, where the baselines run: `python benchmarks/run.py --help` and bad
+    # options are answered without importing it.
     import torch
 
-    from pipefold.bench.baseline import time_accumulation
-    from pipefold.bench.profile import profile_layers
-    from pipefold.bench.workloads import workload
+    from benchmarks.harness.baseline import time_accumulation
+    from benchmarks.harness.profile import profile_layers
+    from benchmarks.harness.workloads import workload
 
     work = workload(workload_name)
     baselines = Baselines()
@@ -118,15 +127,10 @@ def build_record(
 ) -> dict[str, Any]:
     """One flat JSON-able record per configuration (also the `--quick` JSON line).
 
-    `link` is the measured link between the ranks (see pipefold.bench.link); without it
+    `link` is the measured link between the ranks (see benchmarks.harness.link); without it
     the prediction assumes free communication.
     """
-    from pipefold.bench.predict import calibration_scale, predict
-    from pipefold.errors import PipefoldError
-    from pipefold.runtime.cores import shared_cores
-    from pipefold.schedule import build
-    from pipefold.schedule.io import from_json
-    from pipefold.simulate import Link
+    from pipefold.runtime.cores import shared_cores  # pipefold.runtime imports torch
 
     config = result.config
     schedule_pair = config.pair
@@ -234,9 +238,6 @@ def run_benchmark(
     command: str = "",
 ) -> dict[str, Any]:
     """Run every matrix; returns the results document (what results/*.json hold)."""
-    from pipefold.bench.machine import describe_machine
-    from pipefold.bench.orchestrate import run_ranks
-
     started = datetime.datetime.now(datetime.timezone.utc)
     baselines: dict[str, Baselines] = {}
     for matrix in matrices:

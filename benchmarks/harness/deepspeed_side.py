@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from pipefold.bench.results import BenchConfig
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.results import BenchConfig
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["DeepSpeedSide"]
 
@@ -51,12 +52,11 @@ class DeepSpeedSide:
             return None, (
                 f"DeepSpeed needs the batch ({work.batch_size}) divisible by M={config.num_microbatches}"
             )
-        import torch.distributed as dist
-
         # DeepSpeed reads its rank from the environment; the process group already exists.
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(num_ranks))
+        # DeepSpeed is optional (not installed by default) and slow to import.
         import deepspeed  # type: ignore[import-not-found]
         from deepspeed.pipe import PipelineModule  # type: ignore[import-not-found]
 
@@ -79,7 +79,7 @@ class DeepSpeedSide:
                 "steps_per_print": 10**9,
                 # DeepSpeed clips the gradient norm to 1.0 unless told otherwise; pipefold
                 # and torch do not clip, and a clipped step is not the one-process gradient
-                # (the tiny probe's norm is ~3, so its check failed by a factor of ~0.5).
+                # (docs/decisions.md, "DeepSpeed runs without gradient clipping").
                 "gradient_clipping": 0.0,
                 "wall_clock_breakdown": False,
             },

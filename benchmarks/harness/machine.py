@@ -34,7 +34,7 @@ def _memory_gib() -> float | None:
 
 
 def describe_machine() -> dict[str, Any]:
-    import torch
+    import torch  # here: the parent describes the machine after the runs, when torch is loaded
 
     try:
         import deepspeed  # type: ignore[import-not-found]

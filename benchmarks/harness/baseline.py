@@ -3,7 +3,7 @@
 - `accumulate`: one process, 1 thread, the same gradient accumulation over M
   micro-batches a pipeline does (loss of each scaled by its share of the batch). The
   denominator of pipeline efficiency: on CPU, cutting the batch into small kernels
-  costs about as much as the bubble (PEERS.md), so a pipeline is compared with one
+  costs about as much as the bubble, so a pipeline is compared with one
   process that pays the same cost.
 - `full batch`: one process with as many threads as the pipeline has ranks, no
   micro-batching: the plain alternative a user would run on this machine.
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipefold.bench.quiet import QuietGate, foreign_share, read_cpu_counters
-from pipefold.bench.stats import summarize
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.quiet import QuietGate, foreign_share, read_cpu_counters
+from benchmarks.harness.stats import summarize
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["BaselineResult", "time_accumulation"]
 

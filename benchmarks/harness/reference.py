@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["GradientMismatch", "check_gradients", "reference_gradients"]
 

@@ -14,7 +14,7 @@ import queue as queue_module
 import socket
 from collections.abc import Callable, Sequence
 
-from pipefold.bench.results import BenchConfig, ConfigResult, RunOptions
+from benchmarks.harness.results import BenchConfig, ConfigResult, RunOptions
 from pipefold.errors import PipelineError
 
 __all__ = ["free_port", "run_ranks"]
@@ -43,7 +43,8 @@ def run_ranks(
 
     `on_link` receives the measured link (latency_s, bandwidth_bytes_per_s) before any result.
     """
-    from pipefold.bench.worker import worker_main
+    # The worker imports torch; the parent imports it only once ranks are started.
+    from benchmarks.harness.worker import worker_main
 
     context = multiprocessing.get_context("spawn")
     results_queue = context.Queue()

@@ -1,32 +1,35 @@
-"""`pipefold bench` (and `python benchmarks/run.py`): pipefold against torch.distributed.pipelining.
+"""The options of `python benchmarks/run.py` and the run they start.
 
-    pipefold bench --quick                    # ~1 minute: MLP, 2 ranks, M=8, three schedules
-    pipefold bench                            # the full matrix (2 workloads x 2, 4 ranks x M 4, 8, 16)
-    pipefold bench --workloads transformer --ranks 2 --microbatches 8 --schedules 1f1b zb-v
+    python benchmarks/run.py --quick          # ~1 minute: MLP, 2 ranks, M=8, three schedules
+    python benchmarks/run.py                  # the full matrix (2 workloads x 2, 4 ranks x M 4, 8, 16)
+    python benchmarks/run.py --workloads transformer --ranks 2 --microbatches 8 --schedules 1f1b zb-v
 
-Every configuration is printed as one JSON line as soon as it is measured; the whole
-run is written to RESULTS_DIR/<name>.json, which `python benchmarks/render.py` turns
-into the BENCHMARKS.md body. DeepSpeed's pipeline engine is timed as a third column
-when `import deepspeed` works (install: `DS_BUILD_OPS=0 pip install deepspeed`).
-Importing this module does not import torch.
+`main(argv)` parses the options, runs the matrix and prints every configuration as one
+JSON line as soon as it is measured; the whole run is written to RESULTS_DIR/<name>.json,
+which `python benchmarks/render.py` turns into the BENCHMARKS.md body. DeepSpeed's
+pipeline engine is timed as a third column when `import deepspeed` works (install:
+`DS_BUILD_OPS=0 pip install deepspeed`). Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipefold.bench.pairs import PAIRS, SOLO
-from pipefold.bench.quiet import QuietGate
-from pipefold.bench.results import RunOptions
-from pipefold.errors import ConfigError
+from benchmarks.harness.pairs import PAIRS, SOLO
+from benchmarks.harness.quiet import QuietGate
+from benchmarks.harness.results import RunOptions
+from benchmarks.harness.runner import FULL, OVERHEAD, QUICK, Matrix, run_benchmark
+from pipefold.errors import ConfigError, PipefoldError
 
-__all__ = ["add_parser", "configure_parser", "matrices_from_args", "options_from_args", "run"]
+__all__ = ["build_parser", "main", "matrices_from_args", "options_from_args", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +62,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "bench",
-        help="benchmark pipefold against torch.distributed.pipelining (and DeepSpeed)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description="Benchmark pipefold against torch.distributed.pipelining (and DeepSpeed when installed).",
     )
     configure_parser(parser)
-    parser.set_defaults(func=run)
     return parser
 
 
@@ -130,8 +131,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _deepspeed_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("deepspeed") is not None
 
 
@@ -155,9 +154,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     )
 
 
-def matrices_from_args(args: argparse.Namespace) -> list[Any]:
-    from pipefold.bench.runner import FULL, OVERHEAD, QUICK, Matrix
-
+def matrices_from_args(args: argparse.Namespace) -> list[Matrix]:
     base = QUICK if args.quick else FULL
     matrix = Matrix(
         workloads=tuple(args.workloads or base.workloads),
@@ -177,15 +174,13 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps({key: record[key] for key in _QUIET_FIELDS if key in record})
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipefold.bench.runner import run_benchmark
-
+def run(args: argparse.Namespace, command: str = "") -> int:
+    """Run the matrix `args` describe; `command` is recorded in the results document."""
     options = options_from_args(args)
     matrices = matrices_from_args(args)
     name = args.name or ("quick" if args.quick else "full")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{name}.json"
-    command = "pipefold bench " + " ".join(shlex.quote(a) for a in sys.argv[2:] if sys.argv[1:2] == ["bench"])
 
     def emit(record: dict[str, Any]) -> None:
         sys.stdout.write(_line(record) + "\n")
@@ -196,8 +191,21 @@ def run(args: argparse.Namespace) -> int:
         options,
         full_batch_threads=args.full_batch_threads,
         on_record=emit,
-        command=getattr(args, "command_line", None) or command,
+        command=command,
     )
     path.write_text(json.dumps(document, indent=1))
     logger.info("results written to %s", path)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python benchmarks/run.py ARGS`: parse, run, and answer a bad option with its message."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in arguments)
+    try:
+        return run(args, command.rstrip())
+    except PipefoldError as error:
+        sys.stderr.write(f"benchmarks/run.py: error: {error}\n")
+        return 2

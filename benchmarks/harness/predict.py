@@ -1,6 +1,6 @@
 """pipefold's simulator prediction for a benchmark configuration.
 
-Stage costs are sums of the per-layer profile (`pipefold.bench.profile`) over each
+Stage costs are sums of the per-layer profile (`benchmarks.harness.profile`) over each
 stage's layers. The profile's per-layer timings (a few repeats of single kernels) are
 noisier than a whole step, so they are rescaled so that F + B of all layers times M
 equals the median of the one-process accumulation baseline for the same M: the profile
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipefold.bench.layout import stage_bounds
-from pipefold.bench.pairs import SchedulePair
-from pipefold.bench.results import LayerCost
+from benchmarks.harness.layout import stage_bounds
+from benchmarks.harness.pairs import SchedulePair
+from benchmarks.harness.results import LayerCost
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.lower import fuse_adjacent_split_backward
 from pipefold.simulate import CostModel, Link, simulate
@@ -32,7 +32,7 @@ def cost_model(
     num_cores: float | None = None,
 ) -> CostModel:
     """Per-stage CostModel from per-layer costs, times multiplied by `scale`; `num_cores`
-    where the ranks share cores ([Note: shared cores] in pipefold/simulate/costs.py)."""
+    where the ranks share cores (docs/decisions.md, "shared cores")."""
     bounds = stage_bounds(num_stages)
 
     def per_stage(values: Sequence[float]) -> list[float]:

@@ -4,7 +4,7 @@ pipefold's `step` is the same call on every rank, so every rank passes the batch
 The layers are cut into the pair's stages with explicit, even boundaries, so both
 libraries run identical stage modules. A pipefold-only row (auto, auto-v) first tunes
 its schedule on the benchmark batch (`tune_schedule`: probe steps, then a search from
-their measured costs; [Note: pipefold-only rows] in pairs.py) and then runs that.
+their measured costs; docs/decisions.md, "pipefold-only rows") and then runs that.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipefold.bench.layout import stage_bounds
-from pipefold.bench.pairs import SchedulePair
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.layout import stage_bounds
+from benchmarks.harness.pairs import SchedulePair
+from benchmarks.harness.workloads import Workload
+from pipefold.runtime import Pipeline, tune_schedule
+from pipefold.runtime.measured import measured_cost_model
+from pipefold.schedule.io import to_json
+from pipefold.simulate import predicted_step_time
 
 __all__ = ["PipefoldSide"]
 
@@ -39,17 +43,11 @@ class PipefoldSide:
         num_microbatches: int,
         probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        # pipefold.runtime rather than the lazy `pipefold.Pipeline`: the same class, and it
-        # also resolves when pipefold is installed as a namespace package.
-        from pipefold.runtime import Pipeline
-
         num_stages = num_ranks * schedule_pair.num_virtual
         options: dict[str, Any] = {"partition": uniform_partition(num_stages), "device": torch.device("cpu")}
         schedule: Any = schedule_pair.schedule
         self.tuned: Any = None
         if schedule_pair.torch_class is None:
-            from pipefold.runtime import tune_schedule
-
             if probe_batch is None:
                 raise ValueError(
                     f"{schedule_pair.schedule} searches its schedule on a batch; pass probe_batch"
@@ -100,13 +98,10 @@ class PipefoldSide:
     def calibrated_prediction(self) -> float | None:
         """The simulated step of the schedule that ran, with each stage's F/B/I/W cost and
         the message latency and the runtime's overheads measured in the latest steps (the
-        warm-up steps when called before timing; see [Note: measured costs] in
-        pipefold/runtime/measured.py): what `pipefold train` reports as its prediction. It
+        warm-up steps when called before timing; see docs/decisions.md, "measured
+        costs"): what `pipefold train` reports as its prediction. It
         carries the ranks' real speeds (two processes on two cores slow each other; cores
         may differ), which a one-process profile cannot see."""
-        from pipefold.runtime.measured import measured_cost_model
-        from pipefold.simulate import predicted_step_time
-
         if not self._recent:
             return None
         schedule = self.pipe.schedule
@@ -120,8 +115,6 @@ class PipefoldSide:
         """The schedule that ran, where it was searched (a pipefold-only row), as JSON."""
         if self.tuned is None:
             return None
-        from pipefold.schedule.io import to_json
-
         return to_json(self.pipe.schedule)
 
     def timeline_json(self) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """The torch.distributed.pipelining side of a benchmark pair.
 
-torch's `step()` is called differently per rank (PEERS.md): the first stage's rank
+torch's `step()` is called differently per rank: the first stage's rank
 passes the inputs, the last stage's rank passes the targets and a `losses` list (under
 V placement rank 0 holds both). Its loss runs per micro-batch unscaled and
 `scale_grads=True` divides the gradients by the number of micro-batches at the end of
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.distributed import pipelining
 
-from pipefold.bench.layout import stage_bounds
-from pipefold.bench.pairs import SchedulePair
-from pipefold.bench.sides import global_name
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.layout import stage_bounds
+from benchmarks.harness.pairs import SchedulePair
+from benchmarks.harness.sides import global_name
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["TorchSide"]
 

@@ -7,7 +7,7 @@ from pipefold.errors import ConfigError
 __all__ = ["NUM_LAYERS", "stage_bounds"]
 
 NUM_LAYERS = 8
-"""Every workload has this many layers (see [Note: transformer split] in workloads.py)."""
+"""Every workload has this many layers (docs/decisions.md, "transformer split")."""
 
 
 def stage_bounds(num_stages: int) -> list[tuple[int, int]]:

@@ -1,11 +1,10 @@
 """The efficiency baseline as a third side: one process, 1 thread, the same micro-batching.
 
-The parent times this baseline before the ranks start, but this machine drifts by 10-30%
-over minutes (other tenants, frequency), so an efficiency whose numerator was measured
-minutes before its denominator mixes two machines. This side runs the same accumulation
-on rank 0 inside the alternation (pipefold, torch, one process, pipefold, ...) while the
-other ranks wait at the window's closing barrier, so the baseline sees the machine the
-pipelines see. The other ranks do no work during its window.
+This side runs the same accumulation as the parent's baseline, on rank 0 inside the
+alternation (pipefold, torch, one process, pipefold, ...) while the other ranks wait at the
+window's closing barrier, so the baseline sees the machine the pipelines see rather than
+the machine of minutes before (docs/decisions.md, "The efficiency baseline is timed inside
+the alternation"). The other ranks do no work during its window.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["SingleProcessSide"]
 

@@ -4,7 +4,7 @@ For each layer, on one micro-batch: forward time, full backward time (B), input-
 time (I), activation bytes saved for the backward and output bytes (the message to the
 next stage). The weight-gradient time is taken as W = B - I: measuring W separately
 with autograd would run the whole backward again, and the runtime keeps I's
-intermediate gradients so that I + W = B (DESIGN.md).
+intermediate gradients so that I + W = B (pipefold/runtime/backward.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipefold.bench.results import LayerCost
-from pipefold.bench.workloads import Workload
+from benchmarks.harness.results import LayerCost
+from benchmarks.harness.workloads import Workload
 
 __all__ = ["LayerCost", "profile_layers"]
 

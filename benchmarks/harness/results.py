@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipefold.bench.pairs import SchedulePair, pair
-from pipefold.bench.quiet import QuietGate
+from benchmarks.harness.pairs import SchedulePair, pair
+from benchmarks.harness.quiet import QuietGate
 
 __all__ = ["BenchConfig", "ConfigResult", "LayerCost", "RunOptions", "SideResult"]
 
@@ -50,7 +50,7 @@ class RunOptions:
     timeout_s: float = 300.0
     """Collective timeout inside the workers: a failed rank stops the run instead of hanging it."""
     interleave_baseline: bool = True
-    """Time the one-process baseline on rank 0 inside the alternation (pipefold/bench/single_side.py)."""
+    """Time the one-process baseline on rank 0 inside the alternation (benchmarks/harness/single_side.py)."""
 
 
 @dataclass
@@ -110,7 +110,7 @@ class ConfigResult:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One layer's measured costs on one micro-batch (see pipefold.bench.profile)."""
+    """One layer's measured costs on one micro-batch (see benchmarks.harness.profile)."""
 
     forward_s: float
     backward_s: float

@@ -13,6 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.breakdown import efficiency_breakdown
+from pipefold.timeline import Timeline
+from pipefold.viz import save_png
+
 __all__ = ["render_markdown", "save_plots", "table"]
 
 logger = logging.getLogger(__name__)
@@ -152,8 +156,6 @@ def _overhead_table(records: Sequence[Record]) -> str:
 
 def _breakdown_table(records: Sequence[Record]) -> str:
     """Per workload, ranks and M: 1F1B and the most efficient row, efficiency factored."""
-    from pipefold.bench.breakdown import efficiency_breakdown
-
     factors = ("efficiency", "inflation", "balance", "busy", "span_per_step")
     header = ["workload", "ranks", "M", "schedule", *factors[:-1], "span / step"]
     rows = []
@@ -210,9 +212,9 @@ def _skipped(records: Sequence[Record]) -> list[str]:
 
 
 _METHOD = """\
-How these numbers are made (`pipefold/bench/`):
+How these numbers are made (`benchmarks/harness/`):
 
-- Both libraries run the same 8 layers (`pipefold/bench/workloads.py`), cut evenly into
+- Both libraries run the same 8 layers (`benchmarks/harness/workloads.py`), cut evenly into
   ranks x virtual stages, with the same stage-to-rank layout per pair: contiguous for GPipe,
   1F1B and zero-bubble; looped (rank r owns r, r+p) for interleaved 1F1B and looped BFS;
   V-shaped (rank r owns r and 2p-1-r) for ZB-V and DualPipeV. The transformer's embedding is
@@ -250,7 +252,7 @@ How these numbers are made (`pipefold/bench/`):
   untimed steps (the gradient check and the warm-up steps; `measured_cost_model`, what
   `pipefold train` reports), then compares with the timed steps. Where ranks outnumber the
   cores, both predictions let the ranks computing at once share the cores fairly
-  (`CostModel.num_cores`, [Note: shared cores] in pipefold/simulate/costs.py).
+  (`CostModel.num_cores`, docs/decisions.md, "shared cores").
 - Memory: peak RSS is the rank process's high-water mark during each library's timed steps
   (reset before each step). Both libraries share the process, whose RSS is mostly torch itself
   and allocator caches that are not returned to the OS, so the two columns are close by
@@ -341,7 +343,7 @@ def render_markdown(
     parts = [
         "# Benchmarks: pipefold vs torch.distributed.pipelining",
         "",
-        f"- Command: `{document.get('command') or 'pipefold bench'}`",
+        f"- Command: `{document.get('command') or 'python benchmarks/run.py'}`",
         f"- Date: {document.get('started', '?')} to {document.get('finished', '?')} (UTC)",
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('num_cpus', '?')} CPUs, "
         f"{machine.get('memory_gib', '?')} GiB; {machine.get('platform', '?')}",
@@ -368,7 +370,7 @@ def render_markdown(
             "## Where the efficiency goes",
             "",
             "Per workload and M, 1F1B and the most efficient row, their efficiency factored exactly "
-            "(`pipefold/bench/breakdown.py`, from pipefold's timeline of the last timed step): "
+            "(`benchmarks/harness/breakdown.py`, from pipefold's timeline of the last timed step): "
             "*inflation* = one-process time / the sum of every rank's action times (the same work "
             "running slower inside the pipeline); *balance* = that sum / (ranks x the busiest rank's); "
             "*busy* = the busiest rank's action time / the step's span (bubble and waits); "
@@ -409,6 +411,7 @@ def render_markdown(
 
 
 def _bar_chart(records: Sequence[Record], title: str, path: Path) -> None:
+    # matplotlib only where a plot is drawn: the tables render without it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -448,8 +451,6 @@ def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
     compare = _timeline_pair(records)
     if compare is not None:
         record, measured, predicted = compare
-        from pipefold.viz import save_png
-
         name = (
             f"timeline_{record['workload']}_{record['schedule']}"
             f"_p{record['ranks']}_m{record['microbatches']}.png"
@@ -461,8 +462,6 @@ def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
 
 def _timeline_pair(records: Sequence[Record]) -> tuple[Record, Any, Any] | None:
     """The first record with both a measured pipefold timeline and a predicted one (1F1B preferred)."""
-    from pipefold.timeline import Timeline
-
     candidates = sorted(records, key=lambda r: (r["schedule"] != "1f1b", r["workload"] == "tiny"))
     for record in candidates:
         measured = record.get("sides", {}).get("pipefold", {}).get("timeline")

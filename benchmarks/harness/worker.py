@@ -21,13 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipefold.bench.link import measure_link
-from pipefold.bench.quiet import CpuCounters, foreign_share, read_cpu_counters
-from pipefold.bench.reference import GradientMismatch, check_gradients, reference_gradients
-from pipefold.bench.results import BenchConfig, ConfigResult, RunOptions, SideResult
-from pipefold.bench.rss import peak_rss_bytes, reset_peak_rss
-from pipefold.bench.sides import Side
-from pipefold.bench.workloads import Workload, workload
+from benchmarks.harness.deepspeed_side import DeepSpeedSide
+from benchmarks.harness.link import measure_link
+from benchmarks.harness.pipefold_side import PipefoldSide
+from benchmarks.harness.quiet import CpuCounters, foreign_share, read_cpu_counters
+from benchmarks.harness.reference import GradientMismatch, check_gradients, reference_gradients
+from benchmarks.harness.results import BenchConfig, ConfigResult, RunOptions, SideResult
+from benchmarks.harness.rss import peak_rss_bytes, reset_peak_rss
+from benchmarks.harness.sides import Side
+from benchmarks.harness.single_side import SingleProcessSide
+from benchmarks.harness.torch_side import TorchSide
+from benchmarks.harness.workloads import Workload, workload
 from pipefold.errors import PipefoldError
 from pipefold.runtime.orphan import die_with_parent
 
@@ -50,7 +54,7 @@ def worker_main(
     die_with_parent()
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # One thread per rank: the ranks already fill the cores, and more threads were slower (PEERS.md).
+    # One thread per rank: the ranks already fill the cores, and more threads were slower.
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -107,8 +111,6 @@ def run_config(
         return result
     if options.interleave_baseline:
         # The reference itself: no gradient check; timed in the same alternation (single_side.py).
-        from pipefold.bench.single_side import SingleProcessSide
-
         baseline = SingleProcessSide(
             work, work.build_layers(options.seed), rank=rank, num_microbatches=config.num_microbatches
         )
@@ -151,11 +153,9 @@ def _build_side(
     layers = work.build_layers(options.seed)
     schedule_pair = config.pair
     if label != "pipefold" and schedule_pair.torch_class is None:
-        return None, None  # a pipefold-only row ([Note: pipefold-only rows] in pairs.py)
+        return None, None  # a pipefold-only row (docs/decisions.md, "pipefold-only rows")
     try:
         if label == "pipefold":
-            from pipefold.bench.pipefold_side import PipefoldSide
-
             return PipefoldSide(
                 work,
                 layers,
@@ -168,8 +168,6 @@ def _build_side(
             refusal = schedule_pair.peer_refusal(num_ranks, config.num_microbatches)
             if refusal is not None:
                 return None, refusal
-            from pipefold.bench.torch_side import TorchSide
-
             return TorchSide(
                 work,
                 layers,
@@ -179,8 +177,6 @@ def _build_side(
                 num_microbatches=config.num_microbatches,
             ), None
         if label == "deepspeed":
-            from pipefold.bench.deepspeed_side import DeepSpeedSide
-
             ds_side, ds_error = DeepSpeedSide.create(work, layers, config, num_ranks=num_ranks)
             return ds_side, ds_error
     except (ValueError, RuntimeError, TypeError, ImportError) as error:
