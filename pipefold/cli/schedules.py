@@ -3,7 +3,7 @@
     pipefold schedules                                     # the families, as a table
     pipefold schedules find --ranks 4 --microbatches 8 --costs costs.json --save auto.json
 
-`find` searches a schedule for a cost model (`pipefold.schedule.search_schedule`),
+`find` searches a schedule for a cost model (`pipefold.plan.search_schedule`),
 prints its grid and how it compares with the fastest hand-written family, and
 `--save` writes it as pipefold's schedule JSON for `pipefold.schedule.io.load`.
 """
@@ -105,8 +105,8 @@ def _load_costs(args: argparse.Namespace, num_stages: int) -> Any:
 
 
 def run_find(args: argparse.Namespace) -> int:
-    from pipefold.schedule import format_grid, search_schedule
-    from pipefold.schedule.auto import Placement
+    from pipefold.plan import search_schedule
+    from pipefold.schedule import Placement, format_grid
     from pipefold.schedule.io import save
 
     for flag, value in (("--ranks", args.ranks), ("--microbatches", args.microbatches),

@@ -3,7 +3,7 @@
 [Note: planner refinement]
 The family search (search.py) prices every configuration (split, family, v, m, partition,
 recompute) at its family's hand-written order. Afterwards the order itself is searched:
-`search_schedule` (pipefold/schedule/auto.py) runs on a configuration's own cost model
+`search_schedule` (order_search.py) runs on a configuration's own cost model
 (partition, micro-batch size, recomputed stages, link, shared cores), in its layout, under
 the activation memory the limit leaves on the fullest rank once weights, gradients,
 optimizer state and the recompute transient are counted. Each result is simulated and
@@ -62,11 +62,11 @@ from typing import Any
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.memory import RankMemory, rank_memory, static_bytes
+from pipefold.plan.order_search import search_schedule
 from pipefold.plan.result import Candidate
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
-from pipefold.schedule import Schedule, build, search_schedule
-from pipefold.schedule.auto import layout_of
+from pipefold.schedule import Schedule, build, layout_of
 from pipefold.schedule.io import from_json, to_json
 from pipefold.simulate import simulate
 

@@ -28,7 +28,7 @@ RecomputeChoice = Literal["auto", "none", "full"]
 
 SEARCHED_ORDER = "auto"
 """The name a searched order goes by (`Candidate.schedule`, a pin in `PlanOptions.schedules`), as
-`pipefold.schedule.find_schedule` names what it finds."""
+`pipefold.plan.find_schedule` names what it finds."""
 
 
 def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
