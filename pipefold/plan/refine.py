@@ -56,21 +56,19 @@ the search does not know, nor configurations the family search pruned unsimulate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import RankMemory, rank_memory, static_bytes
+from pipefold.plan.memory import rank_memory, static_bytes
 from pipefold.plan.order_search import search_schedule
-from pipefold.plan.result import Candidate
+from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
-from pipefold.schedule import Schedule, build, layout_of
-from pipefold.schedule.io import from_json, to_json
+from pipefold.schedule import build, layout_of
 from pipefold.simulate import simulate
 
-__all__ = ["SearchedOrder", "search_order", "searched_candidate", "ORDER_SEARCH_MARGIN"]
+__all__ = ["search_order", "searchable", "searched_candidate", "ORDER_SEARCH_MARGIN"]
 
 DEFAULT_SEARCH_TIME_S = 1.0
 """Seconds `search_order` may spend by default (the list-scheduler runs always finish)."""
@@ -78,80 +76,6 @@ DEFAULT_SEARCH_TIME_S = 1.0
 ORDER_SEARCH_MARGIN = 0.10
 """Configurations whose best family order is more than this much slower than the family choice
 are not searched (see [Note: planner refinement])."""
-
-
-@dataclass(frozen=True)
-class SearchedOrder:
-    """The order `search_schedule` found for one configuration, simulated and priced."""
-
-    schedule: Schedule
-    """Named "auto"; runs with the configuration's partition, micro-batches and recompute."""
-    family: str
-    """The family of the configuration whose order it was compared with (the base)."""
-    step_time: float
-    """Predicted seconds per step, the configuration's gradient all-reduce included."""
-    family_step_time: float
-    """The base family order's step (over the memory limit where `family_fits` is False)."""
-    bubble_fraction: float
-    memory: tuple[RankMemory, ...]
-    origin: str
-    """Where the search started: a list-scheduler setting or a family."""
-    family_fits: bool = True
-    """Whether the base family's order fits the memory limit (a searched order can fit where it
-    does not: [Note: planner refinement])."""
-
-    @property
-    def gain(self) -> float:
-        """The base family's step over this one's (above 1: the searched order is faster)."""
-        return self.family_step_time / self.step_time if self.step_time > 0 else 1.0
-
-    @property
-    def peak_memory(self) -> int:
-        return max(memory.total for memory in self.memory)
-
-    def explain(self) -> str:
-        if not self.family_fits:
-            return (
-                f"searched order: fits where {self.family}'s order of this configuration does not; predicted "
-                f"step {self.step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}"
-            )
-        if self.gain <= 1.0:
-            return (
-                f"searched order: none faster than {self.family}'s for these costs "
-                f"(best found {self.step_time:.4g} s, from {self.origin})"
-            )
-        return (
-            f"searched order: predicted step {self.step_time:.4g} s, {self.gain:.3f}x {self.family}'s "
-            f"{self.family_step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}; "
-            "`pipefold plan --save-schedule FILE` writes it, for "
-            "Pipeline(schedule=pipefold.schedule.io.load(FILE)) with the same partition and micro-batches"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schedule": to_json(self.schedule),
-            "family": self.family,
-            "step_time": self.step_time,
-            "family_step_time": self.family_step_time,
-            "gain": self.gain,
-            "bubble_fraction": self.bubble_fraction,
-            "memory": [memory.to_json() for memory in self.memory],
-            "origin": self.origin,
-            "family_fits": self.family_fits,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SearchedOrder:
-        return cls(
-            schedule=from_json(data["schedule"]),
-            family=str(data["family"]),
-            step_time=float(data["step_time"]),
-            family_step_time=float(data["family_step_time"]),
-            bubble_fraction=float(data["bubble_fraction"]),
-            memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
-            origin=str(data["origin"]),
-            family_fits=bool(data.get("family_fits", True)),
-        )
 
 
 def searchable(candidate: Candidate) -> bool:

@@ -25,7 +25,7 @@
 4. Candidates are ranked by step time, then a family's order before a searched one,
    then peak memory, then fewer replicas (dp), fewer tp ranks, registry order, fewer
    stages per rank, fewer micro-batches and fewer recomputed stages. Step times are
-   compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not exact to the last
+   compared in buckets 1% wide (`TIME_TOLERANCE` in ranking.py): a prediction is not exact to the last
    digit, and two configurations 0.01% apart should be told apart by memory, not by
    rounding.
 5. Then the orders: the family choice's configuration and the closest others (within 10%,
@@ -55,56 +55,21 @@ from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
-from pipefold.plan.refine import (
-    ORDER_SEARCH_MARGIN,
-    SearchedOrder,
-    search_order,
-    searchable,
-    searched_candidate,
-)
-from pipefold.plan.result import Candidate, Plan, Verdict
+from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
+from pipefold.plan.record import Record
+from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
+from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
 from pipefold.schedule import Schedule, build, names
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["plan", "evaluate", "Record", "rank_key", "TIME_TOLERANCE"]
-
-TIME_TOLERANCE = 0.01
-"""Step times within one bucket this wide (relative) count as equal when ranking."""
-
-
-def time_bucket(step_time: float) -> int:
-    """The tolerance bucket of `step_time` (log-spaced, so relative)."""
-    return math.floor(math.log(max(step_time, 1e-300)) / math.log1p(TIME_TOLERANCE))
-
-
-def bucket_ceiling(step_time: float) -> float:
-    """The largest time in the bucket of `step_time`: bounds above it cannot tie."""
-    return math.exp((time_bucket(step_time) + 1) * math.log1p(TIME_TOLERANCE))
-
-
-def bucket_floor(step_time: float) -> float:
-    """The smallest time in the bucket of `step_time`: only times below it rank ahead whatever else."""
-    return math.exp(time_bucket(step_time) * math.log1p(TIME_TOLERANCE))
+__all__ = ["plan", "evaluate"]
 
 _SLACK = 1e-9
 """Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
 rounding, and must not skip a configuration that ties."""
-
-
-def rank_key(
-    candidate: Candidate,
-) -> tuple[int, bool, int, int, int, int, int, int, int, float, tuple[int, ...]]:
-    """Sort key of candidates that fit: faster, then a family's order before a searched one, then
-    leaner, then simpler (see [Note: planner search])."""
-    order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
-    return (
-        time_bucket(candidate.step_time), candidate.is_searched_order, candidate.peak_memory,
-        candidate.num_data_parallel, candidate.num_tensor_parallel, order, candidate.num_virtual,
-        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
-    )
 
 
 @functools.lru_cache(maxsize=512)
@@ -168,37 +133,6 @@ def replica_sync_time(
     if sharded_optimizer:
         seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
     return seconds
-
-
-@dataclass
-class Record:
-    """What the search learned about one configuration."""
-
-    degree: Degree
-    config: Config
-    bounds: tuple[int, ...]
-    placement: tuple[int, ...]
-    allreduce_s: float
-    """The gradient all-reduce after the schedule: fixed by the partition, whatever is recomputed."""
-    lower_bound: float
-    """Lower bound on its step time without recompute."""
-    tried: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
-    """Simulated candidates by recomputed stages."""
-    pruned_bound: float | None = None
-    """The least step-time bound among the choices the bound skipped (all of them, when nothing was
-    simulated; the remaining recompute choices otherwise); None when none was skipped."""
-    static_over: tuple[int, int] | None = None
-    """(rank, bytes) when weights, gradients and optimizer state alone exceed the limit there."""
-
-    def prune(self, bound: float) -> None:
-        self.pruned_bound = bound if self.pruned_bound is None else min(self.pruned_bound, bound)
-
-    def best(self, limit: float) -> Candidate | None:
-        fits = [c for c in self.tried.values() if c.over_limit(limit) <= 0]
-        return min(fits, key=rank_key) if fits else None
-
-    def leanest(self) -> Candidate | None:
-        return min(self.tried.values(), key=lambda c: (c.peak_memory, c.step_time), default=None)
 
 
 @dataclass(frozen=True)
