@@ -10,7 +10,7 @@ from pipefold.balance import Partition
 from pipefold.plan.degree import split_text
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.units import format_bytes
-from pipefold.schedule import Schedule
+from pipefold.schedule import Schedule, build
 from pipefold.schedule.io import from_json as schedule_from_json
 from pipefold.schedule.io import to_json as schedule_to_json
 
@@ -366,8 +366,6 @@ class Plan:
             return self.choice.order
         if self.searched is not None and self.searched.gain > 1.0:
             return self.searched.schedule
-        from pipefold.schedule import build
-
         choice = self.choice
         return build(choice.schedule, num_ranks=choice.num_ranks, num_microbatches=choice.num_microbatches,
                      num_virtual=choice.num_virtual)

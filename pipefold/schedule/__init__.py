@@ -8,6 +8,7 @@ Searching a schedule for measured costs is planning: `pipefold.plan.find_schedul
 """
 
 from pipefold.errors import ScheduleError
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import (
     Action,
     Op,
@@ -20,7 +21,7 @@ from pipefold.schedule.ir import (
 )
 from pipefold.schedule.lower import Program, lower
 from pipefold.schedule.placement import PLACEMENTS, Placement, layout_of, placement_of
-from pipefold.schedule.registry import Family, build, family, names
+from pipefold.schedule.registry import build, family, names
 from pipefold.schedule.validate import validate
 
 __all__ = [

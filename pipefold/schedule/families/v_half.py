@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
 from pipefold.schedule.families._v_greedy import greedy_v_rows
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Schedule, v_placement
-from pipefold.schedule.registry import Family, register
 
 __all__ = ["generate", "check", "memory_cap", "FAMILY"]
 
@@ -39,15 +39,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("v-half", num_virtual, 2, "use interleaved-1f1b or looped-bfs for other counts")
 
 
-FAMILY = register(
-    Family(
-        name="v-half",
-        generate=generate,
-        check=check,
-        summary="V-Half: V-shaped schedule with about half of 1F1B's activation memory (Qi et al., 2024)",
-        bubble="below 1F1B's (p-1)/(m+p-1) with F = I = W (measured at m = 4p, p <= 8)",
-        memory="p+2 chunks of 1/2 stage (p/2 + 1 stages) on every rank",
-        legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="v-half",
+    generate=generate,
+    check=check,
+    summary="V-Half: V-shaped schedule with about half of 1F1B's activation memory (Qi et al., 2024)",
+    bubble="below 1F1B's (p-1)/(m+p-1) with F = I = W (measured at m = 4p, p <= 8)",
+    memory="p+2 chunks of 1/2 stage (p/2 + 1 stages) on every rank",
+    legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
+    default_virtual=2,
 )
