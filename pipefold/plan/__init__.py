@@ -4,7 +4,7 @@ No torch import: it reads per-layer costs (`ModelCosts`: measured with
 `pipefold.model.profile` or estimated with `gpt_costs`), simulates candidate
 configurations with `pipefold.simulate` and prices their memory. With
 `PlanOptions(num_devices=N)` it also chooses the data-parallel degree: dp replicas of a
-pp-rank pipeline, dp x pp = N (see [Note: data-parallel step model] in degree.py).
+pp-rank pipeline, dp x pp = N (see docs/decisions.md, "Data-parallel step model").
 
     >>> from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
     >>> layer = LayerCost(forward_s=1e-3, backward_s=2e-3, activation_bytes=2**20, output_bytes=2**16,

@@ -323,8 +323,8 @@ class Plan:
     num_devices: int | None = None
     """The devices split into dp x pp (x tp) when the degree was searched; None when it was pinned."""
     searched: SearchedOrder | None = None
-    """The order searched for the choice's configuration ([Note: planner refinement] in
-    refine.py): where the choice is a searched order, that order; None when not searched
+    """The order searched for the choice's configuration (docs/decisions.md, "Planner
+    refinement"): where the choice is a searched order, that order; None when not searched
     (asynchronous family, unknown layout, search off)."""
     best_family: Candidate | None = None
     """Where the choice is a searched order: the fastest family candidate, the choice a plan

@@ -96,7 +96,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
                 B2.2 B1.2 I2.3 I1.3 W2.3 W1.3
 
     torch requires m >= 2p; smaller m are generated here for 2p micro-batches and
-    the extra ones removed ([Note: padding]), so any m >= 1 works. Bubble with
+    the extra ones removed (docs/decisions.md, "Padding"), so any m >= 1 works. Bubble with
     F = I = W per chunk and no credit for overlap: (p-1)/(6m+p-1) within one call
     once m >= 2p, as ZB-V (tested); DualPipe's gain over ZB-V is that each pair
     hides one direction's communication behind the other's compute. Memory: 2p+1

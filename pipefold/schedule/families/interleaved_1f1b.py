@@ -15,7 +15,7 @@ def microbatch_groups(num_ranks: int, num_microbatches: int) -> tuple[int, int]:
 
     Rounds of at most p micro-batches visit every local stage in turn, as torch
     does: rounds = max(1, m // p). When m is not a multiple of the rounds, the
-    last round is padded (see [Note: padding] in _common.py).
+    last round is padded (see docs/decisions.md, "Padding").
     """
     num_rounds = max(1, num_microbatches // num_ranks)
     per_round = math.ceil(num_microbatches / num_rounds)

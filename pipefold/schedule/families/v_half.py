@@ -18,7 +18,7 @@ def memory_cap(num_ranks: int) -> int:
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
     """V placement, split backward, at most p+2 half-stage chunks in flight per rank.
 
-    Built by the greedy scheduler of [Note: controllable-memory V schedules]
+    Built by the greedy scheduler of docs/decisions.md, "Controllable-memory V schedules"
     (_v_greedy.py). p=2, m=4 (compute order per rank; idle not drawn)::
 
         rank 0  F0.0 F0.1 F3.0 I3.0 F3.1 I3.1 I0.0 W3.0 I0.1 W3.1 F0.2 W0.0

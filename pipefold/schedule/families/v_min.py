@@ -20,7 +20,7 @@ def memory_cap(num_ranks: int) -> int:
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
     """V placement, split backward, at most ceil(2p/3)+2 half-stage chunks in flight per rank.
 
-    Built by the greedy scheduler of [Note: controllable-memory V schedules]
+    Built by the greedy scheduler of docs/decisions.md, "Controllable-memory V schedules"
     (_v_greedy.py); exact pictures in tests/schedule/test_golden.py. Memory:
     ceil(2p/3)+2 chunks, about p/3 + 1 stages' worth against 1F1B's p on rank 0.
     Bubble with F = I = W, measured at m = 4p: 4% (p=2), 11% (p=4), 28% (p=6),

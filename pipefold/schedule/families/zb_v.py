@@ -63,7 +63,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
                 F1.3 I1.1 W1.1 F2.3 I2.2 W2.2 I1.2 I2.3 I1.3 W1.2 W2.3 W1.3
 
     This is torch's ScheduleZBVZeroBubble; below m = 2p-1 it is generated for 2p-1
-    micro-batches and the extra ones removed ([Note: padding]). Bubble with
+    micro-batches and the extra ones removed (docs/decisions.md, "Padding"). Bubble with
     F = I = W (per chunk): (p-1)/(6m+p-1) within one call once m >= 2p-1, i.e. each
     rank idles only p-1 chunk-slots (tested). Memory: 2p chunks of 1/2 stage on
     every rank once m >= 2p-1: the p stages' worth 1F1B holds on its rank 0.
