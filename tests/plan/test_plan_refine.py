@@ -1,5 +1,5 @@
 """Searched orders in the planner: reported for the choice, and candidates of their own
-([Note: planner refinement] in pipefold/plan/refine.py)."""
+(docs/decisions.md, "Planner refinement")."""
 
 import argparse
 import json
