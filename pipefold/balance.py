@@ -3,12 +3,8 @@
 Plain Python and numpy, no torch, so the planner (`pipefold.plan`) balances stages
 without loading a model; `pipefold.model.partition` re-exports both for model users.
 
-[Note: balance tie-break]
-Many cuts often reach the same optimal slowest stage (7 equal layers in 3 stages:
-3+2+2, 2+3+2, 2+2+3). Among them `balance` takes the one with the smallest sum of
-squared stage times, so the other stages are as even as they can be too, and among
-those the one whose earlier stages are larger (3+3+2, not 2+3+3, for 8 layers):
-the last stage also computes the loss, so it is the one to relieve.
+Among cuts with the same slowest stage it takes the most even, earlier stages larger
+(docs/decisions.md, "Balance tie-break").
 """
 
 from __future__ import annotations
@@ -141,7 +137,7 @@ def balance(
 
     Stage s takes `sum(weights of its layers) / stage_speeds[s]`. Dynamic programming
     over (stage, cut point), vectorised per stage: O(num_stages * num_layers**2) time,
-    O(num_layers**2) memory; ties broken as in [Note: balance tie-break].
+    O(num_layers**2) memory; ties broken as in docs/decisions.md, "Balance tie-break".
     """
     num_layers = len(weights)
     if not isinstance(num_stages, int) or num_stages < 1:

@@ -68,12 +68,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipefold.errors import ConfigError, ScheduleError
-from pipefold.schedule.auto import layout_of
-from pipefold.schedule.probe import SEARCHED, probe_base
+from pipefold.plan.probe import SEARCHED, probe_base
+from pipefold.schedule.placement import layout_of
 
 if typing.TYPE_CHECKING:
     from pipefold.schedule import Schedule
-    from pipefold.schedule.auto import Placement
+    from pipefold.schedule.placement import Placement
 
 if sys.version_info >= (3, 11):
     import tomllib

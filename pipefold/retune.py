@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from pipefold.errors import PipefoldError
+from pipefold.plan import find_schedule
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Schedule
-from pipefold.schedule.auto import find_schedule, layout_of
 from pipefold.schedule.io import from_json, to_json
+from pipefold.schedule.placement import layout_of
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 

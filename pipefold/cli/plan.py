@@ -22,16 +22,24 @@ import json
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
-from pipefold.cli.profile import add_measure_arguments
+from rich.console import Console
+from rich.table import Table
+
+from pipefold.cli.profile import add_measure_arguments, measure_gpt, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
+from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
+from pipefold.plan.space import is_asynchronous
+from pipefold.plan.units import parse_rate
+from pipefold.schedule.io import save
+from pipefold.schedule.registry import family
+from pipefold.simulate import Link
 
 
 def _bytes_flag(flag: str) -> Any:
     def parse(text: str) -> int:
-        from pipefold.plan import parse_bytes
-
         try:
             return parse_bytes(text, what=flag)
         except ConfigError as error:
@@ -42,8 +50,6 @@ def _bytes_flag(flag: str) -> Any:
 
 def _rate_flag(flag: str) -> Any:
     def parse(text: str) -> float:
-        from pipefold.plan.units import parse_rate
-
         try:
             return parse_rate(text, what=flag)
         except ConfigError as error:
@@ -158,8 +164,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _costs(args: argparse.Namespace) -> Any:
-    from pipefold.plan import ModelCosts, gpt_costs
-
     if args.measure and not args.model:
         raise ConfigError("--measure goes with --model gpt (or use --profile); --costs are already numbers")
     if args.profile or args.measure:
@@ -180,8 +184,6 @@ def _costs(args: argparse.Namespace) -> Any:
 
 def _measured_costs(args: argparse.Namespace) -> Any:
     """Profile the built-in GPT as `pipefold profile` does; show the table unless --json."""
-    from pipefold.cli.profile import measure_gpt, print_table, profile_rows, write_costs
-
     for flag in ("--flops", "--bytes-per-value", "--overhead"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
@@ -192,15 +194,11 @@ def _measured_costs(args: argparse.Namespace) -> Any:
     if args.save_costs:
         write_costs(measured.costs, args.save_costs, flag="--save-costs")
     if not args.json:
-        from rich.console import Console
-
         print_table(measured, Console())
     return measured.costs
 
 
 def _check_writable(path: str) -> None:
-    from pathlib import Path
-
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise ConfigError(
@@ -213,7 +211,7 @@ def _check_writable(path: str) -> None:
 def _trains_the_planned_model(args: argparse.Namespace) -> bool:
     """Whether the costs are the built-in GPT's as `pipefold train` builds it (a `--costs` file
     describes any model; train reads bytes, a vocabulary of 256)."""
-    from pipefold.data.corpus import VOCAB_SIZE
+    from pipefold.data.corpus import VOCAB_SIZE  # torch: the pipefold.data package imports it
 
     return not args.costs and args.vocab_size == VOCAB_SIZE
 
@@ -223,9 +221,6 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     None where the costs are not the built-in GPT's as `pipefold train` builds it (`--costs`
     files describe any model; a vocabulary other than train's byte-level one), and where the
     choice is a searched order but no `--save-schedule FILE` holds it for train to read."""
-    from pipefold.plan.space import is_asynchronous
-    from pipefold.schedule.registry import family
-
     if not _trains_the_planned_model(args):
         return None
     choice = result.choice
@@ -263,8 +258,6 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
 def _save_schedule(result: Any, path: str) -> None:
     """The chosen searched order, or the one searched for the family choice where it beats the family,
     else the family's own schedule (`Plan.schedule_to_run`)."""
-    from pipefold.schedule.io import save
-
     choice, searched = result.choice, result.searched
     if choice.is_searched_order:
         what = f"the chosen searched order (on {choice.base_family}'s configuration)"
@@ -285,16 +278,11 @@ def _override(link: Any, bandwidth: float | None, latency: float | None) -> Any:
     """`link` with what the flags give instead, or None (the default link) where they give nothing."""
     if bandwidth is None and latency is None:
         return None
-    from pipefold.simulate import Link
-
     return Link(latency=link.latency if latency is None else latency,
                 bandwidth=link.bandwidth if bandwidth is None else bandwidth)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipefold.plan import PlanOptions, format_bytes, plan
-    from pipefold.simulate import Link
-
     for flag, latency in (("--latency", args.latency), ("--dp-latency", args.dp_latency),
                           ("--tp-latency", args.tp_latency)):
         if latency is not None and (latency < 0 or not math.isfinite(latency)):
@@ -353,8 +341,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**result.to_json(), "train_command": command}))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     limit = "no limit" if math.isinf(result.memory_limit) else format_bytes(result.memory_limit)

@@ -3,7 +3,7 @@
     pipefold schedules                                     # the families, as a table
     pipefold schedules find --ranks 4 --microbatches 8 --costs costs.json --save auto.json
 
-`find` searches a schedule for a cost model (`pipefold.schedule.search_schedule`),
+`find` searches a schedule for a cost model (`pipefold.plan.search_schedule`),
 prints its grid and how it compares with the fastest hand-written family, and
 `--save` writes it as pipefold's schedule JSON for `pipefold.schedule.io.load`.
 """
@@ -18,7 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipefold.errors import ConfigError
-from pipefold.schedule import family, names
+from pipefold.plan import search_schedule
+from pipefold.schedule import Placement, family, format_grid, names
+from pipefold.schedule.io import save
+from pipefold.simulate import CostModel
 
 
 def add_parser(subparsers: Any) -> None:
@@ -87,8 +90,6 @@ def _add_find_parser(commands: Any) -> None:
 
 
 def _load_costs(args: argparse.Namespace, num_stages: int) -> Any:
-    from pipefold.simulate import CostModel
-
     if args.costs_file:
         return CostModel.from_json(args.costs_file)
     parts = args.costs.split(",")
@@ -105,10 +106,6 @@ def _load_costs(args: argparse.Namespace, num_stages: int) -> Any:
 
 
 def run_find(args: argparse.Namespace) -> int:
-    from pipefold.schedule import format_grid, search_schedule
-    from pipefold.schedule.auto import Placement
-    from pipefold.schedule.io import save
-
     for flag, value in (("--ranks", args.ranks), ("--microbatches", args.microbatches),
                         ("--virtual", args.virtual)):
         if value < 1:

@@ -7,7 +7,13 @@ import dataclasses
 import json
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from pipefold.errors import ConfigError
+from pipefold.schedule import build
+from pipefold.simulate import CostModel, simulate
+from pipefold.viz import render_ascii, save_chrome_trace, save_png
 
 
 def _costs_triple(text: str) -> tuple[float, float, float]:
@@ -59,10 +65,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipefold.schedule import build
-    from pipefold.simulate import CostModel, simulate
-    from pipefold.viz import render_ascii, save_chrome_trace, save_png
-
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1; got {args.steps}")
     schedule = build(args.schedule, num_ranks=args.ranks, num_microbatches=args.microbatches,
@@ -88,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(summary))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(render_ascii(timeline, width=args.width), highlight=False, markup=False, soft_wrap=True)

@@ -35,7 +35,7 @@ def step_time_lower_bound(model: CostModel, placement: tuple[int, ...], num_micr
     chain = head[-1] + sum(min(b, i) for b, i in zip(model.b, model.i, strict=True))
     bound = max(chain, max(head[first[rank]] + busy[rank] for rank in range(num_ranks)))
     if model.num_cores is not None:
-        # Ranks sharing cores ([Note: shared cores]) get through at most num_cores x the time
+        # Ranks sharing cores (docs/decisions.md, "Shared cores") get through at most num_cores x the time
         # of work together.
         bound = max(bound, sum(busy) / min(model.num_cores, num_ranks))
     return bound

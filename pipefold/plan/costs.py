@@ -1,14 +1,8 @@
 """`ModelCosts`: what each layer of a model costs, the planner's only view of the model.
 
-[Note: cost scaling]
-Times and activation/boundary sizes are given for one micro-batch of
-`reference_rows` samples (a profile's sample batch, or 1 for per-sample figures)
-and the planner scales them linearly with the rows of the micro-batch it tries:
-a layer takes `overhead_s + forward_s * rows / reference_rows`. Linear scaling
-ignores that small matrix products run below the device's peak rate, so it
-flatters small micro-batches; `overhead_s` (a fixed cost per layer and action:
-kernel launches, framework dispatch) is the one knob that pushes back. Parameter
-bytes do not scale. Plain data, JSON in and out, no torch.
+Times and sizes are for `reference_rows` samples and scale linearly with the rows of a
+micro-batch; `overhead_s` is the fixed part (docs/decisions.md, "Cost scaling"). Plain
+data, JSON in and out, no torch.
 """
 
 from __future__ import annotations
@@ -53,8 +47,7 @@ class LayerCost:
     with rows, on top of `ModelCosts.overhead_s`: a tensor-parallel all-reduce's latency."""
     tensor_parallel_share: float = 0.0
     """The share of the layer's time and parameter bytes that a tensor-parallel split divides
-    over the tp ranks (0: the layer is not split; see [Note: tensor-parallel cost model] in
-    pipefold/plan/tensor.py)."""
+    over the tp ranks (0: the layer is not split; see docs/decisions.md, "Tensor-parallel cost model")."""
     tensor_parallel_activation_share: float | None = None
     """The share of its activation bytes that the split divides; None: `tensor_parallel_share`."""
     num_tensor_parallel_allreduces: int = 0
@@ -130,14 +123,8 @@ class ProfileLike(Protocol):
 def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
     """W's part of the layer's backward by its measured I/W split; None (halves) without one.
 
-    [Note: measured split]
-    Splitting a backward costs more than running it whole (I first walks the graph to
-    find the nodes that feed the weights; W makes one autograd call per group of
-    parameters), a roughly fixed amount per layer: a measured I + W is about 1.3 x B for
-    `pipefold train`'s GPT on one CPU thread, and over 2 x B for tiny layers. The planner
-    prices I = B - W, so it gets W's *share* of the measured I + W applied to B: the
-    ratio is the layer's, the sum stays B's. The split's extra cost is shown by
-    `pipefold profile`, not charged to split schedules.
+    W's share of the measured I + W applied to B: the ratio is the layer's, the sum stays B's
+    (docs/decisions.md, "Measured split").
     """
     # Read with getattr: older profile-like objects carry no split.
     input_s = getattr(profile, "input_grad_s", None)
@@ -156,7 +143,8 @@ _FIELDS = (
 
 @dataclass(frozen=True)
 class ModelCosts:
-    """Per-layer costs of a model and what training adds per parameter byte (see [Note: cost scaling])."""
+    """Per-layer costs of a model and what training adds per parameter byte (docs/decisions.md,
+    "Cost scaling")."""
 
     layers: tuple[LayerCost, ...]
     reference_rows: int = 1
@@ -264,7 +252,7 @@ class ModelCosts:
         that is W, for every layer) when given; otherwise by the layer's own measured
         split when the profile has one (`profile(..., split_backward=True)`: W's share of
         the measured I + W); otherwise in halves. B stays the measured whole backward: the
-        split only apportions it (see [Note: measured split]).
+        split only apportions it (see docs/decisions.md, "Measured split").
         Duck-typed, so this module needs no torch; other keywords go to the constructor.
         """
         if weight_grad_share is not None and not 0 <= weight_grad_share <= 1:

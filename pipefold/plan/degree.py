@@ -1,25 +1,7 @@
 """The degree: which dp x pp (x tp) splits of the devices to search, and what dp costs.
 
-[Note: data-parallel step model]
-`dp` replicas of a `pp`-rank pipeline each run the schedule on global_batch / dp rows
-(the runtime of docs/parallelism.md), then every rank all-reduces its stages' gradients
-with the same rank of the other replicas, after the schedule (not overlapped with the
-backward). The planner prices that as:
-- the pipeline part: the simulated step of one replica on its global_batch / dp rows,
-  costs scaled linearly with rows as for any micro-batch size ([Note: cost scaling]
-  in costs.py), so per-replica activations shrink with the replica's batch;
-- the all-reduce: a ring all-reduce of the gradient bytes of the rank that holds the
-  most, 2 (dp - 1) / dp x bytes / bandwidth + 2 (dp - 1) x latency on `dp_link`.
-  Every rank reduces at once over its own group, so the largest one sets the time;
-  the runtime's 25 MB buckets are all started before any is waited on, so their
-  latencies are charged once, not per bucket. dp = 1, or no gradient bytes, costs 0.
-- memory: each replica holds its stages' full weights, gradients and optimizer state,
-  so a rank's memory is that of the lone pipeline on the replica batch. With
-  `PlanOptions.zero` (ZeRO-1, `pipefold.runtime.sharded_optimizer`) the optimizer state
-  is split over the replicas: 1 / dp of it per rank (the runtime balances whole tensors,
-  so this is the mean share), and the step adds a ring all-gather of the rank's weights
-  after the all-reduce (the owners' broadcasts of what they updated).
-  The all-reduce's flat bucket buffers are not counted (as no communication buffer is).
+dp replicas each run the schedule on global_batch / dp rows, then all-reduce gradients
+(docs/decisions.md, "Data-parallel step model").
 """
 
 from __future__ import annotations
@@ -42,7 +24,7 @@ class Degree:
     replica_batch: int
     """Samples each replica runs per step: global_batch / dp."""
     num_tensor_parallel: int = 1
-    """Tensor-parallel ranks tp per stage ([Note: tensor-parallel cost model] in tensor.py)."""
+    """Tensor-parallel ranks tp per stage (docs/decisions.md, "Tensor-parallel cost model")."""
 
     @property
     def num_devices(self) -> int:
@@ -66,8 +48,9 @@ def split_text(num_data_parallel: int, num_ranks: int, num_tensor_parallel: int 
 
 
 def allreduce_time(num_bytes: int, num_replicas: int, link: Link) -> float:
-    """Seconds of a ring all-reduce of `num_bytes` across `num_replicas` (see [Note: data-parallel step
-    model]): 2 (dp - 1) / dp x bytes / bandwidth + 2 (dp - 1) x latency; 0 with one replica or no bytes."""
+    """Seconds of a ring all-reduce of `num_bytes` across `num_replicas` (docs/decisions.md,
+    "Data-parallel step model"): 2 (dp - 1) / dp x bytes / bandwidth + 2 (dp - 1) x latency; 0
+    with one replica or no bytes."""
     if num_replicas <= 1 or num_bytes <= 0:
         return 0.0
     steps = 2 * (num_replicas - 1)

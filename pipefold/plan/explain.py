@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from pipefold.plan.degree import Degree, split_text
+from pipefold.plan.record import Record
 from pipefold.plan.result import Candidate, Verdict
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
-
-if TYPE_CHECKING:
-    from pipefold.plan.search import Record
 
 __all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts"]
 

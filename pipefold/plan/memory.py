@@ -1,18 +1,7 @@
 """Peak memory per rank: what a rank holds for its weights, and at most for activations.
 
-[Note: planner memory model]
-Rank r holds, for the layers of its stages:
-- weights: one copy, or every version weight stashing keeps alive (the simulator's
-  `weight_bytes_peak`, which is one copy under a flush);
-- gradients and optimizer state: `gradient_bytes_per_parameter_byte` and
-  `optimizer_bytes_per_parameter_byte` times the parameter bytes (one copy each);
-- activations: the simulated peak of bytes held by in-flight micro-batches (see
-  [Note: what a rank holds] in pipefold/simulate/memory.py);
-- recompute: the transient of a recomputing backward (see [Note: recompute model]
-  in stages.py).
-Not counted: framework and allocator overhead, temporary buffers of a backward
-that is not recomputed, communication buffers, the loss. Leave headroom for them in
-the limit.
+Weights, gradients, optimizer state, simulated activations and the recompute transient;
+what is not counted: docs/decisions.md, "Planner memory model".
 """
 
 from __future__ import annotations
@@ -29,7 +18,7 @@ __all__ = ["RankMemory", "rank_memory", "static_bytes", "static_weight_bytes", "
 
 @dataclass(frozen=True)
 class RankMemory:
-    """Peak bytes one rank needs, by kind (see [Note: planner memory model])."""
+    """Peak bytes one rank needs, by kind (see docs/decisions.md, "Planner memory model")."""
 
     weights: int
     gradients: int
@@ -95,7 +84,7 @@ def rank_memory(
     placement: tuple[int, ...],
     transient: tuple[int, ...],
 ) -> tuple[RankMemory, ...]:
-    """Per rank, the peak memory of a simulated timeline (see [Note: planner memory model])."""
+    """Per rank, the peak memory of a simulated timeline (see docs/decisions.md, "Planner memory model")."""
     owned = _owned_weight_bytes(model, placement, timeline.num_ranks)
     return tuple(
         RankMemory(

@@ -1,157 +1,32 @@
 """Searched orders as planner candidates: a configuration's actions in an order found for its costs.
 
-[Note: planner refinement]
-The family search (search.py) prices every configuration (split, family, v, m, partition,
-recompute) at its family's hand-written order. Afterwards the order itself is searched:
-`search_schedule` (pipefold/schedule/auto.py) runs on a configuration's own cost model
-(partition, micro-batch size, recomputed stages, link, shared cores), in its layout, under
-the activation memory the limit leaves on the fullest rank once weights, gradients,
-optimizer state and the recompute transient are counted. Each result is simulated and
-priced like any candidate and joins the ranking as schedule "auto", carrying its
-`Schedule` (`Candidate.order`), so it can be the choice, be saved and be run.
-
-1. What is searched. The search depends on a family only through its layout, so every
-   (split, partition, m, v, layout, recompute) is one target, however many families share
-   it; its base is the best family candidate there (the fastest, where none fits). The
-   family choice's configuration goes first, as it always did; the others follow in order
-   of their base's step time, and only those whose base is within `ORDER_SEARCH_MARGIN`
-   (10%) of the family choice: a searched order gains a few percent on its family's (its
-   seeds include every fitting family of the layout), rarely ten, and each search costs
-   up to `order_search_s`. Configurations the family search never simulated are not
-   targets: their bound already exceeded the table's slowest entry, so no order of them
-   can win.
-2. Pruning. The lower bounds of bounds.py hold for any order of the same actions, so a
-   target whose bound is not below the family choice's 1% time bucket (nor inside the best
-   searched order's) cannot become the choice and is skipped unsearched.
-3. Budget. At most `max_order_searches` searches (default 8), each of at most
-   `order_search_s` (1 s) and all together of about `order_search_total_s` (2 s): each gets
-   an equal share of what is left among the searches that may still run, and none but the
-   first starts once it is spent; a search's list-scheduler runs always finish, so the
-   total can run over a little. `order_search_s = 0` turns searching off: every candidate
-   is a family's order, as before. The defaults keep `pipefold plan` within a few seconds.
-4. Over-memory configurations are searched too. A target whose family orders all exceed
-   the limit (typically without the recompute the family search then added) gets the same
-   memory cap, and a searched order that holds fewer micro-batches in flight can fit where
-   no family order of it does, without recomputing. It is cheap: where even one
-   micro-batch per rank exceeds the cap, `search_schedule` refuses at once, and the bound,
-   the margin (on the family's over-memory step time) and the budget apply as above.
-5. Ranking. A searched order is ranked like any candidate, except that within one 1% time
-   bucket every family order comes first: a family's order is known to run well on any
-   costs, a searched one is tuned to these (on the CPU benchmark a searched order predicted
-   ahead of zb-h1 ran 6% behind it). So the choice is a searched order only where it is
-   faster than every family candidate beyond the tolerance; otherwise the table may list
-   searched orders and the choice's own searched order is still reported with its gain.
-   Only orders faster than their base family's, or fitting where it does not, are ranked.
-6. No family fits. Where no family order fits anywhere, the search runs before giving up:
-   every simulated configuration is a target (no margin: there is no choice to be near),
-   the least over the limit first, with the same budget; the fastest order that fits is
-   the choice, and `NoFeasiblePlan` is raised only where none does.
-
-With families pinned (`schedules`), searched orders compete only where "auto" is among
-the pins; otherwise only the choice's order is searched and reported beside it.
-Asynchronous families are not searched (the search builds flush schedules), nor layouts
-the search does not know, nor configurations the family search pruned unsimulated.
+Which configurations are searched, pruned, budgeted and how searched orders rank against
+families: docs/decisions.md, "Planner refinement".
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import RankMemory, rank_memory, static_bytes
-from pipefold.plan.result import Candidate
+from pipefold.plan.memory import rank_memory, static_bytes
+from pipefold.plan.order_search import search_schedule
+from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
-from pipefold.schedule import Schedule, build, search_schedule
-from pipefold.schedule.auto import layout_of
-from pipefold.schedule.io import from_json, to_json
+from pipefold.schedule import build, layout_of
 from pipefold.simulate import simulate
 
-__all__ = ["SearchedOrder", "search_order", "searched_candidate", "ORDER_SEARCH_MARGIN"]
+__all__ = ["search_order", "searchable", "searched_candidate", "ORDER_SEARCH_MARGIN"]
 
 DEFAULT_SEARCH_TIME_S = 1.0
 """Seconds `search_order` may spend by default (the list-scheduler runs always finish)."""
 
 ORDER_SEARCH_MARGIN = 0.10
 """Configurations whose best family order is more than this much slower than the family choice
-are not searched (see [Note: planner refinement])."""
-
-
-@dataclass(frozen=True)
-class SearchedOrder:
-    """The order `search_schedule` found for one configuration, simulated and priced."""
-
-    schedule: Schedule
-    """Named "auto"; runs with the configuration's partition, micro-batches and recompute."""
-    family: str
-    """The family of the configuration whose order it was compared with (the base)."""
-    step_time: float
-    """Predicted seconds per step, the configuration's gradient all-reduce included."""
-    family_step_time: float
-    """The base family order's step (over the memory limit where `family_fits` is False)."""
-    bubble_fraction: float
-    memory: tuple[RankMemory, ...]
-    origin: str
-    """Where the search started: a list-scheduler setting or a family."""
-    family_fits: bool = True
-    """Whether the base family's order fits the memory limit (a searched order can fit where it
-    does not: [Note: planner refinement])."""
-
-    @property
-    def gain(self) -> float:
-        """The base family's step over this one's (above 1: the searched order is faster)."""
-        return self.family_step_time / self.step_time if self.step_time > 0 else 1.0
-
-    @property
-    def peak_memory(self) -> int:
-        return max(memory.total for memory in self.memory)
-
-    def explain(self) -> str:
-        if not self.family_fits:
-            return (
-                f"searched order: fits where {self.family}'s order of this configuration does not; predicted "
-                f"step {self.step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}"
-            )
-        if self.gain <= 1.0:
-            return (
-                f"searched order: none faster than {self.family}'s for these costs "
-                f"(best found {self.step_time:.4g} s, from {self.origin})"
-            )
-        return (
-            f"searched order: predicted step {self.step_time:.4g} s, {self.gain:.3f}x {self.family}'s "
-            f"{self.family_step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}; "
-            "`pipefold plan --save-schedule FILE` writes it, for "
-            "Pipeline(schedule=pipefold.schedule.io.load(FILE)) with the same partition and micro-batches"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schedule": to_json(self.schedule),
-            "family": self.family,
-            "step_time": self.step_time,
-            "family_step_time": self.family_step_time,
-            "gain": self.gain,
-            "bubble_fraction": self.bubble_fraction,
-            "memory": [memory.to_json() for memory in self.memory],
-            "origin": self.origin,
-            "family_fits": self.family_fits,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SearchedOrder:
-        return cls(
-            schedule=from_json(data["schedule"]),
-            family=str(data["family"]),
-            step_time=float(data["step_time"]),
-            family_step_time=float(data["family_step_time"]),
-            bubble_fraction=float(data["bubble_fraction"]),
-            memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
-            origin=str(data["origin"]),
-            family_fits=bool(data.get("family_fits", True)),
-        )
+are not searched (see docs/decisions.md, "Planner refinement")."""
 
 
 def searchable(candidate: Candidate) -> bool:
@@ -171,9 +46,9 @@ def search_order(
     *,
     time_budget_s: float = DEFAULT_SEARCH_TIME_S,
 ) -> SearchedOrder | None:
-    """Search an order for the configuration of the family candidate `choice` (see [Note: planner
-    refinement]), over or within the memory limit; None where the family is asynchronous, its
-    layout is not one the search knows, or no order fits the memory the limit leaves."""
+    """Search an order for the configuration of the family candidate `choice` (docs/decisions.md,
+    "Planner refinement"), over or within the memory limit; None where the family is asynchronous,
+    its layout is not one the search knows, or no order fits the memory the limit leaves."""
     if not searchable(choice):
         return None
     pp, v, m = choice.num_ranks, choice.num_virtual, choice.num_microbatches

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pipefold.balance import Partition
 from pipefold.plan.degree import split_text
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.units import format_bytes
-from pipefold.schedule import Schedule
+from pipefold.schedule import Schedule, build
 from pipefold.schedule.io import from_json as schedule_from_json
 from pipefold.schedule.io import to_json as schedule_to_json
 
-if TYPE_CHECKING:
-    from pipefold.plan.refine import SearchedOrder
-
-__all__ = ["Candidate", "Verdict", "Plan", "Status"]
+__all__ = ["Candidate", "Verdict", "Plan", "SearchedOrder", "Status"]
 
 Status = Literal["chosen", "slower", "over-memory", "pruned", "not-applicable", "not-searched"]
 """How a schedule family or a setting fared: see `Verdict`."""
@@ -224,6 +221,80 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class SearchedOrder:
+    """The order `search_schedule` found for one configuration, simulated and priced."""
+
+    schedule: Schedule
+    """Named "auto"; runs with the configuration's partition, micro-batches and recompute."""
+    family: str
+    """The family of the configuration whose order it was compared with (the base)."""
+    step_time: float
+    """Predicted seconds per step, the configuration's gradient all-reduce included."""
+    family_step_time: float
+    """The base family order's step (over the memory limit where `family_fits` is False)."""
+    bubble_fraction: float
+    memory: tuple[RankMemory, ...]
+    origin: str
+    """Where the search started: a list-scheduler setting or a family."""
+    family_fits: bool = True
+    """Whether the base family's order fits the memory limit (a searched order can fit where it
+    does not: docs/decisions.md, "Planner refinement")."""
+
+    @property
+    def gain(self) -> float:
+        """The base family's step over this one's (above 1: the searched order is faster)."""
+        return self.family_step_time / self.step_time if self.step_time > 0 else 1.0
+
+    @property
+    def peak_memory(self) -> int:
+        return max(memory.total for memory in self.memory)
+
+    def explain(self) -> str:
+        if not self.family_fits:
+            return (
+                f"searched order: fits where {self.family}'s order of this configuration does not; predicted "
+                f"step {self.step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}"
+            )
+        if self.gain <= 1.0:
+            return (
+                f"searched order: none faster than {self.family}'s for these costs "
+                f"(best found {self.step_time:.4g} s, from {self.origin})"
+            )
+        return (
+            f"searched order: predicted step {self.step_time:.4g} s, {self.gain:.3f}x {self.family}'s "
+            f"{self.family_step_time:.4g} s, bubble {self.bubble_fraction:.1%}, from {self.origin}; "
+            "`pipefold plan --save-schedule FILE` writes it, for "
+            "Pipeline(schedule=pipefold.schedule.io.load(FILE)) with the same partition and micro-batches"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schedule": schedule_to_json(self.schedule),
+            "family": self.family,
+            "step_time": self.step_time,
+            "family_step_time": self.family_step_time,
+            "gain": self.gain,
+            "bubble_fraction": self.bubble_fraction,
+            "memory": [memory.to_json() for memory in self.memory],
+            "origin": self.origin,
+            "family_fits": self.family_fits,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchedOrder:
+        return cls(
+            schedule=schedule_from_json(data["schedule"]),
+            family=str(data["family"]),
+            step_time=float(data["step_time"]),
+            family_step_time=float(data["family_step_time"]),
+            bubble_fraction=float(data["bubble_fraction"]),
+            memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
+            origin=str(data["origin"]),
+            family_fits=bool(data.get("family_fits", True)),
+        )
+
+
+@dataclass(frozen=True)
 class Plan:
     """The chosen configuration, the runners-up, and why the rest lost."""
 
@@ -252,8 +323,8 @@ class Plan:
     num_devices: int | None = None
     """The devices split into dp x pp (x tp) when the degree was searched; None when it was pinned."""
     searched: SearchedOrder | None = None
-    """The order searched for the choice's configuration ([Note: planner refinement] in
-    refine.py): where the choice is a searched order, that order; None when not searched
+    """The order searched for the choice's configuration (docs/decisions.md, "Planner
+    refinement"): where the choice is a searched order, that order; None when not searched
     (asynchronous family, unknown layout, search off)."""
     best_family: Candidate | None = None
     """Where the choice is a searched order: the fastest family candidate, the choice a plan
@@ -295,8 +366,6 @@ class Plan:
             return self.choice.order
         if self.searched is not None and self.searched.gain > 1.0:
             return self.searched.schedule
-        from pipefold.schedule import build
-
         choice = self.choice
         return build(choice.schedule, num_ranks=choice.num_ranks, num_microbatches=choice.num_microbatches,
                      num_virtual=choice.num_virtual)
@@ -424,8 +493,6 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
-        from pipefold.plan.refine import SearchedOrder
-
         limit = data.get("memory_limit")
         searched = data.get("searched")
         best_family = data.get("best_family")

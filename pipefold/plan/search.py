@@ -1,42 +1,7 @@
 """`plan(costs, options)`: the fastest configuration that fits, found by bounded search.
 
-[Note: planner search]
-1. The space (space.py): every split dp x pp x tp of the devices (degree.py; one when
-   pinned; tp = 1 unless `max_tensor_parallel` or `tensor_parallel` say otherwise) x
-   family x stages per rank v x micro-batch count m of the replica's batch. At tp > 1
-   the model is one tp rank's (`split_costs`, [Note: tensor-parallel cost model] in
-   tensor.py) and everything below runs on it. The partition of a configuration is the
-   exact time-balanced cut of the layers into pp*v stages (`pipefold.balance.balance` of
-   per-layer F + B at the configuration's micro-batch size).
-2. Configurations of every split are visited together, in order of a lower bound on
-   their step time (bounds.py, plus the split's gradient all-reduce, which the
-   partition fixes: see [Note: data-parallel step model] in degree.py). Once
-   `top` configurations that fit are known, any configuration whose bound exceeds
-   the slowest of them is skipped unsimulated: it cannot enter the table, let
-   alone win.
-3. Within a configuration, recomputation only lengthens actions, so no recompute
-   is tried first and kept if it fits. Otherwise, with at most
-   `exhaustive_recompute_stages` stages, every subset of recomputed stages is tried
-   in order of its bound (so the best subset is exact); with more stages a greedy
-   search recomputes, on each rank over the limit, the stage that frees the most
-   bytes per second of recomputation, until every rank fits or nothing is left.
-   Asynchronous families never recompute: the runtime refuses it (a recomputed
-   forward would see the live weights, not the stashed version).
-4. Candidates are ranked by step time, then a family's order before a searched one,
-   then peak memory, then fewer replicas (dp), fewer tp ranks, registry order, fewer
-   stages per rank, fewer micro-batches and fewer recomputed stages. Step times are
-   compared in buckets 1% wide (`TIME_TOLERANCE`): a prediction is not exact to the last
-   digit, and two configurations 0.01% apart should be told apart by memory, not by
-   rounding.
-5. Then the orders: the family choice's configuration and the closest others (within 10%,
-   over-memory ones included) are searched for an order of their own, pruned by the same
-   bounds (they hold for any order of a configuration's actions) and bounded by
-   `order_search_s`, `order_search_total_s` and `max_order_searches`; each order found
-   faster than its family's, or fitting where no family order of it does, joins the
-   ranking as schedule "auto" (`Refinement`, `_Search.refine`; [Note: planner refinement]
-   in refine.py). By 4, one becomes the choice only where it is faster than every family
-   candidate beyond the 1% tolerance. Where no family order fits at all, the orders are
-   searched (leanest first) before `NoFeasiblePlan` is raised.
+How the space is visited, pruned by bounds, recomputed into the limit and ranked:
+docs/decisions.md, "Planner search".
 """
 
 from __future__ import annotations
@@ -55,56 +20,21 @@ from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
-from pipefold.plan.refine import (
-    ORDER_SEARCH_MARGIN,
-    SearchedOrder,
-    search_order,
-    searchable,
-    searched_candidate,
-)
-from pipefold.plan.result import Candidate, Plan, Verdict
+from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
+from pipefold.plan.record import Record
+from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
+from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
 from pipefold.schedule import Schedule, build, names
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["plan", "evaluate", "Record", "rank_key", "TIME_TOLERANCE"]
-
-TIME_TOLERANCE = 0.01
-"""Step times within one bucket this wide (relative) count as equal when ranking."""
-
-
-def time_bucket(step_time: float) -> int:
-    """The tolerance bucket of `step_time` (log-spaced, so relative)."""
-    return math.floor(math.log(max(step_time, 1e-300)) / math.log1p(TIME_TOLERANCE))
-
-
-def bucket_ceiling(step_time: float) -> float:
-    """The largest time in the bucket of `step_time`: bounds above it cannot tie."""
-    return math.exp((time_bucket(step_time) + 1) * math.log1p(TIME_TOLERANCE))
-
-
-def bucket_floor(step_time: float) -> float:
-    """The smallest time in the bucket of `step_time`: only times below it rank ahead whatever else."""
-    return math.exp(time_bucket(step_time) * math.log1p(TIME_TOLERANCE))
+__all__ = ["plan", "evaluate"]
 
 _SLACK = 1e-9
 """Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
 rounding, and must not skip a configuration that ties."""
-
-
-def rank_key(
-    candidate: Candidate,
-) -> tuple[int, bool, int, int, int, int, int, int, int, float, tuple[int, ...]]:
-    """Sort key of candidates that fit: faster, then a family's order before a searched one, then
-    leaner, then simpler (see [Note: planner search])."""
-    order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
-    return (
-        time_bucket(candidate.step_time), candidate.is_searched_order, candidate.peak_memory,
-        candidate.num_data_parallel, candidate.num_tensor_parallel, order, candidate.num_virtual,
-        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
-    )
 
 
 @functools.lru_cache(maxsize=512)
@@ -125,7 +55,7 @@ def evaluate(
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
     `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
-    all-reduce over `dp_link` (default `link`), see [Note: data-parallel step model] in degree.py.
+    all-reduce over `dp_link` (default `link`), see docs/decisions.md, "Data-parallel step model".
     `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
     With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
     the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
@@ -163,47 +93,16 @@ def replica_sync_time(
     link: Link, sharded_optimizer: bool,
 ) -> float:
     """After the schedule: the gradient all-reduce across replicas, and with ZeRO-1 the all-gather
-    of the weights each replica updated (see [Note: data-parallel step model] in degree.py)."""
+    of the weights each replica updated (see docs/decisions.md, "Data-parallel step model")."""
     seconds = allreduce_time(max(gradient_bytes(costs, model, placement, num_ranks)), num_replicas, link)
     if sharded_optimizer:
         seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
     return seconds
 
 
-@dataclass
-class Record:
-    """What the search learned about one configuration."""
-
-    degree: Degree
-    config: Config
-    bounds: tuple[int, ...]
-    placement: tuple[int, ...]
-    allreduce_s: float
-    """The gradient all-reduce after the schedule: fixed by the partition, whatever is recomputed."""
-    lower_bound: float
-    """Lower bound on its step time without recompute."""
-    tried: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
-    """Simulated candidates by recomputed stages."""
-    pruned_bound: float | None = None
-    """The least step-time bound among the choices the bound skipped (all of them, when nothing was
-    simulated; the remaining recompute choices otherwise); None when none was skipped."""
-    static_over: tuple[int, int] | None = None
-    """(rank, bytes) when weights, gradients and optimizer state alone exceed the limit there."""
-
-    def prune(self, bound: float) -> None:
-        self.pruned_bound = bound if self.pruned_bound is None else min(self.pruned_bound, bound)
-
-    def best(self, limit: float) -> Candidate | None:
-        fits = [c for c in self.tried.values() if c.over_limit(limit) <= 0]
-        return min(fits, key=rank_key) if fits else None
-
-    def leanest(self) -> Candidate | None:
-        return min(self.tried.values(), key=lambda c: (c.peak_memory, c.step_time), default=None)
-
-
 @dataclass(frozen=True)
 class OrderTarget:
-    """One configuration whose order may be searched ([Note: planner refinement] in refine.py)."""
+    """One configuration whose order may be searched (docs/decisions.md, "Planner refinement")."""
 
     base: Candidate
     """The best family candidate of the configuration (the fastest, where none fits)."""
@@ -246,8 +145,8 @@ class _Search:
     # -- helpers -----------------------------------------------------------------------------
 
     def costs_at(self, degree: Degree) -> ModelCosts:
-        """The costs of one tp rank at `degree` ([Note: tensor-parallel cost model] in tensor.py),
-        with ZeRO-1 its share of the optimizer state ([Note: data-parallel step model])."""
+        """The costs of one tp rank at `degree` (docs/decisions.md, "Tensor-parallel cost model"),
+        with ZeRO-1 its share of the optimizer state (docs/decisions.md, "Data-parallel step model")."""
         dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
         zero = self.shards_optimizer(degree)
         key = (tp, dp if zero else 1)
@@ -429,7 +328,7 @@ class _Search:
                 return
             candidate = self.run(record, subset)
 
-    # -- the order search ([Note: planner refinement] in refine.py) ---------------------------
+    # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
 
     def order_targets(self, records: list[Record], choice: Candidate | None) -> list[OrderTarget]:
         """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
@@ -468,7 +367,7 @@ class _Search:
 
     def refine(self, records: list[Record], choice: Candidate | None) -> Refinement:
         """Search the orders of the targets, best first, while they can still beat the family `choice`
-        (None: no family order fits) and the budget lasts (see [Note: planner refinement] in refine.py)."""
+        (None: no family order fits) and the budget lasts (see docs/decisions.md, "Planner refinement")."""
         options = self.options
         refinement = Refinement()
         if options.order_search_s <= 0 or (choice is None and not options.ranks_searched_orders):
@@ -555,7 +454,7 @@ def _nothing_to_search(search: _Search) -> ConfigError:
 
 def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
     """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
-    [Note: planner search]). Raises `NoFeasiblePlan` naming the least memory that would do.
+    docs/decisions.md, "Planner search"). Raises `NoFeasiblePlan` naming the least memory that would do.
     """
     search = _Search(costs, options)
     records = search.records()

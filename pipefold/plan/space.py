@@ -28,7 +28,7 @@ RecomputeChoice = Literal["auto", "none", "full"]
 
 SEARCHED_ORDER = "auto"
 """The name a searched order goes by (`Candidate.schedule`, a pin in `PlanOptions.schedules`), as
-`pipefold.schedule.find_schedule` names what it finds."""
+`pipefold.plan.find_schedule` names what it finds."""
 
 
 def _positive_int(name: str, value: object, *, optional: bool = False) -> None:
@@ -44,8 +44,7 @@ class PlanOptions:
 
     The devices: `num_ranks` alone is one pipeline of that many ranks (dp = 1, or
     `data_parallel` replicas of it). `num_devices` searches every dp x pp = num_devices;
-    `data_parallel` or `num_ranks` with it pins dp or pp (see [Note: data-parallel step
-    model] in degree.py).
+    `data_parallel` or `num_ranks` with it pins dp or pp (see docs/decisions.md, "Data-parallel step model").
     """
 
     num_ranks: int | None = None
@@ -57,7 +56,7 @@ class PlanOptions:
     data_parallel: int | None = None
     """Pin the data-parallel degree dp; None: 1 without num_devices, searched with it."""
     memory_limit: float = math.inf
-    """Bytes each rank may use (see [Note: planner memory model] in memory.py)."""
+    """Bytes each rank may use (see docs/decisions.md, "Planner memory model")."""
     schedules: tuple[str, ...] = ()
     """Families to consider; empty: every registered one (asynchronous ones only with allow_async)
     and searched orders. With families pinned, a searched order competes only where "auto" is
@@ -87,23 +86,23 @@ class PlanOptions:
     """Pin the tensor-parallel ranks tp per stage; None: 1, or searched up to `max_tensor_parallel`."""
     max_tensor_parallel: int = 1
     """Largest tp searched where not pinned (the model's costs say which layers split and into
-    which degrees: [Note: tensor-parallel cost model] in tensor.py); 1: no tensor parallelism."""
+    which degrees: docs/decisions.md, "Tensor-parallel cost model"); 1: no tensor parallelism."""
     tp_link: Link | None = None
     """Link between the tp ranks of a stage (their all-reduces); None: the same as `link`."""
     sequence_parallel: bool = False
     """Sequence parallelism wherever tp > 1 (the layers' `sequence_parallel_activation_share`
-    says which it splits: [Note: tensor-parallel cost model] in tensor.py), as `pipefold train
+    says which it splits: docs/decisions.md, "Tensor-parallel cost model"), as `pipefold train
     --sequence-parallel` runs it."""
     zero: bool = False
     """Shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and tp = 1 (see
-    [Note: data-parallel step model] in degree.py); the runtime refuses it with tp > 1."""
+    docs/decisions.md, "Data-parallel step model"); the runtime refuses it with tp > 1."""
     num_cores: int | None = None
     """Cores that all of the job's processes share (CPU ranks on one host: cores / threads per
-    rank); each of dp replicas then gets num_cores / dp of them ([Note: shared cores] in
-    pipefold/simulate/costs.py). None: a device per rank."""
+    rank); each of dp replicas then gets num_cores / dp of them (docs/decisions.md, "Shared
+    cores"). None: a device per rank."""
 
     order_search_s: float = 1.0
-    """Seconds one order search may take ([Note: planner refinement] in refine.py); 0: no order
+    """Seconds one order search may take (docs/decisions.md, "Planner refinement"); 0: no order
     search at all (every candidate is a family's order, as before orders were searched)."""
     order_search_total_s: float = 2.0
     """Seconds all order searches together may take: each gets at most what is left of them, and
@@ -269,7 +268,7 @@ class PlanOptions:
 
     @property
     def ranks_searched_orders(self) -> bool:
-        """Whether searched orders compete with the families ([Note: planner refinement] in refine.py)."""
+        """Whether searched orders compete with the families (docs/decisions.md, "Planner refinement")."""
         return self.order_search_s > 0 and (not self.schedules or SEARCHED_ORDER in self.schedules)
 
     @property

@@ -1,15 +1,7 @@
 """Per-layer costs summed into the simulator's per-stage `CostModel`, with or without recompute.
 
-[Note: recompute model]
-The planner recomputes whole stages, as `Pipeline(recompute=[layer indices])` does
-for the layers of those stages: each layer runs under its own activation checkpoint.
-Such a stage keeps only each layer's input per in-flight micro-batch, and each of its
-backward actions runs the layers' forwards again first: B and I cost one extra
-forward of the stage, and so does W, which re-enters the checkpoints once more (see
-[Note: split backward] in pipefold/runtime/backward.py). While one layer's backward
-runs, its recomputed activations exist for that moment: the rank's peak gains the
-largest such layer (`transient_bytes`). Without recompute a split backward keeps the
-stage's whole graph from I to W, so the bytes W needs are the stage's activations.
+Recompute is per stage, as `Pipeline(recompute=...)` runs it (docs/decisions.md,
+"Recompute model").
 """
 
 from __future__ import annotations
@@ -55,8 +47,9 @@ def stage_cost_model(
     link: Link,
     num_cores: float | None = None,
 ) -> CostModel:
-    """The simulator's costs for `layout`, stages in `recompute` recomputed (see [Note: recompute
-    model]); `num_cores` where the ranks share cores ([Note: shared cores] in pipefold/simulate/costs.py)."""
+    """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
+    "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
+    cores")."""
     scale = layout.rows / costs.reference_rows
     overhead = costs.overhead_s
     f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []

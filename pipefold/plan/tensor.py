@@ -1,41 +1,8 @@
 """The tensor-parallel degree: what one tp rank's share of each layer costs.
 
-[Note: tensor-parallel cost model]
-With `tp` ranks per stage (the runtime's "tp" mesh dim, docs/parallelism.md), every tp
-rank of a stage runs the schedule on its slice of the split layers, so the planner
-plans one tp rank: `split_costs(costs, tp, link)` is the model as one tp rank sees it,
-and the rest of the search (partition, schedule, recompute, memory) runs on it
-unchanged. Per layer, with share s = `tensor_parallel_share` and n =
-`num_tensor_parallel_allreduces`:
-- time: forward and backward (both halves) take (1 - s + s / tp) of the layer's; the
-  part s is divided, the rest (layer norms, residual adds) runs whole on every tp rank;
-- communication: each forward adds n ring all-reduces of the layer's output over the tp
-  ranks (Megatron's row-parallel outputs), and each backward's input-gradient half (I,
-  or B whole) n of the input gradient, as large: 2 (tp - 1) / tp x bytes / bandwidth,
-  which scales with rows like the rest of the layer, plus 2 (tp - 1) x latency per
-  all-reduce, which does not (`LayerCost.fixed_s`). W communicates nothing;
-- memory: parameter bytes (and so gradients and optimizer state) take (1 - s + s / tp);
-  activation bytes (1 - a + a / tp) with a = `tensor_parallel_activation_share`
-  (Megatron without sequence parallelism keeps the layer-norm inputs and outputs whole
-  on every tp rank: a = 0.75 for a GPT block);
-- stage boundaries stay whole (every tp rank sends the whole boundary to its peer in
-  the next stage), so `output_bytes` is unchanged.
-
-With sequence parallelism (`split_costs(..., sequence_parallel=True)`, the runtime's
-[Note: sequence parallel x pipeline]) the layers that carry
-`sequence_parallel_activation_share` (a') hold their output split along the sequence:
-- their `output_bytes` (a stage boundary cut after them) divide by tp;
-- a split layer's time divides by tp whole: the norms and residual adds run on T / tp
-  positions too;
-- its activation bytes take (1 - a' + a' / tp): a' = 1 for a GPT block, whose column-split
-  projections keep the sequence slice and all-gather it again for W (measured exactly so);
-- the communication is priced as tensor parallelism's: an all-gather plus a
-  reduce-scatter move the bytes of the all-reduce they replace, in as many ring steps
-  (NCCL's case). W (and B whole) adds the re-gather of each column-split projection's
-  input, one all-gather per all-reduce counted: (tp - 1) / tp x bytes / bandwidth (its
-  latency is not priced: `fixed_s` comes with F and I only).
-The devices are then dp x pp x tp. Only flush schedules: the runtime refuses
-asynchronous ones with tensor parallelism (their weight stashes copy whole tensors).
+`split_costs(costs, tp, link)` is the model as one tp rank sees it, and the rest of the
+search runs on it unchanged; what it divides, adds and keeps whole, with and without
+sequence parallelism: docs/decisions.md, "Tensor-parallel cost model".
 """
 
 from __future__ import annotations
@@ -108,9 +75,9 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
 
 
 def split_costs(costs: ModelCosts, degree: int, link: Link, *, sequence_parallel: bool = False) -> ModelCosts:
-    """`costs` as one of `degree` tensor-parallel ranks sees them (see [Note: tensor-parallel cost
-    model]), with sequence parallelism where `sequence_parallel`; `link` is the one between the
-    tp ranks of a stage. Degree 1 returns `costs`."""
+    """`costs` as one of `degree` tensor-parallel ranks sees them (docs/decisions.md,
+    "Tensor-parallel cost model"), with sequence parallelism where `sequence_parallel`; `link`
+    is the one between the tp ranks of a stage. Degree 1 returns `costs`."""
     if degree == 1:
         return costs
     layers = tuple(_split_layer(layer, degree, link, sequence_parallel) for layer in costs.layers)

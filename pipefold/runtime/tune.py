@@ -16,7 +16,7 @@ measures before it searches:
    the caller's batch, where `base` is the placement's 1F1B-like family (1f1b,
    interleaved-1f1b, zb-v) and the probe splits the backward of even micro-batches
    into I, W and keeps odd ones whole, so every stage's F, B, I and W are measured
-   (pipefold/schedule/probe.py). The first probe step (shape tracing, allocator
+   (pipefold/plan/probe.py). The first probe step (shape tracing, allocator
    warm-up) is left out when there are more.
 2. Costs: `measured_cost_model` of the probe's timelines: per-stage op times, the
    link latency, the runtime's per-action and per-step overheads, activation bytes,
@@ -57,12 +57,12 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PipefoldError, ScheduleError
 from pipefold.model import LayerLike
+from pipefold.plan import probe_schedule, search_schedule
+from pipefold.plan.probe import PROBE_FAMILIES, probe_base
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import LossFn, Pipeline
-from pipefold.schedule import Schedule, build, probe_schedule, search_schedule
-from pipefold.schedule.auto import Placement
+from pipefold.schedule import Placement, Schedule, build
 from pipefold.schedule.io import from_json, to_json
-from pipefold.schedule.probe import PROBE_FAMILIES, probe_base
 from pipefold.simulate import CostModel, simulate
 
 __all__ = ["TunedSchedule", "tune_schedule"]

@@ -1,12 +1,14 @@
 """Schedules as data: the IR, the families, lowering and validation. No torch import.
 
-    >>> from pipefold.schedule import build
+    >>> from pipefold.schedule import build, lower, validate
     >>> schedule = build("1f1b", num_ranks=4, num_microbatches=8)
-    >>> auto = find_schedule(costs, num_ranks=4, num_microbatches=8)   # searched for a CostModel
+    >>> program = lower(schedule)   # with the SEND/RECV actions the runtime executes
+
+Searching a schedule for measured costs is planning: `pipefold.plan.find_schedule`.
 """
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule.auto import ScheduleSearch, find_schedule, search_schedule
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import (
     Action,
     Op,
@@ -18,29 +20,29 @@ from pipefold.schedule.ir import (
     v_placement,
 )
 from pipefold.schedule.lower import Program, lower
-from pipefold.schedule.probe import probe_schedule
-from pipefold.schedule.registry import Family, build, family, names
+from pipefold.schedule.placement import PLACEMENTS, Placement, layout_of, placement_of
+from pipefold.schedule.registry import build, family, names
 from pipefold.schedule.validate import validate
 
 __all__ = [
     "Action",
     "Family",
     "Op",
+    "PLACEMENTS",
+    "Placement",
     "Program",
     "Schedule",
     "ScheduleError",
-    "ScheduleSearch",
     "WeightUpdate",
     "build",
     "contiguous_placement",
     "family",
-    "find_schedule",
     "format_grid",
+    "layout_of",
     "looped_placement",
     "lower",
     "names",
-    "probe_schedule",
-    "search_schedule",
+    "placement_of",
     "v_placement",
     "validate",
 ]

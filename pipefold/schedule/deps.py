@@ -1,15 +1,7 @@
 """Data dependencies between the compute actions of a schedule.
 
-[Note: derived dependencies]
-Nobody writes dependencies or communication by hand. They follow from the model
-being a chain of stages:
-  F(s, m)        consumes the output of F(s-1, m)                  (s > 0)
-  B/I(s, m)      consumes what F(s, m) saved, and the input gradient
-                 produced by the backward (B or I) of (s+1, m)     (s < S-1)
-  W(s, m)        consumes what I(s, m) kept
-  STEP(s, k)     has no data input; it is ordered on its rank only.
-An edge between stages on different ranks is a message; on the same rank the
-tensor is handed over in memory.
+Dependencies and messages follow from the model being a chain of stages; nobody writes
+them by hand (docs/decisions.md, "Derived dependencies").
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ def backward_of(schedule: Schedule) -> dict[tuple[int, int], Action]:
 def data_inputs(
     action: Action, schedule: Schedule, backward: dict[tuple[int, int], Action]
 ) -> tuple[Action, ...]:
-    """The actions whose results `action` consumes (see [Note: derived dependencies]).
+    """The actions whose results `action` consumes (see docs/decisions.md, "Derived dependencies").
 
     `backward` is `backward_of(schedule)`, passed in so callers compute it once.
     Dependencies on actions missing from the schedule are still returned; the

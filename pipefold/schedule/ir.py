@@ -4,9 +4,8 @@ A schedule is data: for every rank, an ordered tuple of actions. Generators
 produce it, `validate` checks it, the simulator predicts it, the runtime executes
 its lowered form and the visualizer draws it. Nothing here imports torch.
 
-[Note: stage numbering]
-`stage` is always the *virtual* stage (model chunk) index, 0 … num_stages-1 in
-model order, whatever rank owns it. `placement[stage]` is the owning rank.
+`stage` is always the virtual stage (model chunk) index in model order; `placement[stage]`
+is its rank (docs/decisions.md, "Stage numbering").
 """
 
 from __future__ import annotations

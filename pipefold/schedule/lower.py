@@ -3,20 +3,8 @@
 The result, a `Program`, is what the runtime executes: per rank, the compute
 actions in schedule order with `SEND_*` and `RECV_*` actions inserted.
 
-[Note: send/recv semantics]
-- A SEND is issued right after the action that produced the tensor (F for
-  activations; B or I for input gradients, so a split backward ships the
-  gradient before its W runs). Sends are non-blocking; the runtime only waits
-  for them before it reuses or frees the buffer.
-- A RECV *posts* a non-blocking receive; the consuming compute action waits
-  for it. Receives are posted `lookahead` compute actions before their
-  consumer, so the transfer overlaps that computation.
-- For every ordered pair of ranks, the receiver posts its receives in the
-  order the sender issues the sends. NCCL matches point-to-point messages by
-  order alone, so this makes matching correct on every backend; it can force a
-  receive to be posted earlier than its lookahead asks.
-Under these rules a program can only deadlock through a cycle of compute
-actions waiting for each other's results, which `validate` rules out.
+When sends are issued and receives posted, and why a valid program cannot deadlock:
+docs/decisions.md, "Send/recv semantics".
 """
 
 from __future__ import annotations
@@ -93,7 +81,7 @@ def messages_of(schedule: Schedule) -> list[Message]:
 
 
 def lower(schedule: Schedule, *, lookahead: int = 1) -> Program:
-    """Insert SEND/RECV actions (see [Note: send/recv semantics]).
+    """Insert SEND/RECV actions (see docs/decisions.md, "Send/recv semantics").
 
     `lookahead` is how many compute actions before its consumer a receive is
     posted (0 = right before the consumer).

@@ -1,69 +1,41 @@
 """Name -> schedule family. `build("1f1b", num_ranks=4, num_microbatches=8)`.
 
-Each family module under `families/` defines one `Family` and registers it; the
-registry checks the parameters, calls the pure generator and validates the
-result, so every schedule handed out has passed `validate`.
+Each family module under `families/` defines one `Family` (`families.FAMILIES` lists them,
+simplest first); the registry checks the parameters, calls the pure generator and
+validates the result, so every schedule handed out has passed `validate`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from pipefold.errors import ScheduleError
+from pipefold.schedule.families import FAMILIES
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Schedule
+from pipefold.schedule.validate import validate
 
-__all__ = ["Family", "register", "build", "names", "family"]
-
-Generator = Callable[[int, int, int], Schedule]
-"""(num_ranks, num_microbatches, num_virtual) -> Schedule. Pure; no I/O, no torch."""
-
-Check = Callable[[int, int, int], None]
-"""Raises ScheduleError naming the violated constraint and a legal alternative."""
-
-
-@dataclass(frozen=True)
-class Family:
-    """A schedule family and what a user needs to know to pick it."""
-
-    name: str
-    generate: Generator
-    check: Check
-    summary: str
-    """One line: what it is and where it comes from."""
-    bubble: str
-    """Bubble fraction with uniform costs, as a formula in p (ranks), m, v."""
-    memory: str
-    """Peak in-flight micro-batches (activations held) per rank, as a formula."""
-    legal: str
-    """The legal parameter range, in words."""
-    default_virtual: int = 1
-    """num_virtual used when the caller does not give one."""
-
+__all__ = ["register", "build", "names", "family"]
 
 _FAMILIES: dict[str, Family] = {}
 
 
 def register(entry: Family) -> Family:
+    """Add a family under its name (the built-in ones are registered on import)."""
     if entry.name in _FAMILIES:
         raise ScheduleError(f"schedule family {entry.name!r} is registered twice")
     _FAMILIES[entry.name] = entry
     return entry
 
 
-def _load() -> None:
-    # Importing the package registers every family; deferred so ir/validate stay importable alone.
-    import pipefold.schedule.families  # noqa: F401
+for _entry in FAMILIES:
+    register(_entry)
 
 
 def names() -> list[str]:
     """Registered family names, in the order the families were registered."""
-    _load()
     return list(_FAMILIES)
 
 
 def family(name: str) -> Family:
-    _load()
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -76,8 +48,6 @@ def build(
     name: str, *, num_ranks: int, num_microbatches: int, num_virtual: int | None = None
 ) -> Schedule:
     """Generate and validate the schedule `name` for these parameters."""
-    from pipefold.schedule.validate import validate
-
     entry = family(name)
     virtual = entry.default_virtual if num_virtual is None else num_virtual
     if num_ranks < 1:

@@ -8,9 +8,9 @@ grid with the offending cell in brackets:
 3. STEP appears only in asynchronous schedules (flush schedules leave the
    optimizer step to the caller, after the call), at most once per (stage, index);
 4. the derived communication cannot deadlock: executing every rank's actions in
-   order, each waiting for the actions it consumes (see [Note: derived
-   dependencies] in deps.py and [Note: send/recv semantics] in lower.py), runs to
-   completion. Same-rank order (F before B, I before W) is covered by this too.
+   order, each waiting for the actions it consumes (docs/decisions.md, "Derived
+   dependencies" and "Send/recv semantics"), runs to completion. Same-rank order
+   (F before B, I before W) is covered by this too.
 """
 
 from __future__ import annotations

@@ -1,39 +1,15 @@
 """`CostModel`: what each action costs in time and memory, and what a message costs.
 
-All times are seconds, all sizes bytes, indexed by *virtual* stage (see [Note: stage
-numbering] in pipefold/schedule/ir.py). A cost model is plain data: built by hand,
-from a measured profile, or loaded from JSON. No torch import.
+All times are seconds, all sizes bytes, indexed by *virtual* stage (docs/decisions.md,
+"Stage numbering"). A cost model is plain data: built by hand, from a measured profile, or
+loaded from JSON. No torch import.
 
-[Note: link model]
-A message crossing stage boundary `s` (between stage s and s+1; the activation goes
-forward, its gradient, of the same size, goes back) from rank `src` to rank `dst`
-takes `latency + message_bytes[s] / bandwidth`. The (latency, bandwidth) pair is
-`link_overrides[(src, dst)]`, else `link_overrides[(dst, src)]`, else the default
-`link`. A handoff between stages on the same rank is free (the tensor stays in
-memory). Transfers do not occupy compute and do not contend with each other.
+Messages: latency + bytes / bandwidth per link (docs/decisions.md, "Link model").
 
-[Note: runtime overheads]
-A real executor spends time between its compute actions: dispatching the next one,
-posting receives, handing a finished output to the transport. `action_overhead` is that
-time per compute action (charged before every action but a step's first, when the rank
-does not wait anyway). `step_overhead` is the time a step spends outside its actions on
-every rank: agreeing on the batch shape at the start, exchanging losses and the timeline
-at the end. The simulator puts it between the steps of a synchronous run, and
-`predicted_step_time` adds it to one step's makespan. Both default to 0 (the textbook
-model); `pipefold.runtime.measured_cost_model` measures them.
+Executor time between actions and between steps: `action_overhead`, `step_overhead`
+(docs/decisions.md, "Runtime overheads").
 
-[Note: shared cores]
-`num_cores` says how many ranks can compute at full speed at once, for ranks that share
-one pool of cores (several CPU processes on one host, each with its threads): the host's
-usable cores divided by each rank's threads. A fraction is allowed: data-parallel
-replicas running the same schedule side by side leave each pipeline cores / replicas.
-None (the default) means every rank has its own device. When more ranks compute at once
-than there are cores, each of them runs at `num_cores / computing` of full speed, the
-fair share an OS scheduler gives (processor sharing); a waiting rank takes no core.
-Times `f`, `b`, ... are then the *work* of an action: its duration with a core to itself.
-Measured on 4 ranks on 2 cores (2026-12-02, AMD EPYC VM, 42 benchmark configurations,
-each replaying its own last step): median |error| 5.5% and 31 within 10% with a core
-per rank, 1.8% and 40 within 10% sharing 2 cores.
+Ranks sharing cores: `num_cores`, processor sharing (docs/decisions.md, "Shared cores").
 """
 
 from __future__ import annotations
@@ -96,7 +72,7 @@ def _ints(name: str, values: Sequence[int], num_entries: int, what: str) -> tupl
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-stage times and sizes, and the link model (see [Note: link model]).
+    """Per-stage times and sizes, and the link model (see docs/decisions.md, "Link model").
 
     Sequence fields left empty take their default: `b` is `i + w` per stage, the
     others are zeros. Every field is validated on construction.
@@ -126,12 +102,13 @@ class CostModel:
     link_overrides: Mapping[tuple[int, int], Link] = field(default_factory=dict, hash=False)
     """Links for particular rank pairs, e.g. across nodes (left out of the hash: a dict has none)."""
     action_overhead: float = 0.0
-    """Seconds between two compute actions of a rank that does not wait ([Note: runtime overheads])."""
+    """Seconds between two compute actions of a rank that does not wait (docs/decisions.md,
+    "Runtime overheads")."""
     step_overhead: float = 0.0
-    """Seconds per step outside the actions, on every rank ([Note: runtime overheads])."""
+    """Seconds per step outside the actions, on every rank (docs/decisions.md, "Runtime overheads")."""
     num_cores: float | None = None
     """Ranks that can compute at full speed at once when they share cores; None: a device
-    per rank ([Note: shared cores])."""
+    per rank (docs/decisions.md, "Shared cores")."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -179,7 +156,7 @@ class CostModel:
             set_(self, "num_cores", float(cores))
 
     def shares_cores(self, num_ranks: int) -> bool:
-        """Whether `num_ranks` ranks outnumber `num_cores` ([Note: shared cores])."""
+        """Whether `num_ranks` ranks outnumber `num_cores` (docs/decisions.md, "Shared cores")."""
         return self.num_cores is not None and num_ranks > self.num_cores
 
     # -- constructors ------------------------------------------------------------------------

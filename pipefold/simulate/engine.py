@@ -1,34 +1,7 @@
 """`simulate(schedule, costs)`: predict a schedule's `Timeline` by discrete events.
 
-[Note: simulated semantics]
-The simulator follows the runtime (see [Note: send/recv semantics] in
-pipefold/schedule/lower.py):
-- every rank runs its compute actions one at a time, in schedule order;
-- an action starts when its rank is free and every data input (see [Note: derived
-  dependencies] in pipefold/schedule/deps.py) has arrived: a same-rank input when its
-  producer ends, a cross-rank one `transfer_time` later (see [Note: link model] in
-  costs.py). Sends are non-blocking and receives are posted ahead, so a transfer
-  occupies neither rank's compute;
-- a rank spends `costs.action_overhead` between two of its actions in a step, and a
-  synchronous run puts `costs.step_overhead` between steps (see [Note: runtime
-  overheads] in costs.py; both 0 by default);
-- time a rank spends ready but starved of input is recorded as a `Wait`;
-- where `costs.num_cores` is fewer than the ranks, ranks computing at once share those
-  cores fairly (see [Note: shared cores] in costs.py), so an action's duration depends
-  on what runs beside it; otherwise every action takes its cost.
-Several steps run the schedule back to back. With `sync=True` a global barrier
-separates steps (a flush: step k+1 starts when the last rank ends step k); with
-`sync=False` each rank goes on to step k+1 as soon as its own step k is done and
-its inputs arrive, so a schedule whose tail overlaps the next step's head (ZB-H2)
-shows its steady state. Ranks still run each call's actions in order, so a call
-that ends in a full drain on rank 0 (1F1B; PipeDream generated one call at a time)
-keeps its bubble across calls.
-
-Since every action has a fixed duration and waits only for earlier work, an
-action's start time depends only on its predecessors; the engine visits actions
-in dependency order with a worklist, O(actions). Shared cores break that (a
-duration depends on the neighbours' timing), so that case advances time from event to
-event instead (`_run_shared`).
+It follows the runtime's semantics, one step after another, with or without a barrier
+between steps (docs/decisions.md, "Simulated semantics").
 """
 
 from __future__ import annotations
@@ -191,7 +164,7 @@ def _run_shared(
     waits: list[list[Wait]],
     num_cores: float,
 ) -> None:
-    """`_run` for ranks that share `num_cores` cores ([Note: shared cores] in costs.py).
+    """`_run` for ranks that share `num_cores` cores (docs/decisions.md, "Shared cores").
 
     An action's duration now depends on what else runs beside it, so the worklist of
     `_run` does not apply: time advances from one start or end to the next, and in
@@ -268,7 +241,7 @@ def _run_shared(
 def simulate(
     schedule: Schedule, costs: CostModel, *, num_steps: int = 1, sync: bool = True
 ) -> Timeline:
-    """Predict the timeline of `num_steps` calls of `schedule` (see [Note: simulated semantics]).
+    """Predict the timeline of `num_steps` calls of `schedule` (see docs/decisions.md, "Simulated semantics").
 
     Raises ConfigError for a bad `num_steps`, CostModelError if `costs` does not fit
     the schedule, ScheduleError if the schedule deadlocks or lacks an action another

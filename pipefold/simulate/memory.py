@@ -3,14 +3,7 @@
 Kept apart from the event engine so that a measured timeline can be priced the same
 way (`activation_bytes_peak(timeline, costs)` works on any `Timeline`). No torch.
 
-[Note: what a rank holds]
-- Activations: a (stage, micro-batch) holds `activation_bytes[stage]` from the end of
-  its F to the end of its B or I; after an I, `weight_grad_bytes[stage]` stay until
-  the end of its W.
-- Weights: under `flush` one version per stage. Under `stash` and `double-buffer` a
-  micro-batch's backward must use the weights its forward saw, so a stage holds its
-  current version plus every older version some in-flight micro-batch (F started, B
-  or I not yet ended) still needs. A STEP of the stage makes a new current version.
+What a (stage, micro-batch) holds, and when, is in docs/decisions.md, "What a rank holds".
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ __all__ = ["activation_bytes_peak", "weight_versions"]
 
 
 def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
-    """Per rank, the most activation bytes held at once (see [Note: what a rank holds])."""
+    """Per rank, the most activation bytes held at once (see docs/decisions.md, "What a rank holds")."""
     peaks = []
     for row in timeline.events:
         changes: list[tuple[float, int]] = []

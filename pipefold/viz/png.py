@@ -79,6 +79,7 @@ def save_png(
     Bars are labelled with their micro-batch where they are wide enough; odd steps
     are hatched. Returns the path written (atomically).
     """
+    # matplotlib: a heavy import that only this view needs; the other views load without it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

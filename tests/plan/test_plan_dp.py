@@ -11,7 +11,7 @@ from pipefold.cli.main import main
 from pipefold.errors import ConfigError
 from pipefold.plan import LayerCost, ModelCosts, NoFeasiblePlan, Plan, PlanOptions, plan
 from pipefold.plan.degree import allreduce_time
-from pipefold.plan.search import rank_key
+from pipefold.plan.ranking import rank_key
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule import build
 from pipefold.simulate import Link, simulate

@@ -1,5 +1,5 @@
 """Searched orders in the planner: reported for the choice, and candidates of their own
-([Note: planner refinement] in pipefold/plan/refine.py)."""
+(docs/decisions.md, "Planner refinement")."""
 
 import argparse
 import json
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
 from pipefold.plan import LayerCost, ModelCosts, NoFeasiblePlan, Plan, PlanOptions, plan
+from pipefold.plan.ranking import time_bucket
 from pipefold.plan.refine import search_order
-from pipefold.plan.search import time_bucket
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule import validate
 from pipefold.schedule.io import load

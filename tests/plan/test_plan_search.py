@@ -7,7 +7,7 @@ import pytest
 
 from pipefold.balance import balance
 from pipefold.plan import LayerCost, ModelCosts, NoFeasiblePlan, PlanOptions, evaluate, plan
-from pipefold.plan.search import rank_key
+from pipefold.plan.ranking import rank_key
 from pipefold.plan.space import is_asynchronous, search_space
 from pipefold.plan.stages import stage_weights
 

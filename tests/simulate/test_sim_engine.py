@@ -142,7 +142,7 @@ def test_missing_producer_is_a_schedule_error():
         simulate(schedule, CostModel.uniform(2))
 
 
-# -- runtime overheads ([Note: runtime overheads] in costs.py) ---------------------------------
+# -- runtime overheads (docs/decisions.md, "Runtime overheads") ------------------------------
 
 
 def test_action_overhead_separates_a_ranks_actions_but_not_its_first():
@@ -180,7 +180,7 @@ def test_step_overhead_sits_between_synchronous_steps_and_in_the_step_time():
 
 
 def test_ranks_computing_at_once_share_the_cores():
-    """[Note: shared cores]: gpipe, 2 ranks, 2 micro-batches, f=1, b=2, on 1 core. F0.1 and
+    """Shared cores (docs/decisions.md): gpipe, 2 ranks, 2 micro-batches, f=1, b=2, on 1 core. F0.1 and
     F1.0 overlap from t=1 and each gets half the core, so both end at 3 instead of 2."""
     schedule = build("gpipe", num_ranks=2, num_microbatches=2)
     timeline = simulate(schedule, CostModel.uniform(2, f=1, i=1, w=1, num_cores=1))

@@ -1,4 +1,4 @@
-"""Ranks that share cores ([Note: shared cores] in pipefold/simulate/costs.py), over every
+"""Ranks that share cores (docs/decisions.md, "Shared cores"), over every
 registered family and legal (p, m, v), for random per-stage costs and link latency:
 
 - with as many cores as ranks, the event-to-event engine gives the worklist engine's

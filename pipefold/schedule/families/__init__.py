@@ -1,16 +1,37 @@
-"""One module per schedule family; importing this package registers them all, in this order."""
+"""One module per schedule family, each defining `FAMILY`; `FAMILIES` lists them in registry order."""
 
-# The import order is the registration order, which `names()` reports: simplest first.
-from pipefold.schedule.families import naive  # noqa: F401, I001
-from pipefold.schedule.families import gpipe  # noqa: F401
-from pipefold.schedule.families import one_f_one_b  # noqa: F401
-from pipefold.schedule.families import interleaved_1f1b  # noqa: F401
-from pipefold.schedule.families import looped_bfs  # noqa: F401
-from pipefold.schedule.families import zb_h1  # noqa: F401
-from pipefold.schedule.families import zb_h2  # noqa: F401
-from pipefold.schedule.families import zb_v  # noqa: F401
-from pipefold.schedule.families import v_half  # noqa: F401
-from pipefold.schedule.families import v_min  # noqa: F401
-from pipefold.schedule.families import dualpipe_v  # noqa: F401
-from pipefold.schedule.families import pipedream  # noqa: F401
-from pipefold.schedule.families import pipedream_2bw  # noqa: F401
+from pipefold.schedule.families import (
+    dualpipe_v,
+    gpipe,
+    interleaved_1f1b,
+    looped_bfs,
+    naive,
+    one_f_one_b,
+    pipedream,
+    pipedream_2bw,
+    v_half,
+    v_min,
+    zb_h1,
+    zb_h2,
+    zb_v,
+)
+from pipefold.schedule.family import Family
+
+__all__ = ["FAMILIES"]
+
+FAMILIES: tuple[Family, ...] = (
+    naive.FAMILY,
+    gpipe.FAMILY,
+    one_f_one_b.FAMILY,
+    interleaved_1f1b.FAMILY,
+    looped_bfs.FAMILY,
+    zb_h1.FAMILY,
+    zb_h2.FAMILY,
+    zb_v.FAMILY,
+    v_half.FAMILY,
+    v_min.FAMILY,
+    dualpipe_v.FAMILY,
+    pipedream.FAMILY,
+    pipedream_2bw.FAMILY,
+)
+"""Every built-in family in the order `names()` reports them: simplest first."""

@@ -50,12 +50,8 @@ def require_virtual(name: str, num_virtual: int, expected: int, alternative: str
 def drop_microbatches(rows: Iterable[Iterable[Action]], num_microbatches: int) -> list[list[Action]]:
     """Remove every compute action of micro-batches >= `num_microbatches`.
 
-    [Note: padding]
-    A family defined only for some micro-batch counts is generated for the next
-    count it supports and the extra micro-batches are then removed from every
-    rank. Dependencies only link actions of the same micro-batch, or follow one
-    rank's order, so removing whole micro-batches keeps a deadlock-free schedule
-    deadlock-free; the removed slots become idle time.
+    Families defined only for some micro-batch counts are generated for the next count
+    they support and trimmed with this (docs/decisions.md, "Padding").
     """
     return [[a for a in row if a.op is Op.STEP or a.microbatch < num_microbatches] for row in rows]
 

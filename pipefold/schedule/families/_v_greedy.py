@@ -1,20 +1,8 @@
 """A memory-capped greedy list scheduler over a V placement (two stages per rank).
 
-[Note: controllable-memory V schedules]
-Qi et al. (2024, "Pipeline Parallelism with Controllable Memory") build V-shaped
-schedules whose activation memory is a chosen fraction of 1F1B's. We derive them
-the way their handcrafted ones are derived: simulate the pipeline with unit costs
-(F = I = W = 1, no communication time) and let every idle rank pick, in priority
-order, (1) the earliest ready input-gradient pass I, (2) the forward of its
-up-stage (2p-1-r), (3) the forward of its down-stage (r), admitting a new
-micro-batch only if the memory cap allows, (4) a pending weight pass W.
-
-Memory is counted in stage-chunks of 1/2 stage: an F adds one, its W frees it.
-Admitting a micro-batch on rank r reserves the chunk of its later up-stage
-forward too, so held + reserved never exceeds the cap and an admitted micro-batch
-always completes: its later forwards and all backwards are never refused. Hence
-the scheduler cannot stall for any cap >= 2 (one micro-batch at a time), and
-because it follows simulated time, its per-rank order respects every dependency.
+It derives the V schedules of Qi et al. (2024) whose memory is a chosen fraction of
+1F1B's, and cannot stall for any cap of one micro-batch or more (docs/decisions.md,
+"Controllable-memory V schedules").
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ __all__ = ["greedy_v_rows"]
 
 
 def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[Action]]:
-    """Per-rank compute orders under the policy of [Note: controllable-memory V schedules]."""
+    """Per-rank compute orders under the policy of docs/decisions.md, "Controllable-memory V schedules"."""
     if cap < 2:
         raise ScheduleError(
             f"a V schedule needs a memory cap of at least 2 stage-chunks (one micro-batch's "

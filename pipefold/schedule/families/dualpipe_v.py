@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 
 from pipefold.schedule.families._common import drop_microbatches, make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, v_placement
-from pipefold.schedule.registry import Family, register
 
 
 class _RankBuilder:
@@ -96,7 +96,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
                 B2.2 B1.2 I2.3 I1.3 W2.3 W1.3
 
     torch requires m >= 2p; smaller m are generated here for 2p micro-batches and
-    the extra ones removed ([Note: padding]), so any m >= 1 works. Bubble with
+    the extra ones removed (docs/decisions.md, "Padding"), so any m >= 1 works. Bubble with
     F = I = W per chunk and no credit for overlap: (p-1)/(6m+p-1) within one call
     once m >= 2p, as ZB-V (tested); DualPipe's gain over ZB-V is that each pair
     hides one direction's communication behind the other's compute. Memory: 2p+1
@@ -113,15 +113,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("dualpipe-v", num_virtual, 2, "use interleaved-1f1b or looped-bfs for other counts")
 
 
-FAMILY = register(
-    Family(
-        name="dualpipe-v",
-        generate=generate,
-        check=check,
-        summary="DualPipeV: DeepSeek's DualPipe cut in half, overlapped F/B pairs over a V",
-        bubble="(p-1)/(6m+p-1) with F = I = W per chunk, once m >= 2p; pairs also overlap comm",
-        memory="2p+1 chunks of 1/2 stage on every rank once m >= 2p",
-        legal="any p >= 1, m >= 1 (m < 2p is padded); v = 2 exactly (V placement)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="dualpipe-v",
+    generate=generate,
+    check=check,
+    summary="DualPipeV: DeepSeek's DualPipe cut in half, overlapped F/B pairs over a V",
+    bubble="(p-1)/(6m+p-1) with F = I = W per chunk, once m >= 2p; pairs also overlap comm",
+    memory="2p+1 chunks of 1/2 stage on every rank once m >= 2p",
+    legal="any p >= 1, m >= 1 (m < 2p is padded); v = 2 exactly (V placement)",
+    default_virtual=2,
 )

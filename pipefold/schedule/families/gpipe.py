@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.errors import ScheduleError
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -42,14 +42,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
         )
 
 
-FAMILY = register(
-    Family(
-        name="gpipe",
-        generate=generate,
-        check=check,
-        summary="GPipe: all forwards, then all backwards (Huang et al., 2019)",
-        bubble="(p-1)/(m+p-1)",
-        memory="m micro-batches on every rank",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="gpipe",
+    generate=generate,
+    check=check,
+    summary="GPipe: all forwards, then all backwards (Huang et al., 2019)",
+    bubble="(p-1)/(m+p-1)",
+    memory="m micro-batches on every rank",
+    legal="any p >= 1, m >= 1; v = 1",
 )

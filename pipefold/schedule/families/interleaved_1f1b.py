@@ -6,8 +6,8 @@ import math
 
 from pipefold.schedule.families._common import counted, drop_microbatches, make_schedule
 from pipefold.schedule.families.one_f_one_b import rank_order as one_f_one_b_order
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, looped_placement
-from pipefold.schedule.registry import Family, register
 
 
 def microbatch_groups(num_ranks: int, num_microbatches: int) -> tuple[int, int]:
@@ -15,7 +15,7 @@ def microbatch_groups(num_ranks: int, num_microbatches: int) -> tuple[int, int]:
 
     Rounds of at most p micro-batches visit every local stage in turn, as torch
     does: rounds = max(1, m // p). When m is not a multiple of the rounds, the
-    last round is padded (see [Note: padding] in _common.py).
+    last round is padded (see docs/decisions.md, "Padding").
     """
     num_rounds = max(1, num_microbatches // num_ranks)
     per_round = math.ceil(num_microbatches / num_rounds)
@@ -77,15 +77,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     """Every p, m, v >= 1 is legal (build() already refused values below 1)."""
 
 
-FAMILY = register(
-    Family(
-        name="interleaved-1f1b",
-        generate=generate,
-        check=check,
-        summary="Interleaved 1F1B (Megatron-LM virtual stages): depth-first 1F1B over looped chunks",
-        bubble="(p-1)/(v*m+p-1)",
-        memory="(v-1)*p + 2(p-r-1) + 1 chunks of 1/v stage on rank r (capped at v*m)",
-        legal="any p >= 1, m >= 1, v >= 1 (m not a multiple of the rounds is padded)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="interleaved-1f1b",
+    generate=generate,
+    check=check,
+    summary="Interleaved 1F1B (Megatron-LM virtual stages): depth-first 1F1B over looped chunks",
+    bubble="(p-1)/(v*m+p-1)",
+    memory="(v-1)*p + 2(p-r-1) + 1 chunks of 1/v stage on rank r (capped at v*m)",
+    legal="any p >= 1, m >= 1, v >= 1 (m not a multiple of the rounds is padded)",
+    default_virtual=2,
 )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, looped_placement
-from pipefold.schedule.registry import Family, register
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -36,15 +36,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     """Every p, m, v >= 1 is legal (build() already refused values below 1)."""
 
 
-FAMILY = register(
-    Family(
-        name="looped-bfs",
-        generate=generate,
-        check=check,
-        summary="Looped BFS: breadth-first GPipe order over looped virtual stages (Lamy-Poirier, 2022)",
-        bubble="(p-1)/(v*m+p-1)",
-        memory="v*m chunks of 1/v stage (m stages' worth) on every rank",
-        legal="any p >= 1, m >= 1, v >= 1",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="looped-bfs",
+    generate=generate,
+    check=check,
+    summary="Looped BFS: breadth-first GPipe order over looped virtual stages (Lamy-Poirier, 2022)",
+    bubble="(p-1)/(v*m+p-1)",
+    memory="v*m chunks of 1/v stage (m stages' worth) on every rank",
+    legal="any p >= 1, m >= 1, v >= 1",
+    default_virtual=2,
 )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -31,14 +31,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("naive", num_virtual, 1, "use looped-bfs for several stages per rank")
 
 
-FAMILY = register(
-    Family(
-        name="naive",
-        generate=generate,
-        check=check,
-        summary="Naive: one micro-batch at a time through all stages, no overlap (the baseline)",
-        bubble="(p-1)/p",
-        memory="1 micro-batch on every rank",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="naive",
+    generate=generate,
+    check=check,
+    summary="Naive: one micro-batch at a time through all stages, no overlap (the baseline)",
+    bubble="(p-1)/p",
+    memory="1 micro-batch on every rank",
+    legal="any p >= 1, m >= 1; v = 1",
 )

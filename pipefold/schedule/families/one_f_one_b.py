@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 __all__ = ["generate", "check", "rank_order", "FAMILY"]
 
@@ -47,14 +47,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("1f1b", num_virtual, 1, "use interleaved-1f1b for several stages per rank")
 
 
-FAMILY = register(
-    Family(
-        name="1f1b",
-        generate=generate,
-        check=check,
-        summary="1F1B / PipeDream-Flush: warm-up, then one forward and one backward in turn",
-        bubble="(p-1)/(m+p-1)",
-        memory="min(p-r, m) micro-batches on rank r",
-        legal="any p >= 1, m >= 1 (m < p allowed); v = 1",
-    )
+FAMILY = Family(
+    name="1f1b",
+    generate=generate,
+    check=check,
+    summary="1F1B / PipeDream-Flush: warm-up, then one forward and one backward in turn",
+    bubble="(p-1)/(m+p-1)",
+    memory="min(p-r, m) micro-batches on rank r",
+    legal="any p >= 1, m >= 1 (m < p allowed); v = 1",
 )

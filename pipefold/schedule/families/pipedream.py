@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
 from pipefold.schedule.families.one_f_one_b import rank_order
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -45,14 +45,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("pipedream", num_virtual, 1, "use a flush schedule such as interleaved-1f1b")
 
 
-FAMILY = register(
-    Family(
-        name="pipedream",
-        generate=generate,
-        check=check,
-        summary="PipeDream: asynchronous 1F1B, a weight update after every backward, weights stashed",
-        bubble="(p-1)/(m+p-1) in one call; none in steady state across calls",
-        memory="min(p-r, m) micro-batches and weight versions on rank r",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="pipedream",
+    generate=generate,
+    check=check,
+    summary="PipeDream: asynchronous 1F1B, a weight update after every backward, weights stashed",
+    bubble="(p-1)/(m+p-1) in one call; none in steady state across calls",
+    memory="min(p-r, m) micro-batches and weight versions on rank r",
+    legal="any p >= 1, m >= 1; v = 1",
 )

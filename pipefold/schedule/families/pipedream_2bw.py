@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
 from pipefold.schedule.families.one_f_one_b import rank_order
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -52,14 +52,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("pipedream-2bw", num_virtual, 1, "use a flush schedule such as interleaved-1f1b")
 
 
-FAMILY = register(
-    Family(
-        name="pipedream-2bw",
-        generate=generate,
-        check=check,
-        summary="PipeDream-2BW: 1F1B, a weight update every p backwards, two weight versions",
-        bubble="(p-1)/(m+p-1) in one call; none in steady state across calls",
-        memory="min(p-r, m) micro-batches on rank r; at most 2 weight versions",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="pipedream-2bw",
+    generate=generate,
+    check=check,
+    summary="PipeDream-2BW: 1F1B, a weight update every p backwards, two weight versions",
+    bubble="(p-1)/(m+p-1) in one call; none in steady state across calls",
+    memory="min(p-r, m) micro-batches on rank r; at most 2 weight versions",
+    legal="any p >= 1, m >= 1; v = 1",
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
 from pipefold.schedule.families._v_greedy import greedy_v_rows
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Schedule, v_placement
-from pipefold.schedule.registry import Family, register
 
 __all__ = ["generate", "check", "memory_cap", "FAMILY"]
 
@@ -18,7 +18,7 @@ def memory_cap(num_ranks: int) -> int:
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
     """V placement, split backward, at most p+2 half-stage chunks in flight per rank.
 
-    Built by the greedy scheduler of [Note: controllable-memory V schedules]
+    Built by the greedy scheduler of docs/decisions.md, "Controllable-memory V schedules"
     (_v_greedy.py). p=2, m=4 (compute order per rank; idle not drawn)::
 
         rank 0  F0.0 F0.1 F3.0 I3.0 F3.1 I3.1 I0.0 W3.0 I0.1 W3.1 F0.2 W0.0
@@ -39,15 +39,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("v-half", num_virtual, 2, "use interleaved-1f1b or looped-bfs for other counts")
 
 
-FAMILY = register(
-    Family(
-        name="v-half",
-        generate=generate,
-        check=check,
-        summary="V-Half: V-shaped schedule with about half of 1F1B's activation memory (Qi et al., 2024)",
-        bubble="below 1F1B's (p-1)/(m+p-1) with F = I = W (measured at m = 4p, p <= 8)",
-        memory="p+2 chunks of 1/2 stage (p/2 + 1 stages) on every rank",
-        legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="v-half",
+    generate=generate,
+    check=check,
+    summary="V-Half: V-shaped schedule with about half of 1F1B's activation memory (Qi et al., 2024)",
+    bubble="below 1F1B's (p-1)/(m+p-1) with F = I = W (measured at m = 4p, p <= 8)",
+    memory="p+2 chunks of 1/2 stage (p/2 + 1 stages) on every rank",
+    legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
+    default_virtual=2,
 )

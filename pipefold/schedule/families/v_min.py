@@ -6,8 +6,8 @@ import math
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
 from pipefold.schedule.families._v_greedy import greedy_v_rows
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Schedule, v_placement
-from pipefold.schedule.registry import Family, register
 
 __all__ = ["generate", "check", "memory_cap", "FAMILY"]
 
@@ -20,7 +20,7 @@ def memory_cap(num_ranks: int) -> int:
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
     """V placement, split backward, at most ceil(2p/3)+2 half-stage chunks in flight per rank.
 
-    Built by the greedy scheduler of [Note: controllable-memory V schedules]
+    Built by the greedy scheduler of docs/decisions.md, "Controllable-memory V schedules"
     (_v_greedy.py); exact pictures in tests/schedule/test_golden.py. Memory:
     ceil(2p/3)+2 chunks, about p/3 + 1 stages' worth against 1F1B's p on rank 0.
     Bubble with F = I = W, measured at m = 4p: 4% (p=2), 11% (p=4), 28% (p=6),
@@ -35,15 +35,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("v-min", num_virtual, 2, "use interleaved-1f1b or looped-bfs for other counts")
 
 
-FAMILY = register(
-    Family(
-        name="v-min",
-        generate=generate,
-        check=check,
-        summary="V-Min: V-shaped schedule with about a third of 1F1B's activation memory (Qi et al., 2024)",
-        bubble="within 1.7x of 1F1B's (p-1)/(m+p-1), below it at p = 2, 4 (measured at m = 4p, p <= 8)",
-        memory="ceil(2p/3)+2 chunks of 1/2 stage (about p/3 + 1 stages) on every rank",
-        legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="v-min",
+    generate=generate,
+    check=check,
+    summary="V-Min: V-shaped schedule with about a third of 1F1B's activation memory (Qi et al., 2024)",
+    bubble="within 1.7x of 1F1B's (p-1)/(m+p-1), below it at p = 2, 4 (measured at m = 4p, p <= 8)",
+    memory="ceil(2p/3)+2 chunks of 1/2 stage (about p/3 + 1 stages) on every rank",
+    legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
+    default_virtual=2,
 )

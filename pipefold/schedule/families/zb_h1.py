@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]:
@@ -49,14 +49,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("zb-h1", num_virtual, 1, "use zb-v for two stages per rank")
 
 
-FAMILY = register(
-    Family(
-        name="zb-h1",
-        generate=generate,
-        check=check,
-        summary="ZB-H1: 1F1B with split backward, W passes deferred to fill the tail (Qi et al., 2023)",
-        bubble="(p-1)/(3m+p-1) with F = I = W",
-        memory="min(p-r, m) micro-batches F..I on rank r; at most min(p, m) F..W (1F1B's peak)",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="zb-h1",
+    generate=generate,
+    check=check,
+    summary="ZB-H1: 1F1B with split backward, W passes deferred to fill the tail (Qi et al., 2023)",
+    bubble="(p-1)/(3m+p-1) with F = I = W",
+    memory="min(p-r, m) micro-batches F..I on rank r; at most min(p, m) F..W (1F1B's peak)",
+    legal="any p >= 1, m >= 1; v = 1",
 )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, contiguous_placement
-from pipefold.schedule.registry import Family, register
 
 
 def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]:
@@ -55,14 +55,12 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("zb-h2", num_virtual, 1, "use zb-v for two stages per rank")
 
 
-FAMILY = register(
-    Family(
-        name="zb-h2",
-        generate=generate,
-        check=check,
-        summary="ZB-H2: zero-bubble schedule, 2(p-1-r)+1 warm-up forwards, W deferred (Qi et al., 2023)",
-        bubble="0 across calls (parallelogram) with F = I = W and m >= 2p-1; (p-1)/(3m+p-1) within one",
-        memory="at most min(2p-1, m) micro-batches between F and W on any rank",
-        legal="any p >= 1, m >= 1; v = 1",
-    )
+FAMILY = Family(
+    name="zb-h2",
+    generate=generate,
+    check=check,
+    summary="ZB-H2: zero-bubble schedule, 2(p-1-r)+1 warm-up forwards, W deferred (Qi et al., 2023)",
+    bubble="0 across calls (parallelogram) with F = I = W and m >= 2p-1; (p-1)/(3m+p-1) within one",
+    memory="at most min(2p-1, m) micro-batches between F and W on any rank",
+    legal="any p >= 1, m >= 1; v = 1",
 )

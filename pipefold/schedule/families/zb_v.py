@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipefold.schedule.families._common import counted, drop_microbatches, make_schedule, require_virtual
+from pipefold.schedule.family import Family
 from pipefold.schedule.ir import Action, Op, Schedule, v_placement
-from pipefold.schedule.registry import Family, register
 
 
 def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]:
@@ -63,7 +63,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
                 F1.3 I1.1 W1.1 F2.3 I2.2 W2.2 I1.2 I2.3 I1.3 W1.2 W2.3 W1.3
 
     This is torch's ScheduleZBVZeroBubble; below m = 2p-1 it is generated for 2p-1
-    micro-batches and the extra ones removed ([Note: padding]). Bubble with
+    micro-batches and the extra ones removed (docs/decisions.md, "Padding"). Bubble with
     F = I = W (per chunk): (p-1)/(6m+p-1) within one call once m >= 2p-1, i.e. each
     rank idles only p-1 chunk-slots (tested). Memory: 2p chunks of 1/2 stage on
     every rank once m >= 2p-1: the p stages' worth 1F1B holds on its rank 0.
@@ -79,15 +79,13 @@ def check(num_ranks: int, num_microbatches: int, num_virtual: int) -> None:
     require_virtual("zb-v", num_virtual, 2, "use interleaved-1f1b or looped-bfs for other counts")
 
 
-FAMILY = register(
-    Family(
-        name="zb-v",
-        generate=generate,
-        check=check,
-        summary="ZB-V: zero-bubble schedule over a V of two stages per rank (Qi et al., 2023)",
-        bubble="(p-1)/(6m+p-1) with F = I = W per chunk, once m >= 2p-1",
-        memory="min(2p, ...) chunks of 1/2 stage: 2p (p stages' worth) on every rank once m >= 2p-1",
-        legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
-        default_virtual=2,
-    )
+FAMILY = Family(
+    name="zb-v",
+    generate=generate,
+    check=check,
+    summary="ZB-V: zero-bubble schedule over a V of two stages per rank (Qi et al., 2023)",
+    bubble="(p-1)/(6m+p-1) with F = I = W per chunk, once m >= 2p-1",
+    memory="min(2p, ...) chunks of 1/2 stage: 2p (p stages' worth) on every rank once m >= 2p-1",
+    legal="any p >= 1, m >= 1; v = 2 exactly (V placement)",
+    default_virtual=2,
 )

@@ -14,15 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import CostModelError, ScheduleError
+from pipefold.plan import find_schedule, search_schedule
 from pipefold.schedule import (
     Op,
     WeightUpdate,
     build,
-    find_schedule,
     looped_placement,
     lower,
     names,
-    search_schedule,
     v_placement,
     validate,
 )
@@ -198,7 +197,7 @@ def test_errors_name_the_value_and_the_fix():
 def test_searching_imports_no_torch():
     code = (
         "import sys\n"
-        "from pipefold.schedule import find_schedule\n"
+        "from pipefold.plan import find_schedule\n"
         "from pipefold.simulate import CostModel\n"
         "find_schedule(CostModel.uniform(2), num_ranks=2, num_microbatches=3, time_budget_s=0)\n"
         "print('torch' in sys.modules)\n"

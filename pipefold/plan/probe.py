@@ -1,15 +1,12 @@
 """`probe_schedule(schedule)`: one step that measures F, B, I and W of every stage.
 
-A cost model for `find_schedule` needs both backward forms of each stage: the whole
-backward B (what an unsplit schedule runs) and its two halves I and W (what a
-zero-bubble schedule runs). On CPU they differ by more than noise (I + W measured
-1.2-1.6x B: the weight half re-enters the graph), so guessing one from the other
-misleads the search about when splitting pays. The probe runs `schedule` with the
-backward of even micro-batches split into I, W (W right after its I) and that of
-odd ones whole, so one measured step holds every op of every stage (with one
-micro-batch only the split form runs). Both rewrites keep every dependency, so the
-probe is as valid as `schedule`. Run it with `Pipeline(..., fuse_backward=False)`,
-or the runtime fuses the adjacent halves back into B. No torch import.
+A cost model for `find_schedule` needs both backward forms of each stage, the whole
+backward B and its halves I and W, measured (docs/decisions.md, "Probing F, B, I and W").
+The probe runs `schedule` with the backward of even micro-batches split into I, W (W
+right after its I) and that of odd ones whole, so one measured step holds every op of
+every stage (with one micro-batch only the split form runs); it is as valid as
+`schedule`. Run it with `Pipeline(..., fuse_backward=False)`, or the runtime fuses the
+adjacent halves back into B. `probe_base(placement, ...)` builds the family to probe.
 """
 
 from __future__ import annotations
@@ -17,8 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule.auto import Placement
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
+from pipefold.schedule.placement import Placement
+from pipefold.schedule.registry import build
 from pipefold.schedule.validate import validate
 
 __all__ = ["PROBE_FAMILIES", "SEARCHED", "probe_base", "probe_schedule"]
@@ -35,8 +33,6 @@ def probe_base(
     placement: Placement, *, num_ranks: int, num_microbatches: int, num_virtual: int
 ) -> Schedule:
     """The placement's probe family, built (ScheduleError names an illegal combination)."""
-    from pipefold.schedule.registry import build
-
     if placement not in PROBE_FAMILIES:
         raise ScheduleError(f"placement = {placement!r}; use one of {', '.join(PROBE_FAMILIES)}")
     return build(

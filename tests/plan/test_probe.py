@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule import Op, WeightUpdate, build, names, probe_schedule, validate
+from pipefold.plan import probe_schedule
+from pipefold.schedule import Op, WeightUpdate, build, names, validate
 
 FLUSH = [n for n in names() if build(n, num_ranks=2, num_microbatches=2).weight_update is WeightUpdate.FLUSH]
 
