@@ -27,7 +27,7 @@ from rich.console import Console
 
 from pipefold.errors import PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
-from pipefold.job.report import StepRecord, TrainResult, describe, finish, gather, progress
+from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
 from pipefold.job.retune import Retuner
 from pipefold.job.setup import check_resume, set_up
 from pipefold.runtime.checkpoint import save_checkpoint
@@ -57,7 +57,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             report.print(job.searched)
 
     tokens_per_step = config.batch_size * config.model.seq_len
-    records: list[StepRecord] = []
+    records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
@@ -73,7 +73,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             seconds = time.perf_counter() - started
             timeline = _last_timeline(pipe.last_timeline)
             recent.append(timeline)
-            record = StepRecord(
+            record = StepStats(
                 step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction
             )
             records.append(record)

@@ -42,15 +42,15 @@ from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 from pipefold.viz import save_chrome_trace, save_png
 
-__all__ = ["StepRecord", "TrainResult", "describe", "finish", "gather", "progress"]
+__all__ = ["Gathered", "StepStats", "TrainResult", "describe", "finish", "gather", "progress"]
 
 SAMPLE_PROMPT = "def "
 _NUM_VAL_BATCHES = 4
 
 
 @dataclass(frozen=True)
-class StepRecord:
-    """One training step as measured on this rank."""
+class StepStats:
+    """One training step as the job measured it: loss, wall time, throughput and bubble."""
 
     step: int
     loss: float
@@ -63,7 +63,7 @@ class StepRecord:
 class TrainResult:
     """What rank 0 learned; other ranks get the same `steps` and no files."""
 
-    steps: list[StepRecord]
+    steps: list[StepStats]
     summary: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
     sample: str = ""
@@ -85,7 +85,7 @@ def describe(job: Job) -> str:
 
 
 @contextmanager
-def progress(console: Console | None, total: int) -> Iterator[Callable[[StepRecord], None]]:
+def progress(console: Console | None, total: int) -> Iterator[Callable[[StepStats], None]]:
     """A progress bar on `console` (None: silent); yields the function to call after each step."""
     if console is None:
         yield lambda record: None
@@ -102,7 +102,7 @@ def progress(console: Console | None, total: int) -> Iterator[Callable[[StepReco
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-")
 
-        def update(record: StepRecord) -> None:
+        def update(record: StepStats) -> None:
             bar.update(
                 task,
                 advance=1,
@@ -133,7 +133,7 @@ def finish(
     job: Job,
     state: dict[str, Tensor],
     recent: Sequence[Timeline],
-    records: list[StepRecord],
+    records: list[StepStats],
     console: Console | None,
     memory: list[dict[str, int]] | None = None,
     retunes: list[dict[str, Any]] | None = None,
