@@ -1,7 +1,18 @@
+import sys
+import textwrap
+
 import pytest
 
-from pipefold.config import TrainConfig, load_config, parse_override
+import pipefold.job.config as config_module
 from pipefold.errors import ConfigError
+from pipefold.job.config import TrainConfig, load_config, parse_override
+from pipefold.schedule import build
+from pipefold.schedule.io import load, save
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def test_defaults_are_valid_and_match_the_documented_job():
@@ -14,13 +25,13 @@ def test_defaults_are_valid_and_match_the_documented_job():
 def test_toml_then_overrides(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text(
-        'steps = 7\npartition = [3, 5]\n[schedule]\nname = "gpipe"\nmicrobatches = 4\n'
+        'steps = 7\npartition = [3, 5]\n[schedule]\nname = "gpipe"\nnum_microbatches = 4\n'
         "[optimizer]\nlr = 1\n"
     )
-    config = load_config(path, {"schedule.microbatches": 2, "seed": 5})
+    config = load_config(path, {"schedule.num_microbatches": 2, "seed": 5})
     assert config.steps == 7
     assert config.schedule.name == "gpipe"
-    assert config.schedule.microbatches == 2
+    assert config.schedule.num_microbatches == 2
     assert config.seed == 5
     assert config.partition == (3, 5)
     assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
@@ -61,7 +72,7 @@ BAD = [
     ({"data.max_bytes": 10}, "data.max_bytes=10"),
     ({"data.val_fraction": 1.5}, "data.val_fraction=1.5"),
     ({"schedule.ranks": 0}, "schedule.ranks=0"),
-    ({"schedule.microbatches": 0}, "schedule.microbatches=0"),
+    ({"schedule.num_microbatches": 0}, "schedule.num_microbatches=0"),
     ({"schedule.virtual": -1}, "schedule.virtual=-1"),
     ({"schedule.name": "auto-v", "schedule.virtual": 1}, "schedule.virtual=1"),
     ({"schedule.name": "nope"}, "schedule.name='nope'"),
@@ -153,3 +164,36 @@ def test_asynchronous_schedule_with_untied_head_is_accepted():
     config = load_config(overrides={"schedule.name": "pipedream", "model.tie_embeddings": False})
     assert config.model.tie_embeddings is False
     assert parse_override("model.tie_embeddings=false") == ("model.tie_embeddings", False)
+
+
+
+def test_the_documented_toml_layout_is_the_defaults():
+    """The module docstring's layout documents the defaults; it must not drift from them."""
+    doc = config_module.__doc__ or ""
+    layout = textwrap.dedent(doc[doc.index("::\n") + 3 :])
+    documented = tomllib.loads(layout)
+    defaults = TrainConfig().to_dict()
+    for key, value in documented.items():
+        if isinstance(value, dict):
+            for name, item in value.items():
+                assert defaults[key][name] == item, f"{key}.{name}"
+        else:
+            assert defaults[key] == value, key
+    assert load_config(overrides={k: v for k, v in documented.items() if k != "schedule"}) == TrainConfig()
+
+
+def test_the_schedule_is_built_once_and_a_schedule_file_read_once(tmp_path, monkeypatch):
+    built, reads = [], []
+    monkeypatch.setattr(config_module, "build", lambda *a, **k: built.append(a) or build(*a, **k))
+    monkeypatch.setattr(config_module, "load", lambda path: reads.append(path) or load(path))
+    config = load_config(overrides={"schedule.name": "zb-h1", "schedule.retune_every": 2})
+    assert config.schedule_label == "zb-h1" and config.schedule.built.name == "zb-h1"
+    assert len(built) == 1
+    path = tmp_path / "s.json"
+    save(build("1f1b", num_ranks=2, num_microbatches=8), path)
+    config = load_config(overrides={"schedule.file": str(path), "schedule.retune_every": 2})
+    assert config.schedule_label == f"{path} (1f1b)" and config.schedule.built.num_microbatches == 8
+    assert len(reads) == 1
+    # Given the file's contents (the CLI reads it to fill ranks and micro-batches), no second read.
+    again = load_config(overrides={"schedule.file": str(path)}, schedule_file=config.schedule.built)
+    assert again.schedule.built is config.schedule.built and len(reads) == 1

@@ -1,4 +1,4 @@
-"""Re-tuning during training (pipefold/retune.py): the search, the trial, keeping and reverting.
+"""Re-tuning during training (pipefold/job/retune.py): the search, the trial, keeping and reverting.
 
 One process, no process group: timelines simulated from known costs stand in for measured
 ones, and a stand-in pipeline records which schedule it is told to run.
@@ -6,7 +6,7 @@ ones, and a stand-in pipeline records which schedule it is told to run.
 
 import pytest
 
-from pipefold.retune import RETUNE_GAIN, Retuner
+from pipefold.job.retune import RETUNE_GAIN, Retuner
 from pipefold.schedule import build
 from pipefold.simulate import CostModel, simulate
 

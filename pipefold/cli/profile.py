@@ -31,15 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipefold.errors import ConfigError
+from pipefold.job.config import ScheduleConfig
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from pipefold.model import LayerProfile
     from pipefold.plan import ModelCosts
-
-DEFAULT_MICROBATCHES = 8
-"""`pipefold train`'s micro-batches per step: the default cut of the batch into profiled rows."""
 
 _ID_BYTES = 8
 """Token ids are int64: what stage 0 keeps of the model input."""
@@ -91,7 +89,8 @@ def add_parser(subparsers: Any) -> None:
     model.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=32,
                        help="sequences per step (default 32)")
     model.add_argument("--microbatches", type=int,
-                       help=f"micro-batches per step (default {DEFAULT_MICROBATCHES}, at most the batch)")
+                       help=f"micro-batches per step (default {ScheduleConfig.num_microbatches}, "
+                       "at most the batch)")
     add_measure_arguments(parser)
     parser.add_argument("--out", metavar="FILE", help="write the ModelCosts JSON here (for plan --costs)")
     parser.add_argument("--json", action="store_true", help="print the ModelCosts JSON instead of the table")
@@ -111,7 +110,7 @@ def profile_rows(args: argparse.Namespace) -> int:
     _positive("--batch-size", args.batch_size)
     _positive("--microbatches", args.microbatches)
     # Unpinned, pipefold train's count, capped so a small batch still gives whole rows.
-    microbatches: int = args.microbatches or min(DEFAULT_MICROBATCHES, args.batch_size)
+    microbatches: int = args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size)
     batch_size: int = args.batch_size
     if microbatches > batch_size:
         raise ConfigError(

@@ -6,9 +6,9 @@
     pipefold train --steps 600 --resume runs/lr1e-3/checkpoint   # continue to step 600
     torchrun --nproc-per-node 4 -m pipefold train --ranks 4   # ranks started by torchrun
 
-The configuration (see pipefold.config) is validated, the schedule included,
-before any worker starts. Under torchrun (WORLD_SIZE set) the job runs in this
-process; otherwise `--ranks` workers are spawned here.
+The configuration (see pipefold.job.config) is validated whole, the schedule included,
+before torch is imported, so a bad flag is answered at once. Under torchrun (WORLD_SIZE
+set) the job runs in this process; otherwise `--ranks` workers are spawned here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ import os
 import sys
 from typing import Any
 
-from pipefold.config import TrainConfig, load_config, parse_override
+from pipefold.device import DEVICE_CHOICES
+from pipefold.job.config import (
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_config,
+    load_schedule_file,
+    parse_override,
+    resolve_out_dir,
+)
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {
@@ -27,7 +37,7 @@ _FLAGS: dict[str, str] = {
     "data_parallel": "schedule.data_parallel",
     "tensor_parallel": "schedule.tensor_parallel",
     "sequence_parallel": "schedule.sequence_parallel",
-    "microbatches": "schedule.microbatches",
+    "num_microbatches": "schedule.num_microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
     "steps": "steps",
@@ -55,42 +65,48 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.config)")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.job.config)")
     parser.add_argument("--schedule",
                         help="schedule family (see `pipefold schedules`), or auto / auto-v: searched on the "
-                        "ranks from costs measured in probe steps (contiguous / V layout); default 1f1b")
-    parser.add_argument("--ranks", type=int, help="pipeline ranks = worker processes; default 2")
+                        "ranks from costs measured in probe steps (contiguous / V layout); "
+                        f"default {ScheduleConfig.name}")
+    parser.add_argument("--ranks", type=int,
+                        help=f"pipeline ranks = worker processes; default {ScheduleConfig.ranks}")
     parser.add_argument("--schedule-file", metavar="FILE",
                         help="run this schedule JSON (e.g. from `pipefold schedules find --save`) instead "
                         "of a family; --ranks and --microbatches default to the file's")
-    parser.add_argument("--microbatches", type=int, help="micro-batches per step; default 8")
+    parser.add_argument("--microbatches", dest="num_microbatches", type=int, metavar="MICROBATCHES",
+                        help=f"micro-batches per step; default {ScheduleConfig.num_microbatches}")
     parser.add_argument("--data-parallel", type=int, metavar="N",
                         help="replicas of the pipeline, each on its shard of the batch "
-                        "(ranks x N processes); default 1")
+                        f"(ranks x N processes); default {ScheduleConfig.data_parallel}")
     parser.add_argument("--zero", action="store_true", default=None,
                         help="shard AdamW's state over the --data-parallel replicas (ZeRO stage 1)")
     parser.add_argument("--tensor-parallel", type=int, metavar="N",
                         help="ranks per stage: each block's heads and MLP are split over N ranks (ranks x "
-                        "data-parallel x N processes); default 1")
+                        f"data-parallel x N processes); default {ScheduleConfig.tensor_parallel}")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tensor-parallel: split the norms, the residual stream and the stage "
                         "boundaries by position over the tp ranks (Megatron's sequence parallelism)")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
-    parser.add_argument("--steps", type=int, help="optimizer steps; default 300")
-    parser.add_argument("--batch-size", type=int, help="sequences per step; default 32")
-    parser.add_argument("--seed", type=int, help="weights and batch order; default 0")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps; default {TrainConfig.steps}")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"sequences per step; default {TrainConfig.batch_size}")
+    parser.add_argument("--seed", type=int, help=f"weights and batch order; default {TrainConfig.seed}")
     parser.add_argument("--out", metavar="DIR", help="output directory; default runs/<timestamp>")
-    parser.add_argument("--lr", type=float, help="AdamW peak learning rate; default 3e-3")
-    parser.add_argument("--d-model", type=int, help="model width; default 128")
-    parser.add_argument("--num-layers", type=int, help="decoder blocks; default 4")
-    parser.add_argument("--num-heads", type=int, help="attention heads; default 4")
-    parser.add_argument("--seq-len", type=int, help="context length in bytes; default 128")
+    parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate; default {OptimizerConfig.lr:g}")
+    parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")
+    parser.add_argument("--num-layers", type=int, help=f"decoder blocks; default {ModelConfig.num_layers}")
+    parser.add_argument("--num-heads", type=int, help=f"attention heads; default {ModelConfig.num_heads}")
+    parser.add_argument("--seq-len", type=int,
+                        help=f"context length in bytes; default {ModelConfig.seq_len}")
     parser.add_argument(
         "--partition", help='"uniform", "parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
     )
     parser.add_argument("--recompute", choices=("none", "full"), help="activation recomputation")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    parser.add_argument("--timeout", type=float, help="seconds a rank waits for a peer; default 60")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, help=f"default {TrainConfig.device}")
+    parser.add_argument("--timeout", type=float,
+                        help=f"seconds a rank waits for a peer; default {TrainConfig.timeout_s:g}")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="also save <out>/checkpoint every N steps; default 0 = only at the end")
     parser.add_argument("--resume", metavar="PATH",
@@ -101,30 +117,32 @@ def add_parser(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The validated config: defaults < --config file < --set < explicit flags."""
+    """The validated config: defaults < --config file < --set < explicit flags. Torch-free."""
     overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
     for flag, key in _FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
+    loaded = None
     if args.schedule_file is not None:
-        # The file fixes the pipeline's shape; fill what the user did not pin.
-        from pipefold.config import load_schedule_file
-
+        # The file fixes the pipeline's shape; fill what the user did not pin. Read once: the
+        # configuration takes the schedule read here.
         loaded = load_schedule_file(args.schedule_file)
         overrides.setdefault("schedule.ranks", loaded.num_ranks)
-        overrides.setdefault("schedule.microbatches", loaded.num_microbatches)
+        overrides.setdefault("schedule.num_microbatches", loaded.num_microbatches)
     if args.partition is not None:
         text = args.partition.strip()
         is_counts = text.replace(",", "").replace(" ", "").isdigit()
         overrides["partition"] = [int(part) for part in text.split(",")] if is_counts else text
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, schedule_file=loaded)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipefold.train import check_resume, resolve_out_dir, run_local, train_worker
-
     config = resolve_out_dir(config_from_args(args))
+    # Deferred: torch (seconds to import) only once the configuration is known to be good.
+    from pipefold.job.loop import run_local, train_worker
+    from pipefold.job.setup import check_resume
+
     check_resume(config)  # a bad --resume is refused here, before any worker starts
     if "WORLD_SIZE" in os.environ:
         # Started by torchrun (or `pipefold launch`): this process is one rank.

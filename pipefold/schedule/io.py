@@ -16,12 +16,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pipefold.errors import ScheduleError
+from pipefold.files import write_atomic
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
 from pipefold.schedule.validate import validate
 
@@ -107,19 +107,7 @@ def from_json(data: Mapping[str, Any], *, check: bool = True) -> Schedule:
 
 def save(schedule: Schedule, path: str | os.PathLike[str]) -> None:
     """Write `schedule` as JSON at `path` atomically: a reader sees the old file or the new one."""
-    target = Path(path)
-    text = json.dumps(to_json(schedule), indent=1) + "\n"
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        # Never leave a half-written temporary behind, whatever interrupted us.
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(to_json(schedule), indent=1) + "\n")
 
 
 def load(path: str | os.PathLike[str], *, check: bool = True) -> Schedule:

@@ -13,9 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pipefold.files import write_atomic
 from pipefold.schedule.ir import Op
 from pipefold.timeline import Timeline
-from pipefold.viz._files import write_atomic
 from pipefold.viz.colors import COLORS, IDLE_COLOR, NAMES, text_color
 
 __all__ = ["save_png"]

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipefold.files import write_atomic
 from pipefold.timeline import Timeline
-from pipefold.viz._files import write_atomic
 
 __all__ = ["to_chrome_trace", "save_chrome_trace"]
 

@@ -46,7 +46,7 @@ def test_the_printed_command_is_the_planned_configuration(capsys, argv):
     choice = result["choice"]
     config = _train_config(result["train_command"])
     s = config.schedule
-    assert (s.name, s.ranks, s.microbatches) == (
+    assert (s.name, s.ranks, s.num_microbatches) == (
         choice["schedule"], choice["num_ranks"], choice["num_microbatches"]
     )
     assert (s.num_virtual or family(s.name).default_virtual) == choice["num_virtual"]

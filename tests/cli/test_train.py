@@ -1,15 +1,17 @@
 import argparse
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
-from pipefold.config import TrainConfig, load_config
+from pipefold.device import resolve_device
 from pipefold.errors import ConfigError
+from pipefold.job.config import TrainConfig, load_config, resolve_out_dir
 from pipefold.schedule import build
-from pipefold.train import resolve_device, resolve_out_dir
 
 
 def _parse(argv):
@@ -20,13 +22,13 @@ def _parse(argv):
 
 def test_flags_override_file_and_set(tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text('steps = 50\n[schedule]\nname = "gpipe"\nmicrobatches = 4\n')
-    args = _parse(["--config", str(path), "--set", "schedule.microbatches=2", "--set", "seed=9",
+    path.write_text('steps = 50\n[schedule]\nname = "gpipe"\nnum_microbatches = 4\n')
+    args = _parse(["--config", str(path), "--set", "schedule.num_microbatches=2", "--set", "seed=9",
                    "--microbatches", "8", "--partition", "3,5", "--lr", "0.01", "--d-model", "64"])
     config = train_cli.config_from_args(args)
     assert config.steps == 50
     assert config.schedule.name == "gpipe"
-    assert config.schedule.microbatches == 8  # explicit flag wins over --set
+    assert config.schedule.num_microbatches == 8  # explicit flag wins over --set
     assert config.seed == 9
     assert config.partition == (3, 5)
     assert config.optimizer.lr == 0.01
@@ -46,6 +48,34 @@ def test_bad_flag_value_is_refused_before_any_worker_starts(capsys):
     assert "schedule.ranks=0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="schedule.name='gpipe'"):
         train_cli.config_from_args(_parse(["--schedule", "gpipe", "--virtual", "2"]))
+
+
+# Runs the CLI in a fresh interpreter and reports whether torch was imported by the time it answered.
+_DRIVER = """
+import sys
+from pipefold.cli.main import main
+code = main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ranks", "0"], "schedule.ranks=0"),
+        (["--schedule", "no-such-family"], "schedule.name='no-such-family'"),
+        (["--set", "steps=many"], "steps='many' has the wrong type"),
+        (["--set", "schedule.num_microbatches=0"], "schedule.num_microbatches=0"),
+    ],
+)
+def test_a_bad_flag_is_refused_before_torch_is_imported(argv, message):
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, "train", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "torch imported: False" in done.stdout
 
 
 def test_resolve_out_dir_is_fixed_once(tmp_path, monkeypatch):
@@ -276,7 +306,7 @@ def test_measured_costs_to_found_schedule_to_training(tmp_path, capfd):
     assert code == 0, capfd.readouterr().err
     summary = json.loads((second / "summary.json").read_text())
     assert summary["config"]["schedule"]["file"] == str(found)
-    assert summary["config"]["schedule"]["microbatches"] == 4  # filled from the file
+    assert summary["config"]["schedule"]["num_microbatches"] == 4  # filled from the file
     assert len(summary["losses"]) == 3 and all(math.isfinite(x) for x in summary["losses"])
 
 
@@ -285,7 +315,7 @@ def test_schedule_file_mismatch_is_refused_before_any_worker(tmp_path):
 
     path = tmp_path / "s.json"
     save(build("1f1b", num_ranks=2, num_microbatches=4), path)
-    with pytest.raises(ConfigError, match=r"schedule.microbatches=8.*set schedule.microbatches=4"):
+    with pytest.raises(ConfigError, match=r"schedule.num_microbatches=8.*set schedule.num_microbatches=4"):
         load_config(overrides={"schedule.file": str(path)})
     with pytest.raises(ConfigError, match="schedule.file='nope.json' cannot be read"):
         load_config(overrides={"schedule.file": "nope.json"})

@@ -7,7 +7,7 @@ import pytest
 from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
 from pipefold.errors import ConfigError
-from pipefold.train import check_resume
+from pipefold.job.setup import check_resume
 
 TINY = [
     "--d-model",

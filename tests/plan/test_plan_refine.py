@@ -264,7 +264,7 @@ def test_cli_saves_a_searched_choice_and_the_train_command_runs_that_file(tmp_pa
     assert saved.actions == Plan.from_json(out).choice.order.actions
     config = _train_config(out["train_command"])
     assert config.schedule.file == str(target)
-    assert (config.schedule.ranks, config.schedule.microbatches) == (2, out["choice"]["num_microbatches"])
+    assert (config.schedule.ranks, config.schedule.num_microbatches) == (2, out["choice"]["num_microbatches"])
     assert list(config.partition) == out["choice"]["pipeline_kwargs"]["partition"]
     # Without a file to read, there is no command to print, and the text says how to get one.
     assert main([*gpt, "--json"]) == 0

@@ -1,14 +1,15 @@
-"""Typed, validated configuration of the main job (`pipefold train`).
+"""The training job's configuration (`pipefold train`): typed, validated, torch-free.
 
-A `TrainConfig` is built from defaults, then a TOML file, then command-line
-overrides (`load_config`), and is checked as a whole on construction: every field's
-type and range, and the combinations (the schedule is built with
-`pipefold.schedule.build`, which is torch-free and fast, so an illegal
-ranks/micro-batches/virtual combination is refused before any process starts).
-Every refusal is a `ConfigError` naming the field (dotted, as in the TOML file),
-the value and a fix.
+    from pipefold.job.config import load_config
+    config = load_config("job.toml", {"schedule.ranks": 4, "steps": 10})
+    config.schedule.built          # the Schedule that will run, built (or read) once
 
-TOML layout (every key optional; these are the defaults)::
+A `TrainConfig` is built from defaults, then a TOML file, then overrides, and is checked
+as a whole on construction, the schedule included, so a bad value is refused before torch
+is imported or any process starts. Every refusal is a `ConfigError` naming the field
+(dotted, as in the TOML file), the value and a fix.
+
+TOML layout (every key optional; these are the defaults, as tests/test_config.py checks)::
 
     steps = 300
     batch_size = 32
@@ -36,7 +37,7 @@ TOML layout (every key optional; these are the defaults)::
     [schedule]
     name = "1f1b"
     ranks = 2
-    microbatches = 8
+    num_microbatches = 8       # flag: --microbatches
     virtual = 0                # 0 = the family's default
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
     tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
@@ -51,8 +52,6 @@ TOML layout (every key optional; these are the defaults)::
     beta2 = 0.95
     warmup_steps = 20
     zero = false               # shard AdamW's state over the data-parallel replicas (ZeRO-1)
-
-No torch import.
 """
 
 from __future__ import annotations
@@ -63,16 +62,19 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipefold.device import DEVICE_CHOICES
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.plan.probe import SEARCHED, probe_base
+from pipefold.schedule import Schedule, build
+from pipefold.schedule.io import load
 from pipefold.schedule.placement import layout_of
 
 if typing.TYPE_CHECKING:
-    from pipefold.schedule import Schedule
     from pipefold.schedule.placement import Placement
 
 if sys.version_info >= (3, 11):
@@ -88,8 +90,11 @@ __all__ = [
     "TrainConfig",
     "PARTITION_METHODS",
     "NUM_EXTRA_LAYERS",
+    "CHECKPOINT_DIR",
     "load_config",
+    "load_schedule_file",
     "parse_override",
+    "resolve_out_dir",
 ]
 
 PARTITION_METHODS = ("uniform", "parameters", "profile")
@@ -97,6 +102,9 @@ PARTITION_METHODS = ("uniform", "parameters", "profile")
 
 NUM_EXTRA_LAYERS = 4
 """Layers of the built-in GPT besides its blocks: embedding, positions, final norm, head."""
+
+CHECKPOINT_DIR = "checkpoint"
+"""Where in `out` the job saves its checkpoint."""
 
 
 def _require(ok: bool, field_path: str, value: Any, fix: str) -> None:
@@ -184,19 +192,22 @@ class ScheduleConfig:
     run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
     residual stream (pipefold/runtime/sequence_parallel.py). model.seq_len must divide by
     tensor_parallel."""
-    microbatches: int = 8
-    """Micro-batches per step."""
+    num_microbatches: int = 8
+    """Micro-batches per step (flag: --microbatches)."""
     virtual: int = 0
     """Stages per rank for interleaved / V schedules; 0 = the family's default."""
     file: str = ""
     """A schedule JSON (pipefold.schedule.io, e.g. from `pipefold schedules find --save`) run
-    instead of the family `name`; its ranks and micro-batches must match `ranks` and `microbatches`."""
+    instead of the family `name`; its ranks and micro-batches must match `ranks` and `num_microbatches`."""
     retune_every: int = 0
     """Every this many steps, search an order for the costs the run measured in its latest steps
     and switch to it where its predicted step is at least 2% shorter (same stages,
     `Pipeline.use_schedule`); 0: never. Flush schedules on a layout the search knows."""
+    loaded: InitVar[Schedule | None] = None
+    """The contents of `file` where the caller has read it already (the CLI does, to fill ranks
+    and micro-batches from it), so it is read once; not a setting."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, loaded: Schedule | None) -> None:
         _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
         _require(
             self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica"
@@ -207,7 +218,9 @@ class ScheduleConfig:
             self.tensor_parallel,
             "use at least 1 (1 = no tensor parallelism)",
         )
-        _require(self.microbatches >= 1, "schedule.microbatches", self.microbatches, "use at least 1")
+        _require(
+            self.num_microbatches >= 1, "schedule.num_microbatches", self.num_microbatches, "use at least 1"
+        )
         _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
         _require(
             self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
@@ -220,6 +233,8 @@ class ScheduleConfig:
                 self.virtual,
                 f"schedule.name={self.name!r} searches with {wanted} stage(s) per rank; use 0 or {wanted}",
             )
+        # Not a field: equality, to_dict and summary.json see the settings only.
+        object.__setattr__(self, "_built", self._build_schedule(loaded))
 
     @property
     def num_virtual(self) -> int | None:
@@ -232,23 +247,50 @@ class ScheduleConfig:
         """The layout to search a schedule on ("auto", "auto-v"); None for a family or a file."""
         return None if self.file or self.name not in SEARCHED else SEARCHED[self.name][0]
 
-    def family_schedule(self) -> Schedule:
-        """The family `name` built for these ranks and micro-batches. For "auto" / "auto-v" it is
-        the layout's probe family, which stands in until the search has run on the ranks: the
-        searched schedule has its stages, placement and flush update. Raises ScheduleError."""
-        placement = self.searched_placement
-        if placement is not None:
-            return probe_base(
-                placement,
-                num_ranks=self.ranks,
-                num_microbatches=self.microbatches,
-                num_virtual=SEARCHED[self.name][1],
-            )
-        from pipefold.schedule import build
+    @property
+    def built(self) -> Schedule:
+        """The schedule these settings ask for, built (or read from `file`) once, on construction.
+        For "auto" / "auto-v" it is the layout's probe family, which stands in until the search
+        has run on the ranks: the searched schedule has its stages, placement and flush update."""
+        schedule: Schedule = self.__dict__["_built"]
+        return schedule
 
-        return build(
-            self.name, num_ranks=self.ranks, num_microbatches=self.microbatches, num_virtual=self.num_virtual
-        )
+    def _build_schedule(self, loaded: Schedule | None) -> Schedule:
+        if self.file:
+            schedule = loaded if loaded is not None else load_schedule_file(self.file)
+            for key, wanted, found in (
+                ("schedule.ranks", self.ranks, schedule.num_ranks),
+                ("schedule.num_microbatches", self.num_microbatches, schedule.num_microbatches),
+            ):
+                _require(
+                    wanted == found,
+                    key,
+                    wanted,
+                    f"schedule.file={self.file!r} is a schedule for {found}; set {key}={found} "
+                    "(pipefold train --schedule-file fills both from the file)",
+                )
+            return schedule
+        try:
+            placement = self.searched_placement
+            if placement is not None:
+                return probe_base(
+                    placement,
+                    num_ranks=self.ranks,
+                    num_microbatches=self.num_microbatches,
+                    num_virtual=SEARCHED[self.name][1],
+                )
+            return build(
+                self.name,
+                num_ranks=self.ranks,
+                num_microbatches=self.num_microbatches,
+                num_virtual=self.num_virtual,
+            )
+        except ScheduleError as error:
+            raise ConfigError(
+                f"schedule.name={self.name!r} with schedule.ranks={self.ranks}, "
+                f"schedule.num_microbatches={self.num_microbatches}, schedule.virtual={self.virtual} "
+                f"is not legal: {error}"
+            ) from None
 
     @property
     def num_processes(self) -> int:
@@ -294,7 +336,7 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps (one pipeline call each)."""
     batch_size: int = 32
-    """Sequences per step, split into schedule.microbatches micro-batches (unevenly if need be)."""
+    """Sequences per step, split into schedule.num_microbatches micro-batches (unevenly if need be)."""
     seed: int = 0
     """Seeds the weights (per layer, independent of the partition) and the batch order."""
     partition: str | tuple[int, ...] = "uniform"
@@ -326,7 +368,10 @@ class TrainConfig:
             "use a number of steps >= 1, or 0 to save only at the end",
         )
         _require(
-            self.device in ("auto", "cpu", "cuda"), "device", self.device, 'use "auto", "cpu" or "cuda"'
+            self.device in DEVICE_CHOICES,
+            "device",
+            self.device,
+            "use " + ", ".join(f'"{choice}"' for choice in DEVICE_CHOICES),
         )
         dp = self.schedule.data_parallel
         _require(
@@ -337,14 +382,15 @@ class TrainConfig:
             f"multiple of {dp} (e.g. {dp * max(1, round(self.batch_size / dp))})",
         )
         _require(
-            self.batch_size // dp >= self.schedule.microbatches,
+            self.batch_size // dp >= self.schedule.num_microbatches,
             "batch_size",
             self.batch_size,
-            f"every one of schedule.microbatches={self.schedule.microbatches} micro-batches needs at "
-            f"least one sequence per replica; use batch_size >= {self.schedule.microbatches * dp} "
+            f"every one of schedule.num_microbatches={self.schedule.num_microbatches} micro-batches needs "
+            f"at least one sequence per replica; use batch_size >= {self.schedule.num_microbatches * dp} "
             "or fewer micro-batches",
         )
-        num_stages, weight_update = self._check_schedule()
+        num_stages = self.schedule.built.num_stages
+        weight_update = str(self.schedule.built.weight_update)
         if self.schedule.retune_every:
             self._check_retune(weight_update)
         _require(
@@ -426,7 +472,7 @@ class TrainConfig:
             f"schedule {s.name!r} updates weights inside the step; re-tuning swaps flush schedules only "
             "(set schedule.retune_every=0)",
         )
-        schedule = load_schedule_file(s.file) if s.file else s.family_schedule()
+        schedule = s.built
         num_virtual = schedule.num_stages // schedule.num_ranks
         _require(
             layout_of(schedule.placement, schedule.num_ranks, num_virtual) is not None,
@@ -436,37 +482,11 @@ class TrainConfig:
             "or V); use such a schedule or schedule.retune_every=0",
         )
 
-    def _check_schedule(self) -> tuple[int, str]:
-        """(num_stages, weight update mode) of the schedule, built (or loaded) to prove it legal."""
-        s = self.schedule
-        if s.file:
-            loaded = load_schedule_file(s.file)
-            for key, wanted, found in (
-                ("schedule.ranks", s.ranks, loaded.num_ranks),
-                ("schedule.microbatches", s.microbatches, loaded.num_microbatches),
-            ):
-                _require(
-                    wanted == found,
-                    key,
-                    wanted,
-                    f"schedule.file={s.file!r} is a schedule for {found}; set {key}={found} "
-                    "(pipefold train --schedule-file fills both from the file)",
-                )
-            return loaded.num_stages, str(loaded.weight_update)
-        try:
-            built = s.family_schedule()
-        except ScheduleError as error:
-            raise ConfigError(
-                f"schedule.name={s.name!r} with schedule.ranks={s.ranks}, "
-                f"schedule.microbatches={s.microbatches}, schedule.virtual={s.virtual} is not legal: {error}"
-            ) from None
-        return built.num_stages, str(built.weight_update)
-
     @property
     def schedule_label(self) -> str:
         """What runs, for messages: the family, or the file and the schedule it holds."""
         if self.schedule.file:
-            return f"{self.schedule.file} ({load_schedule_file(self.schedule.file).name})"
+            return f"{self.schedule.file} ({self.schedule.built.name})"
         return self.schedule.name
 
     def _check_partition(self, num_stages: int, num_layers: int) -> None:
@@ -547,7 +567,7 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{path}={value!r} has the wrong type: expected {names}")
 
 
-def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type[Any], data: Mapping[str, Any], prefix: str, schedule_file: Schedule | None) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -561,9 +581,11 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
         if name in _SECTIONS and not prefix:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{name}={value!r} must be a table ([{name}] in TOML)")
-            kwargs[name] = _build(_SECTIONS[name], value, f"{name}.")
+            kwargs[name] = _build(_SECTIONS[name], value, f"{name}.", schedule_file)
         else:
             kwargs[name] = _coerce(prefix + name, value, hints[name])
+    if cls is ScheduleConfig and schedule_file is not None:
+        kwargs["loaded"] = schedule_file
     return cls(**kwargs)
 
 
@@ -592,8 +614,14 @@ def _apply(data: dict[str, Any], key: str, value: Any) -> None:
     table[name] = value
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the TOML file at `path`, then `overrides` ({"schedule.ranks": 4, "steps": 10})."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    schedule_file: Schedule | None = None,
+) -> TrainConfig:
+    """Defaults, then the TOML file at `path`, then `overrides` ({"schedule.ranks": 4, "steps": 10}).
+    `schedule_file`: the contents of schedule.file where the caller has read it already."""
     data: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
@@ -605,14 +633,25 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {error}") from None
     for key, value in (overrides or {}).items():
         _apply(data, key, value)
-    config: TrainConfig = _build(TrainConfig, data, "")
+    config: TrainConfig = _build(TrainConfig, data, "", schedule_file)
     return config
 
 
-def load_schedule_file(path: str) -> Any:
-    """The validated `Schedule` in `path`, or a ConfigError naming `schedule.file`."""
-    from pipefold.schedule.io import load
+def resolve_out_dir(config: TrainConfig) -> TrainConfig:
+    """Fix `out` before any worker starts, so every rank agrees (default runs/<timestamp>)."""
+    if config.out:
+        return config
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = Path("runs") / stamp
+    suffix = 1
+    while candidate.exists():
+        candidate = Path("runs") / f"{stamp}-{suffix}"
+        suffix += 1
+    return replace(config, out=str(candidate))
 
+
+def load_schedule_file(path: str) -> Schedule:
+    """The validated `Schedule` in `path`, or a ConfigError naming `schedule.file`."""
     try:
         return load(path)
     except OSError as error:

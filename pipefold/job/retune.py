@@ -1,19 +1,10 @@
 """Re-tuning the schedule during training: search an order from the run's own costs, try it, keep it
 only if the steps that follow are faster (`pipefold train --set schedule.retune_every=N`).
 
-[Note: re-tuning during training]
-Every N steps world rank 0 builds a cost model from the timelines of the last N steps
-(`measured_cost_model`, what the report's prediction uses), searches an order for it on
-the running schedule's layout (`find_schedule`, 0.5 s; the other ranks wait at the
-broadcast) and simulates both. If the found order is predicted `RETUNE_GAIN` faster,
-every rank switches to it (`Pipeline.use_schedule`: same stages, weights and optimizer;
-flush schedules give the same gradients in any order, so training is unchanged but for
-float rounding). A prediction is not a measurement (a searched order has run slower
-than its simulation on this project's CPU benchmark), so the switch is a trial: at the
-next due step the median wall time of the steps since is compared with that of the N
-steps before, on rank 0; if the new order is not faster, every rank switches back and
-re-tuning stops for the run, since its predictions do not hold here. Each decision is
-recorded (`changes`, in summary.json as `retunes`).
+    retuner = Retuner(pipe, every=N, console)          # on every rank
+    if retuner.due(done, num_steps): retuner.after_steps(done, recent_timelines, step_seconds)
+
+How and why the switch is a trial: docs/decisions.md, "re-tuning during training".
 """
 
 from __future__ import annotations
@@ -48,8 +39,8 @@ SEARCH_BUDGET_S = 0.5
 
 
 class Retuner:
-    """Decides, every `every` steps, whether the pipeline runs another order (see [Note:
-    re-tuning during training]). Call `after_steps` on every rank at the same steps."""
+    """Decides, every `every` steps, whether the pipeline runs another order (docs/decisions.md,
+    "re-tuning during training"). Call `after_steps` on every rank at the same steps."""
 
     def __init__(self, pipe: Pipeline, every: int, console: Console | None = None) -> None:
         self._pipe = pipe

@@ -1,0 +1,58 @@
+"""Which device a rank computes on: one resolver for the job, the CLI and the tools.
+
+    from pipefold.device import DEVICE_CHOICES, resolve_device
+    device = resolve_device("auto", local_rank=0)     # cuda:0 where this machine has a GPU per rank
+
+Torch-free to import (the configuration checks `DEVICE_CHOICES` without torch); torch is
+imported when a device is resolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from pipefold.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEVICE_CHOICES", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+"""What a configuration may ask for: "auto" (a GPU per local rank where there are enough, else
+the CPU), "cpu" or "cuda"."""
+
+
+def resolve_device(choice: str = "auto", local_rank: int | None = None) -> torch.device:
+    """This rank's device for `choice` (one of DEVICE_CHOICES); `local_rank` defaults to $LOCAL_RANK.
+
+    "auto" takes cuda:<local rank> when this machine has a GPU for every local rank
+    ($LOCAL_WORLD_SIZE, else local_rank + 1), else the CPU (with a warning when some GPUs
+    exist but too few). "cuda" refuses a local rank without a GPU (ConfigError).
+    """
+    import torch  # deferred: this module is imported by the torch-free configuration
+
+    if choice not in DEVICE_CHOICES:
+        raise ConfigError(f"device={choice!r} is not allowed: use one of {', '.join(DEVICE_CHOICES)}")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        if local_rank >= num_gpus:
+            raise ConfigError(
+                f'device="cuda" but local rank {local_rank} has no GPU (this machine has {num_gpus}); '
+                f'use at most {num_gpus} ranks per machine or device="cpu"'
+            )
+        return torch.device("cuda", local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    if num_gpus and local_world <= num_gpus:
+        return torch.device("cuda", local_rank)
+    if num_gpus:
+        logger.warning("%d local ranks but %d GPUs: running on the CPU", local_world, num_gpus)
+    return torch.device("cpu")

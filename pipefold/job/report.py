@@ -1,0 +1,307 @@
+"""What the training job tells: the progress bar, the opening line, and at the end (rank 0)
+the memory report, the validation loss, a text sample and the files in `config.out`:
+
+    timeline.png     the last step's measured timeline, under the simulator's prediction
+    trace.json       the same measured timeline as a Chrome/Perfetto trace
+    summary.json     config, loss per step, throughput, bubble, predicted vs measured step time,
+                     memory per rank, re-tuning decisions, validation loss and a text sample
+    costs.json       the per-stage F/B/I/W times this run measured (a CostModel): feed it to
+                     `pipefold schedules find --costs-file` and run the result with --schedule-file
+
+The prediction uses the costs measured over the run's last steps (`measured_cost_model`), so
+the gap between prediction and measurement is what neither captures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode
+from pipefold.files import write_atomic
+from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
+from pipefold.job.setup import Job
+from pipefold.model.zoo import GPT, generate, gpt_loss
+from pipefold.runtime import Pipeline
+from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.tensor_parallel import local, whole
+from pipefold.runtime.zero import is_sharded_optimizer
+from pipefold.simulate import simulate
+from pipefold.timeline import Timeline
+from pipefold.viz import save_chrome_trace, save_png
+
+__all__ = ["Gathered", "StepStats", "TrainResult", "describe", "finish", "gather", "progress"]
+
+SAMPLE_PROMPT = "def "
+_NUM_VAL_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One training step as the job measured it: loss, wall time, throughput and bubble."""
+
+    step: int
+    loss: float
+    seconds: float
+    tokens_per_s: float
+    bubble_fraction: float
+
+
+@dataclass
+class TrainResult:
+    """What rank 0 learned; other ranks get the same `steps` and no files."""
+
+    steps: list[StepStats]
+    summary: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+    sample: str = ""
+
+
+def describe(job: Job) -> str:
+    """The opening line: the model, the partition, the schedule and the parallel layout."""
+    config, pipe, s = job.config, job.pipe, job.config.schedule
+    num_parameters = sum(p.numel() for p in GPT(job.layers, "meta").parameters())
+    return (
+        f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(job.layers)} layers, "
+        f"partition {pipe.partition}, schedule {config.schedule_label} on {s.ranks} ranks"
+        f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''}"
+        f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''}"
+        f"{' (sequence-parallel)' if s.sequence_parallel else ''} "
+        f"({job.device.type}), {s.num_microbatches} micro-batches, corpus "
+        f"{job.corpus.num_bytes / 1e6:.1f} MB ({job.corpus.num_files} stdlib files)"
+    )
+
+
+@contextmanager
+def progress(console: Console | None, total: int) -> Iterator[Callable[[StepStats], None]]:
+    """A progress bar on `console` (None: silent); yields the function to call after each step."""
+    if console is None:
+        yield lambda record: None
+        return
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("bubble {task.fields[bubble]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-")
+
+        def update(record: StepStats) -> None:
+            bar.update(
+                task,
+                advance=1,
+                loss=f"{record.loss:.3f}",
+                speed=f"{record.tokens_per_s:,.0f}",
+                bubble=f"{record.bubble_fraction:.0%}",
+            )
+
+        yield update
+
+
+@dataclass
+class Gathered:
+    """What rank 0 collects from every rank after the last step (None elsewhere)."""
+
+    state: dict[str, Tensor] | None
+    memory: list[dict[str, int]] | None
+
+
+def gather(job: Job, last: Timeline | None) -> Gathered:
+    """Every rank calls it: the whole model's parameters and every rank's memory, on rank 0."""
+    memory = _gather_memory(job.pipe, job.optimizers, last)
+    state = _gather_state_dict(dict(job.pipe.state_dict()))
+    return Gathered(state, memory)
+
+
+def finish(
+    job: Job,
+    state: dict[str, Tensor],
+    recent: Sequence[Timeline],
+    records: list[StepStats],
+    console: Console | None,
+    memory: list[dict[str, int]] | None = None,
+    retunes: list[dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Rank 0: validate and sample the trained model, predict the step from the measured costs,
+    write the files into `config.out` and print the final report on `console`."""
+    config, pipe = job.config, job.pipe
+    out = Path(config.out)
+    model = GPT.from_layers(job.layers, state)
+    val_loss = _validation_loss(model, job.corpus.val, config)
+    sample = ""
+    if config.sample_tokens:
+        generator = torch.Generator().manual_seed(config.seed)
+        prompt = torch.tensor(list(encode(SAMPLE_PROMPT)), dtype=torch.long)
+        ids = generate(model, prompt, config.sample_tokens, temperature=0.8, generator=generator)
+        sample = decode(ids.tolist())
+
+    timeline = recent[-1]
+    # The wall times of the same steps give the time outside the actions (the step's
+    # exchanges and the optimizer update) as the cost model's step_overhead.
+    walls = [r.seconds for r in records[-len(recent) :]]
+    costs = measured_cost_model(recent, pipe.schedule, step_times=walls)
+    predicted = simulate(pipe.schedule, costs)
+    predicted_step = predicted.makespan + costs.step_overhead
+    # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
+    write_atomic(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")
+    save_png(timeline, out / "timeline.png", compare=predicted)
+    save_chrome_trace(timeline, out / "trace.json")
+
+    # The first steps pay for allocation and warm-up; the median of the rest is the steady state.
+    steady = [r.seconds for r in records[1:]] or [records[0].seconds]
+    step_seconds = statistics.median(steady)
+    summary: dict[str, Any] = {
+        "config": config.to_dict(),
+        "partition": str(pipe.partition),
+        "start_step": records[0].step,
+        "checkpoint": str(out / CHECKPOINT_DIR),
+        "losses": [r.loss for r in records],
+        "step_seconds": [r.seconds for r in records],
+        "bubble_fraction": [r.bubble_fraction for r in records],
+        "first_loss": records[0].loss,
+        "final_loss": records[-1].loss,
+        "val_loss": val_loss,
+        "val_loss_uniform": math.log(VOCAB_SIZE),
+        "tokens_per_s": config.batch_size * config.model.seq_len / step_seconds,
+        "step_time": {
+            "measured_wall_median": step_seconds,
+            # The steps the costs were measured in: the like-for-like check of the prediction
+            # (a host that drifts during a long run moves the whole-run median).
+            "measured_wall_median_recent": statistics.median(walls),
+            "num_recent_steps": len(walls),
+            "measured_makespan_last": timeline.makespan,
+            "predicted_makespan": predicted.makespan,
+            "predicted_wall": predicted_step,
+            "predicted_action_overhead": costs.action_overhead,
+            "predicted_step_overhead": costs.step_overhead,
+            "predicted_bubble_fraction": predicted.bubble_fraction,
+            "measured_bubble_fraction_last": timeline.bubble_fraction,
+        },
+        "measured_timeline": timeline.summary(),
+        # Per world rank: its weights and optimizer state after the last step, and its
+        # counted activation peak.
+        "memory": memory or [],
+        # Where schedule.retune_every switched the order (pipefold/job/retune.py): the step, what
+        # ran before and after, both predictions, both measurements, and whether it was kept.
+        "retunes": retunes or [],
+        "sample_prompt": SAMPLE_PROMPT,
+        "sample": sample,
+        "torch": torch.__version__,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    if console is not None:
+        console.print(
+            f"loss {records[0].loss:.3f} -> {records[-1].loss:.3f} (validation {val_loss:.3f}); "
+            f"{summary['tokens_per_s']:,.0f} tokens/s; step {step_seconds * 1e3:.0f} ms (median); last "
+            f"{len(walls)} steps {statistics.median(walls) * 1e3:.0f} ms measured, "
+            f"{predicted_step * 1e3:.0f} ms predicted from their stage costs and overheads; "
+            f"bubble {timeline.bubble_fraction:.0%} measured, {predicted.bubble_fraction:.0%} predicted"
+        )
+        if memory:
+            console.print(_memory_line(memory))
+        if sample:
+            console.rule("sample")
+            console.print(sample, markup=False, highlight=False)
+            console.rule()
+        console.print(
+            f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, "
+            f"{out / 'costs.json'}, "
+            f"{out / CHECKPOINT_DIR}/"
+        )
+    return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)
+
+
+@torch.no_grad()
+def _validation_loss(model: GPT, val: bytes, config: TrainConfig) -> float:
+    seq_len = min(config.model.seq_len, len(val) - 1)
+    sampler = BatchSampler(val, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed + 1)
+    batches = [sampler.next_batch() for _ in range(_NUM_VAL_BATCHES)]
+    losses = [gpt_loss(model(inputs), targets).item() for inputs, targets in batches]
+    return statistics.fmean(losses)
+
+
+def _gather_state_dict(local_state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """All ranks' parameters on rank 0 (a tied weight arrives from each owner; they are equal).
+    Tensor-parallel shards are gathered whole first (every tp rank calls this)."""
+    cpu = {name: whole(tensor.detach()).cpu() for name, tensor in local_state.items()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return cpu
+    parts: list[dict[str, Tensor]] | None = None
+    if dist.get_rank() == 0:
+        parts = [{} for _ in range(dist.get_world_size())]
+    dist.gather_object(cpu, parts, dst=0)
+    if parts is None:
+        return None
+    merged: dict[str, Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _memory_line(memory: Sequence[Mapping[str, int]]) -> str:
+    """'memory per rank (MiB), replica 0: weights 1.2 / 1.1, Adam state 2.4 / 2.2, activations ...'."""
+    ranks = sorted((entry for entry in memory if entry["replica"] == 0), key=lambda e: e["world_rank"])
+
+    def column(key: str) -> str:
+        return " / ".join(f"{entry[key] / 2**20:.2f}" for entry in ranks)
+
+    return (
+        f"memory per rank (MiB), replica 0: weights {column('weights')}, optimizer state "
+        f"{column('optimizer')}, activations at peak {column('activations_peak')}"
+    )
+
+
+def _local_bytes(tensor: Tensor) -> int:
+    """Bytes this rank stores for `tensor` (a tensor-parallel shard's, not the whole's)."""
+    held = local(tensor)
+    return held.numel() * held.element_size()
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
+    """The state this rank holds: a ZeRO-sharded optimizer's own share (`.optim`), else its state."""
+    return optimizer.optim.state if is_sharded_optimizer(optimizer) else optimizer.state  # type: ignore[attr-defined]
+
+
+def _gather_memory(
+    pipe: Pipeline, optimizers: Sequence[torch.optim.Optimizer], timeline: Timeline | None
+) -> list[dict[str, int]] | None:
+    """Per world rank (on rank 0; None elsewhere): the bytes it holds in weights and optimizer
+    state (shards where tensor-parallel or ZeRO-sharded; gradients, during the step, are as
+    large as the weights), and its counted activation peak."""
+    params = list(pipe.parameters())
+    peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
+    mine = {
+        "world_rank": dist.get_rank() if dist.is_initialized() else 0,
+        "pipeline_rank": pipe.rank,
+        "replica": pipe.data_parallel_rank,
+        "weights": sum(_local_bytes(p) for p in params),
+        "optimizer": sum(
+            _local_bytes(value)
+            for optimizer in optimizers
+            for state in _optimizer_state(optimizer).values()
+            for value in state.values()
+            if isinstance(value, Tensor) and value.dim() > 0
+        ),
+        "activations_peak": int(peaks[pipe.rank]) if pipe.rank < len(peaks) else 0,
+    }
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    found: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, found, dst=0)
+    return found

@@ -1,0 +1,288 @@
+"""Setting the training job up on one rank: device, process group and mesh, data, model,
+optimizer, and the state of a run it resumes.
+
+    job = set_up(config)           # on every rank, inside `train` (pipefold.job.loop)
+    job.pipe.step(*job.next_batch())
+
+`check_resume` reads only a checkpoint's JSON, so the CLI calls it before any worker starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from pipefold.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus
+from pipefold.device import resolve_device
+from pipefold.errors import ConfigError, PipelineError
+from pipefold.job.config import TrainConfig
+from pipefold.model import partition
+from pipefold.model.zoo import gpt_layers, gpt_loss, gpt_tensor_parallel_plan
+from pipefold.runtime import Pipeline, sharded_optimizer, tune_schedule
+from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
+from pipefold.runtime.launch import init_process_group_from_env
+from pipefold.schedule import Schedule, WeightUpdate
+
+__all__ = ["Job", "check_resume", "set_up", "shard_rows"]
+
+
+@dataclass
+class Job:
+    """What the loop needs, set up on this rank."""
+
+    config: TrainConfig
+    device: torch.device
+    rank: int
+    """World rank; rank 0 reports."""
+    corpus: Corpus
+    layers: list[Any]
+    sampler: BatchSampler
+    pipe: Pipeline
+    optimizer: torch.optim.Optimizer | None
+    """The AdamW the loop steps (flush schedules); None where the pipeline steps inside (async)."""
+    optimizers: list[torch.optim.Optimizer]
+    """What holds the optimizer state: `optimizer`, or (asynchronous schedules) one per stage."""
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
+    start_step: int
+    """The step a resumed run continues from; 0 for a fresh run."""
+    searched: str | None
+    """For a searched schedule ("auto", "auto-v"): what the search found, to report."""
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This replica's rows of the next global batch (every rank draws the same one)."""
+        batch = self.sampler.next_batch()
+        return shard_rows(batch, self.pipe.data_parallel_rank, self.pipe.num_data_parallel)
+
+
+def set_up(config: TrainConfig) -> Job:
+    """Join the process group (from torchrun's variables unless already in one) and build the job."""
+    device = resolve_device(config.device)
+    init_process_group_from_env(
+        backend="nccl" if device.type == "cuda" else "gloo", timeout_s=config.timeout_s
+    )
+    s = config.schedule
+    if dist.get_world_size() != s.num_processes:
+        raise ConfigError(
+            f"schedule.ranks={s.ranks} x schedule.data_parallel={s.data_parallel} x "
+            f"schedule.tensor_parallel={s.tensor_parallel} needs {s.num_processes} processes but "
+            f"{dist.get_world_size()} were started; launch {s.num_processes} processes or change "
+            "schedule.ranks / schedule.data_parallel / schedule.tensor_parallel to match"
+        )
+    if not config.out:
+        raise ConfigError("out is empty; call resolve_out_dir(config) before starting the ranks")
+    torch.manual_seed(config.seed)
+
+    corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
+    m = config.model
+    layers = gpt_layers(
+        VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
+    )
+    sampler = BatchSampler(corpus.train, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
+    pipe, searched = _make_pipeline(config, layers, sampler, device)
+    optimizer = _make_loop_optimizer(config, pipe)
+    optimizers = [optimizer] if optimizer is not None else _stage_optimizers(pipe)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.optimizer.warmup_steps))
+        if optimizer is not None
+        else None
+    )
+    start_step = _resume(config, pipe, optimizers, scheduler, sampler)
+    return Job(
+        config=config, device=device, rank=dist.get_rank(), corpus=corpus, layers=layers,
+        sampler=sampler, pipe=pipe, optimizer=optimizer, optimizers=optimizers, scheduler=scheduler,
+        start_step=start_step, searched=searched,
+    )
+
+
+def check_resume(config: TrainConfig) -> int:
+    """The step `config.resume` continues from (0 without one); refuses a bad checkpoint early.
+
+    Reads only the checkpoint's JSON, so it runs before any worker starts.
+    """
+    if not config.resume:
+        return 0
+    try:
+        info = read_checkpoint_info(config.resume)
+    except ConfigError as error:
+        raise ConfigError(f"resume={config.resume!r}: {error}") from None
+    if info.step is None or not info.has_optimizer:
+        raise ConfigError(
+            f"resume={config.resume!r} was not saved by `pipefold train` (it lacks the step counter or "
+            "the optimizer state); give <out>/checkpoint of an earlier run"
+        )
+    if info.step >= config.steps:
+        raise ConfigError(
+            f"resume={config.resume!r} is at step {info.step} but steps={config.steps}; steps counts from "
+            f"the start of the first run: use steps > {info.step} (e.g. --steps {info.step + config.steps})"
+        )
+    return info.step
+
+
+def shard_rows(batch: tuple[Tensor, Tensor], replica: int, num_replicas: int) -> tuple[Tensor, Tensor]:
+    """Replica `replica`'s equal share of the rows of `batch`."""
+    if num_replicas == 1:
+        return batch
+    inputs, targets = batch
+    rows = inputs.shape[0] // num_replicas
+    start = replica * rows
+    return inputs[start : start + rows], targets[start : start + rows]
+
+
+def _mesh(config: TrainConfig, device: torch.device) -> DeviceMesh | None:
+    """The (dp, pp[, tp]) mesh where there is more than one pipeline dimension; None otherwise.
+
+    Row-major: world ranks 0..ranks x tp - 1 are replica 0, so world rank 0 (the one that
+    reports) is pipeline rank 0, tp rank 0 of replica 0.
+    """
+    s = config.schedule
+    if s.data_parallel == 1 and s.tensor_parallel == 1:
+        return None
+    shape: tuple[int, ...] = (s.data_parallel, s.ranks)
+    names: tuple[str, ...] = ("dp", "pp")
+    if s.tensor_parallel > 1:
+        shape, names = (*shape, s.tensor_parallel), (*names, "tp")
+    return init_device_mesh(device.type, shape, mesh_dim_names=names)
+
+
+def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
+    opt = config.optimizer
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            params, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
+        )
+
+    return make
+
+
+def _make_pipeline(
+    config: TrainConfig, layers: Sequence[Any], sampler: BatchSampler, device: torch.device
+) -> tuple[Pipeline, str | None]:
+    """The Pipeline running `config.schedule.built` (or, for "auto" / "auto-v", the order searched
+    on the ranks), and for a searched schedule what the search found, to report."""
+    s = config.schedule
+    schedule = s.built
+    recompute = config.recompute
+    options: dict[str, Any] = {
+        "process_group": _mesh(config, device),
+        "partition": _partition_argument(config, schedule, layers, sampler, device),
+        "recompute": list(recompute) if isinstance(recompute, tuple) else recompute,
+        "device": device,
+        "seed": config.seed,
+        "timeout_s": config.timeout_s,
+    }
+    if s.tensor_parallel > 1:
+        options["tensor_parallel"] = gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
+    note: str | None = None
+    placement = s.searched_placement
+    if placement is not None:
+        # Probe on the first batch without consuming it: training then starts on that batch.
+        # Row-major (dp, pp, tp): this process is in replica world_rank // (ranks x tp).
+        replica = dist.get_rank() // (s.ranks * s.tensor_parallel)
+        probe_inputs, probe_targets = shard_rows(sampler.peek(), replica, s.data_parallel)
+        tuned = tune_schedule(
+            layers,
+            loss_fn=gpt_loss,
+            inputs=probe_inputs,
+            targets=probe_targets,
+            num_microbatches=s.num_microbatches,
+            placement=placement,
+            num_virtual=s.num_virtual,
+            **options,
+        )
+        schedule = tuned.schedule
+        note = tuned.summary()
+    is_flush = schedule.weight_update is WeightUpdate.FLUSH
+    pipe = Pipeline(
+        layers,
+        loss_fn=gpt_loss,
+        schedule=schedule,
+        optimizer=None if is_flush else _adamw(config),
+        **options,
+    )
+    return pipe, note
+
+
+def _make_loop_optimizer(config: TrainConfig, pipe: Pipeline) -> torch.optim.Optimizer | None:
+    """The AdamW the loop steps after each flush step (ZeRO-sharded where asked); None where the
+    schedule updates the weights inside the step."""
+    if pipe.schedule.weight_update is not WeightUpdate.FLUSH:
+        return None
+    opt = config.optimizer
+    if opt.zero:
+        zero: torch.optim.Optimizer = sharded_optimizer(
+            pipe, torch.optim.AdamW, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
+        )
+        return zero
+    return _adamw(config)(list(pipe.parameters()))
+
+
+def _stage_optimizers(pipe: Pipeline) -> list[torch.optim.Optimizer]:
+    """An asynchronous schedule's optimizers: one per stage, inside the pipeline."""
+    return [stage.stash.optimizer for stage in pipe.stages if stage.stash is not None]
+
+
+def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+    return factor
+
+
+def _resume(
+    config: TrainConfig,
+    pipe: Pipeline,
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+    sampler: BatchSampler,
+) -> int:
+    """Load `config.resume` (if any) and put the job where the saved run stood; returns its step."""
+    if not config.resume:
+        return 0
+    start_step = check_resume(config)
+    load_checkpoint(pipe, config.resume, optimizer=optimizers)
+    for _ in range(start_step):
+        # Same batches as an uninterrupted run: the sampler's generator is advanced, not re-seeded.
+        sampler.next_batch()
+    if scheduler is not None:
+        # The learning rate is restored with the optimizer; the scheduler only needs its step
+        # count so its next step() gives the lr of step start_step + 1 (LambdaLR is closed-form).
+        scheduler.last_epoch = start_step
+    return start_step
+
+
+def _partition_argument(
+    config: TrainConfig,
+    schedule: Schedule,
+    layers: Sequence[Any],
+    sampler: BatchSampler,
+    device: torch.device,
+) -> str | list[int]:
+    """What the Pipeline gets as `partition`; "profile" is measured once, on rank 0.
+
+    Every rank timing the layers itself would see different numbers and could cut the
+    model differently, so rank 0 profiles one micro-batch and broadcasts the counts.
+    """
+    if isinstance(config.partition, tuple):
+        return list(config.partition)
+    if config.partition != "profile":
+        return config.partition
+    counts: list[list[int] | None] = [None]
+    if dist.get_rank() == 0:
+        rows = max(1, config.batch_size // config.schedule.data_parallel // schedule.num_microbatches)
+        sample = sampler.peek()[0][:rows]
+        cut = partition(
+            layers, schedule.num_stages, "profile", placement=schedule.placement, sample=sample, device=device
+        )
+        counts[0] = [len(cut.layers_of(stage)) for stage in range(cut.num_stages)]
+    dist.broadcast_object_list(counts, src=0)
+    result = counts[0]
+    if result is None:
+        raise PipelineError("rank 0 did not send the profiled partition")
+    return result
