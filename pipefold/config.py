@@ -182,7 +182,7 @@ class ScheduleConfig:
     """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
     the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms
     run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
-    residual stream (pipefold/runtime/sequence_parallel.py). model.seq_len must divide by
+    residual stream (pipefold/runtime/parallel/sequence_parallel.py). model.seq_len must divide by
     tensor_parallel."""
     microbatches: int = 8
     """Micro-batches per step."""

@@ -59,7 +59,7 @@ from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode, load_corpus
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss, gpt_tensor_parallel_plan
 from pipefold.retune import Retuner
-from pipefold.runtime.launch import LaunchResult, init_process_group_from_env, spawn
+from pipefold.runtime.processes.launch import LaunchResult, init_process_group_from_env, spawn
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Schedule, WeightUpdate
 from pipefold.simulate import simulate
@@ -196,7 +196,7 @@ def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
 def _gather_state_dict(local: dict[str, Tensor]) -> dict[str, Tensor] | None:
     """All ranks' parameters on rank 0 (a tied weight arrives from each owner; they are equal).
     Tensor-parallel shards are gathered whole first (every tp rank calls this)."""
-    from pipefold.runtime.tensor_parallel import whole  # deferred like Pipeline (_make_pipeline)
+    from pipefold.runtime.parallel.tensor_parallel import whole  # deferred like Pipeline (_make_pipeline)
 
     cpu = {name: whole(tensor.detach()).cpu() for name, tensor in local.items()}
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -228,7 +228,7 @@ def _memory_line(memory: Sequence[Mapping[str, int]]) -> str:
 
 def _local_bytes(tensor: Tensor) -> int:
     """Bytes this rank stores for `tensor` (a tensor-parallel shard's, not the whole's)."""
-    from pipefold.runtime.tensor_parallel import local  # deferred like Pipeline (_make_pipeline)
+    from pipefold.runtime.parallel.tensor_parallel import local  # deferred like Pipeline (_make_pipeline)
 
     held = local(tensor)
     return held.numel() * held.element_size()
@@ -236,7 +236,7 @@ def _local_bytes(tensor: Tensor) -> int:
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
     """The state this rank holds: a ZeRO-sharded optimizer's own share (`.optim`), else its state."""
-    from pipefold.runtime.zero import is_sharded_optimizer  # deferred like Pipeline (_make_pipeline)
+    from pipefold.runtime.parallel.zero import is_sharded_optimizer  # deferred like Pipeline (_make_pipeline)
 
     return optimizer.optim.state if is_sharded_optimizer(optimizer) else optimizer.state  # type: ignore[attr-defined]
 

@@ -123,7 +123,7 @@ def build_record(
     """
     from pipefold.bench.predict import calibration_scale, predict
     from pipefold.errors import PipefoldError
-    from pipefold.runtime.cores import shared_cores
+    from pipefold.runtime.processes.cores import shared_cores
     from pipefold.schedule import build
     from pipefold.schedule.io import from_json
     from pipefold.simulate import Link

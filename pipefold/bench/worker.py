@@ -29,7 +29,7 @@ from pipefold.bench.rss import peak_rss_bytes, reset_peak_rss
 from pipefold.bench.sides import Side
 from pipefold.bench.workloads import Workload, workload
 from pipefold.errors import PipefoldError
-from pipefold.runtime.orphan import die_with_parent
+from pipefold.runtime.processes.orphan import die_with_parent
 
 __all__ = ["worker_main"]
 

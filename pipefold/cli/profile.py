@@ -146,7 +146,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device = 'cuda' but torch sees no CUDA device here; use --device cpu")
     # One thread on CPU by default: `pipefold train` runs each rank with one (see
-    # pipefold.runtime.launch), and the planner should price the stages those ranks run.
+    # pipefold.runtime.processes.launch), and the planner should price the stages those ranks run.
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     layers = gpt_layers(args.vocab_size, args.d_model, args.num_heads, args.num_layers, args.seq_len,
                         tie_embeddings=not getattr(args, "untied", False))

@@ -17,7 +17,7 @@ from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_ch
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.pipeline import Pipeline
 from pipefold.runtime.tune import TunedSchedule, tune_schedule
-from pipefold.runtime.zero import sharded_optimizer
+from pipefold.runtime.parallel.zero import sharded_optimizer
 
 __all__ = [
     "CheckpointInfo",

@@ -51,8 +51,8 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
-from pipefold.runtime.tensor_parallel import shard_like, whole
-from pipefold.runtime.zero import consolidate, is_sharded_optimizer
+from pipefold.runtime.parallel.tensor_parallel import shard_like, whole
+from pipefold.runtime.parallel.zero import consolidate, is_sharded_optimizer
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata

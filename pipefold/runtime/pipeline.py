@@ -65,17 +65,17 @@ from pipefold.model import (
     trace_boundaries,
 )
 from pipefold.runtime import step_gather
-from pipefold.runtime.allocator import keep_freed_memory
-from pipefold.runtime.comm import P2P, Collectives, Transfer
-from pipefold.runtime.cores import processes_on_host, ranks_share_cores, shared_cores
-from pipefold.runtime.data_parallel import DataParallel, split_mesh
+from pipefold.runtime.processes.allocator import keep_freed_memory
+from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
+from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_gather import RankRecord, host_code
-from pipefold.runtime.tensor_parallel import (
+from pipefold.runtime.parallel.tensor_parallel import (
     TensorParallelPlan,
     apply_tensor_parallel,
     check_plan,
@@ -83,7 +83,7 @@ from pipefold.runtime.tensor_parallel import (
     shard_like,
     tensor_parallel_mesh,
 )
-from pipefold.runtime.tensor_parallel import local as local_shard
+from pipefold.runtime.parallel.tensor_parallel import local as local_shard
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait
@@ -134,7 +134,7 @@ class Pipeline:
       `pipe.schedule` is then the fused schedule. False runs the schedule as given.
     - `shared_memory`: on CPU, ranks on one host exchange boundary tensors through
       /dev/shm (about 10x lower latency than gloo's loopback sockets; see
-      pipefold/runtime/shm.py); False sends everything through the process group.
+      pipefold/runtime/transport/shm.py); False sends everything through the process group.
       `shared_memory_bytes` is the most one step may send to one peer that way (pages
       are allocated as steps need them); a step with more uses the process group.
     - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for
@@ -149,10 +149,10 @@ class Pipeline:
       such a mapping or None. Each layer must map a replicated input to a replicated
       output. A ("dp", "pp", "tp") mesh composes all three. Flush schedules only; tied
       layers stay whole ([Note: tensor parallel x pipeline] in
-      pipefold/runtime/tensor_parallel.py).
+      pipefold/runtime/parallel/tensor_parallel.py).
     - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
       returning it to the kernel between micro-batches (process-wide; see
-      pipefold/runtime/allocator.py): fewer page faults, a flat heap at its peak.
+      pipefold/runtime/processes/allocator.py): fewer page faults, a flat heap at its peak.
     """
 
     _num_created: ClassVar[itertools.count[int]] = itertools.count()
@@ -237,7 +237,7 @@ class Pipeline:
         if tensor_parallel is not None:
             self._check_tensor_parallel(tensor_parallel)
             # Lazily, as Pipeline imports torch's tensor-parallel styles only where it uses them.
-            from pipefold.runtime.sequence_parallel import sequence_sharded_outputs
+            from pipefold.runtime.parallel.sequence_parallel import sequence_sharded_outputs
 
             self._sequence_sharded = sequence_sharded_outputs(tensor_parallel, self._meta)
         if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
@@ -437,7 +437,7 @@ class Pipeline:
 
     def _check_tensor_parallel(self, plan: TensorParallelPlan) -> None:
         """Refuse what tensor parallelism does not compose with ([Note: tensor parallel x pipeline]
-        in pipefold/runtime/tensor_parallel.py), before any layer is built."""
+        in pipefold/runtime/parallel/tensor_parallel.py), before any layer is built."""
         name = self.schedule.name
         if self.schedule.weight_update is not WeightUpdate.FLUSH:
             raise ConfigError(
@@ -722,7 +722,7 @@ class Pipeline:
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
             if self._sequence_sharded:
-                from pipefold.runtime.sequence_parallel import shard_boundaries
+                from pipefold.runtime.parallel.sequence_parallel import shard_boundaries
 
                 num_shards = dist.get_world_size(self._tensor_parallel_group)
                 cached = shard_boundaries(cached, self._sequence_sharded, num_shards)

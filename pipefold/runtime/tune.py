@@ -260,7 +260,7 @@ def _probe_pipeline(
 ) -> Pipeline:
     # A first Pipeline on the family itself would build stages twice; the family's schedule
     # only needs the rank count, which the group gives.
-    from pipefold.runtime.data_parallel import split_mesh
+    from pipefold.runtime.parallel.data_parallel import split_mesh
     from pipefold.runtime.pipeline import resolve_group
 
     pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))

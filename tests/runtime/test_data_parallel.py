@@ -22,7 +22,7 @@ from torch import nn
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
 from pipefold.runtime import Pipeline
-from pipefold.runtime.data_parallel import _buckets, split_mesh
+from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
 
 
 def _pool(world_size):
@@ -307,7 +307,7 @@ def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_
     assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
     # The other replica computes beside each pipeline: its timeline records the pipeline's
     # share of the host's cores, which is what the simulator replays ([Note: shared cores]).
-    from pipefold.runtime.cores import shared_cores
+    from pipefold.runtime.processes.cores import shared_cores
 
     expected_cores = shared_cores(2, threads_per_rank=1, num_host_processes=4)
     assert [r["timeline_cores"] for r in results] == [expected_cores] * 4

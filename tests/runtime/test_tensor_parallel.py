@@ -20,7 +20,7 @@ from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
 from pipefold.model.zoo import gpt_layers, gpt_tensor_parallel_plan
 from pipefold.runtime import Pipeline
-from pipefold.runtime.tensor_parallel import check_plan, is_sharded, local, plan_for
+from pipefold.runtime.parallel.tensor_parallel import check_plan, is_sharded, local, plan_for
 
 
 def _pool(world_size):
@@ -192,7 +192,7 @@ def _adam(params):
 
 def _assert_matches(pipe, optimizer, reference, reference_optimizer):
     """`pipe`'s weights and Adam moments (gathered whole) equal the reference's, by name."""
-    from pipefold.runtime.tensor_parallel import whole
+    from pipefold.runtime.parallel.tensor_parallel import whole
 
     expected = dict(reference.named_parameters())
     for name, param in pipe.named_parameters():
@@ -341,7 +341,7 @@ def gathered_linear_halves():
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    from pipefold.runtime import sequence_parallel
+    from pipefold.runtime.parallel import sequence_parallel
     from pipefold.runtime.backward import backward_input, backward_weight
     from pipefold.runtime.memory import ActivationCounter
 

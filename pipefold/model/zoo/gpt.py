@@ -34,7 +34,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.spec import LayerSpec, TiedLayerSpec
 
 if TYPE_CHECKING:
-    from pipefold.runtime.tensor_parallel import TensorParallelPlan
+    from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
 __all__ = [
     "gpt_tensor_parallel_plan",
@@ -157,7 +157,7 @@ def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParall
     number of heads.
 
     `sequence_parallel=True` adds Megatron's sequence parallelism ([Note: sequence parallel
-    x pipeline] in pipefold/runtime/sequence_parallel.py): from the position embedding to
+    x pipeline] in pipefold/runtime/parallel/sequence_parallel.py): from the position embedding to
     the final LayerNorm the residual stream is split along the sequence, the block's norms
     run on T/tp positions (`SequenceParallel`), the column-split projections all-gather the
     sequence and the row-split ones reduce-scatter it, and stage boundaries carry 1/tp of
@@ -172,7 +172,7 @@ def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParall
             "fc": ColwiseParallel(),
             "fc_out": RowwiseParallel(),
         }
-    from pipefold.runtime.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
+    from pipefold.runtime.parallel.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
 
     def by_layer(_index: int, module: nn.Module) -> dict[str, Any] | None:
         # By type, not index: the plan holds for any num_layers and for both head kinds.

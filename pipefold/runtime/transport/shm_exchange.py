@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipefold.runtime.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
-from pipefold.runtime.shm import SharedFile
+from pipefold.runtime.transport.shm import SharedFile
 
 __all__ = ["ShmExchange"]
 

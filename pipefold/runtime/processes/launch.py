@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
 
 __all__ = [
     "LaunchResult",
@@ -143,7 +143,7 @@ class _ScriptWorker:
             text=True,
             errors="replace",
             # Only a prctl call between fork and exec (no locks, no imports), so it is safe
-            # though the launcher has threads; see pipefold/runtime/orphan.py.
+            # though the launcher has threads; see pipefold/runtime/processes/orphan.py.
             preexec_fn=lambda: die_with_parent(parent_pid),  # noqa: PLW1509
         )
         assert self._process.stderr is not None  # set by stderr=PIPE; narrows the type

@@ -64,11 +64,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.tensor_parallel import plan_for
+from pipefold.runtime.parallel.tensor_parallel import plan_for
 
 if TYPE_CHECKING:
     from pipefold.model.build import TensorMeta
-    from pipefold.runtime.tensor_parallel import TensorParallelPlan
+    from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
 __all__ = [
     "ColwiseFromSequence",

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
 __all__ = ["SHM_DIR", "SharedFile", "ShmChannel", "layout", "shm_supported"]
 
