@@ -57,10 +57,10 @@ from torch import Tensor
 from pipefold.config import TrainConfig
 from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode, load_corpus
 from pipefold.errors import ConfigError, PipelineError
-from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss, gpt_tensor_parallel_plan
+from pipefold.model.zoo import GPT, generate, gpt_layers, gpt_loss
 from pipefold.retune import Retuner
-from pipefold.runtime.processes.launch import LaunchResult, init_process_group_from_env, spawn
 from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.processes.launch import LaunchResult, init_process_group_from_env, spawn
 from pipefold.schedule import Schedule, WeightUpdate
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
@@ -407,7 +407,10 @@ def _make_pipeline(
 ) -> tuple[Pipeline, torch.optim.Optimizer | None, str | None]:
     """The Pipeline, for flush schedules the AdamW the loop steps (async ones step inside), and
     for a searched schedule ("auto", "auto-v") what the search found, to report."""
-    from pipefold.runtime import Pipeline  # deferred: the config tests import this module without it
+    from pipefold.runtime import (  # deferred: the config tests import this module without it
+        Pipeline,
+        gpt_tensor_parallel_plan,
+    )
 
     s, opt = config.schedule, config.optimizer
     placement = s.searched_placement
@@ -550,14 +553,14 @@ def _partition_argument(
     if config.partition != "profile":
         return config.partition
     from pipefold.model import partition
+    from pipefold.runtime import profile
 
     counts: list[list[int] | None] = [None]
     if dist.get_rank() == 0:
         rows = max(1, config.batch_size // config.schedule.data_parallel // schedule.num_microbatches)
         sample = sampler.peek()[0][:rows]
-        cut = partition(
-            layers, schedule.num_stages, "profile", placement=schedule.placement, sample=sample, device=device
-        )
+        costs = [p.total_s for p in profile(layers, sample, device=device)]
+        cut = partition(layers, schedule.num_stages, "profile", placement=schedule.placement, costs=costs)
         counts[0] = [len(cut.layers_of(stage)) for stage in range(cut.num_stages)]
     dist.broadcast_object_list(counts, src=0)
     result = counts[0]

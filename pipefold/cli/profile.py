@@ -15,7 +15,7 @@ as zero-bubble schedules run them (`pipefold.runtime.backward`). Times are media
 
 Any other model, from Python:
 
-    from pipefold.model import profile
+    from pipefold.runtime import profile
     from pipefold.plan import ModelCosts
     costs = ModelCosts.from_profile(profile(layers, sample, split_backward=True), rows=len(sample))
 """
@@ -35,8 +35,8 @@ from pipefold.errors import ConfigError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipefold.model import LayerProfile
     from pipefold.plan import ModelCosts
+    from pipefold.runtime import LayerProfile
 
 DEFAULT_MICROBATCHES = 8
 """`pipefold train`'s micro-batches per step: the default cut of the batch into profiled rows."""
@@ -134,11 +134,11 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
         )
     import torch
 
-    from pipefold.model import profile
     from pipefold.model.spec import TiedLayerSpec, layer_name
     from pipefold.model.zoo import gpt_layers
     from pipefold.plan import ModelCosts
     from pipefold.plan.tensor import with_gpt_tensor_parallel
+    from pipefold.runtime import profile
 
     device = args.device
     if device == "auto":

@@ -258,7 +258,7 @@ class ModelCosts:
         weight_grad_share: float | None = None,
         **options: Any,
     ) -> ModelCosts:
-        """From `pipefold.model.profile(layers, sample)`; `rows` is the sample's batch size.
+        """From `pipefold.runtime.profile(layers, sample)`; `rows` is the sample's batch size.
 
         Each layer's backward is split into I and W by `weight_grad_share` (the fraction
         that is W, for every layer) when given; otherwise by the layer's own measured

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from pipefold._version import __version__
 from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
 from pipefold.runtime.parallel.tensor_parallel import shard_like, whole
 from pipefold.runtime.parallel.zero import consolidate, is_sharded_optimizer
@@ -612,8 +613,6 @@ def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
 def _metadata(
     pipe: Pipeline, records: Sequence[dict[str, Any]], step: int | None, extra: Any
 ) -> dict[str, Any]:
-    from pipefold import __version__
-
     model: dict[str, Any] = {}
     state: dict[str, Any] = {}
     scalars: dict[str, Any] = {}

@@ -65,16 +65,10 @@ from pipefold.model import (
     trace_boundaries,
 )
 from pipefold.runtime import step_gather
-from pipefold.runtime.processes.allocator import keep_freed_memory
-from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
-from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
-from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
-from pipefold.runtime.stage import Stage
-from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.step_gather import RankRecord, host_code
+from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
 from pipefold.runtime.parallel.tensor_parallel import (
     TensorParallelPlan,
     apply_tensor_parallel,
@@ -84,6 +78,12 @@ from pipefold.runtime.parallel.tensor_parallel import (
     tensor_parallel_mesh,
 )
 from pipefold.runtime.parallel.tensor_parallel import local as local_shard
+from pipefold.runtime.processes.allocator import keep_freed_memory
+from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.stage import Stage
+from pipefold.runtime.stash import WeightStash
+from pipefold.runtime.step_gather import RankRecord, host_code
+from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.timeline import Event, Timeline, Wait

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, apply_layer
-from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
+from pipefold.runtime.stash import WeightStash
 
 __all__ = ["Stage", "flatten", "as_leaves"]
 

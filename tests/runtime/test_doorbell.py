@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from pipefold.runtime.failure import FailureBoard, Watchdog
 from pipefold.runtime.processes.cores import ranks_share_cores
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
-from pipefold.runtime.failure import FailureBoard, Watchdog
 from pipefold.runtime.transport.shm import shm_supported
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="doorbells are used with shared memory only")

@@ -1,4 +1,4 @@
-"""The shared-memory step exchange (pipefold.runtime.transport.shm_exchange), ranks as threads of this process."""
+"""The shared-memory step exchange (runtime/transport/shm_exchange.py), ranks as threads of this process."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipefold.errors import PeerFailure
-from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import FailureBoard, Watchdog
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.transport.shm import new_token, shm_supported
 from pipefold.runtime.transport.shm_exchange import ShmExchange
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
-from pipefold.model.zoo import gpt_layers, gpt_tensor_parallel_plan
-from pipefold.runtime import Pipeline
+from pipefold.model.zoo import gpt_layers
+from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan
 from pipefold.runtime.parallel.tensor_parallel import check_plan, is_sharded, local, plan_for
 
 
@@ -341,9 +341,9 @@ def gathered_linear_halves():
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    from pipefold.runtime.parallel import sequence_parallel
     from pipefold.runtime.backward import backward_input, backward_weight
     from pipefold.runtime.memory import ActivationCounter
+    from pipefold.runtime.parallel import sequence_parallel
 
     mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
     rank = mesh.get_local_rank()

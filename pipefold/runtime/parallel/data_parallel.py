@@ -41,9 +41,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.transport.comm import Collectives
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.parallel.tensor_parallel import is_sharded, local
+from pipefold.runtime.transport.comm import Collectives
 
 __all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
 

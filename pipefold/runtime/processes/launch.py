@@ -412,6 +412,8 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float = 6
     if is_loopback(address) and not agent_store:
         _pin_transports_to_loopback()
         store = loopback_store(address, int(os.environ["MASTER_PORT"]), rank, world_size, timeout_s)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
         return
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)

@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipelineError
+from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
-from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_supported
 from pipefold.runtime.transport.shm_exchange import ShmExchange
 

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.transport.shm import SharedFile
 
 __all__ = ["ShmExchange"]
