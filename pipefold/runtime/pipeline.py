@@ -64,11 +64,13 @@ from pipefold.model import (
     tied_groups,
     trace_boundaries,
 )
+from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
 from pipefold.runtime.executor import Executor, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
+from pipefold.runtime.parallel.sequence_parallel import sequence_sharded_outputs, shard_boundaries
 from pipefold.runtime.parallel.tensor_parallel import (
     TensorParallelPlan,
     apply_tensor_parallel,
@@ -91,6 +93,9 @@ from pipefold.timeline import Event, Timeline, Wait
 __all__ = ["Pipeline"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_MICROBATCHES = 8
+"""Micro-batches per step where neither the caller nor a ready `Schedule` says."""
 
 LossFn = Callable[[Any, Any], Tensor]
 EventOrWait = TypeVar("EventOrWait", Event, Wait)
@@ -219,14 +224,36 @@ class Pipeline:
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
         if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
             data_parallel_group = None
+        # The rulebook first with what is known before the schedule is built, then with it.
+        described = ParallelConfig(
+            pp=num_ranks,
+            dp=1 if data_parallel_group is None else dist.get_world_size(data_parallel_group),
+            tp=1 if tp_mesh is None else int(tp_mesh.size()),
+            num_microbatches=_num_microbatches(schedule, num_microbatches),
+            num_virtual=num_virtual,
+            schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
+            recompute=recompute if isinstance(recompute, str) else tuple(recompute),
+            on_nonfinite=on_nonfinite,
+            tied_layers=bool(tied_groups(self._layers)),
+            num_layers=len(self._layers),
+        )
+        described.check()
         self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
+        self.parallel_config = replace(
+            described,
+            num_virtual=self.schedule.num_virtual,
+            schedule=self.schedule.name,
+            weight_update=str(self.schedule.weight_update),
+        )
+        """This pipeline's configuration as the rulebook (`pipefold.parallel_config`) checked it."""
+        self.parallel_config.check()
         self._fuse_backward = fuse_backward
         if fuse_backward:
             # Adjacent I/W pairs whose early input gradient nobody waits for run as one B:
             # same result, cheaper (see fuse_adjacent_split_backward). `self.schedule` is
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
-        self._check_async(optimizer, recompute)
+        self._check_optimizer(optimizer)
         self._tensor_parallel_group: dist.ProcessGroup | None = (
             None if tp_mesh is None else tp_mesh.get_group()
         )
@@ -235,24 +262,14 @@ class Pipeline:
         # pipeline]): the boundaries after them carry 1/tp of the traced shape.
         self._sequence_sharded: dict[int, int] = {}
         if tensor_parallel is not None:
-            self._check_tensor_parallel(tensor_parallel)
-            # Lazily, as Pipeline imports torch's tensor-parallel styles only where it uses them.
-            from pipefold.runtime.parallel.sequence_parallel import sequence_sharded_outputs
-
+            self._check_tied_layers_whole(tensor_parallel)
             self._sequence_sharded = sequence_sharded_outputs(tensor_parallel, self._meta)
-        if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
-            raise ConfigError(
-                f"schedule {self.schedule.name!r} updates weights inside the step, so data-parallel "
-                f"replicas ({dist.get_world_size(data_parallel_group)} along 'dp') would each step on "
-                "their own gradients and drift apart; use a flush schedule (gpipe, 1f1b, zb-h1, ...) "
-                "or a mesh without a 'dp' dim"
-            )
         self.device = _resolve_device(device, self._group)
         if data_parallel_group is not None:
             _resolve_device(self.device, data_parallel_group)  # its backend must match the device too
         if keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
-        recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
+        recompute_all, recompute_layers = _resolve_recompute(recompute)
         self.partition = _resolve_partition(self._layers, self.schedule, partition)
 
         # -- local modules (no communication so far) --------------------------------------
@@ -403,11 +420,10 @@ class Pipeline:
 
     # -- configuration helpers ---------------------------------------------------------------
 
-    def _check_async(self, optimizer: OptimizerFactory | None, recompute: str | Sequence[int]) -> None:
+    def _check_optimizer(self, optimizer: OptimizerFactory | None) -> None:
         """Flush schedules leave the update to the user; asynchronous ones step inside `step`."""
-        flush = self.schedule.weight_update is WeightUpdate.FLUSH
         name = self.schedule.name
-        if flush:
+        if self.schedule.weight_update is WeightUpdate.FLUSH:
             if optimizer is not None:
                 raise ConfigError(
                     f"optimizer is given but schedule {name!r} is a flush schedule; step your "
@@ -419,31 +435,10 @@ class Pipeline:
                 f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
                 f"optimizer=lambda params: torch.optim.SGD(params, lr=...) (a factory), got {optimizer!r}"
             )
-        if not (isinstance(recompute, str) and recompute == "none"):
-            raise ConfigError(
-                f"recompute={recompute!r} with the asynchronous schedule {name!r}: a recomputed forward "
-                "would run on the live weights, not the stashed version; use recompute='none'"
-            )
-        if self._on_nonfinite != "raise":
-            raise ConfigError(
-                f"on_nonfinite={self._on_nonfinite!r} with the asynchronous schedule {name!r}: its optimizer "
-                "steps during the step, so a bad micro-batch cannot be undone; use on_nonfinite='raise'"
-            )
-        if tied_groups(self._layers):
-            raise ConfigError(
-                f"the asynchronous schedule {name!r} cannot run tied layers (TiedLayerSpec): each stage "
-                "stashes and updates its own weights; untie them or use a flush schedule"
-            )
 
-    def _check_tensor_parallel(self, plan: TensorParallelPlan) -> None:
-        """Refuse what tensor parallelism does not compose with ([Note: tensor parallel x pipeline]
-        in pipefold/runtime/parallel/tensor_parallel.py), before any layer is built."""
-        name = self.schedule.name
-        if self.schedule.weight_update is not WeightUpdate.FLUSH:
-            raise ConfigError(
-                f"tensor_parallel with the asynchronous schedule {name!r}: its weight stashes copy whole "
-                "tensors, not DTensor shards; use a flush schedule (gpipe, 1f1b, interleaved-1f1b, ...)"
-            )
+    def _check_tied_layers_whole(self, plan: TensorParallelPlan) -> None:
+        """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole
+        ([Note: tensor parallel x pipeline] in pipefold/runtime/parallel/tensor_parallel.py)."""
         for key, occurrences in sorted(tied_groups(self._layers).items()):
             split = [i for i in occurrences if plan_for(plan, i, self._meta[i])]
             if split:
@@ -722,8 +717,6 @@ class Pipeline:
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
             if self._sequence_sharded:
-                from pipefold.runtime.parallel.sequence_parallel import shard_boundaries
-
                 num_shards = dist.get_world_size(self._tensor_parallel_group)
                 cached = shard_boundaries(cached, self._sequence_sharded, num_shards)
             self._boundary_cache[key] = cached
@@ -885,10 +878,14 @@ def _resolve_schedule(
         return schedule
     if not isinstance(schedule, str):
         raise ConfigError(f"schedule must be a family name or a Schedule, got {type(schedule).__name__}")
-    count = 8 if num_microbatches is None else num_microbatches
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ConfigError(f"num_microbatches = {count!r}; it must be an integer >= 1")
+    count = _num_microbatches(schedule, num_microbatches)
     return build(schedule, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual)
+
+
+def _num_microbatches(schedule: str | Schedule, num_microbatches: int | None) -> int:
+    if num_microbatches is not None:
+        return num_microbatches
+    return schedule.num_microbatches if isinstance(schedule, Schedule) else DEFAULT_NUM_MICROBATCHES
 
 
 def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup | None) -> torch.device:
@@ -914,21 +911,11 @@ def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup 
     return resolved
 
 
-def _resolve_recompute(recompute: str | Sequence[int], num_layers: int) -> tuple[bool, frozenset[int]]:
+def _resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:
+    """(recompute every layer, the layers to recompute); the rulebook has checked the value."""
     if isinstance(recompute, str):
-        if recompute == "none":
-            return False, frozenset()
-        if recompute == "full":
-            return True, frozenset()
-        raise ConfigError(f"recompute = {recompute!r}; use 'none', 'full' or a list of layer indices")
-    indices = list(recompute)
-    for index in indices:
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
-            raise ConfigError(
-                f"recompute lists layer {index!r}, but the model has layers 0..{num_layers - 1}; "
-                "give layer indices (selective recomputation), 'full' or 'none'"
-            )
-    return False, frozenset(indices)
+        return recompute == "full", frozenset()
+    return False, frozenset(recompute)
 
 
 def _resolve_partition(

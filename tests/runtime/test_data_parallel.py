@@ -179,13 +179,9 @@ def dp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2}
     try:
-        if what == "async":
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-            Pipeline(mlp(4), schedule="pipedream", optimizer=sgd, process_group=mesh, **kwargs)
-        elif what == "mesh size":
+        if what == "mesh size":
             Pipeline(mlp(4), process_group=_FakeMesh(("dp", "pp"), (1, 2)), **kwargs)
         elif what == "dp group of different stages":
             # Pipeline ranks 0 and 1 of one replica passed as each other's replicas.
@@ -385,7 +381,6 @@ def test_non_finite_loss_on_one_replica_skips_the_step_everywhere(pool4):
 @pytest.mark.parametrize(
     ("what", "words"),
     [
-        ("async", "schedule 'pipedream' updates weights inside the step"),
         ("mesh size", "covers 2 ranks but the world has 4; choose dp x pp = 4"),
         ("dp group of different stages", "do not hold the same stages"),
     ],

@@ -24,9 +24,9 @@ def sgd(params):
     ("kwargs", "error", "words"),
     [
         ({"schedule": "no-such"}, ScheduleError, "unknown schedule 'no-such'"),
-        ({"num_microbatches": 0}, ConfigError, "num_microbatches = 0"),
-        ({"recompute": "some"}, ConfigError, "recompute = 'some'"),
-        ({"recompute": [7]}, ConfigError, "recompute lists layer 7"),
+        ({"num_microbatches": 0}, ConfigError, "num_microbatches=0"),
+        ({"recompute": "some"}, ConfigError, "recompute='some'"),
+        ({"recompute": [7]}, ConfigError, "recompute=[7]"),
         ({"optimizer": sgd}, ConfigError, "flush schedule"),
         ({"schedule": "pipedream"}, ConfigError, "optimizer="),
         ({"schedule": "pipedream", "optimizer": sgd, "recompute": "full"}, ConfigError, "recompute='full'"),

@@ -291,10 +291,7 @@ def tp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "process_group": _mesh()}
     try:
-        if what == "async":
-            sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
-            Pipeline(megatron_mlp(), schedule="pipedream", optimizer=sgd, tensor_parallel=_plan(), **kwargs)
-        elif what == "no plan":
+        if what == "no plan":
             Pipeline(megatron_mlp(), **kwargs)
         elif what == "tied":
             tied = [
@@ -557,7 +554,6 @@ def test_a_plan_function_splits_only_the_layers_it_names(pool4):
 @pytest.mark.parametrize(
     ("what", "words"),
     [
-        ("async", "asynchronous schedule 'pipedream'"),
         ("no plan", "'tp' dim but tensor_parallel is None"),
         ("tied", "splits the tied layer 'block'"),
         ("uneven sequence", "a sequence of 5 positions does not split evenly over 2"),

@@ -30,6 +30,7 @@ them; a DTensor shard is neither).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,17 +55,8 @@ def sharded_optimizer(
     """`optimizer_class(**defaults)` over this rank's parameters, its state sharded over the
     pipeline's data-parallel replicas (see [Note: ZeRO-1 over the replicas]). Call on every
     rank; step it after `pipe.step` as any optimizer."""
-    if pipe.data_parallel_group is None:
-        raise ConfigError(
-            "sharded_optimizer: the pipeline has no data-parallel replicas, so there is nothing to shard "
-            "the optimizer state over; give Pipeline a mesh with a 'dp' dim (or data_parallel_group=), "
-            f"or use {optimizer_class.__name__} directly"
-        )
-    if pipe.tensor_parallel_group is not None:
-        raise ConfigError(
-            "sharded_optimizer: the pipeline is tensor-parallel; ZeroRedundancyOptimizer partitions and "
-            "broadcasts whole parameters, not DTensor shards. Use the plain optimizer with tensor parallelism"
-        )
+    # The rulebook: replicas to shard over, and whole (not tensor-parallel) parameters.
+    replace(pipe.parallel_config, zero=True).check({"zero": "sharded_optimizer"})
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
         raise ConfigError(
             f"sharded_optimizer: optimizer_class = {optimizer_class!r}; give a torch.optim.Optimizer "
