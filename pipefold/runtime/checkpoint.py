@@ -151,20 +151,19 @@ def save_checkpoint(
 
 def _tensor_parallel_group(pipe: Pipeline) -> dist.ProcessGroup | None:
     """The group of this rank's tensor-parallel peers (None without tensor parallelism)."""
-    return pipe._tensor_parallel_group
+    return pipe.tensor_parallel_group
 
 
 def _replica_group(pipe: Pipeline) -> dist.ProcessGroup | None:
     """The data-parallel group across replicas of this rank's stages (None without one)."""
-    data_parallel = getattr(pipe, "_data_parallel", None)
-    return None if data_parallel is None else data_parallel._group
+    return pipe.data_parallel_group
 
 
 def _save_replica(
     pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None, extra: Any
 ) -> Path:
     """save_checkpoint within one pipeline (one replica)."""
-    group = pipe._group
+    group = pipe.process_group
     is_rank0 = _group_rank(group) == 0
     tensors, record = _local_entries(pipe, _as_list(optimizer))
     records = _all_gather(record, group)
@@ -215,7 +214,7 @@ def load_checkpoint(
     meta = _read_metadata(target)
     info = _info(target, meta)
     _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
-    group = pipe._group
+    group = pipe.process_group
     optimizers = _as_list(optimizer)
     local = pipe.state_dict()
     plan: dict[str, Tensor] = {}

@@ -41,10 +41,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -66,7 +65,7 @@ from pipefold.model import (
 )
 from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
-from pipefold.runtime.executor import Executor, StepInputs, StepRecord
+from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
@@ -82,13 +81,14 @@ from pipefold.runtime.parallel.tensor_parallel import (
 from pipefold.runtime.parallel.tensor_parallel import local as local_shard
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.step_gather import RankRecord, host_code
-from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
+from pipefold.runtime.tied import TiedGradients, grad_copy
+from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
-from pipefold.timeline import Event, Timeline, Wait
+from pipefold.timeline import Timeline
 
 __all__ = ["Pipeline"]
 
@@ -98,7 +98,6 @@ DEFAULT_NUM_MICROBATCHES = 8
 """Micro-batches per step where neither the caller nor a ready `Schedule` says."""
 
 LossFn = Callable[[Any, Any], Tensor]
-EventOrWait = TypeVar("EventOrWait", Event, Wait)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -353,7 +352,19 @@ class Pipeline:
                 row_bytes = 8 * step_gather.row_length(slots, self.schedule.num_microbatches)
                 self._collectives.connect_same_host(capacity=max(row_bytes, 64 * 1024))
         self._p2p = p2p
-        self._tied = self._tie_groups()
+        self.tied = TiedGradients.of(
+            self._layers, self.schedule, self.partition, self.rank, self._local_modules, p2p, self._watchdog
+        )
+        """The tied modules this rank shares with others, whose gradients each step sums."""
+        self.recorder = StepRecorder(
+            self._collectives,
+            self.schedule,
+            self._timeline_slots,
+            partition=str(self.partition),
+            device_type=self.device.type,
+            shared_cores=self._shared_cores,
+        )
+        """Gathers each step's measurements into `last_step` (with `record_timeline`)."""
         self._data_parallel: DataParallel | None = None
         if data_parallel_group is not None:
             self._data_parallel = DataParallel(
@@ -417,6 +428,7 @@ class Pipeline:
         self._executor = self._new_executor(program)
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.schedule = schedule
+        self.recorder.use(schedule, self._timeline_slots)
 
     # -- configuration helpers ---------------------------------------------------------------
 
@@ -460,25 +472,6 @@ class Pipeline:
         if stash is not None:  # a stage without trainable weights has nothing to update
             stash.step()
 
-    def _tie_groups(self) -> list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]]:
-        """For each tied module held by several ranks and by this one: (owner ranks, its parameters).
-
-        The owners exchange gradients point-to-point over the pipeline's own group, so no
-        extra process group is created (a `new_group` per tied module would have to be
-        called by every rank of the world, which breaks when several pipelines share it).
-        """
-        found: list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]] = []
-        if self._group is None:
-            return found
-        for key, occurrences in sorted(tied_groups(self._layers).items()):
-            owners = tuple(sorted({self.schedule.placement[self.partition.stage_of(i)] for i in occurrences}))
-            if len(owners) < 2 or self.rank not in owners:
-                continue
-            local = next(i for i in occurrences if i in self._local_modules)
-            found.append((owners, tuple(self._local_modules[local].parameters())))
-            logger.debug("tied module %r is shared by ranks %s", key, owners)
-        return found
-
     # -- the group --------------------------------------------------------------------------------
 
     @property
@@ -507,7 +500,32 @@ class Pipeline:
     def data_parallel_group(self) -> dist.ProcessGroup | None:
         """The ranks that hold this rank's stages in the other replicas, this one included
         (the group gradients are averaged over); None without data parallelism."""
-        return None if self._data_parallel is None else self._data_parallel._group
+        return None if self._data_parallel is None else self._data_parallel.group
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The gradient averaging over the replicas; None without data parallelism."""
+        return self._data_parallel
+
+    @property
+    def p2p(self) -> P2P | None:
+        """The point-to-point transport between the pipeline's ranks; None in one process."""
+        return self._p2p
+
+    @property
+    def collectives(self) -> Collectives | None:
+        """The pipeline group's collectives (step start and end); None in one process."""
+        return self._collectives
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """What bounds every wait of this rank and reports failures to the other ranks."""
+        return self._watchdog
+
+    @property
+    def local_modules(self) -> Mapping[int, nn.Module]:
+        """This rank's layers, by index in the model's layer list."""
+        return self._local_modules
 
     @property
     def tensor_parallel_group(self) -> dist.ProcessGroup | None:
@@ -656,7 +674,7 @@ class Pipeline:
         restore = self._grad_snapshot() if skip and data_parallel is None else []
         if data_parallel is not None:
             data_parallel.set_aside_gradients()
-        tied_before = [[_grad_copy(p) for p in params] for _, params in self._tied]
+        tied_before = self.tied.snapshot()
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
         count_memory = (
@@ -676,7 +694,10 @@ class Pipeline:
         gathered: step_gather.GatheredStep | None = None
         if self._record_timeline:
             # One all-gather brings every rank's losses and timeline (step_gather.py).
-            gathered, losses = self._gather_step(record)
+            versions = max(
+                (st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1
+            )
+            gathered, losses = self.recorder.gather(record, versions)
         else:
             losses = record.losses
             if self._collectives is not None:
@@ -691,7 +712,7 @@ class Pipeline:
                 data_parallel.restore_set_aside()
             logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
         else:
-            self._sum_tied(tied_before)
+            self.tied.sum(tied_before)
             if data_parallel is not None:
                 data_parallel.average_gradients(weight)
         if gathered is not None:
@@ -723,37 +744,12 @@ class Pipeline:
         return cached
 
     def _grad_snapshot(self) -> list[tuple[nn.Parameter, Tensor | None]]:
-        return [(p, _grad_copy(p)) for p in self.parameters()]
+        return [(p, grad_copy(p)) for p in self.parameters()]
 
     @staticmethod
     def _restore(snapshot: list[tuple[nn.Parameter, Tensor | None]]) -> None:
         for param, grad in snapshot:
             param.grad = grad
-
-    def _sum_tied(self, before: list[list[Tensor | None]]) -> None:
-        """Sum this step's gradient of each tied module over its owners (identically on each)."""
-        p2p = self._p2p
-        if p2p is None:
-            return
-        for (owners, params), old in zip(self._tied, before, strict=True):
-            for param, previous in zip(params, old, strict=True):
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                delta = (grad if previous is None else grad - previous).contiguous()
-                parts: dict[int, Tensor] = {self.rank: delta}
-                pending: list[Transfer] = []
-                for peer in owners:
-                    if peer != self.rank:
-                        pending.append(p2p.send_direct([delta], peer))
-                        parts[peer] = torch.empty_like(delta)
-                        pending.append(p2p.recv_direct([parts[peer]], peer))
-                for transfer in pending:
-                    transfer.wait(self._watchdog, "tied-gradient exchange")
-                p2p.after_recv()
-                # Summed in rank order on every owner, so the owners' weights stay bit-identical.
-                total = parts[owners[0]]
-                for rank in owners[1:]:
-                    total = total + parts[rank]
-                param.grad = total if previous is None else previous + total
 
     @property
     def last_timeline(self) -> Timeline | None:
@@ -767,56 +763,6 @@ class Pipeline:
         on those you read, instead of decoding every step's `last_timeline`."""
         return self._last_step
 
-    def _gather_step(self, record: StepRecord) -> tuple[step_gather.GatheredStep, Tensor]:
-        """Every rank's measurements and the batch's per-micro-batch losses (summed over ranks)."""
-        versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
-        mine = RankRecord(
-            events=record.events,
-            waits=record.waits,
-            activation_bytes_peak=record.activation_bytes_peak,
-            weight_versions_peak=versions,
-            origin=record.origin,
-            host=host_code(_host()),
-        )
-        if self._collectives is None:
-            return step_gather.GatheredStep(lambda: self._timeline([mine])), record.losses
-        slots = self._timeline_slots
-        row = step_gather.pack(mine, record.losses, slots)
-        rows = self._collectives.all_gather(row, what="loss and timeline gather")
-        losses = step_gather.losses_of(rows, slots, self.schedule.num_microbatches)
-        return step_gather.GatheredStep(lambda: self._timeline(step_gather.unpack(rows, slots))), losses
-
-    def _timeline(self, gathered: list[RankRecord]) -> Timeline:
-        events: list[tuple[Event, ...]] = [g.events for g in gathered]
-        waits: list[tuple[Wait, ...]] = [g.waits for g in gathered]
-        one_clock = len({g.host for g in gathered}) == 1
-        if one_clock:
-            # One machine: perf_counter is the same monotonic clock in every process, so
-            # the ranks' timelines are put on one time axis (across machines each rank keeps
-            # its own step start as zero).
-            first = min(g.origin for g in gathered)
-            shifts = [g.origin - first for g in gathered]
-            events = [tuple(_shift(e, d) for e in row) for row, d in zip(events, shifts, strict=True)]
-            waits = [tuple(_shift(w, d) for w in row) for row, d in zip(waits, shifts, strict=True)]
-        meta: dict[str, Any] = {
-            "num_microbatches": self.schedule.num_microbatches,
-            "partition": str(self.partition),
-            "device": self.device.type,
-            # Whether event times of different ranks compare (measured_link needs it).
-            "clock": "shared" if one_clock else "per-rank",
-        }
-        if one_clock and self._shared_cores is not None:
-            meta["num_cores"] = self._shared_cores
-        return Timeline(
-            num_ranks=len(gathered),
-            events=Timeline.merge_ranks(events),
-            waits=tuple(waits),
-            activation_bytes_peak=tuple(g.activation_bytes_peak for g in gathered),
-            weight_versions_peak=tuple(g.weight_versions_peak for g in gathered),
-            source="measured",
-            schedule_name=self.schedule.name,
-            meta=meta,
-        )
 
 
 # -- module helpers ----------------------------------------------------------------------------
@@ -827,14 +773,6 @@ def _most_slots(schedule: Schedule) -> int:
     per (stage, micro-batch) an F, an I and a W, and four messages."""
     per_rank = max(len(schedule.stages_of(rank)) for rank in range(schedule.num_ranks))
     return 7 * per_rank * schedule.num_microbatches
-
-
-def _host() -> str:
-    return socket.gethostname()
-
-
-def _shift(item: EventOrWait, delta: float) -> EventOrWait:
-    return replace(item, start=item.start + delta, end=item.end + delta)
 
 
 def resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
@@ -957,7 +895,3 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
         pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
         return pinned.to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def _grad_copy(param: nn.Parameter) -> Tensor | None:
-    return None if param.grad is None else param.grad.detach().clone()

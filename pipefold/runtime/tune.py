@@ -336,12 +336,7 @@ def _broadcast(pipe: Pipeline, payload: Any) -> Any:
     different schedules would deadlock (tp) or be refused (dp), so the decision of the
     first pipeline (dp 0, tp 0) is everyone's."""
     box = [payload]
-    data_parallel = pipe._data_parallel
-    groups = [
-        pipe.process_group,
-        None if data_parallel is None else data_parallel._group,
-        pipe._tensor_parallel_group,
-    ]
+    groups = [pipe.process_group, pipe.data_parallel_group, pipe.tensor_parallel_group]
     for group in groups:
         if group is not None:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)

@@ -95,7 +95,7 @@ def dp_exact(
         shared_memory=shared_memory,
     )
     if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
-        data_parallel = pipe._data_parallel
+        data_parallel = pipe.data_parallel
         data_parallel._buckets = _buckets(data_parallel._params, bucket_bytes)
     reference = build_reference(build(), seed=7)
     losses = []
@@ -113,7 +113,7 @@ def dp_exact(
         assert param.grad is not None, f"{name} has no gradient"
         torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
         names.append(name)
-    data_parallel = pipe._data_parallel
+    data_parallel = pipe.data_parallel
     return {
         "rank": pipe.rank,
         "dp_rank": pipe.data_parallel_rank,
@@ -121,7 +121,7 @@ def dp_exact(
         "losses": losses,
         "names": names,
         "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
-        "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
+        "same_host_peers": [] if pipe.p2p is None else list(pipe.p2p.same_host_peers),
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
         "timeline_cores": pipe.last_timeline.meta.get("num_cores"),
     }

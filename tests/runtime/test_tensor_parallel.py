@@ -135,7 +135,7 @@ def tp_exact(
     def record(index, args):
         seen.setdefault(index, tuple(args[0].shape))  # returns None: the arguments stay as they are
 
-    for index, module in pipe._local_modules.items():
+    for index, module in pipe.local_modules.items():
         # prepend: before a tp style's own pre-hook makes the input a DTensor (of global shape).
         module.register_forward_pre_hook(lambda _m, args, i=index: record(i, args), prepend=True)
     losses = []

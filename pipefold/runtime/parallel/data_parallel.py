@@ -160,6 +160,11 @@ class DataParallel:
         self._set_aside: list[Tensor | None] | None = None
 
     @property
+    def group(self) -> dist.ProcessGroup:
+        """The ranks that hold this rank's stages in every replica, this one included."""
+        return self._group
+
+    @property
     def num_buckets(self) -> int:
         return len(self._buckets)
 
