@@ -12,19 +12,7 @@ how the model was cut. So a checkpoint saved with one partition or number of ran
 loads into another ("resharding"): each rank reads the entries its own layers need.
 A tensor held by several ranks (a tied embedding) is written once (DCP's de-duplication).
 
-[Note: atomic checkpoints]
-The ranks write into a hidden sibling `.<name>.tmp-<token>`; only after DCP reports
-that every rank finished does rank 0 add `pipefold.json` and move the directory into
-place: an existing checkpoint is renamed aside (`.<name>.old-<token>`), the new one
-renamed in, the old one deleted. A failure before that leaves `path` as it was (the
-staging directory is removed when the failure is seen; a killed job leaves only the
-hidden sibling). A crash between the two renames leaves the previous checkpoint
-complete under `.<name>.old-<token>`; `load_checkpoint` names it.
-
-Loading unpickles nothing arbitrary: tensors are read with `torch.load(weights_only=True)`
-(DCP) and DCP's own `.metadata` pickle through an unpickler that admits only DCP's
-metadata classes; everything else pipefold stores (step, extra, optimizer
-hyperparameters) is JSON.
+Design notes: docs/decisions.md, "atomic checkpoints".
 """
 
 from __future__ import annotations
@@ -116,7 +104,7 @@ def save_checkpoint(
     target = Path(path)
     _check_save_arguments(pipe, target, step, extra)
     # A ZeRO-sharded optimizer's state is spread over the replicas: gather it on replica 0,
-    # which writes it like a plain optimizer's ([Note: ZeRO-1 over the replicas] in zero.py).
+    # which writes it like a plain optimizer's (docs/decisions.md, "ZeRO-1 over the replicas").
     consolidate(_as_list(optimizer))
     replicas = _replica_group(pipe)
     # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
@@ -128,7 +116,7 @@ def save_checkpoint(
             raise PipelineError(f"save_checkpoint: data-parallel replica 0 failed: {failure}")
         return target
     # Tensor-parallel ranks hold shards: all of them gather each whole tensor, tp rank 0
-    # writes it ([Note: tensor-parallel checkpoints]) and the others wait for its outcome.
+    # writes it (docs/decisions.md, "tensor-parallel checkpoints") and the others wait for its outcome.
     tensor_parallel = _tensor_parallel_group(pipe)
     if tensor_parallel is not None and dist.get_rank(tensor_parallel) != 0:
         _local_entries(pipe, _as_list(optimizer))  # its part of every gather; tp rank 0 writes

@@ -10,30 +10,7 @@ every rank traces the boundary shapes on the meta device (cached per shape), the
 executor walks this rank's lowered program, and then the ranks agree on the loss,
 sum the gradients of tied modules and (optionally) gather the measured timeline.
 
-[Note: exact gradients]
-The last stage scales each micro-batch loss by (micro-batch size / batch size), so
-the sum over micro-batches of the gradients is the gradient of the batch-mean loss,
-also for batches that `torch.tensor_split` cuts unevenly. Gradients accumulate into
-`.grad` exactly like `loss.backward()`: nothing is rescaled or zeroed. A tied module's
-gradient is summed across its owners by all-reducing only this step's contribution,
-so accumulation across steps stays exact there too.
-
-With a data-parallel dimension (`process_group=` a ("dp", "pp") `DeviceMesh`, or
-`data_parallel_group=`), every replica runs this pipeline on its own local batch and
-the replicas then average this step's gradients, weighted by rows, so they equal the
-gradient of the global-batch mean loss (see [Note: data-parallel gradients] in
-data_parallel.py); the returned loss is that global mean on every rank.
-
-[Note: changing the schedule]
-`use_schedule(schedule)` swaps the order of the actions between steps. The stages, their
-weights and gradients, the transport's channels and the data-parallel group depend only
-on the ranks, the micro-batch count and the stage placement, so a flush schedule that
-keeps those three runs on them unchanged: only the lowered program and the executor that
-walks it are rebuilt (and `fuse_backward` applies again). The step-end exchange is sized
-at construction for any such schedule (per stage and micro-batch an F, an I, a W and four
-messages). A step is complete when it returns, so nothing is in flight at the switch, and
-gradients accumulate across it exactly as across any two steps. `pipefold train
---set schedule.retune_every=N` uses it to re-search the order from the run's own costs.
+Design notes: docs/decisions.md, "exact gradients" and "changing the schedule".
 """
 
 from __future__ import annotations
@@ -144,7 +121,7 @@ class Pipeline:
     - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for
       it without sleeping (up to 50 ms, then it sleeps in short pauses); None (default)
       does so on CPU where every rank of the pipeline has a core of its own, never where
-      ranks share cores ([Note: busy polling] in pipefold/runtime/failure.py). False
+      ranks share cores (docs/decisions.md, "busy polling"). False
       leaves idle cores idle, at the cost of a slower wake-up.
     - `tensor_parallel`: with a `DeviceMesh` that has a "tp" dim, how to split each layer
       over it: a mapping {submodule name pattern: ParallelStyle} (torch's
@@ -152,8 +129,7 @@ class Pipeline:
       applied to every layer with such submodules, or a function (layer index, module) ->
       such a mapping or None. Each layer must map a replicated input to a replicated
       output. A ("dp", "pp", "tp") mesh composes all three. Flush schedules only; tied
-      layers stay whole ([Note: tensor parallel x pipeline] in
-      pipefold/runtime/parallel/tensor_parallel.py).
+      layers stay whole (docs/decisions.md, "tensor parallel x pipeline").
     - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
       returning it to the kernel between micro-batches (process-wide; see
       pipefold/runtime/processes/allocator.py): fewer page faults, a flat heap at its peak.
@@ -257,8 +233,8 @@ class Pipeline:
             None if tp_mesh is None else tp_mesh.get_group()
         )
         self._meta = meta_layers(self._layers)
-        # Layer outputs a tp rank holds split along the sequence ([Note: sequence parallel x
-        # pipeline]): the boundaries after them carry 1/tp of the traced shape.
+        # Layer outputs a tp rank holds split along the sequence (docs/decisions.md, "sequence
+        # parallel x pipeline"): the boundaries after them carry 1/tp of the traced shape.
         self._sequence_sharded: dict[int, int] = {}
         if tensor_parallel is not None:
             self._check_tied_layers_whole(tensor_parallel)
@@ -277,7 +253,7 @@ class Pipeline:
         modules = materialize(self._layers, indices, self.device, seed=seed)
         if tensor_parallel is not None:
             # Whole layers first (the same seed on every tp rank), then split: the shards are
-            # exactly the unsplit model's ([Note: tensor parallel x pipeline]).
+            # exactly the unsplit model's (docs/decisions.md, "tensor parallel x pipeline").
             apply_tensor_parallel(modules, tp_mesh, tensor_parallel)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
@@ -306,8 +282,8 @@ class Pipeline:
         store = _default_store() if self._group is not None or data_parallel_group is not None else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
         # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
-        # one host records it, so its cost model replays that ([Note: shared cores] in
-        # pipefold/simulate/costs.py). Data-parallel replicas on the host count too: they
+        # one host records it, so its cost model replays that (docs/decisions.md, "shared cores").
+        # Data-parallel replicas on the host count too: they
         # compute beside this pipeline and take their share of the cores.
         num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
         if tp_mesh is not None:
@@ -320,7 +296,7 @@ class Pipeline:
         )
         if busy_wait is None:
             # Only shared-memory waits on CPU busy-poll; where processes share cores they
-            # block on doorbells instead ([Note: busy polling]).
+            # block on doorbells instead (docs/decisions.md, "busy polling").
             busy_wait = self.device.type == "cpu" and not ranks_share_cores(host_processes)
         self._watchdog = Watchdog(
             self._board,
@@ -394,8 +370,8 @@ class Pipeline:
         self._last_step: step_gather.GatheredStep | None = None
 
     def use_schedule(self, schedule: Schedule) -> None:
-        """Run `schedule` from the next step on, in place of the current one (see [Note: changing
-        the schedule]). It must be a flush schedule for the same ranks, micro-batches and stage
+        """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
+        "changing the schedule"). It must be a flush schedule for the same ranks, micro-batches and stage
         placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
         of the pipeline, and of its replicas and tp peers, must switch to the same schedule
         before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
@@ -450,7 +426,7 @@ class Pipeline:
 
     def _check_tied_layers_whole(self, plan: TensorParallelPlan) -> None:
         """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole
-        ([Note: tensor parallel x pipeline] in pipefold/runtime/parallel/tensor_parallel.py)."""
+        (docs/decisions.md, "tensor parallel x pipeline")."""
         for key, occurrences in sorted(tied_groups(self._layers).items()):
             split = [i for i in occurrences if plan_for(plan, i, self._meta[i])]
             if split:

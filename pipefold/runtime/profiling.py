@@ -15,7 +15,7 @@ half (I) and weight half (W), with the runtime's own `backward_input` and
 is timed on a forward of its own, after the whole backward: B is still a plain
 `autograd.backward`, and I + W exceeds it by what the split itself costs (a walk of
 the layer's graph in I, one autograd call per group of parameters in W; see
-[Note: measured split] in pipefold/plan/costs.py for how the planner uses the two).
+docs/decisions.md, "measured split" for how the planner uses the two).
 """
 
 from __future__ import annotations
