@@ -35,7 +35,8 @@ def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParall
     parallel x pipeline"): from the position embedding to the final LayerNorm the residual
     stream is split along the sequence, the block's norms run on T/tp positions
     (`SequenceParallel`), the column-split projections all-gather the sequence and the
-    row-split ones reduce-scatter it, and stage boundaries carry 1/tp of the stream. Sequence lengths must then divide by the degree."""
+    row-split ones reduce-scatter it, and stage boundaries carry 1/tp of the stream. Sequence
+    lengths must then divide by the degree."""
     if not sequence_parallel:
         return {
             "attn.head_qkv": ColwiseParallel(),
