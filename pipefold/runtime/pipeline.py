@@ -65,6 +65,7 @@ from pipefold.runtime.tied import TiedGradients, grad_copy
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
+from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
 
 __all__ = ["Pipeline"]
@@ -395,8 +396,6 @@ class Pipeline:
                 f"use_schedule: {schedule.name!r} updates weights inside the step; only flush schedules "
                 "can be swapped (their stashes hold the weight versions in flight)"
             )
-        from pipefold.schedule.validate import validate
-
         validate(schedule)
         if self._fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)

@@ -23,7 +23,8 @@ from torch import nn
 from pipefold.errors import ConfigError, PipefoldError, ScheduleError
 from pipefold.model import LayerLike
 from pipefold.runtime.measured import measured_cost_model
-from pipefold.runtime.pipeline import LossFn, Pipeline
+from pipefold.runtime.parallel.data_parallel import split_mesh
+from pipefold.runtime.pipeline import LossFn, Pipeline, resolve_group
 from pipefold.schedule import Schedule, build, probe_schedule, search_schedule
 from pipefold.schedule.auto import Placement
 from pipefold.schedule.io import from_json, to_json
@@ -225,8 +226,6 @@ def _probe_pipeline(
 ) -> Pipeline:
     # A first Pipeline on the family itself would build stages twice; the family's schedule
     # only needs the rank count, which the group gives.
-    from pipefold.runtime.parallel.data_parallel import split_mesh
-    from pipefold.runtime.pipeline import resolve_group
 
     pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
     _, ranks = resolve_group(pipeline_group)

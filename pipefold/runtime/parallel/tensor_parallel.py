@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from pipefold.errors import ConfigError
 
@@ -58,8 +59,6 @@ def check_plan(plan: object, process_group: object) -> None:
             "tensor_parallel is given but process_group is not a DeviceMesh with a 'tp' dim; build it "
             "with init_device_mesh(device, (pp, tp), mesh_dim_names=('pp', 'tp'))"
         )
-    from torch.distributed.tensor.parallel import ParallelStyle
-
     if callable(plan) and not isinstance(plan, Mapping):
         return
     if not isinstance(plan, Mapping) or not plan:
@@ -104,8 +103,6 @@ def plan_for(plan: TensorParallelPlan, index: int, module: nn.Module) -> dict[st
 
 def apply_tensor_parallel(modules: Mapping[int, nn.Module], mesh: Any, plan: TensorParallelPlan) -> int:
     """Split every layer of `modules` over the 1-D `mesh` by `plan`; returns how many layers it split."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
     num_split = 0
     for index in sorted(modules):
         entries = plan_for(plan, index, modules[index])
@@ -141,6 +138,4 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     holds `full` and keeps its own slice), else `full` unchanged."""
     if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
         return full
-    from torch.distributed.tensor import distribute_tensor
-
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
