@@ -226,7 +226,6 @@ def _probe_pipeline(
 ) -> Pipeline:
     # A first Pipeline on the family itself would build stages twice; the family's schedule
     # only needs the rank count, which the group gives.
-
     pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
     _, ranks = resolve_group(pipeline_group)
     base = probe_base(
