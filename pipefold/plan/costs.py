@@ -109,7 +109,7 @@ class _HasNumBytes(Protocol):
 
 
 class ProfileLike(Protocol):
-    """What `ModelCosts.from_profile` reads: `pipefold.model.LayerProfile` has these fields.
+    """What `ModelCosts.from_profile` reads: `pipefold.runtime.LayerProfile` has these fields.
 
     Optional, read when present: `input_grad_s` and `weight_grad_s`, a measured I/W split
     (None or absent: no split measured).
