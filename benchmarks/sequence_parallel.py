@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from pipefold.model.zoo.gpt import DecoderBlock, gpt_tensor_parallel_plan
+from pipefold.model.zoo.gpt import DecoderBlock
+from pipefold.runtime import gpt_tensor_parallel_plan
 from pipefold.runtime.memory import ActivationCounter
 
 MODES = ("whole", "tensor", "sequence")

@@ -37,8 +37,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipefold.model.zoo import ResidualMLP
-from pipefold.runtime.allocator import keep_freed_memory
+from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+from pipefold.runtime.processes.allocator import keep_freed_memory
 
 
 class PreLNBlock(nn.Module):
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument(
         "--glibc-default",
         action="store_true",
-        help="leave glibc's allocator thresholds alone (Pipeline raises them on CPU; runtime/allocator.py)",
+        help="leave glibc's allocator thresholds alone (Pipeline raises them on CPU; processes/allocator.py)",
     )
     args = parser.parse_args()
     if not args.glibc_default and args.device == "cpu":

@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipefold.runtime.comm import P2P, Collectives  # noqa: E402
 from pipefold.runtime.failure import FailureBoard, Watchdog  # noqa: E402
-from pipefold.runtime.shm import layout  # noqa: E402
+from pipefold.runtime.transport.comm import P2P, Collectives  # noqa: E402
+from pipefold.runtime.transport.shm import layout  # noqa: E402
 
 
 def _free_port() -> int:

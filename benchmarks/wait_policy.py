@@ -34,7 +34,7 @@ def _rank(
 
     from benchmarks.harness.workloads import workload
     from pipefold.runtime import Pipeline
-    from pipefold.runtime.launch import init_process_group_from_env
+    from pipefold.runtime.processes.launch import init_process_group_from_env
 
     init_process_group_from_env()
     work = workload(workload_name)
@@ -91,7 +91,7 @@ def _ms(seconds: float | None) -> str:
 def main() -> int:
     import multiprocessing as mp
 
-    from pipefold.runtime.launch import spawn
+    from pipefold.runtime.processes.launch import spawn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="mlp", choices=["mlp", "transformer"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipefold._version import __version__
 from pipefold.errors import (
     ConfigError,
     PartitionError,
@@ -25,8 +26,6 @@ from pipefold.timeline import Event, Timeline, Wait
 if TYPE_CHECKING:
     from pipefold.model import LayerSpec, TiedLayerSpec
     from pipefold.runtime import CheckpointInfo, Pipeline, load_checkpoint, save_checkpoint
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointInfo",
@@ -42,6 +41,7 @@ __all__ = [
     "TiedLayerSpec",
     "Timeline",
     "Wait",
+    "__version__",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -240,9 +240,9 @@ How these numbers are made (`benchmarks/harness/`):
   within minutes); the table of baselines per workload is the same work timed before the ranks
   started, and feeds the profile-based prediction.
 - Transport: pipefold sends boundary tensors between ranks on one host through shared memory
-  (`pipefold/runtime/shm.py`, its default on CPU); torch uses gloo's loopback sockets. Both run
+  (`pipefold/runtime/transport/shm.py`, its default on CPU); torch uses gloo's loopback sockets. Both run
   in the same processes, so process-wide settings apply to both: pipefold's `Pipeline` raises
-  glibc's trim/mmap thresholds (`pipefold/runtime/allocator.py`) and torch profits as well.
+  glibc's trim/mmap thresholds (`pipefold/runtime/processes/allocator.py`) and torch profits as well.
 - Prediction: `pipefold.simulate` with per-stage F/B/I/W costs from a per-layer profile of the
   one-process run, scaled so that its one-process step equals the measured baseline; error =
   predicted / measured pipefold step - 1. It cannot see that two ranks on two cores slow each

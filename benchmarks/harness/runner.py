@@ -130,7 +130,7 @@ def build_record(
     `link` is the measured link between the ranks (see benchmarks.harness.link); without it
     the prediction assumes free communication.
     """
-    from pipefold.runtime.cores import shared_cores  # pipefold.runtime imports torch
+    from pipefold.runtime.processes.cores import shared_cores  # pipefold.runtime imports torch
 
     config = result.config
     schedule_pair = config.pair

@@ -33,7 +33,7 @@ from benchmarks.harness.single_side import SingleProcessSide
 from benchmarks.harness.torch_side import TorchSide
 from benchmarks.harness.workloads import Workload, workload
 from pipefold.errors import PipefoldError
-from pipefold.runtime.orphan import die_with_parent
+from pipefold.runtime.processes.orphan import die_with_parent
 
 __all__ = ["worker_main"]
 

@@ -11,7 +11,7 @@ from pipefold.errors import ConfigError
 _EPILOG = """\
 Each worker gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free
 MASTER_PORT, as under torchrun; the script calls
-pipefold.runtime.launch.init_process_group_from_env() (gloo on CPU, NCCL on CUDA).
+pipefold.runtime.processes.launch.init_process_group_from_env() (gloo on CPU, NCCL on CUDA).
 If a rank exits non-zero the others are stopped and the launcher exits non-zero.
 
 Several machines: run torchrun on each node instead, e.g.
@@ -43,7 +43,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipefold.runtime.launch import launch_script
+    from pipefold.runtime.processes.launch import launch_script
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -9,7 +9,7 @@
     pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
 
 Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
-or from `pipefold.model.profile` results), from a FLOP estimate of the built-in GPT
+or from `pipefold.runtime.profile` results), from a FLOP estimate of the built-in GPT
 (`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement),
 or from measuring that GPT on this machine first (`--profile`, or `--model gpt --measure`:
 what `pipefold profile` does, with its flags).

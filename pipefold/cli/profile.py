@@ -15,7 +15,7 @@ as zero-bubble schedules run them (`pipefold.runtime.backward`). Times are media
 
 Any other model, from Python:
 
-    from pipefold.model import profile
+    from pipefold.runtime import profile
     from pipefold.plan import ModelCosts
     costs = ModelCosts.from_profile(profile(layers, sample, split_backward=True), rows=len(sample))
 """
@@ -36,8 +36,8 @@ from pipefold.job.config import ScheduleConfig
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipefold.model import LayerProfile
     from pipefold.plan import ModelCosts
+    from pipefold.runtime import LayerProfile
 
 _ID_BYTES = 8
 """Token ids are int64: what stage 0 keeps of the model input."""
@@ -133,11 +133,11 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
         )
     import torch
 
-    from pipefold.model import profile
     from pipefold.model.spec import TiedLayerSpec, layer_name
     from pipefold.model.zoo import gpt_layers
     from pipefold.plan import ModelCosts
     from pipefold.plan.tensor import with_gpt_tensor_parallel
+    from pipefold.runtime import profile
 
     device = args.device
     if device == "auto":
@@ -145,7 +145,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device = 'cuda' but torch sees no CUDA device here; use --device cpu")
     # One thread on CPU by default: `pipefold train` runs each rank with one (see
-    # pipefold.runtime.launch), and the planner should price the stages those ranks run.
+    # pipefold.runtime.processes.launch), and the planner should price the stages those ranks run.
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     layers = gpt_layers(args.vocab_size, args.d_model, args.num_heads, args.num_layers, args.seq_len,
                         tie_embeddings=not getattr(args, "untied", False))

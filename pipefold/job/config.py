@@ -69,6 +69,7 @@ from typing import Any, ClassVar
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.errors import ConfigError, ScheduleError
+from pipefold.parallel_config import ParallelConfig
 from pipefold.plan.probe import SEARCHED, probe_base
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.io import load
@@ -105,6 +106,22 @@ NUM_EXTRA_LAYERS = 4
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
+
+
+PARALLEL_NAMES = {
+    "pp": "schedule.ranks",
+    "dp": "schedule.data_parallel",
+    "tp": "schedule.tensor_parallel",
+    "num_microbatches": "schedule.num_microbatches",
+    "num_virtual": "schedule.virtual",
+    "schedule": "schedule.name",
+    "sequence_parallel": "schedule.sequence_parallel",
+    "zero": "optimizer.zero",
+    "tied_layers": "model.tie_embeddings",
+    "num_heads": "model.num_heads",
+    "seq_len": "model.seq_len",
+}
+"""How this file spells the rulebook's fields (`ParallelConfig.check`)."""
 
 
 def _require(ok: bool, field_path: str, value: Any, fix: str) -> None:
@@ -190,7 +207,7 @@ class ScheduleConfig:
     """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
     the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms
     run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
-    residual stream (pipefold/runtime/sequence_parallel.py). model.seq_len must divide by
+    residual stream (pipefold/runtime/parallel/sequence_parallel.py). model.seq_len must divide by
     tensor_parallel."""
     num_microbatches: int = 8
     """Micro-batches per step (flag: --microbatches)."""
@@ -208,20 +225,7 @@ class ScheduleConfig:
     and micro-batches from it), so it is read once; not a setting."""
 
     def __post_init__(self, loaded: Schedule | None) -> None:
-        _require(self.ranks >= 1, "schedule.ranks", self.ranks, "use at least 1 rank")
-        _require(
-            self.data_parallel >= 1, "schedule.data_parallel", self.data_parallel, "use at least 1 replica"
-        )
-        _require(
-            self.tensor_parallel >= 1,
-            "schedule.tensor_parallel",
-            self.tensor_parallel,
-            "use at least 1 (1 = no tensor parallelism)",
-        )
-        _require(
-            self.num_microbatches >= 1, "schedule.num_microbatches", self.num_microbatches, "use at least 1"
-        )
-        _require(self.virtual >= 0, "schedule.virtual", self.virtual, "use 0 (family default) or >= 1")
+        self.parallel().check(PARALLEL_NAMES)
         _require(
             self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
         )
@@ -235,6 +239,19 @@ class ScheduleConfig:
             )
         # Not a field: equality, to_dict and summary.json see the settings only.
         object.__setattr__(self, "_built", self._build_schedule(loaded))
+
+    def parallel(self, **known: Any) -> ParallelConfig:
+        """This section as the rulebook's `ParallelConfig`; `known` adds what other sections say."""
+        return ParallelConfig(
+            pp=self.ranks,
+            dp=self.data_parallel,
+            tp=self.tensor_parallel,
+            num_microbatches=self.num_microbatches,
+            num_virtual=self.virtual or None,
+            schedule=self.name,
+            sequence_parallel=self.sequence_parallel,
+            **known,
+        )
 
     @property
     def num_virtual(self) -> int | None:
@@ -393,65 +410,16 @@ class TrainConfig:
         weight_update = str(self.schedule.built.weight_update)
         if self.schedule.retune_every:
             self._check_retune(weight_update)
-        _require(
-            weight_update == "flush" or dp == 1,
-            "schedule.data_parallel",
-            dp,
-            f"schedule.name={self.schedule.name!r} updates weights inside the step, so replicas would "
-            "drift apart; use schedule.data_parallel=1 or a flush schedule (gpipe, 1f1b, zb-h1, ...)",
-        )
-        tp = self.schedule.tensor_parallel
-        _require(
-            not self.optimizer.zero or dp > 1,
-            "optimizer.zero",
-            self.optimizer.zero,
-            "it shards AdamW's state over data-parallel replicas; set schedule.data_parallel > 1 "
-            "(--data-parallel 2) or optimizer.zero=false",
-        )
-        _require(
-            not self.optimizer.zero or tp == 1,
-            "optimizer.zero",
-            self.optimizer.zero,
-            "ZeRO shards whole parameters, not tensor-parallel ones; use schedule.tensor_parallel=1 or "
-            "optimizer.zero=false",
-        )
-        _require(
-            weight_update == "flush" or tp == 1,
-            "schedule.tensor_parallel",
-            tp,
-            f"schedule.name={self.schedule.name!r} updates weights inside the step from stashed copies, "
-            "which tensor parallelism does not split; use schedule.tensor_parallel=1 or a flush schedule",
-        )
-        _require(
-            not self.schedule.sequence_parallel or tp > 1,
-            "schedule.sequence_parallel",
-            self.schedule.sequence_parallel,
-            "it splits the sequence over the tensor-parallel ranks of a stage; set "
-            "schedule.tensor_parallel > 1 (--tensor-parallel 2) or schedule.sequence_parallel=false",
-        )
-        _require(
-            not self.schedule.sequence_parallel or self.model.seq_len % tp == 0,
-            "model.seq_len",
-            self.model.seq_len,
-            f"sequence parallelism splits every sequence over schedule.tensor_parallel={tp} ranks; use a "
-            f"seq_len divisible by {tp} (e.g. {max(tp, self.model.seq_len - self.model.seq_len % tp)})",
-        )
-        _require(
-            self.model.num_heads % tp == 0,
-            "schedule.tensor_parallel",
-            tp,
-            f"attention is split by heads, so it must divide model.num_heads={self.model.num_heads} "
-            "(and then divides the MLP width 4 x model.d_model as well)",
-        )
-        _require(
-            weight_update == "flush" or not self.model.tie_embeddings,
-            "model.tie_embeddings",
-            self.model.tie_embeddings,
-            f"schedule.name={self.schedule.name!r} updates each stage's weights on its own "
-            f"(weight_update={weight_update}), so the head cannot share the embedding; set "
-            "model.tie_embeddings=false (--set model.tie_embeddings=false) or use a flush schedule",
-        )
         num_layers = self.model.num_model_layers
+        self.schedule.parallel(
+            weight_update=weight_update,
+            recompute=self.recompute,
+            zero=self.optimizer.zero,
+            tied_layers=self.model.tie_embeddings,
+            num_layers=num_layers,
+            num_heads=self.model.num_heads,
+            seq_len=self.model.seq_len,
+        ).check(PARALLEL_NAMES)
         _require(
             num_layers >= num_stages,
             "model.num_layers",
@@ -461,7 +429,6 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
-        self._check_recompute(num_layers)
 
     def _check_retune(self, weight_update: str) -> None:
         s = self.schedule
@@ -511,20 +478,6 @@ class TrainConfig:
             "partition",
             value,
             f"use one of {', '.join(PARTITION_METHODS)}, 'type:<regex>' or a list of per-stage layer counts",
-        )
-
-    def _check_recompute(self, num_layers: int) -> None:
-        value = self.recompute
-        if isinstance(value, tuple):
-            _require(
-                all(0 <= index < num_layers for index in value),
-                "recompute",
-                list(value),
-                f"layer indices must lie in 0..{num_layers - 1}",
-            )
-            return
-        _require(
-            value in ("none", "full"), "recompute", value, 'use "none", "full" or a list of layer indices'
         )
 
     def to_dict(self) -> dict[str, Any]:

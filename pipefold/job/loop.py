@@ -31,7 +31,7 @@ from pipefold.job.report import StepStats, TrainResult, describe, finish, gather
 from pipefold.job.retune import Retuner
 from pipefold.job.setup import check_resume, set_up
 from pipefold.runtime.checkpoint import save_checkpoint
-from pipefold.runtime.launch import LaunchResult, spawn
+from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
 
 __all__ = ["run_local", "train", "train_worker"]

@@ -36,8 +36,8 @@ from pipefold.job.setup import Job
 from pipefold.model.zoo import GPT, generate, gpt_loss
 from pipefold.runtime import Pipeline
 from pipefold.runtime.measured import measured_cost_model
-from pipefold.runtime.tensor_parallel import local, whole
-from pipefold.runtime.zero import is_sharded_optimizer
+from pipefold.runtime.parallel.tensor_parallel import local, whole
+from pipefold.runtime.parallel.zero import is_sharded_optimizer
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 from pipefold.viz import save_chrome_trace, save_png

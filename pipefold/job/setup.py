@@ -23,10 +23,10 @@ from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.job.config import TrainConfig
 from pipefold.model import partition
-from pipefold.model.zoo import gpt_layers, gpt_loss, gpt_tensor_parallel_plan
-from pipefold.runtime import Pipeline, sharded_optimizer, tune_schedule
+from pipefold.model.zoo import gpt_layers, gpt_loss
+from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan, profile, sharded_optimizer, tune_schedule
 from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
-from pipefold.runtime.launch import init_process_group_from_env
+from pipefold.runtime.processes.launch import init_process_group_from_env
 from pipefold.schedule import Schedule, WeightUpdate
 
 __all__ = ["Job", "check_resume", "set_up", "shard_rows"]
@@ -277,9 +277,8 @@ def _partition_argument(
     if dist.get_rank() == 0:
         rows = max(1, config.batch_size // config.schedule.data_parallel // schedule.num_microbatches)
         sample = sampler.peek()[0][:rows]
-        cut = partition(
-            layers, schedule.num_stages, "profile", placement=schedule.placement, sample=sample, device=device
-        )
+        costs = [layer.total_s for layer in profile(layers, sample, device=device)]
+        cut = partition(layers, schedule.num_stages, "profile", placement=schedule.placement, costs=costs)
         counts[0] = [len(cut.layers_of(stage)) for stage in range(cut.num_stages)]
     dist.broadcast_object_list(counts, src=0)
     result = counts[0]

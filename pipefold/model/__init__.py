@@ -1,4 +1,4 @@
-"""Describing and splitting models: lazy layer specs, meta-device builds, partitions, profiles.
+"""Describing and splitting models: lazy layer specs, meta-device builds, partitions.
 
 >>> from torch import nn
 >>> from pipefold.model import LayerSpec, partition
@@ -21,13 +21,11 @@ from pipefold.model.build import (
     trace_boundaries,
 )
 from pipefold.model.partition import METHODS, Partition, balance, partition, stage_times
-from pipefold.model.profile import LayerProfile, profile
 from pipefold.model.spec import ForwardFn, LayerLike, LayerSpec, TiedLayerSpec, layer_name
 
 __all__ = [
     "ForwardFn",
     "LayerLike",
-    "LayerProfile",
     "METHODS",
     "Partition",
     "LayerSpec",
@@ -44,7 +42,6 @@ __all__ = [
     "named_parameters",
     "owner_indices",
     "partition",
-    "profile",
     "stage_times",
     "tied_groups",
     "trace_boundaries",

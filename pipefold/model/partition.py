@@ -14,8 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pipefold.balance import Partition, balance, check_weights, stage_times
 from pipefold.errors import PartitionError
@@ -95,15 +94,13 @@ def partition(
     costs: Sequence[float] | None = None,
     speeds: Sequence[float] | None = None,
     placement: Sequence[int] | None = None,
-    sample: Tensor | tuple[Tensor, ...] | None = None,
-    device: torch.device | str = "cpu",
 ) -> Partition:
     """Cut `layers` into `num_stages` contiguous stages.
 
     `method`: `"uniform"` (even layer counts), `"parameters"` (even parameter counts),
     `"type:<regex>"` (even counts of layers whose class name matches, case-sensitive),
-    `"profile"` (least slowest-stage time for per-layer `costs`, or costs measured by
-    `profile(layers, sample, device=device)`), an explicit list of per-stage layer
+    `"profile"` (least slowest-stage time for per-layer `costs`, e.g. measured by
+    `pipefold.runtime.profile`), an explicit list of per-stage layer
     counts, or a `Partition`. `speeds[rank]` are relative device speeds; stage s runs
     on rank `placement[s]` (default: stage s on rank s) and takes weight / speed.
     """
@@ -116,10 +113,8 @@ def partition(
             f"cannot cut {num_layers} layers into {num_stages} stages: every stage needs at least one layer; "
             f"use at most {num_layers} stages, or describe the model with more, smaller layers"
         )
-    if not (isinstance(method, str) and method == "profile"):
-        for name, value in (("costs", costs), ("sample", sample)):
-            if value is not None:
-                raise PartitionError(f"{name}= is only used by method='profile', but method is {method!r}")
+    if not (isinstance(method, str) and method == "profile") and costs is not None:
+        raise PartitionError(f"costs= is only used by method='profile', but method is {method!r}")
 
     if isinstance(method, Partition) or (isinstance(method, Sequence) and not isinstance(method, str)):
         result = method if isinstance(method, Partition) else Partition.from_counts(list(method))
@@ -148,13 +143,10 @@ def partition(
         weights = _type_weights(description, method.removeprefix("type:"))
     elif method == "profile":
         if costs is None:
-            if sample is None:
-                raise PartitionError(
-                    "method='profile' needs per-layer costs= (seconds) or a sample= batch to measure them on"
-                )
-            from pipefold.model.profile import profile  # deferred: only this method needs timing code
-
-            costs = [p.forward_s + p.backward_s for p in profile(description, sample, device=device)]
+            raise PartitionError(
+                "method='profile' needs per-layer costs= (seconds); measure them with "
+                "[p.total_s for p in pipefold.runtime.profile(layers, sample)]"
+            )
         weights = check_weights(costs, "costs", num_layers)
     else:
         raise PartitionError(f"unknown partition method {method!r}; use one of {list(METHODS)}")

@@ -1,7 +1,7 @@
 """The planner: the fastest pipeline configuration that fits a memory limit, with its reasons.
 
 No torch import: it reads per-layer costs (`ModelCosts`: measured with
-`pipefold.model.profile` or estimated with `gpt_costs`), simulates candidate
+`pipefold.runtime.profile` or estimated with `gpt_costs`), simulates candidate
 configurations with `pipefold.simulate` and prices their memory. With
 `PlanOptions(num_devices=N)` it also chooses the data-parallel degree: dp replicas of a
 pp-rank pipeline, dp x pp = N (see docs/decisions.md, "Data-parallel step model").

@@ -102,7 +102,7 @@ class _HasNumBytes(Protocol):
 
 
 class ProfileLike(Protocol):
-    """What `ModelCosts.from_profile` reads: `pipefold.model.LayerProfile` has these fields.
+    """What `ModelCosts.from_profile` reads: `pipefold.runtime.LayerProfile` has these fields.
 
     Optional, read when present: `input_grad_s` and `weight_grad_s`, a measured I/W split
     (None or absent: no split measured).
@@ -246,7 +246,7 @@ class ModelCosts:
         weight_grad_share: float | None = None,
         **options: Any,
     ) -> ModelCosts:
-        """From `pipefold.model.profile(layers, sample)`; `rows` is the sample's batch size.
+        """From `pipefold.runtime.profile(layers, sample)`; `rows` is the sample's batch size.
 
         Each layer's backward is split into I and W by `weight_grad_share` (the fraction
         that is W, for every layer) when given; otherwise by the layer's own measured

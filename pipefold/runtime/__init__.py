@@ -15,16 +15,21 @@ in probe steps and searches a schedule for them. `save_checkpoint` / `load_check
 
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
 from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan
+from pipefold.runtime.parallel.zero import sharded_optimizer
 from pipefold.runtime.pipeline import Pipeline
+from pipefold.runtime.profiling import LayerProfile, profile
 from pipefold.runtime.tune import TunedSchedule, tune_schedule
-from pipefold.runtime.zero import sharded_optimizer
 
 __all__ = [
     "CheckpointInfo",
+    "LayerProfile",
     "Pipeline",
     "TunedSchedule",
+    "gpt_tensor_parallel_plan",
     "load_checkpoint",
     "measured_cost_model",
+    "profile",
     "read_checkpoint_info",
     "save_checkpoint",
     "sharded_optimizer",

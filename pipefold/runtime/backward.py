@@ -5,52 +5,7 @@ previous stage waits for it, and defer `W` into what would otherwise be a bubble
 split must not cost more than `B`: `W` may not re-run the stage's backward from its
 outputs.
 
-[Note: split backward]
-The stage's autograd graph has three kinds of nodes. Those from which a stage input is
-reachable form the *input closure*: `I` runs exactly these, asking autograd for the input
-gradients only, so every matmul computes its input half and skips its weight half. The
-remaining nodes that lead to a parameter form the weight subgraphs. A node of the input
-closure with an edge into a weight subgraph is a *frontier* node (the `AddmmBackward` of
-a linear layer, the `NativeLayerNormBackward` of a layer norm): during `I` a pre-hook
-keeps the gradient flowing into it. `W` re-enters the graph at the frontier nodes with
-those gradients and asks autograd for the parameters only, so a frontier node computes
-its weight half and nothing on the input path runs again. An output that reaches no
-input (the stage input needs no gradient, or a branch uses only weights) seeds `W`
-directly with its output gradient.
-
-Parameters whose weight subgraphs share a node or a frontier node form one group, and
-`W` runs one autograd call per group. One call for everything would be wrong for cost:
-a frontier node whose input-side edge leads to another group's frontier would compute
-its input gradient again. Within a group with several frontier nodes (a parameter used
-twice), one frontier node can reach another; a pre-hook then replaces whatever arrives
-at each frontier node by the gradient kept in `I`, so nothing is counted twice.
-
-When no two calls of `W` execute the same node (every group has one frontier node; only
-a parameter used at several places breaks this), each call frees the activations it
-used, and the calls share one `torch.utils.checkpoint.GraphExecGroup`: non-reentrant
-activation checkpointing recomputes a region once per autograd call that unpacks it, so
-`W` recomputes a region once in all (and `I` once more, so with checkpointing `I + W`
-costs one extra forward of the region over `B`). Otherwise the calls keep the graph
-until the state is dropped, and each recomputes on its own.
-
-Between `I` and `W` the stage's graph stays alive (the frontier nodes hold the
-activations the weight gradients need), plus the gradients kept at the frontier nodes.
-
-[Note: direct weight gradients]
-Most groups are one linear or layer-norm layer: a single frontier node (`AddmmBackward0`,
-`MmBackward0`, `NativeLayerNormBackward0`) whose parameter edges lead straight (through a
-`TBackward0` for a linear weight) to the parameters' `AccumulateGrad`. For those, `W`
-computes the weight half itself from the node's saved tensors and the gradient kept in
-`I`, with the op autograd would run (`grad^T @ input` for a linear weight, the row sum
-for its bias, `native_layer_norm_backward` with the input gradient masked off), and
-accumulates into `.grad` in the same step: `addmm_` into an existing gradient instead of
-a product that AccumulateGrad then adds. That skips an autograd call per group (~60 us
-of fixed cost here) and the separate pass over a weight-sized temporary, which is what
-made `I + W` cost more than `B` on small stages (1.26x on a 4-block MLP stage at 32 rows).
-It applies only where nothing could observe the difference: no hooks on the parameters,
-plain contiguous tensors of one dtype, alpha = beta = 1, and no recomputation in the
-stage (the executor says so: `direct=False`); everything else takes the autograd path.
-The result differs from autograd's only by float rounding of the fused accumulation.
+Design notes: docs/decisions.md, "split backward" and "direct weight gradients".
 """
 
 from __future__ import annotations
@@ -102,7 +57,8 @@ class _Group:
     output_seeds: list[tuple[GradientEdge, Tensor]]
     """Outputs that reach this group's parameters but no input, with their gradients."""
     direct: _Direct | None = None
-    """Set when `W` may compute this group's gradients itself ([Note: direct weight gradients])."""
+    """Set when `W` may compute this group's gradients itself (docs/decisions.md, "direct weight
+    gradients")."""
 
     def seeds(self) -> tuple[list[GradientEdge], list[Tensor]]:
         edges = [edge for edge, _ in self.output_seeds]
@@ -187,7 +143,7 @@ def backward_input(
     the activations the weight gradients need); the caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
-    ([Note: direct weight gradients]).
+    (docs/decisions.md, "direct weight gradients").
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)

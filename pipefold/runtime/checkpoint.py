@@ -12,19 +12,7 @@ how the model was cut. So a checkpoint saved with one partition or number of ran
 loads into another ("resharding"): each rank reads the entries its own layers need.
 A tensor held by several ranks (a tied embedding) is written once (DCP's de-duplication).
 
-[Note: atomic checkpoints]
-The ranks write into a hidden sibling `.<name>.tmp-<token>`; only after DCP reports
-that every rank finished does rank 0 add `pipefold.json` and move the directory into
-place: an existing checkpoint is renamed aside (`.<name>.old-<token>`), the new one
-renamed in, the old one deleted. A failure before that leaves `path` as it was (the
-staging directory is removed when the failure is seen; a killed job leaves only the
-hidden sibling). A crash between the two renames leaves the previous checkpoint
-complete under `.<name>.old-<token>`; `load_checkpoint` names it.
-
-Loading unpickles nothing arbitrary: tensors are read with `torch.load(weights_only=True)`
-(DCP) and DCP's own `.metadata` pickle through an unpickler that admits only DCP's
-metadata classes; everything else pipefold stores (step, extra, optimizer
-hyperparameters) is JSON.
+Design notes: docs/decisions.md, "atomic checkpoints".
 """
 
 from __future__ import annotations
@@ -50,9 +38,10 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from pipefold._version import __version__
 from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
-from pipefold.runtime.tensor_parallel import shard_like, whole
-from pipefold.runtime.zero import consolidate, is_sharded_optimizer
+from pipefold.runtime.parallel.tensor_parallel import shard_like, whole
+from pipefold.runtime.parallel.zero import consolidate, is_sharded_optimizer
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -115,7 +104,7 @@ def save_checkpoint(
     target = Path(path)
     _check_save_arguments(pipe, target, step, extra)
     # A ZeRO-sharded optimizer's state is spread over the replicas: gather it on replica 0,
-    # which writes it like a plain optimizer's ([Note: ZeRO-1 over the replicas] in zero.py).
+    # which writes it like a plain optimizer's (docs/decisions.md, "ZeRO-1 over the replicas").
     consolidate(_as_list(optimizer))
     replicas = _replica_group(pipe)
     # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
@@ -127,7 +116,7 @@ def save_checkpoint(
             raise PipelineError(f"save_checkpoint: data-parallel replica 0 failed: {failure}")
         return target
     # Tensor-parallel ranks hold shards: all of them gather each whole tensor, tp rank 0
-    # writes it ([Note: tensor-parallel checkpoints]) and the others wait for its outcome.
+    # writes it (docs/decisions.md, "tensor-parallel checkpoints") and the others wait for its outcome.
     tensor_parallel = _tensor_parallel_group(pipe)
     if tensor_parallel is not None and dist.get_rank(tensor_parallel) != 0:
         _local_entries(pipe, _as_list(optimizer))  # its part of every gather; tp rank 0 writes
@@ -150,20 +139,19 @@ def save_checkpoint(
 
 def _tensor_parallel_group(pipe: Pipeline) -> dist.ProcessGroup | None:
     """The group of this rank's tensor-parallel peers (None without tensor parallelism)."""
-    return pipe._tensor_parallel_group
+    return pipe.tensor_parallel_group
 
 
 def _replica_group(pipe: Pipeline) -> dist.ProcessGroup | None:
     """The data-parallel group across replicas of this rank's stages (None without one)."""
-    data_parallel = getattr(pipe, "_data_parallel", None)
-    return None if data_parallel is None else data_parallel._group
+    return pipe.data_parallel_group
 
 
 def _save_replica(
     pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None, extra: Any
 ) -> Path:
     """save_checkpoint within one pipeline (one replica)."""
-    group = pipe._group
+    group = pipe.process_group
     is_rank0 = _group_rank(group) == 0
     tensors, record = _local_entries(pipe, _as_list(optimizer))
     records = _all_gather(record, group)
@@ -214,7 +202,7 @@ def load_checkpoint(
     meta = _read_metadata(target)
     info = _info(target, meta)
     _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
-    group = pipe._group
+    group = pipe.process_group
     optimizers = _as_list(optimizer)
     local = pipe.state_dict()
     plan: dict[str, Tensor] = {}
@@ -612,8 +600,6 @@ def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
 def _metadata(
     pipe: Pipeline, records: Sequence[dict[str, Any]], step: int | None, extra: Any
 ) -> dict[str, Any]:
-    from pipefold import __version__
-
     model: dict[str, Any] = {}
     state: dict[str, Any] = {}
     scalars: dict[str, Any] = {}

@@ -29,11 +29,11 @@ from torch import Tensor
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.model import TensorMeta
 from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
-from pipefold.runtime.comm import P2P, Transfer
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
-from pipefold.runtime.shm import layout
 from pipefold.runtime.stage import Stage, as_leaves, flatten
+from pipefold.runtime.transport.comm import P2P, Transfer
+from pipefold.runtime.transport.shm import layout
 from pipefold.schedule import Action, Op, Program
 from pipefold.timeline import Event, Wait
 

@@ -1,15 +1,6 @@
 """Loud, bounded failure: publish a rank's error, and never block without a deadline.
 
-[Note: bounded waits]
-gloo completes a point-to-point `Work` only inside `Work.wait()`, and a `wait(timeout)`
-that expires poisons the whole gloo context, so the main thread cannot poll it. Instead
-a daemon helper thread calls the blocking `wait()` (it releases the GIL) and the main
-thread waits on an event in short slices; between slices it reads the failure key on
-the rendezvous store and checks the deadline. On NCCL, `Work.is_completed()` is an
-event query, so the main thread polls it directly. Either way a rank that waits for a
-peer that failed (and said so) or died (and said nothing) raises `PeerFailure` within
-`poll_s` or `timeout_s`. A wait that was abandoned leaves the pipeline unusable, which
-`Pipeline.step` enforces.
+Design notes: docs/decisions.md, "bounded waits".
 """
 
 from __future__ import annotations
@@ -121,7 +112,7 @@ class FailureBoard:
 
 
 class _Waiter(threading.Thread):
-    """Calls the blocking `Work.wait()` off the main thread (see [Note: bounded waits])."""
+    """Calls the blocking `Work.wait()` off the main thread (see docs/decisions.md, "bounded waits")."""
 
     def __init__(self) -> None:
         super().__init__(name="pipefold-waiter", daemon=True)
@@ -145,7 +136,7 @@ class _Waiter(threading.Thread):
 
 
 BUSY_POLL_S = 0.05
-"""The longest a busy-polling wait checks without sleeping ([Note: busy polling]): as long
+"""The longest a busy-polling wait checks without sleeping (docs/decisions.md, "busy polling"): as long
 as a pipeline's fill waits last on the small models here, short enough that a long wait
 (data loading, a slow peer) soon stops burning its core."""
 
@@ -177,7 +168,7 @@ class Watchdog:
         """Longest sleep between checks of a shared-memory flag: the latency it may add."""
         self._busy_poll_s = busy_poll_s
         """How long a shared-memory wait without a doorbell keeps checking its flag without
-        sleeping before it starts the growing pauses ([Note: busy polling]); 0 sleeps at once."""
+        sleeping before it starts the growing pauses (docs/decisions.md, "busy polling"); 0 sleeps at once."""
 
     def wait(self, work: dist.Work, *, what: str, peer: int | None) -> None:
         """Block until `work` completes; raise PeerFailure if a peer failed or `timeout_s` passed.
@@ -204,25 +195,11 @@ class Watchdog:
         Spins briefly (a message usually lands within microseconds of the wait); then,
         without a doorbell, keeps checking without sleeping for `busy_poll_s` and after
         that sleeps in growing pauses up to `max_pause_s`, or, given `block(timeout_s)` (a
-        doorbell the producer rings, see [Note: doorbells] in doorbell.py), blocks in it;
+        doorbell the producer rings, see docs/decisions.md, "doorbells"), blocks in it;
         either way it checks the failure board, the deadline and `peer_alive()` every
         `poll_s`.
 
-        [Note: busy polling]
-        With a core per rank, a waiting rank's core has nothing else to do, and every
-        sleep costs twice: the wake-up comes up to a pause (plus the kernel's 50 us timer
-        slack) after the message landed, and on a VM an idle vCPU seems slower to compute
-        right after it wakes (on the AMD EPYC VM of 2026-12-02, `benchmarks/wait_policy.py`
-        alternating both in the same 2 ranks: MLP steps at M=8 took 0.97-1.06x as long
-        sleeping as busy-polling over 8 runs of 1f1b, gpipe and zb-h1, median 1.01 (a B
-        that had waited for its gradient up to 1 ms shorter), transformer steps
-        1.00-1.01x: a small gain, within the host's drift on any one run). MPI implementations
-        busy-poll by default for the same reason unless ranks outnumber cores, and so
-        does pipefold: `Pipeline(busy_wait=None)` polls for up to `BUSY_POLL_S` where
-        ranks have their own cores and never where they share them (those ranks block on
-        doorbells). The loop holds the GIL between checks;
-        another Python thread of the rank still gets it at the interpreter's switch
-        interval (5 ms).
+        Why it busy-polls: docs/decisions.md, "busy polling".
         """
         if ready():
             return

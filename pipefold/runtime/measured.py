@@ -4,45 +4,7 @@
     costs = measured_cost_model(pipe.last_timeline, pipe.schedule)
     predicted = simulate(pipe.schedule, costs)     # compare with pipe.last_timeline
 
-[Note: measured costs]
-- Times: per stage, each op's time is the mean duration of its events over every
-  timeline given (several steps: pass a list), leaving out stalls: durations above
-  `STALL_FACTOR` times the median, which on a shared machine a few actions take for
-  reasons the schedule does not cause. The mean and not the median, because a step is a
-  sum of durations: where some actions are systematically slower than the rest (on a VM,
-  those that start after a wait), the median drops them and the replayed step comes out
-  short. Replaying each benchmark configuration's last measured step from its own
-  timeline (2026-12-02, 44 configurations at 2 ranks on the AMD EPYC host): median
-  |error| 3.0% and 39 within 10% with the median, 1.5% and 42 with this mean; on the Xeon
-  host's run 1.9% -> 1.1%, and 44 within 10%. Each stage fills what its
-  schedule did not run from what it did: a stage that only ran B gets half of B for I
-  and for W (an estimate; the simulator uses it only for schedules that split that
-  stage), a stage that only ran I and W (or whose I/W pairs were fused into B
-  elsewhere) gets I + W for B.
-- Shared cores ([Note: shared cores] in pipefold/simulate/costs.py): where ranks on one
-  host outnumbered its cores, a timeline's meta says `num_cores` (`Pipeline` records
-  it) and an event's duration is not its work: while k ranks computed at once, each
-  got num_cores / k of a core. Each event then counts for the integral of
-  min(1, num_cores / k(t)) over its span, k(t) counted from every rank's events on the
-  shared clock, and the cost model carries `num_cores`, so the simulator shares the
-  cores again as the replayed schedule overlaps them.
-- The link: a message's latency is the time from the end of the action that produced it
-  to the end of its consumer's wait, sampled only where the consumer was already blocked
-  when the producer finished (then the wait ends when the message lands). The median of
-  those samples becomes the cost model's `Link(latency=...)`: the send's copy, the
-  transport and the receiver's wake-up together, for this run's boundary size. It needs
-  the ranks on one clock (one host: `meta["clock"] == "shared"`, which `Pipeline` sets);
-  otherwise, or with no such wait, the link stays ideal.
-- Overheads ([Note: runtime overheads] in pipefold/simulate/costs.py): `action_overhead`
-  is the mean time between two consecutive compute actions of a rank in a step, up to
-  the next action's start or, where it waited, the start of its wait (once there are 20
-  gaps, the largest 5%, stalls the schedule did not cause, are left out).
-  `step_overhead` needs the steps' wall times (`step_times`, one per timeline): the
-  median of wall time minus the timeline's makespan; without them it stays 0.
-- Activation bytes per stage come from each rank's counted peak (the largest over the
-  timelines, since steps that skip counting report 0), divided by the most micro-batch
-  activations that rank held at once and shared evenly among its stages (the hooks count
-  bytes per rank, not per stage).
+Design notes: docs/decisions.md, "measured costs".
 """
 
 from __future__ import annotations
@@ -83,7 +45,7 @@ def measured_cost_model(
     num_cores: float | None | Literal["recorded"] = "recorded",
 ) -> CostModel:
     """A `CostModel` of the typical measured durations per stage and op, the runtime's
-    overheads, and (`with_link`) the measured message latency (see [Note: measured costs]).
+    overheads, and (`with_link`) the measured message latency (see docs/decisions.md, "measured costs").
     `step_times[k]` is the wall time of the step `timelines[k]` recorded. `num_cores`:
     how many ranks could compute at once, by default what the timelines recorded (None:
     a device per rank)."""
@@ -160,7 +122,7 @@ def recorded_cores(timelines: Sequence[Timeline]) -> float | None:
 
 def event_work(timeline: Timeline, num_cores: float | None) -> list[list[float]]:
     """Per rank, per event: the seconds of one core's compute each event got (see
-    [Note: measured costs], shared cores); its duration where ranks did not share cores
+    docs/decisions.md, "measured costs", shared cores); its duration where ranks did not share cores
     or the ranks' clocks do not compare."""
     rows = timeline.events
     if num_cores is None or num_cores >= timeline.num_ranks or timeline.meta.get("clock") != "shared":
@@ -203,7 +165,7 @@ def typical_duration(values: Sequence[float]) -> float:
 
 def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
     """Mean gap between consecutive compute actions of a rank, not counting waits (see
-    [Note: measured costs]); 0 when no rank ran two actions."""
+    docs/decisions.md, "measured costs"); 0 when no rank ran two actions."""
     gaps: list[float] = []
     for timeline in timelines:
         for rank, row in enumerate(timeline.events):
@@ -232,7 +194,7 @@ def _producers(consumer: Action) -> tuple[Action, ...]:
 
 
 def measured_link(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> Link | None:
-    """The median message latency measured in `timelines` (see [Note: measured costs]), or
+    """The median message latency measured in `timelines` (see docs/decisions.md, "measured costs"), or
     None when no wait shows it or the ranks were not on one clock."""
     samples: list[float] = []
     for timeline in _as_list(timelines, schedule):

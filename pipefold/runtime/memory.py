@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from pipefold.runtime.tensor_parallel import local
+from pipefold.runtime.parallel.tensor_parallel import local
 
 __all__ = ["ActivationCounter"]
 

@@ -10,30 +10,7 @@ every rank traces the boundary shapes on the meta device (cached per shape), the
 executor walks this rank's lowered program, and then the ranks agree on the loss,
 sum the gradients of tied modules and (optionally) gather the measured timeline.
 
-[Note: exact gradients]
-The last stage scales each micro-batch loss by (micro-batch size / batch size), so
-the sum over micro-batches of the gradients is the gradient of the batch-mean loss,
-also for batches that `torch.tensor_split` cuts unevenly. Gradients accumulate into
-`.grad` exactly like `loss.backward()`: nothing is rescaled or zeroed. A tied module's
-gradient is summed across its owners by all-reducing only this step's contribution,
-so accumulation across steps stays exact there too.
-
-With a data-parallel dimension (`process_group=` a ("dp", "pp") `DeviceMesh`, or
-`data_parallel_group=`), every replica runs this pipeline on its own local batch and
-the replicas then average this step's gradients, weighted by rows, so they equal the
-gradient of the global-batch mean loss (see [Note: data-parallel gradients] in
-data_parallel.py); the returned loss is that global mean on every rank.
-
-[Note: changing the schedule]
-`use_schedule(schedule)` swaps the order of the actions between steps. The stages, their
-weights and gradients, the transport's channels and the data-parallel group depend only
-on the ranks, the micro-batch count and the stage placement, so a flush schedule that
-keeps those three runs on them unchanged: only the lowered program and the executor that
-walks it are rebuilt (and `fuse_backward` applies again). The step-end exchange is sized
-at construction for any such schedule (per stage and micro-batch an F, an I, a W and four
-messages). A step is complete when it returns, so nothing is in flight at the switch, and
-gradients accumulate across it exactly as across any two steps. `pipefold train
---set schedule.retune_every=N` uses it to re-search the order from the run's own costs.
+Design notes: docs/decisions.md, "exact gradients" and "changing the schedule".
 """
 
 from __future__ import annotations
@@ -41,10 +18,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -64,18 +40,14 @@ from pipefold.model import (
     tied_groups,
     trace_boundaries,
 )
+from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
-from pipefold.runtime.allocator import keep_freed_memory
-from pipefold.runtime.comm import P2P, Collectives, Transfer
-from pipefold.runtime.cores import processes_on_host, ranks_share_cores, shared_cores
-from pipefold.runtime.data_parallel import DataParallel, split_mesh
-from pipefold.runtime.executor import Executor, StepInputs, StepRecord
+from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
-from pipefold.runtime.stage import Stage
-from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.step_gather import RankRecord, host_code
-from pipefold.runtime.tensor_parallel import (
+from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
+from pipefold.runtime.parallel.sequence_parallel import sequence_sharded_outputs, shard_boundaries
+from pipefold.runtime.parallel.tensor_parallel import (
     TensorParallelPlan,
     apply_tensor_parallel,
     check_plan,
@@ -83,17 +55,27 @@ from pipefold.runtime.tensor_parallel import (
     shard_like,
     tensor_parallel_mesh,
 )
-from pipefold.runtime.tensor_parallel import local as local_shard
+from pipefold.runtime.parallel.tensor_parallel import local as local_shard
+from pipefold.runtime.processes.allocator import keep_freed_memory
+from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.recording import StepRecorder
+from pipefold.runtime.stage import Stage
+from pipefold.runtime.stash import WeightStash
+from pipefold.runtime.tied import TiedGradients, grad_copy
+from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
-from pipefold.timeline import Event, Timeline, Wait
+from pipefold.schedule.validate import validate
+from pipefold.timeline import Timeline
 
 __all__ = ["Pipeline"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_NUM_MICROBATCHES = 8
+"""Micro-batches per step where neither the caller nor a ready `Schedule` says."""
+
 LossFn = Callable[[Any, Any], Tensor]
-EventOrWait = TypeVar("EventOrWait", Event, Wait)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -134,13 +116,13 @@ class Pipeline:
       `pipe.schedule` is then the fused schedule. False runs the schedule as given.
     - `shared_memory`: on CPU, ranks on one host exchange boundary tensors through
       /dev/shm (about 10x lower latency than gloo's loopback sockets; see
-      pipefold/runtime/shm.py); False sends everything through the process group.
+      pipefold/runtime/transport/shm.py); False sends everything through the process group.
       `shared_memory_bytes` is the most one step may send to one peer that way (pages
       are allocated as steps need them); a step with more uses the process group.
     - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for
       it without sleeping (up to 50 ms, then it sleeps in short pauses); None (default)
       does so on CPU where every rank of the pipeline has a core of its own, never where
-      ranks share cores ([Note: busy polling] in pipefold/runtime/failure.py). False
+      ranks share cores (docs/decisions.md, "busy polling"). False
       leaves idle cores idle, at the cost of a slower wake-up.
     - `tensor_parallel`: with a `DeviceMesh` that has a "tp" dim, how to split each layer
       over it: a mapping {submodule name pattern: ParallelStyle} (torch's
@@ -148,11 +130,10 @@ class Pipeline:
       applied to every layer with such submodules, or a function (layer index, module) ->
       such a mapping or None. Each layer must map a replicated input to a replicated
       output. A ("dp", "pp", "tp") mesh composes all three. Flush schedules only; tied
-      layers stay whole ([Note: tensor parallel x pipeline] in
-      pipefold/runtime/tensor_parallel.py).
+      layers stay whole (docs/decisions.md, "tensor parallel x pipeline").
     - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
       returning it to the kernel between micro-batches (process-wide; see
-      pipefold/runtime/allocator.py): fewer page faults, a flat heap at its peak.
+      pipefold/runtime/processes/allocator.py): fewer page faults, a flat heap at its peak.
     """
 
     _num_created: ClassVar[itertools.count[int]] = itertools.count()
@@ -219,40 +200,52 @@ class Pipeline:
         self.rank = 0 if self._group is None else dist.get_rank(self._group)
         if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
             data_parallel_group = None
+        # The rulebook first with what is known before the schedule is built, then with it.
+        described = ParallelConfig(
+            pp=num_ranks,
+            dp=1 if data_parallel_group is None else dist.get_world_size(data_parallel_group),
+            tp=1 if tp_mesh is None else int(tp_mesh.size()),
+            num_microbatches=_num_microbatches(schedule, num_microbatches),
+            num_virtual=num_virtual,
+            schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
+            recompute=recompute if isinstance(recompute, str) else tuple(recompute),
+            on_nonfinite=on_nonfinite,
+            tied_layers=bool(tied_groups(self._layers)),
+            num_layers=len(self._layers),
+        )
+        described.check()
         self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
+        self.parallel_config = replace(
+            described,
+            num_virtual=self.schedule.num_virtual,
+            schedule=self.schedule.name,
+            weight_update=str(self.schedule.weight_update),
+        )
+        """This pipeline's configuration as the rulebook (`pipefold.parallel_config`) checked it."""
+        self.parallel_config.check()
         self._fuse_backward = fuse_backward
         if fuse_backward:
             # Adjacent I/W pairs whose early input gradient nobody waits for run as one B:
             # same result, cheaper (see fuse_adjacent_split_backward). `self.schedule` is
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
-        self._check_async(optimizer, recompute)
+        self._check_optimizer(optimizer)
         self._tensor_parallel_group: dist.ProcessGroup | None = (
             None if tp_mesh is None else tp_mesh.get_group()
         )
         self._meta = meta_layers(self._layers)
-        # Layer outputs a tp rank holds split along the sequence ([Note: sequence parallel x
-        # pipeline]): the boundaries after them carry 1/tp of the traced shape.
+        # Layer outputs a tp rank holds split along the sequence (docs/decisions.md, "sequence
+        # parallel x pipeline"): the boundaries after them carry 1/tp of the traced shape.
         self._sequence_sharded: dict[int, int] = {}
         if tensor_parallel is not None:
-            self._check_tensor_parallel(tensor_parallel)
-            # Lazily, as Pipeline imports torch's tensor-parallel styles only where it uses them.
-            from pipefold.runtime.sequence_parallel import sequence_sharded_outputs
-
+            self._check_tied_layers_whole(tensor_parallel)
             self._sequence_sharded = sequence_sharded_outputs(tensor_parallel, self._meta)
-        if data_parallel_group is not None and self.schedule.weight_update is not WeightUpdate.FLUSH:
-            raise ConfigError(
-                f"schedule {self.schedule.name!r} updates weights inside the step, so data-parallel "
-                f"replicas ({dist.get_world_size(data_parallel_group)} along 'dp') would each step on "
-                "their own gradients and drift apart; use a flush schedule (gpipe, 1f1b, zb-h1, ...) "
-                "or a mesh without a 'dp' dim"
-            )
         self.device = _resolve_device(device, self._group)
         if data_parallel_group is not None:
             _resolve_device(self.device, data_parallel_group)  # its backend must match the device too
         if keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
-        recompute_all, recompute_layers = _resolve_recompute(recompute, len(self._layers))
+        recompute_all, recompute_layers = _resolve_recompute(recompute)
         self.partition = _resolve_partition(self._layers, self.schedule, partition)
 
         # -- local modules (no communication so far) --------------------------------------
@@ -261,7 +254,7 @@ class Pipeline:
         modules = materialize(self._layers, indices, self.device, seed=seed)
         if tensor_parallel is not None:
             # Whole layers first (the same seed on every tp rank), then split: the shards are
-            # exactly the unsplit model's ([Note: tensor parallel x pipeline]).
+            # exactly the unsplit model's (docs/decisions.md, "tensor parallel x pipeline").
             apply_tensor_parallel(modules, tp_mesh, tensor_parallel)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
@@ -290,8 +283,8 @@ class Pipeline:
         store = _default_store() if self._group is not None or data_parallel_group is not None else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
         # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
-        # one host records it, so its cost model replays that ([Note: shared cores] in
-        # pipefold/simulate/costs.py). Data-parallel replicas on the host count too: they
+        # one host records it, so its cost model replays that (docs/decisions.md, "shared cores").
+        # Data-parallel replicas on the host count too: they
         # compute beside this pipeline and take their share of the cores.
         num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
         if tp_mesh is not None:
@@ -304,7 +297,7 @@ class Pipeline:
         )
         if busy_wait is None:
             # Only shared-memory waits on CPU busy-poll; where processes share cores they
-            # block on doorbells instead ([Note: busy polling]).
+            # block on doorbells instead (docs/decisions.md, "busy polling").
             busy_wait = self.device.type == "cpu" and not ranks_share_cores(host_processes)
         self._watchdog = Watchdog(
             self._board,
@@ -336,7 +329,19 @@ class Pipeline:
                 row_bytes = 8 * step_gather.row_length(slots, self.schedule.num_microbatches)
                 self._collectives.connect_same_host(capacity=max(row_bytes, 64 * 1024))
         self._p2p = p2p
-        self._tied = self._tie_groups()
+        self.tied = TiedGradients.of(
+            self._layers, self.schedule, self.partition, self.rank, self._local_modules, p2p, self._watchdog
+        )
+        """The tied modules this rank shares with others, whose gradients each step sums."""
+        self.recorder = StepRecorder(
+            self._collectives,
+            self.schedule,
+            self._timeline_slots,
+            partition=str(self.partition),
+            device_type=self.device.type,
+            shared_cores=self._shared_cores,
+        )
+        """Gathers each step's measurements into `last_step` (with `record_timeline`)."""
         self._data_parallel: DataParallel | None = None
         if data_parallel_group is not None:
             self._data_parallel = DataParallel(
@@ -366,8 +371,8 @@ class Pipeline:
         self._last_step: step_gather.GatheredStep | None = None
 
     def use_schedule(self, schedule: Schedule) -> None:
-        """Run `schedule` from the next step on, in place of the current one (see [Note: changing
-        the schedule]). It must be a flush schedule for the same ranks, micro-batches and stage
+        """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
+        "changing the schedule"). It must be a flush schedule for the same ranks, micro-batches and stage
         placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
         of the pipeline, and of its replicas and tp peers, must switch to the same schedule
         before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
@@ -391,8 +396,6 @@ class Pipeline:
                 f"use_schedule: {schedule.name!r} updates weights inside the step; only flush schedules "
                 "can be swapped (their stashes hold the weight versions in flight)"
             )
-        from pipefold.schedule.validate import validate
-
         validate(schedule)
         if self._fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)
@@ -400,14 +403,14 @@ class Pipeline:
         self._executor = self._new_executor(program)
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.schedule = schedule
+        self.recorder.use(schedule, self._timeline_slots)
 
     # -- configuration helpers ---------------------------------------------------------------
 
-    def _check_async(self, optimizer: OptimizerFactory | None, recompute: str | Sequence[int]) -> None:
+    def _check_optimizer(self, optimizer: OptimizerFactory | None) -> None:
         """Flush schedules leave the update to the user; asynchronous ones step inside `step`."""
-        flush = self.schedule.weight_update is WeightUpdate.FLUSH
         name = self.schedule.name
-        if flush:
+        if self.schedule.weight_update is WeightUpdate.FLUSH:
             if optimizer is not None:
                 raise ConfigError(
                     f"optimizer is given but schedule {name!r} is a flush schedule; step your "
@@ -419,31 +422,10 @@ class Pipeline:
                 f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
                 f"optimizer=lambda params: torch.optim.SGD(params, lr=...) (a factory), got {optimizer!r}"
             )
-        if not (isinstance(recompute, str) and recompute == "none"):
-            raise ConfigError(
-                f"recompute={recompute!r} with the asynchronous schedule {name!r}: a recomputed forward "
-                "would run on the live weights, not the stashed version; use recompute='none'"
-            )
-        if self._on_nonfinite != "raise":
-            raise ConfigError(
-                f"on_nonfinite={self._on_nonfinite!r} with the asynchronous schedule {name!r}: its optimizer "
-                "steps during the step, so a bad micro-batch cannot be undone; use on_nonfinite='raise'"
-            )
-        if tied_groups(self._layers):
-            raise ConfigError(
-                f"the asynchronous schedule {name!r} cannot run tied layers (TiedLayerSpec): each stage "
-                "stashes and updates its own weights; untie them or use a flush schedule"
-            )
 
-    def _check_tensor_parallel(self, plan: TensorParallelPlan) -> None:
-        """Refuse what tensor parallelism does not compose with ([Note: tensor parallel x pipeline]
-        in pipefold/runtime/tensor_parallel.py), before any layer is built."""
-        name = self.schedule.name
-        if self.schedule.weight_update is not WeightUpdate.FLUSH:
-            raise ConfigError(
-                f"tensor_parallel with the asynchronous schedule {name!r}: its weight stashes copy whole "
-                "tensors, not DTensor shards; use a flush schedule (gpipe, 1f1b, interleaved-1f1b, ...)"
-            )
+    def _check_tied_layers_whole(self, plan: TensorParallelPlan) -> None:
+        """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole
+        (docs/decisions.md, "tensor parallel x pipeline")."""
         for key, occurrences in sorted(tied_groups(self._layers).items()):
             split = [i for i in occurrences if plan_for(plan, i, self._meta[i])]
             if split:
@@ -464,25 +446,6 @@ class Pipeline:
         stash = self._stage_of[stage].stash
         if stash is not None:  # a stage without trainable weights has nothing to update
             stash.step()
-
-    def _tie_groups(self) -> list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]]:
-        """For each tied module held by several ranks and by this one: (owner ranks, its parameters).
-
-        The owners exchange gradients point-to-point over the pipeline's own group, so no
-        extra process group is created (a `new_group` per tied module would have to be
-        called by every rank of the world, which breaks when several pipelines share it).
-        """
-        found: list[tuple[tuple[int, ...], tuple[nn.Parameter, ...]]] = []
-        if self._group is None:
-            return found
-        for key, occurrences in sorted(tied_groups(self._layers).items()):
-            owners = tuple(sorted({self.schedule.placement[self.partition.stage_of(i)] for i in occurrences}))
-            if len(owners) < 2 or self.rank not in owners:
-                continue
-            local = next(i for i in occurrences if i in self._local_modules)
-            found.append((owners, tuple(self._local_modules[local].parameters())))
-            logger.debug("tied module %r is shared by ranks %s", key, owners)
-        return found
 
     # -- the group --------------------------------------------------------------------------------
 
@@ -512,7 +475,32 @@ class Pipeline:
     def data_parallel_group(self) -> dist.ProcessGroup | None:
         """The ranks that hold this rank's stages in the other replicas, this one included
         (the group gradients are averaged over); None without data parallelism."""
-        return None if self._data_parallel is None else self._data_parallel._group
+        return None if self._data_parallel is None else self._data_parallel.group
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The gradient averaging over the replicas; None without data parallelism."""
+        return self._data_parallel
+
+    @property
+    def p2p(self) -> P2P | None:
+        """The point-to-point transport between the pipeline's ranks; None in one process."""
+        return self._p2p
+
+    @property
+    def collectives(self) -> Collectives | None:
+        """The pipeline group's collectives (step start and end); None in one process."""
+        return self._collectives
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """What bounds every wait of this rank and reports failures to the other ranks."""
+        return self._watchdog
+
+    @property
+    def local_modules(self) -> Mapping[int, nn.Module]:
+        """This rank's layers, by index in the model's layer list."""
+        return self._local_modules
 
     @property
     def tensor_parallel_group(self) -> dist.ProcessGroup | None:
@@ -661,7 +649,7 @@ class Pipeline:
         restore = self._grad_snapshot() if skip and data_parallel is None else []
         if data_parallel is not None:
             data_parallel.set_aside_gradients()
-        tied_before = [[_grad_copy(p) for p in params] for _, params in self._tied]
+        tied_before = self.tied.snapshot()
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
         count_memory = (
@@ -681,7 +669,10 @@ class Pipeline:
         gathered: step_gather.GatheredStep | None = None
         if self._record_timeline:
             # One all-gather brings every rank's losses and timeline (step_gather.py).
-            gathered, losses = self._gather_step(record)
+            versions = max(
+                (st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1
+            )
+            gathered, losses = self.recorder.gather(record, versions)
         else:
             losses = record.losses
             if self._collectives is not None:
@@ -696,7 +687,7 @@ class Pipeline:
                 data_parallel.restore_set_aside()
             logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
         else:
-            self._sum_tied(tied_before)
+            self.tied.sum(tied_before)
             if data_parallel is not None:
                 data_parallel.average_gradients(weight)
         if gathered is not None:
@@ -722,45 +713,18 @@ class Pipeline:
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
             if self._sequence_sharded:
-                from pipefold.runtime.sequence_parallel import shard_boundaries
-
                 num_shards = dist.get_world_size(self._tensor_parallel_group)
                 cached = shard_boundaries(cached, self._sequence_sharded, num_shards)
             self._boundary_cache[key] = cached
         return cached
 
     def _grad_snapshot(self) -> list[tuple[nn.Parameter, Tensor | None]]:
-        return [(p, _grad_copy(p)) for p in self.parameters()]
+        return [(p, grad_copy(p)) for p in self.parameters()]
 
     @staticmethod
     def _restore(snapshot: list[tuple[nn.Parameter, Tensor | None]]) -> None:
         for param, grad in snapshot:
             param.grad = grad
-
-    def _sum_tied(self, before: list[list[Tensor | None]]) -> None:
-        """Sum this step's gradient of each tied module over its owners (identically on each)."""
-        p2p = self._p2p
-        if p2p is None:
-            return
-        for (owners, params), old in zip(self._tied, before, strict=True):
-            for param, previous in zip(params, old, strict=True):
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                delta = (grad if previous is None else grad - previous).contiguous()
-                parts: dict[int, Tensor] = {self.rank: delta}
-                pending: list[Transfer] = []
-                for peer in owners:
-                    if peer != self.rank:
-                        pending.append(p2p.send_direct([delta], peer))
-                        parts[peer] = torch.empty_like(delta)
-                        pending.append(p2p.recv_direct([parts[peer]], peer))
-                for transfer in pending:
-                    transfer.wait(self._watchdog, "tied-gradient exchange")
-                p2p.after_recv()
-                # Summed in rank order on every owner, so the owners' weights stay bit-identical.
-                total = parts[owners[0]]
-                for rank in owners[1:]:
-                    total = total + parts[rank]
-                param.grad = total if previous is None else previous + total
 
     @property
     def last_timeline(self) -> Timeline | None:
@@ -774,56 +738,6 @@ class Pipeline:
         on those you read, instead of decoding every step's `last_timeline`."""
         return self._last_step
 
-    def _gather_step(self, record: StepRecord) -> tuple[step_gather.GatheredStep, Tensor]:
-        """Every rank's measurements and the batch's per-micro-batch losses (summed over ranks)."""
-        versions = max((st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1)
-        mine = RankRecord(
-            events=record.events,
-            waits=record.waits,
-            activation_bytes_peak=record.activation_bytes_peak,
-            weight_versions_peak=versions,
-            origin=record.origin,
-            host=host_code(_host()),
-        )
-        if self._collectives is None:
-            return step_gather.GatheredStep(lambda: self._timeline([mine])), record.losses
-        slots = self._timeline_slots
-        row = step_gather.pack(mine, record.losses, slots)
-        rows = self._collectives.all_gather(row, what="loss and timeline gather")
-        losses = step_gather.losses_of(rows, slots, self.schedule.num_microbatches)
-        return step_gather.GatheredStep(lambda: self._timeline(step_gather.unpack(rows, slots))), losses
-
-    def _timeline(self, gathered: list[RankRecord]) -> Timeline:
-        events: list[tuple[Event, ...]] = [g.events for g in gathered]
-        waits: list[tuple[Wait, ...]] = [g.waits for g in gathered]
-        one_clock = len({g.host for g in gathered}) == 1
-        if one_clock:
-            # One machine: perf_counter is the same monotonic clock in every process, so
-            # the ranks' timelines are put on one time axis (across machines each rank keeps
-            # its own step start as zero).
-            first = min(g.origin for g in gathered)
-            shifts = [g.origin - first for g in gathered]
-            events = [tuple(_shift(e, d) for e in row) for row, d in zip(events, shifts, strict=True)]
-            waits = [tuple(_shift(w, d) for w in row) for row, d in zip(waits, shifts, strict=True)]
-        meta: dict[str, Any] = {
-            "num_microbatches": self.schedule.num_microbatches,
-            "partition": str(self.partition),
-            "device": self.device.type,
-            # Whether event times of different ranks compare (measured_link needs it).
-            "clock": "shared" if one_clock else "per-rank",
-        }
-        if one_clock and self._shared_cores is not None:
-            meta["num_cores"] = self._shared_cores
-        return Timeline(
-            num_ranks=len(gathered),
-            events=Timeline.merge_ranks(events),
-            waits=tuple(waits),
-            activation_bytes_peak=tuple(g.activation_bytes_peak for g in gathered),
-            weight_versions_peak=tuple(g.weight_versions_peak for g in gathered),
-            source="measured",
-            schedule_name=self.schedule.name,
-            meta=meta,
-        )
 
 
 # -- module helpers ----------------------------------------------------------------------------
@@ -834,14 +748,6 @@ def _most_slots(schedule: Schedule) -> int:
     per (stage, micro-batch) an F, an I and a W, and four messages."""
     per_rank = max(len(schedule.stages_of(rank)) for rank in range(schedule.num_ranks))
     return 7 * per_rank * schedule.num_microbatches
-
-
-def _host() -> str:
-    return socket.gethostname()
-
-
-def _shift(item: EventOrWait, delta: float) -> EventOrWait:
-    return replace(item, start=item.start + delta, end=item.end + delta)
 
 
 def resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
@@ -885,10 +791,14 @@ def _resolve_schedule(
         return schedule
     if not isinstance(schedule, str):
         raise ConfigError(f"schedule must be a family name or a Schedule, got {type(schedule).__name__}")
-    count = 8 if num_microbatches is None else num_microbatches
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ConfigError(f"num_microbatches = {count!r}; it must be an integer >= 1")
+    count = _num_microbatches(schedule, num_microbatches)
     return build(schedule, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual)
+
+
+def _num_microbatches(schedule: str | Schedule, num_microbatches: int | None) -> int:
+    if num_microbatches is not None:
+        return num_microbatches
+    return schedule.num_microbatches if isinstance(schedule, Schedule) else DEFAULT_NUM_MICROBATCHES
 
 
 def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup | None) -> torch.device:
@@ -914,21 +824,11 @@ def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup 
     return resolved
 
 
-def _resolve_recompute(recompute: str | Sequence[int], num_layers: int) -> tuple[bool, frozenset[int]]:
+def _resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:
+    """(recompute every layer, the layers to recompute); the rulebook has checked the value."""
     if isinstance(recompute, str):
-        if recompute == "none":
-            return False, frozenset()
-        if recompute == "full":
-            return True, frozenset()
-        raise ConfigError(f"recompute = {recompute!r}; use 'none', 'full' or a list of layer indices")
-    indices = list(recompute)
-    for index in indices:
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
-            raise ConfigError(
-                f"recompute lists layer {index!r}, but the model has layers 0..{num_layers - 1}; "
-                "give layer indices (selective recomputation), 'full' or 'none'"
-            )
-    return False, frozenset(indices)
+        return recompute == "full", frozenset()
+    return False, frozenset(recompute)
 
 
 def _resolve_partition(
@@ -970,7 +870,3 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
         pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
         return pinned.to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def _grad_copy(param: nn.Parameter) -> Tensor | None:
-    return None if param.grad is None else param.grad.detach().clone()

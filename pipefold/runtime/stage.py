@@ -1,6 +1,6 @@
 """A stage: a contiguous chunk of layers on this rank, and how its forward runs.
 
-Values between layers follow [Note: layer calling convention] in pipefold/model/build.py:
+Values between layers follow docs/decisions.md, "layer calling convention":
 each layer receives exactly what the previous one returned (a tensor or a tuple).
 
 Recomputation (`recompute`):
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, apply_layer
+from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.tensor_parallel import is_sharded
 
 __all__ = ["Stage", "flatten", "as_leaves"]
 

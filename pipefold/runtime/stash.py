@@ -6,23 +6,7 @@ flight, yet a micro-batch's backward must use the weights its forward saw. PipeD
 flight holds up to `k` versions; PipeDream-2BW (`DOUBLE_BUFFER`) steps every few
 micro-batches and holds at most two.
 
-[Note: weight stash]
-The module's own `nn.Parameter`s are the *live* weights: the optimizer owns them and
-their `.grad` receives every gradient. A *version* is a set of tensors holding the
-weights' values at one moment. A forward runs the module with
-`torch.func.functional_call` on the current version's tensors, each wrapped by
-`_StaleWeight`, whose backward hands the gradient to the live parameter. So the backward
-differentiates through the values the forward saw, and the gradient lands in
-`param.grad` through the parameter's ordinary `AccumulateGrad` (its hooks run, as with
-any backward); between two `STEP`s `param.grad` sums the gradients of the backwards done,
-which is what PipeDream applies.
-
-The current version costs no memory: its tensors share storage with the live weights.
-`step()` first moves the live weights to a fresh copy (if any forward used the current
-version), so the optimizer's in-place update never reaches the values an in-flight
-micro-batch saved; the old storage lives exactly as long as something refers to it.
-Holding `n` versions thus costs `n - 1` extra copies of the weights at most, the count
-the PipeDream-2BW paper gives (two versions, one extra copy).
+Design notes: docs/decisions.md, "weight stash".
 """
 
 from __future__ import annotations
@@ -151,7 +135,7 @@ class WeightStash:
         """The tensors the backward functions should treat as the weights of `microbatch`.
 
         These are the live parameters for every micro-batch: the graph of each forward
-        already routes through that micro-batch's version (see [Note: weight stash]).
+        already routes through that micro-batch's version (see docs/decisions.md, "weight stash").
         """
         self._in_flight(microbatch)
         return list(self._params)

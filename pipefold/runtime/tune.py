@@ -6,42 +6,7 @@
 
 Every rank calls it with the same arguments, like `Pipeline`.
 
-[Note: schedules from measured costs]
-A hand-written family assumes costs (F = B / 2, free messages, I + W = B); a real
-model on a real machine has its own: here on CPU I + W is 1.2-1.6x B, a message
-costs a few hundred microseconds, and the last stage carries the loss. So pipefold
-measures before it searches:
-
-1. Probe: a `Pipeline` runs `probe_schedule(base)` for `num_probe_steps` steps on
-   the caller's batch, where `base` is the placement's 1F1B-like family (1f1b,
-   interleaved-1f1b, zb-v) and the probe splits the backward of even micro-batches
-   into I, W and keeps odd ones whole, so every stage's F, B, I and W are measured
-   (pipefold/plan/probe.py). The first probe step (shape tracing, allocator
-   warm-up) is left out when there are more.
-2. Costs: `measured_cost_model` of the probe's timelines: per-stage op times, the
-   link latency, the runtime's per-action and per-step overheads, activation bytes,
-   and the shared cores where ranks outnumber them ([Note: measured costs]).
-3. Search: `find_schedule` on those costs (list scheduler + local search, scored by
-   the simulator; never slower there than the fitting hand-written families).
-4. Trial (`num_trial_steps` > 0): the searched schedule and the `num_trial_families`
-   fastest fitting families of the same layout run in rounds, one step each per round
-   in turn, after one untimed step each; the shorter median step on rank 0 wins. The
-   simulator ranks candidates on the probe's costs, and an action costs a few percent
-   more or less in another order (measured on the benchmark's MLP: a searched order
-   predicted ahead of zb-h1 ran 6% behind it), more than the margin between close
-   candidates; a measured trial settles it. The rounds stop early, after at least two,
-   once every step of the leader was shorter than every step of each other candidate
-   (the order is then clear whatever the noise did), else after `num_trial_steps`:
-   two fixed steps did not rank candidates reliably where ranks share cores.
-   A family whose order equals the searched one is not tried twice.
-
-Only the pipeline's rank 0 searches: the search stops at a time budget, so two ranks
-could settle on different schedules and then deadlock. Rank 0 broadcasts the schedule
-(or its error, so no rank is left waiting) over the pipeline's group, and the first
-pipeline's decisions go on to the data-parallel replicas and tensor-parallel peers. The probe's
-gradients are dropped: every probed parameter's `.grad` is None afterwards. Modules
-passed as layers are the ones the probe ran (a later `Pipeline` reuses them);
-`LayerSpec` layers are built afresh from the seed each time.
+Design notes: docs/decisions.md, "schedules from measured costs".
 """
 
 from __future__ import annotations
@@ -60,7 +25,8 @@ from pipefold.model import LayerLike
 from pipefold.plan import probe_schedule, search_schedule
 from pipefold.plan.probe import PROBE_FAMILIES, probe_base
 from pipefold.runtime.measured import measured_cost_model
-from pipefold.runtime.pipeline import LossFn, Pipeline
+from pipefold.runtime.parallel.data_parallel import split_mesh
+from pipefold.runtime.pipeline import LossFn, Pipeline, resolve_group
 from pipefold.schedule import Placement, Schedule, build
 from pipefold.schedule.io import from_json, to_json
 from pipefold.simulate import CostModel, simulate
@@ -122,7 +88,7 @@ def tune_schedule(
     num_trial_families: int = 2,
     **pipeline_options: Any,
 ) -> TunedSchedule:
-    """Probe, measure and search (see [Note: schedules from measured costs]).
+    """Probe, measure and search (see docs/decisions.md, "schedules from measured costs").
 
     `pipeline_options` go to every probe `Pipeline` (partition, device, process_group, ...);
     give the same ones to the `Pipeline` that runs the result. `num_virtual`: stages per
@@ -260,9 +226,6 @@ def _probe_pipeline(
 ) -> Pipeline:
     # A first Pipeline on the family itself would build stages twice; the family's schedule
     # only needs the rank count, which the group gives.
-    from pipefold.runtime.data_parallel import split_mesh
-    from pipefold.runtime.pipeline import resolve_group
-
     pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
     _, ranks = resolve_group(pipeline_group)
     base = probe_base(
@@ -336,12 +299,7 @@ def _broadcast(pipe: Pipeline, payload: Any) -> Any:
     different schedules would deadlock (tp) or be refused (dp), so the decision of the
     first pipeline (dp 0, tp 0) is everyone's."""
     box = [payload]
-    data_parallel = pipe._data_parallel
-    groups = [
-        pipe.process_group,
-        None if data_parallel is None else data_parallel._group,
-        pipe._tensor_parallel_group,
-    ]
+    groups = [pipe.process_group, pipe.data_parallel_group, pipe.tensor_parallel_group]
     for group in groups:
         if group is not None:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipefold.model import LayerSpec, build_reference, materialize, profile, trace_boundaries
+from pipefold.model import LayerSpec, build_reference, materialize, trace_boundaries
+from pipefold.runtime import profile
 
 from .models import token_ids, transformer
 

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.model import LayerSpec, TensorMeta, meta_layers, profile, trace_boundaries
+from pipefold.model import LayerSpec, TensorMeta, meta_layers, partition, trace_boundaries
+from pipefold.runtime import profile
 
 from .models import VOCAB, WIDTH, token_ids, transformer
 
@@ -62,3 +63,11 @@ def test_num_repeats_must_be_a_positive_integer(num_repeats):
 def test_sample_must_be_tensors():
     with pytest.raises(ConfigError, match="sample must be a tensor"):
         profile([nn.ReLU()], [1.0])
+
+
+def test_profile_method_partitions_by_measured_costs():
+    layers = [LayerSpec(nn.Linear, 4, 4) for _ in range(3)]
+    costs = [p.total_s for p in profile(layers, torch.zeros(2, 4))]
+    assert all(cost > 0 for cost in costs)
+    cut = partition(layers, 3, "profile", costs=costs)
+    assert str(cut) == "[0:1 | 1:2 | 2:3]"

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipefold.model import LayerSpec, profile
+from pipefold.model import LayerSpec
 from pipefold.model.zoo import gpt_layers
 from pipefold.plan import ModelCosts
+from pipefold.runtime import profile
 
 from .models import token_ids, transformer
 

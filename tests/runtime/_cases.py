@@ -194,7 +194,7 @@ def exact(
         "num_events": [len(row) for row in timeline.events],
         "activation_bytes_peak": list(timeline.activation_bytes_peak),
         "source": timeline.source,
-        "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
+        "same_host_peers": [] if pipe.p2p is None else list(pipe.p2p.same_host_peers),
         "ran": ran,
         "last_ops": sorted({event.action.op.value for row in timeline.events for event in row}),
     }
@@ -351,7 +351,7 @@ def timeline(
 
 def _transport(pipe: Pipeline) -> dict:
     """How this rank's messages and step exchanges travel (shared memory, doorbells)."""
-    p2p, collectives = pipe._p2p, pipe._collectives
+    p2p, collectives = pipe.p2p, pipe.collectives
     return {
         "shm_peers": list(p2p.same_host_peers) if p2p is not None else [],
         "doorbell_peers": list(p2p.doorbell_peers) if p2p is not None else [],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipefold.runtime import cores
+from pipefold.runtime.processes import cores
 
 
 @pytest.fixture

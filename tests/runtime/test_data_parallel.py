@@ -22,7 +22,7 @@ from torch import nn
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
 from pipefold.runtime import Pipeline
-from pipefold.runtime.data_parallel import _buckets, split_mesh
+from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
 
 
 def _pool(world_size):
@@ -95,7 +95,7 @@ def dp_exact(
         shared_memory=shared_memory,
     )
     if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
-        data_parallel = pipe._data_parallel
+        data_parallel = pipe.data_parallel
         data_parallel._buckets = _buckets(data_parallel._params, bucket_bytes)
     reference = build_reference(build(), seed=7)
     losses = []
@@ -113,7 +113,7 @@ def dp_exact(
         assert param.grad is not None, f"{name} has no gradient"
         torch.testing.assert_close(param.grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
         names.append(name)
-    data_parallel = pipe._data_parallel
+    data_parallel = pipe.data_parallel
     return {
         "rank": pipe.rank,
         "dp_rank": pipe.data_parallel_rank,
@@ -121,7 +121,7 @@ def dp_exact(
         "losses": losses,
         "names": names,
         "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
-        "same_host_peers": [] if pipe._p2p is None else list(pipe._p2p.same_host_peers),
+        "same_host_peers": [] if pipe.p2p is None else list(pipe.p2p.same_host_peers),
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
         "timeline_cores": pipe.last_timeline.meta.get("num_cores"),
     }
@@ -179,13 +179,9 @@ def dp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2}
     try:
-        if what == "async":
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-            Pipeline(mlp(4), schedule="pipedream", optimizer=sgd, process_group=mesh, **kwargs)
-        elif what == "mesh size":
+        if what == "mesh size":
             Pipeline(mlp(4), process_group=_FakeMesh(("dp", "pp"), (1, 2)), **kwargs)
         elif what == "dp group of different stages":
             # Pipeline ranks 0 and 1 of one replica passed as each other's replicas.
@@ -307,7 +303,7 @@ def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_
     assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
     # The other replica computes beside each pipeline: its timeline records the pipeline's
     # share of the host's cores, which is what the simulator replays ([Note: shared cores]).
-    from pipefold.runtime.cores import shared_cores
+    from pipefold.runtime.processes.cores import shared_cores
 
     expected_cores = shared_cores(2, threads_per_rank=1, num_host_processes=4)
     assert [r["timeline_cores"] for r in results] == [expected_cores] * 4
@@ -385,7 +381,6 @@ def test_non_finite_loss_on_one_replica_skips_the_step_everywhere(pool4):
 @pytest.mark.parametrize(
     ("what", "words"),
     [
-        ("async", "schedule 'pipedream' updates weights inside the step"),
         ("mesh size", "covers 2 ranks but the world has 4; choose dp x pp = 4"),
         ("dp group of different stages", "do not hold the same stages"),
     ],

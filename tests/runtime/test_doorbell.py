@@ -1,4 +1,4 @@
-"""Doorbells (pipefold.runtime.doorbell): a blocking wake-up beside a shared-memory flag."""
+"""Doorbells (pipefold.runtime.transport.doorbell): a blocking wake-up beside a shared-memory flag."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pipefold.runtime.cores import ranks_share_cores
-from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import FailureBoard, Watchdog
-from pipefold.runtime.shm import shm_supported
+from pipefold.runtime.processes.cores import ranks_share_cores
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.shm import shm_supported
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="doorbells are used with shared memory only")
 

@@ -11,7 +11,7 @@ import torch.distributed
 
 from pipefold.cli.main import main
 from pipefold.errors import ConfigError
-from pipefold.runtime.launch import (
+from pipefold.runtime.processes.launch import (
     LaunchResult,
     free_port,
     is_loopback,
@@ -116,7 +116,7 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
 def test_workers_join_a_gloo_group(tmp_path):
     script = _script(tmp_path, """
         import sys, torch, torch.distributed as dist
-        from pipefold.runtime.launch import init_process_group_from_env
+        from pipefold.runtime.processes.launch import init_process_group_from_env
         init_process_group_from_env("gloo")  # explicit: on a GPU host the default is NCCL
         value = torch.tensor([float(dist.get_rank() + 1)])
         dist.all_reduce(value)
@@ -226,6 +226,6 @@ def test_interrupt_stops_everyone(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(seconds)
 
-    monkeypatch.setattr("pipefold.runtime.launch.time.sleep", fake_sleep)
+    monkeypatch.setattr("pipefold.runtime.processes.launch.time.sleep", fake_sleep)
     result = launch_script([script], 2, grace_s=5.0)
     assert result.interrupted and result.exit_code == 130

@@ -1,4 +1,4 @@
-"""Ranks must not outlive a supervisor that was killed outright (pipefold/runtime/orphan.py)."""
+"""Ranks must not outlive a supervisor that was killed outright (pipefold/runtime/processes/orphan.py)."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipefold.runtime.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
 
@@ -27,12 +27,12 @@ _SLEEPER = """
 _SUPERVISORS = {
     "script": """
         import sys
-        from pipefold.runtime.launch import launch_script
+        from pipefold.runtime.processes.launch import launch_script
         launch_script([sys.argv[2] + "/helper.py", sys.argv[1]], 2, num_threads=None)
     """,
     "function": """
         import sys
-        from pipefold.runtime.launch import spawn
+        from pipefold.runtime.processes.launch import spawn
         if __name__ == "__main__":  # spawned children import this file again
             sys.path.insert(0, sys.argv[2])
             from helper import sleeper

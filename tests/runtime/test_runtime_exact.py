@@ -119,8 +119,8 @@ def test_same_host_ranks_use_shared_memory_and_doorbells_when_sharing_cores(pool
     """The exact results above went through shared memory; doorbells exactly where ranks
     outnumber the cores (4 ranks on this 2-core machine), and there the timeline records
     how many could compute at once, for the simulator's replay ([Note: shared cores])."""
-    from pipefold.runtime.cores import ranks_share_cores, shared_cores
-    from pipefold.runtime.shm import shm_supported
+    from pipefold.runtime.processes.cores import ranks_share_cores, shared_cores
+    from pipefold.runtime.transport.shm import shm_supported
 
     if not shm_supported():
         pytest.skip("shared memory needs x86-64 Linux")

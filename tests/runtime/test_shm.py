@@ -1,4 +1,4 @@
-"""Shared-memory channels (pipefold.runtime.shm), both ends in this one process."""
+"""Shared-memory channels (pipefold.runtime.transport.shm), both ends in this one process."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.shm import ShmChannel, layout, new_token, shm_supported
+from pipefold.runtime.transport.shm import ShmChannel, layout, new_token, shm_supported
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared-memory channels need x86-64 Linux")
 

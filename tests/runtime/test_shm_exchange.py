@@ -1,4 +1,4 @@
-"""The shared-memory step exchange (pipefold.runtime.shm_exchange), ranks as threads of this process."""
+"""The shared-memory step exchange (runtime/transport/shm_exchange.py), ranks as threads of this process."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipefold.errors import PeerFailure
-from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import FailureBoard, Watchdog
-from pipefold.runtime.shm import new_token, shm_supported
-from pipefold.runtime.shm_exchange import ShmExchange
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.shm import new_token, shm_supported
+from pipefold.runtime.transport.shm_exchange import ShmExchange
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared memory needs x86-64 Linux")
 

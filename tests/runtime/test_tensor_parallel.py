@@ -18,9 +18,9 @@ from torch import nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
-from pipefold.model.zoo import gpt_layers, gpt_tensor_parallel_plan
-from pipefold.runtime import Pipeline
-from pipefold.runtime.tensor_parallel import check_plan, is_sharded, local, plan_for
+from pipefold.model.zoo import gpt_layers
+from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan
+from pipefold.runtime.parallel.tensor_parallel import check_plan, is_sharded, local, plan_for
 
 
 def _pool(world_size):
@@ -135,7 +135,7 @@ def tp_exact(
     def record(index, args):
         seen.setdefault(index, tuple(args[0].shape))  # returns None: the arguments stay as they are
 
-    for index, module in pipe._local_modules.items():
+    for index, module in pipe.local_modules.items():
         # prepend: before a tp style's own pre-hook makes the input a DTensor (of global shape).
         module.register_forward_pre_hook(lambda _m, args, i=index: record(i, args), prepend=True)
     losses = []
@@ -192,7 +192,7 @@ def _adam(params):
 
 def _assert_matches(pipe, optimizer, reference, reference_optimizer):
     """`pipe`'s weights and Adam moments (gathered whole) equal the reference's, by name."""
-    from pipefold.runtime.tensor_parallel import whole
+    from pipefold.runtime.parallel.tensor_parallel import whole
 
     expected = dict(reference.named_parameters())
     for name, param in pipe.named_parameters():
@@ -291,10 +291,7 @@ def tp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "process_group": _mesh()}
     try:
-        if what == "async":
-            sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
-            Pipeline(megatron_mlp(), schedule="pipedream", optimizer=sgd, tensor_parallel=_plan(), **kwargs)
-        elif what == "no plan":
+        if what == "no plan":
             Pipeline(megatron_mlp(), **kwargs)
         elif what == "tied":
             tied = [
@@ -341,9 +338,9 @@ def gathered_linear_halves():
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    from pipefold.runtime import sequence_parallel
     from pipefold.runtime.backward import backward_input, backward_weight
     from pipefold.runtime.memory import ActivationCounter
+    from pipefold.runtime.parallel import sequence_parallel
 
     mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
     rank = mesh.get_local_rank()
@@ -557,7 +554,6 @@ def test_a_plan_function_splits_only_the_layers_it_names(pool4):
 @pytest.mark.parametrize(
     ("what", "words"),
     [
-        ("async", "asynchronous schedule 'pipedream'"),
         ("no plan", "'tp' dim but tensor_parallel is None"),
         ("tied", "splits the tied layer 'block'"),
         ("uneven sequence", "a sequence of 5 positions does not split evenly over 2"),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +32,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.model.spec import LayerSpec, TiedLayerSpec
 
-if TYPE_CHECKING:
-    from pipefold.runtime.tensor_parallel import TensorParallelPlan
-
 __all__ = [
-    "gpt_tensor_parallel_plan",
     "TokenEmbedding",
     "LMHead",
     "PositionEmbedding",
@@ -146,53 +141,6 @@ class DecoderBlock(nn.Module):
         x = x + self.attn(self.ln1(x))
         out: Tensor = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
         return out
-
-
-def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParallelPlan:
-    """How `pipefold train --tensor-parallel` splits the GPT (`Pipeline(tensor_parallel=...)`):
-    each decoder block's attention by heads (head_qkv by columns, proj by rows) and its MLP
-    (fc by columns, fc_out by rows), Megatron's split: every weight of a block but its two
-    LayerNorms, and two all-reduces per block forward (and two in its backward). The
-    embeddings, the final LayerNorm and the head stay whole. The degree must divide the
-    number of heads.
-
-    `sequence_parallel=True` adds Megatron's sequence parallelism ([Note: sequence parallel
-    x pipeline] in pipefold/runtime/sequence_parallel.py): from the position embedding to
-    the final LayerNorm the residual stream is split along the sequence, the block's norms
-    run on T/tp positions (`SequenceParallel`), the column-split projections all-gather the
-    sequence and the row-split ones reduce-scatter it, and stage boundaries carry 1/tp of
-    the stream. Sequence lengths must then divide by the degree."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
-
-    if not sequence_parallel:
-        return {
-            "attn.head_qkv": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(),
-            "fc": ColwiseParallel(),
-            "fc_out": RowwiseParallel(),
-        }
-    from pipefold.runtime.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
-
-    def by_layer(_index: int, module: nn.Module) -> dict[str, Any] | None:
-        # By type, not index: the plan holds for any num_layers and for both head kinds.
-        if isinstance(module, PositionEmbedding):
-            return {"": ScatterSequence(sequence_dim=1)}
-        if isinstance(module, DecoderBlock):
-            sequence = Shard(1)
-            return {
-                "ln1": SequenceParallel(),
-                "attn.head_qkv": ColwiseFromSequence(sequence_dim=1),
-                "attn.proj": RowwiseParallel(output_layouts=sequence),
-                "ln2": SequenceParallel(),
-                "fc": ColwiseFromSequence(sequence_dim=1),
-                "fc_out": RowwiseParallel(output_layouts=sequence),
-            }
-        if isinstance(module, nn.LayerNorm):  # the final norm: the last layer of the sharded stream
-            return {"": GatherSequence(sequence_dim=1)}
-        return None
-
-    return by_layer
 
 
 def gpt_layers(

@@ -1,9 +1,12 @@
 """Per-layer measurements: forward and backward time, activation and parameter bytes.
 
+    >>> from pipefold.runtime import profile
+    >>> costs = [p.total_s for p in profile(layers, sample)]   # partition(..., "profile", costs=costs)
+
 `profile(layers, sample)` builds the whole model on one device (with the weights
 `materialize` would give it), pushes `sample` through it layer by layer, and times
 each layer alone: its input is detached, so a layer's backward time is its own.
-The result feeds `partition(method="profile")`, the simulator's cost model and the
+The result feeds `partition(method="profile", costs=...)`, the simulator's cost model and the
 planner (`pipefold.plan.ModelCosts.from_profile`).
 
 With `split_backward=True` each layer's backward is also timed split into its input
@@ -12,7 +15,7 @@ half (I) and weight half (W), with the runtime's own `backward_input` and
 is timed on a forward of its own, after the whole backward: B is still a plain
 `autograd.backward`, and I + W exceeds it by what the split itself costs (a walk of
 the layer's graph in I, one autograd call per group of parameters in W; see
-[Note: measured split] in pipefold/plan/costs.py for how the planner uses the two).
+docs/decisions.md, "measured split" for how the planner uses the two).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
 from pipefold.model.spec import LayerLike
+from pipefold.runtime.backward import backward_input, backward_weight
 
 __all__ = ["LayerProfile", "profile"]
 
@@ -51,6 +55,11 @@ class LayerProfile:
     """Median I time (input gradients only), seconds; None unless profiled with `split_backward=True`."""
     weight_grad_s: float | None = None
     """Median W time (weight gradients, after I), seconds; None unless profiled with `split_backward=True`."""
+
+    @property
+    def total_s(self) -> float:
+        """Forward plus backward time: the layer's cost for `partition(method="profile", costs=...)`."""
+        return self.forward_s + self.backward_s
 
 
 def _synchronize(device: torch.device) -> None:
@@ -104,9 +113,6 @@ def _split_backward(
     where: torch.device, layer: LayerLike, module: nn.Module, value: Any, parameters: Sequence[Tensor]
 ) -> tuple[float, float]:
     """One forward (untimed), then the timed I and W of it, as the runtime's executor runs them."""
-    # Deferred: the runtime imports this package, so a module-level import would be circular.
-    from pipefold.runtime.backward import backward_input, backward_weight
-
     inputs = _tensors(_detached_input(value))
     output = apply_layer(layer, module, inputs[0] if isinstance(value, Tensor) else inputs)
     outputs = [t for t in _tensors(output) if t.requires_grad]

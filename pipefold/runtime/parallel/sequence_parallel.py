@@ -1,53 +1,6 @@
 """Sequence parallelism: the tensor-parallel ranks of a stage split the sequence between blocks.
 
-[Note: sequence parallel x pipeline]
-With plain tensor parallelism ([Note: tensor parallel x pipeline]) every tp rank of a
-stage holds the whole residual stream: the layer norms, the residual adds and the stage's
-boundary tensors are computed, kept for backward and sent tp times over. Megatron's
-sequence parallelism (Korthikanti et al., 2022) shards those along the sequence: between
-the split matmuls each tp rank holds T/tp positions. A column-split projection
-all-gathers its input's sequence (instead of taking a replicated input), a row-split one
-reduce-scatters its output (instead of all-reducing it), so the traffic per block is
-the same as tensor parallelism's while the norms, the residual stream and what the
-stage keeps of them shrink by tp.
-
-Between pipeline stages the residual stream stays sharded: tp rank t of stage s sends its
-T/tp positions to tp rank t of stage s + 1, which is exactly the shard that rank needs.
-That is Megatron's scatter/gather of stage boundaries (each tp rank sends 1/tp of the
-boundary), obtained without a scatter or a gather, because the tensor was never whole.
-The pipeline's transport, timeline and simulator need nothing new: a stage's output is a
-plain tensor, only smaller.
-
-Where the stream enters and leaves the sharded region, two styles of this module convert:
-`ScatterSequence` on the layer that ends the replicated region (the GPT's position
-embedding) keeps this rank's slice of its output (no communication forward; its backward
-all-gathers the gradient, so the parameters before it get the whole, identical gradient
-on every tp rank), and `GatherSequence` on the layer that ends the sharded region (the
-final layer norm) runs it on the shard, as `SequenceParallel` does, then all-gathers the
-sequence, so the head and the loss run replicated as without sequence parallelism. The
-norms inside (`SequenceParallel`) hold their weights as replicated DTensors whose
-gradients DTensor sums over the tp ranks, since each rank saw only its positions.
-
-Sequences must split evenly over the tp ranks (the sharded matmuls take their inputs'
-global shape as tp x the local one); a step with other lengths is refused by name before
-anything runs.
-
-Inside the blocks, the column-split projections are `ColwiseFromSequence`, not torch's
-`ColwiseParallel(input_layouts=Shard(1))`: both all-gather the sequence before the
-matmul, but torch's keeps the gathered input for the weight gradient, whole on every tp
-rank, while this one keeps the slice and all-gathers it again in backward (Megatron's
-choice: one more all-gather per projection for tp times less kept input; a GPT block
-then keeps exactly 1/tp of its activations). Its backward computes only the halves the
-running autograd call needs, so pipefold's split backward stays split: I reduce-scatters
-the input gradient and gathers nothing, W gathers the input and computes no input
-gradient.
-
-The pipeline learns which boundaries are sharded from the plan itself
-(`sequence_sharded_outputs`, on the meta layers every rank has): the outputs of the layer
-that scatters and of every layer after it, up to the one that gathers, are 1/tp along
-the sequence, so their traced (whole-model) shapes are divided there and the receivers
-allocate what really arrives. A layer in between must therefore map a sharded stream to
-a sharded stream, as the GPT's blocks under `gpt_tensor_parallel_plan(sequence_parallel=True)` do.
+Design notes: docs/decisions.md, "sequence parallel x pipeline".
 """
 
 from __future__ import annotations
@@ -64,11 +17,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.tensor_parallel import plan_for
+from pipefold.runtime.parallel.tensor_parallel import plan_for
 
 if TYPE_CHECKING:
     from pipefold.model.build import TensorMeta
-    from pipefold.runtime.tensor_parallel import TensorParallelPlan
+    from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
 __all__ = [
     "ColwiseFromSequence",
@@ -187,8 +140,8 @@ def _local(tensor: Tensor) -> Tensor:
 
 def _runs(ctx: Any, index: int) -> bool:
     """Whether the backward in progress needs the gradient of the forward's input `index`:
-    I asks for the stage inputs only and W for the weights only ([Note: split backward] in
-    pipefold/runtime/backward.py), so each half computes (and communicates) only its own."""
+    I asks for the stage inputs only and W for the weights only (docs/decisions.md, "split
+    backward"), so each half computes (and communicates) only its own."""
     if not ctx.needs_input_grad[index]:
         return False
     node = ctx.next_functions[index][0]

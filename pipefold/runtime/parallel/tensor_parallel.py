@@ -1,44 +1,6 @@
 """Tensor parallelism inside each stage: the layers of a stage split over a "tp" mesh dim.
 
-[Note: tensor parallel x pipeline]
-A `DeviceMesh` with dims ("pp", "tp") (or ("dp", "pp", "tp")) gives every pipeline rank
-`tp` processes. They hold the same stages and run the same schedule in lockstep; within a
-layer, torch's `parallelize_module` splits the weights as the user's plan says
-(`ColwiseParallel` then `RowwiseParallel` is Megatron's MLP and attention split) and its
-DTensor collectives (all-reduce of a row-parallel output in forward, of a column-parallel
-input gradient in backward) run inside F and B, over the "tp" group only. Between stages
-nothing changes: a layer maps a replicated input to a replicated output, so tp rank t of
-stage s sends its (full, identical) boundary tensor to tp rank t of stage s + 1, along the
-"pp" group of its own tp coordinate. That sends the boundary tp times; with sequence
-parallelism ([Note: sequence parallel x pipeline] in sequence_parallel.py) the stream is
-split between the blocks and each tp rank sends its 1/tp instead.
-
-Each tp rank's parameters are DTensors holding its shard, and so are their gradients; a
-parameter the plan does not split (a layer norm) is a plain replicated tensor whose
-gradient is the same on every tp rank, because every tp rank runs the same replicated
-computation on it. The plan applies per layer, after the rank's layers are built (so
-`LayerSpec` layers are materialised whole first, with the same seed on every tp rank,
-and then split: the split weights are exactly the unsplit model's).
-
-With a "dp" dim as well (("dp", "pp", "tp"): 3D), replicas along "dp" average each
-parameter's gradient as without tensor parallelism, shard by shard: the data-parallel
-all-reduce carries each DTensor gradient's local part, and the rank that holds a shard in
-one replica holds the same shard in every other.
-
-Not composed with tensor parallelism (refused up front): tied layers that the plan would
-split (their gradient exchange sums whole tensors across pipeline ranks; tied layers the
-plan leaves whole are fine) and asynchronous schedules (weight stashes copy whole tensors).
-
-[Note: tensor-parallel checkpoints]
-`save_checkpoint` writes whole tensors, as without tensor parallelism: the tp ranks of a
-stage gather each DTensor (`full_tensor`, parameters and optimizer state alike), tp rank 0's
-pipeline writes them, and the other tp ranks wait for its outcome (with "dp" too, replica
-0's tp rank 0 writes). The checkpoint therefore does not depend on the tp degree:
-`load_checkpoint` reads whole tensors on every rank and keeps its own slice
-(`distribute_tensor` without a source rank: no communication), so a checkpoint loads into
-any tp degree, partition and rank count, with or without tensor parallelism. The cost is
-a stage's whole parameters in memory once per save and load, which a stage holds anyway
-without tensor parallelism.
+Design notes: docs/decisions.md, "tensor parallel x pipeline" and "tensor-parallel checkpoints".
 """
 
 from __future__ import annotations
@@ -48,7 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from pipefold.errors import ConfigError
 
@@ -96,8 +59,6 @@ def check_plan(plan: object, process_group: object) -> None:
             "tensor_parallel is given but process_group is not a DeviceMesh with a 'tp' dim; build it "
             "with init_device_mesh(device, (pp, tp), mesh_dim_names=('pp', 'tp'))"
         )
-    from torch.distributed.tensor.parallel import ParallelStyle
-
     if callable(plan) and not isinstance(plan, Mapping):
         return
     if not isinstance(plan, Mapping) or not plan:
@@ -142,8 +103,6 @@ def plan_for(plan: TensorParallelPlan, index: int, module: nn.Module) -> dict[st
 
 def apply_tensor_parallel(modules: Mapping[int, nn.Module], mesh: Any, plan: TensorParallelPlan) -> int:
     """Split every layer of `modules` over the 1-D `mesh` by `plan`; returns how many layers it split."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
     num_split = 0
     for index in sorted(modules):
         entries = plan_for(plan, index, modules[index])
@@ -179,6 +138,4 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     holds `full` and keeps its own slice), else `full` unchanged."""
     if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
         return full
-    from torch.distributed.tensor import distribute_tensor
-
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)

@@ -7,26 +7,7 @@ gradients so they equal the gradient of the mean loss over the global batch.
     rows = slice(pipe.data_parallel_rank, None, pipe.num_data_parallel)
     loss = pipe.step(inputs[rows], targets[rows])                # global-batch mean loss
 
-[Note: data-parallel gradients]
-Gradients accumulate across `step` calls exactly as with `loss.backward()`, so only
-this step's contribution may be averaged: averaging the accumulated `.grad` again
-would divide earlier steps' (already averaged) gradients once more. Instead of
-copying every gradient and subtracting afterwards (as the tied-module sum does, which
-costs a copy and rounds `(old + new) - old`), the gradients are *set aside* before the
-schedule runs (`param.grad = None`, no copy), the schedule writes this step's
-contribution into fresh `.grad`s, those are all-reduced, and the set-aside gradients
-are added back in place. A replica's contribution is weighted by its share of the
-global batch's rows (`rows / total rows`, i.e. `1 / dp` for equal shards) before the
-sum, so the result is the gradient of the global-batch mean loss even for unequal
-shards, matching how the last stage weights micro-batches (see [Note: exact
-gradients] in pipeline.py). Tied modules are summed over their pipeline owners first
-(each owner then holds the replica's total), and the data-parallel average of those
-totals is the same on every owner, so both reductions compose.
-
-The reduction flattens gradients into buckets of about 25 MB (one per dtype and
-device run) so a model with thousands of small tensors makes tens of calls, not
-thousands; all buckets are started before any is waited on, and every wait goes
-through the `Watchdog`, so a dead replica stops the others instead of hanging them.
+Design notes: docs/decisions.md, "data-parallel gradients".
 """
 
 from __future__ import annotations
@@ -41,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.comm import Collectives
 from pipefold.runtime.failure import Watchdog
-from pipefold.runtime.tensor_parallel import is_sharded, local
+from pipefold.runtime.parallel.tensor_parallel import is_sharded, local
+from pipefold.runtime.transport.comm import Collectives
 
 __all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
 
@@ -136,7 +117,7 @@ def _buckets(params: Iterable[nn.Parameter], bucket_bytes: int) -> tuple[_Bucket
 class DataParallel:
     """Averages each step's gradient contribution over the replicas of a data-parallel group.
 
-    Per step (see [Note: data-parallel gradients]): `set_aside_gradients` before the
+    Per step (see docs/decisions.md, "data-parallel gradients"): `set_aside_gradients` before the
     schedule; `reduce_losses` after the pipeline's own loss reduction; then either
     `average_gradients` or, to drop the step, `restore_set_aside`.
     """
@@ -158,6 +139,11 @@ class DataParallel:
         self._params = tuple(p for p in params if p.requires_grad)
         self._buckets = _buckets(self._params, bucket_bytes)
         self._set_aside: list[Tensor | None] | None = None
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The ranks that hold this rank's stages in every replica, this one included."""
+        return self._group
 
     @property
     def num_buckets(self) -> int:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
 
 __all__ = [
     "LaunchResult",
@@ -143,7 +143,7 @@ class _ScriptWorker:
             text=True,
             errors="replace",
             # Only a prctl call between fork and exec (no locks, no imports), so it is safe
-            # though the launcher has threads; see pipefold/runtime/orphan.py.
+            # though the launcher has threads; see pipefold/runtime/processes/orphan.py.
             preexec_fn=lambda: die_with_parent(parent_pid),  # noqa: PLW1509
         )
         assert self._process.stderr is not None  # set by stderr=PIPE; narrows the type
@@ -412,6 +412,8 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float = 6
     if is_loopback(address) and not agent_store:
         _pin_transports_to_loopback()
         store = loopback_store(address, int(os.environ["MASTER_PORT"]), rank, world_size, timeout_s)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
         return
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)

@@ -1,22 +1,6 @@
 """Doorbells: a blocking wake-up next to a shared-memory flag, for ranks that share cores.
 
-[Note: doorbells]
-A rank waiting for a shared-memory flag (a message, an exchange) spins briefly and then
-sleeps in growing pauses, checking the flag after each (see `Watchdog.wait_until`).
-That is the fastest wait when every rank has a core of its own. When ranks outnumber
-the cores, a waiting rank shares its core with a rank that computes, and each pause's
-end is a context switch that takes the core away from it: with 4 ranks on 2 vCPUs the
-transformer's steps were up to 13% slower than torch's, whose gloo receives block in
-the kernel until data arrive.
-
-A `Doorbell` is a named pipe (FIFO). The waiting process holds its read end and blocks
-in `select` until a byte arrives or a poll interval passes (the watchdog still checks
-failures, the deadline and the peer between blocks); the producer writes one byte to
-its `Ringer` after raising the flag. The byte stays in the pipe, so a ring that comes
-between the waiter's last check of the flag and its `select` is never lost; a waiter
-drains the pipe when it wakes, and a ring into a full pipe is dropped (it is not empty,
-so nothing is lost either). Both ends are non-blocking. The FIFO is created by the
-waiting side, opened by the producer after a handshake, and unlinked once both hold it.
+Design notes: docs/decisions.md, "doorbells".
 """
 
 from __future__ import annotations

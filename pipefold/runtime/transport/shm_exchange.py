@@ -1,32 +1,6 @@
 """The step's own collectives through shared memory when every rank is on one host.
 
-[Note: shared-memory exchange]
-Each step starts with a broadcast (the batch description, from the rank of stage 0)
-and ends with an all-gather (every rank's losses and measured timeline, one float64
-row each; see step_gather.py). Through gloo on this machine those cost about 0.7 ms and
-1 ms per step on the root even when nobody is late: a pickle, two loopback socket
-round trips and a wake-up of gloo's I/O thread each. When all ranks of the pipeline
-share a host (CPU), a `ShmExchange` carries both instead: one /dev/shm file with a slot
-per rank, each slot a published-operation counter on its own cache line and two
-payload buffers.
-
-Every rank calls the exchange's operations in the same order (they are collectives),
-so operation `n` is the same call everywhere. Its payloads go to buffer `n % 2`. A rank
-raises its counter to `n` when it is done with operation `n` as far as others need it:
-after writing its payload (the source of a broadcast, every rank of an all-gather) or
-after reading the source's (a broadcast's other ranks). Before a rank writes operation
-`n` it waits until every counter is at least `n - 1`: a rank is at `n - 1` only after
-finishing operation `n - 2` whole, reads included, so nobody still reads the buffer
-that operation `n` overwrites. Ordering within the file relies on x86-64 store order,
-as the channels do (see [Note: shared-memory channels] in shm.py).
-
-A payload that does not fit its buffer goes through the process group instead: an
-all-gather's size is the same on every rank, so all decide alike; a broadcast's source
-writes the length -1, and every rank then joins the process group's broadcast.
-
-Waits use the watchdog: bounded by `timeout_s`, aware of the failure board and of a
-peer process that died. The file is created by rank 0, opened by the others after a
-handshake through the process group, and unlinked once every rank holds a mapping.
+Design notes: docs/decisions.md, "shared-memory exchange".
 """
 
 from __future__ import annotations
@@ -38,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
-from pipefold.runtime.shm import SharedFile
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.shm import SharedFile
 
 __all__ = ["ShmExchange"]
 
@@ -54,7 +28,8 @@ def _align(offset: int) -> int:
 
 
 class ShmExchange:
-    """Broadcast and all-gather among `num_ranks` processes of one host; see [Note: shared-memory exchange].
+    """Broadcast and all-gather among `num_ranks` processes of one host; see docs/decisions.md,
+    "shared-memory exchange".
 
     `capacity` is the largest payload (bytes) one rank may put into one operation.
     """
@@ -73,7 +48,7 @@ class ShmExchange:
         self.peer_alive: Callable[[], bool] | None = None
         """Set by the owner: whether every other rank's process still runs."""
         self.doorbell: Doorbell | None = None
-        """Set by the owner when ranks share cores: waits block on it ([Note: doorbells])."""
+        """Set by the owner when ranks share cores: waits block on it (docs/decisions.md, "doorbells")."""
         self.ringers: list[Ringer] = []
         """The other ranks' doorbells, rung after each publish."""
 

@@ -4,32 +4,13 @@
     optimizer = sharded_optimizer(pipe, torch.optim.AdamW, lr=3e-4)
     loss = pipe.step(x, y); optimizer.step(); optimizer.zero_grad()
 
-[Note: ZeRO-1 over the replicas]
-Every replica holds its stages' whole weights and, after the schedule, their gradients
-averaged over "dp" (data_parallel.py). Those gradients are equal on every replica, so
-each replica need not update every weight: `sharded_optimizer` wraps the optimizer in
-torch's `ZeroRedundancyOptimizer` over the pipeline's data-parallel group, which splits
-this rank's parameters among the replicas (whole tensors, balanced by size), keeps the
-optimizer's state (Adam's two moments: twice the weights) for the share it owns only,
-updates that share, and broadcasts the updated weights from their owners. Optimizer
-memory per rank drops to about 1/dp; the step adds one broadcast of the weights. This is
-ZeRO's stage 1 (Rajbhandari et al., 2020): weights and gradients stay whole (stages 2
-and 3, FSDP, are not implemented).
-
-Checkpoints stay in pipefold's format (checkpoint.py): on save, every replica first
-consolidates the sharded state on replica 0 (`consolidate_state_dict`, collective over
-"dp"), which then writes it as it writes a plain optimizer's; on load, every replica
-reads the whole state and keeps its share. A ZeRO checkpoint therefore loads into a
-plain optimizer, any dp degree and any partition, and the reverse.
-
-Refused (`ConfigError`): a pipeline without data-parallel replicas (nothing to shard),
-and tensor-parallel pipelines (the optimizer partitions whole parameters and broadcasts
-them; a DTensor shard is neither).
+Design notes: docs/decisions.md, "ZeRO-1 over the replicas".
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,19 +33,10 @@ def sharded_optimizer(
     pipe: Pipeline, optimizer_class: type[torch.optim.Optimizer], **defaults: Any
 ) -> ZeroRedundancyOptimizer:
     """`optimizer_class(**defaults)` over this rank's parameters, its state sharded over the
-    pipeline's data-parallel replicas (see [Note: ZeRO-1 over the replicas]). Call on every
+    pipeline's data-parallel replicas (see docs/decisions.md, "ZeRO-1 over the replicas"). Call on every
     rank; step it after `pipe.step` as any optimizer."""
-    if pipe.data_parallel_group is None:
-        raise ConfigError(
-            "sharded_optimizer: the pipeline has no data-parallel replicas, so there is nothing to shard "
-            "the optimizer state over; give Pipeline a mesh with a 'dp' dim (or data_parallel_group=), "
-            f"or use {optimizer_class.__name__} directly"
-        )
-    if pipe.tensor_parallel_group is not None:
-        raise ConfigError(
-            "sharded_optimizer: the pipeline is tensor-parallel; ZeroRedundancyOptimizer partitions and "
-            "broadcasts whole parameters, not DTensor shards. Use the plain optimizer with tensor parallelism"
-        )
+    # The rulebook: replicas to shard over, and whole (not tensor-parallel) parameters.
+    replace(pipe.parallel_config, zero=True).check({"zero": "sharded_optimizer"})
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
         raise ConfigError(
             f"sharded_optimizer: optimizer_class = {optimizer_class!r}; give a torch.optim.Optimizer "

@@ -1,9 +1,9 @@
 """How many cores the ranks on this host have, and whether they must share them.
 
 Two decisions depend on it: ranks that share cores block on doorbells instead of
-polling ([Note: doorbells] in doorbell.py, [Note: busy polling] in failure.py), and a
+polling (docs/decisions.md, "doorbells", docs/decisions.md, "busy polling"), and a
 measured timeline records how many ranks could compute at once, so the simulator can
-replay the sharing ([Note: shared cores] in pipefold/simulate/costs.py).
+replay the sharing (docs/decisions.md, "shared cores").
 """
 
 from __future__ import annotations

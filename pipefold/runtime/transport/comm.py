@@ -1,17 +1,9 @@
 """Point-to-point transfers between stages and the few collectives of a step.
 
 Every operation is asynchronous and every wait goes through the `Watchdog`, so no
-call here can block past `timeout_s` (see [Note: bounded waits] in failure.py).
+call here can block past `timeout_s` (see docs/decisions.md, "bounded waits").
 
-[Note: CUDA streams]
-On CUDA, transfers run on a dedicated communication stream so they overlap the
-compute stream. Before a send, the comm stream waits for the compute stream (the
-tensor must be fully written) and the tensor is marked as used by the comm stream
-(`record_stream`), so the caching allocator does not hand its memory out while the
-transfer reads it. A receive is posted on the comm stream after it waits for the
-compute stream (the buffer's allocation is ordered there); once its work completes,
-the compute stream waits for the comm stream before the buffer is read. On CPU
-(gloo) none of this applies and the calls below are plain `isend`/`irecv`.
+Design notes: docs/decisions.md, "CUDA streams".
 """
 
 from __future__ import annotations
@@ -32,11 +24,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.cores import processes_on_host, ranks_share_cores
-from pipefold.runtime.doorbell import Doorbell, Ringer
 from pipefold.runtime.failure import Watchdog
-from pipefold.runtime.shm import SHM_DIR, ShmChannel, new_token, shm_supported
-from pipefold.runtime.shm_exchange import ShmExchange
+from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_supported
+from pipefold.runtime.transport.shm_exchange import ShmExchange
 
 __all__ = ["P2P", "Collectives", "Transfer"]
 
@@ -97,7 +89,7 @@ class P2P:
     `ranks` maps the pipeline's rank numbers to global ranks (torch.distributed
     addresses peers by global rank even inside a subgroup). Between ranks on one host
     (CPU only) `connect_same_host` adds shared-memory channels that carry a step's
-    boundary tensors when they fit (see [Note: shared-memory channels] in shm.py);
+    boundary tensors when they fit (see docs/decisions.md, "shared-memory channels");
     everything else goes through the process group.
     """
 
@@ -113,7 +105,7 @@ class P2P:
 
     @property
     def doorbell_peers(self) -> tuple[int, ...]:
-        """Peers whose messages this rank waits for on a doorbell ([Note: doorbells])."""
+        """Peers whose messages this rank waits for on a doorbell (docs/decisions.md, "doorbells")."""
         return tuple(sorted(p for p, c in self._recv_channels.items() if c.doorbell is not None))
 
     @property
@@ -142,7 +134,7 @@ class P2P:
         def reachable(peer: int) -> bool:
             return bool(me[3] and info[peer][3] and info[peer][0] == me[0])
 
-        # Ranks that share cores wait on doorbells instead of sleeping polls ([Note: doorbells]).
+        # Ranks that share cores wait on doorbells instead of sleeping polls (docs/decisions.md, "doorbells").
         bells = ranks_share_cores(processes_on_host(sum(1 for entry in info if entry[0] == me[0])))
         created: dict[int, ShmChannel] = {}
         for peer in sorted(set(send_peers)):
@@ -307,8 +299,8 @@ class Collectives:
     """The step's collectives (shape broadcast, loss reduction, timeline gather), all bounded.
 
     With `connect_same_host` (CPU, every rank on one host) the step's broadcast and
-    all-gather go through shared memory (see [Note: shared-memory exchange] in
-    shm_exchange.py); everything else, and whatever does not fit, through the group.
+    all-gather go through shared memory (see docs/decisions.md, "shared-memory exchange");
+    everything else, and whatever does not fit, through the group.
     """
 
     def __init__(
@@ -353,7 +345,7 @@ class Collectives:
                 )
             except OSError as error:
                 logger.info("no shared-memory exchange (%s): process group", error)
-        # Ranks that share cores block on doorbells between checks ([Note: doorbells]).
+        # Ranks that share cores block on doorbells between checks (docs/decisions.md, "doorbells").
         doorbell: Doorbell | None = None
         if ranks_share_cores(processes_on_host(num_ranks)):
             try:

@@ -1,15 +1,6 @@
 """Keep freed CPU memory in the process: glibc's heap as a caching allocator.
 
-[Note: CPU heap]
-A pipeline step allocates and frees the same activation and gradient buffers over and
-over. glibc serves blocks above `M_MMAP_THRESHOLD` (128 KiB at start, adapting upwards)
-with a fresh mmap and returns them to the kernel on free, and trims the top of the heap
-above `M_TRIM_THRESHOLD`; the next allocation then page-faults the memory in again, a
-few thousand minor faults per micro-batch for a small transformer stage. CUDA's caching
-allocator exists for the same reason. `keep_freed_memory` raises both thresholds, so
-freed blocks stay in the heap and are reused: the process keeps its peak heap instead
-of returning it between micro-batches. It is process-wide and applies only to glibc
-(elsewhere it does nothing and says so).
+Design notes: docs/decisions.md, "CPU heap".
 """
 
 from __future__ import annotations

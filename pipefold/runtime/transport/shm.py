@@ -1,36 +1,6 @@
 """Same-host transport: boundary tensors through a shared-memory file instead of sockets.
 
-[Note: shared-memory channels]
-On CPU, gloo moves a tensor between two processes on one machine through a loopback
-TCP socket: a write and a read system call, a copy through the kernel, and a wake-up of
-gloo's I/O thread on each side. Measured here (2 vCPUs) one round trip of a 32 KiB
-tensor takes 300-1000 us through gloo and about 30 us through shared memory
-(`benchmarks/transport.py`). A pipeline puts two such latencies per micro-batch on its
-critical path, and gloo's threads compete with the ranks' compute for the same cores.
-
-A `ShmChannel` is one direction (sender -> receiver) between two ranks: a file in
-/dev/shm that both map. The sender copies each message's tensors into the data region
-and then raises `published` (a sequence number in the header); the receiver polls
-`published`, copies the tensors out and raises `consumed`. There is no wrap-around:
-every step lays its messages out from offset 0 in the order both sides already agree on
-(the lowering posts receives in per-peer FIFO order, which is also the send order), and
-both sides compute the layout from the boundary shapes, which every rank knows from
-the meta-device trace. A step whose traffic on a channel exceeds the channel's capacity
-uses the process group for that channel instead; both sides decide alike, from the same
-totals. Before a step writes from offset 0 again the sender checks that the receiver
-consumed everything of the previous step (it always has: every step ends with a
-collective that the receiver joins only after its last receive; the check turns a
-violation into a bounded wait rather than corrupted data).
-
-Ordering: the header counters are written after the data copy returns, and x86-64 keeps
-stores in order (and loads in order), so a receiver that sees `published >= n` sees
-message n's bytes. The channels are therefore only used on x86-64; elsewhere the
-process group carries everything.
-
-The file is created by the sender, opened by the receiver after a handshake through
-the process group, and unlinked as soon as both hold a mapping, so nothing stays in
-/dev/shm even if a rank is killed. Pages are allocated with posix_fallocate before they
-are written, so a full /dev/shm is an error at that point, never a SIGBUS.
+Design notes: docs/decisions.md, "shared-memory channels".
 """
 
 from __future__ import annotations
@@ -48,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.doorbell import Doorbell, Ringer
+from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
 __all__ = ["SHM_DIR", "SharedFile", "ShmChannel", "layout", "shm_supported"]
 
@@ -156,7 +126,7 @@ class SharedFile:
 
 
 class ShmChannel:
-    """One direction of a same-host channel; see [Note: shared-memory channels].
+    """One direction of a same-host channel; see docs/decisions.md, "shared-memory channels".
 
     The sender creates it with `create`, the receiver with `open`; `capacity` is the
     largest number of data bytes one step may put through it.

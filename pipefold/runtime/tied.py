@@ -1,0 +1,99 @@
+"""Tied modules across ranks: one module at several stages, its gradient summed over its owners.
+
+    tied = TiedGradients.of(layers, schedule, partition, rank, local_modules, p2p, watchdog)
+    before = tied.snapshot()      # before the step's backward
+    ...                           # the step accumulates into .grad
+    tied.sum(before)              # every owner now holds the sum of this step's contributions
+
+Only this step's contribution is exchanged (the gradient minus its snapshot), so gradients
+accumulated across steps stay exact. The owners exchange point-to-point over the pipeline's own
+group: no process group per tied module (a `new_group` would have to be called by every rank of
+the world, which breaks where several pipelines share it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pipefold.model import LayerLike, Partition, tied_groups
+from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.transport.comm import P2P, Transfer
+from pipefold.schedule import Schedule
+
+__all__ = ["TiedGradients", "grad_copy"]
+
+logger = logging.getLogger(__name__)
+
+TiedGroup = tuple[tuple[int, ...], tuple[nn.Parameter, ...]]
+"""(owner ranks, this rank's parameters of the tied module)."""
+
+
+def grad_copy(param: nn.Parameter) -> Tensor | None:
+    return None if param.grad is None else param.grad.detach().clone()
+
+
+class TiedGradients:
+    """The tied modules this rank shares with other ranks, and the exchange of their gradients."""
+
+    def __init__(self, groups: Sequence[TiedGroup], rank: int, p2p: P2P | None, watchdog: Watchdog) -> None:
+        self.groups = tuple(groups)
+        self.rank = rank
+        self._p2p = p2p
+        self._watchdog = watchdog
+
+    @classmethod
+    def of(
+        cls,
+        layers: Sequence[LayerLike],
+        schedule: Schedule,
+        partition: Partition,
+        rank: int,
+        local_modules: Mapping[int, nn.Module],
+        p2p: P2P | None,
+        watchdog: Watchdog,
+    ) -> TiedGradients:
+        """For each tied module held by several ranks and by this one: its owners and parameters."""
+        found: list[TiedGroup] = []
+        if p2p is None:
+            return cls(found, rank, p2p, watchdog)
+        for key, occurrences in sorted(tied_groups(layers).items()):
+            owners = tuple(sorted({schedule.placement[partition.stage_of(i)] for i in occurrences}))
+            if len(owners) < 2 or rank not in owners:
+                continue
+            local = next(i for i in occurrences if i in local_modules)
+            found.append((owners, tuple(local_modules[local].parameters())))
+            logger.debug("tied module %r is shared by ranks %s", key, owners)
+        return cls(found, rank, p2p, watchdog)
+
+    def snapshot(self) -> list[list[Tensor | None]]:
+        """The tied parameters' gradients before the step (None where there is none yet)."""
+        return [[grad_copy(p) for p in params] for _, params in self.groups]
+
+    def sum(self, before: list[list[Tensor | None]]) -> None:
+        """Sum this step's gradient of each tied module over its owners (identically on each)."""
+        p2p = self._p2p
+        if p2p is None:
+            return
+        for (owners, params), old in zip(self.groups, before, strict=True):
+            for param, previous in zip(params, old, strict=True):
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                delta = (grad if previous is None else grad - previous).contiguous()
+                parts: dict[int, Tensor] = {self.rank: delta}
+                pending: list[Transfer] = []
+                for peer in owners:
+                    if peer != self.rank:
+                        pending.append(p2p.send_direct([delta], peer))
+                        parts[peer] = torch.empty_like(delta)
+                        pending.append(p2p.recv_direct([parts[peer]], peer))
+                for transfer in pending:
+                    transfer.wait(self._watchdog, "tied-gradient exchange")
+                p2p.after_recv()
+                # Summed in rank order on every owner, so the owners' weights stay bit-identical.
+                total = parts[owners[0]]
+                for rank in owners[1:]:
+                    total = total + parts[rank]
+                param.grad = total if previous is None else previous + total
