@@ -115,7 +115,7 @@ def test_the_rulebook_imports_no_torch():
     ],
 )
 def test_the_train_config_asks_the_rulebook(overrides, words):
-    from pipefold.config import load_config
+    from pipefold.job.config import load_config
 
     with pytest.raises(ConfigError) as caught:
         load_config(overrides=overrides)
