@@ -6,15 +6,13 @@ Every rank holds the whole description (`as_layers`), builds it on the meta devi
 `build_reference` builds the same model on one process with the same weights,
 for exactness tests.
 
-[Note: layer calling convention]
-A layer receives exactly what the previous layer returned, as ONE argument: a
+Calling convention: a layer receives exactly what the previous layer returned, as ONE argument: a
 layer returning `(hidden, mask)` is followed by a layer whose forward takes that
 tuple. This is `nn.Sequential`'s convention, and it is what lets a boundary carry
 a tuple of tensors without any per-model plumbing. `apply_layer` is the one place
 that calls a layer, so tied occurrences apply their `forward_fn` everywhere alike.
 
-[Note: seeded initialization]
-A `LayerSpec` at index i is built right after `torch.manual_seed(seed + i)` (a tied
+Initialization: a `LayerSpec` at index i is built right after `torch.manual_seed(seed + i)` (a tied
 key: seed + the index of its first occurrence), on the CPU by default, then moved.
 So a layer's initial weights depend neither on which other layers a rank builds
 (the partition) nor on the device that holds it. The global RNG state is restored
@@ -304,7 +302,7 @@ def shared_parameters(
 
 
 def apply_layer(layer: LayerLike, module: nn.Module, x: Any) -> Any:
-    """Run one layer; see [Note: layer calling convention]."""
+    """Run one layer (the calling convention is in the module docstring)."""
     if isinstance(layer, TiedLayerSpec) and layer.forward_fn is not None:
         return layer.forward_fn(module, x)
     return module(x)
@@ -427,7 +425,7 @@ def materialize(
     seed: int = 0,
     init_device: Device | None = "cpu",
 ) -> dict[int, nn.Module]:
-    """Build only the layers at `indices`, on `device`; see [Note: seeded initialization].
+    """Build only the layers at `indices`, on `device`; see the module docstring (initialization).
 
     Tied occurrences among `indices` share one module. Plain `nn.Module` layers are
     used as given, moved to `device` (in place). `init_device=None` initializes

@@ -4,7 +4,7 @@ Every method reduces to per-layer weights (1 per layer, parameter counts, 1 per
 matching layer, measured seconds) and one exact solver, `balance`: minimise the
 slowest stage, where stage s takes `sum(weights of its layers) / speed of its rank`.
 `Partition`, `balance` and `stage_times` live in the torch-free `pipefold.balance`
-(the planner uses them without a model; see [Note: balance tie-break] there) and
+(the planner uses them without a model; see docs/decisions.md, "Balance tie-break") and
 are re-exported here unchanged.
 """
 

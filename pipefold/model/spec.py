@@ -5,8 +5,7 @@ demand. Specs let every rank hold the *whole* description for the price of a few
 Python objects, build it on the meta device to learn shapes and parameter counts,
 and then materialize only the layers it owns.
 
-[Note: tied layers]
-Every `TiedLayerSpec` with the same `key` denotes ONE module (typically the input
+Tied layers: every `TiedLayerSpec` with the same `key` denotes ONE module (typically the input
 embedding and the output head). Each occurrence says how it applies the shared
 module (`forward_fn`; `None` means `module(x)`), and which parameter is the
 shared one (`tied_weight_attr`), so the runtime can sum that parameter's
@@ -80,7 +79,7 @@ class LayerSpec:
 
 
 class TiedLayerSpec(LayerSpec):
-    """An occurrence of a module shared under `key`; see [Note: tied layers].
+    """An occurrence of a module shared under `key`; see the module docstring.
 
     `TiedLayerSpec(key, cls, *args, forward_fn=None, tied_weight_attr="weight", **kwargs)`.
     `tied_weight_attr` may be dotted (`"lm.weight"`).

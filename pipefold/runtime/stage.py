@@ -1,6 +1,6 @@
 """A stage: a contiguous chunk of layers on this rank, and how its forward runs.
 
-Values between layers follow docs/decisions.md, "layer calling convention":
+Values between layers follow the calling convention of pipefold.model.build:
 each layer receives exactly what the previous one returned (a tensor or a tuple).
 
 Recomputation (`recompute`):
