@@ -1,9 +1,6 @@
 """One collective at the end of a step: every rank's losses and measured timeline, as numbers.
 
-The step used to end with a loss all-reduce and then an `all_gather_object` of the
-timeline (pickle, a size exchange, a byte exchange, unpickle: four gloo round trips
-and ~5 ms per step at 2 ranks on CPU, 4% of a small step). Every field of a rank's
-record is a number or an action, and an action is (op, stage, micro-batch), so the
+Every field of a rank's record is a number or an action (op, stage, micro-batch), so the
 whole record fits a float64 row whose length every rank knows from the schedule:
 
     [num_events, num_waits, activation_peak, weight_versions, origin, host,
@@ -11,15 +8,12 @@ whole record fits a float64 row whose length every rank knows from the schedule:
      waits:  (op, stage, microbatch, start, end) x num_slots,
      losses: num_microbatches]
 
-One `all_gather` of that row replaces both collectives; the batch loss per
-micro-batch is the sum of the rows' loss columns (only the last stage's rank has
-non-zero ones, so the sum is exact). float64 holds every field exactly: byte counts
-below 2**53, hosts as a CRC-32, times as the seconds `perf_counter` gave.
-
-The losses are needed at once (`step` returns them); the records only when someone
-reads the timeline. Decoding the rows into events and building the `Timeline` took
-0.3-0.4 ms per step at 2 ranks on CPU (2026-12-03, MLP, M=8: 0.8% of its step), so
-`GatheredStep` keeps the rows and decodes them on first read.
+One `all_gather` of that row gives every rank the losses (the sum of the rows' loss
+columns: only the last stage's rank has non-zero ones, so the sum is exact) and the
+timeline. float64 holds every field exactly: byte counts below 2**53, hosts as a CRC-32,
+times as the seconds `perf_counter` gave. `GatheredStep` keeps the rows and decodes them
+into a `Timeline` on first read, so a loop that never reads it does not pay for decoding.
+Why one numeric gather: docs/decisions.md, "One gather per step".
 """
 
 from __future__ import annotations
