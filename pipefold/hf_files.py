@@ -215,7 +215,9 @@ def tokenizer_vocab_size(path: Path) -> int:
         if isinstance(token, dict) and isinstance(token.get("id"), int):
             ids.append(token["id"])
     if not ids:
-        raise ConfigError(f"tokenizer: {path} has no vocabulary; give the tokenizer.json saved with the model")
+        raise ConfigError(
+            f"tokenizer: {path} has no vocabulary; give the tokenizer.json saved with the model"
+        )
     return max(ids) + 1
 
 
@@ -225,7 +227,8 @@ def check_tokenizer(files: ModelFiles, tokenizer: Path | None = None) -> int:
     if path is None:
         raise ConfigError(
             f"{files.config_path.parent} has no tokenizer.json to tokenize text with; save the model's "
-            "tokenizer there (tokenizer.save_pretrained(dir)) or pass pre-tokenized ids (data.path=<tokens>.bin)"
+            "tokenizer there (tokenizer.save_pretrained(dir)) or pass pre-tokenized ids "
+            "(data.path=<tokens>.bin)"
         )
     size = tokenizer_vocab_size(path)
     if size > files.vocab_size:

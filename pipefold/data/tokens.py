@@ -38,7 +38,9 @@ def is_token_file(path: str | os.PathLike[str]) -> bool:
 def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype[Any]:
     """The dtype of a token file's ids: uint16 when every id fits, else uint32 (or `requested`)."""
     if requested not in TOKEN_DTYPES:
-        raise ConfigError(f"data.token_dtype={requested!r} is not allowed: use one of {', '.join(TOKEN_DTYPES)}")
+        raise ConfigError(
+            f"data.token_dtype={requested!r} is not allowed: use one of {', '.join(TOKEN_DTYPES)}"
+        )
     if requested == "auto":
         requested = "uint16" if vocab_size <= 2**16 else "uint32"
     return np.dtype(requested)
@@ -109,7 +111,9 @@ def load_tokens(
             "token file (<name>.bin)"
         )
     if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} is not allowed: use a value strictly between 0 and 1")
+        raise ConfigError(
+            f"data.val_fraction={val_fraction} is not allowed: use a value strictly between 0 and 1"
+        )
     num_files = 1
     if is_token_file(source):
         dtype = token_dtype(vocab_size, token_dtype_name)
@@ -134,7 +138,7 @@ def load_tokens(
         raise ConfigError(
             f"data.path={str(path)!r} holds token id {largest} but the model's vocab_size is {vocab_size}; "
             "tokenize with the model's own tokenizer"
-            + (" (or set data.token_dtype: the ids may be read with the wrong width)" if is_token_file(source) else "")
+            + (" (or set data.token_dtype: ids read with the wrong width)" if is_token_file(source) else "")
         )
     cut = min(max(2, round(ids.shape[0] * (1.0 - val_fraction))), ids.shape[0] - 2)
     return TokenData(train=ids[:cut], val=ids[cut:], source=str(source), num_files=num_files)

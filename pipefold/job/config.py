@@ -234,7 +234,8 @@ class DataConfig:
             not self.path or Path(self.path).exists(),
             "data.path",
             self.path,
-            "no such file or directory; give a text file, a directory of text files or a token file <name>.bin",
+            "no such file or directory; give a text file, a directory of text files or a token file "
+            "<name>.bin",
         )
 
 
@@ -521,7 +522,8 @@ class TrainConfig:
             try:
                 check_tokenizer(files)
             except ConfigError as error:
-                where = f"data.path={self.data.path!r}" if self.data.path else "data.path unset (the built-in corpus)"
+                given = f"data.path={self.data.path!r}"
+                where = given if self.data.path else "data.path unset (the built-in corpus)"
                 raise ConfigError(f"{where}: {error}") from None
 
     def _check_retune(self, weight_update: str) -> None:

@@ -250,7 +250,9 @@ def _hf_validation(job: Job) -> tuple[float, str, int]:
     assert job.tokens is not None and job.hf is not None
     model, tokenizer = load_pretrained(Path(config.out) / HF_DIR)
     seq_len = min(config.model.seq_len, int(job.tokens.val.shape[0]) - 1)
-    sampler = BatchSampler(job.tokens.val, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed + 1)
+    sampler = BatchSampler(
+        job.tokens.val, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed + 1
+    )
     batches = [sampler.next_batch() for _ in range(_NUM_VAL_BATCHES)]
     losses = [next_token_loss(model(inputs).logits, targets).item() for inputs, targets in batches]
     sample = ""

@@ -95,14 +95,15 @@ def set_up(config: TrainConfig) -> Job:
         tokens = _hf_tokens(config)
         layers: list[Any] = list(hf.layers)
         loss_fn: Callable[[Tensor, Tensor], Tensor] = next_token_loss
-        sampler = BatchSampler(tokens.train, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
+        stream: Any = tokens.train
     else:
         corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
         layers = gpt_layers(
             VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
         )
         loss_fn = gpt_loss
-        sampler = BatchSampler(corpus.train, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
+        stream = corpus.train
+    sampler = BatchSampler(stream, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
     pipe, searched = _make_pipeline(config, layers, sampler, device, loss_fn)
     optimizer = _make_loop_optimizer(config, pipe)
     optimizers = [optimizer] if optimizer is not None else _stage_optimizers(pipe)
@@ -137,7 +138,9 @@ def _hf_tokens(config: TrainConfig) -> TokenData:
     with tempfile.TemporaryDirectory() as scratch:
         text = Path(scratch) / "corpus.txt"
         text.write_bytes(corpus.train + corpus.val)
-        return load_tokens(text, vocab_size=files.vocab_size, tokenizer_file=tokenizer, val_fraction=d.val_fraction)
+        return load_tokens(
+            text, vocab_size=files.vocab_size, tokenizer_file=tokenizer, val_fraction=d.val_fraction
+        )
 
 
 def check_resume(config: TrainConfig) -> int:

@@ -258,7 +258,8 @@ def _file_fill(files: ModelFiles, model: nn.Module) -> Fill:
                 if name in _buffer_names(model):
                     continue  # a buffer the model computes, not saved (a rotary table)
                 raise ConfigError(
-                    f"{files.directory}: no tensor {name!r} in {', '.join(p.name for p in files.weight_files)}; "
+                    f"{files.directory}: no tensor {name!r} in "
+                    f"{', '.join(p.name for p in files.weight_files)}; "
                     "the checkpoint does not fit this config.json (a different family or size)"
                 )
             wanted.setdefault(available[key], []).append((name, key))
@@ -323,7 +324,9 @@ def _init_fill(model: nn.Module, seed: int) -> Fill:
         own = tuple(p + "." for p in piece.paths)
         # Tensors this init must not touch: those already real, and those a module outside the
         # piece owns (a tied head's weight is the embedding's: initialized as the embedding's).
-        foreign = {name: t for name, t in fresh.items() if not (name.rpartition(".")[0] + ".").startswith(own)}
+        foreign = {
+            name: t for name, t in fresh.items() if not (name.rpartition(".")[0] + ".").startswith(own)
+        }
         skipped = [t for t in [*piece.parameters(), *piece.buffers()] if id(t) not in fresh_ids]
         skipped += list(foreign.values())
         for tensor in skipped:
@@ -383,7 +386,9 @@ def state_dict_of(layers: Sequence[nn.Module], owned: Iterable[int] | None = Non
         assert isinstance(piece, SplitPiece)
         persistent = set(piece.root.state_dict(keep_vars=True))
         names = {**piece.parameter_names(), **piece.buffer_names()}
-        tensors = [*piece.named_parameters(remove_duplicate=False), *piece.named_buffers(remove_duplicate=False)]
+        tensors = [
+            *piece.named_parameters(remove_duplicate=False), *piece.named_buffers(remove_duplicate=False)
+        ]
         for local, tensor in tensors:
             name = names[local]
             if name in persistent and first_holder[name] == index and not tensor.is_meta:
@@ -468,7 +473,8 @@ def finish_save(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_atomic(staging / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    write_atomic(staging / "config.json", json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n"
+    write_atomic(staging / "config.json", text)
     if tokenizer_dir is not None:
         source = Path(tokenizer_dir)
         for file_name in TOKENIZER_FILES:
@@ -485,7 +491,9 @@ def finish_save(
     return target
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
 
 
 def _itemsize(dtype: str) -> int:

@@ -22,8 +22,9 @@ parameters are on the meta device runs on meta inputs, or, where its forward rea
 values (a Hugging Face model's mask code does), a `twin` runs instead: a small real module
 of the same structure (`pipefold.model.hf` makes one for Hugging Face models). Pieces of a
 meta module get real weights with `SplitPiece.materialize_`, which
-`pipefold.model.build.materialize` calls for the layers a rank owns. Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so
-the pipeline's gathered state dict is the module's, and a parameter the module shares
+`pipefold.model.build.materialize` calls for the layers a rank owns.
+
+Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so the pipeline's gathered state dict is the module's, and a parameter the module shares
 between two places (a tied embedding and head) is one tied parameter of the pipeline.
 """
 
@@ -197,7 +198,9 @@ class SplitPiece(nn.Module):
     def buffer_names(self) -> dict[str, str]:
         """This piece's buffer names -> their names in the whole module."""
         canonical = {id(buffer): name for name, buffer in self.root.named_buffers(remove_duplicate=True)}
-        return {name: canonical.get(id(buffer), name) for name, buffer in self.named_buffers(remove_duplicate=False)}
+        return {
+            name: canonical.get(id(buffer), name) for name, buffer in self.named_buffers(remove_duplicate=False)
+        }
 
     def is_meta(self) -> bool:
         """Whether any of this piece's parameters or buffers is still on the meta device."""
@@ -280,7 +283,8 @@ class _Prefix(SplitPiece):
             with torch.no_grad():
                 out = self._run(twin, zeros)
             return pytree.tree_map(
-                lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, Tensor) else t, out
+                lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, Tensor) else t,
+                out,
             )
         return self._run(self.root, inputs)
 
