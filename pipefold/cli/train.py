@@ -4,6 +4,7 @@
     pipefold train --schedule zb-h1 --ranks 4 --microbatches 8 --steps 50
     pipefold train --config job.toml --set optimizer.lr=1e-3 --out runs/lr1e-3
     pipefold train --steps 600 --resume runs/lr1e-3/checkpoint   # continue to step 600
+    pipefold train --model models/gpt2 --data corpus/ --seq-len 256   # a Hugging Face model -> <out>/hf
     torchrun --nproc-per-node 4 -m pipefold train --ranks 4   # ranks started by torchrun
 
 The configuration (see pipefold.job.config) is validated whole, the schedule included,
@@ -32,6 +33,8 @@ from pipefold.job.config import (
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {
+    "model": "model.path",
+    "data": "data.path",
     "schedule": "schedule.name",
     "ranks": "schedule.ranks",
     "data_parallel": "schedule.data_parallel",
@@ -61,11 +64,17 @@ _FLAGS: dict[str, str] = {
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train the built-in GPT on the stdlib corpus (the main job)",
+        help="train the built-in GPT on the stdlib corpus (the main job), or a Hugging Face model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="a TOML file (layout: pipefold.job.config)")
+    parser.add_argument("--model", metavar="DIR_OR_CONFIG",
+                        help="a Hugging Face causal LM to train instead of the built-in GPT: a directory "
+                        "(config.json + safetensors) or a config.json (random init); saved to <out>/hf")
+    parser.add_argument("--data", metavar="PATH",
+                        help="with --model: a text file or directory (tokenized with the model's tokenizer) "
+                        "or a token file <name>.bin (flat uint16/uint32 ids); default: the stdlib corpus")
     parser.add_argument("--schedule",
                         help="schedule family (see `pipefold schedules`), or auto / auto-v: searched on the "
                         "ranks from costs measured in probe steps (contiguous / V layout); "

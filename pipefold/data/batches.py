@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,22 +19,27 @@ class BatchSampler:
     that each build their own sampler agree on the batch without communicating.
     """
 
-    def __init__(self, tokens: bytes | Tensor, *, batch_size: int, seq_len: int, seed: int = 0) -> None:
+    def __init__(
+        self, tokens: bytes | Tensor | np.ndarray, *, batch_size: int, seq_len: int, seed: int = 0
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
         if seq_len < 1:
             raise ConfigError(f"seq_len must be >= 1; got {seq_len}")
-        data = (
+        # A NumPy array (a token file's memmap) is read window by window, never copied whole.
+        data: Tensor | np.ndarray = (
             torch.frombuffer(bytearray(tokens), dtype=torch.uint8)
             if isinstance(tokens, (bytes, bytearray))
             else tokens
         )
-        if data.dim() != 1 or data.numel() < seq_len + 1:
+        length = int(data.shape[0]) if data.ndim == 1 else -1
+        if length < seq_len + 1:
             raise ConfigError(
-                f"the token stream has {data.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "use a shorter seq_len or more data (data.max_bytes)"
+                f"the token stream has {length if length >= 0 else 'not 1-D'} tokens, fewer than "
+                f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data"
             )
-        self.tokens = data.to(torch.long)
+        self.num_tokens = length
+        self.tokens: Tensor | np.ndarray = data if isinstance(data, np.ndarray) else data.to(torch.long)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self._generator = torch.Generator().manual_seed(seed)
@@ -55,7 +61,10 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """The next (inputs, targets), both int64 of shape (batch_size, seq_len)."""
-        num_starts = self.tokens.numel() - self.seq_len
+        num_starts = self.num_tokens - self.seq_len
         starts = torch.randint(num_starts, (self.batch_size, 1), generator=self._generator)
-        windows = self.tokens[starts + self._span]
+        if isinstance(self.tokens, np.ndarray):
+            windows = torch.from_numpy(self.tokens[(starts + self._span).numpy()].astype(np.int64))
+        else:
+            windows = self.tokens[starts + self._span]
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

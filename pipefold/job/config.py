@@ -24,6 +24,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
 
     [model]
+    path = ""                  # a Hugging Face model directory or config.json ("" = the built-in GPT)
     d_model = 128
     num_heads = 4
     num_layers = 4
@@ -31,6 +32,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     tie_embeddings = true      # false for pipedream / pipedream-2bw
 
     [data]
+    path = ""                  # text file / directory, or token file <name>.bin (needs model.path)
+    token_dtype = "auto"       # a token file's ids: "uint16", "uint32", or by the vocabulary size
     max_bytes = 4000000
     val_fraction = 0.1
 
@@ -69,6 +72,7 @@ from typing import Any, ClassVar
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.errors import ConfigError, ScheduleError
+from pipefold.hf_files import ModelFiles, check_tokenizer, inspect_model
 from pipefold.parallel_config import ParallelConfig
 from pipefold.plan.probe import SEARCHED, probe_base
 from pipefold.schedule import Schedule, build
@@ -92,6 +96,7 @@ __all__ = [
     "PARTITION_METHODS",
     "NUM_EXTRA_LAYERS",
     "CHECKPOINT_DIR",
+    "HF_DIR",
     "load_config",
     "load_schedule_file",
     "parse_override",
@@ -106,6 +111,9 @@ NUM_EXTRA_LAYERS = 4
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
+
+HF_DIR = "hf"
+"""Where in `out` the job saves a Hugging Face model (model.path) in its own format."""
 
 
 PARALLEL_NAMES = {
@@ -131,10 +139,15 @@ def _require(ok: bool, field_path: str, value: Any, fix: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The built-in GPT (`pipefold.model.zoo.gpt_layers`); vocabulary: 256 byte values."""
+    """The built-in GPT (`pipefold.model.zoo.gpt_layers`; vocabulary: 256 byte values), or a
+    Hugging Face causal LM (`path`)."""
 
     SECTION: ClassVar[str] = "model"
 
+    path: str = ""
+    """A Hugging Face model directory (config.json + safetensors) or a config.json (random
+    initialization), trained instead of the built-in GPT; d_model, num_heads, num_layers and
+    tie_embeddings are then the model's own (docs/huggingface.md)."""
     d_model: int = 128
     """Width of the residual stream."""
     num_heads: int = 4
@@ -142,7 +155,7 @@ class ModelConfig:
     num_layers: int = 4
     """Decoder blocks. The layer list has num_layers + 4 entries (see NUM_EXTRA_LAYERS)."""
     seq_len: int = 128
-    """Context length in bytes."""
+    """Context length in tokens (bytes for the built-in GPT)."""
     tie_embeddings: bool = True
     """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
 
@@ -157,18 +170,47 @@ class ModelConfig:
             self.num_heads,
             f"it must divide model.d_model={self.d_model} (e.g. num_heads=4 for d_model=128)",
         )
+        if self.path:
+            # Read (config.json, the weight index) without torch; kept, not a field.
+            object.__setattr__(self, "_hf", inspect_model(self.path, field="model.path"))
+
+    @property
+    def hf(self) -> ModelFiles | None:
+        """The Hugging Face model's files where `path` is set; None for the built-in GPT."""
+        files: ModelFiles | None = self.__dict__.get("_hf")
+        return files
 
     @property
     def num_model_layers(self) -> int:
+        """Pipeline layers: the GPT's blocks + NUM_EXTRA_LAYERS, or an HF model's blocks + 2."""
+        if self.hf is not None:
+            return self.hf.num_pipeline_layers
         return self.num_layers + NUM_EXTRA_LAYERS
+
+    @property
+    def tied(self) -> bool:
+        """Whether the head shares the input embedding's weight."""
+        return self.hf.tie_word_embeddings if self.hf is not None else self.tie_embeddings
+
+    @property
+    def heads(self) -> int:
+        return self.hf.num_heads if self.hf is not None else self.num_heads
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The built-in corpus (`pipefold.data.load_corpus`)."""
+    """The built-in corpus (`pipefold.data.load_corpus`), or for a Hugging Face model a text
+    file, directory or token file (`pipefold.data.tokens`)."""
 
     SECTION: ClassVar[str] = "data"
 
+    path: str = ""
+    """A text file or directory (tokenized with model.path's tokenizer) or a token file
+    (<name>.bin: a flat array of ids, as nanoGPT writes); "" = the built-in corpus (for a
+    Hugging Face model, tokenized with its tokenizer). Needs model.path."""
+    token_dtype: str = "auto"
+    """A token file's id width: "uint16", "uint32", or "auto" (uint16 when the model's
+    vocabulary fits in it)."""
     max_bytes: int = 4_000_000
     """Bytes of stdlib source read, in sorted file order."""
     val_fraction: float = 0.1
@@ -181,6 +223,19 @@ class DataConfig:
             "data.val_fraction",
             self.val_fraction,
             "use a fraction strictly between 0 and 1 (e.g. 0.1)",
+        )
+        _require(
+            self.token_dtype in ("auto", "uint16", "uint32"),
+            "data.token_dtype",
+            self.token_dtype,
+            'use "auto", "uint16" or "uint32"',
+        )
+        _require(
+            not self.path or Path(self.path).exists(),
+            "data.path",
+            self.path,
+            "no such file or directory; give a text file, a directory of text files or a token file "
+            "<name>.bin",
         )
 
 
@@ -411,15 +466,31 @@ class TrainConfig:
         if self.schedule.retune_every:
             self._check_retune(weight_update)
         num_layers = self.model.num_model_layers
+        if self.model.hf is not None:
+            self._check_hf(self.model.hf)
+        elif self.data.path:
+            raise ConfigError(
+                f"data.path={self.data.path!r} is not allowed with the built-in GPT (it trains on the stdlib "
+                "corpus, byte by byte); give a Hugging Face model too (model.path / --model)"
+            )
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
             zero=self.optimizer.zero,
-            tied_layers=self.model.tie_embeddings,
+            tied_layers=self.model.tied,
             num_layers=num_layers,
-            num_heads=self.model.num_heads,
+            num_heads=self.model.heads,
             seq_len=self.model.seq_len,
         ).check(PARALLEL_NAMES)
+        if self.model.hf is not None:
+            _require(
+                num_layers >= num_stages,
+                "model.path",
+                self.model.path,
+                f"the model has {num_layers} pipeline layers ({self.model.hf.num_layers} blocks + embeddings "
+                f"+ head) but the schedule has {num_stages} stages and each needs one; use fewer ranks / "
+                "virtual stages",
+            )
         _require(
             num_layers >= num_stages,
             "model.num_layers",
@@ -429,6 +500,31 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+
+    def _check_hf(self, files: ModelFiles) -> None:
+        """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""
+        _require(
+            self.schedule.tensor_parallel == 1,
+            "schedule.tensor_parallel",
+            self.schedule.tensor_parallel,
+            f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models yet; use 1 "
+            "(pipeline and data parallelism apply)",
+        )
+        _require(
+            self.model.seq_len <= files.max_positions,
+            "model.seq_len",
+            self.model.seq_len,
+            f"{files.config_path} allows {files.max_positions} positions; use model.seq_len <= "
+            f"{files.max_positions}",
+        )
+        if not self.data.path or not Path(self.data.path).suffix == ".bin":
+            # Text (the given one, or the built-in corpus) is tokenized with the model's tokenizer.
+            try:
+                check_tokenizer(files)
+            except ConfigError as error:
+                given = f"data.path={self.data.path!r}"
+                where = given if self.data.path else "data.path unset (the built-in corpus)"
+                raise ConfigError(f"{where}: {error}") from None
 
     def _check_retune(self, weight_update: str) -> None:
         s = self.schedule

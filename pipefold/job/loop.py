@@ -12,13 +12,16 @@
 spawns them, or start them with torchrun): set up (pipefold.job.setup), then each step
 draws the same seeded batch on every rank, runs one pipeline call and, for flush
 schedules, one AdamW update; a checkpoint goes to <out>/checkpoint at the end and every
-`checkpoint_every` steps. Rank 0 reports (pipefold.job.report).
+`checkpoint_every` steps. Rank 0 reports (pipefold.job.report). A Hugging Face model
+(model.path) is also saved in its own format into <out>/hf at the end, each pipeline rank
+writing the shard of its own layers.
 """
 
 from __future__ import annotations
 
 import collections
 import gc
+import shutil
 import time
 from pathlib import Path
 
@@ -26,10 +29,11 @@ import torch.distributed as dist
 from rich.console import Console
 
 from pipefold.errors import PipelineError
-from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
+from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
 from pipefold.job.retune import Retuner
-from pipefold.job.setup import check_resume, set_up
+from pipefold.job.setup import Job, check_resume, set_up
+from pipefold.model.hf import finish_save, save_causal_lm, state_dict_of
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
@@ -87,6 +91,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                     pipe, checkpoint, optimizer=job.optimizers, step=done, extra={"config": config.to_dict()}
                 )
 
+    if job.hf is not None:
+        save_hf(job)
     gathered = gather(job, recent[-1] if recent else None)
     result = TrainResult(steps=records)
     if job.rank == 0 and gathered.state is not None:
@@ -98,6 +104,30 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     # connections under rank 0, which some torch builds answer with an abort.
     dist.barrier()
     return result
+
+
+def save_hf(job: Job) -> Path:
+    """Every rank: write the trained Hugging Face model into <out>/hf, `from_pretrained`-ready.
+
+    Replica 0's pipeline ranks each write the shard of the layers they hold; world rank 0 then
+    writes the index, config.json and the tokenizer files, and moves the directory into place.
+    """
+    assert job.hf is not None
+    config, pipe = job.config, job.pipe
+    target = Path(config.out) / HF_DIR
+    staging = target.parent / f".{target.name}.partial"
+    if job.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # shards of an earlier, interrupted save
+    dist.barrier()
+    if pipe.data_parallel_rank == 0:
+        # Row-major (dp, pp) world ranks and no tensor parallelism (refused for these models).
+        pipeline_rank = job.rank % config.schedule.ranks
+        state = state_dict_of(job.layers, owned=pipe.local_modules.keys())
+        save_causal_lm(state, target, job.hf.config, shard=(pipeline_rank, config.schedule.ranks))
+    dist.barrier()
+    if job.rank == 0:
+        finish_save(target, job.hf.config, tokenizer_dir=job.hf.files.config_path.parent)
+    return target
 
 
 def train_worker(config: TrainConfig, show: bool = True) -> None:

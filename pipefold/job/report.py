@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pipefold.data import VOCAB_SIZE, BatchSampler, decode, encode
 from pipefold.files import write_atomic
-from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
+from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.setup import Job
 from pipefold.model.zoo import GPT, generate, gpt_loss
 from pipefold.runtime import Pipeline
@@ -72,15 +72,22 @@ class TrainResult:
 def describe(job: Job) -> str:
     """The opening line: the model, the partition, the schedule and the parallel layout."""
     config, pipe, s = job.config, job.pipe, job.config.schedule
-    num_parameters = sum(p.numel() for p in GPT(job.layers, "meta").parameters())
+    if job.hf is not None and job.tokens is not None:
+        num_parameters = sum(p.numel() for p in job.hf.model.parameters())
+        model = f"{type(job.hf.model).__name__} ({config.model.path})"
+        data = f"{job.tokens.num_tokens:,} tokens from {job.tokens.source}"
+    else:
+        assert job.corpus is not None
+        num_parameters = sum(p.numel() for p in GPT(job.layers, "meta").parameters())
+        model = "GPT"
+        data = f"corpus {job.corpus.num_bytes / 1e6:.1f} MB ({job.corpus.num_files} stdlib files)"
     return (
-        f"pipefold train: GPT {num_parameters / 1e6:.2f}M parameters, {len(job.layers)} layers, "
+        f"pipefold train: {model} {num_parameters / 1e6:.2f}M parameters, {len(job.layers)} layers, "
         f"partition {pipe.partition}, schedule {config.schedule_label} on {s.ranks} ranks"
         f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''}"
         f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''}"
         f"{' (sequence-parallel)' if s.sequence_parallel else ''} "
-        f"({job.device.type}), {s.num_microbatches} micro-batches, corpus "
-        f"{job.corpus.num_bytes / 1e6:.1f} MB ({job.corpus.num_files} stdlib files)"
+        f"({job.device.type}), {s.num_microbatches} micro-batches, {data}"
     )
 
 
@@ -142,14 +149,19 @@ def finish(
     write the files into `config.out` and print the final report on `console`."""
     config, pipe = job.config, job.pipe
     out = Path(config.out)
-    model = GPT.from_layers(job.layers, state)
-    val_loss = _validation_loss(model, job.corpus.val, config)
-    sample = ""
-    if config.sample_tokens:
-        generator = torch.Generator().manual_seed(config.seed)
-        prompt = torch.tensor(list(encode(SAMPLE_PROMPT)), dtype=torch.long)
-        ids = generate(model, prompt, config.sample_tokens, temperature=0.8, generator=generator)
-        sample = decode(ids.tolist())
+    if job.hf is not None:
+        val_loss, sample, vocab_size = _hf_validation(job)
+    else:
+        assert job.corpus is not None
+        vocab_size = VOCAB_SIZE
+        model = GPT.from_layers(job.layers, state)
+        val_loss = _validation_loss(model, job.corpus.val, config)
+        sample = ""
+        if config.sample_tokens:
+            generator = torch.Generator().manual_seed(config.seed)
+            prompt = torch.tensor(list(encode(SAMPLE_PROMPT)), dtype=torch.long)
+            ids = generate(model, prompt, config.sample_tokens, temperature=0.8, generator=generator)
+            sample = decode(ids.tolist())
 
     timeline = recent[-1]
     # The wall times of the same steps give the time outside the actions (the step's
@@ -177,7 +189,7 @@ def finish(
         "first_loss": records[0].loss,
         "final_loss": records[-1].loss,
         "val_loss": val_loss,
-        "val_loss_uniform": math.log(VOCAB_SIZE),
+        "val_loss_uniform": math.log(vocab_size),
         "tokens_per_s": config.batch_size * config.model.seq_len / step_seconds,
         "step_time": {
             "measured_wall_median": step_seconds,
@@ -223,8 +235,36 @@ def finish(
             f"wrote {out / 'timeline.png'}, {out / 'trace.json'}, {out / 'summary.json'}, "
             f"{out / 'costs.json'}, "
             f"{out / CHECKPOINT_DIR}/"
+            + (f", {out / HF_DIR}/ (Hugging Face format)" if job.hf is not None else "")
         )
     return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)
+
+
+@torch.no_grad()
+def _hf_validation(job: Job) -> tuple[float, str, int]:
+    """Rank 0: the validation loss and a sample of the model saved into <out>/hf, loaded back
+    with transformers' own `from_pretrained` (so every run checks the saved files)."""
+    from pipefold.model.hf import load_pretrained, next_token_loss
+
+    config = job.config
+    assert job.tokens is not None and job.hf is not None
+    model, tokenizer = load_pretrained(Path(config.out) / HF_DIR)
+    seq_len = min(config.model.seq_len, int(job.tokens.val.shape[0]) - 1)
+    sampler = BatchSampler(
+        job.tokens.val, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed + 1
+    )
+    batches = [sampler.next_batch() for _ in range(_NUM_VAL_BATCHES)]
+    losses = [next_token_loss(model(inputs).logits, targets).item() for inputs, targets in batches]
+    sample = ""
+    if config.sample_tokens and tokenizer is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+        ids = torch.tensor([tokenizer.encode(SAMPLE_PROMPT).ids], dtype=torch.long)
+        for _ in range(config.sample_tokens):
+            logits = model(ids[:, -config.model.seq_len :]).logits[:, -1, :]
+            next_id = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=generator)
+            ids = torch.cat([ids, next_id], dim=1)
+        sample = tokenizer.decode(ids[0].tolist())
+    return statistics.fmean(losses), sample, job.hf.files.vocab_size
 
 
 @torch.no_grad()

@@ -19,10 +19,12 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from pipefold.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus
+from pipefold.data.tokens import TokenData, load_tokens
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.job.config import TrainConfig
 from pipefold.model import partition
+from pipefold.model.hf import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
 from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan, profile, sharded_optimizer, tune_schedule
 from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
@@ -40,7 +42,8 @@ class Job:
     device: torch.device
     rank: int
     """World rank; rank 0 reports."""
-    corpus: Corpus
+    corpus: Corpus | None
+    """The built-in corpus; None where the model trains on `tokens`."""
     layers: list[Any]
     sampler: BatchSampler
     pipe: Pipeline
@@ -53,6 +56,10 @@ class Job:
     """The step a resumed run continues from; 0 for a fresh run."""
     searched: str | None
     """For a searched schedule ("auto", "auto-v"): what the search found, to report."""
+    hf: CausalLM | None = None
+    """The Hugging Face model (model.path); None for the built-in GPT."""
+    tokens: TokenData | None = None
+    """Its train and validation ids."""
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """This replica's rows of the next global batch (every rank draws the same one)."""
@@ -78,13 +85,26 @@ def set_up(config: TrainConfig) -> Job:
         raise ConfigError("out is empty; call resolve_out_dir(config) before starting the ranks")
     torch.manual_seed(config.seed)
 
-    corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
     m = config.model
-    layers = gpt_layers(
-        VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
-    )
-    sampler = BatchSampler(corpus.train, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
-    pipe, searched = _make_pipeline(config, layers, sampler, device)
+    corpus: Corpus | None = None
+    hf: CausalLM | None = None
+    tokens: TokenData | None = None
+    if m.hf is not None:
+        # Every parameter stays on meta here; the Pipeline materializes this rank's layers only.
+        hf = load_causal_lm(m.path, seed=config.seed, seq_len=m.seq_len)
+        tokens = _hf_tokens(config)
+        layers: list[Any] = list(hf.layers)
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = next_token_loss
+        stream: Any = tokens.train
+    else:
+        corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
+        layers = gpt_layers(
+            VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
+        )
+        loss_fn = gpt_loss
+        stream = corpus.train
+    sampler = BatchSampler(stream, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
+    pipe, searched = _make_pipeline(config, layers, sampler, device, loss_fn)
     optimizer = _make_loop_optimizer(config, pipe)
     optimizers = [optimizer] if optimizer is not None else _stage_optimizers(pipe)
     scheduler = (
@@ -96,8 +116,31 @@ def set_up(config: TrainConfig) -> Job:
     return Job(
         config=config, device=device, rank=dist.get_rank(), corpus=corpus, layers=layers,
         sampler=sampler, pipe=pipe, optimizer=optimizer, optimizers=optimizers, scheduler=scheduler,
-        start_step=start_step, searched=searched,
+        start_step=start_step, searched=searched, hf=hf, tokens=tokens,
     )
+
+
+def _hf_tokens(config: TrainConfig) -> TokenData:
+    """The ids a Hugging Face model trains on: data.path, or the built-in corpus tokenized."""
+    files = config.model.hf
+    assert files is not None
+    d = config.data
+    tokenizer = files.tokenizer_file
+    if d.path:
+        return load_tokens(
+            d.path, vocab_size=files.vocab_size, tokenizer_file=tokenizer, token_dtype_name=d.token_dtype,
+            val_fraction=d.val_fraction,
+        )
+    import tempfile
+    from pathlib import Path
+
+    corpus = load_corpus(d.max_bytes, d.val_fraction)
+    with tempfile.TemporaryDirectory() as scratch:
+        text = Path(scratch) / "corpus.txt"
+        text.write_bytes(corpus.train + corpus.val)
+        return load_tokens(
+            text, vocab_size=files.vocab_size, tokenizer_file=tokenizer, val_fraction=d.val_fraction
+        )
 
 
 def check_resume(config: TrainConfig) -> int:
@@ -162,7 +205,11 @@ def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
 
 
 def _make_pipeline(
-    config: TrainConfig, layers: Sequence[Any], sampler: BatchSampler, device: torch.device
+    config: TrainConfig,
+    layers: Sequence[Any],
+    sampler: BatchSampler,
+    device: torch.device,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = gpt_loss,
 ) -> tuple[Pipeline, str | None]:
     """The Pipeline running `config.schedule.built` (or, for "auto" / "auto-v", the order searched
     on the ranks), and for a searched schedule what the search found, to report."""
@@ -188,7 +235,7 @@ def _make_pipeline(
         probe_inputs, probe_targets = shard_rows(sampler.peek(), replica, s.data_parallel)
         tuned = tune_schedule(
             layers,
-            loss_fn=gpt_loss,
+            loss_fn=loss_fn,
             inputs=probe_inputs,
             targets=probe_targets,
             num_microbatches=s.num_microbatches,
@@ -201,7 +248,7 @@ def _make_pipeline(
     is_flush = schedule.weight_update is WeightUpdate.FLUSH
     pipe = Pipeline(
         layers,
-        loss_fn=gpt_loss,
+        loss_fn=loss_fn,
         schedule=schedule,
         optimizer=None if is_flush else _adamw(config),
         **options,

@@ -428,7 +428,9 @@ def materialize(
     """Build only the layers at `indices`, on `device`; see the module docstring (initialization).
 
     Tied occurrences among `indices` share one module. Plain `nn.Module` layers are
-    used as given, moved to `device` (in place). `init_device=None` initializes
+    used as given, moved to `device` (in place); a layer with a `materialize_` method (a
+    `pipefold.split` piece of a module built on meta) whose tensors are on the meta device
+    gets them that way, in place (e.g. read from a checkpoint). `init_device=None` initializes
     directly on `device` (faster for large GPU models, but then weights depend on
     that device's RNG).
     """
@@ -449,9 +451,17 @@ def materialize(
             result[index] = tied[layer.key]
         elif isinstance(layer, LayerSpec):
             result[index] = _seeded_build(layer, seed + index, device, init_device)
+        elif _needs_materialize(layer):
+            result[index] = layer.materialize_(device)  # type: ignore[operator]
         else:
             result[index] = layer.to(device)
     return result
+
+
+def _needs_materialize(layer: nn.Module) -> bool:
+    if not callable(getattr(layer, "materialize_", None)):
+        return False
+    return any(t.is_meta for t in layer.parameters()) or any(t.is_meta for t in layer.buffers())
 
 
 def build_reference(

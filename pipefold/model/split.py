@@ -16,16 +16,21 @@ the module into `[prefix, block 0, ..., block n-1, suffix]`, without tracing:
   head), which must form a chain: each takes the previous one's output, and the
   module's output is the last one's (for a Hugging Face model, `.logits`).
 
-`split` runs the forward once on meta copies of `example_inputs` to learn this
-structure, and refuses (`ConfigError`, naming the module) a forward it cannot cut this
-way. Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so
-the pipeline's gathered state dict is the module's, and a parameter the module shares
+`split` runs the forward once on `example_inputs` to learn this structure, and refuses
+(`ConfigError`, naming the module) a forward it cannot cut this way. A module whose
+parameters are on the meta device runs on meta inputs, or, where its forward reads tensor
+values (a Hugging Face model's mask code does), a `twin` runs instead: a small real module
+of the same structure (`pipefold.model.hf` makes one for Hugging Face models). Pieces of a
+meta module get real weights with `SplitPiece.materialize_`, which
+`pipefold.model.build.materialize` calls for the layers a rank owns.
+
+Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so the pipeline's gathered state dict is the module's, and a parameter the module shares
 between two places (a tied embedding and head) is one tied parameter of the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +40,17 @@ from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
 
-__all__ = ["split", "SplitPiece", "find_blocks"]
+__all__ = ["split", "SplitPiece", "find_blocks", "Twin", "Fill"]
+
+Twin = Callable[[Sequence[str] | None], nn.Module]
+"""`twin(real_paths)`: a module with the structure of the one split (the same submodule paths
+outside the blocks, the same block class, two or more blocks) whose tensors under
+`real_paths` (None: all) are real; it runs the forward where the split module's parameters
+are on the meta device. Its values do not matter, only the calls its forward makes."""
+
+Fill = Callable[["SplitPiece", Mapping[str, Tensor]], None]
+"""`fill(piece, fresh)`: give values to the tensors `SplitPiece.materialize_` just allocated,
+`fresh` mapping their names in the whole module to them (e.g. read from a checkpoint)."""
 
 
 class _Slot:
@@ -148,6 +163,9 @@ class SplitPiece(nn.Module):
         object.__setattr__(self, "_root", root)
         self.kind = kind
         self.paths = tuple(paths)
+        self.fill: Fill | None = None
+        """How `materialize_` gives values to tensors it allocates (set by who built the module
+        on meta, e.g. `pipefold.model.hf.load_causal_lm`); None: nothing may be on meta."""
         for path in self.paths:
             self._register_path(path, root.get_submodule(path) if path else root)
 
@@ -171,6 +189,59 @@ class SplitPiece(nn.Module):
             name: canonical.get(id(param), name) for name, param in self.named_parameters(remove_duplicate=False)
         }
 
+    @property
+    def root(self) -> nn.Module:
+        """The module this piece was cut out of."""
+        root: nn.Module = object.__getattribute__(self, "_root")
+        return root
+
+    def buffer_names(self) -> dict[str, str]:
+        """This piece's buffer names -> their names in the whole module."""
+        canonical = {id(buffer): name for name, buffer in self.root.named_buffers(remove_duplicate=True)}
+        return {
+            name: canonical.get(id(buffer), name) for name, buffer in self.named_buffers(remove_duplicate=False)
+        }
+
+    def is_meta(self) -> bool:
+        """Whether any of this piece's parameters or buffers is still on the meta device."""
+        return any(t.is_meta for t in self.parameters()) or any(t.is_meta for t in self.buffers())
+
+    def materialize_(self, device: torch.device | str, *, fill: Fill | None = None) -> SplitPiece:
+        """Give this piece's tensors that are on the meta device real storage on `device`, in place,
+        then values with `fill` (default: `self.fill`). The new tensors replace the meta ones in
+        the whole module, so a parameter shared with another piece stays one parameter in this
+        process. Tensors already real are moved to `device`. Returns self."""
+        fill = fill if fill is not None else self.fill
+        parameter_names, buffer_names = self.parameter_names(), self.buffer_names()
+        fresh: dict[int, Tensor] = {}
+        by_name: dict[str, Tensor] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if param.is_meta and id(param) not in fresh:
+                fresh[id(param)] = nn.Parameter(
+                    torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                )
+                by_name[parameter_names[name]] = fresh[id(param)]
+        for name, buffer in self.named_buffers(remove_duplicate=False):
+            if buffer.is_meta and id(buffer) not in fresh:
+                fresh[id(buffer)] = torch.empty_like(buffer, device=device)
+                by_name[buffer_names[name]] = fresh[id(buffer)]
+        if fresh and fill is None:
+            raise ConfigError(
+                f"split piece ({self.extra_repr()}): {sorted(by_name)[:3]} are on the meta device and the "
+                "piece has no fill to give them values; build the module with real weights, or load it "
+                "with pipefold.model.hf.load_causal_lm"
+            )
+        for module in [*self.root.modules(), *self.modules()]:
+            for table in (module._parameters, module._buffers):
+                for key, value in table.items():
+                    if value is not None and id(value) in fresh:
+                        table[key] = fresh[id(value)]  # type: ignore[assignment]
+        if fill is not None and by_name:
+            with torch.no_grad():
+                fill(self, by_name)
+        self.to(device)
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.kind}: {', '.join(self.paths) or '(root)'}"
 
@@ -184,11 +255,13 @@ class _Prefix(SplitPiece):
         template: _Template,
         call_kwargs: dict[str, Any],
         root_tensors: Sequence[str],
+        twin: Twin | None = None,
     ) -> None:
         super().__init__(root, paths, "prefix")
         self._first_block = first_block
         self._template = template
         self._call_kwargs = dict(call_kwargs)
+        self._twin = twin
         # Parameters and buffers set directly on the root (not in a submodule) are the prefix's.
         for name in root_tensors:
             value = getattr(root, name)
@@ -198,7 +271,24 @@ class _Prefix(SplitPiece):
                 self.register_buffer(name, value)
 
     def forward(self, inputs: Any) -> Any:
-        root: nn.Module = object.__getattribute__(self, "_root")
+        if self._twin is not None and any(
+            isinstance(leaf, Tensor) and leaf.is_meta for leaf in pytree.tree_leaves(inputs)
+        ):
+            # Shapes only (pipefold.model.build.trace_boundaries): the module's forward may read
+            # tensor values, which meta tensors have not, so its twin runs on zeros of the shapes.
+            twin = self._twin(self.paths)
+            zeros = pytree.tree_map(
+                lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) else t, inputs
+            )
+            with torch.no_grad():
+                out = self._run(twin, zeros)
+            return pytree.tree_map(
+                lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, Tensor) else t,
+                out,
+            )
+        return self._run(self.root, inputs)
+
+    def _run(self, root: nn.Module, inputs: Any) -> Any:
         block = root.get_submodule(self._first_block)
 
         def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -330,6 +420,7 @@ def split(
     *,
     split_points: Sequence[str] | None = None,
     example_inputs: Any = None,
+    twin: Twin | None = None,
 ) -> list[nn.Module]:
     """Cut `module` into pipeline layers `[prefix, *blocks, suffix]` (see the module docstring).
 
@@ -338,6 +429,8 @@ def split(
     causal LM (token ids are made up from its config).
     `split_points`: not supported yet (cutting at arbitrary named points needs a graph
     capture); the layers are cut at block boundaries and the partitioner groups them.
+    `twin`: see `Twin`; made automatically for a Hugging Face model of a family
+    `pipefold.model.hf` supports.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"split: module must be an nn.Module, got {type(module).__name__}")
@@ -357,14 +450,40 @@ def split(
         example_inputs = _default_example(module)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     call_kwargs = _default_call_kwargs(module)
-    prefix_template, chain = _trace(module, blocks_path, len(blocks), example, call_kwargs)
+    if twin is None:
+        twin = _default_twin(module)
+    traced, num_traced = module, len(blocks)
+    if twin is not None and _on_meta(module):
+        traced = twin(None)
+        found_in_twin = find_blocks(traced)
+        if found_in_twin is None or found_in_twin[0] != blocks_path:
+            raise ConfigError(
+                f"split: the twin of {type(module).__name__} has no blocks at {blocks_path!r}; a twin must "
+                "have the module's structure"
+            )
+        num_traced = len(found_in_twin[1])
+    prefix_template, chain = _trace(traced, blocks_path, num_traced, example, call_kwargs)
     block_paths = [f"{blocks_path}.{index}" for index in range(len(blocks))]
     prefix_paths, root_tensors = _prefix_paths(module, blocks_path, [path for path, _, _ in chain])
-    prefix = _Prefix(module, prefix_paths, block_paths[0], prefix_template, call_kwargs, root_tensors)
+    prefix = _Prefix(module, prefix_paths, block_paths[0], prefix_template, call_kwargs, root_tensors, twin)
     layers: list[nn.Module] = [prefix]
     layers += [_Block(module, path, prefix_template) for path in block_paths]
     layers.append(_Suffix(module, chain, prefix_template.num_tensors))
     return layers
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or not any(True for _ in module.parameters())
+
+
+def _default_twin(module: nn.Module) -> Twin | None:
+    # A Hugging Face model's forward reads tensor values (its mask code), so it cannot run on the
+    # meta device; pipefold.model.hf makes a small real twin for the families it supports.
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from pipefold.model.hf import twin_factory
+
+    return twin_factory(module)
 
 
 def _trace(
@@ -377,7 +496,7 @@ def _trace(
     """Run the forward once and read the prefix's call of the first block and the chain of
     module calls after the last one. A module with real weights runs itself (no_grad, a
     batch shaped like `example`); a module on the meta device runs on meta inputs."""
-    on_meta = any(t.is_meta for t in module.parameters()) or not any(True for _ in module.parameters())
+    on_meta = _on_meta(module)
     meta = module
     blocks = list(meta.get_submodule(blocks_path).children())
     block_calls: list[_Call] = []
