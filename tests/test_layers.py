@@ -3,7 +3,8 @@ one above, and no two modules import each other (directly or around a cycle).
 
 The layers, bottom to top (docs/architecture.md draws them):
 
-    errors, _version, files, device, balance    the base: anyone may import these
+    errors, _version, files, device, balance,   the base: anyone may import these
+    hf_files
     schedule                                    the IR and its families
     timeline                                    -> schedule
     simulate                                    -> schedule, timeline
@@ -28,7 +29,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipefold"
 
-BASE = {"errors", "_version", "balance", "files", "device"}
+BASE = {"errors", "_version", "balance", "files", "device", "hf_files"}
 # What each part may import from pipefold, besides itself and the base.
 _BELOW_RUNTIME = {"schedule", "timeline", "simulate", "plan", "model", "data", "parallel_config", "viz"}
 ALLOWED: dict[str, set[str]] = {

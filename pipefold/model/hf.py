@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.hf_files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
-from pipefold.model.split import Fill, SplitPiece, Twin, split
+from pipefold.model.split import Fill, SplitPiece, Twin, default_twin, split
 
 __all__ = [
     "CausalLM",
@@ -57,7 +57,6 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label id the loss skips, as in transformers."""
 
-_TWIN_LAYERS = 2
 
 
 def _transformers() -> Any:
@@ -145,45 +144,13 @@ def _build(config: Any, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _twin_config(config: Any) -> Any:
-    twin = copy.deepcopy(config)
-    twin.num_hidden_layers = _TWIN_LAYERS
-    layer_types = getattr(twin, "layer_types", None)
-    if isinstance(layer_types, list):
-        twin.layer_types = layer_types[:_TWIN_LAYERS]
-    # Only the calls the forward makes matter: a small vocabulary and MLP keep the twin cheap.
-    twin.vocab_size = 8
-    twin.pad_token_id = None
-    if hasattr(twin, "intermediate_size"):
-        twin.intermediate_size = 8
-    if config.model_type == "gpt2":
-        twin.n_inner = 8
-    return twin
-
-
 def twin_factory(model: nn.Module) -> Twin | None:
     """A `pipefold.model.split.Twin` for a Hugging Face causal LM of a supported family (None
-    for another): the same config with two blocks, a tiny vocabulary and MLP, zero weights."""
+    for another); see `pipefold.model.split.default_twin`."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_FAMILIES:
         return None
-    twin_config = _twin_config(config)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-    def make(real_paths: Sequence[str] | None) -> nn.Module:
-        twin = _build(twin_config, dtype)
-        twin.eval()  # no dropout: its values are never used, and eval keeps it cheap
-        roots = [twin] if real_paths is None else [twin.get_submodule(p) for p in real_paths]
-        for module in roots:
-            for sub in module.modules():
-                for key, value in sub._parameters.items():
-                    if value is not None and value.is_meta:
-                        sub._parameters[key] = nn.Parameter(
-                            torch.zeros(value.shape, dtype=value.dtype), requires_grad=False
-                        )
-        return twin
-
-    return make
+    return default_twin(model)
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ between two places (a tied embedding and head) is one tied parameter of the pipe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -451,7 +452,7 @@ def split(
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     call_kwargs = _default_call_kwargs(module)
     if twin is None:
-        twin = _default_twin(module)
+        twin = default_twin(module)
     traced, num_traced = module, len(blocks)
     if twin is not None and _on_meta(module):
         traced = twin(None)
@@ -476,14 +477,54 @@ def _on_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.parameters()) or not any(True for _ in module.parameters())
 
 
-def _default_twin(module: nn.Module) -> Twin | None:
-    # A Hugging Face model's forward reads tensor values (its mask code), so it cannot run on the
-    # meta device; pipefold.model.hf makes a small real twin for the families it supports.
-    if not type(module).__module__.startswith("transformers."):
-        return None
-    from pipefold.model.hf import twin_factory
+_TWIN_LAYERS = 2
 
-    return twin_factory(module)
+
+def twin_config(config: Any) -> Any:
+    """A Hugging Face config shrunk for a twin: two blocks, a tiny vocabulary and MLP (only the
+    calls its forward makes matter, not its values)."""
+    twin = copy.deepcopy(config)
+    twin.num_hidden_layers = _TWIN_LAYERS
+    layer_types = getattr(twin, "layer_types", None)
+    if isinstance(layer_types, list):
+        twin.layer_types = layer_types[:_TWIN_LAYERS]
+    twin.vocab_size = 8
+    twin.pad_token_id = None
+    if hasattr(twin, "intermediate_size"):
+        twin.intermediate_size = 8
+    if getattr(twin, "model_type", None) == "gpt2":
+        twin.n_inner = 8
+    return twin
+
+
+def default_twin(module: nn.Module) -> Twin | None:
+    """The twin of a Hugging Face model (None for any other module): its own class built from
+    `twin_config(module.config)`, zero weights. A Hugging Face forward reads tensor values (its
+    mask code), so it cannot run on the meta device, where shapes are traced."""
+    config = getattr(module, "config", None)
+    if not type(module).__module__.startswith("transformers.") or config is None:
+        return None
+    if not hasattr(config, "num_hidden_layers"):
+        return None
+    shrunk = twin_config(config)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    cls = type(module)
+
+    def make(real_paths: Sequence[str] | None) -> nn.Module:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            twin: nn.Module = cls(shrunk)
+        finally:
+            torch.set_default_dtype(previous)
+        twin.eval()  # no dropout: its values are never used
+        with torch.no_grad():
+            for param in twin.parameters():
+                param.zero_()
+                param.requires_grad_(False)
+        return twin
+
+    return make
 
 
 def _trace(
