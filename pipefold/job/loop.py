@@ -10,8 +10,9 @@
 
 `train(config)` runs on EVERY rank (one process per rank, in a process group: `run_local`
 spawns them, or start them with torchrun): set up (pipefold.job.setup), then each step
-draws the same seeded batch on every rank, runs one pipeline call and, for flush
-schedules, one AdamW update; a checkpoint goes to <out>/checkpoint at the end and every
+draws the same seeded batch on every rank, runs one pipeline call (`grad_accumulation` of them,
+their gradients averaged) and, for flush schedules, measures (and optionally clips) the global
+gradient norm and makes one AdamW update; a checkpoint goes to <out>/checkpoint at the end and every
 `checkpoint_every` steps. Rank 0 reports (pipefold.job.report).
 """
 
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from pipefold.errors import PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
+from pipefold.job.optim import accumulated_step
 from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
 from pipefold.job.retune import Retuner
 from pipefold.job.setup import check_resume, set_up
@@ -56,17 +58,24 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if job.searched is not None:
             report.print(job.searched)
 
-    tokens_per_step = config.batch_size * config.model.seq_len
+    tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
+    clip = config.optimizer.clip_grad_norm
     records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
     with progress(report, config.steps - job.start_step) as update:
         for step in range(job.start_step, config.steps):
-            inputs, targets = job.next_batch()
+            batches = [job.next_batch() for _ in range(config.grad_accumulation)]
             started = time.perf_counter()
-            loss = pipe.step(inputs, targets)
+            loss = accumulated_step(pipe, batches)
+            grad_norm: float | None = None
+            lr: float | None = None
             if optimizer is not None and scheduler is not None:
+                # The flush step's gradient is complete: its norm over the whole model (clipped
+                # to `clip` where asked), the same on every rank.
+                grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
+                lr = float(optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -74,7 +83,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             timeline = _last_timeline(pipe.last_timeline)
             recent.append(timeline)
             record = StepStats(
-                step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction
+                step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
+                grad_norm=grad_norm, lr=lr,
             )
             records.append(record)
             update(record)

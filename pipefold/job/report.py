@@ -57,6 +57,10 @@ class StepStats:
     seconds: float
     tokens_per_s: float
     bubble_fraction: float
+    grad_norm: float | None = None
+    """The global gradient norm before clipping; None where the schedule updates inside the step."""
+    lr: float | None = None
+    """The learning rate this step's update used (the first param group's)."""
 
 
 @dataclass
@@ -97,10 +101,11 @@ def progress(console: Console | None, total: int) -> Iterator[Callable[[StepStat
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
         TextColumn("bubble {task.fields[bubble]}"),
+        TextColumn("|g| {task.fields[grad_norm]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-")
+        task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-", grad_norm="-")
 
         def update(record: StepStats) -> None:
             bar.update(
@@ -109,6 +114,7 @@ def progress(console: Console | None, total: int) -> Iterator[Callable[[StepStat
                 loss=f"{record.loss:.3f}",
                 speed=f"{record.tokens_per_s:,.0f}",
                 bubble=f"{record.bubble_fraction:.0%}",
+                grad_norm="-" if record.grad_norm is None else f"{record.grad_norm:.3g}",
             )
 
         yield update
@@ -174,11 +180,15 @@ def finish(
         "losses": [r.loss for r in records],
         "step_seconds": [r.seconds for r in records],
         "bubble_fraction": [r.bubble_fraction for r in records],
+        # The global gradient norm before clipping and the lr of each step's update (None where
+        # an asynchronous schedule updates inside the step).
+        "grad_norms": [r.grad_norm for r in records],
+        "lrs": [r.lr for r in records],
         "first_loss": records[0].loss,
         "final_loss": records[-1].loss,
         "val_loss": val_loss,
         "val_loss_uniform": math.log(VOCAB_SIZE),
-        "tokens_per_s": config.batch_size * config.model.seq_len / step_seconds,
+        "tokens_per_s": config.batch_size * config.model.seq_len * config.grad_accumulation / step_seconds,
         "step_time": {
             "measured_wall_median": step_seconds,
             # The steps the costs were measured in: the like-for-like check of the prediction
