@@ -52,6 +52,8 @@ _FLAGS: dict[str, str] = {
     "weight_decay": "optimizer.weight_decay",
     "clip_grad_norm": "optimizer.clip_grad_norm",
     "grad_accumulation": "grad_accumulation",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
     "zero": "optimizer.zero",
     "d_model": "model.d_model",
     "num_layers": "model.num_layers",
@@ -118,6 +120,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--grad-accumulation", type=int, metavar="K",
                         help="pipeline steps per optimizer step (global batch = K x --batch-size); "
                         f"default {TrainConfig.grad_accumulation}")
+    parser.add_argument("--eval-every", type=int, metavar="N",
+                        help="validation loss through the pipeline (forward only, every rank) every N "
+                        "steps and at the end; default 0 = only the end-of-run one on rank 0")
+    parser.add_argument("--eval-batches", type=int, metavar="K",
+                        help=f"held-out batches per evaluation; default {TrainConfig.eval_batches}")
     parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")
     parser.add_argument("--num-layers", type=int, help=f"decoder blocks; default {ModelConfig.num_layers}")
     parser.add_argument("--num-heads", type=int, help=f"attention heads; default {ModelConfig.num_heads}")

@@ -22,6 +22,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     sample_tokens = 300
     checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
     grad_accumulation = 1      # pipeline steps (batches of batch_size) per optimizer step
+    eval_every = 0             # validation loss through the pipeline every N steps and at the end (0 = off)
+    eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
 
     [model]
@@ -413,6 +415,12 @@ class TrainConfig:
     grad_accumulation: int = 1
     """Pipeline steps per optimizer step: their gradients are averaged, so the global batch is
     batch_size x grad_accumulation sequences. `steps` counts optimizer steps."""
+    eval_every: int = 0
+    """Every this many steps and after the last, the validation loss of `eval_batches` held-out
+    batches through the pipeline, forward only, on every rank (`Pipeline.evaluate`); 0: never
+    (the end-of-run validation on rank 0 is made either way)."""
+    eval_batches: int = 4
+    """Held-out batches of batch_size sequences per evaluation; the same batches every time."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -448,6 +456,8 @@ class TrainConfig:
             "or fewer micro-batches",
         )
         _require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
+        _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
         if weight_update != "flush":

@@ -25,13 +25,22 @@ from pathlib import Path
 
 import torch.distributed as dist
 from rich.console import Console
+from torch import Tensor
 
 from pipefold.errors import PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
 from pipefold.job.optim import accumulated_step
-from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
+from pipefold.job.report import (
+    StepStats,
+    TrainResult,
+    describe,
+    finish,
+    gather,
+    progress,
+    validation_batches,
+)
 from pipefold.job.retune import Retuner
-from pipefold.job.setup import check_resume, set_up
+from pipefold.job.setup import Job, check_resume, set_up, shard_rows
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
@@ -64,6 +73,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
+    val_batches = validation_batches(config, job.corpus.val) if config.eval_every else []
     with progress(report, config.steps - job.start_step) as update:
         for step in range(job.start_step, config.steps):
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
@@ -82,13 +92,16 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             seconds = time.perf_counter() - started
             timeline = _last_timeline(pipe.last_timeline)
             recent.append(timeline)
+            done = step + 1
+            eval_loss = None
+            if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                eval_loss = evaluate(job, val_batches)
             record = StepStats(
                 step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
-                grad_norm=grad_norm, lr=lr,
+                grad_norm=grad_norm, lr=lr, eval_loss=eval_loss,
             )
             records.append(record)
             update(record)
-            done = step + 1
             if retuner is not None and retuner.due(done, config.steps):
                 if retuner.after_steps(done, list(recent), [r.seconds for r in records]):
                     recent.clear()  # the report's prediction is of the order now running: its steps only
@@ -128,6 +141,13 @@ def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
     check_resume(config)
     return spawn(train_worker, config.schedule.num_processes, (config, show))
+
+
+def evaluate(job: Job, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """The mean validation loss of `batches` through the pipeline, forward only, on every rank."""
+    losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
+              for batch in batches]
+    return sum(losses) / len(losses)
 
 
 def _last_timeline(timeline: Timeline | None) -> Timeline:

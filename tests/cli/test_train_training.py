@@ -1,5 +1,6 @@
 """`pipefold train` with the training essentials (docs/training.md): gradient accumulation
-trains as one larger batch, the clipped global norm and the lr of each step are reported."""
+trains as one larger batch, the clipped global norm and the lr of each step are reported, and the
+validation loss through the pipeline equals the one-process one."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     summaries = {}
     for name, extra in {
         "accumulated": ["--batch-size", "4", "--microbatches", "2", "--grad-accumulation", "2"],
-        "one": ["--batch-size", "8", "--microbatches", "4"],
+        # Evaluated through the pipeline at steps 2 and 3, on the batches the final check uses.
+        "one": ["--batch-size", "8", "--microbatches", "4", "--eval-every", "2"],
     }.items():
         out = tmp_path / name
         assert main([*_TINY, *extra, "--out", str(out)]) == 0, capfd.readouterr().err
@@ -38,3 +40,9 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     factor = lr_factor("cosine", warmup_steps=1, total_steps=3, min_ratio=1e-4 / 3e-3)
     assert one["lrs"] == pytest.approx([3e-3 * factor(step) for step in range(3)])
     assert accumulated["tokens_per_s"] > 0
+    # The pipelined evaluation after the last step equals rank 0's one-process validation of
+    # the gathered model (same 4 held-out batches).
+    assert [entry["step"] for entry in one["evals"]] == [2, 3]
+    assert accumulated["evals"] == []
+    assert one["evals"][-1]["loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert one["evals"][-1]["perplexity"] == pytest.approx(math.exp(one["val_loss"]), rel=1e-5)
