@@ -21,6 +21,7 @@ from typing import Any
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.job.config import (
+    LR_SCHEDULES,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -48,6 +49,14 @@ _FLAGS: dict[str, str] = {
     "seed": "seed",
     "out": "out",
     "lr": "optimizer.lr",
+    "lr_schedule": "optimizer.lr_schedule",
+    "min_lr": "optimizer.min_lr",
+    "warmup_steps": "optimizer.warmup_steps",
+    "weight_decay": "optimizer.weight_decay",
+    "clip_grad_norm": "optimizer.clip_grad_norm",
+    "grad_accumulation": "grad_accumulation",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
     "zero": "optimizer.zero",
     "d_model": "model.d_model",
     "num_layers": "model.num_layers",
@@ -104,6 +113,27 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, help=f"weights and batch order; default {TrainConfig.seed}")
     parser.add_argument("--out", metavar="DIR", help="output directory; default runs/<timestamp>")
     parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate; default {OptimizerConfig.lr:g}")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help=f"after the warm-up: constant lr, or cosine / linear decay to --min-lr; "
+                        f"default {OptimizerConfig.lr_schedule}")
+    parser.add_argument("--min-lr", type=float,
+                        help=f"where a decaying --lr-schedule ends; default {OptimizerConfig.min_lr:g}")
+    parser.add_argument("--warmup-steps", type=int,
+                        help=f"linear warm-up steps; default {OptimizerConfig.warmup_steps}")
+    parser.add_argument("--weight-decay", type=float,
+                        help=f"AdamW weight decay (not on norms, biases, embeddings); "
+                        f"default {OptimizerConfig.weight_decay:g}")
+    parser.add_argument("--clip-grad-norm", type=float, metavar="X",
+                        help="clip the global gradient norm (all stages, replicas, tp shards) to X; "
+                        "default 0 = no clipping (the norm is reported either way)")
+    parser.add_argument("--grad-accumulation", type=int, metavar="K",
+                        help="pipeline steps per optimizer step (global batch = K x --batch-size); "
+                        f"default {TrainConfig.grad_accumulation}")
+    parser.add_argument("--eval-every", type=int, metavar="N",
+                        help="validation loss through the pipeline (forward only, every rank) every N "
+                        "steps and at the end; default 0 = only the end-of-run one on rank 0")
+    parser.add_argument("--eval-batches", type=int, metavar="K",
+                        help=f"held-out batches per evaluation; default {TrainConfig.eval_batches}")
     parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")
     parser.add_argument("--num-layers", type=int, help=f"decoder blocks; default {ModelConfig.num_layers}")
     parser.add_argument("--num-heads", type=int, help=f"attention heads; default {ModelConfig.num_heads}")

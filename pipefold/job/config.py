@@ -21,6 +21,9 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     device = "auto"            # "cpu", "cuda"
     sample_tokens = 300
     checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
+    grad_accumulation = 1      # pipeline steps (batches of batch_size) per optimizer step
+    eval_every = 0             # validation loss through the pipeline every N steps and at the end (0 = off)
+    eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
 
     [model]
@@ -54,12 +57,17 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     beta1 = 0.9
     beta2 = 0.95
     warmup_steps = 20
+    lr_schedule = "constant"   # after the warm-up: "constant", "cosine" or "linear" decay to min_lr
+    min_lr = 0.0               # where a decaying schedule ends (at the last step)
+    weight_decay_groups = true # no weight decay on norms, biases and embeddings (false: on all)
+    clip_grad_norm = 0.0       # clip the global gradient norm to this (0 = no clipping; reported always)
     zero = false               # shard AdamW's state over the data-parallel replicas (ZeRO-1)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -94,6 +102,7 @@ __all__ = [
     "OptimizerConfig",
     "TrainConfig",
     "PARTITION_METHODS",
+    "LR_SCHEDULES",
     "NUM_EXTRA_LAYERS",
     "CHECKPOINT_DIR",
     "HF_DIR",
@@ -114,6 +123,9 @@ CHECKPOINT_DIR = "checkpoint"
 
 HF_DIR = "hf"
 """Where in `out` the job saves a Hugging Face model (model.path) in its own format."""
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""What follows the warm-up (pipefold.job.optim): the peak lr, or a cosine / linear decay to min_lr."""
 
 
 PARALLEL_NAMES = {
@@ -371,7 +383,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up, then constant."""
+    """AdamW with a linear warm-up, then a constant or decaying lr (pipefold/job/optim.py)."""
 
     SECTION: ClassVar[str] = "optimizer"
 
@@ -382,6 +394,16 @@ class OptimizerConfig:
     beta2: float = 0.95
     warmup_steps: int = 20
     """Steps of linear warm-up from lr / warmup_steps to lr."""
+    lr_schedule: str = "constant"
+    """After the warm-up: "constant" (lr), "cosine" or "linear" decay from lr to min_lr at the last step."""
+    min_lr: float = 0.0
+    """Where a decaying schedule ends; at most lr."""
+    weight_decay_groups: bool = True
+    """Exempt norms, biases and embeddings from weight decay (flush schedules; asynchronous ones
+    decay every parameter); false decays every parameter."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm (over every stage, replica and tp shard) to this after each
+    optimizer step's gradient is complete; 0 = no clipping. The norm is reported either way."""
     zero: bool = False
     """Shard AdamW's state over the data-parallel replicas (ZeRO stage 1,
     `pipefold.runtime.sharded_optimizer`): each replica keeps and updates 1 / data_parallel of it."""
@@ -393,6 +415,24 @@ class OptimizerConfig:
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"optimizer.{name}", value, "use a value in [0, 1)")
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use >= 0")
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            "optimizer.lr_schedule",
+            self.lr_schedule,
+            f"use one of {', '.join(LR_SCHEDULES)}",
+        )
+        _require(
+            0.0 <= self.min_lr <= self.lr,
+            "optimizer.min_lr",
+            self.min_lr,
+            f"use a value in [0, optimizer.lr={self.lr}]",
+        )
+        _require(
+            self.clip_grad_norm >= 0 and math.isfinite(self.clip_grad_norm),
+            "optimizer.clip_grad_norm",
+            self.clip_grad_norm,
+            "use a positive norm to clip to (e.g. 1.0), or 0 for no clipping",
+        )
 
 
 @dataclass(frozen=True)
@@ -427,6 +467,15 @@ class TrainConfig:
     """Save a checkpoint into <out>/checkpoint every this many steps; 0 = only at the end (always)."""
     resume: str = ""
     """Checkpoint directory to continue from (weights, optimizer, step counter); "" = start fresh."""
+    grad_accumulation: int = 1
+    """Pipeline steps per optimizer step: their gradients are averaged, so the global batch is
+    batch_size x grad_accumulation sequences. `steps` counts optimizer steps."""
+    eval_every: int = 0
+    """Every this many steps and after the last, the validation loss of `eval_batches` held-out
+    batches through the pipeline, forward only, on every rank (`Pipeline.evaluate`); 0: never
+    (the end-of-run validation on rank 0 is made either way)."""
+    eval_batches: int = 4
+    """Held-out batches of batch_size sequences per evaluation; the same batches every time."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -461,8 +510,13 @@ class TrainConfig:
             f"at least one sequence per replica; use batch_size >= {self.schedule.num_microbatches * dp} "
             "or fewer micro-batches",
         )
+        _require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
+        _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
+        if weight_update != "flush":
+            self._check_asynchronous()
         if self.schedule.retune_every:
             self._check_retune(weight_update)
         num_layers = self.model.num_model_layers
@@ -525,6 +579,25 @@ class TrainConfig:
                 given = f"data.path={self.data.path!r}"
                 where = given if self.data.path else "data.path unset (the built-in corpus)"
                 raise ConfigError(f"{where}: {error}") from None
+
+    def _check_asynchronous(self) -> None:
+        """What needs the whole step's gradient before the update: refused where the schedule
+        updates weights inside the step."""
+        name = self.schedule.name
+        _require(
+            self.optimizer.clip_grad_norm == 0,
+            "optimizer.clip_grad_norm",
+            self.optimizer.clip_grad_norm,
+            f"schedule {name!r} updates weights inside the step, before a global norm exists; "
+            "set optimizer.clip_grad_norm=0 or use a flush schedule",
+        )
+        _require(
+            self.grad_accumulation == 1,
+            "grad_accumulation",
+            self.grad_accumulation,
+            f"schedule {name!r} updates weights inside the step; set grad_accumulation=1 or use a "
+            "flush schedule",
+        )
 
     def _check_retune(self, weight_update: str) -> None:
         s = self.schedule

@@ -10,8 +10,9 @@
 
 `train(config)` runs on EVERY rank (one process per rank, in a process group: `run_local`
 spawns them, or start them with torchrun): set up (pipefold.job.setup), then each step
-draws the same seeded batch on every rank, runs one pipeline call and, for flush
-schedules, one AdamW update; a checkpoint goes to <out>/checkpoint at the end and every
+draws the same seeded batch on every rank, runs one pipeline call (`grad_accumulation` of them,
+their gradients averaged) and, for flush schedules, measures (and optionally clips) the global
+gradient norm and makes one AdamW update; a checkpoint goes to <out>/checkpoint at the end and every
 `checkpoint_every` steps. Rank 0 reports (pipefold.job.report). A Hugging Face model
 (model.path) is also saved in its own format into <out>/hf at the end, each pipeline rank
 writing the shard of its own layers.
@@ -27,12 +28,22 @@ from pathlib import Path
 
 import torch.distributed as dist
 from rich.console import Console
+from torch import Tensor
 
 from pipefold.errors import PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
-from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
+from pipefold.job.optim import accumulated_step
+from pipefold.job.report import (
+    StepStats,
+    TrainResult,
+    describe,
+    finish,
+    gather,
+    progress,
+    validation_batches,
+)
 from pipefold.job.retune import Retuner
-from pipefold.job.setup import Job, check_resume, set_up
+from pipefold.job.setup import Job, check_resume, set_up, shard_rows
 from pipefold.model.hf import finish_save, save_causal_lm, state_dict_of
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.processes.launch import LaunchResult, spawn
@@ -60,29 +71,42 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if job.searched is not None:
             report.print(job.searched)
 
-    tokens_per_step = config.batch_size * config.model.seq_len
+    tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
+    clip = config.optimizer.clip_grad_norm
     records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
+    held_out = job.corpus.val if job.corpus is not None else job.tokens.val if job.tokens is not None else None
+    val_batches = validation_batches(config, held_out) if config.eval_every and held_out is not None else []
     with progress(report, config.steps - job.start_step) as update:
         for step in range(job.start_step, config.steps):
-            inputs, targets = job.next_batch()
+            batches = [job.next_batch() for _ in range(config.grad_accumulation)]
             started = time.perf_counter()
-            loss = pipe.step(inputs, targets)
+            loss = accumulated_step(pipe, batches)
+            grad_norm: float | None = None
+            lr: float | None = None
             if optimizer is not None and scheduler is not None:
+                # The flush step's gradient is complete: its norm over the whole model (clipped
+                # to `clip` where asked), the same on every rank.
+                grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
+                lr = float(optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             seconds = time.perf_counter() - started
             timeline = _last_timeline(pipe.last_timeline)
             recent.append(timeline)
+            done = step + 1
+            eval_loss = None
+            if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                eval_loss = evaluate(job, val_batches)
             record = StepStats(
-                step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction
+                step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
+                grad_norm=grad_norm, lr=lr, eval_loss=eval_loss,
             )
             records.append(record)
             update(record)
-            done = step + 1
             if retuner is not None and retuner.due(done, config.steps):
                 if retuner.after_steps(done, list(recent), [r.seconds for r in records]):
                     recent.clear()  # the report's prediction is of the order now running: its steps only
@@ -148,6 +172,13 @@ def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
     check_resume(config)
     return spawn(train_worker, config.schedule.num_processes, (config, show))
+
+
+def evaluate(job: Job, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """The mean validation loss of `batches` through the pipeline, forward only, on every rank."""
+    losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
+              for batch in batches]
+    return sum(losses) / len(losses)
 
 
 def _last_timeline(timeline: Timeline | None) -> Timeline:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -42,7 +43,16 @@ from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 from pipefold.viz import save_chrome_trace, save_png
 
-__all__ = ["Gathered", "StepStats", "TrainResult", "describe", "finish", "gather", "progress"]
+__all__ = [
+    "Gathered",
+    "StepStats",
+    "TrainResult",
+    "describe",
+    "finish",
+    "gather",
+    "progress",
+    "validation_batches",
+]
 
 SAMPLE_PROMPT = "def "
 _NUM_VAL_BATCHES = 4
@@ -57,6 +67,12 @@ class StepStats:
     seconds: float
     tokens_per_s: float
     bubble_fraction: float
+    grad_norm: float | None = None
+    """The global gradient norm before clipping; None where the schedule updates inside the step."""
+    lr: float | None = None
+    """The learning rate this step's update used (the first param group's)."""
+    eval_loss: float | None = None
+    """The validation loss through the pipeline after this step, where one was due (eval_every)."""
 
 
 @dataclass
@@ -104,18 +120,25 @@ def progress(console: Console | None, total: int) -> Iterator[Callable[[StepStat
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
         TextColumn("bubble {task.fields[bubble]}"),
+        TextColumn("|g| {task.fields[grad_norm]}"),
+        TextColumn("val {task.fields[val]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-")
+        task = bar.add_task("train", total=total, loss="-", speed="-", bubble="-", grad_norm="-", val="-")
+        last_val = ["-"]
 
         def update(record: StepStats) -> None:
+            if record.eval_loss is not None:
+                last_val[0] = f"{record.eval_loss:.3f} (ppl {math.exp(min(record.eval_loss, 50.0)):.1f})"
             bar.update(
                 task,
                 advance=1,
                 loss=f"{record.loss:.3f}",
                 speed=f"{record.tokens_per_s:,.0f}",
                 bubble=f"{record.bubble_fraction:.0%}",
+                grad_norm="-" if record.grad_norm is None else f"{record.grad_norm:.3g}",
+                val=last_val[0],
             )
 
         yield update
@@ -186,11 +209,21 @@ def finish(
         "losses": [r.loss for r in records],
         "step_seconds": [r.seconds for r in records],
         "bubble_fraction": [r.bubble_fraction for r in records],
+        # The global gradient norm before clipping and the lr of each step's update (None where
+        # an asynchronous schedule updates inside the step).
+        "grad_norms": [r.grad_norm for r in records],
+        "lrs": [r.lr for r in records],
+        # Validation through the pipeline (eval_every): after which step, the loss, its perplexity.
+        "evals": [
+            {"step": r.step + 1, "loss": r.eval_loss, "perplexity": math.exp(min(r.eval_loss, 50.0))}
+            for r in records
+            if r.eval_loss is not None
+        ],
         "first_loss": records[0].loss,
         "final_loss": records[-1].loss,
         "val_loss": val_loss,
         "val_loss_uniform": math.log(vocab_size),
-        "tokens_per_s": config.batch_size * config.model.seq_len / step_seconds,
+        "tokens_per_s": config.batch_size * config.model.seq_len * config.grad_accumulation / step_seconds,
         "step_time": {
             "measured_wall_median": step_seconds,
             # The steps the costs were measured in: the like-for-like check of the prediction
@@ -267,11 +300,19 @@ def _hf_validation(job: Job) -> tuple[float, str, int]:
     return statistics.fmean(losses), sample, job.hf.files.vocab_size
 
 
-@torch.no_grad()
-def _validation_loss(model: GPT, val: bytes, config: TrainConfig) -> float:
+def validation_batches(
+    config: TrainConfig, val: bytes | np.ndarray, num_batches: int | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """The held-out batches every evaluation uses (the same on every rank and every time):
+    `num_batches` (default config.eval_batches) of batch_size sequences from the val split."""
     seq_len = min(config.model.seq_len, len(val) - 1)
     sampler = BatchSampler(val, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed + 1)
-    batches = [sampler.next_batch() for _ in range(_NUM_VAL_BATCHES)]
+    return [sampler.next_batch() for _ in range(config.eval_batches if num_batches is None else num_batches)]
+
+
+@torch.no_grad()
+def _validation_loss(model: GPT, val: bytes, config: TrainConfig) -> float:
+    batches = validation_batches(config, val, _NUM_VAL_BATCHES)
     losses = [gpt_loss(model(inputs), targets).item() for inputs, targets in batches]
     return statistics.fmean(losses)
 

@@ -23,6 +23,7 @@ from pipefold.data.tokens import TokenData, load_tokens
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.job.config import TrainConfig
+from pipefold.job.optim import lr_scheduler, parameter_groups
 from pipefold.model import partition
 from pipefold.model.hf import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
@@ -107,8 +108,12 @@ def set_up(config: TrainConfig) -> Job:
     pipe, searched = _make_pipeline(config, layers, sampler, device, loss_fn)
     optimizer = _make_loop_optimizer(config, pipe)
     optimizers = [optimizer] if optimizer is not None else _stage_optimizers(pipe)
+    opt = config.optimizer
     scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.optimizer.warmup_steps))
+        lr_scheduler(
+            optimizer, schedule=opt.lr_schedule, warmup_steps=opt.warmup_steps, total_steps=config.steps,
+            lr=opt.lr, min_lr=opt.min_lr,
+        )
         if optimizer is not None
         else None
     )
@@ -262,24 +267,21 @@ def _make_loop_optimizer(config: TrainConfig, pipe: Pipeline) -> torch.optim.Opt
     if pipe.schedule.weight_update is not WeightUpdate.FLUSH:
         return None
     opt = config.optimizer
+    params: Any = list(pipe.parameters())
+    if opt.weight_decay_groups:
+        params = parameter_groups(pipe.local_modules.values(), params, weight_decay=opt.weight_decay)
     if opt.zero:
         zero: torch.optim.Optimizer = sharded_optimizer(
-            pipe, torch.optim.AdamW, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
+            pipe, torch.optim.AdamW, params=params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+            weight_decay=opt.weight_decay,
         )
         return zero
-    return _adamw(config)(list(pipe.parameters()))
+    return _adamw(config)(params)
 
 
 def _stage_optimizers(pipe: Pipeline) -> list[torch.optim.Optimizer]:
     """An asynchronous schedule's optimizers: one per stage, inside the pipeline."""
     return [stage.stash.optimizer for stage in pipe.stages if stage.stash is not None]
-
-
-def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-
-    return factor
 
 
 def _resume(
@@ -294,7 +296,7 @@ def _resume(
         return 0
     start_step = check_resume(config)
     load_checkpoint(pipe, config.resume, optimizer=optimizers)
-    for _ in range(start_step):
+    for _ in range(start_step * config.grad_accumulation):
         # Same batches as an uninterrupted run: the sampler's generator is advanced, not re-seeded.
         sampler.next_batch()
     if scheduler is not None:

@@ -42,6 +42,8 @@ from pipefold.model import (
 )
 from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
+from pipefold.runtime.clip import GradientScope, not_counted
+from pipefold.runtime.evaluate import ForwardOnly
 from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -555,6 +557,32 @@ class Pipeline:
                 # A tensor-parallel parameter takes its own slice of the whole tensor.
                 local_shard(value).copy_(local_shard(shard_like(source, value)))
 
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
+    ) -> float:
+        """Clip the whole model's gradients to norm `max_norm`; returns the norm before clipping,
+        the same float on every rank. Call it on every rank (of every replica and tp peer) after
+        `step()`: it equals `torch.nn.utils.clip_grad_norm_` on the unsplit model (each gradient
+        entry counted once; see pipefold/runtime/clip.py)."""
+        if self.schedule.weight_update is not WeightUpdate.FLUSH:
+            raise ConfigError(
+                f"clip_grad_norm_: schedule {self.schedule.name!r} updates weights inside the step, "
+                "before any clipping could run; use a flush schedule to clip"
+            )
+        return self.gradient_scope().clip_(max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
+
+    def gradient_scope(self) -> GradientScope:
+        """The gradients this rank counts toward the model's norm and how ranks combine them."""
+        tp_group = self._tensor_parallel_group
+        return GradientScope(
+            params=tuple(p for p in self.parameters() if p.requires_grad),
+            not_counted=not_counted(self.tied.groups, self.rank),
+            tp_group=tp_group,
+            tp_rank=0 if tp_group is None else dist.get_rank(tp_group),
+            collectives=self._collectives,
+            watchdog=self._watchdog,
+        )
+
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, inputs: Any, targets: Any) -> float:
@@ -584,6 +612,27 @@ class Pipeline:
             if isinstance(error, PipefoldError) or not isinstance(error, Exception):
                 raise
             raise PipelineError(str(report)) from error
+
+    def evaluate(self, inputs: Any, targets: Any) -> float:
+        """The batch-mean loss of one batch, forward only (no gradients, no update), on every rank:
+        called like `step` on every rank; see pipefold/runtime/evaluate.py."""
+        if self._broken is not None:
+            raise PipelineError(f"rank {self.rank}: this pipeline stopped after a failure ({self._broken})")
+        forward_only = ForwardOnly(
+            schedule=self.schedule, rank=self.rank, stages=self._stage_of, loss_fn=self._loss_fn,
+            boundaries=self._boundaries, split=lambda value, n: _split(value, n, self.device),
+            device=self.device, p2p=self._p2p, collectives=self._collectives,
+            data_parallel=self._data_parallel, watchdog=self._watchdog,
+        )
+        try:
+            return forward_only.run(inputs, targets)
+        except PeerFailure as error:
+            self._broken = str(error)
+            raise
+        except BaseException as error:
+            self._broken = f"{type(error).__name__}: {error}"
+            self._board.publish(self._report(error))
+            raise
 
     def _report(self, error: BaseException) -> FailureReport:
         action = self._executor.current

@@ -30,11 +30,11 @@ __all__ = ["consolidate", "is_sharded_optimizer", "sharded_optimizer"]
 
 
 def sharded_optimizer(
-    pipe: Pipeline, optimizer_class: type[torch.optim.Optimizer], **defaults: Any
+    pipe: Pipeline, optimizer_class: type[torch.optim.Optimizer], *, params: Any = None, **defaults: Any
 ) -> ZeroRedundancyOptimizer:
-    """`optimizer_class(**defaults)` over this rank's parameters, its state sharded over the
-    pipeline's data-parallel replicas (see docs/decisions.md, "ZeRO-1 over the replicas"). Call on every
-    rank; step it after `pipe.step` as any optimizer."""
+    """`optimizer_class(**defaults)` over this rank's parameters (or `params`: them in param
+    groups), its state sharded over the pipeline's data-parallel replicas (see docs/decisions.md,
+    "ZeRO-1 over the replicas"). Call on every rank; step it after `pipe.step` as any optimizer."""
     # The rulebook: replicas to shard over, and whole (not tensor-parallel) parameters.
     replace(pipe.parallel_config, zero=True).check({"zero": "sharded_optimizer"})
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
@@ -45,7 +45,7 @@ def sharded_optimizer(
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return ZeroRedundancyOptimizer(
-        list(pipe.parameters()),
+        list(pipe.parameters()) if params is None else params,
         optimizer_class=optimizer_class,
         process_group=pipe.data_parallel_group,
         **defaults,

@@ -1,0 +1,133 @@
+"""A forward-only pass through the pipeline: the loss of a batch without backward or update
+(`Pipeline.evaluate`), so a model no single device holds is evaluated where it is trained.
+
+    val_loss = pipe.evaluate(inputs, targets)     # on every rank, like step(); no gradients
+
+Every rank walks the (micro-batch, stage) pairs in the same order, micro-batch first, and
+runs the stages it holds under `torch.no_grad()`: a stage's input comes from the batch
+(stage 0), from the previous stage on this rank, or from the rank that holds it (received
+through the process group); its output goes on the same way. Sends are asynchronous, so the
+micro-batches flow through the ranks as in GPipe's forward phase, and no activation outlives
+its stage. The smallest unfinished pair is always runnable on its rank, so the walk cannot
+deadlock. The last stage's losses (each micro-batch's mean weighted by its share of the rows)
+are summed over the pipeline's ranks and then over data-parallel replicas, so every rank
+returns the mean loss over all replicas' rows, as `step` does. Tensor-parallel peers walk
+together (their layers' collectives pair up as in training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipefold.errors import ConfigError, PipelineError
+from pipefold.model import TensorMeta
+from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.parallel.data_parallel import DataParallel
+from pipefold.runtime.stage import Stage, flatten
+from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
+from pipefold.schedule import Schedule
+
+__all__ = ["ForwardOnly"]
+
+
+@dataclass(frozen=True)
+class ForwardOnly:
+    """What a forward-only pass needs of a pipeline (`Pipeline.evaluate` builds it)."""
+
+    schedule: Schedule
+    rank: int
+    stages: Mapping[int, Stage]
+    loss_fn: Callable[[Any, Any], Tensor]
+    boundaries: Callable[[TensorMeta, int], list[TensorMeta]]
+    """(batch description, rows of a micro-batch) -> each layer's output description."""
+    split: Callable[[Any, int], list[Any]]
+    """(a batch, number of micro-batches) -> its micro-batches on this rank's device."""
+    device: torch.device
+    p2p: P2P | None
+    collectives: Collectives | None
+    data_parallel: DataParallel | None
+    watchdog: Watchdog
+
+    def run(self, inputs: Any, targets: Any) -> float:
+        """The batch-mean loss over every replica's rows, on every rank (see the module docstring)."""
+        schedule = self.schedule
+        placement = schedule.placement
+        first_rank, last_rank = placement[0], placement[-1]
+        batch_meta = None
+        if self.rank == first_rank:
+            if inputs is None:
+                raise ConfigError(
+                    f"rank {self.rank} holds stage 0 but evaluate() got inputs=None; pass the batch here"
+                )
+            batch_meta = TensorMeta.of(inputs, what="inputs", fix="pass a tensor or a tuple of tensors")
+        if self.collectives is not None:
+            batch_meta = self.collectives.broadcast_object(batch_meta, src=first_rank, what="evaluate start")
+        if not isinstance(batch_meta, TensorMeta):
+            raise PipelineError(f"rank {self.rank} received no batch description from rank {first_rank}")
+        rows = {shape[0] for shape in batch_meta.shapes}
+        batch_size = rows.pop() if len(rows) == 1 else -1
+        num_microbatches = schedule.num_microbatches
+        if batch_size < num_microbatches:
+            raise ConfigError(
+                f"evaluate: the batch has {batch_size} rows but num_microbatches is {num_microbatches}; "
+                f"use a batch of at least {num_microbatches} rows (batch first)"
+            )
+        sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(batch_size, device="meta"),
+                                                            num_microbatches)]
+        split_inputs = self.split(inputs, num_microbatches) if self.rank == first_rank else None
+        split_targets = None
+        if self.rank == last_rank:
+            if targets is None:
+                raise ConfigError(
+                    f"rank {self.rank} holds the last stage but evaluate() got targets=None; pass them here"
+                )
+            split_targets = self.split(targets, num_microbatches)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        sends: list[Transfer] = []
+        with torch.no_grad():
+            for mb, size in enumerate(sizes):
+                boundaries = self.boundaries(batch_meta, size)
+                handoff: Any = None
+                for s in range(schedule.num_stages):
+                    if placement[s] != self.rank:
+                        continue
+                    stage = self.stages[s]
+                    if s == 0:
+                        assert split_inputs is not None
+                        value = split_inputs[mb]
+                    elif placement[s - 1] == self.rank:
+                        value = handoff
+                    else:
+                        value = self._receive(boundaries[stage.layer_indices[0] - 1], placement[s - 1], s, mb)
+                    output = stage.module(value)
+                    if s == schedule.num_stages - 1:
+                        assert split_targets is not None
+                        loss = self.loss_fn(output, split_targets[mb])
+                        total += loss.detach().to(torch.float64) * (size / batch_size)
+                    elif placement[s + 1] == self.rank:
+                        handoff = output
+                    else:
+                        assert self.p2p is not None
+                        tensors = [tensor.detach().contiguous() for tensor in flatten(output)]
+                        sends.append(self.p2p.send_direct(tensors, placement[s + 1]))
+        for transfer in sends:
+            transfer.wait(self.watchdog, "evaluate: forward send")
+        if self.collectives is not None:
+            self.collectives.all_reduce_sum(total, what="evaluate loss all-reduce")
+        if self.data_parallel is not None:
+            total, _ = self.data_parallel.reduce_losses(total, batch_size)
+        return float(total.item())
+
+    def _receive(self, meta: TensorMeta, peer: int, stage: int, microbatch: int) -> Any:
+        assert self.p2p is not None
+        value = meta.empty(self.device)
+        self.p2p.recv_direct(list(flatten(value)), peer).wait(
+            self.watchdog, f"evaluate: stage {stage} input of micro-batch {microbatch}"
+        )
+        self.p2p.after_recv()
+        return value
