@@ -344,7 +344,7 @@ def split(
     if split_points is not None:
         raise ConfigError(
             f"split(split_points={list(split_points)!r}): cutting at named points is not supported yet; "
-            "split cuts at every block boundary and Pipeline(partition=...) groups the blocks into stages"
+            "split cuts at every block boundary and Pipeline(layout=LayoutOptions(partition=...)) groups the blocks into stages"
         )
     found = find_blocks(module)
     if found is None:

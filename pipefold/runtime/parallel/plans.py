@@ -1,4 +1,4 @@
-"""Ready-made tensor-parallel plans for the zoo's models (`Pipeline(tensor_parallel=...)`).
+"""Ready-made tensor-parallel plans for the zoo's models (`ParallelOptions(tensor_parallel=...)`).
 
     >>> from pipefold.runtime import gpt_tensor_parallel_plan
     >>> Pipeline(gpt_layers(...), ..., tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=True))
@@ -24,7 +24,7 @@ __all__ = ["gpt_tensor_parallel_plan"]
 
 
 def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParallelPlan:
-    """How `pipefold train --tensor-parallel` splits the GPT (`Pipeline(tensor_parallel=...)`):
+    """How `pipefold train --tensor-parallel` splits the GPT (`ParallelOptions(tensor_parallel=...)`):
     each decoder block's attention by heads (head_qkv by columns, proj by rows) and its MLP
     (fc by columns, fc_out by rows), Megatron's split: every weight of a block but its two
     LayerNorms, and two all-reduces per block forward (and two in its backward). The
