@@ -24,7 +24,7 @@ from pipefold.errors import (
 from pipefold.timeline import Event, Timeline, Wait
 
 if TYPE_CHECKING:
-    from pipefold.model import LayerSpec, TiedLayerSpec
+    from pipefold.model import LayerSpec, TiedLayerSpec, split
     from pipefold.runtime import (
         CheckpointInfo,
         LayoutOptions,
@@ -57,6 +57,7 @@ __all__ = [
     "__version__",
     "load_checkpoint",
     "save_checkpoint",
+    "split",
 ]
 
 _LAZY = {
@@ -70,6 +71,7 @@ _LAZY = {
     "load_checkpoint": "pipefold.runtime",
     "LayerSpec": "pipefold.model",
     "TiedLayerSpec": "pipefold.model",
+    "split": "pipefold.model",
 }
 
 

@@ -32,13 +32,16 @@ from pipefold.model import (
     Partition,
     TensorMeta,
     as_layers,
+    layer_name,
     materialize,
     meta_layers,
+    named_parameters,
     owner_indices,
     partition,
     tied_groups,
     trace_boundaries,
 )
+from pipefold.model.build import name_prefix, shared_names, shared_parameter_uses
 from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
 from pipefold.runtime.executor import Executor, StepInputs
@@ -166,6 +169,9 @@ class Pipeline:
             self.schedule = fuse_adjacent_split_backward(self.schedule)
         self._check_optimizer(self.parallel_options.optimizer)
         self._meta = meta_layers(self._layers)
+        # Parameters several layers hold (a tied embedding and head of a plain list or a split
+        # module): tied like TiedLayerSpec where they span ranks, or refused below.
+        self._shared = shared_parameter_uses(self._layers, self._meta)
         if dims.tensor_parallel is not None:
             self._check_tied_layers_whole(dims)
         # Layer outputs a tp rank holds split along the sequence: the boundaries after them
@@ -176,6 +182,7 @@ class Pipeline:
             keep_freed_memory()
         recompute_all, recompute_layers = _resolve_recompute(recompute)
         self.partition = _resolve_partition(self._layers, self.schedule, self.layout_options.partition)
+        self._check_shared_parameters()
 
         # -- local modules (no communication so far) --------------------------------------
         local_stages = self.schedule.stages_of(self.rank)
@@ -246,9 +253,17 @@ class Pipeline:
         """The point-to-point transport and collectives between the pipeline's ranks."""
         p2p = self.transport.p2p
         self.tied = TiedGradients.of(
-            self._layers, self.schedule, self.partition, self.rank, self._local_modules, p2p, self._watchdog
+            self._layers,
+            self.schedule,
+            self.partition,
+            self.rank,
+            self._local_modules,
+            p2p,
+            self._watchdog,
+            shared=self._shared,
         )
-        """The tied modules this rank shares with others, whose gradients each step sums."""
+        """The tied modules and shared parameters this rank holds with others, whose gradients
+        each step sums."""
         self.recorder = StepRecorder(
             self.transport.collectives,
             self.schedule,
@@ -348,6 +363,30 @@ class Pipeline:
                     "whole gradients between ranks; keep them out of the plan (return None for them)"
                 )
 
+    def _check_shared_parameters(self) -> None:
+        """Refuse a shared parameter the pipeline cannot keep one weight: split by a tensor-parallel
+        plan, or held by two stages of a schedule that updates each stage inside the step."""
+        for name, uses in sorted(self._shared.items()):
+            where = " and ".join(
+                f"layer {index} ({layer_name(self._layers[index])}, stage "
+                f"{self.partition.stage_of(index)}) as {use!r}"
+                for index, use in uses
+            )
+            split = [index for index, _ in uses if self.dims.splits(index, self._meta[index])]
+            if split:
+                raise ConfigError(
+                    f"parameter {name!r} is shared by {where}, and tensor_parallel splits layer(s) {split}: "
+                    "a shared parameter is tied by summing whole gradients between its holders; keep "
+                    "those layers out of the plan (return None for them)"
+                )
+            stages = {self.partition.stage_of(index) for index, _ in uses}
+            if len(stages) > 1 and self.schedule.weight_update is not WeightUpdate.FLUSH:
+                raise ConfigError(
+                    f"parameter {name!r} is shared by {where}: schedule {self.schedule.name!r} updates "
+                    "each stage's weights inside the step, so the stages would update their uses apart; "
+                    "use a flush schedule, or put every use on one stage (LayoutOptions(partition=...))"
+                )
+
     def _attach_stashes(self, optimizer: OptimizerFactory | None) -> bool:
         if optimizer is None:
             return False
@@ -424,26 +463,26 @@ class Pipeline:
     # -- parameters ----------------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Local parameters named as `nn.Sequential(*layers)` names them ("3.weight")."""
-        seen: set[int] = set()
-        for index in sorted(self._local_modules):
-            module = self._local_modules[index]
-            for name, param in module.named_parameters():
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    yield f"{self._owner[index]}.{name}", param
+        """Local parameters named as `nn.Sequential(*layers)` names them ("3.weight"); the pieces
+        of `pipefold.split(module)` keep `module`'s own names ("transformer.h.3.attn.c_attn.weight").
+        A parameter held by several layers (tied or shared) is listed once, under its first name."""
+        yield from named_parameters(self._layers, self._local_modules, self._shared)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, param in self.named_parameters():
             yield param
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Local parameters and buffers, with nn.Sequential names."""
+        """Local parameters and buffers, named as `named_parameters` names them; buffers as the
+        layer's own state dict names them, after the same prefix. Gathered over the ranks, it
+        holds every entry of the model's state dict once (a shared parameter under its first name)."""
         result: dict[str, Tensor] = {}
         for index in sorted(self._local_modules):
-            prefix = f"{self._owner[index]}."
-            for name, value in self._local_modules[index].state_dict().items():
-                result.setdefault(prefix + name, value)
+            module = self._local_modules[index]
+            names = shared_names(index, self._owner[index], module, self._shared)
+            prefix = name_prefix(self._owner[index], module)
+            for name, value in module.state_dict().items():
+                result.setdefault(names.get(name, prefix + name), value)
         return result
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:

@@ -133,3 +133,26 @@ def test_busy_wait_defaults_to_polling_where_each_rank_has_a_core():
     assert busy_poll_s() == BUSY_POLL_S > 0
     assert busy_poll_s(busy_wait=False) == 0.0
     assert busy_poll_s(busy_wait=True) == BUSY_POLL_S
+
+
+def test_a_split_module_keeps_its_names_and_loads_its_own_state_dict():
+    """One process: the pipeline's names are the module's, its state dict is the module's without
+    the duplicate of the tied head, and the module's own state dict loads back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from model.split_models import SEQ, NaturalTransformer
+
+    import pipefold
+
+    torch.manual_seed(0)
+    model = NaturalTransformer()
+    other = NaturalTransformer()
+    layers = pipefold.split(model, example_inputs=(torch.zeros(2, SEQ, dtype=torch.long),))
+    pipe = Pipeline(layers, loss_fn=lambda out, y: out.sum(), schedule="gpipe", num_microbatches=1)
+    assert [n for n, _ in pipe.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(pipe.state_dict()) == [k for k in model.state_dict() if k != "head.weight"]
+    pipe.load_state_dict(other.state_dict())
+    for name, value in other.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
