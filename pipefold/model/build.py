@@ -377,7 +377,8 @@ def meta_layers(layers: nn.Sequential | Sequence[LayerLike]) -> list[nn.Module]:
                 tied[layer.key] = layer.build("meta")
             result.append(tied[layer.key])
         elif isinstance(layer, LayerSpec):
-            result.append(layer.build("meta"))
+            # Through the memo too: a parameter two specs were given stays one (shared_parameters).
+            result.append(_meta_copy(layer.construct("meta"), memo))
         else:
             result.append(_meta_copy(layer, memo))
     return result

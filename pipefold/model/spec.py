@@ -59,6 +59,15 @@ class LayerSpec:
         Building under `torch.device(device)` means a `"meta"` build allocates no
         memory at all, and a GPU build never stages the weights on the host.
         """
+        module = self.construct(device)
+        if device is not None:
+            # Modules that create tensors with an explicit device= ignore the context above.
+            module.to(device)
+        return module
+
+    def construct(self, device: torch.device | str | None = None) -> nn.Module:
+        """`build` without the final move to `device`: tensors the factory was given (a parameter
+        shared with another layer) stay the objects they are."""
         if device is None:
             module = self.cls(*self.args, **self.kwargs)
         else:
@@ -78,8 +87,6 @@ class LayerSpec:
                     f"the layer (not wrapped in a LayerSpec), or LayerSpec({type(module).__name__}, "
                     "*its arguments) to build it lazily"
                 )
-            # Modules that create tensors with an explicit device= ignore the context above.
-            module.to(device)
         return module
 
     def _is_prebuilt(self, module: nn.Module, device: torch.device) -> bool:

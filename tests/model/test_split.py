@@ -76,6 +76,22 @@ def test_shared_parameters_are_found_across_layers():
     plain = [embed, nn.Linear(DIM, DIM), head]
     assert shared_parameters(plain, meta_layers(plain)) == {"0.weight": (0, 2)}
     assert shared_parameters(plain[:2], meta_layers(plain[:2])) == {}
+    # Two LayerSpecs given one parameter hold it as one, found the same way.
+    from pipefold.model import LayerSpec
+
+    weight = nn.Parameter(torch.randn(DIM, DIM))
+    specs = [LayerSpec(Scale, weight), LayerSpec(nn.Tanh), LayerSpec(Scale, weight)]
+    assert shared_parameters(specs, meta_layers(specs)) == {"0.weight": (0, 2)}
+    assert weight.device.type == "cpu"
+
+
+class Scale(nn.Module):
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight
 
 
 def test_blocks_are_the_largest_repeated_list():
