@@ -57,7 +57,7 @@ def _worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     from benchmarks.harness.pipefold_side import uniform_partition
     from benchmarks.harness.workloads import workload
-    from pipefold.runtime import Pipeline
+    from pipefold.runtime import LayoutOptions, Pipeline
     from pipefold.schedule.registry import family
 
     work = workload(args.workload)
@@ -65,7 +65,9 @@ def _worker(args: argparse.Namespace) -> None:
     pipe = Pipeline(
         work.build_layers(), loss_fn=work.loss_fn, schedule=args.schedule,
         num_microbatches=args.microbatches, num_virtual=num_virtual,
-        partition=uniform_partition(dist.get_world_size() * num_virtual), device=torch.device("cpu"),
+        layout=LayoutOptions(
+            partition=uniform_partition(dist.get_world_size() * num_virtual), device=torch.device("cpu")
+        ),
     )
     inputs, targets = work.make_batch(0)
     for _ in range(args.steps):

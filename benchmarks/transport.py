@@ -5,8 +5,8 @@
 
 Two spawned ranks (gloo on 127.0.0.1, one torch thread each) bounce one float32 tensor
 back and forth through pipefold's own `P2P`: once through the process group (what
-`Pipeline(shared_memory=False)` and torch.distributed.pipelining use on CPU) and once
-through the same-host shared-memory channel (pipefold's default on CPU). Waits go
+`Pipeline(transport=TransportOptions(shared_memory=False))` and torch.distributed.pipelining
+use on CPU) and once through the same-host shared-memory channel (pipefold's default on CPU). Waits go
 through pipefold's `Watchdog` in both cases, exactly as in a pipeline step. Both
 transports alternate in rounds so machine noise hits both alike; the table gives the
 median round trip per size and the ratio.

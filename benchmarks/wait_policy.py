@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/wait_policy.py --workload transformer --schedules 1f1b --steps 3
 
 Two `Pipeline`s on the same layers run in the same 2 spawned ranks, one with
-`busy_wait=True` and one with `busy_wait=False` (docs/decisions.md,
+`RuntimeOptions(busy_wait=True)` and one with `busy_wait=False` (docs/decisions.md,
 "busy polling"), `--steps` steps each per round, alternating for `--rounds`
 rounds, so both see the same machine. Prints the median step (the slowest rank's wall
 time) and each rank's median F and B per policy, and the sleeping / busy ratio (above 1:
@@ -33,7 +33,7 @@ def _rank(
     import torch.distributed as dist
 
     from benchmarks.harness.workloads import workload
-    from pipefold.runtime import Pipeline
+    from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions
     from pipefold.runtime.processes.launch import init_process_group_from_env
 
     init_process_group_from_env()
@@ -45,8 +45,8 @@ def _rank(
             loss_fn=work.loss_fn,
             schedule=schedule,
             num_microbatches=num_microbatches,
-            device=torch.device("cpu"),
-            busy_wait=busy,
+            layout=LayoutOptions(device=torch.device("cpu")),
+            runtime=RuntimeOptions(busy_wait=busy),
         )
         for name, busy in _POLICIES.items()
     }

@@ -24,35 +24,54 @@ from pipefold.errors import (
 from pipefold.timeline import Event, Timeline, Wait
 
 if TYPE_CHECKING:
-    from pipefold.model import LayerSpec, TiedLayerSpec
-    from pipefold.runtime import CheckpointInfo, Pipeline, load_checkpoint, save_checkpoint
+    from pipefold.model import LayerSpec, TiedLayerSpec, split
+    from pipefold.runtime import (
+        CheckpointInfo,
+        LayoutOptions,
+        ParallelOptions,
+        Pipeline,
+        RuntimeOptions,
+        TransportOptions,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
 __all__ = [
     "CheckpointInfo",
     "ConfigError",
     "Event",
     "LayerSpec",
+    "LayoutOptions",
+    "ParallelOptions",
     "PartitionError",
     "PeerFailure",
     "Pipeline",
     "PipefoldError",
     "PipelineError",
+    "RuntimeOptions",
     "ScheduleError",
     "TiedLayerSpec",
     "Timeline",
+    "TransportOptions",
     "Wait",
     "__version__",
     "load_checkpoint",
     "save_checkpoint",
+    "split",
 ]
 
 _LAZY = {
     "Pipeline": "pipefold.runtime",
+    "LayoutOptions": "pipefold.runtime",
+    "ParallelOptions": "pipefold.runtime",
+    "RuntimeOptions": "pipefold.runtime",
+    "TransportOptions": "pipefold.runtime",
     "CheckpointInfo": "pipefold.runtime",
     "save_checkpoint": "pipefold.runtime",
     "load_checkpoint": "pipefold.runtime",
     "LayerSpec": "pipefold.model",
     "TiedLayerSpec": "pipefold.model",
+    "split": "pipefold.model",
 }
 
 

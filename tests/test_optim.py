@@ -14,7 +14,7 @@ from pipefold.job.config import load_config
 from pipefold.job.optim import accumulated_step, lr_factor, lr_scheduler, parameter_groups
 from pipefold.model import build_reference
 from pipefold.model.zoo import gpt_layers, gpt_loss
-from pipefold.runtime import Pipeline
+from pipefold.runtime import LayoutOptions, Pipeline
 
 
 def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, steps: int):
@@ -87,7 +87,9 @@ def test_weight_decay_groups_of_the_gpt():
 
 def test_accumulating_k_steps_equals_one_step_of_k_times_the_batch():
     layers = gpt_layers(256, 16, 2, 2, 8)
-    pipe = Pipeline(layers, loss_fn=gpt_loss, schedule="gpipe", num_microbatches=2, seed=3)
+    pipe = Pipeline(
+        layers, loss_fn=gpt_loss, schedule="gpipe", num_microbatches=2, layout=LayoutOptions(seed=3)
+    )
     reference = build_reference(gpt_layers(256, 16, 2, 2, 8), seed=3)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (12, 9), generator=generator)

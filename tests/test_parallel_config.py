@@ -128,10 +128,12 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
     from torch import nn
 
     from pipefold.model import LayerSpec, TiedLayerSpec
-    from pipefold.runtime import Pipeline, sharded_optimizer
+    from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, sharded_optimizer
 
     layers = [LayerSpec(nn.Linear, 4, 4) for _ in range(3)]
-    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, recompute=[1])
+    pipe = Pipeline(
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, layout=LayoutOptions(recompute=[1])
+    )
     assert pipe.parallel_config == ParallelConfig(
         pp=1,
         num_microbatches=2,
@@ -153,4 +155,4 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
     ]
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     with pytest.raises(ConfigError, match="tied_layers=True is not allowed: schedule='pipedream'"):
-        Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", optimizer=sgd)
+        Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd))

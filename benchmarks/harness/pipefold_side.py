@@ -20,7 +20,7 @@ from torch import nn
 from benchmarks.harness.layout import stage_bounds
 from benchmarks.harness.pairs import SchedulePair
 from benchmarks.harness.workloads import Workload
-from pipefold.runtime import Pipeline, tune_schedule
+from pipefold.runtime import LayoutOptions, Pipeline, tune_schedule
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule.io import to_json
 from pipefold.simulate import predicted_step_time
@@ -44,7 +44,7 @@ class PipefoldSide:
         probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         num_stages = num_ranks * schedule_pair.num_virtual
-        options: dict[str, Any] = {"partition": uniform_partition(num_stages), "device": torch.device("cpu")}
+        layout = LayoutOptions(partition=uniform_partition(num_stages), device=torch.device("cpu"))
         schedule: Any = schedule_pair.schedule
         self.tuned: Any = None
         if schedule_pair.torch_class is None:
@@ -60,7 +60,7 @@ class PipefoldSide:
                 num_microbatches=num_microbatches,
                 placement=schedule_pair.layout,
                 num_virtual=schedule_pair.num_virtual,
-                **options,
+                layout=layout,
             )
             schedule = self.tuned.schedule
         self.pipe: Any = Pipeline(
@@ -69,7 +69,7 @@ class PipefoldSide:
             schedule=schedule,
             num_microbatches=num_microbatches,
             num_virtual=schedule_pair.num_virtual,
-            **options,
+            layout=layout,
         )
         # The measurements of the latest steps: the warm-up steps when the runner asks for
         # the calibrated prediction (it asks before timing). (GatheredStep, wall seconds of

@@ -76,7 +76,7 @@ def predict(
             num_microbatches=num_microbatches,
             num_virtual=schedule_pair.num_virtual,
         )
-    # The runtime fuses I/W pairs nobody waits on (Pipeline(fuse_backward=True)); predict that.
+    # The runtime fuses I/W pairs nobody waits on (RuntimeOptions(fuse_backward=True)); predict that.
     schedule = fuse_adjacent_split_backward(schedule)
     costs = cost_model(layer_costs, schedule.num_stages, scale=scale, link=link, num_cores=num_cores)
     return simulate(schedule, costs)

@@ -10,7 +10,7 @@ optimizer, and the state of a run it resumes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,16 @@ from pipefold.job.optim import lr_scheduler, parameter_groups
 from pipefold.model import partition
 from pipefold.model.hf import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
-from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan, profile, sharded_optimizer, tune_schedule
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    gpt_tensor_parallel_plan,
+    profile,
+    sharded_optimizer,
+    tune_schedule,
+)
 from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
 from pipefold.runtime.processes.launch import init_process_group_from_env
 from pipefold.schedule import Schedule, WeightUpdate
@@ -221,16 +230,19 @@ def _make_pipeline(
     s = config.schedule
     schedule = s.built
     recompute = config.recompute
-    options: dict[str, Any] = {
-        "process_group": _mesh(config, device),
-        "partition": _partition_argument(config, schedule, layers, sampler, device),
-        "recompute": list(recompute) if isinstance(recompute, tuple) else recompute,
-        "device": device,
-        "seed": config.seed,
-        "timeout_s": config.timeout_s,
-    }
-    if s.tensor_parallel > 1:
-        options["tensor_parallel"] = gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
+    layout = LayoutOptions(
+        partition=_partition_argument(config, schedule, layers, sampler, device),
+        recompute=list(recompute) if isinstance(recompute, tuple) else recompute,
+        device=device,
+        seed=config.seed,
+    )
+    parallel = ParallelOptions(
+        process_group=_mesh(config, device),
+        tensor_parallel=(
+            gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel) if s.tensor_parallel > 1 else None
+        ),
+    )
+    runtime = RuntimeOptions(timeout_s=config.timeout_s)
     note: str | None = None
     placement = s.searched_placement
     if placement is not None:
@@ -246,7 +258,9 @@ def _make_pipeline(
             num_microbatches=s.num_microbatches,
             placement=placement,
             num_virtual=s.num_virtual,
-            **options,
+            layout=layout,
+            parallel=parallel,
+            runtime=runtime,
         )
         schedule = tuned.schedule
         note = tuned.summary()
@@ -255,8 +269,9 @@ def _make_pipeline(
         layers,
         loss_fn=loss_fn,
         schedule=schedule,
-        optimizer=None if is_flush else _adamw(config),
-        **options,
+        layout=layout,
+        parallel=replace(parallel, optimizer=None if is_flush else _adamw(config)),
+        runtime=runtime,
     )
     return pipe, note
 

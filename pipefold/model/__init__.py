@@ -1,4 +1,5 @@
-"""Describing and splitting models: lazy layer specs, meta-device builds, partitions.
+"""Describing and splitting models: lazy layer specs, meta-device builds, partitions, and
+`split(module)`, which cuts your own `nn.Module` into pipeline layers at its repeated blocks.
 
 >>> from torch import nn
 >>> from pipefold.model import LayerSpec, partition
@@ -22,6 +23,7 @@ from pipefold.model.build import (
 )
 from pipefold.model.partition import METHODS, Partition, balance, partition, stage_times
 from pipefold.model.spec import ForwardFn, LayerLike, LayerSpec, TiedLayerSpec, layer_name
+from pipefold.model.split import split
 
 __all__ = [
     "ForwardFn",
@@ -42,6 +44,7 @@ __all__ = [
     "named_parameters",
     "owner_indices",
     "partition",
+    "split",
     "stage_times",
     "tied_groups",
     "trace_boundaries",

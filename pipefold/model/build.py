@@ -47,6 +47,8 @@ __all__ = [
     "named_parameters",
     "name_prefix",
     "parameter_names",
+    "shared_names",
+    "shared_parameter_uses",
     "shared_parameters",
 ]
 
@@ -254,25 +256,43 @@ def parameter_names(layer_index: int, owner: int, module: nn.Module) -> dict[str
     return {name: f"{owner}.{name}" for name, _ in module.named_parameters(remove_duplicate=False)}
 
 
+def shared_names(
+    index: int, owner: int, module: nn.Module, shared: Mapping[str, Sequence[tuple[int, str]]] | None
+) -> dict[str, str]:
+    """`parameter_names` of layer `index`, where each use of a parameter in `shared` (as
+    `shared_parameter_uses` gives it) takes the parameter's first name: every rank then names a
+    weight shared across layers alike, whichever of its holders it builds."""
+    names = parameter_names(index, owner, module)
+    prefix = name_prefix(owner, module)
+    for name, uses in (shared or {}).items():
+        for holder, use in uses:
+            if holder == index:
+                names[use.removeprefix(prefix)] = name
+    return names
+
+
 def name_prefix(owner: int, module: nn.Module) -> str:
     """What the pipeline puts before a layer's own state-dict keys ("" for split pieces)."""
     return "" if getattr(module, "pipefold_keeps_names", False) else f"{owner}."
 
 
 def named_parameters(
-    layers: Sequence[LayerLike], modules: Mapping[int, nn.Module]
+    layers: Sequence[LayerLike],
+    modules: Mapping[int, nn.Module],
+    shared: Mapping[str, Sequence[tuple[int, str]]] | None = None,
 ) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters of the built `modules` (index -> module, as `materialize` returns them),
     under the names `nn.Sequential(*layers)` would give: `"<layer index>.<param name>"`
     (for `pipefold.split` pieces, the split module's own names).
 
     A tied module is listed once, named after its FIRST occurrence even on a rank that
-    holds only a later one, so every holder agrees on the name of the shared weight.
+    holds only a later one, so every holder agrees on the name of the shared weight; so is a
+    parameter of `shared` (`shared_parameter_uses(layers, meta_layers(layers))`).
     """
     owners = owner_indices(layers)
     seen: set[int] = set()
     for index in sorted(modules):
-        names = parameter_names(index, owners[index], modules[index])
+        names = shared_names(index, owners[index], modules[index], shared)
         for name, parameter in modules[index].named_parameters():
             if id(parameter) not in seen:
                 seen.add(id(parameter))
@@ -288,17 +308,28 @@ def shared_parameters(
     after the first holder) -> the indices of the layers that hold it, in model order.
 
     `meta` is `meta_layers(layers)`, which keeps such sharing (one copy per tensor)."""
+    return {
+        name: tuple(index for index, _ in uses) for name, uses in shared_parameter_uses(layers, meta).items()
+    }
+
+
+def shared_parameter_uses(
+    layers: Sequence[LayerLike], meta: Sequence[nn.Module]
+) -> dict[str, tuple[tuple[int, str], ...]]:
+    """`shared_parameters` with each use named: name -> ((layer index, the name under which
+    that layer holds it: "2.weight" in a plain list, "lm_head.weight" in a split piece), ...)."""
     owners = owner_indices(layers)
-    holders: dict[int, list[int]] = {}
+    uses: dict[int, list[tuple[int, str]]] = {}
     first_name: dict[int, str] = {}
     for index, module in enumerate(meta):
         names = parameter_names(index, owners[index], module)
+        prefix = name_prefix(owners[index], module)
         for name, param in module.named_parameters(remove_duplicate=False):
-            found = holders.setdefault(id(param), [])
-            if owners[index] not in (owners[i] for i in found):
-                found.append(index)
+            found = uses.setdefault(id(param), [])
+            if owners[index] not in (owners[i] for i, _ in found):
+                found.append((index, prefix + name))
             first_name.setdefault(id(param), names[name])
-    return {first_name[key]: tuple(indices) for key, indices in holders.items() if len(indices) > 1}
+    return {first_name[key]: tuple(found) for key, found in uses.items() if len(found) > 1}
 
 
 def apply_layer(layer: LayerLike, module: nn.Module, x: Any) -> Any:
@@ -310,14 +341,21 @@ def apply_layer(layer: LayerLike, module: nn.Module, x: Any) -> Any:
 
 def _meta_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     # Pre-seeding deepcopy's memo with meta stand-ins means the real data is never copied,
-    # and sharing between modules (one memo for the whole model) is preserved.
-    for param in module.parameters():
-        if id(param) not in memo:
-            stand_in = torch.empty_like(param, device="meta")
-            memo[id(param)] = nn.Parameter(stand_in, requires_grad=param.requires_grad)
-    for buffer in module.buffers():
-        if id(buffer) not in memo:
-            memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    # and sharing between modules (one memo for the whole model) is preserved. A split
+    # piece keeps the whole module it was cut from (its prefix runs that module's forward),
+    # whose every tensor gets a stand-in too.
+    sources = [module]
+    root = getattr(module, "root", None) if getattr(module, "pipefold_keeps_names", False) else None
+    if isinstance(root, nn.Module):
+        sources.append(root)
+    for source in sources:
+        for _, param in source.named_parameters(remove_duplicate=False):
+            if id(param) not in memo:
+                stand_in = torch.empty_like(param, device="meta")
+                memo[id(param)] = nn.Parameter(stand_in, requires_grad=param.requires_grad)
+        for buffer in source.buffers():
+            if id(buffer) not in memo:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     return copy.deepcopy(module, memo)
 
 
@@ -337,7 +375,8 @@ def meta_layers(layers: nn.Sequential | Sequence[LayerLike]) -> list[nn.Module]:
                 tied[layer.key] = layer.build("meta")
             result.append(tied[layer.key])
         elif isinstance(layer, LayerSpec):
-            result.append(layer.build("meta"))
+            # Through the memo too: a parameter two specs were given stays one (shared_parameters).
+            result.append(_meta_copy(layer.construct("meta"), memo))
         else:
             result.append(_meta_copy(layer, memo))
     return result
@@ -378,10 +417,14 @@ def trace_boundaries(
         )
     value: Any = _to_meta(sample)
     result: list[TensorMeta] = []
-    with torch.no_grad():
+    # Tensors a layer creates in its forward (a mask, position ids) are made on meta too.
+    with torch.no_grad(), torch.device("meta"):
         for index, (layer, module) in enumerate(zip(description, modules, strict=True)):
             try:
-                value = apply_layer(layer, module, value)
+                # A split piece knows how to trace a forward that cannot run on meta (split.py).
+                keeps_names = getattr(layer, "pipefold_keeps_names", False)
+                trace = getattr(layer, "trace", None) if keeps_names else None
+                value = trace(module, value) if trace is not None else apply_layer(layer, module, value)
             except Exception as error:
                 # Turned into a ConfigError because a failure here is a description problem
                 # (shapes that do not chain, or a layer that reads tensor values), found before any rank runs.

@@ -58,6 +58,15 @@ class LayerSpec:
         Building under `torch.device(device)` means a `"meta"` build allocates no
         memory at all, and a GPU build never stages the weights on the host.
         """
+        module = self.construct(device)
+        if device is not None:
+            # Modules that create tensors with an explicit device= ignore the context above.
+            module.to(device)
+        return module
+
+    def construct(self, device: torch.device | str | None = None) -> nn.Module:
+        """`build` without the final move to `device`: tensors the factory was given (a parameter
+        shared with another layer) stay the objects they are."""
         if device is None:
             module = self.cls(*self.args, **self.kwargs)
         else:
@@ -69,9 +78,26 @@ class LayerSpec:
                 f"cls must construct an nn.Module"
             )
         if device is not None:
-            # Modules that create tensors with an explicit device= ignore the context above.
-            module.to(device)
+            if self._is_prebuilt(module, torch.device(device)):
+                raise ConfigError(
+                    f"LayerSpec({self.name}) returned an already-built {type(module).__name__} (the same "
+                    "object on every call); a LayerSpec builds a new module on each call, first on the meta "
+                    "device, which would move this one's weights away. Pass the built module itself as "
+                    f"the layer (not wrapped in a LayerSpec), or LayerSpec({type(module).__name__}, "
+                    "*its arguments) to build it lazily"
+                )
         return module
+
+    def _is_prebuilt(self, module: nn.Module, device: torch.device) -> bool:
+        """Whether `cls` handed back a module built before the call: it holds tensors off `device`
+        and a second call returns the very same object. (A module that makes its tensors with an
+        explicit device= holds them off `device` too, but is a new object on each call.)"""
+        tensors = [*module.parameters(), *module.buffers()]
+        if all(t.device.type == device.type for t in tensors):
+            return False
+        with torch.device(device):
+            again = self.cls(*self.args, **self.kwargs)
+        return again is module
 
     def __repr__(self) -> str:
         parts = [self.name, *(repr(a) for a in self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())]

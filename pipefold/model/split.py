@@ -104,7 +104,9 @@ class _Template:
         for leaf, expected in zip(leaves, self.leaves, strict=True):
             if expected is _SLOT:
                 if not isinstance(leaf, Tensor):
-                    raise ConfigError(f"{where}: a block argument that was a tensor at split time is {leaf!r}")
+                    raise ConfigError(
+                        f"{where}: a block argument that was a tensor at split time is {leaf!r}"
+                    )
                 tensors.append(leaf)
             elif not _same_constant(leaf, expected):
                 raise ConfigError(
@@ -181,20 +183,21 @@ class SplitPiece(nn.Module):
             holder = child
         holder.add_module(parts[-1], module)
 
+    @property
+    def root(self) -> nn.Module:
+        """The module this piece was cut from (not a registered submodule of the piece)."""
+        root: nn.Module = object.__getattribute__(self, "_root")
+        return root
+
     def parameter_names(self) -> dict[str, str]:
         """This piece's parameter names -> their names in the whole module (a shared
         parameter's first name there)."""
-        root: nn.Module = object.__getattribute__(self, "_root")
+        root = self.root
         canonical = {id(param): name for name, param in root.named_parameters(remove_duplicate=True)}
         return {
-            name: canonical.get(id(param), name) for name, param in self.named_parameters(remove_duplicate=False)
+            name: canonical.get(id(param), name)
+            for name, param in self.named_parameters(remove_duplicate=False)
         }
-
-    @property
-    def root(self) -> nn.Module:
-        """The module this piece was cut out of."""
-        root: nn.Module = object.__getattribute__(self, "_root")
-        return root
 
     def buffer_names(self) -> dict[str, str]:
         """This piece's buffer names -> their names in the whole module."""
@@ -243,6 +246,35 @@ class SplitPiece(nn.Module):
         self.to(device)
         return self
 
+    def trace(self, built: nn.Module, value: Any) -> Any:
+        """This piece's output for an input shaped like `value` (meta tensors), on meta: `built`
+        (this piece's meta copy) run on it, or, where the module's forward reads tensor values
+        (a Hugging Face model checks its masks' contents), this piece itself run once on zeros of
+        those shapes, in eval mode and without touching the random streams."""
+        try:
+            return built(value)
+        except Exception:
+            tensors = [*self.parameters(), *self.root.parameters(), *self.root.buffers()]
+            device = tensors[0].device if tensors else torch.device("cpu")
+            if device.type == "meta":
+                raise
+        zeros = pytree.tree_map(
+            lambda leaf: torch.zeros(leaf.shape, dtype=leaf.dtype, device=device)
+            if isinstance(leaf, Tensor)
+            else leaf,
+            value,
+        )
+        modes = {module: module.training for module in self.root.modules()}
+        accelerators = [device.index or 0] if device.type == "cuda" else []
+        try:
+            self.root.eval()
+            with torch.random.fork_rng(devices=accelerators), torch.no_grad(), torch.device(device):
+                output = self(zeros)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return _meta_tree(output)
+
     def extra_repr(self) -> str:
         return f"{self.kind}: {', '.join(self.paths) or '(root)'}"
 
@@ -269,7 +301,8 @@ class _Prefix(SplitPiece):
             if isinstance(value, nn.Parameter):
                 self.register_parameter(name, value)
             else:
-                self.register_buffer(name, value)
+                # Kept out of the state dict where the module keeps it out (rotary tables, say).
+                self.register_buffer(name, value, persistent=name not in root._non_persistent_buffers_set)
 
     def forward(self, inputs: Any) -> Any:
         if self._twin is not None and any(
@@ -438,7 +471,8 @@ def split(
     if split_points is not None:
         raise ConfigError(
             f"split(split_points={list(split_points)!r}): cutting at named points is not supported yet; "
-            "split cuts at every block boundary and Pipeline(partition=...) groups the blocks into stages"
+            "split cuts at every block boundary and Pipeline(layout=LayoutOptions(partition=...)) groups "
+            "the blocks into stages"
         )
     found = find_blocks(module)
     if found is None:
@@ -596,7 +630,8 @@ def _trace(
         raise
     except Exception as error:
         raise ConfigError(
-            f"split: {type(module).__name__}.forward failed on example_inputs{' (on the meta device)' if on_meta else ''} "
+            f"split: {type(module).__name__}.forward failed on example_inputs"
+            f"{' (on the meta device)' if on_meta else ''} "
             f"({type(error).__name__}: {error}); pass example_inputs shaped like one training batch"
             + ("; a module on the meta device must run on meta tensors (no .item() or data-dependent "
                "shapes): build it with real weights instead" if on_meta else "")
@@ -619,7 +654,7 @@ def _trace(
             f"split: {name} calls {first.path} without a hidden-state tensor as its first argument"
         )
     template, tensors = _Template.of(first.args[1:], first.kwargs)
-    for previous, call in zip(block_calls, block_calls[1:]):
+    for previous, call in zip(block_calls, block_calls[1:], strict=False):
         hidden = _hidden_of(previous.output)
         rest_template, rest = _Template.of(call.args[1:], call.kwargs)
         same = (
@@ -658,7 +693,9 @@ def _trace(
         chain.append((call.path, call_template, position))
         value = call.output
         if not isinstance(value, Tensor):
-            raise ConfigError(f"split: {name}'s {call.path} after the blocks returns a {type(value).__name__}")
+            raise ConfigError(
+                f"split: {name}'s {call.path} after the blocks returns a {type(value).__name__}"
+            )
     result = _model_output(output)
     if not isinstance(result, Tensor) or not _is_same_or_whole_view(result, value):
         raise ConfigError(
@@ -669,7 +706,9 @@ def _trace(
     return template, chain
 
 
-def _prefix_paths(module: nn.Module, blocks_path: str, suffix_paths: Sequence[str]) -> tuple[list[str], list[str]]:
+def _prefix_paths(
+    module: nn.Module, blocks_path: str, suffix_paths: Sequence[str]
+) -> tuple[list[str], list[str]]:
     """The submodules the prefix owns: every child not holding the blocks or a suffix module,
     recursing into the ancestors of those; and the tensors set on such ancestors directly."""
     owned: list[str] = []
@@ -677,7 +716,8 @@ def _prefix_paths(module: nn.Module, blocks_path: str, suffix_paths: Sequence[st
     taken = [blocks_path, *suffix_paths]
 
     def visit(prefix: str, current: nn.Module) -> None:
-        for name, _ in list(current.named_parameters(recurse=False)) + list(current.named_buffers(recurse=False)):
+        own = list(current.named_parameters(recurse=False)) + list(current.named_buffers(recurse=False))
+        for name, _ in own:
             if prefix:
                 owned.append(f"{prefix}{name}")  # a tensor on an ancestor: registered by path below
             else:

@@ -5,8 +5,8 @@ backward B and its halves I and W, measured (docs/decisions.md, "Probing F, B, I
 The probe runs `schedule` with the backward of even micro-batches split into I, W (W
 right after its I) and that of odd ones whole, so one measured step holds every op of
 every stage (with one micro-batch only the split form runs); it is as valid as
-`schedule`. Run it with `Pipeline(..., fuse_backward=False)`, or the runtime fuses the
-adjacent halves back into B. `probe_base(placement, ...)` builds the family to probe.
+`schedule`. Run it with `Pipeline(..., runtime=RuntimeOptions(fuse_backward=False))`, or the
+runtime fuses the adjacent halves back into B. `probe_base(placement, ...)` builds the family to probe.
 """
 
 from __future__ import annotations

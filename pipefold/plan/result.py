@@ -120,7 +120,7 @@ class Candidate:
 
     @property
     def recompute_layers(self) -> tuple[int, ...]:
-        """The layer indices `Pipeline(recompute=...)` takes for this candidate."""
+        """The layer indices `LayoutOptions(recompute=...)` takes for this candidate."""
         return tuple(
             layer for stage in self.recompute for layer in range(self.bounds[stage], self.bounds[stage + 1])
         )
@@ -141,12 +141,18 @@ class Candidate:
         )
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that make `pipefold.Pipeline` run exactly this configuration (a searched
-        order's `schedule` is its `Schedule`)."""
+        """The schedule's keyword arguments of `pipefold.Pipeline` for this configuration (a searched
+        order's `schedule` is its `Schedule`); with `layout_kwargs` it runs exactly this choice:
+        `Pipeline(layers, loss_fn=..., **c.pipeline_kwargs(), layout=LayoutOptions(**c.layout_kwargs()))`."""
         return {
             "schedule": self.schedule if self.order is None else self.order,
             "num_microbatches": self.num_microbatches,
             "num_virtual": self.num_virtual,
+        }
+
+    def layout_kwargs(self) -> dict[str, Any]:
+        """The `pipefold.runtime.LayoutOptions` fields of this configuration: partition and recompute."""
+        return {
             "partition": list(self.partition.counts),
             "recompute": list(self.recompute_layers) if self.recompute else "none",
         }
@@ -171,7 +177,8 @@ class Candidate:
             "peak_memory": self.peak_memory,
             "memory": [memory.to_json() for memory in self.memory],
             # A searched order's schedule is "auto" here; its actions are in "order" (once, not twice).
-            "pipeline_kwargs": {**self.pipeline_kwargs(), "schedule": self.schedule},
+            # One flat mapping: Pipeline's schedule arguments and LayoutOptions' partition and recompute.
+            "pipeline_kwargs": {**self.pipeline_kwargs(), **self.layout_kwargs(), "schedule": self.schedule},
             "order": None if self.order is None else schedule_to_json(self.order),
             "base_family": self.base_family,
         }
@@ -399,7 +406,9 @@ class Plan:
             "  Pipeline(" + ", ".join(
                 f"{k}={'pipefold.schedule.io.load(FILE)' if k == 'schedule' and choice.order else repr(v)}"
                 for k, v in choice.pipeline_kwargs().items()
-            ) + ")" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
+            ) + ", layout=LayoutOptions(" + ", ".join(
+                f"{k}={v!r}" for k, v in choice.layout_kwargs().items()
+            ) + "))" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
         if choice.sharded_optimizer:
             lines.append(
@@ -409,7 +418,8 @@ class Plan:
         if choice.num_tensor_parallel > 1:
             lines.append(
                 f"  tensor parallel: each stage split over {choice.num_tensor_parallel} ranks: a mesh with "
-                f"a 'tp' dim of {choice.num_tensor_parallel} and Pipeline(tensor_parallel=plan) (pipefold "
+                f"a 'tp' dim of {choice.num_tensor_parallel} and "
+                "Pipeline(parallel=ParallelOptions(tensor_parallel=plan)) (pipefold "
                 f"train --tensor-parallel {choice.num_tensor_parallel}); memory and times above are one tp "
                 "rank's"
             )

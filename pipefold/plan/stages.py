@@ -1,6 +1,6 @@
 """Per-layer costs summed into the simulator's per-stage `CostModel`, with or without recompute.
 
-Recompute is per stage, as `Pipeline(recompute=...)` runs it (docs/decisions.md,
+Recompute is per stage, as `LayoutOptions(recompute=...)` runs it (docs/decisions.md,
 "Recompute model").
 """
 

@@ -2,19 +2,22 @@
 
     >>> from pipefold.runtime import Pipeline   # also re-exported as pipefold.Pipeline
 
-`Pipeline` (pipeline.py) owns the stages of this rank (stage.py) and runs each step
-through the executor (executor.py), which dispatches every action of the rank's
-lowered program to one handler. Transfers and collectives (comm.py) never wait
-without a deadline (failure.py); activation memory is counted with saved-tensor
-hooks (memory.py). `measured_cost_model` (measured.py) turns a measured timeline
-into a `pipefold.simulate.CostModel`; `tune_schedule` (tune.py) measures a model's costs
-in probe steps and searches a schedule for them. `save_checkpoint` / `load_checkpoint`
-(checkpoint.py) write and read sharded, atomic checkpoints that load into any partition;
-`sharded_optimizer` (zero.py) shards the optimizer state over data-parallel replicas (ZeRO-1).
+`Pipeline` (pipeline.py) owns the stages of this rank (stage.py) and runs each step through
+the executor (executor.py), which dispatches every action of the rank's lowered program to
+one handler. Its option groups live in options.py, its transport is set up by
+transport/setup.py, its data/tensor-parallel wiring is parallel/dims.py. Transfers and
+collectives (comm.py) never wait without a deadline (failure.py); activation memory is
+counted with saved-tensor hooks (memory.py). `measured_cost_model` (measured.py) turns a
+measured timeline into a `pipefold.simulate.CostModel`; `tune_schedule` (tune.py) measures a
+model's costs in probe steps and searches a schedule for them. `save_checkpoint` /
+`load_checkpoint` (checkpoint.py) write and read sharded, atomic checkpoints that load into
+any partition; `sharded_optimizer` (zero.py) shards the optimizer state over data-parallel
+replicas (ZeRO-1).
 """
 
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
 from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.options import LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions
 from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan
 from pipefold.runtime.parallel.zero import sharded_optimizer
 from pipefold.runtime.pipeline import Pipeline
@@ -24,7 +27,11 @@ from pipefold.runtime.tune import TunedSchedule, tune_schedule
 __all__ = [
     "CheckpointInfo",
     "LayerProfile",
+    "LayoutOptions",
+    "ParallelOptions",
     "Pipeline",
+    "RuntimeOptions",
+    "TransportOptions",
     "TunedSchedule",
     "gpt_tensor_parallel_plan",
     "load_checkpoint",

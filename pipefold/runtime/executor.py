@@ -470,6 +470,7 @@ class Executor:
         if self._step_fn is None:
             raise PipelineError(
                 f"rank {self.rank}: the schedule runs {action} but the pipeline has no optimizer; "
-                "asynchronous schedules need Pipeline(optimizer=lambda params: ...)"
+                "asynchronous schedules need "
+                "Pipeline(parallel=ParallelOptions(optimizer=lambda params: ...))"
             )
         self._step_fn(action.stage, action.microbatch)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,13 +32,16 @@ from pipefold.model import (
     Partition,
     TensorMeta,
     as_layers,
+    layer_name,
     materialize,
     meta_layers,
+    named_parameters,
     owner_indices,
     partition,
     tied_groups,
     trace_boundaries,
 )
+from pipefold.model.build import name_prefix, shared_names, shared_parameter_uses
 from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
 from pipefold.runtime.clip import GradientScope, not_counted
@@ -47,17 +49,17 @@ from pipefold.runtime.evaluate import ForwardOnly
 from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
-from pipefold.runtime.parallel.data_parallel import DataParallel, split_mesh
-from pipefold.runtime.parallel.sequence_parallel import sequence_sharded_outputs, shard_boundaries
-from pipefold.runtime.parallel.tensor_parallel import (
-    TensorParallelPlan,
-    apply_tensor_parallel,
-    check_plan,
-    plan_for,
-    shard_like,
-    tensor_parallel_mesh,
+from pipefold.runtime.options import (
+    LayoutOptions,
+    OptimizerFactory,
+    ParallelOptions,
+    RuntimeOptions,
+    TransportOptions,
 )
+from pipefold.runtime.parallel.data_parallel import DataParallel
+from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.parallel.tensor_parallel import local as local_shard
+from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
 from pipefold.runtime.recording import StepRecorder
@@ -65,7 +67,8 @@ from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.tied import TiedGradients, grad_copy
 from pipefold.runtime.transport.comm import P2P, Collectives
-from pipefold.schedule import Op, Schedule, WeightUpdate, build, lower
+from pipefold.runtime.transport.setup import Transport
+from pipefold.schedule import Schedule, WeightUpdate, build, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
@@ -78,11 +81,11 @@ DEFAULT_NUM_MICROBATCHES = 8
 """Micro-batches per step where neither the caller nor a ready `Schedule` says."""
 
 LossFn = Callable[[Any, Any], Tensor]
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+OptionGroup = TypeVar("OptionGroup", LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions)
 
 
 class Pipeline:
-    """Pipeline-parallel execution of `layers` on the ranks of `process_group`.
+    """Pipeline-parallel execution of `layers` on the ranks of a process group.
 
     Every rank constructs the pipeline with the same arguments. All configuration is
     checked here, before any communication; see the module docstring for a step.
@@ -91,51 +94,15 @@ class Pipeline:
     - `loss_fn(output, target)`: the scalar mean over one micro-batch, on the last stage.
     - `schedule`: a family name (`pipefold.schedule.names()`) or a ready `Schedule`;
       `num_microbatches` (default 8) and `num_virtual` are passed to `build`.
-    - `partition`: anything `pipefold.model.partition` accepts.
-    - `recompute`: "none", "full", or the layer indices to checkpoint.
-    - `device`: default `cuda:<LOCAL_RANK>` when CUDA is available, else cpu; the group's
-      backend must match (nccl for CUDA, gloo for CPU).
-    - `process_group`: default the world (or a single process when torch.distributed is
-      not initialized); a `DeviceMesh` contributes its "pp" dimension and, if it has
-      one, its "dp" dimension: replicas along "dp" run the same pipeline, each on its
-      own local batch (shard the global batch by `data_parallel_rank` /
-      `num_data_parallel`; all shards of one step should come from one global batch),
-      and their gradients are averaged after each step. Only "dp" and "pp" exist.
-    - `data_parallel_group`: the same without a mesh: the ranks that hold this rank's
-      stages in the other replicas (with `process_group` the pipeline's own group).
-    - `optimizer`: a factory `lambda params: torch.optim.X(params, ...)`, required by
-      asynchronous schedules (pipedream, pipedream-2bw) and refused by flush ones.
-    - `seed`: weights of `LayerSpec` layers (see pipefold.model.materialize).
-    - `timeout_s`: the longest any wait for another rank may last.
-    - `on_nonfinite`: "raise" (NonFiniteLoss on every rank) or "skip" (the step's
-      gradient contribution is dropped on every rank).
-    - `record_timeline`: gather `last_timeline` after each step and count activation bytes.
-    - `count_memory_every`: count activation bytes (saved-tensor hooks) on the first step
-      of each new batch shape and then every this many steps; other steps report the last
-      count. 1 counts every step. Counting costs a Python call per saved tensor.
-    - `fuse_backward`: run an I directly followed by its W as one B where no other rank
-      waits for I's gradient (the first stage, or a predecessor on the same rank);
-      `pipe.schedule` is then the fused schedule. False runs the schedule as given.
-    - `shared_memory`: on CPU, ranks on one host exchange boundary tensors through
-      /dev/shm (about 10x lower latency than gloo's loopback sockets; see
-      pipefold/runtime/transport/shm.py); False sends everything through the process group.
-      `shared_memory_bytes` is the most one step may send to one peer that way (pages
-      are allocated as steps need them); a step with more uses the process group.
-    - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for
-      it without sleeping (up to 50 ms, then it sleeps in short pauses); None (default)
-      does so on CPU where every rank of the pipeline has a core of its own, never where
-      ranks share cores (docs/decisions.md, "busy polling"). False
-      leaves idle cores idle, at the cost of a slower wake-up.
-    - `tensor_parallel`: with a `DeviceMesh` that has a "tp" dim, how to split each layer
-      over it: a mapping {submodule name pattern: ParallelStyle} (torch's
-      `parallelize_module` plan, e.g. {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-      applied to every layer with such submodules, or a function (layer index, module) ->
-      such a mapping or None. Each layer must map a replicated input to a replicated
-      output. A ("dp", "pp", "tp") mesh composes all three. Flush schedules only; tied
-      layers stay whole (docs/decisions.md, "tensor parallel x pipeline").
-    - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of
-      returning it to the kernel between micro-batches (process-wide; see
-      pipefold/runtime/processes/allocator.py): fewer page faults, a flat heap at its peak.
+    - `layout`: which layers each stage holds, recomputation, device and seed (`LayoutOptions`).
+    - `parallel`: the process group or `DeviceMesh`, data and tensor parallelism, and the
+      optimizer factory of asynchronous schedules (`ParallelOptions`).
+    - `runtime`: waiting, failure and non-finite handling, timeline recording, backward
+      fusion and heap tuning (`RuntimeOptions`).
+    - `transport`: shared memory between ranks on one host (`TransportOptions`).
+
+    Each group's fields are described in pipefold/runtime/options.py; a group left out takes
+    its defaults.
     """
 
     _num_created: ClassVar[itertools.count[int]] = itertools.count()
@@ -148,75 +115,47 @@ class Pipeline:
         schedule: str | Schedule = "1f1b",
         num_microbatches: int | None = None,
         num_virtual: int | None = None,
-        partition: str | Sequence[int] | Partition = "uniform",
-        recompute: str | Sequence[int] = "none",
-        device: torch.device | str | None = None,
-        process_group: Any = None,
-        data_parallel_group: Any = None,
-        optimizer: OptimizerFactory | None = None,
-        seed: int = 0,
-        timeout_s: float = 60.0,
-        on_nonfinite: Literal["raise", "skip"] = "raise",
-        record_timeline: bool = True,
-        fuse_backward: bool = True,
-        count_memory_every: int = 8,
-        shared_memory: bool = True,
-        shared_memory_bytes: int = 64 << 20,
-        keep_cpu_heap: bool = True,
-        busy_wait: bool | None = None,
-        tensor_parallel: TensorParallelPlan | None = None,
+        layout: LayoutOptions | None = None,
+        parallel: ParallelOptions | None = None,
+        runtime: RuntimeOptions | None = None,
+        transport: TransportOptions | None = None,
     ) -> None:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
             raise ConfigError(f"loss_fn must be callable (output, target) -> scalar tensor, got {loss_fn!r}")
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ConfigError(f"timeout_s = {timeout_s!r}; give a positive number of seconds")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ConfigError(f"on_nonfinite = {on_nonfinite!r}; use 'raise' or 'skip'")
+        self.layout_options = _option(layout, LayoutOptions, "layout")
+        """Which layers each stage holds, how they are built and where."""
+        self.parallel_options = _option(parallel, ParallelOptions, "parallel")
+        """The groups, the other parallel dimensions and an asynchronous schedule's optimizer."""
+        self.runtime_options = _option(runtime, RuntimeOptions, "runtime")
+        """How this pipeline waits, records and runs its backward."""
+        self.transport_options = _option(transport, TransportOptions, "transport")
+        """How boundary tensors travel between ranks."""
         self._loss_fn = loss_fn
-        self._timeout_s = float(timeout_s)
-        self._on_nonfinite = on_nonfinite
-        self._record_timeline = record_timeline
-        if not isinstance(count_memory_every, int) or count_memory_every < 1:
-            raise ConfigError(
-                f"count_memory_every = {count_memory_every!r}; "
-                "give a positive number of steps (1 = every step)"
-            )
-        self._count_memory_every = count_memory_every
-        if not isinstance(shared_memory_bytes, int) or shared_memory_bytes < 0:
-            raise ConfigError(
-                f"shared_memory_bytes = {shared_memory_bytes!r}; give a byte count >= 0 "
-                f"(the most one step may send to one peer through shared memory)"
-            )
-        if busy_wait is not None and not isinstance(busy_wait, bool):
-            raise ConfigError(f"busy_wait = {busy_wait!r}; use True, False or None (decide by the cores)")
         self._num_steps_run = 0
         self._memory_counted_for: set[TensorMeta] = set()
         self._activation_peak = 0
 
-        check_plan(tensor_parallel, process_group)
-        pipeline_group, data_parallel_group = split_mesh(process_group, data_parallel_group)
-        tp_mesh = tensor_parallel_mesh(process_group)
-        self._group, self._ranks = resolve_group(pipeline_group)
-        num_ranks = len(self._ranks)
-        self.rank = 0 if self._group is None else dist.get_rank(self._group)
-        if data_parallel_group is not None and dist.get_world_size(data_parallel_group) == 1:
-            data_parallel_group = None
+        self.dims = ParallelDims.of(self.parallel_options)
+        """This rank's pipeline group, replicas ("dp") and tensor-parallel peers ("tp")."""
+        dims = self.dims
+        self.rank = dims.rank
+        recompute = self.layout_options.recompute
         # The rulebook first with what is known before the schedule is built, then with it.
         described = ParallelConfig(
-            pp=num_ranks,
-            dp=1 if data_parallel_group is None else dist.get_world_size(data_parallel_group),
-            tp=1 if tp_mesh is None else int(tp_mesh.size()),
+            pp=dims.num_ranks,
+            dp=dims.num_data_parallel,
+            tp=dims.num_tensor_parallel,
             num_microbatches=_num_microbatches(schedule, num_microbatches),
             num_virtual=num_virtual,
             schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
             recompute=recompute if isinstance(recompute, str) else tuple(recompute),
-            on_nonfinite=on_nonfinite,
+            on_nonfinite=self.runtime_options.on_nonfinite,
             tied_layers=bool(tied_groups(self._layers)),
             num_layers=len(self._layers),
         )
         described.check()
-        self.schedule = _resolve_schedule(schedule, num_ranks, num_microbatches, num_virtual)
+        self.schedule = _resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
         self.parallel_config = replace(
             described,
             num_virtual=self.schedule.num_virtual,
@@ -225,39 +164,34 @@ class Pipeline:
         )
         """This pipeline's configuration as the rulebook (`pipefold.parallel_config`) checked it."""
         self.parallel_config.check()
-        self._fuse_backward = fuse_backward
-        if fuse_backward:
+        if self.runtime_options.fuse_backward:
             # Adjacent I/W pairs whose early input gradient nobody waits for run as one B:
             # same result, cheaper (see fuse_adjacent_split_backward). `self.schedule` is
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
-        self._check_optimizer(optimizer)
-        self._tensor_parallel_group: dist.ProcessGroup | None = (
-            None if tp_mesh is None else tp_mesh.get_group()
-        )
+        self._check_optimizer(self.parallel_options.optimizer)
         self._meta = meta_layers(self._layers)
-        # Layer outputs a tp rank holds split along the sequence (docs/decisions.md, "sequence
-        # parallel x pipeline"): the boundaries after them carry 1/tp of the traced shape.
-        self._sequence_sharded: dict[int, int] = {}
-        if tensor_parallel is not None:
-            self._check_tied_layers_whole(tensor_parallel)
-            self._sequence_sharded = sequence_sharded_outputs(tensor_parallel, self._meta)
-        self.device = _resolve_device(device, self._group)
-        if data_parallel_group is not None:
-            _resolve_device(self.device, data_parallel_group)  # its backend must match the device too
-        if keep_cpu_heap and self.device.type == "cpu":
+        # Parameters several layers hold (a tied embedding and head of a plain list or a split
+        # module): tied like TiedLayerSpec where they span ranks, or refused below.
+        self._shared = shared_parameter_uses(self._layers, self._meta)
+        if dims.tensor_parallel is not None:
+            self._check_tied_layers_whole(dims)
+        # Layer outputs a tp rank holds split along the sequence: the boundaries after them
+        # carry 1/tp of the traced shape.
+        self._sequence_sharded = dims.sequence_sharded(self._meta)
+        self.device = dims.check_device(self.layout_options.device)
+        if self.runtime_options.keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
         recompute_all, recompute_layers = _resolve_recompute(recompute)
-        self.partition = _resolve_partition(self._layers, self.schedule, partition)
+        self.partition = _resolve_partition(self._layers, self.schedule, self.layout_options.partition)
+        self._check_shared_parameters()
 
         # -- local modules (no communication so far) --------------------------------------
         local_stages = self.schedule.stages_of(self.rank)
         indices = [i for s in local_stages for i in self.partition.layers_of(s)]
-        modules = materialize(self._layers, indices, self.device, seed=seed)
-        if tensor_parallel is not None:
-            # Whole layers first (the same seed on every tp rank), then split: the shards are
-            # exactly the unsplit model's (docs/decisions.md, "tensor parallel x pipeline").
-            apply_tensor_parallel(modules, tp_mesh, tensor_parallel)
+        modules = materialize(self._layers, indices, self.device, seed=self.layout_options.seed)
+        # Whole layers first (the same seed on every tp rank), then split.
+        dims.split_layers(modules)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
         stages: dict[int, Stage] = {}
@@ -275,28 +209,26 @@ class Pipeline:
             )
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
         for stage in self.stages:
-            stage.check_plain_output = tensor_parallel is not None
+            stage.check_plain_output = dims.tensor_parallel is not None
         self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
 
         # -- communication ------------------------------------------------------------------
         pipeline_id = next(Pipeline._num_created)
         # The failure key is shared by the whole world, so a replica waiting in the
         # data-parallel all-reduce learns of a failure in another replica too.
-        store = _default_store() if self._group is not None or data_parallel_group is not None else None
+        store = _default_store() if dims.communicates else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
         # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
         # one host records it, so its cost model replays that (docs/decisions.md, "shared cores").
-        # Data-parallel replicas on the host count too: they
-        # compute beside this pipeline and take their share of the cores.
-        num_replicas = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
-        if tp_mesh is not None:
-            num_replicas *= int(tp_mesh.size())  # tp peers compute beside this pipeline too
-        host_processes = processes_on_host(num_ranks, num_replicas)
+        # Data-parallel replicas and tp peers on the host compute beside this pipeline and
+        # take their share of the cores.
+        host_processes = processes_on_host(dims.num_ranks, dims.processes_beside())
         self._shared_cores = (
-            shared_cores(num_ranks, torch.get_num_threads(), host_processes)
+            shared_cores(dims.num_ranks, torch.get_num_threads(), host_processes)
             if self.device.type == "cpu"
             else None
         )
+        busy_wait = self.runtime_options.busy_wait
         if busy_wait is None:
             # Only shared-memory waits on CPU busy-poll; where processes share cores they
             # block on doorbells instead (docs/decisions.md, "busy polling").
@@ -304,55 +236,51 @@ class Pipeline:
         self._watchdog = Watchdog(
             self._board,
             rank=self.rank,
-            timeout_s=self._timeout_s,
+            timeout_s=float(self.runtime_options.timeout_s),
             poll_completion=self.device.type == "cuda",
             busy_poll_s=BUSY_POLL_S if busy_wait else 0.0,
         )
-        p2p: P2P | None = None
-        self._collectives: Collectives | None = None
         program = lower(self.schedule)
         # Events and waits of any rank fit in as many slots as the longest program has actions.
         self._timeline_slots = max(len(row) for row in program.instructions)
-        if self._group is not None:
-            p2p = P2P(self._group, self._ranks, self.device)
-            self._collectives = Collectives(self._group, self._ranks, self.device, self._watchdog)
-            if shared_memory and shared_memory_bytes > 0 and self.device.type == "cpu":
-                mine = [a for a in program.instructions[self.rank] if not a.op.is_compute]
-                p2p.connect_same_host(
-                    self._collectives,
-                    rank=self.rank,
-                    send_peers=[program.peer_of(a) for a in mine if a.op in (Op.SEND_F, Op.SEND_B)],
-                    recv_peers=[program.peer_of(a) for a in mine if a.op in (Op.RECV_F, Op.RECV_B)],
-                    capacity=shared_memory_bytes,
-                )
-                # The step's start broadcast and end gather; the gathered row is the largest payload.
-                # Sized for any flush schedule of this layout, so that `use_schedule` fits too.
-                slots = max(self._timeline_slots, _most_slots(self.schedule))
-                row_bytes = 8 * step_gather.row_length(slots, self.schedule.num_microbatches)
-                self._collectives.connect_same_host(capacity=max(row_bytes, 64 * 1024))
-        self._p2p = p2p
-        self.tied = TiedGradients.of(
-            self._layers, self.schedule, self.partition, self.rank, self._local_modules, p2p, self._watchdog
+        self.transport = Transport.connect(
+            dims.pipeline_group,
+            dims.ranks,
+            self.rank,
+            self.device,
+            self._watchdog,
+            program,
+            self.transport_options,
         )
-        """The tied modules this rank shares with others, whose gradients each step sums."""
+        """The point-to-point transport and collectives between the pipeline's ranks."""
+        p2p = self.transport.p2p
+        self.tied = TiedGradients.of(
+            self._layers,
+            self.schedule,
+            self.partition,
+            self.rank,
+            self._local_modules,
+            p2p,
+            self._watchdog,
+            shared=self._shared,
+        )
+        """The tied modules and shared parameters this rank holds with others, whose gradients
+        each step sums."""
         self.recorder = StepRecorder(
-            self._collectives,
+            self.transport.collectives,
             self.schedule,
             self._timeline_slots,
             partition=str(self.partition),
             device_type=self.device.type,
             shared_cores=self._shared_cores,
         )
-        """Gathers each step's measurements into `last_step` (with `record_timeline`)."""
-        self._data_parallel: DataParallel | None = None
-        if data_parallel_group is not None:
-            self._data_parallel = DataParallel(
-                data_parallel_group, self.device, self._watchdog, list(self.parameters())
-            )
-            self._data_parallel.check_replicas_agree(self.rank, num_ranks, self.schedule.name)
-        counter = ActivationCounter(self.parameters()) if record_timeline else None
+        """Gathers each step's measurements into `last_step` (with `RuntimeOptions.record_timeline`)."""
+        self._data_parallel = dims.data_parallel(
+            self.device, self._watchdog, list(self.parameters()), self.schedule.name
+        )
+        counter = ActivationCounter(self.parameters()) if self.runtime_options.record_timeline else None
         self._stage_of = stages
-        stepping = self._attach_stashes(optimizer)
+        stepping = self._attach_stashes(self.parallel_options.optimizer)
 
         def executor(program: Program) -> Executor:
             return Executor(
@@ -399,7 +327,7 @@ class Pipeline:
                 "can be swapped (their stashes hold the weight versions in flight)"
             )
         validate(schedule)
-        if self._fuse_backward:
+        if self.runtime_options.fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)
         program = lower(schedule)
         self._executor = self._new_executor(program)
@@ -415,25 +343,50 @@ class Pipeline:
         if self.schedule.weight_update is WeightUpdate.FLUSH:
             if optimizer is not None:
                 raise ConfigError(
-                    f"optimizer is given but schedule {name!r} is a flush schedule; step your "
-                    "optimizer after pipe.step() yourself and pass optimizer=None"
+                    f"ParallelOptions.optimizer is given but schedule {name!r} is a flush schedule; step "
+                    "your optimizer after pipe.step() yourself and leave ParallelOptions.optimizer None"
                 )
             return
-        if optimizer is None or not callable(optimizer):
+        if optimizer is None:
             raise ConfigError(
                 f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
-                f"optimizer=lambda params: torch.optim.SGD(params, lr=...) (a factory), got {optimizer!r}"
+                "parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=...)) "
+                "(a factory)"
             )
 
-    def _check_tied_layers_whole(self, plan: TensorParallelPlan) -> None:
+    def _check_tied_layers_whole(self, dims: ParallelDims) -> None:
         """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole
         (docs/decisions.md, "tensor parallel x pipeline")."""
         for key, occurrences in sorted(tied_groups(self._layers).items()):
-            split = [i for i in occurrences if plan_for(plan, i, self._meta[i])]
+            split = [i for i in occurrences if dims.splits(i, self._meta[i])]
             if split:
                 raise ConfigError(
                     f"tensor_parallel splits the tied layer {key!r} (layers {split}): tied layers exchange "
                     "whole gradients between ranks; keep them out of the plan (return None for them)"
+                )
+
+    def _check_shared_parameters(self) -> None:
+        """Refuse a shared parameter the pipeline cannot keep one weight: split by a tensor-parallel
+        plan, or held by two stages of a schedule that updates each stage inside the step."""
+        for name, uses in sorted(self._shared.items()):
+            where = " and ".join(
+                f"layer {index} ({layer_name(self._layers[index])}, stage "
+                f"{self.partition.stage_of(index)}) as {use!r}"
+                for index, use in uses
+            )
+            split = [index for index, _ in uses if self.dims.splits(index, self._meta[index])]
+            if split:
+                raise ConfigError(
+                    f"parameter {name!r} is shared by {where}, and tensor_parallel splits layer(s) {split}: "
+                    "a shared parameter is tied by summing whole gradients between its holders; keep "
+                    "those layers out of the plan (return None for them)"
+                )
+            stages = {self.partition.stage_of(index) for index, _ in uses}
+            if len(stages) > 1 and self.schedule.weight_update is not WeightUpdate.FLUSH:
+                raise ConfigError(
+                    f"parameter {name!r} is shared by {where}: schedule {self.schedule.name!r} updates "
+                    "each stage's weights inside the step, so the stages would update their uses apart; "
+                    "use a flush schedule, or put every use on one stage (LayoutOptions(partition=...))"
                 )
 
     def _attach_stashes(self, optimizer: OptimizerFactory | None) -> bool:
@@ -454,12 +407,12 @@ class Pipeline:
     @property
     def process_group(self) -> dist.ProcessGroup | None:
         """The pipeline's own group (its "pp" ranks); None when it runs in one process."""
-        return self._group
+        return self.dims.pipeline_group
 
     @property
     def global_ranks(self) -> tuple[int, ...]:
         """The world ranks of the pipeline's ranks, in pipeline-rank order."""
-        return self._ranks
+        return self.dims.ranks
 
     # -- data parallelism -----------------------------------------------------------------------
 
@@ -487,12 +440,12 @@ class Pipeline:
     @property
     def p2p(self) -> P2P | None:
         """The point-to-point transport between the pipeline's ranks; None in one process."""
-        return self._p2p
+        return self.transport.p2p
 
     @property
     def collectives(self) -> Collectives | None:
         """The pipeline group's collectives (step start and end); None in one process."""
-        return self._collectives
+        return self.transport.collectives
 
     @property
     def watchdog(self) -> Watchdog:
@@ -507,31 +460,31 @@ class Pipeline:
     @property
     def tensor_parallel_group(self) -> dist.ProcessGroup | None:
         """This stage's tensor-parallel ranks (along "tp"); None without tensor parallelism."""
-        return self._tensor_parallel_group
+        return self.dims.tensor_parallel_group
 
     # -- parameters ----------------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Local parameters named as `nn.Sequential(*layers)` names them ("3.weight")."""
-        seen: set[int] = set()
-        for index in sorted(self._local_modules):
-            module = self._local_modules[index]
-            for name, param in module.named_parameters():
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    yield f"{self._owner[index]}.{name}", param
+        """Local parameters named as `nn.Sequential(*layers)` names them ("3.weight"); the pieces
+        of `pipefold.split(module)` keep `module`'s own names ("transformer.h.3.attn.c_attn.weight").
+        A parameter held by several layers (tied or shared) is listed once, under its first name."""
+        yield from named_parameters(self._layers, self._local_modules, self._shared)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, param in self.named_parameters():
             yield param
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Local parameters and buffers, with nn.Sequential names."""
+        """Local parameters and buffers, named as `named_parameters` names them; buffers as the
+        layer's own state dict names them, after the same prefix. Gathered over the ranks, it
+        holds every entry of the model's state dict once (a shared parameter under its first name)."""
         result: dict[str, Tensor] = {}
         for index in sorted(self._local_modules):
-            prefix = f"{self._owner[index]}."
-            for name, value in self._local_modules[index].state_dict().items():
-                result.setdefault(prefix + name, value)
+            module = self._local_modules[index]
+            names = shared_names(index, self._owner[index], module, self._shared)
+            prefix = name_prefix(self._owner[index], module)
+            for name, value in module.state_dict().items():
+                result.setdefault(names.get(name, prefix + name), value)
         return result
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
@@ -573,13 +526,13 @@ class Pipeline:
 
     def gradient_scope(self) -> GradientScope:
         """The gradients this rank counts toward the model's norm and how ranks combine them."""
-        tp_group = self._tensor_parallel_group
+        tp_group = self.tensor_parallel_group
         return GradientScope(
             params=tuple(p for p in self.parameters() if p.requires_grad),
             not_counted=not_counted(self.tied.groups, self.rank),
             tp_group=tp_group,
             tp_rank=0 if tp_group is None else dist.get_rank(tp_group),
-            collectives=self._collectives,
+            collectives=self.collectives,
             watchdog=self._watchdog,
         )
 
@@ -621,7 +574,7 @@ class Pipeline:
         forward_only = ForwardOnly(
             schedule=self.schedule, rank=self.rank, stages=self._stage_of, loss_fn=self._loss_fn,
             boundaries=self._boundaries, split=lambda value, n: _split(value, n, self.device),
-            device=self.device, p2p=self._p2p, collectives=self._collectives,
+            device=self.device, p2p=self.p2p, collectives=self.collectives,
             data_parallel=self._data_parallel, watchdog=self._watchdog,
         )
         try:
@@ -659,8 +612,9 @@ class Pipeline:
             batch_meta = TensorMeta.of(
                 inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
             )
-        if self._collectives is not None:
-            batch_meta = self._collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
+        collectives = self.transport.collectives
+        if collectives is not None:
+            batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
         if not isinstance(batch_meta, TensorMeta):
             raise PipelineError(f"rank {self.rank} received no batch description from rank {first_rank}")
         batch_size = _batch_size(batch_meta)
@@ -693,7 +647,7 @@ class Pipeline:
             split_targets = _split(targets, num_microbatches, self.device)
 
         data_parallel = self._data_parallel
-        skip = self._on_nonfinite == "skip"
+        skip = self.runtime_options.on_nonfinite == "skip"
         # With data parallelism the set-aside gradients are the snapshot (no copy).
         restore = self._grad_snapshot() if skip and data_parallel is None else []
         if data_parallel is not None:
@@ -703,7 +657,7 @@ class Pipeline:
         # counted peaks gathered into the timeline always come from the same step.
         count_memory = (
             batch_meta not in self._memory_counted_for
-            or self._num_steps_run % self._count_memory_every == 0
+            or self._num_steps_run % self.runtime_options.count_memory_every == 0
         )
         self._num_steps_run += 1
         record = self._executor.run(
@@ -716,7 +670,7 @@ class Pipeline:
         else:
             record = replace(record, activation_bytes_peak=self._activation_peak)
         gathered: step_gather.GatheredStep | None = None
-        if self._record_timeline:
+        if self.runtime_options.record_timeline:
             # One all-gather brings every rank's losses and timeline (step_gather.py).
             versions = max(
                 (st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1
@@ -724,8 +678,8 @@ class Pipeline:
             gathered, losses = self.recorder.gather(record, versions)
         else:
             losses = record.losses
-            if self._collectives is not None:
-                self._collectives.all_reduce_sum(losses, what="loss all-reduce")
+            if collectives is not None:
+                collectives.all_reduce_sum(losses, what="loss all-reduce")
         weight = 1.0
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
             losses, weight = data_parallel.reduce_losses(losses, batch_size)
@@ -761,9 +715,7 @@ class Pipeline:
                 torch.empty(s, dtype=d, device="meta") for s, d in zip(key.shapes, key.dtypes, strict=True)
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
-            if self._sequence_sharded:
-                num_shards = dist.get_world_size(self._tensor_parallel_group)
-                cached = shard_boundaries(cached, self._sequence_sharded, num_shards)
+            cached = self.dims.shard_boundaries(cached, self._sequence_sharded)
             self._boundary_cache[key] = cached
         return cached
 
@@ -778,7 +730,7 @@ class Pipeline:
     @property
     def last_timeline(self) -> Timeline | None:
         """The measured timeline of the last step (every rank's actions), None before the first
-        step or with `record_timeline=False`. Decoded when first read (see step_gather.py)."""
+        step or with `RuntimeOptions(record_timeline=False)`. Decoded when first read (see step_gather.py)."""
         return None if self._last_step is None else self._last_step.timeline()
 
     @property
@@ -792,30 +744,16 @@ class Pipeline:
 # -- module helpers ----------------------------------------------------------------------------
 
 
-def _most_slots(schedule: Schedule) -> int:
-    """An upper bound on the actions of any rank's program for a flush schedule of this layout:
-    per (stage, micro-batch) an F, an I and a W, and four messages."""
-    per_rank = max(len(schedule.stages_of(rank)) for rank in range(schedule.num_ranks))
-    return 7 * per_rank * schedule.num_microbatches
-
-
-def resolve_group(process_group: Any) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
-    """The pipeline's group and its members' global ranks; (None, (0,)) for one process.
-
-    A `DeviceMesh` has already been reduced to its "pp" group by `split_mesh`.
-    """
-    if process_group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None, (0,)
-        process_group = dist.group.WORLD
-    if not isinstance(process_group, dist.ProcessGroup):
+def _option(value: Any, kind: type[OptionGroup], keyword: str) -> OptionGroup:
+    """`value` (None: `kind()`, every default), refused unless it is a `kind`."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
         raise ConfigError(
-            f"process_group must be a torch.distributed ProcessGroup or a DeviceMesh with a 'pp' dim, "
-            f"got {type(process_group).__name__}"
+            f"Pipeline({keyword}={value!r}): give a pipefold.runtime.{kind.__name__}(...) "
+            "(see pipefold/runtime/options.py)"
         )
-    if dist.get_world_size(process_group) == 1:
-        return None, (dist.get_rank(),)
-    return process_group, tuple(dist.get_process_group_ranks(process_group))
+    return value
 
 
 def _resolve_schedule(
@@ -848,29 +786,6 @@ def _num_microbatches(schedule: str | Schedule, num_microbatches: int | None) ->
     if num_microbatches is not None:
         return num_microbatches
     return schedule.num_microbatches if isinstance(schedule, Schedule) else DEFAULT_NUM_MICROBATCHES
-
-
-def _resolve_device(device: torch.device | str | None, group: dist.ProcessGroup | None) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            resolved = torch.device("cpu")
-    else:
-        resolved = torch.device(device)
-    if group is not None:
-        backend = str(dist.get_backend(group)).lower()
-        if resolved.type == "cuda" and "nccl" not in backend:
-            raise ConfigError(
-                f"device {resolved} needs the nccl backend but the process group uses {backend}; "
-                "init_process_group('nccl') for GPUs, or pass device='cpu'"
-            )
-        if resolved.type == "cpu" and "gloo" not in backend:
-            raise ConfigError(
-                f"device cpu needs the gloo backend but the process group uses {backend}; "
-                "init_process_group('gloo') on CPU, or pass a CUDA device"
-            )
-    return resolved
 
 
 def _resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:

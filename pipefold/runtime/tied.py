@@ -1,10 +1,14 @@
-"""Tied modules across ranks: one module at several stages, its gradient summed over its owners.
+"""Tied modules and shared parameters across ranks: one weight at several stages, its gradient
+summed over the ranks that hold it.
 
-    tied = TiedGradients.of(layers, schedule, partition, rank, local_modules, p2p, watchdog)
+    tied = TiedGradients.of(layers, schedule, partition, rank, local_modules, p2p, watchdog, shared)
     before = tied.snapshot()      # before the step's backward
     ...                           # the step accumulates into .grad
     tied.sum(before)              # every owner now holds the sum of this step's contributions
 
+Two kinds of weight are tied: a `TiedLayerSpec` key (every occurrence is one module), and a
+parameter that several layers hold (`shared`, from `pipefold.model.build.shared_parameters`:
+`head.weight = embed.weight` in a plain list, the tied embedding and head of a split module).
 Only this step's contribution is exchanged (the gradient minus its snapshot), so gradients
 accumulated across steps stay exact. The owners exchange point-to-point over the pipeline's own
 group: no process group per tied module (a `new_group` would have to be called by every rank of
@@ -19,7 +23,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipefold.model import LayerLike, Partition, tied_groups
+from pipefold.model import LayerLike, Partition, owner_indices, tied_groups
+from pipefold.model.build import shared_names
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Schedule
@@ -55,18 +60,37 @@ class TiedGradients:
         local_modules: Mapping[int, nn.Module],
         p2p: P2P | None,
         watchdog: Watchdog,
+        shared: Mapping[str, Sequence[tuple[int, str]]] | None = None,
     ) -> TiedGradients:
-        """For each tied module held by several ranks and by this one: its owners and parameters."""
+        """For each tied module, and each parameter of `shared` (its name -> the layers that hold
+        it and their names for it, as `shared_parameter_uses` gives them), held by several ranks
+        and by this one: its owners and this rank's parameters."""
         found: list[TiedGroup] = []
         if p2p is None:
             return cls(found, rank, p2p, watchdog)
+
+        def owners_of(indices: Sequence[int]) -> tuple[int, ...]:
+            return tuple(sorted({schedule.placement[partition.stage_of(i)] for i in indices}))
+
         for key, occurrences in sorted(tied_groups(layers).items()):
-            owners = tuple(sorted({schedule.placement[partition.stage_of(i)] for i in occurrences}))
+            owners = owners_of(occurrences)
             if len(owners) < 2 or rank not in owners:
                 continue
             local = next(i for i in occurrences if i in local_modules)
             found.append((owners, tuple(local_modules[local].parameters())))
             logger.debug("tied module %r is shared by ranks %s", key, owners)
+        owner = owner_indices(layers)
+        # After the tied modules, in name order: every owner walks the same list.
+        for name, uses in sorted((shared or {}).items()):
+            owners = owners_of([index for index, _ in uses])
+            if len(owners) < 2 or rank not in owners:
+                continue
+            local = next(index for index, _ in uses if index in local_modules)
+            module = local_modules[local]
+            names = shared_names(local, owner[local], module, shared)
+            path = next(path for path, full in names.items() if full == name)
+            found.append((owners, (module.get_parameter(path),)))
+            logger.debug("shared parameter %r is held by ranks %s", name, owners)
         return cls(found, rank, p2p, watchdog)
 
     def snapshot(self) -> list[list[Tensor | None]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from pipefold.model import LayerLike
 from pipefold.plan import probe_schedule, search_schedule
 from pipefold.plan.probe import PROBE_FAMILIES, probe_base
 from pipefold.runtime.measured import measured_cost_model
-from pipefold.runtime.parallel.data_parallel import split_mesh
-from pipefold.runtime.pipeline import LossFn, Pipeline, resolve_group
+from pipefold.runtime.options import LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions
+from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.pipeline import LossFn, Pipeline
 from pipefold.schedule import Placement, Schedule, build
 from pipefold.schedule.io import from_json, to_json
 from pipefold.simulate import CostModel, simulate
@@ -72,6 +73,24 @@ class TunedSchedule:
         )
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The option groups every pipeline of the tuning is built with."""
+
+    layout: LayoutOptions
+    parallel: ParallelOptions
+    runtime: RuntimeOptions
+    transport: TransportOptions
+
+    def pipeline(
+        self, layers: nn.Sequential | Sequence[LayerLike], loss_fn: LossFn, schedule: Schedule
+    ) -> Pipeline:
+        return Pipeline(
+            layers, loss_fn=loss_fn, schedule=schedule, layout=self.layout, parallel=self.parallel,
+            runtime=self.runtime, transport=self.transport,
+        )
+
+
 def tune_schedule(
     layers: nn.Sequential | Sequence[LayerLike],
     *,
@@ -86,12 +105,16 @@ def tune_schedule(
     memory_limit: int | None = None,
     num_trial_steps: int = 6,
     num_trial_families: int = 2,
-    **pipeline_options: Any,
+    layout: LayoutOptions | None = None,
+    parallel: ParallelOptions | None = None,
+    runtime: RuntimeOptions | None = None,
+    transport: TransportOptions | None = None,
 ) -> TunedSchedule:
     """Probe, measure and search (see docs/decisions.md, "schedules from measured costs").
 
-    `pipeline_options` go to every probe `Pipeline` (partition, device, process_group, ...);
-    give the same ones to the `Pipeline` that runs the result. `num_virtual`: stages per
+    `layout`, `parallel`, `runtime` and `transport` go to every probe `Pipeline` (the probe
+    keeps I and W apart whatever `runtime.fuse_backward` says); give the same ones to the
+    `Pipeline` that runs the result. `num_virtual`: stages per
     rank (default 1 for contiguous, 2 for looped and V). `memory_limit`: the most
     activation bytes a rank may hold, as `find_schedule` takes it (default 1F1B's peak).
     `num_trial_steps`: the most timed steps per candidate in the trial (0: keep the search's
@@ -113,15 +136,21 @@ def tune_schedule(
         raise ConfigError(
             f"num_probe_steps = {num_probe_steps!r}; give at least 1 step (3 leaves one warm-up)"
         )
-    for reserved in ("schedule", "num_microbatches", "num_virtual", "fuse_backward", "optimizer"):
-        if reserved in pipeline_options:
-            raise ConfigError(
-                f"tune_schedule sets {reserved}= of its probe pipelines itself; drop it from the options"
-            )
-    if pipeline_options.get("record_timeline") is False:
-        raise ConfigError("record_timeline=False: tune_schedule measures the probe's timelines; drop it")
+    options = _Options(
+        layout or LayoutOptions(), parallel or ParallelOptions(), runtime or RuntimeOptions(),
+        transport or TransportOptions(),
+    )
+    if options.parallel.optimizer is not None:
+        raise ConfigError(
+            "ParallelOptions.optimizer is given: tune_schedule searches flush schedules, which leave the "
+            "update to the caller; drop it"
+        )
+    if not options.runtime.record_timeline:
+        raise ConfigError(
+            "RuntimeOptions.record_timeline=False: tune_schedule measures the probe's timelines; drop it"
+        )
     virtual = num_virtual if num_virtual is not None else (1 if placement == "contiguous" else 2)
-    probe_pipe = _probe_pipeline(layers, loss_fn, placement, num_microbatches, virtual, pipeline_options)
+    probe_pipe = _probe_pipeline(layers, loss_fn, placement, num_microbatches, virtual, options)
     timelines, walls = [], []
     for _ in range(num_probe_steps):
         walls.append(_timed_step(probe_pipe, inputs, targets))
@@ -146,7 +175,7 @@ def tune_schedule(
     if num_trial_steps > 0 and rivals_json:
         candidates = [schedule, *(from_json(rival) for rival in rivals_json)]
         medians, rounds = _trial(
-            candidates, layers, loss_fn, inputs, targets, num_trial_steps, pipeline_options, probe_pipe
+            candidates, layers, loss_fn, inputs, targets, num_trial_steps, options, probe_pipe
         )
         # Rank 0's clock decides for everyone, like the search.
         winner = _broadcast(probe_pipe, min(range(len(candidates)), key=medians.__getitem__))
@@ -172,13 +201,13 @@ def _trial(
     inputs: Any,
     targets: Any,
     max_rounds: int,
-    options: dict[str, Any],
+    options: _Options,
     decider: Pipeline,
 ) -> tuple[list[float], int]:
     """This rank's median step per candidate and the rounds run: one untimed step each, then
     rounds that alternate the candidates (a drift of the machine hits them alike) until rank 0
     sees a clear leader (`_separated`) or `max_rounds` are done."""
-    pipes = [Pipeline(layers, loss_fn=loss_fn, schedule=candidate, **options) for candidate in candidates]
+    pipes = [options.pipeline(layers, loss_fn, candidate) for candidate in candidates]
     for pipe in pipes:
         _timed_step(pipe, inputs, targets)
     samples: list[list[float]] = [[] for _ in pipes]
@@ -222,22 +251,17 @@ def _probe_pipeline(
     placement: Placement,
     num_microbatches: int,
     num_virtual: int,
-    options: dict[str, Any],
+    options: _Options,
 ) -> Pipeline:
     # A first Pipeline on the family itself would build stages twice; the family's schedule
     # only needs the rank count, which the group gives.
-    pipeline_group, _ = split_mesh(options.get("process_group"), options.get("data_parallel_group"))
-    _, ranks = resolve_group(pipeline_group)
+    num_ranks = ParallelDims.of(options.parallel).num_ranks
     base = probe_base(
-        placement, num_ranks=len(ranks), num_microbatches=num_microbatches, num_virtual=num_virtual
+        placement, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual
     )
-    return Pipeline(
-        layers,
-        loss_fn=loss_fn,
-        schedule=probe_schedule(base),
-        fuse_backward=False,  # keep the probe's adjacent I, W apart: their costs are what it measures
-        **options,
-    )
+    # Keep the probe's adjacent I, W apart: their costs are what it measures.
+    probing = replace(options, runtime=replace(options.runtime, fuse_backward=False))
+    return probing.pipeline(layers, loss_fn, probe_schedule(base))
 
 
 def _search(

@@ -17,37 +17,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.build import meta_layers, named_parameters, shared_parameters
 from pipefold.model.split import SplitPiece, find_blocks, split
 
-VOCAB, DIM, SEQ = 13, 8, 5
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, dim)
-
-    def forward(self, x, mask=None, scale=1.0):
-        return x + self.fc(self.norm(x)) * mask * scale
-
-
-class NaturalTransformer(nn.Module):
-    """An embedding, a ModuleList of blocks, a final norm and a head tied to the embedding."""
-
-    def __init__(self, num_blocks: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
-        self.position = nn.Parameter(torch.randn(16, DIM))
-        self.blocks = nn.ModuleList(Block(DIM) for _ in range(num_blocks))
-        self.norm = nn.LayerNorm(DIM)
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        x = self.embed(tokens) + self.position[: tokens.shape[1]]
-        mask = torch.ones(tokens.shape[1], 1)
-        for block in self.blocks:
-            x = block(x, mask, scale=0.5)
-        return self.head(self.norm(x))
+from .split_models import DIM, SEQ, VOCAB, Block, NaturalTransformer, gpt2_model, llama_model
 
 
 def _run(layers, x):
@@ -106,6 +76,22 @@ def test_shared_parameters_are_found_across_layers():
     plain = [embed, nn.Linear(DIM, DIM), head]
     assert shared_parameters(plain, meta_layers(plain)) == {"0.weight": (0, 2)}
     assert shared_parameters(plain[:2], meta_layers(plain[:2])) == {}
+    # Two LayerSpecs given one parameter hold it as one, found the same way.
+    from pipefold.model import LayerSpec
+
+    weight = nn.Parameter(torch.randn(DIM, DIM))
+    specs = [LayerSpec(Scale, weight), LayerSpec(nn.Tanh), LayerSpec(Scale, weight)]
+    assert shared_parameters(specs, meta_layers(specs)) == {"0.weight": (0, 2)}
+    assert weight.device.type == "cpu"
+
+
+class Scale(nn.Module):
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x @ self.weight
 
 
 def test_blocks_are_the_largest_repeated_list():
@@ -189,11 +175,7 @@ def _quiet():
 def test_hugging_face_gpt2_is_exact_with_its_tied_head():
     _quiet()
     torch.manual_seed(0)
-    config = hf.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    model = hf.GPT2LMHeadModel(config)
+    model = gpt2_model()
     x = torch.randint(0, 50, (2, 7))
     layers = _assert_exact(model, x, lambda t: model(t, use_cache=False).logits)
     assert [layer.paths for layer in layers][0] == ("transformer.wte", "transformer.wpe", "transformer.drop")
@@ -204,14 +186,28 @@ def test_hugging_face_gpt2_is_exact_with_its_tied_head():
 def test_hugging_face_llama_is_exact_with_rotary_tables_carried():
     _quiet()
     torch.manual_seed(0)
-    config = hf.LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16,
-    )
-    model = hf.LlamaForCausalLM(config)
+    model = llama_model()
     x = torch.randint(0, 50, (2, 7))
     layers = _assert_exact(model, x, lambda t: model(t, use_cache=False).logits)
     boundary = layers[0](x)
     # hidden state, position ids and the rotary cos/sin tables cross each block boundary
     assert isinstance(boundary, tuple) and boundary[0].shape == (2, 7, 16) and len(boundary) >= 3
     assert set(_names(layers)) == {name for name, _ in model.named_parameters()}
+
+
+def test_a_layer_spec_returning_a_built_module_is_refused_saying_what_to_pass():
+    from pipefold.model import LayerSpec
+
+    built = nn.Linear(DIM, DIM)
+    with pytest.raises(ConfigError, match=r"returned an already-built Linear .*Pass the built module itself"):
+        meta_layers([LayerSpec(lambda: built), LayerSpec(nn.Linear, DIM, DIM)])
+    assert built.weight.device.type == "cpu"  # left where it was
+    # A factory that builds a new module on each call is fine, even one that ignores the device.
+    assert len(meta_layers([LayerSpec(lambda: nn.Linear(DIM, DIM, device="cpu"))])) == 1
+
+
+def test_split_is_exported_at_the_top():
+    import pipefold
+    import pipefold.model
+
+    assert pipefold.split is split and pipefold.model.split is split

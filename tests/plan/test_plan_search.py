@@ -139,7 +139,7 @@ def test_pins_and_async():
     assert with_async.choice.schedule == "pipedream" and with_async.choice.recompute == ()
     full = plan(costs, PlanOptions(num_ranks=2, global_batch=8, recompute="full", schedules=("1f1b",)))
     assert full.choice.recompute == (0, 1)
-    assert full.choice.pipeline_kwargs()["recompute"] == [0, 1, 2, 3, 4, 5]
+    assert full.choice.layout_kwargs()["recompute"] == [0, 1, 2, 3, 4, 5]
 
 
 def test_uneven_microbatches_use_the_largest_one():

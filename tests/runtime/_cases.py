@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _split_cases import exact as split_exact  # noqa: F401  (pool.run("split_exact", ...))
 from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
-from pipefold.runtime import Pipeline
+from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
 from pipefold.schedule import build
 
 VOCAB, SEQ, DIM = 11, 5, 8
@@ -153,14 +154,10 @@ def exact(
         schedule=schedule,
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
-        recompute=recompute,
-        partition=partition,
-        seed=7,
-        timeout_s=30,
-        device=device,
-        process_group=process_group,
-        shared_memory=shared_memory,
-        shared_memory_bytes=shared_memory_bytes,
+        layout=LayoutOptions(recompute=recompute, partition=partition, seed=7, device=device),
+        parallel=ParallelOptions(process_group=process_group),
+        runtime=RuntimeOptions(timeout_s=30),
+        transport=TransportOptions(shared_memory=shared_memory, shared_memory_bytes=shared_memory_bytes),
     )
     reference = build_reference(mlp() if model == "mlp" else transformer(), seed=7)
     losses = []
@@ -202,7 +199,10 @@ def exact(
 
 def switch_refused(*, to: str, num_virtual: int | None = None) -> str | None:
     """use_schedule with another layout or an asynchronous family: the ConfigError's text."""
-    pipe = Pipeline(mlp(), loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=4, seed=7, timeout_s=30)
+    pipe = Pipeline(
+        mlp(), loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=4, layout=LayoutOptions(seed=7),
+        runtime=RuntimeOptions(timeout_s=30),
+    )
     try:
         schedule = build(to, num_ranks=pipe.schedule.num_ranks, num_microbatches=4, num_virtual=num_virtual)
         pipe.use_schedule(schedule)
@@ -219,7 +219,8 @@ def failing(*, how: str, fail_rank: int, step_timeout_s: float = 30.0) -> dict:
     if fail_rank == 0:
         layers[1] = LayerSpec(Sometimes, DIM, how)
     pipe = Pipeline(
-        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, timeout_s=step_timeout_s
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2,
+        runtime=RuntimeOptions(timeout_s=step_timeout_s),
     )
     inputs, targets = _batch("mlp", 4, seed=0)
     start = time.monotonic()
@@ -238,7 +239,10 @@ def failing(*, how: str, fail_rank: int, step_timeout_s: float = 30.0) -> dict:
 def mismatch() -> dict:
     """Stage 0 (rank 0) produces a shape its meta trace did not predict."""
     layers = [LayerSpec(Block, 6, DIM), LayerSpec(ShapeShifter), LayerSpec(nn.Linear, DIM - 1, 3)]
-    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, partition=[2, 1])
+    pipe = Pipeline(
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2,
+        layout=LayoutOptions(partition=[2, 1]),
+    )
     inputs, targets = _batch("mlp", 4, seed=0)
     try:
         pipe.step(inputs, targets)
@@ -249,7 +253,10 @@ def mismatch() -> dict:
 
 def nonfinite(*, mode: str) -> dict:
     """A NaN target in micro-batch 1: every rank raises NonFiniteLoss, or the step is skipped."""
-    pipe = Pipeline(mlp(4), loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, on_nonfinite=mode)
+    pipe = Pipeline(
+        mlp(4), loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2,
+        runtime=RuntimeOptions(on_nonfinite=mode),
+    )
     inputs, targets = _batch("mlp", 4, seed=0)
     pipe.step(inputs, targets)
     before = {name: p.grad.clone() for name, p in pipe.named_parameters()}
@@ -282,8 +289,8 @@ def asynchronous(*, schedule: str, num_microbatches: int, rows: int = 8, lr: flo
         loss_fn=F.mse_loss,
         schedule=schedule,
         num_microbatches=num_microbatches,
-        optimizer=factory,
-        seed=3,
+        layout=LayoutOptions(seed=3),
+        parallel=ParallelOptions(optimizer=factory),
     )
     reference = build_reference(mlp(4), seed=3)
     initial = {name: p.detach().clone() for name, p in pipe.named_parameters()}
@@ -331,7 +338,7 @@ def timeline(
     """The measured timeline: which actions ran on which rank, waits, memory peaks."""
     pipe = Pipeline(
         mlp(8), loss_fn=F.mse_loss, schedule=schedule, num_microbatches=num_microbatches,
-        recompute=recompute, fuse_backward=fuse_backward,
+        layout=LayoutOptions(recompute=recompute), runtime=RuntimeOptions(fuse_backward=fuse_backward),
     )
     inputs, targets = _batch("mlp", 2 * num_microbatches, seed=0)
     pipe.step(inputs, targets)
@@ -371,7 +378,7 @@ def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: in
     layers = mlp() if model == "mlp" else transformer()
     loss_fn = _loss_fn(model)
     inputs, targets = _batch(model, rows, seed=0)
-    options = {"seed": 7, "timeout_s": 30}
+    options = {"layout": LayoutOptions(seed=7), "runtime": RuntimeOptions(timeout_s=30)}
     result = tune_schedule(
         layers, loss_fn=loss_fn, inputs=inputs, targets=targets, num_microbatches=num_microbatches,
         placement=placement, time_budget_s=0.2, **options,

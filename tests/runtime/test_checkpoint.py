@@ -23,7 +23,14 @@ from torch import nn
 
 from pipefold.errors import CheckpointError, ConfigError, PipelineError
 from pipefold.model import LayerSpec, TiedLayerSpec
-from pipefold.runtime import Pipeline, load_checkpoint, read_checkpoint_info, save_checkpoint
+from pipefold.runtime import (
+    LayoutOptions,
+    Pipeline,
+    RuntimeOptions,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 
 VOCAB, SEQ, DIM = 11, 5, 8
 
@@ -88,18 +95,15 @@ def batch(step: int, rows: int = 8):
     return tokens, torch.randint(0, VOCAB, (rows, SEQ), generator=generator)
 
 
-def make(schedule="1f1b", partition="uniform", num_virtual=None, seed=7, lr=0.01, **kwargs):
+def make(schedule="1f1b", partition="uniform", num_virtual=None, seed=7, lr=0.01, model=None):
     pipe = Pipeline(
-        kwargs.pop("model", None) or layers(),
+        model or layers(),
         loss_fn=loss_fn,
         schedule=schedule,
         num_microbatches=4,
         num_virtual=num_virtual,
-        partition=partition,
-        seed=seed,
-        timeout_s=30,
-        device="cpu",
-        **kwargs,
+        layout=LayoutOptions(partition=partition, seed=seed, device="cpu"),
+        runtime=RuntimeOptions(timeout_s=30),
     )
     return pipe, torch.optim.Adam(pipe.parameters(), lr=lr)
 

@@ -11,12 +11,13 @@ from _cases import _batch, _loss_fn, transformer
 
 from pipefold.errors import ConfigError, NonFiniteLoss
 from pipefold.model import build_reference
-from pipefold.runtime import Pipeline
+from pipefold.runtime import LayoutOptions, Pipeline
 
 
 def _pipe() -> Pipeline:
     return Pipeline(
-        transformer(), loss_fn=_loss_fn("transformer"), schedule="gpipe", num_microbatches=2, seed=7
+        transformer(), loss_fn=_loss_fn("transformer"), schedule="gpipe", num_microbatches=2,
+        layout=LayoutOptions(seed=7),
     )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
-from pipefold.runtime import Pipeline
+from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
 from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
 
 
@@ -88,11 +88,10 @@ def dp_exact(
         schedule=schedule,
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
-        seed=7,
-        timeout_s=60,
-        process_group=process_group,
-        data_parallel_group=data_parallel_group,
-        shared_memory=shared_memory,
+        layout=LayoutOptions(seed=7),
+        parallel=ParallelOptions(process_group=process_group, data_parallel_group=data_parallel_group),
+        runtime=RuntimeOptions(timeout_s=60),
+        transport=TransportOptions(shared_memory=shared_memory),
     )
     if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
         data_parallel = pipe.data_parallel
@@ -137,9 +136,9 @@ def dp_skip_nonfinite():
         loss_fn=F.mse_loss,
         schedule="gpipe",
         num_microbatches=2,
-        process_group=mesh,
-        on_nonfinite="skip",
-        seed=3,
+        layout=LayoutOptions(seed=3),
+        parallel=ParallelOptions(process_group=mesh),
+        runtime=RuntimeOptions(on_nonfinite="skip"),
     )
     reference = build_reference(mlp(4), seed=3)
     inputs, targets = _batch("mlp", 8, seed=0)
@@ -182,12 +181,13 @@ def dp_refused(*, what):
     kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2}
     try:
         if what == "mesh size":
-            Pipeline(mlp(4), process_group=_FakeMesh(("dp", "pp"), (1, 2)), **kwargs)
+            mesh = _FakeMesh(("dp", "pp"), (1, 2))
+            Pipeline(mlp(4), parallel=ParallelOptions(process_group=mesh), **kwargs)
         elif what == "dp group of different stages":
             # Pipeline ranks 0 and 1 of one replica passed as each other's replicas.
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
             pp = mesh.get_group("pp")
-            Pipeline(mlp(4), process_group=pp, data_parallel_group=pp, **kwargs)
+            Pipeline(mlp(4), parallel=ParallelOptions(process_group=pp, data_parallel_group=pp), **kwargs)
         else:
             raise ValueError(what)
     except ConfigError as error:
@@ -205,7 +205,8 @@ def dp_failing():
     layers = [LayerSpec(Block, 6, DIM), LayerSpec(Block, DIM, DIM), LayerSpec(Sometimes, DIM, how)]
     layers.append(LayerSpec(nn.Linear, DIM, 3))
     pipe = Pipeline(
-        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2, process_group=mesh, timeout_s=60
+        layers, loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=2,
+        parallel=ParallelOptions(process_group=mesh), runtime=RuntimeOptions(timeout_s=60),
     )
     inputs, targets = _batch("mlp", 4, seed=0)
     start = time.monotonic()
@@ -246,7 +247,7 @@ def test_buckets_split_by_size_and_dtype():
 def test_bad_mesh_is_refused_before_any_communication(names, words):
     shape = (1,) * (len(names) if names else 2)
     with pytest.raises(ConfigError, match="process_group") as caught:
-        Pipeline(mlp(4), loss_fn=F.mse_loss, process_group=_FakeMesh(names, shape))
+        Pipeline(mlp(4), loss_fn=F.mse_loss, parallel=ParallelOptions(process_group=_FakeMesh(names, shape)))
     assert words in str(caught.value)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PartitionError, ScheduleError
 from pipefold.model import LayerSpec, TiedLayerSpec
-from pipefold.runtime import Pipeline
+from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
 
 
 def layers(count=4):
@@ -25,13 +25,25 @@ def sgd(params):
     [
         ({"schedule": "no-such"}, ScheduleError, "unknown schedule 'no-such'"),
         ({"num_microbatches": 0}, ConfigError, "num_microbatches=0"),
-        ({"recompute": "some"}, ConfigError, "recompute='some'"),
-        ({"recompute": [7]}, ConfigError, "recompute=[7]"),
-        ({"optimizer": sgd}, ConfigError, "flush schedule"),
-        ({"schedule": "pipedream"}, ConfigError, "optimizer="),
-        ({"schedule": "pipedream", "optimizer": sgd, "recompute": "full"}, ConfigError, "recompute='full'"),
+        ({"layout": LayoutOptions(recompute="some")}, ConfigError, "recompute='some'"),
+        ({"layout": LayoutOptions(recompute=[7])}, ConfigError, "recompute=[7]"),
+        ({"parallel": ParallelOptions(optimizer=sgd)}, ConfigError, "flush schedule"),
+        ({"schedule": "pipedream"}, ConfigError, "ParallelOptions(optimizer="),
         (
-            {"schedule": "pipedream", "optimizer": sgd, "on_nonfinite": "skip"},
+            {
+                "schedule": "pipedream",
+                "parallel": ParallelOptions(optimizer=sgd),
+                "layout": LayoutOptions(recompute="full"),
+            },
+            ConfigError,
+            "recompute='full'",
+        ),
+        (
+            {
+                "schedule": "pipedream",
+                "parallel": ParallelOptions(optimizer=sgd),
+                "runtime": RuntimeOptions(on_nonfinite="skip"),
+            },
             ConfigError,
             "on_nonfinite='skip'",
         ),
@@ -40,15 +52,31 @@ def sgd(params):
             PartitionError,
             "cannot cut 4 layers into 5 stages",
         ),
-        ({"on_nonfinite": "ignore"}, ConfigError, "on_nonfinite = 'ignore'"),
-        ({"timeout_s": 0}, ConfigError, "timeout_s = 0"),
-        ({"busy_wait": "yes"}, ConfigError, "busy_wait = 'yes'"),
-        ({"partition": [3, 3]}, PartitionError, ""),
+        ({"layout": LayoutOptions(partition=[3, 3])}, PartitionError, ""),
+        ({"runtime": {"timeout_s": 1}}, ConfigError, "Pipeline(runtime={'timeout_s': 1}): give a"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, error, words):
     with pytest.raises(error, match=None) as caught:
         Pipeline(layers(), loss_fn=F.mse_loss, **{"schedule": "gpipe", **kwargs})
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("group", "fields", "words"),
+    [
+        (RuntimeOptions, {"on_nonfinite": "ignore"}, "RuntimeOptions.on_nonfinite = 'ignore'"),
+        (RuntimeOptions, {"timeout_s": 0}, "RuntimeOptions.timeout_s = 0"),
+        (RuntimeOptions, {"busy_wait": "yes"}, "RuntimeOptions.busy_wait = 'yes'"),
+        (RuntimeOptions, {"count_memory_every": 0}, "RuntimeOptions.count_memory_every = 0"),
+        (TransportOptions, {"shared_memory_bytes": -1}, "TransportOptions.shared_memory_bytes = -1"),
+        (LayoutOptions, {"seed": "7"}, "LayoutOptions.seed = '7'"),
+        (ParallelOptions, {"optimizer": "sgd"}, "ParallelOptions.optimizer = 'sgd'"),
+    ],
+)
+def test_bad_options_are_refused_by_their_group(group, fields, words):
+    with pytest.raises(ConfigError) as caught:
+        group(**fields)
     assert words in str(caught.value)
 
 
@@ -59,7 +87,7 @@ def test_async_schedule_refuses_tied_layers():
         TiedLayerSpec("t", nn.Linear, 4, 4),
     ]
     with pytest.raises(ConfigError, match="tied layers"):
-        Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", optimizer=sgd)
+        Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd))
 
 
 def test_step_refuses_batches_smaller_than_num_microbatches():
@@ -91,27 +119,40 @@ def test_a_ready_schedule_must_match_the_other_arguments():
     assert len(pipe.stages) == 2 and str(pipe.partition) == "[0:2 | 2:4]"
 
 
-def test_count_memory_every_must_be_positive():
-    import pytest
-    import torch.nn.functional as F
-    from torch import nn
-
-    from pipefold import ConfigError, Pipeline
-
-    with pytest.raises(ConfigError, match="count_memory_every = 0"):
-        Pipeline(
-            [nn.Linear(2, 2)], loss_fn=F.mse_loss, schedule="gpipe", num_microbatches=1, count_memory_every=0
-        )
-
-
 def test_busy_wait_defaults_to_polling_where_each_rank_has_a_core():
     """One process has a core of its own; busy_wait=False and True override the choice."""
     from pipefold.runtime.failure import BUSY_POLL_S
 
     def busy_poll_s(**kwargs):
-        pipe = Pipeline(layers(), loss_fn=F.mse_loss, schedule="gpipe", device="cpu", **kwargs)
+        pipe = Pipeline(
+            layers(), loss_fn=F.mse_loss, schedule="gpipe", layout=LayoutOptions(device="cpu"),
+            runtime=RuntimeOptions(**kwargs),
+        )
         return pipe.watchdog._busy_poll_s
 
     assert busy_poll_s() == BUSY_POLL_S > 0
     assert busy_poll_s(busy_wait=False) == 0.0
     assert busy_poll_s(busy_wait=True) == BUSY_POLL_S
+
+
+def test_a_split_module_keeps_its_names_and_loads_its_own_state_dict():
+    """One process: the pipeline's names are the module's, its state dict is the module's without
+    the duplicate of the tied head, and the module's own state dict loads back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from model.split_models import SEQ, NaturalTransformer
+
+    import pipefold
+
+    torch.manual_seed(0)
+    model = NaturalTransformer()
+    other = NaturalTransformer()
+    layers = pipefold.split(model, example_inputs=(torch.zeros(2, SEQ, dtype=torch.long),))
+    pipe = Pipeline(layers, loss_fn=lambda out, y: out.sum(), schedule="gpipe", num_microbatches=1)
+    assert [n for n, _ in pipe.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(pipe.state_dict()) == [k for k in model.state_dict() if k != "head.weight"]
+    pipe.load_state_dict(other.state_dict())
+    for name, value in other.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)

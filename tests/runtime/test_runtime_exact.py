@@ -70,6 +70,17 @@ def test_four_ranks(pool4, schedule, config):
 
 
 @pytest.mark.multiprocess
+def test_a_split_module_with_a_tied_head_over_four_ranks(pool4):
+    """`pipefold.split` of a transformer whose head shares the embedding's weight, on 4 ranks: the
+    weight (stages 0 and 3) is tied across ranks 0 and 3, and after 3 SGD steps every weight still
+    equals one process's (tests/runtime/_split_cases.py; 2 ranks: test_split_pipeline.py)."""
+    results = pool4.run("split_exact", model="natural", schedule="1f1b")
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == {(0, 3)}
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
+
+
+@pytest.mark.multiprocess
 def test_device_mesh_pp_dim(pool2):
     results = pool2.run("exact", schedule="1f1b", num_microbatches=3, model="transformer", mesh=(2,))
     _check(results, 2)

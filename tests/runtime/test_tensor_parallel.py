@@ -19,7 +19,13 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, TiedLayerSpec, build_reference
 from pipefold.model.zoo import gpt_layers
-from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    gpt_tensor_parallel_plan,
+)
 from pipefold.runtime.parallel.tensor_parallel import check_plan, is_sharded, local, plan_for
 
 
@@ -123,11 +129,9 @@ def tp_exact(
         schedule=schedule,
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
-        recompute=recompute,
-        seed=7,
-        timeout_s=60,
-        process_group=mesh,
-        tensor_parallel=plan,
+        layout=LayoutOptions(recompute=recompute, seed=7),
+        parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan),
+        runtime=RuntimeOptions(timeout_s=60),
     )
     reference = build_reference(build(), seed=7)
     seen: dict[int, tuple[int, ...]] = {}
@@ -179,8 +183,10 @@ def tp_weight_bytes(*, partition):
     """This tp rank's parameter bytes (its shards, and whole tensors where nothing is split)."""
     mesh = _mesh()
     pipe = Pipeline(
-        gpt(), loss_fn=_loss_fn("transformer"), schedule="1f1b", num_microbatches=2, partition=partition,
-        seed=7, timeout_s=60, process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(),
+        gpt(), loss_fn=_loss_fn("transformer"), schedule="1f1b", num_microbatches=2,
+        layout=LayoutOptions(partition=partition, seed=7),
+        parallel=ParallelOptions(process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan()),
+        runtime=RuntimeOptions(timeout_s=60),
     )
     held = [local(param) for param in pipe.parameters()]
     return {"pp_rank": pipe.rank, "bytes": sum(t.numel() * t.element_size() for t in held)}
@@ -218,10 +224,12 @@ def tp_checkpoint(*, directory):
             loss_fn=F.mse_loss,
             schedule="1f1b",
             num_microbatches=2,
-            seed=7,
-            timeout_s=60,
-            process_group=_mesh() if tensor_parallel else None,
-            tensor_parallel=_plan() if tensor_parallel else None,
+            layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(
+                process_group=_mesh() if tensor_parallel else None,
+                tensor_parallel=_plan() if tensor_parallel else None,
+            ),
+            runtime=RuntimeOptions(timeout_s=60),
         )
 
     reference = build_reference(megatron_mlp(), seed=7)
@@ -272,7 +280,11 @@ def tp_tuned(*, num_dp):
 
     torch.manual_seed(1234)
     mesh = _mesh(num_dp)
-    options = {"seed": 7, "timeout_s": 60, "process_group": mesh, "tensor_parallel": _plan()}
+    options = {
+        "layout": LayoutOptions(seed=7),
+        "parallel": ParallelOptions(process_group=mesh, tensor_parallel=_plan()),
+        "runtime": RuntimeOptions(timeout_s=60),
+    }
     rows = 8
     inputs, targets = _batch("mlp", rows, seed=0)
     tuned = tune_schedule(
@@ -289,7 +301,8 @@ def tp_tuned(*, num_dp):
 
 def tp_refused(*, what):
     """Configurations refused in the constructor, alike on every rank: the ConfigError's message."""
-    kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "process_group": _mesh()}
+    mesh = _mesh()
+    kwargs = {"loss_fn": F.mse_loss, "num_microbatches": 2, "parallel": ParallelOptions(process_group=mesh)}
     try:
         if what == "no plan":
             Pipeline(megatron_mlp(), **kwargs)
@@ -301,13 +314,14 @@ def tp_refused(*, what):
             ]
             Pipeline(
                 [LayerSpec(nn.Linear, 6, DIM), *tied, LayerSpec(nn.Linear, DIM, 3)],
-                tensor_parallel=_plan(),
-                **kwargs,
+                **{**kwargs, "parallel": ParallelOptions(process_group=mesh, tensor_parallel=_plan())},
             )
         elif what == "uneven sequence":
             pipe = Pipeline(
-                gpt(), loss_fn=_loss_fn("transformer"), num_microbatches=2, process_group=_mesh(),
-                tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=True),
+                gpt(), loss_fn=_loss_fn("transformer"), num_microbatches=2,
+                parallel=ParallelOptions(
+                    process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=True)
+                ),
             )
             pipe.step(*_batch("transformer", 4, seed=0))  # 5 positions over 2 tp ranks
         else:
@@ -393,9 +407,8 @@ def tp_dtensor_output():
         layers,
         loss_fn=F.mse_loss,
         num_microbatches=2,
-        process_group=_mesh(),
-        tensor_parallel=plan,
-        timeout_s=30,
+        parallel=ParallelOptions(process_group=_mesh(), tensor_parallel=plan),
+        runtime=RuntimeOptions(timeout_s=30),
     )
     inputs, targets = _batch("mlp", 4, seed=0)
     try:
@@ -410,7 +423,7 @@ def tp_dtensor_output():
 
 def test_a_plan_needs_a_tp_dim_and_the_right_types():
     with pytest.raises(ConfigError, match="not a DeviceMesh with a 'tp' dim"):
-        Pipeline(megatron_mlp(), loss_fn=F.mse_loss, tensor_parallel=_plan())
+        Pipeline(megatron_mlp(), loss_fn=F.mse_loss, parallel=ParallelOptions(tensor_parallel=_plan()))
     with pytest.raises(ConfigError, match="ParallelStyle instances"):
         check_plan({"fc1": "colwise"}, _FakeTpMesh())
     with pytest.raises(ConfigError, match="non-empty mapping"):

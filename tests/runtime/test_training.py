@@ -19,7 +19,13 @@ from _workers import WorkerPool
 from test_tensor_parallel import _plan, gpt, tied_lm
 
 from pipefold.model import build_reference
-from pipefold.runtime import Pipeline, gpt_tensor_parallel_plan
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    gpt_tensor_parallel_plan,
+)
 from pipefold.runtime.parallel.tensor_parallel import whole
 
 
@@ -56,7 +62,8 @@ def _layout(layout: str, schedule: str, num_microbatches: int):
         raise ValueError(layout)
     pipe = Pipeline(
         build(), loss_fn=_loss_fn(kind), schedule=schedule, num_microbatches=num_microbatches,
-        seed=7, timeout_s=60, **options,
+        layout=LayoutOptions(seed=7), runtime=RuntimeOptions(timeout_s=60),
+        parallel=ParallelOptions(**options),
     )
     return pipe, build, kind, length
 

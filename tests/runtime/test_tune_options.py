@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.runtime import tune_schedule
+from pipefold.runtime import ParallelOptions, RuntimeOptions, tune_schedule
 from pipefold.runtime.tune import _separated
 
 
@@ -27,7 +27,8 @@ def _tune(**options):
         ({"num_trial_families": 1.5}, "num_trial_families"),
         ({"num_probe_steps": 0}, "num_probe_steps"),
         ({"placement": "ring"}, "placement"),
-        ({"record_timeline": False}, "record_timeline"),
+        ({"runtime": RuntimeOptions(record_timeline=False)}, "record_timeline"),
+        ({"parallel": ParallelOptions(optimizer=lambda params: torch.optim.SGD(params))}, "optimizer"),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(options, field):

@@ -19,7 +19,15 @@ from _workers import WorkerPool
 
 from pipefold.errors import ConfigError
 from pipefold.model import build_reference
-from pipefold.runtime import Pipeline, load_checkpoint, save_checkpoint, sharded_optimizer
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    load_checkpoint,
+    save_checkpoint,
+    sharded_optimizer,
+)
 
 ROWS = 8
 LR = 0.01
@@ -43,8 +51,9 @@ def _mesh(shape=(2, 2), names=("dp", "pp")):
 
 def _pipeline(mesh, schedule="1f1b"):
     return Pipeline(
-        mlp(), loss_fn=_loss_fn("mlp"), schedule=schedule, num_microbatches=2, seed=7,
-        timeout_s=60, process_group=mesh,
+        mlp(), loss_fn=_loss_fn("mlp"), schedule=schedule, num_microbatches=2,
+        layout=LayoutOptions(seed=7), parallel=ParallelOptions(process_group=mesh),
+        runtime=RuntimeOptions(timeout_s=60),
     )
 
 

@@ -3,7 +3,7 @@ own shard of the global batch, and after the schedule the replicas average this 
 gradients so they equal the gradient of the mean loss over the global batch.
 
     mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
-    pipe = Pipeline(layers, loss_fn=..., process_group=mesh)     # pipeline over "pp"
+    pipe = Pipeline(layers, loss_fn=..., parallel=ParallelOptions(process_group=mesh))  # over "pp"
     rows = slice(pipe.data_parallel_rank, None, pipe.num_data_parallel)
     loss = pipe.step(inputs[rows], targets[rows])                # global-batch mean loss
 

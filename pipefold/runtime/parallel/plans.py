@@ -1,7 +1,8 @@
-"""Ready-made tensor-parallel plans for the zoo's models (`Pipeline(tensor_parallel=...)`).
+"""Ready-made tensor-parallel plans for the zoo's models (`ParallelOptions(tensor_parallel=...)`).
 
     >>> from pipefold.runtime import gpt_tensor_parallel_plan
-    >>> Pipeline(gpt_layers(...), ..., tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=True))
+    >>> plan = gpt_tensor_parallel_plan(sequence_parallel=True)
+    >>> Pipeline(gpt_layers(...), ..., parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan))
 
 A plan names, per layer, which submodules split how; it lives with the parallel styles it
 uses (`tensor_parallel`, `sequence_parallel`), not with the model it describes, so the
@@ -24,7 +25,7 @@ __all__ = ["gpt_tensor_parallel_plan"]
 
 
 def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParallelPlan:
-    """How `pipefold train --tensor-parallel` splits the GPT (`Pipeline(tensor_parallel=...)`):
+    """How `pipefold train --tensor-parallel` splits the GPT (`ParallelOptions(tensor_parallel=...)`):
     each decoder block's attention by heads (head_qkv by columns, proj by rows) and its MLP
     (fc by columns, fc_out by rows), Megatron's split: every weight of a block but its two
     LayerNorms, and two all-reduces per block forward (and two in its backward). The

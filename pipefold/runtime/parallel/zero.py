@@ -1,6 +1,6 @@
 """ZeRO stage 1 for a pipeline's data-parallel replicas: optimizer state sharded over "dp".
 
-    pipe = Pipeline(layers, loss_fn=..., process_group=mesh)      # mesh ("dp", "pp")
+    pipe = Pipeline(layers, loss_fn=..., parallel=ParallelOptions(process_group=mesh))  # ("dp", "pp")
     optimizer = sharded_optimizer(pipe, torch.optim.AdamW, lr=3e-4)
     loss = pipe.step(x, y); optimizer.step(); optimizer.zero_grad()
 

@@ -1,0 +1,166 @@
+"""The option groups `Pipeline` takes besides the model, the loss and the schedule.
+
+    pipe = Pipeline(
+        layers, loss_fn=F.cross_entropy, schedule="1f1b", num_microbatches=8,
+        layout=LayoutOptions(partition=[3, 5], recompute="full", seed=7),
+        parallel=ParallelOptions(process_group=mesh),
+        runtime=RuntimeOptions(timeout_s=120, on_nonfinite="skip"),
+        transport=TransportOptions(shared_memory=False),
+    )
+
+Each group is a frozen dataclass whose defaults are the pipeline's, and each checks its own
+values when built (a `ConfigError` naming the field), so a bad option is refused before a
+`Pipeline` is even constructed. Leave a group out to take all of its defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipefold.errors import ConfigError
+from pipefold.model import Partition
+from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
+
+__all__ = ["LayoutOptions", "OptimizerFactory", "ParallelOptions", "RuntimeOptions", "TransportOptions"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """Which layers each stage holds, how they are built and where they live.
+
+    - `partition`: anything `pipefold.model.partition` accepts (a method name, per-stage
+      layer counts, or a `Partition`).
+    - `recompute`: "none", "full", or the layer indices whose activations are recomputed
+      in the backward instead of kept.
+    - `device`: default `cuda:<LOCAL_RANK>` when CUDA is available, else cpu; the group's
+      backend must match (nccl for CUDA, gloo for CPU).
+    - `seed`: the weights of `LayerSpec` layers (see pipefold.model.materialize).
+    """
+
+    partition: str | Sequence[int] | Partition = "uniform"
+    recompute: str | Sequence[int] = "none"
+    device: torch.device | str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"LayoutOptions.seed = {self.seed!r}; give an integer")
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """The ranks the pipeline runs on, the other parallel dimensions, and the optimizer of an
+    asynchronous schedule (which steps each stage's weights inside the step, on its rank).
+
+    - `process_group`: default the world (or a single process when torch.distributed is not
+      initialized); a `DeviceMesh` contributes its "pp" dimension and, if it has them, its
+      "dp" dimension (replicas, each on its own local batch: shard the global batch by
+      `pipe.data_parallel_rank` / `pipe.num_data_parallel`; gradients averaged after each
+      step) and its "tp" dimension (each layer split by `tensor_parallel`).
+    - `data_parallel_group`: the "dp" ranks without a mesh: the ranks that hold this rank's
+      stages in the other replicas (with `process_group` the pipeline's own group).
+    - `tensor_parallel`: with a mesh that has a "tp" dim, how to split each layer over it: a
+      mapping {submodule name pattern: ParallelStyle} (torch's `parallelize_module` plan)
+      applied to every layer with such submodules, or a function (layer index, module) ->
+      such a mapping or None. Each layer must map a replicated input to a replicated output.
+      Flush schedules only; tied layers and shared parameters stay whole
+      (docs/decisions.md, "tensor parallel x pipeline").
+    - `optimizer`: a factory `lambda params: torch.optim.X(params, ...)`, required by
+      asynchronous schedules (pipedream, pipedream-2bw) and refused by flush ones.
+    """
+
+    process_group: Any = None
+    data_parallel_group: Any = None
+    tensor_parallel: TensorParallelPlan | None = None
+    optimizer: OptimizerFactory | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer is not None and not callable(self.optimizer):
+            raise ConfigError(
+                f"ParallelOptions.optimizer = {self.optimizer!r}; pass a factory "
+                "lambda params: torch.optim.SGD(params, lr=...)"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a rank waits, what it records, and how it runs the schedule's backward.
+
+    - `timeout_s`: the longest any wait for another rank may last.
+    - `on_nonfinite`: "raise" (NonFiniteLoss on every rank) or "skip" (the step's gradient
+      contribution is dropped on every rank).
+    - `record_timeline`: gather `last_timeline` after each step and count activation bytes.
+    - `count_memory_every`: count activation bytes (saved-tensor hooks) on the first step of
+      each new batch shape and then every this many steps; other steps report the last count.
+      1 counts every step. Counting costs a Python call per saved tensor.
+    - `fuse_backward`: run an I directly followed by its W as one B where no other rank waits
+      for I's gradient (the first stage, or a predecessor on the same rank); `pipe.schedule`
+      is then the fused schedule. False runs the schedule as given.
+    - `keep_cpu_heap`: on CPU, tell glibc to keep freed memory for reuse instead of returning
+      it to the kernel between micro-batches (process-wide; see
+      pipefold/runtime/processes/allocator.py): fewer page faults, a flat heap at its peak.
+    - `busy_wait`: whether a rank waiting for a shared-memory message keeps checking for it
+      without sleeping (up to 50 ms, then it sleeps in short pauses); None decides by the
+      cores: on CPU where every rank of the pipeline has a core of its own, never where ranks
+      share cores (docs/decisions.md, "busy polling"). False leaves idle cores idle, at the
+      cost of a slower wake-up.
+    """
+
+    timeout_s: float = 60.0
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+    record_timeline: bool = True
+    count_memory_every: int = 8
+    fuse_backward: bool = True
+    keep_cpu_heap: bool = True
+    busy_wait: bool | None = None
+
+    def __post_init__(self) -> None:
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError(f"RuntimeOptions.timeout_s = {timeout!r}; give a positive number of seconds")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(
+                f"RuntimeOptions.on_nonfinite = {self.on_nonfinite!r}; use 'raise' or 'skip'"
+            )
+        every = self.count_memory_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(
+                f"RuntimeOptions.count_memory_every = {every!r}; "
+                "give a positive number of steps (1 = every step)"
+            )
+        if self.busy_wait is not None and not isinstance(self.busy_wait, bool):
+            raise ConfigError(
+                f"RuntimeOptions.busy_wait = {self.busy_wait!r}; "
+                "use True, False or None (decide by the cores)"
+            )
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """How boundary tensors travel between the pipeline's ranks.
+
+    - `shared_memory`: on CPU, ranks on one host exchange boundary tensors through /dev/shm
+      (about 10x lower latency than gloo's loopback sockets; see
+      pipefold/runtime/transport/shm.py); False sends everything through the process group.
+    - `shared_memory_bytes`: the most one step may send to one peer that way (pages are
+      allocated as steps need them); a step with more uses the process group. 0 is the same
+      as `shared_memory=False`.
+    """
+
+    shared_memory: bool = True
+    shared_memory_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        size = self.shared_memory_bytes
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(
+                f"TransportOptions.shared_memory_bytes = {size!r}; give a byte count >= 0 "
+                "(the most one step may send to one peer through shared memory)"
+            )

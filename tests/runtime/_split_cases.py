@@ -1,0 +1,142 @@
+"""Rank-side cases for `pipefold.split` and shared parameters in a `Pipeline`.
+
+Every rank builds the same module (same seed), keeps an unsplit deep copy as the one-process
+reference, and checks its own pipeline's loss, every local gradient and, after each optimizer
+step, every local weight against it. Run by tests/runtime/test_split_pipeline.py (2 ranks) and
+through `_cases.split_exact` by tests/runtime/test_runtime_exact.py (4 ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipefold.errors import ConfigError
+from pipefold.model import split
+from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
+
+from model.split_models import DIM, HF_VOCAB, SEQ, VOCAB, NaturalTransformer, gpt2_model, llama_model  # noqa: E402
+
+ROWS = 8
+
+
+def _module(model: str) -> tuple[nn.Module, int]:
+    """The module (built from seed 0, alike on every rank) and its vocabulary."""
+    torch.manual_seed(0)
+    if model == "natural":
+        return NaturalTransformer(num_blocks=3), VOCAB
+    if model == "gpt2":
+        return gpt2_model(), HF_VOCAB
+    if model == "llama":
+        return llama_model(), HF_VOCAB
+    raise ValueError(model)
+
+
+def _plain() -> nn.Sequential:
+    """A plain layer list whose head shares the embedding's weight (`head.weight = embed.weight`)."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB, bias=False)
+    head.weight = embed.weight
+    return nn.Sequential(embed, nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM), head)
+
+
+def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _batch(vocab: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return (
+        torch.randint(0, vocab, (ROWS, SEQ), generator=generator),
+        torch.randint(0, vocab, (ROWS, SEQ), generator=generator),
+    )
+
+
+def _expected_keys(module: nn.Module) -> list[str]:
+    """`module.state_dict()`'s keys, a tensor held under several names listed under its first."""
+    seen: set[int] = set()
+    keys = []
+    for key, value in module.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            keys.append(key)
+    return keys
+
+
+def exact(*, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 3) -> dict[str, Any]:
+    """Loss, every gradient and (after each SGD step) every weight equal the unsplit module's."""
+    if model == "plain":
+        module: nn.Module = _plain()
+        vocab = VOCAB
+        reference = copy.deepcopy(module)
+        layers: Any = module
+        forward = reference
+    else:
+        module, vocab = _module(model)
+        reference = copy.deepcopy(module)
+        layers = split(module, example_inputs=(_batch(vocab, 0)[0],))
+        forward = reference if model == "natural" else (lambda x: reference(x, use_cache=False).logits)
+    pipe = Pipeline(
+        layers, loss_fn=_loss_fn, schedule=schedule, num_microbatches=4, num_virtual=num_virtual,
+        runtime=RuntimeOptions(timeout_s=60),
+    )
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    expected = dict(reference.named_parameters())
+    losses = []
+    for step in range(num_steps):
+        inputs, targets = _batch(vocab, step)
+        loss = pipe.step(inputs, targets)
+        reference_loss = _loss_fn(forward(inputs), targets)
+        reference_loss.backward()
+        torch.testing.assert_close(loss, reference_loss.item(), rtol=1e-5, atol=1e-6)
+        for name, param in pipe.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+        optimizer.step()
+        reference_optimizer.step()
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        for name, param in pipe.named_parameters():
+            message = f"after step {step}, {name}"
+            torch.testing.assert_close(param, expected[name], msg=lambda m, where=message: f"{where}: {m}")
+        losses.append(loss)
+    return {
+        "losses": losses,
+        "state_keys": list(pipe.state_dict()),
+        "expected_keys": _expected_keys(reference),
+        "tied_ranks": [list(owners) for owners, _ in pipe.tied.groups],
+    }
+
+
+def refused() -> dict[str, str]:
+    """Shared parameters the pipeline cannot tie: the ConfigError's text per case."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    messages = {}
+    module, _ = _module("gpt2")
+    layers = split(module, example_inputs=(_batch(HF_VOCAB, 0)[0],))
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    try:
+        Pipeline(layers, loss_fn=_loss_fn, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd))
+    except ConfigError as error:
+        messages["asynchronous"] = str(error)
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("pp", "tp"))
+    head_split = lambda index, layer: {"": ColwiseParallel()} if index == 4 else None  # noqa: E731
+    try:
+        Pipeline(
+            _plain(), loss_fn=_loss_fn, num_microbatches=2,
+            parallel=ParallelOptions(process_group=mesh, tensor_parallel=head_split),
+        )
+    except ConfigError as error:
+        messages["tensor parallel"] = str(error)
+    return messages
+
