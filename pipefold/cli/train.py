@@ -146,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
     check_resume(config)  # a bad --resume is refused here, before any worker starts
     if "WORLD_SIZE" in os.environ:
         # Started by torchrun (or `pipefold launch`): this process is one rank.
-        train_worker(config)
+        from pipefold.runtime.processes.launch import write_failure_note
+
+        try:
+            train_worker(config)
+        except BaseException as error:
+            write_failure_note(error)  # for `pipefold launch`, which names the root cause
+            raise
         return 0
     result = run_local(config)
     if not result.ok:

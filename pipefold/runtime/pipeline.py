@@ -305,6 +305,7 @@ class Pipeline:
             timeout_s=self._timeout_s,
             poll_completion=self.device.type == "cuda",
             busy_poll_s=BUSY_POLL_S if busy_wait else 0.0,
+            world_ranks=self._ranks if self._group is not None else None,
         )
         p2p: P2P | None = None
         self._collectives: Collectives | None = None
@@ -581,9 +582,11 @@ class Pipeline:
             self._broken = f"{type(error).__name__}: {error}"
             report = self._report(error)
             self._board.publish(report)
+            if isinstance(error, PipelineError) and error.failed_rank is None:
+                error.failed_rank = report.culprit
             if isinstance(error, PipefoldError) or not isinstance(error, Exception):
                 raise
-            raise PipelineError(str(report)) from error
+            raise PipelineError(str(report), failed_rank=report.culprit) from error
 
     def _report(self, error: BaseException) -> FailureReport:
         action = self._executor.current
@@ -595,6 +598,7 @@ class Pipeline:
             microbatch=None if action is None else action.microbatch,
             action="step setup" if action is None else str(action),
             message=f"{type(error).__name__}: {error}{replica}",
+            world_rank=dist.get_rank() if dist.is_initialized() else None,
         )
 
     def _step(self, inputs: Any, targets: Any) -> float:
