@@ -26,12 +26,14 @@ Several machines: use torchrun, which sets the same variables, e.g. on each node
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import json
 import logging
 import multiprocessing
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,14 +42,16 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
+from pipefold.runtime.processes.janitor import start_janitor, sweep
 from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.transport.shm import JOB_ENV, job_prefix
 
 __all__ = [
     "LaunchResult",
@@ -405,13 +409,15 @@ def launch_script(
     command = script_command(argv)
     port = free_port()
     workers: list[_Worker] = []
-    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as notes_dir:
+    job = secrets.token_hex(6)
+    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as notes_dir, _janitor(job):
         try:
             for rank in range(num_ranks):
                 env = {
                     **os.environ,
                     **worker_env(rank, num_ranks, port, num_threads),
                     FAILURE_NOTES_ENV: notes_dir,
+                    JOB_ENV: job,
                 }
                 workers.append(_ScriptWorker(rank, command, env))
         except OSError as error:
@@ -431,19 +437,35 @@ def spawn(
     """Run `fn(*args)` in `num_ranks` fresh processes ("spawn"); `fn` must be importable by name."""
     _check_num_ranks(num_ranks)
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as error_dir:
+    job = secrets.token_hex(6)
+    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as error_dir, _janitor(job):
         workers: list[_Worker] = [
             _FunctionWorker(
                 rank,
                 fn,
                 args,
-                {**worker_env(rank, num_ranks, port, num_threads), FAILURE_NOTES_ENV: error_dir},
+                {**worker_env(rank, num_ranks, port, num_threads), FAILURE_NOTES_ENV: error_dir, JOB_ENV: job},
                 num_threads,
                 error_dir,
             )
             for rank in range(num_ranks)
         ]
         return _supervise(workers, grace_s, error_dir)
+
+
+@contextlib.contextmanager
+def _janitor(job: str) -> Iterator[None]:
+    """While the ranks of `job` run: a janitor that sweeps their /dev/shm files if this process
+    dies; at a normal end (every rank stopped and reaped) the sweep happens here."""
+    prefix = job_prefix(job)
+    janitor = start_janitor(prefix)
+    try:
+        yield
+    finally:
+        removed = sweep(prefix)
+        if removed:
+            logger.info("removed %d shared-memory file(s) the stopped ranks left: %s", len(removed), removed)
+        janitor.stop()
 
 
 def is_loopback(address: str) -> bool:
