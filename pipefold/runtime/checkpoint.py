@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
 import warnings
@@ -662,6 +663,29 @@ def _publish(staging: Path, target: Path, token: str) -> None:
         raise
     _fsync_directory(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
+    remove_stale_staging(target)
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove what interrupted saves into `target` left beside it; the paths removed.
+
+    A save killed mid-way leaves its staging directory (`.<name>.tmp-<token>`), one killed
+    between its two renames the previous checkpoint set aside (`.<name>.old-<token>`, complete,
+    but `target` is newer now). Called once a save has put a complete checkpoint at `target`:
+    only directories named exactly so (a 32-digit hex token, as `_save_replica` draws) go,
+    never anything else in the directory.
+    """
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{32}}$")
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for path in siblings:
+        if pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _fsync_directory(path: Path) -> None:

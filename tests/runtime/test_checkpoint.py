@@ -466,3 +466,22 @@ def test_replacing_a_checkpoint_keeps_only_the_new_one(tmp_path):
     fresh, fresh_optimizer = make("gpipe", seed=3)
     load_checkpoint(fresh, tmp_path / "ckpt", optimizer=fresh_optimizer)
     assert_state_matches(fresh, fresh_optimizer, state_by_name(pipe, optimizer))
+
+
+def test_a_later_save_removes_stale_staging_of_interrupted_saves_only(tmp_path):
+    """Saves killed mid-way (staging) or between the renames (set aside) left directories that
+    no later save removed; a later successful save into the same place removes exactly those."""
+    path = _saved(tmp_path)
+    stale_tmp = tmp_path / f".ckpt.tmp-{'a' * 32}"
+    stale_old = tmp_path / f".ckpt.old-{'b' * 32}"
+    for stale in (stale_tmp, stale_old):
+        stale.mkdir()
+        (stale / "__0_0.distcp").write_bytes(b"partial")
+    foreign = [tmp_path / ".ckpt.tmp-mine", tmp_path / f".other.tmp-{'c' * 32}", tmp_path / "notes.txt"]
+    foreign[0].mkdir()
+    foreign[1].mkdir()
+    foreign[2].write_text("keep")
+    save_checkpoint(make("gpipe")[0], path, step=2)
+    assert not stale_tmp.exists() and not stale_old.exists()
+    assert all(p.exists() for p in foreign)
+    assert read_checkpoint_info(path).step == 2
