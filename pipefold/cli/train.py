@@ -20,6 +20,7 @@ from typing import Any
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.job.config import (
+    NONFINITE_CHOICES,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -29,6 +30,7 @@ from pipefold.job.config import (
     parse_override,
     resolve_out_dir,
 )
+from pipefold.job.outdir import check_out_dir
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {
@@ -55,6 +57,8 @@ _FLAGS: dict[str, str] = {
     "timeout": "timeout_s",
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
+    "on_nonfinite": "on_nonfinite",
+    "overwrite": "overwrite",
 }
 
 
@@ -111,6 +115,12 @@ def add_parser(subparsers: Any) -> None:
                         help="also save <out>/checkpoint every N steps; default 0 = only at the end")
     parser.add_argument("--resume", metavar="PATH",
                         help="continue from a checkpoint (e.g. runs/x/checkpoint): weights, optimizer, step")
+    parser.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES,
+                        help="a NaN/inf loss: raise (stop, naming the step) or skip that step's update; "
+                        f"default {TrainConfig.on_nonfinite}")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the checkpoint an earlier run left in --out (refused otherwise, "
+                        "unless --resume continues that run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
     parser.set_defaults(func=run)
@@ -139,6 +149,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve_out_dir(config_from_args(args))
+    # A run directory that cannot be written, or holds an earlier run, is refused now, not after
+    # the run (torch-free, like the configuration's own checks).
+    check_out_dir(config)
     # Deferred: torch (seconds to import) only once the configuration is known to be good.
     from pipefold.job.loop import run_local, train_worker
     from pipefold.job.setup import check_resume

@@ -22,6 +22,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     sample_tokens = 300
     checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
+    on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
+    overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
 
     [model]
     d_model = 128
@@ -92,6 +94,7 @@ __all__ = [
     "PARTITION_METHODS",
     "NUM_EXTRA_LAYERS",
     "CHECKPOINT_DIR",
+    "NONFINITE_CHOICES",
     "load_config",
     "load_schedule_file",
     "parse_override",
@@ -103,6 +106,9 @@ PARTITION_METHODS = ("uniform", "parameters", "profile")
 
 NUM_EXTRA_LAYERS = 4
 """Layers of the built-in GPT besides its blocks: embedding, positions, final norm, head."""
+
+NONFINITE_CHOICES = ("raise", "skip")
+"""What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
@@ -120,6 +126,7 @@ PARALLEL_NAMES = {
     "tied_layers": "model.tie_embeddings",
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
+    "on_nonfinite": "on_nonfinite",
 }
 """How this file spells the rulebook's fields (`ParallelConfig.check`)."""
 
@@ -372,6 +379,12 @@ class TrainConfig:
     """Save a checkpoint into <out>/checkpoint every this many steps; 0 = only at the end (always)."""
     resume: str = ""
     """Checkpoint directory to continue from (weights, optimizer, step counter); "" = start fresh."""
+    on_nonfinite: str = "raise"
+    """A non-finite loss: "raise" stops the run naming the step; "skip" drops that step's
+    gradients (a warning) and goes on. Flush schedules only."""
+    overwrite: bool = False
+    """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
+    resuming from that checkpoint) such an `out` is refused before the run starts."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -383,6 +396,12 @@ class TrainConfig:
             "checkpoint_every",
             self.checkpoint_every,
             "use a number of steps >= 1, or 0 to save only at the end",
+        )
+        _require(
+            self.on_nonfinite in NONFINITE_CHOICES,
+            "on_nonfinite",
+            self.on_nonfinite,
+            "use " + " or ".join(f'"{choice}"' for choice in NONFINITE_CHOICES),
         )
         _require(
             self.device in DEVICE_CHOICES,
@@ -414,6 +433,7 @@ class TrainConfig:
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
+            on_nonfinite=self.on_nonfinite,
             zero=self.optimizer.zero,
             tied_layers=self.model.tie_embeddings,
             num_layers=num_layers,

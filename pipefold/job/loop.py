@@ -18,15 +18,19 @@ schedules, one AdamW update; a checkpoint goes to <out>/checkpoint at the end an
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch.distributed as dist
 from rich.console import Console
 
-from pipefold.errors import PipelineError
+from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
+from pipefold.job.outcome import name_the_step, record_failure
+from pipefold.job.outdir import check_out_dir
 from pipefold.job.report import StepStats, TrainResult, describe, finish, gather, progress
 from pipefold.job.retune import Retuner
 from pipefold.job.setup import check_resume, set_up
@@ -61,11 +65,16 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
-    with progress(report, config.steps - job.start_step) as update:
+    step = job.start_step
+    recorded = _recorded(config, records, job.rank, lambda: step)
+    with progress(report, config.steps - job.start_step) as update, recorded:
         for step in range(job.start_step, config.steps):
             inputs, targets = job.next_batch()
             started = time.perf_counter()
-            loss = pipe.step(inputs, targets)
+            try:
+                loss = pipe.step(inputs, targets)
+            except NonFiniteLoss as error:
+                raise name_the_step(error, step + 1) from None
             if optimizer is not None and scheduler is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -117,7 +126,20 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
     check_resume(config)
+    check_out_dir(config)
     return spawn(train_worker, config.schedule.num_processes, (config, show))
+
+
+@contextlib.contextmanager
+def _recorded(
+    config: TrainConfig, records: list[StepStats], rank: int, step: Callable[[], int]
+) -> Iterator[None]:
+    """A run that stops on an error still leaves summary.json, with the error (pipefold.job.outcome)."""
+    try:
+        yield
+    except BaseException as error:
+        record_failure(config, records, step() + 1, error, rank=rank)
+        raise
 
 
 def _last_timeline(timeline: Timeline | None) -> Timeline:

@@ -176,6 +176,7 @@ def _make_pipeline(
         "device": device,
         "seed": config.seed,
         "timeout_s": config.timeout_s,
+        "on_nonfinite": config.on_nonfinite,
     }
     if s.tensor_parallel > 1:
         options["tensor_parallel"] = gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
