@@ -80,7 +80,9 @@ def test_the_first_rank_to_give_up_names_the_stuck_rank_at_the_end_of_the_chain(
     assert time.monotonic() - start < 5, "the others learn the culprit from the board, not their timeout"
     assert sorted(errors) == [0, 1, 3]
     for rank, text in errors.items():
-        assert text.startswith("rank 2, stage 2, micro-batch 1 failed at the send of the input gradient of B2.1")
+        assert text.startswith(
+            "rank 2, stage 2, micro-batch 1 failed at the send of the input gradient of B2.1"
+        )
         assert "rank 2 is stuck or stopped" in text and text.endswith("|2"), (rank, text)
     assert "rank 0 waited at B0.1 on rank 1, which waits on rank 2" in errors[0]
     assert not [key for key in store.data if "/waiting/" in key], "every wait withdrew its announcement"
@@ -91,7 +93,8 @@ def test_a_stale_announcement_of_a_stopped_rank_does_not_make_a_cycle():
     board = FailureBoard(store, KEY)  # type: ignore[arg-type]
     # Rank 2 announced a wait on rank 3 and was stopped in the middle of it, long ago.
     board.announce_wait(2, WaitNotice(peer=3, what="B2.0", time=time.time() - 60))
-    with pytest.raises(PeerFailure, match=r"^rank 2, stage 2, micro-batch 4 failed at the send of F2.4") as caught:
+    expected = r"^rank 2, stage 2, micro-batch 4 failed at the send of F2.4"
+    with pytest.raises(PeerFailure, match=expected) as caught:
         _watchdog(store, 3, 0.3).wait_until(lambda: False, what="F3.4", peer=2)
     assert caught.value.failed_rank == 2
 
@@ -109,15 +112,21 @@ def test_a_process_group_that_does_not_form_names_the_missing_rank():
     for rank in (0, 1, 3):
         store.set(f"pipefold/joined/{rank}", "1")
     error = _not_formed(1, 4, 10.0, RuntimeError("wait timeout after 10000ms, keys: /0//cpu//0/2"), store)
-    assert str(error).startswith("rank 1: the process group of 4 ranks did not form within 10s: rank(s) 2 did not join")
+    assert str(error).startswith(
+        "rank 1: the process group of 4 ranks did not form within 10s: rank(s) 2 did not join"
+    )
     assert error.failed_rank == 2
     # Without pipefold's keys (torchrun's store), the rank comes from torch's message.
-    assert _not_formed(1, 4, 10.0, RuntimeError("wait timeout after 10000ms, keys: /0//cpu//0/2"), None).failed_rank == 2
+    timeout = RuntimeError("wait timeout after 10000ms, keys: /0//cpu//0/2")
+    assert _not_formed(1, 4, 10.0, timeout, None).failed_rank == 2
 
 
 def test_root_cause_from_the_notes():
     blame = "rank 2, stage 2, micro-batch 1 failed at F2.1: stuck"
-    notes = {0: {"message": f"{blame}; rank 0 stopped", "failed_rank": 2}, 3: {"message": blame, "failed_rank": 2}}
+    notes = {
+        0: {"message": f"{blame}; rank 0 stopped", "failed_rank": 2},
+        3: {"message": blame, "failed_rank": 2},
+    }
     assert _root_cause(0, 1, notes) == (2, f"{blame}; rank 0 stopped")
     assert _root_cause(1, -9, notes) == (1, None)
     own = {1: {"message": "ValueError: bad layer", "failed_rank": 1}, 0: {"message": "x", "failed_rank": 1}}

@@ -444,7 +444,11 @@ def spawn(
                 rank,
                 fn,
                 args,
-                {**worker_env(rank, num_ranks, port, num_threads), FAILURE_NOTES_ENV: error_dir, JOB_ENV: job},
+                {
+                    **worker_env(rank, num_ranks, port, num_threads),
+                    FAILURE_NOTES_ENV: error_dir,
+                    JOB_ENV: job,
+                },
                 num_threads,
                 error_dir,
             )
@@ -590,7 +594,8 @@ def _not_formed(rank: int, world_size: int, timeout_s: float, error: Exception, 
             missing = []
     if not missing:
         # gloo's and NCCL's rendezvous keys end in the rank they wait for ("keys: /0//cpu//0/2").
-        found = re.findall(r"/(\d+)\b(?=[^/]*$)", str(error).split("keys:")[-1]) if "keys:" in str(error) else []
+        text = str(error)
+        found = re.findall(r"/(\d+)\b(?=[^/]*$)", text.split("keys:")[-1]) if "keys:" in text else []
         missing = sorted({int(r) for r in found if int(r) < world_size and int(r) != rank})
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     who = (

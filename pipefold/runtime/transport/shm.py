@@ -20,7 +20,9 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
-__all__ = ["JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "job_prefix", "layout", "shm_name", "shm_supported"]
+__all__ = [
+    "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "job_prefix", "layout", "shm_name", "shm_supported",
+]
 
 SHM_DIR = Path("/dev/shm")
 JOB_ENV = "PIPEFOLD_JOB"
