@@ -462,33 +462,47 @@ class Watchdog:
 
     def _follow(self, peer: int | None, what: str) -> tuple[int, list[int], str] | None:
         """(the rank to blame, the chain of pipeline ranks that led there, the action its waiter
-        waits at) from the announcements on the board; None where they name nobody."""
-        stale_s = max(1.0, 4 * self._announce_every_s)
-        now = time.time()
+        waits at) from the announcements on the board; None where they name nobody.
 
-        def live(rank: int) -> WaitNotice | None:
-            notice = self._board.waiting(self._world(rank))
-            return notice if notice is not None and now - notice.time < stale_s else None
+        A notice stays until its wait ends, so a rank stopped in the middle of a wait still
+        shows one: the chain then closes into a cycle (which live ranks cannot form), and the
+        member whose notice was refreshed longest ago, the one that stopped, is blamed.
+        """
+        notices: dict[int, WaitNotice | None] = {}
+
+        def notice_of(rank: int) -> WaitNotice | None:
+            if rank not in notices:
+                notices[rank] = self._board.waiting(self._world(rank))
+            return notices[rank]
+
+        def age_key(rank: int) -> float:
+            notice = notices.get(rank)
+            return notice.time if notice is not None else float("inf")
 
         if peer is None:
             # A collective waits on everyone: the suspects are the ranks not waiting themselves.
             if self._world_ranks is None:
                 return None
-            idle = [r for r in range(len(self._world_ranks)) if r != self._rank and live(r) is None]
+            idle = [r for r in range(len(self._world_ranks)) if r != self._rank and notice_of(r) is None]
             return (idle[0], [idle[0]], what) if len(idle) == 1 else None
         chain = [peer]
-        waited_at = what
+        waited_at = {peer: what}
         current = peer
         while True:
-            notice = live(current)
-            if notice is None or notice.peer is None:
-                return current, chain, waited_at
+            notice = notice_of(current)
+            if notice is None:
+                return current, chain, waited_at[current]
+            if notice.peer is None:
+                # It waits in a collective: on whichever rank is not waiting at all.
+                found = self._follow(None, notice.what)
+                return found if found is not None else (current, chain, waited_at[current])
             following = self._pipeline_rank(notice.peer)
             if following == self._rank or following in chain:
-                # A cycle cannot happen between live ranks; its last link stopped mid-wait.
-                return current, chain, waited_at
+                cycle = chain[chain.index(following) :] if following in chain else chain
+                oldest = min(cycle, key=age_key)
+                return oldest, chain[: chain.index(oldest) + 1], waited_at[oldest]
             chain.append(following)
-            waited_at = notice.what
+            waited_at[following] = notice.what
             current = following
 
     def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:

@@ -172,3 +172,24 @@ def _with_func(parser, func):
 
     parser.parse_args = parse_args
     return parser
+
+
+def test_a_waiter_starved_of_cpu_still_leads_to_the_stuck_rank():
+    """On a loaded host a waiting rank may refresh its notice late; an old notice without a
+    cycle still counts (the first 4-rank reproduction blamed rank 1 when it did not)."""
+    store = _Store()
+    board = FailureBoard(store, KEY)  # type: ignore[arg-type]
+    board.announce_wait(1, WaitNotice(peer=2, what="B1.0", time=time.time() - 5))
+    with pytest.raises(PeerFailure, match=r"^rank 2, stage 2, micro-batch 0 failed") as caught:
+        _watchdog(store, 0, 0.3).wait_until(lambda: False, what="B0.0", peer=1)
+    assert caught.value.failed_rank == 2
+
+
+def test_a_chain_ending_in_a_collective_blames_the_one_rank_not_waiting():
+    store = _Store()
+    board = FailureBoard(store, KEY)  # type: ignore[arg-type]
+    board.announce_wait(1, WaitNotice(peer=None, what="loss and timeline gather", time=time.time()))
+    board.announce_wait(2, WaitNotice(peer=None, what="loss and timeline gather", time=time.time()))
+    with pytest.raises(PeerFailure, match=r"^rank 3 failed at loss and timeline gather") as caught:
+        _watchdog(store, 0, 0.3).wait_until(lambda: False, what="B0.0", peer=1)
+    assert caught.value.failed_rank == 3
