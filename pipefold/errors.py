@@ -46,7 +46,15 @@ class PartitionError(PipefoldError, ValueError):
 
 
 class PipelineError(PipefoldError, RuntimeError):
-    """A pipeline failed while running; the message names rank, stage, micro-batch and action."""
+    """A pipeline failed while running; the message names rank, stage, micro-batch and action.
+
+    `failed_rank` is the world rank at the root of the failure where it is known (a rank that
+    raised, or the one a stuck pipeline waits on): the launcher names it in its final message.
+    """
+
+    def __init__(self, message: str = "", *, failed_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.failed_rank = failed_rank
 
 
 class PeerFailure(PipelineError):

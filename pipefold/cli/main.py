@@ -12,7 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipefold.errors import PipefoldError
+from pipefold.errors import PipefoldError, PipelineError
+
+EXIT_FAILURE = 1
+"""Exit status of a run that failed while running (a PipelineError: a rank failed, a peer died or hung)."""
+EXIT_USAGE = 2
+"""Exit status of bad input (a flag, a config value, a checkpoint that does not fit), as argparse's."""
 
 # (module, summary). Each module has add_parser(subparsers) registering `func=run`.
 _COMMANDS: tuple[tuple[str, str], ...] = (
@@ -58,5 +63,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except PipefoldError as error:
         print(f"pipefold {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_FAILURE if isinstance(error, PipelineError) else EXIT_USAGE
     return code

@@ -22,6 +22,7 @@ from typing import Any
 from pipefold.device import DEVICE_CHOICES
 from pipefold.job.config import (
     LR_SCHEDULES,
+    NONFINITE_CHOICES,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -31,6 +32,7 @@ from pipefold.job.config import (
     parse_override,
     resolve_out_dir,
 )
+from pipefold.job.outdir import check_out_dir
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {
@@ -67,6 +69,8 @@ _FLAGS: dict[str, str] = {
     "timeout": "timeout_s",
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
+    "on_nonfinite": "on_nonfinite",
+    "overwrite": "overwrite",
 }
 
 
@@ -150,6 +154,12 @@ def add_parser(subparsers: Any) -> None:
                         help="also save <out>/checkpoint every N steps; default 0 = only at the end")
     parser.add_argument("--resume", metavar="PATH",
                         help="continue from a checkpoint (e.g. runs/x/checkpoint): weights, optimizer, step")
+    parser.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES,
+                        help="a NaN/inf loss: raise (stop, naming the step) or skip that step's update; "
+                        f"default {TrainConfig.on_nonfinite}")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the checkpoint an earlier run left in --out (refused otherwise, "
+                        "unless --resume continues that run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
     parser.set_defaults(func=run)
@@ -178,6 +188,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve_out_dir(config_from_args(args))
+    # A run directory that cannot be written, or holds an earlier run, is refused now, not after
+    # the run (torch-free, like the configuration's own checks).
+    check_out_dir(config)
     # Deferred: torch (seconds to import) only once the configuration is known to be good.
     from pipefold.job.loop import run_local, train_worker
     from pipefold.job.setup import check_resume
@@ -185,7 +198,13 @@ def run(args: argparse.Namespace) -> int:
     check_resume(config)  # a bad --resume is refused here, before any worker starts
     if "WORLD_SIZE" in os.environ:
         # Started by torchrun (or `pipefold launch`): this process is one rank.
-        train_worker(config)
+        from pipefold.runtime.processes.launch import write_failure_note
+
+        try:
+            train_worker(config)
+        except BaseException as error:
+            write_failure_note(error)  # for `pipefold launch`, which names the root cause
+            raise
         return 0
     result = run_local(config)
     if not result.ok:

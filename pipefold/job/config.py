@@ -25,6 +25,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_every = 0             # validation loss through the pipeline every N steps and at the end (0 = off)
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
+    on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
+    overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
 
     [model]
     path = ""                  # a Hugging Face model directory or config.json ("" = the built-in GPT)
@@ -106,6 +108,7 @@ __all__ = [
     "NUM_EXTRA_LAYERS",
     "CHECKPOINT_DIR",
     "HF_DIR",
+    "NONFINITE_CHOICES",
     "load_config",
     "load_schedule_file",
     "parse_override",
@@ -117,6 +120,9 @@ PARTITION_METHODS = ("uniform", "parameters", "profile")
 
 NUM_EXTRA_LAYERS = 4
 """Layers of the built-in GPT besides its blocks: embedding, positions, final norm, head."""
+
+NONFINITE_CHOICES = ("raise", "skip")
+"""What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
@@ -140,6 +146,7 @@ PARALLEL_NAMES = {
     "tied_layers": "model.tie_embeddings",
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
+    "on_nonfinite": "on_nonfinite",
 }
 """How this file spells the rulebook's fields (`ParallelConfig.check`)."""
 
@@ -476,6 +483,12 @@ class TrainConfig:
     (the end-of-run validation on rank 0 is made either way)."""
     eval_batches: int = 4
     """Held-out batches of batch_size sequences per evaluation; the same batches every time."""
+    on_nonfinite: str = "raise"
+    """A non-finite loss: "raise" stops the run naming the step; "skip" drops that step's
+    gradients (a warning) and goes on. Flush schedules only."""
+    overwrite: bool = False
+    """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
+    resuming from that checkpoint) such an `out` is refused before the run starts."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -487,6 +500,12 @@ class TrainConfig:
             "checkpoint_every",
             self.checkpoint_every,
             "use a number of steps >= 1, or 0 to save only at the end",
+        )
+        _require(
+            self.on_nonfinite in NONFINITE_CHOICES,
+            "on_nonfinite",
+            self.on_nonfinite,
+            "use " + " or ".join(f'"{choice}"' for choice in NONFINITE_CHOICES),
         )
         _require(
             self.device in DEVICE_CHOICES,
@@ -530,6 +549,7 @@ class TrainConfig:
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
+            on_nonfinite=self.on_nonfinite,
             zero=self.optimizer.zero,
             tied_layers=self.model.tied,
             num_layers=num_layers,

@@ -21,18 +21,22 @@ writing the shard of its own layers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch.distributed as dist
 from rich.console import Console
 from torch import Tensor
 
-from pipefold.errors import PipelineError
+from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.optim import accumulated_step
+from pipefold.job.outcome import name_the_step, record_failure
+from pipefold.job.outdir import check_out_dir
 from pipefold.job.report import (
     StepStats,
     TrainResult,
@@ -79,11 +83,16 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     checkpoint = Path(config.out) / CHECKPOINT_DIR
     held_out = job.corpus.val if job.corpus is not None else job.tokens.val if job.tokens is not None else None
     val_batches = validation_batches(config, held_out) if config.eval_every and held_out is not None else []
-    with progress(report, config.steps - job.start_step) as update:
+    step = job.start_step
+    recorded = _recorded(config, records, job.rank, lambda: step)
+    with progress(report, config.steps - job.start_step) as update, recorded:
         for step in range(job.start_step, config.steps):
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
             started = time.perf_counter()
-            loss = accumulated_step(pipe, batches)
+            try:
+                loss = accumulated_step(pipe, batches)
+            except NonFiniteLoss as error:
+                raise name_the_step(error, step + 1) from None
             grad_norm: float | None = None
             lr: float | None = None
             if optimizer is not None and scheduler is not None:
@@ -171,6 +180,7 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
     check_resume(config)
+    check_out_dir(config)
     return spawn(train_worker, config.schedule.num_processes, (config, show))
 
 
@@ -179,6 +189,18 @@ def evaluate(job: Job, batches: list[tuple[Tensor, Tensor]]) -> float:
     losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
               for batch in batches]
     return sum(losses) / len(losses)
+
+
+@contextlib.contextmanager
+def _recorded(
+    config: TrainConfig, records: list[StepStats], rank: int, step: Callable[[], int]
+) -> Iterator[None]:
+    """A run that stops on an error still leaves summary.json, with the error (pipefold.job.outcome)."""
+    try:
+        yield
+    except BaseException as error:
+        record_failure(config, records, step() + 1, error, rank=rank)
+        raise
 
 
 def _last_timeline(timeline: Timeline | None) -> Timeline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -242,7 +242,9 @@ def _make_pipeline(
             gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel) if s.tensor_parallel > 1 else None
         ),
     )
-    runtime = RuntimeOptions(timeout_s=config.timeout_s)
+    # TrainConfig has checked the value against NONFINITE_CHOICES.
+    on_nonfinite: Literal["raise", "skip"] = "skip" if config.on_nonfinite == "skip" else "raise"
+    runtime = RuntimeOptions(timeout_s=config.timeout_s, on_nonfinite=on_nonfinite)
     note: str | None = None
     placement = s.searched_placement
     if placement is not None:

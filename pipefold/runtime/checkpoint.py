@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
 import warnings
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from pipefold._version import __version__
 from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
+from pipefold.runtime.checkpoint_verify import digest_files, verify_files
 from pipefold.runtime.parallel.tensor_parallel import shard_like, whole
 from pipefold.runtime.parallel.zero import consolidate, is_sharded_optimizer
 
@@ -169,10 +171,16 @@ def _save_replica(
                 error, f"save_checkpoint: writing {target}", "the previous checkpoint (if any) is intact"
             ) from error
         raise
+    # Every file's digest, each rank hashing its share in parallel (checkpoint_verify.py).
+    names = sorted(p.name for p in staging.iterdir() if p.name != METADATA_FILE)
+    size = 1 if group is None else dist.get_world_size(group)
+    files: dict[str, Any] = {}
+    for share in _all_gather(digest_files(staging, names[_group_rank(group) :: size]), group):
+        files.update(share)
     failure: str | None = None
     if is_rank0:
         try:
-            _write_json(staging / METADATA_FILE, _metadata(pipe, records, step, extra))
+            _write_json(staging / METADATA_FILE, {**_metadata(pipe, records, step, extra), "files": files})
             _publish(staging, target, token)
         except Exception as error:
             shutil.rmtree(staging, ignore_errors=True)
@@ -201,8 +209,9 @@ def load_checkpoint(
     target = Path(path)
     meta = _read_metadata(target)
     info = _info(target, meta)
-    _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
     group = pipe.process_group
+    _verify(target, meta, group)
+    _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
     optimizers = _as_list(optimizer)
     local = pipe.state_dict()
     plan: dict[str, Tensor] = {}
@@ -220,6 +229,25 @@ def load_checkpoint(
     for item in optimizers:
         _load_optimizer(pipe, item, meta["optimizer"], plan)
     return info
+
+
+def _verify(target: Path, meta: Mapping[str, Any], group: dist.ProcessGroup | None) -> None:
+    """Check every file against the digest recorded at save (each rank its share), and raise the
+    same CheckpointError on every rank if any differs. Checkpoints saved before digests were
+    recorded carry none and load unchecked."""
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return
+    names = sorted(files)
+    size = 1 if group is None else dist.get_world_size(group)
+    mine = verify_files(target, files, names[_group_rank(group) :: size])
+    problems = [problem for problem in _all_gather(mine, group) if problem]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {str(target)!r} failed its integrity check: {'; '.join(problems)}; nothing was "
+            "loaded. Restore the file from a copy, or resume from another checkpoint (an earlier run's, "
+            "or the one a later --checkpoint-every save writes)"
+        )
 
 
 def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
@@ -662,6 +690,29 @@ def _publish(staging: Path, target: Path, token: str) -> None:
         raise
     _fsync_directory(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
+    remove_stale_staging(target)
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove what interrupted saves into `target` left beside it; the paths removed.
+
+    A save killed mid-way leaves its staging directory (`.<name>.tmp-<token>`), one killed
+    between its two renames the previous checkpoint set aside (`.<name>.old-<token>`, complete,
+    but `target` is newer now). Called once a save has put a complete checkpoint at `target`:
+    only directories named exactly so (a 32-digit hex token, as `_save_replica` draws) go,
+    never anything else in the directory.
+    """
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{32}}$")
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for path in siblings:
+        if pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,5 +1,12 @@
 """Loud, bounded failure: publish a rank's error, and never block without a deadline.
 
+A rank that raises publishes a `FailureReport` on the `FailureBoard` (a key of the
+rendezvous store); every other rank's `Watchdog` reads it while waiting and stops naming
+that rank. A rank that stops answering publishes nothing, so a wait that lasts announces
+itself ("rank 1 waits on rank 2 at B1.3") under the board's waiting keys, and the first
+wait to time out follows those announcements to the rank at the end of the chain, the one
+that waits on nobody, and publishes it as the culprit (docs/reliability.md).
+
 Design notes: docs/decisions.md, "bounded waits".
 """
 
@@ -8,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch.distributed as dist
@@ -19,7 +27,7 @@ from torch._C._distributed_c10d import Store
 
 from pipefold.errors import PeerFailure
 
-__all__ = ["BUSY_POLL_S", "FailureReport", "FailureBoard", "Watchdog"]
+__all__ = ["BUSY_POLL_S", "FailureReport", "FailureBoard", "WaitNotice", "Watchdog"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,8 @@ class FailureReport:
     microbatch: int | None
     action: str
     message: str
+    world_rank: int | None = None
+    """`rank` in the default process group, where it differs or is known (the launcher's rank)."""
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -40,13 +50,20 @@ class FailureReport:
     @classmethod
     def decode(cls, text: str | bytes) -> FailureReport:
         data = json.loads(text)
+        world_rank = data.get("world_rank")
         return cls(
             rank=int(data["rank"]),
             stage=data["stage"],
             microbatch=data["microbatch"],
             action=str(data["action"]),
             message=str(data["message"]),
+            world_rank=None if world_rank is None else int(world_rank),
         )
+
+    @property
+    def culprit(self) -> int:
+        """The world rank to blame."""
+        return self.rank if self.world_rank is None else self.world_rank
 
     def __str__(self) -> str:
         where = [f"rank {self.rank}"]
@@ -94,6 +111,40 @@ class FailureBoard:
         except Exception as error:  # the store may be gone when the job is tearing down
             self._lose(f"publishing {report} under", error)
 
+    def announce_wait(self, rank: int, notice: WaitNotice) -> None:
+        """Say that world rank `rank` is waiting (a wait that lasts; see `Watchdog`)."""
+        if self._store is None:
+            return
+        try:
+            self._store.set(f"{self._key}/waiting/{rank}", notice.encode())
+        except Exception as error:
+            self._lose("announcing a wait beside", error)
+
+    def withdraw_wait(self, rank: int) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.delete_key(f"{self._key}/waiting/{rank}")
+        except Exception as error:
+            self._lose("withdrawing a wait beside", error)
+
+    def waiting(self, rank: int) -> WaitNotice | None:
+        """What world rank `rank` last announced it waits for, if it is waiting."""
+        if self._store is None:
+            return None
+        key = f"{self._key}/waiting/{rank}"
+        try:
+            if not self._store.check([key]):
+                return None
+            raw = self._store.get(key)
+        except Exception as error:
+            self._lose("reading a wait beside", error)
+            return None
+        try:
+            return WaitNotice.decode(raw)
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def read(self) -> FailureReport | None:
         if self._store is None:
             return None
@@ -109,6 +160,43 @@ class FailureBoard:
         except (ValueError, KeyError, TypeError) as error:
             logger.warning("the failure key %s holds no report pipefold wrote: %s", self._key, error)
             return None
+
+
+@dataclass(frozen=True)
+class WaitNotice:
+    """A rank's announcement that it has been waiting a while: on `peer` (a world rank; None for
+    a collective, which waits on everyone) at action `what`, refreshed at wall-clock `time`."""
+
+    peer: int | None
+    what: str
+    time: float
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> WaitNotice:
+        data = json.loads(text)
+        peer = data["peer"]
+        return cls(peer=None if peer is None else int(peer), what=str(data["what"]), time=float(data["time"]))
+
+
+_COMPUTE = re.compile(r"^([FBI])(\d+)\.(\d+)$")
+
+
+def _awaited(what: str) -> tuple[int | None, int | None, str]:
+    """What a wait at action `what` expects from its peer: (stage, micro-batch, action).
+
+    F s.m waits for stage s-1's output of micro-batch m; B or I s.m for stage s+1's input
+    gradient. Other waits (a collective, the step start) name no stage.
+    """
+    match = _COMPUTE.match(what)
+    if match is None:
+        return None, None, what
+    op, stage, microbatch = match.group(1), int(match.group(2)), int(match.group(3))
+    if op == "F":
+        return stage - 1, microbatch, f"the send of F{stage - 1}.{microbatch}'s output"
+    return stage + 1, microbatch, f"the send of the input gradient of B{stage + 1}.{microbatch}"
 
 
 class _Waiter(threading.Thread):
@@ -156,12 +244,19 @@ class Watchdog:
         poll_completion: bool,
         poll_s: float = 0.05,
         busy_poll_s: float = 0.0,
+        world_ranks: Sequence[int] | None = None,
     ) -> None:
         self._board = board
         self._rank = rank
         self._timeout_s = timeout_s
         self._poll_completion = poll_completion
         self._poll_s = poll_s
+        self._world_ranks = tuple(world_ranks) if world_ranks is not None else None
+        """World rank of each pipeline rank (the waits' `peer`s are pipeline ranks)."""
+        self._announce_every_s = min(0.5, timeout_s / 8)
+        """A wait this long announces itself on the board, and refreshes the announcement as often."""
+        self._announced_at: float | None = None
+        """When (monotonic) the current wait last announced itself; None: not announced."""
         self._waiter: _Waiter | None = None
         self._spin = 200
         self.max_pause_s = 2e-4
@@ -176,10 +271,14 @@ class Watchdog:
         `what` names the action waiting (e.g. "F2.5"); `peer` the rank it waits for
         (None for a collective).
         """
-        if self._poll_completion:
-            self._wait_polling(work, what, peer)
-        else:
-            self._wait_threaded(work, what, peer)
+        try:
+            if self._poll_completion:
+                self._wait_polling(work, what, peer)
+            else:
+                self._wait_threaded(work, what, peer)
+        finally:
+            if self._announced_at is not None:
+                self._withdraw()
 
     def wait_until(
         self,
@@ -211,21 +310,25 @@ class Watchdog:
         next_check = now + self._poll_s
         busy_until = now + (self._busy_poll_s if block is None else 0.0)
         pause = 1e-5
-        while not ready():
-            now = time.monotonic()
-            if now >= next_check:
-                self._check_waiting(what, peer, deadline, now, peer_alive)
-                next_check = now + self._poll_s
-            if now < busy_until:
-                for _ in range(_BUSY_CHECKS):
-                    if ready():
-                        return
-                continue
-            if block is not None:
-                block(max(next_check - now, 0.0))
-                continue
-            time.sleep(pause)
-            pause = min(pause * 2, self.max_pause_s)
+        try:
+            while not ready():
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_waiting(what, peer, deadline, now, peer_alive)
+                    next_check = now + self._poll_s
+                if now < busy_until:
+                    for _ in range(_BUSY_CHECKS):
+                        if ready():
+                            return
+                    continue
+                if block is not None:
+                    block(max(next_check - now, 0.0))
+                    continue
+                time.sleep(pause)
+                pause = min(pause * 2, self.max_pause_s)
+        finally:
+            if self._announced_at is not None:
+                self._withdraw()
 
     def _check_waiting(
         self,
@@ -241,10 +344,13 @@ class Watchdog:
             # out the whole timeout.
             report = self._board.read()
             if report is not None:
-                raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}")
+                raise PeerFailure(
+                    f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit
+                )
             raise PeerFailure(
                 f"rank {self._rank}: rank {peer} exited while rank {self._rank} waited at {what}; "
-                f"its own output says why"
+                f"its own output says why",
+                failed_rank=None if peer is None else self._world(peer),
             )
 
     def _wait_polling(self, work: dist.Work, what: str, peer: int | None) -> None:
@@ -282,29 +388,132 @@ class Watchdog:
         except Exception as error:
             self._raise_broken(error, what, peer)
 
+    def _world(self, rank: int) -> int:
+        return self._world_ranks[rank] if self._world_ranks is not None else rank
+
+    def _pipeline_rank(self, world_rank: int) -> int:
+        if self._world_ranks is not None and world_rank in self._world_ranks:
+            return self._world_ranks.index(world_rank)
+        return world_rank
+
+    def _announce(self, what: str, peer: int | None, now: float) -> None:
+        self._announced_at = now
+        notice = WaitNotice(None if peer is None else self._world(peer), what, time.time())
+        self._board.announce_wait(self._world(self._rank), notice)
+
+    def _withdraw(self) -> None:
+        self._announced_at = None
+        self._board.withdraw_wait(self._world(self._rank))
+
     def _check(self, what: str, peer: int | None, deadline: float, now: float) -> None:
         report = self._board.read()
         if report is not None:
-            raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}")
-        if now >= deadline:
-            source = "the other ranks" if peer is None else f"rank {peer}"
-            lost = self._board.lost
-            store = "" if lost is None else (
-                f"; the rendezvous store, which rank 0's process serves, stopped answering ({lost}), "
-                f"so rank 0 has most likely exited"
+            raise PeerFailure(
+                f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit
             )
+        announced = self._announced_at
+        if announced is None:
+            if now - (deadline - self._timeout_s) >= self._announce_every_s:
+                self._announce(what, peer, now)
+        elif now - announced >= self._announce_every_s:
+            self._announce(what, peer, now)
+        if now >= deadline:
+            self._time_out(what, peer)
+
+    def _time_out(self, what: str, peer: int | None) -> None:
+        """Blame the rank at the end of the chain of waits that starts at `peer`, publish it as the
+        job's failure (unless another rank published one first) and raise."""
+        source = "the other ranks" if peer is None else f"rank {peer}"
+        lost = self._board.lost
+        if lost is not None:
+            raise PeerFailure(
+                f"rank {self._rank} waited {self._timeout_s:g}s at {what} for {source} without an answer; "
+                f"the rendezvous store, which rank 0's process serves, stopped answering ({lost}), "
+                f"so rank 0 has most likely exited",
+                failed_rank=self._world(0),
+            )
+        culprit = self._follow(peer, what)
+        if culprit is None:
             raise PeerFailure(
                 f"rank {self._rank} waited {self._timeout_s:g}s at {what} for {source} without an answer; "
                 f"{source} is stuck or died without reporting an error (raise timeout_s if its work "
-                f"legitimately takes longer){store}"
+                f"legitimately takes longer)"
             )
+        blamed, chain, waited_at = culprit
+        stage, microbatch, action = _awaited(waited_at)
+        via = "".join(f", which waits on rank {link}" for link in chain[1:])
+        report = FailureReport(
+            rank=blamed,
+            stage=stage,
+            microbatch=microbatch,
+            action=action,
+            message=(
+                f"rank {blamed} is stuck or stopped: it answered nothing for {self._timeout_s:g}s and waits "
+                f"on no other rank (rank {self._rank} waited at {what} on rank {chain[0]}{via}); raise "
+                f"timeout_s if its work legitimately takes longer"
+            ),
+            world_rank=self._world(blamed),
+        )
+        self._board.publish(report)
+        first = self._board.read() or report
+        raise PeerFailure(
+            f"{first}; rank {self._rank} stopped while waiting at {what}", failed_rank=first.culprit
+        )
+
+    def _follow(self, peer: int | None, what: str) -> tuple[int, list[int], str] | None:
+        """(the rank to blame, the chain of pipeline ranks that led there, the action its waiter
+        waits at) from the announcements on the board; None where they name nobody.
+
+        A notice stays until its wait ends, so a rank stopped in the middle of a wait still
+        shows one: the chain then closes into a cycle (which live ranks cannot form), and the
+        member whose notice was refreshed longest ago, the one that stopped, is blamed.
+        """
+        notices: dict[int, WaitNotice | None] = {}
+
+        def notice_of(rank: int) -> WaitNotice | None:
+            if rank not in notices:
+                notices[rank] = self._board.waiting(self._world(rank))
+            return notices[rank]
+
+        def age_key(rank: int) -> float:
+            notice = notices.get(rank)
+            return notice.time if notice is not None else float("inf")
+
+        if peer is None:
+            # A collective waits on everyone: the suspects are the ranks not waiting themselves.
+            if self._world_ranks is None:
+                return None
+            idle = [r for r in range(len(self._world_ranks)) if r != self._rank and notice_of(r) is None]
+            return (idle[0], [idle[0]], what) if len(idle) == 1 else None
+        chain = [peer]
+        waited_at = {peer: what}
+        current = peer
+        while True:
+            notice = notice_of(current)
+            if notice is None:
+                return current, chain, waited_at[current]
+            if notice.peer is None:
+                # It waits in a collective: on whichever rank is not waiting at all.
+                found = self._follow(None, notice.what)
+                return found if found is not None else (current, chain, waited_at[current])
+            following = self._pipeline_rank(notice.peer)
+            if following == self._rank or following in chain:
+                cycle = chain[chain.index(following) :] if following in chain else chain
+                oldest = min(cycle, key=age_key)
+                return oldest, chain[: chain.index(oldest) + 1], waited_at[oldest]
+            chain.append(following)
+            waited_at[following] = notice.what
+            current = following
 
     def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:
         report = self._board.read()
         if report is not None:
-            raise PeerFailure(f"{report}; rank {self._rank} stopped while waiting at {what}") from error
+            raise PeerFailure(
+                f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit
+            ) from error
         source = "a peer" if peer is None else f"rank {peer}"
         raise PeerFailure(
             f"rank {self._rank}: communication with {source} failed at {what} "
-            f"({type(error).__name__}: {error}); {source} most likely died"
+            f"({type(error).__name__}: {error}); {source} most likely died",
+            failed_rank=None if peer is None else self._world(peer),
         ) from error

@@ -239,6 +239,7 @@ class Pipeline:
             timeout_s=float(self.runtime_options.timeout_s),
             poll_completion=self.device.type == "cuda",
             busy_poll_s=BUSY_POLL_S if busy_wait else 0.0,
+            world_ranks=dims.ranks if dims.pipeline_group is not None else None,
         )
         program = lower(self.schedule)
         # Events and waits of any rank fit in as many slots as the longest program has actions.
@@ -562,9 +563,11 @@ class Pipeline:
             self._broken = f"{type(error).__name__}: {error}"
             report = self._report(error)
             self._board.publish(report)
+            if isinstance(error, PipelineError) and error.failed_rank is None:
+                error.failed_rank = report.culprit
             if isinstance(error, PipefoldError) or not isinstance(error, Exception):
                 raise
-            raise PipelineError(str(report)) from error
+            raise PipelineError(str(report), failed_rank=report.culprit) from error
 
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """The batch-mean loss of one batch, forward only (no gradients, no update), on every rank:
@@ -597,6 +600,7 @@ class Pipeline:
             microbatch=None if action is None else action.microbatch,
             action="step setup" if action is None else str(action),
             message=f"{type(error).__name__}: {error}{replica}",
+            world_rank=dist.get_rank() if dist.is_initialized() else None,
         )
 
     def _step(self, inputs: Any, targets: Any) -> float:

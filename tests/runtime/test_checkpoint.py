@@ -421,9 +421,20 @@ def test_bad_save_arguments_are_refused(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def _forge(path: Path, name: str, data: bytes) -> None:
+    """Write `data` as the checkpoint's file `name` and its digest into pipefold.json, as an
+    attacker who rewrites both would: the digests catch damage, the unpickler must hold alone."""
+    from pipefold.runtime.checkpoint_verify import digest_file
+
+    (path / name).write_bytes(data)
+    meta = json.loads((path / "pipefold.json").read_text())
+    meta["files"][name] = digest_file(path / name)
+    (path / "pipefold.json").write_text(json.dumps(meta))
+
+
 def test_metadata_pickle_may_not_name_arbitrary_objects(tmp_path):
     path = _saved(tmp_path)
-    (path / ".metadata").write_bytes(pickle.dumps(os.system))
+    _forge(path, ".metadata", pickle.dumps(os.system))
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         load_checkpoint(make("gpipe")[0], path)
 
@@ -442,7 +453,7 @@ def test_crafted_metadata_naming_a_dotted_global_runs_nothing(tmp_path, module):
         b"\x80\x04c" + module.encode() + b"\nos.system\n"
         + b"C" + bytes([len(command)]) + command + b"\x85R."
     )
-    (path / ".metadata").write_bytes(crafted)
+    _forge(path, ".metadata", crafted)
     with pytest.raises(CheckpointError, match=r"\.metadata.*names .*os\.system.*refusing to unpickle"):
         load_checkpoint(make("gpipe")[0], path)
     assert not marker.exists()
@@ -455,7 +466,7 @@ def test_crafted_metadata_naming_a_dotted_global_runs_nothing(tmp_path, module):
 def test_truncated_metadata_is_a_typed_error_naming_the_file(tmp_path):
     path = _saved(tmp_path)
     data = (path / ".metadata").read_bytes()
-    (path / ".metadata").write_bytes(data[: len(data) // 2])
+    _forge(path, ".metadata", data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"\.metadata is damaged"):
         load_checkpoint(make("gpipe")[0], path)
 
@@ -470,3 +481,52 @@ def test_replacing_a_checkpoint_keeps_only_the_new_one(tmp_path):
     fresh, fresh_optimizer = make("gpipe", seed=3)
     load_checkpoint(fresh, tmp_path / "ckpt", optimizer=fresh_optimizer)
     assert_state_matches(fresh, fresh_optimizer, state_by_name(pipe, optimizer))
+
+
+def test_a_later_save_removes_stale_staging_of_interrupted_saves_only(tmp_path):
+    """Saves killed mid-way (staging) or between the renames (set aside) left directories that
+    no later save removed; a later successful save into the same place removes exactly those."""
+    path = _saved(tmp_path)
+    stale_tmp = tmp_path / f".ckpt.tmp-{'a' * 32}"
+    stale_old = tmp_path / f".ckpt.old-{'b' * 32}"
+    for stale in (stale_tmp, stale_old):
+        stale.mkdir()
+        (stale / "__0_0.distcp").write_bytes(b"partial")
+    foreign = [tmp_path / ".ckpt.tmp-mine", tmp_path / f".other.tmp-{'c' * 32}", tmp_path / "notes.txt"]
+    foreign[0].mkdir()
+    foreign[1].mkdir()
+    foreign[2].write_text("keep")
+    save_checkpoint(make("gpipe")[0], path, step=2)
+    assert not stale_tmp.exists() and not stale_old.exists()
+    assert all(p.exists() for p in foreign)
+    assert read_checkpoint_info(path).step == 2
+
+
+def _shard(path: Path) -> Path:
+    return max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def test_every_file_has_a_digest_and_zeroed_bytes_in_a_shard_are_refused_naming_it(tmp_path):
+    """Zeroed bytes inside a shard used to load silently (the losses drifted)."""
+    path = _saved(tmp_path)
+    files = json.loads((path / "pipefold.json").read_text())["files"]
+    assert ".metadata" in files and any(name.endswith(".distcp") for name in files)
+    shard = _shard(path)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    damaged = rf"{shard.name}' is damaged: its SHA-256 differs.*nothing was loaded"
+    with pytest.raises(CheckpointError, match=damaged):
+        load_checkpoint(make("gpipe")[0], path)
+
+
+def test_a_truncated_shard_is_one_typed_error_naming_the_file_and_what_to_do(tmp_path):
+    """It used to be an EOFError with an empty message and ~200 lines of tracebacks."""
+    path = _saved(tmp_path)
+    shard = _shard(path)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}' is truncated or grown: {len(data) // 3} bytes "
+                       rf"where {len(data)} were written.*resume from another checkpoint"):
+        load_checkpoint(make("gpipe")[0], path)

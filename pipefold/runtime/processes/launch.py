@@ -12,8 +12,10 @@ thread by default (OMP_NUM_THREADS=1 and torch.set_num_threads), because N
 workers on N cores each spawning a thread per core oversubscribe the machine.
 
 Failure is bounded: when any worker exits non-zero the others get SIGTERM, then
-SIGKILL after `grace_s`, and the result names the first failed rank and its last
-error lines. Ctrl-C stops every worker the same way.
+SIGKILL after `grace_s`, and the result names the rank at the root of the failure
+(a rank killed by a signal by the signal's name; otherwise the rank the workers' failure
+notes blame, e.g. the stuck rank a pipeline waited on, see `write_failure_note`) and the
+first failed rank's last error lines. Ctrl-C stops every worker the same way.
 
 Several machines: use torchrun, which sets the same variables, e.g. on each node
 
@@ -24,10 +26,14 @@ Several machines: use torchrun, which sets the same variables, e.g. on each node
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,14 +42,16 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, PeerFailure, PipefoldError
+from pipefold.runtime.processes.janitor import start_janitor, sweep
 from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.transport.shm import JOB_ENV, job_prefix
 
 __all__ = [
     "LaunchResult",
@@ -55,6 +63,9 @@ __all__ = [
     "init_process_group_from_env",
     "is_loopback",
     "loopback_store",
+    "signal_name",
+    "write_failure_note",
+    "FAILURE_NOTES_ENV",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,31 +74,109 @@ _NUM_ERROR_LINES = 20
 _POLL_S = 0.05
 
 
+FAILURE_NOTES_ENV = "PIPEFOLD_FAILURE_NOTES"
+"""The directory where a worker leaves its failure note (`write_failure_note`), set by the launcher."""
+
+
 @dataclass(frozen=True)
 class LaunchResult:
-    """How a launch ended. `exit_code` 0 means every worker succeeded."""
+    """How a launch ended. `exit_code` 0 means every worker succeeded.
+
+    `failed_rank` is the first rank seen to fail (by a signal: 128 + its number, as a shell
+    reports it, and `signal_name`); `culprit` and `cause` the rank at the root of the failure
+    and why, where the workers' notes tell (a peer failure names the rank it blames).
+    """
 
     exit_code: int
     failed_rank: int | None = None
     error_lines: tuple[str, ...] = ()
     interrupted: bool = False
+    signal_name: str | None = None
+    culprit: int | None = None
+    cause: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
 
     def describe(self) -> str:
-        """One paragraph for the terminal: which rank failed and how."""
+        """One paragraph for the terminal: which rank is to blame, and how the first one ended."""
         if self.ok:
             return "all ranks finished"
         if self.interrupted:
             return "interrupted: all ranks stopped"
-        head = f"rank {self.failed_rank} failed with exit code {self.exit_code}; the other ranks were stopped"
-        if not self.error_lines:
+        how = (
+            f"was killed by {self.signal_name}"
+            if self.signal_name is not None
+            else f"failed with exit code {self.exit_code}"
+        )
+        first = f"rank {self.failed_rank} {how}; the other ranks were stopped"
+        if self.culprit is not None and self.culprit != self.failed_rank:
+            said = self.cause or "named by the other ranks"
+            head = f"{said} ({first})" if said.startswith(f"rank {self.culprit}") else (
+                f"rank {self.culprit} failed: {said} ({first})"
+            )
+        elif self.cause is not None:
+            head = f"rank {self.failed_rank} {how}: {self.cause}; the other ranks were stopped"
+        else:
+            head = first
+        if not self.error_lines or self.cause is not None and len(self.error_lines) == 1:
             return head
         return head + f"\nlast lines of rank {self.failed_rank}:\n" + "\n".join(
             "  " + line for line in self.error_lines
         )
+
+
+def write_failure_note(error: BaseException) -> None:
+    """Leave this rank's failure for the launcher (no-op unless it set `FAILURE_NOTES_ENV`).
+
+    The note holds the message and, for a pipeline failure, the world rank it blames
+    (`PipelineError.failed_rank`), so the launcher's final message names the root cause,
+    not whichever rank gave up first.
+    """
+    directory = os.environ.get(FAILURE_NOTES_ENV)
+    rank = os.environ.get("RANK")
+    if not directory or rank is None:
+        return
+    note = {
+        "type": type(error).__name__,
+        "message": str(error),
+        "failed_rank": getattr(error, "failed_rank", None),
+    }
+    try:
+        Path(directory, f"rank{rank}.json").write_text(json.dumps(note), encoding="utf-8")
+    except OSError:
+        pass  # the launcher has gone (its directory with it): nobody to tell
+
+
+def _read_notes(directory: str) -> dict[int, dict[str, Any]]:
+    notes: dict[int, dict[str, Any]] = {}
+    for path in Path(directory).glob("rank*.json"):
+        try:
+            notes[int(path.stem[len("rank") :])] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return notes
+
+
+def _root_cause(first: int, code: int, notes: dict[int, dict[str, Any]]) -> tuple[int | None, str | None]:
+    """(the rank to blame, why) from how the first failed rank ended and every rank's note."""
+    if code < 0:
+        return first, None  # a signal death leaves no note: it is the root
+    note = notes.get(first)
+    culprit = note.get("failed_rank") if note is not None else None
+    if not isinstance(culprit, int):
+        named = [n.get("failed_rank") for n in notes.values() if isinstance(n.get("failed_rank"), int)]
+        culprit = max(set(named), key=named.count) if named else None
+    if culprit is None:
+        return None, None if note is None else str(note.get("message"))
+    own = notes.get(culprit)
+    if own is not None and own.get("failed_rank") in (None, culprit):
+        return culprit, str(own.get("message"))  # the culprit's own words
+    for source in (note, *notes.values()):
+        if source is not None and source.get("failed_rank") == culprit:
+            return culprit, str(source.get("message"))
+    return culprit, None
 
 
 def free_port() -> int:
@@ -188,13 +277,16 @@ def _run_function(
         torch.set_num_threads(num_threads)
     try:
         fn(*args)
-    except ConfigError as error:
-        # Bad input found on the ranks (a checkpoint that does not fit the model, ...): the
-        # message names the field, the value and the fix, and a traceback printed by every
-        # rank would bury it. Exit 1 without one; the supervisor prints the message.
+    except PipefoldError as error:
+        # Bad input found on the ranks (a checkpoint that does not fit the model, ...) or a
+        # pipeline failure: the message names the field, value and fix, or the rank, stage,
+        # micro-batch and action, and a traceback printed by every rank would bury it. Exit 1
+        # without one; the supervisor prints the root cause.
+        write_failure_note(error)
         Path(error_path).write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
         sys.exit(1)
-    except BaseException:
+    except BaseException as error:
+        write_failure_note(error)
         Path(error_path).write_text(traceback.format_exc(), encoding="utf-8")
         raise
 
@@ -254,19 +346,39 @@ def _stop(workers: Sequence[_Worker], grace_s: float) -> None:
             time.sleep(_POLL_S)
 
 
-def _supervise(workers: Sequence[_Worker], grace_s: float) -> LaunchResult:
+def signal_name(code: int) -> str | None:
+    """The signal's name for a negative exit code (Popen's and multiprocessing's way of saying
+    "killed by a signal"); None for a plain exit code."""
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _supervise(workers: Sequence[_Worker], grace_s: float, notes_dir: str) -> LaunchResult:
     try:
         while True:
             codes = [worker.poll() for worker in workers]
             for worker, code in zip(workers, codes, strict=True):
                 if code is not None and code != 0:
-                    logger.error("rank %d exited with code %d; stopping the other ranks", worker.rank, code)
+                    name = signal_name(code)
+                    logger.error(
+                        "rank %d %s; stopping the other ranks",
+                        worker.rank,
+                        f"was killed by {name}" if name else f"exited with code {code}",
+                    )
                     _stop(workers, grace_s)
-                    # A signal death reads as a negative code; report it as a plain failure.
+                    culprit, cause = _root_cause(worker.rank, code, _read_notes(notes_dir))
                     return LaunchResult(
-                        exit_code=code if code > 0 else 1,
+                        # A shell's convention for a signal death: 128 + the signal's number.
+                        exit_code=code if code > 0 else 128 - code,
                         failed_rank=worker.rank,
                         error_lines=worker.error_lines(),
+                        signal_name=name,
+                        culprit=culprit,
+                        cause=cause,
                     )
             if all(code == 0 for code in codes):
                 return LaunchResult(exit_code=0)
@@ -297,14 +409,21 @@ def launch_script(
     command = script_command(argv)
     port = free_port()
     workers: list[_Worker] = []
-    try:
-        for rank in range(num_ranks):
-            env = {**os.environ, **worker_env(rank, num_ranks, port, num_threads)}
-            workers.append(_ScriptWorker(rank, command, env))
-    except OSError as error:
-        _stop(workers, grace_s)
-        raise ConfigError(f"launch: cannot start {command[0]!r}: {error}") from None
-    return _supervise(workers, grace_s)
+    job = secrets.token_hex(6)
+    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as notes_dir, _janitor(job):
+        try:
+            for rank in range(num_ranks):
+                env = {
+                    **os.environ,
+                    **worker_env(rank, num_ranks, port, num_threads),
+                    FAILURE_NOTES_ENV: notes_dir,
+                    JOB_ENV: job,
+                }
+                workers.append(_ScriptWorker(rank, command, env))
+        except OSError as error:
+            _stop(workers, grace_s)
+            raise ConfigError(f"launch: cannot start {command[0]!r}: {error}") from None
+        return _supervise(workers, grace_s, notes_dir)
 
 
 def spawn(
@@ -318,14 +437,39 @@ def spawn(
     """Run `fn(*args)` in `num_ranks` fresh processes ("spawn"); `fn` must be importable by name."""
     _check_num_ranks(num_ranks)
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as error_dir:
+    job = secrets.token_hex(6)
+    with tempfile.TemporaryDirectory(prefix="pipefold-launch-") as error_dir, _janitor(job):
         workers: list[_Worker] = [
             _FunctionWorker(
-                rank, fn, args, worker_env(rank, num_ranks, port, num_threads), num_threads, error_dir
+                rank,
+                fn,
+                args,
+                {
+                    **worker_env(rank, num_ranks, port, num_threads),
+                    FAILURE_NOTES_ENV: error_dir,
+                    JOB_ENV: job,
+                },
+                num_threads,
+                error_dir,
             )
             for rank in range(num_ranks)
         ]
-        return _supervise(workers, grace_s)
+        return _supervise(workers, grace_s, error_dir)
+
+
+@contextlib.contextmanager
+def _janitor(job: str) -> Iterator[None]:
+    """While the ranks of `job` run: a janitor that sweeps their /dev/shm files if this process
+    dies; at a normal end (every rank stopped and reaped) the sweep happens here."""
+    prefix = job_prefix(job)
+    janitor = start_janitor(prefix)
+    try:
+        yield
+    finally:
+        removed = sweep(prefix)
+        if removed:
+            logger.info("removed %d shared-memory file(s) the stopped ranks left: %s", len(removed), removed)
+        janitor.stop()
 
 
 def is_loopback(address: str) -> bool:
@@ -352,7 +496,15 @@ def loopback_store(address: str, port: int, rank: int, world_size: int, timeout_
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     timeout = timedelta(seconds=timeout_s)
     if rank != 0:
-        return TCPStore(host, port, world_size, False, timeout)
+        try:
+            return TCPStore(host, port, world_size, False, timeout)
+        except Exception:
+            raise PeerFailure(
+                f"rank {rank}: the rendezvous store that rank 0 serves at {host}:{port} did not answer "
+                f"within {timeout_s:g}s; rank 0 is stuck, stopped or did not start (its own output says "
+                "why); raise the timeout if its start-up legitimately takes longer",
+                failed_rank=0,
+            ) from None
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -412,8 +564,48 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float = 6
     if is_loopback(address) and not agent_store:
         _pin_transports_to_loopback()
         store = loopback_store(address, int(os.environ["MASTER_PORT"]), rank, world_size, timeout_s)
-        dist.init_process_group(
-            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-        )
+        store.set(f"{_JOINED}/{rank}", "1")
+        try:
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
+        except Exception as error:
+            raise _not_formed(rank, world_size, timeout_s, error, store) from None
         return
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    except Exception as error:
+        raise _not_formed(rank, world_size, timeout_s, error, None) from None
+
+
+_JOINED = "pipefold/joined"
+"""Store keys each rank sets before joining the process group, so a start-up timeout can say who
+never arrived."""
+
+
+def _not_formed(rank: int, world_size: int, timeout_s: float, error: Exception, store: Any) -> PeerFailure:
+    """The start-up failure as one typed message naming the ranks that did not join, instead of
+    torch's store timeout with its C++ frames."""
+    missing: list[int] = []
+    if store is not None:
+        try:
+            missing = [r for r in range(world_size) if not store.check([f"{_JOINED}/{r}"])]
+        except Exception:  # the store went with rank 0
+            missing = []
+    if not missing:
+        # gloo's and NCCL's rendezvous keys end in the rank they wait for ("keys: /0//cpu//0/2").
+        text = str(error)
+        found = re.findall(r"/(\d+)\b(?=[^/]*$)", text.split("keys:")[-1]) if "keys:" in text else []
+        missing = sorted({int(r) for r in found if int(r) < world_size and int(r) != rank})
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    who = (
+        f"rank(s) {', '.join(map(str, missing))} did not join (stuck, stopped or not started; "
+        "its own output says why)"
+        if missing
+        else f"torch said: {first_line}"
+    )
+    return PeerFailure(
+        f"rank {rank}: the process group of {world_size} ranks did not form within {timeout_s:g}s: {who}; "
+        "raise the timeout if start-up legitimately takes longer",
+        failed_rank=missing[0] if len(missing) == 1 else None,
+    )

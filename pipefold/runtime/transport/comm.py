@@ -27,7 +27,7 @@ from pipefold.errors import PipelineError
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
-from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_supported
+from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_name, shm_supported
 from pipefold.runtime.transport.shm_exchange import ShmExchange
 
 __all__ = ["P2P", "Collectives", "Transfer"]
@@ -161,6 +161,9 @@ class P2P:
                 name = _channel_name(peer_token, peer, rank)
                 channel = ShmChannel.open(SHM_DIR, name, capacity, peer_token)
                 if channel is not None:
+                    # Both ends have it mapped now: drop the name at once, so a rank killed
+                    # from here on leaves no file behind (the sender unlinks it too, later).
+                    channel.unlink()
                     opened[peer] = channel
         ringers: dict[int, Ringer] = {}
         for peer in created:
@@ -277,7 +280,7 @@ class P2P:
 
 
 def _channel_name(token: int, sender: int, receiver: int) -> str:
-    return f"pipefold-{token:x}-{sender}-{receiver}"
+    return shm_name(f"{token:x}-{sender}-{receiver}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -336,7 +339,7 @@ class Collectives:
         info = self.all_gather_object(me, what="same-host exchange handshake")
         if num_ranks < 2 or not all(entry[3] and entry[0] == me[0] for entry in info):
             return
-        name = f"pipefold-{int(info[0][2]):x}-exchange"
+        name = shm_name(f"{int(info[0][2]):x}-exchange")
         exchange: ShmExchange | None = None
         if rank == 0:
             try:

@@ -20,9 +20,27 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
-__all__ = ["SHM_DIR", "SharedFile", "ShmChannel", "layout", "shm_supported"]
+__all__ = [
+    "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "job_prefix", "layout", "shm_name", "shm_supported",
+]
 
 SHM_DIR = Path("/dev/shm")
+JOB_ENV = "PIPEFOLD_JOB"
+"""Set by the launcher to a token of its job: every shared-memory file a rank creates is named
+`pipefold-<job>-...`, so the launcher (or, once it is gone, its janitor) removes the job's files
+that a killed rank could not (pipefold/runtime/processes/janitor.py)."""
+
+
+def job_prefix(job: str | None = None) -> str:
+    """The name prefix of the files of `job` (default: this process's job, where a launcher set
+    one), e.g. "pipefold-3fa2c1d0e4b5-"; "pipefold-" outside a launched job."""
+    job = os.environ.get(JOB_ENV, "") if job is None else job
+    return f"pipefold-{job}-" if job else "pipefold-"
+
+
+def shm_name(rest: str) -> str:
+    """The name of a shared-memory file of this job: its prefix, then `rest`."""
+    return job_prefix() + rest
 _HEADER_BYTES = 4096
 _ALIGN = 64
 # Header slots (int64 indices), each on its own 64-byte cache line so the sender's and the
