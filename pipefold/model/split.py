@@ -310,11 +310,12 @@ class _Prefix(SplitPiece):
         ):
             # Shapes only (pipefold.model.build.trace_boundaries): the module's forward may read
             # tensor values, which meta tensors have not, so its twin runs on zeros of the shapes.
-            twin = self._twin(self.paths)
-            zeros = pytree.tree_map(
-                lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) else t, inputs
-            )
-            with torch.no_grad():
+            # On the CPU even inside trace_boundaries' meta device context: the twin must hold values.
+            with torch.device("cpu"), torch.no_grad():
+                twin = self._twin(self.paths)
+                zeros = pytree.tree_map(
+                    lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) else t, inputs
+                )
                 out = self._run(twin, zeros)
             return pytree.tree_map(
                 lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, Tensor) else t,
