@@ -76,7 +76,7 @@ def search_order(
     try:
         found = search_schedule(
             model, num_ranks=pp, num_microbatches=m, num_virtual=v, placement=layout,
-            memory_limit=cap, time_budget_s=time_budget_s,
+            memory_limit=cap, time_budget_s=time_budget_s, strict_budget=True,
         )
     except ScheduleError:
         return None  # not even one micro-batch per rank fits beside the weights

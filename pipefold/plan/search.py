@@ -30,6 +30,7 @@ from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, t
 from pipefold.plan.tensor import split_costs
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import Schedule, build, names
+from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel, Link, simulate
 
 __all__ = ["plan", "evaluate"]
@@ -41,7 +42,14 @@ rounding, and must not skip a configuration that ties."""
 
 @functools.lru_cache(maxsize=512)
 def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
-    return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+    if num_ranks * num_microbatches <= 4096:
+        return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+    # A large family schedule is generated without `validate`, which costs as much as simulating it
+    # (seconds at 64 ranks x 512 micro-batches): the families are validated at many sizes by their
+    # tests, and the simulator refuses an order that deadlocks.
+    entry = family(name)
+    entry.check(num_ranks, num_microbatches, num_virtual)
+    return entry.generate(num_ranks, num_microbatches, num_virtual)
 
 
 def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
@@ -385,12 +393,24 @@ class _Search:
             for rank, memory in enumerate(candidate.memory):
                 if memory.total <= self.limit:
                     continue
-                left = [s for s, owner in enumerate(record.placement) if owner == rank and s not in recompute]
+                owned = [s for s, owner in enumerate(record.placement) if owner == rank]
+                left = [s for s in owned if s not in recompute]
                 if not left:
                     continue
                 # Most bytes freed per second of recomputation; a free forward counts as one microsecond.
-                recompute.add(max(left, key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s)))
-                added = True
+                left.sort(key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s), reverse=True)
+                # As many stages as the simulated peak says free the excess (its micro-batches in flight
+                # per stage: the peak over one micro-batch of every stage), so a rank of many stages
+                # needs a few simulations, not one per stage; the next simulation checks.
+                held = sum(lean[s] if s in recompute else full[s] for s in owned)
+                in_flight = memory.activations / held if held else 1.0
+                excess = memory.total - self.limit
+                for stage in left:
+                    recompute.add(stage)
+                    added = True
+                    excess -= (full[stage] - lean[stage]) * in_flight
+                    if excess <= 0:
+                        break
             subset = tuple(sorted(recompute))
             if not added:
                 return
