@@ -7,6 +7,8 @@
     pipefold plan --model gpt --devices 8 --batch-size 64 --memory 8GiB    # also choose dp x pp
     pipefold plan --model gpt --ranks 4 --data-parallel 2 --batch-size 64  # 2 replicas of 4 ranks
     pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
+    pipefold plan --model gpt --megatron --hardware a100-80gb --devices 64 --max-tensor-parallel 8 \
+        --num-layers 40 --d-model 6144 --num-heads 48 --seq-len 2048 --vocab-size 51200 --batch-size 1024
 
 Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
 or from `pipefold.runtime.profile` results), from a FLOP estimate of the built-in GPT
@@ -31,6 +33,8 @@ from rich.table import Table
 from pipefold.cli.profile import add_measure_arguments, measure_gpt, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
+from pipefold.plan.estimate import GptEstimate
+from pipefold.plan.hardware import load_hardware
 from pipefold.plan.space import is_asynchronous
 from pipefold.plan.units import parse_rate
 from pipefold.schedule.io import save
@@ -134,6 +138,20 @@ def add_parser(subparsers: Any) -> None:
                         help="write the schedule to run as JSON: the searched order where it is the choice "
                         "or faster than the choice's family, else the family's (pipefold.schedule.io.load "
                         "reads it; pipefold train --schedule-file runs it)")
+    parser.add_argument("--hardware", metavar="FILE_OR_PRESET",
+                        help="a hardware TOML file or a preset (a100-80gb, h100-80gb, cpu): prices every "
+                        "collective and send on the link it crosses once the mesh is placed on nodes, "
+                        "and --model gpt on its FLOP/s and matmul efficiency; default --memory: the "
+                        "device's memory less the reserve")
+    parser.add_argument("--dtype", help="with --hardware and --model gpt: the compute dtype (a key of the "
+                        "file's peak_flops; default: the file's default_dtype)")
+    parser.add_argument("--megatron", action="store_true",
+                        help="with --hardware and --model gpt: price Megatron-LM's GPT (dropout, unfused "
+                        "attention, vocabulary-parallel embedding and head, mixed-precision Adam) instead "
+                        "of the built-in one")
+    parser.add_argument("--recompute-attention", action="store_true",
+                        help="with --hardware and --model gpt: also search selective recomputation of the "
+                        "attention core (Korthikanti et al. 2022)")
     parser.add_argument("--top", type=int, default=5, help="candidates to list (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     gpt = parser.add_argument_group(
@@ -163,7 +181,29 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _costs(args: argparse.Namespace) -> Any:
+def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
+    for flag in ("--flops", "--bytes-per-value"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise ConfigError(
+                f"{flag} and --hardware both say how fast the device is; drop {flag} (the hardware file "
+                "gives "
+                "peak FLOP/s per dtype and the matmul efficiency; pick the dtype with --dtype)"
+            )
+    return GptEstimate(
+        num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
+        vocab_size=args.vocab_size, hardware=hardware, dtype=args.dtype or "", megatron=args.megatron,
+        overhead_s=0.0 if args.overhead is None else args.overhead,
+    )
+
+
+def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
+    estimate_only = [flag for flag, given in (("--dtype", args.dtype), ("--megatron", args.megatron),
+                                               ("--recompute-attention", args.recompute_attention)) if given]
+    if estimate_only and (hardware is None or not args.model or args.measure):
+        raise ConfigError(f"{estimate_only[0]} shapes the estimate of --model gpt on a --hardware file; add "
+                          f"--hardware (and --model gpt without --measure), or drop {estimate_only[0]}")
+    if args.model and not args.measure and hardware is not None:
+        return _hardware_estimate(args, hardware)
     if args.measure and not args.model:
         raise ConfigError("--measure goes with --model gpt (or use --profile); --costs are already numbers")
     if args.profile or args.measure:
@@ -226,6 +266,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     choice = result.choice
     if choice.is_searched_order and args.save_schedule is None:
         return None
+    if choice.recompute_attention or args.megatron:
+        return None  # the runtime has neither selective recomputation nor Megatron's GPT
     words = ["pipefold", "train"]
     if args.save_schedule is not None and result.saves_searched_order:
         words += ["--schedule-file", args.save_schedule]
@@ -296,6 +338,19 @@ def run(args: argparse.Namespace) -> int:
     link = Link(latency=args.latency, bandwidth=args.bandwidth or math.inf)
     dp_link = _override(link, args.dp_bandwidth, args.dp_latency)
     tp_link = _override(link, args.tp_bandwidth, args.tp_latency)
+    hardware = None if args.hardware is None else load_hardware(args.hardware)
+    if hardware is not None:
+        flags = (("--bandwidth", args.bandwidth), ("--latency", args.latency),
+                 ("--dp-bandwidth", args.dp_bandwidth), ("--dp-latency", args.dp_latency),
+                 ("--tp-bandwidth", args.tp_bandwidth), ("--tp-latency", args.tp_latency))
+        given = [flag for flag, value in flags if value]
+        if given:
+            raise ConfigError(
+                f"{given[0]} given with --hardware {args.hardware}, whose links price every collective and "
+                f"send by where it runs (inside a node or across); drop {given[0]}, or edit the file's "
+                "[links]"
+            )
+        link, dp_link, tp_link = Link(), None, None
     # Without --devices, --ranks keeps its old default of 4: one pipeline, as before dp existed.
     ranks = 4 if args.ranks is None and args.devices is None else args.ranks
     options = PlanOptions(
@@ -324,13 +379,16 @@ def run(args: argparse.Namespace) -> int:
         order_search_s=args.order_search,
         order_search_total_s=args.order_search_total,
         max_order_searches=args.max_order_searches,
+        hardware=hardware,
+        recompute_attention=args.recompute_attention,
     )
     if args.save_schedule is not None:
         _check_writable(args.save_schedule)
-    result = plan(_costs(args), options)
+    result = plan(_costs(args, hardware), options)
     if args.save_schedule is not None:
         _save_schedule(result, args.save_schedule)
-    allreduce_free = options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0
+    allreduce_free = hardware is None and (
+        options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0)
     if allreduce_free and (result.num_devices is not None or result.num_data_parallel > 1):
         # An ideal link prices the all-reduce at 0, so more replicas always look better; say so
         # rather than let the plan read as a measurement of the interconnect.
@@ -370,6 +428,9 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(result.explain(), highlight=False, markup=False, soft_wrap=True)
+    if hardware is not None:
+        console.print(f"  hardware: {hardware.name} ({hardware.source}); {result.choice.placed}",
+                      highlight=False, markup=False, soft_wrap=True)
     if command is not None:
         console.print(f"run it: {command}", highlight=False, markup=False, soft_wrap=True)
     elif result.choice.is_searched_order and _trains_the_planned_model(args):

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from pipefold.errors import ConfigError
 
-__all__ = ["LayerCost", "ModelCosts", "ProfileLike"]
+__all__ = ["CostSource", "LayerCost", "ModelCosts", "ProfileLike"]
 
 
 def _non_negative(owner: str, name: str, value: float) -> None:
@@ -319,3 +319,18 @@ class ModelCosts:
         if "tensor_parallel_degrees" in rest:
             rest["tensor_parallel_degrees"] = tuple(rest["tensor_parallel_degrees"])
         return cls(layers=tuple(layers), **rest)
+
+
+class CostSource(Protocol):
+    """Costs that depend on the micro-batch rows and tp degree other than linearly: what the
+    planner asks for each (rows, tp) it prices (`pipefold.plan.estimate.GptEstimate` is one).
+
+    `base` is the model at its reference rows and tp = 1 (its layers, its tp degrees, its
+    source); `at(rows, tp, tp_link, sequence_parallel)` one tp rank's costs for micro-batches of
+    `rows` samples, its `reference_rows` = `rows`.
+    """
+
+    @property
+    def base(self) -> ModelCosts: ...
+
+    def at(self, rows: int, tensor_parallel: int, link: Any, sequence_parallel: bool) -> ModelCosts: ...

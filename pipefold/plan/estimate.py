@@ -20,11 +20,15 @@ and small ones far below: treat the result as a shape, not a measurement.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
+from pipefold.simulate import Link
 
-__all__ = ["gpt_costs"]
+__all__ = ["GptEstimate", "gpt_costs"]
 
 
 def gpt_costs(
@@ -84,3 +88,231 @@ def gpt_costs(
         ),
     )
     return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads)
+
+
+@dataclass(frozen=True)
+class GptEstimate:
+    """The built-in GPT (or Megatron-LM's, `megatron=True`) priced on a hardware file, per (rows, tp).
+
+    A `pipefold.plan.CostSource`: `plan(GptEstimate(...), options)` asks it for one tp rank's
+    costs at each micro-batch size it searches, so a small micro-batch runs its matrix products
+    at the efficiency the hardware's curve gives their size, not at a linear share of a large
+    one's. Per decoder block, micro-batch of b sequences of s tokens, width h, a heads, tp = t,
+    v bytes per value (docs/plan.md, "What the estimate prices"):
+
+    - time: each matrix product (qkv, projection, two MLP products; the attention core's batched
+      products) at peak x efficiency(its FLOPs); element-wise work (norms, GELU, residuals,
+      softmax, dropout) as bytes moved / memory bandwidth; backward = 2 x forward, W = the
+      linear products' weight gradients; 2 all-reduces of b s h v bytes over tp per forward and
+      per backward on the tp link;
+    - activations (Korthikanti et al. 2022, Table 2, for v bytes per value and 1-byte dropout
+      masks): 16 sbh values (LN inputs, qkv input, q, k, v, projection input, MLP input, GELU input
+      and output) plus, unless the attention is fused (flash), a s^2 b softmax output and, with
+      dropout, its dropped copy, and masks of a s^2 b + 2 sbh bytes; tp splits all but the LN
+      inputs, qkv and MLP inputs and masks of the stream, sequence parallelism splits everything;
+      `megatron` at v = 2 gives Korthikanti's sbh (34 + 5 a s / h);
+    - selective recomputation (`recompute_attention`): the softmax, dropout and their s^2 terms
+      are not kept, and the backward runs the attention core's forward again.
+    - the token embedding and output layer: split over the vocabulary under tp where
+      `vocab_parallel` (Megatron's VocabParallelEmbedding, whose forward all-reduces b s h v bytes,
+      and the head's backward, likewise), whole on every tp rank otherwise (the runtime today);
+      the head keeps its input and the logits (in fp32 for the loss: 4 s b V / t bytes).
+    - weights, gradients and optimizer state: `parameter_bytes` per element, gradients and
+      optimizer state as `gradient_bytes` and `optimizer_bytes` per element (mixed-precision Adam:
+      2, 2 (4 for fp32 main gradients), 12; fp32 Adam: 4, 4, 8).
+    """
+
+    num_layers: int
+    d_model: int
+    num_heads: int
+    seq_len: int
+    vocab_size: int
+    hardware: Hardware
+    dtype: str = ""
+    """A key of the hardware's peak_flops; empty: its default dtype."""
+    tie_embeddings: bool = True
+    megatron: bool = False
+    """Megatron-LM's GPT: dropout, unfused attention (softmax kept), vocabulary-parallel embedding
+    and output layer, mixed-precision Adam. False: pipefold's built-in GPT (no dropout, fused
+    attention, whole embedding and head)."""
+    recompute_attention: bool = False
+    """Selective recomputation of the attention core (Korthikanti et al. 2022)."""
+    parameter_bytes: int = 0
+    """Bytes per weight element; 0: the dtype's (2 for bf16 / fp16, 4 otherwise)."""
+    gradient_bytes: int = 0
+    """Bytes per gradient element; 0: as the weights."""
+    optimizer_bytes: int = 0
+    """Bytes of optimizer state per element; 0: Adam's, 12 in mixed precision (fp32 master
+    weights and two moments), 8 in fp32 (two moments)."""
+    overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        sizes = {"num_layers": self.num_layers, "d_model": self.d_model, "num_heads": self.num_heads,
+                 "seq_len": self.seq_len, "vocab_size": self.vocab_size}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"GptEstimate: {name} = {value!r}; give an integer >= 1")
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"GptEstimate: d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        object.__setattr__(self, "dtype", self.dtype or self.hardware.default_dtype)
+        self.hardware.peak(self.dtype)  # refuses a dtype the file has no peak for
+        for name in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"GptEstimate: {name} = {value!r}; give bytes per element (0: the default)")
+
+    def attention_recomputed(self) -> GptEstimate:
+        """This estimate with the attention core recomputed (the planner's selective option)."""
+        return replace(self, recompute_attention=True)
+
+    @property
+    def value_bytes(self) -> int:
+        return 2 if self.dtype in ("bf16", "fp16") else 4
+
+    @property
+    def dropout(self) -> bool:
+        return self.megatron
+
+    @property
+    def fused_attention(self) -> bool:
+        return not self.megatron
+
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.megatron
+
+    @property
+    def base(self) -> ModelCosts:
+        return self.at(1, 1, Link(), False)
+
+    def _gemm(self, flops: float) -> float:
+        peak = self.hardware.peak(self.dtype)
+        return flops / (peak * self.hardware.matmul(flops)) if flops > 0 else 0.0
+
+    def block_activation_bytes(self, rows: int, tensor_parallel: int, sequence_parallel: bool) -> int:
+        """What one decoder block keeps for its backward (module docstring; Korthikanti Table 2)."""
+        s, b, h, a, t, v = self.seq_len, rows, self.d_model, self.num_heads, tensor_parallel, self.value_bytes
+        sbh = s * b * h
+        mask = 1 if self.dropout else 0
+        # Kept whole on every tp rank without sequence parallelism: the two LN inputs, the qkv and
+        # MLP inputs (4 sbh values) and the two stream dropout masks.
+        whole = 4 * sbh * v + 2 * sbh * mask
+        # Split by tp: q, k, v, the projection input, GELU input and output (12 sbh values).
+        split = 12 * sbh * v
+        if not self.fused_attention and not self.recompute_attention:
+            split += a * s * s * b * (v + (v + mask if self.dropout else 0))
+        if sequence_parallel:
+            return (whole + split) // t
+        return whole + split // t
+
+    def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
+        s, b, h, a, t = self.seq_len, rows, self.d_model, self.num_heads, tensor_parallel
+        vocab = self.vocab_size
+        v, bandwidth = self.value_bytes, self.hardware.memory_bandwidth
+        sbh = s * b * h
+        mask = 1 if self.dropout else 0
+        sp = sequence_parallel and t > 1
+
+        def allreduce(num_bytes: float) -> float:
+            if t == 1:
+                return 0.0
+            return 2 * (t - 1) / t * num_bytes / link.bandwidth + 2 * (t - 1) * link.latency
+
+        # The block's forward: its linear products, the attention core, element-wise passes.
+        linear = [2 * s * b * h * 3 * h / t, 2 * s * b * h * h / t, 2 * s * b * h * 4 * h / t,
+                  2 * s * b * 4 * h * h / t]
+        linear_s = sum(self._gemm(f) for f in linear)
+        core_s = 2 * self._gemm(2 * b * (a // t if a >= t else 1) * s * s * (h // a))
+        stream = 14 * sbh * v + 2 * sbh * mask  # 2 LN (r+w), 2 residual adds (2r+w), dropouts
+        stream_s = stream / (t if sp else 1) / bandwidth
+        mlp_s = 2 * 4 * sbh * v / t / bandwidth  # GELU read + write
+        scores = a * s * s * b / t
+        softmax_s = 0.0 if self.fused_attention else (2 * v + (2 * v + mask) * mask) * scores / bandwidth
+        forward = linear_s + core_s + stream_s + mlp_s + softmax_s
+        comm = 2 * allreduce(sbh * v)
+        backward = 2 * forward + comm
+        if self.recompute_attention:
+            backward += core_s + softmax_s
+        block = LayerCost(
+            forward_s=forward + comm + self.overhead_s,
+            backward_s=backward + self.overhead_s,
+            weight_grad_s=linear_s,
+            activation_bytes=self.block_activation_bytes(rows, t, sp),
+            output_bytes=sbh * v // (t if sp else 1),
+            parameter_bytes=round(((12 * h * h + 7 * h) / t + 6 * h) * self.parameter_element_bytes),
+        )
+        vt = t if self.vocab_parallel else 1
+        pe = self.parameter_element_bytes
+        embed_comm = allreduce(sbh * v) if self.vocab_parallel else 0.0
+        embed = LayerCost(
+            forward_s=2 * sbh * v / bandwidth + embed_comm,
+            backward_s=2 * sbh * v / bandwidth,
+            weight_grad_s=2 * sbh * v / bandwidth,
+            activation_bytes=0,
+            output_bytes=sbh * v,
+            parameter_bytes=vocab * h // vt * pe,
+        )
+        position = LayerCost(
+            forward_s=(3 * sbh * v + sbh * mask) / bandwidth,
+            backward_s=(3 * sbh * v + sbh * mask) / bandwidth,
+            weight_grad_s=sbh * v / bandwidth,
+            activation_bytes=sbh * mask // (t if sp else 1),
+            output_bytes=sbh * v // (t if sp else 1),
+            parameter_bytes=s * h * pe,
+        )
+        norm_s = 4 * sbh * v / (t if sp else 1) / bandwidth
+        norm = LayerCost(
+            forward_s=norm_s, backward_s=2 * norm_s, weight_grad_s=norm_s / 2,
+            activation_bytes=sbh * v // (t if sp else 1), output_bytes=sbh * v, parameter_bytes=2 * h * pe,
+        )
+        head_flops = 2 * sbh * vocab / vt
+        head_s = self._gemm(head_flops)
+        logits = s * b * vocab // vt
+        head = LayerCost(
+            forward_s=head_s + 2 * logits * max(v, 4) / bandwidth,
+            backward_s=2 * head_s + 2 * logits * max(v, 4) / bandwidth
+            + (allreduce(sbh * v) if vt > 1 else 0.0),
+            weight_grad_s=head_s,
+            activation_bytes=sbh * v + logits * max(v, 4),
+            output_bytes=logits * max(v, 4),
+            parameter_bytes=vocab * h // vt * pe,
+        )
+        layers = (embed, position, *([block] * self.num_layers), norm, head)
+        degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)
+        shape = (f"layers={self.num_layers}, d_model={self.d_model}, heads={self.num_heads}, "
+                 f"seq_len={self.seq_len}, "
+                 f"vocab={self.vocab_size}")
+        what = "Megatron-LM's GPT" if self.megatron else "the built-in GPT"
+        costs = ModelCosts(
+            layers=layers,
+            reference_rows=rows,
+            input_bytes=s * b * 8,
+            gradient_bytes_per_parameter_byte=self.gradient_element_bytes / pe,
+            optimizer_bytes_per_parameter_byte=self.optimizer_element_bytes / pe,
+            source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
+                    + (", attention core recomputed" if self.recompute_attention else "")
+                    + ", not a measurement"),
+        )
+        if t > 1:
+            return costs
+        # At tp = 1 the blocks carry their tp shares, so the planner knows which degrees split (the
+        # split itself is priced by `at`, not by `split_costs`).
+        marked = with_gpt_tensor_parallel(costs, num_layers=self.num_layers, d_model=self.d_model,
+                                          num_heads=self.num_heads)
+        return replace(marked, tensor_parallel_degrees=degrees)
+
+    @property
+    def parameter_element_bytes(self) -> int:
+        return self.parameter_bytes or self.value_bytes
+
+    @property
+    def gradient_element_bytes(self) -> int:
+        return self.gradient_bytes or self.parameter_element_bytes
+
+    @property
+    def optimizer_element_bytes(self) -> int:
+        if self.optimizer_bytes:
+            return self.optimizer_bytes
+        return 12 if self.parameter_element_bytes < 4 else 8

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -93,8 +94,11 @@ class Problem:
         return all(self.rank_footprint(rank, split) <= self.cap for rank in range(self.num_ranks))
 
 
-def list_schedule(problem: Problem, policy: Policy) -> list[list[Action]]:
-    """Per-rank orders from one run of the list scheduler under `policy`.
+def list_schedule(
+    problem: Problem, policy: Policy, deadline: float = math.inf
+) -> list[list[Action]] | None:
+    """Per-rank orders from one run of the list scheduler under `policy`; None once
+    `time.perf_counter()` passes `deadline` (a budget the caller must keep).
 
     The caller checks `problem.admits(policy.split)`; then this never stalls.
     """
@@ -198,7 +202,12 @@ def list_schedule(problem: Problem, policy: Policy) -> list[list[Action]]:
             return Action(Op.W, stage, microbatch)
         return None
 
+    checked = 0
     while remaining:
+        checked += 1
+        # Checked every so often, not every event: the clock costs more than an event's work.
+        if checked % 256 == 0 and time.perf_counter() > deadline:
+            return None
         if not events:
             # Unreachable when problem.admits(policy.split) (docs/decisions.md, "Automatic
             # schedules"); loud beats a bad schedule.

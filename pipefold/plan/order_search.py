@@ -71,6 +71,10 @@ class ScheduleSearch:
         return next((c for c in self.baselines if c.fits or not fitting), None)
 
 
+_LARGE = 4096
+"""Ranks x micro-batches above which a strict budget leaves the families out of the starts."""
+
+
 def _memory_costs(costs: CostModel) -> tuple[CostModel, str]:
     if any(costs.activation_bytes) or any(costs.weight_grad_bytes):
         return costs, "bytes"
@@ -79,17 +83,21 @@ def _memory_costs(costs: CostModel) -> tuple[CostModel, str]:
 
 
 def _family_candidates(
-    memory_costs: CostModel, num_ranks: int, num_microbatches: int, num_virtual: int
+    memory_costs: CostModel, num_ranks: int, num_microbatches: int, num_virtual: int,
+    deadline: float = float("inf"),
 ) -> list[tuple[Schedule, FamilyBaseline]]:
-    """Every flush family buildable with these parameters, simulated (fits is filled in later)."""
+    """Every flush family buildable with these parameters, simulated (fits is filled in later); those
+    built before `deadline` only."""
     found = []
     for name in names():
+        if time.perf_counter() > deadline:
+            break
         try:
             schedule = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
                              num_virtual=num_virtual)
         except ScheduleError:
             continue  # not legal here (e.g. zb-v needs two stages per rank)
-        if schedule.weight_update is not WeightUpdate.FLUSH:
+        if schedule.weight_update is not WeightUpdate.FLUSH or time.perf_counter() > deadline:
             continue
         timeline = simulate(schedule, memory_costs)
         found.append((schedule, FamilyBaseline(
@@ -110,6 +118,7 @@ def search_schedule(
     split_backward: bool = True,
     time_budget_s: float = 1.0,
     include_families: bool = True,
+    strict_budget: bool = False,
 ) -> ScheduleSearch:
     """Search a flush schedule for `costs` and report how (docs/decisions.md, "Automatic schedules").
 
@@ -119,8 +128,11 @@ def search_schedule(
     result may still hold B where fusing I and W was faster. `time_budget_s` bounds the
     whole search, except that the list-scheduler runs always finish; the local search
     stops when it is spent, so a result found under a tight budget can depend on the
-    machine's speed. Raises ScheduleError for a cap below one micro-batch per rank or a
-    bad placement, CostModelError if `costs` has not num_ranks x num_virtual stages.
+    machine's speed. With `strict_budget` (the planner's) the list-scheduler runs and the
+    families' builds stop at the budget too, and a search that scored nothing by then raises
+    `ScheduleError`: at 64 ranks and 512 micro-batches one run takes seconds. Raises
+    ScheduleError for a cap below one micro-batch per rank or a bad placement, CostModelError if
+    `costs` has not num_ranks x num_virtual stages.
     """
     if num_ranks < 1 or num_microbatches < 1 or num_virtual < 1:
         raise ScheduleError(
@@ -137,7 +149,12 @@ def search_schedule(
         raise ScheduleError(f"time_budget_s={time_budget_s!r}; give a number of seconds >= 0")
     deadline = time.perf_counter() + time_budget_s
     memory_costs, unit = _memory_costs(costs)
-    families = _family_candidates(memory_costs, num_ranks, num_microbatches, num_virtual)
+    hard_deadline = deadline if strict_budget else float("inf")
+    # Under a strict budget a large problem skips the families: building and simulating one takes
+    # seconds there, past any check of the clock; its list-scheduler runs check it as they go.
+    large = num_ranks * num_microbatches > _LARGE
+    families = [] if strict_budget and large else _family_candidates(
+        memory_costs, num_ranks, num_microbatches, num_virtual, hard_deadline)
 
     if memory_limit is None:
         # 1F1B's peak from its formula, min(p-r, m) micro-batches on rank r, not from its
@@ -175,18 +192,29 @@ def search_schedule(
         if (not split and weight_pass is not WeightPass.LAST) or not problem.admits(split):
             continue  # without W the weight-pass switch means nothing
         policy = Policy(split, weight_pass, warmup, forward_first, forward_yields, deep_first)
-        rows = list_schedule(problem, policy)
+        if time.perf_counter() > hard_deadline:
+            break
+        rows = list_schedule(problem, policy, hard_deadline)
+        if rows is None:
+            break
         scored = evaluator.score(tuple(tuple(row) for row in rows))
         if scored is not None:
             starts.append((policy.describe(), scored))
     if include_families:
         for schedule, candidate in families:
+            if time.perf_counter() > hard_deadline:
+                break
             uses_split = any(a.op is Op.I for _, _, a in schedule.iter_actions())
             if schedule.placement != target or (uses_split and not split_backward):
                 continue
             scored = evaluator.score(schedule.actions)
             if scored is not None:
                 starts.append((f"family {candidate.name}", scored))
+    if not starts and time.perf_counter() > hard_deadline:
+        raise ScheduleError(
+            f"the search's time budget of {time_budget_s:.3g} s was spent before any order of {num_ranks} "
+            f"ranks x {num_microbatches} micro-batches was scored; give it more time"
+        )
     if not starts:
         needed = min(
             max(problem.rank_footprint(rank, split) for rank in range(num_ranks)) for split in splits

@@ -17,7 +17,7 @@ from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.schedule import build, layout_of
-from pipefold.simulate import simulate
+from pipefold.simulate import Link, simulate
 
 __all__ = ["search_order", "searchable", "searched_candidate", "ORDER_SEARCH_MARGIN"]
 
@@ -45,10 +45,14 @@ def search_order(
     choice: Candidate,
     *,
     time_budget_s: float = DEFAULT_SEARCH_TIME_S,
+    link: Link | None = None,
+    link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (),
 ) -> SearchedOrder | None:
     """Search an order for the configuration of the family candidate `choice` (docs/decisions.md,
     "Planner refinement"), over or within the memory limit; None where the family is asynchronous,
-    its layout is not one the search knows, or no order fits the memory the limit leaves."""
+    its layout is not one the search knows, or no order fits the memory the limit leaves, or the
+    budget ran out before any order was scored. `link` and `link_overrides`: the sends' links
+    (default: the options' link)."""
     if not searchable(choice):
         return None
     pp, v, m = choice.num_ranks, choice.num_virtual, choice.num_microbatches
@@ -57,8 +61,8 @@ def search_order(
     assert layout is not None  # searchable
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
     model = stage_cost_model(
-        costs, stages, choice.recompute, options.link,
-        options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel),
+        costs, stages, choice.recompute, options.link if link is None else link,
+        options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel), link_overrides,
     )
     transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
     if math.isinf(options.memory_limit):
@@ -72,7 +76,7 @@ def search_order(
     try:
         found = search_schedule(
             model, num_ranks=pp, num_microbatches=m, num_virtual=v, placement=layout,
-            memory_limit=cap, time_budget_s=time_budget_s,
+            memory_limit=cap, time_budget_s=time_budget_s, strict_budget=True,
         )
     except ScheduleError:
         return None  # not even one micro-batch per rank fits beside the weights

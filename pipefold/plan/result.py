@@ -72,6 +72,11 @@ class Candidate:
     base_family: str | None = None
     """For a searched order: the family of the same configuration it was searched against (the best
     family order there, or the fastest where none fits); None for a family."""
+    placed: str = ""
+    recompute_attention: bool = False
+    """Whether every layer recomputes its attention core in the backward (selective recomputation,
+    Korthikanti et al. 2022), besides the stages in `recompute`."""
+    """How the mesh sits on a hardware file's nodes (`pipefold.plan.topology`); empty without one."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -127,6 +132,12 @@ class Candidate:
 
     @property
     def recompute_text(self) -> str:
+        if self.recompute_attention:
+            stages = self._stages_text()
+            return "attention core" + ("" if stages == "none" else f" + {stages}")
+        return self._stages_text()
+
+    def _stages_text(self) -> str:
         if not self.recompute:
             return "none"
         if len(self.recompute) == self.num_stages:
@@ -181,6 +192,8 @@ class Candidate:
             "pipeline_kwargs": {**self.pipeline_kwargs(), **self.layout_kwargs(), "schedule": self.schedule},
             "order": None if self.order is None else schedule_to_json(self.order),
             "base_family": self.base_family,
+            "placed": self.placed,
+            "recompute_attention": self.recompute_attention,
         }
 
     @classmethod
@@ -203,6 +216,8 @@ class Candidate:
             sequence_parallel=bool(data.get("sequence_parallel", False)),
             order=None if data.get("order") is None else schedule_from_json(data["order"]),
             base_family=None if data.get("base_family") is None else str(data["base_family"]),
+            placed=str(data.get("placed", "")),
+            recompute_attention=bool(data.get("recompute_attention", False)),
         )
 
 

@@ -11,11 +11,12 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import step_time_lower_bound
-from pipefold.plan.costs import ModelCosts
+from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
@@ -27,7 +28,9 @@ from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
+from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import Schedule, build, names
+from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel, Link, simulate
 
 __all__ = ["plan", "evaluate"]
@@ -39,7 +42,14 @@ rounding, and must not skip a configuration that ties."""
 
 @functools.lru_cache(maxsize=512)
 def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
-    return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+    if num_ranks * num_microbatches <= 4096:
+        return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+    # A large family schedule is generated without `validate`, which costs as much as simulating it
+    # (seconds at 64 ranks x 512 micro-batches): the families are validated at many sizes by their
+    # tests, and the simulator refuses an order that deadlocks.
+    entry = family(name)
+    entry.check(num_ranks, num_microbatches, num_virtual)
+    return entry.generate(num_ranks, num_microbatches, num_virtual)
 
 
 def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
@@ -51,6 +61,8 @@ def evaluate(
     costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
     link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
     num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
+    link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
+    recompute_attention: bool = False,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -61,10 +73,12 @@ def evaluate(
     the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
     optimizer bytes of one replica's share; the step adds the weights' all-gather.
     `sequence_parallel` is recorded: `costs` already split the stream (`split_costs`).
+    `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
+    `placed` how the mesh sits on the nodes, recorded.
     """
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
-    model = stage_cost_model(costs, layout, recompute, link, num_cores)
+    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides)
     timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
     allreduce = replica_sync_time(costs, model, schedule.placement, num_ranks, num_data_parallel,
@@ -85,6 +99,8 @@ def evaluate(
         num_tensor_parallel=num_tensor_parallel,
         sharded_optimizer=sharded_optimizer,
         sequence_parallel=sequence_parallel,
+        placed=placed,
+        recompute_attention=recompute_attention,
     )
 
 
@@ -110,6 +126,8 @@ class OrderTarget:
     """Lower bound on the step of any order of its actions."""
     costs: ModelCosts
     """One tp rank's costs at its degree."""
+    links: MeshLinks
+    """The links of its split."""
 
 
 @dataclass
@@ -129,14 +147,28 @@ class Refinement:
 
 
 class _Search:
-    def __init__(self, costs: ModelCosts, options: PlanOptions) -> None:
-        self.costs = costs
+    def __init__(self, source: CostSource, options: PlanOptions) -> None:
+        self.source = source
+        self.costs = source.base
+        self.by_rows = not isinstance(source, LinearCosts)
         self.options = options
+        self.selective: CostSource | None = None
+        """The source with the attention core recomputed (Korthikanti et al. 2022), where searched."""
+        if options.recompute_attention:
+            recomputed = getattr(source, "attention_recomputed", None)
+            if recomputed is None:
+                raise ConfigError(
+                    "recompute_attention = True, but these costs cannot price selective recomputation (they "
+                    "do not separate the attention core); estimate the GPT on a hardware file "
+                    "(pipefold.plan.estimate.GptEstimate, pipefold plan --model gpt --hardware), or drop it"
+                )
+            self.selective = recomputed()
         self.limit = options.memory_limit
         self.num_simulated = 0
         self.top: list[Candidate] = []
-        self._layouts: dict[tuple[int, int, int], tuple[int, ...]] = {}
-        self._split: dict[tuple[int, int], ModelCosts] = {}
+        self._layouts: dict[tuple[int, int, int, Link, bool], tuple[int, ...]] = {}
+        self._split: dict[tuple[int, int, int, Link, bool], ModelCosts] = {}
+        self._links: dict[tuple[int, int, int], MeshLinks] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -144,22 +176,55 @@ class _Search:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def costs_at(self, degree: Degree) -> ModelCosts:
-        """The costs of one tp rank at `degree` (docs/decisions.md, "Tensor-parallel cost model"),
-        with ZeRO-1 its share of the optimizer state (docs/decisions.md, "Data-parallel step model")."""
+    def costs_of(self, record: Record) -> ModelCosts:
+        config = record.config
+        return self.costs_at(record.degree, config.microbatch_rows, config.recompute_attention)
+
+    def costs_at(self, degree: Degree, rows: int, recompute_attention: bool = False) -> ModelCosts:
+        """The costs of one tp rank at `degree` for micro-batches of `rows` samples (docs/decisions.md,
+        "Tensor-parallel cost model"), with ZeRO-1 its share of the optimizer state (docs/decisions.md,
+        "Data-parallel step model"). Linear costs are the same at any rows (scaled later)."""
         dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
         zero = self.shards_optimizer(degree)
-        key = (tp, dp if zero else 1)
+        link = self.links(degree).tensor_parallel
+        # The tp link enters the costs: splits of one tp on different links differ.
+        key = (tp, dp if zero else 1, rows if self.by_rows else 0, link, recompute_attention)
         if key not in self._split:
-            costs = split_costs(
-                self.costs, tp, self.options.tensor_parallel_link,
-                sequence_parallel=self.options.splits_sequence(tp),
-            )
+            source = self.selective if recompute_attention and self.selective is not None else self.source
+            costs = source.at(rows, tp, link, self.options.splits_sequence(tp))
             if zero:
                 share = costs.optimizer_bytes_per_parameter_byte / dp
                 costs = replace(costs, optimizer_bytes_per_parameter_byte=share)
             self._split[key] = costs
         return self._split[key]
+
+    def links(self, degree: Degree) -> MeshLinks:
+        """The links of `degree`'s collectives and sends: placed on the hardware's nodes
+        (`pipefold.plan.topology`), or the options' links where no hardware is given."""
+        key = degree.split
+        if key not in self._links:
+            hardware = self.options.hardware
+            if hardware is None:
+                self._links[key] = MeshLinks(self.options.tensor_parallel_link, self.options.allreduce_link,
+                                             self.options.link)
+            else:
+                dp, pp, tp = key
+                self._links[key] = place(hardware, num_data_parallel=dp, num_ranks=pp, num_tensor_parallel=tp,
+                                         inner=self._inner(degree))
+        return self._links[key]
+
+    def _inner(self, degree: Degree) -> Literal["dp", "pp"]:
+        """Which of dp and pp goes inside a node after tp: the one that moves more bytes per step
+        (docs/plan.md, "Topology"). dp: a ring all-reduce moves about twice a rank's gradients;
+        pp: every sample's boundary goes forward and its gradient back."""
+        costs = self.costs
+        dp, pp, tp = degree.split
+        if dp == 1 or pp == 1:
+            return "dp" if pp == 1 else "pp"
+        gradients = costs.parameter_bytes * costs.gradient_bytes_per_parameter_byte / (pp * tp)
+        boundary = max(layer.output_bytes for layer in costs.layers)
+        sends = 2 * degree.replica_batch / costs.reference_rows * boundary
+        return "dp" if 2 * gradients >= sends else "pp"
 
     def shards_optimizer(self, degree: Degree) -> bool:
         return self.options.shards_optimizer(degree.num_data_parallel, degree.num_tensor_parallel)
@@ -167,16 +232,21 @@ class _Search:
     def cores(self, degree: Degree) -> float | None:
         return self.options.cores_per_pipeline(degree.num_data_parallel, degree.num_tensor_parallel)
 
-    def bounds_of(self, degree: Degree, num_stages: int, rows: int) -> tuple[int, ...]:
-        key = (degree.num_tensor_parallel, num_stages, rows)
+    def bounds_of(self, degree: Degree, num_stages: int, rows: int, recompute_attention: bool = False
+                  ) -> tuple[int, ...]:
+        link = self.links(degree).tensor_parallel
+        key = (degree.num_tensor_parallel, num_stages, rows, link, recompute_attention)
         if key not in self._layouts:
-            self._layouts[key] = balance(stage_weights(self.costs_at(degree), rows), num_stages).bounds
+            costs = self.costs_at(degree, rows, recompute_attention)
+            self._layouts[key] = balance(stage_weights(costs, rows), num_stages).bounds
         return self._layouts[key]
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
         layout = StageLayout(record.bounds, record.config.microbatch_rows)
+        links = self.links(record.degree)
         return stage_cost_model(
-            self.costs_at(record.degree), layout, recompute, self.options.link, self.cores(record.degree)
+            self.costs_of(record), layout, recompute, links.pipeline,
+            self.cores(record.degree), links.pipeline_overrides,
         )
 
     def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
@@ -194,13 +264,17 @@ class _Search:
         if recompute not in record.tried:
             self.num_simulated += 1
             degree = record.degree
+            links = self.links(degree)
             record.tried[recompute] = evaluate(
-                self.costs_at(degree), record.config, degree.num_ranks, record.bounds, recompute,
-                self.options.link, num_data_parallel=degree.num_data_parallel,
-                dp_link=self.options.allreduce_link, num_cores=self.cores(degree),
+                self.costs_of(record), record.config, degree.num_ranks,
+                record.bounds, recompute, links.pipeline, num_data_parallel=degree.num_data_parallel,
+                dp_link=links.data_parallel, num_cores=self.cores(degree),
                 num_tensor_parallel=degree.num_tensor_parallel,
                 sharded_optimizer=self.shards_optimizer(degree),
                 sequence_parallel=self.options.splits_sequence(degree.num_tensor_parallel),
+                link_overrides=links.pipeline_overrides,
+                placed=links.describe() if self.options.hardware is not None else "",
+                recompute_attention=record.config.recompute_attention,
             )
         return record.tried[recompute]
 
@@ -237,15 +311,20 @@ class _Search:
             zero = self.shards_optimizer(degree)
             space = search_space(self.options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
+            configs = list(space.configs)
+            if self.selective is not None:
+                configs += [replace(config, recompute_attention=True) for config in space.configs]
             pp = degree.num_ranks
-            costs = self.costs_at(degree)
-            for config in space.configs:
-                bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows)
+            links = self.links(degree)
+            for config in configs:
+                costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+                bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
+                                        config.recompute_attention)
                 placement = _placement(config.schedule, pp, config.num_virtual)
                 model = stage_cost_model(costs, StageLayout(bounds, config.microbatch_rows), (),
-                                         self.options.link)
+                                         links.pipeline)
                 allreduce = replica_sync_time(costs, model, placement, pp, degree.num_data_parallel,
-                                              self.options.allreduce_link, zero)
+                                              links.data_parallel, zero)
                 record = Record(degree, config, bounds, placement, allreduce, 0.0)
                 record.lower_bound = self.bound(record, ())
                 records.append(record)
@@ -265,7 +344,8 @@ class _Search:
         num_stages = len(record.bounds) - 1
         everything = tuple(range(num_stages))
         choice = self.recompute_choices(record)
-        static = static_bytes(self.costs_at(record.degree), self.model(record, ()), record.placement,
+        static = static_bytes(self.costs_of(record), self.model(record, ()),
+                              record.placement,
                               record.degree.num_ranks)
         worst = max(range(len(static)), key=lambda rank: static[rank])
         if static[worst] > self.limit:
@@ -313,12 +393,24 @@ class _Search:
             for rank, memory in enumerate(candidate.memory):
                 if memory.total <= self.limit:
                     continue
-                left = [s for s, owner in enumerate(record.placement) if owner == rank and s not in recompute]
+                owned = [s for s, owner in enumerate(record.placement) if owner == rank]
+                left = [s for s in owned if s not in recompute]
                 if not left:
                     continue
                 # Most bytes freed per second of recomputation; a free forward counts as one microsecond.
-                recompute.add(max(left, key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s)))
-                added = True
+                left.sort(key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s), reverse=True)
+                # As many stages as the simulated peak says free the excess (its micro-batches in flight
+                # per stage: the peak over one micro-batch of every stage), so a rank of many stages
+                # needs a few simulations, not one per stage; the next simulation checks.
+                held = sum(lean[s] if s in recompute else full[s] for s in owned)
+                in_flight = memory.activations / held if held else 1.0
+                excess = memory.total - self.limit
+                for stage in left:
+                    recompute.add(stage)
+                    added = True
+                    excess -= (full[stage] - lean[stage]) * in_flight
+                    if excess <= 0:
+                        break
             subset = tuple(sorted(recompute))
             if not added:
                 return
@@ -341,7 +433,7 @@ class _Search:
             config = record.config
             for recompute, candidate in record.tried.items():
                 key = (record.degree, record.bounds, config.microbatch_rows, config.num_microbatches,
-                       config.num_virtual, record.placement, recompute)
+                       config.num_virtual, record.placement, recompute, config.recompute_attention)
                 groups.setdefault(key, []).append((record, candidate))
         targets = []
         for members in groups.values():
@@ -357,7 +449,8 @@ class _Search:
                 continue
             record = members[0][0]
             bound = self.bound(record, base.recompute)
-            targets.append(OrderTarget(base, bound, self.costs_at(record.degree)))
+            targets.append(OrderTarget(base, bound, self.costs_of(record),
+                                       self.links(record.degree)))
         if choice is None:
             # Nothing fits: the orders most likely to fit first (the least over the limit).
             targets.sort(key=lambda t: (t.base.peak_memory, t.base.step_time, t.bound))
@@ -395,7 +488,8 @@ class _Search:
                                   len(targets) - index))
             refinement.num_searches += 1
             found = search_order(target.costs, options, target.base,
-                                 time_budget_s=max(0.0, min(options.order_search_s, left / num_left)))
+                                 time_budget_s=max(0.0, min(options.order_search_s, left / num_left)),
+                                 link=target.links.pipeline, link_overrides=target.links.pipeline_overrides)
             if found is None:
                 continue
             if is_choice:
@@ -452,11 +546,31 @@ def _nothing_to_search(search: _Search) -> ConfigError:
     )
 
 
-def plan(costs: ModelCosts, options: PlanOptions) -> Plan:
+class LinearCosts:
+    """`ModelCosts` as a `CostSource`: the same costs at every rows (the search scales them
+    linearly), split over tp by `split_costs`."""
+
+    def __init__(self, costs: ModelCosts) -> None:
+        self._costs = costs
+
+    @property
+    def base(self) -> ModelCosts:
+        return self._costs
+
+    def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
+        return split_costs(self._costs, tensor_parallel, link, sequence_parallel=sequence_parallel)
+
+
+def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
     docs/decisions.md, "Planner search"). Raises `NoFeasiblePlan` naming the least memory that would do.
+
+    `costs`: per-layer `ModelCosts` (scaled linearly with rows), or a `CostSource` that prices
+    each (rows, tp) itself (`pipefold.plan.estimate.GptEstimate` on a hardware file).
     """
-    search = _Search(costs, options)
+    source: CostSource = LinearCosts(costs) if isinstance(costs, ModelCosts) else costs
+    search = _Search(source, options)
+    costs = search.costs
     records = search.records()
     if not records:
         raise _nothing_to_search(search)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.plan.degree import Degree, degree_problem, factorizations
+from pipefold.plan.hardware import Hardware
 from pipefold.schedule import build, names
 from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
@@ -110,6 +111,14 @@ class PlanOptions:
     spent. A search's list-scheduler runs always finish, so the total can run a little over."""
     max_order_searches: int = 8
     """Most configurations whose order is searched, the family choice's included."""
+    recompute_attention: bool = False
+    """Also search selective recomputation of the attention core (Korthikanti et al. 2022) in every
+    configuration; the costs must price it (`pipefold.plan.estimate.GptEstimate`)."""
+    hardware: Hardware | None = None
+    """The machine type (`pipefold.plan.hardware`): with it, every collective and send is priced on
+    the link it crosses once the mesh is placed on its nodes (tp innermost: docs/plan.md,
+    "Topology"), so `link`, `dp_link` and `tp_link` must be left out, and an unlimited
+    `memory_limit` becomes the device's memory less the runtime's reserve."""
 
     def cores_per_pipeline(self, num_data_parallel: int, num_tensor_parallel: int = 1) -> float | None:
         """`CostModel.num_cores` of one replica's pipeline (one tp rank of each stage), or None (a
@@ -191,6 +200,22 @@ class PlanOptions:
             raise ConfigError(f"dp_link = {self.dp_link!r}; give a pipefold.simulate.Link (None: link's)")
         if self.tp_link is not None and not isinstance(self.tp_link, Link):
             raise ConfigError(f"tp_link = {self.tp_link!r}; give a pipefold.simulate.Link (None: link's)")
+        if self.hardware is not None:
+            if not isinstance(self.hardware, Hardware):
+                raise ConfigError(f"hardware = {self.hardware!r}; give a pipefold.plan.hardware.Hardware "
+                                  "(load_hardware('a100-80gb') or a TOML file)")
+            given = [name for name, value in (("link", self.link != Link()), ("dp_link", self.dp_link),
+                                              ("tp_link", self.tp_link)) if value]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} given with hardware = {self.hardware.name!r}, whose nodes and links "
+                    "price every collective and send; leave them out, or edit the hardware file's [links]"
+                )
+            if self.memory_limit == math.inf:
+                object.__setattr__(self, "memory_limit", self.hardware.usable_memory)
+            devices = self.num_devices if self.num_devices is not None else None
+            if devices is not None:
+                self.hardware.check_devices(devices)
         self._check_devices()
 
     def _check_devices(self) -> None:
@@ -289,6 +314,8 @@ class Config:
     num_microbatches: int
     microbatch_rows: int
     """Samples in the largest micro-batch: the costs of every micro-batch are scaled to it."""
+    recompute_attention: bool = False
+    """Selective recomputation of the attention core in every layer (Korthikanti et al. 2022)."""
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ def stage_cost_model(
     recompute: Collection[int],
     link: Link,
     num_cores: float | None = None,
+    link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
 ) -> CostModel:
     """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
     "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
-    cores")."""
+    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes)."""
     scale = layout.rows / costs.reference_rows
     overhead = costs.overhead_s
     f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
@@ -80,7 +81,7 @@ def stage_cost_model(
     messages = [round(scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
         f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
-        message_bytes=messages, link=link, num_cores=num_cores,
+        message_bytes=messages, link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
     )
 
 

@@ -7,6 +7,7 @@ Memory without sizes in the cost model is counted as the ZB paper counts it: eac
 
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -204,3 +205,18 @@ def test_searching_imports_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_strict_budget_holds_at_64_ranks_and_512_microbatches():
+    # One list-scheduler run at this size takes seconds, 48 of them minutes: a strict budget (the
+    # planner's) stops the run in progress and answers, here with nothing scored in time.
+    costs = CostModel.uniform(64)
+    start = time.perf_counter()
+    try:
+        found = search_schedule(costs, num_ranks=64, num_microbatches=512, time_budget_s=0.5,
+                                strict_budget=True)
+    except ScheduleError as error:
+        assert "time budget of 0.5 s was spent before any order" in str(error)
+    else:
+        assert found.evaluations >= 1
+    assert time.perf_counter() - start < 6.0

@@ -1,0 +1,52 @@
+"""How long `pipefold plan` takes at cluster scale: Megatron-LM's 1T GPT (Narayanan et al., SC'21,
+Table 1's last row) on 3072 A100s, with the paper's configuration pinned and fully searched.
+
+    python benchmarks/planner_scale.py             # both
+    python benchmarks/planner_scale.py --pinned    # t=8, p=64, 512 micro-batches of 1 per replica
+
+Prints the seconds each search took, its simulations and its choice. A benchmark, not a test:
+timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipefold.plan import PlanOptions, plan
+from pipefold.plan.estimate import GptEstimate
+from pipefold.plan.hardware import load_hardware
+
+HARDWARE = load_hardware("a100-80gb")
+MODEL = GptEstimate(num_layers=128, d_model=25600, num_heads=160, seq_len=2048, vocab_size=51200,
+                    hardware=HARDWARE, megatron=True)
+COMMON = {"num_devices": 3072, "global_batch": 3072, "hardware": HARDWARE, "max_tensor_parallel": 8,
+          "recompute_attention": True}
+CASES = {
+    "pinned": {"num_ranks": 64, "tensor_parallel": 8, "microbatches": 512},
+    "full": {},
+}
+
+
+def run(name: str) -> None:
+    start = time.perf_counter()
+    result = plan(MODEL, PlanOptions(**COMMON, **CASES[name]))
+    seconds = time.perf_counter() - start
+    choice = result.choice
+    print(f"{name}: {seconds:.2f} s, {result.num_simulated} simulations, {result.num_order_searches} order "
+          f"searches; choice {choice.degree_text}, {choice.describe()}, step {choice.step_time:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pinned", action="store_true", help="only the pinned configuration")
+    parser.add_argument("--full", action="store_true", help="only the full search")
+    args = parser.parse_args()
+    for name in CASES:
+        if getattr(args, name) or not (args.pinned or args.full):
+            run(name)
+
+
+if __name__ == "__main__":
+    main()

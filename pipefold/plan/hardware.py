@@ -1,0 +1,263 @@
+"""`Hardware`: one machine type as the planner prices it, read from a TOML file or a preset.
+
+    >>> from pipefold.plan.hardware import load_hardware
+    >>> a100 = load_hardware("a100-80gb")            # a preset, or a path to a TOML file
+    >>> a100.devices_per_node, a100.peak("bf16")
+    (8, 312000000000000.0)
+
+A file gives peak FLOP/s per dtype, how efficiently a matrix product of a given size runs
+(a saturating curve or a table), memory bandwidth, memory per device and what the runtime
+reserves of it, devices per node, and the links inside a node and across nodes. Every field
+is checked: a missing or non-positive one is a `ConfigError` naming the file, the field, the
+value and the fix. The format, the presets and their sources: docs/plan.md, "Hardware files".
+No torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipefold.errors import ConfigError
+from pipefold.plan.units import parse_bytes
+from pipefold.simulate import Link
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 has no tomllib; tomli is the same parser under its PyPI name.
+    import tomli as tomllib
+
+__all__ = ["Hardware", "MatmulEfficiency", "PRESETS", "load_hardware", "hardware_from_mapping"]
+
+PRESETS = ("a100-80gb", "h100-80gb", "cpu")
+"""Hardware files shipped with pipefold (pipefold/plan/presets/NAME.toml)."""
+
+
+@dataclass(frozen=True)
+class MatmulEfficiency:
+    """The fraction of peak a matrix product of `flops` FLOPs (2 M N K) runs at.
+
+    Either a saturating curve, `max_efficiency * flops / (flops + half_flops)` (half of the
+    maximum at `half_flops`), or a table of (flops, efficiency) points read with log-linear
+    interpolation and held flat past its ends.
+    """
+
+    max_efficiency: float = 1.0
+    half_flops: float = 0.0
+    table: tuple[tuple[float, float], ...] = ()
+
+    def __call__(self, flops: float) -> float:
+        if self.table:
+            sizes = [point[0] for point in self.table]
+            if flops <= sizes[0]:
+                return self.table[0][1]
+            if flops >= sizes[-1]:
+                return self.table[-1][1]
+            index = bisect.bisect_right(sizes, flops)
+            (x0, y0), (x1, y1) = self.table[index - 1], self.table[index]
+            share = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + share * (y1 - y0)
+        if flops <= 0:
+            return self.max_efficiency
+        return self.max_efficiency * flops / (flops + self.half_flops)
+
+    def describe(self) -> str:
+        if self.table:
+            low, high = self.table[0][1], self.table[-1][1]
+            return f"table of {len(self.table)} points, {low:.0%} to {high:.0%} of peak"
+        return f"{self.max_efficiency:.0%} of peak at most, half that at {self.half_flops:.3g} FLOPs"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A machine type: its devices, their speed and memory, and the links between them."""
+
+    name: str
+    peak_flops: Mapping[str, float]
+    """FLOP/s of dense matrix products per dtype ("bf16", "fp16", "tf32", "fp32")."""
+    matmul: MatmulEfficiency
+    memory_bandwidth: float
+    """Bytes/s of device memory: what element-wise work (norms, softmax, GELU, dropout) runs at."""
+    memory_bytes: int
+    """Memory per device."""
+    reserve_bytes: int
+    """What the runtime holds beyond the planner's accounting (CUDA context, allocator cache
+    and fragmentation, communication buffers); the plan's default limit is memory - reserve."""
+    devices_per_node: int
+    intra_node: Link
+    """Between two devices of one node (per device, one direction)."""
+    inter_node: Link
+    """Between devices of different nodes (per device, one direction)."""
+    default_dtype: str
+    source: str = ""
+    """Where the figures come from."""
+
+    def peak(self, dtype: str) -> float:
+        if dtype not in self.peak_flops:
+            raise ConfigError(
+                f"dtype = {dtype!r}: hardware {self.name!r} gives peak_flops for {sorted(self.peak_flops)}; "
+                "pick one of them, or add it to the file's [compute.peak_flops]"
+            )
+        return float(self.peak_flops[dtype])
+
+    @property
+    def usable_memory(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
+
+    def check_devices(self, num_devices: int, what: str = "num_devices") -> None:
+        """Refuse a device count that does not fill whole nodes (one partial node is fine)."""
+        per_node = self.devices_per_node
+        if num_devices > per_node and num_devices % per_node:
+            lower = num_devices // per_node * per_node
+            raise ConfigError(
+                f"{what} = {num_devices} is not a multiple of hardware {self.name!r}'s devices_per_node = "
+                f"{per_node}; use whole nodes ({lower} or {lower + per_node}) or fewer than one node"
+            )
+
+
+def _where(origin: str, field: str) -> str:
+    return f"hardware {origin}: {field}"
+
+
+def _table(origin: str, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{_where(origin, key)} is missing; add a [{key}] table (see docs/plan.md, "
+                          "'Hardware files')")
+    return value
+
+
+def _positive(origin: str, data: Mapping[str, Any], key: str, field: str, *, fraction: bool = False,
+              size: bool = False) -> float:
+    if key not in data:
+        raise ConfigError(f"{_where(origin, field)} is missing; give it (see docs/plan.md, 'Hardware files')")
+    value = data[key]
+    if size and isinstance(value, str):
+        return float(parse_bytes(value, what=f"hardware {origin}: {field}"))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{_where(origin, field)} = {value!r}; give a finite number > 0"
+                          + (" (or a size such as '80GiB')" if size else ""))
+    if fraction and value > 1:
+        raise ConfigError(f"{_where(origin, field)} = {value!r}; give a fraction of peak in (0, 1]")
+    return float(value)
+
+
+def _link(origin: str, links: Mapping[str, Any], key: str) -> Link:
+    data = _table(origin, links, key) if key in links else None
+    if data is None:
+        raise ConfigError(f"{_where(origin, 'links.' + key)} is missing; add [links.{key}] with bandwidth "
+                          "(bytes/s per device) and latency (s)")
+    bandwidth = _positive(origin, data, "bandwidth", f"links.{key}.bandwidth")
+    if "latency" not in data:
+        raise ConfigError(f"{_where(origin, f'links.{key}.latency')} is missing; give seconds >= 0")
+    latency = data["latency"]
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
+        math.isfinite(latency) and latency >= 0
+    ):
+        raise ConfigError(f"{_where(origin, f'links.{key}.latency')} = {latency!r}; give seconds >= 0")
+    return Link(latency=float(latency), bandwidth=bandwidth)
+
+
+def _matmul(origin: str, compute: Mapping[str, Any]) -> MatmulEfficiency:
+    data = compute.get("matmul")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{_where(origin, 'compute.matmul')} is missing; add [compute.matmul] with "
+                          "max_efficiency and half_flops, or a table of [flops, efficiency] points")
+    if "table" in data:
+        points = data["table"]
+        if not isinstance(points, list) or not points or not all(
+            isinstance(p, list) and len(p) == 2 for p in points
+        ):
+            raise ConfigError(f"{_where(origin, 'compute.matmul.table')} = {points!r}; give a list of "
+                              "[flops, efficiency] pairs, flops ascending")
+        table = []
+        for index, (flops, efficiency) in enumerate(points):
+            entry = {"flops": flops, "efficiency": efficiency}
+            table.append((
+                _positive(origin, entry, "flops", f"compute.matmul.table[{index}][0]"),
+                _positive(origin, entry, "efficiency", f"compute.matmul.table[{index}][1]", fraction=True),
+            ))
+        if any(b[0] <= a[0] for a, b in zip(table, table[1:], strict=False)):
+            raise ConfigError(f"{_where(origin, 'compute.matmul.table')}: flops must ascend strictly; "
+                              "sort the points by size")
+        return MatmulEfficiency(table=tuple(table))
+    return MatmulEfficiency(
+        max_efficiency=_positive(origin, data, "max_efficiency", "compute.matmul.max_efficiency",
+                                 fraction=True),
+        half_flops=_positive(origin, data, "half_flops", "compute.matmul.half_flops"),
+    )
+
+
+def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") -> Hardware:
+    """A `Hardware` from parsed TOML; `origin` names the file in errors."""
+    known = {"name", "source", "devices_per_node", "compute", "memory", "links"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"hardware {origin}: unknown field(s) {unknown}; known: {sorted(known)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{_where(origin, 'name')} = {name!r}; give the machine type's name")
+    per_node = data.get("devices_per_node")
+    if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
+        raise ConfigError(f"{_where(origin, 'devices_per_node')} = {per_node!r}; give an integer >= 1")
+    compute = _table(origin, data, "compute")
+    peaks = compute.get("peak_flops")
+    if not isinstance(peaks, Mapping) or not peaks:
+        raise ConfigError(f"{_where(origin, 'compute.peak_flops')} is missing; add e.g. "
+                          "[compute.peak_flops] bf16 = 312e12")
+    peak_flops = {
+        str(dtype): _positive(origin, peaks, dtype, f"compute.peak_flops.{dtype}") for dtype in peaks
+    }
+    default_dtype = compute.get("default_dtype")
+    if default_dtype not in peak_flops:
+        raise ConfigError(f"{_where(origin, 'compute.default_dtype')} = {default_dtype!r}; give one of "
+                          f"{sorted(peak_flops)}")
+    memory = _table(origin, data, "memory")
+    memory_bytes = int(_positive(origin, memory, "bytes", "memory.bytes", size=True))
+    reserve = int(_positive(origin, memory, "reserve", "memory.reserve", size=True))
+    if reserve >= memory_bytes:
+        raise ConfigError(f"{_where(origin, 'memory.reserve')} = {reserve} is not below memory.bytes = "
+                          f"{memory_bytes}; the reserve is the part the planner may not use")
+    links = _table(origin, data, "links")
+    return Hardware(
+        name=name,
+        peak_flops=peak_flops,
+        matmul=_matmul(origin, compute),
+        memory_bandwidth=_positive(origin, compute, "memory_bandwidth", "compute.memory_bandwidth"),
+        memory_bytes=memory_bytes,
+        reserve_bytes=reserve,
+        devices_per_node=per_node,
+        intra_node=_link(origin, links, "intra_node"),
+        inter_node=_link(origin, links, "inter_node"),
+        default_dtype=str(default_dtype),
+        source=str(data.get("source", "")),
+    )
+
+
+def load_hardware(name_or_path: str | Path) -> Hardware:
+    """A preset by name (`PRESETS`) or a TOML file by path."""
+    text_name = str(name_or_path)
+    if text_name in PRESETS:
+        text = resources.files("pipefold.plan").joinpath(f"presets/{text_name}.toml").read_text("utf-8")
+        origin = f"preset {text_name!r}"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"--hardware = {text_name!r} is neither a preset ({', '.join(PRESETS)}) nor a file; give a "
+                "preset name or the path of a hardware TOML file"
+            )
+        text = path.read_text("utf-8")
+        origin = repr(str(path))
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"hardware {origin} is not valid TOML: {error}") from None
+    return hardware_from_mapping(data, origin)
