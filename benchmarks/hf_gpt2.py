@@ -217,13 +217,15 @@ class TorchSide:
             stage_module = _StageOf.make(own)
             stage = pipelining.PipelineStage(stage_module, rank, 2, torch.device("cpu"))
         self.module = stage_module
-        self.names: dict[str, Any] = {}
+        # Canonical name -> the parameter objects under it: the tracer may hold a tied weight under
+        # two names as two objects, of which the graph uses one (the one that gets a gradient).
+        self.names: dict[str, list[Any]] = {}
         for local, parameter in stage_module.named_parameters(remove_duplicate=True):
             canonical = names.get(id(parameter))
             if canonical is None:
                 canonical = local  # a tracer that copied the parameter: its own name, checked below
             canonical = canonical.removeprefix("model.")
-            self.names[aliases.get(canonical, canonical)] = parameter
+            self.names.setdefault(aliases.get(canonical, canonical), []).append(parameter)
         # The parameters both ranks hold (the tied embedding / head): summed after each step.
         held: list[Any] = [None, None]
         dist.all_gather_object(held, sorted(self.names))
@@ -241,15 +243,23 @@ class TorchSide:
             self.schedule.step(target=targets, losses=losses)
             loss = float(sum(float(x) for x in losses) / len(losses))
         for name in self.shared:
-            dist.all_reduce(self.names[name].grad)
+            dist.all_reduce(self._grad(name))
         return loss
 
+    def _grad(self, name: str) -> Any:
+        holders = [p.grad for p in self.names[name] if p.grad is not None]
+        if len(holders) > 1:
+            raise RuntimeError(f"torch side: {name} has {len(holders)} gradients on one rank")
+        return holders[0] if holders else None
+
     def gradients(self) -> dict[str, Any]:
-        return {name: p.grad for name, p in self.names.items() if p.grad is not None}
+        grads = {name: self._grad(name) for name in self.names}
+        return {name: grad for name, grad in grads.items() if grad is not None}
 
     def zero_grad(self) -> None:
-        for parameter in self.names.values():
-            parameter.grad = None
+        for parameters in self.names.values():
+            for parameter in parameters:
+                parameter.grad = None
 
 
 def _check(side: Any, batch: Batch, reference_loss: float, reference: dict[str, Any]) -> str:
