@@ -75,7 +75,8 @@ def add_parser(subparsers: Any) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--costs", metavar="FILE", help="a ModelCosts JSON file (per-layer costs)")
     source.add_argument("--model", metavar="gpt|DIR_OR_CONFIG",
-                        help="estimate the costs from FLOPs: of the built-in GPT ('gpt'), or of a Hugging Face "
+                        help="estimate the costs from FLOPs: of the built-in GPT ('gpt'), or of a Hugging "
+                        "Face "
                         "decoder (a model directory or config.json, as pipefold train --model)")
     source.add_argument("--profile", action="store_true",
                         help="measure the built-in GPT here (as pipefold profile), then plan")

@@ -202,7 +202,8 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, profile)
     source = (
         f"measured on {where}, median of {args.repeats}: Hugging Face {files.model_type} from "
-        f"{files.config_path} (blocks={files.num_layers}, hidden={files.hidden_size}, heads={files.num_heads}, "
+        f"{files.config_path} (blocks={files.num_layers}, hidden={files.hidden_size}, "
+        f"heads={files.num_heads}, "
         f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"
     )
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,

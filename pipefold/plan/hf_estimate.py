@@ -127,7 +127,8 @@ def hf_costs(
         input_bytes=t * 8,  # int64 token ids
         overhead_s=overhead_s,
         source=(
-            f"FLOP estimate for a Hugging Face {model_type} (blocks={num_layers}, hidden={d}, heads={num_heads}, "
+            f"FLOP estimate for a Hugging Face {model_type} (blocks={num_layers}, hidden={d}, "
+            f"heads={num_heads}, "
             f"intermediate={inner}, vocab={v}, seq_len={t}{', tied head' if tied else ''}) at {flops:.3g} "
             "FLOP/s, not a measurement"
         ),

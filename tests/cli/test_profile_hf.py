@@ -25,7 +25,8 @@ RUN = ["--seq-len", "8", "--batch-size", "4", "--microbatches", "2", "--repeats"
 @pytest.fixture(scope="module")
 def config_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama") / "config.json"
-    transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}).to_json_file(path, use_diff=False)
+    config = transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})
+    config.to_json_file(path, use_diff=False)
     return path
 
 
