@@ -9,12 +9,17 @@
     pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
     pipefold plan --model gpt --megatron --hardware a100-80gb --devices 64 --max-tensor-parallel 8 \
         --num-layers 40 --d-model 6144 --num-heads 48 --seq-len 2048 --vocab-size 51200 --batch-size 1024
+    pipefold plan --model models/gpt2 --seq-len 512 --ranks 4 --memory 8GiB --flops 1e14  # Hugging Face
+    pipefold plan --model models/llama/config.json --measure --ranks 2 --rows 2            # measured
 
 Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold profile`
 or from `pipefold.runtime.profile` results), from a FLOP estimate of the built-in GPT
 (`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement),
 or from measuring that GPT on this machine first (`--profile`, or `--model gpt --measure`:
-what `pipefold profile` does, with its flags).
+what `pipefold profile` does, with its flags). `--model DIR_OR_CONFIG` plans a Hugging Face
+decoder (gpt2, llama, mistral, qwen2; a model directory or a config.json) as `pipefold train
+--model` trains it: the layers `pipefold.split` cuts it into, estimated from the config's sizes
+(`pipefold.plan.hf_estimate`), or measured with `--measure`; the GPT's size flags do not apply.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipefold.cli.profile import add_measure_arguments, measure_gpt, print_table, profile_rows, write_costs
+from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
+from pipefold.hf_files import inspect_model
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
 from pipefold.plan.estimate import GptEstimate
 from pipefold.plan.hardware import load_hardware
+from pipefold.plan.hf_estimate import hf_costs
 from pipefold.plan.space import is_asynchronous
 from pipefold.plan.units import parse_rate
 from pipefold.schedule.io import save
@@ -71,7 +78,10 @@ def add_parser(subparsers: Any) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--costs", metavar="FILE", help="a ModelCosts JSON file (per-layer costs)")
-    source.add_argument("--model", choices=("gpt",), help="estimate the built-in GPT's costs from FLOPs")
+    source.add_argument("--model", metavar="gpt|DIR_OR_CONFIG",
+                        help="estimate the costs from FLOPs: of the built-in GPT ('gpt'), or of a Hugging "
+                        "Face "
+                        "decoder (a model directory or config.json, as pipefold train --model)")
     source.add_argument("--profile", action="store_true",
                         help="measure the built-in GPT here (as pipefold profile), then plan")
     # The schedule flags mean what they mean in `pipefold simulate`, but here they pin a value
@@ -215,6 +225,12 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
     overhead = 0.0 if args.overhead is None else args.overhead
     if overhead < 0:
         raise ConfigError(f"--overhead = {args.overhead}; give seconds >= 0")
+    if _is_hf(args):
+        files = inspect_model(args.model, field="--model")
+        return hf_costs(
+            files.config, seq_len=args.seq_len, flops=1e12 if args.flops is None else args.flops,
+            bytes_per_value=4 if args.bytes_per_value is None else args.bytes_per_value, overhead_s=overhead,
+        )
     return gpt_costs(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
         vocab_size=args.vocab_size, flops=1e12 if args.flops is None else args.flops,
@@ -230,12 +246,17 @@ def _measured_costs(args: argparse.Namespace) -> Any:
                 f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "
                 f"fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
             )
-    measured = measure_gpt(args, profile_rows(args))
+    measured = measure(args, profile_rows(args))
     if args.save_costs:
         write_costs(measured.costs, args.save_costs, flag="--save-costs")
     if not args.json:
         print_table(measured, Console())
     return measured.costs
+
+
+def _is_hf(args: argparse.Namespace) -> bool:
+    """Whether `--model` names a Hugging Face model (a directory or config.json), not the built-in GPT."""
+    return args.model is not None and args.model != "gpt"
 
 
 def _check_writable(path: str) -> None:
@@ -251,6 +272,8 @@ def _check_writable(path: str) -> None:
 def _trains_the_planned_model(args: argparse.Namespace) -> bool:
     """Whether the costs are the built-in GPT's as `pipefold train` builds it (a `--costs` file
     describes any model; train reads bytes, a vocabulary of 256)."""
+    if _is_hf(args):
+        return True
     from pipefold.data.corpus import VOCAB_SIZE  # torch: the pipefold.data package imports it
 
     return not args.costs and args.vocab_size == VOCAB_SIZE
@@ -286,13 +309,16 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     if choice.sharded_optimizer:
         words += ["--zero"]
     words += ["--batch-size", str(result.global_batch)]
-    words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
-              "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
+    if _is_hf(args):
+        words += ["--model", args.model, "--seq-len", str(args.seq_len)]
+    else:
+        words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
+                  "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
     words += ["--partition", ",".join(map(str, choice.partition.counts))]
     if choice.recompute:
         layers = ",".join(map(str, choice.recompute_layers))
         words += ["--set", f"recompute=[{layers}]"]
-    if not choice.is_searched_order and is_asynchronous(choice.schedule):
+    if not choice.is_searched_order and is_asynchronous(choice.schedule) and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)
 

@@ -4,6 +4,7 @@
     pipefold profile --num-layers 12 --d-model 768 --num-heads 12 --device cuda --out costs.json
     pipefold plan --costs costs.json --ranks 4 --batch-size 32 --memory 8GiB
     pipefold plan --profile --ranks 4 --memory 2GiB           # measure, then plan, in one command
+    pipefold profile --model models/gpt2 --seq-len 256 --out costs.json   # a Hugging Face model
 
 Each layer of `pipefold.model.zoo.gpt_layers` (the model `pipefold train` builds from the
 same flags) runs alone on one micro-batch of `--rows` sequences (default: the largest
@@ -12,6 +13,11 @@ micro-batch of `--batch-size` cut into `--microbatches`, as training cuts it): i
 as zero-bubble schedules run them (`pipefold.runtime.backward`). Times are medians of
 `--repeats` runs. The table gives milliseconds and MiB per layer; `--out` writes the
 `pipefold.plan.ModelCosts` JSON that `pipefold plan --costs` reads.
+
+`--model DIR_OR_CONFIG` measures a Hugging Face decoder instead (a model directory or a
+config.json; random weights from its config: times do not depend on the values): the layers
+`pipefold.split` cuts it into and `pipefold train --model` trains (prefix, each block,
+suffix), on `--seq-len` tokens; the GPT's size flags do not apply.
 
 Any other model, from Python:
 
@@ -77,6 +83,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model (pipefold train's flags and defaults)")
+    model.add_argument("--model", metavar="DIR_OR_CONFIG",
+                       help="a Hugging Face model directory or config.json (as pipefold train --model); "
+                       "default: the built-in GPT the flags below describe")
     model.add_argument("--num-layers", "--layers", dest="num_layers", type=int, default=4,
                        help="decoder blocks (default 4)")
     model.add_argument("--d-model", dest="d_model", type=int, default=128, help="model width (default 128)")
@@ -139,29 +148,12 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.plan.tensor import with_gpt_tensor_parallel
     from pipefold.runtime import profile
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device = 'cuda' but torch sees no CUDA device here; use --device cpu")
-    # One thread on CPU by default: `pipefold train` runs each rank with one (see
-    # pipefold.runtime.processes.launch), and the planner should price the stages those ranks run.
-    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
+    device, threads = _device_and_threads(args)
     layers = gpt_layers(args.vocab_size, args.d_model, args.num_heads, args.num_layers, args.seq_len,
                         tie_embeddings=not getattr(args, "untied", False))
     # A generator of its own, so profiling leaves the caller's random stream where it was.
     ids = torch.randint(0, args.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    previous_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        profiles = profile(layers, ids, device=device, num_repeats=args.repeats, split_backward=True)
-    finally:
-        torch.set_num_threads(previous_threads)
-    if device == "cuda":
-        where = f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
-    else:
-        where = f"cpu, {threads or previous_threads} thread(s)"
+    profiles, where = _profile(layers, ids, device, threads, args.repeats, profile)
     source = (
         f"measured on {where}, median of {args.repeats}: GPT (layers={args.num_layers}, "
         f"d_model={args.d_model}, heads={args.num_heads}, seq_len={args.seq_len}, vocab={args.vocab_size}), "
@@ -181,6 +173,87 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
 
     names = tuple(name(layer) for layer in layers)
     return GptProfile(costs, tuple(profiles), names, rows, args.seq_len, where)
+
+
+def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
+    """Profile the `pipefold.split` layers of the Hugging Face decoder `args.model` (random weights
+    from its config) on `rows` x `args.seq_len` tokens, I/W split included."""
+    from pipefold.hf_files import inspect_model
+
+    files = inspect_model(args.model, field="--model")
+    for flag in ("--seq-len", "--repeats", "--threads"):
+        _positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    if args.seq_len > files.max_positions:
+        raise ConfigError(
+            f"--seq-len = {args.seq_len} exceeds the {files.max_positions} positions of {files.config_path}; "
+            f"give at most {files.max_positions}"
+        )
+    import torch
+
+    from pipefold.model.hf import load_causal_lm
+    from pipefold.model.spec import layer_name
+    from pipefold.model.split import SplitPiece
+    from pipefold.plan import ModelCosts
+    from pipefold.runtime import profile
+
+    device, threads = _device_and_threads(args)
+    lm = load_causal_lm(files.config_path, seq_len=args.seq_len)
+    ids = torch.randint(0, files.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
+    profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, profile)
+    source = (
+        f"measured on {where}, median of {args.repeats}: Hugging Face {files.model_type} from "
+        f"{files.config_path} (blocks={files.num_layers}, hidden={files.hidden_size}, "
+        f"heads={files.num_heads}, "
+        f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"
+    )
+    costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
+                                    source=source)
+    names = tuple(
+        f"{layer.kind} {', '.join(layer.paths)}" if isinstance(layer, SplitPiece) else layer_name(layer)
+        for layer in lm.layers
+    )
+    return GptProfile(costs, tuple(profiles), names, rows, args.seq_len, where)
+
+
+def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:
+    import torch
+
+    device: str = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device = 'cuda' but torch sees no CUDA device here; use --device cpu")
+    # One thread on CPU by default: `pipefold train` runs each rank with one (see
+    # pipefold.runtime.processes.launch), and the planner should price the stages those ranks run.
+    threads: int | None = args.threads if args.threads is not None else (1 if device == "cpu" else None)
+    return device, threads
+
+
+def _profile(layers: Any, ids: Any, device: str, threads: int | None, repeats: int,
+             profile: Any) -> tuple[list[LayerProfile], str]:
+    """`profile(layers, ids)` with `threads` torch threads; the profiles and the device in words."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        profiles: list[LayerProfile] = profile(layers, ids, device=device, num_repeats=repeats,
+                                               split_backward=True)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if device == "cuda":
+        where = f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+    else:
+        where = f"cpu, {threads or previous_threads} thread(s)"
+    return profiles, where
+
+
+def measure(args: argparse.Namespace, rows: int) -> GptProfile:
+    """`measure_hf` where `args.model` names a Hugging Face model, else `measure_gpt`."""
+    if getattr(args, "model", None) not in (None, "gpt"):
+        return measure_hf(args, rows)
+    return measure_gpt(args, rows)
 
 
 def print_table(measured: GptProfile, console: Console) -> None:
@@ -241,7 +314,7 @@ def write_costs(costs: ModelCosts, path: str, *, flag: str = "--out") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    measured = measure_gpt(args, profile_rows(args))
+    measured = measure(args, profile_rows(args))
     if args.out:
         write_costs(measured.costs, args.out)
     if args.json:
@@ -254,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         console.print(
             f"wrote {args.out}; plan with: pipefold plan --costs {args.out} --batch-size {args.batch_size} "
-            "--ranks 2",
+            "--ranks 2" + (f" (pipefold plan --model {args.model} --measure measures and plans in one)"
+                           if args.model else ""),
             highlight=False, markup=False, soft_wrap=True,
         )
     return 0

@@ -28,15 +28,15 @@ from model.split_models import DIM, HF_VOCAB, SEQ, VOCAB, NaturalTransformer, gp
 ROWS = 8
 
 
-def _module(model: str) -> tuple[nn.Module, int]:
+def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
     """The module (built from seed 0, alike on every rank) and its vocabulary."""
     torch.manual_seed(0)
     if model == "natural":
-        return NaturalTransformer(num_blocks=3), VOCAB
+        return NaturalTransformer(num_blocks=num_blocks), VOCAB
     if model == "gpt2":
-        return gpt2_model(), HF_VOCAB
+        return gpt2_model(num_blocks), HF_VOCAB
     if model == "llama":
-        return llama_model(), HF_VOCAB
+        return llama_model(num_blocks), HF_VOCAB
     raise ValueError(model)
 
 
@@ -71,8 +71,11 @@ def _expected_keys(module: nn.Module) -> list[str]:
     return keys
 
 
-def exact(*, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 3) -> dict[str, Any]:
-    """Loss, every gradient and (after each SGD step) every weight equal the unsplit module's."""
+def exact(
+    *, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 3, num_blocks: int = 3
+) -> dict[str, Any]:
+    """Loss, every gradient and (after each SGD step) every weight equal the unsplit module's.
+    `num_blocks`: the module's blocks (its layers are these and two more: prefix and suffix)."""
     if model == "plain":
         module: nn.Module = _plain()
         vocab = VOCAB
@@ -80,7 +83,7 @@ def exact(*, model: str, schedule: str, num_virtual: int | None = None, num_step
         layers: Any = module
         forward = reference
     else:
-        module, vocab = _module(model)
+        module, vocab = _module(model, num_blocks)
         reference = copy.deepcopy(module)
         layers = split(module, example_inputs=(_batch(vocab, 0)[0],))
         forward = reference if model == "natural" else (lambda x: reference(x, use_cache=False).logits)

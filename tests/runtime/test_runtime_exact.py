@@ -80,6 +80,23 @@ def test_a_split_module_with_a_tied_head_over_four_ranks(pool4):
     assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
 
 
+SPLIT_SCHEDULES = [("1f1b", None), ("interleaved-1f1b", 2), ("zb-v", None), ("dualpipe-v", None)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("schedule", "num_virtual"), SPLIT_SCHEDULES, ids=[s for s, _ in SPLIT_SCHEDULES])
+def test_a_split_hugging_face_llama_over_four_ranks(pool4, schedule, num_virtual):
+    """`pipefold.split` of a Hugging Face Llama (6 blocks: 8 layers, one per stage at v = 2; rotary
+    tables and grouped-query attention) on 4 ranks under each schedule: loss, every gradient and,
+    after each of 3 SGD steps, every weight equal one process's."""
+    results = pool4.run(
+        "split_exact", model="llama", schedule=schedule, num_virtual=num_virtual, num_blocks=6
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
+    assert all(r["state_keys"] for r in results), "a rank holds no layer"
+
+
 @pytest.mark.multiprocess
 def test_device_mesh_pp_dim(pool2):
     results = pool2.run("exact", schedule="1f1b", num_microbatches=3, model="transformer", mesh=(2,))

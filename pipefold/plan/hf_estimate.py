@@ -1,0 +1,135 @@
+"""`hf_costs`: a FLOP-based *estimate* of a Hugging Face decoder's layer costs from its config.json.
+
+    config = json.loads(Path("models/gpt2/config.json").read_text())
+    costs = hf_costs(config, seq_len=512, flops=1e14)     # what `pipefold plan --model DIR` plans on
+
+The layers are what `pipefold.split` cuts the model into (and `pipefold train --model`
+trains): the prefix (token embedding, GPT-2's position embedding), one layer per decoder
+block, the suffix (final norm and head). The formulas are the built-in GPT's
+(`pipefold.plan.estimate`) with the config's sizes; per sample of T tokens, width d,
+intermediate (MLP) width I, vocabulary V, b bytes per value:
+- GPT-2 block: 2·T·(4d² + 2dI) FLOPs of matrix products forward plus 4·T²·d for attention,
+  keeps T·(8d + 2I) values, has 4d² + 2dI + 9d + I parameters (I = 4d gives the GPT's 24·T·d²,
+  16·T·d and 12d² + 13d);
+- Llama-style block (llama, mistral, qwen2: h query heads of width d/h, g key/value heads,
+  gated MLP): 2·T·(2d² + 2d·g·d/h + 3dI) FLOPs plus 4·T²·d, keeps T·(5d + 2g·d/h + 3I),
+  2d² + 2d·g·d/h + 3dI + 2d parameters; its output also carries the rotary tables (2·T·d/h);
+- backward twice the forward, the products' share of it being the weight gradient;
+- the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends.
+No tensor-parallel split is priced (pipefold has no tensor-parallel plan for these families yet).
+Times are FLOPs / `flops`: a shape, not a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipefold.errors import ConfigError
+from pipefold.plan.costs import LayerCost, ModelCosts
+
+__all__ = ["LLAMA_FAMILIES", "hf_costs"]
+
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
+"""model_type values estimated with the Llama block (gated MLP, grouped-query attention, RMSNorm)."""
+
+
+def _size(config: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
+    for key in keys:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.json: {key} = {value!r}; give an integer >= 1")
+        return value
+    if default is not None:
+        return default
+    raise ConfigError(f"config.json gives no {' / '.join(keys)}; the estimate needs it")
+
+
+def hf_costs(
+    config: Mapping[str, Any],
+    *,
+    seq_len: int | None = None,
+    flops: float = 1e12,
+    bytes_per_value: int = 4,
+    overhead_s: float = 0.0,
+) -> ModelCosts:
+    """Per-sample costs (reference_rows = 1) of the decoder `config` (a parsed config.json) as
+    `pipefold.split` layers it, estimated as the module docstring says. `seq_len` defaults to the
+    config's maximum positions."""
+    model_type = str(config.get("model_type", ""))
+    gpt2 = model_type == "gpt2"
+    if not gpt2 and model_type not in LLAMA_FAMILIES:
+        raise ConfigError(
+            f"config.json: model_type={model_type!r} has no cost estimate; estimated: gpt2, "
+            f"{', '.join(LLAMA_FAMILIES)} (or measure it: pipefold profile --model DIR)"
+        )
+    num_layers = _size(config, "n_layer" if gpt2 else "num_hidden_layers")
+    d = _size(config, "n_embd" if gpt2 else "hidden_size")
+    num_heads = _size(config, "n_head" if gpt2 else "num_attention_heads")
+    v = _size(config, "vocab_size")
+    max_positions = _size(config, "n_positions" if gpt2 else "max_position_embeddings")
+    t = max_positions if seq_len is None else seq_len
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise ConfigError(f"hf_costs: seq_len = {seq_len!r}; give an integer >= 1")
+    if t > max_positions:
+        raise ConfigError(
+            f"--seq-len = {t} exceeds the model's {max_positions} positions (config.json); give at most that"
+        )
+    if d % num_heads:
+        raise ConfigError(f"config.json: hidden size {d} is not divisible by {num_heads} attention heads")
+    if isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, int) or bytes_per_value < 1:
+        raise ConfigError(f"hf_costs: bytes_per_value = {bytes_per_value!r}; give 4 (fp32) or 2 (bf16)")
+    if not flops > 0:
+        raise ConfigError(f"hf_costs: flops = {flops!r}; give the device's FLOP/s, e.g. 1e14")
+    b = bytes_per_value
+    tied = bool(config.get("tie_word_embeddings", True))
+    if gpt2:
+        inner = _size(config, "n_inner", default=4 * d)
+        products = 2 * t * (4 * d * d + 2 * d * inner)
+        kept = t * (8 * d + 2 * inner)
+        block_params = 4 * d * d + 2 * d * inner + 9 * d + inner
+        carried = t * d
+        prefix_params = v * d + max_positions * d
+        norm_params = 2 * d
+    else:
+        inner = _size(config, "intermediate_size")
+        head_dim = _size(config, "head_dim", default=d // num_heads)
+        kv_width = _size(config, "num_key_value_heads", default=num_heads) * head_dim
+        products = 2 * t * (2 * d * d + 2 * d * kv_width + 3 * d * inner)
+        kept = t * (5 * d + 2 * kv_width + 3 * inner)
+        block_params = 2 * d * d + 2 * d * kv_width + 3 * d * inner + 2 * d
+        carried = t * d + 2 * t * head_dim  # the hidden state and the rotary cos/sin tables
+        prefix_params = v * d
+        norm_params = d
+
+    def layer(fwd_flops: float, weight_flops: float, kept_values: int, output_values: int,
+              params: int) -> LayerCost:
+        return LayerCost(
+            forward_s=fwd_flops / flops,
+            backward_s=2 * fwd_flops / flops,
+            weight_grad_s=weight_flops / flops,
+            activation_bytes=kept_values * b,
+            output_bytes=output_values * b,
+            parameter_bytes=params * b,
+        )
+
+    head_flops = 2 * t * d * v
+    layers = [
+        layer(t * d, 0.0, 0, carried, prefix_params),
+        *([layer(products + 4 * t * t * d, products, kept, carried, block_params)] * num_layers),
+        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params),
+    ]
+    return ModelCosts(
+        layers=tuple(layers),
+        reference_rows=1,
+        input_bytes=t * 8,  # int64 token ids
+        overhead_s=overhead_s,
+        source=(
+            f"FLOP estimate for a Hugging Face {model_type} (blocks={num_layers}, hidden={d}, "
+            f"heads={num_heads}, "
+            f"intermediate={inner}, vocab={v}, seq_len={t}{', tied head' if tied else ''}) at {flops:.3g} "
+            "FLOP/s, not a measurement"
+        ),
+    )

@@ -1,0 +1,110 @@
+"""`pipefold.plan.hf_estimate` and `pipefold plan --model DIR_OR_CONFIG` (one process, no ranks).
+
+The estimate is checked against what it claims to be: with an MLP of 4 x the width a GPT-2
+config prices its blocks, head and boundaries as the built-in GPT's estimate does; the
+parameter bytes of every layer equal the real Hugging Face model's, cut by `pipefold.split`
+(GPT-2, its tied table counted in both the prefix and the suffix as each holds it; Llama with
+grouped-query attention). The plan of a config.json ends in the
+`pipefold train --model` command that runs it; a family without an estimate is refused
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipefold.cli.main import main
+from pipefold.errors import ConfigError
+from pipefold.plan import gpt_costs
+from pipefold.plan.hf_estimate import hf_costs
+
+GPT2 = {"model_type": "gpt2", "n_layer": 3, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 32}
+LLAMA = {
+    "model_type": "llama", "num_hidden_layers": 3, "hidden_size": 16, "intermediate_size": 40,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 32,
+    "tie_word_embeddings": False,
+}
+
+
+def test_a_gpt2_config_is_priced_as_the_builtin_gpt():
+    hf = hf_costs(GPT2, seq_len=16, flops=1e9)
+    gpt = gpt_costs(num_layers=3, d_model=16, num_heads=2, seq_len=16, vocab_size=64, flops=1e9)
+    assert hf.num_layers == 3 + 2  # prefix, 3 blocks, suffix (pipefold.split's layers)
+    for ours, theirs in zip(hf.layers[1:4], gpt.layers[2:5], strict=True):
+        assert (ours.forward_s, ours.backward_s, ours.weight_s) == pytest.approx(
+            (theirs.forward_s, theirs.backward_s, theirs.weight_s))
+        assert (ours.activation_bytes, ours.output_bytes, ours.parameter_bytes) == (
+            theirs.activation_bytes, theirs.output_bytes, theirs.parameter_bytes)
+    head, norm = gpt.layers[-1], gpt.layers[-2]
+    assert hf.layers[-1].forward_s == pytest.approx(head.forward_s + norm.forward_s)
+    assert "Hugging Face gpt2" in hf.source and "not a measurement" in hf.source
+
+
+def test_parameter_bytes_are_the_real_models():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pipefold.model import split
+
+    for config, cls in ((GPT2, transformers.GPT2LMHeadModel), (LLAMA, transformers.LlamaForCausalLM)):
+        model = cls(transformers.AutoConfig.for_model(**config))
+        layers = split(model, example_inputs=(torch.zeros(1, 8, dtype=torch.long),))
+        real = [sum(p.numel() * 4 for p in layer.parameters()) for layer in layers]
+        estimated = [layer.parameter_bytes for layer in hf_costs(config, seq_len=8).layers]
+        assert estimated == real, config["model_type"]
+
+
+def test_llama_blocks_carry_the_rotary_tables_and_use_grouped_attention():
+    costs = hf_costs(LLAMA, seq_len=8, bytes_per_value=2)
+    d, kv, inner, t = 16, 2 * 4, 40, 8
+    block = costs.layers[1]
+    assert block.output_bytes == (t * d + 2 * t * 4) * 2
+    products = 2 * t * (2 * d * d + 2 * d * kv + 3 * d * inner)
+    assert block.forward_s == pytest.approx((products + 4 * t * t * d) / 1e12)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**GPT2, "model_type": "bert"}, "model_type='bert' has no cost estimate"),
+        ({**GPT2, "n_head": 3}, "hidden size 16 is not divisible by 3 attention heads"),
+        ({k: v for k, v in LLAMA.items() if k != "intermediate_size"}, "no intermediate_size"),
+    ],
+)
+def test_bad_configs_are_refused(config, message):
+    with pytest.raises(ConfigError, match=message):
+        hf_costs(config)
+
+
+def test_seq_len_beyond_the_positions_is_refused():
+    with pytest.raises(ConfigError, match="--seq-len = 64 exceeds the model's 32 positions"):
+        hf_costs(GPT2, seq_len=64)
+
+
+def test_plan_a_config_json_and_get_the_train_command(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GPT2))
+    assert main(["plan", "--model", str(path), "--seq-len", "16", "--ranks", "2", "--batch-size", "8",
+                 "--schedule", "1f1b", "--order-search", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Hugging Face gpt2" in out["source"]
+    assert sum(out["choice"]["pipeline_kwargs"]["partition"]) == 5
+    command = out["train_command"]
+    assert command.startswith("pipefold train --schedule 1f1b --ranks 2 --microbatches ")
+    assert f"--model {path} --seq-len 16 --partition " in command and "--num-layers" not in command
+
+
+def test_plan_refuses_an_unsupported_family_without_torch(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GPT2, "model_type": "bert"}))
+    script = (
+        "import sys\nfrom pipefold.cli.main import main\n"
+        f"code = main(['plan', '--model', {str(path)!r}])\n"
+        "print('torch imported:', 'torch' in sys.modules, 'exit', code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "torch imported: False exit 2" in result.stdout, result.stderr
+    assert "model_type='bert', a family pipefold does not support" in result.stderr
