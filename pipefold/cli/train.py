@@ -33,6 +33,7 @@ from pipefold.job.config import (
     resolve_out_dir,
 )
 from pipefold.job.outdir import check_out_dir
+from pipefold.job.recovery import resume_after_restart
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {
@@ -64,6 +65,7 @@ _FLAGS: dict[str, str] = {
     "num_layers": "model.num_layers",
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
+    "dropout": "model.dropout",
     "recompute": "recompute",
     "device": "device",
     "timeout": "timeout_s",
@@ -71,6 +73,8 @@ _FLAGS: dict[str, str] = {
     "resume": "resume",
     "on_nonfinite": "on_nonfinite",
     "overwrite": "overwrite",
+    "max_restarts": "max_restarts",
+    "async_checkpoint": "async_checkpoint",
 }
 
 
@@ -143,6 +147,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--num-heads", type=int, help=f"attention heads; default {ModelConfig.num_heads}")
     parser.add_argument("--seq-len", type=int,
                         help=f"context length in bytes; default {ModelConfig.seq_len}")
+    parser.add_argument("--dropout", type=float, metavar="P",
+                        help=f"residual dropout of the built-in GPT's blocks; default {ModelConfig.dropout:g}")
     parser.add_argument(
         "--partition", help='"uniform", "parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
     )
@@ -160,6 +166,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")
+    parser.add_argument("--max-restarts", type=int, metavar="N",
+                        help="after a rank fails, restart all ranks up to N times, each resuming from the "
+                        "latest checkpoint in <out>/checkpoint (needs --checkpoint-every); default 0. "
+                        "Under torchrun give torchrun --max-restarts N instead")
+    parser.add_argument("--async-checkpoint", action="store_true", default=None,
+                        help="write checkpoints in the background: the step loop waits only for the copy "
+                        "to host memory (not with --data-parallel / --tensor-parallel)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
     parser.set_defaults(func=run)
@@ -187,7 +200,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = resolve_out_dir(config_from_args(args))
+    # Restarted by torchrun (--max-restarts): continue from this run's latest checkpoint.
+    config = resume_after_restart(resolve_out_dir(config_from_args(args)))
     # A run directory that cannot be written, or holds an earlier run, is refused now, not after
     # the run (torch-free, like the configuration's own checks).
     check_out_dir(config)

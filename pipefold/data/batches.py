@@ -59,6 +59,14 @@ class BatchSampler:
         self._generator.set_state(state)
         return batch
 
+    def get_state(self) -> Tensor:
+        """The position in the batch order (the generator's state), for a checkpoint."""
+        return self._generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        """Continue the batch order from a `get_state` value."""
+        self._generator.set_state(state)
+
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """The next (inputs, targets), both int64 of shape (batch_size, seq_len)."""
         num_starts = self.num_tokens - self.seq_len

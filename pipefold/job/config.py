@@ -27,6 +27,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
+    max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
+    async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
 
     [model]
     path = ""                  # a Hugging Face model directory or config.json ("" = the built-in GPT)
@@ -35,6 +37,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     num_layers = 4
     seq_len = 128
     tie_embeddings = true      # false for pipedream / pipedream-2bw
+    dropout = 0.0              # the blocks' residual dropout while training (built-in GPT only)
 
     [data]
     path = ""                  # text file / directory, or token file <name>.bin (needs model.path)
@@ -177,6 +180,9 @@ class ModelConfig:
     """Context length in tokens (bytes for the built-in GPT)."""
     tie_embeddings: bool = True
     """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
+    dropout: float = 0.0
+    """Residual dropout probability of the built-in GPT's blocks while training (0 = none);
+    its random state is saved with each checkpoint, so a resumed run stays identical."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "num_layers"):
@@ -188,6 +194,11 @@ class ModelConfig:
             "model.num_heads",
             self.num_heads,
             f"it must divide model.d_model={self.d_model} (e.g. num_heads=4 for d_model=128)",
+        )
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a probability in [0, 1), e.g. 0.1")
+        _require(
+            not (self.path and self.dropout > 0), "model.dropout", self.dropout,
+            "it applies to the built-in GPT only; a Hugging Face model (model.path) keeps its own dropout",
         )
         if self.path:
             # Read (config.json, the weight index) without torch; kept, not a field.
@@ -489,6 +500,14 @@ class TrainConfig:
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
+    max_restarts: int = 0
+    """A local run (`run_local`) whose rank fails restarts all ranks up to this many times, each
+    restart resuming from the latest checkpoint in <out>/checkpoint (needs checkpoint_every).
+    Under torchrun use its own --max-restarts (pipefold.job.recovery)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread: the step loop waits only for the copy of this
+    rank's tensors to host memory (pipefold.runtime.checkpoint.AsyncCheckpointer); the next save
+    and the end of the run wait for the write. Not with data or tensor parallelism."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -528,6 +547,24 @@ class TrainConfig:
             f"every one of schedule.num_microbatches={self.schedule.num_microbatches} micro-batches needs "
             f"at least one sequence per replica; use batch_size >= {self.schedule.num_microbatches * dp} "
             "or fewer micro-batches",
+        )
+        if self.model.dropout > 0:
+            # Recomputation would draw new masks in backward (no generator replay), and tp ranks
+            # would each draw their own for a replicated activation.
+            _require(
+                self.recompute == "none" and self.schedule.tensor_parallel == 1, "model.dropout",
+                self.model.dropout, "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0",
+            )
+        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
+        _require(
+            not (self.max_restarts and not self.checkpoint_every), "max_restarts", self.max_restarts,
+            "a restart resumes from the latest checkpoint; also set checkpoint_every (e.g. --checkpoint-every 50)",
+        )
+        _require(
+            not (self.async_checkpoint and self.schedule.data_parallel * self.schedule.tensor_parallel > 1),
+            "async_checkpoint", self.async_checkpoint,
+            "background saves are not supported with schedule.data_parallel or schedule.tensor_parallel > 1 "
+            "yet; drop it (saves are then synchronous)",
         )
         _require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
         _require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import gc
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,10 +47,12 @@ from pipefold.job.report import (
     progress,
     validation_batches,
 )
+from pipefold.job.recovery import RESTART_ENV, die, exit_step, resume_after_restart
 from pipefold.job.retune import Retuner
-from pipefold.job.setup import Job, check_resume, set_up, shard_rows
+from pipefold.job.rng import gather_rng_states
+from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
 from pipefold.model.hf import finish_save, save_causal_lm, state_dict_of
-from pipefold.runtime.checkpoint import save_checkpoint
+from pipefold.runtime.checkpoint import AsyncCheckpointer, save_checkpoint
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
 
@@ -65,6 +68,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     Joins the process group from torchrun's variables unless already in one.
     `console` is used on rank 0 only (progress bar and final report); None is silent.
     """
+    config = resume_after_restart(config)
     job = set_up(config)
     pipe, optimizer, scheduler = job.pipe, job.optimizer, job.scheduler
     report = console if job.rank == 0 else None
@@ -85,8 +89,12 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     val_batches = validation_batches(config, held_out) if config.eval_every and held_out is not None else []
     step = job.start_step
     recorded = _recorded(config, records, job.rank, lambda: step)
+    fault_step = exit_step(job.rank)
+    saver = AsyncCheckpointer(pipe) if config.async_checkpoint else None
     with progress(report, config.steps - job.start_step) as update, recorded:
         for step in range(job.start_step, config.steps):
+            if step == fault_step:
+                die()  # test-only (pipefold.job.recovery.FAULT_ENV)
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
             started = time.perf_counter()
             try:
@@ -120,9 +128,15 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 if retuner.after_steps(done, list(recent), [r.seconds for r in records]):
                     recent.clear()  # the report's prediction is of the order now running: its steps only
             if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
-                save_checkpoint(
-                    pipe, checkpoint, optimizer=job.optimizers, step=done, extra={"config": config.to_dict()}
-                )
+                # Every rank's random states too: a run resumed here draws the same dropout
+                # masks and batches as this one.
+                extra = {"config": config.to_dict(), RNG_KEY: gather_rng_states(job.sampler, job.device)}
+                if saver is not None:
+                    saver.save(checkpoint, optimizer=job.optimizers, step=done, extra=extra)
+                else:
+                    save_checkpoint(pipe, checkpoint, optimizer=job.optimizers, step=done, extra=extra)
+        if saver is not None:
+            saver.wait()  # the last checkpoint is in place before the run reports or ends
 
     if job.hf is not None:
         save_hf(job)
@@ -178,16 +192,41 @@ def train_worker(config: TrainConfig, show: bool = True) -> None:
 
 
 def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
-    """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`."""
+    """Spawn `ranks x data_parallel x tensor_parallel` local workers running `train_worker`.
+
+    Where a rank fails, all ranks are restarted up to `config.max_restarts` times; each restart
+    resumes from the latest checkpoint in <out>/checkpoint (pipefold.job.recovery).
+    """
     check_resume(config)
     check_out_dir(config)
-    return spawn(train_worker, config.schedule.num_processes, (config, show))
+    result = spawn(train_worker, config.schedule.num_processes, (config, show))
+    for restart in range(1, config.max_restarts + 1):
+        if result.ok or result.interrupted:
+            break
+        if show:
+            print(
+                f"pipefold train: {result.describe()}\nrestarting all ranks ({restart} of {config.max_restarts}) "
+                "from the latest checkpoint",
+                file=sys.stderr,
+            )
+        result = spawn(
+            train_worker, config.schedule.num_processes, (config, show), env={RESTART_ENV: str(restart)}
+        )
+    return result
 
 
 def evaluate(job: Job, batches: list[tuple[Tensor, Tensor]]) -> float:
-    """The mean validation loss of `batches` through the pipeline, forward only, on every rank."""
-    losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
-              for batch in batches]
+    """The mean validation loss of `batches` through the pipeline, forward only, on every rank
+    (with dropout off)."""
+    modules = list(job.pipe.local_modules.values())
+    for module in modules:
+        module.eval()
+    try:
+        losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
+                  for batch in batches]
+    finally:
+        for module in modules:
+            module.train()
     return sum(losses) / len(losses)
 
 

@@ -177,7 +177,7 @@ def finish(
     else:
         assert job.corpus is not None
         vocab_size = VOCAB_SIZE
-        model = GPT.from_layers(job.layers, state)
+        model = GPT.from_layers(job.layers, state).eval()  # no dropout in the validation loss
         val_loss = _validation_loss(model, job.corpus.val, config)
         sample = ""
         if config.sample_tokens:

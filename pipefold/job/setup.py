@@ -24,6 +24,7 @@ from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import lr_scheduler, parameter_groups
+from pipefold.job.rng import restore_rng_state
 from pipefold.model import partition
 from pipefold.model.hf import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
@@ -41,7 +42,10 @@ from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
 from pipefold.runtime.processes.launch import init_process_group_from_env
 from pipefold.schedule import Schedule, WeightUpdate
 
-__all__ = ["Job", "check_resume", "set_up", "shard_rows"]
+__all__ = ["RNG_KEY", "Job", "check_resume", "set_up", "shard_rows"]
+
+RNG_KEY = "rng"
+"""The key of every rank's random states (pipefold.job.rng) in a checkpoint's `extra`."""
 
 
 @dataclass
@@ -109,7 +113,8 @@ def set_up(config: TrainConfig) -> Job:
     else:
         corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
         layers = gpt_layers(
-            VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings
+            VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings,
+            dropout=m.dropout,
         )
         loss_fn = gpt_loss
         stream = corpus.train
@@ -126,7 +131,7 @@ def set_up(config: TrainConfig) -> Job:
         if optimizer is not None
         else None
     )
-    start_step = _resume(config, pipe, optimizers, scheduler, sampler)
+    start_step = _resume(config, pipe, optimizers, scheduler, sampler, device)
     return Job(
         config=config, device=device, rank=dist.get_rank(), corpus=corpus, layers=layers,
         sampler=sampler, pipe=pipe, optimizer=optimizer, optimizers=optimizers, scheduler=scheduler,
@@ -307,15 +312,23 @@ def _resume(
     optimizers: list[torch.optim.Optimizer],
     scheduler: torch.optim.lr_scheduler.LambdaLR | None,
     sampler: BatchSampler,
+    device: torch.device,
 ) -> int:
-    """Load `config.resume` (if any) and put the job where the saved run stood; returns its step."""
+    """Load `config.resume` (if any) and put the job where the saved run stood; returns its step.
+
+    The random states (dropout, batch order) come from the checkpoint (pipefold.job.rng); one
+    saved without them, or by another number of processes, continues the batch order by replay.
+    """
     if not config.resume:
         return 0
     start_step = check_resume(config)
     load_checkpoint(pipe, config.resume, optimizer=optimizers)
-    for _ in range(start_step * config.grad_accumulation):
-        # Same batches as an uninterrupted run: the sampler's generator is advanced, not re-seeded.
-        sampler.next_batch()
+    extra = read_checkpoint_info(config.resume).extra
+    states = extra.get(RNG_KEY) if isinstance(extra, dict) else None
+    if not restore_rng_state(states, sampler, device):
+        for _ in range(start_step * config.grad_accumulation):
+            # Same batches as an uninterrupted run: the sampler's generator is advanced, not re-seeded.
+            sampler.next_batch()
     if scheduler is not None:
         # The learning rate is restored with the optimizer; the scheduler only needs its step
         # count so its next step() gives the lr of step start_step + 1 (LambdaLR is closed-form).

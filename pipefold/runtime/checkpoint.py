@@ -3,6 +3,7 @@
     save_checkpoint(pipe, "ckpt", optimizer=opt, step=step)        # on every rank
     info = load_checkpoint(pipe, "ckpt", optimizer=opt)             # any partition, any rank count
     start = info.step
+    saver = AsyncCheckpointer(pipe); saver.save("ckpt", optimizer=opt, step=step)   # in the background
 
 Every rank writes only the tensors of its own stages, through
 torch.distributed.checkpoint (DCP), keyed by the names `nn.Sequential(*layers)` gives
@@ -23,6 +24,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 
     from pipefold.runtime.pipeline import Pipeline
 
-__all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
+__all__ = ["AsyncCheckpointer", "CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
 
 METADATA_FILE = "pipefold.json"
 """pipefold's own description of a checkpoint, next to DCP's files; its presence marks one."""
@@ -154,11 +156,29 @@ def _save_replica(
 ) -> Path:
     """save_checkpoint within one pipeline (one replica)."""
     group = pipe.process_group
-    is_rank0 = _group_rank(group) == 0
+    tensors, meta, token = _prepare(pipe, optimizer, step, extra, group)
+    _write_and_publish(tensors, meta, target, token, group)
+    return target
+
+
+def _prepare(
+    pipe: Pipeline, optimizer: Optimizers, step: int | None, extra: Any, group: dist.ProcessGroup | None
+) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    """This rank's tensors, the checkpoint's `pipefold.json` (less the digests) and the staging
+    token every rank agrees on; collective over `group`."""
     tensors, record = _local_entries(pipe, _as_list(optimizer))
     records = _all_gather(record, group)
     _agree_no_errors([r["error"] for r in records], "save_checkpoint")
-    token = _from_rank0(uuid.uuid4().hex if is_rank0 else None, group)
+    token = _from_rank0(uuid.uuid4().hex if _group_rank(group) == 0 else None, group)
+    return tensors, _metadata(pipe, records, step, extra), token
+
+
+def _write_and_publish(
+    tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str, group: dist.ProcessGroup | None
+) -> None:
+    """Write the files into a staging directory, digest them, and (rank 0) move it to `target`;
+    collective over `group`. A failure anywhere leaves the previous checkpoint in place."""
+    is_rank0 = _group_rank(group) == 0
     staging = target.parent / f".{target.name}.tmp-{token}"
     try:
         # DCP gathers every rank's outcome and raises on all of them alike if any failed.
@@ -180,7 +200,7 @@ def _save_replica(
     failure: str | None = None
     if is_rank0:
         try:
-            _write_json(staging / METADATA_FILE, {**_metadata(pipe, records, step, extra), "files": files})
+            _write_json(staging / METADATA_FILE, {**meta, "files": files})
             _publish(staging, target, token)
         except Exception as error:
             shutil.rmtree(staging, ignore_errors=True)
@@ -189,7 +209,75 @@ def _save_replica(
     failure = _from_rank0(failure, group)
     if failure is not None:
         raise PipelineError(f"save_checkpoint: {failure}; the previous checkpoint (if any) is intact")
-    return target
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background: `save` blocks only to copy this rank's tensors to
+    host memory, then a thread writes, digests and publishes them like `save_checkpoint`.
+
+        saver = AsyncCheckpointer(pipe)                       # every rank (collective)
+        saver.save("ckpt", optimizer=opt, step=step)          # every rank; returns after the copy
+        saver.wait()                                          # before exiting: the last save is in place
+
+    The thread talks to its peers over a gloo process group of its own, so its collectives never
+    interleave with the training's. A save first waits for the previous one (and raises its
+    error, if it failed); a crash during a background write leaves the previous checkpoint, since
+    a checkpoint is published by renaming a complete staging directory. The host copy holds the
+    model and optimizer state once more in CPU memory. Pipelines without data or tensor
+    parallelism (their saves coordinate replicas and shards synchronously).
+    """
+
+    def __init__(self, pipe: Pipeline) -> None:
+        if pipe.data_parallel_group is not None or pipe.tensor_parallel_group is not None:
+            raise ConfigError(
+                "async checkpoints: this pipeline has data or tensor parallelism, whose saves are not "
+                "written in the background yet; use save_checkpoint (drop --async-checkpoint)"
+            )
+        self.pipe = pipe
+        group = pipe.process_group
+        self._group: dist.ProcessGroup | None = (
+            None if group is None else dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+        )
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(
+        self, path: str | os.PathLike[str], *, optimizer: Optimizers = None, step: int | None = None,
+        extra: Any = None,
+    ) -> Path:
+        """Start writing a checkpoint to `path` (as `save_checkpoint`); returns once the tensors
+        are copied to host memory. Call on every rank with the same arguments."""
+        self.wait()
+        target = Path(path)
+        _check_save_arguments(self.pipe, target, step, extra)
+        tensors, meta, token = _prepare(self.pipe, optimizer, step, extra, self.pipe.process_group)
+        # The copy the loop waits for: later steps change the weights and moments in place.
+        host = {name: tensor.to("cpu", copy=True) for name, tensor in tensors.items()}
+        self._thread = threading.Thread(
+            target=self._write, args=(host, meta, target, token), name="pipefold-checkpoint", daemon=True
+        )
+        self._thread.start()
+        return target
+
+    def _write(self, tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str) -> None:
+        try:
+            _write_and_publish(tensors, meta, target, token, self._group)
+        except BaseException as error:
+            self._error = error
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is in place; raise its error if it failed."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, PipefoldError):
+                raise error
+            raise PipelineError(
+                f"save_checkpoint (in the background): {type(error).__name__}: {error}; the previous "
+                "checkpoint (if any) is intact"
+            ) from error
 
 
 # -- loading -------------------------------------------------------------------------------------

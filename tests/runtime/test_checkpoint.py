@@ -530,3 +530,54 @@ def test_a_truncated_shard_is_one_typed_error_naming_the_file_and_what_to_do(tmp
     with pytest.raises(CheckpointError, match=rf"{shard.name}' is truncated or grown: {len(data) // 3} bytes "
                        rf"where {len(data)} were written.*resume from another checkpoint"):
         load_checkpoint(make("gpipe")[0], path)
+
+
+# -- asynchronous saves --------------------------------------------------------------------------------
+
+
+def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path):
+    from pipefold.runtime.checkpoint import AsyncCheckpointer
+
+    pipe, optimizer = make("gpipe")
+    train(pipe, optimizer, range(1))
+    expected = state_by_name(pipe, optimizer)
+    saver = AsyncCheckpointer(pipe)
+    saver.save(tmp_path / "ckpt", optimizer=optimizer, step=1, extra={"note": "async"})
+    # The loop goes on at once, changing the weights and moments in place during the write.
+    train(pipe, optimizer, range(1, 3))
+    saver.wait()
+    info = read_checkpoint_info(tmp_path / "ckpt")
+    assert info.step == 1 and info.extra == {"note": "async"}
+    fresh, fresh_optimizer = make("gpipe", seed=3)
+    load_checkpoint(fresh, tmp_path / "ckpt", optimizer=fresh_optimizer)
+    assert_state_matches(fresh, fresh_optimizer, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_background_write_keeps_the_previous_checkpoint_and_stops_the_next_save(tmp_path):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from pipefold.runtime.checkpoint import AsyncCheckpointer
+
+    pipe, optimizer = make("gpipe")
+    saver = AsyncCheckpointer(pipe)
+    train(pipe, optimizer, range(1))
+    saver.save(tmp_path / "ckpt", optimizer=optimizer, step=1)
+    saver.wait()
+    original = FileSystemWriter.write_data
+
+    def broken(self, plan, planner):
+        raise OSError("injected: disk full")
+
+    FileSystemWriter.write_data = broken
+    try:
+        train(pipe, optimizer, range(1, 2))
+        saver.save(tmp_path / "ckpt", optimizer=optimizer, step=2)
+        # The next save first waits for the one in flight, and reports its failure.
+        with pytest.raises(PipelineError, match="injected: disk full.*previous checkpoint"):
+            saver.save(tmp_path / "ckpt", optimizer=optimizer, step=3)
+    finally:
+        FileSystemWriter.write_data = original
+    assert read_checkpoint_info(tmp_path / "ckpt").step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    saver.wait()  # nothing in flight, nothing left to report

@@ -120,10 +120,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
-    def __init__(self, d_model: int, num_heads: int, num_layers: int) -> None:
+    `dropout` > 0 drops elements of each residual branch's output while training (GPT-2's
+    residual dropout); 0 adds no module, so the block's parameters and state dict are unchanged.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_layers: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, num_heads)
         self.ln2 = nn.LayerNorm(d_model)
@@ -138,8 +143,8 @@ class DecoderBlock(nn.Module):
             nn.init.normal_(residual.weight, std=_INIT_STD / math.sqrt(2 * num_layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        out: Tensor = x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        x = x + self.dropout(self.attn(self.ln1(x)))
+        out: Tensor = x + self.dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
         return out
 
 
@@ -151,8 +156,12 @@ def gpt_layers(
     seq_len: int,
     *,
     tie_embeddings: bool = True,
+    dropout: float = 0.0,
 ) -> list[LayerSpec]:
-    """The GPT as `num_layers + 4` lazily built layers (see the module docstring)."""
+    """The GPT as `num_layers + 4` lazily built layers (see the module docstring).
+
+    `dropout`: the blocks' residual dropout probability while training (0 = none).
+    """
     for name, value in (
         ("vocab_size", vocab_size),
         ("d_model", d_model),
@@ -167,11 +176,15 @@ def gpt_layers(
             f"gpt_layers: d_model={d_model} is not divisible by num_heads={num_heads}; "
             "pick num_heads dividing d_model (e.g. d_model=128, num_heads=4)"
         )
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"gpt_layers: dropout must be in [0, 1); got {dropout} (e.g. 0.1, or 0 for none)")
+    # Without dropout the spec is the one it always was (no extra argument).
+    block_args: tuple[float, ...] = (dropout,) if dropout > 0 else ()
     layers: list[LayerSpec] = [
         TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model),
         LayerSpec(PositionEmbedding, seq_len, d_model),
     ]
-    layers += [LayerSpec(DecoderBlock, d_model, num_heads, num_layers) for _ in range(num_layers)]
+    layers += [LayerSpec(DecoderBlock, d_model, num_heads, num_layers, *block_args) for _ in range(num_layers)]
     layers.append(LayerSpec(nn.LayerNorm, d_model))
     if tie_embeddings:
         layers.append(TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model, forward_fn=tied_head))

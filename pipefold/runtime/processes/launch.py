@@ -433,8 +433,12 @@ def spawn(
     *,
     num_threads: int | None = 1,
     grace_s: float = 3.0,
+    env: dict[str, str] | None = None,
 ) -> LaunchResult:
-    """Run `fn(*args)` in `num_ranks` fresh processes ("spawn"); `fn` must be importable by name."""
+    """Run `fn(*args)` in `num_ranks` fresh processes ("spawn"); `fn` must be importable by name.
+
+    `env`: more variables for every worker (over the current environment and torchrun's).
+    """
     _check_num_ranks(num_ranks)
     port = free_port()
     job = secrets.token_hex(6)
@@ -448,6 +452,7 @@ def spawn(
                     **worker_env(rank, num_ranks, port, num_threads),
                     FAILURE_NOTES_ENV: error_dir,
                     JOB_ENV: job,
+                    **(env or {}),
                 },
                 num_threads,
                 error_dir,
