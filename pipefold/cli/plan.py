@@ -39,7 +39,7 @@ from pipefold.cli.profile import add_measure_arguments, measure, print_table, pr
 from pipefold.errors import ConfigError
 from pipefold.hf_files import inspect_model
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
-from pipefold.plan.estimate import GptEstimate
+from pipefold.plan.estimate import PRECISION_BYTES, GptEstimate
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.hf_estimate import hf_costs
 from pipefold.plan.space import is_asynchronous
@@ -179,6 +179,9 @@ def add_parser(subparsers: Any) -> None:
     gpt.add_argument("--flops", type=_rate_flag("--flops"),
                      help="sustained FLOP/s of one device (default 1e12)")
     gpt.add_argument("--bytes-per-value", type=int, help="4 for fp32 (default), 2 for bf16")
+    gpt.add_argument("--precision", choices=tuple(PRECISION_BYTES),
+                     help="price activations and boundaries as `pipefold train --precision` sends them "
+                     "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); default fp32")
     gpt.add_argument("--overhead", type=float, metavar="SECONDS",
                      help="fixed seconds per layer and action (kernel launches); default 0")
     gpt.add_argument("--measure", action="store_true",
@@ -225,22 +228,29 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
     overhead = 0.0 if args.overhead is None else args.overhead
     if overhead < 0:
         raise ConfigError(f"--overhead = {args.overhead}; give seconds >= 0")
+    if args.precision is not None and args.bytes_per_value is not None:
+        raise ConfigError(
+            f"--precision {args.precision} and --bytes-per-value {args.bytes_per_value} both set the "
+            "bytes of a value; give one"
+        )
+    value_bytes, parameter_bytes = PRECISION_BYTES[args.precision or "fp32"]
     if _is_hf(args):
         files = inspect_model(args.model, field="--model")
         return hf_costs(
             files.config, seq_len=args.seq_len, flops=1e12 if args.flops is None else args.flops,
-            bytes_per_value=4 if args.bytes_per_value is None else args.bytes_per_value, overhead_s=overhead,
+            bytes_per_value=args.bytes_per_value or value_bytes, overhead_s=overhead,
         )
     return gpt_costs(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
         vocab_size=args.vocab_size, flops=1e12 if args.flops is None else args.flops,
-        bytes_per_value=4 if args.bytes_per_value is None else args.bytes_per_value, overhead_s=overhead,
+        bytes_per_value=args.bytes_per_value or value_bytes, overhead_s=overhead,
+        parameter_bytes_per_value=args.bytes_per_value or parameter_bytes,
     )
 
 
 def _measured_costs(args: argparse.Namespace) -> Any:
     """Profile the built-in GPT as `pipefold profile` does; show the table unless --json."""
-    for flag in ("--flops", "--bytes-per-value", "--overhead"):
+    for flag in ("--flops", "--bytes-per-value", "--precision", "--overhead"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
                 f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "

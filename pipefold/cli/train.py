@@ -23,6 +23,7 @@ from pipefold.device import DEVICE_CHOICES
 from pipefold.job.config import (
     LR_SCHEDULES,
     NONFINITE_CHOICES,
+    PRECISION_CHOICES,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -72,6 +73,8 @@ _FLAGS: dict[str, str] = {
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
     "on_nonfinite": "on_nonfinite",
+    "precision": "precision",
+    "loss_scale": "loss_scale",
     "overwrite": "overwrite",
     "max_restarts": "max_restarts",
     "async_checkpoint": "async_checkpoint",
@@ -163,6 +166,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES,
                         help="a NaN/inf loss: raise (stop, naming the step) or skip that step's update; "
                         f"default {TrainConfig.on_nonfinite}")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES,
+                        help="bf16/fp16: autocast compute with fp32 weights and optimizer state, "
+                        "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; "
+                        f"default {TrainConfig.precision}")
+    parser.add_argument("--loss-scale", type=float, metavar="S",
+                        help=f"fp16's initial dynamic loss scale; default {TrainConfig.loss_scale:g}")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")

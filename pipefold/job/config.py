@@ -26,6 +26,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
+    precision = "fp32"         # "bf16"/"fp16": autocast compute, fp32 weights, 16-bit boundaries
+    loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
@@ -126,6 +128,9 @@ NUM_EXTRA_LAYERS = 4
 
 NONFINITE_CHOICES = ("raise", "skip")
 """What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+"""What `precision` may be (`RuntimeOptions(precision=)`)."""
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
@@ -497,6 +502,12 @@ class TrainConfig:
     on_nonfinite: str = "raise"
     """A non-finite loss: "raise" stops the run naming the step; "skip" drops that step's
     gradients (a warning) and goes on. Flush schedules only."""
+    precision: str = "fp32"
+    """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
+    weights and optimizer state, and boundary tensors travel in it (docs/training.md)."""
+    loss_scale: float = 65536.0
+    """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
+    rank and the scale halved. Unused by fp32 and bf16."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -525,6 +536,18 @@ class TrainConfig:
             "on_nonfinite",
             self.on_nonfinite,
             "use " + " or ".join(f'"{choice}"' for choice in NONFINITE_CHOICES),
+        )
+        _require(
+            self.precision in PRECISION_CHOICES,
+            "precision",
+            self.precision,
+            "use " + " or ".join(f'"{choice}"' for choice in PRECISION_CHOICES),
+        )
+        _require(
+            self.precision != "fp16" or 0 < self.loss_scale < math.inf,
+            "loss_scale",
+            self.loss_scale,
+            "fp16 gradients underflow without a loss scale; give a positive initial scale, e.g. 65536.0",
         )
         _require(
             self.device in DEVICE_CHOICES,
@@ -571,6 +594,13 @@ class TrainConfig:
         _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
+        _require(
+            self.precision != "fp16" or weight_update == "flush",
+            "precision",
+            self.precision,
+            f"schedule.name={self.schedule.name!r} updates weights inside the step, before every rank "
+            "agrees on an overflow; use a flush schedule for fp16, or bf16",
+        )
         if weight_update != "flush":
             self._check_asynchronous()
         if self.schedule.retune_every:

@@ -97,10 +97,15 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 die()  # test-only (pipefold.job.recovery.FAULT_ENV)
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
             started = time.perf_counter()
+            scaler = pipe.loss_scale
+            skipped_before = 0 if scaler is None else scaler.num_skipped
+            loss_scale = None if scaler is None else scaler.scale
             try:
                 loss = accumulated_step(pipe, batches)
             except NonFiniteLoss as error:
                 raise name_the_step(error, step + 1) from None
+            # fp16: a batch that overflowed on any rank was dropped on every rank; so is the update.
+            skipped = scaler is not None and scaler.num_skipped > skipped_before
             grad_norm: float | None = None
             lr: float | None = None
             if optimizer is not None and scheduler is not None:
@@ -108,7 +113,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 # to `clip` where asked), the same on every rank.
                 grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
                 lr = float(optimizer.param_groups[0]["lr"])
-                optimizer.step()
+                if not skipped:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             seconds = time.perf_counter() - started
@@ -120,7 +126,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 eval_loss = evaluate(job, val_batches)
             record = StepStats(
                 step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
-                grad_norm=grad_norm, lr=lr, eval_loss=eval_loss,
+                grad_norm=grad_norm, lr=lr, eval_loss=eval_loss, loss_scale=loss_scale, skipped=skipped,
             )
             records.append(record)
             update(record)

@@ -73,6 +73,10 @@ class StepStats:
     """The learning rate this step's update used (the first param group's)."""
     eval_loss: float | None = None
     """The validation loss through the pipeline after this step, where one was due (eval_every)."""
+    loss_scale: float | None = None
+    """fp16: the loss scale this step ran with (None in fp32 and bf16)."""
+    skipped: bool = False
+    """fp16: the step overflowed on some rank, and every rank skipped its update."""
 
 
 @dataclass
@@ -213,6 +217,10 @@ def finish(
         # an asynchronous schedule updates inside the step).
         "grad_norms": [r.grad_norm for r in records],
         "lrs": [r.lr for r in records],
+        "tokens_per_s_steps": [r.tokens_per_s for r in records],
+        # fp16: the loss scale of each step and the steps skipped on an overflow.
+        "loss_scales": [r.loss_scale for r in records],
+        "skipped_steps": [r.step + 1 for r in records if r.skipped],
         # Validation through the pipeline (eval_every): after which step, the loss, its perplexity.
         "evals": [
             {"step": r.step + 1, "loss": r.eval_loss, "perplexity": math.exp(min(r.eval_loss, 50.0))}

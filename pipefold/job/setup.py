@@ -249,7 +249,13 @@ def _make_pipeline(
     )
     # TrainConfig has checked the value against NONFINITE_CHOICES.
     on_nonfinite: Literal["raise", "skip"] = "skip" if config.on_nonfinite == "skip" else "raise"
-    runtime = RuntimeOptions(timeout_s=config.timeout_s, on_nonfinite=on_nonfinite)
+    precision: Literal["fp32", "bf16", "fp16"] = (
+        "bf16" if config.precision == "bf16" else "fp16" if config.precision == "fp16" else "fp32"
+    )
+    runtime = RuntimeOptions(
+        timeout_s=config.timeout_s, on_nonfinite=on_nonfinite, precision=precision,
+        loss_scale=config.loss_scale if precision == "fp16" else None,
+    )
     note: str | None = None
     placement = s.searched_placement
     if placement is not None:

@@ -28,7 +28,11 @@ from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.simulate import Link
 
-__all__ = ["GptEstimate", "gpt_costs"]
+__all__ = ["PRECISION_BYTES", "GptEstimate", "gpt_costs"]
+
+PRECISION_BYTES = {"fp32": (4, 4), "bf16": (2, 4), "fp16": (2, 4)}
+"""`pipefold train --precision` -> (bytes_per_value, parameter_bytes_per_value) of `gpt_costs`:
+mixed precision computes and sends activations in 16 bits and keeps fp32 master weights."""
 
 
 def gpt_costs(
@@ -42,11 +46,17 @@ def gpt_costs(
     bytes_per_value: int = 4,
     tie_embeddings: bool = True,
     overhead_s: float = 0.0,
+    parameter_bytes_per_value: int | None = None,
 ) -> ModelCosts:
     """Per-sample costs (reference_rows = 1) of `gpt_layers(vocab_size, d_model, num_heads, num_layers,
-    seq_len)`, estimated as the module docstring says."""
+    seq_len)`, estimated as the module docstring says. `bytes_per_value` prices activations and
+    boundaries, `parameter_bytes_per_value` (default the same) weights: mixed precision keeps
+    fp32 weights (4) and 16-bit activations (2); see `PRECISION_BYTES`."""
+    if parameter_bytes_per_value is None:
+        parameter_bytes_per_value = bytes_per_value
     sizes = {"num_layers": num_layers, "d_model": d_model, "num_heads": num_heads, "seq_len": seq_len,
-             "vocab_size": vocab_size, "bytes_per_value": bytes_per_value}
+             "vocab_size": vocab_size, "bytes_per_value": bytes_per_value,
+             "parameter_bytes_per_value": parameter_bytes_per_value}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"gpt_costs: {name} = {value!r}; give an integer >= 1")
@@ -64,7 +74,7 @@ def gpt_costs(
             weight_grad_s=weight_flops / flops,
             activation_bytes=kept,
             output_bytes=hidden,
-            parameter_bytes=params * b,
+            parameter_bytes=params * parameter_bytes_per_value,
         )
 
     products = 24 * t * d * d

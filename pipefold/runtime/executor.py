@@ -56,6 +56,8 @@ class StepInputs:
     targets: Sequence[Any] | None
     boundaries: Sequence[Sequence[TensorMeta]]
     scales: Sequence[float]
+    loss_scale: float = 1.0
+    """What the backward starts from: the loss times this (fp16's dynamic loss scale)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ class Executor:
         self._dispatch = tuple(dispatch)
         self._run_counter: ActivationCounter | None = counter
         self._ready_at = 0.0
+        self.sent_bytes = 0
+        """Bytes of boundary tensors and gradients the last step sent to other ranks (as laid
+        out in shared memory: each tensor aligned, see `shm.layout`)."""
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
         self._reset(None)
@@ -166,6 +171,7 @@ class Executor:
         if self._p2p is not None and self._watchdog is not None and self._messages:
             send_bytes, recv_bytes = self._traffic(step)
             self._p2p.begin_step(send_bytes, recv_bytes, self._watchdog)
+            self.sent_bytes = sum(send_bytes.values())
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
         clock = time.perf_counter
@@ -337,7 +343,7 @@ class Executor:
                 )
             scaled = loss * step.scales[mb]
             self._losses[mb] = scaled.detach()
-            outputs: tuple[Tensor, ...] = (scaled,)
+            outputs: tuple[Tensor, ...] = (scaled if step.loss_scale == 1.0 else scaled * step.loss_scale,)
         else:
             outputs = flatten(output)
             if self._next_local[s]:

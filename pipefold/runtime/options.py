@@ -28,6 +28,12 @@ from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
 __all__ = ["LayoutOptions", "OptimizerFactory", "ParallelOptions", "RuntimeOptions", "TransportOptions"]
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""What `RuntimeOptions.precision` may be."""
+
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each precision (None: no autocast)."""
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -111,6 +117,13 @@ class RuntimeOptions:
       cores: on CPU where every rank of the pipeline has a core of its own, never where ranks
       share cores (docs/decisions.md, "busy polling"). False leaves idle cores idle, at the
       cost of a slower wake-up.
+    - `precision`: "fp32", "bf16" or "fp16": each stage's forward runs under `torch.autocast`
+      in that dtype with fp32 weights, gradients and optimizer state; floating boundary tensors
+      (and their gradients) travel in it, half the bytes; the last stage hands the loss
+      function its output in fp32 (docs/training.md, "Mixed precision").
+    - `loss_scale`: fp16's initial dynamic loss scale (e.g. 2.0**16), required by fp16 and
+      refused by the others; see pipefold/runtime/loss_scale.py (`pipe.loss_scale.skipped`).
+    - `loss_scale_growth_interval`: clean steps after which the scale doubles.
     """
 
     timeout_s: float = 60.0
@@ -120,8 +133,32 @@ class RuntimeOptions:
     fuse_backward: bool = True
     keep_cpu_heap: bool = True
     busy_wait: bool | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_scale: float | None = None
+    loss_scale_growth_interval: int = 2000
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"RuntimeOptions.precision = {self.precision!r}; use one of {', '.join(PRECISIONS)}"
+            )
+        scale = self.loss_scale
+        if self.precision == "fp16":
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+                raise ConfigError(
+                    f"RuntimeOptions.loss_scale = {scale!r} with precision='fp16'; fp16 gradients "
+                    "underflow without a loss scale: give the initial dynamic scale, e.g. loss_scale=2.0**16"
+                )
+        elif scale is not None:
+            raise ConfigError(
+                f"RuntimeOptions.loss_scale = {scale!r} with precision={self.precision!r}; only fp16 "
+                "needs a loss scale: leave it None, or use precision='fp16'"
+            )
+        interval = self.loss_scale_growth_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ConfigError(
+                f"RuntimeOptions.loss_scale_growth_interval = {interval!r}; give a positive number of steps"
+            )
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigError(f"RuntimeOptions.timeout_s = {timeout!r}; give a positive number of seconds")

@@ -48,8 +48,10 @@ from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
 from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
+from pipefold.runtime.loss_scale import DynamicLossScale
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
+    COMPUTE_DTYPES,
     LayoutOptions,
     OptimizerFactory,
     ParallelOptions,
@@ -208,8 +210,12 @@ class Pipeline:
                 recompute_layers=recompute_layers,
             )
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
+        self.compute_dtype = COMPUTE_DTYPES[self.runtime_options.precision]
+        """The autocast dtype of each stage's forward and of floating boundaries (None: fp32)."""
         for stage in self.stages:
             stage.check_plain_output = dims.tensor_parallel is not None
+            stage.compute_dtype = self.compute_dtype
+            stage.device_type = self.device.type
         self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
 
         # -- communication ------------------------------------------------------------------
@@ -279,6 +285,8 @@ class Pipeline:
         self._data_parallel = dims.data_parallel(
             self.device, self._watchdog, list(self.parameters()), self.schedule.name
         )
+        self.loss_scale = self._new_loss_scale()
+        """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
         counter = ActivationCounter(self.parameters()) if self.runtime_options.record_timeline else None
         self._stage_of = stages
         stepping = self._attach_stashes(self.parallel_options.optimizer)
@@ -300,6 +308,22 @@ class Pipeline:
         self._executor = executor(program)
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
+
+    def _new_loss_scale(self) -> DynamicLossScale | None:
+        options = self.runtime_options
+        if options.loss_scale is None:
+            return None
+        dims = self.dims
+        # One agreement over every rank of the job: with replicas or tp peers that is the world
+        # (the mesh); a lone pipeline agrees within its own group.
+        spans_more = dims.data_parallel_group is not None or dims.tensor_parallel_group is not None
+        group = dist.group.WORLD if spans_more else dims.pipeline_group
+        return DynamicLossScale(
+            options.loss_scale,
+            growth_interval=options.loss_scale_growth_interval,
+            group=group,
+            watchdog=self._watchdog,
+        )
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
@@ -348,6 +372,12 @@ class Pipeline:
                     "your optimizer after pipe.step() yourself and leave ParallelOptions.optimizer None"
                 )
             return
+        if self.runtime_options.loss_scale is not None:
+            raise ConfigError(
+                f"RuntimeOptions(precision='fp16') with schedule {name!r}: it updates weights inside the "
+                "step, from gradients still multiplied by the loss scale and before every rank has agreed "
+                "on an overflow; use a flush schedule for fp16, or bf16 (no loss scale)"
+            )
         if optimizer is None:
             raise ConfigError(
                 f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
@@ -652,10 +682,14 @@ class Pipeline:
 
         data_parallel = self._data_parallel
         skip = self.runtime_options.on_nonfinite == "skip"
-        # With data parallelism the set-aside gradients are the snapshot (no copy).
-        restore = self._grad_snapshot() if skip and data_parallel is None else []
+        scaler = self.loss_scale
+        params = list(self.parameters()) if scaler is not None else []
+        # With data parallelism (or a loss scale) the set-aside gradients are the snapshot (no copy).
+        restore = self._grad_snapshot() if skip and data_parallel is None and scaler is None else []
         if data_parallel is not None:
             data_parallel.set_aside_gradients()
+        elif scaler is not None:
+            scaler.set_aside(params)
         tied_before = self.tied.snapshot()
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
@@ -665,7 +699,10 @@ class Pipeline:
         )
         self._num_steps_run += 1
         record = self._executor.run(
-            StepInputs(split_inputs, split_targets, boundaries, [size / batch_size for size in sizes]),
+            StepInputs(
+                split_inputs, split_targets, boundaries, [size / batch_size for size in sizes],
+                loss_scale=1.0 if scaler is None else scaler.scale,
+            ),
             count_memory=count_memory,
         )
         if count_memory:
@@ -688,15 +725,23 @@ class Pipeline:
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
             losses, weight = data_parallel.reduce_losses(losses, batch_size)
         bad = [mb for mb, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
-        if bad and skip:
+        overflow = scaler is not None and scaler.overflowed(params, self.device)
+        if (bad and skip) or overflow:
             self._restore(restore)
             if data_parallel is not None:
                 data_parallel.restore_set_aside()
-            logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
+            elif scaler is not None:
+                scaler.restore(params)
+            if bad:
+                logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
         else:
             self.tied.sum(tied_before)
             if data_parallel is not None:
-                data_parallel.average_gradients(weight)
+                data_parallel.average_gradients(weight if scaler is None else weight / scaler.scale)
+            elif scaler is not None:
+                scaler.unscale_and_add_back(params)
+        if scaler is not None:
+            scaler.update(overflow)
         if gathered is not None:
             self._last_step = gathered
         if bad and not skip:
@@ -720,6 +765,8 @@ class Pipeline:
             )
             cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
             cached = self.dims.shard_boundaries(cached, self._sequence_sharded)
+            if self.compute_dtype is not None:
+                cached = _in_compute_dtype(cached, self.compute_dtype)
             self._boundary_cache[key] = cached
         return cached
 
@@ -730,6 +777,12 @@ class Pipeline:
     def _restore(snapshot: list[tuple[nn.Parameter, Tensor | None]]) -> None:
         for param, grad in snapshot:
             param.grad = grad
+
+    @property
+    def last_sent_bytes(self) -> int:
+        """Bytes of boundary tensors and gradients this rank sent to other ranks in the last
+        step (half under bf16 what fp32 sends)."""
+        return self._executor.sent_bytes
 
     @property
     def last_timeline(self) -> Timeline | None:
@@ -811,6 +864,15 @@ def _default_store() -> Store | None:
     except (RuntimeError, ValueError):
         logger.warning("no default store: failures of other ranks are only detected by timeout")
         return None
+
+
+def _in_compute_dtype(boundaries: list[TensorMeta], dtype: torch.dtype) -> list[TensorMeta]:
+    """The boundaries as stages cast them under mixed precision (`Stage.forward`): fp32 entries
+    travel in `dtype`; the last layer's output (the loss function's input) is left as traced."""
+    def cast(meta: TensorMeta) -> TensorMeta:
+        return replace(meta, dtypes=tuple(dtype if d == torch.float32 else d for d in meta.dtypes))
+
+    return [cast(meta) for meta in boundaries[:-1]] + boundaries[-1:]
 
 
 def _batch_size(meta: TensorMeta) -> int:

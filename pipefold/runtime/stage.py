@@ -23,7 +23,7 @@ from pipefold.model import LayerLike, apply_layer
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
-__all__ = ["Stage", "flatten", "as_leaves"]
+__all__ = ["Stage", "as_leaves", "cast_floating", "flatten"]
 
 
 class _Chain(nn.Module):
@@ -77,6 +77,11 @@ class Stage:
         self.check_plain_output = False
         """Set under tensor parallelism: a forward whose output is a DTensor (a layer plan that
         does not end replicated) raises instead of sending a shard to the next stage."""
+        self.compute_dtype: torch.dtype | None = None
+        """Set for mixed precision: the forward runs under autocast in this dtype on
+        `device_type`; fp32 outputs of a stage other than the last leave in this dtype (the
+        boundary), the last stage's outputs in this dtype leave in fp32 (for the loss)."""
+        self.device_type = "cpu"
 
     def _run(self, value: Any) -> Any:
         for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
@@ -89,6 +94,16 @@ class Stage:
         return value
 
     def forward(self, value: Any, microbatch: int) -> Any:
+        dtype = self.compute_dtype
+        if dtype is None:
+            return self._forward(value, microbatch)
+        with torch.autocast(self.device_type, dtype=dtype):
+            output = self._forward(value, microbatch)
+        if self.is_last:
+            return cast_floating(output, dtype, torch.float32)
+        return cast_floating(output, torch.float32, dtype)
+
+    def _forward(self, value: Any, microbatch: int) -> Any:
         if self.stash is not None:
             # The stash calls the module with its version's weights swapped in
             # (torch.func.functional_call), which runs self._run through _Chain.
@@ -112,6 +127,16 @@ class Stage:
                     "layer's plan replicated (a RowwiseParallel() after a ColwiseParallel(), "
                     "use_local_output=True)"
                 )
+
+
+def cast_floating(value: Any, source: torch.dtype, target: torch.dtype) -> Any:
+    """`value` (a tensor or tuple of them) with its `source`-dtype tensors cast to `target`
+    (a differentiable cast: their gradients come back cast the other way)."""
+    if isinstance(value, Tensor):
+        return value.to(target) if value.dtype == source else value
+    if isinstance(value, tuple):
+        return tuple(t.to(target) if isinstance(t, Tensor) and t.dtype == source else t for t in value)
+    return value
 
 
 def flatten(value: Any) -> tuple[Tensor, ...]:

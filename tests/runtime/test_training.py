@@ -39,7 +39,7 @@ def pool4():
 # -- rank side -------------------------------------------------------------------------------------
 
 
-def _layout(layout: str, schedule: str, num_microbatches: int):
+def _layout(layout: str, schedule: str, num_microbatches: int, precision: str = "fp32"):
     """(pipeline, layers builder, batch kind, sequence length) for a named layout on 4 ranks."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -62,7 +62,7 @@ def _layout(layout: str, schedule: str, num_microbatches: int):
         raise ValueError(layout)
     pipe = Pipeline(
         build(), loss_fn=_loss_fn(kind), schedule=schedule, num_microbatches=num_microbatches,
-        layout=LayoutOptions(seed=7), runtime=RuntimeOptions(timeout_s=60),
+        layout=LayoutOptions(seed=7), runtime=RuntimeOptions(timeout_s=60, precision=precision),
         parallel=ParallelOptions(**options),
     )
     return pipe, build, kind, length
@@ -160,6 +160,148 @@ def evaluate(*, layout: str, schedule: str = "1f1b", rows: int = 10) -> dict:
     return {"losses": losses}
 
 
+BF16_RTOL = 2e-2
+"""bf16 keeps 8 significant bits (relative rounding 2**-9, about 0.2%). The reference below makes
+the same casts as the pipeline, so what differs is the micro-batch split: a GEMM over fewer rows
+may accumulate in another order, which can move an output by one bf16 step (0.4%) where it lies
+near a rounding boundary, and such steps add up over a few layers. 2% (five steps) bounds that
+with room; the test also checks the pipeline is much nearer this reference than fp32."""
+
+
+def _autocast_forward(reference, inputs, pipe, dtype=torch.bfloat16):
+    """The reference model under autocast in `dtype`, making the pipeline's casts: one autocast
+    region per stage, fp32 outputs of a stage cast to `dtype` (the boundary), the last stage's
+    `dtype` output cast to fp32 for the loss."""
+    from pipefold.runtime.stage import cast_floating
+
+    value = inputs
+    last = pipe.schedule.num_stages - 1
+    for stage in range(pipe.schedule.num_stages):
+        with torch.autocast("cpu", dtype=dtype):
+            for index in pipe.partition.layers_of(stage):
+                module, forward_fn = reference[index], reference._forward_fns[index]
+                value = module(value) if forward_fn is None else forward_fn(module, value)
+        if stage == last:
+            value = cast_floating(value, dtype, torch.float32)
+        else:
+            value = cast_floating(value, torch.float32, dtype)
+    return value
+
+
+def precision(*, layout: str, schedule: str, num_steps: int = 2) -> dict:
+    """A bf16 pipeline against the unsplit model under the same autocast: loss and every gradient
+    within BF16_RTOL, fp32 weights and gradients, much nearer than the fp32 model, and half the
+    boundary bytes of the same pipeline in fp32."""
+    torch.manual_seed(1234)
+    pipe, build, kind, length = _layout(layout, schedule, 4, precision="bf16")
+    plain, _, _, _ = _layout(layout, schedule, 4)
+    reference = build_reference(build(), seed=7)
+    fp32_reference = build_reference(build(), seed=7)
+    loss_fn = _loss_fn(kind)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    params = dict(reference.named_parameters())
+    fp32_params = dict(fp32_reference.named_parameters())
+    rows = 8
+    near = far = 0.0
+    for step in range(num_steps):
+        inputs, targets = _batch(kind, rows, seed=step)
+        if length is not None:
+            inputs, targets = inputs[:, :length], targets[:, :length]
+        shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+        loss = pipe.step(inputs[shard], targets[shard])
+        expected = loss_fn(_autocast_forward(reference, inputs, pipe), targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=BF16_RTOL, atol=0)
+        if step == 0:  # the fp32 pipeline and model at the same (initial) weights
+            plain.step(inputs[shard], targets[shard])
+            loss_fn(fp32_reference(inputs), targets).backward()
+        for name, param in pipe.named_parameters():
+            grad = whole(param.grad)
+            assert param.dtype == torch.float32 and grad.dtype == torch.float32, name
+            want = params[name].grad
+            scale = want.abs().max().item()
+            torch.testing.assert_close(
+                grad, want, rtol=BF16_RTOL, atol=BF16_RTOL * scale, msg=lambda m, n=name: f"{n}: {m}"
+            )
+            if step == 0:
+                near += (grad - want).pow(2).sum().item()
+                far += (grad - fp32_params[name].grad).pow(2).sum().item()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    from pipefold.model import TensorMeta
+
+    def floating_bytes(pipeline) -> int:  # the boundaries between layers, one micro-batch of 2 rows
+        boundaries = pipeline._boundaries(TensorMeta.of(inputs), 2)[:-1]
+        return sum(
+            size for meta in boundaries
+            for size, dtype in zip(meta.byte_sizes, meta.dtypes, strict=True) if dtype.is_floating_point
+        )
+
+    return {
+        "near": near, "far": far,
+        "bf16_bytes": pipe.last_sent_bytes, "fp32_bytes": plain.last_sent_bytes,
+        "bf16_floating": floating_bytes(pipe), "fp32_floating": floating_bytes(plain),
+    }
+
+
+def fp16_overflow(*, inject_rank: int, scale: float = 2.0**12) -> dict:
+    """dp2 x pp2 in fp16 with a dynamic loss scale. Steps 0 and 2 equal the one-process model
+    under the same autocast and scale; at step 1 an inf in one parameter's gradient on world rank
+    `inject_rank` (one stage of one replica) makes every rank drop that step's contribution (the
+    gradients stay those of step 0) and halve the scale."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(1234)
+    kind = "transformer"
+    pipe = Pipeline(
+        transformer(), loss_fn=_loss_fn(kind), schedule="1f1b", num_microbatches=4,
+        layout=LayoutOptions(seed=7),
+        parallel=ParallelOptions(process_group=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))),
+        runtime=RuntimeOptions(
+            timeout_s=60, precision="fp16", loss_scale=scale, loss_scale_growth_interval=100
+        ),
+    )
+    reference = build_reference(transformer(), seed=7)
+    params = dict(reference.named_parameters())
+    loss_fn = _loss_fn(kind)
+    rows = 8
+    scales, skipped = [], []
+    for step in range(3):
+        inputs, targets = _batch(kind, rows, seed=step)
+        shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+        used = pipe.loss_scale.scale
+        before = {name: p.grad.clone() for name, p in pipe.named_parameters()} if step == 1 else {}
+        handle = None
+        if step == 1 and dist.get_rank() == inject_rank:
+            handle = next(pipe.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+        loss = pipe.step(inputs[shard], targets[shard])
+        if handle is not None:
+            handle.remove()
+        scales.append(pipe.loss_scale.scale)
+        skipped.append(pipe.loss_scale.skipped)
+        if step == 1:
+            for name, param in pipe.named_parameters():
+                assert torch.equal(param.grad, before[name]), name
+        else:
+            expected = loss_fn(_autocast_forward(reference, inputs, pipe, torch.float16), targets)
+            (expected * used).backward()
+            torch.testing.assert_close(loss, expected.item(), rtol=BF16_RTOL, atol=0)
+            for name, param in pipe.named_parameters():
+                want = params[name].grad / used
+                torch.testing.assert_close(
+                    param.grad, want, rtol=BF16_RTOL, atol=BF16_RTOL * want.abs().max().item(),
+                    msg=lambda m, n=name: f"{n}: {m}",
+                )
+        if step != 0:
+            for module in (pipe, reference):
+                for param in module.parameters():
+                    param.grad = None
+    return {"scales": scales, "skipped": skipped}
+
+
 # -- tests -----------------------------------------------------------------------------------------
 
 
@@ -194,3 +336,28 @@ def test_accumulated_steps_equal_one_large_batch(pool4):
 def test_evaluate_equals_one_process(pool4, layout, schedule):
     results = pool4.run("evaluate", layout=layout, schedule=schedule)
     assert all(result["losses"] == results[0]["losses"] for result in results)
+
+
+@pytest.mark.parametrize(
+    ("layout", "schedule"),
+    [("pp2", "1f1b"), ("pp2", "zb-v"), ("dp2xpp2", "zb-h1")],
+)
+def test_bf16_equals_one_process_under_autocast(pool4, layout, schedule):
+    results = pool4.run("precision", layout=layout, schedule=schedule)
+    for result in results:
+        # The split backward (zb-*) and its direct weight gradients meet autocast here too.
+        # Without autocast the pipeline's gradients would be the fp32 model's (near == far).
+        assert result["near"] < 0.5 * result["far"], result
+        # Floating boundary tensors in half the bytes; every rank sends less (the bool mask of
+        # this model travels as is, and each tensor is 64-byte aligned in shared memory).
+        assert 2 * result["bf16_floating"] == result["fp32_floating"] > 0, result
+        assert 0 < result["bf16_bytes"] < result["fp32_bytes"], result
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(pool4):
+    scale = 2.0**12
+    # World rank 3: pipeline rank 1 (the last stage) of data-parallel replica 1.
+    results = pool4.run("fp16_overflow", inject_rank=3, scale=scale)
+    for result in results:
+        assert result["skipped"] == [False, True, False], result
+        assert result["scales"] == [scale, scale / 2, scale / 2], result

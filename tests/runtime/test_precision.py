@@ -1,0 +1,123 @@
+"""Mixed precision in one process: the options' refusals, the loss-scale rule, the boundary casts,
+and a bf16 / fp16 pipeline of two stages on one rank against the unsplit model under the same
+autocast. The multi-rank checks (bf16 at pp2 and dp2 x pp2 with the split backward, one fp16
+overflow agreed by every rank) are in test_training.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _cases import _batch, _loss_fn, mlp, transformer
+from test_training import BF16_RTOL, _autocast_forward
+
+from pipefold.errors import ConfigError
+from pipefold.model import TensorMeta, build_reference
+from pipefold.plan import gpt_costs
+from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions
+from pipefold.runtime.loss_scale import DynamicLossScale
+from pipefold.runtime.stage import cast_floating
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"precision": "fp8"}, "precision = 'fp8'"),
+        ({"precision": "fp16"}, "loss_scale = None"),
+        ({"precision": "fp16", "loss_scale": 0.0}, "loss_scale = 0.0"),
+        ({"precision": "fp16", "loss_scale": math.inf}, "loss_scale = inf"),
+        ({"precision": "bf16", "loss_scale": 1024.0}, "loss_scale = 1024.0"),
+        ({"precision": "fp16", "loss_scale": 1024.0, "loss_scale_growth_interval": 0}, "growth_interval = 0"),
+    ],
+)
+def test_bad_precision_options_name_the_field(options, names):
+    with pytest.raises(ConfigError) as info:
+        RuntimeOptions(**options)
+    assert names in str(info.value)
+
+
+def test_fp16_with_an_asynchronous_schedule_is_refused():
+    with pytest.raises(ConfigError, match="flush schedule for fp16"):
+        Pipeline(
+            mlp(4), loss_fn=_loss_fn("mlp"), schedule="pipedream", num_microbatches=2,
+            runtime=RuntimeOptions(precision="fp16", loss_scale=1024.0),
+        )
+
+
+def test_cast_floating_casts_only_the_source_dtype():
+    hidden, mask = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    cast = cast_floating((hidden, mask), torch.float32, torch.bfloat16)
+    assert cast[0].dtype == torch.bfloat16 and cast[1] is mask
+    assert cast_floating(hidden, torch.bfloat16, torch.float32) is hidden
+
+
+def test_loss_scale_rule_and_set_aside_gradients():
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.tensor([1.0, 2.0, 3.0])
+    scaler = DynamicLossScale(8.0, growth_interval=2, group=None, watchdog=None)  # type: ignore[arg-type]
+    scaler.set_aside([param])
+    assert param.grad is None
+    param.grad = torch.tensor([8.0, 16.0, 24.0])  # this step's contribution, times the scale
+    assert not scaler.overflowed([param], torch.device("cpu"))
+    scaler.unscale_and_add_back([param])
+    assert torch.equal(param.grad, torch.tensor([2.0, 4.0, 6.0]))
+    scaler.update(False)
+    assert scaler.scale == 8.0 and not scaler.skipped
+    scaler.update(False)
+    assert scaler.scale == 16.0  # two clean steps: doubled
+    previous = param.grad
+    scaler.set_aside([param])
+    param.grad = torch.tensor([1.0, math.inf, 0.0])
+    assert scaler.overflowed([param], torch.device("cpu"))
+    scaler.restore([param])
+    assert param.grad is previous
+    scaler.update(True)
+    assert scaler.scale == 8.0 and scaler.skipped and scaler.num_skipped == 1
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_two_stages_on_one_rank_equal_the_model_under_autocast(precision, dtype):
+    """Interleaved, two stages on this one rank: the handoff between them carries the 16-bit
+    boundary; loss and fp32 gradients equal the unsplit model making the same casts."""
+    kind = "transformer"
+    scale = 1024.0 if precision == "fp16" else None
+    pipe = Pipeline(
+        transformer(), loss_fn=_loss_fn(kind), schedule="interleaved-1f1b", num_microbatches=2, num_virtual=2,
+        layout=LayoutOptions(seed=7), runtime=RuntimeOptions(precision=precision, loss_scale=scale),
+    )
+    reference = build_reference(transformer(), seed=7)
+    inputs, targets = _batch(kind, 4, seed=0)
+    loss = pipe.step(inputs, targets)
+    expected = _loss_fn(kind)(_autocast_forward(reference, inputs, pipe, dtype), targets)
+    (expected * (scale or 1.0)).backward()
+    torch.testing.assert_close(loss, expected.item(), rtol=BF16_RTOL, atol=0)
+    params = dict(reference.named_parameters())
+    for name, param in pipe.named_parameters():
+        assert param.dtype == torch.float32 and param.grad is not None and param.grad.dtype == torch.float32
+        want = params[name].grad / (scale or 1.0)
+        torch.testing.assert_close(param.grad, want, rtol=BF16_RTOL, atol=BF16_RTOL * want.abs().max().item())
+    # Every boundary but the loss's input travels in the 16-bit dtype (the bool mask as is).
+    boundaries = pipe._boundaries(TensorMeta.of(inputs), 2)
+    assert {d for meta in boundaries[:-1] for d in meta.dtypes} == {dtype, torch.bool}
+    assert boundaries[-1].dtypes == (torch.float32,)
+    if scale is not None:
+        # An overflow in one process: the step is skipped and the scale halved.
+        handle = next(pipe.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+        before = [p.grad.clone() for p in pipe.parameters()]
+        pipe.step(inputs, targets)
+        handle.remove()
+        assert pipe.loss_scale is not None and pipe.loss_scale.skipped and pipe.loss_scale.scale == scale / 2
+        assert all(torch.equal(p.grad, b) for p, b in zip(pipe.parameters(), before, strict=True))
+    else:
+        assert pipe.loss_scale is None
+
+
+def test_gpt_estimate_prices_16_bit_activations_and_fp32_weights():
+    sizes = {"num_layers": 2, "d_model": 32, "num_heads": 4, "seq_len": 16}
+    fp32 = gpt_costs(**sizes)
+    mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
+    for full, half in zip(fp32.layers, mixed.layers, strict=True):
+        assert half.activation_bytes * 2 == full.activation_bytes
+        assert half.output_bytes * 2 == full.output_bytes
+        assert half.parameter_bytes == full.parameter_bytes
