@@ -190,8 +190,10 @@ def test_a_tuned_schedule_is_agreed_and_exact(pool2, placement, model, num_micro
         assert results[0]["schedule"]["name"] == "auto"
     assert all(r["costs_positive"] for r in results)
     assert results[0]["num_probe_steps_kept"] == 2
-    # Never slower than the probe's own family under the same costs where that family fits the
-    # default memory cap (1F1B's peak), so the search includes it; interleaved 1F1B holds more.
-    if placement != "looped":
+    # The searched order is never slower than the probe's own family under the same costs where
+    # that family fits the default memory cap (1F1B's peak), so the search includes it;
+    # interleaved 1F1B holds more. A family that won the measured trial instead may be predicted
+    # slower: the trial's measurement overrides the prediction by design.
+    if placement != "looped" and results[0]["schedule"]["name"] == "auto":
         assert results[0]["predicted_step_s"] <= results[0]["probe_predicted_step_s"] * (1 + 1e-9)
     assert "auto schedule for 2 ranks" in results[0]["summary"]
