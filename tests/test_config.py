@@ -7,7 +7,8 @@ import pipefold.job.config as config_module
 from pipefold.errors import ConfigError
 from pipefold.job.config import TrainConfig, load_config, parse_override
 from pipefold.schedule import build
-from pipefold.schedule.io import load, save
+from pipefold.files import write_atomic
+from pipefold.schedule.io import dumps, load
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -193,7 +194,7 @@ def test_the_schedule_is_built_once_and_a_schedule_file_read_once(tmp_path, monk
     assert config.schedule_label == "zb-h1" and config.schedule.built.name == "zb-h1"
     assert len(built) == 1
     path = tmp_path / "s.json"
-    save(build("1f1b", num_ranks=2, num_microbatches=8), path)
+    write_atomic(path, dumps(build("1f1b", num_ranks=2, num_microbatches=8)))
     config = load_config(overrides={"schedule.file": str(path), "schedule.retune_every": 2})
     assert config.schedule_label == f"{path} (1f1b)" and config.schedule.built.num_microbatches == 8
     assert len(reads) == 1

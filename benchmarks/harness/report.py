@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness.breakdown import efficiency_breakdown
+from pipefold.files import write_atomic
 from pipefold.timeline import Timeline
-from pipefold.viz import save_png
+from pipefold.viz import render_png
 
 __all__ = ["render_markdown", "save_plots", "table"]
 
@@ -455,7 +456,7 @@ def save_plots(document: dict[str, Any], plots_dir: Path) -> list[str]:
             f"timeline_{record['workload']}_{record['schedule']}"
             f"_p{record['ranks']}_m{record['microbatches']}.png"
         )
-        save_png(measured, plots_dir / name, compare=predicted)
+        write_atomic(plots_dir / name, render_png(measured, compare=predicted))
         names.append(name)
     return names
 

@@ -37,6 +37,7 @@ from rich.table import Table
 
 from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
+from pipefold.files import write_atomic
 from pipefold.hf_files import inspect_model
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
 from pipefold.plan.estimate import PRECISION_BYTES, GptEstimate
@@ -44,7 +45,7 @@ from pipefold.plan.hardware import load_hardware
 from pipefold.plan.hf_estimate import hf_costs
 from pipefold.plan.space import is_asynchronous
 from pipefold.plan.units import parse_rate
-from pipefold.schedule.io import save
+from pipefold.schedule.io import dumps
 from pipefold.schedule.registry import family
 from pipefold.simulate import Link
 
@@ -343,7 +344,7 @@ def _save_schedule(result: Any, path: str) -> None:
         what = f"the searched order ({searched.gain:.3f}x {choice.schedule}'s)"
     else:
         what = f"{choice.schedule}'s order (no searched one was faster)"
-    save(result.schedule_to_run(), path)
+    write_atomic(path, dumps(result.schedule_to_run()))
     print(f"wrote {what} to {path}; run it with partition={list(choice.partition.counts)}", file=sys.stderr)
 
 

@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipefold.errors import ConfigError
+from pipefold.files import write_atomic
 from pipefold.plan import search_schedule
 from pipefold.schedule import Placement, family, format_grid, names
-from pipefold.schedule.io import save
+from pipefold.schedule.io import dumps
 from pipefold.simulate import CostModel
 
 
@@ -127,7 +128,7 @@ def run_find(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget,
     )
     if args.save:
-        save(result.schedule, args.save)
+        write_atomic(args.save, dumps(result.schedule))
     best = result.best_family()
     if args.json:
         print(json.dumps({

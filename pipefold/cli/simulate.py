@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipefold.errors import ConfigError
+from pipefold.files import write_atomic
 from pipefold.schedule import build
 from pipefold.simulate import CostModel, simulate
-from pipefold.viz import render_ascii, save_chrome_trace, save_png
+from pipefold.viz import render_ascii, render_png, to_chrome_trace
 
 
 def _costs_triple(text: str) -> tuple[float, float, float]:
@@ -78,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
         costs = dataclasses.replace(costs, num_cores=args.cores)
     timeline = simulate(schedule, costs, num_steps=args.steps, sync=not args.no_sync)
     if args.png:
-        save_png(timeline, args.png)
+        write_atomic(args.png, render_png(timeline))
     if args.trace:
-        save_chrome_trace(timeline, args.trace)
+        write_atomic(args.trace, json.dumps(to_chrome_trace(timeline)))
     summary = timeline.summary()
     if args.json:
         summary.update(

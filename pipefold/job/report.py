@@ -41,7 +41,7 @@ from pipefold.runtime.parallel.tensor_parallel import local, whole
 from pipefold.runtime.parallel.zero import is_sharded_optimizer
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
-from pipefold.viz import save_chrome_trace, save_png
+from pipefold.viz import render_png, to_chrome_trace
 
 __all__ = [
     "Gathered",
@@ -199,8 +199,8 @@ def finish(
     predicted_step = predicted.makespan + costs.step_overhead
     # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
     write_atomic(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")
-    save_png(timeline, out / "timeline.png", compare=predicted)
-    save_chrome_trace(timeline, out / "trace.json")
+    write_atomic(out / "timeline.png", render_png(timeline, compare=predicted))
+    write_atomic(out / "trace.json", json.dumps(to_chrome_trace(timeline)))
 
     # The first steps pay for allocation and warm-up; the median of the rest is the steady state.
     steady = [r.seconds for r in records[1:]] or [records[0].seconds]

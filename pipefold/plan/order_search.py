@@ -259,7 +259,8 @@ def find_schedule(
     """The fastest flush schedule `search_schedule` finds for `costs`, validated, named `auto`.
 
     Runs like any family's schedule: `Pipeline(layers, schedule=find_schedule(...))`, or
-    save it with `pipefold.schedule.io.save` and load it where it runs.
+    write it (`write_atomic(path, pipefold.schedule.io.dumps(schedule))`) and load it where it
+    runs.
     """
     return search_schedule(
         costs,

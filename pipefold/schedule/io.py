@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pipefold.errors import ScheduleError
-from pipefold.files import write_atomic
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
 from pipefold.schedule.validate import validate
 
-__all__ = ["FORMAT", "VERSION", "to_json", "from_json", "save", "load", "to_torch_csv", "from_torch_csv"]
+__all__ = ["FORMAT", "VERSION", "to_json", "from_json", "dumps", "load", "to_torch_csv", "from_torch_csv"]
 
 FORMAT = "pipefold.schedule"
 """The `format` field of every JSON schedule, so a stray JSON file is refused by name."""
@@ -105,9 +104,9 @@ def from_json(data: Mapping[str, Any], *, check: bool = True) -> Schedule:
     return schedule
 
 
-def save(schedule: Schedule, path: str | os.PathLike[str]) -> None:
-    """Write `schedule` as JSON at `path` atomically: a reader sees the old file or the new one."""
-    write_atomic(path, json.dumps(to_json(schedule), indent=1) + "\n")
+def dumps(schedule: Schedule) -> str:
+    """`schedule` as the JSON text `load` reads (write it with `pipefold.files.write_atomic`)."""
+    return json.dumps(to_json(schedule), indent=1) + "\n"
 
 
 def load(path: str | os.PathLike[str], *, check: bool = True) -> Schedule:
@@ -116,7 +115,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Schedule:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ScheduleError(
-            f"{path}: not valid JSON ({error}); write schedules with pipefold.schedule.io.save"
+            f"{path}: not valid JSON ({error}); write schedules with pipefold.schedule.io.dumps"
         ) from None
     if not isinstance(data, dict):
         raise ScheduleError(f"{path}: a schedule file holds a JSON object; got {type(data).__name__}")

@@ -6,8 +6,8 @@ matplotlib is imported only when a PNG is drawn.
 
 from pipefold.viz.ascii import legend, render_ascii, render_order
 from pipefold.viz.colors import COLORS, IDLE_COLOR, IDLE_LETTER, LETTERS
-from pipefold.viz.png import save_png
-from pipefold.viz.trace import save_chrome_trace, to_chrome_trace
+from pipefold.viz.png import render_png
+from pipefold.viz.trace import to_chrome_trace
 
 __all__ = [
     "COLORS",
@@ -17,7 +17,6 @@ __all__ = [
     "legend",
     "render_ascii",
     "render_order",
-    "save_chrome_trace",
-    "save_png",
+    "render_png",
     "to_chrome_trace",
 ]

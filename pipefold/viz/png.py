@@ -1,6 +1,6 @@
 """PNG Gantt charts of a `Timeline` for reports, optionally predicted above measured.
 
-matplotlib is imported inside `save_png` only, and through its object API (`Figure`
+matplotlib is imported inside `render_png` only, and through its object API (`Figure`
 with an Agg canvas) rather than pyplot, so drawing never switches the caller's
 backend or touches global figure state.
 """
@@ -8,17 +8,14 @@ backend or touches global figure state.
 from __future__ import annotations
 
 import io
-import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
-from pipefold.files import write_atomic
 from pipefold.schedule.ir import Op
 from pipefold.timeline import Timeline
 from pipefold.viz.colors import COLORS, IDLE_COLOR, NAMES, text_color
 
-__all__ = ["save_png"]
+__all__ = ["render_png"]
 
 _DPI = 120
 _FIGURE_WIDTH = 12.0  # inches
@@ -69,15 +66,14 @@ def _draw(axes: Any, timeline: Timeline, span: float, pixels_per_second: float) 
     )
 
 
-def save_png(
-    timeline: Timeline, path: str | os.PathLike[str], *, compare: Timeline | None = None
-) -> Path:
-    """Draw `timeline` as a Gantt chart (one row per rank) into the PNG file `path`.
+def render_png(timeline: Timeline, *, compare: Timeline | None = None) -> bytes:
+    """Draw `timeline` as a Gantt chart (one row per rank); returns the PNG file's bytes (write
+    them with `pipefold.files.write_atomic`).
 
     With `compare` (e.g. the simulator's prediction of a measured run) both are drawn
     on one time axis, `compare` above `timeline`, each from its own first action.
     Bars are labelled with their micro-batch where they are wide enough; odd steps
-    are hatched. Returns the path written (atomically).
+    are hatched.
     """
     # matplotlib: a heavy import that only this view needs; the other views load without it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -107,4 +103,4 @@ def save_png(
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()

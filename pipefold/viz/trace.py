@@ -8,15 +8,11 @@ chrome://tracing.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-from pipefold.files import write_atomic
 from pipefold.timeline import Timeline
 
-__all__ = ["to_chrome_trace", "save_chrome_trace"]
+__all__ = ["to_chrome_trace"]
 
 _COMPUTE_THREAD = 0
 _WAIT_THREAD = 1
@@ -74,8 +70,3 @@ def to_chrome_trace(timeline: Timeline) -> dict[str, Any]:
         "displayTimeUnit": "ms",
         "otherData": {"schedule": timeline.schedule_name, "source": timeline.source},
     }
-
-
-def save_chrome_trace(timeline: Timeline, path: str | os.PathLike[str]) -> Path:
-    """Write `to_chrome_trace(timeline)` as JSON to `path` (atomically); return the path."""
-    return write_atomic(path, json.dumps(to_chrome_trace(timeline)).encode())

@@ -258,10 +258,10 @@ def test_measured_costs_to_found_schedule_to_training(tmp_path, capfd):
 
 
 def test_schedule_file_mismatch_is_refused_before_any_worker(tmp_path):
-    from pipefold.schedule.io import save
+    from pipefold.files import write_atomic
+    from pipefold.schedule.io import dumps
 
-    path = tmp_path / "s.json"
-    save(build("1f1b", num_ranks=2, num_microbatches=4), path)
+    path = write_atomic(tmp_path / "s.json", dumps(build("1f1b", num_ranks=2, num_microbatches=4)))
     with pytest.raises(ConfigError, match=r"schedule.num_microbatches=8.*set schedule.num_microbatches=4"):
         load_config(overrides={"schedule.file": str(path)})
     with pytest.raises(ConfigError, match="schedule.file='nope.json' cannot be read"):

@@ -1,10 +1,9 @@
 """Chrome/Perfetto trace export: one pid per rank, X events with action args, waits apart."""
 
-import json
 
 from pipefold.schedule import build
 from pipefold.simulate import CostModel, simulate
-from pipefold.viz import save_chrome_trace, to_chrome_trace
+from pipefold.viz import to_chrome_trace
 
 
 def gpipe_2x2():
@@ -39,18 +38,3 @@ def test_waits_are_separate_events_on_their_own_thread():
         (0, 1, "wait B0.0", 2e6, 3e6),
         (1, 1, "wait F1.0", 0.0, 1e6),
     }
-
-
-def test_saved_trace_is_json_with_the_same_content(tmp_path):
-    timeline = gpipe_2x2()
-    path = save_chrome_trace(timeline, tmp_path / "trace.json")
-    assert json.loads(path.read_text()) == to_chrome_trace(timeline)
-    assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]
-
-
-def test_written_files_are_readable_by_others_like_any_report(tmp_path):
-    path = save_chrome_trace(gpipe_2x2(), tmp_path / "trace.json")
-    assert path.stat().st_mode & 0o777 == 0o644
-    path.chmod(0o600)
-    save_chrome_trace(gpipe_2x2(), path)  # replacing keeps the existing mode
-    assert path.stat().st_mode & 0o777 == 0o600
