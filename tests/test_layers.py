@@ -3,14 +3,14 @@ one above, and no two modules import each other (directly or around a cycle).
 
 The layers, bottom to top (docs/architecture.md draws them):
 
-    errors, _version, files, device, balance,   the base: anyone may import these
-    hf_files
+    errors, _version, files, device, balance    the base: anyone may import these
     schedule                                    the IR and its families
     timeline                                    -> schedule
     simulate                                    -> schedule, timeline
     plan                                        -> simulate, schedule, timeline
     viz                                         -> simulate, schedule, timeline
     model, data                                 -> schedule (torch, no runtime)
+    hf                                          -> model (Hugging Face models; hf.files is torch-free)
     parallel_config                             -> schedule (the rulebook, torch-free)
     runtime                                     -> model, plan, simulate, schedule, ...
     job                                         -> runtime and everything below
@@ -29,7 +29,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipefold"
 
-BASE = {"errors", "_version", "balance", "files", "device", "hf_files"}
+BASE = {"errors", "_version", "balance", "files", "device"}
 # What each part may import from pipefold, besides itself and the base.
 _BELOW_RUNTIME = {"schedule", "timeline", "simulate", "plan", "model", "data", "parallel_config", "viz"}
 ALLOWED: dict[str, set[str]] = {
@@ -41,9 +41,10 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"schedule", "timeline"},
     "data": set(),
     "parallel_config": {"schedule"},
+    "hf": {"schedule", "timeline", "model", "data"},
     "runtime": _BELOW_RUNTIME,
-    "job": _BELOW_RUNTIME | {"runtime"},
-    "cli": _BELOW_RUNTIME | {"runtime", "job"},
+    "job": _BELOW_RUNTIME | {"runtime", "hf"},
+    "cli": _BELOW_RUNTIME | {"runtime", "job", "hf"},
     "__main__": {"cli"},
 }
 TORCH_FREE = ("schedule", "simulate", "plan", "parallel_config")

@@ -38,7 +38,7 @@ from rich.table import Table
 from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
-from pipefold.hf_files import inspect_model
+from pipefold.hf.files import inspect_model
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
 from pipefold.plan.estimate import PRECISION_BYTES, GptEstimate
 from pipefold.plan.hardware import load_hardware

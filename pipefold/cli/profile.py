@@ -178,7 +178,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
 def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     """Profile the `pipefold.split` layers of the Hugging Face decoder `args.model` (random weights
     from its config) on `rows` x `args.seq_len` tokens, I/W split included."""
-    from pipefold.hf_files import inspect_model
+    from pipefold.hf.files import inspect_model
 
     files = inspect_model(args.model, field="--model")
     for flag in ("--seq-len", "--repeats", "--threads"):
@@ -190,7 +190,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
         )
     import torch
 
-    from pipefold.model.hf import load_causal_lm
+    from pipefold.hf.model import load_causal_lm
     from pipefold.model.spec import layer_name
     from pipefold.model.split import SplitPiece
     from pipefold.plan import ModelCosts

@@ -87,7 +87,7 @@ from typing import Any, ClassVar
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.errors import ConfigError, ScheduleError
-from pipefold.hf_files import ModelFiles, check_tokenizer, inspect_model
+from pipefold.hf.files import ModelFiles, check_tokenizer, inspect_model
 from pipefold.parallel_config import ParallelConfig
 from pipefold.plan.probe import SEARCHED, probe_base
 from pipefold.schedule import Schedule, build

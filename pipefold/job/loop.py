@@ -23,8 +23,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,10 +34,12 @@ from rich.console import Console
 from torch import Tensor
 
 from pipefold.errors import NonFiniteLoss, PipelineError
+from pipefold.hf.model import finish_save, save_causal_lm, state_dict_of
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.optim import accumulated_step
 from pipefold.job.outcome import name_the_step, record_failure
 from pipefold.job.outdir import check_out_dir
+from pipefold.job.recovery import RESTART_ENV, die, exit_step, resume_after_restart
 from pipefold.job.report import (
     StepStats,
     TrainResult,
@@ -47,14 +49,14 @@ from pipefold.job.report import (
     progress,
     validation_batches,
 )
-from pipefold.job.recovery import RESTART_ENV, die, exit_step, resume_after_restart
 from pipefold.job.retune import Retuner
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
-from pipefold.model.hf import finish_save, save_causal_lm, state_dict_of
 from pipefold.runtime.checkpoint import AsyncCheckpointer, save_checkpoint
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["run_local", "train", "train_worker"]
 
@@ -209,12 +211,10 @@ def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     for restart in range(1, config.max_restarts + 1):
         if result.ok or result.interrupted:
             break
-        if show:
-            print(
-                f"pipefold train: {result.describe()}\nrestarting all ranks ({restart} of {config.max_restarts}) "
-                "from the latest checkpoint",
-                file=sys.stderr,
-            )
+        logger.warning(
+            "%s; restarting all ranks (%d of %d) from the latest checkpoint",
+            result.describe(), restart, config.max_restarts,
+        )
         result = spawn(
             train_worker, config.schedule.num_processes, (config, show), env={RESTART_ENV: str(restart)}
         )

@@ -285,7 +285,7 @@ def finish(
 def _hf_validation(job: Job) -> tuple[float, str, int]:
     """Rank 0: the validation loss and a sample of the model saved into <out>/hf, loaded back
     with transformers' own `from_pretrained` (so every run checks the saved files)."""
-    from pipefold.model.hf import load_pretrained, next_token_loss
+    from pipefold.hf.model import load_pretrained, next_token_loss
 
     config = job.config
     assert job.tokens is not None and job.hf is not None

@@ -26,7 +26,7 @@ from pipefold.job.config import TrainConfig
 from pipefold.job.optim import lr_scheduler, parameter_groups
 from pipefold.job.rng import restore_rng_state
 from pipefold.model import partition
-from pipefold.model.hf import CausalLM, load_causal_lm, next_token_loss
+from pipefold.hf.model import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
 from pipefold.runtime import (
     LayoutOptions,

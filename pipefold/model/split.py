@@ -20,7 +20,7 @@ the module into `[prefix, block 0, ..., block n-1, suffix]`, without tracing:
 (`ConfigError`, naming the module) a forward it cannot cut this way. A module whose
 parameters are on the meta device runs on meta inputs, or, where its forward reads tensor
 values (a Hugging Face model's mask code does), a `twin` runs instead: a small real module
-of the same structure (`pipefold.model.hf` makes one for Hugging Face models). Pieces of a
+of the same structure (`pipefold.hf.model` makes one for Hugging Face models). Pieces of a
 meta module get real weights with `SplitPiece.materialize_`, which
 `pipefold.model.build.materialize` calls for the layers a rank owns.
 
@@ -168,7 +168,7 @@ class SplitPiece(nn.Module):
         self.paths = tuple(paths)
         self.fill: Fill | None = None
         """How `materialize_` gives values to tensors it allocates (set by who built the module
-        on meta, e.g. `pipefold.model.hf.load_causal_lm`); None: nothing may be on meta."""
+        on meta, e.g. `pipefold.hf.model.load_causal_lm`); None: nothing may be on meta."""
         for path in self.paths:
             self._register_path(path, root.get_submodule(path) if path else root)
 
@@ -233,7 +233,7 @@ class SplitPiece(nn.Module):
             raise ConfigError(
                 f"split piece ({self.extra_repr()}): {sorted(by_name)[:3]} are on the meta device and the "
                 "piece has no fill to give them values; build the module with real weights, or load it "
-                "with pipefold.model.hf.load_causal_lm"
+                "with pipefold.hf.model.load_causal_lm"
             )
         for module in [*self.root.modules(), *self.modules()]:
             for table in (module._parameters, module._buffers):
@@ -465,7 +465,7 @@ def split(
     `split_points`: not supported yet (cutting at arbitrary named points needs a graph
     capture); the layers are cut at block boundaries and the partitioner groups them.
     `twin`: see `Twin`; made automatically for a Hugging Face model of a family
-    `pipefold.model.hf` supports.
+    `pipefold.hf.model` supports.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"split: module must be an nn.Module, got {type(module).__name__}")

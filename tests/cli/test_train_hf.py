@@ -102,7 +102,7 @@ def test_train_a_llama_directory_on_two_ranks_and_save_it(tmp_path):
 
     from pipefold.data import BatchSampler
     from pipefold.data.tokens import load_tokens
-    from pipefold.model.hf import next_token_loss
+    from pipefold.hf.model import next_token_loss
 
     directory = saved_model(tmp_path, llama_config(num_layers=2))
     tokens = tmp_path / "tokens.bin"

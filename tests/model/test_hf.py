@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipefold.errors import ConfigError
-from pipefold.hf_files import inspect_model
+from pipefold.hf.files import inspect_model
 from pipefold.model.build import materialize
 from pipefold.model.split import SplitPiece
 
@@ -24,7 +24,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 tokenizers = pytest.importorskip("tokenizers")
 
 from pipefold.data.tokens import load_tokens  # noqa: E402
-from pipefold.model.hf import (  # noqa: E402
+from pipefold.hf.model import (  # noqa: E402
     causal_lm_loss,
     finish_save,
     load_causal_lm,
@@ -266,7 +266,7 @@ def test_bad_model_sources_are_refused_naming_the_file(tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
-    from pipefold.hf_files import check_tokenizer
+    from pipefold.hf.files import check_tokenizer
 
     small = tmp_path / "small"
     small.mkdir()

@@ -1,13 +1,13 @@
 """What a Hugging Face model directory holds, read and checked without torch or transformers.
 
-    from pipefold.hf_files import inspect_model
+    from pipefold.hf.files import inspect_model
     files = inspect_model("models/gpt2-small")      # or ".../config.json" for a random init
     files.model_type, files.num_layers, files.weight_files, files.tokenizer_file
 
 `pipefold train --model` calls `inspect_model` while it checks its configuration, so a
 directory with a missing shard, a family pipefold does not support or a tokenizer larger
 than the model's vocabulary is refused (`ConfigError`, naming the file and the fix) before
-torch is imported or any rank starts. `pipefold.model.hf` builds the model from it.
+torch is imported or any rank starts. `pipefold.hf.model` builds the model from it.
 """
 
 from __future__ import annotations

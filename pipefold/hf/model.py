@@ -1,6 +1,6 @@
 """Hugging Face decoder-only models as pipeline layers: load lazily, train, save back.
 
-    from pipefold.model.hf import causal_lm_loss, load_causal_lm, save_causal_lm, next_token_loss
+    from pipefold.hf.model import causal_lm_loss, load_causal_lm, save_causal_lm, next_token_loss
     lm = load_causal_lm("models/gpt2")           # a save_pretrained directory, or a config.json
     pipe = pipefold.Pipeline(lm.layers, loss_fn=next_token_loss, schedule="1f1b")
     ...
@@ -15,7 +15,7 @@ one key at a time), or, from a bare config, initializes them with the model's ow
 `_init_weights`, seeded by module path (the same weights whatever the partition).
 
 `transformers` and `safetensors` are the optional extra `pipefold[hf]`; only this module
-imports them. Families: `pipefold.hf_files.SUPPORTED_FAMILIES`.
+imports them. Families: `pipefold.hf.files.SUPPORTED_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
-from pipefold.hf_files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
+from pipefold.hf.files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
 from pipefold.model.split import Fill, SplitPiece, Twin, default_twin, split
 
 __all__ = [
