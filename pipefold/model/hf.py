@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.hf_files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
-from pipefold.model.split import Fill, SplitPiece, Twin, default_twin, split
+from pipefold.model.split import Fill, SplitPiece, split
+from pipefold.model.twin import Twin, default_twin
 
 __all__ = [
     "CausalLM",
