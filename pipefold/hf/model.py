@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.hf.files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
-from pipefold.model.split import Fill, SplitPiece, Twin, default_twin, split
+from pipefold.model.split import Fill, SplitPiece, split
+from pipefold.model.twin import Twin, default_twin
 
 __all__ = [
     "CausalLM",
@@ -145,8 +146,8 @@ def _build(config: Any, dtype: torch.dtype) -> nn.Module:
 
 
 def twin_factory(model: nn.Module) -> Twin | None:
-    """A `pipefold.model.split.Twin` for a Hugging Face causal LM of a supported family (None
-    for another); see `pipefold.model.split.default_twin`."""
+    """A `pipefold.model.twin.Twin` for a Hugging Face causal LM of a supported family (None
+    for another); see `pipefold.model.twin.default_twin`."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_FAMILIES:
         return None

@@ -20,7 +20,7 @@ the module into `[prefix, block 0, ..., block n-1, suffix]`, without tracing:
 (`ConfigError`, naming the module) a forward it cannot cut this way. A module whose
 parameters are on the meta device runs on meta inputs, or, where its forward reads tensor
 values (a Hugging Face model's mask code does), a `twin` runs instead: a small real module
-of the same structure (`pipefold.hf.model` makes one for Hugging Face models). Pieces of a
+of the same structure (`pipefold.model.twin` makes one for Hugging Face models). Pieces of a
 meta module get real weights with `SplitPiece.materialize_`, which
 `pipefold.model.build.materialize` calls for the layers a rank owns.
 
@@ -30,9 +30,7 @@ between two places (a tied embedding and head) is one tied parameter of the pipe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,89 +38,14 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
+from pipefold.model.split_trace import Template, hidden_of, meta_tree, on_meta_device, trace_calls
+from pipefold.model.twin import Twin, default_twin
 
-__all__ = ["split", "SplitPiece", "find_blocks", "Twin", "Fill"]
-
-Twin = Callable[[Sequence[str] | None], nn.Module]
-"""`twin(real_paths)`: a module with the structure of the one split (the same submodule paths
-outside the blocks, the same block class, two or more blocks) whose tensors under
-`real_paths` (None: all) are real; it runs the forward where the split module's parameters
-are on the meta device. Its values do not matter, only the calls its forward makes."""
+__all__ = ["split", "SplitPiece", "find_blocks", "Fill"]
 
 Fill = Callable[["SplitPiece", Mapping[str, Tensor]], None]
 """`fill(piece, fresh)`: give values to the tensors `SplitPiece.materialize_` just allocated,
 `fresh` mapping their names in the whole module to them (e.g. read from a checkpoint)."""
-
-
-class _Slot:
-    """Where a tensor argument goes in a call template."""
-
-    def __repr__(self) -> str:
-        return "<tensor>"
-
-
-_SLOT = _Slot()
-
-
-@dataclass(frozen=True)
-class _Template:
-    """A call's arguments with the tensors taken out: the pytree spec and its leaves, a
-    tensor leaf replaced by `_SLOT`."""
-
-    spec: pytree.TreeSpec
-    leaves: tuple[Any, ...]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Template:
-        return self  # immutable; and copying a TreeSpec warns in torch 2.13
-
-    @property
-    def num_tensors(self) -> int:
-        return sum(1 for leaf in self.leaves if leaf is _SLOT)
-
-    @classmethod
-    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Template, list[Tensor]]:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        template = cls(spec, tuple(_SLOT if isinstance(leaf, Tensor) else leaf for leaf in leaves))
-        return template, tensors
-
-    def fill(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        values = iter(tensors)
-        leaves = [next(values) if leaf is _SLOT else leaf for leaf in self.leaves]
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return tuple(args), dict(kwargs)
-
-    def tensors_of(self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> list[Tensor]:
-        """The tensors of a call shaped like this template; refuses changed constants."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.spec or len(leaves) != len(self.leaves):
-            raise ConfigError(
-                f"{where}: the forward called the first block with other arguments than at split time "
-                f"({spec} vs {self.spec}); call split() with example_inputs shaped like the training batches"
-            )
-        tensors = []
-        for leaf, expected in zip(leaves, self.leaves, strict=True):
-            if expected is _SLOT:
-                if not isinstance(leaf, Tensor):
-                    raise ConfigError(
-                        f"{where}: a block argument that was a tensor at split time is {leaf!r}"
-                    )
-                tensors.append(leaf)
-            elif not _same_constant(leaf, expected):
-                raise ConfigError(
-                    f"{where}: a non-tensor block argument changed from {expected!r} at split time to "
-                    f"{leaf!r}; the blocks receive the split-time value, so pass inputs that keep it"
-                )
-        return tensors
-
-
-def _same_constant(value: Any, expected: Any) -> bool:
-    if value is expected:
-        return True
-    try:
-        return bool(value == expected) and type(value) is type(expected)
-    except Exception:  # objects whose == raises or is not a bool (arrays) count as changed
-        return False
 
 
 class _FirstBlockReached(Exception):
@@ -132,25 +55,6 @@ class _FirstBlockReached(Exception):
         super().__init__("first block reached")
         self.args_ = args
         self.kwargs_ = kwargs
-
-
-def _hidden_of(output: Any) -> Any:
-    """A block's hidden state: its output, or the first element of a tuple it returns."""
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    return output
-
-
-def _model_output(output: Any) -> Any:
-    """The tensor a module's forward gives as its result (`.logits` of a Hugging Face output)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return output
 
 
 class SplitPiece(nn.Module):
@@ -273,7 +177,7 @@ class SplitPiece(nn.Module):
         finally:
             for module, training in modes.items():
                 module.training = training
-        return _meta_tree(output)
+        return meta_tree(output)
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {', '.join(self.paths) or '(root)'}"
@@ -285,7 +189,7 @@ class _Prefix(SplitPiece):
         root: nn.Module,
         paths: Sequence[str],
         first_block: str,
-        template: _Template,
+        template: Template,
         call_kwargs: dict[str, Any],
         root_tensors: Sequence[str],
         twin: Twin | None = None,
@@ -352,7 +256,7 @@ def _carry(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 
 class _Block(SplitPiece):
-    def __init__(self, root: nn.Module, path: str, template: _Template) -> None:
+    def __init__(self, root: nn.Module, path: str, template: Template) -> None:
         super().__init__(root, [path], "block")
         self._path = path
         self._template = template
@@ -365,13 +269,13 @@ class _Block(SplitPiece):
             hidden, carried = value, ()
         args, kwargs = self._template.fill(carried)
         block = self.get_submodule(self._path)
-        hidden = _hidden_of(block(hidden, *args, **kwargs))
+        hidden = hidden_of(block(hidden, *args, **kwargs))
         return (hidden, *_carry(carried)) if num_carried else hidden
 
 
 class _Suffix(SplitPiece):
     def __init__(
-        self, root: nn.Module, calls: Sequence[tuple[str, _Template, int]], num_carried: int
+        self, root: nn.Module, calls: Sequence[tuple[str, Template, int]], num_carried: int
     ) -> None:
         super().__init__(root, [path for path, _, _ in calls], "suffix")
         self._calls = tuple(calls)
@@ -403,33 +307,6 @@ def find_blocks(module: nn.Module) -> tuple[str, list[nn.Module]] | None:
         if best is None or size > best[0]:
             best = (size, name, members)
     return None if best is None else (best[1], best[2])
-
-
-@dataclass
-class _Call:
-    path: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    output: Any = None
-
-
-def _meta_tree(value: Any) -> Any:
-    return pytree.tree_map(
-        lambda leaf: torch.empty_like(leaf, device="meta") if isinstance(leaf, Tensor) else leaf, value
-    )
-
-
-def _is_same_or_whole_view(value: Any, of: Tensor) -> bool:
-    if value is of:
-        return True
-    return (
-        isinstance(value, Tensor)
-        and value._base is not None
-        and (value._base is of or value._base is of._base)
-        and value.shape == of.shape
-        and value.stride() == of.stride()
-        and value.storage_offset() == of.storage_offset()
-    )
 
 
 def _default_call_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -464,7 +341,7 @@ def split(
     causal LM (token ids are made up from its config).
     `split_points`: not supported yet (cutting at arbitrary named points needs a graph
     capture); the layers are cut at block boundaries and the partitioner groups them.
-    `twin`: see `Twin`; made automatically for a Hugging Face model of a family
+    `twin`: see `pipefold.model.twin.Twin`; made automatically for a Hugging Face model of a family
     `pipefold.hf.model` supports.
     """
     if not isinstance(module, nn.Module):
@@ -489,7 +366,7 @@ def split(
     if twin is None:
         twin = default_twin(module)
     traced, num_traced = module, len(blocks)
-    if twin is not None and _on_meta(module):
+    if twin is not None and on_meta_device(module):
         traced = twin(None)
         found_in_twin = find_blocks(traced)
         if found_in_twin is None or found_in_twin[0] != blocks_path:
@@ -498,7 +375,7 @@ def split(
                 "have the module's structure"
             )
         num_traced = len(found_in_twin[1])
-    prefix_template, chain = _trace(traced, blocks_path, num_traced, example, call_kwargs)
+    prefix_template, chain = trace_calls(traced, blocks_path, num_traced, example, call_kwargs)
     block_paths = [f"{blocks_path}.{index}" for index in range(len(blocks))]
     prefix_paths, root_tensors = _prefix_paths(module, blocks_path, [path for path, _, _ in chain])
     prefix = _Prefix(module, prefix_paths, block_paths[0], prefix_template, call_kwargs, root_tensors, twin)
@@ -506,205 +383,6 @@ def split(
     layers += [_Block(module, path, prefix_template) for path in block_paths]
     layers.append(_Suffix(module, chain, prefix_template.num_tensors))
     return layers
-
-
-def _on_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters()) or not any(True for _ in module.parameters())
-
-
-_TWIN_LAYERS = 2
-
-
-def twin_config(config: Any) -> Any:
-    """A Hugging Face config shrunk for a twin: two blocks, a tiny vocabulary and MLP (only the
-    calls its forward makes matter, not its values)."""
-    twin = copy.deepcopy(config)
-    twin.num_hidden_layers = _TWIN_LAYERS
-    layer_types = getattr(twin, "layer_types", None)
-    if isinstance(layer_types, list):
-        twin.layer_types = layer_types[:_TWIN_LAYERS]
-    twin.vocab_size = 8
-    twin.pad_token_id = None
-    if hasattr(twin, "intermediate_size"):
-        twin.intermediate_size = 8
-    if getattr(twin, "model_type", None) == "gpt2":
-        twin.n_inner = 8
-    return twin
-
-
-def default_twin(module: nn.Module) -> Twin | None:
-    """The twin of a Hugging Face model (None for any other module): its own class built from
-    `twin_config(module.config)`, zero weights. A Hugging Face forward reads tensor values (its
-    mask code), so it cannot run on the meta device, where shapes are traced."""
-    config = getattr(module, "config", None)
-    if not type(module).__module__.startswith("transformers.") or config is None:
-        return None
-    if not hasattr(config, "num_hidden_layers"):
-        return None
-    shrunk = twin_config(config)
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-    cls = type(module)
-
-    def make(real_paths: Sequence[str] | None) -> nn.Module:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            twin: nn.Module = cls(shrunk)
-        finally:
-            torch.set_default_dtype(previous)
-        twin.eval()  # no dropout: its values are never used
-        with torch.no_grad():
-            for param in twin.parameters():
-                param.zero_()
-                param.requires_grad_(False)
-        return twin
-
-    return make
-
-
-def _trace(
-    module: nn.Module,
-    blocks_path: str,
-    num_blocks: int,
-    example: tuple[Any, ...],
-    call_kwargs: dict[str, Any],
-) -> tuple[_Template, list[tuple[str, _Template, int]]]:
-    """Run the forward once and read the prefix's call of the first block and the chain of
-    module calls after the last one. A module with real weights runs itself (no_grad, a
-    batch shaped like `example`); a module on the meta device runs on meta inputs."""
-    on_meta = _on_meta(module)
-    meta = module
-    blocks = list(meta.get_submodule(blocks_path).children())
-    block_calls: list[_Call] = []
-    after: list[_Call] = []
-    active: list[str] = []
-    done = [False]
-    handles = []
-
-    def enter_block(index: int) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            block_calls.append(_Call(f"{blocks_path}.{index}", args, kwargs))
-        return hook
-
-    def leave_block(index: int) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            block_calls[-1].output = output
-            done[0] = index == num_blocks - 1
-        return hook
-
-    def enter(path: str) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if done[0]:
-                if not active:
-                    after.append(_Call(path, args, kwargs))
-                active.append(path)
-        return hook
-
-    def leave(path: str) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if active and active[-1] == path:
-                active.pop()
-                if not active and after and after[-1].path == path:
-                    after[-1].output = output
-        return hook
-
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(enter_block(index), with_kwargs=True))
-        handles.append(block.register_forward_hook(leave_block(index), with_kwargs=True))
-    inside_blocks = f"{blocks_path}."
-    for path, sub in meta.named_modules():
-        if not path or path == blocks_path or path.startswith(inside_blocks):
-            continue
-        if blocks_path.startswith(path + "."):
-            continue  # an ancestor of the blocks: entered before them, left after them
-        handles.append(sub.register_forward_pre_hook(enter(path), with_kwargs=True))
-        handles.append(sub.register_forward_hook(leave(path), with_kwargs=True))
-    try:
-        if on_meta:
-            # Tensors the forward creates (masks, position ids) are made on meta too.
-            with torch.no_grad(), torch.device("meta"):
-                output = meta(*_meta_tree(example), **call_kwargs)
-        else:
-            with torch.no_grad():
-                output = meta(*example, **call_kwargs)
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(
-            f"split: {type(module).__name__}.forward failed on example_inputs"
-            f"{' (on the meta device)' if on_meta else ''} "
-            f"({type(error).__name__}: {error}); pass example_inputs shaped like one training batch"
-            + ("; a module on the meta device must run on meta tensors (no .item() or data-dependent "
-               "shapes): build it with real weights instead" if on_meta else "")
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    name = type(module).__name__
-    order = [call.path for call in block_calls]
-    expected = [f"{blocks_path}.{index}" for index in range(num_blocks)]
-    if order != expected:
-        raise ConfigError(
-            f"split: {name}.forward called its blocks as {order}, not once each in order {expected[:3]}...; "
-            "a module used at two depths, or blocks skipped by data-dependent control flow, cannot be cut "
-            "at block boundaries"
-        )
-    first = block_calls[0]
-    if not first.args or not isinstance(first.args[0], Tensor):
-        raise ConfigError(
-            f"split: {name} calls {first.path} without a hidden-state tensor as its first argument"
-        )
-    template, tensors = _Template.of(first.args[1:], first.kwargs)
-    for previous, call in zip(block_calls, block_calls[1:], strict=False):
-        hidden = _hidden_of(previous.output)
-        rest_template, rest = _Template.of(call.args[1:], call.kwargs)
-        same = (
-            call.args
-            and call.args[0] is hidden
-            and rest_template.spec == template.spec
-            and len(rest) == len(tensors)
-            and all(a is b for a, b in zip(rest, tensors, strict=True))
-            and all(
-                _same_constant(a, b) for a, b in zip(rest_template.leaves, template.leaves, strict=True)
-            )
-        )
-        if not same:
-            raise ConfigError(
-                f"split: {name} calls {call.path} with other inputs than {previous.path}'s output and the "
-                "first block's other arguments; the data passed between its blocks cannot be carried "
-                "at block boundaries"
-            )
-    value = _hidden_of(block_calls[-1].output)
-    chain: list[tuple[str, _Template, int]] = []
-    for call in after:
-        leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
-        tensor_leaves = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        positions = [i for i, arg in enumerate(call.args) if isinstance(arg, Tensor)]
-        if len(tensor_leaves) != 1 or len(positions) != 1 or not _is_same_or_whole_view(
-            call.args[positions[0]], value
-        ):
-            raise ConfigError(
-                f"split: after its blocks, {name} calls {call.path} on something other than the previous "
-                "module's output alone; the code after the last block must be a chain of module calls "
-                "(final norm, head)"
-            )
-        position = positions[0]
-        others = call.args[:position] + call.args[position + 1 :]
-        call_template, _ = _Template.of(others, call.kwargs)
-        chain.append((call.path, call_template, position))
-        value = call.output
-        if not isinstance(value, Tensor):
-            raise ConfigError(
-                f"split: {name}'s {call.path} after the blocks returns a {type(value).__name__}"
-            )
-    result = _model_output(output)
-    if not isinstance(result, Tensor) or not _is_same_or_whole_view(result, value):
-        raise ConfigError(
-            f"split: {name}.forward's result is not the output of its last module call after the blocks "
-            f"({chain[-1][0] if chain else 'the last block'}); computations after the blocks outside "
-            "modules cannot be cut at block boundaries"
-        )
-    return template, chain
 
 
 def _prefix_paths(
