@@ -29,7 +29,8 @@ def _rank(overrides: dict[str, Any], rounds: int, scratch: str) -> None:
     from pipefold.job.config import load_config
     from pipefold.job.optim import accumulated_step
     from pipefold.job.setup import set_up
-    from pipefold.runtime.checkpoint import AsyncCheckpointer, save_checkpoint
+    from pipefold.runtime.checkpoint import save_checkpoint
+    from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 
     config = load_config(overrides={**overrides, "out": scratch})
     job = set_up(config)

@@ -52,7 +52,8 @@ from pipefold.job.report import (
 from pipefold.job.retune import Retuner
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
-from pipefold.runtime.checkpoint import AsyncCheckpointer, save_checkpoint
+from pipefold.runtime.checkpoint import save_checkpoint
+from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
 

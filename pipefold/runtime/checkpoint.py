@@ -3,7 +3,6 @@
     save_checkpoint(pipe, "ckpt", optimizer=opt, step=step)        # on every rank
     info = load_checkpoint(pipe, "ckpt", optimizer=opt)             # any partition, any rank count
     start = info.step
-    saver = AsyncCheckpointer(pipe); saver.save("ckpt", optimizer=opt, step=step)   # in the background
 
 Every rank writes only the tensors of its own stages, through
 torch.distributed.checkpoint (DCP), keyed by the names `nn.Sequential(*layers)` gives
@@ -12,19 +11,19 @@ torch.distributed.checkpoint (DCP), keyed by the names `nn.Sequential(*layers)` 
 how the model was cut. So a checkpoint saved with one partition or number of ranks
 loads into another ("resharding"): each rank reads the entries its own layers need.
 A tensor held by several ranks (a tied embedding) is written once (DCP's de-duplication).
+Beside it: checkpoint_optimizer.py names and restores optimizer state, checkpoint_safety.py
+reads DCP's metadata pickle safely, checkpoint_verify.py digests the files, and
+checkpoint_async.py (`AsyncCheckpointer`) writes checkpoints in the background.
 
 Design notes: docs/decisions.md, "atomic checkpoints".
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import re
 import shutil
-import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,32 +35,39 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from pipefold._version import __version__
 from pipefold.errors import CheckpointError, ConfigError, PipefoldError, PipelineError
+from pipefold.runtime.checkpoint_optimizer import (
+    OPTIMIZER_PREFIX,
+    Optimizers,
+    as_list,
+    group_hyperparameters,
+    load_optimizer,
+    name_of,
+    optimizer_plan,
+    parameter_names,
+    state_by_parameter,
+)
+from pipefold.runtime.checkpoint_safety import SafeReader
 from pipefold.runtime.checkpoint_verify import digest_files, verify_files
-from pipefold.runtime.parallel.tensor_parallel import shard_like, whole
-from pipefold.runtime.parallel.zero import consolidate, is_sharded_optimizer
+from pipefold.runtime.parallel.tensor_parallel import whole
+from pipefold.runtime.parallel.zero import consolidate
 
 if TYPE_CHECKING:
-    from torch.distributed.checkpoint.metadata import Metadata
-
     from pipefold.runtime.pipeline import Pipeline
 
-__all__ = ["AsyncCheckpointer", "CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
+__all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "METADATA_FILE"]
 
 METADATA_FILE = "pipefold.json"
 """pipefold's own description of a checkpoint, next to DCP's files; its presence marks one."""
 
 FORMAT_VERSION = 1
 _MODEL = "model/"
-_OPTIMIZER = "optimizer/"
 
-Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 JSONScalar = bool | int | float | str | None
 
 
@@ -106,10 +112,10 @@ def save_checkpoint(
     All ranks must see `path` on a shared file system. Returns `path`.
     """
     target = Path(path)
-    _check_save_arguments(pipe, target, step, extra)
+    check_save_arguments(pipe, target, step, extra)
     # A ZeRO-sharded optimizer's state is spread over the replicas: gather it on replica 0,
     # which writes it like a plain optimizer's (docs/decisions.md, "ZeRO-1 over the replicas").
-    consolidate(_as_list(optimizer))
+    consolidate(as_list(optimizer))
     replicas = _replica_group(pipe)
     # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
     # others wait for its outcome, so no rank returns before the checkpoint is in place and
@@ -123,7 +129,7 @@ def save_checkpoint(
     # writes it (docs/decisions.md, "tensor-parallel checkpoints") and the others wait for its outcome.
     tensor_parallel = _tensor_parallel_group(pipe)
     if tensor_parallel is not None and dist.get_rank(tensor_parallel) != 0:
-        _local_entries(pipe, _as_list(optimizer))  # its part of every gather; tp rank 0 writes
+        _local_entries(pipe, as_list(optimizer))  # its part of every gather; tp rank 0 writes
         failure = _from_rank0(None, tensor_parallel)
         _from_rank0(failure, replicas)  # this rank is replica 0's: pass the outcome on
         if failure is not None:
@@ -156,24 +162,24 @@ def _save_replica(
 ) -> Path:
     """save_checkpoint within one pipeline (one replica)."""
     group = pipe.process_group
-    tensors, meta, token = _prepare(pipe, optimizer, step, extra, group)
-    _write_and_publish(tensors, meta, target, token, group)
+    tensors, meta, token = prepare_save(pipe, optimizer, step, extra, group)
+    write_and_publish(tensors, meta, target, token, group)
     return target
 
 
-def _prepare(
+def prepare_save(
     pipe: Pipeline, optimizer: Optimizers, step: int | None, extra: Any, group: dist.ProcessGroup | None
 ) -> tuple[dict[str, Tensor], dict[str, Any], str]:
     """This rank's tensors, the checkpoint's `pipefold.json` (less the digests) and the staging
     token every rank agrees on; collective over `group`."""
-    tensors, record = _local_entries(pipe, _as_list(optimizer))
+    tensors, record = _local_entries(pipe, as_list(optimizer))
     records = _all_gather(record, group)
     _agree_no_errors([r["error"] for r in records], "save_checkpoint")
     token = _from_rank0(uuid.uuid4().hex if _group_rank(group) == 0 else None, group)
     return tensors, _metadata(pipe, records, step, extra), token
 
 
-def _write_and_publish(
+def write_and_publish(
     tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str, group: dist.ProcessGroup | None
 ) -> None:
     """Write the files into a staging directory, digest them, and (rank 0) move it to `target`;
@@ -211,75 +217,6 @@ def _write_and_publish(
         raise PipelineError(f"save_checkpoint: {failure}; the previous checkpoint (if any) is intact")
 
 
-class AsyncCheckpointer:
-    """Checkpoints written in the background: `save` blocks only to copy this rank's tensors to
-    host memory, then a thread writes, digests and publishes them like `save_checkpoint`.
-
-        saver = AsyncCheckpointer(pipe)                       # every rank (collective)
-        saver.save("ckpt", optimizer=opt, step=step)          # every rank; returns after the copy
-        saver.wait()                                          # before exiting: the last save is in place
-
-    The thread talks to its peers over a gloo process group of its own, so its collectives never
-    interleave with the training's. A save first waits for the previous one (and raises its
-    error, if it failed); a crash during a background write leaves the previous checkpoint, since
-    a checkpoint is published by renaming a complete staging directory. The host copy holds the
-    model and optimizer state once more in CPU memory. Pipelines without data or tensor
-    parallelism (their saves coordinate replicas and shards synchronously).
-    """
-
-    def __init__(self, pipe: Pipeline) -> None:
-        if pipe.data_parallel_group is not None or pipe.tensor_parallel_group is not None:
-            raise ConfigError(
-                "async checkpoints: this pipeline has data or tensor parallelism, whose saves are not "
-                "written in the background yet; use save_checkpoint (drop --async-checkpoint)"
-            )
-        self.pipe = pipe
-        group = pipe.process_group
-        self._group: dist.ProcessGroup | None = (
-            None if group is None else dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
-        )
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(
-        self, path: str | os.PathLike[str], *, optimizer: Optimizers = None, step: int | None = None,
-        extra: Any = None,
-    ) -> Path:
-        """Start writing a checkpoint to `path` (as `save_checkpoint`); returns once the tensors
-        are copied to host memory. Call on every rank with the same arguments."""
-        self.wait()
-        target = Path(path)
-        _check_save_arguments(self.pipe, target, step, extra)
-        tensors, meta, token = _prepare(self.pipe, optimizer, step, extra, self.pipe.process_group)
-        # The copy the loop waits for: later steps change the weights and moments in place.
-        host = {name: tensor.to("cpu", copy=True) for name, tensor in tensors.items()}
-        self._thread = threading.Thread(
-            target=self._write, args=(host, meta, target, token), name="pipefold-checkpoint", daemon=True
-        )
-        self._thread.start()
-        return target
-
-    def _write(self, tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str) -> None:
-        try:
-            _write_and_publish(tensors, meta, target, token, self._group)
-        except BaseException as error:
-            self._error = error
-
-    def wait(self) -> None:
-        """Block until the save in flight (if any) is in place; raise its error if it failed."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            if isinstance(error, PipefoldError):
-                raise error
-            raise PipelineError(
-                f"save_checkpoint (in the background): {type(error).__name__}: {error}; the previous "
-                "checkpoint (if any) is intact"
-            ) from error
-
-
 # -- loading -------------------------------------------------------------------------------------
 
 
@@ -299,8 +236,8 @@ def load_checkpoint(
     info = _info(target, meta)
     group = pipe.process_group
     _verify(target, meta, group)
-    _SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
-    optimizers = _as_list(optimizer)
+    SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
+    optimizers = as_list(optimizer)
     local = pipe.state_dict()
     plan: dict[str, Tensor] = {}
     error: str | None = None
@@ -308,14 +245,14 @@ def load_checkpoint(
         for name, value in local.items():
             plan[_MODEL + name] = _empty_like_entry(meta["model"], name, value, target, "")
         if optimizers:
-            plan.update(_optimizer_plan(pipe, optimizers, meta, target))
+            plan.update(optimizer_plan(pipe, optimizers, meta, target))
     except ConfigError as problem:
         error = str(problem)
     _agree_no_errors(_all_gather(error, group), "load_checkpoint")
     _dcp_load(plan, target, group)
     pipe.load_state_dict({name: plan[_MODEL + name] for name in local})
     for item in optimizers:
-        _load_optimizer(pipe, item, meta["optimizer"], plan)
+        load_optimizer(pipe, item, meta["optimizer"], plan)
     return info
 
 
@@ -425,157 +362,18 @@ def _empty_like_entry(
     return torch.empty(shape, dtype=dtype)
 
 
-def _optimizer_plan(
-    pipe: Pipeline, optimizers: list[torch.optim.Optimizer], meta: Mapping[str, Any], target: Path
-) -> dict[str, Tensor]:
-    saved = meta["optimizer"]
-    if saved is None:
-        raise ConfigError(
-            f"checkpoint {str(target)!r} holds no optimizer state; load it without optimizer=, or save "
-            "with save_checkpoint(..., optimizer=...)"
-        )
-    names = _parameter_names(pipe)
-    plan: dict[str, Tensor] = {}
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                name = _name_of(param, names, pipe.rank)
-                if name not in saved["group_of"]:
-                    raise ConfigError(
-                        f"checkpoint {str(target)!r} has no optimizer entry for parameter {name!r}; it was "
-                        "saved with an optimizer that did not hold it"
-                    )
-                for key, entry in saved["state"].get(name, {}).items():
-                    # Optimizer state may differ from its parameter (Adam's scalar step), so only shape is
-                    # checked against the saved entry's own description; torch casts on load_state_dict.
-                    plan[f"{_OPTIMIZER}{name}/{key}"] = torch.empty(
-                        tuple(entry["shape"]), dtype=getattr(torch, entry["dtype"])
-                    )
-    return plan
-
-
-def _load_optimizer(
-    pipe: Pipeline, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], plan: Mapping[str, Tensor]
-) -> None:
-    """Give `optimizer` the saved state in its own integer-id layout, then let torch load it."""
-    names = _parameter_names(pipe)
-    current = _layout(optimizer)
-    state: dict[int, dict[str, Any]] = {}
-    groups: list[dict[str, Any]] = []
-    for layout, group in zip(current["param_groups"], optimizer.param_groups, strict=True):
-        param_names = [_name_of(param, names, pipe.rank) for param in group["params"]]
-        indices = {saved["group_of"][name] for name in param_names}
-        if len(indices) > 1:
-            raise ConfigError(
-                f"an optimizer param group holds {param_names}, which were saved in param groups with "
-                f"different hyperparameters ({sorted(indices)}); group the parameters as when saving"
-            )
-        restored = dict(layout)
-        if indices:
-            restored.update(_restore_hyperparameters(saved["param_groups"][indices.pop()], layout))
-        groups.append(restored)
-        for index, name, param in zip(layout["params"], param_names, group["params"], strict=True):
-            entry: dict[str, Any] = {
-                # A tensor-parallel parameter's state (Adam's moments) is sharded like it.
-                key: shard_like(plan[f"{_OPTIMIZER}{name}/{key}"], param)
-                for key in saved["state"].get(name, {})
-            }
-            entry.update(saved["scalars"].get(name, {}))
-            if entry:
-                state[index] = entry
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _restore_hyperparameters(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
-    """Saved values in the types the live group uses (tuples for betas, tensors for tensor lr)."""
-    restored: dict[str, Any] = {}
-    for key, value in saved.items():
-        now = current.get(key)
-        if isinstance(now, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(now, Tensor):
-            value = torch.tensor(value, dtype=now.dtype, device=now.device)
-        restored[key] = value
-    return restored
-
-
 def _dcp_load(plan: dict[str, Tensor], target: Path, group: dist.ProcessGroup | None) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp_load(plan, storage_reader=_SafeReader(target), process_group=group, no_dist=group is None)
+            dcp_load(plan, storage_reader=SafeReader(target), process_group=group, no_dist=group is None)
         except CheckpointException as error:
             raise _unwrap(
                 error, f"load_checkpoint: reading {target}", "the model may be partly loaded"
             ) from error
 
 
-class _SafeReader(FileSystemReader):
-    """DCP's reader, but its `.metadata` pickle may only name DCP's metadata types."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise ConfigError(
-                f"checkpoint {str(self.path)!r} lacks DCP's .metadata ({error}); it is incomplete"
-            ) from None
-        try:
-            metadata: Metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-        except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        except Exception as error:  # a damaged pickle raises any of a dozen types
-            raise CheckpointError(
-                f"{path} is damaged ({type(error).__name__}: {error}); the checkpoint cannot be read: "
-                "resume from another checkpoint or start afresh"
-            ) from None
-        # As DCP's own reader does: older checkpoints have no storage_meta; it carries the load id.
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-        storage_meta.load_id = self.load_id
-        metadata.storage_meta = storage_meta
-        return metadata
-
-
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-# Exact (module, name) pairs: a module-wide rule would let pickle's dotted names reach
-# anything the module imports (("...filesystem", "os.system") resolves to os.system).
-_ALLOWED_GLOBALS = frozenset(
-    {
-        (_DCP_METADATA, "Metadata"),
-        (_DCP_METADATA, "MetadataIndex"),
-        (_DCP_METADATA, "StorageMeta"),
-        (_DCP_METADATA, "TensorStorageMetadata"),
-        (_DCP_METADATA, "BytesStorageMetadata"),
-        (_DCP_METADATA, "ChunkStorageMetadata"),
-        (_DCP_METADATA, "TensorProperties"),
-        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        # StorageMeta.checkpoint_id is the path the checkpoint was written to.
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "PureWindowsPath"),
-        ("pathlib._local", "PosixPath"),
-        ("pathlib._local", "WindowsPath"),
-    }
-    | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise CheckpointError(
-            f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; refusing to "
-            "unpickle it (the file is corrupt or not from save_checkpoint)"
-        )
-
-
-def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra: Any) -> None:
+def check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra: Any) -> None:
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise ConfigError(
             f"save_checkpoint: step={step!r}; give the number of steps done (an int >= 0) or None"
@@ -599,21 +397,6 @@ def _check_save_arguments(pipe: Pipeline, target: Path, step: int | None, extra:
         )
 
 
-def _as_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
-    if optimizer is None:
-        return []
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [optimizer]
-    found = list(optimizer)
-    for item in found:
-        if not isinstance(item, torch.optim.Optimizer):
-            raise ConfigError(
-                f"optimizer={optimizer!r}: give a torch.optim.Optimizer, a list of them, or None "
-                f"(got a {type(item).__name__} in the list)"
-            )
-    return found
-
-
 def _describe(tensor: Tensor) -> dict[str, Any]:
     return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
 
@@ -632,17 +415,17 @@ def _local_entries(
     scalars: dict[str, dict[str, JSONScalar]] = {}
     hyperparameters: dict[str, dict[str, Any]] = {}
     try:
-        names = _parameter_names(pipe)
+        names = parameter_names(pipe)
         for optimizer in optimizers:
-            states = _state_by_parameter(optimizer)
+            states = state_by_parameter(optimizer)
             for group in optimizer.param_groups:
-                hyper = _hyperparameters(group)
+                hyper = group_hyperparameters(group)
                 for param in group["params"]:
-                    name = _name_of(param, names, pipe.rank)
+                    name = name_of(param, names, pipe.rank)
                     hyperparameters[name] = hyper
                     for key, value in states.get(param, {}).items():
                         if isinstance(value, Tensor):
-                            tensors[f"{_OPTIMIZER}{name}/{key}"] = whole(value.detach())
+                            tensors[f"{OPTIMIZER_PREFIX}{name}/{key}"] = whole(value.detach())
                             state.setdefault(name, {})[key] = _describe(value)
                         elif isinstance(value, (bool, int, float)):
                             scalars.setdefault(name, {})[key] = value
@@ -655,62 +438,6 @@ def _local_entries(
         record["error"] = str(error)
     record.update(state=state, scalars=scalars, hyperparameters=hyperparameters)
     return tensors, record
-
-
-def _state_by_parameter(optimizer: torch.optim.Optimizer) -> Mapping[Any, Mapping[str, Any]]:
-    """The optimizer's state per parameter: its `state`, or for a ZeRO-sharded one (consolidated
-    first) the whole state its `state_dict()` holds under the global parameter indices."""
-    if not is_sharded_optimizer(optimizer):
-        return optimizer.state
-    whole_state = optimizer.state_dict()
-    found: dict[Any, Mapping[str, Any]] = {}
-    for group, layout in zip(optimizer.param_groups, whole_state["param_groups"], strict=True):
-        for param, index in zip(group["params"], layout["params"], strict=True):
-            found[param] = whole_state["state"].get(index) or {}
-    return found
-
-
-def _layout(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's integer-id layout of its param groups (a ZeRO-sharded one's global one,
-    which its `state_dict()` gives only after a consolidation)."""
-    if is_sharded_optimizer(optimizer):
-        return torch.optim.Optimizer.state_dict(optimizer)
-    return optimizer.state_dict()
-
-
-def _parameter_names(pipe: Pipeline) -> dict[int, str]:
-    return {id(param): name for name, param in pipe.named_parameters()}
-
-
-def _name_of(param: Tensor, names: Mapping[int, str], rank: int) -> str:
-    name = names.get(id(param))
-    if name is None:
-        raise ConfigError(
-            f"rank {rank}: the optimizer holds a parameter of shape {tuple(param.shape)} that is not one of "
-            "this rank's pipeline parameters; build it from pipe.parameters()"
-        )
-    return name
-
-
-def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
-    """A param group without its params, as JSON (tuples become lists, 1-element tensors numbers)."""
-    result: dict[str, Any] = {}
-    for key, value in group.items():
-        if key == "params":
-            continue
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        elif isinstance(value, (tuple, list)):
-            value = list(value)
-        try:
-            json.dumps(value)
-        except TypeError:
-            raise ConfigError(
-                f"optimizer param group entry {key!r} is a {type(value).__name__}; checkpoints store "
-                "hyperparameters as JSON (numbers, strings, lists of them)"
-            ) from None
-        result[key] = value
-    return result
 
 
 def _metadata(

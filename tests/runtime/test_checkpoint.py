@@ -239,9 +239,9 @@ def tied_written_once(*, path) -> dict:
     save_checkpoint(pipe, path, optimizer=optimizer, step=1)
     result = {"owners": owners}
     if dist.get_rank() == 0:
-        from pipefold.runtime.checkpoint import _SafeReader
+        from pipefold.runtime.checkpoint_safety import SafeReader
 
-        metadata = _SafeReader(path).read_metadata()
+        metadata = SafeReader(path).read_metadata()
         referenced = sum(info.length for info in metadata.storage_data.values())
         written = sum(p.stat().st_size for p in Path(path).glob("*.distcp"))
         result.update(referenced=referenced, written=written, keys=sorted(metadata.state_dict_metadata))
@@ -536,7 +536,7 @@ def test_a_truncated_shard_is_one_typed_error_naming_the_file_and_what_to_do(tmp
 
 
 def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path):
-    from pipefold.runtime.checkpoint import AsyncCheckpointer
+    from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 
     pipe, optimizer = make("gpipe")
     train(pipe, optimizer, range(1))
@@ -557,7 +557,7 @@ def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_pa
 def test_a_failed_background_write_keeps_the_previous_checkpoint_and_stops_the_next_save(tmp_path):
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    from pipefold.runtime.checkpoint import AsyncCheckpointer
+    from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 
     pipe, optimizer = make("gpipe")
     saver = AsyncCheckpointer(pipe)
