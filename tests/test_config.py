@@ -4,6 +4,7 @@ import textwrap
 import pytest
 
 import pipefold.job.config as config_module
+import pipefold.job.sections as sections_module
 from pipefold.errors import ConfigError
 from pipefold.job.config import TrainConfig, load_config, parse_override
 from pipefold.schedule import build
@@ -188,8 +189,8 @@ def test_the_documented_toml_layout_is_the_defaults():
 
 def test_the_schedule_is_built_once_and_a_schedule_file_read_once(tmp_path, monkeypatch):
     built, reads = [], []
-    monkeypatch.setattr(config_module, "build", lambda *a, **k: built.append(a) or build(*a, **k))
-    monkeypatch.setattr(config_module, "load", lambda path: reads.append(path) or load(path))
+    monkeypatch.setattr(sections_module, "build", lambda *a, **k: built.append(a) or build(*a, **k))
+    monkeypatch.setattr(sections_module, "load", lambda path: reads.append(path) or load(path))
     config = load_config(overrides={"schedule.name": "zb-h1", "schedule.retune_every": 2})
     assert config.schedule_label == "zb-h1" and config.schedule.built.name == "zb-h1"
     assert len(built) == 1

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipefold.errors import ConfigError
-from pipefold.job.config import ScheduleConfig
+from pipefold.job.sections import ScheduleConfig
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -21,20 +21,22 @@ from typing import Any
 
 from pipefold.device import DEVICE_CHOICES
 from pipefold.job.config import (
-    LR_SCHEDULES,
     NONFINITE_CHOICES,
     PRECISION_CHOICES,
-    ModelConfig,
-    OptimizerConfig,
-    ScheduleConfig,
     TrainConfig,
     load_config,
-    load_schedule_file,
     parse_override,
     resolve_out_dir,
 )
 from pipefold.job.outdir import check_out_dir
 from pipefold.job.recovery import resume_after_restart
+from pipefold.job.sections import (
+    LR_SCHEDULES,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    load_schedule_file,
+)
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {

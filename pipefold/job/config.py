@@ -80,22 +80,25 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pipefold.device import DEVICE_CHOICES
-from pipefold.errors import ConfigError, ScheduleError
-from pipefold.hf.files import ModelFiles, check_tokenizer, inspect_model
-from pipefold.parallel_config import ParallelConfig
-from pipefold.plan.probe import SEARCHED, probe_base
-from pipefold.schedule import Schedule, build
-from pipefold.schedule.io import load
+from pipefold.errors import ConfigError
+from pipefold.hf.files import ModelFiles, check_tokenizer
+from pipefold.job.sections import (
+    NUM_EXTRA_LAYERS,
+    PARALLEL_NAMES,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    require,
+)
+from pipefold.schedule import Schedule
 from pipefold.schedule.placement import layout_of
-
-if typing.TYPE_CHECKING:
-    from pipefold.schedule.placement import Placement
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,28 +106,19 @@ else:  # Python 3.10 has no tomllib; tomli is the same parser under its PyPI nam
     import tomli as tomllib
 
 __all__ = [
-    "ModelConfig",
-    "DataConfig",
-    "ScheduleConfig",
-    "OptimizerConfig",
     "TrainConfig",
     "PARTITION_METHODS",
-    "LR_SCHEDULES",
-    "NUM_EXTRA_LAYERS",
     "CHECKPOINT_DIR",
     "HF_DIR",
     "NONFINITE_CHOICES",
+    "PRECISION_CHOICES",
     "load_config",
-    "load_schedule_file",
     "parse_override",
     "resolve_out_dir",
 ]
 
 PARTITION_METHODS = ("uniform", "parameters", "profile")
 """Named partition methods; "type:<regex>" and explicit per-stage counts are accepted too."""
-
-NUM_EXTRA_LAYERS = 4
-"""Layers of the built-in GPT besides its blocks: embedding, positions, final norm, head."""
 
 NONFINITE_CHOICES = ("raise", "skip")
 """What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
@@ -137,325 +131,6 @@ CHECKPOINT_DIR = "checkpoint"
 
 HF_DIR = "hf"
 """Where in `out` the job saves a Hugging Face model (model.path) in its own format."""
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-"""What follows the warm-up (pipefold.job.optim): the peak lr, or a cosine / linear decay to min_lr."""
-
-
-PARALLEL_NAMES = {
-    "pp": "schedule.ranks",
-    "dp": "schedule.data_parallel",
-    "tp": "schedule.tensor_parallel",
-    "num_microbatches": "schedule.num_microbatches",
-    "num_virtual": "schedule.virtual",
-    "schedule": "schedule.name",
-    "sequence_parallel": "schedule.sequence_parallel",
-    "zero": "optimizer.zero",
-    "tied_layers": "model.tie_embeddings",
-    "num_heads": "model.num_heads",
-    "seq_len": "model.seq_len",
-    "on_nonfinite": "on_nonfinite",
-}
-"""How this file spells the rulebook's fields (`ParallelConfig.check`)."""
-
-
-def _require(ok: bool, field_path: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_path}={value!r} is not allowed: {fix}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The built-in GPT (`pipefold.model.zoo.gpt_layers`; vocabulary: 256 byte values), or a
-    Hugging Face causal LM (`path`)."""
-
-    SECTION: ClassVar[str] = "model"
-
-    path: str = ""
-    """A Hugging Face model directory (config.json + safetensors) or a config.json (random
-    initialization), trained instead of the built-in GPT; d_model, num_heads, num_layers and
-    tie_embeddings are then the model's own (docs/huggingface.md)."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    num_heads: int = 4
-    """Attention heads; must divide d_model."""
-    num_layers: int = 4
-    """Decoder blocks. The layer list has num_layers + 4 entries (see NUM_EXTRA_LAYERS)."""
-    seq_len: int = 128
-    """Context length in tokens (bytes for the built-in GPT)."""
-    tie_embeddings: bool = True
-    """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
-    dropout: float = 0.0
-    """Residual dropout probability of the built-in GPT's blocks while training (0 = none);
-    its random state is saved with each checkpoint, so a resumed run stays identical."""
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "num_layers"):
-            value = getattr(self, name)
-            _require(value >= 1, f"model.{name}", value, "use a positive integer")
-        _require(self.seq_len >= 2, "model.seq_len", self.seq_len, "use at least 2 (e.g. 128)")
-        _require(
-            self.d_model % self.num_heads == 0,
-            "model.num_heads",
-            self.num_heads,
-            f"it must divide model.d_model={self.d_model} (e.g. num_heads=4 for d_model=128)",
-        )
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a probability in [0, 1), e.g. 0.1")
-        _require(
-            not (self.path and self.dropout > 0), "model.dropout", self.dropout,
-            "it applies to the built-in GPT only; a Hugging Face model (model.path) keeps its own dropout",
-        )
-        if self.path:
-            # Read (config.json, the weight index) without torch; kept, not a field.
-            object.__setattr__(self, "_hf", inspect_model(self.path, field="model.path"))
-
-    @property
-    def hf(self) -> ModelFiles | None:
-        """The Hugging Face model's files where `path` is set; None for the built-in GPT."""
-        files: ModelFiles | None = self.__dict__.get("_hf")
-        return files
-
-    @property
-    def num_model_layers(self) -> int:
-        """Pipeline layers: the GPT's blocks + NUM_EXTRA_LAYERS, or an HF model's blocks + 2."""
-        if self.hf is not None:
-            return self.hf.num_pipeline_layers
-        return self.num_layers + NUM_EXTRA_LAYERS
-
-    @property
-    def tied(self) -> bool:
-        """Whether the head shares the input embedding's weight."""
-        return self.hf.tie_word_embeddings if self.hf is not None else self.tie_embeddings
-
-    @property
-    def heads(self) -> int:
-        return self.hf.num_heads if self.hf is not None else self.num_heads
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The built-in corpus (`pipefold.data.load_corpus`), or for a Hugging Face model a text
-    file, directory or token file (`pipefold.data.tokens`)."""
-
-    SECTION: ClassVar[str] = "data"
-
-    path: str = ""
-    """A text file or directory (tokenized with model.path's tokenizer) or a token file
-    (<name>.bin: a flat array of ids, as nanoGPT writes); "" = the built-in corpus (for a
-    Hugging Face model, tokenized with its tokenizer). Needs model.path."""
-    token_dtype: str = "auto"
-    """A token file's id width: "uint16", "uint32", or "auto" (uint16 when the model's
-    vocabulary fits in it)."""
-    max_bytes: int = 4_000_000
-    """Bytes of stdlib source read, in sorted file order."""
-    val_fraction: float = 0.1
-    """Share of the bytes held out for validation (the tail)."""
-
-    def __post_init__(self) -> None:
-        _require(self.max_bytes >= 1024, "data.max_bytes", self.max_bytes, "use at least 1024 bytes")
-        _require(
-            0.0 < self.val_fraction < 1.0,
-            "data.val_fraction",
-            self.val_fraction,
-            "use a fraction strictly between 0 and 1 (e.g. 0.1)",
-        )
-        _require(
-            self.token_dtype in ("auto", "uint16", "uint32"),
-            "data.token_dtype",
-            self.token_dtype,
-            'use "auto", "uint16" or "uint32"',
-        )
-        _require(
-            not self.path or Path(self.path).exists(),
-            "data.path",
-            self.path,
-            "no such file or directory; give a text file, a directory of text files or a token file "
-            "<name>.bin",
-        )
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Which pipeline schedule runs; names as `pipefold schedules` lists them."""
-
-    SECTION: ClassVar[str] = "schedule"
-
-    name: str = "1f1b"
-    """Schedule family (pipefold.schedule.names()), or "auto" / "auto-v": a schedule searched from
-    costs measured in probe steps on the ranks (pipefold.runtime.tune_schedule), on the contiguous
-    or the V layout."""
-    ranks: int = 2
-    """Pipeline ranks (stages' processes) per replica."""
-    data_parallel: int = 1
-    """Replicas of the pipeline along a "dp" mesh dimension; processes = ranks x data_parallel x
-    tensor_parallel."""
-    tensor_parallel: int = 1
-    """Ranks per stage along a "tp" mesh dimension: each decoder block's attention (by heads)
-    and MLP are split over them (Megatron's split; it must divide model.num_heads); the
-    embeddings, the final norm and the head stay whole."""
-    sequence_parallel: bool = False
-    """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
-    the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms
-    run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
-    residual stream (pipefold/runtime/parallel/sequence_parallel.py). model.seq_len must divide by
-    tensor_parallel."""
-    num_microbatches: int = 8
-    """Micro-batches per step (flag: --microbatches)."""
-    virtual: int = 0
-    """Stages per rank for interleaved / V schedules; 0 = the family's default."""
-    file: str = ""
-    """A schedule JSON (pipefold.schedule.io, e.g. from `pipefold schedules find --save`) run
-    instead of the family `name`; its ranks and micro-batches must match `ranks` and `num_microbatches`."""
-    retune_every: int = 0
-    """Every this many steps, search an order for the costs the run measured in its latest steps
-    and switch to it where its predicted step is at least 2% shorter (same stages,
-    `Pipeline.use_schedule`); 0: never. Flush schedules on a layout the search knows."""
-    loaded: InitVar[Schedule | None] = None
-    """The contents of `file` where the caller has read it already (the CLI does, to fill ranks
-    and micro-batches from it), so it is read once; not a setting."""
-
-    def __post_init__(self, loaded: Schedule | None) -> None:
-        self.parallel().check(PARALLEL_NAMES)
-        _require(
-            self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
-        )
-        if self.name in SEARCHED:
-            wanted = SEARCHED[self.name][1]
-            _require(
-                self.virtual in (0, wanted),
-                "schedule.virtual",
-                self.virtual,
-                f"schedule.name={self.name!r} searches with {wanted} stage(s) per rank; use 0 or {wanted}",
-            )
-        # Not a field: equality, to_dict and summary.json see the settings only.
-        object.__setattr__(self, "_built", self._build_schedule(loaded))
-
-    def parallel(self, **known: Any) -> ParallelConfig:
-        """This section as the rulebook's `ParallelConfig`; `known` adds what other sections say."""
-        return ParallelConfig(
-            pp=self.ranks,
-            dp=self.data_parallel,
-            tp=self.tensor_parallel,
-            num_microbatches=self.num_microbatches,
-            num_virtual=self.virtual or None,
-            schedule=self.name,
-            sequence_parallel=self.sequence_parallel,
-            **known,
-        )
-
-    @property
-    def num_virtual(self) -> int | None:
-        if self.name in SEARCHED and not self.file:
-            return SEARCHED[self.name][1]
-        return self.virtual or None
-
-    @property
-    def searched_placement(self) -> Placement | None:
-        """The layout to search a schedule on ("auto", "auto-v"); None for a family or a file."""
-        return None if self.file or self.name not in SEARCHED else SEARCHED[self.name][0]
-
-    @property
-    def built(self) -> Schedule:
-        """The schedule these settings ask for, built (or read from `file`) once, on construction.
-        For "auto" / "auto-v" it is the layout's probe family, which stands in until the search
-        has run on the ranks: the searched schedule has its stages, placement and flush update."""
-        schedule: Schedule = self.__dict__["_built"]
-        return schedule
-
-    def _build_schedule(self, loaded: Schedule | None) -> Schedule:
-        if self.file:
-            schedule = loaded if loaded is not None else load_schedule_file(self.file)
-            for key, wanted, found in (
-                ("schedule.ranks", self.ranks, schedule.num_ranks),
-                ("schedule.num_microbatches", self.num_microbatches, schedule.num_microbatches),
-            ):
-                _require(
-                    wanted == found,
-                    key,
-                    wanted,
-                    f"schedule.file={self.file!r} is a schedule for {found}; set {key}={found} "
-                    "(pipefold train --schedule-file fills both from the file)",
-                )
-            return schedule
-        try:
-            placement = self.searched_placement
-            if placement is not None:
-                return probe_base(
-                    placement,
-                    num_ranks=self.ranks,
-                    num_microbatches=self.num_microbatches,
-                    num_virtual=SEARCHED[self.name][1],
-                )
-            return build(
-                self.name,
-                num_ranks=self.ranks,
-                num_microbatches=self.num_microbatches,
-                num_virtual=self.num_virtual,
-            )
-        except ScheduleError as error:
-            raise ConfigError(
-                f"schedule.name={self.name!r} with schedule.ranks={self.ranks}, "
-                f"schedule.num_microbatches={self.num_microbatches}, schedule.virtual={self.virtual} "
-                f"is not legal: {error}"
-            ) from None
-
-    @property
-    def num_processes(self) -> int:
-        return self.ranks * self.data_parallel * self.tensor_parallel
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with a linear warm-up, then a constant or decaying lr (pipefold/job/optim.py)."""
-
-    SECTION: ClassVar[str] = "optimizer"
-
-    lr: float = 3e-3
-    """Peak learning rate."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 20
-    """Steps of linear warm-up from lr / warmup_steps to lr."""
-    lr_schedule: str = "constant"
-    """After the warm-up: "constant" (lr), "cosine" or "linear" decay from lr to min_lr at the last step."""
-    min_lr: float = 0.0
-    """Where a decaying schedule ends; at most lr."""
-    weight_decay_groups: bool = True
-    """Exempt norms, biases and embeddings from weight decay (flush schedules; asynchronous ones
-    decay every parameter); false decays every parameter."""
-    clip_grad_norm: float = 0.0
-    """Clip the global gradient norm (over every stage, replica and tp shard) to this after each
-    optimizer step's gradient is complete; 0 = no clipping. The norm is reported either way."""
-    zero: bool = False
-    """Shard AdamW's state over the data-parallel replicas (ZeRO stage 1,
-    `pipefold.runtime.sharded_optimizer`): each replica keeps and updates 1 / data_parallel of it."""
-
-    def __post_init__(self) -> None:
-        _require(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate (e.g. 3e-3)")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "use >= 0")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"optimizer.{name}", value, "use a value in [0, 1)")
-        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "use >= 0")
-        _require(
-            self.lr_schedule in LR_SCHEDULES,
-            "optimizer.lr_schedule",
-            self.lr_schedule,
-            f"use one of {', '.join(LR_SCHEDULES)}",
-        )
-        _require(
-            0.0 <= self.min_lr <= self.lr,
-            "optimizer.min_lr",
-            self.min_lr,
-            f"use a value in [0, optimizer.lr={self.lr}]",
-        )
-        _require(
-            self.clip_grad_norm >= 0 and math.isfinite(self.clip_grad_norm),
-            "optimizer.clip_grad_norm",
-            self.clip_grad_norm,
-            "use a positive norm to clip to (e.g. 1.0), or 0 for no clipping",
-        )
 
 
 @dataclass(frozen=True)
@@ -517,53 +192,53 @@ class TrainConfig:
     Under torchrun use its own --max-restarts (pipefold.job.recovery)."""
     async_checkpoint: bool = False
     """Write checkpoints in a background thread: the step loop waits only for the copy of this
-    rank's tensors to host memory (pipefold.runtime.checkpoint.AsyncCheckpointer); the next save
+    rank's tensors to host memory (pipefold.runtime.checkpoint_async.AsyncCheckpointer); the next save
     and the end of the run wait for the write. Not with data or tensor parallelism."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
-        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "use a positive number of seconds")
-        _require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, "use >= 0")
-        _require(
+        require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
+        require(self.timeout_s > 0, "timeout_s", self.timeout_s, "use a positive number of seconds")
+        require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, "use >= 0")
+        require(
             self.checkpoint_every >= 0,
             "checkpoint_every",
             self.checkpoint_every,
             "use a number of steps >= 1, or 0 to save only at the end",
         )
-        _require(
+        require(
             self.on_nonfinite in NONFINITE_CHOICES,
             "on_nonfinite",
             self.on_nonfinite,
             "use " + " or ".join(f'"{choice}"' for choice in NONFINITE_CHOICES),
         )
-        _require(
+        require(
             self.precision in PRECISION_CHOICES,
             "precision",
             self.precision,
             "use " + " or ".join(f'"{choice}"' for choice in PRECISION_CHOICES),
         )
-        _require(
+        require(
             self.precision != "fp16" or 0 < self.loss_scale < math.inf,
             "loss_scale",
             self.loss_scale,
             "fp16 gradients underflow without a loss scale; give a positive initial scale, e.g. 65536.0",
         )
-        _require(
+        require(
             self.device in DEVICE_CHOICES,
             "device",
             self.device,
             "use " + ", ".join(f'"{choice}"' for choice in DEVICE_CHOICES),
         )
         dp = self.schedule.data_parallel
-        _require(
+        require(
             self.batch_size % dp == 0,
             "batch_size",
             self.batch_size,
             f"schedule.data_parallel={dp} replicas each take an equal shard of the batch; use a "
             f"multiple of {dp} (e.g. {dp * max(1, round(self.batch_size / dp))})",
         )
-        _require(
+        require(
             self.batch_size // dp >= self.schedule.num_microbatches,
             "batch_size",
             self.batch_size,
@@ -574,27 +249,27 @@ class TrainConfig:
         if self.model.dropout > 0:
             # Recomputation would draw new masks in backward (no generator replay), and tp ranks
             # would each draw their own for a replicated activation.
-            _require(
+            require(
                 self.recompute == "none" and self.schedule.tensor_parallel == 1, "model.dropout",
                 self.model.dropout, "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0",
             )
-        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
-        _require(
+        require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
+        require(
             not (self.max_restarts and not self.checkpoint_every), "max_restarts", self.max_restarts,
             "a restart resumes from the latest checkpoint; also set checkpoint_every (e.g. --checkpoint-every 50)",
         )
-        _require(
+        require(
             not (self.async_checkpoint and self.schedule.data_parallel * self.schedule.tensor_parallel > 1),
             "async_checkpoint", self.async_checkpoint,
             "background saves are not supported with schedule.data_parallel or schedule.tensor_parallel > 1 "
             "yet; drop it (saves are then synchronous)",
         )
-        _require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
-        _require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
-        _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
+        require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
+        require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
+        require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
-        _require(
+        require(
             self.precision != "fp16" or weight_update == "flush",
             "precision",
             self.precision,
@@ -624,7 +299,7 @@ class TrainConfig:
             seq_len=self.model.seq_len,
         ).check(PARALLEL_NAMES)
         if self.model.hf is not None:
-            _require(
+            require(
                 num_layers >= num_stages,
                 "model.path",
                 self.model.path,
@@ -632,7 +307,7 @@ class TrainConfig:
                 f"+ head) but the schedule has {num_stages} stages and each needs one; use fewer ranks / "
                 "virtual stages",
             )
-        _require(
+        require(
             num_layers >= num_stages,
             "model.num_layers",
             self.model.num_layers,
@@ -644,14 +319,14 @@ class TrainConfig:
 
     def _check_hf(self, files: ModelFiles) -> None:
         """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""
-        _require(
+        require(
             self.schedule.tensor_parallel == 1,
             "schedule.tensor_parallel",
             self.schedule.tensor_parallel,
             f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models yet; use 1 "
             "(pipeline and data parallelism apply)",
         )
-        _require(
+        require(
             self.model.seq_len <= files.max_positions,
             "model.seq_len",
             self.model.seq_len,
@@ -671,14 +346,14 @@ class TrainConfig:
         """What needs the whole step's gradient before the update: refused where the schedule
         updates weights inside the step."""
         name = self.schedule.name
-        _require(
+        require(
             self.optimizer.clip_grad_norm == 0,
             "optimizer.clip_grad_norm",
             self.optimizer.clip_grad_norm,
             f"schedule {name!r} updates weights inside the step, before a global norm exists; "
             "set optimizer.clip_grad_norm=0 or use a flush schedule",
         )
-        _require(
+        require(
             self.grad_accumulation == 1,
             "grad_accumulation",
             self.grad_accumulation,
@@ -688,7 +363,7 @@ class TrainConfig:
 
     def _check_retune(self, weight_update: str) -> None:
         s = self.schedule
-        _require(
+        require(
             weight_update == "flush",
             "schedule.retune_every",
             s.retune_every,
@@ -697,7 +372,7 @@ class TrainConfig:
         )
         schedule = s.built
         num_virtual = schedule.num_stages // schedule.num_ranks
-        _require(
+        require(
             layout_of(schedule.placement, schedule.num_ranks, num_virtual) is not None,
             "schedule.retune_every",
             s.retune_every,
@@ -715,7 +390,7 @@ class TrainConfig:
     def _check_partition(self, num_stages: int, num_layers: int) -> None:
         value = self.partition
         if isinstance(value, tuple):
-            _require(
+            require(
                 len(value) == num_stages and all(count >= 1 for count in value) and sum(value) == num_layers,
                 "partition",
                 list(value),
@@ -729,7 +404,7 @@ class TrainConfig:
             except re.error as error:
                 raise ConfigError(f"partition={value!r} is not allowed: bad regex ({error})") from None
             return
-        _require(
+        require(
             value in PARTITION_METHODS,
             "partition",
             value,
@@ -857,16 +532,3 @@ def resolve_out_dir(config: TrainConfig) -> TrainConfig:
         candidate = Path("runs") / f"{stamp}-{suffix}"
         suffix += 1
     return replace(config, out=str(candidate))
-
-
-def load_schedule_file(path: str) -> Schedule:
-    """The validated `Schedule` in `path`, or a ConfigError naming `schedule.file`."""
-    try:
-        return load(path)
-    except OSError as error:
-        raise ConfigError(
-            f"schedule.file={path!r} cannot be read ({error.strerror}); give a schedule JSON written by "
-            "`pipefold schedules find --save` or pipefold.schedule.io.save"
-        ) from None
-    except (ScheduleError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"schedule.file={path!r} is not a valid pipefold schedule: {error}") from None

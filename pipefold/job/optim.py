@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.job.config import LR_SCHEDULES
+from pipefold.job.sections import LR_SCHEDULES
 from pipefold.runtime import Pipeline
 from pipefold.runtime.clip import scale_gradients_
 
