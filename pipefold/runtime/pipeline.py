@@ -19,7 +19,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -29,26 +29,29 @@ from torch._C._distributed_c10d import Store
 from pipefold.errors import ConfigError, NonFiniteLoss, PeerFailure, PipefoldError, PipelineError
 from pipefold.model import (
     LayerLike,
-    Partition,
     TensorMeta,
     as_layers,
-    layer_name,
     materialize,
     meta_layers,
     named_parameters,
     owner_indices,
-    partition,
     tied_groups,
-    trace_boundaries,
 )
 from pipefold.model.build import name_prefix, shared_names, shared_parameter_uses
 from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime import step_gather
+from pipefold.runtime.arguments import (
+    check_optimizer,
+    num_microbatches_of,
+    option_group,
+    resolve_partition,
+    resolve_recompute,
+    resolve_schedule,
+)
 from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
 from pipefold.runtime.executor import Executor, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
-from pipefold.runtime.loss_scale import DynamicLossScale
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
     COMPUTE_DTYPES,
@@ -65,12 +68,15 @@ from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
 from pipefold.runtime.recording import StepRecorder
+from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.tied import TiedGradients, grad_copy
+from pipefold.runtime.step_batch import BoundaryShapes, split, split_batch
+from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
+from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
-from pipefold.schedule import Schedule, WeightUpdate, build, lower
+from pipefold.schedule import Schedule, WeightUpdate, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
@@ -79,11 +85,7 @@ __all__ = ["Pipeline"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NUM_MICROBATCHES = 8
-"""Micro-batches per step where neither the caller nor a ready `Schedule` says."""
-
 LossFn = Callable[[Any, Any], Tensor]
-OptionGroup = TypeVar("OptionGroup", LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions)
 
 
 class Pipeline:
@@ -125,13 +127,13 @@ class Pipeline:
         self._layers = as_layers(layers)
         if not callable(loss_fn):
             raise ConfigError(f"loss_fn must be callable (output, target) -> scalar tensor, got {loss_fn!r}")
-        self.layout_options = _option(layout, LayoutOptions, "layout")
+        self.layout_options = option_group(layout, LayoutOptions, "layout")
         """Which layers each stage holds, how they are built and where."""
-        self.parallel_options = _option(parallel, ParallelOptions, "parallel")
+        self.parallel_options = option_group(parallel, ParallelOptions, "parallel")
         """The groups, the other parallel dimensions and an asynchronous schedule's optimizer."""
-        self.runtime_options = _option(runtime, RuntimeOptions, "runtime")
+        self.runtime_options = option_group(runtime, RuntimeOptions, "runtime")
         """How this pipeline waits, records and runs its backward."""
-        self.transport_options = _option(transport, TransportOptions, "transport")
+        self.transport_options = option_group(transport, TransportOptions, "transport")
         """How boundary tensors travel between ranks."""
         self._loss_fn = loss_fn
         self._num_steps_run = 0
@@ -148,7 +150,7 @@ class Pipeline:
             pp=dims.num_ranks,
             dp=dims.num_data_parallel,
             tp=dims.num_tensor_parallel,
-            num_microbatches=_num_microbatches(schedule, num_microbatches),
+            num_microbatches=num_microbatches_of(schedule, num_microbatches),
             num_virtual=num_virtual,
             schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
             recompute=recompute if isinstance(recompute, str) else tuple(recompute),
@@ -157,7 +159,7 @@ class Pipeline:
             num_layers=len(self._layers),
         )
         described.check()
-        self.schedule = _resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
+        self.schedule = resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
         self.parallel_config = replace(
             described,
             num_virtual=self.schedule.num_virtual,
@@ -171,22 +173,24 @@ class Pipeline:
             # same result, cheaper (see fuse_adjacent_split_backward). `self.schedule` is
             # what runs, so the measured timeline and a simulation of it line up.
             self.schedule = fuse_adjacent_split_backward(self.schedule)
-        self._check_optimizer(self.parallel_options.optimizer)
+        check_optimizer(self.schedule, self.runtime_options, self.parallel_options.optimizer)
         self._meta = meta_layers(self._layers)
         # Parameters several layers hold (a tied embedding and head of a plain list or a split
         # module): tied like TiedLayerSpec where they span ranks, or refused below.
         self._shared = shared_parameter_uses(self._layers, self._meta)
         if dims.tensor_parallel is not None:
-            self._check_tied_layers_whole(dims)
+            check_tied_layers_whole(self._layers, self._meta, dims)
         # Layer outputs a tp rank holds split along the sequence: the boundaries after them
         # carry 1/tp of the traced shape.
         self._sequence_sharded = dims.sequence_sharded(self._meta)
         self.device = dims.check_device(self.layout_options.device)
         if self.runtime_options.keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
-        recompute_all, recompute_layers = _resolve_recompute(recompute)
-        self.partition = _resolve_partition(self._layers, self.schedule, self.layout_options.partition)
-        self._check_shared_parameters()
+        recompute_all, recompute_layers = resolve_recompute(recompute)
+        self.partition = resolve_partition(self._layers, self.schedule, self.layout_options.partition)
+        check_shared_parameters(
+            self._shared, self._layers, self._meta, dims, self.schedule, self.partition
+        )
 
         # -- local modules (no communication so far) --------------------------------------
         local_stages = self.schedule.stages_of(self.rank)
@@ -216,7 +220,10 @@ class Pipeline:
             stage.check_plain_output = dims.tensor_parallel is not None
             stage.compute_dtype = self.compute_dtype
             stage.device_type = self.device.type
-        self._boundary_cache: dict[TensorMeta, list[TensorMeta]] = {}
+        self._boundaries = BoundaryShapes(
+            self._layers, self._meta, dims, self._sequence_sharded, self.compute_dtype
+        )
+        """Each layer's output description for (batch description, micro-batch rows), cached."""
 
         # -- communication ------------------------------------------------------------------
         pipeline_id = next(Pipeline._num_created)
@@ -285,7 +292,7 @@ class Pipeline:
         self._data_parallel = dims.data_parallel(
             self.device, self._watchdog, list(self.parameters()), self.schedule.name
         )
-        self.loss_scale = self._new_loss_scale()
+        self.loss_scale = new_loss_scale(self.runtime_options, self.dims, self._watchdog)
         """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
         counter = ActivationCounter(self.parameters()) if self.runtime_options.record_timeline else None
         self._stage_of = stages
@@ -308,22 +315,6 @@ class Pipeline:
         self._executor = executor(program)
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
-
-    def _new_loss_scale(self) -> DynamicLossScale | None:
-        options = self.runtime_options
-        if options.loss_scale is None:
-            return None
-        dims = self.dims
-        # One agreement over every rank of the job: with replicas or tp peers that is the world
-        # (the mesh); a lone pipeline agrees within its own group.
-        spans_more = dims.data_parallel_group is not None or dims.tensor_parallel_group is not None
-        group = dist.group.WORLD if spans_more else dims.pipeline_group
-        return DynamicLossScale(
-            options.loss_scale,
-            growth_interval=options.loss_scale_growth_interval,
-            group=group,
-            watchdog=self._watchdog,
-        )
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
@@ -361,64 +352,6 @@ class Pipeline:
         self.recorder.use(schedule, self._timeline_slots)
 
     # -- configuration helpers ---------------------------------------------------------------
-
-    def _check_optimizer(self, optimizer: OptimizerFactory | None) -> None:
-        """Flush schedules leave the update to the user; asynchronous ones step inside `step`."""
-        name = self.schedule.name
-        if self.schedule.weight_update is WeightUpdate.FLUSH:
-            if optimizer is not None:
-                raise ConfigError(
-                    f"ParallelOptions.optimizer is given but schedule {name!r} is a flush schedule; step "
-                    "your optimizer after pipe.step() yourself and leave ParallelOptions.optimizer None"
-                )
-            return
-        if self.runtime_options.loss_scale is not None:
-            raise ConfigError(
-                f"RuntimeOptions(precision='fp16') with schedule {name!r}: it updates weights inside the "
-                "step, from gradients still multiplied by the loss scale and before every rank has agreed "
-                "on an overflow; use a flush schedule for fp16, or bf16 (no loss scale)"
-            )
-        if optimizer is None:
-            raise ConfigError(
-                f"schedule {name!r} updates weights during the step ({self.schedule.weight_update}); pass "
-                "parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=...)) "
-                "(a factory)"
-            )
-
-    def _check_tied_layers_whole(self, dims: ParallelDims) -> None:
-        """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole
-        (docs/decisions.md, "tensor parallel x pipeline")."""
-        for key, occurrences in sorted(tied_groups(self._layers).items()):
-            split = [i for i in occurrences if dims.splits(i, self._meta[i])]
-            if split:
-                raise ConfigError(
-                    f"tensor_parallel splits the tied layer {key!r} (layers {split}): tied layers exchange "
-                    "whole gradients between ranks; keep them out of the plan (return None for them)"
-                )
-
-    def _check_shared_parameters(self) -> None:
-        """Refuse a shared parameter the pipeline cannot keep one weight: split by a tensor-parallel
-        plan, or held by two stages of a schedule that updates each stage inside the step."""
-        for name, uses in sorted(self._shared.items()):
-            where = " and ".join(
-                f"layer {index} ({layer_name(self._layers[index])}, stage "
-                f"{self.partition.stage_of(index)}) as {use!r}"
-                for index, use in uses
-            )
-            split = [index for index, _ in uses if self.dims.splits(index, self._meta[index])]
-            if split:
-                raise ConfigError(
-                    f"parameter {name!r} is shared by {where}, and tensor_parallel splits layer(s) {split}: "
-                    "a shared parameter is tied by summing whole gradients between its holders; keep "
-                    "those layers out of the plan (return None for them)"
-                )
-            stages = {self.partition.stage_of(index) for index, _ in uses}
-            if len(stages) > 1 and self.schedule.weight_update is not WeightUpdate.FLUSH:
-                raise ConfigError(
-                    f"parameter {name!r} is shared by {where}: schedule {self.schedule.name!r} updates "
-                    "each stage's weights inside the step, so the stages would update their uses apart; "
-                    "use a flush schedule, or put every use on one stage (LayoutOptions(partition=...))"
-                )
 
     def _attach_stashes(self, optimizer: OptimizerFactory | None) -> bool:
         if optimizer is None:
@@ -606,7 +539,7 @@ class Pipeline:
             raise PipelineError(f"rank {self.rank}: this pipeline stopped after a failure ({self._broken})")
         forward_only = ForwardOnly(
             schedule=self.schedule, rank=self.rank, stages=self._stage_of, loss_fn=self._loss_fn,
-            boundaries=self._boundaries, split=lambda value, n: _split(value, n, self.device),
+            boundaries=self._boundaries, split=lambda value, n: split(value, n, self.device),
             device=self.device, p2p=self.p2p, collectives=self.collectives,
             data_parallel=self._data_parallel, watchdog=self._watchdog,
         )
@@ -634,63 +567,14 @@ class Pipeline:
         )
 
     def _step(self, inputs: Any, targets: Any) -> float:
-        schedule = self.schedule
-        first_rank = schedule.placement[0]
-        last_rank = schedule.placement[-1]
-        batch_meta = None
-        if self.rank == first_rank:
-            if inputs is None:
-                raise ConfigError(
-                    f"rank {self.rank} holds stage 0 but step() got inputs=None; pass the batch on this rank"
-                )
-            batch_meta = TensorMeta.of(
-                inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
-            )
         collectives = self.transport.collectives
-        if collectives is not None:
-            batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
-        if not isinstance(batch_meta, TensorMeta):
-            raise PipelineError(f"rank {self.rank} received no batch description from rank {first_rank}")
-        batch_size = _batch_size(batch_meta)
-        num_microbatches = schedule.num_microbatches
-        if batch_size < num_microbatches:
-            raise ConfigError(
-                f"the batch has {batch_size} rows but num_microbatches is {num_microbatches}; "
-                f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
-            )
-        sizes = [
-            len(chunk)
-            for chunk in torch.tensor_split(torch.empty(batch_size, device="meta"), num_microbatches)
-        ]
+        batch = split_batch(self.rank, self.schedule, inputs, targets, collectives, self.device)
+        batch_meta, batch_size, sizes = batch.meta, batch.size, batch.sizes
         boundaries = [self._boundaries(batch_meta, size) for size in sizes]
-
-        split_inputs = None
-        if self.rank == first_rank:
-            split_inputs = _split(inputs, num_microbatches, self.device)
-        split_targets = None
-        if self.rank == last_rank:
-            if targets is None:
-                raise ConfigError(
-                    f"rank {self.rank} holds the last stage but step() got targets=None; pass them here"
-                )
-            target_rows = _batch_size(TensorMeta.of(targets, what="targets"))
-            if target_rows != batch_size:
-                raise ConfigError(
-                    f"targets have {target_rows} rows but inputs have {batch_size}; give one target per row"
-                )
-            split_targets = _split(targets, num_microbatches, self.device)
-
         data_parallel = self._data_parallel
         skip = self.runtime_options.on_nonfinite == "skip"
         scaler = self.loss_scale
-        params = list(self.parameters()) if scaler is not None else []
-        # With data parallelism (or a loss scale) the set-aside gradients are the snapshot (no copy).
-        restore = self._grad_snapshot() if skip and data_parallel is None and scaler is None else []
-        if data_parallel is not None:
-            data_parallel.set_aside_gradients()
-        elif scaler is not None:
-            scaler.set_aside(params)
-        tied_before = self.tied.snapshot()
+        gradients = StepGradients(self.parameters, self.tied, data_parallel, scaler, skip=skip)
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
         count_memory = (
@@ -700,7 +584,7 @@ class Pipeline:
         self._num_steps_run += 1
         record = self._executor.run(
             StepInputs(
-                split_inputs, split_targets, boundaries, [size / batch_size for size in sizes],
+                batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],
                 loss_scale=1.0 if scaler is None else scaler.scale,
             ),
             count_memory=count_memory,
@@ -724,24 +608,7 @@ class Pipeline:
         weight = 1.0
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
             losses, weight = data_parallel.reduce_losses(losses, batch_size)
-        bad = [mb for mb, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
-        overflow = scaler is not None and scaler.overflowed(params, self.device)
-        if (bad and skip) or overflow:
-            self._restore(restore)
-            if data_parallel is not None:
-                data_parallel.restore_set_aside()
-            elif scaler is not None:
-                scaler.restore(params)
-            if bad:
-                logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
-        else:
-            self.tied.sum(tied_before)
-            if data_parallel is not None:
-                data_parallel.average_gradients(weight if scaler is None else weight / scaler.scale)
-            elif scaler is not None:
-                scaler.unscale_and_add_back(params)
-        if scaler is not None:
-            scaler.update(overflow)
+        bad = gradients.finish(losses, weight, self.device)
         if gathered is not None:
             self._last_step = gathered
         if bad and not skip:
@@ -751,32 +618,6 @@ class Pipeline:
                 f"or check the data, or pass on_nonfinite='skip' to drop such steps"
             )
         return float(losses.sum().item())
-
-    def _boundaries(self, batch_meta: TensorMeta, rows: int) -> list[TensorMeta]:
-        key = TensorMeta(
-            shapes=tuple((rows, *shape[1:]) for shape in batch_meta.shapes),
-            dtypes=batch_meta.dtypes,
-            is_tuple=batch_meta.is_tuple,
-        )
-        cached = self._boundary_cache.get(key)
-        if cached is None:
-            sample = tuple(
-                torch.empty(s, dtype=d, device="meta") for s, d in zip(key.shapes, key.dtypes, strict=True)
-            )
-            cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
-            cached = self.dims.shard_boundaries(cached, self._sequence_sharded)
-            if self.compute_dtype is not None:
-                cached = _in_compute_dtype(cached, self.compute_dtype)
-            self._boundary_cache[key] = cached
-        return cached
-
-    def _grad_snapshot(self) -> list[tuple[nn.Parameter, Tensor | None]]:
-        return [(p, grad_copy(p)) for p in self.parameters()]
-
-    @staticmethod
-    def _restore(snapshot: list[tuple[nn.Parameter, Tensor | None]]) -> None:
-        for param, grad in snapshot:
-            param.grad = grad
 
     @property
     def last_sent_bytes(self) -> int:
@@ -797,65 +638,7 @@ class Pipeline:
         return self._last_step
 
 
-
 # -- module helpers ----------------------------------------------------------------------------
-
-
-def _option(value: Any, kind: type[OptionGroup], keyword: str) -> OptionGroup:
-    """`value` (None: `kind()`, every default), refused unless it is a `kind`."""
-    if value is None:
-        return kind()
-    if not isinstance(value, kind):
-        raise ConfigError(
-            f"Pipeline({keyword}={value!r}): give a pipefold.runtime.{kind.__name__}(...) "
-            "(see pipefold/runtime/options.py)"
-        )
-    return value
-
-
-def _resolve_schedule(
-    schedule: str | Schedule, num_ranks: int, num_microbatches: int | None, num_virtual: int | None
-) -> Schedule:
-    if isinstance(schedule, Schedule):
-        if schedule.num_ranks != num_ranks:
-            raise ConfigError(
-                f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group has "
-                f"{num_ranks}; build it with num_ranks={num_ranks}"
-            )
-        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
-            raise ConfigError(
-                f"num_microbatches={num_microbatches} but schedule {schedule.name!r} has "
-                f"{schedule.num_microbatches}; leave num_microbatches unset when passing a Schedule"
-            )
-        if num_virtual is not None and num_virtual != schedule.num_virtual:
-            raise ConfigError(
-                f"num_virtual={num_virtual} but schedule {schedule.name!r} has {schedule.num_virtual} "
-                "stages per rank; leave num_virtual unset when passing a Schedule"
-            )
-        return schedule
-    if not isinstance(schedule, str):
-        raise ConfigError(f"schedule must be a family name or a Schedule, got {type(schedule).__name__}")
-    count = _num_microbatches(schedule, num_microbatches)
-    return build(schedule, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual)
-
-
-def _num_microbatches(schedule: str | Schedule, num_microbatches: int | None) -> int:
-    if num_microbatches is not None:
-        return num_microbatches
-    return schedule.num_microbatches if isinstance(schedule, Schedule) else DEFAULT_NUM_MICROBATCHES
-
-
-def _resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:
-    """(recompute every layer, the layers to recompute); the rulebook has checked the value."""
-    if isinstance(recompute, str):
-        return recompute == "full", frozenset()
-    return False, frozenset(recompute)
-
-
-def _resolve_partition(
-    layers: Sequence[LayerLike], schedule: Schedule, method: str | Sequence[int] | Partition
-) -> Partition:
-    return partition(layers, schedule.num_stages, method, placement=schedule.placement)
 
 
 def _default_store() -> Store | None:
@@ -864,39 +647,3 @@ def _default_store() -> Store | None:
     except (RuntimeError, ValueError):
         logger.warning("no default store: failures of other ranks are only detected by timeout")
         return None
-
-
-def _in_compute_dtype(boundaries: list[TensorMeta], dtype: torch.dtype) -> list[TensorMeta]:
-    """The boundaries as stages cast them under mixed precision (`Stage.forward`): fp32 entries
-    travel in `dtype`; the last layer's output (the loss function's input) is left as traced."""
-    def cast(meta: TensorMeta) -> TensorMeta:
-        return replace(meta, dtypes=tuple(dtype if d == torch.float32 else d for d in meta.dtypes))
-
-    return [cast(meta) for meta in boundaries[:-1]] + boundaries[-1:]
-
-
-def _batch_size(meta: TensorMeta) -> int:
-    rows = {shape[0] if shape else -1 for shape in meta.shapes}
-    if len(rows) != 1 or -1 in rows:
-        raise ConfigError(
-            f"every tensor of a batch must have the same first (batch) dimension, got {meta}; "
-            "put the batch dimension first"
-        )
-    return rows.pop()
-
-
-def _split(value: Any, num_chunks: int, device: torch.device) -> list[Any]:
-    if isinstance(value, Tensor):
-        return list(torch.tensor_split(_to_device(value, device), num_chunks))
-    columns = [torch.tensor_split(_to_device(tensor, device), num_chunks) for tensor in value]
-    return [tuple(column[mb] for column in columns) for mb in range(num_chunks)]
-
-
-def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """`tensor` on `device`. A host batch bound for a GPU goes through page-locked memory
-    and an asynchronous copy, so the host is not held up while the step's inputs travel
-    (the copy is ordered on the current stream before the forwards that read it)."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
-        return pinned.to(device, non_blocking=True)
-    return tensor.to(device)

@@ -1,0 +1,115 @@
+"""Resolving and checking `Pipeline`'s arguments before any communication: the option groups,
+the schedule and its micro-batch count, recomputation, the partition, and whether the schedule
+wants an optimizer (asynchronous) or leaves the update to the user (flush)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from pipefold.errors import ConfigError
+from pipefold.model import LayerLike, Partition, partition
+from pipefold.runtime.options import (
+    LayoutOptions,
+    OptimizerFactory,
+    ParallelOptions,
+    RuntimeOptions,
+    TransportOptions,
+)
+from pipefold.schedule import Schedule, WeightUpdate, build
+
+__all__ = [
+    "DEFAULT_NUM_MICROBATCHES",
+    "check_optimizer",
+    "num_microbatches_of",
+    "option_group",
+    "resolve_partition",
+    "resolve_recompute",
+    "resolve_schedule",
+]
+
+DEFAULT_NUM_MICROBATCHES = 8
+"""Micro-batches per step where neither the caller nor a ready `Schedule` says."""
+
+OptionGroup = TypeVar("OptionGroup", LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions)
+
+
+def option_group(value: Any, kind: type[OptionGroup], keyword: str) -> OptionGroup:
+    """`value` (None: `kind()`, every default), refused unless it is a `kind`."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ConfigError(
+            f"Pipeline({keyword}={value!r}): give a pipefold.runtime.{kind.__name__}(...) "
+            "(see pipefold/runtime/options.py)"
+        )
+    return value
+
+
+def resolve_schedule(
+    schedule: str | Schedule, num_ranks: int, num_microbatches: int | None, num_virtual: int | None
+) -> Schedule:
+    if isinstance(schedule, Schedule):
+        if schedule.num_ranks != num_ranks:
+            raise ConfigError(
+                f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group has "
+                f"{num_ranks}; build it with num_ranks={num_ranks}"
+            )
+        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
+            raise ConfigError(
+                f"num_microbatches={num_microbatches} but schedule {schedule.name!r} has "
+                f"{schedule.num_microbatches}; leave num_microbatches unset when passing a Schedule"
+            )
+        if num_virtual is not None and num_virtual != schedule.num_virtual:
+            raise ConfigError(
+                f"num_virtual={num_virtual} but schedule {schedule.name!r} has {schedule.num_virtual} "
+                "stages per rank; leave num_virtual unset when passing a Schedule"
+            )
+        return schedule
+    if not isinstance(schedule, str):
+        raise ConfigError(f"schedule must be a family name or a Schedule, got {type(schedule).__name__}")
+    count = num_microbatches_of(schedule, num_microbatches)
+    return build(schedule, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual)
+
+
+def num_microbatches_of(schedule: str | Schedule, num_microbatches: int | None) -> int:
+    if num_microbatches is not None:
+        return num_microbatches
+    return schedule.num_microbatches if isinstance(schedule, Schedule) else DEFAULT_NUM_MICROBATCHES
+
+
+def resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:
+    """(recompute every layer, the layers to recompute); the rulebook has checked the value."""
+    if isinstance(recompute, str):
+        return recompute == "full", frozenset()
+    return False, frozenset(recompute)
+
+
+def resolve_partition(
+    layers: Sequence[LayerLike], schedule: Schedule, method: str | Sequence[int] | Partition
+) -> Partition:
+    return partition(layers, schedule.num_stages, method, placement=schedule.placement)
+
+
+def check_optimizer(schedule: Schedule, runtime: RuntimeOptions, optimizer: OptimizerFactory | None) -> None:
+    """Flush schedules leave the update to the user; asynchronous ones step inside `step`."""
+    name = schedule.name
+    if schedule.weight_update is WeightUpdate.FLUSH:
+        if optimizer is not None:
+            raise ConfigError(
+                f"ParallelOptions.optimizer is given but schedule {name!r} is a flush schedule; step "
+                "your optimizer after pipe.step() yourself and leave ParallelOptions.optimizer None"
+            )
+        return
+    if runtime.loss_scale is not None:
+        raise ConfigError(
+            f"RuntimeOptions(precision='fp16') with schedule {name!r}: it updates weights inside the "
+            "step, from gradients still multiplied by the loss scale and before every rank has agreed "
+            "on an overflow; use a flush schedule for fp16, or bf16 (no loss scale)"
+        )
+    if optimizer is None:
+        raise ConfigError(
+            f"schedule {name!r} updates weights during the step ({schedule.weight_update}); pass "
+            "parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=...)) "
+            "(a factory)"
+        )

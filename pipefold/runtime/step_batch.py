@@ -1,0 +1,157 @@
+"""A step's batch: its description broadcast from the rank of stage 0, its rows cut into
+micro-batches on this rank's device, and the boundary shapes traced on the meta device for
+each micro-batch size (cached per shape) as they travel between stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipefold.errors import ConfigError, PipelineError
+from pipefold.model import LayerLike, TensorMeta, trace_boundaries
+from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.transport.comm import Collectives
+from pipefold.schedule import Schedule
+
+__all__ = ["BoundaryShapes", "SplitBatch", "batch_size", "split", "split_batch"]
+
+
+@dataclass(frozen=True)
+class SplitBatch:
+    """One step's batch as this rank sees it (inputs on stage 0's rank, targets on the last's)."""
+
+    meta: TensorMeta
+    size: int
+    sizes: list[int]
+    """The rows of each micro-batch."""
+    inputs: list[Any] | None
+    targets: list[Any] | None
+
+
+def split_batch(
+    rank: int,
+    schedule: Schedule,
+    inputs: Any,
+    targets: Any,
+    collectives: Collectives | None,
+    device: torch.device,
+) -> SplitBatch:
+    """Agree on the batch's description (broadcast from stage 0's rank), check it, and cut
+    this rank's inputs and targets into the schedule's micro-batches on `device`."""
+    first_rank = schedule.placement[0]
+    last_rank = schedule.placement[-1]
+    batch_meta = None
+    if rank == first_rank:
+        if inputs is None:
+            raise ConfigError(
+                f"rank {rank} holds stage 0 but step() got inputs=None; pass the batch on this rank"
+            )
+        batch_meta = TensorMeta.of(
+            inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
+        )
+    if collectives is not None:
+        batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
+    if not isinstance(batch_meta, TensorMeta):
+        raise PipelineError(f"rank {rank} received no batch description from rank {first_rank}")
+    rows = batch_size(batch_meta)
+    num_microbatches = schedule.num_microbatches
+    if rows < num_microbatches:
+        raise ConfigError(
+            f"the batch has {rows} rows but num_microbatches is {num_microbatches}; "
+            f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
+        )
+    sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(rows, device="meta"), num_microbatches)]
+    split_inputs = None
+    if rank == first_rank:
+        split_inputs = split(inputs, num_microbatches, device)
+    split_targets = None
+    if rank == last_rank:
+        if targets is None:
+            raise ConfigError(f"rank {rank} holds the last stage but step() got targets=None; pass them here")
+        target_rows = batch_size(TensorMeta.of(targets, what="targets"))
+        if target_rows != rows:
+            raise ConfigError(
+                f"targets have {target_rows} rows but inputs have {rows}; give one target per row"
+            )
+        split_targets = split(targets, num_microbatches, device)
+    return SplitBatch(batch_meta, rows, sizes, split_inputs, split_targets)
+
+
+class BoundaryShapes:
+    """Each layer's output description for a batch description and micro-batch rows, traced
+    on the meta device once per shape, as this rank sends and receives it (sequence-sharded
+    by tensor parallelism, in the compute dtype under mixed precision)."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerLike],
+        meta: Sequence[nn.Module],
+        dims: ParallelDims,
+        sequence_sharded: Mapping[int, int],
+        compute_dtype: torch.dtype | None,
+    ) -> None:
+        self._layers = layers
+        self._meta = meta
+        self._dims = dims
+        self._sequence_sharded = sequence_sharded
+        self._compute_dtype = compute_dtype
+        self._cache: dict[TensorMeta, list[TensorMeta]] = {}
+
+    def __call__(self, batch_meta: TensorMeta, rows: int) -> list[TensorMeta]:
+        key = TensorMeta(
+            shapes=tuple((rows, *shape[1:]) for shape in batch_meta.shapes),
+            dtypes=batch_meta.dtypes,
+            is_tuple=batch_meta.is_tuple,
+        )
+        cached = self._cache.get(key)
+        if cached is None:
+            sample = tuple(
+                torch.empty(s, dtype=d, device="meta") for s, d in zip(key.shapes, key.dtypes, strict=True)
+            )
+            cached = trace_boundaries(self._layers, sample if key.is_tuple else sample[0], meta=self._meta)
+            cached = self._dims.shard_boundaries(cached, self._sequence_sharded)
+            if self._compute_dtype is not None:
+                cached = _in_compute_dtype(cached, self._compute_dtype)
+            self._cache[key] = cached
+        return cached
+
+
+def _in_compute_dtype(boundaries: list[TensorMeta], dtype: torch.dtype) -> list[TensorMeta]:
+    """The boundaries as stages cast them under mixed precision (`Stage.forward`): fp32 entries
+    travel in `dtype`; the last layer's output (the loss function's input) is left as traced."""
+
+    def cast(meta: TensorMeta) -> TensorMeta:
+        return replace(meta, dtypes=tuple(dtype if d == torch.float32 else d for d in meta.dtypes))
+
+    return [cast(meta) for meta in boundaries[:-1]] + boundaries[-1:]
+
+
+def batch_size(meta: TensorMeta) -> int:
+    rows = {shape[0] if shape else -1 for shape in meta.shapes}
+    if len(rows) != 1 or -1 in rows:
+        raise ConfigError(
+            f"every tensor of a batch must have the same first (batch) dimension, got {meta}; "
+            "put the batch dimension first"
+        )
+    return rows.pop()
+
+
+def split(value: Any, num_chunks: int, device: torch.device) -> list[Any]:
+    if isinstance(value, Tensor):
+        return list(torch.tensor_split(_to_device(value, device), num_chunks))
+    columns = [torch.tensor_split(_to_device(tensor, device), num_chunks) for tensor in value]
+    return [tuple(column[mb] for column in columns) for mb in range(num_chunks)]
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`. A host batch bound for a GPU goes through page-locked memory
+    and an asynchronous copy, so the host is not held up while the step's inputs travel
+    (the copy is ordered on the current stream before the forwards that read it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+        return pinned.to(device, non_blocking=True)
+    return tensor.to(device)
