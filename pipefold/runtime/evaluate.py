@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipefold.errors import ConfigError, PipelineError
 from pipefold.model import TensorMeta
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.parallel.data_parallel import DataParallel
 from pipefold.runtime.stage import Stage, flatten
+from pipefold.runtime.step_batch import split_batch
 from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
 from pipefold.schedule import Schedule
 
@@ -45,8 +45,6 @@ class ForwardOnly:
     loss_fn: Callable[[Any, Any], Tensor]
     boundaries: Callable[[TensorMeta, int], list[TensorMeta]]
     """(batch description, rows of a micro-batch) -> each layer's output description."""
-    split: Callable[[Any, int], list[Any]]
-    """(a batch, number of micro-batches) -> its micro-batches on this rank's device."""
     device: torch.device
     p2p: P2P | None
     collectives: Collectives | None
@@ -57,36 +55,11 @@ class ForwardOnly:
         """The batch-mean loss over every replica's rows, on every rank (see the module docstring)."""
         schedule = self.schedule
         placement = schedule.placement
-        first_rank, last_rank = placement[0], placement[-1]
-        batch_meta = None
-        if self.rank == first_rank:
-            if inputs is None:
-                raise ConfigError(
-                    f"rank {self.rank} holds stage 0 but evaluate() got inputs=None; pass the batch here"
-                )
-            batch_meta = TensorMeta.of(inputs, what="inputs", fix="pass a tensor or a tuple of tensors")
-        if self.collectives is not None:
-            batch_meta = self.collectives.broadcast_object(batch_meta, src=first_rank, what="evaluate start")
-        if not isinstance(batch_meta, TensorMeta):
-            raise PipelineError(f"rank {self.rank} received no batch description from rank {first_rank}")
-        rows = {shape[0] for shape in batch_meta.shapes}
-        batch_size = rows.pop() if len(rows) == 1 else -1
-        num_microbatches = schedule.num_microbatches
-        if batch_size < num_microbatches:
-            raise ConfigError(
-                f"evaluate: the batch has {batch_size} rows but num_microbatches is {num_microbatches}; "
-                f"use a batch of at least {num_microbatches} rows (batch first)"
-            )
-        sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(batch_size, device="meta"),
-                                                            num_microbatches)]
-        split_inputs = self.split(inputs, num_microbatches) if self.rank == first_rank else None
-        split_targets = None
-        if self.rank == last_rank:
-            if targets is None:
-                raise ConfigError(
-                    f"rank {self.rank} holds the last stage but evaluate() got targets=None; pass them here"
-                )
-            split_targets = self.split(targets, num_microbatches)
+        batch = split_batch(
+            self.rank, schedule, inputs, targets, self.collectives, self.device, caller="evaluate"
+        )
+        batch_meta, batch_size, sizes = batch.meta, batch.size, batch.sizes
+        split_inputs, split_targets = batch.inputs, batch.targets
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         sends: list[Transfer] = []
         with torch.no_grad():

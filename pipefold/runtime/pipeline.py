@@ -71,7 +71,7 @@ from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
-from pipefold.runtime.step_batch import BoundaryShapes, split, split_batch
+from pipefold.runtime.step_batch import BoundaryShapes, split_batch
 from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
@@ -539,7 +539,7 @@ class Pipeline:
             raise PipelineError(f"rank {self.rank}: this pipeline stopped after a failure ({self._broken})")
         forward_only = ForwardOnly(
             schedule=self.schedule, rank=self.rank, stages=self._stage_of, loss_fn=self._loss_fn,
-            boundaries=self._boundaries, split=lambda value, n: split(value, n, self.device),
+            boundaries=self._boundaries,
             device=self.device, p2p=self.p2p, collectives=self.collectives,
             data_parallel=self._data_parallel, watchdog=self._watchdog,
         )

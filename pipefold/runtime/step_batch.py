@@ -39,22 +39,25 @@ def split_batch(
     targets: Any,
     collectives: Collectives | None,
     device: torch.device,
+    *,
+    caller: str = "step",
 ) -> SplitBatch:
     """Agree on the batch's description (broadcast from stage 0's rank), check it, and cut
-    this rank's inputs and targets into the schedule's micro-batches on `device`."""
+    this rank's inputs and targets into the schedule's micro-batches on `device`. `caller`
+    ("step", "evaluate") names the call in messages."""
     first_rank = schedule.placement[0]
     last_rank = schedule.placement[-1]
     batch_meta = None
     if rank == first_rank:
         if inputs is None:
             raise ConfigError(
-                f"rank {rank} holds stage 0 but step() got inputs=None; pass the batch on this rank"
+                f"rank {rank} holds stage 0 but {caller}() got inputs=None; pass the batch on this rank"
             )
         batch_meta = TensorMeta.of(
             inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
         )
     if collectives is not None:
-        batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what="step start")
+        batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what=f"{caller} start")
     if not isinstance(batch_meta, TensorMeta):
         raise PipelineError(f"rank {rank} received no batch description from rank {first_rank}")
     rows = batch_size(batch_meta)
@@ -71,7 +74,7 @@ def split_batch(
     split_targets = None
     if rank == last_rank:
         if targets is None:
-            raise ConfigError(f"rank {rank} holds the last stage but step() got targets=None; pass them here")
+            raise ConfigError(f"rank {rank} holds the last stage but {caller}() got targets=None; pass them here")
         target_rows = batch_size(TensorMeta.of(targets, what="targets"))
         if target_rows != rows:
             raise ConfigError(
