@@ -4,13 +4,16 @@
     device = resolve_device("auto", local_rank=0)     # cuda:0 where this machine has a GPU per rank
 
 Torch-free to import (the configuration checks `DEVICE_CHOICES` without torch); torch is
-imported when a device is resolved.
+imported when a device is resolved. `check_compiler("compile")` refuses `torch.compile` where
+inductor would find no C++ compiler, before any rank starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from typing import TYPE_CHECKING
 
 from pipefold.errors import ConfigError
@@ -18,7 +21,7 @@ from pipefold.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_CHOICES", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "check_compiler", "cpp_compiler", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +59,25 @@ def resolve_device(choice: str = "auto", local_rank: int | None = None) -> torch
     if num_gpus:
         logger.warning("%d local ranks but %d GPUs: running on the CPU", local_world, num_gpus)
     return torch.device("cpu")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor backend would use, or None where it finds none.
+
+    Inductor (torch/_inductor/config.py, `cpp.cxx`) runs $CXX, else g++ (clang++ on macOS),
+    to build the kernels it generates for the CPU (and Triton needs a C compiler to build its
+    GPU launchers); this looks the same name up on the PATH without importing torch.
+    """
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name)
+
+
+def check_compiler(field: str) -> None:
+    """Refuse `field` (a compile option, as its user spells it) where there is no C++ compiler."""
+    if cpp_compiler() is None:
+        name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        raise ConfigError(
+            f"{field}=True is not allowed: torch.compile's inductor builds its kernels with a C++ "
+            f"compiler and {name!r} is not on the PATH; install one (apt-get install g++, or "
+            "conda install gxx), point $CXX at it, or drop the compile option"
+        )

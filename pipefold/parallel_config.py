@@ -63,6 +63,8 @@ class ParallelConfig:
     """Attention heads, which tensor parallelism splits; None = unknown (not checked)."""
     seq_len: int | None = None
     """Sequence length, which sequence parallelism splits; None = unknown (not checked)."""
+    compile: bool = False
+    """Each layer runs through torch.compile."""
 
     @property
     def asynchronous(self) -> bool:
@@ -196,6 +198,12 @@ class _Rules:
                 "seq_len",
                 f"sequence parallelism splits every sequence over {n('tp')}={c.tp} ranks; "
                 f"use a length divisible by {c.tp} (e.g. {fit})",
+            )
+        if c.compile and c.tp > 1:
+            self.refuse(
+                "compile",
+                f"torch.compile of tensor-parallel (DTensor) layers is not supported by pipefold "
+                f"yet; use {n('tp')}=1 or {n('compile')}=False",
             )
         if c.num_heads is not None and c.num_heads % c.tp:
             self.refuse(

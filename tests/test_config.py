@@ -122,6 +122,7 @@ BAD = [
         "schedule.tensor_parallel=2",
     ),
     ({"precision": "fp8"}, "precision='fp8'"),
+    ({"compile": True, "schedule.tensor_parallel": 2}, "compile=True"),
     ({"precision": "fp16", "loss_scale": 0.0}, "loss_scale=0.0"),
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
     ({"nope": 1}, "nope"),
@@ -202,3 +203,11 @@ def test_the_schedule_is_built_once_and_a_schedule_file_read_once(tmp_path, monk
     # Given the file's contents (the CLI reads it to fill ranks and micro-batches), no second read.
     again = load_config(overrides={"schedule.file": str(path)}, schedule_file=config.schedule.built)
     assert again.schedule.built is config.schedule.built and len(reads) == 1
+
+
+def test_compile_without_a_cpp_compiler_is_refused_naming_the_fix(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(ConfigError, match="compile=True is not allowed: .*'no-such-compiler\\+\\+' is not on the PATH"):
+        load_config(None, {"compile": True})
+    monkeypatch.setenv("CXX", sys.executable)  # any program on the PATH passes the check
+    assert load_config(None, {"compile": True}).compile

@@ -20,6 +20,7 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
         ({"dp": 0}, "dp=0 is not allowed"),
         ({"tp": True}, "tp=True is not allowed"),
         ({"num_microbatches": 0}, "num_microbatches=0 is not allowed"),
+        ({"compile": True, "tp": 2}, "compile=True is not allowed: torch.compile of tensor-parallel"),
         ({"num_virtual": 0}, "num_virtual=0 is not allowed: give at least 1 stage per rank"),
         ({"recompute": "some"}, 'recompute=\'some\' is not allowed: use "none", "full"'),
         (

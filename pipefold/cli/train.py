@@ -77,6 +77,7 @@ _FLAGS: dict[str, str] = {
     "on_nonfinite": "on_nonfinite",
     "precision": "precision",
     "loss_scale": "loss_scale",
+    "compile": "compile",
     "overwrite": "overwrite",
     "max_restarts": "max_restarts",
     "async_checkpoint": "async_checkpoint",
@@ -174,6 +175,9 @@ def add_parser(subparsers: Any) -> None:
                         f"default {TrainConfig.precision}")
     parser.add_argument("--loss-scale", type=float, metavar="S",
                         help=f"fp16's initial dynamic loss scale; default {TrainConfig.loss_scale:g}")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="run each layer of each stage through torch.compile (inductor; needs a C++ "
+                        "compiler); works with every schedule, the split-backward ones included")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")

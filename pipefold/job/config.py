@@ -28,6 +28,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
     precision = "fp32"         # "bf16"/"fp16": autocast compute, fp32 weights, 16-bit boundaries
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
+    compile = false            # run each layer through torch.compile (needs a C++ compiler)
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
@@ -85,7 +86,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipefold.device import DEVICE_CHOICES
+from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import ModelFiles, check_tokenizer
 from pipefold.job.sections import (
@@ -183,6 +184,9 @@ class TrainConfig:
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""
+    compile: bool = False
+    """Run each layer of each stage through torch.compile (inductor; docs/training.md). Refused
+    where there is no C++ compiler, and with schedule.tensor_parallel > 1."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -224,6 +228,8 @@ class TrainConfig:
             self.loss_scale,
             "fp16 gradients underflow without a loss scale; give a positive initial scale, e.g. 65536.0",
         )
+        if self.compile:
+            check_compiler("compile")
         require(
             self.device in DEVICE_CHOICES,
             "device",
@@ -292,6 +298,7 @@ class TrainConfig:
             weight_update=weight_update,
             recompute=self.recompute,
             on_nonfinite=self.on_nonfinite,
+            compile=self.compile,
             zero=self.optimizer.zero,
             tied_layers=self.model.tied,
             num_layers=num_layers,

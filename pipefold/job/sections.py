@@ -54,6 +54,7 @@ PARALLEL_NAMES = {
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
     "on_nonfinite": "on_nonfinite",
+    "compile": "compile",
 }
 """How the TOML file spells the rulebook's fields (`ParallelConfig.check`)."""
 

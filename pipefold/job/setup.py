@@ -254,7 +254,7 @@ def _make_pipeline(
     )
     runtime = RuntimeOptions(
         timeout_s=config.timeout_s, on_nonfinite=on_nonfinite, precision=precision,
-        loss_scale=config.loss_scale if precision == "fp16" else None,
+        loss_scale=config.loss_scale if precision == "fp16" else None, compile=config.compile,
     )
     note: str | None = None
     placement = s.searched_placement

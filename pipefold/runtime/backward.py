@@ -46,6 +46,9 @@ class _Frontier:
     """The gradients that arrived at `node` during `I` (one per output of its forward)."""
     order: int = -1
     """When `node` ran during `I` (0 first); -1 if it did not run."""
+    computed: Grads | None = None
+    """The weight gradients a compiled node computed during `I` (its outputs at the group's
+    parameter edges, see `_Direct.slots`); None until it ran."""
 
 
 @dataclass(eq=False)
@@ -59,6 +62,8 @@ class _Group:
     direct: _Direct | None = None
     """Set when `W` may compute this group's gradients itself (docs/decisions.md, "direct weight
     gradients")."""
+    num_nodes: int = 0
+    """Nodes of the weight side in this group (frontiers, parameter leaves and those between)."""
 
     def seeds(self) -> tuple[list[GradientEdge], list[Tensor]]:
         edges = [edge for edge, _ in self.output_seeds]
@@ -161,6 +166,10 @@ def backward_input(
         for group in groups
         for frontier in group.frontiers
     ]
+    for group in groups:
+        if group.direct is not None and group.direct.kind == "compiled":
+            frontier = group.frontiers[0]
+            handles.append(frontier.node.register_hook(_collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
             roots, root_grads, [inputs[i] for i in wanted], retain_graph=True, accumulate_grad=False
@@ -213,12 +222,15 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
 
 @dataclass(frozen=True)
 class _Direct:
-    """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm."""
+    """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
+    compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
 
     kind: str
     node: Node
     weight: Tensor | None
     bias: Tensor | None
+    slots: tuple[tuple[int, Tensor], ...] = ()
+    """"compiled": (output index of `node`, the parameter whose gradient it is), per edge."""
 
 
 def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
@@ -236,7 +248,7 @@ def _transposed_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | 
     return _leaf_param(node.next_functions[0][0], params)
 
 
-_DIRECT_NODES = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0"}
+_DIRECT_NODES = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0", "CompiledFunctionBackward"}
 _node_names: dict[type, str | None] = {}
 """Node class -> its name when it is one `_match_direct` knows (name() builds a string per call)."""
 
@@ -254,6 +266,8 @@ def _match_direct(group: _Group) -> _Direct | None:
         return None
     params = {id(p): p for p in group.params}
     edges = node.next_functions
+    if name == "CompiledFunctionBackward":
+        return _match_compiled(group, node, params)
     weight: Tensor | None
     bias: Tensor | None = None
     if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
@@ -283,6 +297,56 @@ def _match_direct(group: _Group) -> _Direct | None:
     return _Direct(kind, node, weight, bias)
 
 
+def _match_compiled(group: _Group, node: Node, params: dict[int, Tensor]) -> _Direct | None:
+    """A torch.compile graph (one autograd node, AOTAutograd's `CompiledFunctionBackward`)
+    whose edges lead straight to the group's parameters.
+
+    Its backward is one compiled function that returns the input and the weight gradients
+    together, so `I` cannot run it without computing the weight gradients too; `W` re-running
+    it would compute everything a second time. Instead `I` keeps the weight gradients it
+    returns (a post-hook on the node) and `W` only accumulates them (docs/decisions.md,
+    "compiled layers and the split backward").
+    """
+    if group.num_nodes != 1 + len(group.params):
+        return None  # something between the node and a parameter: autograd must run it
+    slots = []
+    for index, (child, _) in enumerate(node.next_functions):
+        param = _leaf_param(child, params)
+        if param is not None:
+            slots.append((index, param))
+    if {id(param) for _, param in slots} != set(params):
+        return None
+    for param in group.params:
+        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+            return None
+    return _Direct("compiled", node, None, None, tuple(slots))
+
+
+def _accumulate_computed(direct: _Direct, frontier: _Frontier) -> bool:
+    """Accumulate what the compiled node returned for its parameters during `I`; False
+    (nothing done) where it returned no gradient for one of them."""
+    computed = frontier.computed
+    if computed is None or any(grad is None for grad in computed):
+        return False
+    for (_, param), grad in zip(direct.slots, computed, strict=True):
+        assert grad is not None
+        if not (_plain(param, grad.dtype) and _grad_slot_ok(param)) or grad.shape != param.shape:
+            return False
+    with torch.no_grad():
+        for (_, param), grad in zip(direct.slots, computed, strict=True):
+            assert grad is not None
+            _accumulate(param, grad)
+    frontier.computed = None
+    return True
+
+
+def _collector(frontier: _Frontier, slots: tuple[tuple[int, Tensor], ...]) -> Callable[[Grads, Grads], None]:
+    def collect(grad_inputs: Grads, grad_outputs: Grads) -> None:
+        frontier.computed = tuple(grad_inputs[index] for index, _ in slots)
+
+    return collect
+
+
 def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
     return (
         type(tensor) in (Tensor, torch.nn.Parameter)
@@ -305,6 +369,8 @@ def _grad_slot_ok(param: Tensor) -> bool:
 def _accumulate_direct(direct: _Direct, frontier: _Frontier) -> bool:
     """Accumulate the group's weight gradients without autograd; False (nothing done)
     when a runtime condition fails and the autograd path must run instead."""
+    if direct.kind == "compiled":
+        return _accumulate_computed(direct, frontier)
     grads = frontier.grads
     if not grads or grads[0] is None:
         return False
@@ -514,6 +580,7 @@ def _plan_groups(
     groups: dict[Node, _Group] = {}
     for node in weight_side:
         group = groups.setdefault(components.find(node), _Group([], [], []))
+        group.num_nodes += 1
         if node in param_nodes:
             group.params.append(param_nodes[node])
         if node in closure:

@@ -124,6 +124,10 @@ class RuntimeOptions:
     - `loss_scale`: fp16's initial dynamic loss scale (e.g. 2.0**16), required by fp16 and
       refused by the others; see pipefold/runtime/loss_scale.py (`pipe.loss_scale.skipped`).
     - `loss_scale_growth_interval`: clean steps after which the scale doubles.
+    - `compile`: run each layer of each stage through `torch.compile` (inductor). The
+      weights, their names and the results stay those of the eager layers (within float
+      rounding); the split backward of zero-bubble schedules still runs I and W separately
+      (docs/training.md, "torch.compile per layer"). Refused where there is no C++ compiler.
     """
 
     timeout_s: float = 60.0
@@ -136,8 +140,11 @@ class RuntimeOptions:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss_scale: float | None = None
     loss_scale_growth_interval: int = 2000
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"RuntimeOptions.compile = {self.compile!r}; use True or False")
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"RuntimeOptions.precision = {self.precision!r}; use one of {', '.join(PRECISIONS)}"

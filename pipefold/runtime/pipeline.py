@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._C._distributed_c10d import Store
 
+from pipefold.device import check_compiler
 from pipefold.errors import ConfigError, NonFiniteLoss, PeerFailure, PipefoldError, PipelineError
 from pipefold.model import (
     LayerLike,
@@ -135,6 +136,8 @@ class Pipeline:
         """How this pipeline waits, records and runs its backward."""
         self.transport_options = option_group(transport, TransportOptions, "transport")
         """How boundary tensors travel between ranks."""
+        if self.runtime_options.compile:
+            check_compiler("RuntimeOptions.compile")
         self._loss_fn = loss_fn
         self._num_steps_run = 0
         self._memory_counted_for: set[TensorMeta] = set()
@@ -155,6 +158,7 @@ class Pipeline:
             schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
             recompute=recompute if isinstance(recompute, str) else tuple(recompute),
             on_nonfinite=self.runtime_options.on_nonfinite,
+            compile=self.runtime_options.compile,
             tied_layers=bool(tied_groups(self._layers)),
             num_layers=len(self._layers),
         )
@@ -212,6 +216,7 @@ class Pipeline:
                 is_last=s == self.schedule.num_stages - 1,
                 recompute_all=recompute_all,
                 recompute_layers=recompute_layers,
+                compile_layers=self.runtime_options.compile,
             )
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
         self.compute_dtype = COMPUTE_DTYPES[self.runtime_options.precision]

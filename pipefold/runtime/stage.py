@@ -12,14 +12,15 @@ Recomputation (`recompute`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
-from pipefold.model import LayerLike, apply_layer
+from pipefold.model import LayerLike, TiedLayerSpec
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
@@ -52,12 +53,15 @@ class Stage:
         is_last: bool,
         recompute_all: bool,
         recompute_layers: frozenset[int],
+        compile_layers: bool = False,
     ) -> None:
         self.index = index
         self.layer_indices = layer_indices
         self.is_first = is_first
         self.is_last = is_last
-        self._calls = tuple(zip(layers, modules, strict=True))
+        self._calls = tuple(
+            _layer_call(layer, module, compile_layers) for layer, module in zip(layers, modules, strict=True)
+        )
         self._recompute_all = recompute_all
         self._checkpointed = tuple(i in recompute_layers for i in layer_indices)
         self.recomputes = recompute_all or any(self._checkpointed)
@@ -84,13 +88,11 @@ class Stage:
         self.device_type = "cpu"
 
     def _run(self, value: Any) -> Any:
-        for (layer, module), checkpointed in zip(self._calls, self._checkpointed, strict=True):
+        for call, checkpointed in zip(self._calls, self._checkpointed, strict=True):
             if checkpointed:
-                value = torch.utils.checkpoint.checkpoint(
-                    apply_layer, layer, module, value, use_reentrant=False
-                )
+                value = torch.utils.checkpoint.checkpoint(call, value, use_reentrant=False)
             else:
-                value = apply_layer(layer, module, value)
+                value = call(value)
         return value
 
     def forward(self, value: Any, microbatch: int) -> Any:
@@ -127,6 +129,30 @@ class Stage:
                     "layer's plan replicated (a RowwiseParallel() after a ColwiseParallel(), "
                     "use_local_output=True)"
                 )
+
+
+def _layer_call(layer: LayerLike, module: nn.Module, compile_layer: bool) -> Callable[[Any], Any]:
+    """One layer as a function of its input, run through torch.compile if `compile_layer`.
+
+    The module is wrapped, not copied: its parameters stay the stage's, under their names.
+    Compiling the module (not a function that calls it) lets layers of one class share their
+    compiled code: dynamo treats a module's parameters as inputs, so a second block of the same
+    shapes reuses the first one's graph instead of recompiling.
+    """
+    forward_fn = layer.forward_fn if isinstance(layer, TiedLayerSpec) else None
+    call: Callable[[Any], Any] = module if forward_fn is None else functools.partial(forward_fn, module)
+    if not compile_layer:
+        return call
+    compiled = torch.compile(call)
+
+    def run_compiled(value: Any) -> Any:
+        # A backward compiled with donated buffers refuses retain_graph=True, which the split
+        # backward's I needs (W runs after it on the same graph); the graph is built on the
+        # first call, so compiling it without them is enough.
+        with torch._functorch.config.patch(donated_buffer=False):
+            return compiled(value)
+
+    return run_compiled
 
 
 def cast_floating(value: Any, source: torch.dtype, target: torch.dtype) -> Any:
