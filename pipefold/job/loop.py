@@ -36,6 +36,7 @@ from torch import Tensor
 from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.hf.model import finish_save, save_causal_lm, state_dict_of
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
+from pipefold.job.metrics import MetricsWriter
 from pipefold.job.optim import accumulated_step
 from pipefold.job.outcome import name_the_step, record_failure
 from pipefold.job.outdir import check_out_dir
@@ -94,7 +95,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     recorded = _recorded(config, records, job.rank, lambda: step)
     fault_step = exit_step(job.rank)
     saver = AsyncCheckpointer(pipe) if config.async_checkpoint else None
-    with progress(report, config.steps - job.start_step) as update, recorded:
+    metrics = MetricsWriter(Path(config.out), append=bool(config.resume)) if job.rank == 0 else None
+    with progress(report, config.steps - job.start_step) as update, recorded, _closing(metrics):
         for step in range(job.start_step, config.steps):
             if step == fault_step:
                 die()  # test-only (pipefold.job.recovery.FAULT_ENV)
@@ -132,6 +134,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 grad_norm=grad_norm, lr=lr, eval_loss=eval_loss, loss_scale=loss_scale, skipped=skipped,
             )
             records.append(record)
+            if metrics is not None:
+                metrics.write(record)
             update(record)
             if retuner is not None and retuner.due(done, config.steps):
                 if retuner.after_steps(done, list(recent), [r.seconds for r in records]):
@@ -247,6 +251,15 @@ def _recorded(
     except BaseException as error:
         record_failure(config, records, step() + 1, error, rank=rank)
         raise
+
+
+@contextlib.contextmanager
+def _closing(metrics: MetricsWriter | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def _last_timeline(timeline: Timeline | None) -> Timeline:

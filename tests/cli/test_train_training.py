@@ -46,3 +46,22 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     assert accumulated["evals"] == []
     assert one["evals"][-1]["loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert one["evals"][-1]["perplexity"] == pytest.approx(math.exp(one["val_loss"]), rel=1e-5)
+    # metrics.jsonl: one line per step with what summary.json lists, evaluation keys on steps 2, 3.
+    lines = [json.loads(text) for text in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert [line["loss"] for line in lines] == one["losses"]
+    assert [line["grad_norm"] for line in lines] == one["grad_norms"]
+    assert [line["lr"] for line in lines] == one["lrs"]
+    assert all(line["tokens_per_s"] > 0 and 0 <= line["bubble"] < 1 for line in lines)
+    assert [line.get("eval_loss") for line in lines] == [None, *(entry["loss"] for entry in one["evals"])]
+    assert lines[-1]["eval_perplexity"] == pytest.approx(one["evals"][-1]["perplexity"])
+    # TensorBoard (installed with the dev extra): the same scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "one" / "tensorboard"))
+    board.Reload()
+    assert [event.step for event in board.Scalars("train/loss")] == [1, 2, 3]
+    assert [event.value for event in board.Scalars("train/loss")] == pytest.approx(one["losses"])
+    assert [event.value for event in board.Scalars("eval/loss")] == pytest.approx(
+        [entry["loss"] for entry in one["evals"]]
+    )
