@@ -207,7 +207,8 @@ def test_the_schedule_is_built_once_and_a_schedule_file_read_once(tmp_path, monk
 
 def test_compile_without_a_cpp_compiler_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler++")
-    with pytest.raises(ConfigError, match="compile=True is not allowed: .*'no-such-compiler\\+\\+' is not on the PATH"):
+    refusal = "compile=True is not allowed: .*'no-such-compiler\\+\\+' is not on the PATH"
+    with pytest.raises(ConfigError, match=refusal):
         load_config(None, {"compile": True})
     monkeypatch.setenv("CXX", sys.executable)  # any program on the PATH passes the check
     assert load_config(None, {"compile": True}).compile
