@@ -34,7 +34,8 @@ def test_compiled_split_backward_schedules_equal_eager(schedule, monkeypatch):
 
     def recording(*args, **kwargs):
         grads, state = backward_input(*args, **kwargs)
-        kinds.extend(group.direct.kind if group.direct else None for group in state._groups)
+        # Groups reached through the stage input (a frontier node): each is one compiled layer.
+        kinds.extend(group.direct.kind if group.direct else None for group in state._groups if group.frontiers)
         return grads, state
 
     monkeypatch.setattr(executor, "backward_input", recording)
@@ -45,9 +46,11 @@ def test_compiled_split_backward_schedules_equal_eager(schedule, monkeypatch):
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], msg=name)
-    # The layers ran compiled, and each I kept its compiled layers' weight gradients for W (the
-    # attention blocks' and the tied head's; the first stage's embedding takes no input gradient).
-    assert kinds and kinds.count("compiled") >= len(kinds) // 2, kinds
+    # The layers ran compiled, and each I kept its compiled layers' weight gradients for W. (The
+    # first stage's input, token ids, takes no gradient: its groups are seeded from the outputs;
+    # dualpipe-v on one rank splits only that stage's backward, zb-v the second stage's too.)
+    assert all(kind == "compiled" for kind in kinds), kinds
+    assert kinds or schedule == "dualpipe-v"
 
 
 class _Layer(nn.Module):
