@@ -35,7 +35,9 @@ def test_compiled_split_backward_schedules_equal_eager(schedule, monkeypatch):
     def recording(*args, **kwargs):
         grads, state = backward_input(*args, **kwargs)
         # Groups reached through the stage input (a frontier node): each is one compiled layer.
-        kinds.extend(group.direct.kind if group.direct else None for group in state._groups if group.frontiers)
+        kinds.extend(
+            group.direct.kind if group.direct else None for group in state._groups if group.frontiers
+        )
         return grads, state
 
     monkeypatch.setattr(executor, "backward_input", recording)
