@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
-from pipefold.model.split_trace import Template, hidden_of, meta_tree, on_meta_device, trace_calls
+from pipefold.model.split_trace import NotAChain, Template, hidden_of, meta_tree, on_meta_device, trace_calls
 from pipefold.model.twin import Twin, default_twin
 
 __all__ = ["split", "SplitPiece", "find_blocks", "Fill"]
@@ -347,16 +347,23 @@ def split(
     if not isinstance(module, nn.Module):
         raise ConfigError(f"split: module must be an nn.Module, got {type(module).__name__}")
     if split_points is not None:
-        raise ConfigError(
-            f"split(split_points={list(split_points)!r}): cutting at named points is not supported yet; "
-            "split cuts at every block boundary and Pipeline(layout=LayoutOptions(partition=...)) groups "
-            "the blocks into stages"
-        )
+        from pipefold.model.split_graph import graph_split
+
+        if isinstance(split_points, str) or not split_points:
+            raise ConfigError(
+                f"split(split_points={split_points!r}): give a non-empty list of submodule names, "
+                "such as ['layers.4']"
+            )
+        if example_inputs is None:
+            example_inputs = _default_example(module)
+        example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        return graph_split(module, list(split_points), example, where=f"split(split_points={list(split_points)!r})")
     found = find_blocks(module)
     if found is None:
         raise ConfigError(
             f"split: {type(module).__name__} has no repeated blocks (an nn.ModuleList or nn.Sequential of "
-            "two or more modules of one class) to cut between; describe it as a list of layers instead"
+            "two or more modules of one class) to cut between, and no split_points; give "
+            "split_points=['<submodule>', ...], or describe it as a list of layers"
         )
     blocks_path, blocks = found
     if example_inputs is None:
@@ -375,8 +382,20 @@ def split(
                 "have the module's structure"
             )
         num_traced = len(found_in_twin[1])
-    prefix_template, chain = trace_calls(traced, blocks_path, num_traced, example, call_kwargs)
     block_paths = [f"{blocks_path}.{index}" for index in range(len(blocks))]
+    try:
+        prefix_template, chain = trace_calls(traced, blocks_path, num_traced, example, call_kwargs)
+    except NotAChain as refused:
+        if twin is not None or call_kwargs:
+            raise
+        # A skip connection around the blocks (`head(x + x0)`): the graph route cuts at the same
+        # places and carries what crosses.
+        from pipefold.model.split_graph import graph_split
+
+        try:
+            return graph_split(module, block_paths, example, after_last=block_paths[-1])
+        except ConfigError as graph_refused:
+            raise ConfigError(f"{refused}; and through a graph capture: {graph_refused}") from refused
     prefix_paths, root_tensors = _prefix_paths(module, blocks_path, [path for path, _, _ in chain])
     prefix = _Prefix(module, prefix_paths, block_paths[0], prefix_template, call_kwargs, root_tensors, twin)
     layers: list[nn.Module] = [prefix]
