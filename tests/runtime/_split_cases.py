@@ -23,7 +23,9 @@ from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
 
-from model.split_models import DIM, HF_VOCAB, SEQ, VOCAB, NaturalTransformer, gpt2_model, llama_model  # noqa: E402
+from model.split_models import (  # noqa: E402
+    DIM, HF_VOCAB, SEQ, SKIP_POINTS, VOCAB, NaturalTransformer, SkipTransformer, gpt2_model, llama_model,
+)
 
 ROWS = 8
 
@@ -33,6 +35,8 @@ def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
     if model == "natural":
         return NaturalTransformer(num_blocks=num_blocks), VOCAB
+    if model.startswith("skip"):
+        return SkipTransformer(num_blocks=num_blocks), VOCAB
     if model == "gpt2":
         return gpt2_model(num_blocks), HF_VOCAB
     if model == "llama":
@@ -85,8 +89,11 @@ def exact(
     else:
         module, vocab = _module(model, num_blocks)
         reference = copy.deepcopy(module)
-        layers = split(module, example_inputs=(_batch(vocab, 0)[0],))
-        forward = reference if model == "natural" else (lambda x: reference(x, use_cache=False).logits)
+        # "skip": cut at named points (one inside a block) through a graph capture; "skip-blocks":
+        # no points, the skip connection around the blocks sends it through the graph route too.
+        points = SKIP_POINTS if model == "skip" else None
+        layers = split(module, split_points=points, example_inputs=(_batch(vocab, 0)[0],))
+        forward = reference if model in ("natural", "skip", "skip-blocks") else (lambda x: reference(x, use_cache=False).logits)
     pipe = Pipeline(
         layers, loss_fn=_loss_fn, schedule=schedule, num_microbatches=4, num_virtual=num_virtual,
         runtime=RuntimeOptions(timeout_s=60),

@@ -1,7 +1,8 @@
 """`pipefold.split` modules and shared parameters in a 2-rank `Pipeline`, exact against one process.
 
-For a transformer written the natural way, Hugging Face GPT-2 (head tied to the embedding) and
-Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss, every gradient and,
+For a transformer written the natural way, one with a skip connection around its blocks cut at
+named points through a graph capture (the skip crosses the cuts), Hugging Face GPT-2 (head tied
+to the embedding) and Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss, every gradient and,
 after each of 3 SGD steps, every weight equal the unsplit module's on one process (the tied
 GPT-2 weight on two ranks trained two diverging copies before it was tied). The gathered state
 dict has the module's own keys. A plain layer list whose head shares the embedding's weight is
@@ -34,7 +35,7 @@ def _check(results):
     return {tuple(owners) for result in results for owners in result["tied_ranks"]}
 
 
-@pytest.mark.parametrize("model", ["natural", "gpt2", "llama"])
+@pytest.mark.parametrize("model", ["natural", "skip", "gpt2", "llama"])
 @pytest.mark.parametrize(("schedule", "num_virtual"), SCHEDULES, ids=[s for s, _ in SCHEDULES])
 def test_split_module_is_exact(pool, model, schedule, num_virtual):
     results = pool.run("exact", model=model, schedule=schedule, num_virtual=num_virtual)
