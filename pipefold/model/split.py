@@ -31,7 +31,7 @@ between two places (a tied embedding and head) is one tied parameter of the pipe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ from torch.utils import _pytree as pytree
 from pipefold.errors import ConfigError
 from pipefold.model.split_trace import NotAChain, Template, hidden_of, meta_tree, on_meta_device, trace_calls
 from pipefold.model.twin import Twin, default_twin
+
+if TYPE_CHECKING:
+    from pipefold.model.split_init import Init
 
 __all__ = ["split", "SplitPiece", "find_blocks", "Fill"]
 
@@ -333,19 +336,54 @@ def split(
     split_points: Sequence[str] | None = None,
     example_inputs: Any = None,
     twin: Twin | None = None,
+    init: Init | Mapping[str, Tensor] | None = None,
+    seed: int = 0,
 ) -> list[nn.Module]:
     """Cut `module` into pipeline layers `[prefix, *blocks, suffix]` (see the module docstring).
 
     `example_inputs`: what `module(*example_inputs)` takes (a tensor or a tuple); only
     shapes and dtypes are used (it runs on the meta device). Optional for a Hugging Face
     causal LM (token ids are made up from its config).
-    `split_points`: not supported yet (cutting at arbitrary named points needs a graph
-    capture); the layers are cut at block boundaries and the partitioner groups them.
+    `split_points`: submodule names (`"layers.4"`); the module is cut just before each one's call
+    through a graph capture (`pipefold.model.split_graph`), one layer per piece, instead of at
+    its blocks.
     `twin`: see `pipefold.model.twin.Twin`; made automatically for a Hugging Face model of a family
     `pipefold.hf.model` supports.
+    `init`, `seed`: for a module built on the meta device, how each rank gives values to the
+    pieces it materializes (`pipefold.model.split_init`): a state dict of the module's names, or
+    `init(path, module)` per module that owns a new tensor (default: its `reset_parameters()`),
+    run under a seed drawn from `seed` and the module's path.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"split: module must be an nn.Module, got {type(module).__name__}")
+    layers = _split(module, split_points, example_inputs, twin)
+    meta = _has_meta_tensors(module)
+    if init is not None and not meta:
+        raise ConfigError(
+            "split(init=...): the module's weights are already real (init gives values to a module "
+            "built on the meta device); build it under `with torch.device('meta'):`, or drop init"
+        )
+    if meta and twin is None and default_twin(module) is None:
+        from pipefold.model.split_init import init_fill, state_dict_fill
+
+        fill = state_dict_fill(init) if isinstance(init, Mapping) else init_fill(seed, init)
+        for piece in pieces_of(layers):
+            piece.fill = fill
+    elif init is not None:
+        raise ConfigError(
+            "split(init=...): a Hugging Face model on the meta device gets its weights from "
+            "pipefold.hf.model.load_causal_lm (a model directory, or its own _init_weights)"
+        )
+    return layers
+
+
+def _has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+
+
+def _split(
+    module: nn.Module, split_points: Sequence[str] | None, example_inputs: Any, twin: Twin | None
+) -> list[nn.Module]:
     if split_points is not None:
         from pipefold.model.split_graph import graph_split
 

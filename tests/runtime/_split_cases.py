@@ -19,6 +19,7 @@ from torch import nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import split
+from pipefold.model.build import materialize
 from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
@@ -75,6 +76,24 @@ def _expected_keys(module: nn.Module) -> list[str]:
     return keys
 
 
+def _lazy_init(path: str, module: nn.Module) -> None:
+    if path == "":
+        nn.init.normal_(module.position)  # set on the top module, which has no reset_parameters
+    else:
+        module.reset_parameters()
+
+
+def _lazy_split(num_blocks: int) -> tuple[nn.Module, list[nn.Module]]:
+    with torch.device("meta"):
+        module = NaturalTransformer(num_blocks=num_blocks)
+    return module, split(module, example_inputs=(_batch(VOCAB, 0)[0],), init=_lazy_init, seed=1)
+
+
+def _bytes(module: nn.Module, *, real_only: bool) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if not (real_only and t.is_meta)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def exact(
     *, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 3, num_blocks: int = 3
 ) -> dict[str, Any]:
@@ -85,6 +104,15 @@ def exact(
         vocab = VOCAB
         reference = copy.deepcopy(module)
         layers: Any = module
+        forward = reference
+    elif model == "lazy":
+        # Built on the meta device: each rank materializes only its own pieces (initialized by
+        # the modules' own reset_parameters, under seeds from their paths); the reference
+        # materializes every piece of another meta build the same way.
+        vocab = VOCAB
+        module, layers = _lazy_split(num_blocks)
+        reference, reference_layers = _lazy_split(num_blocks)
+        materialize(reference_layers, range(len(reference_layers)), "cpu")
         forward = reference
     else:
         module, vocab = _module(model, num_blocks)
@@ -120,6 +148,8 @@ def exact(
         losses.append(loss)
     return {
         "losses": losses,
+        "held_bytes": _bytes(module, real_only=True),
+        "whole_bytes": _bytes(module, real_only=False),
         "state_keys": list(pipe.state_dict()),
         "expected_keys": _expected_keys(reference),
         "tied_ranks": [list(owners) for owners, _ in pipe.tied.groups],

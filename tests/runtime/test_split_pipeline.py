@@ -46,6 +46,18 @@ def test_split_module_is_exact(pool, model, schedule, num_virtual):
     assert tied == ({(0, 1)} if two_ranks else set())
 
 
+@pytest.mark.parametrize(("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None)])
+def test_a_module_built_on_meta_materializes_only_each_ranks_pieces(pool, schedule, num_virtual):
+    """Built under `torch.device("meta")` on every rank: each rank materializes only its own
+    pieces (the modules' own reset_parameters, seeded by path, so the tied weight starts equal
+    on both ranks) and holds less than the whole model; exact against one process."""
+    results = pool.run("exact", model="lazy", schedule=schedule, num_virtual=num_virtual, num_blocks=6)
+    tied = _check(results)
+    assert tied == ({(0, 1)} if schedule == "1f1b" else set())
+    whole = results[0]["whole_bytes"]
+    assert all(0 < r["held_bytes"] < whole * 0.75 for r in results), [r["held_bytes"] for r in results]
+
+
 def test_plain_list_with_a_shared_weight_is_tied(pool):
     tied = _check(pool.run("exact", model="plain", schedule="1f1b"))
     assert tied == {(0, 1)}
