@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
-from pipefold.model.split import SplitPiece
+from pipefold.model.split_piece import SplitPiece
 from pipefold.model.split_trace import on_meta_device
 
 __all__ = ["GraphPiece", "graph_split"]
@@ -128,8 +128,8 @@ def _capture(module: nn.Module, example: tuple[Any, ...], where: str) -> torch.e
     for position, arg in enumerate(example):
         if not isinstance(arg, Tensor):
             raise ConfigError(
-                f"{where}: example_inputs[{position}] is a {type(arg).__name__}; the graph route takes tensor "
-                "inputs only: bind the others (functools.partial, or a wrapper module) before splitting"
+                f"{where}: example_inputs[{position}] is a {type(arg).__name__}; the graph route takes "
+                "tensor inputs only: bind the others (functools.partial, or a wrapper module) before splitting"
             )
     on_meta = on_meta_device(module)
     if on_meta:
@@ -189,7 +189,9 @@ def graph_split(
     cannot capture."""
     for point in points:
         if not isinstance(point, str) or not point:
-            raise ConfigError(f"{where}: split point {point!r} must be a submodule's name, such as 'layers.4'")
+            raise ConfigError(
+                f"{where}: split point {point!r} must be a submodule's name, such as 'layers.4'"
+            )
         try:
             module.get_submodule(point)
         except AttributeError:
@@ -211,12 +213,16 @@ def graph_split(
     graph = program.graph
     nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     kinds = {spec.arg.name: spec for spec in signature.input_specs if hasattr(spec.arg, "name")}
-    user_inputs = [node for node in graph.nodes if node.op == "placeholder" and kinds[node.name].kind.name == "USER_INPUT"]
+    user_inputs = [
+        node for node in graph.nodes if node.op == "placeholder" and kinds[node.name].kind.name == "USER_INPUT"
+    ]
     for node in graph.nodes:
         if node.op == "placeholder" and kinds[node.name].kind.name not in (
             "USER_INPUT", "PARAMETER", "BUFFER", "CONSTANT_TENSOR"
         ):
-            raise ConfigError(f"{where}: the captured graph takes a {kinds[node.name].kind.name} input, not supported")
+            raise ConfigError(
+                f"{where}: the captured graph takes a {kinds[node.name].kind.name} input, not supported"
+            )
 
     # -- where the cuts fall
     position_of = {node: index for index, node in enumerate(nodes)}
@@ -235,8 +241,8 @@ def graph_split(
             )
         if len(calls) > 1:
             raise ConfigError(
-                f"{where}: split point {point!r} is called {len(calls)} times in one forward (it, or a module "
-                "holding it, is used twice), so 'before its call' names no single place; cut at a module "
+                f"{where}: split point {point!r} is called {len(calls)} times in one forward (it, or a "
+                "module holding it, is used twice), so 'before its call' names no single place; cut at a module "
                 "called once, before the first use"
             )
         indices = next(iter(calls.values()))
@@ -308,7 +314,9 @@ def _is_compute(node: fx.Node) -> bool:
     return node.op == "call_function" and not isinstance(_val(node), (torch.SymInt, int))
 
 
-def _tensor_paths(module: nn.Module, program: torch.export.ExportedProgram, kinds: dict[str, Any]) -> dict[str, str]:
+def _tensor_paths(
+    module: nn.Module, program: torch.export.ExportedProgram, kinds: dict[str, Any]
+) -> dict[str, str]:
     """Placeholder name -> the tensor's path in the module (its first name, for a shared one), or
     a buffer name of the piece for a constant the forward made."""
     canonical = {id(p): name for name, p in module.named_parameters(remove_duplicate=True)}
@@ -326,7 +334,9 @@ def _tensor_paths(module: nn.Module, program: torch.export.ExportedProgram, kind
     return paths
 
 
-def _constants(program: torch.export.ExportedProgram, kinds: dict[str, Any], used: Sequence[str]) -> dict[str, Tensor]:
+def _constants(
+    program: torch.export.ExportedProgram, kinds: dict[str, Any], used: Sequence[str]
+) -> dict[str, Tensor]:
     result = {}
     for name in used:
         spec = kinds[name]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pipefold.model.split import Fill, SplitPiece
+    from pipefold.model.split_piece import Fill, SplitPiece
 
 __all__ = ["Init", "init_fill", "reset_parameters", "seed_of", "state_dict_fill"]
 
@@ -42,7 +42,8 @@ def reset_parameters(path: str, module: nn.Module) -> None:
     """The default `Init`: the module's own `reset_parameters()` (as torch's layers define it)."""
     reset = getattr(module, "reset_parameters", None)
     if not callable(reset):
-        names = [name for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        names = [name for name, _ in own]
         raise ConfigError(
             f"split: {type(module).__name__} at {path or '(the top module)'!r} holds {names} and has no "
             "reset_parameters() to initialize them after materializing on the meta device; pass "

@@ -126,21 +126,27 @@ class Branches(NaturalTransformer):
 
 def test_refusals_name_the_point_and_the_fix():
     model = NaturalTransformer()
-    with pytest.raises(ConfigError, match=r"'blocks\.9' names no submodule of NaturalTransformer; did you mean"):
+    no_module = r"'blocks\.9' names no submodule of NaturalTransformer; did you mean"
+    with pytest.raises(ConfigError, match=no_module):
         split(model, split_points=["blocks.9"], example_inputs=(EXAMPLE,))
-    with pytest.raises(ConfigError, match=r"'blocks' is a submodule that .* never calls .*name one of its modules"):
+    never_called = r"'blocks' is a submodule that .* never calls .*name one of its modules"
+    with pytest.raises(ConfigError, match=never_called):
         split(model, split_points=["blocks"], example_inputs=(EXAMPLE,))
-    with pytest.raises(ConfigError, match=r"nothing is computed between split points 'blocks\.1' and 'blocks\.1\.norm'"):
+    empty = r"nothing is computed between split points 'blocks\.1' and 'blocks\.1\.norm'"
+    with pytest.raises(ConfigError, match=empty):
         split(model, split_points=["blocks.1", "blocks.1.norm"], example_inputs=(EXAMPLE,))
     for point in ["blocks.0", "blocks.0.fc"]:  # the module, or a point inside it, used twice
-        with pytest.raises(ConfigError, match=rf"'{point}' is called 2 times in one forward .*cut at a module called once"):
+        twice = rf"'{point}' is called 2 times in one forward .*cut at a module called once"
+        with pytest.raises(ConfigError, match=twice):
             split(BlockTwice(), split_points=[point], example_inputs=(EXAMPLE,))
-    with pytest.raises(ConfigError, match=r"Branches.forward branches on a tensor's value .*split without split_points"):
+    branches = r"Branches.forward branches on a tensor's value .*split without split_points"
+    with pytest.raises(ConfigError, match=branches):
         split(Branches(), split_points=["head"], example_inputs=(EXAMPLE,))
     with pytest.raises(ConfigError, match=r"give a non-empty list"):
         split(model, split_points="blocks.1", example_inputs=(EXAMPLE,))
     with pytest.raises(ConfigError, match=r"no repeated blocks .*give split_points="):
         split(torch.nn.Linear(2, 2), example_inputs=(torch.zeros(1, 2),))
     layers = split(model, split_points=["blocks.1"], example_inputs=(EXAMPLE,))
-    with pytest.raises(ConfigError, match=r"input 0 has shape \(3, 6\), but the graph was captured for \('batch', 5\)"):
+    shape = r"input 0 has shape \(3, 6\), but the graph was captured for \('batch', 5\)"
+    with pytest.raises(ConfigError, match=shape):
         layers[0](torch.zeros(3, SEQ + 1, dtype=torch.long))

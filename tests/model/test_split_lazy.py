@@ -75,7 +75,7 @@ def test_each_rank_materializes_only_its_pieces_identically(points):
         built = materialize(layers, stages[rank], "cpu")
         held = _real_bytes(model)
         assert 0 < held <= budget < whole, (rank, held, budget)
-        for index, layer in built.items():
+        for layer in built.values():
             for name, global_name in layer.parameter_names().items():
                 torch.testing.assert_close(layer.get_parameter(name), expected[global_name], rtol=0, atol=0)
         # The pieces the rank does not run are left on meta.

@@ -25,7 +25,15 @@ from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
 
 from model.split_models import (  # noqa: E402
-    DIM, HF_VOCAB, SEQ, SKIP_POINTS, VOCAB, NaturalTransformer, SkipTransformer, gpt2_model, llama_model,
+    DIM,
+    HF_VOCAB,
+    SEQ,
+    SKIP_POINTS,
+    VOCAB,
+    NaturalTransformer,
+    SkipTransformer,
+    gpt2_model,
+    llama_model,
 )
 
 ROWS = 8
