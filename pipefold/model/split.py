@@ -252,6 +252,12 @@ def _split(
     module: nn.Module, split_points: Sequence[str] | None, example_inputs: Any, twin: Twin | None
 ) -> list[nn.Module]:
     if split_points is not None:
+        if twin is not None or default_twin(module) is not None:
+            raise ConfigError(
+                f"split(split_points={split_points!r}): a Hugging Face {type(module).__name__} is cut at its "
+                "blocks, not at named points (not supported for these models); drop split_points and "
+                "group the blocks into stages with Pipeline(layout=LayoutOptions(partition=...))"
+            )
         if isinstance(split_points, str) or not split_points:
             raise ConfigError(
                 f"split(split_points={split_points!r}): give a non-empty list of submodule names, "
