@@ -30,7 +30,7 @@ between two places (a tied embedding and head) is one tied parameter of the pipe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,15 +38,13 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
-from pipefold.model.split_trace import Template, hidden_of, meta_tree, on_meta_device, trace_calls
+from pipefold.model.split_graph import graph_split
+from pipefold.model.split_init import Init, init_fill, state_dict_fill
+from pipefold.model.split_piece import Fill, SplitPiece, pieces_of
+from pipefold.model.split_trace import NotAChain, Template, hidden_of, on_meta_device, trace_calls
 from pipefold.model.twin import Twin, default_twin
 
-__all__ = ["split", "SplitPiece", "find_blocks", "Fill"]
-
-Fill = Callable[["SplitPiece", Mapping[str, Tensor]], None]
-"""`fill(piece, fresh)`: give values to the tensors `SplitPiece.materialize_` just allocated,
-`fresh` mapping their names in the whole module to them (e.g. read from a checkpoint)."""
-
+__all__ = ["split", "SplitPiece", "find_blocks", "Fill", "pieces_of"]
 
 class _FirstBlockReached(Exception):
     """Raised by the prefix's hook on the first block: the prefix is done."""
@@ -55,132 +53,6 @@ class _FirstBlockReached(Exception):
         super().__init__("first block reached")
         self.args_ = args
         self.kwargs_ = kwargs
-
-
-class SplitPiece(nn.Module):
-    """One layer cut out of a user's module. It registers the submodules it owns under
-    their paths in that module, so its parameter names are the module's own; the
-    module itself is kept unregistered (its forward code runs the prefix)."""
-
-    pipefold_keeps_names = True
-    """Read by `pipefold.model.build`: parameters are named without a layer index."""
-
-    def __init__(self, root: nn.Module, paths: Sequence[str], kind: str) -> None:
-        super().__init__()
-        object.__setattr__(self, "_root", root)
-        self.kind = kind
-        self.paths = tuple(paths)
-        self.fill: Fill | None = None
-        """How `materialize_` gives values to tensors it allocates (set by who built the module
-        on meta, e.g. `pipefold.hf.model.load_causal_lm`); None: nothing may be on meta."""
-        for path in self.paths:
-            self._register_path(path, root.get_submodule(path) if path else root)
-
-    def _register_path(self, path: str, module: nn.Module) -> None:
-        parts = path.split(".")
-        holder: nn.Module = self
-        for part in parts[:-1]:
-            child = holder._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                holder.add_module(part, child)
-            holder = child
-        holder.add_module(parts[-1], module)
-
-    @property
-    def root(self) -> nn.Module:
-        """The module this piece was cut from (not a registered submodule of the piece)."""
-        root: nn.Module = object.__getattribute__(self, "_root")
-        return root
-
-    def parameter_names(self) -> dict[str, str]:
-        """This piece's parameter names -> their names in the whole module (a shared
-        parameter's first name there)."""
-        root = self.root
-        canonical = {id(param): name for name, param in root.named_parameters(remove_duplicate=True)}
-        return {
-            name: canonical.get(id(param), name)
-            for name, param in self.named_parameters(remove_duplicate=False)
-        }
-
-    def buffer_names(self) -> dict[str, str]:
-        """This piece's buffer names -> their names in the whole module."""
-        canonical = {id(buffer): name for name, buffer in self.root.named_buffers(remove_duplicate=True)}
-        return {
-            name: canonical.get(id(buffer), name) for name, buffer in self.named_buffers(remove_duplicate=False)
-        }
-
-    def is_meta(self) -> bool:
-        """Whether any of this piece's parameters or buffers is still on the meta device."""
-        return any(t.is_meta for t in self.parameters()) or any(t.is_meta for t in self.buffers())
-
-    def materialize_(self, device: torch.device | str, *, fill: Fill | None = None) -> SplitPiece:
-        """Give this piece's tensors that are on the meta device real storage on `device`, in place,
-        then values with `fill` (default: `self.fill`). The new tensors replace the meta ones in
-        the whole module, so a parameter shared with another piece stays one parameter in this
-        process. Tensors already real are moved to `device`. Returns self."""
-        fill = fill if fill is not None else self.fill
-        parameter_names, buffer_names = self.parameter_names(), self.buffer_names()
-        fresh: dict[int, Tensor] = {}
-        by_name: dict[str, Tensor] = {}
-        for name, param in self.named_parameters(remove_duplicate=False):
-            if param.is_meta and id(param) not in fresh:
-                fresh[id(param)] = nn.Parameter(
-                    torch.empty_like(param, device=device), requires_grad=param.requires_grad
-                )
-                by_name[parameter_names[name]] = fresh[id(param)]
-        for name, buffer in self.named_buffers(remove_duplicate=False):
-            if buffer.is_meta and id(buffer) not in fresh:
-                fresh[id(buffer)] = torch.empty_like(buffer, device=device)
-                by_name[buffer_names[name]] = fresh[id(buffer)]
-        if fresh and fill is None:
-            raise ConfigError(
-                f"split piece ({self.extra_repr()}): {sorted(by_name)[:3]} are on the meta device and the "
-                "piece has no fill to give them values; build the module with real weights, or load it "
-                "with pipefold.hf.model.load_causal_lm"
-            )
-        for module in [*self.root.modules(), *self.modules()]:
-            for table in (module._parameters, module._buffers):
-                for key, value in table.items():
-                    if value is not None and id(value) in fresh:
-                        table[key] = fresh[id(value)]  # type: ignore[assignment]
-        if fill is not None and by_name:
-            with torch.no_grad():
-                fill(self, by_name)
-        self.to(device)
-        return self
-
-    def trace(self, built: nn.Module, value: Any) -> Any:
-        """This piece's output for an input shaped like `value` (meta tensors), on meta: `built`
-        (this piece's meta copy) run on it, or, where the module's forward reads tensor values
-        (a Hugging Face model checks its masks' contents), this piece itself run once on zeros of
-        those shapes, in eval mode and without touching the random streams."""
-        try:
-            return built(value)
-        except Exception:
-            tensors = [*self.parameters(), *self.root.parameters(), *self.root.buffers()]
-            device = tensors[0].device if tensors else torch.device("cpu")
-            if device.type == "meta":
-                raise
-        zeros = pytree.tree_map(
-            lambda leaf: torch.zeros(leaf.shape, dtype=leaf.dtype, device=device)
-            if isinstance(leaf, Tensor)
-            else leaf,
-            value,
-        )
-        modes = {module: module.training for module in self.root.modules()}
-        accelerators = [device.index or 0] if device.type == "cuda" else []
-        try:
-            self.root.eval()
-            with torch.random.fork_rng(devices=accelerators), torch.no_grad(), torch.device(device):
-                output = self(zeros)
-        finally:
-            for module, training in modes.items():
-                module.training = training
-        return meta_tree(output)
-
-    def extra_repr(self) -> str:
-        return f"{self.kind}: {', '.join(self.paths) or '(root)'}"
 
 
 class _Prefix(SplitPiece):
@@ -333,30 +205,74 @@ def split(
     split_points: Sequence[str] | None = None,
     example_inputs: Any = None,
     twin: Twin | None = None,
+    init: Init | Mapping[str, Tensor] | None = None,
+    seed: int = 0,
 ) -> list[nn.Module]:
     """Cut `module` into pipeline layers `[prefix, *blocks, suffix]` (see the module docstring).
 
     `example_inputs`: what `module(*example_inputs)` takes (a tensor or a tuple); only
     shapes and dtypes are used (it runs on the meta device). Optional for a Hugging Face
     causal LM (token ids are made up from its config).
-    `split_points`: not supported yet (cutting at arbitrary named points needs a graph
-    capture); the layers are cut at block boundaries and the partitioner groups them.
+    `split_points`: submodule names (`"layers.4"`); the module is cut just before each one's call
+    through a graph capture (`pipefold.model.split_graph`), one layer per piece, instead of at
+    its blocks.
     `twin`: see `pipefold.model.twin.Twin`; made automatically for a Hugging Face model of a family
     `pipefold.hf.model` supports.
+    `init`, `seed`: for a module built on the meta device, how each rank gives values to the
+    pieces it materializes (`pipefold.model.split_init`): a state dict of the module's names, or
+    `init(path, module)` per module that owns a new tensor (default: its `reset_parameters()`),
+    run under a seed drawn from `seed` and the module's path.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"split: module must be an nn.Module, got {type(module).__name__}")
-    if split_points is not None:
+    layers = _split(module, split_points, example_inputs, twin)
+    meta = _has_meta_tensors(module)
+    if init is not None and not meta:
         raise ConfigError(
-            f"split(split_points={list(split_points)!r}): cutting at named points is not supported yet; "
-            "split cuts at every block boundary and Pipeline(layout=LayoutOptions(partition=...)) groups "
-            "the blocks into stages"
+            "split(init=...): the module's weights are already real (init gives values to a module "
+            "built on the meta device); build it under `with torch.device('meta'):`, or drop init"
         )
+    if meta and twin is None and default_twin(module) is None:
+        fill = state_dict_fill(init) if isinstance(init, Mapping) else init_fill(seed, init)
+        for piece in pieces_of(layers):
+            piece.fill = fill
+    elif init is not None:
+        raise ConfigError(
+            "split(init=...): a Hugging Face model on the meta device gets its weights from "
+            "pipefold.hf.model.load_causal_lm (a model directory, or its own _init_weights)"
+        )
+    return layers
+
+
+def _has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+
+
+def _split(
+    module: nn.Module, split_points: Sequence[str] | None, example_inputs: Any, twin: Twin | None
+) -> list[nn.Module]:
+    if split_points is not None:
+        if twin is not None or default_twin(module) is not None:
+            raise ConfigError(
+                f"split(split_points={split_points!r}): a Hugging Face {type(module).__name__} is cut at its "
+                "blocks, not at named points (not supported for these models); drop split_points and "
+                "group the blocks into stages with Pipeline(layout=LayoutOptions(partition=...))"
+            )
+        if isinstance(split_points, str) or not split_points:
+            raise ConfigError(
+                f"split(split_points={split_points!r}): give a non-empty list of submodule names, "
+                "such as ['layers.4']"
+            )
+        if example_inputs is None:
+            example_inputs = _default_example(module)
+        example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        return graph_split(module, list(split_points), example, where=f"split(split_points={list(split_points)!r})")
     found = find_blocks(module)
     if found is None:
         raise ConfigError(
             f"split: {type(module).__name__} has no repeated blocks (an nn.ModuleList or nn.Sequential of "
-            "two or more modules of one class) to cut between; describe it as a list of layers instead"
+            "two or more modules of one class) to cut between, and no split_points; give "
+            "split_points=['<submodule>', ...], or describe it as a list of layers"
         )
     blocks_path, blocks = found
     if example_inputs is None:
@@ -375,8 +291,18 @@ def split(
                 "have the module's structure"
             )
         num_traced = len(found_in_twin[1])
-    prefix_template, chain = trace_calls(traced, blocks_path, num_traced, example, call_kwargs)
     block_paths = [f"{blocks_path}.{index}" for index in range(len(blocks))]
+    try:
+        prefix_template, chain = trace_calls(traced, blocks_path, num_traced, example, call_kwargs)
+    except NotAChain as refused:
+        if twin is not None or call_kwargs:
+            raise
+        # A skip connection around the blocks (`head(x + x0)`): the graph route cuts at the same
+        # places and carries what crosses.
+        try:
+            return graph_split(module, block_paths, example, after_last=block_paths[-1])
+        except ConfigError as graph_refused:
+            raise ConfigError(f"{refused}; and through a graph capture: {graph_refused}") from refused
     prefix_paths, root_tensors = _prefix_paths(module, blocks_path, [path for path, _, _ in chain])
     prefix = _Prefix(module, prefix_paths, block_paths[0], prefix_template, call_kwargs, root_tensors, twin)
     layers: list[nn.Module] = [prefix]
@@ -425,10 +351,3 @@ def _lookup(module: nn.Module, path: str) -> Any:
     for part in path.split("."):
         value = getattr(value, part)
     return value
-
-
-def pieces_of(layers: Sequence[Any]) -> Iterator[SplitPiece]:
-    """The `SplitPiece` layers among `layers`."""
-    for layer in layers:
-        if isinstance(layer, SplitPiece):
-            yield layer

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from pipefold.errors import ConfigError
 
-__all__ = ["Template", "hidden_of", "meta_tree", "on_meta_device", "trace_calls"]
+__all__ = ["NotAChain", "Template", "hidden_of", "meta_tree", "on_meta_device", "trace_calls"]
 
 
 class _Slot:
@@ -78,6 +78,12 @@ class Template:
                     f"{leaf!r}; the blocks receive the split-time value, so pass inputs that keep it"
                 )
         return tensors
+
+
+class NotAChain(ConfigError):
+    """The forward passes something other than the hidden state between its blocks, or computes
+    more than a chain of module calls after them (a skip connection around the blocks): not cut
+    at block boundaries by hooks; `split` then tries the graph route."""
 
 
 def _same_constant(value: Any, expected: Any) -> bool:
@@ -228,7 +234,7 @@ def trace_calls(
         )
     first = block_calls[0]
     if not first.args or not isinstance(first.args[0], Tensor):
-        raise ConfigError(
+        raise NotAChain(
             f"split: {name} calls {first.path} without a hidden-state tensor as its first argument"
         )
     template, tensors = Template.of(first.args[1:], first.kwargs)
@@ -260,7 +266,7 @@ def trace_calls(
         if len(tensor_leaves) != 1 or len(positions) != 1 or not _is_same_or_whole_view(
             call.args[positions[0]], value
         ):
-            raise ConfigError(
+            raise NotAChain(
                 f"split: after its blocks, {name} calls {call.path} on something other than the previous "
                 "module's output alone; the code after the last block must be a chain of module calls "
                 "(final norm, head)"
@@ -276,7 +282,7 @@ def trace_calls(
             )
     result = _model_output(output)
     if not isinstance(result, Tensor) or not _is_same_or_whole_view(result, value):
-        raise ConfigError(
+        raise NotAChain(
             f"split: {name}.forward's result is not the output of its last module call after the blocks "
             f"({chain[-1][0] if chain else 'the last block'}); computations after the blocks outside "
             "modules cannot be cut at block boundaries"

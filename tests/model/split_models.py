@@ -2,7 +2,8 @@
 the pipelines that run them on several ranks (tests/runtime/test_split_pipeline.py).
 
 A transformer written the natural way (an embedding, a parameter on the top module, a mask made
-in the forward, a ModuleList of blocks, a final norm and a head tied to the embedding), and tiny
+in the forward, a ModuleList of blocks, a final norm and a head tied to the embedding), one with
+a skip connection around its blocks (cut through a graph capture), and tiny
 Hugging Face GPT-2 (tied head) and Llama (rotary tables) built from configs, no downloads.
 """
 
@@ -44,6 +45,32 @@ class NaturalTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, mask, scale=0.5)
         return self.head(self.norm(x))
+
+
+class SkipTransformer(nn.Module):
+    """A skip connection around all the blocks (`head(norm(x + x0))`): the embedding's output
+    crosses every cut between them. Not a chain of module calls after the blocks, so `split`
+    cuts it through a graph capture; the head is tied to the embedding."""
+
+    def __init__(self, num_blocks: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.position = nn.Parameter(torch.randn(16, DIM))
+        self.blocks = nn.ModuleList(Block(DIM) for _ in range(num_blocks))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x0 = x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        mask = torch.ones(tokens.shape[1], 1)
+        for block in self.blocks:
+            x = block(x, mask, scale=0.5)
+        return self.head(self.norm(x + x0))
+
+
+SKIP_POINTS = ["blocks.0.fc", "blocks.1", "norm"]
+"""Four pieces of a SkipTransformer: one cut inside a block, the skip crossing all three."""
 
 
 HF_VOCAB = 50

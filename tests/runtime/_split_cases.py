@@ -19,11 +19,22 @@ from torch import nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import split
+from pipefold.model.build import materialize
 from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
 
-from model.split_models import DIM, HF_VOCAB, SEQ, VOCAB, NaturalTransformer, gpt2_model, llama_model  # noqa: E402
+from model.split_models import (  # noqa: E402
+    DIM,
+    HF_VOCAB,
+    SEQ,
+    SKIP_POINTS,
+    VOCAB,
+    NaturalTransformer,
+    SkipTransformer,
+    gpt2_model,
+    llama_model,
+)
 
 ROWS = 8
 
@@ -33,6 +44,8 @@ def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
     if model == "natural":
         return NaturalTransformer(num_blocks=num_blocks), VOCAB
+    if model.startswith("skip"):
+        return SkipTransformer(num_blocks=num_blocks), VOCAB
     if model == "gpt2":
         return gpt2_model(num_blocks), HF_VOCAB
     if model == "llama":
@@ -71,6 +84,24 @@ def _expected_keys(module: nn.Module) -> list[str]:
     return keys
 
 
+def _lazy_init(path: str, module: nn.Module) -> None:
+    if path == "":
+        nn.init.normal_(module.position)  # set on the top module, which has no reset_parameters
+    else:
+        module.reset_parameters()
+
+
+def _lazy_split(num_blocks: int) -> tuple[nn.Module, list[nn.Module]]:
+    with torch.device("meta"):
+        module = NaturalTransformer(num_blocks=num_blocks)
+    return module, split(module, example_inputs=(_batch(VOCAB, 0)[0],), init=_lazy_init, seed=1)
+
+
+def _bytes(module: nn.Module, *, real_only: bool) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if not (real_only and t.is_meta)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def exact(
     *, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 3, num_blocks: int = 3
 ) -> dict[str, Any]:
@@ -82,11 +113,23 @@ def exact(
         reference = copy.deepcopy(module)
         layers: Any = module
         forward = reference
+    elif model == "lazy":
+        # Built on the meta device: each rank materializes only its own pieces (initialized by
+        # the modules' own reset_parameters, under seeds from their paths); the reference
+        # materializes every piece of another meta build the same way.
+        vocab = VOCAB
+        module, layers = _lazy_split(num_blocks)
+        reference, reference_layers = _lazy_split(num_blocks)
+        materialize(reference_layers, range(len(reference_layers)), "cpu")
+        forward = reference
     else:
         module, vocab = _module(model, num_blocks)
         reference = copy.deepcopy(module)
-        layers = split(module, example_inputs=(_batch(vocab, 0)[0],))
-        forward = reference if model == "natural" else (lambda x: reference(x, use_cache=False).logits)
+        # "skip": cut at named points (one inside a block) through a graph capture; "skip-blocks":
+        # no points, the skip connection around the blocks sends it through the graph route too.
+        points = SKIP_POINTS if model == "skip" else None
+        layers = split(module, split_points=points, example_inputs=(_batch(vocab, 0)[0],))
+        forward = reference if model in ("natural", "skip", "skip-blocks") else (lambda x: reference(x, use_cache=False).logits)
     pipe = Pipeline(
         layers, loss_fn=_loss_fn, schedule=schedule, num_microbatches=4, num_virtual=num_virtual,
         runtime=RuntimeOptions(timeout_s=60),
@@ -113,6 +156,8 @@ def exact(
         losses.append(loss)
     return {
         "losses": losses,
+        "held_bytes": _bytes(module, real_only=True),
+        "whole_bytes": _bytes(module, real_only=False),
         "state_keys": list(pipe.state_dict()),
         "expected_keys": _expected_keys(reference),
         "tied_ranks": [list(owners) for owners, _ in pipe.tied.groups],

@@ -80,6 +80,18 @@ def test_a_split_module_with_a_tied_head_over_four_ranks(pool4):
     assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
 
 
+@pytest.mark.multiprocess
+def test_a_skip_connection_across_four_ranks(pool4):
+    """A transformer whose embedding output skips all its blocks to the head (`head(norm(x + x0))`),
+    split without split points: cut at every block through a graph capture (8 pieces, 2 per
+    stage), the skip carried across all three rank boundaries, the tied head on ranks 0 and 3;
+    loss, every gradient and after 3 SGD steps every weight equal one process's."""
+    results = pool4.run("split_exact", model="skip-blocks", schedule="1f1b", num_blocks=6)
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == {(0, 3)}
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
+
+
 SPLIT_SCHEDULES = [("1f1b", None), ("interleaved-1f1b", 2), ("zb-v", None), ("dualpipe-v", None)]
 
 
@@ -95,6 +107,23 @@ def test_a_split_hugging_face_llama_over_four_ranks(pool4, schedule, num_virtual
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
     assert all(r["state_keys"] for r in results), "a rank holds no layer"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("model", "schedule", "num_virtual", "tied"),
+    [("gpt2", "interleaved-1f1b", 2, {(0, 3)}), ("natural", "dualpipe-v", None, set())],
+    ids=["gpt2-interleaved", "natural-dualpipe-v"],
+)
+def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, schedule, num_virtual, tied):
+    """GPT-2 (Hugging Face, tied head) under interleaved 1F1B and the natural transformer under
+    the V placement, 6 blocks (8 layers, one per stage) on 4 ranks: the embedding and the head
+    are on stages 0 and 7, ranks 0 and 3 interleaved (tied across them) and rank 0 twice in the
+    V; loss, every gradient and after 3 SGD steps every weight equal one process's."""
+    results = pool4.run("split_exact", model=model, schedule=schedule, num_virtual=num_virtual, num_blocks=6)
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == tied
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
 
 
 @pytest.mark.multiprocess

@@ -1,7 +1,8 @@
 """`pipefold.split` modules and shared parameters in a 2-rank `Pipeline`, exact against one process.
 
-For a transformer written the natural way, Hugging Face GPT-2 (head tied to the embedding) and
-Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss, every gradient and,
+For a transformer written the natural way, one with a skip connection around its blocks cut at
+named points through a graph capture (the skip crosses the cuts), Hugging Face GPT-2 (head tied
+to the embedding) and Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss, every gradient and,
 after each of 3 SGD steps, every weight equal the unsplit module's on one process (the tied
 GPT-2 weight on two ranks trained two diverging copies before it was tied). The gathered state
 dict has the module's own keys. A plain layer list whose head shares the embedding's weight is
@@ -34,7 +35,7 @@ def _check(results):
     return {tuple(owners) for result in results for owners in result["tied_ranks"]}
 
 
-@pytest.mark.parametrize("model", ["natural", "gpt2", "llama"])
+@pytest.mark.parametrize("model", ["natural", "skip", "gpt2", "llama"])
 @pytest.mark.parametrize(("schedule", "num_virtual"), SCHEDULES, ids=[s for s, _ in SCHEDULES])
 def test_split_module_is_exact(pool, model, schedule, num_virtual):
     results = pool.run("exact", model=model, schedule=schedule, num_virtual=num_virtual)
@@ -43,6 +44,18 @@ def test_split_module_is_exact(pool, model, schedule, num_virtual):
     # placement puts both stages on rank 0; Llama's head is not tied.
     two_ranks = model != "llama" and schedule in ("1f1b", "interleaved-1f1b")
     assert tied == ({(0, 1)} if two_ranks else set())
+
+
+@pytest.mark.parametrize(("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None)])
+def test_a_module_built_on_meta_materializes_only_each_ranks_pieces(pool, schedule, num_virtual):
+    """Built under `torch.device("meta")` on every rank: each rank materializes only its own
+    pieces (the modules' own reset_parameters, seeded by path, so the tied weight starts equal
+    on both ranks) and holds less than the whole model; exact against one process."""
+    results = pool.run("exact", model="lazy", schedule=schedule, num_virtual=num_virtual, num_blocks=6)
+    tied = _check(results)
+    assert tied == ({(0, 1)} if schedule == "1f1b" else set())
+    whole = results[0]["whole_bytes"]
+    assert all(0 < r["held_bytes"] < whole * 0.75 for r in results), [r["held_bytes"] for r in results]
 
 
 def test_plain_list_with_a_shared_weight_is_tied(pool):
