@@ -1,14 +1,21 @@
-"""A pool of rank processes that stay up for a whole test module.
+"""Rank processes that stay up for the whole test session, shared by the test modules.
 
-Importing torch and joining a process group cost seconds per process, so each
-test module starts its ranks once (`WorkerPool(world_size)`) and sends them many
-cases: `pool.run("exact", schedule="gpipe", ...)` calls `_cases.exact(...)` on
-every rank and returns the per-rank results, or raises with the failing rank's
-traceback. `WorkerPool(n, cases=__name__)` runs a test module's own rank-side functions.
+Importing torch and joining a process group cost seconds per process, so the ranks of each
+world size start once per session and every test module sends them its cases:
+`WorkerPool(world_size)` hands out the session's ranks of that size, and
+`pool.run("exact", schedule="gpipe", ...)` calls `_cases.exact(...)` on every rank and returns
+the per-rank results, or raises with the failing rank's traceback. `WorkerPool(n, cases=__name__)`
+runs a test module's own rank-side functions (each rank imports that module on first use).
+
+A pool that may be broken (a case timed out, or the test injected a failure: `close(force=True)`)
+is killed and the next `WorkerPool` of its size starts fresh ranks; `close()` otherwise keeps the
+ranks for the next module (world sizes above 4 are stopped, so the session never holds more than
+seven idle ranks). The ranks stop when the session ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing
 import os
@@ -21,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+_KEPT_WORLD_SIZES = (1, 2, 4)
 
 
-def _worker(rank: int, world_size: int, init_file: str, tasks, results, cases: str = "_cases") -> None:
+def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(HERE))
     import torch
@@ -37,35 +45,34 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results, cases: s
         world_size=world_size,
         timeout=timedelta(seconds=120),
     )
-    # The module whose functions the cases name (a test module may keep its own rank-side cases).
-    module = importlib.import_module(cases)
-
     while True:
         task = tasks.get()
         if task is None:
             break
-        name, kwargs = task
+        cases, name, kwargs = task
         try:
+            # The module whose functions the case names (a test module may keep its own rank-side cases).
+            module = importlib.import_module(cases)
             results.put((rank, True, getattr(module, name)(**kwargs)))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()
 
 
-class WorkerPool:
-    """`world_size` spawned ranks in one gloo group, reused across cases."""
+class _Ranks:
+    """`world_size` spawned processes in one gloo group."""
 
-    def __init__(self, world_size: int, cases: str = "_cases") -> None:
+    def __init__(self, world_size: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.world_size = world_size
         self._dir = tempfile.TemporaryDirectory(prefix="pipefold-pool-")
         init_file = os.path.join(self._dir.name, "rendezvous")
-        self._tasks = [context.Queue() for _ in range(world_size)]
-        self._results = context.Queue()
+        self.tasks = [context.Queue() for _ in range(world_size)]
+        self.results = context.Queue()
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, self._tasks[rank], self._results, cases),
+                args=(rank, world_size, init_file, self.tasks[rank], self.results),
                 daemon=True,
             )
             for rank in range(world_size)
@@ -73,46 +80,9 @@ class WorkerPool:
         for process in self._processes:
             process.start()
 
-    def run(self, case: str, *, timeout_s: float = 120.0, **kwargs: Any) -> list[Any]:
-        """Run `_cases.<case>(**kwargs)` on every rank; results in rank order."""
-        for tasks in self._tasks:
-            tasks.put((case, kwargs))
-        results: dict[int, Any] = {}
-        failures = []
-        for _ in range(self.world_size):
-            try:
-                rank, ok, value = self._results.get(timeout=timeout_s)
-            except queue.Empty:
-                raise TimeoutError(
-                    f"{case}{kwargs}: no answer within {timeout_s}s from ranks "
-                    f"{sorted(set(range(self.world_size)) - set(results))}"
-                ) from None
-            if ok:
-                results[rank] = value
-            else:
-                failures.append(f"rank {rank}:\n{value}")
-        if failures:
-            raise AssertionError(f"{case}{kwargs} failed:\n" + "\n".join(failures))
-        return [results[rank] for rank in range(self.world_size)]
-
-    def run_some(self, case: str, *, ranks: list[int], timeout_s: float, **kwargs: Any) -> dict[int, Any]:
-        """Run a case on every rank but wait only for `ranks` (the others may die or hang)."""
-        for tasks in self._tasks:
-            tasks.put((case, kwargs))
-        results: dict[int, Any] = {}
-        while not set(ranks) <= set(results):
-            try:
-                rank, ok, value = self._results.get(timeout=timeout_s)
-            except queue.Empty:
-                raise TimeoutError(
-                    f"{case}{kwargs}: ranks {ranks} did not answer within {timeout_s}s"
-                ) from None
-            results[rank] = value if ok else f"error: {value}"
-        return results
-
-    def close(self, *, force: bool = False) -> None:
+    def stop(self, *, force: bool) -> None:
         if not force:
-            for tasks in self._tasks:
+            for tasks in self.tasks:
                 tasks.put(None)
             for process in self._processes:
                 process.join(timeout=20)
@@ -121,3 +91,84 @@ class WorkerPool:
                 process.kill()
                 process.join(timeout=5)
         self._dir.cleanup()
+
+
+_SHARED: dict[int, _Ranks] = {}
+
+
+def _stop_all() -> None:
+    for ranks in _SHARED.values():
+        ranks.stop(force=False)
+    _SHARED.clear()
+
+
+atexit.register(_stop_all)
+
+
+class WorkerPool:
+    """The session's `world_size` ranks, running this pool's `cases` module."""
+
+    def __init__(self, world_size: int, cases: str = "_cases") -> None:
+        self.world_size = world_size
+        self.cases = cases
+        if world_size not in _SHARED:
+            _SHARED[world_size] = _Ranks(world_size)
+        self._ranks = _SHARED[world_size]
+
+    def _send(self, case: str, kwargs: dict[str, Any]) -> None:
+        for tasks in self._ranks.tasks:
+            tasks.put((self.cases, case, kwargs))
+
+    def _discard(self) -> None:
+        # Ranks that timed out may still answer later, or wait in a collective forever: nothing
+        # after this may read their queue.
+        if _SHARED.get(self.world_size) is self._ranks:
+            del _SHARED[self.world_size]
+        self._ranks.stop(force=True)
+
+    def run(self, case: str, *, timeout_s: float = 120.0, **kwargs: Any) -> list[Any]:
+        """Run `<cases>.<case>(**kwargs)` on every rank; results in rank order."""
+        self._send(case, kwargs)
+        results: dict[int, Any] = {}
+        failures = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._ranks.results.get(timeout=timeout_s)
+            except queue.Empty:
+                self._discard()
+                raise TimeoutError(
+                    f"{case}{kwargs}: no answer within {timeout_s}s from ranks "
+                    f"{sorted(set(range(self.world_size)) - set(results) - {r for r, _ in failures})}"
+                ) from None
+            if ok:
+                results[rank] = value
+            else:
+                failures.append((rank, value))
+        if failures:
+            raise AssertionError(
+                f"{case}{kwargs} failed:\n" + "\n".join(f"rank {rank}:\n{value}" for rank, value in failures)
+            )
+        return [results[rank] for rank in range(self.world_size)]
+
+    def run_some(self, case: str, *, ranks: list[int], timeout_s: float, **kwargs: Any) -> dict[int, Any]:
+        """Run a case on every rank but wait only for `ranks` (the others may die or hang).
+
+        The pool is left for `close(force=True)`: its other ranks' state is unknown.
+        """
+        self._send(case, kwargs)
+        results: dict[int, Any] = {}
+        while not set(ranks) <= set(results):
+            try:
+                rank, ok, value = self._ranks.results.get(timeout=timeout_s)
+            except queue.Empty:
+                self._discard()
+                raise TimeoutError(
+                    f"{case}{kwargs}: ranks {ranks} did not answer within {timeout_s}s"
+                ) from None
+            results[rank] = value if ok else f"error: {value}"
+        return results
+
+    def close(self, *, force: bool = False) -> None:
+        """Give the ranks back: kept for the next module, unless `force` or an unusual world size."""
+        if force or self.world_size not in _KEPT_WORLD_SIZES:
+            self._discard()

@@ -9,11 +9,8 @@ error messages) run in the test process itself.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import pickle
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -251,39 +248,11 @@ def tied_written_once(*, path) -> dict:
 # -- the pool ------------------------------------------------------------------------------------------
 
 
-def _worker(rank, world_size, init_file, tasks, results):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _workers
-
-    # _workers._worker runs `_cases.<name>`; here the cases are this module's functions.
-    sys.modules["_cases"] = sys.modules[__name__]
-    _workers._worker(rank, world_size, init_file, tasks, results)
-
-
 @pytest.fixture(scope="module")
 def pool():
     from _workers import WorkerPool
 
-    class CheckpointPool(WorkerPool):
-        def __init__(self, world_size: int) -> None:
-            context = multiprocessing.get_context("spawn")
-            self.world_size = world_size
-            self._dir = tempfile.TemporaryDirectory(prefix="pipefold-ckpt-pool-")
-            init_file = os.path.join(self._dir.name, "rendezvous")
-            self._tasks = [context.Queue() for _ in range(world_size)]
-            self._results = context.Queue()
-            self._processes = [
-                context.Process(
-                    target=_worker,
-                    args=(rank, world_size, init_file, self._tasks[rank], self._results),
-                    daemon=True,
-                )
-                for rank in range(world_size)
-            ]
-            for process in self._processes:
-                process.start()
-
-    workers = CheckpointPool(2)
+    workers = WorkerPool(2, cases=__name__)  # the ranks run this module's functions
     yield workers
     workers.close()
 
