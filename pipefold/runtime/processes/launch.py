@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import multiprocessing
+import multiprocessing.reduction
 import os
 import re
 import secrets
@@ -50,7 +51,7 @@ from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.runtime.processes.janitor import start_janitor, sweep
-from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent
+from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent, die_with_supervisor
 from pipefold.runtime.transport.shm import JOB_ENV, job_prefix
 
 __all__ = [
@@ -261,6 +262,50 @@ class _ScriptWorker:
         return tuple(self._tail)
 
 
+# What a rank imports before it runs anything: the fork server imports it once, and every rank
+# forked from it starts with these modules loaded (a torch import costs seconds per process).
+_PRELOAD = ["torch", "torch.distributed", "pipefold.runtime"]
+
+
+def _rank_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context ranks start from: a fork server with torch imported where the
+    platform has one (POSIX), else "spawn". The server is a fresh interpreter started once per
+    launching process (never a fork of it: the launcher's threads and CUDA state stay its own);
+    each rank forked from it gets the launcher's sys.path and working directory as under spawn
+    (multiprocessing prepares them), and `_run_function` gives it the launcher's environment."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
+class _InheritedFd:
+    """A file descriptor of the launcher that a rank gets a duplicate of, however it starts
+    (pickled through multiprocessing's `DupFd`, which a fork server passes along)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_received_fd, (multiprocessing.reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
+
+
+def _launcher_output() -> tuple[_InheritedFd, _InheritedFd] | None:
+    """This process's stdout and stderr for a rank, or None where either is closed."""
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return None
+    return _InheritedFd(1), _InheritedFd(2)
+
+
+def _received_fd(duplicate: Any) -> int:
+    fd: int = duplicate.detach()
+    return fd
+
+
 def _run_function(
     fn: Callable[..., object],
     rank: int,
@@ -268,8 +313,24 @@ def _run_function(
     num_threads: int | None,
     args: tuple[Any, ...],
     error_path: str,
+    output: tuple[int, int] | None = None,
 ) -> None:
-    die_with_parent()
+    if output is not None:
+        # The launcher's stdout and stderr as they are now (a fork server's are those of when
+        # it started, which a caller may have redirected since).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(output[0], 1)
+        os.dup2(output[1], 2)
+        os.close(output[0])
+        os.close(output[1])
+    launcher = multiprocessing.parent_process()
+    if launcher is not None and launcher.pid is not None and launcher.pid != os.getppid():
+        die_with_supervisor(launcher.pid)  # forked from the fork server (orphan.py says why)
+    else:
+        die_with_parent()
+    # The launcher's environment as it is now, not the server's from when it started.
+    os.environ.clear()
     os.environ.update(env)
     if num_threads is not None:
         import torch
@@ -305,10 +366,9 @@ class _FunctionWorker:
     ) -> None:
         self.rank = rank
         self._error_path = os.path.join(error_dir, f"rank{rank}.err")
-        context = multiprocessing.get_context("spawn")
-        self._process = context.Process(
+        self._process: multiprocessing.process.BaseProcess = _rank_context().Process(  # type: ignore[attr-defined]
             target=_run_function,
-            args=(fn, rank, env, num_threads, args, self._error_path),
+            args=(fn, rank, env, num_threads, args, self._error_path, _launcher_output()),
             name=f"pipefold-rank{rank}",
         )
         self._process.start()
@@ -435,7 +495,10 @@ def spawn(
     grace_s: float = 3.0,
     env: dict[str, str] | None = None,
 ) -> LaunchResult:
-    """Run `fn(*args)` in `num_ranks` fresh processes ("spawn"); `fn` must be importable by name.
+    """Run `fn(*args)` in `num_ranks` fresh processes; `fn` must be importable by name.
+
+    The processes are forked from a server that has imported torch (see `_rank_context`), or
+    spawned where the platform has no fork server.
 
     `env`: more variables for every worker (over the current environment and torchrun's).
     """
@@ -449,6 +512,7 @@ def spawn(
                 fn,
                 args,
                 {
+                    **os.environ,
                     **worker_env(rank, num_ranks, port, num_threads),
                     FAILURE_NOTES_ENV: error_dir,
                     JOB_ENV: job,

@@ -12,6 +12,11 @@ supervisor here starts its ranks from its main thread). The request survives `ex
 a script worker can make it between fork and exec (`_prctl` is resolved in the parent
 first, so the child only calls it). Elsewhere (no prctl) this does nothing and the
 supervisor's own stop path is the only guard.
+
+A rank forked from a fork server (`spawn`'s ranks) has the server, not the supervisor, as its
+parent, and the server lives as long as any of its children: such a rank watches the
+supervisor itself (`die_with_supervisor`: a thread blocked on a pidfd of the supervisor,
+which becomes readable when it exits).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import ctypes
 import functools
 import multiprocessing
 import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
-__all__ = ["arm_orphan_guard", "die_with_parent"]
+__all__ = ["arm_orphan_guard", "die_with_parent", "die_with_supervisor"]
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -64,3 +71,26 @@ def _prctl() -> Callable[..., int] | None:
 def arm_orphan_guard() -> bool:
     """Resolve prctl in this (parent) process; True where `die_with_parent` can work."""
     return _prctl() is not None
+
+
+def die_with_supervisor(supervisor_pid: int) -> bool:
+    """SIGKILL this process when `supervisor_pid` (not its parent) exits; True if armed.
+
+    Exits at once if the supervisor is already gone. Needs Linux's pidfd (5.3 and later).
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return False
+    try:
+        pidfd = pidfd_open(supervisor_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:
+        return False
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="pipefold-supervisor-watch", daemon=True).start()
+    return True
