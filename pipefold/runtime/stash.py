@@ -87,6 +87,11 @@ class WeightStash:
         self._current = self._snapshot(index=0)
         self._version_of: dict[int, _Version] = {}
         self._peak = 0
+        # Streaming with a version lag (PipeDream-2BW): see `stream`.
+        self._lag = 0
+        self._per_step = 1
+        self._base = 0
+        self._kept: dict[int, _Version] = {}
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -116,7 +121,7 @@ class WeightStash:
                 f"{self._version_of[microbatch].index} and its backward is not done; "
                 "call after_backward(microbatch) before running it again"
             )
-        version = self._current
+        version = self._current if not self._lag else self._lagged(microbatch)
         weights = {
             name: _stale_weight(live, version.values[name])
             for name, live in zip(self._names, self._params, strict=True)
@@ -145,18 +150,53 @@ class WeightStash:
         self._in_flight(microbatch)
         del self._version_of[microbatch]
 
+    def stream(self, num_microbatches: int, version_lag: int) -> None:
+        """Run the following micro-batches as a streaming run (`pipefold.schedule.stream`):
+        micro-batch i belongs to step i // num_microbatches, counted from now, and with
+        `version_lag` n > 0 its forward uses the weights after (step - n) of the run's updates
+        (at least the weights the run started from). `version_lag` 0 is the default rule
+        (the newest weights). Call with (1, 0) after the run to restore it."""
+        if self._version_of:
+            raise PipelineError(
+                f"micro-batches {sorted(self._version_of)} are still in flight on this stage; "
+                "a streaming run starts and ends with the pipeline drained"
+            )
+        self._lag = version_lag
+        self._per_step = num_microbatches
+        self._base = self._current.index
+        self._kept = {}
+
     def step(self) -> None:
         """The STEP action: apply the summed gradients, clear them, start a new version."""
-        if self._current.used:
+        if self._current.used or self._lag:
             # In-flight graphs saved views of the live storage through the current
-            # version; give the live weights a new buffer so the update cannot reach them.
+            # version (and with a version lag, later forwards still need it); give the
+            # live weights a new buffer so the update cannot reach them.
             with torch.no_grad():
                 for param in self._params:
                     param.data = param.data.clone()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._lag:
+            self._kept[self._current.index] = self._current
+            oldest = self._current.index + 1 - self._lag
+            # Older versions are no forward's any more; in-flight micro-batches hold their own.
+            self._kept = {i: v for i, v in self._kept.items() if i >= oldest}
         self._current = self._snapshot(index=self._current.index + 1)
         logger.debug("weight version %d; %d held", self._current.index, self.num_versions_held)
+
+    def _lagged(self, microbatch: int) -> _Version:
+        wanted = self._base + max(microbatch // self._per_step - self._lag, 0)
+        if wanted == self._current.index:
+            return self._current
+        version = self._kept.get(wanted)
+        if version is None:
+            raise PipelineError(
+                f"micro-batch {microbatch} (step {microbatch // self._per_step} of the run) needs weight "
+                f"version {wanted}, but the stage is at version {self._current.index} and keeps "
+                f"{sorted(self._kept)}: its schedule stepped too few or too many times before this forward"
+            )
+        return version
 
     def _snapshot(self, index: int) -> _Version:
         # `.data` shares the storage but not the version counter, so the optimizer's later
