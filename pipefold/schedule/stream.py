@@ -19,8 +19,9 @@ step k+1's forwards enter while step k's backwards drain. A `Stream` says how, p
 `version_lag` is the weight-version rule a forward follows (the runtime's stash applies it):
 0 (PipeDream) runs on the stage's newest weights; 1 (PipeDream-2BW) runs every micro-batch
 of step k on the weights after k-1 updates, so each update applies a gradient one step
-stale, W(k+1) = W(k) - lr * grad(W(k-1)), as in the paper. Design notes: docs/decisions.md,
-"streaming runs".
+stale, W(k+1) = W(k) - lr * grad(W(k-1)), as in the paper.
+
+Design notes: docs/decisions.md, "streaming runs".
 """
 
 from __future__ import annotations
