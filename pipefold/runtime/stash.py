@@ -56,8 +56,6 @@ class _Version:
     index: int
     values: dict[str, Tensor]
     """Parameter name -> the weight's values for this version."""
-    used: bool = False
-    """A forward ran on this version (so its values may be saved in some autograd graph)."""
 
 
 class WeightStash:
@@ -127,7 +125,6 @@ class WeightStash:
             for name, live in zip(self._names, self._params, strict=True)
         }
         output = torch.func.functional_call(self._module, weights, args, kwargs)
-        version.used = True
         self._version_of[microbatch] = version
         self._peak = max(self._peak, self.num_versions_held)
         return output
@@ -168,10 +165,13 @@ class WeightStash:
 
     def step(self) -> None:
         """The STEP action: apply the summed gradients, clear them, start a new version."""
-        if self._current.used or self._lag:
+        current = self._current
+        if self._lag or any(version is current for version in self._version_of.values()):
             # In-flight graphs saved views of the live storage through the current
             # version (and with a version lag, later forwards still need it); give the
-            # live weights a new buffer so the update cannot reach them.
+            # live weights a new buffer so the update cannot reach them. Once every
+            # micro-batch that ran on it has finished its backward, its graphs are freed
+            # and the update may happen in place.
             with torch.no_grad():
                 for param in self._params:
                     param.data = param.data.clone()
