@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError, PipelineError
@@ -111,8 +112,11 @@ class WeightStash:
         """The largest `num_versions_held` seen so far."""
         return self._peak
 
-    def forward(self, microbatch: int, *args: Any, **kwargs: Any) -> Any:
-        """Run the module on the current weight version and remember it for `microbatch`."""
+    def forward(self, microbatch: int, *args: Any, recompute: bool = False, **kwargs: Any) -> Any:
+        """Run the module on the current weight version and remember it for `microbatch`.
+
+        `recompute`: keep only the inputs and the version's weights and run the forward again
+        in the backward (non-reentrant checkpointing), on those same weights."""
         if microbatch in self._version_of:
             raise PipelineError(
                 f"micro-batch {microbatch} already ran its forward on weight version "
@@ -120,11 +124,23 @@ class WeightStash:
                 "call after_backward(microbatch) before running it again"
             )
         version = self._current if not self._lag else self._lagged(microbatch)
-        weights = {
-            name: _stale_weight(live, version.values[name])
+        weights = [
+            _stale_weight(live, version.values[name])
             for name, live in zip(self._names, self._params, strict=True)
-        }
-        output = torch.func.functional_call(self._module, weights, args, kwargs)
+        ]
+        if recompute:
+            # The weights are arguments of the checkpointed function, so the recomputation
+            # runs on this version's values, not on whatever the live weights are by then.
+            num_args = len(args)
+
+            def run(*values: Any) -> Any:
+                named = dict(zip(self._names, values[num_args:], strict=True))
+                return torch.func.functional_call(self._module, named, values[:num_args], kwargs)
+
+            output = torch.utils.checkpoint.checkpoint(run, *args, *weights, use_reentrant=False)
+        else:
+            named = dict(zip(self._names, weights, strict=True))
+            output = torch.func.functional_call(self._module, named, args, kwargs)
         self._version_of[microbatch] = version
         self._peak = max(self._peak, self.num_versions_held)
         return output

@@ -33,10 +33,10 @@ def sgd(params):
             {
                 "schedule": "pipedream",
                 "parallel": ParallelOptions(optimizer=sgd),
-                "layout": LayoutOptions(recompute="full"),
+                "layout": LayoutOptions(recompute=[1]),
             },
             ConfigError,
-            "recompute='full'",
+            "recompute=[1]",
         ),
         (
             {
