@@ -118,14 +118,17 @@ def main() -> int:
     args = parser.parse_args()
     out = mp.get_context("spawn").Queue()
     result = spawn(
-        _rank, args.ranks, (args.workload, args.ranks, args.microbatches, args.steps, args.rounds, args.lr, out)
+        _rank,
+        args.ranks,
+        (args.workload, args.ranks, args.microbatches, args.steps, args.rounds, args.lr, out),
     )
     if not result.ok:
         print(result.describe(), file=sys.stderr)
         return 1
     summary = out.get(timeout=60)
     unit = "tokens/s" if args.workload == "transformer" else "rows/s"
-    print(f"| workload | ranks | M | steps/round | schedule | {unit} | step ms | measured bubble | last loss |")
+    header = f"workload | ranks | M | steps/round | schedule | {unit} | step ms | measured bubble | last loss"
+    print(f"| {header} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in SCHEDULES:
         s = summary[name]

@@ -549,7 +549,9 @@ class Pipeline:
         if cached is not None and cached[0] == steps:
             return cached[1], cached[2], cached[3]
         try:
-            plan = stream(schedule.name, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches)
+            plan = stream(
+                schedule.name, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches
+            )
         except ScheduleError as error:
             raise ConfigError(f"train(): {error}") from None
         unrolled = plan.unroll(steps)

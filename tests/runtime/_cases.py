@@ -408,7 +408,13 @@ def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: in
 
 
 def streaming(
-    *, schedule: str, num_microbatches: int, steps: int, rows: int = 8, lr: float = 0.1, recompute: str = "none"
+    *,
+    schedule: str,
+    num_microbatches: int,
+    steps: int,
+    rows: int = 8,
+    lr: float = 0.1,
+    recompute: str = "none",
 ) -> dict:
     """`Pipeline.train` (a streaming run) against a one-process emulation of the same weight-version
     schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss."""
@@ -469,9 +475,8 @@ def streaming(
         assert len(optimizer.snapshots) == len(expected) == steps * plan.updates_per_step
         for update, (got, want) in enumerate(zip(optimizer.snapshots, expected, strict=True)):
             for name, value in zip(names, got, strict=True):
-                torch.testing.assert_close(
-                    value, want[name], msg=lambda m, n=name, u=update, s=stage.index: f"stage {s} update {u} {n}: {m}"
-                )
+                where = f"stage {stage.index} update {update} {name}"
+                torch.testing.assert_close(value, want[name], msg=lambda m, w=where: f"{w}: {m}")
                 if not torch.allclose(value, other_history[stage.index][update][name]):
                     other_rule_differs = True
     timeline = pipe.last_timeline

@@ -600,7 +600,9 @@ def test_a_streaming_run_resumes_between_calls_as_if_uninterrupted(tmp_path):
         return [stage.stash.optimizer for stage in pipe.stages]
 
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 4, generator=generator), torch.randn(4, 4, generator=generator)) for _ in range(6)]
+    batches = [
+        (torch.randn(4, 4, generator=generator), torch.randn(4, 4, generator=generator)) for _ in range(6)
+    ]
     going_on = streaming_pipe()
     going_on.train(batches[:3], steps=3)
     save_checkpoint(going_on, tmp_path / "ckpt", optimizer=optimizers(going_on), step=3)

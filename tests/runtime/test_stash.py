@@ -151,7 +151,9 @@ def test_steps_apply_gradients_of_the_weights_each_forward_saw(pattern, peak, sp
 
 
 @pytest.mark.parametrize(
-    "pattern", [PIPEDREAM_4_IN_FLIGHT, DOUBLE_BUFFER, DOUBLE_BUFFER_SPLIT], ids=["pipedream-4", "2bw", "2bw-split"]
+    "pattern",
+    [PIPEDREAM_4_IN_FLIGHT, DOUBLE_BUFFER, DOUBLE_BUFFER_SPLIT],
+    ids=["pipedream-4", "2bw", "2bw-split"],
 )
 def test_full_recomputation_runs_again_on_the_stashed_version(pattern):
     """The recomputed forward sees the version its forward saw, not the live weights."""
