@@ -154,11 +154,12 @@ class _Rules:
                 f"{inside}, stage by stage, so tied layers (one module at several "
                 f"stages) cannot share it; set {n('tied_layers')}=False (untie them) or use {flush}",
             )
-        if c.recompute != "none":
+        if c.recompute not in ("none", "full"):
             self.refuse(
                 "recompute",
-                f"{inside}: a recomputed forward would run on the live weights, not "
-                f"the stashed version; use {n('recompute')}='none' or {flush}",
+                f"{inside}: a layer recomputed on its own would run on the live weights, not "
+                f"the stashed version; use {n('recompute')}='full' (the stage recomputes on its "
+                f"version), 'none' or {flush}",
             )
         if c.on_nonfinite != "raise":
             self.refuse(

@@ -39,7 +39,7 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
             "from stashed copies",
         ),
         ({**ASYNC, "tied_layers": True}, "tied_layers=True is not allowed: schedule='pipedream' updates"),
-        ({**ASYNC, "recompute": "full"}, "recompute='full' is not allowed: schedule='pipedream' updates"),
+        ({**ASYNC, "recompute": (1,)}, "recompute=[1] is not allowed: schedule='pipedream' updates"),
         (
             {**ASYNC, "on_nonfinite": "skip"},
             "on_nonfinite='skip' is not allowed: schedule='pipedream' updates",
@@ -109,8 +109,8 @@ def test_the_rulebook_imports_no_torch():
             "schedule.data_parallel=2 is not allowed: schedule.name='pipedream' updates weights inside",
         ),
         (
-            {"schedule.name": "pipedream", "model.tie_embeddings": False, "recompute": "full"},
-            "recompute='full' is not allowed",
+            {"schedule.name": "pipedream", "model.tie_embeddings": False, "recompute": [1]},
+            "recompute=[1] is not allowed",
         ),
         ({"optimizer.zero": True}, "set schedule.data_parallel > 1 or optimizer.zero=False"),
     ],

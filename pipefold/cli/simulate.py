@@ -10,9 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, ScheduleError
 from pipefold.files import write_atomic
-from pipefold.schedule import build
+from pipefold.schedule import build, stream
 from pipefold.simulate import CostModel, simulate
 from pipefold.viz import render_ascii, render_png, to_chrome_trace
 
@@ -58,6 +58,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps to simulate back to back")
     parser.add_argument("--no-sync", action="store_true",
                         help="no global barrier between steps (shows asynchronous steady state)")
+    parser.add_argument("--stream", action="store_true",
+                        help="pipedream / pipedream-2bw: the --steps steps as one streaming run "
+                        "(Pipeline.train): filled and drained once, steps overlapping")
     parser.add_argument("--png", metavar="FILE", help="write the timeline as a PNG")
     parser.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the chart")
@@ -77,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
         costs = CostModel.uniform(schedule.num_stages, f=f, i=i, w=w)
     if args.cores is not None:
         costs = dataclasses.replace(costs, num_cores=args.cores)
-    timeline = simulate(schedule, costs, num_steps=args.steps, sync=not args.no_sync)
+    if args.stream:
+        try:
+            plan = stream(args.schedule, num_ranks=args.ranks, num_microbatches=args.microbatches)
+        except ScheduleError as error:
+            raise ConfigError(f"--stream: {error}") from None
+        timeline = simulate(plan.unroll(args.steps), costs)
+    else:
+        timeline = simulate(schedule, costs, num_steps=args.steps, sync=not args.no_sync)
     if args.png:
         write_atomic(args.png, render_png(timeline))
     if args.trace:

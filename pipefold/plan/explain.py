@@ -152,7 +152,8 @@ def setting_verdicts(
     if asynchronous:
         verdicts.append(Verdict(
             "recompute", "not-applicable",
-            "asynchronous schedules run without recompute (it would see the live weights)",
+            "the planner runs asynchronous schedules without recompute "
+            "(the runtime recomputes them only whole)",
         ))
     elif chosen is not None and not recompute_pinned:
         everything = tuple(range(choice.num_stages))

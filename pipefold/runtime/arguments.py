@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import torch
+from torch import nn
+
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, Partition, partition
 from pipefold.runtime.options import (
@@ -112,4 +115,41 @@ def check_optimizer(schedule: Schedule, runtime: RuntimeOptions, optimizer: Opti
             f"schedule {name!r} updates weights during the step ({schedule.weight_update}); pass "
             "parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=...)) "
             "(a factory)"
+        )
+    check_stashable(optimizer, name)
+
+
+def check_stashable(optimizer: OptimizerFactory, schedule_name: str) -> None:
+    """Refuse a factory whose optimizer a stage's weight stash cannot step: it is called once on
+    a probe parameter (cheap, before any rank communicates). The stash calls `step()` with no
+    closure at each STEP, on exactly the parameters it passed, and moves their storage between
+    versions, so the optimizer must be a `torch.optim.Optimizer` over those parameters that
+    steps without a closure."""
+    probe = nn.Parameter(torch.zeros(1))
+    where = f"ParallelOptions.optimizer (schedule {schedule_name!r} steps it inside the pipeline)"
+    try:
+        built = optimizer(iter([probe]))
+    except Exception as error:
+        raise ConfigError(
+            f"{where} raised {type(error).__name__}: {error} when called with an iterator of parameters; "
+            "give a factory such as lambda params: torch.optim.SGD(params, lr=0.1)"
+        ) from error
+    if not isinstance(built, torch.optim.Optimizer):
+        raise ConfigError(
+            f"{where} returned {type(built).__name__}, not a torch.optim.Optimizer; give a factory "
+            "such as lambda params: torch.optim.AdamW(params, lr=1e-3)"
+        )
+    if isinstance(built, torch.optim.LBFGS):
+        raise ConfigError(
+            f"{where} returned LBFGS, which re-evaluates the loss through a closure at every step; "
+            "a stashed stage steps without one, between other micro-batches' forwards: use a "
+            "first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
+    held = [p for group in built.param_groups for p in group["params"]]
+    if len(held) != 1 or held[0] is not probe:
+        raise ConfigError(
+            f"{where} returned an optimizer over {len(held)} other tensor(s), not over the parameters "
+            "it was given: the stage's stash would not update its weights; build it from the "
+            "factory's argument (lambda params: torch.optim.SGD(params, lr=...)), not from "
+            "model.parameters()"
         )

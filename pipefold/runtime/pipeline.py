@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -74,10 +74,11 @@ from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_batch import BoundaryShapes, split_batch
 from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
+from pipefold.runtime.streaming import BatchFeed, next_pair
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
-from pipefold.schedule import Schedule, WeightUpdate, lower
+from pipefold.schedule import STREAMING_FAMILIES, Schedule, ScheduleError, WeightUpdate, lower, stream
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
@@ -87,6 +88,7 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], Tensor]
+Result = TypeVar("Result")
 
 
 class Pipeline:
@@ -318,6 +320,9 @@ class Pipeline:
 
         self._new_executor = executor
         self._executor = executor(program)
+        # The last streaming run's (steps, unrolled schedule, executor, timeline slots).
+        self._stream_executor: tuple[int, Schedule, Executor, int] | None = None
+        self._stream_lag = 0
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
 
@@ -515,13 +520,63 @@ class Pipeline:
         With data parallelism each replica passes its own local batch (its shard of the
         global batch) and the loss returned is the mean over all replicas' rows.
         """
+        return self._guarded(lambda: self._step(inputs, targets))
+
+    def train(self, batches: Iterable[tuple[Any, Any]] | None, *, steps: int) -> list[float]:
+        """Run `steps` optimizer steps as one stream, without draining between them (PipeDream
+        and PipeDream-2BW); returns each step's batch-mean loss, the same list on every rank.
+
+        `batches` yields one (inputs, targets) pair per step, every one of the same shape; it
+        is read on the ranks of the first stage (inputs) and the last (targets), one step ahead
+        at most, and may be None on the others. Step k+1's forwards enter while step k's
+        backwards drain, so the pipeline fills once at the start and drains once at the end
+        (`pipefold.schedule.stream`); weights update inside the run as the schedule says, with
+        PipeDream-2BW's one-step-stale gradients. Call it on every rank with the same `steps`;
+        calls may follow each other and `step()` (each call starts and ends drained). See
+        docs/schedules.md, "Streaming (asynchronous) runs"."""
+        run = self._stream(steps)  # refusals first, on every rank alike
+        return self._guarded(lambda: self._train(batches, steps, run))
+
+    def _stream(self, steps: int) -> tuple[Schedule, Executor, int]:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"train(steps={steps!r}): give the number of optimizer steps, an integer >= 1")
+        schedule = self.schedule
+        if schedule.weight_update is WeightUpdate.FLUSH or schedule.name not in STREAMING_FAMILIES:
+            raise ConfigError(
+                f"train(): schedule {schedule.name!r} is "
+                + ("a flush schedule: it drains before every update, so steps cannot overlap"
+                   if schedule.weight_update is WeightUpdate.FLUSH else "not one of the streaming families")
+                + f"; build the Pipeline with schedule='pipedream' or 'pipedream-2bw' (one of "
+                f"{', '.join(STREAMING_FAMILIES)}) and ParallelOptions(optimizer=...), or call "
+                "step() once per batch and step your optimizer after it"
+            )
+        cached = self._stream_executor
+        if cached is not None and cached[0] == steps:
+            return cached[1], cached[2], cached[3]
+        try:
+            plan = stream(
+                schedule.name, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches
+            )
+        except ScheduleError as error:
+            raise ConfigError(f"train(): {error}") from None
+        unrolled = plan.unroll(steps)
+        validate(unrolled)
+        program = lower(unrolled)
+        executor = self._new_executor(program)
+        slots = max(len(row) for row in program.instructions)
+        self._stream_executor = (steps, unrolled, executor, slots)
+        self._stream_lag = plan.version_lag
+        return unrolled, executor, slots
+
+    def _guarded(self, run: Callable[[], Result]) -> Result:
+        """Run one step or streaming run; a failure is reported to the other ranks."""
         if self._broken is not None:
             raise PipelineError(
                 f"rank {self.rank}: this pipeline stopped after a failure ({self._broken}); "
                 "its communication state is undefined, so build a new Pipeline (and process group)"
             )
         try:
-            return self._step(inputs, targets)
+            return run()
         except NonFiniteLoss:
             raise  # every rank raises it alike after agreeing on the losses: nothing to report
         except PeerFailure as error:
@@ -557,6 +612,56 @@ class Pipeline:
             self._broken = f"{type(error).__name__}: {error}"
             self._board.publish(self._report(error))
             raise
+
+    def _train(
+        self, batches: Iterable[tuple[Any, Any]] | None, steps: int, run: tuple[Schedule, Executor, int]
+    ) -> list[float]:
+        unrolled, executor, slots = run
+        schedule = self.schedule
+        reads = self.rank in (schedule.placement[0], schedule.placement[-1])
+        if reads and batches is None:
+            raise ConfigError(
+                f"train(batches=None) on rank {self.rank}, which holds the first or last stage; "
+                "pass an iterable of (inputs, targets) pairs there"
+            )
+        iterator = iter(batches) if reads and batches is not None else None
+        inputs, targets = next_pair(iterator, 0, steps) if iterator is not None else (None, None)
+        collectives = self.transport.collectives
+        batch = split_batch(self.rank, schedule, inputs, targets, collectives, self.device, caller="train")
+        feed = BatchFeed(iterator, batch, num_steps=steps, device=self.device)
+        boundaries = [self._boundaries(batch.meta, size) for size in batch.sizes] * steps
+        scales = [size / batch.size for size in batch.sizes] * steps
+        stashes = [stage.stash for stage in self.stages if stage.stash is not None]
+        for stash in stashes:
+            stash.stream(schedule.num_microbatches, self._stream_lag)
+        self._executor, step_executor = executor, self._executor  # failure reports name its action
+        try:
+            record = executor.run(StepInputs(feed.inputs, feed.targets, boundaries, scales))
+        finally:
+            self._executor = step_executor
+        for stash in stashes:
+            stash.stream(1, 0)
+        self._num_steps_run += steps
+        if self.runtime_options.record_timeline:
+            self.recorder.use(unrolled, slots)
+            try:
+                versions = max((stash.peak_versions_held for stash in stashes), default=1)
+                self._last_step, losses = self.recorder.gather(record, versions)
+            finally:
+                self.recorder.use(schedule, self._timeline_slots)
+        else:
+            losses = record.losses
+            if collectives is not None:
+                collectives.all_reduce_sum(losses, what="loss all-reduce")
+        per_step = losses.reshape(steps, schedule.num_microbatches).sum(dim=1)
+        bad = [k for k, finite in enumerate(torch.isfinite(per_step).tolist()) if not finite]
+        if bad:
+            raise NonFiniteLoss(
+                f"the loss of step(s) {bad} of the streaming run is {per_step[bad[0]].item()}; the weights "
+                "were updated from it inside the run and cannot be restored: lower the learning rate or "
+                "check the data, and reload a checkpoint"
+            )
+        return [float(value) for value in per_step.tolist()]
 
     def _report(self, error: BaseException) -> FailureReport:
         action = self._executor.current

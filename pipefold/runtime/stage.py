@@ -108,8 +108,9 @@ class Stage:
     def _forward(self, value: Any, microbatch: int) -> Any:
         if self.stash is not None:
             # The stash calls the module with its version's weights swapped in
-            # (torch.func.functional_call), which runs self._run through _Chain.
-            return self.stash.forward(microbatch, value)
+            # (torch.func.functional_call), which runs self._run through _Chain; full
+            # recomputation checkpoints that call with the version's weights as arguments.
+            return self.stash.forward(microbatch, value, recompute=self._recompute_all)
         if self._recompute_all:
             output = torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
         else:

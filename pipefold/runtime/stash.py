@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError, PipelineError
@@ -56,8 +57,6 @@ class _Version:
     index: int
     values: dict[str, Tensor]
     """Parameter name -> the weight's values for this version."""
-    used: bool = False
-    """A forward ran on this version (so its values may be saved in some autograd graph)."""
 
 
 class WeightStash:
@@ -87,6 +86,11 @@ class WeightStash:
         self._current = self._snapshot(index=0)
         self._version_of: dict[int, _Version] = {}
         self._peak = 0
+        # Streaming with a version lag (PipeDream-2BW): see `stream`.
+        self._lag = 0
+        self._per_step = 1
+        self._base = 0
+        self._kept: dict[int, _Version] = {}
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -108,21 +112,35 @@ class WeightStash:
         """The largest `num_versions_held` seen so far."""
         return self._peak
 
-    def forward(self, microbatch: int, *args: Any, **kwargs: Any) -> Any:
-        """Run the module on the current weight version and remember it for `microbatch`."""
+    def forward(self, microbatch: int, *args: Any, recompute: bool = False, **kwargs: Any) -> Any:
+        """Run the module on the current weight version and remember it for `microbatch`.
+
+        `recompute`: keep only the inputs and the version's weights and run the forward again
+        in the backward (non-reentrant checkpointing), on those same weights."""
         if microbatch in self._version_of:
             raise PipelineError(
                 f"micro-batch {microbatch} already ran its forward on weight version "
                 f"{self._version_of[microbatch].index} and its backward is not done; "
                 "call after_backward(microbatch) before running it again"
             )
-        version = self._current
-        weights = {
-            name: _stale_weight(live, version.values[name])
+        version = self._current if not self._lag else self._lagged(microbatch)
+        weights = [
+            _stale_weight(live, version.values[name])
             for name, live in zip(self._names, self._params, strict=True)
-        }
-        output = torch.func.functional_call(self._module, weights, args, kwargs)
-        version.used = True
+        ]
+        if recompute:
+            # The weights are arguments of the checkpointed function, so the recomputation
+            # runs on this version's values, not on whatever the live weights are by then.
+            num_args = len(args)
+
+            def run(*values: Any) -> Any:
+                named = dict(zip(self._names, values[num_args:], strict=True))
+                return torch.func.functional_call(self._module, named, values[:num_args], kwargs)
+
+            output = torch.utils.checkpoint.checkpoint(run, *args, *weights, use_reentrant=False)
+        else:
+            named = dict(zip(self._names, weights, strict=True))
+            output = torch.func.functional_call(self._module, named, args, kwargs)
         self._version_of[microbatch] = version
         self._peak = max(self._peak, self.num_versions_held)
         return output
@@ -145,18 +163,56 @@ class WeightStash:
         self._in_flight(microbatch)
         del self._version_of[microbatch]
 
+    def stream(self, num_microbatches: int, version_lag: int) -> None:
+        """Run the following micro-batches as a streaming run (`pipefold.schedule.stream`):
+        micro-batch i belongs to step i // num_microbatches, counted from now, and with
+        `version_lag` n > 0 its forward uses the weights after (step - n) of the run's updates
+        (at least the weights the run started from). `version_lag` 0 is the default rule
+        (the newest weights). Call with (1, 0) after the run to restore it."""
+        if self._version_of:
+            raise PipelineError(
+                f"micro-batches {sorted(self._version_of)} are still in flight on this stage; "
+                "a streaming run starts and ends with the pipeline drained"
+            )
+        self._lag = version_lag
+        self._per_step = num_microbatches
+        self._base = self._current.index
+        self._kept = {}
+
     def step(self) -> None:
         """The STEP action: apply the summed gradients, clear them, start a new version."""
-        if self._current.used:
+        current = self._current
+        if self._lag or any(version is current for version in self._version_of.values()):
             # In-flight graphs saved views of the live storage through the current
-            # version; give the live weights a new buffer so the update cannot reach them.
+            # version (and with a version lag, later forwards still need it); give the
+            # live weights a new buffer so the update cannot reach them. Once every
+            # micro-batch that ran on it has finished its backward, its graphs are freed
+            # and the update may happen in place.
             with torch.no_grad():
                 for param in self._params:
                     param.data = param.data.clone()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._lag:
+            self._kept[self._current.index] = self._current
+            oldest = self._current.index + 1 - self._lag
+            # Older versions are no forward's any more; in-flight micro-batches hold their own.
+            self._kept = {i: v for i, v in self._kept.items() if i >= oldest}
         self._current = self._snapshot(index=self._current.index + 1)
         logger.debug("weight version %d; %d held", self._current.index, self.num_versions_held)
+
+    def _lagged(self, microbatch: int) -> _Version:
+        wanted = self._base + max(microbatch // self._per_step - self._lag, 0)
+        if wanted == self._current.index:
+            return self._current
+        version = self._kept.get(wanted)
+        if version is None:
+            raise PipelineError(
+                f"micro-batch {microbatch} (step {microbatch // self._per_step} of the run) needs weight "
+                f"version {wanted}, but the stage is at version {self._current.index} and keeps "
+                f"{sorted(self._kept)}: its schedule stepped too few or too many times before this forward"
+            )
+        return version
 
     def _snapshot(self, index: int) -> _Version:
         # `.data` shares the storage but not the version counter, so the optimizer's later

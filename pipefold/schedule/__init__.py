@@ -22,6 +22,7 @@ from pipefold.schedule.ir import (
 from pipefold.schedule.lower import Program, lower
 from pipefold.schedule.placement import PLACEMENTS, Placement, layout_of, placement_of
 from pipefold.schedule.registry import build, family, names
+from pipefold.schedule.stream import STREAMING_FAMILIES, Stream, stream
 from pipefold.schedule.validate import validate
 
 __all__ = [
@@ -31,8 +32,10 @@ __all__ = [
     "PLACEMENTS",
     "Placement",
     "Program",
+    "STREAMING_FAMILIES",
     "Schedule",
     "ScheduleError",
+    "Stream",
     "WeightUpdate",
     "build",
     "contiguous_placement",
@@ -43,6 +46,7 @@ __all__ = [
     "lower",
     "names",
     "placement_of",
+    "stream",
     "v_placement",
     "validate",
 ]

@@ -77,3 +77,13 @@ def test_ranks_sharing_cores(capsys):
     assert run_json(capsys, *args, "--cores", "2")["makespan"] == pytest.approx(9.0)
     assert main(["simulate", *args, "--cores", "0"]) == 2
     assert "num_cores = 0" in capsys.readouterr().err
+
+
+def test_stream_simulates_one_fill_and_one_drain_for_the_run(capsys):
+    args = ["--schedule", "pipedream", "--ranks", "4", "--microbatches", "8", "--steps", "10"]
+    streamed = run_json(capsys, *args, "--stream")
+    flushed = run_json(capsys, "--schedule", "1f1b", *args[2:])
+    assert streamed["bubble_fraction"] == pytest.approx(3 / 83)
+    assert flushed["bubble_fraction"] == pytest.approx(3 / 11)
+    assert main(["simulate", "--schedule", "1f1b", *args[2:], "--stream"]) == 2
+    assert "schedule '1f1b' cannot stream" in capsys.readouterr().err

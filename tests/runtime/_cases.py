@@ -405,3 +405,86 @@ def tuned(*, placement: str, num_microbatches: int, model: str = "mlp", rows: in
         "trials": [list(trial) for trial in result.trials],
         "trial_rounds": result.trial_rounds,
     }
+
+
+def streaming(
+    *,
+    schedule: str,
+    num_microbatches: int,
+    steps: int,
+    rows: int = 8,
+    lr: float = 0.1,
+    recompute: str = "none",
+) -> dict:
+    """`Pipeline.train` (a streaming run) against a one-process emulation of the same weight-version
+    schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss."""
+    from _stream_reference import emulate
+
+    from pipefold.schedule import stream
+
+    class Recording(torch.optim.SGD):
+        """SGD that keeps the weights after each of its updates."""
+
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, lr=lr)
+            self.snapshots: list[list[torch.Tensor]] = []
+
+        def step(self, closure: Any = None) -> Any:
+            result = super().step(closure)
+            self.snapshots.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            return result
+
+    optimizers: list[Recording] = []
+
+    def factory(params: Any) -> Recording:
+        optimizers.append(Recording(params))
+        return optimizers[-1]
+
+    pipe = Pipeline(
+        mlp(4),
+        loss_fn=F.mse_loss,
+        schedule=schedule,
+        num_microbatches=num_microbatches,
+        layout=LayoutOptions(seed=3, recompute=recompute),
+        parallel=ParallelOptions(optimizer=factory),
+    )
+    reference = build_reference(mlp(4), seed=3)
+    batches = [_batch("mlp", rows, seed=k) for k in range(steps)]
+    losses = pipe.train(iter(batches), steps=steps)
+    plan = stream(schedule, num_ranks=pipe.schedule.num_ranks, num_microbatches=num_microbatches)
+    unrolled = plan.unroll(steps)
+    stage_layers = [list(pipe.partition.layers_of(s)) for s in range(pipe.schedule.num_stages)]
+
+    def run_emulation(lag: int):
+        return emulate(
+            reference, stage_layers, unrolled, num_steps=steps, lag=lag, batches=batches,
+            loss_fn=F.mse_loss, lr=lr,
+        )
+
+    history, expected_losses = run_emulation(plan.version_lag)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    names_of = {id(p): n for n, p in pipe.named_parameters()}
+    # The pipeline calls the factory once on a probe parameter first (check_stashable).
+    optimizers = [o for o in optimizers if id(o.param_groups[0]["params"][0]) in names_of]
+    assert len(optimizers) == len(pipe.stages)
+    other_rule_differs = False
+    other_history, _ = run_emulation(1 - plan.version_lag)
+    for stage, optimizer in zip(pipe.stages, optimizers, strict=True):
+        names = [names_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        expected = history[stage.index]
+        assert len(optimizer.snapshots) == len(expected) == steps * plan.updates_per_step
+        for update, (got, want) in enumerate(zip(optimizer.snapshots, expected, strict=True)):
+            for name, value in zip(names, got, strict=True):
+                where = f"stage {stage.index} update {update} {name}"
+                torch.testing.assert_close(value, want[name], msg=lambda m, w=where: f"{w}: {m}")
+                if not torch.allclose(value, other_history[stage.index][update][name]):
+                    other_rule_differs = True
+    timeline = pipe.last_timeline
+    return {
+        "losses": losses,
+        "events": [[str(e.action) for e in row] for row in timeline.events],
+        "unrolled": [[str(a) for a in row] for row in unrolled.actions],
+        "weight_versions_peak": list(timeline.weight_versions_peak),
+        "other_rule_differs": other_rule_differs,
+        "then_step": pipe.step(*batches[0]),
+    }

@@ -22,6 +22,7 @@ from pipefold.errors import CheckpointError, ConfigError, PipelineError
 from pipefold.model import LayerSpec, TiedLayerSpec
 from pipefold.runtime import (
     LayoutOptions,
+    ParallelOptions,
     Pipeline,
     RuntimeOptions,
     load_checkpoint,
@@ -550,3 +551,33 @@ def test_a_failed_background_write_keeps_the_previous_checkpoint_and_stops_the_n
     assert read_checkpoint_info(tmp_path / "ckpt").step == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     saver.wait()  # nothing in flight, nothing left to report
+
+
+def test_a_streaming_run_resumes_between_calls_as_if_uninterrupted(tmp_path):
+    """`Pipeline.train` ends drained, so a checkpoint between two calls holds everything: a fresh
+    pipeline loaded from it continues with the losses and weights of the one that went on."""
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=0.01)
+
+    def streaming_pipe():
+        return Pipeline(
+            [LayerSpec(nn.Linear, 4, 4) for _ in range(3)], loss_fn=F.mse_loss, schedule="pipedream-2bw",
+            num_microbatches=2, layout=LayoutOptions(seed=1), parallel=ParallelOptions(optimizer=adamw),
+        )
+
+    def optimizers(pipe):
+        return [stage.stash.optimizer for stage in pipe.stages]
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4, 4, generator=generator), torch.randn(4, 4, generator=generator)) for _ in range(6)
+    ]
+    going_on = streaming_pipe()
+    going_on.train(batches[:3], steps=3)
+    save_checkpoint(going_on, tmp_path / "ckpt", optimizer=optimizers(going_on), step=3)
+    expected = going_on.train(batches[3:], steps=3)
+    resumed = streaming_pipe()
+    load_checkpoint(resumed, tmp_path / "ckpt", optimizer=optimizers(resumed))
+    assert resumed.train(batches[3:], steps=3) == expected
+    for (name, got), (_, want) in zip(resumed.named_parameters(), going_on.named_parameters(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)

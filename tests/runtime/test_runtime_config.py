@@ -33,10 +33,10 @@ def sgd(params):
             {
                 "schedule": "pipedream",
                 "parallel": ParallelOptions(optimizer=sgd),
-                "layout": LayoutOptions(recompute="full"),
+                "layout": LayoutOptions(recompute=[1]),
             },
             ConfigError,
-            "recompute='full'",
+            "recompute=[1]",
         ),
         (
             {
@@ -156,3 +156,69 @@ def test_a_split_module_keeps_its_names_and_loads_its_own_state_dict():
     pipe.load_state_dict(other.state_dict())
     for name, value in other.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value)
+
+
+_OTHER = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("factory", "words"),
+    [
+        (lambda params: torch.optim.LBFGS(params), "returned LBFGS, which re-evaluates the loss"),
+        (lambda params: torch.optim.SGD(_OTHER.parameters(), lr=0.1), "over 2 other tensor(s), not over"),
+        (lambda params: "adam", "returned str, not a torch.optim.Optimizer"),
+        (lambda: None, "raised TypeError"),
+    ],
+    ids=["closure", "other-params", "not-an-optimizer", "bad-signature"],
+)
+def test_an_optimizer_the_stash_cannot_step_is_refused(factory, words):
+    with pytest.raises(ConfigError) as caught:
+        Pipeline(
+            layers(), loss_fn=F.mse_loss, schedule="pipedream-2bw",
+            parallel=ParallelOptions(optimizer=factory),
+        )
+    assert words in str(caught.value) and "ParallelOptions.optimizer" in str(caught.value)
+
+
+def _batches(count, rows=4):
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(rows, 4, generator=generator), torch.randn(rows, 4, generator=generator))
+        for _ in range(count)
+    ]
+
+
+def test_train_refuses_a_flush_schedule_and_bad_runs():
+    flush = Pipeline(layers(), loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=2)
+    with pytest.raises(ConfigError, match=r"schedule '1f1b' is a flush schedule.*schedule='pipedream'"):
+        flush.train(_batches(2), steps=2)
+    pipe = Pipeline(layers(), loss_fn=F.mse_loss, schedule="pipedream", num_microbatches=2,
+                    parallel=ParallelOptions(optimizer=sgd))
+    with pytest.raises(ConfigError, match=r"train\(steps=0\)"):
+        pipe.train(_batches(2), steps=0)
+    with pytest.raises(ConfigError, match=r"batches ran out after 2 of 3 steps"):
+        pipe.train(_batches(2), steps=3)
+    again = Pipeline(layers(), loss_fn=F.mse_loss, schedule="pipedream", num_microbatches=2,
+                     parallel=ParallelOptions(optimizer=sgd))
+    uneven = _batches(1) + _batches(1, rows=6)
+    with pytest.raises(ConfigError, match=r"step 1's inputs are .* needs every batch of one shape"):
+        again.train(uneven, steps=2)
+
+
+def test_train_in_one_process_equals_a_plain_model_for_one_microbatch():
+    """p = 1, m = 1: nothing is in flight across an update, so streaming PipeDream is plain SGD."""
+    pipe = Pipeline(layers(), loss_fn=F.mse_loss, schedule="pipedream", num_microbatches=1,
+                    layout=LayoutOptions(seed=5), parallel=ParallelOptions(optimizer=sgd))
+    plain = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    plain.load_state_dict(pipe.state_dict())
+    optimizer = sgd(plain.parameters())
+    data = _batches(3)
+    losses = pipe.train(iter(data), steps=3)
+    for (x, y), loss in zip(data, losses, strict=True):
+        expected = F.mse_loss(plain(x), y)
+        expected.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert loss == pytest.approx(expected.item(), rel=1e-6)
+    for name, param in pipe.named_parameters():
+        torch.testing.assert_close(param.detach(), dict(plain.named_parameters())[name].detach())

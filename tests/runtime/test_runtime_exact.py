@@ -127,6 +127,18 @@ def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, 
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["pipedream", "pipedream-2bw"])
+def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, schedule):
+    """A streaming run (`Pipeline.train`): every update of every stage equals a one-process
+    emulation of the same weight-version schedule (tests/runtime/_stream_reference.py)."""
+    results = pool4.run("streaming", schedule=schedule, num_microbatches=4, steps=3)
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert any(r["other_rule_differs"] for r in results)
+    versions = results[0]["weight_versions_peak"]
+    assert max(versions) == (4 if schedule == "pipedream" else 2)
+
+
+@pytest.mark.multiprocess
 def test_device_mesh_pp_dim(pool2):
     results = pool2.run("exact", schedule="1f1b", num_microbatches=3, model="transformer", mesh=(2,))
     _check(results, 2)

@@ -64,7 +64,7 @@ def _reference_grads(
     return dict(zip(leaves, grads, strict=True))
 
 
-def _run(pattern: str, split_input: bool = True):
+def _run(pattern: str, split_input: bool = True, recompute: bool = False):
     """Run the pattern through a WeightStash and check every STEP against the reference.
 
     `split_input`: the stage input requires grad (a middle stage) rather than not.
@@ -113,7 +113,7 @@ def _run(pattern: str, split_input: bool = True):
         x, y = data[mb]
         if op == "F":
             leaf = x.clone().requires_grad_(split_input)
-            out = stash.forward(mb, leaf)
+            out = stash.forward(mb, leaf, recompute=recompute)
             version_seen[mb] = len(versions) - 1
             assert stash.version_of(mb) == version_seen[mb]
             pending[mb] = ((_loss(out, y),), (leaf,))
@@ -148,6 +148,16 @@ def test_steps_apply_gradients_of_the_weights_each_forward_saw(pattern, peak, sp
     stash = _run(pattern, split_input)
     assert stash.peak_versions_held == peak
     assert stash.version == pattern.split().count("STEP")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [PIPEDREAM_4_IN_FLIGHT, DOUBLE_BUFFER, DOUBLE_BUFFER_SPLIT],
+    ids=["pipedream-4", "2bw", "2bw-split"],
+)
+def test_full_recomputation_runs_again_on_the_stashed_version(pattern):
+    """The recomputed forward sees the version its forward saw, not the live weights."""
+    _run(pattern, recompute=True)
 
 
 @st.composite

@@ -1,0 +1,124 @@
+"""Feeding a streaming run (`Pipeline.train`): the batches of many steps as one lazy sequence.
+
+A streaming run executes `pipefold.schedule.stream(...).unroll(steps)` once, so its
+micro-batch k·m + j is micro-batch j of step k. The executor asks for inputs and targets by
+that index; `BatchFeed` pulls step k's (inputs, targets) pair from the caller's iterator the
+first time one of its micro-batches is asked for (on the ranks of the first and last stage
+only), checks it has the first batch's shape and cuts it into micro-batches, so a run of
+any length holds about two batches at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+import torch
+
+from pipefold.errors import ConfigError
+from pipefold.model import TensorMeta
+from pipefold.runtime.step_batch import SplitBatch, batch_size, split
+
+__all__ = ["BatchFeed", "next_pair"]
+
+
+def next_pair(batches: Iterator[Any], step: int, num_steps: int) -> tuple[Any, Any]:
+    """Step `step`'s (inputs, targets) pair from `batches`, refused if it ran out or is no pair."""
+    try:
+        pair = next(batches)
+    except StopIteration:
+        raise ConfigError(
+            f"train(batches, steps={num_steps}): batches ran out after {step} of {num_steps} steps; "
+            f"give at least {num_steps} (inputs, targets) pairs or fewer steps"
+        ) from None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ConfigError(
+            f"train(batches, ...): step {step}'s item is {type(pair).__name__}, not an (inputs, targets) "
+            "pair; yield (inputs, targets) tuples"
+        )
+    return pair[0], pair[1]
+
+
+class BatchFeed:
+    """Micro-batches of a streaming run, pulled from `batches` one step at a time."""
+
+    def __init__(
+        self,
+        batches: Iterator[Any] | None,
+        first: SplitBatch,
+        *,
+        num_steps: int,
+        device: torch.device,
+    ) -> None:
+        self._batches = batches
+        self._meta = first.meta
+        self._rows = first.size
+        self._num_microbatches = len(first.sizes)
+        self._num_steps = num_steps
+        self._device = device
+        self._steps: dict[int, tuple[list[Any] | None, list[Any] | None]] = {
+            0: (first.inputs, first.targets)
+        }
+        self._next = 1
+        self.inputs: Sequence[Any] | None = None if first.inputs is None else _Part(self, 0)
+        self.targets: Sequence[Any] | None = None if first.targets is None else _Part(self, 1)
+
+    def microbatch(self, part: int, index: int) -> Any:
+        step, j = divmod(index, self._num_microbatches)
+        if step not in self._steps:
+            self._pull(step)
+        chunks = self._steps[step][part]
+        assert chunks is not None  # only the parts this rank has are handed out
+        return chunks[j]
+
+    def _pull(self, step: int) -> None:
+        if step != self._next or self._batches is None:
+            raise ConfigError(f"train: step {step} was asked for out of order (next is {self._next})")
+        inputs, targets = next_pair(self._batches, step, self._num_steps)
+        parts: list[list[Any] | None] = [None, None]
+        # Both ranks that read the data check what they read: every step must have the
+        # first one's shape (the boundary buffers of the whole run are traced from it).
+        wanted = (self.inputs is not None, self.targets is not None)
+        for index, (value, what) in enumerate(((inputs, "inputs"), (targets, "targets"))):
+            if not wanted[index]:
+                continue
+            if value is None:
+                raise ConfigError(f"train: step {step}'s {what} are None on a rank that needs them")
+            meta = TensorMeta.of(value, what=what)
+            if index == 0 and meta != self._meta:
+                raise ConfigError(
+                    f"train: step {step}'s inputs are {meta}, step 0's {self._meta}; a streaming run "
+                    "needs every batch of one shape (pad them, or call train once per shape)"
+                )
+            if batch_size(meta) != self._rows:
+                raise ConfigError(
+                    f"train: step {step}'s {what} have {batch_size(meta)} rows, step 0's inputs "
+                    f"{self._rows}; give every step {self._rows} rows"
+                )
+            parts[index] = split(value, self._num_microbatches, self._device)
+        self._steps[step] = (parts[0], parts[1])
+        self._next = step + 1
+        # The forwards of steps before the previous one have all run on this rank.
+        self._steps.pop(step - 2, None)
+
+
+class _Part(Sequence[Any]):
+    """The inputs (part 0) or targets (part 1) of every micro-batch of the run, by index."""
+
+    def __init__(self, feed: BatchFeed, part: int) -> None:
+        self._feed = feed
+        self._part = part
+
+    def __len__(self) -> int:
+        return self._feed._num_steps * self._feed._num_microbatches
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return self._feed.microbatch(self._part, index)
