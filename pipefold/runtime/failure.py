@@ -269,6 +269,11 @@ class Watchdog:
         """How long a shared-memory wait without a doorbell keeps checking its flag without
         sleeping before it starts the growing pauses (docs/decisions.md, "busy polling"); 0 sleeps at once."""
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """Bound every wait from the next one on by `timeout_s`."""
+        self._timeout_s = timeout_s
+        self._announce_every_s = min(0.5, timeout_s / 8)
+
     def wait(self, work: dist.Work, *, what: str, peer: int | None) -> None:
         """Block until `work` completes; raise PeerFailure if a peer failed or `timeout_s` passed.
 
@@ -386,11 +391,21 @@ class Watchdog:
         self._board.publish(report)
         return self._board.read() or report
 
+    def _culprit_after_error(self, what: str, peer: int | None) -> FailureReport | None:
+        """The published failure or a gone peer, looked for a little while: a broken connection
+        arrives as the dying peer's sockets close, before its process shows as exited."""
+        deadline = time.monotonic() + min(1.0, self._timeout_s)
+        while True:
+            report = self._board.read() or self._publish_gone(what, peer)
+            if report is not None or time.monotonic() >= deadline:
+                return report
+            time.sleep(0.01)
+
     def explain(self, error: BaseException, what: str) -> PeerFailure | None:
         """The peer failure behind `error`, raised outside a bounded wait (a collective of a
         checkpoint save): a failure another rank published, or a peer whose process exited or
         stopped; None when there is neither (`error` is this rank's own)."""
-        report = self._board.read() or self._publish_gone(what, None)
+        report = self._culprit_after_error(what, None)
         if report is None:
             return None
         return PeerFailure(
@@ -557,15 +572,10 @@ class Watchdog:
             current = following
 
     def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:
-        report = self._board.read()
+        report = self._culprit_after_error(what, peer)
         if report is not None:
             raise PeerFailure(
                 f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit
-            ) from error
-        gone = self._publish_gone(what, peer)
-        if gone is not None:
-            raise PeerFailure(
-                f"{gone}; rank {self._rank} stopped while waiting at {what}", failed_rank=gone.culprit
             ) from error
         source = "a peer" if peer is None else f"rank {peer}"
         raise PeerFailure(

@@ -569,6 +569,13 @@ class Pipeline:
             raise
         self.progress.mark("")
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """Change `RuntimeOptions.timeout_s` (the longest any wait for another rank may last) from
+        the next wait on; call it on every rank alike, e.g. a generous bound for the first step
+        (start-up, warm-up) and a tight one after."""
+        self.runtime_options = replace(self.runtime_options, timeout_s=timeout_s)  # checks it
+        self._watchdog.set_timeout(float(timeout_s))
+
     @property
     def executor(self) -> Executor:
         """The executor running this rank's program (see `Executor.intercept`)."""
