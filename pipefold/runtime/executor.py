@@ -138,10 +138,11 @@ class Executor:
         }
         self._peers: dict[Action, int] = {}
         dispatch = []
-        for action in program.instructions[rank]:
+        for index, action in enumerate(program.instructions[rank]):
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
-            dispatch.append((handlers[action.op], action, action.op.is_compute))
+            # The last entry is the action's progress code (pipefold/runtime/progress.py).
+            dispatch.append((handlers[action.op], action, action.op.is_compute, index + 1))
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
         )
@@ -166,7 +167,7 @@ class Executor:
         holds can trigger it, and the loop pays nothing when none is installed.
         """
         self._dispatch = tuple(
-            (wrapper(action, handler), action, timed) for handler, action, timed in self._dispatch
+            (wrapper(action, handler), action, timed, code) for handler, action, timed, code in self._dispatch
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class Executor:
         # This rank's progress slot: the code of the action it runs (pipefold/runtime/progress.py).
         progress, slot = self._progress.slots, self._progress.slot
         with counter.counting() if counter is not None else contextlib.nullcontext():
-            for code, (handler, action, timed) in enumerate(self._dispatch, 1):
+            for handler, action, timed, code in self._dispatch:
                 self.current = action
                 progress[slot] = code
                 if not timed:
