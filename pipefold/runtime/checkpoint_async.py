@@ -16,9 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipefold.errors import PipefoldError, PipelineError
-from pipefold.runtime.checkpoint import check_save_arguments, prepare_save, write_and_publish
 from pipefold.runtime.checkpoint import _from_rank0 as from_rank0
-from pipefold.runtime.checkpoint import _local_entries
+from pipefold.runtime.checkpoint import _local_entries, check_save_arguments, prepare_save, write_and_publish
 from pipefold.runtime.checkpoint_optimizer import Optimizers, as_list
 from pipefold.runtime.parallel.zero import consolidate
 
@@ -34,7 +33,7 @@ class AsyncCheckpointer:
 
         saver = AsyncCheckpointer(pipe)                       # every rank (collective)
         saver.save("ckpt", optimizer=opt, step=step)          # every rank; returns after the copy
-        saver.wait()                                          # every rank, before exiting: the last save is in place
+        saver.wait()                                          # every rank, before exiting
 
     The thread talks to its peers over a gloo process group of its own, so its collectives never
     interleave with the training's. A save first waits for the previous one (and raises its
@@ -52,7 +51,9 @@ class AsyncCheckpointer:
         self.pipe = pipe
         self._replicas = pipe.data_parallel_group
         self._tensor_parallel = pipe.tensor_parallel_group
-        self._writes = all(group is None or dist.get_rank(group) == 0 for group in (self._replicas, self._tensor_parallel))
+        self._writes = all(
+            group is None or dist.get_rank(group) == 0 for group in (self._replicas, self._tensor_parallel)
+        )
         """Whether this rank writes (the others wait for a writer's outcome)."""
         group = pipe.process_group
         self._group = None if group is None else _gloo_twin(group)
@@ -73,7 +74,8 @@ class AsyncCheckpointer:
         consolidate(as_list(optimizer))
         self._in_flight = True
         if not self._writes:
-            if self._tensor_parallel is not None and (self._replicas is None or dist.get_rank(self._replicas) == 0):
+            replica0 = self._replicas is None or dist.get_rank(self._replicas) == 0
+            if self._tensor_parallel is not None and replica0:
                 _local_entries(self.pipe, as_list(optimizer))  # its part of tp rank 0's gathers
             return target
         tensors, meta, token = prepare_save(self.pipe, optimizer, step, extra, self.pipe.process_group)

@@ -67,8 +67,8 @@ from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.parallel.tensor_parallel import local as local_shard
 from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
-from pipefold.runtime.progress import Progress
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
 from pipefold.runtime.stage import Stage

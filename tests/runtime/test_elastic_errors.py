@@ -1,4 +1,4 @@
-"""torchrun lists the culprit, not a surviving rank, as the root cause (pipefold/runtime/processes/elastic.py).
+"""torchrun lists the culprit, not a survivor, as the root cause (pipefold/runtime/processes/elastic.py).
 
 One process plays two ranks of one node; torch's own reader of the error files
 (`ProcessFailure`, `ChildFailedError.get_first_failure`, what torchrun prints) judges them.
@@ -28,7 +28,8 @@ def _as_rank(monkeypatch, tmp_path, rank: int) -> str:
 def _root_cause(tmp_path, exit_codes: dict[int, int]) -> tuple[int, ProcessFailure]:
     failures = {
         rank: ProcessFailure(
-            local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(tmp_path / "attempt_0" / str(rank) / "error.json")
+            local_rank=rank, pid=100 + rank, exitcode=code,
+            error_file=str(tmp_path / "attempt_0" / str(rank) / "error.json"),
         )
         for rank, code in exit_codes.items()
     }
@@ -53,7 +54,8 @@ def test_a_raising_culprit_keeps_its_own_file(monkeypatch, tmp_path):
     _as_rank(monkeypatch, tmp_path, 1)
     record_for_torchrun(PipelineError("rank 1, stage 1 failed at F1.0: ValueError: bad", failed_rank=1))
     _as_rank(monkeypatch, tmp_path, 0)
-    record_for_torchrun(PeerFailure("rank 1, stage 1 failed at F1.0: ValueError: bad; rank 0 stopped", failed_rank=1))
+    notice = "rank 1, stage 1 failed at F1.0: ValueError: bad; rank 0 stopped"
+    record_for_torchrun(PeerFailure(notice, failed_rank=1))
     rank, failure = _root_cause(tmp_path, {0: 1, 1: 1})
     assert rank == 1 and "ValueError: bad" in failure.message["message"]
     assert "PipelineError: rank 1" in failure.message["extraInfo"]["py_callstack"]

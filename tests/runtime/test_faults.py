@@ -132,7 +132,9 @@ class _Running:
             context.Process(
                 target=_fault_cases.run,
                 args=(rank, case.num_ranks, init_file, str(self.directory)),
-                kwargs=dict(schedule=case.schedule, kind=case.kind, how=case.how, timeout_s=timeout_s, job=self.job),
+                kwargs=dict(
+                    schedule=case.schedule, kind=case.kind, how=case.how, timeout_s=timeout_s, job=self.job
+                ),
                 daemon=True,
             )
             for rank in range(case.num_ranks)
@@ -191,7 +193,9 @@ class _Running:
 def run_cases(cases: list[Case], root: Path) -> dict[Case, Outcome]:
     context = multiprocessing.get_context("forkserver")
     # torch._dynamo: the meta-device trace of the first step imports it (seconds), so every case would.
-    context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipefold.runtime", "_fault_cases"])
+    context.set_forkserver_preload(
+        ["torch", "torch._dynamo", "torch.distributed", "pipefold.runtime", "_fault_cases"]
+    )
     pending = list(cases)
     # Stopped cases wait out their timeout: start them first, beside the quick kills.
     pending.sort(key=lambda c: c.how != "stop")
@@ -278,7 +282,8 @@ def problems(outcome: Outcome, reference: dict[str, Any]) -> list[str]:
     where = expected_where(outcome)
     for rank, record in outcome.survivors.items():
         if record.get("error") != "PeerFailure" or where not in record.get("message", ""):
-            found.append(f"rank {rank} raised {record.get('error')}: {record.get('message')!r}; expected {where!r}")
+            raised = f"{record.get('error')}: {record.get('message')!r}"
+            found.append(f"rank {rank} raised {raised}; expected {where!r}")
         elif record.get("failed_rank") != outcome.victim:
             found.append(f"rank {rank}'s failed_rank is {record.get('failed_rank')}, not {outcome.victim}")
     if outcome.leftover_files:
@@ -327,7 +332,8 @@ def test_a_failed_rank_is_named_and_everything_ends(outcomes, case):
 def table(outcomes: dict[Case, tuple[Outcome, list[str]]]) -> str:
     """The markdown table of docs/reliability.md, "Fault injection"."""
     lines = [
-        "| schedule | ranks | fault | at (victim's action) | survivors raised after | all ended after | outcome |",
+        "| schedule | ranks | fault | at (victim's action) | survivors raised after | all ended after "
+        "| outcome |",
         "|---|---|---|---|---|---|---|",
     ]
     for case in CASES:

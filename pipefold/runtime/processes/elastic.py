@@ -28,7 +28,8 @@ ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
 def _error_data(message: str, callstack: str, timestamp: int) -> dict[str, object]:
     # The layout torch.distributed.elastic.multiprocessing.errors.ErrorHandler writes and reads.
-    return {"message": {"message": message, "extraInfo": {"py_callstack": callstack, "timestamp": str(timestamp)}}}
+    extra = {"py_callstack": callstack, "timestamp": str(timestamp)}
+    return {"message": {"message": message, "extraInfo": extra}}
 
 
 def _int_env(name: str) -> int | None:

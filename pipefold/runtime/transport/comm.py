@@ -26,9 +26,9 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores
+from pipefold.runtime.progress import Progress
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_name, shm_supported
-from pipefold.runtime.progress import Progress
 from pipefold.runtime.transport.shm_exchange import PROGRESS_STRIDE, ShmExchange
 
 __all__ = ["P2P", "Collectives", "Transfer"]
