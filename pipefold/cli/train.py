@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             train_worker(config)
         except BaseException as error:
-            write_failure_note(error)  # for `pipefold launch`, which names the root cause
+            write_failure_note(error)  # for `pipefold launch` and torchrun, which name the root cause
             raise
         return 0
     result = run_local(config)

@@ -197,7 +197,7 @@ class TrainConfig:
     async_checkpoint: bool = False
     """Write checkpoints in a background thread: the step loop waits only for the copy of this
     rank's tensors to host memory (pipefold.runtime.checkpoint_async.AsyncCheckpointer); the next save
-    and the end of the run wait for the write. Not with data or tensor parallelism."""
+    and the end of the run wait for the write."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "use at least 1 step")
@@ -263,12 +263,6 @@ class TrainConfig:
         require(
             not (self.max_restarts and not self.checkpoint_every), "max_restarts", self.max_restarts,
             "a restart resumes from the latest checkpoint; also set checkpoint_every (e.g. --checkpoint-every 50)",
-        )
-        require(
-            not (self.async_checkpoint and self.schedule.data_parallel * self.schedule.tensor_parallel > 1),
-            "async_checkpoint", self.async_checkpoint,
-            "background saves are not supported with schedule.data_parallel or schedule.tensor_parallel > 1 "
-            "yet; drop it (saves are then synchronous)",
         )
         require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
         require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")

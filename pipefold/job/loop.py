@@ -119,7 +119,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
                 lr = float(optimizer.param_groups[0]["lr"])
                 if not skipped:
-                    optimizer.step()
+                    with pipe.phase("optimizer step"):  # names it if a rank dies in it
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             seconds = time.perf_counter() - started

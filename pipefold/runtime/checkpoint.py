@@ -113,6 +113,12 @@ def save_checkpoint(
     """
     target = Path(path)
     check_save_arguments(pipe, target, step, extra)
+    # A peer killed or stopped during the save is named by the ranks it leaves in a collective.
+    with pipe.phase("checkpoint save"):
+        return _save(pipe, target, optimizer, step, extra)
+
+
+def _save(pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None, extra: Any) -> Path:
     # A ZeRO-sharded optimizer's state is spread over the replicas: gather it on replica 0,
     # which writes it like a plain optimizer's (docs/decisions.md, "ZeRO-1 over the replicas").
     consolidate(as_list(optimizer))

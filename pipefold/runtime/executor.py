@@ -31,6 +31,7 @@ from pipefold.model import TensorMeta
 from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.progress import Progress
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
@@ -97,6 +98,7 @@ class Executor:
         watchdog: Watchdog | None,
         counter: ActivationCounter | None,
         step_fn: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         schedule = program.schedule
         self.rank = rank
@@ -107,6 +109,8 @@ class Executor:
         self._watchdog = watchdog
         self._counter = counter
         self._step_fn = step_fn
+        self._progress = progress if progress is not None else Progress(None, rank=0, num_ranks=1)
+        self._progress.instructions = program.instructions
         self._num_stages = schedule.num_stages
         self._num_microbatches = schedule.num_microbatches
         self._last_stage_here = (schedule.num_stages - 1) in stages
@@ -134,10 +138,11 @@ class Executor:
         }
         self._peers: dict[Action, int] = {}
         dispatch = []
-        for action in program.instructions[rank]:
+        for index, action in enumerate(program.instructions[rank]):
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
-            dispatch.append((handlers[action.op], action, action.op.is_compute))
+            # The last entry is the action's progress code (pipefold/runtime/progress.py).
+            dispatch.append((handlers[action.op], action, action.op.is_compute, index + 1))
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
         )
@@ -151,6 +156,19 @@ class Executor:
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
         self._reset(None)
+
+    def intercept(
+        self, wrapper: Callable[[Action, Callable[[Action], None]], Callable[[Action], None]]
+    ) -> None:
+        """Run `wrapper(action, handler)` in place of each action's handler from the next step on.
+
+        For tests that inject faults at chosen actions (tests/runtime/test_faults.py): a wrapper
+        installed by the test's own code, so nothing a checkpoint, a flag or the environment
+        holds can trigger it, and the loop pays nothing when none is installed.
+        """
+        self._dispatch = tuple(
+            (wrapper(action, handler), action, timed, code) for handler, action, timed, code in self._dispatch
+        )
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -175,9 +193,12 @@ class Executor:
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
         clock = time.perf_counter
+        # This rank's progress slot: the code of the action it runs (pipefold/runtime/progress.py).
+        progress, slot = self._progress.slots, self._progress.slot
         with counter.counting() if counter is not None else contextlib.nullcontext():
-            for handler, action, timed in self._dispatch:
+            for handler, action, timed, code in self._dispatch:
                 self.current = action
+                progress[slot] = code
                 if not timed:
                     handler(action)
                 elif cuda:
@@ -194,6 +215,7 @@ class Executor:
                     # _complete, which moves _ready_at); the compute event starts after it.
                     events.append(Event(rank, action, self._ready_at - t0, clock() - t0))
         self.current = None
+        self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
             torch.cuda.synchronize(self._device)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
 from pipefold.errors import PeerFailure
+from pipefold.runtime.progress import Progress
 
 __all__ = ["BUSY_POLL_S", "FailureReport", "FailureBoard", "WaitNotice", "Watchdog"]
 
@@ -262,8 +263,16 @@ class Watchdog:
         self.max_pause_s = 2e-4
         """Longest sleep between checks of a shared-memory flag: the latency it may add."""
         self._busy_poll_s = busy_poll_s
+        self.progress: Progress | None = None
+        """Where each rank is (set by the pipeline once its transport is up): names the action a
+        killed or stopped peer was at, and which peer is gone when a collective's wait fails."""
         """How long a shared-memory wait without a doorbell keeps checking its flag without
         sleeping before it starts the growing pauses (docs/decisions.md, "busy polling"); 0 sleeps at once."""
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """Bound every wait from the next one on by `timeout_s`."""
+        self._timeout_s = timeout_s
+        self._announce_every_s = min(0.5, timeout_s / 8)
 
     def wait(self, work: dist.Work, *, what: str, peer: int | None) -> None:
         """Block until `work` completes; raise PeerFailure if a peer failed or `timeout_s` passed.
@@ -342,7 +351,7 @@ class Watchdog:
         if peer_alive is not None and not peer_alive():
             # A peer that died publishes nothing; without this its neighbours would sit
             # out the whole timeout.
-            report = self._board.read()
+            report = self._board.read() or self._publish_gone(what, peer)
             if report is not None:
                 raise PeerFailure(
                     f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit
@@ -352,6 +361,57 @@ class Watchdog:
                 f"its own output says why",
                 failed_rank=None if peer is None else self._world(peer),
             )
+
+    def _publish_gone(self, what: str, peer: int | None) -> FailureReport | None:
+        """Publish (unless a report is there first) and return the failure of the peer whose
+        process exited or stopped while this rank waited at `what` on `peer` (None: a
+        collective); None when no such peer is known. `peer` itself is blamed when it is gone,
+        else the one gone rank (a collective, or a dead rank further down the pipeline)."""
+        progress = self.progress
+        gone = dict(progress.gone()) if progress is not None else {}
+        if peer is not None and peer in gone:
+            culprit = peer
+        elif len(gone) == 1:
+            culprit = next(iter(gone))
+        else:
+            return None
+        where = progress.where(culprit) if progress is not None else None
+        if where is None:
+            where = _awaited(what) if culprit == peer else (None, None, "an unknown point")
+        how = "was stopped (SIGSTOP)" if gone[culprit] == "stopped" else "exited (killed or crashed)"
+        report = FailureReport(
+            rank=culprit,
+            stage=where[0],
+            microbatch=where[1],
+            action=where[2],
+            message=f"rank {culprit} {how} while rank {self._rank} waited at {what}; its own output "
+            f"(or the launcher's) says why",
+            world_rank=self._world(culprit),
+        )
+        self._board.publish(report)
+        return self._board.read() or report
+
+    def _culprit_after_error(self, what: str, peer: int | None) -> FailureReport | None:
+        """The published failure or a gone peer, looked for a little while: a broken connection
+        arrives as the dying peer's sockets close, before its process shows as exited."""
+        deadline = time.monotonic() + min(1.0, self._timeout_s)
+        while True:
+            report = self._board.read() or self._publish_gone(what, peer)
+            if report is not None or time.monotonic() >= deadline:
+                return report
+            time.sleep(0.01)
+
+    def explain(self, error: BaseException, what: str) -> PeerFailure | None:
+        """The peer failure behind `error`, raised outside a bounded wait (a collective of a
+        checkpoint save): a failure another rank published, or a peer whose process exited or
+        stopped; None when there is neither (`error` is this rank's own)."""
+        report = self._culprit_after_error(what, None)
+        if report is None:
+            return None
+        return PeerFailure(
+            f"{report}; rank {self._rank} stopped at {what} ({type(error).__name__}: {error})",
+            failed_rank=report.culprit,
+        )
 
     def _wait_polling(self, work: dist.Work, what: str, peer: int | None) -> None:
         deadline = time.monotonic() + self._timeout_s
@@ -434,13 +494,19 @@ class Watchdog:
             )
         culprit = self._follow(peer, what)
         if culprit is None:
+            gone = self._publish_gone(what, peer)
+            if gone is not None:
+                raise PeerFailure(
+                    f"{gone}; rank {self._rank} stopped while waiting at {what}", failed_rank=gone.culprit
+                )
             raise PeerFailure(
                 f"rank {self._rank} waited {self._timeout_s:g}s at {what} for {source} without an answer; "
                 f"{source} is stuck or died without reporting an error (raise timeout_s if its work "
                 f"legitimately takes longer)"
             )
         blamed, chain, waited_at = culprit
-        stage, microbatch, action = _awaited(waited_at)
+        where = self.progress.where(blamed) if self.progress is not None else None
+        stage, microbatch, action = where if where is not None else _awaited(waited_at)
         via = "".join(f", which waits on rank {link}" for link in chain[1:])
         report = FailureReport(
             rank=blamed,
@@ -506,7 +572,7 @@ class Watchdog:
             current = following
 
     def _raise_broken(self, error: BaseException, what: str, peer: int | None) -> None:
-        report = self._board.read()
+        report = self._culprit_after_error(what, peer)
         if report is not None:
             raise PeerFailure(
                 f"{report}; rank {self._rank} stopped while waiting at {what}", failed_rank=report.culprit

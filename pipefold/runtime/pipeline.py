@@ -15,6 +15,7 @@ Design notes: docs/decisions.md, "exact gradients" and "changing the schedule".
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -68,6 +69,7 @@ from pipefold.runtime.parallel.tensor_parallel import local as local_shard
 from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
+from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
 from pipefold.runtime.stage import Stage
@@ -275,6 +277,12 @@ class Pipeline:
         )
         """The point-to-point transport and collectives between the pipeline's ranks."""
         p2p = self.transport.p2p
+        collectives_ = self.transport.collectives
+        self.progress = (
+            collectives_.progress if collectives_ is not None else Progress(None, rank=self.rank, num_ranks=1)
+        )
+        """Where each rank of the pipeline is (pipefold/runtime/progress.py); see `phase`."""
+        self._watchdog.progress = self.progress
         self.tied = TiedGradients.of(
             self._layers,
             self.schedule,
@@ -316,6 +324,7 @@ class Pipeline:
                 watchdog=self._watchdog,
                 counter=counter,
                 step_fn=self._stash_step if stepping else None,
+                progress=self.progress,
             )
 
         self._new_executor = executor
@@ -576,14 +585,17 @@ class Pipeline:
                 "its communication state is undefined, so build a new Pipeline (and process group)"
             )
         try:
+            self.progress.mark("step setup")
             return run()
         except NonFiniteLoss:
             raise  # every rank raises it alike after agreeing on the losses: nothing to report
         except PeerFailure as error:
             self._broken = str(error)
+            self.progress.mark("failed")
             raise
         except BaseException as error:
             self._broken = f"{type(error).__name__}: {error}"
+            self.progress.mark("failed")
             report = self._report(error)
             self._board.publish(report)
             if isinstance(error, PipelineError) and error.failed_rank is None:
@@ -591,6 +603,43 @@ class Pipeline:
             if isinstance(error, PipefoldError) or not isinstance(error, Exception):
                 raise
             raise PipelineError(str(report), failed_rank=report.culprit) from error
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Mark this rank as being in phase `name` ("optimizer step", "checkpoint save", ...: one
+        of `pipefold.runtime.progress.PHASES`) while the block runs, on every rank alike.
+
+        A peer that is killed or stopped meanwhile is then named with it by the ranks that
+        notice (docs/reliability.md); an error in the block that another rank's failure caused
+        (a collective that broke because a peer died) is raised as the `PeerFailure` naming that
+        peer. `pipefold train` wraps its optimizer step: `with pipe.phase("optimizer step"): opt.step()`.
+        """
+        self.progress.mark(name)
+        try:
+            yield
+        except PeerFailure:
+            self.progress.mark("failed")
+            raise
+        except BaseException as error:
+            self.progress.mark("failed")
+            explained = self._watchdog.explain(error, name) if isinstance(error, Exception) else None
+            if explained is not None:
+                self._broken = str(explained)
+                raise explained from error
+            raise
+        self.progress.mark("")
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """Change `RuntimeOptions.timeout_s` (the longest any wait for another rank may last) from
+        the next wait on; call it on every rank alike, e.g. a generous bound for the first step
+        (start-up, warm-up) and a tight one after."""
+        self.runtime_options = replace(self.runtime_options, timeout_s=timeout_s)  # checks it
+        self._watchdog.set_timeout(float(timeout_s))
+
+    @property
+    def executor(self) -> Executor:
+        """The executor running this rank's program (see `Executor.intercept`)."""
+        return self._executor
 
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """The batch-mean loss of one batch, forward only (no gradients, no update), on every rank:
@@ -727,7 +776,9 @@ class Pipeline:
                 f"batch size); the gradients now hold non-finite values: zero them, lower the learning rate "
                 f"or check the data, or pass on_nonfinite='skip' to drop such steps"
             )
-        return float(losses.sum().item())
+        loss = float(losses.sum().item())
+        self.progress.mark("")
+        return loss
 
     @property
     def last_sent_bytes(self) -> int:

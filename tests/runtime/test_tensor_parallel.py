@@ -212,6 +212,44 @@ def _assert_matches(pipe, optimizer, reference, reference_optimizer):
             )
 
 
+def tp_async_checkpoint(*, directory):
+    """A background save at pp2 x tp2 after two Adam steps, while a third step changes the
+    weights in place: it loads into a fresh pp2 x tp2 pipeline as the state of step 2."""
+    from pipefold import load_checkpoint
+    from pipefold.runtime.checkpoint_async import AsyncCheckpointer
+
+    def pipeline():
+        return Pipeline(
+            megatron_mlp(), loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=2,
+            layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(process_group=_mesh(), tensor_parallel=_plan()),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+
+    reference = build_reference(megatron_mlp(), seed=7)
+    reference_optimizer = _adam(reference.parameters())
+    pipe = pipeline()
+    optimizer = _adam(pipe.parameters())
+    saver = AsyncCheckpointer(pipe)
+    for step in range(3):
+        if step == 2:
+            saver.save(f"{directory}/async", optimizer=optimizer, step=2)
+        inputs, targets = _batch("mlp", 8, seed=step)
+        pipe.step(inputs, targets)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step < 2:
+            F.mse_loss(reference(inputs), targets).backward()
+            reference_optimizer.step()
+            reference_optimizer.zero_grad()
+    saver.wait()
+    fresh = pipeline()
+    fresh_optimizer = _adam(fresh.parameters())
+    info = load_checkpoint(fresh, f"{directory}/async", optimizer=fresh_optimizer)
+    _assert_matches(fresh, fresh_optimizer, reference, reference_optimizer)
+    return {"step": info.step}
+
+
 def tp_checkpoint(*, directory):
     """Save at pp2 x tp2 after two Adam steps; load into a fresh pp2 x tp2 pipeline and into a
     4-rank pipeline without tensor parallelism, save from that and load into pp2 x tp2 again:
@@ -582,6 +620,11 @@ def test_checkpoints_hold_whole_tensors_and_load_into_any_tp_degree(pool4, tmp_p
     results = pool4.run("tp_checkpoint", directory=str(tmp_path))
     assert results == [{"step": 2, "sharded": True}] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "tp"]  # no staging directory left
+
+
+@pytest.mark.multiprocess
+def test_an_async_save_with_tensor_parallelism_holds_its_step(pool4, tmp_path):
+    assert pool4.run("tp_async_checkpoint", directory=str(tmp_path)) == [{"step": 2}] * 4
 
 
 @pytest.mark.multiprocess

@@ -127,6 +127,31 @@ def zero_checkpoint(*, directory):
     return {"rank": plain.rank}
 
 
+def zero_async_checkpoint(*, directory, sync_directory):
+    """A background save at dp=2 x pp=2 with ZeRO, while a third step changes the weights; it
+    loads like a synchronous save of the same step: one more step from either equals one
+    process's third step."""
+    from pipefold.runtime.checkpoint_async import AsyncCheckpointer
+
+    pipe = _pipeline(_mesh())
+    optimizer = sharded_optimizer(pipe, torch.optim.AdamW, lr=LR)
+    saver = AsyncCheckpointer(pipe)
+    _train(pipe, optimizer, 2)
+    save_checkpoint(pipe, sync_directory, optimizer=optimizer, step=2)
+    saver.save(directory, optimizer=optimizer, step=2)
+    _train(pipe, optimizer, 1, first_seed=2)  # in place, while the thread may still write
+    saver.wait()
+    expected = _reference(3)
+    for source in (directory, sync_directory):
+        again = _pipeline(_mesh())
+        sharded = sharded_optimizer(again, torch.optim.AdamW, lr=LR)
+        info = load_checkpoint(again, source, optimizer=sharded)
+        assert info.step == 2
+        _train(again, sharded, 1, first_seed=2)
+        _assert_weights(again, expected)
+    return {"rank": pipe.rank, "dp_rank": pipe.data_parallel_rank}
+
+
 def zero_refused(*, what):
     pipe = _pipeline(_mesh())
     try:
@@ -155,6 +180,14 @@ def test_sharded_adamw_trains_as_one_process_and_each_replica_holds_its_share(po
 def test_a_zero_checkpoint_resumes_sharded_or_plain(pool4, tmp_path):
     results = pool4.run("zero_checkpoint", directory=str(tmp_path / "ckpt"))
     assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
+
+
+@pytest.mark.multiprocess
+def test_an_async_save_with_replicas_loads_as_a_synchronous_one(pool4, tmp_path):
+    results = pool4.run(
+        "zero_async_checkpoint", directory=str(tmp_path / "async"), sync_directory=str(tmp_path / "sync")
+    )
+    assert sorted((r["dp_rank"], r["rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 @pytest.mark.multiprocess

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
+from pipefold.runtime.processes.elastic import record_for_torchrun
 from pipefold.runtime.processes.janitor import start_janitor, sweep
 from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent, die_with_supervisor
 from pipefold.runtime.transport.shm import JOB_ENV, job_prefix
@@ -129,12 +130,15 @@ class LaunchResult:
 
 
 def write_failure_note(error: BaseException) -> None:
-    """Leave this rank's failure for the launcher (no-op unless it set `FAILURE_NOTES_ENV`).
+    """Leave this rank's failure for the launcher (no-op unless it set `FAILURE_NOTES_ENV`, or
+    torchrun's `TORCHELASTIC_ERROR_FILE`: see pipefold/runtime/processes/elastic.py).
 
     The note holds the message and, for a pipeline failure, the world rank it blames
     (`PipelineError.failed_rank`), so the launcher's final message names the root cause,
     not whichever rank gave up first.
     """
+    # Under torchrun: its error files, so that torchrun lists the culprit as the root cause.
+    record_for_torchrun(error)
     directory = os.environ.get(FAILURE_NOTES_ENV)
     rank = os.environ.get("RANK")
     if not directory or rank is None:

@@ -26,9 +26,10 @@ from torch import Tensor
 from pipefold.errors import PipelineError
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores
+from pipefold.runtime.progress import Progress
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.transport.shm import SHM_DIR, ShmChannel, new_token, shm_name, shm_supported
-from pipefold.runtime.transport.shm_exchange import ShmExchange
+from pipefold.runtime.transport.shm_exchange import PROGRESS_STRIDE, ShmExchange
 
 __all__ = ["P2P", "Collectives", "Transfer"]
 
@@ -318,6 +319,8 @@ class Collectives:
         self._device = device
         self._watchdog = watchdog
         self._exchange: ShmExchange | None = None
+        self.progress = Progress(None, rank=dist.get_rank(group), num_ranks=len(self._global))
+        """Where each rank is (pipefold/runtime/progress.py); shared when the exchange is."""
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -393,9 +396,14 @@ class Collectives:
         # Another PID namespace can share /dev/shm; only trust pids that exist here.
         if all(_process_alive(pid) for pid in pids):
             exchange.peer_alive = lambda: all(_process_alive(pid) for pid in pids)
+            self.progress = Progress(
+                exchange.progress_slots(), rank=rank, num_ranks=num_ranks, stride=PROGRESS_STRIDE,
+                pids=[int(entry[1]) for entry in info],
+            )
         self._exchange = exchange
 
     def close(self) -> None:
+        self.progress.release()
         if self._exchange is not None:
             self._exchange.close()
             self._exchange = None

@@ -16,11 +16,12 @@ from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 from pipefold.runtime.transport.shm import SharedFile
 
-__all__ = ["ShmExchange"]
+__all__ = ["PROGRESS_STRIDE", "ShmExchange"]
 
 _LINE = 64
 _INT64_PER_LINE = _LINE // 8
 _TOO_LARGE = -1
+PROGRESS_STRIDE = _INT64_PER_LINE
 
 
 def _align(offset: int) -> int:
@@ -85,6 +86,11 @@ class ShmExchange:
 
     def unlink(self) -> None:
         self._file.unlink()
+
+    def progress_slots(self) -> memoryview:
+        """Each rank's progress slot (pipefold/runtime/progress.py): rank r's is the int64 at
+        `r * PROGRESS_STRIDE`, the second of its counter's cache line, which nothing else uses."""
+        return memoryview(self._file.map)[8 : self.num_ranks * _LINE].cast("q")
 
     def close(self) -> None:
         for end in (self.doorbell, *self.ringers):
