@@ -31,6 +31,7 @@ from pipefold.model import TensorMeta
 from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.parallel.full_shard import FullSharding, gather_and_free_points
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
@@ -82,6 +83,27 @@ class _Pending:
     peer: int
 
 
+def _before(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
+    """`handler` preceded by `hook(stage)`: only the actions where a sharded stage's weights are
+    gathered get it, so the loop over the others is unchanged."""
+
+    def run(action: Action) -> None:
+        hook(action.stage)
+        handler(action)
+
+    return run
+
+
+def _after(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
+    """`handler` followed by `hook(stage)` (a sharded stage's gradient reduction and free)."""
+
+    def run(action: Action) -> None:
+        handler(action)
+        hook(action.stage)
+
+    return run
+
+
 class Executor:
     """Runs `program.instructions[rank]` over the local `stages` once per `run`."""
 
@@ -97,6 +119,7 @@ class Executor:
         watchdog: Watchdog | None,
         counter: ActivationCounter | None,
         step_fn: Callable[[int, int], None] | None = None,
+        sharding: FullSharding | None = None,
     ) -> None:
         schedule = program.schedule
         self.rank = rank
@@ -134,10 +157,20 @@ class Executor:
         }
         self._peers: dict[Action, int] = {}
         dispatch = []
-        for action in program.instructions[rank]:
+        gathers, frees = (
+            gather_and_free_points(program.instructions[rank], sharding.stages)
+            if sharding is not None
+            else ({}, {})
+        )
+        for index, action in enumerate(program.instructions[rank]):
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
-            dispatch.append((handlers[action.op], action, action.op.is_compute))
+            handler = handlers[action.op]
+            if sharding is not None and index == gathers.get(action.stage):
+                handler = _before(sharding.gather, handler)
+            if sharding is not None and index == frees.get(action.stage):
+                handler = _after(sharding.reduce_and_free, handler)
+            dispatch.append((handler, action, action.op.is_compute))
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
         )

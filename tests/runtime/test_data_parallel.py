@@ -222,6 +222,83 @@ def dp_failing():
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
 
 
+def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2):
+    """Full sharding (FSDP2 per stage, driven by the schedule) at dp=2 x pp=2: two accumulated
+    steps give the reference's loss and every gradient; then AdamW steps give its weights.
+    Counts FSDP's real all-gathers and reduce-scatters per step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
+
+    counts = {"all_gather": 0, "reduce": 0}
+    originals = (fsdp_group.foreach_all_gather, fsdp_group.foreach_reduce)
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    fsdp_group.foreach_all_gather = counted("all_gather", originals[0])
+    fsdp_group.foreach_reduce = counted("reduce", originals[1])
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        loss_fn = _loss_fn("mlp")
+        pipe = Pipeline(
+            mlp(), loss_fn=loss_fn, schedule=schedule, num_microbatches=num_microbatches,
+            num_virtual=num_virtual, layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(process_group=mesh, shard="full"),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        reference = build_reference(mlp(), seed=7)
+        reference_params = dict(reference.named_parameters())
+        per_step = []
+
+        def step(seed):
+            inputs, targets = _batch("mlp", rows, seed=seed)
+            shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+            before = dict(counts)
+            loss = pipe.step(inputs[shard], targets[shard])
+            per_step.append({k: counts[k] - before[k] for k in counts})
+            expected = loss_fn(reference(inputs), targets)
+            expected.backward()
+            torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+
+        for seed in range(2):  # accumulated: no zeroing in between
+            step(seed)
+        at_rest = {}
+        for name, param in pipe.named_parameters():
+            # At rest each replica holds its half of every weight and gradient (Shard(0) over "dp").
+            at_rest[name] = (param.to_local().numel(), param.numel())
+            torch.testing.assert_close(param.grad.full_tensor(), reference_params[name].grad,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+        expected_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01)
+        optimizer.zero_grad(set_to_none=True)
+        expected_optimizer.zero_grad(set_to_none=True)
+        for seed in range(2, 2 + adam_steps):
+            step(seed)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            expected_optimizer.step()
+            expected_optimizer.zero_grad(set_to_none=True)
+        for name, param in pipe.named_parameters():
+            torch.testing.assert_close(param.full_tensor(), reference_params[name].detach(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        state = sum(v.to_local().numel() for st in optimizer.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return {
+            "rank": pipe.rank,
+            "dp_rank": pipe.data_parallel_rank,
+            "per_step": per_step,
+            "num_stages": len(pipe.sharding.stages),
+            "gathers": pipe.sharding.num_gathers,
+            "at_rest": at_rest,
+            "state_numel": state,
+        }
+    finally:
+        fsdp_group.foreach_all_gather, fsdp_group.foreach_reduce = originals
+
+
 # -- single process ---------------------------------------------------------------------------------
 
 
@@ -405,3 +482,28 @@ def test_a_failing_replica_stops_every_rank():
         assert results[rank]["peer_failure"], results[rank]
         assert "data-parallel replica 1" in results[rank]["message"]
         assert results[rank]["elapsed"] < 50
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual", "rows"),
+    [("1f1b", None, 12), ("zb-h1", None, 9), ("interleaved-1f1b", 2, 12), ("zb-v", None, 12)],
+)
+def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
+    pool4, schedule, num_virtual, rows
+):
+    # rows=9: replica 0 steps on 5 rows, replica 1 on 4; the sum is still the global-batch mean.
+    results = pool4.run("fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows)
+    for result in results:
+        stages = result["num_stages"]
+        assert stages == (2 if num_virtual or schedule == "zb-v" else 1)
+        # One all-gather and one reduce-scatter per stage per step, not per micro-batch (3).
+        assert result["per_step"] == [{"all_gather": stages, "reduce": stages}] * 4, result["per_step"]
+        assert result["gathers"] == 4 * stages
+        # AdamW's two moments over this rank's halves only.
+        assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
+    for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
+        pair = [r["at_rest"] for r in results if r["rank"] == rank]
+        for name, (local, whole) in pair[0].items():
+            assert local + pair[1][name][0] == whole and local < whole, name
+

@@ -130,14 +130,19 @@ class DataParallel:
         params: Sequence[nn.Parameter],
         *,
         bucket_bytes: int = BUCKET_BYTES,
+        reduced_in_schedule: bool = False,
     ) -> None:
         self._group = group
         self._watchdog = watchdog
         self._collectives = Collectives(group, dist.get_process_group_ranks(group), device, watchdog)
+        self._collectives_device = device
         self.rank = dist.get_rank(group)
         self.num_replicas = dist.get_world_size(group)
         self._params = tuple(p for p in params if p.requires_grad)
-        self._buckets = _buckets(self._params, bucket_bytes)
+        # Under full sharding the schedule reduce-scatters every gradient itself (full_shard.py):
+        # nothing is left to all-reduce, but a step's contribution is still set aside and added
+        # back (or dropped) here.
+        self._buckets = () if reduced_in_schedule else _buckets(self._params, bucket_bytes)
         self._set_aside: list[Tensor | None] | None = None
 
     @property
@@ -186,6 +191,13 @@ class DataParallel:
         self._collectives.all_reduce_sum(packed, what="data-parallel loss all-reduce")
         total_rows = float(packed[-1].item())
         return (packed[:-1] / total_rows).to(losses.dtype), rows / total_rows
+
+    def weight_of(self, rows: int) -> float:
+        """This replica's share of the global batch, `rows / global rows` (a collective over
+        "dp", for schedules that reduce gradients before the losses are agreed)."""
+        count = torch.tensor([float(rows)], dtype=torch.float64, device=self._collectives_device)
+        self._collectives.all_reduce_sum(count, what="data-parallel row count all-reduce")
+        return rows / float(count.item())
 
     def average_gradients(self, weight: float) -> None:
         """Sum `weight` x this step's gradients over the replicas; add back what was set aside."""
