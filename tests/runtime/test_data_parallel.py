@@ -21,7 +21,15 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
-from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    TransportOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
 
 
@@ -299,6 +307,54 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         fsdp_group.foreach_all_gather, fsdp_group.foreach_reduce = originals
 
 
+def fsdp_checkpoint(*, directory):
+    """Two AdamW steps fully sharded, saved; loaded fully sharded at dp=2 x pp=2 and into 4 pipeline
+    ranks without replicas, one more step of each equals one process's third step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def pipeline(shape, names, shard):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        return Pipeline(
+            mlp(), loss_fn=_loss_fn("mlp"), schedule="1f1b", num_microbatches=2, layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(process_group=mesh, shard=shard), runtime=RuntimeOptions(timeout_s=60),
+        )
+
+    def train(pipe, optimizer, seeds):
+        for seed in seeds:
+            inputs, targets = _batch("mlp", 8, seed=seed)
+            shard = torch.arange(8).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+            pipe.step(inputs[shard], targets[shard])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    reference = build_reference(mlp(), seed=7)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    for seed in range(3):
+        inputs, targets = _batch("mlp", 8, seed=seed)
+        _loss_fn("mlp")(reference(inputs), targets).backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+    expected = dict(reference.named_parameters())
+
+    pipe = pipeline((2, 2), ("dp", "pp"), "full")
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+    train(pipe, optimizer, range(2))
+    save_checkpoint(pipe, directory, optimizer=optimizer, step=2)
+    names = sorted(pipe.state_dict())
+    results = {}
+    for what, shape, dims, shard in (("sharded", (2, 2), ("dp", "pp"), "full"), ("plain", (4,), ("pp",), "replicate")):
+        again = pipeline(shape, dims, shard)
+        optimizer = torch.optim.AdamW(again.parameters(), lr=0.01)
+        load_checkpoint(again, directory, optimizer=optimizer)
+        train(again, optimizer, [2])
+        for name, param in again.named_parameters():
+            value = param.full_tensor() if shard == "full" else param.detach()
+            torch.testing.assert_close(value, expected[name].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name, w=what: f"{w} {n}: {m}")
+        results[what] = again.rank
+    return {"names": names, **results}
+
+
 # -- single process ---------------------------------------------------------------------------------
 
 
@@ -506,4 +562,13 @@ def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
         pair = [r["at_rest"] for r in results if r["rank"] == rank]
         for name, (local, whole) in pair[0].items():
             assert local + pair[1][name][0] == whole and local < whole, name
+
+
+@pytest.mark.multiprocess
+def test_a_fully_sharded_checkpoint_resumes_sharded_or_plain(pool4, tmp_path):
+    results = pool4.run("fsdp_checkpoint", directory=str(tmp_path / "ckpt"))
+    assert sorted(r["plain"] for r in results) == [0, 1, 2, 3]
+    # Gathered state dict names are the unsharded model's ("0.fc.weight", ...), no FSDP prefix.
+    reference = set(build_reference(mlp(), seed=7).state_dict())
+    assert set(results[0]["names"]) | set(results[1]["names"]) == reference
 
