@@ -231,7 +231,7 @@ class _Rules:
                 "shard",
                 "the model ties or shares parameters between layers; their gradients are summed "
                 "over the owning stages as whole tensors after the step, but full sharding has "
-                f"already reduce-scattered them; untie them {keep}",
+                f"already reduce-scattered them; untie them ({n('tied_layers')}=False) {keep}",
             )
         if c.precision == "fp16":
             self.refuse(

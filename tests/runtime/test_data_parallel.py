@@ -279,6 +279,9 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
             at_rest[name] = (param.to_local().numel(), param.numel())
             torch.testing.assert_close(param.grad.full_tensor(), reference_params[name].grad,
                                        msg=lambda m, n=name: f"{n}: {m}")
+        # The norm of gradients split over the replicas (and the pipeline) is the whole model's.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        assert abs(pipe.gradient_scope().total_norm() - norm.item()) < 1e-5 * norm.item()
         optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
         expected_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01)
         optimizer.zero_grad(set_to_none=True)
