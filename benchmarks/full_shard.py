@@ -11,12 +11,15 @@ and, for each layout that applies, runs `--steps` AdamW steps. Rank 0 prints one
 - `gathered`: the whole weights a full-sharded rank holds during a step (its stages'
   parameters between the first forward and the last backward; 0 at rest);
 - `gathers_per_step`: weight all-gathers per step (full sharding: one per stage);
-- `step_ms`: the median step (forward, backward, gradient reduction and AdamW), a rough figure
-  on a shared CPU host.
+- `step_ms`: the median step (forward, backward, gradient reduction and AdamW), and
+  `pipe_step_ms` that of `pipe.step` alone, rough figures on a shared CPU host;
+  `replicate-after` is replicate with every all-reduce after the schedule
+  (`overlap_reduction=False`), to compare with each stage's all-reduce started after its last
+  backward.
 
 Run:
     .venv/bin/python benchmarks/full_shard.py                    # dp 1, 2, 4; width 512, 8 layers
-    .venv/bin/python benchmarks/full_shard.py --dp 1 2 --steps 3
+    .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 12 --layouts replicate replicate-after
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from pipefold.model.zoo import mlp_layers
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, sharded_optimizer
 from pipefold.runtime.parallel.tensor_parallel import local
 
-LAYOUTS = ("replicate", "zero1", "full")
+LAYOUTS = ("replicate", "replicate-after", "zero1", "full")
+"""replicate-after: replicated, every gradient all-reduced after the schedule (no overlap)."""
 PP = 2
 
 
@@ -50,7 +54,10 @@ def _run_layout(layout: str, mesh: Any, args: argparse.Namespace, dp: int) -> di
     pipe = Pipeline(
         mlp_layers(args.width, args.num_layers), loss_fn=F.mse_loss, schedule="1f1b",
         num_microbatches=args.microbatches, layout=LayoutOptions(seed=1),
-        parallel=ParallelOptions(process_group=mesh, shard="full" if layout == "full" else "replicate"),
+        parallel=ParallelOptions(
+            process_group=mesh, shard="full" if layout == "full" else "replicate",
+            overlap_reduction=layout != "replicate-after",
+        ),
         runtime=RuntimeOptions(timeout_s=300),
     )
     optimizer: torch.optim.Optimizer = (
@@ -61,6 +68,7 @@ def _run_layout(layout: str, mesh: Any, args: argparse.Namespace, dp: int) -> di
     generator = torch.Generator().manual_seed(0)
     rows = args.rows // dp
     times = []
+    pipe_times = []
     gathered = 0
     for step in range(args.steps):
         x = torch.randn(rows, args.width, generator=generator)
@@ -68,6 +76,7 @@ def _run_layout(layout: str, mesh: Any, args: argparse.Namespace, dp: int) -> di
         dist.barrier()
         start = time.perf_counter()
         pipe.step(x, y)
+        pipe_times.append(time.perf_counter() - start)
         if step == args.steps - 1:
             grads = _bytes(p.grad for p in pipe.parameters())
         optimizer.step()
@@ -86,6 +95,7 @@ def _run_layout(layout: str, mesh: Any, args: argparse.Namespace, dp: int) -> di
         "gathered": gathered,
         "gathers_per_step": 0 if pipe.sharding is None else pipe.sharding.num_gathers // args.steps,
         "step_ms": 1e3 * statistics.median(times[1:] or times),
+        "pipe_step_ms": 1e3 * statistics.median(pipe_times[1:] or pipe_times),
     }
 
 
@@ -96,7 +106,7 @@ def _worker(rank: int, world: int, dp: int, args: argparse.Namespace, port: int)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dp, PP), mesh_dim_names=("dp", "pp"))
-    for layout in LAYOUTS if dp > 1 else ("replicate",):
+    for layout in [name for name in args.layouts if dp > 1 or name == "replicate"]:
         mine = _run_layout(layout, mesh, args, dp)
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
@@ -119,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32, help="global batch rows")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     args = parser.parse_args()
     for dp in args.dp:
         mp.spawn(_worker, args=(dp * PP, dp, args, _free_port()), nprocs=dp * PP)

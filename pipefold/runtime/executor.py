@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +31,6 @@ from pipefold.model import TensorMeta
 from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
-from pipefold.runtime.parallel.full_shard import FullSharding, gather_and_free_points
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
@@ -83,6 +82,38 @@ class _Pending:
     peer: int
 
 
+class StageHooks(Protocol):
+    """What runs around a stage's first forward and after its last backward action (B or W) of
+    each step: full sharding's gather and reduce-scatter, or an overlapped gradient all-reduce."""
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The stages the hooks apply to."""
+        ...
+
+    def before_first_forward(self, stage: int) -> None: ...
+
+    def after_last_backward(self, stage: int) -> None: ...
+
+
+def first_forward_and_last_backward(
+    actions: Sequence[Action], stages: Iterable[int]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """({stage: index of its first F}, {stage: index of its last B or W}) in one rank's program:
+    after the last B or W the stage's gradients of the step are complete."""
+    wanted = set(stages)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if action.stage not in wanted:
+            continue
+        if action.op is Op.F and action.stage not in first:
+            first[action.stage] = index
+        elif action.op in (Op.B, Op.W):
+            last[action.stage] = index
+    return first, last
+
+
 def _before(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
     """`handler` preceded by `hook(stage)`: only the actions where a sharded stage's weights are
     gathered get it, so the loop over the others is unchanged."""
@@ -119,7 +150,7 @@ class Executor:
         watchdog: Watchdog | None,
         counter: ActivationCounter | None,
         step_fn: Callable[[int, int], None] | None = None,
-        sharding: FullSharding | None = None,
+        stage_hooks: StageHooks | None = None,
     ) -> None:
         schedule = program.schedule
         self.rank = rank
@@ -157,19 +188,19 @@ class Executor:
         }
         self._peers: dict[Action, int] = {}
         dispatch = []
-        gathers, frees = (
-            gather_and_free_points(program.instructions[rank], sharding.stages)
-            if sharding is not None
+        firsts, lasts = (
+            first_forward_and_last_backward(program.instructions[rank], stage_hooks.stages)
+            if stage_hooks is not None
             else ({}, {})
         )
         for index, action in enumerate(program.instructions[rank]):
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
             handler = handlers[action.op]
-            if sharding is not None and index == gathers.get(action.stage):
-                handler = _before(sharding.gather, handler)
-            if sharding is not None and index == frees.get(action.stage):
-                handler = _after(sharding.reduce_and_free, handler)
+            if stage_hooks is not None and index == firsts.get(action.stage):
+                handler = _before(stage_hooks.before_first_forward, handler)
+            if stage_hooks is not None and index == lasts.get(action.stage):
+                handler = _after(stage_hooks.after_last_backward, handler)
             dispatch.append((handler, action, action.op.is_compute))
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute

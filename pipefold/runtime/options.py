@@ -88,6 +88,10 @@ class ParallelOptions:
       FSDP2, gathered once per step before the stage's first forward and freed after its last
       backward (docs/parallelism.md, "Full sharding"). ZeRO-1 (only the optimizer state
       sharded) is `sharded_optimizer`, not an option here.
+    - `overlap_reduction`: with replicated data parallelism, start each stage's gradient
+      all-reduce as soon as its last backward action (B or W) of the step is done, so it runs
+      while the rank's other stages and the pipeline's drain still compute; False all-reduces
+      every gradient after the schedule.
     """
 
     process_group: Any = None
@@ -95,8 +99,11 @@ class ParallelOptions:
     tensor_parallel: TensorParallelPlan | None = None
     optimizer: OptimizerFactory | None = None
     shard: Literal["replicate", "full"] = "replicate"
+    overlap_reduction: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overlap_reduction, bool):
+            raise ConfigError(f"ParallelOptions.overlap_reduction = {self.overlap_reduction!r}; use True or False")
         shard: str = self.shard
         if shard not in SHARD_MODES:
             hint = (

@@ -50,7 +50,7 @@ from pipefold.runtime.arguments import (
 )
 from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
-from pipefold.runtime.executor import Executor, StepInputs
+from pipefold.runtime.executor import Executor, StageHooks, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
@@ -304,6 +304,17 @@ class Pipeline:
         self._data_parallel = dims.data_parallel(
             self.device, self._watchdog, list(self.parameters()), self.schedule.name,
             reduced_in_schedule=self.sharding is not None,
+            stage_params=(
+                {stage.index: stage.parameters for stage in self.stages}
+                if self.parallel_options.overlap_reduction
+                else None
+            ),
+        )
+        data_parallel = self._data_parallel
+        self._stage_hooks: StageHooks | None = (
+            self.sharding
+            if self.sharding is not None
+            else data_parallel if data_parallel is not None and data_parallel.overlaps else None
         )
         self.loss_scale = new_loss_scale(self.runtime_options, self.dims, self._watchdog)
         """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
@@ -322,7 +333,7 @@ class Pipeline:
                 watchdog=self._watchdog,
                 counter=counter,
                 step_fn=self._stash_step if stepping else None,
-                sharding=self.sharding,
+                stage_hooks=self._stage_hooks,
             )
 
         self._new_executor = executor
@@ -603,6 +614,8 @@ class Pipeline:
         )
         self._num_steps_run += 1
         seed = 1.0 if scaler is None else scaler.scale
+        if data_parallel is not None:
+            data_parallel.begin_step(batch_size)
         if self.sharding is not None and data_parallel is not None:
             # The reduce-scatters run inside the schedule, before the losses are agreed: each
             # replica's backward starts weighted by its share of the global rows, and they sum.

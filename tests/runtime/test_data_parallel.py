@@ -30,7 +30,7 @@ from pipefold.runtime import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
+from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
 
 
 def _pool(world_size):
@@ -83,6 +83,7 @@ def dp_exact(
     shared_memory=True,
     bucket_bytes=None,
     num_steps=2,
+    overlap=True,
 ):
     """Each replica steps on its contiguous rows of a `rows`-row global batch (uneven when
     `rows` does not divide); loss and gradients equal the reference on the whole batch."""
@@ -97,13 +98,20 @@ def dp_exact(
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
         layout=LayoutOptions(seed=7),
-        parallel=ParallelOptions(process_group=process_group, data_parallel_group=data_parallel_group),
+        parallel=ParallelOptions(
+            process_group=process_group, data_parallel_group=data_parallel_group, overlap_reduction=overlap
+        ),
         runtime=RuntimeOptions(timeout_s=60),
         transport=TransportOptions(shared_memory=shared_memory),
     )
     if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
         data_parallel = pipe.data_parallel
         data_parallel._buckets = _buckets(data_parallel._params, bucket_bytes)
+        if overlap:
+            stages = {stage.index: stage.parameters for stage in pipe.stages}
+            data_parallel._stage_buckets = _by_stage(data_parallel._params, stages, bucket_bytes)
+    # (A rank holding both ends of a tied embedding, zb-v's rank 0, reduces after the schedule.)
+    assert pipe.data_parallel is None or overlap or not pipe.data_parallel.overlaps
     reference = build_reference(build(), seed=7)
     losses = []
     for step in range(num_steps):
@@ -128,6 +136,7 @@ def dp_exact(
         "losses": losses,
         "names": names,
         "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
+        "overlaps": data_parallel is not None and data_parallel.overlaps,
         "same_host_peers": [] if pipe.p2p is None else list(pipe.p2p.same_host_peers),
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
         "timeline_cores": pipe.last_timeline.meta.get("num_cores"),
@@ -437,6 +446,8 @@ def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_
     )
     _check(results, num_dp=2, num_pp=2)
     assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+    if model == "mlp":  # each stage's all-reduce starts after its last backward, inside the schedule
+        assert all(r["overlaps"] for r in results)
     assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
     # The other replica computes beside each pipeline: its timeline records the pipeline's
     # share of the host's cores, which is what the simulator replays ([Note: shared cores]).
@@ -479,9 +490,12 @@ def test_explicit_data_parallel_group(pool4):
 
 
 @pytest.mark.multiprocess
-def test_many_buckets(pool4):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_many_buckets(pool4, overlap):
+    # Overlapped: each stage's buckets all-reduced after its last backward; else after the schedule.
     results = pool4.run(
-        "dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", bucket_bytes=200
+        "dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", bucket_bytes=200,
+        overlap=overlap,
     )
     _check(results, num_dp=2, num_pp=2)
     assert all(r["num_buckets"] > 3 for r in results), [r["num_buckets"] for r in results]

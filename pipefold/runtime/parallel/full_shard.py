@@ -15,7 +15,7 @@ step instead. Design notes: docs/decisions.md, "Full sharding driven by the sche
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,26 +23,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from pipefold.runtime.stage import Stage
-from pipefold.schedule import Action, Op
 
-__all__ = ["FullSharding", "gather_and_free_points"]
-
-
-def gather_and_free_points(actions: Sequence[Action], stages: Iterable[int]) -> tuple[dict[int, int], dict[int, int]]:
-    """({stage: index of its first F}, {stage: index of its last B or W}) in one rank's
-    program: where the stage's weights are gathered, and where its gradients are
-    reduce-scattered and its weights freed."""
-    wanted = set(stages)
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for index, action in enumerate(actions):
-        if action.stage not in wanted:
-            continue
-        if action.op is Op.F and action.stage not in first:
-            first[action.stage] = index
-        elif action.op in (Op.B, Op.W):
-            last[action.stage] = index
-    return first, last
+__all__ = ["FullSharding"]
 
 
 class FullSharding:
@@ -110,6 +92,14 @@ class FullSharding:
         self._idle(module)
         self.num_reductions += 1
         self._stages[stage].parameters = _parameters(self._stages[stage].module)
+
+    def before_first_forward(self, stage: int) -> None:
+        """The executor's hook (`StageHooks`): gather."""
+        self.gather(stage)
+
+    def after_last_backward(self, stage: int) -> None:
+        """The executor's hook (`StageHooks`): reduce-scatter and free."""
+        self.reduce_and_free(stage)
 
     def gather_all(self) -> None:
         """Gather every stage (forward-only evaluation needs whole weights)."""
