@@ -50,53 +50,59 @@ def _bytes(tensors: Any) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
 
 
-def _run_layout(layout: str, mesh: Any, args: argparse.Namespace, dp: int) -> dict[str, Any]:
-    pipe = Pipeline(
-        mlp_layers(args.width, args.num_layers), loss_fn=F.mse_loss, schedule="1f1b",
-        num_microbatches=args.microbatches, layout=LayoutOptions(seed=1),
-        parallel=ParallelOptions(
-            process_group=mesh, shard="full" if layout == "full" else "replicate",
-            overlap_reduction=layout != "replicate-after",
-        ),
-        runtime=RuntimeOptions(timeout_s=300),
-    )
-    optimizer: torch.optim.Optimizer = (
-        sharded_optimizer(pipe, torch.optim.AdamW, lr=1e-3)
-        if layout == "zero1"
-        else torch.optim.AdamW(pipe.parameters(), lr=1e-3)
-    )
-    generator = torch.Generator().manual_seed(0)
-    rows = args.rows // dp
-    times = []
-    pipe_times = []
-    gathered = 0
-    for step in range(args.steps):
-        x = torch.randn(rows, args.width, generator=generator)
-        y = torch.randn(rows, args.width, generator=generator)
+class _Run:
+    """One layout's pipeline and optimizer, stepped in turn with the others'."""
+
+    def __init__(self, layout: str, mesh: Any, args: argparse.Namespace) -> None:
+        self.layout = layout
+        self.pipe = Pipeline(
+            mlp_layers(args.width, args.num_layers), loss_fn=F.mse_loss, schedule="1f1b",
+            num_microbatches=args.microbatches, layout=LayoutOptions(seed=1),
+            parallel=ParallelOptions(
+                process_group=mesh, shard="full" if layout == "full" else "replicate",
+                overlap_reduction=layout != "replicate-after",
+            ),
+            runtime=RuntimeOptions(timeout_s=300),
+        )
+        self.optimizer: torch.optim.Optimizer = (
+            sharded_optimizer(self.pipe, torch.optim.AdamW, lr=1e-3)
+            if layout == "zero1"
+            else torch.optim.AdamW(self.pipe.parameters(), lr=1e-3)
+        )
+        self.times: list[float] = []
+        self.pipe_times: list[float] = []
+        self.grads = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         dist.barrier()
         start = time.perf_counter()
-        pipe.step(x, y)
-        pipe_times.append(time.perf_counter() - start)
-        if step == args.steps - 1:
-            grads = _bytes(p.grad for p in pipe.parameters())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    if pipe.sharding is not None:
-        # During a step each stage's whole weights are there: the gather buffers.
-        pipe.sharding.gather_all()
-        gathered = _bytes(pipe.parameters())
-        pipe.sharding.free_all()
-    state = optimizer.optim.state if layout == "zero1" else optimizer.state  # type: ignore[attr-defined]
-    return {
-        "weights": _bytes(pipe.parameters()),
-        "grads": grads,
-        "optimizer": _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
-        "gathered": gathered,
-        "gathers_per_step": 0 if pipe.sharding is None else pipe.sharding.num_gathers // args.steps,
-        "step_ms": 1e3 * statistics.median(times[1:] or times),
-        "pipe_step_ms": 1e3 * statistics.median(pipe_times[1:] or pipe_times),
-    }
+        self.pipe.step(x, y)
+        self.pipe_times.append(time.perf_counter() - start)
+        self.grads = _bytes(p.grad for p in self.pipe.parameters())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - start)
+
+    def report(self) -> dict[str, Any]:
+        pipe, gathered = self.pipe, 0
+        steps = len(self.times)
+        gathers = 0 if pipe.sharding is None else pipe.sharding.num_gathers // steps
+        if pipe.sharding is not None:
+            # During a step each stage's whole weights are there: the gather buffers.
+            pipe.sharding.gather_all()
+            gathered = _bytes(pipe.parameters())
+            pipe.sharding.free_all()
+        optimizer: Any = self.optimizer
+        state = optimizer.optim.state if self.layout == "zero1" else optimizer.state
+        return {
+            "weights": _bytes(pipe.parameters()),
+            "grads": self.grads,
+            "optimizer": _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+            "gathered": gathered,
+            "gathers_per_step": gathers,
+            "step_ms": 1e3 * statistics.median(self.times[1:] or self.times),
+            "pipe_step_ms": 1e3 * statistics.median(self.pipe_times[1:] or self.pipe_times),
+        }
 
 
 def _worker(rank: int, world: int, dp: int, args: argparse.Namespace, port: int) -> None:
@@ -106,12 +112,20 @@ def _worker(rank: int, world: int, dp: int, args: argparse.Namespace, port: int)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dp, PP), mesh_dim_names=("dp", "pp"))
-    for layout in [name for name in args.layouts if dp > 1 or name == "replicate"]:
-        mine = _run_layout(layout, mesh, args, dp)
+    runs = [_Run(name, mesh, args) for name in args.layouts if dp > 1 or name == "replicate"]
+    generator = torch.Generator().manual_seed(0)
+    rows = args.rows // dp
+    for _ in range(args.steps):  # the layouts alternate step by step: host noise hits each alike
+        x = torch.randn(rows, args.width, generator=generator)
+        y = torch.randn(rows, args.width, generator=generator)
+        for run in runs:
+            run.step(x, y)
+    for run in runs:
+        mine = run.report()
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
-            print(json.dumps({"dp": dp, "pp": PP, "layout": layout, "per_rank": everyone}), flush=True)
+            print(json.dumps({"dp": dp, "pp": PP, "layout": run.layout, "per_rank": everyone}), flush=True)
     dist.destroy_process_group()
 
 
