@@ -239,7 +239,7 @@ def dp_failing():
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
 
 
-def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2):
+def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none"):
     """Full sharding (FSDP2 per stage, driven by the schedule) at dp=2 x pp=2: two accumulated
     steps give the reference's loss and every gradient; then AdamW steps give its weights.
     Counts FSDP's real all-gathers and reduce-scatters per step."""
@@ -262,7 +262,7 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         loss_fn = _loss_fn("mlp")
         pipe = Pipeline(
             mlp(), loss_fn=loss_fn, schedule=schedule, num_microbatches=num_microbatches,
-            num_virtual=num_virtual, layout=LayoutOptions(seed=7),
+            num_virtual=num_virtual, layout=LayoutOptions(seed=7, recompute=recompute),
             parallel=ParallelOptions(process_group=mesh, shard="full"),
             runtime=RuntimeOptions(timeout_s=60),
         )
@@ -378,6 +378,29 @@ def test_buckets_split_by_size_and_dtype():
     assert [[p.numel() for p in b.params] for b in buckets] == [[4, 4], [4], [3], [10], [2]]
     assert [b.num_bytes for b in buckets] == [32, 16, 24, 40, 8]
     assert [p for b in buckets for p in b.params] == params
+
+
+def test_stage_hooks_sit_at_each_stages_first_forward_and_last_backward():
+    from pipefold.runtime.executor import first_forward_and_last_backward
+    from pipefold.schedule import build, lower
+
+    program = lower(build("zb-v", num_ranks=2, num_microbatches=3))
+    actions = program.instructions[0]  # stages 0 and 3
+    firsts, lasts = first_forward_and_last_backward(actions, [0, 3])
+    for stage in (0, 3):
+        mine = [i for i, a in enumerate(actions) if a.stage == stage and a.op.is_compute]
+        assert firsts[stage] == min(i for i in mine if actions[i].op.name == "F")
+        assert lasts[stage] == max(i for i in mine if actions[i].op.name in ("B", "W"))
+        assert actions[lasts[stage]].microbatch is not None
+
+
+def test_overlapped_buckets_follow_the_stages_unless_a_parameter_is_shared():
+    a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    by_stage = _by_stage([a, b, c], {0: [a, b], 2: [c]}, 1 << 20)
+    assert {s: [bucket.params for bucket in buckets] for s, buckets in by_stage.items()} == {
+        0: [(a, b)], 2: [(c,)]
+    }
+    assert _by_stage([a, b, c], {0: [a, b], 2: [b, c]}, 1 << 20) == {}  # b is complete after both
 
 
 @pytest.mark.parametrize(
@@ -559,14 +582,23 @@ def test_a_failing_replica_stops_every_rank():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("schedule", "num_virtual", "rows"),
-    [("1f1b", None, 12), ("zb-h1", None, 9), ("interleaved-1f1b", 2, 12), ("zb-v", None, 12)],
+    ("schedule", "num_virtual", "rows", "recompute"),
+    [
+        ("1f1b", None, 12, "none"),
+        ("zb-h1", None, 9, "none"),
+        ("zb-h1", None, 12, "full"),
+        ("interleaved-1f1b", 2, 12, "none"),
+        ("zb-v", None, 12, "none"),
+    ],
 )
 def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
-    pool4, schedule, num_virtual, rows
+    pool4, schedule, num_virtual, rows, recompute
 ):
     # rows=9: replica 0 steps on 5 rows, replica 1 on 4; the sum is still the global-batch mean.
-    results = pool4.run("fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows)
+    # recompute="full": the backward's recomputed forward runs on the weights gathered for the step.
+    results = pool4.run(
+        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute
+    )
     for result in results:
         stages = result["num_stages"]
         assert stages == (2 if num_virtual or schedule == "zb-v" else 1)
