@@ -22,7 +22,10 @@ from typing import Any
 
 from pipefold.errors import ConfigError
 
-__all__ = ["ParallelConfig", "RECOMPUTE_MODES"]
+__all__ = ["ParallelConfig", "RECOMPUTE_MODES", "SHARD_MODES"]
+
+SHARD_MODES = ("replicate", "zero1", "full")
+"""What the data-parallel replicas may shard (`ParallelConfig.shard`)."""
 
 RECOMPUTE_MODES = ("none", "full")
 """Named recomputation modes; a list of layer indices recomputes those layers only."""
@@ -55,6 +58,14 @@ class ParallelConfig:
     """Megatron's sequence parallelism between tensor-parallel layers."""
     zero: bool = False
     """The optimizer state sharded over the data-parallel replicas (ZeRO-1)."""
+    shard: str = "replicate"
+    """What the replicas shard: "replicate" (nothing; `zero` may still shard the optimizer
+    state), "zero1" (the same as `zero`) or "full" (weights, gradients and optimizer state,
+    FSDP2 per stage)."""
+    precision: str = "fp32"
+    """The compute precision: "fp32", "bf16" or "fp16"."""
+    shared_parameters: bool = False
+    """Whether some parameter is held by several layers (tied by sharing, not `TiedLayerSpec`)."""
     tied_layers: bool = False
     """Whether the model ties layers (one module at several places, `TiedLayerSpec`)."""
     num_layers: int | None = None
@@ -100,6 +111,7 @@ class _Rules:
         self.recompute()
         self.asynchronous()
         self.zero()
+        self.full_shard()
         self.tensor_parallel()
 
     def degrees(self) -> None:
@@ -170,19 +182,65 @@ class _Rules:
 
     def zero(self) -> None:
         c, n = self.c, self.name
-        if not c.zero:
+        if not (c.zero or c.shard == "zero1"):
             return
+        field = "zero" if c.zero else "shard"
         if c.dp == 1:
             self.refuse(
-                "zero",
+                field,
                 f"it shards the optimizer state over data-parallel replicas and there are "
                 f"none ({n('dp')}=1); set {n('dp')} > 1 or {n('zero')}=False",
             )
         if c.tp > 1:
             self.refuse(
-                "zero",
+                field,
                 f"ZeRO shards whole parameters, not tensor-parallel ones ({n('tp')}={c.tp}); "
                 f"use {n('tp')}=1 or {n('zero')}=False",
+            )
+
+    def full_shard(self) -> None:
+        c, n = self.c, self.name
+        if c.shard not in SHARD_MODES:
+            self.refuse("shard", f"use one of {', '.join(SHARD_MODES)}")
+        if c.shard != "full":
+            return
+        keep = f"or {n('shard')}='replicate' (or 'zero1' to shard the optimizer state only)"
+        if c.dp == 1:
+            self.refuse(
+                "shard",
+                f"full sharding splits each stage over the data-parallel replicas and there are none "
+                f"({n('dp')}=1); set {n('dp')} > 1 {keep}",
+            )
+        if c.asynchronous:
+            self.refuse(
+                "shard",
+                f"{n('schedule')}={c.schedule!r} updates weights inside the step from stashed whole "
+                f"copies, which full sharding does not keep; use a flush schedule (1f1b, zb-h1, ...) {keep}",
+            )
+        if c.zero:
+            self.refuse(
+                "shard",
+                f"full sharding already shards the optimizer state (an optimizer over the pipeline's "
+                f"parameters holds 1/dp of it); drop {n('zero')} {keep}",
+            )
+        if c.tp > 1:
+            self.refuse(
+                "shard",
+                f"full sharding is not composed with tensor parallelism ({n('tp')}={c.tp}); use "
+                f"{n('tp')}=1 {keep}",
+            )
+        if c.tied_layers or c.shared_parameters:
+            self.refuse(
+                "shard",
+                "the model ties or shares parameters between layers; their gradients are summed "
+                "over the owning stages as whole tensors after the step, but full sharding has "
+                f"already reduce-scattered them; untie them ({n('tied_layers')}=False) {keep}",
+            )
+        if c.precision == "fp16":
+            self.refuse(
+                "shard",
+                "fp16's dynamic loss scale is not composed with full sharding (its overflow check "
+                f"and unscale are written for whole gradients); use precision 'bf16' or 'fp32' {keep}",
             )
 
     def tensor_parallel(self) -> None:

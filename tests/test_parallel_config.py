@@ -60,6 +60,26 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
             {"tp": 3, "num_heads": 4},
             "tp=3 is not allowed: attention is split by heads, so it must divide num_heads=4",
         ),
+        ({"shard": "half"}, "shard='half' is not allowed: use one of replicate, zero1, full"),
+        ({"shard": "zero1"}, "shard='zero1' is not allowed: it shards the optimizer state"),
+        (
+            {"shard": "full"},
+            "shard='full' is not allowed: full sharding splits each stage over the data-parallel "
+            "replicas and there are none (dp=1); set dp > 1 or shard='replicate'",
+        ),
+        (
+            {**ASYNC, "shard": "full", "dp": 2},
+            "dp=2 is not allowed: schedule='pipedream' updates weights inside the step",
+        ),
+        (
+            {"schedule": "pipedream", "weight_update": "stash", "shard": "full"},
+            "shard='full' is not allowed: full sharding splits each stage",
+        ),
+        ({"shard": "full", "dp": 2, "zero": True}, "full sharding already shards the optimizer state"),
+        ({"shard": "full", "dp": 2, "tp": 2}, "not composed with tensor parallelism (tp=2)"),
+        ({"shard": "full", "dp": 2, "tied_layers": True}, "the model ties or shares parameters"),
+        ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
+        ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),
     ],
 )
 def test_every_refusal_names_field_value_and_fix(fields, words):
@@ -77,6 +97,8 @@ def test_every_refusal_names_field_value_and_fix(fields, words):
         # Asynchronous rules apply only once the schedule is known.
         {"schedule": "pipedream", "dp": 2, "tied_layers": True},
         {**ASYNC, "recompute": "none", "on_nonfinite": "raise"},
+        {"dp": 2, "shard": "full", "weight_update": "flush", "recompute": "full", "precision": "bf16"},
+        {"dp": 2, "shard": "zero1"},
     ],
 )
 def test_legal_configurations_pass(fields):
@@ -154,6 +176,11 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
         LayerSpec(nn.Linear, 4, 4),
         TiedLayerSpec("t", nn.Linear, 4, 4),
     ]
+    # Full sharding without replicas, and a shard mode Pipeline does not take, are refused up front.
+    with pytest.raises(ConfigError, match=r"shard='full' is not allowed: .* there are none \(dp=1\)"):
+        Pipeline(layers, loss_fn=F.mse_loss, parallel=ParallelOptions(shard="full"))
+    with pytest.raises(ConfigError, match="ParallelOptions.shard = 'zero1'; .*runtime.sharded_optimizer"):
+        ParallelOptions(shard="zero1")  # type: ignore[arg-type]
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     with pytest.raises(ConfigError, match="tied_layers=True is not allowed: schedule='pipedream'"):
         Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd))

@@ -30,6 +30,7 @@ from pipefold.job.config import (
 )
 from pipefold.job.outdir import check_out_dir
 from pipefold.job.recovery import resume_after_restart
+from pipefold.parallel_config import SHARD_MODES
 from pipefold.job.sections import (
     LR_SCHEDULES,
     ModelConfig,
@@ -64,6 +65,7 @@ _FLAGS: dict[str, str] = {
     "eval_every": "eval_every",
     "eval_batches": "eval_batches",
     "zero": "optimizer.zero",
+    "shard": "schedule.shard",
     "d_model": "model.d_model",
     "num_layers": "model.num_layers",
     "num_heads": "model.num_heads",
@@ -113,7 +115,12 @@ def add_parser(subparsers: Any) -> None:
                         help="replicas of the pipeline, each on its shard of the batch "
                         f"(ranks x N processes); default {ScheduleConfig.data_parallel}")
     parser.add_argument("--zero", action="store_true", default=None,
-                        help="shard AdamW's state over the --data-parallel replicas (ZeRO stage 1)")
+                        help="shard AdamW's state over the --data-parallel replicas (ZeRO stage 1); "
+                        "the same as --shard zero1")
+    parser.add_argument("--shard", choices=SHARD_MODES,
+                        help="what the --data-parallel replicas shard: replicate (nothing), zero1 (AdamW's "
+                        "state) or full (each stage's weights, gradients and AdamW state: FSDP2, gathered "
+                        "once per step); default replicate")
     parser.add_argument("--tensor-parallel", type=int, metavar="N",
                         help="ranks per stage: each block's heads and MLP are split over N ranks (ranks x "
                         f"data-parallel x N processes); default {ScheduleConfig.tensor_parallel}")

@@ -56,6 +56,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
     tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
     sequence_parallel = false  # with tensor_parallel > 1: also split norms and boundaries by position
+    shard = "replicate"        # with data_parallel > 1: "zero1" (AdamW's state) or "full" (FSDP2 per stage)
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
 
@@ -294,6 +295,7 @@ class TrainConfig:
             on_nonfinite=self.on_nonfinite,
             compile=self.compile,
             zero=self.optimizer.zero,
+            precision=self.precision,
             tied_layers=self.model.tied,
             num_layers=num_layers,
             num_heads=self.model.heads,

@@ -50,6 +50,8 @@ PARALLEL_NAMES = {
     "schedule": "schedule.name",
     "sequence_parallel": "schedule.sequence_parallel",
     "zero": "optimizer.zero",
+    "shard": "schedule.shard",
+    "precision": "precision",
     "tied_layers": "model.tie_embeddings",
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
@@ -199,6 +201,11 @@ class ScheduleConfig:
     run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
     residual stream (pipefold/runtime/parallel/sequence_parallel.py). model.seq_len must divide by
     tensor_parallel."""
+    shard: str = "replicate"
+    """What the data-parallel replicas shard: "replicate" (nothing), "zero1" (AdamW's state, as
+    optimizer.zero) or "full" (each stage's weights, gradients and AdamW state, FSDP2, gathered
+    once per step before the stage's first forward and freed after its last backward;
+    docs/parallelism.md, "Full sharding"). Needs data_parallel > 1."""
     num_microbatches: int = 8
     """Micro-batches per step (flag: --microbatches)."""
     virtual: int = 0
@@ -240,6 +247,7 @@ class ScheduleConfig:
             num_virtual=self.virtual or None,
             schedule=self.name,
             sequence_parallel=self.sequence_parallel,
+            shard=self.shard,
             **known,
         )
 

@@ -243,6 +243,7 @@ def _make_pipeline(
     )
     parallel = ParallelOptions(
         process_group=_mesh(config, device),
+        shard="full" if s.shard == "full" else "replicate",
         tensor_parallel=(
             gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel) if s.tensor_parallel > 1 else None
         ),
@@ -298,7 +299,7 @@ def _make_loop_optimizer(config: TrainConfig, pipe: Pipeline) -> torch.optim.Opt
     params: Any = list(pipe.parameters())
     if opt.weight_decay_groups:
         params = parameter_groups(pipe.local_modules.values(), params, weight_decay=opt.weight_decay)
-    if opt.zero:
+    if opt.zero or config.schedule.shard == "zero1":
         zero: torch.optim.Optimizer = sharded_optimizer(
             pipe, torch.optim.AdamW, params=params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
             weight_decay=opt.weight_decay,

@@ -123,10 +123,14 @@ def _save(pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None,
     # which writes it like a plain optimizer's (docs/decisions.md, "ZeRO-1 over the replicas").
     consolidate(as_list(optimizer))
     replicas = _replica_group(pipe)
-    # Data-parallel replicas hold equal weights and optimizer states: replica 0 writes, the
-    # others wait for its outcome, so no rank returns before the checkpoint is in place and
+    # Data-parallel replicas hold equal weights and optimizer states (or, fully sharded, their
+    # parts of them): replica 0 writes, the others wait for its outcome, so no rank returns before the checkpoint is in place and
     # a failure is raised everywhere.
     if replicas is not None and dist.get_rank(replicas) != 0:
+        if pipe.sharding is not None:
+            # Fully sharded replicas hold 1/dp of each tensor: every replica joins each gather
+            # over "dp" and replica 0 writes the whole tensors, as tp rank 0 does below.
+            _local_entries(pipe, as_list(optimizer))
         failure = _from_rank0(None, replicas)
         if failure is not None:
             raise PipelineError(f"save_checkpoint: data-parallel replica 0 failed: {failure}")

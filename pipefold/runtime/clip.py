@@ -57,6 +57,7 @@ class GradientScope:
     - `not_counted`: ids of parameters another rank counts (tied copies of later owners).
     - `tp_group` / `tp_rank`: this stage's tensor-parallel peers (None without tp).
     - `collectives`: the pipeline group's (None in one process).
+    - `shard_group`: the replicas each gradient is split over (full sharding), else None.
     """
 
     params: tuple[nn.Parameter, ...]
@@ -65,6 +66,7 @@ class GradientScope:
     tp_rank: int
     collectives: Collectives | None
     watchdog: Watchdog
+    shard_group: dist.ProcessGroup | None = None
 
     def total_norm(self, norm_type: float = 2.0) -> float:
         """The model's gradient norm (float64 arithmetic), the same on every rank."""
@@ -93,6 +95,14 @@ class GradientScope:
                 async_op=True,
             )
             self.watchdog.wait(work, what="tensor-parallel gradient-norm all-reduce", peer=None)
+        if self.shard_group is not None:  # each replica holds 1/dp of every gradient
+            work = dist.all_reduce(
+                partial,
+                op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM,
+                group=self.shard_group,
+                async_op=True,
+            )
+            self.watchdog.wait(work, what="sharded gradient-norm all-reduce", peer=None)
         if self.collectives is not None:
             parts = self.collectives.all_gather(partial, what="gradient-norm all-gather")
             # Combined in pipeline-rank order on every rank: the same bits everywhere.

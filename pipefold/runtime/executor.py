@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -83,6 +83,59 @@ class _Pending:
     peer: int
 
 
+class StageHooks(Protocol):
+    """What runs around a stage's first forward and after its last backward action (B or W) of
+    each step: full sharding's gather and reduce-scatter, or an overlapped gradient all-reduce."""
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The stages the hooks apply to."""
+        ...
+
+    def before_first_forward(self, stage: int) -> None: ...
+
+    def after_last_backward(self, stage: int) -> None: ...
+
+
+def first_forward_and_last_backward(
+    actions: Sequence[Action], stages: Iterable[int]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """({stage: index of its first F}, {stage: index of its last B or W}) in one rank's program:
+    after the last B or W the stage's gradients of the step are complete."""
+    wanted = set(stages)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if action.stage not in wanted:
+            continue
+        if action.op is Op.F and action.stage not in first:
+            first[action.stage] = index
+        elif action.op in (Op.B, Op.W):
+            last[action.stage] = index
+    return first, last
+
+
+def _before(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
+    """`handler` preceded by `hook(stage)`: only the actions where a sharded stage's weights are
+    gathered get it, so the loop over the others is unchanged."""
+
+    def run(action: Action) -> None:
+        hook(action.stage)
+        handler(action)
+
+    return run
+
+
+def _after(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
+    """`handler` followed by `hook(stage)` (a sharded stage's gradient reduction and free)."""
+
+    def run(action: Action) -> None:
+        handler(action)
+        hook(action.stage)
+
+    return run
+
+
 class Executor:
     """Runs `program.instructions[rank]` over the local `stages` once per `run`."""
 
@@ -99,6 +152,7 @@ class Executor:
         counter: ActivationCounter | None,
         step_fn: Callable[[int, int], None] | None = None,
         progress: Progress | None = None,
+        stage_hooks: StageHooks | None = None,
     ) -> None:
         schedule = program.schedule
         self.rank = rank
@@ -138,11 +192,21 @@ class Executor:
         }
         self._peers: dict[Action, int] = {}
         dispatch = []
+        firsts, lasts = (
+            first_forward_and_last_backward(program.instructions[rank], stage_hooks.stages)
+            if stage_hooks is not None
+            else ({}, {})
+        )
         for index, action in enumerate(program.instructions[rank]):
             if not action.op.is_compute:
                 self._peers[action] = program.peer_of(action)
+            handler = handlers[action.op]
+            if stage_hooks is not None and index == firsts.get(action.stage):
+                handler = _before(stage_hooks.before_first_forward, handler)
+            if stage_hooks is not None and index == lasts.get(action.stage):
+                handler = _after(stage_hooks.after_last_backward, handler)
             # The last entry is the action's progress code (pipefold/runtime/progress.py).
-            dispatch.append((handlers[action.op], action, action.op.is_compute, index + 1))
+            dispatch.append((handler, action, action.op.is_compute, index + 1))
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
         )

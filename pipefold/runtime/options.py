@@ -34,6 +34,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each precision (None: no autocast)."""
 
+SHARD_MODES = ("replicate", "full")
+"""What `ParallelOptions.shard` may be."""
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -80,14 +83,38 @@ class ParallelOptions:
       (docs/decisions.md, "tensor parallel x pipeline").
     - `optimizer`: a factory `lambda params: torch.optim.X(params, ...)`, required by
       asynchronous schedules (pipedream, pipedream-2bw) and refused by flush ones.
+    - `shard`: "replicate" (every replica holds its stages whole) or "full": each stage's
+      weights, gradients (and so an optimizer's state) are sharded over the "dp" replicas with
+      FSDP2, gathered once per step before the stage's first forward and freed after its last
+      backward (docs/parallelism.md, "Full sharding"). ZeRO-1 (only the optimizer state
+      sharded) is `sharded_optimizer`, not an option here.
+    - `overlap_reduction`: with replicated data parallelism, start each stage's gradient
+      all-reduce as soon as its last backward action (B or W) of the step is done, so it runs
+      while the rank's other stages and the pipeline's drain still compute; False all-reduces
+      every gradient after the schedule.
     """
 
     process_group: Any = None
     data_parallel_group: Any = None
     tensor_parallel: TensorParallelPlan | None = None
     optimizer: OptimizerFactory | None = None
+    shard: Literal["replicate", "full"] = "replicate"
+    overlap_reduction: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overlap_reduction, bool):
+            raise ConfigError(f"ParallelOptions.overlap_reduction = {self.overlap_reduction!r}; use True or False")
+        shard: str = self.shard
+        if shard not in SHARD_MODES:
+            hint = (
+                "; ZeRO-1 shards the optimizer only: keep shard='replicate' and wrap the optimizer "
+                "with pipefold.runtime.sharded_optimizer"
+                if shard == "zero1"
+                else ""
+            )
+            raise ConfigError(
+                f"ParallelOptions.shard = {self.shard!r}; use one of {', '.join(SHARD_MODES)}{hint}"
+            )
         if self.optimizer is not None and not callable(self.optimizer):
             raise ConfigError(
                 f"ParallelOptions.optimizer = {self.optimizer!r}; pass a factory "

@@ -52,7 +52,7 @@ from pipefold.runtime.arguments import (
 )
 from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
-from pipefold.runtime.executor import Executor, StepInputs
+from pipefold.runtime.executor import Executor, StageHooks, StepInputs
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
@@ -65,6 +65,7 @@ from pipefold.runtime.options import (
 )
 from pipefold.runtime.parallel.data_parallel import DataParallel
 from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.parallel.full_shard import FullSharding
 from pipefold.runtime.parallel.tensor_parallel import local as local_shard
 from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
@@ -165,6 +166,8 @@ class Pipeline:
             compile=self.runtime_options.compile,
             tied_layers=bool(tied_groups(self._layers)),
             num_layers=len(self._layers),
+            shard=self.parallel_options.shard,
+            precision=self.runtime_options.precision,
         )
         described.check()
         self.schedule = resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
@@ -186,6 +189,8 @@ class Pipeline:
         # Parameters several layers hold (a tied embedding and head of a plain list or a split
         # module): tied like TiedLayerSpec where they span ranks, or refused below.
         self._shared = shared_parameter_uses(self._layers, self._meta)
+        self.parallel_config = replace(self.parallel_config, shared_parameters=bool(self._shared))
+        self.parallel_config.check()
         if dims.tensor_parallel is not None:
             check_tied_layers_whole(self._layers, self._meta, dims)
         # Layer outputs a tp rank holds split along the sequence: the boundaries after them
@@ -223,6 +228,13 @@ class Pipeline:
                 compile_layers=self.runtime_options.compile,
             )
         self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
+        self.sharding: FullSharding | None = (
+            FullSharding(self.stages, dims.data_parallel_group, self.device)
+            if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
+            else None
+        )
+        """With `ParallelOptions(shard="full")`: this rank's stages sharded over "dp" (FSDP2),
+        gathered and freed by the schedule (runtime/parallel/full_shard.py); else None."""
         self.compute_dtype = COMPUTE_DTYPES[self.runtime_options.precision]
         """The autocast dtype of each stage's forward and of floating boundaries (None: fp32)."""
         for stage in self.stages:
@@ -305,7 +317,19 @@ class Pipeline:
         )
         """Gathers each step's measurements into `last_step` (with `RuntimeOptions.record_timeline`)."""
         self._data_parallel = dims.data_parallel(
-            self.device, self._watchdog, list(self.parameters()), self.schedule.name
+            self.device, self._watchdog, list(self.parameters()), self.schedule.name,
+            reduced_in_schedule=self.sharding is not None,
+            stage_params=(
+                {stage.index: stage.parameters for stage in self.stages}
+                if self.parallel_options.overlap_reduction
+                else None
+            ),
+        )
+        data_parallel = self._data_parallel
+        self._stage_hooks: StageHooks | None = (
+            self.sharding
+            if self.sharding is not None
+            else data_parallel if data_parallel is not None and data_parallel.overlaps else None
         )
         self.loss_scale = new_loss_scale(self.runtime_options, self.dims, self._watchdog)
         """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
@@ -325,6 +349,7 @@ class Pipeline:
                 counter=counter,
                 step_fn=self._stash_step if stepping else None,
                 progress=self.progress,
+                stage_hooks=self._stage_hooks,
             )
 
         self._new_executor = executor
@@ -515,6 +540,7 @@ class Pipeline:
             not_counted=not_counted(self.tied.groups, self.rank),
             tp_group=tp_group,
             tp_rank=0 if tp_group is None else dist.get_rank(tp_group),
+            shard_group=self.data_parallel_group if self.sharding is not None else None,
             collectives=self.collectives,
             watchdog=self._watchdog,
         )
@@ -653,7 +679,12 @@ class Pipeline:
             data_parallel=self._data_parallel, watchdog=self._watchdog,
         )
         try:
-            return forward_only.run(inputs, targets)
+            if self.sharding is None:
+                return forward_only.run(inputs, targets)
+            self.sharding.gather_all()  # the forward needs every stage's whole weights
+            loss = forward_only.run(inputs, targets)
+            self.sharding.free_all()
+            return loss
         except PeerFailure as error:
             self._broken = str(error)
             raise
@@ -741,10 +772,17 @@ class Pipeline:
             or self._num_steps_run % self.runtime_options.count_memory_every == 0
         )
         self._num_steps_run += 1
+        seed = 1.0 if scaler is None else scaler.scale
+        if data_parallel is not None:
+            data_parallel.begin_step(batch_size)
+        if self.sharding is not None and data_parallel is not None:
+            # The reduce-scatters run inside the schedule, before the losses are agreed: each
+            # replica's backward starts weighted by its share of the global rows, and they sum.
+            seed = data_parallel.weight_of(batch_size)
         record = self._executor.run(
             StepInputs(
                 batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],
-                loss_scale=1.0 if scaler is None else scaler.scale,
+                loss_scale=seed,
             ),
             count_memory=count_memory,
         )

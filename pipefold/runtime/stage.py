@@ -74,6 +74,8 @@ class Stage:
                     seen.add(id(param))
                     params.append(param)
         self.parameters: tuple[nn.Parameter, ...] = tuple(params)
+        """The stage's parameters as its layers hold them now (full sharding swaps in the
+        gathered ones for a step: runtime/parallel/full_shard.py refreshes this)."""
         self.modules = tuple(modules)
         self.module: nn.Module = _Chain(self, modules)
         self.stash: WeightStash | None = None

@@ -88,11 +88,21 @@ class StepGradients:
             if bad:
                 logger.warning("non-finite loss in micro-batches %s: this step's gradients were skipped", bad)
         else:
-            self._tied.sum(self._tied_before)
-            if data_parallel is not None:
-                data_parallel.average_gradients(weight if scaler is None else weight / scaler.scale)
-            elif scaler is not None:
-                scaler.unscale_and_add_back(params)
+            weight = weight if scaler is None else weight / scaler.scale
+            if data_parallel is not None and data_parallel.in_flight:
+                # Overlapped: the replicas' sums of this step's gradients (each stage's started
+                # after its last backward) land first, then the tied owners sum those; both
+                # are sums, so the order does not change the result.
+                data_parallel.reduce_gradients(weight)
+                self._tied.sum(self._tied_before)
+                data_parallel.add_back_set_aside()
+            elif data_parallel is not None:
+                self._tied.sum(self._tied_before)
+                data_parallel.average_gradients(weight)
+            else:
+                self._tied.sum(self._tied_before)
+                if scaler is not None:
+                    scaler.unscale_and_add_back(params)
         if scaler is not None:
             scaler.update(overflow)
         return bad

@@ -21,8 +21,16 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
-from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
-from pipefold.runtime.parallel.data_parallel import _buckets, split_mesh
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    TransportOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
 
 
 def _pool(world_size):
@@ -75,6 +83,7 @@ def dp_exact(
     shared_memory=True,
     bucket_bytes=None,
     num_steps=2,
+    overlap=True,
 ):
     """Each replica steps on its contiguous rows of a `rows`-row global batch (uneven when
     `rows` does not divide); loss and gradients equal the reference on the whole batch."""
@@ -89,13 +98,20 @@ def dp_exact(
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
         layout=LayoutOptions(seed=7),
-        parallel=ParallelOptions(process_group=process_group, data_parallel_group=data_parallel_group),
+        parallel=ParallelOptions(
+            process_group=process_group, data_parallel_group=data_parallel_group, overlap_reduction=overlap
+        ),
         runtime=RuntimeOptions(timeout_s=60),
         transport=TransportOptions(shared_memory=shared_memory),
     )
     if bucket_bytes is not None:  # tiny buckets: several all-reduces per step
         data_parallel = pipe.data_parallel
         data_parallel._buckets = _buckets(data_parallel._params, bucket_bytes)
+        if overlap:
+            stages = {stage.index: stage.parameters for stage in pipe.stages}
+            data_parallel._stage_buckets = _by_stage(data_parallel._params, stages, bucket_bytes)
+    # (A rank holding both ends of a tied embedding, zb-v's rank 0, reduces after the schedule.)
+    assert pipe.data_parallel is None or overlap or not pipe.data_parallel.overlaps
     reference = build_reference(build(), seed=7)
     losses = []
     for step in range(num_steps):
@@ -120,6 +136,7 @@ def dp_exact(
         "losses": losses,
         "names": names,
         "num_buckets": 0 if data_parallel is None else data_parallel.num_buckets,
+        "overlaps": data_parallel is not None and data_parallel.overlaps,
         "same_host_peers": [] if pipe.p2p is None else list(pipe.p2p.same_host_peers),
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
         "timeline_cores": pipe.last_timeline.meta.get("num_cores"),
@@ -222,6 +239,134 @@ def dp_failing():
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
 
 
+def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none"):
+    """Full sharding (FSDP2 per stage, driven by the schedule) at dp=2 x pp=2: two accumulated
+    steps give the reference's loss and every gradient; then AdamW steps give its weights.
+    Counts FSDP's real all-gathers and reduce-scatters per step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
+
+    counts = {"all_gather": 0, "reduce": 0}
+    originals = (fsdp_group.foreach_all_gather, fsdp_group.foreach_reduce)
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    fsdp_group.foreach_all_gather = counted("all_gather", originals[0])
+    fsdp_group.foreach_reduce = counted("reduce", originals[1])
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        loss_fn = _loss_fn("mlp")
+        pipe = Pipeline(
+            mlp(), loss_fn=loss_fn, schedule=schedule, num_microbatches=num_microbatches,
+            num_virtual=num_virtual, layout=LayoutOptions(seed=7, recompute=recompute),
+            parallel=ParallelOptions(process_group=mesh, shard="full"),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        reference = build_reference(mlp(), seed=7)
+        reference_params = dict(reference.named_parameters())
+        per_step = []
+
+        def step(seed):
+            inputs, targets = _batch("mlp", rows, seed=seed)
+            shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+            before = dict(counts)
+            loss = pipe.step(inputs[shard], targets[shard])
+            per_step.append({k: counts[k] - before[k] for k in counts})
+            expected = loss_fn(reference(inputs), targets)
+            expected.backward()
+            torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+
+        for seed in range(2):  # accumulated: no zeroing in between
+            step(seed)
+        at_rest = {}
+        for name, param in pipe.named_parameters():
+            # At rest each replica holds its half of every weight and gradient (Shard(0) over "dp").
+            at_rest[name] = (param.to_local().numel(), param.numel())
+            torch.testing.assert_close(param.grad.full_tensor(), reference_params[name].grad,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        # The norm of gradients split over the replicas (and the pipeline) is the whole model's.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        assert abs(pipe.gradient_scope().total_norm() - norm.item()) < 1e-5 * norm.item()
+        optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+        expected_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01)
+        optimizer.zero_grad(set_to_none=True)
+        expected_optimizer.zero_grad(set_to_none=True)
+        for seed in range(2, 2 + adam_steps):
+            step(seed)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            expected_optimizer.step()
+            expected_optimizer.zero_grad(set_to_none=True)
+        for name, param in pipe.named_parameters():
+            torch.testing.assert_close(param.full_tensor(), reference_params[name].detach(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        state = sum(v.to_local().numel() for st in optimizer.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return {
+            "rank": pipe.rank,
+            "dp_rank": pipe.data_parallel_rank,
+            "per_step": per_step,
+            "num_stages": len(pipe.sharding.stages),
+            "gathers": pipe.sharding.num_gathers,
+            "at_rest": at_rest,
+            "state_numel": state,
+        }
+    finally:
+        fsdp_group.foreach_all_gather, fsdp_group.foreach_reduce = originals
+
+
+def fsdp_checkpoint(*, directory):
+    """Two AdamW steps fully sharded, saved; loaded fully sharded at dp=2 x pp=2 and into 4 pipeline
+    ranks without replicas, one more step of each equals one process's third step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def pipeline(shape, names, shard):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        return Pipeline(
+            mlp(), loss_fn=_loss_fn("mlp"), schedule="1f1b", num_microbatches=2, layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(process_group=mesh, shard=shard), runtime=RuntimeOptions(timeout_s=60),
+        )
+
+    def train(pipe, optimizer, seeds):
+        for seed in seeds:
+            inputs, targets = _batch("mlp", 8, seed=seed)
+            shard = torch.arange(8).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+            pipe.step(inputs[shard], targets[shard])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    reference = build_reference(mlp(), seed=7)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    for seed in range(3):
+        inputs, targets = _batch("mlp", 8, seed=seed)
+        _loss_fn("mlp")(reference(inputs), targets).backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+    expected = dict(reference.named_parameters())
+
+    pipe = pipeline((2, 2), ("dp", "pp"), "full")
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+    train(pipe, optimizer, range(2))
+    save_checkpoint(pipe, directory, optimizer=optimizer, step=2)
+    names = sorted(pipe.state_dict())
+    results = {}
+    for what, shape, dims, shard in (("sharded", (2, 2), ("dp", "pp"), "full"), ("plain", (4,), ("pp",), "replicate")):
+        again = pipeline(shape, dims, shard)
+        optimizer = torch.optim.AdamW(again.parameters(), lr=0.01)
+        load_checkpoint(again, directory, optimizer=optimizer)
+        train(again, optimizer, [2])
+        for name, param in again.named_parameters():
+            value = param.full_tensor() if shard == "full" else param.detach()
+            torch.testing.assert_close(value, expected[name].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name, w=what: f"{w} {n}: {m}")
+        results[what] = again.rank
+    return {"names": names, **results}
+
+
 # -- single process ---------------------------------------------------------------------------------
 
 
@@ -233,6 +378,29 @@ def test_buckets_split_by_size_and_dtype():
     assert [[p.numel() for p in b.params] for b in buckets] == [[4, 4], [4], [3], [10], [2]]
     assert [b.num_bytes for b in buckets] == [32, 16, 24, 40, 8]
     assert [p for b in buckets for p in b.params] == params
+
+
+def test_stage_hooks_sit_at_each_stages_first_forward_and_last_backward():
+    from pipefold.runtime.executor import first_forward_and_last_backward
+    from pipefold.schedule import build, lower
+
+    program = lower(build("zb-v", num_ranks=2, num_microbatches=3))
+    actions = program.instructions[0]  # stages 0 and 3
+    firsts, lasts = first_forward_and_last_backward(actions, [0, 3])
+    for stage in (0, 3):
+        mine = [i for i, a in enumerate(actions) if a.stage == stage and a.op.is_compute]
+        assert firsts[stage] == min(i for i in mine if actions[i].op.name == "F")
+        assert lasts[stage] == max(i for i in mine if actions[i].op.name in ("B", "W"))
+        assert actions[lasts[stage]].microbatch is not None
+
+
+def test_overlapped_buckets_follow_the_stages_unless_a_parameter_is_shared():
+    a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    by_stage = _by_stage([a, b, c], {0: [a, b], 2: [c]}, 1 << 20)
+    assert {s: [bucket.params for bucket in buckets] for s, buckets in by_stage.items()} == {
+        0: [(a, b)], 2: [(c,)]
+    }
+    assert _by_stage([a, b, c], {0: [a, b], 2: [b, c]}, 1 << 20) == {}  # b is complete after both
 
 
 @pytest.mark.parametrize(
@@ -301,6 +469,8 @@ def test_dp2_by_pp2_equals_one_process_on_the_global_batch(pool4, schedule, num_
     )
     _check(results, num_dp=2, num_pp=2)
     assert [r["dp_rank"] for r in results] == [0, 0, 1, 1]
+    if model == "mlp":  # each stage's all-reduce starts after its last backward, inside the schedule
+        assert all(r["overlaps"] for r in results)
     assert [r["same_host_peers"] for r in results] == [[1], [0], [1], [0]]
     # The other replica computes beside each pipeline: its timeline records the pipeline's
     # share of the host's cores, which is what the simulator replays ([Note: shared cores]).
@@ -343,9 +513,12 @@ def test_explicit_data_parallel_group(pool4):
 
 
 @pytest.mark.multiprocess
-def test_many_buckets(pool4):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_many_buckets(pool4, overlap):
+    # Overlapped: each stage's buckets all-reduced after its last backward; else after the schedule.
     results = pool4.run(
-        "dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", bucket_bytes=200
+        "dp_exact", schedule="1f1b", num_microbatches=2, model="transformer", bucket_bytes=200,
+        overlap=overlap,
     )
     _check(results, num_dp=2, num_pp=2)
     assert all(r["num_buckets"] > 3 for r in results), [r["num_buckets"] for r in results]
@@ -405,3 +578,46 @@ def test_a_failing_replica_stops_every_rank():
         assert results[rank]["peer_failure"], results[rank]
         assert "data-parallel replica 1" in results[rank]["message"]
         assert results[rank]["elapsed"] < 50
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "num_virtual", "rows", "recompute"),
+    [
+        ("1f1b", None, 12, "none"),
+        ("zb-h1", None, 9, "none"),
+        ("zb-h1", None, 12, "full"),
+        ("interleaved-1f1b", 2, 12, "none"),
+        ("zb-v", None, 12, "none"),
+    ],
+)
+def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
+    pool4, schedule, num_virtual, rows, recompute
+):
+    # rows=9: replica 0 steps on 5 rows, replica 1 on 4; the sum is still the global-batch mean.
+    # recompute="full": the backward's recomputed forward runs on the weights gathered for the step.
+    results = pool4.run(
+        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute
+    )
+    for result in results:
+        stages = result["num_stages"]
+        assert stages == (2 if num_virtual or schedule == "zb-v" else 1)
+        # One all-gather and one reduce-scatter per stage per step, not per micro-batch (3).
+        assert result["per_step"] == [{"all_gather": stages, "reduce": stages}] * 4, result["per_step"]
+        assert result["gathers"] == 4 * stages
+        # AdamW's two moments over this rank's halves only.
+        assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
+    for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
+        pair = [r["at_rest"] for r in results if r["rank"] == rank]
+        for name, (local, whole) in pair[0].items():
+            assert local + pair[1][name][0] == whole and local < whole, name
+
+
+@pytest.mark.multiprocess
+def test_a_fully_sharded_checkpoint_resumes_sharded_or_plain(pool4, tmp_path):
+    results = pool4.run("fsdp_checkpoint", directory=str(tmp_path / "ckpt"))
+    assert sorted(r["plain"] for r in results) == [0, 1, 2, 3]
+    # Gathered state dict names are the unsharded model's ("0.fc.weight", ...), no FSDP prefix.
+    reference = set(build_reference(mlp(), seed=7).state_dict())
+    assert set(results[0]["names"]) | set(results[1]["names"]) == reference
+

@@ -13,7 +13,7 @@ Design notes: docs/decisions.md, "data-parallel gradients".
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,27 @@ def _buckets(params: Iterable[nn.Parameter], bucket_bytes: int) -> tuple[_Bucket
     return tuple(result)
 
 
+def _by_stage(
+    params: Sequence[nn.Parameter], stage_params: Mapping[int, Sequence[nn.Parameter]], bucket_bytes: int
+) -> dict[int, tuple[_Bucket, ...]]:
+    """Each stage's buckets (its parameters in `params` order), or {} where the stages do not
+    partition `params` exactly (a parameter two local stages share is complete only after both)."""
+    owner: dict[int, int] = {}
+    for stage, held in stage_params.items():
+        for param in held:
+            if param.requires_grad:
+                if id(param) in owner and owner[id(param)] != stage:
+                    return {}
+                owner[id(param)] = stage
+    if set(owner) != {id(p) for p in params}:
+        return {}
+    return {
+        stage: buckets
+        for stage in stage_params
+        if (buckets := _buckets([p for p in params if owner[id(p)] == stage], bucket_bytes))
+    }
+
+
 class DataParallel:
     """Averages each step's gradient contribution over the replicas of a data-parallel group.
 
@@ -130,15 +151,26 @@ class DataParallel:
         params: Sequence[nn.Parameter],
         *,
         bucket_bytes: int = BUCKET_BYTES,
+        reduced_in_schedule: bool = False,
+        stage_params: Mapping[int, Sequence[nn.Parameter]] | None = None,
     ) -> None:
         self._group = group
         self._watchdog = watchdog
         self._collectives = Collectives(group, dist.get_process_group_ranks(group), device, watchdog)
+        self._collectives_device = device
         self.rank = dist.get_rank(group)
         self.num_replicas = dist.get_world_size(group)
         self._params = tuple(p for p in params if p.requires_grad)
-        self._buckets = _buckets(self._params, bucket_bytes)
+        # Under full sharding the schedule reduce-scatters every gradient itself (full_shard.py):
+        # nothing is left to all-reduce, but a step's contribution is still set aside and added
+        # back (or dropped) here.
+        self._buckets = () if reduced_in_schedule else _buckets(self._params, bucket_bytes)
         self._set_aside: list[Tensor | None] | None = None
+        self._stage_buckets = (
+            {} if reduced_in_schedule or stage_params is None else _by_stage(self._params, stage_params, bucket_bytes)
+        )
+        self._rows = 0.0
+        self._in_flight: list[tuple[_Bucket, Tensor, dist.Work | None]] = []
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -147,7 +179,41 @@ class DataParallel:
 
     @property
     def num_buckets(self) -> int:
+        """All-reduces per step (per stage's buckets when overlapped)."""
+        if self._stage_buckets:
+            return sum(len(buckets) for buckets in self._stage_buckets.values())
         return len(self._buckets)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether each stage's gradients are all-reduced as soon as its last backward of the
+        step is done (`after_last_backward`), overlapping the rest of the schedule."""
+        return bool(self._stage_buckets)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The stages whose gradients `after_last_backward` reduces (the executor's `StageHooks`)."""
+        return tuple(self._stage_buckets)
+
+    def begin_step(self, rows: int) -> None:
+        """A step on `rows` local rows starts: the overlapped all-reduces sum `rows` x this
+        step's gradients (the global row count is known only after the schedule)."""
+        self._rows = float(rows)
+        self._in_flight = []
+
+    def before_first_forward(self, stage: int) -> None:
+        """Nothing: replicated weights are always whole."""
+
+    def after_last_backward(self, stage: int) -> None:
+        """Start the all-reduce of `stage`'s gradients of this step (its last B or W ran)."""
+        for bucket in self._stage_buckets[stage]:
+            self._in_flight.append(self._start(bucket, self._rows))
+
+    def _start(self, bucket: _Bucket, factor: float) -> tuple[_Bucket, Tensor, dist.Work | None]:
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in bucket.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat.mul_(factor)
+        return bucket, flat, dist.all_reduce(flat, group=self._group, async_op=True)
 
     def check_replicas_agree(self, pipeline_rank: int, num_pipeline_ranks: int, schedule: str) -> None:
         """Refuse (on every rank alike) replicas whose stages or parameters differ: their
@@ -172,6 +238,8 @@ class DataParallel:
 
     def restore_set_aside(self) -> None:
         """Drop this step's contribution: the gradients are what they were before the step."""
+        self._wait(self._in_flight)  # every replica started them: finish, then drop the sums
+        self._in_flight = []
         if self._set_aside is None:
             return
         for param, previous in zip(self._params, self._set_aside, strict=True):
@@ -187,23 +255,45 @@ class DataParallel:
         total_rows = float(packed[-1].item())
         return (packed[:-1] / total_rows).to(losses.dtype), rows / total_rows
 
-    def average_gradients(self, weight: float) -> None:
-        """Sum `weight` x this step's gradients over the replicas; add back what was set aside."""
-        pending: list[tuple[_Bucket, Tensor, dist.Work | None]] = []
-        for bucket in self._buckets:
-            grads = [
-                local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in bucket.params
-            ]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat.mul_(weight)
-            pending.append((bucket, flat, dist.all_reduce(flat, group=self._group, async_op=True)))
-        for index, (bucket, flat, work) in enumerate(pending):
+    def _wait(self, pending: Sequence[tuple[_Bucket, Tensor, dist.Work | None]]) -> None:
+        for index, (_, _, work) in enumerate(pending):
             if work is not None:
                 self._watchdog.wait(
                     work,
                     what=f"data-parallel gradient all-reduce (bucket {index} of {len(pending)})",
                     peer=None,
                 )
+
+    def weight_of(self, rows: int) -> float:
+        """This replica's share of the global batch, `rows / global rows` (a collective over
+        "dp", for schedules that reduce gradients before the losses are agreed)."""
+        count = torch.tensor([float(rows)], dtype=torch.float64, device=self._collectives_device)
+        self._collectives.all_reduce_sum(count, what="data-parallel row count all-reduce")
+        return rows / float(count.item())
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether this step's all-reduces were started during the schedule (overlapped)."""
+        return bool(self._in_flight)
+
+    def average_gradients(self, weight: float) -> None:
+        """Sum `weight` x this step's gradients over the replicas; add back what was set aside."""
+        self.reduce_gradients(weight)
+        self.add_back_set_aside()
+
+    def reduce_gradients(self, weight: float) -> None:
+        """`.grad` = the sum over the replicas of `weight` x this step's gradient."""
+        if self._in_flight:
+            # Started during the schedule, each summing rows x gradients: now divide by the rows.
+            pending, self._in_flight = self._in_flight, []
+            after = weight / self._rows
+        else:
+            pending = [self._start(bucket, weight) for bucket in self._buckets]
+            after = 1.0
+        self._wait(pending)
+        for bucket, flat, _ in pending:
+            if after != 1.0:
+                flat.mul_(after)
             offset = 0
             for param in bucket.params:
                 shard = local(param)
@@ -217,6 +307,9 @@ class DataParallel:
                     local(param.grad).copy_(averaged)
                 else:
                     param.grad = averaged
+
+    def add_back_set_aside(self) -> None:
+        """Add what the gradients held before the step to this step's (averaged) contribution."""
         set_aside = self._set_aside
         self._set_aside = None
         if set_aside is None:

@@ -158,12 +158,18 @@ class ParallelDims:
         watchdog: Watchdog,
         params: Sequence[nn.Parameter],
         schedule_name: str,
+        *,
+        reduced_in_schedule: bool = False,
+        stage_params: Mapping[int, Sequence[nn.Parameter]] | None = None,
     ) -> DataParallel | None:
         """The gradient averaging over the replicas, checked to hold the same stages on each
         (a collective over "dp"); None without data parallelism."""
         if self.data_parallel_group is None:
             return None
-        data_parallel = DataParallel(self.data_parallel_group, device, watchdog, params)
+        data_parallel = DataParallel(
+            self.data_parallel_group, device, watchdog, params, reduced_in_schedule=reduced_in_schedule,
+            stage_params=stage_params,
+        )
         data_parallel.check_replicas_agree(self.rank, self.num_ranks, schedule_name)
         return data_parallel
 

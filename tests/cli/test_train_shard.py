@@ -1,0 +1,47 @@
+"""`pipefold train --shard {replicate,zero1,full}`: the flag reaches the job, full sharding trains
+as the whole model does and each replica holds half of the weights and AdamW's state."""
+
+import json
+
+import pytest
+
+from pipefold.cli.main import main
+from pipefold.errors import ConfigError
+from pipefold.job.config import load_config
+
+_TINY = (
+    "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+    "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
+    "--set", "sample_tokens=0", "--device", "cpu", "--ranks", "1", "--set", "model.tie_embeddings=false",
+)
+
+
+def test_shard_is_a_config_field_and_zero_stays_its_alias():
+    assert load_config(overrides={"schedule.shard": "zero1", "schedule.data_parallel": 2}).schedule.shard == "zero1"
+    with pytest.raises(ConfigError, match=r"schedule.shard='full' is not allowed: .*\(schedule.data_parallel=1\)"):
+        load_config(overrides={"schedule.shard": "full"})
+    with pytest.raises(ConfigError, match=r"schedule.shard='full' is not allowed: .*model.tie_embeddings=False"):
+        load_config(overrides={"schedule.shard": "full", "schedule.data_parallel": 2})
+    with pytest.raises(ConfigError, match=r"full sharding already shards the optimizer state .*; drop optimizer.zero"):
+        load_config(overrides={
+            "schedule.shard": "full", "schedule.data_parallel": 2, "optimizer.zero": True,
+            "model.tie_embeddings": False,
+        })
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_train_fully_sharded_trains_as_one_process_on_half_the_memory(tmp_path, capfd):
+    summaries = {}
+    for name, extra in {"one": [], "full": ["--data-parallel", "2", "--shard", "full"]}.items():
+        out = tmp_path / name
+        assert main([*_TINY, *extra, "--out", str(out)]) == 0, capfd.readouterr().err
+        summaries[name] = json.loads((out / "summary.json").read_text())
+    assert summaries["full"]["config"]["schedule"]["shard"] == "full"
+    assert summaries["full"]["losses"] == pytest.approx(summaries["one"]["losses"], rel=1e-4)
+    whole = summaries["one"]["memory"][0]
+    halves = [m for m in summaries["full"]["memory"]]
+    assert len(halves) == 2
+    for key in ("weights", "optimizer"):
+        # Each replica holds its half (Shard(0) rows: within a few rows of exactly half).
+        assert sum(m[key] for m in halves) == whole[key] and all(m[key] < 0.6 * whole[key] for m in halves)
