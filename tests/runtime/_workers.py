@@ -111,29 +111,36 @@ class WorkerPool:
     def __init__(self, world_size: int, cases: str = "_cases") -> None:
         self.world_size = world_size
         self.cases = cases
-        if world_size not in _SHARED:
-            _SHARED[world_size] = _Ranks(world_size)
-        self._ranks = _SHARED[world_size]
+        _ = self._ranks  # start them now: a module's first case should not pay for it in its timeout
 
-    def _send(self, case: str, kwargs: dict[str, Any]) -> None:
-        for tasks in self._ranks.tasks:
+    @property
+    def _ranks(self) -> _Ranks:
+        # Looked up at every use: another handle may have killed the ranks (close(force=True))
+        # since, and then this one starts fresh ones.
+        if self.world_size not in _SHARED:
+            _SHARED[self.world_size] = _Ranks(self.world_size)
+        return _SHARED[self.world_size]
+
+    def _send(self, ranks: _Ranks, case: str, kwargs: dict[str, Any]) -> None:
+        for tasks in ranks.tasks:
             tasks.put((self.cases, case, kwargs))
 
     def _discard(self) -> None:
         # Ranks that timed out may still answer later, or wait in a collective forever: nothing
         # after this may read their queue.
-        if _SHARED.get(self.world_size) is self._ranks:
-            del _SHARED[self.world_size]
-        self._ranks.stop(force=True)
+        ranks = _SHARED.pop(self.world_size, None)
+        if ranks is not None:
+            ranks.stop(force=True)
 
     def run(self, case: str, *, timeout_s: float = 120.0, **kwargs: Any) -> list[Any]:
         """Run `<cases>.<case>(**kwargs)` on every rank; results in rank order."""
-        self._send(case, kwargs)
+        ranks = self._ranks
+        self._send(ranks, case, kwargs)
         results: dict[int, Any] = {}
         failures = []
         for _ in range(self.world_size):
             try:
-                rank, ok, value = self._ranks.results.get(timeout=timeout_s)
+                rank, ok, value = ranks.results.get(timeout=timeout_s)
             except queue.Empty:
                 self._discard()
                 raise TimeoutError(
@@ -155,11 +162,12 @@ class WorkerPool:
 
         The pool is left for `close(force=True)`: its other ranks' state is unknown.
         """
-        self._send(case, kwargs)
+        workers = self._ranks
+        self._send(workers, case, kwargs)
         results: dict[int, Any] = {}
         while not set(ranks) <= set(results):
             try:
-                rank, ok, value = self._ranks.results.get(timeout=timeout_s)
+                rank, ok, value = workers.results.get(timeout=timeout_s)
             except queue.Empty:
                 self._discard()
                 raise TimeoutError(
