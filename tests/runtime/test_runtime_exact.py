@@ -109,17 +109,26 @@ def test_a_split_hugging_face_llama_over_four_ranks(pool4, schedule, num_virtual
     assert all(r["state_keys"] for r in results), "a rank holds no layer"
 
 
+TIED_SPLITS = [
+    ("gpt2", "interleaved-1f1b", 2, {(0, 3)}),
+    ("gpt2", "zb-v", None, set()),
+    ("gpt2", "dualpipe-v", None, set()),
+    ("natural", "interleaved-1f1b", 2, {(0, 3)}),
+    ("natural", "zb-v", None, set()),
+    ("natural", "dualpipe-v", None, set()),
+]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("model", "schedule", "num_virtual", "tied"),
-    [("gpt2", "interleaved-1f1b", 2, {(0, 3)}), ("natural", "dualpipe-v", None, set())],
-    ids=["gpt2-interleaved", "natural-dualpipe-v"],
+    ("model", "schedule", "num_virtual", "tied"), TIED_SPLITS, ids=[f"{m}-{s}" for m, s, _, _ in TIED_SPLITS]
 )
 def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, schedule, num_virtual, tied):
-    """GPT-2 (Hugging Face, tied head) under interleaved 1F1B and the natural transformer under
-    the V placement, 6 blocks (8 layers, one per stage) on 4 ranks: the embedding and the head
-    are on stages 0 and 7, ranks 0 and 3 interleaved (tied across them) and rank 0 twice in the
-    V; loss, every gradient and after 3 SGD steps every weight equal one process's."""
+    """GPT-2 (Hugging Face, tied head) and the natural transformer (head sharing the embedding's
+    weight) under interleaved 1F1B and the V placement (zb-v, dualpipe-v), 6 blocks (8 layers, one
+    per stage) on 4 ranks: the embedding and the head are on stages 0 and 7, ranks 0 and 3
+    interleaved (tied across them) and rank 0 twice in the V; loss, every gradient and after 3
+    SGD steps every weight equal one process's."""
     results = pool4.run("split_exact", model=model, schedule=schedule, num_virtual=num_virtual, num_blocks=6)
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == tied
