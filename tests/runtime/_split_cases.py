@@ -20,7 +20,7 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import split
 from pipefold.model.build import materialize
-from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
+from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions, hf_tensor_parallel_plan
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
 
@@ -188,3 +188,49 @@ def refused() -> dict[str, str]:
         messages["tensor parallel"] = str(error)
     return messages
 
+
+
+def tensor_parallel_exact(
+    *, schedule: str, num_virtual: int | None = None, num_steps: int = 2
+) -> dict[str, Any]:
+    """A Hugging Face Llama (4 heads, 2 key/value heads, 4 blocks) cut by `pipefold.split`, at
+    pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the unsplit module on one process: the
+    loss of each step and every gradient (gathered whole), accumulated over the steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    module = llama_model(4, num_heads=4, num_kv_heads=2)
+    reference = copy.deepcopy(module)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    pipe = Pipeline(
+        split(module, example_inputs=(_batch(HF_VOCAB, 0)[0],)), loss_fn=_loss_fn, schedule=schedule,
+        num_microbatches=4, num_virtual=num_virtual,
+        parallel=ParallelOptions(process_group=mesh, tensor_parallel=hf_tensor_parallel_plan()),
+        runtime=RuntimeOptions(timeout_s=60),
+    )
+    losses = []
+    for step in range(num_steps):
+        inputs, targets = _batch(HF_VOCAB, step)
+        loss = pipe.step(inputs, targets)
+        expected = _loss_fn(reference(inputs, use_cache=False).logits, targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        losses.append(loss)
+    reference_params = dict(reference.named_parameters())
+    sharded, q_proj_shards = [], []
+    for name, param in pipe.named_parameters():
+        grad = param.grad
+        assert grad is not None, f"{name} has no gradient"
+        if isinstance(param, DTensor):
+            sharded.append(name)
+            assert isinstance(grad, DTensor)
+            halved = grad.to_local().numel() * 2 == reference_params[name].numel()
+            assert halved or all(placement.is_replicate() for placement in param.placements), name
+            grad = grad.full_tensor()
+        torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    for layer in pipe.local_modules.values():
+        for path, sub in layer.named_modules():
+            if path.endswith("self_attn"):
+                q_proj_shards.append(tuple(sub.q_proj.weight.to_local().shape))
+    return {"losses": losses, "sharded": sharded, "q_proj_shards": q_proj_shards}

@@ -136,6 +136,22 @@ def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, 
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
+def test_a_split_hugging_face_llama_at_pp2_by_tp2(pool4, schedule):
+    """hf_tensor_parallel_plan on a Llama cut by pipefold.split (pp=2 x tp=2): each tp rank holds
+    2 of the 4 query heads, 1 of the 2 key/value heads and half of the gated MLP; the loss and
+    every gradient equal the unsplit module's (zb-v: W computes the sharded weights' gradients)."""
+    results = pool4.run("split_tp_exact", schedule=schedule)
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    sharded = sorted({name for r in results for name in r["sharded"]})
+    parts = ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+             "self_attn.q_proj", "self_attn.v_proj")
+    assert sharded == [f"model.layers.{i}.{part}.weight" for i in range(4) for part in parts]
+    # q_proj: 2 heads of 4 features per rank, of the 16 inputs.
+    assert {shape for r in results for shape in r["q_proj_shards"]} == {(8, 16)}
+
+
+@pytest.mark.multiprocess
 def test_device_mesh_pp_dim(pool2):
     results = pool2.run("exact", schedule="1f1b", num_microbatches=3, model="transformer", mesh=(2,))
     _check(results, 2)

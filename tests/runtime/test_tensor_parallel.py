@@ -25,7 +25,6 @@ from pipefold.runtime import (
     Pipeline,
     RuntimeOptions,
     gpt_tensor_parallel_plan,
-    hf_tensor_parallel_plan,
 )
 from pipefold.runtime.parallel.tensor_parallel import check_plan, is_sharded, local, plan_for
 
@@ -178,67 +177,6 @@ def tp_exact(
         "num_timeline_ranks": pipe.last_timeline.num_ranks,
         "input_shapes": seen,
     }
-
-
-def hf_tp_exact(*, schedule, num_virtual=None, num_steps=2):
-    """A Hugging Face Llama (4 heads, 2 key/value heads, 4 blocks) cut by `pipefold.split`, at
-    pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the unsplit module on one process: the
-    loss of each step and every gradient (gathered whole), accumulated over the steps."""
-    import copy
-    import sys
-    from pathlib import Path
-
-    from torch.distributed.tensor import DTensor
-
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
-    from model.split_models import HF_VOCAB, llama_model
-
-    from pipefold.model import split
-
-    torch.manual_seed(0)
-    module = llama_model(4, num_heads=4, num_kv_heads=2)
-    reference = copy.deepcopy(module)
-    mesh = _mesh()
-    generator = torch.Generator().manual_seed(5)
-    batches = [
-        (torch.randint(0, HF_VOCAB, (8, SEQ), generator=generator),
-         torch.randint(0, HF_VOCAB, (8, SEQ), generator=generator))
-        for _ in range(num_steps)
-    ]
-    pipe = Pipeline(
-        split(module, example_inputs=(batches[0][0],)),
-        loss_fn=lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten()),
-        schedule=schedule,
-        num_microbatches=4,
-        num_virtual=num_virtual,
-        parallel=ParallelOptions(process_group=mesh, tensor_parallel=hf_tensor_parallel_plan()),
-        runtime=RuntimeOptions(timeout_s=60),
-    )
-    losses = []
-    for inputs, targets in batches:
-        loss = pipe.step(inputs, targets)
-        logits = reference(inputs, use_cache=False).logits
-        expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        expected.backward()
-        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
-        losses.append(loss)
-    reference_params = dict(reference.named_parameters())
-    sharded, local_heads = [], []
-    for name, param in pipe.named_parameters():
-        grad = param.grad
-        assert grad is not None, f"{name} has no gradient"
-        if isinstance(param, DTensor):
-            sharded.append(name)
-            assert grad.to_local().numel() * 2 == reference_params[name].numel() or all(
-                placement.is_replicate() for placement in param.placements
-            ), name
-            grad = grad.full_tensor()
-        torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
-    for layer in pipe.local_modules.values():
-        for path, sub in layer.named_modules():
-            if path.endswith("self_attn"):
-                local_heads.append(tuple(sub.q_proj.weight.to_local().shape))
-    return {"losses": losses, "sharded": sharded, "q_proj_shards": local_heads}
 
 
 def tp_weight_bytes(*, partition):
@@ -511,22 +449,6 @@ def test_plan_entries_apply_to_the_layers_that_have_those_submodules():
 
 
 # -- four ranks -------------------------------------------------------------------------------------
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "num_virtual"), [("1f1b", None), ("zb-v", None)])
-def test_a_split_hugging_face_llama_splits_by_heads_and_equals_one_process(pool4, schedule, num_virtual):
-    """hf_tensor_parallel_plan on a Llama cut by pipefold.split (pp=2 x tp=2): each tp rank holds
-    2 of the 4 query heads, 1 of the 2 key/value heads and half of the gated MLP; the loss and
-    every gradient equal the unsplit module's (zb-v: W computes the sharded weights' gradients)."""
-    results = pool4.run("hf_tp_exact", schedule=schedule, num_virtual=num_virtual)
-    assert all(r["losses"] == results[0]["losses"] for r in results)
-    sharded = sorted({name for r in results for name in r["sharded"]})
-    parts = ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-             "self_attn.q_proj", "self_attn.v_proj")
-    assert sharded == [f"model.layers.{i}.{part}.weight" for i in range(4) for part in parts]
-    # q_proj: 2 heads of 4 features per rank, of the 16 inputs.
-    assert {shape for r in results for shape in r["q_proj_shards"]} == {(8, 16)}
 
 
 @pytest.mark.multiprocess
