@@ -38,6 +38,11 @@ from model.split_models import (  # noqa: E402
 
 ROWS = 8
 
+HF_POINTS = {
+    # Cut through a graph capture: one cut inside a block, one before the final norm.
+    "gpt2-points": ["transformer.h.1", "transformer.h.2.mlp", "transformer.ln_f"],
+}
+
 
 def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
     """The module (built from seed 0, alike on every rank) and its vocabulary."""
@@ -46,9 +51,9 @@ def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
         return NaturalTransformer(num_blocks=num_blocks), VOCAB
     if model.startswith("skip"):
         return SkipTransformer(num_blocks=num_blocks), VOCAB
-    if model == "gpt2":
+    if model.startswith("gpt2"):
         return gpt2_model(num_blocks), HF_VOCAB
-    if model == "llama":
+    if model.startswith("llama"):
         return llama_model(num_blocks), HF_VOCAB
     raise ValueError(model)
 
@@ -127,7 +132,7 @@ def exact(
         reference = copy.deepcopy(module)
         # "skip": cut at named points (one inside a block) through a graph capture; "skip-blocks":
         # no points, the skip connection around the blocks sends it through the graph route too.
-        points = SKIP_POINTS if model == "skip" else None
+        points = SKIP_POINTS if model == "skip" else HF_POINTS.get(model)
         layers = split(module, split_points=points, example_inputs=(_batch(vocab, 0)[0],))
         forward = reference if model in ("natural", "skip", "skip-blocks") else (lambda x: reference(x, use_cache=False).logits)
     pipe = Pipeline(

@@ -89,3 +89,11 @@ def test_gpt2_blocks_are_refused():
     assert plan_for(hf_tensor_parallel_plan(), 0, layers[0]) == {}
     with pytest.raises(ConfigError, match=r"layer 1 holds a GPT-2 attention .*Llama-family blocks only"):
         plan_for(hf_tensor_parallel_plan(), 1, layers[1])
+
+
+def test_pieces_cut_at_named_points_are_refused():
+    torch.manual_seed(0)
+    model = llama_model(2, num_heads=4, num_kv_heads=2)
+    layers = split(model, split_points=["model.layers.1"], example_inputs=(INPUTS,))
+    with pytest.raises(ConfigError, match=r"layer 0 is a piece cut at named points .*without split_points"):
+        plan_for(hf_tensor_parallel_plan(), 0, layers[0])

@@ -136,6 +136,18 @@ def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, 
 
 
 @pytest.mark.multiprocess
+def test_hugging_face_gpt2_cut_at_named_points_over_four_ranks(pool4):
+    """`split_points` on a Hugging Face GPT-2 of 3 blocks, cut before block 1, inside block 2 and
+    before the final norm (4 graph pieces, one per stage; one process checks Llama's too, in
+    tests/model/test_split_graph.py): the head tied to the embedding across ranks 0 and 3; loss,
+    every gradient and after 3 SGD steps every weight equal one process's under 1F1B."""
+    results = pool4.run("split_exact", model="gpt2-points", schedule="1f1b")
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == {(0, 3)}
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
 def test_a_split_hugging_face_llama_at_pp2_by_tp2(pool4, schedule):
     """hf_tensor_parallel_plan on a Llama cut by pipefold.split (pp=2 x tp=2): each tp rank holds

@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from pipefold.errors import ConfigError
+from pipefold.model.split_graph import GraphPiece
 from pipefold.model.zoo.gpt import DecoderBlock, PositionEmbedding
 from pipefold.runtime.parallel.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
@@ -171,6 +172,12 @@ def hf_tensor_parallel_plan() -> TensorParallelPlan:
                     "all queries, then all keys, then all values, so no column split gives a rank whole "
                     "heads); use tensor_parallel=None"
                 )
+        if entries and isinstance(module, GraphPiece):
+            raise ConfigError(
+                f"tensor_parallel: layer {index} is a piece cut at named points (split_points), which runs "
+                "the captured operations on the module's tensors, not its submodules, so a plan cannot "
+                "split them; split the model at its blocks (pipefold.split without split_points)"
+            )
         return entries or None
 
     return by_layer
