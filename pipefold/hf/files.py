@@ -38,7 +38,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 """config.json `model_type` -> the transformers class pipefold builds (decoder-only causal LMs
 whose forward is embeddings, a list of blocks, a final norm and a head)."""
 
-TENSOR_PARALLEL_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+TENSOR_PARALLEL_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
 """Families `pipefold.runtime.hf_tensor_parallel_plan` splits (`--tensor-parallel`)."""
 
 TOKENIZER_FILES = (

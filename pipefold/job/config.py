@@ -332,9 +332,9 @@ class TrainConfig:
                 files.model_type in TENSOR_PARALLEL_FAMILIES,
                 "schedule.tensor_parallel",
                 tp,
-                f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models (GPT-2's "
-                "fused c_attn has no split into whole heads); use 1 (pipeline and data parallelism "
-                f"apply), or a {'/'.join(sorted(TENSOR_PARALLEL_FAMILIES))} model",
+                f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models; use 1 "
+                f"(pipeline and data parallelism apply), or a {'/'.join(sorted(TENSOR_PARALLEL_FAMILIES))} "
+                "model",
             )
             require(
                 not self.schedule.sequence_parallel,
@@ -343,15 +343,15 @@ class TrainConfig:
                 "sequence parallelism is planned for the built-in GPT only; a Hugging Face model runs "
                 "plain tensor parallelism: use sequence_parallel = false",
             )
-            kv_heads = files.num_kv_heads
-            require(
-                kv_heads % tp == 0,
-                "schedule.tensor_parallel",
-                tp,
-                f"{files.config_path} has {kv_heads} key/value heads (num_key_value_heads), which "
-                f"{tp} tensor-parallel ranks cannot share (each takes whole heads); use a degree dividing "
-                f"{math.gcd(kv_heads, files.num_heads)}",
-            )
+            heads, kv_heads = files.num_heads, files.num_kv_heads
+            for count, what in ((heads, "attention heads"), (kv_heads, "key/value heads (num_key_value_heads)")):
+                require(
+                    count % tp == 0,
+                    "schedule.tensor_parallel",
+                    tp,
+                    f"{files.config_path} has {count} {what}, which {tp} tensor-parallel ranks cannot "
+                    f"share (each takes whole heads); use a degree dividing {math.gcd(heads, kv_heads)}",
+                )
         require(
             self.model.seq_len <= files.max_positions,
             "model.seq_len",

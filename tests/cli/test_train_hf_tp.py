@@ -56,14 +56,16 @@ def test_tensor_parallel_is_checked_against_the_model_before_any_rank_starts(tmp
     common = ["--seq-len", "16", "--data", str(_tokens(tmp_path))]
     config = train_cli.config_from_args(_parse(["--model", llama, "--tensor-parallel", "2", *common]))
     assert config.schedule.tensor_parallel == 2
+    gpt2 = _config_json(tmp_path, "gpt2", gpt2_config())  # 2 heads
+    assert train_cli.config_from_args(_parse(["--model", gpt2, "--tensor-parallel", "2", *common]))
     refused = [
-        (["--model", llama, "--tensor-parallel", "4"], r"tensor_parallel=4 .*2 key/value heads"),
+        (["--model", llama, "--tensor-parallel", "4"], r"tensor_parallel=4 .*(4 attention|2 key/value) heads"),
         (["--model", _config_json(tmp_path, "gqa", _llama(heads=4, kv_heads=1)), "--tensor-parallel", "2"],
          r"tensor_parallel=2 .*has 1 key/value heads .*dividing 1"),
         (["--model", llama, "--tensor-parallel", "2", "--sequence-parallel"],
          r"sequence_parallel=True .*built-in GPT only"),
-        (["--model", _config_json(tmp_path, "gpt2", gpt2_config()), "--tensor-parallel", "2"],
-         r"tensor_parallel=2 .*no tensor-parallel plan for Hugging Face gpt2"),
+        (["--model", _config_json(tmp_path, "gpt2", gpt2_config()), "--tensor-parallel", "4"],
+         r"tensor_parallel=4 .*has 2 attention heads"),
     ]
     for argv, pattern in refused:
         with pytest.raises(ConfigError, match=pattern):

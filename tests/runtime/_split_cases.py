@@ -196,16 +196,17 @@ def refused() -> dict[str, str]:
 
 
 def tensor_parallel_exact(
-    *, schedule: str, num_virtual: int | None = None, num_steps: int = 2
+    *, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 2
 ) -> dict[str, Any]:
-    """A Hugging Face Llama (4 heads, 2 key/value heads, 4 blocks) cut by `pipefold.split`, at
-    pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the unsplit module on one process: the
-    loss of each step and every gradient (gathered whole), accumulated over the steps."""
+    """A Hugging Face Llama (4 heads, 2 key/value heads) or GPT-2 (2 heads, tied head) of 4
+    blocks cut by `pipefold.split`, at pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the
+    unsplit module on one process: the loss of each step and every gradient (gathered whole),
+    accumulated over the steps."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     torch.manual_seed(0)
-    module = llama_model(4, num_heads=4, num_kv_heads=2)
+    module = llama_model(4, num_heads=4, num_kv_heads=2) if model == "llama" else gpt2_model(4)
     reference = copy.deepcopy(module)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     pipe = Pipeline(
@@ -223,7 +224,7 @@ def tensor_parallel_exact(
         torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
         losses.append(loss)
     reference_params = dict(reference.named_parameters())
-    sharded, q_proj_shards = [], []
+    sharded, query_shards = [], []
     for name, param in pipe.named_parameters():
         grad = param.grad
         assert grad is not None, f"{name} has no gradient"
@@ -236,6 +237,6 @@ def tensor_parallel_exact(
         torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
     for layer in pipe.local_modules.values():
         for path, sub in layer.named_modules():
-            if path.endswith("self_attn"):
-                q_proj_shards.append(tuple(sub.q_proj.weight.to_local().shape))
-    return {"losses": losses, "sharded": sharded, "q_proj_shards": q_proj_shards}
+            if path.endswith(("self_attn.q_proj", "attn.c_attn")):
+                query_shards.append(tuple(sub.weight.to_local().shape))
+    return {"losses": losses, "sharded": sharded, "query_shards": query_shards}

@@ -1,6 +1,6 @@
-"""`hf_tensor_parallel_plan` in one process: which submodules of a split Hugging Face model it
-splits, and what it refuses (a degree that splits a head, GPT-2 blocks). Exactness at
-pp=2 x tp=2 is in tests/runtime/test_tensor_parallel.py (4 ranks)."""
+"""`hf_tensor_parallel_plan` in one process: which submodules of a split Hugging Face model
+(Llama, GPT-2) it splits, and what it refuses (a degree that splits a head, pieces cut at named
+points). Exactness at pp=2 x tp=2 is in tests/runtime/test_runtime_exact.py (4 ranks)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from pipefold.errors import ConfigError
 from pipefold.model import split
 from pipefold.runtime import hf_tensor_parallel_plan
-from pipefold.runtime.parallel.plans import LocalHeads
+from pipefold.runtime.parallel.plans import Conv1DColwise, Conv1DRowwise, GPT2LocalHeads, LocalHeads
 from pipefold.runtime.parallel.tensor_parallel import plan_for
 
 pytest.importorskip("transformers")
@@ -83,12 +83,37 @@ def test_head_counts_an_attention_module_holds_become_the_rank_s():
     assert (attention.num_heads, attention.num_key_value_heads, attention.head_dim) == (2, 1, 4)
 
 
-def test_gpt2_blocks_are_refused():
+def test_the_plan_splits_gpt2_blocks_by_their_conv1d_projections():
     torch.manual_seed(0)
-    layers = split(gpt2_model(2), example_inputs=(torch.zeros(2, 5, dtype=torch.long) % HF_VOCAB,))
-    assert plan_for(hf_tensor_parallel_plan(), 0, layers[0]) == {}
-    with pytest.raises(ConfigError, match=r"layer 1 holds a GPT-2 attention .*Llama-family blocks only"):
-        plan_for(hf_tensor_parallel_plan(), 1, layers[1])
+    layers = split(gpt2_model(2), example_inputs=(INPUTS % HF_VOCAB,))
+    plan = hf_tensor_parallel_plan()
+    assert plan_for(plan, 0, layers[0]) == {}  # token and position embeddings: whole
+    assert plan_for(plan, 3, layers[3]) == {}  # final norm and the tied head: whole
+    entries = plan_for(plan, 1, layers[1])
+    assert {name: type(style) for name, style in entries.items()} == {
+        "transformer.h.0.attn": GPT2LocalHeads,
+        "transformer.h.0.attn.c_attn": Conv1DColwise,
+        "transformer.h.0.attn.c_proj": Conv1DRowwise,
+        "transformer.h.0.mlp.c_fc": Conv1DColwise,
+        "transformer.h.0.mlp.c_proj": Conv1DRowwise,
+    }
+    # c_attn's output is [queries | keys | values]: each rank takes its heads' slice of each.
+    assert entries["transformer.h.0.attn.c_attn"].groups == 3
+    assert entries["transformer.h.0.mlp.c_fc"].groups == 1
+    assert next(iter(entries)) == "transformer.h.0.attn"
+
+
+def test_gpt2_attention_gets_the_rank_s_heads_and_split_size_or_is_refused():
+    torch.manual_seed(0)
+    attention = gpt2_model(1).transformer.h[0].attn  # 2 heads of 8 features
+    with pytest.raises(ConfigError, match=r"tensor_parallel=4: .* has 2 attention heads"):
+        GPT2LocalHeads()._apply(attention, _Mesh(4))
+    GPT2LocalHeads()._apply(attention, _Mesh(2))
+    assert (attention.num_heads, attention.split_size, attention.head_dim) == (1, 8, 8)
+    with pytest.raises(ConfigError, match=r"Conv1DColwise expects a transformers Conv1D"):
+        Conv1DColwise()._apply(nn.Linear(4, 4), _Mesh(2))
+    with pytest.raises(ConfigError, match=r"48 output features in 3 block\(s\) does not split evenly over 3"):
+        Conv1DColwise(groups=3)._apply(attention.c_attn, _Mesh(3))
 
 
 def test_pieces_cut_at_named_points_are_refused():

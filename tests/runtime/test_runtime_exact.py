@@ -147,20 +147,31 @@ def test_hugging_face_gpt2_cut_at_named_points_over_four_ranks(pool4):
     assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
 
 
+TENSOR_PARALLEL_PARTS = {
+    "llama": ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+              "self_attn.q_proj", "self_attn.v_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+
+
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
-def test_a_split_hugging_face_llama_at_pp2_by_tp2(pool4, schedule):
-    """hf_tensor_parallel_plan on a Llama cut by pipefold.split (pp=2 x tp=2): each tp rank holds
-    2 of the 4 query heads, 1 of the 2 key/value heads and half of the gated MLP; the loss and
-    every gradient equal the unsplit module's (zb-v: W computes the sharded weights' gradients)."""
-    results = pool4.run("split_tp_exact", schedule=schedule)
+def test_split_hugging_face_models_at_pp2_by_tp2(pool4, model, schedule):
+    """hf_tensor_parallel_plan on models cut by pipefold.split (pp=2 x tp=2), the loss and every
+    gradient equal the unsplit module's (zb-v: W computes the sharded weights' gradients). Llama:
+    each tp rank holds 2 of the 4 query heads, 1 of the 2 key/value heads and half of the gated
+    MLP. GPT-2: 1 of the 2 heads (its query, key and value columns of the fused c_attn) and half
+    of the MLP; the head tied to the embedding stays whole, tied across the pipeline ranks."""
+    results = pool4.run("split_tp_exact", model=model, schedule=schedule)
     assert all(r["losses"] == results[0]["losses"] for r in results)
     sharded = sorted({name for r in results for name in r["sharded"]})
-    parts = ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-             "self_attn.q_proj", "self_attn.v_proj")
-    assert sharded == [f"model.layers.{i}.{part}.weight" for i in range(4) for part in parts]
-    # q_proj: 2 heads of 4 features per rank, of the 16 inputs.
-    assert {shape for r in results for shape in r["q_proj_shards"]} == {(8, 16)}
+    block = "model.layers" if model == "llama" else "transformer.h"
+    expected = [f"{block}.{i}.{part}.weight" for i in range(4) for part in TENSOR_PARALLEL_PARTS[model]]
+    assert [name for name in sharded if name.endswith(".weight")] == expected
+    # Llama's q_proj: 2 heads of 4 features, of 16 inputs; GPT-2's c_attn: [q | k | v] of 1 head of 8.
+    shape = (8, 16) if model == "llama" else (16, 24)
+    assert {shape for r in results for shape in r["query_shards"]} == {shape}
 
 
 @pytest.mark.multiprocess
