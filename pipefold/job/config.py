@@ -344,7 +344,8 @@ class TrainConfig:
                 "plain tensor parallelism: use sequence_parallel = false",
             )
             heads, kv_heads = files.num_heads, files.num_kv_heads
-            for count, what in ((heads, "attention heads"), (kv_heads, "key/value heads (num_key_value_heads)")):
+            counts = ((heads, "attention heads"), (kv_heads, "key/value heads (num_key_value_heads)"))
+            for count, what in counts:
                 require(
                     count % tp == 0,
                     "schedule.tensor_parallel",

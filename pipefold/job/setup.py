@@ -216,7 +216,7 @@ def _mesh(config: TrainConfig, device: torch.device) -> DeviceMesh | None:
 
 def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
     """The plan `--tensor-parallel` splits the model by: Megatron's, for the built-in GPT or a
-    Hugging Face Llama-family model (TrainConfig has refused the families without one)."""
+    Hugging Face model of a family that has one (TrainConfig has refused the others)."""
     s = config.schedule
     if s.tensor_parallel == 1:
         return None

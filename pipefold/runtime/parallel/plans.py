@@ -1,5 +1,5 @@
 """Ready-made tensor-parallel plans (`ParallelOptions(tensor_parallel=...)`): the zoo's GPT, and
-Hugging Face Llama-family models cut by `pipefold.split`.
+Hugging Face models (GPT-2, Llama, Mistral, Qwen2) cut by `pipefold.split`.
 
     >>> from pipefold.runtime import gpt_tensor_parallel_plan, hf_tensor_parallel_plan
     >>> plan = gpt_tensor_parallel_plan(sequence_parallel=True)
@@ -289,18 +289,24 @@ _GPT2_MLP = ("c_fc", "c_proj")
 
 
 def hf_tensor_parallel_plan() -> TensorParallelPlan:
-    """How `pipefold train --model <dir> --tensor-parallel` splits a Hugging Face Llama-family
-    model (llama, mistral, qwen2) cut by `pipefold.split` (`ParallelOptions(tensor_parallel=...)`):
-    Megatron's split of each block, found by its submodules' names, whatever the block's path:
-    the attention's `q_proj`, `k_proj`, `v_proj` by columns (whole heads, and whole key/value
-    heads of grouped-query attention, per rank) and `o_proj` by rows; the MLP's `gate_proj` and
-    `up_proj` by columns and `down_proj` by rows. Two all-reduces per block forward (two in its
-    backward). The embedding, the norms and the head stay whole (replicated), as in
-    `gpt_tensor_parallel_plan`. The degree must divide the attention heads and the key/value
-    heads (`LocalHeads` refuses it when the plan is applied, naming both).
+    """How `pipefold train --model <dir> --tensor-parallel` splits a Hugging Face model (gpt2,
+    llama, mistral, qwen2) cut by `pipefold.split` (`ParallelOptions(tensor_parallel=...)`):
+    Megatron's split of each block, found by its submodules' names, whatever the block's path.
+    Two all-reduces per block forward (two in its backward); the embeddings, the norms and the
+    head stay whole (replicated), as in `gpt_tensor_parallel_plan`.
 
-    GPT-2 blocks are refused: their fused `c_attn` (a `Conv1D` holding all queries, then all
-    keys, then all values) has no column split that gives each rank whole heads."""
+    - Llama family: the attention's `q_proj`, `k_proj`, `v_proj` by columns (whole heads, and
+      whole key/value heads of grouped-query attention, per rank) and `o_proj` by rows; the MLP's
+      `gate_proj` and `up_proj` by columns and `down_proj` by rows. The degree must divide the
+      attention heads and the key/value heads (`LocalHeads` refuses it, naming both).
+    - GPT-2: `c_attn` by columns, each rank taking its heads' slice of the queries, of the keys
+      and of the values (`Conv1DColwise(groups=3)`: the fused output is all queries, then all
+      keys, then all values), `attn.c_proj` by rows; `c_fc` by columns, `mlp.c_proj` by rows.
+      `GPT2LocalHeads` gives the attention its rank's `split_size` and refuses a degree that
+      does not divide the heads.
+
+    Pieces cut at named points (`split_points`) are refused: they run captured operations on
+    the module's tensors, not its submodules."""
 
     def by_layer(index: int, module: nn.Module) -> dict[str, Any] | None:
         entries: dict[str, Any] = {}
