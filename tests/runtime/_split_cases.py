@@ -201,7 +201,7 @@ def tensor_parallel_exact(
     """A Hugging Face Llama (4 heads, 2 key/value heads) or GPT-2 (2 heads, tied head) of 4
     blocks cut by `pipefold.split`, at pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the
     unsplit module on one process: the loss of each step and every gradient (gathered whole),
-    accumulated over the steps."""
+    accumulated over the steps, then every weight after an Adam step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -235,6 +235,15 @@ def tensor_parallel_exact(
             assert halved or all(placement.is_replicate() for placement in param.placements), name
             grad = grad.full_tensor()
         torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    # An Adam step on the shards lands where the unsplit module's step does.
+    optimizer = torch.optim.Adam(pipe.parameters(), lr=0.01)
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+    optimizer.step()
+    reference_optimizer.step()
+    for name, param in pipe.named_parameters():
+        weight = param.full_tensor() if isinstance(param, DTensor) else param
+        message = f"after Adam, {name}"
+        torch.testing.assert_close(weight, reference_params[name], msg=lambda m, where=message: f"{where}: {m}")
     for layer in pipe.local_modules.values():
         for path, sub in layer.named_modules():
             if path.endswith(("self_attn.q_proj", "attn.c_attn")):
