@@ -242,8 +242,8 @@ def tensor_parallel_exact(
     reference_optimizer.step()
     for name, param in pipe.named_parameters():
         weight = param.full_tensor() if isinstance(param, DTensor) else param
-        message = f"after Adam, {name}"
-        torch.testing.assert_close(weight, reference_params[name], msg=lambda m, where=message: f"{where}: {m}")
+        where = f"after Adam, {name}"
+        torch.testing.assert_close(weight, reference_params[name], msg=lambda m, w=where: f"{w}: {m}")
     for layer in pipe.local_modules.values():
         for path, sub in layer.named_modules():
             if path.endswith(("self_attn.q_proj", "attn.c_attn")):
