@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from pipefold.errors import ConfigError
 from pipefold.model import split
 from pipefold.runtime import hf_tensor_parallel_plan
-from pipefold.runtime.parallel.plans import Conv1DColwise, Conv1DRowwise, GPT2LocalHeads, LocalHeads
+from pipefold.runtime.parallel.hf_plan import Conv1DColwise, Conv1DRowwise, GPT2LocalHeads, LocalHeads
 from pipefold.runtime.parallel.tensor_parallel import plan_for
 
 pytest.importorskip("transformers")
