@@ -361,6 +361,20 @@ def _tensor_paths(
     return paths
 
 
+def _on_meta(device: Any) -> bool:
+    return isinstance(device, torch.device) and device.type == "meta"
+
+
+def _to_device(value: Any, device: fx.Node) -> Any:
+    """`value` (a node's args or kwargs) with every meta device replaced by `device`."""
+    return fx.node.map_aggregate(value, lambda leaf: device if _on_meta(leaf) else leaf)
+
+
+def _device_of(tensor: Tensor) -> torch.device:
+    """The device of a piece's first input: where the tensors its forward creates go."""
+    return tensor.device
+
+
 def _constants(
     program: torch.export.ExportedProgram, kinds: dict[str, Any], used: Sequence[str]
 ) -> dict[str, Tensor]:
@@ -427,8 +441,17 @@ def _generate(
             "crossing it has that size; move the cut"
         )
 
+    device: fx.Node | None = None
     for node in body:
-        env[node] = new.node_copy(node, lookup)
+        copied = env[node] = new.node_copy(node, lookup)
+        if any(_on_meta(leaf) for leaf in pytree.tree_leaves((copied.args, copied.kwargs))):
+            # Captured on the meta device (a module built there): a tensor the forward creates or
+            # moves goes where the piece's input is at run time, not to meta.
+            if device is None:
+                with new.inserting_before(copied):
+                    device = new.call_function(_device_of, (env[inputs[0]],))
+            copied.args = _to_device(copied.args, device)
+            copied.kwargs = _to_device(copied.kwargs, device)
     if outputs is None:
         output_node = next(node for node in graph.nodes if node.op == "output")
         flat = [fx.map_arg(arg, lookup) for arg in output_node.args[0]]
