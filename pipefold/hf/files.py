@@ -21,6 +21,7 @@ from pipefold.errors import ConfigError
 
 __all__ = [
     "SUPPORTED_FAMILIES",
+    "TENSOR_PARALLEL_FAMILIES",
     "TOKENIZER_FILES",
     "ModelFiles",
     "inspect_model",
@@ -36,6 +37,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 """config.json `model_type` -> the transformers class pipefold builds (decoder-only causal LMs
 whose forward is embeddings, a list of blocks, a final norm and a head)."""
+
+TENSOR_PARALLEL_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+"""Families `pipefold.runtime.hf_tensor_parallel_plan` splits (`--tensor-parallel`)."""
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -93,6 +97,12 @@ class ModelFiles:
     @property
     def num_heads(self) -> int:
         return self._int("num_attention_heads", "n_head")
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads of grouped-query attention (the attention heads where the config gives none)."""
+        value = self.config.get("num_key_value_heads")
+        return value if isinstance(value, int) and not isinstance(value, bool) else self.num_heads
 
     @property
     def hidden_size(self) -> int:

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.hf.files import SUPPORTED_FAMILIES, TOKENIZER_FILES, ModelFiles, inspect_model
-from pipefold.model.split import Fill, SplitPiece, split
+from pipefold.model.split import Fill, SplitPiece, find_blocks, split
+from pipefold.model.split_graph import GraphPiece
 from pipefold.model.twin import Twin, default_twin
 
 __all__ = [
@@ -176,6 +177,7 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     seq_len: int | None = None,
+    split_points: Sequence[str] | None = None,
 ) -> CausalLM:
     """A Hugging Face causal LM as pipeline layers, every parameter still on meta.
 
@@ -185,6 +187,9 @@ def load_causal_lm(
     `pipefold.model.build.materialize`) reads its tensors from the files, or initializes them
     with the model's `_init_weights` under `seed` and the module's path. `seq_len`: the
     length of the training sequences (default: 8, only shapes of the split matter).
+    `split_points`: cut at these submodules through a graph capture (`pipefold.split`'s
+    `split_points`) instead of at the blocks; the pieces then take sequences of `seq_len`
+    tokens only (the capture fixes every size but the batch), so give it.
     """
     transformers = _transformers()
     if isinstance(source, transformers.PretrainedConfig):
@@ -200,7 +205,13 @@ def load_causal_lm(
         config = hf_config(files)
     model = _build(config, dtype)
     length = min(seq_len or 8, files.max_positions)
-    layers = split(model, example_inputs=(torch.zeros(1, length, dtype=torch.long),))
+    if split_points is not None and seq_len is None:
+        raise ConfigError(
+            f"load_causal_lm(split_points={list(split_points)!r}): give seq_len, the length of the "
+            "training sequences; the graph capture fixes it"
+        )
+    example = (torch.zeros(1, length, dtype=torch.long),)
+    layers = split(model, split_points=split_points, example_inputs=example)
     fill = _file_fill(files, model) if files.weight_files else _init_fill(model, seed)
     for layer in layers:
         if isinstance(layer, SplitPiece):
@@ -289,21 +300,23 @@ def _init_fill(model: nn.Module, seed: int) -> Fill:
     def fill(piece: SplitPiece, fresh: Mapping[str, Tensor]) -> None:
         fresh_ids = {id(t) for t in fresh.values()}
         root = piece.root
-        own = tuple(p + "." for p in piece.paths)
+        modules = _modules_to_init(piece)
+        own = tuple(p + "." for p in (_owners(piece) if isinstance(piece, GraphPiece) else piece.paths))
         # Tensors this init must not touch: those already real, and those a module outside the
         # piece owns (a tied head's weight is the embedding's: initialized as the embedding's).
         foreign = {
             name: t for name, t in fresh.items() if not (name.rpartition(".")[0] + ".").startswith(own)
         }
-        skipped = [t for t in [*piece.parameters(), *piece.buffers()] if id(t) not in fresh_ids]
-        skipped += list(foreign.values())
+        # A graph piece's modules may hold tensors of other pieces (a block cut inside): kept too.
+        holders = [*root.parameters(), *root.buffers()] if isinstance(piece, GraphPiece) else []
+        kept = [*piece.parameters(), *piece.buffers(), *holders, *foreign.values()]
+        foreign_ids = {id(t) for t in foreign.values()}
+        skipped = list({id(t): t for t in kept if id(t) not in fresh_ids or id(t) in foreign_ids}.values())
         for tensor in skipped:
             tensor._is_hf_initialized = True  # type: ignore[attr-defined]
         try:
-            for path in piece.paths:
-                start = root.get_submodule(path) if path else root
-                for sub_path, module in reversed(list(start.named_modules(prefix=path))):
-                    init_module(sub_path, module)
+            for sub_path, module in modules:
+                init_module(sub_path, module)
         finally:
             for tensor in skipped:
                 del tensor._is_hf_initialized  # type: ignore[attr-defined]
@@ -311,6 +324,38 @@ def _init_fill(model: nn.Module, seed: int) -> Fill:
             init_module(owner, root.get_submodule(owner) if owner else root)
 
     return fill
+
+
+def _modules_to_init(piece: SplitPiece) -> list[tuple[str, nn.Module]]:
+    """The modules whose `_init_weights` give a piece's tensors values, innermost first: every
+    module under a piece cut at the blocks' paths; for a piece cut at named points (which
+    registers tensors, not modules), the modules owning its tensors."""
+    root = piece.root
+    if isinstance(piece, GraphPiece):
+        # The owners and the modules above them, up to the blocks' container (as the block route
+        # initializes a whole block: a GPT-2 attention rescales its c_proj's init), innermost first.
+        found = find_blocks(root)
+        parts = found[0].split(".") if found is not None else []
+        above = {"", *(".".join(parts[: k + 1]) for k in range(len(parts)))}
+        paths: set[str] = set()
+        for owner in _owners(piece):
+            names = owner.split(".")
+            for k in range(len(names), 0, -1):
+                if ".".join(names[:k]) in above:
+                    break
+                paths.add(".".join(names[:k]))
+        ordered = sorted(paths, key=lambda p: (-p.count("."), p))
+        return [(path, root.get_submodule(path)) for path in ordered]
+    modules: list[tuple[str, nn.Module]] = []
+    for path in piece.paths:
+        start = root.get_submodule(path) if path else root
+        modules += reversed(list(start.named_modules(prefix=path)))
+    return modules
+
+
+def _owners(piece: SplitPiece) -> list[str]:
+    """The paths of the modules owning a graph piece's tensors, innermost first."""
+    return sorted({path.rpartition(".")[0] for path in piece.paths}, key=lambda p: (-p.count("."), p))
 
 
 def load_pretrained(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:

@@ -89,7 +89,7 @@ from typing import Any, ClassVar
 
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
-from pipefold.hf.files import ModelFiles, check_tokenizer
+from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
 from pipefold.job.sections import (
     NUM_EXTRA_LAYERS,
     PARALLEL_NAMES,
@@ -322,13 +322,33 @@ class TrainConfig:
 
     def _check_hf(self, files: ModelFiles) -> None:
         """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""
-        require(
-            self.schedule.tensor_parallel == 1,
-            "schedule.tensor_parallel",
-            self.schedule.tensor_parallel,
-            f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models yet; use 1 "
-            "(pipeline and data parallelism apply)",
-        )
+        tp = self.schedule.tensor_parallel
+        if tp > 1:
+            require(
+                files.model_type in TENSOR_PARALLEL_FAMILIES,
+                "schedule.tensor_parallel",
+                tp,
+                f"pipefold has no tensor-parallel plan for Hugging Face {files.model_type} models; use 1 "
+                f"(pipeline and data parallelism apply), or a {'/'.join(sorted(TENSOR_PARALLEL_FAMILIES))} "
+                "model",
+            )
+            require(
+                not self.schedule.sequence_parallel,
+                "schedule.sequence_parallel",
+                self.schedule.sequence_parallel,
+                "sequence parallelism is planned for the built-in GPT only; a Hugging Face model runs "
+                "plain tensor parallelism: use sequence_parallel = false",
+            )
+            heads, kv_heads = files.num_heads, files.num_kv_heads
+            counts = ((heads, "attention heads"), (kv_heads, "key/value heads (num_key_value_heads)"))
+            for count, what in counts:
+                require(
+                    count % tp == 0,
+                    "schedule.tensor_parallel",
+                    tp,
+                    f"{files.config_path} has {count} {what}, which {tp} tensor-parallel ranks cannot "
+                    f"share (each takes whole heads); use a degree dividing {math.gcd(heads, kv_heads)}",
+                )
         require(
             self.model.seq_len <= files.max_positions,
             "model.seq_len",

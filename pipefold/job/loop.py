@@ -55,6 +55,7 @@ from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
+from pipefold.runtime.parallel.tensor_parallel import whole
 from pipefold.runtime.processes.launch import LaunchResult, spawn
 from pipefold.timeline import Timeline
 
@@ -181,10 +182,14 @@ def save_hf(job: Job) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # shards of an earlier, interrupted save
     dist.barrier()
     if pipe.data_parallel_rank == 0:
-        # Row-major (dp, pp) world ranks and no tensor parallelism (refused for these models).
-        pipeline_rank = job.rank % config.schedule.ranks
-        state = state_dict_of(job.layers, owned=pipe.local_modules.keys())
-        save_causal_lm(state, target, job.hf.config, shard=(pipeline_rank, config.schedule.ranks))
+        # Row-major (dp, pp, tp) world ranks. Tensor-parallel shards are gathered whole (a
+        # collective: every tp rank of the stage, in the same order); tp rank 0 writes them.
+        tp = config.schedule.tensor_parallel
+        pipeline_rank = (job.rank // tp) % config.schedule.ranks
+        owned = state_dict_of(job.layers, owned=pipe.local_modules.keys())
+        state = {name: whole(tensor) for name, tensor in owned.items()}
+        if job.rank % tp == 0:
+            save_causal_lm(state, target, job.hf.config, shard=(pipeline_rank, config.schedule.ranks))
     dist.barrier()
     if job.rank == 0:
         finish_save(target, job.hf.config, tokenizer_dir=job.hf.files.config_path.parent)

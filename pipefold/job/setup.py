@@ -22,11 +22,11 @@ from pipefold.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus
 from pipefold.data.tokens import TokenData, load_tokens
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
+from pipefold.hf.model import CausalLM, load_causal_lm, next_token_loss
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import lr_scheduler, parameter_groups
 from pipefold.job.rng import restore_rng_state
 from pipefold.model import partition
-from pipefold.hf.model import CausalLM, load_causal_lm, next_token_loss
 from pipefold.model.zoo import gpt_layers, gpt_loss
 from pipefold.runtime import (
     LayoutOptions,
@@ -34,11 +34,13 @@ from pipefold.runtime import (
     Pipeline,
     RuntimeOptions,
     gpt_tensor_parallel_plan,
+    hf_tensor_parallel_plan,
     profile,
     sharded_optimizer,
     tune_schedule,
 )
 from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
+from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 from pipefold.runtime.processes.launch import init_process_group_from_env
 from pipefold.schedule import Schedule, WeightUpdate
 
@@ -212,6 +214,17 @@ def _mesh(config: TrainConfig, device: torch.device) -> DeviceMesh | None:
     return init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
+def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
+    """The plan `--tensor-parallel` splits the model by: Megatron's, for the built-in GPT or a
+    Hugging Face model of a family that has one (TrainConfig has refused the others)."""
+    s = config.schedule
+    if s.tensor_parallel == 1:
+        return None
+    if config.model.hf is not None:
+        return hf_tensor_parallel_plan()
+    return gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
+
+
 def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
     opt = config.optimizer
 
@@ -244,9 +257,7 @@ def _make_pipeline(
     parallel = ParallelOptions(
         process_group=_mesh(config, device),
         shard="full" if s.shard == "full" else "replicate",
-        tensor_parallel=(
-            gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel) if s.tensor_parallel > 1 else None
-        ),
+        tensor_parallel=_tensor_parallel_plan(config),
     )
     # TrainConfig has checked the value against NONFINITE_CHOICES.
     on_nonfinite: Literal["raise", "skip"] = "skip" if config.on_nonfinite == "skip" else "raise"

@@ -252,12 +252,6 @@ def _split(
     module: nn.Module, split_points: Sequence[str] | None, example_inputs: Any, twin: Twin | None
 ) -> list[nn.Module]:
     if split_points is not None:
-        if twin is not None or default_twin(module) is not None:
-            raise ConfigError(
-                f"split(split_points={split_points!r}): a Hugging Face {type(module).__name__} is cut at its "
-                "blocks, not at named points (not supported for these models); drop split_points and "
-                "group the blocks into stages with Pipeline(layout=LayoutOptions(partition=...))"
-            )
         if isinstance(split_points, str) or not split_points:
             raise ConfigError(
                 f"split(split_points={split_points!r}): give a non-empty list of submodule names, "
@@ -266,7 +260,12 @@ def _split(
         if example_inputs is None:
             example_inputs = _default_example(module)
         example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        return graph_split(module, list(split_points), example, where=f"split(split_points={list(split_points)!r})")
+        # A Hugging Face causal LM: called without a key/value cache, its pipeline's output the logits.
+        hf = default_twin(module) is not None
+        return graph_split(
+            module, list(split_points), example, where=f"split(split_points={list(split_points)!r})",
+            call_kwargs=_default_call_kwargs(module), select="logits" if hf else None,
+        )
     found = find_blocks(module)
     if found is None:
         raise ConfigError(

@@ -23,7 +23,8 @@ parameters are on the meta device, so a large module is captured without memory.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ class _Code:
     """Outputs that are inputs passed on unchanged (given a view of their own)."""
     input_shapes: tuple[tuple[int | None, ...], ...] | None
     """For the first piece: each input's shape, None where the size is free (the batch)."""
+    select: str | None = None
+    """For the last piece: the field of the module's output to return (a Hugging Face model's
+    "logits"); None: the output as the module returns it."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Code:
         return self
@@ -90,7 +94,8 @@ class GraphPiece(SplitPiece):
             _check_inputs(args, code.input_shapes)
         outputs = code.fn(self, *args)
         if code.out_spec is not None:
-            return pytree.tree_unflatten(list(outputs), code.out_spec)
+            result = pytree.tree_unflatten(list(outputs), code.out_spec)
+            return result if code.select is None else result[code.select]
         outputs = list(outputs)
         for position in code.passthrough:
             # A tensor passed on unchanged gets a view of its own, so the next stage's gradient
@@ -124,7 +129,9 @@ def _check_inputs(args: tuple[Any, ...], shapes: tuple[tuple[int | None, ...], .
 # -- capture ------------------------------------------------------------------------------------
 
 
-def _capture(module: nn.Module, example: tuple[Any, ...], where: str) -> torch.export.ExportedProgram:
+def _capture(
+    module: nn.Module, example: tuple[Any, ...], where: str, call_kwargs: Mapping[str, Any]
+) -> torch.export.ExportedProgram:
     for position, arg in enumerate(example):
         if not isinstance(arg, Tensor):
             raise ConfigError(
@@ -137,13 +144,19 @@ def _capture(module: nn.Module, example: tuple[Any, ...], where: str) -> torch.e
     if all(t.dim() >= 1 and t.shape[0] == 1 for t in example):
         # torch.export specializes a size of 1; two rows keep the batch dimension free.
         example = tuple(t.expand(2, *t.shape[1:]).clone() for t in example)
-    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() >= 1 else None for t in example)
+    dynamic: Any = tuple({0: torch.export.Dim.AUTO} if t.dim() >= 1 else None for t in example)
+    kwargs = dict(call_kwargs)
+    if kwargs:
+        # With keyword arguments, export matches dynamic shapes to the forward's parameters by name.
+        bound = inspect.signature(module.forward).bind(*example)
+        dynamic = {name: shape for name, shape in zip(bound.arguments, dynamic, strict=True)}
+        dynamic.update(dict.fromkeys(kwargs))
     try:
         if on_meta:
             # Tensors the forward creates (masks, position ids) are made on meta too.
             with torch.device("meta"):
-                return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
-        return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+                return torch.export.export(module, example, kwargs, dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(module, example, kwargs, dynamic_shapes=dynamic, strict=False)
     except ConfigError:
         raise
     except Exception as error:
@@ -182,11 +195,14 @@ def graph_split(
     *,
     after_last: str | None = None,
     where: str = "split",
+    call_kwargs: Mapping[str, Any] | None = None,
+    select: str | None = None,
 ) -> list[nn.Module]:
     """Cut `module` before the call of each submodule named in `points` (and after the call
     of `after_last`, if given); see the module docstring. Raises ConfigError for a point that
     names no module, one the forward never calls or calls twice, and a forward torch.export
-    cannot capture."""
+    cannot capture. `call_kwargs`: non-tensor keyword arguments of every call, fixed at capture
+    (`use_cache=False`); `select`: the field of the module's output the last piece returns."""
     for point in points:
         if not isinstance(point, str) or not point:
             raise ConfigError(
@@ -201,7 +217,7 @@ def graph_split(
             ) from None
     if len(set(points)) != len(points):
         raise ConfigError(f"{where}: split points {list(points)} name a module twice; name each cut once")
-    program = _capture(module, example, where)
+    program = _capture(module, example, where, call_kwargs or {})
     signature = program.graph_signature
     if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
         mutated = [*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values()]
@@ -216,6 +232,15 @@ def graph_split(
     user_inputs = [
         node for node in graph.nodes if node.op == "placeholder" and kinds[node.name].kind.name == "USER_INPUT"
     ]
+    # Keyword arguments (call_kwargs) are inputs of the graph too; their values are fixed at capture.
+    fixed = [node for node in user_inputs if not isinstance(_val(node), Tensor)]
+    for node in fixed:
+        if node.users:
+            raise ConfigError(
+                f"{where}: the forward's computation reads the argument {node.name}={_val(node)!r}; "
+                "the graph route takes it fixed only where the capture folded it in"
+            )
+    user_inputs = [node for node in user_inputs if node not in fixed]
     for node in graph.nodes:
         if node.op == "placeholder" and kinds[node.name].kind.name not in (
             "USER_INPUT", "PARAMETER", "BUFFER", "CONSTANT_TENSOR"
@@ -302,6 +327,8 @@ def graph_split(
                 for node in user_inputs
             )
             code = _Code(code.fn, code.out_spec, code.passthrough, shapes)
+        if k == num_pieces - 1 and select is not None:
+            code = _Code(code.fn, code.out_spec, code.passthrough, code.input_shapes, select)
         label = f"{labels[k]} .. {labels[k + 1] if k + 1 < len(labels) else '(end)'}"
         piece = GraphPiece(module, k, label, [tensor_paths[name] for name in used], code)
         for name, constant in _constants(program, kinds, used).items():
@@ -332,6 +359,20 @@ def _tensor_paths(
         elif kind == "CONSTANT_TENSOR":
             paths[name] = "pipefold_constant_" + spec.target.replace(".", "_")
     return paths
+
+
+def _on_meta(device: Any) -> bool:
+    return isinstance(device, torch.device) and device.type == "meta"
+
+
+def _to_device(value: Any, device: fx.Node) -> Any:
+    """`value` (a node's args or kwargs) with every meta device replaced by `device`."""
+    return fx.node.map_aggregate(value, lambda leaf: device if _on_meta(leaf) else leaf)
+
+
+def _device_of(tensor: Tensor) -> torch.device:
+    """The device of a piece's first input: where the tensors its forward creates go."""
+    return tensor.device
 
 
 def _constants(
@@ -400,8 +441,17 @@ def _generate(
             "crossing it has that size; move the cut"
         )
 
+    device: fx.Node | None = None
     for node in body:
-        env[node] = new.node_copy(node, lookup)
+        copied = env[node] = new.node_copy(node, lookup)
+        if any(_on_meta(leaf) for leaf in pytree.tree_leaves((copied.args, copied.kwargs))):
+            # Captured on the meta device (a module built there): a tensor the forward creates or
+            # moves goes where the piece's input is at run time, not to meta.
+            if device is None:
+                with new.inserting_before(copied):
+                    device = new.call_function(_device_of, (env[inputs[0]],))
+            copied.args = _to_device(copied.args, device)
+            copied.kwargs = _to_device(copied.kwargs, device)
     if outputs is None:
         output_node = next(node for node in graph.nodes if node.op == "output")
         flat = [fx.map_arg(arg, lookup) for arg in output_node.args[0]]

@@ -16,7 +16,7 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
   2d² + 2d·g·d/h + 3dI + 2d parameters; its output also carries the rotary tables (2·T·d/h);
 - backward twice the forward, the products' share of it being the weight gradient;
 - the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends.
-No tensor-parallel split is priced (pipefold has no tensor-parallel plan for these families yet).
+No tensor-parallel split is priced (train splits these blocks; this estimate does not).
 Times are FLOPs / `flops`: a shape, not a measurement.
 """
 

@@ -18,7 +18,7 @@ replicas (ZeRO-1).
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.options import LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions
-from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan
+from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan, hf_tensor_parallel_plan
 from pipefold.runtime.parallel.zero import sharded_optimizer
 from pipefold.runtime.pipeline import Pipeline
 from pipefold.runtime.profiling import LayerProfile, profile
@@ -34,6 +34,7 @@ __all__ = [
     "TransportOptions",
     "TunedSchedule",
     "gpt_tensor_parallel_plan",
+    "hf_tensor_parallel_plan",
     "load_checkpoint",
     "measured_cost_model",
     "profile",

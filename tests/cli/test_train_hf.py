@@ -47,7 +47,7 @@ def test_model_flags_fill_the_config_from_config_json(tmp_path):
     assert config.model.path == str(directory)
     assert config.model.num_model_layers == 6  # prefix + 4 blocks + suffix
     assert not config.model.tied
-    with pytest.raises(ConfigError, match=r"tensor_parallel=2 .*no tensor-parallel plan for Hugging"):
+    with pytest.raises(ConfigError, match=r"tensor_parallel=2 .*has 1 key/value heads"):
         train_cli.config_from_args(_parse(["--model", str(directory), "--tensor-parallel", "2"]))
     with pytest.raises(ConfigError, match=r"model.seq_len=64 .*allows 32 positions"):
         train_cli.config_from_args(_parse(["--model", str(directory), "--seq-len", "64"]))

@@ -97,11 +97,11 @@ def gpt2_model(num_layers: int = 3) -> nn.Module:
     return hf.GPT2LMHeadModel(config)
 
 
-def llama_model(num_layers: int = 3) -> nn.Module:
+def llama_model(num_layers: int = 3, num_heads: int = 2, num_kv_heads: int = 1) -> nn.Module:
     """A LlamaForCausalLM (grouped-query attention, rotary tables carried between blocks)."""
     hf = _transformers()
     config = hf.LlamaConfig(
         vocab_size=HF_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=16,
     )
     return hf.LlamaForCausalLM(config)

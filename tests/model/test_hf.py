@@ -177,6 +177,36 @@ def test_random_init_does_not_depend_on_the_partition():
     assert not torch.equal(changed, values["transformer.h.1.attn.c_attn.weight"])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_split_points_load_the_same_weights_cut_at_named_points(tmp_path, family):
+    """load_causal_lm(split_points=...): graph pieces, each rank materializing its own (read from
+    the files, or initialized as the block route initializes them, the tied head included), whose
+    logits are the saved model's; a piece holding only its own tensors."""
+    config = gpt2_config() if family == "gpt2" else llama_config()
+    points = ["transformer.h.1", "transformer.h.2.mlp"]
+    if family == "llama":
+        points = ["model.layers.1", "model.norm"]
+    directory = saved_model(tmp_path, config)
+    reference = hf.AutoModelForCausalLM.from_pretrained(directory)
+    x = torch.randint(0, VOCAB, (3, 9))
+    lm = load_causal_lm(directory, seq_len=9, split_points=points)
+    assert len(lm.layers) == 3 and all(p.is_meta for p in lm.model.parameters())
+    lm.layers[1].materialize_("cpu")
+    assert not lm.layers[1].is_meta() and lm.layers[0].is_meta() and lm.layers[2].is_meta()
+    materialize(lm.layers, [0, 2], "cpu")
+    torch.testing.assert_close(run(lm.layers, x), reference(x).logits)
+    with pytest.raises(ConfigError, match=r"give seq_len"):
+        load_causal_lm(directory, split_points=points)
+    # Random init: the values the block route gives each tensor, whichever piece holds it.
+    blocks = load_causal_lm(config, seed=3)
+    graph = load_causal_lm(config, seed=3, seq_len=9, split_points=points)
+    materialize(blocks.layers, range(len(blocks.layers)), "cpu")
+    materialize(graph.layers, [2, 1, 0], "cpu")
+    expected = dict(blocks.model.named_parameters())
+    for name, param in graph.model.named_parameters():
+        torch.testing.assert_close(param, expected[name], msg=name)
+
+
 def test_save_round_trip_is_identical_and_loads_with_from_pretrained(tmp_path):
     directory = saved_model(tmp_path, gpt2_config())
     lm = load_causal_lm(directory)

@@ -158,8 +158,6 @@ def test_hugging_face_gpt2_is_exact_with_its_tied_head():
     x = torch.randint(0, 50, (2, 7))
     layers = _assert_exact(model, x, lambda t: model(t, use_cache=False).logits)
     assert [layer.paths for layer in layers][0] == ("transformer.wte", "transformer.wpe", "transformer.drop")
-    with pytest.raises(ConfigError, match=r"Hugging Face GPT2LMHeadModel is cut at its blocks.*drop split_points"):
-        split(model, split_points=["transformer.h.1"])
     assert layers[-1].parameter_names()["lm_head.weight"] == "transformer.wte.weight"
     assert set(_names(layers)) == {name for name, _ in model.named_parameters()}
 

@@ -15,7 +15,16 @@ from pipefold.errors import ConfigError
 from pipefold.model.split import split
 from pipefold.model.split_graph import GraphPiece
 
-from .split_models import SEQ, SKIP_POINTS, VOCAB, NaturalTransformer, SkipTransformer
+from .split_models import (
+    HF_VOCAB,
+    SEQ,
+    SKIP_POINTS,
+    VOCAB,
+    NaturalTransformer,
+    SkipTransformer,
+    gpt2_model,
+    llama_model,
+)
 
 EXAMPLE = torch.zeros(4, SEQ, dtype=torch.long)
 
@@ -63,6 +72,38 @@ def test_named_points_cut_before_each_call_and_are_exact():
     # The mask made in the forward crosses the first cut beside the hidden state.
     assert _boundaries(layers, EXAMPLE[:3]) == [[(SEQ, 1), (3, SEQ, 8)], [(3, SEQ, 8)]]
     _exact(model, layers)
+
+
+@pytest.mark.parametrize(
+    ("make", "points"),
+    [
+        (gpt2_model, ["transformer.h.2.mlp", "transformer.h.1"]),
+        (llama_model, ["model.layers.1", "model.layers.2.self_attn", "model.norm"]),
+    ],
+    ids=["gpt2", "llama"],
+)
+def test_hugging_face_models_are_cut_at_named_points_and_give_their_logits(make, points):
+    """torch.export of a Hugging Face causal LM called without a key/value cache: the last piece
+    returns the logits; the pieces give the model's logits and every gradient bitwise at a batch
+    size other than the example's, GPT-2's tied head and Llama's rotary tables included."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = make(3)
+    layers = split(model, split_points=points, example_inputs=(torch.zeros(4, SEQ, dtype=torch.long),))
+    assert len(layers) == len(points) + 1 and all(isinstance(layer, GraphPiece) for layer in layers)
+    assert set().union(*_names(layers)) == {name for name, _ in model.named_parameters()}
+    x = torch.randint(0, HF_VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    value = x
+    for layer in layers:
+        value = layer(value)
+    expected = model(x, use_cache=False).logits
+    assert torch.equal(value, expected)
+    value.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    expected.square().sum().backward()
+    for name, param in model.named_parameters():
+        assert torch.equal(grads[name], param.grad), name
 
 
 def test_a_skip_connection_crosses_every_cut_and_a_cut_may_fall_inside_a_block():

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _split_cases import exact as split_exact  # noqa: F401  (pool.run("split_exact", ...))
+from _split_cases import tensor_parallel_exact as split_tp_exact  # noqa: F401
 from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError

@@ -20,7 +20,7 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import split
 from pipefold.model.build import materialize
-from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions
+from pipefold.runtime import ParallelOptions, Pipeline, RuntimeOptions, hf_tensor_parallel_plan
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for model.split_models
 
@@ -38,6 +38,11 @@ from model.split_models import (  # noqa: E402
 
 ROWS = 8
 
+HF_POINTS = {
+    # Cut through a graph capture: one cut inside a block, one before the final norm.
+    "gpt2-points": ["transformer.h.1", "transformer.h.2.mlp", "transformer.ln_f"],
+}
+
 
 def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
     """The module (built from seed 0, alike on every rank) and its vocabulary."""
@@ -46,9 +51,9 @@ def _module(model: str, num_blocks: int = 3) -> tuple[nn.Module, int]:
         return NaturalTransformer(num_blocks=num_blocks), VOCAB
     if model.startswith("skip"):
         return SkipTransformer(num_blocks=num_blocks), VOCAB
-    if model == "gpt2":
+    if model.startswith("gpt2"):
         return gpt2_model(num_blocks), HF_VOCAB
-    if model == "llama":
+    if model.startswith("llama"):
         return llama_model(num_blocks), HF_VOCAB
     raise ValueError(model)
 
@@ -127,7 +132,7 @@ def exact(
         reference = copy.deepcopy(module)
         # "skip": cut at named points (one inside a block) through a graph capture; "skip-blocks":
         # no points, the skip connection around the blocks sends it through the graph route too.
-        points = SKIP_POINTS if model == "skip" else None
+        points = SKIP_POINTS if model == "skip" else HF_POINTS.get(model)
         layers = split(module, split_points=points, example_inputs=(_batch(vocab, 0)[0],))
         forward = reference if model in ("natural", "skip", "skip-blocks") else (lambda x: reference(x, use_cache=False).logits)
     pipe = Pipeline(
@@ -188,3 +193,59 @@ def refused() -> dict[str, str]:
         messages["tensor parallel"] = str(error)
     return messages
 
+
+
+def tensor_parallel_exact(
+    *, model: str, schedule: str, num_virtual: int | None = None, num_steps: int = 2
+) -> dict[str, Any]:
+    """A Hugging Face Llama (4 heads, 2 key/value heads) or GPT-2 (2 heads, tied head) of 4
+    blocks cut by `pipefold.split`, at pp=2 x tp=2 with `hf_tensor_parallel_plan`, against the
+    unsplit module on one process: the loss of each step and every gradient (gathered whole),
+    accumulated over the steps, then every weight after an Adam step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    module = llama_model(4, num_heads=4, num_kv_heads=2) if model == "llama" else gpt2_model(4)
+    reference = copy.deepcopy(module)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    pipe = Pipeline(
+        split(module, example_inputs=(_batch(HF_VOCAB, 0)[0],)), loss_fn=_loss_fn, schedule=schedule,
+        num_microbatches=4, num_virtual=num_virtual,
+        parallel=ParallelOptions(process_group=mesh, tensor_parallel=hf_tensor_parallel_plan()),
+        runtime=RuntimeOptions(timeout_s=60),
+    )
+    losses = []
+    for step in range(num_steps):
+        inputs, targets = _batch(HF_VOCAB, step)
+        loss = pipe.step(inputs, targets)
+        expected = _loss_fn(reference(inputs, use_cache=False).logits, targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        losses.append(loss)
+    reference_params = dict(reference.named_parameters())
+    sharded, query_shards = [], []
+    for name, param in pipe.named_parameters():
+        grad = param.grad
+        assert grad is not None, f"{name} has no gradient"
+        if isinstance(param, DTensor):
+            sharded.append(name)
+            assert isinstance(grad, DTensor)
+            halved = grad.to_local().numel() * 2 == reference_params[name].numel()
+            assert halved or all(placement.is_replicate() for placement in param.placements), name
+            grad = grad.full_tensor()
+        torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    # An Adam step on the shards lands where the unsplit module's step does.
+    optimizer = torch.optim.Adam(pipe.parameters(), lr=0.01)
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+    optimizer.step()
+    reference_optimizer.step()
+    for name, param in pipe.named_parameters():
+        weight = param.full_tensor() if isinstance(param, DTensor) else param
+        where = f"after Adam, {name}"
+        torch.testing.assert_close(weight, reference_params[name], msg=lambda m, w=where: f"{w}: {m}")
+    for layer in pipe.local_modules.values():
+        for path, sub in layer.named_modules():
+            if path.endswith(("self_attn.q_proj", "attn.c_attn")):
+                query_shards.append(tuple(sub.weight.to_local().shape))
+    return {"losses": losses, "sharded": sharded, "query_shards": query_shards}

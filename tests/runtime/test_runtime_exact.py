@@ -109,17 +109,26 @@ def test_a_split_hugging_face_llama_over_four_ranks(pool4, schedule, num_virtual
     assert all(r["state_keys"] for r in results), "a rank holds no layer"
 
 
+TIED_SPLITS = [
+    ("gpt2", "interleaved-1f1b", 2, {(0, 3)}),
+    ("gpt2", "zb-v", None, set()),
+    ("gpt2", "dualpipe-v", None, set()),
+    ("natural", "interleaved-1f1b", 2, {(0, 3)}),
+    ("natural", "zb-v", None, set()),
+    ("natural", "dualpipe-v", None, set()),
+]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("model", "schedule", "num_virtual", "tied"),
-    [("gpt2", "interleaved-1f1b", 2, {(0, 3)}), ("natural", "dualpipe-v", None, set())],
-    ids=["gpt2-interleaved", "natural-dualpipe-v"],
+    ("model", "schedule", "num_virtual", "tied"), TIED_SPLITS, ids=[f"{m}-{s}" for m, s, _, _ in TIED_SPLITS]
 )
 def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, schedule, num_virtual, tied):
-    """GPT-2 (Hugging Face, tied head) under interleaved 1F1B and the natural transformer under
-    the V placement, 6 blocks (8 layers, one per stage) on 4 ranks: the embedding and the head
-    are on stages 0 and 7, ranks 0 and 3 interleaved (tied across them) and rank 0 twice in the
-    V; loss, every gradient and after 3 SGD steps every weight equal one process's."""
+    """GPT-2 (Hugging Face, tied head) and the natural transformer (head sharing the embedding's
+    weight) under interleaved 1F1B and the V placement (zb-v, dualpipe-v), 6 blocks (8 layers, one
+    per stage) on 4 ranks: the embedding and the head are on stages 0 and 7, ranks 0 and 3
+    interleaved (tied across them) and rank 0 twice in the V; loss, every gradient and after 3
+    SGD steps every weight equal one process's."""
     results = pool4.run("split_exact", model=model, schedule=schedule, num_virtual=num_virtual, num_blocks=6)
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == tied
@@ -136,6 +145,45 @@ def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, sched
     assert any(r["other_rule_differs"] for r in results)
     versions = results[0]["weight_versions_peak"]
     assert max(versions) == (4 if schedule == "pipedream" else 2)
+
+
+@pytest.mark.multiprocess
+def test_hugging_face_gpt2_cut_at_named_points_over_four_ranks(pool4):
+    """`split_points` on a Hugging Face GPT-2 of 3 blocks, cut before block 1, inside block 2 and
+    before the final norm (4 graph pieces, one per stage; one process checks Llama's too, in
+    tests/model/test_split_graph.py): the head tied to the embedding across ranks 0 and 3; loss,
+    every gradient and after 3 SGD steps every weight equal one process's under 1F1B."""
+    results = pool4.run("split_exact", model="gpt2-points", schedule="1f1b")
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == {(0, 3)}
+    assert set(key for r in results for key in r["state_keys"]) == set(results[0]["expected_keys"])
+
+
+TENSOR_PARALLEL_PARTS = {
+    "llama": ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+              "self_attn.q_proj", "self_attn.v_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-v"])
+def test_split_hugging_face_models_at_pp2_by_tp2(pool4, model, schedule):
+    """hf_tensor_parallel_plan on models cut by pipefold.split (pp=2 x tp=2), the loss and every
+    gradient equal the unsplit module's (zb-v: W computes the sharded weights' gradients). Llama:
+    each tp rank holds 2 of the 4 query heads, 1 of the 2 key/value heads and half of the gated
+    MLP. GPT-2: 1 of the 2 heads (its query, key and value columns of the fused c_attn) and half
+    of the MLP; the head tied to the embedding stays whole, tied across the pipeline ranks."""
+    results = pool4.run("split_tp_exact", model=model, schedule=schedule)
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    sharded = sorted({name for r in results for name in r["sharded"]})
+    block = "model.layers" if model == "llama" else "transformer.h"
+    expected = [f"{block}.{i}.{part}.weight" for i in range(4) for part in TENSOR_PARALLEL_PARTS[model]]
+    assert [name for name in sharded if name.endswith(".weight")] == expected
+    # Llama's q_proj: 2 heads of 4 features, of 16 inputs; GPT-2's c_attn: [q | k | v] of 1 head of 8.
+    shape = (8, 16) if model == "llama" else (16, 24)
+    assert {shape for r in results for shape in r["query_shards"]} == {shape}
 
 
 @pytest.mark.multiprocess

@@ -1,8 +1,12 @@
-"""Ready-made tensor-parallel plans for the zoo's models (`ParallelOptions(tensor_parallel=...)`).
+"""Ready-made tensor-parallel plans (`ParallelOptions(tensor_parallel=...)`): the zoo's GPT, and
+(from `hf_plan`) Hugging Face models (GPT-2, Llama, Mistral, Qwen2) cut by `pipefold.split`.
 
-    >>> from pipefold.runtime import gpt_tensor_parallel_plan
+    >>> from pipefold.runtime import gpt_tensor_parallel_plan, hf_tensor_parallel_plan
     >>> plan = gpt_tensor_parallel_plan(sequence_parallel=True)
     >>> Pipeline(gpt_layers(...), ..., parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan))
+    >>> plan = hf_tensor_parallel_plan()
+    >>> Pipeline(pipefold.split(llama), ..., parallel=ParallelOptions(process_group=mesh,
+    ...                                                             tensor_parallel=plan))
 
 A plan names, per layer, which submodules split how; it lives with the parallel styles it
 uses (`tensor_parallel`, `sequence_parallel`), not with the model it describes, so the
@@ -18,10 +22,11 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from pipefold.model.zoo.gpt import DecoderBlock, PositionEmbedding
+from pipefold.runtime.parallel.hf_plan import hf_tensor_parallel_plan
 from pipefold.runtime.parallel.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
-__all__ = ["gpt_tensor_parallel_plan"]
+__all__ = ["gpt_tensor_parallel_plan", "hf_tensor_parallel_plan"]
 
 
 def gpt_tensor_parallel_plan(*, sequence_parallel: bool = False) -> TensorParallelPlan:
