@@ -139,13 +139,14 @@ def add_parser(subparsers: Any) -> None:
                         f"default {OptimizerConfig.weight_decay:g}")
     parser.add_argument("--clip-grad-norm", type=float, metavar="X",
                         help="clip the global gradient norm (all stages, replicas, tp shards) to X; "
-                        "default 0 = no clipping (the norm is reported either way)")
+                        "0 = no clipping; default: 1.0 for flush schedules, off for asynchronous ones "
+                        "(pipedream*), which cannot clip (the norm is reported either way)")
     parser.add_argument("--grad-accumulation", type=int, metavar="K",
                         help="pipeline steps per optimizer step (global batch = K x --batch-size); "
                         f"default {TrainConfig.grad_accumulation}")
     parser.add_argument("--eval-every", type=int, metavar="N",
                         help="validation loss through the pipeline (forward only, every rank) every N "
-                        "steps and at the end; default 0 = only the end-of-run one on rank 0")
+                        f"steps and at the end; default {TrainConfig.eval_every}; 0 = only the end-of-run one on rank 0")
     parser.add_argument("--eval-batches", type=int, metavar="K",
                         help=f"held-out batches per evaluation; default {TrainConfig.eval_batches}")
     parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")

@@ -22,7 +22,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     sample_tokens = 300
     checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
     grad_accumulation = 1      # pipeline steps (batches of batch_size) per optimizer step
-    eval_every = 0             # validation loss through the pipeline every N steps and at the end (0 = off)
+    eval_every = 50            # validation loss through the pipeline every N steps and at the end (0 = off)
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
@@ -65,10 +65,10 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     beta1 = 0.9
     beta2 = 0.95
     warmup_steps = 20
-    lr_schedule = "constant"   # after the warm-up: "constant", "cosine" or "linear" decay to min_lr
+    lr_schedule = "cosine"     # after the warm-up: "constant", "cosine" or "linear" decay to min_lr
     min_lr = 0.0               # where a decaying schedule ends (at the last step)
     weight_decay_groups = true # no weight decay on norms, biases and embeddings (false: on all)
-    clip_grad_norm = 0.0       # clip the global gradient norm to this (0 = no clipping; reported always)
+    clip_grad_norm = "auto"    # global-norm clip: 1.0 for flush schedules, off for asynchronous ones; 0 = off
     zero = false               # shard AdamW's state over the data-parallel replicas (ZeRO-1)
 """
 
@@ -90,6 +90,8 @@ from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import ModelFiles, check_tokenizer
 from pipefold.job.sections import (
+    CLIP_AUTO,
+    DEFAULT_CLIP_NORM,
     NUM_EXTRA_LAYERS,
     PARALLEL_NAMES,
     DataConfig,
@@ -169,7 +171,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     """Pipeline steps per optimizer step: their gradients are averaged, so the global batch is
     batch_size x grad_accumulation sequences. `steps` counts optimizer steps."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Every this many steps and after the last, the validation loss of `eval_batches` held-out
     batches through the pipeline, forward only, on every rank (`Pipeline.evaluate`); 0: never
     (the end-of-run validation on rank 0 is made either way)."""
@@ -353,12 +355,13 @@ class TrainConfig:
         """What needs the whole step's gradient before the update: refused where the schedule
         updates weights inside the step."""
         name = self.schedule.name
+        clip = self.optimizer.clip_grad_norm
         require(
-            self.optimizer.clip_grad_norm == 0,
+            clip in (0, CLIP_AUTO),
             "optimizer.clip_grad_norm",
-            self.optimizer.clip_grad_norm,
+            clip,
             f"schedule {name!r} updates weights inside the step, before a global norm exists; "
-            "set optimizer.clip_grad_norm=0 or use a flush schedule",
+            f'set optimizer.clip_grad_norm=0 (or "{CLIP_AUTO}", off for such schedules) or use a flush schedule',
         )
         require(
             self.grad_accumulation == 1,
@@ -386,6 +389,16 @@ class TrainConfig:
             f"the stage placement {list(schedule.placement)} is none the search knows (contiguous, looped "
             "or V); use such a schedule or schedule.retune_every=0",
         )
+
+    @property
+    def clip_norm(self) -> float:
+        """The norm the job clips the global gradient to; 0: no clipping. `optimizer.clip_grad_norm`,
+        with "auto" resolved: DEFAULT_CLIP_NORM for flush schedules, 0 for asynchronous ones
+        (they update weights inside the step, before a global norm exists)."""
+        clip = self.optimizer.clip_grad_norm
+        if isinstance(clip, str):
+            return DEFAULT_CLIP_NORM if str(self.schedule.built.weight_update) == "flush" else 0.0
+        return clip
 
     @property
     def schedule_label(self) -> str:

@@ -84,7 +84,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             report.print(job.searched)
 
     tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
-    clip = config.optimizer.clip_grad_norm
+    clip = config.clip_norm
     records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)

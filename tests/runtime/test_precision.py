@@ -121,3 +121,64 @@ def test_gpt_estimate_prices_16_bit_activations_and_fp32_weights():
         assert half.activation_bytes * 2 == full.activation_bytes
         assert half.output_bytes * 2 == full.output_bytes
         assert half.parameter_bytes == full.parameter_bytes
+
+
+def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
+    """The scale, its clean-step count and the skipped steps travel in the checkpoint: the run
+    resumed from it skips, grows and trains exactly as the uninterrupted one."""
+    from pipefold.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    kind = "transformer"
+
+    def make(scale: float) -> Pipeline:
+        return Pipeline(
+            transformer(), loss_fn=_loss_fn(kind), schedule="interleaved-1f1b", num_microbatches=2,
+            num_virtual=2, layout=LayoutOptions(seed=7),
+            runtime=RuntimeOptions(precision="fp16", loss_scale=scale, loss_scale_growth_interval=3),
+        )
+
+    def train(pipe: Pipeline, optimizer: torch.optim.Optimizer, steps: range, overflow_at: int = -1) -> list[float]:
+        losses = []
+        for step in steps:
+            handle = None
+            if step == overflow_at:
+                handle = next(pipe.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+            inputs, targets = _batch(kind, 4, seed=step)
+            losses.append(pipe.step(inputs, targets))
+            if handle is not None:
+                handle.remove()
+            assert pipe.loss_scale is not None
+            if not pipe.loss_scale.skipped:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    straight = make(1024.0)
+    straight_optimizer = torch.optim.AdamW(straight.parameters(), lr=1e-3)
+    first = make(1024.0)
+    first_optimizer = torch.optim.AdamW(first.parameters(), lr=1e-3)
+    # Step 0 overflows (scale 1024 -> 512), steps 1-2 are clean: two of the three clean steps
+    # that double the scale are behind at the save.
+    train(first, first_optimizer, range(3), overflow_at=0)
+    assert first.loss_scale is not None and first.loss_scale.state_dict() == {
+        "scale": 512.0, "good_steps": 2, "num_skipped": 1,
+    }
+    save_checkpoint(first, tmp_path / "ckpt", optimizer=first_optimizer, step=3)
+    expected = train(straight, straight_optimizer, range(5), overflow_at=0)[3:]
+    resumed = make(65536.0)  # another initial scale: the saved one wins
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    load_checkpoint(resumed, tmp_path / "ckpt", optimizer=resumed_optimizer)
+    assert resumed.loss_scale is not None and resumed.loss_scale.state_dict() == first.loss_scale.state_dict()
+    losses = train(resumed, resumed_optimizer, range(3, 5))
+    assert losses == expected  # same weights, moments, scale: bit-identical steps
+    assert resumed.loss_scale.state_dict() == {"scale": 1024.0, "good_steps": 1, "num_skipped": 1}
+    assert straight.loss_scale is not None and straight.loss_scale.state_dict() == resumed.loss_scale.state_dict()
+    # A bf16 pipeline loads the same checkpoint and has no scale; a damaged scale is refused.
+    bf16 = Pipeline(
+        transformer(), loss_fn=_loss_fn(kind), schedule="interleaved-1f1b", num_microbatches=2, num_virtual=2,
+        layout=LayoutOptions(seed=7), runtime=RuntimeOptions(precision="bf16"),
+    )
+    load_checkpoint(bf16, tmp_path / "ckpt")
+    assert bf16.loss_scale is None
+    with pytest.raises(ConfigError, match="not a saved dynamic loss scale"):
+        resumed.loss_scale.load_state_dict({"scale": -1.0, "good_steps": 0, "num_skipped": 0})
