@@ -172,8 +172,9 @@ def add_parser(subparsers: Any) -> None:
                         f"default {TrainConfig.on_nonfinite}")
     parser.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="bf16/fp16: autocast compute with fp32 weights and optimizer state, "
-                        "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; "
-                        f"default {TrainConfig.precision}")
+                        "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; bf16-pure: "
+                        "bf16 weights and gradients, fp32 master copies and state in the optimizer; "
+                        f"default {TrainConfig.precision} (docs/training.md says why)")
     parser.add_argument("--loss-scale", type=float, metavar="S",
                         help=f"fp16's initial dynamic loss scale; default {TrainConfig.loss_scale:g}")
     parser.add_argument("--compile", action="store_true", default=None,

@@ -26,7 +26,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
-    precision = "fp32"         # "bf16"/"fp16": autocast compute, fp32 weights, 16-bit boundaries
+    precision = "fp32"         # "bf16"/"fp16": autocast, fp32 weights, 16-bit boundaries; "bf16-pure": bf16 weights
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
@@ -126,7 +126,7 @@ PARTITION_METHODS = ("uniform", "parameters", "profile")
 NONFINITE_CHOICES = ("raise", "skip")
 """What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "bf16-pure")
 """What `precision` may be (`RuntimeOptions(precision=)`)."""
 
 CHECKPOINT_DIR = "checkpoint"
@@ -182,7 +182,9 @@ class TrainConfig:
     gradients (a warning) and goes on. Flush schedules only."""
     precision: str = "fp32"
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
-    weights and optimizer state, and boundary tensors travel in it (docs/training.md)."""
+    weights and optimizer state, and boundary tensors travel in it (docs/training.md).
+    "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
+    master copies in the optimizer step (flush schedules, one replica, no tensor parallelism)."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""
@@ -284,6 +286,16 @@ class TrainConfig:
             f"schedule.name={self.schedule.name!r} updates weights inside the step, before every rank "
             "agrees on an overflow; use a flush schedule for fp16, or bf16",
         )
+        if self.precision == "bf16-pure":
+            s = self.schedule
+            require(
+                weight_update == "flush" and s.data_parallel == 1 and s.tensor_parallel == 1,
+                "precision",
+                self.precision,
+                f"bf16 weights with fp32 master copies need a flush schedule (schedule.name={s.name!r}), "
+                f"schedule.data_parallel=1 (is {s.data_parallel}) and schedule.tensor_parallel=1 (is "
+                f"{s.tensor_parallel}) for now; use precision=\"bf16\" (fp32 weights) otherwise",
+            )
         if weight_update != "flush":
             self._check_asynchronous()
         if self.schedule.retune_every:
