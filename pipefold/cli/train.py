@@ -78,6 +78,7 @@ _FLAGS: dict[str, str] = {
     "precision": "precision",
     "loss_scale": "loss_scale",
     "compile": "compile",
+    "hardware": "hardware",
     "overwrite": "overwrite",
     "max_restarts": "max_restarts",
     "async_checkpoint": "async_checkpoint",
@@ -180,6 +181,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="run each layer of each stage through torch.compile (inductor; needs a C++ "
                         "compiler); works with every schedule, the split-backward ones included")
+    parser.add_argument("--hardware", metavar="FILE_OR_PRESET",
+                        help="a hardware preset (a100-80gb, h100-80gb, cpu) or TOML file, as `pipefold plan "
+                        "--hardware` takes: metrics.jsonl then reports mfu (model FLOPs utilization) "
+                        "against its peak FLOP/s x processes; built-in GPT only")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")

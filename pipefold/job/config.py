@@ -29,6 +29,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     precision = "fp32"         # "bf16"/"fp16": autocast, fp32 weights, 16-bit boundaries; "bf16-pure": bf16 weights
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
+    hardware = ""              # a hardware preset or TOML file (as `pipefold plan --hardware`): adds mfu to metrics
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
@@ -100,6 +101,8 @@ from pipefold.job.sections import (
     ScheduleConfig,
     require,
 )
+from pipefold.plan.estimate import gpt_flops_per_token
+from pipefold.plan.hardware import load_hardware
 from pipefold.schedule import Schedule
 from pipefold.schedule.placement import layout_of
 
@@ -191,6 +194,10 @@ class TrainConfig:
     compile: bool = False
     """Run each layer of each stage through torch.compile (inductor; docs/training.md). Refused
     where there is no C++ compiler, and with schedule.tensor_parallel > 1."""
+    hardware: str = ""
+    """A hardware preset (pipefold.plan.hardware.PRESETS) or TOML file, as `pipefold plan
+    --hardware` takes: its peak FLOP/s for the precision's dtype, times the job's processes (one
+    device each), is the peak `metrics.jsonl`'s `mfu` divides by. Built-in GPT only; "" = no mfu."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -234,6 +241,8 @@ class TrainConfig:
         )
         if self.compile:
             check_compiler("compile")
+        if self.hardware:
+            self._check_hardware()
         require(
             self.device in DEVICE_CHOICES,
             "device",
@@ -337,6 +346,32 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+
+    def _check_hardware(self) -> None:
+        require(
+            not self.model.path, "hardware", self.hardware,
+            "model FLOPs utilization uses the built-in GPT's FLOP estimate; drop hardware with model.path",
+        )
+        try:
+            self.peak_flops
+        except ConfigError as error:
+            raise ConfigError(f"hardware={self.hardware!r} is not allowed: {error}") from None
+
+    @property
+    def peak_flops(self) -> float | None:
+        """The job's devices' peak FLOP/s in its compute dtype (`hardware`), summed over its
+        processes; None without `hardware`."""
+        if not self.hardware:
+            return None
+        dtype = {"bf16-pure": "bf16"}.get(self.precision, self.precision)
+        return load_hardware(self.hardware).peak(dtype) * self.schedule.num_processes
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of the built-in GPT (`gpt_flops_per_token`; its vocabulary is
+        the 256 byte values, the function's default)."""
+        m = self.model
+        return gpt_flops_per_token(num_layers=m.num_layers, d_model=m.d_model, seq_len=m.seq_len)
 
     def _check_hf(self, files: ModelFiles) -> None:
         """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""

@@ -1,5 +1,6 @@
-"""`pipefold train --precision bf16` trains like fp32: the built-in GPT (tiny) for 30 steps at
-2 ranks in both precisions, with the job's default clipping, cosine decay and evaluation.
+"""`pipefold train --precision bf16` (and bf16-pure) trains like fp32: the built-in GPT (tiny)
+for 30 steps at 2 ranks in each precision, with the job's default clipping, cosine decay and
+evaluation; the fp32 run also reports its model FLOPs utilization (--hardware cpu).
 
 bf16 keeps 8 significant bits, so each step's loss moves by rounding, and AdamW carries the
 difference along; over 30 steps the curves stay within 1% of each other (measured: 0.03%),
@@ -12,6 +13,8 @@ import json
 import pytest
 
 from pipefold.cli.main import main
+from pipefold.plan.estimate import gpt_flops_per_token
+from pipefold.plan.hardware import load_hardware
 
 _TINY_30 = (
     "train", "--steps", "30", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
@@ -27,9 +30,11 @@ BF16_LOSS_RTOL = 0.01
 @pytest.mark.timeout(300)
 def test_bf16_trains_within_tolerance_of_fp32_over_30_steps(tmp_path, capfd):
     summaries = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "bf16-pure"):
         out = tmp_path / precision
-        assert main([*_TINY_30, "--precision", precision, "--out", str(out)]) == 0, capfd.readouterr().err
+        extra = ["--hardware", "cpu"] if precision == "fp32" else []
+        code = main([*_TINY_30, "--precision", precision, *extra, "--out", str(out)])
+        assert code == 0, capfd.readouterr().err
         summaries[precision] = json.loads((out / "summary.json").read_text())
     fp32, bf16 = summaries["fp32"]["losses"], summaries["bf16"]["losses"]
     assert len(fp32) == len(bf16) == 30
@@ -47,4 +52,14 @@ def test_bf16_trains_within_tolerance_of_fp32_over_30_steps(tmp_path, capfd):
         abs(b / a - 1) for a, b in zip(summaries["fp32"]["grad_norms"], summaries["bf16"]["grad_norms"], strict=True)
     )
     assert ratios[len(ratios) // 2] < BF16_LOSS_RTOL and ratios[-1] < 0.3
+    # bf16 weights with fp32 master copies train like fp32 weights under the same autocast.
+    pure = summaries["bf16-pure"]["losses"]
+    assert pure == pytest.approx(bf16, rel=BF16_LOSS_RTOL) and pure != bf16
+    # mfu = 6N + attention FLOPs per token x tokens/s over 2 ranks' peak (the cpu preset's fp32).
+    lines = [json.loads(text) for text in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    per_token = gpt_flops_per_token(num_layers=2, d_model=32, seq_len=32)
+    peak = 2 * load_hardware("cpu").peak("fp32")
+    assert [line["mfu"] for line in lines] == pytest.approx([per_token * line["tokens_per_s"] / peak for line in lines])
+    assert all(0 < line["mfu"] < 1 for line in lines)
+    assert not any("mfu" in text for text in (tmp_path / "bf16").joinpath("metrics.jsonl").read_text().splitlines())
     print("max relative loss difference:", max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)))
