@@ -69,7 +69,11 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
                 dist.all_reduce(wall, op=dist.ReduceOp.MAX)
                 walls[name].append(float(wall))
     summary = {
-        name: {"step_s": statistics.median(walls[name]), "sent": pipes[name].last_sent_bytes, "loss": losses[name]}
+        name: {
+            "step_s": statistics.median(walls[name]),
+            "sent": pipes[name].last_sent_bytes,
+            "loss": losses[name],
+        }
         for name in pipes
     }
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -112,7 +116,8 @@ def main() -> int:
     print("|---|---|---|---|")
     for name in args.precisions:
         sent = " / ".join(f"{per_rank[r][name]['sent'] / 1024:.0f}" for r in range(2))
-        print(f"| {name} | {per_rank[0][name]['step_s'] * 1e3:.1f} | {sent} | {per_rank[0][name]['loss']:.4f} |")
+        row = per_rank[0][name]
+        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {sent} | {row['loss']:.4f} |")
     base = per_rank[0][args.precisions[0]]["step_s"]
     for name in args.precisions[1:]:
         print(f"{name} / {args.precisions[0]} step time: {per_rank[0][name]['step_s'] / base:.2f}")

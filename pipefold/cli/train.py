@@ -147,7 +147,8 @@ def add_parser(subparsers: Any) -> None:
                         f"default {TrainConfig.grad_accumulation}")
     parser.add_argument("--eval-every", type=int, metavar="N",
                         help="validation loss through the pipeline (forward only, every rank) every N "
-                        f"steps and at the end; default {TrainConfig.eval_every}; 0 = only the end-of-run one on rank 0")
+                        f"steps and at the end; default {TrainConfig.eval_every}; 0 = only the end-of-run "
+                        "one on rank 0")
     parser.add_argument("--eval-batches", type=int, metavar="K",
                         help=f"held-out batches per evaluation; default {TrainConfig.eval_batches}")
     parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")

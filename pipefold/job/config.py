@@ -26,10 +26,10 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
-    precision = "fp32"         # "bf16"/"fp16": autocast, fp32 weights, 16-bit boundaries; "bf16-pure": bf16 weights
+    precision = "fp32"         # "bf16"/"fp16": autocast, 16-bit boundaries; "bf16-pure": bf16 weights too
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
-    hardware = ""              # a hardware preset or TOML file (as `pipefold plan --hardware`): adds mfu to metrics
+    hardware = ""              # a hardware preset or file (as `pipefold plan --hardware`): mfu in metrics
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
@@ -353,7 +353,7 @@ class TrainConfig:
             "model FLOPs utilization uses the built-in GPT's FLOP estimate; drop hardware with model.path",
         )
         try:
-            self.peak_flops
+            load_hardware(self.hardware).peak(self.compute_dtype_name)
         except ConfigError as error:
             raise ConfigError(f"hardware={self.hardware!r} is not allowed: {error}") from None
 
@@ -363,8 +363,12 @@ class TrainConfig:
         processes; None without `hardware`."""
         if not self.hardware:
             return None
-        dtype = {"bf16-pure": "bf16"}.get(self.precision, self.precision)
-        return load_hardware(self.hardware).peak(dtype) * self.schedule.num_processes
+        return load_hardware(self.hardware).peak(self.compute_dtype_name) * self.schedule.num_processes
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """The dtype the matrix products run in, as hardware files name it ("fp32", "bf16", "fp16")."""
+        return "bf16" if self.precision == "bf16-pure" else self.precision
 
     @property
     def flops_per_token(self) -> float:
@@ -408,7 +412,8 @@ class TrainConfig:
             "optimizer.clip_grad_norm",
             clip,
             f"schedule {name!r} updates weights inside the step, before a global norm exists; "
-            f'set optimizer.clip_grad_norm=0 (or "{CLIP_AUTO}", off for such schedules) or use a flush schedule',
+            f'set optimizer.clip_grad_norm=0 (or "{CLIP_AUTO}", off for such schedules) or use a flush '
+            "schedule",
         )
         require(
             self.grad_accumulation == 1,

@@ -51,9 +51,9 @@ from pipefold.job.report import (
     validation_batches,
 )
 from pipefold.job.retune import Retuner
-from pipefold.plan.estimate import model_flops_utilization
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
+from pipefold.plan.estimate import model_flops_utilization
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 from pipefold.runtime.processes.launch import LaunchResult, spawn
@@ -136,7 +136,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             record = StepStats(
                 step, float(loss), seconds, tokens_per_s, timeline.bubble_fraction,
                 grad_norm=grad_norm, lr=lr, eval_loss=eval_loss, loss_scale=loss_scale, skipped=skipped,
-                mfu=None if peak_flops is None else model_flops_utilization(flops_per_token, tokens_per_s, peak_flops),
+                mfu=None if peak_flops is None else model_flops_utilization(
+                    flops_per_token, tokens_per_s, peak_flops
+                ),
             )
             records.append(record)
             if metrics is not None:

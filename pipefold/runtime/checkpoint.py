@@ -245,7 +245,9 @@ def load_checkpoint(
     saved_scale = meta.get("loss_scale")
     if saved_scale is not None:
         if not isinstance(saved_scale, dict):
-            raise ConfigError(f"checkpoint {str(target)!r}: loss_scale={saved_scale!r} is not a saved loss scale")
+            raise ConfigError(
+                f"checkpoint {str(target)!r}: loss_scale={saved_scale!r} is not a saved loss scale"
+            )
         check_state(saved_scale)
     optimizers = as_list(optimizer)
     local = pipe.state_dict()

@@ -26,7 +26,14 @@ from pipefold.errors import ConfigError
 from pipefold.model import Partition
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
-__all__ = ["PURE_PRECISIONS", "LayoutOptions", "OptimizerFactory", "ParallelOptions", "RuntimeOptions", "TransportOptions"]
+__all__ = [
+    "PURE_PRECISIONS",
+    "LayoutOptions",
+    "OptimizerFactory",
+    "ParallelOptions",
+    "RuntimeOptions",
+    "TransportOptions",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 """What `RuntimeOptions.precision` may be."""

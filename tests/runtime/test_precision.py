@@ -140,7 +140,9 @@ def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
             runtime=RuntimeOptions(precision="fp16", loss_scale=scale, loss_scale_growth_interval=3),
         )
 
-    def train(pipe: Pipeline, optimizer: torch.optim.Optimizer, steps: range, overflow_at: int = -1) -> list[float]:
+    def train(
+        pipe: Pipeline, optimizer: torch.optim.Optimizer, steps: range, overflow_at: int = -1
+    ) -> list[float]:
         losses = []
         for step in steps:
             handle = None
@@ -175,7 +177,8 @@ def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
     losses = train(resumed, resumed_optimizer, range(3, 5))
     assert losses == expected  # same weights, moments, scale: bit-identical steps
     assert resumed.loss_scale.state_dict() == {"scale": 1024.0, "good_steps": 1, "num_skipped": 1}
-    assert straight.loss_scale is not None and straight.loss_scale.state_dict() == resumed.loss_scale.state_dict()
+    assert straight.loss_scale is not None
+    assert straight.loss_scale.state_dict() == resumed.loss_scale.state_dict()
     # A bf16 pipeline loads the same checkpoint and has no scale; a damaged scale is refused.
     bf16 = Pipeline(
         transformer(), loss_fn=_loss_fn(kind), schedule="interleaved-1f1b", num_microbatches=2, num_virtual=2,
@@ -207,7 +210,8 @@ def test_fp32_master_weights_step_the_fp32_copy_and_round_it_into_the_weight():
         assert low.dtype == torch.bfloat16 and low.grad.dtype == torch.bfloat16
         assert state["master"].dtype == state["exp_avg"].dtype == torch.float32
         torch.testing.assert_close(state["master"], reference.detach(), rtol=0, atol=0)
-        torch.testing.assert_close(state["exp_avg_sq"], expected.state[reference]["exp_avg_sq"], rtol=0, atol=0)
+        want = expected.state[reference]["exp_avg_sq"]
+        torch.testing.assert_close(state["exp_avg_sq"], want, rtol=0, atol=0)
         assert torch.equal(low.detach(), reference.detach().to(torch.bfloat16))
     # 1e-3 steps on weights near 1 are below bf16's resolution (2^-8): the master keeps them.
     assert not torch.equal(state["master"], low.detach().to(torch.float32))
