@@ -125,6 +125,10 @@ BAD = [
     ({"compile": True, "schedule.tensor_parallel": 2}, "compile=True"),
     ({"precision": "fp16", "loss_scale": 0.0}, "loss_scale=0.0"),
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
+    ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
+     "precision='bf16-pure'"),
+    ({"precision": "bf16-pure", "schedule.data_parallel": 2}, "precision='bf16-pure'"),
+    ({"precision": "bf16-pure", "schedule.tensor_parallel": 2}, "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -212,3 +216,22 @@ def test_compile_without_a_cpp_compiler_is_refused_naming_the_fix(monkeypatch):
         load_config(None, {"compile": True})
     monkeypatch.setenv("CXX", sys.executable)  # any program on the PATH passes the check
     assert load_config(None, {"compile": True}).compile
+
+
+def test_the_default_clip_applies_where_the_schedule_can_clip():
+    """optimizer.clip_grad_norm = "auto": 1.0 for flush schedules, off for asynchronous ones;
+    an explicit clip with an asynchronous schedule is still refused."""
+    assert TrainConfig().optimizer.clip_grad_norm == "auto" and TrainConfig().clip_norm == 1.0
+    assert load_config(overrides={"schedule.name": "zb-h1"}).clip_norm == 1.0
+    assert load_config(overrides={"optimizer.clip_grad_norm": 0.5}).clip_norm == 0.5
+    assert load_config(overrides={"optimizer.clip_grad_norm": 0}).clip_norm == 0.0
+    for name in ("pipedream", "pipedream-2bw"):
+        untied = {"schedule.name": name, "model.tie_embeddings": False}
+        assert load_config(overrides=untied).clip_norm == 0.0
+        with pytest.raises(ConfigError, match=r"clip_grad_norm=1.0 is not allowed.*inside the step"):
+            load_config(overrides={**untied, "optimizer.clip_grad_norm": 1.0})
+    with pytest.raises(ConfigError, match=r"optimizer.clip_grad_norm='always'.*\"auto\""):
+        load_config(overrides={"optimizer.clip_grad_norm": "always"})
+    with pytest.raises(ConfigError, match=r"optimizer.clip_grad_norm=-1.0"):
+        load_config(overrides={"optimizer.clip_grad_norm": -1.0})
+    assert TrainConfig().optimizer.lr_schedule == "cosine" and TrainConfig().eval_every == 50

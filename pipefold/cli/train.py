@@ -80,6 +80,7 @@ _FLAGS: dict[str, str] = {
     "precision": "precision",
     "loss_scale": "loss_scale",
     "compile": "compile",
+    "hardware": "hardware",
     "overwrite": "overwrite",
     "max_restarts": "max_restarts",
     "async_checkpoint": "async_checkpoint",
@@ -146,13 +147,15 @@ def add_parser(subparsers: Any) -> None:
                         f"default {OptimizerConfig.weight_decay:g}")
     parser.add_argument("--clip-grad-norm", type=float, metavar="X",
                         help="clip the global gradient norm (all stages, replicas, tp shards) to X; "
-                        "default 0 = no clipping (the norm is reported either way)")
+                        "0 = no clipping; default: 1.0 for flush schedules, off for asynchronous ones "
+                        "(pipedream*), which cannot clip (the norm is reported either way)")
     parser.add_argument("--grad-accumulation", type=int, metavar="K",
                         help="pipeline steps per optimizer step (global batch = K x --batch-size); "
                         f"default {TrainConfig.grad_accumulation}")
     parser.add_argument("--eval-every", type=int, metavar="N",
                         help="validation loss through the pipeline (forward only, every rank) every N "
-                        "steps and at the end; default 0 = only the end-of-run one on rank 0")
+                        f"steps and at the end; default {TrainConfig.eval_every}; 0 = only the end-of-run "
+                        "one on rank 0")
     parser.add_argument("--eval-batches", type=int, metavar="K",
                         help=f"held-out batches per evaluation; default {TrainConfig.eval_batches}")
     parser.add_argument("--d-model", type=int, help=f"model width; default {ModelConfig.d_model}")
@@ -178,13 +181,18 @@ def add_parser(subparsers: Any) -> None:
                         f"default {TrainConfig.on_nonfinite}")
     parser.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="bf16/fp16: autocast compute with fp32 weights and optimizer state, "
-                        "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; "
-                        f"default {TrainConfig.precision}")
+                        "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; bf16-pure: "
+                        "bf16 weights and gradients, fp32 master copies and state in the optimizer; "
+                        f"default {TrainConfig.precision} (docs/training.md says why)")
     parser.add_argument("--loss-scale", type=float, metavar="S",
                         help=f"fp16's initial dynamic loss scale; default {TrainConfig.loss_scale:g}")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="run each layer of each stage through torch.compile (inductor; needs a C++ "
                         "compiler); works with every schedule, the split-backward ones included")
+    parser.add_argument("--hardware", metavar="FILE_OR_PRESET",
+                        help="a hardware preset (a100-80gb, h100-80gb, cpu) or TOML file, as `pipefold plan "
+                        "--hardware` takes: metrics.jsonl then reports mfu (model FLOPs utilization) "
+                        "against its peak FLOP/s x processes; built-in GPT only")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")

@@ -22,13 +22,14 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     sample_tokens = 300
     checkpoint_every = 0       # also save every N steps into <out>/checkpoint (0 = only at the end)
     grad_accumulation = 1      # pipeline steps (batches of batch_size) per optimizer step
-    eval_every = 0             # validation loss through the pipeline every N steps and at the end (0 = off)
+    eval_every = 50            # validation loss through the pipeline every N steps and at the end (0 = off)
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
-    precision = "fp32"         # "bf16"/"fp16": autocast compute, fp32 weights, 16-bit boundaries
+    precision = "fp32"         # "bf16"/"fp16": autocast, 16-bit boundaries; "bf16-pure": bf16 weights too
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
+    hardware = ""              # a hardware preset or file (as `pipefold plan --hardware`): mfu in metrics
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
@@ -66,10 +67,10 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     beta1 = 0.9
     beta2 = 0.95
     warmup_steps = 20
-    lr_schedule = "constant"   # after the warm-up: "constant", "cosine" or "linear" decay to min_lr
+    lr_schedule = "cosine"     # after the warm-up: "constant", "cosine" or "linear" decay to min_lr
     min_lr = 0.0               # where a decaying schedule ends (at the last step)
     weight_decay_groups = true # no weight decay on norms, biases and embeddings (false: on all)
-    clip_grad_norm = 0.0       # clip the global gradient norm to this (0 = no clipping; reported always)
+    clip_grad_norm = "auto"    # global-norm clip: 1.0 for flush schedules, off for asynchronous ones; 0 = off
     zero = false               # shard AdamW's state over the data-parallel replicas (ZeRO-1)
 """
 
@@ -91,6 +92,8 @@ from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
 from pipefold.job.sections import (
+    CLIP_AUTO,
+    DEFAULT_CLIP_NORM,
     NUM_EXTRA_LAYERS,
     PARALLEL_NAMES,
     DataConfig,
@@ -99,6 +102,8 @@ from pipefold.job.sections import (
     ScheduleConfig,
     require,
 )
+from pipefold.plan.estimate import gpt_flops_per_token
+from pipefold.plan.hardware import load_hardware
 from pipefold.schedule import Schedule
 from pipefold.schedule.placement import layout_of
 
@@ -125,7 +130,7 @@ PARTITION_METHODS = ("uniform", "parameters", "profile")
 NONFINITE_CHOICES = ("raise", "skip")
 """What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "bf16-pure")
 """What `precision` may be (`RuntimeOptions(precision=)`)."""
 
 CHECKPOINT_DIR = "checkpoint"
@@ -170,7 +175,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     """Pipeline steps per optimizer step: their gradients are averaged, so the global batch is
     batch_size x grad_accumulation sequences. `steps` counts optimizer steps."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Every this many steps and after the last, the validation loss of `eval_batches` held-out
     batches through the pipeline, forward only, on every rank (`Pipeline.evaluate`); 0: never
     (the end-of-run validation on rank 0 is made either way)."""
@@ -181,13 +186,19 @@ class TrainConfig:
     gradients (a warning) and goes on. Flush schedules only."""
     precision: str = "fp32"
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
-    weights and optimizer state, and boundary tensors travel in it (docs/training.md)."""
+    weights and optimizer state, and boundary tensors travel in it (docs/training.md).
+    "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
+    master copies in the optimizer step (flush schedules, one replica, no tensor parallelism)."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""
     compile: bool = False
     """Run each layer of each stage through torch.compile (inductor; docs/training.md). Refused
     where there is no C++ compiler, and with schedule.tensor_parallel > 1."""
+    hardware: str = ""
+    """A hardware preset (pipefold.plan.hardware.PRESETS) or TOML file, as `pipefold plan
+    --hardware` takes: its peak FLOP/s for the precision's dtype, times the job's processes (one
+    device each), is the peak `metrics.jsonl`'s `mfu` divides by. Built-in GPT only; "" = no mfu."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -231,6 +242,8 @@ class TrainConfig:
         )
         if self.compile:
             check_compiler("compile")
+        if self.hardware:
+            self._check_hardware()
         require(
             self.device in DEVICE_CHOICES,
             "device",
@@ -277,6 +290,16 @@ class TrainConfig:
             f"schedule.name={self.schedule.name!r} updates weights inside the step, before every rank "
             "agrees on an overflow; use a flush schedule for fp16, or bf16",
         )
+        if self.precision == "bf16-pure":
+            s = self.schedule
+            require(
+                weight_update == "flush" and s.data_parallel == 1 and s.tensor_parallel == 1,
+                "precision",
+                self.precision,
+                f"bf16 weights with fp32 master copies need a flush schedule (schedule.name={s.name!r}), "
+                f"schedule.data_parallel=1 (is {s.data_parallel}) and schedule.tensor_parallel=1 (is "
+                f"{s.tensor_parallel}) for now; use precision=\"bf16\" (fp32 weights) otherwise",
+            )
         if weight_update != "flush":
             self._check_asynchronous()
         if self.schedule.retune_every:
@@ -319,6 +342,36 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+
+    def _check_hardware(self) -> None:
+        require(
+            not self.model.path, "hardware", self.hardware,
+            "model FLOPs utilization uses the built-in GPT's FLOP estimate; drop hardware with model.path",
+        )
+        try:
+            load_hardware(self.hardware).peak(self.compute_dtype_name)
+        except ConfigError as error:
+            raise ConfigError(f"hardware={self.hardware!r} is not allowed: {error}") from None
+
+    @property
+    def peak_flops(self) -> float | None:
+        """The job's devices' peak FLOP/s in its compute dtype (`hardware`), summed over its
+        processes; None without `hardware`."""
+        if not self.hardware:
+            return None
+        return load_hardware(self.hardware).peak(self.compute_dtype_name) * self.schedule.num_processes
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """The dtype the matrix products run in, as hardware files name it ("fp32", "bf16", "fp16")."""
+        return "bf16" if self.precision == "bf16-pure" else self.precision
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of the built-in GPT (`gpt_flops_per_token`; its vocabulary is
+        the 256 byte values, the function's default)."""
+        m = self.model
+        return gpt_flops_per_token(num_layers=m.num_layers, d_model=m.d_model, seq_len=m.seq_len)
 
     def _check_hf(self, files: ModelFiles) -> None:
         """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""
@@ -369,12 +422,14 @@ class TrainConfig:
         """What needs the whole step's gradient before the update: refused where the schedule
         updates weights inside the step."""
         name = self.schedule.name
+        clip = self.optimizer.clip_grad_norm
         require(
-            self.optimizer.clip_grad_norm == 0,
+            clip in (0, CLIP_AUTO),
             "optimizer.clip_grad_norm",
-            self.optimizer.clip_grad_norm,
+            clip,
             f"schedule {name!r} updates weights inside the step, before a global norm exists; "
-            "set optimizer.clip_grad_norm=0 or use a flush schedule",
+            f'set optimizer.clip_grad_norm=0 (or "{CLIP_AUTO}", off for such schedules) or use a flush '
+            "schedule",
         )
         require(
             self.grad_accumulation == 1,
@@ -402,6 +457,16 @@ class TrainConfig:
             f"the stage placement {list(schedule.placement)} is none the search knows (contiguous, looped "
             "or V); use such a schedule or schedule.retune_every=0",
         )
+
+    @property
+    def clip_norm(self) -> float:
+        """The norm the job clips the global gradient to; 0: no clipping. `optimizer.clip_grad_norm`,
+        with "auto" resolved: DEFAULT_CLIP_NORM for flush schedules, 0 for asynchronous ones
+        (they update weights inside the step, before a global norm exists)."""
+        clip = self.optimizer.clip_grad_norm
+        if isinstance(clip, str):
+            return DEFAULT_CLIP_NORM if str(self.schedule.built.weight_update) == "flush" else 0.0
+        return clip
 
     @property
     def schedule_label(self) -> str:

@@ -53,6 +53,7 @@ from pipefold.job.report import (
 from pipefold.job.retune import Retuner
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
+from pipefold.plan.estimate import model_flops_utilization
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 from pipefold.runtime.parallel.tensor_parallel import whole
@@ -85,7 +86,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             report.print(job.searched)
 
     tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
-    clip = config.optimizer.clip_grad_norm
+    clip = config.clip_norm
+    peak_flops = config.peak_flops
+    flops_per_token = config.flops_per_token
     records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
@@ -131,9 +134,13 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             eval_loss = None
             if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
                 eval_loss = evaluate(job, val_batches)
+            tokens_per_s = tokens_per_step / seconds
             record = StepStats(
-                step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
+                step, float(loss), seconds, tokens_per_s, timeline.bubble_fraction,
                 grad_norm=grad_norm, lr=lr, eval_loss=eval_loss, loss_scale=loss_scale, skipped=skipped,
+                mfu=None if peak_flops is None else model_flops_utilization(
+                    flops_per_token, tokens_per_s, peak_flops
+                ),
             )
             records.append(record)
             if metrics is not None:

@@ -77,6 +77,8 @@ class StepStats:
     """fp16: the loss scale this step ran with (None in fp32 and bf16)."""
     skipped: bool = False
     """fp16: the step overflowed on some rank, and every rank skipped its update."""
+    mfu: float | None = None
+    """Model FLOPs utilization of the step (config.hardware given); None otherwise."""
 
 
 @dataclass

@@ -29,6 +29,8 @@ __all__ = [
     "ScheduleConfig",
     "OptimizerConfig",
     "LR_SCHEDULES",
+    "CLIP_AUTO",
+    "DEFAULT_CLIP_NORM",
     "NUM_EXTRA_LAYERS",
     "PARALLEL_NAMES",
     "load_schedule_file",
@@ -40,6 +42,12 @@ NUM_EXTRA_LAYERS = 4
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 """What follows the warm-up (pipefold.job.optim): the peak lr, or a cosine / linear decay to min_lr."""
+
+CLIP_AUTO = "auto"
+"""`optimizer.clip_grad_norm`'s default: DEFAULT_CLIP_NORM where the schedule flushes, else off."""
+
+DEFAULT_CLIP_NORM = 1.0
+"""The customary global-norm clip (GPT-2, Megatron, torchtitan) the job applies by default."""
 
 PARALLEL_NAMES = {
     "pp": "schedule.ranks",
@@ -325,16 +333,18 @@ class OptimizerConfig:
     beta2: float = 0.95
     warmup_steps: int = 20
     """Steps of linear warm-up from lr / warmup_steps to lr."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     """After the warm-up: "constant" (lr), "cosine" or "linear" decay from lr to min_lr at the last step."""
     min_lr: float = 0.0
     """Where a decaying schedule ends; at most lr."""
     weight_decay_groups: bool = True
     """Exempt norms, biases and embeddings from weight decay (flush schedules; asynchronous ones
     decay every parameter); false decays every parameter."""
-    clip_grad_norm: float = 0.0
+    clip_grad_norm: float | str = CLIP_AUTO
     """Clip the global gradient norm (over every stage, replica and tp shard) to this after each
-    optimizer step's gradient is complete; 0 = no clipping. The norm is reported either way."""
+    optimizer step's gradient is complete; 0 = no clipping. "auto" (the default): 1.0 where the
+    schedule flushes, 0 where it updates weights inside the step (pipedream, pipedream-2bw),
+    which cannot clip (`TrainConfig.clip_norm`). The norm is reported either way."""
     zero: bool = False
     """Shard AdamW's state over the data-parallel replicas (ZeRO stage 1,
     `pipefold.runtime.sharded_optimizer`): each replica keeps and updates 1 / data_parallel of it."""
@@ -358,11 +368,13 @@ class OptimizerConfig:
             self.min_lr,
             f"use a value in [0, optimizer.lr={self.lr}]",
         )
+        clip = self.clip_grad_norm
         require(
-            self.clip_grad_norm >= 0 and math.isfinite(self.clip_grad_norm),
+            clip == CLIP_AUTO if isinstance(clip, str) else clip >= 0 and math.isfinite(clip),
             "optimizer.clip_grad_norm",
-            self.clip_grad_norm,
-            "use a positive norm to clip to (e.g. 1.0), or 0 for no clipping",
+            clip,
+            f'use a positive norm to clip to (e.g. 1.0), 0 for no clipping, or "{CLIP_AUTO}" '
+            f"({DEFAULT_CLIP_NORM} for flush schedules, off for asynchronous ones)",
         )
 
 

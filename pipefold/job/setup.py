@@ -33,6 +33,7 @@ from pipefold.runtime import (
     ParallelOptions,
     Pipeline,
     RuntimeOptions,
+    fp32_master_weights,
     gpt_tensor_parallel_plan,
     hf_tensor_parallel_plan,
     profile,
@@ -227,11 +228,11 @@ def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
 
 def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
     opt = config.optimizer
+    # bf16-pure: the stages hold bf16 weights; AdamW steps their fp32 master copies.
+    adamw = fp32_master_weights(torch.optim.AdamW) if config.precision == "bf16-pure" else torch.optim.AdamW
 
     def make(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            params, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
-        )
+        return adamw(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
 
     return make
 
@@ -261,9 +262,10 @@ def _make_pipeline(
     )
     # TrainConfig has checked the value against NONFINITE_CHOICES.
     on_nonfinite: Literal["raise", "skip"] = "skip" if config.on_nonfinite == "skip" else "raise"
-    precision: Literal["fp32", "bf16", "fp16"] = (
-        "bf16" if config.precision == "bf16" else "fp16" if config.precision == "fp16" else "fp32"
-    )
+    precisions: dict[str, Literal["fp32", "bf16", "fp16", "bf16-pure"]] = {
+        "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "bf16-pure": "bf16-pure",
+    }
+    precision = precisions[config.precision]
     runtime = RuntimeOptions(
         timeout_s=config.timeout_s, on_nonfinite=on_nonfinite, precision=precision,
         loss_scale=config.loss_scale if precision == "fp16" else None, compile=config.compile,

@@ -28,11 +28,29 @@ from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.simulate import Link
 
-__all__ = ["PRECISION_BYTES", "GptEstimate", "gpt_costs"]
+__all__ = ["PRECISION_BYTES", "GptEstimate", "gpt_costs", "gpt_flops_per_token", "model_flops_utilization"]
 
-PRECISION_BYTES = {"fp32": (4, 4), "bf16": (2, 4), "fp16": (2, 4)}
+PRECISION_BYTES = {"fp32": (4, 4), "bf16": (2, 4), "fp16": (2, 4), "bf16-pure": (2, 2)}
 """`pipefold train --precision` -> (bytes_per_value, parameter_bytes_per_value) of `gpt_costs`:
-mixed precision computes and sends activations in 16 bits and keeps fp32 master weights."""
+mixed precision computes and sends activations in 16 bits and keeps fp32 weights; bf16-pure
+holds the weights in bf16 too (its fp32 master copies are optimizer state)."""
+
+
+def gpt_flops_per_token(*, num_layers: int, d_model: int, seq_len: int, vocab_size: int = 256) -> float:
+    """Training FLOPs per token of the built-in GPT, forward + backward, the matrix products
+    `gpt_costs` counts: 6 N + 12 L T d, where N = 12 L d^2 + V d are the weights of the matrix products
+    (the blocks' and the head's; embedding lookups and norms are not products) and
+    12 L T d the attention scores and their weighting (4 T d per layer forward, twice that
+    backward). The PaLM paper's MFU convention: no recomputation counted."""
+    products = 12 * num_layers * d_model * d_model + vocab_size * d_model
+    return float(6 * products + 12 * num_layers * seq_len * d_model)
+
+
+def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """MFU: the model's FLOPs per second over the devices' peak (every device's, summed)."""
+    if not peak_flops > 0:
+        raise ConfigError(f"model_flops_utilization: peak_flops = {peak_flops!r}; give the devices' FLOP/s")
+    return flops_per_token * tokens_per_s / peak_flops
 
 
 def gpt_costs(

@@ -12,10 +12,12 @@ measured timeline into a `pipefold.simulate.CostModel`; `tune_schedule` (tune.py
 model's costs in probe steps and searches a schedule for them. `save_checkpoint` /
 `load_checkpoint` (checkpoint.py) write and read sharded, atomic checkpoints that load into
 any partition; `sharded_optimizer` (zero.py) shards the optimizer state over data-parallel
-replicas (ZeRO-1).
+replicas (ZeRO-1); `fp32_master_weights` (master.py) steps fp32 master copies of bf16 weights
+(`RuntimeOptions(precision="bf16-pure")`).
 """
 
 from pipefold.runtime.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint
+from pipefold.runtime.master import fp32_master_weights
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.options import LayoutOptions, ParallelOptions, RuntimeOptions, TransportOptions
 from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan, hf_tensor_parallel_plan
@@ -33,6 +35,7 @@ __all__ = [
     "RuntimeOptions",
     "TransportOptions",
     "TunedSchedule",
+    "fp32_master_weights",
     "gpt_tensor_parallel_plan",
     "hf_tensor_parallel_plan",
     "load_checkpoint",

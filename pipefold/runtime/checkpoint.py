@@ -54,6 +54,7 @@ from pipefold.runtime.checkpoint_optimizer import (
 )
 from pipefold.runtime.checkpoint_safety import SafeReader
 from pipefold.runtime.checkpoint_verify import digest_files, verify_files
+from pipefold.runtime.loss_scale import check_state
 from pipefold.runtime.parallel.tensor_parallel import whole
 from pipefold.runtime.parallel.zero import consolidate
 
@@ -239,7 +240,9 @@ def load_checkpoint(
     partition of the same model: each rank reads the entries of its own layers. A
     missing entry or a different shape or dtype is a ConfigError on every rank, raised
     before anything is read. `optimizer` must hold this rank's parameters (as for
-    save_checkpoint); its state and hyperparameters are replaced by the saved ones.
+    save_checkpoint); its state and hyperparameters are replaced by the saved ones. An fp16
+    pipeline's dynamic loss scale (scale, clean-step and skipped-step counts) continues from
+    the saved one where the checkpoint has it.
     """
     target = Path(path)
     meta = _read_metadata(target)
@@ -247,6 +250,15 @@ def load_checkpoint(
     group = pipe.process_group
     _verify(target, meta, group)
     SafeReader(target).read_metadata()  # DCP's part must be there and clean too; a ConfigError if not
+    # An fp16 run continues with the saved loss scale; a checkpoint saved in fp32 / bf16 has none,
+    # and the pipeline keeps its initial scale. Checked before anything is read.
+    saved_scale = meta.get("loss_scale")
+    if saved_scale is not None:
+        if not isinstance(saved_scale, dict):
+            raise ConfigError(
+                f"checkpoint {str(target)!r}: loss_scale={saved_scale!r} is not a saved loss scale"
+            )
+        check_state(saved_scale)
     optimizers = as_list(optimizer)
     local = pipe.state_dict()
     plan: dict[str, Tensor] = {}
@@ -263,6 +275,8 @@ def load_checkpoint(
     pipe.load_state_dict({name: plan[_MODEL + name] for name in local})
     for item in optimizers:
         load_optimizer(pipe, item, meta["optimizer"], plan)
+    if pipe.loss_scale is not None and saved_scale is not None:
+        pipe.loss_scale.load_state_dict(saved_scale)
     return info
 
 
@@ -479,6 +493,8 @@ def _metadata(
         "num_stages": pipe.schedule.num_stages,
         "placement": list(pipe.schedule.placement),
         "partition": list(pipe.partition.counts),
+        # fp16's dynamic loss scale: one agreement, so every rank holds the same state.
+        "loss_scale": None if pipe.loss_scale is None else pipe.loss_scale.state_dict(),
         "model": dict(sorted(model.items())),
         "optimizer": (
             {

@@ -4,7 +4,8 @@
     val_loss = pipe.evaluate(inputs, targets)     # on every rank, like step(); no gradients
 
 Every rank walks the (micro-batch, stage) pairs in the same order, micro-batch first, and
-runs the stages it holds under `torch.no_grad()`: a stage's input comes from the batch
+runs the stages it holds under `torch.no_grad()` (under mixed precision with the training
+step's autocast and 16-bit boundaries, `Stage.forward_only`): a stage's input comes from the batch
 (stage 0), from the previous stage on this rank, or from the rank that holds it (received
 through the process group); its output goes on the same way. Sends are asynchronous, so the
 micro-batches flow through the ranks as in GPipe's forward phase, and no activation outlives
@@ -77,7 +78,7 @@ class ForwardOnly:
                         value = handoff
                     else:
                         value = self._receive(boundaries[stage.layer_indices[0] - 1], placement[s - 1], s, mb)
-                    output = stage.module(value)
+                    output = stage.forward_only(value)
                     if s == schedule.num_stages - 1:
                         assert split_targets is not None
                         loss = self.loss_fn(output, split_targets[mb])

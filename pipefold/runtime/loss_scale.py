@@ -13,20 +13,36 @@ checks its own contribution and a single all-reduce (max) of that flag over ever
 (pipeline stages, data-parallel replicas, tensor-parallel peers) gives every rank the same answer,
 so every rank skips the same step and changes the scale the same way: halved after an overflow,
 doubled after `growth_interval` steps in a row without one (torch.amp.GradScaler's rule).
+`state_dict()` / `load_state_dict()` (the scale, the clean steps since the last change, the
+skipped steps) travel in checkpoints, so a resumed run continues where the saved one stood.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pipefold.errors import ConfigError
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.parallel.tensor_parallel import local
 
-__all__ = ["DynamicLossScale"]
+__all__ = ["DynamicLossScale", "check_state"]
+
+
+def check_state(state: Mapping[str, object]) -> None:
+    """Refuse what `DynamicLossScale.state_dict()` cannot have written (a ConfigError)."""
+    scale, good, skipped = state.get("scale"), state.get("good_steps"), state.get("num_skipped")
+    if not (
+        isinstance(scale, (int, float)) and 0 < scale < float("inf")
+        and isinstance(good, int) and good >= 0 and isinstance(skipped, int) and skipped >= 0
+    ):
+        raise ConfigError(
+            f"loss_scale={dict(state)!r} is not a saved dynamic loss scale (a positive finite scale, "
+            "good_steps and num_skipped >= 0); resume from a checkpoint save_checkpoint wrote"
+        )
 
 
 class DynamicLossScale:
@@ -54,6 +70,18 @@ class DynamicLossScale:
         self._group = group
         self._watchdog = watchdog
         self._set_aside: list[Tensor | None] | None = None
+
+    def state_dict(self) -> dict[str, float | int]:
+        """What a resumed run needs (JSON data; the same on every rank)."""
+        return {"scale": self.scale, "good_steps": self._good_steps, "num_skipped": self.num_skipped}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Continue from `state_dict()`'s values (a checkpoint's `loss_scale`)."""
+        check_state(state)
+        self.scale = float(state["scale"])  # type: ignore[arg-type]
+        self._good_steps = int(state["good_steps"])  # type: ignore[call-overload]
+        self.num_skipped = int(state["num_skipped"])  # type: ignore[call-overload]
+        self.skipped = False
 
     def set_aside(self, params: Sequence[nn.Parameter]) -> None:
         """Move `.grad` out of the way so the step writes only its own (scaled) contribution."""

@@ -26,16 +26,29 @@ from pipefold.errors import ConfigError
 from pipefold.model import Partition
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 
-__all__ = ["LayoutOptions", "OptimizerFactory", "ParallelOptions", "RuntimeOptions", "TransportOptions"]
+__all__ = [
+    "PURE_PRECISIONS",
+    "LayoutOptions",
+    "OptimizerFactory",
+    "ParallelOptions",
+    "RuntimeOptions",
+    "TransportOptions",
+]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
 """What `RuntimeOptions.precision` may be."""
 
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16,
+}
 """The autocast dtype of each precision (None: no autocast)."""
 
 SHARD_MODES = ("replicate", "full")
 """What `ParallelOptions.shard` may be."""
+
+PURE_PRECISIONS = ("bf16-pure",)
+"""Precisions whose stages hold their weights (and gradients) in the compute dtype; the fp32
+master copies live in the optimizer (`pipefold.runtime.master.fp32_master_weights`)."""
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -147,7 +160,10 @@ class RuntimeOptions:
     - `precision`: "fp32", "bf16" or "fp16": each stage's forward runs under `torch.autocast`
       in that dtype with fp32 weights, gradients and optimizer state; floating boundary tensors
       (and their gradients) travel in it, half the bytes; the last stage hands the loss
-      function its output in fp32 (docs/training.md, "Mixed precision").
+      function its output in fp32 (docs/training.md, "Mixed precision"). "bf16-pure" also holds
+      the stages' floating weights, buffers and gradients in bf16: step them with an optimizer
+      that keeps fp32 master copies and fp32 state (`fp32_master_weights(torch.optim.AdamW)`);
+      flush schedules, without data or tensor parallelism.
     - `loss_scale`: fp16's initial dynamic loss scale (e.g. 2.0**16), required by fp16 and
       refused by the others; see pipefold/runtime/loss_scale.py (`pipe.loss_scale.skipped`).
     - `loss_scale_growth_interval`: clean steps after which the scale doubles.
@@ -164,7 +180,7 @@ class RuntimeOptions:
     fuse_backward: bool = True
     keep_cpu_heap: bool = True
     busy_wait: bool | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] = "fp32"
     loss_scale: float | None = None
     loss_scale_growth_interval: int = 2000
     compile: bool = False

@@ -57,6 +57,7 @@ from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, W
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
     COMPUTE_DTYPES,
+    PURE_PRECISIONS,
     LayoutOptions,
     OptimizerFactory,
     ParallelOptions,
@@ -211,6 +212,8 @@ class Pipeline:
         modules = materialize(self._layers, indices, self.device, seed=self.layout_options.seed)
         # Whole layers first (the same seed on every tp rank), then split.
         dims.split_layers(modules)
+        if self.runtime_options.precision in PURE_PRECISIONS:
+            self._hold_weights_in(modules, torch.bfloat16)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
         stages: dict[int, Stage] = {}
@@ -817,6 +820,18 @@ class Pipeline:
         loss = float(losses.sum().item())
         self.progress.mark("")
         return loss
+
+    def _hold_weights_in(self, modules: Any, dtype: torch.dtype) -> None:
+        """Pure 16-bit weights: every floating parameter and buffer of this rank's layers in
+        `dtype` (in place, so a parameter shared by two layers stays one)."""
+        if self.dims.num_data_parallel > 1 or self.dims.num_tensor_parallel > 1:
+            raise ConfigError(
+                f"RuntimeOptions(precision={self.runtime_options.precision!r}) with data or tensor "
+                "parallelism is not supported yet (16-bit gradient all-reduces are untested); use "
+                "precision='bf16' (fp32 weights), or one replica without tensor parallelism"
+            )
+        for module in modules.values() if isinstance(modules, dict) else modules:
+            module.to(dtype)
 
     @property
     def last_sent_bytes(self) -> int:

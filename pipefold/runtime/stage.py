@@ -103,6 +103,20 @@ class Stage:
             return self._forward(value, microbatch)
         with torch.autocast(self.device_type, dtype=dtype):
             output = self._forward(value, microbatch)
+        return self._cast_output(output, dtype)
+
+    def forward_only(self, value: Any) -> Any:
+        """The stage's output without recording for a backward (`Pipeline.evaluate`, under
+        no_grad): the current weights, the same autocast and boundary casts as `forward`, so
+        a boundary travels in the dtype its receiver expects."""
+        dtype = self.compute_dtype
+        if dtype is None:
+            return self.module(value)
+        with torch.autocast(self.device_type, dtype=dtype):
+            output = self.module(value)
+        return self._cast_output(output, dtype)
+
+    def _cast_output(self, output: Any, dtype: torch.dtype) -> Any:
         if self.is_last:
             return cast_floating(output, dtype, torch.float32)
         return cast_floating(output, torch.float32, dtype)

@@ -43,7 +43,9 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     # The pipelined evaluation after the last step equals rank 0's one-process validation of
     # the gathered model (same 4 held-out batches).
     assert [entry["step"] for entry in one["evals"]] == [2, 3]
-    assert accumulated["evals"] == []
+    # The default evaluation (every 50 steps and after the last) evaluates the 3-step run at its end.
+    assert [entry["step"] for entry in accumulated["evals"]] == [3]
+    assert accumulated["evals"][0]["loss"] == pytest.approx(accumulated["val_loss"], rel=1e-5)
     assert one["evals"][-1]["loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert one["evals"][-1]["perplexity"] == pytest.approx(math.exp(one["val_loss"]), rel=1e-5)
     # metrics.jsonl: one line per step with what summary.json lists, evaluation keys on steps 2, 3.
