@@ -145,7 +145,7 @@ class Pipeline:
             check_compiler("RuntimeOptions.compile")
         self._loss_fn = loss_fn
         self._num_steps_run = 0
-        self._memory_counted_for: set[TensorMeta] = set()
+        self._memory_counted_for: set[TensorMeta | tuple[TensorMeta, ...]] = set()
         self._activation_peak = 0
 
         self.dims = ParallelDims.of(self.parallel_options)

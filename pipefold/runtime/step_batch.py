@@ -11,7 +11,7 @@ shape (e.g. its own sequence length), so that nothing is padded to the longest:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -70,7 +70,7 @@ class SplitBatch:
         """Equal for batches of equal shapes (micro-batch by micro-batch)."""
         return self.meta if self.parts is None else self.parts
 
-    def boundaries(self, shapes: BoundaryShapes) -> list[list[TensorMeta]]:
+    def boundaries(self, shapes: Callable[[TensorMeta, int], list[TensorMeta]]) -> list[list[TensorMeta]]:
         """Each micro-batch's boundary descriptions (`shapes` caches them per shape)."""
         if self.parts is None:
             return [shapes(self.meta, size) for size in self.sizes]
