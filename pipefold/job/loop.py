@@ -83,7 +83,6 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if job.searched is not None:
             report.print(job.searched)
 
-    tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
     clip = config.optimizer.clip_grad_norm
     records: list[StepStats] = []
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
@@ -101,6 +100,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             if step == fault_step:
                 die()  # test-only (pipefold.job.recovery.FAULT_ENV)
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
+            # Bucketed by length (data.bucket_by_length), every step has its own tokens; every
+            # replica holds an equal shard of the global batch.
+            tokens_per_step = sum(inputs.numel() for inputs, _ in batches) * pipe.num_data_parallel
+            seq_len = max(inputs.shape[1] for inputs, _ in batches) if config.data.bucket_by_length else None
             started = time.perf_counter()
             scaler = pipe.loss_scale
             skipped_before = 0 if scaler is None else scaler.num_skipped
@@ -133,6 +136,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             record = StepStats(
                 step, float(loss), seconds, tokens_per_step / seconds, timeline.bubble_fraction,
                 grad_norm=grad_norm, lr=lr, eval_loss=eval_loss, loss_scale=loss_scale, skipped=skipped,
+                seq_len=seq_len,
             )
             records.append(record)
             if metrics is not None:
