@@ -792,6 +792,8 @@ class Pipeline:
             count_memory=count_memory,
         )
         if count_memory:
+            if len(self._memory_counted_for) >= 1024:  # ever new shapes: forget, count them again
+                self._memory_counted_for.clear()
             self._memory_counted_for.add(batch_key)
             self._activation_peak = record.activation_bytes_peak
         else:

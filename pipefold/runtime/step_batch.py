@@ -178,6 +178,10 @@ def _cut(value: Any, parts: tuple[TensorMeta, ...] | None, num_microbatches: int
     ]
 
 
+_MAX_SHAPES = 1024
+"""Batch shapes whose boundaries `BoundaryShapes` keeps (a few hundred bytes per layer each)."""
+
+
 class BoundaryShapes:
     """Each layer's output description for a batch description and micro-batch rows, traced
     on the meta device once per shape, as this rank sends and receives it (sequence-sharded
@@ -213,6 +217,8 @@ class BoundaryShapes:
             cached = self._dims.shard_boundaries(cached, self._sequence_sharded)
             if self._compute_dtype is not None:
                 cached = _in_compute_dtype(cached, self._compute_dtype)
+            if len(self._cache) >= _MAX_SHAPES:  # a run of ever new shapes: drop the oldest
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = cached
         return cached
 
