@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipefold.runtime import (
         CheckpointInfo,
         LayoutOptions,
+        Microbatches,
         ParallelOptions,
         Pipeline,
         RuntimeOptions,
@@ -42,6 +43,7 @@ __all__ = [
     "Event",
     "LayerSpec",
     "LayoutOptions",
+    "Microbatches",
     "ParallelOptions",
     "PartitionError",
     "PeerFailure",
@@ -63,6 +65,7 @@ __all__ = [
 _LAZY = {
     "Pipeline": "pipefold.runtime",
     "LayoutOptions": "pipefold.runtime",
+    "Microbatches": "pipefold.runtime",
     "ParallelOptions": "pipefold.runtime",
     "RuntimeOptions": "pipefold.runtime",
     "TransportOptions": "pipefold.runtime",

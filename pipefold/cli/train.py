@@ -43,6 +43,7 @@ from pipefold.job.sections import (
 _FLAGS: dict[str, str] = {
     "model": "model.path",
     "data": "data.path",
+    "bucket_by_length": "data.bucket_by_length",
     "schedule": "schedule.name",
     "ranks": "schedule.ranks",
     "data_parallel": "schedule.data_parallel",
@@ -128,6 +129,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tensor-parallel: split the norms, the residual stream and the stage "
                         "boundaries by position over the tp ranks (Megatron's sequence parallelism)")
+    parser.add_argument("--bucket-by-length", action="store_true", default=None,
+                        help="batch lines of the corpus of similar length: each step its own length "
+                        "(up to the model's seq_len), about batch-size x seq_len tokens, none padded")
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps; default {TrainConfig.steps}")
     parser.add_argument("--batch-size", type=int,

@@ -48,6 +48,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     token_dtype = "auto"       # a token file's ids: "uint16", "uint32", or by the vocabulary size
     max_bytes = 4000000
     val_fraction = 0.1
+    bucket_by_length = false   # batches of lines of similar length, each step its own length (no padding)
+    bucket_min_len = 8         # the shortest bucket length
 
     [schedule]
     name = "1f1b"
@@ -312,6 +314,8 @@ class TrainConfig:
                 f"data.path={self.data.path!r} is not allowed with the built-in GPT (it trains on the stdlib "
                 "corpus, byte by byte); give a Hugging Face model too (model.path / --model)"
             )
+        if self.data.bucket_by_length:
+            self._check_buckets()
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
@@ -417,6 +421,23 @@ class TrainConfig:
                 given = f"data.path={self.data.path!r}"
                 where = given if self.data.path else "data.path unset (the built-in corpus)"
                 raise ConfigError(f"{where}: {error}") from None
+
+    def _check_buckets(self) -> None:
+        """data.bucket_by_length: lines of the byte corpus, cut to lengths every rank can split."""
+        require(
+            self.model.hf is None, "data.bucket_by_length", True,
+            "bucketing by length reads lines of the built-in corpus; it is not there yet for a Hugging "
+            "Face model's token data (model.path): drop --bucket-by-length or model.path",
+        )
+        require(
+            not self.schedule.sequence_parallel, "data.bucket_by_length", True,
+            "sequence parallelism splits every length over the tp ranks, which bucket lengths need not "
+            "divide; drop --sequence-parallel or --bucket-by-length",
+        )
+        require(
+            self.data.bucket_min_len <= self.model.seq_len, "data.bucket_min_len", self.data.bucket_min_len,
+            f"the shortest bucket must fit model.seq_len={self.model.seq_len}; use at most {self.model.seq_len}",
+        )
 
     def _check_asynchronous(self) -> None:
         """What needs the whole step's gradient before the update: refused where the schedule

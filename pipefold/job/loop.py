@@ -85,7 +85,6 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         if job.searched is not None:
             report.print(job.searched)
 
-    tokens_per_step = config.batch_size * config.model.seq_len * config.grad_accumulation
     clip = config.clip_norm
     peak_flops = config.peak_flops
     flops_per_token = config.flops_per_token
@@ -105,6 +104,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             if step == fault_step:
                 die()  # test-only (pipefold.job.recovery.FAULT_ENV)
             batches = [job.next_batch() for _ in range(config.grad_accumulation)]
+            # Bucketed by length (data.bucket_by_length), every step has its own tokens; every
+            # replica holds an equal shard of the global batch.
+            tokens_per_step = sum(inputs.numel() for inputs, _ in batches) * pipe.num_data_parallel
+            seq_len = max(inputs.shape[1] for inputs, _ in batches) if config.data.bucket_by_length else None
             started = time.perf_counter()
             scaler = pipe.loss_scale
             skipped_before = 0 if scaler is None else scaler.num_skipped
@@ -141,6 +144,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 mfu=None if peak_flops is None else model_flops_utilization(
                     flops_per_token, tokens_per_s, peak_flops
                 ),
+                seq_len=seq_len,
             )
             records.append(record)
             if metrics is not None:

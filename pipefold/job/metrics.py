@@ -8,7 +8,8 @@ Rank 0 writes one line per optimizer step as the step ends, flushed, so a run th
 keeps every line written before it. Keys: `step` (1-based, the steps done), `loss`,
 `tokens_per_s`, `step_time_s`, `bubble` (the measured idle fraction of the step's timeline),
 `grad_norm` and `lr` (flush schedules), `loss_scale` and `skipped` (fp16), `mfu` (model FLOPs
-utilization, where config.hardware gives the peak), and on evaluation
+utilization, where config.hardware gives the peak), `seq_len` (the step's sequence length, with
+data.bucket_by_length), and on evaluation
 steps `eval_loss` and `eval_perplexity`. Where `tensorboard` is installed
 (`pip install pipefold[tensorboard]`) the same numbers go to `<out>/tensorboard` as scalars
 (`train/loss`, `eval/loss`, ...). docs/training.md, "Metrics", says what is not recorded.
@@ -51,6 +52,8 @@ def metrics_of(record: StepStats) -> dict[str, Any]:
         line["skipped"] = record.skipped
     if record.mfu is not None:
         line["mfu"] = record.mfu
+    if record.seq_len is not None:
+        line["seq_len"] = record.seq_len
     if record.eval_loss is not None:
         line["eval_loss"] = record.eval_loss
         line["eval_perplexity"] = math.exp(min(record.eval_loss, 700.0))

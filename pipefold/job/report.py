@@ -79,6 +79,9 @@ class StepStats:
     """fp16: the step overflowed on some rank, and every rank skipped its update."""
     mfu: float | None = None
     """Model FLOPs utilization of the step (config.hardware given); None otherwise."""
+    seq_len: int | None = None
+    """data.bucket_by_length: the step's sequence length (the longest of its accumulated
+    batches); None where every step has model.seq_len."""
 
 
 @dataclass
@@ -205,7 +208,8 @@ def finish(
     write_atomic(out / "trace.json", json.dumps(to_chrome_trace(timeline)))
 
     # The first steps pay for allocation and warm-up; the median of the rest is the steady state.
-    steady = [r.seconds for r in records[1:]] or [records[0].seconds]
+    steady_records = records[1:] or records[:1]
+    steady = [r.seconds for r in steady_records]
     step_seconds = statistics.median(steady)
     summary: dict[str, Any] = {
         "config": config.to_dict(),
@@ -220,6 +224,8 @@ def finish(
         "grad_norms": [r.grad_norm for r in records],
         "lrs": [r.lr for r in records],
         "tokens_per_s_steps": [r.tokens_per_s for r in records],
+        # data.bucket_by_length: each step's sequence length (else every step has model.seq_len).
+        "seq_len_steps": [r.seq_len for r in records] if config.data.bucket_by_length else None,
         # fp16: the loss scale of each step and the steps skipped on an overflow.
         "loss_scales": [r.loss_scale for r in records],
         "skipped_steps": [r.step + 1 for r in records if r.skipped],
@@ -233,7 +239,9 @@ def finish(
         "final_loss": records[-1].loss,
         "val_loss": val_loss,
         "val_loss_uniform": math.log(vocab_size),
-        "tokens_per_s": config.batch_size * config.model.seq_len * config.grad_accumulation / step_seconds,
+        # Steps of different lengths (data.bucket_by_length) take different times: tokens over time.
+        "tokens_per_s": sum(r.tokens_per_s * r.seconds for r in steady_records)
+        / sum(r.seconds for r in steady_records),
         "step_time": {
             "measured_wall_median": step_seconds,
             # The steps the costs were measured in: the like-for-like check of the prediction

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipefold.data import BatchSampler
+from pipefold.data import BatchSampler, LengthBuckets
 
 __all__ = ["capture_rng_state", "gather_rng_states", "restore_rng_state", "set_rng_state"]
 
@@ -35,7 +35,7 @@ def _decode(text: str) -> Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def capture_rng_state(sampler: BatchSampler | None, device: torch.device) -> dict[str, Any]:
+def capture_rng_state(sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> dict[str, Any]:
     """This process's random states as JSON data."""
     version, internal, gauss = random.getstate()
     numpy_state = np.random.get_state(legacy=True)
@@ -53,7 +53,7 @@ def capture_rng_state(sampler: BatchSampler | None, device: torch.device) -> dic
     return state
 
 
-def set_rng_state(state: dict[str, Any], sampler: BatchSampler | None, device: torch.device) -> None:
+def set_rng_state(state: dict[str, Any], sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> None:
     """Put this process's generators where `capture_rng_state` found them."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -66,14 +66,14 @@ def set_rng_state(state: dict[str, Any], sampler: BatchSampler | None, device: t
         sampler.set_state(_decode(state["sampler"]))
 
 
-def gather_rng_states(sampler: BatchSampler | None, device: torch.device) -> list[dict[str, Any]]:
+def gather_rng_states(sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> list[dict[str, Any]]:
     """Every rank's random states, indexed by world rank; collective (call on every rank)."""
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, capture_rng_state(sampler, device))
     return states
 
 
-def restore_rng_state(states: Any, sampler: BatchSampler | None, device: torch.device) -> bool:
+def restore_rng_state(states: Any, sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> bool:
     """Restore this rank's entry of `gather_rng_states`'s list; False (nothing restored) where
     `states` is not such a list for this world size (a checkpoint saved without them, or by a
     different number of processes), so the caller falls back to re-seeding."""

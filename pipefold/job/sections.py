@@ -160,8 +160,15 @@ class DataConfig:
     """Bytes of stdlib source read, in sorted file order."""
     val_fraction: float = 0.1
     """Share of the bytes held out for validation (the tail)."""
+    bucket_by_length: bool = False
+    """Batches of corpus lines of similar length instead of fixed windows: each step one bucket
+    length (bucket_min_len, doubled, ..., model.seq_len) and batch_size x model.seq_len tokens at
+    most, none padded (`pipefold.data.LengthBuckets`). Built-in corpus only."""
+    bucket_min_len: int = 8
+    """The shortest bucket; a line's tail shorter than it is dropped."""
 
     def __post_init__(self) -> None:
+        require(self.bucket_min_len >= 1, "data.bucket_min_len", self.bucket_min_len, "use at least 1 (e.g. 8)")
         require(self.max_bytes >= 1024, "data.max_bytes", self.max_bytes, "use at least 1024 bytes")
         require(
             0.0 < self.val_fraction < 1.0,

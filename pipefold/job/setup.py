@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pipefold.data import VOCAB_SIZE, BatchSampler, Corpus, load_corpus
+from pipefold.data import VOCAB_SIZE, BatchSampler, Corpus, LengthBuckets, load_corpus
 from pipefold.data.tokens import TokenData, load_tokens
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
@@ -62,7 +62,7 @@ class Job:
     corpus: Corpus | None
     """The built-in corpus; None where the model trains on `tokens`."""
     layers: list[Any]
-    sampler: BatchSampler
+    sampler: BatchSampler | LengthBuckets
     pipe: Pipeline
     optimizer: torch.optim.Optimizer | None
     """The AdamW the loop steps (flush schedules); None where the pipeline steps inside (async)."""
@@ -121,7 +121,17 @@ def set_up(config: TrainConfig) -> Job:
         )
         loss_fn = gpt_loss
         stream = corpus.train
-    sampler = BatchSampler(stream, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
+    sampler: BatchSampler | LengthBuckets
+    if config.data.bucket_by_length:
+        # Lines of the byte corpus, each step one bucket length: the token budget of a fixed
+        # step, rows a multiple of what the micro-batches of every replica need.
+        sampler = LengthBuckets(
+            stream, separator=ord("\n"), token_budget=config.batch_size * m.seq_len, max_len=m.seq_len,
+            min_len=config.data.bucket_min_len,
+            row_multiple=config.schedule.num_microbatches * config.schedule.data_parallel, seed=config.seed,
+        )
+    else:
+        sampler = BatchSampler(stream, batch_size=config.batch_size, seq_len=m.seq_len, seed=config.seed)
     pipe, searched = _make_pipeline(config, layers, sampler, device, loss_fn)
     optimizer = _make_loop_optimizer(config, pipe)
     optimizers = [optimizer] if optimizer is not None else _stage_optimizers(pipe)
@@ -240,7 +250,7 @@ def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
 def _make_pipeline(
     config: TrainConfig,
     layers: Sequence[Any],
-    sampler: BatchSampler,
+    sampler: BatchSampler | LengthBuckets,
     device: torch.device,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = gpt_loss,
 ) -> tuple[Pipeline, str | None]:
@@ -331,7 +341,7 @@ def _resume(
     pipe: Pipeline,
     optimizers: list[torch.optim.Optimizer],
     scheduler: torch.optim.lr_scheduler.LambdaLR | None,
-    sampler: BatchSampler,
+    sampler: BatchSampler | LengthBuckets,
     device: torch.device,
 ) -> int:
     """Load `config.resume` (if any) and put the job where the saved run stood; returns its step.
@@ -360,7 +370,7 @@ def _partition_argument(
     config: TrainConfig,
     schedule: Schedule,
     layers: Sequence[Any],
-    sampler: BatchSampler,
+    sampler: BatchSampler | LengthBuckets,
     device: torch.device,
 ) -> str | list[int]:
     """What the Pipeline gets as `partition`; "profile" is measured once, on rank 0.

@@ -24,12 +24,14 @@ from pipefold.runtime.parallel.plans import gpt_tensor_parallel_plan, hf_tensor_
 from pipefold.runtime.parallel.zero import sharded_optimizer
 from pipefold.runtime.pipeline import Pipeline
 from pipefold.runtime.profiling import LayerProfile, profile
+from pipefold.runtime.step_batch import Microbatches
 from pipefold.runtime.tune import TunedSchedule, tune_schedule
 
 __all__ = [
     "CheckpointInfo",
     "LayerProfile",
     "LayoutOptions",
+    "Microbatches",
     "ParallelOptions",
     "Pipeline",
     "RuntimeOptions",

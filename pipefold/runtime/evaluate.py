@@ -59,13 +59,14 @@ class ForwardOnly:
         batch = split_batch(
             self.rank, schedule, inputs, targets, self.collectives, self.device, caller="evaluate"
         )
-        batch_meta, batch_size, sizes = batch.meta, batch.size, batch.sizes
+        batch_size, sizes = batch.size, batch.sizes
+        every_boundary = batch.boundaries(self.boundaries)
         split_inputs, split_targets = batch.inputs, batch.targets
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         sends: list[Transfer] = []
         with torch.no_grad():
             for mb, size in enumerate(sizes):
-                boundaries = self.boundaries(batch_meta, size)
+                boundaries = every_boundary[mb]
                 handoff: Any = None
                 for s in range(schedule.num_stages):
                     if placement[s] != self.rank:

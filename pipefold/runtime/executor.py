@@ -210,7 +210,9 @@ class Executor:
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
         )
-        self._traffic_cache: dict[tuple[int, ...], tuple[dict[int, int], dict[int, int]]] = {}
+        self._traffic_cache: dict[
+            tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
+        ] = {}
         self._dispatch = tuple(dispatch)
         self._run_counter: ActivationCounter | None = counter
         self._ready_at = 0.0
@@ -354,7 +356,7 @@ class Executor:
         key = tuple(map(id, step.boundaries))
         cached = self._traffic_cache.get(key)
         if cached is not None:
-            return cached
+            return cached[1], cached[2]
         sent: dict[int, int] = {}
         received: dict[int, int] = {}
         for action, peer in self._messages:
@@ -372,7 +374,9 @@ class Executor:
             ]
             totals = sent if op in (Op.SEND_F, Op.SEND_B) else received
             totals[peer] = layout(sizes, totals.get(peer, 0))[1]
-        self._traffic_cache[key] = (sent, received)
+        # The entry keeps its lists alive, so their ids stay theirs (the pipeline's shape cache
+        # may drop a shape, and a list made later could otherwise take a dropped one's id).
+        self._traffic_cache[key] = (tuple(step.boundaries), sent, received)
         # The cache keys on the identity of the boundary lists, which the pipeline keeps
         # per batch shape; a caller building new lists every step would grow it, so bound it.
         if len(self._traffic_cache) > 64:

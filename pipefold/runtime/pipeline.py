@@ -146,7 +146,7 @@ class Pipeline:
             check_compiler("RuntimeOptions.compile")
         self._loss_fn = loss_fn
         self._num_steps_run = 0
-        self._memory_counted_for: set[TensorMeta] = set()
+        self._memory_counted_for: set[TensorMeta | tuple[TensorMeta, ...]] = set()
         self._activation_peak = 0
 
         self.dims = ParallelDims.of(self.parallel_options)
@@ -711,6 +711,11 @@ class Pipeline:
         inputs, targets = next_pair(iterator, 0, steps) if iterator is not None else (None, None)
         collectives = self.transport.collectives
         batch = split_batch(self.rank, schedule, inputs, targets, collectives, self.device, caller="train")
+        if batch.parts is not None:  # every rank knows it from the broadcast description
+            raise ConfigError(
+                "train(): a streaming run takes every step's batch as one tensor of one shape, not "
+                "Microbatches; call step() once per batch for micro-batches of different shapes"
+            )
         feed = BatchFeed(iterator, batch, num_steps=steps, device=self.device)
         boundaries = [self._boundaries(batch.meta, size) for size in batch.sizes] * steps
         scales = [size / batch.size for size in batch.sizes] * steps
@@ -762,8 +767,8 @@ class Pipeline:
     def _step(self, inputs: Any, targets: Any) -> float:
         collectives = self.transport.collectives
         batch = split_batch(self.rank, self.schedule, inputs, targets, collectives, self.device)
-        batch_meta, batch_size, sizes = batch.meta, batch.size, batch.sizes
-        boundaries = [self._boundaries(batch_meta, size) for size in sizes]
+        batch_key, batch_size, sizes = batch.key, batch.size, batch.sizes
+        boundaries = batch.boundaries(self._boundaries)
         data_parallel = self._data_parallel
         skip = self.runtime_options.on_nonfinite == "skip"
         scaler = self.loss_scale
@@ -771,7 +776,7 @@ class Pipeline:
         # Every rank decides alike (same step count, same broadcast batch shape), so the
         # counted peaks gathered into the timeline always come from the same step.
         count_memory = (
-            batch_meta not in self._memory_counted_for
+            batch_key not in self._memory_counted_for
             or self._num_steps_run % self.runtime_options.count_memory_every == 0
         )
         self._num_steps_run += 1
@@ -790,7 +795,9 @@ class Pipeline:
             count_memory=count_memory,
         )
         if count_memory:
-            self._memory_counted_for.add(batch_meta)
+            if len(self._memory_counted_for) >= 1024:  # ever new shapes: forget, count them again
+                self._memory_counted_for.clear()
+            self._memory_counted_for.add(batch_key)
             self._activation_peak = record.activation_bytes_peak
         else:
             record = replace(record, activation_bytes_peak=self._activation_peak)

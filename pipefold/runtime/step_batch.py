@@ -1,10 +1,17 @@
 """A step's batch: its description broadcast from the rank of stage 0, its rows cut into
 micro-batches on this rank's device, and the boundary shapes traced on the meta device for
-each micro-batch size (cached per shape) as they travel between stages."""
+each micro-batch size (cached per shape) as they travel between stages.
+
+A batch is one tensor (or tuple of tensors), batch first, cut into the schedule's
+micro-batches by rows; or `Microbatches([...])`, the micro-batches themselves, each of its own
+shape (e.g. its own sequence length), so that nothing is padded to the longest:
+
+    pipe.step(Microbatches([x0, x1]), Microbatches([y0, y1]))   # x0: (4, 128), x1: (4, 512)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +24,31 @@ from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import Schedule
 
-__all__ = ["BoundaryShapes", "SplitBatch", "batch_size", "split", "split_batch"]
+__all__ = ["BoundaryShapes", "Microbatches", "SplitBatch", "batch_size", "split", "split_batch"]
+
+
+class Microbatches:
+    """A step's batch given as its micro-batches, one entry per micro-batch of the schedule,
+    each a tensor or a tuple of tensors (batch first) of its own shape: the pipeline runs each
+    at its own shape instead of cutting one batch by rows. Pass it for the inputs (rank of
+    stage 0) and the targets (rank of the last stage) alike. The step's loss weighs each
+    micro-batch's loss by its rows over the step's rows, as for a batch cut by rows."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        if isinstance(parts, Tensor) or not isinstance(parts, Sequence) or not parts:
+            raise ConfigError(
+                f"Microbatches({type(parts).__name__}): give a non-empty list with one tensor "
+                "(or tuple of tensors) per micro-batch"
+            )
+        self.parts: tuple[Any, ...] = tuple(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __repr__(self) -> str:
+        return f"Microbatches({len(self.parts)} parts)"
 
 
 @dataclass(frozen=True)
@@ -25,11 +56,25 @@ class SplitBatch:
     """One step's batch as this rank sees it (inputs on stage 0's rank, targets on the last's)."""
 
     meta: TensorMeta
+    """The batch's description (with `Microbatches`: the first micro-batch's)."""
     size: int
     sizes: list[int]
     """The rows of each micro-batch."""
     inputs: list[Any] | None
     targets: list[Any] | None
+    parts: tuple[TensorMeta, ...] | None = None
+    """Each micro-batch's description when the batch came as `Microbatches`, else None."""
+
+    @property
+    def key(self) -> TensorMeta | tuple[TensorMeta, ...]:
+        """Equal for batches of equal shapes (micro-batch by micro-batch)."""
+        return self.meta if self.parts is None else self.parts
+
+    def boundaries(self, shapes: Callable[[TensorMeta, int], list[TensorMeta]]) -> list[list[TensorMeta]]:
+        """Each micro-batch's boundary descriptions (`shapes` caches them per shape)."""
+        if self.parts is None:
+            return [shapes(self.meta, size) for size in self.sizes]
+        return [shapes(part, size) for part, size in zip(self.parts, self.sizes, strict=True)]
 
 
 def split_batch(
@@ -47,41 +92,94 @@ def split_batch(
     ("step", "evaluate") names the call in messages."""
     first_rank = schedule.placement[0]
     last_rank = schedule.placement[-1]
-    batch_meta = None
+    num_microbatches = schedule.num_microbatches
+    described: TensorMeta | tuple[TensorMeta, ...] | None = None
     if rank == first_rank:
         if inputs is None:
             raise ConfigError(
                 f"rank {rank} holds stage 0 but {caller}() got inputs=None; pass the batch on this rank"
             )
-        batch_meta = TensorMeta.of(
-            inputs, what="inputs", fix="pass a tensor or a tuple of tensors, batch first"
-        )
+        described = _describe(inputs, "inputs")
     if collectives is not None:
-        batch_meta = collectives.broadcast_object(batch_meta, src=first_rank, what=f"{caller} start")
-    if not isinstance(batch_meta, TensorMeta):
+        described = collectives.broadcast_object(described, src=first_rank, what=f"{caller} start")
+    if isinstance(described, tuple):
+        parts: tuple[TensorMeta, ...] | None = described
+        if len(described) != num_microbatches:
+            raise ConfigError(
+                f"{caller}() got Microbatches of {len(described)} parts but num_microbatches is "
+                f"{num_microbatches}; give one part per micro-batch"
+            )
+        batch_meta = described[0]
+        sizes = [batch_size(part) for part in described]
+        if 0 in sizes:
+            raise ConfigError(
+                f"{caller}() got Microbatches with rows {sizes}; give every micro-batch at least one row"
+            )
+        rows = sum(sizes)
+    elif isinstance(described, TensorMeta):
+        parts = None
+        batch_meta = described
+        rows = batch_size(batch_meta)
+        if rows < num_microbatches:
+            raise ConfigError(
+                f"the batch has {rows} rows but num_microbatches is {num_microbatches}; "
+                f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
+            )
+        sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(rows, device="meta"), num_microbatches)]
+    else:
         raise PipelineError(f"rank {rank} received no batch description from rank {first_rank}")
-    rows = batch_size(batch_meta)
-    num_microbatches = schedule.num_microbatches
-    if rows < num_microbatches:
-        raise ConfigError(
-            f"the batch has {rows} rows but num_microbatches is {num_microbatches}; "
-            f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
-        )
-    sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(rows, device="meta"), num_microbatches)]
     split_inputs = None
     if rank == first_rank:
-        split_inputs = split(inputs, num_microbatches, device)
+        split_inputs = _cut(inputs, parts, num_microbatches, device)
     split_targets = None
     if rank == last_rank:
         if targets is None:
             raise ConfigError(f"rank {rank} holds the last stage but {caller}() got targets=None; pass them here")
-        target_rows = batch_size(TensorMeta.of(targets, what="targets"))
+        if isinstance(targets, Microbatches) != (parts is not None):
+            given = "Microbatches" if isinstance(targets, Microbatches) else "one batch"
+            raise ConfigError(
+                f"{caller}() got {given} for the targets but "
+                f"{'Microbatches' if parts is not None else 'one batch'} for the inputs; "
+                "give both as Microbatches (one part per micro-batch) or both as one batch"
+            )
+        target_meta = _describe(targets, "targets")
+        target_sizes = (
+            [batch_size(part) for part in target_meta] if isinstance(target_meta, tuple) else None
+        )
+        target_rows = sum(target_sizes) if target_sizes is not None else batch_size(target_meta)  # type: ignore[arg-type]
+        if target_sizes is not None and target_sizes != sizes:
+            raise ConfigError(
+                f"the target micro-batches have {target_sizes} rows but the input micro-batches "
+                f"{sizes}; give one target per row of each micro-batch"
+            )
         if target_rows != rows:
             raise ConfigError(
                 f"targets have {target_rows} rows but inputs have {rows}; give one target per row"
             )
-        split_targets = split(targets, num_microbatches, device)
-    return SplitBatch(batch_meta, rows, sizes, split_inputs, split_targets)
+        split_targets = _cut(targets, parts, num_microbatches, device)
+    return SplitBatch(batch_meta, rows, sizes, split_inputs, split_targets, parts)
+
+
+def _describe(value: Any, what: str) -> TensorMeta | tuple[TensorMeta, ...]:
+    fix = "pass a tensor or a tuple of tensors, batch first"
+    if isinstance(value, Microbatches):
+        return tuple(
+            TensorMeta.of(part, what=f"{what} micro-batch {mb}", fix=fix) for mb, part in enumerate(value.parts)
+        )
+    return TensorMeta.of(value, what=what, fix=fix)
+
+
+def _cut(value: Any, parts: tuple[TensorMeta, ...] | None, num_microbatches: int, device: torch.device) -> list[Any]:
+    if parts is None:
+        return split(value, num_microbatches, device)
+    return [
+        _to_device(part, device) if isinstance(part, Tensor) else tuple(_to_device(t, device) for t in part)
+        for part in value.parts
+    ]
+
+
+_MAX_SHAPES = 1024
+"""Batch shapes whose boundaries `BoundaryShapes` keeps (a few hundred bytes per layer each)."""
 
 
 class BoundaryShapes:
@@ -119,6 +217,8 @@ class BoundaryShapes:
             cached = self._dims.shard_boundaries(cached, self._sequence_sharded)
             if self._compute_dtype is not None:
                 cached = _in_compute_dtype(cached, self._compute_dtype)
+            if len(self._cache) >= _MAX_SHAPES:  # a run of ever new shapes: drop the oldest
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = cached
         return cached
 

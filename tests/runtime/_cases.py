@@ -489,3 +489,56 @@ def streaming(
         "other_rule_differs": other_rule_differs,
         "then_step": pipe.step(*batches[0]),
     }
+
+
+def varlen(
+    *,
+    schedule: str,
+    lengths: list,
+    num_microbatches: int = 2,
+    num_virtual: int | None = None,
+    rows: int = 4,
+    shared_memory_bytes: int = 64 << 20,
+) -> dict:
+    """A tiny GPT whose batches change length from step to step (`lengths[k]`: an int) or from
+    micro-batch to micro-batch (`lengths[k]`: one length per micro-batch, passed as
+    `Microbatches`): the loss and every gradient equal one process's, step by step."""
+    from pipefold.model.zoo import gpt_layers, gpt_loss
+    from pipefold.runtime import Microbatches
+
+    def layers() -> list:
+        return gpt_layers(vocab_size=13, d_model=8, num_heads=2, num_layers=4, seq_len=64)
+
+    pipe = Pipeline(
+        layers(), loss_fn=gpt_loss, schedule=schedule, num_microbatches=num_microbatches,
+        num_virtual=num_virtual, layout=LayoutOptions(seed=7), runtime=RuntimeOptions(timeout_s=30),
+        transport=TransportOptions(shared_memory_bytes=shared_memory_bytes),
+    )
+    reference = build_reference(layers(), seed=7)
+    reference_params = dict(reference.named_parameters())
+    generator = torch.Generator().manual_seed(5)
+    losses, sent, shm_active = [], [], []
+    for length in lengths:
+        per_microbatch = [length] * num_microbatches if isinstance(length, int) else list(length)
+        sizes = [len(c) for c in torch.tensor_split(torch.empty(rows), num_microbatches)]
+        xs = [torch.randint(0, 13, (size, n), generator=generator) for size, n in zip(sizes, per_microbatch)]
+        ys = [torch.randint(0, 13, (size, n), generator=generator) for size, n in zip(sizes, per_microbatch)]
+        for param in (*pipe.parameters(), *reference.parameters()):
+            param.grad = None
+        if isinstance(length, int):
+            loss = pipe.step(torch.cat(xs), torch.cat(ys))
+        else:
+            loss = pipe.step(Microbatches(xs), Microbatches(ys))
+        expected = sum(gpt_loss(reference(x), y) * (len(x) / rows) for x, y in zip(xs, ys))
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
+        for name, param in pipe.named_parameters():
+            assert param.grad is not None, f"{name} has no gradient at length {length}"
+            torch.testing.assert_close(
+                param.grad, reference_params[name].grad, msg=lambda m, n=name, l=length: f"{n} at {l}: {m}"
+            )
+        losses.append(loss)
+        sent.append(pipe.last_sent_bytes)
+        channels = [] if pipe.p2p is None else pipe.p2p._send_channels.values()
+        shm_active += [channel.active for channel in channels]
+    return {"losses": losses, "sent_bytes": sent, "shm_active": shm_active}

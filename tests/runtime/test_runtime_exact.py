@@ -286,3 +286,19 @@ def test_a_tuned_schedule_is_agreed_and_exact(pool2, placement, model, num_micro
     if placement != "looped" and results[0]["schedule"]["name"] == "auto":
         assert results[0]["predicted_step_s"] <= results[0]["probe_predicted_step_s"] * (1 + 1e-9)
     assert "auto schedule for 2 ranks" in results[0]["summary"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule, num_virtual", [("1f1b", None), ("interleaved-1f1b", 2), ("zb-v", 2)])
+def test_variable_length_batches(pool2, schedule, num_virtual):
+    """A tiny GPT whose sequence length changes from step to step (8, 32, 16, 64, 8), then from
+    micro-batch to micro-batch (`Microbatches`): loss and every gradient equal one process's at
+    every step (`_cases.varlen`). Channels of 4 KiB carry the short steps through shared memory
+    and the long ones through the process group, in one run."""
+    results = pool2.run(
+        "varlen", schedule=schedule, num_virtual=num_virtual, shared_memory_bytes=4096,
+        lengths=[8, 32, 16, 64, 8, [8, 32], [64, 16]],
+    )
+    assert results[0]["losses"] == results[1]["losses"]
+    through_shm = [active for r in results for active in r["shm_active"]]
+    assert True in through_shm and False in through_shm, through_shm
