@@ -110,12 +110,16 @@ def test_a_split_hugging_face_llama_over_four_ranks(pool4, schedule, num_virtual
 
 
 TIED_SPLITS = [
+    ("gpt2", "1f1b", None, {(0, 3)}),
     ("gpt2", "interleaved-1f1b", 2, {(0, 3)}),
     ("gpt2", "zb-v", None, set()),
     ("gpt2", "dualpipe-v", None, set()),
     ("natural", "interleaved-1f1b", 2, {(0, 3)}),
     ("natural", "zb-v", None, set()),
     ("natural", "dualpipe-v", None, set()),
+    ("skip-blocks", "interleaved-1f1b", 2, {(0, 3)}),
+    ("skip-blocks", "zb-v", None, set()),
+    ("skip-blocks", "dualpipe-v", None, set()),
 ]
 
 
@@ -124,11 +128,12 @@ TIED_SPLITS = [
     ("model", "schedule", "num_virtual", "tied"), TIED_SPLITS, ids=[f"{m}-{s}" for m, s, _, _ in TIED_SPLITS]
 )
 def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, schedule, num_virtual, tied):
-    """GPT-2 (Hugging Face, tied head) and the natural transformer (head sharing the embedding's
-    weight) under interleaved 1F1B and the V placement (zb-v, dualpipe-v), 6 blocks (8 layers, one
-    per stage) on 4 ranks: the embedding and the head are on stages 0 and 7, ranks 0 and 3
-    interleaved (tied across them) and rank 0 twice in the V; loss, every gradient and after 3
-    SGD steps every weight equal one process's."""
+    """GPT-2 (Hugging Face, tied head), the natural transformer (head sharing the embedding's
+    weight) and the skip-connection transformer (graph-captured, `head(norm(x + x0))`) under 1F1B,
+    interleaved 1F1B and the V placement (zb-v, dualpipe-v), 6 blocks (8 layers) on 4 ranks: the
+    embedding and the head are on the first and the last stage, ranks 0 and 3 (tied across them)
+    or both rank 0 in the V; loss, every gradient and after 3 SGD steps every weight equal one
+    process's."""
     results = pool4.run("split_exact", model=model, schedule=schedule, num_virtual=num_virtual, num_blocks=6)
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert {tuple(owners) for r in results for owners in r["tied_ranks"]} == tied
