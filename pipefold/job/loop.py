@@ -145,6 +145,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                     flops_per_token, tokens_per_s, peak_flops
                 ),
                 seq_len=seq_len,
+                activation_bytes_peak=tuple(timeline.activation_bytes_peak),
             )
             records.append(record)
             if metrics is not None:

@@ -9,8 +9,8 @@ keeps every line written before it. Keys: `step` (1-based, the steps done), `los
 `tokens_per_s`, `step_time_s`, `bubble` (the measured idle fraction of the step's timeline),
 `grad_norm` and `lr` (flush schedules), `loss_scale` and `skipped` (fp16), `mfu` (model FLOPs
 utilization, where config.hardware gives the peak), `seq_len` (the step's sequence length, with
-data.bucket_by_length), and on evaluation
-steps `eval_loss` and `eval_perplexity`. Where `tensorboard` is installed
+data.bucket_by_length), `activation_bytes_peak` (per pipeline rank, the step's peak of saved
+activations), and on evaluation steps `eval_loss` and `eval_perplexity`. Where `tensorboard` is installed
 (`pip install pipefold[tensorboard]`) the same numbers go to `<out>/tensorboard` as scalars
 (`train/loss`, `eval/loss`, ...). docs/training.md, "Metrics", says what is not recorded.
 """
@@ -54,6 +54,8 @@ def metrics_of(record: StepStats) -> dict[str, Any]:
         line["mfu"] = record.mfu
     if record.seq_len is not None:
         line["seq_len"] = record.seq_len
+    if record.activation_bytes_peak:
+        line["activation_bytes_peak"] = list(record.activation_bytes_peak)
     if record.eval_loss is not None:
         line["eval_loss"] = record.eval_loss
         line["eval_perplexity"] = math.exp(min(record.eval_loss, 700.0))
@@ -80,6 +82,10 @@ class MetricsWriter:
         if self._board is not None:
             step = line["step"]
             for key, value in line.items():
+                if key == "activation_bytes_peak":
+                    for rank, peak in enumerate(value):
+                        self._board.add_scalar(f"memory/activation_bytes_peak/rank{rank}", peak, step)
+                    continue
                 if key == "step" or isinstance(value, bool):
                     continue
                 group = "eval" if key.startswith("eval_") else "train"

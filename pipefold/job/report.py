@@ -82,6 +82,9 @@ class StepStats:
     seq_len: int | None = None
     """data.bucket_by_length: the step's sequence length (the longest of its accumulated
     batches); None where every step has model.seq_len."""
+    activation_bytes_peak: tuple[int, ...] = ()
+    """Per pipeline rank, the most bytes of saved activations it held during the step (the
+    runtime's count, gathered with the step's timeline: no extra communication)."""
 
 
 @dataclass

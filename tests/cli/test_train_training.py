@@ -55,6 +55,11 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     assert [line["grad_norm"] for line in lines] == one["grad_norms"]
     assert [line["lr"] for line in lines] == one["lrs"]
     assert all(line["tokens_per_s"] > 0 and 0 <= line["bubble"] < 1 for line in lines)
+    # Every pipeline rank's activation peak each step; the run's last equals the summary's memory.
+    assert all(len(line["activation_bytes_peak"]) == 2 for line in lines)
+    assert all(peak > 0 for line in lines for peak in line["activation_bytes_peak"])
+    last = {entry["pipeline_rank"]: entry["activations_peak"] for entry in one["memory"] if entry["replica"] == 0}
+    assert lines[-1]["activation_bytes_peak"] == [last[rank] for rank in range(2)]
     assert [line.get("eval_loss") for line in lines] == [None, *(entry["loss"] for entry in one["evals"])]
     assert lines[-1]["eval_perplexity"] == pytest.approx(one["evals"][-1]["perplexity"])
     # TensorBoard (installed with the dev extra): the same scalars.
@@ -64,6 +69,7 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     board.Reload()
     assert [event.step for event in board.Scalars("train/loss")] == [1, 2, 3]
     assert [event.value for event in board.Scalars("train/loss")] == pytest.approx(one["losses"])
+    assert [event.step for event in board.Scalars("memory/activation_bytes_peak/rank1")] == [1, 2, 3]
     assert [event.value for event in board.Scalars("eval/loss")] == pytest.approx(
         [entry["loss"] for entry in one["evals"]]
     )
