@@ -1,7 +1,7 @@
 """`pipefold train --model`: a Hugging Face model trained from the CLI, refused early when bad.
 
 The refusals run in one process, before torch is imported (checked in a fresh interpreter).
-One multi-process run (2 ranks, 3 steps, ~30-60 s on a loaded 2-core machine) trains a
+One multi-process run (2 ranks, 20 steps, ~30-60 s on a loaded 2-core machine) trains a
 Llama from a save_pretrained directory on a token file: its first loss is transformers' own
 loss of the saved model on the first batch, and <out>/hf loads with `from_pretrained`.
 """
@@ -110,10 +110,11 @@ def test_train_a_llama_directory_on_two_ranks_and_save_it(tmp_path):
     out = tmp_path / "run"
     from pipefold.job.loop import run_local
 
-    argv = ["--model", str(directory), "--data", str(tokens), "--steps", "3", "--ranks", "2",
+    argv = ["--model", str(directory), "--data", str(tokens), "--steps", "20", "--ranks", "2",
             "--batch-size", "8", "--microbatches", "4", "--seq-len", "16", "--out", str(out),
             "--set", "sample_tokens=0"]
-    result = run_local(train_cli.config_from_args(_parse(argv)), show=False)
+    config = train_cli.config_from_args(_parse(argv))
+    result = run_local(config, show=False)
     assert result.ok, result.describe()
     summary = json.loads((out / "summary.json").read_text())
     # The first step's loss is transformers' loss of the saved model on the first batch.
@@ -129,3 +130,12 @@ def test_train_a_llama_directory_on_two_ranks_and_save_it(tmp_path):
     before, after = initial.state_dict(), trained.state_dict()
     assert sorted(before) == sorted(after)
     assert any(not torch.equal(before[name], after[name]) for name in before)  # trained
+    # The saved model's loss on the held-out batches is the validation loss pipefold reported
+    # after its last step (its pipelined evaluation of the same batches).
+    from pipefold.job.report import validation_batches
+
+    trained.eval()
+    with torch.no_grad():
+        held_out = [next_token_loss(trained(x).logits, y).item() for x, y in validation_batches(config, data.val)]
+    assert summary["evals"][-1]["step"] == 20
+    assert sum(held_out) / len(held_out) == pytest.approx(summary["evals"][-1]["loss"], rel=1e-5)
