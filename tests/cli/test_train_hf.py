@@ -136,6 +136,7 @@ def test_train_a_llama_directory_on_two_ranks_and_save_it(tmp_path):
 
     trained.eval()
     with torch.no_grad():
-        held_out = [next_token_loss(trained(x).logits, y).item() for x, y in validation_batches(config, data.val)]
+        batches = validation_batches(config, data.val)
+        held_out = [next_token_loss(trained(x).logits, y).item() for x, y in batches]
     assert summary["evals"][-1]["step"] == 20
     assert sum(held_out) / len(held_out) == pytest.approx(summary["evals"][-1]["loss"], rel=1e-5)
