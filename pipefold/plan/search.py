@@ -15,14 +15,16 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import step_time_lower_bound
+from pipefold.plan.bounds import Backward, backward_kind, step_time_lower_bound
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
-from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
+from pipefold.plan.memory import (
+    RankMemory, gradient_bytes, memory_of_peaks, rank_memory, static_bytes, static_weight_bytes,
+)
 from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
-from pipefold.plan.record import Record
+from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
 from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
@@ -30,8 +32,10 @@ from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, t
 from pipefold.plan.tensor import split_costs
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import Schedule, build, names
+from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel, Link, simulate
+from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = ["plan", "evaluate"]
 
@@ -50,6 +54,22 @@ def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
     entry = family(name)
     entry.check(num_ranks, num_microbatches, num_virtual)
     return entry.generate(num_ranks, num_microbatches, num_virtual)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> CompiledSchedule:
+    return CompiledSchedule(_schedule(name, num_ranks, num_microbatches, num_virtual))
+
+
+@functools.lru_cache(maxsize=512)
+def _backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
+    return backward_kind(_schedule(name, num_ranks, num_microbatches, num_virtual))
+
+
+def _compiles(schedule: Schedule, model: CostModel) -> bool:
+    """Whether the compiled engine times this: a flush (weights held once, so memory needs no
+    timeline) on ranks that do not share cores."""
+    return schedule.weight_update is WeightUpdate.FLUSH and CompiledSchedule.supports(model, schedule)
 
 
 def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
@@ -79,8 +99,16 @@ def evaluate(
     schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides)
-    timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    if _compiles(schedule, model):
+        run = _compiled(config.schedule, num_ranks, config.num_microbatches, config.num_virtual).run(model)
+        makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
+        memory = memory_of_peaks(costs, model, tuple(static_weight_bytes(model, schedule.placement, num_ranks)),
+                                 run.activation_peaks, schedule.placement, transient)
+    else:
+        timeline = simulate(schedule, model)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = rank_memory(costs, model, timeline, schedule.placement, transient)
     allreduce = replica_sync_time(costs, model, schedule.placement, num_ranks, num_data_parallel,
                                   link if dp_link is None else dp_link, sharded_optimizer)
     return Candidate(
@@ -91,9 +119,9 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=timeline.makespan + allreduce,
-        bubble_fraction=timeline.bubble_fraction,
-        memory=rank_memory(costs, model, timeline, schedule.placement, transient),
+        step_time=makespan + allreduce,
+        bubble_fraction=bubble,
+        memory=memory,
         num_data_parallel=num_data_parallel,
         allreduce_s=allreduce,
         num_tensor_parallel=num_tensor_parallel,
@@ -249,9 +277,12 @@ class _Search:
             self.cores(record.degree), links.pipeline_overrides,
         )
 
-    def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
-        return record.allreduce_s + step_time_lower_bound(self.model(record, recompute), record.placement,
-                                                          record.config.num_microbatches)
+    def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
+        """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
+        return record.allreduce_s + step_time_lower_bound(
+            self.model(record, recompute), record.placement, record.config.num_microbatches,
+            record.backward if backward is None else backward,
+        )
 
     @property
     def threshold(self) -> float:
@@ -351,20 +382,50 @@ class _Search:
         if static[worst] > self.limit:
             record.static_over = (worst, int(static[worst] - self.limit))
             return
+        # The exact bound needs the schedule (whether it runs B or I + W), generated only now that
+        # the looser bound let the configuration through.
+        config = record.config
+        record.backward = _backward(config.schedule, record.degree.num_ranks, config.num_microbatches,
+                                    config.num_virtual)
         first = everything if choice == "full" else ()
         bound = self.bound(record, first)
         if bound > self.threshold:
             record.prune(bound)
             return
-        candidate = self.run(record, first)
-        if candidate.over_limit(self.limit) <= 0 or choice != "auto":
+        memory = self.known_memory(record, first)
+        if memory is None or _peak(memory) <= self.limit:
+            candidate = self.run(record, first)
+            memory = candidate.memory
+        else:
+            record.over[first] = OverMemory(first, memory)
+        if _peak(memory) <= self.limit or choice != "auto":
             self.keep(record.best(self.limit))
             return
         if num_stages <= self.options.exhaustive_recompute_stages:
             self.exhaustive(record, everything)
         else:
-            self.greedy(record, candidate)
+            self.greedy(record, memory)
         self.keep(record.best(self.limit))
+
+    def known_memory(self, record: Record, recompute: tuple[int, ...]) -> tuple[RankMemory, ...] | None:
+        """Per rank, the memory of a recompute choice, without simulating it where its order tells it
+        (a flush's activations depend on each rank's order only: `pipefold.simulate.compiled`)."""
+        if recompute in record.tried:
+            return record.tried[recompute].memory
+        config, degree = record.config, record.degree
+        schedule = _schedule(config.schedule, degree.num_ranks, config.num_microbatches, config.num_virtual)
+        model = self.model(record, recompute)
+        if not _compiles(schedule, model):
+            return None
+        compiled = _compiled(config.schedule, degree.num_ranks, config.num_microbatches, config.num_virtual)
+        peaks = compiled.order_activation_peaks(model)
+        if peaks is None:
+            return None
+        costs = self.costs_of(record)
+        layout = StageLayout(record.bounds, config.microbatch_rows)
+        transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks)
+        weights = tuple(static_weight_bytes(model, record.placement, degree.num_ranks))
+        return memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
         sizes = range(1, len(everything) + 1)
@@ -378,20 +439,26 @@ class _Search:
                 if best is None:
                     record.prune(bound)
                 break
+            memory = self.known_memory(record, subset)
+            if memory is not None and _peak(memory) > self.limit:
+                record.over[subset] = OverMemory(subset, memory)
+                continue
             candidate = self.run(record, subset)
             fits = candidate.over_limit(self.limit) <= 0
             if fits and (best is None or rank_key(candidate) < rank_key(best)):
                 best = candidate
 
-    def greedy(self, record: Record, candidate: Candidate) -> None:
+    def greedy(self, record: Record, memory: tuple[RankMemory, ...]) -> None:
+        """Recompute stages, most bytes freed per second first, until every rank fits; each step's
+        memory is read from the order where it tells it, so only the last step is simulated."""
         model = self.model(record, ())
         full = model.activation_bytes
         lean = self.model(record, tuple(range(model.num_stages))).activation_bytes
         recompute: set[int] = set()
-        while candidate.over_limit(self.limit) > 0:
+        while _peak(memory) > self.limit:
             added = False
-            for rank, memory in enumerate(candidate.memory):
-                if memory.total <= self.limit:
+            for rank, held_by_rank in enumerate(memory):
+                if held_by_rank.total <= self.limit:
                     continue
                 owned = [s for s, owner in enumerate(record.placement) if owner == rank]
                 left = [s for s in owned if s not in recompute]
@@ -399,12 +466,12 @@ class _Search:
                     continue
                 # Most bytes freed per second of recomputation; a free forward counts as one microsecond.
                 left.sort(key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s), reverse=True)
-                # As many stages as the simulated peak says free the excess (its micro-batches in flight
+                # As many stages as the peak says free the excess (its micro-batches in flight
                 # per stage: the peak over one micro-batch of every stage), so a rank of many stages
-                # needs a few simulations, not one per stage; the next simulation checks.
+                # needs a few steps, not one per stage; the next step checks.
                 held = sum(lean[s] if s in recompute else full[s] for s in owned)
-                in_flight = memory.activations / held if held else 1.0
-                excess = memory.total - self.limit
+                in_flight = held_by_rank.activations / held if held else 1.0
+                excess = held_by_rank.total - self.limit
                 for stage in left:
                     recompute.add(stage)
                     added = True
@@ -418,7 +485,12 @@ class _Search:
             if bound > self.threshold:
                 record.prune(bound)
                 return
-            candidate = self.run(record, subset)
+            known = self.known_memory(record, subset)
+            if known is None or _peak(known) <= self.limit:
+                memory = self.run(record, subset).memory
+            else:
+                record.over[subset] = OverMemory(subset, known)
+                memory = known
 
     # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
 
@@ -426,6 +498,13 @@ class _Search:
         """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
         search knows the layout of, within the margin of the family `choice`, the choice's own first,
         then by step; with no choice (no family order fits), every one, the leanest first."""
+        for record in records:
+            # A choice found over the limit without simulating may fit in another order: time it
+            # where it could come within the margin of the choice.
+            for recompute in record.over:
+                if recompute not in record.tried and (choice is None or self.bound(record, recompute, "any") <= (
+                        choice.step_time * (1 + ORDER_SEARCH_MARGIN))):
+                    self.run(record, recompute)
         groups: dict[tuple[object, ...], list[tuple[Record, Candidate]]] = {}
         for record in records:
             if record.static_over is not None or not record.tried:
@@ -448,7 +527,8 @@ class _Search:
             if not searchable(base):
                 continue
             record = members[0][0]
-            bound = self.bound(record, base.recompute)
+            # Any order of these actions, which may split a backward its family runs whole.
+            bound = self.bound(record, base.recompute, "any")
             targets.append(OrderTarget(base, bound, self.costs_of(record),
                                        self.links(record.degree)))
         if choice is None:
@@ -510,6 +590,10 @@ class _Search:
             lean = () if choice == "none" else tuple(range(len(record.bounds) - 1))
             self.run(record, lean)
             self.run(record, ())
+
+
+def _peak(memory: tuple[RankMemory, ...]) -> int:
+    return max(rank.total for rank in memory)
 
 
 def _tensor_parallel_problem(costs: ModelCosts) -> str:
@@ -595,7 +679,10 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
     same_degree = [record for record in records if record.degree == chosen_degree]
 
-    def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
+    def extra(record: Record, recompute: tuple[int, ...]) -> Candidate | OverMemory:
+        memory = search.known_memory(record, recompute)
+        if memory is not None and _peak(memory) > options.memory_limit:
+            return OverMemory(recompute, memory)
         return search.run(record, recompute)
 
     # A searched choice's settings are those of its configuration's family, compared with its step.
