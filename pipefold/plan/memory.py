@@ -13,7 +13,9 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["RankMemory", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes"]
+__all__ = [
+    "RankMemory", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+]
 
 
 @dataclass(frozen=True)

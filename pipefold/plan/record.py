@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipefold.plan.bounds import Backward
-
 from pipefold.plan.degree import Degree
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.ranking import rank_key

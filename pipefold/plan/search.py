@@ -6,7 +6,6 @@ docs/decisions.md, "Planner search".
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import time
@@ -15,14 +14,20 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import Backward, backward_kind, step_time_lower_bound
+from pipefold.plan.bounds import Backward, step_time_lower_bound
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import (
-    RankMemory, gradient_bytes, memory_of_peaks, rank_memory, static_bytes, static_weight_bytes,
+    RankMemory,
+    gradient_bytes,
+    memory_of_peaks,
+    rank_memory,
+    static_bytes,
+    static_weight_bytes,
 )
+from pipefold.plan.orders import compiled_family, compiles, family_backward, family_placement, family_schedule
 from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
@@ -31,50 +36,14 @@ from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_spa
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
 from pipefold.plan.topology import MeshLinks, place
-from pipefold.schedule import Schedule, build, names
-from pipefold.schedule.ir import WeightUpdate
-from pipefold.schedule.registry import family
+from pipefold.schedule import names
 from pipefold.simulate import CostModel, Link, simulate
-from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = ["plan", "evaluate"]
 
 _SLACK = 1e-9
 """Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
 rounding, and must not skip a configuration that ties."""
-
-
-@functools.lru_cache(maxsize=512)
-def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
-    if num_ranks * num_microbatches <= 4096:
-        return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
-    # A large family schedule is generated without `validate`, which costs as much as simulating it
-    # (seconds at 64 ranks x 512 micro-batches): the families are validated at many sizes by their
-    # tests, and the simulator refuses an order that deadlocks.
-    entry = family(name)
-    entry.check(num_ranks, num_microbatches, num_virtual)
-    return entry.generate(num_ranks, num_microbatches, num_virtual)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> CompiledSchedule:
-    return CompiledSchedule(_schedule(name, num_ranks, num_microbatches, num_virtual))
-
-
-@functools.lru_cache(maxsize=512)
-def _backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
-    return backward_kind(_schedule(name, num_ranks, num_microbatches, num_virtual))
-
-
-def _compiles(schedule: Schedule, model: CostModel) -> bool:
-    """Whether the compiled engine times this: a flush (weights held once, so memory needs no
-    timeline) on ranks that do not share cores."""
-    return schedule.weight_update is WeightUpdate.FLUSH and CompiledSchedule.supports(model, schedule)
-
-
-def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
-    # The placement does not depend on m, so the one-micro-batch schedule tells it cheaply.
-    return _schedule(name, num_ranks, 1, num_virtual).placement
 
 
 def evaluate(
@@ -96,15 +65,16 @@ def evaluate(
     `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
     `placed` how the mesh sits on the nodes, recorded.
     """
-    schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
+    schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
-    if _compiles(schedule, model):
-        run = _compiled(config.schedule, num_ranks, config.num_microbatches, config.num_virtual).run(model)
+    if compiles(schedule, model):
+        sizes = (num_ranks, config.num_microbatches, config.num_virtual)
+        run = compiled_family(config.schedule, *sizes).run(model)
         makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
-        memory = memory_of_peaks(costs, model, tuple(static_weight_bytes(model, schedule.placement, num_ranks)),
-                                 run.activation_peaks, schedule.placement, transient)
+        weights = tuple(static_weight_bytes(model, schedule.placement, num_ranks))
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient)
     else:
         timeline = simulate(schedule, model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
@@ -193,10 +163,14 @@ class _Search:
             self.selective = recomputed()
         self.limit = options.memory_limit
         self.num_simulated = 0
+        self.num_untimed = 0
+        """Configurations over the limit in their family order not timed for the order search (budget)."""
         self.top: list[Candidate] = []
         self._layouts: dict[tuple[int, int, int, Link, bool], tuple[int, ...]] = {}
         self._split: dict[tuple[int, int, int, Link, bool], ModelCosts] = {}
         self._links: dict[tuple[int, int, int], MeshLinks] = {}
+        self._models: dict[tuple[object, ...], CostModel] = {}
+        self._syncs: dict[tuple[object, ...], float] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -270,12 +244,24 @@ class _Search:
         return self._layouts[key]
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
-        layout = StageLayout(record.bounds, record.config.microbatch_rows)
-        links = self.links(record.degree)
-        return stage_cost_model(
-            self.costs_of(record), layout, recompute, links.pipeline,
-            self.cores(record.degree), links.pipeline_overrides,
+        return self.model_at(record.degree, record.config, record.bounds, recompute)
+
+    def model_at(self, degree: Degree, config: Config, bounds: tuple[int, ...], recompute: tuple[int, ...]
+                 ) -> CostModel:
+        """The stage costs of a configuration: the same for every family and m of one split, rows,
+        partition and recompute, so those without recompute (most of them) are built once."""
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds)
+        if not recompute and key in self._models:
+            return self._models[key]
+        layout = StageLayout(bounds, config.microbatch_rows)
+        links = self.links(degree)
+        model = stage_cost_model(
+            self.costs_at(degree, config.microbatch_rows, config.recompute_attention), layout, recompute,
+            links.pipeline, self.cores(degree), links.pipeline_overrides,
         )
+        if not recompute:
+            self._models[key] = model
+        return model
 
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
@@ -348,15 +334,17 @@ class _Search:
             pp = degree.num_ranks
             links = self.links(degree)
             for config in configs:
-                costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
                 bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
                                         config.recompute_attention)
-                placement = _placement(config.schedule, pp, config.num_virtual)
-                model = stage_cost_model(costs, StageLayout(bounds, config.microbatch_rows), (),
-                                         links.pipeline)
-                allreduce = replica_sync_time(costs, model, placement, pp, degree.num_data_parallel,
-                                              links.data_parallel, zero)
-                record = Record(degree, config, bounds, placement, allreduce, 0.0)
+                placement = family_placement(config.schedule, pp, config.num_virtual)
+                sync_key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds,
+                            placement)
+                if sync_key not in self._syncs:
+                    costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+                    model = self.model_at(degree, config, bounds, ())
+                    self._syncs[sync_key] = replica_sync_time(
+                        costs, model, placement, pp, degree.num_data_parallel, links.data_parallel, zero)
+                record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
                 record.lower_bound = self.bound(record, ())
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
@@ -385,7 +373,7 @@ class _Search:
         # The exact bound needs the schedule (whether it runs B or I + W), generated only now that
         # the looser bound let the configuration through.
         config = record.config
-        record.backward = _backward(config.schedule, record.degree.num_ranks, config.num_microbatches,
+        record.backward = family_backward(config.schedule, record.degree.num_ranks, config.num_microbatches,
                                     config.num_virtual)
         first = everything if choice == "full" else ()
         bound = self.bound(record, first)
@@ -413,11 +401,12 @@ class _Search:
         if recompute in record.tried:
             return record.tried[recompute].memory
         config, degree = record.config, record.degree
-        schedule = _schedule(config.schedule, degree.num_ranks, config.num_microbatches, config.num_virtual)
+        sizes = (degree.num_ranks, config.num_microbatches, config.num_virtual)
+        schedule = family_schedule(config.schedule, *sizes)
         model = self.model(record, recompute)
-        if not _compiles(schedule, model):
+        if not compiles(schedule, model):
             return None
-        compiled = _compiled(config.schedule, degree.num_ranks, config.num_microbatches, config.num_virtual)
+        compiled = compiled_family(config.schedule, *sizes)
         peaks = compiled.order_activation_peaks(model)
         if peaks is None:
             return None
@@ -494,17 +483,25 @@ class _Search:
 
     # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
 
-    def order_targets(self, records: list[Record], choice: Candidate | None) -> list[OrderTarget]:
+    def order_targets(self, records: list[Record], choice: Candidate | None, deadline: float = math.inf
+                      ) -> list[OrderTarget]:
         """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
         search knows the layout of, within the margin of the family `choice`, the choice's own first,
         then by step; with no choice (no family order fits), every one, the leanest first."""
-        for record in records:
-            # A choice found over the limit without simulating may fit in another order: time it
-            # where it could come within the margin of the choice.
-            for recompute in record.over:
-                if recompute not in record.tried and (choice is None or self.bound(record, recompute, "any") <= (
-                        choice.step_time * (1 + ORDER_SEARCH_MARGIN))):
-                    self.run(record, recompute)
+        # A choice found over the limit without simulating may fit in another order: time those
+        # that could come within the margin of the choice, most promising first, out of the order
+        # search's budget (the ones left untimed are counted unsearched).
+        pending = sorted(
+            ((bound, index, recompute) for index, record in enumerate(records) for recompute in record.over
+             if recompute not in record.tried and (bound := self.bound(record, recompute, "any")) <= (
+                 math.inf if choice is None else choice.step_time * (1 + ORDER_SEARCH_MARGIN))),
+            key=lambda item: (item[0], item[1]),
+        )
+        for _, index, recompute in pending:
+            if time.perf_counter() >= deadline:
+                self.num_untimed += 1
+                continue
+            self.run(records[index], recompute)
         groups: dict[tuple[object, ...], list[tuple[Record, Candidate]]] = {}
         for record in records:
             if record.static_over is not None or not record.tried:
@@ -548,7 +545,8 @@ class _Search:
         start = time.perf_counter()
         # A searched order ranks ahead of the family choice only below the choice's time bucket.
         ceiling = math.inf if choice is None else bucket_floor(choice.step_time)
-        targets = self.order_targets(records, choice)
+        targets = self.order_targets(records, choice, start + options.order_search_total_s)
+        refinement.num_unsearched += self.num_untimed
         if not options.ranks_searched_orders:
             # Families pinned without "auto": only the choice's order is searched, to report beside it.
             targets = [target for target in targets if target.base == choice]

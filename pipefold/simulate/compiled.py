@@ -19,16 +19,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule.deps import backward_of, data_inputs
-from pipefold.schedule.ir import Action, Op, Schedule
+from pipefold.schedule.ir import Op, Schedule
 from pipefold.simulate.costs import CostModel
 
 __all__ = ["CompiledSchedule", "CompiledRun"]
 
 _F, _B, _I, _W, _STEP = range(5)
 _KIND = {Op.F: _F, Op.B: _B, Op.I: _I, Op.W: _W, Op.STEP: _STEP}
+
+_NAMES = ("F", "B", "I", "W", "STEP")
 
 _ABSORBED = 1e-15
 """A duration below this share of the longest possible step could vanish in `start + duration`
@@ -57,84 +59,130 @@ class CompiledSchedule:
     """A schedule's actions and data dependencies as flat lists, in an order that runs them."""
 
     def __init__(self, schedule: Schedule) -> None:
-        backward = backward_of(schedule)
         placement = schedule.placement
-        id_of: dict[Action, int] = {}
-        rank_of: list[int] = []
-        for rank, row in enumerate(schedule.actions):
+        num_stages = schedule.num_stages
+        # Actions are keyed by integers ((stage * M + microbatch) * 5 + kind): hashing `Action`s is
+        # what made flattening a 64-rank x 512-micro-batch schedule take seconds.
+        span = max((action.microbatch for row in schedule.actions for action in row), default=0) + 1
+        kinds: list[int] = []
+        stages: list[int] = []
+        microbatches: list[int] = []
+        id_of: dict[int, int] = {}
+        backward: dict[int, int] = {}  # stage * span + microbatch -> id of its B or I
+        rows = []
+        count = 0
+        for row in schedule.actions:
+            rows.append((count, len(row)))
             for action in row:
-                id_of.setdefault(action, len(id_of))
-                rank_of.append(rank)
-        if len(id_of) != len(rank_of):
+                kind = _KIND[action.op]
+                stage, microbatch = action.stage, action.microbatch
+                slot = stage * span + microbatch
+                id_of[slot * 5 + kind] = count
+                if kind == _B or kind == _I:
+                    backward[slot] = count
+                kinds.append(kind)
+                stages.append(stage)
+                microbatches.append(microbatch)
+                count += 1
+        if len(id_of) != count:
             raise ScheduleError(
                 f"{schedule.name or 'schedule'}: an action appears twice; run "
                 "pipefold.schedule.validate(schedule) to find it"
             )
+        num_actions = len(kinds)
+        previous = [-1] * num_actions
+        owner = [0] * num_actions
+        for rank, (first, length) in enumerate(rows):
+            for action_id in range(first + 1, first + length):
+                previous[action_id] = action_id - 1
+            owner[first:first + length] = [rank] * length
+        # The data inputs of docs/decisions.md, "Derived dependencies" (as `data_inputs`), at most two.
+        first_input = [-1] * num_actions
+        second_input = [-1] * num_actions
+        first_link = [0] * num_actions
+        second_link = [0] * num_actions
+        links: dict[tuple[int, int, int], int] = {}
+        for action_id in range(num_actions):
+            kind, stage, microbatch = kinds[action_id], stages[action_id], microbatches[action_id]
+            rank = owner[action_id]
+            if kind == _F:
+                if stage == 0:
+                    continue
+                producer = id_of.get(((stage - 1) * span + microbatch) * 5 + _F)
+                if producer is None:
+                    _missing(schedule, kind, stage, microbatch, f"F{stage - 1}.{microbatch}")
+                crossing = (stage - 1, placement[stage - 1], rank)
+                first_input[action_id] = producer
+                first_link[action_id] = links.setdefault(crossing, len(links))
+            elif kind == _B or kind == _I:
+                producer = id_of.get((stage * span + microbatch) * 5 + _F)
+                if producer is None:
+                    _missing(schedule, kind, stage, microbatch, f"F{stage}.{microbatch}")
+                first_input[action_id] = producer  # same rank: no link crossed
+                first_link[action_id] = links.setdefault((stage, rank, rank), len(links))
+                if stage < num_stages - 1:
+                    producer = backward.get((stage + 1) * span + microbatch)
+                    if producer is None:
+                        _missing(schedule, kind, stage, microbatch, f"B{stage + 1}.{microbatch}")
+                    # The boundary crossed is the lower of the two stages (B: s+1 -> s).
+                    crossing = (stage, placement[stage + 1], rank)
+                    second_input[action_id] = producer
+                    second_link[action_id] = links.setdefault(crossing, len(links))
+            elif kind == _W:
+                producer = id_of.get((stage * span + microbatch) * 5 + _I)
+                if producer is None:
+                    _missing(schedule, kind, stage, microbatch, f"I{stage}.{microbatch}")
+                first_input[action_id] = producer
+                first_link[action_id] = links.setdefault((stage, rank, rank), len(links))
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
-        kinds: list[int] = []
-        stages: list[int] = []
-        previous: list[int] = []
-        links: dict[tuple[int, int, int], int] = {}
-        inputs: list[tuple[tuple[int, int], ...]] = []
-        consumers: list[list[int]] = [[] for _ in range(len(id_of))]
-        for rank, row in enumerate(schedule.actions):
-            for index, action in enumerate(row):
-                action_id = len(kinds)
-                kinds.append(_KIND[action.op])
-                stages.append(action.stage)
-                previous.append(action_id - 1 if index else -1)
-                found = []
-                for producer in data_inputs(action, schedule, backward):
-                    producer_id = id_of.get(producer)
-                    if producer_id is None:
-                        raise ScheduleError(
-                            f"{schedule.name or 'schedule'}: {action} needs {producer}, which no rank runs; "
-                            "run pipefold.schedule.validate(schedule) for the full diagnosis"
-                        )
-                    # The boundary crossed is the lower of the two stages (F: s-1 -> s; B: s+1 -> s).
-                    key = (min(producer.stage, action.stage), placement[producer.stage], rank)
-                    found.append((producer_id, links.setdefault(key, len(links))))
-                    consumers[producer_id].append(action_id)
-                inputs.append(tuple(found))
         self._kinds = kinds
         self._stages = stages
         self._previous = previous
-        self._inputs = inputs
+        self._first_input, self._first_link = first_input, first_link
+        self._second_input, self._second_link = second_input, second_link
         self._links = list(links)
-        self._order = self._topological(consumers, schedule)
-        self._rows = [(sum(len(r) for r in schedule.actions[:rank]), len(row))
-                      for rank, row in enumerate(schedule.actions)]
+        self._rows = rows
+        self._order = self._topological(schedule)
 
-    def _topological(self, consumers: list[list[int]], schedule: Schedule) -> list[int]:
-        waiting = [len(found) + (prev >= 0) for found, prev in zip(self._inputs, self._previous, strict=True)]
-        num_actions = len(waiting)
-        ready = deque(action_id for action_id in range(num_actions) if waiting[action_id] == 0)
-        order = []
-        while ready:
-            action_id = ready.popleft()
-            order.append(action_id)
-            following = consumers[action_id]
-            if action_id + 1 < num_actions and self._previous[action_id + 1] == action_id:
-                following = [*following, action_id + 1]
-            for other in following:
-                waiting[other] -= 1
-                if waiting[other] == 0:
-                    ready.append(other)
-        if len(order) != num_actions:
-            stuck = next(i for i in range(num_actions) if waiting[i] > 0 and (
-                self._previous[i] < 0 or waiting[self._previous[i]] == 0))
+    def _topological(self, schedule: Schedule) -> list[int]:
+        # The simulator's own worklist: each rank runs on until an input is missing, and is woken
+        # when that input's producer runs.
+        first_input, second_input = self._first_input, self._second_input
+        done = bytearray(len(self._kinds))
+        positions = [first for first, _ in self._rows]
+        blocked: dict[int, list[int]] = {}
+        queue = deque(range(len(self._rows)))
+        order: list[int] = []
+        while queue:
+            rank = queue.popleft()
+            first, length = self._rows[rank]
+            position, stop = positions[rank], first + length
+            while position < stop:
+                missing = first_input[position]
+                if missing < 0 or done[missing]:
+                    missing = second_input[position]
+                    if missing >= 0 and done[missing]:
+                        missing = -1
+                if missing >= 0:
+                    blocked.setdefault(missing, []).append(rank)
+                    break
+                done[position] = 1
+                order.append(position)
+                woken = blocked.pop(position, None)
+                if woken:
+                    queue.extend(woken)
+                position += 1
+            positions[rank] = position
+        if len(order) != len(done):
+            rank = next(r for r, (first, length) in enumerate(self._rows) if positions[r] < first + length)
+            action_id = positions[rank]
             raise ScheduleError(
-                f"{schedule.name or 'schedule'}: simulation deadlocked at rank "
-                f"{self._rank_of(stuck)}; run pipefold.schedule.validate(schedule) for the full diagnosis"
+                f"{schedule.name or 'schedule'}: simulation deadlocked at rank {rank}, "
+                f"{_name(self._kinds[action_id], self._stages[action_id], -1)}; run "
+                "pipefold.schedule.validate(schedule) for the full diagnosis"
             )
         return order
-
-    def _rank_of(self, action_id: int) -> int:
-        for rank, (first, length) in enumerate(self._rows):
-            if first <= action_id < first + length:
-                return rank
-        raise IndexError(action_id)
 
     @staticmethod
     def supports(costs: CostModel, schedule: Schedule) -> bool:
@@ -153,18 +201,25 @@ class CompiledSchedule:
             raise ValueError("ranks share cores: use pipefold.simulate.simulate")
         durations = self._durations(costs)
         delays = [costs.transfer_time(*key) for key in self._links]
-        inputs = self._inputs
         previous = self._previous
+        first_input, first_link = self._first_input, self._first_link
+        second_input, second_link = self._second_input, self._second_link
         overhead = costs.action_overhead
         ends = [0.0] * len(durations)
         first_start = float("inf")
         for action_id in self._order:
             prev = previous[action_id]
             start = ends[prev] + overhead if prev >= 0 else 0.0
-            for producer, link in inputs[action_id]:
-                arrival = ends[producer] + delays[link]
+            producer = first_input[action_id]
+            if producer >= 0:
+                arrival = ends[producer] + delays[first_link[action_id]]
                 if arrival > start:
                     start = arrival
+                producer = second_input[action_id]
+                if producer >= 0:
+                    arrival = ends[producer] + delays[second_link[action_id]]
+                    if arrival > start:
+                        start = arrival
             if prev < 0 and start < first_start:
                 first_start = start
             ends[action_id] = start + durations[action_id]
@@ -212,3 +267,14 @@ class CompiledSchedule:
         if compute and min(compute) <= longest * _ABSORBED:
             return None
         return self._peaks(costs, None)
+
+
+def _name(kind: int, stage: int, microbatch: int) -> str:
+    return f"{_NAMES[kind]}{stage}" + (f".{microbatch}" if microbatch >= 0 else "")
+
+
+def _missing(schedule: Schedule, kind: int, stage: int, microbatch: int, needed: str) -> NoReturn:
+    raise ScheduleError(
+        f"{schedule.name or 'schedule'}: {_name(kind, stage, microbatch)} needs {needed}, which no rank "
+        "runs; run pipefold.schedule.validate(schedule) for the full diagnosis"
+    )

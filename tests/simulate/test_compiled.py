@@ -20,7 +20,8 @@ def _random_costs(rng: random.Random, num_stages: int, num_ranks: int, zeros: bo
             return 0.0
         return rng.uniform(0.1, 2.0)
 
-    overrides = {(0, num_ranks - 1): Link(rng.uniform(0, 0.5), rng.uniform(1e3, 1e5))} if num_ranks > 1 else {}
+    far = Link(rng.uniform(0, 0.5), rng.uniform(1e3, 1e5))
+    overrides = {(0, num_ranks - 1): far} if num_ranks > 1 else {}
     return CostModel.from_lists(
         [time() for _ in range(num_stages)], [time() for _ in range(num_stages)],
         [time() for _ in range(num_stages)],
