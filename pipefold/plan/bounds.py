@@ -20,13 +20,14 @@ num_cores seconds of work per second, so the step also lasts at least the total 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pipefold.schedule import Schedule
 from pipefold.schedule.ir import Op
 from pipefold.simulate import CostModel
 
-__all__ = ["step_time_lower_bound", "backward_kind", "Backward"]
+__all__ = ["step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward"]
 
 Backward = Literal["B", "I", "any"]
 """How a schedule runs its backwards: "B" whole, "I" split (I + W), "any" mixed or not known."""
@@ -42,11 +43,42 @@ def backward_kind(schedule: Schedule) -> Backward:
     return "any"
 
 
+@dataclass(frozen=True)
+class BoundTerms:
+    """The terms of the bound that do not depend on the micro-batch count, so one configuration's
+    bound at every m costs O(ranks): `terms.at(num_microbatches)`."""
+
+    chain: float
+    """One micro-batch forward through every stage and back."""
+    ranks: tuple[tuple[float, float, float, float], ...]
+    """Per rank with a stage: (fill to its lowest stage, busy seconds per micro-batch, busy
+    seconds without W per micro-batch, drain from its lowest stage)."""
+    num_cores: float | None
+    num_ranks: int
+
+    def at(self, num_microbatches: int) -> float:
+        bound = self.chain
+        total = 0.0
+        for start, busy, chained, drain in self.ranks:
+            bound = max(bound, start + num_microbatches * busy, start + num_microbatches * chained + drain)
+            total += num_microbatches * busy
+        if self.num_cores is not None:
+            # Ranks sharing cores (docs/decisions.md, "Shared cores") get through at most num_cores x the
+            # time of work together.
+            bound = max(bound, total / min(self.num_cores, self.num_ranks))
+        return bound
+
+
 def step_time_lower_bound(
     model: CostModel, placement: tuple[int, ...], num_microbatches: int, backward: Backward = "any"
 ) -> float:
     """The least step any order of these actions can take (see the module docstring); `backward` says
     how the schedule runs its backwards ("any": the cheaper of B and I + W per stage, valid for all)."""
+    return bound_terms(model, placement, backward).at(num_microbatches)
+
+
+def bound_terms(model: CostModel, placement: tuple[int, ...], backward: Backward = "any") -> BoundTerms:
+    """The m-free terms of `step_time_lower_bound`."""
     b, i, w = model.b, model.i, model.w
     if backward == "B":
         i, w = b, (0.0,) * model.num_stages
@@ -59,9 +91,9 @@ def step_time_lower_bound(
     first = [num_stages] * num_ranks
     for stage, rank in enumerate(placement):
         # A family runs either B or I + W for a stage; the cheaper one keeps the bound valid for both.
-        busy[rank] += num_microbatches * (model.f[stage] + min(b[stage], i[stage] + w[stage]))
+        busy[rank] += model.f[stage] + min(b[stage], i[stage] + w[stage])
         # A W waits for nothing downstream, so it may run after the drain has started.
-        chained[rank] += num_microbatches * (model.f[stage] + min(b[stage], i[stage]))
+        chained[rank] += model.f[stage] + min(b[stage], i[stage])
         first[rank] = min(first[rank], stage)
     # fill[s]: one micro-batch forward through stages 0..s-1 and the send into s; drain[s]: the
     # send of its input gradient from s to s-1, then back through stages s-1..0 (none past the ends).
@@ -69,22 +101,14 @@ def step_time_lower_bound(
     drain = [0.0]
     for stage in range(num_stages):
         send = 0.0
-        if stage + 1 < num_stages:
-            send = model.transfer_time(stage, placement[stage], placement[stage + 1])
-        fill.append(fill[-1] + model.f[stage] + send)
         back = 0.0
         if stage + 1 < num_stages:
+            send = model.transfer_time(stage, placement[stage], placement[stage + 1])
             back = model.transfer_time(stage, placement[stage + 1], placement[stage])
+        fill.append(fill[-1] + model.f[stage] + send)
         drain.append(drain[-1] + min(b[stage], i[stage]) + back)
-    bound = fill[-1] + drain[-1]
-    for rank in range(num_ranks):
-        if first[rank] >= num_stages:
-            continue  # a rank with no stage
-        start = fill[first[rank]]
-        bound = max(bound, start + busy[rank], start + chained[rank] + drain[first[rank]])
-    if model.num_cores is not None:
-        # Ranks sharing cores (docs/decisions.md, "Shared cores") get through at most num_cores x the time
-        # of work together.
-        bound = max(bound, sum(busy) / min(model.num_cores, num_ranks))
-    return bound
-
+    ranks = tuple(
+        (fill[first[rank]], busy[rank], chained[rank], drain[first[rank]])
+        for rank in range(num_ranks) if first[rank] < num_stages  # a rank with no stage adds nothing
+    )
+    return BoundTerms(fill[-1] + drain[-1], ranks, model.num_cores, num_ranks)

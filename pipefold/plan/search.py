@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import Backward, step_time_lower_bound
+from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
@@ -171,6 +171,7 @@ class _Search:
         self._links: dict[tuple[int, int, int], MeshLinks] = {}
         self._models: dict[tuple[object, ...], CostModel] = {}
         self._syncs: dict[tuple[object, ...], float] = {}
+        self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -265,10 +266,19 @@ class _Search:
 
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
-        return record.allreduce_s + step_time_lower_bound(
-            self.model(record, recompute), record.placement, record.config.num_microbatches,
-            record.backward if backward is None else backward,
-        )
+        backward = record.backward if backward is None else backward
+        model = self.model(record, recompute)
+        if recompute:
+            terms = bound_terms(model, record.placement, backward)
+        else:
+            # Without recompute the terms are shared by every m (and family of one placement).
+            config = record.config
+            key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+                   record.placement, backward)
+            if key not in self._terms:
+                self._terms[key] = bound_terms(model, record.placement, backward)
+            terms = self._terms[key]
+        return record.allreduce_s + terms.at(record.config.num_microbatches)
 
     @property
     def threshold(self) -> float:
