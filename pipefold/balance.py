@@ -155,7 +155,9 @@ def balance(
     prefix = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
     segment = prefix[None, :] - prefix[:, None]  # segment[a, b] = sum of weights[a:b]
     forward = np.triu(np.ones((num_layers + 1, num_layers + 1), dtype=bool), k=1)  # a < b: non-empty stage
-    costs = [np.where(forward, segment / speed, np.inf) for speed in speeds]
+    # One array per distinct speed (one in all on equal devices), shared by the stages of that speed.
+    by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in set(speeds)}
+    costs = [by_speed[speed] for speed in speeds]
 
     # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b).
     best = np.full(num_layers + 1, np.inf)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from pipefold.plan.degree import Degree, split_text
-from pipefold.plan.record import Record
+from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.result import Candidate, Verdict
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
@@ -24,7 +24,7 @@ def _slower(candidate: Candidate, choice: Candidate) -> str:
     return f"{ratio:.1%} slower than the choice"
 
 
-def _over(candidate: Candidate, limit: float) -> str:
+def _over(candidate: Candidate | OverMemory, limit: float) -> str:
     rank = candidate.peak_rank
     return (
         f"over the memory limit on rank {rank} by {format_bytes(candidate.over_limit(limit))} "
@@ -50,8 +50,13 @@ def _verdict(
         where = f" ({describe(best)})" if detail else ""
         return Verdict(subject, "slower", _slower(best, choice) + where)
     leanest = [c for record in records if (c := record.leanest()) is not None]
+    unsimulated = [o for record in records if (o := record.leanest_unsimulated()) is not None]
     parts = []
-    if leanest:
+    if unsimulated and (not leanest or min(o.peak_memory for o in unsimulated) < min(
+            c.peak_memory for c in leanest)):
+        parts.append(_over(min(unsimulated, key=lambda o: o.peak_memory), limit)
+                     + (" at its leanest (memory from the order; not simulated)" if detail else ""))
+    elif leanest:
         worst = min(leanest, key=lambda c: (c.peak_memory, c.step_time))
         where = f" at its leanest simulated ({describe(worst)})" if detail else ""
         parts.append(_over(worst, limit) + where)
@@ -132,7 +137,7 @@ def setting_verdicts(
     records: Sequence[Record],
     choice: Candidate,
     limit: float,
-    run: Callable[[Record, tuple[int, ...]], Candidate],
+    run: Callable[[Record, tuple[int, ...]], Candidate | OverMemory],
     *,
     asynchronous: bool,
     recompute_pinned: bool,
@@ -161,7 +166,7 @@ def setting_verdicts(
             if recompute == choice.recompute:
                 continue
             other = run(chosen, recompute)
-            if other.over_limit(limit) > 0:
+            if isinstance(other, OverMemory) or other.over_limit(limit) > 0:
                 verdicts.append(Verdict(subject, "over-memory", _over(other, limit)))
             else:
                 verdicts.append(Verdict(subject, "slower", _slower(other, choice)))

@@ -13,7 +13,9 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["RankMemory", "rank_memory", "static_bytes", "static_weight_bytes", "gradient_bytes"]
+__all__ = [
+    "RankMemory", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,29 @@ def rank_memory(
     transient: tuple[int, ...],
 ) -> tuple[RankMemory, ...]:
     """Per rank, the peak memory of a simulated timeline (see docs/decisions.md, "Planner memory model")."""
-    owned = _owned_weight_bytes(model, placement, timeline.num_ranks)
+    return memory_of_peaks(costs, model, timeline.weight_bytes_peak, timeline.activation_bytes_peak,
+                           placement, transient)
+
+
+def memory_of_peaks(
+    costs: ModelCosts,
+    model: CostModel,
+    weight_peaks: tuple[int, ...],
+    activation_peaks: tuple[int, ...],
+    placement: tuple[int, ...],
+    transient: tuple[int, ...],
+) -> tuple[RankMemory, ...]:
+    """Per rank, the peak memory given its weight and activation peaks (a timeline's, or a flush
+    schedule's own: `pipefold.simulate.compiled`)."""
+    num_ranks = len(activation_peaks)
+    owned = _owned_weight_bytes(model, placement, num_ranks)
     return tuple(
         RankMemory(
-            weights=timeline.weight_bytes_peak[rank],
+            weights=weight_peaks[rank],
             gradients=round(owned[rank] * costs.gradient_bytes_per_parameter_byte),
             optimizer=round(owned[rank] * costs.optimizer_bytes_per_parameter_byte),
-            activations=timeline.activation_bytes_peak[rank],
+            activations=activation_peaks[rank],
             recompute=transient[rank],
         )
-        for rank in range(timeline.num_ranks)
+        for rank in range(num_ranks)
     )

@@ -8,12 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipefold.plan.bounds import Backward
 from pipefold.plan.degree import Degree
+from pipefold.plan.memory import RankMemory
 from pipefold.plan.ranking import rank_key
 from pipefold.plan.result import Candidate
 from pipefold.plan.space import Config
 
-__all__ = ["Record"]
+__all__ = ["Record", "OverMemory"]
+
+
+@dataclass(frozen=True)
+class OverMemory:
+    """A recompute choice found over the memory limit before it was simulated: its memory per
+    rank is known from the order alone (`pipefold.simulate.compiled`), its time is not."""
+
+    recompute: tuple[int, ...]
+    memory: tuple[RankMemory, ...]
+
+    @property
+    def peak_memory(self) -> int:
+        return max(memory.total for memory in self.memory)
+
+    @property
+    def peak_rank(self) -> int:
+        """The rank with the most memory (the lowest such rank)."""
+        totals = [memory.total for memory in self.memory]
+        return totals.index(max(totals))
+
+    def over_limit(self, limit: float) -> float:
+        return self.peak_memory - limit
 
 
 @dataclass
@@ -28,6 +52,8 @@ class Record:
     """The gradient all-reduce after the schedule: fixed by the partition, whatever is recomputed."""
     lower_bound: float
     """Lower bound on its step time without recompute."""
+    backward: Backward = "any"
+    """How its schedule runs backwards, once generated ("any" before: the bound then holds for both)."""
     tried: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
     """Simulated candidates by recomputed stages."""
     pruned_bound: float | None = None
@@ -35,6 +61,8 @@ class Record:
     simulated; the remaining recompute choices otherwise); None when none was skipped."""
     static_over: tuple[int, int] | None = None
     """(rank, bytes) when weights, gradients and optimizer state alone exceed the limit there."""
+    over: dict[tuple[int, ...], OverMemory] = field(default_factory=dict)
+    """Recompute choices known over the limit without simulating them (by recomputed stages)."""
 
     def prune(self, bound: float) -> None:
         self.pruned_bound = bound if self.pruned_bound is None else min(self.pruned_bound, bound)
@@ -45,3 +73,12 @@ class Record:
 
     def leanest(self) -> Candidate | None:
         return min(self.tried.values(), key=lambda c: (c.peak_memory, c.step_time), default=None)
+
+    def leanest_unsimulated(self) -> OverMemory | None:
+        """The leanest choice known over the limit without a simulation, where it is leaner than
+        every simulated one."""
+        found = min(self.over.values(), key=lambda o: o.peak_memory, default=None)
+        simulated = self.leanest()
+        if found is None or (simulated is not None and simulated.peak_memory <= found.peak_memory):
+            return None
+        return found

@@ -11,13 +11,15 @@ from dataclasses import replace
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import rank_memory, static_bytes
+from pipefold.plan.memory import memory_of_peaks, rank_memory, static_bytes, static_weight_bytes
 from pipefold.plan.order_search import search_schedule
+from pipefold.plan.orders import compiles, family_placement, family_schedule
 from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
-from pipefold.schedule import build, layout_of
+from pipefold.schedule import layout_of
 from pipefold.simulate import Link, simulate
+from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = ["search_order", "searchable", "searched_candidate", "ORDER_SEARCH_MARGIN"]
 
@@ -34,9 +36,8 @@ def searchable(candidate: Candidate) -> bool:
     layout `search_schedule` knows."""
     if candidate.is_searched_order or is_asynchronous(candidate.schedule):
         return False
-    family = build(candidate.schedule, num_ranks=candidate.num_ranks, num_microbatches=1,
-                   num_virtual=candidate.num_virtual)
-    return layout_of(family.placement, candidate.num_ranks, candidate.num_virtual) is not None
+    placement = family_placement(candidate.schedule, candidate.num_ranks, candidate.num_virtual)
+    return layout_of(placement, candidate.num_ranks, candidate.num_virtual) is not None
 
 
 def search_order(
@@ -56,7 +57,7 @@ def search_order(
     if not searchable(choice):
         return None
     pp, v, m = choice.num_ranks, choice.num_virtual, choice.num_microbatches
-    family = build(choice.schedule, num_ranks=pp, num_microbatches=m, num_virtual=v)
+    family = family_schedule(choice.schedule, pp, m, v)
     layout = layout_of(family.placement, pp, v)
     assert layout is not None  # searchable
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
@@ -80,16 +81,24 @@ def search_order(
         )
     except ScheduleError:
         return None  # not even one micro-batch per rank fits beside the weights
-    timeline = simulate(found.schedule, model)
-    memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
+    if compiles(found.schedule, model):
+        run = CompiledSchedule(found.schedule).run(model)
+        makespan, bubble = run.makespan, run.bubble_fraction(pp)
+        weights = tuple(static_weight_bytes(model, found.schedule.placement, pp))
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, found.schedule.placement,
+                                 transient)
+    else:
+        timeline = simulate(found.schedule, model)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
     if max(rank.total for rank in memory) > options.memory_limit:
         return None
     return SearchedOrder(
         schedule=found.schedule,
         family=choice.schedule,
-        step_time=timeline.makespan + choice.allreduce_s,
+        step_time=makespan + choice.allreduce_s,
         family_step_time=choice.step_time,
-        bubble_fraction=timeline.bubble_fraction,
+        bubble_fraction=bubble,
         memory=memory,
         origin=found.origin,
         family_fits=choice.over_limit(options.memory_limit) <= 0,

@@ -6,7 +6,6 @@ docs/decisions.md, "Planner search".
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import time
@@ -15,22 +14,29 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import step_time_lower_bound
+from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
-from pipefold.plan.memory import gradient_bytes, rank_memory, static_bytes, static_weight_bytes
+from pipefold.plan.memory import (
+    RankMemory,
+    gradient_bytes,
+    memory_of_peaks,
+    rank_memory,
+    static_bytes,
+    static_weight_bytes,
+)
+from pipefold.plan.orders import compiled_family, compiles, family_backward, family_placement, family_schedule
 from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
-from pipefold.plan.record import Record
+from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
 from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
 from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
 from pipefold.plan.topology import MeshLinks, place
-from pipefold.schedule import Schedule, build, names
-from pipefold.schedule.registry import family
+from pipefold.schedule import names
 from pipefold.simulate import CostModel, Link, simulate
 
 __all__ = ["plan", "evaluate"]
@@ -38,23 +44,6 @@ __all__ = ["plan", "evaluate"]
 _SLACK = 1e-9
 """Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
 rounding, and must not skip a configuration that ties."""
-
-
-@functools.lru_cache(maxsize=512)
-def _schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
-    if num_ranks * num_microbatches <= 4096:
-        return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
-    # A large family schedule is generated without `validate`, which costs as much as simulating it
-    # (seconds at 64 ranks x 512 micro-batches): the families are validated at many sizes by their
-    # tests, and the simulator refuses an order that deadlocks.
-    entry = family(name)
-    entry.check(num_ranks, num_microbatches, num_virtual)
-    return entry.generate(num_ranks, num_microbatches, num_virtual)
-
-
-def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
-    # The placement does not depend on m, so the one-micro-batch schedule tells it cheaply.
-    return _schedule(name, num_ranks, 1, num_virtual).placement
 
 
 def evaluate(
@@ -76,11 +65,20 @@ def evaluate(
     `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
     `placed` how the mesh sits on the nodes, recorded.
     """
-    schedule = _schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
+    schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides)
-    timeline = simulate(schedule, model)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    if compiles(schedule, model):
+        sizes = (num_ranks, config.num_microbatches, config.num_virtual)
+        run = compiled_family(config.schedule, *sizes).run(model)
+        makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
+        weights = tuple(static_weight_bytes(model, schedule.placement, num_ranks))
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient)
+    else:
+        timeline = simulate(schedule, model)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = rank_memory(costs, model, timeline, schedule.placement, transient)
     allreduce = replica_sync_time(costs, model, schedule.placement, num_ranks, num_data_parallel,
                                   link if dp_link is None else dp_link, sharded_optimizer)
     return Candidate(
@@ -91,9 +89,9 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=timeline.makespan + allreduce,
-        bubble_fraction=timeline.bubble_fraction,
-        memory=rank_memory(costs, model, timeline, schedule.placement, transient),
+        step_time=makespan + allreduce,
+        bubble_fraction=bubble,
+        memory=memory,
         num_data_parallel=num_data_parallel,
         allreduce_s=allreduce,
         num_tensor_parallel=num_tensor_parallel,
@@ -165,10 +163,15 @@ class _Search:
             self.selective = recomputed()
         self.limit = options.memory_limit
         self.num_simulated = 0
+        self.num_untimed = 0
+        """Configurations over the limit in their family order not timed for the order search (budget)."""
         self.top: list[Candidate] = []
         self._layouts: dict[tuple[int, int, int, Link, bool], tuple[int, ...]] = {}
         self._split: dict[tuple[int, int, int, Link, bool], ModelCosts] = {}
         self._links: dict[tuple[int, int, int], MeshLinks] = {}
+        self._models: dict[tuple[object, ...], CostModel] = {}
+        self._syncs: dict[tuple[object, ...], float] = {}
+        self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -242,16 +245,40 @@ class _Search:
         return self._layouts[key]
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
-        layout = StageLayout(record.bounds, record.config.microbatch_rows)
-        links = self.links(record.degree)
-        return stage_cost_model(
-            self.costs_of(record), layout, recompute, links.pipeline,
-            self.cores(record.degree), links.pipeline_overrides,
-        )
+        return self.model_at(record.degree, record.config, record.bounds, recompute)
 
-    def bound(self, record: Record, recompute: tuple[int, ...]) -> float:
-        return record.allreduce_s + step_time_lower_bound(self.model(record, recompute), record.placement,
-                                                          record.config.num_microbatches)
+    def model_at(self, degree: Degree, config: Config, bounds: tuple[int, ...], recompute: tuple[int, ...]
+                 ) -> CostModel:
+        """The stage costs of a configuration: the same for every family and m of one split, rows,
+        partition and recompute, so those without recompute (most of them) are built once."""
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds)
+        if not recompute and key in self._models:
+            return self._models[key]
+        layout = StageLayout(bounds, config.microbatch_rows)
+        links = self.links(degree)
+        model = stage_cost_model(
+            self.costs_at(degree, config.microbatch_rows, config.recompute_attention), layout, recompute,
+            links.pipeline, self.cores(degree), links.pipeline_overrides,
+        )
+        if not recompute:
+            self._models[key] = model
+        return model
+
+    def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
+        """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
+        backward = record.backward if backward is None else backward
+        model = self.model(record, recompute)
+        if recompute:
+            terms = bound_terms(model, record.placement, backward)
+        else:
+            # Without recompute the terms are shared by every m (and family of one placement).
+            config = record.config
+            key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+                   record.placement, backward)
+            if key not in self._terms:
+                self._terms[key] = bound_terms(model, record.placement, backward)
+            terms = self._terms[key]
+        return record.allreduce_s + terms.at(record.config.num_microbatches)
 
     @property
     def threshold(self) -> float:
@@ -317,15 +344,17 @@ class _Search:
             pp = degree.num_ranks
             links = self.links(degree)
             for config in configs:
-                costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
                 bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
                                         config.recompute_attention)
-                placement = _placement(config.schedule, pp, config.num_virtual)
-                model = stage_cost_model(costs, StageLayout(bounds, config.microbatch_rows), (),
-                                         links.pipeline)
-                allreduce = replica_sync_time(costs, model, placement, pp, degree.num_data_parallel,
-                                              links.data_parallel, zero)
-                record = Record(degree, config, bounds, placement, allreduce, 0.0)
+                placement = family_placement(config.schedule, pp, config.num_virtual)
+                sync_key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds,
+                            placement)
+                if sync_key not in self._syncs:
+                    costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+                    model = self.model_at(degree, config, bounds, ())
+                    self._syncs[sync_key] = replica_sync_time(
+                        costs, model, placement, pp, degree.num_data_parallel, links.data_parallel, zero)
+                record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
                 record.lower_bound = self.bound(record, ())
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
@@ -351,20 +380,51 @@ class _Search:
         if static[worst] > self.limit:
             record.static_over = (worst, int(static[worst] - self.limit))
             return
+        # The exact bound needs the schedule (whether it runs B or I + W), generated only now that
+        # the looser bound let the configuration through.
+        config = record.config
+        record.backward = family_backward(config.schedule, record.degree.num_ranks, config.num_microbatches,
+                                    config.num_virtual)
         first = everything if choice == "full" else ()
         bound = self.bound(record, first)
         if bound > self.threshold:
             record.prune(bound)
             return
-        candidate = self.run(record, first)
-        if candidate.over_limit(self.limit) <= 0 or choice != "auto":
+        memory = self.known_memory(record, first)
+        if memory is None or _peak(memory) <= self.limit:
+            candidate = self.run(record, first)
+            memory = candidate.memory
+        else:
+            record.over[first] = OverMemory(first, memory)
+        if _peak(memory) <= self.limit or choice != "auto":
             self.keep(record.best(self.limit))
             return
         if num_stages <= self.options.exhaustive_recompute_stages:
             self.exhaustive(record, everything)
         else:
-            self.greedy(record, candidate)
+            self.greedy(record, memory)
         self.keep(record.best(self.limit))
+
+    def known_memory(self, record: Record, recompute: tuple[int, ...]) -> tuple[RankMemory, ...] | None:
+        """Per rank, the memory of a recompute choice, without simulating it where its order tells it
+        (a flush's activations depend on each rank's order only: `pipefold.simulate.compiled`)."""
+        if recompute in record.tried:
+            return record.tried[recompute].memory
+        config, degree = record.config, record.degree
+        sizes = (degree.num_ranks, config.num_microbatches, config.num_virtual)
+        schedule = family_schedule(config.schedule, *sizes)
+        model = self.model(record, recompute)
+        if not compiles(schedule, model):
+            return None
+        compiled = compiled_family(config.schedule, *sizes)
+        peaks = compiled.order_activation_peaks(model)
+        if peaks is None:
+            return None
+        costs = self.costs_of(record)
+        layout = StageLayout(record.bounds, config.microbatch_rows)
+        transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks)
+        weights = tuple(static_weight_bytes(model, record.placement, degree.num_ranks))
+        return memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
         sizes = range(1, len(everything) + 1)
@@ -378,20 +438,26 @@ class _Search:
                 if best is None:
                     record.prune(bound)
                 break
+            memory = self.known_memory(record, subset)
+            if memory is not None and _peak(memory) > self.limit:
+                record.over[subset] = OverMemory(subset, memory)
+                continue
             candidate = self.run(record, subset)
             fits = candidate.over_limit(self.limit) <= 0
             if fits and (best is None or rank_key(candidate) < rank_key(best)):
                 best = candidate
 
-    def greedy(self, record: Record, candidate: Candidate) -> None:
+    def greedy(self, record: Record, memory: tuple[RankMemory, ...]) -> None:
+        """Recompute stages, most bytes freed per second first, until every rank fits; each step's
+        memory is read from the order where it tells it, so only the last step is simulated."""
         model = self.model(record, ())
         full = model.activation_bytes
         lean = self.model(record, tuple(range(model.num_stages))).activation_bytes
         recompute: set[int] = set()
-        while candidate.over_limit(self.limit) > 0:
+        while _peak(memory) > self.limit:
             added = False
-            for rank, memory in enumerate(candidate.memory):
-                if memory.total <= self.limit:
+            for rank, held_by_rank in enumerate(memory):
+                if held_by_rank.total <= self.limit:
                     continue
                 owned = [s for s, owner in enumerate(record.placement) if owner == rank]
                 left = [s for s in owned if s not in recompute]
@@ -399,12 +465,12 @@ class _Search:
                     continue
                 # Most bytes freed per second of recomputation; a free forward counts as one microsecond.
                 left.sort(key=lambda s: ((full[s] - lean[s]) / max(model.f[s], 1e-6), -s), reverse=True)
-                # As many stages as the simulated peak says free the excess (its micro-batches in flight
+                # As many stages as the peak says free the excess (its micro-batches in flight
                 # per stage: the peak over one micro-batch of every stage), so a rank of many stages
-                # needs a few simulations, not one per stage; the next simulation checks.
+                # needs a few steps, not one per stage; the next step checks.
                 held = sum(lean[s] if s in recompute else full[s] for s in owned)
-                in_flight = memory.activations / held if held else 1.0
-                excess = memory.total - self.limit
+                in_flight = held_by_rank.activations / held if held else 1.0
+                excess = held_by_rank.total - self.limit
                 for stage in left:
                     recompute.add(stage)
                     added = True
@@ -418,14 +484,34 @@ class _Search:
             if bound > self.threshold:
                 record.prune(bound)
                 return
-            candidate = self.run(record, subset)
+            known = self.known_memory(record, subset)
+            if known is None or _peak(known) <= self.limit:
+                memory = self.run(record, subset).memory
+            else:
+                record.over[subset] = OverMemory(subset, known)
+                memory = known
 
     # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
 
-    def order_targets(self, records: list[Record], choice: Candidate | None) -> list[OrderTarget]:
+    def order_targets(self, records: list[Record], choice: Candidate | None, deadline: float = math.inf
+                      ) -> list[OrderTarget]:
         """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
         search knows the layout of, within the margin of the family `choice`, the choice's own first,
         then by step; with no choice (no family order fits), every one, the leanest first."""
+        # A choice found over the limit without simulating may fit in another order: time those
+        # that could come within the margin of the choice, most promising first, out of the order
+        # search's budget (the ones left untimed are counted unsearched).
+        pending = sorted(
+            ((bound, index, recompute) for index, record in enumerate(records) for recompute in record.over
+             if recompute not in record.tried and (bound := self.bound(record, recompute, "any")) <= (
+                 math.inf if choice is None else choice.step_time * (1 + ORDER_SEARCH_MARGIN))),
+            key=lambda item: (item[0], item[1]),
+        )
+        for _, index, recompute in pending:
+            if time.perf_counter() >= deadline:
+                self.num_untimed += 1
+                continue
+            self.run(records[index], recompute)
         groups: dict[tuple[object, ...], list[tuple[Record, Candidate]]] = {}
         for record in records:
             if record.static_over is not None or not record.tried:
@@ -448,7 +534,8 @@ class _Search:
             if not searchable(base):
                 continue
             record = members[0][0]
-            bound = self.bound(record, base.recompute)
+            # Any order of these actions, which may split a backward its family runs whole.
+            bound = self.bound(record, base.recompute, "any")
             targets.append(OrderTarget(base, bound, self.costs_of(record),
                                        self.links(record.degree)))
         if choice is None:
@@ -468,7 +555,8 @@ class _Search:
         start = time.perf_counter()
         # A searched order ranks ahead of the family choice only below the choice's time bucket.
         ceiling = math.inf if choice is None else bucket_floor(choice.step_time)
-        targets = self.order_targets(records, choice)
+        targets = self.order_targets(records, choice, start + options.order_search_total_s)
+        refinement.num_unsearched += self.num_untimed
         if not options.ranks_searched_orders:
             # Families pinned without "auto": only the choice's order is searched, to report beside it.
             targets = [target for target in targets if target.base == choice]
@@ -510,6 +598,10 @@ class _Search:
             lean = () if choice == "none" else tuple(range(len(record.bounds) - 1))
             self.run(record, lean)
             self.run(record, ())
+
+
+def _peak(memory: tuple[RankMemory, ...]) -> int:
+    return max(rank.total for rank in memory)
 
 
 def _tensor_parallel_problem(costs: ModelCosts) -> str:
@@ -595,7 +687,10 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
     same_degree = [record for record in records if record.degree == chosen_degree]
 
-    def extra(record: Record, recompute: tuple[int, ...]) -> Candidate:
+    def extra(record: Record, recompute: tuple[int, ...]) -> Candidate | OverMemory:
+        memory = search.known_memory(record, recompute)
+        if memory is not None and _peak(memory) > options.memory_limit:
+            return OverMemory(recompute, memory)
         return search.run(record, recompute)
 
     # A searched choice's settings are those of its configuration's family, compared with its step.

@@ -1,18 +1,20 @@
 """Property: the planner's cheap lower bound never exceeds the simulated step, so pruning by it
-never drops a configuration that could have won; with ranks sharing cores too."""
+never drops a configuration that could have won; with ranks sharing cores, split backwards priced
+apart from B, and sends on a link; and it is exact for 1f1b on equal stages."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
-from pipefold.plan.bounds import step_time_lower_bound
+from pipefold.plan.bounds import backward_kind, step_time_lower_bound
 from pipefold.schedule import build, names
 from pipefold.simulate import CostModel, Link, simulate
 
 times = st.floats(0.0, 4.0)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(names()),
     p=st.integers(1, 5),
@@ -30,7 +32,20 @@ def test_lower_bound_holds(name, p, m, v, data, num_cores):
     per_stage = st.lists(times, min_size=n, max_size=n)
     costs = CostModel.from_lists(
         data.draw(per_stage), data.draw(per_stage), data.draw(per_stage),
-        link=Link(latency=data.draw(st.floats(0.0, 1.0))), num_cores=num_cores,
+        b=data.draw(st.one_of(st.just([]), per_stage)),
+        message_bytes=data.draw(st.lists(st.integers(0, 1000), min_size=n - 1, max_size=n - 1)),
+        link=Link(latency=data.draw(st.floats(0.0, 1.0)), bandwidth=data.draw(st.floats(100.0, 1e4))),
+        num_cores=num_cores,
     )
-    bound = step_time_lower_bound(costs, schedule.placement, m)
-    assert bound <= simulate(schedule, costs).makespan * (1 + 1e-9) + 1e-9
+    makespan = simulate(schedule, costs).makespan
+    for backward in ("any", backward_kind(schedule)):
+        bound = step_time_lower_bound(costs, schedule.placement, m, backward)
+        assert bound <= makespan * (1 + 1e-9) + 1e-9
+
+
+@pytest.mark.parametrize("p,m", [(2, 8), (4, 4), (4, 16), (8, 3)])
+def test_lower_bound_is_exact_for_1f1b_on_equal_stages(p, m):
+    schedule = build("1f1b", num_ranks=p, num_microbatches=m)
+    costs = CostModel.uniform(p, f=1.0, i=1.0, w=1.0, b=2.0)
+    bound = step_time_lower_bound(costs, schedule.placement, m, backward_kind(schedule))
+    assert bound == pytest.approx(simulate(schedule, costs).makespan)

@@ -23,7 +23,9 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
             f"down and up chunk); got cap={cap}"
         )
     num_stages = 2 * num_ranks
-    finished: dict[Action, int] = {}  # action -> time its result is available
+    # (0 for F / 1 for I, stage, micro-batch) -> time its result is available. Keyed by plain
+    # tuples, not `Action`s: building and hashing actions for every probe dominated at 64 ranks.
+    finished: dict[tuple[int, int, int], int] = {}
     rows: list[list[Action]] = [[] for _ in range(num_ranks)]
     busy_until = [0] * num_ranks
     next_f = [0] * num_stages
@@ -32,27 +34,30 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
     held = [0] * num_ranks
     reserved = [0] * num_ranks
     remaining = 3 * num_stages * num_microbatches
+    last = num_stages - 1
 
-    def ready(action: Action, now: int) -> bool:
-        stage, mb = action.stage, action.microbatch
+    def forward_ready(stage: int, mb: int, now: int) -> bool:
         if mb >= num_microbatches:
             return False
-        if action.op is Op.F:
-            needed = [Action(Op.F, stage - 1, mb)] if stage > 0 else []
-        else:
-            needed = [Action(Op.F, stage, mb)]
-            if stage < num_stages - 1:
-                needed.append(Action(Op.I, stage + 1, mb))
-        return all(finished.get(a, now + 1) <= now for a in needed)
+        return stage == 0 or finished.get((0, stage - 1, mb), now + 1) <= now
+
+    def input_grad_ready(stage: int, mb: int, now: int) -> bool:
+        if mb >= num_microbatches or finished.get((0, stage, mb), now + 1) > now:
+            return False
+        return stage == last or finished.get((1, stage + 1, mb), now + 1) <= now
 
     def pick(rank: int, now: int) -> Action | None:
-        down, up = rank, num_stages - 1 - rank
-        inputs = [Action(Op.I, s, next_i[s]) for s in (down, up) if ready(Action(Op.I, s, next_i[s]), now)]
-        if inputs:
-            return min(inputs, key=lambda a: (a.microbatch, -a.stage))
-        if ready(Action(Op.F, up, next_f[up]), now):
+        down, up = rank, last - rank
+        best: tuple[int, int] | None = None  # (micro-batch, -stage): the earliest, then the later stage
+        for stage in (down, up):
+            mb = next_i[stage]
+            if input_grad_ready(stage, mb, now) and (best is None or (mb, -stage) < best):
+                best = (mb, -stage)
+        if best is not None:
+            return Action(Op.I, -best[1], best[0])
+        if forward_ready(up, next_f[up], now):
             return Action(Op.F, up, next_f[up])
-        if ready(Action(Op.F, down, next_f[down]), now) and held[rank] + reserved[rank] + 2 <= cap:
+        if forward_ready(down, next_f[down], now) and held[rank] + reserved[rank] + 2 <= cap:
             return Action(Op.F, down, next_f[down])
         return pending_w[rank][0] if pending_w[rank] else None
 
@@ -68,7 +73,8 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
             if action is None:
                 continue
             rows[rank].append(action)
-            finished[action] = now + 1
+            if action.op is not Op.W:
+                finished[(0 if action.op is Op.F else 1, action.stage, action.microbatch)] = now + 1
             busy_until[rank] = now + 1
             remaining -= 1
             down = rank

@@ -1,0 +1,83 @@
+"""The planner's memory model against what `pipefold train` counts, per rank, on a tiny GPT at 2 ranks.
+
+    python benchmarks/planner_memory.py            # 1f1b and gpipe, recompute none/full, m = 2 and 4
+    python benchmarks/planner_memory.py --quick    # 1f1b, m = 4 only
+
+For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
+partition balanced on them) gives the predicted memory per rank and the command that trains it;
+that command then runs 2 steps, and its summary.json gives what each rank held: weights and
+optimizer state (the tensors' bytes), gradients (as large as the weights during a step) and the
+activation peak the saved-tensor hooks counted. Runs one job at a time (each is 2 processes).
+Prints one row per (configuration, rank): predicted and counted activations and totals, and the
+total's error (without the plan's recompute transient, which the hooks do not see). A benchmark,
+not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODEL = ["--num-layers", "2", "--d-model", "64", "--num-heads", "4", "--seq-len", "32", "--batch-size", "8"]
+CLI = [sys.executable, "-c", "import sys; from pipefold.cli.main import main; sys.exit(main())"]
+
+
+def _cli(args: list[str], cwd: Path) -> str:
+    done = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise SystemExit(f"pipefold {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def measure(schedule: str, recompute: str, num_microbatches: int, work: Path) -> list[tuple[str, ...]]:
+    planned = json.loads(_cli(
+        ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
+         str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json"], work))
+    command = shlex.split(planned["train_command"])[1:]  # without the leading "pipefold"
+    out = work / f"{schedule}-{recompute}-{num_microbatches}"
+    _cli([*command, "--steps", "2", "--out", str(out)], work)
+    counted = json.loads((out / "summary.json").read_text())["memory"]
+    rows = []
+    for entry in sorted(counted, key=lambda e: e["pipeline_rank"]):
+        rank = entry["pipeline_rank"]
+        predicted = planned["choice"]["memory"][rank]
+        total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
+        # The hooks do not see the layer a recomputing backward rebuilds for a moment, so the
+        # like-for-like total leaves the plan's recompute transient out (shown apart).
+        like = predicted["total"] - predicted["recompute"]
+        rows.append((
+            f"{schedule} m={num_microbatches} recompute={recompute}", str(rank),
+            f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
+            f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
+            f"{like / total - 1:+.1%}",
+        ))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1f1b at m = 4 only")
+    args = parser.parse_args()
+    cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if args.quick else [
+        (schedule, recompute, m)
+        for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
+    ]
+    header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)",
+              "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
+              "error")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule, recompute, m in cases:
+            for row in measure(schedule, recompute, m, Path(tmp)):
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
