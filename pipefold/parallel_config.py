@@ -113,6 +113,7 @@ class _Rules:
         self.zero()
         self.full_shard()
         self.tensor_parallel()
+        self.pure_precision()
 
     def degrees(self) -> None:
         c = self.c
@@ -242,6 +243,26 @@ class _Rules:
                 "fp16's dynamic loss scale is not composed with full sharding (its overflow check "
                 f"and unscale are written for whole gradients); use precision 'bf16' or 'fp32' {keep}",
             )
+
+    def pure_precision(self) -> None:
+        """bf16 weights with fp32 master copies in the optimizer: for one replica, whole tensors
+        and an optimizer stepped after the step (16-bit gradient all-reduces are untested)."""
+        c, n = self.c, self.name
+        if c.precision != "bf16-pure":
+            return
+        instead = f'use {n("precision")}="bf16" (fp32 weights) otherwise'
+        if c.asynchronous:
+            self.refuse(
+                "precision",
+                f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
+                f"master weights; use a flush schedule, or {instead}",
+            )
+        for field in ("dp", "tp"):
+            if getattr(c, field) > 1:
+                self.refuse(
+                    "precision",
+                    f"bf16 weights need {n(field)}=1 (is {getattr(c, field)}) for now; {instead}",
+                )
 
     def tensor_parallel(self) -> None:
         c, n = self.c, self.name

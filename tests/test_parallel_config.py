@@ -80,6 +80,12 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
         ({"shard": "full", "dp": 2, "tied_layers": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),
+        ({"precision": "bf16-pure", "dp": 2}, "precision='bf16-pure' is not allowed: bf16 weights need dp=1"),
+        ({"precision": "bf16-pure", "tp": 2}, "bf16 weights need tp=1 (is 2)"),
+        (
+            {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash"},
+            "steps its own optimizers inside the step, without fp32 master weights",
+        ),
     ],
 )
 def test_every_refusal_names_field_value_and_fix(fields, words):

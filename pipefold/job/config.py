@@ -292,16 +292,6 @@ class TrainConfig:
             f"schedule.name={self.schedule.name!r} updates weights inside the step, before every rank "
             "agrees on an overflow; use a flush schedule for fp16, or bf16",
         )
-        if self.precision == "bf16-pure":
-            s = self.schedule
-            require(
-                weight_update == "flush" and s.data_parallel == 1 and s.tensor_parallel == 1,
-                "precision",
-                self.precision,
-                f"bf16 weights with fp32 master copies need a flush schedule (schedule.name={s.name!r}), "
-                f"schedule.data_parallel=1 (is {s.data_parallel}) and schedule.tensor_parallel=1 (is "
-                f"{s.tensor_parallel}) for now; use precision=\"bf16\" (fp32 weights) otherwise",
-            )
         if weight_update != "flush":
             self._check_asynchronous()
         if self.schedule.retune_every:

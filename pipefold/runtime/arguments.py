@@ -104,11 +104,6 @@ def check_optimizer(schedule: Schedule, runtime: RuntimeOptions, optimizer: Opti
                 "your optimizer after pipe.step() yourself and leave ParallelOptions.optimizer None"
             )
         return
-    if runtime.precision == "bf16-pure":
-        raise ConfigError(
-            f"RuntimeOptions(precision='bf16-pure') with schedule {name!r}: it steps its own optimizers "
-            "inside the step, without fp32 master weights; use a flush schedule, or precision='bf16'"
-        )
     if runtime.loss_scale is not None:
         raise ConfigError(
             f"RuntimeOptions(precision='fp16') with schedule {name!r}: it updates weights inside the "

@@ -52,7 +52,7 @@ from pipefold.runtime.arguments import (
 )
 from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
-from pipefold.runtime.executor import Executor, StageHooks, StepInputs
+from pipefold.runtime.executor import Executor, StageHooks, StepInputs, StepRecord
 from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.options import (
@@ -78,11 +78,11 @@ from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_batch import BoundaryShapes, split_batch
 from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
-from pipefold.runtime.streaming import BatchFeed, next_pair
+from pipefold.runtime.streaming import BatchFeed, StreamProgram, next_pair, stream_program
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
-from pipefold.schedule import STREAMING_FAMILIES, Schedule, ScheduleError, WeightUpdate, lower, stream
+from pipefold.schedule import Schedule, WeightUpdate, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
 from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
@@ -213,7 +213,8 @@ class Pipeline:
         # Whole layers first (the same seed on every tp rank), then split.
         dims.split_layers(modules)
         if self.runtime_options.precision in PURE_PRECISIONS:
-            self._hold_weights_in(modules, torch.bfloat16)
+            for module in modules.values():  # in place: a parameter two layers share stays one
+                module.to(torch.bfloat16)
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
         stages: dict[int, Stage] = {}
@@ -357,9 +358,8 @@ class Pipeline:
 
         self._new_executor = executor
         self._executor = executor(program)
-        # The last streaming run's (steps, unrolled schedule, executor, timeline slots).
-        self._stream_executor: tuple[int, Schedule, Executor, int] | None = None
-        self._stream_lag = 0
+        # The last streaming run's program and its executor, reused by a run of as many steps.
+        self._stream_run: tuple[StreamProgram, Executor] | None = None
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
 
@@ -572,39 +572,16 @@ class Pipeline:
         PipeDream-2BW's one-step-stale gradients. Call it on every rank with the same `steps`;
         calls may follow each other and `step()` (each call starts and ends drained). See
         docs/schedules.md, "Streaming (asynchronous) runs"."""
-        run = self._stream(steps)  # refusals first, on every rank alike
-        return self._guarded(lambda: self._train(batches, steps, run))
+        run = self._stream(steps)
+        return self._guarded(lambda: self._train(batches, run))
 
-    def _stream(self, steps: int) -> tuple[Schedule, Executor, int]:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"train(steps={steps!r}): give the number of optimizer steps, an integer >= 1")
-        schedule = self.schedule
-        if schedule.weight_update is WeightUpdate.FLUSH or schedule.name not in STREAMING_FAMILIES:
-            raise ConfigError(
-                f"train(): schedule {schedule.name!r} is "
-                + ("a flush schedule: it drains before every update, so steps cannot overlap"
-                   if schedule.weight_update is WeightUpdate.FLUSH else "not one of the streaming families")
-                + f"; build the Pipeline with schedule='pipedream' or 'pipedream-2bw' (one of "
-                f"{', '.join(STREAMING_FAMILIES)}) and ParallelOptions(optimizer=...), or call "
-                "step() once per batch and step your optimizer after it"
-            )
-        cached = self._stream_executor
-        if cached is not None and cached[0] == steps:
-            return cached[1], cached[2], cached[3]
-        try:
-            plan = stream(
-                schedule.name, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches
-            )
-        except ScheduleError as error:
-            raise ConfigError(f"train(): {error}") from None
-        unrolled = plan.unroll(steps)
-        validate(unrolled)
-        program = lower(unrolled)
-        executor = self._new_executor(program)
-        slots = max(len(row) for row in program.instructions)
-        self._stream_executor = (steps, unrolled, executor, slots)
-        self._stream_lag = plan.version_lag
-        return unrolled, executor, slots
+    def _stream(self, steps: int) -> tuple[StreamProgram, Executor]:
+        cached = self._stream_run
+        if cached is not None and cached[0].steps == steps:
+            return cached
+        run = stream_program(self.schedule, steps)  # refusals first, on every rank alike
+        self._stream_run = (run, self._new_executor(run.program))
+        return self._stream_run
 
     def _guarded(self, run: Callable[[], Result]) -> Result:
         """Run one step or streaming run; a failure is reported to the other ranks."""
@@ -697,10 +674,10 @@ class Pipeline:
             raise
 
     def _train(
-        self, batches: Iterable[tuple[Any, Any]] | None, steps: int, run: tuple[Schedule, Executor, int]
+        self, batches: Iterable[tuple[Any, Any]] | None, run: tuple[StreamProgram, Executor]
     ) -> list[float]:
-        unrolled, executor, slots = run
-        schedule = self.schedule
+        (program, executor), schedule = run, self.schedule
+        steps = program.steps
         reads = self.rank in (schedule.placement[0], schedule.placement[-1])
         if reads and batches is None:
             raise ConfigError(
@@ -721,7 +698,7 @@ class Pipeline:
         scales = [size / batch.size for size in batch.sizes] * steps
         stashes = [stage.stash for stage in self.stages if stage.stash is not None]
         for stash in stashes:
-            stash.stream(schedule.num_microbatches, self._stream_lag)
+            stash.stream(schedule.num_microbatches, program.version_lag)
         self._executor, step_executor = executor, self._executor  # failure reports name its action
         try:
             record = executor.run(StepInputs(feed.inputs, feed.targets, boundaries, scales))
@@ -730,17 +707,13 @@ class Pipeline:
         for stash in stashes:
             stash.stream(1, 0)
         self._num_steps_run += steps
-        if self.runtime_options.record_timeline:
-            self.recorder.use(unrolled, slots)
-            try:
-                versions = max((stash.peak_versions_held for stash in stashes), default=1)
-                self._last_step, losses = self.recorder.gather(record, versions)
-            finally:
-                self.recorder.use(schedule, self._timeline_slots)
-        else:
-            losses = record.losses
-            if collectives is not None:
-                collectives.all_reduce_sum(losses, what="loss all-reduce")
+        self.recorder.use(program.unrolled, program.num_slots)
+        try:
+            gathered, losses = self._agree_losses(record)
+        finally:
+            self.recorder.use(schedule, self._timeline_slots)
+        if gathered is not None:
+            self._last_step = gathered
         per_step = losses.reshape(steps, schedule.num_microbatches).sum(dim=1)
         bad = [k for k, finite in enumerate(torch.isfinite(per_step).tolist()) if not finite]
         if bad:
@@ -801,17 +774,7 @@ class Pipeline:
             self._activation_peak = record.activation_bytes_peak
         else:
             record = replace(record, activation_bytes_peak=self._activation_peak)
-        gathered: step_gather.GatheredStep | None = None
-        if self.runtime_options.record_timeline:
-            # One all-gather brings every rank's losses and timeline (step_gather.py).
-            versions = max(
-                (st.stash.peak_versions_held for st in self.stages if st.stash is not None), default=1
-            )
-            gathered, losses = self.recorder.gather(record, versions)
-        else:
-            losses = record.losses
-            if collectives is not None:
-                collectives.all_reduce_sum(losses, what="loss all-reduce")
+        gathered, losses = self._agree_losses(record)
         weight = 1.0
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
             losses, weight = data_parallel.reduce_losses(losses, batch_size)
@@ -828,17 +791,17 @@ class Pipeline:
         self.progress.mark("")
         return loss
 
-    def _hold_weights_in(self, modules: Any, dtype: torch.dtype) -> None:
-        """Pure 16-bit weights: every floating parameter and buffer of this rank's layers in
-        `dtype` (in place, so a parameter shared by two layers stays one)."""
-        if self.dims.num_data_parallel > 1 or self.dims.num_tensor_parallel > 1:
-            raise ConfigError(
-                f"RuntimeOptions(precision={self.runtime_options.precision!r}) with data or tensor "
-                "parallelism is not supported yet (16-bit gradient all-reduces are untested); use "
-                "precision='bf16' (fp32 weights), or one replica without tensor parallelism"
-            )
-        for module in modules.values() if isinstance(modules, dict) else modules:
-            module.to(dtype)
+    def _agree_losses(self, record: StepRecord) -> tuple[step_gather.GatheredStep | None, Tensor]:
+        """Every micro-batch's loss on every rank, and the step's measurements where recorded:
+        one all-gather brings both (step_gather.py), else one all-reduce of the losses."""
+        if self.runtime_options.record_timeline:
+            stashes = (stage.stash for stage in self.stages if stage.stash is not None)
+            versions = max((stash.peak_versions_held for stash in stashes), default=1)
+            return self.recorder.gather(record, versions)
+        collectives = self.transport.collectives
+        if collectives is not None:
+            collectives.all_reduce_sum(record.losses, what="loss all-reduce")
+        return None, record.losses
 
     @property
     def last_sent_bytes(self) -> int:

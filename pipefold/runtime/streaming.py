@@ -11,6 +11,7 @@ any length holds about two batches at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
@@ -18,8 +19,49 @@ import torch
 from pipefold.errors import ConfigError
 from pipefold.model import TensorMeta
 from pipefold.runtime.step_batch import SplitBatch, batch_size, split
+from pipefold.schedule import STREAMING_FAMILIES, Schedule, ScheduleError, WeightUpdate, lower, stream
+from pipefold.schedule.lower import Program
+from pipefold.schedule.validate import validate
 
-__all__ = ["BatchFeed", "next_pair"]
+__all__ = ["BatchFeed", "StreamProgram", "next_pair", "stream_program"]
+
+
+@dataclass(frozen=True)
+class StreamProgram:
+    """A streaming run of `steps` steps: the unrolled schedule, its lowered program, the timeline
+    slots its longest rank needs, and the 2BW weight-version lag (0 for PipeDream)."""
+
+    steps: int
+    unrolled: Schedule
+    program: Program
+    num_slots: int
+    version_lag: int
+
+
+def stream_program(schedule: Schedule, steps: int) -> StreamProgram:
+    """The run `Pipeline.train(..., steps=steps)` executes for `schedule`; refused (ConfigError)
+    for a bad `steps` or a schedule that cannot stream, alike on every rank."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"train(steps={steps!r}): give the number of optimizer steps, an integer >= 1")
+    if schedule.weight_update is WeightUpdate.FLUSH or schedule.name not in STREAMING_FAMILIES:
+        raise ConfigError(
+            f"train(): schedule {schedule.name!r} is "
+            + ("a flush schedule: it drains before every update, so steps cannot overlap"
+               if schedule.weight_update is WeightUpdate.FLUSH else "not one of the streaming families")
+            + f"; build the Pipeline with schedule='pipedream' or 'pipedream-2bw' (one of "
+            f"{', '.join(STREAMING_FAMILIES)}) and ParallelOptions(optimizer=...), or call "
+            "step() once per batch and step your optimizer after it"
+        )
+    try:
+        plan = stream(schedule.name, num_ranks=schedule.num_ranks, num_microbatches=schedule.num_microbatches)
+    except ScheduleError as error:
+        raise ConfigError(f"train(): {error}") from None
+    unrolled = plan.unroll(steps)
+    validate(unrolled)
+    program = lower(unrolled)
+    return StreamProgram(
+        steps, unrolled, program, max(len(row) for row in program.instructions), plan.version_lag
+    )
 
 
 def next_pair(batches: Iterator[Any], step: int, num_steps: int) -> tuple[Any, Any]:
