@@ -43,6 +43,26 @@ class RankMemory:
         return cls(**{key: int(value) for key, value in data.items() if key != "total"})
 
 
+class PeakMemory:
+    """The fullest rank of a configuration whose `memory` holds one `RankMemory` per rank."""
+
+    memory: tuple[RankMemory, ...]
+
+    @property
+    def peak_memory(self) -> int:
+        return max(memory.total for memory in self.memory)
+
+    @property
+    def peak_rank(self) -> int:
+        """The rank with the most memory (the lowest such rank)."""
+        totals = [memory.total for memory in self.memory]
+        return totals.index(max(totals))
+
+    def over_limit(self, limit: float) -> float:
+        """Bytes by which the fullest rank exceeds `limit`; <= 0 when it fits."""
+        return self.peak_memory - limit
+
+
 def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
     owned = [0] * num_ranks
     for stage, rank in enumerate(placement):

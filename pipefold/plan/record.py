@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pipefold.plan.bounds import Backward
 from pipefold.plan.degree import Degree
-from pipefold.plan.memory import RankMemory
+from pipefold.plan.memory import PeakMemory, RankMemory
 from pipefold.plan.ranking import rank_key
 from pipefold.plan.result import Candidate
 from pipefold.plan.space import Config
@@ -19,25 +19,12 @@ __all__ = ["Record", "OverMemory"]
 
 
 @dataclass(frozen=True)
-class OverMemory:
+class OverMemory(PeakMemory):
     """A recompute choice found over the memory limit before it was simulated: its memory per
     rank is known from the order alone (`pipefold.simulate.compiled`), its time is not."""
 
     recompute: tuple[int, ...]
     memory: tuple[RankMemory, ...]
-
-    @property
-    def peak_memory(self) -> int:
-        return max(memory.total for memory in self.memory)
-
-    @property
-    def peak_rank(self) -> int:
-        """The rank with the most memory (the lowest such rank)."""
-        totals = [memory.total for memory in self.memory]
-        return totals.index(max(totals))
-
-    def over_limit(self, limit: float) -> float:
-        return self.peak_memory - limit
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pipefold.balance import Partition
 from pipefold.plan.degree import split_text
-from pipefold.plan.memory import RankMemory
+from pipefold.plan.memory import PeakMemory, RankMemory
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.io import from_json as schedule_from_json
@@ -36,7 +36,7 @@ def _ranges(values: tuple[int, ...]) -> str:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(PeakMemory):
     """One simulated configuration: what to run, and what the simulator predicts for it."""
 
     schedule: str
@@ -108,20 +108,6 @@ class Candidate:
     @property
     def partition(self) -> Partition:
         return Partition(self.bounds)
-
-    @property
-    def peak_memory(self) -> int:
-        return max(memory.total for memory in self.memory)
-
-    @property
-    def peak_rank(self) -> int:
-        """The rank with the most memory (the lowest such rank)."""
-        totals = [memory.total for memory in self.memory]
-        return totals.index(max(totals))
-
-    def over_limit(self, limit: float) -> float:
-        """Bytes by which the fullest rank exceeds `limit`; <= 0 when the candidate fits."""
-        return self.peak_memory - limit
 
     @property
     def recompute_layers(self) -> tuple[int, ...]:
