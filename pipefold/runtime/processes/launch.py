@@ -324,10 +324,10 @@ def _run_function(
         # it started, which a caller may have redirected since).
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(output[0], 1)
-        os.dup2(output[1], 2)
-        os.close(output[0])
-        os.close(output[1])
+        for received, target in zip(output, (1, 2), strict=True):
+            if received != target:  # a spawned rank receives them under their own numbers
+                os.dup2(received, target)
+                os.close(received)
     launcher = multiprocessing.parent_process()
     if launcher is not None and launcher.pid is not None and launcher.pid != os.getppid():
         die_with_supervisor(launcher.pid)  # forked from the fork server (orphan.py says why)
