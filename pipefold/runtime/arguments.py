@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.model import LayerLike, Partition, partition
+from pipefold.model import LayerLike, Partition, partition, tied_groups
+from pipefold.parallel_config import ParallelConfig
 from pipefold.runtime.options import (
     LayoutOptions,
     OptimizerFactory,
@@ -20,10 +21,13 @@ from pipefold.runtime.options import (
     TransportOptions,
 )
 from pipefold.schedule import Schedule, WeightUpdate, build
+from pipefold.schedule.validate import validate
 
 __all__ = [
     "DEFAULT_NUM_MICROBATCHES",
     "check_optimizer",
+    "check_swappable",
+    "describe",
     "num_microbatches_of",
     "option_group",
     "resolve_partition",
@@ -47,6 +51,64 @@ def option_group(value: Any, kind: type[OptionGroup], keyword: str) -> OptionGro
             "(see pipefold/runtime/options.py)"
         )
     return value
+
+
+def describe(
+    layers: Sequence[LayerLike],
+    schedule: str | Schedule,
+    num_microbatches: int | None,
+    num_virtual: int | None,
+    degrees: tuple[int, int, int],
+    layout: LayoutOptions,
+    parallel: ParallelOptions,
+    runtime: RuntimeOptions,
+) -> ParallelConfig:
+    """What the rulebook (`pipefold.parallel_config`) checks of a `Pipeline`'s arguments before
+    its schedule is built; `degrees` are (pp, dp, tp)."""
+    recompute = layout.recompute
+    num_ranks, num_data_parallel, num_tensor_parallel = degrees
+    return ParallelConfig(
+        pp=num_ranks,
+        dp=num_data_parallel,
+        tp=num_tensor_parallel,
+        num_microbatches=num_microbatches_of(schedule, num_microbatches),
+        num_virtual=num_virtual,
+        schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
+        recompute=recompute if isinstance(recompute, str) else tuple(recompute),
+        on_nonfinite=runtime.on_nonfinite,
+        compile=runtime.compile,
+        tied_layers=bool(tied_groups(layers)),
+        num_layers=len(layers),
+        shard=parallel.shard,
+        precision=runtime.precision,
+    )
+
+
+def check_swappable(current: Schedule, schedule: Any) -> Schedule:
+    """`schedule` if a running pipeline of `current` can switch to it (`Pipeline.use_schedule`):
+    a valid flush schedule for the same ranks, micro-batches and stage placement, so every rank
+    keeps its stages, weights, optimizer and transport. Raises ConfigError otherwise."""
+    if not isinstance(schedule, Schedule):
+        raise ConfigError(f"use_schedule({schedule!r}): give a pipefold.schedule.Schedule")
+    for what, now, new in (
+        ("ranks", current.num_ranks, schedule.num_ranks),
+        ("micro-batches", current.num_microbatches, schedule.num_microbatches),
+        ("stage placement", current.placement, schedule.placement),
+        ("weight update", current.weight_update, schedule.weight_update),
+    ):
+        if now != new:
+            raise ConfigError(
+                f"use_schedule: {schedule.name or 'the schedule'!r} has {what} {new}, the running "
+                f"{current.name!r} {now}; a pipeline changes only the order of its actions (build a "
+                "new Pipeline for another layout)"
+            )
+    if schedule.weight_update is not WeightUpdate.FLUSH:
+        raise ConfigError(
+            f"use_schedule: {schedule.name!r} updates weights inside the step; only flush schedules "
+            "can be swapped (their stashes hold the weight versions in flight)"
+        )
+    validate(schedule)
+    return schedule
 
 
 def resolve_schedule(

@@ -27,6 +27,7 @@ from torch._C._distributed_c10d import Store
 
 from pipefold.errors import PeerFailure
 from pipefold.runtime.progress import Progress
+from pipefold.schedule import Action
 
 __all__ = ["BUSY_POLL_S", "FailureReport", "FailureBoard", "WaitNotice", "Watchdog"]
 
@@ -44,6 +45,22 @@ class FailureReport:
     message: str
     world_rank: int | None = None
     """`rank` in the default process group, where it differs or is known (the launcher's rank)."""
+
+    @classmethod
+    def of(
+        cls, rank: int, action: Action | None, error: BaseException, *, replica: int | None = None
+    ) -> FailureReport:
+        """`error` raised on pipeline rank `rank` during `action` (None: outside any action);
+        `replica` names the data-parallel replica (every replica has a rank 0)."""
+        where = "" if replica is None else f" (data-parallel replica {replica})"
+        return cls(
+            rank=rank,
+            stage=None if action is None else action.stage,
+            microbatch=None if action is None else action.microbatch,
+            action="step setup" if action is None else str(action),
+            message=f"{type(error).__name__}: {error}{where}",
+            world_rank=dist.get_rank() if dist.is_initialized() else None,
+        )
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

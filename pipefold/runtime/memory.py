@@ -10,7 +10,7 @@ kept for a recomputing backward are counted through `hold`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pipefold.runtime.parallel.tensor_parallel import local
 
-__all__ = ["ActivationCounter"]
+__all__ = ["ActivationCounter", "CountingTurns"]
 
 
 class _Saved:
@@ -102,3 +102,31 @@ class ActivationCounter:
             if key is not None:
                 handles.append(_Saved(tensor, self, key))
         return handles
+
+
+class CountingTurns:
+    """Which steps count their activation bytes (counting costs a hook per saved tensor): the
+    first step of each batch shape and every `every`-th step; the others report the last
+    counted peak. Every rank decides alike (same step count, same broadcast batch shape), so
+    the peaks gathered into a timeline always come from the same step."""
+
+    _MAX_SHAPES = 1024
+    """Shapes remembered before forgetting them all (a run of ever new shapes counts them again)."""
+
+    def __init__(self, every: int) -> None:
+        self._every = every
+        self._counted_for: set[Hashable] = set()
+        self._peak = 0
+
+    def due(self, batch_key: Hashable, step_index: int) -> bool:
+        return batch_key not in self._counted_for or step_index % self._every == 0
+
+    def peak(self, batch_key: Hashable, counted: bool, measured_peak: int) -> int:
+        """The step's peak to report: `measured_peak` where it `counted`, else the last one."""
+        if not counted:
+            return self._peak
+        if len(self._counted_for) >= self._MAX_SHAPES:
+            self._counted_for.clear()
+        self._counted_for.add(batch_key)
+        self._peak = measured_peak
+        return measured_peak

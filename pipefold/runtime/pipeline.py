@@ -20,7 +20,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -28,36 +28,28 @@ from torch import Tensor, nn
 from torch._C._distributed_c10d import Store
 
 from pipefold.device import check_compiler
-from pipefold.errors import ConfigError, NonFiniteLoss, PeerFailure, PipefoldError, PipelineError
-from pipefold.model import (
-    LayerLike,
-    TensorMeta,
-    as_layers,
-    materialize,
-    meta_layers,
-    named_parameters,
-    owner_indices,
-    tied_groups,
-)
-from pipefold.model.build import name_prefix, shared_names, shared_parameter_uses
-from pipefold.parallel_config import ParallelConfig
+from pipefold.errors import ConfigError, NonFiniteLoss
+from pipefold.model import LayerLike, as_layers, meta_layers, named_parameters, owner_indices
+from pipefold.model.build import shared_parameter_uses
 from pipefold.runtime import step_gather
 from pipefold.runtime.arguments import (
     check_optimizer,
-    num_microbatches_of,
+    check_swappable,
+    describe,
     option_group,
     resolve_partition,
-    resolve_recompute,
     resolve_schedule,
 )
 from pipefold.runtime.clip import GradientScope, not_counted
 from pipefold.runtime.evaluate import ForwardOnly
 from pipefold.runtime.executor import Executor, StageHooks, StepInputs, StepRecord
-from pipefold.runtime.failure import BUSY_POLL_S, FailureBoard, FailureReport, Watchdog
-from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.failure import FailureBoard, FailureReport, Watchdog
+from pipefold.runtime.guard import FailureGuard
+from pipefold.runtime.local_stages import build_local_stages
+from pipefold.runtime.local_state import load_local_state, local_state_dict
+from pipefold.runtime.memory import ActivationCounter, CountingTurns
 from pipefold.runtime.options import (
     COMPUTE_DTYPES,
-    PURE_PRECISIONS,
     LayoutOptions,
     OptimizerFactory,
     ParallelOptions,
@@ -67,10 +59,7 @@ from pipefold.runtime.options import (
 from pipefold.runtime.parallel.data_parallel import DataParallel
 from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.parallel.full_shard import FullSharding
-from pipefold.runtime.parallel.tensor_parallel import local as local_shard
-from pipefold.runtime.parallel.tensor_parallel import shard_like
 from pipefold.runtime.processes.allocator import keep_freed_memory
-from pipefold.runtime.processes.cores import processes_on_host, ranks_share_cores, shared_cores
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
@@ -82,9 +71,9 @@ from pipefold.runtime.streaming import BatchFeed, StreamProgram, next_pair, stre
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
+from pipefold.runtime.waiting import host_watchdog
 from pipefold.schedule import Schedule, WeightUpdate, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
-from pipefold.schedule.validate import validate
 from pipefold.timeline import Timeline
 
 __all__ = ["Pipeline"]
@@ -92,7 +81,6 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], Tensor]
-Result = TypeVar("Result")
 
 
 class Pipeline:
@@ -146,29 +134,17 @@ class Pipeline:
             check_compiler("RuntimeOptions.compile")
         self._loss_fn = loss_fn
         self._num_steps_run = 0
-        self._memory_counted_for: set[TensorMeta | tuple[TensorMeta, ...]] = set()
-        self._activation_peak = 0
+        self._counting = CountingTurns(self.runtime_options.count_memory_every)
 
         self.dims = ParallelDims.of(self.parallel_options)
         """This rank's pipeline group, replicas ("dp") and tensor-parallel peers ("tp")."""
         dims = self.dims
         self.rank = dims.rank
-        recompute = self.layout_options.recompute
         # The rulebook first with what is known before the schedule is built, then with it.
-        described = ParallelConfig(
-            pp=dims.num_ranks,
-            dp=dims.num_data_parallel,
-            tp=dims.num_tensor_parallel,
-            num_microbatches=num_microbatches_of(schedule, num_microbatches),
-            num_virtual=num_virtual,
-            schedule=schedule.name if isinstance(schedule, Schedule) else str(schedule),
-            recompute=recompute if isinstance(recompute, str) else tuple(recompute),
-            on_nonfinite=self.runtime_options.on_nonfinite,
-            compile=self.runtime_options.compile,
-            tied_layers=bool(tied_groups(self._layers)),
-            num_layers=len(self._layers),
-            shard=self.parallel_options.shard,
-            precision=self.runtime_options.precision,
+        described = describe(
+            self._layers, schedule, num_microbatches, num_virtual,
+            (dims.num_ranks, dims.num_data_parallel, dims.num_tensor_parallel),
+            self.layout_options, self.parallel_options, self.runtime_options,
         )
         described.check()
         self.schedule = resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
@@ -200,38 +176,19 @@ class Pipeline:
         self.device = dims.check_device(self.layout_options.device)
         if self.runtime_options.keep_cpu_heap and self.device.type == "cpu":
             keep_freed_memory()
-        recompute_all, recompute_layers = resolve_recompute(recompute)
         self.partition = resolve_partition(self._layers, self.schedule, self.layout_options.partition)
         check_shared_parameters(
             self._shared, self._layers, self._meta, dims, self.schedule, self.partition
         )
 
         # -- local modules (no communication so far) --------------------------------------
-        local_stages = self.schedule.stages_of(self.rank)
-        indices = [i for s in local_stages for i in self.partition.layers_of(s)]
-        modules = materialize(self._layers, indices, self.device, seed=self.layout_options.seed)
-        # Whole layers first (the same seed on every tp rank), then split.
-        dims.split_layers(modules)
-        if self.runtime_options.precision in PURE_PRECISIONS:
-            for module in modules.values():  # in place: a parameter two layers share stays one
-                module.to(torch.bfloat16)
+        modules, stages = build_local_stages(
+            self._layers, self.schedule, self.partition, self.rank, self.device, dims,
+            self.layout_options, self.runtime_options,
+        )
         self._owner = owner_indices(self._layers)
         self._local_modules = modules
-        stages: dict[int, Stage] = {}
-        for s in local_stages:
-            span = self.partition.layers_of(s)
-            stages[s] = Stage(
-                s,
-                span,
-                [self._layers[i] for i in span],
-                [modules[i] for i in span],
-                is_first=s == 0,
-                is_last=s == self.schedule.num_stages - 1,
-                recompute_all=recompute_all,
-                recompute_layers=recompute_layers,
-                compile_layers=self.runtime_options.compile,
-            )
-        self.stages: tuple[Stage, ...] = tuple(stages[s] for s in local_stages)
+        self.stages: tuple[Stage, ...] = tuple(stages.values())
         self.sharding: FullSharding | None = (
             FullSharding(self.stages, dims.data_parallel_group, self.device)
             if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
@@ -241,10 +198,6 @@ class Pipeline:
         gathered and freed by the schedule (runtime/parallel/full_shard.py); else None."""
         self.compute_dtype = COMPUTE_DTYPES[self.runtime_options.precision]
         """The autocast dtype of each stage's forward and of floating boundaries (None: fp32)."""
-        for stage in self.stages:
-            stage.check_plain_output = dims.tensor_parallel is not None
-            stage.compute_dtype = self.compute_dtype
-            stage.device_type = self.device.type
         self._boundaries = BoundaryShapes(
             self._layers, self._meta, dims, self._sequence_sharded, self.compute_dtype
         )
@@ -256,28 +209,8 @@ class Pipeline:
         # data-parallel all-reduce learns of a failure in another replica too.
         store = _default_store() if dims.communicates else None
         self._board = FailureBoard(store, f"pipefold/pipeline{pipeline_id}/failure")
-        # CPU ranks that outnumber the host's cores compute in turns; a timeline measured on
-        # one host records it, so its cost model replays that (docs/decisions.md, "shared cores").
-        # Data-parallel replicas and tp peers on the host compute beside this pipeline and
-        # take their share of the cores.
-        host_processes = processes_on_host(dims.num_ranks, dims.processes_beside())
-        self._shared_cores = (
-            shared_cores(dims.num_ranks, torch.get_num_threads(), host_processes)
-            if self.device.type == "cpu"
-            else None
-        )
-        busy_wait = self.runtime_options.busy_wait
-        if busy_wait is None:
-            # Only shared-memory waits on CPU busy-poll; where processes share cores they
-            # block on doorbells instead (docs/decisions.md, "busy polling").
-            busy_wait = self.device.type == "cpu" and not ranks_share_cores(host_processes)
-        self._watchdog = Watchdog(
-            self._board,
-            rank=self.rank,
-            timeout_s=float(self.runtime_options.timeout_s),
-            poll_completion=self.device.type == "cuda",
-            busy_poll_s=BUSY_POLL_S if busy_wait else 0.0,
-            world_ranks=dims.ranks if dims.pipeline_group is not None else None,
+        self._watchdog, self._shared_cores = host_watchdog(
+            self._board, dims, self.device, self.runtime_options
         )
         program = lower(self.schedule)
         # Events and waits of any rank fit in as many slots as the longest program has actions.
@@ -360,7 +293,7 @@ class Pipeline:
         self._executor = executor(program)
         # The last streaming run's program and its executor, reused by a run of as many steps.
         self._stream_run: tuple[StreamProgram, Executor] | None = None
-        self._broken: str | None = None
+        self._guard = FailureGuard(self.rank, self._board, self.progress, self._watchdog, self._report)
         self._last_step: step_gather.GatheredStep | None = None
 
     def use_schedule(self, schedule: Schedule) -> None:
@@ -369,27 +302,7 @@ class Pipeline:
         placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
         of the pipeline, and of its replicas and tp peers, must switch to the same schedule
         before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
-        if not isinstance(schedule, Schedule):
-            raise ConfigError(f"use_schedule({schedule!r}): give a pipefold.schedule.Schedule")
-        current = self.schedule
-        for what, now, new in (
-            ("ranks", current.num_ranks, schedule.num_ranks),
-            ("micro-batches", current.num_microbatches, schedule.num_microbatches),
-            ("stage placement", current.placement, schedule.placement),
-            ("weight update", current.weight_update, schedule.weight_update),
-        ):
-            if now != new:
-                raise ConfigError(
-                    f"use_schedule: {schedule.name or 'the schedule'!r} has {what} {new}, the running "
-                    f"{current.name!r} {now}; a pipeline changes only the order of its actions (build a "
-                    "new Pipeline for another layout)"
-                )
-        if schedule.weight_update is not WeightUpdate.FLUSH:
-            raise ConfigError(
-                f"use_schedule: {schedule.name!r} updates weights inside the step; only flush schedules "
-                "can be swapped (their stashes hold the weight versions in flight)"
-            )
-        validate(schedule)
+        schedule = check_swappable(self.schedule, schedule)
         if self.runtime_options.fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)
         program = lower(schedule)
@@ -489,37 +402,14 @@ class Pipeline:
         """Local parameters and buffers, named as `named_parameters` names them; buffers as the
         layer's own state dict names them, after the same prefix. Gathered over the ranks, it
         holds every entry of the model's state dict once (a shared parameter under its first name)."""
-        result: dict[str, Tensor] = {}
-        for index in sorted(self._local_modules):
-            module = self._local_modules[index]
-            names = shared_names(index, self._owner[index], module, self._shared)
-            prefix = name_prefix(self._owner[index], module)
-            for name, value in module.state_dict().items():
-                result.setdefault(names.get(name, prefix + name), value)
-        return result
+        return local_state_dict(self._local_modules, self._owner, self._shared)
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load this rank's entries of `state_dict` (a full-model state dict works on every rank).
 
         Entries of layers held by other ranks are ignored; a missing local entry is an error.
         """
-        local = self.state_dict()
-        missing = sorted(set(local) - set(state_dict))
-        if missing:
-            raise ConfigError(
-                f"load_state_dict: rank {self.rank} needs {missing}, which the state dict lacks; "
-                f"save with pipe.state_dict() on every rank (or from the full model) and merge"
-            )
-        with torch.no_grad():
-            for name, value in local.items():
-                source = state_dict[name]
-                if tuple(source.shape) != tuple(value.shape):
-                    raise ConfigError(
-                        f"load_state_dict: {name} has shape {tuple(source.shape)} in the state dict but "
-                        f"{tuple(value.shape)} in the model"
-                    )
-                # A tensor-parallel parameter takes its own slice of the whole tensor.
-                local_shard(value).copy_(local_shard(shard_like(source, value)))
+        load_local_state(self.rank, self.state_dict(), state_dict)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
@@ -558,7 +448,7 @@ class Pipeline:
         With data parallelism each replica passes its own local batch (its shard of the
         global batch) and the loss returned is the mean over all replicas' rows.
         """
-        return self._guarded(lambda: self._step(inputs, targets))
+        return self._guard.run(lambda: self._step(inputs, targets))
 
     def train(self, batches: Iterable[tuple[Any, Any]] | None, *, steps: int) -> list[float]:
         """Run `steps` optimizer steps as one stream, without draining between them (PipeDream
@@ -573,7 +463,7 @@ class Pipeline:
         calls may follow each other and `step()` (each call starts and ends drained). See
         docs/schedules.md, "Streaming (asynchronous) runs"."""
         run = self._stream(steps)
-        return self._guarded(lambda: self._train(batches, run))
+        return self._guard.run(lambda: self._train(batches, run))
 
     def _stream(self, steps: int) -> tuple[StreamProgram, Executor]:
         cached = self._stream_run
@@ -582,33 +472,6 @@ class Pipeline:
         run = stream_program(self.schedule, steps)  # refusals first, on every rank alike
         self._stream_run = (run, self._new_executor(run.program))
         return self._stream_run
-
-    def _guarded(self, run: Callable[[], Result]) -> Result:
-        """Run one step or streaming run; a failure is reported to the other ranks."""
-        if self._broken is not None:
-            raise PipelineError(
-                f"rank {self.rank}: this pipeline stopped after a failure ({self._broken}); "
-                "its communication state is undefined, so build a new Pipeline (and process group)"
-            )
-        try:
-            self.progress.mark("step setup")
-            return run()
-        except NonFiniteLoss:
-            raise  # every rank raises it alike after agreeing on the losses: nothing to report
-        except PeerFailure as error:
-            self._broken = str(error)
-            self.progress.mark("failed")
-            raise
-        except BaseException as error:
-            self._broken = f"{type(error).__name__}: {error}"
-            self.progress.mark("failed")
-            report = self._report(error)
-            self._board.publish(report)
-            if isinstance(error, PipelineError) and error.failed_rank is None:
-                error.failed_rank = report.culprit
-            if isinstance(error, PipefoldError) or not isinstance(error, Exception):
-                raise
-            raise PipelineError(str(report), failed_rank=report.culprit) from error
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -620,20 +483,8 @@ class Pipeline:
         (a collective that broke because a peer died) is raised as the `PeerFailure` naming that
         peer. `pipefold train` wraps its optimizer step: `with pipe.phase("optimizer step"): opt.step()`.
         """
-        self.progress.mark(name)
-        try:
+        with self._guard.phase(name):
             yield
-        except PeerFailure:
-            self.progress.mark("failed")
-            raise
-        except BaseException as error:
-            self.progress.mark("failed")
-            explained = self._watchdog.explain(error, name) if isinstance(error, Exception) else None
-            if explained is not None:
-                self._broken = str(explained)
-                raise explained from error
-            raise
-        self.progress.mark("")
 
     def set_timeout(self, timeout_s: float) -> None:
         """Change `RuntimeOptions.timeout_s` (the longest any wait for another rank may last) from
@@ -650,28 +501,23 @@ class Pipeline:
     def evaluate(self, inputs: Any, targets: Any) -> float:
         """The batch-mean loss of one batch, forward only (no gradients, no update), on every rank:
         called like `step` on every rank; see pipefold/runtime/evaluate.py."""
-        if self._broken is not None:
-            raise PipelineError(f"rank {self.rank}: this pipeline stopped after a failure ({self._broken})")
         forward_only = ForwardOnly(
             schedule=self.schedule, rank=self.rank, stages=self._stage_of, loss_fn=self._loss_fn,
             boundaries=self._boundaries,
             device=self.device, p2p=self.p2p, collectives=self.collectives,
             data_parallel=self._data_parallel, watchdog=self._watchdog,
         )
-        try:
-            if self.sharding is None:
-                return forward_only.run(inputs, targets)
-            self.sharding.gather_all()  # the forward needs every stage's whole weights
+        if self.sharding is None:
+            return self._guard.contain(lambda: forward_only.run(inputs, targets))
+        sharding = self.sharding
+
+        def gathered() -> float:
+            sharding.gather_all()  # the forward needs every stage's whole weights
             loss = forward_only.run(inputs, targets)
-            self.sharding.free_all()
+            sharding.free_all()
             return loss
-        except PeerFailure as error:
-            self._broken = str(error)
-            raise
-        except BaseException as error:
-            self._broken = f"{type(error).__name__}: {error}"
-            self._board.publish(self._report(error))
-            raise
+
+        return self._guard.contain(gathered)
 
     def _train(
         self, batches: Iterable[tuple[Any, Any]] | None, run: tuple[StreamProgram, Executor]
@@ -725,17 +571,8 @@ class Pipeline:
         return [float(value) for value in per_step.tolist()]
 
     def _report(self, error: BaseException) -> FailureReport:
-        action = self._executor.current
-        # Every replica has a rank 0; say which one failed.
-        replica = f" (data-parallel replica {self.data_parallel_rank})" if self.num_data_parallel > 1 else ""
-        return FailureReport(
-            rank=self.rank,
-            stage=None if action is None else action.stage,
-            microbatch=None if action is None else action.microbatch,
-            action="step setup" if action is None else str(action),
-            message=f"{type(error).__name__}: {error}{replica}",
-            world_rank=dist.get_rank() if dist.is_initialized() else None,
-        )
+        replica = self.data_parallel_rank if self.num_data_parallel > 1 else None
+        return FailureReport.of(self.rank, self._executor.current, error, replica=replica)
 
     def _step(self, inputs: Any, targets: Any) -> float:
         collectives = self.transport.collectives
@@ -746,12 +583,7 @@ class Pipeline:
         skip = self.runtime_options.on_nonfinite == "skip"
         scaler = self.loss_scale
         gradients = StepGradients(self.parameters, self.tied, data_parallel, scaler, skip=skip)
-        # Every rank decides alike (same step count, same broadcast batch shape), so the
-        # counted peaks gathered into the timeline always come from the same step.
-        count_memory = (
-            batch_key not in self._memory_counted_for
-            or self._num_steps_run % self.runtime_options.count_memory_every == 0
-        )
+        count_memory = self._counting.due(batch_key, self._num_steps_run)
         self._num_steps_run += 1
         seed = 1.0 if scaler is None else scaler.scale
         if data_parallel is not None:
@@ -767,13 +599,8 @@ class Pipeline:
             ),
             count_memory=count_memory,
         )
-        if count_memory:
-            if len(self._memory_counted_for) >= 1024:  # ever new shapes: forget, count them again
-                self._memory_counted_for.clear()
-            self._memory_counted_for.add(batch_key)
-            self._activation_peak = record.activation_bytes_peak
-        else:
-            record = replace(record, activation_bytes_peak=self._activation_peak)
+        peak = self._counting.peak(batch_key, count_memory, record.activation_bytes_peak)
+        record = replace(record, activation_bytes_peak=peak)
         gathered, losses = self._agree_losses(record)
         weight = 1.0
         if data_parallel is not None:  # every replica then sees every replica's non-finite losses
