@@ -106,6 +106,7 @@ from pipefold.job.sections import (
 )
 from pipefold.plan.estimate import gpt_flops_per_token
 from pipefold.plan.hardware import load_hardware
+from pipefold.plan.hf_estimate import hf_flops_per_token
 from pipefold.schedule import Schedule
 from pipefold.schedule.placement import layout_of
 
@@ -200,7 +201,8 @@ class TrainConfig:
     hardware: str = ""
     """A hardware preset (pipefold.plan.hardware.PRESETS) or TOML file, as `pipefold plan
     --hardware` takes: its peak FLOP/s for the precision's dtype, times the job's processes (one
-    device each), is the peak `metrics.jsonl`'s `mfu` divides by. Built-in GPT only; "" = no mfu."""
+    device each), is the peak `metrics.jsonl`'s `mfu` divides by (FLOPs per token: the built-in
+    GPT's, or a Hugging Face model's from its config.json); "" = no mfu."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -338,10 +340,6 @@ class TrainConfig:
         self._check_partition(num_stages, num_layers)
 
     def _check_hardware(self) -> None:
-        require(
-            not self.model.path, "hardware", self.hardware,
-            "model FLOPs utilization uses the built-in GPT's FLOP estimate; drop hardware with model.path",
-        )
         try:
             load_hardware(self.hardware).peak(self.compute_dtype_name)
         except ConfigError as error:
@@ -362,9 +360,12 @@ class TrainConfig:
 
     @property
     def flops_per_token(self) -> float:
-        """Training FLOPs per token of the built-in GPT (`gpt_flops_per_token`; its vocabulary is
-        the 256 byte values, the function's default)."""
+        """Training FLOPs per token: a Hugging Face model's from its config.json's sizes
+        (`hf_flops_per_token`), else the built-in GPT's (`gpt_flops_per_token`; its
+        vocabulary is the 256 byte values, the function's default)."""
         m = self.model
+        if m.hf is not None:
+            return hf_flops_per_token(m.hf.config, seq_len=m.seq_len)
         return gpt_flops_per_token(num_layers=m.num_layers, d_model=m.d_model, seq_len=m.seq_len)
 
     def _check_hf(self, files: ModelFiles) -> None:
