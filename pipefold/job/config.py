@@ -90,6 +90,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipefold.data.corpus import corpus_split_sizes
+from pipefold.data.tokens import is_token_file, token_split_sizes
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
@@ -285,6 +287,8 @@ class TrainConfig:
         require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
         require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
         require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
+        if self.eval_every:
+            self._check_held_out()
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
         require(
@@ -338,6 +342,32 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+
+    def _check_held_out(self) -> None:
+        """Evaluation needs held-out data: at least one sequence (model.seq_len + 1 tokens) in the
+        validation split, sized from the files without reading them. Text a Hugging Face
+        tokenizer must read first is checked on the ranks (the sampler refuses it there)."""
+        d, seq_len = self.data, self.model.seq_len
+        if self.model.hf is None:
+            train, held_out = corpus_split_sizes(d.max_bytes, d.val_fraction)
+            total, what = train + held_out, "bytes of the built-in corpus"
+        elif d.path and is_token_file(d.path):
+            sizes = token_split_sizes(
+                d.path, vocab_size=self.model.hf.vocab_size, token_dtype_name=d.token_dtype,
+                val_fraction=d.val_fraction,
+            )
+            total, held_out, what = sum(sizes), sizes[1], f"ids of data.path={d.path!r}"
+        else:
+            return
+        require(
+            held_out >= seq_len + 1,
+            "eval_every",
+            self.eval_every,
+            f"evaluation needs held-out data, and the validation split (data.val_fraction={d.val_fraction} "
+            f"of {total} {what}) holds {held_out}, fewer than one sequence of model.seq_len + 1 = "
+            f"{seq_len + 1}; raise data.val_fraction or data.max_bytes (or give more data), or set "
+            "eval_every = 0 (no evaluation)",
+        )
 
     def _check_hardware(self) -> None:
         try:
