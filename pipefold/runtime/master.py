@@ -9,7 +9,9 @@ fp32 copy of every 16-bit parameter (kept in the optimizer's state as "master", 
 save it by parameter name like `exp_avg`) from the fp32-cast gradient, with all of `cls`'s state
 in fp32, then rounds the result into the 16-bit parameter. Updates smaller than a bf16 step
 therefore accumulate in the master instead of rounding away. fp32 parameters are stepped as
-`cls` steps them. The parameter groups, hyperparameters and learning-rate schedulers are `cls`'s.
+`cls` steps them. Tensor-parallel (DTensor) parameters work alike: the master is a DTensor of
+the parameter's layout, so each rank keeps the fp32 copy of its own shard. The parameter
+groups, hyperparameters and learning-rate schedulers are `cls`'s.
 """
 
 from __future__ import annotations
