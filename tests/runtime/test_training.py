@@ -313,6 +313,39 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
         ):
             distances.append(_relative_distance(got, want))
             assert distances[-1] < PURE_RTOL, (name, distances[-1])
+    # A checkpoint holds each rank's bf16 weights and fp32 masters: a resumed run steps on
+    # bit for bit as this one.
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pipefold.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    shared = [tempfile.mkdtemp(prefix="pipefold-pure-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    path = Path(shared[0]) / "checkpoint"
+    save_checkpoint(pipe, path, optimizer=optimizer, step=num_steps)
+    resumed, _, _, _ = _layout(layout, schedule, 4, precision="bf16-pure")
+    resumed_optimizer = master_sgd(resumed.parameters(), lr=0.5)
+    load_checkpoint(resumed, path, optimizer=resumed_optimizer)
+    inputs, targets = _batch(kind, rows, seed=num_steps)
+    if length is not None:
+        inputs, targets = inputs[:, :length], targets[:, :length]
+    shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+    after = []
+    for run, run_optimizer in ((pipe, optimizer), (resumed, resumed_optimizer)):
+        after.append(run.step(inputs[shard], targets[shard]))
+        run_optimizer.step()
+        run_optimizer.zero_grad()
+    assert after[0] == after[1], after
+    for (name, param), other in zip(pipe.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(whole(param.detach()), whole(other.detach())), name
+        assert torch.equal(
+            whole(optimizer.state[param]["master"]), whole(resumed_optimizer.state[other]["master"])
+        ), name
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(shared[0])
     return {"losses": losses, "distance": max(distances)}
 
 
