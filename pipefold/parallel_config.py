@@ -245,8 +245,9 @@ class _Rules:
             )
 
     def pure_precision(self) -> None:
-        """bf16 weights with fp32 master copies in the optimizer: for one replica, whole tensors
-        and an optimizer stepped after the step (16-bit gradient all-reduces are untested)."""
+        """bf16 weights with fp32 master copies in the optimizer, stepped after the step on whole
+        (or tensor-parallel) parameters: replicas all-reduce the bf16 gradients in fp32; ZeRO's
+        and full sharding's optimizers and reduce-scatters are not composed with the masters."""
         c, n = self.c, self.name
         if c.precision != "bf16-pure":
             return
@@ -257,12 +258,14 @@ class _Rules:
                 f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
                 f"master weights; use a flush schedule, or {instead}",
             )
-        for field in ("dp", "tp"):
-            if getattr(c, field) > 1:
-                self.refuse(
-                    "precision",
-                    f"bf16 weights need {n(field)}=1 (is {getattr(c, field)}) for now; {instead}",
-                )
+        if c.zero or c.shard != "replicate":
+            sharded = f"{n('zero')}=True" if c.zero else f"{n('shard')}={c.shard!r}"
+            self.refuse(
+                "precision",
+                f"bf16 weights are not composed with sharded data parallelism ({sharded}): its "
+                f"optimizer shards and reduce-scatters do not keep fp32 master copies; use "
+                f"{n('shard')}='replicate' without {n('zero')}, or {instead}",
+            )
 
     def tensor_parallel(self) -> None:
         c, n = self.c, self.name

@@ -127,8 +127,10 @@ BAD = [
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
     ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
      "precision='bf16-pure'"),
-    ({"precision": "bf16-pure", "schedule.data_parallel": 2}, "precision='bf16-pure'"),
-    ({"precision": "bf16-pure", "schedule.tensor_parallel": 2}, "precision='bf16-pure'"),
+    ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "optimizer.zero": True},
+     "precision='bf16-pure'"),
+    ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "schedule.shard": "full",
+      "model.tie_embeddings": False}, "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -235,3 +237,31 @@ def test_the_default_clip_applies_where_the_schedule_can_clip():
     with pytest.raises(ConfigError, match=r"optimizer.clip_grad_norm=-1.0"):
         load_config(overrides={"optimizer.clip_grad_norm": -1.0})
     assert TrainConfig().optimizer.lr_schedule == "cosine" and TrainConfig().eval_every == 50
+
+
+def test_evaluation_without_held_out_data_is_refused_before_any_rank_starts(tmp_path):
+    """eval_every > 0 needs one sequence (model.seq_len + 1 tokens) in the validation split, sized
+    from the files: the built-in corpus's tail (data.val_fraction of data.max_bytes)."""
+    from pipefold.data import corpus_split_sizes, load_corpus
+
+    small = {"data.max_bytes": 2000, "data.val_fraction": 0.01}  # 20 held-out bytes
+    corpus = load_corpus(2000, 0.01)
+    assert corpus_split_sizes(2000, 0.01) == (len(corpus.train), len(corpus.val)) == (1980, 20)
+    with pytest.raises(ConfigError, match=r"eval_every=50 is not allowed: .* holds 20, fewer than one "
+                       r"sequence of model.seq_len \+ 1 = 129; raise data.val_fraction"):
+        load_config(overrides=small)
+    assert load_config(overrides={**small, "eval_every": 0}).eval_every == 0  # no evaluation: fine
+    assert load_config(overrides={**small, "model.seq_len": 16}).eval_every == 50  # 17 <= 20
+
+
+def test_token_file_split_sizes_are_what_load_tokens_returns(tmp_path):
+    """The size check of a Hugging Face model's token file (data.path=<name>.bin) without reading it."""
+    import numpy as np
+
+    from pipefold.data.tokens import load_tokens, token_split_sizes
+
+    path = tmp_path / "ids.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    data = load_tokens(path, vocab_size=1000, val_fraction=0.03)
+    sizes = token_split_sizes(path, vocab_size=1000, val_fraction=0.03)
+    assert sizes == (len(data.train), len(data.val)) == (970, 30)

@@ -66,3 +66,41 @@ def test_bad_hardware_is_refused_naming_the_field(overrides, names):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert names in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hugging_face_flops_per_token_come_from_its_config(tmp_path, family):
+    """A Hugging Face model's FLOPs per token (`--model ... --hardware`) from its config.json alone:
+    the products torch's FlopCounterMode counts in transformers' own forward and backward (6 N:
+    llama's grouped-query key/value projections and gated MLP, gpt2's plain MLP and tied head),
+    plus the attention term 12 L T (heads x head_dim), which gpt2's eager attention shows as its
+    batched products."""
+    import sys
+    from pathlib import Path
+
+    hf = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "model"))
+    from test_hf import gpt2_config, llama_config, tokenizer_files
+
+    config = llama_config(num_layers=2) if family == "llama" else gpt2_config(num_layers=2)
+    config.to_json_file(tmp_path / "config.json")
+    tokenizer_files(tmp_path)
+    seq_len, rows = 16, 3
+    train = load_config(overrides={
+        "model.path": str(tmp_path / "config.json"), "model.seq_len": seq_len, "hardware": "cpu",
+    })
+    torch.manual_seed(0)
+    model = hf.AutoModelForCausalLM.from_config(config)
+    inputs = torch.randint(0, config.vocab_size, (rows, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(inputs).logits.sum().backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    tokens = rows * seq_len
+    products = (counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)) / tokens
+    attention = 12 * config.num_hidden_layers * seq_len * config.hidden_size  # heads x head_dim = d here
+    if "aten.bmm" in counts:  # eager attention: the scores and their weighting
+        assert counts["aten.bmm"] / tokens == attention
+    assert products > 0
+    assert train.flops_per_token == products + attention
+    assert train.peak_flops is not None  # mfu is reported for it

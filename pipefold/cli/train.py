@@ -196,7 +196,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--hardware", metavar="FILE_OR_PRESET",
                         help="a hardware preset (a100-80gb, h100-80gb, cpu) or TOML file, as `pipefold plan "
                         "--hardware` takes: metrics.jsonl then reports mfu (model FLOPs utilization) "
-                        "against its peak FLOP/s x processes; built-in GPT only")
+                        "against its peak FLOP/s x processes (FLOPs per token: the built-in GPT's, or "
+                        "the --model config.json's sizes)")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the checkpoint an earlier run left in --out (refused otherwise, "
                         "unless --resume continues that run)")

@@ -16,6 +16,7 @@ No torch import.
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from pipefold.errors import ConfigError
 
-__all__ = ["VOCAB_SIZE", "Corpus", "encode", "decode", "stdlib_files", "load_corpus"]
+__all__ = ["VOCAB_SIZE", "Corpus", "corpus_split_sizes", "encode", "decode", "stdlib_files", "load_corpus"]
 
 VOCAB_SIZE = 256
 """Token ids are byte values 0..255."""
@@ -68,6 +69,29 @@ class Corpus:
         return len(self.train) + len(self.val)
 
 
+def _cut(num_bytes: int, val_fraction: float) -> int:
+    """Where the validation tail starts: both parts keep at least one byte."""
+    return min(max(1, round(num_bytes * (1.0 - val_fraction))), num_bytes - 1)
+
+
+@functools.lru_cache(maxsize=16)  # the stdlib does not change under a running process
+def corpus_split_sizes(
+    max_bytes: int = 4_000_000, val_fraction: float = 0.1, root: Path | None = None
+) -> tuple[int, int]:
+    """(train bytes, validation bytes) `load_corpus` would return, from the files' sizes alone
+    (no file is read): what `pipefold train` checks its evaluation against."""
+    base = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    total = 0
+    for path in stdlib_files(base):
+        if total >= max_bytes:
+            break
+        total += min(path.stat().st_size + 1, max_bytes - total)  # each file and its b"\n"
+    if total < 2:
+        return total, 0
+    cut = _cut(total, val_fraction)
+    return cut, total - cut
+
+
 def load_corpus(
     max_bytes: int = 4_000_000, val_fraction: float = 0.1, root: Path | None = None
 ) -> Corpus:
@@ -93,5 +117,5 @@ def load_corpus(
         raise ConfigError(
             f"data: found no Python source under {str(base)!r}; point root at a directory of .py files"
         )
-    cut = min(max(1, round(len(text) * (1.0 - val_fraction))), len(text) - 1)
+    cut = _cut(len(text), val_fraction)
     return Corpus(train=text[:cut], val=text[cut:], num_files=num_files, root=str(base))

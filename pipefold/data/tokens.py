@@ -24,7 +24,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 
-__all__ = ["TOKEN_DTYPES", "TokenData", "load_tokens", "token_dtype", "is_token_file"]
+__all__ = ["TOKEN_DTYPES", "TokenData", "load_tokens", "token_dtype", "is_token_file", "token_split_sizes"]
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 TOKEN_FILE_SUFFIXES = (".bin",)
@@ -95,6 +95,27 @@ def _tokenize(path: Path, tokenizer_file: Path) -> tuple[np.ndarray, int]:
     return np.asarray(ids, dtype=np.int64), len(files)
 
 
+def _cut(num_ids: int, val_fraction: float) -> int:
+    """Where the validation tail starts: both parts keep at least two ids."""
+    return min(max(2, round(num_ids * (1.0 - val_fraction))), num_ids - 2)
+
+
+def token_split_sizes(
+    path: str | os.PathLike[str],
+    *,
+    vocab_size: int,
+    token_dtype_name: str = "auto",
+    val_fraction: float = 0.1,
+) -> tuple[int, int]:
+    """(train ids, validation ids) `load_tokens` would return for the token file `path`, from its
+    size alone (nothing is read)."""
+    num_ids = Path(path).stat().st_size // token_dtype(vocab_size, token_dtype_name).itemsize
+    if num_ids < 4:
+        return num_ids, 0
+    cut = _cut(num_ids, val_fraction)
+    return cut, num_ids - cut
+
+
 def load_tokens(
     path: str | os.PathLike[str],
     *,
@@ -140,5 +161,5 @@ def load_tokens(
             "tokenize with the model's own tokenizer"
             + (" (or set data.token_dtype: ids read with the wrong width)" if is_token_file(source) else "")
         )
-    cut = min(max(2, round(ids.shape[0] * (1.0 - val_fraction))), ids.shape[0] - 2)
+    cut = _cut(ids.shape[0], val_fraction)
     return TokenData(train=ids[:cut], val=ids[cut:], source=str(source), num_files=num_files)

@@ -90,6 +90,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipefold.data.corpus import corpus_split_sizes
+from pipefold.data.tokens import is_token_file, token_split_sizes
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
@@ -106,6 +108,7 @@ from pipefold.job.sections import (
 )
 from pipefold.plan.estimate import gpt_flops_per_token
 from pipefold.plan.hardware import load_hardware
+from pipefold.plan.hf_estimate import hf_flops_per_token
 from pipefold.schedule import Schedule
 from pipefold.schedule.placement import layout_of
 
@@ -190,7 +193,7 @@ class TrainConfig:
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
     weights and optimizer state, and boundary tensors travel in it (docs/training.md).
     "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
-    master copies in the optimizer step (flush schedules, one replica, no tensor parallelism)."""
+    master copies in the optimizer step (flush schedules; not with optimizer.zero or schedule.shard)."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""
@@ -200,7 +203,8 @@ class TrainConfig:
     hardware: str = ""
     """A hardware preset (pipefold.plan.hardware.PRESETS) or TOML file, as `pipefold plan
     --hardware` takes: its peak FLOP/s for the precision's dtype, times the job's processes (one
-    device each), is the peak `metrics.jsonl`'s `mfu` divides by. Built-in GPT only; "" = no mfu."""
+    device each), is the peak `metrics.jsonl`'s `mfu` divides by (FLOPs per token: the built-in
+    GPT's, or a Hugging Face model's from its config.json); "" = no mfu."""
     overwrite: bool = False
     """Let this run replace the checkpoint an earlier run left in `out`; without it (and without
     resuming from that checkpoint) such an `out` is refused before the run starts."""
@@ -283,6 +287,8 @@ class TrainConfig:
         require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
         require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
         require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "use at least 1 batch")
+        if self.eval_every:
+            self._check_held_out()
         num_stages = self.schedule.built.num_stages
         weight_update = str(self.schedule.built.weight_update)
         require(
@@ -337,11 +343,33 @@ class TrainConfig:
         )
         self._check_partition(num_stages, num_layers)
 
-    def _check_hardware(self) -> None:
+    def _check_held_out(self) -> None:
+        """Evaluation needs held-out data: at least one sequence (model.seq_len + 1 tokens) in the
+        validation split, sized from the files without reading them. Text a Hugging Face
+        tokenizer must read first is checked on the ranks (the sampler refuses it there)."""
+        d, seq_len = self.data, self.model.seq_len
+        if self.model.hf is None:
+            train, held_out = corpus_split_sizes(d.max_bytes, d.val_fraction)
+            total, what = train + held_out, "bytes of the built-in corpus"
+        elif d.path and is_token_file(d.path):
+            sizes = token_split_sizes(
+                d.path, vocab_size=self.model.hf.vocab_size, token_dtype_name=d.token_dtype,
+                val_fraction=d.val_fraction,
+            )
+            total, held_out, what = sum(sizes), sizes[1], f"ids of data.path={d.path!r}"
+        else:
+            return
         require(
-            not self.model.path, "hardware", self.hardware,
-            "model FLOPs utilization uses the built-in GPT's FLOP estimate; drop hardware with model.path",
+            held_out >= seq_len + 1,
+            "eval_every",
+            self.eval_every,
+            f"evaluation needs held-out data, and the validation split (data.val_fraction={d.val_fraction} "
+            f"of {total} {what}) holds {held_out}, fewer than one sequence of model.seq_len + 1 = "
+            f"{seq_len + 1}; raise data.val_fraction or data.max_bytes (or give more data), or set "
+            "eval_every = 0 (no evaluation)",
         )
+
+    def _check_hardware(self) -> None:
         try:
             load_hardware(self.hardware).peak(self.compute_dtype_name)
         except ConfigError as error:
@@ -362,9 +390,12 @@ class TrainConfig:
 
     @property
     def flops_per_token(self) -> float:
-        """Training FLOPs per token of the built-in GPT (`gpt_flops_per_token`; its vocabulary is
-        the 256 byte values, the function's default)."""
+        """Training FLOPs per token: a Hugging Face model's from its config.json's sizes
+        (`hf_flops_per_token`), else the built-in GPT's (`gpt_flops_per_token`; its
+        vocabulary is the 256 byte values, the function's default)."""
         m = self.model
+        if m.hf is not None:
+            return hf_flops_per_token(m.hf.config, seq_len=m.seq_len)
         return gpt_flops_per_token(num_layers=m.num_layers, d_model=m.d_model, seq_len=m.seq_len)
 
     def _check_hf(self, files: ModelFiles) -> None:

@@ -28,7 +28,14 @@ from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.simulate import Link
 
-__all__ = ["PRECISION_BYTES", "GptEstimate", "gpt_costs", "gpt_flops_per_token", "model_flops_utilization"]
+__all__ = [
+    "PRECISION_BYTES",
+    "GptEstimate",
+    "decoder_flops_per_token",
+    "gpt_costs",
+    "gpt_flops_per_token",
+    "model_flops_utilization",
+]
 
 PRECISION_BYTES = {"fp32": (4, 4), "bf16": (2, 4), "fp16": (2, 4), "bf16-pure": (2, 2)}
 """`pipefold train --precision` -> (bytes_per_value, parameter_bytes_per_value) of `gpt_costs`:
@@ -44,6 +51,34 @@ def gpt_flops_per_token(*, num_layers: int, d_model: int, seq_len: int, vocab_si
     backward). The PaLM paper's MFU convention: no recomputation counted."""
     products = 12 * num_layers * d_model * d_model + vocab_size * d_model
     return float(6 * products + 12 * num_layers * seq_len * d_model)
+
+
+def decoder_flops_per_token(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    seq_len: int,
+    vocab_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    intermediate_size: int,
+    gated_mlp: bool,
+) -> float:
+    """Training FLOPs per token of a decoder-only transformer described by its sizes (a Hugging
+    Face config: `pipefold.hf.files.ModelFiles`), in `gpt_flops_per_token`'s convention: 6 N +
+    12 L T (heads x head_dim). N counts the weights of the matrix products: per block the query
+    and output projections (d x heads x head_dim each), the key and value projections (d x
+    kv_heads x head_dim each: grouped-query attention), the MLP's 2 (or, gated, 3) d x
+    intermediate matrices; and the head, V x d (tied or not, it is a product)."""
+    attention_width = num_heads * head_dim
+    per_block = (
+        2 * hidden_size * attention_width
+        + 2 * hidden_size * num_kv_heads * head_dim
+        + (3 if gated_mlp else 2) * hidden_size * intermediate_size
+    )
+    products = num_layers * per_block + vocab_size * hidden_size
+    return float(6 * products + 12 * num_layers * seq_len * attention_width)
 
 
 def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

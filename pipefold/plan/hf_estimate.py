@@ -27,8 +27,9 @@ from typing import Any
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.estimate import decoder_flops_per_token
 
-__all__ = ["LLAMA_FAMILIES", "hf_costs"]
+__all__ = ["LLAMA_FAMILIES", "hf_costs", "hf_flops_per_token"]
 
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
 """model_type values estimated with the Llama block (gated MLP, grouped-query attention, RMSNorm)."""
@@ -45,6 +46,27 @@ def _size(config: Mapping[str, Any], *keys: str, default: int | None = None) -> 
     if default is not None:
         return default
     raise ConfigError(f"config.json gives no {' / '.join(keys)}; the estimate needs it")
+
+
+def hf_flops_per_token(config: Mapping[str, Any], *, seq_len: int) -> float:
+    """Training FLOPs per token of the decoder `config` (a parsed config.json) at `seq_len`, for
+    model FLOPs utilization: `decoder_flops_per_token` with the config's sizes (GPT-2: plain MLP
+    of `n_inner`, default 4d; llama, mistral, qwen2: gated MLP, grouped-query attention)."""
+    gpt2 = str(config.get("model_type", "")) == "gpt2"
+    d = _size(config, "n_embd" if gpt2 else "hidden_size")
+    num_heads = _size(config, "n_head" if gpt2 else "num_attention_heads")
+    inner = _size(config, "n_inner", default=4 * d) if gpt2 else _size(config, "intermediate_size")
+    return decoder_flops_per_token(
+        num_layers=_size(config, "n_layer" if gpt2 else "num_hidden_layers"),
+        hidden_size=d,
+        seq_len=seq_len,
+        vocab_size=_size(config, "vocab_size"),
+        num_heads=num_heads,
+        num_kv_heads=num_heads if gpt2 else _size(config, "num_key_value_heads", default=num_heads),
+        head_dim=d // num_heads if gpt2 else _size(config, "head_dim", default=d // num_heads),
+        intermediate_size=inner,
+        gated_mlp=not gpt2,
+    )
 
 
 def hf_costs(

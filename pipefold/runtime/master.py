@@ -9,7 +9,9 @@ fp32 copy of every 16-bit parameter (kept in the optimizer's state as "master", 
 save it by parameter name like `exp_avg`) from the fp32-cast gradient, with all of `cls`'s state
 in fp32, then rounds the result into the 16-bit parameter. Updates smaller than a bf16 step
 therefore accumulate in the master instead of rounding away. fp32 parameters are stepped as
-`cls` steps them. The parameter groups, hyperparameters and learning-rate schedulers are `cls`'s.
+`cls` steps them. Tensor-parallel (DTensor) parameters work alike: the master is a DTensor of
+the parameter's layout, so each rank keeps the fp32 copy of its own shard. The parameter
+groups, hyperparameters and learning-rate schedulers are `cls`'s.
 """
 
 from __future__ import annotations
@@ -40,32 +42,39 @@ def fp32_master_weights(optimizer_class: type[OptimizerT]) -> type[OptimizerT]:
 
         @torch.no_grad()
         def step(self, closure: Callable[[], float] | None = None) -> Any:
-            swapped: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+            # Each 16-bit parameter is replaced, in its group and as the key of its state, by an
+            # fp32 stand-in holding the master and the fp32-cast gradient while `cls` steps; then
+            # the parameter comes back and takes the master rounded to nearest. (Swapping
+            # `param.data` instead would not reach a DTensor's local shard.)
+            swapped: list[tuple[list[Any], int, torch.nn.Parameter, torch.nn.Parameter]] = []
             for group in self.param_groups:
-                for param in group["params"]:
+                params = group["params"]
+                for index, param in enumerate(params):
                     if param.dtype == torch.float32:
                         continue
-                    state = self.state[param]
-                    # Out of the state while the class steps: an optimizer that initializes its
-                    # state when it finds it empty (AdamW) must still find it empty the first time.
+                    # The master leaves the state while the class steps: an optimizer that
+                    # initializes its state when it finds it empty (AdamW) must still find it
+                    # empty the first time.
+                    state = self.state.pop(param, {})
                     master = state.pop(MASTER_KEY, None)
                     if master is None:
                         master = param.detach().to(torch.float32)
-                    low, grad = param.data, param.grad
-                    param.grad = None
-                    param.data = master
-                    param.grad = None if grad is None else grad.to(torch.float32)
-                    swapped.append((param, low, grad))
+                    stand_in = torch.nn.Parameter(master, requires_grad=param.requires_grad)
+                    if param.grad is not None:
+                        stand_in.grad = param.grad.to(torch.float32)
+                    self.state[stand_in] = state
+                    params[index] = stand_in
+                    swapped.append((params, index, param, stand_in))
             try:
                 loss = super().step(closure)
             finally:
-                for param, low, grad in swapped:
-                    master = param.data
-                    param.grad = None
-                    low.copy_(master)  # round to nearest into the 16-bit weight
-                    param.data = low
-                    param.grad = grad
-                    self.state[param][MASTER_KEY] = master
+                for params, index, param, stand_in in swapped:
+                    params[index] = param
+                    state = self.state.pop(stand_in, {})
+                    master = stand_in.detach()
+                    param.copy_(master)  # round to nearest into the 16-bit weight
+                    state[MASTER_KEY] = master
+                    self.state[param] = state
             return loss
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,7 +1,6 @@
-"""torch.compile per layer (`RuntimeOptions(compile=True)`) in one process: two stages on one
-rank run the split-backward V schedules (zb-v, dualpipe-v) with every layer compiled, and the
-loss and every gradient equal the eager pipeline's; the split backward keeps `I` and `W` apart
-on compiled layers without running a compiled backward twice; the refusals.
+"""torch.compile per layer (`RuntimeOptions(compile=True)`) in one process: the split backward
+keeps `I` and `W` apart on compiled layers without running a compiled backward twice; the
+refusals. The V schedules with compiled layers across ranks: tests/runtime/test_compile_ranks.py.
 
 Compilation is slow (seconds per distinct layer), so the models are tiny and the cases few."""
 
@@ -9,50 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cases import _batch, _loss_fn, transformer
+from _cases import _loss_fn, transformer
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions, executor
+from pipefold.runtime import Pipeline, RuntimeOptions
 from pipefold.runtime.backward import backward_input, backward_weight
-
-
-def _step(schedule: str, compiled: bool, kind: str = "transformer"):
-    pipe = Pipeline(
-        transformer(6), loss_fn=_loss_fn(kind), schedule=schedule, num_microbatches=2, num_virtual=2,
-        layout=LayoutOptions(seed=3), runtime=RuntimeOptions(compile=compiled, fuse_backward=False),
-    )
-    inputs, targets = _batch(kind, 4, seed=1)
-    losses = [pipe.step(inputs, targets) for _ in range(2)]  # twice: the second reuses the graphs
-    return pipe, losses, {name: p.grad.clone() for name, p in pipe.named_parameters()}
-
-
-@pytest.mark.parametrize("schedule", ["zb-v", "dualpipe-v"])
-def test_compiled_split_backward_schedules_equal_eager(schedule, monkeypatch):
-    eager, eager_losses, eager_grads = _step(schedule, compiled=False)
-    kinds = []
-
-    def recording(*args, **kwargs):
-        grads, state = backward_input(*args, **kwargs)
-        # Groups reached through the stage input (a frontier node): each is one compiled layer.
-        kinds.extend(
-            group.direct.kind if group.direct else None for group in state._groups if group.frontiers
-        )
-        return grads, state
-
-    monkeypatch.setattr(executor, "backward_input", recording)
-    pipe, losses, grads = _step(schedule, compiled=True)
-    ops = {action.op.value for row in pipe.schedule.actions for action in row}
-    assert {"I", "W"} <= ops, ops  # the split backward really runs (not fused into B)
-    torch.testing.assert_close(losses, eager_losses)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], msg=name)
-    # The layers ran compiled, and each I kept its compiled layers' weight gradients for W. (The
-    # first stage's input, token ids, takes no gradient: its groups are seeded from the outputs;
-    # dualpipe-v on one rank splits only that stage's backward, zb-v the second stage's too.)
-    assert all(kind == "compiled" for kind in kinds), kinds
-    assert kinds or schedule == "dualpipe-v"
 
 
 class _Layer(nn.Module):

@@ -247,6 +247,108 @@ def precision(*, layout: str, schedule: str, num_steps: int = 2) -> dict:
     }
 
 
+PURE_RTOL = 0.08
+"""bf16 weights and gradients against the unsplit bf16 model, per tensor: the L2 distance within
+8% of the tensor's norm (measured at most 5.4%, on a norm's 8-entry bias after 3 steps). Every
+gradient is a bf16 sum, over micro-batches here and over rows in one GEMM there, so two
+equally correct runs differ by a few bf16 steps (2**-8) of the largest addends; where those
+cancel (a bias summed over all tokens) that is several percent of the result, and SGD carries
+it into the next steps' weights. A replica's gradient missing from the sum would be ~50% off."""
+
+
+def _relative_distance(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
+    """bf16 weights (`precision="bf16-pure"`) on `layout` against the unsplit model in bf16 under
+    the same autocast and casts, both stepped by fp32 master weights (SGD). Each step: the loss
+    within BF16_RTOL; every gradient bf16 (after the data-parallel all-reduce, which runs in
+    fp32) and within PURE_RTOL, at the first step (the same weights) also entry by entry within
+    BF16_RTOL. After the steps every bf16 weight and fp32 master within PURE_RTOL."""
+    from pipefold.runtime import fp32_master_weights
+    from pipefold.runtime.parallel.data_parallel import reduce_dtype
+
+    torch.manual_seed(1234)
+    pipe, build, kind, length = _layout(layout, schedule, 4, precision="bf16-pure")
+    reference = build_reference(build(), seed=7).to(torch.bfloat16)
+    loss_fn = _loss_fn(kind)
+    master_sgd = fp32_master_weights(torch.optim.SGD)
+    optimizer = master_sgd(pipe.parameters(), lr=0.5)
+    reference_optimizer = master_sgd(reference.parameters(), lr=0.5)
+    params = dict(reference.named_parameters())
+    assert reduce_dtype(torch.bfloat16) == torch.float32
+    rows = 8
+    losses, distances = [], []
+    for step in range(num_steps):
+        inputs, targets = _batch(kind, rows, seed=step)
+        if length is not None:
+            inputs, targets = inputs[:, :length], targets[:, :length]
+        shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+        loss = pipe.step(inputs[shard], targets[shard])
+        expected = loss_fn(_autocast_forward(reference, inputs, pipe), targets)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.item(), rtol=BF16_RTOL, atol=0)
+        losses.append(loss)
+        for name, param in pipe.named_parameters():
+            grad, want = whole(param.grad), params[name].grad
+            assert param.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16, name
+            distances.append(_relative_distance(grad, want))
+            assert distances[-1] < PURE_RTOL, (step, name, distances[-1])
+            if step == 0:
+                torch.testing.assert_close(
+                    grad.float(), want.float(), rtol=BF16_RTOL, atol=BF16_RTOL * want.abs().max().item(),
+                    msg=lambda m, n=name: f"{n}: {m}",
+                )
+        optimizer.step()
+        optimizer.zero_grad()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    for name, param in pipe.named_parameters():
+        master = optimizer.state[param]["master"]
+        assert param.dtype == torch.bfloat16 and master.dtype == torch.float32, name
+        for got, want in (
+            (whole(param.detach()), params[name].detach()),
+            (whole(master), reference_optimizer.state[params[name]]["master"]),
+        ):
+            distances.append(_relative_distance(got, want))
+            assert distances[-1] < PURE_RTOL, (name, distances[-1])
+    # A checkpoint holds each rank's bf16 weights and fp32 masters: a resumed run steps on
+    # bit for bit as this one.
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pipefold.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    shared = [tempfile.mkdtemp(prefix="pipefold-pure-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    path = Path(shared[0]) / "checkpoint"
+    save_checkpoint(pipe, path, optimizer=optimizer, step=num_steps)
+    resumed, _, _, _ = _layout(layout, schedule, 4, precision="bf16-pure")
+    resumed_optimizer = master_sgd(resumed.parameters(), lr=0.5)
+    load_checkpoint(resumed, path, optimizer=resumed_optimizer)
+    inputs, targets = _batch(kind, rows, seed=num_steps)
+    if length is not None:
+        inputs, targets = inputs[:, :length], targets[:, :length]
+    shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+    after = []
+    for run, run_optimizer in ((pipe, optimizer), (resumed, resumed_optimizer)):
+        after.append(run.step(inputs[shard], targets[shard]))
+        run_optimizer.step()
+        run_optimizer.zero_grad()
+    assert after[0] == after[1], after
+    for (name, param), other in zip(pipe.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(whole(param.detach()), whole(other.detach())), name
+        assert torch.equal(
+            whole(optimizer.state[param]["master"]), whole(resumed_optimizer.state[other]["master"])
+        ), name
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(shared[0])
+    return {"losses": losses, "distance": max(distances)}
+
+
 def fp16_overflow(*, inject_rank: int, scale: float = 2.0**12) -> dict:
     """dp2 x pp2 in fp16 with a dynamic loss scale. Steps 0 and 2 equal the one-process model
     under the same autocast and scale; at step 1 an inf in one parameter's gradient on world rank
@@ -352,6 +454,14 @@ def test_bf16_equals_one_process_under_autocast(pool4, layout, schedule):
         # this model travels as is, and each tensor is 64-byte aligned in shared memory).
         assert 2 * result["bf16_floating"] == result["fp32_floating"] > 0, result
         assert 0 < result["bf16_bytes"] < result["fp32_bytes"], result
+
+
+@pytest.mark.parametrize(("layout", "schedule"), [("dp2xpp2", "zb-h1"), ("pp2xtp2", "1f1b")])
+def test_pure_bf16_equals_one_process_with_replicas_and_tensor_parallel(pool4, layout, schedule):
+    results = pool4.run("pure", layout=layout, schedule=schedule)
+    print(layout, "largest relative distance", max(result["distance"] for result in results))
+    # Replicas and tp peers agree on the global loss of every step.
+    assert all(result["losses"] == results[0]["losses"] for result in results)
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(pool4):

@@ -26,12 +26,19 @@ from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.parallel.tensor_parallel import is_sharded, local
 from pipefold.runtime.transport.comm import Collectives
 
-__all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES"]
+__all__ = ["DataParallel", "split_mesh", "BUCKET_BYTES", "reduce_dtype"]
 
 BUCKET_BYTES = 25 << 20
 """Gradient bytes flattened into one all-reduce (PyTorch DDP's default bucket size)."""
 
 _MESH_DIMS = ("dp", "pp", "tp")
+
+
+def reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a bucket of `dtype` gradients is all-reduced in: fp32 for 16-bit gradients
+    (bf16 weights, `precision="bf16-pure"`), so the replicas' sum and the averaging round once,
+    into the gradient's dtype at the end (docs/decisions.md, "data-parallel gradients")."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def split_mesh(process_group: Any, data_parallel_group: Any) -> tuple[Any, dist.ProcessGroup | None]:
@@ -212,6 +219,9 @@ class DataParallel:
     def _start(self, bucket: _Bucket, factor: float) -> tuple[_Bucket, Tensor, dist.Work | None]:
         grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in bucket.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        wide = reduce_dtype(flat.dtype)
+        if wide != flat.dtype:
+            flat = flat.to(wide)
         flat.mul_(factor)
         return bucket, flat, dist.all_reduce(flat, group=self._group, async_op=True)
 
@@ -297,7 +307,7 @@ class DataParallel:
             offset = 0
             for param in bucket.params:
                 shard = local(param)
-                averaged = flat[offset : offset + shard.numel()].view_as(shard)
+                averaged = flat[offset : offset + shard.numel()].view_as(shard).to(shard.dtype)
                 offset += shard.numel()
                 if is_sharded(param):
                     # A tensor-parallel parameter's gradient stays a DTensor of the same layout:
