@@ -219,7 +219,7 @@ class ScheduleConfig:
     tensor_parallel: int = 1
     """Ranks per stage along a "tp" mesh dimension: each decoder block's attention (by heads)
     and MLP are split over them (Megatron's split; it must divide model.num_heads); the
-    embeddings, the final norm and the head stay whole."""
+    embeddings, the final norm and the head stay whole (see vocab_parallel)."""
     sequence_parallel: bool = False
     """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
     the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms

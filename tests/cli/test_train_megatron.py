@@ -61,3 +61,25 @@ def test_selective_recomputation_allows_the_blocks_residual_dropout():
     assert load_config(overrides={"recompute": "selective", "model.dropout": 0.1}).recompute == "selective"
     with pytest.raises(ConfigError, match="dropout is not supported with recompute"):
         load_config(overrides={"recompute": "full", "model.dropout": 0.1})
+
+
+def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pipefold.cli.plan import train_command
+    from pipefold.plan import PlanOptions, gpt_costs, plan
+
+    costs = gpt_costs(num_layers=2, d_model=32, num_heads=2, seq_len=32, vocab_size=256)
+    result = plan(costs, PlanOptions(num_ranks=2, global_batch=4, schedules=("1f1b",), order_search_s=0))
+    args = SimpleNamespace(model=None, costs=None, vocab_size=256, save_schedule=None, megatron=False,
+                           num_layers=2, d_model=32, num_heads=2, seq_len=32)
+    assert not result.choice.recompute  # no stage recomputed: selective can stand alone
+    selective = replace(result.choice, recompute_attention=True)
+    command = train_command(args, SimpleNamespace(choice=selective, global_batch=result.global_batch,
+                                                  saves_searched_order=False))
+    assert command is not None and command.endswith("--recompute selective")
+    words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
+    assert _config(*words[1:]).recompute == "selective"
+    assert train_command(SimpleNamespace(**{**vars(args), "megatron": True}),
+                         SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)) is None

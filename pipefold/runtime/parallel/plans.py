@@ -2,7 +2,7 @@
 (from `hf_plan`) Hugging Face models (GPT-2, Llama, Mistral, Qwen2) cut by `pipefold.split`.
 
     >>> from pipefold.runtime import gpt_tensor_parallel_plan, hf_tensor_parallel_plan
-    >>> plan = gpt_tensor_parallel_plan(sequence_parallel=True)
+    >>> plan = gpt_tensor_parallel_plan(sequence_parallel=True, vocab_parallel=True)
     >>> Pipeline(gpt_layers(...), ..., parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan))
     >>> plan = hf_tensor_parallel_plan()
     >>> Pipeline(pipefold.split(llama), ..., parallel=ParallelOptions(process_group=mesh,
@@ -37,8 +37,8 @@ def gpt_tensor_parallel_plan(
     each decoder block's attention by heads (head_qkv by columns, proj by rows) and its MLP
     (fc by columns, fc_out by rows), Megatron's split: every weight of a block but its two
     LayerNorms, and two all-reduces per block forward (and two in its backward). The
-    embeddings, the final LayerNorm and the head stay whole. The degree must divide the
-    number of heads.
+    embeddings, the final LayerNorm and the head stay whole unless `vocab_parallel`. The
+    degree must divide the number of heads.
 
     `sequence_parallel=True` adds Megatron's sequence parallelism (docs/decisions.md, "sequence
     parallel x pipeline"): from the position embedding to the final LayerNorm the residual
