@@ -275,7 +275,8 @@ class TrainConfig:
             # would each draw their own for a replicated activation.
             require(
                 # The attention core has no dropout: recomputing it draws nothing.
-                self.recompute in ("none", "selective") and self.schedule.tensor_parallel == 1, "model.dropout",
+                self.recompute in ("none", "selective") and self.schedule.tensor_parallel == 1,
+                "model.dropout",
                 self.model.dropout, "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0",
             )
         require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")

@@ -43,7 +43,8 @@ def _laid_out_as(param: nn.Parameter, shard: Tensor) -> Tensor:
     """`shard` (this rank's part) as a gradient of `param`: a DTensor where `param` is one."""
     if isinstance(param, DTensor):
         return DTensor.from_local(
-            shard, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+            shard, param.device_mesh, param.placements,
+            run_check=False, shape=param.shape, stride=param.stride(),
         )
     return shard
 

@@ -44,9 +44,11 @@ def test_the_byte_vocabulary_the_configuration_checks_is_the_corpus_one():
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        ({"schedule.vocab_parallel": True}, r"schedule.vocab_parallel=True is not allowed: .*schedule.tensor_parallel > 1"),
+        ({"schedule.vocab_parallel": True},
+         r"schedule.vocab_parallel=True is not allowed: .*schedule.tensor_parallel > 1"),
         # 3 tp ranks divide 6 heads but not the 256 byte values.
-        ({"schedule.vocab_parallel": True, "schedule.tensor_parallel": 3, "model.num_heads": 6, "model.d_model": 48},
+        ({"schedule.vocab_parallel": True, "schedule.tensor_parallel": 3, "model.num_heads": 6,
+          "model.d_model": 48},
          r"model.vocab_size=256 is not allowed: .*pad the vocabulary to a multiple of 3 \(e.g. 258\)"),
         ({"recompute": "some"}, r'recompute=.some. is not allowed: use "none", "full", "selective"'),
     ],
@@ -81,5 +83,6 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     assert command is not None and command.endswith("--recompute selective")
     words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
     assert _config(*words[1:]).recompute == "selective"
-    assert train_command(SimpleNamespace(**{**vars(args), "megatron": True}),
-                         SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)) is None
+    megatron = SimpleNamespace(**{**vars(args), "megatron": True})
+    chosen = SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)
+    assert train_command(megatron, chosen) is None

@@ -19,7 +19,13 @@ from _workers import WorkerPool
 from pipefold.errors import ConfigError
 from pipefold.model import build_reference
 from pipefold.model.zoo import gpt_layers, gpt_loss
-from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, gpt_tensor_parallel_plan
+from pipefold.runtime import (
+    LayoutOptions,
+    ParallelOptions,
+    Pipeline,
+    RuntimeOptions,
+    gpt_tensor_parallel_plan,
+)
 
 VOCAB, DIM, HEADS, SEQ = 12, 16, 4, 4
 
@@ -81,9 +87,46 @@ def vocab_exact(*, schedule, tie=True, recompute="none", sequence_parallel=False
             if param.dim() == 2 and param.shape[0] == VOCAB:
                 table_rows[name] = param.to_local().shape[0]
         torch.testing.assert_close(grad, expected_grads[name], msg=lambda m, n=name: f"{n}: {m}")
-    cores = [m for module in pipe.local_modules.values() for m in module.modules() if hasattr(m, "recompute_core")]
+    # The gradient norm counts each tp rank's rows of the tied table once (on its first owner).
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9).item()
+    assert pipe.clip_grad_norm_(1e9) == pytest.approx(expected_norm, rel=1e-5)
+    cores = [m for module in pipe.local_modules.values() for m in module.modules()
+             if hasattr(m, "recompute_core")]
     return {"losses": losses, "table_rows": table_rows, "pp_rank": pipe.rank,
             "recomputed_cores": sum(core.recompute_core for core in cores)}
+
+
+def vocab_checkpoint(*, directory):
+    """Save at pp2 x tp2 (vocabulary-split tied table) after one Adam step; load into a 4-rank
+    pipeline without tensor parallelism: its weights are one process's after the same step."""
+    from pipefold import load_checkpoint, save_checkpoint
+
+    def pipeline(split):
+        return Pipeline(
+            _layers(), loss_fn=gpt_loss, schedule="1f1b", num_microbatches=2,
+            layout=LayoutOptions(seed=7),
+            parallel=ParallelOptions(
+                process_group=_mesh() if split else None,
+                tensor_parallel=gpt_tensor_parallel_plan(vocab_parallel=True) if split else None,
+            ),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+
+    inputs, targets = _batch(4, seed=0)
+    reference = build_reference(_layers(), seed=7)
+    gpt_loss(reference(inputs), targets).backward()
+    torch.optim.Adam(reference.parameters(), lr=0.01).step()
+    pipe = pipeline(True)
+    optimizer = torch.optim.Adam(pipe.parameters(), lr=0.01)
+    pipe.step(inputs, targets)
+    optimizer.step()
+    save_checkpoint(pipe, f"{directory}/vocab", optimizer=optimizer, step=1)
+    plain = pipeline(False)
+    load_checkpoint(plain, f"{directory}/vocab")
+    expected = dict(reference.named_parameters())
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name].detach(), msg=lambda m, n=name: f"{n}: {m}")
+    return sorted(name for name, _ in plain.named_parameters() if name.startswith("0."))
 
 
 def vocab_refused():
@@ -134,6 +177,12 @@ def test_a_vocabulary_the_tp_ranks_cannot_split_is_refused(pool4):
     messages = pool4.run("vocab_refused")
     assert all(m is not None and "vocab_size=11" in m and "pad the vocabulary to a multiple of 2" in m
                for m in messages), messages
+
+
+@pytest.mark.multiprocess
+def test_a_vocabulary_split_checkpoint_loads_without_tensor_parallelism(pool4, tmp_path):
+    results = pool4.run("vocab_checkpoint", directory=str(tmp_path))
+    assert ["0.weight"] in results  # the tied table, held whole where it was split by vocabulary
 
 
 # -- one process ------------------------------------------------------------------------------------
