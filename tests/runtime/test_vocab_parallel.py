@@ -129,6 +129,28 @@ def vocab_checkpoint(*, directory):
     return sorted(name for name, _ in plain.named_parameters() if name.startswith("0."))
 
 
+def stash_selective(*, schedule):
+    """An asynchronous schedule (weight stashes) with and without selective recomputation:
+    the same losses and weights after two steps, on each of 2 ranks."""
+    results = {}
+    for recompute in ("none", "selective"):
+        pipe = Pipeline(
+            _layers(tie=False), loss_fn=gpt_loss, schedule=schedule, num_microbatches=4,
+            layout=LayoutOptions(recompute=recompute, seed=7),
+            parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=0.1)),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        losses = [pipe.step(*_batch(8, seed=step)) for step in range(2)]
+        results[recompute] = (losses, {name: p.detach().clone() for name, p in pipe.named_parameters()})
+        modules = [m for module in pipe.local_modules.values() for m in module.modules()]
+        flagged = sum(getattr(m, "recompute_core", False) for m in modules)
+    (losses, weights), (selective_losses, selective_weights) = results["none"], results["selective"]
+    torch.testing.assert_close(selective_losses, losses)
+    for name, weight in weights.items():
+        torch.testing.assert_close(selective_weights[name], weight, msg=lambda m, n=name: f"{n}: {m}")
+    return flagged  # the selective pipeline's recomputed attention cores on this rank
+
+
 def vocab_refused():
     """A vocabulary of 11 over 2 tp ranks: the ConfigError every rank raises while building."""
     try:
@@ -183,6 +205,15 @@ def test_a_vocabulary_the_tp_ranks_cannot_split_is_refused(pool4):
 def test_a_vocabulary_split_checkpoint_loads_without_tensor_parallelism(pool4, tmp_path):
     results = pool4.run("vocab_checkpoint", directory=str(tmp_path))
     assert ["0.weight"] in results  # the tied table, held whole where it was split by vocabulary
+
+
+@pytest.mark.multiprocess
+def test_selective_recomputation_on_a_weight_stash_equals_none():
+    pool = WorkerPool(2, cases=__name__)
+    try:
+        assert sum(pool.run("stash_selective", schedule="pipedream")) == 2  # the GPT's 2 blocks
+    finally:
+        pool.close()
 
 
 # -- one process ------------------------------------------------------------------------------------
