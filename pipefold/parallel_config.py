@@ -27,8 +27,9 @@ __all__ = ["ParallelConfig", "RECOMPUTE_MODES", "SHARD_MODES"]
 SHARD_MODES = ("replicate", "zero1", "full")
 """What the data-parallel replicas may shard (`ParallelConfig.shard`)."""
 
-RECOMPUTE_MODES = ("none", "full")
-"""Named recomputation modes; a list of layer indices recomputes those layers only."""
+RECOMPUTE_MODES = ("none", "full", "selective")
+"""Named recomputation modes ("selective": the attention core of each transformer block); a list
+of layer indices recomputes those layers only."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,14 @@ class ParallelConfig:
     """The schedule's `WeightUpdate` value ("flush" or an asynchronous mode); None = not known
     yet (the schedule is not built), which skips the rules about asynchronous schedules."""
     recompute: str | tuple[int, ...] = "none"
-    """"none", "full", or the indices of the layers to recompute."""
+    """"none", "full", "selective" (attention cores only), or the indices of the layers to recompute."""
     on_nonfinite: str = "raise"
     """What a non-finite loss does: "raise", or "skip" the step."""
     sequence_parallel: bool = False
     """Megatron's sequence parallelism between tensor-parallel layers."""
+    vocab_parallel: bool = False
+    """The token embedding and output head split by vocabulary rows over the tensor-parallel
+    ranks (Megatron's VocabParallelEmbedding)."""
     zero: bool = False
     """The optimizer state sharded over the data-parallel replicas (ZeRO-1)."""
     shard: str = "replicate"
@@ -74,6 +78,8 @@ class ParallelConfig:
     """Attention heads, which tensor parallelism splits; None = unknown (not checked)."""
     seq_len: int | None = None
     """Sequence length, which sequence parallelism splits; None = unknown (not checked)."""
+    vocab_size: int | None = None
+    """Vocabulary size, which vocabulary parallelism splits; None = unknown (not checked)."""
     compile: bool = False
     """Each layer runs through torch.compile."""
 
@@ -132,7 +138,7 @@ class _Rules:
         value, num_layers = self.c.recompute, self.c.num_layers
         if isinstance(value, str):
             if value not in RECOMPUTE_MODES:
-                self.refuse("recompute", 'use "none", "full" or a list of layer indices')
+                self.refuse("recompute", 'use "none", "full", "selective" or a list of layer indices')
             return
         last = "" if num_layers is None else f" in 0..{num_layers - 1}"
         for index in value:
@@ -167,7 +173,8 @@ class _Rules:
                 f"{inside}, stage by stage, so tied layers (one module at several "
                 f"stages) cannot share it; set {n('tied_layers')}=False (untie them) or use {flush}",
             )
-        if c.recompute not in ("none", "full"):
+        # The attention core holds no weights, so "selective" recomputes the same on a stash.
+        if c.recompute not in RECOMPUTE_MODES:
             self.refuse(
                 "recompute",
                 f"{inside}: a layer recomputed on its own would run on the live weights, not "
@@ -281,6 +288,20 @@ class _Rules:
                 "seq_len",
                 f"sequence parallelism splits every sequence over {n('tp')}={c.tp} ranks; "
                 f"use a length divisible by {c.tp} (e.g. {fit})",
+            )
+        if c.vocab_parallel and c.tp == 1:
+            self.refuse(
+                "vocab_parallel",
+                f"it splits the embedding and head over the tensor-parallel ranks of a stage; set "
+                f"{n('tp')} > 1 or {n('vocab_parallel')}=False",
+            )
+        if c.vocab_parallel and c.vocab_size is not None and c.vocab_size % c.tp:
+            padded = -(-c.vocab_size // c.tp) * c.tp
+            self.refuse(
+                "vocab_size",
+                f"the vocabulary-parallel embedding and head split the vocabulary over {n('tp')}={c.tp} "
+                f"ranks; pad the vocabulary to a multiple of {c.tp} (e.g. {padded}), or set "
+                f"{n('vocab_parallel')}=False",
             )
         if c.compile and c.tp > 1:
             self.refuse(

@@ -300,8 +300,10 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     choice = result.choice
     if choice.is_searched_order and args.save_schedule is None:
         return None
-    if choice.recompute_attention or args.megatron:
-        return None  # the runtime has neither selective recomputation nor Megatron's GPT
+    if args.megatron:
+        return None  # Megatron-LM's GPT (dropout, unfused attention) is not the one train builds
+    if choice.recompute_attention and choice.recompute:
+        return None  # the runtime recomputes the attention cores or whole layers, not both at once
     words = ["pipefold", "train"]
     if args.save_schedule is not None and result.saves_searched_order:
         words += ["--schedule-file", args.save_schedule]
@@ -329,6 +331,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     if choice.recompute:
         layers = ",".join(map(str, choice.recompute_layers))
         words += ["--set", f"recompute=[{layers}]"]
+    elif choice.recompute_attention:
+        words += ["--recompute", "selective"]
     if not choice.is_searched_order and is_asynchronous(choice.schedule) and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)

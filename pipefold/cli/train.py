@@ -49,6 +49,7 @@ _FLAGS: dict[str, str] = {
     "data_parallel": "schedule.data_parallel",
     "tensor_parallel": "schedule.tensor_parallel",
     "sequence_parallel": "schedule.sequence_parallel",
+    "vocab_parallel": "schedule.vocab_parallel",
     "num_microbatches": "schedule.num_microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
@@ -129,6 +130,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tensor-parallel: split the norms, the residual stream and the stage "
                         "boundaries by position over the tp ranks (Megatron's sequence parallelism)")
+    parser.add_argument("--vocab-parallel", action="store_true", default=None,
+                        help="with --tensor-parallel: split the token embedding, the head (tied or not) "
+                        "and the loss by vocabulary over the tp ranks (Megatron's vocabulary-parallel "
+                        "embedding)")
     parser.add_argument("--bucket-by-length", action="store_true", default=None,
                         help="batch lines of the corpus of similar length: each step its own length "
                         "(up to the model's seq_len), about batch-size x seq_len tokens, none padded")
@@ -172,7 +177,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--partition", help='"uniform", "parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
     )
-    parser.add_argument("--recompute", choices=("none", "full"), help="activation recomputation")
+    parser.add_argument("--recompute", choices=("none", "full", "selective"),
+                        help="activation recomputation: full (each stage keeps its input) or selective "
+                        "(each block's attention core: QK^T, softmax, attention over V)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, help=f"default {TrainConfig.device}")
     parser.add_argument("--timeout", type=float,
                         help=f"seconds a rank waits for a peer; default {TrainConfig.timeout_s:g}")

@@ -15,7 +15,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     batch_size = 32
     seed = 0
     partition = "uniform"      # or a list of per-stage layer counts, e.g. [3, 5]
-    recompute = "none"         # "full", or a list of layer indices
+    recompute = "none"         # "full", "selective" (attention cores), or a list of layer indices
     out = ""                   # "" = runs/<timestamp>
     timeout_s = 60.0
     device = "auto"            # "cpu", "cuda"
@@ -59,6 +59,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     data_parallel = 1          # replicas of the pipeline; processes = ranks x data_parallel x tensor_parallel
     tensor_parallel = 1        # each block's heads and MLP split over this many ranks per stage ("tp")
     sequence_parallel = false  # with tensor_parallel > 1: also split norms and boundaries by position
+    vocab_parallel = false     # with tensor_parallel > 1: split the embedding, head and loss by vocabulary
     shard = "replicate"        # with data_parallel > 1: "zero1" (AdamW's state) or "full" (FSDP2 per stage)
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
@@ -164,7 +165,8 @@ class TrainConfig:
     partition: str | tuple[int, ...] = "uniform"
     """"uniform", "parameters", "profile", "type:<regex>", or per-stage layer counts."""
     recompute: str | tuple[int, ...] = "none"
-    """"none", "full" (keep stage inputs, recompute in backward), or layer indices to recompute."""
+    """"none", "full" (keep stage inputs, recompute in backward), "selective" (only the attention
+    core of each block: QK^T, softmax, attention over V), or layer indices to recompute."""
     out: str = ""
     """Output directory; "" = runs/<timestamp>."""
     timeout_s: float = 60.0
@@ -276,7 +278,9 @@ class TrainConfig:
             # Recomputation would draw new masks in backward (no generator replay), and tp ranks
             # would each draw their own for a replicated activation.
             require(
-                self.recompute == "none" and self.schedule.tensor_parallel == 1, "model.dropout",
+                # The attention core has no dropout: recomputing it draws nothing.
+                self.recompute in ("none", "selective") and self.schedule.tensor_parallel == 1,
+                "model.dropout",
                 self.model.dropout, "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0",
             )
         require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
@@ -323,6 +327,7 @@ class TrainConfig:
             num_layers=num_layers,
             num_heads=self.model.heads,
             seq_len=self.model.seq_len,
+            vocab_size=self.model.vocab_size,
         ).check(PARALLEL_NAMES)
         if self.model.hf is not None:
             require(
@@ -400,6 +405,13 @@ class TrainConfig:
 
     def _check_hf(self, files: ModelFiles) -> None:
         """A Hugging Face model: what pipefold can run, and data its tokenizer can make."""
+        require(
+            self.recompute != "selective",
+            "recompute",
+            self.recompute,
+            "selective recomputation reruns the built-in GPT's attention cores; a Hugging Face model "
+            "has none marked: use 'full' or a list of layer indices",
+        )
         tp = self.schedule.tensor_parallel
         if tp > 1:
             require(
@@ -416,6 +428,13 @@ class TrainConfig:
                 self.schedule.sequence_parallel,
                 "sequence parallelism is planned for the built-in GPT only; a Hugging Face model runs "
                 "plain tensor parallelism: use sequence_parallel = false",
+            )
+            require(
+                not self.schedule.vocab_parallel,
+                "schedule.vocab_parallel",
+                self.schedule.vocab_parallel,
+                "the vocabulary-parallel embedding and head are planned for the built-in GPT only; use "
+                "vocab_parallel = false",
             )
             heads, kv_heads = files.num_heads, files.num_kv_heads
             counts = ((heads, "attention heads"), (kv_heads, "key/value heads (num_key_value_heads)"))

@@ -37,6 +37,10 @@ __all__ = [
     "require",
 ]
 
+BYTE_VOCAB_SIZE = 256
+"""The built-in GPT's vocabulary (`pipefold.data.VOCAB_SIZE`, written here so the configuration
+stays torch-free; a test checks they agree)."""
+
 NUM_EXTRA_LAYERS = 4
 """Layers of the built-in GPT besides its blocks: embedding, positions, final norm, head."""
 
@@ -57,6 +61,8 @@ PARALLEL_NAMES = {
     "num_virtual": "schedule.virtual",
     "schedule": "schedule.name",
     "sequence_parallel": "schedule.sequence_parallel",
+    "vocab_parallel": "schedule.vocab_parallel",
+    "vocab_size": "model.vocab_size",
     "zero": "optimizer.zero",
     "shard": "schedule.shard",
     "precision": "precision",
@@ -141,6 +147,10 @@ class ModelConfig:
     def heads(self) -> int:
         return self.hf.num_heads if self.hf is not None else self.num_heads
 
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.vocab_size if self.hf is not None else BYTE_VOCAB_SIZE
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -209,13 +219,18 @@ class ScheduleConfig:
     tensor_parallel: int = 1
     """Ranks per stage along a "tp" mesh dimension: each decoder block's attention (by heads)
     and MLP are split over them (Megatron's split; it must divide model.num_heads); the
-    embeddings, the final norm and the head stay whole."""
+    embeddings, the final norm and the head stay whole (see vocab_parallel)."""
     sequence_parallel: bool = False
     """With tensor_parallel > 1, Megatron's sequence parallelism: from the position embedding to
     the final norm every tp rank holds model.seq_len / tensor_parallel positions, so the norms
     run on a tp rank's positions only and stage boundaries carry 1/tensor_parallel of the
     residual stream (pipefold/runtime/parallel/sequence_parallel.py). model.seq_len must divide by
     tensor_parallel."""
+    vocab_parallel: bool = False
+    """With tensor_parallel > 1, Megatron's vocabulary-parallel embedding and output head: each
+    tp rank holds 1/tensor_parallel of the token table's rows (tied or not) and of the logits,
+    and the loss is the vocabulary-parallel cross-entropy (runtime/parallel/vocab_parallel.py).
+    The built-in GPT only; its 256-value vocabulary must divide by tensor_parallel."""
     shard: str = "replicate"
     """What the data-parallel replicas shard: "replicate" (nothing), "zero1" (AdamW's state, as
     optimizer.zero) or "full" (each stage's weights, gradients and AdamW state, FSDP2, gathered
@@ -262,6 +277,7 @@ class ScheduleConfig:
             num_virtual=self.virtual or None,
             schedule=self.name,
             sequence_parallel=self.sequence_parallel,
+            vocab_parallel=self.vocab_parallel,
             shard=self.shard,
             **known,
         )

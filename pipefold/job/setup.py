@@ -233,7 +233,7 @@ def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
         return None
     if config.model.hf is not None:
         return hf_tensor_parallel_plan()
-    return gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel)
+    return gpt_tensor_parallel_plan(sequence_parallel=s.sequence_parallel, vocab_parallel=s.vocab_parallel)
 
 
 def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:

@@ -144,7 +144,8 @@ def num_microbatches_of(schedule: str | Schedule, num_microbatches: int | None) 
 
 
 def resolve_recompute(recompute: str | Sequence[int]) -> tuple[bool, frozenset[int]]:
-    """(recompute every layer, the layers to recompute); the rulebook has checked the value."""
+    """(recompute every layer, the layers to recompute); the rulebook has checked the value.
+    "selective" is neither: the attention cores inside the layers recompute (runtime/selective.py)."""
     if isinstance(recompute, str):
         return recompute == "full", frozenset()
     return False, frozenset(recompute)

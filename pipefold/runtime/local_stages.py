@@ -1,6 +1,7 @@
 """This rank's stages, built before any communication: its layers materialized on its device
 (whole first, with the same seed on every tensor-parallel peer, then split), cast for a pure
-precision, and wrapped as `Stage`s with their recomputation and compilation.
+precision, and wrapped as `Stage`s with their recomputation (selective: the attention cores)
+and compilation.
 
     modules, stages = build_local_stages(layers, schedule, partition, rank, device, dims, layout, runtime)
 """
@@ -16,6 +17,7 @@ from pipefold.model import LayerLike, Partition, materialize
 from pipefold.runtime.arguments import resolve_recompute
 from pipefold.runtime.options import COMPUTE_DTYPES, PURE_PRECISIONS, LayoutOptions, RuntimeOptions
 from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.selective import recompute_attention_cores
 from pipefold.runtime.stage import Stage
 from pipefold.schedule import Schedule
 
@@ -41,6 +43,7 @@ def build_local_stages(
         for module in modules.values():  # in place: a parameter two layers share stays one
             module.to(torch.bfloat16)
     recompute_all, recompute_layers = resolve_recompute(layout.recompute)
+    selective = layout.recompute == "selective"
     compute_dtype = COMPUTE_DTYPES[runtime.precision]
     stages: dict[int, Stage] = {}
     for s in local_stages:
@@ -56,6 +59,8 @@ def build_local_stages(
             recompute_layers=recompute_layers,
             compile_layers=runtime.compile,
         )
+        if selective and recompute_attention_cores(stage.modules):
+            stage.recomputes = True  # its backward unpacks recomputed activations
         # A tp peer's outputs must be plain tensors (not DTensors) to cross the boundary.
         stage.check_plain_output = dims.tensor_parallel is not None
         stage.compute_dtype = compute_dtype

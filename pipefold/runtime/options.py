@@ -59,8 +59,9 @@ class LayoutOptions:
 
     - `partition`: anything `pipefold.model.partition` accepts (a method name, per-stage
       layer counts, or a `Partition`).
-    - `recompute`: "none", "full", or the layer indices whose activations are recomputed
-      in the backward instead of kept.
+    - `recompute`: "none", "full", "selective" (only the attention core of each transformer
+      block: QK^T, softmax, attention over V; the built-in GPT), or the layer indices whose
+      activations are recomputed in the backward instead of kept.
     - `device`: default `cuda:<LOCAL_RANK>` when CUDA is available, else cpu; the group's
       backend must match (nccl for CUDA, gloo for CPU).
     - `seed`: the weights of `LayerSpec` layers (see pipefold.model.materialize).

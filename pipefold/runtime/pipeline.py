@@ -62,6 +62,7 @@ from pipefold.runtime.parallel.full_shard import FullSharding
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
+from pipefold.runtime.selective import check_selective
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
@@ -170,6 +171,8 @@ class Pipeline:
         self.parallel_config.check()
         if dims.tensor_parallel is not None:
             check_tied_layers_whole(self._layers, self._meta, dims)
+        if self.layout_options.recompute == "selective":
+            check_selective(self._meta)
         # Layer outputs a tp rank holds split along the sequence: the boundaries after them
         # carry 1/tp of the traced shape.
         self._sequence_sharded = dims.sequence_sharded(self._meta)

@@ -11,6 +11,8 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, Partition, layer_name, tied_groups
 from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.parallel.tensor_parallel import plan_for
+from pipefold.runtime.parallel.vocab_parallel import VocabParallel
 from pipefold.schedule import Schedule, WeightUpdate
 
 __all__ = ["check_shared_parameters", "check_tied_layers_whole"]
@@ -19,14 +21,25 @@ __all__ = ["check_shared_parameters", "check_tied_layers_whole"]
 def check_tied_layers_whole(
     layers: Sequence[LayerLike], meta: Sequence[nn.Module], dims: ParallelDims
 ) -> None:
-    """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole."""
+    """Tied layers exchange whole gradients, so a tensor-parallel plan must leave them whole;
+    or split every occurrence by vocabulary (`VocabParallel`): each tp rank then holds the same
+    rows at every occurrence and exchanges the gradient of its rows."""
     for key, occurrences in sorted(tied_groups(layers).items()):
         split = [i for i in occurrences if dims.splits(i, meta[i])]
+        by_vocab = [i for i in split if _by_vocabulary(dims, i, meta[i])]
+        if by_vocab and by_vocab == list(occurrences):
+            continue
         if split:
             raise ConfigError(
                 f"tensor_parallel splits the tied layer {key!r} (layers {split}): tied layers exchange "
                 "whole gradients between ranks; keep them out of the plan (return None for them)"
             )
+
+
+def _by_vocabulary(dims: ParallelDims, index: int, module: nn.Module) -> bool:
+    assert dims.tensor_parallel is not None
+    entries = plan_for(dims.tensor_parallel, index, module)
+    return list(entries) == [""] and isinstance(entries[""], VocabParallel)
 
 
 def check_shared_parameters(

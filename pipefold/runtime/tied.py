@@ -22,10 +22,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from pipefold.model import LayerLike, Partition, owner_indices, tied_groups
 from pipefold.model.build import shared_names
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.parallel.tensor_parallel import local
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Schedule
 
@@ -35,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 TiedGroup = tuple[tuple[int, ...], tuple[nn.Parameter, ...]]
 """(owner ranks, this rank's parameters of the tied module)."""
+
+
+def _laid_out_as(param: nn.Parameter, shard: Tensor) -> Tensor:
+    """`shard` (this rank's part) as a gradient of `param`: a DTensor where `param` is one."""
+    if isinstance(param, DTensor):
+        return DTensor.from_local(
+            shard, param.device_mesh, param.placements,
+            run_check=False, shape=param.shape, stride=param.stride(),
+        )
+    return shard
 
 
 def grad_copy(param: nn.Parameter) -> Tensor | None:
@@ -104,8 +116,10 @@ class TiedGradients:
             return
         for (owners, params), old in zip(self.groups, before, strict=True):
             for param, previous in zip(params, old, strict=True):
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                delta = (grad if previous is None else grad - previous).contiguous()
+                # A tensor-parallel weight (split by vocabulary) exchanges this rank's rows:
+                # every owner of the same tp rank holds the same rows.
+                grad = local(param.grad) if param.grad is not None else torch.zeros_like(local(param))
+                delta = (grad if previous is None else grad - local(previous)).contiguous()
                 parts: dict[int, Tensor] = {self.rank: delta}
                 pending: list[Transfer] = []
                 for peer in owners:
@@ -120,4 +134,5 @@ class TiedGradients:
                 total = parts[owners[0]]
                 for rank in owners[1:]:
                     total = total + parts[rank]
-                param.grad = total if previous is None else previous + total
+                summed = total if previous is None else local(previous) + total
+                param.grad = _laid_out_as(param, summed)

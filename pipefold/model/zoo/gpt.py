@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from pipefold.errors import ConfigError
 from pipefold.model.spec import LayerSpec, TiedLayerSpec
@@ -41,6 +45,7 @@ __all__ = [
     "GPT",
     "gpt_layers",
     "gpt_loss",
+    "vocab_parallel_cross_entropy",
     "tied_head",
     "generate",
 ]
@@ -66,7 +71,14 @@ class LMHead(nn.Linear):
 
 
 def tied_head(embedding: nn.Module, x: Tensor) -> Tensor:
-    """The output head: hidden states times the token table, (B, T, d) -> (B, T, vocab)."""
+    """The output head: hidden states times the token table, (B, T, d) -> (B, T, vocab).
+
+    A table split by vocabulary under tensor parallelism (the runtime's `VocabParallel`) gives
+    its own head (`vocab_parallel_head`): this rank's slice of the logits, a DTensor."""
+    split_head = getattr(embedding, "vocab_parallel_head", None)
+    if split_head is not None:
+        out: Tensor = split_head(x)
+        return out
     weight = embedding.weight
     if not isinstance(weight, Tensor):
         raise TypeError(f"tied head expects a module with a weight tensor, got {type(embedding).__name__}")
@@ -91,6 +103,10 @@ class PositionEmbedding(nn.Module):
         return x + self.position[:length]
 
 
+def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused input projection.
 
@@ -100,10 +116,17 @@ class CausalSelfAttention(nn.Module):
     their q, k and v, and `proj` split by rows (`RowwiseParallel`) sums the heads' outputs
     (Megatron's split). The forward reads how many heads it holds from the projection's
     output width, so the same module runs whole or split.
+
+    `recompute_core = True` (what `LayoutOptions(recompute="selective")` sets) keeps only q, k
+    and v for the backward and runs the attention core (QK^T, softmax, attention over V) again
+    there (Korthikanti et al. 2022's selective recomputation); the projections keep theirs.
     """
+
+    recompute_core: bool
 
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
+        self.recompute_core = False
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.head_qkv = nn.Linear(d_model, 3 * d_model)
@@ -114,7 +137,10 @@ class CausalSelfAttention(nn.Module):
         qkv = self.head_qkv(x)
         num_local_heads = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(batch, length, num_local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.recompute_core and torch.is_grad_enabled():
+            y = torch.utils.checkpoint.checkpoint(_attention_core, q, k, v, use_reentrant=False)
+        else:
+            y = _attention_core(q, k, v)
         out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, num_local_heads * self.head_dim))
         return out
 
@@ -195,8 +221,74 @@ def gpt_layers(
 
 
 def gpt_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over every position of the micro-batch."""
+    """Mean next-token cross-entropy over every position of the micro-batch; on logits split by
+    vocabulary (a DTensor, from a vocabulary-parallel head) `vocab_parallel_cross_entropy`."""
+    if isinstance(logits, DTensor):
+        return vocab_parallel_cross_entropy(logits, targets)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of rows of logits split by vocabulary over `group` (Megatron's): the
+    row maximum, the target's logit and the sum of exponentials are all-reduced, so no rank
+    holds the whole rows; the backward is softmax - one_hot on this rank's columns."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, targets: Tensor, start: int, group: Any
+    ) -> Tensor:
+        columns = logits.shape[-1]
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        outside = (targets < start) | (targets >= start + columns)
+        local_targets = (targets - start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        # One collective for both sums.
+        sums = torch.stack([target_logit, sum_exp])
+        dist.all_reduce(sums, group=group)
+        target_logit, sum_exp = sums[0], sums[1]
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_targets, outside)
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        softmax, local_targets, outside = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        hit = (~outside).to(softmax.dtype)
+        grad_logits.scatter_add_(-1, local_targets.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad_logits.mul_(grad / softmax.shape[0])
+        return grad_logits, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: DTensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits (..., vocab) held as a DTensor split along the vocabulary
+    (`Shard(-1)` on a 1-D mesh) against whole `targets` (...): what `F.cross_entropy` gives on
+    the gathered logits, without gathering them. (torch's `loss_parallel()` computes the same,
+    but its backward must run inside the same context, which a pipeline's separate backward
+    actions do not.)"""
+    placements = tuple(logits.placements)
+    last = logits.dim() - 1
+    if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim in (-1, last)):
+        raise ConfigError(
+            f"vocab_parallel_cross_entropy: logits are placed {placements}; it takes logits split "
+            "along the last (vocabulary) dim on a 1-D mesh, Shard(-1)"
+        )
+    mesh = logits.device_mesh
+    local = logits.to_local()
+    if local.shape[-1] * mesh.size() != logits.shape[-1]:
+        raise ConfigError(
+            f"vocab_parallel_cross_entropy: a vocabulary of {logits.shape[-1]} does not split evenly "
+            f"over {mesh.size()} ranks; pad the vocabulary to a multiple of {mesh.size()}"
+        )
+    start = mesh.get_local_rank() * local.shape[-1]
+    loss: Tensor = _VocabParallelCrossEntropy.apply(  # type: ignore[no-untyped-call]
+        local.reshape(-1, local.shape[-1]), targets.reshape(-1), start, mesh.get_group()
+    )
+    return loss
 
 
 class GPT(nn.Module):

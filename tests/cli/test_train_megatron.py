@@ -1,0 +1,88 @@
+"""`pipefold train --vocab-parallel` and `--recompute selective`: the flags reach the
+configuration and the job's tensor-parallel plan, and what cannot run is refused before any
+rank starts. (Exactness at pp2 x tp2: tests/runtime/test_vocab_parallel.py.)"""
+
+import argparse
+
+import pytest
+
+from pipefold.cli import train as train_cli
+from pipefold.errors import ConfigError
+from pipefold.job.config import load_config
+
+
+def _config(*words: str):
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    return train_cli.config_from_args(parser.parse_args(["train", *words]))
+
+
+def test_the_flags_reach_the_configuration_and_the_plan():
+    from pipefold.job.setup import _tensor_parallel_plan
+    from pipefold.model.zoo.gpt import DecoderBlock, LMHead, TokenEmbedding
+    from pipefold.runtime.parallel.vocab_parallel import VocabParallel
+
+    config = _config("--tensor-parallel", "2", "--vocab-parallel", "--recompute", "selective")
+    assert config.schedule.vocab_parallel is True and config.recompute == "selective"
+    assert config.to_dict()["schedule"]["vocab_parallel"] is True
+    plan = _tensor_parallel_plan(config)
+    assert callable(plan)
+    for table in (TokenEmbedding(256, 8), LMHead(8, 256)):
+        entries = plan(0, table)
+        assert entries is not None and isinstance(entries[""], VocabParallel)
+    assert set(plan(2, DecoderBlock(8, 2, 2)) or {}) == {"attn.head_qkv", "attn.proj", "fc", "fc_out"}
+    assert _config("--tensor-parallel", "2").schedule.vocab_parallel is False
+
+
+def test_the_byte_vocabulary_the_configuration_checks_is_the_corpus_one():
+    from pipefold.data import VOCAB_SIZE
+    from pipefold.job.sections import BYTE_VOCAB_SIZE
+
+    assert BYTE_VOCAB_SIZE == VOCAB_SIZE
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"schedule.vocab_parallel": True},
+         r"schedule.vocab_parallel=True is not allowed: .*schedule.tensor_parallel > 1"),
+        # 3 tp ranks divide 6 heads but not the 256 byte values.
+        ({"schedule.vocab_parallel": True, "schedule.tensor_parallel": 3, "model.num_heads": 6,
+          "model.d_model": 48},
+         r"model.vocab_size=256 is not allowed: .*pad the vocabulary to a multiple of 3 \(e.g. 258\)"),
+        ({"recompute": "some"}, r'recompute=.some. is not allowed: use "none", "full", "selective"'),
+    ],
+)
+def test_what_cannot_run_is_refused_before_any_rank_starts(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(overrides=overrides)
+
+
+def test_selective_recomputation_allows_the_blocks_residual_dropout():
+    # The attention core draws no dropout mask, so recomputing it replays nothing random.
+    assert load_config(overrides={"recompute": "selective", "model.dropout": 0.1}).recompute == "selective"
+    with pytest.raises(ConfigError, match="dropout is not supported with recompute"):
+        load_config(overrides={"recompute": "full", "model.dropout": 0.1})
+
+
+def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pipefold.cli.plan import train_command
+    from pipefold.plan import PlanOptions, gpt_costs, plan
+
+    costs = gpt_costs(num_layers=2, d_model=32, num_heads=2, seq_len=32, vocab_size=256)
+    result = plan(costs, PlanOptions(num_ranks=2, global_batch=4, schedules=("1f1b",), order_search_s=0))
+    args = SimpleNamespace(model=None, costs=None, vocab_size=256, save_schedule=None, megatron=False,
+                           num_layers=2, d_model=32, num_heads=2, seq_len=32)
+    assert not result.choice.recompute  # no stage recomputed: selective can stand alone
+    selective = replace(result.choice, recompute_attention=True)
+    command = train_command(args, SimpleNamespace(choice=selective, global_batch=result.global_batch,
+                                                  saves_searched_order=False))
+    assert command is not None and command.endswith("--recompute selective")
+    words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
+    assert _config(*words[1:]).recompute == "selective"
+    megatron = SimpleNamespace(**{**vars(args), "megatron": True})
+    chosen = SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)
+    assert train_command(megatron, chosen) is None
