@@ -40,7 +40,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     num_heads = 4
     num_layers = 4
     seq_len = 128
-    tie_embeddings = true      # false for pipedream / pipedream-2bw
+    tie_embeddings = true      # head shares the token embedding
     dropout = 0.0              # the blocks' residual dropout while training (built-in GPT only)
 
     [data]

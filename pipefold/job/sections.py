@@ -94,7 +94,7 @@ class ModelConfig:
     seq_len: int = 128
     """Context length in tokens (bytes for the built-in GPT)."""
     tie_embeddings: bool = True
-    """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
+    """Head shares the token embedding (asynchronous schedules sum its gradient at every update)."""
     dropout: float = 0.0
     """Residual dropout probability of the built-in GPT's blocks while training (0 = none);
     its random state is saved with each checkpoint, so a resumed run stays identical."""

@@ -93,6 +93,11 @@ class TiedGradients:
             logger.debug("shared parameter %r is held by ranks %s", name, owners)
         return cls(found, rank, p2p, watchdog)
 
+    @property
+    def p2p(self) -> P2P | None:
+        """The transport the owners exchange through (None in one process)."""
+        return self._p2p
+
     def snapshot(self) -> list[list[Tensor | None]]:
         """The tied parameters' gradients before the step (None where there is none yet)."""
         return [[grad_copy(p) for p in params] for _, params in self.groups]

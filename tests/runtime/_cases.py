@@ -415,10 +415,14 @@ def streaming(
     steps: int,
     rows: int = 8,
     lr: float = 0.1,
-    recompute: str = "none",
+    recompute: Any = "none",
+    model: str = "mlp",
+    mesh: tuple[int, int] | None = None,
 ) -> dict:
     """`Pipeline.train` (a streaming run) against a one-process emulation of the same weight-version
-    schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss."""
+    schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss.
+    `model="transformer"` ties the embedding and the head (first and last stage); `mesh=(dp, pp)`
+    runs dp replicas, each on its own batches."""
     from _stream_reference import emulate
 
     from pipefold.schedule import stream
@@ -441,16 +445,28 @@ def streaming(
         optimizers.append(Recording(params))
         return optimizers[-1]
 
+    layers = mlp(4) if model == "mlp" else transformer(4)
+    loss_fn = _loss_fn(model)
+    process_group = None
+    if mesh is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        process_group = init_device_mesh("cpu", mesh, mesh_dim_names=("dp", "pp"))
     pipe = Pipeline(
-        mlp(4),
-        loss_fn=F.mse_loss,
+        layers,
+        loss_fn=loss_fn,
         schedule=schedule,
         num_microbatches=num_microbatches,
         layout=LayoutOptions(seed=3, recompute=recompute),
-        parallel=ParallelOptions(optimizer=factory),
+        parallel=ParallelOptions(optimizer=factory, process_group=process_group),
+        runtime=RuntimeOptions(timeout_s=60),
     )
-    reference = build_reference(mlp(4), seed=3)
-    batches = [_batch("mlp", rows, seed=k) for k in range(steps)]
+    reference = build_reference(mlp(4) if model == "mlp" else transformer(4), seed=3)
+    num_replicas = 1 if mesh is None else mesh[0]
+    replica_batches = [
+        [_batch(model, rows, seed=100 * replica + k) for k in range(steps)] for replica in range(num_replicas)
+    ]
+    batches = replica_batches[pipe.data_parallel_rank]
     losses = pipe.train(iter(batches), steps=steps)
     plan = stream(schedule, num_ranks=pipe.schedule.num_ranks, num_microbatches=num_microbatches)
     unrolled = plan.unroll(steps)
@@ -458,8 +474,8 @@ def streaming(
 
     def run_emulation(lag: int):
         return emulate(
-            reference, stage_layers, unrolled, num_steps=steps, lag=lag, batches=batches,
-            loss_fn=F.mse_loss, lr=lr,
+            reference, stage_layers, unrolled, num_steps=steps, lag=lag, batches=replica_batches,
+            loss_fn=loss_fn, lr=lr,
         )
 
     history, expected_losses = run_emulation(plan.version_lag)

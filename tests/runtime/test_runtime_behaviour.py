@@ -54,17 +54,23 @@ def test_streaming_one_rank_equals_the_version_schedule_emulation(pool1, schedul
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute"), [
-    ("pipedream", 3, 3, "none"), ("pipedream", 1, 4, "none"), ("pipedream-2bw", 2, 3, "none"),
-    ("pipedream-2bw", 1, 4, "none"), ("pipedream", 2, 3, "full"), ("pipedream-2bw", 3, 2, "full"),
+@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute", "model"), [
+    ("pipedream", 3, 3, "none", "mlp"), ("pipedream", 1, 4, "none", "mlp"),
+    ("pipedream-2bw", 2, 3, "none", "mlp"), ("pipedream-2bw", 1, 4, "none", "mlp"),
+    ("pipedream", 2, 3, "full", "mlp"), ("pipedream-2bw", 3, 2, "full", "mlp"),
+    ("pipedream", 2, 3, (1, 2), "mlp"),
+    ("pipedream", 2, 3, "none", "transformer"), ("pipedream-2bw", 2, 3, (1, 2), "transformer"),
 ])
 def test_streaming_two_ranks_equals_the_version_schedule_emulation(
-    pool2, schedule, num_microbatches, steps, recompute
+    pool2, schedule, num_microbatches, steps, recompute, model
 ):
     """Step k+1's forwards overlap step k's backwards; every update equals the emulation's
-    (with full recomputation too: the recomputed forward runs on the stashed version)."""
+    (with full and selective recomputation too: the recomputed forward runs on the stashed
+    version; the transformer ties its embedding and head across the two stages, and both
+    copies apply the summed gradient at every update)."""
     results = pool2.run(
-        "streaming", schedule=schedule, num_microbatches=num_microbatches, steps=steps, recompute=recompute
+        "streaming", schedule=schedule, num_microbatches=num_microbatches, steps=steps,
+        recompute=recompute, model=model,
     )
     _check_streaming(results, steps)
     versions = results[0]["weight_versions_peak"]
