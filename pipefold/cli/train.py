@@ -49,6 +49,7 @@ _FLAGS: dict[str, str] = {
     "data_parallel": "schedule.data_parallel",
     "tensor_parallel": "schedule.tensor_parallel",
     "sequence_parallel": "schedule.sequence_parallel",
+    "streaming": "schedule.streaming",
     "num_microbatches": "schedule.num_microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
@@ -129,6 +130,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tensor-parallel: split the norms, the residual stream and the stage "
                         "boundaries by position over the tp ranks (Megatron's sequence parallelism)")
+    parser.add_argument("--streaming", action="store_true", default=None,
+                        help="with --schedule pipedream or pipedream-2bw: overlap consecutive steps "
+                        "(Pipeline.train), draining only before a checkpoint, an evaluation, the end "
+                        "or every 50 steps")
     parser.add_argument("--bucket-by-length", action="store_true", default=None,
                         help="batch lines of the corpus of similar length: each step its own length "
                         "(up to the model's seq_len), about batch-size x seq_len tokens, none padded")

@@ -62,6 +62,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     shard = "replicate"        # with data_parallel > 1: "zero1" (AdamW's state) or "full" (FSDP2 per stage)
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
+    streaming = false          # pipedream / pipedream-2bw: overlap consecutive steps (Pipeline.train)
 
     [optimizer]
     lr = 3e-3
@@ -433,6 +434,13 @@ class TrainConfig:
         """What needs the whole step's gradient before the update: refused where the schedule
         updates weights inside the step."""
         name = self.schedule.name
+        require(
+            not (self.schedule.streaming and self.data.bucket_by_length),
+            "data.bucket_by_length",
+            self.data.bucket_by_length,
+            "a stream (schedule.streaming) runs every step on one batch shape; drop --bucket-by-length "
+            "or --streaming",
+        )
         clip = self.optimizer.clip_grad_norm
         require(
             clip in (0, CLIP_AUTO),
