@@ -98,7 +98,8 @@ def test_tied_owners_that_update_unequally_often_are_refused():
     )
     param = nn.Parameter(torch.zeros(2))
     tied = TiedGradients([((0, 1), (param,))], 0, None, None)
-    with pytest.raises(ConfigError, match=r"the ranks \[0, 1\] that hold a tied module .* step \{0: 1, 1: 2\}"):
+    refused = r"the ranks \[0, 1\] that hold a tied module .* step \{0: 1, 1: 2\}"
+    with pytest.raises(ConfigError, match=refused):
         UpdateReduction.of({0: [param]}, tied, schedule, 0, None, None)
     even = Schedule(
         name="even", num_ranks=2, num_stages=2, num_microbatches=1, placement=(0, 1),
