@@ -32,7 +32,10 @@ from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.tied import TiedGradients
 from pipefold.schedule import Op, Schedule
 
-__all__ = ["UpdateReduction"]
+__all__ = ["TIED_UPDATE_TAG", "UpdateReduction"]
+
+TIED_UPDATE_TAG = 1
+"""The message tag of the tied-gradient exchange at a STEP (the schedule's own messages use 0)."""
 
 
 class UpdateReduction:
@@ -86,7 +89,9 @@ class UpdateReduction:
         """Make `stage`'s gradient of this update whole: tied owners sum, replicas average."""
         tied = self._tied_of.get(stage)
         if tied is not None:
-            tied.sum([[None] * len(params) for _, params in tied.groups])
+            # Boundary messages of the schedule may be in flight between the same two ranks
+            # (through the process group when shared memory is off): a tag of its own.
+            tied.sum([[None] * len(params) for _, params in tied.groups], tag=TIED_UPDATE_TAG)
         if self._group is None:
             return
         params = [p for p in self._params_of.get(stage, ()) if p.requires_grad]

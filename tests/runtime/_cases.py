@@ -418,11 +418,13 @@ def streaming(
     recompute: Any = "none",
     model: str = "mlp",
     mesh: tuple[int, int] | None = None,
+    shared_memory: bool = True,
 ) -> dict:
     """`Pipeline.train` (a streaming run) against a one-process emulation of the same weight-version
     schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss.
     `model="transformer"` ties the embedding and the head (first and last stage); `mesh=(dp, pp)`
-    runs dp replicas, each on its own batches."""
+    runs dp replicas, each on its own batches; `shared_memory=False` sends every message through
+    the process group (the tied exchange at a STEP then shares it with the boundaries in flight)."""
     from _stream_reference import emulate
 
     from pipefold.schedule import stream
@@ -460,6 +462,7 @@ def streaming(
         layout=LayoutOptions(seed=3, recompute=recompute),
         parallel=ParallelOptions(optimizer=factory, process_group=process_group),
         runtime=RuntimeOptions(timeout_s=60),
+        transport=TransportOptions(shared_memory=shared_memory),
     )
     reference = build_reference(mlp(4) if model == "mlp" else transformer(4), seed=3)
     num_replicas = 1 if mesh is None else mesh[0]

@@ -54,23 +54,24 @@ def test_streaming_one_rank_equals_the_version_schedule_emulation(pool1, schedul
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute", "model"), [
-    ("pipedream", 3, 3, "none", "mlp"), ("pipedream", 1, 4, "none", "mlp"),
-    ("pipedream-2bw", 2, 3, "none", "mlp"), ("pipedream-2bw", 1, 4, "none", "mlp"),
-    ("pipedream", 2, 3, "full", "mlp"), ("pipedream-2bw", 3, 2, "full", "mlp"),
-    ("pipedream", 2, 3, (1, 2), "mlp"),
-    ("pipedream", 2, 3, "none", "transformer"), ("pipedream-2bw", 2, 3, (1, 2), "transformer"),
+@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute", "model", "shared_memory"), [
+    ("pipedream", 3, 3, "none", "mlp", True), ("pipedream", 1, 4, "none", "mlp", True),
+    ("pipedream-2bw", 2, 3, "none", "mlp", True), ("pipedream-2bw", 1, 4, "none", "mlp", True),
+    ("pipedream", 2, 3, "full", "mlp", True), ("pipedream-2bw", 3, 2, "full", "mlp", True),
+    ("pipedream", 2, 3, (1, 2), "mlp", True),
+    ("pipedream", 2, 3, "none", "transformer", False), ("pipedream-2bw", 2, 3, (1, 2), "transformer", True),
 ])
 def test_streaming_two_ranks_equals_the_version_schedule_emulation(
-    pool2, schedule, num_microbatches, steps, recompute, model
+    pool2, schedule, num_microbatches, steps, recompute, model, shared_memory
 ):
     """Step k+1's forwards overlap step k's backwards; every update equals the emulation's
     (with full and selective recomputation too: the recomputed forward runs on the stashed
     version; the transformer ties its embedding and head across the two stages, and both
-    copies apply the summed gradient at every update)."""
+    copies apply the summed gradient at every update, once with every message through the
+    process group)."""
     results = pool2.run(
         "streaming", schedule=schedule, num_microbatches=num_microbatches, steps=steps,
-        recompute=recompute, model=model,
+        recompute=recompute, model=model, shared_memory=shared_memory,
     )
     _check_streaming(results, steps)
     versions = results[0]["weight_versions_peak"]
