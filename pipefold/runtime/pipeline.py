@@ -347,6 +347,7 @@ class Pipeline:
             UpdateReduction.of(
                 {stage.index: stage.stash.parameters for stage in self.stages if stage.stash is not None},
                 self.tied, self.schedule, self.rank, dims.data_parallel_group, self._watchdog,
+                device_type=self.device.type,
             )
             if stepping
             else None

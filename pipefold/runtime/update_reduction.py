@@ -63,6 +63,8 @@ class UpdateReduction:
         rank: int,
         data_parallel_group: dist.ProcessGroup | None,
         watchdog: Watchdog,
+        *,
+        device_type: str = "cpu",
     ) -> UpdateReduction:
         """`params_of`: each local stage's trainable parameters (those its stash steps)."""
         tied_of: dict[int, TiedGradients] = {}
@@ -71,6 +73,15 @@ class UpdateReduction:
             groups = [group for group in tied.groups if any(id(p) in mine for p in group[1])]
             if not groups:
                 continue
+            if device_type == "cuda":
+                # NCCL ignores message tags, so the exchange could pair with a boundary message
+                # still in flight between the same ranks; untested without several GPUs.
+                raise ConfigError(
+                    f"schedule {schedule.name!r} on CUDA with a module tied across ranks "
+                    f"{list(groups[0][0])}: the tied gradients summed at every update would share "
+                    "NCCL's untagged channel with the schedule's messages; untie the module "
+                    "(e.g. tie_embeddings=False), keep its uses on one stage, or use a flush schedule"
+                )
             for owners, _ in groups:
                 _check_steps_pair_up(schedule, owners, stage)
             tied_of[stage] = TiedGradients(groups, rank, tied.p2p, watchdog)

@@ -106,6 +106,8 @@ def test_tied_owners_that_update_unequally_often_are_refused():
         actions=(row(0, 1), row(1, 1)), weight_update=WeightUpdate.STASH,
     )
     assert UpdateReduction.of({0: [param]}, tied, even, 0, None, None).needed
+    with pytest.raises(ConfigError, match="on CUDA with a module tied across ranks"):
+        UpdateReduction.of({0: [param]}, tied, even, 0, None, None, device_type="cuda")
 
 
 def test_step_refuses_batches_smaller_than_num_microbatches():
