@@ -54,6 +54,18 @@ def test_streaming_one_rank_equals_the_version_schedule_emulation(pool1, schedul
 
 
 @pytest.mark.multiprocess
+def test_step_of_an_asynchronous_schedule_with_tied_layers_equals_the_emulation(pool2):
+    """`step()` of pipedream-2bw on the tied transformer, three calls: each update sums the two
+    copies' gradients (the same reduction as a stream), against the emulation of the calls one
+    after the other (each drains; a forward uses its stage's newest weights)."""
+    results = pool2.run(
+        "streaming", schedule="pipedream-2bw", num_microbatches=4, steps=3, model="transformer", calls="step"
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert any(r["other_rule_differs"] for r in results)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute", "model", "shared_memory"), [
     ("pipedream", 3, 3, "none", "mlp", True), ("pipedream", 1, 4, "none", "mlp", True),
     ("pipedream-2bw", 2, 3, "none", "mlp", True), ("pipedream-2bw", 1, 4, "none", "mlp", True),

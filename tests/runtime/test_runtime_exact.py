@@ -156,13 +156,16 @@ def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, sched
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "model"), [("pipedream", "transformer"), ("pipedream-2bw", "mlp")])
-def test_streaming_two_replicas_of_two_ranks_equal_the_emulation(pool4, schedule, model):
+@pytest.mark.parametrize(("schedule", "model", "calls"), [
+    ("pipedream", "transformer", "train"), ("pipedream-2bw", "mlp", "train"), ("pipedream", "transformer", "step"),
+])
+def test_streaming_two_replicas_of_two_ranks_equal_the_emulation(pool4, schedule, model, calls):
     """dp2 x pp2: each replica streams its own batches and every update applies the replicas'
     mean gradient (the emulation runs both replicas on one set of weights), tied embedding and
-    head included; the losses are the replicas' mean, the same on all four ranks."""
+    head included; the losses are the replicas' mean, the same on all four ranks. `step` calls
+    (each drains) reduce every update the same way."""
     results = pool4.run(
-        "streaming", schedule=schedule, num_microbatches=2, steps=3, model=model, mesh=(2, 2)
+        "streaming", schedule=schedule, num_microbatches=2, steps=3, model=model, mesh=(2, 2), calls=calls
     )
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert any(r["other_rule_differs"] for r in results)
