@@ -157,7 +157,8 @@ def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, sched
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("schedule", "model", "calls"), [
-    ("pipedream", "transformer", "train"), ("pipedream-2bw", "mlp", "train"), ("pipedream", "transformer", "step"),
+    ("pipedream", "transformer", "train"), ("pipedream-2bw", "mlp", "train"),
+    ("pipedream", "transformer", "step"),
 ])
 def test_streaming_two_replicas_of_two_ranks_equal_the_emulation(pool4, schedule, model, calls):
     """dp2 x pp2: each replica streams its own batches and every update applies the replicas'
