@@ -33,15 +33,6 @@ def sgd(params):
             {
                 "schedule": "pipedream",
                 "parallel": ParallelOptions(optimizer=sgd),
-                "layout": LayoutOptions(recompute=[1]),
-            },
-            ConfigError,
-            "recompute=[1]",
-        ),
-        (
-            {
-                "schedule": "pipedream",
-                "parallel": ParallelOptions(optimizer=sgd),
                 "runtime": RuntimeOptions(on_nonfinite="skip"),
             },
             ConfigError,
