@@ -7,7 +7,8 @@ Recomputation (`recompute`):
 - "none": autograd keeps every activation of the stage until its backward.
 - "full": the stage forward runs under non-reentrant `torch.utils.checkpoint`, so only
   the stage input is kept and the forward is recomputed during the backward.
-- a set of layer indices (selective): only those layers are checkpointed.
+- a set of layer indices (selective): only those layers are checkpointed (under a weight
+  stash with the stashed version's weights as arguments, so the recomputation uses them).
 """
 
 from __future__ import annotations
