@@ -1,10 +1,10 @@
 """The rulebook: which parallel degrees, schedules and features combine, checked in one place.
 
     >>> from pipefold.parallel_config import ParallelConfig
-    >>> ParallelConfig(pp=2, dp=2, schedule="pipedream", weight_update="stash").check()
+    >>> ParallelConfig(pp=2, tp=2, schedule="pipedream", weight_update="stash").check()
     Traceback (most recent call last):
     ...
-    pipefold.errors.ConfigError: dp=2 is not allowed: the asynchronous schedule 'pipedream' ...
+    pipefold.errors.ConfigError: tp=2 is not allowed: schedule='pipedream' updates weights inside ...
 
 A `ParallelConfig` describes a configuration as plain values (no torch); `check()` raises
 the first refusal as a `ConfigError` naming the field, its value and a fix. `pipefold train`'s
@@ -149,37 +149,18 @@ class _Rules:
 
     def asynchronous(self) -> None:
         """Asynchronous schedules update each stage's weights inside the step from stashed
-        versions: nothing may need the weights of several ranks, or a second look at them."""
+        versions of whole tensors: tied layers and replicas are reduced at each update
+        (runtime/update_reduction.py), but nothing may split a weight or undo an update."""
         c, n = self.c, self.name
         if not c.asynchronous:
             return
         inside = f"{n('schedule')}={c.schedule!r} updates weights inside the step ({c.weight_update})"
         flush = "a flush schedule (gpipe, 1f1b, zb-h1, ...)"
-        if c.dp > 1:
-            self.refuse(
-                "dp",
-                f"{inside}, so replicas would each step on their own gradients and drift apart; "
-                f"use {n('dp')}=1 or {flush}",
-            )
         if c.tp > 1:
             self.refuse(
                 "tp",
                 f"{inside} from stashed copies of whole tensors, which tensor parallelism does "
                 f"not split; use {n('tp')}=1 or {flush}",
-            )
-        if c.tied_layers:
-            self.refuse(
-                "tied_layers",
-                f"{inside}, stage by stage, so tied layers (one module at several "
-                f"stages) cannot share it; set {n('tied_layers')}=False (untie them) or use {flush}",
-            )
-        # The attention core holds no weights, so "selective" recomputes the same on a stash.
-        if c.recompute not in RECOMPUTE_MODES:
-            self.refuse(
-                "recompute",
-                f"{inside}: a layer recomputed on its own would run on the live weights, not "
-                f"the stashed version; use {n('recompute')}='full' (the stage recomputes on its "
-                f"version), 'none' or {flush}",
             )
         if c.on_nonfinite != "raise":
             self.refuse(
@@ -193,6 +174,12 @@ class _Rules:
         if not (c.zero or c.shard == "zero1"):
             return
         field = "zero" if c.zero else "shard"
+        if c.asynchronous:
+            self.refuse(
+                field,
+                f"{n('schedule')}={c.schedule!r} steps each stage's own optimizer inside the step (its "
+                f"weight stash), which ZeRO does not shard; use {n('zero')}=False or a flush schedule",
+            )
         if c.dp == 1:
             self.refuse(
                 field,

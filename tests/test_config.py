@@ -93,14 +93,14 @@ BAD = [
     ({"model.d_model": "wide"}, "model.d_model='wide'"),
     ({"steps": True}, "steps=True"),
     ({"partition": [1.5, 2]}, "partition=[1.5, 2]"),
-    ({"schedule.name": "pipedream"}, "model.tie_embeddings=True"),
+    ({"schedule.name": "1f1b", "schedule.streaming": True}, "schedule.streaming=True"),
     ({"model.tie_embeddings": 1}, "model.tie_embeddings=1"),
     ({"schedule.data_parallel": 0}, "schedule.data_parallel=0"),
     ({"schedule.data_parallel": 3}, "batch_size=32"),
     ({"schedule.data_parallel": 8}, "batch_size=32"),
     (
-        {"schedule.data_parallel": 2, "schedule.name": "pipedream", "model.tie_embeddings": False},
-        "schedule.data_parallel=2",
+        {"schedule.data_parallel": 2, "schedule.name": "pipedream", "optimizer.zero": True},
+        "optimizer.zero=True",
     ),
     ({"optimizer.zero": True}, "optimizer.zero=True"),  # nothing to shard without replicas
     ({"optimizer.zero": True, "schedule.data_parallel": 2, "schedule.tensor_parallel": 2, "batch_size": 32},
@@ -172,9 +172,11 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(broken)
 
 
-def test_asynchronous_schedule_with_untied_head_is_accepted():
+def test_asynchronous_schedule_with_tied_or_untied_head_is_accepted():
     config = load_config(overrides={"schedule.name": "pipedream", "model.tie_embeddings": False})
     assert config.model.tie_embeddings is False
+    streaming = load_config(overrides={"schedule.name": "pipedream-2bw", "schedule.streaming": True})
+    assert streaming.model.tie_embeddings is True and streaming.schedule.streaming is True
     assert parse_override("model.tie_embeddings=false") == ("model.tie_embeddings", False)
 
 

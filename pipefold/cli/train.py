@@ -50,6 +50,7 @@ _FLAGS: dict[str, str] = {
     "tensor_parallel": "schedule.tensor_parallel",
     "sequence_parallel": "schedule.sequence_parallel",
     "vocab_parallel": "schedule.vocab_parallel",
+    "streaming": "schedule.streaming",
     "num_microbatches": "schedule.num_microbatches",
     "virtual": "schedule.virtual",
     "schedule_file": "schedule.file",
@@ -134,6 +135,10 @@ def add_parser(subparsers: Any) -> None:
                         help="with --tensor-parallel: split the token embedding, the head (tied or not) "
                         "and the loss by vocabulary over the tp ranks (Megatron's vocabulary-parallel "
                         "embedding)")
+    parser.add_argument("--streaming", action="store_true", default=None,
+                        help="with --schedule pipedream or pipedream-2bw: overlap consecutive steps "
+                        "(Pipeline.train), draining only before a checkpoint, an evaluation, the end "
+                        "or every 50 steps")
     parser.add_argument("--bucket-by-length", action="store_true", default=None,
                         help="batch lines of the corpus of similar length: each step its own length "
                         "(up to the model's seq_len), about batch-size x seq_len tokens, none padded")

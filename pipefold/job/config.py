@@ -40,7 +40,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     num_heads = 4
     num_layers = 4
     seq_len = 128
-    tie_embeddings = true      # false for pipedream / pipedream-2bw
+    tie_embeddings = true      # head shares the token embedding
     dropout = 0.0              # the blocks' residual dropout while training (built-in GPT only)
 
     [data]
@@ -63,6 +63,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     shard = "replicate"        # with data_parallel > 1: "zero1" (AdamW's state) or "full" (FSDP2 per stage)
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
+    streaming = false          # pipedream / pipedream-2bw: overlap consecutive steps (Pipeline.train)
 
     [optimizer]
     lr = 3e-3
@@ -483,6 +484,13 @@ class TrainConfig:
         """What needs the whole step's gradient before the update: refused where the schedule
         updates weights inside the step."""
         name = self.schedule.name
+        require(
+            not (self.schedule.streaming and self.data.bucket_by_length),
+            "data.bucket_by_length",
+            self.data.bucket_by_length,
+            "a stream (schedule.streaming) runs every step on one batch shape; drop --bucket-by-length "
+            "or --streaming",
+        )
         clip = self.optimizer.clip_grad_norm
         require(
             clip in (0, CLIP_AUTO),

@@ -53,6 +53,7 @@ from pipefold.job.report import (
 from pipefold.job.retune import Retuner
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
+from pipefold.job.streaming import Streams
 from pipefold.plan.estimate import model_flops_utilization
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
@@ -98,12 +99,18 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     recorded = _recorded(config, records, job.rank, lambda: step)
     fault_step = exit_step(job.rank)
     saver = AsyncCheckpointer(pipe) if config.async_checkpoint else None
+    # schedule.streaming: runs of steps overlap in one pipeline call (pipefold.job.streaming).
+    streams = Streams(job, stops=(fault_step,)) if config.schedule.streaming else None
     metrics = MetricsWriter(Path(config.out), append=bool(config.resume)) if job.rank == 0 else None
     with progress(report, config.steps - job.start_step) as update, recorded, _closing(metrics):
         for step in range(job.start_step, config.steps):
             if step == fault_step:
                 die()  # test-only (pipefold.job.recovery.FAULT_ENV)
-            batches = [job.next_batch() for _ in range(config.grad_accumulation)]
+            batches = (
+                [job.next_batch() for _ in range(config.grad_accumulation)]
+                if streams is None
+                else streams.batches(step)
+            )
             # Bucketed by length (data.bucket_by_length), every step has its own tokens; every
             # replica holds an equal shard of the global batch.
             tokens_per_step = sum(inputs.numel() for inputs, _ in batches) * pipe.num_data_parallel
@@ -113,7 +120,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             skipped_before = 0 if scaler is None else scaler.num_skipped
             loss_scale = None if scaler is None else scaler.scale
             try:
-                loss = accumulated_step(pipe, batches)
+                loss = accumulated_step(pipe, batches) if streams is None else streams.loss(step)
             except NonFiniteLoss as error:
                 raise name_the_step(error, step + 1) from None
             # fp16: a batch that overflowed on any rank was dropped on every rank; so is the update.
@@ -130,9 +137,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started if streams is None else streams.seconds
             timeline = _last_timeline(pipe.last_timeline)
-            recent.append(timeline)
+            if streams is None or streams.started:  # a stream's steps share its timeline
+                recent.append(timeline)
             done = step + 1
             eval_loss = None
             if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
@@ -173,6 +181,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
         result = finish(
             job, gathered.state, list(recent), records, report, gathered.memory,
             retuner.changes if retuner is not None else [],
+            stream=None if streams is None else (streams.schedule(), streams.seconds * streams.steps),
         )
     # Peers wait for rank 0's report: a rank that exits first tears down its gloo
     # connections under rank 0, which some torch builds answer with an abort.

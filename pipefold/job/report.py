@@ -39,6 +39,7 @@ from pipefold.runtime import Pipeline
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.parallel.tensor_parallel import local, whole
 from pipefold.runtime.parallel.zero import is_sharded_optimizer
+from pipefold.schedule import Schedule
 from pipefold.simulate import simulate
 from pipefold.timeline import Timeline
 from pipefold.viz import render_png, to_chrome_trace
@@ -179,6 +180,7 @@ def finish(
     console: Console | None,
     memory: list[dict[str, int]] | None = None,
     retunes: list[dict[str, Any]] | None = None,
+    stream: tuple[Schedule, float] | None = None,
 ) -> TrainResult:
     """Rank 0: validate and sample the trained model, predict the step from the measured costs,
     write the files into `config.out` and print the final report on `console`."""
@@ -202,8 +204,11 @@ def finish(
     # The wall times of the same steps give the time outside the actions (the step's
     # exchanges and the optimizer update) as the cost model's step_overhead.
     walls = [r.seconds for r in records[-len(recent) :]]
-    costs = measured_cost_model(recent, pipe.schedule, step_times=walls)
-    predicted = simulate(pipe.schedule, costs)
+    measured_schedule = pipe.schedule
+    if stream is not None:  # a streaming run: the last stream (its schedule and wall time) as one step
+        measured_schedule, walls, recent = stream[0], [stream[1]], recent[-1:]
+    costs = measured_cost_model(recent, measured_schedule, step_times=walls)
+    predicted = simulate(measured_schedule, costs)
     predicted_step = predicted.makespan + costs.step_overhead
     # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
     write_atomic(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")
@@ -245,6 +250,11 @@ def finish(
         # Steps of different lengths (data.bucket_by_length) take different times: tokens over time.
         "tokens_per_s": sum(r.tokens_per_s * r.seconds for r in steady_records)
         / sum(r.seconds for r in steady_records),
+        # schedule.streaming: the steps of the last stream, whose timeline and prediction
+        # "step_time" then describes (one call of that many steps), else None.
+        "stream_steps_last": (
+            None if stream is None else stream[0].num_microbatches // pipe.schedule.num_microbatches
+        ),
         "step_time": {
             "measured_wall_median": step_seconds,
             # The steps the costs were measured in: the like-for-like check of the prediction
@@ -275,7 +285,8 @@ def finish(
         console.print(
             f"loss {records[0].loss:.3f} -> {records[-1].loss:.3f} (validation {val_loss:.3f}); "
             f"{summary['tokens_per_s']:,.0f} tokens/s; step {step_seconds * 1e3:.0f} ms (median); last "
-            f"{len(walls)} steps {statistics.median(walls) * 1e3:.0f} ms measured, "
+            + (f"{len(walls)} steps" if stream is None else f"stream of {summary['stream_steps_last']} steps")
+            + f" {statistics.median(walls) * 1e3:.0f} ms measured, "
             f"{predicted_step * 1e3:.0f} ms predicted from their stage costs and overheads; "
             f"bubble {timeline.bubble_fraction:.0%} measured, {predicted.bubble_fraction:.0%} predicted"
         )

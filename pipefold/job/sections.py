@@ -17,7 +17,7 @@ from pipefold.errors import ConfigError, ScheduleError
 from pipefold.hf.files import ModelFiles, inspect_model
 from pipefold.parallel_config import ParallelConfig
 from pipefold.plan.probe import SEARCHED, probe_base
-from pipefold.schedule import Schedule, build
+from pipefold.schedule import STREAMING_FAMILIES, Schedule, build
 from pipefold.schedule.io import load
 
 if typing.TYPE_CHECKING:
@@ -100,7 +100,7 @@ class ModelConfig:
     seq_len: int = 128
     """Context length in tokens (bytes for the built-in GPT)."""
     tie_embeddings: bool = True
-    """Head shares the token embedding; asynchronous schedules (pipedream*) need false."""
+    """Head shares the token embedding (asynchronous schedules sum its gradient at every update)."""
     dropout: float = 0.0
     """Residual dropout probability of the built-in GPT's blocks while training (0 = none);
     its random state is saved with each checkpoint, so a resumed run stays identical."""
@@ -247,6 +247,11 @@ class ScheduleConfig:
     """Every this many steps, search an order for the costs the run measured in its latest steps
     and switch to it where its predicted step is at least 2% shorter (same stages,
     `Pipeline.use_schedule`); 0: never. Flush schedules on a layout the search knows."""
+    streaming: bool = False
+    """Run consecutive steps as streams (`Pipeline.train`): step k+1's forwards enter while step
+    k's backwards drain, and the pipeline fills and drains once per stream (before a checkpoint,
+    an evaluation, the end, or every 50 steps) instead of once per step. pipedream and
+    pipedream-2bw only (pipefold/job/streaming.py, docs/schedules.md)."""
     loaded: InitVar[Schedule | None] = None
     """The contents of `file` where the caller has read it already (the CLI does, to fill ranks
     and micro-batches from it), so it is read once; not a setting."""
@@ -255,6 +260,15 @@ class ScheduleConfig:
         self.parallel().check(PARALLEL_NAMES)
         require(
             self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
+        )
+        require(
+            not self.streaming or (self.name in STREAMING_FAMILIES and not self.file),
+            "schedule.streaming",
+            self.streaming,
+            f"schedule.name={self.name!r}{' with schedule.file' if self.file else ''} cannot stream: only "
+            f"the asynchronous families {', '.join(STREAMING_FAMILIES)} overlap their steps (a flush "
+            "schedule drains before every update); use --schedule pipedream or pipedream-2bw, or drop "
+            "--streaming",
         )
         if self.name in SEARCHED:
             wanted = SEARCHED[self.name][1]

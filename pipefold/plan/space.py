@@ -395,8 +395,8 @@ def _asynchronous_refusal(name: str, options: PlanOptions, degree: Degree) -> st
         return "asynchronous (weights stashed: not the update of one large batch); allow async to search it"
     if degree.num_data_parallel > 1:
         return (
-            f"asynchronous: the runtime refuses it with dp={degree.num_data_parallel} > 1 (each replica "
-            "would update from its own gradients and drift apart)"
+            f"asynchronous with dp={degree.num_data_parallel} > 1: the runtime all-reduces every update "
+            "(each STEP), which the planner does not price"
         )
     if degree.num_tensor_parallel > 1:
         return (

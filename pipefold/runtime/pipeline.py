@@ -72,6 +72,7 @@ from pipefold.runtime.streaming import BatchFeed, StreamProgram, next_pair, stre
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
+from pipefold.runtime.update_reduction import UpdateReduction
 from pipefold.runtime.waiting import host_watchdog
 from pipefold.schedule import Schedule, WeightUpdate, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
@@ -261,7 +262,9 @@ class Pipeline:
             reduced_in_schedule=self.sharding is not None,
             stage_params=(
                 {stage.index: stage.parameters for stage in self.stages}
+                # An asynchronous schedule reduces each update at its STEP (update_reduction.py).
                 if self.parallel_options.overlap_reduction
+                and self.schedule.weight_update is WeightUpdate.FLUSH
                 else None
             ),
         )
@@ -276,6 +279,16 @@ class Pipeline:
         counter = ActivationCounter(self.parameters()) if self.runtime_options.record_timeline else None
         self._stage_of = stages
         stepping = self._attach_stashes(self.parallel_options.optimizer)
+        self._update_reduction = (
+            UpdateReduction.of(
+                {stage.index: stage.stash.parameters for stage in self.stages if stage.stash is not None},
+                self.tied, self.schedule, self.rank, dims.data_parallel_group, self._watchdog,
+                device_type=self.device.type,
+            )
+            if stepping
+            else None
+        )
+        """Asynchronous schedules: each STEP's tied sum and replica average (update_reduction.py)."""
 
         def executor(program: Program) -> Executor:
             return Executor(
@@ -324,9 +337,21 @@ class Pipeline:
                 stage.stash = WeightStash(stage.module, optimizer)
         return True
 
+    def _begin_updates(self, rows: int) -> bool:
+        """Asynchronous schedules reduce each update at its STEP: set this replica's weight
+        (a collective over "dp"); returns whether they do."""
+        reduction = self._update_reduction
+        if reduction is None:
+            return False
+        data_parallel = self._data_parallel
+        reduction.begin(1.0 if data_parallel is None else data_parallel.weight_of(rows))
+        return True
+
     def _stash_step(self, stage: int, index: int) -> None:
         stash = self._stage_of[stage].stash
         if stash is not None:  # a stage without trainable weights has nothing to update
+            if self._update_reduction is not None:
+                self._update_reduction.before_step(stage)
             stash.step()
 
     # -- the group --------------------------------------------------------------------------------
@@ -545,6 +570,7 @@ class Pipeline:
         feed = BatchFeed(iterator, batch, num_steps=steps, device=self.device)
         boundaries = [self._boundaries(batch.meta, size) for size in batch.sizes] * steps
         scales = [size / batch.size for size in batch.sizes] * steps
+        self._begin_updates(batch.size)
         stashes = [stage.stash for stage in self.stages if stage.stash is not None]
         for stash in stashes:
             stash.stream(schedule.num_microbatches, program.version_lag)
@@ -563,6 +589,8 @@ class Pipeline:
             self.recorder.use(schedule, self._timeline_slots)
         if gathered is not None:
             self._last_step = gathered
+        if self._data_parallel is not None:
+            losses, _ = self._data_parallel.reduce_losses(losses, batch.size)
         per_step = losses.reshape(steps, schedule.num_microbatches).sum(dim=1)
         bad = [k for k, finite in enumerate(torch.isfinite(per_step).tolist()) if not finite]
         if bad:
@@ -585,7 +613,14 @@ class Pipeline:
         data_parallel = self._data_parallel
         skip = self.runtime_options.on_nonfinite == "skip"
         scaler = self.loss_scale
-        gradients = StepGradients(self.parameters, self.tied, data_parallel, scaler, skip=skip)
+        in_schedule = self._begin_updates(batch_size)
+        gradients = StepGradients(
+            self.parameters,
+            TiedGradients((), self.rank, None, self._watchdog) if in_schedule else self.tied,
+            None if in_schedule else data_parallel,
+            scaler,
+            skip=skip,
+        )
         count_memory = self._counting.due(batch_key, self._num_steps_run)
         self._num_steps_run += 1
         seed = 1.0 if scaler is None else scaler.scale

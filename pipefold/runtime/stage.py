@@ -7,7 +7,8 @@ Recomputation (`recompute`):
 - "none": autograd keeps every activation of the stage until its backward.
 - "full": the stage forward runs under non-reentrant `torch.utils.checkpoint`, so only
   the stage input is kept and the forward is recomputed during the backward.
-- a set of layer indices (selective): only those layers are checkpointed.
+- a set of layer indices (selective): only those layers are checkpointed (under a weight
+  stash with the stashed version's weights as arguments, so the recomputation uses them).
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ class Stage:
         self.device_type = "cpu"
 
     def _run(self, value: Any) -> Any:
-        for call, checkpointed in zip(self._calls, self._checkpointed, strict=True):
-            if checkpointed:
-                value = torch.utils.checkpoint.checkpoint(call, value, use_reentrant=False)
-            else:
+        for call, module, checkpointed in zip(self._calls, self.modules, self._checkpointed, strict=True):
+            if not checkpointed:
                 value = call(value)
+            elif self.stash is not None:
+                value = _checkpoint_on_version(call, module, value)
+            else:
+                value = torch.utils.checkpoint.checkpoint(call, value, use_reentrant=False)
         return value
 
     def forward(self, value: Any, microbatch: int) -> Any:
@@ -172,6 +175,32 @@ def _layer_call(layer: LayerLike, module: nn.Module, compile_layer: bool) -> Cal
             return compiled(value)
 
     return run_compiled
+
+
+def _checkpoint_on_version(call: Callable[[Any], Any], module: nn.Module, value: Any) -> Any:
+    """A selectively recomputed layer under a weight stash: its weights (the stashed version,
+    swapped in by the stash's functional call) are arguments of the checkpointed function, so
+    the recomputation in the backward runs on that version, not on the live weights."""
+    named = dict(module.named_parameters())
+    bound = _Bound(module, call)
+
+    def run(value: Any, *weights: Any) -> Any:
+        swapped = {f"module.{name}": weight for name, weight in zip(named, weights, strict=True)}
+        return torch.func.functional_call(bound, swapped, (value,))
+
+    return torch.utils.checkpoint.checkpoint(run, value, *named.values(), use_reentrant=False)
+
+
+class _Bound(nn.Module):
+    """A layer's call (its forward, or a tied layer's `forward_fn`) as a module holding the layer."""
+
+    def __init__(self, module: nn.Module, call: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.module = module
+        self._call = [call]  # a list, so a compiled call's module is not registered twice
+
+    def forward(self, value: Any) -> Any:
+        return self._call[0](value)
 
 
 def cast_floating(value: Any, source: torch.dtype, target: torch.dtype) -> Any:

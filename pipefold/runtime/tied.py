@@ -105,12 +105,18 @@ class TiedGradients:
             logger.debug("shared parameter %r is held by ranks %s", name, owners)
         return cls(found, rank, p2p, watchdog)
 
+    @property
+    def p2p(self) -> P2P | None:
+        """The transport the owners exchange through (None in one process)."""
+        return self._p2p
+
     def snapshot(self) -> list[list[Tensor | None]]:
         """The tied parameters' gradients before the step (None where there is none yet)."""
         return [[grad_copy(p) for p in params] for _, params in self.groups]
 
-    def sum(self, before: list[list[Tensor | None]]) -> None:
-        """Sum this step's gradient of each tied module over its owners (identically on each)."""
+    def sum(self, before: list[list[Tensor | None]], *, tag: int = 0) -> None:
+        """Sum this step's gradient of each tied module over its owners (identically on each);
+        `tag`: the messages' tag where the step's own direct messages may still be in flight."""
         p2p = self._p2p
         if p2p is None:
             return
@@ -124,9 +130,9 @@ class TiedGradients:
                 pending: list[Transfer] = []
                 for peer in owners:
                     if peer != self.rank:
-                        pending.append(p2p.send_direct([delta], peer))
+                        pending.append(p2p.send_direct([delta], peer, tag=tag))
                         parts[peer] = torch.empty_like(delta)
-                        pending.append(p2p.recv_direct([parts[peer]], peer))
+                        pending.append(p2p.recv_direct([parts[peer]], peer, tag=tag))
                 for transfer in pending:
                     transfer.wait(self._watchdog, "tied-gradient exchange")
                 p2p.after_recv()

@@ -415,10 +415,19 @@ def streaming(
     steps: int,
     rows: int = 8,
     lr: float = 0.1,
-    recompute: str = "none",
+    recompute: Any = "none",
+    model: str = "mlp",
+    mesh: tuple[int, int] | None = None,
+    shared_memory: bool = True,
+    calls: str = "train",
 ) -> dict:
     """`Pipeline.train` (a streaming run) against a one-process emulation of the same weight-version
-    schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss."""
+    schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss.
+    `model="transformer"` ties the embedding and the head (first and last stage); `mesh=(dp, pp)`
+    runs dp replicas, each on its own batches; `shared_memory=False` sends every message through
+    the process group (the tied exchange at a STEP then shares it with the boundaries in flight).
+    `calls="step"`: `steps` calls of `Pipeline.step` instead (each drains; a forward uses its
+    stage's newest weights), against the emulation of those calls one after the other."""
     from _stream_reference import emulate
 
     from pipefold.schedule import stream
@@ -441,39 +450,57 @@ def streaming(
         optimizers.append(Recording(params))
         return optimizers[-1]
 
+    layers = mlp(4) if model == "mlp" else transformer(4)
+    loss_fn = _loss_fn(model)
+    process_group = None
+    if mesh is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        process_group = init_device_mesh("cpu", mesh, mesh_dim_names=("dp", "pp"))
     pipe = Pipeline(
-        mlp(4),
-        loss_fn=F.mse_loss,
+        layers,
+        loss_fn=loss_fn,
         schedule=schedule,
         num_microbatches=num_microbatches,
         layout=LayoutOptions(seed=3, recompute=recompute),
-        parallel=ParallelOptions(optimizer=factory),
+        parallel=ParallelOptions(optimizer=factory, process_group=process_group),
+        runtime=RuntimeOptions(timeout_s=60),
+        transport=TransportOptions(shared_memory=shared_memory),
     )
-    reference = build_reference(mlp(4), seed=3)
-    batches = [_batch("mlp", rows, seed=k) for k in range(steps)]
-    losses = pipe.train(iter(batches), steps=steps)
+    reference = build_reference(mlp(4) if model == "mlp" else transformer(4), seed=3)
+    num_replicas = 1 if mesh is None else mesh[0]
+    replica_batches = [
+        [_batch(model, rows, seed=100 * replica + k) for k in range(steps)] for replica in range(num_replicas)
+    ]
+    batches = replica_batches[pipe.data_parallel_rank]
     plan = stream(schedule, num_ranks=pipe.schedule.num_ranks, num_microbatches=num_microbatches)
-    unrolled = plan.unroll(steps)
+    if calls == "train":
+        losses = pipe.train(iter(batches), steps=steps)
+        unrolled, version_lag, updates_per_step = plan.unroll(steps), plan.version_lag, plan.updates_per_step
+    else:
+        losses = [pipe.step(*batch) for batch in batches]
+        unrolled, version_lag = _calls_one_after_another(pipe.schedule, steps), 0
+        updates_per_step = sum(1 for a in pipe.schedule.actions[0] if a.op.value == "STEP")
     stage_layers = [list(pipe.partition.layers_of(s)) for s in range(pipe.schedule.num_stages)]
 
     def run_emulation(lag: int):
         return emulate(
-            reference, stage_layers, unrolled, num_steps=steps, lag=lag, batches=batches,
-            loss_fn=F.mse_loss, lr=lr,
+            reference, stage_layers, unrolled, num_steps=steps, lag=lag, batches=replica_batches,
+            loss_fn=loss_fn, lr=lr,
         )
 
-    history, expected_losses = run_emulation(plan.version_lag)
+    history, expected_losses = run_emulation(version_lag)
     torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
     names_of = {id(p): n for n, p in pipe.named_parameters()}
     # The pipeline calls the factory once on a probe parameter first (check_stashable).
     optimizers = [o for o in optimizers if id(o.param_groups[0]["params"][0]) in names_of]
     assert len(optimizers) == len(pipe.stages)
     other_rule_differs = False
-    other_history, _ = run_emulation(1 - plan.version_lag)
+    other_history, _ = run_emulation(1 - version_lag)
     for stage, optimizer in zip(pipe.stages, optimizers, strict=True):
         names = [names_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
         expected = history[stage.index]
-        assert len(optimizer.snapshots) == len(expected) == steps * plan.updates_per_step
+        assert len(optimizer.snapshots) == len(expected) == steps * updates_per_step
         for update, (got, want) in enumerate(zip(optimizer.snapshots, expected, strict=True)):
             for name, value in zip(names, got, strict=True):
                 where = f"stage {stage.index} update {update} {name}"
@@ -489,6 +516,27 @@ def streaming(
         "other_rule_differs": other_rule_differs,
         "then_step": pipe.step(*batches[0]),
     }
+
+
+def _calls_one_after_another(schedule, num_calls: int):
+    """`num_calls` calls of `schedule` as one schedule (call k's micro-batch j is k·m + j)."""
+    from pipefold.schedule import Action, Op, Schedule
+
+    m = schedule.num_microbatches
+    steps_per_call = [sum(1 for a in row if a.op is Op.STEP) for row in schedule.actions]
+    rows = tuple(
+        tuple(
+            Action(a.op, a.stage, a.microbatch + k * (steps if a.op is Op.STEP else m))
+            for k in range(num_calls)
+            for a in row
+        )
+        for row, steps in zip(schedule.actions, steps_per_call, strict=True)
+    )
+    return Schedule(
+        name=schedule.name, num_ranks=schedule.num_ranks, num_stages=schedule.num_stages,
+        num_microbatches=num_calls * m, placement=schedule.placement, actions=rows,
+        weight_update=schedule.weight_update,
+    )
 
 
 def varlen(

@@ -54,17 +54,36 @@ def test_streaming_one_rank_equals_the_version_schedule_emulation(pool1, schedul
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute"), [
-    ("pipedream", 3, 3, "none"), ("pipedream", 1, 4, "none"), ("pipedream-2bw", 2, 3, "none"),
-    ("pipedream-2bw", 1, 4, "none"), ("pipedream", 2, 3, "full"), ("pipedream-2bw", 3, 2, "full"),
+def test_step_of_an_asynchronous_schedule_with_tied_layers_equals_the_emulation(pool2):
+    """`step()` of pipedream-2bw on the tied transformer, three calls: each update sums the two
+    copies' gradients (the same reduction as a stream), against the emulation of the calls one
+    after the other (each drains; a forward uses its stage's newest weights)."""
+    results = pool2.run(
+        "streaming", schedule="pipedream-2bw", num_microbatches=4, steps=3, model="transformer", calls="step"
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert any(r["other_rule_differs"] for r in results)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("schedule", "num_microbatches", "steps", "recompute", "model", "shared_memory"), [
+    ("pipedream", 3, 3, "none", "mlp", True), ("pipedream", 1, 4, "none", "mlp", True),
+    ("pipedream-2bw", 2, 3, "none", "mlp", True), ("pipedream-2bw", 1, 4, "none", "mlp", True),
+    ("pipedream", 2, 3, "full", "mlp", True), ("pipedream-2bw", 3, 2, "full", "mlp", True),
+    ("pipedream", 2, 3, (1, 2), "mlp", True),
+    ("pipedream", 2, 3, "none", "transformer", False), ("pipedream-2bw", 2, 3, (1, 2), "transformer", True),
 ])
 def test_streaming_two_ranks_equals_the_version_schedule_emulation(
-    pool2, schedule, num_microbatches, steps, recompute
+    pool2, schedule, num_microbatches, steps, recompute, model, shared_memory
 ):
     """Step k+1's forwards overlap step k's backwards; every update equals the emulation's
-    (with full recomputation too: the recomputed forward runs on the stashed version)."""
+    (with full and selective recomputation too: the recomputed forward runs on the stashed
+    version; the transformer ties its embedding and head across the two stages, and both
+    copies apply the summed gradient at every update, once with every message through the
+    process group)."""
     results = pool2.run(
-        "streaming", schedule=schedule, num_microbatches=num_microbatches, steps=steps, recompute=recompute
+        "streaming", schedule=schedule, num_microbatches=num_microbatches, steps=steps,
+        recompute=recompute, model=model, shared_memory=shared_memory,
     )
     _check_streaming(results, steps)
     versions = results[0]["weight_versions_peak"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipefold.errors import ConfigError, PartitionError, ScheduleError
-from pipefold.model import LayerSpec, TiedLayerSpec
+from pipefold.model import LayerSpec
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
 
 
@@ -29,15 +29,6 @@ def sgd(params):
         ({"layout": LayoutOptions(recompute=[7])}, ConfigError, "recompute=[7]"),
         ({"parallel": ParallelOptions(optimizer=sgd)}, ConfigError, "flush schedule"),
         ({"schedule": "pipedream"}, ConfigError, "ParallelOptions(optimizer="),
-        (
-            {
-                "schedule": "pipedream",
-                "parallel": ParallelOptions(optimizer=sgd),
-                "layout": LayoutOptions(recompute=[1]),
-            },
-            ConfigError,
-            "recompute=[1]",
-        ),
         (
             {
                 "schedule": "pipedream",
@@ -80,14 +71,34 @@ def test_bad_options_are_refused_by_their_group(group, fields, words):
     assert words in str(caught.value)
 
 
-def test_async_schedule_refuses_tied_layers():
-    tied = [
-        TiedLayerSpec("t", nn.Linear, 4, 4),
-        LayerSpec(nn.Linear, 4, 4),
-        TiedLayerSpec("t", nn.Linear, 4, 4),
-    ]
-    with pytest.raises(ConfigError, match="tied layers"):
-        Pipeline(tied, loss_fn=F.mse_loss, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd))
+def test_tied_owners_that_update_unequally_often_are_refused():
+    """An asynchronous schedule sums a tied module's gradient over its owners at every STEP
+    (runtime/update_reduction.py), so its owners must step equally often."""
+    from pipefold.runtime.tied import TiedGradients
+    from pipefold.runtime.update_reduction import UpdateReduction
+    from pipefold.schedule import Action, Op, Schedule, WeightUpdate
+
+    def row(stage, steps):
+        return (Action(Op.F, stage, 0), Action(Op.B, stage, 0)) + tuple(
+            Action(Op.STEP, stage, i) for i in range(steps)
+        )
+
+    schedule = Schedule(
+        name="uneven", num_ranks=2, num_stages=2, num_microbatches=1, placement=(0, 1),
+        actions=(row(0, 1), row(1, 2)), weight_update=WeightUpdate.STASH,
+    )
+    param = nn.Parameter(torch.zeros(2))
+    tied = TiedGradients([((0, 1), (param,))], 0, None, None)
+    refused = r"the ranks \[0, 1\] that hold a tied module .* step \{0: 1, 1: 2\}"
+    with pytest.raises(ConfigError, match=refused):
+        UpdateReduction.of({0: [param]}, tied, schedule, 0, None, None)
+    even = Schedule(
+        name="even", num_ranks=2, num_stages=2, num_microbatches=1, placement=(0, 1),
+        actions=(row(0, 1), row(1, 1)), weight_update=WeightUpdate.STASH,
+    )
+    assert UpdateReduction.of({0: [param]}, tied, even, 0, None, None).needed
+    with pytest.raises(ConfigError, match="on CUDA with a module tied across ranks"):
+        UpdateReduction.of({0: [param]}, tied, even, 0, None, None, device_type="cuda")
 
 
 def test_step_refuses_batches_smaller_than_num_microbatches():

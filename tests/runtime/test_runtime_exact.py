@@ -141,15 +141,35 @@ def test_split_tied_heads_over_four_ranks_under_v_and_interleaved(pool4, model, 
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("schedule", ["pipedream", "pipedream-2bw"])
-def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, schedule):
+@pytest.mark.parametrize(("schedule", "model"), [
+    ("pipedream", "mlp"), ("pipedream-2bw", "mlp"), ("pipedream-2bw", "transformer"),
+])
+def test_streaming_four_ranks_equals_the_version_schedule_emulation(pool4, schedule, model):
     """A streaming run (`Pipeline.train`): every update of every stage equals a one-process
-    emulation of the same weight-version schedule (tests/runtime/_stream_reference.py)."""
-    results = pool4.run("streaming", schedule=schedule, num_microbatches=4, steps=3)
+    emulation of the same weight-version schedule (tests/runtime/_stream_reference.py); the
+    transformer ties its embedding and head across ranks 0 and 3."""
+    results = pool4.run("streaming", schedule=schedule, num_microbatches=4, steps=3, model=model)
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert any(r["other_rule_differs"] for r in results)
     versions = results[0]["weight_versions_peak"]
     assert max(versions) == (4 if schedule == "pipedream" else 2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("schedule", "model", "calls"), [
+    ("pipedream", "transformer", "train"), ("pipedream-2bw", "mlp", "train"),
+    ("pipedream", "transformer", "step"),
+])
+def test_streaming_two_replicas_of_two_ranks_equal_the_emulation(pool4, schedule, model, calls):
+    """dp2 x pp2: each replica streams its own batches and every update applies the replicas'
+    mean gradient (the emulation runs both replicas on one set of weights), tied embedding and
+    head included; the losses are the replicas' mean, the same on all four ranks. `step` calls
+    (each drains) reduce every update the same way."""
+    results = pool4.run(
+        "streaming", schedule=schedule, num_microbatches=2, steps=3, model=model, mesh=(2, 2), calls=calls
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert any(r["other_rule_differs"] for r in results)
 
 
 @pytest.mark.multiprocess

@@ -10,8 +10,7 @@ Layer order (num_layers decoder blocks):
 
 The first and last layers are ONE module (key "embed"): the head multiplies by the
 token embedding's weight, so the weights are tied across the first and last stage.
-`tie_embeddings=False` makes the head its own `LMHead` (asynchronous PipeDream
-schedules update each stage's weights on their own, so they cannot share one).
+`tie_embeddings=False` makes the head its own `LMHead`.
 Only the token table is tied; the position table is its own layer because the head
 never uses it, and a tied module whose parameters are partly unused on one owner
 would leave that owner with `None` gradients to sum.

@@ -246,14 +246,16 @@ class P2P:
             return _ShmReceive(channel, sequence, buffers, offsets, peer, self._peer_alive.get(peer))
         return self.recv_direct(buffers, peer)
 
-    def send_direct(self, tensors: Sequence[Tensor], peer: int) -> Transfer:
-        """`send` through the process group, outside a step's announced traffic."""
+    def send_direct(self, tensors: Sequence[Tensor], peer: int, *, tag: int = 0) -> Transfer:
+        """`send` through the process group, outside a step's announced traffic; a message sent
+        in the middle of a step's own direct messages takes its own `tag` (gloo matches a
+        receive to the first message of its tag; NCCL ignores tags)."""
         works = []
         with self._on_comm_stream():
             for tensor in tensors:
                 if self._comm_stream is not None:
                     tensor.record_stream(self._comm_stream)
-                work = dist.isend(tensor, dst=self._global[peer], group=self._group)
+                work = dist.isend(tensor, dst=self._global[peer], group=self._group, tag=tag)
                 if work is None:  # only when this rank is outside the group, which the Pipeline rules out
                     raise PipelineError(
                         f"isend to rank {peer} returned no work; this rank is not in the group"
@@ -261,12 +263,12 @@ class P2P:
                 works.append(work)
         return _WorkTransfer(works, peer)
 
-    def recv_direct(self, buffers: Sequence[Tensor], peer: int) -> Transfer:
-        """`recv` through the process group, outside a step's announced traffic."""
+    def recv_direct(self, buffers: Sequence[Tensor], peer: int, *, tag: int = 0) -> Transfer:
+        """`recv` through the process group, outside a step's announced traffic (see `send_direct`)."""
         works = []
         with self._on_comm_stream():
             for buffer in buffers:
-                work = dist.irecv(buffer, src=self._global[peer], group=self._group)
+                work = dist.irecv(buffer, src=self._global[peer], group=self._group, tag=tag)
                 if work is None:
                     raise PipelineError(
                         f"irecv from rank {peer} returned no work; this rank is not in the group"
