@@ -31,6 +31,7 @@ from pipefold.runtime import (
     save_checkpoint,
 )
 from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
+from pipefold.schedule import gathers_per_step
 
 
 def _pool(world_size):
@@ -239,7 +240,8 @@ def dp_failing():
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
 
 
-def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none"):
+def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none",
+               free_between=False, lookahead=0):
     """Full sharding (FSDP2 per stage, driven by the schedule) at dp=2 x pp=2: two accumulated
     steps give the reference's loss and every gradient; then AdamW steps give its weights.
     Counts FSDP's real all-gathers and reduce-scatters per step."""
@@ -263,7 +265,8 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         pipe = Pipeline(
             mlp(), loss_fn=loss_fn, schedule=schedule, num_microbatches=num_microbatches,
             num_virtual=num_virtual, layout=LayoutOptions(seed=7, recompute=recompute),
-            parallel=ParallelOptions(process_group=mesh, shard="full"),
+            parallel=ParallelOptions(process_group=mesh, shard="full", free_between_microbatches=free_between,
+                                     gather_lookahead=lookahead),
             runtime=RuntimeOptions(timeout_s=60),
         )
         reference = build_reference(mlp(), seed=7)
@@ -312,6 +315,9 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
             "per_step": per_step,
             "num_stages": len(pipe.sharding.stages),
             "gathers": pipe.sharding.num_gathers,
+            # What the schedule says this rank gathers per step.
+            "scheduled": sum(count for stage, count in gathers_per_step(pipe.sharding.schedule(pipe.schedule)).items()
+                             if stage in pipe.sharding.stages),
             "at_rest": at_rest,
             "state_numel": state,
         }
@@ -582,29 +588,37 @@ def test_a_failing_replica_stops_every_rank():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("schedule", "num_virtual", "rows", "recompute"),
+    ("schedule", "num_virtual", "rows", "recompute", "free_between", "lookahead"),
     [
-        ("1f1b", None, 12, "none"),
-        ("zb-h1", None, 9, "none"),
-        ("zb-h1", None, 12, "full"),
-        ("interleaved-1f1b", 2, 12, "none"),
-        ("zb-v", None, 12, "none"),
+        ("1f1b", None, 12, "none", False, 0),
+        ("zb-h1", None, 9, "none", False, 0),
+        ("zb-h1", None, 12, "full", False, 0),
+        ("interleaved-1f1b", 2, 12, "none", False, 0),
+        ("zb-v", None, 12, "none", False, 0),
+        # Freed whenever the rank turns to its other stage and gathered again: the whole gradients
+        # accumulate across the re-gathers and are reduced once.
+        ("interleaved-1f1b", 2, 12, "none", True, 0),
+        ("zb-v", None, 12, "none", True, 1),
     ],
 )
-def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
-    pool4, schedule, num_virtual, rows, recompute
+def test_full_sharding_equals_one_process_and_gathers_as_the_schedule_says(
+    pool4, schedule, num_virtual, rows, recompute, free_between, lookahead
 ):
     # rows=9: replica 0 steps on 5 rows, replica 1 on 4; the sum is still the global-batch mean.
     # recompute="full": the backward's recomputed forward runs on the weights gathered for the step.
     results = pool4.run(
-        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute
+        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute,
+        free_between=free_between, lookahead=lookahead,
     )
     for result in results:
         stages = result["num_stages"]
         assert stages == (2 if num_virtual or schedule == "zb-v" else 1)
-        # One all-gather and one reduce-scatter per stage per step, not per micro-batch (3).
-        assert result["per_step"] == [{"all_gather": stages, "reduce": stages}] * 4, result["per_step"]
-        assert result["gathers"] == 4 * stages
+        gathers = result["scheduled"]
+        # By default one all-gather per stage per step, not per micro-batch (3); re-gathering
+        # runs as many as the schedule has UNSHARD actions. One reduce-scatter per stage per step.
+        assert gathers > stages if free_between else gathers == stages
+        assert result["per_step"] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
+        assert result["gathers"] == 4 * gathers
         # AdamW's two moments over this rank's halves only.
         assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
     for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
