@@ -315,6 +315,11 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
             "per_step": per_step,
             "num_stages": len(pipe.sharding.stages),
             "gathers": pipe.sharding.num_gathers,
+            # The measured timeline shows the schedule's sharding actions of this rank.
+            "timeline": sorted(str(e.action) for e in pipe.last_timeline.events[pipe.rank] if e.action.op.is_sharding),
+            "expected_timeline": sorted(
+                str(a) for a in pipe.sharding.schedule(pipe.schedule).actions[pipe.rank] if a.op.is_sharding
+            ),
             # What the schedule says this rank gathers per step.
             "scheduled": sum(count for stage, count in gathers_per_step(pipe.sharding.schedule(pipe.schedule)).items()
                              if stage in pipe.sharding.stages),
@@ -619,6 +624,7 @@ def test_full_sharding_equals_one_process_and_gathers_as_the_schedule_says(
         assert gathers > stages if free_between else gathers == stages
         assert result["per_step"] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
         assert result["gathers"] == 4 * gathers
+        assert result["timeline"] == result["expected_timeline"] and result["timeline"]
         # AdamW's two moments over this rank's halves only.
         assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
     for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
