@@ -200,3 +200,13 @@ def test_cost_model_carries_gather_and_reduce_times_through_json():
 def test_the_compiled_simulator_refuses_a_sharded_schedule():
     with pytest.raises(ScheduleError, match="sharding action"):
         CompiledSchedule(add_sharding(_build("1f1b", None)))
+
+
+def test_torch_csv_writes_sharding_cells_as_torch_does_and_reads_them_back():
+    from pipefold.schedule.io import from_torch_csv, to_torch_csv
+
+    sharded = add_sharding(_build("interleaved-1f1b", 2), free_between=True)
+    text = to_torch_csv(sharded)
+    assert text.startswith("0UNSHARD,0F0,0F1,0RESHARD,2UNSHARD,")
+    again = from_torch_csv(text, name=sharded.name)
+    assert again.actions == sharded.actions
