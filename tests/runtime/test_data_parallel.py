@@ -31,6 +31,7 @@ from pipefold.runtime import (
     save_checkpoint,
 )
 from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
+from pipefold.plan.shard_layout import layout_bytes
 from pipefold.schedule import gathers_per_step
 
 
@@ -309,7 +310,19 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
                                        rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
         state = sum(v.to_local().numel() for st in optimizer.state.values() for v in st.values()
                     if isinstance(v, torch.Tensor) and v.dim() > 0)
+        # The planner's per-rank figures for this rank's stages (fp32: 4 bytes an element).
+        params = [param for _, param in pipe.named_parameters()]
+        planned = layout_bytes(sum(4 * p.numel() for p in params), num_data_parallel=2, layout="full")
+        step(99)  # gradients of one more step, reduce-scattered into the shards
+        measured = (sum(4 * p.to_local().numel() for p in params), sum(4 * p.grad.to_local().numel() for p in params),
+                    4 * state)
+        # FSDP splits each tensor's first dim unevenly where dp does not divide it (the Linear(8, 3)
+        # head): a replica holds up to one row per tensor more or less than 1/dp of the bytes.
+        padding = sum(4 * (p.numel() // p.shape[0]) for p in params)
         return {
+            "padding": padding,
+            "planned": (planned.weights, planned.gradients, planned.optimizer),
+            "measured": measured,
             "rank": pipe.rank,
             "dp_rank": pipe.data_parallel_rank,
             "per_step": per_step,
@@ -622,11 +635,15 @@ def test_full_sharding_equals_one_process_and_gathers_as_the_schedule_says(
         # By default one all-gather per stage per step, not per micro-batch (3); re-gathering
         # runs as many as the schedule has UNSHARD actions. One reduce-scatter per stage per step.
         assert gathers > stages if free_between else gathers == stages
-        assert result["per_step"] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
-        assert result["gathers"] == 4 * gathers
+        assert result["per_step"][:4] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
+        assert result["gathers"] == 5 * gathers  # four checked steps and one for the bytes
         assert result["timeline"] == result["expected_timeline"] and result["timeline"]
         # AdamW's two moments over this rank's halves only.
         assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
+        # Weights, gradients and AdamW state per rank as the planner counts them (1/dp of the
+        # bytes), up to one row per tensor (AdamW: two moments per element).
+        for measured, planned, rows in zip(result["measured"], result["planned"], (1, 1, 2), strict=True):
+            assert abs(measured - planned) <= rows * result["padding"], result
     for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
         pair = [r["at_rest"] for r in results if r["rank"] == rank]
         for name, (local, whole) in pair[0].items():
