@@ -202,8 +202,8 @@ def finish(
     # The wall times of the same steps give the time outside the actions (the step's
     # exchanges and the optimizer update) as the cost model's step_overhead.
     walls = [r.seconds for r in records[-len(recent) :]]
-    costs = measured_cost_model(recent, pipe.schedule, step_times=walls)
-    predicted = simulate(pipe.schedule, costs)
+    costs = measured_cost_model(recent, pipe.running_schedule, step_times=walls)
+    predicted = simulate(pipe.running_schedule, costs)
     predicted_step = predicted.makespan + costs.step_overhead
     # The stage costs this run measured, as `pipefold schedules find --costs-file` takes them.
     write_atomic(out / "costs.json", json.dumps(costs.to_json(), indent=1) + "\n")

@@ -366,6 +366,11 @@ class Pipeline:
         self._broken: str | None = None
         self._last_step: step_gather.GatheredStep | None = None
 
+    @property
+    def running_schedule(self) -> Schedule:
+        """The schedule this pipeline runs: `schedule`, with full sharding's actions added."""
+        return self._with_sharding(self.schedule)
+
     def _with_sharding(self, schedule: Schedule) -> Schedule:
         """What this rank runs of `schedule`: with full sharding, its UNSHARD / REDUCE_GRAD /
         RESHARD actions added (runtime/parallel/full_shard.py)."""

@@ -32,6 +32,7 @@ from pipefold.runtime import (
 )
 from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
 from pipefold.plan.shard_layout import layout_bytes
+from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import gathers_per_step
 
 
@@ -319,7 +320,9 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         # FSDP splits each tensor's first dim unevenly where dp does not divide it (the Linear(8, 3)
         # head): a replica holds up to one row per tensor more or less than 1/dp of the bytes.
         padding = sum(4 * (p.numel() // p.shape[0]) for p in params)
+        costs = measured_cost_model(pipe.last_timeline, pipe.running_schedule, with_link=False)
         return {
+            "measured_costs": (costs.gather, costs.reduce_scatter),
             "padding": padding,
             "planned": (planned.weights, planned.gradients, planned.optimizer),
             "measured": measured,
@@ -638,6 +641,9 @@ def test_full_sharding_equals_one_process_and_gathers_as_the_schedule_says(
         assert result["per_step"][:4] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
         assert result["gathers"] == 5 * gathers  # four checked steps and one for the bytes
         assert result["timeline"] == result["expected_timeline"] and result["timeline"]
+        # The run's timeline prices every stage's gather and reduce-scatter for the simulator.
+        gather, reduce_scatter = result["measured_costs"]
+        assert all(seconds > 0 for seconds in gather + reduce_scatter), result["measured_costs"]
         # AdamW's two moments over this rank's halves only.
         assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
         # Weights, gradients and AdamW state per rank as the planner counts them (1/dp of the
