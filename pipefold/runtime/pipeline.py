@@ -237,6 +237,7 @@ class Pipeline:
                 self.stages, dims.data_parallel_group, self.device,
                 free_between=self.parallel_options.free_between_microbatches,
                 lookahead=self.parallel_options.gather_lookahead,
+                root_mesh=self.parallel_options.process_group,
             )
             if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
             else None

@@ -41,11 +41,19 @@ class FullSharding:
         *,
         free_between: bool = False,
         lookahead: int = 0,
+        root_mesh: object = None,
     ) -> None:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        # The "dp" dim of the user's mesh where there is one: with a "tp" dim, FSDP2 shards the
+        # tensor-parallel DTensors over "dp" only when both come from the same mesh.
+        names = tuple(getattr(root_mesh, "mesh_dim_names", None) or ())
+        mesh = (
+            root_mesh["dp"]  # type: ignore[index]
+            if "dp" in names
+            else DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        )
         self._modules: dict[int, FSDPModule] = {}
         self._stages = {stage.index: stage for stage in stages}
         for stage in stages:
