@@ -13,6 +13,12 @@ and, for each layout that applies, runs `--steps` AdamW steps. Rank 0 prints one
 - `gathers_per_step`: weight all-gathers per step (full sharding: one per stage);
 - `step_ms`: the median step (forward, backward, gradient reduction and AdamW), and
   `pipe_step_ms` that of `pipe.step` alone, rough figures on a shared CPU host;
+- `compute_ms`: the median of the rank's F/B/I/W time in the step's timeline, so
+  `pipe_step_ms - compute_ms` is its bubble plus exposed communication (the bubble is the
+  schedule's, alike in every layout); `sharding_ms` (full layouts): the time of its
+  UNSHARD / REDUCE_GRAD / RESHARD actions plus the waits for gathers, from the timeline;
+  `full-ahead` gathers with a look-ahead of 2 actions, `full-free` frees each stage's weights
+  while the rank's other stage runs (both change something only with `--num-virtual 2`);
   `replicate-after` is replicate with every all-reduce after the schedule
   (`overlap_reduction=False`), to compare with each stage's all-reduce started after its last
   backward.
@@ -20,6 +26,8 @@ and, for each layout that applies, runs `--steps` AdamW steps. Rank 0 prints one
 Run:
     .venv/bin/python benchmarks/full_shard.py                    # dp 1, 2, 4; width 512, 8 layers
     .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 12 --layouts replicate replicate-after
+    .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 12 --schedule interleaved-1f1b \
+        --num-virtual 2 --layouts replicate zero1 full full-ahead full-free
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ import torch.nn.functional as F
 from pipefold.model.zoo import mlp_layers
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, sharded_optimizer
 from pipefold.runtime.parallel.tensor_parallel import local
+from pipefold.schedule import Op
 
-LAYOUTS = ("replicate", "replicate-after", "zero1", "full")
+LAYOUTS = ("replicate", "replicate-after", "zero1", "full", "full-ahead", "full-free")
 """replicate-after: replicated, every gradient all-reduced after the schedule (no overlap)."""
 PP = 2
 
@@ -56,11 +65,13 @@ class _Run:
     def __init__(self, layout: str, mesh: Any, args: argparse.Namespace) -> None:
         self.layout = layout
         self.pipe = Pipeline(
-            mlp_layers(args.width, args.num_layers), loss_fn=F.mse_loss, schedule="1f1b",
-            num_microbatches=args.microbatches, layout=LayoutOptions(seed=1),
+            mlp_layers(args.width, args.num_layers), loss_fn=F.mse_loss, schedule=args.schedule,
+            num_microbatches=args.microbatches, num_virtual=args.num_virtual, layout=LayoutOptions(seed=1),
             parallel=ParallelOptions(
-                process_group=mesh, shard="full" if layout == "full" else "replicate",
+                process_group=mesh, shard="full" if layout.startswith("full") else "replicate",
                 overlap_reduction=layout != "replicate-after",
+                gather_lookahead=2 if layout == "full-ahead" else 0,
+                free_between_microbatches=layout == "full-free",
             ),
             runtime=RuntimeOptions(timeout_s=300),
         )
@@ -71,6 +82,18 @@ class _Run:
         )
         self.times: list[float] = []
         self.pipe_times: list[float] = []
+        self.compute: list[float] = []
+        self.sharding_times: list[float] = []
+        # The compute actions that wait for a gather: the first of each stage after its UNSHARD.
+        self.after_gather: set[Any] = set()
+        if self.pipe.sharding is not None:
+            pending: set[int] = set()
+            for action in self.pipe.sharding.schedule(self.pipe.schedule).actions[self.pipe.rank]:
+                if action.op is Op.UNSHARD:
+                    pending.add(action.stage)
+                elif action.op.is_compute and action.stage in pending:
+                    pending.discard(action.stage)
+                    self.after_gather.add(action)
         self.grads = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -78,6 +101,20 @@ class _Run:
         start = time.perf_counter()
         self.pipe.step(x, y)
         self.pipe_times.append(time.perf_counter() - start)
+        timeline = self.pipe.last_timeline
+        assert timeline is not None  # RuntimeOptions.record_timeline is on by default
+        rank = self.pipe.rank
+        events = timeline.events[rank]
+        self.compute.append(sum(e.duration for e in events if e.action.op.is_compute))
+        waited: set[Any] = set()
+        gather_waits = 0.0
+        for wait in timeline.waits[rank]:  # a gather's wait comes before a receive's for one action
+            if wait.waiting_for in self.after_gather and wait.waiting_for not in waited:
+                waited.add(wait.waiting_for)
+                gather_waits += wait.duration
+        self.sharding_times.append(
+            gather_waits + sum(e.duration for e in events if e.action.op.is_sharding)
+        )
         self.grads = _bytes(p.grad for p in self.pipe.parameters())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,10 +125,21 @@ class _Run:
         steps = len(self.times)
         gathers = 0 if pipe.sharding is None else pipe.sharding.num_gathers // steps
         if pipe.sharding is not None:
-            # During a step each stage's whole weights are there: the gather buffers.
-            pipe.sharding.gather_all()
-            gathered = _bytes(pipe.parameters())
-            pipe.sharding.free_all()
+            # The most whole weights held at once during a step (the gather buffers): each
+            # stage's gathered bytes, measured, summed over the stages gathered together in
+            # the rank's row of the schedule.
+            whole: dict[int, int] = {}
+            for stage in pipe.stages:
+                pipe.sharding.gather(stage.index)
+                whole[stage.index] = _bytes(stage.parameters)
+                pipe.sharding.reshard(stage.index)
+            held = 0
+            for action in pipe.sharding.schedule(pipe.schedule).actions[pipe.rank]:
+                if action.op is Op.UNSHARD:
+                    held += whole.get(action.stage, 0)
+                    gathered = max(gathered, held)
+                elif action.op is Op.RESHARD:
+                    held -= whole.get(action.stage, 0)
         optimizer: Any = self.optimizer
         state = optimizer.optim.state if self.layout == "zero1" else optimizer.state
         return {
@@ -102,6 +150,8 @@ class _Run:
             "gathers_per_step": gathers,
             "step_ms": 1e3 * statistics.median(self.times[1:] or self.times),
             "pipe_step_ms": 1e3 * statistics.median(self.pipe_times[1:] or self.pipe_times),
+            "compute_ms": 1e3 * statistics.median(self.compute[1:] or self.compute),
+            "sharding_ms": 1e3 * statistics.median(self.sharding_times[1:] or self.sharding_times),
         }
 
 
@@ -144,6 +194,8 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--num-virtual", type=int, default=None)
     args = parser.parse_args()
     for dp in args.dp:
         mp.spawn(_worker, args=(dp * PP, dp, args, _free_port()), nprocs=dp * PP)

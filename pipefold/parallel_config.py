@@ -218,12 +218,6 @@ class _Rules:
                 f"full sharding already shards the optimizer state (an optimizer over the pipeline's "
                 f"parameters holds 1/dp of it); drop {n('zero')} {keep}",
             )
-        if c.tp > 1:
-            self.refuse(
-                "shard",
-                f"full sharding is not composed with tensor parallelism ({n('tp')}={c.tp}); use "
-                f"{n('tp')}=1 {keep}",
-            )
         if c.tied_layers or c.shared_parameters:
             self.refuse(
                 "shard",

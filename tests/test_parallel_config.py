@@ -73,7 +73,6 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
             "shard='full' is not allowed: full sharding splits each stage",
         ),
         ({"shard": "full", "dp": 2, "zero": True}, "full sharding already shards the optimizer state"),
-        ({"shard": "full", "dp": 2, "tp": 2}, "not composed with tensor parallelism (tp=2)"),
         ({"shard": "full", "dp": 2, "tied_layers": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),

@@ -69,6 +69,8 @@ _FLAGS: dict[str, str] = {
     "eval_batches": "eval_batches",
     "zero": "optimizer.zero",
     "shard": "schedule.shard",
+    "free_between_microbatches": "schedule.free_between_microbatches",
+    "gather_lookahead": "schedule.gather_lookahead",
     "d_model": "model.d_model",
     "num_layers": "model.num_layers",
     "num_heads": "model.num_heads",
@@ -125,6 +127,12 @@ def add_parser(subparsers: Any) -> None:
                         help="what the --data-parallel replicas shard: replicate (nothing), zero1 (AdamW's "
                         "state) or full (each stage's weights, gradients and AdamW state: FSDP2, gathered "
                         "once per step); default replicate")
+    parser.add_argument("--free-between-microbatches", action="store_true", default=None,
+                        help="with --shard full: free a stage's gathered weights whenever its rank turns to "
+                        "another of its stages, and gather them again (less memory, more gathers)")
+    parser.add_argument("--gather-lookahead", type=int, metavar="K",
+                        help="with --shard full: start each weight gather K actions before the action "
+                        "that needs it; default 0")
     parser.add_argument("--tensor-parallel", type=int, metavar="N",
                         help="ranks per stage: each block's heads and MLP are split over N ranks (ranks x "
                         f"data-parallel x N processes); default {ScheduleConfig.tensor_parallel}")

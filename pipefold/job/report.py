@@ -204,7 +204,7 @@ def finish(
     # The wall times of the same steps give the time outside the actions (the step's
     # exchanges and the optimizer update) as the cost model's step_overhead.
     walls = [r.seconds for r in records[-len(recent) :]]
-    measured_schedule = pipe.schedule
+    measured_schedule = pipe.running_schedule
     if stream is not None:  # a streaming run: the last stream (its schedule and wall time) as one step
         measured_schedule, walls, recent = stream[0], [stream[1]], recent[-1:]
     costs = measured_cost_model(recent, measured_schedule, step_times=walls)

@@ -236,6 +236,12 @@ class ScheduleConfig:
     optimizer.zero) or "full" (each stage's weights, gradients and AdamW state, FSDP2, gathered
     once per step before the stage's first forward and freed after its last backward;
     docs/parallelism.md, "Full sharding"). Needs data_parallel > 1."""
+    free_between_microbatches: bool = False
+    """With shard = "full": free a stage's gathered weights whenever its rank turns to another of
+    its stages (interleaved, V) and gather them again before the stage's next action."""
+    gather_lookahead: int = 0
+    """With shard = "full": start each weight gather this many actions of the rank's program before
+    the action that needs it, so it overlaps that compute (0: right before it)."""
     num_microbatches: int = 8
     """Micro-batches per step (flag: --microbatches)."""
     virtual: int = 0
@@ -258,6 +264,20 @@ class ScheduleConfig:
 
     def __post_init__(self, loaded: Schedule | None) -> None:
         self.parallel().check(PARALLEL_NAMES)
+        require(
+            isinstance(self.gather_lookahead, int) and not isinstance(self.gather_lookahead, bool)
+            and self.gather_lookahead >= 0,
+            "schedule.gather_lookahead", self.gather_lookahead, "give an integer >= 0 (0: gather right before use)",
+        )
+        for field_name, value, default in (
+            ("free_between_microbatches", self.free_between_microbatches, False),
+            ("gather_lookahead", self.gather_lookahead, 0),
+        ):
+            require(
+                value == default or self.shard == "full",
+                f"schedule.{field_name}", value,
+                f"it places full sharding's weight gathers; set schedule.shard='full' or leave it at {default!r}",
+            )
         require(
             self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"
         )

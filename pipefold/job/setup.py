@@ -268,6 +268,8 @@ def _make_pipeline(
     parallel = ParallelOptions(
         process_group=_mesh(config, device),
         shard="full" if s.shard == "full" else "replicate",
+        free_between_microbatches=s.free_between_microbatches,
+        gather_lookahead=s.gather_lookahead,
         tensor_parallel=_tensor_parallel_plan(config),
     )
     # TrainConfig has checked the value against NONFINITE_CHOICES.

@@ -114,8 +114,9 @@ class GradientScope:
         return total if is_inf else total ** (1.0 / norm_type)
 
     def _counted_part(self, param: nn.Parameter, grad: Tensor) -> Tensor | None:
-        """What of `grad` this rank counts: the local shard of a sharded DTensor, the whole
-        of a replicated one (tp rank 0 only), nothing for a tied copy another rank counts."""
+        """What of `grad` this rank counts: the local shard of a DTensor split over "tp" (and,
+        fully sharded, over "dp"), the local part of one replicated over "tp" on tp rank 0 only,
+        nothing for a tied copy another rank counts."""
         if id(param) in self.not_counted:
             return None
         if isinstance(grad, DTensor):
@@ -125,9 +126,13 @@ class GradientScope:
                 # peer makes here, for the same parameter, in the same order).
                 full = grad.full_tensor()
                 return full if self.tp_rank == 0 else None
-            if any(p.is_shard() for p in placements):
-                return grad.to_local()
-            return grad.to_local() if self.tp_rank == 0 else None
+            # Split over "tp": each tp rank counts its part. Otherwise (replicated over "tp", or a
+            # tensor full sharding splits over "dp" only) every tp peer holds the same values.
+            names = tuple(grad.device_mesh.mesh_dim_names or ())
+            split_over_tp = "tp" in names and placements[names.index("tp")].is_shard()
+            if not split_over_tp and "tp" not in names and self.tp_group is None:
+                return grad.to_local()  # no tensor parallelism: a "dp" shard or a whole tensor
+            return grad.to_local() if split_over_tp or self.tp_rank == 0 else None
         if self.tp_group is not None and self.tp_rank != 0:
             return None  # a whole parameter: every tp peer holds the same gradient
         return grad

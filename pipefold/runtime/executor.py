@@ -85,7 +85,8 @@ class _Pending:
 
 class StageHooks(Protocol):
     """What runs around a stage's first forward and after its last backward action (B or W) of
-    each step: full sharding's gather and reduce-scatter, or an overlapped gradient all-reduce."""
+    each step: the overlapped data-parallel gradient all-reduce (runtime/parallel/data_parallel.py).
+    Full sharding's gathers and reductions are actions of the schedule instead (`ShardingActions`)."""
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -95,6 +96,40 @@ class StageHooks(Protocol):
     def before_first_forward(self, stage: int) -> None: ...
 
     def after_last_backward(self, stage: int) -> None: ...
+
+
+class ShardingActions(Protocol):
+    """What runs the schedule's sharding actions (full sharding, runtime/parallel/full_shard.py)."""
+
+    def unshard(self, stage: int) -> None:
+        """UNSHARD: start gathering the stage's whole weights."""
+        ...
+
+    def wait_gathered(self, stage: int) -> None:
+        """Before the stage's next compute action after an UNSHARD: finish the gather."""
+        ...
+
+    def reshard(self, stage: int) -> None:
+        """RESHARD: free the stage's whole weights."""
+        ...
+
+    def reduce_grad(self, stage: int) -> None:
+        """REDUCE_GRAD: reduce-scatter the stage's gradients of the step."""
+        ...
+
+
+def gathered_before(actions: Sequence[Action]) -> set[int]:
+    """Indices, in one rank's program, of the compute actions that first use a stage's weights
+    after an UNSHARD of it: they wait for its gather to finish."""
+    pending: set[int] = set()
+    found: set[int] = set()
+    for index, action in enumerate(actions):
+        if action.op is Op.UNSHARD:
+            pending.add(action.stage)
+        elif action.op.is_compute and action.stage in pending:
+            pending.discard(action.stage)
+            found.add(index)
+    return found
 
 
 def first_forward_and_last_backward(
@@ -153,6 +188,7 @@ class Executor:
         step_fn: Callable[[int, int], None] | None = None,
         progress: Progress | None = None,
         stage_hooks: StageHooks | None = None,
+        sharding: ShardingActions | None = None,
     ) -> None:
         schedule = program.schedule
         self.rank = rank
@@ -190,6 +226,17 @@ class Executor:
             Op.SEND_B: self._send_backward,
             Op.RECV_B: self._recv_backward,
         }
+        waits_for_gather: set[int] = set()
+        if sharding is not None:
+            handlers[Op.UNSHARD] = lambda action: sharding.unshard(action.stage)
+            handlers[Op.RESHARD] = lambda action: sharding.reshard(action.stage)
+            handlers[Op.REDUCE_GRAD] = lambda action: sharding.reduce_grad(action.stage)
+            waits_for_gather = gathered_before(program.instructions[rank])
+        elif any(action.op.is_sharding for action in program.instructions[rank]):
+            raise PipelineError(
+                f"rank {self.rank}: the program holds sharding actions (UNSHARD, RESHARD, REDUCE_GRAD) "
+                "but the pipeline shards nothing; build it with ParallelOptions(shard='full')"
+            )
         self._peers: dict[Action, int] = {}
         dispatch = []
         firsts, lasts = (
@@ -198,17 +245,19 @@ class Executor:
             else ({}, {})
         )
         for index, action in enumerate(program.instructions[rank]):
-            if not action.op.is_compute:
+            if action.op.is_message:
                 self._peers[action] = program.peer_of(action)
             handler = handlers[action.op]
+            if sharding is not None and index in waits_for_gather:
+                handler = self._after_gather(sharding.wait_gathered, handler)
             if stage_hooks is not None and index == firsts.get(action.stage):
                 handler = _before(stage_hooks.before_first_forward, handler)
             if stage_hooks is not None and index == lasts.get(action.stage):
                 handler = _after(stage_hooks.after_last_backward, handler)
             # The last entry is the action's progress code (pipefold/runtime/progress.py).
-            dispatch.append((handler, action, action.op.is_compute, index + 1))
+            dispatch.append((handler, action, not action.op.is_message, index + 1))
         self._messages = tuple(
-            (action, self._peers[action]) for action in program.instructions[rank] if not action.op.is_compute
+            (action, self._peers[action]) for action in program.instructions[rank] if action.op.is_message
         )
         self._traffic_cache: dict[
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
@@ -222,6 +271,21 @@ class Executor:
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
         self._reset(None)
+
+    def _after_gather(
+        self, wait: Callable[[int], None], handler: Callable[[Action], None]
+    ) -> Callable[[Action], None]:
+        """`handler` after the stage's gather finished, the time waited recorded as a `Wait`
+        (as a receive's is): only actions that follow an UNSHARD get it."""
+
+        def run(action: Action) -> None:
+            start = time.perf_counter()
+            wait(action.stage)
+            end = self._ready_at = time.perf_counter()
+            self._waits.append(Wait(self.rank, action, start - self._t0, end - self._t0))
+            handler(action)
+
+        return run
 
     def intercept(
         self, wrapper: Callable[[Action, Callable[[Action], None]], Callable[[Action], None]]

@@ -3,6 +3,7 @@
     pipe.step(inputs, targets)
     costs = measured_cost_model(pipe.last_timeline, pipe.schedule)
     predicted = simulate(pipe.schedule, costs)     # compare with pipe.last_timeline
+    # Full sharding: pass pipe.running_schedule (with its UNSHARD / REDUCE_GRAD / RESHARD) to both.
 
 Design notes: docs/decisions.md, "measured costs".
 """
@@ -20,7 +21,10 @@ from pipefold.schedule import Action, Op, Schedule
 from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
-__all__ = ["event_work", "measured_action_overhead", "measured_cost_model", "measured_link", "recorded_cores"]
+__all__ = [
+    "event_work", "measured_action_overhead", "measured_cost_model", "measured_gathers", "measured_link",
+    "recorded_cores",
+]
 
 
 def _as_list(timelines: Timeline | Sequence[Timeline], schedule: Schedule) -> list[Timeline]:
@@ -100,6 +104,7 @@ def measured_cost_model(
         step_overhead = max(
             statistics.median(wall - t.makespan for wall, t in zip(step_times, found, strict=True)), 0.0
         )
+    gather = measured_gathers(found, schedule)
     return CostModel.from_lists(
         f,
         i,
@@ -111,7 +116,39 @@ def measured_cost_model(
         action_overhead=measured_action_overhead(found),
         step_overhead=step_overhead,
         num_cores=cores,
+        gather=[typical_duration(gather[stage]) if gather[stage] else 0.0 for stage in range(schedule.num_stages)],
+        reduce_scatter=[typical(Op.REDUCE_GRAD, stage) or 0.0 for stage in range(schedule.num_stages)],
     )
+
+
+def measured_gathers(timelines: Sequence[Timeline], schedule: Schedule) -> dict[int, list[float]]:
+    """{stage: seconds of each measured weight gather}, for a schedule with sharding actions
+    (`pipe.sharding.schedule(pipe.schedule)`): from an UNSHARD's start to the end of the wait
+    of the stage's next compute action, which the executor records first for that action. So
+    a gather the look-ahead hid counts whole, as `CostModel.gather` wants it."""
+    consumers: dict[Action, Action] = {}
+    for row in schedule.actions:
+        pending: dict[int, Action] = {}
+        for action in row:
+            if action.op is Op.UNSHARD:
+                pending[action.stage] = action
+            elif action.op.is_compute and action.stage in pending:
+                consumers[action] = pending.pop(action.stage)
+    found: dict[int, list[float]] = defaultdict(list)
+    if not consumers:
+        return found
+    for timeline in timelines:
+        for events, waits in zip(timeline.events, timeline.waits, strict=True):
+            started = {(e.step, e.action): e.start for e in events if e.action.op is Op.UNSHARD}
+            seen: set[tuple[int, Action]] = set()
+            for wait in waits:
+                key = (wait.step, wait.waiting_for)
+                unshard = consumers.get(wait.waiting_for)
+                if unshard is None or key in seen or (wait.step, unshard) not in started:
+                    continue
+                seen.add(key)
+                found[unshard.stage].append(max(wait.end - started[(wait.step, unshard)], 0.0))
+    return found
 
 
 def recorded_cores(timelines: Sequence[Timeline]) -> float | None:

@@ -100,8 +100,14 @@ class ParallelOptions:
     - `shard`: "replicate" (every replica holds its stages whole) or "full": each stage's
       weights, gradients (and so an optimizer's state) are sharded over the "dp" replicas with
       FSDP2, gathered once per step before the stage's first forward and freed after its last
-      backward (docs/parallelism.md, "Full sharding"). ZeRO-1 (only the optimizer state
-      sharded) is `sharded_optimizer`, not an option here.
+      backward (docs/parallelism.md, "Full sharding"). The schedule holds these as UNSHARD /
+      REDUCE_GRAD / RESHARD actions (`pipefold.schedule.add_sharding`). ZeRO-1 (only the
+      optimizer state sharded) is `sharded_optimizer`, not an option here.
+    - `free_between_microbatches` (full sharding): free a stage's whole weights whenever its
+      rank turns to another of its stages (interleaved, V), and gather them again before the
+      stage's next action: at most one stage's whole weights per rank, more gathers per step.
+    - `gather_lookahead` (full sharding): start each gather this many actions of the rank's
+      program before the action that needs it, so it overlaps that compute (0: right before).
     - `overlap_reduction`: with replicated data parallelism, start each stage's gradient
       all-reduce as soon as its last backward action (B or W) of the step is done, so it runs
       while the rank's other stages and the pipeline's drain still compute; False all-reduces
@@ -114,8 +120,25 @@ class ParallelOptions:
     optimizer: OptimizerFactory | None = None
     shard: Literal["replicate", "full"] = "replicate"
     overlap_reduction: bool = True
+    free_between_microbatches: bool = False
+    gather_lookahead: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.free_between_microbatches, bool):
+            raise ConfigError(
+                f"ParallelOptions.free_between_microbatches = {self.free_between_microbatches!r}; use True or False"
+            )
+        lookahead = self.gather_lookahead
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ConfigError(
+                f"ParallelOptions.gather_lookahead = {lookahead!r}; give an integer >= 0 (actions "
+                "before its first use a stage's weight gather starts)"
+            )
+        if self.shard != "full" and (self.free_between_microbatches or lookahead):
+            raise ConfigError(
+                "ParallelOptions.free_between_microbatches and gather_lookahead place full sharding's "
+                f"gathers, but shard={self.shard!r}; set shard='full' or leave them at their defaults"
+            )
         if not isinstance(self.overlap_reduction, bool):
             raise ConfigError(f"ParallelOptions.overlap_reduction = {self.overlap_reduction!r}; use True or False")
         shard: str = self.shard

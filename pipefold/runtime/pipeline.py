@@ -194,7 +194,12 @@ class Pipeline:
         self._local_modules = modules
         self.stages: tuple[Stage, ...] = tuple(stages.values())
         self.sharding: FullSharding | None = (
-            FullSharding(self.stages, dims.data_parallel_group, self.device)
+            FullSharding(
+                self.stages, dims.data_parallel_group, self.device,
+                free_between=self.parallel_options.free_between_microbatches,
+                lookahead=self.parallel_options.gather_lookahead,
+                root_mesh=self.parallel_options.process_group,
+            )
             if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
             else None
         )
@@ -216,7 +221,7 @@ class Pipeline:
         self._watchdog, self._shared_cores = host_watchdog(
             self._board, dims, self.device, self.runtime_options
         )
-        program = lower(self.schedule)
+        program = lower(self._with_sharding(self.schedule))
         # Events and waits of any rank fit in as many slots as the longest program has actions.
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.transport = Transport.connect(
@@ -270,9 +275,7 @@ class Pipeline:
         )
         data_parallel = self._data_parallel
         self._stage_hooks: StageHooks | None = (
-            self.sharding
-            if self.sharding is not None
-            else data_parallel if data_parallel is not None and data_parallel.overlaps else None
+            data_parallel if data_parallel is not None and data_parallel.overlaps else None
         )
         self.loss_scale = new_loss_scale(self.runtime_options, self.dims, self._watchdog)
         """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
@@ -303,6 +306,7 @@ class Pipeline:
                 step_fn=self._stash_step if stepping else None,
                 progress=self.progress,
                 stage_hooks=self._stage_hooks,
+                sharding=self.sharding,
             )
 
         self._new_executor = executor
@@ -311,6 +315,16 @@ class Pipeline:
         self._stream_run: tuple[StreamProgram, Executor] | None = None
         self._guard = FailureGuard(self.rank, self._board, self.progress, self._watchdog, self._report)
         self._last_step: step_gather.GatheredStep | None = None
+
+    @property
+    def running_schedule(self) -> Schedule:
+        """The schedule this pipeline runs: `schedule`, with full sharding's actions added."""
+        return self._with_sharding(self.schedule)
+
+    def _with_sharding(self, schedule: Schedule) -> Schedule:
+        """What this rank runs of `schedule`: with full sharding, its UNSHARD / REDUCE_GRAD /
+        RESHARD actions added (runtime/parallel/full_shard.py)."""
+        return schedule if self.sharding is None else self.sharding.schedule(schedule)
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
@@ -321,7 +335,7 @@ class Pipeline:
         schedule = check_swappable(self.schedule, schedule)
         if self.runtime_options.fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)
-        program = lower(schedule)
+        program = lower(self._with_sharding(schedule))
         self._executor = self._new_executor(program)
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.schedule = schedule

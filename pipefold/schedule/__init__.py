@@ -22,6 +22,7 @@ from pipefold.schedule.ir import (
 from pipefold.schedule.lower import Program, lower
 from pipefold.schedule.placement import PLACEMENTS, Placement, layout_of, placement_of
 from pipefold.schedule.registry import build, family, names
+from pipefold.schedule.shard import add_sharding, gathers_per_step, is_sharded, strip_sharding
 from pipefold.schedule.stream import STREAMING_FAMILIES, Stream, stream
 from pipefold.schedule.validate import validate
 
@@ -37,16 +38,20 @@ __all__ = [
     "ScheduleError",
     "Stream",
     "WeightUpdate",
+    "add_sharding",
     "build",
     "contiguous_placement",
     "family",
     "format_grid",
+    "gathers_per_step",
+    "is_sharded",
     "layout_of",
     "looped_placement",
     "lower",
     "names",
     "placement_of",
     "stream",
+    "strip_sharding",
     "v_placement",
     "validate",
 ]

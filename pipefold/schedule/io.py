@@ -32,6 +32,8 @@ VERSION = 1
 
 _TORCH_CELL = re.compile(r"^(?P<stage>\d+)(?P<op>[FBIW])(?P<microbatch>\d+)$")
 # torch's DualPipeV writes an overlapped forward/backward pair as "(0F1;1B0)OVERLAP_F_B".
+_TORCH_SHARDING = re.compile(r"^(?P<stage>\d+)(?P<op>UNSHARD|RESHARD|REDUCE_GRAD)$")
+"""torch's sharding cells carry no micro-batch ("0UNSHARD"); pipefold numbers them per stage."""
 _TORCH_OVERLAP = re.compile(r"^\((?P<inner>[^()]*)\)OVERLAP_F_B$")
 
 
@@ -123,6 +125,8 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Schedule:
 
 
 def _torch_cell(action: Action) -> str:
+    if action.op.is_sharding:
+        return f"{action.stage}{action.op.value}"
     return f"{action.stage}{action.op.value}{action.microbatch}"
 
 
@@ -153,6 +157,9 @@ def _parse_torch_cell(cell: str, rank: int, column: int) -> list[Action]:
         # An overlapped pair runs its parts in the order written: forward, then backward.
         parts = [part for part in overlap["inner"].split(";") if part.strip()]
         return [action for part in parts for action in _parse_torch_cell(part, rank, column)]
+    sharding = _TORCH_SHARDING.match(text)
+    if sharding is not None:  # numbered per stage by from_torch_csv
+        return [Action(Op(sharding["op"]), int(sharding["stage"]), 0)]
     match = _TORCH_CELL.match(text)
     if match is None:
         raise ScheduleError(
@@ -162,6 +169,19 @@ def _parse_torch_cell(cell: str, rank: int, column: int) -> list[Action]:
             "drop them first"
         )
     return [Action(Op(match["op"]), int(match["stage"]), int(match["microbatch"]))]
+
+
+def _number_sharding(row: list[Action]) -> list[Action]:
+    """Number each stage's UNSHARD / RESHARD / REDUCE_GRAD 0, 1, ... in row order."""
+    counts: dict[tuple[Op, int], int] = {}
+    numbered = []
+    for action in row:
+        if action.op.is_sharding:
+            key = (action.op, action.stage)
+            action = Action(action.op, action.stage, counts.get(key, 0))
+            counts[key] = action.microbatch + 1
+        numbered.append(action)
+    return numbered
 
 
 def from_torch_csv(text: str, *, num_ranks: int | None = None, name: str = "torch-csv") -> Schedule:
@@ -182,6 +202,7 @@ def from_torch_csv(text: str, *, num_ranks: int | None = None, name: str = "torc
             f"pass num_ranks >= {len(rows)} or leave it out"
         )
     rows += [[] for _ in range(num_ranks - len(rows))]
+    rows = [_number_sharding(row) for row in rows]
     owner: dict[int, int] = {}
     for rank, row in enumerate(rows):
         for action in row:
@@ -204,7 +225,7 @@ def from_torch_csv(text: str, *, num_ranks: int | None = None, name: str = "torc
         name=name,
         num_ranks=num_ranks,
         num_stages=num_stages,
-        num_microbatches=max(a.microbatch for row in rows for a in row) + 1,
+        num_microbatches=max(a.microbatch for row in rows for a in row if not a.op.is_sharding) + 1,
         placement=tuple(owner[stage] for stage in range(num_stages)),
         actions=tuple(tuple(row) for row in rows),
     )

@@ -33,7 +33,10 @@ class Op(str, Enum):
     """What an action does.
 
     Compute ops appear in generated schedules; the four communication ops are
-    only ever added by the lowering pass (`pipefold.schedule.lower`).
+    only ever added by the lowering pass (`pipefold.schedule.lower`). The three sharding
+    ops are added to a schedule by `pipefold.schedule.shard.add_sharding` (full sharding:
+    the schedule decides when each stage's weights are gathered, freed and its gradients
+    reduced); for them `microbatch` counts the occurrences of that op on that stage.
     """
 
     F = "F"
@@ -54,10 +57,27 @@ class Op(str, Enum):
     """Send the input gradient of stage's backward to the rank of stage - 1."""
     RECV_B = "RECV_B"
     """Post the receive of the output gradient of stage's backward from the rank of stage + 1."""
+    UNSHARD = "UNSHARD"
+    """Start gathering the stage's whole weights from its data-parallel shards (collective over
+    the replicas); the stage's next compute action waits for it."""
+    RESHARD = "RESHARD"
+    """Free the stage's gathered weights, keeping this replica's shard."""
+    REDUCE_GRAD = "REDUCE_GRAD"
+    """Reduce-scatter the stage's gradients of the step into each replica's shard."""
 
     @property
     def is_compute(self) -> bool:
         return self in _COMPUTE_OPS
+
+    @property
+    def is_sharding(self) -> bool:
+        """True for UNSHARD, RESHARD and REDUCE_GRAD (collectives over the data-parallel replicas)."""
+        return self in _SHARDING_OPS
+
+    @property
+    def is_message(self) -> bool:
+        """True for the point-to-point ops the lowering adds (SEND_*, RECV_*)."""
+        return self in _MESSAGE_OPS
 
     @property
     def is_backward(self) -> bool:
@@ -69,10 +89,12 @@ class Op(str, Enum):
 
 
 _COMPUTE_OPS = frozenset({Op.F, Op.B, Op.I, Op.W, Op.STEP})
+_SHARDING_OPS = frozenset({Op.UNSHARD, Op.RESHARD, Op.REDUCE_GRAD})
+_MESSAGE_OPS = frozenset({Op.SEND_F, Op.RECV_F, Op.SEND_B, Op.RECV_B})
 
 # Longest names first so that "SEND_F" is not read as "S…".
 _ACTION_RE = re.compile(
-    r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|STEP|F|B|I|W)(?P<stage>\d+)\.(?P<microbatch>\d+)$"
+    r"^(?P<op>REDUCE_GRAD|UNSHARD|RESHARD|SEND_F|RECV_F|SEND_B|RECV_B|STEP|F|B|I|W)(?P<stage>\d+)\.(?P<microbatch>\d+)$"
 )
 
 
@@ -80,8 +102,8 @@ _ACTION_RE = re.compile(
 class Action:
     """One op of one stage on one micro-batch. `str(Action(Op.F, 3, 7)) == "F3.7"`.
 
-    For `STEP`, `microbatch` counts the updates of that stage within one call
-    (0, 1, …), so every action of a schedule is distinct.
+    For `STEP` and the sharding ops, `microbatch` counts the occurrences of that op on that
+    stage within one call (0, 1, …), so every action of a schedule is distinct.
     """
 
     op: Op
@@ -107,7 +129,8 @@ class Action:
         if match is None:
             raise ScheduleError(
                 f"cannot parse action {text!r}: expected OP STAGE . MICROBATCH, "
-                "with OP one of F, B, I, W, STEP, SEND_F, RECV_F, SEND_B, RECV_B (e.g. 'F3.7')"
+                "with OP one of F, B, I, W, STEP, SEND_F, RECV_F, SEND_B, RECV_B, UNSHARD, RESHARD, "
+                "REDUCE_GRAD (e.g. 'F3.7')"
             )
         return cls(Op(match["op"]), int(match["stage"]), int(match["microbatch"]))
 
@@ -154,8 +177,9 @@ def v_placement(num_ranks: int, num_virtual: int = 2) -> tuple[int, ...]:
 class Schedule:
     """Per-rank ordered actions for one call (one global batch) of a pipeline.
 
-    `actions[rank]` holds compute actions only (F, B, I, W, STEP); communication
-    is derived by `pipefold.schedule.lower`.
+    `actions[rank]` holds compute actions (F, B, I, W, STEP) and, under full sharding, the
+    sharding actions `add_sharding` inserts (UNSHARD, RESHARD, REDUCE_GRAD); point-to-point
+    communication is derived by `pipefold.schedule.lower`.
     """
 
     name: str

@@ -2,12 +2,14 @@
 
 Checks, in order, each failing with a `ScheduleError` that draws the rank x step
 grid with the offending cell in brackets:
-1. only compute ops, each on the rank that owns its stage, within range;
+1. only compute (and sharding) ops, each on the rank that owns its stage, within range;
 2. every (stage, micro-batch) has exactly one F and exactly one backward
    (a B, or an I and a W), nothing twice;
 3. STEP appears only in asynchronous schedules (flush schedules leave the
    optimizer step to the caller, after the call), at most once per (stage, index);
-4. the derived communication cannot deadlock: executing every rank's actions in
+4. under full sharding (`pipefold.schedule.shard`), every compute action of a sharded stage
+   runs between an UNSHARD and a RESHARD, and its gradients are reduced once, last;
+5. the derived communication cannot deadlock: executing every rank's actions in
    order, each waiting for the actions it consumes (docs/decisions.md, "Derived
    dependencies" and "Send/recv semantics"), runs to completion. Same-rank order
    (F before B, I before W) is covered by this too.
@@ -20,6 +22,7 @@ from collections import Counter
 from pipefold.errors import ScheduleError
 from pipefold.schedule.deps import backward_of, data_inputs
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate, format_grid
+from pipefold.schedule.shard import check_sharding
 
 __all__ = ["validate"]
 
@@ -36,7 +39,7 @@ def _check_cells(schedule: Schedule) -> dict[Action, tuple[int, int]]:
     where: dict[Action, tuple[int, int]] = {}
     for rank, position, action in schedule.iter_actions():
         cell = (rank, position)
-        if not action.op.is_compute:
+        if not (action.op.is_compute or action.op.is_sharding):
             raise _fail(
                 schedule,
                 f"{action} is a communication action; schedules hold compute actions only "
@@ -47,7 +50,8 @@ def _check_cells(schedule: Schedule) -> dict[Action, tuple[int, int]]:
             raise _fail(
                 schedule, f"{action}: stage {action.stage} >= num_stages {schedule.num_stages}", cell
             )
-        if action.op is not Op.STEP and action.microbatch >= schedule.num_microbatches:
+        counted = action.op is Op.STEP or action.op.is_sharding  # numbered per stage, not micro-batches
+        if not counted and action.microbatch >= schedule.num_microbatches:
             raise _fail(
                 schedule,
                 f"{action}: micro-batch {action.microbatch} >= num_microbatches "
@@ -78,7 +82,7 @@ def _check_cells(schedule: Schedule) -> dict[Action, tuple[int, int]]:
 
 
 def _check_coverage(schedule: Schedule, where: dict[Action, tuple[int, int]]) -> None:
-    ops = Counter((a.stage, a.microbatch, a.op) for a in where if a.op is not Op.STEP)
+    ops = Counter((a.stage, a.microbatch, a.op) for a in where if a.op.is_compute and a.op is not Op.STEP)
     for stage in range(schedule.num_stages):
         for microbatch in range(schedule.num_microbatches):
             has = {op for op in (Op.F, Op.B, Op.I, Op.W) if ops[(stage, microbatch, op)]}
@@ -157,3 +161,4 @@ def validate(schedule: Schedule) -> None:
     where = _check_cells(schedule)
     _check_coverage(schedule, where)
     _check_progress(schedule)
+    check_sharding(schedule)

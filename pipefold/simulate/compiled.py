@@ -74,7 +74,12 @@ class CompiledSchedule:
         for row in schedule.actions:
             rows.append((count, len(row)))
             for action in row:
-                kind = _KIND[action.op]
+                kind = _KIND.get(action.op)
+                if kind is None:
+                    raise ScheduleError(
+                        f"{schedule.name or 'schedule'}: {action} is a sharding action; a compiled "
+                        "schedule times compute schedules only: use pipefold.simulate.simulate"
+                    )
                 stage, microbatch = action.stage, action.microbatch
                 slot = stage * span + microbatch
                 id_of[slot * 5 + kind] = count

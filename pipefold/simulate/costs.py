@@ -109,6 +109,11 @@ class CostModel:
     num_cores: float | None = None
     """Ranks that can compute at full speed at once when they share cores; None: a device
     per rank (docs/decisions.md, "Shared cores")."""
+    gather: tuple[float, ...] = ()
+    """Full sharding: seconds to all-gather a stage's whole weights from its data-parallel
+    shards; an UNSHARD starts it and the stage's next compute action waits for it (defaults 0)."""
+    reduce_scatter: tuple[float, ...] = ()
+    """Full sharding: seconds a stage's REDUCE_GRAD (gradient reduce-scatter) takes (defaults 0)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -121,6 +126,8 @@ class CostModel:
         default_b = tuple(i + w for i, w in zip(self.i, self.w, strict=True))
         set_(self, "b", _floats("b", self.b or default_b, n))
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
+        set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
+        set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
         for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
@@ -179,6 +186,8 @@ class CostModel:
         action_overhead: float = 0.0,
         step_overhead: float = 0.0,
         num_cores: float | None = None,
+        gather: float = 0.0,
+        reduce_scatter: float = 0.0,
     ) -> CostModel:
         """Every stage costs the same; `b` defaults to `i + w`."""
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
@@ -199,6 +208,8 @@ class CostModel:
             action_overhead=action_overhead,
             step_overhead=step_overhead,
             num_cores=num_cores,
+            gather=(gather,) * n,
+            reduce_scatter=(reduce_scatter,) * n,
         )
 
     @classmethod
@@ -219,6 +230,8 @@ class CostModel:
         action_overhead: float = 0.0,
         step_overhead: float = 0.0,
         num_cores: float | None = None,
+        gather: Sequence[float] = (),
+        reduce_scatter: Sequence[float] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -237,6 +250,8 @@ class CostModel:
             action_overhead=action_overhead,
             step_overhead=step_overhead,
             num_cores=num_cores,
+            gather=tuple(gather),
+            reduce_scatter=tuple(reduce_scatter),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -254,7 +269,15 @@ class CostModel:
             return self.w[action.stage]
         if op is Op.STEP:
             return self.step[action.stage]
-        raise CostModelError(f"{action} is not a compute action; only F, B, I, W, STEP cost time")
+        if op is Op.REDUCE_GRAD:
+            return self.reduce_scatter[action.stage]
+        if op is Op.UNSHARD or op is Op.RESHARD:
+            # An UNSHARD only starts the gather (`gather` is paid by the stage's next compute
+            # action, as a wait); freeing costs nothing.
+            return 0.0
+        raise CostModelError(
+            f"{action} is not a compute action; only F, B, I, W, STEP and the sharding actions cost time"
+        )
 
     def link_between(self, src: int, dst: int) -> Link:
         return self.link_overrides.get((src, dst)) or self.link_overrides.get((dst, src)) or self.link
@@ -308,6 +331,8 @@ class CostModel:
             "action_overhead": self.action_overhead,
             "step_overhead": self.step_overhead,
             "num_cores": self.num_cores,
+            "gather": list(self.gather),
+            "reduce_scatter": list(self.reduce_scatter),
         }
 
     @classmethod
@@ -323,7 +348,7 @@ class CostModel:
         known = {
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
-            "num_cores",
+            "num_cores", "gather", "reduce_scatter",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -358,6 +383,8 @@ class CostModel:
             action_overhead=float(data.get("action_overhead", 0.0)),
             step_overhead=float(data.get("step_overhead", 0.0)),
             num_cores=data.get("num_cores"),
+            gather=data.get("gather", ()),
+            reduce_scatter=data.get("reduce_scatter", ()),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

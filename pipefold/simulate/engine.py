@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.deps import backward_of, data_inputs
-from pipefold.schedule.ir import Action, Schedule, format_grid
+from pipefold.schedule.ir import Action, Op, Schedule, format_grid
 from pipefold.simulate.costs import CostModel
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 from pipefold.timeline import Event, Timeline, Wait
@@ -67,9 +67,31 @@ def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
                 delay = costs.transfer_time(boundary, placement[producer.stage], rank)
                 delayed.append((id_of[producer], delay))
             inputs.append(tuple(delayed))
+    _add_gathers(schedule, costs, id_of, inputs)
     return _Prepared(
         schedule.actions, tuple(first_id), tuple(durations), tuple(inputs), costs.action_overhead
     )
+
+
+def _add_gathers(
+    schedule: Schedule,
+    costs: CostModel,
+    id_of: dict[Action, int],
+    inputs: list[tuple[tuple[int, float], ...]],
+) -> None:
+    """Under full sharding, a stage's first compute action after an UNSHARD waits for the
+    gather it started: an input from the UNSHARD, `costs.gather[stage]` seconds later. So a
+    gather issued early (a look-ahead) overlaps the compute between, one issued right before
+    its consumer is exposed. Gathers in flight at once do not slow each other here."""
+    for row in schedule.actions:
+        pending: dict[int, Action] = {}
+        for action in row:
+            if action.op is Op.UNSHARD:
+                pending[action.stage] = action
+            elif action.op.is_compute and action.stage in pending:
+                unshard = pending.pop(action.stage)
+                consumer = id_of[action]
+                inputs[consumer] = inputs[consumer] + ((id_of[unshard], costs.gather[action.stage]),)
 
 
 def _run(

@@ -14,7 +14,7 @@ from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.simulate.costs import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["activation_bytes_peak", "weight_versions"]
+__all__ = ["activation_bytes_peak", "gathered_weight_bytes_peak", "weight_versions"]
 
 
 def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
@@ -34,6 +34,28 @@ def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ..
                 changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
         # Releases first at equal times: memory freed by one action is reusable by the next.
         changes.sort()
+        held = peak = 0
+        for _, delta in changes:
+            held += delta
+            peak = max(peak, held)
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def gathered_weight_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
+    """Per rank, under full sharding, the most bytes of whole (gathered) weights held at once:
+    a stage's `weight_bytes` from the start of its UNSHARD to the end of its RESHARD. On top of
+    this a rank holds its shards (weight_bytes / dp per stage); 0 without sharding actions."""
+    peaks = []
+    for row in timeline.events:
+        changes: list[tuple[float, int]] = []
+        for event in row:
+            action = event.action
+            if action.op is Op.UNSHARD:
+                changes.append((event.start, costs.weight_bytes[action.stage]))
+            elif action.op is Op.RESHARD:
+                changes.append((event.end, -costs.weight_bytes[action.stage]))
+        changes.sort()  # frees first at equal times
         held = peak = 0
         for _, delta in changes:
             held += delta

@@ -1,4 +1,5 @@
-"""The one palette: every view draws F, B, I, W, STEP and idle time the same way.
+"""The one palette: every view draws F, B, I, W, STEP, full sharding's UNSHARD (U), REDUCE_GRAD
+(R) and RESHARD (X), and idle time the same way.
 
 Colours are Tableau 10 hues, distinguishable for common colour-blindness and in
 grey-scale print; letters are the literature's op letters (S for STEP).
@@ -20,11 +21,19 @@ COLORS: Mapping[Op, str] = MappingProxyType(
         Op.I: "#e15759",  # red: the input-gradient half of B, on the critical path
         Op.W: "#59a14f",  # green: the deferrable half, what zero-bubble schedules move around
         Op.STEP: "#b07aa1",  # purple
+        Op.UNSHARD: "#76b7b2",  # teal: a weight gather starts
+        Op.REDUCE_GRAD: "#edc948",  # yellow: a gradient reduce-scatter
+        Op.RESHARD: "#9c755f",  # brown: gathered weights freed
     }
 )
 IDLE_COLOR = "#e8e8e8"
 
-LETTERS: Mapping[Op, str] = MappingProxyType({Op.F: "F", Op.B: "B", Op.I: "I", Op.W: "W", Op.STEP: "S"})
+LETTERS: Mapping[Op, str] = MappingProxyType(
+    {
+        Op.F: "F", Op.B: "B", Op.I: "I", Op.W: "W", Op.STEP: "S",
+        Op.UNSHARD: "U", Op.REDUCE_GRAD: "R", Op.RESHARD: "X",
+    }
+)
 IDLE_LETTER = "."
 
 NAMES: Mapping[Op, str] = MappingProxyType(
@@ -34,6 +43,9 @@ NAMES: Mapping[Op, str] = MappingProxyType(
         Op.I: "input grad",
         Op.W: "weight grad",
         Op.STEP: "optimizer step",
+        Op.UNSHARD: "weight gather",
+        Op.REDUCE_GRAD: "gradient reduce-scatter",
+        Op.RESHARD: "weights freed",
     }
 )
 

@@ -33,7 +33,7 @@ def test_shard_is_a_config_field_and_zero_stays_its_alias():
 @pytest.mark.timeout(300)
 def test_train_fully_sharded_trains_as_one_process_on_half_the_memory(tmp_path, capfd):
     summaries = {}
-    for name, extra in {"one": [], "full": ["--data-parallel", "2", "--shard", "full"]}.items():
+    for name, extra in {"one": [], "full": ["--data-parallel", "2", "--shard", "full", "--gather-lookahead", "1"]}.items():
         out = tmp_path / name
         assert main([*_TINY, *extra, "--out", str(out)]) == 0, capfd.readouterr().err
         summaries[name] = json.loads((out / "summary.json").read_text())
@@ -45,3 +45,27 @@ def test_train_fully_sharded_trains_as_one_process_on_half_the_memory(tmp_path, 
     for key in ("weights", "optimizer"):
         # Each replica holds its half (Shard(0) rows: within a few rows of exactly half).
         assert sum(m[key] for m in halves) == whole[key] and all(m[key] < 0.6 * whole[key] for m in halves)
+
+
+def test_gather_options_are_config_fields_and_flags_that_need_full_sharding():
+    import argparse
+
+    from pipefold.cli.train import add_parser, config_from_args
+
+    full = {"schedule.shard": "full", "schedule.data_parallel": 2, "model.tie_embeddings": False}
+    config = load_config(overrides={**full, "schedule.gather_lookahead": 2, "schedule.free_between_microbatches": True})
+    assert (config.schedule.gather_lookahead, config.schedule.free_between_microbatches) == (2, True)
+    with pytest.raises(ConfigError, match=r"schedule.gather_lookahead=2 is not allowed: .*schedule.shard='full'"):
+        load_config(overrides={"schedule.gather_lookahead": 2})
+    with pytest.raises(ConfigError, match=r"schedule.free_between_microbatches=True is not allowed"):
+        load_config(overrides={"schedule.free_between_microbatches": True})
+    with pytest.raises(ConfigError, match=r"schedule.gather_lookahead=-1 is not allowed: give an integer >= 0"):
+        load_config(overrides={**full, "schedule.gather_lookahead": -1})
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args([
+        "train", "--data-parallel", "2", "--shard", "full", "--set", "model.tie_embeddings=false",
+        "--gather-lookahead", "1", "--free-between-microbatches",
+    ])
+    schedule = config_from_args(args).schedule
+    assert (schedule.gather_lookahead, schedule.free_between_microbatches) == (1, True)

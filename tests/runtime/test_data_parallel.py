@@ -31,6 +31,9 @@ from pipefold.runtime import (
     save_checkpoint,
 )
 from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
+from pipefold.plan.shard_layout import layout_bytes
+from pipefold.runtime.measured import measured_cost_model
+from pipefold.schedule import gathers_per_step
 
 
 def _pool(world_size):
@@ -239,7 +242,8 @@ def dp_failing():
     return {"type": None, "message": "", "elapsed": time.monotonic() - start, "peer_failure": False}
 
 
-def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none"):
+def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_steps=2, recompute="none",
+               free_between=False, lookahead=0):
     """Full sharding (FSDP2 per stage, driven by the schedule) at dp=2 x pp=2: two accumulated
     steps give the reference's loss and every gradient; then AdamW steps give its weights.
     Counts FSDP's real all-gathers and reduce-scatters per step."""
@@ -263,7 +267,8 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         pipe = Pipeline(
             mlp(), loss_fn=loss_fn, schedule=schedule, num_microbatches=num_microbatches,
             num_virtual=num_virtual, layout=LayoutOptions(seed=7, recompute=recompute),
-            parallel=ParallelOptions(process_group=mesh, shard="full"),
+            parallel=ParallelOptions(process_group=mesh, shard="full", free_between_microbatches=free_between,
+                                     gather_lookahead=lookahead),
             runtime=RuntimeOptions(timeout_s=60),
         )
         reference = build_reference(mlp(), seed=7)
@@ -306,12 +311,34 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
                                        rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
         state = sum(v.to_local().numel() for st in optimizer.state.values() for v in st.values()
                     if isinstance(v, torch.Tensor) and v.dim() > 0)
+        # The planner's per-rank figures for this rank's stages (fp32: 4 bytes an element).
+        params = [param for _, param in pipe.named_parameters()]
+        planned = layout_bytes(sum(4 * p.numel() for p in params), num_data_parallel=2, layout="full")
+        step(99)  # gradients of one more step, reduce-scattered into the shards
+        measured = (sum(4 * p.to_local().numel() for p in params), sum(4 * p.grad.to_local().numel() for p in params),
+                    4 * state)
+        # FSDP splits each tensor's first dim unevenly where dp does not divide it (the Linear(8, 3)
+        # head): a replica holds up to one row per tensor more or less than 1/dp of the bytes.
+        padding = sum(4 * (p.numel() // p.shape[0]) for p in params)
+        costs = measured_cost_model(pipe.last_timeline, pipe.running_schedule, with_link=False)
         return {
+            "measured_costs": (costs.gather, costs.reduce_scatter),
+            "padding": padding,
+            "planned": (planned.weights, planned.gradients, planned.optimizer),
+            "measured": measured,
             "rank": pipe.rank,
             "dp_rank": pipe.data_parallel_rank,
             "per_step": per_step,
             "num_stages": len(pipe.sharding.stages),
             "gathers": pipe.sharding.num_gathers,
+            # The measured timeline shows the schedule's sharding actions of this rank.
+            "timeline": sorted(str(e.action) for e in pipe.last_timeline.events[pipe.rank] if e.action.op.is_sharding),
+            "expected_timeline": sorted(
+                str(a) for a in pipe.sharding.schedule(pipe.schedule).actions[pipe.rank] if a.op.is_sharding
+            ),
+            # What the schedule says this rank gathers per step.
+            "scheduled": sum(count for stage, count in gathers_per_step(pipe.sharding.schedule(pipe.schedule)).items()
+                             if stage in pipe.sharding.stages),
             "at_rest": at_rest,
             "state_numel": state,
         }
@@ -582,31 +609,47 @@ def test_a_failing_replica_stops_every_rank():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("schedule", "num_virtual", "rows", "recompute"),
+    ("schedule", "num_virtual", "rows", "recompute", "free_between", "lookahead"),
     [
-        ("1f1b", None, 12, "none"),
-        ("zb-h1", None, 9, "none"),
-        ("zb-h1", None, 12, "full"),
-        ("interleaved-1f1b", 2, 12, "none"),
-        ("zb-v", None, 12, "none"),
+        ("1f1b", None, 12, "none", False, 0),
+        ("zb-h1", None, 9, "none", False, 0),
+        ("zb-h1", None, 12, "full", False, 0),
+        ("interleaved-1f1b", 2, 12, "none", False, 0),
+        ("zb-v", None, 12, "none", False, 0),
+        # Freed whenever the rank turns to its other stage and gathered again: the whole gradients
+        # accumulate across the re-gathers and are reduced once.
+        ("interleaved-1f1b", 2, 12, "none", True, 0),
+        ("zb-v", None, 12, "none", True, 1),
     ],
 )
-def test_full_sharding_equals_one_process_and_gathers_once_per_stage_per_step(
-    pool4, schedule, num_virtual, rows, recompute
+def test_full_sharding_equals_one_process_and_gathers_as_the_schedule_says(
+    pool4, schedule, num_virtual, rows, recompute, free_between, lookahead
 ):
     # rows=9: replica 0 steps on 5 rows, replica 1 on 4; the sum is still the global-batch mean.
     # recompute="full": the backward's recomputed forward runs on the weights gathered for the step.
     results = pool4.run(
-        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute
+        "fsdp_exact", schedule=schedule, num_virtual=num_virtual, rows=rows, recompute=recompute,
+        free_between=free_between, lookahead=lookahead,
     )
     for result in results:
         stages = result["num_stages"]
         assert stages == (2 if num_virtual or schedule == "zb-v" else 1)
-        # One all-gather and one reduce-scatter per stage per step, not per micro-batch (3).
-        assert result["per_step"] == [{"all_gather": stages, "reduce": stages}] * 4, result["per_step"]
-        assert result["gathers"] == 4 * stages
+        gathers = result["scheduled"]
+        # By default one all-gather per stage per step, not per micro-batch (3); re-gathering
+        # runs as many as the schedule has UNSHARD actions. One reduce-scatter per stage per step.
+        assert gathers > stages if free_between else gathers == stages
+        assert result["per_step"][:4] == [{"all_gather": gathers, "reduce": stages}] * 4, result["per_step"]
+        assert result["gathers"] == 5 * gathers  # four checked steps and one for the bytes
+        assert result["timeline"] == result["expected_timeline"] and result["timeline"]
+        # The run's timeline prices every stage's gather and reduce-scatter for the simulator.
+        gather, reduce_scatter = result["measured_costs"]
+        assert all(seconds > 0 for seconds in gather + reduce_scatter), result["measured_costs"]
         # AdamW's two moments over this rank's halves only.
         assert result["state_numel"] == 2 * sum(local for local, _ in result["at_rest"].values())
+        # Weights, gradients and AdamW state per rank as the planner counts them (1/dp of the
+        # bytes), up to one row per tensor (AdamW: two moments per element).
+        for measured, planned, rows in zip(result["measured"], result["planned"], (1, 1, 2), strict=True):
+            assert abs(measured - planned) <= rows * result["padding"], result
     for rank in (0, 1):  # the two replicas' halves make up each weight, and each holds less
         pair = [r["at_rest"] for r in results if r["rank"] == rank]
         for name, (local, whole) in pair[0].items():

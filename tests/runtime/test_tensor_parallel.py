@@ -110,6 +110,7 @@ def tp_exact(
     num_dp=1,
     sequence_parallel=False,
     length=SEQ,
+    full_shard=False,
 ):
     """pp=2 x tp=2 (x dp) against one process: the loss and every gradient (whole, gathered
     over tp). With `num_dp` replicas each steps on its rows of the global batch. Returns too
@@ -130,7 +131,8 @@ def tp_exact(
         num_microbatches=num_microbatches,
         num_virtual=num_virtual,
         layout=LayoutOptions(recompute=recompute, seed=7),
-        parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan),
+        parallel=ParallelOptions(process_group=mesh, tensor_parallel=plan,
+                                 shard="full" if full_shard else "replicate"),
         runtime=RuntimeOptions(timeout_s=60),
     )
     reference = build_reference(build(), seed=7)
@@ -165,10 +167,22 @@ def tp_exact(
             # The shard is the matching half of the unsplit gradient (a row-split linear's
             # bias is replicated).
             halved = grad.to_local().numel() * 2 == reference_params[name].numel()
-            assert halved or all(placement.is_replicate() for placement in param.placements), name
+            # Fully sharded: split over "dp" too (a quarter of a tp-split tensor, half of a whole one).
+            assert full_shard or halved or all(placement.is_replicate() for placement in param.placements), name
             grad = grad.full_tensor()
         torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    if full_shard:  # the shards' AdamW step gives the whole model's weights
+        # The norm of gradients split over "dp", "tp" and the pipeline is the whole model's.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+        assert abs(pipe.gradient_scope().total_norm() - norm) < 1e-5 * norm
+        optimizer, expected_optimizer = _adam(pipe.parameters()), _adam(reference.parameters())
+        optimizer.step()
+        expected_optimizer.step()
+        for name, param in pipe.named_parameters():
+            torch.testing.assert_close(param.full_tensor(), reference_params[name].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
     return {
+        "gathers": None if pipe.sharding is None else pipe.sharding.num_gathers,
         "pp_rank": pipe.rank,
         "tp_rank": mesh.get_local_rank("tp"),
         "dp_rank": pipe.data_parallel_rank,
@@ -665,3 +679,12 @@ def test_dp2_by_pp2_by_tp2_equals_one_process_on_the_global_batch(pool8, schedul
     coordinates = [(r["dp_rank"], r["pp_rank"], r["tp_rank"]) for r in results]
     assert coordinates == [(d, p, t) for d in range(2) for p in range(2) for t in range(2)]
     assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the global loss"
+
+
+@pytest.mark.multiprocess
+def test_full_sharding_with_tensor_parallelism_equals_one_process(pool8):
+    """dp=2 x pp=2 x tp=2, each stage fully sharded over "dp" on top of its tp split (2-D DTensors),
+    zb-h1's split backward: loss, every gradient, then the weights after an Adam step."""
+    results = pool8.run("tp_exact", schedule="zb-h1", num_microbatches=2, num_dp=2, full_shard=True, timeout_s=300)
+    assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the global loss"
+    assert [r["gathers"] for r in results] == [2] * 8  # one per stage per step, two steps

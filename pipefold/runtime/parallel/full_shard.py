@@ -1,7 +1,9 @@
 """Full sharding (FSDP2, `fully_shard`) of each stage over the data-parallel replicas, driven
-by the schedule: a stage's weights are gathered once per step, before its first forward, kept
-for every micro-batch, and freed after its last backward action (B or W), when its gradients
-are reduce-scattered once.
+by the schedule: `pipefold.schedule.shard.add_sharding` puts UNSHARD / REDUCE_GRAD / RESHARD
+actions into the rank's program, and the executor runs them through this object. By default a
+stage's weights are gathered once per step, before its first forward, kept for every
+micro-batch, and freed after its last backward action (B or W), when its gradients are
+reduce-scattered once; `free_between` and `lookahead` move the gathers and frees.
 
     pipe = Pipeline(layers, ..., parallel=ParallelOptions(process_group=mesh, shard="full"))
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=3e-4)   # steps this rank's 1/dp shards
@@ -9,8 +11,8 @@ are reduce-scattered once.
 
 FSDP's own forward and backward hooks never fire: the executor runs a stage's layers one by
 one, not through the module `fully_shard` wraps, and the backward goes through pipefold's own
-autograd calls (backward.py). Everything FSDP would do per micro-batch happens here once per
-step instead. Design notes: docs/decisions.md, "Full sharding driven by the schedule".
+autograd calls (backward.py). What FSDP would do per micro-batch happens where the schedule
+says instead. Design notes: docs/decisions.md, "Full sharding driven by the schedule".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from pipefold.runtime.stage import Stage
+from pipefold.schedule import Schedule, add_sharding
 
 __all__ = ["FullSharding"]
 
@@ -30,11 +33,27 @@ __all__ = ["FullSharding"]
 class FullSharding:
     """The stages of this rank, each one FSDP unit sharded over the data-parallel group."""
 
-    def __init__(self, stages: Sequence[Stage], group: dist.ProcessGroup, device: torch.device) -> None:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        group: dist.ProcessGroup,
+        device: torch.device,
+        *,
+        free_between: bool = False,
+        lookahead: int = 0,
+        root_mesh: object = None,
+    ) -> None:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        # The "dp" dim of the user's mesh where there is one: with a "tp" dim, FSDP2 shards the
+        # tensor-parallel DTensors over "dp" only when both come from the same mesh.
+        names = tuple(getattr(root_mesh, "mesh_dim_names", None) or ())
+        mesh = (
+            root_mesh["dp"]  # type: ignore[index]
+            if "dp" in names
+            else DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        )
         self._modules: dict[int, FSDPModule] = {}
         self._stages = {stage.index: stage for stage in stages}
         for stage in stages:
@@ -49,8 +68,11 @@ class FullSharding:
             self._idle(module)
             self._modules[stage.index] = module
             stage.parameters = _parameters(stage.module)
+        self._free_between = free_between
+        self._lookahead = lookahead
+        self._handles: dict[int, object] = {}
         self.num_gathers = 0
-        """Weight all-gathers run so far (one per stage per step)."""
+        """Weight all-gathers run so far (one per stage per step unless `free_between`)."""
         self.num_reductions = 0
         """Gradient reduce-scatters run so far (one per stage per step)."""
 
@@ -66,20 +88,37 @@ class FullSharding:
         module.set_reshard_after_backward(False)
         module.set_is_last_backward(False)
 
-    def gather(self, stage: int) -> None:
-        """All-gather `stage`'s weights (collective over "dp"); its layers then hold them whole."""
-        module = self._modules[stage]
-        module.unshard()
+    def schedule(self, schedule: Schedule) -> Schedule:
+        """`schedule` with the sharding actions this pipeline runs (the same on every rank)."""
+        return add_sharding(schedule, free_between=self._free_between, lookahead=self._lookahead)
+
+    # -- the executor's handlers for UNSHARD, RESHARD and REDUCE_GRAD -------------------------
+
+    def unshard(self, stage: int) -> None:
+        """Start all-gathering `stage`'s weights (collective over "dp"); `wait_gathered`
+        finishes it before the stage's next compute action."""
+        module = self._modules.get(stage)
+        if module is None:
+            return  # a stage of parameter-free layers: nothing to gather
+        self._handles[stage] = module.unshard(async_op=True)
         self.num_gathers += 1
+
+    def wait_gathered(self, stage: int) -> None:
+        """Finish `stage`'s gather: its layers then hold the whole weights."""
+        handle = self._handles.pop(stage, None)
+        if handle is None:
+            return
+        handle.wait()  # type: ignore[attr-defined]
         # The unsharded parameters are the leaves of this step's graphs: I hands them to W.
         self._stages[stage].parameters = _parameters(self._stages[stage].module)
 
-    def reduce_and_free(self, stage: int) -> None:
-        """Reduce-scatter `stage`'s gradients into its shards' `.grad` (summed into what is
-        there) and free its whole weights (collective over "dp")."""
-        module = self._modules[stage]
+    def reduce_grad(self, stage: int) -> None:
+        """Reduce-scatter `stage`'s gradients of the step into its shards' `.grad` (summed
+        into what is there; collective over "dp"), keeping the whole weights."""
+        module = self._modules.get(stage)
+        if module is None:
+            return
         module.set_is_last_backward(True)
-        module.set_reshard_after_backward(True)
         module.set_requires_gradient_sync(True)
         # What FSDP's post-backward hooks and its end-of-backward callback would run, called
         # here because the backward never went through its hooks (as torch.distributed.pipelining
@@ -91,15 +130,20 @@ class FullSharding:
         state._root_post_backward_final_callback()
         self._idle(module)
         self.num_reductions += 1
+
+    def reshard(self, stage: int) -> None:
+        """Free `stage`'s whole weights, keeping this replica's shard (and, between
+        micro-batches, the whole gradients accumulated so far)."""
+        module = self._modules.get(stage)
+        if module is None:
+            return
+        module.reshard()
         self._stages[stage].parameters = _parameters(self._stages[stage].module)
 
-    def before_first_forward(self, stage: int) -> None:
-        """The executor's hook (`StageHooks`): gather."""
-        self.gather(stage)
-
-    def after_last_backward(self, stage: int) -> None:
-        """The executor's hook (`StageHooks`): reduce-scatter and free."""
-        self.reduce_and_free(stage)
+    def gather(self, stage: int) -> None:
+        """All-gather `stage`'s weights now (collective over "dp")."""
+        self.unshard(stage)
+        self.wait_gathered(stage)
 
     def gather_all(self) -> None:
         """Gather every stage (forward-only evaluation needs whole weights)."""

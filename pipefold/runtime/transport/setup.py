@@ -61,7 +61,7 @@ class Transport:
         p2p = P2P(group, ranks, device)
         collectives = Collectives(group, ranks, device, watchdog)
         if options.shared_memory and options.shared_memory_bytes > 0 and device.type == "cpu":
-            mine = [a for a in program.instructions[rank] if not a.op.is_compute]
+            mine = [a for a in program.instructions[rank] if a.op.is_message]
             p2p.connect_same_host(
                 collectives,
                 rank=rank,
