@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._C._distributed_c10d import Store
@@ -68,7 +67,7 @@ from pipefold.runtime.stage import Stage
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_batch import BoundaryShapes, split_batch
 from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
-from pipefold.runtime.streaming import BatchFeed, StreamProgram, next_pair, stream_program
+from pipefold.runtime.streaming import StreamProgram, step_losses, stream_inputs, stream_program
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
@@ -565,37 +564,22 @@ class Pipeline:
         self, batches: Iterable[tuple[Any, Any]] | None, run: tuple[StreamProgram, Executor]
     ) -> list[float]:
         (program, executor), schedule = run, self.schedule
-        steps = program.steps
-        reads = self.rank in (schedule.placement[0], schedule.placement[-1])
-        if reads and batches is None:
-            raise ConfigError(
-                f"train(batches=None) on rank {self.rank}, which holds the first or last stage; "
-                "pass an iterable of (inputs, targets) pairs there"
-            )
-        iterator = iter(batches) if reads and batches is not None else None
-        inputs, targets = next_pair(iterator, 0, steps) if iterator is not None else (None, None)
-        collectives = self.transport.collectives
-        batch = split_batch(self.rank, schedule, inputs, targets, collectives, self.device, caller="train")
-        if batch.parts is not None:  # every rank knows it from the broadcast description
-            raise ConfigError(
-                "train(): a streaming run takes every step's batch as one tensor of one shape, not "
-                "Microbatches; call step() once per batch for micro-batches of different shapes"
-            )
-        feed = BatchFeed(iterator, batch, num_steps=steps, device=self.device)
-        boundaries = [self._boundaries(batch.meta, size) for size in batch.sizes] * steps
-        scales = [size / batch.size for size in batch.sizes] * steps
-        self._begin_updates(batch.size)
+        inputs, rows = stream_inputs(
+            self.rank, schedule, batches, program.steps, self.transport.collectives, self.device,
+            self._boundaries,
+        )
+        self._begin_updates(rows)
         stashes = [stage.stash for stage in self.stages if stage.stash is not None]
         for stash in stashes:
             stash.stream(schedule.num_microbatches, program.version_lag)
         self._executor, step_executor = executor, self._executor  # failure reports name its action
         try:
-            record = executor.run(StepInputs(feed.inputs, feed.targets, boundaries, scales))
+            record = executor.run(inputs)
         finally:
             self._executor = step_executor
         for stash in stashes:
             stash.stream(1, 0)
-        self._num_steps_run += steps
+        self._num_steps_run += program.steps
         self.recorder.use(program.unrolled, program.num_slots)
         try:
             gathered, losses = self._agree_losses(record)
@@ -604,16 +588,8 @@ class Pipeline:
         if gathered is not None:
             self._last_step = gathered
         if self._data_parallel is not None:
-            losses, _ = self._data_parallel.reduce_losses(losses, batch.size)
-        per_step = losses.reshape(steps, schedule.num_microbatches).sum(dim=1)
-        bad = [k for k, finite in enumerate(torch.isfinite(per_step).tolist()) if not finite]
-        if bad:
-            raise NonFiniteLoss(
-                f"the loss of step(s) {bad} of the streaming run is {per_step[bad[0]].item()}; the weights "
-                "were updated from it inside the run and cannot be restored: lower the learning rate or "
-                "check the data, and reload a checkpoint"
-            )
-        return [float(value) for value in per_step.tolist()]
+            losses, _ = self._data_parallel.reduce_losses(losses, rows)
+        return step_losses(losses, program.steps, schedule.num_microbatches)
 
     def _report(self, error: BaseException) -> FailureReport:
         replica = self.data_parallel_rank if self.num_data_parallel > 1 else None

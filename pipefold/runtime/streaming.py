@@ -10,20 +10,23 @@ any length holds about two batches at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
+from torch import Tensor
 
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, NonFiniteLoss
 from pipefold.model import TensorMeta
-from pipefold.runtime.step_batch import SplitBatch, batch_size, split
+from pipefold.runtime.executor import StepInputs
+from pipefold.runtime.step_batch import SplitBatch, batch_size, split, split_batch
+from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import STREAMING_FAMILIES, Schedule, ScheduleError, WeightUpdate, lower, stream
 from pipefold.schedule.lower import Program
 from pipefold.schedule.validate import validate
 
-__all__ = ["BatchFeed", "StreamProgram", "next_pair", "stream_program"]
+__all__ = ["BatchFeed", "StreamProgram", "next_pair", "step_losses", "stream_inputs", "stream_program"]
 
 
 @dataclass(frozen=True)
@@ -164,3 +167,49 @@ class _Part(Sequence[Any]):
         if isinstance(index, slice):
             return [self[i] for i in range(len(self))[index]]
         return self._feed.microbatch(self._part, index)
+
+
+def stream_inputs(
+    rank: int,
+    schedule: Schedule,
+    batches: Iterable[tuple[Any, Any]] | None,
+    steps: int,
+    collectives: Collectives | None,
+    device: torch.device,
+    boundaries: Callable[[TensorMeta, int], list[TensorMeta]],
+) -> tuple[StepInputs, int]:
+    """(what the executor needs for a streaming run of `steps` steps, the rows of one step's
+    batch): the first step's batch is read and its shape broadcast, the later ones are pulled
+    by `BatchFeed` as their micro-batches are asked for."""
+    reads = rank in (schedule.placement[0], schedule.placement[-1])
+    if reads and batches is None:
+        raise ConfigError(
+            f"train(batches=None) on rank {rank}, which holds the first or last stage; "
+            "pass an iterable of (inputs, targets) pairs there"
+        )
+    iterator = iter(batches) if reads and batches is not None else None
+    inputs, targets = next_pair(iterator, 0, steps) if iterator is not None else (None, None)
+    batch = split_batch(rank, schedule, inputs, targets, collectives, device, caller="train")
+    if batch.parts is not None:  # every rank knows it from the broadcast description
+        raise ConfigError(
+            "train(): a streaming run takes every step's batch as one tensor of one shape, not "
+            "Microbatches; call step() once per batch for micro-batches of different shapes"
+        )
+    feed = BatchFeed(iterator, batch, num_steps=steps, device=device)
+    every_boundary = [boundaries(batch.meta, size) for size in batch.sizes] * steps
+    scales = [size / batch.size for size in batch.sizes] * steps
+    return StepInputs(feed.inputs, feed.targets, every_boundary, scales), batch.size
+
+
+def step_losses(losses: Tensor, steps: int, num_microbatches: int) -> list[float]:
+    """Each step's batch-mean loss from a streaming run's micro-batch losses (each already
+    scaled by its share of the batch); a non-finite one raises NonFiniteLoss."""
+    per_step = losses.reshape(steps, num_microbatches).sum(dim=1)
+    bad = [k for k, finite in enumerate(torch.isfinite(per_step).tolist()) if not finite]
+    if bad:
+        raise NonFiniteLoss(
+            f"the loss of step(s) {bad} of the streaming run is {per_step[bad[0]].item()}; the weights "
+            "were updated from it inside the run and cannot be restored: lower the learning rate or "
+            "check the data, and reload a checkpoint"
+        )
+    return [float(value) for value in per_step.tolist()]
