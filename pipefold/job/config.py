@@ -62,6 +62,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     shard = "replicate"        # with data_parallel > 1: "zero1" (AdamW's state) or "full" (FSDP2 per stage)
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
+    adaptive = false           # choose micro-batches, family and recomputation per batch length (--adaptive)
+    memory_limit = ""          # bytes per rank the adaptive choice must fit, e.g. "2GiB"; "" = no limit
 
     [optimizer]
     lr = 3e-3
@@ -306,6 +308,8 @@ class TrainConfig:
             )
         if self.data.bucket_by_length:
             self._check_buckets()
+        if self.schedule.adaptive:
+            self._check_adaptive()
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
@@ -427,6 +431,23 @@ class TrainConfig:
         require(
             self.data.bucket_min_len <= self.model.seq_len, "data.bucket_min_len", self.data.bucket_min_len,
             f"the shortest bucket must fit model.seq_len={self.model.seq_len}; use at most {self.model.seq_len}",
+        )
+
+    def _check_adaptive(self) -> None:
+        """schedule.adaptive: one batch per pipeline call, of the built-in GPT, whose costs the
+        chooser estimates per length."""
+        require(
+            self.model.hf is None, "schedule.adaptive", True,
+            "the adaptive choice prices the built-in GPT's layers per length; it is not there yet for a "
+            "Hugging Face model (model.path): drop --adaptive or model.path",
+        )
+        require(
+            self.grad_accumulation == 1, "grad_accumulation", self.grad_accumulation,
+            "--adaptive chooses per pipeline call and accumulated calls would each need their own; use 1",
+        )
+        require(
+            self.model.dropout == 0, "model.dropout", self.model.dropout,
+            "--adaptive may recompute, which dropout does not support yet; use 0 or drop --adaptive",
         )
 
     def _check_asynchronous(self) -> None:

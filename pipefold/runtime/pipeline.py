@@ -172,6 +172,7 @@ class Pipeline:
         )
         described.check()
         self.schedule = resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
+        self._most_microbatches = self.schedule.num_microbatches
         self.parallel_config = replace(
             described,
             num_virtual=self.schedule.num_virtual,
@@ -365,16 +366,22 @@ class Pipeline:
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
-        "changing the schedule"). It must be a flush schedule for the same ranks, micro-batches and stage
-        placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
+        "changing the schedule"). It must be a flush schedule for the same ranks and stage placement,
+        with at most the micro-batches the pipeline was built with (its transport is sized for
+        them), so every rank keeps its stages, weights, optimizer and transport. Every rank
         of the pipeline, and of its replicas and tp peers, must switch to the same schedule
         before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
         if not isinstance(schedule, Schedule):
             raise ConfigError(f"use_schedule({schedule!r}): give a pipefold.schedule.Schedule")
         current = self.schedule
+        if schedule.num_microbatches > self._most_microbatches:
+            raise ConfigError(
+                f"use_schedule: {schedule.name!r} has {schedule.num_microbatches} micro-batches, more than "
+                f"the {self._most_microbatches} this pipeline was built with (its transport is sized for "
+                "them); build the Pipeline with the most micro-batches you will run"
+            )
         for what, now, new in (
             ("ranks", current.num_ranks, schedule.num_ranks),
-            ("micro-batches", current.num_microbatches, schedule.num_microbatches),
             ("stage placement", current.placement, schedule.placement),
             ("weight update", current.weight_update, schedule.weight_update),
         ):
@@ -397,6 +404,7 @@ class Pipeline:
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.schedule = schedule
         self.recorder.use(schedule, self._timeline_slots)
+        self._memory_counted_for.clear()  # another order (or recomputation) has other peaks
 
     # -- configuration helpers ---------------------------------------------------------------
 
