@@ -95,6 +95,7 @@ from typing import Any, ClassVar
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
+from pipefold.job.adaptive_choice import config_bounds, gpt_chooser, longest_batch
 from pipefold.job.sections import (
     CLIP_AUTO,
     DEFAULT_CLIP_NORM,
@@ -308,8 +309,6 @@ class TrainConfig:
             )
         if self.data.bucket_by_length:
             self._check_buckets()
-        if self.schedule.adaptive:
-            self._check_adaptive()
         self.schedule.parallel(
             weight_update=weight_update,
             recompute=self.recompute,
@@ -340,6 +339,8 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+        if self.schedule.adaptive:
+            self._check_adaptive()
 
     def _check_hardware(self) -> None:
         require(
@@ -449,6 +450,17 @@ class TrainConfig:
             self.model.dropout == 0, "model.dropout", self.model.dropout,
             "--adaptive may recompute, which dropout does not support yet; use 0 or drop --adaptive",
         )
+        # The longest batch priced now where the partition is known without the layers: a batch
+        # no choice fits is refused before any process starts (else at set-up, on every rank).
+        schedule = self.schedule.built
+        bounds = config_bounds(self.partition, schedule.num_stages, self.model.num_model_layers)
+        if bounds is not None and len(bounds) == schedule.num_stages + 1:
+            chooser = gpt_chooser(
+                self.model, self.schedule, self.precision, bounds=bounds, placement=schedule.placement,
+                device_type="cpu",
+            )
+            bucketed = self.data.bucket_by_length
+            chooser.ranked(*longest_batch(self.schedule, self.batch_size, self.model.seq_len, bucketed))
 
     def _check_asynchronous(self) -> None:
         """What needs the whole step's gradient before the update: refused where the schedule

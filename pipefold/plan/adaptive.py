@@ -142,8 +142,8 @@ class BatchTooLong(ConfigError):
         limit = space.memory_limit
         super().__init__(
             f"a batch of {rows} rows x seq_len={seq_len} (bucket {leanest.bucket}) does not fit "
-            f"{space.memory_hint}={format_bytes(limit)} per rank under any choice: the leanest, "
-            f"{leanest.label}, needs {format_bytes(leanest.peak_memory)} ({leanest.peak_memory} bytes); "
+            f"{space.memory_hint}={format_bytes(limit)} ({limit:.0f} bytes) per rank under any choice: the "
+            f"leanest, {leanest.label}, needs {format_bytes(leanest.peak_memory)} ({leanest.peak_memory} bytes); "
             f"raise {space.memory_hint} to at least that, or give batches of fewer tokens (shorter "
             "sequences or fewer rows: model.seq_len / batch_size), or more ranks"
         )

@@ -46,7 +46,8 @@ def test_the_choice_is_the_fastest_that_fits_priced_at_the_bucket_length():
         for name in FAMILIES:
             for recompute in ("none", "full"):
                 stages = (0, 1) if recompute == "full" else ()
-                candidate = evaluate(_costs(32), Config(name, 1, m, 16 // m), 2, (0, 3, 6), stages, space.link)
+                config = Config(name, 1, m, 16 // m)
+                candidate = evaluate(_costs(32), config, 2, (0, 3, 6), stages, space.link)
                 if candidate.peak_memory <= 6e6:
                     fitting.append(candidate.step_time)
     assert choice.predicted_step_s == min(fitting) and choice.peak_memory <= 6e6
