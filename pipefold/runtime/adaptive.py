@@ -60,6 +60,10 @@ class AdaptiveRunner:
             self._running = wanted
         return choice
 
+    def forget(self) -> None:
+        """The pipeline was switched outside this runner: the next `prepare` applies its choice again."""
+        self._running = None
+
     def finish(self, choice: AdaptiveChoice) -> None:
         """The step run as `choice` is done: its measured step (the gathered timeline's) goes to
         the re-check."""
