@@ -53,7 +53,7 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
     from pipefold.job.adaptive_choice import gpt_chooser
     from pipefold.job.sections import ModelConfig, ScheduleConfig
     from pipefold.model.zoo import gpt_layers, gpt_loss
-    from pipefold.plan.adaptive import AdaptiveChoice
+    from pipefold.plan.adaptive import AdaptiveChoice, BatchTooLong, length_bucket
     from pipefold.plan.orders import family_schedule
     from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions, TransportOptions
     from pipefold.runtime.adaptive import AdaptiveRunner
@@ -92,10 +92,33 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
 
     adaptive = AdaptiveRunner(pipe, chooser())
     fixed_chooser = chooser()
+
+    def fastest_or_leanest(rows: int, length: int) -> AdaptiveChoice:
+        """The fastest choice that fits; where none does, the leanest (it runs over the limit)."""
+        try:
+            return fixed_chooser.ranked(rows, length)[0]
+        except BatchTooLong as error:
+            return error.leanest
+
     fixed: dict[str, AdaptiveChoice] = {
-        "padded": fixed_chooser.ranked(most_rows, args.seq_len)[0],
-        "fixed-mean": fixed_chooser.ranked(mean_rows, round(mean_len))[0],
+        "padded": fastest_or_leanest(most_rows, args.seq_len),
+        "fixed-mean": fastest_or_leanest(mean_rows, round(mean_len)),
     }
+
+    def predicted_peak(way: str) -> int:
+        """The largest predicted peak (weights, gradients, optimizer state, activations) of a rank
+        over the round's batches, as the way runs them."""
+        peaks = []
+        for inputs, _ in batches:
+            rows, length = inputs.shape
+            if way == "adaptive":
+                peaks.append(adaptive.chooser.choose(rows, length).peak_memory)
+                continue
+            label = fixed[way].label
+            length = args.seq_len if way == "padded" else length
+            priced = fixed_chooser.priced(rows, length_bucket(length))
+            peaks += [c.peak_memory for c in priced if c.label == label]
+        return max(peaks)
 
     def use(choice: AdaptiveChoice) -> None:
         for stage in pipe.stages:
@@ -150,6 +173,7 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
         for way, runs in results.items():
             wall = sum(r[0] for r in runs)
             summary[way] = {
+                "predicted_peak": predicted_peak(way),
                 "tokens_per_s": useful_tokens * len(runs) / wall,
                 "round_s": statistics.median(r[0] for r in runs),
                 "activation_peak": max(r[1] for r in runs),
@@ -188,17 +212,22 @@ def main() -> int:
     print(f"batch lengths: {lengths} (mean {statistics.fmean(lengths):.0f}); "
           f"{summary['useful_tokens']} useful tokens per round")
     for row in summary["choices"]["adaptive"]:
-        print(f"adaptive: length <= {row['bucket']}, {row['rows']} rows -> {row['choice']} "
-              f"(measured {', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in row['measured_s'].items())})")
+        state = "" if row["settled"] else ", re-check not finished"
+        print(f"adaptive: length <= {row['bucket']}, {row['rows']} rows, {row['steps']} steps -> "
+              f"{row['choice']} "
+              f"(measured {', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in row['measured_s'].items())}{state})")
     print(f"padded: {summary['choices']['padded']}; fixed-mean: {summary['choices']['fixed-mean']}")
-    print("| way | useful tokens/s | round s (median) | peak activation bytes (any rank, any step) |")
-    print("|---|---|---|---|")
+    limit = f" (limit {args.memory_limit})" if args.memory_limit else ""
+    print(f"| way | useful tokens/s | round s (median) | peak activation bytes counted (any rank, any step) "
+          f"| predicted peak per rank{limit} |")
+    print("|---|---|---|---|---|")
     for way in WAYS:
         s = summary[way]
-        print(f"| {way} | {s['tokens_per_s']:.0f} | {s['round_s']:.2f} | {s['activation_peak']:,} |")
+        print(f"| {way} | {s['tokens_per_s']:.0f} | {s['round_s']:.2f} | {s['activation_peak']:,} "
+              f"| {s['predicted_peak']:,} |")
     base = summary["adaptive"]["tokens_per_s"]
     for way in WAYS[1:]:
-        print(f"| adaptive / {way} | {base / summary[way]['tokens_per_s']:.2f} | | |")
+        print(f"| adaptive / {way} | {base / summary[way]['tokens_per_s']:.2f} | | | |")
     return 0
 
 

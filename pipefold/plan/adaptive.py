@@ -143,7 +143,8 @@ class BatchTooLong(ConfigError):
         super().__init__(
             f"a batch of {rows} rows x seq_len={seq_len} (bucket {leanest.bucket}) does not fit "
             f"{space.memory_hint}={format_bytes(limit)} ({limit:.0f} bytes) per rank under any choice: the "
-            f"leanest, {leanest.label}, needs {format_bytes(leanest.peak_memory)} ({leanest.peak_memory} bytes); "
+            f"leanest, {leanest.label}, needs {format_bytes(leanest.peak_memory)} "
+            f"({leanest.peak_memory} bytes); "
             f"raise {space.memory_hint} to at least that, or give batches of fewer tokens (shorter "
             "sequences or fewer rows: model.seq_len / batch_size), or more ranks"
         )
@@ -175,7 +176,7 @@ class AdaptiveChooser:
         """Every choice that fits the memory limit for this shape, fastest predicted first.
         Raises BatchTooLong where none fits."""
         bucket = length_bucket(seq_len)
-        choices = self._priced(rows, bucket)
+        choices = self.priced(rows, bucket)
         fitting = [c for c in choices if c.peak_memory <= self.space.memory_limit]
         if not fitting:
             leanest = min(choices, key=lambda c: (c.peak_memory, c.predicted_step_s))
@@ -230,7 +231,8 @@ class AdaptiveChooser:
             })
         return rows
 
-    def _priced(self, rows: int, bucket: int) -> list[AdaptiveChoice]:
+    def priced(self, rows: int, bucket: int) -> list[AdaptiveChoice]:
+        """Every choice of the space for `rows` x `bucket` (a bucket length), whether it fits or not."""
         space = self.space
         costs = self._costs.get(bucket)
         if costs is None:

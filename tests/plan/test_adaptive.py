@@ -92,7 +92,7 @@ def test_a_tight_limit_moves_a_long_bucket_to_recomputation_and_short_ones_not()
 
 def test_a_batch_that_fits_no_choice_is_refused_with_the_value_and_the_fix():
     leanest = min(
-        (c for c in AdaptiveChooser(_costs, _space())._priced(1, 512)), key=lambda c: c.peak_memory
+        (c for c in AdaptiveChooser(_costs, _space()).priced(1, 512)), key=lambda c: c.peak_memory
     )
     space = _space(memory_limit=leanest.peak_memory - 1, memory_hint="schedule.memory_limit")
     chooser = AdaptiveChooser(_costs, space)
