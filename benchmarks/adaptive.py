@@ -212,10 +212,10 @@ def main() -> int:
     print(f"batch lengths: {lengths} (mean {statistics.fmean(lengths):.0f}); "
           f"{summary['useful_tokens']} useful tokens per round")
     for row in summary["choices"]["adaptive"]:
-        state = "" if row["settled"] else ", re-check not finished"
+        times = row["trial_s"] if row["settled"] else row["measured_s"]
+        state = "re-check" if row["settled"] else "re-check not finished"
         print(f"adaptive: length <= {row['bucket']}, {row['rows']} rows, {row['steps']} steps -> "
-              f"{row['choice']} "
-              f"(measured {', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in row['measured_s'].items())}{state})")
+              f"{row['choice']} ({state}: {', '.join(f'{k} {v * 1e3:.0f} ms' for k, v in times.items())})")
     print(f"padded: {summary['choices']['padded']}; fixed-mean: {summary['choices']['fixed-mean']}")
     limit = f" (limit {args.memory_limit})" if args.memory_limit else ""
     print(f"| way | useful tokens/s | round s (median) | peak activation bytes counted (any rank, any step) "

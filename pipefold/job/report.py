@@ -301,9 +301,9 @@ def finish(
 
 
 def _adaptive_line(row: dict[str, Any]) -> str:
-    measured = ", ".join(f"{label} {seconds * 1e3:.0f} ms" for label, seconds in row["measured_s"].items())
-    if not row["settled"]:
-        measured += " (re-check not finished)"
+    times = row["trial_s"] if row["settled"] else row["measured_s"]
+    measured = ", ".join(f"{label} {seconds * 1e3:.0f} ms" for label, seconds in times.items())
+    measured = f"re-check {measured}" if row["settled"] else f"{measured} (re-check not finished)"
     return (
         f"adaptive: length <= {row['bucket']}, {row['rows']} rows ({row['steps']} steps) -> {row['choice']}, "
         f"predicted {row['predicted_step_s'] * 1e3:.0f} ms, {format_bytes(row['peak_memory'])} per rank; "

@@ -160,6 +160,8 @@ class _Bucket:
     measured: dict[str, list[float]] = field(default_factory=dict)
     settled: bool = False
     steps: int = 0
+    verdict: dict[str, float] = field(default_factory=dict)
+    """The trial's median step per choice when it settled (later steps do not change it)."""
 
 
 class AdaptiveChooser:
@@ -214,9 +216,12 @@ class AdaptiveChooser:
         medians = [statistics.median(state.measured[option.label]) for option in state.options]
         state.current = 0 if medians[0] <= medians[1] else 1
         state.settled = True
+        state.verdict = {option.label: median for option, median in zip(state.options, medians, strict=True)}
 
     def report(self) -> list[dict[str, Any]]:
-        """Per (rows, bucket) seen: the choice it runs now, the predictions and measurements."""
+        """Per (rows, bucket) seen: the choice it runs now, its prediction, the trial's median step
+        per choice that decided it (`trial_s`, empty until settled) and every step's median per
+        choice run (`measured_s`)."""
         rows: list[dict[str, Any]] = []
         for (num_rows, bucket), state in sorted(self._buckets.items(), key=lambda item: item[0][1]):
             chosen = state.options[state.current]
@@ -224,6 +229,7 @@ class AdaptiveChooser:
                 "bucket": bucket, "rows": num_rows, "steps": state.steps, "choice": chosen.label,
                 **chosen.to_json(),
                 "settled": state.settled,
+                "trial_s": dict(state.verdict),
                 "measured_s": {
                     label: statistics.median(times) for label, times in state.measured.items()
                 },

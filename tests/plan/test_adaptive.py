@@ -132,6 +132,7 @@ def test_the_measured_recheck_keeps_the_faster_of_the_two_best(best_s, runner_up
     assert row["bucket"] == 32 and row["rows"] == 16 and row["steps"] == 5 and row["settled"]
     assert row["choice"] == settled.label and row["runner_up"] == (runner_up, best)[kept].label
     assert row["measured_s"][best.label] == pytest.approx(best_s)
+    assert row["trial_s"] == {best.label: best_s, runner_up.label: runner_up_s}
 
 
 def test_no_recheck_with_zero_trial_steps():
