@@ -82,6 +82,9 @@ class ParallelConfig:
     """Vocabulary size, which vocabulary parallelism splits; None = unknown (not checked)."""
     compile: bool = False
     """Each layer runs through torch.compile."""
+    adaptive: bool = False
+    """Each batch runs with the micro-batches, flush family and recomputation the cost model
+    chooses for its length (`pipefold.plan.adaptive`)."""
 
     @property
     def asynchronous(self) -> bool:
@@ -120,6 +123,7 @@ class _Rules:
         self.full_shard()
         self.tensor_parallel()
         self.pure_precision()
+        self.adaptive()
 
     def degrees(self) -> None:
         c = self.c
@@ -253,6 +257,32 @@ class _Rules:
                 f"bf16 weights are not composed with sharded data parallelism ({sharded}): its "
                 f"optimizer shards and reduce-scatters do not keep fp32 master copies; use "
                 f"{n('shard')}='replicate' without {n('zero')}, or {instead}",
+            )
+
+    def adaptive(self) -> None:
+        """The adaptive choice switches one pipeline's order, micro-batches and recomputation
+        between steps, from measurements every rank of it shares."""
+        c, n = self.c, self.name
+        if not c.adaptive:
+            return
+        if c.asynchronous:
+            self.refuse(
+                "adaptive",
+                f"{n('schedule')}={c.schedule!r} updates weights inside the step, so its order cannot "
+                "change between steps; use a flush schedule (1f1b, zb-h1, ...) or drop it",
+            )
+        for field, what in (("dp", "replicas"), ("tp", "tensor-parallel ranks")):
+            if getattr(c, field) > 1:
+                self.refuse(
+                    "adaptive",
+                    f"it is not composed with {what} yet ({n(field)}={getattr(c, field)}: each would measure "
+                    f"its own steps and could choose differently); use {n(field)}=1 or drop it",
+                )
+        if c.recompute != "none":
+            self.refuse(
+                "adaptive",
+                f"it chooses the recomputation per batch itself ({n('recompute')}={c.recompute!r} is "
+                f"given); leave {n('recompute')}='none' or drop it",
             )
 
     def tensor_parallel(self) -> None:

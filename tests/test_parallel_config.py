@@ -186,3 +186,21 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
             layers, loss_fn=F.mse_loss, schedule="pipedream", parallel=ParallelOptions(optimizer=sgd),
             runtime=RuntimeOptions(on_nonfinite="skip"),
         )
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({**ASYNC, "adaptive": True}, "adaptive=True is not allowed: schedule='pipedream' updates weights"),
+        ({"adaptive": True, "dp": 2}, "adaptive=True is not allowed: it is not composed with replicas"),
+        ({"adaptive": True, "tp": 2}, "adaptive=True is not allowed: it is not composed with tensor"),
+        ({"adaptive": True, "recompute": "full"}, "it chooses the recomputation per batch itself"),
+    ],
+)
+def test_adaptive_refusals(fields, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ParallelConfig(**fields).check()
+
+
+def test_adaptive_alone_passes():
+    ParallelConfig(pp=2, adaptive=True, schedule="zb-h1", weight_update="flush").check()

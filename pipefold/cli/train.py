@@ -44,6 +44,8 @@ _FLAGS: dict[str, str] = {
     "model": "model.path",
     "data": "data.path",
     "bucket_by_length": "data.bucket_by_length",
+    "adaptive": "schedule.adaptive",
+    "memory_limit": "schedule.memory_limit",
     "schedule": "schedule.name",
     "ranks": "schedule.ranks",
     "data_parallel": "schedule.data_parallel",
@@ -150,6 +152,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--bucket-by-length", action="store_true", default=None,
                         help="batch lines of the corpus of similar length: each step its own length "
                         "(up to the model's seq_len), about batch-size x seq_len tokens, none padded")
+    parser.add_argument("--adaptive", action="store_true", default=None,
+                        help="choose each batch's micro-batch count, flush family (of the schedule's "
+                        "placement) and recomputation from the cost model at its length, within "
+                        "--memory-limit, re-checked against measured steps; use with --bucket-by-length")
+    parser.add_argument("--memory-limit", metavar="BYTES",
+                        help='with --adaptive: what each rank may use, e.g. "2GiB" (default: no limit)')
     parser.add_argument("--virtual", type=int, help="stages per rank (default: the family's own)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps; default {TrainConfig.steps}")
     parser.add_argument("--batch-size", type=int,

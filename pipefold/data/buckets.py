@@ -128,6 +128,11 @@ class LengthBuckets:
         return [batches[i] for i in order.tolist()]
 
     @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(rows, length) of every bucket's batches, shortest length first."""
+        return [(bucket.rows, bucket.length) for bucket in self._buckets]
+
+    @property
     def batches_per_epoch(self) -> int:
         return len(self._order)
 

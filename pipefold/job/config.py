@@ -64,6 +64,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     file = ""                  # a schedule JSON to run instead of `name` (e.g. a found one)
     retune_every = 0           # re-search the order from the run's measured costs every N steps
     streaming = false          # pipedream / pipedream-2bw: overlap consecutive steps (Pipeline.train)
+    adaptive = false           # choose micro-batches, family and recomputation per batch length (--adaptive)
+    memory_limit = ""          # bytes per rank the adaptive choice must fit, e.g. "2GiB"; "" = no limit
 
     [optimizer]
     lr = 3e-3
@@ -97,6 +99,7 @@ from pipefold.data.tokens import is_token_file, token_split_sizes
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
+from pipefold.job.adaptive_choice import config_bounds, gpt_chooser, longest_batch
 from pipefold.job.sections import (
     CLIP_AUTO,
     DEFAULT_CLIP_NORM,
@@ -348,6 +351,8 @@ class TrainConfig:
             f"{num_stages - NUM_EXTRA_LAYERS} or fewer ranks / virtual stages",
         )
         self._check_partition(num_stages, num_layers)
+        if self.schedule.adaptive:
+            self._check_adaptive()
 
     def _check_held_out(self) -> None:
         """Evaluation needs held-out data: at least one sequence (model.seq_len + 1 tokens) in the
@@ -479,6 +484,34 @@ class TrainConfig:
             self.data.bucket_min_len <= self.model.seq_len, "data.bucket_min_len", self.data.bucket_min_len,
             f"the shortest bucket must fit model.seq_len={self.model.seq_len}; use at most {self.model.seq_len}",
         )
+
+    def _check_adaptive(self) -> None:
+        """schedule.adaptive: one batch per pipeline call, of the built-in GPT, whose costs the
+        chooser estimates per length."""
+        require(
+            self.model.hf is None, "schedule.adaptive", True,
+            "the adaptive choice prices the built-in GPT's layers per length; it is not there yet for a "
+            "Hugging Face model (model.path): drop --adaptive or model.path",
+        )
+        require(
+            self.grad_accumulation == 1, "grad_accumulation", self.grad_accumulation,
+            "--adaptive chooses per pipeline call and accumulated calls would each need their own; use 1",
+        )
+        require(
+            self.model.dropout == 0, "model.dropout", self.model.dropout,
+            "--adaptive may recompute, which dropout does not support yet; use 0 or drop --adaptive",
+        )
+        # The longest batch priced now where the partition is known without the layers: a batch
+        # no choice fits is refused before any process starts (else at set-up, on every rank).
+        schedule = self.schedule.built
+        bounds = config_bounds(self.partition, schedule.num_stages, self.model.num_model_layers)
+        if bounds is not None and len(bounds) == schedule.num_stages + 1:
+            chooser = gpt_chooser(
+                self.model, self.schedule, self.precision, bounds=bounds, placement=schedule.placement,
+                device_type="cpu",
+            )
+            bucketed = self.data.bucket_by_length
+            chooser.ranked(*longest_batch(self.schedule, self.batch_size, self.model.seq_len, bucketed))
 
     def _check_asynchronous(self) -> None:
         """What needs the whole step's gradient before the update: refused where the schedule

@@ -35,6 +35,7 @@ from pipefold.files import write_atomic
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.setup import Job
 from pipefold.model.zoo import GPT, generate, gpt_loss
+from pipefold.plan.units import format_bytes
 from pipefold.runtime import Pipeline
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.runtime.parallel.tensor_parallel import local, whole
@@ -276,6 +277,9 @@ def finish(
         # Where schedule.retune_every switched the order (pipefold/job/retune.py): the step, what
         # ran before and after, both predictions, both measurements, and whether it was kept.
         "retunes": retunes or [],
+        # schedule.adaptive: per (rows, length bucket) the choice it ran last, its prediction, the
+        # measured medians of the choices tried and the runner-up (pipefold/plan/adaptive.py).
+        "adaptive": job.adaptive.chooser.report() if job.adaptive is not None else None,
         "sample_prompt": SAMPLE_PROMPT,
         "sample": sample,
         "torch": torch.__version__,
@@ -292,6 +296,8 @@ def finish(
         )
         if memory:
             console.print(_memory_line(memory))
+        for row in summary["adaptive"] or []:
+            console.print(_adaptive_line(row))
         if sample:
             console.rule("sample")
             console.print(sample, markup=False, highlight=False)
@@ -303,6 +309,17 @@ def finish(
             + (f", {out / HF_DIR}/ (Hugging Face format)" if job.hf is not None else "")
         )
     return TrainResult(steps=records, summary=summary, out_dir=out, sample=sample)
+
+
+def _adaptive_line(row: dict[str, Any]) -> str:
+    times = row["trial_s"] if row["settled"] else row["measured_s"]
+    measured = ", ".join(f"{label} {seconds * 1e3:.0f} ms" for label, seconds in times.items())
+    measured = f"re-check {measured}" if row["settled"] else f"{measured} (re-check not finished)"
+    return (
+        f"adaptive: length <= {row['bucket']}, {row['rows']} rows ({row['steps']} steps) -> {row['choice']}, "
+        f"predicted {row['predicted_step_s'] * 1e3:.0f} ms, {format_bytes(row['peak_memory'])} per rank; "
+        f"measured {measured}"
+    )
 
 
 @torch.no_grad()

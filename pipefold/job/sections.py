@@ -17,6 +17,7 @@ from pipefold.errors import ConfigError, ScheduleError
 from pipefold.hf.files import ModelFiles, inspect_model
 from pipefold.parallel_config import ParallelConfig
 from pipefold.plan.probe import SEARCHED, probe_base
+from pipefold.plan.units import parse_bytes
 from pipefold.schedule import STREAMING_FAMILIES, Schedule, build
 from pipefold.schedule.io import load
 
@@ -71,6 +72,7 @@ PARALLEL_NAMES = {
     "seq_len": "model.seq_len",
     "on_nonfinite": "on_nonfinite",
     "compile": "compile",
+    "adaptive": "schedule.adaptive",
 }
 """How the TOML file spells the rulebook's fields (`ParallelConfig.check`)."""
 
@@ -258,6 +260,14 @@ class ScheduleConfig:
     k's backwards drain, and the pipeline fills and drains once per stream (before a checkpoint,
     an evaluation, the end, or every 50 steps) instead of once per step. pipedream and
     pipedream-2bw only (pipefold/job/streaming.py, docs/schedules.md)."""
+    adaptive: bool = False
+    """Run each batch with the micro-batch count (a divisor of num_microbatches), the flush family
+    of this schedule's stage placement and the recomputation the cost model chooses for its
+    length, within memory_limit, re-checked against measured steps (flag: --adaptive;
+    pipefold.plan.adaptive, docs/schedules.md, "Adaptive choice per batch")."""
+    memory_limit: str = ""
+    """Bytes each rank may use for the adaptive choice, e.g. "2GiB" (the planner's memory model);
+    "" = no limit (then nothing is recomputed)."""
     loaded: InitVar[Schedule | None] = None
     """The contents of `file` where the caller has read it already (the CLI does, to fill ranks
     and micro-batches from it), so it is read once; not a setting."""
@@ -290,6 +300,8 @@ class ScheduleConfig:
             "schedule drains before every update); use --schedule pipedream or pipedream-2bw, or drop "
             "--streaming",
         )
+        if self.adaptive or self.memory_limit:
+            self._check_adaptive()
         if self.name in SEARCHED:
             wanted = SEARCHED[self.name][1]
             require(
@@ -300,6 +312,30 @@ class ScheduleConfig:
             )
         # Not a field: equality, to_dict and summary.json see the settings only.
         object.__setattr__(self, "_built", self._build_schedule(loaded))
+
+    @property
+    def memory_limit_bytes(self) -> float:
+        """`memory_limit` in bytes; inf where it is empty."""
+        return parse_bytes(self.memory_limit) if self.memory_limit else math.inf
+
+    def _check_adaptive(self) -> None:
+        require(
+            self.adaptive, "schedule.memory_limit", self.memory_limit,
+            "it bounds the adaptive choice per batch; add --adaptive (schedule.adaptive = true) or drop it",
+        )
+        try:
+            limit = self.memory_limit_bytes
+        except ConfigError as error:
+            raise ConfigError(
+                f"schedule.memory_limit={self.memory_limit!r} is not allowed: {error}"
+            ) from None
+        require(limit > 0, "schedule.memory_limit", self.memory_limit, 'use a size such as "2GiB"')
+        fix = "while --adaptive chooses per batch; use a family or drop --adaptive"
+        one = "has one micro-batch count"
+        require(self.name not in SEARCHED, "schedule.name", self.name, f"a searched order {one}, {fix}")
+        require(not self.file, "schedule.file", self.file, f"a schedule file {one}, {fix}")
+        retune = self.retune_every
+        require(retune == 0, "schedule.retune_every", retune, f"re-tuning changes the order, {fix}")
 
     def parallel(self, **known: Any) -> ParallelConfig:
         """This section as the rulebook's `ParallelConfig`; `known` adds what other sections say."""
@@ -313,6 +349,7 @@ class ScheduleConfig:
             sequence_parallel=self.sequence_parallel,
             vocab_parallel=self.vocab_parallel,
             shard=self.shard,
+            adaptive=self.adaptive,
             **known,
         )
 

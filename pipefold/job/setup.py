@@ -23,6 +23,7 @@ from pipefold.data.tokens import TokenData, load_tokens
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.hf.model import CausalLM, load_causal_lm, next_token_loss
+from pipefold.job.adaptive import adaptive_runner
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import lr_scheduler, parameter_groups
 from pipefold.job.rng import restore_rng_state
@@ -40,6 +41,7 @@ from pipefold.runtime import (
     sharded_optimizer,
     tune_schedule,
 )
+from pipefold.runtime.adaptive import AdaptiveRunner
 from pipefold.runtime.checkpoint import load_checkpoint, read_checkpoint_info
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 from pipefold.runtime.processes.launch import init_process_group_from_env
@@ -75,6 +77,9 @@ class Job:
     """For a searched schedule ("auto", "auto-v"): what the search found, to report."""
     hf: CausalLM | None = None
     """The Hugging Face model (model.path); None for the built-in GPT."""
+    adaptive: AdaptiveRunner | None = None
+    """With schedule.adaptive: what chooses and applies each batch's micro-batches, family and
+    recomputation (pipefold.job.adaptive)."""
     tokens: TokenData | None = None
     """Its train and validation ids."""
 
@@ -145,10 +150,14 @@ def set_up(config: TrainConfig) -> Job:
         else None
     )
     start_step = _resume(config, pipe, optimizers, scheduler, sampler, device)
+    adaptive = None
+    if config.schedule.adaptive:
+        shapes = sampler.shapes if isinstance(sampler, LengthBuckets) else [(config.batch_size, m.seq_len)]
+        adaptive = adaptive_runner(config, pipe, shapes)
     return Job(
         config=config, device=device, rank=dist.get_rank(), corpus=corpus, layers=layers,
         sampler=sampler, pipe=pipe, optimizer=optimizer, optimizers=optimizers, scheduler=scheduler,
-        start_step=start_step, searched=searched, hf=hf, tokens=tokens,
+        start_step=start_step, searched=searched, hf=hf, tokens=tokens, adaptive=adaptive,
     )
 
 

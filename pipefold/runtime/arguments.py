@@ -84,15 +84,21 @@ def describe(
     )
 
 
-def check_swappable(current: Schedule, schedule: Any) -> Schedule:
+def check_swappable(current: Schedule, schedule: Any, most_microbatches: int) -> Schedule:
     """`schedule` if a running pipeline of `current` can switch to it (`Pipeline.use_schedule`):
-    a valid flush schedule for the same ranks, micro-batches and stage placement, so every rank
-    keeps its stages, weights, optimizer and transport. Raises ConfigError otherwise."""
+    a valid flush schedule for the same ranks and stage placement with at most
+    `most_microbatches` (what the pipeline was built with: its transport is sized for them),
+    so every rank keeps its stages, weights, optimizer and transport. Raises ConfigError otherwise."""
     if not isinstance(schedule, Schedule):
         raise ConfigError(f"use_schedule({schedule!r}): give a pipefold.schedule.Schedule")
+    if schedule.num_microbatches > most_microbatches:
+        raise ConfigError(
+            f"use_schedule: {schedule.name!r} has {schedule.num_microbatches} micro-batches, more than "
+            f"the {most_microbatches} this pipeline was built with (its transport is sized for "
+            "them); build the Pipeline with the most micro-batches you will run"
+        )
     for what, now, new in (
         ("ranks", current.num_ranks, schedule.num_ranks),
-        ("micro-batches", current.num_microbatches, schedule.num_microbatches),
         ("stage placement", current.placement, schedule.placement),
         ("weight update", current.weight_update, schedule.weight_update),
     ):

@@ -118,6 +118,10 @@ class CountingTurns:
         self._counted_for: set[Hashable] = set()
         self._peak = 0
 
+    def forget(self) -> None:
+        """Count every shape again (the schedule or the recomputation changed its peaks)."""
+        self._counted_for.clear()
+
     def due(self, batch_key: Hashable, step_index: int) -> bool:
         return batch_key not in self._counted_for or step_index % self._every == 0
 

@@ -149,6 +149,7 @@ class Pipeline:
         )
         described.check()
         self.schedule = resolve_schedule(schedule, dims.num_ranks, num_microbatches, num_virtual)
+        self._most_microbatches = self.schedule.num_microbatches
         self.parallel_config = replace(
             described,
             num_virtual=self.schedule.num_virtual,
@@ -327,11 +328,12 @@ class Pipeline:
 
     def use_schedule(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on, in place of the current one (see docs/decisions.md,
-        "changing the schedule"). It must be a flush schedule for the same ranks, micro-batches and stage
-        placement, so every rank keeps its stages, weights, optimizer and transport. Every rank
+        "changing the schedule"). It must be a flush schedule for the same ranks and stage placement,
+        with at most the micro-batches the pipeline was built with (its transport is sized for
+        them), so every rank keeps its stages, weights, optimizer and transport. Every rank
         of the pipeline, and of its replicas and tp peers, must switch to the same schedule
         before its next step (`pipefold train` broadcasts it). Raises ConfigError otherwise."""
-        schedule = check_swappable(self.schedule, schedule)
+        schedule = check_swappable(self.schedule, schedule, self._most_microbatches)
         if self.runtime_options.fuse_backward:
             schedule = fuse_adjacent_split_backward(schedule)
         program = lower(self._with_sharding(schedule))
@@ -339,6 +341,7 @@ class Pipeline:
         self._timeline_slots = max(len(row) for row in program.instructions)
         self.schedule = schedule
         self.recorder.use(schedule, self._timeline_slots)
+        self._counting.forget()  # another order (or recomputation) has other peaks
 
     # -- configuration helpers ---------------------------------------------------------------
 

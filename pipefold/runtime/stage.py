@@ -90,6 +90,17 @@ class Stage:
         boundary), the last stage's outputs in this dtype leave in fp32 (for the loss)."""
         self.device_type = "cpu"
 
+    def set_recompute(self, recompute_all: bool) -> None:
+        """Recompute the whole stage in its backward from the next step on, or stop (selective
+        layers stay as built); between steps only, and not with a weight stash."""
+        if self.stash is not None:
+            raise ConfigError(
+                f"stage {self.index} steps a weight stash; its recomputation is fixed when the "
+                "pipeline is built"
+            )
+        self._recompute_all = recompute_all
+        self.recomputes = recompute_all or any(self._checkpointed)
+
     def _run(self, value: Any) -> Any:
         for call, module, checkpointed in zip(self._calls, self.modules, self._checkpointed, strict=True):
             if not checkpointed:
