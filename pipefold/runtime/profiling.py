@@ -56,6 +56,8 @@ class LayerProfile:
     """Median I time (input gradients only), seconds; None unless profiled with `split_backward=True`."""
     weight_grad_s: float | None = None
     """Median W time (weight gradients, after I), seconds; None unless profiled with `split_backward=True`."""
+    loss_bytes: int = 0
+    """Bytes the loss saves for its backward (beyond `activation_bytes`); the last layer's, with `loss_fn`."""
 
     @property
     def total_s(self) -> float:
@@ -90,9 +92,9 @@ def _detached_input(value: Any) -> Any:
 def _forward_saving(
     layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int],
     loss: Callable[[Any], Any] | None = None,
-) -> tuple[Any, int]:
-    """Run one forward; count the bytes autograd saves for backward, each storage once. With
-    `loss`, also what the loss saves of the output (the last stage holds both per micro-batch)."""
+) -> tuple[Any, int, int]:
+    """Run one forward; count the bytes autograd saves for backward, each storage once: the layer's,
+    and with `loss` what the loss saves beyond them (the last stage holds both per micro-batch)."""
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
@@ -104,9 +106,10 @@ def _forward_saving(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = apply_layer(layer, module, _detached_input(value))
+        own = sum(saved.values())
         if loss is not None:
             loss(output)
-    return output, sum(saved.values())
+    return output, own, sum(saved.values()) - own
 
 
 def _apply_loss(loss_fn: Callable[[Any, Any], Tensor], target: Tensor, output: Any) -> Tensor:
@@ -148,10 +151,10 @@ def profile(
 ) -> list[LayerProfile]:
     """Measure every layer on `device` for an input like `sample`; element i is layer i.
 
-    With `loss_fn` and `target` (a micro-batch of targets), the last layer's `activation_bytes`
-    also counts what `loss_fn(output, target)` saves for its backward (a cross-entropy keeps its
-    log-probabilities: as large as the logits), which the pipeline's last stage holds per
-    micro-batch in flight. Times stay the layers' own.
+    With `loss_fn` and `target` (a micro-batch of targets), the last layer's `loss_bytes` is
+    what `loss_fn(output, target)` saves for its backward beyond the layer's own (a cross-entropy
+    keeps its log-probabilities: as large as the logits), which the pipeline's last stage holds
+    per micro-batch in flight. Times stay the layers' own.
 
     Each layer is warmed up once, then timed `num_repeats` times (the median is
     kept). With `split_backward`, the I and W halves of each backward are timed too
@@ -180,7 +183,7 @@ def profile(
             loss: Callable[[Any], Any] | None = None
             if loss_fn is not None and target is not None and index == last:
                 loss = functools.partial(_apply_loss, loss_fn, target.to(where))
-            output, activation_bytes = _forward_saving(layer, module, value, parameter_ptrs, loss)
+            output, activation_bytes, loss_bytes = _forward_saving(layer, module, value, parameter_ptrs, loss)
             needs_backward = any(t.requires_grad for t in _tensors(output))
             split = split_backward and needs_backward
             if needs_backward:
@@ -210,6 +213,7 @@ def profile(
                     output=TensorMeta.of(output, what="the output of a profiled layer"),
                     input_grad_s=_median_or_zero(input_times) if split_backward else None,
                     weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
+                    loss_bytes=loss_bytes,
                 )
             )
             value = tuple(t.detach() for t in _tensors(output))

@@ -80,8 +80,9 @@ def test_loss_saved_tensors_count_on_the_last_layer():
     sample, target = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
     plain = profile(layers, sample, num_repeats=1)
     with_loss = profile(layers, sample, num_repeats=1, loss_fn=nn.functional.cross_entropy, target=target)
-    assert with_loss[0].activation_bytes == plain[0].activation_bytes
-    extra = with_loss[1].activation_bytes - plain[1].activation_bytes
+    assert [p.activation_bytes for p in with_loss] == [p.activation_bytes for p in plain]
+    assert plain[1].loss_bytes == with_loss[0].loss_bytes == 0
+    extra = with_loss[1].loss_bytes
     assert 4 * 7 * 4 + target.nbytes <= extra <= 4 * 7 * 4 + target.nbytes + 16
 
 
