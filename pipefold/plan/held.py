@@ -116,9 +116,9 @@ def held_terms(
                             sum(min(a[2], b[2]) for a, b in parts)))
         else:
             for flags in choices or itertools.product((False, True), repeat=len(stages)):
-                parts = [per_stage(recomputed if flag else plain, s, room) for s, flag in zip(stages, flags,
-                                                                                              strict=True)]
-                options.append((sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)))
+                terms = [per_stage(recomputed if flag else plain, s, room)
+                         for s, flag in zip(stages, flags, strict=True)]
+                options.append((sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms)))
         rows.append(options)
         first = stages[0] if stages == sorted(stages) else min(stages)
         starts.append(fill[first])

@@ -28,7 +28,14 @@ from pipefold.plan.memory import (
     static_bytes,
     static_weight_bytes,
 )
-from pipefold.plan.orders import compiled_family, compiles, family_backward, family_placement, family_schedule
+from pipefold.plan.orders import (
+    compiled_family,
+    compiles,
+    family_backward,
+    family_placement,
+    family_schedule,
+    order_peaks,
+)
 from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
@@ -436,8 +443,9 @@ class _Search:
         model = self.model(record, recompute)
         if not compiles(schedule, model):
             return None
-        compiled = compiled_family(config.schedule, *sizes)
-        peaks = compiled.order_activation_peaks(model)
+        peaks = order_peaks(config.schedule, *sizes, model)
+        if peaks is None:
+            peaks = compiled_family(config.schedule, *sizes).order_activation_peaks(model)
         if peaks is None:
             return None
         costs = self.costs_of(record)
