@@ -11,11 +11,13 @@ timings depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from pipefold.plan import PlanOptions, plan
 from pipefold.plan.estimate import GptEstimate
 from pipefold.plan.hardware import load_hardware
+from pipefold.plan.orders import family_schedule
 
 HARDWARE = load_hardware("a100-80gb")
 MODEL = GptEstimate(num_layers=128, d_model=25600, num_heads=160, seq_len=2048, vocab_size=51200,
@@ -29,11 +31,14 @@ CASES = {
 
 
 def run(name: str) -> None:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = plan(MODEL, PlanOptions(**COMMON, **CASES[name]))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     choice = result.choice
-    print(f"{name}: {seconds:.2f} s, {result.num_simulated} simulations, {result.num_order_searches} order "
+    orders = family_schedule.cache_info().currsize
+    # CPU seconds beside wall seconds: on a shared machine the wall clock counts other jobs' time.
+    print(f"{name}: {seconds:.2f} s ({cpu:.2f} s of CPU, load average {os.getloadavg()[0]:.1f}), "
+          f"{result.num_simulated} simulations, {orders} family orders generated, {result.num_order_searches} order "
           f"searches; choice {choice.degree_text}, {choice.describe()}, step {choice.step_time:.2f} s")
 
 

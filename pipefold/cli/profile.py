@@ -29,6 +29,7 @@ Any other model, from Python:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -143,7 +144,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     import torch
 
     from pipefold.model.spec import TiedLayerSpec, layer_name
-    from pipefold.model.zoo import gpt_layers
+    from pipefold.model.zoo import gpt_layers, gpt_loss
     from pipefold.plan import ModelCosts
     from pipefold.plan.tensor import with_gpt_tensor_parallel
     from pipefold.runtime import profile
@@ -153,7 +154,10 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
                         tie_embeddings=not getattr(args, "untied", False))
     # A generator of its own, so profiling leaves the caller's random stream where it was.
     ids = torch.randint(0, args.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    profiles, where = _profile(layers, ids, device, threads, args.repeats, profile)
+    # The last layer's activations include what the loss saves (its log-probabilities), as the
+    # last stage of `pipefold train` holds them per micro-batch in flight.
+    with_loss = functools.partial(profile, loss_fn=gpt_loss, target=ids)
+    profiles, where = _profile(layers, ids, device, threads, args.repeats, with_loss)
     source = (
         f"measured on {where}, median of {args.repeats}: GPT (layers={args.num_layers}, "
         f"d_model={args.d_model}, heads={args.num_heads}, seq_len={args.seq_len}, vocab={args.vocab_size}), "

@@ -137,7 +137,7 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
 
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
-    "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees",
+    "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
 )
 
 
@@ -162,6 +162,10 @@ class ModelCosts:
     tensor_parallel_degrees: tuple[int, ...] = ()
     """The tensor-parallel degrees the split layers allow (the GPT: the divisors of its head
     count); empty: any. The planner searches no other."""
+    loss_bytes: int = 0
+    """Bytes the loss saves for its backward per `reference_rows` samples (a cross-entropy's
+    log-probabilities: as large as the logits), held by the last stage per micro-batch in flight,
+    recomputed or not (the loss runs outside the stage's checkpoints)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,7 +182,7 @@ class ModelCosts:
                 "the costs were taken for (an integer >= 1)"
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
-                     "overhead_s"):
+                     "overhead_s", "loss_bytes"):
             _non_negative("ModelCosts", name, getattr(self, name))
         degrees = tuple(self.tensor_parallel_degrees)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
@@ -274,6 +278,7 @@ class ModelCosts:
             for p in profiles
         )
         options.setdefault("source", "measured profile")
+        options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
         return cls(layers=layers, reference_rows=rows, input_bytes=input_bytes, **options)
 
     # -- serialization -----------------------------------------------------------------------

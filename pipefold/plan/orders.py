@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from pipefold.plan.bounds import Backward, backward_kind
 from pipefold.schedule import Schedule, build
-from pipefold.schedule.ir import WeightUpdate
+from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel
 from pipefold.simulate.compiled import CompiledSchedule
 
-__all__ = ["family_schedule", "compiled_family", "family_backward", "family_placement", "compiles"]
+__all__ = [
+    "family_schedule", "compiled_family", "family_backward", "family_placement", "compiles", "held_counts",
+    "order_peaks",
+]
 
 
 @functools.lru_cache(maxsize=512)
 def family_schedule(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
     """`build(name, ...)`, kept; large ones generated without `validate`."""
-    if num_ranks * num_microbatches <= 4096:
+    if num_ranks * num_microbatches <= 256:
         return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
     # A large family schedule is generated without `validate`, which costs as much as simulating it
-    # (seconds at 64 ranks x 512 micro-batches): the families are validated at many sizes by their
+    # (seconds at 64 ranks x 512 micro-batches, and most of a search's time at sizes in between): the families are validated at many sizes by their
     # tests, and the compiled simulation refuses an order that deadlocks.
     entry = family(name)
     entry.check(num_ranks, num_microbatches, num_virtual)
@@ -53,3 +58,65 @@ def compiles(schedule: Schedule, model: CostModel) -> bool:
     """Whether the compiled engine times this as `simulate` would, memory included: a flush
     (weights held once, so memory needs no timeline) on ranks that do not share cores."""
     return schedule.weight_update is WeightUpdate.FLUSH and CompiledSchedule.supports(model, schedule)
+
+
+_ABSORBED = 1e-15
+"""As `pipefold.simulate.compiled`: a duration below this share of the step could vanish in a sum."""
+
+
+@functools.lru_cache(maxsize=4096)
+def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
+                ) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
+    """Per rank, its stages and every distinct (activations held, W inputs held) count vector per
+    stage after each of its actions, in the family's order: the activation peak under any costs is
+    the largest product of these with the per-stage bytes (`order_peaks`), without compiling."""
+    schedule = family_schedule(name, num_ranks, num_microbatches, num_virtual)
+    result = []
+    for row in schedule.actions:
+        stages = sorted({action.stage for action in row})
+        column = {stage: index for index, stage in enumerate(stages)}
+        width = len(stages)
+        counts = [0] * (2 * width)
+        seen = {tuple(counts)}
+        for action in row:
+            op = action.op
+            if op is Op.STEP:
+                continue
+            index = column[action.stage]
+            if op is Op.F:
+                counts[index] += 1
+            elif op is Op.B:
+                counts[index] -= 1
+            elif op is Op.I:
+                counts[index] -= 1
+                counts[width + index] += 1
+            elif op is Op.W:
+                counts[width + index] -= 1
+            seen.add(tuple(counts))
+        result.append((tuple(stages), np.array(sorted(seen), dtype=np.float64).reshape(len(seen), 2 * width)))
+    return tuple(result)
+
+
+def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
+                ) -> tuple[int, ...] | None:
+    """Per rank, the activation peak `CompiledSchedule.order_activation_peaks` gives, from the cached
+    counts of the family's order (`held_counts`); None where that one would say None (a duration
+    so small that the order alone cannot tell which of two actions ends first)."""
+    # An upper bound on the compiled check's longest step (every action at the longest duration,
+    # overhead and send), so this says None wherever that check would.
+    compute = [d for table in (costs.f, costs.b, costs.i, costs.w) for d in table]
+    placement = family_placement(name, num_ranks, num_virtual)
+    sends = [costs.transfer_time(s, placement[s], placement[t]) for s in range(costs.num_stages - 1)
+             for t in (s, s + 1)] + [costs.transfer_time(s, placement[s + 1], placement[s])
+                                     for s in range(costs.num_stages - 1)]
+    num_actions = 4 * num_microbatches * costs.num_stages
+    longest = num_actions * (max(compute, default=0.0) + costs.action_overhead
+                             + 3 * costs.num_stages * max(sends, default=0.0))
+    if compute and min(compute) <= longest * _ABSORBED:
+        return None
+    peaks = []
+    for stages, counts in held_counts(name, num_ranks, num_microbatches, num_virtual):
+        weights = np.array([costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages],
+                           dtype=np.float64)
+        peaks.append(int(round(float((counts @ weights).max()))) if counts.size else 0)
+    return tuple(peaks)

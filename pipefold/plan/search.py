@@ -18,6 +18,7 @@ from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
+from pipefold.plan.held import HeldTerms, held_terms
 from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
 from pipefold.plan.memory import (
     RankMemory,
@@ -27,12 +28,19 @@ from pipefold.plan.memory import (
     static_bytes,
     static_weight_bytes,
 )
-from pipefold.plan.orders import compiled_family, compiles, family_backward, family_placement, family_schedule
+from pipefold.plan.orders import (
+    compiled_family,
+    compiles,
+    family_backward,
+    family_placement,
+    family_schedule,
+    order_peaks,
+)
 from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
 from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
-from pipefold.plan.space import Config, PlanOptions, is_asynchronous, search_space
+from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
 from pipefold.plan.topology import MeshLinks, place
@@ -172,6 +180,7 @@ class _Search:
         self._models: dict[tuple[object, ...], CostModel] = {}
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
+        self._held: dict[tuple[object, ...], HeldTerms] = {}
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -280,6 +289,23 @@ class _Search:
             terms = self._terms[key]
         return record.allreduce_s + terms.at(record.config.num_microbatches)
 
+    def held_bound(self, record: Record) -> float:
+        """Lower bound on the step of any order and any recompute choice the search may take that
+        fits the limit (`pipefold.plan.held`): Little's law on each rank's activations."""
+        if self.limit == math.inf:
+            return 0.0
+        config, degree = record.config, record.degree
+        allowed = self.recompute_choices(record)
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, record.placement,
+               allowed)
+        if key not in self._held:
+            plain = self.model(record, ())
+            everything = self.model(record, tuple(range(plain.num_stages)))
+            static = static_bytes(self.costs_of(record), plain, record.placement, degree.num_ranks)
+            headroom = [self.limit - held for held in static]
+            self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
+        return record.allreduce_s + self._held[key].at(config.num_microbatches)
+
     @property
     def threshold(self) -> float:
         """A configuration slower than this cannot enter the table."""
@@ -355,7 +381,7 @@ class _Search:
                     self._syncs[sync_key] = replica_sync_time(
                         costs, model, placement, pp, degree.num_data_parallel, links.data_parallel, zero)
                 record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
-                record.lower_bound = self.bound(record, ())
+                record.lower_bound = max(self.bound(record, ()), self.held_bound(record))
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
         records.sort(key=lambda r: (
@@ -364,7 +390,7 @@ class _Search:
         ))
         return records
 
-    def recompute_choices(self, record: Record) -> str:
+    def recompute_choices(self, record: Record) -> RecomputeChoice:
         if is_asynchronous(record.config.schedule):
             return "none"
         return self.options.recompute
@@ -386,7 +412,8 @@ class _Search:
         record.backward = family_backward(config.schedule, record.degree.num_ranks, config.num_microbatches,
                                     config.num_virtual)
         first = everything if choice == "full" else ()
-        bound = self.bound(record, first)
+        # The record's bound holds for every recompute choice and knows the memory limit.
+        bound = max(self.bound(record, first), record.lower_bound)
         if bound > self.threshold:
             record.prune(bound)
             return
@@ -416,8 +443,9 @@ class _Search:
         model = self.model(record, recompute)
         if not compiles(schedule, model):
             return None
-        compiled = compiled_family(config.schedule, *sizes)
-        peaks = compiled.order_activation_peaks(model)
+        peaks = order_peaks(config.schedule, *sizes, model)
+        if peaks is None:
+            peaks = compiled_family(config.schedule, *sizes).order_activation_peaks(model)
         if peaks is None:
             return None
         costs = self.costs_of(record)

@@ -71,6 +71,8 @@ def stage_cost_model(
             kept = round(scale * costs.span(_INPUT, start, stop))
         else:
             kept = round(scale * costs.span(_ACT, start, stop))
+        if stage == layout.num_stages - 1 and stop == len(costs.layers):
+            kept += round(scale * costs.loss_bytes)
         activations.append(kept)
         held_for_w.append(kept)
         f.append(forward)

@@ -20,6 +20,7 @@ docs/decisions.md, "measured split" for how the planner uses the two).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ class LayerProfile:
     """Median I time (input gradients only), seconds; None unless profiled with `split_backward=True`."""
     weight_grad_s: float | None = None
     """Median W time (weight gradients, after I), seconds; None unless profiled with `split_backward=True`."""
+    loss_bytes: int = 0
+    """Bytes the loss saves for its backward (beyond `activation_bytes`); the last layer's, with `loss_fn`."""
 
     @property
     def total_s(self) -> float:
@@ -87,9 +90,11 @@ def _detached_input(value: Any) -> Any:
 
 
 def _forward_saving(
-    layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int]
-) -> tuple[Any, int]:
-    """Run one forward; count the bytes autograd saves for backward, each storage once."""
+    layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int],
+    loss: Callable[[Any], Any] | None = None,
+) -> tuple[Any, int, int]:
+    """Run one forward; count the bytes autograd saves for backward, each storage once: the layer's,
+    and with `loss` what the loss saves beyond them (the last stage holds both per micro-batch)."""
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
@@ -101,7 +106,14 @@ def _forward_saving(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = apply_layer(layer, module, _detached_input(value))
-    return output, sum(saved.values())
+        own = sum(saved.values())
+        if loss is not None:
+            loss(output)
+    return output, own, sum(saved.values()) - own
+
+
+def _apply_loss(loss_fn: Callable[[Any, Any], Tensor], target: Tensor, output: Any) -> Tensor:
+    return loss_fn(output, target)
 
 
 def _backward(output: Any) -> None:
@@ -134,8 +146,15 @@ def profile(
     num_repeats: int = 3,
     seed: int = 0,
     split_backward: bool = False,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    target: Tensor | None = None,
 ) -> list[LayerProfile]:
     """Measure every layer on `device` for an input like `sample`; element i is layer i.
+
+    With `loss_fn` and `target` (a micro-batch of targets), the last layer's `loss_bytes` is
+    what `loss_fn(output, target)` saves for its backward beyond the layer's own (a cross-entropy
+    keeps its log-probabilities: as large as the logits), which the pipeline's last stage holds
+    per micro-batch in flight. Times stay the layers' own.
 
     Each layer is warmed up once, then timed `num_repeats` times (the median is
     kept). With `split_backward`, the I and W halves of each backward are timed too
@@ -145,6 +164,11 @@ def profile(
     if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
         raise ConfigError(f"num_repeats = {num_repeats!r}; it must be an integer >= 1")
     description = as_layers(layers)
+    if (loss_fn is None) != (target is None):
+        raise ConfigError(
+            "profile: loss_fn and target go together (the loss's saved tensors are measured on a "
+            f"micro-batch of targets); got loss_fn={loss_fn!r}, target={'given' if target is not None else None}"
+        )
     TensorMeta.of(sample, what="sample", fix="pass a batch tensor, or a tuple of them, as the sample")
     where = torch.device(device)
     with torch.random.fork_rng(devices=[where.index or 0] if where.type == "cuda" else []):
@@ -152,10 +176,14 @@ def profile(
         value: Any = tuple(t.to(where) for t in _tensors(sample))
         value = value[0] if isinstance(sample, Tensor) else value
         result = []
-        for layer, module in zip(description, model, strict=True):
+        last = len(description) - 1
+        for index, (layer, module) in enumerate(zip(description, model, strict=True)):
             parameters = list(module.parameters())
             parameter_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
-            output, activation_bytes = _forward_saving(layer, module, value, parameter_ptrs)
+            loss: Callable[[Any], Any] | None = None
+            if loss_fn is not None and target is not None and index == last:
+                loss = functools.partial(_apply_loss, loss_fn, target.to(where))
+            output, activation_bytes, loss_bytes = _forward_saving(layer, module, value, parameter_ptrs, loss)
             needs_backward = any(t.requires_grad for t in _tensors(output))
             split = split_backward and needs_backward
             if needs_backward:
@@ -185,6 +213,7 @@ def profile(
                     output=TensorMeta.of(output, what="the output of a profiled layer"),
                     input_grad_s=_median_or_zero(input_times) if split_backward else None,
                     weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
+                    loss_bytes=loss_bytes,
                 )
             )
             value = tuple(t.detach() for t in _tensors(output))

@@ -71,3 +71,21 @@ def test_profile_method_partitions_by_measured_costs():
     assert all(cost > 0 for cost in costs)
     cut = partition(layers, 3, "profile", costs=costs)
     assert str(cut) == "[0:1 | 1:2 | 2:3]"
+
+
+def test_loss_saved_tensors_count_on_the_last_layer():
+    # Cross-entropy keeps its log-probabilities (as large as the logits, fp32) and the targets:
+    # the last stage holds them per micro-batch in flight, so the profile counts them there.
+    layers = [LayerSpec(nn.Linear, 3, 5), LayerSpec(nn.Linear, 5, 7)]
+    sample, target = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    plain = profile(layers, sample, num_repeats=1)
+    with_loss = profile(layers, sample, num_repeats=1, loss_fn=nn.functional.cross_entropy, target=target)
+    assert [p.activation_bytes for p in with_loss] == [p.activation_bytes for p in plain]
+    assert plain[1].loss_bytes == with_loss[0].loss_bytes == 0
+    extra = with_loss[1].loss_bytes
+    assert 4 * 7 * 4 + target.nbytes <= extra <= 4 * 7 * 4 + target.nbytes + 16
+
+
+def test_loss_fn_needs_a_target():
+    with pytest.raises(ConfigError, match="loss_fn and target go together"):
+        profile([nn.Linear(3, 3)], torch.zeros(2, 3), num_repeats=1, loss_fn=nn.functional.cross_entropy)

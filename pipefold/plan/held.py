@@ -1,0 +1,134 @@
+"""A lower bound on the step that knows the memory limit, for any order and any recomputed stages.
+
+A rank's activations of micro-batch j at stage s are held at least from the end of its forward
+to the start of its backward (B, or I where the backward is split), and that is at least the
+round trip R_s through the later stages: their forwards, their backwards' input halves and the
+sends both ways. Over a step of T seconds the rank holds m * sum_s A_s R_s byte-seconds, and
+its activation peak is at least their average, so a rank that fits its headroom H (the limit
+less its weights, gradients and optimizer state) needs
+
+    T >= m * sum_s A_s R_s / H                                  (Little's law)
+
+Recomputing a stage shrinks its A_s (to the inputs it keeps) but adds a forward to its
+backward, which raises the busy-time bounds of `pipefold.plan.bounds`. Taking each stage's
+round trip without recomputation (recomputation only lengthens it) makes every rank's terms
+depend on its own stages' choice alone, so the least bound over every recompute choice is, per
+rank, the least over the subsets of its own stages (2^v, v stages per rank), then the largest
+over ranks. `HeldTerms.at(m)` evaluates it for any micro-batch count (docs/decisions.md,
+"Planner search").
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipefold.simulate import CostModel
+
+__all__ = ["HeldTerms", "held_terms"]
+
+_MAX_SUBSETS = 64
+"""Above this many subsets of one rank's stages, each stage's cheapest choice is taken apart
+(a weaker bound, still valid)."""
+
+
+@dataclass(frozen=True)
+class HeldTerms:
+    """Per rank and recompute choice of its stages: the m-free terms of the memory-aware bound."""
+
+    start: np.ndarray
+    """(ranks, 1): the fill before the rank's lowest stage."""
+    drain: np.ndarray
+    """(ranks, 1): from its lowest stage's backward back to stage 0."""
+    busy: np.ndarray
+    """(ranks, options): seconds per micro-batch, F + B (or I + W)."""
+    chained: np.ndarray
+    """(ranks, options): seconds per micro-batch without W."""
+    held: np.ndarray
+    """(ranks, options): byte-seconds held per micro-batch / headroom bytes."""
+
+    def at(self, num_microbatches: int) -> float:
+        m = float(num_microbatches)
+        times = np.maximum(np.maximum(self.start + m * self.busy, self.start + m * self.chained + self.drain),
+                           m * self.held)
+        return float(times.min(axis=1).max()) if times.size else 0.0
+
+
+def _round_trip(model: CostModel, placement: Sequence[int]) -> list[float]:
+    """Per stage, the least time from the end of its forward to the start of its backward."""
+    num_stages = model.num_stages
+    trip = [0.0] * num_stages
+    after = 0.0
+    for stage in range(num_stages - 2, -1, -1):
+        send = model.transfer_time(stage, placement[stage], placement[stage + 1])
+        back = model.transfer_time(stage, placement[stage + 1], placement[stage])
+        later = stage + 1
+        after += model.f[later] + min(model.b[later], model.i[later]) + send + back
+        trip[stage] = after
+    return trip
+
+
+def held_terms(
+    plain: CostModel, recomputed: CostModel, placement: Sequence[int], headroom: Sequence[float],
+    allowed: Literal["auto", "none", "full"],
+) -> HeldTerms:
+    """The terms for `plain` (no stage recomputed) and `recomputed` (every stage), with `headroom`
+    bytes per rank for activations; `allowed` which recompute choices the search may take."""
+    num_ranks = len(headroom)
+    trip = _round_trip(plain, placement)
+    owned: list[list[int]] = [[] for _ in range(num_ranks)]
+    for stage, rank in enumerate(placement):
+        owned[rank].append(stage)
+    fill = [0.0]
+    drain = [0.0]
+    for stage in range(plain.num_stages):
+        send = back = 0.0
+        if stage + 1 < plain.num_stages:
+            send = plain.transfer_time(stage, placement[stage], placement[stage + 1])
+            back = plain.transfer_time(stage, placement[stage + 1], placement[stage])
+        fill.append(fill[-1] + plain.f[stage] + send)
+        drain.append(drain[-1] + min(plain.b[stage], plain.i[stage]) + back)
+
+    def per_stage(model: CostModel, stage: int, room: float) -> tuple[float, float, float]:
+        b, i, w = model.b[stage], model.i[stage], model.w[stage]
+        busy = model.f[stage] + min(b, i + w)
+        chained = model.f[stage] + min(b, i)
+        held = model.activation_bytes[stage] * trip[stage] / room if room > 0 else 0.0
+        return busy, chained, held
+
+    rows: list[list[tuple[float, float, float]]] = []
+    starts, drains = [], []
+    for rank in range(num_ranks):
+        stages = owned[rank]
+        if not stages:
+            continue
+        room = float(headroom[rank])
+        choices = {"none": [(False,) * len(stages)], "full": [(True,) * len(stages)]}.get(allowed)
+        options: list[tuple[float, float, float]] = []
+        if choices is None and 2 ** len(stages) > _MAX_SUBSETS:
+            # Each stage apart: the least busy time and the least held bytes need not come together.
+            parts = [(per_stage(plain, s, room), per_stage(recomputed, s, room)) for s in stages]
+            options.append((sum(min(a[0], b[0]) for a, b in parts), sum(min(a[1], b[1]) for a, b in parts),
+                            sum(min(a[2], b[2]) for a, b in parts)))
+        else:
+            for flags in choices or itertools.product((False, True), repeat=len(stages)):
+                terms = [per_stage(recomputed if flag else plain, s, room)
+                         for s, flag in zip(stages, flags, strict=True)]
+                options.append((sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms)))
+        rows.append(options)
+        first = stages[0] if stages == sorted(stages) else min(stages)
+        starts.append(fill[first])
+        drains.append(drain[first])
+    width = max((len(options) for options in rows), default=0)
+    # Ranks with fewer options repeat their last one (a duplicate changes no minimum).
+    padded = [options + [options[-1]] * (width - len(options)) for options in rows]
+    table = np.array(padded, dtype=np.float64).reshape(len(rows), width, 3)
+    return HeldTerms(
+        start=np.array(starts, dtype=np.float64).reshape(-1, 1),
+        drain=np.array(drains, dtype=np.float64).reshape(-1, 1),
+        busy=table[:, :, 0], chained=table[:, :, 1], held=table[:, :, 2],
+    )
