@@ -194,6 +194,9 @@ def _worker(args: argparse.Namespace) -> None:
                     print(f"=== {name} rank {r}: {calls / args.steps:.0f} Python calls per step", file=sys.stderr)
                     print(t, file=sys.stderr)
         del sides
+    import pipefold
+
+    results["_pipefold"] = pipefold.__file__
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
     dist.barrier()
@@ -256,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             this: dict[str, dict] = {}
             for label, root in order:
                 this[label] = _launch(root, num_ranks, args)
+                imported = this[label].pop("_pipefold")
+                if not imported.startswith(root):
+                    raise RuntimeError(f"the {label} ranks imported {imported}, not the pipefold of {root}")
             rounds[num_ranks].append(this)
             print(f"round {index + 1} ranks {num_ranks}: " + json.dumps(this), file=sys.stderr, flush=True)
     if args.json:
