@@ -22,6 +22,7 @@ afterwards, so building never perturbs the caller's random stream.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,9 +103,10 @@ class TensorMeta:
     def num_tensors(self) -> int:
         return len(self.shapes)
 
-    @property
+    @functools.cached_property
     def differentiable(self) -> tuple[bool, ...]:
-        """Per tensor: whether a gradient flows back through it (floating or complex dtypes)."""
+        """Per tensor: whether a gradient flows back through it (floating or complex dtypes).
+        Cached: every received message asks (its buffers are allocated from this description)."""
         return tuple(d.is_floating_point or d.is_complex for d in self.dtypes)
 
     @property

@@ -18,6 +18,7 @@ Values kept per (stage, micro-batch), in `[stage][microbatch]` tables:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ class _Pending:
     value: Any
     transfer: Transfer
     peer: int
+    what: str
+    """The consuming action's name (e.g. "F1.3"), for wait notices and errors."""
 
 
 class StageHooks(Protocol):
@@ -148,6 +151,34 @@ def first_forward_and_last_backward(
         elif action.op in (Op.B, Op.W):
             last[action.stage] = index
     return first, last
+
+
+def _consumer_names(actions: Sequence[Action]) -> dict[tuple[Op, int, int], str]:
+    """{(RECV_F or RECV_B, stage, micro-batch): name of the compute action that waits for that
+    message}: the F of the same stage and micro-batch for a forward message, its B or I for a
+    gradient."""
+    names: dict[tuple[Op, int, int], str] = {}
+    for action in actions:
+        if action.op is Op.F:
+            names[(Op.RECV_F, action.stage, action.microbatch)] = str(action)
+        elif action.op in (Op.B, Op.I):
+            names[(Op.RECV_B, action.stage, action.microbatch)] = str(action)
+    return names
+
+
+def _matches(expected: TensorMeta, outputs: tuple[Tensor, ...]) -> bool:
+    """Whether a stage's flattened `outputs` have exactly the shapes and dtypes `expected`
+    describes (what `TensorMeta.mismatch` checks, without building a description)."""
+    shapes, dtypes = expected.shapes, expected.dtypes
+    if len(outputs) != len(shapes):
+        return False
+    try:
+        for tensor, shape, dtype in zip(outputs, shapes, dtypes):
+            if tensor.dtype != dtype or tensor.shape != shape:
+                return False
+    except AttributeError:  # not a tensor: `mismatch` says what it is
+        return False
+    return True
 
 
 def _before(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
@@ -221,6 +252,10 @@ class Executor:
             Op.I: self._backward_input,
             Op.W: self._backward_weight,
             Op.STEP: self._step,
+        }
+        # Message handlers get their peer (and a receive the name of the action that will
+        # wait for it) bound here, so the loop neither hashes actions nor formats names.
+        messages: dict[Op, Callable[..., None]] = {
             Op.SEND_F: self._send_forward,
             Op.RECV_F: self._recv_forward,
             Op.SEND_B: self._send_backward,
@@ -238,6 +273,7 @@ class Executor:
                 "but the pipeline shards nothing; build it with ParallelOptions(shard='full')"
             )
         self._peers: dict[Action, int] = {}
+        consumers = _consumer_names(program.instructions[rank])
         dispatch = []
         firsts, lasts = (
             first_forward_and_last_backward(program.instructions[rank], stage_hooks.stages)
@@ -246,8 +282,14 @@ class Executor:
         )
         for index, action in enumerate(program.instructions[rank]):
             if action.op.is_message:
-                self._peers[action] = program.peer_of(action)
-            handler = handlers[action.op]
+                peer = self._peers[action] = program.peer_of(action)
+                if action.op in (Op.RECV_F, Op.RECV_B):
+                    what = consumers.get((action.op, action.stage, action.microbatch), str(action))
+                    handler = functools.partial(messages[action.op], peer=peer, what=what)
+                else:
+                    handler = functools.partial(messages[action.op], peer=peer)
+            else:
+                handler = handlers[action.op]
             if sharding is not None and index in waits_for_gather:
                 handler = self._after_gather(sharding.wait_gathered, handler)
             if stage_hooks is not None and index == firsts.get(action.stage):
@@ -408,7 +450,7 @@ class Executor:
     def _complete(self, pending: _Pending, consumer: Action) -> Any:
         p2p, watchdog = self._comm()
         start = time.perf_counter()
-        pending.transfer.wait(watchdog, str(consumer))
+        pending.transfer.wait(watchdog, pending.what)
         end = self._ready_at = time.perf_counter()
         p2p.after_recv()
         self._waits.append(Wait(self.rank, consumer, start - self._t0, end - self._t0))
@@ -507,12 +549,13 @@ class Executor:
         if self._run_counter is not None:
             self._held[s][mb] = self._run_counter.hold(leaves + outputs)
 
-    def _send_forward(self, action: Action) -> None:
+    def _send_forward(self, action: Action, *, peer: int) -> None:
         s, mb = action.stage, action.microbatch
         outputs = self._outputs[s][mb]
         expected = self._inputs().boundaries[mb][self._out_layer[s]]
-        problem = expected.mismatch(outputs if expected.is_tuple else outputs[0])
-        peer = self._peers[action]
+        problem = None if _matches(expected, outputs) else expected.mismatch(
+            outputs if expected.is_tuple else outputs[0]
+        )
         if problem is not None:
             raise BoundaryMismatch(
                 f"rank {self.rank}: stage {s} produced an output for micro-batch {mb} that stage {s + 1} "
@@ -523,13 +566,12 @@ class Executor:
         p2p, _ = self._comm()
         self._sends.append((p2p.send(tensors, peer), action, tensors))
 
-    def _recv_forward(self, action: Action) -> None:
+    def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._in_layer[s]]
         value = meta.empty(self._device)
         p2p, _ = self._comm()
-        peer = self._peers[action]
-        self._recv_f[s][mb] = _Pending(value, p2p.recv(flatten(value), peer), peer)
+        self._recv_f[s][mb] = _Pending(value, p2p.recv(flatten(value), peer), peer, what)
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -602,27 +644,24 @@ class Executor:
         if stash is not None:
             stash.after_backward(mb)
 
-    def _send_backward(self, action: Action) -> None:
+    def _send_backward(self, action: Action, *, peer: int) -> None:
         s, mb = action.stage, action.microbatch
         grads = self._send_grads[s][mb]
         self._send_grads[s][mb] = None
         p2p, _ = self._comm()
-        peer = self._peers[action]
         self._sends.append((p2p.send(grads, peer), action, grads))
 
-    def _recv_backward(self, action: Action) -> None:
+    def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._out_layer[s]]
+        device = self._device
         grads: Grads = tuple(
-            torch.empty(shape, dtype=dtype, device=self._device) if differentiable else None
-            for shape, dtype, differentiable in zip(
-                meta.shapes, meta.dtypes, meta.differentiable, strict=True
-            )
+            torch.empty(shape, dtype=dtype, device=device) if dtype.is_floating_point or dtype.is_complex else None
+            for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
         )
         p2p, _ = self._comm()
-        peer = self._peers[action]
         buffers = [g for g in grads if g is not None]
-        self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer), peer)
+        self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer), peer, what)
 
     # -- optimizer ---------------------------------------------------------------------------
 

@@ -73,6 +73,9 @@ class _ShmReceive:
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         channel, sequence = self.channel, self.sequence
+        if channel.ready(sequence):  # already there: no wait to set up
+            channel.read(sequence, self.buffers, self.offsets)
+            return
         doorbell = channel.doorbell
         watchdog.wait_until(
             lambda: channel.ready(sequence),

@@ -46,6 +46,10 @@ _ALIGN = 64
 # Header slots (int64 indices), each on its own 64-byte cache line so the sender's and the
 # receiver's writes do not share a line: magic, published (sender), consumed (receiver).
 _MAGIC, _PUBLISHED, _CONSUMED = 0, 8, 16
+_MAX_VIEWS = 4096
+"""Typed views of the data region a channel keeps (a step's messages land at the same offsets
+every step, so these are the few views of its slots; the bound only matters for shapes that
+change every step)."""
 
 
 def shm_supported() -> bool:
@@ -157,6 +161,10 @@ class ShmChannel:
         self.is_sender = is_sender
         self._header = np.frombuffer(file.map, dtype=np.int64, count=_HEADER_BYTES // 8)
         self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
+        # (offset, dtype, shape) -> the data region there as that tensor: a message's slot is
+        # the same every step, and slicing and viewing the region anew took three tensor
+        # constructions per tensor sent or received.
+        self._views: dict[tuple[int, torch.dtype, torch.Size], Tensor] = {}
         self._allocated = 0
         self._sequence = 0
         self._consumed = 0
@@ -202,6 +210,7 @@ class ShmChannel:
                 end.close()
         if not self._file.alive:
             return
+        self._views.clear()
         del self._data, self._header
         self._file.close()
 
@@ -242,13 +251,23 @@ class ShmChannel:
                 f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
             )
         for tensor, offset in zip(tensors, offsets, strict=True):
-            size = tensor.numel() * tensor.element_size()
-            self._data[offset : offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
         self._offset = end
         self._sequence += 1
         self._header[_PUBLISHED] = self._sequence
         if self.ringer is not None:
             self.ringer.ring()
+
+    def _view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+        """The data region from `offset` as a tensor of `dtype` and `shape`."""
+        key = (offset, dtype, shape)
+        view = self._views.get(key)
+        if view is None:
+            size = shape.numel() * dtype.itemsize
+            view = self._data[offset : offset + size].view(dtype).view(shape)
+            if len(self._views) < _MAX_VIEWS:
+                self._views[key] = view
+        return view
 
     def ready(self, sequence: int) -> bool:
         """Receiver: whether message number `sequence` (1-based) has been published."""
@@ -269,8 +288,7 @@ class ShmChannel:
     def read(self, sequence: int, buffers: Sequence[Tensor], offsets: Sequence[int]) -> None:
         """Receiver: copy a published message out and mark it consumed."""
         for buffer, offset in zip(buffers, offsets, strict=True):
-            size = buffer.numel() * buffer.element_size()
-            buffer.copy_(self._data[offset : offset + size].view(buffer.dtype).view(buffer.shape))
+            buffer.copy_(self._view(offset, buffer.dtype, buffer.shape))
         # Messages of one channel may be consumed out of posting order (two stages of the
         # receiver fed by one sender); `consumed` is the highest taken, which is the
         # step's last message once the step is done.
