@@ -281,6 +281,7 @@ class Executor:
             else ({}, {})
         )
         for index, action in enumerate(program.instructions[rank]):
+            handler: Callable[[Action], None]
             if action.op.is_message:
                 peer = self._peers[action] = program.peer_of(action)
                 if action.op in (Op.RECV_F, Op.RECV_B):
