@@ -86,8 +86,6 @@ import dataclasses
 import math
 import re
 import sys
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -111,6 +109,7 @@ from pipefold.job.sections import (
     ScheduleConfig,
     require,
 )
+from pipefold.job.toml_fields import apply_override, build_fields, parse_override
 from pipefold.plan.estimate import gpt_flops_per_token
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.hf_estimate import hf_flops_per_token
@@ -620,74 +619,6 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def _coerce(path: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's type hint; ints are accepted for floats, lists for tuples."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
-            if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-                return tuple(value)
-    names = " or ".join(
-        "a list of integers" if typing.get_origin(option) is tuple else option.__name__ for option in options
-    )
-    raise ConfigError(f"{path}={value!r} has the wrong type: expected {names}")
-
-
-def _build(cls: type[Any], data: Mapping[str, Any], prefix: str, schedule_file: Schedule | None) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]} in {where}; known keys: {', '.join(sorted(fields))}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in _SECTIONS and not prefix:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{name}={value!r} must be a table ([{name}] in TOML)")
-            kwargs[name] = _build(_SECTIONS[name], value, f"{name}.", schedule_file)
-        else:
-            kwargs[name] = _coerce(prefix + name, value, hints[name])
-    if cls is ScheduleConfig and schedule_file is not None:
-        kwargs["loaded"] = schedule_file
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """ "schedule.ranks=4" -> ("schedule.ranks", 4); values are read as TOML, else as a bare string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not KEY=VALUE; write e.g. schedule.ranks=4")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip(), value
-
-
-def _apply(data: dict[str, Any], key: str, value: Any) -> None:
-    section, dot, name = key.partition(".")
-    if not dot:
-        data[key] = value
-        return
-    if section not in _SECTIONS:
-        raise ConfigError(f"unknown section in override {key!r}; sections: {', '.join(_SECTIONS)}")
-    table = data.setdefault(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{section}={table!r} must be a table ([{section}] in TOML)")
-    table[name] = value
-
-
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -706,8 +637,9 @@ def load_config(
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {error}") from None
     for key, value in (overrides or {}).items():
-        _apply(data, key, value)
-    config: TrainConfig = _build(TrainConfig, data, "", schedule_file)
+        apply_override(data, key, value, _SECTIONS)
+    extra = {ScheduleConfig: {"loaded": schedule_file}} if schedule_file is not None else {}
+    config: TrainConfig = build_fields(TrainConfig, data, "", _SECTIONS, extra)
     return config
 
 
