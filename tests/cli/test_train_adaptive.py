@@ -29,13 +29,13 @@ def test_the_flags_reach_the_config():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--adaptive", "--data-parallel", "2", "--batch-size", "16"], r"adaptive=True .*data_parallel=2"),
-        (["--adaptive", "--tensor-parallel", "2"], r"schedule.adaptive=True .*schedule.tensor_parallel=2"),
+        (["--adaptive", "--data-parallel", "2", "--zero"], r"optimizer.zero=True .*whole, not sharded"),
+        (["--adaptive", "--data-parallel", "2", "--shard", "full"], r"schedule.shard='full' .*not sharded"),
+        (["--adaptive", "--tensor-parallel", "2", "--vocab-parallel"], r"schedule.vocab_parallel=True"),
         (["--adaptive", "--recompute", "full"], r"chooses the recomputation per batch"),
         (["--adaptive", "--schedule", "pipedream", "--set", "model.tie_embeddings=false"], "weights inside"),
         (["--adaptive", "--schedule", "auto"], r"schedule.name='auto'"),
         (["--adaptive", "--set", "schedule.retune_every=5"], r"schedule.retune_every=5"),
-        (["--adaptive", "--grad-accumulation", "2"], r"grad_accumulation=2"),
         (["--adaptive", "--dropout", "0.1"], r"model.dropout=0.1"),
         (["--memory-limit", "1GiB"], r"schedule.memory_limit='1GiB' .*add --adaptive"),
         (["--adaptive", "--memory-limit", "lots"], r"schedule.memory_limit='lots'"),
