@@ -271,13 +271,22 @@ class _Rules:
                 f"{n('schedule')}={c.schedule!r} updates weights inside the step, so its order cannot "
                 "change between steps; use a flush schedule (1f1b, zb-h1, ...) or drop it",
             )
-        for field, what in (("dp", "replicas"), ("tp", "tensor-parallel ranks")):
-            if getattr(c, field) > 1:
-                self.refuse(
-                    "adaptive",
-                    f"it is not composed with {what} yet ({n(field)}={getattr(c, field)}: each would measure "
-                    f"its own steps and could choose differently); use {n(field)}=1 or drop it",
-                )
+        # Replicas and tp peers agree on the measured step (pipefold.runtime.adaptive.agreed_step_s);
+        # the chooser prices replicated weights and optimizer state, and a whole embedding and head.
+        if c.dp > 1 and (c.zero or c.shard != "replicate"):
+            field = "shard" if c.shard != "replicate" else "zero"
+            self.refuse(
+                field,
+                f"the adaptive choice ({n('adaptive')}) prices every replica's weights and optimizer "
+                f"state whole, not sharded, yet; use {n('shard')}='replicate' without {n('zero')}, or "
+                f"drop {n('adaptive')}",
+            )
+        if c.vocab_parallel:
+            self.refuse(
+                "vocab_parallel",
+                f"the adaptive choice ({n('adaptive')}) prices the embedding and output head whole on "
+                f"their stages, not split by vocabulary, yet; drop {n('vocab_parallel')} or {n('adaptive')}",
+            )
         if c.recompute != "none":
             self.refuse(
                 "adaptive",

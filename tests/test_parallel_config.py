@@ -192,8 +192,9 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
     ("fields", "words"),
     [
         ({**ASYNC, "adaptive": True}, "adaptive=True is not allowed: schedule='pipedream' updates weights"),
-        ({"adaptive": True, "dp": 2}, "adaptive=True is not allowed: it is not composed with replicas"),
-        ({"adaptive": True, "tp": 2}, "adaptive=True is not allowed: it is not composed with tensor"),
+        ({"adaptive": True, "dp": 2, "zero": True}, "zero=True is not allowed: the adaptive choice (adaptive)"),
+        ({"adaptive": True, "dp": 2, "shard": "full"}, "shard='full' is not allowed: the adaptive choice"),
+        ({"adaptive": True, "tp": 2, "vocab_parallel": True}, "vocab_parallel=True is not allowed: the adaptive"),
         ({"adaptive": True, "recompute": "full"}, "it chooses the recomputation per batch itself"),
     ],
 )
@@ -204,3 +205,8 @@ def test_adaptive_refusals(fields, words):
 
 def test_adaptive_alone_passes():
     ParallelConfig(pp=2, adaptive=True, schedule="zb-h1", weight_update="flush").check()
+
+
+def test_adaptive_with_replicas_and_tensor_parallel_ranks_passes():
+    """They agree on the measured step (pipefold.runtime.adaptive.agreed_step_s)."""
+    ParallelConfig(pp=2, dp=2, tp=2, adaptive=True, schedule="1f1b", weight_update="flush").check()

@@ -25,9 +25,11 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.plan.estimate import PRECISION_BYTES
 from pipefold.plan.orders import family_placement
 from pipefold.plan.space import is_asynchronous
+from pipefold.plan.tensor import split_costs
+from pipefold.simulate import Link
 from pipefold.schedule import names
 
-__all__ = ["candidate_families", "config_bounds", "gpt_chooser", "longest_batch"]
+__all__ = ["candidate_families", "config_bounds", "gpt_chooser", "longest_batch", "replica_rows"]
 
 _ASSUMED_FLOPS = {"cpu": 2e10, "cuda": 5e13}
 """FLOP/s the estimate assumes per device type: a sustained rate well below peak."""
@@ -68,18 +70,24 @@ def gpt_chooser(
     flops = _ASSUMED_FLOPS.get(device_type, _ASSUMED_FLOPS["cuda"])
     overhead_s = _ASSUMED_OVERHEAD_S.get(device_type, _ASSUMED_OVERHEAD_S["cuda"])
 
+    link = Link()
+    tp, sequence_parallel = schedule.tensor_parallel, schedule.sequence_parallel
+
     def costs_at(length: int) -> ModelCosts:
-        return gpt_costs(
+        costs = gpt_costs(
             num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, seq_len=length, flops=flops,
             bytes_per_value=value_bytes, parameter_bytes_per_value=parameter_bytes,
             tie_embeddings=m.tie_embeddings, overhead_s=overhead_s,
         )
+        # One tp rank's share: what each rank of a stage holds and computes.
+        return split_costs(costs, tp, link, sequence_parallel=sequence_parallel)
 
     space = AdaptiveSpace(
         num_ranks=num_ranks, num_virtual=num_virtual, bounds=tuple(bounds),
         families=candidate_families(num_ranks, num_virtual, placement),
         microbatch_counts=tuple(d for d in range(1, most + 1) if most % d == 0),
-        memory_limit=schedule.memory_limit_bytes, memory_hint="schedule.memory_limit",
+        memory_limit=schedule.memory_limit_bytes, memory_hint="schedule.memory_limit", link=link,
+        num_data_parallel=schedule.data_parallel, num_tensor_parallel=tp, sequence_parallel=sequence_parallel,
     )
     return AdaptiveChooser(costs_at, space)
 
@@ -100,14 +108,20 @@ def config_bounds(
 
 
 def longest_batch(schedule: ScheduleConfig, batch_size: int, seq_len: int, bucketed: bool) -> tuple[int, int]:
-    """(rows, length) of the job's batch of the longest sequences: `seq_len`, and `batch_size`
-    rows (bucketed by length, rounded down to a multiple of the micro-batches of every replica,
-    as `LengthBuckets` does)."""
+    """(rows of one replica, length) of the job's batch of the longest sequences: `seq_len`, and
+    `batch_size` rows (bucketed by length, rounded down to a multiple of the micro-batches of
+    every replica, as `LengthBuckets` does) shared by the replicas."""
     rows = batch_size
     if bucketed:
         multiple = schedule.num_microbatches * schedule.data_parallel
         rows = max(multiple, rows // multiple * multiple)
-    return rows, seq_len
+    return replica_rows(rows, schedule.data_parallel), seq_len
+
+
+def replica_rows(rows: int, num_data_parallel: int) -> int:
+    """One replica's rows of a global batch of `rows` (`pipefold.job.setup.shard_rows` splits
+    it evenly; the chooser prices a replica's pipeline)."""
+    return rows // num_data_parallel
 
 
 def _placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...] | None:

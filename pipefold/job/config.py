@@ -485,16 +485,12 @@ class TrainConfig:
         )
 
     def _check_adaptive(self) -> None:
-        """schedule.adaptive: one batch per pipeline call, of the built-in GPT, whose costs the
-        chooser estimates per length."""
+        """schedule.adaptive: the built-in GPT, whose costs the chooser estimates per length (each
+        pipeline call, accumulated ones too, chooses for its own batch)."""
         require(
             self.model.hf is None, "schedule.adaptive", True,
             "the adaptive choice prices the built-in GPT's layers per length; it is not there yet for a "
             "Hugging Face model (model.path): drop --adaptive or model.path",
-        )
-        require(
-            self.grad_accumulation == 1, "grad_accumulation", self.grad_accumulation,
-            "--adaptive chooses per pipeline call and accumulated calls would each need their own; use 1",
         )
         require(
             self.model.dropout == 0, "model.dropout", self.model.dropout,

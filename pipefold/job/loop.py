@@ -119,10 +119,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             scaler = pipe.loss_scale
             skipped_before = 0 if scaler is None else scaler.num_skipped
             loss_scale = None if scaler is None else scaler.scale
-            # --adaptive: this batch's micro-batches, family and recomputation (job/adaptive.py).
-            choice = job.adaptive.prepare(batches[0][0]) if job.adaptive is not None else None
+            # --adaptive: each batch's micro-batches, family and recomputation (job/adaptive.py).
+            switches_before = job.adaptive.num_switches if job.adaptive is not None else 0
             try:
-                loss = accumulated_step(pipe, batches) if streams is None else streams.loss(step)
+                loss = accumulated_step(pipe, batches, job.adaptive) if streams is None else streams.loss(step)
             except NonFiniteLoss as error:
                 raise name_the_step(error, step + 1) from None
             # fp16: a batch that overflowed on any rank was dropped on every rank; so is the update.
@@ -141,10 +141,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 scheduler.step()
             seconds = time.perf_counter() - started if streams is None else streams.seconds
             timeline = _last_timeline(pipe.last_timeline)
-            if job.adaptive is not None and choice is not None:
-                job.adaptive.finish(choice)
-                if job.adaptive.switched:
-                    recent.clear()  # the report's prediction is of the choice now running: its steps only
+            if job.adaptive is not None and job.adaptive.num_switches != switches_before:
+                recent.clear()  # the report's prediction is of the choice now running: its steps only
             if streams is None or streams.started:  # a stream's steps share its timeline
                 recent.append(timeline)
             done = step + 1

@@ -29,6 +29,7 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.job.sections import LR_SCHEDULES
 from pipefold.runtime import Pipeline
+from pipefold.runtime.adaptive import AdaptiveRunner
 from pipefold.runtime.clip import scale_gradients_
 
 __all__ = ["LR_SCHEDULES", "accumulated_step", "lr_factor", "lr_scheduler", "no_decay", "parameter_groups"]
@@ -106,13 +107,17 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def accumulated_step(pipe: Pipeline, batches: Sequence[tuple[Any, Any]]) -> float:
+def accumulated_step(
+    pipe: Pipeline, batches: Sequence[tuple[Any, Any]], adaptive: AdaptiveRunner | None = None
+) -> float:
     """Run `pipe.step` on each batch and leave the mean of their gradients; returns the mean
     loss. Start from zeroed gradients (the mean scales whatever `.grad` held). Every batch
-    should have the same rows, so the result is the gradient of one batch of all their rows."""
+    should have the same rows, so the result is the gradient of one batch of all their rows.
+    With `adaptive` (of `pipe`), each batch runs as its chooser says for that batch."""
     if not batches:
         raise ConfigError("accumulated_step: give at least one batch")
-    losses = [pipe.step(inputs, targets) for inputs, targets in batches]
+    run = pipe.step if adaptive is None else adaptive.step
+    losses = [run(inputs, targets) for inputs, targets in batches]
     if len(batches) > 1:
         scale_gradients_(pipe.parameters(), 1.0 / len(batches))
     return sum(losses) / len(losses)

@@ -14,7 +14,9 @@ so only families of its placement compete (`pipefold.runtime.adaptive` switches 
 The re-check is `--schedule auto`'s trial, per bucket: the predicted best runs
 `AdaptiveSpace.trial_steps` steps, then the runner-up as many, and the bucket keeps whichever
 measured the shorter median step. No torch: `pipefold train --adaptive` builds one chooser on
-every rank, and every rank, fed the same measurements, chooses alike.
+every rank, and every rank, fed the same measurements, chooses alike (with data-parallel
+replicas or tensor-parallel peers, the slowest pipeline's step: `pipefold.runtime.adaptive`).
+`rows` are one replica's; `costs_at` gives one tensor-parallel rank's costs.
 """
 
 from __future__ import annotations
@@ -104,15 +106,24 @@ class AdaptiveSpace:
     memory_limit: float = math.inf
     """Bytes each rank may use (`pipefold.plan` prices them: docs/decisions.md, "Planner memory model")."""
     link: Link = field(default_factory=Link)
+    num_data_parallel: int = 1
+    """Replicas of the pipeline: the step adds their gradient all-reduce (rows are one replica's)."""
+    num_tensor_parallel: int = 1
+    """Tensor-parallel ranks per stage; `costs_at` then gives one tp rank's costs (`split_costs`)."""
+    sequence_parallel: bool = False
+    """Whether `costs_at`'s split is with sequence parallelism (recorded, as `evaluate` does)."""
     trial_steps: int = 3
     """Steps each of a bucket's two best choices runs before the measured verdict; 0: no re-check."""
     memory_hint: str = "the memory limit"
     """How the caller's user names the limit, for the refusal (e.g. "schedule.memory_limit")."""
 
     def __post_init__(self) -> None:
-        if self.num_ranks < 1 or self.num_virtual < 1:
+        degrees = (self.num_ranks, self.num_virtual, self.num_data_parallel, self.num_tensor_parallel)
+        if min(degrees) < 1:
             raise ConfigError(
-                f"AdaptiveSpace: num_ranks={self.num_ranks}, num_virtual={self.num_virtual}; use >= 1"
+                f"AdaptiveSpace: num_ranks={self.num_ranks}, num_virtual={self.num_virtual}, "
+                f"num_data_parallel={self.num_data_parallel}, num_tensor_parallel={self.num_tensor_parallel}; "
+                "use >= 1"
             )
         if len(self.bounds) != self.num_ranks * self.num_virtual + 1:
             raise ConfigError(
@@ -254,7 +265,12 @@ class AdaptiveChooser:
                 config = Config(name, space.num_virtual, num_microbatches, rows // num_microbatches)
                 for recompute in space.recompute:
                     stages = tuple(range(num_stages)) if recompute == "full" else ()
-                    candidate = evaluate(costs, config, space.num_ranks, space.bounds, stages, space.link)
+                    candidate = evaluate(
+                        costs, config, space.num_ranks, space.bounds, stages, space.link,
+                        num_data_parallel=space.num_data_parallel,
+                        num_tensor_parallel=space.num_tensor_parallel,
+                        sequence_parallel=space.sequence_parallel,
+                    )
                     choices.append(_choice(candidate, rows, bucket, recompute))
         if not choices:
             raise ConfigError(

@@ -29,13 +29,13 @@ def test_the_flags_reach_the_config():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--adaptive", "--data-parallel", "2", "--batch-size", "16"], r"adaptive=True .*data_parallel=2"),
-        (["--adaptive", "--tensor-parallel", "2"], r"schedule.adaptive=True .*schedule.tensor_parallel=2"),
+        (["--adaptive", "--data-parallel", "2", "--zero"], r"optimizer.zero=True .*whole, not sharded"),
+        (["--adaptive", "--data-parallel", "2", "--shard", "full"], r"schedule.shard='full' .*not sharded"),
+        (["--adaptive", "--tensor-parallel", "2", "--vocab-parallel"], r"schedule.vocab_parallel=True"),
         (["--adaptive", "--recompute", "full"], r"chooses the recomputation per batch"),
         (["--adaptive", "--schedule", "pipedream", "--set", "model.tie_embeddings=false"], "weights inside"),
         (["--adaptive", "--schedule", "auto"], r"schedule.name='auto'"),
         (["--adaptive", "--set", "schedule.retune_every=5"], r"schedule.retune_every=5"),
-        (["--adaptive", "--grad-accumulation", "2"], r"grad_accumulation=2"),
         (["--adaptive", "--dropout", "0.1"], r"model.dropout=0.1"),
         (["--memory-limit", "1GiB"], r"schedule.memory_limit='1GiB' .*add --adaptive"),
         (["--adaptive", "--memory-limit", "lots"], r"schedule.memory_limit='lots'"),
@@ -116,4 +116,83 @@ def test_adaptive_training_equals_one_process_batch_by_batch(tmp_path, capfd):
         expected.append(loss.item())
     assert summary["seq_len_steps"] == lengths and len(set(lengths)) > 1
     # float32 summation orders differ (micro-batches, stages), and AdamW carries them along.
+    assert summary["losses"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_replicas_and_tp_peers_are_priced_per_pipeline():
+    """One replica's rows (8 global rows over 2 replicas: 4) and one tp rank's share of the layers."""
+    from pipefold.job.adaptive_choice import config_bounds, gpt_chooser
+
+    with pytest.raises(ConfigError, match=r"a batch of 4 rows x seq_len=64 \(bucket 64\)"):
+        _config([*_TINY[1:], "--data-parallel", "2", "--memory-limit", "100000"])
+
+    def leanest(argv):
+        config = _config([*_TINY[1:], *argv])
+        built = config.schedule.built
+        bounds = config_bounds(config.partition, built.num_stages, config.model.num_model_layers)
+        chooser = gpt_chooser(
+            config.model, config.schedule, config.precision, bounds=bounds, placement=built.placement,
+            device_type="cpu",
+        )
+        return min(choice.peak_memory for choice in chooser.ranked(8, 64))
+
+    assert leanest(["--tensor-parallel", "2"]) < leanest([])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_adaptive_with_replicas_and_accumulation_equals_one_process(tmp_path, capfd):
+    """dp=2 x pp=2 (4 processes), 2 accumulated batches per optimizer step, 4 steps: each pipeline
+    call chooses for its own batch, the replicas agree on every measured step, and every step's
+    loss equals one process on the whole batches; the longest bucket fits the limit only by
+    recomputing."""
+    from pipefold.data import VOCAB_SIZE, LengthBuckets, load_corpus
+    from pipefold.job.optim import lr_scheduler, parameter_groups
+    from pipefold.model import build_reference
+    from pipefold.model.zoo import gpt_layers, gpt_loss
+
+    out = tmp_path / "run"
+    num_steps, num_accumulated = 4, 2
+    argv = [*_TINY, "--data-parallel", "2", "--grad-accumulation", str(num_accumulated)]
+    code = main([*argv, "--steps", str(num_steps), "--memory-limit", "620000", "--out", str(out)])
+    assert code == 0, capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    adaptive = summary["adaptive"]
+    assert {row["recompute"] for row in adaptive} == {"none", "full"}, adaptive
+    assert all(row["peak_memory"] <= 620000 for row in adaptive)
+    assert sum(row["steps"] for row in adaptive) == num_steps * num_accumulated  # pipeline calls
+    assert {row["rows"] for row in adaptive} <= {4, 8, 16, 32}  # one replica's rows
+
+    config = _config([*argv[1:], "--steps", str(num_steps)])
+    corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
+    sampler = LengthBuckets(
+        corpus.train, separator=ord("\n"), token_budget=8 * 64, max_len=64,
+        min_len=config.data.bucket_min_len, row_multiple=4 * 2, seed=3,
+    )
+    model = build_reference(gpt_layers(VOCAB_SIZE, 32, 2, 2, 64), seed=3)
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(
+        parameter_groups([model], list(model.parameters()), weight_decay=opt.weight_decay),
+        lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+    )
+    scheduler = lr_scheduler(
+        optimizer, schedule=opt.lr_schedule, warmup_steps=opt.warmup_steps, total_steps=num_steps, lr=opt.lr,
+        min_lr=opt.min_lr,
+    )
+    expected, lengths = [], []
+    for _ in range(num_steps):
+        losses, longest = [], 0
+        for _ in range(num_accumulated):
+            inputs, targets = sampler.next_batch()
+            longest = max(longest, inputs.shape[1])
+            loss = gpt_loss(model(inputs), targets)
+            (loss / num_accumulated).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        expected.append(sum(losses) / len(losses))
+        lengths.append(longest)
+    assert summary["seq_len_steps"] == lengths
     assert summary["losses"] == pytest.approx(expected, rel=1e-4)
