@@ -77,6 +77,12 @@ class Candidate(PeakMemory):
     """Whether every layer recomputes its attention core in the backward (selective recomputation,
     Korthikanti et al. 2022), besides the stages in `recompute`."""
     """How the mesh sits on a hardware file's nodes (`pipefold.plan.topology`); empty without one."""
+    rank_speeds: tuple[float, ...] = ()
+    """On a mix of device kinds (docs/plan.md, "Heterogeneous devices"): per pipeline rank, its
+    slowest device's speed; empty where every device is alike."""
+    rank_limits: tuple[int, ...] = ()
+    """On a mix of device kinds: per pipeline rank, its smallest device's usable memory (the rank
+    fits the smaller of it and the plan's limit); empty where every device is alike."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -108,6 +114,16 @@ class Candidate(PeakMemory):
     @property
     def partition(self) -> Partition:
         return Partition(self.bounds)
+
+    def num_layers_of(self, rank: int) -> int:
+        """Layers held by pipeline rank `rank` (its stages in the family's placement)."""
+        if self.order is not None:
+            placement = self.order.placement
+        else:
+            placement = build(self.schedule, num_ranks=self.num_ranks, num_microbatches=1,
+                              num_virtual=self.num_virtual).placement
+        return sum(self.bounds[stage + 1] - self.bounds[stage]
+                   for stage, owner in enumerate(placement) if owner == rank)
 
     @property
     def recompute_layers(self) -> tuple[int, ...]:
@@ -180,6 +196,8 @@ class Candidate(PeakMemory):
             "base_family": self.base_family,
             "placed": self.placed,
             "recompute_attention": self.recompute_attention,
+            "rank_speeds": list(self.rank_speeds),
+            "rank_limits": list(self.rank_limits),
         }
 
     @classmethod
@@ -204,6 +222,8 @@ class Candidate(PeakMemory):
             base_family=None if data.get("base_family") is None else str(data["base_family"]),
             placed=str(data.get("placed", "")),
             recompute_attention=bool(data.get("recompute_attention", False)),
+            rank_speeds=tuple(float(speed) for speed in data.get("rank_speeds", ())),
+            rank_limits=tuple(int(limit) for limit in data.get("rank_limits", ())),
         )
 
 
@@ -411,6 +431,12 @@ class Plan:
                 f"{k}={v!r}" for k, v in choice.layout_kwargs().items()
             ) + "))" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
+        if choice.rank_speeds:
+            lines.append("  devices (a mix): " + ", ".join(
+                f"rank {rank} speed {speed:.3g}, {choice.num_layers_of(rank)} layers, "
+                f"{format_bytes(choice.memory[rank].total)} of {format_bytes(min(self.memory_limit, own))}"
+                for rank, (speed, own) in enumerate(zip(choice.rank_speeds, choice.rank_limits, strict=True))
+            ))
         if choice.sharded_optimizer:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "
