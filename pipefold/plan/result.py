@@ -115,6 +115,24 @@ class Candidate(PeakMemory):
     def partition(self) -> Partition:
         return Partition(self.bounds)
 
+    def devices_text(self, limit: float) -> str:
+        """On a mix of device kinds: 'devices (a mix): ranks 0-1 speed 1, 15 GiB; ranks 2-3 speed
+        0.5, 7 GiB; layers per rank 4, 4, 2, 2; peak 32 MiB, 28 MiB, ...'."""
+        kinds: list[tuple[list[int], float, float]] = []
+        for rank, (speed, own) in enumerate(zip(self.rank_speeds, self.rank_limits, strict=True)):
+            usable = min(limit, own)
+            if kinds and kinds[-1][1:] == (speed, usable):
+                kinds[-1][0].append(rank)
+            else:
+                kinds.append(([rank], speed, usable))
+        parts = [
+            f"rank{'s' if len(ranks) > 1 else ''} {_ranges(tuple(ranks))} speed {speed:.3g}, {format_bytes(usable)}"
+            for ranks, speed, usable in kinds
+        ]
+        layers = ", ".join(str(self.num_layers_of(rank)) for rank in range(self.num_ranks))
+        peaks = ", ".join(format_bytes(memory.total) for memory in self.memory)
+        return f"devices (a mix): {'; '.join(parts)}; layers per rank {layers}; peak per rank {peaks}"
+
     def num_layers_of(self, rank: int) -> int:
         """Layers held by pipeline rank `rank` (its stages in the family's placement)."""
         if self.order is not None:
@@ -432,11 +450,7 @@ class Plan:
             ) + "))" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
         if choice.rank_speeds:
-            lines.append("  devices (a mix): " + ", ".join(
-                f"rank {rank} speed {speed:.3g}, {choice.num_layers_of(rank)} layers, "
-                f"{format_bytes(choice.memory[rank].total)} of {format_bytes(min(self.memory_limit, own))}"
-                for rank, (speed, own) in enumerate(zip(choice.rank_speeds, choice.rank_limits, strict=True))
-            ))
+            lines.append("  " + choice.devices_text(self.memory_limit))
         if choice.sharded_optimizer:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "

@@ -10,7 +10,10 @@ from pipefold.plan import ModelCosts, PlanOptions, plan
 from pipefold.plan.costs import LayerCost
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.hardware import hardware_from_mapping
+from pipefold.plan.search import evaluate
+from pipefold.plan.space import Config
 from pipefold.plan.topology import place
+from pipefold.simulate import Link
 
 MiB = 2**20
 
@@ -61,6 +64,11 @@ def test_slower_ranks_get_fewer_layers_and_the_step_is_priced_at_their_speed():
     assert _layers_per_rank(mixed) == [4, 4, 2, 2]
     # 1F1B, 8 micro-batches, 4 equal stages of 12 s (F 4 + B 8): (8 + 3) x 12 s.
     assert mixed.step_time == pytest.approx(11 * 12.0)
+    # The even partition the devices would get if alike is slower on this mix: the slow ranks'
+    # 3 layers take 18 s per micro-batch.
+    even = evaluate(_costs(), Config("1f1b", 1, 8, 1), 4, (0, 3, 6, 9, 12), (), Link(),
+                    rank_speeds=mixed.rank_speeds)
+    assert even.step_time > 1.3 * mixed.step_time
     # The slow kind first: the slow ranks are now 0 and 1.
     reversed_mix = _plan(_mix(SLOW, FAST)).choice
     assert reversed_mix.rank_speeds == (0.5, 0.5, 1.0, 1.0)
@@ -200,7 +208,8 @@ def test_cli_plans_on_a_mixed_hardware_file(tmp_path, capsys):
     assert choice["rank_limits"] == [15 * 2**30, 15 * 2**30, 7 * 2**30, 7 * 2**30]
     assert choice["pipeline_kwargs"]["partition"] == [4, 4, 2, 2]
     assert main(argv) == 0
-    assert "devices (a mix): rank 0 speed 1, 4 layers" in capsys.readouterr().out
+    assert "devices (a mix): ranks 0-1 speed 1, 15 GiB; ranks 2-3 speed 0.5, 7 GiB; layers per rank 4, 4, 2, 2" \
+        in capsys.readouterr().out
     # Without --ranks the search splits the mix's 4 devices; --devices 8 is refused.
     assert main([*argv[:5], "--batch-size", "8", "--order-search", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["choice"]["num_devices"] == 4
