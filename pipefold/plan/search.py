@@ -254,6 +254,14 @@ class _Search:
         dp, pp, tp = degree.split
         if dp == 1 or pp == 1:
             return "dp" if pp == 1 else "pp"
+        hardware = self.options.hardware
+        if hardware is not None and hardware.is_mixed:
+            # On a mix of device kinds, first the placement whose ranks lose less speed to a slower
+            # device among their replicas (each rank runs at its slowest device's speed).
+            kept = {inner: sum(place(hardware, num_data_parallel=dp, num_ranks=pp, num_tensor_parallel=tp,
+                                     inner=inner).rank_speeds) for inner in ("dp", "pp")}
+            if kept["dp"] != kept["pp"]:
+                return "dp" if kept["dp"] > kept["pp"] else "pp"
         gradients = costs.parameter_bytes * costs.gradient_bytes_per_parameter_byte / (pp * tp)
         boundary = max(layer.output_bytes for layer in costs.layers)
         sends = 2 * degree.replica_batch / costs.reference_rows * boundary

@@ -215,3 +215,17 @@ def test_cli_plans_on_a_mixed_hardware_file(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["choice"]["num_devices"] == 4
     assert main([*argv[:5], "--devices", "8", "--batch-size", "8"]) != 0
     assert "num_devices = 8" in capsys.readouterr().err
+
+
+def test_replicas_are_placed_so_that_ranks_keep_their_devices_speed():
+    # Two nodes of 2, fast then slow, dp=2 x pp=2: with dp inside a node each rank's replicas are
+    # on one kind (rank 0 fast, rank 1 slow); with pp inside, every rank has a slow replica.
+    # The layers send far more than they all-reduce, which alone would put pp inside a node.
+    layer = LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=MiB, output_bytes=64 * MiB,
+                      parameter_bytes=1024)
+    costs = ModelCosts(layers=(layer,) * 12, reference_rows=1)
+    mix = _mix(FAST, SLOW)
+    result = plan(costs, PlanOptions(num_ranks=2, data_parallel=2, global_batch=8, hardware=mix,
+                                        schedules=("1f1b",), virtual=1, order_search_s=0))
+    assert result.choice.rank_speeds == (1.0, 0.5)
+    assert "dp=2 inside a node" in result.choice.placed
