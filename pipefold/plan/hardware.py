@@ -143,9 +143,10 @@ class Hardware:
 
     @property
     def is_mixed(self) -> bool:
-        """Whether the devices differ in speed or memory."""
-        kinds = {(group.speed, group.usable_memory) for group in self.device_groups}
-        return len(kinds) > 1
+        """Whether some device differs from the reference device ([compute] at speed 1, [memory])
+        in speed or usable memory: then each pipeline rank has its own (`pipefold.plan.topology`)."""
+        reference = (1.0, self.memory_bytes - self.reserve_bytes)
+        return any((group.speed, group.usable_memory) != reference for group in self.device_groups)
 
     def group_of(self, device: int) -> DeviceGroup | None:
         """The group of device `device` (numbered group by group); None without groups."""

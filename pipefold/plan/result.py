@@ -79,10 +79,10 @@ class Candidate(PeakMemory):
     """How the mesh sits on a hardware file's nodes (`pipefold.plan.topology`); empty without one."""
     rank_speeds: tuple[float, ...] = ()
     """On a mix of device kinds (docs/plan.md, "Heterogeneous devices"): per pipeline rank, its
-    slowest device's speed; empty where every device is alike."""
+    slowest device's speed; empty where every device is the reference device."""
     rank_limits: tuple[int, ...] = ()
     """On a mix of device kinds: per pipeline rank, its smallest device's usable memory (the rank
-    fits the smaller of it and the plan's limit); empty where every device is alike."""
+    fits the smaller of it and the plan's limit); empty where every device is the reference device."""
 
     @property
     def is_searched_order(self) -> bool:

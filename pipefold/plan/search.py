@@ -231,7 +231,7 @@ class _Search:
         return self._links[key]
 
     def stage_speeds(self, degree: Degree, placement: tuple[int, ...]) -> tuple[float, ...] | None:
-        """Per stage, its rank's device speed on a mix of device kinds; None where all are alike."""
+        """Per stage, its rank's device speed on a mix of device kinds; None where all are the reference device."""
         speeds = self.links(degree).rank_speeds
         return tuple(speeds[rank] for rank in placement) if speeds else None
 

@@ -42,10 +42,10 @@ class MeshLinks:
     """(dimension, size) of each dimension, innermost first."""
     rank_speeds: tuple[float, ...] = ()
     """On a mix of device kinds: per pipeline rank, the speed of its slowest device (relative to
-    the file's [compute]); empty where every device is alike."""
+    the file's [compute]); empty where every device is the reference device."""
     rank_memory: tuple[int, ...] = ()
     """On a mix of device kinds: per pipeline rank, the usable memory of its smallest device;
-    empty where every device is alike."""
+    empty where every device is the reference device."""
 
     def describe(self) -> str:
         """'mesh tp=8, dp=2, pp=4 (innermost first): tp inside a node, dp and pp across nodes'."""

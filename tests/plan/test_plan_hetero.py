@@ -58,6 +58,10 @@ def test_slower_ranks_get_fewer_layers_and_the_step_is_priced_at_their_speed():
     alike = _plan(_mix(FAST, dict(SLOW, speed=1.0)))
     assert alike.choice.rank_speeds == ()  # alike devices: the plan is the plain one
     assert _layers_per_rank(alike.choice) == [3, 3, 3, 3]
+    # One kind at half the reference's speed: every stage takes twice as long.
+    halved = _plan(_mix(dict(SLOW, count=4))).choice
+    assert halved.rank_speeds == (0.5,) * 4 and _layers_per_rank(halved) == [3, 3, 3, 3]
+    assert halved.step_time == pytest.approx(2 * alike.choice.step_time)
     mixed = _plan(_mix(FAST, SLOW)).choice
     assert mixed.rank_speeds == (1.0, 1.0, 0.5, 0.5)
     # Half-speed ranks take half the layers: every stage then takes 4 x 3 s per micro-batch.
