@@ -393,7 +393,9 @@ def run(args: argparse.Namespace) -> int:
             )
         link, dp_link, tp_link = Link(), None, None
     # Without --devices, --ranks keeps its old default of 4: one pipeline, as before dp existed.
-    ranks = 4 if args.ranks is None and args.devices is None else args.ranks
+    # A mix of device kinds in the hardware file fixes the devices: pp is searched there.
+    mixed = hardware is not None and hardware.num_devices is not None
+    ranks = 4 if args.ranks is None and args.devices is None and not mixed else args.ranks
     options = PlanOptions(
         num_ranks=ranks,
         num_devices=args.devices,

@@ -37,6 +37,19 @@ class NoFeasiblePlan(ConfigError):
             plain = least.num_data_parallel == fastest.num_data_parallel == 1
             return candidate.describe() if plain else f"{candidate.degree_text}, {candidate.describe()}"
 
+        if least.rank_limits:
+            # A mix of device kinds: each rank has its own devices' memory; name the tightest.
+            rank = least.tightest_rank(memory_limit)
+            own = min(memory_limit, least.rank_limits[rank])
+            super().__init__(
+                f"no configuration fits each rank's memory on this mix of devices (the smaller of the limit "
+                f"{format_bytes(memory_limit)} and its devices' own). The closest, {describe(least)}{how}, "
+                f"needs {format_bytes(least.memory[rank].total)} on rank {rank}, whose devices give "
+                f"{format_bytes(own)} (over by {format_bytes(least.over_limit(memory_limit))}); put devices "
+                "with more memory there (reorder or resize the hardware file's [[device_groups]]), or use "
+                "more devices."
+            )
+            return
         super().__init__(
             f"no configuration fits the memory limit of {format_bytes(memory_limit)} per rank. The least "
             f"memory any searched configuration needs is {format_bytes(least.peak_memory)} on rank "

@@ -25,6 +25,14 @@ def _slower(candidate: Candidate, choice: Candidate) -> str:
 
 
 def _over(candidate: Candidate | OverMemory, limit: float) -> str:
+    if candidate.rank_limits:
+        # A mix of device kinds: the rank furthest over its own devices' memory.
+        rank = candidate.tightest_rank(limit)
+        own = min(limit, candidate.rank_limits[rank])
+        return (
+            f"over its devices' memory on rank {rank} by {format_bytes(candidate.over_limit(limit))} "
+            f"(needs {format_bytes(candidate.memory[rank].total)} of {format_bytes(own)})"
+        )
     rank = candidate.peak_rank
     return (
         f"over the memory limit on rank {rank} by {format_bytes(candidate.over_limit(limit))} "

@@ -10,7 +10,8 @@ A file gives peak FLOP/s per dtype, how efficiently a matrix product of a given 
 reserves of it, devices per node, and the links inside a node and across nodes. Every field
 is checked: a missing or non-positive one is a `ConfigError` naming the file, the field, the
 value and the fix. The format, the presets and their sources: docs/plan.md, "Hardware files".
-No torch.
+A mix of device kinds (`[[device_groups]]`: count, speed or peak FLOP/s, memory per group) gives
+each pipeline rank its own speed and memory: docs/plan.md, "Heterogeneous devices". No torch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 has no tomllib; tomli is the same parser under its PyPI name.
     import tomli as tomllib
 
-__all__ = ["Hardware", "MatmulEfficiency", "PRESETS", "load_hardware", "hardware_from_mapping"]
+__all__ = ["DeviceGroup", "Hardware", "MatmulEfficiency", "PRESETS", "load_hardware", "hardware_from_mapping"]
 
 PRESETS = ("a100-80gb", "h100-80gb", "cpu")
 """Hardware files shipped with pipefold (pipefold/plan/presets/NAME.toml)."""
@@ -75,6 +76,24 @@ class MatmulEfficiency:
 
 
 @dataclass(frozen=True)
+class DeviceGroup:
+    """Devices of one kind in a mix (`[[device_groups]]`): numbered after the groups before it."""
+
+    name: str
+    count: int
+    """Devices of this kind: whole nodes (a multiple of devices_per_node)."""
+    speed: float
+    """Compute speed relative to the file's [compute] device: every stage on it takes 1 / speed as
+    long (a group's `peak_flops` gives peak_flops / compute.peak_flops[default_dtype])."""
+    memory_bytes: int
+    reserve_bytes: int
+
+    @property
+    def usable_memory(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
+
+
+@dataclass(frozen=True)
 class Hardware:
     """A machine type: its devices, their speed and memory, and the links between them."""
 
@@ -97,6 +116,9 @@ class Hardware:
     default_dtype: str
     source: str = ""
     """Where the figures come from."""
+    device_groups: tuple[DeviceGroup, ...] = ()
+    """A mix of device kinds, in device order (docs/plan.md, "Heterogeneous devices"); empty:
+    every device is the file's [compute] and [memory] device, in any number."""
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -108,10 +130,52 @@ class Hardware:
 
     @property
     def usable_memory(self) -> int:
+        """What the plan may use of one device; in a mix, of the largest (each rank is then held to
+        its own devices' `device_memory`)."""
+        if self.device_groups:
+            return max(group.usable_memory for group in self.device_groups)
         return self.memory_bytes - self.reserve_bytes
 
+    @property
+    def num_devices(self) -> int | None:
+        """The devices of a mix (the sum of its groups' counts); None: any number."""
+        return sum(group.count for group in self.device_groups) if self.device_groups else None
+
+    @property
+    def is_mixed(self) -> bool:
+        """Whether some device differs from the reference device ([compute] at speed 1, [memory])
+        in speed or usable memory: then each pipeline rank has its own (`pipefold.plan.topology`)."""
+        reference = (1.0, self.memory_bytes - self.reserve_bytes)
+        return any((group.speed, group.usable_memory) != reference for group in self.device_groups)
+
+    def group_of(self, device: int) -> DeviceGroup | None:
+        """The group of device `device` (numbered group by group); None without groups."""
+        for group in self.device_groups:
+            if device < group.count:
+                return group
+            device -= group.count
+        return None
+
+    def device_speed(self, device: int) -> float:
+        group = self.group_of(device)
+        return 1.0 if group is None else group.speed
+
+    def device_memory(self, device: int) -> int:
+        """What the plan may use of device `device`: its memory less its reserve."""
+        group = self.group_of(device)
+        return self.usable_memory if group is None else group.usable_memory
+
     def check_devices(self, num_devices: int, what: str = "num_devices") -> None:
-        """Refuse a device count that does not fill whole nodes (one partial node is fine)."""
+        """Refuse a device count that does not fill whole nodes (one partial node is fine), and in a
+        mix any count but the mix's own: the mesh is placed on every device of it."""
+        total = self.num_devices
+        if total is not None and num_devices != total:
+            counts = " + ".join(f"{group.count} {group.name}" for group in self.device_groups)
+            raise ConfigError(
+                f"{what} = {num_devices}, but hardware {self.name!r} has {total} devices in device_groups "
+                f"({counts}) and the mesh is placed on all of them; give {what} = {total} (--devices "
+                f"{total}), or edit the groups' counts to the devices you use"
+            )
         per_node = self.devices_per_node
         if num_devices > per_node and num_devices % per_node:
             lower = num_devices // per_node * per_node
@@ -195,9 +259,59 @@ def _matmul(origin: str, compute: Mapping[str, Any]) -> MatmulEfficiency:
     )
 
 
+def _device_groups(origin: str, data: Any, per_node: int, peak: float, reserve: int
+                   ) -> tuple[DeviceGroup, ...]:
+    """The `[[device_groups]]` of a mix: each with name, count (whole nodes), speed or peak_flops
+    (at the file's default dtype), memory and an optional reserve (default: memory.reserve)."""
+    if not isinstance(data, list) or not data or not all(isinstance(entry, Mapping) for entry in data):
+        raise ConfigError(f"{_where(origin, 'device_groups')} = {data!r}; give one or more [[device_groups]] "
+                          "tables (name, count, speed or peak_flops, memory)")
+    groups = []
+    known = {"name", "count", "speed", "peak_flops", "memory", "reserve"}
+    for index, entry in enumerate(data):
+        where = f"device_groups[{index}]"
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(f"{_where(origin, where)}: unknown field(s) {unknown}; known: {sorted(known)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{_where(origin, where + '.name')} = {name!r}; give the device kind's name "
+                              "(e.g. 'a100-40gb')")
+        count = entry.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{_where(origin, where + '.count')} = {count!r}; give the number of devices "
+                              f"of this kind, an integer >= 1 (whole nodes of {per_node})")
+        if count % per_node:
+            lower = count // per_node * per_node
+            raise ConfigError(
+                f"{_where(origin, where + '.count')} = {count} is not a multiple of devices_per_node = "
+                f"{per_node}; a node holds one kind of device: give whole nodes "
+                f"({' or '.join(str(n) for n in (lower, lower + per_node) if n > 0)})"
+            )
+        given = [key for key in ("speed", "peak_flops") if key in entry]
+        if len(given) != 1:
+            raise ConfigError(
+                f"{_where(origin, where)} gives {' and '.join(given) or 'neither speed nor peak_flops'}; give "
+                "exactly one: speed (relative to [compute], e.g. 0.5) or peak_flops (FLOP/s at "
+                "compute.default_dtype)"
+            )
+        if given == ["speed"]:
+            speed = _positive(origin, entry, "speed", where + ".speed")
+        else:
+            speed = _positive(origin, entry, "peak_flops", where + ".peak_flops") / peak
+        memory_bytes = int(_positive(origin, entry, "memory", where + ".memory", size=True))
+        group_reserve = (int(_positive(origin, entry, "reserve", where + ".reserve", size=True))
+                         if "reserve" in entry else reserve)
+        if group_reserve >= memory_bytes:
+            raise ConfigError(f"{_where(origin, where + '.reserve')} = {group_reserve} is not below its memory "
+                              f"= {memory_bytes}; give a smaller reserve (or set it on the group)")
+        groups.append(DeviceGroup(name, count, speed, memory_bytes, group_reserve))
+    return tuple(groups)
+
+
 def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") -> Hardware:
     """A `Hardware` from parsed TOML; `origin` names the file in errors."""
-    known = {"name", "source", "devices_per_node", "compute", "memory", "links"}
+    known = {"name", "source", "devices_per_node", "compute", "memory", "links", "device_groups"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"hardware {origin}: unknown field(s) {unknown}; known: {sorted(known)}")
@@ -226,6 +340,10 @@ def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") ->
         raise ConfigError(f"{_where(origin, 'memory.reserve')} = {reserve} is not below memory.bytes = "
                           f"{memory_bytes}; the reserve is the part the planner may not use")
     links = _table(origin, data, "links")
+    groups: tuple[DeviceGroup, ...] = ()
+    if "device_groups" in data:
+        groups = _device_groups(origin, data["device_groups"], per_node,
+                                peak_flops[str(default_dtype)], reserve)
     return Hardware(
         name=name,
         peak_flops=peak_flops,
@@ -238,6 +356,7 @@ def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") ->
         inter_node=_link(origin, links, "inter_node"),
         default_dtype=str(default_dtype),
         source=str(data.get("source", "")),
+        device_groups=groups,
     )
 
 

@@ -14,7 +14,7 @@ from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
 __all__ = [
-    "RankMemory", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+    "RankMemory", "excess_per_rank", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
 ]
 
 
@@ -44,9 +44,14 @@ class RankMemory:
 
 
 class PeakMemory:
-    """The fullest rank of a configuration whose `memory` holds one `RankMemory` per rank."""
+    """The fullest rank of a configuration whose `memory` holds one `RankMemory` per rank.
+
+    `rank_limits` (a field of the subclasses): on a mix of device kinds, per rank the usable
+    memory of its smallest device; each rank is held to the smaller of it and the plan's limit.
+    Empty: every rank has the plan's limit."""
 
     memory: tuple[RankMemory, ...]
+    rank_limits: tuple[int, ...]
 
     @property
     def peak_memory(self) -> int:
@@ -59,8 +64,26 @@ class PeakMemory:
         return totals.index(max(totals))
 
     def over_limit(self, limit: float) -> float:
-        """Bytes by which the fullest rank exceeds `limit`; <= 0 when it fits."""
-        return self.peak_memory - limit
+        """Bytes by which the fullest rank exceeds `limit` (or its own device's, where smaller);
+        <= 0 when it fits."""
+        if not self.rank_limits:
+            return self.peak_memory - limit
+        return max(excess_per_rank(self.memory, limit, self.rank_limits))
+
+    def tightest_rank(self, limit: float) -> int:
+        """The rank furthest over (or least under) its limit; the fullest rank on alike devices."""
+        if not self.rank_limits:
+            return self.peak_rank
+        excess = excess_per_rank(self.memory, limit, self.rank_limits)
+        return excess.index(max(excess))
+
+
+def excess_per_rank(memory: tuple[RankMemory, ...], limit: float, rank_limits: tuple[int, ...]
+                    ) -> list[float]:
+    """Per rank, bytes over min(limit, its device's limit); `rank_limits` empty: `limit` for all."""
+    if not rank_limits:
+        return [rank.total - limit for rank in memory]
+    return [rank.total - min(limit, own) for rank, own in zip(memory, rank_limits, strict=True)]
 
 
 def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:

@@ -25,6 +25,7 @@ class OverMemory(PeakMemory):
 
     recompute: tuple[int, ...]
     memory: tuple[RankMemory, ...]
+    rank_limits: tuple[int, ...] = ()
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import memory_of_peaks, rank_memory, static_bytes, static_weight_bytes
+from pipefold.plan.memory import excess_per_rank, memory_of_peaks, rank_memory, static_bytes, static_weight_bytes
 from pipefold.plan.order_search import search_schedule
 from pipefold.plan.orders import compiles, family_placement, family_schedule
 from pipefold.plan.result import Candidate, SearchedOrder
@@ -61,9 +61,11 @@ def search_order(
     layout = layout_of(family.placement, pp, v)
     assert layout is not None  # searchable
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
+    speeds = tuple(choice.rank_speeds[rank] for rank in family.placement) if choice.rank_speeds else None
     model = stage_cost_model(
         costs, stages, choice.recompute, options.link if link is None else link,
         options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel), link_overrides,
+        speeds,
     )
     transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
     if math.isinf(options.memory_limit):
@@ -71,7 +73,8 @@ def search_order(
         cap: int | None = sum(model.activation_bytes) * m
     else:
         fixed = static_bytes(costs, model, family.placement, pp)
-        cap = int(min(options.memory_limit - fixed[r] - transient[r] for r in range(pp)))
+        limits = [min(options.memory_limit, own) for own in choice.rank_limits] or [options.memory_limit] * pp
+        cap = int(min(limits[r] - fixed[r] - transient[r] for r in range(pp)))
         if cap < 0:
             return None
     try:
@@ -91,7 +94,7 @@ def search_order(
         timeline = simulate(found.schedule, model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
         memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
-    if max(rank.total for rank in memory) > options.memory_limit:
+    if max(excess_per_rank(memory, options.memory_limit, choice.rank_limits)) > 0:
         return None
     return SearchedOrder(
         schedule=found.schedule,

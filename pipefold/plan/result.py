@@ -77,6 +77,12 @@ class Candidate(PeakMemory):
     """Whether every layer recomputes its attention core in the backward (selective recomputation,
     Korthikanti et al. 2022), besides the stages in `recompute`."""
     """How the mesh sits on a hardware file's nodes (`pipefold.plan.topology`); empty without one."""
+    rank_speeds: tuple[float, ...] = ()
+    """On a mix of device kinds (docs/plan.md, "Heterogeneous devices"): per pipeline rank, its
+    slowest device's speed; empty where every device is the reference device."""
+    rank_limits: tuple[int, ...] = ()
+    """On a mix of device kinds: per pipeline rank, its smallest device's usable memory (the rank
+    fits the smaller of it and the plan's limit); empty where every device is the reference device."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -108,6 +114,34 @@ class Candidate(PeakMemory):
     @property
     def partition(self) -> Partition:
         return Partition(self.bounds)
+
+    def devices_text(self, limit: float) -> str:
+        """On a mix of device kinds: 'devices (a mix): ranks 0-1 speed 1, 15 GiB; ranks 2-3 speed
+        0.5, 7 GiB; layers per rank 4, 4, 2, 2; peak 32 MiB, 28 MiB, ...'."""
+        kinds: list[tuple[list[int], float, float]] = []
+        for rank, (speed, own) in enumerate(zip(self.rank_speeds, self.rank_limits, strict=True)):
+            usable = min(limit, own)
+            if kinds and kinds[-1][1:] == (speed, usable):
+                kinds[-1][0].append(rank)
+            else:
+                kinds.append(([rank], speed, usable))
+        parts = [
+            f"rank{'s' if len(ranks) > 1 else ''} {_ranges(tuple(ranks))} speed {speed:.3g}, {format_bytes(usable)}"
+            for ranks, speed, usable in kinds
+        ]
+        layers = ", ".join(str(self.num_layers_of(rank)) for rank in range(self.num_ranks))
+        peaks = ", ".join(format_bytes(memory.total) for memory in self.memory)
+        return f"devices (a mix): {'; '.join(parts)}; layers per rank {layers}; peak per rank {peaks}"
+
+    def num_layers_of(self, rank: int) -> int:
+        """Layers held by pipeline rank `rank` (its stages in the family's placement)."""
+        if self.order is not None:
+            placement = self.order.placement
+        else:
+            placement = build(self.schedule, num_ranks=self.num_ranks, num_microbatches=1,
+                              num_virtual=self.num_virtual).placement
+        return sum(self.bounds[stage + 1] - self.bounds[stage]
+                   for stage, owner in enumerate(placement) if owner == rank)
 
     @property
     def recompute_layers(self) -> tuple[int, ...]:
@@ -180,6 +214,8 @@ class Candidate(PeakMemory):
             "base_family": self.base_family,
             "placed": self.placed,
             "recompute_attention": self.recompute_attention,
+            "rank_speeds": list(self.rank_speeds),
+            "rank_limits": list(self.rank_limits),
         }
 
     @classmethod
@@ -204,6 +240,8 @@ class Candidate(PeakMemory):
             base_family=None if data.get("base_family") is None else str(data["base_family"]),
             placed=str(data.get("placed", "")),
             recompute_attention=bool(data.get("recompute_attention", False)),
+            rank_speeds=tuple(float(speed) for speed in data.get("rank_speeds", ())),
+            rank_limits=tuple(int(limit) for limit in data.get("rank_limits", ())),
         )
 
 
@@ -411,6 +449,8 @@ class Plan:
                 f"{k}={v!r}" for k, v in choice.layout_kwargs().items()
             ) + "))" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
+        if choice.rank_speeds:
+            lines.append("  " + choice.devices_text(self.memory_limit))
         if choice.sharded_optimizer:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "

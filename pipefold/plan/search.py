@@ -59,7 +59,8 @@ def evaluate(
     link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
     num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
     link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
-    recompute_attention: bool = False,
+    recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
+    rank_limits: tuple[int, ...] = (),
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -71,11 +72,13 @@ def evaluate(
     optimizer bytes of one replica's share; the step adds the weights' all-gather.
     `sequence_parallel` is recorded: `costs` already split the stream (`split_costs`).
     `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
-    `placed` how the mesh sits on the nodes, recorded.
+    `placed` how the mesh sits on the nodes, recorded. On a mix of device kinds, `rank_speeds`
+    slow each rank's stages and `rank_limits` hold each rank to its devices' memory (recorded).
     """
     schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
-    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides)
+    speeds = tuple(rank_speeds[rank] for rank in schedule.placement) if rank_speeds else None
+    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
     if compiles(schedule, model):
         sizes = (num_ranks, config.num_microbatches, config.num_virtual)
@@ -107,6 +110,8 @@ def evaluate(
         sequence_parallel=sequence_parallel,
         placed=placed,
         recompute_attention=recompute_attention,
+        rank_speeds=rank_speeds,
+        rank_limits=rank_limits,
     )
 
 
@@ -174,7 +179,7 @@ class _Search:
         self.num_untimed = 0
         """Configurations over the limit in their family order not timed for the order search (budget)."""
         self.top: list[Candidate] = []
-        self._layouts: dict[tuple[int, int, int, Link, bool], tuple[int, ...]] = {}
+        self._layouts: dict[tuple[object, ...], tuple[int, ...]] = {}
         self._split: dict[tuple[int, int, int, Link, bool], ModelCosts] = {}
         self._links: dict[tuple[int, int, int], MeshLinks] = {}
         self._models: dict[tuple[object, ...], CostModel] = {}
@@ -225,6 +230,22 @@ class _Search:
                                          inner=self._inner(degree))
         return self._links[key]
 
+    def stage_speeds(self, degree: Degree, placement: tuple[int, ...]) -> tuple[float, ...] | None:
+        """Per stage, its rank's device speed on a mix of device kinds; None where all are the reference device."""
+        speeds = self.links(degree).rank_speeds
+        return tuple(speeds[rank] for rank in placement) if speeds else None
+
+    def limits(self, degree: Degree) -> tuple[float, ...]:
+        """Per pipeline rank, the memory it may use: the plan's limit, or its devices' where smaller."""
+        own = self.links(degree).rank_memory
+        if not own:
+            return (self.limit,) * degree.num_ranks
+        return tuple(min(self.limit, memory) for memory in own)
+
+    def over(self, record: Record, memory: tuple[RankMemory, ...]) -> float:
+        """Bytes by which the rank furthest over its limit exceeds it; <= 0 when every rank fits."""
+        return max(rank.total - limit for rank, limit in zip(memory, self.limits(record.degree), strict=True))
+
     def _inner(self, degree: Degree) -> Literal["dp", "pp"]:
         """Which of dp and pp goes inside a node after tp: the one that moves more bytes per step
         (docs/plan.md, "Topology"). dp: a ring all-reduce moves about twice a rank's gradients;
@@ -233,6 +254,14 @@ class _Search:
         dp, pp, tp = degree.split
         if dp == 1 or pp == 1:
             return "dp" if pp == 1 else "pp"
+        hardware = self.options.hardware
+        if hardware is not None and hardware.is_mixed:
+            # On a mix of device kinds, first the placement whose ranks lose less speed to a slower
+            # device among their replicas (each rank runs at its slowest device's speed).
+            kept = {inner: sum(place(hardware, num_data_parallel=dp, num_ranks=pp, num_tensor_parallel=tp,
+                                     inner=inner).rank_speeds) for inner in ("dp", "pp")}
+            if kept["dp"] != kept["pp"]:
+                return "dp" if kept["dp"] > kept["pp"] else "pp"
         gradients = costs.parameter_bytes * costs.gradient_bytes_per_parameter_byte / (pp * tp)
         boundary = max(layer.output_bytes for layer in costs.layers)
         sends = 2 * degree.replica_batch / costs.reference_rows * boundary
@@ -244,30 +273,35 @@ class _Search:
     def cores(self, degree: Degree) -> float | None:
         return self.options.cores_per_pipeline(degree.num_data_parallel, degree.num_tensor_parallel)
 
-    def bounds_of(self, degree: Degree, num_stages: int, rows: int, recompute_attention: bool = False
-                  ) -> tuple[int, ...]:
+    def bounds_of(self, degree: Degree, num_stages: int, rows: int, recompute_attention: bool = False,
+                  placement: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """The balanced partition; on a mix of device kinds each stage's cost is divided by its
+        rank's speed (in `placement`), so slower ranks get less work."""
         link = self.links(degree).tensor_parallel
-        key = (degree.num_tensor_parallel, num_stages, rows, link, recompute_attention)
+        speeds = self.stage_speeds(degree, placement) if placement else None
+        key = (degree.num_tensor_parallel, num_stages, rows, link, recompute_attention, speeds)
         if key not in self._layouts:
             costs = self.costs_at(degree, rows, recompute_attention)
-            self._layouts[key] = balance(stage_weights(costs, rows), num_stages).bounds
+            self._layouts[key] = balance(stage_weights(costs, rows), num_stages, speeds).bounds
         return self._layouts[key]
 
     def model(self, record: Record, recompute: tuple[int, ...]) -> CostModel:
-        return self.model_at(record.degree, record.config, record.bounds, recompute)
+        return self.model_at(record.degree, record.config, record.bounds, recompute, record.placement)
 
-    def model_at(self, degree: Degree, config: Config, bounds: tuple[int, ...], recompute: tuple[int, ...]
-                 ) -> CostModel:
+    def model_at(self, degree: Degree, config: Config, bounds: tuple[int, ...], recompute: tuple[int, ...],
+                 placement: tuple[int, ...]) -> CostModel:
         """The stage costs of a configuration: the same for every family and m of one split, rows,
-        partition and recompute, so those without recompute (most of them) are built once."""
-        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds)
+        partition and recompute (and on a mix of devices, stage speeds), so those without recompute
+        (most of them) are built once."""
+        speeds = self.stage_speeds(degree, placement)
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds, speeds)
         if not recompute and key in self._models:
             return self._models[key]
         layout = StageLayout(bounds, config.microbatch_rows)
         links = self.links(degree)
         model = stage_cost_model(
             self.costs_at(degree, config.microbatch_rows, config.recompute_attention), layout, recompute,
-            links.pipeline, self.cores(degree), links.pipeline_overrides,
+            links.pipeline, self.cores(degree), links.pipeline_overrides, speeds,
         )
         if not recompute:
             self._models[key] = model
@@ -302,7 +336,7 @@ class _Search:
             plain = self.model(record, ())
             everything = self.model(record, tuple(range(plain.num_stages)))
             static = static_bytes(self.costs_of(record), plain, record.placement, degree.num_ranks)
-            headroom = [self.limit - held for held in static]
+            headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
 
@@ -328,6 +362,7 @@ class _Search:
                 link_overrides=links.pipeline_overrides,
                 placed=links.describe() if self.options.hardware is not None else "",
                 recompute_attention=record.config.recompute_attention,
+                rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
             )
         return record.tried[recompute]
 
@@ -370,14 +405,14 @@ class _Search:
             pp = degree.num_ranks
             links = self.links(degree)
             for config in configs:
-                bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
-                                        config.recompute_attention)
                 placement = family_placement(config.schedule, pp, config.num_virtual)
+                bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
+                                        config.recompute_attention, placement)
                 sync_key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds,
                             placement)
                 if sync_key not in self._syncs:
                     costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
-                    model = self.model_at(degree, config, bounds, ())
+                    model = self.model_at(degree, config, bounds, (), placement)
                     self._syncs[sync_key] = replica_sync_time(
                         costs, model, placement, pp, degree.num_data_parallel, links.data_parallel, zero)
                 record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
@@ -402,9 +437,10 @@ class _Search:
         static = static_bytes(self.costs_of(record), self.model(record, ()),
                               record.placement,
                               record.degree.num_ranks)
-        worst = max(range(len(static)), key=lambda rank: static[rank])
-        if static[worst] > self.limit:
-            record.static_over = (worst, int(static[worst] - self.limit))
+        limits = self.limits(record.degree)
+        worst = max(range(len(static)), key=lambda rank: static[rank] - limits[rank])
+        if static[worst] > limits[worst]:
+            record.static_over = (worst, int(static[worst] - limits[worst]))
             return
         # The exact bound needs the schedule (whether it runs B or I + W), generated only now that
         # the looser bound let the configuration through.
@@ -418,12 +454,12 @@ class _Search:
             record.prune(bound)
             return
         memory = self.known_memory(record, first)
-        if memory is None or _peak(memory) <= self.limit:
+        if memory is None or self.over(record, memory) <= 0:
             candidate = self.run(record, first)
             memory = candidate.memory
         else:
-            record.over[first] = OverMemory(first, memory)
-        if _peak(memory) <= self.limit or choice != "auto":
+            record.over[first] = self.over_memory(record, first, memory)
+        if self.over(record, memory) <= 0 or choice != "auto":
             self.keep(record.best(self.limit))
             return
         if num_stages <= self.options.exhaustive_recompute_stages:
@@ -431,6 +467,10 @@ class _Search:
         else:
             self.greedy(record, memory)
         self.keep(record.best(self.limit))
+
+    def over_memory(self, record: Record, recompute: tuple[int, ...], memory: tuple[RankMemory, ...]
+                    ) -> OverMemory:
+        return OverMemory(recompute, memory, self.links(record.degree).rank_memory)
 
     def known_memory(self, record: Record, recompute: tuple[int, ...]) -> tuple[RankMemory, ...] | None:
         """Per rank, the memory of a recompute choice, without simulating it where its order tells it
@@ -467,8 +507,8 @@ class _Search:
                     record.prune(bound)
                 break
             memory = self.known_memory(record, subset)
-            if memory is not None and _peak(memory) > self.limit:
-                record.over[subset] = OverMemory(subset, memory)
+            if memory is not None and self.over(record, memory) > 0:
+                record.over[subset] = self.over_memory(record, subset, memory)
                 continue
             candidate = self.run(record, subset)
             fits = candidate.over_limit(self.limit) <= 0
@@ -482,10 +522,11 @@ class _Search:
         full = model.activation_bytes
         lean = self.model(record, tuple(range(model.num_stages))).activation_bytes
         recompute: set[int] = set()
-        while _peak(memory) > self.limit:
+        limits = self.limits(record.degree)
+        while self.over(record, memory) > 0:
             added = False
             for rank, held_by_rank in enumerate(memory):
-                if held_by_rank.total <= self.limit:
+                if held_by_rank.total <= limits[rank]:
                     continue
                 owned = [s for s, owner in enumerate(record.placement) if owner == rank]
                 left = [s for s in owned if s not in recompute]
@@ -498,7 +539,7 @@ class _Search:
                 # needs a few steps, not one per stage; the next step checks.
                 held = sum(lean[s] if s in recompute else full[s] for s in owned)
                 in_flight = held_by_rank.activations / held if held else 1.0
-                excess = held_by_rank.total - self.limit
+                excess = held_by_rank.total - limits[rank]
                 for stage in left:
                     recompute.add(stage)
                     added = True
@@ -513,10 +554,10 @@ class _Search:
                 record.prune(bound)
                 return
             known = self.known_memory(record, subset)
-            if known is None or _peak(known) <= self.limit:
+            if known is None or self.over(record, known) <= 0:
                 memory = self.run(record, subset).memory
             else:
-                record.over[subset] = OverMemory(subset, known)
+                record.over[subset] = self.over_memory(record, subset, known)
                 memory = known
 
     # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
@@ -628,10 +669,6 @@ class _Search:
             self.run(record, ())
 
 
-def _peak(memory: tuple[RankMemory, ...]) -> int:
-    return max(rank.total for rank in memory)
-
-
 def _tensor_parallel_problem(costs: ModelCosts) -> str:
     """Why the model's costs allow no tp degree but 1, or which ones they allow."""
     if not costs.splits:
@@ -705,7 +742,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     refinement = search.refine(records, family_choice)
     if family_choice is None and not refinement.found:
         tried = [c for record in records for c in record.tried.values()]
-        least = min(tried, key=lambda c: (c.peak_memory, rank_key(c)))
+        least = min(tried, key=lambda c: (c.over_limit(options.memory_limit), c.peak_memory, rank_key(c)))
         fastest = min((r.tried[()] for r in records if () in r.tried), key=rank_key, default=least)
         raise NoFeasiblePlan(options.memory_limit, least, fastest)
     top = sorted([*search.top, *(candidate for candidate, _ in refinement.found)], key=rank_key)
@@ -717,8 +754,8 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
 
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate | OverMemory:
         memory = search.known_memory(record, recompute)
-        if memory is not None and _peak(memory) > options.memory_limit:
-            return OverMemory(recompute, memory)
+        if memory is not None and search.over(record, memory) > 0:
+            return search.over_memory(record, recompute, memory)
         return search.run(record, recompute)
 
     # A searched choice's settings are those of its configuration's family, compared with its step.

@@ -118,7 +118,9 @@ class PlanOptions:
     """The machine type (`pipefold.plan.hardware`): with it, every collective and send is priced on
     the link it crosses once the mesh is placed on its nodes (tp innermost: docs/plan.md,
     "Topology"), so `link`, `dp_link` and `tp_link` must be left out, and an unlimited
-    `memory_limit` becomes the device's memory less the runtime's reserve."""
+    `memory_limit` becomes the device's memory less the runtime's reserve. A mix of device kinds
+    (`Hardware.device_groups`) fixes `num_devices` to its own count and gives each pipeline rank
+    its devices' speed and memory (a given `memory_limit` caps every device's)."""
 
     def cores_per_pipeline(self, num_data_parallel: int, num_tensor_parallel: int = 1) -> float | None:
         """`CostModel.num_cores` of one replica's pipeline (one tp rank of each stage), or None (a
@@ -213,6 +215,10 @@ class PlanOptions:
                 )
             if self.memory_limit == math.inf:
                 object.__setattr__(self, "memory_limit", self.hardware.usable_memory)
+            if self.num_devices is None and self.hardware.num_devices is not None:
+                # A mix of device kinds: the mesh covers every device of it (docs/plan.md,
+                # "Heterogeneous devices"), so num_ranks and the pins split those.
+                object.__setattr__(self, "num_devices", self.hardware.num_devices)
             devices = self.num_devices if self.num_devices is not None else None
             if devices is not None:
                 self.hardware.check_devices(devices)

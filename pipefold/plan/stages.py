@@ -47,15 +47,20 @@ def stage_cost_model(
     link: Link,
     num_cores: float | None = None,
     link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
+    stage_speeds: Sequence[float] | None = None,
 ) -> CostModel:
     """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
     "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
-    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes)."""
-    scale = layout.rows / costs.reference_rows
+    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
+    `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
+    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
     overhead = costs.overhead_s
+    # Bytes scale with rows; times with rows and the device's speed.
+    rows_scale = layout.rows / costs.reference_rows
     f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
     for stage in range(layout.num_stages):
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+        scale = rows_scale if stage_speeds is None else rows_scale / stage_speeds[stage]
         fixed = overhead * (stop - start)
         # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
         # input-gradient half, where the all-reduces run; W has none.
@@ -68,11 +73,11 @@ def stage_cost_model(
         if stage in recompute:
             input_grad, weight_grad = input_grad + forward, weight_grad + forward
             backward += forward
-            kept = round(scale * costs.span(_INPUT, start, stop))
+            kept = round(rows_scale * costs.span(_INPUT, start, stop))
         else:
-            kept = round(scale * costs.span(_ACT, start, stop))
+            kept = round(rows_scale * costs.span(_ACT, start, stop))
         if stage == layout.num_stages - 1 and stop == len(costs.layers):
-            kept += round(scale * costs.loss_bytes)
+            kept += round(rows_scale * costs.loss_bytes)
         activations.append(kept)
         held_for_w.append(kept)
         f.append(forward)
@@ -80,7 +85,7 @@ def stage_cost_model(
         w.append(weight_grad)
         b.append(backward)
         weights.append(round(costs.span(_PARAM, start, stop)))
-    messages = [round(scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
+    messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
         f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
         message_bytes=messages, link=link, num_cores=num_cores, link_overrides=dict(link_overrides),

@@ -8,6 +8,9 @@ inside a node wherever tp <= devices per node); then whichever of dp and pp move
 step (`inner`), then the other. A group whose devices span two nodes is priced on the
 inter-node link (its slowest hop: a ring is as fast as its slowest link); a pipeline send
 between ranks on two nodes too, and on the intra-node link otherwise. docs/plan.md, "Topology".
+On a mix of device kinds each pipeline rank runs at its slowest device's speed and fits its
+smallest device's memory (its tp shards and dp replicas wait for each other): docs/plan.md,
+"Heterogeneous devices".
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class MeshLinks:
     """The dimensions some of whose groups (or sends) span nodes."""
     sizes: tuple[tuple[str, int], ...] = ()
     """(dimension, size) of each dimension, innermost first."""
+    rank_speeds: tuple[float, ...] = ()
+    """On a mix of device kinds: per pipeline rank, the speed of its slowest device (relative to
+    the file's [compute]); empty where every device is the reference device."""
+    rank_memory: tuple[int, ...] = ()
+    """On a mix of device kinds: per pipeline rank, the usable memory of its smallest device;
+    empty where every device is the reference device."""
 
     def describe(self) -> str:
         """'mesh tp=8, dp=2, pp=4 (innermost first): tp inside a node, dp and pp across nodes'."""
@@ -110,6 +119,13 @@ def place(
         name for name, flag in (("tp", tp_crosses), ("dp", dp_crosses), ("pp", bool(crossing_pairs)))
         if flag
     )
+    rank_speeds: tuple[float, ...] = ()
+    rank_memory: tuple[int, ...] = ()
+    if hardware.is_mixed:
+        devices = [[device(rank, replica, shard) for replica in range(dp) for shard in range(tp)]
+                   for rank in range(pp)]
+        rank_speeds = tuple(min(hardware.device_speed(d) for d in owned) for owned in devices)
+        rank_memory = tuple(min(hardware.device_memory(d) for d in owned) for owned in devices)
     return MeshLinks(
         tensor_parallel=inter if tp_crosses else intra,
         data_parallel=inter if dp_crosses else intra,
@@ -118,4 +134,6 @@ def place(
         order=order,
         crossing=crossing,
         sizes=tuple((name, {"tp": tp, "dp": dp, "pp": pp}[name]) for name in order.split(", ")),
+        rank_speeds=rank_speeds,
+        rank_memory=rank_memory,
     )
