@@ -77,6 +77,11 @@ class Candidate(PeakMemory):
     """Whether every layer recomputes its attention core in the backward (selective recomputation,
     Korthikanti et al. 2022), besides the stages in `recompute`."""
     """How the mesh sits on a hardware file's nodes (`pipefold.plan.topology`); empty without one."""
+    shard: str = "replicate"
+    """What the dp replicas shard: "replicate", "zero1" (`sharded_optimizer`) or "full" (weights,
+    gradients and optimizer state; its gathers and reduce-scatters are inside `pipeline_s`)."""
+    free_between_microbatches: bool = False
+    """Full sharding: each stage's weights freed whenever its rank turns to another of its stages."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -132,10 +137,13 @@ class Candidate(PeakMemory):
 
     def describe(self) -> str:
         """'zb-v v=2, 16 micro-batches of 4, recompute none'; a searched order 'auto (vs zb-h2) v=1, ...'."""
-        return (
+        text = (
             f"{self.schedule_text} v={self.num_virtual}, {self.num_microbatches} micro-batches of "
             f"{self.microbatch_rows}, recompute {self.recompute_text}"
         )
+        if self.shard == "full":
+            text += ", full sharding" + (" freed between micro-batches" if self.free_between_microbatches else "")
+        return text
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The schedule's keyword arguments of `pipefold.Pipeline` for this configuration (a searched
@@ -180,6 +188,8 @@ class Candidate(PeakMemory):
             "base_family": self.base_family,
             "placed": self.placed,
             "recompute_attention": self.recompute_attention,
+            "shard": self.shard,
+            "free_between_microbatches": self.free_between_microbatches,
         }
 
     @classmethod
@@ -204,6 +214,8 @@ class Candidate(PeakMemory):
             base_family=None if data.get("base_family") is None else str(data["base_family"]),
             placed=str(data.get("placed", "")),
             recompute_attention=bool(data.get("recompute_attention", False)),
+            shard=str(data.get("shard", "zero1" if data.get("sharded_optimizer") else "replicate")),
+            free_between_microbatches=bool(data.get("free_between_microbatches", False)),
         )
 
 
@@ -393,7 +405,12 @@ class Plan:
         limit = "no limit" if math.isinf(self.memory_limit) else f"limit {format_bytes(self.memory_limit)}"
         with_degree = bool(self.degrees) or choice.num_data_parallel > 1 or choice.num_tensor_parallel > 1
         step = f"predicted step {choice.step_time:.4g} s"
-        if choice.num_data_parallel > 1:
+        if choice.shard == "full":
+            step += (
+                f" (on {self.global_batch // choice.num_data_parallel} rows per replica, the weight gathers and "
+                f"gradient reduce-scatters across {choice.num_data_parallel} replicas included)"
+            )
+        elif choice.num_data_parallel > 1:
             step += (
                 f" (pipeline {choice.pipeline_s:.4g} s on "
                 f"{self.global_batch // choice.num_data_parallel} rows per replica + gradient all-reduce "
@@ -415,6 +432,16 @@ class Plan:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "
                 "(pipefold.runtime.sharded_optimizer; pipefold train --zero)"
+            )
+        if choice.shard == "full":
+            lines.append(
+                f"  full sharding: weights, gradients and optimizer state sharded over the "
+                f"{choice.num_data_parallel} replicas, each stage's weights gathered "
+                + ("before each run of its actions and freed after it" if choice.free_between_microbatches
+                   else "once per step")
+                + " and its gradients reduce-scattered after its last backward, inside the pipeline time "
+                "(ParallelOptions(shard='full'); pipefold train --shard full"
+                + (" --free-between-microbatches" if choice.free_between_microbatches else "") + ")"
             )
         if choice.num_tensor_parallel > 1:
             lines.append(
