@@ -190,7 +190,8 @@ class _TorchRun:
 
         classes = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
         if args.schedule not in classes or args.num_virtual not in (None, 1):
-            raise SystemExit(f"torch-fsdp runs {', '.join(classes)} at one stage per rank; got {args.schedule}")
+            raise SystemExit(
+                f"torch-fsdp runs {', '.join(classes)} at one stage per rank; got {args.schedule}")
         self.pp_rank = mesh.get_local_rank("pp")
         per_stage = args.num_layers // PP
         torch.manual_seed(1 + self.pp_rank)
@@ -198,7 +199,8 @@ class _TorchRun:
             self.pp_rank * per_stage:(self.pp_rank + 1) * per_stage]]
         self.module = nn.Sequential(*layers)
         fully_shard(self.module, mesh=mesh["dp"])
-        stage = PipelineStage(self.module, self.pp_rank, PP, torch.device("cpu"), group=mesh["pp"].get_group())
+        stage = PipelineStage(self.module, self.pp_rank, PP, torch.device("cpu"),
+                              group=mesh["pp"].get_group())
         self.schedule = classes[args.schedule](stage, n_microbatches=args.microbatches, loss_fn=F.mse_loss)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-3)
         self.times: list[float] = []
@@ -225,7 +227,8 @@ class _TorchRun:
         return {
             "weights": _bytes(self.module.parameters()),
             "grads": self.grads,
-            "optimizer": _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+            "optimizer": _bytes(
+                v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
             "gathered": None,
             "gathers_per_step": statistics.median(self.gathers),
             "step_ms": 1e3 * statistics.median(self.times[1:] or self.times),

@@ -129,8 +129,8 @@ def add_parser(subparsers: Any) -> None:
                         "tp = 1, as pipefold train --zero does")
     parser.add_argument("--shard", choices=("replicate", "zero1", "full", "auto"), default="replicate",
                         help="what the dp replicas shard: replicate (nothing; the default), zero1 (the "
-                        "optimizer state, as --zero), full (weights, gradients and optimizer state), or auto: "
-                        "each configuration's layouts priced and the fastest that fits chosen")
+                        "optimizer state, as --zero), full (weights, gradients and optimizer state), or "
+                        "auto: each configuration's layouts priced and the fastest that fits chosen")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="price sequence parallelism wherever tp > 1 (norms, residual stream and stage "
                         "boundaries split by position), as pipefold train --sequence-parallel runs it")
@@ -341,7 +341,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--set", f"recompute=[{layers}]"]
     elif choice.recompute_attention:
         words += ["--recompute", "selective"]
-    refuses_tied = choice.shard == "full" or (not choice.is_searched_order and is_asynchronous(choice.schedule))
+    asynchronous = not choice.is_searched_order and is_asynchronous(choice.schedule)
+    refuses_tied = choice.shard == "full" or asynchronous
     if refuses_tied and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)

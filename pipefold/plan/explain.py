@@ -77,7 +77,8 @@ def _verdict(
 
 
 def layout_verdict(subject: str, records: Sequence[Record], choice: Candidate, limit: float) -> Verdict:
-    """The verdict on one data-parallel layout of the choice's configuration (`pipefold.plan.shard_search`)."""
+    """The verdict on one data-parallel layout of the choice's configuration
+    (`pipefold.plan.shard_search`)."""
     return _verdict(subject, records, choice, limit, detail=False)
 
 

@@ -142,7 +142,8 @@ class Candidate(PeakMemory):
             f"{self.microbatch_rows}, recompute {self.recompute_text}"
         )
         if self.shard == "full":
-            text += ", full sharding" + (" freed between micro-batches" if self.free_between_microbatches else "")
+            freed = " freed between micro-batches" if self.free_between_microbatches else ""
+            text += f", full sharding{freed}"
         return text
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -407,8 +408,8 @@ class Plan:
         step = f"predicted step {choice.step_time:.4g} s"
         if choice.shard == "full":
             step += (
-                f" (on {self.global_batch // choice.num_data_parallel} rows per replica, the weight gathers and "
-                f"gradient reduce-scatters across {choice.num_data_parallel} replicas included)"
+                f" (on {self.global_batch // choice.num_data_parallel} rows per replica, the weight gathers "
+                f"and gradient reduce-scatters across {choice.num_data_parallel} replicas included)"
             )
         elif choice.num_data_parallel > 1:
             step += (

@@ -40,7 +40,12 @@ from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
 from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
-from pipefold.plan.shard_search import searched_layouts, sharded_memory, sharded_static_bytes, simulate_sharded
+from pipefold.plan.shard_search import (
+    searched_layouts,
+    sharded_memory,
+    sharded_static_bytes,
+    simulate_sharded,
+)
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
@@ -393,7 +398,8 @@ class _Search:
             dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
             configs = [
                 replace(config, shard=shard, free_between=free_between) for config in configs
-                for shard, free_between in searched_layouts(options.shard, options.zero, dp, tp, config.num_virtual)
+                for shard, free_between in searched_layouts(
+                    options.shard, options.zero, dp, tp, config.num_virtual)
             ]
             pp = degree.num_ranks
             links = self.links(degree)
@@ -485,7 +491,8 @@ class _Search:
         memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
         if config.shard == "full":
             # The sharding actions hold no activations: a flush's activation peaks are its order's.
-            return sharded_memory(memory, model, record.placement, degree.num_data_parallel, config.free_between)
+            return sharded_memory(memory, model, record.placement, degree.num_data_parallel,
+                                  config.free_between)
         return memory
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
@@ -668,8 +675,8 @@ def _layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> 
     def plain(config: Config) -> Config:
         return replace(config, shard="replicate", free_between=False)
 
-    chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches, choice.microbatch_rows,
-                          choice.recompute_attention))
+    chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches,
+                          choice.microbatch_rows, choice.recompute_attention))
     groups: dict[str, list[Record]] = {}
     for record in records:
         if plain(record.config) == chosen and record.bounds == choice.bounds:

@@ -44,7 +44,8 @@ def check_shard(shard: object, zero: bool) -> None:
         raise ConfigError(f"shard = {shard!r}; use one of {', '.join(SHARD_CHOICES)}")
     if zero and shard not in ("replicate", "zero1"):
         raise ConfigError(
-            f"zero = True with shard = {shard!r}: zero pins ZeRO-1; leave zero out (shard = 'zero1' is the same)"
+            f"zero = True with shard = {shard!r}: zero pins ZeRO-1; leave zero out "
+            "(shard = 'zero1' is the same)"
         )
 
 

@@ -82,14 +82,17 @@ def test_a_generous_limit_keeps_the_fastest_layout():
     # the replicas' all-reduce after the schedule): it is the fastest there.
     assert plan(costs_of(), PlanOptions(**BASE, shard="auto")).choice.shard == "full"
     # Where latency dominates, the one all-reduce beats a gather and a reduce-scatter per stage.
-    found = plan(costs_of(), PlanOptions(**{**BASE, "dp_link": Link(latency=0.1, bandwidth=1e12)}, shard="auto"))
+    latency_bound = {**BASE, "dp_link": Link(latency=0.1, bandwidth=1e12)}
+    found = plan(costs_of(), PlanOptions(**latency_bound, shard="auto"))
     assert found.choice.shard == "replicate"
     verdicts = {v.subject: v.status for v in found.settings}
     assert verdicts["shard=replicate"] == "chosen"
-    assert {verdicts[s] for s in ("shard=zero1", "shard=full", "shard=full+free-between")} <= {"slower", "pruned"}
+    others = ("shard=zero1", "shard=full", "shard=full+free-between")
+    assert {verdicts[s] for s in others} <= {"slower", "pruned"}
     # One replica: nothing to shard, whatever is asked.
     alone = plan(costs_of(), PlanOptions(**{**BASE, "data_parallel": 1, "global_batch": 2}, shard="auto"))
-    assert alone.choice.shard == "replicate" and not any(v.subject.startswith("shard=") for v in alone.settings)
+    assert alone.choice.shard == "replicate"
+    assert not any(v.subject.startswith("shard=") for v in alone.settings)
 
 
 def test_bad_shard_options_are_refused():

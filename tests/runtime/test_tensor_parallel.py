@@ -713,7 +713,8 @@ def fsdp_bytes_dp4() -> dict:
     optimizer.zero_grad(set_to_none=True)
     pipe.step(x[shard], y[shard])
     params = [param for _, param in pipe.named_parameters()]
-    state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    state = [v for st in optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
     whole = sum(p.numel() * p.element_size() for p in params)
     planned = layout_bytes(whole, num_data_parallel=4, layout="full")
     return {
