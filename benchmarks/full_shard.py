@@ -22,12 +22,17 @@ and, for each layout that applies, runs `--steps` AdamW steps. Rank 0 prints one
   `replicate-after` is replicate with every all-reduce after the schedule
   (`overlap_reduction=False`), to compare with each stage's all-reduce started after its last
   backward.
+- `torch-fsdp`: the same layers under `torch.distributed.pipelining` (`PipelineStage` and
+  Schedule1F1B or ScheduleGPipe for `--schedule` 1f1b or gpipe, one stage per rank), each stage
+  one `fully_shard` unit over "dp" with torch's defaults; its `gathers_per_step` counts FSDP's
+  all-gathers (its hooks decide when they run); `compute_ms` and `sharding_ms` are None.
 
 Run:
     .venv/bin/python benchmarks/full_shard.py                    # dp 1, 2, 4; width 512, 8 layers
     .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 12 --layouts replicate replicate-after
     .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 12 --schedule interleaved-1f1b \
         --num-virtual 2 --layouts replicate zero1 full full-ahead full-free
+    .venv/bin/python benchmarks/full_shard.py --dp 2 --steps 16 --layouts full torch-fsdp
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOp
 from pipefold.runtime.parallel.tensor_parallel import local
 from pipefold.schedule import Op
 
-LAYOUTS = ("replicate", "replicate-after", "zero1", "full", "full-ahead", "full-free")
-"""replicate-after: replicated, every gradient all-reduced after the schedule (no overlap)."""
+LAYOUTS = ("replicate", "replicate-after", "zero1", "full", "full-ahead", "full-free", "torch-fsdp")
+"""replicate-after: replicated, every gradient all-reduced after the schedule (no overlap);
+torch-fsdp: torch.distributed.pipelining with fully_shard stages."""
 PP = 2
 
 
@@ -155,6 +161,83 @@ class _Run:
         }
 
 
+_GATHERS = [0]
+"""FSDP all-gathers this process ran (counted by `_count_fsdp_gathers`)."""
+
+
+def _count_fsdp_gathers() -> None:
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
+
+    original = fsdp_group.foreach_all_gather
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _GATHERS[0] += 1
+        return original(*args, **kwargs)
+
+    fsdp_group.foreach_all_gather = counted
+
+
+class _TorchRun:
+    """The same layers as a pipefold run, under torch.distributed.pipelining with each stage one
+    fully_shard unit over "dp"."""
+
+    layout = "torch-fsdp"
+
+    def __init__(self, mesh: Any, args: argparse.Namespace) -> None:
+        from torch import nn
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        classes = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+        if args.schedule not in classes or args.num_virtual not in (None, 1):
+            raise SystemExit(
+                f"torch-fsdp runs {', '.join(classes)} at one stage per rank; got {args.schedule}")
+        self.pp_rank = mesh.get_local_rank("pp")
+        per_stage = args.num_layers // PP
+        torch.manual_seed(1 + self.pp_rank)
+        layers = [spec.build() for spec in mlp_layers(args.width, args.num_layers)[
+            self.pp_rank * per_stage:(self.pp_rank + 1) * per_stage]]
+        self.module = nn.Sequential(*layers)
+        fully_shard(self.module, mesh=mesh["dp"])
+        stage = PipelineStage(self.module, self.pp_rank, PP, torch.device("cpu"),
+                              group=mesh["pp"].get_group())
+        self.schedule = classes[args.schedule](stage, n_microbatches=args.microbatches, loss_fn=F.mse_loss)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-3)
+        self.times: list[float] = []
+        self.pipe_times: list[float] = []
+        self.gathers: list[int] = []
+        self.grads = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        dist.barrier()
+        start, gathers = time.perf_counter(), _GATHERS[0]
+        if self.pp_rank == 0:
+            self.schedule.step(x)
+        else:
+            self.schedule.step(target=y, losses=[])
+        self.pipe_times.append(time.perf_counter() - start)
+        self.gathers.append(_GATHERS[0] - gathers)
+        self.grads = _bytes(p.grad for p in self.module.parameters())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - start)
+
+    def report(self) -> dict[str, Any]:
+        state = self.optimizer.state
+        return {
+            "weights": _bytes(self.module.parameters()),
+            "grads": self.grads,
+            "optimizer": _bytes(
+                v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+            "gathered": None,
+            "gathers_per_step": statistics.median(self.gathers),
+            "step_ms": 1e3 * statistics.median(self.times[1:] or self.times),
+            "pipe_step_ms": 1e3 * statistics.median(self.pipe_times[1:] or self.pipe_times),
+            "compute_ms": None,
+            "sharding_ms": None,
+        }
+
+
 def _worker(rank: int, world: int, dp: int, args: argparse.Namespace, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -162,7 +245,11 @@ def _worker(rank: int, world: int, dp: int, args: argparse.Namespace, port: int)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dp, PP), mesh_dim_names=("dp", "pp"))
-    runs = [_Run(name, mesh, args) for name in args.layouts if dp > 1 or name == "replicate"]
+    _count_fsdp_gathers()
+    runs: list[_Run | _TorchRun] = [
+        _TorchRun(mesh, args) if name == "torch-fsdp" else _Run(name, mesh, args)
+        for name in args.layouts if dp > 1 or name == "replicate"
+    ]
     generator = torch.Generator().manual_seed(0)
     rows = args.rows // dp
     for _ in range(args.steps):  # the layouts alternate step by step: host noise hits each alike

@@ -127,6 +127,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--zero", action="store_true",
                         help="shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and "
                         "tp = 1, as pipefold train --zero does")
+    parser.add_argument("--shard", choices=("replicate", "zero1", "full", "auto"), default="replicate",
+                        help="what the dp replicas shard: replicate (nothing; the default), zero1 (the "
+                        "optimizer state, as --zero), full (weights, gradients and optimizer state), or "
+                        "auto: each configuration's layouts priced and the fastest that fits chosen")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="price sequence parallelism wherever tp > 1 (norms, residual stream and stage "
                         "boundaries split by position), as pipefold train --sequence-parallel runs it")
@@ -321,6 +325,10 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--sequence-parallel"]
     if choice.sharded_optimizer:
         words += ["--zero"]
+    if choice.shard == "full":
+        words += ["--shard", "full"]
+        if choice.free_between_microbatches:
+            words += ["--free-between-microbatches"]
     words += ["--batch-size", str(result.global_batch)]
     if _is_hf(args):
         words += ["--model", args.model, "--seq-len", str(args.seq_len)]
@@ -333,7 +341,9 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--set", f"recompute=[{layers}]"]
     elif choice.recompute_attention:
         words += ["--recompute", "selective"]
-    if not choice.is_searched_order and is_asynchronous(choice.schedule) and not _is_hf(args):
+    asynchronous = not choice.is_searched_order and is_asynchronous(choice.schedule)
+    refuses_tied = choice.shard == "full" or asynchronous
+    if refuses_tied and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)
 
@@ -417,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
         max_tensor_parallel=args.max_tensor_parallel,
         tp_link=tp_link,
         zero=args.zero,
+        shard=args.shard,
         sequence_parallel=args.sequence_parallel,
         num_cores=args.cores,
         order_search_s=args.order_search,

@@ -11,7 +11,7 @@ from pipefold.plan.result import Candidate, Verdict
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
 
-__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts"]
+__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts", "layout_verdict"]
 
 _MAX_VALUES = 8
 """Settings with more values than this list only the chosen value's neighbours and the extremes."""
@@ -82,6 +82,12 @@ def _verdict(
     if parts:
         return Verdict(subject, "over-memory", "; ".join(parts))
     return Verdict(subject, "not-applicable", "no configuration was searched")
+
+
+def layout_verdict(subject: str, records: Sequence[Record], choice: Candidate, limit: float) -> Verdict:
+    """The verdict on one data-parallel layout of the choice's configuration
+    (`pipefold.plan.shard_search`)."""
+    return _verdict(subject, records, choice, limit, detail=False)
 
 
 def family_verdicts(

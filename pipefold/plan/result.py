@@ -83,6 +83,11 @@ class Candidate(PeakMemory):
     rank_limits: tuple[int, ...] = ()
     """On a mix of device kinds: per pipeline rank, its smallest device's usable memory (the rank
     fits the smaller of it and the plan's limit); empty where every device is the reference device."""
+    shard: str = "replicate"
+    """What the dp replicas shard: "replicate", "zero1" (`sharded_optimizer`) or "full" (weights,
+    gradients and optimizer state; its gathers and reduce-scatters are inside `pipeline_s`)."""
+    free_between_microbatches: bool = False
+    """Full sharding: each stage's weights freed whenever its rank turns to another of its stages."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -166,10 +171,14 @@ class Candidate(PeakMemory):
 
     def describe(self) -> str:
         """'zb-v v=2, 16 micro-batches of 4, recompute none'; a searched order 'auto (vs zb-h2) v=1, ...'."""
-        return (
+        text = (
             f"{self.schedule_text} v={self.num_virtual}, {self.num_microbatches} micro-batches of "
             f"{self.microbatch_rows}, recompute {self.recompute_text}"
         )
+        if self.shard == "full":
+            freed = " freed between micro-batches" if self.free_between_microbatches else ""
+            text += f", full sharding{freed}"
+        return text
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The schedule's keyword arguments of `pipefold.Pipeline` for this configuration (a searched
@@ -216,6 +225,8 @@ class Candidate(PeakMemory):
             "recompute_attention": self.recompute_attention,
             "rank_speeds": list(self.rank_speeds),
             "rank_limits": list(self.rank_limits),
+            "shard": self.shard,
+            "free_between_microbatches": self.free_between_microbatches,
         }
 
     @classmethod
@@ -242,6 +253,8 @@ class Candidate(PeakMemory):
             recompute_attention=bool(data.get("recompute_attention", False)),
             rank_speeds=tuple(float(speed) for speed in data.get("rank_speeds", ())),
             rank_limits=tuple(int(limit) for limit in data.get("rank_limits", ())),
+            shard=str(data.get("shard", "zero1" if data.get("sharded_optimizer") else "replicate")),
+            free_between_microbatches=bool(data.get("free_between_microbatches", False)),
         )
 
 
@@ -431,7 +444,12 @@ class Plan:
         limit = "no limit" if math.isinf(self.memory_limit) else f"limit {format_bytes(self.memory_limit)}"
         with_degree = bool(self.degrees) or choice.num_data_parallel > 1 or choice.num_tensor_parallel > 1
         step = f"predicted step {choice.step_time:.4g} s"
-        if choice.num_data_parallel > 1:
+        if choice.shard == "full":
+            step += (
+                f" (on {self.global_batch // choice.num_data_parallel} rows per replica, the weight gathers "
+                f"and gradient reduce-scatters across {choice.num_data_parallel} replicas included)"
+            )
+        elif choice.num_data_parallel > 1:
             step += (
                 f" (pipeline {choice.pipeline_s:.4g} s on "
                 f"{self.global_batch // choice.num_data_parallel} rows per replica + gradient all-reduce "
@@ -455,6 +473,16 @@ class Plan:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "
                 "(pipefold.runtime.sharded_optimizer; pipefold train --zero)"
+            )
+        if choice.shard == "full":
+            lines.append(
+                f"  full sharding: weights, gradients and optimizer state sharded over the "
+                f"{choice.num_data_parallel} replicas, each stage's weights gathered "
+                + ("before each run of its actions and freed after it" if choice.free_between_microbatches
+                   else "once per step")
+                + " and its gradients reduce-scattered after its last backward, inside the pipeline time "
+                "(ParallelOptions(shard='full'); pipefold train --shard full"
+                + (" --free-between-microbatches" if choice.free_between_microbatches else "") + ")"
             )
         if choice.num_tensor_parallel > 1:
             lines.append(

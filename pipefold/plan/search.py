@@ -19,7 +19,7 @@ from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.held import HeldTerms, held_terms
-from pipefold.plan.explain import degree_verdicts, family_verdicts, setting_verdicts
+from pipefold.plan.explain import degree_verdicts, family_verdicts, layout_verdict, setting_verdicts
 from pipefold.plan.memory import (
     RankMemory,
     gradient_bytes,
@@ -40,6 +40,12 @@ from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
 from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
+from pipefold.plan.shard_search import (
+    searched_layouts,
+    sharded_memory,
+    sharded_static_bytes,
+    simulate_sharded,
+)
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.plan.tensor import split_costs
@@ -60,7 +66,7 @@ def evaluate(
     num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
     link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
     recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
-    rank_limits: tuple[int, ...] = (),
+    rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -74,13 +80,25 @@ def evaluate(
     `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
     `placed` how the mesh sits on the nodes, recorded. On a mix of device kinds, `rank_speeds`
     slow each rank's stages and `rank_limits` hold each rank to its devices' memory (recorded).
+    `shard` "full": the schedule with its sharding actions (`free_between`: freed between
+    micro-batches) is simulated with the weight gathers and gradient reduce-scatters on
+    `dp_link`, whose `costs` carry one replica's share of the optimizer state
+    (`pipefold.plan.shard_search`).
     """
     schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     speeds = tuple(rank_speeds[rank] for rank in schedule.placement) if rank_speeds else None
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
-    if compiles(schedule, model):
+    sync_link = link if dp_link is None else dp_link
+    if shard == "full":
+        if num_data_parallel == 1:
+            raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
+        timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
+                                schedule.placement, num_data_parallel, free_between)
+    elif compiles(schedule, model):
         sizes = (num_ranks, config.num_microbatches, config.num_virtual)
         run = compiled_family(config.schedule, *sizes).run(model)
         makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
@@ -90,8 +108,8 @@ def evaluate(
         timeline = simulate(schedule, model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
         memory = rank_memory(costs, model, timeline, schedule.placement, transient)
-    allreduce = replica_sync_time(costs, model, schedule.placement, num_ranks, num_data_parallel,
-                                  link if dp_link is None else dp_link, sharded_optimizer)
+    allreduce = 0.0 if shard == "full" else replica_sync_time(
+        costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -112,6 +130,8 @@ def evaluate(
         recompute_attention=recompute_attention,
         rank_speeds=rank_speeds,
         rank_limits=rank_limits,
+        shard=shard if num_data_parallel > 1 else "replicate",
+        free_between_microbatches=free_between and shard == "full",
     )
 
 
@@ -195,14 +215,17 @@ class _Search:
 
     def costs_of(self, record: Record) -> ModelCosts:
         config = record.config
-        return self.costs_at(record.degree, config.microbatch_rows, config.recompute_attention)
+        return self.costs_at(record.degree, config.microbatch_rows, config.recompute_attention,
+                             config.shard != "replicate")
 
-    def costs_at(self, degree: Degree, rows: int, recompute_attention: bool = False) -> ModelCosts:
+    def costs_at(self, degree: Degree, rows: int, recompute_attention: bool = False, sharded: bool = False
+                 ) -> ModelCosts:
         """The costs of one tp rank at `degree` for micro-batches of `rows` samples (docs/decisions.md,
         "Tensor-parallel cost model"), with ZeRO-1 its share of the optimizer state (docs/decisions.md,
-        "Data-parallel step model"). Linear costs are the same at any rows (scaled later)."""
+        "Data-parallel step model"; `sharded`: ZeRO-1 or full sharding). Linear costs are the same at
+        any rows (scaled later)."""
         dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
-        zero = self.shards_optimizer(degree)
+        zero = sharded and dp > 1
         link = self.links(degree).tensor_parallel
         # The tp link enters the costs: splits of one tp on different links differ.
         key = (tp, dp if zero else 1, rows if self.by_rows else 0, link, recompute_attention)
@@ -267,9 +290,6 @@ class _Search:
         sends = 2 * degree.replica_batch / costs.reference_rows * boundary
         return "dp" if 2 * gradients >= sends else "pp"
 
-    def shards_optimizer(self, degree: Degree) -> bool:
-        return self.options.shards_optimizer(degree.num_data_parallel, degree.num_tensor_parallel)
-
     def cores(self, degree: Degree) -> float | None:
         return self.options.cores_per_pipeline(degree.num_data_parallel, degree.num_tensor_parallel)
 
@@ -331,14 +351,22 @@ class _Search:
         config, degree = record.config, record.degree
         allowed = self.recompute_choices(record)
         key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, record.placement,
-               allowed)
+               allowed, config.shard, config.free_between)
         if key not in self._held:
             plain = self.model(record, ())
             everything = self.model(record, tuple(range(plain.num_stages)))
-            static = static_bytes(self.costs_of(record), plain, record.placement, degree.num_ranks)
+            static = self.static_of(record, plain)
             headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
+
+    def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
+        """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
+        config, pp = record.config, record.degree.num_ranks
+        if config.shard == "full":
+            return sharded_static_bytes(self.costs_of(record), model, record.placement, pp,
+                                        record.degree.num_data_parallel, config.free_between)
+        return static_bytes(self.costs_of(record), model, record.placement, pp)
 
     @property
     def threshold(self) -> float:
@@ -357,12 +385,13 @@ class _Search:
                 record.bounds, recompute, links.pipeline, num_data_parallel=degree.num_data_parallel,
                 dp_link=links.data_parallel, num_cores=self.cores(degree),
                 num_tensor_parallel=degree.num_tensor_parallel,
-                sharded_optimizer=self.shards_optimizer(degree),
+                sharded_optimizer=record.config.shard == "zero1",
                 sequence_parallel=self.options.splits_sequence(degree.num_tensor_parallel),
                 link_overrides=links.pipeline_overrides,
                 placed=links.describe() if self.options.hardware is not None else "",
                 recompute_attention=record.config.recompute_attention,
                 rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
+                shard=record.config.shard, free_between=record.config.free_between,
             )
         return record.tried[recompute]
 
@@ -395,13 +424,19 @@ class _Search:
 
     def records(self) -> list[Record]:
         records = []
+        options = self.options
         for degree in self.degrees():
-            zero = self.shards_optimizer(degree)
-            space = search_space(self.options, self.costs.num_layers, degree)
+            space = search_space(options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
             configs = list(space.configs)
             if self.selective is not None:
                 configs += [replace(config, recompute_attention=True) for config in space.configs]
+            dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
+            configs = [
+                replace(config, shard=shard, free_between=free_between) for config in configs
+                for shard, free_between in searched_layouts(
+                    options.shard, options.zero, dp, tp, config.num_virtual)
+            ]
             pp = degree.num_ranks
             links = self.links(degree)
             for config in configs:
@@ -409,12 +444,16 @@ class _Search:
                 bounds = self.bounds_of(degree, pp * config.num_virtual, config.microbatch_rows,
                                         config.recompute_attention, placement)
                 sync_key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds,
-                            placement)
-                if sync_key not in self._syncs:
+                            placement, config.shard)
+                if config.shard == "full":
+                    # Its gathers and reduce-scatters are simulated inside the schedule.
+                    self._syncs[sync_key] = 0.0
+                elif sync_key not in self._syncs:
                     costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
                     model = self.model_at(degree, config, bounds, (), placement)
                     self._syncs[sync_key] = replica_sync_time(
-                        costs, model, placement, pp, degree.num_data_parallel, links.data_parallel, zero)
+                        costs, model, placement, pp, degree.num_data_parallel, links.data_parallel,
+                        config.shard == "zero1")
                 record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
                 record.lower_bound = max(self.bound(record, ()), self.held_bound(record))
                 records.append(record)
@@ -434,9 +473,7 @@ class _Search:
         num_stages = len(record.bounds) - 1
         everything = tuple(range(num_stages))
         choice = self.recompute_choices(record)
-        static = static_bytes(self.costs_of(record), self.model(record, ()),
-                              record.placement,
-                              record.degree.num_ranks)
+        static = self.static_of(record, self.model(record, ()))
         limits = self.limits(record.degree)
         worst = max(range(len(static)), key=lambda rank: static[rank] - limits[rank])
         if static[worst] > limits[worst]:
@@ -492,7 +529,12 @@ class _Search:
         layout = StageLayout(record.bounds, config.microbatch_rows)
         transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks)
         weights = tuple(static_weight_bytes(model, record.placement, degree.num_ranks))
-        return memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
+        memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
+        if config.shard == "full":
+            # The sharding actions hold no activations: a flush's activation peaks are its order's.
+            return sharded_memory(memory, model, record.placement, degree.num_data_parallel,
+                                  config.free_between)
+        return memory
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
         sizes = range(1, len(everything) + 1)
@@ -588,7 +630,8 @@ class _Search:
             config = record.config
             for recompute, candidate in record.tried.items():
                 key = (record.degree, record.bounds, config.microbatch_rows, config.num_microbatches,
-                       config.num_virtual, record.placement, recompute, config.recompute_attention)
+                       config.num_virtual, record.placement, recompute, config.recompute_attention,
+                       config.shard, config.free_between)
                 groups.setdefault(key, []).append((record, candidate))
         targets = []
         for members in groups.values():
@@ -600,8 +643,8 @@ class _Search:
                 base.step_time > choice.step_time * (1 + ORDER_SEARCH_MARGIN)
             ):
                 continue
-            if not searchable(base):
-                continue
+            if not searchable(base) or base.shard == "full":
+                continue  # (an order search prices no gathers: full sharding keeps its family's order)
             record = members[0][0]
             # Any order of these actions, which may split a backward its family runs whole.
             bound = self.bound(record, base.recompute, "any")
@@ -667,6 +710,23 @@ class _Search:
             lean = () if choice == "none" else tuple(range(len(record.bounds) - 1))
             self.run(record, lean)
             self.run(record, ())
+
+
+def _layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> tuple[Verdict, ...]:
+    """Where more than one was searched: each data-parallel layout of the choice's configuration."""
+    def plain(config: Config) -> Config:
+        return replace(config, shard="replicate", free_between=False)
+
+    chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches,
+                          choice.microbatch_rows, choice.recompute_attention))
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if plain(record.config) == chosen and record.bounds == choice.bounds:
+            subject = "shard=" + record.config.shard + ("+free-between" if record.config.free_between else "")
+            groups.setdefault(subject, []).append(record)
+    if len(groups) < 2:
+        return ()
+    return tuple(layout_verdict(subject, group, choice, limit) for subject, group in groups.items())
 
 
 def _tensor_parallel_problem(costs: ModelCosts) -> str:
@@ -750,7 +810,10 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     choice = top[0]
     chosen_degree = Degree(choice.num_data_parallel, choice.num_ranks,
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
-    same_degree = [record for record in records if record.degree == chosen_degree]
+    # The families and settings are compared in the choice's data-parallel layout; the layouts apart.
+    layouts = [record for record in records if record.degree == chosen_degree]
+    same_degree = [record for record in layouts if (record.config.shard, record.config.free_between) == (
+        choice.shard, choice.free_between_microbatches)]
 
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate | OverMemory:
         memory = search.known_memory(record, recompute)
@@ -766,6 +829,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     settings = setting_verdicts(same_degree, setting_choice, options.memory_limit, extra,
                                 asynchronous=is_asynchronous(setting_choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
+    settings += _layout_verdicts(layouts, setting_choice, options.memory_limit)
     searched = refinement.searched_for(choice) if choice.is_searched_order else refinement.of_choice
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:

@@ -16,6 +16,7 @@ from typing import Literal
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.plan.degree import Degree, degree_problem, factorizations
 from pipefold.plan.hardware import Hardware
+from pipefold.plan.shard_search import check_shard
 from pipefold.schedule import build, names
 from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
@@ -97,6 +98,10 @@ class PlanOptions:
     zero: bool = False
     """Shard the optimizer state over the dp replicas (ZeRO-1) wherever dp > 1 and tp = 1 (see
     docs/decisions.md, "Data-parallel step model"); the runtime refuses it with tp > 1."""
+    shard: str = "replicate"
+    """What the dp replicas shard: "replicate" (nothing; ZeRO-1 where `zero`), "zero1", "full"
+    (weights, gradients and optimizer state), or "auto": each configuration's layouts searched
+    (`pipefold.plan.shard_search`; docs/plan.md, "Data-parallel layout")."""
     num_cores: int | None = None
     """Cores that all of the job's processes share (CPU ranks on one host: cores / threads per
     rank); each of dp replicas then gets num_cores / dp of them (docs/decisions.md, "Shared
@@ -173,6 +178,7 @@ class PlanOptions:
             )
         if not isinstance(self.zero, bool):
             raise ConfigError(f"zero = {self.zero!r}; give True (shard the optimizer state over dp) or False")
+        check_shard(self.shard, self.zero)
         if self.recompute not in ("auto", "none", "full"):
             raise ConfigError(f"recompute = {self.recompute!r}; use 'auto', 'none' or 'full'")
         object.__setattr__(self, "schedules", tuple(self.schedules))
@@ -322,6 +328,10 @@ class Config:
     """Samples in the largest micro-batch: the costs of every micro-batch are scaled to it."""
     recompute_attention: bool = False
     """Selective recomputation of the attention core in every layer (Korthikanti et al. 2022)."""
+    shard: str = "replicate"
+    """The data-parallel layout: "replicate", "zero1" or "full" (`pipefold.plan.shard_search`)."""
+    free_between: bool = False
+    """Full sharding: a stage's weights freed whenever its rank turns to another of its stages."""
 
 
 @dataclass(frozen=True)

@@ -688,3 +688,48 @@ def test_full_sharding_with_tensor_parallelism_equals_one_process(pool8):
     results = pool8.run("tp_exact", schedule="zb-h1", num_microbatches=2, num_dp=2, full_shard=True, timeout_s=300)
     assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the global loss"
     assert [r["gathers"] for r in results] == [2] * 8  # one per stage per step, two steps
+
+
+def fsdp_bytes_dp4() -> dict:
+    """dp=4 x pp=2 under full sharding (no tp): the bytes this rank holds after an AdamW step
+    (weights and optimizer state) and after the next step's reduce-scatter (gradients), and what
+    `pipefold.plan.shard_layout` counts for its stages. Every sharded dim divides by 4, so FSDP
+    pads nothing and the figures are exact."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipefold.plan.shard_layout import layout_bytes
+
+    layers = [LayerSpec(nn.Linear, 6, 16), *[LayerSpec(MegatronBlock, 16) for _ in range(2)],
+              LayerSpec(nn.Linear, 16, 4)]
+    mesh = init_device_mesh("cpu", (4, 2), mesh_dim_names=("dp", "pp"))
+    pipe = Pipeline(layers, loss_fn=F.mse_loss, schedule="1f1b", num_microbatches=2,
+                    layout=LayoutOptions(seed=3), parallel=ParallelOptions(process_group=mesh, shard="full"))
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=generator), torch.randn(16, 4, generator=generator)
+    shard = torch.arange(16).tensor_split(4)[pipe.data_parallel_rank]
+    pipe.step(x[shard], y[shard])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    pipe.step(x[shard], y[shard])
+    params = [param for _, param in pipe.named_parameters()]
+    state = [v for st in optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    whole = sum(p.numel() * p.element_size() for p in params)
+    planned = layout_bytes(whole, num_data_parallel=4, layout="full")
+    return {
+        "measured": (sum(p.to_local().numel() * p.element_size() for p in params),
+                     sum(p.grad.to_local().numel() * p.grad.element_size() for p in params),
+                     sum(v.to_local().numel() * v.element_size() for v in state)),
+        "planned": (planned.weights, planned.gradients, planned.optimizer),
+        "whole": whole,
+    }
+
+
+@pytest.mark.multiprocess
+def test_full_sharding_at_dp4_holds_the_planners_bytes(pool8):
+    """dp=4 x pp=2: each rank's weights, gradients and AdamW state are plan.shard_layout's 1/4."""
+    results = pool8.run("fsdp_bytes_dp4", timeout_s=300)
+    for result in results:
+        assert result["measured"] == result["planned"]
+        assert result["planned"][0] * 4 == result["whole"] > 0  # a quarter, not a rounding of it
