@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from pipefold.plan.degree import Degree, split_text
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.result import Candidate, Verdict
+from pipefold.plan.space import Config
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
 
-__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts", "layout_verdict"]
+__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts", "layout_verdict", "layout_verdicts"]
 
 _MAX_VALUES = 8
 """Settings with more values than this list only the chosen value's neighbours and the extremes."""
@@ -187,3 +189,20 @@ def setting_verdicts(
     if not math.isinf(limit) or verdicts:
         return tuple(verdicts)
     return ()
+
+
+def layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> tuple[Verdict, ...]:
+    """Where more than one was searched: each data-parallel layout of the choice's configuration."""
+    def plain(config: Config) -> Config:
+        return replace(config, shard="replicate", free_between=False)
+
+    chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches,
+                          choice.microbatch_rows, choice.recompute_attention))
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if plain(record.config) == chosen and record.bounds == choice.bounds:
+            subject = "shard=" + record.config.shard + ("+free-between" if record.config.free_between else "")
+            groups.setdefault(subject, []).append(record)
+    if len(groups) < 2:
+        return ()
+    return tuple(layout_verdict(subject, group, choice, limit) for subject, group in groups.items())

@@ -13,7 +13,11 @@ import math
 from pipefold.plan.result import Candidate
 from pipefold.schedule import names
 
-__all__ = ["TIME_TOLERANCE", "bucket_ceiling", "bucket_floor", "rank_key", "time_bucket"]
+__all__ = ["SLACK", "TIME_TOLERANCE", "bucket_ceiling", "bucket_floor", "rank_key", "time_bucket"]
+
+SLACK = 1e-9
+"""Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
+rounding, and must not skip a configuration that ties."""
 
 TIME_TOLERANCE = 0.01
 """Step times within one bucket this wide (relative) count as equal when ranking."""

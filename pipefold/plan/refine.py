@@ -7,21 +7,39 @@ families: docs/decisions.md, "Planner refinement".
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import excess_per_rank, memory_of_peaks, rank_memory, static_bytes, static_weight_bytes
+from pipefold.plan.memory import (
+    excess_per_rank,
+    memory_of_peaks,
+    rank_memory,
+    static_bytes,
+    static_weight_bytes,
+)
 from pipefold.plan.order_search import search_schedule
 from pipefold.plan.orders import compiles, family_placement, family_schedule
+from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor
 from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
+from pipefold.plan.topology import MeshLinks
 from pipefold.schedule import layout_of
 from pipefold.simulate import Link, simulate
 from pipefold.simulate.compiled import CompiledSchedule
 
-__all__ = ["search_order", "searchable", "searched_candidate", "ORDER_SEARCH_MARGIN"]
+__all__ = [
+    "ORDER_SEARCH_MARGIN",
+    "OrderTarget",
+    "Refinement",
+    "refine_orders",
+    "search_order",
+    "searchable",
+    "searched_candidate",
+]
 
 DEFAULT_SEARCH_TIME_S = 1.0
 """Seconds `search_order` may spend by default (the list-scheduler runs always finish)."""
@@ -114,3 +132,85 @@ def searched_candidate(base: Candidate, found: SearchedOrder) -> Candidate:
         base, schedule=SEARCHED_ORDER, step_time=found.step_time, bubble_fraction=found.bubble_fraction,
         memory=found.memory, order=found.schedule, base_family=base.schedule,
     )
+
+
+@dataclass(frozen=True)
+class OrderTarget:
+    """One configuration whose order may be searched (docs/decisions.md, "Planner refinement")."""
+
+    base: Candidate
+    """The best family candidate of the configuration (the fastest, where none fits)."""
+    bound: float
+    """Lower bound on the step of any order of its actions."""
+    costs: ModelCosts
+    """One tp rank's costs at its degree."""
+    links: MeshLinks
+    """The links of its split."""
+
+
+@dataclass
+class Refinement:
+    """What the order search found, and what it left unsearched."""
+
+    found: list[tuple[Candidate, SearchedOrder]] = field(default_factory=list)
+    """Searched orders that fit, as candidates, with what the search reported."""
+    of_choice: SearchedOrder | None = None
+    """The searched order of the family choice's configuration (fitting), if it was searched."""
+    num_searches: int = 0
+    num_pruned: int = 0
+    num_unsearched: int = 0
+
+    def searched_for(self, candidate: Candidate) -> SearchedOrder | None:
+        return next((order for found, order in self.found if found == candidate), None)
+
+def refine_orders(
+    targets_of: Callable[[float], tuple[list[OrderTarget], int]],
+    choice: Candidate | None,
+    options: PlanOptions,
+) -> Refinement:
+    """Search the orders of the targets, best first, while they can still beat the family `choice`
+    (None: no family order fits) and the budget lasts (see docs/decisions.md, "Planner refinement").
+    `targets_of(deadline)`: the configurations to search, in order, timing the untimed ones that
+    could compete until `deadline` (perf_counter seconds), and how many it left untimed."""
+    refinement = Refinement()
+    refinement = Refinement()
+    if options.order_search_s <= 0 or (choice is None and not options.ranks_searched_orders):
+        return refinement
+    start = time.perf_counter()
+    # A searched order ranks ahead of the family choice only below the choice's time bucket.
+    ceiling = math.inf if choice is None else bucket_floor(choice.step_time)
+    targets, num_untimed = targets_of(start + options.order_search_total_s)
+    refinement.num_unsearched += num_untimed
+    if not options.ranks_searched_orders:
+        # Families pinned without "auto": only the choice's order is searched, to report beside it.
+        targets = [target for target in targets if target.base == choice]
+    for index, target in enumerate(targets):
+        left = options.order_search_total_s - (time.perf_counter() - start)
+        is_choice = choice is not None and target.base == choice
+        if not is_choice:
+            if target.bound > ceiling * (1 + SLACK):
+                refinement.num_pruned += 1
+                continue
+            if refinement.num_searches >= options.max_order_searches or left <= 0:
+                refinement.num_unsearched += 1
+                continue
+        # An equal share of what is left for each search that may still run, so the first
+        # searches do not spend the budget of the rest.
+        num_left = max(1, min(options.max_order_searches - refinement.num_searches,
+                              len(targets) - index))
+        refinement.num_searches += 1
+        found = search_order(target.costs, options, target.base,
+                             time_budget_s=max(0.0, min(options.order_search_s, left / num_left)),
+                             link=target.links.pipeline, link_overrides=target.links.pipeline_overrides)
+        if found is None:
+            continue
+        if is_choice:
+            refinement.of_choice = found
+        if not options.ranks_searched_orders or (found.family_fits and found.gain <= 1 + SLACK):
+            continue  # not competing, or no faster than its family's order: nothing new to rank
+        candidate = searched_candidate(target.base, found)
+        refinement.found.append((candidate, found))
+        if candidate.step_time < ceiling:
+            # Later targets must also reach this one's bucket to matter.
+            ceiling = bucket_ceiling(candidate.step_time)
+    return refinement

@@ -9,22 +9,21 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
 from pipefold.plan.costs import CostSource, ModelCosts
-from pipefold.plan.degree import Degree, allgather_time, allreduce_time, degree_problem
+from pipefold.plan.degree import Degree, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
+from pipefold.plan.evaluate import evaluate, replica_sync_time
+from pipefold.plan.explain import degree_verdicts, family_verdicts, layout_verdicts, setting_verdicts
 from pipefold.plan.held import HeldTerms, held_terms
-from pipefold.plan.explain import degree_verdicts, family_verdicts, layout_verdict, setting_verdicts
 from pipefold.plan.memory import (
     RankMemory,
-    gradient_bytes,
     memory_of_peaks,
-    rank_memory,
     static_bytes,
     static_weight_bytes,
 )
@@ -36,145 +35,24 @@ from pipefold.plan.orders import (
     family_schedule,
     order_peaks,
 )
-from pipefold.plan.ranking import bucket_ceiling, bucket_floor, rank_key
+from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
 from pipefold.plan.record import OverMemory, Record
-from pipefold.plan.refine import ORDER_SEARCH_MARGIN, search_order, searchable, searched_candidate
-from pipefold.plan.result import Candidate, Plan, SearchedOrder, Verdict
+from pipefold.plan.refine import ORDER_SEARCH_MARGIN, OrderTarget, Refinement, refine_orders, searchable
+from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.shard_search import (
     searched_layouts,
     sharded_memory,
     sharded_static_bytes,
-    simulate_sharded,
 )
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
-from pipefold.plan.tensor import split_costs
+from pipefold.plan.tensor import LinearCosts
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
-from pipefold.simulate import CostModel, Link, simulate
+from pipefold.simulate import CostModel, Link
 
 __all__ = ["plan", "evaluate"]
 
-_SLACK = 1e-9
-"""Relative margin on bound comparisons: a bound summed in another order may exceed an equal time by
-rounding, and must not skip a configuration that ties."""
-
-
-def evaluate(
-    costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
-    link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
-    num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
-    link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
-    recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
-    rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
-) -> Candidate:
-    """Simulate one configuration and price its memory: the planner's only source of predictions.
-
-    `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
-    all-reduce over `dp_link` (default `link`), see docs/decisions.md, "Data-parallel step model".
-    `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
-    With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
-    the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
-    optimizer bytes of one replica's share; the step adds the weights' all-gather.
-    `sequence_parallel` is recorded: `costs` already split the stream (`split_costs`).
-    `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
-    `placed` how the mesh sits on the nodes, recorded. On a mix of device kinds, `rank_speeds`
-    slow each rank's stages and `rank_limits` hold each rank to its devices' memory (recorded).
-    `shard` "full": the schedule with its sharding actions (`free_between`: freed between
-    micro-batches) is simulated with the weight gathers and gradient reduce-scatters on
-    `dp_link`, whose `costs` carry one replica's share of the optimizer state
-    (`pipefold.plan.shard_search`).
-    """
-    schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
-    layout = StageLayout(bounds, config.microbatch_rows)
-    speeds = tuple(rank_speeds[rank] for rank in schedule.placement) if rank_speeds else None
-    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
-    transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
-    sync_link = link if dp_link is None else dp_link
-    if shard == "full":
-        if num_data_parallel == 1:
-            raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
-        timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between)
-        makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
-                                schedule.placement, num_data_parallel, free_between)
-    elif compiles(schedule, model):
-        sizes = (num_ranks, config.num_microbatches, config.num_virtual)
-        run = compiled_family(config.schedule, *sizes).run(model)
-        makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
-        weights = tuple(static_weight_bytes(model, schedule.placement, num_ranks))
-        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient)
-    else:
-        timeline = simulate(schedule, model)
-        makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = rank_memory(costs, model, timeline, schedule.placement, transient)
-    allreduce = 0.0 if shard == "full" else replica_sync_time(
-        costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
-    return Candidate(
-        schedule=config.schedule,
-        num_ranks=num_ranks,
-        num_virtual=config.num_virtual,
-        num_microbatches=config.num_microbatches,
-        microbatch_rows=config.microbatch_rows,
-        bounds=bounds,
-        recompute=tuple(sorted(recompute)),
-        step_time=makespan + allreduce,
-        bubble_fraction=bubble,
-        memory=memory,
-        num_data_parallel=num_data_parallel,
-        allreduce_s=allreduce,
-        num_tensor_parallel=num_tensor_parallel,
-        sharded_optimizer=sharded_optimizer,
-        sequence_parallel=sequence_parallel,
-        placed=placed,
-        recompute_attention=recompute_attention,
-        rank_speeds=rank_speeds,
-        rank_limits=rank_limits,
-        shard=shard if num_data_parallel > 1 else "replicate",
-        free_between_microbatches=free_between and shard == "full",
-    )
-
-
-def replica_sync_time(
-    costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int, num_replicas: int,
-    link: Link, sharded_optimizer: bool,
-) -> float:
-    """After the schedule: the gradient all-reduce across replicas, and with ZeRO-1 the all-gather
-    of the weights each replica updated (see docs/decisions.md, "Data-parallel step model")."""
-    seconds = allreduce_time(max(gradient_bytes(costs, model, placement, num_ranks)), num_replicas, link)
-    if sharded_optimizer:
-        seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
-    return seconds
-
-
-@dataclass(frozen=True)
-class OrderTarget:
-    """One configuration whose order may be searched (docs/decisions.md, "Planner refinement")."""
-
-    base: Candidate
-    """The best family candidate of the configuration (the fastest, where none fits)."""
-    bound: float
-    """Lower bound on the step of any order of its actions."""
-    costs: ModelCosts
-    """One tp rank's costs at its degree."""
-    links: MeshLinks
-    """The links of its split."""
-
-
-@dataclass
-class Refinement:
-    """What the order search found, and what it left unsearched."""
-
-    found: list[tuple[Candidate, SearchedOrder]] = field(default_factory=list)
-    """Searched orders that fit, as candidates, with what the search reported."""
-    of_choice: SearchedOrder | None = None
-    """The searched order of the family choice's configuration (fitting), if it was searched."""
-    num_searches: int = 0
-    num_pruned: int = 0
-    num_unsearched: int = 0
-
-    def searched_for(self, candidate: Candidate) -> SearchedOrder | None:
-        return next((order for found, order in self.found if found == candidate), None)
 
 
 class _Search:
@@ -373,7 +251,7 @@ class _Search:
         """A configuration slower than this cannot enter the table."""
         if len(self.top) < self.options.top:
             return float("inf")
-        return bucket_ceiling(self.top[self.options.top - 1].step_time) * (1 + _SLACK)
+        return bucket_ceiling(self.top[self.options.top - 1].step_time) * (1 + SLACK)
 
     def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate:
         if recompute not in record.tried:
@@ -542,7 +420,7 @@ class _Search:
         bounded = sorted((self.bound(record, subset), subset) for subset in subsets)
         best: Candidate | None = None
         for bound, subset in bounded:
-            tie = bucket_ceiling(best.step_time) * (1 + _SLACK) if best else float("inf")
+            tie = bucket_ceiling(best.step_time) * (1 + SLACK) if best else float("inf")
             ceiling = min(self.threshold, tie)
             if bound > ceiling:
                 if best is None:
@@ -660,48 +538,10 @@ class _Search:
     def refine(self, records: list[Record], choice: Candidate | None) -> Refinement:
         """Search the orders of the targets, best first, while they can still beat the family `choice`
         (None: no family order fits) and the budget lasts (see docs/decisions.md, "Planner refinement")."""
-        options = self.options
-        refinement = Refinement()
-        if options.order_search_s <= 0 or (choice is None and not options.ranks_searched_orders):
-            return refinement
-        start = time.perf_counter()
-        # A searched order ranks ahead of the family choice only below the choice's time bucket.
-        ceiling = math.inf if choice is None else bucket_floor(choice.step_time)
-        targets = self.order_targets(records, choice, start + options.order_search_total_s)
-        refinement.num_unsearched += self.num_untimed
-        if not options.ranks_searched_orders:
-            # Families pinned without "auto": only the choice's order is searched, to report beside it.
-            targets = [target for target in targets if target.base == choice]
-        for index, target in enumerate(targets):
-            left = options.order_search_total_s - (time.perf_counter() - start)
-            is_choice = choice is not None and target.base == choice
-            if not is_choice:
-                if target.bound > ceiling * (1 + _SLACK):
-                    refinement.num_pruned += 1
-                    continue
-                if refinement.num_searches >= options.max_order_searches or left <= 0:
-                    refinement.num_unsearched += 1
-                    continue
-            # An equal share of what is left for each search that may still run, so the first
-            # searches do not spend the budget of the rest.
-            num_left = max(1, min(options.max_order_searches - refinement.num_searches,
-                                  len(targets) - index))
-            refinement.num_searches += 1
-            found = search_order(target.costs, options, target.base,
-                                 time_budget_s=max(0.0, min(options.order_search_s, left / num_left)),
-                                 link=target.links.pipeline, link_overrides=target.links.pipeline_overrides)
-            if found is None:
-                continue
-            if is_choice:
-                refinement.of_choice = found
-            if not options.ranks_searched_orders or (found.family_fits and found.gain <= 1 + _SLACK):
-                continue  # not competing, or no faster than its family's order: nothing new to rank
-            candidate = searched_candidate(target.base, found)
-            refinement.found.append((candidate, found))
-            if candidate.step_time < ceiling:
-                # Later targets must also reach this one's bucket to matter.
-                ceiling = bucket_ceiling(candidate.step_time)
-        return refinement
+        def targets(deadline: float) -> tuple[list[OrderTarget], int]:
+            return self.order_targets(records, choice, deadline), self.num_untimed
+
+        return refine_orders(targets, choice, self.options)
 
     def leanest_everywhere(self, records: list[Record]) -> None:
         """With nothing feasible: the least memory each configuration can reach, for the error."""
@@ -710,23 +550,6 @@ class _Search:
             lean = () if choice == "none" else tuple(range(len(record.bounds) - 1))
             self.run(record, lean)
             self.run(record, ())
-
-
-def _layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> tuple[Verdict, ...]:
-    """Where more than one was searched: each data-parallel layout of the choice's configuration."""
-    def plain(config: Config) -> Config:
-        return replace(config, shard="replicate", free_between=False)
-
-    chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches,
-                          choice.microbatch_rows, choice.recompute_attention))
-    groups: dict[str, list[Record]] = {}
-    for record in records:
-        if plain(record.config) == chosen and record.bounds == choice.bounds:
-            subject = "shard=" + record.config.shard + ("+free-between" if record.config.free_between else "")
-            groups.setdefault(subject, []).append(record)
-    if len(groups) < 2:
-        return ()
-    return tuple(layout_verdict(subject, group, choice, limit) for subject, group in groups.items())
 
 
 def _tensor_parallel_problem(costs: ModelCosts) -> str:
@@ -761,21 +584,6 @@ def _nothing_to_search(search: _Search) -> ConfigError:
         f"nothing to search: no {_splits_name(search.options)} split {where} can run this batch "
         f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
     )
-
-
-class LinearCosts:
-    """`ModelCosts` as a `CostSource`: the same costs at every rows (the search scales them
-    linearly), split over tp by `split_costs`."""
-
-    def __init__(self, costs: ModelCosts) -> None:
-        self._costs = costs
-
-    @property
-    def base(self) -> ModelCosts:
-        return self._costs
-
-    def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
-        return split_costs(self._costs, tensor_parallel, link, sequence_parallel=sequence_parallel)
 
 
 def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
@@ -829,7 +637,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     settings = setting_verdicts(same_degree, setting_choice, options.memory_limit, extra,
                                 asynchronous=is_asynchronous(setting_choice.schedule),
                                 recompute_pinned=options.recompute != "auto")
-    settings += _layout_verdicts(layouts, setting_choice, options.memory_limit)
+    settings += layout_verdicts(layouts, setting_choice, options.memory_limit)
     searched = refinement.searched_for(choice) if choice.is_searched_order else refinement.of_choice
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:

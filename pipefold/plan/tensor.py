@@ -14,6 +14,7 @@ from pipefold.simulate import Link
 
 __all__ = [
     "GPT_BLOCK_SEQUENCE_PARALLEL_SHARE",
+    "LinearCosts",
     "gpt_block_parameters",
     "split_costs",
     "with_gpt_tensor_parallel",
@@ -124,3 +125,18 @@ def with_gpt_tensor_parallel(
     )
     degrees = tuple(t for t in range(1, num_heads + 1) if num_heads % t == 0)
     return replace(costs, layers=layers, tensor_parallel_degrees=degrees)
+
+
+class LinearCosts:
+    """`ModelCosts` as a `CostSource`: the same costs at every rows (the search scales them
+    linearly), split over tp by `split_costs`."""
+
+    def __init__(self, costs: ModelCosts) -> None:
+        self._costs = costs
+
+    @property
+    def base(self) -> ModelCosts:
+        return self._costs
+
+    def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
+        return split_costs(self._costs, tensor_parallel, link, sequence_parallel=sequence_parallel)

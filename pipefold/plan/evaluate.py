@@ -1,0 +1,108 @@
+"""`evaluate`: one configuration simulated and its memory priced, the planner's only source of
+predictions (`plan` searches by calling it; `pipefold.plan.adaptive` prices per batch with it).
+
+    candidate = evaluate(costs, Config("1f1b", 1, 8, 4), num_ranks=4, bounds=bounds, recompute=(),
+                         link=link)
+"""
+
+from __future__ import annotations
+
+from pipefold.errors import ConfigError
+from pipefold.plan.costs import ModelCosts
+from pipefold.plan.degree import allgather_time, allreduce_time
+from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
+from pipefold.plan.orders import compiled_family, compiles, family_schedule
+from pipefold.plan.result import Candidate
+from pipefold.plan.shard_search import sharded_memory, simulate_sharded
+from pipefold.plan.space import Config
+from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
+from pipefold.simulate import CostModel, Link, simulate
+
+__all__ = ["evaluate", "replica_sync_time"]
+
+
+def evaluate(
+    costs: ModelCosts, config: Config, num_ranks: int, bounds: tuple[int, ...], recompute: tuple[int, ...],
+    link: Link, *, num_data_parallel: int = 1, dp_link: Link | None = None, num_cores: float | None = None,
+    num_tensor_parallel: int = 1, sharded_optimizer: bool = False, sequence_parallel: bool = False,
+    link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
+    recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
+    rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
+) -> Candidate:
+    """Simulate one configuration and price its memory: the planner's only source of predictions.
+
+    `num_ranks` is the pipeline's (pp); with `num_data_parallel` replicas the step adds the gradient
+    all-reduce over `dp_link` (default `link`), see docs/decisions.md, "Data-parallel step model".
+    `num_cores`: the pipeline's share of cores where ranks share them (`CostModel.num_cores`).
+    With `num_tensor_parallel` > 1, `costs` are one tp rank's (`pipefold.plan.tensor.split_costs`);
+    the candidate records the degree. `sharded_optimizer`: ZeRO-1, whose `costs` carry the
+    optimizer bytes of one replica's share; the step adds the weights' all-gather.
+    `sequence_parallel` is recorded: `costs` already split the stream (`split_costs`).
+    `link_overrides`: the rank pairs whose sends cross nodes (`pipefold.plan.topology`), and
+    `placed` how the mesh sits on the nodes, recorded. On a mix of device kinds, `rank_speeds`
+    slow each rank's stages and `rank_limits` hold each rank to its devices' memory (recorded).
+    `shard` "full": the schedule with its sharding actions (`free_between`: freed between
+    micro-batches) is simulated with the weight gathers and gradient reduce-scatters on
+    `dp_link`, whose `costs` carry one replica's share of the optimizer state
+    (`pipefold.plan.shard_search`).
+    """
+    schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
+    layout = StageLayout(bounds, config.microbatch_rows)
+    speeds = tuple(rank_speeds[rank] for rank in schedule.placement) if rank_speeds else None
+    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
+    transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    sync_link = link if dp_link is None else dp_link
+    if shard == "full":
+        if num_data_parallel == 1:
+            raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
+        timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
+                                schedule.placement, num_data_parallel, free_between)
+    elif compiles(schedule, model):
+        sizes = (num_ranks, config.num_microbatches, config.num_virtual)
+        run = compiled_family(config.schedule, *sizes).run(model)
+        makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
+        weights = tuple(static_weight_bytes(model, schedule.placement, num_ranks))
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient)
+    else:
+        timeline = simulate(schedule, model)
+        makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        memory = rank_memory(costs, model, timeline, schedule.placement, transient)
+    allreduce = 0.0 if shard == "full" else replica_sync_time(
+        costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
+    return Candidate(
+        schedule=config.schedule,
+        num_ranks=num_ranks,
+        num_virtual=config.num_virtual,
+        num_microbatches=config.num_microbatches,
+        microbatch_rows=config.microbatch_rows,
+        bounds=bounds,
+        recompute=tuple(sorted(recompute)),
+        step_time=makespan + allreduce,
+        bubble_fraction=bubble,
+        memory=memory,
+        num_data_parallel=num_data_parallel,
+        allreduce_s=allreduce,
+        num_tensor_parallel=num_tensor_parallel,
+        sharded_optimizer=sharded_optimizer,
+        sequence_parallel=sequence_parallel,
+        placed=placed,
+        recompute_attention=recompute_attention,
+        rank_speeds=rank_speeds,
+        rank_limits=rank_limits,
+        shard=shard if num_data_parallel > 1 else "replicate",
+        free_between_microbatches=free_between and shard == "full",
+    )
+
+
+def replica_sync_time(
+    costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int, num_replicas: int,
+    link: Link, sharded_optimizer: bool,
+) -> float:
+    """After the schedule: the gradient all-reduce across replicas, and with ZeRO-1 the all-gather
+    of the weights each replica updated (see docs/decisions.md, "Data-parallel step model")."""
+    seconds = allreduce_time(max(gradient_bytes(costs, model, placement, num_ranks)), num_replicas, link)
+    if sharded_optimizer:
+        seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
+    return seconds
