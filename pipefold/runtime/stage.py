@@ -181,8 +181,10 @@ def _layer_call(layer: LayerLike, module: nn.Module, compile_layer: bool) -> Cal
     def run_compiled(value: Any) -> Any:
         # A backward compiled with donated buffers refuses retain_graph=True, which the split
         # backward's I needs (W runs after it on the same graph); the graph is built on the
-        # first call, so compiling it without them is enough.
-        with torch._functorch.config.patch(donated_buffer=False):
+        # first call, so compiling it without them is enough. The on-disk AOTAutograd cache is
+        # bypassed: its key does not hold this setting, so it could hand back a graph compiled
+        # with donated buffers by another program on the host.
+        with torch._functorch.config.patch(donated_buffer=False, enable_autograd_cache=False):
             return compiled(value)
 
     return run_compiled
