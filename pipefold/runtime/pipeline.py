@@ -71,7 +71,7 @@ from pipefold.runtime.streaming import StreamProgram, step_losses, stream_inputs
 from pipefold.runtime.tied import TiedGradients
 from pipefold.runtime.transport.comm import P2P, Collectives
 from pipefold.runtime.transport.setup import Transport
-from pipefold.runtime.update_reduction import UpdateReduction
+from pipefold.runtime.update_reduction import UpdateReduction, owner_groups
 from pipefold.runtime.waiting import host_watchdog
 from pipefold.schedule import Schedule, WeightUpdate, lower
 from pipefold.schedule.lower import Program, fuse_adjacent_split_backward
@@ -286,7 +286,7 @@ class Pipeline:
             UpdateReduction.of(
                 {stage.index: stage.stash.parameters for stage in self.stages if stage.stash is not None},
                 self.tied, self.schedule, self.rank, dims.data_parallel_group, self._watchdog,
-                device_type=self.device.type,
+                groups=owner_groups(self.tied, dims),  # every rank of the world, in one order
             )
             if stepping
             else None

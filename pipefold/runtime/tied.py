@@ -10,9 +10,10 @@ Two kinds of weight are tied: a `TiedLayerSpec` key (every occurrence is one mod
 parameter that several layers hold (`shared`, from `pipefold.model.build.shared_parameters`:
 `head.weight = embed.weight` in a plain list, the tied embedding and head of a split module).
 Only this step's contribution is exchanged (the gradient minus its snapshot), so gradients
-accumulated across steps stay exact. The owners exchange point-to-point over the pipeline's own
-group: no process group per tied module (a `new_group` would have to be called by every rank of
-the world, which breaks where several pipelines share it).
+accumulated across steps stay exact. After a flush step the owners exchange point-to-point
+over the pipeline's own group (no process group per tied module: a `new_group` would have to be
+called by every rank of the world). An asynchronous schedule sums at every STEP instead, over
+process groups of the owners made once at construction (runtime/update_reduction.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipefold.runtime.parallel.tensor_parallel import local
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Schedule
 
-__all__ = ["TiedGradients", "grad_copy"]
+__all__ = ["TiedGradients", "grad_copy", "laid_out_as"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ TiedGroup = tuple[tuple[int, ...], tuple[nn.Parameter, ...]]
 """(owner ranks, this rank's parameters of the tied module)."""
 
 
-def _laid_out_as(param: nn.Parameter, shard: Tensor) -> Tensor:
+def laid_out_as(param: nn.Parameter, shard: Tensor) -> Tensor:
     """`shard` (this rank's part) as a gradient of `param`: a DTensor where `param` is one."""
     if isinstance(param, DTensor):
         return DTensor.from_local(
@@ -56,11 +57,21 @@ def grad_copy(param: nn.Parameter) -> Tensor | None:
 class TiedGradients:
     """The tied modules this rank shares with other ranks, and the exchange of their gradients."""
 
-    def __init__(self, groups: Sequence[TiedGroup], rank: int, p2p: P2P | None, watchdog: Watchdog) -> None:
+    def __init__(
+        self,
+        groups: Sequence[TiedGroup],
+        rank: int,
+        p2p: P2P | None,
+        watchdog: Watchdog,
+        all_owners: Sequence[tuple[int, ...]] = (),
+    ) -> None:
         self.groups = tuple(groups)
         self.rank = rank
         self._p2p = p2p
         self._watchdog = watchdog
+        self.all_owners = tuple(all_owners)
+        """The owner ranks of every tied module and shared parameter held by several ranks,
+        this rank's or not, in one order on every rank of the pipeline (and its replicas)."""
 
     @classmethod
     def of(
@@ -84,8 +95,11 @@ class TiedGradients:
         def owners_of(indices: Sequence[int]) -> tuple[int, ...]:
             return tuple(sorted({schedule.placement[partition.stage_of(i)] for i in indices}))
 
+        every: list[tuple[int, ...]] = []
         for key, occurrences in sorted(tied_groups(layers).items()):
             owners = owners_of(occurrences)
+            if len(owners) > 1:
+                every.append(owners)
             if len(owners) < 2 or rank not in owners:
                 continue
             local = next(i for i in occurrences if i in local_modules)
@@ -95,6 +109,8 @@ class TiedGradients:
         # After the tied modules, in name order: every owner walks the same list.
         for name, uses in sorted((shared or {}).items()):
             owners = owners_of([index for index, _ in uses])
+            if len(owners) > 1:
+                every.append(owners)
             if len(owners) < 2 or rank not in owners:
                 continue
             local = next(index for index, _ in uses if index in local_modules)
@@ -103,7 +119,7 @@ class TiedGradients:
             path = next(path for path, full in names.items() if full == name)
             found.append((owners, (module.get_parameter(path),)))
             logger.debug("shared parameter %r is held by ranks %s", name, owners)
-        return cls(found, rank, p2p, watchdog)
+        return cls(found, rank, p2p, watchdog, every)
 
     @property
     def p2p(self) -> P2P | None:
@@ -114,9 +130,9 @@ class TiedGradients:
         """The tied parameters' gradients before the step (None where there is none yet)."""
         return [[grad_copy(p) for p in params] for _, params in self.groups]
 
-    def sum(self, before: list[list[Tensor | None]], *, tag: int = 0) -> None:
-        """Sum this step's gradient of each tied module over its owners (identically on each);
-        `tag`: the messages' tag where the step's own direct messages may still be in flight."""
+    def sum(self, before: list[list[Tensor | None]]) -> None:
+        """Sum this step's gradient of each tied module over its owners (identically on each),
+        after a flush step (no message of the step is in flight)."""
         p2p = self._p2p
         if p2p is None:
             return
@@ -130,9 +146,9 @@ class TiedGradients:
                 pending: list[Transfer] = []
                 for peer in owners:
                     if peer != self.rank:
-                        pending.append(p2p.send_direct([delta], peer, tag=tag))
+                        pending.append(p2p.send_direct([delta], peer))
                         parts[peer] = torch.empty_like(delta)
-                        pending.append(p2p.recv_direct([parts[peer]], peer, tag=tag))
+                        pending.append(p2p.recv_direct([parts[peer]], peer))
                 for transfer in pending:
                     transfer.wait(self._watchdog, "tied-gradient exchange")
                 p2p.after_recv()
@@ -141,4 +157,4 @@ class TiedGradients:
                 for rank in owners[1:]:
                     total = total + parts[rank]
                 summed = total if previous is None else local(previous) + total
-                param.grad = _laid_out_as(param, summed)
+                param.grad = laid_out_as(param, summed)

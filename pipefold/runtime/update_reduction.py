@@ -6,11 +6,15 @@ step. An asynchronous schedule steps each stage inside the schedule (its STEP ac
 gradient of that update is first
 
 - summed over the ranks that hold a tied module with this stage (each owner then applies the
-  same update to its copy, so the copies hold the same weight version after every update),
+  same update to its copy, so the copies hold the same weight version after every update):
+  an all-reduce over a process group of those owners, its own communicator, so it never
+  pairs with a boundary message still in flight between the same ranks (on every backend),
 - then summed over the data-parallel replicas, each weighted by its share of the rows (every
   replica applies the same update: the gradient of the global batch's mean loss).
 
-    reduction = UpdateReduction.of(stages, tied, schedule, rank, data_parallel_group, watchdog)
+    groups = owner_groups(tied, dims)  # at construction; every rank of the world calls it
+    reduction = UpdateReduction.of(stages, tied, schedule, rank, data_parallel_group, watchdog,
+                                   groups=groups)
     reduction.begin(weight)        # this replica's rows / all replicas' rows, per step or run
     reduction.before_step(stage)   # at each STEP, before the stash's optimizer steps
 
@@ -22,20 +26,48 @@ Design notes: docs/decisions.md, "streaming runs".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, PipelineError
 from pipefold.runtime.failure import Watchdog
-from pipefold.runtime.tied import TiedGradients
+from pipefold.runtime.parallel.dims import ParallelDims
+from pipefold.runtime.parallel.tensor_parallel import local
+from pipefold.runtime.tied import TiedGradients, laid_out_as
 from pipefold.schedule import Op, Schedule
 
-__all__ = ["TIED_UPDATE_TAG", "UpdateReduction"]
+__all__ = ["UpdateReduction", "owner_groups"]
 
-TIED_UPDATE_TAG = 1
-"""The message tag of the tied-gradient exchange at a STEP (the schedule's own messages use 0)."""
+Owners = tuple[int, ...]
+"""Pipeline ranks that hold one tied module."""
+
+
+def owner_groups(tied: TiedGradients, dims: ParallelDims) -> dict[Owners, dist.ProcessGroup]:
+    """A process group of each tied module's owners that this rank is one of (owners -> group).
+
+    `dist.new_group` must be entered by every rank of the world in one order, so every rank
+    of every pipeline in the world calls this at construction, and every pipeline in the world
+    must be built alike (replicas and tensor-parallel peers are): each learns the other
+    pipelines' owners (their world ranks) and all create every distinct group in sorted order.
+    Nothing is created, nor exchanged, where the model ties nothing across ranks."""
+    if not tied.all_owners or dims.pipeline_group is None:
+        return {}
+    world_ranks = {owners: tuple(dims.ranks[r] for r in owners) for owners in tied.all_owners}
+    mine = sorted(set(world_ranks.values()))
+    every: list[Any] = [mine]
+    if dist.get_world_size() != len(dims.ranks):
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    me = dist.get_rank()
+    created: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    for ranks in sorted({tuple(ranks) for sets in every for ranks in sets}):
+        group = dist.new_group(list(ranks))
+        if me in ranks:
+            created[ranks] = group
+    return {owners: created[ranks] for owners, ranks in world_ranks.items() if me in ranks}
 
 
 class UpdateReduction:
@@ -47,8 +79,10 @@ class UpdateReduction:
         params_of: Mapping[int, Sequence[nn.Parameter]],
         data_parallel_group: dist.ProcessGroup | None,
         watchdog: Watchdog,
+        groups: Mapping[Owners, dist.ProcessGroup],
     ) -> None:
         self._tied_of = dict(tied_of)
+        self._groups = dict(groups)
         self._params_of = {stage: tuple(params) for stage, params in params_of.items()}
         self._group = data_parallel_group
         self._watchdog = watchdog
@@ -64,28 +98,25 @@ class UpdateReduction:
         data_parallel_group: dist.ProcessGroup | None,
         watchdog: Watchdog,
         *,
-        device_type: str = "cpu",
+        groups: Mapping[Owners, dist.ProcessGroup],
     ) -> UpdateReduction:
-        """`params_of`: each local stage's trainable parameters (those its stash steps)."""
+        """`params_of`: each local stage's trainable parameters (those its stash steps);
+        `groups`: a process group per tied module's owners (`owner_groups`)."""
         tied_of: dict[int, TiedGradients] = {}
         for stage, params in params_of.items():
             mine = {id(p) for p in params}
-            groups = [group for group in tied.groups if any(id(p) in mine for p in group[1])]
-            if not groups:
+            held = [group for group in tied.groups if any(id(p) in mine for p in group[1])]
+            if not held:
                 continue
-            if device_type == "cuda":
-                # NCCL ignores message tags, so the exchange could pair with a boundary message
-                # still in flight between the same ranks; untested without several GPUs.
-                raise ConfigError(
-                    f"schedule {schedule.name!r} on CUDA with a module tied across ranks "
-                    f"{list(groups[0][0])}: the tied gradients summed at every update would share "
-                    "NCCL's untagged channel with the schedule's messages; untie the module "
-                    "(e.g. tie_embeddings=False), keep its uses on one stage, or use a flush schedule"
-                )
-            for owners, _ in groups:
+            for owners, _ in held:
                 _check_steps_pair_up(schedule, owners, stage)
-            tied_of[stage] = TiedGradients(groups, rank, tied.p2p, watchdog)
-        return cls(tied_of, params_of, data_parallel_group, watchdog)
+                if owners not in groups:
+                    raise PipelineError(
+                        f"rank {rank} holds a module tied with ranks {list(owners)} but has no process "
+                        "group of them (runtime/update_reduction.py owner_groups)"
+                    )
+            tied_of[stage] = TiedGradients(held, rank, tied.p2p, watchdog)
+        return cls(tied_of, params_of, data_parallel_group, watchdog, groups)
 
     @property
     def needed(self) -> bool:
@@ -100,9 +131,8 @@ class UpdateReduction:
         """Make `stage`'s gradient of this update whole: tied owners sum, replicas average."""
         tied = self._tied_of.get(stage)
         if tied is not None:
-            # Boundary messages of the schedule may be in flight between the same two ranks
-            # (through the process group when shared memory is off): a tag of its own.
-            tied.sum([[None] * len(params) for _, params in tied.groups], tag=TIED_UPDATE_TAG)
+            for owners, tied_params in tied.groups:
+                self._sum_tied(stage, owners, tied_params)
         if self._group is None:
             return
         params = [p for p in self._params_of.get(stage, ()) if p.requires_grad]
@@ -117,6 +147,25 @@ class UpdateReduction:
         for param in params:
             param.grad = flat[offset : offset + param.numel()].view_as(param)
             offset += param.numel()
+
+
+    def _sum_tied(self, stage: int, owners: Owners, params: Sequence[nn.Parameter]) -> None:
+        """Each owner's gradient of this update, summed over the owners' own group: identical
+        on every owner (an all-reduce hands every member the same result)."""
+        group = self._groups[owners]
+        summed: list[torch.Tensor] = []
+        works = []
+        for param in params:
+            # A tensor-parallel weight (split by vocabulary) sums this rank's rows: every owner
+            # of the same tp rank holds the same rows.
+            grad = local(param.grad).clone() if param.grad is not None else torch.zeros_like(local(param))
+            summed.append(grad.contiguous())
+            works.append(dist.all_reduce(summed[-1], group=group, async_op=True))
+        for work in works:
+            if work is not None:
+                self._watchdog.wait(work, what=f"tied-gradient sum of stage {stage}'s update", peer=None)
+        for param, grad in zip(params, summed, strict=True):
+            param.grad = laid_out_as(param, grad)
 
 
 def _check_steps_pair_up(schedule: Schedule, owners: Sequence[int], stage: int) -> None:

@@ -425,7 +425,8 @@ def streaming(
     schedule (_stream_reference.py): every update of every stage on this rank, and every step's loss.
     `model="transformer"` ties the embedding and the head (first and last stage); `mesh=(dp, pp)`
     runs dp replicas, each on its own batches; `shared_memory=False` sends every message through
-    the process group (the tied exchange at a STEP then shares it with the boundaries in flight).
+    the process group (the tied exchange at a STEP then runs on the owners' own group while
+    boundaries are in flight on the pipeline's).
     `calls="step"`: `steps` calls of `Pipeline.step` instead (each drains; a forward uses its
     stage's newest weights), against the emulation of those calls one after the other."""
     from _stream_reference import emulate

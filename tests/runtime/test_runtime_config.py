@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefold.errors import ConfigError, PartitionError, ScheduleError
+from pipefold.errors import ConfigError, PartitionError, PipelineError, ScheduleError
 from pipefold.model import LayerSpec
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions, TransportOptions
 
@@ -90,15 +90,42 @@ def test_tied_owners_that_update_unequally_often_are_refused():
     param = nn.Parameter(torch.zeros(2))
     tied = TiedGradients([((0, 1), (param,))], 0, None, None)
     refused = r"the ranks \[0, 1\] that hold a tied module .* step \{0: 1, 1: 2\}"
+    group = object()  # stands for the owners' process group (owner_groups makes it in a world)
     with pytest.raises(ConfigError, match=refused):
-        UpdateReduction.of({0: [param]}, tied, schedule, 0, None, None)
+        UpdateReduction.of({0: [param]}, tied, schedule, 0, None, None, groups={(0, 1): group})
     even = Schedule(
         name="even", num_ranks=2, num_stages=2, num_microbatches=1, placement=(0, 1),
         actions=(row(0, 1), row(1, 1)), weight_update=WeightUpdate.STASH,
     )
-    assert UpdateReduction.of({0: [param]}, tied, even, 0, None, None).needed
-    with pytest.raises(ConfigError, match="on CUDA with a module tied across ranks"):
-        UpdateReduction.of({0: [param]}, tied, even, 0, None, None, device_type="cuda")
+    assert UpdateReduction.of({0: [param]}, tied, even, 0, None, None, groups={(0, 1): group}).needed
+    with pytest.raises(PipelineError, match=r"tied with ranks \[0, 1\] but has no process group"):
+        UpdateReduction.of({0: [param]}, tied, even, 0, None, None, groups={})
+
+
+def test_owner_groups_are_made_only_for_modules_tied_across_ranks(monkeypatch):
+    """The owners' process groups of an asynchronous schedule's tied sums (its own communicator,
+    runtime/update_reduction.py): a model that ties nothing across ranks, or a pipeline in one
+    process, makes none and talks to nobody; a tied module makes one group per owner set, in
+    sorted order, and this rank keeps the ones it belongs to."""
+    import torch.distributed as dist
+
+    from pipefold.runtime.parallel.dims import ParallelDims
+    from pipefold.runtime.tied import TiedGradients
+    from pipefold.runtime.update_reduction import owner_groups
+
+    made: list[list[int]] = []
+    monkeypatch.setattr(dist, "new_group", lambda ranks: made.append(ranks) or tuple(ranks))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 5)
+    # Pipeline ranks 0..3 are world ranks 2..5 (a world of two pipelines would gather theirs).
+    dims = ParallelDims.__new__(ParallelDims)
+    dims.pipeline_group, dims.ranks = object(), (2, 3, 4, 5)  # type: ignore[assignment]
+    assert owner_groups(TiedGradients([], 3, None, None), dims) == {}
+    tied = TiedGradients([], 3, None, None, all_owners=[(0, 3), (1, 2), (0, 3)])
+    assert owner_groups(tied, dims) == {(0, 3): (2, 5)}
+    assert made == [[2, 5], [3, 4]]
+    dims.pipeline_group = None
+    assert owner_groups(tied, dims) == {}
 
 
 def test_step_refuses_batches_smaller_than_num_microbatches():
