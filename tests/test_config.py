@@ -181,7 +181,8 @@ def test_asynchronous_schedule_with_tied_or_untied_head_is_accepted():
 
 @pytest.mark.parametrize("zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}])
 def test_pure_bf16_with_zero1_is_accepted(zero):
-    config = load_config(overrides={"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero})
+    overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero}
+    config = load_config(overrides=overrides)
     assert config.precision == "bf16-pure" and config.schedule.data_parallel == 2
 
 

@@ -313,7 +313,19 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
                     grad.float(), want.float(), rtol=BF16_RTOL, atol=BF16_RTOL * want.abs().max().item(),
                     msg=lambda m, n=name: f"{n}: {m}",
                 )
-        optimizer.step()
+        sent: list[torch.dtype] = []
+        broadcast = dist.broadcast
+        if zero:  # ZeRO's owners send their updated weights: record what they send
+            def recording(tensor, *args, sent=sent, broadcast=broadcast, **kwargs):
+                sent.append(tensor.dtype)
+                return broadcast(tensor, *args, **kwargs)
+
+            dist.broadcast = recording
+        try:
+            optimizer.step()
+        finally:
+            dist.broadcast = broadcast
+        assert set(sent) == ({torch.bfloat16} if zero else set()), sent
         optimizer.zero_grad()
         reference_optimizer.step()
         reference_optimizer.zero_grad()
