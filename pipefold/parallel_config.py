@@ -238,8 +238,9 @@ class _Rules:
 
     def pure_precision(self) -> None:
         """bf16 weights with fp32 master copies in the optimizer, stepped after the step on whole
-        (or tensor-parallel) parameters: replicas all-reduce the bf16 gradients in fp32; ZeRO's
-        and full sharding's optimizers and reduce-scatters are not composed with the masters."""
+        (or tensor-parallel) parameters: replicas all-reduce the bf16 gradients in fp32; under
+        ZeRO-1 each replica keeps the masters of its own share of the parameters. Full
+        sharding's reduce-scatters and sharded weights are not composed with the masters."""
         c, n = self.c, self.name
         if c.precision != "bf16-pure":
             return
@@ -250,13 +251,12 @@ class _Rules:
                 f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
                 f"master weights; use a flush schedule, or {instead}",
             )
-        if c.zero or c.shard != "replicate":
-            sharded = f"{n('zero')}=True" if c.zero else f"{n('shard')}={c.shard!r}"
+        if c.shard == "full":
             self.refuse(
                 "precision",
-                f"bf16 weights are not composed with sharded data parallelism ({sharded}): its "
-                f"optimizer shards and reduce-scatters do not keep fp32 master copies; use "
-                f"{n('shard')}='replicate' without {n('zero')}, or {instead}",
+                f"bf16 weights are not composed with full sharding ({n('shard')}='full'): its "
+                f"reduce-scatters and sharded weights do not keep fp32 master copies; use "
+                f"{n('shard')}='zero1' (or 'replicate'), or {instead}",
             )
 
     def adaptive(self) -> None:

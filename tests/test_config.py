@@ -127,8 +127,6 @@ BAD = [
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
     ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
      "precision='bf16-pure'"),
-    ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "optimizer.zero": True},
-     "precision='bf16-pure'"),
     ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "schedule.shard": "full",
       "model.tie_embeddings": False}, "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
@@ -179,6 +177,13 @@ def test_asynchronous_schedule_with_tied_or_untied_head_is_accepted():
     assert streaming.model.tie_embeddings is True and streaming.schedule.streaming is True
     assert parse_override("model.tie_embeddings=false") == ("model.tie_embeddings", False)
 
+
+
+@pytest.mark.parametrize("zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}])
+def test_pure_bf16_with_zero1_is_accepted(zero):
+    overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero}
+    config = load_config(overrides=overrides)
+    assert config.precision == "bf16-pure" and config.schedule.data_parallel == 2
 
 
 def test_the_documented_toml_layout_is_the_defaults():

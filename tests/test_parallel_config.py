@@ -77,12 +77,10 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
         ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),
         (
-            {"precision": "bf16-pure", "dp": 2, "zero": True},
-            "precision='bf16-pure' is not allowed: bf16 weights are not composed with sharded data "
-            "parallelism (zero=True)",
+            {"precision": "bf16-pure", "dp": 2, "shard": "full"},
+            "precision='bf16-pure' is not allowed: bf16 weights are not composed with full sharding "
+            "(shard='full')",
         ),
-        ({"precision": "bf16-pure", "dp": 2, "shard": "zero1"}, "(shard='zero1')"),
-        ({"precision": "bf16-pure", "dp": 2, "shard": "full"}, "(shard='full')"),
         (
             {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash"},
             "steps its own optimizers inside the step, without fp32 master weights",
@@ -108,6 +106,9 @@ def test_every_refusal_names_field_value_and_fix(fields, words):
         {"dp": 2, "shard": "zero1"},
         # bf16 weights with replicas (gradients all-reduced in fp32) and tensor parallelism.
         {"pp": 2, "dp": 2, "tp": 2, "precision": "bf16-pure", "weight_update": "flush", "tied_layers": True},
+        # ... and with ZeRO-1: each replica keeps the fp32 masters of its own parameters.
+        {"dp": 2, "zero": True, "precision": "bf16-pure", "weight_update": "flush", "tied_layers": True},
+        {"dp": 2, "shard": "zero1", "precision": "bf16-pure", "weight_update": "flush"},
     ],
 )
 def test_legal_configurations_pass(fields):

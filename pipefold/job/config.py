@@ -198,7 +198,8 @@ class TrainConfig:
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
     weights and optimizer state, and boundary tensors travel in it (docs/training.md).
     "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
-    master copies in the optimizer step (flush schedules; not with optimizer.zero or schedule.shard)."""
+    master copies in the optimizer step (flush schedules; with optimizer.zero each replica keeps
+    the masters of its own share; not with schedule.shard = "full")."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""

@@ -334,8 +334,11 @@ def _make_loop_optimizer(config: TrainConfig, pipe: Pipeline) -> torch.optim.Opt
     if opt.weight_decay_groups:
         params = parameter_groups(pipe.local_modules.values(), params, weight_decay=opt.weight_decay)
     if opt.zero or config.schedule.shard == "zero1":
+        # bf16-pure: each replica keeps the fp32 masters of the parameters it owns.
+        pure = config.precision == "bf16-pure"
+        adamw = fp32_master_weights(torch.optim.AdamW) if pure else torch.optim.AdamW
         zero: torch.optim.Optimizer = sharded_optimizer(
-            pipe, torch.optim.AdamW, params=params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+            pipe, adamw, params=params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
             weight_decay=opt.weight_decay,
         )
         return zero

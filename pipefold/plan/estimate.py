@@ -117,7 +117,7 @@ def gpt_costs(
         raise ConfigError(f"gpt_costs: d_model={d_model} is not divisible by num_heads={num_heads}")
     if not flops > 0:
         raise ConfigError(f"gpt_costs: flops = {flops!r}; give the device's FLOP/s, e.g. 1e14")
-    t, d, v, b = seq_len, d_model, vocab_size, bytes_per_value
+    t, d, v, b, p = seq_len, d_model, vocab_size, bytes_per_value, parameter_bytes_per_value
     hidden = t * d * b
 
     def layer(fwd_flops: float, weight_flops: float, kept: int, params: int) -> LayerCost:
@@ -144,6 +144,9 @@ def gpt_costs(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
+        # Adam's two moments in the weights' dtype; with 16-bit weights fp32 moments and master
+        # copies (12 bytes per weight: 6 per byte of a bf16 weight), as `GptEstimate` prices them.
+        optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
         overhead_s=overhead_s,
         source=(
             f"FLOP estimate for a GPT (layers={num_layers}, d_model={d_model}, heads={num_heads}, "

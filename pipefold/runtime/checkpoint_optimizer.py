@@ -162,6 +162,12 @@ def load_optimizer(
             if entry:
                 state[index] = entry
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if is_sharded_optimizer(optimizer):
+        # ZeroRedundancyOptimizer also keeps what it loaded in its own `state`, cast to each
+        # parameter's dtype (for bf16 weights, a second, bf16 copy of the fp32 masters and
+        # moments). Its local optimizer (`.optim`) holds the state it steps, and consolidation
+        # rebuilds the whole state from those.
+        optimizer.state.clear()
 
 
 def _restore_hyperparameters(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,15 @@ def test_gpt_estimate_prices_16_bit_activations_and_fp32_weights():
         assert half.activation_bytes * 2 == full.activation_bytes
         assert half.output_bytes * 2 == full.output_bytes
         assert half.parameter_bytes == full.parameter_bytes
+    # Adam's fp32 moments: 8 bytes per weight; with bf16 weights (bf16-pure) also the fp32
+    # masters, 12 bytes per weight, 6 per byte of a bf16 weight (what the job report measures).
+    assert fp32.optimizer_bytes_per_parameter_byte == mixed.optimizer_bytes_per_parameter_byte == 2.0
+    pure = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=2)
+    assert pure.optimizer_bytes_per_parameter_byte == 6.0
+    def optimizer_bytes(costs):
+        return costs.parameter_bytes * costs.optimizer_bytes_per_parameter_byte
+
+    assert optimizer_bytes(pure) == 1.5 * optimizer_bytes(mixed)  # + a 4-byte master on 8 bytes
 
 
 def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):

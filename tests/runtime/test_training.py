@@ -265,16 +265,29 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
     the same autocast and casts, both stepped by fp32 master weights (SGD). Each step: the loss
     within BF16_RTOL; every gradient bf16 (after the data-parallel all-reduce, which runs in
     fp32) and within PURE_RTOL, at the first step (the same weights) also entry by entry within
-    BF16_RTOL. After the steps every bf16 weight and fp32 master within PURE_RTOL."""
-    from pipefold.runtime import fp32_master_weights
+    BF16_RTOL. After the steps every bf16 weight and fp32 master within PURE_RTOL.
+    "<layout>-zero1": the optimizer ZeRO-sharded over the replicas, each keeping the masters of
+    its own parameters only; the memory report's optimizer bytes per rank are returned."""
+    from pipefold.runtime import fp32_master_weights, sharded_optimizer
     from pipefold.runtime.parallel.data_parallel import reduce_dtype
 
+    layout, zero = layout.removesuffix("-zero1"), layout.endswith("-zero1")
     torch.manual_seed(1234)
     pipe, build, kind, length = _layout(layout, schedule, 4, precision="bf16-pure")
     reference = build_reference(build(), seed=7).to(torch.bfloat16)
     loss_fn = _loss_fn(kind)
     master_sgd = fp32_master_weights(torch.optim.SGD)
-    optimizer = master_sgd(pipe.parameters(), lr=0.5)
+
+    def make_optimizer(pipeline):
+        if zero:
+            return sharded_optimizer(pipeline, master_sgd, lr=0.5)
+        return master_sgd(pipeline.parameters(), lr=0.5)
+
+    def masters(run_optimizer):  # the fp32 masters this rank keeps (its own under ZeRO)
+        state = run_optimizer.optim.state if zero else run_optimizer.state
+        return {param: entry["master"] for param, entry in state.items() if "master" in entry}
+
+    optimizer = make_optimizer(pipe)
     reference_optimizer = master_sgd(reference.parameters(), lr=0.5)
     params = dict(reference.named_parameters())
     assert reduce_dtype(torch.bfloat16) == torch.float32
@@ -300,19 +313,44 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
                     grad.float(), want.float(), rtol=BF16_RTOL, atol=BF16_RTOL * want.abs().max().item(),
                     msg=lambda m, n=name: f"{n}: {m}",
                 )
-        optimizer.step()
+        sent: list[torch.dtype] = []
+        broadcast = dist.broadcast
+        if zero:  # ZeRO's owners send their updated weights: record what they send
+            def recording(tensor, *args, sent=sent, broadcast=broadcast, **kwargs):
+                sent.append(tensor.dtype)
+                return broadcast(tensor, *args, **kwargs)
+
+            dist.broadcast = recording
+        try:
+            optimizer.step()
+        finally:
+            dist.broadcast = broadcast
+        assert set(sent) == ({torch.bfloat16} if zero else set()), sent
         optimizer.zero_grad()
         reference_optimizer.step()
         reference_optimizer.zero_grad()
+    if pipe.num_data_parallel > 1:  # the replicas hold the same bf16 weights (ZeRO: as sent)
+        for name, param in pipe.named_parameters():
+            copies = [torch.empty_like(param) for _ in range(pipe.num_data_parallel)]
+            dist.all_gather(copies, param.detach(), group=pipe.data_parallel_group)
+            assert all(torch.equal(copy, copies[0]) for copy in copies), name
+    kept = masters(optimizer)
+    if zero:  # this replica's masters are those of the parameters it owns, and only those
+        owned = {id(p) for group in optimizer.optim.param_groups for p in group["params"]}
+        assert {id(p) for p in kept} == owned and 0 < len(owned) < len(list(pipe.parameters()))
     for name, param in pipe.named_parameters():
-        master = optimizer.state[param]["master"]
-        assert param.dtype == torch.bfloat16 and master.dtype == torch.float32, name
-        for got, want in (
-            (whole(param.detach()), params[name].detach()),
-            (whole(master), reference_optimizer.state[params[name]]["master"]),
-        ):
+        compared = [(whole(param.detach()), params[name].detach())]
+        if param in kept:
+            master = kept[param]
+            assert master.dtype == torch.float32, name
+            compared.append((whole(master), reference_optimizer.state[params[name]]["master"]))
+        assert param.dtype == torch.bfloat16, name
+        for got, want in compared:
             distances.append(_relative_distance(got, want))
             assert distances[-1] < PURE_RTOL, (name, distances[-1])
+    from pipefold.job.report import _gather_memory
+
+    memory = _gather_memory(pipe, [optimizer], None)  # the job report's per-rank bytes
     # A checkpoint holds each rank's bf16 weights and fp32 masters: a resumed run steps on
     # bit for bit as this one.
     import shutil
@@ -326,7 +364,7 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
     path = Path(shared[0]) / "checkpoint"
     save_checkpoint(pipe, path, optimizer=optimizer, step=num_steps)
     resumed, _, _, _ = _layout(layout, schedule, 4, precision="bf16-pure")
-    resumed_optimizer = master_sgd(resumed.parameters(), lr=0.5)
+    resumed_optimizer = make_optimizer(resumed)
     load_checkpoint(resumed, path, optimizer=resumed_optimizer)
     inputs, targets = _batch(kind, rows, seed=num_steps)
     if length is not None:
@@ -338,15 +376,20 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
         run_optimizer.step()
         run_optimizer.zero_grad()
     assert after[0] == after[1], after
+    if zero:  # the loaded state lives once, in the local optimizer (no bf16 copy beside it)
+        assert not resumed_optimizer.state, resumed_optimizer.state.keys()
+    kept, resumed_kept = masters(optimizer), masters(resumed_optimizer)
+    assert len(kept) == len(resumed_kept) > 0
     for (name, param), other in zip(pipe.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(whole(param.detach()), whole(other.detach())), name
-        assert torch.equal(
-            whole(optimizer.state[param]["master"]), whole(resumed_optimizer.state[other]["master"])
-        ), name
+        assert (param in kept) == (other in resumed_kept), name
+        if param in kept:
+            assert resumed_kept[other].dtype == torch.float32, name
+            assert torch.equal(whole(kept[param]), whole(resumed_kept[other])), name
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(shared[0])
-    return {"losses": losses, "distance": max(distances)}
+    return {"losses": losses, "distance": max(distances), "memory": memory}
 
 
 def fp16_overflow(*, inject_rank: int, scale: float = 2.0**12) -> dict:
@@ -462,6 +505,32 @@ def test_pure_bf16_equals_one_process_with_replicas_and_tensor_parallel(pool4, l
     print(layout, "largest relative distance", max(result["distance"] for result in results))
     # Replicas and tp peers agree on the global loss of every step.
     assert all(result["losses"] == results[0]["losses"] for result in results)
+
+
+def test_pure_bf16_with_zero1_equals_one_process(pool4):
+    results = pool4.run("pure", layout="dp2xpp2-zero1", schedule="zb-h1")
+    print("dp2xpp2-zero1 largest relative distance", max(result["distance"] for result in results))
+    assert all(result["losses"] == results[0]["losses"] for result in results)
+    # The job report's accounting: the optimizer state a rank keeps is the fp32 masters (SGD
+    # without momentum keeps nothing else) of the parameters it owns. The two replicas of a
+    # pipeline rank hold disjoint halves of its masters (4 bytes per bf16 weight's 2): together
+    # 2x the weight bytes, each about 1/dp of that (ZeRO-1 assigns whole parameters).
+    # The planner's ZeRO-1 share (pipefold.plan.shard_layout) is that half rounded up; a rank's
+    # own differs from it by less than its largest parameter (here within 5%).
+    from pipefold.plan.shard_layout import layout_bytes
+
+    memory = results[0]["memory"]
+    print("bf16-pure + ZeRO-1 bytes per rank", memory)
+    for pipeline_rank in (0, 1):
+        ranks = [entry for entry in memory if entry["pipeline_rank"] == pipeline_rank]
+        assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+        weights = ranks[0]["weights"]
+        assert sum(entry["optimizer"] for entry in ranks) == 2 * weights, ranks
+        share = layout_bytes(
+            weights, num_data_parallel=2, layout="zero1", optimizer_bytes_per_parameter_byte=2.0
+        ).optimizer
+        assert share == weights
+        assert all(abs(entry["optimizer"] - share) <= 0.05 * share for entry in ranks), ranks
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(pool4):

@@ -4,6 +4,12 @@
     optimizer = sharded_optimizer(pipe, torch.optim.AdamW, lr=3e-4)
     loss = pipe.step(x, y); optimizer.step(); optimizer.zero_grad()
 
+bf16 weights (`RuntimeOptions(precision="bf16-pure")`): shard an optimizer that keeps fp32
+masters, `sharded_optimizer(pipe, fp32_master_weights(torch.optim.AdamW), lr=3e-4)`. Each
+replica's local optimizer holds the parameters it owns, so it keeps their fp32 masters and
+moments only (1/dp of them), steps them, rounds them into the bf16 weights, and the replicas
+then send each other the updated weights in bf16 (the parameters' own dtype).
+
 Design notes: docs/decisions.md, "ZeRO-1 over the replicas".
 """
 
@@ -34,7 +40,8 @@ def sharded_optimizer(
 ) -> ZeroRedundancyOptimizer:
     """`optimizer_class(**defaults)` over this rank's parameters (or `params`: them in param
     groups), its state sharded over the pipeline's data-parallel replicas (see docs/decisions.md,
-    "ZeRO-1 over the replicas"). Call on every rank; step it after `pipe.step` as any optimizer."""
+    "ZeRO-1 over the replicas"). Call on every rank; step it after `pipe.step` as any optimizer.
+    With bf16 weights give `fp32_master_weights(cls)` (module docstring)."""
     # The rulebook: replicas to shard over, and whole (not tensor-parallel) parameters.
     replace(pipe.parallel_config, zero=True).check({"zero": "sharded_optimizer"})
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
