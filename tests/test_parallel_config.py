@@ -75,7 +75,6 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
         ({"shard": "full", "dp": 2, "zero": True}, "full sharding already shards the optimizer state"),
         ({"shard": "full", "dp": 2, "tied_layers": True}, "the model ties or shares parameters"),
         ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
-        ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),
         (
             {"precision": "bf16-pure", "dp": 2, "zero": True},
             "precision='bf16-pure' is not allowed: bf16 weights are not composed with sharded data "

@@ -622,7 +622,7 @@ class Pipeline:
         if self.sharding is not None and data_parallel is not None:
             # The reduce-scatters run inside the schedule, before the losses are agreed: each
             # replica's backward starts weighted by its share of the global rows, and they sum.
-            seed = data_parallel.weight_of(batch_size)
+            seed *= data_parallel.weight_of(batch_size)
         record = self._executor.run(
             StepInputs(
                 batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],
