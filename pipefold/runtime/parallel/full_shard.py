@@ -12,7 +12,9 @@ reduce-scattered once; `free_between` and `lookahead` move the gathers and frees
 FSDP's own forward and backward hooks never fire: the executor runs a stage's layers one by
 one, not through the module `fully_shard` wraps, and the backward goes through pipefold's own
 autograd calls (backward.py). What FSDP would do per micro-batch happens where the schedule
-says instead. Design notes: docs/decisions.md, "Full sharding driven by the schedule".
+says instead. fp16's loss scale checks and unscales the shards after the step, and tied layers'
+owners sum their gradient shards (step_gradients.py, tied.py). Design notes: docs/decisions.md,
+"Full sharding driven by the schedule".
 """
 
 from __future__ import annotations
