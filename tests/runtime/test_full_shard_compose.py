@@ -155,6 +155,9 @@ def tied_sharded(*, schedule: str) -> dict:
         torch.testing.assert_close(param.grad.full_tensor(), params[name].grad, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
         names.append(name)
+    # The gradient norm over shards, stages and replicas counts the tied weight once.
+    norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+    assert abs(pipe.gradient_scope().total_norm() - norm) < 1e-5 * norm
     # The attention's key bias has a gradient of float noise only (softmax ignores it), which
     # AdamW's default eps would blow up to lr-sized steps of either sign.
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.01, eps=1e-4)
