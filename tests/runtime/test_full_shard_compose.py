@@ -245,9 +245,10 @@ def test_fp16_overflow_on_one_stage_of_one_replica_skips_the_sharded_step_everyw
 
 @pytest.mark.multiprocess
 def test_tied_embedding_and_head_fully_sharded_equal_one_process(pool4):
-    results = pool4.run("tied_sharded", schedule="1f1b")
-    for result in results:
-        assert result["tied"] == [(0, 1)], result  # pipeline ranks 0 and 1 of the replica
+    for schedule in ("1f1b", "interleaved-1f1b"):  # interleaved: the head on rank 1's second stage
+        results = pool4.run("tied_sharded", schedule=schedule)
+        for result in results:
+            assert result["tied"] == [(0, 1)], result  # pipeline ranks 0 and 1 of the replica
     messages = pool4.run("tied_refused")
     assert all(message is not None and "both places on rank 0" in message for message in messages), messages
     messages = pool4.run("tied_misordered")
