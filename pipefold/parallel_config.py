@@ -222,19 +222,6 @@ class _Rules:
                 f"full sharding already shards the optimizer state (an optimizer over the pipeline's "
                 f"parameters holds 1/dp of it); drop {n('zero')} {keep}",
             )
-        if c.tied_layers or c.shared_parameters:
-            self.refuse(
-                "shard",
-                "the model ties or shares parameters between layers; their gradients are summed "
-                "over the owning stages as whole tensors after the step, but full sharding has "
-                f"already reduce-scattered them; untie them ({n('tied_layers')}=False) {keep}",
-            )
-        if c.precision == "fp16":
-            self.refuse(
-                "shard",
-                "fp16's dynamic loss scale is not composed with full sharding (its overflow check "
-                f"and unscale are written for whole gradients); use precision 'bf16' or 'fp32' {keep}",
-            )
 
     def pure_precision(self) -> None:
         """bf16 weights with fp32 master copies in the optimizer, stepped after the step on whole

@@ -73,9 +73,6 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
             "shard='full' is not allowed: full sharding splits each stage",
         ),
         ({"shard": "full", "dp": 2, "zero": True}, "full sharding already shards the optimizer state"),
-        ({"shard": "full", "dp": 2, "tied_layers": True}, "the model ties or shares parameters"),
-        ({"shard": "full", "dp": 2, "shared_parameters": True}, "the model ties or shares parameters"),
-        ({"shard": "full", "dp": 2, "precision": "fp16"}, "use precision 'bf16' or 'fp32'"),
         (
             {"precision": "bf16-pure", "dp": 2, "shard": "full"},
             "precision='bf16-pure' is not allowed: bf16 weights are not composed with full sharding "
@@ -103,6 +100,7 @@ def test_every_refusal_names_field_value_and_fix(fields, words):
         {"schedule": "pipedream", "dp": 2, "tied_layers": True},
         {**ASYNC, "recompute": "none", "on_nonfinite": "raise"},
         {"dp": 2, "shard": "full", "weight_update": "flush", "recompute": "full", "precision": "bf16"},
+        {"dp": 2, "shard": "full", "precision": "fp16", "tied_layers": True, "shared_parameters": True},
         {"dp": 2, "shard": "zero1"},
         # bf16 weights with replicas (gradients all-reduced in fp32) and tensor parallelism.
         {"pp": 2, "dp": 2, "tp": 2, "precision": "bf16-pure", "weight_update": "flush", "tied_layers": True},

@@ -182,7 +182,8 @@ class Pipeline:
             keep_freed_memory()
         self.partition = resolve_partition(self._layers, self.schedule, self.layout_options.partition)
         check_shared_parameters(
-            self._shared, self._layers, self._meta, dims, self.schedule, self.partition
+            self._shared, self._layers, self._meta, dims, self.schedule, self.partition,
+            sharded=self.parallel_options.shard == "full",
         )
 
         # -- local modules (no communication so far) --------------------------------------
@@ -277,6 +278,8 @@ class Pipeline:
         self._stage_hooks: StageHooks | None = (
             data_parallel if data_parallel is not None and data_parallel.overlaps else None
         )
+        if self.sharding is not None and (self._shared or self.parallel_config.tied_layers):
+            self.sharding.check_one_replica(collectives_)  # tied owners sum matching shards
         self.loss_scale = new_loss_scale(self.runtime_options, self.dims, self._watchdog)
         """fp16's dynamic loss scale (`scale`, `skipped`); None in fp32 and bf16."""
         counter = ActivationCounter(self.parameters()) if self.runtime_options.record_timeline else None
@@ -622,7 +625,7 @@ class Pipeline:
         if self.sharding is not None and data_parallel is not None:
             # The reduce-scatters run inside the schedule, before the losses are agreed: each
             # replica's backward starts weighted by its share of the global rows, and they sum.
-            seed = data_parallel.weight_of(batch_size)
+            seed *= data_parallel.weight_of(batch_size)
         record = self._executor.run(
             StepInputs(
                 batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],

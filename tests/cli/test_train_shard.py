@@ -12,7 +12,7 @@ from pipefold.job.config import load_config
 _TINY = (
     "train", "--steps", "3", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
     "--seq-len", "32", "--batch-size", "8", "--microbatches", "2", "--set", "data.max_bytes=100000",
-    "--set", "sample_tokens=0", "--device", "cpu", "--ranks", "1", "--set", "model.tie_embeddings=false",
+    "--set", "sample_tokens=0", "--device", "cpu", "--ranks", "1",
 )
 
 
@@ -20,12 +20,12 @@ def test_shard_is_a_config_field_and_zero_stays_its_alias():
     assert load_config(overrides={"schedule.shard": "zero1", "schedule.data_parallel": 2}).schedule.shard == "zero1"
     with pytest.raises(ConfigError, match=r"schedule.shard='full' is not allowed: .*\(schedule.data_parallel=1\)"):
         load_config(overrides={"schedule.shard": "full"})
-    with pytest.raises(ConfigError, match=r"schedule.shard='full' is not allowed: .*model.tie_embeddings=False"):
-        load_config(overrides={"schedule.shard": "full", "schedule.data_parallel": 2})
+    # The GPT's tied embedding and head, and fp16's loss scale, compose with it.
+    tied = load_config(overrides={"schedule.shard": "full", "schedule.data_parallel": 2, "precision": "fp16"})
+    assert tied.model.tie_embeddings and tied.schedule.shard == "full"
     with pytest.raises(ConfigError, match=r"full sharding already shards the optimizer state .*; drop optimizer.zero"):
         load_config(overrides={
             "schedule.shard": "full", "schedule.data_parallel": 2, "optimizer.zero": True,
-            "model.tie_embeddings": False,
         })
 
 
@@ -52,7 +52,7 @@ def test_gather_options_are_config_fields_and_flags_that_need_full_sharding():
 
     from pipefold.cli.train import add_parser, config_from_args
 
-    full = {"schedule.shard": "full", "schedule.data_parallel": 2, "model.tie_embeddings": False}
+    full = {"schedule.shard": "full", "schedule.data_parallel": 2}
     config = load_config(overrides={**full, "schedule.gather_lookahead": 2, "schedule.free_between_microbatches": True})
     assert (config.schedule.gather_lookahead, config.schedule.free_between_microbatches) == (2, True)
     with pytest.raises(ConfigError, match=r"schedule.gather_lookahead=2 is not allowed: .*schedule.shard='full'"):
@@ -64,8 +64,7 @@ def test_gather_options_are_config_fields_and_flags_that_need_full_sharding():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args([
-        "train", "--data-parallel", "2", "--shard", "full", "--set", "model.tie_embeddings=false",
-        "--gather-lookahead", "1", "--free-between-microbatches",
+        "train", "--data-parallel", "2", "--shard", "full", "--gather-lookahead", "1", "--free-between-microbatches",
     ])
     schedule = config_from_args(args).schedule
     assert (schedule.gather_lookahead, schedule.free_between_microbatches) == (1, True)

@@ -171,6 +171,8 @@ class DataParallel:
         # Under full sharding the schedule reduce-scatters every gradient itself (full_shard.py):
         # nothing is left to all-reduce, but a step's contribution is still set aside and added
         # back (or dropped) here.
+        self._reduced_in_schedule = reduced_in_schedule
+        self._seeded = 1.0  # the weight the schedule's reduce-scatters were seeded with
         self._buckets = () if reduced_in_schedule else _buckets(self._params, bucket_bytes)
         self._set_aside: list[Tensor | None] | None = None
         self._stage_buckets = (
@@ -279,7 +281,8 @@ class DataParallel:
         "dp", for schedules that reduce gradients before the losses are agreed)."""
         count = torch.tensor([float(rows)], dtype=torch.float64, device=self._collectives_device)
         self._collectives.all_reduce_sum(count, what="data-parallel row count all-reduce")
-        return rows / float(count.item())
+        self._seeded = rows / float(count.item())
+        return self._seeded
 
     @property
     def in_flight(self) -> bool:
@@ -293,6 +296,15 @@ class DataParallel:
 
     def reduce_gradients(self, weight: float) -> None:
         """`.grad` = the sum over the replicas of `weight` x this step's gradient."""
+        if self._reduced_in_schedule:
+            # The schedule reduce-scattered the shards' sums of `_seeded` x the gradient (the
+            # same rows / global rows as `weight`): what is left is fp16's 1 / loss scale.
+            factor = weight / self._seeded
+            if factor != 1.0:
+                for param in self._params:
+                    if param.grad is not None:
+                        local(param.grad).mul_(factor)
+            return
         if self._in_flight:
             # Started during the schedule, each summing rows x gradients: now divide by the rows.
             pending, self._in_flight = self._in_flight, []

@@ -12,7 +12,9 @@ reduce-scattered once; `free_between` and `lookahead` move the gathers and frees
 FSDP's own forward and backward hooks never fire: the executor runs a stage's layers one by
 one, not through the module `fully_shard` wraps, and the backward goes through pipefold's own
 autograd calls (backward.py). What FSDP would do per micro-batch happens where the schedule
-says instead. Design notes: docs/decisions.md, "Full sharding driven by the schedule".
+says instead. fp16's loss scale checks and unscales the shards after the step, and tied layers'
+owners sum their gradient shards (step_gradients.py, tied.py). Design notes: docs/decisions.md,
+"Full sharding driven by the schedule".
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from pipefold.errors import ConfigError
 from pipefold.runtime.stage import Stage
+from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import Schedule, add_sharding
 
 __all__ = ["FullSharding"]
@@ -54,6 +58,7 @@ class FullSharding:
             if "dp" in names
             else DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
         )
+        self._group = group
         self._modules: dict[int, FSDPModule] = {}
         self._stages = {stage.index: stage for stage in stages}
         for stage in stages:
@@ -75,6 +80,23 @@ class FullSharding:
         """Weight all-gathers run so far (one per stage per step unless `free_between`)."""
         self.num_reductions = 0
         """Gradient reduce-scatters run so far (one per stage per step)."""
+
+    def check_one_replica(self, collectives: Collectives | None) -> None:
+        """With tied layers or shared parameters: refuse a pipeline whose ranks are not all the
+        same replica index along "dp" (hand-built data-parallel groups can pair them so). The
+        owners of a tied weight sum their gradient shards, which only line up where each holds
+        the same 1/dp of it; a mesh's "dp" dim always does. Collective over the pipeline."""
+        if collectives is None:
+            return
+        mine = dist.get_rank(self._group)
+        indices = collectives.all_gather_object(mine, what="full-sharding replica handshake")
+        if any(index != mine for index in indices):
+            raise ConfigError(
+                f"data_parallel_group: this pipeline's ranks are replicas {indices} along it, and full "
+                "sharding of tied layers needs every rank of one pipeline to be the same replica (the "
+                "owners sum matching gradient shards); order the groups alike, pass a DeviceMesh with a "
+                "'dp' dim, or shard='replicate'"
+            )
 
     @property
     def stages(self) -> tuple[int, ...]:
