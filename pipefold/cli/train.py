@@ -196,7 +196,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dropout", type=float, metavar="P",
                         help=f"residual dropout of the built-in GPT's blocks; default {ModelConfig.dropout:g}")
     parser.add_argument(
-        "--partition", help='"uniform", "parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
+        "--partition",
+        help='"flops" (default: stages of even estimated FLOPs), "uniform" (even layer counts), "parameters", '
+        '"profile", "type:<regex>" or per-stage counts "3,5"'
     )
     parser.add_argument("--recompute", choices=("none", "full", "selective"),
                         help="activation recomputation: full (each stage keeps its input) or selective "

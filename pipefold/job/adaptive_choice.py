@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipefold.balance import balance
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.job.sections import ModelConfig, ScheduleConfig
 from pipefold.plan import gpt_costs
@@ -29,7 +28,7 @@ from pipefold.plan.tensor import split_costs
 from pipefold.simulate import Link
 from pipefold.schedule import names
 
-__all__ = ["candidate_families", "config_bounds", "gpt_chooser", "longest_batch", "replica_rows"]
+__all__ = ["candidate_families", "gpt_chooser", "longest_batch", "replica_rows"]
 
 _ASSUMED_FLOPS = {"cpu": 2e10, "cuda": 5e13}
 """FLOP/s the estimate assumes per device type: a sustained rate well below peak."""
@@ -90,21 +89,6 @@ def gpt_chooser(
         num_data_parallel=schedule.data_parallel, num_tensor_parallel=tp, sequence_parallel=sequence_parallel,
     )
     return AdaptiveChooser(costs_at, space)
-
-
-def config_bounds(
-    partition: str | tuple[int, ...], num_stages: int, num_layers: int
-) -> tuple[int, ...] | None:
-    """The bounds of `partition` (the job's setting) where it alone tells them ("uniform", or
-    per-stage counts); None where the layers are needed (parameters, types, profile)."""
-    if isinstance(partition, tuple):
-        bounds = [0]
-        for count in partition:
-            bounds.append(bounds[-1] + count)
-        return tuple(bounds)
-    if partition == "uniform":
-        return tuple(balance([1.0] * num_layers, num_stages).bounds)
-    return None
 
 
 def longest_batch(schedule: ScheduleConfig, batch_size: int, seq_len: int, bucketed: bool) -> tuple[int, int]:

@@ -14,7 +14,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     steps = 300
     batch_size = 32
     seed = 0
-    partition = "uniform"      # or a list of per-stage layer counts, e.g. [3, 5]
+    partition = "flops"        # stages of even estimated FLOPs; "uniform" (layer counts), or counts, e.g. [3, 5]
     recompute = "none"         # "full", "selective" (attention cores), or a list of layer indices
     out = ""                   # "" = runs/<timestamp>
     timeout_s = 60.0
@@ -97,7 +97,8 @@ from pipefold.data.tokens import is_token_file, token_split_sizes
 from pipefold.device import DEVICE_CHOICES, check_compiler
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
-from pipefold.job.adaptive_choice import config_bounds, gpt_chooser, longest_batch
+from pipefold.job.adaptive_choice import gpt_chooser, longest_batch
+from pipefold.job.partition_costs import job_bounds
 from pipefold.job.sections import (
     CLIP_AUTO,
     DEFAULT_CLIP_NORM,
@@ -133,7 +134,7 @@ __all__ = [
     "resolve_out_dir",
 ]
 
-PARTITION_METHODS = ("uniform", "parameters", "profile")
+PARTITION_METHODS = ("flops", "uniform", "parameters", "profile")
 """Named partition methods; "type:<regex>" and explicit per-stage counts are accepted too."""
 
 NONFINITE_CHOICES = ("raise", "skip")
@@ -165,8 +166,9 @@ class TrainConfig:
     """Sequences per step, split into schedule.num_microbatches micro-batches (unevenly if need be)."""
     seed: int = 0
     """Seeds the weights (per layer, independent of the partition) and the batch order."""
-    partition: str | tuple[int, ...] = "uniform"
-    """"uniform", "parameters", "profile", "type:<regex>", or per-stage layer counts."""
+    partition: str | tuple[int, ...] = "flops"
+    """"flops" (even estimated FLOPs per stage: pipefold.job.partition_costs), "uniform" (even layer
+    counts), "parameters", "profile", "type:<regex>", or per-stage layer counts."""
     recompute: str | tuple[int, ...] = "none"
     """"none", "full" (keep stage inputs, recompute in backward), "selective" (only the attention
     core of each block: QK^T, softmax, attention over V), or layer indices to recompute."""
@@ -500,7 +502,7 @@ class TrainConfig:
         # The longest batch priced now where the partition is known without the layers: a batch
         # no choice fits is refused before any process starts (else at set-up, on every rank).
         schedule = self.schedule.built
-        bounds = config_bounds(self.partition, schedule.num_stages, self.model.num_model_layers)
+        bounds = job_bounds(self.partition, schedule.num_stages, self.model)
         if bounds is not None and len(bounds) == schedule.num_stages + 1:
             chooser = gpt_chooser(
                 self.model, self.schedule, self.precision, bounds=bounds, placement=schedule.placement,

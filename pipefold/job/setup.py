@@ -26,6 +26,7 @@ from pipefold.hf.model import CausalLM, load_causal_lm, next_token_loss
 from pipefold.job.adaptive import adaptive_runner
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import lr_scheduler, parameter_groups
+from pipefold.job.partition_costs import flops_counts
 from pipefold.job.rng import restore_rng_state
 from pipefold.model import partition
 from pipefold.model.zoo import gpt_layers, gpt_loss
@@ -387,13 +388,16 @@ def _partition_argument(
     sampler: BatchSampler | LengthBuckets,
     device: torch.device,
 ) -> str | list[int]:
-    """What the Pipeline gets as `partition`; "profile" is measured once, on rank 0.
+    """What the Pipeline gets as `partition`; "flops" is the estimate's per-stage counts (the same on
+    every rank, no measurement), "profile" is measured once, on rank 0.
 
     Every rank timing the layers itself would see different numbers and could cut the
     model differently, so rank 0 profiles one micro-batch and broadcasts the counts.
     """
     if isinstance(config.partition, tuple):
         return list(config.partition)
+    if config.partition == "flops":
+        return flops_counts(schedule.num_stages, config.model)
     if config.partition != "profile":
         return config.partition
     counts: list[list[int] | None] = [None]
