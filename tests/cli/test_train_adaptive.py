@@ -121,7 +121,8 @@ def test_adaptive_training_equals_one_process_batch_by_batch(tmp_path, capfd):
 
 def test_replicas_and_tp_peers_are_priced_per_pipeline():
     """One replica's rows (8 global rows over 2 replicas: 4) and one tp rank's share of the layers."""
-    from pipefold.job.adaptive_choice import config_bounds, gpt_chooser
+    from pipefold.job.adaptive_choice import gpt_chooser
+    from pipefold.job.partition_costs import job_bounds
 
     with pytest.raises(ConfigError, match=r"a batch of 4 rows x seq_len=64 \(bucket 64\)"):
         _config([*_TINY[1:], "--data-parallel", "2", "--memory-limit", "100000"])
@@ -129,7 +130,7 @@ def test_replicas_and_tp_peers_are_priced_per_pipeline():
     def leanest(argv):
         config = _config([*_TINY[1:], *argv])
         built = config.schedule.built
-        bounds = config_bounds(config.partition, built.num_stages, config.model.num_model_layers)
+        bounds = job_bounds(config.partition, built.num_stages, config.model)
         chooser = gpt_chooser(
             config.model, config.schedule, config.precision, bounds=bounds, placement=built.placement,
             device_type="cpu",

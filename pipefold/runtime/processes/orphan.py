@@ -89,7 +89,9 @@ def die_with_supervisor(supervisor_pid: int) -> bool:
         return False
 
     def watch() -> None:
-        select.select([pidfd], [], [])
+        waiter = select.poll()  # not select: it refuses descriptors numbered 1024 and above
+        waiter.register(pidfd, select.POLLIN)
+        waiter.poll()
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="pipefold-supervisor-watch", daemon=True).start()

@@ -22,6 +22,10 @@ class Doorbell:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
+        # poll, not select: select refuses descriptors numbered 1024 and above, which a
+        # long-lived process that has built many pipelines (and groups) reaches.
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
         self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
@@ -43,8 +47,7 @@ class Doorbell:
         self._closer()
 
     def wait(self, timeout_s: float) -> None:
-        readable, _, _ = select.select([self._fd], [], [], max(timeout_s, 0.0))
-        if readable:
+        if self._poll.poll(max(timeout_s, 0.0) * 1000.0):  # milliseconds
             try:
                 os.read(self._fd, _DRAIN_BYTES)
             except BlockingIOError:
