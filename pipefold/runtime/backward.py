@@ -152,10 +152,7 @@ def backward_input(
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups = _plan_groups(roots, root_grads, [inputs[i] for i in wanted], params)
-    if direct:
-        for group in groups:
-            group.direct = _match_direct(group)
+    groups = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
     state = WeightGradState(groups, _disjoint=_groups_are_disjoint(groups))
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
@@ -220,7 +217,7 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
             handle.remove()
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
 class _Direct:
     """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
     compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
@@ -253,8 +250,9 @@ _node_names: dict[type, str | None] = {}
 """Node class -> its name when it is one `_match_direct` knows (name() builds a string per call)."""
 
 
-def _match_direct(group: _Group) -> _Direct | None:
-    """The direct form of `group`, when its structure is one plain linear or layer norm."""
+def _match_direct(group: _Group, *, check_hooks: bool = True) -> _Direct | None:
+    """The direct form of `group`, when its structure is one plain linear or layer norm (and,
+    with `check_hooks`, no hook sits on its parameters' gradient accumulation)."""
     if len(group.frontiers) != 1 or group.output_seeds:
         return None
     node = group.frontiers[0].node
@@ -267,7 +265,7 @@ def _match_direct(group: _Group) -> _Direct | None:
     params = {id(p): p for p in group.params}
     edges = node.next_functions
     if name == "CompiledFunctionBackward":
-        return _match_compiled(group, node, params)
+        return _match_compiled(group, node, params, check_hooks=check_hooks)
     weight: Tensor | None
     bias: Tensor | None = None
     if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
@@ -291,13 +289,14 @@ def _match_direct(group: _Group) -> _Direct | None:
     found = [p for p in (weight, bias) if p is not None]
     if not found or len(found) != len(group.params) or {id(p) for p in found} != set(params):
         return None
-    for param in found:
-        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
-            return None
+    if check_hooks and any(_has_hooks(param) for param in found):
+        return None
     return _Direct(kind, node, weight, bias)
 
 
-def _match_compiled(group: _Group, node: Node, params: dict[int, Tensor]) -> _Direct | None:
+def _match_compiled(
+    group: _Group, node: Node, params: dict[int, Tensor], *, check_hooks: bool = True
+) -> _Direct | None:
     """A torch.compile graph (one autograd node, AOTAutograd's `CompiledFunctionBackward`)
     whose edges lead straight to the group's parameters.
 
@@ -316,9 +315,8 @@ def _match_compiled(group: _Group, node: Node, params: dict[int, Tensor]) -> _Di
             slots.append((index, param))
     if {id(param) for _, param in slots} != set(params):
         return None
-    for param in group.params:
-        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
-            return None
+    if check_hooks and any(_has_hooks(param) for param in group.params):
+        return None
     return _Direct("compiled", node, None, None, tuple(slots))
 
 
@@ -540,6 +538,156 @@ def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
             )
         wanted.append(index)
     return wanted
+
+
+@dataclass(frozen=True)
+class _PlanShape:
+    """`_plan_groups` and `_match_direct`'s answer for one graph shape, as positions: nodes by
+    their index in `_graph_shape`'s walk, parameters by their index in `params`, output seeds
+    by the index of their root. It holds no node or tensor."""
+
+    groups: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], ...]
+    """Per group: (parameter positions, frontier node indices, root indices, num_nodes)."""
+    directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
+    """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
+    (output index, parameter position)), or None where `_match_direct` found no direct form."""
+
+
+_plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
+"""Graph shape (`_graph_shape`'s key) -> its plan: every micro-batch of a stage builds a new
+graph of the same shape, and planning it anew (two upward walks, a union-find and the direct
+matching) cost a third of `I` on a small stage."""
+_MAX_PLAN_SHAPES = 256
+_is_leaf_node: dict[type, bool] = {}
+"""Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
+
+
+def _graph_shape(
+    roots: Sequence[Tensor], inputs: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
+    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per node
+    in walk order, its class, the walk indices of its children and, for a leaf, which input or
+    parameter it holds; two graphs with equal keys are the same graph up to the node objects,
+    so `_plan_groups` (a function of exactly that) plans them alike."""
+    param_at = {id(p): i for i, p in enumerate(params)}
+    input_at = {id(t): i for i, t in enumerate(inputs)}
+    edges = [get_gradient_edge(root) for root in roots]
+    index: dict[Node, int] = {}
+    nodes: list[Node] = []
+    key: list[object] = []
+    for edge in edges:
+        if edge.node not in index:
+            index[edge.node] = len(nodes)
+            nodes.append(edge.node)
+        key.append((index[edge.node], edge.output_nr))
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        position += 1
+        children: list[int] = []
+        for child, _ in node.next_functions:
+            if child is None:
+                children.append(-1)
+                continue
+            at = index.get(child)
+            if at is None:
+                at = index[child] = len(nodes)
+                nodes.append(child)
+            children.append(at)
+        node_type = type(node)
+        leaf = _is_leaf_node.get(node_type)
+        if leaf is None:
+            leaf = _is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
+        held: object = None
+        if leaf:
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                held = ("param", param_at[id(variable)]) if id(variable) in param_at else (
+                    ("input", input_at[id(variable)]) if id(variable) in input_at else "other"
+                )
+        key.append((node_type, tuple(children), held))
+    return tuple(key), nodes, edges
+
+
+def _planned_groups(
+    roots: Sequence[Tensor],
+    root_grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    direct: bool,
+) -> list[_Group]:
+    """`_plan_groups` (with `_match_direct` on each group when `direct`), planned once per
+    graph shape and rebuilt from positions for every later graph of that shape."""
+    key, nodes, edges = _graph_shape(roots, inputs, params)
+    shape = _plan_shapes.get(key)
+    if shape is None:
+        groups = _plan_groups(roots, root_grads, inputs, params)
+        shape = _shape_of(groups, nodes, edges, params)
+        if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
+            _plan_shapes.pop(next(iter(_plan_shapes)))
+        _plan_shapes[key] = shape
+    groups = []
+    for (param_positions, frontier_indices, root_indices, num_nodes), found in zip(
+        shape.groups, shape.directs, strict=True
+    ):
+        group = _Group(
+            [params[i] for i in param_positions],
+            [_Frontier(nodes[i]) for i in frontier_indices],
+            [(edges[i], root_grads[i]) for i in root_indices],
+            num_nodes=num_nodes,
+        )
+        if direct and found is not None and not any(_has_hooks(p) for p in group.params):
+            kind, node_index, weight, bias, slots = found
+            group.direct = _Direct(
+                kind,
+                nodes[node_index],
+                params[weight] if weight >= 0 else None,
+                params[bias] if bias >= 0 else None,
+                tuple((output, params[i]) for output, i in slots),
+            )
+        groups.append(group)
+    return groups
+
+
+def _shape_of(
+    groups: Sequence[_Group], nodes: Sequence[Node], edges: Sequence[GradientEdge], params: Sequence[Tensor]
+) -> _PlanShape:
+    """`groups` (planned on the graph `nodes` walks) as positions, with each one's direct form
+    as `_match_direct` finds it ignoring hooks (checked per call: they may come and go)."""
+    node_at = {node: i for i, node in enumerate(nodes)}
+    param_at = {id(p): i for i, p in enumerate(params)}
+    shaped = []
+    directs: list[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None] = []
+    for group in groups:
+        # A group's output seeds are every root whose node is in the group.
+        seed_nodes = {edge.node for edge, _ in group.output_seeds}
+        shaped.append(
+            (
+                tuple(param_at[id(p)] for p in group.params),
+                tuple(node_at[f.node] for f in group.frontiers),
+                tuple(i for i, edge in enumerate(edges) if edge.node in seed_nodes),
+                group.num_nodes,
+            )
+        )
+        found = _match_direct(group, check_hooks=False)
+        directs.append(
+            None
+            if found is None
+            else (
+                found.kind,
+                node_at[found.node],
+                -1 if found.weight is None else param_at[id(found.weight)],
+                -1 if found.bias is None else param_at[id(found.bias)],
+                tuple((output, param_at[id(param)]) for output, param in found.slots),
+            )
+        )
+    return _PlanShape(tuple(shaped), tuple(directs))
+
+
+def _has_hooks(param: Tensor) -> bool:
+    """Hooks on `param`'s gradient accumulation, which only autograd's path runs."""
+    return bool(param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None))
 
 
 def _plan_groups(
