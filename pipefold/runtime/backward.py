@@ -49,6 +49,9 @@ class _Frontier:
     computed: Grads | None = None
     """The weight gradients a compiled node computed during `I` (its outputs at the group's
     parameter edges, see `_Direct.slots`); None until it ran."""
+    num_outputs: int = 0
+    """Outputs of `node`'s forward (gradients it receives); 0 where torch does not say, and
+    `I` then keeps its gradients with a Python hook instead of asking the engine for them."""
 
 
 @dataclass(eq=False)
@@ -157,27 +160,40 @@ def backward_input(
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
         return tuple(result), state
-    clock = itertools.count()
-    handles = [
-        frontier.node.register_prehook(_keeper(frontier, clock))
-        for group in groups
-        for frontier in group.frontiers
-    ]
+    frontiers = [frontier for group in groups for frontier in group.frontiers]
+    # The engine hands back the gradients arriving at each frontier node when asked for its
+    # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
+    # removed per micro-batch) cost a tenth of I on a small stage. It runs no other node:
+    # the frontier nodes are in the input closure, which the engine runs anyway.
+    captured = all(frontier.num_outputs > 0 for frontier in frontiers)
+    edges = (
+        [GradientEdge(f.node, k) for f in frontiers for k in range(f.num_outputs)] if captured else []
+    )
+    handles: list[RemovableHandle] = []
+    if not captured:
+        clock = itertools.count()
+        handles = [frontier.node.register_prehook(_keeper(frontier, clock)) for frontier in frontiers]
     for group in groups:
         if group.direct is not None and group.direct.kind == "compiled":
             frontier = group.frontiers[0]
             handles.append(frontier.node.register_hook(_collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
-            roots, root_grads, [inputs[i] for i in wanted], retain_graph=True, accumulate_grad=False
+            roots, root_grads, [*(inputs[i] for i in wanted), *edges], retain_graph=True, accumulate_grad=False
         )
     finally:
         for handle in handles:
             handle.remove()
-    for i, grad in zip(wanted, grads, strict=True):
+    for i, grad in zip(wanted, grads[: len(wanted)], strict=True):
         result[i] = grad
+    if captured:
+        at = len(wanted)
+        for frontier in frontiers:
+            frontier.grads = tuple(grads[at : at + frontier.num_outputs])
+            at += frontier.num_outputs
     # W takes the groups whose gradients I kept last first: those are likeliest still in
-    # cache, and the activations there were the last I touched.
+    # cache, and the activations there were the last I touched. (Captured, a frontier's
+    # `order` is its node's place in the walk from the outputs, which the engine follows.)
     state._groups.sort(key=lambda group: max((f.order for f in group.frontiers), default=-1), reverse=True)
     return tuple(result), state
 
@@ -446,7 +462,7 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
 def _run_engine(
     roots: Sequence[Tensor | GradientEdge],
     grads: Sequence[Tensor],
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Tensor | GradientEdge],
     *,
     retain_graph: bool,
     accumulate_grad: bool,
@@ -464,14 +480,18 @@ def _run_engine(
     if _engine_run_backward is None or torch.overrides.has_torch_function(
         tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
     ):
-        public_roots: Any = list(roots)  # a mix of tensors and edges, which both functions accept
+        # Mixes of tensors and edges, which both functions accept.
+        public_roots: Any = list(roots)
+        public_inputs: Any = list(inputs)
         if accumulate_grad:
             torch.autograd.backward(
-                public_roots, list(grads), retain_graph=retain_graph, inputs=list(inputs) or None
+                public_roots, list(grads), retain_graph=retain_graph, inputs=public_inputs or None
             )
             return ()
-        return torch.autograd.grad(
-            public_roots, list(inputs), list(grads), retain_graph=retain_graph, allow_unused=True
+        return tuple(
+            torch.autograd.grad(
+                public_roots, public_inputs, list(grads), retain_graph=retain_graph, allow_unused=True
+            )
         )
     return _engine_run_backward(
         tuple(roots),
@@ -554,6 +574,8 @@ class _PlanShape:
 
     groups: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], ...]
     """Per group: (parameter positions, frontier node indices, root indices, num_nodes)."""
+    num_outputs: tuple[tuple[int, ...], ...]
+    """Per group, per frontier: `_Frontier.num_outputs`."""
     directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
     """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
     (output index, parameter position)), or None where `_match_direct` found no direct form."""
@@ -634,12 +656,15 @@ def _planned_groups(
             _plan_shapes.pop(next(iter(_plan_shapes)))
         _plan_shapes[key] = shape
     groups = []
-    for (param_positions, frontier_indices, root_indices, num_nodes), found in zip(
-        shape.groups, shape.directs, strict=True
+    for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
+        shape.groups, shape.directs, shape.num_outputs, strict=True
     ):
         group = _Group(
             [params[i] for i in param_positions],
-            [_Frontier(nodes[i]) for i in frontier_indices],
+            [
+                _Frontier(nodes[i], order=i, num_outputs=n)
+                for i, n in zip(frontier_indices, num_outputs, strict=True)
+            ],
             [(edges[i], root_grads[i]) for i in root_indices],
             num_nodes=num_nodes,
         )
@@ -688,7 +713,14 @@ def _shape_of(
                 tuple((output, param_at[id(param)]) for output, param in found.slots),
             )
         )
-    return _PlanShape(tuple(shaped), tuple(directs))
+    num_outputs = tuple(tuple(_num_outputs(f.node) for f in group.frontiers) for group in groups)
+    return _PlanShape(tuple(shaped), num_outputs, tuple(directs))
+
+
+def _num_outputs(node: Node) -> int:
+    """How many gradients `node` receives (its forward's outputs); 0 where torch does not say."""
+    metadata = getattr(node, "_input_metadata", None)
+    return len(metadata) if metadata is not None else 0
 
 
 def _has_hooks(param: Tensor) -> bool:
