@@ -8,7 +8,9 @@ this checkout and of `--baseline` alternately; prints the median µs per message
 the median ratio. Two more rows price a zero-copy receive on this checkout's channel: the
 executor's receive as it is (a fresh buffer per message, then the copy out of the shared
 page), against handing the consumer the shared page's view itself (no buffer, no copy). No second process, so it measures the channel's own Python and tensor
-work, not a wake-up or the cache lines crossing cores.
+work, not a wake-up or the cache lines crossing cores. The last rows time one check of a
+waiting receiver's polling loop (a message not yet published), each checkout's as its
+`_ShmReceive.wait` builds it: the latency a wake-up may add.
 """
 
 from __future__ import annotations
@@ -89,17 +91,32 @@ def main(argv: list[str] | None = None) -> int:
     runs["new, receive into a fresh buffer (the executor's receive)"] = receive_allocating
     runs["new, zero-copy receive (the shared page's view)"] = receive_zero_copy
     timings: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(args.rounds):
+        for label, run in runs.items():
+            best = min(timeit.repeat(run, number=20, repeat=3))
+            timings[label].append(best / 20 / args.messages * 1e6)
+    polls: dict[str, list[float]] = {label: [] for label in channels}
     try:
         for _ in range(args.rounds):
-            for label, run in runs.items():
-                best = min(timeit.repeat(run, number=20, repeat=3))
-                timings[label].append(best / 20 / args.messages * 1e6)
+            for label, (_, receiver) in channels.items():
+                pending = receiver.sequence + 10**9
+                check = (
+                    receiver.ready_check(pending)
+                    if hasattr(receiver, "ready_check")
+                    else (lambda receiver=receiver, pending=pending: receiver.ready(pending))
+                )
+                polls[label].append(min(timeit.repeat(check, number=100_000, repeat=3)) / 100_000 * 1e9)
     finally:
         for sender, receiver in channels.values():
             sender.close()
             receiver.close()
     for label, values in timings.items():
         print(f"{label}: {statistics.median(values):.2f} µs per message (send, claim, read)")
+    for label, values in polls.items():
+        print(f"{label}: {statistics.median(values):.0f} ns per poll check of a waiting receive")
+    if "base" in polls:
+        ratio = statistics.median(b / n for b, n in zip(polls["base"], polls["new"], strict=True))
+        print(f"poll check, base / new: {ratio:.2f}")
     if "base" in timings:
         ratio = statistics.median(b / n for b, n in zip(timings["base"], timings["new"], strict=True))
         print(f"base / new: {ratio:.2f}")

@@ -49,6 +49,9 @@ class _Frontier:
     computed: Grads | None = None
     """The weight gradients a compiled node computed during `I` (its outputs at the group's
     parameter edges, see `_Direct.slots`); None until it ran."""
+    num_outputs: int = 0
+    """Outputs of `node`'s forward (gradients it receives); 0 where torch does not say, and
+    `I` then keeps its gradients with a Python hook instead of asking the engine for them."""
 
 
 @dataclass(eq=False)
@@ -152,35 +155,45 @@ def backward_input(
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups = _plan_groups(roots, root_grads, [inputs[i] for i in wanted], params)
-    if direct:
-        for group in groups:
-            group.direct = _match_direct(group)
+    groups = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
     state = WeightGradState(groups, _disjoint=_groups_are_disjoint(groups))
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
         return tuple(result), state
-    clock = itertools.count()
-    handles = [
-        frontier.node.register_prehook(_keeper(frontier, clock))
-        for group in groups
-        for frontier in group.frontiers
-    ]
+    frontiers = [frontier for group in groups for frontier in group.frontiers]
+    # The engine hands back the gradients arriving at each frontier node when asked for its
+    # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
+    # removed per micro-batch) cost a tenth of I on a small stage. It runs no other node:
+    # the frontier nodes are in the input closure, which the engine runs anyway.
+    captured = all(frontier.num_outputs > 0 for frontier in frontiers)
+    edges = (
+        [GradientEdge(f.node, k) for f in frontiers for k in range(f.num_outputs)] if captured else []
+    )
+    handles: list[RemovableHandle] = []
+    if not captured:
+        clock = itertools.count()
+        handles = [frontier.node.register_prehook(_keeper(frontier, clock)) for frontier in frontiers]
     for group in groups:
         if group.direct is not None and group.direct.kind == "compiled":
             frontier = group.frontiers[0]
             handles.append(frontier.node.register_hook(_collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
-            roots, root_grads, [inputs[i] for i in wanted], retain_graph=True, accumulate_grad=False
+            roots, root_grads, [*(inputs[i] for i in wanted), *edges], retain_graph=True, accumulate_grad=False
         )
     finally:
         for handle in handles:
             handle.remove()
-    for i, grad in zip(wanted, grads, strict=True):
+    for i, grad in zip(wanted, grads[: len(wanted)], strict=True):
         result[i] = grad
+    if captured:
+        at = len(wanted)
+        for frontier in frontiers:
+            frontier.grads = tuple(grads[at : at + frontier.num_outputs])
+            at += frontier.num_outputs
     # W takes the groups whose gradients I kept last first: those are likeliest still in
-    # cache, and the activations there were the last I touched.
+    # cache, and the activations there were the last I touched. (Captured, a frontier's
+    # `order` is its node's place in the walk from the outputs, which the engine follows.)
     state._groups.sort(key=lambda group: max((f.order for f in group.frontiers), default=-1), reverse=True)
     return tuple(result), state
 
@@ -205,8 +218,17 @@ def backward_weight(state: WeightGradState) -> None:
 
 
 def _run_group(group: _Group, retain_graph: bool) -> None:
-    if group.direct is not None and _accumulate_direct(group.direct, group.frontiers[0]):
-        return
+    if group.direct is not None:
+        # What `torch.no_grad()` switches, without its context object: that costs 4-10 µs a
+        # use on a loaded CPU, and W makes one per group.
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            done = _accumulate_direct(group.direct, group.frontiers[0])
+        finally:
+            torch._C._set_grad_enabled(enabled)
+        if done:
+            return
     edges, grads = group.seeds()
     if not edges:
         return
@@ -220,7 +242,7 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
             handle.remove()
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
 class _Direct:
     """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
     compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
@@ -253,8 +275,9 @@ _node_names: dict[type, str | None] = {}
 """Node class -> its name when it is one `_match_direct` knows (name() builds a string per call)."""
 
 
-def _match_direct(group: _Group) -> _Direct | None:
-    """The direct form of `group`, when its structure is one plain linear or layer norm."""
+def _match_direct(group: _Group, *, check_hooks: bool = True) -> _Direct | None:
+    """The direct form of `group`, when its structure is one plain linear or layer norm (and,
+    with `check_hooks`, no hook sits on its parameters' gradient accumulation)."""
     if len(group.frontiers) != 1 or group.output_seeds:
         return None
     node = group.frontiers[0].node
@@ -267,7 +290,7 @@ def _match_direct(group: _Group) -> _Direct | None:
     params = {id(p): p for p in group.params}
     edges = node.next_functions
     if name == "CompiledFunctionBackward":
-        return _match_compiled(group, node, params)
+        return _match_compiled(group, node, params, check_hooks=check_hooks)
     weight: Tensor | None
     bias: Tensor | None = None
     if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
@@ -291,13 +314,14 @@ def _match_direct(group: _Group) -> _Direct | None:
     found = [p for p in (weight, bias) if p is not None]
     if not found or len(found) != len(group.params) or {id(p) for p in found} != set(params):
         return None
-    for param in found:
-        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
-            return None
+    if check_hooks and any(_has_hooks(param) for param in found):
+        return None
     return _Direct(kind, node, weight, bias)
 
 
-def _match_compiled(group: _Group, node: Node, params: dict[int, Tensor]) -> _Direct | None:
+def _match_compiled(
+    group: _Group, node: Node, params: dict[int, Tensor], *, check_hooks: bool = True
+) -> _Direct | None:
     """A torch.compile graph (one autograd node, AOTAutograd's `CompiledFunctionBackward`)
     whose edges lead straight to the group's parameters.
 
@@ -316,9 +340,8 @@ def _match_compiled(group: _Group, node: Node, params: dict[int, Tensor]) -> _Di
             slots.append((index, param))
     if {id(param) for _, param in slots} != set(params):
         return None
-    for param in group.params:
-        if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
-            return None
+    if check_hooks and any(_has_hooks(param) for param in group.params):
+        return None
     return _Direct("compiled", node, None, None, tuple(slots))
 
 
@@ -332,10 +355,9 @@ def _accumulate_computed(direct: _Direct, frontier: _Frontier) -> bool:
         assert grad is not None
         if not (_plain(param, grad.dtype) and _grad_slot_ok(param)) or grad.shape != param.shape:
             return False
-    with torch.no_grad():
-        for (_, param), grad in zip(direct.slots, computed, strict=True):
-            assert grad is not None
-            _accumulate(param, grad)
+    for (_, param), grad in zip(direct.slots, computed, strict=True):
+        assert grad is not None
+        _accumulate(param, grad)
     frontier.computed = None
     return True
 
@@ -367,8 +389,8 @@ def _grad_slot_ok(param: Tensor) -> bool:
 
 
 def _accumulate_direct(direct: _Direct, frontier: _Frontier) -> bool:
-    """Accumulate the group's weight gradients without autograd; False (nothing done)
-    when a runtime condition fails and the autograd path must run instead."""
+    """Accumulate the group's weight gradients without autograd (called with grad mode off);
+    False (nothing done) when a runtime condition fails and the autograd path must run instead."""
     if direct.kind == "compiled":
         return _accumulate_computed(direct, frontier)
     grads = frontier.grads
@@ -396,16 +418,15 @@ def _accumulate_direct(direct: _Direct, frontier: _Frontier) -> bool:
         or (bias is not None and tuple(bias.shape) != (grad.shape[1],))
     ):
         return False
-    with torch.no_grad():
-        if weight is not None:
-            # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
-            # transposed back), accumulated inside the GEMM.
-            if weight.grad is None:
-                weight.grad = torch.mm(grad.t(), saved_input)
-            else:
-                weight.grad.addmm_(grad.t(), saved_input)
-        if bias is not None:
-            _accumulate(bias, grad.sum(0))
+    if weight is not None:
+        # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
+        # transposed back), accumulated inside the GEMM.
+        if weight.grad is None:
+            weight.grad = torch.mm(grad.t(), saved_input)
+        else:
+            weight.grad.addmm_(grad.t(), saved_input)
+    if bias is not None:
+        _accumulate(bias, grad.sum(0))
     return True
 
 
@@ -413,21 +434,20 @@ def _layer_norm_direct(direct: _Direct, node: Node, grad: Tensor) -> bool:
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
         return False
-    with torch.no_grad():
-        _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
-            grad,
-            saved_input,
-            list(node._saved_normalized_shape),  # type: ignore[attr-defined]
-            node._saved_result1,  # type: ignore[attr-defined]
-            node._saved_result2,  # type: ignore[attr-defined]
-            node._saved_weight,  # type: ignore[attr-defined]
-            node._saved_bias,  # type: ignore[attr-defined]
-            [False, direct.weight is not None, direct.bias is not None],
-        )
-        if direct.weight is not None:
-            _accumulate(direct.weight, weight_grad)
-        if direct.bias is not None:
-            _accumulate(direct.bias, bias_grad)
+    _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
+        grad,
+        saved_input,
+        list(node._saved_normalized_shape),  # type: ignore[attr-defined]
+        node._saved_result1,  # type: ignore[attr-defined]
+        node._saved_result2,  # type: ignore[attr-defined]
+        node._saved_weight,  # type: ignore[attr-defined]
+        node._saved_bias,  # type: ignore[attr-defined]
+        [False, direct.weight is not None, direct.bias is not None],
+    )
+    if direct.weight is not None:
+        _accumulate(direct.weight, weight_grad)
+    if direct.bias is not None:
+        _accumulate(direct.bias, bias_grad)
     return True
 
 
@@ -442,7 +462,7 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
 def _run_engine(
     roots: Sequence[Tensor | GradientEdge],
     grads: Sequence[Tensor],
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Tensor | GradientEdge],
     *,
     retain_graph: bool,
     accumulate_grad: bool,
@@ -460,14 +480,18 @@ def _run_engine(
     if _engine_run_backward is None or torch.overrides.has_torch_function(
         tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
     ):
-        public_roots: Any = list(roots)  # a mix of tensors and edges, which both functions accept
+        # Mixes of tensors and edges, which both functions accept.
+        public_roots: Any = list(roots)
+        public_inputs: Any = list(inputs)
         if accumulate_grad:
             torch.autograd.backward(
-                public_roots, list(grads), retain_graph=retain_graph, inputs=list(inputs) or None
+                public_roots, list(grads), retain_graph=retain_graph, inputs=public_inputs or None
             )
             return ()
-        return torch.autograd.grad(
-            public_roots, list(inputs), list(grads), retain_graph=retain_graph, allow_unused=True
+        return tuple(
+            torch.autograd.grad(
+                public_roots, public_inputs, list(grads), retain_graph=retain_graph, allow_unused=True
+            )
         )
     return _engine_run_backward(
         tuple(roots),
@@ -540,6 +564,168 @@ def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
             )
         wanted.append(index)
     return wanted
+
+
+@dataclass(frozen=True)
+class _PlanShape:
+    """`_plan_groups` and `_match_direct`'s answer for one graph shape, as positions: nodes by
+    their index in `_graph_shape`'s walk, parameters by their index in `params`, output seeds
+    by the index of their root. It holds no node or tensor."""
+
+    groups: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], ...]
+    """Per group: (parameter positions, frontier node indices, root indices, num_nodes)."""
+    num_outputs: tuple[tuple[int, ...], ...]
+    """Per group, per frontier: `_Frontier.num_outputs`."""
+    directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
+    """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
+    (output index, parameter position)), or None where `_match_direct` found no direct form."""
+
+
+_plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
+"""Graph shape (`_graph_shape`'s key) -> its plan: every micro-batch of a stage builds a new
+graph of the same shape, and planning it anew (two upward walks, a union-find and the direct
+matching) cost a third of `I` on a small stage."""
+_MAX_PLAN_SHAPES = 256
+_is_leaf_node: dict[type, bool] = {}
+"""Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
+
+
+def _graph_shape(
+    roots: Sequence[Tensor], inputs: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
+    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per node
+    in walk order, its class, the walk indices of its children and, for a leaf, which input or
+    parameter it holds; two graphs with equal keys are the same graph up to the node objects,
+    so `_plan_groups` (a function of exactly that) plans them alike."""
+    param_at = {id(p): i for i, p in enumerate(params)}
+    input_at = {id(t): i for i, t in enumerate(inputs)}
+    edges = [get_gradient_edge(root) for root in roots]
+    index: dict[Node, int] = {}
+    nodes: list[Node] = []
+    key: list[object] = []
+    for edge in edges:
+        if edge.node not in index:
+            index[edge.node] = len(nodes)
+            nodes.append(edge.node)
+        key.append((index[edge.node], edge.output_nr))
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        position += 1
+        children: list[int] = []
+        for child, _ in node.next_functions:
+            if child is None:
+                children.append(-1)
+                continue
+            at = index.get(child)
+            if at is None:
+                at = index[child] = len(nodes)
+                nodes.append(child)
+            children.append(at)
+        node_type = type(node)
+        leaf = _is_leaf_node.get(node_type)
+        if leaf is None:
+            leaf = _is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
+        held: object = None
+        if leaf:
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                held = ("param", param_at[id(variable)]) if id(variable) in param_at else (
+                    ("input", input_at[id(variable)]) if id(variable) in input_at else "other"
+                )
+        key.append((node_type, tuple(children), held))
+    return tuple(key), nodes, edges
+
+
+def _planned_groups(
+    roots: Sequence[Tensor],
+    root_grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    direct: bool,
+) -> list[_Group]:
+    """`_plan_groups` (with `_match_direct` on each group when `direct`), planned once per
+    graph shape and rebuilt from positions for every later graph of that shape."""
+    key, nodes, edges = _graph_shape(roots, inputs, params)
+    shape = _plan_shapes.get(key)
+    if shape is None:
+        groups = _plan_groups(roots, root_grads, inputs, params)
+        shape = _shape_of(groups, nodes, edges, params)
+        if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
+            _plan_shapes.pop(next(iter(_plan_shapes)))
+        _plan_shapes[key] = shape
+    groups = []
+    for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
+        shape.groups, shape.directs, shape.num_outputs, strict=True
+    ):
+        group = _Group(
+            [params[i] for i in param_positions],
+            [
+                _Frontier(nodes[i], order=i, num_outputs=n)
+                for i, n in zip(frontier_indices, num_outputs, strict=True)
+            ],
+            [(edges[i], root_grads[i]) for i in root_indices],
+            num_nodes=num_nodes,
+        )
+        if direct and found is not None and not any(_has_hooks(p) for p in group.params):
+            kind, node_index, weight, bias, slots = found
+            group.direct = _Direct(
+                kind,
+                nodes[node_index],
+                params[weight] if weight >= 0 else None,
+                params[bias] if bias >= 0 else None,
+                tuple((output, params[i]) for output, i in slots),
+            )
+        groups.append(group)
+    return groups
+
+
+def _shape_of(
+    groups: Sequence[_Group], nodes: Sequence[Node], edges: Sequence[GradientEdge], params: Sequence[Tensor]
+) -> _PlanShape:
+    """`groups` (planned on the graph `nodes` walks) as positions, with each one's direct form
+    as `_match_direct` finds it ignoring hooks (checked per call: they may come and go)."""
+    node_at = {node: i for i, node in enumerate(nodes)}
+    param_at = {id(p): i for i, p in enumerate(params)}
+    shaped = []
+    directs: list[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None] = []
+    for group in groups:
+        # A group's output seeds are every root whose node is in the group.
+        seed_nodes = {edge.node for edge, _ in group.output_seeds}
+        shaped.append(
+            (
+                tuple(param_at[id(p)] for p in group.params),
+                tuple(node_at[f.node] for f in group.frontiers),
+                tuple(i for i, edge in enumerate(edges) if edge.node in seed_nodes),
+                group.num_nodes,
+            )
+        )
+        found = _match_direct(group, check_hooks=False)
+        directs.append(
+            None
+            if found is None
+            else (
+                found.kind,
+                node_at[found.node],
+                -1 if found.weight is None else param_at[id(found.weight)],
+                -1 if found.bias is None else param_at[id(found.bias)],
+                tuple((output, param_at[id(param)]) for output, param in found.slots),
+            )
+        )
+    num_outputs = tuple(tuple(_num_outputs(f.node) for f in group.frontiers) for group in groups)
+    return _PlanShape(tuple(shaped), num_outputs, tuple(directs))
+
+
+def _num_outputs(node: Node) -> int:
+    """How many gradients `node` receives (its forward's outputs); 0 where torch does not say."""
+    metadata = getattr(node, "_input_metadata", None)
+    return len(metadata) if metadata is not None else 0
+
+
+def _has_hooks(param: Tensor) -> bool:
+    """Hooks on `param`'s gradient accumulation, which only autograd's path runs."""
+    return bool(param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None))
 
 
 def _plan_groups(

@@ -43,6 +43,9 @@ __all__ = ["Executor", "StepInputs", "StepRecord"]
 
 LossFn = Callable[[Any, Any], Tensor]
 Grads = tuple[Tensor | None, ...]
+Stamp = tuple[Action, float, float]
+"""(action, start, end), seconds from the step's start: an `Event` or `Wait` not yet built
+(building one, a frozen dataclass, cost more than the action's two clock reads)."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,22 @@ class StepRecord:
 
     losses: Tensor
     """Per micro-batch scaled loss (float64); zeros unless this rank owns the last stage."""
-    events: tuple[Event, ...]
-    waits: tuple[Wait, ...]
+    event_stamps: tuple[Stamp, ...]
+    """Each compute action that ran, with its start and end."""
+    wait_stamps: tuple[Stamp, ...]
+    """Each wait, with the action it held up."""
     activation_bytes_peak: int
     origin: float = 0.0
     """`time.perf_counter()` at the step's start on this rank; event times are relative to it."""
+    rank: int = 0
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(Event(self.rank, action, start, end) for action, start, end in self.event_stamps)
+
+    @property
+    def waits(self) -> tuple[Wait, ...]:
+        return tuple(Wait(self.rank, action, start, end) for action, start, end in self.wait_stamps)
 
 
 @dataclass(eq=False)
@@ -325,7 +339,7 @@ class Executor:
             start = time.perf_counter()
             wait(action.stage)
             end = self._ready_at = time.perf_counter()
-            self._waits.append(Wait(self.rank, action, start - self._t0, end - self._t0))
+            self._waits.append((action, start - self._t0, end - self._t0))
             handler(action)
 
         return run
@@ -352,8 +366,8 @@ class Executor:
         counter = self._run_counter = self._counter if count_memory else None
         if counter is not None:
             counter.reset_peak()
-        events: list[Event] = []
-        self._waits: list[Wait] = []
+        events: list[Stamp] = []
+        self._waits: list[Stamp] = []
         cuda = self._device.type == "cuda"
         cuda_marks: list[tuple[Action, torch.cuda.Event, torch.cuda.Event]] = []
         origin = torch.cuda.Event(enable_timing=True) if cuda else None  # type: ignore[no-untyped-call]
@@ -386,14 +400,14 @@ class Executor:
                     handler(action)
                     # A consumer first waits for its message (recorded as a Wait by
                     # _complete, which moves _ready_at); the compute event starts after it.
-                    events.append(Event(rank, action, self._ready_at - t0, clock() - t0))
+                    events.append((action, self._ready_at - t0, clock() - t0))
         self.current = None
         self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
             torch.cuda.synchronize(self._device)
             events = [
-                Event(rank, action, origin.elapsed_time(begin) / 1e3, origin.elapsed_time(end) / 1e3)
+                (action, origin.elapsed_time(begin) / 1e3, origin.elapsed_time(end) / 1e3)
                 for action, begin, end in cuda_marks
             ]
         losses = torch.zeros(self._num_microbatches, dtype=torch.float64, device=self._device)
@@ -402,7 +416,7 @@ class Executor:
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
-        return StepRecord(losses, tuple(events), waits, peak, t0)
+        return StepRecord(losses, tuple(events), waits, peak, t0, rank)
 
     def _reset(self, step: StepInputs | None) -> None:
         stages, mbs = self._num_stages, self._num_microbatches
@@ -454,7 +468,7 @@ class Executor:
         pending.transfer.wait(watchdog, pending.what)
         end = self._ready_at = time.perf_counter()
         p2p.after_recv()
-        self._waits.append(Wait(self.rank, consumer, start - self._t0, end - self._t0))
+        self._waits.append((consumer, start - self._t0, end - self._t0))
         return pending.value
 
     def _traffic(self, step: StepInputs) -> tuple[dict[int, int], dict[int, int]]:

@@ -48,6 +48,7 @@ class StepRecorder:
         self._partition = partition
         self._device_type = device_type
         self._shared_cores = shared_cores
+        self._host = host_code(socket.gethostname())
 
     def use(self, schedule: Schedule, slots: int) -> None:
         """Record steps of `schedule` (same layout) from now on (`Pipeline.use_schedule`)."""
@@ -56,18 +57,33 @@ class StepRecorder:
 
     def gather(self, record: StepRecord, weight_versions_peak: int) -> tuple[GatheredStep, Tensor]:
         """Every rank's measurements and the batch's per-micro-batch losses (summed over ranks)."""
-        mine = RankRecord(
-            events=record.events,
-            waits=record.waits,
+        host = self._host
+        if self._collectives is None:
+            return GatheredStep(
+                lambda: self.timeline(
+                    [
+                        RankRecord(
+                            events=record.events,
+                            waits=record.waits,
+                            activation_bytes_peak=record.activation_bytes_peak,
+                            weight_versions_peak=weight_versions_peak,
+                            origin=record.origin,
+                            host=host,
+                        )
+                    ]
+                )
+            ), record.losses
+        slots = self.slots
+        row = step_gather.pack_stamps(
+            record.event_stamps,
+            record.wait_stamps,
             activation_bytes_peak=record.activation_bytes_peak,
             weight_versions_peak=weight_versions_peak,
             origin=record.origin,
-            host=host_code(socket.gethostname()),
+            host=host,
+            losses=record.losses,
+            num_slots=slots,
         )
-        if self._collectives is None:
-            return GatheredStep(lambda: self.timeline([mine])), record.losses
-        slots = self.slots
-        row = step_gather.pack(mine, record.losses, slots)
         rows = self._collectives.all_gather(row, what="loss and timeline gather")
         losses = step_gather.losses_of(rows, slots, self.schedule.num_microbatches)
         return GatheredStep(lambda: self.timeline(step_gather.unpack(rows, slots))), losses

@@ -433,3 +433,70 @@ def test_direct_w_falls_back_when_the_gradient_slot_is_unusual(monkeypatch):
     assert len(calls) == 2  # I, and W for fc2's group
     for got, want in zip(_param_grads(module), expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class _Branching(nn.Module):
+    """Two graph shapes over the same parameters, picked by `wide` (as data-dependent control
+    flow would): the split backward's plan, cached per shape, must follow the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, D)
+        self.fc2 = nn.Linear(D, D)
+        self.wide = False
+
+    def forward(self, x):
+        h = self.fc1(self.norm(x))
+        return x + (self.fc2(torch.relu(h)) if self.wide else h)
+
+
+def test_split_plan_is_cached_per_graph_shape(monkeypatch):
+    torch.manual_seed(0)
+    module = _Branching()
+    x = torch.randn(4, D)
+    monkeypatch.setattr(backward_module, "_plan_shapes", {})
+    widths = [False, True, False, True, False]
+    expected = None
+    for mb, wide in enumerate(widths):
+        module.wide = wide
+        _, grads = _reference(module, (x,), seed=30 + mb)
+        expected = grads if expected is None else [e + g for e, g in zip(expected, grads, strict=True)]
+    module.zero_grad(set_to_none=True)
+    input_grads = []
+    for mb, wide in enumerate(widths):
+        module.wide = wide
+        inputs = _stage_inputs((x,))
+        outputs = _as_tuple(module(*inputs))
+        got, state = backward_input(outputs, _output_grads(outputs, 30 + mb), inputs, list(module.parameters()))
+        backward_weight(state)
+        input_grads.append(got[0])
+        torch.testing.assert_close(got[0], _reference(module, (x,), seed=30 + mb)[0])
+    assert len(backward_module._plan_shapes) == 2  # one plan per shape, reused
+    for got_grad, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got_grad, want)
+
+
+def test_hook_added_after_the_plan_is_cached_takes_autograds_path(monkeypatch):
+    """Hooks are checked per call, not cached with the graph's shape."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D)
+    params = list(module.parameters())
+    inputs = _stage_inputs((x,))
+    outputs = _as_tuple(module(*inputs))
+    _, state = backward_input(outputs, _output_grads(outputs, 5), inputs, params)
+    backward_weight(state)  # the shape's plan is cached now, fc1 direct
+    module.zero_grad(set_to_none=True)
+    _, expected = _reference(module, (x,), seed=6)
+    seen = []
+    module.fc1.weight.register_hook(lambda grad: seen.append(grad.clone()) or grad)
+    calls = _engine_calls(monkeypatch)
+    inputs = _stage_inputs((x,))
+    outputs = _as_tuple(module(*inputs))
+    _, state = backward_input(outputs, _output_grads(outputs, 6), inputs, params)
+    backward_weight(state)
+    assert len(calls) == 2 and len(seen) == 1  # I, and W through autograd for fc1's group
+    torch.testing.assert_close(seen[0], expected[0])
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -73,12 +73,13 @@ class _ShmReceive:
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         channel, sequence = self.channel, self.sequence
-        if channel.ready(sequence):  # already there: no wait to set up
+        ready = channel.ready_check(sequence)
+        if ready():  # already there: no wait to set up
             channel.read(sequence, self.buffers, self.offsets)
             return
         doorbell = channel.doorbell
         watchdog.wait_until(
-            lambda: channel.ready(sequence),
+            ready,
             what=what,
             peer=self.peer,
             peer_alive=self.peer_alive,

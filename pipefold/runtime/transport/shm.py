@@ -10,7 +10,7 @@ import os
 import platform
 import secrets
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,9 @@ class ShmChannel:
         self.capacity = capacity
         self.is_sender = is_sender
         self._header = np.frombuffer(file.map, dtype=np.int64, count=_HEADER_BYTES // 8)
+        # The same words as Python ints: a waiting receiver reads `published` in a loop, and
+        # indexing a memoryview is a third of a numpy element read plus `int()`.
+        self._words = memoryview(file.map)[:_HEADER_BYTES].cast("q")
         self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
         # (offset, dtype, shape) -> the data region there as that tensor: a message's slot is
         # the same every step, and slicing and viewing the region anew took three tensor
@@ -211,6 +214,7 @@ class ShmChannel:
         if not self._file.alive:
             return
         self._views.clear()
+        self._words.release()
         del self._data, self._header
         self._file.close()
 
@@ -271,7 +275,13 @@ class ShmChannel:
 
     def ready(self, sequence: int) -> bool:
         """Receiver: whether message number `sequence` (1-based) has been published."""
-        return int(self._header[_PUBLISHED]) >= sequence
+        return bool(self._words[_PUBLISHED] >= sequence)
+
+    def ready_check(self, sequence: int) -> Callable[[], bool]:
+        """Receiver: `ready(sequence)` as one call with nothing to look up, for a wait's
+        polling loop (each check's cost is latency added to the wake-up)."""
+        words = self._words
+        return lambda: words[_PUBLISHED] >= sequence  # type: ignore[no-any-return]
 
     def claim(self, buffers: Sequence[Tensor]) -> tuple[int, list[int], int]:
         """Receiver: reserve the next message's slots; returns (sequence, offsets, end)."""

@@ -1,0 +1,88 @@
+"""The split backward's own cost on a tiny stage, in one process: this checkout against another.
+
+    .venv/bin/python benchmarks/backward_entry.py --baseline /tmp/base    # e.g. git archive <commit>
+
+One stage of the per-action probe's `tiny` workload (4 residual MLP blocks, d=8, one sample),
+so autograd's arithmetic is nearly free and what remains is the Python around it: `I`
+(`backward_input`: plan the parameter groups, run the engine to the input), `W`
+(`backward_weight`) and, for scale, `B` (`backward_full`). Each repeat runs a fresh forward
+(not timed) and then one call; the checkouts' `pipefold/runtime/backward.py` alternate call by
+call, so a drifting machine hits both alike. Prints median µs per call and base / new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/backward_entry.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", type=Path, help="a checkout of another commit")
+    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--width", type=int, default=8)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from pipefold.model.zoo import ResidualMLP
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    relative = Path("pipefold/runtime/backward.py")
+    modules = {"new": _load(ROOT / relative, "backward_new")}
+    if args.baseline is not None:
+        modules["base"] = _load(args.baseline / relative, "backward_base")
+    stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
+    params = list(stage.parameters())
+    x = torch.randn(1, args.width)
+    grad = torch.randn(1, args.width)
+    clock = time.perf_counter
+    times: dict[str, dict[str, list[float]]] = {label: {"I": [], "W": [], "B": []} for label in modules}
+    for repeat in range(args.repeats):
+        for label, module in modules.items():
+            leaf = x.detach().requires_grad_()
+            out = stage(leaf)
+            start = clock()
+            _, state = module.backward_input((out,), (grad,), (leaf,), params)
+            middle = clock()
+            module.backward_weight(state)
+            end = clock()
+            leaf = x.detach().requires_grad_()
+            out = stage(leaf)
+            full_start = clock()
+            module.backward_full((out,), (grad,), (leaf,))
+            full_end = clock()
+            if repeat >= args.repeats // 10:  # the first tenth warms up
+                times[label]["I"].append(middle - start)
+                times[label]["W"].append(end - middle)
+                times[label]["B"].append(full_end - full_start)
+    for label, parts in times.items():
+        cells = ", ".join(f"{part} {statistics.median(values) * 1e6:.1f}" for part, values in parts.items())
+        print(f"{label}: µs per call: {cells}")
+    if "base" in times:
+        for part in ("I", "W", "B"):
+            ratio = statistics.median(times["base"][part]) / statistics.median(times["new"][part])
+            print(f"{part}: base / new {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
