@@ -36,7 +36,7 @@ def family_schedule(name: str, num_ranks: int, num_microbatches: int, num_virtua
     return entry.generate(num_ranks, num_microbatches, num_virtual)
 
 
-@functools.lru_cache(maxsize=8)  # tens of MB each at 64 ranks x 512 micro-batches
+@functools.lru_cache(maxsize=32)  # up to about 50 MB each (64 ranks x 2 stages x 512 micro-batches)
 def compiled_family(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> CompiledSchedule:
     """`family_schedule(...)` compiled for repeated timing (`pipefold.simulate.compiled`)."""
     return CompiledSchedule(family_schedule(name, num_ranks, num_microbatches, num_virtual))
