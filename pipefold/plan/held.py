@@ -109,15 +109,15 @@ def held_terms(
         room = float(headroom[rank])
         choices = {"none": [(False,) * len(stages)], "full": [(True,) * len(stages)]}.get(allowed)
         options: list[tuple[float, float, float]] = []
+        # Each stage's terms once, kept and recomputed: the subsets below only pick among them.
+        parts = [(per_stage(plain, s, room), per_stage(recomputed, s, room)) for s in stages]
         if choices is None and 2 ** len(stages) > _MAX_SUBSETS:
             # Each stage apart: the least busy time and the least held bytes need not come together.
-            parts = [(per_stage(plain, s, room), per_stage(recomputed, s, room)) for s in stages]
             options.append((sum(min(a[0], b[0]) for a, b in parts), sum(min(a[1], b[1]) for a, b in parts),
                             sum(min(a[2], b[2]) for a, b in parts)))
         else:
             for flags in choices or itertools.product((False, True), repeat=len(stages)):
-                terms = [per_stage(recomputed if flag else plain, s, room)
-                         for s, flag in zip(stages, flags, strict=True)]
+                terms = [part[1] if flag else part[0] for part, flag in zip(parts, flags, strict=True)]
                 options.append((sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms)))
         rows.append(options)
         first = stages[0] if stages == sorted(stages) else min(stages)

@@ -36,7 +36,7 @@ def family_schedule(name: str, num_ranks: int, num_microbatches: int, num_virtua
     return entry.generate(num_ranks, num_microbatches, num_virtual)
 
 
-@functools.lru_cache(maxsize=8)  # tens of MB each at 64 ranks x 512 micro-batches
+@functools.lru_cache(maxsize=32)  # up to about 50 MB each (64 ranks x 2 stages x 512 micro-batches)
 def compiled_family(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> CompiledSchedule:
     """`family_schedule(...)` compiled for repeated timing (`pipefold.simulate.compiled`)."""
     return CompiledSchedule(family_schedule(name, num_ranks, num_microbatches, num_virtual))
@@ -64,6 +64,12 @@ _ABSORBED = 1e-15
 """As `pipefold.simulate.compiled`: a duration below this share of the step could vanish in a sum."""
 
 
+_DELTAS: dict[Op, tuple[tuple[int, int], ...]] = {
+    Op.F: ((0, 1),), Op.B: ((0, -1),), Op.I: ((0, -1), (1, 1)), Op.W: ((1, -1),),
+}
+"""Per compute op, its changes to a rank's count vector: (0: activations held / 1: W inputs held, +-1)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
                 ) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
@@ -76,24 +82,27 @@ def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
         stages = sorted({action.stage for action in row})
         column = {stage: index for index, stage in enumerate(stages)}
         width = len(stages)
-        counts = [0] * (2 * width)
-        seen = {tuple(counts)}
+        # Each action's change to the count vector as one (column, +-1) entry (an I two), summed
+        # cumulatively with numpy: a Python tuple per action was most of this at 64 ranks.
+        rows_at: list[int] = []
+        columns: list[int] = []
+        deltas: list[int] = []
+        step = 0
         for action in row:
-            op = action.op
-            if op is Op.STEP:
+            delta = _DELTAS.get(action.op)
+            if delta is None:
                 continue
+            step += 1
             index = column[action.stage]
-            if op is Op.F:
-                counts[index] += 1
-            elif op is Op.B:
-                counts[index] -= 1
-            elif op is Op.I:
-                counts[index] -= 1
-                counts[width + index] += 1
-            elif op is Op.W:
-                counts[width + index] -= 1
-            seen.add(tuple(counts))
-        result.append((tuple(stages), np.array(sorted(seen), dtype=np.float64).reshape(len(seen), 2 * width)))
+            for offset, change in delta:
+                rows_at.append(step)
+                columns.append(index + offset * width)
+                deltas.append(change)
+        changes = np.zeros((step + 1, 2 * width), dtype=np.int64)
+        np.add.at(changes, (np.array(rows_at, dtype=np.intp), np.array(columns, dtype=np.intp)),
+                  np.array(deltas, dtype=np.int64))
+        seen = np.unique(np.cumsum(changes, axis=0), axis=0)
+        result.append((tuple(stages), seen.astype(np.float64).reshape(len(seen), 2 * width)))
     return tuple(result)
 
 

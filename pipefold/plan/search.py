@@ -190,10 +190,13 @@ class _Search:
                  placement: tuple[int, ...]) -> CostModel:
         """The stage costs of a configuration: the same for every family and m of one split, rows,
         partition and recompute (and on a mix of devices, stage speeds), so those without recompute
-        (most of them) are built once."""
+        (most of them) and those recomputing every stage (every memory-aware bound needs one) are
+        built once."""
         speeds = self.stage_speeds(degree, placement)
-        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds, speeds)
-        if not recompute and key in self._models:
+        every = len(recompute) == len(bounds) - 1 and recompute == tuple(range(len(bounds) - 1))
+        cached = not recompute or every
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, bounds, speeds, every)
+        if cached and key in self._models:
             return self._models[key]
         layout = StageLayout(bounds, config.microbatch_rows)
         links = self.links(degree)
@@ -201,7 +204,7 @@ class _Search:
             self.costs_at(degree, config.microbatch_rows, config.recompute_attention), layout, recompute,
             links.pipeline, self.cores(degree), links.pipeline_overrides, speeds,
         )
-        if not recompute:
+        if cached:
             self._models[key] = model
         return model
 

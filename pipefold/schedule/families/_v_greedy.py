@@ -23,11 +23,13 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
             f"down and up chunk); got cap={cap}"
         )
     num_stages = 2 * num_ranks
-    # (0 for F / 1 for I, stage, micro-batch) -> time its result is available. Keyed by plain
-    # tuples, not `Action`s: building and hashing actions for every probe dominated at 64 ranks.
-    finished: dict[tuple[int, int, int], int] = {}
+    num_mb = num_microbatches
+    never = 1 << 62
+    # Per (stage, micro-batch) at index stage * num_mb + mb, the time its F (its I) result is
+    # available, in flat lists: building and hashing keys for every probe dominated at 64 ranks.
+    f_done = [never] * (num_stages * num_mb)
+    i_done = [never] * (num_stages * num_mb)
     rows: list[list[Action]] = [[] for _ in range(num_ranks)]
-    busy_until = [0] * num_ranks
     next_f = [0] * num_stages
     next_i = [0] * num_stages
     pending_w: list[deque[Action]] = [deque() for _ in range(num_ranks)]
@@ -35,61 +37,58 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
     reserved = [0] * num_ranks
     remaining = 3 * num_stages * num_microbatches
     last = num_stages - 1
-
-    def forward_ready(stage: int, mb: int, now: int) -> bool:
-        if mb >= num_microbatches:
-            return False
-        return stage == 0 or finished.get((0, stage - 1, mb), now + 1) <= now
+    f_op, i_op, w_op = Op.F, Op.I, Op.W
 
     def input_grad_ready(stage: int, mb: int, now: int) -> bool:
-        if mb >= num_microbatches or finished.get((0, stage, mb), now + 1) > now:
+        if mb >= num_mb or f_done[stage * num_mb + mb] > now:
             return False
-        return stage == last or finished.get((1, stage + 1, mb), now + 1) <= now
-
-    def pick(rank: int, now: int) -> Action | None:
-        down, up = rank, last - rank
-        best: tuple[int, int] | None = None  # (micro-batch, -stage): the earliest, then the later stage
-        for stage in (down, up):
-            mb = next_i[stage]
-            if input_grad_ready(stage, mb, now) and (best is None or (mb, -stage) < best):
-                best = (mb, -stage)
-        if best is not None:
-            return Action(Op.I, -best[1], best[0])
-        if forward_ready(up, next_f[up], now):
-            return Action(Op.F, up, next_f[up])
-        if forward_ready(down, next_f[down], now) and held[rank] + reserved[rank] + 2 <= cap:
-            return Action(Op.F, down, next_f[down])
-        return pending_w[rank][0] if pending_w[rank] else None
+        return stage == last or i_done[(stage + 1) * num_mb + mb] <= now
 
     now = 0
+    last_busy = 0  # the latest time any rank is busy until (every action takes one step)
     while remaining:
-        if now > max(busy_until) + 1:
+        if now > last_busy + 1:
             # Unreachable for cap >= 2 (see the note); a loud stop beats spinning forever.
             raise ScheduleError(f"greedy V scheduler stalled at time {now} with cap={cap}")
+        # A rank's action ends at now + 1, so every rank is free at every step, and what one rank
+        # does now is seen by the others only from the next step.
         for rank in range(num_ranks):
-            if busy_until[rank] > now:
-                continue
-            action = pick(rank, now)
-            if action is None:
-                continue
-            rows[rank].append(action)
-            if action.op is not Op.W:
-                finished[(0 if action.op is Op.F else 1, action.stage, action.microbatch)] = now + 1
-            busy_until[rank] = now + 1
-            remaining -= 1
-            down = rank
-            if action.op is Op.F:
-                next_f[action.stage] += 1
-                held[rank] += 1
-                if action.stage == down:
-                    reserved[rank] += 1
-                else:
-                    reserved[rank] -= 1
-            elif action.op is Op.I:
-                next_i[action.stage] += 1
-                pending_w[rank].append(Action(Op.W, action.stage, action.microbatch))
+            down, up = rank, last - rank
+            # An I first: the earliest micro-batch, then the later stage (up > down).
+            mb_down, mb_up = next_i[down], next_i[up]
+            ready_down = input_grad_ready(down, mb_down, now)
+            ready_up = input_grad_ready(up, mb_up, now)
+            if ready_down or ready_up:
+                stage = down if ready_down and (not ready_up or mb_down < mb_up) else up
+                mb = mb_down if stage == down else mb_up
+                rows[rank].append(Action(i_op, stage, mb))
+                i_done[stage * num_mb + mb] = now + 1
+                next_i[stage] += 1
+                pending_w[rank].append(Action(w_op, stage, mb))
             else:
-                pending_w[rank].popleft()
-                held[rank] -= 1
+                mb = next_f[up]
+                if mb < num_mb and f_done[(up - 1) * num_mb + mb] <= now:
+                    stage = up
+                else:
+                    mb = next_f[down]
+                    if mb < num_mb and (down == 0 or f_done[(down - 1) * num_mb + mb] <= now) and (
+                        held[rank] + reserved[rank] + 2 <= cap
+                    ):
+                        stage = down
+                    elif pending_w[rank]:
+                        rows[rank].append(pending_w[rank].popleft())
+                        held[rank] -= 1
+                        last_busy = now + 1
+                        remaining -= 1
+                        continue
+                    else:
+                        continue
+                rows[rank].append(Action(f_op, stage, mb))
+                f_done[stage * num_mb + mb] = now + 1
+                next_f[stage] += 1
+                held[rank] += 1
+                reserved[rank] += 1 if stage == down else -1
+            last_busy = now + 1
+            remaining -= 1
         now += 1
     return rows
