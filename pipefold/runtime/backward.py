@@ -24,6 +24,16 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
+from pipefold.runtime.backward_groups import (
+    Direct,
+    Frontier,
+    Grads,
+    Group,
+    accumulate_direct,
+    collector,
+    has_hooks,
+    match_direct,
+)
 
 __all__ = ["WeightGradState", "backward_full", "backward_input", "backward_weight"]
 
@@ -33,50 +43,7 @@ _engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
 
-Grads = tuple[Tensor | None, ...]
 _PreHook = Callable[[Grads], Grads | None]
-
-
-@dataclass(eq=False)
-class _Frontier:
-    """A node of the input closure with an edge into a weight subgraph."""
-
-    node: Node
-    grads: Grads | None = None
-    """The gradients that arrived at `node` during `I` (one per output of its forward)."""
-    order: int = -1
-    """When `node` ran during `I` (0 first); -1 if it did not run."""
-    computed: Grads | None = None
-    """The weight gradients a compiled node computed during `I` (its outputs at the group's
-    parameter edges, see `_Direct.slots`); None until it ran."""
-    num_outputs: int = 0
-    """Outputs of `node`'s forward (gradients it receives); 0 where torch does not say, and
-    `I` then keeps its gradients with a Python hook instead of asking the engine for them."""
-
-
-@dataclass(eq=False)
-class _Group:
-    """Parameters whose weight gradients come from the same frontier nodes and outputs."""
-
-    params: list[Tensor]
-    frontiers: list[_Frontier]
-    output_seeds: list[tuple[GradientEdge, Tensor]]
-    """Outputs that reach this group's parameters but no input, with their gradients."""
-    direct: _Direct | None = None
-    """Set when `W` may compute this group's gradients itself (docs/decisions.md, "direct weight
-    gradients")."""
-    num_nodes: int = 0
-    """Nodes of the weight side in this group (frontiers, parameter leaves and those between)."""
-
-    def seeds(self) -> tuple[list[GradientEdge], list[Tensor]]:
-        edges = [edge for edge, _ in self.output_seeds]
-        grads = [grad for _, grad in self.output_seeds]
-        for frontier in self.frontiers:
-            for output_nr, grad in enumerate(frontier.grads or ()):
-                if grad is not None:
-                    edges.append(GradientEdge(frontier.node, output_nr))
-                    grads.append(grad)
-        return edges, grads
 
 
 @dataclass(eq=False)
@@ -87,7 +54,7 @@ class WeightGradState:
     gradients kept at them; `backward_weight` releases all of it.
     """
 
-    _groups: list[_Group] = field(default_factory=list)
+    _groups: list[Group] = field(default_factory=list)
     _disjoint: bool = True
     """No node runs in two calls of `W` (see `_groups_are_disjoint`)."""
     _done: bool = False
@@ -176,7 +143,7 @@ def backward_input(
     for group in groups:
         if group.direct is not None and group.direct.kind == "compiled":
             frontier = group.frontiers[0]
-            handles.append(frontier.node.register_hook(_collector(frontier, group.direct.slots)))
+            handles.append(frontier.node.register_hook(collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
             roots, root_grads, [*(inputs[i] for i in wanted), *edges], retain_graph=True, accumulate_grad=False
@@ -217,14 +184,14 @@ def backward_weight(state: WeightGradState) -> None:
             _run_group(groups.pop(0), retain_graph=not disjoint)
 
 
-def _run_group(group: _Group, retain_graph: bool) -> None:
+def _run_group(group: Group, retain_graph: bool) -> None:
     if group.direct is not None:
         # What `torch.no_grad()` switches, without its context object: that costs 4-10 µs a
         # use on a loaded CPU, and W makes one per group.
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            done = _accumulate_direct(group.direct, group.frontiers[0])
+            done = accumulate_direct(group.direct, group.frontiers[0])
         finally:
             torch._C._set_grad_enabled(enabled)
         if done:
@@ -240,223 +207,6 @@ def _run_group(group: _Group, retain_graph: bool) -> None:
     finally:
         for handle in handles:
             handle.remove()
-
-
-@dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
-class _Direct:
-    """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
-    compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
-
-    kind: str
-    node: Node
-    weight: Tensor | None
-    bias: Tensor | None
-    slots: tuple[tuple[int, Tensor], ...] = ()
-    """"compiled": (output index of `node`, the parameter whose gradient it is), per edge."""
-
-
-def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
-    """The group parameter whose AccumulateGrad `node` is, else None."""
-    variable = getattr(node, "variable", None) if node is not None else None
-    if isinstance(variable, Tensor) and id(variable) in params:
-        return params[id(variable)]
-    return None
-
-
-def _transposed_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
-    """The group parameter reached through exactly one `TBackward0` (a linear weight)."""
-    if node is None or node.name() != "TBackward0" or len(node.next_functions) != 1:
-        return None
-    return _leaf_param(node.next_functions[0][0], params)
-
-
-_DIRECT_NODES = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0", "CompiledFunctionBackward"}
-_node_names: dict[type, str | None] = {}
-"""Node class -> its name when it is one `_match_direct` knows (name() builds a string per call)."""
-
-
-def _match_direct(group: _Group, *, check_hooks: bool = True) -> _Direct | None:
-    """The direct form of `group`, when its structure is one plain linear or layer norm (and,
-    with `check_hooks`, no hook sits on its parameters' gradient accumulation)."""
-    if len(group.frontiers) != 1 or group.output_seeds:
-        return None
-    node = group.frontiers[0].node
-    node_type = type(node)
-    if node_type not in _node_names:
-        _node_names[node_type] = node.name() if node.name() in _DIRECT_NODES else None
-    name = _node_names[node_type]
-    if name is None:
-        return None
-    params = {id(p): p for p in group.params}
-    edges = node.next_functions
-    if name == "CompiledFunctionBackward":
-        return _match_compiled(group, node, params, check_hooks=check_hooks)
-    weight: Tensor | None
-    bias: Tensor | None = None
-    if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
-        kind, weight = "addmm", _transposed_param(edges[2][0], params)
-        if edges[0][0] is not None:
-            bias = _leaf_param(edges[0][0], params)
-            if bias is None:
-                return None
-    elif name == "MmBackward0" and len(edges) == 2:  # mm(self=input, mat2=weight.t())
-        kind, weight = "mm", _transposed_param(edges[1][0], params)
-    elif name == "NativeLayerNormBackward0" and len(edges) == 3:  # (input, weight, bias)
-        kind, weight = "layer_norm", _leaf_param(edges[1][0], params)
-        if edges[2][0] is not None:
-            bias = _leaf_param(edges[2][0], params)
-            if bias is None:
-                return None
-        if weight is None and edges[1][0] is not None:
-            return None
-    else:
-        return None
-    found = [p for p in (weight, bias) if p is not None]
-    if not found or len(found) != len(group.params) or {id(p) for p in found} != set(params):
-        return None
-    if check_hooks and any(_has_hooks(param) for param in found):
-        return None
-    return _Direct(kind, node, weight, bias)
-
-
-def _match_compiled(
-    group: _Group, node: Node, params: dict[int, Tensor], *, check_hooks: bool = True
-) -> _Direct | None:
-    """A torch.compile graph (one autograd node, AOTAutograd's `CompiledFunctionBackward`)
-    whose edges lead straight to the group's parameters.
-
-    Its backward is one compiled function that returns the input and the weight gradients
-    together, so `I` cannot run it without computing the weight gradients too; `W` re-running
-    it would compute everything a second time. Instead `I` keeps the weight gradients it
-    returns (a post-hook on the node) and `W` only accumulates them (docs/decisions.md,
-    "compiled layers and the split backward").
-    """
-    if group.num_nodes != 1 + len(group.params):
-        return None  # something between the node and a parameter: autograd must run it
-    slots = []
-    for index, (child, _) in enumerate(node.next_functions):
-        param = _leaf_param(child, params)
-        if param is not None:
-            slots.append((index, param))
-    if {id(param) for _, param in slots} != set(params):
-        return None
-    if check_hooks and any(_has_hooks(param) for param in group.params):
-        return None
-    return _Direct("compiled", node, None, None, tuple(slots))
-
-
-def _accumulate_computed(direct: _Direct, frontier: _Frontier) -> bool:
-    """Accumulate what the compiled node returned for its parameters during `I`; False
-    (nothing done) where it returned no gradient for one of them."""
-    computed = frontier.computed
-    if computed is None or any(grad is None for grad in computed):
-        return False
-    for (_, param), grad in zip(direct.slots, computed, strict=True):
-        assert grad is not None
-        if not (_plain(param, grad.dtype) and _grad_slot_ok(param)) or grad.shape != param.shape:
-            return False
-    for (_, param), grad in zip(direct.slots, computed, strict=True):
-        assert grad is not None
-        _accumulate(param, grad)
-    frontier.computed = None
-    return True
-
-
-def _collector(frontier: _Frontier, slots: tuple[tuple[int, Tensor], ...]) -> Callable[[Grads, Grads], None]:
-    def collect(grad_inputs: Grads, grad_outputs: Grads) -> None:
-        frontier.computed = tuple(grad_inputs[index] for index, _ in slots)
-
-    return collect
-
-
-def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
-    return (
-        type(tensor) in (Tensor, torch.nn.Parameter)
-        and tensor.dtype == dtype
-        and tensor.layout == torch.strided
-        and tensor.is_contiguous()
-    )
-
-
-def _grad_slot_ok(param: Tensor) -> bool:
-    """`param.grad` can take an in-place accumulation exactly as AccumulateGrad would."""
-    if getattr(param, "grad_dtype", param.dtype) != param.dtype:
-        return False  # autograd would cast to the declared gradient dtype
-    grad = param.grad
-    return grad is None or (
-        _plain(grad, param.dtype) and not grad.requires_grad and grad.shape == param.shape
-    )
-
-
-def _accumulate_direct(direct: _Direct, frontier: _Frontier) -> bool:
-    """Accumulate the group's weight gradients without autograd (called with grad mode off);
-    False (nothing done) when a runtime condition fails and the autograd path must run instead."""
-    if direct.kind == "compiled":
-        return _accumulate_computed(direct, frontier)
-    grads = frontier.grads
-    if not grads or grads[0] is None:
-        return False
-    grad = grads[0]
-    node = direct.node
-    params = [p for p in (direct.weight, direct.bias) if p is not None]
-    dtype = grad.dtype
-    if not all(_plain(p, dtype) and _grad_slot_ok(p) for p in params):
-        return False
-    if direct.kind == "layer_norm":
-        return _layer_norm_direct(direct, node, grad)
-    if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
-        return False
-    saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
-    weight, bias = direct.weight, direct.bias
-    if (
-        grad.dim() != 2
-        or type(grad) is not Tensor
-        or type(saved_input) is not Tensor
-        or saved_input.dtype != dtype
-        or saved_input.dim() != 2
-        or (weight is not None and tuple(weight.shape) != (grad.shape[1], saved_input.shape[1]))
-        or (bias is not None and tuple(bias.shape) != (grad.shape[1],))
-    ):
-        return False
-    if weight is not None:
-        # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
-        # transposed back), accumulated inside the GEMM.
-        if weight.grad is None:
-            weight.grad = torch.mm(grad.t(), saved_input)
-        else:
-            weight.grad.addmm_(grad.t(), saved_input)
-    if bias is not None:
-        _accumulate(bias, grad.sum(0))
-    return True
-
-
-def _layer_norm_direct(direct: _Direct, node: Node, grad: Tensor) -> bool:
-    saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
-    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
-        return False
-    _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
-        grad,
-        saved_input,
-        list(node._saved_normalized_shape),  # type: ignore[attr-defined]
-        node._saved_result1,  # type: ignore[attr-defined]
-        node._saved_result2,  # type: ignore[attr-defined]
-        node._saved_weight,  # type: ignore[attr-defined]
-        node._saved_bias,  # type: ignore[attr-defined]
-        [False, direct.weight is not None, direct.bias is not None],
-    )
-    if direct.weight is not None:
-        _accumulate(direct.weight, weight_grad)
-    if direct.bias is not None:
-        _accumulate(direct.bias, bias_grad)
-    return True
-
-
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    """AccumulateGrad's rule for a plain dense parameter outside autograd."""
-    if param.grad is None:
-        param.grad = grad if grad.is_contiguous() else grad.contiguous()
-    else:
-        param.grad.add_(grad)
 
 
 def _run_engine(
@@ -504,7 +254,7 @@ def _run_engine(
     )
 
 
-def _keeper(frontier: _Frontier, clock: Iterator[int]) -> _PreHook:
+def _keeper(frontier: Frontier, clock: Iterator[int]) -> _PreHook:
     def keep(grad_outputs: Grads) -> None:
         frontier.grads = tuple(grad_outputs)
         frontier.order = next(clock)
@@ -512,7 +262,7 @@ def _keeper(frontier: _Frontier, clock: Iterator[int]) -> _PreHook:
     return keep
 
 
-def _replacer(frontier: _Frontier) -> _PreHook:
+def _replacer(frontier: Frontier) -> _PreHook:
     def replace(grad_outputs: Grads) -> Grads | None:
         return frontier.grads
 
@@ -568,17 +318,17 @@ def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
 
 @dataclass(frozen=True)
 class _PlanShape:
-    """`_plan_groups` and `_match_direct`'s answer for one graph shape, as positions: nodes by
+    """`_plan_groups` and `match_direct`'s answer for one graph shape, as positions: nodes by
     their index in `_graph_shape`'s walk, parameters by their index in `params`, output seeds
     by the index of their root. It holds no node or tensor."""
 
     groups: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], ...]
     """Per group: (parameter positions, frontier node indices, root indices, num_nodes)."""
     num_outputs: tuple[tuple[int, ...], ...]
-    """Per group, per frontier: `_Frontier.num_outputs`."""
+    """Per group, per frontier: `Frontier.num_outputs`."""
     directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
     """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
-    (output index, parameter position)), or None where `_match_direct` found no direct form."""
+    (output index, parameter position)), or None where `match_direct` found no direct form."""
 
 
 _plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
@@ -644,8 +394,8 @@ def _planned_groups(
     params: Sequence[Tensor],
     *,
     direct: bool,
-) -> list[_Group]:
-    """`_plan_groups` (with `_match_direct` on each group when `direct`), planned once per
+) -> list[Group]:
+    """`_plan_groups` (with `match_direct` on each group when `direct`), planned once per
     graph shape and rebuilt from positions for every later graph of that shape."""
     key, nodes, edges = _graph_shape(roots, inputs, params)
     shape = _plan_shapes.get(key)
@@ -659,18 +409,18 @@ def _planned_groups(
     for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
         shape.groups, shape.directs, shape.num_outputs, strict=True
     ):
-        group = _Group(
+        group = Group(
             [params[i] for i in param_positions],
             [
-                _Frontier(nodes[i], order=i, num_outputs=n)
+                Frontier(nodes[i], order=i, num_outputs=n)
                 for i, n in zip(frontier_indices, num_outputs, strict=True)
             ],
             [(edges[i], root_grads[i]) for i in root_indices],
             num_nodes=num_nodes,
         )
-        if direct and found is not None and not any(_has_hooks(p) for p in group.params):
+        if direct and found is not None and not any(has_hooks(p) for p in group.params):
             kind, node_index, weight, bias, slots = found
-            group.direct = _Direct(
+            group.direct = Direct(
                 kind,
                 nodes[node_index],
                 params[weight] if weight >= 0 else None,
@@ -682,10 +432,10 @@ def _planned_groups(
 
 
 def _shape_of(
-    groups: Sequence[_Group], nodes: Sequence[Node], edges: Sequence[GradientEdge], params: Sequence[Tensor]
+    groups: Sequence[Group], nodes: Sequence[Node], edges: Sequence[GradientEdge], params: Sequence[Tensor]
 ) -> _PlanShape:
     """`groups` (planned on the graph `nodes` walks) as positions, with each one's direct form
-    as `_match_direct` finds it ignoring hooks (checked per call: they may come and go)."""
+    as `match_direct` finds it ignoring hooks (checked per call: they may come and go)."""
     node_at = {node: i for i, node in enumerate(nodes)}
     param_at = {id(p): i for i, p in enumerate(params)}
     shaped = []
@@ -701,7 +451,7 @@ def _shape_of(
                 group.num_nodes,
             )
         )
-        found = _match_direct(group, check_hooks=False)
+        found = match_direct(group, check_hooks=False)
         directs.append(
             None
             if found is None
@@ -723,17 +473,12 @@ def _num_outputs(node: Node) -> int:
     return len(metadata) if metadata is not None else 0
 
 
-def _has_hooks(param: Tensor) -> bool:
-    """Hooks on `param`'s gradient accumulation, which only autograd's path runs."""
-    return bool(param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None))
-
-
 def _plan_groups(
     roots: Sequence[Tensor],
     root_grads: Sequence[Tensor],
     inputs: Sequence[Tensor],
     params: Sequence[Tensor],
-) -> list[_Group]:
+) -> list[Group]:
     """Find the frontier nodes and output seeds of each group of parameters."""
     output_edges: dict[Node, list[tuple[GradientEdge, Tensor]]] = {}
     for root, grad in zip(roots, root_grads, strict=True):
@@ -763,14 +508,14 @@ def _plan_groups(
     for node in weight_side - closure:
         for parent in parents[node]:
             components.join(node, parent)
-    groups: dict[Node, _Group] = {}
+    groups: dict[Node, Group] = {}
     for node in weight_side:
-        group = groups.setdefault(components.find(node), _Group([], [], []))
+        group = groups.setdefault(components.find(node), Group([], [], []))
         group.num_nodes += 1
         if node in param_nodes:
             group.params.append(param_nodes[node])
         if node in closure:
-            group.frontiers.append(_Frontier(node))
+            group.frontiers.append(Frontier(node))
         elif node in output_edges:
             group.output_seeds.extend(output_edges[node])
     return list(groups.values())
@@ -832,7 +577,7 @@ class _Components:
         self._parent[self.find(a)] = self.find(b)
 
 
-def _groups_are_disjoint(groups: Sequence[_Group]) -> bool:
+def _groups_are_disjoint(groups: Sequence[Group]) -> bool:
     """True when no call of `W` can execute a node that another call also executes.
 
     A group's call executes nodes of the input closure only at its own frontier nodes,

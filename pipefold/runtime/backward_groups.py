@@ -1,0 +1,284 @@
+"""The weight side of a split backward, in groups: the parameters whose gradients come from the
+same frontier nodes (where `I` stops), and the groups `W` computes itself without autograd's
+engine (one linear or layer norm, or a compiled graph whose weight gradients `I` already
+computed). `pipefold.runtime.backward` plans the groups and runs `I` and `W`.
+
+Design notes: docs/decisions.md, "split backward" and "direct weight gradients".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node
+
+__all__ = ["Direct", "Frontier", "Group", "accumulate_direct", "collector", "has_hooks", "match_direct"]
+
+Grads = tuple[Tensor | None, ...]
+
+
+@dataclass(eq=False)
+class Frontier:
+    """A node of the input closure with an edge into a weight subgraph."""
+
+    node: Node
+    grads: Grads | None = None
+    """The gradients that arrived at `node` during `I` (one per output of its forward)."""
+    order: int = -1
+    """When `node` ran during `I` (0 first); -1 if it did not run."""
+    computed: Grads | None = None
+    """The weight gradients a compiled node computed during `I` (its outputs at the group's
+    parameter edges, see `Direct.slots`); None until it ran."""
+    num_outputs: int = 0
+    """Outputs of `node`'s forward (gradients it receives); 0 where torch does not say, and
+    `I` then keeps its gradients with a Python hook instead of asking the engine for them."""
+
+
+@dataclass(eq=False)
+class Group:
+    """Parameters whose weight gradients come from the same frontier nodes and outputs."""
+
+    params: list[Tensor]
+    frontiers: list[Frontier]
+    output_seeds: list[tuple[GradientEdge, Tensor]]
+    """Outputs that reach this group's parameters but no input, with their gradients."""
+    direct: Direct | None = None
+    """Set when `W` may compute this group's gradients itself (docs/decisions.md, "direct weight
+    gradients")."""
+    num_nodes: int = 0
+    """Nodes of the weight side in this group (frontiers, parameter leaves and those between)."""
+
+    def seeds(self) -> tuple[list[GradientEdge], list[Tensor]]:
+        edges = [edge for edge, _ in self.output_seeds]
+        grads = [grad for _, grad in self.output_seeds]
+        for frontier in self.frontiers:
+            for output_nr, grad in enumerate(frontier.grads or ()):
+                if grad is not None:
+                    edges.append(GradientEdge(frontier.node, output_nr))
+                    grads.append(grad)
+        return edges, grads
+
+
+@dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
+class Direct:
+    """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
+    compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
+
+    kind: str
+    node: Node
+    weight: Tensor | None
+    bias: Tensor | None
+    slots: tuple[tuple[int, Tensor], ...] = ()
+    """"compiled": (output index of `node`, the parameter whose gradient it is), per edge."""
+
+
+def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
+    """The group parameter whose AccumulateGrad `node` is, else None."""
+    variable = getattr(node, "variable", None) if node is not None else None
+    if isinstance(variable, Tensor) and id(variable) in params:
+        return params[id(variable)]
+    return None
+
+
+def _transposed_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
+    """The group parameter reached through exactly one `TBackward0` (a linear weight)."""
+    if node is None or node.name() != "TBackward0" or len(node.next_functions) != 1:
+        return None
+    return _leaf_param(node.next_functions[0][0], params)
+
+
+_DIRECT_NODES = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0", "CompiledFunctionBackward"}
+_node_names: dict[type, str | None] = {}
+"""Node class -> its name when it is one `match_direct` knows (name() builds a string per call)."""
+
+
+def match_direct(group: Group, *, check_hooks: bool = True) -> Direct | None:
+    """The direct form of `group`, when its structure is one plain linear or layer norm (and,
+    with `check_hooks`, no hook sits on its parameters' gradient accumulation)."""
+    if len(group.frontiers) != 1 or group.output_seeds:
+        return None
+    node = group.frontiers[0].node
+    node_type = type(node)
+    if node_type not in _node_names:
+        _node_names[node_type] = node.name() if node.name() in _DIRECT_NODES else None
+    name = _node_names[node_type]
+    if name is None:
+        return None
+    params = {id(p): p for p in group.params}
+    edges = node.next_functions
+    if name == "CompiledFunctionBackward":
+        return match_compiled(group, node, params, check_hooks=check_hooks)
+    weight: Tensor | None
+    bias: Tensor | None = None
+    if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
+        kind, weight = "addmm", _transposed_param(edges[2][0], params)
+        if edges[0][0] is not None:
+            bias = _leaf_param(edges[0][0], params)
+            if bias is None:
+                return None
+    elif name == "MmBackward0" and len(edges) == 2:  # mm(self=input, mat2=weight.t())
+        kind, weight = "mm", _transposed_param(edges[1][0], params)
+    elif name == "NativeLayerNormBackward0" and len(edges) == 3:  # (input, weight, bias)
+        kind, weight = "layer_norm", _leaf_param(edges[1][0], params)
+        if edges[2][0] is not None:
+            bias = _leaf_param(edges[2][0], params)
+            if bias is None:
+                return None
+        if weight is None and edges[1][0] is not None:
+            return None
+    else:
+        return None
+    found = [p for p in (weight, bias) if p is not None]
+    if not found or len(found) != len(group.params) or {id(p) for p in found} != set(params):
+        return None
+    if check_hooks and any(has_hooks(param) for param in found):
+        return None
+    return Direct(kind, node, weight, bias)
+
+
+def match_compiled(
+    group: Group, node: Node, params: dict[int, Tensor], *, check_hooks: bool = True
+) -> Direct | None:
+    """A torch.compile graph (one autograd node, AOTAutograd's `CompiledFunctionBackward`)
+    whose edges lead straight to the group's parameters.
+
+    Its backward is one compiled function that returns the input and the weight gradients
+    together, so `I` cannot run it without computing the weight gradients too; `W` re-running
+    it would compute everything a second time. Instead `I` keeps the weight gradients it
+    returns (a post-hook on the node) and `W` only accumulates them (docs/decisions.md,
+    "compiled layers and the split backward").
+    """
+    if group.num_nodes != 1 + len(group.params):
+        return None  # something between the node and a parameter: autograd must run it
+    slots = []
+    for index, (child, _) in enumerate(node.next_functions):
+        param = _leaf_param(child, params)
+        if param is not None:
+            slots.append((index, param))
+    if {id(param) for _, param in slots} != set(params):
+        return None
+    if check_hooks and any(has_hooks(param) for param in group.params):
+        return None
+    return Direct("compiled", node, None, None, tuple(slots))
+
+
+def _accumulate_computed(direct: Direct, frontier: Frontier) -> bool:
+    """Accumulate what the compiled node returned for its parameters during `I`; False
+    (nothing done) where it returned no gradient for one of them."""
+    computed = frontier.computed
+    if computed is None or any(grad is None for grad in computed):
+        return False
+    for (_, param), grad in zip(direct.slots, computed, strict=True):
+        assert grad is not None
+        if not (_plain(param, grad.dtype) and _grad_slot_ok(param)) or grad.shape != param.shape:
+            return False
+    for (_, param), grad in zip(direct.slots, computed, strict=True):
+        assert grad is not None
+        _accumulate(param, grad)
+    frontier.computed = None
+    return True
+
+
+def collector(frontier: Frontier, slots: tuple[tuple[int, Tensor], ...]) -> Callable[[Grads, Grads], None]:
+    def collect(grad_inputs: Grads, grad_outputs: Grads) -> None:
+        frontier.computed = tuple(grad_inputs[index] for index, _ in slots)
+
+    return collect
+
+
+def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
+    return (
+        type(tensor) in (Tensor, torch.nn.Parameter)
+        and tensor.dtype == dtype
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+    )
+
+
+def _grad_slot_ok(param: Tensor) -> bool:
+    """`param.grad` can take an in-place accumulation exactly as AccumulateGrad would."""
+    if getattr(param, "grad_dtype", param.dtype) != param.dtype:
+        return False  # autograd would cast to the declared gradient dtype
+    grad = param.grad
+    return grad is None or (
+        _plain(grad, param.dtype) and not grad.requires_grad and grad.shape == param.shape
+    )
+
+
+def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
+    """Accumulate the group's weight gradients without autograd (called with grad mode off);
+    False (nothing done) when a runtime condition fails and the autograd path must run instead."""
+    if direct.kind == "compiled":
+        return _accumulate_computed(direct, frontier)
+    grads = frontier.grads
+    if not grads or grads[0] is None:
+        return False
+    grad = grads[0]
+    node = direct.node
+    params = [p for p in (direct.weight, direct.bias) if p is not None]
+    dtype = grad.dtype
+    if not all(_plain(p, dtype) and _grad_slot_ok(p) for p in params):
+        return False
+    if direct.kind == "layer_norm":
+        return _layer_norm_direct(direct, node, grad)
+    if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
+        return False
+    saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
+    weight, bias = direct.weight, direct.bias
+    if (
+        grad.dim() != 2
+        or type(grad) is not Tensor
+        or type(saved_input) is not Tensor
+        or saved_input.dtype != dtype
+        or saved_input.dim() != 2
+        or (weight is not None and tuple(weight.shape) != (grad.shape[1], saved_input.shape[1]))
+        or (bias is not None and tuple(bias.shape) != (grad.shape[1],))
+    ):
+        return False
+    if weight is not None:
+        # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
+        # transposed back), accumulated inside the GEMM.
+        if weight.grad is None:
+            weight.grad = torch.mm(grad.t(), saved_input)
+        else:
+            weight.grad.addmm_(grad.t(), saved_input)
+    if bias is not None:
+        _accumulate(bias, grad.sum(0))
+    return True
+
+
+def _layer_norm_direct(direct: Direct, node: Node, grad: Tensor) -> bool:
+    saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
+    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
+        return False
+    _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
+        grad,
+        saved_input,
+        list(node._saved_normalized_shape),  # type: ignore[attr-defined]
+        node._saved_result1,  # type: ignore[attr-defined]
+        node._saved_result2,  # type: ignore[attr-defined]
+        node._saved_weight,  # type: ignore[attr-defined]
+        node._saved_bias,  # type: ignore[attr-defined]
+        [False, direct.weight is not None, direct.bias is not None],
+    )
+    if direct.weight is not None:
+        _accumulate(direct.weight, weight_grad)
+    if direct.bias is not None:
+        _accumulate(direct.bias, bias_grad)
+    return True
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    """AccumulateGrad's rule for a plain dense parameter outside autograd."""
+    if param.grad is None:
+        param.grad = grad if grad.is_contiguous() else grad.contiguous()
+    else:
+        param.grad.add_(grad)
+
+
+def has_hooks(param: Tensor) -> bool:
+    """Hooks on `param`'s gradient accumulation, which only autograd's path runs."""
+    return bool(param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None))
