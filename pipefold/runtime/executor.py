@@ -37,6 +37,7 @@ from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
 from pipefold.schedule import Action, Op, Program
+from pipefold.schedule.shard import gather_waits
 from pipefold.timeline import Event, Wait
 
 __all__ = ["Executor", "StepInputs", "StepRecord"]
@@ -133,20 +134,6 @@ class ShardingActions(Protocol):
     def reduce_grad(self, stage: int) -> None:
         """REDUCE_GRAD: reduce-scatter the stage's gradients of the step."""
         ...
-
-
-def gathered_before(actions: Sequence[Action]) -> set[int]:
-    """Indices, in one rank's program, of the compute actions that first use a stage's weights
-    after an UNSHARD of it: they wait for its gather to finish."""
-    pending: set[int] = set()
-    found: set[int] = set()
-    for index, action in enumerate(actions):
-        if action.op is Op.UNSHARD:
-            pending.add(action.stage)
-        elif action.op.is_compute and action.stage in pending:
-            pending.discard(action.stage)
-            found.add(index)
-    return found
 
 
 def first_forward_and_last_backward(
@@ -280,7 +267,7 @@ class Executor:
             handlers[Op.UNSHARD] = lambda action: sharding.unshard(action.stage)
             handlers[Op.RESHARD] = lambda action: sharding.reshard(action.stage)
             handlers[Op.REDUCE_GRAD] = lambda action: sharding.reduce_grad(action.stage)
-            waits_for_gather = gathered_before(program.instructions[rank])
+            waits_for_gather = set(gather_waits(program.instructions[rank]))
         elif any(action.op.is_sharding for action in program.instructions[rank]):
             raise PipelineError(
                 f"rank {self.rank}: the program holds sharding actions (UNSHARD, RESHARD, REDUCE_GRAD) "

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pipefold.errors import CostModelError
 from pipefold.schedule import Action, Op, Schedule
+from pipefold.schedule.shard import gather_waits
 from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
@@ -126,14 +127,9 @@ def measured_gathers(timelines: Sequence[Timeline], schedule: Schedule) -> dict[
     (`pipe.sharding.schedule(pipe.schedule)`): from an UNSHARD's start to the end of the wait
     of the stage's next compute action, which the executor records first for that action. So
     a gather the look-ahead hid counts whole, as `CostModel.gather` wants it."""
-    consumers: dict[Action, Action] = {}
-    for row in schedule.actions:
-        pending: dict[int, Action] = {}
-        for action in row:
-            if action.op is Op.UNSHARD:
-                pending[action.stage] = action
-            elif action.op.is_compute and action.stage in pending:
-                consumers[action] = pending.pop(action.stage)
+    consumers = {
+        row[index]: row[unshard] for row in schedule.actions for index, unshard in gather_waits(row).items()
+    }
     found: dict[int, list[float]] = defaultdict(list)
     if not consumers:
         return found

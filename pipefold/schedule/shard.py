@@ -15,13 +15,13 @@ same collectives in the same order. Why these places: docs/parallelism.md, "Full
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate, format_grid
 
-__all__ = ["add_sharding", "check_sharding", "gathers_per_step", "is_sharded", "strip_sharding"]
+__all__ = ["add_sharding", "check_sharding", "gather_waits", "gathers_per_step", "is_sharded", "strip_sharding"]
 
 _WEIGHT_OPS = frozenset({Op.F, Op.B, Op.I, Op.W})
 """The compute ops that read a stage's whole weights (and I/W, B: write its whole gradients)."""
@@ -30,6 +30,20 @@ _WEIGHT_OPS = frozenset({Op.F, Op.B, Op.I, Op.W})
 def is_sharded(schedule: Schedule) -> bool:
     """Whether the schedule holds sharding actions."""
     return any(action.op.is_sharding for row in schedule.actions for action in row)
+
+
+def gather_waits(actions: Sequence[Action]) -> dict[int, int]:
+    """In one rank's actions: {index of each compute action that first uses a stage's weights
+    after an UNSHARD of it: index of that UNSHARD}. Those actions wait for the gather (the
+    executor waits there, the simulator and the measured costs time the gather to there)."""
+    pending: dict[int, int] = {}
+    found: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if action.op is Op.UNSHARD:
+            pending[action.stage] = index
+        elif action.op.is_compute and action.stage in pending:
+            found[index] = pending.pop(action.stage)
+    return found
 
 
 def add_sharding(

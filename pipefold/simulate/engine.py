@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.deps import backward_of, data_inputs
-from pipefold.schedule.ir import Action, Op, Schedule, format_grid
+from pipefold.schedule.ir import Action, Schedule, format_grid
+from pipefold.schedule.shard import gather_waits
 from pipefold.simulate.costs import CostModel
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 from pipefold.timeline import Event, Timeline, Wait
@@ -84,14 +85,9 @@ def _add_gathers(
     gather issued early (a look-ahead) overlaps the compute between, one issued right before
     its consumer is exposed. Gathers in flight at once do not slow each other here."""
     for row in schedule.actions:
-        pending: dict[int, Action] = {}
-        for action in row:
-            if action.op is Op.UNSHARD:
-                pending[action.stage] = action
-            elif action.op.is_compute and action.stage in pending:
-                unshard = pending.pop(action.stage)
-                consumer = id_of[action]
-                inputs[consumer] = inputs[consumer] + ((id_of[unshard], costs.gather[action.stage]),)
+        for index, unshard_index in gather_waits(row).items():
+            action, consumer = row[index], id_of[row[index]]
+            inputs[consumer] = inputs[consumer] + ((id_of[row[unshard_index]], costs.gather[action.stage]),)
 
 
 def _run(

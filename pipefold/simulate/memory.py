@@ -32,13 +32,7 @@ def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ..
                     changes.append((event.end, costs.weight_grad_bytes[action.stage]))
             elif action.op is Op.W:
                 changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
-        # Releases first at equal times: memory freed by one action is reusable by the next.
-        changes.sort()
-        held = peak = 0
-        for _, delta in changes:
-            held += delta
-            peak = max(peak, held)
-        peaks.append(peak)
+        peaks.append(_peak_held(changes))
     return tuple(peaks)
 
 
@@ -55,13 +49,18 @@ def gathered_weight_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[in
                 changes.append((event.start, costs.weight_bytes[action.stage]))
             elif action.op is Op.RESHARD:
                 changes.append((event.end, -costs.weight_bytes[action.stage]))
-        changes.sort()  # frees first at equal times
-        held = peak = 0
-        for _, delta in changes:
-            held += delta
-            peak = max(peak, held)
-        peaks.append(peak)
+        peaks.append(_peak_held(changes))
     return tuple(peaks)
+
+
+def _peak_held(changes: list[tuple[float, int]]) -> int:
+    """The most bytes held at once, from (time, +bytes or -bytes) changes. Releases sort first
+    at equal times: memory freed by one action is reusable by the next."""
+    held = peak = 0
+    for _, delta in sorted(changes):
+        held += delta
+        peak = max(peak, held)
+    return peak
 
 
 def weight_versions(
