@@ -329,6 +329,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--shard", "full"]
         if choice.free_between_microbatches:
             words += ["--free-between-microbatches"]
+        if choice.gather_lookahead:
+            words += ["--gather-lookahead", str(choice.gather_lookahead)]
     words += ["--batch-size", str(result.global_batch)]
     if _is_hf(args):
         words += ["--model", args.model, "--seq-len", str(args.seq_len)]

@@ -7,13 +7,15 @@ predictions (`plan` searches by calling it; `pipefold.plan.adaptive` prices per 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
 from pipefold.plan.orders import compiled_family, compiles, family_schedule
 from pipefold.plan.result import Candidate
-from pipefold.plan.shard_search import sharded_memory, simulate_sharded
+from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.simulate import CostModel, Link, simulate
@@ -28,6 +30,7 @@ def evaluate(
     link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
     recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
     rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
+    gather_lookahead: int = 0,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -42,9 +45,10 @@ def evaluate(
     `placed` how the mesh sits on the nodes, recorded. On a mix of device kinds, `rank_speeds`
     slow each rank's stages and `rank_limits` hold each rank to its devices' memory (recorded).
     `shard` "full": the schedule with its sharding actions (`free_between`: freed between
-    micro-batches) is simulated with the weight gathers and gradient reduce-scatters on
-    `dp_link`, whose `costs` carry one replica's share of the optimizer state
-    (`pipefold.plan.shard_search`).
+    micro-batches; `gather_lookahead`: each gather issued that many actions early) is simulated
+    with the weight gathers and gradient reduce-scatters on `dp_link`, whose `costs` carry one
+    replica's share of the optimizer state; the candidate records how much of the step the
+    gathers leave exposed (`pipefold.plan.shard_search`).
     """
     schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
@@ -52,13 +56,18 @@ def evaluate(
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
+    exposed = 0.0
     if shard == "full":
         if num_data_parallel == 1:
             raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
-        timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between)
+        timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between,
+                                    gather_lookahead)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
+        exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
+                                 gather_lookahead, makespan)
+        sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
         memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
-                                schedule.placement, num_data_parallel, free_between)
+                                sharded, schedule.placement, num_data_parallel)
     elif compiles(schedule, model):
         sizes = (num_ranks, config.num_microbatches, config.num_virtual)
         run = compiled_family(config.schedule, *sizes).run(model)
@@ -93,6 +102,8 @@ def evaluate(
         rank_limits=rank_limits,
         shard=shard if num_data_parallel > 1 else "replicate",
         free_between_microbatches=free_between and shard == "full",
+        gather_lookahead=gather_lookahead if shard == "full" else 0,
+        gather_exposed_s=exposed,
     )
 
 

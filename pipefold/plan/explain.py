@@ -9,6 +9,7 @@ from dataclasses import replace
 from pipefold.plan.degree import Degree, split_text
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.result import Candidate, Verdict
+from pipefold.plan.shard_search import layout_subject
 from pipefold.plan.space import Config
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
@@ -88,8 +89,16 @@ def _verdict(
 
 def layout_verdict(subject: str, records: Sequence[Record], choice: Candidate, limit: float) -> Verdict:
     """The verdict on one data-parallel layout of the choice's configuration
-    (`pipefold.plan.shard_search`)."""
-    return _verdict(subject, records, choice, limit, detail=False)
+    (`pipefold.plan.shard_search`). For full sharding it says why one free / look-ahead setting
+    beats another: how much of the step its gathers leave exposed, and its peak memory."""
+    verdict = _verdict(subject, records, choice, limit, detail=False)
+    fits = [c for record in records if (c := record.best(limit)) is not None and c.shard == "full"]
+    if verdict.status not in ("chosen", "slower") or not fits:
+        return verdict
+    best = choice if verdict.status == "chosen" else min(fits, key=lambda c: (c.step_time, c.peak_memory))
+    return Verdict(subject, verdict.status, (
+        f"{verdict.reason}; gathers exposed {best.gather_exposed_s:.4g} s of the step "
+        f"{best.step_time:.4g} s, peak {format_bytes(best.peak_memory)}"))
 
 
 def family_verdicts(
@@ -194,14 +203,15 @@ def setting_verdicts(
 def layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> tuple[Verdict, ...]:
     """Where more than one was searched: each data-parallel layout of the choice's configuration."""
     def plain(config: Config) -> Config:
-        return replace(config, shard="replicate", free_between=False)
+        return replace(config, shard="replicate", free_between=False, gather_lookahead=0)
 
     chosen = plain(Config(choice.schedule, choice.num_virtual, choice.num_microbatches,
                           choice.microbatch_rows, choice.recompute_attention))
     groups: dict[str, list[Record]] = {}
     for record in records:
         if plain(record.config) == chosen and record.bounds == choice.bounds:
-            subject = "shard=" + record.config.shard + ("+free-between" if record.config.free_between else "")
+            config = record.config
+            subject = layout_subject(config.shard, config.free_between, config.gather_lookahead)
             groups.setdefault(subject, []).append(record)
     if len(groups) < 2:
         return ()

@@ -40,12 +40,13 @@ def bucket_floor(step_time: float) -> float:
 
 def rank_key(
     candidate: Candidate,
-) -> tuple[int, bool, int, int, int, int, int, int, int, float, tuple[int, ...]]:
+) -> tuple[int, bool, int, int, int, int, int, int, int, int, float, tuple[int, ...]]:
     """Sort key of candidates that fit: faster, then a family's order before a searched one, then
     leaner, then simpler (docs/decisions.md, "Planner search")."""
     order = names().index(candidate.schedule) if candidate.schedule in names() else len(names())
     return (
         time_bucket(candidate.step_time), candidate.is_searched_order, candidate.peak_memory,
         candidate.num_data_parallel, candidate.num_tensor_parallel, order, candidate.num_virtual,
-        candidate.num_microbatches, len(candidate.recompute), candidate.step_time, candidate.recompute,
+        candidate.num_microbatches, len(candidate.recompute), candidate.gather_lookahead, candidate.step_time,
+        candidate.recompute,
     )

@@ -88,6 +88,12 @@ class Candidate(PeakMemory):
     gradients and optimizer state; its gathers and reduce-scatters are inside `pipeline_s`)."""
     free_between_microbatches: bool = False
     """Full sharding: each stage's weights freed whenever its rank turns to another of its stages."""
+    gather_lookahead: int = 0
+    """Full sharding: each weight gather issued this many actions of the rank's row before the
+    action that needs it (`pipefold train --gather-lookahead`), so it overlaps that compute."""
+    gather_exposed_s: float = 0.0
+    """Full sharding: seconds the weight gathers add to the simulated step (the step less the same
+    schedule with instant gathers); the look-ahead is chosen to shrink it."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -178,6 +184,8 @@ class Candidate(PeakMemory):
         if self.shard == "full":
             freed = " freed between micro-batches" if self.free_between_microbatches else ""
             text += f", full sharding{freed}"
+            if self.gather_lookahead:
+                text += f", gathers {self.gather_lookahead} action{'s' if self.gather_lookahead > 1 else ''} ahead"
         return text
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -227,6 +235,8 @@ class Candidate(PeakMemory):
             "rank_limits": list(self.rank_limits),
             "shard": self.shard,
             "free_between_microbatches": self.free_between_microbatches,
+            "gather_lookahead": self.gather_lookahead,
+            "gather_exposed_s": self.gather_exposed_s,
         }
 
     @classmethod
@@ -255,6 +265,8 @@ class Candidate(PeakMemory):
             rank_limits=tuple(int(limit) for limit in data.get("rank_limits", ())),
             shard=str(data.get("shard", "zero1" if data.get("sharded_optimizer") else "replicate")),
             free_between_microbatches=bool(data.get("free_between_microbatches", False)),
+            gather_lookahead=int(data.get("gather_lookahead", 0)),
+            gather_exposed_s=float(data.get("gather_exposed_s", 0.0)),
         )
 
 
@@ -475,14 +487,22 @@ class Plan:
                 "(pipefold.runtime.sharded_optimizer; pipefold train --zero)"
             )
         if choice.shard == "full":
+            ahead = choice.gather_lookahead
             lines.append(
                 f"  full sharding: weights, gradients and optimizer state sharded over the "
                 f"{choice.num_data_parallel} replicas, each stage's weights gathered "
                 + ("before each run of its actions and freed after it" if choice.free_between_microbatches
                    else "once per step")
-                + " and its gradients reduce-scattered after its last backward, inside the pipeline time "
-                "(ParallelOptions(shard='full'); pipefold train --shard full"
-                + (" --free-between-microbatches" if choice.free_between_microbatches else "") + ")"
+                + (f" (each gather issued {ahead} action{'s' if ahead > 1 else ''} before its first use)"
+                   if ahead else " (each gather issued right before its first use)")
+                + ", its gradients reduce-scattered after its last backward, inside the pipeline time; "
+                f"the gathers leave {choice.gather_exposed_s:.4g} s of the step exposed "
+                "(ParallelOptions(shard='full'"
+                + (", free_between_microbatches=True" if choice.free_between_microbatches else "")
+                + (f", gather_lookahead={ahead}" if ahead else "")
+                + "); pipefold train --shard full"
+                + (" --free-between-microbatches" if choice.free_between_microbatches else "")
+                + (f" --gather-lookahead {ahead}" if ahead else "") + ")"
             )
         if choice.num_tensor_parallel > 1:
             lines.append(

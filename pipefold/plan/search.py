@@ -232,7 +232,7 @@ class _Search:
         config, degree = record.config, record.degree
         allowed = self.recompute_choices(record)
         key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, record.placement,
-               allowed, config.shard, config.free_between)
+               allowed, config.shard, config.free_between, config.gather_lookahead)
         if key not in self._held:
             plain = self.model(record, ())
             everything = self.model(record, tuple(range(plain.num_stages)))
@@ -245,8 +245,8 @@ class _Search:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
         config, pp = record.config, record.degree.num_ranks
         if config.shard == "full":
-            return sharded_static_bytes(self.costs_of(record), model, record.placement, pp,
-                                        record.degree.num_data_parallel, config.free_between)
+            return sharded_static_bytes(self.costs_of(record), model, config, record.placement, pp,
+                                        record.degree.num_data_parallel)
         return static_bytes(self.costs_of(record), model, record.placement, pp)
 
     @property
@@ -273,6 +273,7 @@ class _Search:
                 recompute_attention=record.config.recompute_attention,
                 rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
                 shard=record.config.shard, free_between=record.config.free_between,
+                gather_lookahead=record.config.gather_lookahead,
             )
         return record.tried[recompute]
 
@@ -314,8 +315,9 @@ class _Search:
                 configs += [replace(config, recompute_attention=True) for config in space.configs]
             dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
             configs = [
-                replace(config, shard=shard, free_between=free_between) for config in configs
-                for shard, free_between in searched_layouts(
+                replace(config, shard=shard, free_between=free_between, gather_lookahead=ahead)
+                for config in configs
+                for shard, free_between, ahead in searched_layouts(
                     options.shard, options.zero, dp, tp, config.num_virtual)
             ]
             pp = degree.num_ranks
@@ -413,8 +415,7 @@ class _Search:
         memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
         if config.shard == "full":
             # The sharding actions hold no activations: a flush's activation peaks are its order's.
-            return sharded_memory(memory, model, record.placement, degree.num_data_parallel,
-                                  config.free_between)
+            return sharded_memory(memory, model, config, record.placement, degree.num_data_parallel)
         return memory
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:
@@ -512,7 +513,7 @@ class _Search:
             for recompute, candidate in record.tried.items():
                 key = (record.degree, record.bounds, config.microbatch_rows, config.num_microbatches,
                        config.num_virtual, record.placement, recompute, config.recompute_attention,
-                       config.shard, config.free_between)
+                       config.shard, config.free_between, config.gather_lookahead)
                 groups.setdefault(key, []).append((record, candidate))
         targets = []
         for members in groups.values():
@@ -623,8 +624,9 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)
     # The families and settings are compared in the choice's data-parallel layout; the layouts apart.
     layouts = [record for record in records if record.degree == chosen_degree]
-    same_degree = [record for record in layouts if (record.config.shard, record.config.free_between) == (
-        choice.shard, choice.free_between_microbatches)]
+    same_degree = [record for record in layouts if (
+        record.config.shard, record.config.free_between, record.config.gather_lookahead) == (
+        choice.shard, choice.free_between_microbatches, choice.gather_lookahead)]
 
     def extra(record: Record, recompute: tuple[int, ...]) -> Candidate | OverMemory:
         memory = search.known_memory(record, recompute)

@@ -332,6 +332,8 @@ class Config:
     """The data-parallel layout: "replicate", "zero1" or "full" (`pipefold.plan.shard_search`)."""
     free_between: bool = False
     """Full sharding: a stage's weights freed whenever its rank turns to another of its stages."""
+    gather_lookahead: int = 0
+    """Full sharding: each gather issued this many actions of the rank's row before its first use."""
 
 
 @dataclass(frozen=True)
