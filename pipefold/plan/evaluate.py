@@ -30,7 +30,7 @@ def evaluate(
     link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
     recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
     rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
-    gather_lookahead: int = 0,
+    gather_lookahead: int = 0, price_exposure: bool = True,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -47,8 +47,9 @@ def evaluate(
     `shard` "full": the schedule with its sharding actions (`free_between`: freed between
     micro-batches; `gather_lookahead`: each gather issued that many actions early) is simulated
     with the weight gathers and gradient reduce-scatters on `dp_link`, whose `costs` carry one
-    replica's share of the optimizer state; the candidate records how much of the step the
-    gathers leave exposed (`pipefold.plan.shard_search`).
+    replica's share of the optimizer state; with `price_exposure` (one more simulation) the
+    candidate records how much of the step the gathers leave exposed, else None there
+    (`pipefold.plan.shard_search`).
     """
     schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
@@ -56,7 +57,7 @@ def evaluate(
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
     transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
-    exposed = 0.0
+    exposed: float | None = 0.0
     if shard == "full":
         if num_data_parallel == 1:
             raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
@@ -64,7 +65,7 @@ def evaluate(
                                     gather_lookahead)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
         exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
-                                 gather_lookahead, makespan)
+                                 gather_lookahead, makespan) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
         memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
                                 sharded, schedule.placement, num_data_parallel)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from pipefold.plan.degree import Degree, split_text
 from pipefold.plan.record import OverMemory, Record
-from pipefold.plan.result import Candidate, Verdict
+from pipefold.plan.result import Candidate, Verdict, exposed_text
 from pipefold.plan.shard_search import layout_subject
 from pipefold.plan.space import Config
 from pipefold.plan.units import format_bytes
@@ -97,7 +97,7 @@ def layout_verdict(subject: str, records: Sequence[Record], choice: Candidate, l
         return verdict
     best = choice if verdict.status == "chosen" else min(fits, key=lambda c: (c.step_time, c.peak_memory))
     return Verdict(subject, verdict.status, (
-        f"{verdict.reason}; gathers exposed {best.gather_exposed_s:.4g} s of the step "
+        f"{verdict.reason}; gathers exposed {exposed_text(best.gather_exposed_s)} of the step "
         f"{best.step_time:.4g} s, peak {format_bytes(best.peak_memory)}"))
 
 

@@ -91,9 +91,10 @@ class Candidate(PeakMemory):
     gather_lookahead: int = 0
     """Full sharding: each weight gather issued this many actions of the rank's row before the
     action that needs it (`pipefold train --gather-lookahead`), so it overlaps that compute."""
-    gather_exposed_s: float = 0.0
+    gather_exposed_s: float | None = 0.0
     """Full sharding: seconds the weight gathers add to the simulated step (the step less the same
-    schedule with instant gathers); the look-ahead is chosen to shrink it."""
+    schedule with instant gathers); the look-ahead is chosen to shrink it. None where the search
+    did not price it (a variant neither shown nor ranked)."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -185,7 +186,8 @@ class Candidate(PeakMemory):
             freed = " freed between micro-batches" if self.free_between_microbatches else ""
             text += f", full sharding{freed}"
             if self.gather_lookahead:
-                text += f", gathers {self.gather_lookahead} action{'s' if self.gather_lookahead > 1 else ''} ahead"
+                ahead = self.gather_lookahead
+                text += f", gathers {ahead} action{'s' if ahead > 1 else ''} ahead"
         return text
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -266,7 +268,7 @@ class Candidate(PeakMemory):
             shard=str(data.get("shard", "zero1" if data.get("sharded_optimizer") else "replicate")),
             free_between_microbatches=bool(data.get("free_between_microbatches", False)),
             gather_lookahead=int(data.get("gather_lookahead", 0)),
-            gather_exposed_s=float(data.get("gather_exposed_s", 0.0)),
+            gather_exposed_s=_optional_float(data.get("gather_exposed_s", 0.0)),
         )
 
 
@@ -496,7 +498,7 @@ class Plan:
                 + (f" (each gather issued {ahead} action{'s' if ahead > 1 else ''} before its first use)"
                    if ahead else " (each gather issued right before its first use)")
                 + ", its gradients reduce-scattered after its last backward, inside the pipeline time; "
-                f"the gathers leave {choice.gather_exposed_s:.4g} s of the step exposed "
+                f"the gathers leave {exposed_text(choice.gather_exposed_s)} of the step exposed "
                 "(ParallelOptions(shard='full'"
                 + (", free_between_microbatches=True" if choice.free_between_microbatches else "")
                 + (f", gather_lookahead={ahead}" if ahead else "")
@@ -614,3 +616,12 @@ class Plan:
             num_order_pruned=int(data.get("num_order_pruned", 0)),
             num_order_unsearched=int(data.get("num_order_unsearched", 0)),
         )
+
+
+def exposed_text(value: float | None) -> str:
+    """'3.333 s', or 'an unpriced time' for None."""
+    return "an unpriced time" if value is None else f"{value:.4g} s"
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -35,7 +35,7 @@ from pipefold.plan.orders import (
     family_schedule,
     order_peaks,
 )
-from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
+from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, OrderTarget, Refinement, refine_orders, searchable
 from pipefold.plan.result import Candidate, Plan, Verdict
@@ -84,6 +84,8 @@ class _Search:
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
+        self._gathers_default: dict[tuple[Degree, Config], Record] = {}
+        """Full sharding: each configuration's default variant (not freed, no look-ahead)."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -241,6 +243,36 @@ class _Search:
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
 
+    def gathers_bound(self, record: Record, recompute: tuple[int, ...]) -> float:
+        """Full sharding: a lower bound on a free / look-ahead variant's step from its configuration's
+        default variant, once simulated: that step less the time its gathers left exposed (the
+        same schedule with instant gathers), which a look-ahead at best hides and freeing between
+        micro-batches only adds to, less every sharding action's overhead (a variant may move them
+        where the rank waits anyway). 0 where not known."""
+        config = record.config
+        if config.shard != "full" or (not config.free_between and not config.gather_lookahead):
+            return 0.0
+        default = self._gathers_default.get(
+            (record.degree, replace(config, free_between=False, gather_lookahead=0)))
+        if default is None or recompute not in default.tried or default.bounds != record.bounds:
+            return 0.0
+        found = default.tried[recompute]
+        model = self.model(record, recompute)
+        exposed = found.gather_exposed_s or 0.0  # (priced: `run` prices every default variant)
+        return found.step_time - exposed - 3 * model.num_stages * model.action_overhead
+
+    def dominated_look_ahead(self, record: Record, recompute: tuple[int, ...], bound: float) -> bool:
+        """Whether a look-ahead without freeing cannot rank ahead of its configuration's default
+        variant: its bound is in the default's time bucket (nothing left to hide) and it holds at
+        least as much (each stage gathered once, earlier)."""
+        config = record.config
+        if config.shard != "full" or config.free_between or not config.gather_lookahead:
+            return False
+        default = self._gathers_default.get((record.degree, replace(config, gather_lookahead=0)))
+        if default is None or recompute not in default.tried:
+            return False
+        return bound >= bucket_floor(default.tried[recompute].step_time)
+
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
         config, pp = record.config, record.degree.num_ranks
@@ -259,23 +291,44 @@ class _Search:
     def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate:
         if recompute not in record.tried:
             self.num_simulated += 1
-            degree = record.degree
-            links = self.links(degree)
-            record.tried[recompute] = evaluate(
-                self.costs_of(record), record.config, degree.num_ranks,
-                record.bounds, recompute, links.pipeline, num_data_parallel=degree.num_data_parallel,
-                dp_link=links.data_parallel, num_cores=self.cores(degree),
-                num_tensor_parallel=degree.num_tensor_parallel,
-                sharded_optimizer=record.config.shard == "zero1",
-                sequence_parallel=self.options.splits_sequence(degree.num_tensor_parallel),
-                link_overrides=links.pipeline_overrides,
-                placed=links.describe() if self.options.hardware is not None else "",
-                recompute_attention=record.config.recompute_attention,
-                rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
-                shard=record.config.shard, free_between=record.config.free_between,
-                gather_lookahead=record.config.gather_lookahead,
-            )
+            # A default variant's exposed gather time bounds its siblings (`gathers_bound`); the
+            # others' is priced only where shown (`price_exposures`): one more simulation each.
+            config = record.config
+            record.tried[recompute] = self.evaluate(record, recompute,
+                                                    not config.free_between and not config.gather_lookahead)
         return record.tried[recompute]
+
+    def evaluate(self, record: Record, recompute: tuple[int, ...], price_exposure: bool) -> Candidate:
+        degree = record.degree
+        links = self.links(degree)
+        return evaluate(
+            self.costs_of(record), record.config, degree.num_ranks,
+            record.bounds, recompute, links.pipeline, num_data_parallel=degree.num_data_parallel,
+            dp_link=links.data_parallel, num_cores=self.cores(degree),
+            num_tensor_parallel=degree.num_tensor_parallel,
+            sharded_optimizer=record.config.shard == "zero1",
+            sequence_parallel=self.options.splits_sequence(degree.num_tensor_parallel),
+            link_overrides=links.pipeline_overrides,
+            placed=links.describe() if self.options.hardware is not None else "",
+            recompute_attention=record.config.recompute_attention,
+            rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
+            shard=record.config.shard, free_between=record.config.free_between,
+            gather_lookahead=record.config.gather_lookahead, price_exposure=price_exposure,
+        )
+
+    def price_exposures(self, records: list[Record], wanted: list[Candidate]) -> dict[int, Candidate]:
+        """The `wanted` candidates whose gathers' exposed time is unpriced, evaluated again with it
+        (the records keep these): {id(unpriced): priced}."""
+        index = {id(c): (record, recompute) for record in records for recompute, c in record.tried.items()}
+        priced: dict[int, Candidate] = {}
+        for candidate in wanted:
+            known = candidate.gather_exposed_s is not None or id(candidate) in priced
+            if known or id(candidate) not in index:
+                continue
+            record, recompute = index[id(candidate)]
+            found = record.tried[recompute] = self.evaluate(record, recompute, True)
+            priced[id(candidate)] = found
+        return priced
 
     def keep(self, candidate: Candidate | None) -> None:
         if candidate is not None:
@@ -338,6 +391,8 @@ class _Search:
                         costs, model, placement, pp, degree.num_data_parallel, links.data_parallel,
                         config.shard == "zero1")
                 record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
+                if config.shard == "full" and not config.free_between and not config.gather_lookahead:
+                    self._gathers_default[(degree, config)] = record
                 record.lower_bound = max(self.bound(record, ()), self.held_bound(record))
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
@@ -369,8 +424,8 @@ class _Search:
                                     config.num_virtual)
         first = everything if choice == "full" else ()
         # The record's bound holds for every recompute choice and knows the memory limit.
-        bound = max(self.bound(record, first), record.lower_bound)
-        if bound > self.threshold:
+        bound = max(self.bound(record, first), record.lower_bound, self.gathers_bound(record, first))
+        if bound > self.threshold or self.dominated_look_ahead(record, first, bound):
             record.prune(bound)
             return
         memory = self.known_memory(record, first)
@@ -619,6 +674,19 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
         raise NoFeasiblePlan(options.memory_limit, least, fastest)
     top = sorted([*search.top, *(candidate for candidate, _ in refinement.found)], key=rank_key)
     del top[options.top:]
+    # Every full-sharding candidate shown (ranked, or a layout of the choice's configuration)
+    # with its exposed gather time.
+    first = top[0]
+    same = (first.num_data_parallel, first.num_ranks, first.num_tensor_parallel, first.schedule,
+            first.num_virtual, first.num_microbatches, first.microbatch_rows, first.bounds)
+    shown = [*top, *([family_choice] if family_choice is not None else []), *(
+        c for record in records for c in record.tried.values()
+        if (record.degree.split + (record.config.schedule, record.config.num_virtual,
+            record.config.num_microbatches, record.config.microbatch_rows, record.bounds)) == same)]
+    priced = search.price_exposures(records, shown)
+    top = [priced.get(id(c), c) for c in top]
+    if family_choice is not None:
+        family_choice = priced.get(id(family_choice), family_choice)
     choice = top[0]
     chosen_degree = Degree(choice.num_data_parallel, choice.num_ranks,
                            options.global_batch // choice.num_data_parallel, choice.num_tensor_parallel)

@@ -53,7 +53,8 @@ class ShardedConfig(Protocol):
     def gather_lookahead(self) -> int: ...
 
 __all__ = [
-    "GATHER_LOOKAHEADS", "SHARD_CHOICES", "ShardedConfig", "check_shard", "gather_exposed", "gathered_bytes", "layout_subject",
+    "GATHER_LOOKAHEADS", "SHARD_CHOICES", "ShardedConfig", "check_shard", "gather_exposed", "gathered_bytes",
+    "layout_subject",
     "layout_text", "searched_layouts", "sharded_memory", "sharded_static_bytes", "simulate_sharded",
 ]
 
@@ -145,7 +146,8 @@ def gathered_bytes(
 
 
 def _shard_and_gathered(
-    model: CostModel, config: ShardedConfig, placement: tuple[int, ...], num_ranks: int, num_data_parallel: int
+    model: CostModel, config: ShardedConfig, placement: tuple[int, ...], num_ranks: int,
+    num_data_parallel: int,
 ) -> list[int]:
     """Per rank, the weight bytes held at a step's peak under full sharding: the 1/dp shards
     (rounded up, as FSDP pads) beside the whole weights gathered at once (`gathered_bytes`)."""

@@ -12,7 +12,13 @@ from pipefold.cli.main import main
 from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
 from pipefold.plan.degree import allgather_time
 from pipefold.plan.result import Candidate
-from pipefold.plan.shard_search import GATHER_LOOKAHEADS, gathered_bytes, searched_layouts, simulate_sharded
+from pipefold.plan.shard_search import (
+    GATHER_LOOKAHEADS,
+    gather_exposed,
+    gathered_bytes,
+    searched_layouts,
+    simulate_sharded,
+)
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule import Op, add_sharding, build
 from pipefold.schedule.shard import gather_waits
@@ -161,3 +167,26 @@ def test_the_cli_json_and_train_command_carry_the_look_ahead(capsys):
     assert config.schedule.shard == "full"
     assert config.schedule.gather_lookahead == choice["gather_lookahead"]
     assert config.schedule.free_between_microbatches == choice["free_between_microbatches"]
+
+
+@pytest.mark.parametrize("name", ["interleaved-1f1b", "zb-v"])
+def test_the_default_variant_less_its_exposed_gathers_bounds_every_variant(name):
+    # The search prunes free / look-ahead variants by this bound (`_Search.gathers_bound`).
+    schedule = build(name, num_ranks=2, num_microbatches=6, num_virtual=2)
+    for link in (SLOW, Link(latency=0.5, bandwidth=1e9), Link(bandwidth=1e5)):
+        model = replace(CostModel.uniform(4, f=1.0, i=0.7, w=0.4), weight_bytes=(3 * P, P, 2 * P, P))
+        default = simulate_sharded(schedule, model, costs_of(), 2, link, False, 0).makespan
+        exposed = gather_exposed(schedule, model, costs_of(), 2, link, False, 0, default)
+        assert exposed > 0
+        for free in (False, True):
+            for ahead in GATHER_LOOKAHEADS:
+                step = simulate_sharded(schedule, model, costs_of(), 2, link, free, ahead).makespan
+                assert step >= default - exposed - 1e-9, (link, free, ahead)
+
+
+def test_every_shown_variant_has_its_exposed_gathers_priced():
+    found = plan(costs_of(), PlanOptions(**BASE, top=3))
+    assert all(c.gather_exposed_s is not None for c in found.top)
+    assert "unpriced" not in found.explain()
+    layouts = [v for v in found.settings if v.subject.startswith("shard=full")]
+    assert len(layouts) == 6 and all("gathers exposed" in v.reason for v in layouts)
