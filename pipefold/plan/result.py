@@ -14,7 +14,7 @@ from pipefold.schedule import Schedule, build
 from pipefold.schedule.io import from_json as schedule_from_json
 from pipefold.schedule.io import to_json as schedule_to_json
 
-__all__ = ["Candidate", "Verdict", "Plan", "SearchedOrder", "Status"]
+__all__ = ["Candidate", "Verdict", "Plan", "SearchedOrder", "Status", "exposed_text"]
 
 Status = Literal["chosen", "slower", "over-memory", "pruned", "not-applicable", "not-searched"]
 """How a schedule family or a setting fared: see `Verdict`."""
