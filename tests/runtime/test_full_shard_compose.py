@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from _cases import _batch, _loss_fn, mlp
+from _cases import DIM, VOCAB, _batch, _loss_fn, mlp
 from _workers import WorkerPool
 from test_tensor_parallel import gpt
 from test_training import BF16_RTOL, _autocast_forward
@@ -126,24 +126,35 @@ def fp16_sharded(*, inject_rank: int, scale: float = 2.0**12) -> dict:
     return {"scales": scales, "skipped": skipped}
 
 
-def tied_sharded(*, schedule: str, free_between: bool = False, lookahead: int = 0) -> dict:
+def _shared_list() -> list[nn.Module]:
+    """A plain layer list whose head shares the embedding's weight (`head.weight = embed.weight`)."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB, bias=False)
+    head.weight = embed.weight
+    return [embed, nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM), head]
+
+
+def tied_sharded(
+    *, schedule: str, free_between: bool = False, lookahead: int = 0, model: str = "gpt"
+) -> dict:
     """The built-in GPT at dp2 x pp2, fully sharded: its tied embedding and head (the vocabulary
     of 11 rows split 6 / 5 over "dp") sum their gradient shards between pipeline ranks 0 and 1,
     or, on two stages of rank 0 (a V placement), sum their whole gradients in one FSDP unit
     before its reduce-scatter; two accumulated steps give the model's loss and every gradient,
-    AdamW its weights."""
+    AdamW its weights. `model="shared"`: a plain list whose head shares the embedding's weight."""
     torch.manual_seed(1234)
     kind = "transformer"
     loss_fn = _loss_fn(kind)
+    layers = gpt() if model == "gpt" else _shared_list()
     pipe = Pipeline(
-        gpt(), loss_fn=loss_fn, schedule=schedule, num_microbatches=2, layout=LayoutOptions(seed=7),
+        layers, loss_fn=loss_fn, schedule=schedule, num_microbatches=2, layout=LayoutOptions(seed=7),
         parallel=ParallelOptions(
             process_group=_mesh(), shard="full", free_between_microbatches=free_between,
             gather_lookahead=lookahead,
         ),
         runtime=RuntimeOptions(timeout_s=60),
     )
-    reference = build_reference(gpt(), seed=7)
+    reference = build_reference(gpt(), seed=7) if model == "gpt" else nn.Sequential(*_shared_list())
     params = dict(reference.named_parameters())
     rows = 6
 
@@ -244,15 +255,17 @@ def test_tied_embedding_and_head_fully_sharded_equal_one_process(pool4):
     # A V placement puts the embedding (stage 0) and the head (stage 3) on rank 0: one unit,
     # gathered and reduce-scattered once per step (4 steps), nothing exchanged between ranks.
     for schedule, options in (
-        ("zb-v", {}), ("dualpipe-v", {}), ("zb-v", {"free_between": True, "lookahead": 1})
+        ("zb-v", {}), ("dualpipe-v", {}), ("zb-v", {"free_between": True, "lookahead": 1}),
+        ("zb-v", {"model": "shared"}),  # a parameter two layers share (`head.weight = embed.weight`)
     ):
         results = pool4.run("tied_sharded", schedule=schedule, **options)
         for result in results:
             assert result["tied"] == [], result
-            units = ((0, 3),) if result["rank"] == 0 else ((1,), (2,))
+            rank1 = ((2,),) if options.get("model") == "shared" else ((1,), (2,))  # stage 1: Tanh
+            units = ((0, 3),) if result["rank"] == 0 else rank1
             assert result["units"] == units, result
             assert result["reductions"] == 4 * len(units), result
-            if not options:
+            if not options.get("free_between"):
                 assert result["gathers"] == 4 * len(units), result
     messages = pool4.run("tied_misordered")
     assert all(message is not None and "the same replica" in message for message in messages), messages
