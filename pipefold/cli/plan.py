@@ -344,8 +344,7 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     elif choice.recompute_attention:
         words += ["--recompute", "selective"]
     asynchronous = not choice.is_searched_order and is_asynchronous(choice.schedule)
-    refuses_tied = choice.shard == "full" or asynchronous
-    if refuses_tied and not _is_hf(args):
+    if asynchronous and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
     return shlex.join(words)
 

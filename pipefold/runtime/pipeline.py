@@ -182,8 +182,7 @@ class Pipeline:
             keep_freed_memory()
         self.partition = resolve_partition(self._layers, self.schedule, self.layout_options.partition)
         check_shared_parameters(
-            self._shared, self._layers, self._meta, dims, self.schedule, self.partition,
-            sharded=self.parallel_options.shard == "full",
+            self._shared, self._layers, self._meta, dims, self.schedule, self.partition
         )
 
         # -- local modules (no communication so far) --------------------------------------

@@ -1,7 +1,7 @@
 """Refusing layouts in which weights held by several layers (tied layers, shared parameters)
-could not stay one weight: split by a tensor-parallel plan, updated apart by a schedule that
-steps each stage inside the step (docs/decisions.md, "tensor parallel x pipeline"), or, fully
-sharded, held by two stages of one rank (each stage is its own FSDP unit)."""
+could not stay one weight: split by a tensor-parallel plan, or updated apart by a schedule that
+steps each stage inside the step (docs/decisions.md, "tensor parallel x pipeline"). Fully
+sharded, two stages of one rank holding one weight are one FSDP unit (full_shard.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipefold.runtime.parallel.tensor_parallel import plan_for
 from pipefold.runtime.parallel.vocab_parallel import VocabParallel
 from pipefold.schedule import Schedule, WeightUpdate
 
-__all__ = ["check_shared_parameters", "check_tied_layers_sharded", "check_tied_layers_whole"]
+__all__ = ["check_shared_parameters", "check_tied_layers_whole"]
 
 
 def check_tied_layers_whole(
@@ -50,14 +50,9 @@ def check_shared_parameters(
     dims: ParallelDims,
     schedule: Schedule,
     layout: Partition,
-    *,
-    sharded: bool = False,
 ) -> None:
     """Refuse a shared parameter the pipeline cannot keep one weight: split by a tensor-parallel
-    plan, or held by two stages of a schedule that updates each stage inside the step; and,
-    `sharded` (full sharding), any tied layer or shared parameter on two stages of one rank."""
-    if sharded:
-        check_tied_layers_sharded(layers, shared, schedule, layout)
+    plan, or held by two stages of a schedule that updates each stage inside the step."""
     for name, uses in sorted(shared.items()):
         where = " and ".join(
             f"layer {index} ({layer_name(layers[index])}, stage {layout.stage_of(index)}) as {use!r}"
@@ -77,34 +72,3 @@ def check_shared_parameters(
                 "each stage's weights inside the step, so the stages would update their uses apart; "
                 "use a flush schedule, or put every use on one stage (LayoutOptions(partition=...))"
             )
-
-
-def check_tied_layers_sharded(
-    layers: Sequence[LayerLike],
-    shared: Mapping[str, tuple[tuple[int, str], ...]],
-    schedule: Schedule,
-    layout: Partition,
-) -> None:
-    """Full sharding makes each stage one FSDP unit, so a tied layer or a shared parameter may
-    sit on several stages only where each of them is on its own rank (the owners then sum their
-    gradient shards); two stages of one rank (a V placement's first and last) would shard one
-    weight twice. Refused alike on every rank, before any communication."""
-    held = [(f"tied layer {key!r}", occurrences) for key, occurrences in sorted(tied_groups(layers).items())]
-    held += [
-        (f"shared parameter {name!r}", tuple(index for index, _ in uses))
-        for name, uses in sorted(shared.items())
-    ]
-    for what, indices in held:
-        stages = sorted({layout.stage_of(index) for index in indices})
-        by_rank: dict[int, list[int]] = {}
-        for stage in stages:
-            by_rank.setdefault(schedule.placement[stage], []).append(stage)
-        for rank, on_rank in sorted(by_rank.items()):
-            if len(on_rank) > 1:
-                raise ConfigError(
-                    f"shard='full': the {what} (layers {list(indices)}) is held by stages {on_rank}, which "
-                    f"schedule {schedule.name!r} both places on rank {rank}; full sharding makes each stage "
-                    "its own FSDP unit and cannot shard one weight in two; use a schedule that puts those "
-                    "stages on different ranks (1f1b, zb-h1, interleaved-1f1b), or untie the layers, or "
-                    "shard='replicate'"
-                )

@@ -117,7 +117,7 @@ def test_the_cli_reports_the_layout_and_the_train_command_carries_it(capsys):
     assert result["choice"]["shard"] == "full"
     config = _train_config(result["train_command"])
     assert config.schedule.shard == "full" and config.schedule.data_parallel == 2
-    assert config.model.tie_embeddings is False  # full sharding refuses tied weights
+    assert config.model.tie_embeddings  # full sharding keeps the GPT's tied head, as planned
     assert main(["plan", *gpt, "--shard", "auto"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["choice"]["shard"] in ("replicate", "zero1", "full")

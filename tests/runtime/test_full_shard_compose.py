@@ -5,27 +5,28 @@ Four ranks (the shared pool) run this module's rank-side functions (`WorkerPool(
 cases=__name__)`): `fp16_sharded` checks the loss, every gradient (as full tensors) and the
 weights after AdamW under the same autocast and scale, and that an inf injected into one stage
 of one replica drops the step and halves the scale on every rank; `tied_sharded` checks the
-built-in GPT (tied embedding and head on pipeline ranks 0 and 1 of each replica) exactly.
+built-in GPT exactly, with its tied embedding and head on pipeline ranks 0 and 1 of each replica
+(1f1b, interleaved-1f1b) or both on rank 0 (zb-v, dualpipe-v: one FSDP unit of stages 0 and 3).
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from _cases import _batch, _loss_fn, mlp
+from _cases import DIM, VOCAB, _batch, _loss_fn, mlp
 from _workers import WorkerPool
 from test_tensor_parallel import gpt
 from test_training import BF16_RTOL, _autocast_forward
 from torch import nn
 
 from pipefold.errors import ConfigError
-from pipefold.model import build_reference, partition
+from pipefold.model import build_reference
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions
-from pipefold.runtime.shared_checks import check_tied_layers_sharded
-from pipefold.schedule import build
+from pipefold.runtime.parallel.full_shard import _joined
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +126,35 @@ def fp16_sharded(*, inject_rank: int, scale: float = 2.0**12) -> dict:
     return {"scales": scales, "skipped": skipped}
 
 
-def tied_sharded(*, schedule: str) -> dict:
-    """The built-in GPT at dp2 x pp2, fully sharded: its tied embedding and head (pipeline ranks
-    0 and 1 of each replica, the vocabulary of 11 rows split 6 / 5 over "dp") sum their gradient
-    shards; two accumulated steps give the model's loss and every gradient, AdamW its weights."""
+def _shared_list() -> list[nn.Module]:
+    """A plain layer list whose head shares the embedding's weight (`head.weight = embed.weight`)."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB, bias=False)
+    head.weight = embed.weight
+    return [embed, nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM), head]
+
+
+def tied_sharded(
+    *, schedule: str, free_between: bool = False, lookahead: int = 0, model: str = "gpt"
+) -> dict:
+    """The built-in GPT at dp2 x pp2, fully sharded: its tied embedding and head (the vocabulary
+    of 11 rows split 6 / 5 over "dp") sum their gradient shards between pipeline ranks 0 and 1,
+    or, on two stages of rank 0 (a V placement), sum their whole gradients in one FSDP unit
+    before its reduce-scatter; two accumulated steps give the model's loss and every gradient,
+    AdamW its weights. `model="shared"`: a plain list whose head shares the embedding's weight."""
     torch.manual_seed(1234)
     kind = "transformer"
     loss_fn = _loss_fn(kind)
+    layers = gpt() if model == "gpt" else _shared_list()
     pipe = Pipeline(
-        gpt(), loss_fn=loss_fn, schedule=schedule, num_microbatches=2, layout=LayoutOptions(seed=7),
-        parallel=ParallelOptions(process_group=_mesh(), shard="full"), runtime=RuntimeOptions(timeout_s=60),
+        layers, loss_fn=loss_fn, schedule=schedule, num_microbatches=2, layout=LayoutOptions(seed=7),
+        parallel=ParallelOptions(
+            process_group=_mesh(), shard="full", free_between_microbatches=free_between,
+            gather_lookahead=lookahead,
+        ),
+        runtime=RuntimeOptions(timeout_s=60),
     )
-    reference = build_reference(gpt(), seed=7)
+    reference = build_reference(gpt(), seed=7) if model == "gpt" else nn.Sequential(*_shared_list())
     params = dict(reference.named_parameters())
     rows = 6
 
@@ -173,21 +191,12 @@ def tied_sharded(*, schedule: str) -> dict:
     for name, param in pipe.named_parameters():
         torch.testing.assert_close(param.full_tensor(), params[name].detach(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
-    return {"rank": pipe.rank, "names": names, "tied": [owners for owners, _ in pipe.tied.groups]}
-
-
-def tied_refused() -> str | None:
-    """zb-v puts the GPT's first and last stage (embedding and head) on rank 0: refused alike on
-    every rank before any communication."""
-    try:
-        Pipeline(
-            gpt(), loss_fn=_loss_fn("transformer"), schedule="zb-v", num_microbatches=2,
-            parallel=ParallelOptions(process_group=_mesh(), shard="full"),
-            runtime=RuntimeOptions(timeout_s=60),
-        )
-    except ConfigError as error:
-        return str(error)
-    return None
+    assert pipe.sharding is not None
+    return {
+        "rank": pipe.rank, "names": names, "tied": [owners for owners, _ in pipe.tied.groups],
+        "units": pipe.sharding.units, "gathers": pipe.sharding.num_gathers,
+        "reductions": pipe.sharding.num_reductions,
+    }
 
 
 def tied_misordered() -> str | None:
@@ -213,24 +222,18 @@ def tied_misordered() -> str | None:
 # -- tests -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("schedule", "refused"), [("zb-v", True), ("1f1b", False), ("interleaved-1f1b", False)]
-)
-def test_a_tied_layer_on_two_stages_of_one_rank_is_refused_under_full_sharding(schedule, refused):
-    layers = gpt()
-    plan = build(schedule, num_ranks=2, num_microbatches=4)
-    layout = partition(layers, plan.num_stages, placement=plan.placement)
-    if not refused:
-        check_tied_layers_sharded(layers, {}, plan, layout)
-        return
-    with pytest.raises(ConfigError, match=r"tied layer 'embed' .* both places on rank 0; .* \(1f1b, zb-h1"):
-        check_tied_layers_sharded(layers, {}, plan, layout)
-    # A parameter two layers share (as a plain list's tied head does) is held alike.
-    plain = mlp()
-    shared = {"0.linear.weight": ((0, "linear.weight"), (len(plain) - 1, "weight"))}
-    layout = partition(plain, plan.num_stages, placement=plan.placement)
-    with pytest.raises(ConfigError, match="shared parameter '0.linear.weight'"):
-        check_tied_layers_sharded(plain, shared, plan, layout)
+def test_stages_holding_one_weight_are_one_unit():
+    """Stages of one rank that hold one parameter (by identity) are grouped; stages without
+    parameters are left out."""
+    tied, other, alone = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+    stages = [
+        SimpleNamespace(index=3, parameters=(tied,)),
+        SimpleNamespace(index=0, parameters=(tied, other)),
+        SimpleNamespace(index=1, parameters=()),
+        SimpleNamespace(index=2, parameters=(alone,)),
+        SimpleNamespace(index=5, parameters=(other,)),
+    ]
+    assert [[stage.index for stage in group] for group in _joined(stages)] == [[0, 3, 5], [2]]
 
 
 @pytest.mark.multiprocess
@@ -249,7 +252,20 @@ def test_tied_embedding_and_head_fully_sharded_equal_one_process(pool4):
         results = pool4.run("tied_sharded", schedule=schedule)
         for result in results:
             assert result["tied"] == [(0, 1)], result  # pipeline ranks 0 and 1 of the replica
-    messages = pool4.run("tied_refused")
-    assert all(message is not None and "both places on rank 0" in message for message in messages), messages
+    # A V placement puts the embedding (stage 0) and the head (stage 3) on rank 0: one unit,
+    # gathered and reduce-scattered once per step (4 steps), nothing exchanged between ranks.
+    for schedule, options in (
+        ("zb-v", {}), ("dualpipe-v", {}), ("zb-v", {"free_between": True, "lookahead": 1}),
+        ("zb-v", {"model": "shared"}),  # a parameter two layers share (`head.weight = embed.weight`)
+    ):
+        results = pool4.run("tied_sharded", schedule=schedule, **options)
+        for result in results:
+            assert result["tied"] == [], result
+            rank1 = ((2,),) if options.get("model") == "shared" else ((1,), (2,))  # stage 1: Tanh
+            units = ((0, 3),) if result["rank"] == 0 else rank1
+            assert result["units"] == units, result
+            assert result["reductions"] == 4 * len(units), result
+            if not options.get("free_between"):
+                assert result["gathers"] == 4 * len(units), result
     messages = pool4.run("tied_misordered")
     assert all(message is not None and "the same replica" in message for message in messages), messages

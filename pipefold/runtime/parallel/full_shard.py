@@ -13,8 +13,11 @@ FSDP's own forward and backward hooks never fire: the executor runs a stage's la
 one, not through the module `fully_shard` wraps, and the backward goes through pipefold's own
 autograd calls (backward.py). What FSDP would do per micro-batch happens where the schedule
 says instead. fp16's loss scale checks and unscales the shards after the step, and tied layers'
-owners sum their gradient shards (step_gradients.py, tied.py). Design notes: docs/decisions.md,
-"Full sharding driven by the schedule".
+owners sum their gradient shards (step_gradients.py, tied.py). Stages of one rank that hold one
+weight (a V placement's first and last stage with a tied embedding and head) are one FSDP unit:
+gathered at the first of their UNSHARDs, reduce-scattered at the last of their REDUCE_GRADs (the
+tied gradient summed whole before it) and freed at the last of their RESHARDs. Design notes:
+docs/decisions.md, "Full sharding driven by the schedule".
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ __all__ = ["FullSharding"]
 
 
 class FullSharding:
-    """The stages of this rank, each one FSDP unit sharded over the data-parallel group."""
+    """The stages of this rank, each one FSDP unit sharded over the data-parallel group (the
+    stages that hold one weight, one unit together)."""
 
     def __init__(
         self,
@@ -59,27 +63,34 @@ class FullSharding:
             else DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
         )
         self._group = group
-        self._modules: dict[int, FSDPModule] = {}
         self._stages = {stage.index: stage for stage in stages}
-        for stage in stages:
-            if not stage.parameters:
-                continue  # nothing to shard (a stage of parameter-free layers)
-            module = fully_shard(stage.module, mesh=mesh, reshard_after_forward=False)
+        self._units: list[_Unit] = []
+        self._unit_of: dict[int, _Unit] = {}
+        for members in _joined(stages):
+            # One stage is its own root; stages holding one weight share a root module over
+            # them all, so FSDP shards that weight once (it refuses one parameter in two units).
+            root = members[0].module if len(members) == 1 else _Joint([m.module for m in members])
+            module = fully_shard(root, mesh=mesh, reshard_after_forward=False)
             # The replicas' gradients are already weighted by their rows (the pipeline seeds each
             # backward with rows / global rows), so the reduce-scatter sums; gloo has no average.
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(1.0)
             module._get_fsdp_state()._lazy_init()  # what its first forward would do: it is the root
             self._idle(module)
-            self._modules[stage.index] = module
-            stage.parameters = _parameters(stage.module)
+            unit = _Unit(module, tuple(stage.index for stage in members))
+            self._units.append(unit)
+            for stage in members:
+                self._unit_of[stage.index] = unit
+                stage.parameters = _parameters(stage.module)
         self._free_between = free_between
         self._lookahead = lookahead
         self._handles: dict[int, object] = {}
+        """Each unit's gather in flight, by its first stage."""
         self.num_gathers = 0
-        """Weight all-gathers run so far (one per stage per step unless `free_between`)."""
+        """Weight all-gathers run so far (one per unit per step unless `free_between`; a unit
+        is a stage, or the stages of this rank that hold one weight)."""
         self.num_reductions = 0
-        """Gradient reduce-scatters run so far (one per stage per step)."""
+        """Gradient reduce-scatters run so far (one per unit per step)."""
 
     def check_one_replica(self, collectives: Collectives | None) -> None:
         """With tied layers or shared parameters: refuse a pipeline whose ranks are not all the
@@ -101,7 +112,12 @@ class FullSharding:
     @property
     def stages(self) -> tuple[int, ...]:
         """The stages sharded here (those with parameters)."""
-        return tuple(self._modules)
+        return tuple(sorted(self._unit_of))
+
+    @property
+    def units(self) -> tuple[tuple[int, ...], ...]:
+        """The stages of each FSDP unit: one each, but stages that hold one weight together."""
+        return tuple(unit.stages for unit in self._units)
 
     @staticmethod
     def _idle(module: FSDPModule) -> None:
@@ -114,32 +130,47 @@ class FullSharding:
         """`schedule` with the sharding actions this pipeline runs (the same on every rank)."""
         return add_sharding(schedule, free_between=self._free_between, lookahead=self._lookahead)
 
+    def _refresh(self, unit: _Unit) -> None:
+        # The layers hold the gathered parameters or the shards: what the backward differentiates.
+        for stage in unit.stages:
+            self._stages[stage].parameters = _parameters(self._stages[stage].module)
+
     # -- the executor's handlers for UNSHARD, RESHARD and REDUCE_GRAD -------------------------
 
     def unshard(self, stage: int) -> None:
-        """Start all-gathering `stage`'s weights (collective over "dp"); `wait_gathered`
-        finishes it before the stage's next compute action."""
-        module = self._modules.get(stage)
-        if module is None:
+        """Start all-gathering `stage`'s weights (collective over "dp"), unless its unit is
+        gathered already; `wait_gathered` finishes it before the stage's next compute action."""
+        unit = self._unit_of.get(stage)
+        if unit is None:
             return  # a stage of parameter-free layers: nothing to gather
-        self._handles[stage] = module.unshard(async_op=True)
-        self.num_gathers += 1
+        if not unit.holders:
+            self._handles[unit.stages[0]] = unit.module.unshard(async_op=True)
+            self.num_gathers += 1
+        unit.holders.add(stage)
 
     def wait_gathered(self, stage: int) -> None:
         """Finish `stage`'s gather: its layers then hold the whole weights."""
-        handle = self._handles.pop(stage, None)
-        if handle is None:
+        unit = self._unit_of.get(stage)
+        handle = None if unit is None else self._handles.pop(unit.stages[0], None)
+        if unit is None or handle is None:
             return
         handle.wait()  # type: ignore[attr-defined]
         # The unsharded parameters are the leaves of this step's graphs: I hands them to W.
-        self._stages[stage].parameters = _parameters(self._stages[stage].module)
+        self._refresh(unit)
 
     def reduce_grad(self, stage: int) -> None:
-        """Reduce-scatter `stage`'s gradients of the step into its shards' `.grad` (summed
-        into what is there; collective over "dp"), keeping the whole weights."""
-        module = self._modules.get(stage)
-        if module is None:
+        """Reduce-scatter the step's gradients into the shards' `.grad` (summed into what is
+        there; collective over "dp"), keeping the whole weights: at `stage`'s REDUCE_GRAD, or
+        in a unit of several stages at the last of theirs (each adds to the whole gradient of
+        the weight they hold until then)."""
+        unit = self._unit_of.get(stage)
+        if unit is None:
             return
+        unit.reduced.add(stage)
+        if len(unit.reduced) < len(unit.stages):
+            return
+        unit.reduced.clear()
+        module = unit.module
         module.set_is_last_backward(True)
         module.set_requires_gradient_sync(True)
         # What FSDP's post-backward hooks and its end-of-backward callback would run, called
@@ -155,12 +186,16 @@ class FullSharding:
 
     def reshard(self, stage: int) -> None:
         """Free `stage`'s whole weights, keeping this replica's shard (and, between
-        micro-batches, the whole gradients accumulated so far)."""
-        module = self._modules.get(stage)
-        if module is None:
+        micro-batches, the whole gradients accumulated so far); in a unit of several stages,
+        once none of them holds the weights."""
+        unit = self._unit_of.get(stage)
+        if unit is None:
             return
-        module.reshard()
-        self._stages[stage].parameters = _parameters(self._stages[stage].module)
+        unit.holders.discard(stage)
+        if unit.holders:
+            return
+        unit.module.reshard()
+        self._refresh(unit)
 
     def gather(self, stage: int) -> None:
         """All-gather `stage`'s weights now (collective over "dp")."""
@@ -169,14 +204,57 @@ class FullSharding:
 
     def gather_all(self) -> None:
         """Gather every stage (forward-only evaluation needs whole weights)."""
-        for stage in self._modules:
+        for stage in self.stages:
             self.gather(stage)
 
     def free_all(self) -> None:
         """Free every stage's whole weights, without reducing anything."""
-        for stage, module in self._modules.items():
-            module.reshard()
-            self._stages[stage].parameters = _parameters(self._stages[stage].module)
+        for unit in self._units:
+            unit.holders.clear()
+            unit.module.reshard()
+            self._refresh(unit)
+
+
+class _Unit:
+    """One FSDP unit: its root module, its stages, and which of them hold the gathered weights
+    now and have reached their REDUCE_GRAD this step."""
+
+    def __init__(self, module: FSDPModule, stages: tuple[int, ...]) -> None:
+        self.module = module
+        self.stages = stages
+        self.holders: set[int] = set()
+        self.reduced: set[int] = set()
+
+
+class _Joint(nn.Module):
+    """The root over stages that hold one weight (never called: the executor runs each stage's
+    layers itself)."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(modules)
+
+
+def _joined(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """The stages with parameters, in groups: those holding one parameter (by identity, as a
+    tied module or a shared parameter is held) together, in stage order."""
+    with_parameters = [stage for stage in stages if stage.parameters]
+    group_of = {stage.index: stage.index for stage in with_parameters}
+
+    def find(index: int) -> int:
+        while group_of[index] != index:
+            index = group_of[index]
+        return index
+
+    first_holder: dict[int, int] = {}
+    for stage in with_parameters:
+        for param in stage.parameters:
+            other = first_holder.setdefault(id(param), stage.index)
+            group_of[find(stage.index)] = find(other)
+    groups: dict[int, list[Stage]] = {}
+    for stage in sorted(with_parameters, key=lambda stage: stage.index):
+        groups.setdefault(find(stage.index), []).append(stage)
+    return list(groups.values())
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
