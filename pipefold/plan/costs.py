@@ -138,6 +138,7 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
+    "tied_layers",
 )
 
 
@@ -166,12 +167,26 @@ class ModelCosts:
     """Bytes the loss saves for its backward per `reference_rows` samples (a cross-entropy's
     log-probabilities: as large as the logits), held by the last stage per micro-batch in flight,
     recomputed or not (the loss runs outside the stage's checkpoints)."""
+    tied_layers: tuple[tuple[int, ...], ...] = ()
+    """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
+    each layer of a group the same module, its `parameter_bytes` that weight's. Full sharding
+    gathers such layers on one rank as one unit, the weight once (`pipefold.schedule.shard_units`)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers:
             raise ConfigError("ModelCosts.layers is empty; give one LayerCost per layer")
+        tied = tuple(tuple(group) for group in self.tied_layers)
+        for group in tied:
+            if len(group) < 2 or len(set(group)) != len(group) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.layers) for i in group
+            ):
+                raise ConfigError(
+                    f"ModelCosts.tied_layers: {group!r}; give two or more distinct layer indices in "
+                    f"0..{len(self.layers) - 1} per group"
+                )
+        object.__setattr__(self, "tied_layers", tied)
         if not all(isinstance(layer, LayerCost) for layer in self.layers):
             raise ConfigError("ModelCosts.layers must hold LayerCost values, one per layer")
         if isinstance(self.reference_rows, bool) or not isinstance(self.reference_rows, int) or (
@@ -287,6 +302,7 @@ class ModelCosts:
         data = {name: getattr(self, name) for name in _FIELDS}
         data["layers"] = [asdict(layer) for layer in self.layers]
         data["tensor_parallel_degrees"] = list(self.tensor_parallel_degrees)
+        data["tied_layers"] = [list(group) for group in self.tied_layers]
         return data
 
     @classmethod
@@ -323,6 +339,8 @@ class ModelCosts:
         rest = {name: data[name] for name in _FIELDS if name != "layers" and name in data}
         if "tensor_parallel_degrees" in rest:
             rest["tensor_parallel_degrees"] = tuple(rest["tensor_parallel_degrees"])
+        if "tied_layers" in rest:
+            rest["tied_layers"] = tuple(tuple(group) for group in rest["tied_layers"])
         return cls(layers=tuple(layers), **rest)
 
 

@@ -148,6 +148,7 @@ def gpt_costs(
         # copies (12 bytes per weight: 6 per byte of a bf16 weight), as `GptEstimate` prices them.
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
         overhead_s=overhead_s,
+        tied_layers=((0, len(layers) - 1),) if tie_embeddings else (),  # the head is the embedding
         source=(
             f"FLOP estimate for a GPT (layers={num_layers}, d_model={d_model}, heads={num_heads}, "
             f"seq_len={seq_len}, vocab={vocab_size}) at {flops:.3g} FLOP/s, not a measurement"
@@ -357,6 +358,7 @@ class GptEstimate:
             input_bytes=s * b * 8,
             gradient_bytes_per_parameter_byte=self.gradient_element_bytes / pe,
             optimizer_bytes_per_parameter_byte=self.optimizer_element_bytes / pe,
+            tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

@@ -15,7 +15,7 @@ from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
 from pipefold.plan.orders import compiled_family, compiles, family_schedule
 from pipefold.plan.result import Candidate
-from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded
+from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded, stage_ties
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.simulate import CostModel, Link, simulate
@@ -61,14 +61,15 @@ def evaluate(
     if shard == "full":
         if num_data_parallel == 1:
             raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
+        ties = stage_ties(costs, bounds)  # a rank's stages holding one weight: one unit
         timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between,
-                                    gather_lookahead)
+                                    gather_lookahead, ties)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
         exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
-                                 gather_lookahead, makespan) if price_exposure else None
+                                 gather_lookahead, makespan, ties) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
         memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
-                                sharded, schedule.placement, num_data_parallel)
+                                sharded, schedule.placement, num_data_parallel, ties)
     elif compiles(schedule, model):
         sizes = (num_ranks, config.num_microbatches, config.num_virtual)
         run = compiled_family(config.schedule, *sizes).run(model)

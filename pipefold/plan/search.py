@@ -43,6 +43,7 @@ from pipefold.plan.shard_search import (
     searched_layouts,
     sharded_memory,
     sharded_static_bytes,
+    stage_ties,
 )
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
@@ -277,8 +278,9 @@ class _Search:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
         config, pp = record.config, record.degree.num_ranks
         if config.shard == "full":
-            return sharded_static_bytes(self.costs_of(record), model, config, record.placement, pp,
-                                        record.degree.num_data_parallel)
+            costs = self.costs_of(record)
+            return sharded_static_bytes(costs, model, config, record.placement, pp,
+                                        record.degree.num_data_parallel, stage_ties(costs, record.bounds))
         return static_bytes(self.costs_of(record), model, record.placement, pp)
 
     @property
@@ -470,7 +472,8 @@ class _Search:
         memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
         if config.shard == "full":
             # The sharding actions hold no activations: a flush's activation peaks are its order's.
-            return sharded_memory(memory, model, config, record.placement, degree.num_data_parallel)
+            return sharded_memory(memory, model, config, record.placement, degree.num_data_parallel,
+                                  stage_ties(costs, record.bounds))
         return memory
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:

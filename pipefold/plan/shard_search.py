@@ -17,14 +17,22 @@ the layouts of one configuration like its other settings:
   walked for its gather buffers (`gathered_bytes`: a look-ahead holds the next stage's whole
   weights while the current one's are still there).
 
+Stages of one rank that hold one weight (`ModelCosts.tied_layers`: the GPT's tied embedding and
+head, both on rank 0 under zb-v and dualpipe-v) gather as one unit, as the runtime does
+(`pipefold.schedule.shard_units`): one all-gather of the union's bytes (the weight once) at the
+unit's first UNSHARD, held until its last RESHARD, one reduce-scatter at its last REDUCE_GRAD;
+`stage_ties` cuts the tied layers at a partition and every function here takes its result.
+
 See docs/plan.md, "Data-parallel layout". No torch.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
-from collections.abc import Sequence
-from dataclasses import replace
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pipefold.errors import ConfigError
@@ -32,7 +40,7 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time
 from pipefold.plan.memory import RankMemory
 from pipefold.plan.orders import family_schedule
-from pipefold.schedule import Op, Schedule, add_sharding
+from pipefold.schedule import Op, Schedule, add_sharding, shard_units, unit_costs
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.timeline import Timeline
 
@@ -53,8 +61,8 @@ class ShardedConfig(Protocol):
     def gather_lookahead(self) -> int: ...
 
 __all__ = [
-    "GATHER_LOOKAHEADS", "SHARD_CHOICES", "ShardedConfig", "check_shard", "gather_exposed", "gathered_bytes",
-    "layout_subject",
+    "GATHER_LOOKAHEADS", "NO_TIES", "SHARD_CHOICES", "ShardedConfig", "StageTies", "check_shard", "gather_exposed",
+    "gathered_bytes", "layout_subject", "stage_ties",
     "layout_text", "searched_layouts", "sharded_memory", "sharded_static_bytes", "simulate_sharded",
 ]
 
@@ -103,22 +111,66 @@ def searched_layouts(
     return (("replicate", False, 0),)
 
 
-def _owned(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
-    """Per rank: its stages' weight bytes."""
-    owned = [0] * num_ranks
-    for stage, rank in enumerate(placement):
-        owned[rank] += model.weight_bytes[stage]
-    return owned
+@dataclass(frozen=True)
+class StageTies:
+    """The weights several layers hold (`ModelCosts.tied_layers`), cut at a partition."""
+
+    groups: tuple[tuple[tuple[tuple[int, int], ...], int], ...] = ()
+    """Per weight: ((stage, how many of its layers that stage holds), ...) and its bytes."""
+
+    @property
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        """Per weight held by several stages, those stages (`shard_units`' `tied`)."""
+        return tuple(found for found in (tuple(stage for stage, _ in counts) for counts, _ in self.groups)
+                     if len(found) > 1)
+
+    def units(self, placement: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """Every rank's full-sharding units (`pipefold.schedule.shard_units`)."""
+        return shard_units(placement, self.stages)
+
+    def bytes_of(self, stages: Iterable[int], weight_bytes: Sequence[int]) -> int:
+        """The weight bytes of `stages` held together: their `weight_bytes`, each tied weight once."""
+        held = set(stages)
+        total = sum(weight_bytes[stage] for stage in held)
+        for counts, size in self.groups:
+            copies = sum(count for stage, count in counts if stage in held)
+            total -= max(copies - 1, 0) * size
+        return total
+
+
+NO_TIES = StageTies()
+"""A model without tied layers: each stage is its own unit."""
+
+
+def stage_ties(costs: ModelCosts, bounds: Sequence[int]) -> StageTies:
+    """`costs.tied_layers` at the partition `bounds` (stage s owns layers [bounds[s], bounds[s+1])):
+    each tied weight's stages and its bytes (the smallest of its layers' `parameter_bytes`: one
+    module's where the layers are one module)."""
+    groups = []
+    for group in costs.tied_layers:
+        counts = Counter(bisect.bisect_right(bounds, layer) - 1 for layer in group)
+        size = min(costs.layers[layer].parameter_bytes for layer in group)
+        groups.append((tuple(sorted(counts.items())), size))
+    return StageTies(tuple(groups))
+
+
+def _owned(model: CostModel, placement: tuple[int, ...], num_ranks: int, ties: StageTies = NO_TIES) -> list[int]:
+    """Per rank: its stages' weight bytes (a weight its stages share, once: FSDP shards it once)."""
+    return [ties.bytes_of((stage for stage, owner in enumerate(placement) if owner == rank), model.weight_bytes)
+            for rank in range(num_ranks)]
 
 
 @functools.lru_cache(maxsize=1024)
 def _held_together(
-    name: str, num_ranks: int, num_microbatches: int, num_virtual: int, free_between: bool, lookahead: int
+    name: str, num_ranks: int, num_microbatches: int, num_virtual: int, free_between: bool, lookahead: int,
+    tied: tuple[tuple[int, ...], ...] = (),
 ) -> tuple[tuple[frozenset[int], ...], ...]:
     """Per rank, the sets of stages whose whole weights the family's sharded schedule holds at
-    once, right after each of its gathers starts (where the held bytes peak)."""
-    schedule = add_sharding(family_schedule(name, num_ranks, num_microbatches, num_virtual),
-                            free_between=free_between, lookahead=lookahead)
+    once, right after each of its gathers starts (where the held bytes peak); `tied` as
+    `StageTies.stages`."""
+    family = family_schedule(name, num_ranks, num_microbatches, num_virtual)
+    schedule = add_sharding(family, free_between=free_between, lookahead=lookahead,
+                            units=shard_units(family.placement, tied))
     found = []
     for row in schedule.actions:
         held: set[int] = set()
@@ -135,47 +187,47 @@ def _held_together(
 
 def gathered_bytes(
     name: str, num_ranks: int, num_microbatches: int, num_virtual: int, weight_bytes: Sequence[int],
-    free_between: bool, lookahead: int,
+    free_between: bool, lookahead: int, ties: StageTies = NO_TIES,
 ) -> tuple[int, ...]:
     """Per rank, the most whole (gathered) weight bytes the family `name` holds at once under full
     sharding with these options, walked from its rows: a rank runs its row in order, so this is
-    `pipefold.simulate.memory.gathered_weight_bytes_peak` of any simulation of that schedule."""
-    held = _held_together(name, num_ranks, num_microbatches, num_virtual, free_between, lookahead)
-    return tuple(max((sum(weight_bytes[stage] for stage in stages) for stages in sets), default=0)
-                 for sets in held)
+    `pipefold.simulate.memory.gathered_weight_bytes_peak` of any simulation of that schedule
+    (which counts a tied weight at each of its stages; here a unit holds it once)."""
+    held = _held_together(name, num_ranks, num_microbatches, num_virtual, free_between, lookahead, ties.stages)
+    return tuple(max((ties.bytes_of(stages, weight_bytes) for stages in sets), default=0) for sets in held)
 
 
 def _shard_and_gathered(
     model: CostModel, config: ShardedConfig, placement: tuple[int, ...], num_ranks: int,
-    num_data_parallel: int,
+    num_data_parallel: int, ties: StageTies,
 ) -> list[int]:
     """Per rank, the weight bytes held at a step's peak under full sharding: the 1/dp shards
     (rounded up, as FSDP pads) beside the whole weights gathered at once (`gathered_bytes`)."""
-    owned = _owned(model, placement, num_ranks)
+    owned = _owned(model, placement, num_ranks, ties)
     gathered = gathered_bytes(config.schedule, num_ranks, config.num_microbatches, config.num_virtual,
-                              model.weight_bytes, config.free_between, config.gather_lookahead)
+                              model.weight_bytes, config.free_between, config.gather_lookahead, ties)
     return [-(-owned[rank] // num_data_parallel) + gathered[rank] for rank in range(num_ranks)]
 
 
 def sharded_memory(
     memory: Sequence[RankMemory], model: CostModel, config: ShardedConfig, placement: tuple[int, ...],
-    num_data_parallel: int,
+    num_data_parallel: int, ties: StageTies = NO_TIES,
 ) -> tuple[RankMemory, ...]:
     """`memory` of the unsharded schedule (the costs' optimizer state already 1/dp) with the
     weights full sharding holds at its peak under `config`'s free / look-ahead. Gradients stay
     whole: they accumulate until the stage's reduce-scatter."""
-    weights = _shard_and_gathered(model, config, placement, len(memory), num_data_parallel)
+    weights = _shard_and_gathered(model, config, placement, len(memory), num_data_parallel, ties)
     return tuple(replace(held, weights=weights[rank]) for rank, held in enumerate(memory))
 
 
 def sharded_static_bytes(
     costs: ModelCosts, model: CostModel, config: ShardedConfig, placement: tuple[int, ...], num_ranks: int,
-    num_data_parallel: int,
+    num_data_parallel: int, ties: StageTies = NO_TIES,
 ) -> tuple[int, ...]:
     """Per rank, weights, gradients and optimizer state at a fully sharded step's peak: a lower
     bound on its peak, rounded part by part as `sharded_memory` is."""
-    owned = _owned(model, placement, num_ranks)
-    weights = _shard_and_gathered(model, config, placement, num_ranks, num_data_parallel)
+    owned = _owned(model, placement, num_ranks, ties)
+    weights = _shard_and_gathered(model, config, placement, num_ranks, num_data_parallel, ties)
     return tuple(
         weights[rank]
         + round(owned[rank] * costs.gradient_bytes_per_parameter_byte)
@@ -184,39 +236,52 @@ def sharded_static_bytes(
     )
 
 
-def _collective_model(model: CostModel, costs: ModelCosts, num_data_parallel: int, link: Link) -> CostModel:
-    """`model` with each stage's weight all-gather and gradient reduce-scatter (ring collectives,
-    `pipefold.plan.degree`) over the replicas' `link`."""
-    gather = tuple(allgather_time(w, num_data_parallel, link) for w in model.weight_bytes)
-    # A ring reduce-scatter moves what an all-gather of its result moves.
-    reduce_scatter = tuple(
-        allgather_time(round(w * costs.gradient_bytes_per_parameter_byte), num_data_parallel, link)
-        for w in model.weight_bytes
-    )
-    return replace(model, gather=gather, reduce_scatter=reduce_scatter)
+def _collective_model(
+    model: CostModel, costs: ModelCosts, num_data_parallel: int, link: Link, placement: Sequence[int],
+    ties: StageTies,
+) -> CostModel:
+    """`model` with each unit's weight all-gather on its first stage and gradient reduce-scatter
+    on its last (ring collectives, `pipefold.plan.degree`, of the union's bytes) over the
+    replicas' `link` (`pipefold.schedule.unit_costs`)."""
+
+    def gather(unit: Sequence[int]) -> float:
+        return allgather_time(ties.bytes_of(unit, model.weight_bytes), num_data_parallel, link)
+
+    def reduce_scatter(unit: Sequence[int]) -> float:
+        # A ring reduce-scatter moves what an all-gather of its result moves.
+        whole = round(ties.bytes_of(unit, model.weight_bytes) * costs.gradient_bytes_per_parameter_byte)
+        return allgather_time(whole, num_data_parallel, link)
+
+    gathers, reductions = unit_costs(ties.units(placement), model.num_stages, gather, reduce_scatter)
+    return replace(model, gather=gathers, reduce_scatter=reductions)
+
+
+def _sharded(schedule: Schedule, free_between: bool, lookahead: int, ties: StageTies) -> Schedule:
+    return add_sharding(schedule, free_between=free_between, lookahead=lookahead,
+                        units=ties.units(schedule.placement))
 
 
 def simulate_sharded(
     schedule: Schedule, model: CostModel, costs: ModelCosts, num_data_parallel: int, link: Link,
-    free_between: bool, lookahead: int = 0,
+    free_between: bool, lookahead: int = 0, ties: StageTies = NO_TIES,
 ) -> Timeline:
     """The schedule with its sharding actions (`free_between`, `lookahead` as `add_sharding`
-    takes them), each stage's weights all-gathered and its gradients reduce-scattered over the
-    replicas' `link`."""
-    sharded = add_sharding(schedule, free_between=free_between, lookahead=lookahead)
-    return simulate(sharded, _collective_model(model, costs, num_data_parallel, link))
+    takes them, a rank's stages that hold one weight one unit), each unit's weights
+    all-gathered and its gradients reduce-scattered over the replicas' `link`."""
+    sharded = _sharded(schedule, free_between, lookahead, ties)
+    return simulate(sharded, _collective_model(model, costs, num_data_parallel, link, schedule.placement, ties))
 
 
 def gather_exposed(
     schedule: Schedule, model: CostModel, costs: ModelCosts, num_data_parallel: int, link: Link,
-    free_between: bool, lookahead: int, makespan: float,
+    free_between: bool, lookahead: int, makespan: float, ties: StageTies = NO_TIES,
 ) -> float:
     """Seconds the weight gathers add to the step: `makespan` (`simulate_sharded`'s) less the same
     sharded schedule simulated with gathers that take no time. 0 where every gather overlaps
     compute (or waits that happen anyway); a look-ahead exists to shrink it."""
-    sharded = add_sharding(schedule, free_between=free_between, lookahead=lookahead)
-    free_gathers = replace(_collective_model(model, costs, num_data_parallel, link), gather=())
-    return max(makespan - simulate(sharded, free_gathers).makespan, 0.0)
+    sharded = _sharded(schedule, free_between, lookahead, ties)
+    collective = _collective_model(model, costs, num_data_parallel, link, schedule.placement, ties)
+    return max(makespan - simulate(sharded, replace(collective, gather=())).makespan, 0.0)
 
 
 def layout_text(shard: str, free_between: bool, lookahead: int = 0) -> str:

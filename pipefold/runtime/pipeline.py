@@ -57,7 +57,7 @@ from pipefold.runtime.options import (
 )
 from pipefold.runtime.parallel.data_parallel import DataParallel
 from pipefold.runtime.parallel.dims import ParallelDims
-from pipefold.runtime.parallel.full_shard import FullSharding
+from pipefold.runtime.parallel.full_shard import FullSharding, tied_stages
 from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
@@ -199,6 +199,7 @@ class Pipeline:
                 free_between=self.parallel_options.free_between_microbatches,
                 lookahead=self.parallel_options.gather_lookahead,
                 root_mesh=self.parallel_options.process_group,
+                tied=tied_stages(self._layers, self.partition, self._shared),
             )
             if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
             else None

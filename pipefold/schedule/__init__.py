@@ -22,7 +22,16 @@ from pipefold.schedule.ir import (
 from pipefold.schedule.lower import Program, lower
 from pipefold.schedule.placement import PLACEMENTS, Placement, layout_of, placement_of
 from pipefold.schedule.registry import build, family, names
-from pipefold.schedule.shard import add_sharding, gathers_per_step, is_sharded, strip_sharding
+from pipefold.schedule.shard import (
+    add_sharding,
+    gathers_per_step,
+    is_sharded,
+    join_units,
+    reductions_per_step,
+    shard_units,
+    strip_sharding,
+    unit_costs,
+)
 from pipefold.schedule.stream import STREAMING_FAMILIES, Stream, stream
 from pipefold.schedule.validate import validate
 
@@ -45,13 +54,17 @@ __all__ = [
     "format_grid",
     "gathers_per_step",
     "is_sharded",
+    "join_units",
     "layout_of",
     "looped_placement",
     "lower",
     "names",
     "placement_of",
+    "reductions_per_step",
+    "shard_units",
     "stream",
     "strip_sharding",
+    "unit_costs",
     "v_placement",
     "validate",
 ]

@@ -27,6 +27,7 @@ from pipefold.errors import ConfigError
 from pipefold.model import build_reference
 from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions
 from pipefold.runtime.parallel.full_shard import _joined
+from pipefold.schedule import gathers_per_step, reductions_per_step, shard_units
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +193,16 @@ def tied_sharded(
         torch.testing.assert_close(param.full_tensor(), params[name].detach(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
     assert pipe.sharding is not None
+    # What the simulator and the planner count for the schedule this rank ran, from the
+    # torch-free units of the model's tied first and last stage (docs/parallelism.md).
+    running = pipe.running_schedule
+    described = shard_units(running.placement, [(0, running.num_stages - 1)])
     return {
         "rank": pipe.rank, "names": names, "tied": [owners for owners, _ in pipe.tied.groups],
         "units": pipe.sharding.units, "gathers": pipe.sharding.num_gathers,
         "reductions": pipe.sharding.num_reductions,
+        "described": described, "gathers_per_step": gathers_per_step(running, described),
+        "reductions_per_step": reductions_per_step(running, described),
     }
 
 
@@ -265,7 +272,12 @@ def test_tied_embedding_and_head_fully_sharded_equal_one_process(pool4):
             units = ((0, 3),) if result["rank"] == 0 else rank1
             assert result["units"] == units, result
             assert result["reductions"] == 4 * len(units), result
-            if not options.get("free_between"):
+            if not options.get("free_between") or result["rank"] == 0:  # rank 0: the unit is all it holds
                 assert result["gathers"] == 4 * len(units), result
+            # The torch-free units hold the runtime's (and parameter-free stages alone), and the
+            # schedule's counts per unit are what the runtime ran in each of its 4 steps.
+            assert set(units) <= set(result["described"]), result
+            assert result["gathers"] == 4 * sum(result["gathers_per_step"][unit[0]] for unit in units), result
+            assert result["reductions"] == 4 * sum(result["reductions_per_step"][unit[0]] for unit in units), result
     messages = pool4.run("tied_misordered")
     assert all(message is not None and "the same replica" in message for message in messages), messages

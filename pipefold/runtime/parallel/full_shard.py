@@ -22,19 +22,20 @@ docs/decisions.md, "Full sharding driven by the schedule".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, PipelineError
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.transport.comm import Collectives
-from pipefold.schedule import Schedule, add_sharding
+from pipefold.model import LayerLike, Partition, tied_groups
+from pipefold.schedule import Schedule, add_sharding, join_units, shard_units
 
-__all__ = ["FullSharding"]
+__all__ = ["FullSharding", "tied_stages"]
 
 
 class FullSharding:
@@ -50,6 +51,7 @@ class FullSharding:
         free_between: bool = False,
         lookahead: int = 0,
         root_mesh: object = None,
+        tied: Sequence[Sequence[int]] = (),
     ) -> None:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
@@ -63,6 +65,8 @@ class FullSharding:
             else DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
         )
         self._group = group
+        self._tied = tuple(tuple(held) for held in tied)
+        """Every rank's stages that hold one weight (`tied_stages`): the pipeline's units."""
         self._stages = {stage.index: stage for stage in stages}
         self._units: list[_Unit] = []
         self._unit_of: dict[int, _Unit] = {}
@@ -82,6 +86,13 @@ class FullSharding:
             for stage in members:
                 self._unit_of[stage.index] = unit
                 stage.parameters = _parameters(stage.module)
+        described = join_units(self._unit_of, self._tied)
+        if described != self.units:
+            raise PipelineError(
+                f"full sharding: this rank's stages share parameters as units {self.units}, but the "
+                f"layers' tied modules and shared parameters give {described}; the schedule would "
+                "gather them apart (report this with the model's layers)"
+            )
         self._free_between = free_between
         self._lookahead = lookahead
         self._handles: dict[int, object] = {}
@@ -127,8 +138,11 @@ class FullSharding:
         module.set_is_last_backward(False)
 
     def schedule(self, schedule: Schedule) -> Schedule:
-        """`schedule` with the sharding actions this pipeline runs (the same on every rank)."""
-        return add_sharding(schedule, free_between=self._free_between, lookahead=self._lookahead)
+        """`schedule` with the sharding actions this pipeline runs (the same on every rank): a
+        unit's stages gathered together at its first use, reduced and freed together after its
+        last (`add_sharding(units=shard_units(...))`, as the planner prices them)."""
+        units = shard_units(schedule.placement, self._tied)
+        return add_sharding(schedule, free_between=self._free_between, lookahead=self._lookahead, units=units)
 
     def _refresh(self, unit: _Unit) -> None:
         # The layers hold the gathered parameters or the shards: what the backward differentiates.
@@ -235,26 +249,28 @@ class _Joint(nn.Module):
         self.stages = nn.ModuleList(modules)
 
 
+def tied_stages(
+    layers: Sequence[LayerLike], partition: Partition, shared: Mapping[str, Sequence[tuple[int, str]]] | None = None
+) -> tuple[tuple[int, ...], ...]:
+    """The stages that hold one weight, on any rank: each tied key's and each shared parameter's
+    (`shared_parameter_uses`) layers, by stage, where they are on more than one stage."""
+    groups = [list(indices) for indices in tied_groups(layers).values()]
+    groups += [[index for index, _ in uses] for uses in (shared or {}).values()]
+    found = (tuple(sorted({partition.stage_of(index) for index in group})) for group in groups)
+    return tuple(stages for stages in found if len(stages) > 1)
+
+
 def _joined(stages: Sequence[Stage]) -> list[list[Stage]]:
-    """The stages with parameters, in groups: those holding one parameter (by identity, as a
-    tied module or a shared parameter is held) together, in stage order."""
-    with_parameters = [stage for stage in stages if stage.parameters]
-    group_of = {stage.index: stage.index for stage in with_parameters}
-
-    def find(index: int) -> int:
-        while group_of[index] != index:
-            index = group_of[index]
-        return index
-
-    first_holder: dict[int, int] = {}
-    for stage in with_parameters:
+    """The stages with parameters, in units (`pipefold.schedule.join_units`, which the planner's
+    `shard_units` uses too): those holding one parameter (by identity, as a tied module or a
+    shared parameter is held) together, in stage order."""
+    with_parameters = {stage.index: stage for stage in stages if stage.parameters}
+    holders: dict[int, list[int]] = {}
+    for stage in with_parameters.values():
         for param in stage.parameters:
-            other = first_holder.setdefault(id(param), stage.index)
-            group_of[find(stage.index)] = find(other)
-    groups: dict[int, list[Stage]] = {}
-    for stage in sorted(with_parameters, key=lambda stage: stage.index):
-        groups.setdefault(find(stage.index), []).append(stage)
-    return list(groups.values())
+            holders.setdefault(id(param), []).append(stage.index)
+    units = join_units(with_parameters, [held for held in holders.values() if len(held) > 1])
+    return [[with_parameters[index] for index in unit] for unit in units]
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
