@@ -69,7 +69,7 @@ def evaluate(
                                  gather_lookahead, makespan, ties) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
         memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
-                                sharded, schedule.placement, num_data_parallel, ties)
+                                sharded, schedule.placement, num_data_parallel, ties, costs)
     elif compiles(schedule, model):
         sizes = (num_ranks, config.num_microbatches, config.num_virtual)
         run = compiled_family(config.schedule, *sizes).run(model)

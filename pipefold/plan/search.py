@@ -473,7 +473,7 @@ class _Search:
         if config.shard == "full":
             # The sharding actions hold no activations: a flush's activation peaks are its order's.
             return sharded_memory(memory, model, config, record.placement, degree.num_data_parallel,
-                                  stage_ties(costs, record.bounds))
+                                  stage_ties(costs, record.bounds), costs)
         return memory
 
     def exhaustive(self, record: Record, everything: tuple[int, ...]) -> None:

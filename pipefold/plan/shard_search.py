@@ -211,13 +211,23 @@ def _shard_and_gathered(
 
 def sharded_memory(
     memory: Sequence[RankMemory], model: CostModel, config: ShardedConfig, placement: tuple[int, ...],
-    num_data_parallel: int, ties: StageTies = NO_TIES,
+    num_data_parallel: int, ties: StageTies = NO_TIES, costs: ModelCosts | None = None,
 ) -> tuple[RankMemory, ...]:
     """`memory` of the unsharded schedule (the costs' optimizer state already 1/dp) with the
     weights full sharding holds at its peak under `config`'s free / look-ahead. Gradients stay
-    whole: they accumulate until the stage's reduce-scatter."""
+    whole: they accumulate until the stage's reduce-scatter. With `ties` and the `costs` the
+    memory was priced from, a weight several of a rank's stages hold (one unit) counts once in
+    its gradients and optimizer state too."""
     weights = _shard_and_gathered(model, config, placement, len(memory), num_data_parallel, ties)
-    return tuple(replace(held, weights=weights[rank]) for rank, held in enumerate(memory))
+    if costs is None or not ties.groups:
+        return tuple(replace(held, weights=weights[rank]) for rank, held in enumerate(memory))
+    owned = _owned(model, placement, len(memory), ties)
+    return tuple(
+        replace(held, weights=weights[rank],
+                gradients=round(owned[rank] * costs.gradient_bytes_per_parameter_byte),
+                optimizer=round(owned[rank] * costs.optimizer_bytes_per_parameter_byte))
+        for rank, held in enumerate(memory)
+    )
 
 
 def sharded_static_bytes(
