@@ -143,6 +143,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
         )
     import torch
 
+    from pipefold.model import tied_groups
     from pipefold.model.spec import TiedLayerSpec, layer_name
     from pipefold.model.zoo import gpt_layers, gpt_loss
     from pipefold.plan import ModelCosts
@@ -163,8 +164,10 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
         f"d_model={args.d_model}, heads={args.num_heads}, seq_len={args.seq_len}, vocab={args.vocab_size}), "
         f"{rows} rows per micro-batch"
     )
+    # The tied embedding and head are one module: full sharding gathers them on one rank as one.
+    tied = tuple(indices for indices in tied_groups(layers).values() if len(indices) > 1)
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
-                                    source=source)
+                                    source=source, tied_layers=tied)
     # What `pipefold train --tensor-parallel` splits, so the planner can price a tp degree.
     costs = with_gpt_tensor_parallel(
         costs, num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads

@@ -31,6 +31,7 @@ def test_costs_json_round_trips_into_model_costs(costs_file):
     assert costs.source.startswith("measured on cpu, 1 thread(s), median of 2: GPT (layers=2, d_model=16")
     assert [layer.parameter_bytes for layer in costs.layers[2:4]] == [BLOCK_PARAMETER_BYTES] * 2
     assert costs.layers[0].parameter_bytes == costs.layers[-1].parameter_bytes == 256 * 16 * 4  # tied
+    assert costs.tied_layers == ((0, NUM_LAYERS - 1),)  # what full sharding gathers as one unit
     assert all(layer.output_bytes == 2 * 8 * 16 * 4 for layer in costs.layers[:-1])
 
 
