@@ -61,8 +61,8 @@ class ShardedConfig(Protocol):
     def gather_lookahead(self) -> int: ...
 
 __all__ = [
-    "GATHER_LOOKAHEADS", "NO_TIES", "SHARD_CHOICES", "ShardedConfig", "StageTies", "check_shard", "gather_exposed",
-    "gathered_bytes", "layout_subject", "stage_ties",
+    "GATHER_LOOKAHEADS", "NO_TIES", "SHARD_CHOICES", "ShardedConfig", "StageTies", "check_shard",
+    "gather_exposed", "gathered_bytes", "layout_subject", "stage_ties",
     "layout_text", "searched_layouts", "sharded_memory", "sharded_static_bytes", "simulate_sharded",
 ]
 
@@ -154,10 +154,14 @@ def stage_ties(costs: ModelCosts, bounds: Sequence[int]) -> StageTies:
     return StageTies(tuple(groups))
 
 
-def _owned(model: CostModel, placement: tuple[int, ...], num_ranks: int, ties: StageTies = NO_TIES) -> list[int]:
+def _owned(
+    model: CostModel, placement: tuple[int, ...], num_ranks: int, ties: StageTies = NO_TIES
+) -> list[int]:
     """Per rank: its stages' weight bytes (a weight its stages share, once: FSDP shards it once)."""
-    return [ties.bytes_of((stage for stage, owner in enumerate(placement) if owner == rank), model.weight_bytes)
-            for rank in range(num_ranks)]
+    stages: list[list[int]] = [[] for _ in range(num_ranks)]
+    for stage, rank in enumerate(placement):
+        stages[rank].append(stage)
+    return [ties.bytes_of(mine, model.weight_bytes) for mine in stages]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -193,7 +197,8 @@ def gathered_bytes(
     sharding with these options, walked from its rows: a rank runs its row in order, so this is
     `pipefold.simulate.memory.gathered_weight_bytes_peak` of any simulation of that schedule
     (which counts a tied weight at each of its stages; here a unit holds it once)."""
-    held = _held_together(name, num_ranks, num_microbatches, num_virtual, free_between, lookahead, ties.stages)
+    held = _held_together(name, num_ranks, num_microbatches, num_virtual, free_between, lookahead,
+                          ties.stages)
     return tuple(max((ties.bytes_of(stages, weight_bytes) for stages in sets), default=0) for sets in held)
 
 
@@ -279,7 +284,8 @@ def simulate_sharded(
     takes them, a rank's stages that hold one weight one unit), each unit's weights
     all-gathered and its gradients reduce-scattered over the replicas' `link`."""
     sharded = _sharded(schedule, free_between, lookahead, ties)
-    return simulate(sharded, _collective_model(model, costs, num_data_parallel, link, schedule.placement, ties))
+    collective = _collective_model(model, costs, num_data_parallel, link, schedule.placement, ties)
+    return simulate(sharded, collective)
 
 
 def gather_exposed(

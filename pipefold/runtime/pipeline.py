@@ -199,7 +199,7 @@ class Pipeline:
                 free_between=self.parallel_options.free_between_microbatches,
                 lookahead=self.parallel_options.gather_lookahead,
                 root_mesh=self.parallel_options.process_group,
-                tied=tied_stages(self._layers, self.partition, self._shared),
+                tied=tied_stages(self._layers, self.partition, self._shared, self._meta),
             )
             if self.parallel_options.shard == "full" and dims.data_parallel_group is not None
             else None

@@ -198,7 +198,9 @@ def _unit_of(schedule: Schedule, units: Iterable[Iterable[int]]) -> dict[int, tu
             )
         for stage in unit:
             if stage in found:
-                raise ConfigError(f"units: stage {stage} is in {found[stage]} and {unit}; give each stage one unit")
+                raise ConfigError(
+                    f"units: stage {stage} is in {found[stage]} and {unit}; give each stage one unit"
+                )
             found[stage] = unit
     return found
 

@@ -277,7 +277,7 @@ def test_tied_embedding_and_head_fully_sharded_equal_one_process(pool4):
             # The torch-free units hold the runtime's (and parameter-free stages alone), and the
             # schedule's counts per unit are what the runtime ran in each of its 4 steps.
             assert set(units) <= set(result["described"]), result
-            assert result["gathers"] == 4 * sum(result["gathers_per_step"][unit[0]] for unit in units), result
-            assert result["reductions"] == 4 * sum(result["reductions_per_step"][unit[0]] for unit in units), result
+            for count, per_step in (("gathers", "gathers_per_step"), ("reductions", "reductions_per_step")):
+                assert result[count] == 4 * sum(result[per_step][unit[0]] for unit in units), result
     messages = pool4.run("tied_misordered")
     assert all(message is not None and "the same replica" in message for message in messages), messages

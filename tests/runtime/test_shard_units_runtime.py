@@ -47,7 +47,9 @@ class _Module:
         pass
 
     def _get_fsdp_state(self) -> SimpleNamespace:
-        return SimpleNamespace(_state_ctx=SimpleNamespace(all_states=[]), _root_post_backward_final_callback=lambda: None)
+        return SimpleNamespace(
+            _state_ctx=SimpleNamespace(all_states=[]), _root_post_backward_final_callback=lambda: None
+        )
 
 
 def _sharding(units: tuple[tuple[int, ...], ...], free_between: bool, lookahead: int) -> FullSharding:

@@ -100,7 +100,8 @@ def test_counts_per_unit(name, num_ranks, extra_microbatches, free_between, look
     assert sum(gathers.values()) <= sum(per_stage.values())
 
 
-def _costs(num_stages: int, weight_bytes: list[int], gather: float, reduce_scatter: float, units) -> CostModel:
+def _costs(num_stages: int, weight_bytes: list[int], gather: float, reduce_scatter: float, units
+           ) -> CostModel:
     gathers, reductions = unit_costs(
         units, num_stages, lambda unit: gather * len(unit), lambda unit: reduce_scatter * len(unit)
     )

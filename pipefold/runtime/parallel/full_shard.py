@@ -30,9 +30,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from pipefold.errors import ConfigError, PipelineError
+from pipefold.model import LayerLike, Partition, tied_groups
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.transport.comm import Collectives
-from pipefold.model import LayerLike, Partition, tied_groups
 from pipefold.schedule import Schedule, add_sharding, join_units, shard_units
 
 __all__ = ["FullSharding", "tied_stages"]
@@ -250,11 +250,18 @@ class _Joint(nn.Module):
 
 
 def tied_stages(
-    layers: Sequence[LayerLike], partition: Partition, shared: Mapping[str, Sequence[tuple[int, str]]] | None = None
+    layers: Sequence[LayerLike],
+    partition: Partition,
+    shared: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+    meta: Sequence[nn.Module] | None = None,
 ) -> tuple[tuple[int, ...], ...]:
-    """The stages that hold one weight, on any rank: each tied key's and each shared parameter's
-    (`shared_parameter_uses`) layers, by stage, where they are on more than one stage."""
-    groups = [list(indices) for indices in tied_groups(layers).values()]
+    """The stages that hold one weight, on any rank: each tied key's (with parameters, where the
+    `meta` modules are given) and each shared parameter's (`shared_parameter_uses`) layers, by
+    stage, where they are on more than one stage."""
+    groups = [
+        list(indices) for indices in tied_groups(layers).values()
+        if meta is None or any(True for _ in meta[indices[0]].parameters())
+    ]
     groups += [[index for index, _ in uses] for uses in (shared or {}).values()]
     found = (tuple(sorted({partition.stage_of(index) for index in group})) for group in groups)
     return tuple(stages for stages in found if len(stages) > 1)
