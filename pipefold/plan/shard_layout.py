@@ -4,11 +4,13 @@
     layout, why = choose_layout(owned, num_data_parallel=2, memory_limit=2**30, activations=...)
 
 `owned` is the bytes of the rank's stages' weights (one version, as `CostModel.weight_bytes`
-summed over the rank's stages). Gradients and optimizer state scale with it as in
-`ModelCosts` (`gradient_bytes_per_parameter_byte`, `optimizer_bytes_per_parameter_byte`).
+summed over the rank's stages, a weight several of them hold counted once, as one FSDP unit
+holds it: `pipefold.plan.shard_search.StageTies.bytes_of`). Gradients and optimizer state scale
+with it as in `ModelCosts` (`gradient_bytes_per_parameter_byte`,
+`optimizer_bytes_per_parameter_byte`).
 Under full sharding `gathered` is the most whole weights a rank holds at once during a step:
-all its stages by default, one with `free_between_microbatches`
-(`pipefold.simulate.memory.gathered_weight_bytes_peak` gives it for any sharded schedule).
+all its stages by default, one unit (a stage, or the stages that hold one weight) with
+`free_between_microbatches` (`pipefold.plan.shard_search.gathered_bytes` walks it for a family).
 No torch.
 """
 
@@ -67,7 +69,8 @@ def layout_bytes(
 ) -> LayoutBytes:
     """One rank's bytes under `layout` (see the module docstring). Shards are rounded up, as
     a tensor split over dp replicas is (FSDP pads the last shard). `gathers_per_step`: how many
-    times each stage's weights are gathered per step (1 unless freed between micro-batches)."""
+    times each unit's weights are gathered per step (1 unless freed between micro-batches;
+    `pipefold.schedule.gathers_per_step` counts them for a sharded schedule)."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout = {layout!r}; use one of {', '.join(LAYOUTS)}")
     dp = num_data_parallel
