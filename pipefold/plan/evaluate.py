@@ -8,6 +8,7 @@ predictions (`plan` searches by calling it; `pipefold.plan.adaptive` prices per 
 from __future__ import annotations
 
 from pipefold.errors import ConfigError
+from pipefold.plan.calibrate import update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
@@ -71,6 +72,10 @@ def evaluate(
         memory = rank_memory(costs, model, timeline, schedule.placement, transient)
     allreduce = 0.0 if shard == "full" else replica_sync_time(
         costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
+    # The optimizer update after the schedule; ZeRO and full sharding update one replica's share.
+    sharded = sharded_optimizer or shard == "full"
+    update = update_time(costs, static_weight_bytes(model, schedule.placement, num_ranks)) / (
+        num_data_parallel if sharded else 1)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -79,7 +84,7 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=makespan + allreduce,
+        step_time=makespan + allreduce + update,
         bubble_fraction=bubble,
         memory=memory,
         num_data_parallel=num_data_parallel,
