@@ -14,7 +14,12 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    the first `--warmup`), tokens per second from it, and the median measured bubble.
 
 Reported: the forecast error of the choice (target: within 10%), and how far the choice is from
-the best measured (target: within 5%). A benchmark, not a test: timings depend on the machine
+the best measured (target: within 5%). Beside them, per configuration, what depends less on
+the host's other load: the forecast against the run's own prediction (from the stage costs
+it measured), the last steps' makespan against their wall time, and rank 0's core share (its
+CPU seconds over wall seconds per step) with the measured step times that share (the step
+as it would run with the core to itself, where the rank computes or polls the whole step).
+A benchmark, not a test: timings depend on the machine
 and its load (every rank and the planner share the host's cores).
 """
 
@@ -82,12 +87,15 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
     steps = summary["step_seconds"][args.warmup:]
     bubbles = summary["bubble_fraction"][args.warmup:]
     timing = summary["step_time"]
+    cpu = summary["step_cpu_seconds"][args.warmup:]
     return {"step_s": statistics.median(steps), "bubble": statistics.median(bubbles),
             "partition": summary["partition"], "predicted_wall": timing["predicted_wall"],
             # The last steps' wall against the last step's pipeline makespan: how much of the step
             # lies outside the schedule's actions (a ratio, so it depends less on the host's load).
             "makespan_per_wall": timing["measured_makespan_last"] / timing["measured_wall_median_recent"],
-            "predicted_per_wall": timing["predicted_wall"] / timing["measured_wall_median_recent"]}
+            "predicted_per_wall": timing["predicted_wall"] / timing["measured_wall_median_recent"],
+            # Rank 0's CPU seconds over its wall seconds per step: the share of a core it got.
+            "core_share": statistics.median(c / w for c, w in zip(cpu, steps, strict=True))}
 
 
 def main() -> None:
@@ -137,11 +145,14 @@ def main() -> None:
             "in_run_predicted_s": statistics.median(r["predicted_wall"] for r in runs[label]),
             "in_run_predicted_per_wall": statistics.median(r["predicted_per_wall"] for r in runs[label]),
             "makespan_per_wall": statistics.median(r["makespan_per_wall"] for r in runs[label]),
+            "core_share": statistics.median(r["core_share"] for r in runs[label]),
+            "measured_x_share_s": statistics.median(r["step_s"] * r["core_share"] for r in runs[label]),
         })
     best = min(row["measured_s"] for row in rows)
     print("| configuration | forecast ms | measured ms (rounds) | tokens/s | bubble | vs best "
-          "| in-run predicted ms | forecast / in-run | in-run / wall | makespan / wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| in-run predicted ms | forecast / in-run | in-run / wall | makespan / wall | core share "
+          "| measured x share ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         forecast_text = f"{row['forecast_s'] * 1e3:.0f}" if row["forecast_s"] is not None else "-"
         rounds = ", ".join(f"{s * 1e3:.0f}" for s in row["rounds_s"])
@@ -149,14 +160,17 @@ def main() -> None:
               f"{row['tokens_per_s']:,.0f} | {row['bubble']:.0%} | {row['measured_s'] / best - 1:+.1%} | "
               f"{row['in_run_predicted_s'] * 1e3:.0f} | "
               + ("-" if row["forecast_s"] is None else f"{row['forecast_s'] / row['in_run_predicted_s']:.2f}")
-              + f" | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} |")
+              + f" | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} | "
+              f"{row['core_share']:.2f} | {row['measured_x_share_s'] * 1e3:.0f} |")
     error = None
     if args.top > 0:  # --top 0: the defaults alone (the default partition against uniform)
         choice = rows[0]
         error = (choice["forecast_s"] - choice["measured_s"]) / choice["measured_s"]
         print(f"\nchoice forecast error: {error:+.1%} (target within 10%); choice vs best measured: "
               f"{choice['measured_s'] / best - 1:+.1%} (target within 5%); choice forecast / in-run "
-              f"prediction: {choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
+              f"prediction: {choice['forecast_s'] / choice['in_run_predicted_s']:.2f}; against the measured "
+              f"step x the core share rank 0 got: "
+              f"{choice['forecast_s'] / choice['measured_x_share_s'] - 1:+.1%}")
     if args.json is not None:
         args.json.write_text(json.dumps({"ranks": args.ranks, "steps": args.steps, "rounds": args.rounds,
                                          "rows": rows, "forecast_error": error}, indent=1))
