@@ -43,10 +43,10 @@ from pipefold.job.sections import ModelConfig  # noqa: E402
 from pipefold.plan.space import is_asynchronous  # noqa: E402
 
 
-def _plan(args: argparse.Namespace) -> dict[str, Any]:
+def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "plan", "--profile", "--ranks", str(args.ranks), "--cores",
                str(args.cores), "--top", str(args.top), "--batch-size", str(args.batch_size), "--json",
-               "--device", args.device]
+               "--device", args.device, "--save-costs", str(work / "costs.json")]
     print("$", shlex.join(command[1:]), file=sys.stderr)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(done.stdout)
@@ -89,6 +89,7 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
     timing = summary["step_time"]
     cpu = summary["step_cpu_seconds"][args.warmup:]
     return {"step_s": statistics.median(steps), "bubble": statistics.median(bubbles),
+            "schedule": summary["config"]["schedule"],
             "partition": summary["partition"], "predicted_wall": timing["predicted_wall"],
             # The last steps' wall against the last step's pipeline makespan: how much of the step
             # lies outside the schedule's actions (a ratio, so it depends less on the host's load).
@@ -96,6 +97,28 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
             "predicted_per_wall": timing["predicted_wall"] / timing["measured_wall_median_recent"],
             # Rank 0's CPU seconds over its wall seconds per step: the share of a core it got.
             "core_share": statistics.median(c / w for c, w in zip(cpu, steps, strict=True))}
+
+
+def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -> float | None:
+    """The planner's step time for a family configuration `pipefold train` ran (the defaults,
+    --extra), from the costs the plan measured; None for a schedule file (a searched order)."""
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.evaluate import evaluate
+    from pipefold.plan.space import Config
+    from pipefold.schedule.registry import family
+    from pipefold.simulate import Link
+
+    schedule = run["schedule"]
+    if schedule.get("file") or schedule["name"] in ("auto", "auto-v"):
+        return None
+    stages = [part.split(":") for part in run["partition"].strip("[]").split("|")]
+    bounds = tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
+    m = int(schedule["num_microbatches"])
+    virtual = int(schedule["virtual"] or family(schedule["name"]).default_virtual)
+    config = Config(schedule["name"], virtual, m, -(-args.batch_size // m))
+    costs = ModelCosts.from_json(costs_path)
+    candidate = evaluate(costs, config, args.ranks, bounds, (), Link(), num_cores=float(args.cores))
+    return float(candidate.step_time)
 
 
 def main() -> None:
@@ -114,8 +137,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    plan = _plan(args) if args.top > 0 else {"top": []}
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
+    plan = _plan(args, work) if args.top > 0 else {"top": []}
     configs: list[tuple[str, list[str], float | None]] = []
     for index, entry in enumerate(plan["top"][: args.top]):
         label = ("choice: " if index == 0 else f"#{index + 1}: ") + _label(entry)
@@ -137,6 +160,8 @@ def main() -> None:
     tokens = args.batch_size * ModelConfig().seq_len
     rows = []
     for label, extra, forecast in configs:
+        if forecast is None and (work / "costs.json").exists():
+            forecast = _forecast(work / "costs.json", runs[label][0], args)
         step = statistics.median(r["step_s"] for r in runs[label])
         rows.append({
             "label": label, "train_args": shlex.join(extra), "forecast_s": forecast, "measured_s": step,
