@@ -32,7 +32,7 @@ import argparse
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,6 +168,14 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     tied = tuple(indices for indices in tied_groups(layers).values() if len(indices) > 1)
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, tied_layers=tied)
+
+    def at(other_rows: int) -> list[LayerProfile]:
+        other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
+                              generator=torch.Generator().manual_seed(0))
+        return _profile(layers, other, device, threads, args.repeats,
+                        functools.partial(profile, loss_fn=gpt_loss, target=other))[0]
+
+    costs = _with_overheads(costs, at, layers, device, threads)
     # What `pipefold train --tensor-parallel` splits, so the planner can price a tp degree.
     costs = with_gpt_tensor_parallel(
         costs, num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads
@@ -215,11 +223,53 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     )
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source)
+
+    def at(other_rows: int) -> list[LayerProfile]:
+        other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
+                              generator=torch.Generator().manual_seed(0))
+        return _profile(lm.layers, other, device, threads, args.repeats, profile)[0]
+
+    costs = _with_overheads(costs, at, lm.layers, device, threads)
     names = tuple(
         f"{layer.kind} {', '.join(layer.paths)}" if isinstance(layer, SplitPiece) else layer_name(layer)
         for layer in lm.layers
     )
     return GptProfile(costs, tuple(profiles), names, rows, args.seq_len, where)
+
+
+def _with_overheads(
+    costs: ModelCosts, at: Callable[[int], list[LayerProfile]], layers: Any, device: str, threads: int | None,
+) -> ModelCosts:
+    """`costs` with what a step costs beyond the layers' time at the measured rows: each layer's
+    fixed seconds per call (measured again at one row, or two where the costs are of one), the
+    runtime's seconds per action and the optimizer update's per parameter byte
+    (pipefold.plan.calibrate, pipefold.runtime.overheads)."""
+    import dataclasses
+
+    import torch
+
+    from pipefold.model.build import as_layers, build_reference
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import with_fixed_costs
+    from pipefold.runtime.overheads import action_overhead, update_seconds_per_byte
+
+    other_rows = 1 if costs.reference_rows > 1 else 2
+    costs = with_fixed_costs(costs, ModelCosts.from_profile(at(other_rows), rows=other_rows))
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=[]):
+            model = build_reference(as_layers(layers), torch.device(device), seed=0)
+        per_action = action_overhead(device)
+        per_byte = update_seconds_per_byte(model.parameters())
+    finally:
+        torch.set_num_threads(previous_threads)
+    return dataclasses.replace(
+        costs, action_overhead_s=per_action, update_s_per_parameter_byte=per_byte,
+        source=f"{costs.source}; runtime {per_action * 1e6:.0f} us per action, optimizer update "
+        f"{per_byte * 2**20 * 1e3:.2f} ms per MiB of parameters",
+    )
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:

@@ -115,7 +115,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             # replica holds an equal shard of the global batch.
             tokens_per_step = sum(inputs.numel() for inputs, _ in batches) * pipe.num_data_parallel
             seq_len = max(inputs.shape[1] for inputs, _ in batches) if config.data.bucket_by_length else None
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             scaler = pipe.loss_scale
             skipped_before = 0 if scaler is None else scaler.num_skipped
             loss_scale = None if scaler is None else scaler.scale
@@ -140,6 +140,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             seconds = time.perf_counter() - started if streams is None else streams.seconds
+            cpu_seconds = time.process_time() - cpu_started if streams is None else None
             timeline = _last_timeline(pipe.last_timeline)
             if job.adaptive is not None and job.adaptive.num_switches != switches_before:
                 recent.clear()  # the report's prediction is of the choice now running: its steps only
@@ -157,7 +158,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                     flops_per_token, tokens_per_s, peak_flops
                 ),
                 seq_len=seq_len,
-                activation_bytes_peak=tuple(timeline.activation_bytes_peak),
+                activation_bytes_peak=tuple(timeline.activation_bytes_peak), cpu_seconds=cpu_seconds,
             )
             records.append(record)
             if metrics is not None:

@@ -87,6 +87,9 @@ class StepStats:
     activation_bytes_peak: tuple[int, ...] = ()
     """Per pipeline rank, the most bytes of saved activations it held during the step (the
     runtime's count, gathered with the step's timeline: no extra communication)."""
+    cpu_seconds: float | None = None
+    """The CPU time this rank's process used in the step (`time.process_time`): with the wall
+    `seconds`, the share of a core the rank got, which other load on the host lowers."""
 
 
 @dataclass
@@ -227,6 +230,8 @@ def finish(
         "checkpoint": str(out / CHECKPOINT_DIR),
         "losses": [r.loss for r in records],
         "step_seconds": [r.seconds for r in records],
+        # Rank 0's CPU seconds per step: wall x the core share it got (benchmarks/planner.py).
+        "step_cpu_seconds": [r.cpu_seconds for r in records],
         "bubble_fraction": [r.bubble_fraction for r in records],
         # The global gradient norm before clipping and the lr of each step's update (None where
         # an asynchronous schedule updates inside the step).

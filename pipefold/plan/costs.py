@@ -138,7 +138,7 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
-    "tied_layers",
+    "tied_layers", "action_overhead_s", "update_s_per_parameter_byte",
 )
 
 
@@ -171,6 +171,13 @@ class ModelCosts:
     """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
     each layer of a group the same module, its `parameter_bytes` that weight's. Full sharding
     gathers such layers on one rank as one unit, the weight once (`pipefold.schedule.shard_units`)."""
+    action_overhead_s: float = 0.0
+    """Runtime seconds per compute action beyond its layers' own (the executor's dispatch, the
+    stage's entry, the backward's entry, recording): the simulator's `CostModel.action_overhead`."""
+    update_s_per_parameter_byte: float = 0.0
+    """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
+    outside the pipeline's actions: the step adds it for the rank holding the most
+    (`pipefold.plan.calibrate.update_time`)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -197,7 +204,7 @@ class ModelCosts:
                 "the costs were taken for (an integer >= 1)"
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
-                     "overhead_s", "loss_bytes"):
+                     "overhead_s", "loss_bytes", "action_overhead_s", "update_s_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
         degrees = tuple(self.tensor_parallel_degrees)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipefold.errors import ConfigError
+from pipefold.plan.calibrate import update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
@@ -82,6 +83,10 @@ def evaluate(
         memory = rank_memory(costs, model, timeline, schedule.placement, transient)
     allreduce = 0.0 if shard == "full" else replica_sync_time(
         costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
+    # The optimizer update after the schedule; ZeRO and full sharding update one replica's share.
+    update_shared = sharded_optimizer or shard == "full"
+    update = update_time(costs, static_weight_bytes(model, schedule.placement, num_ranks)) / (
+        num_data_parallel if update_shared else 1)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -90,7 +95,7 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=makespan + allreduce,
+        step_time=makespan + allreduce + update,
         bubble_fraction=bubble,
         memory=memory,
         num_data_parallel=num_data_parallel,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pipefold.errors import ScheduleError
+from pipefold.plan.calibrate import update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.memory import (
     excess_per_rank,
@@ -28,7 +29,7 @@ from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.plan.topology import MeshLinks
 from pipefold.schedule import layout_of
-from pipefold.simulate import Link, simulate
+from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
@@ -117,13 +118,20 @@ def search_order(
     return SearchedOrder(
         schedule=found.schedule,
         family=choice.schedule,
-        step_time=makespan + choice.allreduce_s,
+        step_time=makespan + choice.allreduce_s + _update(costs, model, family.placement, choice),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,
         memory=memory,
         origin=found.origin,
         family_fits=choice.over_limit(options.memory_limit) <= 0,
     )
+
+
+def _update(costs: ModelCosts, model: CostModel, placement: tuple[int, ...], choice: Candidate) -> float:
+    """The optimizer update after the step, as `evaluate` prices it for the family."""
+    seconds = update_time(costs, static_weight_bytes(model, placement, choice.num_ranks))
+    sharded = choice.sharded_optimizer or choice.shard == "full"
+    return seconds / choice.num_data_parallel if sharded else seconds
 
 
 def searched_candidate(base: Candidate, found: SearchedOrder) -> Candidate:

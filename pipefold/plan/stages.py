@@ -89,6 +89,7 @@ def stage_cost_model(
     return CostModel.from_lists(
         f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
         message_bytes=messages, link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
+        action_overhead=costs.action_overhead_s,
     )
 
 
