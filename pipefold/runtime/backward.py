@@ -122,8 +122,8 @@ def backward_input(
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
-    state = WeightGradState(groups, _disjoint=_groups_are_disjoint(groups))
+    groups, shape = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
+    state = WeightGradState(groups, _disjoint=shape.disjoint)
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
         return tuple(result), state
@@ -132,7 +132,7 @@ def backward_input(
     # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
     # removed per micro-batch) cost a tenth of I on a small stage. It runs no other node:
     # the frontier nodes are in the input closure, which the engine runs anyway.
-    captured = all(frontier.num_outputs > 0 for frontier in frontiers)
+    captured = shape.captured
     edges = (
         [GradientEdge(f.node, k) for f in frontiers for k in range(f.num_outputs)] if captured else []
     )
@@ -153,16 +153,23 @@ def backward_input(
             handle.remove()
     for i, grad in zip(wanted, grads[: len(wanted)], strict=True):
         result[i] = grad
+    # W takes the groups whose gradients I kept last first: those are likeliest still in
+    # cache, and the activations there were the last I touched. (Captured, a frontier's
+    # `order` is its node's place in the walk from the outputs, which the engine follows, so
+    # the plan holds the order; with hooks it is when each hook ran.)
     if captured:
         at = len(wanted)
         for frontier in frontiers:
-            frontier.grads = tuple(grads[at : at + frontier.num_outputs])
+            frontier.grads = grads[at : at + frontier.num_outputs]
             at += frontier.num_outputs
-    # W takes the groups whose gradients I kept last first: those are likeliest still in
-    # cache, and the activations there were the last I touched. (Captured, a frontier's
-    # `order` is its node's place in the walk from the outputs, which the engine follows.)
-    state._groups.sort(key=lambda group: max((f.order for f in group.frontiers), default=-1), reverse=True)
+        state._groups = [groups[i] for i in shape.weight_order]
+    else:
+        state._groups.sort(key=_last_kept, reverse=True)
     return tuple(result), state
+
+
+def _last_kept(group: Group) -> int:
+    return max((f.order for f in group.frontiers), default=-1)
 
 
 def backward_weight(state: WeightGradState) -> None:
@@ -176,26 +183,32 @@ def backward_weight(state: WeightGradState) -> None:
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []
     state._done = True
+    # The groups W computes itself run with grad mode off, switched as `torch.no_grad()` does
+    # but without its context object (4-10 µs a use on a loaded CPU), and once for the whole
+    # run rather than per group; autograd's groups get the caller's mode back.
+    enabled = torch.is_grad_enabled()
+    groups.reverse()  # popped from the end, in W's order
     with recompute_scope:
-        while groups:
-            # Dropping each group as it runs frees its kept gradients, and (when no other
-            # call needs its nodes) autograd frees the activations saved there, so W reuses
-            # that memory for the weight gradients instead of growing the heap.
-            _run_group(groups.pop(0), retain_graph=not disjoint)
+        torch._C._set_grad_enabled(False)
+        try:
+            while groups:
+                # Dropping each group as it runs frees its kept gradients, and (when no other
+                # call needs its nodes) autograd frees the activations saved there, so W reuses
+                # that memory for the weight gradients instead of growing the heap.
+                group = groups.pop()
+                if group.direct is not None and accumulate_direct(group.direct, group.frontiers[0]):
+                    continue
+                torch._C._set_grad_enabled(enabled)
+                try:
+                    _run_group(group, retain_graph=not disjoint)
+                finally:
+                    torch._C._set_grad_enabled(False)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
 
 def _run_group(group: Group, retain_graph: bool) -> None:
-    if group.direct is not None:
-        # What `torch.no_grad()` switches, without its context object: that costs 4-10 µs a
-        # use on a loaded CPU, and W makes one per group.
-        enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            done = accumulate_direct(group.direct, group.frontiers[0])
-        finally:
-            torch._C._set_grad_enabled(enabled)
-        if done:
-            return
+    """Run one group's weight gradients through autograd's engine."""
     edges, grads = group.seeds()
     if not edges:
         return
@@ -329,6 +342,14 @@ class _PlanShape:
     directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
     """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
     (output index, parameter position)), or None where `match_direct` found no direct form."""
+    weight_order: tuple[int, ...]
+    """The groups in the order `W` runs them when `I` captured the frontier gradients: the
+    group whose frontier node comes last in the walk first (see `backward_input`)."""
+    disjoint: bool
+    """`_groups_are_disjoint` of the groups."""
+    captured: bool
+    """Every frontier node says how many gradients it receives, so `I` asks the engine for
+    them (see `backward_input`)."""
 
 
 _plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
@@ -343,39 +364,43 @@ _is_leaf_node: dict[type, bool] = {}
 def _graph_shape(
     roots: Sequence[Tensor], inputs: Sequence[Tensor], params: Sequence[Tensor]
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
-    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per node
-    in walk order, its class, the walk indices of its children and, for a leaf, which input or
-    parameter it holds; two graphs with equal keys are the same graph up to the node objects,
-    so `_plan_groups` (a function of exactly that) plans them alike."""
+    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
+    (walk index of its node, output number), then per node in walk order its class, the walk
+    indices of its children (-1 for none) and what it holds (None; for a leaf, which input or
+    parameter, or "other"): flat, and unambiguous because a class starts each node's entries
+    and only children are ints. Two graphs with equal keys are the same graph up to the node
+    objects, so `_plan_groups` (a function of exactly that) plans them alike."""
     param_at = {id(p): i for i, p in enumerate(params)}
     input_at = {id(t): i for i, t in enumerate(inputs)}
     edges = [get_gradient_edge(root) for root in roots]
-    index: dict[Node, int] = {}
+    # Keyed by id: `nodes` keeps every node alive for the walk, and an int hashes faster than
+    # a node object (the walk is a per-micro-batch cost of `I`).
+    index: dict[int, int] = {}
     nodes: list[Node] = []
     key: list[object] = []
     for edge in edges:
-        if edge.node not in index:
-            index[edge.node] = len(nodes)
+        at = index.get(id(edge.node))
+        if at is None:
+            at = index[id(edge.node)] = len(nodes)
             nodes.append(edge.node)
-        key.append((index[edge.node], edge.output_nr))
-    position = 0
-    while position < len(nodes):
-        node = nodes[position]
-        position += 1
-        children: list[int] = []
+        key.append((at, edge.output_nr))
+    find, add_node, add_key = index.get, nodes.append, key.append
+    is_leaf_node = _is_leaf_node
+    for node in nodes:  # grows while it is walked: breadth first
+        node_type = type(node)
+        add_key(node_type)
         for child, _ in node.next_functions:
             if child is None:
-                children.append(-1)
+                add_key(-1)
                 continue
-            at = index.get(child)
+            at = find(id(child))
             if at is None:
-                at = index[child] = len(nodes)
-                nodes.append(child)
-            children.append(at)
-        node_type = type(node)
-        leaf = _is_leaf_node.get(node_type)
+                at = index[id(child)] = len(nodes)
+                add_node(child)
+            add_key(at)
+        leaf = is_leaf_node.get(node_type)
         if leaf is None:
-            leaf = _is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
+            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
         held: object = None
         if leaf:
             variable = getattr(node, "variable", None)
@@ -383,7 +408,7 @@ def _graph_shape(
                 held = ("param", param_at[id(variable)]) if id(variable) in param_at else (
                     ("input", input_at[id(variable)]) if id(variable) in input_at else "other"
                 )
-        key.append((node_type, tuple(children), held))
+        add_key(held)
     return tuple(key), nodes, edges
 
 
@@ -394,9 +419,9 @@ def _planned_groups(
     params: Sequence[Tensor],
     *,
     direct: bool,
-) -> list[Group]:
+) -> tuple[list[Group], _PlanShape]:
     """`_plan_groups` (with `match_direct` on each group when `direct`), planned once per
-    graph shape and rebuilt from positions for every later graph of that shape."""
+    graph shape and rebuilt from positions for every later graph of that shape; with the plan."""
     key, nodes, edges = _graph_shape(roots, inputs, params)
     shape = _plan_shapes.get(key)
     if shape is None:
@@ -409,16 +434,17 @@ def _planned_groups(
     for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
         shape.groups, shape.directs, shape.num_outputs, strict=True
     ):
+        group_params = [params[i] for i in param_positions]
         group = Group(
-            [params[i] for i in param_positions],
+            group_params,
             [
                 Frontier(nodes[i], order=i, num_outputs=n)
                 for i, n in zip(frontier_indices, num_outputs, strict=True)
             ],
-            [(edges[i], root_grads[i]) for i in root_indices],
+            [(edges[i], root_grads[i]) for i in root_indices] if root_indices else [],
             num_nodes=num_nodes,
         )
-        if direct and found is not None and not any(has_hooks(p) for p in group.params):
+        if direct and found is not None and not any(map(has_hooks, group_params)):
             kind, node_index, weight, bias, slots = found
             group.direct = Direct(
                 kind,
@@ -428,7 +454,7 @@ def _planned_groups(
                 tuple((output, params[i]) for output, i in slots),
             )
         groups.append(group)
-    return groups
+    return groups, shape
 
 
 def _shape_of(
@@ -464,7 +490,18 @@ def _shape_of(
             )
         )
     num_outputs = tuple(tuple(_num_outputs(f.node) for f in group.frontiers) for group in groups)
-    return _PlanShape(tuple(shaped), num_outputs, tuple(directs))
+    # `backward_input`'s sort of the groups by their last frontier (stable, descending), on the
+    # walk indices a captured `I` gives the frontiers as their order.
+    last = [max(frontier_indices, default=-1) for _, frontier_indices, _, _ in shaped]
+    weight_order = sorted(range(len(shaped)), key=lambda i: last[i], reverse=True)
+    return _PlanShape(
+        tuple(shaped),
+        num_outputs,
+        tuple(directs),
+        weight_order=tuple(weight_order),
+        disjoint=_groups_are_disjoint(groups),
+        captured=all(n > 0 for per_group in num_outputs for n in per_group),
+    )
 
 
 def _num_outputs(node: Node) -> int:

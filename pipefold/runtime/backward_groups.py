@@ -189,12 +189,41 @@ def collector(frontier: Frontier, slots: tuple[tuple[int, Tensor], ...]) -> Call
     return collect
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+
+
 def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
     return (
-        type(tensor) in (Tensor, torch.nn.Parameter)
+        type(tensor) in _PLAIN_TYPES
         and tensor.dtype == dtype
-        and tensor.layout == torch.strided
+        and tensor.layout == _STRIDED
         and tensor.is_contiguous()
+    )
+
+
+def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
+    """`_plain(param, dtype) and _grad_slot_ok(param)`, or True for no parameter: one call per
+    parameter on `W`'s direct path."""
+    if param is None:
+        return True
+    if not (
+        type(param) in _PLAIN_TYPES
+        and param.dtype == dtype
+        and param.layout == _STRIDED
+        and param.is_contiguous()
+    ):
+        return False
+    if getattr(param, "grad_dtype", dtype) != dtype:
+        return False  # autograd would cast to the declared gradient dtype
+    grad = param.grad
+    return grad is None or (
+        type(grad) in _PLAIN_TYPES
+        and grad.dtype == dtype
+        and grad.layout == _STRIDED
+        and grad.is_contiguous()
+        and not grad.requires_grad
+        and grad.shape == param.shape
     )
 
 
@@ -218,16 +247,15 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
         return False
     grad = grads[0]
     node = direct.node
-    params = [p for p in (direct.weight, direct.bias) if p is not None]
     dtype = grad.dtype
-    if not all(_plain(p, dtype) and _grad_slot_ok(p) for p in params):
+    weight, bias = direct.weight, direct.bias
+    if not (_ready(weight, dtype) and _ready(bias, dtype)):
         return False
     if direct.kind == "layer_norm":
         return _layer_norm_direct(direct, node, grad)
     if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
         return False
     saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
-    weight, bias = direct.weight, direct.bias
     if (
         grad.dim() != 2
         or type(grad) is not Tensor
