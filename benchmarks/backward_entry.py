@@ -49,19 +49,35 @@ def main(argv: list[str] | None = None) -> int:
     relative = Path("pipefold/runtime/backward.py")
     modules = {"new": _load(ROOT / relative, "backward_new")}
     if args.baseline is not None:
-        modules["base"] = _load(args.baseline / relative, "backward_base")
+        # The baseline's backward.py imports its own backward_groups.py (where it has one):
+        # lend it that module while it loads, then give this checkout's back.
+        groups_name = "pipefold.runtime.backward_groups"
+        ours = sys.modules.get(groups_name)
+        base_groups = args.baseline / "pipefold/runtime/backward_groups.py"
+        if base_groups.exists():
+            sys.modules[groups_name] = _load(base_groups, "backward_groups_base")
+        try:
+            modules["base"] = _load(args.baseline / relative, "backward_base")
+        finally:
+            if ours is not None:
+                sys.modules[groups_name] = ours
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
     params = list(stage.parameters())
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.perf_counter
     times: dict[str, dict[str, list[float]]] = {label: {"I": [], "W": [], "B": []} for label in modules}
+    # What the executor passes where the checkout has it: one group cache per stage.
+    caches = {
+        label: {"cache": module.GroupCache()} if hasattr(module, "GroupCache") else {}
+        for label, module in modules.items()
+    }
     for repeat in range(args.repeats):
         for label, module in modules.items():
             leaf = x.detach().requires_grad_()
             out = stage(leaf)
             start = clock()
-            _, state = module.backward_input((out,), (grad,), (leaf,), params)
+            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label])
             middle = clock()
             module.backward_weight(state)
             end = clock()

@@ -35,7 +35,7 @@ from pipefold.runtime.backward_groups import (
     match_direct,
 )
 
-__all__ = ["WeightGradState", "backward_full", "backward_input", "backward_weight"]
+__all__ = ["GroupCache", "WeightGradState", "backward_full", "backward_input", "backward_weight"]
 
 # autograd's engine entry point under `torch.autograd.backward` / `grad` (private; absent
 # in some torch version -> the public functions). See `_run_engine`.
@@ -109,6 +109,7 @@ def backward_input(
     params: Sequence[Tensor],
     *,
     direct: bool = True,
+    cache: GroupCache | None = None,
 ) -> tuple[Grads, WeightGradState]:
     """Input half (`I`) of the backward of one stage for one micro-batch.
 
@@ -118,11 +119,14 @@ def backward_input(
     the activations the weight gradients need); the caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
-    (docs/decisions.md, "direct weight gradients").
+    (docs/decisions.md, "direct weight gradients"). `cache` (one per stage, kept by the
+    caller) saves rebuilding what every graph of a shape shares.
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups, shape = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
+    groups, shape = _planned_groups(
+        roots, root_grads, [inputs[i] for i in wanted], params, direct=direct, cache=cache
+    )
     state = WeightGradState(groups, _disjoint=shape.disjoint)
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
@@ -357,6 +361,31 @@ _plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
 graph of the same shape, and planning it anew (two upward walks, a union-find and the direct
 matching) cost a third of `I` on a small stage."""
 _MAX_PLAN_SHAPES = 256
+_MAX_PREPARED = 64
+
+
+_Prepared = tuple[tuple[list[Tensor], Direct | None], ...]
+
+
+class GroupCache:
+    """What `backward_input` keeps for one stage between its calls: per graph shape, each
+    group's parameters and direct form (ignoring hooks, checked per call), which every graph of
+    the shape shares for the stage's parameters. Owned by the caller (the executor keeps one
+    per stage), so it lives and dies with the stage's parameters it holds."""
+
+    def __init__(self) -> None:
+        # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
+        self._entries: dict[int, tuple[_PlanShape, Sequence[Tensor], _Prepared]] = {}
+
+    def get(self, shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
+        entry = self._entries.get(id(shape))
+        if entry is not None and entry[0] is shape and entry[1] is params:
+            return entry[2]
+        prepared = _prepare_all(shape, params)
+        if len(self._entries) >= _MAX_PREPARED:
+            self._entries.clear()
+        self._entries[id(shape)] = (shape, params, prepared)
+        return prepared
 _is_leaf_node: dict[type, bool] = {}
 """Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
 
@@ -366,12 +395,13 @@ def _graph_shape(
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
     """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
     (walk index of its node, output number), then per node in walk order its class, the walk
-    indices of its children (-1 for none) and what it holds (None; for a leaf, which input or
-    parameter, or "other"): flat, and unambiguous because a class starts each node's entries
-    and only children are ints. Two graphs with equal keys are the same graph up to the node
+    indices of its children (-1 for none) and None, or for a leaf (AccumulateGrad, which has no
+    children) which input or parameter it holds ("other" for neither, None for none): flat, and
+    unambiguous because a class starts each node's entries and only children are ints. Two graphs with equal keys are the same graph up to the node
     objects, so `_plan_groups` (a function of exactly that) plans them alike."""
-    param_at = {id(p): i for i, p in enumerate(params)}
-    input_at = {id(t): i for i, t in enumerate(inputs)}
+    held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
+    for i, tensor in enumerate(inputs):
+        held_by.setdefault(id(tensor), ("input", i))
     edges = [get_gradient_edge(root) for root in roots]
     # Keyed by id: `nodes` keeps every node alive for the walk, and an int hashes faster than
     # a node object (the walk is a per-micro-batch cost of `I`).
@@ -389,6 +419,13 @@ def _graph_shape(
     for node in nodes:  # grows while it is walked: breadth first
         node_type = type(node)
         add_key(node_type)
+        leaf = is_leaf_node.get(node_type)
+        if leaf is None:
+            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
+        if leaf:  # no children
+            variable = getattr(node, "variable", None)
+            add_key(None if variable is None else held_by.get(id(variable), "other"))
+            continue
         for child, _ in node.next_functions:
             if child is None:
                 add_key(-1)
@@ -398,17 +435,7 @@ def _graph_shape(
                 at = index[id(child)] = len(nodes)
                 add_node(child)
             add_key(at)
-        leaf = is_leaf_node.get(node_type)
-        if leaf is None:
-            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        held: object = None
-        if leaf:
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                held = ("param", param_at[id(variable)]) if id(variable) in param_at else (
-                    ("input", input_at[id(variable)]) if id(variable) in input_at else "other"
-                )
-        add_key(held)
+        add_key(None)
     return tuple(key), nodes, edges
 
 
@@ -419,6 +446,7 @@ def _planned_groups(
     params: Sequence[Tensor],
     *,
     direct: bool,
+    cache: GroupCache | None = None,
 ) -> tuple[list[Group], _PlanShape]:
     """`_plan_groups` (with `match_direct` on each group when `direct`), planned once per
     graph shape and rebuilt from positions for every later graph of that shape; with the plan."""
@@ -430,11 +458,13 @@ def _planned_groups(
         if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
             _plan_shapes.pop(next(iter(_plan_shapes)))
         _plan_shapes[key] = shape
+    prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
     groups = []
-    for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
-        shape.groups, shape.directs, shape.num_outputs, strict=True
+    for (_, frontier_indices, root_indices, num_nodes), num_outputs, (group_params, found) in zip(
+        shape.groups, shape.num_outputs, prepared, strict=True
     ):
-        group_params = [params[i] for i in param_positions]
+        # With a cache the group's parameter list is shared by every graph of the shape:
+        # nothing appends to it after planning.
         group = Group(
             group_params,
             [
@@ -445,16 +475,33 @@ def _planned_groups(
             num_nodes=num_nodes,
         )
         if direct and found is not None and not any(map(has_hooks, group_params)):
-            kind, node_index, weight, bias, slots = found
-            group.direct = Direct(
-                kind,
-                nodes[node_index],
-                params[weight] if weight >= 0 else None,
-                params[bias] if bias >= 0 else None,
-                tuple((output, params[i]) for output, i in slots),
-            )
+            group.direct = found
         groups.append(group)
     return groups, shape
+
+
+def _prepare_all(shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
+    return tuple(
+        _prepare(found, positions[0], params) for positions, found in zip(shape.groups, shape.directs, strict=True)
+    )
+
+
+def _prepare(
+    found: tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None,
+    param_positions: tuple[int, ...],
+    params: Sequence[Tensor],
+) -> tuple[list[Tensor], Direct | None]:
+    """A group's parameters and direct form (from `_PlanShape.directs`) for `params`."""
+    group_params = [params[i] for i in param_positions]
+    if found is None:
+        return group_params, None
+    kind, _, weight, bias, slots = found
+    return group_params, Direct(
+        kind,
+        params[weight] if weight >= 0 else None,
+        params[bias] if bias >= 0 else None,
+        tuple((output, params[i]) for output, i in slots),
+    )
 
 
 def _shape_of(
@@ -483,7 +530,7 @@ def _shape_of(
             if found is None
             else (
                 found.kind,
-                node_at[found.node],
+                node_at[group.frontiers[0].node],
                 -1 if found.weight is None else param_at[id(found.weight)],
                 -1 if found.bias is None else param_at[id(found.bias)],
                 tuple((output, param_at[id(param)]) for output, param in found.slots),

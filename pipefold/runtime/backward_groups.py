@@ -65,10 +65,10 @@ class Group:
 @dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
 class Direct:
     """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
-    compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
+    compiled graph whose weight gradients `I` already computed (`kind` "compiled"), at the
+    group's one frontier node. It holds no node, so one serves every graph of a shape."""
 
     kind: str
-    node: Node
     weight: Tensor | None
     bias: Tensor | None
     slots: tuple[tuple[int, Tensor], ...] = ()
@@ -136,7 +136,7 @@ def match_direct(group: Group, *, check_hooks: bool = True) -> Direct | None:
         return None
     if check_hooks and any(has_hooks(param) for param in found):
         return None
-    return Direct(kind, node, weight, bias)
+    return Direct(kind, weight, bias)
 
 
 def match_compiled(
@@ -162,7 +162,7 @@ def match_compiled(
         return None
     if check_hooks and any(has_hooks(param) for param in group.params):
         return None
-    return Direct("compiled", node, None, None, tuple(slots))
+    return Direct("compiled", None, None, tuple(slots))
 
 
 def _accumulate_computed(direct: Direct, frontier: Frontier) -> bool:
@@ -246,7 +246,7 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     if not grads or grads[0] is None:
         return False
     grad = grads[0]
-    node = direct.node
+    node = frontier.node
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
     if not (_ready(weight, dtype) and _ready(bias, dtype)):

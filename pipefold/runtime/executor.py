@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.model import TensorMeta
-from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
+from pipefold.runtime.backward import GroupCache, WeightGradState, backward_full, backward_input, backward_weight
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
@@ -308,6 +308,7 @@ class Executor:
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
         ] = {}
         self._dispatch = tuple(dispatch)
+        self._group_caches = {s: GroupCache() for s in stages}
         self._receive_buffers = ReceiveBuffers(schedule.num_stages, schedule.num_microbatches, device)
         self._run_counter: ActivationCounter | None = counter
         self._ready_at = 0.0
@@ -629,7 +630,8 @@ class Executor:
         # Recomputed activations must be unpacked inside autograd's call (checkpointing
         # recomputes once per call), so such stages keep W on autograd's path.
         input_grads, state = backward_input(
-            self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes
+            self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes,
+            cache=self._group_caches[s],
         )
         self._weight_state[s][mb] = state
         self._release(s, mb)
