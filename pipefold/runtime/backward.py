@@ -403,15 +403,13 @@ def _graph_shape(
     for i, tensor in enumerate(inputs):
         held_by.setdefault(id(tensor), ("input", i))
     edges = [get_gradient_edge(root) for root in roots]
-    # Keyed by id: `nodes` keeps every node alive for the walk, and an int hashes faster than
-    # a node object (the walk is a per-micro-batch cost of `I`).
-    index: dict[int, int] = {}
+    index: dict[Node, int] = {}
     nodes: list[Node] = []
     key: list[object] = []
     for edge in edges:
-        at = index.get(id(edge.node))
+        at = index.get(edge.node)
         if at is None:
-            at = index[id(edge.node)] = len(nodes)
+            at = index[edge.node] = len(nodes)
             nodes.append(edge.node)
         key.append((at, edge.output_nr))
     find, add_node, add_key = index.get, nodes.append, key.append
@@ -430,9 +428,9 @@ def _graph_shape(
             if child is None:
                 add_key(-1)
                 continue
-            at = find(id(child))
+            at = find(child)
             if at is None:
-                at = index[id(child)] = len(nodes)
+                at = index[child] = len(nodes)
                 add_node(child)
             add_key(at)
         add_key(None)
