@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.perf_counter
-    times: dict[str, dict[str, list[float]]] = {label: {"I": [], "W": [], "B": [], "I+W": []} for label in modules}
+    times: dict[str, dict[str, list[float]]] = {
+        label: {"I": [], "W": [], "B": [], "I+W": []} for label in modules
+    }
     # The floor of B: autograd's engine called as backward_full calls it, with nothing around it.
     floor: list[float] = []
     engine = torch.autograd.graph._engine_run_backward

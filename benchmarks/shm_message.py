@@ -9,8 +9,9 @@ the median ratio. Two more rows price a zero-copy receive on this checkout's cha
 executor's receive as it is (a fresh buffer per message, then the copy out of the shared
 page), a buffer kept per (stage, micro-batch) and handed out again when nothing else holds it
 (`ReceiveBuffers`, the executor's receive now: the check, then the copy out), and handing the
-consumer the shared page's view itself (no buffer, no copy). No second process, so it measures the channel's own Python and tensor
-work, not a wake-up or the cache lines crossing cores. The last rows time one check of a
+consumer the shared page's view itself (no buffer, no copy). No second process, so it
+measures the channel's own Python and tensor work, not a wake-up or the cache lines crossing
+cores. The last rows time one check of a
 waiting receiver's polling loop (a message not yet published), each checkout's as its
 `_ShmReceive.wait` builds it: the latency a wake-up may add.
 """
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             receiver._view(offsets[0], torch.float32, buffer.shape)  # what a zero-copy consumer reads
 
     runs = {label: (lambda label=label: step(label)) for label in modules}
-    runs["new, receive into a fresh buffer (the executor's receive before ReceiveBuffers)"] = receive_allocating
+    runs["new, receive into a fresh buffer (the executor before ReceiveBuffers)"] = receive_allocating
     runs["new, receive into a kept buffer (ReceiveBuffers: check, copy out)"] = receive_reused
     runs["new, fresh buffer, then the consumer's leaf"] = receive_allocating_consumed
     runs["new, kept buffer, then the consumer's leaf"] = receive_reused_consumed

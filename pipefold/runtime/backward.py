@@ -150,7 +150,11 @@ def backward_input(
             handles.append(frontier.node.register_hook(collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
-            roots, root_grads, [*(inputs[i] for i in wanted), *edges], retain_graph=True, accumulate_grad=False
+            roots,
+            root_grads,
+            [*(inputs[i] for i in wanted), *edges],
+            retain_graph=True,
+            accumulate_grad=False,
         )
     finally:
         for handle in handles:
@@ -397,8 +401,9 @@ def _graph_shape(
     (walk index of its node, output number), then per node in walk order its class, the walk
     indices of its children (-1 for none) and None, or for a leaf (AccumulateGrad, which has no
     children) which input or parameter it holds ("other" for neither, None for none): flat, and
-    unambiguous because a class starts each node's entries and only children are ints. Two graphs with equal keys are the same graph up to the node
-    objects, so `_plan_groups` (a function of exactly that) plans them alike."""
+    unambiguous because a class starts each node's entries and only children are ints. Two
+    graphs with equal keys are the same graph up to the node objects, so `_plan_groups` (a
+    function of exactly that) plans them alike."""
     held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
     for i, tensor in enumerate(inputs):
         held_by.setdefault(id(tensor), ("input", i))
@@ -480,7 +485,8 @@ def _planned_groups(
 
 def _prepare_all(shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
     return tuple(
-        _prepare(found, positions[0], params) for positions, found in zip(shape.groups, shape.directs, strict=True)
+        _prepare(found, positions[0], params)
+        for positions, found in zip(shape.groups, shape.directs, strict=True)
     )
 
 

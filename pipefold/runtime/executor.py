@@ -29,7 +29,13 @@ from torch import Tensor
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.model import TensorMeta
-from pipefold.runtime.backward import GroupCache, WeightGradState, backward_full, backward_input, backward_weight
+from pipefold.runtime.backward import (
+    GroupCache,
+    WeightGradState,
+    backward_full,
+    backward_input,
+    backward_weight,
+)
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress

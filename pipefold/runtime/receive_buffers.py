@@ -84,7 +84,9 @@ class ReceiveBuffers:
             return entry[1], entry[2]
         device = self._device
         grads = tuple(
-            torch.empty(shape, dtype=dtype, device=device) if dtype.is_floating_point or dtype.is_complex else None
+            torch.empty(shape, dtype=dtype, device=device)
+            if dtype.is_floating_point or dtype.is_complex
+            else None
             for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
         )
         buffers = tuple(g for g in grads if g is not None)

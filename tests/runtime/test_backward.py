@@ -528,7 +528,8 @@ def test_one_group_cache_serves_stages_of_one_shape_with_their_own_parameters():
             params = kept[index] if round_ < 2 else tuple(stage.parameters())
             inputs = _stage_inputs((x,))
             outputs = _as_tuple(stage(*inputs))
-            got, state = backward_input(outputs, _output_grads(outputs, seed + index), inputs, params, cache=cache)
+            grads = _output_grads(outputs, seed + index)
+            got, state = backward_input(outputs, grads, inputs, params, cache=cache)
             backward_weight(state)
             torch.testing.assert_close(got[0], _reference(stage, (x,), seed=seed + index)[0])
     for stage, want in zip(stages, expected, strict=True):

@@ -19,7 +19,7 @@ def test_a_buffer_nothing_holds_is_handed_out_again():
     value, buffers = pool.input(1, 2, meta)
     assert len(buffers) == 2 and [b.shape for b in buffers] == [torch.Size([2, 3]), torch.Size([2])]
     again, buffers_again = pool.input(1, 2, meta)
-    assert again is value and all(a is b for a, b in zip(buffers, buffers_again))
+    assert again is value and all(a is b for a, b in zip(buffers, buffers_again, strict=True))
     # Another slot, and an equal description made anew, get their own / the kept buffers.
     other, _ = pool.input(0, 2, meta)
     assert other is not value
