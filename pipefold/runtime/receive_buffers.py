@@ -3,17 +3,24 @@
 A step receives each (stage, micro-batch)'s input and output gradient once, with the same
 shapes every step of a batch shape, so the executor asks `ReceiveBuffers` for a buffer instead
 of allocating one per message. A kept buffer is handed out again only when nothing but this
-pool holds its storage (no leaf detached from it, no view, no tensor autograd saved): a stage
-that keeps a reference to its input past the step gets a fresh buffer the next step, and the
-data it kept never changes under it. Where that cannot be checked (a torch without the storage
-use count) or the device has streams (CUDA: a receive on the comm stream could overwrite what
-the compute stream still reads), every message gets a fresh buffer, as before.
+pool holds it: neither its storage (no leaf detached from it, no view, no tensor autograd
+saved) nor the tensor object itself (autograd hands a received gradient to hooks, and `I`'s
+captured frontier gradients, as that very object). A consumer that keeps what it received past
+the step gets a fresh buffer the next step, and what it kept never changes under it. Where
+that cannot be checked (a torch without the storage use count) or the device has streams
+(CUDA: a receive on the comm stream could overwrite what the compute stream still reads),
+every message gets a fresh buffer.
+
+The pool keeps one buffer per (stage, micro-batch) and direction: what a GPipe step holds at
+its peak anyway, more than a 1F1B step (whose receives could share a few buffers; sharing
+within a step needs the executor to say when a posted receive was consumed, not built).
 
 Design notes: docs/decisions.md, "receive buffers".
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +46,30 @@ def _alone_count() -> int:
 _ALONE = _alone_count()
 
 
-def reusable(buffers: tuple[Tensor, ...]) -> bool:
-    """Whether no tensor but `buffers` themselves refers to their storage."""
-    if _use_count is None:
+def _most_refs(entry: tuple[object, Any, tuple[Tensor, ...]]) -> int:
+    """The largest reference count among `entry`'s buffers, as `reusable` reads it."""
+    return max((sys.getrefcount(buffer) for buffer in entry[2]), default=0)
+
+
+def _alone_refs() -> int:
+    """References to a buffer held by nothing but its pool entry (the entry's value, or the
+    tuple that is the value, and its buffers tuple), as `reusable` reads them."""
+    value = torch.empty(1)
+    entry = (None, value, (value,))
+    del value
+    return _most_refs(entry)
+
+
+_ALONE_REFS = _alone_refs()
+
+
+def reusable(entry: tuple[object, Any, tuple[Tensor, ...]]) -> bool:
+    """Whether nothing but `entry` (a pool entry: description, value, buffers) refers to its
+    buffers: no other reference to the tensor objects, no other tensor on their storage."""
+    if _use_count is None or _most_refs(entry) > _ALONE_REFS:
         return False
     count = _use_count
-    for buffer in buffers:
+    for buffer in entry[2]:
         if count(buffer.untyped_storage()._cdata) > _ALONE:
             return False
     return True
@@ -66,7 +91,7 @@ class ReceiveBuffers:
     def input(self, stage: int, microbatch: int, meta: TensorMeta) -> tuple[Any, tuple[Tensor, ...]]:
         """(the value to feed the stage, its tensors to receive into) for a stage input `meta`."""
         entry = self._inputs[stage][microbatch]
-        if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry[2]):
+        if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
             return entry[1], entry[2]
         value = meta.empty(self._device)
         buffers = (value,) if isinstance(value, Tensor) else tuple(value)
@@ -80,7 +105,7 @@ class ReceiveBuffers:
         """(one gradient per output, None where it is not differentiable; the gradients to
         receive into) for a stage output `meta`."""
         entry = self._grads[stage][microbatch]
-        if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry[2]):
+        if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
             return entry[1], entry[2]
         device = self._device
         grads = tuple(
