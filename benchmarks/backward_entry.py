@@ -5,9 +5,11 @@
 One stage of the per-action probe's `tiny` workload (4 residual MLP blocks, d=8, one sample),
 so autograd's arithmetic is nearly free and what remains is the Python around it: `I`
 (`backward_input`: plan the parameter groups, run the engine to the input), `W`
-(`backward_weight`) and, for scale, `B` (`backward_full`). Each repeat runs a fresh forward
-(not timed) and then one call; the checkouts' `pipefold/runtime/backward.py` alternate call by
-call, so a drifting machine hits both alike. Prints median µs per call and base / new.
+(`backward_weight`) and, for scale, `B` (`backward_full`) and autograd's engine called as `B`
+calls it with nothing around it (the floor a split schedule's `I` + `W` is measured against).
+Each repeat runs a fresh forward (not timed) and then one call; the checkouts'
+`pipefold/runtime/backward.py` alternate call by call, so a drifting machine hits both alike.
+Prints median µs per call and base / new.
 """
 
 from __future__ import annotations
@@ -49,19 +51,40 @@ def main(argv: list[str] | None = None) -> int:
     relative = Path("pipefold/runtime/backward.py")
     modules = {"new": _load(ROOT / relative, "backward_new")}
     if args.baseline is not None:
-        modules["base"] = _load(args.baseline / relative, "backward_base")
+        # The baseline's backward.py imports its own backward_groups.py (where it has one):
+        # lend it that module while it loads, then give this checkout's back.
+        groups_name = "pipefold.runtime.backward_groups"
+        ours = sys.modules.get(groups_name)
+        base_groups = args.baseline / "pipefold/runtime/backward_groups.py"
+        if base_groups.exists():
+            sys.modules[groups_name] = _load(base_groups, "backward_groups_base")
+        try:
+            modules["base"] = _load(args.baseline / relative, "backward_base")
+        finally:
+            if ours is not None:
+                sys.modules[groups_name] = ours
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
     params = list(stage.parameters())
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.perf_counter
-    times: dict[str, dict[str, list[float]]] = {label: {"I": [], "W": [], "B": []} for label in modules}
+    times: dict[str, dict[str, list[float]]] = {
+        label: {"I": [], "W": [], "B": [], "I+W": []} for label in modules
+    }
+    # The floor of B: autograd's engine called as backward_full calls it, with nothing around it.
+    floor: list[float] = []
+    engine = torch.autograd.graph._engine_run_backward
+    # What the executor passes where the checkout has it: one group cache per stage.
+    caches = {
+        label: {"cache": module.GroupCache()} if hasattr(module, "GroupCache") else {}
+        for label, module in modules.items()
+    }
     for repeat in range(args.repeats):
         for label, module in modules.items():
             leaf = x.detach().requires_grad_()
             out = stage(leaf)
             start = clock()
-            _, state = module.backward_input((out,), (grad,), (leaf,), params)
+            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label])
             middle = clock()
             module.backward_weight(state)
             end = clock()
@@ -74,11 +97,20 @@ def main(argv: list[str] | None = None) -> int:
                 times[label]["I"].append(middle - start)
                 times[label]["W"].append(end - middle)
                 times[label]["B"].append(full_end - full_start)
+                times[label]["I+W"].append(end - start)
+        leaf = x.detach().requires_grad_()
+        out = stage(leaf)
+        engine_start = clock()
+        engine((out,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+        engine_end = clock()
+        if repeat >= args.repeats // 10:
+            floor.append(engine_end - engine_start)
     for label, parts in times.items():
         cells = ", ".join(f"{part} {statistics.median(values) * 1e6:.1f}" for part, values in parts.items())
         print(f"{label}: µs per call: {cells}")
+    print(f"autograd's engine alone (the floor of B): {statistics.median(floor) * 1e6:.1f} µs per call")
     if "base" in times:
-        for part in ("I", "W", "B"):
+        for part in ("I", "W", "B", "I+W"):
             ratio = statistics.median(times["base"][part]) / statistics.median(times["new"][part])
             print(f"{part}: base / new {ratio:.2f}")
     return 0

@@ -7,8 +7,11 @@ messages per step as the per-action probe's micro-batches do, timing the channel
 this checkout and of `--baseline` alternately; prints the median µs per message of each and
 the median ratio. Two more rows price a zero-copy receive on this checkout's channel: the
 executor's receive as it is (a fresh buffer per message, then the copy out of the shared
-page), against handing the consumer the shared page's view itself (no buffer, no copy). No second process, so it measures the channel's own Python and tensor
-work, not a wake-up or the cache lines crossing cores. The last rows time one check of a
+page), a buffer kept per (stage, micro-batch) and handed out again when nothing else holds it
+(`ReceiveBuffers`, the executor's receive now: the check, then the copy out), and handing the
+consumer the shared page's view itself (no buffer, no copy). No second process, so it
+measures the channel's own Python and tensor work, not a wake-up or the cache lines crossing
+cores. The last rows time one check of a
 waiting receiver's polling loop (a message not yet published), each checkout's as its
 `_ShmReceive.wait` builds it: the latency a wake-up may add.
 """
@@ -78,6 +81,51 @@ def main(argv: list[str] | None = None) -> int:
             sequence, offsets, _ = receiver.claim((fresh,))
             receiver.read(sequence, (fresh,), offsets)
 
+    from pipefold.model import TensorMeta
+    from pipefold.runtime.receive_buffers import ReceiveBuffers
+    from pipefold.runtime.stage import as_leaves
+
+    pool = ReceiveBuffers(1, args.messages, torch.device("cpu"))
+    meta = TensorMeta.of(value)
+
+    def receive_reused() -> None:
+        sender, receiver = channels["new"]
+        sender.begin_step(args.messages * 64)
+        receiver.begin_step(args.messages * 64)
+        for microbatch in range(args.messages):
+            sender.send((value,))
+            _, buffers = pool.input(0, microbatch, meta)
+            sequence, offsets, _ = receiver.claim(buffers)
+            receiver.read(sequence, buffers, offsets)
+
+    def receive_reused_consumed() -> None:
+        # As the executor's consumer does: a leaf detached from the buffer, dropped before the
+        # next step's receive (so the buffer is handed out again).
+        sender, receiver = channels["new"]
+        sender.begin_step(args.messages * 64)
+        receiver.begin_step(args.messages * 64)
+        leaves = []
+        for microbatch in range(args.messages):
+            sender.send((value,))
+            received, buffers = pool.input(0, microbatch, meta)
+            sequence, offsets, _ = receiver.claim(buffers)
+            receiver.read(sequence, buffers, offsets)
+            leaves.append(as_leaves(received)[1])
+        leaves.clear()
+
+    def receive_allocating_consumed() -> None:
+        sender, receiver = channels["new"]
+        sender.begin_step(args.messages * 64)
+        receiver.begin_step(args.messages * 64)
+        leaves = []
+        for _ in range(args.messages):
+            sender.send((value,))
+            fresh = torch.empty((1, 8), dtype=torch.float32)
+            sequence, offsets, _ = receiver.claim((fresh,))
+            receiver.read(sequence, (fresh,), offsets)
+            leaves.append(as_leaves(fresh)[1])
+        leaves.clear()
+
     def receive_zero_copy() -> None:
         sender, receiver = channels["new"]
         sender.begin_step(args.messages * 64)
@@ -88,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             receiver._view(offsets[0], torch.float32, buffer.shape)  # what a zero-copy consumer reads
 
     runs = {label: (lambda label=label: step(label)) for label in modules}
-    runs["new, receive into a fresh buffer (the executor's receive)"] = receive_allocating
+    runs["new, receive into a fresh buffer (the executor before ReceiveBuffers)"] = receive_allocating
+    runs["new, receive into a kept buffer (ReceiveBuffers: check, copy out)"] = receive_reused
+    runs["new, fresh buffer, then the consumer's leaf"] = receive_allocating_consumed
+    runs["new, kept buffer, then the consumer's leaf"] = receive_reused_consumed
     runs["new, zero-copy receive (the shared page's view)"] = receive_zero_copy
     timings: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.rounds):

@@ -35,7 +35,7 @@ from pipefold.runtime.backward_groups import (
     match_direct,
 )
 
-__all__ = ["WeightGradState", "backward_full", "backward_input", "backward_weight"]
+__all__ = ["GroupCache", "WeightGradState", "backward_full", "backward_input", "backward_weight"]
 
 # autograd's engine entry point under `torch.autograd.backward` / `grad` (private; absent
 # in some torch version -> the public functions). See `_run_engine`.
@@ -109,6 +109,7 @@ def backward_input(
     params: Sequence[Tensor],
     *,
     direct: bool = True,
+    cache: GroupCache | None = None,
 ) -> tuple[Grads, WeightGradState]:
     """Input half (`I`) of the backward of one stage for one micro-batch.
 
@@ -118,12 +119,15 @@ def backward_input(
     the activations the weight gradients need); the caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
-    (docs/decisions.md, "direct weight gradients").
+    (docs/decisions.md, "direct weight gradients"). `cache` (one per stage, kept by the
+    caller) saves rebuilding what every graph of a shape shares.
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups = _planned_groups(roots, root_grads, [inputs[i] for i in wanted], params, direct=direct)
-    state = WeightGradState(groups, _disjoint=_groups_are_disjoint(groups))
+    groups, shape = _planned_groups(
+        roots, root_grads, [inputs[i] for i in wanted], params, direct=direct, cache=cache
+    )
+    state = WeightGradState(groups, _disjoint=shape.disjoint)
     result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
         return tuple(result), state
@@ -132,7 +136,7 @@ def backward_input(
     # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
     # removed per micro-batch) cost a tenth of I on a small stage. It runs no other node:
     # the frontier nodes are in the input closure, which the engine runs anyway.
-    captured = all(frontier.num_outputs > 0 for frontier in frontiers)
+    captured = shape.captured
     edges = (
         [GradientEdge(f.node, k) for f in frontiers for k in range(f.num_outputs)] if captured else []
     )
@@ -146,23 +150,34 @@ def backward_input(
             handles.append(frontier.node.register_hook(collector(frontier, group.direct.slots)))
     try:
         grads = _run_engine(
-            roots, root_grads, [*(inputs[i] for i in wanted), *edges], retain_graph=True, accumulate_grad=False
+            roots,
+            root_grads,
+            [*(inputs[i] for i in wanted), *edges],
+            retain_graph=True,
+            accumulate_grad=False,
         )
     finally:
         for handle in handles:
             handle.remove()
     for i, grad in zip(wanted, grads[: len(wanted)], strict=True):
         result[i] = grad
+    # W takes the groups whose gradients I kept last first: those are likeliest still in
+    # cache, and the activations there were the last I touched. (Captured, a frontier's
+    # `order` is its node's place in the walk from the outputs, which the engine follows, so
+    # the plan holds the order; with hooks it is when each hook ran.)
     if captured:
         at = len(wanted)
         for frontier in frontiers:
-            frontier.grads = tuple(grads[at : at + frontier.num_outputs])
+            frontier.grads = grads[at : at + frontier.num_outputs]
             at += frontier.num_outputs
-    # W takes the groups whose gradients I kept last first: those are likeliest still in
-    # cache, and the activations there were the last I touched. (Captured, a frontier's
-    # `order` is its node's place in the walk from the outputs, which the engine follows.)
-    state._groups.sort(key=lambda group: max((f.order for f in group.frontiers), default=-1), reverse=True)
+        state._groups = [groups[i] for i in shape.weight_order]
+    else:
+        state._groups.sort(key=_last_kept, reverse=True)
     return tuple(result), state
+
+
+def _last_kept(group: Group) -> int:
+    return max((f.order for f in group.frontiers), default=-1)
 
 
 def backward_weight(state: WeightGradState) -> None:
@@ -176,26 +191,32 @@ def backward_weight(state: WeightGradState) -> None:
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []
     state._done = True
+    # The groups W computes itself run with grad mode off, switched as `torch.no_grad()` does
+    # but without its context object (4-10 µs a use on a loaded CPU), and once for the whole
+    # run rather than per group; autograd's groups get the caller's mode back.
+    enabled = torch.is_grad_enabled()
+    groups.reverse()  # popped from the end, in W's order
     with recompute_scope:
-        while groups:
-            # Dropping each group as it runs frees its kept gradients, and (when no other
-            # call needs its nodes) autograd frees the activations saved there, so W reuses
-            # that memory for the weight gradients instead of growing the heap.
-            _run_group(groups.pop(0), retain_graph=not disjoint)
+        torch._C._set_grad_enabled(False)
+        try:
+            while groups:
+                # Dropping each group as it runs frees its kept gradients, and (when no other
+                # call needs its nodes) autograd frees the activations saved there, so W reuses
+                # that memory for the weight gradients instead of growing the heap.
+                group = groups.pop()
+                if group.direct is not None and accumulate_direct(group.direct, group.frontiers[0]):
+                    continue
+                torch._C._set_grad_enabled(enabled)
+                try:
+                    _run_group(group, retain_graph=not disjoint)
+                finally:
+                    torch._C._set_grad_enabled(False)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
 
 def _run_group(group: Group, retain_graph: bool) -> None:
-    if group.direct is not None:
-        # What `torch.no_grad()` switches, without its context object: that costs 4-10 µs a
-        # use on a loaded CPU, and W makes one per group.
-        enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            done = accumulate_direct(group.direct, group.frontiers[0])
-        finally:
-            torch._C._set_grad_enabled(enabled)
-        if done:
-            return
+    """Run one group's weight gradients through autograd's engine."""
     edges, grads = group.seeds()
     if not edges:
         return
@@ -329,6 +350,14 @@ class _PlanShape:
     directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
     """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
     (output index, parameter position)), or None where `match_direct` found no direct form."""
+    weight_order: tuple[int, ...]
+    """The groups in the order `W` runs them when `I` captured the frontier gradients: the
+    group whose frontier node comes last in the walk first (see `backward_input`)."""
+    disjoint: bool
+    """`_groups_are_disjoint` of the groups."""
+    captured: bool
+    """Every frontier node says how many gradients it receives, so `I` asks the engine for
+    them (see `backward_input`)."""
 
 
 _plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
@@ -336,6 +365,31 @@ _plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
 graph of the same shape, and planning it anew (two upward walks, a union-find and the direct
 matching) cost a third of `I` on a small stage."""
 _MAX_PLAN_SHAPES = 256
+_MAX_PREPARED = 64
+
+
+_Prepared = tuple[tuple[list[Tensor], Direct | None], ...]
+
+
+class GroupCache:
+    """What `backward_input` keeps for one stage between its calls: per graph shape, each
+    group's parameters and direct form (ignoring hooks, checked per call), which every graph of
+    the shape shares for the stage's parameters. Owned by the caller (the executor keeps one
+    per stage), so it lives and dies with the stage's parameters it holds."""
+
+    def __init__(self) -> None:
+        # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
+        self._entries: dict[int, tuple[_PlanShape, Sequence[Tensor], _Prepared]] = {}
+
+    def get(self, shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
+        entry = self._entries.get(id(shape))
+        if entry is not None and entry[0] is shape and entry[1] is params:
+            return entry[2]
+        prepared = _prepare_all(shape, params)
+        if len(self._entries) >= _MAX_PREPARED:
+            self._entries.clear()
+        self._entries[id(shape)] = (shape, params, prepared)
+        return prepared
 _is_leaf_node: dict[type, bool] = {}
 """Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
 
@@ -343,47 +397,48 @@ _is_leaf_node: dict[type, bool] = {}
 def _graph_shape(
     roots: Sequence[Tensor], inputs: Sequence[Tensor], params: Sequence[Tensor]
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
-    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per node
-    in walk order, its class, the walk indices of its children and, for a leaf, which input or
-    parameter it holds; two graphs with equal keys are the same graph up to the node objects,
-    so `_plan_groups` (a function of exactly that) plans them alike."""
-    param_at = {id(p): i for i, p in enumerate(params)}
-    input_at = {id(t): i for i, t in enumerate(inputs)}
+    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
+    (walk index of its node, output number), then per node in walk order its class, the walk
+    indices of its children (-1 for none) and None, or for a leaf (AccumulateGrad, which has no
+    children) which input or parameter it holds ("other" for neither, None for none): flat, and
+    unambiguous because a class starts each node's entries and only children are ints. Two
+    graphs with equal keys are the same graph up to the node objects, so `_plan_groups` (a
+    function of exactly that) plans them alike."""
+    held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
+    for i, tensor in enumerate(inputs):
+        held_by.setdefault(id(tensor), ("input", i))
     edges = [get_gradient_edge(root) for root in roots]
     index: dict[Node, int] = {}
     nodes: list[Node] = []
     key: list[object] = []
     for edge in edges:
-        if edge.node not in index:
-            index[edge.node] = len(nodes)
+        at = index.get(edge.node)
+        if at is None:
+            at = index[edge.node] = len(nodes)
             nodes.append(edge.node)
-        key.append((index[edge.node], edge.output_nr))
-    position = 0
-    while position < len(nodes):
-        node = nodes[position]
-        position += 1
-        children: list[int] = []
+        key.append((at, edge.output_nr))
+    find, add_node, add_key = index.get, nodes.append, key.append
+    is_leaf_node = _is_leaf_node
+    for node in nodes:  # grows while it is walked: breadth first
+        node_type = type(node)
+        add_key(node_type)
+        leaf = is_leaf_node.get(node_type)
+        if leaf is None:
+            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
+        if leaf:  # no children
+            variable = getattr(node, "variable", None)
+            add_key(None if variable is None else held_by.get(id(variable), "other"))
+            continue
         for child, _ in node.next_functions:
             if child is None:
-                children.append(-1)
+                add_key(-1)
                 continue
-            at = index.get(child)
+            at = find(child)
             if at is None:
                 at = index[child] = len(nodes)
-                nodes.append(child)
-            children.append(at)
-        node_type = type(node)
-        leaf = _is_leaf_node.get(node_type)
-        if leaf is None:
-            leaf = _is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        held: object = None
-        if leaf:
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                held = ("param", param_at[id(variable)]) if id(variable) in param_at else (
-                    ("input", input_at[id(variable)]) if id(variable) in input_at else "other"
-                )
-        key.append((node_type, tuple(children), held))
+                add_node(child)
+            add_key(at)
+        add_key(None)
     return tuple(key), nodes, edges
 
 
@@ -394,9 +449,10 @@ def _planned_groups(
     params: Sequence[Tensor],
     *,
     direct: bool,
-) -> list[Group]:
+    cache: GroupCache | None = None,
+) -> tuple[list[Group], _PlanShape]:
     """`_plan_groups` (with `match_direct` on each group when `direct`), planned once per
-    graph shape and rebuilt from positions for every later graph of that shape."""
+    graph shape and rebuilt from positions for every later graph of that shape; with the plan."""
     key, nodes, edges = _graph_shape(roots, inputs, params)
     shape = _plan_shapes.get(key)
     if shape is None:
@@ -405,30 +461,51 @@ def _planned_groups(
         if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
             _plan_shapes.pop(next(iter(_plan_shapes)))
         _plan_shapes[key] = shape
+    prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
     groups = []
-    for (param_positions, frontier_indices, root_indices, num_nodes), found, num_outputs in zip(
-        shape.groups, shape.directs, shape.num_outputs, strict=True
+    for (_, frontier_indices, root_indices, num_nodes), num_outputs, (group_params, found) in zip(
+        shape.groups, shape.num_outputs, prepared, strict=True
     ):
+        # With a cache the group's parameter list is shared by every graph of the shape:
+        # nothing appends to it after planning.
         group = Group(
-            [params[i] for i in param_positions],
+            group_params,
             [
                 Frontier(nodes[i], order=i, num_outputs=n)
                 for i, n in zip(frontier_indices, num_outputs, strict=True)
             ],
-            [(edges[i], root_grads[i]) for i in root_indices],
+            [(edges[i], root_grads[i]) for i in root_indices] if root_indices else [],
             num_nodes=num_nodes,
         )
-        if direct and found is not None and not any(has_hooks(p) for p in group.params):
-            kind, node_index, weight, bias, slots = found
-            group.direct = Direct(
-                kind,
-                nodes[node_index],
-                params[weight] if weight >= 0 else None,
-                params[bias] if bias >= 0 else None,
-                tuple((output, params[i]) for output, i in slots),
-            )
+        if direct and found is not None and not any(map(has_hooks, group_params)):
+            group.direct = found
         groups.append(group)
-    return groups
+    return groups, shape
+
+
+def _prepare_all(shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
+    return tuple(
+        _prepare(found, positions[0], params)
+        for positions, found in zip(shape.groups, shape.directs, strict=True)
+    )
+
+
+def _prepare(
+    found: tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None,
+    param_positions: tuple[int, ...],
+    params: Sequence[Tensor],
+) -> tuple[list[Tensor], Direct | None]:
+    """A group's parameters and direct form (from `_PlanShape.directs`) for `params`."""
+    group_params = [params[i] for i in param_positions]
+    if found is None:
+        return group_params, None
+    kind, _, weight, bias, slots = found
+    return group_params, Direct(
+        kind,
+        params[weight] if weight >= 0 else None,
+        params[bias] if bias >= 0 else None,
+        tuple((output, params[i]) for output, i in slots),
+    )
 
 
 def _shape_of(
@@ -457,14 +534,25 @@ def _shape_of(
             if found is None
             else (
                 found.kind,
-                node_at[found.node],
+                node_at[group.frontiers[0].node],
                 -1 if found.weight is None else param_at[id(found.weight)],
                 -1 if found.bias is None else param_at[id(found.bias)],
                 tuple((output, param_at[id(param)]) for output, param in found.slots),
             )
         )
     num_outputs = tuple(tuple(_num_outputs(f.node) for f in group.frontiers) for group in groups)
-    return _PlanShape(tuple(shaped), num_outputs, tuple(directs))
+    # `backward_input`'s sort of the groups by their last frontier (stable, descending), on the
+    # walk indices a captured `I` gives the frontiers as their order.
+    last = [max(frontier_indices, default=-1) for _, frontier_indices, _, _ in shaped]
+    weight_order = sorted(range(len(shaped)), key=lambda i: last[i], reverse=True)
+    return _PlanShape(
+        tuple(shaped),
+        num_outputs,
+        tuple(directs),
+        weight_order=tuple(weight_order),
+        disjoint=_groups_are_disjoint(groups),
+        captured=all(n > 0 for per_group in num_outputs for n in per_group),
+    )
 
 
 def _num_outputs(node: Node) -> int:

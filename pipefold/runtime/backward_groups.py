@@ -65,10 +65,10 @@ class Group:
 @dataclass(eq=False)  # not frozen: `I` builds one per group per call, and a frozen init costs 3x
 class Direct:
     """A group `W` computes itself: one linear (`kind` "addmm" / "mm") or layer norm, or a
-    compiled graph whose weight gradients `I` already computed (`kind` "compiled")."""
+    compiled graph whose weight gradients `I` already computed (`kind` "compiled"), at the
+    group's one frontier node. It holds no node, so one serves every graph of a shape."""
 
     kind: str
-    node: Node
     weight: Tensor | None
     bias: Tensor | None
     slots: tuple[tuple[int, Tensor], ...] = ()
@@ -136,7 +136,7 @@ def match_direct(group: Group, *, check_hooks: bool = True) -> Direct | None:
         return None
     if check_hooks and any(has_hooks(param) for param in found):
         return None
-    return Direct(kind, node, weight, bias)
+    return Direct(kind, weight, bias)
 
 
 def match_compiled(
@@ -162,7 +162,7 @@ def match_compiled(
         return None
     if check_hooks and any(has_hooks(param) for param in group.params):
         return None
-    return Direct("compiled", node, None, None, tuple(slots))
+    return Direct("compiled", None, None, tuple(slots))
 
 
 def _accumulate_computed(direct: Direct, frontier: Frontier) -> bool:
@@ -189,12 +189,41 @@ def collector(frontier: Frontier, slots: tuple[tuple[int, Tensor], ...]) -> Call
     return collect
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+
+
 def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
     return (
-        type(tensor) in (Tensor, torch.nn.Parameter)
+        type(tensor) in _PLAIN_TYPES
         and tensor.dtype == dtype
-        and tensor.layout == torch.strided
+        and tensor.layout == _STRIDED
         and tensor.is_contiguous()
+    )
+
+
+def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
+    """`_plain(param, dtype) and _grad_slot_ok(param)`, or True for no parameter: one call per
+    parameter on `W`'s direct path."""
+    if param is None:
+        return True
+    if not (
+        type(param) in _PLAIN_TYPES
+        and param.dtype == dtype
+        and param.layout == _STRIDED
+        and param.is_contiguous()
+    ):
+        return False
+    if getattr(param, "grad_dtype", dtype) != dtype:
+        return False  # autograd would cast to the declared gradient dtype
+    grad = param.grad
+    return grad is None or (
+        type(grad) in _PLAIN_TYPES
+        and grad.dtype == dtype
+        and grad.layout == _STRIDED
+        and grad.is_contiguous()
+        and not grad.requires_grad
+        and grad.shape == param.shape
     )
 
 
@@ -217,17 +246,16 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     if not grads or grads[0] is None:
         return False
     grad = grads[0]
-    node = direct.node
-    params = [p for p in (direct.weight, direct.bias) if p is not None]
+    node = frontier.node
     dtype = grad.dtype
-    if not all(_plain(p, dtype) and _grad_slot_ok(p) for p in params):
+    weight, bias = direct.weight, direct.bias
+    if not (_ready(weight, dtype) and _ready(bias, dtype)):
         return False
     if direct.kind == "layer_norm":
         return _layer_norm_direct(direct, node, grad)
     if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
         return False
     saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
-    weight, bias = direct.weight, direct.bias
     if (
         grad.dim() != 2
         or type(grad) is not Tensor

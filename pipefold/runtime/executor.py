@@ -29,10 +29,17 @@ from torch import Tensor
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.model import TensorMeta
-from pipefold.runtime.backward import WeightGradState, backward_full, backward_input, backward_weight
+from pipefold.runtime.backward import (
+    GroupCache,
+    WeightGradState,
+    backward_full,
+    backward_input,
+    backward_weight,
+)
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
+from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
@@ -307,6 +314,8 @@ class Executor:
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
         ] = {}
         self._dispatch = tuple(dispatch)
+        self._group_caches = {s: GroupCache() for s in stages}
+        self._receive_buffers = ReceiveBuffers(schedule.num_stages, schedule.num_microbatches, device)
         self._run_counter: ActivationCounter | None = counter
         self._ready_at = 0.0
         self.sent_bytes = 0
@@ -571,9 +580,9 @@ class Executor:
     def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._in_layer[s]]
-        value = meta.empty(self._device)
+        value, buffers = self._receive_buffers.input(s, mb, meta)
         p2p, _ = self._comm()
-        self._recv_f[s][mb] = _Pending(value, p2p.recv(flatten(value), peer), peer, what)
+        self._recv_f[s][mb] = _Pending(value, p2p.recv(buffers, peer), peer, what)
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -627,7 +636,8 @@ class Executor:
         # Recomputed activations must be unpacked inside autograd's call (checkpointing
         # recomputes once per call), so such stages keep W on autograd's path.
         input_grads, state = backward_input(
-            self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes
+            self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes,
+            cache=self._group_caches[s],
         )
         self._weight_state[s][mb] = state
         self._release(s, mb)
@@ -656,13 +666,8 @@ class Executor:
     def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._out_layer[s]]
-        device = self._device
-        grads: Grads = tuple(
-            torch.empty(shape, dtype=dtype, device=device) if dtype.is_floating_point or dtype.is_complex else None
-            for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
-        )
+        grads, buffers = self._receive_buffers.output_grads(s, mb, meta)
         p2p, _ = self._comm()
-        buffers = [g for g in grads if g is not None]
         self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer), peer, what)
 
     # -- optimizer ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import pipefold.runtime.backward as backward_module
 from pipefold.errors import BoundaryMismatch, PipelineError
-from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
 
 torch.set_num_threads(1)
 
@@ -451,8 +451,10 @@ class _Branching(nn.Module):
         return x + (self.fc2(torch.relu(h)) if self.wide else h)
 
 
-def test_split_plan_is_cached_per_graph_shape(monkeypatch):
+@pytest.mark.parametrize("cached", [False, True])
+def test_split_plan_is_cached_per_graph_shape(monkeypatch, cached):
     torch.manual_seed(0)
+    cache = GroupCache() if cached else None
     module = _Branching()
     x = torch.randn(4, D)
     monkeypatch.setattr(backward_module, "_plan_shapes", {})
@@ -464,11 +466,14 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch):
         expected = grads if expected is None else [e + g for e, g in zip(expected, grads, strict=True)]
     module.zero_grad(set_to_none=True)
     input_grads = []
+    params = list(module.parameters())  # one list, as a stage's: the cache's entries hit
     for mb, wide in enumerate(widths):
         module.wide = wide
         inputs = _stage_inputs((x,))
         outputs = _as_tuple(module(*inputs))
-        got, state = backward_input(outputs, _output_grads(outputs, 30 + mb), inputs, list(module.parameters()))
+        got, state = backward_input(
+            outputs, _output_grads(outputs, 30 + mb), inputs, params, cache=cache
+        )
         backward_weight(state)
         input_grads.append(got[0])
         torch.testing.assert_close(got[0], _reference(module, (x,), seed=30 + mb)[0])
@@ -477,15 +482,17 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch):
         torch.testing.assert_close(got_grad, want)
 
 
-def test_hook_added_after_the_plan_is_cached_takes_autograds_path(monkeypatch):
-    """Hooks are checked per call, not cached with the graph's shape."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_hook_added_after_the_plan_is_cached_takes_autograds_path(monkeypatch, cached):
+    """Hooks are checked per call, not cached with the graph's shape (nor in a group cache)."""
     torch.manual_seed(0)
+    cache = GroupCache() if cached else None
     module = MLPBlock()
     x = torch.randn(4, D)
     params = list(module.parameters())
     inputs = _stage_inputs((x,))
     outputs = _as_tuple(module(*inputs))
-    _, state = backward_input(outputs, _output_grads(outputs, 5), inputs, params)
+    _, state = backward_input(outputs, _output_grads(outputs, 5), inputs, params, cache=cache)
     backward_weight(state)  # the shape's plan is cached now, fc1 direct
     module.zero_grad(set_to_none=True)
     _, expected = _reference(module, (x,), seed=6)
@@ -494,9 +501,37 @@ def test_hook_added_after_the_plan_is_cached_takes_autograds_path(monkeypatch):
     calls = _engine_calls(monkeypatch)
     inputs = _stage_inputs((x,))
     outputs = _as_tuple(module(*inputs))
-    _, state = backward_input(outputs, _output_grads(outputs, 6), inputs, params)
+    _, state = backward_input(outputs, _output_grads(outputs, 6), inputs, params, cache=cache)
     backward_weight(state)
     assert len(calls) == 2 and len(seen) == 1  # I, and W through autograd for fc1's group
     torch.testing.assert_close(seen[0], expected[0])
     for got, want in zip(_param_grads(module), expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_one_group_cache_serves_stages_of_one_shape_with_their_own_parameters():
+    """Two stages whose graphs have the same shape share the plan; a cache given both keeps
+    each one's parameters apart (and a new parameter tuple is prepared anew)."""
+    torch.manual_seed(0)
+    stages = [MLPBlock(), MLPBlock()]
+    x = torch.randn(4, D)
+    seeds = (40, 50, 60)
+    expected = []
+    for index, stage in enumerate(stages):
+        per_seed = [_reference(stage, (x,), seed=seed + index)[1] for seed in seeds]
+        expected.append([sum(grads[1:], grads[0]) for grads in zip(*per_seed, strict=True)])
+    cache = GroupCache()
+    kept = [tuple(stage.parameters()) for stage in stages]
+    for round_, seed in enumerate(seeds):
+        for index, stage in enumerate(stages):
+            # The stages' own tuples, then tuples made anew: never another stage's entry.
+            params = kept[index] if round_ < 2 else tuple(stage.parameters())
+            inputs = _stage_inputs((x,))
+            outputs = _as_tuple(stage(*inputs))
+            grads = _output_grads(outputs, seed + index)
+            got, state = backward_input(outputs, grads, inputs, params, cache=cache)
+            backward_weight(state)
+            torch.testing.assert_close(got[0], _reference(stage, (x,), seed=seed + index)[0])
+    for stage, want in zip(stages, expected, strict=True):
+        for got_grad, want_grad in zip(_param_grads(stage), want, strict=True):
+            torch.testing.assert_close(got_grad, want_grad)
