@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from pipefold.errors import ConfigError
+from pipefold.runtime.parallel.data_parallel import reduce_dtype
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import Schedule, add_sharding
@@ -64,7 +65,9 @@ class FullSharding:
         for stage in stages:
             if not stage.parameters:
                 continue  # nothing to shard (a stage of parameter-free layers)
-            module = fully_shard(stage.module, mesh=mesh, reshard_after_forward=False)
+            module = fully_shard(
+                stage.module, mesh=mesh, reshard_after_forward=False, mp_policy=_policy(stage)
+            )
             # The replicas' gradients are already weighted by their rows (the pipeline seeds each
             # backward with rows / global rows), so the reduce-scatter sums; gloo has no average.
             module.set_force_sum_reduction_for_comms(True)
@@ -177,6 +180,17 @@ class FullSharding:
         for stage, module in self._modules.items():
             module.reshard()
             self._stages[stage].parameters = _parameters(self._stages[stage].module)
+
+
+def _policy(stage: Stage) -> MixedPrecisionPolicy:
+    """FSDP's precision for `stage`: the weights as they are held (FSDP casts nothing for the
+    forward; autocast does that under mixed precision), and 16-bit gradients (bf16 weights,
+    `precision="bf16-pure"`) reduce-scattered in fp32, as the replicas' all-reduce does
+    without sharding (`data_parallel.reduce_dtype`): the sum rounds once, into bf16."""
+    dtypes = {param.dtype for param in stage.parameters if param.is_floating_point()}
+    if len(dtypes) == 1:
+        return MixedPrecisionPolicy(reduce_dtype=reduce_dtype(dtypes.pop()))
+    return MixedPrecisionPolicy()
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
