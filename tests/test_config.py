@@ -127,8 +127,6 @@ BAD = [
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
     ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
      "precision='bf16-pure'"),
-    ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "schedule.shard": "full",
-      "model.tie_embeddings": False}, "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -179,8 +177,10 @@ def test_asynchronous_schedule_with_tied_or_untied_head_is_accepted():
 
 
 
-@pytest.mark.parametrize("zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}])
-def test_pure_bf16_with_zero1_is_accepted(zero):
+@pytest.mark.parametrize(
+    "zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}, {"schedule.shard": "full"}]
+)
+def test_pure_bf16_with_zero1_or_full_sharding_is_accepted(zero):
     overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero}
     config = load_config(overrides=overrides)
     assert config.precision == "bf16-pure" and config.schedule.data_parallel == 2

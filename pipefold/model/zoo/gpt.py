@@ -81,7 +81,9 @@ def tied_head(embedding: nn.Module, x: Tensor) -> Tensor:
     weight = embedding.weight
     if not isinstance(weight, Tensor):
         raise TypeError(f"tied head expects a module with a weight tensor, got {type(embedding).__name__}")
-    return x @ weight.t()
+    # F.linear, not x @ weight.t(): autocast keeps its cast of a leaf weight for the step
+    # (runtime.stage.held_casts), and a transposed view would be cast again every forward.
+    return F.linear(x, weight)
 
 
 class PositionEmbedding(nn.Module):
