@@ -106,10 +106,10 @@ class PositionEmbedding(nn.Module):
 
 def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # torch's CPU flash-attention backward is several times slower in 16 bits than in fp32
-        # (it made bf16 slower than fp32 for the main job's model; docs/decisions.md, "16-bit
-        # attention on CPU"): the core runs in fp32, outside autocast, and returns the inputs'
-        # dtype, so the projections around it still compute in 16 bits.
+        # torch's CPU flash-attention backward is several times slower in 16 bits than in fp32,
+        # which made bf16 slower than fp32 for the main job's model (docs/decisions.md,
+        # "16-bit attention on CPU"): the core runs in fp32, outside autocast, and returns the
+        # inputs' dtype, so the projections around it still compute in 16 bits.
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
         return out.to(q.dtype)
