@@ -8,11 +8,11 @@ Two spawned ranks hold one `Pipeline` per precision over the same layers and see
 (`RuntimeOptions(precision=...)`), built with the `pipefold train` defaults' model (d_model 128,
 4 heads, 4 blocks, seq 128, batch 32 in 8 micro-batches). Each round runs `--steps` steps of
 each pipeline in turn, so machine noise hits all alike; an AdamW step follows each, as in the
-job (bf16-pure: `fp32_master_weights(AdamW)`). Prints the median step (the slower rank's wall time, optimizer included), the median CPU
-time of a step summed over both ranks (less sensitive than the wall time to other jobs on a
-shared host: a rank waiting for its peer blocks, it does not spin), the bytes each
-rank sent per step (`pipe.last_sent_bytes`: boundaries and their gradients) and the last
-losses, which agree within the 16-bit rounding.
+job (bf16-pure: `fp32_master_weights(AdamW)`). Prints the median step (the slower rank's wall
+time, optimizer included), the median CPU time of a step summed over both ranks (less
+sensitive than the wall time to other jobs on a shared host: a rank waiting for its peer
+blocks, it does not spin), the bytes each rank sent per step (`pipe.last_sent_bytes`:
+boundaries and their gradients) and the last losses, which agree within the 16-bit rounding.
 """
 
 from __future__ import annotations
@@ -125,12 +125,14 @@ def main() -> int:
         f"seq={args.seq_len} batch={args.batch}/{args.microbatches} micro-batches, "
         f"{args.rounds} rounds x {args.steps} steps each"
     )
-    print("| precision | median step ms | median CPU ms per step | rank 0 / rank 1 sent per step (KiB) | last loss |")
+    print("| precision | median step ms | median CPU ms per step | rank 0 / rank 1 sent per step (KiB) "
+          "| last loss |")
     print("|---|---|---|---|---|")
     for name in args.precisions:
         sent = " / ".join(f"{per_rank[r][name]['sent'] / 1024:.0f}" for r in range(2))
         row = per_rank[0][name]
-        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['cpu_s'] * 1e3:.1f} | {sent} | {row['loss']:.4f} |")
+        times = f"{row['step_s'] * 1e3:.1f} | {row['cpu_s'] * 1e3:.1f}"
+        print(f"| {name} | {times} | {sent} | {row['loss']:.4f} |")
     base, base_cpu = (per_rank[0][args.precisions[0]][key] for key in ("step_s", "cpu_s"))
     for name in args.precisions[1:]:
         row = per_rank[0][name]

@@ -11,7 +11,8 @@ run them: "bf16" under autocast entered per forward with the weight casts held f
 in rounds; each row gives the median thread CPU time of a step (less sensitive than the wall
 time to other jobs on a shared host), then one profiled step per variant lists its most
 expensive ops (self CPU time, torch.profiler). `--attention-16bit` runs the attention core in
-16 bits as torch does by default (`pipefold.model.zoo.gpt` runs it in fp32 on the CPU).
+16 bits as torch does by default (`pipefold.model.zoo.gpt` runs it in fp32 on the CPU);
+`--casts-per-forward` lets autocast cast every weight again in each forward.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--top", type=int, default=12, help="ops listed per variant")
     parser.add_argument("--attention-16bit", action="store_true")
+    parser.add_argument("--casts-per-forward", action="store_true",
+                        help="drop autocast's weight casts after each forward (no held_casts)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.attention_16bit:
@@ -75,7 +78,7 @@ def main() -> int:
                 torch.clear_autocast_cache()
 
     def step(modules: list[Any], autocast: bool) -> None:
-        with held() if autocast else contextlib.nullcontext():
+        with held() if autocast and not args.casts_per_forward else contextlib.nullcontext():
             for _ in range(args.microbatches):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     value = inputs
@@ -95,8 +98,10 @@ def main() -> int:
             step(modules, autocast)
             cpu[name].append(time.thread_time() - start)
     attention = "16-bit (torch's default)" if args.attention_16bit else "fp32 (pipefold's GPT)"
+    attention += ", weight casts per forward" if args.casts_per_forward else ", weight casts held per step"
     print(
-        f"GPT d={args.d_model} layers={args.num_layers} seq={args.seq_len}, {args.microbatches} micro-batches "
+        f"GPT d={args.d_model} layers={args.num_layers} seq={args.seq_len}, "
+        f"{args.microbatches} micro-batches "
         f"of {args.rows} rows, 1 thread, attention core {attention}, {args.rounds} rounds"
     )
     base = statistics.median(cpu["fp32"])

@@ -82,7 +82,8 @@ def native_bf16(device_type: str) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if device_type != "cpu":
         return False
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
     return any(bool(probe()) for probe in probes if callable(probe))
 
 

@@ -26,7 +26,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
-    precision = "auto"         # bf16 where measured faster (docs/training.md), else fp32; or fp32/bf16/fp16/bf16-pure
+    precision = "auto"         # bf16 where measured faster (docs/training.md), else fp32; or fp32/bf16/...
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
     hardware = ""              # a hardware preset or file (as `pipefold plan --hardware`): mfu in metrics
@@ -543,7 +543,8 @@ class TrainConfig:
         bounds = job_bounds(self.partition, schedule.num_stages, self.model)
         if bounds is not None and len(bounds) == schedule.num_stages + 1:
             chooser = gpt_chooser(
-                self.model, self.schedule, self.compute_precision, bounds=bounds, placement=schedule.placement,
+                self.model, self.schedule, self.compute_precision, bounds=bounds,
+                placement=schedule.placement,
                 device_type="cpu",
             )
             bucketed = self.data.bucket_by_length

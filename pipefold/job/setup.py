@@ -249,7 +249,8 @@ def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
 def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
     opt = config.optimizer
     # bf16-pure: the stages hold bf16 weights; AdamW steps their fp32 master copies.
-    adamw = fp32_master_weights(torch.optim.AdamW) if config.compute_precision == "bf16-pure" else torch.optim.AdamW
+    pure = config.compute_precision == "bf16-pure"
+    adamw = fp32_master_weights(torch.optim.AdamW) if pure else torch.optim.AdamW
 
     def make(params: Any) -> torch.optim.Optimizer:
         return adamw(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)

@@ -344,7 +344,9 @@ def test_a_step_casts_each_weight_once_and_equals_casting_per_forward(monkeypatc
     for name, pipe in (("held", held), ("per_forward", per_forward)):
         optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
         if name == "per_forward":
-            monkeypatch.setattr(pipeline_module, "held_casts", lambda stages, weights_fixed: contextlib.nullcontext())
+            monkeypatch.setattr(
+                pipeline_module, "held_casts", lambda stages, weights_fixed: contextlib.nullcontext()
+            )
         losses, counts = [], []
         for step in range(2):
             inputs, targets = _batch("transformer", 8, seed=step)

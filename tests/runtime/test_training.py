@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from _cases import _batch, _loss_fn, transformer
 from _workers import WorkerPool
-from torch.distributed.tensor import DTensor
 from test_tensor_parallel import _plan, gpt, tied_lm
+from torch.distributed.tensor import DTensor
 
 from pipefold.model import build_reference
 from pipefold.runtime import (
