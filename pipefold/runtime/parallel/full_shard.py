@@ -188,9 +188,9 @@ def _policy(stage: Stage) -> MixedPrecisionPolicy:
     `precision="bf16-pure"`) reduce-scattered in fp32, as the replicas' all-reduce does
     without sharding (`data_parallel.reduce_dtype`): the sum rounds once, into bf16."""
     dtypes = {param.dtype for param in stage.parameters if param.is_floating_point()}
-    if len(dtypes) == 1:
-        return MixedPrecisionPolicy(reduce_dtype=reduce_dtype(dtypes.pop()))
-    return MixedPrecisionPolicy()
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != reduce_dtype(dtype):
+        return MixedPrecisionPolicy(reduce_dtype=reduce_dtype(dtype))
+    return MixedPrecisionPolicy()  # fp32 weights: FSDP's defaults, nothing cast
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
