@@ -237,7 +237,8 @@ class _Rules:
             self.refuse(
                 "precision",
                 f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
-                f"master weights; use a flush schedule, or {instead}",
+                "master weights, and sums each update's gradients over replicas and tied owners in "
+                f"bf16 (not built for bf16 weights, streamed or not); use a flush schedule, or {instead}",
             )
 
     def adaptive(self) -> None:
