@@ -416,7 +416,8 @@ class TrainConfig:
 
     @property
     def compute_precision(self) -> str:
-        """`precision` with "auto" resolved (once; the launcher's answer travels to the ranks):
+        """`precision` with "auto" resolved (once per config object, on first use; every rank of
+        one machine, or of machines alike, gets the same answer; on mixed hardware set it):
         "bf16" on a CUDA GPU with native bf16, or on a CPU with AMX / AVX512-BF16 for the
         built-in GPT at d_model >= AUTO_BF16_MIN_D_MODEL; else "fp32". A Hugging Face model
         stays fp32 on the CPU: its attention runs torch's 16-bit CPU attention backward, which
