@@ -8,9 +8,11 @@ Two spawned ranks hold one `Pipeline` per precision over the same layers and see
 (`RuntimeOptions(precision=...)`), built with the `pipefold train` defaults' model (d_model 128,
 4 heads, 4 blocks, seq 128, batch 32 in 8 micro-batches). Each round runs `--steps` steps of
 each pipeline in turn, so machine noise hits all alike; an AdamW step follows each, as in the
-job. Prints the median step (the slower rank's wall time, optimizer included), the bytes each
-rank sent per step (`pipe.last_sent_bytes`: boundaries and their gradients) and the last
-losses, which agree within the 16-bit rounding.
+job (bf16-pure: `fp32_master_weights(AdamW)`). Prints the median step (the slower rank's wall
+time, optimizer included), the median CPU time of a step summed over both ranks (less
+sensitive than the wall time to other jobs on a shared host: a rank waiting for its peer
+blocks, it does not spin), the bytes each rank sent per step (`pipe.last_sent_bytes`:
+boundaries and their gradients) and the last losses, which agree within the 16-bit rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
     import torch.distributed as dist
 
     from pipefold.model.zoo import gpt_layers, gpt_loss
-    from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions
+    from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions, fp32_master_weights
     from pipefold.runtime.processes.launch import init_process_group_from_env
 
     init_process_group_from_env()
@@ -43,7 +45,13 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
         )
         for precision in args.precisions
     }
-    optimizers = {name: torch.optim.AdamW(pipe.parameters(), lr=1e-3) for name, pipe in pipes.items()}
+    # As the job: bf16-pure steps fp32 master copies of its bf16 weights.
+    optimizers = {
+        name: (fp32_master_weights(torch.optim.AdamW) if name == "bf16-pure" else torch.optim.AdamW)(
+            pipe.parameters(), lr=1e-3
+        )
+        for name, pipe in pipes.items()
+    }
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -58,19 +66,24 @@ def _rank(args: argparse.Namespace, out: Any) -> None:
         for _ in range(2):
             step(name)
     walls: dict[str, list[float]] = {name: [] for name in pipes}
+    cpus: dict[str, list[float]] = {name: [] for name in pipes}
     losses: dict[str, float] = {}
     for _ in range(args.rounds):
         for name in pipes:
             for _ in range(args.steps):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 losses[name] = step(name)
                 wall = torch.tensor([time.perf_counter() - start])
+                cpu = torch.tensor([time.process_time() - cpu_start])
                 dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+                dist.all_reduce(cpu)
                 walls[name].append(float(wall))
+                cpus[name].append(float(cpu))
     summary = {
         name: {
             "step_s": statistics.median(walls[name]),
+            "cpu_s": statistics.median(cpus[name]),
             "sent": pipes[name].last_sent_bytes,
             "loss": losses[name],
         }
@@ -112,15 +125,21 @@ def main() -> int:
         f"seq={args.seq_len} batch={args.batch}/{args.microbatches} micro-batches, "
         f"{args.rounds} rounds x {args.steps} steps each"
     )
-    print("| precision | median step ms | rank 0 / rank 1 sent per step (KiB) | last loss |")
-    print("|---|---|---|---|")
+    print("| precision | median step ms | median CPU ms per step | rank 0 / rank 1 sent per step (KiB) "
+          "| last loss |")
+    print("|---|---|---|---|---|")
     for name in args.precisions:
         sent = " / ".join(f"{per_rank[r][name]['sent'] / 1024:.0f}" for r in range(2))
         row = per_rank[0][name]
-        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {sent} | {row['loss']:.4f} |")
-    base = per_rank[0][args.precisions[0]]["step_s"]
+        times = f"{row['step_s'] * 1e3:.1f} | {row['cpu_s'] * 1e3:.1f}"
+        print(f"| {name} | {times} | {sent} | {row['loss']:.4f} |")
+    base, base_cpu = (per_rank[0][args.precisions[0]][key] for key in ("step_s", "cpu_s"))
     for name in args.precisions[1:]:
-        print(f"{name} / {args.precisions[0]} step time: {per_rank[0][name]['step_s'] / base:.2f}")
+        row = per_rank[0][name]
+        print(
+            f"{name} / {args.precisions[0]}: step time {row['step_s'] / base:.2f}, "
+            f"CPU time {row['cpu_s'] / base_cpu:.2f}"
+        )
     return 0
 
 

@@ -21,7 +21,7 @@ from pipefold.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_CHOICES", "check_compiler", "cpp_compiler", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "check_compiler", "cpp_compiler", "has_cuda", "native_bf16", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,39 @@ def resolve_device(choice: str = "auto", local_rank: int | None = None) -> torch
     if num_gpus:
         logger.warning("%d local ranks but %d GPUs: running on the CPU", local_world, num_gpus)
     return torch.device("cpu")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether a `device_type` ("cpu" or "cuda") device multiplies bf16 matrices in hardware.
+
+    CUDA: a GPU torch reports native bf16 for (Ampere and later). CPU: AMX-BF16 or
+    AVX512-BF16, from /proc/cpuinfo's flags without importing torch (a configuration resolves
+    its precision before any rank starts), else torch.cpu's probes; other CPUs emulate bf16
+    products through fp32 and gain nothing from them.
+    """
+    if device_type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                flags = {word for line in info if line.startswith("flags") for word in line.split()}
+            return bool(flags & {"amx_bf16", "avx512_bf16"})
+        except OSError:
+            pass
+    import torch  # deferred: this module is imported by the torch-free configuration
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    if device_type != "cpu":
+        return False
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
+    return any(bool(probe()) for probe in probes if callable(probe))
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (imports torch)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def cpp_compiler() -> str | None:

@@ -226,8 +226,9 @@ class _Rules:
     def pure_precision(self) -> None:
         """bf16 weights with fp32 master copies in the optimizer, stepped after the step on whole
         (or tensor-parallel) parameters: replicas all-reduce the bf16 gradients in fp32; under
-        ZeRO-1 each replica keeps the masters of its own share of the parameters. Full
-        sharding's reduce-scatters and sharded weights are not composed with the masters."""
+        ZeRO-1 each replica keeps the masters of its own share of the parameters; under full
+        sharding the weights are bf16 shards, reduce-scattered in fp32, each rank keeping the
+        masters of its shards."""
         c, n = self.c, self.name
         if c.precision != "bf16-pure":
             return
@@ -236,14 +237,8 @@ class _Rules:
             self.refuse(
                 "precision",
                 f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
-                f"master weights; use a flush schedule, or {instead}",
-            )
-        if c.shard == "full":
-            self.refuse(
-                "precision",
-                f"bf16 weights are not composed with full sharding ({n('shard')}='full'): its "
-                f"reduce-scatters and sharded weights do not keep fp32 master copies; use "
-                f"{n('shard')}='zero1' (or 'replicate'), or {instead}",
+                "master weights, and sums each update's gradients over replicas and tied owners in "
+                f"bf16 (not built for bf16 weights, streamed or not); use a flush schedule, or {instead}",
             )
 
     def adaptive(self) -> None:

@@ -127,8 +127,6 @@ BAD = [
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
     ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
      "precision='bf16-pure'"),
-    ({"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, "schedule.shard": "full",
-      "model.tie_embeddings": False}, "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -179,8 +177,10 @@ def test_asynchronous_schedule_with_tied_or_untied_head_is_accepted():
 
 
 
-@pytest.mark.parametrize("zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}])
-def test_pure_bf16_with_zero1_is_accepted(zero):
+@pytest.mark.parametrize(
+    "zero", [{"optimizer.zero": True}, {"schedule.shard": "zero1"}, {"schedule.shard": "full"}]
+)
+def test_pure_bf16_with_zero1_or_full_sharding_is_accepted(zero):
     overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero}
     config = load_config(overrides=overrides)
     assert config.precision == "bf16-pure" and config.schedule.data_parallel == 2
@@ -244,6 +244,47 @@ def test_the_default_clip_applies_where_the_schedule_can_clip():
     with pytest.raises(ConfigError, match=r"optimizer.clip_grad_norm=-1.0"):
         load_config(overrides={"optimizer.clip_grad_norm": -1.0})
     assert TrainConfig().optimizer.lr_schedule == "cosine" and TrainConfig().eval_every == 50
+
+
+def test_the_default_precision_is_bf16_where_it_was_measured_faster(monkeypatch):
+    """precision = "auto": bf16 for the built-in GPT at d_model >= 128 on a CPU with bf16 matrix
+    units (AMX / AVX512-BF16), and on a CUDA GPU with bf16; fp32 otherwise; resolved once."""
+    assert TrainConfig().precision == "auto"
+    asked: list[str] = []
+
+    def native(device_type: str, native_cpu: bool = True, native_cuda: bool = True) -> bool:
+        asked.append(device_type)
+        return native_cpu if device_type == "cpu" else native_cuda
+
+    monkeypatch.setattr(config_module, "native_bf16", native)
+    monkeypatch.setattr(config_module, "has_cuda", lambda: False)
+    config = TrainConfig()
+    assert config.compute_precision == "bf16" and config.compute_dtype_name == "bf16"
+    assert asked == ["cpu"]  # the answer is kept: it is asked once
+    assert config.compute_precision == "bf16" and asked == ["cpu"]
+    assert load_config(overrides={"model.d_model": 64}).compute_precision == "fp32"  # measured slower
+    # The cpu hardware preset has an fp32 peak only: the refusal names what "auto" chose.
+    with pytest.raises(ConfigError, match=r'hardware=.cpu. .*precision "auto" chose bf16.*--precision fp32'):
+        load_config(overrides={"hardware": "cpu"})
+    for explicit in ("fp32", "bf16", "bf16-pure"):
+        assert load_config(overrides={"precision": explicit}).compute_precision == explicit
+    monkeypatch.setattr(config_module, "native_bf16", lambda device_type: native(device_type, False))
+    assert TrainConfig().compute_precision == "fp32"  # a CPU that emulates bf16
+    assert load_config(overrides={"device": "cpu"}).compute_precision == "fp32"
+    monkeypatch.setattr(config_module, "has_cuda", lambda: True)
+    assert TrainConfig().compute_precision == "bf16"  # device "auto" finds the GPU
+    assert load_config(overrides={"model.d_model": 64}).compute_precision == "bf16"
+    monkeypatch.setattr(config_module, "native_bf16", lambda device_type: native(device_type, False, False))
+    assert TrainConfig().compute_precision == "fp32"  # a GPU without bf16
+    # The real probe answers without torch on Linux (the configuration resolves it before any
+    # rank starts): /proc/cpuinfo's flags.
+    code = (
+        "import sys; from pipefold.device import native_bf16; native_bf16('cpu'); "
+        "assert 'torch' not in sys.modules or sys.platform != 'linux'"
+    )
+    import subprocess
+
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_evaluation_without_held_out_data_is_refused_before_any_rank_starts(tmp_path):

@@ -42,7 +42,7 @@ def test_mfu_is_model_flops_per_second_over_the_summed_peak():
     assert model_flops_utilization(1e6, 2e3, 4e9) == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="peak_flops = 0"):
         model_flops_utilization(1e6, 2e3, 0.0)
-    config = load_config(overrides={"hardware": "cpu"})
+    config = load_config(overrides={"hardware": "cpu", "precision": "fp32"})
     cpu = load_hardware("cpu")
     # 2 processes (ranks), one device each, fp32.
     assert config.peak_flops == pytest.approx(cpu.peak("fp32") * 2)

@@ -214,7 +214,9 @@ def add_parser(subparsers: Any) -> None:
                         help="a NaN/inf loss: raise (stop, naming the step) or skip that step's update; "
                         f"default {TrainConfig.on_nonfinite}")
     parser.add_argument("--precision", choices=PRECISION_CHOICES,
-                        help="bf16/fp16: autocast compute with fp32 weights and optimizer state, "
+                        help="auto: bf16 where it measured not slower than fp32 (a GPU with bf16; a CPU "
+                        "with AMX/AVX512-BF16 for the built-in GPT at --d-model >= 128), else fp32; "
+                        "bf16/fp16: autocast compute with fp32 weights and optimizer state, "
                         "boundaries in 16 bits (half the bytes); fp16 adds a dynamic loss scale; bf16-pure: "
                         "bf16 weights and gradients, fp32 master copies and state in the optimizer; "
                         f"default {TrainConfig.precision} (docs/training.md says why)")

@@ -23,7 +23,7 @@ def adaptive_runner(config: TrainConfig, pipe: Pipeline, shapes: Sequence[tuple[
     """The job's runner; every (global rows, length) in `shapes` is priced now (one replica's
     rows), so a batch no choice fits is refused (`BatchTooLong`) on every rank before the first step."""
     chooser = gpt_chooser(
-        config.model, config.schedule, config.precision, bounds=pipe.partition.bounds,
+        config.model, config.schedule, config.compute_precision, bounds=pipe.partition.bounds,
         placement=pipe.schedule.placement, device_type=pipe.device.type,
     )
     for rows, length in shapes:

@@ -2,7 +2,7 @@
 configuration refuses a batch no choice fits before any process starts, and every rank builds the
 same chooser at set-up (pipefold.job.adaptive).
 
-    chooser = gpt_chooser(config.model, config.schedule, config.precision, bounds=(0, 3, 6),
+    chooser = gpt_chooser(config.model, config.schedule, config.compute_precision, bounds=(0, 3, 6),
                           placement=(0, 1), device_type="cpu")
     chooser.ranked(rows, seq_len)          # BatchTooLong where no choice fits schedule.memory_limit
 

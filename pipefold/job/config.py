@@ -26,7 +26,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     eval_batches = 4           # held-out batches (of batch_size) per evaluation
     resume = ""                # a checkpoint directory to continue from ("" = start fresh)
     on_nonfinite = "raise"     # a NaN/inf loss stops the run; "skip" drops that step's update
-    precision = "fp32"         # "bf16"/"fp16": autocast, 16-bit boundaries; "bf16-pure": bf16 weights too
+    precision = "auto"         # bf16 where measured faster (docs/training.md), else fp32; or fp32/bf16/...
     loss_scale = 65536.0       # fp16's initial dynamic loss scale (halved on overflow, every rank alike)
     compile = false            # run each layer through torch.compile (needs a C++ compiler)
     hardware = ""              # a hardware preset or file (as `pipefold plan --hardware`): mfu in metrics
@@ -94,7 +94,7 @@ from typing import Any, ClassVar
 
 from pipefold.data.corpus import corpus_split_sizes
 from pipefold.data.tokens import is_token_file, token_split_sizes
-from pipefold.device import DEVICE_CHOICES, check_compiler
+from pipefold.device import DEVICE_CHOICES, check_compiler, has_cuda, native_bf16
 from pipefold.errors import ConfigError
 from pipefold.hf.files import TENSOR_PARALLEL_FAMILIES, ModelFiles, check_tokenizer
 from pipefold.job.adaptive_choice import gpt_chooser, longest_batch
@@ -140,8 +140,13 @@ PARTITION_METHODS = ("flops", "uniform", "parameters", "profile")
 NONFINITE_CHOICES = ("raise", "skip")
 """What `on_nonfinite` may be (`Pipeline(on_nonfinite=)`)."""
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16", "bf16-pure")
-"""What `precision` may be (`RuntimeOptions(precision=)`)."""
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "bf16-pure")
+"""What `precision` may be: "auto" (`TrainConfig.compute_precision`), or `RuntimeOptions(precision=)`'s."""
+
+AUTO_BF16_MIN_D_MODEL = 128
+"""precision = "auto" on a CPU: the built-in GPT's smallest d_model that trains in bf16 (the main
+job's, where bf16 measured faster than fp32 on a CPU with AMX; docs/training.md, "The main
+job's precision default")."""
 
 CHECKPOINT_DIR = "checkpoint"
 """Where in `out` the job saves its checkpoint."""
@@ -196,12 +201,13 @@ class TrainConfig:
     on_nonfinite: str = "raise"
     """A non-finite loss: "raise" stops the run naming the step; "skip" drops that step's
     gradients (a warning) and goes on. Flush schedules only."""
-    precision: str = "fp32"
+    precision: str = "auto"
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
     weights and optimizer state, and boundary tensors travel in it (docs/training.md).
     "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
     master copies in the optimizer step (flush schedules; with optimizer.zero each replica keeps
-    the masters of its own share; not with schedule.shard = "full")."""
+    the masters of its own share; with schedule.shard = "full" of its own shards). "auto": bf16
+    where it is measured not slower than fp32, else fp32 (`compute_precision`)."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every
     rank and the scale halved. Unused by fp32 and bf16."""
@@ -328,7 +334,9 @@ class TrainConfig:
             on_nonfinite=self.on_nonfinite,
             compile=self.compile,
             zero=self.optimizer.zero,
-            precision=self.precision,
+            # "auto" is fp32 or bf16, which the rulebook treats alike (not resolved here: that may
+            # import torch, and bad input is refused before it is).
+            precision="fp32" if self.precision == "auto" else self.precision,
             tied_layers=self.model.tied,
             num_layers=num_layers,
             num_heads=self.model.heads,
@@ -386,7 +394,11 @@ class TrainConfig:
         try:
             load_hardware(self.hardware).peak(self.compute_dtype_name)
         except ConfigError as error:
-            raise ConfigError(f"hardware={self.hardware!r} is not allowed: {error}") from None
+            chosen = (
+                f' (precision "auto" chose {self.compute_precision} here; set precision explicitly, '
+                'e.g. --precision fp32)' if self.precision == "auto" else ""
+            )
+            raise ConfigError(f"hardware={self.hardware!r} is not allowed: {error}{chosen}") from None
 
     @property
     def peak_flops(self) -> float | None:
@@ -399,7 +411,34 @@ class TrainConfig:
     @property
     def compute_dtype_name(self) -> str:
         """The dtype the matrix products run in, as hardware files name it ("fp32", "bf16", "fp16")."""
-        return "bf16" if self.precision == "bf16-pure" else self.precision
+        precision = self.compute_precision
+        return "bf16" if precision == "bf16-pure" else precision
+
+    @property
+    def compute_precision(self) -> str:
+        """`precision` with "auto" resolved (once per config object, on first use; every rank of
+        one machine, or of machines alike, gets the same answer; on mixed hardware set it):
+        "bf16" on a CUDA GPU with native bf16, or on a CPU with AMX / AVX512-BF16 for the
+        built-in GPT at d_model >= AUTO_BF16_MIN_D_MODEL; else "fp32". A Hugging Face model
+        stays fp32 on the CPU: its attention runs torch's 16-bit CPU attention backward, which
+        is several times slower than fp32's (the built-in GPT runs that core in fp32)."""
+        if self.precision != "auto":
+            return self.precision
+        resolved: str | None = self.__dict__.get("_precision")
+        if resolved is None:
+            resolved = "bf16" if self._bf16_measured_faster() else "fp32"
+            object.__setattr__(self, "_precision", resolved)
+        return resolved
+
+    def _bf16_measured_faster(self) -> bool:
+        device = self.device
+        if device == "auto":
+            device = "cuda" if has_cuda() else "cpu"
+        if not native_bf16(device):
+            return False
+        if device == "cuda":
+            return True
+        return self.model.hf is None and self.model.d_model >= AUTO_BF16_MIN_D_MODEL
 
     @property
     def flops_per_token(self) -> float:
@@ -505,7 +544,8 @@ class TrainConfig:
         bounds = job_bounds(self.partition, schedule.num_stages, self.model)
         if bounds is not None and len(bounds) == schedule.num_stages + 1:
             chooser = gpt_chooser(
-                self.model, self.schedule, self.precision, bounds=bounds, placement=schedule.placement,
+                self.model, self.schedule, self.compute_precision, bounds=bounds,
+                placement=schedule.placement,
                 device_type="cpu",
             )
             bucketed = self.data.bucket_by_length

@@ -120,7 +120,8 @@ def describe(job: Job) -> str:
         f"{f' x {pipe.num_data_parallel} data-parallel replicas' if pipe.num_data_parallel > 1 else ''}"
         f"{f' x {s.tensor_parallel} tensor-parallel' if s.tensor_parallel > 1 else ''}"
         f"{' (sequence-parallel)' if s.sequence_parallel else ''} "
-        f"({job.device.type}), {s.num_microbatches} micro-batches, {data}"
+        f"({job.device.type}, {config.compute_precision}"
+        f"{' from auto' if config.precision == 'auto' else ''}), {s.num_microbatches} micro-batches, {data}"
     )
 
 
@@ -225,6 +226,7 @@ def finish(
     step_seconds = statistics.median(steady)
     summary: dict[str, Any] = {
         "config": config.to_dict(),
+        "precision": config.compute_precision,  # "auto" resolved
         "partition": str(pipe.partition),
         "start_step": records[0].step,
         "checkpoint": str(out / CHECKPOINT_DIR),

@@ -249,7 +249,8 @@ def _tensor_parallel_plan(config: TrainConfig) -> TensorParallelPlan | None:
 def _adamw(config: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
     opt = config.optimizer
     # bf16-pure: the stages hold bf16 weights; AdamW steps their fp32 master copies.
-    adamw = fp32_master_weights(torch.optim.AdamW) if config.precision == "bf16-pure" else torch.optim.AdamW
+    pure = config.compute_precision == "bf16-pure"
+    adamw = fp32_master_weights(torch.optim.AdamW) if pure else torch.optim.AdamW
 
     def make(params: Any) -> torch.optim.Optimizer:
         return adamw(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
@@ -287,7 +288,7 @@ def _make_pipeline(
     precisions: dict[str, Literal["fp32", "bf16", "fp16", "bf16-pure"]] = {
         "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "bf16-pure": "bf16-pure",
     }
-    precision = precisions[config.precision]
+    precision = precisions[config.compute_precision]
     runtime = RuntimeOptions(
         timeout_s=config.timeout_s, on_nonfinite=on_nonfinite, precision=precision,
         loss_scale=config.loss_scale if precision == "fp16" else None, compile=config.compile,
@@ -336,7 +337,7 @@ def _make_loop_optimizer(config: TrainConfig, pipe: Pipeline) -> torch.optim.Opt
         params = parameter_groups(pipe.local_modules.values(), params, weight_decay=opt.weight_decay)
     if opt.zero or config.schedule.shard == "zero1":
         # bf16-pure: each replica keeps the fp32 masters of the parameters it owns.
-        pure = config.precision == "bf16-pure"
+        pure = config.compute_precision == "bf16-pure"
         adamw = fp32_master_weights(torch.optim.AdamW) if pure else torch.optim.AdamW
         zero: torch.optim.Optimizer = sharded_optimizer(
             pipe, adamw, params=params, lr=opt.lr, betas=(opt.beta1, opt.beta2),

@@ -63,7 +63,7 @@ from pipefold.runtime.progress import Progress
 from pipefold.runtime.recording import StepRecorder
 from pipefold.runtime.selective import check_selective
 from pipefold.runtime.shared_checks import check_shared_parameters, check_tied_layers_whole
-from pipefold.runtime.stage import Stage
+from pipefold.runtime.stage import Stage, held_casts
 from pipefold.runtime.stash import WeightStash
 from pipefold.runtime.step_batch import BoundaryShapes, split_batch
 from pipefold.runtime.step_gradients import StepGradients, new_loss_scale
@@ -626,13 +626,14 @@ class Pipeline:
             # The reduce-scatters run inside the schedule, before the losses are agreed: each
             # replica's backward starts weighted by its share of the global rows, and they sum.
             seed *= data_parallel.weight_of(batch_size)
-        record = self._executor.run(
-            StepInputs(
-                batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],
-                loss_scale=seed,
-            ),
-            count_memory=count_memory,
-        )
+        with held_casts(self.stages, weights_fixed=self.sharding is None and not in_schedule):
+            record = self._executor.run(
+                StepInputs(
+                    batch.inputs, batch.targets, boundaries, [size / batch_size for size in sizes],
+                    loss_scale=seed,
+                ),
+                count_memory=count_memory,
+            )
         peak = self._counting.peak(batch_key, count_memory, record.activation_bytes_peak)
         record = replace(record, activation_bytes_peak=peak)
         gathered, losses = self._agree_losses(record)

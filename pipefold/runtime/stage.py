@@ -13,8 +13,9 @@ Recomputation (`recompute`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch.utils.checkpoint
@@ -25,7 +26,7 @@ from pipefold.model import LayerLike, TiedLayerSpec
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
-__all__ = ["Stage", "as_leaves", "cast_floating", "flatten"]
+__all__ = ["Stage", "as_leaves", "cast_floating", "flatten", "held_casts"]
 
 
 class _Chain(nn.Module):
@@ -252,3 +253,27 @@ def _leaf(tensor: Tensor) -> Tensor:
     if leaf.is_floating_point() or leaf.is_complex():
         leaf.requires_grad_(True)
     return leaf
+
+
+@contextlib.contextmanager
+def held_casts(stages: Sequence[Stage], *, weights_fixed: bool) -> Iterator[None]:
+    """Keep autocast's cache of 16-bit weight casts for the whole step, not one forward.
+
+    Each stage forward enters its own autocast region, and leaving the outermost region drops
+    the cache, so every micro-batch would cast every weight again. An autocast nesting level
+    held around the step (without enabling autocast outside the forwards) keeps the casts of
+    the first forward for the others and for recomputation. Only where the weights do not
+    change inside the step and stay gathered (`weights_fixed`: a flush schedule without full
+    sharding, no weight stash): the cache is keyed by the weight, not its values, and holds a
+    16-bit copy of each weight until the step ends.
+    """
+    fixed = weights_fixed and all(stage.stash is None for stage in stages)
+    if not fixed or all(stage.compute_dtype is None for stage in stages):
+        yield
+        return
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()

@@ -5,6 +5,7 @@ overflow agreed by every rank) are in test_training.py."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -302,3 +303,64 @@ def test_pure_bf16_is_refused_where_it_is_not_supported():
             mlp(4), loss_fn=_loss_fn("mlp"), schedule="pipedream", num_microbatches=2,
             runtime=RuntimeOptions(precision="bf16-pure"),
         )
+
+
+def test_a_step_casts_each_weight_once_and_equals_casting_per_forward(monkeypatch):
+    """autocast's weight casts are held for the whole step (`held_casts`): 4 micro-batches on two
+    stages cast each fp32 weight to bf16 once, not once per forward, the next step (after an
+    update) casts the new weights again, and losses and gradients equal a pipeline that casts
+    per forward, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import pipefold.runtime.pipeline as pipeline_module
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, pointers):
+            super().__init__()
+            self.pointers, self.counts = pointers, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                pointer = args[0].data_ptr()
+                if pointer in self.pointers:
+                    self.counts[pointer] = self.counts.get(pointer, 0) + 1
+            return func(*args, **kwargs)
+
+    def build():
+        return Pipeline(
+            transformer(), loss_fn=_loss_fn("transformer"), schedule="interleaved-1f1b", num_microbatches=4,
+            num_virtual=2, layout=LayoutOptions(seed=7), runtime=RuntimeOptions(precision="bf16"),
+        )
+
+    held, per_forward = build(), build()
+    # The tied head multiplies by `embedding.weight.T`, a view: autocast caches casts of leaf
+    # weights only, so that one is cast per forward (the GPT's head uses F.linear instead).
+    named = dict(held.named_parameters())
+    pointers = {p.data_ptr(): name for name, p in named.items() if name != "0.weight"}
+    linear = {p.data_ptr() for name, p in named.items() if ".qkv." in name or ".out." in name}
+    assert len(linear) == 24
+    results = {}
+    for name, pipe in (("held", held), ("per_forward", per_forward)):
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+        if name == "per_forward":
+            monkeypatch.setattr(
+                pipeline_module, "held_casts", lambda stages, weights_fixed: contextlib.nullcontext()
+            )
+        losses, counts = [], []
+        for step in range(2):
+            inputs, targets = _batch("transformer", 8, seed=step)
+            counter = CountCasts(set(pointers) if name == "held" else set())
+            with counter:
+                losses.append(pipe.step(inputs, targets))
+            counts.append(counter.counts)
+            grads = [p.grad.clone() for p in pipe.parameters()]
+            optimizer.step()
+            optimizer.zero_grad()
+        results[name] = (losses, grads)
+        if name == "held":  # the linear layers' weights and biases (norms run in fp32)
+            for count in counts:
+                assert set(count) == linear and set(count.values()) == {1}, count
+    assert results["held"][0] == results["per_forward"][0]
+    for got, want in zip(results["held"][1], results["per_forward"][1], strict=True):
+        assert torch.equal(got, want)

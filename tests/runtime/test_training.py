@@ -17,6 +17,7 @@ import torch.distributed as dist
 from _cases import _batch, _loss_fn, transformer
 from _workers import WorkerPool
 from test_tensor_parallel import _plan, gpt, tied_lm
+from torch.distributed.tensor import DTensor
 
 from pipefold.model import build_reference
 from pipefold.runtime import (
@@ -48,8 +49,10 @@ def _layout(layout: str, schedule: str, num_microbatches: int, precision: str = 
     if layout == "pp2":  # two independent pipelines of two ranks each
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         options["process_group"] = groups[dist.get_rank() // 2]
-    elif layout == "dp2xpp2":
+    elif layout in ("dp2xpp2", "dp2xpp2-full"):
         options["process_group"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        if layout == "dp2xpp2-full":  # each stage's weights sharded over the replicas (FSDP2)
+            options["shard"] = "full"
     elif layout == "pp2xtp2":
         options["process_group"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
         options["tensor_parallel"] = _plan()
@@ -267,7 +270,9 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
     fp32) and within PURE_RTOL, at the first step (the same weights) also entry by entry within
     BF16_RTOL. After the steps every bf16 weight and fp32 master within PURE_RTOL.
     "<layout>-zero1": the optimizer ZeRO-sharded over the replicas, each keeping the masters of
-    its own parameters only; the memory report's optimizer bytes per rank are returned."""
+    its own parameters only; the memory report's optimizer bytes per rank are returned.
+    "dp2xpp2-full": each stage's weights bf16 shards over the replicas (FSDP2), reduce-scattered
+    in fp32, each rank keeping the masters of its own shards (DTensors of their layout)."""
     from pipefold.runtime import fp32_master_weights, sharded_optimizer
     from pipefold.runtime.parallel.data_parallel import reduce_dtype
 
@@ -298,7 +303,20 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
         if length is not None:
             inputs, targets = inputs[:, :length], targets[:, :length]
         shard = torch.arange(rows).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
-        loss = pipe.step(inputs[shard], targets[shard])
+        reduced: list[torch.dtype] = []
+        reduce_scatter = dist.reduce_scatter_single
+        if pipe.sharding is not None:  # full sharding: record what its reduce-scatters carry
+            def recording_rs(*args, reduced=reduced, reduce_scatter=reduce_scatter, **kwargs):
+                reduced.append(kwargs["input"].dtype)
+                return reduce_scatter(*args, **kwargs)
+
+            dist.reduce_scatter_single = recording_rs
+        try:
+            loss = pipe.step(inputs[shard], targets[shard])
+        finally:
+            dist.reduce_scatter_single = reduce_scatter
+        # The bf16 gradients are summed over the replicas in fp32 (rounded once, into bf16).
+        assert set(reduced) == ({torch.float32} if pipe.sharding is not None else set()), reduced
         expected = loss_fn(_autocast_forward(reference, inputs, pipe), targets)
         expected.backward()
         torch.testing.assert_close(loss, expected.item(), rtol=BF16_RTOL, atol=0)
@@ -329,7 +347,14 @@ def pure(*, layout: str, schedule: str = "1f1b", num_steps: int = 3) -> dict:
         optimizer.zero_grad()
         reference_optimizer.step()
         reference_optimizer.zero_grad()
-    if pipe.num_data_parallel > 1:  # the replicas hold the same bf16 weights (ZeRO: as sent)
+    full = pipe.sharding is not None
+    if full:  # each replica holds bf16 shards, and the fp32 masters of its own shards only
+        for param in pipe.parameters():
+            assert isinstance(param, DTensor) and param.dtype == torch.bfloat16
+            master = optimizer.state[param]["master"]
+            assert isinstance(master, DTensor) and master.dtype == torch.float32
+            assert master.placements == param.placements and master.to_local().shape == param.to_local().shape
+    elif pipe.num_data_parallel > 1:  # the replicas hold the same bf16 weights (ZeRO: as sent)
         for name, param in pipe.named_parameters():
             copies = [torch.empty_like(param) for _ in range(pipe.num_data_parallel)]
             dist.all_gather(copies, param.detach(), group=pipe.data_parallel_group)
@@ -504,6 +529,12 @@ def test_pure_bf16_equals_one_process_with_replicas_and_tensor_parallel(pool4, l
     results = pool4.run("pure", layout=layout, schedule=schedule)
     print(layout, "largest relative distance", max(result["distance"] for result in results))
     # Replicas and tp peers agree on the global loss of every step.
+    assert all(result["losses"] == results[0]["losses"] for result in results)
+
+
+def test_pure_bf16_with_full_sharding_equals_one_process(pool4):
+    results = pool4.run("pure", layout="dp2xpp2-full", schedule="zb-h1")
+    print("dp2xpp2-full largest relative distance", max(result["distance"] for result in results))
     assert all(result["losses"] == results[0]["losses"] for result in results)
 
 

@@ -81,7 +81,9 @@ def tied_head(embedding: nn.Module, x: Tensor) -> Tensor:
     weight = embedding.weight
     if not isinstance(weight, Tensor):
         raise TypeError(f"tied head expects a module with a weight tensor, got {type(embedding).__name__}")
-    return x @ weight.t()
+    # F.linear, not x @ weight.t(): autocast keeps its cast of a leaf weight for the step
+    # (runtime.stage.held_casts), and a transposed view would be cast again every forward.
+    return F.linear(x, weight)
 
 
 class PositionEmbedding(nn.Module):
@@ -103,6 +105,14 @@ class PositionEmbedding(nn.Module):
 
 
 def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU flash-attention backward is several times slower in 16 bits than in fp32,
+        # which made bf16 slower than fp32 for the main job's model (docs/decisions.md,
+        # "16-bit attention on CPU"): the core runs in fp32, outside autocast, and returns the
+        # inputs' dtype, so the projections around it still compute in 16 bits.
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

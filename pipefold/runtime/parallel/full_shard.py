@@ -27,10 +27,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.model import LayerLike, Partition, tied_groups
+from pipefold.runtime.parallel.data_parallel import reduce_dtype
 from pipefold.runtime.stage import Stage
 from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import Schedule, add_sharding, join_units, shard_units
@@ -74,7 +75,8 @@ class FullSharding:
             # One stage is its own root; stages holding one weight share a root module over
             # them all, so FSDP shards that weight once (it refuses one parameter in two units).
             root = members[0].module if len(members) == 1 else _Joint([m.module for m in members])
-            module = fully_shard(root, mesh=mesh, reshard_after_forward=False)
+            module = fully_shard(root, mesh=mesh, reshard_after_forward=False,
+                                 mp_policy=_policy(members))
             # The replicas' gradients are already weighted by their rows (the pipeline seeds each
             # backward with rows / global rows), so the reduce-scatter sums; gloo has no average.
             module.set_force_sum_reduction_for_comms(True)
@@ -278,6 +280,17 @@ def _joined(stages: Sequence[Stage]) -> list[list[Stage]]:
             holders.setdefault(id(param), []).append(stage.index)
     units = join_units(with_parameters, [held for held in holders.values() if len(held) > 1])
     return [[with_parameters[index] for index in unit] for unit in units]
+
+
+def _policy(members: Sequence[Stage]) -> MixedPrecisionPolicy:
+    """FSDP's precision for a unit of `members` stages: the weights as they are held (FSDP casts nothing for the
+    forward; autocast does that under mixed precision), and 16-bit gradients (bf16 weights,
+    `precision="bf16-pure"`) reduce-scattered in fp32, as the replicas' all-reduce does
+    without sharding (`data_parallel.reduce_dtype`): the sum rounds once, into bf16."""
+    dtypes = {param.dtype for stage in members for param in stage.parameters if param.is_floating_point()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != reduce_dtype(dtype):
+        return MixedPrecisionPolicy(reduce_dtype=reduce_dtype(dtype))
+    return MixedPrecisionPolicy()  # fp32 weights: FSDP's defaults, nothing cast
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
