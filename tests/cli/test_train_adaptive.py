@@ -132,7 +132,7 @@ def test_replicas_and_tp_peers_are_priced_per_pipeline():
         built = config.schedule.built
         bounds = job_bounds(config.partition, built.num_stages, config.model)
         chooser = gpt_chooser(
-            config.model, config.schedule, config.precision, bounds=bounds, placement=built.placement,
+            config.model, config.schedule, config.compute_precision, bounds=bounds, placement=built.placement,
             device_type="cpu",
         )
         return min(choice.peak_memory for choice in chooser.ranked(8, 64))
