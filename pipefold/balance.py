@@ -168,13 +168,16 @@ def balance(
 
     # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
     # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats.
+    # Each distinct speed's squared costs, those over the bottleneck infinite, computed once.
+    allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
     squares = np.full(num_layers + 1, np.inf)
     squares[0] = 0.0
     starts = []
-    for cost in costs:
-        total = np.where(cost <= bottleneck, squares[:, None] + cost**2, np.inf)
+    for speed in speeds:
+        # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
+        total = squares[:, None] + allowed[speed]
         squares = total.min(axis=0)
-        is_best = np.isfinite(total) & (total == squares[None, :])
+        is_best = total == squares[None, :]
         starts.append(num_layers - np.argmax(is_best[::-1], axis=0))
     bounds = [num_layers]
     for stage_starts in reversed(starts):

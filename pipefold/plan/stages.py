@@ -57,6 +57,7 @@ def stage_cost_model(
     overhead = costs.overhead_s
     # Bytes scale with rows; times with rows and the device's speed.
     rows_scale = layout.rows / costs.reference_rows
+    recompute = set(recompute)  # (a tuple of a hundred stages is read once per stage)
     f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
     for stage in range(layout.num_stages):
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]

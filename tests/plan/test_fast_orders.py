@@ -1,0 +1,225 @@
+"""The planner's fast paths give what the slow ones they replace give, for every family they cover:
+the integer orders of `pipefold.plan.fast_orders` equal the families' `generate`, the compiled
+schedule built from them times as the one built from the `Schedule`, and the held counts and
+backward kind read from them equal those read from the `Action`s (hypothesis over ranks,
+micro-batches and virtual stages)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipefold.errors import ScheduleError
+from pipefold.plan.bounds import backward_kind
+from pipefold.plan.fast_orders import Order, fast_families, fast_order, order_of
+from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
+from pipefold.schedule import Schedule, build
+from pipefold.schedule.ir import Action, Op
+from pipefold.schedule.registry import family
+from pipefold.simulate import CostModel, Link
+from pipefold.simulate.compiled import CompiledSchedule
+
+_SIZES = st.tuples(st.integers(1, 8), st.integers(1, 24), st.integers(1, 4))
+
+
+def _legal(name: str, p: int, m: int, v: int) -> Schedule | None:
+    try:
+        family(name).check(p, m, v)
+        return build(name, num_ranks=p, num_microbatches=m, num_virtual=v)
+    except ScheduleError:
+        return None
+
+
+def _same(a: Order, b: Order) -> bool:
+    return (a.name, a.num_ranks, a.num_stages, a.num_microbatches, a.placement, a.weight_update) == (
+        b.name, b.num_ranks, b.num_stages, b.num_microbatches, b.placement, b.weight_update) and all(
+        np.array_equal(x, y) for row_a, row_b in zip(a.rows, b.rows, strict=True)
+        for x, y in zip(row_a, row_b, strict=True))
+
+
+def _held_counts_reference(schedule: Schedule) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """The held counts as the planner read them from `Action`s before the integer orders."""
+    deltas = {Op.F: ((0, 1),), Op.B: ((0, -1),), Op.I: ((0, -1), (1, 1)), Op.W: ((1, -1),)}
+    result = []
+    for row in schedule.actions:
+        stages = sorted({action.stage for action in row})
+        column = {stage: index for index, stage in enumerate(stages)}
+        width = len(stages)
+        vector = [0] * (2 * width)
+        seen = {tuple(vector)}
+        for action in row:
+            if action.op not in deltas:
+                continue
+            for offset, change in deltas[action.op]:
+                vector[column[action.stage] + offset * width] += change
+            seen.add(tuple(vector))
+        table = np.array(sorted(seen), dtype=np.float64).reshape(len(seen), 2 * width)
+        result.append((tuple(stages), table))
+    return result
+
+
+def _costs(rng: random.Random, num_stages: int, num_ranks: int) -> CostModel:
+    def draw() -> list[float]:
+        return [rng.uniform(0.1, 2.0) for _ in range(num_stages)]
+
+    return CostModel.from_lists(
+        draw(), draw(), draw(), b=draw(),
+        activation_bytes=[rng.randrange(0, 1000) for _ in range(num_stages)],
+        weight_grad_bytes=[rng.randrange(0, 500) for _ in range(num_stages)],
+        message_bytes=[rng.randrange(0, 10_000) for _ in range(num_stages - 1)],
+        link=Link(rng.uniform(0, 0.2), rng.uniform(1e3, 1e6)),
+        link_overrides={(0, num_ranks - 1): Link(0.3, 1e4)} if num_ranks > 1 else {},
+        action_overhead=rng.choice([0.0, 0.01]),
+    )
+
+
+@pytest.mark.parametrize("name", fast_families())
+@settings(max_examples=30, deadline=None)
+@given(sizes=_SIZES, seed=st.integers(0, 2**16))
+def test_fast_paths_equal_the_slow_paths(name: str, sizes: tuple[int, int, int], seed: int) -> None:
+    p, m, v = sizes
+    schedule = _legal(name, p, m, v)
+    if schedule is None:
+        return
+    fast = fast_order(name, p, m, v)
+    assert fast is not None
+    assert _same(fast, order_of(schedule))
+    # The held counts and backward kind the search reads.
+    for (stages, counts), (want_stages, want) in zip(held_counts_of(fast), _held_counts_reference(schedule),
+                                                     strict=True):
+        assert stages == want_stages
+        np.testing.assert_array_equal(counts, want)
+    assert _backward_of(fast) == backward_kind(schedule)
+    # The compiled schedule from the arrays (and a header without actions) times as the one from `Action`s.
+    compiled = CompiledSchedule(fast.shell(), fast.rows)
+    reference = CompiledSchedule(schedule)
+    costs = _costs(random.Random(seed), schedule.num_stages, p)
+    assert compiled.run(costs) == reference.run(costs)
+    assert compiled.order_activation_peaks(costs) == reference.order_activation_peaks(costs)
+
+
+def test_the_fast_families_are_the_flush_families_the_planner_times_most() -> None:
+    assert set(fast_families()) >= {"1f1b", "interleaved-1f1b", "gpipe", "zb-h1", "zb-h2", "zb-v", "v-min", "v-half"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 300), min_size=1, max_size=5), min_size=1, max_size=40).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_distinct_rows_equal_numpy_unique(rows: list[list[int]]) -> None:
+    table = np.array(rows, dtype=np.int64)
+    np.testing.assert_array_equal(_distinct_rows(table), np.unique(table, axis=0))
+
+
+def test_compiled_rows_keep_the_errors() -> None:
+    twice = Schedule("twice", 1, 1, 2, (0,), ((Action(Op.F, 0, 0), Action(Op.F, 0, 0)),))
+    with pytest.raises(ScheduleError, match="appears twice"):
+        CompiledSchedule(twice)
+    orphan = Schedule("orphan", 2, 2, 1, (0, 1), ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.B, 1, 0),)))
+    with pytest.raises(ScheduleError, match=r"orphan: B1.0 needs F1.0, which no rank runs"):
+        CompiledSchedule(orphan)
+    no_grad = Schedule("no_grad", 2, 2, 1, (0, 1), ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.F, 1, 0),)))
+    with pytest.raises(ScheduleError, match=r"no_grad: B0.0 needs B1.0"):
+        CompiledSchedule(no_grad)
+    no_i = Schedule("no_i", 1, 1, 1, (0,), ((Action(Op.F, 0, 0), Action(Op.W, 0, 0)),))
+    with pytest.raises(ScheduleError, match=r"no_i: W0.0 needs I0.0"):
+        CompiledSchedule(no_i)
+
+
+def _held_terms_reference(plain, recomputed, placement, headroom, allowed):  # type: ignore[no-untyped-def]
+    """`pipefold.plan.held.held_terms` as it was before its terms were summed as arrays."""
+    import itertools
+
+    from pipefold.plan.held import _MAX_SUBSETS, _round_trip
+    num_ranks = len(headroom)
+    trip = _round_trip(plain, placement)
+    owned: list[list[int]] = [[] for _ in range(num_ranks)]
+    for stage, rank in enumerate(placement):
+        owned[rank].append(stage)
+
+    def per_stage(model, stage, room):  # type: ignore[no-untyped-def]
+        b, i, w = model.b[stage], model.i[stage], model.w[stage]
+        held = model.activation_bytes[stage] * trip[stage] / room if room > 0 else 0.0
+        return model.f[stage] + min(b, i + w), model.f[stage] + min(b, i), held
+
+    rows = []
+    for rank in range(num_ranks):
+        stages = owned[rank]
+        if not stages:
+            continue
+        room = float(headroom[rank])
+        choices = {"none": [(False,) * len(stages)], "full": [(True,) * len(stages)]}.get(allowed)
+        parts = [(per_stage(plain, s, room), per_stage(recomputed, s, room)) for s in stages]
+        options = []
+        if choices is None and 2 ** len(stages) > _MAX_SUBSETS:
+            options.append((sum(min(a[0], b[0]) for a, b in parts), sum(min(a[1], b[1]) for a, b in parts),
+                            sum(min(a[2], b[2]) for a, b in parts)))
+        else:
+            for flags in choices or itertools.product((False, True), repeat=len(stages)):
+                terms = [part[1] if flag else part[0] for part, flag in zip(parts, flags, strict=True)]
+                options.append((sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms)))
+        rows.append(options)
+    width = max((len(options) for options in rows), default=0)
+    return [options + [options[-1]] * (width - len(options)) for options in rows]
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(["1f1b", "interleaved-1f1b", "zb-v", "looped-bfs"]), p=st.integers(1, 6),
+       v=st.integers(1, 7), allowed=st.sampled_from(["auto", "none", "full"]), seed=st.integers(0, 2**16),
+       tight=st.booleans())
+def test_held_terms_equal_the_per_stage_sums(name: str, p: int, v: int, allowed: str, seed: int,
+                                            tight: bool) -> None:
+    from pipefold.plan.held import held_terms
+    schedule = _legal(name, p, 2, v)
+    if schedule is None:
+        return
+    rng = random.Random(seed)
+    plain = _costs(rng, schedule.num_stages, p)
+    recomputed = _costs(rng, schedule.num_stages, p)
+    headroom = [rng.uniform(-100, 5000) if tight else rng.uniform(1, 1e6) for _ in range(p)]
+    terms = held_terms(plain, recomputed, schedule.placement, headroom, allowed)  # type: ignore[arg-type]
+    want = np.array(_held_terms_reference(plain, recomputed, schedule.placement, headroom, allowed))
+    for got, column in ((terms.busy, 0), (terms.chained, 1), (terms.held, 2)):
+        np.testing.assert_array_equal(got, want[:, :, column])
+
+
+def _balance_reference(weights: list[float], num_stages: int, speeds: list[float]) -> tuple[int, ...]:
+    """`pipefold.balance.balance` as it was before its second pass shared the squared costs."""
+    num_layers = len(weights)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
+    segment = prefix[None, :] - prefix[:, None]
+    forward = np.triu(np.ones((num_layers + 1, num_layers + 1), dtype=bool), k=1)
+    by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in set(speeds)}
+    costs = [by_speed[speed] for speed in speeds]
+    best = np.full(num_layers + 1, np.inf)
+    best[0] = 0.0
+    for cost in costs:
+        best = np.maximum(best[:, None], cost).min(axis=0)
+    bottleneck = best[num_layers]
+    squares = np.full(num_layers + 1, np.inf)
+    squares[0] = 0.0
+    starts = []
+    for cost in costs:
+        total = np.where(cost <= bottleneck, squares[:, None] + cost**2, np.inf)
+        squares = total.min(axis=0)
+        is_best = np.isfinite(total) & (total == squares[None, :])
+        starts.append(num_layers - np.argmax(is_best[::-1], axis=0))
+    bounds = [num_layers]
+    for stage_starts in reversed(starts):
+        bounds.append(int(stage_starts[bounds[-1]]))
+    return tuple(reversed(bounds))
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 10.0)), min_size=1, max_size=30),
+       data=st.data())
+def test_balance_equals_the_reference(weights: list[float], data: st.DataObject) -> None:
+    from pipefold.balance import balance
+    num_stages = data.draw(st.integers(1, len(weights)))
+    speeds = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 1.5]), min_size=num_stages,
+                                                       max_size=num_stages)))
+    want = _balance_reference(weights, num_stages, speeds or [1.0] * num_stages)
+    assert balance(weights, num_stages, speeds).bounds == want
