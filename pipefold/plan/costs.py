@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from pipefold.errors import ConfigError
 
 __all__ = ["CostSource", "LayerCost", "ModelCosts", "ProfileLike"]
@@ -167,6 +169,8 @@ class ModelCosts:
     log-probabilities: as large as the logits), held by the last stage per micro-batch in flight,
     recomputed or not (the loss runs outside the stage's checkpoints)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
+    prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
+    """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -209,6 +213,7 @@ class ModelCosts:
                 running.append(running[-1] + value)
             prefixes.append(tuple(running))
         object.__setattr__(self, "_prefix", tuple(prefixes))
+        object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
 
     @property
     def num_layers(self) -> int:

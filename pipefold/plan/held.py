@@ -98,21 +98,24 @@ def held_terms(
         held = np.asarray(model.activation_bytes, dtype=np.float64) * np.asarray(trip, dtype=np.float64)
         return f + np.minimum(b, i + w), f + np.minimum(b, i), held
 
-    kept_terms, recomputed_terms = per_stage(plain), per_stage(recomputed)
-    rows: list[np.ndarray] = []
-    starts, drains = [], []
-    for rank in range(num_ranks):
-        stages = owned[rank]
-        if not stages:
-            continue
-        room = float(headroom[rank])
-        at = np.asarray(stages, dtype=np.intp)
-        # (stages, 3): busy, chained, held bytes-seconds / headroom, kept and recomputed.
-        parts = [np.stack([terms[0][at], terms[1][at], terms[2][at] / room if room > 0 else np.zeros(len(at))],
-                          axis=1) for terms in (kept_terms, recomputed_terms)]
-        num_stages = len(stages)
+    kept_terms = np.stack(per_stage(plain), axis=1)  # (stages, 3)
+    recomputed_terms = np.stack(per_stage(recomputed), axis=1)
+    ranks = [rank for rank in range(num_ranks) if owned[rank]]
+    rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
+    rows: dict[int, np.ndarray] = {}
+    # The ranks of one stage count at once: (ranks, options, 3) per group.
+    for num_stages in sorted({len(owned[rank]) for rank in ranks}):
+        group = [index for index, rank in enumerate(ranks) if len(owned[rank]) == num_stages]
+        at = np.array([owned[ranks[index]] for index in group], dtype=np.intp)  # (ranks, stages)
+        room = rooms[group][:, None]
+        # (ranks, stages, 3): busy, chained, held bytes-seconds / headroom, kept and recomputed.
+        parts = []
+        for terms in (kept_terms, recomputed_terms):
+            part = terms[at]
+            part[:, :, 2] = np.where(room > 0, part[:, :, 2] / np.where(room > 0, room, 1.0), 0.0)
+            parts.append(part)
         if allowed == "none":
-            flags = np.zeros((1, num_stages), dtype=bool)
+            flags: np.ndarray | None = np.zeros((1, num_stages), dtype=bool)
         elif allowed == "full":
             flags = np.ones((1, num_stages), dtype=bool)
         elif 2 ** num_stages > _MAX_SUBSETS:
@@ -123,21 +126,23 @@ def held_terms(
             flags = (codes & 1).astype(bool)
         if flags is None:
             # Each stage apart: the least busy time and the least held bytes need not come together.
-            chosen = np.minimum(parts[0], parts[1])[None, :, :]
+            chosen = np.minimum(parts[0], parts[1])[:, None, :, :]
         else:
-            chosen = np.where(flags[:, :, None], parts[1][None, :, :], parts[0][None, :, :])
+            chosen = np.where(flags[None, :, :, None], parts[1][:, None, :, :], parts[0][:, None, :, :])
         # Summed stage by stage from 0, as Python's sum (the same floats, not numpy's pairwise sum).
-        total = np.zeros((chosen.shape[0], 3))
+        total = np.zeros((len(group), chosen.shape[1], 3))
         for index in range(num_stages):
-            total = total + chosen[:, index, :]
-        rows.append(total)
-        first = stages[0] if stages == sorted(stages) else min(stages)
-        starts.append(fill[first])
-        drains.append(drain[first])
-    width = max((len(options) for options in rows), default=0)
+            total = total + chosen[:, :, index, :]
+        for index, options in zip(group, total, strict=True):
+            rows[index] = options
+    ordered = [rows[index] for index in range(len(ranks))]
+    starts = [fill[min(owned[rank])] for rank in ranks]
+    drains = [drain[min(owned[rank])] for rank in ranks]
+    width = max((len(options) for options in ordered), default=0)
     # Ranks with fewer options repeat their last one (a duplicate changes no minimum).
-    padded = [np.concatenate([options, np.repeat(options[-1:], width - len(options), axis=0)]) for options in rows]
-    table = np.array(padded, dtype=np.float64).reshape(len(rows), width, 3)
+    padded = [np.concatenate([options, np.repeat(options[-1:], width - len(options), axis=0)])
+              for options in ordered]
+    table = np.array(padded, dtype=np.float64).reshape(len(ordered), width, 3)
     return HeldTerms(
         start=np.array(starts, dtype=np.float64).reshape(-1, 1),
         drain=np.array(drains, dtype=np.float64).reshape(-1, 1),

@@ -17,6 +17,7 @@ from pipefold.errors import ScheduleError
 from pipefold.plan.bounds import backward_kind
 from pipefold.plan.fast_orders import Order, fast_families, fast_order, order_of
 from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
+from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _INPUT, _PARAM, _W
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.ir import Action, Op
 from pipefold.schedule.registry import family
@@ -223,3 +224,84 @@ def test_balance_equals_the_reference(weights: list[float], data: st.DataObject)
                                                        max_size=num_stages)))
     want = _balance_reference(weights, num_stages, speeds or [1.0] * num_stages)
     assert balance(weights, num_stages, speeds).bounds == want
+
+
+# -- stage_cost_model: the per-stage loop it replaced, as the reference
+
+def _stage_cost_model_reference(  # type: ignore[no-untyped-def]
+    costs: ModelCosts,
+    layout: StageLayout,
+    recompute: Collection[int],
+    link: Link,
+    num_cores: float | None = None,
+    link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
+    stage_speeds: Sequence[float] | None = None,
+) -> CostModel:
+    """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
+    "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
+    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
+    `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
+    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
+    overhead = costs.overhead_s
+    # Bytes scale with rows; times with rows and the device's speed.
+    rows_scale = layout.rows / costs.reference_rows
+    f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
+    for stage in range(layout.num_stages):
+        start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+        scale = rows_scale if stage_speeds is None else rows_scale / stage_speeds[stage]
+        fixed = overhead * (stop - start)
+        # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
+        # input-gradient half, where the all-reduces run; W has none.
+        own = costs.span(_FIXED, start, stop)
+        forward = fixed + own + scale * costs.span(_F, start, stop)
+        input_grad = fixed + own + scale * costs.span(_I, start, stop)
+        weight_grad = fixed + scale * costs.span(_W, start, stop)
+        # One B per layer is one action: its fixed cost is paid once, not once per half.
+        backward = fixed + own + scale * (costs.span(_I, start, stop) + costs.span(_W, start, stop))
+        if stage in recompute:
+            input_grad, weight_grad = input_grad + forward, weight_grad + forward
+            backward += forward
+            kept = round(rows_scale * costs.span(_INPUT, start, stop))
+        else:
+            kept = round(rows_scale * costs.span(_ACT, start, stop))
+        if stage == layout.num_stages - 1 and stop == len(costs.layers):
+            kept += round(rows_scale * costs.loss_bytes)
+        activations.append(kept)
+        held_for_w.append(kept)
+        f.append(forward)
+        i.append(input_grad)
+        w.append(weight_grad)
+        b.append(backward)
+        weights.append(round(costs.span(_PARAM, start, stop)))
+    messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
+    return CostModel.from_lists(
+        f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
+        message_bytes=messages, link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
+    )
+
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**16), num_layers=st.integers(1, 12), data=st.data())
+def test_stage_cost_model_equals_the_per_stage_loop(seed: int, num_layers: int, data: st.DataObject) -> None:
+    from pipefold.plan.costs import LayerCost, ModelCosts
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    rng = random.Random(seed)
+    layers = tuple(LayerCost(forward_s=rng.uniform(0, 2), backward_s=rng.uniform(0, 4),
+                             activation_bytes=rng.randrange(0, 10**9), output_bytes=rng.randrange(0, 10**7),
+                             parameter_bytes=rng.randrange(0, 10**9), fixed_s=rng.choice([0.0, rng.uniform(0, 1)]))
+                   for _ in range(num_layers))
+    costs = ModelCosts(layers=layers, reference_rows=rng.choice([1, 2, 4]), input_bytes=rng.randrange(0, 10**6),
+                       overhead_s=rng.uniform(0, 0.1), loss_bytes=rng.randrange(0, 10**6))
+    num_stages = data.draw(st.integers(1, num_layers))
+    cuts = sorted(data.draw(st.lists(st.integers(1, num_layers - 1), min_size=num_stages - 1,
+                                     max_size=num_stages - 1, unique=True))) if num_layers > 1 else []
+    layout = StageLayout((0, *cuts, num_layers), data.draw(st.integers(1, 8)))
+    recompute = data.draw(st.lists(st.integers(0, layout.num_stages - 1), unique=True))
+    speeds = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 1.25]),
+                                                     min_size=layout.num_stages, max_size=layout.num_stages)))
+    link = Link(0.01, 1e9)
+    overrides = (((0, 1), Link(0.1, 1e8)),)
+    got = stage_cost_model(costs, layout, tuple(recompute), link, None, overrides, speeds)
+    want = _stage_cost_model_reference(costs, layout, tuple(recompute), link, None, overrides, speeds)
+    assert got == want
