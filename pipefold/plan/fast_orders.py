@@ -249,6 +249,100 @@ def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tupl
     return v_placement(p, 2), rows
 
 
+def _naive(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    m = num_microbatches
+    every = np.arange(m)
+    return contiguous_placement(num_ranks), [
+        _blocks(np.tile([KIND_F, KIND_B], (m, 1)), np.full((m, 2), rank), np.stack([every, every], axis=1),
+                np.ones((m, 2), dtype=bool)) for rank in range(num_ranks)]
+
+
+class _DualPipeRank:
+    """`pipefold.schedule.families.dualpipe_v._RankBuilder` in integers: micro-batches numbered per
+    (stage, forward or backward) in emission order; a B and an I share the backward's counter."""
+
+    def __init__(self) -> None:
+        self.kinds: list[int] = []
+        self.stages: list[int] = []
+        self.microbatches: list[int] = []
+        self._next: dict[tuple[int, int], int] = {}
+        self._pending: deque[tuple[int, int]] = deque()
+
+    def _emit(self, kind: int, stage: int, microbatch: int) -> None:
+        self.kinds.append(kind)
+        self.stages.append(stage)
+        self.microbatches.append(microbatch)
+
+    def _take(self, kind: int, stage: int) -> int:
+        microbatch = self._next.get((kind, stage), 0)
+        self._next[(kind, stage)] = microbatch + 1
+        return microbatch
+
+    def forward(self, stage: int) -> None:
+        self._emit(KIND_F, stage, self._take(KIND_F, stage))
+
+    def backward(self, stage: int, split: bool) -> None:
+        microbatch = self._take(KIND_B, stage)
+        if split:
+            self._emit(KIND_I, stage, microbatch)
+            self._pending.append((stage, microbatch))
+        else:
+            self._emit(KIND_B, stage, microbatch)
+
+    def weight_if_pending(self) -> None:
+        if self._pending:
+            self._emit(KIND_W, *self._pending.popleft())
+
+
+def _dualpipe_v_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
+    """`pipefold.schedule.families.dualpipe_v._rank_order`, step for step."""
+    down, up = rank, 2 * num_ranks - 1 - rank
+    emit = _DualPipeRank()
+    for _ in range(2 * (num_ranks - rank - 1)):
+        emit.forward(down)
+    for _ in range(rank + 1):
+        emit.forward(down)
+        emit.forward(up)
+    for _ in range(num_ranks - rank - 1):
+        emit.backward(up, split=True)
+        emit.weight_if_pending()
+        emit.forward(up)
+    for _ in range(num_microbatches - 2 * num_ranks + rank + 1):
+        emit.forward(down)
+        emit.backward(up, split=False)
+        emit.forward(up)
+        emit.backward(down, split=False)
+    for _ in range(num_ranks - rank - 1):
+        emit.backward(up, split=False)
+        emit.forward(up)
+        emit.backward(down, split=False)
+    num_tail = rank + 1
+    split = False
+    for i in range(num_tail):
+        if i == num_tail // 2 and rank % 2 == 1:
+            split = True
+        emit.backward(up, split)
+        if i == num_tail // 2 and rank % 2 == 0:
+            split = True
+        emit.backward(down, split)
+    for _ in range(num_ranks - rank - 1):
+        emit.weight_if_pending()
+        emit.backward(down, split)
+    for _ in range(rank + 1):
+        emit.weight_if_pending()
+    return _row(emit.kinds, emit.stages, emit.microbatches)
+
+
+def _dualpipe_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    padded = max(num_microbatches, 2 * num_ranks)
+    rows = []
+    for rank in range(num_ranks):
+        kinds, stages, mbs = _dualpipe_v_row(num_ranks, padded, rank)
+        keep = mbs < num_microbatches
+        rows.append((kinds[keep], stages[keep], mbs[keep]))
+    return v_placement(num_ranks, 2), rows
+
+
 def _greedy_v(num_ranks: int, num_microbatches: int, cap: int) -> list[Row]:
     """`pipefold.schedule.families._v_greedy.greedy_v_rows` in integers (the same policy, step for step)."""
     if cap < 2:
@@ -348,6 +442,8 @@ _GENERATORS: dict[str, Callable[[int, int, int], tuple[tuple[int, ...], list[Row
     "zb-v": _zb_v,
     "v-min": _v_min,
     "v-half": _v_half,
+    "naive": _naive,
+    "dualpipe-v": _dualpipe_v,
 }
 """The flush families generated here; `family(name).check` has refused bad sizes before."""
 

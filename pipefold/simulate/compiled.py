@@ -91,7 +91,7 @@ class CompiledSchedule:
         key = slot * 5 + kinds
         id_of = np.full(num_slots * 5, -1, dtype=np.int64)
         id_of[key] = ids
-        if num_actions and np.unique(key).size != num_actions:
+        if num_actions and not np.array_equal(id_of[key], ids):  # (a key given twice keeps its last id)
             raise ScheduleError(
                 f"{schedule.name or 'schedule'}: an action appears twice; run "
                 "pipefold.schedule.validate(schedule) to find it"
@@ -144,12 +144,13 @@ class CompiledSchedule:
         self._kind_array, self._stage_array = kinds, stages
         self._has_step = bool((kinds == _STEP).any())
         self._previous = previous.tolist()
-        self._first_input, self._first_link = first_input.tolist(), numbered[:, 0].tolist()
-        self._second_input, self._second_link = second_input.tolist(), numbered[:, 1].tolist()
+        self._first_input, self._second_input = first_input.tolist(), second_input.tolist()
         self._links = [(int(code // (num_ranks * num_ranks)), int(code // num_ranks % num_ranks),
                         int(code % num_ranks)) for code in by_number]
         self._rows = [(int(first), length) for first, length in zip(starts, lengths, strict=True)]
         self._order = self._topological(schedule)
+        table = np.stack([ids, previous, first_input, numbered[:, 0], second_input, numbered[:, 1]], axis=1)
+        self._steps: list[list[int]] = table[np.asarray(self._order, dtype=np.intp)].tolist()
 
     def _topological(self, schedule: Schedule) -> list[int]:
         # The simulator's own worklist: each rank runs on until an input is missing, and is woken
@@ -213,28 +214,26 @@ class CompiledSchedule:
             raise ValueError("ranks share cores: use pipefold.simulate.simulate")
         durations = self._durations(costs)
         delays = [costs.transfer_time(*key) for key in self._links]
-        previous = self._previous
-        first_input, first_link = self._first_input, self._first_link
-        second_input, second_link = self._second_input, self._second_link
         overhead = costs.action_overhead
         ends = [0.0] * len(durations)
         first_start = float("inf")
-        for action_id in self._order:
-            prev = previous[action_id]
+        in_order = [durations[action_id] for action_id in self._order]
+        # Per action in a topological order: its id, previous action on its rank, and up to two
+        # data inputs with the link each crosses (-1: none), unpacked at once.
+        for (action_id, prev, first, first_link, second, second_link), duration in zip(
+                self._steps, in_order, strict=True):
             start = ends[prev] + overhead if prev >= 0 else 0.0
-            producer = first_input[action_id]
-            if producer >= 0:
-                arrival = ends[producer] + delays[first_link[action_id]]
+            if first >= 0:
+                arrival = ends[first] + delays[first_link]
                 if arrival > start:
                     start = arrival
-                producer = second_input[action_id]
-                if producer >= 0:
-                    arrival = ends[producer] + delays[second_link[action_id]]
+                if second >= 0:
+                    arrival = ends[second] + delays[second_link]
                     if arrival > start:
                         start = arrival
             if prev < 0 and start < first_start:
                 first_start = start
-            ends[action_id] = start + durations[action_id]
+            ends[action_id] = start + duration
         if not ends:
             return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
         # Each rank's actions run one after another, so its first action starts first.
@@ -246,6 +245,9 @@ class CompiledSchedule:
         # rank's ends never decrease, so the held bytes only need checking where the end time moves.
         activation = costs.activation_bytes
         held_for_w = costs.weight_grad_bytes
+        largest = max(max(activation, default=0), max(held_for_w, default=0))
+        if ends is not None and largest * (len(self._kinds) + 1) < 2**62:
+            return self._array_peaks(activation, held_for_w, ends)
         kinds, stages = self._kinds, self._stages
         peaks = []
         for first, length in self._rows:
@@ -265,6 +267,26 @@ class CompiledSchedule:
                     if held > peak:
                         peak = held
             peaks.append(peak)
+        return tuple(peaks)
+
+    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int], ends: list[float]
+                     ) -> tuple[int, ...]:
+        """`_peaks` with numpy: the same integer sums, where they cannot overflow 64 bits."""
+        kinds, stages = self._kind_array, self._stage_array
+        act = np.asarray(activation, dtype=np.int64)[stages]
+        held = np.asarray(held_for_w, dtype=np.int64)[stages]
+        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
+        times = np.asarray(ends, dtype=np.float64)
+        peaks = []
+        for first, length in self._rows:
+            if not length:
+                peaks.append(0)
+                continue
+            totals = np.cumsum(change[first:first + length])
+            # Checked where the rank's end time moves on (changes at one time are released first).
+            checked = np.ones(length, dtype=bool)
+            checked[:-1] = times[first + 1:first + length] != times[first:first + length - 1]
+            peaks.append(max(0, int(totals[checked].max())))
         return tuple(peaks)
 
     def order_activation_peaks(self, costs: CostModel) -> tuple[int, ...] | None:
