@@ -156,32 +156,37 @@ class CompiledSchedule:
         # The simulator's own worklist: each rank runs on until an input is missing, and is woken
         # when that input's producer runs.
         first_input, second_input = self._first_input, self._second_input
-        done = bytearray(len(self._kinds))
+        num_actions = len(self._kinds)
+        # One entry more, always set: an input of -1 (none) reads it as done.
+        done = bytearray(num_actions + 1)
+        done[num_actions] = 1
         positions = [first for first, _ in self._rows]
         blocked: dict[int, list[int]] = {}
+        pop = blocked.pop
         queue = deque(range(len(self._rows)))
         order: list[int] = []
         while queue:
             rank = queue.popleft()
             first, length = self._rows[rank]
-            position, stop = positions[rank], first + length
+            begin = position = positions[rank]
+            stop = first + length
             while position < stop:
                 missing = first_input[position]
-                if missing < 0 or done[missing]:
+                if done[missing]:
                     missing = second_input[position]
-                    if missing >= 0 and done[missing]:
-                        missing = -1
-                if missing >= 0:
-                    blocked.setdefault(missing, []).append(rank)
-                    break
-                done[position] = 1
-                order.append(position)
-                woken = blocked.pop(position, None)
-                if woken:
-                    queue.extend(woken)
-                position += 1
+                    if done[missing]:
+                        done[position] = 1
+                        woken = pop(position, None)
+                        if woken:
+                            queue.extend(woken)
+                        position += 1
+                        continue
+                blocked.setdefault(missing, []).append(rank)
+                break
+            # The rank's run, in the order it ran (the ranks it woke run after it).
+            order.extend(range(begin, position))
             positions[rank] = position
-        if len(order) != len(done):
+        if len(order) != num_actions:
             rank = next(r for r, (first, length) in enumerate(self._rows) if positions[r] < first + length)
             action_id = positions[rank]
             raise ScheduleError(

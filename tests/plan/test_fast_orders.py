@@ -305,3 +305,10 @@ def test_stage_cost_model_equals_the_per_stage_loop(seed: int, num_layers: int, 
     got = stage_cost_model(costs, layout, tuple(recompute), link, None, overrides, speeds)
     want = _stage_cost_model_reference(costs, layout, tuple(recompute), link, None, overrides, speeds)
     assert got == want
+
+
+def test_compiled_deadlock_names_the_stuck_rank() -> None:
+    stuck = Schedule("stuck", 2, 2, 1, (0, 1), ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)),
+                                                (Action(Op.B, 1, 0), Action(Op.F, 1, 0))))
+    with pytest.raises(ScheduleError, match=r"stuck: simulation deadlocked at rank 0, B0"):
+        CompiledSchedule(stuck)
