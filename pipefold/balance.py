@@ -159,26 +159,40 @@ def balance(
     by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in set(speeds)}
     costs = [by_speed[speed] for speed in speeds]
 
+    # Stage j (from 0) can only start at a in [j, L - S + j] and end at b in [j + 1, L - S + j + 1]
+    # (every stage takes a layer): each pass works on that band only, which holds every cut
+    # reaching L with S stages, so the values and tie-breaks there are those of the whole table.
+    spare = num_layers - num_stages
+
     # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b).
     best = np.full(num_layers + 1, np.inf)
     best[0] = 0.0
-    for cost in costs:
-        best = np.maximum(best[:, None], cost).min(axis=0)
+    for stage, cost in enumerate(costs):
+        rows, columns = slice(stage, stage + spare + 1), slice(stage + 1, stage + spare + 2)
+        reached = np.full(num_layers + 1, np.inf)
+        reached[columns] = np.maximum(best[rows, None], cost[rows, columns]).min(axis=0)
+        best = reached
     bottleneck = best[num_layers]
 
     # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
-    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats.
-    # Each distinct speed's squared costs, those over the bottleneck infinite, computed once.
+    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats;
+    # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
     allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
     squares = np.full(num_layers + 1, np.inf)
     squares[0] = 0.0
     starts = []
-    for speed in speeds:
+    for stage, speed in enumerate(speeds):
+        rows, columns = slice(stage, stage + spare + 1), slice(stage + 1, stage + spare + 2)
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        total = squares[:, None] + allowed[speed]
-        squares = total.min(axis=0)
-        is_best = total == squares[None, :]
-        starts.append(num_layers - np.argmax(is_best[::-1], axis=0))
+        total = squares[rows, None] + allowed[speed][rows, columns]
+        least = total.min(axis=0)
+        squares = np.full(num_layers + 1, np.inf)
+        squares[columns] = least
+        is_best = total == least[None, :]
+        # Per end b of the band, the latest start a reaching the least sum.
+        latest = np.zeros(num_layers + 1, dtype=np.int64)
+        latest[columns] = stage + spare - np.argmax(is_best[::-1], axis=0)
+        starts.append(latest)
     bounds = [num_layers]
     for stage_starts in reversed(starts):
         bounds.append(int(stage_starts[bounds[-1]]))

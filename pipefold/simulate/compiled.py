@@ -143,49 +143,51 @@ class CompiledSchedule:
         self._stages = stages.tolist()
         self._kind_array, self._stage_array = kinds, stages
         self._has_step = bool((kinds == _STEP).any())
-        self._previous = previous.tolist()
+
         self._first_input, self._second_input = first_input.tolist(), second_input.tolist()
         self._links = [(int(code // (num_ranks * num_ranks)), int(code // num_ranks % num_ranks),
                         int(code % num_ranks)) for code in by_number]
         self._rows = [(int(first), length) for first, length in zip(starts, lengths, strict=True)]
         self._order = self._topological(schedule)
-        table = np.stack([ids, previous, first_input, numbered[:, 0], second_input, numbered[:, 1]], axis=1)
-        self._steps: list[list[int]] = table[np.asarray(self._order, dtype=np.intp)].tolist()
+        # Per action in the topological order: its id, previous action on its rank, and up to two data
+        # inputs with the link each crosses (-1: none), as flat lists (`run` zips them).
+        in_order = np.asarray(self._order, dtype=np.intp)
+        self._steps: tuple[list[int], ...] = tuple(
+            column[in_order].tolist()
+            for column in (ids, previous, first_input, numbered[:, 0], second_input, numbered[:, 1]))
 
     def _topological(self, schedule: Schedule) -> list[int]:
-        # The simulator's own worklist: each rank runs on until an input is missing, and is woken
-        # when that input's producer runs.
+        # Passes over the ranks, each running on until an input is missing, up the ranks then down
+        # (forwards flow up, gradients down), until none moves: cheaper per action than a worklist
+        # that parks and wakes ranks, and where it stops (a deadlock) is the same.
         first_input, second_input = self._first_input, self._second_input
         num_actions = len(self._kinds)
         # One entry more, always set: an input of -1 (none) reads it as done.
         done = bytearray(num_actions + 1)
         done[num_actions] = 1
         positions = [first for first, _ in self._rows]
-        blocked: dict[int, list[int]] = {}
-        pop = blocked.pop
-        queue = deque(range(len(self._rows)))
+        stops = [first + length for first, length in self._rows]
+        active = [rank for rank in range(len(self._rows)) if positions[rank] < stops[rank]]
         order: list[int] = []
-        while queue:
-            rank = queue.popleft()
-            first, length = self._rows[rank]
-            begin = position = positions[rank]
-            stop = first + length
-            while position < stop:
-                missing = first_input[position]
-                if done[missing]:
-                    missing = second_input[position]
-                    if done[missing]:
-                        done[position] = 1
-                        woken = pop(position, None)
-                        if woken:
-                            queue.extend(woken)
-                        position += 1
-                        continue
-                blocked.setdefault(missing, []).append(rank)
+        while active:
+            moved = False
+            waiting = []
+            for rank in active:
+                begin = position = positions[rank]
+                stop = stops[rank]
+                while position < stop and done[first_input[position]] and done[second_input[position]]:
+                    done[position] = 1
+                    position += 1
+                if position != begin:
+                    order.extend(range(begin, position))
+                    positions[rank] = position
+                    moved = True
+                if position < stop:
+                    waiting.append(rank)
+            if not moved:
                 break
-            # The rank's run, in the order it ran (the ranks it woke run after it).
-            order.extend(range(begin, position))
-            positions[rank] = position
+            waiting.reverse()
+            active = waiting
         if len(order) != num_actions:
             rank = next(r for r, (first, length) in enumerate(self._rows) if positions[r] < first + length)
             action_id = positions[rank]
@@ -223,10 +225,8 @@ class CompiledSchedule:
         ends = [0.0] * len(durations)
         first_start = float("inf")
         in_order = [durations[action_id] for action_id in self._order]
-        # Per action in a topological order: its id, previous action on its rank, and up to two
-        # data inputs with the link each crosses (-1: none), unpacked at once.
-        for (action_id, prev, first, first_link, second, second_link), duration in zip(
-                self._steps, in_order, strict=True):
+        for action_id, prev, first, first_link, second, second_link, duration in zip(*self._steps, in_order,
+                                                                                        strict=True):
             start = ends[prev] + overhead if prev >= 0 else 0.0
             if first >= 0:
                 arrival = ends[first] + delays[first_link]
