@@ -164,38 +164,30 @@ def balance(
     # reaching L with S stages, so the values and tie-breaks there are those of the whole table.
     spare = num_layers - num_stages
 
-    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b).
-    best = np.full(num_layers + 1, np.inf)
-    best[0] = 0.0
+    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b),
+    # kept for the band's ends only (stage j's ends are stage j + 1's starts).
+    first = np.full(spare + 1, np.inf)
+    first[0] = 0.0
+    best = first
     for stage, cost in enumerate(costs):
-        rows, columns = slice(stage, stage + spare + 1), slice(stage + 1, stage + spare + 2)
-        reached = np.full(num_layers + 1, np.inf)
-        reached[columns] = np.maximum(best[rows, None], cost[rows, columns]).min(axis=0)
-        best = reached
-    bottleneck = best[num_layers]
+        best = np.maximum(best[:, None], cost[stage:stage + spare + 1, stage + 1:stage + spare + 2]).min(axis=0)
+    bottleneck = best[spare]
 
     # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
     # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats;
     # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
     allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
-    squares = np.full(num_layers + 1, np.inf)
-    squares[0] = 0.0
+    squares = first
     starts = []
     for stage, speed in enumerate(speeds):
-        rows, columns = slice(stage, stage + spare + 1), slice(stage + 1, stage + spare + 2)
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        total = squares[rows, None] + allowed[speed][rows, columns]
-        least = total.min(axis=0)
-        squares = np.full(num_layers + 1, np.inf)
-        squares[columns] = least
-        is_best = total == least[None, :]
-        # Per end b of the band, the latest start a reaching the least sum.
-        latest = np.zeros(num_layers + 1, dtype=np.int64)
-        latest[columns] = stage + spare - np.argmax(is_best[::-1], axis=0)
-        starts.append(latest)
+        total = squares[:, None] + allowed[speed][stage:stage + spare + 1, stage + 1:stage + spare + 2]
+        squares = total.min(axis=0)
+        # Per end b of the band (b = stage + 1 + index), the latest start reaching the least sum.
+        starts.append(stage + spare - np.argmax((total == squares[None, :])[::-1], axis=0))
     bounds = [num_layers]
-    for stage_starts in reversed(starts):
-        bounds.append(int(stage_starts[bounds[-1]]))
+    for stage in range(num_stages - 1, -1, -1):
+        bounds.append(int(starts[stage][bounds[-1] - stage - 1]))
     return Partition(tuple(reversed(bounds)))
 
 
