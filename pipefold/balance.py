@@ -136,8 +136,9 @@ def balance(
     """The exact min-max contiguous cut of `weights` into `num_stages` stages.
 
     Stage s takes `sum(weights of its layers) / stage_speeds[s]`. Dynamic programming
-    over (stage, cut point), vectorised per stage: O(num_stages * num_layers**2) time,
-    O(num_layers**2) memory; ties broken as in docs/decisions.md, "Balance tie-break".
+    over (stage, cut point), vectorised per stage over the cut points a stage can take:
+    O(num_stages * (num_layers - num_stages + 1)**2) time, O(num_layers**2) memory; ties broken
+    as in docs/decisions.md, "Balance tie-break".
     """
     num_layers = len(weights)
     if not isinstance(num_stages, int) or num_stages < 1:

@@ -201,52 +201,57 @@ def _zb_h2(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tup
         for rank in range(num_ranks)]
 
 
-def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+def _zb_v_row(num_ranks: int, padded: int, rank: int) -> Row:
+    """`pipefold.schedule.families.zb_v._rank_order`, step for step."""
     p = num_ranks
-    padded = max(num_microbatches, 2 * p - 1)
+    down, up = rank, 2 * p - 1 - rank
+    kinds: list[int] = []
+    stages: list[int] = []
+    mbs: list[int] = []
+    # counts[kind][0 down / 1 up]: the next micro-batch of that op on that stage.
+    counts = [[0, 0] for _ in range(4)]
+
+    def emit(kind: int, which: int) -> None:
+        kinds.append(kind)
+        stages.append(up if which else down)
+        mbs.append(counts[kind][which])
+        counts[kind][which] += 1
+
+    for _ in range(2 * (p - rank) - 1):
+        emit(KIND_F, 0)
+    for _ in range(rank):
+        emit(KIND_F, 1)
+        emit(KIND_F, 0)
+    for _ in range(p - rank):
+        emit(KIND_F, 1)
+        emit(KIND_I, 1)
+        emit(KIND_W, 1)
+    while counts[KIND_F][1] < counts[KIND_F][0] or counts[KIND_F][0] < padded:
+        if counts[KIND_F][0] < padded:
+            emit(KIND_F, 0)
+        for kind, which in ((KIND_I, 0), (KIND_W, 0), (KIND_F, 1), (KIND_I, 1), (KIND_W, 1)):
+            emit(kind, which)
+    for _ in range(rank):
+        emit(KIND_I, 0)
+        emit(KIND_I, 1)
+    for _ in range(p - rank):
+        emit(KIND_I, 0)
+        emit(KIND_W, 0)
+    while counts[KIND_W][1] < counts[KIND_I][1]:
+        emit(KIND_W, 1)
+    while counts[KIND_W][0] < counts[KIND_I][0]:
+        emit(KIND_W, 0)
+    return _row(kinds, stages, mbs)
+
+
+def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    padded = max(num_microbatches, 2 * num_ranks - 1)
     rows = []
-    for rank in range(p):
-        down, up = rank, 2 * p - 1 - rank
-        kinds: list[int] = []
-        stages: list[int] = []
-        mbs: list[int] = []
-        # counts[kind][0 down / 1 up]: the next micro-batch of that op on that stage.
-        counts = [[0, 0] for _ in range(4)]
-
-        def emit(kind: int, which: int) -> None:
-            kinds.append(kind)
-            stages.append(up if which else down)
-            mbs.append(counts[kind][which])
-            counts[kind][which] += 1
-
-        for _ in range(2 * (p - rank) - 1):
-            emit(KIND_F, 0)
-        for _ in range(rank):
-            emit(KIND_F, 1)
-            emit(KIND_F, 0)
-        for _ in range(p - rank):
-            emit(KIND_F, 1)
-            emit(KIND_I, 1)
-            emit(KIND_W, 1)
-        while counts[KIND_F][1] < counts[KIND_F][0] or counts[KIND_F][0] < padded:
-            if counts[KIND_F][0] < padded:
-                emit(KIND_F, 0)
-            for kind, which in ((KIND_I, 0), (KIND_W, 0), (KIND_F, 1), (KIND_I, 1), (KIND_W, 1)):
-                emit(kind, which)
-        for _ in range(rank):
-            emit(KIND_I, 0)
-            emit(KIND_I, 1)
-        for _ in range(p - rank):
-            emit(KIND_I, 0)
-            emit(KIND_W, 0)
-        while counts[KIND_W][1] < counts[KIND_I][1]:
-            emit(KIND_W, 1)
-        while counts[KIND_W][0] < counts[KIND_I][0]:
-            emit(KIND_W, 0)
-        row = _row(kinds, stages, mbs)
-        keep = row[2] < num_microbatches
-        rows.append((row[0][keep], row[1][keep], row[2][keep]))
-    return v_placement(p, 2), rows
+    for rank in range(num_ranks):
+        kinds, stages, mbs = _zb_v_row(num_ranks, padded, rank)
+        keep = mbs < num_microbatches
+        rows.append((kinds[keep], stages[keep], mbs[keep]))
+    return v_placement(num_ranks, 2), rows
 
 
 def _naive(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:

@@ -17,7 +17,6 @@ step of a flush or asynchronous schedule on ranks that do not share cores (see
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn

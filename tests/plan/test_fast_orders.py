@@ -7,6 +7,7 @@ micro-batches and virtual stages)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
 from pipefold.plan.bounds import backward_kind
+from pipefold.plan.costs import ModelCosts
 from pipefold.plan.fast_orders import Order, fast_families, fast_order, order_of
 from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
-from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _INPUT, _PARAM, _W
+from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _INPUT, _PARAM, _W, StageLayout
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.ir import Action, Op
 from pipefold.schedule.registry import family
