@@ -81,7 +81,7 @@ def _costs(rng: random.Random, num_stages: int, num_ranks: int) -> CostModel:
 
 
 @pytest.mark.parametrize("name", fast_families())
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(sizes=_SIZES, seed=st.integers(0, 2**16))
 def test_fast_paths_equal_the_slow_paths(name: str, sizes: tuple[int, int, int], seed: int) -> None:
     p, m, v = sizes
@@ -169,7 +169,7 @@ def _held_terms_reference(plain, recomputed, placement, headroom, allowed):  # t
     return [options + [options[-1]] * (width - len(options)) for options in rows]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(name=st.sampled_from(["1f1b", "interleaved-1f1b", "zb-v", "looped-bfs"]), p=st.integers(1, 6),
        v=st.integers(1, 7), allowed=st.sampled_from(["auto", "none", "full"]), seed=st.integers(0, 2**16),
        tight=st.booleans())
@@ -216,7 +216,7 @@ def _balance_reference(weights: list[float], num_stages: int, speeds: list[float
     return tuple(reversed(bounds))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(weights=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 10.0)), min_size=1, max_size=30),
        data=st.data())
 def test_balance_equals_the_reference(weights: list[float], data: st.DataObject) -> None:
@@ -283,7 +283,7 @@ def _stage_cost_model_reference(  # type: ignore[no-untyped-def]
 
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**16), num_layers=st.integers(1, 12), data=st.data())
 def test_stage_cost_model_equals_the_per_stage_loop(seed: int, num_layers: int, data: st.DataObject) -> None:
     from pipefold.plan.costs import LayerCost, ModelCosts
