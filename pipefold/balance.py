@@ -136,8 +136,9 @@ def balance(
     """The exact min-max contiguous cut of `weights` into `num_stages` stages.
 
     Stage s takes `sum(weights of its layers) / stage_speeds[s]`. Dynamic programming
-    over (stage, cut point), vectorised per stage: O(num_stages * num_layers**2) time,
-    O(num_layers**2) memory; ties broken as in docs/decisions.md, "Balance tie-break".
+    over (stage, cut point), vectorised per stage over the cut points a stage can take:
+    O(num_stages * (num_layers - num_stages + 1)**2) time, O(num_layers**2) memory; ties broken
+    as in docs/decisions.md, "Balance tie-break".
     """
     num_layers = len(weights)
     if not isinstance(num_stages, int) or num_stages < 1:
@@ -159,26 +160,35 @@ def balance(
     by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in set(speeds)}
     costs = [by_speed[speed] for speed in speeds]
 
-    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b).
-    best = np.full(num_layers + 1, np.inf)
-    best[0] = 0.0
-    for cost in costs:
-        best = np.maximum(best[:, None], cost).min(axis=0)
-    bottleneck = best[num_layers]
+    # Stage j (from 0) can only start at a in [j, L - S + j] and end at b in [j + 1, L - S + j + 1]
+    # (every stage takes a layer): each pass works on that band only, which holds every cut
+    # reaching L with S stages, so the values and tie-breaks there are those of the whole table.
+    spare = num_layers - num_stages
+
+    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b),
+    # kept for the band's ends only (stage j's ends are stage j + 1's starts).
+    first = np.full(spare + 1, np.inf)
+    first[0] = 0.0
+    best = first
+    for stage, cost in enumerate(costs):
+        best = np.maximum(best[:, None], cost[stage:stage + spare + 1, stage + 1:stage + spare + 2]).min(axis=0)
+    bottleneck = best[spare]
 
     # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
-    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats.
-    squares = np.full(num_layers + 1, np.inf)
-    squares[0] = 0.0
+    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats;
+    # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
+    allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
+    squares = first
     starts = []
-    for cost in costs:
-        total = np.where(cost <= bottleneck, squares[:, None] + cost**2, np.inf)
+    for stage, speed in enumerate(speeds):
+        # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
+        total = squares[:, None] + allowed[speed][stage:stage + spare + 1, stage + 1:stage + spare + 2]
         squares = total.min(axis=0)
-        is_best = np.isfinite(total) & (total == squares[None, :])
-        starts.append(num_layers - np.argmax(is_best[::-1], axis=0))
+        # Per end b of the band (b = stage + 1 + index), the latest start reaching the least sum.
+        starts.append(stage + spare - np.argmax((total == squares[None, :])[::-1], axis=0))
     bounds = [num_layers]
-    for stage_starts in reversed(starts):
-        bounds.append(int(stage_starts[bounds[-1]]))
+    for stage in range(num_stages - 1, -1, -1):
+        bounds.append(int(starts[stage][bounds[-1] - stage - 1]))
     return Partition(tuple(reversed(bounds)))
 
 

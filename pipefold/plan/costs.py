@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from pipefold.errors import ConfigError
 
 __all__ = ["CostSource", "LayerCost", "ModelCosts", "ProfileLike"]
@@ -179,6 +181,8 @@ class ModelCosts:
     outside the pipeline's actions: the step adds it for the rank holding the most
     (`pipefold.plan.calibrate.update_time`)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
+    prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
+    """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -231,6 +235,7 @@ class ModelCosts:
                 running.append(running[-1] + value)
             prefixes.append(tuple(running))
         object.__setattr__(self, "_prefix", tuple(prefixes))
+        object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
 
     @property
     def num_layers(self) -> int:

@@ -14,7 +14,13 @@ from pipefold.plan.calibrate import update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
-from pipefold.plan.orders import compiled_family, compiles, family_schedule
+from pipefold.plan.orders import (
+    compiled_family,
+    compiles_order,
+    family_order,
+    family_placement,
+    family_schedule,
+)
 from pipefold.plan.result import Candidate
 from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded, stage_ties
 from pipefold.plan.space import Config
@@ -52,16 +58,18 @@ def evaluate(
     candidate records how much of the step the gathers leave exposed, else None there
     (`pipefold.plan.shard_search`).
     """
-    schedule = family_schedule(config.schedule, num_ranks, config.num_microbatches, config.num_virtual)
+    sizes = (num_ranks, config.num_microbatches, config.num_virtual)
+    placement = family_placement(config.schedule, num_ranks, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
-    speeds = tuple(rank_speeds[rank] for rank in schedule.placement) if rank_speeds else None
+    speeds = tuple(rank_speeds[rank] for rank in placement) if rank_speeds else None
     model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
-    transient = transient_bytes(costs, layout, recompute, schedule.placement, num_ranks)
+    transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0
     if shard == "full":
         if num_data_parallel == 1:
             raise ConfigError("shard = 'full' shards over data-parallel replicas and there are none (dp=1)")
+        schedule = family_schedule(config.schedule, *sizes)
         ties = stage_ties(costs, bounds)  # a rank's stages holding one weight: one unit
         timeline = simulate_sharded(schedule, model, costs, num_data_parallel, sync_link, free_between,
                                     gather_lookahead, ties)
@@ -69,23 +77,23 @@ def evaluate(
         exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
                                  gather_lookahead, makespan, ties) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
-        memory = sharded_memory(rank_memory(costs, model, timeline, schedule.placement, transient), model,
-                                sharded, schedule.placement, num_data_parallel, ties, costs)
-    elif compiles(schedule, model):
-        sizes = (num_ranks, config.num_microbatches, config.num_virtual)
+        memory = sharded_memory(rank_memory(costs, model, timeline, placement, transient), model,
+                                sharded, placement, num_data_parallel, ties, costs)
+    elif compiles_order(family_order(config.schedule, *sizes), model):
+        # The compiled family order, built from its integer arrays: no `Schedule` of `Action`s.
         run = compiled_family(config.schedule, *sizes).run(model)
         makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
-        weights = tuple(static_weight_bytes(model, schedule.placement, num_ranks))
-        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient)
+        weights = tuple(static_weight_bytes(model, placement, num_ranks))
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, placement, transient)
     else:
-        timeline = simulate(schedule, model)
+        timeline = simulate(family_schedule(config.schedule, *sizes), model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = rank_memory(costs, model, timeline, schedule.placement, transient)
+        memory = rank_memory(costs, model, timeline, placement, transient)
     allreduce = 0.0 if shard == "full" else replica_sync_time(
-        costs, model, schedule.placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
+        costs, model, placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
     # The optimizer update after the schedule; ZeRO and full sharding update one replica's share.
     update_shared = sharded_optimizer or shard == "full"
-    update = update_time(costs, static_weight_bytes(model, schedule.placement, num_ranks)) / (
+    update = update_time(costs, static_weight_bytes(model, placement, num_ranks)) / (
         num_data_parallel if update_shared else 1)
     return Candidate(
         schedule=config.schedule,

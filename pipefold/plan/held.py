@@ -20,7 +20,6 @@ over ranks. `HeldTerms.at(m)` evaluates it for any micro-batch count (docs/decis
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -93,40 +92,57 @@ def held_terms(
         fill.append(fill[-1] + plain.f[stage] + send)
         drain.append(drain[-1] + min(plain.b[stage], plain.i[stage]) + back)
 
-    def per_stage(model: CostModel, stage: int, room: float) -> tuple[float, float, float]:
-        b, i, w = model.b[stage], model.i[stage], model.w[stage]
-        busy = model.f[stage] + min(b, i + w)
-        chained = model.f[stage] + min(b, i)
-        held = model.activation_bytes[stage] * trip[stage] / room if room > 0 else 0.0
-        return busy, chained, held
+    # Each stage's terms once, kept and recomputed, as arrays (the same float operations per stage).
+    def per_stage(model: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f, b, i, w = (np.asarray(table, dtype=np.float64) for table in (model.f, model.b, model.i, model.w))
+        held = np.asarray(model.activation_bytes, dtype=np.float64) * np.asarray(trip, dtype=np.float64)
+        return f + np.minimum(b, i + w), f + np.minimum(b, i), held
 
-    rows: list[list[tuple[float, float, float]]] = []
-    starts, drains = [], []
-    for rank in range(num_ranks):
-        stages = owned[rank]
-        if not stages:
-            continue
-        room = float(headroom[rank])
-        choices = {"none": [(False,) * len(stages)], "full": [(True,) * len(stages)]}.get(allowed)
-        options: list[tuple[float, float, float]] = []
-        # Each stage's terms once, kept and recomputed: the subsets below only pick among them.
-        parts = [(per_stage(plain, s, room), per_stage(recomputed, s, room)) for s in stages]
-        if choices is None and 2 ** len(stages) > _MAX_SUBSETS:
-            # Each stage apart: the least busy time and the least held bytes need not come together.
-            options.append((sum(min(a[0], b[0]) for a, b in parts), sum(min(a[1], b[1]) for a, b in parts),
-                            sum(min(a[2], b[2]) for a, b in parts)))
+    kept_terms = np.stack(per_stage(plain), axis=1)  # (stages, 3)
+    recomputed_terms = np.stack(per_stage(recomputed), axis=1)
+    ranks = [rank for rank in range(num_ranks) if owned[rank]]
+    rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
+    rows: dict[int, np.ndarray] = {}
+    # The ranks of one stage count at once: (ranks, options, 3) per group.
+    for num_stages in sorted({len(owned[rank]) for rank in ranks}):
+        group = [index for index, rank in enumerate(ranks) if len(owned[rank]) == num_stages]
+        at = np.array([owned[ranks[index]] for index in group], dtype=np.intp)  # (ranks, stages)
+        room = rooms[group][:, None]
+        # (ranks, stages, 3): busy, chained, held bytes-seconds / headroom, kept and recomputed.
+        parts = []
+        for terms in (kept_terms, recomputed_terms):
+            part = terms[at]
+            part[:, :, 2] = np.where(room > 0, part[:, :, 2] / np.where(room > 0, room, 1.0), 0.0)
+            parts.append(part)
+        if allowed == "none":
+            flags: np.ndarray | None = np.zeros((1, num_stages), dtype=bool)
+        elif allowed == "full":
+            flags = np.ones((1, num_stages), dtype=bool)
+        elif 2 ** num_stages > _MAX_SUBSETS:
+            flags = None
         else:
-            for flags in choices or itertools.product((False, True), repeat=len(stages)):
-                terms = [part[1] if flag else part[0] for part, flag in zip(parts, flags, strict=True)]
-                options.append((sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms)))
-        rows.append(options)
-        first = stages[0] if stages == sorted(stages) else min(stages)
-        starts.append(fill[first])
-        drains.append(drain[first])
-    width = max((len(options) for options in rows), default=0)
+            # Every subset, in itertools.product((False, True), repeat=num_stages)'s order.
+            codes = np.arange(2 ** num_stages)[:, None] >> np.arange(num_stages - 1, -1, -1)[None, :]
+            flags = (codes & 1).astype(bool)
+        if flags is None:
+            # Each stage apart: the least busy time and the least held bytes need not come together.
+            chosen = np.minimum(parts[0], parts[1])[:, None, :, :]
+        else:
+            chosen = np.where(flags[None, :, :, None], parts[1][:, None, :, :], parts[0][:, None, :, :])
+        # Summed stage by stage from 0, as Python's sum (the same floats, not numpy's pairwise sum).
+        total = np.zeros((len(group), chosen.shape[1], 3))
+        for index in range(num_stages):
+            total = total + chosen[:, :, index, :]
+        for index, options in zip(group, total, strict=True):
+            rows[index] = options
+    ordered = [rows[index] for index in range(len(ranks))]
+    starts = [fill[min(owned[rank])] for rank in ranks]
+    drains = [drain[min(owned[rank])] for rank in ranks]
+    width = max((len(options) for options in ordered), default=0)
     # Ranks with fewer options repeat their last one (a duplicate changes no minimum).
-    padded = [options + [options[-1]] * (width - len(options)) for options in rows]
-    table = np.array(padded, dtype=np.float64).reshape(len(rows), width, 3)
+    padded = [np.concatenate([options, np.repeat(options[-1:], width - len(options), axis=0)])
+              for options in ordered]
+    table = np.array(padded, dtype=np.float64).reshape(len(ordered), width, 3)
     return HeldTerms(
         start=np.array(starts, dtype=np.float64).reshape(-1, 1),
         drain=np.array(drains, dtype=np.float64).reshape(-1, 1),

@@ -1,7 +1,12 @@
 """The family orders the planner prices, generated once per size and kept (and compiled) for reuse.
 
     schedule = family_schedule("1f1b", num_ranks, num_microbatches, num_virtual)
+    order = family_order("1f1b", num_ranks, num_microbatches, num_virtual)   # integer arrays
     run = compiled_family("1f1b", num_ranks, num_microbatches, num_virtual).run(cost_model)
+
+What the search needs of an order (its backward kind, held counts, compiled graph) is read from
+`family_order`, which the flush families generate as arrays without `Action` objects
+(`pipefold.plan.fast_orders`); `family_schedule` is built only where a `Schedule` is simulated.
 """
 
 from __future__ import annotations
@@ -10,16 +15,17 @@ import functools
 
 import numpy as np
 
-from pipefold.plan.bounds import Backward, backward_kind
+from pipefold.plan.bounds import Backward
+from pipefold.plan.fast_orders import KIND_B, KIND_F, KIND_I, KIND_W, Order, fast_order, order_of
 from pipefold.schedule import Schedule, build
-from pipefold.schedule.ir import Op, WeightUpdate
+from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel
 from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
-    "family_schedule", "compiled_family", "family_backward", "family_placement", "compiles", "held_counts",
-    "order_peaks",
+    "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward", "family_placement",
+    "compiles", "held_counts", "held_counts_of", "order_peaks",
 ]
 
 
@@ -36,22 +42,50 @@ def family_schedule(name: str, num_ranks: int, num_microbatches: int, num_virtua
     return entry.generate(num_ranks, num_microbatches, num_virtual)
 
 
+@functools.lru_cache(maxsize=64)
+def family_order(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Order:
+    """The family's order as integer arrays: generated so where `pipefold.plan.fast_orders` has the
+    family (the same order as `family_schedule`), else read from `family_schedule`."""
+    if num_ranks * num_microbatches <= 256:
+        return order_of(family_schedule(name, num_ranks, num_microbatches, num_virtual))  # (validated)
+    family(name).check(num_ranks, num_microbatches, num_virtual)
+    fast = fast_order(name, num_ranks, num_microbatches, num_virtual)
+    return fast if fast is not None else order_of(family_schedule(name, num_ranks, num_microbatches, num_virtual))
+
+
 @functools.lru_cache(maxsize=32)  # up to about 50 MB each (64 ranks x 2 stages x 512 micro-batches)
 def compiled_family(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> CompiledSchedule:
-    """`family_schedule(...)` compiled for repeated timing (`pipefold.simulate.compiled`)."""
-    return CompiledSchedule(family_schedule(name, num_ranks, num_microbatches, num_virtual))
+    """`family_schedule(...)` compiled for repeated timing (`pipefold.simulate.compiled`), from its
+    `family_order`."""
+    order = family_order(name, num_ranks, num_microbatches, num_virtual)
+    return CompiledSchedule(order.shell(), order.rows)
 
 
 @functools.lru_cache(maxsize=512)
 def family_backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
-    """Whether the family's order at this size runs B, I + W, or both (`pipefold.plan.bounds`)."""
-    return backward_kind(family_schedule(name, num_ranks, num_microbatches, num_virtual))
+    """Whether the family's order at this size runs B, I + W, or both (as `pipefold.plan.bounds.backward_kind`)."""
+    return _backward_of(family_order(name, num_ranks, num_microbatches, num_virtual))
+
+
+def _backward_of(order: Order) -> Backward:
+    used = order.kinds_used() & {KIND_B, KIND_I}
+    if used == {KIND_B}:
+        return "B"
+    if used == {KIND_I}:
+        return "I"
+    return "any"
 
 
 @functools.lru_cache(maxsize=1024)
 def family_placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...]:
-    """The stage -> rank placement, which does not depend on m: told by the one-micro-batch order."""
-    return family_schedule(name, num_ranks, 1, num_virtual).placement
+    """The stage -> rank placement, which does not depend on m: told by the one-micro-batch order
+    (generated without `validate`, which took most of the search's set-up at 64 ranks)."""
+    if num_ranks < 1 or num_virtual < 1:
+        return family_schedule(name, num_ranks, 1, num_virtual).placement  # (which refuses them)
+    entry = family(name)
+    entry.check(num_ranks, 1, num_virtual)
+    fast = fast_order(name, num_ranks, 1, num_virtual)
+    return fast.placement if fast is not None else entry.generate(num_ranks, 1, num_virtual).placement
 
 
 def compiles(schedule: Schedule, model: CostModel) -> bool:
@@ -60,14 +94,13 @@ def compiles(schedule: Schedule, model: CostModel) -> bool:
     return schedule.weight_update is WeightUpdate.FLUSH and CompiledSchedule.supports(model, schedule)
 
 
+def compiles_order(order: Order, model: CostModel) -> bool:
+    """`compiles` for the schedule `order` is the order of."""
+    return order.weight_update is WeightUpdate.FLUSH and not model.shares_cores(order.num_ranks)
+
+
 _ABSORBED = 1e-15
 """As `pipefold.simulate.compiled`: a duration below this share of the step could vanish in a sum."""
-
-
-_DELTAS: dict[Op, tuple[tuple[int, int], ...]] = {
-    Op.F: ((0, 1),), Op.B: ((0, -1),), Op.I: ((0, -1), (1, 1)), Op.W: ((1, -1),),
-}
-"""Per compute op, its changes to a rank's count vector: (0: activations held / 1: W inputs held, +-1)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -76,34 +109,46 @@ def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     """Per rank, its stages and every distinct (activations held, W inputs held) count vector per
     stage after each of its actions, in the family's order: the activation peak under any costs is
     the largest product of these with the per-stage bytes (`order_peaks`), without compiling."""
-    schedule = family_schedule(name, num_ranks, num_microbatches, num_virtual)
+    return held_counts_of(family_order(name, num_ranks, num_microbatches, num_virtual))
+
+
+def held_counts_of(order: Order) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
+    """`held_counts` of any order."""
     result = []
-    for row in schedule.actions:
-        stages = sorted({action.stage for action in row})
-        column = {stage: index for index, stage in enumerate(stages)}
+    for kinds, stages_of, _ in order.rows:
+        stages, column = np.unique(stages_of, return_inverse=True)
         width = len(stages)
-        # Each action's change to the count vector as one (column, +-1) entry (an I two), summed
-        # cumulatively with numpy: a Python tuple per action was most of this at 64 ranks.
-        rows_at: list[int] = []
-        columns: list[int] = []
-        deltas: list[int] = []
-        step = 0
-        for action in row:
-            delta = _DELTAS.get(action.op)
-            if delta is None:
-                continue
-            step += 1
-            index = column[action.stage]
-            for offset, change in delta:
-                rows_at.append(step)
-                columns.append(index + offset * width)
-                deltas.append(change)
-        changes = np.zeros((step + 1, 2 * width), dtype=np.int64)
-        np.add.at(changes, (np.array(rows_at, dtype=np.intp), np.array(columns, dtype=np.intp)),
-                  np.array(deltas, dtype=np.int64))
-        seen = np.unique(np.cumsum(changes, axis=0), axis=0)
-        result.append((tuple(stages), seen.astype(np.float64).reshape(len(seen), 2 * width)))
+        counted = kinds <= KIND_W  # F, B, I, W change the counts; a STEP does not
+        kinds, column = kinds[counted], column.reshape(-1)[counted]
+        steps = len(kinds)
+        # Per action its change to the count vector: F +1 activation, B -1, I -1 activation and +1
+        # W input, W -1 W input; summed cumulatively from all zeros.
+        changes = np.zeros((steps + 1, 2 * width), dtype=np.int64)
+        at = np.arange(1, steps + 1)
+        held = np.select([kinds == KIND_F, (kinds == KIND_B) | (kinds == KIND_I)], [1, -1], 0)
+        waiting = np.select([kinds == KIND_I, kinds == KIND_W], [1, -1], 0)
+        changes[at, column] = held
+        changes[at, column + width] = waiting
+        totals = np.cumsum(changes, axis=0)
+        seen = _distinct_rows(totals)
+        result.append((tuple(int(stage) for stage in stages),
+                       seen.astype(np.float64).reshape(len(seen), 2 * width)))
     return tuple(result)
+
+
+def _distinct_rows(table: np.ndarray) -> np.ndarray:
+    """`np.unique(table, axis=0)`'s rows (the same set, sorted), packed into one integer per row
+    where they fit: the row-wise unique sorts structured views and was most of the held counts."""
+    if table.size == 0:
+        return table
+    low, high = int(table.min()), int(table.max())
+    bits = max(1, high.bit_length())
+    if low < 0 or bits * table.shape[1] > 62:
+        return np.unique(table, axis=0)
+    shifts = np.arange(table.shape[1] - 1, -1, -1, dtype=np.int64) * bits
+    packed = np.unique((table << shifts).sum(axis=1))
+    rows: np.ndarray = (packed[:, None] >> shifts) & ((1 << bits) - 1)
+    return rows
 
 
 def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel

@@ -29,10 +29,10 @@ from pipefold.plan.memory import (
 )
 from pipefold.plan.orders import (
     compiled_family,
-    compiles,
+    compiles_order,
     family_backward,
+    family_order,
     family_placement,
-    family_schedule,
     order_peaks,
 )
 from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor, rank_key
@@ -456,9 +456,8 @@ class _Search:
             return record.tried[recompute].memory
         config, degree = record.config, record.degree
         sizes = (degree.num_ranks, config.num_microbatches, config.num_virtual)
-        schedule = family_schedule(config.schedule, *sizes)
         model = self.model(record, recompute)
-        if not compiles(schedule, model):
+        if not compiles_order(family_order(config.schedule, *sizes), model):
             return None
         peaks = order_peaks(config.schedule, *sizes, model)
         if peaks is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel, Link
 
@@ -54,42 +56,42 @@ def stage_cost_model(
     cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
     `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
     takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
-    overhead = costs.overhead_s
+    # Per stage, as arrays: each stage's value is the same float expression as one stage at a time.
+    bounds = np.asarray(layout.bounds, dtype=np.intp)
+    starts, stops = bounds[:-1], bounds[1:]
+    prefix = costs.prefix_array
+
+    def span(kind: int) -> np.ndarray:
+        result: np.ndarray = prefix[kind][stops] - prefix[kind][starts]
+        return result
+
     # Bytes scale with rows; times with rows and the device's speed.
     rows_scale = layout.rows / costs.reference_rows
-    f, i, w, b, activations, held_for_w, weights = [], [], [], [], [], [], []
-    for stage in range(layout.num_stages):
-        start, stop = layout.bounds[stage], layout.bounds[stage + 1]
-        scale = rows_scale if stage_speeds is None else rows_scale / stage_speeds[stage]
-        fixed = overhead * (stop - start)
-        # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
-        # input-gradient half, where the all-reduces run; W has none.
-        own = costs.span(_FIXED, start, stop)
-        forward = fixed + own + scale * costs.span(_F, start, stop)
-        input_grad = fixed + own + scale * costs.span(_I, start, stop)
-        weight_grad = fixed + scale * costs.span(_W, start, stop)
-        # One B per layer is one action: its fixed cost is paid once, not once per half.
-        backward = fixed + own + scale * (costs.span(_I, start, stop) + costs.span(_W, start, stop))
-        if stage in recompute:
-            input_grad, weight_grad = input_grad + forward, weight_grad + forward
-            backward += forward
-            kept = round(rows_scale * costs.span(_INPUT, start, stop))
-        else:
-            kept = round(rows_scale * costs.span(_ACT, start, stop))
-        if stage == layout.num_stages - 1 and stop == len(costs.layers):
-            kept += round(rows_scale * costs.loss_bytes)
-        activations.append(kept)
-        held_for_w.append(kept)
-        f.append(forward)
-        i.append(input_grad)
-        w.append(weight_grad)
-        b.append(backward)
-        weights.append(round(costs.span(_PARAM, start, stop)))
+    scale = np.full(layout.num_stages, rows_scale) if stage_speeds is None else (
+        rows_scale / np.asarray(stage_speeds, dtype=np.float64))
+    fixed = costs.overhead_s * (stops - starts)
+    # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
+    # input-gradient half, where the all-reduces run; W has none.
+    own = span(_FIXED)
+    forward = (fixed + own) + scale * span(_F)
+    input_grad = (fixed + own) + scale * span(_I)
+    weight_grad = fixed + scale * span(_W)
+    # One B per layer is one action: its fixed cost is paid once, not once per half.
+    backward = (fixed + own) + scale * (span(_I) + span(_W))
+    recomputed = np.zeros(layout.num_stages, dtype=bool)
+    recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
+    input_grad = np.where(recomputed, input_grad + forward, input_grad)
+    weight_grad = np.where(recomputed, weight_grad + forward, weight_grad)
+    backward = np.where(recomputed, backward + forward, backward)
+    kept = np.rint(rows_scale * np.where(recomputed, span(_INPUT), span(_ACT))).astype(np.int64).tolist()
+    if layout.bounds[-1] == len(costs.layers):
+        kept[-1] += round(rows_scale * costs.loss_bytes)
+    weights = np.rint(span(_PARAM)).astype(np.int64).tolist()
     messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
-        f, i, w, b=b, activation_bytes=activations, weight_grad_bytes=held_for_w, weight_bytes=weights,
-        message_bytes=messages, link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
-        action_overhead=costs.action_overhead_s,
+        forward.tolist(), input_grad.tolist(), weight_grad.tolist(), b=backward.tolist(), activation_bytes=kept,
+        weight_grad_bytes=list(kept), weight_bytes=weights, message_bytes=messages, link=link, num_cores=num_cores,
+        link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
     )
 
 

@@ -17,18 +17,26 @@ step of a flush or asynchronous schedule on ranks that do not share cores (see
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
+
+import numpy as np
 
 from pipefold.errors import ScheduleError
 from pipefold.schedule.ir import Op, Schedule
 from pipefold.simulate.costs import CostModel
 
-__all__ = ["CompiledSchedule", "CompiledRun"]
+__all__ = ["CompiledSchedule", "CompiledRun", "KINDS", "Row"]
 
 _F, _B, _I, _W, _STEP = range(5)
-_KIND = {Op.F: _F, Op.B: _B, Op.I: _I, Op.W: _W, Op.STEP: _STEP}
+KINDS = (Op.F, Op.B, Op.I, Op.W, Op.STEP)
+"""The op of each kind number in `CompiledSchedule`'s rows."""
+_KIND = {op: kind for kind, op in enumerate(KINDS)}
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+Row = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
+"""One rank's actions: kinds (numbered as `KINDS`), stages, micro-batches."""
 
 _NAMES = ("F", "B", "I", "W", "STEP")
 
@@ -58,128 +66,128 @@ class CompiledRun:
 class CompiledSchedule:
     """A schedule's actions and data dependencies as flat lists, in an order that runs them."""
 
-    def __init__(self, schedule: Schedule) -> None:
-        placement = schedule.placement
+    def __init__(self, schedule: Schedule, rows: Sequence[Row] | None = None) -> None:
+        """`rows`: the schedule's actions per rank as (kinds, stages, micro-batches) integer arrays
+        (`KINDS` numbers the ops), where the caller has them without `Action` objects; `schedule`
+        then needs only its header (its `actions` may be empty rows)."""
+        if rows is None:
+            rows = _rows_of(schedule)
+        placement = np.asarray(schedule.placement, dtype=np.int64)
         num_stages = schedule.num_stages
-        # Actions are keyed by integers ((stage * M + microbatch) * 5 + kind): hashing `Action`s is
-        # what made flattening a 64-rank x 512-micro-batch schedule take seconds.
-        span = max((action.microbatch for row in schedule.actions for action in row), default=0) + 1
-        kinds: list[int] = []
-        stages: list[int] = []
-        microbatches: list[int] = []
-        id_of: dict[int, int] = {}
-        backward: dict[int, int] = {}  # stage * span + microbatch -> id of its B or I
-        rows = []
-        count = 0
-        for row in schedule.actions:
-            rows.append((count, len(row)))
-            for action in row:
-                kind = _KIND.get(action.op)
-                if kind is None:
-                    raise ScheduleError(
-                        f"{schedule.name or 'schedule'}: {action} is a sharding action; a compiled "
-                        "schedule times compute schedules only: use pipefold.simulate.simulate"
-                    )
-                stage, microbatch = action.stage, action.microbatch
-                slot = stage * span + microbatch
-                id_of[slot * 5 + kind] = count
-                if kind == _B or kind == _I:
-                    backward[slot] = count
-                kinds.append(kind)
-                stages.append(stage)
-                microbatches.append(microbatch)
-                count += 1
-        if len(id_of) != count:
+        lengths = [len(row[0]) for row in rows]
+        kinds = np.concatenate([np.asarray(row[0], dtype=np.int64) for row in rows]) if rows else _EMPTY
+        stages = np.concatenate([np.asarray(row[1], dtype=np.int64) for row in rows]) if rows else _EMPTY
+        microbatches = np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows]) if rows else _EMPTY
+        num_actions = len(kinds)
+        starts = np.cumsum([0, *lengths])[:-1].astype(np.int64)
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+        ids = np.arange(num_actions, dtype=np.int64)
+        # Actions are keyed by integers ((stage * M + microbatch) * 5 + kind) in dense tables:
+        # hashing `Action`s is what made flattening a 64-rank x 512-micro-batch schedule take seconds.
+        span = int(microbatches.max()) + 1 if num_actions else 1
+        num_slots = (int(stages.max()) + 2 if num_actions else 1) * span
+        slot = stages * span + microbatches
+        key = slot * 5 + kinds
+        id_of = np.full(num_slots * 5, -1, dtype=np.int64)
+        id_of[key] = ids
+        if num_actions and not np.array_equal(id_of[key], ids):  # (a key given twice keeps its last id)
             raise ScheduleError(
                 f"{schedule.name or 'schedule'}: an action appears twice; run "
                 "pipefold.schedule.validate(schedule) to find it"
             )
-        num_actions = len(kinds)
-        previous = [-1] * num_actions
-        owner = [0] * num_actions
-        for rank, (first, length) in enumerate(rows):
-            for action_id in range(first + 1, first + length):
-                previous[action_id] = action_id - 1
-            owner[first:first + length] = [rank] * length
+        backward = np.full(num_slots, -1, dtype=np.int64)  # stage * span + microbatch -> id of its B or I
+        is_backward = (kinds == _B) | (kinds == _I)
+        backward[slot[is_backward]] = ids[is_backward]
+        previous = ids - 1
+        previous[starts[np.asarray(lengths) > 0]] = -1
         # The data inputs of docs/decisions.md, "Derived dependencies" (as `data_inputs`), at most two.
-        first_input = [-1] * num_actions
-        second_input = [-1] * num_actions
-        first_link = [0] * num_actions
-        second_link = [0] * num_actions
-        links: dict[tuple[int, int, int], int] = {}
-        for action_id in range(num_actions):
-            kind, stage, microbatch = kinds[action_id], stages[action_id], microbatches[action_id]
-            rank = owner[action_id]
-            if kind == _F:
-                if stage == 0:
-                    continue
-                producer = id_of.get(((stage - 1) * span + microbatch) * 5 + _F)
-                if producer is None:
-                    _missing(schedule, kind, stage, microbatch, f"F{stage - 1}.{microbatch}")
-                crossing = (stage - 1, placement[stage - 1], rank)
-                first_input[action_id] = producer
-                first_link[action_id] = links.setdefault(crossing, len(links))
-            elif kind == _B or kind == _I:
-                producer = id_of.get((stage * span + microbatch) * 5 + _F)
-                if producer is None:
-                    _missing(schedule, kind, stage, microbatch, f"F{stage}.{microbatch}")
-                first_input[action_id] = producer  # same rank: no link crossed
-                first_link[action_id] = links.setdefault((stage, rank, rank), len(links))
-                if stage < num_stages - 1:
-                    producer = backward.get((stage + 1) * span + microbatch)
-                    if producer is None:
-                        _missing(schedule, kind, stage, microbatch, f"B{stage + 1}.{microbatch}")
-                    # The boundary crossed is the lower of the two stages (B: s+1 -> s).
-                    crossing = (stage, placement[stage + 1], rank)
-                    second_input[action_id] = producer
-                    second_link[action_id] = links.setdefault(crossing, len(links))
-            elif kind == _W:
-                producer = id_of.get((stage * span + microbatch) * 5 + _I)
-                if producer is None:
-                    _missing(schedule, kind, stage, microbatch, f"I{stage}.{microbatch}")
-                first_input[action_id] = producer
-                first_link[action_id] = links.setdefault((stage, rank, rank), len(links))
+        is_f = (kinds == _F) & (stages > 0)
+        is_w = kinds == _W
+        first_key = np.where(is_f, slot - span, slot) * 5 + np.where(is_w, _I, _F)
+        has_first = is_f | is_backward | is_w
+        first_input = np.where(has_first, id_of[np.where(has_first, first_key, 0)], -1)
+        has_second = is_backward & (stages < num_stages - 1)
+        second_input = np.where(has_second, backward[np.where(has_second, slot + span, 0)], -1)
+        missing = (has_first & (first_input < 0)) | (has_second & (second_input < 0))
+        if missing.any():
+            at = int(np.argmax(missing))
+            kind, stage, microbatch = int(kinds[at]), int(stages[at]), int(microbatches[at])
+            if has_first[at] and first_input[at] < 0:
+                needed = {_F: f"F{stage - 1}", _W: f"I{stage}"}.get(kind, f"F{stage}")
+            else:
+                needed = f"B{stage + 1}"
+            _missing(schedule, kind, stage, microbatch, f"{needed}.{microbatch}")
+        # The link each input crosses, as (boundary stage, from rank, to rank), numbered in the order
+        # the actions first use them: a forward's from the stage below, a backward's own forward on
+        # its rank (no link crossed), its gradient from the stage above; a W's I on its rank.
+        num_ranks = max(schedule.num_ranks, 1)
+        boundary = np.where(is_f, stages - 1, stages)
+        source = np.where(is_f, placement[np.maximum(stages - 1, 0)], owner)
+        first_code = (boundary * num_ranks + source) * num_ranks + owner
+        above = placement[np.minimum(stages + 1, max(num_stages - 1, 0))] if num_stages else owner
+        second_code = (stages * num_ranks + above) * num_ranks + owner
+        codes = np.stack([np.where(has_first, first_code, -1), np.where(has_second, second_code, -1)], axis=1)
+        used = codes.reshape(-1)
+        used = used[used >= 0]
+        distinct, first_at, inverse = np.unique(used, return_index=True, return_inverse=True)
+        rank_of_code = np.empty(len(distinct), dtype=np.int64)
+        rank_of_code[np.argsort(first_at, kind="stable")] = np.arange(len(distinct), dtype=np.int64)
+        flat = np.zeros(codes.size, dtype=np.int64)
+        flat[codes.reshape(-1) >= 0] = rank_of_code[inverse.reshape(-1)]
+        numbered = flat.reshape(-1, 2)
+        by_number = distinct[np.argsort(rank_of_code)]
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
-        self._kinds = kinds
-        self._stages = stages
-        self._previous = previous
-        self._first_input, self._first_link = first_input, first_link
-        self._second_input, self._second_link = second_input, second_link
-        self._links = list(links)
-        self._rows = rows
+        self._kinds = kinds.tolist()
+        self._stages = stages.tolist()
+        self._kind_array, self._stage_array = kinds, stages
+        self._has_step = bool((kinds == _STEP).any())
+
+        self._first_input, self._second_input = first_input.tolist(), second_input.tolist()
+        self._links = [(int(code // (num_ranks * num_ranks)), int(code // num_ranks % num_ranks),
+                        int(code % num_ranks)) for code in by_number]
+        self._rows = [(int(first), length) for first, length in zip(starts, lengths, strict=True)]
         self._order = self._topological(schedule)
+        # Per action in the topological order: its id, previous action on its rank, and up to two data
+        # inputs with the link each crosses (-1: none), as flat lists (`run` zips them).
+        in_order = np.asarray(self._order, dtype=np.intp)
+        self._steps: tuple[list[int], ...] = tuple(
+            column[in_order].tolist()
+            for column in (ids, previous, first_input, numbered[:, 0], second_input, numbered[:, 1]))
 
     def _topological(self, schedule: Schedule) -> list[int]:
-        # The simulator's own worklist: each rank runs on until an input is missing, and is woken
-        # when that input's producer runs.
+        # Passes over the ranks, each running on until an input is missing, up the ranks then down
+        # (forwards flow up, gradients down), until none moves: cheaper per action than a worklist
+        # that parks and wakes ranks, and where it stops (a deadlock) is the same.
         first_input, second_input = self._first_input, self._second_input
-        done = bytearray(len(self._kinds))
+        num_actions = len(self._kinds)
+        # One entry more, always set: an input of -1 (none) reads it as done.
+        done = bytearray(num_actions + 1)
+        done[num_actions] = 1
         positions = [first for first, _ in self._rows]
-        blocked: dict[int, list[int]] = {}
-        queue = deque(range(len(self._rows)))
+        stops = [first + length for first, length in self._rows]
+        active = [rank for rank in range(len(self._rows)) if positions[rank] < stops[rank]]
         order: list[int] = []
-        while queue:
-            rank = queue.popleft()
-            first, length = self._rows[rank]
-            position, stop = positions[rank], first + length
-            while position < stop:
-                missing = first_input[position]
-                if missing < 0 or done[missing]:
-                    missing = second_input[position]
-                    if missing >= 0 and done[missing]:
-                        missing = -1
-                if missing >= 0:
-                    blocked.setdefault(missing, []).append(rank)
-                    break
-                done[position] = 1
-                order.append(position)
-                woken = blocked.pop(position, None)
-                if woken:
-                    queue.extend(woken)
-                position += 1
-            positions[rank] = position
-        if len(order) != len(done):
+        while active:
+            moved = False
+            waiting = []
+            for rank in active:
+                begin = position = positions[rank]
+                stop = stops[rank]
+                while position < stop and done[first_input[position]] and done[second_input[position]]:
+                    done[position] = 1
+                    position += 1
+                if position != begin:
+                    order.extend(range(begin, position))
+                    positions[rank] = position
+                    moved = True
+                if position < stop:
+                    waiting.append(rank)
+            if not moved:
+                break
+            waiting.reverse()
+            active = waiting
+        if len(order) != num_actions:
             rank = next(r for r, (first, length) in enumerate(self._rows) if positions[r] < first + length)
             action_id = positions[rank]
             raise ScheduleError(
@@ -197,6 +205,12 @@ class CompiledSchedule:
 
     def _durations(self, costs: CostModel) -> list[float]:
         tables = (costs.f, costs.b, costs.i, costs.w, costs.step)
+        if not costs.step and not self._has_step:
+            tables = (*tables[:4], (0.0,) * len(costs.f))  # (no STEP reads it)
+        if len({len(table) for table in tables}) == 1:
+            # One gather over a (kind, stage) table: the same floats, without a Python loop.
+            durations: list[float] = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array].tolist()
+            return durations
         return [tables[kind][stage] for kind, stage in zip(self._kinds, self._stages, strict=True)]
 
     def run(self, costs: CostModel) -> CompiledRun:
@@ -206,28 +220,24 @@ class CompiledSchedule:
             raise ValueError("ranks share cores: use pipefold.simulate.simulate")
         durations = self._durations(costs)
         delays = [costs.transfer_time(*key) for key in self._links]
-        previous = self._previous
-        first_input, first_link = self._first_input, self._first_link
-        second_input, second_link = self._second_input, self._second_link
         overhead = costs.action_overhead
         ends = [0.0] * len(durations)
         first_start = float("inf")
-        for action_id in self._order:
-            prev = previous[action_id]
+        in_order = [durations[action_id] for action_id in self._order]
+        for action_id, prev, first, first_link, second, second_link, duration in zip(*self._steps, in_order,
+                                                                                        strict=True):
             start = ends[prev] + overhead if prev >= 0 else 0.0
-            producer = first_input[action_id]
-            if producer >= 0:
-                arrival = ends[producer] + delays[first_link[action_id]]
+            if first >= 0:
+                arrival = ends[first] + delays[first_link]
                 if arrival > start:
                     start = arrival
-                producer = second_input[action_id]
-                if producer >= 0:
-                    arrival = ends[producer] + delays[second_link[action_id]]
+                if second >= 0:
+                    arrival = ends[second] + delays[second_link]
                     if arrival > start:
                         start = arrival
             if prev < 0 and start < first_start:
                 first_start = start
-            ends[action_id] = start + durations[action_id]
+            ends[action_id] = start + duration
         if not ends:
             return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
         # Each rank's actions run one after another, so its first action starts first.
@@ -239,6 +249,9 @@ class CompiledSchedule:
         # rank's ends never decrease, so the held bytes only need checking where the end time moves.
         activation = costs.activation_bytes
         held_for_w = costs.weight_grad_bytes
+        largest = max(max(activation, default=0), max(held_for_w, default=0))
+        if ends is not None and largest * (len(self._kinds) + 1) < 2**62:
+            return self._array_peaks(activation, held_for_w, ends)
         kinds, stages = self._kinds, self._stages
         peaks = []
         for first, length in self._rows:
@@ -260,6 +273,26 @@ class CompiledSchedule:
             peaks.append(peak)
         return tuple(peaks)
 
+    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int], ends: list[float]
+                     ) -> tuple[int, ...]:
+        """`_peaks` with numpy: the same integer sums, where they cannot overflow 64 bits."""
+        kinds, stages = self._kind_array, self._stage_array
+        act = np.asarray(activation, dtype=np.int64)[stages]
+        held = np.asarray(held_for_w, dtype=np.int64)[stages]
+        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
+        times = np.asarray(ends, dtype=np.float64)
+        peaks = []
+        for first, length in self._rows:
+            if not length:
+                peaks.append(0)
+                continue
+            totals = np.cumsum(change[first:first + length])
+            # Checked where the rank's end time moves on (changes at one time are released first).
+            checked = np.ones(length, dtype=bool)
+            checked[:-1] = times[first + 1:first + length] != times[first:first + length - 1]
+            peaks.append(max(0, int(totals[checked].max())))
+        return tuple(peaks)
+
     def order_activation_peaks(self, costs: CostModel) -> tuple[int, ...] | None:
         """Per rank, the activation peak `run(costs)` will report, from each rank's order alone (no
         timing); None where the order alone cannot tell it (a duration so small that two actions of a
@@ -272,6 +305,22 @@ class CompiledSchedule:
         if compute and min(compute) <= longest * _ABSORBED:
             return None
         return self._peaks(costs, None)
+
+
+def _rows_of(schedule: Schedule) -> list[Row]:
+    rows: list[Row] = []
+    for row in schedule.actions:
+        kinds = []
+        for action in row:
+            kind = _KIND.get(action.op)
+            if kind is None:
+                raise ScheduleError(
+                    f"{schedule.name or 'schedule'}: {action} is a sharding action; a compiled "
+                    "schedule times compute schedules only: use pipefold.simulate.simulate"
+                )
+            kinds.append(kind)
+        rows.append((kinds, [action.stage for action in row], [action.microbatch for action in row]))
+    return rows
 
 
 def _name(kind: int, stage: int, microbatch: int) -> str:

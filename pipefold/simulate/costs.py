@@ -53,20 +53,23 @@ def _floats(name: str, values: Sequence[float], num_stages: int) -> tuple[float,
         raise CostModelError(
             f"{name} has {len(values)} entries but num_stages is {num_stages}: give one per (virtual) stage"
         )
-    result = tuple(float(value) for value in values)
-    for stage, value in enumerate(result):
-        if not (math.isfinite(value) and value >= 0):
-            raise CostModelError(f"{name}[{stage}] = {value!r}; times must be finite and >= 0")
+    result = tuple(map(float, values))
+    # One check of all (a NaN or infinity makes the sum not finite); the loop names the entry.
+    if result and not (min(result) >= 0 and math.isfinite(sum(result))):
+        for stage, value in enumerate(result):
+            if not (math.isfinite(value) and value >= 0):
+                raise CostModelError(f"{name}[{stage}] = {value!r}; times must be finite and >= 0")
     return result
 
 
 def _ints(name: str, values: Sequence[int], num_entries: int, what: str) -> tuple[int, ...]:
     if len(values) != num_entries:
         raise CostModelError(f"{name} has {len(values)} entries but needs {num_entries}: one per {what}")
-    result = tuple(int(value) for value in values)
-    for index, value in enumerate(result):
-        if value < 0 or value != values[index]:
-            raise CostModelError(f"{name}[{index}] = {values[index]!r}; sizes must be whole bytes >= 0")
+    result = tuple(map(int, values))
+    if result and (min(result) < 0 or result != tuple(values)):
+        for index, value in enumerate(result):
+            if value < 0 or value != values[index]:
+                raise CostModelError(f"{name}[{index}] = {values[index]!r}; sizes must be whole bytes >= 0")
     return result
 
 

@@ -1,0 +1,467 @@
+"""Family orders as integer arrays, generated without `Action` objects, for the planner at scale.
+
+What the planner needs of a family order it times (which backward it runs, each rank's held
+counts, the compiled dependency graph) is per rank its kinds, stages and micro-batches in order.
+At 64 ranks x 512 micro-batches a family's `Schedule` is hundreds of thousands of `Action`
+objects, and creating them was most of a search's time; the flush families are generated here
+straight into numpy arrays, with the same order as their `generate` (tests/plan/test_fast_orders.py
+checks every one against it over ranks, micro-batches and virtual stages):
+
+    order = fast_order("interleaved-1f1b", num_ranks=64, num_microbatches=512, num_virtual=2)
+    kinds, stages, microbatches = order.rows[rank]     # KIND_F, KIND_B, ... per action
+
+`order_of(schedule)` converts any other schedule (the families without a generator here).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipefold.errors import ScheduleError
+from pipefold.schedule.families.interleaved_1f1b import microbatch_groups
+from pipefold.schedule.families.v_half import memory_cap as v_half_cap
+from pipefold.schedule.families.v_min import memory_cap as v_min_cap
+from pipefold.schedule.ir import (
+    Op,
+    Schedule,
+    WeightUpdate,
+    contiguous_placement,
+    looped_placement,
+    v_placement,
+)
+
+__all__ = ["Order", "order_of", "fast_order", "fast_families", "KIND_F", "KIND_B", "KIND_I", "KIND_W", "KIND_STEP", "OP_OF_KIND"]
+
+KIND_F, KIND_B, KIND_I, KIND_W, KIND_STEP = range(5)
+OP_OF_KIND = (Op.F, Op.B, Op.I, Op.W, Op.STEP)
+_KIND_OF_OP = {op: kind for kind, op in enumerate(OP_OF_KIND)}
+
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""One rank's order: kinds, stages, micro-batches (int64 arrays of one length)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Order:
+    """A schedule's compute order per rank as integer arrays (see the module docstring)."""
+
+    name: str
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    placement: tuple[int, ...]
+    rows: tuple[Row, ...]
+    weight_update: WeightUpdate = WeightUpdate.FLUSH
+
+    def shell(self) -> Schedule:
+        """The schedule's header without its actions (what cost-model checks read)."""
+        return Schedule(self.name, self.num_ranks, self.num_stages, self.num_microbatches, self.placement,
+                        ((),) * self.num_ranks, self.weight_update)
+
+    def kinds_used(self) -> set[int]:
+        return {int(kind) for kinds, _, _ in self.rows for kind in np.unique(kinds)}
+
+
+def order_of(schedule: Schedule) -> Order:
+    """`schedule`'s compute actions as an `Order`; refuses sharding actions."""
+    rows = []
+    for row in schedule.actions:
+        kinds = []
+        for action in row:
+            kind = _KIND_OF_OP.get(action.op)
+            if kind is None:
+                raise ScheduleError(
+                    f"{schedule.name or 'schedule'}: {action} is a sharding action; a compiled "
+                    "schedule times compute schedules only: use pipefold.simulate.simulate"
+                )
+            kinds.append(kind)
+        rows.append(_row(kinds, [a.stage for a in row], [a.microbatch for a in row]))
+    return Order(schedule.name, schedule.num_ranks, schedule.num_stages, schedule.num_microbatches,
+                 schedule.placement, tuple(rows), schedule.weight_update)
+
+
+def _row(kinds: object, stages: object, microbatches: object) -> Row:
+    return (np.asarray(kinds, dtype=np.int64).reshape(-1), np.asarray(stages, dtype=np.int64).reshape(-1),
+            np.asarray(microbatches, dtype=np.int64).reshape(-1))
+
+
+def _blocks(kinds: np.ndarray, stages: np.ndarray, microbatches: np.ndarray, keep: np.ndarray) -> Row:
+    """Equal-shaped (steps, slots) tables read row by row, the slots not kept left out."""
+    mask = keep.reshape(-1)
+    return (kinds.reshape(-1)[mask].astype(np.int64), stages.reshape(-1)[mask].astype(np.int64),
+            microbatches.reshape(-1)[mask].astype(np.int64))
+
+
+def _concat(*rows: Row) -> Row:
+    return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]),
+            np.concatenate([r[2] for r in rows]))
+
+
+def _run(kind: int, stage: int | np.ndarray, microbatches: np.ndarray) -> Row:
+    size = len(microbatches)
+    return (np.full(size, kind, dtype=np.int64), np.broadcast_to(np.asarray(stage, dtype=np.int64), (size,)).copy(),
+            microbatches.astype(np.int64))
+
+
+# -- the families ---------------------------------------------------------------------------
+
+
+def _one_f_one_b_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
+    m = num_microbatches
+    warmup = min(num_ranks - rank - 1, m)
+    steady = np.arange(m - warmup)
+    middle = _blocks(np.tile([KIND_F, KIND_B], (len(steady), 1)), np.full((len(steady), 2), rank),
+                     np.stack([steady + warmup, steady], axis=1), np.ones((len(steady), 2), dtype=bool))
+    return _concat(_run(KIND_F, rank, np.arange(warmup)), middle, _run(KIND_B, rank, np.arange(m - warmup, m)))
+
+
+def _one_f_one_b(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    return contiguous_placement(num_ranks), [_one_f_one_b_row(num_ranks, num_microbatches, r)
+                                            for r in range(num_ranks)]
+
+
+def _interleaved(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    p, v = num_ranks, num_virtual
+    placement = looped_placement(p, v)
+    if v == 1:
+        return placement, _one_f_one_b(p, num_microbatches, 1)[1]
+    per_round, padded = microbatch_groups(p, num_microbatches)
+    num_ops = v * padded
+    ops = np.arange(num_ops)
+    # The k-th forward (backward) of a rank: its local stage and micro-batch, as `counted` numbers them.
+    local_f = (ops // per_round) % v
+    local_b = v - 1 - local_f
+    mb = (ops // (per_round * v)) * per_round + ops % per_round
+    rows = []
+    for rank in range(p):
+        warmup = min((v - 1) * per_round + 2 * (p - 1 - rank), num_ops)
+        steady = np.arange(num_ops - warmup)
+        f_at, b_at = steady + warmup, steady
+        middle_stages = np.stack([local_f[f_at], local_b[b_at]], axis=1) * p + rank
+        middle_mbs = np.stack([mb[f_at], mb[b_at]], axis=1)
+        middle_kinds = np.tile([KIND_F, KIND_B], (len(steady), 1))
+        head = (np.full(warmup, KIND_F), local_f[:warmup] * p + rank, mb[:warmup])
+        tail_at = np.arange(num_ops - warmup, num_ops)
+        tail = (np.full(warmup, KIND_B), local_b[tail_at] * p + rank, mb[tail_at])
+        kinds = np.concatenate([head[0], middle_kinds.reshape(-1), tail[0]])
+        stages = np.concatenate([head[1], middle_stages.reshape(-1), tail[1]])
+        mbs = np.concatenate([head[2], middle_mbs.reshape(-1), tail[2]])
+        keep = mbs < num_microbatches
+        rows.append(_row(kinds[keep], stages[keep], mbs[keep]))
+    return placement, rows
+
+
+def _gpipe(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    every = np.arange(num_microbatches)
+    return contiguous_placement(num_ranks), [
+        _concat(_run(KIND_F, rank, every), _run(KIND_B, rank, every)) for rank in range(num_ranks)]
+
+
+def _looped_bfs(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    m = num_microbatches
+    rows = []
+    for rank in range(num_ranks):
+        stages = np.arange(rank, num_ranks * num_virtual, num_ranks)
+        forwards = _run(KIND_F, np.repeat(stages, m), np.tile(np.arange(m), len(stages)))
+        backwards = _run(KIND_B, np.repeat(stages[::-1], m), np.tile(np.arange(m)[::-1], len(stages)))
+        rows.append(_concat(forwards, backwards))
+    return looped_placement(num_ranks, num_virtual), rows
+
+
+def _zero_bubble_row(num_microbatches: int, rank: int, warmup: int, deferred: int, slots: tuple[int, int, int]
+                     ) -> Row:
+    """Warm-up forwards, then per micro-batch its F (of micro-batch + warm-up), I and W (of micro-batch
+    - deferred) in the order `slots` gives their columns, then the W's left."""
+    m = num_microbatches
+    mb = np.arange(m)
+    columns = {KIND_F: (mb + warmup, mb + warmup < m), KIND_I: (mb, np.ones(m, dtype=bool)),
+               KIND_W: (mb - deferred, mb >= deferred)}
+    kinds = np.tile(np.array(slots), (m, 1))
+    mbs = np.stack([columns[kind][0] for kind in slots], axis=1)
+    keep = np.stack([columns[kind][1] for kind in slots], axis=1)
+    middle = _blocks(kinds, np.full((m, 3), rank), mbs, keep)
+    return _concat(_run(KIND_F, rank, np.arange(warmup)), middle,
+                   _run(KIND_W, rank, np.arange(max(0, m - deferred), m)))
+
+
+def _zb_h1(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    return contiguous_placement(num_ranks), [
+        _zero_bubble_row(num_microbatches, rank, min(num_ranks - 1 - rank, num_microbatches), rank,
+                         (KIND_F, KIND_I, KIND_W)) for rank in range(num_ranks)]
+
+
+def _zb_h2(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    m = num_microbatches
+    return contiguous_placement(num_ranks), [
+        _zero_bubble_row(m, rank, min(2 * (num_ranks - 1 - rank) + 1, m),
+                         2 * rank if m >= 2 * num_ranks - 1 else rank, (KIND_I, KIND_W, KIND_F))
+        for rank in range(num_ranks)]
+
+
+def _zb_v_row(num_ranks: int, padded: int, rank: int) -> Row:
+    """`pipefold.schedule.families.zb_v._rank_order`, step for step."""
+    p = num_ranks
+    down, up = rank, 2 * p - 1 - rank
+    kinds: list[int] = []
+    stages: list[int] = []
+    mbs: list[int] = []
+    # counts[kind][0 down / 1 up]: the next micro-batch of that op on that stage.
+    counts = [[0, 0] for _ in range(4)]
+
+    def emit(kind: int, which: int) -> None:
+        kinds.append(kind)
+        stages.append(up if which else down)
+        mbs.append(counts[kind][which])
+        counts[kind][which] += 1
+
+    for _ in range(2 * (p - rank) - 1):
+        emit(KIND_F, 0)
+    for _ in range(rank):
+        emit(KIND_F, 1)
+        emit(KIND_F, 0)
+    for _ in range(p - rank):
+        emit(KIND_F, 1)
+        emit(KIND_I, 1)
+        emit(KIND_W, 1)
+    while counts[KIND_F][1] < counts[KIND_F][0] or counts[KIND_F][0] < padded:
+        if counts[KIND_F][0] < padded:
+            emit(KIND_F, 0)
+        for kind, which in ((KIND_I, 0), (KIND_W, 0), (KIND_F, 1), (KIND_I, 1), (KIND_W, 1)):
+            emit(kind, which)
+    for _ in range(rank):
+        emit(KIND_I, 0)
+        emit(KIND_I, 1)
+    for _ in range(p - rank):
+        emit(KIND_I, 0)
+        emit(KIND_W, 0)
+    while counts[KIND_W][1] < counts[KIND_I][1]:
+        emit(KIND_W, 1)
+    while counts[KIND_W][0] < counts[KIND_I][0]:
+        emit(KIND_W, 0)
+    return _row(kinds, stages, mbs)
+
+
+def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    padded = max(num_microbatches, 2 * num_ranks - 1)
+    rows = []
+    for rank in range(num_ranks):
+        kinds, stages, mbs = _zb_v_row(num_ranks, padded, rank)
+        keep = mbs < num_microbatches
+        rows.append((kinds[keep], stages[keep], mbs[keep]))
+    return v_placement(num_ranks, 2), rows
+
+
+def _naive(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    m = num_microbatches
+    every = np.arange(m)
+    return contiguous_placement(num_ranks), [
+        _blocks(np.tile([KIND_F, KIND_B], (m, 1)), np.full((m, 2), rank), np.stack([every, every], axis=1),
+                np.ones((m, 2), dtype=bool)) for rank in range(num_ranks)]
+
+
+class _DualPipeRank:
+    """`pipefold.schedule.families.dualpipe_v._RankBuilder` in integers: micro-batches numbered per
+    (stage, forward or backward) in emission order; a B and an I share the backward's counter."""
+
+    def __init__(self) -> None:
+        self.kinds: list[int] = []
+        self.stages: list[int] = []
+        self.microbatches: list[int] = []
+        self._next: dict[tuple[int, int], int] = {}
+        self._pending: deque[tuple[int, int]] = deque()
+
+    def _emit(self, kind: int, stage: int, microbatch: int) -> None:
+        self.kinds.append(kind)
+        self.stages.append(stage)
+        self.microbatches.append(microbatch)
+
+    def _take(self, kind: int, stage: int) -> int:
+        microbatch = self._next.get((kind, stage), 0)
+        self._next[(kind, stage)] = microbatch + 1
+        return microbatch
+
+    def forward(self, stage: int) -> None:
+        self._emit(KIND_F, stage, self._take(KIND_F, stage))
+
+    def backward(self, stage: int, split: bool) -> None:
+        microbatch = self._take(KIND_B, stage)
+        if split:
+            self._emit(KIND_I, stage, microbatch)
+            self._pending.append((stage, microbatch))
+        else:
+            self._emit(KIND_B, stage, microbatch)
+
+    def weight_if_pending(self) -> None:
+        if self._pending:
+            self._emit(KIND_W, *self._pending.popleft())
+
+
+def _dualpipe_v_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
+    """`pipefold.schedule.families.dualpipe_v._rank_order`, step for step."""
+    down, up = rank, 2 * num_ranks - 1 - rank
+    emit = _DualPipeRank()
+    for _ in range(2 * (num_ranks - rank - 1)):
+        emit.forward(down)
+    for _ in range(rank + 1):
+        emit.forward(down)
+        emit.forward(up)
+    for _ in range(num_ranks - rank - 1):
+        emit.backward(up, split=True)
+        emit.weight_if_pending()
+        emit.forward(up)
+    for _ in range(num_microbatches - 2 * num_ranks + rank + 1):
+        emit.forward(down)
+        emit.backward(up, split=False)
+        emit.forward(up)
+        emit.backward(down, split=False)
+    for _ in range(num_ranks - rank - 1):
+        emit.backward(up, split=False)
+        emit.forward(up)
+        emit.backward(down, split=False)
+    num_tail = rank + 1
+    split = False
+    for i in range(num_tail):
+        if i == num_tail // 2 and rank % 2 == 1:
+            split = True
+        emit.backward(up, split)
+        if i == num_tail // 2 and rank % 2 == 0:
+            split = True
+        emit.backward(down, split)
+    for _ in range(num_ranks - rank - 1):
+        emit.weight_if_pending()
+        emit.backward(down, split)
+    for _ in range(rank + 1):
+        emit.weight_if_pending()
+    return _row(emit.kinds, emit.stages, emit.microbatches)
+
+
+def _dualpipe_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    padded = max(num_microbatches, 2 * num_ranks)
+    rows = []
+    for rank in range(num_ranks):
+        kinds, stages, mbs = _dualpipe_v_row(num_ranks, padded, rank)
+        keep = mbs < num_microbatches
+        rows.append((kinds[keep], stages[keep], mbs[keep]))
+    return v_placement(num_ranks, 2), rows
+
+
+def _greedy_v(num_ranks: int, num_microbatches: int, cap: int) -> list[Row]:
+    """`pipefold.schedule.families._v_greedy.greedy_v_rows` in integers (the same policy, step for step)."""
+    if cap < 2:
+        raise ScheduleError(
+            f"a V schedule needs a memory cap of at least 2 stage-chunks (one micro-batch's "
+            f"down and up chunk); got cap={cap}"
+        )
+    num_stages = 2 * num_ranks
+    num_mb = num_microbatches
+    never = 1 << 62
+    f_done = [never] * (num_stages * num_mb)
+    i_done = [never] * (num_stages * num_mb)
+    kinds: list[list[int]] = [[] for _ in range(num_ranks)]
+    stages: list[list[int]] = [[] for _ in range(num_ranks)]
+    mbs: list[list[int]] = [[] for _ in range(num_ranks)]
+    next_f = [0] * num_stages
+    next_i = [0] * num_stages
+    pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(num_ranks)]
+    held = [0] * num_ranks
+    reserved = [0] * num_ranks
+    remaining = 3 * num_stages * num_microbatches
+    last = num_stages - 1
+
+    now = 0
+    last_busy = 0
+    while remaining:
+        if now > last_busy + 1:
+            raise ScheduleError(f"greedy V scheduler stalled at time {now} with cap={cap}")
+        for rank in range(num_ranks):
+            down, up = rank, last - rank
+            mb_down, mb_up = next_i[down], next_i[up]
+            # Whether each stage's next input-gradient backward has its forward and the gradient
+            # from the stage above (`input_grad_ready` of the generator, inlined: it ran millions of times).
+            ready_down = mb_down < num_mb and f_done[down * num_mb + mb_down] <= now and (
+                i_done[(down + 1) * num_mb + mb_down] <= now)
+            ready_up = mb_up < num_mb and f_done[up * num_mb + mb_up] <= now and (
+                up == last or i_done[(up + 1) * num_mb + mb_up] <= now)
+            if ready_down or ready_up:
+                stage = down if ready_down and (not ready_up or mb_down < mb_up) else up
+                mb = mb_down if stage == down else mb_up
+                kinds[rank].append(KIND_I)
+                stages[rank].append(stage)
+                mbs[rank].append(mb)
+                i_done[stage * num_mb + mb] = now + 1
+                next_i[stage] += 1
+                pending_w[rank].append((stage, mb))
+            else:
+                mb = next_f[up]
+                if mb < num_mb and f_done[(up - 1) * num_mb + mb] <= now:
+                    stage = up
+                else:
+                    mb = next_f[down]
+                    if mb < num_mb and (down == 0 or f_done[(down - 1) * num_mb + mb] <= now) and (
+                        held[rank] + reserved[rank] + 2 <= cap
+                    ):
+                        stage = down
+                    elif pending_w[rank]:
+                        w_stage, w_mb = pending_w[rank].popleft()
+                        kinds[rank].append(KIND_W)
+                        stages[rank].append(w_stage)
+                        mbs[rank].append(w_mb)
+                        held[rank] -= 1
+                        last_busy = now + 1
+                        remaining -= 1
+                        continue
+                    else:
+                        continue
+                kinds[rank].append(KIND_F)
+                stages[rank].append(stage)
+                mbs[rank].append(mb)
+                f_done[stage * num_mb + mb] = now + 1
+                next_f[stage] += 1
+                held[rank] += 1
+                reserved[rank] += 1 if stage == down else -1
+            last_busy = now + 1
+            remaining -= 1
+        now += 1
+    return [_row(kinds[r], stages[r], mbs[r]) for r in range(num_ranks)]
+
+
+def _v_min(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    return v_placement(num_ranks, 2), _greedy_v(num_ranks, num_microbatches, v_min_cap(num_ranks))
+
+
+def _v_half(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+    return v_placement(num_ranks, 2), _greedy_v(num_ranks, num_microbatches, v_half_cap(num_ranks))
+
+
+_GENERATORS: dict[str, Callable[[int, int, int], tuple[tuple[int, ...], list[Row]]]] = {
+    "1f1b": _one_f_one_b,
+    "interleaved-1f1b": _interleaved,
+    "gpipe": _gpipe,
+    "looped-bfs": _looped_bfs,
+    "zb-h1": _zb_h1,
+    "zb-h2": _zb_h2,
+    "zb-v": _zb_v,
+    "v-min": _v_min,
+    "v-half": _v_half,
+    "naive": _naive,
+    "dualpipe-v": _dualpipe_v,
+}
+"""The flush families generated here; `family(name).check` has refused bad sizes before."""
+
+
+def fast_order(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Order | None:
+    """The family's order generated as arrays; None for a family without a generator here."""
+    generate = _GENERATORS.get(name)
+    if generate is None:
+        return None
+    placement, rows = generate(num_ranks, num_microbatches, num_virtual)
+    return Order(name, num_ranks, len(placement), num_microbatches, placement, tuple(rows))
+
+
+def fast_families() -> tuple[str, ...]:
+    """The families `fast_order` generates."""
+    return tuple(_GENERATORS)
+
