@@ -185,7 +185,8 @@ def test_pure_bf16_with_zero1_or_full_sharding_is_accepted(zero):
 
 
 @pytest.mark.parametrize(
-    "schedule", [{"schedule.name": "pipedream"}, {"schedule.name": "pipedream-2bw", "schedule.streaming": True}]
+    "schedule",
+    [{"schedule.name": "pipedream"}, {"schedule.name": "pipedream-2bw", "schedule.streaming": True}],
 )
 def test_pure_bf16_with_an_asynchronous_schedule_is_accepted(schedule):
     """Each stage's AdamW keeps the fp32 masters (`job.setup._adamw`); tied embedding included."""

@@ -101,7 +101,8 @@ def test_every_refusal_names_field_value_and_fix(fields, words):
         # ... and with full sharding: bf16 shards reduce-scattered in fp32, masters per shard.
         {"dp": 2, "shard": "full", "precision": "bf16-pure", "weight_update": "flush", "tied_layers": True},
         # ... and asynchronous: each stage's optimizer keeps the masters, per-update sums in fp32.
-        {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash", "dp": 2, "tied_layers": True},
+        {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash", "dp": 2,
+         "tied_layers": True},
         {"precision": "bf16-pure", "schedule": "pipedream-2bw", "weight_update": "double_buffer", "dp": 2},
     ],
 )

@@ -229,6 +229,6 @@ def check_stashable(optimizer: OptimizerFactory, schedule_name: str, *, masters:
         raise ConfigError(
             f"{where} returned a {type(built).__name__}, which would step the bf16 weights of "
             "RuntimeOptions(precision='bf16-pure') in bf16; give one that keeps fp32 master weights: "
-            f"lambda params: fp32_master_weights(torch.optim.{type(built).__name__})(params, ...) "
+            f"lambda params: fp32_master_weights({type(built).__name__})(params, ...) "
             "(pipefold.runtime.fp32_master_weights)"
         )

@@ -75,7 +75,8 @@ def test_a_bf16_pure_stream_keeps_bf16_weights_and_fp32_masters_in_its_checkpoin
     per-update exactness: tests/runtime/test_runtime_exact.py, bf16 weights streaming)."""
     out = tmp_path / "pure"
     code = main([
-        "train", *TINY, "--precision", "bf16-pure", "--steps", "2", "--checkpoint-every", "2", "--eval-every", "0", "--out", str(out),
+        "train", *TINY, "--precision", "bf16-pure", "--steps", "2", "--checkpoint-every", "2",
+        "--eval-every", "0", "--out", str(out),
     ])
     assert code == 0, capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -85,5 +86,6 @@ def test_a_bf16_pure_stream_keeps_bf16_weights_and_fp32_masters_in_its_checkpoin
     state = meta["optimizer"]["state"]
     assert set(state) == set(meta["model"])
     for name, entry in state.items():
-        assert entry["master"]["dtype"] == "float32" and entry["master"]["shape"] == meta["model"][name]["shape"]
+        master = entry["master"]
+        assert master["dtype"] == "float32" and master["shape"] == meta["model"][name]["shape"], name
         assert entry["exp_avg"]["dtype"] == "float32", name

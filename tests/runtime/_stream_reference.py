@@ -83,7 +83,10 @@ def emulate(
             holders.setdefault(n, []).append(s)
     params = dict(reference.named_parameters())
     # The masters start from the weights as the stages hold them (rounded to bf16).
-    start = {n: p.detach().clone() if weight_dtype is None else p.detach().to(weight_dtype).float() for n, p in params.items()}
+    start = {
+        n: p.detach().clone() if weight_dtype is None else p.detach().to(weight_dtype).float()
+        for n, p in params.items()
+    }
     live = [{n: start[n].clone() for n in names[s]} for s in range(num_stages)]
     versions = [[{n: as_used(v) for n, v in live[s].items()}] for s in range(num_stages)]
     summed = [{n: torch.zeros_like(v) for n, v in live[s].items()} for s in range(num_stages)]
@@ -108,7 +111,9 @@ def emulate(
             weights = {n: versions[s][version][n].clone().requires_grad_() for n in names[s]}
             x = chunks[r][k][0][j] if s == 0 else _detached(outputs_of[(r, s - 1, i)])
             value = x
-            with torch.autocast("cpu", dtype=weight_dtype or torch.bfloat16, enabled=weight_dtype is not None):
+            pure = weight_dtype is not None
+            autocast = torch.autocast("cpu", dtype=weight_dtype or torch.bfloat16, enabled=pure)
+            with autocast:
                 for index in stage_layers[s]:
                     local = {own: weights[full] for own, full in local_names[index]}
                     layer, fn = reference[index], forward_fns[index]
@@ -118,7 +123,8 @@ def emulate(
                         value = _call_with(layer, local, fn, value)
             if weight_dtype is not None:
                 last = s == num_stages - 1
-                value = cast_floating(value, *((weight_dtype, torch.float32) if last else (torch.float32, weight_dtype)))
+                source, target = (weight_dtype, torch.float32) if last else (torch.float32, weight_dtype)
+                value = cast_floating(value, source, target)
             if s == num_stages - 1:
                 y = chunks[r][k][1][j]
                 value = loss_fn(value, y) * (y.shape[0] / rows)

@@ -308,7 +308,7 @@ def test_pure_bf16_asynchronous_optimizers_must_keep_fp32_masters():
             parallel=ParallelOptions(optimizer=factory), runtime=RuntimeOptions(precision="bf16-pure"),
         )
 
-    with pytest.raises(ConfigError, match=r"ParallelOptions.optimizer.*SGD.*fp32_master_weights\(torch.optim.SGD\)"):
+    with pytest.raises(ConfigError, match=r"ParallelOptions.optimizer.*SGD.*fp32_master_weights\(SGD\)"):
         build(lambda params: torch.optim.SGD(params, lr=0.1))
     pipe = build(lambda params: fp32_master_weights(torch.optim.SGD)(params, lr=0.1))
     inputs, targets = _batch("mlp", 4, seed=0)

@@ -197,7 +197,8 @@ def test_streaming_bf16_weights_two_replicas_and_a_tied_embedding(pool4):
     )
     assert all(r["losses"] == results[0]["losses"] for r in results)
     for result in results:
-        assert "torch.bfloat16" not in result["reduced"] and "torch.float32" in result["reduced"], result["reduced"]
+        reduced = result["reduced"]
+        assert "torch.bfloat16" not in reduced and "torch.float32" in reduced, reduced
     assert all(r["other_rule_differs"] for r in results)
 
 
