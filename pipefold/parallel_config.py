@@ -67,7 +67,7 @@ class ParallelConfig:
     state), "zero1" (the same as `zero`) or "full" (weights, gradients and optimizer state,
     FSDP2 per stage)."""
     precision: str = "fp32"
-    """The compute precision: "fp32", "bf16" or "fp16"."""
+    """The compute precision: "fp32", "bf16", "fp16" or "bf16-pure" (allowed with every layout)."""
     shared_parameters: bool = False
     """Whether some parameter is held by several layers (tied by sharing, not `TiedLayerSpec`)."""
     tied_layers: bool = False
@@ -122,7 +122,6 @@ class _Rules:
         self.zero()
         self.full_shard()
         self.tensor_parallel()
-        self.pure_precision()
         self.adaptive()
 
     def degrees(self) -> None:
@@ -221,24 +220,6 @@ class _Rules:
                 "shard",
                 f"full sharding already shards the optimizer state (an optimizer over the pipeline's "
                 f"parameters holds 1/dp of it); drop {n('zero')} {keep}",
-            )
-
-    def pure_precision(self) -> None:
-        """bf16 weights with fp32 master copies in the optimizer, stepped after the step on whole
-        (or tensor-parallel) parameters: replicas all-reduce the bf16 gradients in fp32; under
-        ZeRO-1 each replica keeps the masters of its own share of the parameters; under full
-        sharding the weights are bf16 shards, reduce-scattered in fp32, each rank keeping the
-        masters of its shards."""
-        c, n = self.c, self.name
-        if c.precision != "bf16-pure":
-            return
-        instead = f'use {n("precision")}="bf16" (fp32 weights) otherwise'
-        if c.asynchronous:
-            self.refuse(
-                "precision",
-                f"{n('schedule')}={c.schedule!r} steps its own optimizers inside the step, without fp32 "
-                "master weights, and sums each update's gradients over replicas and tied owners in "
-                f"bf16 (not built for bf16 weights, streamed or not); use a flush schedule, or {instead}",
             )
 
     def adaptive(self) -> None:

@@ -125,8 +125,6 @@ BAD = [
     ({"compile": True, "schedule.tensor_parallel": 2}, "compile=True"),
     ({"precision": "fp16", "loss_scale": 0.0}, "loss_scale=0.0"),
     ({"precision": "fp16", "schedule.name": "pipedream", "model.tie_embeddings": False}, "precision='fp16'"),
-    ({"precision": "bf16-pure", "schedule.name": "pipedream", "model.tie_embeddings": False},
-     "precision='bf16-pure'"),
     ({"nope": 1}, "nope"),
     ({"model.nope": 1}, "model.nope"),
     ({"nope.x": 1}, "nope.x"),
@@ -184,6 +182,17 @@ def test_pure_bf16_with_zero1_or_full_sharding_is_accepted(zero):
     overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **zero}
     config = load_config(overrides=overrides)
     assert config.precision == "bf16-pure" and config.schedule.data_parallel == 2
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"schedule.name": "pipedream"}, {"schedule.name": "pipedream-2bw", "schedule.streaming": True}],
+)
+def test_pure_bf16_with_an_asynchronous_schedule_is_accepted(schedule):
+    """Each stage's AdamW keeps the fp32 masters (`job.setup._adamw`); tied embedding included."""
+    overrides = {"precision": "bf16-pure", "schedule.data_parallel": 2, "batch_size": 16, **schedule}
+    config = load_config(overrides=overrides)
+    assert config.compute_precision == "bf16-pure" and config.schedule.name == schedule["schedule.name"]
 
 
 def test_the_documented_toml_layout_is_the_defaults():

@@ -73,10 +73,6 @@ ASYNC = {"schedule": "pipedream", "weight_update": "stash"}
             "shard='full' is not allowed: full sharding splits each stage",
         ),
         ({"shard": "full", "dp": 2, "zero": True}, "full sharding already shards the optimizer state"),
-        (
-            {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash"},
-            "steps its own optimizers inside the step, without fp32 master weights",
-        ),
     ],
 )
 def test_every_refusal_names_field_value_and_fix(fields, words):
@@ -104,6 +100,10 @@ def test_every_refusal_names_field_value_and_fix(fields, words):
         {"dp": 2, "shard": "zero1", "precision": "bf16-pure", "weight_update": "flush"},
         # ... and with full sharding: bf16 shards reduce-scattered in fp32, masters per shard.
         {"dp": 2, "shard": "full", "precision": "bf16-pure", "weight_update": "flush", "tied_layers": True},
+        # ... and asynchronous: each stage's optimizer keeps the masters, per-update sums in fp32.
+        {"precision": "bf16-pure", "schedule": "pipedream", "weight_update": "stash", "dp": 2,
+         "tied_layers": True},
+        {"precision": "bf16-pure", "schedule": "pipedream-2bw", "weight_update": "double_buffer", "dp": 2},
     ],
 )
 def test_legal_configurations_pass(fields):

@@ -205,8 +205,9 @@ class TrainConfig:
     """"fp32", "bf16" or "fp16": each stage computes under autocast in that dtype with fp32
     weights and optimizer state, and boundary tensors travel in it (docs/training.md).
     "bf16-pure": as bf16, with the weights and gradients held in bf16 on the stages and fp32
-    master copies in the optimizer step (flush schedules; with optimizer.zero each replica keeps
-    the masters of its own share; with schedule.shard = "full" of its own shards). "auto": bf16
+    master copies in the optimizer step (with optimizer.zero each replica keeps the masters of
+    its own share; with schedule.shard = "full" of its own shards; with an asynchronous schedule
+    each stage's optimizer keeps its stage's). "auto": bf16
     where it is measured not slower than fp32, else fp32 (`compute_precision`)."""
     loss_scale: float = 65536.0
     """fp16's initial dynamic loss scale; a step that overflows on any rank is skipped on every

@@ -13,7 +13,9 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, Partition, partition, tied_groups
 from pipefold.parallel_config import ParallelConfig
+from pipefold.runtime.master import keeps_fp32_masters
 from pipefold.runtime.options import (
+    PURE_PRECISIONS,
     LayoutOptions,
     OptimizerFactory,
     ParallelOptions,
@@ -185,15 +187,16 @@ def check_optimizer(schedule: Schedule, runtime: RuntimeOptions, optimizer: Opti
             "parallel=ParallelOptions(optimizer=lambda params: torch.optim.SGD(params, lr=...)) "
             "(a factory)"
         )
-    check_stashable(optimizer, name)
+    check_stashable(optimizer, name, masters=runtime.precision in PURE_PRECISIONS)
 
 
-def check_stashable(optimizer: OptimizerFactory, schedule_name: str) -> None:
+def check_stashable(optimizer: OptimizerFactory, schedule_name: str, *, masters: bool = False) -> None:
     """Refuse a factory whose optimizer a stage's weight stash cannot step: it is called once on
     a probe parameter (cheap, before any rank communicates). The stash calls `step()` with no
     closure at each STEP, on exactly the parameters it passed, and moves their storage between
     versions, so the optimizer must be a `torch.optim.Optimizer` over those parameters that
-    steps without a closure."""
+    steps without a closure. `masters` (bf16 weights, `precision="bf16-pure"`): it must keep
+    fp32 master copies (`fp32_master_weights`), or the updates would round into bf16."""
     probe = nn.Parameter(torch.zeros(1))
     where = f"ParallelOptions.optimizer (schedule {schedule_name!r} steps it inside the pipeline)"
     try:
@@ -221,4 +224,11 @@ def check_stashable(optimizer: OptimizerFactory, schedule_name: str) -> None:
             "it was given: the stage's stash would not update its weights; build it from the "
             "factory's argument (lambda params: torch.optim.SGD(params, lr=...)), not from "
             "model.parameters()"
+        )
+    if masters and not keeps_fp32_masters(built):
+        raise ConfigError(
+            f"{where} returned a {type(built).__name__}, which would step the bf16 weights of "
+            "RuntimeOptions(precision='bf16-pure') in bf16; give one that keeps fp32 master weights: "
+            f"lambda params: fp32_master_weights({type(built).__name__})(params, ...) "
+            "(pipefold.runtime.fp32_master_weights)"
         )

@@ -12,6 +12,10 @@ therefore accumulate in the master instead of rounding away. fp32 parameters are
 `cls` steps them. Tensor-parallel (DTensor) parameters work alike: the master is a DTensor of
 the parameter's layout, so each rank keeps the fp32 copy of its own shard. The parameter
 groups, hyperparameters and learning-rate schedulers are `cls`'s.
+
+Asynchronous schedules (PipeDream, 2BW) step each stage's optimizer inside the step; with bf16
+weights their factory must build such an optimizer (`keeps_fp32_masters` checks it):
+`ParallelOptions(optimizer=lambda params: fp32_master_weights(torch.optim.SGD)(params, lr=0.1))`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["MASTER_KEY", "fp32_master_weights"]
+__all__ = ["MASTER_KEY", "fp32_master_weights", "keeps_fp32_masters"]
 
 MASTER_KEY = "master"
 """The optimizer-state key of a 16-bit parameter's fp32 master copy."""
@@ -29,6 +33,11 @@ MASTER_KEY = "master"
 OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 _CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def keeps_fp32_masters(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` is an instance of a class `fp32_master_weights` made (or of a subclass)."""
+    return isinstance(optimizer, tuple(_CLASSES.values()))
 
 
 def fp32_master_weights(optimizer_class: type[OptimizerT]) -> type[OptimizerT]:

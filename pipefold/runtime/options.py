@@ -187,8 +187,11 @@ class RuntimeOptions:
       function its output in fp32 (docs/training.md, "Mixed precision"). "bf16-pure" also holds
       the stages' floating weights, buffers and gradients in bf16: step them with an optimizer
       that keeps fp32 master copies and fp32 state (`fp32_master_weights(torch.optim.AdamW)`);
-      flush schedules; replicas all-reduce its gradients in fp32; with ZeRO-1 shard that
-      optimizer (`sharded_optimizer`); not with full sharding.
+      replicas all-reduce its gradients in fp32; with ZeRO-1 shard that optimizer
+      (`sharded_optimizer`); with full sharding each rank keeps the masters of its shards;
+      asynchronous schedules take such an optimizer as their factory's
+      (`ParallelOptions(optimizer=lambda ps: fp32_master_weights(torch.optim.SGD)(ps, lr=0.1))`)
+      and sum each update's gradients over replicas and tied owners in fp32.
     - `loss_scale`: fp16's initial dynamic loss scale (e.g. 2.0**16), required by fp16 and
       refused by the others; see pipefold/runtime/loss_scale.py (`pipe.loss_scale.skipped`).
     - `loss_scale_growth_interval`: clean steps after which the scale doubles.

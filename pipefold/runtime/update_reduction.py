@@ -12,6 +12,10 @@ gradient of that update is first
 - then summed over the data-parallel replicas, each weighted by its share of the rows (every
   replica applies the same update: the gradient of the global batch's mean loss).
 
+Both sums run in fp32 for bf16 weights (`precision="bf16-pure"`), as the flush schedules'
+data-parallel all-reduce does (`data_parallel.reduce_dtype`), and round once into bf16 before
+the stage's optimizer steps its fp32 masters.
+
     groups = owner_groups(tied, dims)  # at construction; every rank of the world calls it
     reduction = UpdateReduction.of(stages, tied, schedule, rank, data_parallel_group, watchdog,
                                    groups=groups)
@@ -34,6 +38,7 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PipelineError
 from pipefold.runtime.failure import Watchdog
+from pipefold.runtime.parallel.data_parallel import reduce_dtype
 from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.parallel.tensor_parallel import local
 from pipefold.runtime.tied import TiedGradients, laid_out_as
@@ -139,13 +144,15 @@ class UpdateReduction:
         if not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(self._weight)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flat.to(reduce_dtype(flat.dtype)).mul_(self._weight)
         work = dist.all_reduce(flat, group=self._group, async_op=True)
         if work is not None:
             self._watchdog.wait(work, what=f"data-parallel all-reduce of stage {stage}'s update", peer=None)
         offset = 0
         for param in params:
-            param.grad = flat[offset : offset + param.numel()].view_as(param)
+            # bf16 weights: the fp32 sum rounds once, into the gradient's dtype.
+            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype)
             offset += param.numel()
 
 
@@ -158,14 +165,15 @@ class UpdateReduction:
         for param in params:
             # A tensor-parallel weight (split by vocabulary) sums this rank's rows: every owner
             # of the same tp rank holds the same rows.
-            grad = local(param.grad).clone() if param.grad is not None else torch.zeros_like(local(param))
-            summed.append(grad.contiguous())
+            grad = local(param.grad) if param.grad is not None else torch.zeros_like(local(param))
+            # A copy (the all-reduce writes into it), in fp32 for bf16 weights.
+            summed.append(grad.to(reduce_dtype(grad.dtype), copy=True).contiguous())
             works.append(dist.all_reduce(summed[-1], group=group, async_op=True))
         for work in works:
             if work is not None:
                 self._watchdog.wait(work, what=f"tied-gradient sum of stage {stage}'s update", peer=None)
         for param, grad in zip(params, summed, strict=True):
-            param.grad = laid_out_as(param, grad)
+            param.grad = laid_out_as(param, grad.to(local(param).dtype))
 
 
 def _check_steps_pair_up(schedule: Schedule, owners: Sequence[int], stage: int) -> None:

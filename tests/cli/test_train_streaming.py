@@ -65,3 +65,27 @@ def test_a_streaming_run_resumed_at_its_checkpoint_goes_on_as_the_uninterrupted_
     resumed = run("resumed", "--steps", "4", "--resume", str(tmp_path / "first" / "checkpoint"))
     assert resumed["start_step"] == 2
     assert resumed["losses"] == straight["losses"][2:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(200)
+def test_a_bf16_pure_stream_keeps_bf16_weights_and_fp32_masters_in_its_checkpoint(tmp_path, capfd):
+    """`--precision bf16-pure --streaming` (2 ranks, 2 steps): the stages' weights are bf16 and
+    each stage's AdamW keeps an fp32 master of every one of them, as its checkpoint records (the
+    per-update exactness: tests/runtime/test_runtime_exact.py, bf16 weights streaming)."""
+    out = tmp_path / "pure"
+    code = main([
+        "train", *TINY, "--precision", "bf16-pure", "--steps", "2", "--checkpoint-every", "2",
+        "--eval-every", "0", "--out", str(out),
+    ])
+    assert code == 0, capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["losses"]) == 2 and all(loss == loss for loss in summary["losses"])
+    meta = json.loads((out / "checkpoint" / "pipefold.json").read_text())
+    assert {entry["dtype"] for entry in meta["model"].values()} == {"bfloat16"}
+    state = meta["optimizer"]["state"]
+    assert set(state) == set(meta["model"])
+    for name, entry in state.items():
+        master = entry["master"]
+        assert master["dtype"] == "float32" and master["shape"] == meta["model"][name]["shape"], name
+        assert entry["exp_avg"]["dtype"] == "float32", name

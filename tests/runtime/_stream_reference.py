@@ -15,6 +15,11 @@ tied weight, and its update n applies the sum of every holder's gradient of its 
 (a holder's STEP waits until every holder has reached the same STEP), so the copies agree
 version by version. Data parallelism: `batches` holds one list of steps per replica; every
 replica runs on the same weights, and each update applies the replicas' mean gradient.
+
+`weight_dtype=torch.bfloat16` (`precision="bf16-pure"`): the weights kept and updated are fp32
+masters; every version a forward uses is the masters rounded to bf16, each stage runs under
+bf16 autocast, a stage's fp32 outputs cross to the next in bf16 and the last stage's output
+reaches the loss in fp32 (the runtime's casts); gradients are summed in fp32.
 """
 
 from __future__ import annotations
@@ -50,8 +55,15 @@ def emulate(
     batches: Sequence[Sequence[tuple[Tensor, Tensor]]],
     loss_fn: Callable[[Any, Tensor], Tensor],
     lr: float,
+    weight_dtype: torch.dtype | None = None,
 ) -> tuple[list[list[dict[str, Tensor]]], list[float]]:
-    """`batches[replica][step]` is that replica's (inputs, targets) of the step."""
+    """`batches[replica][step]` is that replica's (inputs, targets) of the step. Returns the
+    weights (fp32 masters under `weight_dtype`) after every update of every stage."""
+    from pipefold.runtime.stage import cast_floating
+
+    def as_used(value: Tensor) -> Tensor:  # the weight version a forward computes with
+        return value.clone() if weight_dtype is None else value.to(weight_dtype)
+
     num_stages = len(stage_layers)
     num_replicas = len(batches)
     m = schedule.num_microbatches // num_steps
@@ -70,8 +82,13 @@ def emulate(
         for n in names[s]:
             holders.setdefault(n, []).append(s)
     params = dict(reference.named_parameters())
-    live = [{n: params[n].detach().clone() for n in names[s]} for s in range(num_stages)]
-    versions = [[{n: v.clone() for n, v in live[s].items()}] for s in range(num_stages)]
+    # The masters start from the weights as the stages hold them (rounded to bf16).
+    start = {
+        n: p.detach().clone() if weight_dtype is None else p.detach().to(weight_dtype).float()
+        for n, p in params.items()
+    }
+    live = [{n: start[n].clone() for n in names[s]} for s in range(num_stages)]
+    versions = [[{n: as_used(v) for n, v in live[s].items()}] for s in range(num_stages)]
     summed = [{n: torch.zeros_like(v) for n, v in live[s].items()} for s in range(num_stages)]
     history: list[list[dict[str, Tensor]]] = [[] for _ in range(num_stages)]
     updates_done = [0] * num_stages
@@ -94,13 +111,20 @@ def emulate(
             weights = {n: versions[s][version][n].clone().requires_grad_() for n in names[s]}
             x = chunks[r][k][0][j] if s == 0 else _detached(outputs_of[(r, s - 1, i)])
             value = x
-            for index in stage_layers[s]:
-                local = {own: weights[full] for own, full in local_names[index]}
-                layer, fn = reference[index], forward_fns[index]
-                if fn is None:
-                    value = torch.func.functional_call(layer, local, (value,))
-                else:
-                    value = _call_with(layer, local, fn, value)
+            pure = weight_dtype is not None
+            autocast = torch.autocast("cpu", dtype=weight_dtype or torch.bfloat16, enabled=pure)
+            with autocast:
+                for index in stage_layers[s]:
+                    local = {own: weights[full] for own, full in local_names[index]}
+                    layer, fn = reference[index], forward_fns[index]
+                    if fn is None:
+                        value = torch.func.functional_call(layer, local, (value,))
+                    else:
+                        value = _call_with(layer, local, fn, value)
+            if weight_dtype is not None:
+                last = s == num_stages - 1
+                source, target = (weight_dtype, torch.float32) if last else (torch.float32, weight_dtype)
+                value = cast_floating(value, source, target)
             if s == num_stages - 1:
                 y = chunks[r][k][1][j]
                 value = loss_fn(value, y) * (y.shape[0] / rows)
@@ -118,7 +142,7 @@ def emulate(
             grads = torch.autograd.grad(outputs, wrt, grad_outputs=grad, allow_unused=True)
             for n, g in zip(weights, grads, strict=False):
                 if g is not None:
-                    summed[s][n] += g / num_replicas
+                    summed[s][n] += g.float() / num_replicas
             if s > 0:
                 grad_in[(r, s, i)] = tuple(grads[len(weights) :])
 
@@ -139,7 +163,7 @@ def emulate(
             live[s][n] = live[s][n] - lr * gradient
             summed[s][n].zero_()
         updates_done[s] += 1
-        versions[s].append({n: v.clone() for n, v in live[s].items()})
+        versions[s].append({n: as_used(v) for n, v in live[s].items()})
         history[s].append({n: v.clone() for n, v in live[s].items()})
 
     def ready(op: Op, s: int, i: int) -> bool:

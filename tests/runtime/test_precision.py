@@ -16,7 +16,7 @@ from test_training import BF16_RTOL, _autocast_forward
 from pipefold.errors import ConfigError
 from pipefold.model import TensorMeta, build_reference
 from pipefold.plan import gpt_costs
-from pipefold.runtime import LayoutOptions, Pipeline, RuntimeOptions
+from pipefold.runtime import LayoutOptions, ParallelOptions, Pipeline, RuntimeOptions
 from pipefold.runtime.loss_scale import DynamicLossScale
 from pipefold.runtime.stage import cast_floating
 
@@ -297,12 +297,25 @@ def test_pure_bf16_weights_train_like_fp32_master_weights(tmp_path):
         assert losses[str(id(resumed))] == losses[str(id(pipes["bf16-pure"]))]
 
 
-def test_pure_bf16_is_refused_where_it_is_not_supported():
-    with pytest.raises(ConfigError, match="bf16-pure.*flush schedule"):
-        Pipeline(
+def test_pure_bf16_asynchronous_optimizers_must_keep_fp32_masters():
+    """An asynchronous schedule steps its stages' optimizers itself: under bf16-pure the factory
+    must build one that keeps fp32 masters (streamed runs: tests/runtime/test_runtime_exact.py)."""
+    from pipefold.runtime import fp32_master_weights
+
+    def build(factory):
+        return Pipeline(
             mlp(4), loss_fn=_loss_fn("mlp"), schedule="pipedream", num_microbatches=2,
-            runtime=RuntimeOptions(precision="bf16-pure"),
+            parallel=ParallelOptions(optimizer=factory), runtime=RuntimeOptions(precision="bf16-pure"),
         )
+
+    with pytest.raises(ConfigError, match=r"ParallelOptions.optimizer.*SGD.*fp32_master_weights\(SGD\)"):
+        build(lambda params: torch.optim.SGD(params, lr=0.1))
+    pipe = build(lambda params: fp32_master_weights(torch.optim.SGD)(params, lr=0.1))
+    inputs, targets = _batch("mlp", 4, seed=0)
+    pipe.step(inputs, targets)
+    stash = pipe.stages[0].stash
+    assert stash is not None and {p.dtype for p in stash.parameters} == {torch.bfloat16}
+    assert {entry["master"].dtype for entry in stash.optimizer.state.values()} == {torch.float32}
 
 
 def test_a_step_casts_each_weight_once_and_equals_casting_per_forward(monkeypatch):

@@ -173,6 +173,36 @@ def test_streaming_two_replicas_of_two_ranks_equal_the_emulation(pool4, schedule
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["pipedream", "pipedream-2bw"])
+def test_streaming_bf16_weights_with_fp32_masters_at_pp2(pool2, schedule):
+    """`precision="bf16-pure"` streaming: bf16 weights and weight versions, each stage's optimizer
+    stepping fp32 masters (`fp32_master_weights`), equal to the emulation with fp32 masters
+    (`_cases._check_pure`: every update's change of every master, the bf16 weights the masters
+    rounded, the losses)."""
+    results = pool2.run(
+        "streaming", schedule=schedule, num_microbatches=4, steps=3, model="mlp", precision="bf16-pure"
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert all(r["other_rule_differs"] for r in results)
+
+
+@pytest.mark.multiprocess
+def test_streaming_bf16_weights_two_replicas_and_a_tied_embedding(pool4):
+    """bf16-pure at dp2 x pp2 with the embedding tied to the head across the pipeline's ranks:
+    each update's gradient summed over the tied owners and the replicas in fp32 (no bf16
+    all-reduce), equal to the emulation with fp32 masters."""
+    results = pool4.run(
+        "streaming", schedule="pipedream", num_microbatches=2, steps=3, model="transformer", mesh=(2, 2),
+        precision="bf16-pure",
+    )
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    for result in results:
+        reduced = result["reduced"]
+        assert "torch.bfloat16" not in reduced and "torch.float32" in reduced, reduced
+    assert all(r["other_rule_differs"] for r in results)
+
+
+@pytest.mark.multiprocess
 def test_hugging_face_gpt2_cut_at_named_points_over_four_ranks(pool4):
     """`split_points` on a Hugging Face GPT-2 of 3 blocks, cut before block 1, inside block 2 and
     before the final norm (4 graph pieces, one per stage; one process checks Llama's too, in
