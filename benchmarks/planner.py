@@ -81,7 +81,7 @@ def _label(entry: dict[str, Any]) -> str:
 def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "train", "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--out", str(out), "--device", args.device, "--set", "sample_tokens=0",
-               "--set", "eval_every=0", *extra]
+               "--set", "eval_every=0", "--precision", "fp32", *extra]  # the profile measures fp32
     subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     steps = summary["step_seconds"][args.warmup:]

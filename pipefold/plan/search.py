@@ -35,7 +35,7 @@ from pipefold.plan.orders import (
     family_placement,
     order_peaks,
 )
-from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor, rank_key
+from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import ORDER_SEARCH_MARGIN, OrderTarget, Refinement, refine_orders, searchable
 from pipefold.plan.result import Candidate, Plan, Verdict
@@ -45,9 +45,10 @@ from pipefold.plan.shard_search import (
     sharded_static_bytes,
     stage_ties,
 )
+from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
-from pipefold.plan.tensor import LinearCosts
+from pipefold.plan.tensor import LinearCosts, tensor_parallel_problem
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
 from pipefold.simulate import CostModel, Link
@@ -85,8 +86,8 @@ class _Search:
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
-        self._gathers_default: dict[tuple[Degree, Config], Record] = {}
-        """Full sharding: each configuration's default variant (not freed, no look-ahead)."""
+        self.variants = GatherVariants()
+        """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
         """Per searched degree, the families with no configuration there and why."""
         self.rejected: dict[tuple[int, int, int], str] = {}
@@ -244,36 +245,6 @@ class _Search:
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
 
-    def gathers_bound(self, record: Record, recompute: tuple[int, ...]) -> float:
-        """Full sharding: a lower bound on a free / look-ahead variant's step from its configuration's
-        default variant, once simulated: that step less the time its gathers left exposed (the
-        same schedule with instant gathers), which a look-ahead at best hides and freeing between
-        micro-batches only adds to, less every sharding action's overhead (a variant may move them
-        where the rank waits anyway). 0 where not known."""
-        config = record.config
-        if config.shard != "full" or (not config.free_between and not config.gather_lookahead):
-            return 0.0
-        default = self._gathers_default.get(
-            (record.degree, replace(config, free_between=False, gather_lookahead=0)))
-        if default is None or recompute not in default.tried or default.bounds != record.bounds:
-            return 0.0
-        found = default.tried[recompute]
-        model = self.model(record, recompute)
-        exposed = found.gather_exposed_s or 0.0  # (priced: `run` prices every default variant)
-        return found.step_time - exposed - 3 * model.num_stages * model.action_overhead
-
-    def dominated_look_ahead(self, record: Record, recompute: tuple[int, ...], bound: float) -> bool:
-        """Whether a look-ahead without freeing cannot rank ahead of its configuration's default
-        variant: its bound is in the default's time bucket (nothing left to hide) and it holds at
-        least as much (each stage gathered once, earlier)."""
-        config = record.config
-        if config.shard != "full" or config.free_between or not config.gather_lookahead:
-            return False
-        default = self._gathers_default.get((record.degree, replace(config, gather_lookahead=0)))
-        if default is None or recompute not in default.tried:
-            return False
-        return bound >= bucket_floor(default.tried[recompute].step_time)
-
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
         config, pp = record.config, record.degree.num_ranks
@@ -293,7 +264,7 @@ class _Search:
     def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate:
         if recompute not in record.tried:
             self.num_simulated += 1
-            # A default variant's exposed gather time bounds its siblings (`gathers_bound`); the
+            # A default variant's exposed gather time bounds its siblings (`GatherVariants.bound`); the
             # others' is priced only where shown (`price_exposures`): one more simulation each.
             config = record.config
             record.tried[recompute] = self.evaluate(record, recompute,
@@ -318,20 +289,6 @@ class _Search:
             gather_lookahead=record.config.gather_lookahead, price_exposure=price_exposure,
         )
 
-    def price_exposures(self, records: list[Record], wanted: list[Candidate]) -> dict[int, Candidate]:
-        """The `wanted` candidates whose gathers' exposed time is unpriced, evaluated again with it
-        (the records keep these): {id(unpriced): priced}."""
-        index = {id(c): (record, recompute) for record in records for recompute, c in record.tried.items()}
-        priced: dict[int, Candidate] = {}
-        for candidate in wanted:
-            known = candidate.gather_exposed_s is not None or id(candidate) in priced
-            if known or id(candidate) not in index:
-                continue
-            record, recompute = index[id(candidate)]
-            found = record.tried[recompute] = self.evaluate(record, recompute, True)
-            priced[id(candidate)] = found
-        return priced
-
     def keep(self, candidate: Candidate | None) -> None:
         if candidate is not None:
             self.top.append(candidate)
@@ -354,7 +311,7 @@ class _Search:
                     f"{self.costs.num_layers} layers (a stage holds at least one)"
                 )
             elif not self.costs.allows_tensor_parallel(tp):
-                self.rejected[(dp, pp, tp)] = f"tp={tp}: {_tensor_parallel_problem(self.costs)}"
+                self.rejected[(dp, pp, tp)] = f"tp={tp}: {tensor_parallel_problem(self.costs)}"
             else:
                 found.append(Degree(dp, pp, options.global_batch // dp, tp))
         return found
@@ -393,8 +350,7 @@ class _Search:
                         costs, model, placement, pp, degree.num_data_parallel, links.data_parallel,
                         config.shard == "zero1")
                 record = Record(degree, config, bounds, placement, self._syncs[sync_key], 0.0)
-                if config.shard == "full" and not config.free_between and not config.gather_lookahead:
-                    self._gathers_default[(degree, config)] = record
+                self.variants.add(record)
                 record.lower_bound = max(self.bound(record, ()), self.held_bound(record))
                 records.append(record)
         order = {name: index for index, name in enumerate(names())}
@@ -426,8 +382,9 @@ class _Search:
                                     config.num_virtual)
         first = everything if choice == "full" else ()
         # The record's bound holds for every recompute choice and knows the memory limit.
-        bound = max(self.bound(record, first), record.lower_bound, self.gathers_bound(record, first))
-        if bound > self.threshold or self.dominated_look_ahead(record, first, bound):
+        bound = max(self.bound(record, first), record.lower_bound,
+                    self.variants.bound(record, first, lambda: self.model(record, first)))
+        if bound > self.threshold or self.variants.dominated(record, first, bound):
             record.prune(bound)
             return
         memory = self.known_memory(record, first)
@@ -613,19 +570,6 @@ class _Search:
             self.run(record, ())
 
 
-def _tensor_parallel_problem(costs: ModelCosts) -> str:
-    """Why the model's costs allow no tp degree but 1, or which ones they allow."""
-    if not costs.splits:
-        return (
-            "no layer of the model's costs has a tensor-parallel share (LayerCost.tensor_parallel_share), "
-            "so nothing would split"
-        )
-    return (
-        "the model's split layers allow tp in "
-        f"{', '.join(map(str, costs.tensor_parallel_degrees))} (e.g. divisors of the head count)"
-    )
-
-
 def _splits_name(options: PlanOptions) -> str:
     return "dp x pp x tp" if options.searches_tensor_parallel else "dp x pp"
 
@@ -685,7 +629,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
         c for record in records for c in record.tried.values()
         if (record.degree.split + (record.config.schedule, record.config.num_virtual,
             record.config.num_microbatches, record.config.microbatch_rows, record.bounds)) == same)]
-    priced = search.price_exposures(records, shown)
+    priced = price_exposures(records, shown, search.evaluate)
     top = [priced.get(id(c), c) for c in top]
     if family_choice is not None:
         family_choice = priced.get(id(family_choice), family_choice)

@@ -17,6 +17,7 @@ __all__ = [
     "LinearCosts",
     "gpt_block_parameters",
     "split_costs",
+    "tensor_parallel_problem",
     "with_gpt_tensor_parallel",
 ]
 
@@ -140,3 +141,16 @@ class LinearCosts:
 
     def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
         return split_costs(self._costs, tensor_parallel, link, sequence_parallel=sequence_parallel)
+
+
+def tensor_parallel_problem(costs: ModelCosts) -> str:
+    """Why the model's costs allow no tp degree but 1, or which ones they allow."""
+    if not costs.splits:
+        return (
+            "no layer of the model's costs has a tensor-parallel share (LayerCost.tensor_parallel_share), "
+            "so nothing would split"
+        )
+    return (
+        "the model's split layers allow tp in "
+        f"{', '.join(map(str, costs.tensor_parallel_degrees))} (e.g. divisors of the head count)"
+    )

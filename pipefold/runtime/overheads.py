@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
+from pipefold.runtime.options import LayoutOptions
+from pipefold.runtime.pipeline import Pipeline
 
 __all__ = ["action_overhead", "update_seconds_per_byte"]
 
@@ -53,9 +55,6 @@ def action_overhead(
     device: torch.device | str = "cpu", *, num_microbatches: int = 32, num_repeats: int = 9
 ) -> float:
     """Seconds per compute action the runtime adds to the layers' own time, on `device`."""
-    from pipefold.runtime import Pipeline
-    from pipefold.runtime.options import LayoutOptions
-
     _check_repeats(num_repeats)
     where = torch.device(device)
     with torch.random.fork_rng(devices=[where.index or 0] if where.type == "cuda" else []):
