@@ -339,7 +339,7 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
                   "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
     words += ["--partition", ",".join(map(str, choice.partition.counts))]
     # The precision priced (a profile measures fp32), named: train's default "auto" may pick bf16.
-    words += ["--precision", getattr(args, "precision", None) or "fp32"]
+    words += ["--precision", args.precision or "fp32"]
     if choice.recompute:
         layers = ",".join(map(str, choice.recompute_layers))
         words += ["--set", f"recompute=[{layers}]"]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipefold.model import TensorMeta
+from pipefold.runtime.stage import flatten
 
 __all__ = ["ReceiveBuffers", "reusable"]
 
@@ -94,7 +95,7 @@ class ReceiveBuffers:
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
             return entry[1], entry[2]
         value = meta.empty(self._device)
-        buffers = (value,) if isinstance(value, Tensor) else tuple(value)
+        buffers = flatten(value)
         if self._reuse:
             self._inputs[stage][microbatch] = (meta, value, buffers)
         return value, buffers

@@ -75,7 +75,7 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     costs = gpt_costs(num_layers=2, d_model=32, num_heads=2, seq_len=32, vocab_size=256)
     result = plan(costs, PlanOptions(num_ranks=2, global_batch=4, schedules=("1f1b",), order_search_s=0))
     args = SimpleNamespace(model=None, costs=None, vocab_size=256, save_schedule=None, megatron=False,
-                           num_layers=2, d_model=32, num_heads=2, seq_len=32)
+                           num_layers=2, d_model=32, num_heads=2, seq_len=32, precision=None)
     assert not result.choice.recompute  # no stage recomputed: selective can stand alone
     selective = replace(result.choice, recompute_attention=True)
     command = train_command(args, SimpleNamespace(choice=selective, global_batch=result.global_batch,
