@@ -26,19 +26,21 @@ from pipefold.schedule.families.interleaved_1f1b import microbatch_groups
 from pipefold.schedule.families.v_half import memory_cap as v_half_cap
 from pipefold.schedule.families.v_min import memory_cap as v_min_cap
 from pipefold.schedule.ir import (
-    Op,
     Schedule,
     WeightUpdate,
     contiguous_placement,
     looped_placement,
     v_placement,
 )
+from pipefold.simulate.compiled import KINDS, rows_of
 
-__all__ = ["Order", "order_of", "fast_order", "fast_families", "KIND_F", "KIND_B", "KIND_I", "KIND_W", "KIND_STEP", "OP_OF_KIND"]
+__all__ = [
+    "Order", "order_of", "fast_order", "fast_families",
+    "KIND_F", "KIND_B", "KIND_I", "KIND_W", "KIND_STEP", "OP_OF_KIND",
+]
 
 KIND_F, KIND_B, KIND_I, KIND_W, KIND_STEP = range(5)
-OP_OF_KIND = (Op.F, Op.B, Op.I, Op.W, Op.STEP)
-_KIND_OF_OP = {op: kind for kind, op in enumerate(OP_OF_KIND)}
+OP_OF_KIND = KINDS
 
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 """One rank's order: kinds, stages, micro-batches (int64 arrays of one length)."""
@@ -67,18 +69,7 @@ class Order:
 
 def order_of(schedule: Schedule) -> Order:
     """`schedule`'s compute actions as an `Order`; refuses sharding actions."""
-    rows = []
-    for row in schedule.actions:
-        kinds = []
-        for action in row:
-            kind = _KIND_OF_OP.get(action.op)
-            if kind is None:
-                raise ScheduleError(
-                    f"{schedule.name or 'schedule'}: {action} is a sharding action; a compiled "
-                    "schedule times compute schedules only: use pipefold.simulate.simulate"
-                )
-            kinds.append(kind)
-        rows.append(_row(kinds, [a.stage for a in row], [a.microbatch for a in row]))
+    rows = [_row(*row) for row in rows_of(schedule)]
     return Order(schedule.name, schedule.num_ranks, schedule.num_stages, schedule.num_microbatches,
                  schedule.placement, tuple(rows), schedule.weight_update)
 

@@ -27,7 +27,7 @@ from pipefold.errors import ScheduleError
 from pipefold.schedule.ir import Op, Schedule
 from pipefold.simulate.costs import CostModel
 
-__all__ = ["CompiledSchedule", "CompiledRun", "KINDS", "Row"]
+__all__ = ["CompiledSchedule", "CompiledRun", "KINDS", "Row", "rows_of"]
 
 _F, _B, _I, _W, _STEP = range(5)
 KINDS = (Op.F, Op.B, Op.I, Op.W, Op.STEP)
@@ -71,7 +71,7 @@ class CompiledSchedule:
         (`KINDS` numbers the ops), where the caller has them without `Action` objects; `schedule`
         then needs only its header (its `actions` may be empty rows)."""
         if rows is None:
-            rows = _rows_of(schedule)
+            rows = rows_of(schedule)
         placement = np.asarray(schedule.placement, dtype=np.int64)
         num_stages = schedule.num_stages
         lengths = [len(row[0]) for row in rows]
@@ -307,7 +307,8 @@ class CompiledSchedule:
         return self._peaks(costs, None)
 
 
-def _rows_of(schedule: Schedule) -> list[Row]:
+def rows_of(schedule: Schedule) -> list[Row]:
+    """`schedule`'s rows of (kinds, stages, micro-batches); refuses sharding actions."""
     rows: list[Row] = []
     for row in schedule.actions:
         kinds = []
