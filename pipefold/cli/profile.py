@@ -166,8 +166,9 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     )
     # The tied embedding and head are one module: full sharding gathers them on one rank as one.
     tied = tuple(indices for indices in tied_groups(layers).values() if len(indices) > 1)
+    # Token ids take no gradient: the first stage's backward has no input half.
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
-                                    source=source, tied_layers=tied)
+                                    source=source, tied_layers=tied, input_requires_grad=False)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
@@ -222,7 +223,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
         f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"
     )
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
-                                    source=source)
+                                    source=source, input_requires_grad=False)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),

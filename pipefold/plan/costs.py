@@ -140,7 +140,7 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
-    "tied_layers", "action_overhead_s", "update_s_per_parameter_byte",
+    "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
 )
 
 
@@ -180,6 +180,10 @@ class ModelCosts:
     """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
     outside the pipeline's actions: the step adds it for the rank holding the most
     (`pipefold.plan.calibrate.update_time`)."""
+    input_requires_grad: bool = True
+    """Whether the model's input takes a gradient (a float input does; token ids do not). Without
+    one the first stage's backward has no input half: the runtime's I of that stage only enters
+    and leaves, and its W computes the whole backward (`pipefold.plan.calibrate.first_stage_backward`)."""
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
     """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
@@ -210,6 +214,11 @@ class ModelCosts:
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "overhead_s", "loss_bytes", "action_overhead_s", "update_s_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
+        if not isinstance(self.input_requires_grad, bool):
+            raise ConfigError(
+                f"ModelCosts.input_requires_grad = {self.input_requires_grad!r}; give true (a float model "
+                "input) or false (token ids)"
+            )
         degrees = tuple(self.tensor_parallel_degrees)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
             raise ConfigError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pipefold.errors import ConfigError
-from pipefold.plan.calibrate import update_time
+from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
@@ -62,7 +62,8 @@ def evaluate(
     placement = family_placement(config.schedule, num_ranks, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     speeds = tuple(rank_speeds[rank] for rank in placement) if rank_speeds else None
-    model = stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds)
+    model = first_stage_backward(
+        stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds), costs, bounds)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0

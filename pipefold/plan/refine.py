@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pipefold.errors import ScheduleError
-from pipefold.plan.calibrate import update_time
+from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.memory import (
     excess_per_rank,
@@ -81,11 +81,11 @@ def search_order(
     assert layout is not None  # searchable
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
     speeds = tuple(choice.rank_speeds[rank] for rank in family.placement) if choice.rank_speeds else None
-    model = stage_cost_model(
+    model = first_stage_backward(stage_cost_model(
         costs, stages, choice.recompute, options.link if link is None else link,
         options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel), link_overrides,
         speeds,
-    )
+    ), costs, choice.bounds)
     transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).

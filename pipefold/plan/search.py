@@ -15,6 +15,7 @@ from typing import Literal
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
+from pipefold.plan.calibrate import first_stage_backward
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
@@ -204,10 +205,10 @@ class _Search:
             return self._models[key]
         layout = StageLayout(bounds, config.microbatch_rows)
         links = self.links(degree)
-        model = stage_cost_model(
-            self.costs_at(degree, config.microbatch_rows, config.recompute_attention), layout, recompute,
-            links.pipeline, self.cores(degree), links.pipeline_overrides, speeds,
-        )
+        costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+        model = first_stage_backward(stage_cost_model(
+            costs, layout, recompute, links.pipeline, self.cores(degree), links.pipeline_overrides, speeds,
+        ), costs, bounds)
         if cached:
             self._models[key] = model
         return model

@@ -7,7 +7,7 @@ import pytest
 
 from pipefold.errors import ConfigError
 from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
-from pipefold.plan.calibrate import fixed_seconds, update_time, with_fixed_costs
+from pipefold.plan.calibrate import first_stage_backward, fixed_seconds, update_time, with_fixed_costs
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
@@ -105,3 +105,55 @@ def test_per_action_overhead_moves_the_plan_to_fewer_microbatches():
     free = plan(costs, options).choice
     priced = plan(replace(costs, action_overhead_s=0.05), options).choice
     assert priced.num_microbatches < free.num_microbatches
+
+
+def _token_model(**options):
+    # Four layers, F 1 / I 1.5 / W 0.5 each, and a fixed second per call on the first two.
+    layers = tuple(replace(_layer(1.0, 2.0, weight=0.5), fixed_s=0.25 if index < 2 else 0.0)
+                   for index in range(4))
+    return ModelCosts(layers=layers, reference_rows=2, **options)
+
+
+def test_first_stage_backward_moves_its_input_half_into_w_for_token_ids():
+    ids = _token_model(input_requires_grad=False)
+    layout = StageLayout((0, 2, 4), rows=4)  # 2x the reference rows
+    plain = stage_cost_model(ids, layout, (), Link())
+    moved = first_stage_backward(plain, ids, layout.bounds)
+    # Stage 0: I keeps the layers' fixed seconds (0.5), W gets the 2 layers x 1.5 x 2 = 6 s of I.
+    assert moved.i[0] == pytest.approx(0.5)
+    assert moved.w[0] == pytest.approx(plain.w[0] + 6.0)
+    assert moved.b == plain.b and moved.f == plain.f
+    # Later stages take their input's gradient: unchanged.
+    assert moved.i[1:] == plain.i[1:] and moved.w[1:] == plain.w[1:]
+    # A recomputed first stage keeps the forward it reruns in I.
+    recomputed = stage_cost_model(ids, layout, (0,), Link())
+    again = first_stage_backward(recomputed, ids, layout.bounds)
+    assert again.i[0] == pytest.approx(0.5 + recomputed.f[0])
+    assert again.b == recomputed.b
+
+
+def test_first_stage_backward_leaves_a_float_input_and_round_trips():
+    floats = _token_model()
+    layout = StageLayout((0, 2, 4), rows=2)
+    plain = stage_cost_model(floats, layout, (), Link())
+    assert first_stage_backward(plain, floats, layout.bounds) is plain
+    ids = _token_model(input_requires_grad=False)
+    assert ModelCosts.from_json(ids.to_json()) == ids
+    with pytest.raises(ConfigError, match="input_requires_grad"):
+        _token_model(input_requires_grad="no")
+
+
+def test_first_stage_backward_prices_the_planners_searched_orders():
+    # Family orders put the first stage's backward last on its rank (moving work between its
+    # I and W changes nothing there); a searched order may interleave other stages' work after
+    # that I, so the order search and its prediction must see the I the runtime runs.
+    ids = _token_model(input_requires_grad=False)
+    result = plan(ids, PlanOptions(num_ranks=2, global_batch=8, max_virtual=2, order_search_s=0.05,
+                                    order_search_total_s=0.2))
+    searched = [c for c in result.top if c.order is not None]
+    assert searched, "the planner searched no order on the toy model"
+    for candidate in searched:
+        layout = StageLayout(candidate.bounds, candidate.microbatch_rows)
+        model = first_stage_backward(stage_cost_model(ids, layout, candidate.recompute, Link()), ids,
+                                     candidate.bounds)
+        assert candidate.step_time == pytest.approx(simulate(candidate.order, model).makespan)
