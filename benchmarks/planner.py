@@ -1,37 +1,45 @@
 """Is `pipefold plan --profile` trusted before running? Its choice, the next alternatives it ranked
 and `pipefold train`'s defaults, each trained with `pipefold train`, alternated in one run.
 
-    .venv/bin/python benchmarks/planner.py                       # 2 ranks, top 5, 2 rounds of 20 steps
+    .venv/bin/python benchmarks/planner.py                       # 2 ranks, top 5, 4 rounds of 8 steps
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
-    .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 3 --steps 30   # defaults only
+    .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
+    .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
 2. Each of its K ranked candidates (a searched order is written to a schedule file and run with
    `--schedule-file`), plus `pipefold train`'s default (partition "flops") and the former default
-   (`--partition uniform`), runs `pipefold train --steps S` in turn, once per round.
-3. Per configuration: the median step time over the rounds (each round's median of steps after
-   the first `--warmup`), tokens per second from it, and the median measured bubble.
+   (`--partition uniform`), runs `pipefold train --steps S` in turn, once per round: many short
+   runs, alternated, because the step time moves more between runs of one configuration (10-20%
+   on a quiet host) than between the steps of one run (a few %), and a change of load then
+   hits every configuration alike.
+3. Per configuration: the median of every step after the first `--warmup` of each run, over all
+   rounds; its spread (the lowest and highest round's median, as +/- % of that median); tokens
+   per second from it; the median measured bubble.
 
 Reported: the forecast error of the choice (target: within 10%), and how far the choice is from
-the best measured (target: within 5%). Beside them, per configuration, what depends less on
-the host's other load: the forecast against the run's own prediction (from the stage costs
-it measured), the last steps' makespan against their wall time, and rank 0's core share (its
-CPU seconds over wall seconds per step) with the measured step times that share (the step
-as it would run with the core to itself, where the rank computes or polls the whole step).
-A benchmark, not a test: timings depend on the machine
-and its load (every rank and the planner share the host's cores).
+the best measured (target: within 5%), with whether the rounds resolve that difference (the
+two configurations' round medians do not overlap). Beside them, per configuration, what depends
+less on the host's other load: the forecast against the run's own prediction (from the stage
+costs it measured), per action kind the planner's stage costs against those the run measured
+(F, I, W, B: the sum over the stages that ran that kind, planner / run), the last steps'
+makespan against their wall time, and rank 0's core share (its CPU seconds over wall seconds).
+A benchmark, not a test: timings depend on the machine and its load (every rank and the planner
+share the host's cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,39 @@ PYTHON = sys.executable
 
 from pipefold.job.sections import ModelConfig  # noqa: E402
 from pipefold.plan.space import is_asynchronous  # noqa: E402
+
+_KINDS = ("F", "I", "W", "B")
+
+
+def _bounds(partition: str) -> tuple[int, ...]:
+    """Stage bounds from summary.json's partition text ("[0:3 | 3:4 | 4:8]")."""
+    stages = [part.split(":") for part in partition.strip("[]").split("|")]
+    return tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
+
+
+def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...],
+               args: argparse.Namespace) -> dict[str, float | None]:
+    """Per action kind: the planner's stage costs for this configuration (from the costs its plan
+    measured) over the run's own, summed over the stages that ran that kind; None where none did."""
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import first_stage_backward
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    from pipefold.simulate import Link
+
+    costs = ModelCosts.from_json(costs_path)
+    bounds = _bounds(run["partition"])
+    rows = -(-args.batch_size // int(run["num_microbatches"]))
+    layout = StageLayout(bounds, rows)
+    model = first_stage_backward(stage_cost_model(costs, layout, recompute, Link(), float(args.cores)),
+                                 costs, bounds)
+    ratios: dict[str, float | None] = {}
+    for kind in _KINDS:
+        planned = getattr(model, kind.lower())
+        pairs = [(planned[stage], seconds) for stage, seconds in enumerate(run["op_seconds"][kind])
+                 if not math.isnan(seconds)]
+        measured = sum(seconds for _, seconds in pairs)
+        ratios[kind] = sum(p for p, _ in pairs) / measured if pairs and measured > 0 else None
+    return ratios
 
 
 def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -78,6 +119,17 @@ def _label(entry: dict[str, Any]) -> str:
             f"partition {entry['pipeline_kwargs']['partition']}{recompute}")
 
 
+def _op_seconds(out: Path) -> dict[str, list[float]]:
+    """The run's own stage costs per action kind (its `costs.json`), each kind only on the stages
+    whose last step ran it (a whole-backward stage has no I or W, a split one no B)."""
+    measured = json.loads((out / "costs.json").read_text())
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    ran = {(event["cat"], event["args"]["stage"]) for event in trace
+           if event.get("ph") == "X" and event.get("cat") in ("F", "B", "I", "W")}
+    return {kind: [seconds if (kind, stage) in ran else math.nan
+                   for stage, seconds in enumerate(measured[kind.lower()])] for kind in _KINDS}
+
+
 def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "train", "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--out", str(out), "--device", args.device, "--set", "sample_tokens=0",
@@ -88,7 +140,9 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
     bubbles = summary["bubble_fraction"][args.warmup:]
     timing = summary["step_time"]
     cpu = summary["step_cpu_seconds"][args.warmup:]
-    return {"step_s": statistics.median(steps), "bubble": statistics.median(bubbles),
+    return {"step_s": statistics.median(steps), "steps_s": steps, "bubble": statistics.median(bubbles),
+            "op_seconds": _op_seconds(out),
+            "num_microbatches": summary["config"]["schedule"]["num_microbatches"],
             "schedule": summary["config"]["schedule"],
             "partition": summary["partition"], "predicted_wall": timing["predicted_wall"],
             # The last steps' wall against the last step's pipeline makespan: how much of the step
@@ -111,8 +165,7 @@ def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -
     schedule = run["schedule"]
     if schedule.get("file") or schedule["name"] in ("auto", "auto-v"):
         return None
-    stages = [part.split(":") for part in run["partition"].strip("[]").split("|")]
-    bounds = tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
+    bounds = _bounds(run["partition"])
     m = int(schedule["num_microbatches"])
     virtual = int(schedule["virtual"] or family(schedule["name"]).default_virtual)
     config = Config(schedule["name"], virtual, m, -(-args.batch_size // m))
@@ -121,84 +174,125 @@ def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -
     return float(candidate.step_time)
 
 
+def _spread(rounds: list[float], middle: float) -> str:
+    """The lowest and highest round's median against the pooled median: "-4%/+6%"."""
+    return f"{min(rounds) / middle - 1:+.0%}/{max(rounds) / middle - 1:+.0%}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2, help="cores the ranks share (pipefold plan --cores)")
     parser.add_argument("--top", type=int, default=5, help="ranked candidates to train")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="steps per run (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out (default 2)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="runs of each configuration, alternated (default 4)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                         help="where the profile and the runs compute (default cpu)")
     parser.add_argument("--extra", action="append", default=[], metavar="TRAIN_ARGS",
                         help="also train this configuration (pipefold train flags in one string; repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
+    started = time.perf_counter()
     plan = _plan(args, work) if args.top > 0 else {"top": []}
-    configs: list[tuple[str, list[str], float | None]] = []
+    configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     for index, entry in enumerate(plan["top"][: args.top]):
         label = ("choice: " if index == 0 else f"#{index + 1}: ") + _label(entry)
-        configs.append((label, _candidate_args(entry, index, work), float(entry["step_time"])))
+        configs.append((label, _candidate_args(entry, index, work), float(entry["step_time"]),
+                        tuple(entry["recompute"] or ())))
     default = ["--ranks", str(args.ranks)]
-    configs.append(("default (1f1b m=8, partition flops)", default, None))
-    configs.append(("former default (1f1b m=8, partition uniform)", [*default, "--partition", "uniform"], None))
+    configs.append(("default (1f1b m=8, partition flops)", default, None, ()))
+    uniform = [*default, "--partition", "uniform"]
+    configs.append(("former default (1f1b m=8, partition uniform)", uniform, None, ()))
     for extra in args.extra:
-        configs.append((f"extra: {extra}", shlex.split(extra), None))
+        configs.append((f"extra: {extra}", shlex.split(extra), None, ()))
 
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in configs}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in configs}
     for round_index in range(args.rounds):
-        for number, (label, extra, _) in enumerate(configs):
+        for number, (label, extra, *_) in enumerate(configs):
             result = _train(extra, args, work / f"r{round_index}c{number}")
             runs[label].append(result)
             print(f"round {round_index + 1} {label}: step {result['step_s'] * 1e3:.0f} ms, "
                   f"bubble {result['bubble']:.0%}", file=sys.stderr)
 
     tokens = args.batch_size * ModelConfig().seq_len
+    costs_path = work / "costs.json"
     rows = []
-    for label, extra, forecast in configs:
-        if forecast is None and (work / "costs.json").exists():
-            forecast = _forecast(work / "costs.json", runs[label][0], args)
-        step = statistics.median(r["step_s"] for r in runs[label])
+    for label, extra, forecast, recompute in configs:
+        done = runs[label]
+        if forecast is None and costs_path.exists():
+            forecast = _forecast(costs_path, done[0], args)
+        step = statistics.median(s for r in done for s in r["steps_s"])
+        ratios = [_op_ratios(costs_path, r, recompute, args) for r in done] if costs_path.exists() else []
+        op_ratio: dict[str, float | None] = {}
+        for kind in _KINDS:
+            values = [value for r in ratios if (value := r[kind]) is not None]
+            op_ratio[kind] = statistics.median(values) if values else None
         rows.append({
             "label": label, "train_args": shlex.join(extra), "forecast_s": forecast, "measured_s": step,
-            "tokens_per_s": tokens / step, "bubble": statistics.median(r["bubble"] for r in runs[label]),
-            "partition": runs[label][0]["partition"], "rounds_s": [r["step_s"] for r in runs[label]],
-            "in_run_predicted_s": statistics.median(r["predicted_wall"] for r in runs[label]),
-            "in_run_predicted_per_wall": statistics.median(r["predicted_per_wall"] for r in runs[label]),
-            "makespan_per_wall": statistics.median(r["makespan_per_wall"] for r in runs[label]),
-            "core_share": statistics.median(r["core_share"] for r in runs[label]),
-            "measured_x_share_s": statistics.median(r["step_s"] * r["core_share"] for r in runs[label]),
+            "tokens_per_s": tokens / step, "bubble": statistics.median(r["bubble"] for r in done),
+            "partition": done[0]["partition"], "rounds_s": [r["step_s"] for r in done],
+            "steps_s": [r["steps_s"] for r in done],
+            "in_run_predicted_s": statistics.median(r["predicted_wall"] for r in done),
+            "in_run_predicted_per_wall": statistics.median(r["predicted_per_wall"] for r in done),
+            "makespan_per_wall": statistics.median(r["makespan_per_wall"] for r in done),
+            "core_share": statistics.median(r["core_share"] for r in done),
+            "measured_x_share_s": statistics.median(r["step_s"] * r["core_share"] for r in done),
+            "planner_per_run": op_ratio,
         })
-    best = min(row["measured_s"] for row in rows)
-    print("| configuration | forecast ms | measured ms (rounds) | tokens/s | bubble | vs best "
-          "| in-run predicted ms | forecast / in-run | in-run / wall | makespan / wall | core share "
-          "| measured x share ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    best_row = min(rows, key=lambda row: row["measured_s"])
+    best = best_row["measured_s"]
+    print(f"{args.rounds} rounds of {args.steps} steps ({args.warmup} left out per run), "
+          f"{time.perf_counter() - started:.0f} s in all")
+    print("| configuration | forecast ms | measured ms | spread (rounds) | tokens/s | bubble | vs best "
+          "| in-run predicted ms | forecast / in-run | F | I | W | B | in-run / wall | makespan / wall "
+          "| core share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         forecast_text = f"{row['forecast_s'] * 1e3:.0f}" if row["forecast_s"] is not None else "-"
-        rounds = ", ".join(f"{s * 1e3:.0f}" for s in row["rounds_s"])
-        print(f"| {row['label']} | {forecast_text} | {row['measured_s'] * 1e3:.0f} ({rounds}) | "
+        ops = " | ".join(_ratio(row["planner_per_run"][kind]) for kind in _KINDS)
+        print(f"| {row['label']} | {forecast_text} | {row['measured_s'] * 1e3:.0f} | "
+              f"{_spread(row['rounds_s'], row['measured_s'])} | "
               f"{row['tokens_per_s']:,.0f} | {row['bubble']:.0%} | {row['measured_s'] / best - 1:+.1%} | "
               f"{row['in_run_predicted_s'] * 1e3:.0f} | "
               + ("-" if row["forecast_s"] is None else f"{row['forecast_s'] / row['in_run_predicted_s']:.2f}")
-              + f" | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} | "
-              f"{row['core_share']:.2f} | {row['measured_x_share_s'] * 1e3:.0f} |")
+              + f" | {ops} | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} | "
+              f"{row['core_share']:.2f} |")
+    print("\nF, I, W, B: the planner's stage costs for the configuration over the run's own "
+          "(the sum over the stages that ran that kind; median over rounds).")
     error = None
+    resolved: bool | None = None
     if args.top > 0:  # --top 0: the defaults alone (the default partition against uniform)
         choice = rows[0]
         error = (choice["forecast_s"] - choice["measured_s"]) / choice["measured_s"]
-        print(f"\nchoice forecast error: {error:+.1%} (target within 10%); choice vs best measured: "
-              f"{choice['measured_s'] / best - 1:+.1%} (target within 5%); choice forecast / in-run "
-              f"prediction: {choice['forecast_s'] / choice['in_run_predicted_s']:.2f}; against the measured "
-              f"step x the core share rank 0 got: "
-              f"{choice['forecast_s'] / choice['measured_x_share_s'] - 1:+.1%}")
+        # Resolved: the choice's and the best's round medians do not overlap (or they are one row).
+        low, high = min(choice["rounds_s"]), max(choice["rounds_s"])
+        if args.rounds < 2:
+            resolved = None  # one round has no spread to weigh a difference against
+        else:
+            best_rounds = best_row["rounds_s"]
+            resolved = choice is best_row or low > max(best_rounds) or high < min(best_rounds)
+        print(f"choice forecast error: {error:+.1%} (target within 10%); choice vs best measured: "
+              f"{choice['measured_s'] / best - 1:+.1%} (target within 5%; "
+              + {True: "the rounds resolve it", False: "within the rounds' spread: not resolved",
+                 None: "one round: give --rounds 2 or more to resolve it"}[resolved] + "); "
+              f"choice forecast / in-run prediction: "
+              f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"ranks": args.ranks, "steps": args.steps, "rounds": args.rounds,
-                                         "rows": rows, "forecast_error": error}, indent=1))
+        report = {"ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                  "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved}
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

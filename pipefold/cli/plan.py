@@ -35,6 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipefold.cli import plan_measure
 from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
@@ -46,7 +47,7 @@ from pipefold.plan.hf_estimate import hf_costs
 from pipefold.plan.space import is_asynchronous
 from pipefold.plan.units import parse_rate
 from pipefold.schedule.io import dumps
-from pipefold.schedule.registry import family
+from pipefold.schedule.registry import build, family
 from pipefold.simulate import Link
 
 
@@ -153,6 +154,7 @@ def add_parser(subparsers: Any) -> None:
                         help="write the schedule to run as JSON: the searched order where it is the choice "
                         "or faster than the choice's family, else the family's (pipefold.schedule.io.load "
                         "reads it; pipefold train --schedule-file runs it)")
+    plan_measure.add_arguments(parser)
     parser.add_argument("--hardware", metavar="FILE_OR_PRESET",
                         help="a hardware TOML file or a preset (a100-80gb, h100-80gb, cpu): prices every "
                         "collective and send on the link it crosses once the mesh is placed on nodes, "
@@ -299,56 +301,95 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     None where the costs are not the built-in GPT's as `pipefold train` builds it (`--costs`
     files describe any model; a vocabulary other than train's byte-level one), and where the
     choice is a searched order but no `--save-schedule FILE` holds it for train to read."""
-    if not _trains_the_planned_model(args):
-        return None
     choice = result.choice
     if choice.is_searched_order and args.save_schedule is None:
         return None
+    saved = args.save_schedule is not None and result.saves_searched_order
+    schedule_file = args.save_schedule if saved else None
+    words = candidate_words(args, choice, result.global_batch, schedule_file)
+    return None if words is None else shlex.join(words)
+
+
+def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
+                    schedule_file: str | None) -> list[str] | None:
+    """`pipefold train ...` as words for one planned candidate (a searched order, or the order
+    searched for its family, read from `schedule_file`), or None where train cannot run it
+    as planned (see `train_command`)."""
+    if not _trains_the_planned_model(args):
+        return None
     if args.megatron:
         return None  # Megatron-LM's GPT (dropout, unfused attention) is not the one train builds
-    if choice.recompute_attention and choice.recompute:
+    if candidate.recompute_attention and candidate.recompute:
         return None  # the runtime recomputes the attention cores or whole layers, not both at once
+    if candidate.is_searched_order and schedule_file is None:
+        return None
     words = ["pipefold", "train"]
-    if args.save_schedule is not None and result.saves_searched_order:
-        words += ["--schedule-file", args.save_schedule]
+    if schedule_file is not None:
+        words += ["--schedule-file", schedule_file]
     else:
-        words += ["--schedule", choice.schedule]
-    words += ["--ranks", str(choice.num_ranks), "--microbatches", str(choice.num_microbatches)]
+        words += ["--schedule", candidate.schedule]
+    words += ["--ranks", str(candidate.num_ranks), "--microbatches", str(candidate.num_microbatches)]
     # A searched order's file fixes its stages per rank; a family's default need not be given.
-    if not choice.is_searched_order and choice.num_virtual != family(choice.schedule).default_virtual:
-        words += ["--virtual", str(choice.num_virtual)]
-    if choice.num_data_parallel > 1:
-        words += ["--data-parallel", str(choice.num_data_parallel)]
-    if choice.num_tensor_parallel > 1:
-        words += ["--tensor-parallel", str(choice.num_tensor_parallel)]
-    if choice.sequence_parallel:
+    default_virtual = None if candidate.is_searched_order else family(candidate.schedule).default_virtual
+    if default_virtual is not None and candidate.num_virtual != default_virtual:
+        words += ["--virtual", str(candidate.num_virtual)]
+    if candidate.num_data_parallel > 1:
+        words += ["--data-parallel", str(candidate.num_data_parallel)]
+    if candidate.num_tensor_parallel > 1:
+        words += ["--tensor-parallel", str(candidate.num_tensor_parallel)]
+    if candidate.sequence_parallel:
         words += ["--sequence-parallel"]
-    if choice.sharded_optimizer:
+    if candidate.sharded_optimizer:
         words += ["--zero"]
-    if choice.shard == "full":
+    if candidate.shard == "full":
         words += ["--shard", "full"]
-        if choice.free_between_microbatches:
+        if candidate.free_between_microbatches:
             words += ["--free-between-microbatches"]
-        if choice.gather_lookahead:
-            words += ["--gather-lookahead", str(choice.gather_lookahead)]
-    words += ["--batch-size", str(result.global_batch)]
+        if candidate.gather_lookahead:
+            words += ["--gather-lookahead", str(candidate.gather_lookahead)]
+    words += ["--batch-size", str(global_batch)]
     if _is_hf(args):
         words += ["--model", args.model, "--seq-len", str(args.seq_len)]
     else:
         words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
                   "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
-    words += ["--partition", ",".join(map(str, choice.partition.counts))]
+    words += ["--partition", ",".join(map(str, candidate.partition.counts))]
     # The precision priced (a profile measures fp32), named: train's default "auto" may pick bf16.
     words += ["--precision", args.precision or "fp32"]
-    if choice.recompute:
-        layers = ",".join(map(str, choice.recompute_layers))
+    if candidate.recompute:
+        layers = ",".join(map(str, candidate.recompute_layers))
         words += ["--set", f"recompute=[{layers}]"]
-    elif choice.recompute_attention:
+    elif candidate.recompute_attention:
         words += ["--recompute", "selective"]
-    asynchronous = not choice.is_searched_order and is_asynchronous(choice.schedule)
+    asynchronous = not candidate.is_searched_order and is_asynchronous(candidate.schedule)
     if asynchronous and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them
-    return shlex.join(words)
+    return words
+
+
+def _fastest(measured: list[plan_measure.MeasuredCandidate]) -> int:
+    return min(measured, key=lambda m: m.measured_s).rank
+
+
+def _measured_command(
+    args: argparse.Namespace, result: Any, measured: list[plan_measure.MeasuredCandidate]
+) -> str | None:
+    """The train command of the measured fastest; with `--save-schedule FILE` its order is
+    written there (a searched order, or its family's), else a searched order has none (None)."""
+    candidate = result.top[_fastest(measured) - 1]
+    path = args.save_schedule
+    if path is not None:
+        order = candidate.order if candidate.is_searched_order else build(
+            candidate.schedule, num_ranks=candidate.num_ranks, num_microbatches=candidate.num_microbatches,
+            num_virtual=candidate.num_virtual)
+        write_atomic(path, dumps(order))
+        print(f"wrote the measured fastest's order (#{_fastest(measured)}, {candidate.describe()}) to {path}",
+              file=sys.stderr)
+    if candidate.is_searched_order and path is None:
+        return None
+    schedule_file = path if candidate.is_searched_order else None
+    words = candidate_words(args, candidate, result.global_batch, schedule_file)
+    return None if words is None else shlex.join(words)
 
 
 def _save_schedule(result: Any, path: str) -> None:
@@ -439,11 +480,26 @@ def run(args: argparse.Namespace) -> int:
         hardware=hardware,
         recompute_attention=args.recompute_attention,
     )
+    plan_measure.check_arguments(args)
+    if args.measure_top and not _trains_the_planned_model(args):
+        raise ConfigError(
+            "--measure-top trains the planned model with pipefold train, which builds the built-in GPT "
+            "(vocabulary 256) or a Hugging Face model (--model DIR), not a --costs file; plan with "
+            "--profile, or drop --measure-top"
+        )
     if args.save_schedule is not None:
         _check_writable(args.save_schedule)
     result = plan(_costs(args, hardware), options)
-    if args.save_schedule is not None:
-        _save_schedule(result, args.save_schedule)
+    measured: list[plan_measure.MeasuredCandidate] = []
+    if args.measure_top:
+        measured = plan_measure.measure_top(
+            args, result, lambda candidate, path: candidate_words(args, candidate, result.global_batch, path))
+    if measured:
+        command = _measured_command(args, result, measured)
+    else:
+        if args.save_schedule is not None:
+            _save_schedule(result, args.save_schedule)
+        command = train_command(args, result)
     allreduce_free = hardware is None and (
         options.allreduce_link.bandwidth == math.inf and options.allreduce_link.latency == 0)
     if allreduce_free and (result.num_devices is not None or result.num_data_parallel > 1):
@@ -452,9 +508,12 @@ def run(args: argparse.Namespace) -> int:
         print("note: no --dp-bandwidth / --bandwidth given, so the gradient all-reduce between replicas "
               "costs 0 here and data parallelism looks free; give the interconnect's bandwidth "
               "(e.g. --dp-bandwidth 25e9) for a plan that weighs it", file=sys.stderr)
-    command = train_command(args, result)
     if args.json:
-        print(json.dumps({**result.to_json(), "train_command": command}))
+        extra: dict[str, Any] = {}
+        if measured:
+            extra["measured"] = [m.to_json() for m in measured]
+            extra["measured_fastest"] = min(measured, key=lambda m: m.measured_s).rank
+        print(json.dumps({**result.to_json(), "train_command": command, **extra}))
         return 0
 
     console = Console()
@@ -488,9 +547,18 @@ def run(args: argparse.Namespace) -> int:
     if hardware is not None:
         console.print(f"  hardware: {hardware.name} ({hardware.source}); {result.choice.placed}",
                       highlight=False, markup=False, soft_wrap=True)
+    if measured:
+        console.print(plan_measure.measured_text(measured, args), highlight=False, markup=False,
+                      soft_wrap=True)
+    fastest_searched = bool(measured) and result.top[_fastest(measured) - 1].is_searched_order
     if command is not None:
-        console.print(f"run it: {command}", highlight=False, markup=False, soft_wrap=True)
-    elif result.choice.is_searched_order and _trains_the_planned_model(args):
+        what = "the measured fastest" if measured else "it"
+        console.print(f"run {what}: {command}", highlight=False, markup=False, soft_wrap=True)
+    elif fastest_searched:
+        console.print("run the measured fastest: add --save-schedule FILE (a searched order, which pipefold "
+                      "train runs with --schedule-file FILE) and plan again", highlight=False,
+                      markup=False, soft_wrap=True)
+    elif not measured and result.choice.is_searched_order and _trains_the_planned_model(args):
         # train reads a searched order from a file, which only --save-schedule writes.
         console.print("run it: add --save-schedule FILE (the choice is a searched order, which pipefold "
                       "train runs with --schedule-file FILE) and plan again", highlight=False,
