@@ -16,9 +16,9 @@ F + B (docs/decisions.md, "Fixed cost per call").
 Each layer's I is profiled with a float input that takes a gradient, but the first stage of a
 model fed token ids has no input gradient to compute: the runtime's I of that stage only
 enters and leaves and its W runs the whole backward (docs/plan.md, "What the one-process
-profile misprices"). `first_stage_backward`
-moves that stage's I, but for its fixed cost per call, into its W (B is unchanged), so the
-simulator places the first stage's backward work where the runtime runs it.
+profile misprices"). `first_stage_backward` moves that stage's I, but for its fixed cost per
+call, into its W (B is unchanged), so the simulator places the first stage's backward work
+where the runtime runs it.
 """
 
 from __future__ import annotations
