@@ -24,7 +24,9 @@ two configurations' round medians do not overlap). Beside them, per configuratio
 less on the host's other load: the forecast against the run's own prediction (from the stage
 costs it measured), per action kind the planner's stage costs against those the run measured
 (F, I, W, B: the sum over the stages that ran that kind, planner / run), the last steps'
-makespan against their wall time, and rank 0's core share (its CPU seconds over wall seconds).
+makespan against their wall time, rank 0's core share (its CPU seconds over wall seconds), and
+the time a rank spends between two actions after one whose output it sent to another rank
+against after the others (what a send costs its sender, not priced by the planner).
 A benchmark, not a test: timings depend on the machine and its load (every rank and the planner
 share the host's cores).
 """
@@ -130,6 +132,31 @@ def _op_seconds(out: Path) -> dict[str, list[float]]:
                    for stage, seconds in enumerate(measured[kind.lower()])] for kind in _KINDS}
 
 
+def _gaps(out: Path) -> tuple[float | None, float | None]:
+    """From the run's last step (`trace.json`): the median time a rank spent between an action
+    and its next, less its waits, after an action whose output it sent to another rank, and
+    after the others (an output kept on the rank, or a W that sends nothing): what a send costs
+    its sender, which the planner does not price."""
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    actions = [e for e in trace if e.get("ph") == "X" and e.get("tid") == 0 and e.get("cat") in _KINDS]
+    waits = [e for e in trace if e.get("ph") == "X" and e.get("tid") == 1]
+    rank_of = {e["args"]["stage"]: e["pid"] for e in actions}
+    sent: list[float] = []
+    kept: list[float] = []
+    for rank in set(rank_of.values()):
+        row = sorted((e for e in actions if e["pid"] == rank), key=lambda e: e["ts"])
+        own_waits = [w for w in waits if w["pid"] == rank]
+        for before, after in zip(row, row[1:], strict=False):
+            end = before["ts"] + before["dur"]
+            waited = sum(max(0.0, min(after["ts"], w["ts"] + w["dur"]) - max(end, w["ts"]))
+                         for w in own_waits)
+            stage = before["args"]["stage"]
+            to = stage + 1 if before["cat"] == "F" else stage - 1 if before["cat"] in ("B", "I") else None
+            crosses = to is not None and to in rank_of and rank_of[to] != rank
+            (sent if crosses else kept).append((after["ts"] - end - waited) * 1e-6)  # trace times are us
+    return (statistics.median(sent) if sent else None, statistics.median(kept) if kept else None)
+
+
 def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "train", "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--out", str(out), "--device", args.device, "--set", "sample_tokens=0",
@@ -141,7 +168,7 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
     timing = summary["step_time"]
     cpu = summary["step_cpu_seconds"][args.warmup:]
     return {"step_s": statistics.median(steps), "steps_s": steps, "bubble": statistics.median(bubbles),
-            "op_seconds": _op_seconds(out),
+            "op_seconds": _op_seconds(out), "gaps_s": _gaps(out),
             "num_microbatches": summary["config"]["schedule"]["num_microbatches"],
             "schedule": summary["config"]["schedule"],
             "partition": summary["partition"], "predicted_wall": timing["predicted_wall"],
@@ -177,6 +204,15 @@ def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -
 def _spread(rounds: list[float], middle: float) -> str:
     """The lowest and highest round's median against the pooled median: "-4%/+6%"."""
     return f"{min(rounds) / middle - 1:+.0%}/{max(rounds) / middle - 1:+.0%}"
+
+
+def _median_of(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e6:.0f}"
 
 
 def _ratio(value: float | None) -> str:
@@ -250,6 +286,8 @@ def main() -> None:
             "core_share": statistics.median(r["core_share"] for r in done),
             "measured_x_share_s": statistics.median(r["step_s"] * r["core_share"] for r in done),
             "planner_per_run": op_ratio,
+            "gap_after_send_s": _median_of([r["gaps_s"][0] for r in done]),
+            "gap_after_other_s": _median_of([r["gaps_s"][1] for r in done]),
         })
     best_row = min(rows, key=lambda row: row["measured_s"])
     best = best_row["measured_s"]
@@ -257,8 +295,8 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all")
     print("| configuration | forecast ms | measured ms | spread (rounds) | tokens/s | bubble | vs best "
           "| in-run predicted ms | forecast / in-run | F | I | W | B | in-run / wall | makespan / wall "
-          "| core share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| core share | gap after a send us | other gaps us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         forecast_text = f"{row['forecast_s'] * 1e3:.0f}" if row["forecast_s"] is not None else "-"
         ops = " | ".join(_ratio(row["planner_per_run"][kind]) for kind in _KINDS)
@@ -268,9 +306,12 @@ def main() -> None:
               f"{row['in_run_predicted_s'] * 1e3:.0f} | "
               + ("-" if row["forecast_s"] is None else f"{row['forecast_s'] / row['in_run_predicted_s']:.2f}")
               + f" | {ops} | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} | "
-              f"{row['core_share']:.2f} |")
+              f"{row['core_share']:.2f} | {_us(row['gap_after_send_s'])} | {_us(row['gap_after_other_s'])} |")
     print("\nF, I, W, B: the planner's stage costs for the configuration over the run's own "
-          "(the sum over the stages that ran that kind; median over rounds).")
+          "(the sum over the stages that ran that kind; median over rounds). Gaps: the time a rank spent "
+          "between two actions, less its waits, after an action whose output it sent to the other rank "
+          "and after the others (the last step of each run; the planner prices every gap alike, the "
+          "profile's runtime per action).")
     error = None
     resolved: bool | None = None
     if args.top > 0:  # --top 0: the defaults alone (the default partition against uniform)
