@@ -304,8 +304,8 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
     choice = result.choice
     if choice.is_searched_order and args.save_schedule is None:
         return None
-    if args.megatron:
-        return None  # Megatron-LM's GPT (dropout, unfused attention) is not the one train builds
+    if args.megatron and choice.num_tensor_parallel > 1:
+        return None  # train's seeded dropout does not run under tensor parallelism yet
     if choice.recompute_attention and choice.recompute:
         return None  # the runtime recomputes the attention cores or whole layers, not both at once
     words = ["pipefold", "train"]
@@ -345,6 +345,9 @@ def train_command(args: argparse.Namespace, result: Any) -> str | None:
         words += ["--set", f"recompute=[{layers}]"]
     elif choice.recompute_attention:
         words += ["--recompute", "selective"]
+    if args.megatron:
+        # Megatron-LM's GPT: its unfused attention and dropouts at its default probability.
+        words += ["--attention", "unfused", "--dropout", "0.1"]
     asynchronous = not choice.is_searched_order and is_asynchronous(choice.schedule)
     if asynchronous and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them

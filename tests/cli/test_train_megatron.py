@@ -83,9 +83,16 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     assert command is not None and command.endswith("--recompute selective")
     words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
     assert _config(*words[1:]).recompute == "selective"
+    # plan --megatron: train runs Megatron-LM's GPT (unfused attention, dropout 0.1), not under tp.
     megatron = SimpleNamespace(**{**vars(args), "megatron": True})
     chosen = SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)
-    assert train_command(megatron, chosen) is None
+    command = train_command(megatron, chosen)
+    assert command is not None and command.endswith("--recompute selective --attention unfused --dropout 0.1")
+    config = _config(*command.split()[2:])
+    assert (config.model.attention, config.model.dropout, config.recompute) == ("unfused", 0.1, "selective")
+    split = SimpleNamespace(choice=replace(selective, num_tensor_parallel=2), global_batch=4,
+                            saves_searched_order=False)
+    assert train_command(megatron, split) is None
 
 
 def test_attention_unfused_reaches_the_configuration_and_the_model():
