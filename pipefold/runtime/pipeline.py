@@ -576,6 +576,7 @@ class Pipeline:
             self._boundaries,
         )
         self._begin_updates(rows)
+        dropout_steps.next_step()  # one key per run; its micro-batches are numbered across its steps
         stashes = [stage.stash for stage in self.stages if stage.stash is not None]
         for stash in stashes:
             stash.stream(schedule.num_microbatches, program.version_lag)
