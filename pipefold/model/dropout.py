@@ -6,7 +6,7 @@ different mask. `SeededDropout` instead seeds a `torch.Generator` per call from 
 
     seed, step       set for a step: `dropout_steps.start_at(seed, step)` then one
                      `dropout_steps.next_step()` per step (`Pipeline.step` calls it)
-    micro-batch      set around each stage forward (`microbatch_scope`, `runtime.stage`)
+    micro-batch      set around each stage forward (`enter_microbatch`, `runtime.stage`)
     layer, site      the module's own (its index in the layer list, which dropout of it)
 
 so the same model on one process, run micro-batch by micro-batch inside
@@ -35,7 +35,7 @@ __all__ = [
     "dropout_key",
     "dropout_scope",
     "dropout_steps",
-    "microbatch_scope",
+    "enter_microbatch",
     "replay_scope",
 ]
 
@@ -82,13 +82,33 @@ dropout_steps = _Steps()
 
 
 class _Scope:
-    """The (seed, step, micro-batch) the dropouts now running draw from; None outside a forward."""
+    """Where the dropouts now running take their key from: a pinned (seed, step, micro-batch)
+    (`dropout_scope`, a recomputation's replay), else the micro-batch a stage forward set with
+    the current seed and step; neither: torch's global generator."""
 
-    current: tuple[int, int, int] | None = None
+    microbatch: int | None = None
+    pinned: tuple[int, int, int] | None = None
 
 
-class _Enter:
-    """A cheap context manager (a stage forward enters one per micro-batch)."""
+def _current() -> tuple[int, int, int] | None:
+    if _Scope.pinned is not None:
+        return _Scope.pinned
+    if _Scope.microbatch is None:
+        return None
+    return dropout_steps.seed, dropout_steps.step, _Scope.microbatch
+
+
+def enter_microbatch(microbatch: int | None) -> int | None:
+    """The forwards that follow draw masks for `microbatch` of the current step (`dropout_steps`);
+    returns the micro-batch set before, to restore with the same call (a stage forward's
+    try/finally: cheaper than a context manager on the executor's path)."""
+    outer = _Scope.microbatch
+    _Scope.microbatch = microbatch
+    return outer
+
+
+class _Pin:
+    """Pins the key's (seed, step, micro-batch) inside a with block."""
 
     __slots__ = ("_key", "_outer")
 
@@ -97,27 +117,22 @@ class _Enter:
         self._outer: tuple[int, int, int] | None = None
 
     def __enter__(self) -> None:
-        self._outer, _Scope.current = _Scope.current, self._key
+        self._outer, _Scope.pinned = _Scope.pinned, self._key
 
     def __exit__(self, *exc: object) -> None:
-        _Scope.current = self._outer
+        _Scope.pinned = self._outer
 
 
-def microbatch_scope(microbatch: int) -> _Enter:
-    """The forwards inside draw masks for `microbatch` of the current step (`dropout_steps`)."""
-    return _Enter((dropout_steps.seed, dropout_steps.step, microbatch))
-
-
-def dropout_scope(*, seed: int, step: int, microbatch: int) -> _Enter:
+def dropout_scope(*, seed: int, step: int, microbatch: int) -> _Pin:
     """The forwards inside draw the masks of (seed, step, microbatch): how a one-process
     reference reproduces a pipeline's dropout."""
-    return _Enter((seed, step, microbatch))
+    return _Pin((seed, step, microbatch))
 
 
 def replay_scope() -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
     """`context_fn` of `torch.utils.checkpoint.checkpoint`: the recomputation in the backward
-    runs under the scope the forward ran under, so it draws the same masks."""
-    return contextlib.nullcontext(), _Enter(_Scope.current)
+    runs under the key the forward ran under, so it draws the same masks."""
+    return contextlib.nullcontext(), _Pin(_current())
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -156,7 +171,7 @@ class SeededDropout(nn.Module):
         if x.device.type == "meta":  # a shape trace (pipefold.model.build): no values to draw
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         else:
-            scope = _Scope.current
+            scope = _current()
             if scope is None:
                 key = int(torch.randint(0, 2**62, (1,), device="cpu").item())
             else:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, TiedLayerSpec
-from pipefold.model.dropout import microbatch_scope, replay_scope
+from pipefold.model.dropout import enter_microbatch, replay_scope
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
@@ -118,11 +118,14 @@ class Stage:
     def forward(self, value: Any, microbatch: int) -> Any:
         dtype = self.compute_dtype
         # Seeded dropout draws this micro-batch's masks (pipefold.model.dropout).
-        with microbatch_scope(microbatch):
+        outer = enter_microbatch(microbatch)
+        try:
             if dtype is None:
                 return self._forward(value, microbatch)
             with torch.autocast(self.device_type, dtype=dtype):
                 output = self._forward(value, microbatch)
+        finally:
+            enter_microbatch(outer)
         return self._cast_output(output, dtype)
 
     def forward_only(self, value: Any) -> Any:

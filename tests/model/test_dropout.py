@@ -15,7 +15,7 @@ from pipefold.model.dropout import (
     dropout_key,
     dropout_scope,
     dropout_steps,
-    microbatch_scope,
+    enter_microbatch,
     replay_scope,
 )
 from pipefold.model.zoo import gpt_layers, gpt_loss
@@ -53,8 +53,11 @@ def test_the_pipeline_step_counter_and_the_micro_batch_scope_give_the_key():
     try:
         dropout_steps.start_at(5, 7)
         assert dropout_steps.next_step() == 7
-        with microbatch_scope(3):
+        outer = enter_microbatch(3)
+        try:
             drawn = drop(x)
+        finally:
+            enter_microbatch(outer)
         assert torch.equal(drawn, _draw(drop, x, seed=5, step=7, microbatch=3))
         assert dropout_steps.next_step() == 8
     finally:
