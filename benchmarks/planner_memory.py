@@ -101,7 +101,9 @@ def megatron_plan(schedule: str, recompute: str, num_microbatches: int) -> list[
     return memory
 
 
-def measure_megatron(schedule: str, recompute: str, num_microbatches: int, work: Path) -> list[tuple[str, ...]]:
+def measure_megatron(
+    schedule: str, recompute: str, num_microbatches: int, work: Path
+) -> list[tuple[str, ...]]:
     planned = megatron_plan(schedule, recompute, num_microbatches)
     out = work / f"megatron-{schedule}-{recompute}-{num_microbatches}"
     # As the planner's train command recomputes stages: each of their layers checkpointed.
@@ -134,7 +136,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1f1b at m = 4 only")
     parser.add_argument("--megatron", action="store_true",
-                        help="Megatron-LM's GPT (unfused attention, dropout) against `plan --megatron`'s model")
+                        help="Megatron-LM's GPT (unfused attention, dropout) against the model "
+                        "`plan --megatron` prices")
     args = parser.parse_args()
     if args.megatron:
         megatron(args.quick)

@@ -196,8 +196,8 @@ def megatron_exact(*, cases):
     expected_losses = []
     for step, (inputs, targets) in enumerate(batches):
         total = 0.0
-        for microbatch, (x, y) in enumerate(zip(inputs.chunk(num_microbatches), targets.chunk(num_microbatches),
-                                                strict=True)):
+        pairs = zip(inputs.chunk(num_microbatches), targets.chunk(num_microbatches), strict=True)
+        for microbatch, (x, y) in enumerate(pairs):
             with dropout_scope(seed=3, step=step, microbatch=microbatch):
                 loss = gpt_loss(reference(x), y) / num_microbatches
             loss.backward()
