@@ -2,6 +2,7 @@
 
     python benchmarks/planner_memory.py            # 1f1b and gpipe, recompute none/full, m = 2 and 4
     python benchmarks/planner_memory.py --quick    # 1f1b, m = 4 only
+    python benchmarks/planner_memory.py --megatron # Megatron-LM's GPT: `plan --megatron`'s model
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -11,6 +12,12 @@ activation peak the saved-tensor hooks counted. Runs one job at a time (each is 
 Prints one row per (configuration, rank): predicted and counted activations and totals, and the
 total's error (without the plan's recompute transient, which the hooks do not see). A benchmark,
 not a test.
+
+`--megatron` checks the model `pipefold plan --megatron` prices (`GptEstimate(megatron=True)`
+on the `cpu` hardware preset, fp32: Korthikanti et al. 2022's activations) against
+`pipefold train --attention unfused --dropout 0.1` (Megatron-LM's unfused attention and
+dropouts) at the same partition, schedule, micro-batches and recomputation (none, full, and
+selective: the attention core), through the planner's own `evaluate`.
 """
 
 from __future__ import annotations
@@ -59,11 +66,82 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path) ->
     return rows
 
 
+MEGATRON_PARTITION = (3, 3)  # embeddings + 1 block | 1 block + norm + head
+
+
+def megatron_plan(schedule: str, recompute: str, num_microbatches: int) -> list[dict[str, int]]:
+    """Per rank, the memory `pipefold plan --megatron` prices for this configuration (fp32, cpu)."""
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.evaluate import evaluate
+    from pipefold.plan.hardware import load_hardware
+    from pipefold.plan.space import Config
+    from pipefold.simulate import Link
+
+    num_layers, d_model, num_heads, seq_len, batch = 2, 64, 4, 32, 8
+    rows = batch // num_microbatches
+    estimate = GptEstimate(num_layers=num_layers, d_model=d_model, num_heads=num_heads, seq_len=seq_len,
+                           vocab_size=256, hardware=load_hardware("cpu"), dtype="fp32", megatron=True,
+                           recompute_attention=recompute == "selective")
+    costs = estimate.at(rows, 1, Link(), False)
+    bounds = (0, MEGATRON_PARTITION[0], sum(MEGATRON_PARTITION))
+    stages = (0, 1) if recompute == "full" else ()
+    candidate = evaluate(costs, Config(schedule, 1, num_microbatches, rows,
+                                       recompute_attention=recompute == "selective"),
+                         num_ranks=2, bounds=bounds, recompute=stages, link=Link(),
+                         recompute_attention=recompute == "selective")
+    memory = [m.to_json() for m in candidate.memory]
+    # What the executor also holds per micro-batch in flight until its backward, and the plan's
+    # stage model leaves out: the stage's output (the root of its backward), on the first rank.
+    first = costs.layers[:bounds[1]]
+    per_microbatch = (costs.input_bytes + sum(layer.output_bytes for layer in first[:-1]) if stages
+                      else sum(layer.activation_bytes for layer in first))
+    in_flight = round(memory[0]["activations"] / per_microbatch)
+    memory[0]["held_output"] = in_flight * first[-1].output_bytes
+    memory[1]["held_output"] = 0
+    return memory
+
+
+def measure_megatron(
+    schedule: str, recompute: str, num_microbatches: int, work: Path
+) -> list[tuple[str, ...]]:
+    planned = megatron_plan(schedule, recompute, num_microbatches)
+    out = work / f"megatron-{schedule}-{recompute}-{num_microbatches}"
+    # As the planner's train command recomputes stages: each of their layers checkpointed.
+    recompute_flags = (["--set", f"recompute=[{','.join(map(str, range(sum(MEGATRON_PARTITION))))}]"]
+                       if recompute == "full" else ["--recompute", recompute])
+    _cli(["train", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches", str(num_microbatches),
+          *recompute_flags, "--partition", ",".join(map(str, MEGATRON_PARTITION)),
+          "--attention", "unfused", "--dropout", "0.1", "--precision", "fp32", "--steps", "2",
+          "--out", str(out)], work)
+    counted = json.loads((out / "summary.json").read_text())["memory"]
+    rows = []
+    for entry in sorted(counted, key=lambda e: e["pipeline_rank"]):
+        rank = entry["pipeline_rank"]
+        predicted = planned[rank]
+        total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
+        like = predicted["total"] - predicted["recompute"]
+        activations = predicted["activations"] / entry["activations_peak"] - 1
+        with_output = (predicted["activations"] + predicted["held_output"]) / entry["activations_peak"] - 1
+        rows.append((
+            f"{schedule} m={num_microbatches} recompute={recompute}", str(rank),
+            f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
+            f"{activations:+.1%}", f"{predicted['held_output'] / 2**10:.0f}", f"{with_output:+.1%}",
+            f"{like / 2**10:.0f}", f"{total / 2**10:.0f}", f"{like / total - 1:+.1%}",
+        ))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1f1b at m = 4 only")
+    parser.add_argument("--megatron", action="store_true",
+                        help="Megatron-LM's GPT (unfused attention, dropout) against the model "
+                        "`plan --megatron` prices")
     args = parser.parse_args()
+    if args.megatron:
+        megatron(args.quick)
+        return
     cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if args.quick else [
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
@@ -76,6 +154,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for schedule, recompute, m in cases:
             for row in measure(schedule, recompute, m, Path(tmp)):
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
+def megatron(quick: bool) -> None:
+    cases = [("1f1b", recompute, 4) for recompute in ("none", "full", "selective")] if quick else [
+        *(("1f1b", recompute, m) for m in (2, 4) for recompute in ("none", "full", "selective")),
+        *(("gpipe", recompute, 4) for recompute in ("none", "selective")),
+    ]
+    header = ("configuration", "rank", "activations KiB (plan --megatron)", "activations KiB (counted)",
+              "activations error", "held stage output KiB", "error with it",
+              "total KiB (plan, without transient)", "total KiB (counted)", "error")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule, recompute, m in cases:
+            for row in measure_megatron(schedule, recompute, m, Path(tmp)):
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

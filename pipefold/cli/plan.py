@@ -317,8 +317,8 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
     as planned (see `train_command`)."""
     if not _trains_the_planned_model(args):
         return None
-    if args.megatron:
-        return None  # Megatron-LM's GPT (dropout, unfused attention) is not the one train builds
+    if args.megatron and candidate.num_tensor_parallel > 1:
+        return None  # train's seeded dropout does not run under tensor parallelism yet
     if candidate.recompute_attention and candidate.recompute:
         return None  # the runtime recomputes the attention cores or whole layers, not both at once
     if candidate.is_searched_order and schedule_file is None:
@@ -361,6 +361,9 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
         words += ["--set", f"recompute=[{layers}]"]
     elif candidate.recompute_attention:
         words += ["--recompute", "selective"]
+    if args.megatron:
+        # Megatron-LM's GPT: its unfused attention and dropouts at its default probability.
+        words += ["--attention", "unfused", "--dropout", "0.1"]
     asynchronous = not candidate.is_searched_order and is_asynchronous(candidate.schedule)
     if asynchronous and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them

@@ -32,6 +32,7 @@ from pipefold.job.outdir import check_out_dir
 from pipefold.job.recovery import resume_after_restart
 from pipefold.parallel_config import SHARD_MODES
 from pipefold.job.sections import (
+    ATTENTION_CHOICES,
     LR_SCHEDULES,
     ModelConfig,
     OptimizerConfig,
@@ -78,6 +79,7 @@ _FLAGS: dict[str, str] = {
     "num_heads": "model.num_heads",
     "seq_len": "model.seq_len",
     "dropout": "model.dropout",
+    "attention": "model.attention",
     "recompute": "recompute",
     "device": "device",
     "timeout": "timeout_s",
@@ -194,7 +196,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seq-len", type=int,
                         help=f"context length in bytes; default {ModelConfig.seq_len}")
     parser.add_argument("--dropout", type=float, metavar="P",
-                        help=f"residual dropout of the built-in GPT's blocks; default {ModelConfig.dropout:g}")
+                        help="dropout of the built-in GPT while training: its blocks' residual dropout, or "
+                        f"with --attention unfused Megatron-LM's (seeded); default {ModelConfig.dropout:g}")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES,
+                        help="the built-in GPT's attention: fused (torch's scaled-dot-product) or unfused "
+                        "(Megatron-LM's: QK^T, softmax, dropout on the probabilities; what `pipefold plan "
+                        f"--megatron` prices); default {ModelConfig.attention}")
     parser.add_argument(
         "--partition",
         help='"flops" (default: stages of even estimated FLOPs), "uniform" (even layer counts), "parameters", '

@@ -41,7 +41,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     num_layers = 4
     seq_len = 128
     tie_embeddings = true      # head shares the token embedding
-    dropout = 0.0              # the blocks' residual dropout while training (built-in GPT only)
+    dropout = 0.0              # while training (built-in GPT only): residual, or Megatron's if unfused
+    attention = "fused"        # "unfused": Megatron-LM's attention (scores, softmax, dropout kept)
 
     [data]
     path = ""                  # text file / directory, or token file <name>.bin (needs model.path)
@@ -287,14 +288,23 @@ class TrainConfig:
             f"at least one sequence per replica; use batch_size >= {self.schedule.num_microbatches * dp} "
             "or fewer micro-batches",
         )
-        if self.model.dropout > 0:
+        if self.model.dropout > 0 and self.model.attention == "fused":
             # Recomputation would draw new masks in backward (no generator replay), and tp ranks
             # would each draw their own for a replicated activation.
             require(
                 # The attention core has no dropout: recomputing it draws nothing.
                 self.recompute in ("none", "selective") and self.schedule.tensor_parallel == 1,
                 "model.dropout",
-                self.model.dropout, "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0",
+                self.model.dropout,
+                "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0 "
+                '(or model.attention = "unfused", whose seeded dropout recomputes)',
+            )
+        if self.model.dropout > 0:
+            # A seeded mask is drawn for the shape a rank holds: tp ranks would draw the masks
+            # of their heads' share from the whole tensor's seed, not the one-process masks.
+            require(
+                self.schedule.tensor_parallel == 1, "model.dropout", self.model.dropout,
+                "dropout is not supported with tensor_parallel > 1 yet; use 0",
             )
         require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
         require(

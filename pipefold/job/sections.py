@@ -24,7 +24,11 @@ from pipefold.schedule.io import load
 if typing.TYPE_CHECKING:
     from pipefold.schedule.placement import Placement
 
+ATTENTION_CHOICES = ("fused", "unfused")
+"""`model.attention`: pipefold.model.zoo.gpt.ATTENTION_CHOICES, here without torch."""
+
 __all__ = [
+    "ATTENTION_CHOICES",
     "ModelConfig",
     "DataConfig",
     "ScheduleConfig",
@@ -104,8 +108,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Head shares the token embedding (asynchronous schedules sum its gradient at every update)."""
     dropout: float = 0.0
-    """Residual dropout probability of the built-in GPT's blocks while training (0 = none);
-    its random state is saved with each checkpoint, so a resumed run stays identical."""
+    """Dropout probability of the built-in GPT while training (0 = none): the blocks' residual
+    dropout with fused attention, whose random state is saved with each checkpoint, so a resumed
+    run stays identical; with `attention = "unfused"` Megatron-LM's dropouts, seeded per (seed,
+    step, micro-batch, layer, site) (pipefold.model.dropout)."""
+    attention: str = "fused"
+    """The built-in GPT's attention: "fused" (torch's scaled-dot-product attention, no s^2
+    scores kept) or "unfused" (Megatron-LM's: QK^T scores, softmax and dropout on the
+    probabilities kept for the backward, dropout after the projection, the MLP and the
+    embeddings; what `pipefold plan --megatron` prices)."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "num_layers"):
@@ -119,6 +130,14 @@ class ModelConfig:
             f"it must divide model.d_model={self.d_model} (e.g. num_heads=4 for d_model=128)",
         )
         require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a probability in [0, 1), e.g. 0.1")
+        require(
+            self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
+            "use " + " or ".join(f'"{choice}"' for choice in ATTENTION_CHOICES),
+        )
+        require(
+            not (self.path and self.attention != "fused"), "model.attention", self.attention,
+            "it applies to the built-in GPT only; a Hugging Face model (model.path) keeps its own attention",
+        )
         require(
             not (self.path and self.dropout > 0), "model.dropout", self.dropout,
             "it applies to the built-in GPT only; a Hugging Face model (model.path) keeps its own dropout",

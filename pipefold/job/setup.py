@@ -123,7 +123,7 @@ def set_up(config: TrainConfig) -> Job:
         corpus = load_corpus(config.data.max_bytes, config.data.val_fraction)
         layers = gpt_layers(
             VOCAB_SIZE, m.d_model, m.num_heads, m.num_layers, m.seq_len, tie_embeddings=m.tie_embeddings,
-            dropout=m.dropout,
+            dropout=m.dropout, attention=m.attention,
         )
         loss_fn = gpt_loss
         stream = corpus.train

@@ -183,7 +183,9 @@ class GptEstimate:
     - the token embedding and output layer: split over the vocabulary under tp where
       `vocab_parallel` (Megatron's VocabParallelEmbedding, whose forward all-reduces b s h v bytes,
       and the head's backward, likewise), whole on every tp rank otherwise (the runtime today);
-      the head keeps its input and the logits (in fp32 for the loss: 4 s b V / t bytes).
+      the head keeps its input, and the loss its log-probabilities (fp32: 4 s b V / t bytes) as
+      `ModelCosts.loss_bytes`: held by the last stage per micro-batch, recomputed or not (the
+      loss runs outside the stage's checkpoints).
     - weights, gradients and optimizer state: `parameter_bytes` per element, gradients and
       optimizer state as `gradient_bytes` and `optimizer_bytes` per element (mixed-precision Adam:
       2, 2 (4 for fp32 main gradients), 12; fp32 Adam: 4, 4, 8).
@@ -342,7 +344,7 @@ class GptEstimate:
             backward_s=2 * head_s + 2 * logits * max(v, 4) / bandwidth
             + (allreduce(sbh * v) if vt > 1 else 0.0),
             weight_grad_s=head_s,
-            activation_bytes=sbh * v + logits * max(v, 4),
+            activation_bytes=sbh * v,
             output_bytes=logits * max(v, 4),
             parameter_bytes=vocab * h // vt * pe,
         )
@@ -359,6 +361,7 @@ class GptEstimate:
             gradient_bytes_per_parameter_byte=self.gradient_element_bytes / pe,
             optimizer_bytes_per_parameter_byte=self.optimizer_element_bytes / pe,
             tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
+            loss_bytes=logits * max(v, 4),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

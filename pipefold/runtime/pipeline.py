@@ -30,6 +30,7 @@ from pipefold.device import check_compiler
 from pipefold.errors import ConfigError, NonFiniteLoss
 from pipefold.model import LayerLike, as_layers, meta_layers, named_parameters, owner_indices
 from pipefold.model.build import shared_parameter_uses
+from pipefold.model.dropout import dropout_steps
 from pipefold.runtime import step_gather
 from pipefold.runtime.arguments import (
     check_optimizer,
@@ -575,6 +576,7 @@ class Pipeline:
             self._boundaries,
         )
         self._begin_updates(rows)
+        dropout_steps.next_step()  # one key per run; its micro-batches are numbered across its steps
         stashes = [stage.stash for stage in self.stages if stage.stash is not None]
         for stash in stashes:
             stash.stream(schedule.num_microbatches, program.version_lag)
@@ -619,6 +621,7 @@ class Pipeline:
         )
         count_memory = self._counting.due(batch_key, self._num_steps_run)
         self._num_steps_run += 1
+        dropout_steps.next_step()  # seeded dropout's step (pipefold.model.dropout)
         seed = 1.0 if scaler is None else scaler.scale
         if data_parallel is not None:
             data_parallel.begin_step(batch_size)

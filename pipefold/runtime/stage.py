@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, TiedLayerSpec
+from pipefold.model.dropout import enter_microbatch, replay_scope
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
@@ -109,15 +110,22 @@ class Stage:
             elif self.stash is not None:
                 value = _checkpoint_on_version(call, module, value)
             else:
-                value = torch.utils.checkpoint.checkpoint(call, value, use_reentrant=False)
+                value = torch.utils.checkpoint.checkpoint(
+                    call, value, use_reentrant=False, context_fn=replay_scope
+                )
         return value
 
     def forward(self, value: Any, microbatch: int) -> Any:
         dtype = self.compute_dtype
-        if dtype is None:
-            return self._forward(value, microbatch)
-        with torch.autocast(self.device_type, dtype=dtype):
-            output = self._forward(value, microbatch)
+        # Seeded dropout draws this micro-batch's masks (pipefold.model.dropout).
+        outer = enter_microbatch(microbatch)
+        try:
+            if dtype is None:
+                return self._forward(value, microbatch)
+            with torch.autocast(self.device_type, dtype=dtype):
+                output = self._forward(value, microbatch)
+        finally:
+            enter_microbatch(outer)
         return self._cast_output(output, dtype)
 
     def forward_only(self, value: Any) -> Any:
@@ -143,7 +151,9 @@ class Stage:
             # recomputation checkpoints that call with the version's weights as arguments.
             return self.stash.forward(microbatch, value, recompute=self._recompute_all)
         if self._recompute_all:
-            output = torch.utils.checkpoint.checkpoint(self._run, value, use_reentrant=False)
+            output = torch.utils.checkpoint.checkpoint(
+                self._run, value, use_reentrant=False, context_fn=replay_scope
+            )
         else:
             output = self._run(value)
         if self.check_plain_output and not self.is_last:
@@ -202,7 +212,9 @@ def _checkpoint_on_version(call: Callable[[Any], Any], module: nn.Module, value:
         swapped = {f"module.{name}": weight for name, weight in zip(named, weights, strict=True)}
         return torch.func.functional_call(bound, swapped, (value,))
 
-    return torch.utils.checkpoint.checkpoint(run, value, *named.values(), use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(
+        run, value, *named.values(), use_reentrant=False, context_fn=replay_scope
+    )
 
 
 class _Bound(nn.Module):

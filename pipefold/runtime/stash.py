@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError, PipelineError
+from pipefold.model.dropout import replay_scope
 
 __all__ = ["WeightStash"]
 
@@ -137,7 +138,10 @@ class WeightStash:
                 named = dict(zip(self._names, values[num_args:], strict=True))
                 return torch.func.functional_call(self._module, named, values[:num_args], kwargs)
 
-            output = torch.utils.checkpoint.checkpoint(run, *args, *weights, use_reentrant=False)
+            # The recomputation draws the forward's dropout masks (pipefold.model.dropout).
+            output = torch.utils.checkpoint.checkpoint(
+                run, *args, *weights, use_reentrant=False, context_fn=replay_scope
+            )
         else:
             named = dict(zip(self._names, weights, strict=True))
             output = torch.func.functional_call(self._module, named, args, kwargs)

@@ -83,6 +83,41 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     assert command is not None and command.endswith("--recompute selective")
     words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
     assert _config(*words[1:]).recompute == "selective"
+    # plan --megatron: train runs Megatron-LM's GPT (unfused attention, dropout 0.1), not under tp.
     megatron = SimpleNamespace(**{**vars(args), "megatron": True})
     chosen = SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)
-    assert train_command(megatron, chosen) is None
+    command = train_command(megatron, chosen)
+    assert command is not None and command.endswith("--recompute selective --attention unfused --dropout 0.1")
+    config = _config(*command.split()[2:])
+    assert (config.model.attention, config.model.dropout, config.recompute) == ("unfused", 0.1, "selective")
+    split = SimpleNamespace(choice=replace(selective, num_tensor_parallel=2), global_batch=4,
+                            saves_searched_order=False)
+    assert train_command(megatron, split) is None
+
+
+def test_attention_unfused_reaches_the_configuration_and_the_model():
+    from pipefold.job.sections import ATTENTION_CHOICES
+    from pipefold.model.zoo.gpt import ATTENTION_CHOICES as MODEL_CHOICES
+
+    assert ATTENTION_CHOICES == MODEL_CHOICES
+    config = _config("--attention", "unfused", "--dropout", "0.1", "--recompute", "full")
+    assert (config.model.attention, config.model.dropout, config.recompute) == ("unfused", 0.1, "full")
+    assert config.to_dict()["model"]["attention"] == "unfused"
+    assert _config().model.attention == "fused"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"model.attention": "flash"}, r'model.attention=.flash. is not allowed: use "fused" or "unfused"'),
+        ({"model.attention": "unfused", "model.dropout": 1.0},
+         r"model.dropout=1.0 is not allowed: use a probability in \[0, 1\)"),
+        # Seeded masks are drawn for a rank's whole tensor, not a tp rank's share of one.
+        ({"model.attention": "unfused", "model.dropout": 0.1, "schedule.tensor_parallel": 2},
+         r"model.dropout=0.1 is not allowed: dropout is not supported with tensor_parallel > 1"),
+        ({"model.dropout": 0.1, "recompute": "full"}, r'or model.attention = "unfused"'),
+    ],
+)
+def test_bad_attention_and_dropout_are_refused_before_any_rank_starts(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(overrides=overrides)

@@ -228,3 +228,22 @@ def test_cli_hardware_refusals(tmp_path, capsys):
     ):
         assert main([*gpt, *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_loss_log_probabilities_stay_with_the_last_stage_when_it_recomputes():
+    """The cross-entropy runs outside the stage's checkpoints, so its fp32 log-probabilities are
+    `loss_bytes` (held recomputed or not), not the head's activations (dropped when recomputed)."""
+    from pipefold.plan.evaluate import evaluate
+    from pipefold.plan.space import Config
+
+    rows, seq, dim, vocab = 2, 32, 64, 256
+    estimate = GptEstimate(num_layers=2, d_model=dim, num_heads=4, seq_len=seq, vocab_size=vocab,
+                           hardware=load_hardware("cpu"), dtype="fp32", megatron=True)
+    costs = estimate.at(rows, 1, Link(), False)
+    assert costs.loss_bytes == 4 * rows * seq * vocab
+    assert costs.layers[-1].activation_bytes == 4 * rows * seq * dim  # the head's input only
+    held = [evaluate(costs, Config("1f1b", 1, 4, rows), num_ranks=2, bounds=(0, 3, 6), recompute=stages,
+                     link=Link()).memory[1].activations for stages in ((), (0, 1))]
+    # Recomputed, the last rank keeps its layers' inputs and the loss's log-probabilities.
+    assert held[1] == 3 * 4 * rows * seq * dim + costs.loss_bytes
+    assert held[0] > held[1]

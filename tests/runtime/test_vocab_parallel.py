@@ -7,6 +7,11 @@ steps without zeroing, and the loss and every gradient (a shard's gathered whole
 same model's on one process. Single-process cases check the cross-entropy's arithmetic on a
 world of one, selective recomputation of one block (exact, and what it keeps between none and
 full), and the planner's activation model against what the runtime keeps.
+
+Megatron's unfused GPT with seeded dropout (`attention="unfused"`) runs on two ranks of the
+shared pool (`WorkerPool(2, cases=__name__)`, one task with every schedule): 1f1b, zb-h1 (split
+backward) and interleaved 1f1b at pp2, with full, selective and no recomputation, against one
+process drawing each micro-batch's masks in `dropout_scope`.
 """
 
 from __future__ import annotations
@@ -164,6 +169,76 @@ def vocab_refused():
     except ConfigError as error:
         return str(error)
     return None
+
+
+MEGATRON_CASES = (
+    ("1f1b", "none", None),
+    ("1f1b", "full", None),
+    ("zb-h1", "selective", None),  # split backward: I and W apart
+    ("interleaved-1f1b", "none", 2),
+    ("interleaved-1f1b", "full", 2),
+)
+
+
+def _megatron_layers() -> list:
+    return gpt_layers(VOCAB, DIM, HEADS, 2, SEQ, dropout=0.3, attention="unfused")
+
+
+def megatron_exact(*, cases):
+    """Each (schedule, recompute, num_virtual): two steps without zeroing at pp2; loss and every
+    gradient against one process drawing micro-batch j's masks of step k in dropout_scope."""
+    from pipefold.model.dropout import dropout_scope, dropout_steps
+
+    num_microbatches, rows = 4, 8
+    batches = [_batch(rows, seed=step) for step in range(2)]
+    reference = build_reference(_megatron_layers(), seed=7)
+    reference.train()
+    expected_losses = []
+    for step, (inputs, targets) in enumerate(batches):
+        total = 0.0
+        pairs = zip(inputs.chunk(num_microbatches), targets.chunk(num_microbatches), strict=True)
+        for microbatch, (x, y) in enumerate(pairs):
+            with dropout_scope(seed=3, step=step, microbatch=microbatch):
+                loss = gpt_loss(reference(x), y) / num_microbatches
+            loss.backward()
+            total += loss.item()
+        expected_losses.append(total)
+    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+    # Without dropout the losses differ: the masks above are really drawn.
+    plain = build_reference(gpt_layers(VOCAB, DIM, HEADS, 2, SEQ, attention="unfused"), seed=7)
+    assert abs(gpt_loss(plain(batches[0][0]), batches[0][1]).item() - expected_losses[0]) > 1e-3
+    out = []
+    for schedule, recompute, num_virtual in cases:
+        dropout_steps.start_at(3, 0)  # the pool's ranks ran other pipelines before
+        pipe = Pipeline(
+            _megatron_layers(), loss_fn=gpt_loss, schedule=schedule, num_microbatches=num_microbatches,
+            num_virtual=num_virtual, layout=LayoutOptions(recompute=recompute, seed=7),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        losses = [pipe.step(inputs, targets) for inputs, targets in batches]
+        torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+        for name, param in pipe.named_parameters():
+            assert param.grad is not None, f"{name} has no gradient"
+            torch.testing.assert_close(param.grad, expected_grads[name],
+                                       msg=lambda m, n=name, c=(schedule, recompute): f"{c} {n}: {m}")
+        out.append(sorted(name for name, _ in pipe.named_parameters()))
+    return out
+
+
+# -- two ranks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+def test_megatron_gpt_with_dropout_equals_one_process_under_every_schedule_and_recomputation():
+    pool = WorkerPool(2, cases=__name__)
+    try:
+        results = pool.run("megatron_exact", cases=MEGATRON_CASES)
+    finally:
+        pool.close()
+    # Both ranks ran every case, and between them checked every parameter of the model.
+    assert [len(r) for r in results] == [len(MEGATRON_CASES)] * 2
+    names = {name for name, _ in build_reference(_megatron_layers(), seed=7).named_parameters()}
+    assert all(set(first) | set(second) == names for first, second in zip(*results, strict=True))
 
 
 # -- four ranks -------------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ Layer order (num_layers decoder blocks):
 The first and last layers are ONE module (key "embed"): the head multiplies by the
 token embedding's weight, so the weights are tied across the first and last stage.
 `tie_embeddings=False` makes the head its own `LMHead`.
+
+`attention="unfused"` runs attention and dropout as Megatron-LM's GPT does: explicit QK^T
+scores, softmax, dropout on the attention probabilities, and dropout after the attention
+projection, after the MLP and on the embeddings' sum, each with probability `dropout`; its
+masks are seeded per (step, micro-batch, layer, site) (`pipefold.model.dropout`), so a pipeline
+and the same model on one process draw the same ones, recomputation included. It keeps what
+Korthikanti et al. 2022 count: sbh(34 + 5as/h) bytes per block at 2 bytes per value.
 Only the token table is tied; the position table is its own layer because the head
 never uses it, and a tied module whose parameters are partly unused on one owner
 would leave that owner with `None` gradients to sum.
@@ -33,9 +40,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from pipefold.errors import ConfigError
+from pipefold.model.dropout import SeededDropout, replay_scope
 from pipefold.model.spec import LayerSpec, TiedLayerSpec
 
 __all__ = [
+    "ATTENTION_CHOICES",
     "TokenEmbedding",
     "LMHead",
     "PositionEmbedding",
@@ -48,6 +57,10 @@ __all__ = [
     "tied_head",
     "generate",
 ]
+
+ATTENTION_CHOICES = ("fused", "unfused")
+"""`gpt_layers(attention=)`: torch's fused scaled-dot-product attention (no s^2 scores kept, no
+dropout inside), or Megatron-LM's unfused attention with its dropouts."""
 
 _INIT_STD = 0.02
 """GPT-2's init scale; with N(0, 1) the tied head would start with logits of size sqrt(d_model)."""
@@ -87,12 +100,14 @@ def tied_head(embedding: nn.Module, x: Tensor) -> Tensor:
 
 
 class PositionEmbedding(nn.Module):
-    """Adds a learned vector per position; sequences up to `seq_len` tokens."""
+    """Adds a learned vector per position; sequences up to `seq_len` tokens. `dropout` > 0
+    drops elements of the sum (Megatron's embedding dropout, seeded as layer `layer`)."""
 
-    def __init__(self, seq_len: int, d_model: int) -> None:
+    def __init__(self, seq_len: int, d_model: int, dropout: float = 0.0, layer: int = 1) -> None:
         super().__init__()
         self.seq_len = seq_len
         self.position = nn.Parameter(torch.randn(seq_len, d_model) * _INIT_STD)
+        self.dropout = SeededDropout(dropout, layer, 0) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         length = x.shape[1]
@@ -101,7 +116,8 @@ class PositionEmbedding(nn.Module):
                 f"sequence length {length} exceeds the model's seq_len={self.seq_len}; "
                 "crop the input or build the model with a larger seq_len"
             )
-        return x + self.position[:length]
+        out: Tensor = self.dropout(x + self.position[:length])
+        return out
 
 
 def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -114,6 +130,17 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _unfused_core(q: Tensor, k: Tensor, v: Tensor, dropout: nn.Module) -> Tensor:
+    """Megatron's attention core: scaled QK^T scores, a causal mask added (an addition keeps
+    nothing for its backward), softmax (keeps its output), dropout on the probabilities (keeps
+    its 1-byte mask), and the dropped probabilities times V (keeps both)."""
+    length = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    causal = torch.full((length, length), float("-inf"), device=q.device, dtype=scores.dtype).triu_(1)
+    probs = dropout(torch.softmax(scores + causal, dim=-1))
+    return torch.matmul(probs, v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -129,27 +156,50 @@ class CausalSelfAttention(nn.Module):
     `recompute_core = True` (what `LayoutOptions(recompute="selective")` sets) keeps only q, k
     and v for the backward and runs the attention core (QK^T, softmax, attention over V) again
     there (Korthikanti et al. 2022's selective recomputation); the projections keep theirs.
+
+    `attention="unfused"` computes the core as Megatron does (`_unfused_core`), with `dropout`
+    on the attention probabilities (seeded as site 1 of layer `layer`); the recomputation of the
+    core redraws the same masks.
     """
 
     recompute_core: bool
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, *, attention: str = "fused", dropout: float = 0.0, layer: int = 0
+    ) -> None:
         super().__init__()
+        if attention not in ATTENTION_CHOICES:
+            raise ConfigError(
+                f"CausalSelfAttention: attention = {attention!r}; use one of {', '.join(ATTENTION_CHOICES)}"
+            )
         self.recompute_core = False
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.head_qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        self.unfused = attention == "unfused"
+        self.attention_dropout = SeededDropout(dropout, layer, 1) if dropout > 0 else nn.Identity()
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.unfused:
+            return _unfused_core(q, k, v, self.attention_dropout)
+        return _attention_core(q, k, v)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
         qkv = self.head_qkv(x)
         num_local_heads = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(batch, length, num_local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        if self.unfused:
+            # Whole tensors of their own, so the products keep q, k and v (3 sbh), not copies
+            # of them beside the qkv output.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if self.recompute_core and torch.is_grad_enabled():
-            y = torch.utils.checkpoint.checkpoint(_attention_core, q, k, v, use_reentrant=False)
+            y = torch.utils.checkpoint.checkpoint(
+                self._core, q, k, v, use_reentrant=False, context_fn=replay_scope
+            )
         else:
-            y = _attention_core(q, k, v)
+            y = self._core(q, k, v)
         out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, num_local_heads * self.head_dim))
         return out
 
@@ -159,13 +209,24 @@ class DecoderBlock(nn.Module):
 
     `dropout` > 0 drops elements of each residual branch's output while training (GPT-2's
     residual dropout); 0 adds no module, so the block's parameters and state dict are unchanged.
+    With `attention="unfused"` the branches' dropouts are seeded (sites 2 and 3 of layer `layer`)
+    and the attention probabilities are dropped too (`CausalSelfAttention`).
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_layers: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, num_layers: int, dropout: float = 0.0, *,
+        attention: str = "fused", layer: int = 0,
+    ) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, num_heads)
+        self.attn = CausalSelfAttention(d_model, num_heads, attention=attention, dropout=dropout, layer=layer)
+        self.dropout: nn.Module = nn.Identity()
+        self.mlp_dropout: nn.Module | None = None  # the fused block drops both branches with one module
+        if dropout > 0 and attention == "unfused":
+            self.dropout = SeededDropout(dropout, layer, 2)
+            self.mlp_dropout = SeededDropout(dropout, layer, 3)
+        elif dropout > 0:
+            self.dropout = nn.Dropout(dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.fc_out = nn.Linear(4 * d_model, d_model)
@@ -179,7 +240,8 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.dropout(self.attn(self.ln1(x)))
-        out: Tensor = x + self.dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+        mlp_dropout = self.dropout if self.mlp_dropout is None else self.mlp_dropout
+        out: Tensor = x + mlp_dropout(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
         return out
 
 
@@ -192,10 +254,13 @@ def gpt_layers(
     *,
     tie_embeddings: bool = True,
     dropout: float = 0.0,
+    attention: str = "fused",
 ) -> list[LayerSpec]:
     """The GPT as `num_layers + 4` lazily built layers (see the module docstring).
 
-    `dropout`: the blocks' residual dropout probability while training (0 = none).
+    `dropout`: the dropout probability while training (0 = none): the blocks' residual dropout
+    with fused attention; with `attention="unfused"` Megatron's dropouts (attention
+    probabilities, after the projection and the MLP, on the embeddings), seeded.
     """
     for name, value in (
         ("vocab_size", vocab_size),
@@ -213,13 +278,24 @@ def gpt_layers(
         )
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"gpt_layers: dropout must be in [0, 1); got {dropout} (e.g. 0.1, or 0 for none)")
+    if attention not in ATTENTION_CHOICES:
+        choices = ", ".join(repr(choice) for choice in ATTENTION_CHOICES)
+        raise ConfigError(f"gpt_layers: attention = {attention!r}; use one of {choices}")
     # Without dropout the spec is the one it always was (no extra argument).
     block_args: tuple[float, ...] = (dropout,) if dropout > 0 else ()
-    layers: list[LayerSpec] = [
-        TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model),
-        LayerSpec(PositionEmbedding, seq_len, d_model),
-    ]
-    layers += [LayerSpec(DecoderBlock, d_model, num_heads, num_layers, *block_args) for _ in range(num_layers)]
+    layers: list[LayerSpec] = [TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model)]
+    if attention == "fused":
+        layers.append(LayerSpec(PositionEmbedding, seq_len, d_model))
+        layers += [
+            LayerSpec(DecoderBlock, d_model, num_heads, num_layers, *block_args) for _ in range(num_layers)
+        ]
+    else:
+        # Each dropout seeded by its layer's index in this list (pipefold.model.dropout).
+        layers.append(LayerSpec(PositionEmbedding, seq_len, d_model, dropout, layer=1))
+        layers += [
+            LayerSpec(DecoderBlock, d_model, num_heads, num_layers, dropout, attention="unfused", layer=2 + i)
+            for i in range(num_layers)
+        ]
     layers.append(LayerSpec(nn.LayerNorm, d_model))
     if tie_embeddings:
         layers.append(TiedLayerSpec("embed", TokenEmbedding, vocab_size, d_model, forward_fn=tied_head))
