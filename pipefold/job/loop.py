@@ -54,7 +54,7 @@ from pipefold.job.retune import Retuner
 from pipefold.job.rng import gather_rng_states
 from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
 from pipefold.job.streaming import Streams
-from pipefold.model.dropout import dropout_steps
+from pipefold.model.dropout import dropout_steps, replica_seed
 from pipefold.plan.estimate import model_flops_utilization
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
@@ -79,8 +79,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     config = resume_after_restart(config)
     job = set_up(config)
     # Seeded dropout (model.attention = "unfused") draws per pipeline call: a resumed run goes on
-    # from the calls its steps made.
-    dropout_steps.start_at(config.seed, job.start_step * config.grad_accumulation)
+    # from the calls its steps made; each data-parallel replica draws its own masks.
+    dropout_steps.start_at(replica_seed(config.seed, job.pipe.data_parallel_rank),
+                           job.start_step * config.grad_accumulation)
     pipe, optimizer, scheduler = job.pipe, job.optimizer, job.scheduler
     report = console if job.rank == 0 else None
     if report is not None:

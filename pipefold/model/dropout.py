@@ -37,6 +37,7 @@ __all__ = [
     "dropout_steps",
     "enter_microbatch",
     "replay_scope",
+    "replica_seed",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -56,6 +57,13 @@ def dropout_key(seed: int, step: int, microbatch: int, layer: int, site: int) ->
     for part in (seed, step, microbatch, layer, site):
         key = _mix(key ^ (part & _MASK64))
     return key >> 1
+
+
+def replica_seed(seed: int, replica: int) -> int:
+    """The dropout seed of data-parallel replica `replica`: replica 0 keeps `seed`, each other
+    replica a seed of its own, so replicas holding different rows never share masks. A
+    one-process reference of replica r's rows draws with `dropout_scope(seed=replica_seed(seed, r), ...)`."""
+    return seed if replica == 0 else dropout_key(seed, -1, replica, -1, -1)
 
 
 class _Steps:

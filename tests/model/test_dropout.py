@@ -17,6 +17,7 @@ from pipefold.model.dropout import (
     dropout_steps,
     enter_microbatch,
     replay_scope,
+    replica_seed,
 )
 from pipefold.model.zoo import gpt_layers, gpt_loss
 from pipefold.model.zoo.gpt import DecoderBlock
@@ -44,6 +45,18 @@ def test_a_mask_is_a_function_of_its_key_and_drops_about_p():
     assert not torch.equal(drop(x), drop(x))
     assert torch.equal(drop.eval()(x), x)
     assert len({dropout_key(0, 0, 0, layer, site) for layer in range(50) for site in range(4)}) == 200
+
+
+def test_data_parallel_replicas_draw_masks_of_their_own():
+    # Replica 0 keeps the run's seed (a run without data parallelism is unchanged); every other
+    # replica holds other rows and must not share their masks.
+    assert replica_seed(7, 0) == 7
+    seeds = {replica_seed(7, replica) for replica in range(8)}
+    assert len(seeds) == 8
+    drop, x = SeededDropout(0.5, layer=0, site=0), torch.ones(32, 32)
+    key = {"step": 0, "microbatch": 0}
+    assert not torch.equal(_draw(drop, x, seed=replica_seed(7, 0), **key),
+                           _draw(drop, x, seed=replica_seed(7, 1), **key))
 
 
 def test_the_pipeline_step_counter_and_the_micro_batch_scope_give_the_key():
