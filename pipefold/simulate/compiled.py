@@ -295,8 +295,8 @@ class CompiledSchedule:
             # One gather over a (kind, stage) table: the same floats, without a Python loop.
             durations: list[float] = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array].tolist()
             return durations
-        return [tables[kind][stage] for kind, stage in zip(self._kind_array.tolist(), self._stage_array.tolist(),
-                                                            strict=True)]
+        kinds, stages = self._kind_array.tolist(), self._stage_array.tolist()
+        return [tables[kind][stage] for kind, stage in zip(kinds, stages, strict=True)]
 
     def run(self, costs: CostModel) -> CompiledRun:
         """Time one step (as `simulate(schedule, costs)` with the default `num_steps=1`)."""
@@ -336,8 +336,8 @@ class CompiledSchedule:
         start = np.empty(levels.ids.shape[1], dtype=np.float64)
         arrival = np.empty_like(start)
         for ids, previous, first, first_delay, second, second_delay, length in zip(
-                levels.ids, levels.previous, levels.first, first_delays, levels.second, second_delays, lengths,
-                strict=True):
+                levels.ids, levels.previous, levels.first, first_delays, levels.second, second_delays,
+                lengths, strict=True):
             np.add(ends[previous], overhead, out=start)
             np.add(ends[first], first_delay, out=arrival)
             np.maximum(start, arrival, out=start)
@@ -406,8 +406,8 @@ class CompiledSchedule:
             peaks.append(peak)
         return tuple(peaks)
 
-    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int], ends: list[float] | np.ndarray | None
-                     ) -> tuple[int, ...]:
+    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int],
+                     ends: list[float] | np.ndarray | None) -> tuple[int, ...]:
         """`_peaks` with numpy: the same integer sums, where they cannot overflow 64 bits."""
         kinds, stages = self._kind_array, self._stage_array
         act = np.asarray(activation, dtype=np.int64)[stages]

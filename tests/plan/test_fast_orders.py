@@ -314,3 +314,14 @@ def test_compiled_deadlock_names_the_stuck_rank() -> None:
                                                 (Action(Op.B, 1, 0), Action(Op.F, 1, 0))))
     with pytest.raises(ScheduleError, match=r"stuck: simulation deadlocked at rank 0, B0"):
         CompiledSchedule(stuck)
+
+
+def test_the_shared_integer_generators_number_kinds_as_the_compiled_rows() -> None:
+    """dualpipe-v's, zb-v's and the greedy V's integer rows are read by `fast_order` as they are."""
+    from pipefold.schedule.families import _common
+    from pipefold.simulate.compiled import KINDS
+
+    numbers = (_common.KIND_F, _common.KIND_B, _common.KIND_I, _common.KIND_W)
+    assert tuple(KINDS[number] for number in numbers) == (Op.F, Op.B, Op.I, Op.W)
+    assert _common.actions_of(([0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7])) == [
+        Action(Op.F, 0, 4), Action(Op.B, 1, 5), Action(Op.I, 2, 6), Action(Op.W, 3, 7)]

@@ -15,7 +15,28 @@ __all__ = [
     "require_virtual",
     "drop_microbatches",
     "counted",
+    "KIND_F",
+    "KIND_B",
+    "KIND_I",
+    "KIND_W",
+    "IntRow",
+    "actions_of",
 ]
+
+KIND_F, KIND_B, KIND_I, KIND_W = range(4)
+"""The ops of the integer generators (V schedules), numbered as `pipefold.simulate.compiled.KINDS`
+numbers them: the planner reads these rows without building `Action`s (`pipefold.plan.fast_orders`)."""
+_OP_OF_KIND = (Op.F, Op.B, Op.I, Op.W)
+
+IntRow = tuple[list[int], list[int], list[int]]
+"""One rank's order as kinds (`KIND_F` ...), stages and micro-batches."""
+
+
+def actions_of(row: IntRow) -> list[Action]:
+    """An integer row's `Action`s."""
+    kinds, stages, microbatches = row
+    return [Action(_OP_OF_KIND[kind], stage, microbatch)
+            for kind, stage, microbatch in zip(kinds, stages, microbatches, strict=True)]
 
 
 def make_schedule(

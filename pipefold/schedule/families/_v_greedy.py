@@ -10,13 +10,19 @@ from __future__ import annotations
 from collections import deque
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule.ir import Action, Op
+from pipefold.schedule.families._common import KIND_F, KIND_I, KIND_W, IntRow, actions_of
+from pipefold.schedule.ir import Action
 
-__all__ = ["greedy_v_rows"]
+__all__ = ["greedy_v_rows", "greedy_v_order"]
 
 
 def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[Action]]:
     """Per-rank compute orders under the policy of docs/decisions.md, "Controllable-memory V schedules"."""
+    return [actions_of(row) for row in greedy_v_order(num_ranks, num_microbatches, cap)]
+
+
+def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntRow]:
+    """`greedy_v_rows` as integers (kinds numbered `KIND_F` ...), without `Action` objects."""
     if cap < 2:
         raise ScheduleError(
             f"a V schedule needs a memory cap of at least 2 stage-chunks (one micro-batch's "
@@ -29,20 +35,16 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
     # available, in flat lists: building and hashing keys for every probe dominated at 64 ranks.
     f_done = [never] * (num_stages * num_mb)
     i_done = [never] * (num_stages * num_mb)
-    rows: list[list[Action]] = [[] for _ in range(num_ranks)]
+    kinds: list[list[int]] = [[] for _ in range(num_ranks)]
+    stages: list[list[int]] = [[] for _ in range(num_ranks)]
+    mbs: list[list[int]] = [[] for _ in range(num_ranks)]
     next_f = [0] * num_stages
     next_i = [0] * num_stages
-    pending_w: list[deque[Action]] = [deque() for _ in range(num_ranks)]
+    pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(num_ranks)]
     held = [0] * num_ranks
     reserved = [0] * num_ranks
     remaining = 3 * num_stages * num_microbatches
     last = num_stages - 1
-    f_op, i_op, w_op = Op.F, Op.I, Op.W
-
-    def input_grad_ready(stage: int, mb: int, now: int) -> bool:
-        if mb >= num_mb or f_done[stage * num_mb + mb] > now:
-            return False
-        return stage == last or i_done[(stage + 1) * num_mb + mb] <= now
 
     now = 0
     last_busy = 0  # the latest time any rank is busy until (every action takes one step)
@@ -54,17 +56,22 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
         # does now is seen by the others only from the next step.
         for rank in range(num_ranks):
             down, up = rank, last - rank
-            # An I first: the earliest micro-batch, then the later stage (up > down).
             mb_down, mb_up = next_i[down], next_i[up]
-            ready_down = input_grad_ready(down, mb_down, now)
-            ready_up = input_grad_ready(up, mb_up, now)
+            # An I first (the earliest micro-batch, then the later stage: up > down), where the stage's
+            # next one has its forward and the gradient from the stage above.
+            ready_down = mb_down < num_mb and f_done[down * num_mb + mb_down] <= now and (
+                i_done[(down + 1) * num_mb + mb_down] <= now)
+            ready_up = mb_up < num_mb and f_done[up * num_mb + mb_up] <= now and (
+                up == last or i_done[(up + 1) * num_mb + mb_up] <= now)
             if ready_down or ready_up:
                 stage = down if ready_down and (not ready_up or mb_down < mb_up) else up
                 mb = mb_down if stage == down else mb_up
-                rows[rank].append(Action(i_op, stage, mb))
+                kinds[rank].append(KIND_I)
+                stages[rank].append(stage)
+                mbs[rank].append(mb)
                 i_done[stage * num_mb + mb] = now + 1
                 next_i[stage] += 1
-                pending_w[rank].append(Action(w_op, stage, mb))
+                pending_w[rank].append((stage, mb))
             else:
                 mb = next_f[up]
                 if mb < num_mb and f_done[(up - 1) * num_mb + mb] <= now:
@@ -76,14 +83,19 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
                     ):
                         stage = down
                     elif pending_w[rank]:
-                        rows[rank].append(pending_w[rank].popleft())
+                        w_stage, w_mb = pending_w[rank].popleft()
+                        kinds[rank].append(KIND_W)
+                        stages[rank].append(w_stage)
+                        mbs[rank].append(w_mb)
                         held[rank] -= 1
                         last_busy = now + 1
                         remaining -= 1
                         continue
                     else:
                         continue
-                rows[rank].append(Action(f_op, stage, mb))
+                kinds[rank].append(KIND_F)
+                stages[rank].append(stage)
+                mbs[rank].append(mb)
                 f_done[stage * num_mb + mb] = now + 1
                 next_f[stage] += 1
                 held[rank] += 1
@@ -91,4 +103,4 @@ def greedy_v_rows(num_ranks: int, num_microbatches: int, cap: int) -> list[list[
             last_busy = now + 1
             remaining -= 1
         now += 1
-    return rows
+    return list(zip(kinds, stages, mbs, strict=True))
