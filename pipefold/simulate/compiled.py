@@ -52,9 +52,8 @@ class _Levels:
     inputs (a slot that never arrives where none), and the link each input crosses."""
 
     ids: np.ndarray
-    previous: np.ndarray
-    first: np.ndarray
-    second: np.ndarray
+    inputs: np.ndarray
+    """Per level, (previous, first input, second input) x lanes."""
     first_links: np.ndarray
     second_links: np.ndarray
     heads: np.ndarray
@@ -237,7 +236,7 @@ class CompiledSchedule:
         first_links = np.where(firsts != missing, self._numbered[safe, 0], num_links)
         second_links = np.where(seconds != missing, self._numbered[safe, 1], num_links)
         heads = starts[lengths > 0]
-        return _Levels(table, previous, firsts, seconds, first_links, second_links, heads)
+        return _Levels(table, np.stack([previous, firsts, seconds], axis=1), first_links, second_links, heads)
 
     def _topological(self, schedule: Schedule) -> list[int]:
         # Passes over the ranks, each running on until an input is missing, up the ranks then down
@@ -332,18 +331,19 @@ class CompiledSchedule:
         ends[num_actions + 1] = -overhead
         lengths = np.append(np.asarray(durations, dtype=np.float64), (0.0, 0.0, 0.0))[levels.ids]
         link_delays = np.append(np.asarray(delays, dtype=np.float64), 0.0)
-        first_delays, second_delays = link_delays[levels.first_links], link_delays[levels.second_links]
-        start = np.empty(levels.ids.shape[1], dtype=np.float64)
-        arrival = np.empty_like(start)
-        for ids, previous, first, first_delay, second, second_delay, length in zip(
-                levels.ids, levels.previous, levels.first, first_delays, levels.second, second_delays,
-                lengths, strict=True):
-            np.add(ends[previous], overhead, out=start)
-            np.add(ends[first], first_delay, out=arrival)
-            np.maximum(start, arrival, out=start)
-            np.add(ends[second], second_delay, out=arrival)
-            np.maximum(start, arrival, out=start)
-            ends[ids] = start + length
+        # Per level and lane what is added to each of the three ends read: the overhead to the previous
+        # action's, each input's link delay to its.
+        offsets = np.empty(levels.inputs.shape, dtype=np.float64)
+        offsets[:, 0] = overhead
+        offsets[:, 1] = link_delays[levels.first_links]
+        offsets[:, 2] = link_delays[levels.second_links]
+        for ids, inputs, offset, length in zip(levels.ids, levels.inputs, offsets, lengths, strict=True):
+            arrivals = ends[inputs]
+            arrivals += offset
+            start = np.maximum(arrivals[0], arrivals[1])
+            np.maximum(start, arrivals[2], out=start)
+            start += length
+            ends[ids] = start
         # The first actions' starts, recomputed as above (0.0 or a later input).
         heads = levels.heads
         first_input, second_input = self._first_input[heads], self._second_input[heads]
