@@ -45,6 +45,10 @@ _MIN_PER_LEVEL = 16
 level) would cost more than one action at a time (few ranks, or a nearly sequential order as naive's)."""
 
 
+_CHECK_EVERY = 256
+"""How often (in levels) the wavefront checks that its levels are not far thinner than pays."""
+
+
 @dataclass(frozen=True, eq=False)
 class _Levels:
     """The actions level by level, one lane per rank (see `CompiledSchedule._wavefront`): per lane
@@ -182,6 +186,7 @@ class CompiledSchedule:
         self._levels = self._wavefront(schedule, starts, np.asarray(lengths, dtype=np.int64))
         self._order: list[int] = []
         self._steps: tuple[list[int], ...] = ()
+        self._order_arrays: tuple[np.ndarray, ...] = ()
         if self._levels is None:
             self._set_order(self._topological(schedule))
 
@@ -190,10 +195,9 @@ class CompiledSchedule:
         # inputs with the link each crosses (-1: none), as flat lists (`_run_in_order` zips them).
         self._order = order
         in_order = np.asarray(order, dtype=np.intp)
-        self._steps = tuple(
-            column[in_order].tolist()
-            for column in (self._ids, self._previous, self._first_input, self._numbered[:, 0],
-                           self._second_input, self._numbered[:, 1]))
+        self._steps = tuple(column[in_order].tolist()
+                            for column in (self._ids, self._previous, self._first_input, self._second_input))
+        self._order_arrays = (in_order, self._numbered[in_order, 0], self._numbered[in_order, 1])
 
     def _wavefront(self, schedule: Schedule, starts: np.ndarray, lengths: np.ndarray) -> _Levels | None:
         """The actions in levels: at each, every rank whose next action has its inputs from earlier
@@ -228,12 +232,15 @@ class CompiledSchedule:
         positions = np.empty((limit, num_rows), dtype=np.int64)
         readies = np.empty((limit, num_rows), dtype=bool)
         num_levels = 0
+        origin = int(position.sum())
         while True:
             ready = done[first_of[position]] & done[second_of[position]]
             if not np.count_nonzero(ready):
                 break
             if num_levels == limit:
                 return None
+            if num_levels % _CHECK_EVERY == 0 and int(position.sum()) - origin < num_levels * _MIN_PER_LEVEL // 4:
+                return None  # thin from the start (as naive's): given up early
             done[position] = ready
             positions[num_levels] = position
             readies[num_levels] = ready
@@ -375,16 +382,21 @@ class CompiledSchedule:
         overhead = costs.action_overhead
         ends = [0.0] * len(durations)
         first_start = float("inf")
-        in_order = [durations[action_id] for action_id in self._order]
-        for action_id, prev, first, first_link, second, second_link, duration in zip(*self._steps, in_order,
-                                                                                        strict=True):
+        # Per action in order its duration and each input's link delay, gathered at once.
+        order, first_links, second_links = self._order_arrays
+        in_order = np.asarray(durations, dtype=np.float64)[order].tolist()
+        link_delays = np.asarray(delays + [0.0], dtype=np.float64)
+        first_delays = link_delays[first_links].tolist()
+        second_delays = link_delays[second_links].tolist()
+        for action_id, prev, first, second, first_delay, second_delay, duration in zip(
+                *self._steps, first_delays, second_delays, in_order, strict=True):
             start = ends[prev] + overhead if prev >= 0 else 0.0
             if first >= 0:
-                arrival = ends[first] + delays[first_link]
+                arrival = ends[first] + first_delay
                 if arrival > start:
                     start = arrival
                 if second >= 0:
-                    arrival = ends[second] + delays[second_link]
+                    arrival = ends[second] + second_delay
                     if arrival > start:
                         start = arrival
             if prev < 0 and start < first_start:
