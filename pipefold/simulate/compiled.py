@@ -239,7 +239,8 @@ class CompiledSchedule:
                 break
             if num_levels == limit:
                 return None
-            if num_levels % _CHECK_EVERY == 0 and int(position.sum()) - origin < num_levels * _MIN_PER_LEVEL // 4:
+            if num_levels % _CHECK_EVERY == 0 and (
+                    int(position.sum()) - origin < num_levels * _MIN_PER_LEVEL // 4):
                 return None  # thin from the start (as naive's): given up early
             done[position] = ready
             positions[num_levels] = position
@@ -308,38 +309,40 @@ class CompiledSchedule:
         sharing makes a duration depend on what runs beside it)."""
         return not costs.shares_cores(schedule.num_ranks)
 
-    def _durations(self, costs: CostModel) -> list[float]:
+    def _durations(self, costs: CostModel) -> np.ndarray:
         tables = (costs.f, costs.b, costs.i, costs.w, costs.step)
         if not costs.step and not self._has_step:
             tables = (*tables[:4], (0.0,) * len(costs.f))  # (no STEP reads it)
         if len({len(table) for table in tables}) == 1:
             # One gather over a (kind, stage) table: the same floats, without a Python loop.
-            durations: list[float] = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array].tolist()
+            durations: np.ndarray = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array]
             return durations
         kinds, stages = self._kind_array.tolist(), self._stage_array.tolist()
-        return [tables[kind][stage] for kind, stage in zip(kinds, stages, strict=True)]
+        by_action = [tables[kind][stage] for kind, stage in zip(kinds, stages, strict=True)]
+        return np.array(by_action, dtype=np.float64)
 
     def run(self, costs: CostModel) -> CompiledRun:
         """Time one step (as `simulate(schedule, costs)` with the default `num_steps=1`)."""
         costs.check_schedule(self.schedule)
         if not self.supports(costs, self.schedule):
             raise ValueError("ranks share cores: use pipefold.simulate.simulate")
-        durations = self._durations(costs)
+        lengths = self._durations(costs)
+        durations = lengths.tolist()
         if not durations:
             return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
         delays = [costs.transfer_time(*key) for key in self._links]
         if self._levels is None:
-            ends_list, first_start = self._run_in_order(costs, durations, delays)
+            ends_list, first_start = self._run_in_order(costs, lengths, delays)
             latest = max(ends_list)
             ends: list[float] | np.ndarray = ends_list
         else:
-            ends_array, first_start = self._run_levels(costs, durations, delays, self._levels)
+            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels)
             latest = float(ends_array.max())
             ends = ends_array
         # Each rank's actions run one after another, so its first action starts first.
         return CompiledRun(latest - first_start, sum(durations), self._peaks(costs, ends))
 
-    def _run_levels(self, costs: CostModel, durations: list[float], delays: list[float], levels: _Levels
+    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels
                     ) -> tuple[np.ndarray, float]:
         """Each action's end, level by level: per action the same float operations as
         `_run_in_order` (a start is the largest of the previous end plus the overhead and each input's
@@ -351,7 +354,7 @@ class CompiledSchedule:
         ends = np.empty(num_actions + 3, dtype=np.float64)
         ends[num_actions] = -np.inf
         ends[num_actions + 1] = -overhead
-        lengths = np.append(np.asarray(durations, dtype=np.float64), (0.0, 0.0, 0.0))[levels.ids]
+        lengths = np.append(durations, (0.0, 0.0, 0.0))[levels.ids]
         link_delays = np.append(np.asarray(delays, dtype=np.float64), 0.0)
         # Per level and lane what is added to each of the three ends read: the overhead to the previous
         # action's, each input's link delay to its.
@@ -376,7 +379,7 @@ class CompiledSchedule:
             np.maximum(starts, arrivals, out=starts)
         return ends[:num_actions], float(starts.min())
 
-    def _run_in_order(self, costs: CostModel, durations: list[float], delays: list[float]
+    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float]
                       ) -> tuple[list[float], float]:
         """Each action's end, one action at a time in the topological order, and the first start."""
         overhead = costs.action_overhead
@@ -384,7 +387,7 @@ class CompiledSchedule:
         first_start = float("inf")
         # Per action in order its duration and each input's link delay, gathered at once.
         order, first_links, second_links = self._order_arrays
-        in_order = np.asarray(durations, dtype=np.float64)[order].tolist()
+        in_order = durations[order].tolist()
         link_delays = np.asarray(delays + [0.0], dtype=np.float64)
         first_delays = link_delays[first_links].tolist()
         second_delays = link_delays[second_links].tolist()
@@ -459,10 +462,11 @@ class CompiledSchedule:
         timing); None where the order alone cannot tell it (a duration so small that two actions of a
         rank may end at the same time, where the timed peak releases first)."""
         costs.check_schedule(self.schedule)
-        durations = self._durations(costs)
+        lengths = self._durations(costs)
+        durations = lengths.tolist()
         longest = sum(durations) + len(durations) * costs.action_overhead + sum(
             costs.transfer_time(*key) for key in self._links) * len(durations)
-        compute = np.asarray(durations, dtype=np.float64)[self._kind_array != _STEP]
+        compute = lengths[self._kind_array != _STEP]
         if compute.size and float(compute.min()) <= longest * _ABSORBED:
             return None
         return self._peaks(costs, None)

@@ -46,14 +46,15 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
     last = num_stages - 1
     # Per rank: its stages down and up, where their slots begin, and where the slots of the stages
     # each one waits on begin (a gradient from the stage above, a forward from the stage below).
-    lanes = [(rank, rank, last - rank, rank * width, (last - rank) * width, (rank + 1) * width,
-              (last - rank + 1) * width, (last - rank - 1) * width, ((rank or num_stages + 2) - 1) * width)
-             for rank in range(num_ranks)]
-    # Each rank's actions as codes slot * 4 + kind, one append each.
+    # Each rank's actions as codes slot * 4 + kind, one append each, and the slots of its I's whose W
+    # is still to run.
     codes: list[list[int]] = [[] for _ in range(num_ranks)]
+    pending_w: list[deque[int]] = [deque() for _ in range(num_ranks)]
+    lanes = [(rank, rank, last - rank, rank * width, (last - rank) * width, (rank + 1) * width,
+              (last - rank + 1) * width, (last - rank - 1) * width, ((rank or num_stages + 2) - 1) * width,
+              codes[rank].append, pending_w[rank]) for rank in range(num_ranks)]
     next_f = [0] * num_stages
     next_i = [0] * num_stages
-    pending_w: list[deque[int]] = [deque() for _ in range(num_ranks)]  # the slots of the I's done
     held = [0] * num_ranks
     reserved = [0] * num_ranks
     remaining = 3 * num_stages * num_microbatches
@@ -67,7 +68,7 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
         soon = now + 1
         # A rank's action ends at now + 1, so every rank is free at every step, and what one rank
         # does now is seen by the others only from the next step.
-        for rank, down, up, down_at, up_at, above_down, above_up, below_up, below_down in lanes:
+        for rank, down, up, down_at, up_at, above_down, above_up, below_up, below_down, emit, pending in lanes:
             # An I first (the earliest micro-batch, then the later stage: up > down), where the stage's
             # next one has its forward and the gradient from the stage above.
             mb_down, mb_up = next_i[down], next_i[up]
@@ -81,8 +82,8 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
                     slot = up_at + mb_up
                     next_i[up] = mb_up + 1
                 i_done[slot] = soon
-                codes[rank].append(slot * 4 + KIND_I)
-                pending_w[rank].append(slot)
+                emit(slot * 4 + KIND_I)
+                pending.append(slot)
             else:
                 mb = next_f[up]
                 if f_done[below_up + mb] <= now:
@@ -95,8 +96,8 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
                         slot = down_at + mb
                         next_f[down] = mb + 1
                         reserved[rank] += 1
-                    elif pending_w[rank]:
-                        codes[rank].append(pending_w[rank].popleft() * 4 + KIND_W)
+                    elif pending:
+                        emit(pending.popleft() * 4 + KIND_W)
                         held[rank] -= 1
                         last_busy = soon
                         remaining -= 1
@@ -104,7 +105,7 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
                     else:
                         continue
                 f_done[slot] = soon
-                codes[rank].append(slot * 4 + KIND_F)
+                emit(slot * 4 + KIND_F)
                 held[rank] += 1
             last_busy = soon
             remaining -= 1
