@@ -2,8 +2,10 @@
 
 The planner prices one family order under many partitions and recompute choices, at sizes
 (64 ranks x 512 micro-batches) where building a `Timeline` of Python objects per simulation
-costs seconds. A compiled schedule keeps the dependency graph as flat lists in a
-topological order, so each run is one pass of float arithmetic:
+costs seconds. A compiled schedule keeps the dependency graph as flat arrays, in levels
+where the order is wide (each rank's next action once its inputs are in earlier levels; a level is
+timed with a few array operations) and else in a topological order timed one action at a time;
+both give every action the same float operations:
 
     compiled = CompiledSchedule(schedule)
     run = compiled.run(costs)           # makespan, busy seconds, activation peaks
