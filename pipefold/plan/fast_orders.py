@@ -15,16 +15,17 @@ checks every one against it over ranks, micro-batches and virtual stages):
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipefold.errors import ScheduleError
+from pipefold.schedule.families._v_greedy import greedy_v_order
+from pipefold.schedule.families.dualpipe_v import rank_order as dualpipe_rank_order
 from pipefold.schedule.families.interleaved_1f1b import microbatch_groups
 from pipefold.schedule.families.v_half import memory_cap as v_half_cap
 from pipefold.schedule.families.v_min import memory_cap as v_min_cap
+from pipefold.schedule.families.zb_v import rank_order as zb_v_rank_order
 from pipefold.schedule.ir import (
     Schedule,
     WeightUpdate,
@@ -192,54 +193,11 @@ def _zb_h2(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tup
         for rank in range(num_ranks)]
 
 
-def _zb_v_row(num_ranks: int, padded: int, rank: int) -> Row:
-    """`pipefold.schedule.families.zb_v._rank_order`, step for step."""
-    p = num_ranks
-    down, up = rank, 2 * p - 1 - rank
-    kinds: list[int] = []
-    stages: list[int] = []
-    mbs: list[int] = []
-    # counts[kind][0 down / 1 up]: the next micro-batch of that op on that stage.
-    counts = [[0, 0] for _ in range(4)]
-
-    def emit(kind: int, which: int) -> None:
-        kinds.append(kind)
-        stages.append(up if which else down)
-        mbs.append(counts[kind][which])
-        counts[kind][which] += 1
-
-    for _ in range(2 * (p - rank) - 1):
-        emit(KIND_F, 0)
-    for _ in range(rank):
-        emit(KIND_F, 1)
-        emit(KIND_F, 0)
-    for _ in range(p - rank):
-        emit(KIND_F, 1)
-        emit(KIND_I, 1)
-        emit(KIND_W, 1)
-    while counts[KIND_F][1] < counts[KIND_F][0] or counts[KIND_F][0] < padded:
-        if counts[KIND_F][0] < padded:
-            emit(KIND_F, 0)
-        for kind, which in ((KIND_I, 0), (KIND_W, 0), (KIND_F, 1), (KIND_I, 1), (KIND_W, 1)):
-            emit(kind, which)
-    for _ in range(rank):
-        emit(KIND_I, 0)
-        emit(KIND_I, 1)
-    for _ in range(p - rank):
-        emit(KIND_I, 0)
-        emit(KIND_W, 0)
-    while counts[KIND_W][1] < counts[KIND_I][1]:
-        emit(KIND_W, 1)
-    while counts[KIND_W][0] < counts[KIND_I][0]:
-        emit(KIND_W, 0)
-    return _row(kinds, stages, mbs)
-
-
 def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
     padded = max(num_microbatches, 2 * num_ranks - 1)
     rows = []
     for rank in range(num_ranks):
-        kinds, stages, mbs = _zb_v_row(num_ranks, padded, rank)
+        kinds, stages, mbs = _row(*zb_v_rank_order(num_ranks, padded, rank))
         keep = mbs < num_microbatches
         rows.append((kinds[keep], stages[keep], mbs[keep]))
     return v_placement(num_ranks, 2), rows
@@ -253,170 +211,18 @@ def _naive(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tup
                 np.ones((m, 2), dtype=bool)) for rank in range(num_ranks)]
 
 
-class _DualPipeRank:
-    """`pipefold.schedule.families.dualpipe_v._RankBuilder` in integers: micro-batches numbered per
-    (stage, forward or backward) in emission order; a B and an I share the backward's counter."""
-
-    def __init__(self) -> None:
-        self.kinds: list[int] = []
-        self.stages: list[int] = []
-        self.microbatches: list[int] = []
-        self._next: dict[tuple[int, int], int] = {}
-        self._pending: deque[tuple[int, int]] = deque()
-
-    def _emit(self, kind: int, stage: int, microbatch: int) -> None:
-        self.kinds.append(kind)
-        self.stages.append(stage)
-        self.microbatches.append(microbatch)
-
-    def _take(self, kind: int, stage: int) -> int:
-        microbatch = self._next.get((kind, stage), 0)
-        self._next[(kind, stage)] = microbatch + 1
-        return microbatch
-
-    def forward(self, stage: int) -> None:
-        self._emit(KIND_F, stage, self._take(KIND_F, stage))
-
-    def backward(self, stage: int, split: bool) -> None:
-        microbatch = self._take(KIND_B, stage)
-        if split:
-            self._emit(KIND_I, stage, microbatch)
-            self._pending.append((stage, microbatch))
-        else:
-            self._emit(KIND_B, stage, microbatch)
-
-    def weight_if_pending(self) -> None:
-        if self._pending:
-            self._emit(KIND_W, *self._pending.popleft())
-
-
-def _dualpipe_v_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
-    """`pipefold.schedule.families.dualpipe_v._rank_order`, step for step."""
-    down, up = rank, 2 * num_ranks - 1 - rank
-    emit = _DualPipeRank()
-    for _ in range(2 * (num_ranks - rank - 1)):
-        emit.forward(down)
-    for _ in range(rank + 1):
-        emit.forward(down)
-        emit.forward(up)
-    for _ in range(num_ranks - rank - 1):
-        emit.backward(up, split=True)
-        emit.weight_if_pending()
-        emit.forward(up)
-    for _ in range(num_microbatches - 2 * num_ranks + rank + 1):
-        emit.forward(down)
-        emit.backward(up, split=False)
-        emit.forward(up)
-        emit.backward(down, split=False)
-    for _ in range(num_ranks - rank - 1):
-        emit.backward(up, split=False)
-        emit.forward(up)
-        emit.backward(down, split=False)
-    num_tail = rank + 1
-    split = False
-    for i in range(num_tail):
-        if i == num_tail // 2 and rank % 2 == 1:
-            split = True
-        emit.backward(up, split)
-        if i == num_tail // 2 and rank % 2 == 0:
-            split = True
-        emit.backward(down, split)
-    for _ in range(num_ranks - rank - 1):
-        emit.weight_if_pending()
-        emit.backward(down, split)
-    for _ in range(rank + 1):
-        emit.weight_if_pending()
-    return _row(emit.kinds, emit.stages, emit.microbatches)
-
-
 def _dualpipe_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
     padded = max(num_microbatches, 2 * num_ranks)
     rows = []
     for rank in range(num_ranks):
-        kinds, stages, mbs = _dualpipe_v_row(num_ranks, padded, rank)
+        kinds, stages, mbs = _row(*dualpipe_rank_order(num_ranks, padded, rank))
         keep = mbs < num_microbatches
         rows.append((kinds[keep], stages[keep], mbs[keep]))
     return v_placement(num_ranks, 2), rows
 
 
 def _greedy_v(num_ranks: int, num_microbatches: int, cap: int) -> list[Row]:
-    """`pipefold.schedule.families._v_greedy.greedy_v_rows` in integers (the same policy, step for step)."""
-    if cap < 2:
-        raise ScheduleError(
-            f"a V schedule needs a memory cap of at least 2 stage-chunks (one micro-batch's "
-            f"down and up chunk); got cap={cap}"
-        )
-    num_stages = 2 * num_ranks
-    num_mb = num_microbatches
-    never = 1 << 62
-    f_done = [never] * (num_stages * num_mb)
-    i_done = [never] * (num_stages * num_mb)
-    kinds: list[list[int]] = [[] for _ in range(num_ranks)]
-    stages: list[list[int]] = [[] for _ in range(num_ranks)]
-    mbs: list[list[int]] = [[] for _ in range(num_ranks)]
-    next_f = [0] * num_stages
-    next_i = [0] * num_stages
-    pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(num_ranks)]
-    held = [0] * num_ranks
-    reserved = [0] * num_ranks
-    remaining = 3 * num_stages * num_microbatches
-    last = num_stages - 1
-
-    now = 0
-    last_busy = 0
-    while remaining:
-        if now > last_busy + 1:
-            raise ScheduleError(f"greedy V scheduler stalled at time {now} with cap={cap}")
-        for rank in range(num_ranks):
-            down, up = rank, last - rank
-            mb_down, mb_up = next_i[down], next_i[up]
-            # Whether each stage's next input-gradient backward has its forward and the gradient
-            # from the stage above (`input_grad_ready` of the generator, inlined: it ran millions of times).
-            ready_down = mb_down < num_mb and f_done[down * num_mb + mb_down] <= now and (
-                i_done[(down + 1) * num_mb + mb_down] <= now)
-            ready_up = mb_up < num_mb and f_done[up * num_mb + mb_up] <= now and (
-                up == last or i_done[(up + 1) * num_mb + mb_up] <= now)
-            if ready_down or ready_up:
-                stage = down if ready_down and (not ready_up or mb_down < mb_up) else up
-                mb = mb_down if stage == down else mb_up
-                kinds[rank].append(KIND_I)
-                stages[rank].append(stage)
-                mbs[rank].append(mb)
-                i_done[stage * num_mb + mb] = now + 1
-                next_i[stage] += 1
-                pending_w[rank].append((stage, mb))
-            else:
-                mb = next_f[up]
-                if mb < num_mb and f_done[(up - 1) * num_mb + mb] <= now:
-                    stage = up
-                else:
-                    mb = next_f[down]
-                    if mb < num_mb and (down == 0 or f_done[(down - 1) * num_mb + mb] <= now) and (
-                        held[rank] + reserved[rank] + 2 <= cap
-                    ):
-                        stage = down
-                    elif pending_w[rank]:
-                        w_stage, w_mb = pending_w[rank].popleft()
-                        kinds[rank].append(KIND_W)
-                        stages[rank].append(w_stage)
-                        mbs[rank].append(w_mb)
-                        held[rank] -= 1
-                        last_busy = now + 1
-                        remaining -= 1
-                        continue
-                    else:
-                        continue
-                kinds[rank].append(KIND_F)
-                stages[rank].append(stage)
-                mbs[rank].append(mb)
-                f_done[stage * num_mb + mb] = now + 1
-                next_f[stage] += 1
-                held[rank] += 1
-                reserved[rank] += 1 if stage == down else -1
-            last_busy = now + 1
-            remaining -= 1
-        now += 1
-    return [_row(kinds[r], stages[r], mbs[r]) for r in range(num_ranks)]
+    return [_row(*row) for row in greedy_v_order(num_ranks, num_microbatches, cap)]
 
 
 def _v_min(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:

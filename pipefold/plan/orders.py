@@ -114,26 +114,57 @@ def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
 
 def held_counts_of(order: Order) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
     """`held_counts` of any order."""
-    result = []
-    for kinds, stages_of, _ in order.rows:
-        stages, column = np.unique(stages_of, return_inverse=True)
-        width = len(stages)
-        counted = kinds <= KIND_W  # F, B, I, W change the counts; a STEP does not
-        kinds, column = kinds[counted], column.reshape(-1)[counted]
-        steps = len(kinds)
-        # Per action its change to the count vector: F +1 activation, B -1, I -1 activation and +1
-        # W input, W -1 W input; summed cumulatively from all zeros.
-        changes = np.zeros((steps + 1, 2 * width), dtype=np.int64)
-        at = np.arange(1, steps + 1)
-        held = np.select([kinds == KIND_F, (kinds == KIND_B) | (kinds == KIND_I)], [1, -1], 0)
-        waiting = np.select([kinds == KIND_I, kinds == KIND_W], [1, -1], 0)
-        changes[at, column] = held
-        changes[at, column + width] = waiting
-        totals = np.cumsum(changes, axis=0)
-        seen = _distinct_rows(totals)
-        result.append((tuple(int(stage) for stage in stages),
-                       seen.astype(np.float64).reshape(len(seen), 2 * width)))
-    return tuple(result)
+    return tuple(_packed_held_counts(kinds, stages_of) or _held_counts_of_row(kinds, stages_of)
+                 for kinds, stages_of, _ in order.rows)
+
+
+_HELD = np.array([1, -1, -1, 0, 0], dtype=np.int64)
+"""Per kind (F, B, I, W, STEP) its change to its stage's activations held."""
+_WAITING = np.array([0, 0, 1, -1, 0], dtype=np.int64)
+"""Per kind its change to its stage's inputs held for a W."""
+
+
+def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """`_held_counts_of_row` with each count vector packed into one integer as it is summed: every
+    count offset by half its field (so a field never borrows), the first column most significant
+    (so the codes sort as the rows do); one cumulative sum and one `np.unique` of integers. None
+    where the fields would not fit 62 bits, or a count is negative."""
+    stages = np.unique(stages_of)
+    width = len(stages)
+    bits = (len(kinds) + 1).bit_length() + 1  # any count, plus or minus, fits half the field
+    if not width or 2 * width * bits > 62:
+        return None
+    column = np.searchsorted(stages, stages_of)
+    shift = (2 * width - 1 - column) * bits  # the activations' field; the W inputs' is width fields lower
+    bias = 1 << (bits - 1)
+    shifts = np.arange(2 * width - 1, -1, -1, dtype=np.int64) * bits
+    start = int((bias << shifts).sum())
+    steps = (_HELD[kinds] << shift) + (_WAITING[kinds] << (shift - width * bits))
+    codes = np.unique(np.concatenate([[start], start + np.cumsum(steps)]))
+    rows = ((codes[:, None] >> shifts) & ((1 << bits) - 1)) - bias
+    if int(rows.min()) < 0:
+        return None
+    return tuple(int(stage) for stage in stages), rows.astype(np.float64)
+
+
+def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """One rank's held counts, from its table of count vectors."""
+    stages, column = np.unique(stages_of, return_inverse=True)
+    width = len(stages)
+    counted = kinds <= KIND_W  # F, B, I, W change the counts; a STEP does not
+    kinds, column = kinds[counted], column.reshape(-1)[counted]
+    steps = len(kinds)
+    # Per action its change to the count vector: F +1 activation, B -1, I -1 activation and +1
+    # W input, W -1 W input; summed cumulatively from all zeros.
+    changes = np.zeros((steps + 1, 2 * width), dtype=np.int64)
+    at = np.arange(1, steps + 1)
+    held = np.select([kinds == KIND_F, (kinds == KIND_B) | (kinds == KIND_I)], [1, -1], 0)
+    waiting = np.select([kinds == KIND_I, kinds == KIND_W], [1, -1], 0)
+    changes[at, column] = held
+    changes[at, column + width] = waiting
+    totals = np.cumsum(changes, axis=0)
+    seen = _distinct_rows(totals)
+    return tuple(int(stage) for stage in stages), seen.astype(np.float64).reshape(len(seen), 2 * width)
 
 
 def _distinct_rows(table: np.ndarray) -> np.ndarray:

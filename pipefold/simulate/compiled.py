@@ -2,8 +2,10 @@
 
 The planner prices one family order under many partitions and recompute choices, at sizes
 (64 ranks x 512 micro-batches) where building a `Timeline` of Python objects per simulation
-costs seconds. A compiled schedule keeps the dependency graph as flat lists in a
-topological order, so each run is one pass of float arithmetic:
+costs seconds. A compiled schedule keeps the dependency graph as flat arrays, in levels
+where the order is wide (each rank's next action once its inputs are in earlier levels; a level is
+timed with a few array operations) and else in a topological order timed one action at a time;
+both give every action the same float operations:
 
     compiled = CompiledSchedule(schedule)
     run = compiled.run(costs)           # makespan, busy seconds, activation peaks
@@ -39,6 +41,29 @@ Row = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray, Sequence[int
 """One rank's actions: kinds (numbered as `KINDS`), stages, micro-batches."""
 
 _NAMES = ("F", "B", "I", "W", "STEP")
+
+_MIN_PER_LEVEL = 16
+"""Fewer actions per level on average than this: timing level by level (a few array operations per
+level) would cost more than one action at a time (few ranks, or a nearly sequential order as naive's)."""
+
+
+_CHECK_EVERY = 256
+"""How often (in levels) the wavefront checks that its levels are not far thinner than pays."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Levels:
+    """The actions level by level, one lane per rank (see `CompiledSchedule._wavefront`): per lane
+    the action's id (idle lanes: a slot past the actions), its previous action on the rank, its
+    inputs (a slot that never arrives where none), and the link each input crosses."""
+
+    ids: np.ndarray
+    inputs: np.ndarray
+    """Per level, (previous, first input, second input) x lanes."""
+    first_links: np.ndarray
+    second_links: np.ndarray
+    heads: np.ndarray
+    """The ranks' first actions."""
 
 _ABSORBED = 1e-15
 """A duration below this share of the longest possible step could vanish in `start + duration`
@@ -129,38 +154,121 @@ class CompiledSchedule:
         codes = np.stack([np.where(has_first, first_code, -1), np.where(has_second, second_code, -1)], axis=1)
         used = codes.reshape(-1)
         used = used[used >= 0]
-        distinct, first_at, inverse = np.unique(used, return_index=True, return_inverse=True)
-        rank_of_code = np.empty(len(distinct), dtype=np.int64)
-        rank_of_code[np.argsort(first_at, kind="stable")] = np.arange(len(distinct), dtype=np.int64)
+        num_codes = int(used.max()) + 1 if len(used) else 0
+        if num_codes <= 4 * len(used) + (1 << 20):
+            # Each code's first use, from a table over all codes (np.unique sorts, ten times slower).
+            first_use = np.full(num_codes, len(used), dtype=np.int64)
+            np.minimum.at(first_use, used, np.arange(len(used), dtype=np.int64))
+            distinct = np.flatnonzero(first_use < len(used))
+            first_at = first_use[distinct]
+            number_of = np.zeros(num_codes, dtype=np.int64)
+            number_of[distinct[np.argsort(first_at, kind="stable")]] = np.arange(len(distinct), dtype=np.int64)
+            rank_of_code = number_of[distinct]
+            numbers = number_of[used]
+        else:
+            distinct, first_at, inverse = np.unique(used, return_index=True, return_inverse=True)
+            rank_of_code = np.empty(len(distinct), dtype=np.int64)
+            rank_of_code[np.argsort(first_at, kind="stable")] = np.arange(len(distinct), dtype=np.int64)
+            numbers = rank_of_code[inverse.reshape(-1)]
         flat = np.zeros(codes.size, dtype=np.int64)
-        flat[codes.reshape(-1) >= 0] = rank_of_code[inverse.reshape(-1)]
+        flat[codes.reshape(-1) >= 0] = numbers
         numbered = flat.reshape(-1, 2)
         by_number = distinct[np.argsort(rank_of_code)]
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
-        self._kinds = kinds.tolist()
-        self._stages = stages.tolist()
         self._kind_array, self._stage_array = kinds, stages
         self._has_step = bool((kinds == _STEP).any())
 
-        self._first_input, self._second_input = first_input.tolist(), second_input.tolist()
+        self._num_actions = num_actions
+        self._first_input, self._second_input = first_input, second_input
         self._links = [(int(code // (num_ranks * num_ranks)), int(code // num_ranks % num_ranks),
                         int(code % num_ranks)) for code in by_number]
         self._rows = [(int(first), length) for first, length in zip(starts, lengths, strict=True)]
-        self._order = self._topological(schedule)
+        self._ids, self._previous, self._numbered = ids, previous, numbered
+        self._levels = self._wavefront(schedule, starts, np.asarray(lengths, dtype=np.int64))
+        self._order: list[int] = []
+        self._steps: tuple[list[int], ...] = ()
+        self._order_arrays: tuple[np.ndarray, ...] = ()
+        if self._levels is None:
+            self._set_order(self._topological(schedule))
+
+    def _set_order(self, order: list[int]) -> None:
         # Per action in the topological order: its id, previous action on its rank, and up to two data
-        # inputs with the link each crosses (-1: none), as flat lists (`run` zips them).
-        in_order = np.asarray(self._order, dtype=np.intp)
-        self._steps: tuple[list[int], ...] = tuple(
-            column[in_order].tolist()
-            for column in (ids, previous, first_input, numbered[:, 0], second_input, numbered[:, 1]))
+        # inputs with the link each crosses (-1: none), as flat lists (`_run_in_order` zips them).
+        self._order = order
+        in_order = np.asarray(order, dtype=np.intp)
+        self._steps = tuple(column[in_order].tolist()
+                            for column in (self._ids, self._previous, self._first_input, self._second_input))
+        self._order_arrays = (in_order, self._numbered[in_order, 0], self._numbered[in_order, 1])
+
+    def _wavefront(self, schedule: Schedule, starts: np.ndarray, lengths: np.ndarray) -> _Levels | None:
+        """The actions in levels: at each, every rank whose next action has its inputs from earlier
+        levels runs it (one action per rank per level), so `run` times a level's actions with a few
+        array operations. None where the levels are too thin to pay (a nearly sequential order, as
+        naive's), and for an order that deadlocks (`_topological` says where)."""
+        num_actions = self._num_actions
+        num_rows = len(self._rows)
+        limit = num_actions // _MIN_PER_LEVEL
+        if not num_actions or num_rows < _MIN_PER_LEVEL:
+            return None
+        missing, no_previous, dump = num_actions, num_actions + 1, num_actions + 2
+        # The walk runs over the actions with one slot more after each rank's row, a wall that is never
+        # ready (its input is a slot never done), and two slots at the end: `missing` (an input of
+        # none, always done) and `never`.
+        first, second = self._first_input, self._second_input
+        shift = np.repeat(np.arange(num_rows, dtype=np.int64), lengths)  # where action ids moved to
+        size = num_actions + num_rows
+        walk_missing, never = size, size + 1
+        moved_to = np.arange(num_actions, dtype=np.int64) + shift
+
+        def walked(inputs: np.ndarray) -> np.ndarray:
+            table = np.full(size + 2, walk_missing, dtype=np.int64)
+            table[moved_to] = np.where(inputs < 0, walk_missing, inputs + shift[np.maximum(inputs, 0)])
+            table[starts + lengths + np.arange(num_rows)] = never
+            return table
+
+        first_of, second_of = walked(first), walked(second)
+        done = np.zeros(size + 2, dtype=bool)
+        done[walk_missing] = True
+        position = starts + np.arange(num_rows, dtype=np.int64)
+        positions = np.empty((limit, num_rows), dtype=np.int64)
+        readies = np.empty((limit, num_rows), dtype=bool)
+        num_levels = 0
+        origin = int(position.sum())
+        while True:
+            ready = done[first_of[position]] & done[second_of[position]]
+            if not np.count_nonzero(ready):
+                break
+            if num_levels == limit:
+                return None
+            if num_levels % _CHECK_EVERY == 0 and (
+                    int(position.sum()) - origin < num_levels * _MIN_PER_LEVEL // 4):
+                return None  # thin from the start (as naive's): given up early
+            done[position] = ready
+            positions[num_levels] = position
+            readies[num_levels] = ready
+            num_levels += 1
+            position = position + ready
+        if not np.array_equal(position, starts + lengths + np.arange(num_rows, dtype=np.int64)):
+            return None  # a deadlock: `_topological` says where
+        lanes = readies[:num_levels]
+        table = np.where(lanes, positions[:num_levels] - np.arange(num_rows, dtype=np.int64), dump)
+        safe = np.where(lanes, table, 0)
+        previous = np.where(lanes & (self._previous[safe] >= 0), self._previous[safe], no_previous)
+        firsts = np.where(lanes & (first[safe] >= 0), first[safe], missing)
+        seconds = np.where(lanes & (second[safe] >= 0), second[safe], missing)
+        num_links = len(self._links)
+        first_links = np.where(firsts != missing, self._numbered[safe, 0], num_links)
+        second_links = np.where(seconds != missing, self._numbered[safe, 1], num_links)
+        heads = starts[lengths > 0]
+        return _Levels(table, np.stack([previous, firsts, seconds], axis=1), first_links, second_links, heads)
 
     def _topological(self, schedule: Schedule) -> list[int]:
         # Passes over the ranks, each running on until an input is missing, up the ranks then down
         # (forwards flow up, gradients down), until none moves: cheaper per action than a worklist
         # that parks and wakes ranks, and where it stops (a deadlock) is the same.
-        first_input, second_input = self._first_input, self._second_input
-        num_actions = len(self._kinds)
+        first_input, second_input = self._first_input.tolist(), self._second_input.tolist()
+        num_actions = self._num_actions
         # One entry more, always set: an input of -1 (none) reads it as done.
         done = bytearray(num_actions + 1)
         done[num_actions] = 1
@@ -192,7 +300,7 @@ class CompiledSchedule:
             action_id = positions[rank]
             raise ScheduleError(
                 f"{schedule.name or 'schedule'}: simulation deadlocked at rank {rank}, "
-                f"{_name(self._kinds[action_id], self._stages[action_id], -1)}; run "
+                f"{_name(int(self._kind_array[action_id]), int(self._stage_array[action_id]), -1)}; run "
                 "pipefold.schedule.validate(schedule) for the full diagnosis"
             )
         return order
@@ -203,56 +311,113 @@ class CompiledSchedule:
         sharing makes a duration depend on what runs beside it)."""
         return not costs.shares_cores(schedule.num_ranks)
 
-    def _durations(self, costs: CostModel) -> list[float]:
+    def _durations(self, costs: CostModel) -> np.ndarray:
         tables = (costs.f, costs.b, costs.i, costs.w, costs.step)
         if not costs.step and not self._has_step:
             tables = (*tables[:4], (0.0,) * len(costs.f))  # (no STEP reads it)
         if len({len(table) for table in tables}) == 1:
             # One gather over a (kind, stage) table: the same floats, without a Python loop.
-            durations: list[float] = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array].tolist()
+            durations: np.ndarray = np.array(tables, dtype=np.float64)[self._kind_array, self._stage_array]
             return durations
-        return [tables[kind][stage] for kind, stage in zip(self._kinds, self._stages, strict=True)]
+        kinds, stages = self._kind_array.tolist(), self._stage_array.tolist()
+        by_action = [tables[kind][stage] for kind, stage in zip(kinds, stages, strict=True)]
+        return np.array(by_action, dtype=np.float64)
 
     def run(self, costs: CostModel) -> CompiledRun:
         """Time one step (as `simulate(schedule, costs)` with the default `num_steps=1`)."""
         costs.check_schedule(self.schedule)
         if not self.supports(costs, self.schedule):
             raise ValueError("ranks share cores: use pipefold.simulate.simulate")
-        durations = self._durations(costs)
+        lengths = self._durations(costs)
+        durations = lengths.tolist()
+        if not durations:
+            return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
         delays = [costs.transfer_time(*key) for key in self._links]
+        if self._levels is None:
+            ends_list, first_start = self._run_in_order(costs, lengths, delays)
+            latest = max(ends_list)
+            ends: list[float] | np.ndarray = ends_list
+        else:
+            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels)
+            latest = float(ends_array.max())
+            ends = ends_array
+        # Each rank's actions run one after another, so its first action starts first.
+        return CompiledRun(latest - first_start, sum(durations), self._peaks(costs, ends))
+
+    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels
+                    ) -> tuple[np.ndarray, float]:
+        """Each action's end, level by level: per action the same float operations as
+        `_run_in_order` (a start is the largest of the previous end plus the overhead and each input's
+        arrival, an end its start plus the duration), so the same floats."""
+        num_actions = len(durations)
+        overhead = costs.action_overhead
+        # The slots past the actions: a missing input arrives never; a rank's first action starts
+        # at 0.0 (-overhead + overhead is exactly 0.0); idle lanes write to the last.
+        ends = np.empty(num_actions + 3, dtype=np.float64)
+        ends[num_actions] = -np.inf
+        ends[num_actions + 1] = -overhead
+        lengths = np.append(durations, (0.0, 0.0, 0.0))[levels.ids]
+        link_delays = np.append(np.asarray(delays, dtype=np.float64), 0.0)
+        # Per level and lane what is added to each of the three ends read: the overhead to the previous
+        # action's, each input's link delay to its.
+        offsets = np.empty(levels.inputs.shape, dtype=np.float64)
+        offsets[:, 0] = overhead
+        offsets[:, 1] = link_delays[levels.first_links]
+        offsets[:, 2] = link_delays[levels.second_links]
+        for ids, inputs, offset, length in zip(levels.ids, levels.inputs, offsets, lengths, strict=True):
+            arrivals = ends[inputs]
+            arrivals += offset
+            start = np.maximum(arrivals[0], arrivals[1])
+            np.maximum(start, arrivals[2], out=start)
+            start += length
+            ends[ids] = start
+        # The first actions' starts, recomputed as above (0.0 or a later input).
+        heads = levels.heads
+        first_input, second_input = self._first_input[heads], self._second_input[heads]
+        numbered = self._numbered[heads]
+        starts = np.zeros(len(heads), dtype=np.float64)
+        for inputs, links in ((first_input, numbered[:, 0]), (second_input, numbered[:, 1])):
+            arrivals = np.where(inputs >= 0, ends[np.maximum(inputs, 0)] + link_delays[links], -np.inf)
+            np.maximum(starts, arrivals, out=starts)
+        return ends[:num_actions], float(starts.min())
+
+    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float]
+                      ) -> tuple[list[float], float]:
+        """Each action's end, one action at a time in the topological order, and the first start."""
         overhead = costs.action_overhead
         ends = [0.0] * len(durations)
         first_start = float("inf")
-        in_order = [durations[action_id] for action_id in self._order]
-        for action_id, prev, first, first_link, second, second_link, duration in zip(*self._steps, in_order,
-                                                                                        strict=True):
+        # Per action in order its duration and each input's link delay, gathered at once.
+        order, first_links, second_links = self._order_arrays
+        in_order = durations[order].tolist()
+        link_delays = np.asarray(delays + [0.0], dtype=np.float64)
+        first_delays = link_delays[first_links].tolist()
+        second_delays = link_delays[second_links].tolist()
+        for action_id, prev, first, second, first_delay, second_delay, duration in zip(
+                *self._steps, first_delays, second_delays, in_order, strict=True):
             start = ends[prev] + overhead if prev >= 0 else 0.0
             if first >= 0:
-                arrival = ends[first] + delays[first_link]
+                arrival = ends[first] + first_delay
                 if arrival > start:
                     start = arrival
                 if second >= 0:
-                    arrival = ends[second] + delays[second_link]
+                    arrival = ends[second] + second_delay
                     if arrival > start:
                         start = arrival
             if prev < 0 and start < first_start:
                 first_start = start
             ends[action_id] = start + duration
-        if not ends:
-            return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
-        # Each rank's actions run one after another, so its first action starts first.
-        makespan = max(ends) - first_start
-        return CompiledRun(makespan, sum(durations), self._peaks(costs, ends))
+        return ends, first_start
 
-    def _peaks(self, costs: CostModel, ends: list[float] | None) -> tuple[int, ...]:
+    def _peaks(self, costs: CostModel, ends: list[float] | np.ndarray | None) -> tuple[int, ...]:
         # Changes at equal end times are released first (as activation_bytes_peak sorts them); a
         # rank's ends never decrease, so the held bytes only need checking where the end time moves.
         activation = costs.activation_bytes
         held_for_w = costs.weight_grad_bytes
         largest = max(max(activation, default=0), max(held_for_w, default=0))
-        if ends is not None and largest * (len(self._kinds) + 1) < 2**62:
+        if largest * (self._num_actions + 1) < 2**62:
             return self._array_peaks(activation, held_for_w, ends)
-        kinds, stages = self._kinds, self._stages
+        kinds, stages = self._kind_array.tolist(), self._stage_array.tolist()
         peaks = []
         for first, length in self._rows:
             held = peak = 0
@@ -273,14 +438,14 @@ class CompiledSchedule:
             peaks.append(peak)
         return tuple(peaks)
 
-    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int], ends: list[float]
-                     ) -> tuple[int, ...]:
+    def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int],
+                     ends: list[float] | np.ndarray | None) -> tuple[int, ...]:
         """`_peaks` with numpy: the same integer sums, where they cannot overflow 64 bits."""
         kinds, stages = self._kind_array, self._stage_array
         act = np.asarray(activation, dtype=np.int64)[stages]
         held = np.asarray(held_for_w, dtype=np.int64)[stages]
         change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
-        times = np.asarray(ends, dtype=np.float64)
+        times = None if ends is None else np.asarray(ends, dtype=np.float64)
         peaks = []
         for first, length in self._rows:
             if not length:
@@ -289,7 +454,8 @@ class CompiledSchedule:
             totals = np.cumsum(change[first:first + length])
             # Checked where the rank's end time moves on (changes at one time are released first).
             checked = np.ones(length, dtype=bool)
-            checked[:-1] = times[first + 1:first + length] != times[first:first + length - 1]
+            if times is not None:
+                checked[:-1] = times[first + 1:first + length] != times[first:first + length - 1]
             peaks.append(max(0, int(totals[checked].max())))
         return tuple(peaks)
 
@@ -298,11 +464,12 @@ class CompiledSchedule:
         timing); None where the order alone cannot tell it (a duration so small that two actions of a
         rank may end at the same time, where the timed peak releases first)."""
         costs.check_schedule(self.schedule)
-        durations = self._durations(costs)
+        lengths = self._durations(costs)
+        durations = lengths.tolist()
         longest = sum(durations) + len(durations) * costs.action_overhead + sum(
             costs.transfer_time(*key) for key in self._links) * len(durations)
-        compute = [d for d, kind in zip(durations, self._kinds, strict=True) if kind != _STEP]
-        if compute and min(compute) <= longest * _ABSORBED:
+        compute = lengths[self._kind_array != _STEP]
+        if compute.size and float(compute.min()) <= longest * _ABSORBED:
             return None
         return self._peaks(costs, None)
 

@@ -314,3 +314,39 @@ def test_compiled_deadlock_names_the_stuck_rank() -> None:
                                                 (Action(Op.B, 1, 0), Action(Op.F, 1, 0))))
     with pytest.raises(ScheduleError, match=r"stuck: simulation deadlocked at rank 0, B0"):
         CompiledSchedule(stuck)
+
+
+def test_the_shared_integer_generators_number_kinds_as_the_compiled_rows() -> None:
+    """dualpipe-v's, zb-v's and the greedy V's integer rows are read by `fast_order` as they are."""
+    from pipefold.schedule.families import _common
+    from pipefold.simulate.compiled import KINDS
+
+    numbers = (_common.KIND_F, _common.KIND_B, _common.KIND_I, _common.KIND_W)
+    assert tuple(KINDS[number] for number in numbers) == (Op.F, Op.B, Op.I, Op.W)
+    assert _common.actions_of(([0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7])) == [
+        Action(Op.F, 0, 4), Action(Op.B, 1, 5), Action(Op.I, 2, 6), Action(Op.W, 3, 7)]
+
+
+def test_packed_held_counts_equal_the_table_of_count_vectors() -> None:
+    """The held counts summed as packed integers equal those from the table of count vectors, on
+    random rows (negative counts included: there the packing declines and the table answers)."""
+    from pipefold.plan.orders import _held_counts_of_row, _packed_held_counts
+
+    rng = np.random.default_rng(7)
+    declined = 0
+    for trial in range(200):
+        size = int(rng.integers(0, 60))
+        kinds = rng.integers(0, 5, size).astype(np.int64)
+        if trial % 2:  # valid-looking rows: forwards first, so no count goes below zero
+            kinds = np.sort(kinds)
+        stages_of = rng.choice([3, 7, 11], size).astype(np.int64)
+        packed = _packed_held_counts(kinds, stages_of)
+        want_stages, want = _held_counts_of_row(kinds, stages_of)
+        if packed is None:
+            declined += 1
+            continue
+        stages, counts = packed
+        assert stages == want_stages
+        np.testing.assert_array_equal(counts, want)
+        assert counts.dtype == want.dtype
+    assert 0 < declined < 200

@@ -63,3 +63,54 @@ def test_compiled_run_equals_simulate(name: str) -> None:
                     assert order == timeline.activation_bytes_peak
                 checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("name", names())
+def test_level_by_level_equals_one_at_a_time(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The level-by-level timing (used where levels are wide) gives the floats the one-action-at-a-time
+    timing gives, and both equal `simulate`: forced either way on small and 16-rank schedules."""
+    import pipefold.simulate.compiled as compiled_module
+
+    rng = random.Random(f"levels {name}")
+    entry = family(name)
+    checked = 0
+    for num_ranks, num_microbatches in ((2, 4), (3, 5), (16, 32)):
+        try:
+            schedule = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                             num_virtual=entry.default_virtual)
+        except Exception:
+            continue  # not a legal size for this family
+        monkeypatch.setattr(compiled_module, "_MIN_PER_LEVEL", 1)
+        by_level = CompiledSchedule(schedule)
+        monkeypatch.setattr(compiled_module, "_MIN_PER_LEVEL", 10**9)
+        in_order = CompiledSchedule(schedule)
+        assert by_level._levels is not None and in_order._levels is None
+        for zeros in (False, True):
+            costs = _random_costs(rng, schedule.num_stages, num_ranks, zeros)
+            run = by_level.run(costs)
+            assert run == in_order.run(costs)
+            if num_ranks * num_microbatches <= 32:
+                timeline = simulate(schedule, costs)
+                assert run.makespan == timeline.makespan
+                assert run.activation_peaks == timeline.activation_bytes_peak
+            checked += 1
+    assert checked > 0
+
+
+def test_deadlock_is_named_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipefold.simulate.compiled as compiled_module
+    from pipefold.errors import ScheduleError
+    from pipefold.schedule.ir import Action, Op, Schedule
+
+    # Rank 0 waits for the gradient rank 1 sends only after rank 0's second forward, which is later.
+    f0, f1 = Action(Op.F, 0, 0), Action(Op.F, 1, 0)
+    schedule = Schedule("stuck", 2, 2, 1, (0, 1),
+                        ((f0, Action(Op.B, 0, 0), Action(Op.F, 0, 1)),
+                         (Action(Op.F, 1, 1), f1, Action(Op.B, 1, 0), Action(Op.B, 1, 1))))
+    messages = []
+    for least in (1, 10**9):
+        monkeypatch.setattr(compiled_module, "_MIN_PER_LEVEL", least)
+        with pytest.raises(ScheduleError, match="deadlocked") as error:
+            CompiledSchedule(schedule)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from pipefold.errors import ScheduleError
 from pipefold.schedule.ir import Action, Op, Schedule, WeightUpdate
 
@@ -15,7 +17,28 @@ __all__ = [
     "require_virtual",
     "drop_microbatches",
     "counted",
+    "KIND_F",
+    "KIND_B",
+    "KIND_I",
+    "KIND_W",
+    "IntRow",
+    "actions_of",
 ]
+
+KIND_F, KIND_B, KIND_I, KIND_W = range(4)
+"""The ops of the integer generators (V schedules), numbered as `pipefold.simulate.compiled.KINDS`
+numbers them: the planner reads these rows without building `Action`s (`pipefold.plan.fast_orders`)."""
+_OP_OF_KIND = (Op.F, Op.B, Op.I, Op.W)
+
+IntRow = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
+"""One rank's order as kinds (`KIND_F` ...), stages and micro-batches."""
+
+
+def actions_of(row: IntRow) -> list[Action]:
+    """An integer row's `Action`s."""
+    kinds, stages, microbatches = (np.asarray(column, dtype=np.int64).tolist() for column in row)
+    return [Action(_OP_OF_KIND[kind], stage, microbatch)
+            for kind, stage, microbatch in zip(kinds, stages, microbatches, strict=True)]
 
 
 def make_schedule(

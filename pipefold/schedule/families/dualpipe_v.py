@@ -4,46 +4,64 @@ from __future__ import annotations
 
 from collections import deque
 
-from pipefold.schedule.families._common import drop_microbatches, make_schedule, require_virtual
+from pipefold.schedule.families._common import (
+    KIND_B,
+    KIND_F,
+    KIND_I,
+    KIND_W,
+    IntRow,
+    actions_of,
+    drop_microbatches,
+    make_schedule,
+    require_virtual,
+)
 from pipefold.schedule.family import Family
-from pipefold.schedule.ir import Action, Op, Schedule, v_placement
+from pipefold.schedule.ir import Schedule, v_placement
 
 
 class _RankBuilder:
-    """Emits one rank's actions, numbering micro-batches per (stage, kind) in emission order.
+    """Emits one rank's order as integers, numbering micro-batches per (stage, kind) in emission order.
 
     A full backward B and an input backward I share one counter per stage: they are
     two ways of running the same micro-batch's backward.
     """
 
     def __init__(self) -> None:
-        self.order: list[Action] = []
-        self._next: dict[tuple[str, int], int] = {}
-        self._pending_weights: deque[Action] = deque()
+        self.kinds: list[int] = []
+        self.stages: list[int] = []
+        self.microbatches: list[int] = []
+        self._next: dict[tuple[int, int], int] = {}
+        self._pending_weights: deque[tuple[int, int]] = deque()
 
-    def _take(self, kind: str, stage: int) -> int:
+    def _emit(self, kind: int, stage: int, microbatch: int) -> None:
+        self.kinds.append(kind)
+        self.stages.append(stage)
+        self.microbatches.append(microbatch)
+
+    def _take(self, kind: int, stage: int) -> int:
         microbatch = self._next.get((kind, stage), 0)
         self._next[(kind, stage)] = microbatch + 1
         return microbatch
 
     def forward(self, stage: int) -> None:
-        self.order.append(Action(Op.F, stage, self._take("F", stage)))
+        self._emit(KIND_F, stage, self._take(KIND_F, stage))
 
     def backward(self, stage: int, split: bool) -> None:
-        microbatch = self._take("B", stage)
+        microbatch = self._take(KIND_B, stage)
         if split:
-            self.order.append(Action(Op.I, stage, microbatch))
-            self._pending_weights.append(Action(Op.W, stage, microbatch))
+            self._emit(KIND_I, stage, microbatch)
+            self._pending_weights.append((stage, microbatch))
         else:
-            self.order.append(Action(Op.B, stage, microbatch))
+            self._emit(KIND_B, stage, microbatch)
 
     def weight_if_pending(self) -> None:
         if self._pending_weights:
-            self.order.append(self._pending_weights.popleft())
+            self._emit(KIND_W, *self._pending_weights.popleft())
 
 
-def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]:
-    """torch's ScheduleDualPipeV order for `rank` (needs m >= 2p), overlapped pairs as F then B."""
+def rank_order(num_ranks: int, num_microbatches: int, rank: int) -> IntRow:
+    """torch's ScheduleDualPipeV order for `rank` (needs m >= 2p), overlapped pairs as F then B, as
+    integers (kinds numbered `KIND_F` ...; `pipefold.plan.fast_orders` reads them so)."""
     down, up = rank, 2 * num_ranks - 1 - rank
     emit = _RankBuilder()
     for _ in range(2 * (num_ranks - rank - 1)):
@@ -81,7 +99,7 @@ def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action
         emit.backward(down, split)
     for _ in range(rank + 1):
         emit.weight_if_pending()
-    return emit.order
+    return emit.kinds, emit.stages, emit.microbatches
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -104,7 +122,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
     """
     padded = max(num_microbatches, 2 * num_ranks)
     rows = drop_microbatches(
-        (_rank_order(num_ranks, padded, rank) for rank in range(num_ranks)), num_microbatches
+        (actions_of(rank_order(num_ranks, padded, rank)) for rank in range(num_ranks)), num_microbatches
     )
     return make_schedule("dualpipe-v", num_ranks, num_microbatches, v_placement(num_ranks, 2), rows)
 

@@ -2,54 +2,64 @@
 
 from __future__ import annotations
 
-from pipefold.schedule.families._common import counted, drop_microbatches, make_schedule, require_virtual
+from pipefold.schedule.families._common import (
+    KIND_F,
+    KIND_I,
+    KIND_W,
+    IntRow,
+    actions_of,
+    drop_microbatches,
+    make_schedule,
+    require_virtual,
+)
 from pipefold.schedule.family import Family
-from pipefold.schedule.ir import Action, Op, Schedule, v_placement
+from pipefold.schedule.ir import Schedule, v_placement
 
 
-def _rank_order(num_ranks: int, num_microbatches: int, rank: int) -> list[Action]:
-    """torch's ScheduleZBVZeroBubble order for `rank`, for m >= 2p-1 micro-batches."""
+def rank_order(num_ranks: int, num_microbatches: int, rank: int) -> IntRow:
+    """torch's ScheduleZBVZeroBubble order for `rank`, for m >= 2p-1 micro-batches, as integers
+    (kinds numbered `KIND_F` ...; `pipefold.plan.fast_orders` reads them so)."""
     down, up = rank, 2 * num_ranks - 1 - rank  # the rank's stage on the way down and back up
-    counters: dict[tuple[Op, int], int] = {}
-    order: list[Action] = []
+    kinds: list[int] = []
+    stages: list[int] = []
+    microbatches: list[int] = []
+    # counts[kind][0 down / 1 up]: the next micro-batch of that op on that stage.
+    counts = [[0, 0] for _ in range(4)]
 
-    def emit(op: Op, stage: int) -> None:
-        order.append(counted(op, stage, counters))
-
-    def count(op: Op, stage: int) -> int:
-        return counters.get((op, stage), 0)
+    def emit(kind: int, which: int) -> None:
+        kinds.append(kind)
+        stages.append(up if which else down)
+        microbatches.append(counts[kind][which])
+        counts[kind][which] += 1
 
     # Warm-up: forwards down until the first backward can come back up the V.
     for _ in range(2 * (num_ranks - rank) - 1):
-        emit(Op.F, down)
+        emit(KIND_F, 0)
     for _ in range(rank):
-        emit(Op.F, up)
-        emit(Op.F, down)
+        emit(KIND_F, 1)
+        emit(KIND_F, 0)
     for _ in range(num_ranks - rank):
-        emit(Op.F, up)
-        emit(Op.I, up)
-        emit(Op.W, up)
+        emit(KIND_F, 1)
+        emit(KIND_I, 1)
+        emit(KIND_W, 1)
     # Steady state: F I W on the way down, then on the way up.
-    while count(Op.F, up) < count(Op.F, down) or count(Op.F, down) < num_microbatches:
-        if count(Op.F, down) < num_microbatches:
-            emit(Op.F, down)
-        emit(Op.I, down)
-        emit(Op.W, down)
-        emit(Op.F, up)
-        emit(Op.I, up)
-        emit(Op.W, up)
+    while counts[KIND_F][1] < counts[KIND_F][0] or counts[KIND_F][0] < num_microbatches:
+        if counts[KIND_F][0] < num_microbatches:
+            emit(KIND_F, 0)
+        for kind, which in ((KIND_I, 0), (KIND_W, 0), (KIND_F, 1), (KIND_I, 1), (KIND_W, 1)):
+            emit(kind, which)
     # Cool-down: input gradients first (they unblock the ranks above), weights last.
     for _ in range(rank):
-        emit(Op.I, down)
-        emit(Op.I, up)
+        emit(KIND_I, 0)
+        emit(KIND_I, 1)
     for _ in range(num_ranks - rank):
-        emit(Op.I, down)
-        emit(Op.W, down)
-    while count(Op.W, up) < count(Op.I, up):
-        emit(Op.W, up)
-    while count(Op.W, down) < count(Op.I, down):
-        emit(Op.W, down)
-    return order
+        emit(KIND_I, 0)
+        emit(KIND_W, 0)
+    while counts[KIND_W][1] < counts[KIND_I][1]:
+        emit(KIND_W, 1)
+    while counts[KIND_W][0] < counts[KIND_I][0]:
+        emit(KIND_W, 0)
+    return kinds, stages, microbatches
 
 
 def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
@@ -70,7 +80,7 @@ def generate(num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedul
     """
     padded = max(num_microbatches, 2 * num_ranks - 1)
     rows = drop_microbatches(
-        (_rank_order(num_ranks, padded, rank) for rank in range(num_ranks)), num_microbatches
+        (actions_of(rank_order(num_ranks, padded, rank)) for rank in range(num_ranks)), num_microbatches
     )
     return make_schedule("zb-v", num_ranks, num_microbatches, v_placement(num_ranks, 2), rows)
 
