@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
+from pipefold.plan.bounds import Backward, Boundaries, BoundTerms, bound_terms, boundary_times
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
@@ -86,6 +86,7 @@ class _Search:
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
+        self._boundaries: dict[tuple[object, ...], Boundaries] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
@@ -212,19 +213,29 @@ class _Search:
             self._models[key] = model
         return model
 
+    def boundaries(self, record: Record, model: CostModel) -> Boundaries:
+        """The sends between `record`'s stages (`pipefold.plan.bounds.boundary_times`): the same for
+        every recompute choice, family and m of one split, rows, partition and placement."""
+        config = record.config
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement)
+        if key not in self._boundaries:
+            self._boundaries[key] = boundary_times(model, record.placement)
+        return self._boundaries[key]
+
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
         backward = record.backward if backward is None else backward
         model = self.model(record, recompute)
         if recompute:
-            terms = bound_terms(model, record.placement, backward)
+            terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))
         else:
             # Without recompute the terms are shared by every m (and family of one placement).
             config = record.config
             key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
                    record.placement, backward)
             if key not in self._terms:
-                self._terms[key] = bound_terms(model, record.placement, backward)
+                self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
             terms = self._terms[key]
         return record.allreduce_s + terms.at(record.config.num_microbatches)
 
@@ -242,7 +253,8 @@ class _Search:
             everything = self.model(record, tuple(range(plain.num_stages)))
             static = self.static_of(record, plain)
             headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
-            self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
+            self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed,
+                                         self.boundaries(record, plain))
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
 
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
