@@ -56,21 +56,26 @@ class BoundTerms:
 
     chain: float
     """One micro-batch forward through every stage and back."""
-    ranks: tuple[tuple[float, float, float, float], ...]
-    """Per rank with a stage: (fill to its lowest stage, busy seconds per micro-batch, busy
-    seconds without W per micro-batch, drain from its lowest stage)."""
+    start: np.ndarray
+    """Per rank with a stage: the fill to its lowest stage."""
+    busy: np.ndarray
+    """Per rank with a stage: busy seconds per micro-batch."""
+    chained: np.ndarray
+    """Per rank with a stage: busy seconds without W per micro-batch."""
+    drain: np.ndarray
+    """Per rank with a stage: the drain from its lowest stage."""
     num_cores: float | None
     num_ranks: int
 
     def at(self, num_microbatches: int) -> float:
-        bound = self.chain
-        total = 0.0
-        for start, busy, chained, drain in self.ranks:
-            bound = max(bound, start + num_microbatches * busy, start + num_microbatches * chained + drain)
-            total += num_microbatches * busy
-        if self.num_cores is not None:
+        m = float(num_microbatches)
+        work = m * self.busy
+        bound = max(self.chain, float(np.max(self.start + work, initial=0.0)),
+                    float(np.max(self.start + m * self.chained + self.drain, initial=0.0)))
+        if self.num_cores is not None and len(work):
             # Ranks sharing cores (docs/decisions.md, "Shared cores") get through at most num_cores x the
-            # time of work together.
+            # time of work together (summed rank by rank: a cumulative sum adds in order).
+            total = float(np.cumsum(work)[-1])
             bound = max(bound, total / min(self.num_cores, self.num_ranks))
         return bound
 
@@ -155,8 +160,13 @@ def bound_terms(
     # send of its input gradient from s to s-1, then back through stages s-1..0 (none past the ends).
     fill = running_sums(f, boundaries.send).tolist()
     drain = running_sums(np.minimum(b, i), boundaries.back).tolist()
-    ranks = tuple(
-        (fill[first[rank]], busy[rank], chained[rank], drain[first[rank]])
-        for rank in range(num_ranks) if first[rank] < num_stages  # a rank with no stage adds nothing
+    used = [rank for rank in range(num_ranks) if first[rank] < num_stages]  # a rank with no stage adds nothing
+    lowest = [first[rank] for rank in used]
+    return BoundTerms(
+        fill[-1] + drain[-1],
+        start=np.array([fill[stage] for stage in lowest], dtype=np.float64),
+        busy=np.array([busy[rank] for rank in used], dtype=np.float64),
+        chained=np.array([chained[rank] for rank in used], dtype=np.float64),
+        drain=np.array([drain[stage] for stage in lowest], dtype=np.float64),
+        num_cores=model.num_cores, num_ranks=num_ranks,
     )
-    return BoundTerms(fill[-1] + drain[-1], ranks, model.num_cores, num_ranks)
