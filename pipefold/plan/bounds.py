@@ -92,22 +92,26 @@ class Boundaries:
 
 
 def boundary_times(model: CostModel, placement: Sequence[int]) -> Boundaries:
-    """`model.transfer_time` of every boundary, both ways; each (bytes, link) priced once."""
-    num_boundaries = model.num_stages - 1
-    send = np.zeros(num_boundaries, dtype=np.float64)
-    back = np.zeros(num_boundaries, dtype=np.float64)
-    priced: dict[tuple[int, Link], float] = {}
-    for stage in range(num_boundaries):
-        src, dst = placement[stage], placement[stage + 1]
-        if src == dst:
-            continue
-        num_bytes = model.message_bytes[stage]
-        for times, link in ((send, model.link_between(src, dst)), (back, model.link_between(dst, src))):
-            key = (num_bytes, link)
-            if key not in priced:
-                priced[key] = link.transfer_time(num_bytes)
-            times[stage] = priced[key]
-    return Boundaries(send, back)
+    """`model.transfer_time` of every boundary, both ways, as arrays: each pair of ranks' link
+    looked up once, and `latency + bytes / bandwidth` (0 bytes: the latency alone) per boundary,
+    the same floats as `Link.transfer_time`."""
+    if model.num_stages < 2:
+        return Boundaries(np.zeros(0), np.zeros(0))
+    src = np.asarray(placement[:-1], dtype=np.intp)
+    dst = np.asarray(placement[1:], dtype=np.intp)
+    num_bytes = np.asarray(model.message_bytes, dtype=np.float64)  # whole bytes: exact as floats
+    num_ranks = int(max(src.max(), dst.max())) + 1
+    pairs, index = np.unique(src * num_ranks + dst, return_inverse=True)
+
+    def times(links: list[Link]) -> np.ndarray:
+        latency = np.array([link.latency for link in links], dtype=np.float64)[index]
+        bandwidth = np.array([link.bandwidth for link in links], dtype=np.float64)[index]
+        seconds: np.ndarray = latency + np.where(num_bytes > 0, num_bytes / bandwidth, 0.0)
+        return np.where(src == dst, 0.0, seconds)
+
+    ends = [divmod(int(pair), num_ranks) for pair in pairs]
+    return Boundaries(times([model.link_between(a, b) for a, b in ends]),
+                      times([model.link_between(b, a) for a, b in ends]))
 
 
 def running_sums(work: np.ndarray, sends: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from pipefold.plan.bounds import Boundaries, boundary_times, running_sums
+from pipefold.plan.stages import StageArrays
 from pipefold.simulate import CostModel
 
 __all__ = ["HeldTerms", "held_terms"]
@@ -73,10 +74,11 @@ def _round_trip(model: CostModel, placement: Sequence[int], boundaries: Boundari
 
 
 def held_terms(
-    plain: CostModel, recomputed: CostModel, placement: Sequence[int], headroom: Sequence[float],
+    plain: CostModel, recomputed: CostModel | StageArrays, placement: Sequence[int], headroom: Sequence[float],
     allowed: Literal["auto", "none", "full"], boundaries: Boundaries | None = None,
 ) -> HeldTerms:
-    """The terms for `plain` (no stage recomputed) and `recomputed` (every stage), with `headroom`
+    """The terms for `plain` (no stage recomputed) and `recomputed` (every stage: its model, or
+    only its times and kept bytes, `pipefold.plan.stages.stage_arrays`), with `headroom`
     bytes per rank for activations; `allowed` which recompute choices the search may take.
     `boundaries`: `boundary_times(plain, placement)` where the caller keeps them."""
     if boundaries is None:
@@ -92,7 +94,7 @@ def held_terms(
     drain = running_sums(half, boundaries.back)
 
     # Each stage's terms once, kept and recomputed, as arrays (the same float operations per stage).
-    def per_stage(model: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def per_stage(model: CostModel | StageArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         f, b, i, w = (np.asarray(table, dtype=np.float64) for table in (model.f, model.b, model.i, model.w))
         held = np.asarray(model.activation_bytes, dtype=np.float64) * trip
         return f + np.minimum(b, i + w), f + np.minimum(b, i), held

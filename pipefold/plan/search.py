@@ -47,7 +47,14 @@ from pipefold.plan.shard_search import (
 )
 from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
-from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
+from pipefold.plan.stages import (
+    StageArrays,
+    StageLayout,
+    stage_arrays,
+    stage_cost_model,
+    stage_weights,
+    transient_bytes,
+)
 from pipefold.plan.tensor import LinearCosts, tensor_parallel_problem
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
@@ -87,6 +94,7 @@ class _Search:
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
         self._boundaries: dict[tuple[object, ...], Boundaries] = {}
+        self._arrays: dict[tuple[object, ...], StageArrays] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
@@ -250,12 +258,27 @@ class _Search:
                allowed, config.shard, config.free_between, config.gather_lookahead)
         if key not in self._held:
             plain = self.model(record, ())
-            everything = self.model(record, tuple(range(plain.num_stages)))
+            everything = self.recomputed_arrays(record)
             static = self.static_of(record, plain)
             headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed,
                                          self.boundaries(record, plain))
         return record.allreduce_s + self._held[key].at(config.num_microbatches)
+
+    def recomputed_arrays(self, record: Record) -> CostModel | StageArrays:
+        """The stage times and kept bytes of `record` with every stage recomputed: its model where
+        built already, else the arrays alone (the held bound reads no more, and most configurations
+        never need the model)."""
+        config, degree = record.config, record.degree
+        speeds = self.stage_speeds(degree, record.placement)
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, speeds, True)
+        if key in self._models:
+            return self._models[key]
+        if key not in self._arrays:
+            costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+            layout = StageLayout(record.bounds, config.microbatch_rows)
+            self._arrays[key] = stage_arrays(costs, layout, range(layout.num_stages), speeds)
+        return self._arrays[key]
 
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
