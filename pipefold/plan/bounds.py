@@ -32,7 +32,7 @@ from pipefold.simulate import CostModel, Link
 
 __all__ = [
     "step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward", "Boundaries",
-    "boundary_times", "running_sums",
+    "boundary_times", "running_sums", "LinkTable", "link_table",
 ]
 
 Backward = Literal["B", "I", "any"]
@@ -56,26 +56,22 @@ class BoundTerms:
 
     chain: float
     """One micro-batch forward through every stage and back."""
-    start: np.ndarray
-    """Per rank with a stage: the fill to its lowest stage."""
-    busy: np.ndarray
-    """Per rank with a stage: busy seconds per micro-batch."""
-    chained: np.ndarray
-    """Per rank with a stage: busy seconds without W per micro-batch."""
-    drain: np.ndarray
-    """Per rank with a stage: the drain from its lowest stage."""
+    ranks: tuple[tuple[float, float, float, float], ...]
+    """Per rank with a stage: (fill to its lowest stage, busy seconds per micro-batch, busy
+    seconds without W per micro-batch, drain from its lowest stage)."""
     num_cores: float | None
     num_ranks: int
 
     def at(self, num_microbatches: int) -> float:
-        m = float(num_microbatches)
-        work = m * self.busy
-        bound = max(self.chain, float(np.max(self.start + work, initial=0.0)),
-                    float(np.max(self.start + m * self.chained + self.drain, initial=0.0)))
-        if self.num_cores is not None and len(work):
+        # A plain loop: over tens of ranks it is faster than numpy's per-call cost.
+        bound = self.chain
+        total = 0.0
+        for start, busy, chained, drain in self.ranks:
+            bound = max(bound, start + num_microbatches * busy, start + num_microbatches * chained + drain)
+            total += num_microbatches * busy
+        if self.num_cores is not None:
             # Ranks sharing cores (docs/decisions.md, "Shared cores") get through at most num_cores x the
-            # time of work together (summed rank by rank: a cumulative sum adds in order).
-            total = float(np.cumsum(work)[-1])
+            # time of work together.
             bound = max(bound, total / min(self.num_cores, self.num_ranks))
         return bound
 
@@ -91,27 +87,49 @@ class Boundaries:
     back: np.ndarray
 
 
-def boundary_times(model: CostModel, placement: Sequence[int]) -> Boundaries:
-    """`model.transfer_time` of every boundary, both ways, as arrays: each pair of ranks' link
-    looked up once, and `latency + bytes / bandwidth` (0 bytes: the latency alone) per boundary,
-    the same floats as `Link.transfer_time`."""
+@dataclass(frozen=True)
+class LinkTable:
+    """Per (src, dst) pair of ranks, the latency and bandwidth of `CostModel.link_between(src, dst)`.
+    The same for every model of one pipeline split, so the planner keeps one per split."""
+
+    latency: np.ndarray
+    bandwidth: np.ndarray
+
+
+def link_table(model: CostModel, num_ranks: int) -> LinkTable:
+    """`model.link_between` for ranks 0..num_ranks - 1, as arrays."""
+    latency = np.full((num_ranks, num_ranks), model.link.latency, dtype=np.float64)
+    bandwidth = np.full((num_ranks, num_ranks), model.link.bandwidth, dtype=np.float64)
+    # link_between takes the (src, dst) override, else the (dst, src) one, else the default link:
+    # written here in the reverse order, so the preferred one is written last.
+    for reverse in (True, False):
+        for (a, b), link in model.link_overrides.items():
+            src, dst = (b, a) if reverse else (a, b)
+            if src < num_ranks and dst < num_ranks:
+                latency[src, dst] = link.latency
+                bandwidth[src, dst] = link.bandwidth
+    return LinkTable(latency, bandwidth)
+
+
+def boundary_times(model: CostModel, placement: Sequence[int], table: LinkTable | None = None) -> Boundaries:
+    """`model.transfer_time` of every boundary, both ways, as arrays: `latency + bytes / bandwidth`
+    (0 bytes: the latency alone; one rank: 0), the same floats as `Link.transfer_time`. `table`:
+    `link_table(model, ...)` over the placement's ranks, where the caller keeps it."""
     if model.num_stages < 2:
         return Boundaries(np.zeros(0), np.zeros(0))
+    if table is None:
+        table = link_table(model, max(placement) + 1)
     src = np.asarray(placement[:-1], dtype=np.intp)
     dst = np.asarray(placement[1:], dtype=np.intp)
     num_bytes = np.asarray(model.message_bytes, dtype=np.float64)  # whole bytes: exact as floats
-    num_ranks = int(max(src.max(), dst.max())) + 1
-    pairs, index = np.unique(src * num_ranks + dst, return_inverse=True)
+    sent = num_bytes > 0
 
-    def times(links: list[Link]) -> np.ndarray:
-        latency = np.array([link.latency for link in links], dtype=np.float64)[index]
-        bandwidth = np.array([link.bandwidth for link in links], dtype=np.float64)[index]
-        seconds: np.ndarray = latency + np.where(num_bytes > 0, num_bytes / bandwidth, 0.0)
-        return np.where(src == dst, 0.0, seconds)
+    def times(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        seconds = table.latency[a, b] + np.where(sent, num_bytes / table.bandwidth[a, b], 0.0)
+        result: np.ndarray = np.where(a == b, 0.0, seconds)
+        return result
 
-    ends = [divmod(int(pair), num_ranks) for pair in pairs]
-    return Boundaries(times([model.link_between(a, b) for a, b in ends]),
-                      times([model.link_between(b, a) for a, b in ends]))
+    return Boundaries(times(src, dst), times(dst, src))
 
 
 def running_sums(work: np.ndarray, sends: np.ndarray) -> np.ndarray:
@@ -164,13 +182,8 @@ def bound_terms(
     # send of its input gradient from s to s-1, then back through stages s-1..0 (none past the ends).
     fill = running_sums(f, boundaries.send).tolist()
     drain = running_sums(np.minimum(b, i), boundaries.back).tolist()
-    used = [rank for rank in range(num_ranks) if first[rank] < num_stages]  # a rank with no stage adds nothing
-    lowest = [first[rank] for rank in used]
-    return BoundTerms(
-        fill[-1] + drain[-1],
-        start=np.array([fill[stage] for stage in lowest], dtype=np.float64),
-        busy=np.array([busy[rank] for rank in used], dtype=np.float64),
-        chained=np.array([chained[rank] for rank in used], dtype=np.float64),
-        drain=np.array([drain[stage] for stage in lowest], dtype=np.float64),
-        num_cores=model.num_cores, num_ranks=num_ranks,
+    ranks = tuple(
+        (fill[first[rank]], busy[rank], chained[rank], drain[first[rank]])
+        for rank in range(num_ranks) if first[rank] < num_stages  # a rank with no stage adds nothing
     )
+    return BoundTerms(fill[-1] + drain[-1], ranks, model.num_cores, num_ranks)

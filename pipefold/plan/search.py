@@ -14,7 +14,15 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import Backward, Boundaries, BoundTerms, bound_terms, boundary_times
+from pipefold.plan.bounds import (
+    Backward,
+    Boundaries,
+    BoundTerms,
+    LinkTable,
+    bound_terms,
+    boundary_times,
+    link_table,
+)
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
@@ -94,6 +102,7 @@ class _Search:
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
         self._boundaries: dict[tuple[object, ...], Boundaries] = {}
+        self._link_tables: dict[tuple[int, int, int], LinkTable] = {}
         self._arrays: dict[tuple[object, ...], StageArrays] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
@@ -228,7 +237,11 @@ class _Search:
         key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
                record.placement)
         if key not in self._boundaries:
-            self._boundaries[key] = boundary_times(model, record.placement)
+            # Every model of a split has its pipeline's links (`model_at`): one table per split.
+            split = record.degree.split
+            if split not in self._link_tables:
+                self._link_tables[split] = link_table(model, record.degree.num_ranks)
+            self._boundaries[key] = boundary_times(model, record.placement, self._link_tables[split])
         return self._boundaries[key]
 
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
