@@ -167,40 +167,105 @@ def balance(
     # the values and tie-breaks there are those of the whole table.
     cumulative = prefix.tolist()
 
+    # Most blocks of (start, end) a stage can take are a cell or a few: those are computed in
+    # Python (numpy's per-call cost dominates there), the larger ones with numpy. The same floats
+    # either way: `(cumulative[b] - cumulative[a]) / speed` is the matrix's entry, `t * t` numpy's
+    # `t**2`, and max, min and == are exact.
+    inf = math.inf
+
     # Pass 1: the optimal slowest stage, no more than that of an even cut (`_even_cut_slowest`).
+    # On equal speeds, where no cut has its slowest stage below the even cut's, that is the
+    # optimum (often so: then pass 1 is skipped); else it is at most the next smaller stage time.
+    limit = _even_cut_slowest(cumulative, speeds)
+    if len(by_speed) == 1:
+        ((speed, matrix),) = by_speed.items()
+        below = matrix[matrix < limit]
+        if below.size == 0 or not _fits(cumulative, speed, num_stages, float(below.max())):
+            return _least_squares(cumulative, speeds, limit, by_speed)
+        limit = float(below.max())
     # best[b] = slowest stage of the best cut of layers [0, b), for the ends a stage can have.
-    ends = _feasible_ends(cumulative, speeds, _even_cut_slowest(cumulative, speeds))
-    best = np.zeros(1)
-    previous = (0, 0)
+    ends = _feasible_ends(cumulative, speeds, limit)
+    best = [0.0]
+    first, last = 0, 0
     for stage, cost in enumerate(costs):
         low, high = ends[stage]
-        best = np.maximum(best[:, None], cost[previous[0]:previous[1] + 1, low:high + 1]).min(axis=0)
-        previous = (low, high)
-    bottleneck = best[0]
+        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+            speed = speeds[stage]
+            best = [min(max(slowest, (cumulative[end] - cumulative[start]) / speed if start < end else inf)
+                        for start, slowest in zip(range(first, last + 1), best, strict=True))
+                    for end in range(low, high + 1)]
+        else:
+            best = np.maximum(np.asarray(best)[:, None], cost[first:last + 1, low:high + 1]).min(axis=0).tolist()
+        first, last = low, high
+    (bottleneck,) = best
 
-    # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
-    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats;
+    return _least_squares(cumulative, speeds, bottleneck, by_speed)
+
+
+def _least_squares(
+    cumulative: list[float], speeds: Sequence[float], bottleneck: float, by_speed: dict[float, np.ndarray]
+) -> Partition:
+    """`balance`'s pass 2: of the cuts whose slowest stage is `bottleneck`, the least sum of squares."""
+    num_layers, num_stages = len(cumulative) - 1, len(speeds)
+    inf = math.inf
+    # Among cuts reaching it, least sum of squares; on equal sums, the latest start.
+    # Costs are recomputed from the same values, so `<= bottleneck` compares identical floats;
     # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
     # Only the cut points some cut with no stage over the bottleneck can take are visited
     # (`_feasible_ends`): usually a few per stage instead of the whole band.
     allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
-    ends = _feasible_ends(cumulative, speeds, float(bottleneck))
-    squares = np.zeros(1)
-    start_ends = (0, 0)
-    starts: list[tuple[int, np.ndarray]] = []
+    ends = _feasible_ends(cumulative, speeds, bottleneck)
+    squares = [0.0]
+    first, last = 0, 0
+    starts: list[list[int]] = []
+    """Per stage and end b in its interval, the latest start reaching the least sum."""
     for stage, speed in enumerate(speeds):
         low, high = ends[stage]
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        total = squares[:, None] + allowed[speed][start_ends[0]:start_ends[1] + 1, low:high + 1]
-        squares = total.min(axis=0)
-        # Per end b in [low, high], the latest start reaching the least sum.
-        starts.append((low, start_ends[1] - np.argmax((total == squares[None, :])[::-1], axis=0)))
-        start_ends = (low, high)
+        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+            least, latest = [], []
+            for end in range(low, high + 1):
+                totals = []
+                for start, held in zip(range(first, last + 1), squares, strict=True):
+                    time = (cumulative[end] - cumulative[start]) / speed if start < end else inf
+                    totals.append(held + (time * time if time <= bottleneck else inf))
+                smallest = min(totals)
+                least.append(smallest)
+                latest.append(last - totals[::-1].index(smallest))
+            squares = least
+            starts.append(latest)
+        else:
+            total = np.asarray(squares)[:, None] + allowed[speed][first:last + 1, low:high + 1]
+            smallest_array = total.min(axis=0)
+            squares = smallest_array.tolist()
+            starts.append((last - np.argmax((total == smallest_array[None, :])[::-1], axis=0)).tolist())
+        first, last = low, high
     bounds = [num_layers]
     for stage in range(num_stages - 1, -1, -1):
-        low, latest = starts[stage]
-        bounds.append(int(latest[bounds[-1] - low]))
+        bounds.append(starts[stage][bounds[-1] - ends[stage][0]])
     return Partition(tuple(reversed(bounds)))
+
+
+_SMALL_BLOCK = 24
+"""Blocks of (start, end) with at most this many cells are computed in Python, not numpy."""
+
+
+def _fits(cumulative: list[float], speed: float, num_stages: int, limit: float) -> bool:
+    """Whether `len(cumulative) - 1 >= num_stages` layers cut into `num_stages` stages of one speed,
+    none over `limit`: each stage taking all it can, at most that many stages reach the end (more,
+    smaller stages are as fast)."""
+    num_layers = len(cumulative) - 1
+    start = 0
+    for _ in range(num_stages):
+        end = start
+        while end < num_layers and (cumulative[end + 1] - cumulative[start]) / speed <= limit:
+            end += 1
+        if end == start:
+            return False
+        if end == num_layers:
+            return True
+        start = end
+    return False
 
 
 def _even_cut_slowest(prefix: list[float], speeds: Sequence[float]) -> float:
