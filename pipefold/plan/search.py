@@ -101,6 +101,8 @@ class _Search:
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
+        self._bound_at: dict[tuple[object, ...], float] = {}
+        self._held_at: dict[tuple[object, ...], float] = {}
         self._boundaries: dict[tuple[object, ...], Boundaries] = {}
         self._link_tables: dict[tuple[int, int, int], LinkTable] = {}
         self._arrays: dict[tuple[object, ...], StageArrays] = {}
@@ -247,18 +249,22 @@ class _Search:
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
         backward = record.backward if backward is None else backward
-        model = self.model(record, recompute)
+        config = record.config
         if recompute:
+            model = self.model(record, recompute)
             terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-        else:
-            # Without recompute the terms are shared by every m (and family of one placement).
-            config = record.config
-            key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
-                   record.placement, backward)
-            if key not in self._terms:
-                self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-            terms = self._terms[key]
-        return record.allreduce_s + terms.at(record.config.num_microbatches)
+            return record.allreduce_s + terms.at(config.num_microbatches)
+        # Without recompute the terms are shared by every m (and family of one placement), and the
+        # families of one placement mostly share the micro-batch count too.
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement, backward)
+        if key not in self._terms:
+            model = self.model(record, ())
+            self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
+        at_key = (key, config.num_microbatches)
+        if at_key not in self._bound_at:
+            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches)
+        return record.allreduce_s + self._bound_at[at_key]
 
     def held_bound(self, record: Record) -> float:
         """Lower bound on the step of any order and any recompute choice the search may take that
@@ -276,7 +282,11 @@ class _Search:
             headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
             self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed,
                                          self.boundaries(record, plain))
-        return record.allreduce_s + self._held[key].at(config.num_microbatches)
+        # The families of one placement share the terms and mostly the micro-batch count too.
+        at_key = (key, config.num_microbatches)
+        if at_key not in self._held_at:
+            self._held_at[at_key] = self._held[key].at(config.num_microbatches)
+        return record.allreduce_s + self._held_at[at_key]
 
     def recomputed_arrays(self, record: Record) -> CostModel | StageArrays:
         """The stage times and kept bytes of `record` with every stage recomputed: its model where
