@@ -60,15 +60,20 @@ class HeldTerms:
 
 
 def _round_trip(model: CostModel, placement: Sequence[int], boundaries: Boundaries | None = None) -> np.ndarray:
-    """Per stage, the least time from the end of its forward to the start of its backward: the
-    later stages' forwards, input-gradient halves and the sends both ways, summed from the last
-    stage back (one term per stage, as a sequential cumulative sum)."""
+    """Per stage, the least time from the end of its forward to the start of its backward."""
     if boundaries is None:
         boundaries = boundary_times(model, placement)
     f = np.asarray(model.f, dtype=np.float64)
-    half = np.minimum(np.asarray(model.b, dtype=np.float64), np.asarray(model.i, dtype=np.float64))
+    return _trip(f, np.minimum(np.asarray(model.b, dtype=np.float64), np.asarray(model.i, dtype=np.float64)),
+                 boundaries)
+
+
+def _trip(f: np.ndarray, half: np.ndarray, boundaries: Boundaries) -> np.ndarray:
+    """`_round_trip` from the forwards `f` and the input-gradient halves min(B, I): the later
+    stages' forwards, halves and the sends both ways, summed from the last stage back (one term
+    per stage, as a sequential cumulative sum)."""
     later = f[1:] + half[1:] + boundaries.send + boundaries.back
-    trip = np.zeros(model.num_stages, dtype=np.float64)
+    trip = np.zeros(len(f), dtype=np.float64)
     trip[:-1] = np.cumsum(later[::-1])[::-1]
     return trip
 
@@ -84,23 +89,30 @@ def held_terms(
     if boundaries is None:
         boundaries = boundary_times(plain, placement)
     num_ranks = len(headroom)
-    trip = _round_trip(plain, placement, boundaries)
     owned: list[list[int]] = [[] for _ in range(num_ranks)]
     for stage, rank in enumerate(placement):
         owned[rank].append(stage)
-    f = np.asarray(plain.f, dtype=np.float64)
-    half = np.minimum(np.asarray(plain.b, dtype=np.float64), np.asarray(plain.i, dtype=np.float64))
-    fill = running_sums(f, boundaries.send)
+
+    def arrays(model: CostModel | StageArrays) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(table, dtype=np.float64)
+                     for table in (model.f, model.b, model.i, model.w, model.activation_bytes))
+
+    kept, recomputed_arrays = arrays(plain), arrays(recomputed)
+    half = np.minimum(kept[1], kept[2])
+    trip = _trip(kept[0], half, boundaries)
+    fill = running_sums(kept[0], boundaries.send)
     drain = running_sums(half, boundaries.back)
 
     # Each stage's terms once, kept and recomputed, as arrays (the same float operations per stage).
-    def per_stage(model: CostModel | StageArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        f, b, i, w = (np.asarray(table, dtype=np.float64) for table in (model.f, model.b, model.i, model.w))
-        held = np.asarray(model.activation_bytes, dtype=np.float64) * trip
-        return f + np.minimum(b, i + w), f + np.minimum(b, i), held
+    def per_stage(f: np.ndarray, b: np.ndarray, i: np.ndarray, w: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        terms = np.empty((len(f), 3), dtype=np.float64)  # (stages, 3)
+        terms[:, 0] = f + np.minimum(b, i + w)
+        terms[:, 1] = f + np.minimum(b, i)
+        terms[:, 2] = activations * trip
+        return terms
 
-    kept_terms = np.stack(per_stage(plain), axis=1)  # (stages, 3)
-    recomputed_terms = np.stack(per_stage(recomputed), axis=1)
+    kept_terms = per_stage(*kept)
+    recomputed_terms = per_stage(*recomputed_arrays)
     ranks = [rank for rank in range(num_ranks) if owned[rank]]
     rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
     counts = [len(owned[rank]) for rank in ranks]
