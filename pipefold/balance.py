@@ -9,6 +9,7 @@ Among cuts with the same slowest stage it takes the most even, earlier stages la
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 import re
@@ -161,35 +162,169 @@ def balance(
     costs = [by_speed[speed] for speed in speeds]
 
     # Stage j (from 0) can only start at a in [j, L - S + j] and end at b in [j + 1, L - S + j + 1]
-    # (every stage takes a layer): each pass works on that band only, which holds every cut
-    # reaching L with S stages, so the values and tie-breaks there are those of the whole table.
-    spare = num_layers - num_stages
+    # (every stage takes a layer). Each pass works on the part of that band a cut with no stage
+    # over a limit can reach (`_feasible_ends`): it holds every cut the pass could follow, so
+    # the values and tie-breaks there are those of the whole table.
+    cumulative = prefix.tolist()
 
-    # Pass 1: the optimal slowest stage. best[b] = slowest stage of the best cut of layers [0, b),
-    # kept for the band's ends only (stage j's ends are stage j + 1's starts).
-    first = np.full(spare + 1, np.inf)
-    first[0] = 0.0
-    best = first
+    # Most blocks of (start, end) a stage can take are a cell or a few: those are computed in
+    # Python (numpy's per-call cost dominates there), the larger ones with numpy. The same floats
+    # either way: `(cumulative[b] - cumulative[a]) / speed` is the matrix's entry, `t * t` numpy's
+    # `t**2`, and max, min and == are exact.
+    inf = math.inf
+
+    # Pass 1: the optimal slowest stage, no more than that of an even cut (`_even_cut_slowest`).
+    # On equal speeds, where no cut has its slowest stage below the even cut's, that is the
+    # optimum (often so: then pass 1 is skipped); else it is at most the next smaller stage time.
+    limit = _even_cut_slowest(cumulative, speeds)
+    if len(by_speed) == 1:
+        ((speed, matrix),) = by_speed.items()
+        below = matrix[matrix < limit]
+        if below.size == 0 or not _fits(cumulative, speed, num_stages, float(below.max())):
+            return _least_squares(cumulative, speeds, limit, by_speed)
+        limit = float(below.max())
+    # best[b] = slowest stage of the best cut of layers [0, b), for the ends a stage can have.
+    ends = _feasible_ends(cumulative, speeds, limit)
+    best = [0.0]
+    first, last = 0, 0
     for stage, cost in enumerate(costs):
-        best = np.maximum(best[:, None], cost[stage:stage + spare + 1, stage + 1:stage + spare + 2]).min(axis=0)
-    bottleneck = best[spare]
+        low, high = ends[stage]
+        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+            speed = speeds[stage]
+            best = [min(max(slowest, (cumulative[end] - cumulative[start]) / speed if start < end else inf)
+                        for start, slowest in zip(range(first, last + 1), best, strict=True))
+                    for end in range(low, high + 1)]
+        else:
+            best = np.maximum(np.asarray(best)[:, None], cost[first:last + 1, low:high + 1]).min(axis=0).tolist()
+        first, last = low, high
+    (bottleneck,) = best
 
-    # Pass 2: among cuts reaching it, least sum of squares; on equal sums, the latest start.
-    # Costs are recomputed from the same arrays, so `<= bottleneck` compares identical floats;
+    return _least_squares(cumulative, speeds, bottleneck, by_speed)
+
+
+def _least_squares(
+    cumulative: list[float], speeds: Sequence[float], bottleneck: float, by_speed: dict[float, np.ndarray]
+) -> Partition:
+    """`balance`'s pass 2: of the cuts whose slowest stage is `bottleneck`, the least sum of squares."""
+    num_layers, num_stages = len(cumulative) - 1, len(speeds)
+    inf = math.inf
+    # Among cuts reaching it, least sum of squares; on equal sums, the latest start.
+    # Costs are recomputed from the same values, so `<= bottleneck` compares identical floats;
     # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
+    # Only the cut points some cut with no stage over the bottleneck can take are visited
+    # (`_feasible_ends`): usually a few per stage instead of the whole band.
     allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
-    squares = first
-    starts = []
+    ends = _feasible_ends(cumulative, speeds, bottleneck)
+    squares = [0.0]
+    first, last = 0, 0
+    starts: list[list[int]] = []
+    """Per stage and end b in its interval, the latest start reaching the least sum."""
     for stage, speed in enumerate(speeds):
+        low, high = ends[stage]
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        total = squares[:, None] + allowed[speed][stage:stage + spare + 1, stage + 1:stage + spare + 2]
-        squares = total.min(axis=0)
-        # Per end b of the band (b = stage + 1 + index), the latest start reaching the least sum.
-        starts.append(stage + spare - np.argmax((total == squares[None, :])[::-1], axis=0))
+        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+            least, latest = [], []
+            for end in range(low, high + 1):
+                totals = []
+                for start, held in zip(range(first, last + 1), squares, strict=True):
+                    time = (cumulative[end] - cumulative[start]) / speed if start < end else inf
+                    totals.append(held + (time * time if time <= bottleneck else inf))
+                smallest = min(totals)
+                least.append(smallest)
+                latest.append(last - totals[::-1].index(smallest))
+            squares = least
+            starts.append(latest)
+        else:
+            total = np.asarray(squares)[:, None] + allowed[speed][first:last + 1, low:high + 1]
+            smallest_array = total.min(axis=0)
+            squares = smallest_array.tolist()
+            starts.append((last - np.argmax((total == smallest_array[None, :])[::-1], axis=0)).tolist())
+        first, last = low, high
     bounds = [num_layers]
     for stage in range(num_stages - 1, -1, -1):
-        bounds.append(int(starts[stage][bounds[-1] - stage - 1]))
+        bounds.append(starts[stage][bounds[-1] - ends[stage][0]])
     return Partition(tuple(reversed(bounds)))
+
+
+_SMALL_BLOCK = 24
+"""Blocks of (start, end) with at most this many cells are computed in Python, not numpy."""
+
+
+def _fits(cumulative: list[float], speed: float, num_stages: int, limit: float) -> bool:
+    """Whether `len(cumulative) - 1 >= num_stages` layers cut into `num_stages` stages of one speed,
+    none over `limit`: each stage taking all it can, at most that many stages reach the end (more,
+    smaller stages are as fast)."""
+    num_layers = len(cumulative) - 1
+    start = 0
+    for _ in range(num_stages):
+        end = start
+        while end < num_layers and (cumulative[end + 1] - cumulative[start]) / speed <= limit:
+            end += 1
+        if end == start:
+            return False
+        if end == num_layers:
+            return True
+        start = end
+    return False
+
+
+def _even_cut_slowest(prefix: list[float], speeds: Sequence[float]) -> float:
+    """The slowest stage of one valid cut: each stage ends nearest to its share of the total (in
+    proportion to its speed), keeping a layer for each stage. An upper bound on the optimum."""
+    num_layers, num_stages = len(prefix) - 1, len(speeds)
+    total_speed = sum(speeds)
+    share = 0.0
+    start = 0
+    slowest = 0.0
+    for stage, speed in enumerate(speeds):
+        share += speed
+        end = num_layers
+        if stage < num_stages - 1:
+            target = prefix[-1] * share / total_speed
+            end = bisect.bisect_left(prefix, target)
+            if end > 0 and (end > num_layers or target - prefix[end - 1] <= prefix[end] - target):
+                end -= 1
+            end = max(start + 1, min(end, num_layers - num_stages + stage + 1))
+        slowest = max(slowest, (prefix[end] - prefix[start]) / speed)
+        start = end
+    return slowest
+
+
+def _feasible_ends(prefix: list[float], speeds: Sequence[float], limit: float) -> list[tuple[int, int]]:
+    """Per stage, an interval holding every end that stage can have in a cut of `len(prefix) - 1`
+    layers into `len(speeds)` non-empty stages none of which takes more than `limit`.
+
+    A stage's time only grows as it takes more layers (weights are >= 0, and rounding keeps sums
+    of such floats ordered), so no cut's stage s ends past where stages 0..s end when each takes
+    all it can from the left (the latest end), nor before where stages s+1.. start when each takes
+    all it can from the right; and every stage takes one layer at least. Pass 2 of `balance` visits
+    only these ends: every cut it could follow lies inside, so the result is the band's."""
+    num_layers, num_stages = len(prefix) - 1, len(speeds)
+    latest = []
+    start = end = 0
+    for speed in speeds:
+        while end < num_layers and (prefix[end + 1] - prefix[start]) / speed <= limit:
+            end += 1
+        latest.append(end)
+        start = end
+    earliest_start = [0] * num_stages
+    start = end = num_layers
+    for stage in range(num_stages - 1, -1, -1):
+        while start > 0 and (prefix[end] - prefix[start - 1]) / speeds[stage] <= limit:
+            start -= 1
+        earliest_start[stage] = start
+        end = start
+    intervals = []
+    for stage in range(num_stages):
+        low = max(stage + 1, earliest_start[stage + 1] if stage + 1 < num_stages else num_layers)
+        high = min(latest[stage], num_layers - num_stages + stage + 1)
+        if stage == num_stages - 1:
+            low = high = num_layers
+        if low > high:
+            # Not reachable when `limit` is the optimal slowest stage; the whole band then.
+            low, high = stage + 1, num_layers - num_stages + stage + 1
+        intervals.append((low, high))
+    return intervals
 
 
 def stage_times(

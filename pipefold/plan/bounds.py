@@ -20,14 +20,20 @@ num_cores seconds of work per second, so the step also lasts at least the total 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from pipefold.schedule import Schedule
 from pipefold.schedule.ir import Op
-from pipefold.simulate import CostModel
+from pipefold.simulate import CostModel, Link
 
-__all__ = ["step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward"]
+__all__ = [
+    "step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward", "Boundaries",
+    "boundary_times", "running_sums", "LinkTable", "link_table",
+]
 
 Backward = Literal["B", "I", "any"]
 """How a schedule runs its backwards: "B" whole, "I" split (I + W), "any" mixed or not known."""
@@ -57,6 +63,7 @@ class BoundTerms:
     num_ranks: int
 
     def at(self, num_microbatches: int) -> float:
+        # A plain loop: over tens of ranks it is faster than numpy's per-call cost.
         bound = self.chain
         total = 0.0
         for start, busy, chained, drain in self.ranks:
@@ -69,6 +76,73 @@ class BoundTerms:
         return bound
 
 
+@dataclass(frozen=True)
+class Boundaries:
+    """Per stage boundary s -> s + 1 of one pipeline: the seconds of the activation's send forward
+    and of its gradient's send back (0.0 where both stages are on one rank). They depend on the
+    partition, the rows and the placement only (not on recompute), so the planner computes them once
+    per pipeline and every bound of it reads them."""
+
+    send: np.ndarray
+    back: np.ndarray
+
+
+@dataclass(frozen=True)
+class LinkTable:
+    """Per (src, dst) pair of ranks, the latency and bandwidth of `CostModel.link_between(src, dst)`.
+    The same for every model of one pipeline split, so the planner keeps one per split."""
+
+    latency: np.ndarray
+    bandwidth: np.ndarray
+
+
+def link_table(model: CostModel, num_ranks: int) -> LinkTable:
+    """`model.link_between` for ranks 0..num_ranks - 1, as arrays."""
+    latency = np.full((num_ranks, num_ranks), model.link.latency, dtype=np.float64)
+    bandwidth = np.full((num_ranks, num_ranks), model.link.bandwidth, dtype=np.float64)
+    # link_between takes the (src, dst) override, else the (dst, src) one, else the default link:
+    # written here in the reverse order, so the preferred one is written last.
+    for reverse in (True, False):
+        for (a, b), link in model.link_overrides.items():
+            src, dst = (b, a) if reverse else (a, b)
+            if src < num_ranks and dst < num_ranks:
+                latency[src, dst] = link.latency
+                bandwidth[src, dst] = link.bandwidth
+    return LinkTable(latency, bandwidth)
+
+
+def boundary_times(model: CostModel, placement: Sequence[int], table: LinkTable | None = None) -> Boundaries:
+    """`model.transfer_time` of every boundary, both ways, as arrays: `latency + bytes / bandwidth`
+    (0 bytes: the latency alone; one rank: 0), the same floats as `Link.transfer_time`. `table`:
+    `link_table(model, ...)` over the placement's ranks, where the caller keeps it."""
+    if model.num_stages < 2:
+        return Boundaries(np.zeros(0), np.zeros(0))
+    if table is None:
+        table = link_table(model, max(placement) + 1)
+    src = np.asarray(placement[:-1], dtype=np.intp)
+    dst = np.asarray(placement[1:], dtype=np.intp)
+    num_bytes = np.asarray(model.message_bytes, dtype=np.float64)  # whole bytes: exact as floats
+    sent = num_bytes > 0
+
+    def times(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        seconds = table.latency[a, b] + np.where(sent, num_bytes / table.bandwidth[a, b], 0.0)
+        result: np.ndarray = np.where(a == b, 0.0, seconds)
+        return result
+
+    return Boundaries(times(src, dst), times(dst, src))
+
+
+def running_sums(work: np.ndarray, sends: np.ndarray) -> np.ndarray:
+    """[0, w0 + s0, (w0 + s0) + w1 + s1, ...]: per stage s, the sum of `work` and `sends` over the
+    stages before it, added one term at a time in stage order (`sends` has one entry fewer: none
+    after the last stage). The same floats as a Python loop `total += work[s]; total += sends[s]`,
+    since a cumulative sum adds sequentially (unlike `sum`, which adds pairwise)."""
+    terms = np.zeros(2 * len(work), dtype=np.float64)
+    terms[0::2] = work
+    terms[1:-1:2] = sends
+    return np.concatenate([[0.0], np.cumsum(terms)[1::2]])
+
+
 def step_time_lower_bound(
     model: CostModel, placement: tuple[int, ...], num_microbatches: int, backward: Backward = "any"
 ) -> float:
@@ -77,36 +151,37 @@ def step_time_lower_bound(
     return bound_terms(model, placement, backward).at(num_microbatches)
 
 
-def bound_terms(model: CostModel, placement: tuple[int, ...], backward: Backward = "any") -> BoundTerms:
-    """The m-free terms of `step_time_lower_bound`."""
-    b, i, w = model.b, model.i, model.w
+def bound_terms(
+    model: CostModel, placement: tuple[int, ...], backward: Backward = "any", boundaries: Boundaries | None = None
+) -> BoundTerms:
+    """The m-free terms of `step_time_lower_bound`; `boundaries`: `boundary_times(model, placement)`
+    where the caller keeps them."""
+    if boundaries is None:
+        boundaries = boundary_times(model, placement)
+    f = np.asarray(model.f, dtype=np.float64)
+    b, i, w = (np.asarray(times, dtype=np.float64) for times in (model.b, model.i, model.w))
     if backward == "B":
-        i, w = b, (0.0,) * model.num_stages
+        i, w = b, np.zeros(model.num_stages)
     elif backward == "I":
-        b = tuple(x + y for x, y in zip(i, w, strict=True))
+        b = i + w
     num_ranks = max(placement) + 1
     num_stages = model.num_stages
+    # A family runs either B or I + W for a stage; the cheaper one keeps the bound valid for both.
+    # A W waits for nothing downstream, so it may run after the drain has started.
+    busy_terms = (f + np.minimum(b, i + w)).tolist()
+    chained_terms = (f + np.minimum(b, i)).tolist()
     busy = [0.0] * num_ranks
     chained = [0.0] * num_ranks
     first = [num_stages] * num_ranks
     for stage, rank in enumerate(placement):
-        # A family runs either B or I + W for a stage; the cheaper one keeps the bound valid for both.
-        busy[rank] += model.f[stage] + min(b[stage], i[stage] + w[stage])
-        # A W waits for nothing downstream, so it may run after the drain has started.
-        chained[rank] += model.f[stage] + min(b[stage], i[stage])
-        first[rank] = min(first[rank], stage)
+        busy[rank] += busy_terms[stage]
+        chained[rank] += chained_terms[stage]
+        if first[rank] == num_stages:
+            first[rank] = stage
     # fill[s]: one micro-batch forward through stages 0..s-1 and the send into s; drain[s]: the
     # send of its input gradient from s to s-1, then back through stages s-1..0 (none past the ends).
-    fill = [0.0]
-    drain = [0.0]
-    for stage in range(num_stages):
-        send = 0.0
-        back = 0.0
-        if stage + 1 < num_stages:
-            send = model.transfer_time(stage, placement[stage], placement[stage + 1])
-            back = model.transfer_time(stage, placement[stage + 1], placement[stage])
-        fill.append(fill[-1] + model.f[stage] + send)
-        drain.append(drain[-1] + min(b[stage], i[stage]) + back)
+    fill = running_sums(f, boundaries.send).tolist()
+    drain = running_sums(np.minimum(b, i), boundaries.back).tolist()
     ranks = tuple(
         (fill[first[rank]], busy[rank], chained[rank], drain[first[rank]])
         for rank in range(num_ranks) if first[rank] < num_stages  # a rank with no stage adds nothing

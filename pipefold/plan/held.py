@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from pipefold.plan.bounds import Boundaries, boundary_times, running_sums
+from pipefold.plan.stages import StageArrays
 from pipefold.simulate import CostModel
 
 __all__ = ["HeldTerms", "held_terms"]
@@ -57,55 +59,70 @@ class HeldTerms:
         return float(times.min(axis=1).max()) if times.size else 0.0
 
 
-def _round_trip(model: CostModel, placement: Sequence[int]) -> list[float]:
+def _round_trip(model: CostModel, placement: Sequence[int], boundaries: Boundaries | None = None) -> np.ndarray:
     """Per stage, the least time from the end of its forward to the start of its backward."""
-    num_stages = model.num_stages
-    trip = [0.0] * num_stages
-    after = 0.0
-    for stage in range(num_stages - 2, -1, -1):
-        send = model.transfer_time(stage, placement[stage], placement[stage + 1])
-        back = model.transfer_time(stage, placement[stage + 1], placement[stage])
-        later = stage + 1
-        after += model.f[later] + min(model.b[later], model.i[later]) + send + back
-        trip[stage] = after
+    if boundaries is None:
+        boundaries = boundary_times(model, placement)
+    f = np.asarray(model.f, dtype=np.float64)
+    return _trip(f, np.minimum(np.asarray(model.b, dtype=np.float64), np.asarray(model.i, dtype=np.float64)),
+                 boundaries)
+
+
+def _trip(f: np.ndarray, half: np.ndarray, boundaries: Boundaries) -> np.ndarray:
+    """`_round_trip` from the forwards `f` and the input-gradient halves min(B, I): the later
+    stages' forwards, halves and the sends both ways, summed from the last stage back (one term
+    per stage, as a sequential cumulative sum)."""
+    later = f[1:] + half[1:] + boundaries.send + boundaries.back
+    trip = np.zeros(len(f), dtype=np.float64)
+    trip[:-1] = np.cumsum(later[::-1])[::-1]
     return trip
 
 
 def held_terms(
-    plain: CostModel, recomputed: CostModel, placement: Sequence[int], headroom: Sequence[float],
-    allowed: Literal["auto", "none", "full"],
+    plain: CostModel, recomputed: CostModel | StageArrays, placement: Sequence[int], headroom: Sequence[float],
+    allowed: Literal["auto", "none", "full"], boundaries: Boundaries | None = None,
 ) -> HeldTerms:
-    """The terms for `plain` (no stage recomputed) and `recomputed` (every stage), with `headroom`
-    bytes per rank for activations; `allowed` which recompute choices the search may take."""
+    """The terms for `plain` (no stage recomputed) and `recomputed` (every stage: its model, or
+    only its times and kept bytes, `pipefold.plan.stages.stage_arrays`), with `headroom`
+    bytes per rank for activations; `allowed` which recompute choices the search may take.
+    `boundaries`: `boundary_times(plain, placement)` where the caller keeps them."""
+    if boundaries is None:
+        boundaries = boundary_times(plain, placement)
     num_ranks = len(headroom)
-    trip = _round_trip(plain, placement)
     owned: list[list[int]] = [[] for _ in range(num_ranks)]
     for stage, rank in enumerate(placement):
         owned[rank].append(stage)
-    fill = [0.0]
-    drain = [0.0]
-    for stage in range(plain.num_stages):
-        send = back = 0.0
-        if stage + 1 < plain.num_stages:
-            send = plain.transfer_time(stage, placement[stage], placement[stage + 1])
-            back = plain.transfer_time(stage, placement[stage + 1], placement[stage])
-        fill.append(fill[-1] + plain.f[stage] + send)
-        drain.append(drain[-1] + min(plain.b[stage], plain.i[stage]) + back)
+
+    def arrays(model: CostModel | StageArrays) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(table, dtype=np.float64)
+                     for table in (model.f, model.b, model.i, model.w, model.activation_bytes))
+
+    kept, recomputed_arrays = arrays(plain), arrays(recomputed)
+    half = np.minimum(kept[1], kept[2])
+    trip = _trip(kept[0], half, boundaries)
+    fill = running_sums(kept[0], boundaries.send)
+    drain = running_sums(half, boundaries.back)
 
     # Each stage's terms once, kept and recomputed, as arrays (the same float operations per stage).
-    def per_stage(model: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        f, b, i, w = (np.asarray(table, dtype=np.float64) for table in (model.f, model.b, model.i, model.w))
-        held = np.asarray(model.activation_bytes, dtype=np.float64) * np.asarray(trip, dtype=np.float64)
-        return f + np.minimum(b, i + w), f + np.minimum(b, i), held
+    def per_stage(f: np.ndarray, b: np.ndarray, i: np.ndarray, w: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        terms = np.empty((len(f), 3), dtype=np.float64)  # (stages, 3)
+        terms[:, 0] = f + np.minimum(b, i + w)
+        terms[:, 1] = f + np.minimum(b, i)
+        terms[:, 2] = activations * trip
+        return terms
 
-    kept_terms = np.stack(per_stage(plain), axis=1)  # (stages, 3)
-    recomputed_terms = np.stack(per_stage(recomputed), axis=1)
+    kept_terms = per_stage(*kept)
+    recomputed_terms = per_stage(*recomputed_arrays)
     ranks = [rank for rank in range(num_ranks) if owned[rank]]
     rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
-    rows: dict[int, np.ndarray] = {}
+    counts = [len(owned[rank]) for rank in ranks]
+    # Per rank, 2 ** its stages options at most (one where each stage is taken apart or the
+    # choice is pinned); ranks with fewer options repeat their last one (a duplicate changes no minimum).
+    widths = {count: 1 if allowed != "auto" or 2 ** count > _MAX_SUBSETS else 2 ** count for count in counts}
+    table = np.zeros((len(ranks), max(widths.values(), default=0), 3), dtype=np.float64)
     # The ranks of one stage count at once: (ranks, options, 3) per group.
-    for num_stages in sorted({len(owned[rank]) for rank in ranks}):
-        group = [index for index, rank in enumerate(ranks) if len(owned[rank]) == num_stages]
+    for num_stages in sorted(set(counts)):
+        group = [index for index, count in enumerate(counts) if count == num_stages]
         at = np.array([owned[ranks[index]] for index in group], dtype=np.intp)  # (ranks, stages)
         room = rooms[group][:, None]
         # (ranks, stages, 3): busy, chained, held bytes-seconds / headroom, kept and recomputed.
@@ -133,18 +150,12 @@ def held_terms(
         total = np.zeros((len(group), chosen.shape[1], 3))
         for index in range(num_stages):
             total = total + chosen[:, :, index, :]
-        for index, options in zip(group, total, strict=True):
-            rows[index] = options
-    ordered = [rows[index] for index in range(len(ranks))]
-    starts = [fill[min(owned[rank])] for rank in ranks]
-    drains = [drain[min(owned[rank])] for rank in ranks]
-    width = max((len(options) for options in ordered), default=0)
-    # Ranks with fewer options repeat their last one (a duplicate changes no minimum).
-    padded = [np.concatenate([options, np.repeat(options[-1:], width - len(options), axis=0)])
-              for options in ordered]
-    table = np.array(padded, dtype=np.float64).reshape(len(ordered), width, 3)
+        rows = np.array(group, dtype=np.intp)
+        table[rows, :total.shape[1]] = total
+        table[rows, total.shape[1]:] = total[:, -1:]
+    first = np.array([owned[rank][0] for rank in ranks], dtype=np.intp)
     return HeldTerms(
-        start=np.array(starts, dtype=np.float64).reshape(-1, 1),
-        drain=np.array(drains, dtype=np.float64).reshape(-1, 1),
+        start=fill[first].reshape(-1, 1),
+        drain=drain[first].reshape(-1, 1),
         busy=table[:, :, 0], chained=table[:, :, 1], held=table[:, :, 2],
     )

@@ -14,7 +14,15 @@ from typing import Literal
 
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
-from pipefold.plan.bounds import Backward, BoundTerms, bound_terms
+from pipefold.plan.bounds import (
+    Backward,
+    Boundaries,
+    BoundTerms,
+    LinkTable,
+    bound_terms,
+    boundary_times,
+    link_table,
+)
 from pipefold.plan.calibrate import first_stage_backward
 from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, degree_problem
@@ -48,7 +56,14 @@ from pipefold.plan.shard_search import (
 )
 from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
-from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
+from pipefold.plan.stages import (
+    StageArrays,
+    StageLayout,
+    stage_arrays,
+    stage_cost_model,
+    stage_weights,
+    transient_bytes,
+)
 from pipefold.plan.tensor import LinearCosts, tensor_parallel_problem
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
@@ -87,6 +102,11 @@ class _Search:
         self._syncs: dict[tuple[object, ...], float] = {}
         self._terms: dict[tuple[object, ...], BoundTerms] = {}
         self._held: dict[tuple[object, ...], HeldTerms] = {}
+        self._bound_at: dict[tuple[object, ...], float] = {}
+        self._held_at: dict[tuple[object, ...], float] = {}
+        self._boundaries: dict[tuple[object, ...], Boundaries] = {}
+        self._link_tables: dict[tuple[int, int, int], LinkTable] = {}
+        self._arrays: dict[tuple[object, ...], StageArrays] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
@@ -213,21 +233,39 @@ class _Search:
             self._models[key] = model
         return model
 
+    def boundaries(self, record: Record, model: CostModel) -> Boundaries:
+        """The sends between `record`'s stages (`pipefold.plan.bounds.boundary_times`): the same for
+        every recompute choice, family and m of one split, rows, partition and placement."""
+        config = record.config
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement)
+        if key not in self._boundaries:
+            # Every model of a split has its pipeline's links (`model_at`): one table per split.
+            split = record.degree.split
+            if split not in self._link_tables:
+                self._link_tables[split] = link_table(model, record.degree.num_ranks)
+            self._boundaries[key] = boundary_times(model, record.placement, self._link_tables[split])
+        return self._boundaries[key]
+
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
         backward = record.backward if backward is None else backward
-        model = self.model(record, recompute)
+        config = record.config
         if recompute:
-            terms = bound_terms(model, record.placement, backward)
-        else:
-            # Without recompute the terms are shared by every m (and family of one placement).
-            config = record.config
-            key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
-                   record.placement, backward)
-            if key not in self._terms:
-                self._terms[key] = bound_terms(model, record.placement, backward)
-            terms = self._terms[key]
-        return record.allreduce_s + terms.at(record.config.num_microbatches)
+            model = self.model(record, recompute)
+            terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))
+            return record.allreduce_s + terms.at(config.num_microbatches)
+        # Without recompute the terms are shared by every m (and family of one placement), and the
+        # families of one placement mostly share the micro-batch count too.
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement, backward)
+        if key not in self._terms:
+            model = self.model(record, ())
+            self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
+        at_key = (key, config.num_microbatches)
+        if at_key not in self._bound_at:
+            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches)
+        return record.allreduce_s + self._bound_at[at_key]
 
     def held_bound(self, record: Record) -> float:
         """Lower bound on the step of any order and any recompute choice the search may take that
@@ -240,11 +278,31 @@ class _Search:
                allowed, config.shard, config.free_between, config.gather_lookahead)
         if key not in self._held:
             plain = self.model(record, ())
-            everything = self.model(record, tuple(range(plain.num_stages)))
+            everything = self.recomputed_arrays(record)
             static = self.static_of(record, plain)
             headroom = [limit - held for limit, held in zip(self.limits(degree), static, strict=True)]
-            self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed)
-        return record.allreduce_s + self._held[key].at(config.num_microbatches)
+            self._held[key] = held_terms(plain, everything, record.placement, headroom, allowed,
+                                         self.boundaries(record, plain))
+        # The families of one placement share the terms and mostly the micro-batch count too.
+        at_key = (key, config.num_microbatches)
+        if at_key not in self._held_at:
+            self._held_at[at_key] = self._held[key].at(config.num_microbatches)
+        return record.allreduce_s + self._held_at[at_key]
+
+    def recomputed_arrays(self, record: Record) -> CostModel | StageArrays:
+        """The stage times and kept bytes of `record` with every stage recomputed: its model where
+        built already, else the arrays alone (the held bound reads no more, and most configurations
+        never need the model)."""
+        config, degree = record.config, record.degree
+        speeds = self.stage_speeds(degree, record.placement)
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, speeds, True)
+        if key in self._models:
+            return self._models[key]
+        if key not in self._arrays:
+            costs = self.costs_at(degree, config.microbatch_rows, config.recompute_attention)
+            layout = StageLayout(record.bounds, config.microbatch_rows)
+            self._arrays[key] = stage_arrays(costs, layout, range(layout.num_stages), speeds)
+        return self._arrays[key]
 
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
         """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""

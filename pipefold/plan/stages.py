@@ -14,7 +14,7 @@ import numpy as np
 from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel, Link
 
-__all__ = ["StageLayout", "stage_cost_model", "transient_bytes", "stage_weights"]
+__all__ = ["StageLayout", "StageArrays", "stage_arrays", "stage_cost_model", "transient_bytes", "stage_weights"]
 
 _F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED = range(7)
 
@@ -42,20 +42,27 @@ def stage_weights(costs: ModelCosts, rows: int) -> list[float]:
     ]
 
 
-def stage_cost_model(
+@dataclass(frozen=True)
+class StageArrays:
+    """Per stage, the times and kept activation bytes of `stage_cost_model`'s `CostModel`, as
+    arrays: what the planner's bounds read, without building (and validating) a whole model."""
+
+    f: np.ndarray
+    i: np.ndarray
+    w: np.ndarray
+    b: np.ndarray
+    activation_bytes: np.ndarray
+    """int64: rounded as the model's."""
+
+
+def stage_arrays(
     costs: ModelCosts,
     layout: StageLayout,
     recompute: Collection[int],
-    link: Link,
-    num_cores: float | None = None,
-    link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
     stage_speeds: Sequence[float] | None = None,
-) -> CostModel:
-    """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
-    "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
-    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
-    `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
-    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
+) -> StageArrays:
+    """The per-stage times and kept bytes of `stage_cost_model(costs, layout, recompute, ...,
+    stage_speeds=stage_speeds)`: the same floats."""
     # Per stage, as arrays: each stage's value is the same float expression as one stage at a time.
     bounds = np.asarray(layout.bounds, dtype=np.intp)
     starts, stops = bounds[:-1], bounds[1:]
@@ -83,13 +90,35 @@ def stage_cost_model(
     input_grad = np.where(recomputed, input_grad + forward, input_grad)
     weight_grad = np.where(recomputed, weight_grad + forward, weight_grad)
     backward = np.where(recomputed, backward + forward, backward)
-    kept = np.rint(rows_scale * np.where(recomputed, span(_INPUT), span(_ACT))).astype(np.int64).tolist()
+    kept = np.rint(rows_scale * np.where(recomputed, span(_INPUT), span(_ACT))).astype(np.int64)
     if layout.bounds[-1] == len(costs.layers):
         kept[-1] += round(rows_scale * costs.loss_bytes)
-    weights = np.rint(span(_PARAM)).astype(np.int64).tolist()
+    return StageArrays(forward, input_grad, weight_grad, backward, kept)
+
+
+def stage_cost_model(
+    costs: ModelCosts,
+    layout: StageLayout,
+    recompute: Collection[int],
+    link: Link,
+    num_cores: float | None = None,
+    link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
+    stage_speeds: Sequence[float] | None = None,
+) -> CostModel:
+    """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
+    "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
+    cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
+    `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
+    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
+    arrays = stage_arrays(costs, layout, recompute, stage_speeds)
+    bounds = np.asarray(layout.bounds, dtype=np.intp)
+    kept = arrays.activation_bytes.tolist()
+    weights = np.rint(costs.prefix_array[_PARAM][bounds[1:]] - costs.prefix_array[_PARAM][bounds[:-1]]).astype(
+        np.int64).tolist()
+    rows_scale = layout.rows / costs.reference_rows
     messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
-        forward.tolist(), input_grad.tolist(), weight_grad.tolist(), b=backward.tolist(), activation_bytes=kept,
+        arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
         weight_grad_bytes=list(kept), weight_bytes=weights, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
     )
