@@ -28,7 +28,7 @@ import numpy as np
 
 from pipefold.schedule import Schedule
 from pipefold.schedule.ir import Op
-from pipefold.simulate import CostModel, Link
+from pipefold.simulate import CostModel
 
 __all__ = [
     "step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward", "Boundaries",

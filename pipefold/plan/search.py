@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import replace
 from typing import Literal
 
@@ -36,6 +35,7 @@ from pipefold.plan.memory import (
     static_bytes,
     static_weight_bytes,
 )
+from pipefold.plan.order_targets import order_targets
 from pipefold.plan.orders import (
     compiled_family,
     compiles_order,
@@ -46,7 +46,7 @@ from pipefold.plan.orders import (
 )
 from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
 from pipefold.plan.record import OverMemory, Record
-from pipefold.plan.refine import ORDER_SEARCH_MARGIN, OrderTarget, Refinement, refine_orders, searchable
+from pipefold.plan.refine import OrderTarget, Refinement, refine_orders
 from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.shard_search import (
     searched_layouts,
@@ -559,64 +559,11 @@ class _Search:
 
     # -- the order search (docs/decisions.md, "Planner refinement") ---------------------------
 
-    def order_targets(self, records: list[Record], choice: Candidate | None, deadline: float = math.inf
-                      ) -> list[OrderTarget]:
-        """One target per simulated (split, partition, m, v, layout, recompute) of a flush family the
-        search knows the layout of, within the margin of the family `choice`, the choice's own first,
-        then by step; with no choice (no family order fits), every one, the leanest first."""
-        # A choice found over the limit without simulating may fit in another order: time those
-        # that could come within the margin of the choice, most promising first, out of the order
-        # search's budget (the ones left untimed are counted unsearched).
-        pending = sorted(
-            ((bound, index, recompute) for index, record in enumerate(records) for recompute in record.over
-             if recompute not in record.tried and (bound := self.bound(record, recompute, "any")) <= (
-                 math.inf if choice is None else choice.step_time * (1 + ORDER_SEARCH_MARGIN))),
-            key=lambda item: (item[0], item[1]),
-        )
-        for _, index, recompute in pending:
-            if time.perf_counter() >= deadline:
-                self.num_untimed += 1
-                continue
-            self.run(records[index], recompute)
-        groups: dict[tuple[object, ...], list[tuple[Record, Candidate]]] = {}
-        for record in records:
-            if record.static_over is not None or not record.tried:
-                continue
-            config = record.config
-            for recompute, candidate in record.tried.items():
-                key = (record.degree, record.bounds, config.microbatch_rows, config.num_microbatches,
-                       config.num_virtual, record.placement, recompute, config.recompute_attention,
-                       config.shard, config.free_between, config.gather_lookahead)
-                groups.setdefault(key, []).append((record, candidate))
-        targets = []
-        for members in groups.values():
-            candidates = [candidate for _, candidate in members]
-            fits = [c for c in candidates if c.over_limit(self.limit) <= 0]
-            fastest = min(candidates, key=lambda c: (c.step_time, rank_key(c)))
-            base = min(fits, key=rank_key) if fits else fastest
-            if choice is not None and base != choice and (
-                base.step_time > choice.step_time * (1 + ORDER_SEARCH_MARGIN)
-            ):
-                continue
-            if not searchable(base) or base.shard == "full":
-                continue  # (an order search prices no gathers: full sharding keeps its family's order)
-            record = members[0][0]
-            # Any order of these actions, which may split a backward its family runs whole.
-            bound = self.bound(record, base.recompute, "any")
-            targets.append(OrderTarget(base, bound, self.costs_of(record),
-                                       self.links(record.degree)))
-        if choice is None:
-            # Nothing fits: the orders most likely to fit first (the least over the limit).
-            targets.sort(key=lambda t: (t.base.peak_memory, t.base.step_time, t.bound))
-        else:
-            targets.sort(key=lambda t: (t.base != choice, t.base.step_time, t.bound, rank_key(t.base)))
-        return targets
-
     def refine(self, records: list[Record], choice: Candidate | None) -> Refinement:
         """Search the orders of the targets, best first, while they can still beat the family `choice`
         (None: no family order fits) and the budget lasts (see docs/decisions.md, "Planner refinement")."""
         def targets(deadline: float) -> tuple[list[OrderTarget], int]:
-            return self.order_targets(records, choice, deadline), self.num_untimed
+            return order_targets(self, records, choice, deadline), self.num_untimed
 
         return refine_orders(targets, choice, self.options)
 
