@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if ours is not None:
                 sys.modules[groups_name] = ours
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
-    params = list(stage.parameters())
+    params = tuple(stage.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.perf_counter

@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-__all__ = ["Direct", "Frontier", "Group", "accumulate_direct", "collector", "has_hooks", "match_direct"]
+__all__ = [
+    "Direct",
+    "Frontier",
+    "Group",
+    "accumulate_at",
+    "accumulate_direct",
+    "collector",
+    "has_hooks",
+    "match_direct",
+]
 
 Grads = tuple[Tensor | None, ...]
 
@@ -203,8 +212,8 @@ def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
 
 
 def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
-    """`_plain(param, dtype) and _grad_slot_ok(param)`, or True for no parameter: one call per
-    parameter on `W`'s direct path."""
+    """`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
+    accumulation, or True for no parameter: one call per parameter on `W`'s direct path."""
     if param is None:
         return True
     if not (
@@ -214,6 +223,8 @@ def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
         and param.is_contiguous()
     ):
         return False
+    if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+        return False  # only autograd's path runs them
     if getattr(param, "grad_dtype", dtype) != dtype:
         return False  # autograd would cast to the declared gradient dtype
     grad = param.grad
@@ -243,10 +254,16 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     if direct.kind == "compiled":
         return _accumulate_computed(direct, frontier)
     grads = frontier.grads
-    if not grads or grads[0] is None:
+    if not grads:
         return False
-    grad = grads[0]
-    node = frontier.node
+    return accumulate_at(direct, frontier.node, grads[0])
+
+
+def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
+    """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
+    the gradient that arrived at the node's first output (the layer's output)."""
+    if grad is None:
+        return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
     if not (_ready(weight, dtype) and _ready(bias, dtype)):
