@@ -69,11 +69,14 @@ class WeightGradState:
     """The lean form's gradients kept at the frontier nodes (`_GroupPlan.frontiers` slots)."""
     _direct: bool = True
     """The lean form: `W` may compute a group with a direct form itself."""
+    _whole: tuple[list[GradientEdge], list[Tensor], Sequence[Tensor]] | None = None
+    """Where `I` had nothing to compute: the output edges, their gradients and the parameters
+    for `W`'s one engine call."""
 
     @property
     def num_groups(self) -> int:
         """How many autograd calls `backward_weight` will make."""
-        return len(self._groups) + len(self._plans)
+        return len(self._groups) + len(self._plans) + (self._whole is not None)
 
     @property
     def done(self) -> bool:
@@ -146,6 +149,12 @@ def backward_input(
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
+    if not wanted or not roots:
+        # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
+        # whole backward, one engine call from the outputs into `params`, so no walk or plan.
+        # It holds the outputs' edges, not the outputs.
+        whole = (list(map(get_gradient_edge, roots)), root_grads, params) if roots and params else None
+        return tuple(None for _ in inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[i] for i in wanted]
     key, nodes, edges = _graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
@@ -158,32 +167,26 @@ def backward_input(
     if prepared.lean and wanted and roots:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        take = nodes.__getitem__
-        found = _run_engine(
-            roots,
-            root_grads,
-            [
-                *wanted_inputs,
-                *map(GradientEdge, map(take, prepared.edge_nodes), prepared.edge_outputs),
-            ],
-            retain_graph=True,
-            accumulate_grad=False,
-        )
+        # `tuple.__new__` builds the named tuple without `GradientEdge.__new__`'s Python frame.
+        new = tuple.__new__
+        engine_inputs: list[Tensor | GradientEdge] = list(wanted_inputs)
+        engine_inputs += [
+            new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)
+        ]
+        found = _run_engine(roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False)
         num_wanted = len(wanted)
         for i, grad in zip(wanted, found, strict=False):
             result[i] = grad
         lean = WeightGradState(
             _disjoint=shape.disjoint,
             _plans=prepared.plans,
-            _nodes=list(map(take, prepared.frontier_nodes)),
+            _nodes=list(map(nodes.__getitem__, prepared.frontier_nodes)),
             _kept=list(found[num_wanted:]),
             _direct=direct,
         )
         return tuple(result), lean
     groups = _groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
     state = WeightGradState(groups, _disjoint=shape.disjoint)
-    if not wanted or not roots:
-        return tuple(result), state
     frontiers = [frontier for group in groups for frontier in group.frontiers]
     # The engine hands back the gradients arriving at each frontier node when asked for its
     # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
@@ -244,6 +247,10 @@ def backward_weight(state: WeightGradState) -> None:
     state._done = True
     if state._plans:
         _weight_lean(state, share)
+        return
+    if state._whole is not None:
+        (roots, grads, params), state._whole = state._whole, None
+        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True)
         return
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []

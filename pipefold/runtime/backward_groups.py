@@ -268,19 +268,24 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     weight, bias = direct.weight, direct.bias
     if not (_ready(weight, dtype) and _ready(bias, dtype)):
         return False
-    if direct.kind == "layer_norm":
+    kind = direct.kind
+    if kind == "layer_norm":
         return _layer_norm_direct(direct, node, grad)
-    if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
+    saved_input: Tensor
+    if kind == "addmm":
+        if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
+            return False
+        saved_input = node._saved_mat1  # type: ignore[attr-defined]
+    else:
+        saved_input = node._saved_self  # type: ignore[attr-defined]
+    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != dtype:
         return False
-    saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
+    grad_shape, input_shape = grad.shape, saved_input.shape
     if (
-        grad.dim() != 2
-        or type(grad) is not Tensor
-        or type(saved_input) is not Tensor
-        or saved_input.dtype != dtype
-        or saved_input.dim() != 2
-        or (weight is not None and tuple(weight.shape) != (grad.shape[1], saved_input.shape[1]))
-        or (bias is not None and tuple(bias.shape) != (grad.shape[1],))
+        len(grad_shape) != 2
+        or len(input_shape) != 2
+        or (weight is not None and weight.shape != (grad_shape[1], input_shape[1]))
+        or (bias is not None and bias.shape != (grad_shape[1],))
     ):
         return False
     if weight is not None:
@@ -295,11 +300,15 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     return True
 
 
+# The overload itself: the packet's `__call__` resolves it in Python on every call.
+_native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+
+
 def _layer_norm_direct(direct: Direct, node: Node, grad: Tensor) -> bool:
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
         return False
-    _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
+    _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
         list(node._saved_normalized_shape),  # type: ignore[attr-defined]
