@@ -603,14 +603,15 @@ def _graph_shape(
     leaves: _Leaves | None = None,
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
     """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
-    (walk index of its node, output number), then per node in walk order its class, the walk
-    indices of its children (-1 for none) and None, or for a leaf (AccumulateGrad, which has no
-    children) which input or parameter it holds ("other" for neither, None for none): flat, and
-    unambiguous because a class starts each node's entries and only children are ints. With
-    `leaves`, a child that is a known parameter leaf is not walked: its entry is the ("param",
-    position) it holds in place of a walk index (a tuple, so still unambiguous). Two graphs
-    with equal keys are the same graph up to the node objects, so `_plan_groups` (a function
-    of exactly that) plans them alike."""
+    (walk index of its node, output number), then per node in walk order its class, and either
+    the entries of its children and None, or for a leaf (AccumulateGrad, which has no children)
+    which input it holds ("other" for none of them, None for no tensor). A child's entry is its
+    walk index (-1 for none), or, for the leaf of a parameter, the ("param", position) it holds:
+    parameter leaves are not walked. Flat, and unambiguous because a class starts each node's
+    entries, children are ints or tuples and None ends them. Two graphs with equal keys are
+    the same graph up to the node objects, so `_plan_groups` (a function of exactly that)
+    plans them alike. `leaves` (a stage's, from its `GroupCache`) knows the parameter leaves
+    met before, so they are recognised without reading the tensor each holds."""
     if leaves is None:
         held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
         no_nodes: dict[Node, object] = {}
@@ -638,17 +639,13 @@ def _graph_shape(
         leaf = is_leaf_node.get(node_type)
         if leaf is None:
             leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        if leaf:  # no children
+        if leaf:  # no children; a parameter's only where it is a root (children are not walked)
             variable = getattr(node, "variable", None)
             if variable is None:
                 add_key(None)
                 continue
             held = held_by.get(id(variable))
-            if held is None:
-                add_key(inputs_at.get(id(variable), "other"))
-                continue
-            add_key(held)
-            learned.append((node, held))
+            add_key(held if held is not None else inputs_at.get(id(variable), "other"))
             continue
         for child, _ in node.next_functions:
             if child is None:
@@ -660,6 +657,17 @@ def _graph_shape(
                 if held is not None:
                     add_key(held)
                     continue
+                child_type = type(child)
+                leaf = is_leaf_node.get(child_type)
+                if leaf is None:
+                    leaf = is_leaf_node[child_type] = child.name() == "torch::autograd::AccumulateGrad"
+                if leaf:
+                    variable = getattr(child, "variable", None)
+                    held = None if variable is None else held_by.get(id(variable))
+                    if held is not None:  # a parameter's leaf: its position, not a walk index
+                        learned.append((child, held))
+                        add_key(held)
+                        continue
                 at = index[child] = len(nodes)
                 add_node(child)
             add_key(at)
