@@ -173,7 +173,14 @@ def backward_input(
         engine_inputs += [
             new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)
         ]
-        found = _run_engine(roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False)
+        found = _run_engine(
+            roots,
+            root_grads,
+            engine_inputs,
+            retain_graph=True,
+            accumulate_grad=False,
+            tensors=(*roots, *wanted_inputs),
+        )
         num_wanted = len(wanted)
         for i, grad in zip(wanted, found, strict=False):
             result[i] = grad
@@ -250,7 +257,7 @@ def backward_weight(state: WeightGradState) -> None:
         return
     if state._whole is not None:
         (roots, grads, params), state._whole = state._whole, None
-        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True)
+        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True, tensors=tuple(params))
         return
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []
@@ -339,9 +346,11 @@ def _run_engine(
     *,
     retain_graph: bool,
     accumulate_grad: bool,
+    tensors: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Run autograd from `roots` seeded with `grads`: into `.grad` (`accumulate_grad`), or
-    returning the gradients of `inputs` (None where unused).
+    returning the gradients of `inputs` (None where unused). `tensors`, where the caller
+    knows them, are the tensors among `roots` and `inputs` (the rest are edges).
 
     `torch.autograd.backward` / `grad` first re-check every seed in Python (`_make_grads`:
     about 80 µs a call here, mostly symbolic-shape comparisons for GradientEdge roots), and
@@ -350,9 +359,9 @@ def _run_engine(
     output, and `W`'s seeds are the gradients autograd itself produced during `I`. Tensor
     subclasses (`__torch_function__`) take the public path, which dispatches them.
     """
-    if _engine_run_backward is None or torch.overrides.has_torch_function(
-        tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
-    ):
+    if tensors is None:
+        tensors = tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
+    if _engine_run_backward is None or torch.overrides.has_torch_function(tensors):
         # Mixes of tensors and edges, which both functions accept.
         public_roots: Any = list(roots)
         public_inputs: Any = list(inputs)
