@@ -213,25 +213,26 @@ def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
 
 def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
     """`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
-    accumulation, or True for no parameter: one call per parameter on `W`'s direct path."""
+    accumulation, or True for no parameter: one call per parameter on `W`'s direct path.
+    (Dtypes and layouts are singletons, so `is` compares them without a rich compare.)"""
     if param is None:
         return True
     if not (
         type(param) in _PLAIN_TYPES
-        and param.dtype == dtype
-        and param.layout == _STRIDED
+        and param.dtype is dtype
+        and param.layout is _STRIDED
         and param.is_contiguous()
     ):
         return False
     if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
         return False  # only autograd's path runs them
-    if getattr(param, "grad_dtype", dtype) != dtype:
+    if getattr(param, "grad_dtype", dtype) is not dtype:
         return False  # autograd would cast to the declared gradient dtype
     grad = param.grad
     return grad is None or (
         type(grad) in _PLAIN_TYPES
-        and grad.dtype == dtype
-        and grad.layout == _STRIDED
+        and grad.dtype is dtype
+        and grad.layout is _STRIDED
         and grad.is_contiguous()
         and not grad.requires_grad
         and grad.shape == param.shape
