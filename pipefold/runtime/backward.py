@@ -164,10 +164,10 @@ def backward_input(
         shape = _plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
     prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
     result: list[Tensor | None] = [None] * len(inputs)
-    if prepared.lean and wanted and roots:
+    if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
-        # flat lists that the shape's plans index.
-        # `tuple.__new__` builds the named tuple without `GradientEdge.__new__`'s Python frame.
+        # flat lists that the shape's plans index. `tuple.__new__` builds each captured edge
+        # without `GradientEdge.__new__`'s Python frame.
         new = tuple.__new__
         engine_inputs: list[Tensor | GradientEdge] = list(wanted_inputs)
         engine_inputs += [
