@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="a checkout of another commit")
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument(
+        "--first", action="store_true", help="a first stage: its input needs no gradient, so I has nothing to compute"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             if ours is not None:
                 sys.modules[groups_name] = ours
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
-    params = list(stage.parameters())
+    params = tuple(stage.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.perf_counter
@@ -79,16 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         label: {"cache": module.GroupCache()} if hasattr(module, "GroupCache") else {}
         for label, module in modules.items()
     }
+    wants_grad = not args.first
     for repeat in range(args.repeats):
         for label, module in modules.items():
-            leaf = x.detach().requires_grad_()
+            leaf = x.detach().requires_grad_(wants_grad)
             out = stage(leaf)
             start = clock()
             _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label])
             middle = clock()
             module.backward_weight(state)
             end = clock()
-            leaf = x.detach().requires_grad_()
+            leaf = x.detach().requires_grad_(wants_grad)
             out = stage(leaf)
             full_start = clock()
             module.backward_full((out,), (grad,), (leaf,))
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[label]["W"].append(end - middle)
                 times[label]["B"].append(full_end - full_start)
                 times[label]["I+W"].append(end - start)
-        leaf = x.detach().requires_grad_()
+        leaf = x.detach().requires_grad_(wants_grad)
         out = stage(leaf)
         engine_start = clock()
         engine((out,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipefold.model.zoo import ResidualMLP
 from pipefold.runtime.processes.allocator import keep_freed_memory
-from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
 from pipefold.runtime.processes.allocator import keep_freed_memory
 
 
@@ -114,7 +114,9 @@ def main() -> None:
     else:
         block = PreLNBlock(args.d_model, args.num_heads, args.checkpoint).to(device)
         x = torch.randn(args.batch, args.seq, args.d_model, device=device)
-    params = list(block.parameters())
+    # As the executor calls it: the stage's parameter tuple and one group cache per stage.
+    params = tuple(block.parameters())
+    cache = GroupCache()
     grad = torch.randn_like(x)
 
     def fresh_forward() -> tuple[Tensor, Tensor]:
@@ -136,7 +138,9 @@ def main() -> None:
         leaf, out = fresh_forward()
         _sync(device)
         start, start_faults = time.perf_counter(), faults()
-        _, state = backward_input((out,), (grad,), (leaf,), params, direct=not args.autograd_w)
+        _, state = backward_input(
+            (out,), (grad,), (leaf,), params, direct=not args.autograd_w, cache=cache
+        )
         _sync(device)
         middle = time.perf_counter()
         del out  # an executor drops the outputs once I has sent the input gradient

@@ -29,6 +29,7 @@ from pipefold.runtime.backward_groups import (
     Frontier,
     Grads,
     Group,
+    accumulate_at,
     accumulate_direct,
     collector,
     has_hooks,
@@ -51,23 +52,47 @@ class WeightGradState:
     """What `backward_weight` needs from `backward_input` for one (stage, micro-batch).
 
     It holds the frontier nodes (and so the part of the stage's graph below them) and the
-    gradients kept at them; `backward_weight` releases all of it.
+    gradients kept at them; `backward_weight` releases all of it. Either as `Group` objects
+    (`_groups`), or, on the common path (see `_Prepared.lean`), as the shape's plans with one
+    flat list of frontier nodes and one of kept gradients, which costs no object per group.
     """
 
     _groups: list[Group] = field(default_factory=list)
     _disjoint: bool = True
     """No node runs in two calls of `W` (see `_groups_are_disjoint`)."""
     _done: bool = False
+    _plans: tuple[_GroupPlan, ...] = ()
+    """The lean form's groups, in the order `W` runs them."""
+    _nodes: list[Node | None] = field(default_factory=list)
+    """The lean form's frontier nodes (`_GroupPlan.frontiers` positions)."""
+    _kept: list[Tensor | None] = field(default_factory=list)
+    """The lean form's gradients kept at the frontier nodes (`_GroupPlan.frontiers` slots)."""
+    _direct: bool = True
+    """The lean form: `W` may compute a group with a direct form itself."""
+    _whole: tuple[list[GradientEdge], list[Tensor], Sequence[Tensor]] | None = None
+    """Where `I` had nothing to compute: the output edges, their gradients and the parameters
+    for `W`'s one engine call."""
 
     @property
     def num_groups(self) -> int:
         """How many autograd calls `backward_weight` will make."""
-        return len(self._groups)
+        return len(self._groups) + len(self._plans) + (self._whole is not None)
 
     @property
     def done(self) -> bool:
         """True once `backward_weight` consumed this state."""
         return self._done
+
+    @property
+    def groups(self) -> list[Group]:
+        """The groups `W` will run, in its order, as `Group` objects (built anew from the lean
+        form; for inspection)."""
+        if not self._plans:
+            return list(self._groups)
+        return [
+            plan.group(self._nodes, self._kept, direct=self._direct and plan.direct is not None)
+            for plan in self._plans
+        ]
 
 
 def backward_full(
@@ -124,20 +149,58 @@ def backward_input(
     """
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
-    groups, shape = _planned_groups(
-        roots, root_grads, [inputs[i] for i in wanted], params, direct=direct, cache=cache
-    )
-    state = WeightGradState(groups, _disjoint=shape.disjoint)
-    result: list[Tensor | None] = [None] * len(inputs)
     if not wanted or not roots:
-        return tuple(result), state
+        # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
+        # whole backward, one engine call from the outputs into `params`, so no walk or plan.
+        # It holds the outputs' edges, not the outputs.
+        whole = (list(map(get_gradient_edge, roots)), root_grads, params) if roots and params else None
+        return tuple(None for _ in inputs), WeightGradState(_whole=whole)
+    wanted_inputs = [inputs[i] for i in wanted]
+    key, nodes, edges = _graph_shape(
+        roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
+    )
+    shape = _plan_shapes.get(key)
+    if shape is None:
+        shape = _plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+    prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
+    result: list[Tensor | None] = [None] * len(inputs)
+    if prepared.lean:
+        # The common path: no object per group, the frontier nodes and their gradients in two
+        # flat lists that the shape's plans index. `tuple.__new__` builds each captured edge
+        # without `GradientEdge.__new__`'s Python frame.
+        new = tuple.__new__
+        engine_inputs: list[Tensor | GradientEdge] = list(wanted_inputs)
+        engine_inputs += [
+            new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)
+        ]
+        found = _run_engine(
+            roots,
+            root_grads,
+            engine_inputs,
+            retain_graph=True,
+            accumulate_grad=False,
+            tensors=(*roots, *wanted_inputs),
+        )
+        num_wanted = len(wanted)
+        for i, grad in zip(wanted, found, strict=False):
+            result[i] = grad
+        lean = WeightGradState(
+            _disjoint=shape.disjoint,
+            _plans=prepared.plans,
+            _nodes=list(map(nodes.__getitem__, prepared.frontier_nodes)),
+            _kept=list(found[num_wanted:]),
+            _direct=direct,
+        )
+        return tuple(result), lean
+    groups = _groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
+    state = WeightGradState(groups, _disjoint=shape.disjoint)
     frontiers = [frontier for group in groups for frontier in group.frontiers]
     # The engine hands back the gradients arriving at each frontier node when asked for its
     # edges as inputs (captured in C++); a Python pre-hook per node (registered, called and
     # removed per micro-batch) cost a tenth of I on a small stage. It runs no other node:
     # the frontier nodes are in the input closure, which the engine runs anyway.
     captured = shape.captured
-    edges = (
+    frontier_edges = (
         [GradientEdge(f.node, k) for f in frontiers for k in range(f.num_outputs)] if captured else []
     )
     handles: list[RemovableHandle] = []
@@ -152,7 +215,7 @@ def backward_input(
         grads = _run_engine(
             roots,
             root_grads,
-            [*(inputs[i] for i in wanted), *edges],
+            [*wanted_inputs, *frontier_edges],
             retain_graph=True,
             accumulate_grad=False,
         )
@@ -188,9 +251,16 @@ def backward_weight(state: WeightGradState) -> None:
         )
     disjoint = state._disjoint
     share = disjoint and hasattr(torch.utils.checkpoint, "GraphExecGroup")
+    state._done = True
+    if state._plans:
+        _weight_lean(state, share)
+        return
+    if state._whole is not None:
+        (roots, grads, params), state._whole = state._whole, None
+        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True, tensors=tuple(params))
+        return
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []
-    state._done = True
     # The groups W computes itself run with grad mode off, switched as `torch.no_grad()` does
     # but without its context object (4-10 µs a use on a loaded CPU), and once for the whole
     # run rather than per group; autograd's groups get the caller's mode back.
@@ -215,6 +285,45 @@ def backward_weight(state: WeightGradState) -> None:
             torch._C._set_grad_enabled(enabled)
 
 
+def _weight_lean(state: WeightGradState, share: bool) -> None:
+    """`backward_weight` on the lean form: the same groups in the same order, a group that
+    falls back to autograd built as a `Group` only then."""
+    plans, state._plans = state._plans, ()
+    nodes, kept, direct = state._nodes, state._kept, state._direct
+    retain_graph = not state._disjoint
+    # Inside the scope even for the direct groups: reading a checkpointed node's saved
+    # tensors recomputes its region, once per scope.
+    scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
+    enabled = torch.is_grad_enabled()
+    with scope:
+        torch._C._set_grad_enabled(False)
+        try:
+            for plan in plans:
+                found = plan.direct
+                if found is not None and direct:
+                    position, at, _ = plan.frontiers[0]
+                    node = nodes[position]
+                    assert node is not None
+                    if accumulate_at(found, node, kept[at]):
+                        # Freed as it runs, as the other form drops each group (see there).
+                        nodes[position] = kept[at] = None
+                        continue
+                group = plan.group(nodes, kept, direct=False)
+                for position, at, num_outputs in plan.frontiers:
+                    nodes[position] = None
+                    kept[at : at + num_outputs] = [None] * num_outputs
+                torch._C._set_grad_enabled(enabled)
+                try:
+                    _run_group(group, retain_graph=retain_graph)
+                finally:
+                    torch._C._set_grad_enabled(False)
+                del group
+        finally:
+            torch._C._set_grad_enabled(enabled)
+            nodes.clear()
+            kept.clear()
+
+
 def _run_group(group: Group, retain_graph: bool) -> None:
     """Run one group's weight gradients through autograd's engine."""
     edges, grads = group.seeds()
@@ -237,9 +346,11 @@ def _run_engine(
     *,
     retain_graph: bool,
     accumulate_grad: bool,
+    tensors: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Run autograd from `roots` seeded with `grads`: into `.grad` (`accumulate_grad`), or
-    returning the gradients of `inputs` (None where unused).
+    returning the gradients of `inputs` (None where unused). `tensors`, where the caller
+    knows them, are the tensors among `roots` and `inputs` (the rest are edges).
 
     `torch.autograd.backward` / `grad` first re-check every seed in Python (`_make_grads`:
     about 80 µs a call here, mostly symbolic-shape comparisons for GradientEdge roots), and
@@ -248,9 +359,9 @@ def _run_engine(
     output, and `W`'s seeds are the gradients autograd itself produced during `I`. Tensor
     subclasses (`__torch_function__`) take the public path, which dispatches them.
     """
-    if _engine_run_backward is None or torch.overrides.has_torch_function(
-        tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
-    ):
+    if tensors is None:
+        tensors = tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
+    if _engine_run_backward is None or torch.overrides.has_torch_function(tensors):
         # Mixes of tensors and edges, which both functions accept.
         public_roots: Any = list(roots)
         public_inputs: Any = list(inputs)
@@ -368,7 +479,74 @@ _MAX_PLAN_SHAPES = 256
 _MAX_PREPARED = 64
 
 
-_Prepared = tuple[tuple[list[Tensor], Direct | None], ...]
+class _GroupPlan:
+    """One group of a `_Prepared`, for the lean form of `WeightGradState`."""
+
+    __slots__ = ("direct", "frontiers", "num_nodes", "params")
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        direct: Direct | None,
+        frontiers: tuple[tuple[int, int, int], ...],
+        num_nodes: int,
+    ) -> None:
+        self.params = params
+        self.direct = direct
+        self.frontiers = frontiers
+        """Per frontier node: (its position in the state's nodes, the position of its first
+        kept gradient, how many it receives)."""
+        self.num_nodes = num_nodes
+
+    def group(self, nodes: Sequence[Node | None], kept: Sequence[Tensor | None], *, direct: bool) -> Group:
+        """This group as a `Group` over one micro-batch's frontier nodes and kept gradients."""
+        frontiers = []
+        for position, at, num_outputs in self.frontiers:
+            node = nodes[position]
+            assert node is not None, "the group already ran"
+            frontiers.append(
+                Frontier(node, grads=tuple(kept[at : at + num_outputs]), order=position, num_outputs=num_outputs)
+            )
+        return Group(self.params, frontiers, [], self.direct if direct else None, self.num_nodes)
+
+
+class _Prepared:
+    """A plan (`_PlanShape`) for one stage's parameters: each group's parameter list and direct
+    form, and the lean form (`WeightGradState`) where the plan allows it."""
+
+    __slots__ = ("edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean", "plans")
+
+    def __init__(self, shape: _PlanShape, params: Sequence[Tensor]) -> None:
+        self.groups = tuple(
+            _prepare(found, positions[0], params)
+            for positions, found in zip(shape.groups, shape.directs, strict=True)
+        )
+        # The lean form: `I` captures every frontier's gradients in the engine, and no group
+        # seeds an output or needs the hooks of a compiled graph.
+        self.lean = shape.captured and not any(
+            root_indices or (found is not None and found[0] == "compiled")
+            for (_, _, root_indices, _), found in zip(shape.groups, shape.directs, strict=True)
+        )
+        frontier_nodes: list[int] = []
+        edge_nodes: list[int] = []
+        edge_outputs: list[int] = []
+        plans = []
+        for index in shape.weight_order:
+            _, frontier_indices, _, num_nodes = shape.groups[index]
+            frontiers = []
+            for node_index, num_outputs in zip(frontier_indices, shape.num_outputs[index], strict=True):
+                frontiers.append((len(frontier_nodes), len(edge_nodes), num_outputs))
+                frontier_nodes.append(node_index)
+                edge_nodes.extend([node_index] * num_outputs)
+                edge_outputs.extend(range(num_outputs))
+            group_params, found = self.groups[index]
+            plans.append(_GroupPlan(group_params, found, tuple(frontiers), num_nodes))
+        self.plans = tuple(plans)
+        self.frontier_nodes = tuple(frontier_nodes)
+        """Walk indices of the frontier nodes, in the order `_GroupPlan.frontiers` numbers them."""
+        self.edge_nodes = tuple(edge_nodes)
+        """Walk index of the node of each edge `I` captures a gradient at, and its output."""
+        self.edge_outputs = tuple(edge_outputs)
 
 
 class GroupCache:
@@ -380,6 +558,7 @@ class GroupCache:
     def __init__(self) -> None:
         # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
         self._entries: dict[int, tuple[_PlanShape, Sequence[Tensor], _Prepared]] = {}
+        self._leaves: _Leaves | None = None
 
     def get(self, shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
         entry = self._entries.get(id(shape))
@@ -390,23 +569,66 @@ class GroupCache:
             self._entries.clear()
         self._entries[id(shape)] = (shape, params, prepared)
         return prepared
+
+    def leaves(self, params: Sequence[Tensor]) -> _Leaves | None:
+        """The parameter leaves of `params` met so far, for `_graph_shape`; None unless
+        `params` is a tuple (immutable: a position names one tensor for as long as it lives)."""
+        if type(params) is not tuple:
+            return None
+        leaves = self._leaves
+        if leaves is None or leaves.params is not params:
+            leaves = self._leaves = _Leaves(params)
+        return leaves
+
+
+class _Leaves:
+    """A stage's parameters by identity, and the AccumulateGrad nodes that hold them.
+
+    A parameter's AccumulateGrad node is one object for as long as something holds it (autograd
+    keeps a weak reference on the parameter and hands the same node to every graph); holding
+    them here makes every micro-batch's graph reach the same nodes, so `_graph_shape` knows
+    them on sight instead of visiting each one (a third of a small stage's walk). A node holds
+    one tensor for life, so knowing the node is knowing the parameter."""
+
+    def __init__(self, params: tuple[Tensor, ...]) -> None:
+        self.params = params
+        self.held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
+        self.nodes: dict[Node, object] = {}
+
+    def learn(self, found: list[tuple[Node, object]]) -> None:
+        if len(self.nodes) + len(found) > 2 * len(self.params) + 8:
+            self.nodes.clear()  # nodes a parameter no longer uses: start again
+        self.nodes.update(found)
+
+
 _is_leaf_node: dict[type, bool] = {}
 """Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
 
 
 def _graph_shape(
-    roots: Sequence[Tensor], inputs: Sequence[Tensor], params: Sequence[Tensor]
+    roots: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    leaves: _Leaves | None = None,
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
     """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
-    (walk index of its node, output number), then per node in walk order its class, the walk
-    indices of its children (-1 for none) and None, or for a leaf (AccumulateGrad, which has no
-    children) which input or parameter it holds ("other" for neither, None for none): flat, and
-    unambiguous because a class starts each node's entries and only children are ints. Two
-    graphs with equal keys are the same graph up to the node objects, so `_plan_groups` (a
-    function of exactly that) plans them alike."""
-    held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
-    for i, tensor in enumerate(inputs):
-        held_by.setdefault(id(tensor), ("input", i))
+    (walk index of its node, output number), then per node in walk order its class, and either
+    the entries of its children and None, or for a leaf (AccumulateGrad, which has no children)
+    which input it holds ("other" for none of them, None for no tensor). A child's entry is its
+    walk index (-1 for none), or, for the leaf of a parameter, the ("param", position) it holds:
+    parameter leaves are not walked. Flat, and unambiguous because a class starts each node's
+    entries, children are ints or tuples and None ends them. Two graphs with equal keys are
+    the same graph up to the node objects, so `_plan_groups` (a function of exactly that)
+    plans them alike. `leaves` (a stage's, from its `GroupCache`) knows the parameter leaves
+    met before, so they are recognised without reading the tensor each holds."""
+    if leaves is None:
+        held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
+        no_nodes: dict[Node, object] = {}
+        known = no_nodes.get
+    else:
+        held_by = leaves.held_by
+        known = leaves.nodes.get
+    inputs_at = {id(tensor): ("input", i) for i, tensor in enumerate(inputs)}
     edges = [get_gradient_edge(root) for root in roots]
     index: dict[Node, int] = {}
     nodes: list[Node] = []
@@ -419,15 +641,20 @@ def _graph_shape(
         key.append((at, edge.output_nr))
     find, add_node, add_key = index.get, nodes.append, key.append
     is_leaf_node = _is_leaf_node
+    learned: list[tuple[Node, object]] = []
     for node in nodes:  # grows while it is walked: breadth first
         node_type = type(node)
         add_key(node_type)
         leaf = is_leaf_node.get(node_type)
         if leaf is None:
             leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        if leaf:  # no children
+        if leaf:  # no children; a parameter's only where it is a root (children are not walked)
             variable = getattr(node, "variable", None)
-            add_key(None if variable is None else held_by.get(id(variable), "other"))
+            if variable is None:
+                add_key(None)
+                continue
+            held = held_by.get(id(variable))
+            add_key(held if held is not None else inputs_at.get(id(variable), "other"))
             continue
         for child, _ in node.next_functions:
             if child is None:
@@ -435,36 +662,62 @@ def _graph_shape(
                 continue
             at = find(child)
             if at is None:
+                held = known(child)
+                if held is not None:
+                    add_key(held)
+                    continue
+                child_type = type(child)
+                leaf = is_leaf_node.get(child_type)
+                if leaf is None:
+                    leaf = is_leaf_node[child_type] = child.name() == "torch::autograd::AccumulateGrad"
+                if leaf:
+                    variable = getattr(child, "variable", None)
+                    held = None if variable is None else held_by.get(id(variable))
+                    if held is not None:  # a parameter's leaf: its position, not a walk index
+                        learned.append((child, held))
+                        add_key(held)
+                        continue
                 at = index[child] = len(nodes)
                 add_node(child)
             add_key(at)
         add_key(None)
+    if leaves is not None and learned:
+        leaves.learn(learned)
     return tuple(key), nodes, edges
 
 
-def _planned_groups(
+def _plan_shape(
+    key: tuple[object, ...],
+    nodes: Sequence[Node],
+    edges: Sequence[GradientEdge],
     roots: Sequence[Tensor],
     root_grads: Sequence[Tensor],
     inputs: Sequence[Tensor],
     params: Sequence[Tensor],
+) -> _PlanShape:
+    """Plan a graph shape not seen before (`_plan_groups`, `match_direct` on each group) and
+    keep the plan under its key."""
+    shape = _shape_of(_plan_groups(roots, root_grads, inputs, params), nodes, edges, params)
+    if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
+        _plan_shapes.pop(next(iter(_plan_shapes)))
+    _plan_shapes[key] = shape
+    return shape
+
+
+def _groups_of(
+    shape: _PlanShape,
+    prepared: _Prepared,
+    nodes: Sequence[Node],
+    edges: Sequence[GradientEdge],
+    root_grads: Sequence[Tensor],
     *,
     direct: bool,
-    cache: GroupCache | None = None,
-) -> tuple[list[Group], _PlanShape]:
-    """`_plan_groups` (with `match_direct` on each group when `direct`), planned once per
-    graph shape and rebuilt from positions for every later graph of that shape; with the plan."""
-    key, nodes, edges = _graph_shape(roots, inputs, params)
-    shape = _plan_shapes.get(key)
-    if shape is None:
-        groups = _plan_groups(roots, root_grads, inputs, params)
-        shape = _shape_of(groups, nodes, edges, params)
-        if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
-            _plan_shapes.pop(next(iter(_plan_shapes)))
-        _plan_shapes[key] = shape
-    prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
+) -> list[Group]:
+    """The plan's groups as `Group` objects over one graph (`_graph_shape`'s nodes and edges),
+    in the plan's order; a direct form only where `direct` and no hook sits on the group."""
     groups = []
     for (_, frontier_indices, root_indices, num_nodes), num_outputs, (group_params, found) in zip(
-        shape.groups, shape.num_outputs, prepared, strict=True
+        shape.groups, shape.num_outputs, prepared.groups, strict=True
     ):
         # With a cache the group's parameter list is shared by every graph of the shape:
         # nothing appends to it after planning.
@@ -480,14 +733,11 @@ def _planned_groups(
         if direct and found is not None and not any(map(has_hooks, group_params)):
             group.direct = found
         groups.append(group)
-    return groups, shape
+    return groups
 
 
 def _prepare_all(shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
-    return tuple(
-        _prepare(found, positions[0], params)
-        for positions, found in zip(shape.groups, shape.directs, strict=True)
-    )
+    return _Prepared(shape, params)
 
 
 def _prepare(

@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-__all__ = ["Direct", "Frontier", "Group", "accumulate_direct", "collector", "has_hooks", "match_direct"]
+__all__ = [
+    "Direct",
+    "Frontier",
+    "Group",
+    "accumulate_at",
+    "accumulate_direct",
+    "collector",
+    "has_hooks",
+    "match_direct",
+]
 
 Grads = tuple[Tensor | None, ...]
 
@@ -203,24 +212,27 @@ def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
 
 
 def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
-    """`_plain(param, dtype) and _grad_slot_ok(param)`, or True for no parameter: one call per
-    parameter on `W`'s direct path."""
+    """`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
+    accumulation, or True for no parameter: one call per parameter on `W`'s direct path.
+    (Dtypes and layouts are singletons, so `is` compares them without a rich compare.)"""
     if param is None:
         return True
     if not (
         type(param) in _PLAIN_TYPES
-        and param.dtype == dtype
-        and param.layout == _STRIDED
+        and param.dtype is dtype
+        and param.layout is _STRIDED
         and param.is_contiguous()
     ):
         return False
-    if getattr(param, "grad_dtype", dtype) != dtype:
+    if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+        return False  # only autograd's path runs them
+    if getattr(param, "grad_dtype", dtype) is not dtype:
         return False  # autograd would cast to the declared gradient dtype
     grad = param.grad
     return grad is None or (
         type(grad) in _PLAIN_TYPES
-        and grad.dtype == dtype
-        and grad.layout == _STRIDED
+        and grad.dtype is dtype
+        and grad.layout is _STRIDED
         and grad.is_contiguous()
         and not grad.requires_grad
         and grad.shape == param.shape
@@ -243,27 +255,38 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     if direct.kind == "compiled":
         return _accumulate_computed(direct, frontier)
     grads = frontier.grads
-    if not grads or grads[0] is None:
+    if not grads:
         return False
-    grad = grads[0]
-    node = frontier.node
+    return accumulate_at(direct, frontier.node, grads[0])
+
+
+def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
+    """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
+    the gradient that arrived at the node's first output (the layer's output)."""
+    if grad is None:
+        return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
     if not (_ready(weight, dtype) and _ready(bias, dtype)):
         return False
-    if direct.kind == "layer_norm":
+    kind = direct.kind
+    if kind == "layer_norm":
         return _layer_norm_direct(direct, node, grad)
-    if direct.kind == "addmm" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
+    saved_input: Tensor
+    if kind == "addmm":
+        if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
+            return False
+        saved_input = node._saved_mat1  # type: ignore[attr-defined]
+    else:
+        saved_input = node._saved_self  # type: ignore[attr-defined]
+    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != dtype:
         return False
-    saved_input: Tensor = node._saved_mat1 if direct.kind == "addmm" else node._saved_self  # type: ignore[attr-defined]
+    grad_shape, input_shape = grad.shape, saved_input.shape
     if (
-        grad.dim() != 2
-        or type(grad) is not Tensor
-        or type(saved_input) is not Tensor
-        or saved_input.dtype != dtype
-        or saved_input.dim() != 2
-        or (weight is not None and tuple(weight.shape) != (grad.shape[1], saved_input.shape[1]))
-        or (bias is not None and tuple(bias.shape) != (grad.shape[1],))
+        len(grad_shape) != 2
+        or len(input_shape) != 2
+        or (weight is not None and weight.shape != (grad_shape[1], input_shape[1]))
+        or (bias is not None and bias.shape != (grad_shape[1],))
     ):
         return False
     if weight is not None:
@@ -278,11 +301,15 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     return True
 
 
+# The overload itself: the packet's `__call__` resolves it in Python on every call.
+_native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+
+
 def _layer_norm_direct(direct: Direct, node: Node, grad: Tensor) -> bool:
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
         return False
-    _, weight_grad, bias_grad = torch.ops.aten.native_layer_norm_backward(
+    _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
         list(node._saved_normalized_shape),  # type: ignore[attr-defined]

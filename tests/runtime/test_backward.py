@@ -466,7 +466,7 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch, cached):
         expected = grads if expected is None else [e + g for e, g in zip(expected, grads, strict=True)]
     module.zero_grad(set_to_none=True)
     input_grads = []
-    params = list(module.parameters())  # one list, as a stage's: the cache's entries hit
+    params = tuple(module.parameters())  # one tuple, as a stage's: the cache's entries hit
     for mb, wide in enumerate(widths):
         module.wide = wide
         inputs = _stage_inputs((x,))
@@ -480,6 +480,30 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch, cached):
     assert len(backward_module._plan_shapes) == 2  # one plan per shape, reused
     for got_grad, want in zip(_param_grads(module), expected, strict=True):
         torch.testing.assert_close(got_grad, want)
+
+
+def test_graph_key_is_the_same_with_and_without_known_parameter_leaves():
+    """A stage's cache knows its parameters' AccumulateGrad nodes after the first walk; the key
+    a later walk builds with them equals the one built without, and follows the graph's shape."""
+    torch.manual_seed(0)
+    module = _Branching()
+    params = tuple(module.parameters())
+    leaves = GroupCache().leaves(params)
+    assert leaves is not None and GroupCache().leaves(list(params)) is None  # tuples only
+    keys = {}
+    for mb, wide in enumerate([False, True, False, True]):
+        module.wide = wide
+        (leaf,) = _stage_inputs((torch.randn(4, D),))
+        out = module(leaf)
+        plain, _, _ = backward_module._graph_shape([out], [leaf], params)
+        known, nodes, _ = backward_module._graph_shape([out], [leaf], params, leaves)
+        assert known == plain
+        assert not any(type(node).__name__ == "AccumulateGrad" and node.variable is not leaf for node in nodes)
+        if mb >= 2:
+            assert keys[wide] == known
+        keys[wide] = known
+    assert keys[False] != keys[True]
+    assert len(leaves.nodes) == len(params)
 
 
 @pytest.mark.parametrize("cached", [False, True])

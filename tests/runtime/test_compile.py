@@ -39,9 +39,9 @@ def test_split_backward_of_compiled_layers_runs_each_compiled_backward_once():
     params = [p for layer in layers for p in layer.parameters()]
     (input_grad,), state = backward_input((output,), (grad,), (inputs,), params)
     assert all(p.grad is None for p in params)
-    assert [group.direct.kind if group.direct else None for group in state._groups] == ["compiled"] * 2
+    assert [group.direct.kind if group.direct else None for group in state.groups] == ["compiled"] * 2
     runs = []
-    for group in state._groups:
+    for group in state.groups:
         group.frontiers[0].node.register_prehook(lambda grads: runs.append(1))
     backward_weight(state)
     assert not runs  # W ran no compiled backward

@@ -51,7 +51,7 @@ def compiled_equals_eager() -> dict:
     def recording(*args, **kwargs):
         grads, state = backward_input(*args, **kwargs)
         kinds.extend(
-            group.direct.kind if group.direct else None for group in state._groups if group.frontiers
+            group.direct.kind if group.direct else None for group in state.groups if group.frontiers
         )
         return grads, state
 
