@@ -34,9 +34,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 _KEPT_WORLD_SIZES = (1, 2, 4)
-RANK_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "pipefold.runtime"]
-"""What the session's fork server imports once for every rank forked from it. torch._dynamo:
-a pipeline's first step imports it (a second or more per process), so every rank would."""
+RANK_PRELOAD = [
+    "torch", "torch._dynamo", "torch.distributed", "pipefold.runtime", "pipefold.job.loop",
+    "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
+]
+"""What the session's fork server imports once for every rank forked from it, beyond what
+`pipefold train` preloads: torch._dynamo (a pipeline's first step imports it), the job's loop,
+and the matplotlib modules that `pipefold train`'s rank 0 draws timeline.png with; otherwise
+every rank of every run pays these imports (a second or more each on a loaded host). The fork
+server imports them with its own sys.path (site-packages and the working directory): a module
+that fails to import is skipped, and the rank imports it itself."""
 
 
 def rank_context() -> Any:
