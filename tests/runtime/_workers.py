@@ -15,7 +15,8 @@ seven idle ranks). The ranks stop when the session ends.
 Ranks are forked from a fork server that imported torch once (`rank_context`), as
 `pipefold train` starts its ranks, instead of spawned interpreters that each import it: a start
 of eight ranks costs forks, not eight torch imports. Each rank gets the test process's
-environment as it was when the ranks started (as under spawn), not the server's.
+environment and output (stdout, stderr) as they were when the ranks started (as under spawn),
+not the server's.
 """
 
 from __future__ import annotations
@@ -61,7 +62,42 @@ def rank_context() -> Any:
     return context
 
 
-def _worker(rank: int, world_size: int, init_file: str, tasks, results, env: dict[str, str]) -> None:
+class _Fd:
+    """One of the test process's file descriptors, duplicated into a rank as it starts (however
+    it starts: multiprocessing's DupFd, which a fork server passes along)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_detached, (multiprocessing.reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
+
+
+def _detached(duplicate: Any) -> int:
+    return int(duplicate.detach())
+
+
+def _output() -> tuple[_Fd, _Fd] | None:
+    """The test process's stdout and stderr (pytest's capture while a fixture starts the ranks),
+    or None where either is closed."""
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return None
+    return _Fd(1), _Fd(2)
+
+
+def _worker(
+    rank: int, world_size: int, init_file: str, tasks, results, env: dict[str, str], output=None
+) -> None:
+    # The test process's output as it was when the ranks started, as a spawned rank inherits it
+    # (the fork server's is the terminal's: ranks' warnings would land in the test log).
+    if output is not None:
+        for received, target in zip(output, (1, 2), strict=True):
+            if received != target:
+                os.dup2(received, target)
+                os.close(received)
     # The test process's environment as it is now, not the fork server's from when it started.
     os.environ.clear()
     os.environ.update(env)
@@ -105,7 +141,9 @@ class _Ranks:
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, self.tasks[rank], self.results, dict(os.environ)),
+                args=(
+                    rank, world_size, init_file, self.tasks[rank], self.results, dict(os.environ), _output()
+                ),
                 daemon=True,
             )
             for rank in range(world_size)
