@@ -17,6 +17,8 @@ _RUNTIME_TESTS = Path(__file__).resolve().parent / "runtime"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
     if not any(item.get_closest_marker("multiprocess") for item in session.items):
         return
     if str(_RUNTIME_TESTS) not in sys.path:
