@@ -11,6 +11,12 @@ A pool that may be broken (a case timed out, or the test injected a failure: `cl
 is killed and the next `WorkerPool` of its size starts fresh ranks; `close()` otherwise keeps the
 ranks for the next module (world sizes above 4 are stopped, so the session never holds more than
 seven idle ranks). The ranks stop when the session ends.
+
+Ranks are forked from a fork server that imported torch once (`rank_context`), as
+`pipefold train` starts its ranks, instead of spawned interpreters that each import it: a start
+of eight ranks costs forks, not eight torch imports. Each rank gets the test process's
+environment and output (stdout, stderr) as they were when the ranks started (as under spawn),
+not the server's.
 """
 
 from __future__ import annotations
@@ -29,9 +35,72 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 _KEPT_WORLD_SIZES = (1, 2, 4)
+RANK_PRELOAD = [
+    "torch", "torch._dynamo", "torch.distributed", "pipefold.runtime", "pipefold.job.loop",
+    "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
+]
+"""What the session's fork server imports once for every rank forked from it, beyond what
+`pipefold train` preloads: torch._dynamo (a pipeline's first step imports it), the job's loop,
+and the matplotlib modules that `pipefold train`'s rank 0 draws timeline.png with; otherwise
+every rank of every run pays these imports (a second or more each on a loaded host). The fork
+server imports them with its own sys.path (site-packages and the working directory): a module
+that fails to import is skipped, and the rank imports it itself."""
 
 
-def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
+def rank_context() -> Any:
+    """The session's fork server, started now with `RANK_PRELOAD` imported, where the platform
+    has one (else spawn). multiprocessing keeps one fork server per process: started here first,
+    it also serves `pipefold train`'s ranks and the fault suite's (their own preload lists only
+    apply to a server they start)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(RANK_PRELOAD)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return context
+
+
+class _Fd:
+    """One of the test process's file descriptors, duplicated into a rank as it starts (however
+    it starts: multiprocessing's DupFd, which a fork server passes along)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_detached, (multiprocessing.reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
+
+
+def _detached(duplicate: Any) -> int:
+    return int(duplicate.detach())
+
+
+def _output() -> tuple[_Fd, _Fd] | None:
+    """The test process's stdout and stderr (pytest's capture while a fixture starts the ranks),
+    or None where either is closed."""
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return None
+    return _Fd(1), _Fd(2)
+
+
+def _worker(
+    rank: int, world_size: int, init_file: str, tasks, results, env: dict[str, str], output=None
+) -> None:
+    # The test process's output as it was when the ranks started, as a spawned rank inherits it
+    # (the fork server's is the terminal's: ranks' warnings would land in the test log).
+    if output is not None:
+        for received, target in zip(output, (1, 2), strict=True):
+            if received != target:
+                os.dup2(received, target)
+                os.close(received)
+    # The test process's environment as it is now, not the fork server's from when it started.
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(HERE))
     import torch
@@ -60,10 +129,10 @@ def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
 
 
 class _Ranks:
-    """`world_size` spawned processes in one gloo group."""
+    """`world_size` processes in one gloo group, forked from the session's fork server."""
 
     def __init__(self, world_size: int) -> None:
-        context = multiprocessing.get_context("spawn")
+        context = rank_context()
         self.world_size = world_size
         self._dir = tempfile.TemporaryDirectory(prefix="pipefold-pool-")
         init_file = os.path.join(self._dir.name, "rendezvous")
@@ -72,7 +141,9 @@ class _Ranks:
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, self.tasks[rank], self.results),
+                args=(
+                    rank, world_size, init_file, self.tasks[rank], self.results, dict(os.environ), _output()
+                ),
                 daemon=True,
             )
             for rank in range(world_size)
