@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pipefold.runtime.backward as bw
     import pipefold.runtime.backward_groups as bg
+    import pipefold.runtime.backward_plan as bp
     from pipefold.model.zoo import ResidualMLP
 
     torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         param.grad = torch.zeros_like(param)
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
-    cache = bw.GroupCache()
+    cache = bp.GroupCache()
     clock = time.perf_counter
     engine = torch.autograd.graph._engine_run_backward
     layer_norm_backward = bg._native_layer_norm_backward
@@ -63,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         wanted = bw._check_inputs((leaf,))
         wanted_inputs = [leaf]
         marks.append(clock())
-        key, nodes, edges = bw._graph_shape(roots, wanted_inputs, params, cache.leaves(params))
+        key, nodes, edges = bp.graph_shape(roots, wanted_inputs, params, cache.leaves(params))
         marks.append(clock())
-        shape = bw._plan_shapes.get(key)
+        shape = bp.known_shape(key)
         if shape is None:
-            shape = bw._plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+            shape = bp.plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
         marks.append(clock())
         prepared = cache.get(shape, params)
         assert prepared.lean, "the stage's plan is expected to take the lean path"

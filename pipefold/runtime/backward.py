@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +24,21 @@ from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.runtime.backward_groups import (
-    Direct,
     Frontier,
     Grads,
     Group,
     accumulate_at,
     accumulate_direct,
     collector,
-    has_hooks,
-    match_direct,
+)
+from pipefold.runtime.backward_plan import (
+    GroupCache,
+    GroupPlan,
+    graph_shape,
+    groups_of,
+    known_shape,
+    plan_shape,
+    prepare_all,
 )
 
 __all__ = ["GroupCache", "WeightGradState", "backward_full", "backward_input", "backward_weight"]
@@ -53,20 +58,20 @@ class WeightGradState:
 
     It holds the frontier nodes (and so the part of the stage's graph below them) and the
     gradients kept at them; `backward_weight` releases all of it. Either as `Group` objects
-    (`_groups`), or, on the common path (see `_Prepared.lean`), as the shape's plans with one
+    (`_groups`), or, on the common path (see `Prepared.lean`), as the shape's plans with one
     flat list of frontier nodes and one of kept gradients, which costs no object per group.
     """
 
     _groups: list[Group] = field(default_factory=list)
     _disjoint: bool = True
-    """No node runs in two calls of `W` (see `_groups_are_disjoint`)."""
+    """No node runs in two calls of `W` (see `groups_are_disjoint`)."""
     _done: bool = False
-    _plans: tuple[_GroupPlan, ...] = ()
+    _plans: tuple[GroupPlan, ...] = ()
     """The lean form's groups, in the order `W` runs them."""
     _nodes: list[Node | None] = field(default_factory=list)
-    """The lean form's frontier nodes (`_GroupPlan.frontiers` positions)."""
+    """The lean form's frontier nodes (`GroupPlan.frontiers` positions)."""
     _kept: list[Tensor | None] = field(default_factory=list)
-    """The lean form's gradients kept at the frontier nodes (`_GroupPlan.frontiers` slots)."""
+    """The lean form's gradients kept at the frontier nodes (`GroupPlan.frontiers` slots)."""
     _direct: bool = True
     """The lean form: `W` may compute a group with a direct form itself."""
     _whole: tuple[list[GradientEdge], list[Tensor], Sequence[Tensor]] | None = None
@@ -156,13 +161,13 @@ def backward_input(
         whole = (list(map(get_gradient_edge, roots)), root_grads, params) if roots and params else None
         return tuple(None for _ in inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[i] for i in wanted]
-    key, nodes, edges = _graph_shape(
+    key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
     )
-    shape = _plan_shapes.get(key)
+    shape = known_shape(key)
     if shape is None:
-        shape = _plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
-    prepared = cache.get(shape, params) if cache is not None else _prepare_all(shape, params)
+        shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+    prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
     result: list[Tensor | None] = [None] * len(inputs)
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
@@ -192,7 +197,7 @@ def backward_input(
             _direct=direct,
         )
         return tuple(result), lean
-    groups = _groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
+    groups = groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
     state = WeightGradState(groups, _disjoint=shape.disjoint)
     frontiers = [frontier for group in groups for frontier in group.frontiers]
     # The engine hands back the gradients arriving at each frontier node when asked for its
@@ -446,480 +451,3 @@ def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
             )
         wanted.append(index)
     return wanted
-
-
-@dataclass(frozen=True)
-class _PlanShape:
-    """`_plan_groups` and `match_direct`'s answer for one graph shape, as positions: nodes by
-    their index in `_graph_shape`'s walk, parameters by their index in `params`, output seeds
-    by the index of their root. It holds no node or tensor."""
-
-    groups: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], ...]
-    """Per group: (parameter positions, frontier node indices, root indices, num_nodes)."""
-    num_outputs: tuple[tuple[int, ...], ...]
-    """Per group, per frontier: `Frontier.num_outputs`."""
-    directs: tuple[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None, ...]
-    """Per group: (kind, node index, weight position or -1, bias position or -1, slots as
-    (output index, parameter position)), or None where `match_direct` found no direct form."""
-    weight_order: tuple[int, ...]
-    """The groups in the order `W` runs them when `I` captured the frontier gradients: the
-    group whose frontier node comes last in the walk first (see `backward_input`)."""
-    disjoint: bool
-    """`_groups_are_disjoint` of the groups."""
-    captured: bool
-    """Every frontier node says how many gradients it receives, so `I` asks the engine for
-    them (see `backward_input`)."""
-
-
-_plan_shapes: dict[tuple[object, ...], _PlanShape] = {}
-"""Graph shape (`_graph_shape`'s key) -> its plan: every micro-batch of a stage builds a new
-graph of the same shape, and planning it anew (two upward walks, a union-find and the direct
-matching) cost a third of `I` on a small stage."""
-_MAX_PLAN_SHAPES = 256
-_MAX_PREPARED = 64
-
-
-class _GroupPlan:
-    """One group of a `_Prepared`, for the lean form of `WeightGradState`."""
-
-    __slots__ = ("direct", "frontiers", "num_nodes", "params")
-
-    def __init__(
-        self,
-        params: list[Tensor],
-        direct: Direct | None,
-        frontiers: tuple[tuple[int, int, int], ...],
-        num_nodes: int,
-    ) -> None:
-        self.params = params
-        self.direct = direct
-        self.frontiers = frontiers
-        """Per frontier node: (its position in the state's nodes, the position of its first
-        kept gradient, how many it receives)."""
-        self.num_nodes = num_nodes
-
-    def group(self, nodes: Sequence[Node | None], kept: Sequence[Tensor | None], *, direct: bool) -> Group:
-        """This group as a `Group` over one micro-batch's frontier nodes and kept gradients."""
-        frontiers = []
-        for position, at, num_outputs in self.frontiers:
-            node = nodes[position]
-            assert node is not None, "the group already ran"
-            frontiers.append(
-                Frontier(node, grads=tuple(kept[at : at + num_outputs]), order=position, num_outputs=num_outputs)
-            )
-        return Group(self.params, frontiers, [], self.direct if direct else None, self.num_nodes)
-
-
-class _Prepared:
-    """A plan (`_PlanShape`) for one stage's parameters: each group's parameter list and direct
-    form, and the lean form (`WeightGradState`) where the plan allows it."""
-
-    __slots__ = ("edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean", "plans")
-
-    def __init__(self, shape: _PlanShape, params: Sequence[Tensor]) -> None:
-        self.groups = tuple(
-            _prepare(found, positions[0], params)
-            for positions, found in zip(shape.groups, shape.directs, strict=True)
-        )
-        # The lean form: `I` captures every frontier's gradients in the engine, and no group
-        # seeds an output or needs the hooks of a compiled graph.
-        self.lean = shape.captured and not any(
-            root_indices or (found is not None and found[0] == "compiled")
-            for (_, _, root_indices, _), found in zip(shape.groups, shape.directs, strict=True)
-        )
-        frontier_nodes: list[int] = []
-        edge_nodes: list[int] = []
-        edge_outputs: list[int] = []
-        plans = []
-        for index in shape.weight_order:
-            _, frontier_indices, _, num_nodes = shape.groups[index]
-            frontiers = []
-            for node_index, num_outputs in zip(frontier_indices, shape.num_outputs[index], strict=True):
-                frontiers.append((len(frontier_nodes), len(edge_nodes), num_outputs))
-                frontier_nodes.append(node_index)
-                edge_nodes.extend([node_index] * num_outputs)
-                edge_outputs.extend(range(num_outputs))
-            group_params, found = self.groups[index]
-            plans.append(_GroupPlan(group_params, found, tuple(frontiers), num_nodes))
-        self.plans = tuple(plans)
-        self.frontier_nodes = tuple(frontier_nodes)
-        """Walk indices of the frontier nodes, in the order `_GroupPlan.frontiers` numbers them."""
-        self.edge_nodes = tuple(edge_nodes)
-        """Walk index of the node of each edge `I` captures a gradient at, and its output."""
-        self.edge_outputs = tuple(edge_outputs)
-
-
-class GroupCache:
-    """What `backward_input` keeps for one stage between its calls: per graph shape, each
-    group's parameters and direct form (ignoring hooks, checked per call), which every graph of
-    the shape shares for the stage's parameters. Owned by the caller (the executor keeps one
-    per stage), so it lives and dies with the stage's parameters it holds."""
-
-    def __init__(self) -> None:
-        # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
-        self._entries: dict[int, tuple[_PlanShape, Sequence[Tensor], _Prepared]] = {}
-        self._leaves: _Leaves | None = None
-
-    def get(self, shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
-        entry = self._entries.get(id(shape))
-        if entry is not None and entry[0] is shape and entry[1] is params:
-            return entry[2]
-        prepared = _prepare_all(shape, params)
-        if len(self._entries) >= _MAX_PREPARED:
-            self._entries.clear()
-        self._entries[id(shape)] = (shape, params, prepared)
-        return prepared
-
-    def leaves(self, params: Sequence[Tensor]) -> _Leaves | None:
-        """The parameter leaves of `params` met so far, for `_graph_shape`; None unless
-        `params` is a tuple (immutable: a position names one tensor for as long as it lives)."""
-        if type(params) is not tuple:
-            return None
-        leaves = self._leaves
-        if leaves is None or leaves.params is not params:
-            leaves = self._leaves = _Leaves(params)
-        return leaves
-
-
-class _Leaves:
-    """A stage's parameters by identity, and the AccumulateGrad nodes that hold them.
-
-    A parameter's AccumulateGrad node is one object for as long as something holds it (autograd
-    keeps a weak reference on the parameter and hands the same node to every graph); holding
-    them here makes every micro-batch's graph reach the same nodes, so `_graph_shape` knows
-    them on sight instead of visiting each one (a third of a small stage's walk). A node holds
-    one tensor for life, so knowing the node is knowing the parameter."""
-
-    def __init__(self, params: tuple[Tensor, ...]) -> None:
-        self.params = params
-        self.held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
-        self.nodes: dict[Node, object] = {}
-
-    def learn(self, found: list[tuple[Node, object]]) -> None:
-        if len(self.nodes) + len(found) > 2 * len(self.params) + 8:
-            self.nodes.clear()  # nodes a parameter no longer uses: start again
-        self.nodes.update(found)
-
-
-_is_leaf_node: dict[type, bool] = {}
-"""Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
-
-
-def _graph_shape(
-    roots: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    params: Sequence[Tensor],
-    leaves: _Leaves | None = None,
-) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
-    """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
-    (walk index of its node, output number), then per node in walk order its class, and either
-    the entries of its children and None, or for a leaf (AccumulateGrad, which has no children)
-    which input it holds ("other" for none of them, None for no tensor). A child's entry is its
-    walk index (-1 for none), or, for the leaf of a parameter, the ("param", position) it holds:
-    parameter leaves are not walked. Flat, and unambiguous because a class starts each node's
-    entries, children are ints or tuples and None ends them. Two graphs with equal keys are
-    the same graph up to the node objects, so `_plan_groups` (a function of exactly that)
-    plans them alike. `leaves` (a stage's, from its `GroupCache`) knows the parameter leaves
-    met before, so they are recognised without reading the tensor each holds."""
-    if leaves is None:
-        held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
-        no_nodes: dict[Node, object] = {}
-        known = no_nodes.get
-    else:
-        held_by = leaves.held_by
-        known = leaves.nodes.get
-    inputs_at = {id(tensor): ("input", i) for i, tensor in enumerate(inputs)}
-    edges = [get_gradient_edge(root) for root in roots]
-    index: dict[Node, int] = {}
-    nodes: list[Node] = []
-    key: list[object] = []
-    for edge in edges:
-        at = index.get(edge.node)
-        if at is None:
-            at = index[edge.node] = len(nodes)
-            nodes.append(edge.node)
-        key.append((at, edge.output_nr))
-    find, add_node, add_key = index.get, nodes.append, key.append
-    is_leaf_node = _is_leaf_node
-    learned: list[tuple[Node, object]] = []
-    for node in nodes:  # grows while it is walked: breadth first
-        node_type = type(node)
-        add_key(node_type)
-        leaf = is_leaf_node.get(node_type)
-        if leaf is None:
-            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        if leaf:  # no children; a parameter's only where it is a root (children are not walked)
-            variable = getattr(node, "variable", None)
-            if variable is None:
-                add_key(None)
-                continue
-            held = held_by.get(id(variable))
-            add_key(held if held is not None else inputs_at.get(id(variable), "other"))
-            continue
-        for child, _ in node.next_functions:
-            if child is None:
-                add_key(-1)
-                continue
-            at = find(child)
-            if at is None:
-                held = known(child)
-                if held is not None:
-                    add_key(held)
-                    continue
-                child_type = type(child)
-                leaf = is_leaf_node.get(child_type)
-                if leaf is None:
-                    leaf = is_leaf_node[child_type] = child.name() == "torch::autograd::AccumulateGrad"
-                if leaf:
-                    variable = getattr(child, "variable", None)
-                    held = None if variable is None else held_by.get(id(variable))
-                    if held is not None:  # a parameter's leaf: its position, not a walk index
-                        learned.append((child, held))
-                        add_key(held)
-                        continue
-                at = index[child] = len(nodes)
-                add_node(child)
-            add_key(at)
-        add_key(None)
-    if leaves is not None and learned:
-        leaves.learn(learned)
-    return tuple(key), nodes, edges
-
-
-def _plan_shape(
-    key: tuple[object, ...],
-    nodes: Sequence[Node],
-    edges: Sequence[GradientEdge],
-    roots: Sequence[Tensor],
-    root_grads: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    params: Sequence[Tensor],
-) -> _PlanShape:
-    """Plan a graph shape not seen before (`_plan_groups`, `match_direct` on each group) and
-    keep the plan under its key."""
-    shape = _shape_of(_plan_groups(roots, root_grads, inputs, params), nodes, edges, params)
-    if len(_plan_shapes) >= _MAX_PLAN_SHAPES:
-        _plan_shapes.pop(next(iter(_plan_shapes)))
-    _plan_shapes[key] = shape
-    return shape
-
-
-def _groups_of(
-    shape: _PlanShape,
-    prepared: _Prepared,
-    nodes: Sequence[Node],
-    edges: Sequence[GradientEdge],
-    root_grads: Sequence[Tensor],
-    *,
-    direct: bool,
-) -> list[Group]:
-    """The plan's groups as `Group` objects over one graph (`_graph_shape`'s nodes and edges),
-    in the plan's order; a direct form only where `direct` and no hook sits on the group."""
-    groups = []
-    for (_, frontier_indices, root_indices, num_nodes), num_outputs, (group_params, found) in zip(
-        shape.groups, shape.num_outputs, prepared.groups, strict=True
-    ):
-        # With a cache the group's parameter list is shared by every graph of the shape:
-        # nothing appends to it after planning.
-        group = Group(
-            group_params,
-            [
-                Frontier(nodes[i], order=i, num_outputs=n)
-                for i, n in zip(frontier_indices, num_outputs, strict=True)
-            ],
-            [(edges[i], root_grads[i]) for i in root_indices] if root_indices else [],
-            num_nodes=num_nodes,
-        )
-        if direct and found is not None and not any(map(has_hooks, group_params)):
-            group.direct = found
-        groups.append(group)
-    return groups
-
-
-def _prepare_all(shape: _PlanShape, params: Sequence[Tensor]) -> _Prepared:
-    return _Prepared(shape, params)
-
-
-def _prepare(
-    found: tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None,
-    param_positions: tuple[int, ...],
-    params: Sequence[Tensor],
-) -> tuple[list[Tensor], Direct | None]:
-    """A group's parameters and direct form (from `_PlanShape.directs`) for `params`."""
-    group_params = [params[i] for i in param_positions]
-    if found is None:
-        return group_params, None
-    kind, _, weight, bias, slots = found
-    return group_params, Direct(
-        kind,
-        params[weight] if weight >= 0 else None,
-        params[bias] if bias >= 0 else None,
-        tuple((output, params[i]) for output, i in slots),
-    )
-
-
-def _shape_of(
-    groups: Sequence[Group], nodes: Sequence[Node], edges: Sequence[GradientEdge], params: Sequence[Tensor]
-) -> _PlanShape:
-    """`groups` (planned on the graph `nodes` walks) as positions, with each one's direct form
-    as `match_direct` finds it ignoring hooks (checked per call: they may come and go)."""
-    node_at = {node: i for i, node in enumerate(nodes)}
-    param_at = {id(p): i for i, p in enumerate(params)}
-    shaped = []
-    directs: list[tuple[str, int, int, int, tuple[tuple[int, int], ...]] | None] = []
-    for group in groups:
-        # A group's output seeds are every root whose node is in the group.
-        seed_nodes = {edge.node for edge, _ in group.output_seeds}
-        shaped.append(
-            (
-                tuple(param_at[id(p)] for p in group.params),
-                tuple(node_at[f.node] for f in group.frontiers),
-                tuple(i for i, edge in enumerate(edges) if edge.node in seed_nodes),
-                group.num_nodes,
-            )
-        )
-        found = match_direct(group, check_hooks=False)
-        directs.append(
-            None
-            if found is None
-            else (
-                found.kind,
-                node_at[group.frontiers[0].node],
-                -1 if found.weight is None else param_at[id(found.weight)],
-                -1 if found.bias is None else param_at[id(found.bias)],
-                tuple((output, param_at[id(param)]) for output, param in found.slots),
-            )
-        )
-    num_outputs = tuple(tuple(_num_outputs(f.node) for f in group.frontiers) for group in groups)
-    # `backward_input`'s sort of the groups by their last frontier (stable, descending), on the
-    # walk indices a captured `I` gives the frontiers as their order.
-    last = [max(frontier_indices, default=-1) for _, frontier_indices, _, _ in shaped]
-    weight_order = sorted(range(len(shaped)), key=lambda i: last[i], reverse=True)
-    return _PlanShape(
-        tuple(shaped),
-        num_outputs,
-        tuple(directs),
-        weight_order=tuple(weight_order),
-        disjoint=_groups_are_disjoint(groups),
-        captured=all(n > 0 for per_group in num_outputs for n in per_group),
-    )
-
-
-def _num_outputs(node: Node) -> int:
-    """How many gradients `node` receives (its forward's outputs); 0 where torch does not say."""
-    metadata = getattr(node, "_input_metadata", None)
-    return len(metadata) if metadata is not None else 0
-
-
-def _plan_groups(
-    roots: Sequence[Tensor],
-    root_grads: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    params: Sequence[Tensor],
-) -> list[Group]:
-    """Find the frontier nodes and output seeds of each group of parameters."""
-    output_edges: dict[Node, list[tuple[GradientEdge, Tensor]]] = {}
-    for root, grad in zip(roots, root_grads, strict=True):
-        edge = get_gradient_edge(root)
-        output_edges.setdefault(edge.node, []).append((edge, grad))
-    parents = _parents(output_edges)
-    # A leaf's node is the AccumulateGrad that holds it; finding them in the walk is
-    # cheaper than asking for each leaf's gradient edge (a view per tensor).
-    leaf_node: dict[int, Node] = {}
-    for node in parents:
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaf_node[id(variable)] = node
-    input_nodes = {leaf_node[id(t)] for t in inputs if id(t) in leaf_node}
-    closure = _upward(input_nodes, parents, stop=frozenset())
-    param_nodes: dict[Node, Tensor] = {}
-    for param in params:
-        param_node = leaf_node.get(id(param))
-        # A parameter the outputs do not depend on is not in the walk; its gradient stays.
-        if param_node is not None and param_node not in closure:
-            param_nodes[param_node] = param
-
-    # The weight subgraphs and their anchors (frontier nodes, output roots); parameters
-    # whose subgraphs touch, directly or through a shared anchor, form one group.
-    weight_side = _upward(param_nodes, parents, stop=closure)
-    components = _Components(weight_side)
-    for node in weight_side - closure:
-        for parent in parents[node]:
-            components.join(node, parent)
-    groups: dict[Node, Group] = {}
-    for node in weight_side:
-        group = groups.setdefault(components.find(node), Group([], [], []))
-        group.num_nodes += 1
-        if node in param_nodes:
-            group.params.append(param_nodes[node])
-        if node in closure:
-            group.frontiers.append(Frontier(node))
-        elif node in output_edges:
-            group.output_seeds.extend(output_edges[node])
-    return list(groups.values())
-
-
-def _parents(root_nodes: Iterable[Node]) -> dict[Node, list[Node]]:
-    """Every node reachable from the roots, with the nodes that feed it a gradient."""
-    parents: dict[Node, list[Node]] = {}
-    queue: deque[Node] = deque()
-    for node in root_nodes:
-        if node not in parents:
-            parents[node] = []
-            queue.append(node)
-    while queue:
-        node = queue.popleft()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            if child not in parents:
-                parents[child] = []
-                queue.append(child)
-            parents[child].append(node)
-    return parents
-
-
-def _upward(
-    start: Iterable[Node], parents: dict[Node, list[Node]], stop: frozenset[Node] | set[Node]
-) -> set[Node]:
-    """The start nodes and every node above them (towards the outputs).
-
-    A node in `stop` is included but not walked through.
-    """
-    seen = set(start)
-    queue = deque(seen)
-    while queue:
-        node = queue.popleft()
-        if node in stop:
-            continue
-        for parent in parents[node]:
-            if parent not in seen:
-                seen.add(parent)
-                queue.append(parent)
-    return seen
-
-
-class _Components:
-    """Union-find over graph nodes."""
-
-    def __init__(self, nodes: Iterable[Node]) -> None:
-        self._parent = {node: node for node in nodes}
-
-    def find(self, node: Node) -> Node:
-        while self._parent[node] is not node:
-            self._parent[node] = self._parent[self._parent[node]]
-            node = self._parent[node]
-        return node
-
-    def join(self, a: Node, b: Node) -> None:
-        self._parent[self.find(a)] = self.find(b)
-
-
-def _groups_are_disjoint(groups: Sequence[Group]) -> bool:
-    """True when no call of `W` can execute a node that another call also executes.
-
-    A group's call executes nodes of the input closure only at its own frontier nodes,
-    unless one of its frontier nodes reaches another through the closure; that happens
-    only for a parameter used at several places, and then the calls may overlap.
-    """
-    return all(len(group.frontiers) <= 1 for group in groups)

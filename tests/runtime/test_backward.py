@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import pipefold.runtime.backward as backward_module
+import pipefold.runtime.backward_plan as backward_plan
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
 
@@ -457,7 +458,7 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch, cached):
     cache = GroupCache() if cached else None
     module = _Branching()
     x = torch.randn(4, D)
-    monkeypatch.setattr(backward_module, "_plan_shapes", {})
+    monkeypatch.setattr(backward_plan, "_plan_shapes", {})
     widths = [False, True, False, True, False]
     expected = None
     for mb, wide in enumerate(widths):
@@ -477,7 +478,7 @@ def test_split_plan_is_cached_per_graph_shape(monkeypatch, cached):
         backward_weight(state)
         input_grads.append(got[0])
         torch.testing.assert_close(got[0], _reference(module, (x,), seed=30 + mb)[0])
-    assert len(backward_module._plan_shapes) == 2  # one plan per shape, reused
+    assert len(backward_plan._plan_shapes) == 2  # one plan per shape, reused
     for got_grad, want in zip(_param_grads(module), expected, strict=True):
         torch.testing.assert_close(got_grad, want)
 
@@ -495,8 +496,8 @@ def test_graph_key_is_the_same_with_and_without_known_parameter_leaves():
         module.wide = wide
         (leaf,) = _stage_inputs((torch.randn(4, D),))
         out = module(leaf)
-        plain, _, _ = backward_module._graph_shape([out], [leaf], params)
-        known, nodes, _ = backward_module._graph_shape([out], [leaf], params, leaves)
+        plain, _, _ = backward_plan.graph_shape([out], [leaf], params)
+        known, nodes, _ = backward_plan.graph_shape([out], [leaf], params, leaves)
         assert known == plain
         assert not any(type(node).__name__ == "AccumulateGrad" and node.variable is not leaf for node in nodes)
         if mb >= 2:
