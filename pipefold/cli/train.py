@@ -26,11 +26,9 @@ from pipefold.job.config import (
     TrainConfig,
     load_config,
     parse_override,
-    resolve_out_dir,
 )
-from pipefold.job.outdir import check_out_dir
+from pipefold.job.outdir import check_out_dir, resolve_out_dir
 from pipefold.job.recovery import resume_after_restart
-from pipefold.parallel_config import SHARD_MODES
 from pipefold.job.sections import (
     ATTENTION_CHOICES,
     LR_SCHEDULES,
@@ -39,6 +37,7 @@ from pipefold.job.sections import (
     ScheduleConfig,
     load_schedule_file,
 )
+from pipefold.parallel_config import SHARD_MODES
 
 # Flag -> config key; flags left unset keep the file's or the default value.
 _FLAGS: dict[str, str] = {

@@ -25,8 +25,8 @@ from pipefold.plan.estimate import PRECISION_BYTES
 from pipefold.plan.orders import family_placement
 from pipefold.plan.space import is_asynchronous
 from pipefold.plan.tensor import split_costs
-from pipefold.simulate import Link
 from pipefold.schedule import names
+from pipefold.simulate import Link
 
 __all__ = ["candidate_families", "gpt_chooser", "longest_batch", "replica_rows"]
 

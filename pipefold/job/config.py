@@ -88,8 +88,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -132,7 +131,6 @@ __all__ = [
     "PRECISION_CHOICES",
     "load_config",
     "parse_override",
-    "resolve_out_dir",
 ]
 
 PARTITION_METHODS = ("flops", "uniform", "parameters", "profile")
@@ -691,16 +689,3 @@ def load_config(
     extra = {ScheduleConfig: {"loaded": schedule_file}} if schedule_file is not None else {}
     config: TrainConfig = build_fields(TrainConfig, data, "", _SECTIONS, extra)
     return config
-
-
-def resolve_out_dir(config: TrainConfig) -> TrainConfig:
-    """Fix `out` before any worker starts, so every rank agrees (default runs/<timestamp>)."""
-    if config.out:
-        return config
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate = Path("runs") / stamp
-    suffix = 1
-    while candidate.exists():
-        candidate = Path("runs") / f"{stamp}-{suffix}"
-        suffix += 1
-    return replace(config, out=str(candidate))

@@ -4,7 +4,8 @@
     pipefold train --schedule zb-h1 --ranks 4 --steps 50
     torchrun --nproc-per-node 4 -m pipefold train --ranks 4      # one node, GPUs if present
 
-    from pipefold.job.config import load_config, resolve_out_dir
+    from pipefold.job.config import load_config
+    from pipefold.job.outdir import resolve_out_dir
     from pipefold.job.loop import run_local
     run_local(resolve_out_dir(load_config(overrides={"steps": 20})))
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from pipefold.errors import ConfigError
 from pipefold.job.config import CHECKPOINT_DIR, TrainConfig
 
-__all__ = ["check_out_dir"]
+__all__ = ["check_out_dir", "resolve_out_dir"]
 
 _PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
 """Kernel file systems: writable in places, never a place for a run."""
@@ -71,3 +73,16 @@ def _check_earlier_run(config: TrainConfig, out: Path) -> None:
         f"out={config.out!r} holds the checkpoint of an earlier run{at}, which this run would overwrite; "
         f"continue that run with {resume}, give another --out, or pass --overwrite to replace it"
     )
+
+
+def resolve_out_dir(config: TrainConfig) -> TrainConfig:
+    """Fix `out` before any worker starts, so every rank agrees (default runs/<timestamp>)."""
+    if config.out:
+        return config
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = Path("runs") / stamp
+    suffix = 1
+    while candidate.exists():
+        candidate = Path("runs") / f"{stamp}-{suffix}"
+        suffix += 1
+    return replace(config, out=str(candidate))

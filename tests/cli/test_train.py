@@ -10,7 +10,8 @@ from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
 from pipefold.device import resolve_device
 from pipefold.errors import ConfigError
-from pipefold.job.config import TrainConfig, load_config, resolve_out_dir
+from pipefold.job.config import TrainConfig, load_config
+from pipefold.job.outdir import resolve_out_dir
 from pipefold.schedule import build
 
 
