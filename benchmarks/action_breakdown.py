@@ -69,7 +69,8 @@ def _worker(args: argparse.Namespace) -> None:
                             for row in timeline.events for e in row}
                     events = timeline.events[r]
                     for event in events:
-                        durations.setdefault(event.action.op.name, []).append((event.end - event.start) * 1e6)
+                        duration = (event.end - event.start) * 1e6
+                        durations.setdefault(event.action.op.name, []).append(duration)
                     waits = timeline.waits[r] if timeline.waits else ()
                     waits_per_action.append(sum(w.end - w.start for w in waits) / len(events) * 1e6)
                     gaps_per_action.append(
@@ -100,7 +101,9 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/action_breakdown.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/action_breakdown.py", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])

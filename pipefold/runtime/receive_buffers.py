@@ -107,7 +107,9 @@ class ReceiveBuffers:
         value, buffers, _ = self.receive_input(stage, microbatch, meta)
         return value, buffers
 
-    def receive_input(self, stage: int, microbatch: int, meta: TensorMeta) -> tuple[Any, tuple[Tensor, ...], Views]:
+    def receive_input(
+        self, stage: int, microbatch: int, meta: TensorMeta
+    ) -> tuple[Any, tuple[Tensor, ...], Views]:
         """`input`, and the buffers' byte views (None for a buffer not kept)."""
         entry = self._inputs[stage][microbatch]
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.transport.shm import ShmChannel, byte_view, layout, new_token, shm_supported
+from pipefold.runtime.transport.shm import (
+    BYTE_VIEW_MAX_BYTES,
+    ShmChannel,
+    byte_view,
+    layout,
+    new_token,
+    shm_supported,
+)
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared-memory channels need x86-64 Linux")
 
@@ -86,6 +93,7 @@ def test_byte_view_refuses_what_is_not_plain_contiguous_memory():
     assert byte_view(torch.zeros(0)) is None
     assert byte_view(torch.zeros(4, 3).t()) is None
     assert byte_view(torch.zeros(2, dtype=torch.complex64).conj()) is None
+    assert byte_view(torch.zeros(BYTE_VIEW_MAX_BYTES + 1, dtype=torch.uint8)) is None
     view = byte_view(torch.zeros(3, dtype=torch.float64))
     assert view is not None and len(view) == 24
 

@@ -22,8 +22,8 @@ from pipefold.errors import PipelineError
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
 __all__ = [
-    "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "byte_view", "job_prefix", "layout", "shm_name",
-    "shm_supported",
+    "BYTE_VIEW_MAX_BYTES", "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "byte_view", "job_prefix",
+    "layout", "shm_name", "shm_supported",
 ]
 
 SHM_DIR = Path("/dev/shm")
@@ -80,15 +80,21 @@ def layout(sizes: Sequence[int], start: int = 0) -> tuple[list[int], int]:
     return offsets, position
 
 
+BYTE_VIEW_MAX_BYTES = 1 << 18
+"""Largest buffer `byte_view` covers: below it a tensor copy's fixed dispatch is what the byte
+copy saves; above it the copy itself dominates, and torch's copy may use several threads."""
+
+
 def byte_view(tensor: Tensor) -> memoryview | None:
     """The memory of a contiguous CPU `tensor` as a writable byte view (for `read_bytes`), or
-    None where there is none to take (another device, not contiguous, no bytes).
+    None where there is none to take (another device, not contiguous, no bytes, larger than
+    `BYTE_VIEW_MAX_BYTES`).
 
     The view holds no reference to the tensor: whoever keeps it must keep the tensor alive
     for as long (`ReceiveBuffers` keeps both in one entry).
     """
     size = tensor.nbytes
-    if size == 0 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+    if not 0 < size <= BYTE_VIEW_MAX_BYTES or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
     if tensor.is_conj() or tensor.is_neg():  # lazily conjugated or negated: not its bytes
         return None
