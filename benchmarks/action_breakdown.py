@@ -4,8 +4,8 @@
 
 For each schedule and rank, over the timed steps: the median duration of each compute op
 (F, B, I, W: the torch work and the handler around it), the time in waits per action (a
-consumer waiting for its message), the gaps between consecutive compute events per action (the
-message actions and the loop between them), and, for every wait longer than 30 µs, the exposed
+consumer waiting for its message), the gaps between consecutive compute events less the waits, per action
+(the message actions and the loop between them), and, for every wait longer than 30 µs, the exposed
 latency of its message: from the sender's compute end to the waiting rank's wait end (one
 clock: the ranks share a host). A schedule whose actions are slower than plain torch's (see
 `benchmarks/overhead.py --floor`) shows here whether the compute events themselves grew, the
@@ -68,14 +68,15 @@ def _worker(args: argparse.Namespace) -> None:
                     ends = {(e.action.op, e.action.stage, e.action.microbatch): e.end
                             for row in timeline.events for e in row}
                     events = timeline.events[r]
+                    waits = timeline.waits[r] if timeline.waits else ()
                     for event in events:
                         duration = (event.end - event.start) * 1e6
                         durations.setdefault(event.action.op.name, []).append(duration)
-                    waits = timeline.waits[r] if timeline.waits else ()
                     waits_per_action.append(sum(w.end - w.start for w in waits) / len(events) * 1e6)
-                    gaps_per_action.append(
-                        sum(b.start - a.end for a, b in zip(events, events[1:])) / len(events) * 1e6
-                    )
+                    # A consumer's event starts when its wait ends: the gaps hold the waits.
+                    gaps = sum(b.start - a.end for a, b in zip(events, events[1:]))
+                    gaps -= sum(w.end - w.start for w in waits)
+                    gaps_per_action.append(gaps / len(events) * 1e6)
                     for wait in waits:
                         action = wait.waiting_for
                         if wait.end - wait.start <= 30e-6:
@@ -89,8 +90,9 @@ def _worker(args: argparse.Namespace) -> None:
                             exposed.append((wait.end - sent[0]) * 1e6)
                 ops = ", ".join(f"{op} {statistics.median(v):.0f}" for op, v in sorted(durations.items()))
                 per_rank.append(
-                    f"  rank {r}: median µs per event {ops}; waits {statistics.median(waits_per_action):.0f} "
-                    f"µs/action; gaps {statistics.median(gaps_per_action):.0f} µs/action"
+                    f"  rank {r}: median µs per event {ops}; "
+                    f"waits {statistics.median(waits_per_action):.0f} µs/action; "
+                    f"gaps {statistics.median(gaps_per_action):.0f} µs/action"
                 )
             print("\n".join(per_rank))
             print(f"  exposed message latency µs (sender's compute end -> wait end): {_quantiles(exposed)}",
