@@ -8,7 +8,8 @@ this checkout and of `--baseline` alternately; prints the median µs per message
 the median ratio. Two more rows price a zero-copy receive on this checkout's channel: the
 executor's receive as it is (a fresh buffer per message, then the copy out of the shared
 page), a buffer kept per (stage, micro-batch) and handed out again when nothing else holds it
-(`ReceiveBuffers`, the executor's receive now: the check, then the copy out), and handing the
+(`ReceiveBuffers`: the check, then a tensor copy out), the same buffer filled through its byte
+view (the executor's receive now: one slice assignment), and handing the
 consumer the shared page's view itself (no buffer, no copy). No second process, so it
 measures the channel's own Python and tensor work, not a wake-up or the cache lines crossing
 cores. The last rows time one check of a
@@ -98,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             sequence, offsets, _ = receiver.claim(buffers)
             receiver.read(sequence, buffers, offsets)
 
+    def receive_reused_bytes() -> None:
+        # The executor's receive now: a kept buffer and its byte view, one slice assignment.
+        sender, receiver = channels["new"]
+        sender.begin_step(args.messages * 64)
+        receiver.begin_step(args.messages * 64)
+        for microbatch in range(args.messages):
+            sender.send((value,))
+            _, buffers, views = pool.receive_input(0, microbatch, meta)
+            sequence, offsets, _ = receiver.claim(buffers)
+            receiver.read_bytes(sequence, views, offsets)
+
     def receive_reused_consumed() -> None:
         # As the executor's consumer does: a leaf detached from the buffer, dropped before the
         # next step's receive (so the buffer is handed out again).
@@ -138,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {label: (lambda label=label: step(label)) for label in modules}
     runs["new, receive into a fresh buffer (the executor before ReceiveBuffers)"] = receive_allocating
     runs["new, receive into a kept buffer (ReceiveBuffers: check, copy out)"] = receive_reused
+    if hasattr(pool, "receive_input"):
+        runs["new, kept buffer, copy out through its byte view"] = receive_reused_bytes
     runs["new, fresh buffer, then the consumer's leaf"] = receive_allocating_consumed
     runs["new, kept buffer, then the consumer's leaf"] = receive_reused_consumed
     runs["new, zero-copy receive (the shared page's view)"] = receive_zero_copy

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -280,6 +281,9 @@ class Watchdog:
         self.max_pause_s = 2e-4
         """Longest sleep between checks of a shared-memory flag: the latency it may add."""
         self._busy_poll_s = busy_poll_s
+        self.busy_yield = True
+        """Whether a busy-polling wait yields its core (`sched_yield`) between batches of checks
+        (docs/decisions.md, "busy polling"); False spins without giving the core up."""
         self.progress: Progress | None = None
         """Where each rank is (set by the pipeline once its transport is up): names the action a
         killed or stopped peer was at, and which peer is gone when a collective's wait fails."""
@@ -346,6 +350,10 @@ class Watchdog:
                     for _ in range(_BUSY_CHECKS):
                         if ready():
                             return
+                    if self.busy_yield:
+                        # Lets another runnable process on this core (the peer, on a host whose
+                        # other work outnumbers the cores) run; alone on it, returns at once.
+                        os.sched_yield()
                     continue
                 if block is not None:
                     block(max(next_check - now, 0.0))

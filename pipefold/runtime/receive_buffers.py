@@ -11,6 +11,10 @@ that cannot be checked (a torch without the storage use count) or the device has
 (CUDA: a receive on the comm stream could overwrite what the compute stream still reads),
 every message gets a fresh buffer.
 
+A kept buffer also keeps a byte view of its memory (`shm.byte_view`): a shared-memory receive
+copies into it with one slice assignment instead of a tensor copy (`receive_input`,
+`receive_grads`).
+
 The pool keeps one buffer per (stage, micro-batch) and direction: what a GPipe step holds at
 its peak anyway, more than a 1F1B step (whose receives could share a few buffers; sharing
 within a step needs the executor to say when a posted receive was consumed, not built).
@@ -29,6 +33,7 @@ from torch import Tensor
 
 from pipefold.model import TensorMeta
 from pipefold.runtime.stage import flatten
+from pipefold.runtime.transport.shm import byte_view
 
 __all__ = ["ReceiveBuffers", "reusable"]
 
@@ -47,7 +52,7 @@ def _alone_count() -> int:
 _ALONE = _alone_count()
 
 
-def _most_refs(entry: tuple[object, Any, tuple[Tensor, ...]]) -> int:
+def _most_refs(entry: tuple[object, Any, tuple[Tensor, ...], Any]) -> int:
     """The largest reference count among `entry`'s buffers, as `reusable` reads it."""
     return max((sys.getrefcount(buffer) for buffer in entry[2]), default=0)
 
@@ -56,7 +61,7 @@ def _alone_refs() -> int:
     """References to a buffer held by nothing but its pool entry (the entry's value, or the
     tuple that is the value, and its buffers tuple), as `reusable` reads them."""
     value = torch.empty(1)
-    entry = (None, value, (value,))
+    entry = (None, value, (value,), None)
     del value
     return _most_refs(entry)
 
@@ -64,8 +69,9 @@ def _alone_refs() -> int:
 _ALONE_REFS = _alone_refs()
 
 
-def reusable(entry: tuple[object, Any, tuple[Tensor, ...]]) -> bool:
-    """Whether nothing but `entry` (a pool entry: description, value, buffers) refers to its
+def reusable(entry: tuple[object, Any, tuple[Tensor, ...], Any]) -> bool:
+    """Whether nothing but `entry` (a pool entry: description, value, buffers, their byte
+    views, which hold no reference to them) refers to its
     buffers: no other reference to the tensor objects, no other tensor on their storage."""
     if _use_count is None or _most_refs(entry) > _ALONE_REFS:
         return False
@@ -76,8 +82,15 @@ def reusable(entry: tuple[object, Any, tuple[Tensor, ...]]) -> bool:
     return True
 
 
-_Entry = tuple[TensorMeta, Any, tuple[Tensor, ...]]
-"""(the description the buffers were made for, the value handed to the consumer, its buffers)."""
+Views = tuple[memoryview, ...] | None
+_Entry = tuple[TensorMeta, Any, tuple[Tensor, ...], Views]
+"""(the description the buffers were made for, the value handed to the consumer, its buffers,
+their byte views or None)."""
+
+
+def _views(buffers: tuple[Tensor, ...]) -> Views:
+    views = tuple(byte_view(buffer) for buffer in buffers)
+    return None if any(view is None for view in views) else views  # type: ignore[return-value]
 
 
 class ReceiveBuffers:
@@ -91,23 +104,39 @@ class ReceiveBuffers:
 
     def input(self, stage: int, microbatch: int, meta: TensorMeta) -> tuple[Any, tuple[Tensor, ...]]:
         """(the value to feed the stage, its tensors to receive into) for a stage input `meta`."""
+        value, buffers, _ = self.receive_input(stage, microbatch, meta)
+        return value, buffers
+
+    def receive_input(
+        self, stage: int, microbatch: int, meta: TensorMeta
+    ) -> tuple[Any, tuple[Tensor, ...], Views]:
+        """`input`, and the buffers' byte views (None for a buffer not kept)."""
         entry = self._inputs[stage][microbatch]
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
-            return entry[1], entry[2]
+            return entry[1], entry[2], entry[3]
         value = meta.empty(self._device)
         buffers = flatten(value)
-        if self._reuse:
-            self._inputs[stage][microbatch] = (meta, value, buffers)
-        return value, buffers
+        if not self._reuse:
+            return value, buffers, None
+        views = _views(buffers)
+        self._inputs[stage][microbatch] = (meta, value, buffers, views)
+        return value, buffers, views
 
     def output_grads(
         self, stage: int, microbatch: int, meta: TensorMeta
     ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, ...]]:
         """(one gradient per output, None where it is not differentiable; the gradients to
         receive into) for a stage output `meta`."""
+        grads, buffers, _ = self.receive_grads(stage, microbatch, meta)
+        return grads, buffers
+
+    def receive_grads(
+        self, stage: int, microbatch: int, meta: TensorMeta
+    ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, ...], Views]:
+        """`output_grads`, and the buffers' byte views (None for a buffer not kept)."""
         entry = self._grads[stage][microbatch]
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
-            return entry[1], entry[2]
+            return entry[1], entry[2], entry[3]
         device = self._device
         grads = tuple(
             torch.empty(shape, dtype=dtype, device=device)
@@ -116,6 +145,8 @@ class ReceiveBuffers:
             for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
         )
         buffers = tuple(g for g in grads if g is not None)
-        if self._reuse:
-            self._grads[stage][microbatch] = (meta, grads, buffers)
-        return grads, buffers
+        if not self._reuse:
+            return grads, buffers, None
+        views = _views(buffers)
+        self._grads[stage][microbatch] = (meta, grads, buffers, views)
+        return grads, buffers, views

@@ -105,3 +105,19 @@ def test_no_reuse_where_streams_could_race():
     pool.input(0, 0, meta)
     pool.output_grads(0, 0, meta)
     assert pool._inputs[0][0] is None and pool._grads[0][0] is None  # nothing kept to reuse
+
+
+def test_a_kept_buffer_comes_with_byte_views_of_its_own_memory():
+    pool = ReceiveBuffers(1, 1, torch.device("cpu"))
+    meta = _input_meta()
+    value, buffers, views = pool.receive_input(0, 0, meta)
+    assert views is not None and len(views) == len(buffers)
+    for buffer, view in zip(buffers, views, strict=True):
+        view[:] = bytes(range(len(view)))
+        assert bytes(buffer.view(torch.uint8).reshape(-1).tolist()) == bytes(range(len(view)))
+    del value, buffers
+    _, again, views_again = pool.receive_input(0, 0, meta)
+    assert views_again is views  # handed out again with the buffers
+    grads, grad_buffers, grad_views = pool.receive_grads(0, 0, meta)
+    assert grads[1] is None and len(grad_buffers) == 1  # the int64 output has no gradient
+    assert grad_views is not None and len(grad_views[0]) == grad_buffers[0].nbytes

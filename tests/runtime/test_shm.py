@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pipefold.errors import PipelineError
-from pipefold.runtime.transport.shm import ShmChannel, layout, new_token, shm_supported
+from pipefold.runtime.transport.shm import (
+    BYTE_VIEW_MAX_BYTES,
+    ShmChannel,
+    byte_view,
+    layout,
+    new_token,
+    shm_supported,
+)
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="shared-memory channels need x86-64 Linux")
 
@@ -60,6 +67,35 @@ def test_messages_arrive_in_order_with_their_dtypes(pair):
     receiver.read(claim[0], buffers_2, claim[1])
     assert sender.all_consumed()
     assert buffers_2[0].tolist() == [7] * 5
+
+
+def test_a_receive_into_byte_views_gets_every_byte_and_marks_it_consumed(pair):
+    sender, receiver = pair
+    sent = (torch.randn(3, 5), torch.arange(7, dtype=torch.int16), torch.randn(2, dtype=torch.bfloat16))
+    total = layout([t.nbytes for t in sent], 0)[1]
+    for step in range(2):  # the second step's bytes land in the same slots and are read anew
+        sender.begin_step(total)
+        receiver.begin_step(total)
+        buffers = tuple(torch.empty_like(t) for t in sent)
+        views = tuple(byte_view(b) for b in buffers)
+        assert all(v is not None and len(v) == b.nbytes for v, b in zip(views, buffers, strict=True))
+        sequence, offsets, _ = receiver.claim(buffers)
+        sender.send(sent)
+        assert not sender.all_consumed()
+        receiver.read_bytes(sequence, views, offsets)  # type: ignore[arg-type]
+        assert sender.all_consumed()
+        for got, want in zip(buffers, sent, strict=True):
+            assert torch.equal(got, want)
+        sent = tuple(t + 1 for t in sent)
+
+
+def test_byte_view_refuses_what_is_not_plain_contiguous_memory():
+    assert byte_view(torch.zeros(0)) is None
+    assert byte_view(torch.zeros(4, 3).t()) is None
+    assert byte_view(torch.zeros(2, dtype=torch.complex64).conj()) is None
+    assert byte_view(torch.zeros(BYTE_VIEW_MAX_BYTES + 1, dtype=torch.uint8)) is None
+    view = byte_view(torch.zeros(3, dtype=torch.float64))
+    assert view is not None and len(view) == 24
 
 
 def test_a_step_larger_than_the_channel_leaves_it_inactive(pair):

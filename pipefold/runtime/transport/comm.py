@@ -70,22 +70,24 @@ class _ShmReceive:
     offsets: Sequence[int]
     peer: int
     peer_alive: Callable[[], bool] | None
+    views: Sequence[memoryview] | None = None
+    """The buffers' bytes (`shm.byte_view`): the copy out is then a slice assignment."""
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         channel, sequence = self.channel, self.sequence
-        ready = channel.ready_check(sequence)
-        if ready():  # already there: no wait to set up
+        if not channel.ready(sequence):
+            doorbell = channel.doorbell
+            watchdog.wait_until(
+                channel.ready_check(sequence),
+                what=what,
+                peer=self.peer,
+                peer_alive=self.peer_alive,
+                block=None if doorbell is None else doorbell.wait,
+            )
+        if self.views is not None:
+            channel.read_bytes(sequence, self.views, self.offsets)
+        else:
             channel.read(sequence, self.buffers, self.offsets)
-            return
-        doorbell = channel.doorbell
-        watchdog.wait_until(
-            ready,
-            what=what,
-            peer=self.peer,
-            peer_alive=self.peer_alive,
-            block=None if doorbell is None else doorbell.wait,
-        )
-        channel.read(sequence, self.buffers, self.offsets)
 
 
 class P2P:
@@ -242,12 +244,18 @@ class P2P:
             return _SENT
         return self.send_direct(tensors, peer)
 
-    def recv(self, buffers: Sequence[Tensor], peer: int) -> Transfer:
-        """Post receives into `buffers` (in order) from pipeline rank `peer` (a step's message)."""
+    def recv(
+        self, buffers: Sequence[Tensor], peer: int, views: Sequence[memoryview] | None = None
+    ) -> Transfer:
+        """Post receives into `buffers` (in order) from pipeline rank `peer` (a step's message).
+
+        `views`, where given, are the buffers' bytes (`shm.byte_view`, one per buffer, kept
+        alive with them by the caller): a shared-memory receive then copies into them directly.
+        """
         channel = self._recv_channels.get(peer)
         if channel is not None and channel.active:
             sequence, offsets, _ = channel.claim(buffers)
-            return _ShmReceive(channel, sequence, buffers, offsets, peer, self._peer_alive.get(peer))
+            return _ShmReceive(channel, sequence, buffers, offsets, peer, self._peer_alive.get(peer), views)
         return self.recv_direct(buffers, peer)
 
     def send_direct(self, tensors: Sequence[Tensor], peer: int, *, tag: int = 0) -> Transfer:

@@ -5,6 +5,7 @@ Design notes: docs/decisions.md, "shared-memory channels".
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import platform
@@ -21,7 +22,8 @@ from pipefold.errors import PipelineError
 from pipefold.runtime.transport.doorbell import Doorbell, Ringer
 
 __all__ = [
-    "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "job_prefix", "layout", "shm_name", "shm_supported",
+    "BYTE_VIEW_MAX_BYTES", "JOB_ENV", "SHM_DIR", "SharedFile", "ShmChannel", "byte_view", "job_prefix",
+    "layout", "shm_name", "shm_supported",
 ]
 
 SHM_DIR = Path("/dev/shm")
@@ -75,6 +77,39 @@ def layout(sizes: Sequence[int], start: int = 0) -> tuple[list[int], int]:
         position = _align(position)
         offsets.append(position)
         position += size
+    return offsets, position
+
+
+BYTE_VIEW_MAX_BYTES = 1 << 18
+"""Largest buffer `byte_view` covers: below it a tensor copy's fixed dispatch is what the byte
+copy saves; above it the copy itself dominates, and torch's copy may use several threads."""
+
+
+def byte_view(tensor: Tensor) -> memoryview | None:
+    """The memory of a contiguous CPU `tensor` as a writable byte view (for `read_bytes`), or
+    None where there is none to take (another device, not contiguous, no bytes, larger than
+    `BYTE_VIEW_MAX_BYTES`).
+
+    The view holds no reference to the tensor: whoever keeps it must keep the tensor alive
+    for as long (`ReceiveBuffers` keeps both in one entry).
+    """
+    size = tensor.nbytes
+    if not 0 < size <= BYTE_VIEW_MAX_BYTES or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    if tensor.is_conj() or tensor.is_neg():  # lazily conjugated or negated: not its bytes
+        return None
+    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+
+
+def _slots(tensors: Sequence[Tensor], start: int) -> tuple[list[int], int]:
+    """`layout` of `tensors` from `start`, inlined for the per-message path (`nbytes` is one
+    attribute read where `numel() * element_size()` is two calls)."""
+    offsets = []
+    position = start
+    for tensor in tensors:
+        position = (position + _ALIGN - 1) // _ALIGN * _ALIGN
+        offsets.append(position)
+        position += tensor.nbytes
     return offsets, position
 
 
@@ -163,6 +198,9 @@ class ShmChannel:
         # The same words as Python ints: a waiting receiver reads `published` in a loop, and
         # indexing a memoryview is a third of a numpy element read plus `int()`.
         self._words = memoryview(file.map)[:_HEADER_BYTES].cast("q")
+        # The data region as bytes: a receive into buffers with byte views (`read_bytes`) is one
+        # slice assignment per tensor, where a tensor copy costs a few microseconds of dispatch.
+        self._bytes = memoryview(file.map)[_HEADER_BYTES : _HEADER_BYTES + capacity]
         self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
         # (offset, dtype, shape) -> the data region there as that tensor: a message's slot is
         # the same every step, and slicing and viewing the region anew took three tensor
@@ -215,6 +253,7 @@ class ShmChannel:
             return
         self._views.clear()
         self._words.release()
+        self._bytes.release()
         del self._data, self._header
         self._file.close()
 
@@ -248,7 +287,7 @@ class ShmChannel:
 
     def send(self, tensors: Sequence[Tensor]) -> None:
         """Copy `tensors` into the next slots and publish them (sender)."""
-        offsets, end = layout([t.numel() * t.element_size() for t in tensors], self._offset)
+        offsets, end = _slots(tensors, self._offset)
         if end > self._announced:
             raise PipelineError(
                 f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
@@ -258,7 +297,8 @@ class ShmChannel:
             self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
         self._offset = end
         self._sequence += 1
-        self._header[_PUBLISHED] = self._sequence
+        # After the data (x86 keeps stores in order): a receiver that sees the count sees the data.
+        self._words[_PUBLISHED] = self._sequence
         if self.ringer is not None:
             self.ringer.ring()
 
@@ -285,7 +325,7 @@ class ShmChannel:
 
     def claim(self, buffers: Sequence[Tensor]) -> tuple[int, list[int], int]:
         """Receiver: reserve the next message's slots; returns (sequence, offsets, end)."""
-        offsets, end = layout([b.numel() * b.element_size() for b in buffers], self._offset)
+        offsets, end = _slots(buffers, self._offset)
         if end > self._announced:
             raise PipelineError(
                 f"same-host channel {self.path.name}: a receive ends at byte {end} but the step "
@@ -299,8 +339,21 @@ class ShmChannel:
         """Receiver: copy a published message out and mark it consumed."""
         for buffer, offset in zip(buffers, offsets, strict=True):
             buffer.copy_(self._view(offset, buffer.dtype, buffer.shape))
+        self._mark_consumed(sequence)
+
+    def read_bytes(self, sequence: int, targets: Sequence[memoryview], offsets: Sequence[int]) -> None:
+        """Receiver: `read` into buffers given as byte views of their memory (`byte_view`), one
+        per buffer of the claim, each exactly that buffer's bytes."""
+        data = self._bytes
+        for target, offset in zip(targets, offsets, strict=True):
+            target[:] = data[offset : offset + len(target)]
+        self._mark_consumed(sequence)
+
+    def _mark_consumed(self, sequence: int) -> None:
         # Messages of one channel may be consumed out of posting order (two stages of the
         # receiver fed by one sender); `consumed` is the highest taken, which is the
-        # step's last message once the step is done.
-        self._consumed = max(self._consumed, sequence)
-        self._header[_CONSUMED] = self._consumed
+        # step's last message once the step is done. Stored after the copy out, so the
+        # sender (which waits for it before its next step) never rewrites a slot being read.
+        if sequence > self._consumed:
+            self._consumed = sequence
+            self._words[_CONSUMED] = sequence
