@@ -40,6 +40,7 @@ from pipefold.runtime.backward_plan import (
     plan_shape,
     prepare_all,
 )
+from pipefold.runtime.sent_outputs import output_shape
 
 __all__ = ["GroupCache", "WeightGradState", "backward_full", "backward_input", "backward_weight"]
 
@@ -424,14 +425,16 @@ def _roots(
     for index, (output, grad) in enumerate(zip(outputs, output_grads, strict=True)):
         if not output.requires_grad:
             continue
+        # A sent output may have had its data freed (runtime.sent_outputs): its shape is kept.
+        shape = output_shape(output)
         if grad is None:
-            if output.numel() != 1:
+            if shape.numel() != 1:
                 continue
             grad = torch.ones_like(output)
-        elif grad.shape != output.shape:
+        elif grad.shape != shape:
             raise BoundaryMismatch(
                 f"output_grads[{index}] has shape {tuple(grad.shape)} but output {index} has shape "
-                f"{tuple(output.shape)}; the gradient must match its output"
+                f"{tuple(shape)}; the gradient must match its output"
             )
         roots.append(output)
         grads.append(grad)

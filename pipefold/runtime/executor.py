@@ -40,6 +40,7 @@ from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.receive_buffers import ReceiveBuffers
+from pipefold.runtime.sent_outputs import release_sent
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
@@ -575,7 +576,19 @@ class Executor:
             )
         tensors = tuple(t.detach() for t in outputs)
         p2p, _ = self._comm()
-        self._sends.append((p2p.send(tensors, peer), action, tensors))
+        self._keep_until_sent(p2p.send(tensors, peer), action, tensors)
+        # The backward needs the outputs' graph, not their values: free what the send no
+        # longer reads (a process-group send keeps its own detached tensors until done).
+        if release_sent(outputs) and self._held[s][mb] is not None and self._run_counter is not None:
+            self._held[s][mb] = self._run_counter.hold(self._inputs_of[s][mb])
+
+    def _keep_until_sent(self, transfer: Transfer, action: Action, tensors: tuple[Tensor, ...]) -> None:
+        """Keep `tensors` alive while `transfer` may still read them (a shared-memory send has
+        copied them when it returns: nothing to keep); drop those of sends completed since."""
+        if self._sends:
+            self._sends = [entry for entry in self._sends if not entry[0].done()]
+        if not transfer.done():
+            self._sends.append((transfer, action, tensors))
 
     def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
@@ -661,7 +674,7 @@ class Executor:
         grads = self._send_grads[s][mb]
         self._send_grads[s][mb] = None
         p2p, _ = self._comm()
-        self._sends.append((p2p.send(grads, peer), action, grads))
+        self._keep_until_sent(p2p.send(grads, peer), action, grads)
 
     def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch

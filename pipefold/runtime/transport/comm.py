@@ -41,6 +41,10 @@ class Transfer(Protocol):
 
     def wait(self, watchdog: Watchdog, what: str) -> None: ...
 
+    def done(self) -> bool:
+        """Complete already (a send no longer reads its tensors); never blocks."""
+        ...
+
 
 @dataclass(eq=False)
 class _WorkTransfer:
@@ -51,12 +55,18 @@ class _WorkTransfer:
         for work in self.works:
             watchdog.wait(work, what=what, peer=self.peer)
 
+    def done(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
 
 class _Sent:
     """A shared-memory send: complete when `send` returns."""
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         return None
+
+    def done(self) -> bool:
+        return True
 
 
 _SENT = _Sent()
@@ -72,6 +82,9 @@ class _ShmReceive:
     peer_alive: Callable[[], bool] | None
     views: Sequence[memoryview] | None = None
     """The buffers' bytes (`shm.byte_view`): the copy out is then a slice assignment."""
+
+    def done(self) -> bool:
+        return False  # the copy out happens in `wait`
 
     def wait(self, watchdog: Watchdog, what: str) -> None:
         channel, sequence = self.channel, self.sequence
