@@ -90,13 +90,11 @@ def megatron_plan(schedule: str, recompute: str, num_microbatches: int) -> list[
                          num_ranks=2, bounds=bounds, recompute=stages, link=Link(),
                          recompute_attention=recompute == "selective")
     memory = [m.to_json() for m in candidate.memory]
-    # What the executor also holds per micro-batch in flight until its backward, and the plan's
-    # stage model leaves out: the stage's output (the root of its backward), on the first rank.
+    # What the executor also holds and the plan's stage model leaves out: the output of the
+    # forward that has not been sent yet (each sent output's data is freed: runtime.sent_outputs),
+    # one stage output on the first rank at the activations' peak.
     first = costs.layers[:bounds[1]]
-    per_microbatch = (costs.input_bytes + sum(layer.output_bytes for layer in first[:-1]) if stages
-                      else sum(layer.activation_bytes for layer in first))
-    in_flight = round(memory[0]["activations"] / per_microbatch)
-    memory[0]["held_output"] = in_flight * first[-1].output_bytes
+    memory[0]["held_output"] = first[-1].output_bytes
     memory[1]["held_output"] = 0
     return memory
 
@@ -163,7 +161,7 @@ def megatron(quick: bool) -> None:
         *(("gpipe", recompute, 4) for recompute in ("none", "selective")),
     ]
     header = ("configuration", "rank", "activations KiB (plan --megatron)", "activations KiB (counted)",
-              "activations error", "held stage output KiB", "error with it",
+              "activations error", "unsent stage output KiB", "error with it",
               "total KiB (plan, without transient)", "total KiB (counted)", "error")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
