@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         receiver.begin_step(args.messages * 64)
         for microbatch in range(args.messages):
             sender.send((value,))
-            _, buffers = pool.input(0, microbatch, meta)
+            _, buffers, _ = pool.input(0, microbatch, meta)
             sequence, offsets, _ = receiver.claim(buffers)
             receiver.read(sequence, buffers, offsets)
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         receiver.begin_step(args.messages * 64)
         for microbatch in range(args.messages):
             sender.send((value,))
-            _, buffers, views = pool.receive_input(0, microbatch, meta)
+            _, buffers, views = pool.input(0, microbatch, meta)
             sequence, offsets, _ = receiver.claim(buffers)
             receiver.read_bytes(sequence, views, offsets)
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         leaves = []
         for microbatch in range(args.messages):
             sender.send((value,))
-            received, buffers = pool.input(0, microbatch, meta)
+            received, buffers, _ = pool.input(0, microbatch, meta)
             sequence, offsets, _ = receiver.claim(buffers)
             receiver.read(sequence, buffers, offsets)
             leaves.append(as_leaves(received)[1])
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {label: (lambda label=label: step(label)) for label in modules}
     runs["new, receive into a fresh buffer (the executor before ReceiveBuffers)"] = receive_allocating
     runs["new, receive into a kept buffer (ReceiveBuffers: check, copy out)"] = receive_reused
-    if hasattr(pool, "receive_input"):
-        runs["new, kept buffer, copy out through its byte view"] = receive_reused_bytes
+    runs["new, kept buffer, copy out through its byte view"] = receive_reused_bytes
     runs["new, fresh buffer, then the consumer's leaf"] = receive_allocating_consumed
     runs["new, kept buffer, then the consumer's leaf"] = receive_reused_consumed
     runs["new, zero-copy receive (the shared page's view)"] = receive_zero_copy

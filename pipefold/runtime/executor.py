@@ -596,7 +596,7 @@ class Executor:
     def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._in_layer[s]]
-        value, buffers, views = self._receive_buffers.receive_input(s, mb, meta)
+        value, buffers, views = self._receive_buffers.input(s, mb, meta)
         p2p, _ = self._comm()
         self._recv_f[s][mb] = _Pending(value, p2p.recv(buffers, peer, views), peer, what)
 
@@ -682,7 +682,7 @@ class Executor:
     def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
         meta = self._inputs().boundaries[mb][self._out_layer[s]]
-        grads, buffers, views = self._receive_buffers.receive_grads(s, mb, meta)
+        grads, buffers, views = self._receive_buffers.output_grads(s, mb, meta)
         p2p, _ = self._comm()
         self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer, views), peer, what)
 

@@ -12,8 +12,8 @@ that cannot be checked (a torch without the storage use count) or the device has
 every message gets a fresh buffer.
 
 A kept buffer also keeps a byte view of its memory (`shm.byte_view`): a shared-memory receive
-copies into it with one slice assignment instead of a tensor copy (`receive_input`,
-`receive_grads`).
+copies into it with one slice assignment instead of a tensor copy (`input`,
+`output_grads`).
 
 The pool keeps one buffer per (stage, micro-batch) and direction: what a GPipe step holds at
 its peak anyway, more than a 1F1B step (whose receives could share a few buffers; sharing
@@ -102,15 +102,9 @@ class ReceiveBuffers:
         self._inputs: list[list[_Entry | None]] = [[None] * num_microbatches for _ in range(num_stages)]
         self._grads: list[list[_Entry | None]] = [[None] * num_microbatches for _ in range(num_stages)]
 
-    def input(self, stage: int, microbatch: int, meta: TensorMeta) -> tuple[Any, tuple[Tensor, ...]]:
-        """(the value to feed the stage, its tensors to receive into) for a stage input `meta`."""
-        value, buffers, _ = self.receive_input(stage, microbatch, meta)
-        return value, buffers
-
-    def receive_input(
-        self, stage: int, microbatch: int, meta: TensorMeta
-    ) -> tuple[Any, tuple[Tensor, ...], Views]:
-        """`input`, and the buffers' byte views (None for a buffer not kept)."""
+    def input(self, stage: int, microbatch: int, meta: TensorMeta) -> tuple[Any, tuple[Tensor, ...], Views]:
+        """(the value to feed the stage, its tensors to receive into, their byte views or None)
+        for a stage input `meta`."""
         entry = self._inputs[stage][microbatch]
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
             return entry[1], entry[2], entry[3]
@@ -124,16 +118,9 @@ class ReceiveBuffers:
 
     def output_grads(
         self, stage: int, microbatch: int, meta: TensorMeta
-    ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, ...]]:
-        """(one gradient per output, None where it is not differentiable; the gradients to
-        receive into) for a stage output `meta`."""
-        grads, buffers, _ = self.receive_grads(stage, microbatch, meta)
-        return grads, buffers
-
-    def receive_grads(
-        self, stage: int, microbatch: int, meta: TensorMeta
     ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor, ...], Views]:
-        """`output_grads`, and the buffers' byte views (None for a buffer not kept)."""
+        """(one gradient per output, None where it is not differentiable; the gradients to
+        receive into; their byte views or None) for a stage output `meta`."""
         entry = self._grads[stage][microbatch]
         if entry is not None and (entry[0] is meta or entry[0] == meta) and reusable(entry):
             return entry[1], entry[2], entry[3]

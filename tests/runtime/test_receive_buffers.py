@@ -18,11 +18,11 @@ def _input_meta() -> TensorMeta:
 def test_a_buffer_nothing_holds_is_handed_out_again():
     pool = ReceiveBuffers(2, 3, torch.device("cpu"))
     meta = _input_meta()
-    value, buffers = pool.input(1, 2, meta)
+    value, buffers, _ = pool.input(1, 2, meta)
     assert len(buffers) == 2 and [b.shape for b in buffers] == [torch.Size([2, 3]), torch.Size([2])]
     kept = [weakref.ref(b) for b in buffers]
     del value, buffers
-    _, again = pool.input(1, 2, meta)
+    _, again, _ = pool.input(1, 2, meta)
     assert all(a is k() for a, k in zip(again, kept, strict=True))
     del again
     # Another slot gets its own; an equal description made anew gets the kept buffers.
@@ -36,12 +36,12 @@ def test_a_buffer_nothing_holds_is_handed_out_again():
 def test_a_buffer_a_consumer_still_holds_is_never_handed_out():
     pool = ReceiveBuffers(1, 1, torch.device("cpu"))
     meta = TensorMeta.of(torch.zeros(4))
-    value, _ = pool.input(0, 0, meta)
+    value, _, _ = pool.input(0, 0, meta)
     value.fill_(1.0)
     leaf = as_leaves(value)[0]  # what the stage gets: it shares the buffer's storage
     first = weakref.ref(value)
     del value, _
-    fresh, _ = pool.input(0, 0, meta)
+    fresh, _, _ = pool.input(0, 0, meta)
     assert fresh is not first()
     fresh.fill_(5.0)
     torch.testing.assert_close(leaf.detach(), torch.ones(4))  # what the stage held is unchanged
@@ -59,7 +59,7 @@ def test_a_gradient_a_hook_kept_is_never_handed_out():
     kept = []
     weight = torch.randn(3, 3, requires_grad=True)
     for fill in (1.0, 2.0):
-        grads, _ = pool.output_grads(0, 0, meta)
+        grads, _, _ = pool.output_grads(0, 0, meta)
         grads[0].fill_(fill)
         out = torch.ones(1, 3) @ weight
         out.register_hook(kept.append)
@@ -72,14 +72,14 @@ def test_a_gradient_a_hook_kept_is_never_handed_out():
 def test_autograd_saving_the_leaf_holds_the_buffer_until_the_backward():
     pool = ReceiveBuffers(1, 1, torch.device("cpu"))
     meta = TensorMeta.of(torch.zeros(1, 3))
-    value, _ = pool.input(0, 0, meta)
+    value, _, _ = pool.input(0, 0, meta)
     leaf = as_leaves(value)[0]
     first = weakref.ref(value)
     del value, _
     weight = torch.randn(3, 3, requires_grad=True)
     out = (leaf @ weight).sum()  # saves `leaf` for the weight's gradient
     del leaf
-    held, _ = pool.input(0, 0, meta)
+    held, _, _ = pool.input(0, 0, meta)
     assert held is not first()
     del held, _
     # The pool now keeps the second buffer; once the first's graph is gone, the second serves.
@@ -92,7 +92,7 @@ def test_autograd_saving_the_leaf_holds_the_buffer_until_the_backward():
 def test_output_gradients_skip_what_is_not_differentiable():
     pool = ReceiveBuffers(1, 1, torch.device("cpu"))
     meta = _input_meta()
-    grads, buffers = pool.output_grads(0, 0, meta)
+    grads, buffers, _ = pool.output_grads(0, 0, meta)
     assert grads[1] is None and len(buffers) == 1 and buffers[0] is grads[0]
     first = weakref.ref(grads[0])
     del grads, buffers
@@ -110,14 +110,14 @@ def test_no_reuse_where_streams_could_race():
 def test_a_kept_buffer_comes_with_byte_views_of_its_own_memory():
     pool = ReceiveBuffers(1, 1, torch.device("cpu"))
     meta = _input_meta()
-    value, buffers, views = pool.receive_input(0, 0, meta)
+    value, buffers, views = pool.input(0, 0, meta)
     assert views is not None and len(views) == len(buffers)
     for buffer, view in zip(buffers, views, strict=True):
         view[:] = bytes(range(len(view)))
         assert bytes(buffer.view(torch.uint8).reshape(-1).tolist()) == bytes(range(len(view)))
     del value, buffers
-    _, again, views_again = pool.receive_input(0, 0, meta)
+    _, again, views_again = pool.input(0, 0, meta)
     assert views_again is views  # handed out again with the buffers
-    grads, grad_buffers, grad_views = pool.receive_grads(0, 0, meta)
+    grads, grad_buffers, grad_views = pool.output_grads(0, 0, meta)
     assert grads[1] is None and len(grad_buffers) == 1  # the int64 output has no gradient
     assert grad_views is not None and len(grad_views[0]) == grad_buffers[0].nbytes
