@@ -317,8 +317,6 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
     as planned (see `train_command`)."""
     if not _trains_the_planned_model(args):
         return None
-    if args.megatron and candidate.num_tensor_parallel > 1:
-        return None  # train's seeded dropout does not run under tensor parallelism yet
     if candidate.recompute_attention and candidate.recompute:
         return None  # the runtime recomputes the attention cores or whole layers, not both at once
     if candidate.is_searched_order and schedule_file is None:

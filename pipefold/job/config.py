@@ -295,14 +295,8 @@ class TrainConfig:
                 "model.dropout",
                 self.model.dropout,
                 "dropout is not supported with recompute or tensor_parallel > 1 yet; use 0 "
-                '(or model.attention = "unfused", whose seeded dropout recomputes)',
-            )
-        if self.model.dropout > 0:
-            # A seeded mask is drawn for the shape a rank holds: tp ranks would draw the masks
-            # of their heads' share from the whole tensor's seed, not the one-process masks.
-            require(
-                self.schedule.tensor_parallel == 1, "model.dropout", self.model.dropout,
-                "dropout is not supported with tensor_parallel > 1 yet; use 0",
+                '(or model.attention = "unfused", whose seeded dropout recomputes and runs under '
+                "tensor parallelism)",
             )
         require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
         require(

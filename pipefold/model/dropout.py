@@ -18,6 +18,14 @@ global generator, as `nn.Dropout` would.
 
 The mask is kept for the backward as one byte per element (a bool tensor), the dropout-mask
 term of Korthikanti et al. 2022's activation memory.
+
+Under tensor parallelism the masks stay the one-process ones (Megatron's "model-parallel" and
+"default" RNG trackers, made exact by the key instead): a dropout over attention heads
+(`head_dim=`) draws each head's mask from its own key, the global head index folded in, so a rank
+holding heads [first, first + n) (`forward(x, first_head=first)`) draws those heads' masks; a
+dropout on a tensor every tp rank holds whole draws the same key's mask on each; and one on a
+sequence slice (`sequence_shard`, which sequence parallelism sets) draws the whole tensor's mask
+and keeps its slice.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pipefold.errors import ConfigError
 __all__ = [
     "SeededDropout",
     "dropout_key",
+    "head_key",
     "dropout_scope",
     "dropout_steps",
     "enter_microbatch",
@@ -57,6 +66,11 @@ def dropout_key(seed: int, step: int, microbatch: int, layer: int, site: int) ->
     for part in (seed, step, microbatch, layer, site):
         key = _mix(key ^ (part & _MASK64))
     return key >> 1
+
+
+def head_key(key: int, head: int) -> int:
+    """The generator seed of head `head`'s mask in the dropout call seeded `key`."""
+    return _mix(key ^ (head & _MASK64)) >> 1
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -158,22 +172,54 @@ class _MaskedScale(torch.autograd.Function):
         return grad.masked_fill(~mask, 0.0) * ctx.scale, None, None
 
 
+def _uniform(shape: tuple[int, ...], key: int, device: torch.device) -> Tensor:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(key)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _keep(shape: tuple[int, ...], key: int, p: float, device: torch.device, head_dim: int | None,
+          first_head: int) -> Tensor:
+    """The kept elements (True) of a tensor of `shape`: one draw, or one per head along `head_dim`."""
+    if head_dim is None:
+        return _uniform(shape, key, device) >= p
+    head_dim %= len(shape)
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    head_shape = shape[:head_dim] + shape[head_dim + 1 :]
+    for index in range(shape[head_dim]):
+        keep.select(head_dim, index).copy_(_uniform(head_shape, head_key(key, first_head + index), device) >= p)
+    return keep
+
+
 class SeededDropout(nn.Module):
     """Dropout with probability `p` while training, its mask drawn from the key (module
-    docstring) of this `layer` (index in the layer list) and `site` (which dropout of it)."""
+    docstring) of this `layer` (index in the layer list) and `site` (which dropout of it).
 
-    def __init__(self, p: float, layer: int, site: int) -> None:
+    `head_dim`: the input's dim of attention heads; each head's mask is drawn from a key of its
+    own (`head_key`, global head index `first_head` + local index), so a tensor-parallel rank
+    holding some heads draws what one process draws for them."""
+
+    sequence_shard: tuple[int, int, int] | None
+    """(dim, index, count): the input is slice `index` of `count` equal slices along `dim` of the
+    tensor one process drops (sequence parallelism sets it); the whole tensor's mask is drawn
+    (`count` times the random numbers of the slice, as without sequence parallelism) and
+    the slice of it kept. None: the input is the whole tensor."""
+
+    def __init__(self, p: float, layer: int, site: int, *, head_dim: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"SeededDropout: p = {p!r}; use a probability in [0, 1), e.g. 0.1")
         self.p = p
         self.layer = layer
         self.site = site
+        self.head_dim = head_dim
+        self.sequence_shard = None
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, layer={self.layer}, site={self.site}"
+        heads = "" if self.head_dim is None else f", head_dim={self.head_dim}"
+        return f"p={self.p}, layer={self.layer}, site={self.site}{heads}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, first_head: int = 0) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type == "meta":  # a shape trace (pipefold.model.build): no values to draw
@@ -184,8 +230,17 @@ class SeededDropout(nn.Module):
                 key = int(torch.randint(0, 2**62, (1,), device="cpu").item())
             else:
                 key = dropout_key(*scope, self.layer, self.site)
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(key)
-            keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.p
+            shape = tuple(x.shape)
+            shard = self.sequence_shard
+            if shard is None:
+                keep = _keep(shape, key, self.p, x.device, self.head_dim, first_head)
+            else:
+                dim, index, count = shard
+                dim %= len(shape)
+                length = shape[dim]
+                whole = (*shape[:dim], length * count, *shape[dim + 1 :])
+                drawn = _keep(whole, key, self.p, x.device, self.head_dim, first_head)
+                # A copy: the kept mask is the slice's bytes, not the whole one's.
+                keep = drawn.narrow(dim, index * length, length).contiguous()
         out: Tensor = _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))  # type: ignore[no-untyped-call]
         return out

@@ -83,16 +83,20 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     assert command is not None and command.endswith("--recompute selective")
     words = command.split()[1:]  # the command parses into a configuration that recomputes selectively
     assert _config(*words[1:]).recompute == "selective"
-    # plan --megatron: train runs Megatron-LM's GPT (unfused attention, dropout 0.1), not under tp.
+    # plan --megatron: train runs Megatron-LM's GPT (unfused attention, dropout 0.1).
     megatron = SimpleNamespace(**{**vars(args), "megatron": True})
     chosen = SimpleNamespace(choice=selective, global_batch=4, saves_searched_order=False)
     command = train_command(megatron, chosen)
     assert command is not None and command.endswith("--recompute selective --attention unfused --dropout 0.1")
     config = _config(*command.split()[2:])
     assert (config.model.attention, config.model.dropout, config.recompute) == ("unfused", 0.1, "selective")
+    # Under tensor parallelism too: its seeded dropout draws the one-process masks there.
     split = SimpleNamespace(choice=replace(selective, num_tensor_parallel=2), global_batch=4,
                             saves_searched_order=False)
-    assert train_command(megatron, split) is None
+    command = train_command(megatron, split)
+    assert command is not None and "--tensor-parallel 2" in command
+    config = _config(*command.split()[2:])
+    assert (config.schedule.tensor_parallel, config.model.attention, config.model.dropout) == (2, "unfused", 0.1)
 
 
 def test_attention_unfused_reaches_the_configuration_and_the_model():
@@ -112,12 +116,25 @@ def test_attention_unfused_reaches_the_configuration_and_the_model():
         ({"model.attention": "flash"}, r'model.attention=.flash. is not allowed: use "fused" or "unfused"'),
         ({"model.attention": "unfused", "model.dropout": 1.0},
          r"model.dropout=1.0 is not allowed: use a probability in \[0, 1\)"),
-        # Seeded masks are drawn for a rank's whole tensor, not a tp rank's share of one.
-        ({"model.attention": "unfused", "model.dropout": 0.1, "schedule.tensor_parallel": 2},
-         r"model.dropout=0.1 is not allowed: dropout is not supported with tensor_parallel > 1"),
+        # The fused block's residual dropout draws from torch's generator: each tp rank its own.
+        ({"model.dropout": 0.1, "schedule.tensor_parallel": 2},
+         r"model.dropout=0.1 is not allowed: dropout is not supported with recompute or tensor_parallel > 1"),
         ({"model.dropout": 0.1, "recompute": "full"}, r'or model.attention = "unfused"'),
     ],
 )
 def test_bad_attention_and_dropout_are_refused_before_any_rank_starts(overrides, words):
     with pytest.raises(ConfigError, match=words):
         load_config(overrides=overrides)
+
+
+def test_seeded_dropout_is_taken_under_tensor_and_sequence_parallelism():
+    from pipefold.job.setup import _tensor_parallel_plan
+    from pipefold.model.zoo.gpt import DecoderBlock
+
+    config = load_config(overrides={"model.attention": "unfused", "model.dropout": 0.1,
+                                    "schedule.tensor_parallel": 2, "schedule.sequence_parallel": True})
+    assert (config.schedule.tensor_parallel, config.model.dropout) == (2, 0.1)
+    plan = _tensor_parallel_plan(config)
+    assert callable(plan)
+    block = DecoderBlock(8, 2, 2, 0.1, attention="unfused", layer=2)
+    assert {"dropout", "mlp_dropout"} <= set(plan(2, block) or {})

@@ -182,3 +182,65 @@ def test_the_unfused_core_is_the_fused_one_without_dropout():
     q, k, v = torch.randn(3, 2, 4, 8, 16).unbind(0)
     torch.testing.assert_close(_unfused_core(q, k, v, torch.nn.Identity()),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_each_heads_mask_is_keyed_by_its_global_index():
+    """What a tensor-parallel rank holding heads [first, first + n) draws is the one-process
+    masks of those heads, for any split of the heads."""
+    drop = SeededDropout(0.4, layer=2, site=1, head_dim=1)
+    probs = torch.ones(3, 8, 5, 5)
+    key = {"seed": 1, "step": 0, "microbatch": 2}
+    whole = _draw(drop, probs, **key)
+    for num_ranks in (2, 4, 8):
+        width = 8 // num_ranks
+        for rank in range(num_ranks):
+            heads = slice(rank * width, (rank + 1) * width)
+            with dropout_scope(**key):
+                part = drop(probs[:, heads], first_head=rank * width)
+            assert torch.equal(part, whole[:, heads]), (num_ranks, rank)
+    # Heads draw masks of their own, and the keep rate is about 1 - p.
+    assert len({tuple(whole[:, head].flatten().tolist()) for head in range(8)}) == 8
+    assert 0.5 < (whole != 0).float().mean().item() < 0.7
+
+
+def test_a_sequence_slice_draws_its_slice_of_the_whole_mask_and_keeps_only_it():
+    drop = SeededDropout(0.5, layer=3, site=2)
+    x = torch.randn(2, 8, 6, requires_grad=True)
+    key = {"seed": 4, "step": 1, "microbatch": 0}
+    whole = _draw(drop, x, **key)
+    for num_ranks in (2, 4):
+        length = 8 // num_ranks
+        for rank in range(num_ranks):
+            drop.sequence_shard = (1, rank, num_ranks)
+            part = _draw(drop, x[:, rank * length:(rank + 1) * length], **key)
+            torch.testing.assert_close(part, whole[:, rank * length:(rank + 1) * length])
+            mask = part.grad_fn.saved_tensors[0]  # what the backward keeps: the slice's bytes only
+            assert mask.shape == (2, length, 6) and mask.dtype == torch.bool
+            assert mask.untyped_storage().nbytes() == 2 * length * 6
+    drop.sequence_shard = None
+    # A recomputation of a slice redraws it.
+    drop.sequence_shard = (1, 1, 2)
+    with dropout_scope(**key):
+        y = torch.utils.checkpoint.checkpoint(drop, x[:, 4:], use_reentrant=False, context_fn=replay_scope)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad[:, 4:], (whole[:, 4:] != 0).float() * 2)
+    assert not grad[:, :4].any()
+
+
+def test_unfused_attention_probabilities_are_dropped_per_head():
+    """An unfused block draws the probabilities' masks per head: a block holding heads 2 and 3
+    of 4 (what tp rank 1 of 2 holds) sees the same masks as the whole block for them."""
+    block = DecoderBlock(16, 4, 2, 0.5, attention="unfused", layer=2)
+    seen = []
+    block.attn.attention_dropout.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    x = torch.randn(2, 6, 16)
+    with dropout_scope(seed=0, step=0, microbatch=0):
+        block(x)
+    (probs,) = seen
+    assert probs.shape == (2, 4, 6, 6)
+    drop = SeededDropout(0.5, layer=2, site=1, head_dim=1)
+    ones = torch.ones(2, 2, 6, 6)
+    with dropout_scope(seed=0, step=0, microbatch=0):
+        masks = drop(ones, first_head=2) != 0
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()  # softmax is positive there: zero = dropped
+    assert torch.equal((probs[:, 2:] != 0) & causal, masks & causal)

@@ -184,13 +184,11 @@ def _megatron_layers() -> list:
     return gpt_layers(VOCAB, DIM, HEADS, 2, SEQ, dropout=0.3, attention="unfused")
 
 
-def megatron_exact(*, cases):
-    """Each (schedule, recompute, num_virtual): two steps without zeroing at pp2; loss and every
-    gradient against one process drawing micro-batch j's masks of step k in dropout_scope."""
-    from pipefold.model.dropout import dropout_scope, dropout_steps
+def _megatron_reference(batches, num_microbatches):
+    """One process: (losses, {name: grad}) after the batches' steps without zeroing, micro-batch
+    j of step k drawing its masks in dropout_scope(seed=3, step=k, microbatch=j)."""
+    from pipefold.model.dropout import dropout_scope
 
-    num_microbatches, rows = 4, 8
-    batches = [_batch(rows, seed=step) for step in range(2)]
     reference = build_reference(_megatron_layers(), seed=7)
     reference.train()
     expected_losses = []
@@ -203,7 +201,32 @@ def megatron_exact(*, cases):
             loss.backward()
             total += loss.item()
         expected_losses.append(total)
-    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+    return expected_losses, {name: p.grad for name, p in reference.named_parameters()}
+
+
+def _assert_megatron_matches(pipe, batches, expected_losses, expected_grads, case):
+    from torch.distributed.tensor import DTensor
+
+    losses = [pipe.step(inputs, targets) for inputs, targets in batches]
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    for name, param in pipe.named_parameters():
+        assert param.grad is not None, f"{name} has no gradient"
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        torch.testing.assert_close(grad, expected_grads[name], msg=lambda m, n=name: f"{case} {n}: {m}")
+    return sorted(name for name, _ in pipe.named_parameters())
+
+
+def megatron_exact(*, cases, tp_cases=()):
+    """Each (schedule, recompute, num_virtual): two steps without zeroing at pp2; loss and every
+    gradient against one process drawing micro-batch j's masks of step k in dropout_scope.
+    Each of `tp_cases` ((recompute, sequence_parallel)) runs the same at pp1 x tp2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipefold.model.dropout import dropout_steps
+
+    num_microbatches, rows = 4, 8
+    batches = [_batch(rows, seed=step) for step in range(2)]
+    expected_losses, expected_grads = _megatron_reference(batches, num_microbatches)
     # Without dropout the losses differ: the masks above are really drawn.
     plain = build_reference(gpt_layers(VOCAB, DIM, HEADS, 2, SEQ, attention="unfused"), seed=7)
     assert abs(gpt_loss(plain(batches[0][0]), batches[0][1]).item() - expected_losses[0]) > 1e-3
@@ -215,13 +238,55 @@ def megatron_exact(*, cases):
             num_virtual=num_virtual, layout=LayoutOptions(recompute=recompute, seed=7),
             runtime=RuntimeOptions(timeout_s=60),
         )
-        losses = [pipe.step(inputs, targets) for inputs, targets in batches]
-        torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
-        for name, param in pipe.named_parameters():
-            assert param.grad is not None, f"{name} has no gradient"
-            torch.testing.assert_close(param.grad, expected_grads[name],
-                                       msg=lambda m, n=name, c=(schedule, recompute): f"{c} {n}: {m}")
-        out.append(sorted(name for name, _ in pipe.named_parameters()))
+        out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
+                                            (schedule, recompute)))
+    for recompute, sequence_parallel in tp_cases:
+        dropout_steps.start_at(3, 0)
+        pipe = Pipeline(
+            _megatron_layers(), loss_fn=gpt_loss, schedule="gpipe", num_microbatches=num_microbatches,
+            layout=LayoutOptions(recompute=recompute, seed=7),
+            parallel=ParallelOptions(
+                process_group=init_device_mesh("cpu", (1, 2), mesh_dim_names=("pp", "tp")),
+                tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel),
+            ),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
+                                            ("tp2", recompute, sequence_parallel)))
+    return out
+
+
+MEGATRON_PP1_TP2_CASES = (("none", False), ("selective", True), ("full", True))
+"""(recompute, sequence_parallel) of Megatron's GPT at pp1 x tp2 (on the two-rank pool)."""
+
+MEGATRON_TP_CASES = (
+    # (schedule, recompute, sequence_parallel, vocab_parallel, num_virtual) at pp2 x tp2
+    ("1f1b", "none", False, False, None),
+    ("zb-h1", "selective", True, True, None),  # split backward; the core's masks redrawn per head
+    ("interleaved-1f1b", "full", True, False, 2),  # whole stages redraw the slices' masks
+)
+
+
+def megatron_tp_exact(*, cases):
+    """Megatron's GPT with seeded dropout at pp2 x tp2 (each tp rank holds 2 of the 4 heads):
+    loss and every gradient (a shard's gathered whole) against one process."""
+    from pipefold.model.dropout import dropout_steps
+
+    num_microbatches, rows = 4, 8
+    batches = [_batch(rows, seed=step) for step in range(2)]
+    expected_losses, expected_grads = _megatron_reference(batches, num_microbatches)
+    out = []
+    for schedule, recompute, sequence_parallel, vocab_parallel, num_virtual in cases:
+        dropout_steps.start_at(3, 0)
+        plan = gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
+        pipe = Pipeline(
+            _megatron_layers(), loss_fn=gpt_loss, schedule=schedule, num_microbatches=num_microbatches,
+            num_virtual=num_virtual, layout=LayoutOptions(recompute=recompute, seed=7),
+            parallel=ParallelOptions(process_group=_mesh(), tensor_parallel=plan),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
+                                            (schedule, recompute, sequence_parallel, vocab_parallel)))
     return out
 
 
@@ -232,11 +297,11 @@ def megatron_exact(*, cases):
 def test_megatron_gpt_with_dropout_equals_one_process_under_every_schedule_and_recomputation():
     pool = WorkerPool(2, cases=__name__)
     try:
-        results = pool.run("megatron_exact", cases=MEGATRON_CASES)
+        results = pool.run("megatron_exact", cases=MEGATRON_CASES, tp_cases=MEGATRON_PP1_TP2_CASES)
     finally:
         pool.close()
     # Both ranks ran every case, and between them checked every parameter of the model.
-    assert [len(r) for r in results] == [len(MEGATRON_CASES)] * 2
+    assert [len(r) for r in results] == [len(MEGATRON_CASES) + len(MEGATRON_PP1_TP2_CASES)] * 2
     names = {name for name, _ in build_reference(_megatron_layers(), seed=7).named_parameters()}
     assert all(set(first) | set(second) == names for first, second in zip(*results, strict=True))
 
@@ -267,6 +332,15 @@ def test_vocabulary_parallel_gpt_equals_one_process(pool4, schedule, tie, recomp
     assert ("5.weight" in rows) == (not tie)  # the untied head is its own layer 5
     # Selective: every rank's blocks (2 in all, on 2 of the 4 stages under zb-v) recompute their core.
     assert sum(r["recomputed_cores"] for r in results) == (4 if recompute == "selective" else 0)
+
+
+@pytest.mark.multiprocess
+def test_megatron_gpt_with_dropout_under_tensor_parallelism_equals_one_process(pool4):
+    results = pool4.run("megatron_tp_exact", cases=MEGATRON_TP_CASES)
+    assert [len(r) for r in results] == [len(MEGATRON_TP_CASES)] * 4
+    names = {name for name, _ in build_reference(_megatron_layers(), seed=7).named_parameters()}
+    for case in range(len(MEGATRON_TP_CASES)):  # the pp ranks between them checked every parameter
+        assert set().union(*(r[case] for r in results)) == names
 
 
 @pytest.mark.multiprocess

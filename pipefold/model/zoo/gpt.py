@@ -16,7 +16,8 @@ token embedding's weight, so the weights are tied across the first and last stag
 scores, softmax, dropout on the attention probabilities, and dropout after the attention
 projection, after the MLP and on the embeddings' sum, each with probability `dropout`; its
 masks are seeded per (step, micro-batch, layer, site) (`pipefold.model.dropout`), so a pipeline
-and the same model on one process draw the same ones, recomputation included. It keeps what
+and the same model on one process draw the same ones, recomputation and tensor parallelism
+(with or without sequence parallelism) included. It keeps what
 Korthikanti et al. 2022 count: sbh(34 + 5as/h) bytes per block at 2 bytes per value.
 Only the token table is tied; the position table is its own layer because the head
 never uses it, and a tied module whose parameters are partly unused on one owner
@@ -29,7 +30,7 @@ would leave that owner with `None` gradients to sum.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -132,7 +133,7 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _unfused_core(q: Tensor, k: Tensor, v: Tensor, dropout: nn.Module) -> Tensor:
+def _unfused_core(q: Tensor, k: Tensor, v: Tensor, dropout: Callable[[Tensor], Tensor]) -> Tensor:
     """Megatron's attention core: scaled QK^T scores, a causal mask added (an addition keeps
     nothing for its backward), softmax (keeps its output), dropout on the probabilities (keeps
     its 1-byte mask), and the dropped probabilities times V (keeps both)."""
@@ -158,8 +159,9 @@ class CausalSelfAttention(nn.Module):
     there (Korthikanti et al. 2022's selective recomputation); the projections keep theirs.
 
     `attention="unfused"` computes the core as Megatron does (`_unfused_core`), with `dropout`
-    on the attention probabilities (seeded as site 1 of layer `layer`); the recomputation of the
-    core redraws the same masks.
+    on the attention probabilities (seeded as site 1 of layer `layer`, each head's mask keyed by
+    its global index, so a tensor-parallel rank draws its heads' one-process masks); the
+    recomputation of the core redraws the same masks.
     """
 
     recompute_core: bool
@@ -178,11 +180,26 @@ class CausalSelfAttention(nn.Module):
         self.head_qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.unfused = attention == "unfused"
-        self.attention_dropout = SeededDropout(dropout, layer, 1) if dropout > 0 else nn.Identity()
+        self.attention_dropout = SeededDropout(dropout, layer, 1, head_dim=1) if dropout > 0 else nn.Identity()
+
+    def _first_head(self, num_local_heads: int) -> int:
+        """The global index of this rank's first head: a column split of `head_qkv` (tensor
+        parallelism, whole heads per rank in rank order) gives rank r heads from r * n on."""
+        weight = self.head_qkv.weight
+        if isinstance(weight, DTensor):
+            return int(weight.device_mesh.get_local_rank()) * num_local_heads
+        return 0
+
+    def _drop_probabilities(self, probs: Tensor) -> Tensor:
+        dropout = self.attention_dropout
+        if not isinstance(dropout, SeededDropout):
+            return probs
+        out: Tensor = dropout(probs, self._first_head(probs.shape[1]))
+        return out
 
     def _core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.unfused:
-            return _unfused_core(q, k, v, self.attention_dropout)
+            return _unfused_core(q, k, v, self._drop_probabilities)
         return _attention_core(q, k, v)
 
     def forward(self, x: Tensor) -> Tensor:

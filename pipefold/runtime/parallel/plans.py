@@ -23,7 +23,12 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from pipefold.model.zoo.gpt import DecoderBlock, LMHead, PositionEmbedding, TokenEmbedding
 from pipefold.runtime.parallel.hf_plan import hf_tensor_parallel_plan
-from pipefold.runtime.parallel.sequence_parallel import ColwiseFromSequence, GatherSequence, ScatterSequence
+from pipefold.runtime.parallel.sequence_parallel import (
+    ColwiseFromSequence,
+    DropoutOnSequence,
+    GatherSequence,
+    ScatterSequence,
+)
 from pipefold.runtime.parallel.tensor_parallel import TensorParallelPlan
 from pipefold.runtime.parallel.vocab_parallel import VocabParallel
 
@@ -77,6 +82,9 @@ def gpt_tensor_parallel_plan(
                 "ln2": SequenceParallel(),
                 "fc": ColwiseFromSequence(sequence_dim=1),
                 "fc_out": RowwiseParallel(output_layouts=sequence),
+                # Seeded dropout on the slices: the one-process mask's slice (unfused attention).
+                "dropout": DropoutOnSequence(sequence_dim=1),
+                "mlp_dropout": DropoutOnSequence(sequence_dim=1),
             }
         if isinstance(module, nn.LayerNorm):  # the final norm: the last layer of the sharded stream
             return {"": GatherSequence(sequence_dim=1)}

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from pipefold.errors import ConfigError
+from pipefold.model.dropout import SeededDropout
 from pipefold.runtime.parallel.tensor_parallel import plan_for
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ColwiseFromSequence",
+    "DropoutOnSequence",
     "GatherSequence",
     "ScatterSequence",
     "sequence_sharded_outputs",
@@ -76,6 +78,22 @@ class GatherSequence(ParallelStyle):
 
         # Registered after SequenceParallel's own output hook, so it sees that hook's DTensor.
         module.register_forward_hook(gather)
+        return module
+
+
+class DropoutOnSequence(ParallelStyle):
+    """A `SeededDropout` whose input is this tp rank's slice along `sequence_dim` (after a
+    row-split linear that reduce-scatters): it draws the whole tensor's mask and keeps the
+    slice, so every tp degree drops what one process drops. Any other module (an
+    `nn.Identity` where the model has no dropout) is left as it is."""
+
+    def __init__(self, *, sequence_dim: int = 1) -> None:
+        super().__init__()
+        self.sequence_dim = sequence_dim
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        if isinstance(module, SeededDropout):
+            module.sequence_shard = (self.sequence_dim, int(device_mesh.get_local_rank()), int(device_mesh.size()))
         return module
 
 
