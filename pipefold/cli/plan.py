@@ -360,8 +360,11 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
     elif candidate.recompute_attention:
         words += ["--recompute", "selective"]
     if args.megatron:
-        # Megatron-LM's GPT: its unfused attention and dropouts at its default probability.
+        # Megatron-LM's GPT: its unfused attention and dropouts at its default probability, and
+        # under tp its vocabulary-parallel embedding and head (what --megatron prices).
         words += ["--attention", "unfused", "--dropout", "0.1"]
+        if candidate.num_tensor_parallel > 1:
+            words += ["--vocab-parallel"]
     asynchronous = not candidate.is_searched_order and is_asynchronous(candidate.schedule)
     if asynchronous and not _is_hf(args):
         words += ["--set", "model.tie_embeddings=false"]  # train refuses a tied head with them

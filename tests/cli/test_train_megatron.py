@@ -96,7 +96,8 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     command = train_command(megatron, split)
     assert command is not None and "--tensor-parallel 2" in command
     config = _config(*command.split()[2:])
-    assert (config.schedule.tensor_parallel, config.model.attention, config.model.dropout) == (2, "unfused", 0.1)
+    assert (config.schedule.tensor_parallel, config.schedule.vocab_parallel) == (2, True)
+    assert (config.model.attention, config.model.dropout) == ("unfused", 0.1)
 
 
 def test_attention_unfused_reaches_the_configuration_and_the_model():
