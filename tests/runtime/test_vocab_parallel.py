@@ -10,8 +10,11 @@ full), and the planner's activation model against what the runtime keeps.
 
 Megatron's unfused GPT with seeded dropout (`attention="unfused"`) runs on two ranks of the
 shared pool (`WorkerPool(2, cases=__name__)`, one task with every schedule): 1f1b, zb-h1 (split
-backward) and interleaved 1f1b at pp2, with full, selective and no recomputation, against one
-process drawing each micro-batch's masks in `dropout_scope`.
+backward) and interleaved 1f1b at pp2, with full, selective and no recomputation, and at pp1 x
+tp2 with and without sequence parallelism, against one process drawing each micro-batch's masks
+in `dropout_scope`; and on the four ranks at pp2 x tp2 (sequence and vocabulary parallelism,
+recomputation) and dp2 x tp2 (each replica its own seed): each tp rank's heads draw the
+one-process heads' masks, and a sequence slice its slice of the one-process mask.
 """
 
 from __future__ import annotations
@@ -184,22 +187,25 @@ def _megatron_layers() -> list:
     return gpt_layers(VOCAB, DIM, HEADS, 2, SEQ, dropout=0.3, attention="unfused")
 
 
-def _megatron_reference(batches, num_microbatches):
+def _megatron_reference(batches, num_microbatches, num_replicas=1):
     """One process: (losses, {name: grad}) after the batches' steps without zeroing, micro-batch
-    j of step k drawing its masks in dropout_scope(seed=3, step=k, microbatch=j)."""
-    from pipefold.model.dropout import dropout_scope
+    j of step k of replica r (its equal share of the rows) drawing its masks in
+    dropout_scope(seed=replica_seed(3, r), step=k, microbatch=j)."""
+    from pipefold.model.dropout import dropout_scope, replica_seed
 
     reference = build_reference(_megatron_layers(), seed=7)
     reference.train()
     expected_losses = []
     for step, (inputs, targets) in enumerate(batches):
         total = 0.0
-        pairs = zip(inputs.chunk(num_microbatches), targets.chunk(num_microbatches), strict=True)
-        for microbatch, (x, y) in enumerate(pairs):
-            with dropout_scope(seed=3, step=step, microbatch=microbatch):
-                loss = gpt_loss(reference(x), y) / num_microbatches
-            loss.backward()
-            total += loss.item()
+        shares = zip(inputs.chunk(num_replicas), targets.chunk(num_replicas), strict=True)
+        for replica, (rows, row_targets) in enumerate(shares):
+            pairs = zip(rows.chunk(num_microbatches), row_targets.chunk(num_microbatches), strict=True)
+            for microbatch, (x, y) in enumerate(pairs):
+                with dropout_scope(seed=replica_seed(3, replica), step=step, microbatch=microbatch):
+                    loss = gpt_loss(reference(x), y) / (num_microbatches * num_replicas)
+                loss.backward()
+                total += loss.item()
         expected_losses.append(total)
     return expected_losses, {name: p.grad for name, p in reference.named_parameters()}
 
@@ -207,7 +213,8 @@ def _megatron_reference(batches, num_microbatches):
 def _assert_megatron_matches(pipe, batches, expected_losses, expected_grads, case):
     from torch.distributed.tensor import DTensor
 
-    losses = [pipe.step(inputs, targets) for inputs, targets in batches]
+    shard = torch.arange(len(batches[0][0])).tensor_split(pipe.num_data_parallel)[pipe.data_parallel_rank]
+    losses = [pipe.step(inputs[shard], targets[shard]) for inputs, targets in batches]
     torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
     for name, param in pipe.named_parameters():
         assert param.grad is not None, f"{name} has no gradient"
@@ -267,10 +274,18 @@ MEGATRON_TP_CASES = (
 )
 
 
-def megatron_tp_exact(*, cases):
+MEGATRON_DP2_TP2_CASES = (("selective", True),)
+"""(recompute, sequence_parallel) of Megatron's GPT at dp2 x pp1 x tp2."""
+
+
+def megatron_tp_exact(*, cases, dp_cases=()):
     """Megatron's GPT with seeded dropout at pp2 x tp2 (each tp rank holds 2 of the 4 heads):
-    loss and every gradient (a shard's gathered whole) against one process."""
-    from pipefold.model.dropout import dropout_steps
+    loss and every gradient (a shard's gathered whole) against one process. Each of `dp_cases`
+    ((recompute, sequence_parallel)) runs at dp2 x pp1 x tp2, each replica drawing from its own
+    seed (`replica_seed`, as `pipefold train` sets it) on its half of the rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipefold.model.dropout import dropout_steps, replica_seed
 
     num_microbatches, rows = 4, 8
     batches = [_batch(rows, seed=step) for step in range(2)]
@@ -287,6 +302,21 @@ def megatron_tp_exact(*, cases):
         )
         out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
                                             (schedule, recompute, sequence_parallel, vocab_parallel)))
+    if dp_cases:
+        expected_losses, expected_grads = _megatron_reference(batches, num_microbatches, num_replicas=2)
+    for recompute, sequence_parallel in dp_cases:
+        mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "pp", "tp"))
+        pipe = Pipeline(
+            _megatron_layers(), loss_fn=gpt_loss, schedule="gpipe", num_microbatches=num_microbatches,
+            layout=LayoutOptions(recompute=recompute, seed=7),
+            parallel=ParallelOptions(
+                process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel)
+            ),
+            runtime=RuntimeOptions(timeout_s=60),
+        )
+        dropout_steps.start_at(replica_seed(3, pipe.data_parallel_rank), 0)
+        out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
+                                            ("dp2 x tp2", recompute, sequence_parallel)))
     return out
 
 
@@ -336,10 +366,11 @@ def test_vocabulary_parallel_gpt_equals_one_process(pool4, schedule, tie, recomp
 
 @pytest.mark.multiprocess
 def test_megatron_gpt_with_dropout_under_tensor_parallelism_equals_one_process(pool4):
-    results = pool4.run("megatron_tp_exact", cases=MEGATRON_TP_CASES)
-    assert [len(r) for r in results] == [len(MEGATRON_TP_CASES)] * 4
+    results = pool4.run("megatron_tp_exact", cases=MEGATRON_TP_CASES, dp_cases=MEGATRON_DP2_TP2_CASES)
+    num_cases = len(MEGATRON_TP_CASES) + len(MEGATRON_DP2_TP2_CASES)
+    assert [len(r) for r in results] == [num_cases] * 4
     names = {name for name, _ in build_reference(_megatron_layers(), seed=7).named_parameters()}
-    for case in range(len(MEGATRON_TP_CASES)):  # the pp ranks between them checked every parameter
+    for case in range(num_cases):  # the pp ranks between them checked every parameter
         assert set().union(*(r[case] for r in results)) == names
 
 
