@@ -25,7 +25,7 @@ Under tensor parallelism the masks stay the one-process ones (Megatron's "model-
 holding heads [first, first + n) (`forward(x, first_head=first)`) draws those heads' masks; a
 dropout on a tensor every tp rank holds whole draws the same key's mask on each; and one on a
 sequence slice (`sequence_shard`, which sequence parallelism sets) draws the whole tensor's mask
-and keeps its slice.
+and keeps its slice (docs/decisions.md, "seeded dropout under tensor parallelism").
 """
 
 from __future__ import annotations
