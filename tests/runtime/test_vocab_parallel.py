@@ -13,7 +13,7 @@ shared pool (`WorkerPool(2, cases=__name__)`, one task with every schedule): 1f1
 backward) and interleaved 1f1b at pp2, with full, selective and no recomputation, and at pp1 x
 tp2 with and without sequence parallelism, against one process drawing each micro-batch's masks
 in `dropout_scope`; and on the four ranks at pp2 x tp2 (sequence and vocabulary parallelism,
-recomputation) and dp2 x tp2 (each replica its own seed): each tp rank's heads draw the
+recomputation) and dp2 x tp2 (each replica its own seed; replicated and fully sharded): each tp rank's heads draw the
 one-process heads' masks, and a sequence slice its slice of the one-process mask.
 """
 
@@ -274,14 +274,14 @@ MEGATRON_TP_CASES = (
 )
 
 
-MEGATRON_DP2_TP2_CASES = (("selective", True),)
-"""(recompute, sequence_parallel) of Megatron's GPT at dp2 x pp1 x tp2."""
+MEGATRON_DP2_TP2_CASES = (("selective", True, "replicate"), ("none", False, "full"))
+"""(recompute, sequence_parallel, shard) of Megatron's GPT at dp2 x pp1 x tp2."""
 
 
 def megatron_tp_exact(*, cases, dp_cases=()):
     """Megatron's GPT with seeded dropout at pp2 x tp2 (each tp rank holds 2 of the 4 heads):
     loss and every gradient (a shard's gathered whole) against one process. Each of `dp_cases`
-    ((recompute, sequence_parallel)) runs at dp2 x pp1 x tp2, each replica drawing from its own
+    ((recompute, sequence_parallel, shard)) runs at dp2 x pp1 x tp2, each replica drawing from its own
     seed (`replica_seed`, as `pipefold train` sets it) on its half of the rows."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -304,19 +304,20 @@ def megatron_tp_exact(*, cases, dp_cases=()):
                                             (schedule, recompute, sequence_parallel, vocab_parallel)))
     if dp_cases:
         expected_losses, expected_grads = _megatron_reference(batches, num_microbatches, num_replicas=2)
-    for recompute, sequence_parallel in dp_cases:
+    for recompute, sequence_parallel, shard in dp_cases:
         mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "pp", "tp"))
         pipe = Pipeline(
             _megatron_layers(), loss_fn=gpt_loss, schedule="gpipe", num_microbatches=num_microbatches,
             layout=LayoutOptions(recompute=recompute, seed=7),
             parallel=ParallelOptions(
-                process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel)
+                process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel),
+                shard=shard,
             ),
             runtime=RuntimeOptions(timeout_s=60),
         )
         dropout_steps.start_at(replica_seed(3, pipe.data_parallel_rank), 0)
         out.append(_assert_megatron_matches(pipe, batches, expected_losses, expected_grads,
-                                            ("dp2 x tp2", recompute, sequence_parallel)))
+                                            ("dp2 x tp2", recompute, sequence_parallel, shard)))
     return out
 
 
