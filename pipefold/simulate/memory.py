@@ -9,6 +9,7 @@ What a (stage, micro-batch) holds, and when, is in docs/decisions.md, "What a ra
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.simulate.costs import CostModel
@@ -36,20 +37,42 @@ def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ..
     return tuple(peaks)
 
 
-def gathered_weight_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
+def gathered_weight_bytes_peak(
+    timeline: Timeline, costs: CostModel, tied: Sequence[tuple[Sequence[tuple[int, int]], int]] = ()
+) -> tuple[int, ...]:
     """Per rank, under full sharding, the most bytes of whole (gathered) weights held at once:
     a stage's `weight_bytes` from the start of its UNSHARD to the end of its RESHARD. On top of
-    this a rank holds its shards (weight_bytes / dp per stage); 0 without sharding actions."""
+    this a rank holds its shards (weight_bytes / dp per stage); 0 without sharding actions.
+
+    `tied`: per weight several layers hold, ((stage, how many of its layers that stage holds),
+    ...) and its bytes (`pipefold.plan.shard_search.StageTies.groups`): the stages' `weight_bytes`
+    count it at each layer, a rank holds it once (a V schedule's tied first and last stage on
+    rank 0, one gather unit), as the planner's own walk counts it (`shard_search.gathered_bytes`)."""
     peaks = []
     for row in timeline.events:
-        changes: list[tuple[float, int]] = []
+        # (time, 0 release / 1 gather, stage): releases first at equal times, as `_peak_held`.
+        changes: list[tuple[float, int, int]] = []
         for event in row:
             action = event.action
             if action.op is Op.UNSHARD:
-                changes.append((event.start, costs.weight_bytes[action.stage]))
+                changes.append((event.start, 1, action.stage))
             elif action.op is Op.RESHARD:
-                changes.append((event.end, -costs.weight_bytes[action.stage]))
-        peaks.append(_peak_held(changes))
+                changes.append((event.end, 0, action.stage))
+        if not tied:
+            peaks.append(_peak_held([(time, costs.weight_bytes[stage] * (1 if gather else -1))
+                                     for time, gather, stage in changes]))
+            continue
+        held: Counter[int] = Counter()
+        peak = 0
+        for _, gather, stage in sorted(changes):
+            held[stage] += 1 if gather else -1
+            holding = [s for s, n in held.items() if n > 0]
+            total = sum(costs.weight_bytes[s] for s in holding)
+            for counts, size in tied:
+                copies = sum(n for s, n in counts if s in holding)
+                total -= max(copies - 1, 0) * size
+            peak = max(peak, total)
+        peaks.append(peak)
     return tuple(peaks)
 
 
