@@ -150,3 +150,50 @@ def test_plan_of_a_config_json_prices_the_tied_head_once(tmp_path, capsys):
     costs = hf_costs(GPT2, seq_len=8)
     unique = costs.layers[0].parameter_bytes + costs.layers[3].parameter_bytes - TABLE
     assert choice["bounds"] == [0, 1, 2, 3, 4] and choice["memory"][0]["gradients"] == unique
+
+
+def test_the_runtime_groups_and_holds_what_the_planner_prices():
+    """The runtime's own grouping of a tiny GPT-2's split pieces (FSDP units by parameter identity,
+    and the stages it ties across ranks) is the planner's, and rank 0's unit holds the bytes the
+    planner counts for it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from pipefold.balance import Partition
+    from pipefold.model import split
+    from pipefold.model.build import meta_layers, shared_parameter_uses
+    from pipefold.runtime.parallel.full_shard import _joined, tied_stages
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**GPT2))
+    layers = split(model, example_inputs=(torch.zeros(1, 8, dtype=torch.long),))
+    costs = hf_costs(GPT2, seq_len=8)
+    bounds = (0, 1, 2, 3, 4)
+    ties = stage_ties(costs, bounds)
+    placement = build("zb-v", num_ranks=2, num_microbatches=4).placement
+    stages = [SimpleNamespace(index=stage, parameters=tuple(layers[stage].parameters()))
+              for stage, rank in enumerate(placement) if rank == 0]
+    joined = [tuple(stage.index for stage in unit) for unit in _joined(stages)]
+    assert tuple(joined) == tuple(unit for unit in ties.units(placement) if placement[unit[0]] == 0) == ((0, 3),)
+    unit_bytes = 4 * sum(p.numel() for p in {id(p): p for s in stages for p in s.parameters}.values())
+    model_costs = stage_cost_model(costs, StageLayout(bounds, 1), (), Link())
+    assert ties.bytes_of((0, 3), model_costs.weight_bytes) == unit_bytes
+    # Under 1f1b (pp = 2, no V) the runtime ties the first and the last stage across ranks.
+    meta = meta_layers(layers)
+    shared = shared_parameter_uses(layers, meta)
+    assert tied_stages(layers, Partition((0, 2, 4)), shared, meta) == stage_ties(costs, (0, 2, 4)).stages == ((0, 1),)
+
+
+def test_measured_costs_carry_the_ties_the_split_finds(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "config.json"
+    transformers.AutoConfig.for_model(**GPT2).to_json_file(path, use_diff=False)
+    out = tmp_path / "costs.json"
+    assert main(["profile", "--model", str(path), "--seq-len", "8", "--batch-size", "2", "--microbatches", "1",
+                 "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    measured = ModelCosts.from_json(out)
+    estimated = hf_costs(GPT2, seq_len=8)
+    assert (measured.tied_layers, measured.tied_parameter_bytes) == ((((0, 3),)), (TABLE,))
+    assert (measured.tied_layers, measured.tied_parameter_bytes) == (
+        estimated.tied_layers, estimated.tied_parameter_bytes)
