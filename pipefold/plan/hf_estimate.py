@@ -88,7 +88,9 @@ def hf_ties(config: Mapping[str, Any]) -> LayerTies:
     hold one weight: with `tie_word_embeddings` (absent: the family's default, `TIED_BY_DEFAULT`)
     the prefix's token embedding is the suffix's head, V x d values; else none."""
     model_type = str(config.get("model_type", ""))
-    tied = config.get("tie_word_embeddings", TIED_BY_DEFAULT.get(model_type, False))
+    tied = config.get("tie_word_embeddings")
+    if tied is None:  # absent or null: transformers' default for the family
+        tied = TIED_BY_DEFAULT.get(model_type, False)
     if not isinstance(tied, bool):
         raise ConfigError(f"config.json: tie_word_embeddings = {tied!r}; give true or false")
     if not tied:

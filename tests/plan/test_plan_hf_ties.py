@@ -59,6 +59,7 @@ def test_the_estimate_names_the_tied_head_and_its_bytes():
         replace(costs, tied_parameter_bytes=(TABLE, 1))
     with pytest.raises(ConfigError, match="tied_parameter_bytes"):
         replace(costs, tied_parameter_bytes=(costs.layers[3].parameter_bytes + 1,))
+    assert hf_ties({**GPT2, "tie_word_embeddings": None}) == (((0, 3), V * D),)  # null: the default
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
         hf_ties({**GPT2, "tie_word_embeddings": "yes"})
 
