@@ -26,7 +26,7 @@ from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.plan.tensor import split_costs
 from pipefold.schedule import Op, add_sharding, build, gathers_per_step, reductions_per_step
-from pipefold.simulate import Link
+from pipefold.simulate import Link, simulate
 from pipefold.simulate.memory import gathered_weight_bytes_peak
 
 V, D = 64, 16
@@ -114,11 +114,11 @@ def test_the_simulated_gathered_peak_counts_the_tied_table_once(free_between, lo
         timeline = simulate_sharded(build("zb-v", num_ranks=2, num_microbatches=4), model, costs, 2, LINK,
                                     free_between, lookahead, ties)
         walked = gathered_bytes("zb-v", 2, 4, 2, model.weight_bytes, free_between, lookahead, ties)
-        assert gathered_weight_bytes_peak(timeline, model, ties.groups) == walked, which
+        assert gathered_weight_bytes_peak(timeline, model) == walked, which
         union = model.weight_bytes[0] + model.weight_bytes[3] - TABLE
         assert walked[0] == union, which  # rank 0's unit: both stages, the table once, all step long
         # Without the ties the simulator counts the table at both stages.
-        assert gathered_weight_bytes_peak(timeline, model)[0] == union + TABLE, which
+        assert gathered_weight_bytes_peak(timeline, replace(model, tied_weights=()))[0] == union + TABLE, which
         # One reduce-scatter of the union on rank 0 (the tied gradient summed before it).
         reduced = [e.end - e.start for e in timeline.events[0] if e.action.op is Op.REDUCE_GRAD]
         assert sum(reduced) == pytest.approx(allgather_time(union, 2, LINK)), which
@@ -198,3 +198,28 @@ def test_measured_costs_carry_the_ties_the_split_finds(tmp_path, capsys):
     assert (measured.tied_layers, measured.tied_parameter_bytes) == ((((0, 3),)), (TABLE,))
     assert (measured.tied_layers, measured.tied_parameter_bytes) == (
         estimated.tied_layers, estimated.tied_parameter_bytes)
+
+
+@pytest.mark.parametrize("shard", ["replicate", "zero1"])
+def test_a_rank_holding_both_ends_holds_the_table_once_without_full_sharding(shard):
+    """As the runtime builds it: one tensor, one gradient, one optimizer state (and one all-reduce
+    of it), whether its rank holds the two ends in two stages (zb-v's rank 0) or in one (pp = 1)."""
+    for which, costs, bounds in _gpt_and_hf():
+        untied = replace(costs, tied_layers=(), tied_parameter_bytes=())
+        for name, num_ranks, cut in (("zb-v", 2, bounds), ("gpipe", 1, (0, bounds[-1]))):
+            config = Config(name, 2 if name == "zb-v" else 1, 4, 1, shard=shard)
+            kwargs = {"num_ranks": num_ranks, "bounds": cut, "recompute": (), "link": Link(),
+                      "num_data_parallel": 2, "dp_link": LINK, "sharded_optimizer": shard == "zero1"}
+            priced, apart = evaluate(costs, config, **kwargs), evaluate(untied, config, **kwargs)
+            stages = (0, 3) if num_ranks == 2 else (0,)
+            twice = sum(costs.layers[i].parameter_bytes for s in stages for i in range(cut[s], cut[s + 1]))
+            once = twice - TABLE
+            rank0 = priced.memory[0]
+            assert (rank0.weights, rank0.gradients) == (once, once), (which, name)
+            assert rank0.optimizer == round(once * costs.optimizer_bytes_per_parameter_byte), (which, name)
+            assert apart.memory[0].weights == apart.memory[0].gradients == twice, (which, name)
+            if num_ranks == 1:  # its only rank: the all-reduce moves the tied gradient once
+                assert priced.allreduce_s < apart.allreduce_s, (which, name)
+            # The simulator's own weight peak agrees (the non-compiled path).
+            model = stage_cost_model(costs, StageLayout(cut, 1), (), Link())
+            assert simulate(build(name, num_ranks=num_ranks, num_microbatches=4), model).weight_bytes_peak[0] == once
