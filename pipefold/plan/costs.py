@@ -172,8 +172,9 @@ class ModelCosts:
     recomputed or not (the loss runs outside the stage's checkpoints)."""
     tied_layers: tuple[tuple[int, ...], ...] = ()
     """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
-    each holding it whole. Full sharding gathers such layers on one rank as one unit, the weight
-    once (`pipefold.schedule.shard_units`)."""
+    each holding it whole. A rank holding several of them holds the weight once
+    (`pipefold.plan.stages.tied_weights`), and full sharding gathers them as one unit
+    (`pipefold.schedule.shard_units`)."""
     tied_parameter_bytes: tuple[int, ...] = ()
     """Per group of `tied_layers`, the bytes of the weight its layers share, where a layer holds
     more than that weight (a Hugging Face GPT-2's suffix: the final norm beside the tied head).
