@@ -213,11 +213,11 @@ class ModelCosts:
         if sizes and (len(sizes) != len(tied) or any(
             isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= min(
                 self.layers[i].parameter_bytes for i in group)
-            for size, group in zip(sizes, tied)
+            for size, group in zip(sizes, tied, strict=True)
         )):
             raise ConfigError(
-                f"ModelCosts.tied_parameter_bytes = {self.tied_parameter_bytes!r}; give one size per group of "
-                f"tied_layers {[list(g) for g in tied]}, each > 0 and at most its layers' parameter_bytes "
+                f"ModelCosts.tied_parameter_bytes = {self.tied_parameter_bytes!r}; give one size per group "
+                f"of tied_layers {[list(g) for g in tied]}, each > 0 and at most its layers' parameter_bytes "
                 "(or leave it empty)"
             )
         object.__setattr__(self, "tied_parameter_bytes", sizes)

@@ -18,7 +18,8 @@ the layouts of one configuration like its other settings:
   weights while the current one's are still there).
 
 Stages of one rank that hold one weight (`ModelCosts.tied_layers`: the GPT's tied embedding and
-head, or a Hugging Face model's, both on rank 0 under zb-v and dualpipe-v) gather as one unit, as the runtime does
+head, or a Hugging Face model's, both on rank 0 under zb-v and dualpipe-v) gather as one unit, as
+the runtime does
 (`pipefold.schedule.shard_units`): one all-gather of the union's bytes (the weight once) at the
 unit's first UNSHARD, held until its last RESHARD, one reduce-scatter at its last REDUCE_GRAD;
 `stage_ties` cuts the tied layers at a partition and every function here takes its result.

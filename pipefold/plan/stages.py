@@ -130,7 +130,9 @@ def stage_cost_model(
     )
 
 
-def tied_weights(costs: ModelCosts, bounds: Sequence[int]) -> tuple[tuple[tuple[tuple[int, int], ...], int], ...]:
+def tied_weights(
+    costs: ModelCosts, bounds: Sequence[int]
+) -> tuple[tuple[tuple[tuple[int, int], ...], int], ...]:
     """`costs.tied_layers` cut at `bounds` (`CostModel.tied_weights`): per tied weight, ((stage, its
     layers there), ...) and its bytes (`ModelCosts.tied_bytes`); layers outside the bounds are
     held by no stage."""

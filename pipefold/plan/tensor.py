@@ -89,7 +89,8 @@ def split_costs(costs: ModelCosts, degree: int, link: Link, *, sequence_parallel
     # stays within each: a tied layer split by tp splits the tied weight with it).
     tied = tuple(max(1, round(size * min(layers[i].parameter_bytes / costs.layers[i].parameter_bytes
                                          for i in group)))
-                 for size, group in zip(costs.tied_parameter_bytes, costs.tied_layers))
+                 for size, group in zip(costs.tied_parameter_bytes, costs.tied_layers, strict=True)
+                 ) if costs.tied_parameter_bytes else ()
     return replace(costs, layers=layers, source=source, tensor_parallel_degrees=(), tied_parameter_bytes=tied)
 
 

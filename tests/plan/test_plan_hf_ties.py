@@ -118,7 +118,8 @@ def test_the_simulated_gathered_peak_counts_the_tied_table_once(free_between, lo
         union = model.weight_bytes[0] + model.weight_bytes[3] - TABLE
         assert walked[0] == union, which  # rank 0's unit: both stages, the table once, all step long
         # Without the ties the simulator counts the table at both stages.
-        assert gathered_weight_bytes_peak(timeline, replace(model, tied_weights=()))[0] == union + TABLE, which
+        apart = replace(model, tied_weights=())
+        assert gathered_weight_bytes_peak(timeline, apart)[0] == union + TABLE, which
         # One reduce-scatter of the union on rank 0 (the tied gradient summed before it).
         reduced = [e.end - e.start for e in timeline.events[0] if e.action.op is Op.REDUCE_GRAD]
         assert sum(reduced) == pytest.approx(allgather_time(union, 2, LINK)), which
@@ -175,14 +176,16 @@ def test_the_runtime_groups_and_holds_what_the_planner_prices():
     stages = [SimpleNamespace(index=stage, parameters=tuple(layers[stage].parameters()))
               for stage, rank in enumerate(placement) if rank == 0]
     joined = [tuple(stage.index for stage in unit) for unit in _joined(stages)]
-    assert tuple(joined) == tuple(unit for unit in ties.units(placement) if placement[unit[0]] == 0) == ((0, 3),)
+    planned = tuple(unit for unit in ties.units(placement) if placement[unit[0]] == 0)
+    assert tuple(joined) == planned == ((0, 3),)
     unit_bytes = 4 * sum(p.numel() for p in {id(p): p for s in stages for p in s.parameters}.values())
     model_costs = stage_cost_model(costs, StageLayout(bounds, 1), (), Link())
     assert ties.bytes_of((0, 3), model_costs.weight_bytes) == unit_bytes
     # Under 1f1b (pp = 2, no V) the runtime ties the first and the last stage across ranks.
     meta = meta_layers(layers)
     shared = shared_parameter_uses(layers, meta)
-    assert tied_stages(layers, Partition((0, 2, 4)), shared, meta) == stage_ties(costs, (0, 2, 4)).stages == ((0, 1),)
+    across = tied_stages(layers, Partition((0, 2, 4)), shared, meta)
+    assert across == stage_ties(costs, (0, 2, 4)).stages == ((0, 1),)
 
 
 def test_measured_costs_carry_the_ties_the_split_finds(tmp_path, capsys):
@@ -190,8 +193,8 @@ def test_measured_costs_carry_the_ties_the_split_finds(tmp_path, capsys):
     path = tmp_path / "config.json"
     transformers.AutoConfig.for_model(**GPT2).to_json_file(path, use_diff=False)
     out = tmp_path / "costs.json"
-    assert main(["profile", "--model", str(path), "--seq-len", "8", "--batch-size", "2", "--microbatches", "1",
-                 "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["profile", "--model", str(path), "--seq-len", "8", "--batch-size", "2",
+                 "--microbatches", "1", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
     capsys.readouterr()
     measured = ModelCosts.from_json(out)
     estimated = hf_costs(GPT2, seq_len=8)
@@ -222,4 +225,5 @@ def test_a_rank_holding_both_ends_holds_the_table_once_without_full_sharding(sha
                 assert priced.allreduce_s < apart.allreduce_s, (which, name)
             # The simulator's own weight peak agrees (the non-compiled path).
             model = stage_cost_model(costs, StageLayout(cut, 1), (), Link())
-            assert simulate(build(name, num_ranks=num_ranks, num_microbatches=4), model).weight_bytes_peak[0] == once
+            timeline = simulate(build(name, num_ranks=num_ranks, num_microbatches=4), model)
+            assert timeline.weight_bytes_peak[0] == once, (which, name)
