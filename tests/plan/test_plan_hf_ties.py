@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from pipefold.cli.main import main
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, CostModelError
 from pipefold.plan import ModelCosts, gpt_costs
 from pipefold.plan.degree import allgather_time
 from pipefold.plan.evaluate import evaluate
@@ -26,7 +26,7 @@ from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.plan.tensor import split_costs
 from pipefold.schedule import Op, add_sharding, build, gathers_per_step, reductions_per_step
-from pipefold.simulate import Link, simulate
+from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.memory import gathered_weight_bytes_peak
 
 V, D = 64, 16
@@ -120,6 +120,9 @@ def test_the_simulated_gathered_peak_counts_the_tied_table_once(free_between, lo
         # Without the ties the simulator counts the table at both stages.
         apart = replace(model, tied_weights=())
         assert gathered_weight_bytes_peak(timeline, apart)[0] == union + TABLE, which
+        assert CostModel.from_json(json.loads(json.dumps(model.to_json()))) == model, which
+    with pytest.raises(CostModelError, match="tied_weights"):
+        replace(model, tied_weights=((((0, 1), (9, 1)), TABLE),))
         # One reduce-scatter of the union on rank 0 (the tied gradient summed before it).
         reduced = [e.end - e.start for e in timeline.events[0] if e.action.op is Op.REDUCE_GRAD]
         assert sum(reduced) == pytest.approx(allgather_time(union, 2, LINK)), which
