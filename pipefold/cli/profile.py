@@ -209,6 +209,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.hf.model import load_causal_lm
     from pipefold.model.spec import layer_name
     from pipefold.model.split import SplitPiece
+    from pipefold.model.ties import layer_ties
     from pipefold.plan import ModelCosts
     from pipefold.runtime import profile
 
@@ -222,8 +223,12 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
         f"heads={files.num_heads}, "
         f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"
     )
+    # The layers holding one weight (a tied head), as the Pipeline finds them; fp32 as loaded.
+    ties = layer_ties(lm.layers)
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
-                                    source=source, input_requires_grad=False)
+                                    source=source, input_requires_grad=False,
+                                    tied_layers=tuple(group for group, _ in ties),
+                                    tied_parameter_bytes=tuple(4 * values for _, values in ties))
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),

@@ -141,6 +141,7 @@ _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
+    "tied_parameter_bytes",
 )
 
 
@@ -171,8 +172,14 @@ class ModelCosts:
     recomputed or not (the loss runs outside the stage's checkpoints)."""
     tied_layers: tuple[tuple[int, ...], ...] = ()
     """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
-    each layer of a group the same module, its `parameter_bytes` that weight's. Full sharding
-    gathers such layers on one rank as one unit, the weight once (`pipefold.schedule.shard_units`)."""
+    each holding it whole. A rank holding several of them holds the weight once
+    (`pipefold.plan.stages.tied_weights`), and full sharding gathers them as one unit
+    (`pipefold.schedule.shard_units`)."""
+    tied_parameter_bytes: tuple[int, ...] = ()
+    """Per group of `tied_layers`, the bytes of the weight its layers share, where a layer holds
+    more than that weight (a Hugging Face GPT-2's suffix: the final norm beside the tied head).
+    Empty: each group's smallest layer `parameter_bytes` (its layers one module, as the built-in
+    GPT's tied embedding and head are)."""
     action_overhead_s: float = 0.0
     """Runtime seconds per compute action beyond its layers' own (the executor's dispatch, the
     stage's entry, the backward's entry, recording): the simulator's `CostModel.action_overhead`."""
@@ -202,6 +209,18 @@ class ModelCosts:
                     f"0..{len(self.layers) - 1} per group"
                 )
         object.__setattr__(self, "tied_layers", tied)
+        sizes = tuple(self.tied_parameter_bytes)
+        if sizes and (len(sizes) != len(tied) or any(
+            isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= min(
+                self.layers[i].parameter_bytes for i in group)
+            for size, group in zip(sizes, tied, strict=True)
+        )):
+            raise ConfigError(
+                f"ModelCosts.tied_parameter_bytes = {self.tied_parameter_bytes!r}; give one size per group "
+                f"of tied_layers {[list(g) for g in tied]}, each > 0 and at most its layers' parameter_bytes "
+                "(or leave it empty)"
+            )
+        object.__setattr__(self, "tied_parameter_bytes", sizes)
         if not all(isinstance(layer, LayerCost) for layer in self.layers):
             raise ConfigError("ModelCosts.layers must hold LayerCost values, one per layer")
         if isinstance(self.reference_rows, bool) or not isinstance(self.reference_rows, int) or (
@@ -249,6 +268,14 @@ class ModelCosts:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def tied_bytes(self) -> tuple[int, ...]:
+        """Per group of `tied_layers`, the bytes of the weight it shares (`tied_parameter_bytes`,
+        else the group's smallest layer `parameter_bytes`)."""
+        if self.tied_parameter_bytes:
+            return self.tied_parameter_bytes
+        return tuple(min(self.layers[i].parameter_bytes for i in group) for group in self.tied_layers)
 
     @property
     def parameter_bytes(self) -> int:
@@ -324,6 +351,7 @@ class ModelCosts:
         data["layers"] = [asdict(layer) for layer in self.layers]
         data["tensor_parallel_degrees"] = list(self.tensor_parallel_degrees)
         data["tied_layers"] = [list(group) for group in self.tied_layers]
+        data["tied_parameter_bytes"] = list(self.tied_parameter_bytes)
         return data
 
     @classmethod
@@ -362,6 +390,8 @@ class ModelCosts:
             rest["tensor_parallel_degrees"] = tuple(rest["tensor_parallel_degrees"])
         if "tied_layers" in rest:
             rest["tied_layers"] = tuple(tuple(group) for group in rest["tied_layers"])
+        if "tied_parameter_bytes" in rest:
+            rest["tied_parameter_bytes"] = tuple(rest["tied_parameter_bytes"])
         return cls(layers=tuple(layers), **rest)
 
 

@@ -15,21 +15,35 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
   gated MLP): 2·T·(2d² + 2d·g·d/h + 3dI) FLOPs plus 4·T²·d, keeps T·(5d + 2g·d/h + 3I),
   2d² + 2d·g·d/h + 3dI + 2d parameters; its output also carries the rotary tables (2·T·d/h);
 - backward twice the forward, the products' share of it being the weight gradient;
-- the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends.
+- the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends,
+  and the costs' `tied_layers` name the prefix and the suffix as holding that one weight
+  (`tied_parameter_bytes`: V·d·b), so the planner counts it once on a rank holding both (full
+  sharding on a V schedule's rank 0: one gather unit). The tie is transformers' own rule,
+  `tie_word_embeddings` (default: the family's, `hf_ties`), which is what `pipefold.split` finds
+  in the built model (`pipefold.model.ties.layer_ties`; a test holds the two equal); measured
+  costs (`pipefold profile --model DIR`) take the split's finding directly.
 No tensor-parallel split is priced (train splits these blocks; this estimate does not).
 Times are FLOPs / `flops`: a shape, not a measurement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.estimate import decoder_flops_per_token
 
-__all__ = ["LLAMA_FAMILIES", "hf_costs", "hf_flops_per_token"]
+__all__ = ["LLAMA_FAMILIES", "LayerTies", "hf_costs", "hf_flops_per_token", "hf_ties"]
+
+LayerTies = tuple[tuple[tuple[int, ...], int], ...]
+"""Groups of layers that hold one weight, each with that weight's number of elements:
+`(((0, 4), 4096),)` for a tied embedding and head of 4096 values on layers 0 and 4."""
+
+TIED_BY_DEFAULT = {"gpt2": True}
+"""transformers' default `tie_word_embeddings` per family where config.json omits it (False for
+the others: LlamaConfig, MistralConfig, Qwen2Config)."""
 
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
 """model_type values estimated with the Llama block (gated MLP, grouped-query attention, RMSNorm)."""
@@ -69,6 +83,24 @@ def hf_flops_per_token(config: Mapping[str, Any], *, seq_len: int) -> float:
     )
 
 
+def hf_ties(config: Mapping[str, Any]) -> LayerTies:
+    """The layers of the decoder `config` (a parsed config.json), as `pipefold.split` cuts it, that
+    hold one weight: with `tie_word_embeddings` (absent: the family's default, `TIED_BY_DEFAULT`)
+    the prefix's token embedding is the suffix's head, V x d values; else none."""
+    model_type = str(config.get("model_type", ""))
+    tied = config.get("tie_word_embeddings")
+    if tied is None:  # absent or null: transformers' default for the family
+        tied = TIED_BY_DEFAULT.get(model_type, False)
+    if not isinstance(tied, bool):
+        raise ConfigError(f"config.json: tie_word_embeddings = {tied!r}; give true or false")
+    if not tied:
+        return ()
+    gpt2 = model_type == "gpt2"
+    num_layers = _size(config, "n_layer" if gpt2 else "num_hidden_layers")
+    table = _size(config, "vocab_size") * _size(config, "n_embd" if gpt2 else "hidden_size")
+    return (((0, num_layers + 1), table),)
+
+
 def hf_costs(
     config: Mapping[str, Any],
     *,
@@ -76,10 +108,13 @@ def hf_costs(
     flops: float = 1e12,
     bytes_per_value: int = 4,
     overhead_s: float = 0.0,
+    ties: Sequence[tuple[Sequence[int], int]] | None = None,
 ) -> ModelCosts:
     """Per-sample costs (reference_rows = 1) of the decoder `config` (a parsed config.json) as
     `pipefold.split` layers it, estimated as the module docstring says. `seq_len` defaults to the
-    config's maximum positions."""
+    config's maximum positions. `ties`: the layers that hold one weight and its number of values
+    (`LayerTies`, as `pipefold.model.ties.layer_ties` finds them in the split model); default
+    `hf_ties(config)`."""
     model_type = str(config.get("model_type", ""))
     gpt2 = model_type == "gpt2"
     if not gpt2 and model_type not in LLAMA_FAMILIES:
@@ -106,7 +141,8 @@ def hf_costs(
     if not flops > 0:
         raise ConfigError(f"hf_costs: flops = {flops!r}; give the device's FLOP/s, e.g. 1e14")
     b = bytes_per_value
-    tied = bool(config.get("tie_word_embeddings", True))
+    found = hf_ties(config) if ties is None else tuple((tuple(group), size) for group, size in ties)
+    tied = bool(found)
     if gpt2:
         inner = _size(config, "n_inner", default=4 * d)
         products = 2 * t * (4 * d * d + 2 * d * inner)
@@ -148,6 +184,8 @@ def hf_costs(
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
         overhead_s=overhead_s,
+        tied_layers=tuple(group for group, _ in found),
+        tied_parameter_bytes=tuple(size * b for _, size in found),
         source=(
             f"FLOP estimate for a Hugging Face {model_type} (blocks={num_layers}, hidden={d}, "
             f"heads={num_heads}, "

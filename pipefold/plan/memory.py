@@ -90,11 +90,18 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     owned = [0] * num_ranks
     for stage, rank in enumerate(placement):
         owned[rank] += model.weight_bytes[stage]
+    if model.tied_weights:
+        # A tied weight (an embedding and head) its rank holds in several layers is one tensor.
+        mine: list[list[int]] = [[] for _ in range(num_ranks)]
+        for stage, rank in enumerate(placement):
+            mine[rank].append(stage)
+        owned = [model.held_weight_bytes(stages) for stages in mine]
     return owned
 
 
 def static_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
-    """Per rank, the bytes of its stages' weights."""
+    """Per rank, the bytes of its stages' weights (a tied weight it holds in several layers, once:
+    `CostModel.tied_weights`)."""
     return _owned_weight_bytes(model, placement, num_ranks)
 
 

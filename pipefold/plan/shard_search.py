@@ -18,7 +18,8 @@ the layouts of one configuration like its other settings:
   weights while the current one's are still there).
 
 Stages of one rank that hold one weight (`ModelCosts.tied_layers`: the GPT's tied embedding and
-head, both on rank 0 under zb-v and dualpipe-v) gather as one unit, as the runtime does
+head, or a Hugging Face model's, both on rank 0 under zb-v and dualpipe-v) gather as one unit, as
+the runtime does
 (`pipefold.schedule.shard_units`): one all-gather of the union's bytes (the weight once) at the
 unit's first UNSHARD, held until its last RESHARD, one reduce-scatter at its last REDUCE_GRAD;
 `stage_ties` cuts the tied layers at a partition and every function here takes its result.
@@ -144,12 +145,11 @@ NO_TIES = StageTies()
 
 def stage_ties(costs: ModelCosts, bounds: Sequence[int]) -> StageTies:
     """`costs.tied_layers` at the partition `bounds` (stage s owns layers [bounds[s], bounds[s+1])):
-    each tied weight's stages and its bytes (the smallest of its layers' `parameter_bytes`: one
-    module's where the layers are one module)."""
+    each tied weight's stages and its bytes (`ModelCosts.tied_bytes`: `tied_parameter_bytes`, or
+    the smallest of its layers' `parameter_bytes`, one module's where the layers are one module)."""
     groups = []
-    for group in costs.tied_layers:
+    for group, size in zip(costs.tied_layers, costs.tied_bytes, strict=True):
         counts = Counter(bisect.bisect_right(bounds, layer) - 1 for layer in group)
-        size = min(costs.layers[layer].parameter_bytes for layer in group)
         groups.append((tuple(sorted(counts.items())), size))
     return StageTies(tuple(groups))
 
@@ -195,8 +195,8 @@ def gathered_bytes(
 ) -> tuple[int, ...]:
     """Per rank, the most whole (gathered) weight bytes the family `name` holds at once under full
     sharding with these options, walked from its rows: a rank runs its row in order, so this is
-    `pipefold.simulate.memory.gathered_weight_bytes_peak` of any simulation of that schedule
-    (which counts a tied weight at each of its stages; here a unit holds it once)."""
+    `pipefold.simulate.memory.gathered_weight_bytes_peak(timeline, model, ties.groups)` of any
+    simulation of that schedule (a unit holds a tied weight once)."""
     held = _held_together(name, num_ranks, num_microbatches, num_virtual, free_between, lookahead,
                           ties.stages)
     return tuple(max((ties.bytes_of(stages, weight_bytes) for stages in sets), default=0) for sets in held)

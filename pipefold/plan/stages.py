@@ -6,6 +6,8 @@ Recompute is per stage, as `LayoutOptions(recompute=...)` runs it (docs/decision
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +16,10 @@ import numpy as np
 from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel, Link
 
-__all__ = ["StageLayout", "StageArrays", "stage_arrays", "stage_cost_model", "transient_bytes", "stage_weights"]
+__all__ = [
+    "StageLayout", "StageArrays", "stage_arrays", "stage_cost_model", "tied_weights", "transient_bytes",
+    "stage_weights",
+]
 
 _F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED = range(7)
 
@@ -121,7 +126,23 @@ def stage_cost_model(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
         weight_grad_bytes=list(kept), weight_bytes=weights, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
+        tied_weights=tied_weights(costs, layout.bounds),
     )
+
+
+def tied_weights(
+    costs: ModelCosts, bounds: Sequence[int]
+) -> tuple[tuple[tuple[tuple[int, int], ...], int], ...]:
+    """`costs.tied_layers` cut at `bounds` (`CostModel.tied_weights`): per tied weight, ((stage, its
+    layers there), ...) and its bytes (`ModelCosts.tied_bytes`); layers outside the bounds are
+    held by no stage."""
+    found = []
+    for group, size in zip(costs.tied_layers, costs.tied_bytes, strict=True):
+        inside = [layer for layer in group if bounds[0] <= layer < bounds[-1]]
+        if inside:
+            counts = Counter(bisect.bisect_right(bounds, layer) - 1 for layer in inside)
+            found.append((tuple(sorted(counts.items())), size))
+    return tuple(found)
 
 
 def transient_bytes(

@@ -85,7 +85,13 @@ def split_costs(costs: ModelCosts, degree: int, link: Link, *, sequence_parallel
     layers = tuple(_split_layer(layer, degree, link, sequence_parallel) for layer in costs.layers)
     how = "tensor and sequence parallelism" if sequence_parallel else "tensor parallelism"
     source = f"{costs.source}; split {degree} ways by {how}" if costs.source else ""
-    return replace(costs, layers=layers, source=source, tensor_parallel_degrees=())
+    # A tied weight sized apart from its layers splits as the most split of its holders (so it
+    # stays within each: a tied layer split by tp splits the tied weight with it).
+    tied = tuple(max(1, round(size * min(layers[i].parameter_bytes / costs.layers[i].parameter_bytes
+                                         for i in group)))
+                 for size, group in zip(costs.tied_parameter_bytes, costs.tied_layers, strict=True)
+                 ) if costs.tied_parameter_bytes else ()
+    return replace(costs, layers=layers, source=source, tensor_parallel_degrees=(), tied_parameter_bytes=tied)
 
 
 def gpt_block_parameters(d_model: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,10 @@ class CostModel:
     shards; an UNSHARD starts it and the stage's next compute action waits for it (defaults 0)."""
     reduce_scatter: tuple[float, ...] = ()
     """Full sharding: seconds a stage's REDUCE_GRAD (gradient reduce-scatter) takes (defaults 0)."""
+    tied_weights: tuple[tuple[tuple[tuple[int, int], ...], int], ...] = ()
+    """Weights that several layers hold, each counted in every holder's `weight_bytes` (a tied
+    embedding and head): per weight, ((stage, how many of its layers that stage holds), ...) and
+    its bytes. A rank holding several of them holds the weight once (`held_weight_bytes`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -147,6 +151,15 @@ class CostModel:
                     "ranks >= 0 and values are Link objects"
                 )
         set_(self, "link_overrides", dict(self.link_overrides))
+        tied = tuple((tuple((int(stage), int(count)) for stage, count in counts), int(size))
+                     for counts, size in self.tied_weights)
+        for counts, size in tied:
+            if size < 0 or any(not 0 <= stage < n or count < 1 for stage, count in counts):
+                raise CostModelError(
+                    f"tied_weights entry {(counts, size)!r}: give ((stage in 0..{n - 1}, layers >= 1), ...) "
+                    "and bytes >= 0"
+                )
+        set_(self, "tied_weights", tied)
         for name in ("action_overhead", "step_overhead"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -164,6 +177,16 @@ class CostModel:
                     "None when every rank has its own device"
                 )
             set_(self, "num_cores", float(cores))
+
+    def held_weight_bytes(self, stages: Iterable[int]) -> int:
+        """Bytes of the weights of `stages` held together (one rank's): their `weight_bytes`, each
+        of `tied_weights` once."""
+        held = set(stages)
+        total = sum(self.weight_bytes[stage] for stage in held)
+        for counts, size in self.tied_weights:
+            copies = sum(count for stage, count in counts if stage in held)
+            total -= max(copies - 1, 0) * size
+        return total
 
     def shares_cores(self, num_ranks: int) -> bool:
         """Whether `num_ranks` ranks outnumber `num_cores` (docs/decisions.md, "Shared cores")."""
@@ -235,6 +258,7 @@ class CostModel:
         num_cores: float | None = None,
         gather: Sequence[float] = (),
         reduce_scatter: Sequence[float] = (),
+        tied_weights: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -255,6 +279,7 @@ class CostModel:
             num_cores=num_cores,
             gather=tuple(gather),
             reduce_scatter=tuple(reduce_scatter),
+            tied_weights=tuple((tuple(counts), size) for counts, size in tied_weights),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -336,6 +361,7 @@ class CostModel:
             "num_cores": self.num_cores,
             "gather": list(self.gather),
             "reduce_scatter": list(self.reduce_scatter),
+            "tied_weights": [[[list(pair) for pair in counts], size] for counts, size in self.tied_weights],
         }
 
     @classmethod
@@ -351,7 +377,7 @@ class CostModel:
         known = {
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
-            "num_cores", "gather", "reduce_scatter",
+            "num_cores", "gather", "reduce_scatter", "tied_weights",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -388,6 +414,8 @@ class CostModel:
             num_cores=data.get("num_cores"),
             gather=data.get("gather", ()),
             reduce_scatter=data.get("reduce_scatter", ()),
+            tied_weights=[([(stage, count) for stage, count in counts], size)
+                          for counts, size in data.get("tied_weights", ())],
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

@@ -39,17 +39,31 @@ def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ..
 def gathered_weight_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
     """Per rank, under full sharding, the most bytes of whole (gathered) weights held at once:
     a stage's `weight_bytes` from the start of its UNSHARD to the end of its RESHARD. On top of
-    this a rank holds its shards (weight_bytes / dp per stage); 0 without sharding actions."""
+    this a rank holds its shards (weight_bytes / dp per stage); 0 without sharding actions.
+
+    A weight of `costs.tied_weights` counts once among the stages a rank holds at once (a V
+    schedule's tied first and last stage on rank 0, one gather unit), as the planner's own walk
+    counts it (`pipefold.plan.shard_search.gathered_bytes`)."""
     peaks = []
     for row in timeline.events:
-        changes: list[tuple[float, int]] = []
+        # (time, 0 release / 1 gather, stage): releases first at equal times, as `_peak_held`.
+        changes: list[tuple[float, int, int]] = []
         for event in row:
             action = event.action
             if action.op is Op.UNSHARD:
-                changes.append((event.start, costs.weight_bytes[action.stage]))
+                changes.append((event.start, 1, action.stage))
             elif action.op is Op.RESHARD:
-                changes.append((event.end, -costs.weight_bytes[action.stage]))
-        peaks.append(_peak_held(changes))
+                changes.append((event.end, 0, action.stage))
+        if not costs.tied_weights:
+            peaks.append(_peak_held([(time, costs.weight_bytes[stage] * (1 if gather else -1))
+                                     for time, gather, stage in changes]))
+            continue
+        held: Counter[int] = Counter()
+        peak = 0
+        for _, gather, stage in sorted(changes):
+            held[stage] += 1 if gather else -1
+            peak = max(peak, costs.held_weight_bytes(s for s, n in held.items() if n > 0))
+        peaks.append(peak)
     return tuple(peaks)
 
 
@@ -72,7 +86,7 @@ def weight_versions(
         owned[rank].append(stage)
     if weight_update is WeightUpdate.FLUSH:
         versions = tuple(1 if stages else 0 for stages in owned)
-        sizes = tuple(sum(costs.weight_bytes[stage] for stage in stages) for stages in owned)
+        sizes = tuple(costs.held_weight_bytes(stages) for stages in owned)
         return versions, sizes
 
     versions_peak: list[int] = []
@@ -83,7 +97,10 @@ def weight_versions(
         seen: dict[tuple[int, int, int], int] = {}
         held = dict.fromkeys(owned[rank], 1)
         most = 1 if owned[rank] else 0
-        most_bytes = sum(costs.weight_bytes[stage] for stage in owned[rank])
+        most_bytes = costs.held_weight_bytes(owned[rank])
+        # A tied weight held in several layers counts once in one version (each further version
+        # of a stage copies it whole, so more versions keep their copies).
+        shared = sum(costs.weight_bytes[stage] for stage in owned[rank]) - most_bytes
         # One rank runs one action at a time, so its events in order are its instants in order.
         for event in row:
             action = event.action
@@ -103,7 +120,7 @@ def weight_versions(
                 continue
             held[stage] = len(set(needed[stage]) | {current[stage]})
             most = max(most, held[stage])
-            most_bytes = max(most_bytes, sum(held[s] * costs.weight_bytes[s] for s in owned[rank]))
+            most_bytes = max(most_bytes, sum(held[s] * costs.weight_bytes[s] for s in owned[rank]) - shared)
         versions_peak.append(most)
         bytes_peak.append(most_bytes)
     return tuple(versions_peak), tuple(bytes_peak)

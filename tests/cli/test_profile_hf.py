@@ -46,6 +46,7 @@ def test_profile_measures_the_split_layers(config_json, tmp_path, capsys):
     assert [layer.parameter_bytes for layer in costs.layers] == [
         layer.parameter_bytes for layer in estimate.layers
     ]
+    assert costs.tied_layers == estimate.tied_layers == ()  # untied: the split finds no shared weight
 
 
 def test_plan_measures_then_plans(config_json, capsys):

@@ -74,11 +74,13 @@ def test_the_gathered_peak_is_the_units_union_held_once(name, free_between, look
     union = 2 * OTHER + TIED
     assert tied[0] == union  # rank 0's unit: both stages' weights, the table once, all step long
     assert untied[0] <= union + TIED and tied[1] == untied[1]
-    # The simulator's walk of the same sharded schedule holds the union too (counting the table
-    # at both stages, as its per-stage bytes do).
+    # The simulator's walk of the same sharded schedule holds the union too: the table once (the
+    # model's `tied_weights`), at both stages (as its per-stage bytes count it) without them.
     timeline = simulate_sharded(build(name, num_ranks=2, num_microbatches=4), model, costs, 2, LINK,
                                 free_between, lookahead, ties)
-    assert gathered_weight_bytes_peak(timeline, model)[0] == union + TIED
+    assert model.tied_weights == ties.groups
+    assert gathered_weight_bytes_peak(timeline, model) == tied
+    assert gathered_weight_bytes_peak(timeline, replace(model, tied_weights=()))[0] == union + TIED
     schedule = add_sharding(build(name, num_ranks=2, num_microbatches=4), free_between=free_between,
                             lookahead=lookahead, units=ties.units((0, 1, 1, 0)))
     assert gathers_per_step(schedule, ties.units((0, 1, 1, 0)))[0] == 1
