@@ -114,7 +114,11 @@ class ModelFiles:
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", True))
+        """Whether the head is the token embedding. Where config.json omits the key (or sets it to
+        null), transformers' default for the family holds: tied for GPT2Config, untied for
+        LlamaConfig, MistralConfig and Qwen2Config (as `pipefold.plan.hf_estimate.hf_ties`)."""
+        tied = self.config.get("tie_word_embeddings")
+        return self.model_type == "gpt2" if tied is None else bool(tied)
 
     @property
     def num_pipeline_layers(self) -> int:
