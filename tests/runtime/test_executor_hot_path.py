@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipefold.model import TensorMeta
-from pipefold.runtime.executor import _consumer_names, _matches
+from pipefold.runtime.executor_parts import consumer_names as _consumer_names
+from pipefold.runtime.executor_parts import matches as _matches
 from pipefold.schedule import Op, build, lower
 
 

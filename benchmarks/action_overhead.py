@@ -1,0 +1,253 @@
+"""The executor's own cost per compute action, in one process: this checkout against another.
+
+    .venv/bin/python benchmarks/action_overhead.py --baseline /tmp/base --rounds 3
+    .venv/bin/python benchmarks/action_overhead.py --profile zb-h1     # cProfile, by part
+
+A one-rank `Pipeline` (no messages, so no transport and no waits) runs one rank's share of
+`benchmarks/overhead.py`'s `tiny` workload at 2 ranks: 4 residual MLP blocks, d=8, one sample
+per micro-batch, M=64; one stage for gpipe, 1f1b and zb-h1, two stages of 2 blocks for the
+schedules with two stages per rank (zb-v, interleaved-1f1b). Its step is timed against the
+same stages called by plain torch (every micro-batch's forward, then every backward, as
+overhead.py's `--floor` does), alternated step by step; the difference divided by the rank's
+compute actions (F, B, I, W) is what the executor adds per action: dispatch, the stage's and the
+backward's entry, recording, the loss. Steps are timed in this thread's CPU time
+(`time.thread_time`, torch on one thread), which the other processes of a shared host do not
+inflate as they inflate wall time. Each checkout runs in its own subprocess (its directory
+first on `sys.path`, checked through `pipefold.__file__`), and rounds alternate the checkouts,
+so a drifting host hits both alike. Reports the median over rounds of each round's fastest
+step (other processes only ever add time). The split backward stays split (no fusing of an
+adjacent I and W), as on the ranks of a 2-rank zero-bubble schedule.
+
+`--profile SCHEDULE` runs cProfile around this checkout's timed steps and prints µs per action
+in the hot path's parts and the top functions by own time (cProfile inflates small Python
+calls: read it as shares).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-v", "interleaved-1f1b")
+_VIRTUAL = {"zb-v": 2, "interleaved-1f1b": 2, "looped-bfs": 2, "dualpipe-v": 2}
+NUM_BLOCKS = 4
+WIDTH = 8
+
+# cProfile parts of one action: (label, file suffix, function name); a part's own time is its
+# cumulative time less the parts it calls.
+_PARTS = (
+    ("stage forward (layers)", "runtime/stage.py", "forward"),
+    ("loss", "functional.py", "mse_loss"),
+    ("backward B", "runtime/backward.py", "backward_full"),
+    ("backward I", "runtime/backward.py", "backward_input"),
+    ("backward W", "runtime/backward.py", "backward_weight"),
+    ("autograd engine", "runtime/backward.py", "_run_engine"),
+    ("graph walk (I)", "runtime/backward_plan.py", "graph_shape"),
+    ("executor loop", "runtime/executor.py", "run"),
+)
+
+
+def _pipeline(name: str, layers: list[Any], num_microbatches: int) -> Any:
+    """A one-rank pipeline of `name` whose split backward stays split (one rank would otherwise
+    fuse every adjacent I and W into a B, which a rank of a 2-rank zero-bubble schedule does not)."""
+    import torch
+
+    from pipefold.runtime.options import RuntimeOptions
+    from pipefold.runtime.pipeline import Pipeline
+
+    return Pipeline(layers, loss_fn=torch.nn.functional.mse_loss, schedule=name,
+                    num_microbatches=num_microbatches, num_virtual=_VIRTUAL.get(name),
+                    runtime=RuntimeOptions(fuse_backward=False))
+
+
+def _worker(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
+    """In this process: per schedule, µs per compute action of the pipeline, of plain torch and
+    the difference, and the rank's compute actions."""
+    import torch
+
+    import pipefold
+
+    torch.set_num_threads(1)
+    results: dict[str, dict[str, float]] = {"_": {"file": pipefold.__file__}}  # type: ignore[dict-item]
+    for name in schedules:
+        results[name] = _time_schedule(name, num_microbatches, steps)
+    return results
+
+
+def _time_schedule(name: str, num_microbatches: int, steps: int) -> dict[str, float]:
+    import copy
+    import time
+
+    import torch
+    from torch import nn
+
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.schedule import Op, lower
+
+    loss_fn = torch.nn.functional.mse_loss
+    torch.manual_seed(0)
+    layers = [ResidualMLP(WIDTH) for _ in range(NUM_BLOCKS)]
+    plain_layers = copy.deepcopy(layers)
+    pipe = _pipeline(name, layers, num_microbatches)
+    num_stages = pipe.schedule.num_stages
+    per_stage = NUM_BLOCKS // num_stages
+    plain = [nn.Sequential(*plain_layers[s * per_stage:(s + 1) * per_stage]) for s in range(num_stages)]
+    compute = {Op.F, Op.B, Op.I, Op.W}
+    num_actions = sum(a.op in compute for a in lower(pipe.schedule).instructions[0])
+    inputs = torch.randn(num_microbatches, WIDTH)
+    targets = torch.randn(num_microbatches, WIDTH)
+    xs, ys = inputs.chunk(num_microbatches), targets.chunk(num_microbatches)
+
+    def run_plain() -> None:
+        for stage, module in enumerate(plain):
+            pending = []
+            for x, y in zip(xs, ys, strict=True):
+                out = module(x.detach().requires_grad_(stage > 0))
+                pending.append(loss_fn(out, y) if stage == num_stages - 1 else out)
+            for value in pending:
+                value.backward(None if stage == num_stages - 1 else torch.ones_like(value))
+            module.zero_grad(set_to_none=True)
+
+    def run_pipe() -> None:
+        pipe.step(inputs, targets)
+        for stage in pipe.stages:
+            for param in stage.parameters:
+                param.grad = None
+
+    pipe_times: list[float] = []
+    plain_times: list[float] = []
+    for step in range(steps + 2):
+        for run, times in ((run_pipe, pipe_times), (run_plain, plain_times)):
+            start = time.thread_time()
+            run()
+            if step >= 2:  # the first steps build tables and caches
+                times.append(time.thread_time() - start)
+    # The fastest of each: other processes on the host only ever add time.
+    pipe_s, plain_s = min(pipe_times), min(plain_times)
+    return {
+        "pipe_us": pipe_s / num_actions * 1e6,
+        "plain_us": plain_s / num_actions * 1e6,
+        "over_us": (pipe_s - plain_s) / num_actions * 1e6,
+        "num_actions": num_actions,
+    }
+
+
+def _profile(name: str, num_microbatches: int, steps: int) -> None:
+    import cProfile
+    import pstats
+
+    import torch
+
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.schedule import Op, lower
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = [ResidualMLP(WIDTH) for _ in range(NUM_BLOCKS)]
+    pipe = _pipeline(name, layers, num_microbatches)
+    compute = {Op.F, Op.B, Op.I, Op.W}
+    num_actions = sum(a.op in compute for a in lower(pipe.schedule).instructions[0])
+    inputs, targets = torch.randn(num_microbatches, WIDTH), torch.randn(num_microbatches, WIDTH)
+    for _ in range(2):
+        pipe.step(inputs, targets)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        pipe.step(inputs, targets)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    per = 1e6 / (steps * num_actions)
+    raw = stats.stats  # type: ignore[attr-defined]
+    cumulative: dict[str, float] = {}
+    for label, suffix, function in _PARTS:
+        cumulative[label] = sum(
+            entry[3] for (file, _, func), entry in raw.items() if file.endswith(suffix) and func == function
+        )
+    total = sum(entry[2] for entry in raw.values())
+    print(f"{name}: {num_actions} compute actions a step, {steps} steps; µs per action (cProfile, inflated)")
+    print(f"  all profiled time: {total * per:.1f}")
+    for label, value in cumulative.items():
+        print(f"  {label:<28} cumulative {value * per:7.1f}")
+    print("top functions by own time (µs per action):")
+    rows = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[:45]
+    for (file, line, func), entry in rows:
+        short = "/".join(Path(file).parts[-2:]) if file != "~" else "~"
+        calls = entry[1] / (steps * num_actions)
+        print(f"  {entry[2] * per:7.2f} own {entry[3] * per:7.2f} cum  calls/action {calls:5.2f}  {short}:{line} {func}")
+
+
+def _run_checkout(
+    directory: Path, schedules: list[str], num_microbatches: int, steps: int
+) -> dict[str, dict[str, float]]:
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+        "from action_overhead import _worker;"
+        "print(json.dumps(_worker(sys.argv[3].split(','), int(sys.argv[4]), int(sys.argv[5]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(directory), str(ROOT / "benchmarks"), ",".join(schedules),
+         str(num_microbatches), str(steps)],
+        cwd=directory, capture_output=True, text=True, check=False,
+        env={"PYTHONPATH": str(directory), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{directory}: {done.stderr[-3000:]}")
+    result: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    where = Path(str(result.pop("_")["file"])).resolve()
+    if not where.is_relative_to(directory.resolve()):
+        raise SystemExit(f"{directory}: imported pipefold from {where}, not from the checkout")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. git archive <commit>)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per schedule and round")
+    parser.add_argument("--microbatches", type=int, default=64)
+    parser.add_argument("--profile", metavar="SCHEDULE", help="cProfile this checkout's steps instead")
+    args = parser.parse_args()
+    if args.profile:
+        sys.path.insert(0, str(ROOT))
+        _profile(args.profile, args.microbatches, args.steps)
+        return
+    checkouts = {"now": ROOT}
+    if args.baseline is not None:
+        checkouts["base"] = args.baseline
+    rounds: dict[str, list[dict[str, dict[str, float]]]] = {label: [] for label in checkouts}
+    for index in range(args.rounds):
+        order = list(checkouts.items())
+        if index % 2:
+            order.reverse()
+        for label, directory in order:
+            rounds[label].append(_run_checkout(directory, args.schedules, args.microbatches, args.steps))
+            print(f"round {index + 1} {label}: " + ", ".join(
+                f"{s} {rounds[label][-1][s]['over_us']:.0f}" for s in args.schedules), file=sys.stderr)
+
+    def median(label: str, schedule: str, key: str) -> float:
+        return statistics.median(r[schedule][key] for r in rounds[label])
+
+    header = "| schedule | actions | plain µs/action | now µs/action | now over plain |"
+    if "base" in rounds:
+        header += " base µs/action | base over plain | base / now (over plain) |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for schedule in args.schedules:
+        row = (f"| {schedule} | {int(median('now', schedule, 'num_actions'))} | "
+               f"{median('now', schedule, 'plain_us'):.0f} | {median('now', schedule, 'pipe_us'):.0f} | "
+               f"{median('now', schedule, 'over_us'):.1f} |")
+        if "base" in rounds:
+            now, base = median("now", schedule, "over_us"), median("base", schedule, "over_us")
+            row += f" {median('base', schedule, 'pipe_us'):.0f} | {base:.1f} | {base / now:.2f} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
