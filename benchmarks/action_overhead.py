@@ -18,6 +18,9 @@ so a drifting host hits both alike. Reports the median over rounds of each round
 step (other processes only ever add time). The split backward stays split (no fusing of an
 adjacent I and W), as on the ranks of a 2-rank zero-bubble schedule.
 
+`--breakdown` times each compute op's handler (median µs per call, through the executor's
+`intercept`) against plain torch's forward and backward of the same stage, and the time per
+action outside the handlers (the dispatch loop, its timeline stamps, the step's setup and finish).
 `--profile SCHEDULE` runs cProfile around this checkout's timed steps and prints µs per action
 in the hot path's parts and the top functions by own time (cProfile inflates small Python
 calls: read it as shares).
@@ -179,16 +182,101 @@ def _profile(name: str, num_microbatches: int, steps: int) -> None:
     for (file, line, func), entry in rows:
         short = "/".join(Path(file).parts[-2:]) if file != "~" else "~"
         calls = entry[1] / (steps * num_actions)
-        print(f"  {entry[2] * per:7.2f} own {entry[3] * per:7.2f} cum  calls/action {calls:5.2f}  {short}:{line} {func}")
+        where = f"{short}:{line} {func}"
+        print(f"  {entry[2] * per:7.2f} own {entry[3] * per:7.2f} cum  calls/action {calls:5.2f}  {where}")
+
+
+def _breakdown(name: str, num_microbatches: int, steps: int) -> dict[str, float]:
+    """Median µs per call of each compute op's handler (the executor's `intercept` wraps them)
+    against plain torch's same work, and µs per action outside the handlers (the loop, its
+    timeline stamps, the step's setup and finish), from `steps` steps of this checkout."""
+    import copy
+    import time
+
+    import torch
+    from torch import nn
+
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.schedule import Op
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = [ResidualMLP(WIDTH) for _ in range(NUM_BLOCKS)]
+    plain_layers = copy.deepcopy(layers)
+    pipe = _pipeline(name, layers, num_microbatches)
+    num_stages = pipe.schedule.num_stages
+    per_stage = NUM_BLOCKS // num_stages
+    plain = [nn.Sequential(*plain_layers[s * per_stage:(s + 1) * per_stage]) for s in range(num_stages)]
+    clock = time.perf_counter
+    samples: dict[str, list[float]] = {}
+    inside = [0.0]
+
+    def wrap(action: Any, handler: Any) -> Any:
+        label = action.op.name
+        if action.op in (Op.F, Op.B, Op.I, Op.W):
+            label += " (last stage)" if action.stage == num_stages - 1 else " (other stages)"
+        found = samples.setdefault(label, [])
+
+        def timed(action: Any) -> None:
+            start = clock()
+            handler(action)
+            spent = clock() - start
+            found.append(spent)
+            inside[0] += spent
+
+        return timed
+
+    inputs, targets = torch.randn(num_microbatches, WIDTH), torch.randn(num_microbatches, WIDTH)
+    for _ in range(2):
+        pipe.step(inputs, targets)
+    pipe.executor.intercept(wrap)
+    totals = []
+    for _ in range(steps):
+        inside[0] = 0.0
+        start = clock()
+        pipe.step(inputs, targets)
+        totals.append(clock() - start - inside[0])
+    num_actions = sum(len(v) for v in samples.values()) / steps
+    result = {f"pipefold {k}": statistics.median(v) * 1e6 for k, v in sorted(samples.items())}
+    result["outside the handlers, per action"] = statistics.median(totals) / num_actions * 1e6
+    forward, backward = [], []
+    for _ in range(steps):
+        for stage, module in enumerate(plain):
+            pending = []
+            for x, y in zip(inputs.chunk(num_microbatches), targets.chunk(num_microbatches), strict=True):
+                start = clock()
+                out = module(x.detach().requires_grad_(stage > 0))
+                value = torch.nn.functional.mse_loss(out, y) if stage == num_stages - 1 else out
+                forward.append((stage, clock() - start))
+                pending.append(value)
+            for value in pending:
+                start = clock()
+                value.backward(None if stage == num_stages - 1 else torch.ones_like(value))
+                backward.append((stage, clock() - start))
+    for label, found_times in (("F", forward), ("B", backward)):
+        for stage in range(num_stages):
+            where = "last stage" if stage == num_stages - 1 else "other stages"
+            values = [t for s, t in found_times if s == stage]
+            result[f"plain torch {label} ({where})"] = statistics.median(values) * 1e6
+    return result
+
+
+def _breakdowns(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
+    import pipefold
+
+    results: dict[str, dict[str, float]] = {"_": {"file": pipefold.__file__}}  # type: ignore[dict-item]
+    for name in schedules:
+        results[name] = _breakdown(name, num_microbatches, steps)
+    return results
 
 
 def _run_checkout(
-    directory: Path, schedules: list[str], num_microbatches: int, steps: int
+    directory: Path, schedules: list[str], num_microbatches: int, steps: int, function: str = "_worker"
 ) -> dict[str, dict[str, float]]:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
-        "from action_overhead import _worker;"
-        "print(json.dumps(_worker(sys.argv[3].split(','), int(sys.argv[4]), int(sys.argv[5]))))"
+        f"from action_overhead import {function} as run;"
+        "print(json.dumps(run(sys.argv[3].split(','), int(sys.argv[4]), int(sys.argv[5]))))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(directory), str(ROOT / "benchmarks"), ",".join(schedules),
@@ -213,10 +301,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9, help="timed steps per schedule and round")
     parser.add_argument("--microbatches", type=int, default=64)
     parser.add_argument("--profile", metavar="SCHEDULE", help="cProfile this checkout's steps instead")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="each op's handler against plain torch's same work, per schedule and checkout")
     args = parser.parse_args()
     if args.profile:
         sys.path.insert(0, str(ROOT))
         _profile(args.profile, args.microbatches, args.steps)
+        return
+    if args.breakdown:
+        found = {"now": _run_checkout(ROOT, args.schedules, args.microbatches, args.steps, "_breakdowns")}
+        if args.baseline is not None:
+            found["base"] = _run_checkout(args.baseline, args.schedules, args.microbatches, args.steps,
+                                          "_breakdowns")
+        for name in args.schedules:
+            print(f"\n{name}: median µs per call\n")
+            print("| part | " + " | ".join(found) + " |")
+            print("|---|" + "---|" * len(found))
+            for label in found["now"][name]:
+                cells = " | ".join(f"{found[k][name].get(label, float('nan')):.1f}" for k in found)
+                print(f"| {label} | {cells} |")
         return
     checkouts = {"now": ROOT}
     if args.baseline is not None:

@@ -48,6 +48,8 @@ from pipefold.runtime.executor_parts import (
     consumer_names,
     first_forward_and_last_backward,
     matches,
+    scaled_losses,
+    seed_value,
 )
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -267,7 +269,7 @@ class Executor:
             ]
         losses = torch.zeros(self._num_microbatches, dtype=torch.float64, device=self._device)
         if self._last_stage_here:
-            losses = torch.stack([loss.to(torch.float64) for loss in self._require_losses()])
+            losses = scaled_losses(self._require_losses(), self._inputs().scales)
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
@@ -407,9 +409,11 @@ class Executor:
                     f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}"
                     f" for micro-batch {mb}; it must return a scalar tensor (the mean over the micro-batch)"
                 )
-            scaled = loss * step.scales[mb]
-            self._losses[mb] = scaled.detach()
-            outputs: tuple[Tensor, ...] = (scaled if step.loss_scale == 1.0 else scaled * step.loss_scale,)
+            # The loss itself is the root: its backward starts from the gradient the scaling
+            # (micro-batch share, loss scale) would hand it (`_loss_seed`), and the recorded
+            # losses are scaled once per step, not by two tensor ops per micro-batch.
+            self._losses[mb] = loss.detach()
+            outputs: tuple[Tensor, ...] = (loss,)
         else:
             outputs = flatten(output)
             if self._next_local[s]:
@@ -463,7 +467,9 @@ class Executor:
     def _output_grads(self, action: Action) -> Grads:
         s, mb = action.stage, action.microbatch
         if self._stages[s].is_last:
-            return (None,)
+            loss = self._outputs[s][mb][0]
+            step = self._inputs()
+            return (torch.full_like(loss, seed_value(step.scales[mb], step.loss_scale, loss.dtype)),)
         pending = self._recv_b[s][mb]
         if pending is not None:
             self._recv_b[s][mb] = None

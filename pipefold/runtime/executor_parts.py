@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from pipefold.model import TensorMeta
@@ -31,6 +32,8 @@ __all__ = [
     "consumer_names",
     "first_forward_and_last_backward",
     "matches",
+    "scaled_losses",
+    "seed_value",
 ]
 
 
@@ -193,3 +196,30 @@ def after(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Cal
         hook(action.stage)
 
     return run
+
+
+_seeds: dict[tuple[float, float, torch.dtype], float] = {}
+
+
+def seed_value(scale: float, loss_scale: float, dtype: torch.dtype) -> float:
+    """The gradient at a micro-batch's loss when the backward starts at `loss * scale` (times
+    `loss_scale` where it is not 1), as autograd's chain rule forms it in the loss's `dtype`:
+    ones, times `loss_scale`, times `scale`, each product rounded to `dtype`. Seeding the loss
+    with it gives bit for bit the gradients of the scaled loss, without its two tensor ops."""
+    key = (scale, loss_scale, dtype)
+    value = _seeds.get(key)
+    if value is None:
+        seed = torch.ones((), dtype=dtype)
+        if loss_scale != 1.0:
+            seed = seed * loss_scale
+        value = float(seed * scale)
+        if len(_seeds) >= 256:
+            _seeds.clear()
+        _seeds[key] = value
+    return value
+
+
+def scaled_losses(losses: list[Tensor], scales: Sequence[float]) -> Tensor:
+    """Each micro-batch's loss times its scale (as `loss * scale` rounds it), as float64: one
+    tensor op for all of them instead of two per micro-batch."""
+    return torch.stack(torch._foreach_mul(losses, list(scales))).to(torch.float64)
