@@ -45,6 +45,7 @@ from pipefold.runtime.executor_parts import (
     StepRecord,
     after,
     before,
+    collection_paused,
     consumer_names,
     first_forward_and_last_backward,
     matches,
@@ -239,7 +240,7 @@ class Executor:
         clock = time.perf_counter
         # This rank's progress slot: the code of the action it runs (pipefold/runtime/progress.py).
         progress, slot = self._progress.slots, self._progress.slot
-        with counter.counting() if counter is not None else contextlib.nullcontext():
+        with counter.counting() if counter is not None else contextlib.nullcontext(), collection_paused():
             for handler, action, timed, code in self._dispatch:
                 self.current = action
                 progress[slot] = code

@@ -6,7 +6,9 @@ it derives from a rank's program once (first forwards and last backwards, receiv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ __all__ = [
     "StepRecord",
     "after",
     "before",
+    "collection_paused",
     "consumer_names",
     "first_forward_and_last_backward",
     "matches",
@@ -223,3 +226,23 @@ def scaled_losses(losses: list[Tensor], scales: Sequence[float]) -> Tensor:
     """Each micro-batch's loss times its scale (as `loss * scale` rounds it), as float64: one
     tensor op for all of them instead of two per micro-batch."""
     return torch.stack(torch._foreach_mul(losses, list(scales))).to(torch.float64)
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a step's actions run (where it was on), back
+    on after. A step allocates thousands of tracked objects (tensors, their graph's wrappers),
+    so the collector would start several times inside it, each time traversing the micro-batches'
+    live autograd graphs, and a rank paused there holds up every rank behind it in the pipeline.
+    After the step the graphs are freed, and the collection that follows finds little to
+    traverse. (Megatron-LM's `--manual-gc` does the same against stragglers.) Cycles created
+    during the step wait until the step ends; objects freed by reference counting, which is
+    nearly all of a step's, go at once as before."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
