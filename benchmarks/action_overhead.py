@@ -14,8 +14,9 @@ backward's entry, recording, the loss. Steps are timed in this thread's CPU time
 (`time.thread_time`, torch on one thread), which the other processes of a shared host do not
 inflate as they inflate wall time. Each checkout runs in its own subprocess (its directory
 first on `sys.path`, checked through `pipefold.__file__`), and rounds alternate the checkouts,
-so a drifting host hits both alike. Reports the median over rounds of each round's fastest
-step (other processes only ever add time). The split backward stays split (no fusing of an
+so a drifting host hits both alike. "Over plain" is the median over rounds of each round's
+median difference between a pipeline step and the plain step right after it (a pair sees
+nearly the same host); the step columns are medians too. The split backward stays split (no fusing of an
 adjacent I and W), as on the ranks of a 2-rank zero-bubble schedule.
 
 `--breakdown` times each compute op's handler (median µs per call, through the executor's
@@ -131,12 +132,14 @@ def _time_schedule(name: str, num_microbatches: int, steps: int) -> dict[str, fl
             run()
             if step >= 2:  # the first steps build tables and caches
                 times.append(time.thread_time() - start)
-    # The fastest of each: other processes on the host only ever add time.
-    pipe_s, plain_s = min(pipe_times), min(plain_times)
+    # Each step against the plain step right after it (the host's speed drifts less within a
+    # pair than over the run), the median over pairs.
+    pipe_s, plain_s = statistics.median(pipe_times), statistics.median(plain_times)
+    over_s = statistics.median(p - q for p, q in zip(pipe_times, plain_times, strict=True))
     return {
         "pipe_us": pipe_s / num_actions * 1e6,
         "plain_us": plain_s / num_actions * 1e6,
-        "over_us": (pipe_s - plain_s) / num_actions * 1e6,
+        "over_us": over_s / num_actions * 1e6,
         "num_actions": num_actions,
     }
 
