@@ -22,7 +22,9 @@ adjacent I and W), as on the ranks of a 2-rank zero-bubble schedule.
 `--breakdown` times each compute op's handler (median µs per call, through the executor's
 `intercept`) against plain torch's forward and backward of the same stage, and the time per
 action outside the handlers (the dispatch loop, its timeline stamps, the step's setup and finish).
-`--profile SCHEDULE` runs cProfile around this checkout's timed steps and prints µs per action
+`--count` counts, per compute action of one step, Python function calls, C calls and aten ops
+(the engine's included) of the pipeline and of plain torch: deterministic, for a host too loaded
+to time. `--profile SCHEDULE` runs cProfile around this checkout's timed steps and prints µs per action
 in the hot path's parts and the top functions by own time (cProfile inflates small Python
 calls: read it as shares).
 """
@@ -264,6 +266,81 @@ def _breakdown(name: str, num_microbatches: int, steps: int) -> dict[str, float]
     return result
 
 
+def _counts(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
+    """Per schedule, per compute action of one step: Python function calls, calls of C functions
+    from Python, and aten ops dispatched (torch's engine included), for the pipeline and for plain
+    torch's same work. Deterministic, so they compare checkouts on a host too loaded to time."""
+    import copy
+    import sys as system
+
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import pipefold
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.schedule import Op, lower
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(run: Any) -> tuple[int, int, int]:
+        found = {"call": 0, "c_call": 0}
+
+        def tally(frame: Any, event: str, arg: Any) -> None:
+            if event in found:
+                found[event] += 1
+
+        system.setprofile(tally)
+        try:
+            run()
+        finally:
+            system.setprofile(None)
+        with Ops() as ops:
+            run()
+        return found["call"], found["c_call"], ops.count
+
+    torch.set_num_threads(1)
+    results: dict[str, dict[str, float]] = {"_": {"file": pipefold.__file__}}  # type: ignore[dict-item]
+    for name in schedules:
+        torch.manual_seed(0)
+        layers = [ResidualMLP(WIDTH) for _ in range(NUM_BLOCKS)]
+        plain_layers = copy.deepcopy(layers)
+        pipe = _pipeline(name, layers, num_microbatches)
+        num_stages = pipe.schedule.num_stages
+        per_stage = NUM_BLOCKS // num_stages
+        plain = [nn.Sequential(*plain_layers[s * per_stage:(s + 1) * per_stage]) for s in range(num_stages)]
+        num_actions = sum(a.op in (Op.F, Op.B, Op.I, Op.W) for a in lower(pipe.schedule).instructions[0])
+        inputs, targets = torch.randn(num_microbatches, WIDTH), torch.randn(num_microbatches, WIDTH)
+        xs, ys = inputs.chunk(num_microbatches), targets.chunk(num_microbatches)
+
+        def run_plain(plain: list[nn.Module] = plain, num_stages: int = num_stages) -> None:
+            for stage, module in enumerate(plain):
+                pending = []
+                for x, y in zip(xs, ys, strict=True):  # noqa: B023 (run before the loop moves on)
+                    out = module(x.detach().requires_grad_(stage > 0))
+                    pending.append(torch.nn.functional.mse_loss(out, y) if stage == num_stages - 1 else out)
+                for value in pending:
+                    value.backward(None if stage == num_stages - 1 else torch.ones_like(value))
+
+        for _ in range(2):
+            pipe.step(inputs, targets)
+        found = count(lambda: pipe.step(inputs, targets))  # noqa: B023
+        floor = count(run_plain)
+        results[name] = {
+            "python calls": found[0] / num_actions, "C calls": found[1] / num_actions,
+            "aten ops": found[2] / num_actions, "plain python calls": floor[0] / num_actions,
+            "plain C calls": floor[1] / num_actions, "plain aten ops": floor[2] / num_actions,
+        }
+    return results
+
+
 def _breakdowns(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
     import pipefold
 
@@ -304,12 +381,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9, help="timed steps per schedule and round")
     parser.add_argument("--microbatches", type=int, default=64)
     parser.add_argument("--profile", metavar="SCHEDULE", help="cProfile this checkout's steps instead")
+    parser.add_argument("--count", action="store_true",
+                        help="Python calls, C calls and aten ops per compute action (deterministic)")
     parser.add_argument("--breakdown", action="store_true",
                         help="each op's handler against plain torch's same work, per schedule and checkout")
     args = parser.parse_args()
     if args.profile:
         sys.path.insert(0, str(ROOT))
         _profile(args.profile, args.microbatches, args.steps)
+        return
+    if args.count:
+        counted = {"now": _run_checkout(ROOT, args.schedules, args.microbatches, 1, "_counts")}
+        if args.baseline is not None:
+            counted["base"] = _run_checkout(args.baseline, args.schedules, args.microbatches, 1, "_counts")
+        labels = list(counted["now"][args.schedules[0]])
+        print("| schedule | checkout | " + " | ".join(labels) + " |")
+        print("|---|---|" + "---|" * len(labels))
+        for name in args.schedules:
+            for label, found in counted.items():
+                print(f"| {name} | {label} | " + " | ".join(f"{found[name][k]:.1f}" for k in labels) + " |")
         return
     if args.breakdown:
         found = {"now": _run_checkout(ROOT, args.schedules, args.microbatches, args.steps, "_breakdowns")}

@@ -229,14 +229,13 @@ def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
     if getattr(param, "grad_dtype", dtype) is not dtype:
         return False  # autograd would cast to the declared gradient dtype
     grad = param.grad
-    # `is_same_size`: one call, where comparing `.shape`s builds two `torch.Size` objects.
     return grad is None or (
         type(grad) in _PLAIN_TYPES
         and grad.dtype is dtype
         and grad.layout is _STRIDED
         and grad.is_contiguous()
         and not grad.requires_grad
-        and grad.is_same_size(param)
+        and grad.shape == param.shape
     )
 
 
@@ -282,15 +281,13 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         saved_input = node._saved_self  # type: ignore[attr-defined]
     if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != dtype:
         return False
-    # The shapes, read as sizes (one call each, no `torch.Size` built).
-    if grad.dim() != 2 or saved_input.dim() != 2:
-        return False
-    num_out = grad.size(1)
-    if weight is not None and (
-        weight.dim() != 2 or weight.size(0) != num_out or weight.size(1) != saved_input.size(1)
+    grad_shape, input_shape = grad.shape, saved_input.shape
+    if (
+        len(grad_shape) != 2
+        or len(input_shape) != 2
+        or (weight is not None and weight.shape != (grad_shape[1], input_shape[1]))
+        or (bias is not None and bias.shape != (grad_shape[1],))
     ):
-        return False
-    if bias is not None and (bias.dim() != 1 or bias.size(0) != num_out):
         return False
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
