@@ -225,7 +225,8 @@ def seed_value(scale: float, loss_scale: float, dtype: torch.dtype) -> float:
 def scaled_losses(losses: list[Tensor], scales: Sequence[float]) -> Tensor:
     """Each micro-batch's loss times its scale (as `loss * scale` rounds it), as float64: one
     tensor op for all of them instead of two per micro-batch."""
-    return torch.stack(torch._foreach_mul(losses, list(scales))).to(torch.float64)
+    scaled = torch._foreach_mul(losses, [scales[mb] for mb in range(len(losses))])
+    return torch.stack(scaled).to(torch.float64)
 
 
 @contextlib.contextmanager
