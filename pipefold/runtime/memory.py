@@ -39,7 +39,13 @@ class ActivationCounter:
     """Current and peak bytes of saved activations on this rank."""
 
     def __init__(self, parameters: Iterable[Tensor]) -> None:
-        self._excluded = {local(p).untyped_storage().data_ptr() for p in parameters}
+        held = list(parameters)
+        self._excluded = {local(p).untyped_storage().data_ptr() for p in held}
+        self._parameters = frozenset(map(id, held))
+        """The parameters themselves (autograd saves a layer norm's weight and bias as they are):
+        known by identity, with no storage to look up. Their objects live as long as the
+        counter's pipeline, so an id names one of them."""
+        self._keep = held
         self._held: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self.current = 0
         self.peak = 0
@@ -48,7 +54,7 @@ class ActivationCounter:
         self.peak = self.current
 
     def _acquire(self, tensor: Tensor) -> int | None:
-        if tensor.device.type == "meta":
+        if tensor.is_meta:
             return None
         # A DTensor (tensor parallelism) is a wrapper without storage: count its local shard.
         storage = local(tensor).untyped_storage()
@@ -76,6 +82,8 @@ class ActivationCounter:
             self.current -= entry[1]
 
     def _pack(self, tensor: Tensor) -> _Saved | Tensor:
+        if id(tensor) in self._parameters:
+            return tensor  # a parameter is not an activation
         key = self._acquire(tensor)
         # Keep a detached alias, not the tensor: a node that saves its own output would
         # otherwise hold that output, whose grad_fn is the node itself, a cycle through
