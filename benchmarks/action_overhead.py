@@ -24,9 +24,11 @@ adjacent I and W), as on the ranks of a 2-rank zero-bubble schedule.
 action outside the handlers (the dispatch loop, its timeline stamps, the step's setup and finish).
 `--count` counts, per compute action of one step, Python function calls, C calls and aten ops
 (the engine's included) of the pipeline and of plain torch: deterministic, for a host too loaded
-to time. `--profile SCHEDULE` runs cProfile around this checkout's timed steps and prints µs per action
-in the hot path's parts and the top functions by own time (cProfile inflates small Python
-calls: read it as shares).
+to time. `--counting` times what counting activation bytes (one step in
+`RuntimeOptions.count_memory_every`) adds per action, a counting pipeline against one that
+never counts, alternated. `--profile SCHEDULE` runs cProfile around this checkout's timed
+steps and prints µs per action in the hot path's parts and the top functions by own time
+(cProfile inflates small Python calls: read it as shares).
 """
 
 from __future__ import annotations
@@ -341,6 +343,45 @@ def _counts(schedules: list[str], num_microbatches: int, steps: int) -> dict[str
     return results
 
 
+def _counting(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
+    """Per schedule: µs per compute action that counting activation bytes adds to a step (the
+    saved-tensor hooks of one step in `RuntimeOptions.count_memory_every`), a counting pipeline
+    against a non-counting one, alternated step by step, median of paired differences."""
+    import time
+
+    import torch
+
+    import pipefold
+    from pipefold.model.zoo import ResidualMLP
+    from pipefold.runtime.options import RuntimeOptions
+    from pipefold.runtime.pipeline import Pipeline
+    from pipefold.schedule import Op, lower
+
+    torch.set_num_threads(1)
+    results: dict[str, dict[str, float]] = {"_": {"file": pipefold.__file__}}  # type: ignore[dict-item]
+    for name in schedules:
+        pipes = []
+        for every in (1, 1 << 30):
+            torch.manual_seed(0)
+            pipes.append(Pipeline(
+                [ResidualMLP(WIDTH) for _ in range(NUM_BLOCKS)], loss_fn=torch.nn.functional.mse_loss,
+                schedule=name, num_microbatches=num_microbatches, num_virtual=_VIRTUAL.get(name),
+                runtime=RuntimeOptions(fuse_backward=False, count_memory_every=every),
+            ))
+        num_actions = sum(a.op in (Op.F, Op.B, Op.I, Op.W) for a in lower(pipes[0].schedule).instructions[0])
+        inputs, targets = torch.randn(num_microbatches, WIDTH), torch.randn(num_microbatches, WIDTH)
+        times: list[list[float]] = [[], []]
+        for step in range(steps + 2):
+            for pipe, found in zip(pipes, times, strict=True):
+                start = time.thread_time()
+                pipe.step(inputs, targets)
+                if step >= 2:
+                    found.append(time.thread_time() - start)
+        extra = statistics.median(p - q for p, q in zip(times[0], times[1], strict=True))
+        results[name] = {"counted step, extra µs per action": extra / num_actions * 1e6}
+    return results
+
+
 def _breakdowns(schedules: list[str], num_microbatches: int, steps: int) -> dict[str, dict[str, float]]:
     import pipefold
 
@@ -383,6 +424,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="SCHEDULE", help="cProfile this checkout's steps instead")
     parser.add_argument("--count", action="store_true",
                         help="Python calls, C calls and aten ops per compute action (deterministic)")
+    parser.add_argument("--counting", action="store_true",
+                        help="what a step that counts activation bytes adds, per action and checkout")
     parser.add_argument("--breakdown", action="store_true",
                         help="each op's handler against plain torch's same work, per schedule and checkout")
     args = parser.parse_args()
@@ -400,6 +443,22 @@ def main() -> None:
         for name in args.schedules:
             for label, found in counted.items():
                 print(f"| {name} | {label} | " + " | ".join(f"{found[name][k]:.1f}" for k in labels) + " |")
+        return
+    if args.counting:
+        label_dirs = [("now", ROOT)] + ([("base", args.baseline)] if args.baseline is not None else [])
+        extra: dict[str, dict[str, list[float]]] = {label: {} for label, _ in label_dirs}
+        for index in range(args.rounds):
+            for label, directory in label_dirs[::-1] if index % 2 else label_dirs:
+                result = _run_checkout(
+                    directory, args.schedules, args.microbatches, args.steps, "_counting"
+                )
+                for name in args.schedules:
+                    extra[label].setdefault(name, []).extend(result[name].values())
+        print("| schedule | " + " | ".join(f"{k}: counted step, extra µs/action" for k in extra) + " |")
+        print("|---|" + "---|" * len(extra))
+        for name in args.schedules:
+            cells = " | ".join(f"{statistics.median(extra[k][name]):.1f}" for k in extra)
+            print(f"| {name} | {cells} |")
         return
     if args.breakdown:
         found = {"now": _run_checkout(ROOT, args.schedules, args.microbatches, args.steps, "_breakdowns")}
