@@ -10,6 +10,7 @@ kept for a recomputing backward are counted through `hold`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -41,11 +42,10 @@ class ActivationCounter:
     def __init__(self, parameters: Iterable[Tensor]) -> None:
         held = list(parameters)
         self._excluded = {local(p).untyped_storage().data_ptr() for p in held}
-        self._parameters = frozenset(map(id, held))
-        """The parameters themselves (autograd saves a layer norm's weight and bias as they are):
-        known by identity, with no storage to look up. Their objects live as long as the
-        counter's pipeline, so an id names one of them."""
-        self._keep = held
+        self._parameters = {id(p): weakref.ref(p) for p in held}
+        """The parameters themselves (autograd saves a layer norm's weight and bias as they are),
+        known by identity with no storage to look up; weakly, so the counter keeps none alive
+        (a parameter replaced later, e.g. by sharding, is not held here)."""
         self._held: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self.current = 0
         self.peak = 0
@@ -82,7 +82,8 @@ class ActivationCounter:
             self.current -= entry[1]
 
     def _pack(self, tensor: Tensor) -> _Saved | Tensor:
-        if id(tensor) in self._parameters:
+        parameter = self._parameters.get(id(tensor))
+        if parameter is not None and parameter() is tensor:
             return tensor  # a parameter is not an activation
         key = self._acquire(tensor)
         # Keep a detached alias, not the tensor: a node that saves its own output would
