@@ -20,21 +20,37 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipefold.errors import BoundaryMismatch, PipelineError
-from pipefold.model import TensorMeta
 from pipefold.runtime.backward import (
     GroupCache,
     WeightGradState,
     backward_full,
     backward_input,
     backward_weight,
+)
+from pipefold.runtime.executor_parts import (
+    Grads,
+    LossFn,
+    Pending,
+    ShardingActions,
+    StageHooks,
+    Stamp,
+    StepInputs,
+    StepRecord,
+    after,
+    before,
+    collection_paused,
+    consumer_names,
+    first_forward_and_last_backward,
+    matches,
+    scaled_losses,
+    seed_value,
 )
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.memory import ActivationCounter
@@ -46,170 +62,15 @@ from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.runtime.transport.shm import layout
 from pipefold.schedule import Action, Op, Program
 from pipefold.schedule.shard import gather_waits
-from pipefold.timeline import Event, Wait
 
-__all__ = ["Executor", "StepInputs", "StepRecord"]
-
-LossFn = Callable[[Any, Any], Tensor]
-Grads = tuple[Tensor | None, ...]
-Stamp = tuple[Action, float, float]
-"""(action, start, end), seconds from the step's start: an `Event` or `Wait` not yet built
-(building one, a frozen dataclass, cost more than the action's two clock reads)."""
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    """What one step needs on this rank.
-
-    `inputs[mb]` only where this rank owns stage 0, `targets[mb]` only where it owns
-    the last stage; `boundaries[mb][layer]` describes layer `layer`'s output for
-    micro-batch `mb`; `scales[mb]` = micro-batch size / batch size.
-    """
-
-    inputs: Sequence[Any] | None
-    targets: Sequence[Any] | None
-    boundaries: Sequence[Sequence[TensorMeta]]
-    scales: Sequence[float]
-    loss_scale: float = 1.0
-    """What the backward starts from: the loss times this (fp16's dynamic loss scale)."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step did on this rank."""
-
-    losses: Tensor
-    """Per micro-batch scaled loss (float64); zeros unless this rank owns the last stage."""
-    event_stamps: tuple[Stamp, ...]
-    """Each compute action that ran, with its start and end."""
-    wait_stamps: tuple[Stamp, ...]
-    """Each wait, with the action it held up."""
-    activation_bytes_peak: int
-    origin: float = 0.0
-    """`time.perf_counter()` at the step's start on this rank; event times are relative to it."""
-    rank: int = 0
-
-    @property
-    def events(self) -> tuple[Event, ...]:
-        return tuple(Event(self.rank, action, start, end) for action, start, end in self.event_stamps)
-
-    @property
-    def waits(self) -> tuple[Wait, ...]:
-        return tuple(Wait(self.rank, action, start, end) for action, start, end in self.wait_stamps)
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A posted receive: where the data lands and the transfer to wait for."""
-
-    value: Any
-    transfer: Transfer
-    peer: int
-    what: str
-    """The consuming action's name (e.g. "F1.3"), for wait notices and errors."""
-
-
-class StageHooks(Protocol):
-    """What runs around a stage's first forward and after its last backward action (B or W) of
-    each step: the overlapped data-parallel gradient all-reduce (runtime/parallel/data_parallel.py).
-    Full sharding's gathers and reductions are actions of the schedule instead (`ShardingActions`)."""
-
-    @property
-    def stages(self) -> tuple[int, ...]:
-        """The stages the hooks apply to."""
-        ...
-
-    def before_first_forward(self, stage: int) -> None: ...
-
-    def after_last_backward(self, stage: int) -> None: ...
-
-
-class ShardingActions(Protocol):
-    """What runs the schedule's sharding actions (full sharding, runtime/parallel/full_shard.py)."""
-
-    def unshard(self, stage: int) -> None:
-        """UNSHARD: start gathering the stage's whole weights."""
-        ...
-
-    def wait_gathered(self, stage: int) -> None:
-        """Before the stage's next compute action after an UNSHARD: finish the gather."""
-        ...
-
-    def reshard(self, stage: int) -> None:
-        """RESHARD: free the stage's whole weights."""
-        ...
-
-    def reduce_grad(self, stage: int) -> None:
-        """REDUCE_GRAD: reduce-scatter the stage's gradients of the step."""
-        ...
-
-
-def first_forward_and_last_backward(
-    actions: Sequence[Action], stages: Iterable[int]
-) -> tuple[dict[int, int], dict[int, int]]:
-    """({stage: index of its first F}, {stage: index of its last B or W}) in one rank's program:
-    after the last B or W the stage's gradients of the step are complete."""
-    wanted = set(stages)
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for index, action in enumerate(actions):
-        if action.stage not in wanted:
-            continue
-        if action.op is Op.F and action.stage not in first:
-            first[action.stage] = index
-        elif action.op in (Op.B, Op.W):
-            last[action.stage] = index
-    return first, last
-
-
-def _consumer_names(actions: Sequence[Action]) -> dict[tuple[Op, int, int], str]:
-    """{(RECV_F or RECV_B, stage, micro-batch): name of the compute action that waits for that
-    message}: the F of the same stage and micro-batch for a forward message, its B or I for a
-    gradient."""
-    names: dict[tuple[Op, int, int], str] = {}
-    for action in actions:
-        if action.op is Op.F:
-            names[(Op.RECV_F, action.stage, action.microbatch)] = str(action)
-        elif action.op in (Op.B, Op.I):
-            names[(Op.RECV_B, action.stage, action.microbatch)] = str(action)
-    return names
-
-
-def _matches(expected: TensorMeta, outputs: tuple[Tensor, ...]) -> bool:
-    """Whether a stage's flattened `outputs` have exactly the shapes and dtypes `expected`
-    describes (what `TensorMeta.mismatch` checks, without building a description)."""
-    shapes, dtypes = expected.shapes, expected.dtypes
-    if len(outputs) != len(shapes):
-        return False
-    try:
-        for tensor, shape, dtype in zip(outputs, shapes, dtypes):
-            if tensor.dtype != dtype or tensor.shape != shape:
-                return False
-    except AttributeError:  # not a tensor: `mismatch` says what it is
-        return False
-    return True
-
-
-def _before(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
-    """`handler` preceded by `hook(stage)`: only the actions where a sharded stage's weights are
-    gathered get it, so the loop over the others is unchanged."""
-
-    def run(action: Action) -> None:
-        hook(action.stage)
-        handler(action)
-
-    return run
-
-
-def _after(hook: Callable[[int], None], handler: Callable[[Action], None]) -> Callable[[Action], None]:
-    """`handler` followed by `hook(stage)` (a sharded stage's gradient reduction and free)."""
-
-    def run(action: Action) -> None:
-        handler(action)
-        hook(action.stage)
-
-    return run
-
+__all__ = [
+    "Executor",
+    "ShardingActions",
+    "StageHooks",
+    "StepInputs",
+    "StepRecord",
+    "first_forward_and_last_backward",
+]
 
 class Executor:
     """Runs `program.instructions[rank]` over the local `stages` once per `run`."""
@@ -282,7 +143,7 @@ class Executor:
                 "but the pipeline shards nothing; build it with ParallelOptions(shard='full')"
             )
         self._peers: dict[Action, int] = {}
-        consumers = _consumer_names(program.instructions[rank])
+        consumers = consumer_names(program.instructions[rank])
         dispatch = []
         firsts, lasts = (
             first_forward_and_last_backward(program.instructions[rank], stage_hooks.stages)
@@ -303,9 +164,9 @@ class Executor:
             if sharding is not None and index in waits_for_gather:
                 handler = self._after_gather(sharding.wait_gathered, handler)
             if stage_hooks is not None and index == firsts.get(action.stage):
-                handler = _before(stage_hooks.before_first_forward, handler)
+                handler = before(stage_hooks.before_first_forward, handler)
             if stage_hooks is not None and index == lasts.get(action.stage):
-                handler = _after(stage_hooks.after_last_backward, handler)
+                handler = after(stage_hooks.after_last_backward, handler)
             # The last entry is the action's progress code (pipefold/runtime/progress.py).
             dispatch.append((handler, action, not action.op.is_message, index + 1))
         self._messages = tuple(
@@ -379,7 +240,7 @@ class Executor:
         clock = time.perf_counter
         # This rank's progress slot: the code of the action it runs (pipefold/runtime/progress.py).
         progress, slot = self._progress.slots, self._progress.slot
-        with counter.counting() if counter is not None else contextlib.nullcontext():
+        with counter.counting() if counter is not None else contextlib.nullcontext(), collection_paused():
             for handler, action, timed, code in self._dispatch:
                 self.current = action
                 progress[slot] = code
@@ -409,7 +270,7 @@ class Executor:
             ]
         losses = torch.zeros(self._num_microbatches, dtype=torch.float64, device=self._device)
         if self._last_stage_here:
-            losses = torch.stack([loss.to(torch.float64) for loss in self._require_losses()])
+            losses = scaled_losses(self._require_losses(), self._inputs().scales)
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
@@ -426,8 +287,8 @@ class Executor:
         self._held: list[list[Any]] = table()
         self._forward_handoff: list[list[Any]] = table()
         self._grad_handoff: list[list[Any]] = table()
-        self._recv_f: list[list[_Pending | None]] = table()
-        self._recv_b: list[list[_Pending | None]] = table()
+        self._recv_f: list[list[Pending | None]] = table()
+        self._recv_b: list[list[Pending | None]] = table()
         self._send_grads: list[list[Any]] = table()
         self._weight_state: list[list[WeightGradState | None]] = table()
         self._losses: list[Tensor | None] = [None] * mbs
@@ -459,7 +320,7 @@ class Executor:
             losses.append(loss)
         return losses
 
-    def _complete(self, pending: _Pending, consumer: Action) -> Any:
+    def _complete(self, pending: Pending, consumer: Action) -> Any:
         p2p, watchdog = self._comm()
         start = time.perf_counter()
         pending.transfer.wait(watchdog, pending.what)
@@ -549,9 +410,11 @@ class Executor:
                     f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}"
                     f" for micro-batch {mb}; it must return a scalar tensor (the mean over the micro-batch)"
                 )
-            scaled = loss * step.scales[mb]
-            self._losses[mb] = scaled.detach()
-            outputs: tuple[Tensor, ...] = (scaled if step.loss_scale == 1.0 else scaled * step.loss_scale,)
+            # The loss itself is the root: its backward starts from the gradient the scaling
+            # (micro-batch share, loss scale) would hand it (`_loss_seed`), and the recorded
+            # losses are scaled once per step, not by two tensor ops per micro-batch.
+            self._losses[mb] = loss.detach()
+            outputs: tuple[Tensor, ...] = (loss,)
         else:
             outputs = flatten(output)
             if self._next_local[s]:
@@ -565,7 +428,7 @@ class Executor:
         s, mb = action.stage, action.microbatch
         outputs = self._outputs[s][mb]
         expected = self._inputs().boundaries[mb][self._out_layer[s]]
-        problem = None if _matches(expected, outputs) else expected.mismatch(
+        problem = None if matches(expected, outputs) else expected.mismatch(
             outputs if expected.is_tuple else outputs[0]
         )
         if problem is not None:
@@ -598,14 +461,16 @@ class Executor:
         meta = self._inputs().boundaries[mb][self._in_layer[s]]
         value, buffers, views = self._receive_buffers.input(s, mb, meta)
         p2p, _ = self._comm()
-        self._recv_f[s][mb] = _Pending(value, p2p.recv(buffers, peer, views), peer, what)
+        self._recv_f[s][mb] = Pending(value, p2p.recv(buffers, peer, views), peer, what)
 
     # -- backward ----------------------------------------------------------------------------
 
     def _output_grads(self, action: Action) -> Grads:
         s, mb = action.stage, action.microbatch
         if self._stages[s].is_last:
-            return (None,)
+            loss = self._outputs[s][mb][0]
+            step = self._inputs()
+            return (torch.full_like(loss, seed_value(step.scales[mb], step.loss_scale, loss.dtype)),)
         pending = self._recv_b[s][mb]
         if pending is not None:
             self._recv_b[s][mb] = None
@@ -684,7 +549,7 @@ class Executor:
         meta = self._inputs().boundaries[mb][self._out_layer[s]]
         grads, buffers, views = self._receive_buffers.output_grads(s, mb, meta)
         p2p, _ = self._comm()
-        self._recv_b[s][mb] = _Pending(grads, p2p.recv(buffers, peer, views), peer, what)
+        self._recv_b[s][mb] = Pending(grads, p2p.recv(buffers, peer, views), peer, what)
 
     # -- optimizer ---------------------------------------------------------------------------
 

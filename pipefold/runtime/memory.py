@@ -10,6 +10,7 @@ kept for a recomputing backward are counted through `hold`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -39,7 +40,12 @@ class ActivationCounter:
     """Current and peak bytes of saved activations on this rank."""
 
     def __init__(self, parameters: Iterable[Tensor]) -> None:
-        self._excluded = {local(p).untyped_storage().data_ptr() for p in parameters}
+        held = list(parameters)
+        self._excluded = {local(p).untyped_storage().data_ptr() for p in held}
+        self._parameters = {id(p): weakref.ref(p) for p in held}
+        """The parameters themselves (autograd saves a layer norm's weight and bias as they are),
+        known by identity with no storage to look up; weakly, so the counter keeps none alive
+        (a parameter replaced later, e.g. by sharding, is not held here)."""
         self._held: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self.current = 0
         self.peak = 0
@@ -48,7 +54,7 @@ class ActivationCounter:
         self.peak = self.current
 
     def _acquire(self, tensor: Tensor) -> int | None:
-        if tensor.device.type == "meta":
+        if tensor.is_meta:
             return None
         # A DTensor (tensor parallelism) is a wrapper without storage: count its local shard.
         storage = local(tensor).untyped_storage()
@@ -76,6 +82,9 @@ class ActivationCounter:
             self.current -= entry[1]
 
     def _pack(self, tensor: Tensor) -> _Saved | Tensor:
+        parameter = self._parameters.get(id(tensor))
+        if parameter is not None and parameter() is tensor:
+            return tensor  # a parameter is not an activation
         key = self._acquire(tensor)
         # Keep a detached alias, not the tensor: a node that saves its own output would
         # otherwise hold that output, whose grad_fn is the node itself, a cycle through

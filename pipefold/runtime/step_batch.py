@@ -24,7 +24,9 @@ from pipefold.runtime.parallel.dims import ParallelDims
 from pipefold.runtime.transport.comm import Collectives
 from pipefold.schedule import Schedule
 
-__all__ = ["BoundaryShapes", "Microbatches", "SplitBatch", "batch_size", "split", "split_batch"]
+__all__ = [
+    "BoundaryShapes", "Microbatches", "SplitBatch", "batch_size", "chunk_sizes", "split", "split_batch",
+]
 
 
 class Microbatches:
@@ -73,7 +75,12 @@ class SplitBatch:
     def boundaries(self, shapes: Callable[[TensorMeta, int], list[TensorMeta]]) -> list[list[TensorMeta]]:
         """Each micro-batch's boundary descriptions (`shapes` caches them per shape)."""
         if self.parts is None:
-            return [shapes(self.meta, size) for size in self.sizes]
+            # A batch cut by rows has at most two micro-batch sizes: trace (or look up) each once.
+            by_size: dict[int, list[TensorMeta]] = {}
+            for size in self.sizes:
+                if size not in by_size:
+                    by_size[size] = shapes(self.meta, size)
+            return [by_size[size] for size in self.sizes]
         return [shapes(part, size) for part, size in zip(self.parts, self.sizes, strict=True)]
 
 
@@ -125,7 +132,7 @@ def split_batch(
                 f"the batch has {rows} rows but num_microbatches is {num_microbatches}; "
                 f"use a batch of at least {num_microbatches} rows or fewer micro-batches"
             )
-        sizes = [len(chunk) for chunk in torch.tensor_split(torch.empty(rows, device="meta"), num_microbatches)]
+        sizes = chunk_sizes(rows, num_microbatches)
     else:
         raise PipelineError(f"rank {rank} received no batch description from rank {first_rank}")
     split_inputs = None
@@ -231,6 +238,13 @@ def _in_compute_dtype(boundaries: list[TensorMeta], dtype: torch.dtype) -> list[
         return replace(meta, dtypes=tuple(dtype if d == torch.float32 else d for d in meta.dtypes))
 
     return [cast(meta) for meta in boundaries[:-1]] + boundaries[-1:]
+
+
+def chunk_sizes(rows: int, num_chunks: int) -> list[int]:
+    """The rows of each of `torch.tensor_split(rows, num_chunks)`'s chunks, without a tensor: the
+    first `rows % num_chunks` chunks hold one row more than the others."""
+    base, extra = divmod(rows, num_chunks)
+    return [base + 1] * extra + [base] * (num_chunks - extra)
 
 
 def batch_size(meta: TensorMeta) -> int:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipefold.model import TensorMeta
-from pipefold.runtime.executor import _consumer_names, _matches
+from pipefold.runtime.executor_parts import consumer_names as _consumer_names
+from pipefold.runtime.executor_parts import matches as _matches
 from pipefold.schedule import Op, build, lower
 
 
@@ -54,3 +55,30 @@ def test_every_receive_is_named_after_the_action_that_waits_for_it(family):
             elif action.op is Op.RECV_B:
                 name = names[(action.op, action.stage, action.microbatch)]
                 assert name in later and name[0] in "BI" and name[1:] == f"{action.stage}.{action.microbatch}"
+
+
+def test_chunk_sizes_are_tensor_splits() -> None:
+    from pipefold.runtime.step_batch import chunk_sizes
+
+    for rows in range(1, 70):
+        for num_chunks in range(1, rows + 1):
+            expected = [len(chunk) for chunk in torch.tensor_split(torch.empty(rows), num_chunks)]
+            assert chunk_sizes(rows, num_chunks) == expected
+
+
+def test_seed_gives_the_scaled_losses_gradients_bit_for_bit() -> None:
+    from pipefold.runtime.executor_parts import scaled_losses, seed_value
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for scale, loss_scale in ((1 / 3, 1.0), (1 / 7, 65536.0), (3 / 64, 3.0), (0.1, 1.0)):
+            weight = torch.randn(5, generator=generator).to(dtype).requires_grad_()
+            x = torch.randn(5, generator=generator).to(dtype)
+            scaled = (weight * x).sum() * scale
+            (scaled if loss_scale == 1.0 else scaled * loss_scale).backward()
+            expected, weight.grad = weight.grad, None
+            loss = (weight * x).sum()
+            loss.backward(torch.full_like(loss, seed_value(scale, loss_scale, dtype)))
+            assert torch.equal(weight.grad, expected)
+            recorded = scaled_losses([loss.detach()], [scale])
+            assert torch.equal(recorded[0], (loss.detach() * scale).to(torch.float64))
