@@ -121,19 +121,33 @@ def _worker(args: argparse.Namespace) -> None:
     for name in args.schedules:
         side = PipefoldSide(work, work.build_layers(0), pair(name), num_ranks=num_ranks,
                             num_microbatches=args.microbatches)
-        step_s = []
+        watchdog = side.pipe._watchdog
+        default = watchdog.contended_yield_s if hasattr(watchdog, "contended_yield_s") else None
+        # Each policy's stamps and steps, its steps alternating with the others'.
+        per_policy: dict[str, tuple[dict, list[float]]] = {  # type: ignore[type-arg]
+            policy: ({k: [] for k in stamps}, []) for policy in args.policies
+        }
         for index in range(args.warmup + args.steps):
-            dist.barrier()
-            if index == args.warmup:
+            for policy in args.policies:
+                if hasattr(watchdog, "contended_yield_s"):
+                    watchdog.contended_yield_s = None if policy == "spin" else default
+                    watchdog._contended_until = 0.0
                 for values in stamps.values():
                     values.clear()
-            started = time.perf_counter()
-            side.pipe.step(inputs, targets)
-            step_s.append(time.perf_counter() - started)
-        gathered: list = [None] * num_ranks  # type: ignore[type-arg]
-        dist.all_gather_object(gathered, ({k: list(v) for k, v in stamps.items()}, step_s[args.warmup:]))
-        if rank == 0:
-            _report(name, args, gathered)
+                dist.barrier()
+                started = time.perf_counter()
+                side.pipe.step(inputs, targets)
+                elapsed = time.perf_counter() - started
+                if index >= args.warmup:
+                    kept, steps = per_policy[policy]
+                    for key, values in stamps.items():
+                        kept[key].extend(values)
+                    steps.append(elapsed)
+        for policy, (kept, steps) in per_policy.items():
+            gathered: list = [None] * num_ranks  # type: ignore[type-arg]
+            dist.all_gather_object(gathered, (kept, steps))
+            if rank == 0:
+                _report(f"{name}, {policy}" if len(args.policies) > 1 else name, args, gathered)
         del side
     dist.barrier()
     dist.destroy_process_group()
@@ -206,12 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--policies", nargs="+", default=["default"], choices=["default", "spin"],
+        help="wait policies alternated step by step in the same ranks: default (this checkout's), "
+        "spin (never stop spinning on a contended yield: Watchdog.contended_yield_s None)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
     worker = ["--worker", "--microbatches", str(args.microbatches), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--schedules", *args.schedules]
+              "--warmup", str(args.warmup), "--schedules", *args.schedules, "--policies", *args.policies]
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
