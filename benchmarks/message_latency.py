@@ -1,24 +1,25 @@
 """One message's latency inside a pipeline run, cut into its parts, on the `tiny` workload.
 
     .venv/bin/python benchmarks/message_latency.py --ranks 2 --schedules gpipe 1f1b zb-h1
+    .venv/bin/python benchmarks/message_latency.py --root /tmp/base     # another checkout's runtime
+    .venv/bin/python benchmarks/message_latency.py --policies spin default   # wait policies, alternated
 
-Two (or more) ranks on one host run `Pipeline.step` with the same-host channels; every
-shared-memory send and receive is stamped with `time.perf_counter_ns` (CLOCK_MONOTONIC on
-Linux: one clock for every process of the host) by wrapping the channel's methods in the
-ranks, so the runtime itself is unchanged. Per message (matched across ranks by channel
-and sequence number):
+Two (or more) ranks on one host run `Pipeline.step` with the same-host channels; the executor's
+send handlers and `run`, `ShmChannel.send` and the shared-memory receive's `wait` are wrapped in
+the ranks (the runtime's code is unchanged) to stamp each message with `time.perf_counter_ns`
+(CLOCK_MONOTONIC on Linux: one clock for every process of the host). Messages are matched across
+ranks by channel and sequence number. Per schedule it prints:
 
-- send: the sender's copy in and publish (from the call into `ShmChannel.send` to its return);
-- sender's compute end -> publish: the producing action's end (the timeline) to the publish;
-- wake: publish -> the waiting receiver's wait returning, for a receive that found the
-  message not yet there (the wait loop's part of the one-way latency);
-- copy out: the wait's return -> the receive's end (claim already made at posting);
-- receive -> compute: the receive's end -> the consuming action's end minus its compute
-  event (here: the event's start, which the executor stamps right after the receive).
+- sender: its compute event's end -> its send handler's entry (the loop between them), and the
+  send itself (`ShmChannel.send`: copy in and publish);
+- per receiving rank: how many receives found the message not yet there (waited); per compute
+  action, the step split into compute events, waiting for the peer's publish (wait call ->
+  publish), wake (publish -> the wait sees it), copy out, and this rank's sends; the
+  distributions of wake, copy out, and slack (publish -> wait call, for a message already there).
 
-It also reports, per rank, the share of receives that had to wait and the median time from
-the receive's wait call to the publish when the message was already there (slack). The wrap
-costs a clock read or two per call (~0.1 µs each), inside every part it stamps.
+The wrappers add a few clock reads per message. `--policies spin default` alternates the wait
+policies step by step in the same ranks (`Watchdog.busy_yield` False or its default:
+docs/decisions.md, "busy polling"); `--root` runs another checkout's runtime.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _instrument() -> dict[str, list]:  # type: ignore[type-arg]
 
 
 def _worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(args.root))
     import torch
     import torch.distributed as dist
 
@@ -122,16 +123,13 @@ def _worker(args: argparse.Namespace) -> None:
         side = PipefoldSide(work, work.build_layers(0), pair(name), num_ranks=num_ranks,
                             num_microbatches=args.microbatches)
         watchdog = side.pipe._watchdog
-        default = watchdog.contended_yield_s if hasattr(watchdog, "contended_yield_s") else None
         # Each policy's stamps and steps, its steps alternating with the others'.
         per_policy: dict[str, tuple[dict, list[float]]] = {  # type: ignore[type-arg]
             policy: ({k: [] for k in stamps}, []) for policy in args.policies
         }
         for index in range(args.warmup + args.steps):
             for policy in args.policies:
-                if hasattr(watchdog, "contended_yield_s"):
-                    watchdog.contended_yield_s = None if policy == "spin" else default
-                    watchdog._contended_until = 0.0
+                watchdog.busy_yield = policy != "spin"
                 for values in stamps.values():
                     values.clear()
                 dist.barrier()
@@ -220,21 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout whose pipefold runs (e.g. a git archive of another commit)")
     parser.add_argument(
         "--policies", nargs="+", default=["default"], choices=["default", "spin"],
         help="wait policies alternated step by step in the same ranks: default (this checkout's), "
-        "spin (never stop spinning on a contended yield: Watchdog.contended_yield_s None)",
+        "spin (a busy wait that never yields: Watchdog.busy_yield False)",
     )
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
-    worker = ["--worker", "--microbatches", str(args.microbatches), "--steps", str(args.steps),
+    worker = ["--worker", "--root", str(args.root.resolve()), "--microbatches", str(args.microbatches), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--schedules", *args.schedules, "--policies", *args.policies]
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=args.timeout,
+        env={**os.environ, "PYTHONPATH": str(args.root.resolve())}, cwd=args.root, timeout=args.timeout,
     )
     print(f"({time.perf_counter() - started:.0f} s)")
     return done.returncode

@@ -247,15 +247,6 @@ BUSY_POLL_S = 0.05
 as a pipeline's fill waits last on the small models here, short enough that a long wait
 (data loading, a slow peer) soon stops burning its core."""
 
-CONTENDED_YIELD_S = 5e-5
-"""A `sched_yield` longer than this ran another process (alone on its core it returns in about a
-microsecond; a time slice given away is milliseconds): docs/decisions.md, "spinning on a
-contended core"."""
-
-CONTENDED_FOR_S = 0.02
-"""After a contended yield, the waits of this long skip the busy phase (one more contended yield
-per wait would cost a time slice each)."""
-
 _BUSY_CHECKS = 64
 """Flag checks between two reads of the clock while busy-polling (tens of microseconds)."""
 
@@ -293,11 +284,6 @@ class Watchdog:
         self.busy_yield = True
         """Whether a busy-polling wait yields its core (`sched_yield`) between batches of checks
         (docs/decisions.md, "busy polling"); False spins without giving the core up."""
-        self.contended_yield_s: float | None = CONTENDED_YIELD_S
-        """A yield that takes longer than this gave the core to another process: the wait
-        stops spinning and sleeps or blocks instead, and so do the waits of the next
-        `CONTENDED_FOR_S` (docs/decisions.md, "spinning on a contended core"); None spins on."""
-        self._contended_until = 0.0
         self.progress: Progress | None = None
         """Where each rank is (set by the pipeline once its transport is up): names the action a
         killed or stopped peer was at, and which peer is gone when a collective's wait fails."""
@@ -349,16 +335,14 @@ class Watchdog:
         for _ in range(self._spin):
             if ready():
                 return
-        clock = time.monotonic
-        now = clock()
+        now = time.monotonic()
         deadline = now + self._timeout_s
         next_check = now + self._poll_s
-        busy_until = now + (self._busy_poll_s if block is None and now >= self._contended_until else 0.0)
-        contended = self.contended_yield_s
+        busy_until = now + (self._busy_poll_s if block is None else 0.0)
         pause = 1e-5
         try:
             while not ready():
-                now = clock()
+                now = time.monotonic()
                 if now >= next_check:
                     self._check_waiting(what, peer, deadline, now, peer_alive)
                     next_check = now + self._poll_s
@@ -369,13 +353,7 @@ class Watchdog:
                     if self.busy_yield:
                         # Lets another runnable process on this core (the peer, on a host whose
                         # other work outnumbers the cores) run; alone on it, returns at once.
-                        before = clock()
                         os.sched_yield()
-                        if contended is not None and clock() - before > contended:
-                            # The core went to another process for a time slice: spinning on
-                            # loses one per yield, a sleeper is woken ahead of the spinners.
-                            self._contended_until = before + CONTENDED_FOR_S
-                            busy_until = before
                     continue
                 if block is not None:
                     block(max(next_check - now, 0.0))

@@ -42,52 +42,9 @@ def _ready_after(num_checks: int):
 def test_a_busy_polling_wait_never_sleeps(monkeypatch):
     sleeps = _Sleeps()
     monkeypatch.setattr(failure.time, "sleep", sleeps)
-    # Far more checks than the initial spin (200): a sleeping wait would have slept. (Not
-    # one a contended yield ends, which a loaded host may give: that is the next test's.)
-    watchdog = _watchdog(busy_poll_s=10.0)
-    watchdog.contended_yield_s = None
-    watchdog.wait_until(_ready_after(20_000), what="F1.0", peer=0)
+    # Far more checks than the initial spin (200): a sleeping wait would have slept.
+    _watchdog(busy_poll_s=10.0).wait_until(_ready_after(20_000), what="F1.0", peer=0)
     assert sleeps.at == []
-
-
-def _slow_yields(monkeypatch, seconds: float) -> list[float]:
-    """Make every sched_yield take `seconds` (another process ran on the core); returns when
-    each came."""
-    calls: list[float] = []
-
-    def slow_yield() -> None:
-        calls.append(time.monotonic())
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            pass
-
-    monkeypatch.setattr(failure.os, "sched_yield", slow_yield)
-    return calls
-
-
-def test_a_yield_that_gave_the_core_away_ends_the_busy_phase_for_a_while(monkeypatch):
-    sleeps = _Sleeps()
-    monkeypatch.setattr(failure.time, "sleep", sleeps)
-    yields = _slow_yields(monkeypatch, 10 * failure.CONTENDED_YIELD_S)
-    watchdog = _watchdog(busy_poll_s=10.0)
-    watchdog.wait_until(_ready_after(1_000), what="F1.0", peer=0)
-    assert len(yields) == 1 and sleeps.at, "after one contended yield the wait sleeps"
-    sleeps.at.clear()
-    watchdog.wait_until(_ready_after(1_000), what="F1.1", peer=0)
-    assert len(yields) == 1 and sleeps.at, "the next wait skips the busy phase"
-    watchdog._contended_until = 0.0  # as CONTENDED_FOR_S later: busy polling again
-    watchdog.wait_until(_ready_after(1_000), what="F1.2", peer=0)
-    assert len(yields) == 2
-
-
-def test_without_the_contention_check_a_slow_yield_keeps_the_spin(monkeypatch):
-    sleeps = _Sleeps()
-    monkeypatch.setattr(failure.time, "sleep", sleeps)
-    yields = _slow_yields(monkeypatch, 10 * failure.CONTENDED_YIELD_S)
-    watchdog = _watchdog(busy_poll_s=10.0)
-    watchdog.contended_yield_s = None
-    watchdog.wait_until(_ready_after(2_000), what="F1.0", peer=0)
-    assert sleeps.at == [] and len(yields) > 1
 
 
 def test_without_busy_polling_the_wait_sleeps_after_the_spin(monkeypatch):
@@ -102,9 +59,7 @@ def test_busy_polling_gives_way_to_sleeps_after_its_budget(monkeypatch):
     monkeypatch.setattr(failure.time, "sleep", sleeps)
     start = time.monotonic()
     until = start + 0.3
-    watchdog = _watchdog(busy_poll_s=0.1)
-    watchdog.contended_yield_s = None  # a loaded host's slow yield would end the busy phase sooner
-    watchdog.wait_until(lambda: time.monotonic() >= until, what="F1.0", peer=0)
+    _watchdog(busy_poll_s=0.1).wait_until(lambda: time.monotonic() >= until, what="F1.0", peer=0)
     assert sleeps.at, "a wait longer than busy_poll_s must end up sleeping"
     assert sleeps.at[0] - start >= 0.1
 
