@@ -297,7 +297,11 @@ class ShmChannel:
 
     def send(self, tensors: Sequence[Tensor]) -> None:
         """Copy `tensors` into the next slots and publish them (sender)."""
-        offsets, end = _slots(tensors, self._offset)
+        if len(tensors) == 1:  # a stage's usual boundary: one tensor, no list of slots
+            offsets: list[int] | tuple[int] = ((self._offset + _ALIGN - 1) // _ALIGN * _ALIGN,)
+            end = offsets[0] + tensors[0].nbytes
+        else:
+            offsets, end = _slots(tensors, self._offset)
         if end > self._announced:
             raise PipelineError(
                 f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
@@ -371,7 +375,9 @@ class ShmChannel:
         data = self._bytes
         for target, offset in zip(targets, offsets, strict=True):
             target[:] = data[offset : offset + len(target)]
-        self._mark_consumed(sequence)
+        if sequence > self._consumed:  # `_mark_consumed`, inlined: once per received message
+            self._consumed = sequence
+            self._words[_CONSUMED] = sequence
 
     def _mark_consumed(self, sequence: int) -> None:
         # Messages of one channel may be consumed out of posting order (two stages of the
