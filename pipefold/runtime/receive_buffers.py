@@ -53,8 +53,14 @@ _ALONE = _alone_count()
 
 
 def _most_refs(entry: tuple[object, Any, tuple[Tensor, ...], Any]) -> int:
-    """The largest reference count among `entry`'s buffers, as `reusable` reads it."""
-    return max((sys.getrefcount(buffer) for buffer in entry[2]), default=0)
+    """The largest reference count among `entry`'s buffers, as `reusable` reads it (the same
+    loop: its variable is one of the references counted)."""
+    most = 0
+    for buffer in entry[2]:
+        refs = sys.getrefcount(buffer)
+        if refs > most:
+            most = refs
+    return most
 
 
 def _alone_refs() -> int:
@@ -73,11 +79,13 @@ def reusable(entry: tuple[object, Any, tuple[Tensor, ...], Any]) -> bool:
     """Whether nothing but `entry` (a pool entry: description, value, buffers, their byte
     views, which hold no reference to them) refers to its
     buffers: no other reference to the tensor objects, no other tensor on their storage."""
-    if _use_count is None or _most_refs(entry) > _ALONE_REFS:
-        return False
     count = _use_count
+    if count is None:
+        return False
+    # One loop for both checks (this runs once per received message); the reference count
+    # is read as `_most_refs` reads it.
     for buffer in entry[2]:
-        if count(buffer.untyped_storage()._cdata) > _ALONE:
+        if sys.getrefcount(buffer) > _ALONE_REFS or count(buffer.untyped_storage()._cdata) > _ALONE:
             return False
     return True
 

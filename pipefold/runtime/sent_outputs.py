@@ -35,6 +35,12 @@ _SHAPE = "_pipefold_sent_shape"
 _ENGINE_ENTRY = getattr(torch.autograd.graph, "_engine_run_backward", None) is not None
 
 
+_EMPTY: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+"""One empty tensor per (dtype, device) that every released output of that kind is set to: it
+has no elements, so sharing its storage shares nothing, and making a new one per message cost
+a tensor construction (docs/decisions.md, "byte copies into the channel")."""
+
+
 def release_sent(outputs: Sequence[Tensor]) -> bool:
     """Replace the data of a stage's single output by an empty tensor where it may (see the
     module's note); True where it did. Call only after the send no longer reads the output."""
@@ -44,7 +50,11 @@ def release_sent(outputs: Sequence[Tensor]) -> bool:
     if type(output) is not Tensor or output.grad_fn is None or output._base is not None or hasattr(output, _SHAPE):
         return False
     setattr(output, _SHAPE, output.shape)
-    output.data = torch.empty(0, dtype=output.dtype, device=output.device)
+    key = (output.dtype, output.device)
+    empty = _EMPTY.get(key)
+    if empty is None:
+        empty = _EMPTY[key] = torch.empty(0, dtype=output.dtype, device=output.device)
+    output.data = empty
     return True
 
 

@@ -89,6 +89,40 @@ def test_a_receive_into_byte_views_gets_every_byte_and_marks_it_consumed(pair):
         sent = tuple(t + 1 for t in sent)
 
 
+def test_a_send_copies_every_kind_of_tensor_exactly(tmp_path):
+    # Plain dense tensors go in as bytes, everything else through a tensor copy: the receiver
+    # gets the values either way (a transposed or lazily negated or conjugated view, a
+    # Parameter, a view with an offset, no elements, more bytes than a byte copy takes).
+    base = torch.randn(4, 6)
+    sent = (
+        base.t(),
+        torch._neg_view(torch.randn(3)),
+        torch.randn(2, dtype=torch.complex64).conj(),
+        torch.nn.Parameter(torch.randn(5)),
+        base[1:3],
+        torch.zeros(0, 3),
+        torch.randn(BYTE_VIEW_MAX_BYTES // 4 + 3),
+        torch.tensor([True, False, True]),
+    )
+    total = layout([t.nbytes for t in sent], 0)[1]
+    token = new_token()
+    sender = ShmChannel.create(tmp_path, "kinds", total, token)
+    receiver = ShmChannel.open(tmp_path, "kinds", total, token)
+    assert receiver is not None
+    try:
+        sender.begin_step(total)
+        receiver.begin_step(total)
+        buffers = tuple(torch.empty(t.shape, dtype=t.dtype) for t in sent)
+        sequence, offsets, _ = receiver.claim(buffers)
+        sender.send(sent)
+        receiver.read(sequence, buffers, offsets)
+        for got, want in zip(buffers, sent, strict=True):
+            assert torch.equal(got, want.detach().resolve_conj().resolve_neg())
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_byte_view_refuses_what_is_not_plain_contiguous_memory():
     assert byte_view(torch.zeros(0)) is None
     assert byte_view(torch.zeros(4, 3).t()) is None

@@ -101,6 +101,14 @@ def byte_view(tensor: Tensor) -> memoryview | None:
     return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
 
 
+_STRIDED = torch.strided
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes._memmove_addr  # type: ignore[attr-defined]
+)
+"""libc's memmove called with the GIL held (`ctypes.memmove` releases and retakes it around the
+call: a few hundred nanoseconds, and a chance for another thread to take the interpreter)."""
+
+
 def _slots(tensors: Sequence[Tensor], start: int) -> tuple[list[int], int]:
     """`layout` of `tensors` from `start`, inlined for the per-message path (`nbytes` is one
     attribute read where `numel() * element_size()` is two calls)."""
@@ -202,6 +210,8 @@ class ShmChannel:
         # slice assignment per tensor, where a tensor copy costs a few microseconds of dispatch.
         self._bytes = memoryview(file.map)[_HEADER_BYTES : _HEADER_BYTES + capacity]
         self._data = torch.frombuffer(file.map, dtype=torch.uint8, offset=_HEADER_BYTES, count=capacity)
+        # The data region's address, for byte copies in (valid while `_data` holds the mapping).
+        self._address = self._data.data_ptr()
         # (offset, dtype, shape) -> the data region there as that tensor: a message's slot is
         # the same every step, and slicing and viewing the region anew took three tensor
         # constructions per tensor sent or received.
@@ -287,14 +297,32 @@ class ShmChannel:
 
     def send(self, tensors: Sequence[Tensor]) -> None:
         """Copy `tensors` into the next slots and publish them (sender)."""
-        offsets, end = _slots(tensors, self._offset)
+        if len(tensors) == 1:  # a stage's usual boundary: one tensor, no list of slots
+            offsets: list[int] | tuple[int] = ((self._offset + _ALIGN - 1) // _ALIGN * _ALIGN,)
+            end = offsets[0] + tensors[0].nbytes
+        else:
+            offsets, end = _slots(tensors, self._offset)
         if end > self._announced:
             raise PipelineError(
                 f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
                 f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
             )
+        address = self._address
         for tensor, offset in zip(tensors, offsets, strict=True):
-            self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
+            # A plain dense CPU tensor goes in as bytes, anything else through a tensor copy
+            # (docs/decisions.md, "byte copies into the channel").
+            if (
+                type(tensor) is Tensor
+                and tensor.is_cpu
+                and tensor.layout is _STRIDED
+                and tensor.is_contiguous()
+                and not tensor.is_neg()
+                and not tensor.is_conj()
+                and tensor.nbytes <= BYTE_VIEW_MAX_BYTES
+            ):
+                _memmove(address + offset, tensor.data_ptr(), tensor.nbytes)
+            else:
+                self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
         self._offset = end
         self._sequence += 1
         # After the data (x86 keeps stores in order): a receiver that sees the count sees the data.
@@ -347,7 +375,9 @@ class ShmChannel:
         data = self._bytes
         for target, offset in zip(targets, offsets, strict=True):
             target[:] = data[offset : offset + len(target)]
-        self._mark_consumed(sequence)
+        if sequence > self._consumed:  # `_mark_consumed`, inlined: once per received message
+            self._consumed = sequence
+            self._words[_CONSUMED] = sequence
 
     def _mark_consumed(self, sequence: int) -> None:
         # Messages of one channel may be consumed out of posting order (two stages of the
