@@ -475,7 +475,7 @@ class Plan:
                 f"{choice.allreduce_s:.4g} s across {choice.num_data_parallel} replicas)"
             )
         if choice.tied_exchange_s:
-            step += f" + tied-gradient exchange {choice.tied_exchange_s:.4g} s after the flush"
+            step += f", including a tied-gradient exchange of {choice.tied_exchange_s:.4g} s after the flush"
         lines = [
             f"choice: {choice.degree_text + ', ' if with_degree else ''}{choice.describe()}",
             f"  {step}, bubble {choice.bubble_fraction:.1%}, "
