@@ -152,3 +152,17 @@ def test_the_plan_shows_it_and_json_keeps_the_choice_fields():
     assert Candidate.from_json(data).tied_exchange_s == choice.tied_exchange_s
     untied = plan(_gpt(tie_embeddings=False), options).choice
     assert untied.tied_exchange_s == 0 and "tied-gradient" not in plan(_gpt(tie_embeddings=False), options).explain()
+
+
+def test_pipefold_simulate_agrees_with_the_planner(tmp_path, capsys):
+    from pipefold.cli.main import main
+
+    costs = costs_of()
+    model = stage_cost_model(costs, StageLayout((0, 4, 8), 1), (), LINK)
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(model.to_json()))
+    assert main(["simulate", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                 "--costs-file", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tied_exchange_s"] == pytest.approx(LINK.transfer_time(TIED))
+    assert summary["makespan"] + summary["tied_exchange_s"] == pytest.approx(priced(costs).step_time)
