@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"makespan {timeline.makespan:.4g}   bubble fraction {timeline.bubble_fraction:.4f}")
     if tied_s:
-        console.print(f"tied-gradient exchange after the flush {tied_s:.4g}: step {timeline.makespan + tied_s:.4g}")
+        step = timeline.makespan + tied_s
+        console.print(f"tied-gradient exchange after the flush {tied_s:.4g}: step {step:.4g}")
     for path, what in ((args.png, "PNG"), (args.trace, "trace")):
         if path:
             console.print(f"wrote {what} {path}")

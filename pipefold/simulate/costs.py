@@ -203,7 +203,8 @@ class CostModel:
                 continue
             num_bytes = round(size * gradient_bytes_per_byte)
             seconds += max(
-                sum(self.link_between(owner, peer).transfer_time(num_bytes) for peer in owners if peer != owner)
+                sum(self.link_between(owner, peer).transfer_time(num_bytes)
+                    for peer in owners if peer != owner)
                 for owner in owners
             )
         return seconds

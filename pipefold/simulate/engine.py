@@ -312,7 +312,8 @@ def simulate(
 def step_end_time(schedule: Schedule, costs: CostModel) -> float:
     """Seconds after a flush step's last action that the step's collectives take: the sum of each
     tied weight's gradient over the ranks that hold it (`CostModel.tied_exchange_time`; an
-    asynchronous schedule sums at each STEP instead, not priced)."""
+    asynchronous schedule sums at each STEP instead, not priced). The whole weight's gradient: a
+    cost model does not know the replicas that full sharding divides it over (the planner does)."""
     if schedule.weight_update is not WeightUpdate.FLUSH:
         return 0.0
     return costs.tied_exchange_time(schedule.placement)
