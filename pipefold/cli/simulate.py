@@ -13,7 +13,7 @@ from rich.table import Table
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.files import write_atomic
 from pipefold.schedule import build, stream
-from pipefold.simulate import CostModel, simulate
+from pipefold.simulate import CostModel, simulate, step_end_time
 from pipefold.viz import render_ascii, render_png, to_chrome_trace
 
 
@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
     if args.trace:
         write_atomic(args.trace, json.dumps(to_chrome_trace(timeline)))
     summary = timeline.summary()
+    # After the last step's flush: the tied weights' gradient sum (earlier steps' are in the makespan).
+    tied_s = step_end_time(schedule, costs) if not args.stream else 0.0
     if args.json:
         summary.update(
+            tied_exchange_s=tied_s,
             schedule=schedule.name, num_ranks=schedule.num_ranks, num_stages=schedule.num_stages,
             num_microbatches=schedule.num_microbatches, num_virtual=schedule.num_virtual,
             num_steps=args.steps,
@@ -113,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(str(rank), f"{timeline.busy_time(rank):.4g}", str(timeline.peak_activations(rank)))
     console.print(table)
     console.print(f"makespan {timeline.makespan:.4g}   bubble fraction {timeline.bubble_fraction:.4f}")
+    if tied_s:
+        step = timeline.makespan + tied_s
+        console.print(f"tied-gradient exchange after the flush {tied_s:.4g}: step {step:.4g}")
     for path, what in ((args.png, "PNG"), (args.trace, "trace")):
         if path:
             console.print(f"wrote {what} {path}")

@@ -23,11 +23,11 @@ from pipefold.plan.orders import (
 )
 from pipefold.plan.result import Candidate
 from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded, stage_ties
-from pipefold.plan.space import Config
+from pipefold.plan.space import Config, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["evaluate", "replica_sync_time"]
+__all__ = ["evaluate", "replica_sync_time", "tied_exchange_time"]
 
 
 def evaluate(
@@ -92,6 +92,8 @@ def evaluate(
         memory = rank_memory(costs, model, timeline, placement, transient)
     allreduce = 0.0 if shard == "full" else replica_sync_time(
         costs, model, placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
+    tied = tied_exchange_time(costs, model, config.schedule, placement,
+                              num_data_parallel if shard == "full" else 1)
     # The optimizer update after the schedule; ZeRO and full sharding update one replica's share.
     update_shared = sharded_optimizer or shard == "full"
     update = update_time(costs, static_weight_bytes(model, placement, num_ranks)) / (
@@ -104,11 +106,12 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=makespan + allreduce + update,
+        step_time=makespan + allreduce + tied + update,
         bubble_fraction=bubble,
         memory=memory,
         num_data_parallel=num_data_parallel,
         allreduce_s=allreduce,
+        tied_exchange_s=tied,
         num_tensor_parallel=num_tensor_parallel,
         sharded_optimizer=sharded_optimizer,
         sequence_parallel=sequence_parallel,
@@ -133,3 +136,20 @@ def replica_sync_time(
     if sharded_optimizer:
         seconds += allgather_time(max(static_weight_bytes(model, placement, num_ranks)), num_replicas, link)
     return seconds
+
+
+def tied_exchange_time(
+    costs: ModelCosts, model: CostModel, schedule: str, placement: tuple[int, ...], num_shards: int = 1,
+) -> float:
+    """After a flush schedule, the sum of each tied weight's gradient (`ModelCosts.tied_layers`: a
+    tied embedding and head) over the pipeline ranks that hold it, as the runtime runs it
+    (`pipefold.runtime.tied.TiedGradients.sum`): each owner sends its gradient to the other and
+    receives theirs at once, on the link between their devices (`model`'s pipeline links,
+    `CostModel.tied_exchange_time`), before the replicas' all-reduce. `costs` are one tp rank's: a
+    table split by vocabulary exchanges its rows. `num_shards`: full sharding's replicas, whose
+    owners sum their gradient shards. 0 where one rank holds both ends (zb-v's rank 0) or the
+    schedule updates inside the step (it sums at each STEP: not priced)."""
+    if not model.tied_weights or is_asynchronous(schedule):
+        return 0.0
+    per_byte = costs.gradient_bytes_per_parameter_byte / num_shards
+    return model.tied_exchange_time(placement, per_byte)

@@ -117,10 +117,13 @@ def family_verdicts(
 
 
 def _with_allreduce(candidate: Candidate) -> str:
+    tied = (f" + tied-gradient exchange {candidate.tied_exchange_s:.4g} s" if candidate.tied_exchange_s
+            else "")
     if candidate.num_data_parallel == 1:
-        return candidate.describe()
+        return candidate.describe() + (
+            f"; step = pipeline {candidate.pipeline_s:.4g} s{tied}" if tied else "")
     return (f"{candidate.describe()}; step = pipeline {candidate.pipeline_s:.4g} s + gradient all-reduce "
-            f"{candidate.allreduce_s:.4g} s")
+            f"{candidate.allreduce_s:.4g} s{tied}")
 
 
 def degree_verdicts(

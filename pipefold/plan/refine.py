@@ -118,7 +118,8 @@ def search_order(
     return SearchedOrder(
         schedule=found.schedule,
         family=choice.schedule,
-        step_time=makespan + choice.allreduce_s + _update(costs, model, family.placement, choice),
+        step_time=makespan + choice.allreduce_s + choice.tied_exchange_s
+        + _update(costs, model, family.placement, choice),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,
         memory=memory,

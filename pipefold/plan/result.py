@@ -51,7 +51,7 @@ class Candidate(PeakMemory):
     """Virtual stages whose layers are recomputed in the backward (sorted)."""
     step_time: float
     """Predicted seconds per step (a whole global batch): the simulated schedule on one replica's
-    batch plus `allreduce_s`."""
+    batch plus `allreduce_s` and `tied_exchange_s`."""
     bubble_fraction: float
     """Of the simulated schedule (the all-reduce after it is not part of it)."""
     memory: tuple[RankMemory, ...]
@@ -60,6 +60,9 @@ class Candidate(PeakMemory):
     """Data-parallel replicas dp of the pipeline; `num_ranks` is each one's pipeline ranks pp."""
     allreduce_s: float = 0.0
     """Seconds of the gradient all-reduce across replicas after the schedule (0 when dp = 1)."""
+    tied_exchange_s: float = 0.0
+    """Seconds after the schedule the ranks holding a tied weight (embedding and head) take to sum
+    its gradient (`pipefold.plan.evaluate.tied_exchange_time`; 0 where one rank holds both ends)."""
     num_tensor_parallel: int = 1
     """Tensor-parallel ranks tp per stage; `memory` and the times are one tp rank's."""
     sharded_optimizer: bool = False
@@ -117,7 +120,7 @@ class Candidate(PeakMemory):
     @property
     def pipeline_s(self) -> float:
         """Seconds of the simulated schedule alone."""
-        return self.step_time - self.allreduce_s
+        return self.step_time - self.allreduce_s - self.tied_exchange_s
 
     @property
     def num_stages(self) -> int:
@@ -223,6 +226,7 @@ class Candidate(PeakMemory):
             "num_devices": self.num_devices,
             "step_time": self.step_time,
             "allreduce_s": self.allreduce_s,
+            "tied_exchange_s": self.tied_exchange_s,
             "bubble_fraction": self.bubble_fraction,
             "peak_memory": self.peak_memory,
             "memory": [memory.to_json() for memory in self.memory],
@@ -256,6 +260,7 @@ class Candidate(PeakMemory):
             memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
             num_data_parallel=int(data.get("num_data_parallel", 1)),
             allreduce_s=float(data.get("allreduce_s", 0.0)),
+            tied_exchange_s=float(data.get("tied_exchange_s", 0.0)),
             num_tensor_parallel=int(data.get("num_tensor_parallel", 1)),
             sharded_optimizer=bool(data.get("sharded_optimizer", False)),
             sequence_parallel=bool(data.get("sequence_parallel", False)),
@@ -469,6 +474,8 @@ class Plan:
                 f"{self.global_batch // choice.num_data_parallel} rows per replica + gradient all-reduce "
                 f"{choice.allreduce_s:.4g} s across {choice.num_data_parallel} replicas)"
             )
+        if choice.tied_exchange_s:
+            step += f", including a tied-gradient exchange of {choice.tied_exchange_s:.4g} s after the flush"
         lines = [
             f"choice: {choice.degree_text + ', ' if with_degree else ''}{choice.describe()}",
             f"  {step}, bubble {choice.bubble_fraction:.1%}, "

@@ -9,7 +9,7 @@
 
 from pipefold.errors import CostModelError
 from pipefold.simulate.costs import CostModel, Link
-from pipefold.simulate.engine import predicted_step_time, simulate
+from pipefold.simulate.engine import predicted_step_time, simulate, step_end_time
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "activation_bytes_peak",
     "predicted_step_time",
     "simulate",
+    "step_end_time",
     "weight_versions",
 ]

@@ -188,6 +188,27 @@ class CostModel:
             total -= max(copies - 1, 0) * size
         return total
 
+    def tied_exchange_time(self, placement: Sequence[int], gradient_bytes_per_byte: float = 1.0) -> float:
+        """Seconds the owners of each tied weight held by several ranks (`placement`: the rank of
+        each stage) take to sum its gradient after a flush step, as the runtime does
+        (`pipefold.runtime.tied.TiedGradients.sum`): every owner sends its contribution to every
+        other owner and receives theirs, all at once, on the link between the two ranks; weight
+        after weight. An owner's sends share its link, so it takes the sum of its peers'
+        transfers; the slowest owner sets the time. 0 where one rank holds every tied weight.
+        `gradient_bytes_per_byte`: the gradient's bytes per weight byte (its dtype's)."""
+        seconds = 0.0
+        for counts, size in self.tied_weights:
+            owners = sorted({placement[stage] for stage, _ in counts})
+            if len(owners) < 2:
+                continue
+            num_bytes = round(size * gradient_bytes_per_byte)
+            seconds += max(
+                sum(self.link_between(owner, peer).transfer_time(num_bytes)
+                    for peer in owners if peer != owner)
+                for owner in owners
+            )
+        return seconds
+
     def shares_cores(self, num_ranks: int) -> bool:
         """Whether `num_ranks` ranks outnumber `num_cores` (docs/decisions.md, "Shared cores")."""
         return self.num_cores is not None and num_ranks > self.num_cores

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.deps import backward_of, data_inputs
-from pipefold.schedule.ir import Action, Schedule, format_grid
+from pipefold.schedule.ir import Action, Schedule, WeightUpdate, format_grid
 from pipefold.schedule.shard import gather_waits
 from pipefold.simulate.costs import CostModel
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 from pipefold.timeline import Event, Timeline, Wait
 
-__all__ = ["predicted_step_time", "simulate"]
+__all__ = ["predicted_step_time", "simulate", "step_end_time"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +278,10 @@ def simulate(
         run = functools.partial(_run_shared, num_cores=costs.num_cores)
     if sync:
         barrier = 0.0
+        between = costs.step_overhead + step_end_time(schedule, costs)
         for step in range(num_steps):
             run(prepared, schedule, step, 1, free, barrier, events, waits)
-            barrier = max(free) + costs.step_overhead
+            barrier = max(free) + between
     else:
         run(prepared, schedule, 0, num_steps, free, 0.0, events, waits)
 
@@ -308,7 +309,17 @@ def simulate(
     )
 
 
+def step_end_time(schedule: Schedule, costs: CostModel) -> float:
+    """Seconds after a flush step's last action that the step's collectives take: the sum of each
+    tied weight's gradient over the ranks that hold it (`CostModel.tied_exchange_time`; an
+    asynchronous schedule sums at each STEP instead, not priced). The whole weight's gradient: a
+    cost model does not know the replicas that full sharding divides it over (the planner does)."""
+    if schedule.weight_update is not WeightUpdate.FLUSH:
+        return 0.0
+    return costs.tied_exchange_time(schedule.placement)
+
+
 def predicted_step_time(schedule: Schedule, costs: CostModel) -> float:
     """Wall time of one synchronous step: the simulated makespan plus `costs.step_overhead`
-    (the time outside the actions, which a timeline's events do not cover)."""
-    return simulate(schedule, costs).makespan + costs.step_overhead
+    (the time outside the actions, which a timeline's events do not cover) and `step_end_time`."""
+    return simulate(schedule, costs).makespan + costs.step_overhead + step_end_time(schedule, costs)
