@@ -36,7 +36,7 @@ from pipefold.schedule.ir import (
 from pipefold.simulate.compiled import KINDS, rows_of
 
 __all__ = [
-    "Order", "order_of", "fast_order", "fast_families",
+    "Order", "order_of", "fast_order", "fast_placement", "fast_families", "sorted_unique",
     "KIND_F", "KIND_B", "KIND_I", "KIND_W", "KIND_STEP", "OP_OF_KIND",
 ]
 
@@ -65,7 +65,19 @@ class Order:
                         ((),) * self.num_ranks, self.weight_update)
 
     def kinds_used(self) -> set[int]:
-        return {int(kind) for kinds, _, _ in self.rows for kind in np.unique(kinds)}
+        return {int(kind) for kinds, _, _ in self.rows for kind in np.flatnonzero(np.bincount(kinds))}
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique(values)` of a 1-d integer array, by one sort: numpy's own (a hash table since numpy
+    2.3) takes 5-25x longer on the planner's arrays of a few thousand integers."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def order_of(schedule: Schedule) -> Order:
@@ -247,6 +259,29 @@ _GENERATORS: dict[str, Callable[[int, int, int], tuple[tuple[int, ...], list[Row
     "dualpipe-v": _dualpipe_v,
 }
 """The flush families generated here; `family(name).check` has refused bad sizes before."""
+
+
+def _contiguous(num_ranks: int, num_virtual: int) -> tuple[int, ...]:
+    return contiguous_placement(num_ranks)
+
+
+def _v(num_ranks: int, num_virtual: int) -> tuple[int, ...]:
+    return v_placement(num_ranks, 2)
+
+
+_PLACEMENTS: dict[str, Callable[[int, int], tuple[int, ...]]] = {
+    "1f1b": _contiguous, "interleaved-1f1b": looped_placement, "gpipe": _contiguous,
+    "looped-bfs": looped_placement, "zb-h1": _contiguous, "zb-h2": _contiguous, "zb-v": _v, "v-min": _v,
+    "v-half": _v, "naive": _contiguous, "dualpipe-v": _v,
+}
+"""Each family's stage -> rank placement, as its generator above gives it (without generating)."""
+
+
+def fast_placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...] | None:
+    """`fast_order(name, ...).placement` without the order (the V families' one-micro-batch orders
+    are padded to 2p, so generating one to read its placement is not free); None as `fast_order`."""
+    placement = _PLACEMENTS.get(name)
+    return None if placement is None else placement(num_ranks, num_virtual)
 
 
 def fast_order(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Order | None:
