@@ -231,8 +231,8 @@ class CompiledSchedule:
         done = np.zeros(size + 2, dtype=bool)
         done[walk_missing] = True
         position = starts + np.arange(num_rows, dtype=np.int64)
-        positions = np.empty((limit, num_rows), dtype=np.int64)
-        readies = np.empty((limit, num_rows), dtype=bool)
+        # Per level the lanes' positions; a lane ran where its position moved on at the next level.
+        positions = np.empty((limit + 1, num_rows), dtype=np.int64)
         num_levels = 0
         origin = int(position.sum())
         while True:
@@ -246,12 +246,12 @@ class CompiledSchedule:
                 return None  # thin from the start (as naive's): given up early
             done[position] = ready
             positions[num_levels] = position
-            readies[num_levels] = ready
             num_levels += 1
             position = position + ready
         if not np.array_equal(position, starts + lengths + np.arange(num_rows, dtype=np.int64)):
             return None  # a deadlock: `_topological` says where
-        lanes = readies[:num_levels]
+        positions[num_levels] = position
+        lanes = positions[1:num_levels + 1] != positions[:num_levels]
         table = np.where(lanes, positions[:num_levels] - np.arange(num_rows, dtype=np.int64), dump)
         safe = np.where(lanes, table, 0)
         previous = np.where(lanes & (self._previous[safe] >= 0), self._previous[safe], no_previous)
