@@ -139,18 +139,22 @@ def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple
     count offset by half its field (so a field never borrows), the first column most significant
     (so the codes sort as the rows do); one cumulative sum and one sort of integers. None
     where the fields would not fit 62 bits, or a count is negative."""
-    stages = sorted_unique(stages_of)
+    if not len(stages_of) or int(stages_of.min()) < 0:
+        return None
+    stages = np.flatnonzero(np.bincount(stages_of))  # (a rank's stages: a few small numbers)
     width = len(stages)
     bits = (len(kinds) + 1).bit_length() + 1  # any count, plus or minus, fits half the field
-    if not width or 2 * width * bits > 62:
+    if 2 * width * bits > 62:
         return None
-    column = np.searchsorted(stages, stages_of)
-    shift = (2 * width - 1 - column) * bits  # the activations' field; the W inputs' is width fields lower
+    # Per (kind, stage) its packed change: the activations' field of the stage's column, and the W
+    # inputs' width fields lower; one gather per action.
+    shift = (2 * width - 1 - np.arange(width, dtype=np.int64)) * bits
+    change = np.zeros((len(_HELD), int(stages[-1]) + 1), dtype=np.int64)
+    change[:, stages] = (_HELD[:, None] << shift) + (_WAITING[:, None] << (shift - width * bits))
     bias = 1 << (bits - 1)
     shifts = np.arange(2 * width - 1, -1, -1, dtype=np.int64) * bits
     start = int((bias << shifts).sum())
-    steps = (_HELD[kinds] << shift) + (_WAITING[kinds] << (shift - width * bits))
-    codes = sorted_unique(np.concatenate([[start], start + np.cumsum(steps)]))
+    codes = sorted_unique(np.concatenate([[start], start + np.cumsum(change[kinds, stages_of])]))
     rows = ((codes[:, None] >> shifts) & ((1 << bits) - 1)) - bias
     if int(rows.min()) < 0:
         return None
