@@ -185,7 +185,9 @@ def balance(
     first, last = 0, 0
     for stage, cost in enumerate(costs):
         low, high = ends[stage]
-        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+        if first == last and low == high:  # one cell (most of them): the comprehension below, unrolled
+            best = [max(best[0], (cumulative[low] - cumulative[first]) / speeds[stage] if first < low else inf)]
+        elif (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
             speed = speeds[stage]
             best = [min(max(slowest, (cumulative[end] - cumulative[start]) / speed if start < end else inf)
                         for start, slowest in zip(range(first, last + 1), best, strict=True))
@@ -233,7 +235,11 @@ def _least_squares(
     for stage, speed in enumerate(speeds):
         low, high = ends[stage]
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+        if first == last and low == high:  # one cell (most of them): the loop below, unrolled
+            time = (cumulative[low] - cumulative[first]) / speed if first < low else inf
+            squares = [squares[0] + (time * time if time <= bottleneck else inf)]
+            starts.append([first])
+        elif (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
             least, latest = [], []
             for end in range(low, high + 1):
                 totals = []
