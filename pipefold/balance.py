@@ -10,6 +10,7 @@ Among cuts with the same slowest stage it takes the most even, earlier stages la
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import operator
 import re
@@ -154,18 +155,13 @@ def balance(
     if len(speeds) != num_stages:
         raise PartitionError(f"stage_speeds has {len(speeds)} entries but there are {num_stages} stages")
 
-    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
-    segment = prefix[None, :] - prefix[:, None]  # segment[a, b] = sum of weights[a:b]
-    forward = np.triu(np.ones((num_layers + 1, num_layers + 1), dtype=bool), k=1)  # a < b: non-empty stage
-    # One array per distinct speed (one in all on equal devices), shared by the stages of that speed.
-    by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in set(speeds)}
+    cumulative, by_speed = _tables(tuple(values), frozenset(speeds))
     costs = [by_speed[speed] for speed in speeds]
 
     # Stage j (from 0) can only start at a in [j, L - S + j] and end at b in [j + 1, L - S + j + 1]
     # (every stage takes a layer). Each pass works on the part of that band a cut with no stage
     # over a limit can reach (`_feasible_ends`): it holds every cut the pass could follow, so
     # the values and tie-breaks there are those of the whole table.
-    cumulative = prefix.tolist()
 
     # Most blocks of (start, end) a stage can take are a cell or a few: those are computed in
     # Python (numpy's per-call cost dominates there), the larger ones with numpy. The same floats
@@ -189,7 +185,9 @@ def balance(
     first, last = 0, 0
     for stage, cost in enumerate(costs):
         low, high = ends[stage]
-        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+        if first == last and low == high:  # one cell (most of them): the comprehension below, unrolled
+            best = [max(best[0], (cumulative[low] - cumulative[first]) / speeds[stage] if first < low else inf)]
+        elif (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
             speed = speeds[stage]
             best = [min(max(slowest, (cumulative[end] - cumulative[start]) / speed if start < end else inf)
                         for start, slowest in zip(range(first, last + 1), best, strict=True))
@@ -202,6 +200,22 @@ def balance(
     return _least_squares(cumulative, speeds, bottleneck, by_speed)
 
 
+@functools.lru_cache(maxsize=256)
+def _tables(values: tuple[float, ...], speeds: frozenset[float]) -> tuple[list[float], dict[float, np.ndarray]]:
+    """The weights' prefix sums, and per distinct speed the (start, end) matrix of stage times
+    (infinite where the stage would be empty): the same for every stage count, so the planner's
+    many counts of one model's weights build them once."""
+    num_layers = len(values)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    segment = prefix[None, :] - prefix[:, None]  # segment[a, b] = sum of weights[a:b]
+    forward = np.triu(np.ones((num_layers + 1, num_layers + 1), dtype=bool), k=1)  # a < b: non-empty stage
+    # One array per distinct speed (one in all on equal devices), shared by the stages of that speed.
+    by_speed = {speed: np.where(forward, segment / speed, np.inf) for speed in speeds}
+    for matrix in by_speed.values():
+        matrix.setflags(write=False)
+    return prefix.tolist(), by_speed
+
+
 def _least_squares(
     cumulative: list[float], speeds: Sequence[float], bottleneck: float, by_speed: dict[float, np.ndarray]
 ) -> Partition:
@@ -210,10 +224,9 @@ def _least_squares(
     inf = math.inf
     # Among cuts reaching it, least sum of squares; on equal sums, the latest start.
     # Costs are recomputed from the same values, so `<= bottleneck` compares identical floats;
-    # each distinct speed's squared costs, those over the bottleneck infinite, are computed once.
+    # a block's squared costs, those over the bottleneck infinite, are computed for that block alone.
     # Only the cut points some cut with no stage over the bottleneck can take are visited
     # (`_feasible_ends`): usually a few per stage instead of the whole band.
-    allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
     ends = _feasible_ends(cumulative, speeds, bottleneck)
     squares = [0.0]
     first, last = 0, 0
@@ -222,7 +235,11 @@ def _least_squares(
     for stage, speed in enumerate(speeds):
         low, high = ends[stage]
         # (An infinite total never equals a finite least one, and the infinite ones are never followed.)
-        if (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
+        if first == last and low == high:  # one cell (most of them): the loop below, unrolled
+            time = (cumulative[low] - cumulative[first]) / speed if first < low else inf
+            squares = [squares[0] + (time * time if time <= bottleneck else inf)]
+            starts.append([first])
+        elif (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
             least, latest = [], []
             for end in range(low, high + 1):
                 totals = []
@@ -235,7 +252,8 @@ def _least_squares(
             squares = least
             starts.append(latest)
         else:
-            total = np.asarray(squares)[:, None] + allowed[speed][first:last + 1, low:high + 1]
+            cost = by_speed[speed][first:last + 1, low:high + 1]
+            total = np.asarray(squares)[:, None] + np.where(cost <= bottleneck, cost**2, np.inf)
             smallest_array = total.min(axis=0)
             squares = smallest_array.tolist()
             starts.append((last - np.argmax((total == smallest_array[None, :])[::-1], axis=0)).tolist())

@@ -137,12 +137,15 @@ def degree_verdicts(
     """One verdict per dp x pp x tp split in `splits` (dp, then tp ascending): at its best over every
     family and setting."""
     verdicts = []
+    by_split: dict[tuple[int, int, int], list[Record]] = {}
+    for record in records:
+        by_split.setdefault(record.degree.split, []).append(record)
     for split in splits:
         subject = split_text(*split)
         if split in rejected:
             verdicts.append(Verdict(subject, "not-applicable", rejected[split]))
             continue
-        group = [r for r in records if r.degree.split == split]
+        group = by_split.get(split, [])
         if not group:
             reasons = [reason for degree, families in excluded.items() if degree.split == split
                        for _, reason in families.values()]

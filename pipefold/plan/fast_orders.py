@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipefold.schedule.families._v_greedy import greedy_v_order
-from pipefold.schedule.families.dualpipe_v import rank_order as dualpipe_rank_order
 from pipefold.schedule.families.interleaved_1f1b import microbatch_groups
 from pipefold.schedule.families.v_half import memory_cap as v_half_cap
 from pipefold.schedule.families.v_min import memory_cap as v_min_cap
-from pipefold.schedule.families.zb_v import rank_order as zb_v_rank_order
 from pipefold.schedule.ir import (
     Schedule,
     WeightUpdate,
@@ -36,7 +34,7 @@ from pipefold.schedule.ir import (
 from pipefold.simulate.compiled import KINDS, rows_of
 
 __all__ = [
-    "Order", "order_of", "fast_order", "fast_families",
+    "Order", "order_of", "fast_order", "fast_placement", "fast_families", "sorted_unique",
     "KIND_F", "KIND_B", "KIND_I", "KIND_W", "KIND_STEP", "OP_OF_KIND",
 ]
 
@@ -65,7 +63,19 @@ class Order:
                         ((),) * self.num_ranks, self.weight_update)
 
     def kinds_used(self) -> set[int]:
-        return {int(kind) for kinds, _, _ in self.rows for kind in np.unique(kinds)}
+        return {int(kind) for kinds, _, _ in self.rows for kind in np.flatnonzero(np.bincount(kinds))}
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique(values)` of a 1-d integer array, by one sort: numpy's own (a hash table since numpy
+    2.3) takes 5-25x longer on the planner's arrays of a few thousand integers."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def order_of(schedule: Schedule) -> Order:
@@ -193,11 +203,41 @@ def _zb_h2(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tup
         for rank in range(num_ranks)]
 
 
+def _running_counts(groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per entry, how many entries of its group came before it (groups numbered from 0)."""
+    order = np.argsort(groups, kind="stable")
+    sizes = np.bincount(groups, minlength=num_groups)
+    counts = np.empty(len(groups), dtype=np.int64)
+    counts[order] = np.arange(len(groups), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return counts
+
+
+def _repeated(*parts: tuple[list[int], int]) -> np.ndarray:
+    """The concatenation of each pattern repeated its count of times (a count below 0 as 0)."""
+    return np.concatenate([np.tile(np.array(pattern, dtype=np.int64), max(count, 0))
+                           for pattern, count in parts])
+
+
+def _zb_v_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
+    """`zb_v.rank_order` (m >= 2p-1) built from its phases' repeated patterns, each (kind, which of
+    the rank's two stages) numbered in emission order: the same order without a Python call per action."""
+    p, m, r = num_ranks, num_microbatches, rank
+    f0, f1, i0, i1 = 2 * KIND_F, 2 * KIND_F + 1, 2 * KIND_I, 2 * KIND_I + 1
+    w0, w1 = 2 * KIND_W, 2 * KIND_W + 1
+    # Warm-up; then the steady state's m - p rounds, the first m - (2p - r - 1) with a forward down
+    # (until m have gone down); then the cool-down, whose last W's (r per stage) come after every I.
+    coded = _repeated(([f0], 2 * (p - r) - 1), ([f1, f0], r), ([f1, i1, w1], p - r),
+                      ([f0, i0, w0, f1, i1, w1], m - (2 * p - r - 1)), ([i0, w0, f1, i1, w1], p - r - 1),
+                      ([i0, i1], r), ([i0, w0], p - r), ([w1], r), ([w0], r))
+    which = coded & 1
+    return coded >> 1, np.where(which == 1, 2 * p - 1 - r, r), _running_counts(coded, 2 * (KIND_W + 1))
+
+
 def _zb_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
     padded = max(num_microbatches, 2 * num_ranks - 1)
     rows = []
     for rank in range(num_ranks):
-        kinds, stages, mbs = _row(*zb_v_rank_order(num_ranks, padded, rank))
+        kinds, stages, mbs = _zb_v_row(num_ranks, padded, rank)
         keep = mbs < num_microbatches
         rows.append((kinds[keep], stages[keep], mbs[keep]))
     return v_placement(num_ranks, 2), rows
@@ -211,11 +251,53 @@ def _naive(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tup
                 np.ones((m, 2), dtype=bool)) for rank in range(num_ranks)]
 
 
+def _dualpipe_v_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
+    """`dualpipe_v.rank_order` (m >= 2p) built from its phases' repeated patterns: forwards numbered
+    per stage, B and I sharing one count per stage (two ways of running one backward), and the k-th
+    W taking the k-th I's stage and micro-batch (the builder's queue of pending weights)."""
+    p, m, r = num_ranks, num_microbatches, rank
+    # Codes kind * 2 + which (0: the stage down, 1: up); a W's which is filled in from its I.
+    f0, f1, b0, b1 = 2 * KIND_F, 2 * KIND_F + 1, 2 * KIND_B, 2 * KIND_B + 1
+    i0, i1, w = 2 * KIND_I, 2 * KIND_I + 1, 2 * KIND_W
+    # The cool-down, as `rank_order` runs it: the second half of the backwards split, W's where pending.
+    tail: list[int] = []
+    pending = 0
+    split = False
+    for i in range(r + 1):
+        if i == (r + 1) // 2 and r % 2 == 1:
+            split = True
+        tail.append(i1 if split else b1)
+        pending += split
+        if i == (r + 1) // 2 and r % 2 == 0:
+            split = True
+        tail.append(i0 if split else b0)
+        pending += split
+    for _ in range(p - r - 1):
+        if pending:
+            tail.append(w)
+            pending -= 1
+        tail.append(i0 if split else b0)
+        pending += split
+    tail += [w] * min(pending, r + 1)
+    coded = _repeated(([f0], 2 * (p - r - 1)), ([f0, f1], r + 1), ([i1, w, f1], p - r - 1),
+                      ([f0, b1, f1, b0], m - 2 * p + r + 1), ([b1, f1, b0], p - r - 1), (tail, 1))
+    kinds = coded >> 1
+    which = coded & 1
+    # One count per (F or backward, stage): I's counted with B's; W's apart (numbered below).
+    group = np.select([kinds == KIND_F, kinds == KIND_W], [which, 4], 2 + which)
+    microbatches = _running_counts(group, 5)
+    stages = np.where(which == 1, 2 * p - 1 - r, r)
+    weights, inputs = np.flatnonzero(kinds == KIND_W), np.flatnonzero(kinds == KIND_I)
+    stages[weights] = stages[inputs[:len(weights)]]
+    microbatches[weights] = microbatches[inputs[:len(weights)]]
+    return kinds, stages, microbatches
+
+
 def _dualpipe_v(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
     padded = max(num_microbatches, 2 * num_ranks)
     rows = []
     for rank in range(num_ranks):
-        kinds, stages, mbs = _row(*dualpipe_rank_order(num_ranks, padded, rank))
+        kinds, stages, mbs = _dualpipe_v_row(num_ranks, padded, rank)
         keep = mbs < num_microbatches
         rows.append((kinds[keep], stages[keep], mbs[keep]))
     return v_placement(num_ranks, 2), rows
@@ -247,6 +329,29 @@ _GENERATORS: dict[str, Callable[[int, int, int], tuple[tuple[int, ...], list[Row
     "dualpipe-v": _dualpipe_v,
 }
 """The flush families generated here; `family(name).check` has refused bad sizes before."""
+
+
+def _contiguous(num_ranks: int, num_virtual: int) -> tuple[int, ...]:
+    return contiguous_placement(num_ranks)
+
+
+def _v(num_ranks: int, num_virtual: int) -> tuple[int, ...]:
+    return v_placement(num_ranks, 2)
+
+
+_PLACEMENTS: dict[str, Callable[[int, int], tuple[int, ...]]] = {
+    "1f1b": _contiguous, "interleaved-1f1b": looped_placement, "gpipe": _contiguous,
+    "looped-bfs": looped_placement, "zb-h1": _contiguous, "zb-h2": _contiguous, "zb-v": _v, "v-min": _v,
+    "v-half": _v, "naive": _contiguous, "dualpipe-v": _v,
+}
+"""Each family's stage -> rank placement, as its generator above gives it (without generating)."""
+
+
+def fast_placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, ...] | None:
+    """`fast_order(name, ...).placement` without the order (the V families' one-micro-batch orders
+    are padded to 2p, so generating one to read its placement is not free); None as `fast_order`."""
+    placement = _PLACEMENTS.get(name)
+    return None if placement is None else placement(num_ranks, num_virtual)
 
 
 def fast_order(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Order | None:

@@ -20,6 +20,7 @@ over ranks. `HeldTerms.at(m)` evaluates it for any micro-batch count (docs/decis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -78,6 +79,30 @@ def _trip(f: np.ndarray, half: np.ndarray, boundaries: Boundaries) -> np.ndarray
     return trip
 
 
+@functools.lru_cache(maxsize=1024)
+def _ranks_of(placement: tuple[int, ...], num_ranks: int
+              ) -> tuple[list[int], list[tuple[int, np.ndarray, np.ndarray]], np.ndarray]:
+    """For `held_terms`, kept per placement (the search asks for a few thousand terms over a few
+    hundred placements): the ranks that own stages; per count of stages, the indices among those
+    ranks of the ones owning that many and their stages, (ranks, stages); each one's lowest stage."""
+    owned: list[list[int]] = [[] for _ in range(num_ranks)]
+    for stage, rank in enumerate(placement):
+        owned[rank].append(stage)
+    ranks = [rank for rank in range(num_ranks) if owned[rank]]
+    counts = [len(owned[rank]) for rank in ranks]
+    groups = []
+    for num_stages in sorted(set(counts)):
+        group = [index for index, count in enumerate(counts) if count == num_stages]
+        at = np.array([owned[ranks[index]] for index in group], dtype=np.intp)
+        indices = np.array(group, dtype=np.intp)
+        for array in (indices, at):
+            array.setflags(write=False)
+        groups.append((num_stages, indices, at))
+    first = np.array([owned[rank][0] for rank in ranks], dtype=np.intp)
+    first.setflags(write=False)
+    return ranks, groups, first
+
+
 def held_terms(
     plain: CostModel, recomputed: CostModel | StageArrays, placement: Sequence[int], headroom: Sequence[float],
     allowed: Literal["auto", "none", "full"], boundaries: Boundaries | None = None,
@@ -88,10 +113,7 @@ def held_terms(
     `boundaries`: `boundary_times(plain, placement)` where the caller keeps them."""
     if boundaries is None:
         boundaries = boundary_times(plain, placement)
-    num_ranks = len(headroom)
-    owned: list[list[int]] = [[] for _ in range(num_ranks)]
-    for stage, rank in enumerate(placement):
-        owned[rank].append(stage)
+    ranks, groups, first = _ranks_of(tuple(placement), len(headroom))
 
     def arrays(model: CostModel | StageArrays) -> tuple[np.ndarray, ...]:
         return tuple(np.asarray(table, dtype=np.float64)
@@ -113,17 +135,13 @@ def held_terms(
 
     kept_terms = per_stage(*kept)
     recomputed_terms = per_stage(*recomputed_arrays)
-    ranks = [rank for rank in range(num_ranks) if owned[rank]]
     rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
-    counts = [len(owned[rank]) for rank in ranks]
     # Per rank, 2 ** its stages options at most (one where each stage is taken apart or the
     # choice is pinned); ranks with fewer options repeat their last one (a duplicate changes no minimum).
-    widths = {count: 1 if allowed != "auto" or 2 ** count > _MAX_SUBSETS else 2 ** count for count in counts}
+    widths = {count: 1 if allowed != "auto" or 2 ** count > _MAX_SUBSETS else 2 ** count for count, _, _ in groups}
     table = np.zeros((len(ranks), max(widths.values(), default=0), 3), dtype=np.float64)
     # The ranks of one stage count at once: (ranks, options, 3) per group.
-    for num_stages in sorted(set(counts)):
-        group = [index for index, count in enumerate(counts) if count == num_stages]
-        at = np.array([owned[ranks[index]] for index in group], dtype=np.intp)  # (ranks, stages)
+    for num_stages, group, at in groups:
         room = rooms[group][:, None]
         # (ranks, stages, 3): busy, chained, held bytes-seconds / headroom, kept and recomputed.
         parts = []
@@ -150,10 +168,8 @@ def held_terms(
         total = np.zeros((len(group), chosen.shape[1], 3))
         for index in range(num_stages):
             total = total + chosen[:, :, index, :]
-        rows = np.array(group, dtype=np.intp)
-        table[rows, :total.shape[1]] = total
-        table[rows, total.shape[1]:] = total[:, -1:]
-    first = np.array([owned[rank][0] for rank in ranks], dtype=np.intp)
+        table[group, :total.shape[1]] = total
+        table[group, total.shape[1]:] = total[:, -1:]
     return HeldTerms(
         start=fill[first].reshape(-1, 1),
         drain=drain[first].reshape(-1, 1),

@@ -16,7 +16,17 @@ import functools
 import numpy as np
 
 from pipefold.plan.bounds import Backward
-from pipefold.plan.fast_orders import KIND_B, KIND_F, KIND_I, KIND_W, Order, fast_order, order_of
+from pipefold.plan.fast_orders import (
+    KIND_B,
+    KIND_F,
+    KIND_I,
+    KIND_W,
+    Order,
+    fast_order,
+    fast_placement,
+    order_of,
+    sorted_unique,
+)
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.ir import WeightUpdate
 from pipefold.schedule.registry import family
@@ -84,8 +94,8 @@ def family_placement(name: str, num_ranks: int, num_virtual: int) -> tuple[int, 
         return family_schedule(name, num_ranks, 1, num_virtual).placement  # (which refuses them)
     entry = family(name)
     entry.check(num_ranks, 1, num_virtual)
-    fast = fast_order(name, num_ranks, 1, num_virtual)
-    return fast.placement if fast is not None else entry.generate(num_ranks, 1, num_virtual).placement
+    fast = fast_placement(name, num_ranks, num_virtual)
+    return fast if fast is not None else entry.generate(num_ranks, 1, num_virtual).placement
 
 
 def compiles(schedule: Schedule, model: CostModel) -> bool:
@@ -127,20 +137,24 @@ _WAITING = np.array([0, 0, 1, -1, 0], dtype=np.int64)
 def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray] | None:
     """`_held_counts_of_row` with each count vector packed into one integer as it is summed: every
     count offset by half its field (so a field never borrows), the first column most significant
-    (so the codes sort as the rows do); one cumulative sum and one `np.unique` of integers. None
+    (so the codes sort as the rows do); one cumulative sum and one sort of integers. None
     where the fields would not fit 62 bits, or a count is negative."""
-    stages = np.unique(stages_of)
+    if not len(stages_of) or int(stages_of.min()) < 0:
+        return None
+    stages = np.flatnonzero(np.bincount(stages_of))  # (a rank's stages: a few small numbers)
     width = len(stages)
     bits = (len(kinds) + 1).bit_length() + 1  # any count, plus or minus, fits half the field
-    if not width or 2 * width * bits > 62:
+    if 2 * width * bits > 62:
         return None
-    column = np.searchsorted(stages, stages_of)
-    shift = (2 * width - 1 - column) * bits  # the activations' field; the W inputs' is width fields lower
+    # Per (kind, stage) its packed change: the activations' field of the stage's column, and the W
+    # inputs' width fields lower; one gather per action.
+    shift = (2 * width - 1 - np.arange(width, dtype=np.int64)) * bits
+    change = np.zeros((len(_HELD), int(stages[-1]) + 1), dtype=np.int64)
+    change[:, stages] = (_HELD[:, None] << shift) + (_WAITING[:, None] << (shift - width * bits))
     bias = 1 << (bits - 1)
     shifts = np.arange(2 * width - 1, -1, -1, dtype=np.int64) * bits
     start = int((bias << shifts).sum())
-    steps = (_HELD[kinds] << shift) + (_WAITING[kinds] << (shift - width * bits))
-    codes = np.unique(np.concatenate([[start], start + np.cumsum(steps)]))
+    codes = sorted_unique(np.concatenate([[start], start + np.cumsum(change[kinds, stages_of])]))
     rows = ((codes[:, None] >> shifts) & ((1 << bits) - 1)) - bias
     if int(rows.min()) < 0:
         return None
@@ -177,7 +191,7 @@ def _distinct_rows(table: np.ndarray) -> np.ndarray:
     if low < 0 or bits * table.shape[1] > 62:
         return np.unique(table, axis=0)
     shifts = np.arange(table.shape[1] - 1, -1, -1, dtype=np.int64) * bits
-    packed = np.unique((table << shifts).sum(axis=1))
+    packed = sorted_unique((table << shifts).sum(axis=1))
     rows: np.ndarray = (packed[:, None] >> shifts) & ((1 << bits) - 1)
     return rows
 

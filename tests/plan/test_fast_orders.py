@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from pipefold.errors import ScheduleError
 from pipefold.plan.bounds import backward_kind
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.fast_orders import Order, fast_families, fast_order, order_of
+from pipefold.plan.fast_orders import (
+    Order,
+    fast_families,
+    fast_order,
+    fast_placement,
+    order_of,
+    sorted_unique,
+)
 from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
 from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _INPUT, _PARAM, _W, StageLayout
 from pipefold.schedule import Schedule, build
@@ -91,6 +98,7 @@ def test_fast_paths_equal_the_slow_paths(name: str, sizes: tuple[int, int, int],
     fast = fast_order(name, p, m, v)
     assert fast is not None
     assert _same(fast, order_of(schedule))
+    assert fast_placement(name, p, v) == schedule.placement
     # The held counts and backward kind the search reads.
     for (stages, counts), (want_stages, want) in zip(held_counts_of(fast), _held_counts_reference(schedule),
                                                      strict=True):
@@ -105,6 +113,23 @@ def test_fast_paths_equal_the_slow_paths(name: str, sizes: tuple[int, int, int],
     assert compiled.order_activation_peaks(costs) == reference.order_activation_peaks(costs)
 
 
+def test_the_v_rows_from_patterns_equal_the_builders() -> None:
+    """zb-v's and dualpipe-v's rows built from repeated patterns equal their families' per-action
+    builders at every rank, over ranks and the micro-batch counts they are generated for."""
+    from pipefold.plan.fast_orders import _dualpipe_v_row, _row, _zb_v_row
+    from pipefold.schedule.families.dualpipe_v import rank_order as dualpipe_v_order
+    from pipefold.schedule.families.zb_v import rank_order as zb_v_order
+
+    for p in range(1, 10):
+        for extra in range(12):
+            for rank in range(p):
+                zb_v_m, dualpipe_m = 2 * p - 1 + extra, 2 * p + extra
+                for fast, slow in ((_zb_v_row(p, zb_v_m, rank), zb_v_order(p, zb_v_m, rank)),
+                                   (_dualpipe_v_row(p, dualpipe_m, rank), dualpipe_v_order(p, dualpipe_m, rank))):
+                    for got, want in zip(fast, _row(*slow), strict=True):
+                        np.testing.assert_array_equal(got, want)
+
+
 def test_the_fast_families_are_the_flush_families_the_planner_times_most() -> None:
     assert set(fast_families()) >= {"1f1b", "interleaved-1f1b", "gpipe", "zb-h1", "zb-h2", "zb-v", "v-min", "v-half"}
 
@@ -115,6 +140,15 @@ def test_the_fast_families_are_the_flush_families_the_planner_times_most() -> No
 def test_distinct_rows_equal_numpy_unique(rows: list[list[int]]) -> None:
     table = np.array(rows, dtype=np.int64)
     np.testing.assert_array_equal(_distinct_rows(table), np.unique(table, axis=0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**62), 2**62), max_size=60))
+def test_sorted_unique_equals_numpy_unique(values: list[int]) -> None:
+    array = np.array(values, dtype=np.int64)
+    got = sorted_unique(array)
+    np.testing.assert_array_equal(got, np.unique(array))
+    assert got.dtype == np.unique(array).dtype
 
 
 def test_compiled_rows_keep_the_errors() -> None:

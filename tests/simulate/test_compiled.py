@@ -114,3 +114,21 @@ def test_deadlock_is_named_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
             CompiledSchedule(schedule)
         messages.append(str(error.value))
     assert messages[0] == messages[1]
+
+
+def test_sequential_orders_take_the_microbatch_order() -> None:
+    """naive's order is a topological order sorted by micro-batch (no walk), and times as `simulate`;
+    1F1B's is not (a forward of the next micro-batch precedes a backward), so the walk orders it."""
+    import numpy as np
+
+    from pipefold.simulate.compiled import rows_of
+
+    rng = random.Random(11)
+    for name, expected in (("naive", True), ("1f1b", False)):
+        schedule = build(name, num_ranks=4, num_microbatches=6)
+        compiled = CompiledSchedule(schedule)
+        microbatches = np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows_of(schedule)])
+        assert (compiled._by_microbatch(microbatches) is not None) == expected
+        costs = _random_costs(rng, schedule.num_stages, 4, zeros=False)
+        run, timeline = compiled.run(costs), simulate(schedule, costs)
+        assert (run.makespan, run.activation_peaks) == (timeline.makespan, timeline.activation_bytes_peak)

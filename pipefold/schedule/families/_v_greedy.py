@@ -32,29 +32,25 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
         )
     num_stages = 2 * num_ranks
     num_mb = num_microbatches
-    never = 1 << 62
-    # Per (stage, micro-batch) at slot stage * width + mb, the time its F (its I) result is available,
-    # in flat lists (building and hashing keys for every probe dominated at 64 ranks). Each stage has
-    # one slot more, never available (the micro-batch after the last), and two rows more: the
-    # gradient from above the last stage and the forward from below the first, available at once:
-    # so each probe is one comparison.
+    # A stage's F's (and I's) are emitted in micro-batch order, so "its micro-batch j is done by
+    # now" is "j < how many it had emitted before this step": per stage at index stage + 1 those
+    # counts, and a copy taken at each step's start is what every rank sees during it (what one
+    # rank does now is seen by the others only from the next step). Index 0 is the forward from
+    # below the first stage and index num_stages + 1 the gradient from above the last, available at
+    # once; no count passes num_mb, so the micro-batch after the last is never ready.
+    done_f = [0] * (num_stages + 2)
+    done_i = [0] * (num_stages + 2)
+    done_f[0] = num_mb
+    done_i[num_stages + 1] = num_mb
     width = num_mb + 1
-    f_done = [never] * ((num_stages + 2) * width)
-    i_done = [never] * ((num_stages + 2) * width)
-    i_done[num_stages * width:num_stages * width + num_mb] = [0] * num_mb
-    f_done[(num_stages + 1) * width:(num_stages + 1) * width + num_mb] = [0] * num_mb
     last = num_stages - 1
-    # Per rank: its stages down and up, where their slots begin, and where the slots of the stages
-    # each one waits on begin (a gradient from the stage above, a forward from the stage below).
-    # Each rank's actions as codes slot * 4 + kind, one append each, and the slots of its I's whose W
-    # is still to run.
+    # Per rank: the indices of its stages down and up, where their slots (stage * width + mb) begin,
+    # its actions as codes slot * 4 + kind (one append each), and the slots of its I's whose W is
+    # still to run.
     codes: list[list[int]] = [[] for _ in range(num_ranks)]
     pending_w: list[deque[int]] = [deque() for _ in range(num_ranks)]
-    lanes = [(rank, rank, last - rank, rank * width, (last - rank) * width, (rank + 1) * width,
-              (last - rank + 1) * width, (last - rank - 1) * width, ((rank or num_stages + 2) - 1) * width,
-              codes[rank].append, pending_w[rank]) for rank in range(num_ranks)]
-    next_f = [0] * num_stages
-    next_i = [0] * num_stages
+    lanes = [(rank, rank + 1, last - rank + 1, rank * width, (last - rank) * width, codes[rank].append,
+              pending_w[rank]) for rank in range(num_ranks)]
     held = [0] * num_ranks
     reserved = [0] * num_ranks
     remaining = 3 * num_stages * num_microbatches
@@ -66,35 +62,34 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
             # Unreachable for cap >= 2 (see the note); a loud stop beats spinning forever.
             raise ScheduleError(f"greedy V scheduler stalled at time {now} with cap={cap}")
         soon = now + 1
-        # A rank's action ends at now + 1, so every rank is free at every step, and what one rank
-        # does now is seen by the others only from the next step.
-        for rank, down, up, down_at, up_at, above_down, above_up, below_up, below_down, emit, pending in lanes:
+        seen_f = done_f[:]
+        seen_i = done_i[:]
+        for rank, down, up, down_at, up_at, emit, pending in lanes:
             # An I first (the earliest micro-batch, then the later stage: up > down), where the stage's
             # next one has its forward and the gradient from the stage above.
-            mb_down, mb_up = next_i[down], next_i[up]
-            ready_down = f_done[down_at + mb_down] <= now and i_done[above_down + mb_down] <= now
-            ready_up = f_done[up_at + mb_up] <= now and i_done[above_up + mb_up] <= now
+            mb_down, mb_up = done_i[down], done_i[up]
+            ready_down = mb_down < seen_f[down] and mb_down < seen_i[down + 1]
+            ready_up = mb_up < seen_f[up] and mb_up < seen_i[up + 1]
             if ready_down or ready_up:
                 if ready_down and (not ready_up or mb_down < mb_up):
                     slot = down_at + mb_down
-                    next_i[down] = mb_down + 1
+                    done_i[down] = mb_down + 1
                 else:
                     slot = up_at + mb_up
-                    next_i[up] = mb_up + 1
-                i_done[slot] = soon
+                    done_i[up] = mb_up + 1
                 emit(slot * 4 + KIND_I)
                 pending.append(slot)
             else:
-                mb = next_f[up]
-                if f_done[below_up + mb] <= now:
+                mb = done_f[up]
+                if mb < seen_f[up - 1]:
                     slot = up_at + mb
-                    next_f[up] = mb + 1
+                    done_f[up] = mb + 1
                     reserved[rank] -= 1
                 else:
-                    mb = next_f[down]
-                    if f_done[below_down + mb] <= now and held[rank] + reserved[rank] + 2 <= cap:
+                    mb = done_f[down]
+                    if mb < seen_f[down - 1] and held[rank] + reserved[rank] + 2 <= cap:
                         slot = down_at + mb
-                        next_f[down] = mb + 1
+                        done_f[down] = mb + 1
                         reserved[rank] += 1
                     elif pending:
                         emit(pending.popleft() * 4 + KIND_W)
@@ -104,7 +99,6 @@ def greedy_v_order(num_ranks: int, num_microbatches: int, cap: int) -> list[IntR
                         continue
                     else:
                         continue
-                f_done[slot] = soon
                 emit(slot * 4 + KIND_F)
                 held[rank] += 1
             last_busy = soon
