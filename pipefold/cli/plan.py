@@ -35,7 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipefold.cli import plan_measure
+from pipefold.cli import plan_calibrate, plan_measure
 from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
@@ -198,6 +198,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_measure_arguments(measure)
     measure.add_argument("--save-costs", metavar="FILE", help="also write the measured ModelCosts JSON here")
+    plan_calibrate.add_arguments(measure)
     parser.set_defaults(func=run)
 
 
@@ -263,12 +264,26 @@ def _measured_costs(args: argparse.Namespace) -> Any:
                 f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "
                 f"fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
             )
+    steps = plan_calibrate.calibration_steps(args)
+    if steps and not _trains_the_planned_model(args) and args.calibrate_steps is not None:
+        raise ConfigError(f"--calibrate-steps {steps} trains the model with pipefold train, which reads bytes "
+                          "(vocabulary 256); drop --calibrate-steps, or plan --vocab-size 256")
     measured = measure(args, profile_rows(args))
+    costs = measured.costs
+    calibrated = None
+    if steps and _trains_the_planned_model(args):
+        # The planned ranks: --ranks, else 4 without --devices (plan's default), else the fewest.
+        ranks = args.ranks if args.ranks is not None or args.devices is not None else 4
+        calibrated = plan_calibrate.calibrate(args, costs, steps, _is_hf(args), ranks)
+        costs = calibrated.costs
+        args.calibration = calibrated.to_json()
     if args.save_costs:
-        write_costs(measured.costs, args.save_costs, flag="--save-costs")
+        write_costs(costs, args.save_costs, flag="--save-costs")
     if not args.json:
         print_table(measured, Console())
-    return measured.costs
+        if calibrated is not None:
+            Console().print(calibrated.describe(), highlight=False, markup=False, soft_wrap=True)
+    return costs
 
 
 def _is_hf(args: argparse.Namespace) -> bool:
@@ -484,6 +499,7 @@ def run(args: argparse.Namespace) -> int:
         recompute_attention=args.recompute_attention,
     )
     plan_measure.check_arguments(args)
+    plan_calibrate.calibration_steps(args)  # refuses bad values before anything is measured
     if args.measure_top and not _trains_the_planned_model(args):
         raise ConfigError(
             "--measure-top trains the planned model with pipefold train, which builds the built-in GPT "
@@ -513,6 +529,8 @@ def run(args: argparse.Namespace) -> int:
               "(e.g. --dp-bandwidth 25e9) for a plan that weighs it", file=sys.stderr)
     if args.json:
         extra: dict[str, Any] = {}
+        if getattr(args, "calibration", None) is not None:
+            extra["calibration"] = args.calibration
         if measured:
             extra["measured"] = [m.to_json() for m in measured]
             extra["measured_fastest"] = min(measured, key=lambda m: m.measured_s).rank
