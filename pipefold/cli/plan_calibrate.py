@@ -7,7 +7,7 @@ A profile times each layer in one process; on a CPU host the same layers inside 
 `pipefold train` (several processes, each pinned to one thread, sharing caches and memory
 bandwidth) take another time, and that ratio moved by a quarter between two profiles on the
 same quiet host. So after profiling, `plan` trains `pipefold train`'s default pipeline (1F1B,
-its default micro-batches, the planned ranks, the profile's fp32) for `--calibrate-steps` steps
+its default partition, the profile's micro-batches, the planned ranks, fp32 as profiled) for `--calibrate-steps` steps
 on the same model and batch, reads the stage costs the run measured (its `costs.json`), and
 scales the profile's layers stage by stage so that they price that run's stages as it measured
 them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is then priced at run-time
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipefold.errors import ConfigError, PipefoldError
+from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import RunCalibration, at_run_prices
 from pipefold.simulate import CostModel
@@ -86,7 +87,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
                         f"pipeline for N steps on the planned ranks and price every candidate at the stage "
-                        f"costs that run measured (default {DEFAULT_STEPS}; 0: the one-process profile's "
+                        f"costs that run measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a Hugging "
+                        "Face model, whose training needs its tokenizer or data; 0: the one-process profile's "
                         "prices alone)")
 
 
@@ -98,7 +100,10 @@ def calibration_steps(args: argparse.Namespace) -> int:
         raise ConfigError("--calibrate-steps calibrates measured costs; add --profile (or --model ... --measure), "
                           "or drop --calibrate-steps")
     if steps is None:
-        return DEFAULT_STEPS if measuring else 0
+        # A Hugging Face model trains on its tokenizer's or the given data, which a model folder
+        # may lack: calibrated only when asked.
+        hf = args.model not in (None, "gpt")
+        return DEFAULT_STEPS if measuring and not hf else 0
     if isinstance(steps, bool) or steps < 0 or 0 < steps < 3:
         raise ConfigError(f"--calibrate-steps = {steps}; give 3 or more steps (the first is a warm-up), or 0 "
                           "for none")
@@ -112,8 +117,11 @@ def _bounds(partition: str) -> tuple[int, ...]:
 
 
 def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf: bool) -> list[str]:
+    # The profile's micro-batches (pinned, else train's default capped at the batch): its rows.
+    microbatches = args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size)
     words = [sys.executable, "-m", "pipefold", "train", "--ranks", str(ranks), "--steps", str(steps),
-             "--batch-size", str(args.batch_size), "--out", str(out), "--device", args.device,
+             "--batch-size", str(args.batch_size), "--microbatches", str(microbatches), "--out", str(out),
+             "--device", args.device,
              "--precision", "fp32", "--set", "sample_tokens=0", "--set", "eval_every=0"]
     if hf:
         return [*words, "--model", args.model, "--seq-len", str(args.seq_len)]
