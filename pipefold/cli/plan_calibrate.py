@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,9 @@ DEFAULT_STEPS = 12
 """Steps of the calibration run: its report's stage costs are of the last 10, so the first two
 (allocation, warm-up) are left out."""
 
+BUSY_SHARE = 0.8
+"""Below this share of a core per CPU rank, the calibration says the host was busy."""
+
 DEFAULT_RANKS = 2
 """Ranks of the calibration run where `--ranks` is not given (pp searched with `--devices`)."""
 
@@ -59,6 +63,8 @@ class Calibrated:
     steps: int
     measured_step_s: float
     """The run's median wall step (its last steps)."""
+    core_share: float
+    """Rank 0's CPU seconds over its wall seconds per step (median): below 1, other work shared its core."""
 
     def describe(self) -> str:
         """One line: the run, the scales per stage, its cost in seconds."""
@@ -71,7 +77,8 @@ class Calibrated:
                 f"{cal.rows} rows per micro-batch, partition {list(cal.bounds)}, median step "
                 f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x {scales(cal.forward_scale)}, "
                 f"B x {scales(cal.backward_scale)} per stage, runtime {cal.action_overhead_s * 1e6:.0f} us per "
-                f"action, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions")
+                f"action, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
+                f"{self.core_share:.0%} of a core")
 
     def to_json(self) -> dict[str, Any]:
         cal = self.calibration
@@ -79,6 +86,7 @@ class Calibrated:
                 "bounds": list(cal.bounds), "forward_scale": list(cal.forward_scale),
                 "backward_scale": list(cal.backward_scale), "action_overhead_s": cal.action_overhead_s,
                 "step_overhead_s": cal.step_overhead_s, "measured_step_s": self.measured_step_s,
+                "core_share": self.core_share,
                 "profile_costs": self.profile_costs.to_json()}
 
 
@@ -153,5 +161,10 @@ def calibrate(args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool,
     priced, calibration = at_run_prices(costs, run, _bounds(summary["partition"]), rows)
     seconds = time.perf_counter() - started
     measured_step = float(summary["step_time"]["measured_wall_median_recent"])
-    result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step)
+    walls, cpus = summary["step_seconds"][1:], summary["step_cpu_seconds"][1:]
+    share = statistics.median(cpu / wall for cpu, wall in zip(cpus, walls, strict=True) if wall > 0)
+    result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share)
+    if share < BUSY_SHARE and args.device != "cuda":
+        print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "
+              "the plan is priced at that load and holds while it lasts", file=sys.stderr)
     return replace(result, costs=replace(priced, source=f"{costs.source}; {result.describe()}"))

@@ -22,6 +22,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     result = json.loads(capsys.readouterr().out)
     calibration = result["calibration"]
     assert calibration["ranks"] == 2 and calibration["steps"] == 3 and calibration["seconds"] > 0
+    assert 0 < calibration["core_share"] <= 1.5  # CPU over wall seconds of rank 0
     # pipefold train's default: 8 micro-batches of the batch of 8, one row each, on its own partition.
     assert calibration["rows"] == 1 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
     profile = ModelCosts.from_json(calibration["profile_costs"])
