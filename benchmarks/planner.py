@@ -283,9 +283,11 @@ def main() -> None:
     if "plan_seconds" in plan:
         calibration = plan.get("calibration")
         print(f"plan --profile took {plan['plan_seconds']:.1f} s"
-              + ("" if calibration is None else f", of which the calibration run {calibration['seconds']:.1f} s "
-                 "(the profile's F x " + "/".join(f"{x:.2f}" for x in calibration["forward_scale"])
-                 + ", B x " + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage)"), file=sys.stderr)
+              + ("" if calibration is None else
+                 f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
+                 + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
+                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage)"),
+              file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     files: dict[str, Path | None] = {}
     for index, entry in enumerate(plan["top"][: args.top]):
@@ -331,7 +333,8 @@ def main() -> None:
             profile_b = _median_of([r["B"] for r in raw])
             if forecast is not None and label in files:  # the repricing reproduces the plan's own
                 again = _priced(costs_path, done[0], files[label], recompute, args)
-                print(f"{label}: plan {forecast * 1e3:.1f} ms, repriced {again * 1e3:.1f} ms", file=sys.stderr)
+                print(f"{label}: plan {forecast * 1e3:.1f} ms, repriced {again * 1e3:.1f} ms",
+                      file=sys.stderr)
         rows.append({
             "label": label, "train_args": shlex.join(extra), "forecast_s": forecast, "measured_s": step,
             "tokens_per_s": tokens / step, "bubble": statistics.median(r["bubble"] for r in done),
@@ -354,7 +357,8 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all")
     print("| configuration | forecast ms | measured ms | spread (rounds) | tokens/s | bubble | vs best "
           "| in-run predicted ms | forecast / in-run | F | I | W | B | in-run / wall | makespan / wall "
-          "| core share | gap after a send us | other gaps us | profile-only forecast ms | profile F | profile B |")
+          "| core share | gap after a send us | other gaps us | profile-only forecast ms | profile F "
+          "| profile B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         forecast_text = f"{row['forecast_s'] * 1e3:.0f}" if row["forecast_s"] is not None else "-"
@@ -387,7 +391,7 @@ def main() -> None:
             best_rounds = best_row["rounds_s"]
             resolved = choice is best_row or low > max(best_rounds) or high < min(best_rounds)
         if choice["profile_forecast_s"] is not None:
-            print(f"at the one-process profile's prices (no calibration) the choice's forecast error would be "
+            print("at the one-process profile's prices (no calibration) the choice's forecast error would be "
                   f"{(choice['profile_forecast_s'] - choice['measured_s']) / choice['measured_s']:+.1%}")
         print(f"choice forecast error: {error:+.1%} (target within 10%); choice vs best measured: "
               f"{choice['measured_s'] / best - 1:+.1%} (target within 5%; "

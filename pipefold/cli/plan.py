@@ -3,7 +3,7 @@
     pipefold plan --model gpt --num-layers 24 --d-model 1024 --ranks 4 --batch-size 64 --memory 8GiB
     pipefold plan --costs costs.json --ranks 8 --batch-size 64 --memory 40GiB --top 10
     pipefold plan --model gpt --ranks 4 --memory 2GiB --schedule zb-v --json
-    pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, then plan
+    pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, calibrate on a run, plan
     pipefold plan --model gpt --devices 8 --batch-size 64 --memory 8GiB    # also choose dp x pp
     pipefold plan --model gpt --ranks 4 --data-parallel 2 --batch-size 64  # 2 replicas of 4 ranks
     pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
@@ -16,10 +16,12 @@ Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold p
 or from `pipefold.runtime.profile` results), from a FLOP estimate of the built-in GPT
 (`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement),
 or from measuring that GPT on this machine first (`--profile`, or `--model gpt --measure`:
-what `pipefold profile` does, with its flags). `--model DIR_OR_CONFIG` plans a Hugging Face
-decoder (gpt2, llama, mistral, qwen2; a model directory or a config.json) as `pipefold train
---model` trains it: the layers `pipefold.split` cuts it into, estimated from the config's sizes
-(`pipefold.plan.hf_estimate`), or measured with `--measure`; the GPT's size flags do not apply.
+what `pipefold profile` does, with its flags, then a short `pipefold train` run of its default
+pipeline prices the layers as the ranks run them: `--calibrate-steps`). `--model DIR_OR_CONFIG`
+plans a Hugging Face decoder (gpt2, llama, mistral, qwen2; a model directory or a config.json)
+as `pipefold train --model` trains it: the layers `pipefold.split` cuts it into, estimated from
+the config's sizes (`pipefold.plan.hf_estimate`), or measured with `--measure`; the GPT's size
+flags do not apply.
 """
 
 from __future__ import annotations
@@ -266,8 +268,8 @@ def _measured_costs(args: argparse.Namespace) -> Any:
             )
     steps = plan_calibrate.calibration_steps(args)
     if steps and not _trains_the_planned_model(args) and args.calibrate_steps is not None:
-        raise ConfigError(f"--calibrate-steps {steps} trains the model with pipefold train, which reads bytes "
-                          "(vocabulary 256); drop --calibrate-steps, or plan --vocab-size 256")
+        raise ConfigError(f"--calibrate-steps {steps} trains the model with pipefold train, which reads "
+                          "bytes (vocabulary 256); drop --calibrate-steps, or plan --vocab-size 256")
     measured = measure(args, profile_rows(args))
     costs = measured.costs
     calibrated = None

@@ -7,13 +7,13 @@ A profile times each layer in one process; on a CPU host the same layers inside 
 `pipefold train` (several processes, each pinned to one thread, sharing caches and memory
 bandwidth) take another time, and that ratio moved by a quarter between two profiles on the
 same quiet host. So after profiling, `plan` trains `pipefold train`'s default pipeline (1F1B,
-its default partition, the profile's micro-batches, the planned ranks, fp32 as profiled) for `--calibrate-steps` steps
-on the same model and batch, reads the stage costs the run measured (its `costs.json`), and
-scales the profile's layers stage by stage so that they price that run's stages as it measured
-them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is then priced at run-time
-prices; the runtime's measured time per action and per step outside the actions replace the
-profile's too. It costs one launch of the ranks (about 10-15 s on a 2-core CPU host), said on
-stderr and in the costs' `source`.
+its default partition, the profile's micro-batches, the planned ranks, fp32 as profiled) for
+`--calibrate-steps` steps on the same model and batch, reads the stage costs the run measured
+(its `costs.json`), and scales the profile's layers stage by stage so that they price that
+run's stages as it measured them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is
+then priced at run-time prices; the runtime's measured time per action and per step outside the
+actions replace the profile's too. It costs one launch of the ranks and the steps (the seconds
+are said in the costs' `source` and the plan JSON's `calibration`).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class Calibrated:
 
         return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps, "
                 f"{cal.rows} rows per micro-batch, partition {list(cal.bounds)}, median step "
-                f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x {scales(cal.forward_scale)}, "
-                f"B x {scales(cal.backward_scale)} per stage, runtime {cal.action_overhead_s * 1e6:.0f} us per "
+                f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x "
+                f"{scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage, runtime "
+                f"{cal.action_overhead_s * 1e6:.0f} us per "
                 f"action, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
                 f"{self.core_share:.0%} of a core")
 
@@ -95,9 +96,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
                         f"pipeline for N steps on the planned ranks and price every candidate at the stage "
-                        f"costs that run measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a Hugging "
-                        "Face model, whose training needs its tokenizer or data; 0: the one-process profile's "
-                        "prices alone)")
+                        f"costs that run measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
+                        "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
+                        "profile's prices alone)")
 
 
 def calibration_steps(args: argparse.Namespace) -> int:
@@ -105,8 +106,8 @@ def calibration_steps(args: argparse.Namespace) -> int:
     steps = args.calibrate_steps
     measuring = bool(args.profile or args.measure)
     if steps is not None and not measuring:
-        raise ConfigError("--calibrate-steps calibrates measured costs; add --profile (or --model ... --measure), "
-                          "or drop --calibrate-steps")
+        raise ConfigError("--calibrate-steps calibrates measured costs; add --profile (or --model ... "
+                          "--measure), or drop --calibrate-steps")
     if steps is None:
         # A Hugging Face model trains on its tokenizer's or the given data, which a model folder
         # may lack: calibrated only when asked.
@@ -137,7 +138,9 @@ def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf
             "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
 
 
-def calibrate(args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None) -> Calibrated:
+def calibrate(
+    args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
+) -> Calibrated:
     """Train `pipefold train`'s default pipeline for `steps` on `ranks` (None: `DEFAULT_RANKS`),
     then `costs` at the prices that run measured."""
     ranks = DEFAULT_RANKS if ranks is None else ranks

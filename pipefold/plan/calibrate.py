@@ -137,8 +137,9 @@ def at_run_prices(
     layout = StageLayout(tuple(bounds), rows)
     if run.num_stages != layout.num_stages or layout.bounds[0] != 0 or layout.bounds[-1] != costs.num_layers:
         raise ConfigError(
-            f"the run measured {run.num_stages} stages, the partition {tuple(bounds)} has {layout.num_stages} "
-            f"over {costs.num_layers} layers; calibrate with the run's own partition of every layer"
+            f"the run measured {run.num_stages} stages, the partition {tuple(bounds)} has "
+            f"{layout.num_stages} over {costs.num_layers} layers; calibrate with the run's own partition of "
+            "every layer"
         )
     planned = stage_cost_model(costs, layout, (), Link())
     scale = rows / costs.reference_rows

@@ -176,7 +176,8 @@ def _costs_with_fixed():
         replace(_layer(2.0, 3.0, weight=1.0, parameter_bytes=100), fixed_s=0.2),
         replace(_layer(1.0, 1.0, weight=0.5, parameter_bytes=100), fixed_s=0.0),
     )
-    return ModelCosts(layers=layers, reference_rows=2, action_overhead_s=7e-6, update_s_per_parameter_byte=1e-9)
+    return ModelCosts(layers=layers, reference_rows=2, action_overhead_s=7e-6,
+                      update_s_per_parameter_byte=1e-9)
 
 
 def test_at_run_prices_reproduces_the_runs_stage_costs_at_its_layout():
@@ -211,7 +212,8 @@ def test_at_run_prices_carries_to_other_rows_and_partitions():
     for bounds, rows in (((0, 2, 3), 1), ((0, 3), 8)):
         was = stage_cost_model(costs, StageLayout(bounds, rows), (), Link())
         now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
-        assert now.f == pytest.approx([2 * x for x in was.f]) and now.b == pytest.approx([2 * x for x in was.b])
+        assert now.f == pytest.approx([2 * x for x in was.f])
+        assert now.b == pytest.approx([2 * x for x in was.b])
 
 
 def test_at_run_prices_refuses_a_run_of_another_partition():
