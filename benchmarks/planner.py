@@ -187,7 +187,9 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
             "core_share": statistics.median(c / w for c, w in zip(cpu, steps, strict=True))}
 
 
-def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -> float | None:
+def _forecast(
+    costs_path: Path, run: dict[str, Any], args: argparse.Namespace, latency: float
+) -> float | None:
     """The planner's step time for a family configuration `pipefold train` ran (the defaults,
     --extra), from the costs the plan measured; None for a schedule file (a searched order)."""
     from pipefold.plan import ModelCosts
@@ -204,12 +206,13 @@ def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -
     virtual = int(schedule["virtual"] or family(schedule["name"]).default_virtual)
     config = Config(schedule["name"], virtual, m, -(-args.batch_size // m))
     costs = ModelCosts.from_json(costs_path)
-    candidate = evaluate(costs, config, args.ranks, bounds, (), Link(), num_cores=float(args.cores))
+    candidate = evaluate(costs, config, args.ranks, bounds, (), Link(latency=latency),
+                         num_cores=float(args.cores))
     return float(candidate.step_time)
 
 
 def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, recompute: tuple[int, ...],
-            args: argparse.Namespace) -> float:
+            args: argparse.Namespace, latency: float) -> float:
     """The planner's step time (makespan + update) for what a run ran, its schedule (a family's,
     or a searched order's file) simulated on the stage costs of `costs_path`."""
     from pipefold.plan import ModelCosts
@@ -230,8 +233,8 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
         schedule = build(config["name"], num_ranks=args.ranks, num_microbatches=m,
                          num_virtual=config["virtual"] or None)
     layout = StageLayout(bounds, -(-args.batch_size // m))
-    model = first_stage_backward(stage_cost_model(costs, layout, recompute, Link(), float(args.cores)),
-                                 costs, bounds)
+    model = first_stage_backward(
+        stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
     update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
     return float(simulate(schedule, model).makespan + update)
 
@@ -313,11 +316,13 @@ def main() -> None:
     tokens = args.batch_size * ModelConfig().seq_len
     costs_path = work / "costs.json"
     profile_path = work / "profile_costs.json"
+    # The plan prices messages at the calibration run's latency (no link flags given here).
+    latency = float((plan.get("calibration") or {}).get("message_latency_s", 0.0))
     rows = []
     for label, extra, forecast, recompute in configs:
         done = runs[label]
         if forecast is None and costs_path.exists():
-            forecast = _forecast(costs_path, done[0], args)
+            forecast = _forecast(costs_path, done[0], args, latency)
         step = statistics.median(s for r in done for s in r["steps_s"])
         ratios = [_op_ratios(costs_path, r, recompute, args) for r in done] if costs_path.exists() else []
         op_ratio: dict[str, float | None] = {}
@@ -327,12 +332,12 @@ def main() -> None:
         # The same configuration priced at the one-process profile's prices (before calibration).
         profile_forecast = profile_f = profile_b = None
         if profile_path.exists():
-            profile_forecast = _priced(profile_path, done[0], files.get(label), recompute, args)
+            profile_forecast = _priced(profile_path, done[0], files.get(label), recompute, args, 0.0)
             raw = [_op_ratios(profile_path, r, recompute, args) for r in done]
             profile_f = _median_of([r["F"] for r in raw])
             profile_b = _median_of([r["B"] for r in raw])
             if forecast is not None and label in files:  # the repricing reproduces the plan's own
-                again = _priced(costs_path, done[0], files[label], recompute, args)
+                again = _priced(costs_path, done[0], files[label], recompute, args, latency)
                 print(f"{label}: plan {forecast * 1e3:.1f} ms, repriced {again * 1e3:.1f} ms",
                       file=sys.stderr)
         rows.append({

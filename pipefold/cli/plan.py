@@ -27,6 +27,7 @@ flags do not apply.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -510,7 +511,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.save_schedule is not None:
         _check_writable(args.save_schedule)
-    result = plan(_costs(args, hardware), options)
+    costs = _costs(args, hardware)
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None and hardware is None and args.latency == 0 and args.bandwidth is None:
+        # No link given: messages between ranks cost what the calibration run measured per message.
+        options = dataclasses.replace(options, link=Link(latency=calibration["message_latency_s"]))
+    result = plan(costs, options)
     measured: list[plan_measure.MeasuredCandidate] = []
     if args.measure_top:
         measured = plan_measure.measure_top(

@@ -12,7 +12,8 @@ its default partition, the profile's micro-batches, the planned ranks, fp32 as p
 (its `costs.json`), and scales the profile's layers stage by stage so that they price that
 run's stages as it measured them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is
 then priced at run-time prices; the runtime's measured time per action and per step outside the
-actions replace the profile's too. It costs one launch of the ranks and the steps (the seconds
+actions replace the profile's too, and without link flags a message costs the run's measured
+latency. It costs one launch of the ranks and the steps (the seconds
 are said in the costs' `source` and the plan JSON's `calibration`).
 """
 
@@ -77,8 +78,8 @@ class Calibrated:
                 f"{cal.rows} rows per micro-batch, partition {list(cal.bounds)}, median step "
                 f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x "
                 f"{scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage, runtime "
-                f"{cal.action_overhead_s * 1e6:.0f} us per "
-                f"action, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
+                f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
+                f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
                 f"{self.core_share:.0%} of a core")
 
     def to_json(self) -> dict[str, Any]:
@@ -86,7 +87,8 @@ class Calibrated:
         return {"seconds": self.seconds, "ranks": self.ranks, "steps": self.steps, "rows": cal.rows,
                 "bounds": list(cal.bounds), "forward_scale": list(cal.forward_scale),
                 "backward_scale": list(cal.backward_scale), "action_overhead_s": cal.action_overhead_s,
-                "step_overhead_s": cal.step_overhead_s, "measured_step_s": self.measured_step_s,
+                "step_overhead_s": cal.step_overhead_s, "message_latency_s": cal.message_latency_s,
+                "measured_step_s": self.measured_step_s,
                 "core_share": self.core_share,
                 "profile_costs": self.profile_costs.to_json()}
 

@@ -124,6 +124,8 @@ class RunCalibration:
     """The run's seconds between two compute actions of a rank (the profile's one-rank figure before)."""
     step_overhead_s: float
     """The run's seconds per step outside the schedule's actions (exchanges, norm, optimizer update)."""
+    message_latency_s: float = 0.0
+    """The run's measured seconds per message between ranks (its `CostModel.link` latency)."""
 
 
 def at_run_prices(
@@ -168,7 +170,7 @@ def at_run_prices(
     calibration = RunCalibration(
         bounds=layout.bounds, rows=rows, forward_scale=tuple(forward_scale),
         backward_scale=tuple(backward_scale), action_overhead_s=run.action_overhead,
-        step_overhead_s=run.step_overhead,
+        step_overhead_s=run.step_overhead, message_latency_s=run.link.latency,
     )
     priced = replace(costs, layers=tuple(layers), action_overhead_s=run.action_overhead,
                      update_s_per_parameter_byte=per_byte)

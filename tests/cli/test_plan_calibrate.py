@@ -38,6 +38,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
         assert after.b[stage] == pytest.approx(before.b[stage] * calibration["backward_scale"][stage])
         assert calibration["forward_scale"][stage] > 0 and calibration["backward_scale"][stage] > 0
     assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
+    assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
     assert result["choice"]["step_time"] > 0
 
 

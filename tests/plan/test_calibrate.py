@@ -167,7 +167,8 @@ def test_first_stage_backward_prices_the_planners_searched_orders():
 
 def _run(f, b, action_overhead=50e-6, step_overhead=0.01):
     return CostModel.from_lists(list(f), [x / 2 for x in b], [x / 2 for x in b], b=list(b),
-                                action_overhead=action_overhead, step_overhead=step_overhead)
+                                action_overhead=action_overhead, step_overhead=step_overhead,
+                                link=Link(latency=2e-4))
 
 
 def _costs_with_fixed():
@@ -201,6 +202,7 @@ def test_at_run_prices_reproduces_the_runs_stage_costs_at_its_layout():
     assert priced.action_overhead_s == 60e-6 and calibration.action_overhead_s == 60e-6
     assert update_time(priced, [300, 200]) == pytest.approx(0.03)
     assert calibration.step_overhead_s == 0.03
+    assert calibration.message_latency_s == 2e-4  # for the plan's link where none is given
 
 
 def test_at_run_prices_carries_to_other_rows_and_partitions():
