@@ -90,9 +90,16 @@ def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "plan", "--profile", "--ranks", str(args.ranks), "--cores",
                str(args.cores), "--top", str(args.top), "--batch-size", str(args.batch_size), "--json",
                "--device", args.device, "--save-costs", str(work / "costs.json")]
+    if args.calibrate_steps is not None:
+        command += ["--calibrate-steps", str(args.calibrate_steps)]
     print("$", shlex.join(command[1:]), file=sys.stderr)
+    started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(done.stdout)
+    result["plan_seconds"] = time.perf_counter() - started
+    calibration = result.get("calibration")
+    if calibration is not None:  # the one-process profile's own prices, for the columns beside
+        (work / "profile_costs.json").write_text(json.dumps(calibration.pop("profile_costs")))
     return result
 
 
@@ -180,7 +187,9 @@ def _train(extra: list[str], args: argparse.Namespace, out: Path) -> dict[str, A
             "core_share": statistics.median(c / w for c, w in zip(cpu, steps, strict=True))}
 
 
-def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -> float | None:
+def _forecast(
+    costs_path: Path, run: dict[str, Any], args: argparse.Namespace, latency: float
+) -> float | None:
     """The planner's step time for a family configuration `pipefold train` ran (the defaults,
     --extra), from the costs the plan measured; None for a schedule file (a searched order)."""
     from pipefold.plan import ModelCosts
@@ -197,8 +206,37 @@ def _forecast(costs_path: Path, run: dict[str, Any], args: argparse.Namespace) -
     virtual = int(schedule["virtual"] or family(schedule["name"]).default_virtual)
     config = Config(schedule["name"], virtual, m, -(-args.batch_size // m))
     costs = ModelCosts.from_json(costs_path)
-    candidate = evaluate(costs, config, args.ranks, bounds, (), Link(), num_cores=float(args.cores))
+    candidate = evaluate(costs, config, args.ranks, bounds, (), Link(latency=latency),
+                         num_cores=float(args.cores))
     return float(candidate.step_time)
+
+
+def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, recompute: tuple[int, ...],
+            args: argparse.Namespace, latency: float) -> float:
+    """The planner's step time (makespan + update) for what a run ran, its schedule (a family's,
+    or a searched order's file) simulated on the stage costs of `costs_path`."""
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import first_stage_backward, update_time
+    from pipefold.plan.memory import static_weight_bytes
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    from pipefold.schedule.io import load
+    from pipefold.schedule.registry import build
+    from pipefold.simulate import Link, simulate
+
+    costs = ModelCosts.from_json(costs_path)
+    bounds = _bounds(run["partition"])
+    config = run["schedule"]
+    m = int(run["num_microbatches"])
+    if schedule_file is not None:
+        schedule = load(schedule_file)
+    else:
+        schedule = build(config["name"], num_ranks=args.ranks, num_microbatches=m,
+                         num_virtual=config["virtual"] or None)
+    layout = StageLayout(bounds, -(-args.batch_size // m))
+    model = first_stage_backward(
+        stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
+    update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
+    return float(simulate(schedule, model).makespan + update)
 
 
 def _spread(rounds: list[float], middle: float) -> str:
@@ -234,6 +272,9 @@ def main() -> None:
                         help="where the profile and the runs compute (default cpu)")
     parser.add_argument("--extra", action="append", default=[], metavar="TRAIN_ARGS",
                         help="also train this configuration (pipefold train flags in one string; repeatable)")
+    parser.add_argument("--calibrate-steps", type=int, metavar="N",
+                        help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
+                        "prices alone)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -242,11 +283,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
     started = time.perf_counter()
     plan = _plan(args, work) if args.top > 0 else {"top": []}
+    if "plan_seconds" in plan:
+        calibration = plan.get("calibration")
+        print(f"plan --profile took {plan['plan_seconds']:.1f} s"
+              + ("" if calibration is None else
+                 f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
+                 + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
+                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage)"),
+              file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
+    files: dict[str, Path | None] = {}
     for index, entry in enumerate(plan["top"][: args.top]):
         label = ("choice: " if index == 0 else f"#{index + 1}: ") + _label(entry)
         configs.append((label, _candidate_args(entry, index, work), float(entry["step_time"]),
                         tuple(entry["recompute"] or ())))
+        files[label] = work / f"order{index}.json" if entry.get("order") else None
     default = ["--ranks", str(args.ranks)]
     configs.append(("default (1f1b m=8, partition flops)", default, None, ()))
     uniform = [*default, "--partition", "uniform"]
@@ -264,17 +315,31 @@ def main() -> None:
 
     tokens = args.batch_size * ModelConfig().seq_len
     costs_path = work / "costs.json"
+    profile_path = work / "profile_costs.json"
+    # The plan prices messages at the calibration run's latency (no link flags given here).
+    latency = float((plan.get("calibration") or {}).get("message_latency_s", 0.0))
     rows = []
     for label, extra, forecast, recompute in configs:
         done = runs[label]
         if forecast is None and costs_path.exists():
-            forecast = _forecast(costs_path, done[0], args)
+            forecast = _forecast(costs_path, done[0], args, latency)
         step = statistics.median(s for r in done for s in r["steps_s"])
         ratios = [_op_ratios(costs_path, r, recompute, args) for r in done] if costs_path.exists() else []
         op_ratio: dict[str, float | None] = {}
         for kind in _KINDS:
             values = [value for r in ratios if (value := r[kind]) is not None]
             op_ratio[kind] = statistics.median(values) if values else None
+        # The same configuration priced at the one-process profile's prices (before calibration).
+        profile_forecast = profile_f = profile_b = None
+        if profile_path.exists():
+            profile_forecast = _priced(profile_path, done[0], files.get(label), recompute, args, 0.0)
+            raw = [_op_ratios(profile_path, r, recompute, args) for r in done]
+            profile_f = _median_of([r["F"] for r in raw])
+            profile_b = _median_of([r["B"] for r in raw])
+            if forecast is not None and label in files:  # the repricing reproduces the plan's own
+                again = _priced(costs_path, done[0], files[label], recompute, args, latency)
+                print(f"{label}: plan {forecast * 1e3:.1f} ms, repriced {again * 1e3:.1f} ms",
+                      file=sys.stderr)
         rows.append({
             "label": label, "train_args": shlex.join(extra), "forecast_s": forecast, "measured_s": step,
             "tokens_per_s": tokens / step, "bubble": statistics.median(r["bubble"] for r in done),
@@ -286,6 +351,8 @@ def main() -> None:
             "core_share": statistics.median(r["core_share"] for r in done),
             "measured_x_share_s": statistics.median(r["step_s"] * r["core_share"] for r in done),
             "planner_per_run": op_ratio,
+            "profile_forecast_s": profile_forecast, "profile_f_per_run": profile_f,
+            "profile_b_per_run": profile_b,
             "gap_after_send_s": _median_of([r["gaps_s"][0] for r in done]),
             "gap_after_other_s": _median_of([r["gaps_s"][1] for r in done]),
         })
@@ -295,8 +362,9 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all")
     print("| configuration | forecast ms | measured ms | spread (rounds) | tokens/s | bubble | vs best "
           "| in-run predicted ms | forecast / in-run | F | I | W | B | in-run / wall | makespan / wall "
-          "| core share | gap after a send us | other gaps us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| core share | gap after a send us | other gaps us | profile-only forecast ms | profile F "
+          "| profile B |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         forecast_text = f"{row['forecast_s'] * 1e3:.0f}" if row["forecast_s"] is not None else "-"
         ops = " | ".join(_ratio(row["planner_per_run"][kind]) for kind in _KINDS)
@@ -306,12 +374,15 @@ def main() -> None:
               f"{row['in_run_predicted_s'] * 1e3:.0f} | "
               + ("-" if row["forecast_s"] is None else f"{row['forecast_s'] / row['in_run_predicted_s']:.2f}")
               + f" | {ops} | {row['in_run_predicted_per_wall']:.2f} | {row['makespan_per_wall']:.2f} | "
-              f"{row['core_share']:.2f} | {_us(row['gap_after_send_s'])} | {_us(row['gap_after_other_s'])} |")
+              f"{row['core_share']:.2f} | {_us(row['gap_after_send_s'])} | {_us(row['gap_after_other_s'])} | "
+              + ("-" if row["profile_forecast_s"] is None else f"{row['profile_forecast_s'] * 1e3:.0f}")
+              + f" | {_ratio(row['profile_f_per_run'])} | {_ratio(row['profile_b_per_run'])} |")
     print("\nF, I, W, B: the planner's stage costs for the configuration over the run's own "
           "(the sum over the stages that ran that kind; median over rounds). Gaps: the time a rank spent "
           "between two actions, less its waits, after an action whose output it sent to the other rank "
           "and after the others (the last step of each run; the planner prices every gap alike, the "
-          "profile's runtime per action).")
+          "profile's runtime per action). Profile-only forecast, profile F and B: the same at the "
+          "one-process profile's prices, before `plan --profile`'s calibration run.")
     error = None
     resolved: bool | None = None
     if args.top > 0:  # --top 0: the defaults alone (the default partition against uniform)
@@ -324,6 +395,9 @@ def main() -> None:
         else:
             best_rounds = best_row["rounds_s"]
             resolved = choice is best_row or low > max(best_rounds) or high < min(best_rounds)
+        if choice["profile_forecast_s"] is not None:
+            print("at the one-process profile's prices (no calibration) the choice's forecast error would be "
+                  f"{(choice['profile_forecast_s'] - choice['measured_s']) / choice['measured_s']:+.1%}")
         print(f"choice forecast error: {error:+.1%} (target within 10%); choice vs best measured: "
               f"{choice['measured_s'] / best - 1:+.1%} (target within 5%; "
               + {True: "the rounds resolve it", False: "within the rounds' spread: not resolved",
@@ -331,7 +405,8 @@ def main() -> None:
               f"choice forecast / in-run prediction: "
               f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
     if args.json is not None:
-        report = {"ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        report = {"plan_seconds": plan.get("plan_seconds"), "calibration": plan.get("calibration"),
+                  "ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                   "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved}
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -44,7 +44,8 @@ def _cli(args: list[str], cwd: Path) -> str:
 def measure(schedule: str, recompute: str, num_microbatches: int, work: Path) -> list[tuple[str, ...]]:
     planned = json.loads(_cli(
         ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
-         str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json"], work))
+         str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json",
+         "--calibrate-steps", "0"], work))  # memory: the layers' times do not matter here
     command = shlex.split(planned["train_command"])[1:]  # without the leading "pipefold"
     out = work / f"{schedule}-{recompute}-{num_microbatches}"
     _cli([*command, "--steps", "2", "--out", str(out)], work)

@@ -3,7 +3,7 @@
     pipefold plan --model gpt --num-layers 24 --d-model 1024 --ranks 4 --batch-size 64 --memory 8GiB
     pipefold plan --costs costs.json --ranks 8 --batch-size 64 --memory 40GiB --top 10
     pipefold plan --model gpt --ranks 4 --memory 2GiB --schedule zb-v --json
-    pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, then plan
+    pipefold plan --profile --ranks 4 --batch-size 32 --memory 2GiB   # measure here, calibrate on a run, plan
     pipefold plan --model gpt --devices 8 --batch-size 64 --memory 8GiB    # also choose dp x pp
     pipefold plan --model gpt --ranks 4 --data-parallel 2 --batch-size 64  # 2 replicas of 4 ranks
     pipefold plan --model gpt --devices 8 --max-tensor-parallel 4 --tp-bandwidth 300e9 --memory 4GiB
@@ -16,15 +16,18 @@ Costs come from a `ModelCosts` JSON file (`--costs`, e.g. written by `pipefold p
 or from `pipefold.runtime.profile` results), from a FLOP estimate of the built-in GPT
 (`--model gpt`, defaults as `pipefold train`'s model; an estimate, not a measurement),
 or from measuring that GPT on this machine first (`--profile`, or `--model gpt --measure`:
-what `pipefold profile` does, with its flags). `--model DIR_OR_CONFIG` plans a Hugging Face
-decoder (gpt2, llama, mistral, qwen2; a model directory or a config.json) as `pipefold train
---model` trains it: the layers `pipefold.split` cuts it into, estimated from the config's sizes
-(`pipefold.plan.hf_estimate`), or measured with `--measure`; the GPT's size flags do not apply.
+what `pipefold profile` does, with its flags, then a short `pipefold train` run of its default
+pipeline prices the layers as the ranks run them: `--calibrate-steps`). `--model DIR_OR_CONFIG`
+plans a Hugging Face decoder (gpt2, llama, mistral, qwen2; a model directory or a config.json)
+as `pipefold train --model` trains it: the layers `pipefold.split` cuts it into, estimated from
+the config's sizes (`pipefold.plan.hf_estimate`), or measured with `--measure`; the GPT's size
+flags do not apply.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -35,7 +38,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipefold.cli import plan_measure
+from pipefold.cli import plan_calibrate, plan_measure
 from pipefold.cli.profile import add_measure_arguments, measure, print_table, profile_rows, write_costs
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
@@ -198,6 +201,7 @@ def add_parser(subparsers: Any) -> None:
     )
     add_measure_arguments(measure)
     measure.add_argument("--save-costs", metavar="FILE", help="also write the measured ModelCosts JSON here")
+    plan_calibrate.add_arguments(measure)
     parser.set_defaults(func=run)
 
 
@@ -263,12 +267,26 @@ def _measured_costs(args: argparse.Namespace) -> Any:
                 f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "
                 f"fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
             )
+    steps = plan_calibrate.calibration_steps(args)
+    if steps and not _trains_the_planned_model(args) and args.calibrate_steps is not None:
+        raise ConfigError(f"--calibrate-steps {steps} trains the model with pipefold train, which reads "
+                          "bytes (vocabulary 256); drop --calibrate-steps, or plan --vocab-size 256")
     measured = measure(args, profile_rows(args))
+    costs = measured.costs
+    calibrated = None
+    if steps and _trains_the_planned_model(args):
+        # The planned ranks: --ranks, else 4 without --devices (plan's default), else the fewest.
+        ranks = args.ranks if args.ranks is not None or args.devices is not None else 4
+        calibrated = plan_calibrate.calibrate(args, costs, steps, _is_hf(args), ranks)
+        costs = calibrated.costs
+        args.calibration = calibrated.to_json()
     if args.save_costs:
-        write_costs(measured.costs, args.save_costs, flag="--save-costs")
+        write_costs(costs, args.save_costs, flag="--save-costs")
     if not args.json:
         print_table(measured, Console())
-    return measured.costs
+        if calibrated is not None:
+            Console().print(calibrated.describe(), highlight=False, markup=False, soft_wrap=True)
+    return costs
 
 
 def _is_hf(args: argparse.Namespace) -> bool:
@@ -485,6 +503,7 @@ def run(args: argparse.Namespace) -> int:
         recompute_attention=args.recompute_attention,
     )
     plan_measure.check_arguments(args)
+    plan_calibrate.calibration_steps(args)  # refuses bad values before anything is measured
     if args.measure_top and not _trains_the_planned_model(args):
         raise ConfigError(
             "--measure-top trains the planned model with pipefold train, which builds the built-in GPT "
@@ -493,7 +512,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.save_schedule is not None:
         _check_writable(args.save_schedule)
-    result = plan(_costs(args, hardware), options)
+    costs = _costs(args, hardware)
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None and hardware is None and args.latency == 0 and args.bandwidth is None:
+        # No link given: messages between ranks cost what the calibration run measured per message.
+        options = dataclasses.replace(options, link=Link(latency=calibration["message_latency_s"]))
+    result = plan(costs, options)
     measured: list[plan_measure.MeasuredCandidate] = []
     if args.measure_top:
         measured = plan_measure.measure_top(
@@ -514,6 +538,8 @@ def run(args: argparse.Namespace) -> int:
               "(e.g. --dp-bandwidth 25e9) for a plan that weighs it", file=sys.stderr)
     if args.json:
         extra: dict[str, Any] = {}
+        if getattr(args, "calibration", None) is not None:
+            extra["calibration"] = args.calibration
         if measured:
             extra["measured"] = [m.to_json() for m in measured]
             extra["measured_fastest"] = min(measured, key=lambda m: m.measured_s).rank

@@ -19,18 +19,28 @@ enters and leaves and its W runs the whole backward (docs/plan.md, "What the one
 profile misprices"). `first_stage_backward` moves that stage's I, but for its fixed cost per
 call, into its W (B is unchanged), so the simulator places the first stage's backward work
 where the runtime runs it.
+
+`at_run_prices` prices the layers as a short run of `pipefold train` measured them: a profile
+taken in one process moves by a quarter between two runs on the same quiet host, while the
+runtime's own stage costs predict its steps (docs/plan.md, "Forecast and measurement"). Each
+stage's measured F and B over the profile's price for the same partition and rows scales that
+stage's layers (their fixed seconds with F), so the profile's costs reproduce the run's stage
+costs exactly, and the run's time per action and per step outside the actions replace the
+profile's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
-from pipefold.simulate import CostModel
+from pipefold.plan.stages import StageLayout, stage_cost_model
+from pipefold.simulate import CostModel, Link
 
-__all__ = ["first_stage_backward", "fixed_seconds", "update_time", "with_fixed_costs"]
+__all__ = ["RunCalibration", "at_run_prices", "first_stage_backward", "fixed_seconds", "update_time",
+           "with_fixed_costs"]
 
 
 def fixed_seconds(at_rows: LayerCost, rows: int, at_other: LayerCost, other_rows: int) -> float:
@@ -96,3 +106,77 @@ def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[i
     i = (model.i[0] - moved, *model.i[1:])
     w = (model.w[0] + moved, *model.w[1:])
     return replace(model, i=i, w=w)
+
+
+@dataclass(frozen=True)
+class RunCalibration:
+    """How a run's measured stage costs compared with the profile's price of the same stages."""
+
+    bounds: tuple[int, ...]
+    """The run's partition: stage s held layers [bounds[s], bounds[s + 1])."""
+    rows: int
+    """Samples per micro-batch of the run."""
+    forward_scale: tuple[float, ...]
+    """Per stage, the run's F over the profile's: what that stage's layers' F was multiplied by."""
+    backward_scale: tuple[float, ...]
+    """Per stage, the run's B over the profile's."""
+    action_overhead_s: float
+    """The run's seconds between two compute actions of a rank (the profile's one-rank figure before)."""
+    step_overhead_s: float
+    """The run's seconds per step outside the schedule's actions (exchanges, norm, optimizer update)."""
+    message_latency_s: float = 0.0
+    """The run's measured seconds per message between ranks (its `CostModel.link` latency)."""
+
+
+def at_run_prices(
+    costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int
+) -> tuple[ModelCosts, RunCalibration]:
+    """`costs` scaled so that the partition `bounds` at `rows` per micro-batch prices each stage's
+    F and B as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank) measured
+    them: every layer of stage s gets that stage's scales. The run's time per action becomes
+    `action_overhead_s`, and its time per step outside the actions, over the largest stage's
+    parameter bytes, `update_s_per_parameter_byte`."""
+    layout = StageLayout(tuple(bounds), rows)
+    if run.num_stages != layout.num_stages or layout.bounds[0] != 0 or layout.bounds[-1] != costs.num_layers:
+        raise ConfigError(
+            f"the run measured {run.num_stages} stages, the partition {tuple(bounds)} has "
+            f"{layout.num_stages} over {costs.num_layers} layers; calibrate with the run's own partition of "
+            "every layer"
+        )
+    planned = stage_cost_model(costs, layout, (), Link())
+    scale = rows / costs.reference_rows
+    layers = list(costs.layers)
+    forward_scale, backward_scale = [], []
+    for stage in range(layout.num_stages):
+        start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+        shared = costs.overhead_s * (stop - start)  # per layer and action, one for the whole model: kept
+        own = sum(layer.fixed_s for layer in layers[start:stop])
+        forward_rows = scale * sum(layer.forward_s for layer in layers[start:stop])
+        backward_rows = scale * sum(layer.backward_s for layer in layers[start:stop])
+        f = _ratio(run.f[stage] - shared, own + forward_rows)
+        # B = shared + own * f + backward_rows * b reproduces the run's B, with the fixed part as F's.
+        b = _ratio(run.b[stage] - shared - own * f, backward_rows) if backward_rows > 0 else 1.0
+        forward_scale.append(planned.f[stage] and run.f[stage] / planned.f[stage])
+        backward_scale.append(planned.b[stage] and run.b[stage] / planned.b[stage])
+        for index in range(start, stop):
+            layer = layers[index]
+            weight = None if layer.weight_grad_s is None else layer.weight_grad_s * b
+            layers[index] = replace(layer, forward_s=layer.forward_s * f, fixed_s=layer.fixed_s * f,
+                                    backward_s=layer.backward_s * b, weight_grad_s=weight)
+    largest = max(sum(layer.parameter_bytes for layer in costs.layers[start:stop])
+                  for start, stop in zip(layout.bounds, layout.bounds[1:], strict=False))
+    per_byte = run.step_overhead / largest if largest and run.step_overhead > 0 else (
+        costs.update_s_per_parameter_byte)
+    calibration = RunCalibration(
+        bounds=layout.bounds, rows=rows, forward_scale=tuple(forward_scale),
+        backward_scale=tuple(backward_scale), action_overhead_s=run.action_overhead,
+        step_overhead_s=run.step_overhead, message_latency_s=run.link.latency,
+    )
+    priced = replace(costs, layers=tuple(layers), action_overhead_s=run.action_overhead,
+                     update_s_per_parameter_byte=per_byte)
+    return priced, calibration
+
+
+def _ratio(measured: float, priced: float) -> float:
+    """`measured / priced`, 1.0 where either is not positive (nothing to scale by)."""
+    return measured / priced if measured > 0 and priced > 0 else 1.0

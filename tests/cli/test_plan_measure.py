@@ -12,7 +12,8 @@ from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
 
 TINY = ["--num-layers", "2", "--d-model", "32", "--num-heads", "2", "--seq-len", "16", "--batch-size", "4",
-        "--ranks", "2", "--order-search", "0", "--repeats", "1", "--device", "cpu"]
+        "--ranks", "2", "--order-search", "0", "--repeats", "1", "--device", "cpu",
+        "--calibrate-steps", "0"]
 
 
 def test_measure_top_trains_the_top_and_runs_the_measured_fastest(capsys):

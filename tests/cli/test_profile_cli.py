@@ -90,7 +90,7 @@ def test_untied_head_is_a_layer_of_its_own(capsys, monkeypatch):
 def test_plan_profiles_then_plans_in_one_command(tmp_path, capsys, source):
     saved = tmp_path / "measured.json"
     argv = ["plan", *source, *MODEL, "--repeats", "1", "--device", "cpu", "--ranks", "2",
-            "--save-costs", str(saved), "--json"]
+            "--save-costs", str(saved), "--json", "--calibrate-steps", "0"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)  # --json: one object, no table
     assert out["source"].startswith("measured on cpu")
@@ -103,7 +103,7 @@ def test_plan_profiles_then_plans_in_one_command(tmp_path, capsys, source):
 def test_plan_profile_prints_the_table_then_the_plan(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["plan", "--profile", *MODEL, "--microbatches", "2", "--repeats", "1", "--device", "cpu",
-                 "--ranks", "2"]) == 0
+                 "--ranks", "2", "--calibrate-steps", "0"]) == 0
     out = capsys.readouterr().out
     assert out.index("W ms") < out.index("choice:")
     assert "micro-batch of 2 x 8 tokens" in out

@@ -51,7 +51,7 @@ def test_profile_measures_the_split_layers(config_json, tmp_path, capsys):
 
 def test_plan_measures_then_plans(config_json, capsys):
     assert main(["plan", "--model", str(config_json), "--measure", *RUN, "--ranks", "2", "--schedule", "1f1b",
-                 "--order-search", "0", "--json"]) == 0
+                 "--order-search", "0", "--json", "--calibrate-steps", "0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["source"].startswith("measured on cpu, 1 thread(s), median of 1: Hugging Face llama")
     assert f"--model {config_json} --seq-len 8" in out["train_command"]

@@ -7,11 +7,17 @@ import pytest
 
 from pipefold.errors import ConfigError
 from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
-from pipefold.plan.calibrate import first_stage_backward, fixed_seconds, update_time, with_fixed_costs
+from pipefold.plan.calibrate import (
+    at_run_prices,
+    first_stage_backward,
+    fixed_seconds,
+    update_time,
+    with_fixed_costs,
+)
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
-from pipefold.simulate import Link, simulate
+from pipefold.simulate import CostModel, Link, simulate
 
 
 def _layer(forward, backward, weight=None, parameter_bytes=100):
@@ -157,3 +163,64 @@ def test_first_stage_backward_prices_the_planners_searched_orders():
         model = first_stage_backward(stage_cost_model(ids, layout, candidate.recompute, Link()), ids,
                                      candidate.bounds)
         assert candidate.step_time == pytest.approx(simulate(candidate.order, model).makespan)
+
+
+def _run(f, b, action_overhead=50e-6, step_overhead=0.01):
+    return CostModel.from_lists(list(f), [x / 2 for x in b], [x / 2 for x in b], b=list(b),
+                                action_overhead=action_overhead, step_overhead=step_overhead,
+                                link=Link(latency=2e-4))
+
+
+def _costs_with_fixed():
+    layers = (
+        replace(_layer(1.0, 2.0, weight=1.5, parameter_bytes=300), fixed_s=0.1),
+        replace(_layer(2.0, 3.0, weight=1.0, parameter_bytes=100), fixed_s=0.2),
+        replace(_layer(1.0, 1.0, weight=0.5, parameter_bytes=100), fixed_s=0.0),
+    )
+    return ModelCosts(layers=layers, reference_rows=2, action_overhead_s=7e-6,
+                      update_s_per_parameter_byte=1e-9)
+
+
+def test_at_run_prices_reproduces_the_runs_stage_costs_at_its_layout():
+    costs = _costs_with_fixed()
+    bounds, rows = (0, 1, 3), 4
+    before = stage_cost_model(costs, StageLayout(bounds, rows), (), Link())
+    run = _run([before.f[0] * 1.3, before.f[1] * 0.8], [before.b[0] * 1.1, before.b[1] * 0.7],
+               action_overhead=60e-6, step_overhead=0.03)
+    priced, calibration = at_run_prices(costs, run, bounds, rows)
+    after = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+    assert after.f == pytest.approx(run.f) and after.b == pytest.approx(run.b)
+    assert calibration.forward_scale == pytest.approx((1.3, 0.8))
+    assert calibration.backward_scale == pytest.approx((1.1, 0.7))
+    # A layer keeps its W share of the backward; every layer of a stage gets the stage's scales.
+    for old, new in zip(costs.layers, priced.layers, strict=True):
+        assert new.weight_grad_s / new.backward_s == pytest.approx(old.weight_grad_s / old.backward_s)
+    assert priced.layers[1].forward_s / costs.layers[1].forward_s == pytest.approx(
+        priced.layers[2].forward_s / costs.layers[2].forward_s)
+    # The runtime's own time per action and per step outside the actions replace the profile's:
+    # the largest stage holds 300 parameter bytes, so the update prices 0.03 s there.
+    assert priced.action_overhead_s == 60e-6 and calibration.action_overhead_s == 60e-6
+    assert update_time(priced, [300, 200]) == pytest.approx(0.03)
+    assert calibration.step_overhead_s == 0.03
+    assert calibration.message_latency_s == 2e-4  # for the plan's link where none is given
+
+
+def test_at_run_prices_carries_to_other_rows_and_partitions():
+    costs = _costs_with_fixed()
+    before = stage_cost_model(costs, StageLayout((0, 1, 3), 4), (), Link())
+    run = _run([before.f[0] * 2.0, before.f[1] * 2.0], [before.b[0] * 2.0, before.b[1] * 2.0])
+    priced, _ = at_run_prices(costs, run, (0, 1, 3), 4)
+    # One scale for every stage: any partition and row count costs twice as much, fixed parts too.
+    for bounds, rows in (((0, 2, 3), 1), ((0, 3), 8)):
+        was = stage_cost_model(costs, StageLayout(bounds, rows), (), Link())
+        now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+        assert now.f == pytest.approx([2 * x for x in was.f])
+        assert now.b == pytest.approx([2 * x for x in was.b])
+
+
+def test_at_run_prices_refuses_a_run_of_another_partition():
+    costs = _costs_with_fixed()
+    with pytest.raises(ConfigError, match="the run measured 2 stages"):
+        at_run_prices(costs, _run([1.0, 1.0], [1.0, 1.0]), (0, 3), 4)
+    with pytest.raises(ConfigError, match="every layer"):
+        at_run_prices(costs, _run([1.0, 1.0], [1.0, 1.0]), (0, 1, 2), 4)

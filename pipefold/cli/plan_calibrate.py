@@ -1,0 +1,175 @@
+"""`pipefold plan --profile`'s calibration: a short `pipefold train` run prices the profile as the ranks run.
+
+    pipefold plan --profile --ranks 2                        # profile, then 12 steps of train's default
+    pipefold plan --profile --ranks 2 --calibrate-steps 0    # the one-process profile's prices alone
+
+A profile times each layer in one process; on a CPU host the same layers inside a run of
+`pipefold train` (several processes, each pinned to one thread, sharing caches and memory
+bandwidth) take another time, and that ratio moved by a quarter between two profiles on the
+same quiet host. So after profiling, `plan` trains `pipefold train`'s default pipeline (1F1B,
+its default partition, the profile's micro-batches, the planned ranks, fp32 as profiled) for
+`--calibrate-steps` steps on the same model and batch, reads the stage costs the run measured
+(its `costs.json`), and scales the profile's layers stage by stage so that they price that
+run's stages as it measured them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is
+then priced at run-time prices; the runtime's measured time per action and per step outside the
+actions replace the profile's too, and without link flags a message costs the run's measured
+latency. It costs one launch of the ranks and the steps (the seconds
+are said in the costs' `source` and the plan JSON's `calibration`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipefold.errors import ConfigError, PipefoldError
+from pipefold.job.sections import ScheduleConfig
+from pipefold.plan import ModelCosts
+from pipefold.plan.calibrate import RunCalibration, at_run_prices
+from pipefold.simulate import CostModel
+
+__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps"]
+
+DEFAULT_STEPS = 12
+"""Steps of the calibration run: its report's stage costs are of the last 10, so the first two
+(allocation, warm-up) are left out."""
+
+BUSY_SHARE = 0.8
+"""Below this share of a core per CPU rank, the calibration says the host was busy."""
+
+DEFAULT_RANKS = 2
+"""Ranks of the calibration run where `--ranks` is not given (pp searched with `--devices`)."""
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Costs at the run's prices, how they were scaled, and what the run cost."""
+
+    costs: ModelCosts
+    profile_costs: ModelCosts
+    """The one-process profile's costs, before the run's prices."""
+    calibration: RunCalibration
+    seconds: float
+    """What the calibration run added to `plan --profile`, wall seconds."""
+    ranks: int
+    steps: int
+    measured_step_s: float
+    """The run's median wall step (its last steps)."""
+    core_share: float
+    """Rank 0's CPU seconds over its wall seconds per step (median): below 1, other work shared its core."""
+
+    def describe(self) -> str:
+        """One line: the run, the scales per stage, its cost in seconds."""
+        cal = self.calibration
+
+        def scales(values: tuple[float, ...]) -> str:
+            return "/".join(f"{value:.2f}" for value in values)
+
+        return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps, "
+                f"{cal.rows} rows per micro-batch, partition {list(cal.bounds)}, median step "
+                f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x "
+                f"{scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage, runtime "
+                f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
+                f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
+                f"{self.core_share:.0%} of a core")
+
+    def to_json(self) -> dict[str, Any]:
+        cal = self.calibration
+        return {"seconds": self.seconds, "ranks": self.ranks, "steps": self.steps, "rows": cal.rows,
+                "bounds": list(cal.bounds), "forward_scale": list(cal.forward_scale),
+                "backward_scale": list(cal.backward_scale), "action_overhead_s": cal.action_overhead_s,
+                "step_overhead_s": cal.step_overhead_s, "message_latency_s": cal.message_latency_s,
+                "measured_step_s": self.measured_step_s,
+                "core_share": self.core_share,
+                "profile_costs": self.profile_costs.to_json()}
+
+
+def add_arguments(parser: Any) -> None:
+    """The flag of the calibration run."""
+    parser.add_argument("--calibrate-steps", type=int, metavar="N",
+                        help=f"with --profile / --measure: after profiling, train pipefold train's default "
+                        f"pipeline for N steps on the planned ranks and price every candidate at the stage "
+                        f"costs that run measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
+                        "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
+                        "profile's prices alone)")
+
+
+def calibration_steps(args: argparse.Namespace) -> int:
+    """The calibration run's steps (0: none); refuses the flag where nothing is measured."""
+    steps = args.calibrate_steps
+    measuring = bool(args.profile or args.measure)
+    if steps is not None and not measuring:
+        raise ConfigError("--calibrate-steps calibrates measured costs; add --profile (or --model ... "
+                          "--measure), or drop --calibrate-steps")
+    if steps is None:
+        # A Hugging Face model trains on its tokenizer's or the given data, which a model folder
+        # may lack: calibrated only when asked.
+        hf = args.model not in (None, "gpt")
+        return DEFAULT_STEPS if measuring and not hf else 0
+    if isinstance(steps, bool) or steps < 0 or 0 < steps < 3:
+        raise ConfigError(f"--calibrate-steps = {steps}; give 3 or more steps (the first is a warm-up), or 0 "
+                          "for none")
+    return int(steps)
+
+
+def _bounds(partition: str) -> tuple[int, ...]:
+    """Stage bounds from summary.json's partition text ("[0:4 | 4:8]")."""
+    stages = [part.split(":") for part in partition.strip("[]").split("|")]
+    return tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
+
+
+def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf: bool) -> list[str]:
+    # The profile's micro-batches (pinned, else train's default capped at the batch): its rows.
+    microbatches = args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size)
+    words = [sys.executable, "-m", "pipefold", "train", "--ranks", str(ranks), "--steps", str(steps),
+             "--batch-size", str(args.batch_size), "--microbatches", str(microbatches), "--out", str(out),
+             "--device", args.device,
+             "--precision", "fp32", "--set", "sample_tokens=0", "--set", "eval_every=0"]
+    if hf:
+        return [*words, "--model", args.model, "--seq-len", str(args.seq_len)]
+    return [*words, "--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
+            "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
+
+
+def calibrate(
+    args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
+) -> Calibrated:
+    """Train `pipefold train`'s default pipeline for `steps` on `ranks` (None: `DEFAULT_RANKS`),
+    then `costs` at the prices that run measured."""
+    ranks = DEFAULT_RANKS if ranks is None else ranks
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
+        out = Path(folder) / "run"
+        words = _train_words(args, ranks, steps, out, hf)
+        print(f"calibrating: {ranks} ranks of pipefold train's default pipeline for {steps} steps",
+              file=sys.stderr)
+        done = subprocess.run(words, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not (out / "costs.json").exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise PipefoldError(
+                f"the calibration run of pipefold train ({ranks} ranks, {steps} steps) failed (exit "
+                f"{done.returncode}): {' | '.join(tail)}; fix it, or plan at the profile's prices with "
+                "--calibrate-steps 0"
+            )
+        run = CostModel.from_json(json.loads((out / "costs.json").read_text()))
+        summary = json.loads((out / "summary.json").read_text())
+    rows = math.ceil(args.batch_size / int(summary["config"]["schedule"]["num_microbatches"]))
+    priced, calibration = at_run_prices(costs, run, _bounds(summary["partition"]), rows)
+    seconds = time.perf_counter() - started
+    measured_step = float(summary["step_time"]["measured_wall_median_recent"])
+    walls, cpus = summary["step_seconds"][1:], summary["step_cpu_seconds"][1:]
+    share = statistics.median(cpu / wall for cpu, wall in zip(cpus, walls, strict=True) if wall > 0)
+    result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share)
+    if share < BUSY_SHARE and args.device != "cuda":
+        print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "
+              "the plan is priced at that load and holds while it lasts", file=sys.stderr)
+    return replace(result, costs=replace(priced, source=f"{costs.source}; {result.describe()}"))

@@ -1,0 +1,56 @@
+"""`pipefold plan --profile`'s calibration run: the profile priced at the stage costs a short run of
+`pipefold train` measured (one 2-rank run of a tiny GPT), and its bad input refused before anything
+runs."""
+
+import json
+
+import pytest
+
+from pipefold.cli.main import main
+from pipefold.plan import ModelCosts
+from pipefold.plan.stages import StageLayout, stage_cost_model
+from pipefold.simulate import Link
+
+TINY = ["--num-layers", "2", "--d-model", "32", "--num-heads", "2", "--seq-len", "16", "--batch-size", "8",
+        "--ranks", "2", "--order-search", "0", "--repeats", "1", "--device", "cpu"]
+
+
+def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp_path, capsys):
+    saved = tmp_path / "costs.json"
+    assert main(["plan", "--profile", *TINY, "--calibrate-steps", "3", "--save-costs", str(saved),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    calibration = result["calibration"]
+    assert calibration["ranks"] == 2 and calibration["steps"] == 3 and calibration["seconds"] > 0
+    assert 0 < calibration["core_share"] <= 1.5  # CPU over wall seconds of rank 0
+    # pipefold train's default: 8 micro-batches of the batch of 8, one row each, on its own partition.
+    assert calibration["rows"] == 1 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
+    profile = ModelCosts.from_json(calibration["profile_costs"])
+    priced = ModelCosts.from_json(saved)
+    assert "calibrated on a 2-rank run of pipefold train's default" in priced.source
+    assert result["source"] == priced.source
+    # The run's prices per stage: each stage of the run's partition costs its scale x the profile's.
+    layout = StageLayout(tuple(calibration["bounds"]), calibration["rows"])
+    before = stage_cost_model(profile, layout, (), Link())
+    after = stage_cost_model(priced, layout, (), Link())
+    for stage in range(2):
+        assert after.f[stage] == pytest.approx(before.f[stage] * calibration["forward_scale"][stage])
+        assert after.b[stage] == pytest.approx(before.b[stage] * calibration["backward_scale"][stage])
+        assert calibration["forward_scale"][stage] > 0 and calibration["backward_scale"][stage] > 0
+    assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
+    assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
+    assert result["choice"]["step_time"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--profile", "--calibrate-steps", "2"], "--calibrate-steps = 2; give 3 or more"),
+        (["--profile", "--calibrate-steps", "-1"], "--calibrate-steps = -1"),
+        (["--model", "gpt", "--calibrate-steps", "4"], "--calibrate-steps calibrates measured costs"),
+        (["--profile", "--vocab-size", "100", "--calibrate-steps", "4"], "vocabulary 256"),
+    ],
+)
+def test_calibration_flags_are_refused_before_anything_runs(capsys, argv, message):
+    assert main(["plan", *argv, *TINY]) == 2
+    assert message in capsys.readouterr().err
