@@ -339,6 +339,8 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
         return None  # the runtime recomputes the attention cores or whole layers, not both at once
     if candidate.is_searched_order and schedule_file is None:
         return None
+    if args.megatron and not _is_hf(args) and args.vocab_size % candidate.num_tensor_parallel:
+        return None  # its vocabulary-parallel head splits train's byte values evenly over tp
     words = ["pipefold", "train"]
     if schedule_file is not None:
         words += ["--schedule-file", schedule_file]

@@ -98,6 +98,11 @@ def test_a_plan_choosing_selective_recomputation_names_it_in_its_train_command()
     config = _config(*command.split()[2:])
     assert (config.schedule.tensor_parallel, config.schedule.vocab_parallel) == (2, True)
     assert (config.model.attention, config.model.dropout) == ("unfused", 0.1)
+    # A tp that does not divide train's 256 byte values: no command train would refuse.
+    uneven = SimpleNamespace(choice=replace(selective, num_tensor_parallel=3), global_batch=4,
+                             saves_searched_order=False)
+    assert train_command(megatron, uneven) is None
+    assert train_command(args, uneven) is not None  # without --megatron the head is not split
 
 
 def test_attention_unfused_reaches_the_configuration_and_the_model():
