@@ -72,30 +72,19 @@ class _Sent:
 _SENT = _Sent()
 
 
+@dataclass(eq=False, slots=True)
 class _ShmReceive:
     """A posted shared-memory receive: its slots are claimed, the copy out happens in `wait`.
-    A plain class with slots: one is made per message, and a dataclass's `__init__` cost twice."""
+    Slotted: one is made per message."""
 
-    __slots__ = ("channel", "sequence", "buffers", "offsets", "peer", "peer_alive", "views")
-
-    def __init__(
-        self,
-        channel: ShmChannel,
-        sequence: int,
-        buffers: Sequence[Tensor],
-        offsets: Sequence[int],
-        peer: int,
-        peer_alive: Callable[[], bool] | None,
-        views: Sequence[memoryview] | None = None,
-    ) -> None:
-        self.channel = channel
-        self.sequence = sequence
-        self.buffers = buffers
-        self.offsets = offsets
-        self.peer = peer
-        self.peer_alive = peer_alive
-        self.views = views
-        """The buffers' bytes (`shm.byte_view`): the copy out is then a slice assignment."""
+    channel: ShmChannel
+    sequence: int
+    buffers: Sequence[Tensor]
+    offsets: Sequence[int]
+    peer: int
+    peer_alive: Callable[[], bool] | None
+    views: Sequence[memoryview] | None = None
+    """The buffers' bytes (`shm.byte_view`): the copy out is then a slice assignment."""
 
     def done(self) -> bool:
         return False  # the copy out happens in `wait`
