@@ -240,7 +240,8 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     ids = torch.randint(0, files.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, in_precision)
     source = (
-        f"measured on {_in(where, precision)}, median of {args.repeats}: Hugging Face {files.model_type} from "
+        f"measured on {_in(where, precision)}, median of {args.repeats}: Hugging Face {files.model_type} "
+        "from "
         f"{files.config_path} (blocks={files.num_layers}, hidden={files.hidden_size}, "
         f"heads={files.num_heads}, "
         f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"

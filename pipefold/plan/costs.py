@@ -237,7 +237,8 @@ class ModelCosts:
                 "the costs were taken for (an integer >= 1)"
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
-                     "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s", "update_s_per_parameter_byte"):
+                     "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
+                     "update_s_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(

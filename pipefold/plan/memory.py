@@ -28,7 +28,8 @@ class RankMemory:
     activations: int
     recompute: int = 0
     casts: int = 0
-    """The 16-bit weight copies mixed precision holds for the step (`ModelCosts.cast_bytes_per_parameter_byte`)."""
+    """The 16-bit weight copies mixed precision holds for the step
+    (`ModelCosts.cast_bytes_per_parameter_byte`)."""
 
     @property
     def total(self) -> int:

@@ -26,7 +26,8 @@ def test_profile_in_bf16_prices_16_bit_boundaries_and_fp32_state(capsys):
     # Every boundary but the last (the loss's fp32 input) in 2 bytes a value.
     assert [layer.output_bytes for layer in bf16.layers[:-1]] == [2 * 8 * 16 * 2] * 5
     assert [layer.output_bytes for layer in fp32.layers[:-1]] == [2 * 8 * 16 * 4] * 5
-    assert sum(layer.activation_bytes for layer in bf16.layers) < sum(layer.activation_bytes for layer in fp32.layers)
+    assert sum(layer.activation_bytes for layer in bf16.layers) < sum(
+        layer.activation_bytes for layer in fp32.layers)
     # Autocast keeps fp32 weights, gradients and AdamW moments, and a 16-bit copy of the matrix weights.
     assert bf16.parameter_bytes == fp32.parameter_bytes
     assert (bf16.gradient_bytes_per_parameter_byte, bf16.optimizer_bytes_per_parameter_byte) == (1.0, 2.0)
@@ -75,3 +76,34 @@ def test_bf16_on_a_gpu_without_it_is_refused_before_measuring(capsys, monkeypatc
     assert main(["profile", *MODEL, "--device", "cuda", "--precision", precision]) == 2
     assert (f"--precision = {precision!r} but Tesla V100 has no bf16; use --precision fp16 (or fp32)"
             in capsys.readouterr().err)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_the_bf16_plans_memory_is_what_the_bf16_job_counts(tmp_path, capfd):
+    """`plan --profile --precision bf16` pinned to 1F1B at 2 ranks, then its train command for one
+    step: per rank, weights + gradients + optimizer state + activations (with autocast's held
+    weight copies, which the job's hooks count among them) within 10% of the job's count (as
+    benchmarks/planner_memory.py --precision bf16, where it is within 0.6%)."""
+    model = ["--num-layers", "2", "--d-model", "64", "--num-heads", "4", "--seq-len", "32",
+             "--batch-size", "8"]
+    assert main(["plan", "--profile", *model, "--repeats", "1", "--device", "cpu", "--ranks", "2",
+                 "--schedule", "1f1b", "--microbatches", "4", "--recompute", "none", "--order-search", "0",
+                 "--json", "--calibrate-steps", "0", "--precision", "bf16"]) == 0
+    planned = json.loads(capfd.readouterr().out)
+    out = tmp_path / "run"
+    words = shlex.split(planned["train_command"])[1:] + [
+        "--steps", "1", "--out", str(out), "--set", "sample_tokens=0", "--set", "eval_every=0",
+        "--device", "cpu",
+    ]
+    assert main(words) == 0, capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "bf16"
+    for entry in summary["memory"]:
+        predicted = planned["choice"]["memory"][entry["pipeline_rank"]]
+        assert predicted["casts"] > 0
+        assert predicted["weights"] == entry["weights"]  # fp32 weights, to the byte
+        counted = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
+        assert abs(predicted["total"] / counted - 1) < 0.10, (predicted, entry)
+        # Without the copies the plan would miss what the job holds by more than the model's error.
+        assert predicted["total"] - predicted["casts"] < counted * 0.97

@@ -50,7 +50,8 @@ def test_the_last_layer_hands_the_loss_fp32_and_its_saved_bytes_match_fp32s():
     # The last stage casts its 16-bit outputs to fp32 for the loss, as the runtime does: the loss
     # keeps fp32 log-probabilities either way.
     assert bf16[-1].output == fp32[-1].output and bf16[-1].loss_bytes == fp32[-1].loss_bytes > 0
-    assert all(b.output.num_bytes * 2 == f.output.num_bytes for b, f in zip(bf16[:-1], fp32[:-1], strict=True))
+    pairs = zip(bf16[:-1], fp32[:-1], strict=True)
+    assert all(b.output.num_bytes * 2 == f.output.num_bytes for b, f in pairs)
     assert sum(p.activation_bytes for p in bf16) < sum(p.activation_bytes for p in fp32)
     assert bf16[2].cast_bytes > 0  # the block's matrix weights
 
@@ -87,7 +88,8 @@ def test_pure_bf16_leaves_the_callers_modules_in_fp32():
 
 @pytest.mark.parametrize("precision", ["bf32", "auto", "", None])
 def test_an_unknown_precision_is_refused_with_the_choices(precision):
-    with pytest.raises(ConfigError, match=rf"precision = {precision!r}; use one of fp32, bf16, fp16, bf16-pure"):
+    expected = rf"precision = {precision!r}; use one of fp32, bf16, fp16, bf16-pure"
+    with pytest.raises(ConfigError, match=expected):
         profile([nn.ReLU()], torch.zeros(1), num_repeats=1, precision=precision)
 
 
@@ -110,7 +112,8 @@ def test_the_plans_memory_follows_the_precision():
     for rank in range(2):
         fp32, bf16, pure = (memory[p][rank] for p in ("fp32", "bf16", "bf16-pure"))
         # Autocast keeps fp32 weights, gradients and moments; it adds the held 16-bit copies.
-        assert (bf16.weights, bf16.gradients, bf16.optimizer) == (fp32.weights, fp32.gradients, fp32.optimizer)
+        state = ("weights", "gradients", "optimizer")
+        assert [getattr(bf16, kind) for kind in state] == [getattr(fp32, kind) for kind in state]
         assert fp32.casts == 0 < bf16.casts < bf16.weights // 2 + 1
         assert bf16.activations < fp32.activations
         # bf16 weights: half the weights and gradients, fp32 master and moments (12 bytes a weight).
