@@ -107,3 +107,16 @@ def test_the_bf16_plans_memory_is_what_the_bf16_job_counts(tmp_path, capfd):
         assert abs(predicted["total"] / counted - 1) < 0.10, (predicted, entry)
         # Without the copies the plan would miss what the job holds by more than the model's error.
         assert predicted["total"] - predicted["casts"] < counted * 0.97
+
+
+@pytest.mark.parametrize(("precision", "trained"),
+                         [(None, "fp32"), ("bf16", "bf16"), ("bf16-pure", "bf16-pure")])
+def test_the_calibration_run_trains_in_the_measured_precision(tmp_path, precision, trained):
+    import argparse
+
+    from pipefold.cli.plan_calibrate import _train_words
+
+    args = argparse.Namespace(microbatches=2, batch_size=4, device="cpu", model=None, num_layers=2,
+                              d_model=16, num_heads=2, seq_len=8, precision=precision)
+    words = _train_words(args, 2, 3, tmp_path, hf=False)
+    assert words[words.index("--precision") + 1] == trained
