@@ -8,7 +8,7 @@ from torch import nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, build_reference
 from pipefold.model.zoo import gpt_layers, gpt_loss
-from pipefold.plan import ModelCosts
+from pipefold.plan import ModelCosts, gpt_costs
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.space import Config
 from pipefold.runtime import profile
@@ -120,3 +120,16 @@ def test_the_plans_memory_follows_the_precision():
         assert pure.weights * 2 == fp32.weights and pure.gradients == pure.weights
         assert pure.optimizer == 6 * pure.weights and pure.casts == 0
         assert pure.total == pure.weights * 8 + pure.activations
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_embeddings):
+    layers = gpt_layers(64, 32, 2, 2, 16, tie_embeddings=tie_embeddings)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    measured = sum(p.cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16"))
+    sizes = {"num_layers": 2, "d_model": 32, "num_heads": 2, "seq_len": 16, "vocab_size": 64,
+             "tie_embeddings": tie_embeddings}
+    mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
+    assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(measured)
+    assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
+    assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0
