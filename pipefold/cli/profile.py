@@ -410,6 +410,12 @@ def print_table(measured: GptProfile, console: Console) -> None:
             "keeps each layer's B and splits it by the layer's W share.",
             highlight=False, markup=False, soft_wrap=True,
         )
+    casts = sum(p.cast_bytes for p in measured.profiles)
+    if casts:
+        console.print(
+            f"16-bit weight copies autocast holds for a step: {mib(casts)} MiB (once per rank, not per "
+            "micro-batch; not in act MiB)", highlight=False, markup=False, soft_wrap=True,
+        )
     console.print(f"costs: {measured.costs.source}", highlight=False, markup=False, soft_wrap=True)
 
 

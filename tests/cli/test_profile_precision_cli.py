@@ -120,3 +120,12 @@ def test_the_calibration_run_trains_in_the_measured_precision(tmp_path, precisio
                               d_model=16, num_heads=2, seq_len=8, precision=precision)
     words = _train_words(args, 2, 3, tmp_path, hf=False)
     assert words[words.index("--precision") + 1] == trained
+
+
+def test_the_table_names_the_held_weight_copies(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["profile", *TINY, "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "16-bit weight copies autocast holds for a step:" in out and "bf16, median of 1" in out
+    assert main(["profile", *TINY]) == 0
+    assert "weight copies" not in capsys.readouterr().out
