@@ -71,8 +71,9 @@ class LayerProfile:
     loss_bytes: int = 0
     """Bytes the loss saves for its backward (beyond `activation_bytes`); the last layer's, with `loss_fn`."""
     cast_bytes: int = 0
-    """Under autocast: bytes of the 16-bit weight copies the layer saves for its backward, the same
-    tensors for every micro-batch (held once per step, not per micro-batch in flight); 0 in fp32."""
+    """Under autocast: bytes the layer saves for its backward that are the same tensors for every
+    micro-batch (held once per step, not per micro-batch in flight): autocast's 16-bit weight
+    copies, and a buffer saved as it is; 0 in fp32 (where a saved buffer counts as an activation)."""
 
     @property
     def total_s(self) -> float:
