@@ -3,6 +3,7 @@
     python benchmarks/planner_memory.py            # 1f1b and gpipe, recompute none/full, m = 2 and 4
     python benchmarks/planner_memory.py --quick    # 1f1b, m = 4 only
     python benchmarks/planner_memory.py --megatron # Megatron-LM's GPT: `plan --megatron`'s model
+    python benchmarks/planner_memory.py --quick --precision bf16   # profiled and trained in bf16
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -18,6 +19,10 @@ on the `cpu` hardware preset, fp32: Korthikanti et al. 2022's activations) again
 `pipefold train --attention unfused --dropout 0.1` (Megatron-LM's unfused attention and
 dropouts) at the same partition, schedule, micro-batches and recomputation (none, full, and
 selective: the attention core), through the planner's own `evaluate`.
+
+`--precision bf16|fp16|bf16-pure` profiles, plans and trains in that precision (`plan --profile
+--precision`): the plan's total then includes the 16-bit weight copies autocast holds for a step
+(`casts`), which the job's saved-tensor hooks count among its activations.
 """
 
 from __future__ import annotations
@@ -41,13 +46,14 @@ def _cli(args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def measure(schedule: str, recompute: str, num_microbatches: int, work: Path) -> list[tuple[str, ...]]:
+def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
+            precision: str = "fp32") -> list[tuple[str, ...]]:
     planned = json.loads(_cli(
         ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
          str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json",
-         "--calibrate-steps", "0"], work))  # memory: the layers' times do not matter here
+         "--calibrate-steps", "0", "--precision", precision], work))  # memory: times do not matter here
     command = shlex.split(planned["train_command"])[1:]  # without the leading "pipefold"
-    out = work / f"{schedule}-{recompute}-{num_microbatches}"
+    out = work / f"{schedule}-{recompute}-{num_microbatches}-{precision}"
     _cli([*command, "--steps", "2", "--out", str(out)], work)
     counted = json.loads((out / "summary.json").read_text())["memory"]
     rows = []
@@ -56,13 +62,19 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path) ->
         predicted = planned["choice"]["memory"][rank]
         total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
         # The hooks do not see the layer a recomputing backward rebuilds for a moment, so the
-        # like-for-like total leaves the plan's recompute transient out (shown apart).
+        # like-for-like total leaves the plan's recompute transient out (shown apart). They count
+        # autocast's held weight copies among the activations: the plan's `casts` go with them.
         like = predicted["total"] - predicted["recompute"]
         rows.append((
-            f"{schedule} m={num_microbatches} recompute={recompute}", str(rank),
-            f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
+            f"{schedule} m={num_microbatches} recompute={recompute}" + (
+                f" {precision}" if precision != "fp32" else ""), str(rank),
+            f"{(predicted['activations'] + predicted['casts']) / 2**10:.0f}",
+            f"{entry['activations_peak'] / 2**10:.0f}",
             f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
             f"{like / total - 1:+.1%}",
+            # Under full recomputation no tensor the forward saves is such a copy (autocast's cache
+            # holds them), so the hooks miss them: the error without them, for comparison.
+            *((f"{(like - predicted['casts']) / total - 1:+.1%}",) if precision != "fp32" else ()),
         ))
     return rows
 
@@ -134,6 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1f1b at m = 4 only")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "bf16-pure"), default="fp32",
+                        help="profile, plan and train in this precision (default fp32)")
     parser.add_argument("--megatron", action="store_true",
                         help="Megatron-LM's GPT (unfused attention, dropout) against the model "
                         "`plan --megatron` prices")
@@ -145,14 +159,14 @@ def main() -> None:
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
     ]
-    header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)",
+    header = ("configuration", "rank", "activations (+ casts) KiB (plan)", "activations KiB (counted)",
               "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
-              "error")
+              "error", *(("error without casts",) if args.precision != "fp32" else ()))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for schedule, recompute, m in cases:
-            for row in measure(schedule, recompute, m, Path(tmp)):
+            for row in measure(schedule, recompute, m, Path(tmp), args.precision):
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -191,7 +191,8 @@ def add_parser(subparsers: Any) -> None:
     gpt.add_argument("--bytes-per-value", type=int, help="4 for fp32 (default), 2 for bf16")
     gpt.add_argument("--precision", choices=tuple(PRECISION_BYTES),
                      help="price activations and boundaries as `pipefold train --precision` sends them "
-                     "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); default fp32")
+                     "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); with --profile / "
+                     "--measure: measure the layers in it, as pipefold profile --precision; default fp32")
     gpt.add_argument("--overhead", type=float, metavar="SECONDS",
                      help="fixed seconds per layer and action (kernel launches); default 0")
     gpt.add_argument("--measure", action="store_true",
@@ -261,11 +262,11 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
 
 def _measured_costs(args: argparse.Namespace) -> Any:
     """Profile the built-in GPT as `pipefold profile` does; show the table unless --json."""
-    for flag in ("--flops", "--bytes-per-value", "--precision", "--overhead"):
+    for flag in ("--flops", "--bytes-per-value", "--overhead"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
-                f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in fp32, "
-                f"fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
+                f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in "
+                f"--precision, fixed costs included); drop {flag}, or drop --profile / --measure to estimate"
             )
     steps = plan_calibrate.calibration_steps(args)
     if steps and not _trains_the_planned_model(args) and args.calibrate_steps is not None:
@@ -372,7 +373,7 @@ def candidate_words(args: argparse.Namespace, candidate: Any, global_batch: int,
         words += ["--num-layers", str(args.num_layers), "--d-model", str(args.d_model),
                   "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
     words += ["--partition", ",".join(map(str, candidate.partition.counts))]
-    # The precision priced (a profile measures fp32), named: train's default "auto" may pick bf16.
+    # The precision priced (and measured), named: train's default "auto" may pick bf16.
     words += ["--precision", args.precision or "fp32"]
     if candidate.recompute:
         layers = ",".join(map(str, candidate.recompute_layers))

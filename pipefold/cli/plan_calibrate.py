@@ -133,7 +133,8 @@ def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf
     words = [sys.executable, "-m", "pipefold", "train", "--ranks", str(ranks), "--steps", str(steps),
              "--batch-size", str(args.batch_size), "--microbatches", str(microbatches), "--out", str(out),
              "--device", args.device,
-             "--precision", "fp32", "--set", "sample_tokens=0", "--set", "eval_every=0"]
+             "--precision", getattr(args, "precision", None) or "fp32",
+             "--set", "sample_tokens=0", "--set", "eval_every=0"]
     if hf:
         return [*words, "--model", args.model, "--seq-len", str(args.seq_len)]
     return [*words, "--num-layers", str(args.num_layers), "--d-model", str(args.d_model),

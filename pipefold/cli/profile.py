@@ -5,6 +5,7 @@
     pipefold plan --costs costs.json --ranks 4 --batch-size 32 --memory 8GiB
     pipefold plan --profile --ranks 4 --memory 2GiB           # measure, then plan, in one command
     pipefold profile --model models/gpt2 --seq-len 256 --out costs.json   # a Hugging Face model
+    pipefold profile --precision bf16 --out costs.json        # as pipefold train --precision bf16 runs
 
 Each layer of `pipefold.model.zoo.gpt_layers` (the model `pipefold train` builds from the
 same flags) runs alone on one micro-batch of `--rows` sequences (default: the largest
@@ -13,6 +14,14 @@ micro-batch of `--batch-size` cut into `--microbatches`, as training cuts it): i
 as zero-bubble schedules run them (`pipefold.runtime.backward`). Times are medians of
 `--repeats` runs. The table gives milliseconds and MiB per layer; `--out` writes the
 `pipefold.plan.ModelCosts` JSON that `pipefold plan --costs` reads.
+
+`--precision` (fp32 by default; bf16, fp16, bf16-pure: `pipefold train --precision`'s values)
+measures the layers as the training ranks run them in it: the forward under autocast in 16
+bits with fp32 weights (bf16-pure: bf16 weights), the weight casts held for the step, the
+boundaries in 16 bits. Times, activation bytes and boundary bytes are the precision's own; the
+costs price weights, gradients and optimizer state as the runtime keeps them (fp32 weights and
+Adam moments; bf16-pure: bf16 weights and gradients, fp32 master and moments in the optimizer)
+and the 16-bit weight copies autocast holds for a step (`cast_bytes_per_parameter_byte`).
 
 `--model DIR_OR_CONFIG` measures a Hugging Face decoder instead (a model directory or a
 config.json; random weights from its config: times do not depend on the values): the layers
@@ -48,6 +57,13 @@ if TYPE_CHECKING:
 
 _ID_BYTES = 8
 """Token ids are int64: what stage 0 keeps of the model input."""
+
+PROFILE_PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")
+"""What `--precision` may be: `pipefold train --precision`'s values ("auto" resolved by train only)."""
+
+_PURE_OPTIMIZER_BYTES = 6.0
+"""Optimizer state per byte of a bf16 weight (bf16-pure): AdamW's two moments and the master
+copy, each fp32 (`pipefold.runtime.master.fp32_master_weights`): 12 bytes per 2-byte weight."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,8 @@ def add_parser(subparsers: Any) -> None:
                        help=f"micro-batches per step (default {ScheduleConfig.num_microbatches}, "
                        "at most the batch)")
     add_measure_arguments(parser)
+    parser.add_argument("--precision", choices=PROFILE_PRECISIONS, default="fp32",
+                        help="measure as pipefold train --precision runs the layers (default fp32)")
     parser.add_argument("--out", metavar="FILE", help="write the ModelCosts JSON here (for plan --costs)")
     parser.add_argument("--json", action="store_true", help="print the ModelCosts JSON instead of the table")
     parser.set_defaults(func=run)
@@ -151,16 +169,17 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.runtime import profile
 
     device, threads = _device_and_threads(args)
+    precision = _precision(args, device)
     layers = gpt_layers(args.vocab_size, args.d_model, args.num_heads, args.num_layers, args.seq_len,
                         tie_embeddings=not getattr(args, "untied", False))
     # A generator of its own, so profiling leaves the caller's random stream where it was.
     ids = torch.randint(0, args.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     # The last layer's activations include what the loss saves (its log-probabilities), as the
     # last stage of `pipefold train` holds them per micro-batch in flight.
-    with_loss = functools.partial(profile, loss_fn=gpt_loss, target=ids)
+    with_loss = functools.partial(profile, loss_fn=gpt_loss, target=ids, precision=precision)
     profiles, where = _profile(layers, ids, device, threads, args.repeats, with_loss)
     source = (
-        f"measured on {where}, median of {args.repeats}: GPT (layers={args.num_layers}, "
+        f"measured on {_in(where, precision)}, median of {args.repeats}: GPT (layers={args.num_layers}, "
         f"d_model={args.d_model}, heads={args.num_heads}, seq_len={args.seq_len}, vocab={args.vocab_size}), "
         f"{rows} rows per micro-batch"
     )
@@ -168,13 +187,14 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     tied = tuple(indices for indices in tied_groups(layers).values() if len(indices) > 1)
     # Token ids take no gradient: the first stage's backward has no input half.
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
-                                    source=source, tied_layers=tied, input_requires_grad=False)
+                                    source=source, tied_layers=tied, input_requires_grad=False,
+                                    **_state_bytes(precision))
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
                               generator=torch.Generator().manual_seed(0))
         return _profile(layers, other, device, threads, args.repeats,
-                        functools.partial(profile, loss_fn=gpt_loss, target=other))[0]
+                        functools.partial(profile, loss_fn=gpt_loss, target=other, precision=precision))[0]
 
     costs = _with_overheads(costs, at, layers, device, threads)
     # What `pipefold train --tensor-parallel` splits, so the planner can price a tp degree.
@@ -214,26 +234,32 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.runtime import profile
 
     device, threads = _device_and_threads(args)
+    precision = _precision(args, device)
+    in_precision = functools.partial(profile, precision=precision)
     lm = load_causal_lm(files.config_path, seq_len=args.seq_len)
     ids = torch.randint(0, files.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, profile)
+    profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, in_precision)
     source = (
-        f"measured on {where}, median of {args.repeats}: Hugging Face {files.model_type} from "
+        f"measured on {_in(where, precision)}, median of {args.repeats}: Hugging Face {files.model_type} "
+        "from "
         f"{files.config_path} (blocks={files.num_layers}, hidden={files.hidden_size}, "
         f"heads={files.num_heads}, "
         f"vocab={files.vocab_size}), seq_len={args.seq_len}, {rows} rows per micro-batch"
     )
-    # The layers holding one weight (a tied head), as the Pipeline finds them; fp32 as loaded.
+    # The layers holding one weight (a tied head), as the Pipeline finds them; fp32 as loaded
+    # (bf16-pure: held in bf16).
     ties = layer_ties(lm.layers)
+    value_bytes = 2 if precision == "bf16-pure" else 4
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, input_requires_grad=False,
                                     tied_layers=tuple(group for group, _ in ties),
-                                    tied_parameter_bytes=tuple(4 * values for _, values in ties))
+                                    tied_parameter_bytes=tuple(value_bytes * values for _, values in ties),
+                                    **_state_bytes(precision))
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
                               generator=torch.Generator().manual_seed(0))
-        return _profile(lm.layers, other, device, threads, args.repeats, profile)[0]
+        return _profile(lm.layers, other, device, threads, args.repeats, in_precision)[0]
 
     costs = _with_overheads(costs, at, lm.layers, device, threads)
     names = tuple(
@@ -276,6 +302,33 @@ def _with_overheads(
         source=f"{costs.source}; runtime {per_action * 1e6:.0f} us per action, optimizer update "
         f"{per_byte * 2**20 * 1e3:.2f} ms per MiB of parameters",
     )
+
+
+def _precision(args: argparse.Namespace, device: str) -> str:
+    """`--precision`, checked against the device (fp32 where the command has no such flag)."""
+    precision: str = getattr(args, "precision", None) or "fp32"
+    if precision not in PROFILE_PRECISIONS:
+        raise ConfigError(f"--precision = {precision!r}; measure in one of {', '.join(PROFILE_PRECISIONS)} "
+                          "(pipefold train resolves 'auto' itself: name the precision it chose)")
+    if device == "cuda" and precision in ("bf16", "bf16-pure"):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"--precision = {precision!r} but {torch.cuda.get_device_name()} has no bf16; "
+                              "use --precision fp16 (or fp32)")
+    return precision
+
+
+def _in(where: str, precision: str) -> str:
+    return where if precision == "fp32" else f"{where}, {precision}"
+
+
+def _state_bytes(precision: str) -> dict[str, float]:
+    """Gradients and optimizer state per parameter byte, as the runtime keeps them in `precision`:
+    gradients in the weights' dtype; AdamW's fp32 moments (2), or with bf16 weights also the fp32
+    master (`_PURE_OPTIMIZER_BYTES`)."""
+    optimizer = _PURE_OPTIMIZER_BYTES if precision == "bf16-pure" else 2.0
+    return {"gradient_bytes_per_parameter_byte": 1.0, "optimizer_bytes_per_parameter_byte": optimizer}
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:
@@ -356,6 +409,12 @@ def print_table(measured: GptProfile, console: Console) -> None:
             f"I + W = {(totals['I'] + totals['W']) / totals['B']:.2f} x B: the split's own cost. The planner "
             "keeps each layer's B and splits it by the layer's W share.",
             highlight=False, markup=False, soft_wrap=True,
+        )
+    casts = sum(p.cast_bytes for p in measured.profiles)
+    if casts:
+        console.print(
+            f"16-bit weight copies autocast holds for a step: {mib(casts)} MiB (once per rank, not per "
+            "micro-batch; not in act MiB)", highlight=False, markup=False, soft_wrap=True,
         )
     console.print(f"costs: {measured.costs.source}", highlight=False, markup=False, soft_wrap=True)
 

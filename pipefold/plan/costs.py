@@ -141,7 +141,7 @@ _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
-    "tied_parameter_bytes",
+    "tied_parameter_bytes", "cast_bytes_per_parameter_byte",
 )
 
 
@@ -158,7 +158,13 @@ class ModelCosts:
     gradient_bytes_per_parameter_byte: float = 1.0
     """Gradient storage per parameter byte (1: gradients in the parameters' dtype)."""
     optimizer_bytes_per_parameter_byte: float = 2.0
-    """Optimizer state per parameter byte (Adam: two moments, 2)."""
+    """Optimizer state per parameter byte (Adam: two moments, 2; with bf16 weights and fp32 master
+    copies, `precision="bf16-pure"`: the master and two fp32 moments, 6)."""
+    cast_bytes_per_parameter_byte: float = 0.0
+    """The 16-bit weight copies mixed precision holds for a step, per parameter byte: autocast casts
+    each matrix weight once a step and its backward keeps the copy (a profile in bf16 or fp16
+    measures it: `LayerProfile.cast_bytes`); 0 in fp32 and with bf16 weights. A rank holds them
+    once, beside its weights (`pipefold.plan.memory.RankMemory.casts`)."""
     overhead_s: float = 0.0
     """Fixed seconds per layer and per compute action (F, B, I or W), independent of rows."""
     source: str = ""
@@ -231,7 +237,8 @@ class ModelCosts:
                 "the costs were taken for (an integer >= 1)"
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
-                     "overhead_s", "loss_bytes", "action_overhead_s", "update_s_per_parameter_byte"):
+                     "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
+                     "update_s_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(
@@ -342,6 +349,11 @@ class ModelCosts:
         )
         options.setdefault("source", "measured profile")
         options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
+        # A profile under autocast saves 16-bit weight copies; priced per parameter byte of a rank.
+        parameters = sum(p.parameter_bytes for p in profiles)
+        casts = sum(getattr(p, "cast_bytes", 0) for p in profiles)
+        if casts and parameters:
+            options.setdefault("cast_bytes_per_parameter_byte", casts / parameters)
         return cls(layers=layers, reference_rows=rows, input_bytes=input_bytes, **options)
 
     # -- serialization -----------------------------------------------------------------------

@@ -147,6 +147,12 @@ def gpt_costs(
         # Adam's two moments in the weights' dtype; with 16-bit weights fp32 moments and master
         # copies (12 bytes per weight: 6 per byte of a bf16 weight), as `GptEstimate` prices them.
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
+        # 16-bit values with wider weights (mixed precision): autocast's 16-bit copies of the matrix
+        # weights (the blocks' and the head's), held once a step, as a profile in bf16 measures them.
+        cast_bytes_per_parameter_byte=(
+            (num_layers * 12 * d * d + v * d) * b / sum(layer.parameter_bytes for layer in layers)
+            if b < p else 0.0
+        ),
         overhead_s=overhead_s,
         tied_layers=((0, len(layers) - 1),) if tie_embeddings else (),  # the head is the embedding
         source=(

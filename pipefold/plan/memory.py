@@ -27,15 +27,19 @@ class RankMemory:
     optimizer: int
     activations: int
     recompute: int = 0
+    casts: int = 0
+    """The 16-bit weight copies mixed precision holds for the step
+    (`ModelCosts.cast_bytes_per_parameter_byte`)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute
+        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute + self.casts
 
     def to_json(self) -> dict[str, Any]:
         return {
             "weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-            "activations": self.activations, "recompute": self.recompute, "total": self.total,
+            "activations": self.activations, "recompute": self.recompute, "casts": self.casts,
+            "total": self.total,
         }
 
     @classmethod
@@ -114,6 +118,7 @@ def static_bytes(
         owned
         + round(owned * costs.gradient_bytes_per_parameter_byte)
         + round(owned * costs.optimizer_bytes_per_parameter_byte)
+        + round(owned * costs.cast_bytes_per_parameter_byte)
         for owned in _owned_weight_bytes(model, placement, num_ranks)
     )
 
@@ -160,6 +165,7 @@ def memory_of_peaks(
             optimizer=round(owned[rank] * costs.optimizer_bytes_per_parameter_byte),
             activations=activation_peaks[rank],
             recompute=transient[rank],
+            casts=round(owned[rank] * costs.cast_bytes_per_parameter_byte),
         )
         for rank in range(num_ranks)
     )

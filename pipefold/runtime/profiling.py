@@ -16,14 +16,24 @@ is timed on a forward of its own, after the whole backward: B is still a plain
 `autograd.backward`, and I + W exceeds it by what the split itself costs (a walk of
 the layer's graph in I, one autograd call per group of parameters in W; see
 docs/decisions.md, "measured split" for how the planner uses the two).
+
+With `precision` ("bf16", "fp16", "bf16-pure"; default "fp32") each layer runs as a stage of
+`Pipeline(..., runtime=RuntimeOptions(precision=...))` runs it: its forward under autocast in
+the 16-bit dtype (the backward outside it), with autocast's weight casts held for the whole
+measurement as the runtime holds them for a step (`runtime.stage.held_casts`); "bf16-pure"
+holds the weights in bf16 too. Times and saved bytes are then the precision's own; the 16-bit
+weight copies autocast saves (the same tensors for every micro-batch) are `cast_bytes`, apart
+from the per-micro-batch `activation_bytes`, and `output` is the boundary as a stage sends it
+(fp32 floats in the 16-bit dtype; the last layer's output in fp32, for the loss).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +44,8 @@ from pipefold.errors import ConfigError
 from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
 from pipefold.model.spec import LayerLike
 from pipefold.runtime.backward import backward_input, backward_weight
+from pipefold.runtime.options import COMPUTE_DTYPES, PRECISIONS, PURE_PRECISIONS
+from pipefold.runtime.stage import cast_floating
 
 __all__ = ["LayerProfile", "profile"]
 
@@ -58,6 +70,10 @@ class LayerProfile:
     """Median W time (weight gradients, after I), seconds; None unless profiled with `split_backward=True`."""
     loss_bytes: int = 0
     """Bytes the loss saves for its backward (beyond `activation_bytes`); the last layer's, with `loss_fn`."""
+    cast_bytes: int = 0
+    """Under autocast: bytes the layer saves for its backward that are the same tensors for every
+    micro-batch (held once per step, not per micro-batch in flight): autocast's 16-bit weight
+    copies, and a buffer saved as it is; 0 in fp32 (where a saved buffer counts as an activation)."""
 
     @property
     def total_s(self) -> float:
@@ -79,6 +95,33 @@ def _timed(device: torch.device, work: Callable[..., Any], *args: Any) -> tuple[
     return time.perf_counter() - start, result
 
 
+def _apply(dtype: torch.dtype | None, layer: LayerLike, module: nn.Module, value: Any) -> Any:
+    """The layer's forward as a stage runs it: under autocast in `dtype` (None: as it is)."""
+    if dtype is None:
+        return apply_layer(layer, module, value)
+    device_type = next((t.device.type for t in _tensors(value)), "cpu")
+    with torch.autocast(device_type, dtype=dtype):
+        return apply_layer(layer, module, value)
+
+
+@contextlib.contextmanager
+def _held_casts(dtype: torch.dtype | None) -> Iterator[None]:
+    # As `runtime.stage.held_casts` around a step: autocast's weight casts outlive one forward.
+    if dtype is None:
+        yield
+        return
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+
+
+def _storages(tensors: Sequence[Tensor]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
 def _tensors(value: Any) -> tuple[Tensor, ...]:
     return (value,) if isinstance(value, Tensor) else tuple(value)
 
@@ -90,11 +133,11 @@ def _detached_input(value: Any) -> Any:
 
 
 def _forward_saving(
-    layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int],
+    forward: Callable[..., Any], layer: LayerLike, module: nn.Module, value: Any, parameter_ptrs: set[int],
     loss: Callable[[Any], Any] | None = None,
-) -> tuple[Any, int, int]:
-    """Run one forward; count the bytes autograd saves for backward, each storage once: the layer's,
-    and with `loss` what the loss saves beyond them (the last stage holds both per micro-batch)."""
+) -> tuple[Any, dict[int, int], dict[int, int]]:
+    """Run one forward; the storages autograd saves for backward (pointer -> bytes), each once: the
+    layer's, and with `loss` what the loss saves beyond them (the last stage holds both per micro-batch)."""
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
@@ -105,15 +148,35 @@ def _forward_saving(
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = apply_layer(layer, module, _detached_input(value))
-        own = sum(saved.values())
+        output = forward(layer, module, _detached_input(value))
+        own = dict(saved)
         if loss is not None:
             loss(output)
-    return output, own, sum(saved.values()) - own
+    return output, own, {pointer: size for pointer, size in saved.items() if pointer not in own}
 
 
-def _apply_loss(loss_fn: Callable[[Any, Any], Tensor], target: Tensor, output: Any) -> Tensor:
-    return loss_fn(output, target)
+def _saved_bytes(
+    forward: Callable[..., Any], dtype: torch.dtype | None, layer: LayerLike, module: nn.Module, value: Any,
+    parameter_ptrs: set[int], loss: Callable[[Any], Any] | None, kept: set[int],
+) -> tuple[Any, int, int, int]:
+    """(output, activation bytes, loss bytes, cast bytes) of one forward. Under autocast a second
+    forward tells the weight casts apart: what both forwards save, other than the storages in `kept`
+    (the input and the targets, the same tensors in both), are autocast's held weight copies."""
+    output, own, beyond = _forward_saving(forward, layer, module, value, parameter_ptrs, loss)
+    if dtype is None:
+        return output, sum(own.values()), sum(beyond.values()), 0
+    # The first output stays alive, so none of its storages is reused by the second forward.
+    second, again, beyond = _forward_saving(forward, layer, module, value, parameter_ptrs, loss)
+    casts = {pointer: size for pointer, size in again.items() if pointer in own and pointer not in kept}
+    del output
+    return second, sum(again.values()) - sum(casts.values()), sum(beyond.values()), sum(casts.values())
+
+
+def _apply_loss(
+    loss_fn: Callable[[Any, Any], Tensor], target: Tensor, dtype: torch.dtype | None, output: Any
+) -> Tensor:
+    # Outside autocast, on fp32 outputs: as the last stage's loss runs (runtime.stage.Stage).
+    return loss_fn(output if dtype is None else cast_floating(output, dtype, torch.float32), target)
 
 
 def _backward(output: Any) -> None:
@@ -122,11 +185,12 @@ def _backward(output: Any) -> None:
 
 
 def _split_backward(
-    where: torch.device, layer: LayerLike, module: nn.Module, value: Any, parameters: Sequence[Tensor]
+    where: torch.device, forward: Callable[..., Any], layer: LayerLike, module: nn.Module, value: Any,
+    parameters: Sequence[Tensor],
 ) -> tuple[float, float]:
     """One forward (untimed), then the timed I and W of it, as the runtime's executor runs them."""
     inputs = _tensors(_detached_input(value))
-    output = apply_layer(layer, module, inputs[0] if isinstance(value, Tensor) else inputs)
+    output = forward(layer, module, inputs[0] if isinstance(value, Tensor) else inputs)
     outputs = [t for t in _tensors(output) if t.requires_grad]
     grads = [torch.ones_like(t) for t in outputs]
     input_s, (_, state) = _timed(where, backward_input, outputs, grads, inputs, parameters)
@@ -148,6 +212,7 @@ def profile(
     split_backward: bool = False,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
     target: Tensor | None = None,
+    precision: str = "fp32",
 ) -> list[LayerProfile]:
     """Measure every layer on `device` for an input like `sample`; element i is layer i.
 
@@ -159,10 +224,14 @@ def profile(
     Each layer is warmed up once, then timed `num_repeats` times (the median is
     kept). With `split_backward`, the I and W halves of each backward are timed too
     (`LayerProfile.input_grad_s`, `weight_grad_s`; 0.0 for a layer with no backward).
-    The caller's RNG state and modules are left untouched.
+    `precision` is `RuntimeOptions.precision`'s: the layers run as the runtime's stages run
+    them in it (module docstring). The caller's RNG state and modules are left untouched.
     """
     if not isinstance(num_repeats, int) or isinstance(num_repeats, bool) or num_repeats < 1:
         raise ConfigError(f"num_repeats = {num_repeats!r}; it must be an integer >= 1")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision = {precision!r}; use one of {', '.join(PRECISIONS)} "
+                          "(as RuntimeOptions.precision and pipefold train --precision)")
     description = as_layers(layers)
     if (loss_fn is None) != (target is None):
         raise ConfigError(
@@ -171,51 +240,79 @@ def profile(
         )
     TensorMeta.of(sample, what="sample", fix="pass a batch tensor, or a tuple of them, as the sample")
     where = torch.device(device)
+    dtype = COMPUTE_DTYPES[precision]
+    forward = functools.partial(_apply, dtype)
     with torch.random.fork_rng(devices=[where.index or 0] if where.type == "cuda" else []):
         model = build_reference(description, where, seed=seed)
+        if precision in PURE_PRECISIONS:
+            model.to(torch.bfloat16)  # as the runtime's stages hold them (runtime.local_stages)
         value: Any = tuple(t.to(where) for t in _tensors(sample))
         value = value[0] if isinstance(sample, Tensor) else value
         result = []
         last = len(description) - 1
         for index, (layer, module) in enumerate(zip(description, model, strict=True)):
             parameters = list(module.parameters())
-            parameter_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
             loss: Callable[[Any], Any] | None = None
+            kept = _storages(_tensors(value))
             if loss_fn is not None and target is not None and index == last:
-                loss = functools.partial(_apply_loss, loss_fn, target.to(where))
-            output, activation_bytes, loss_bytes = _forward_saving(layer, module, value, parameter_ptrs, loss)
-            needs_backward = any(t.requires_grad for t in _tensors(output))
-            split = split_backward and needs_backward
-            if needs_backward:
-                _backward(output)  # warm-up: first calls allocate and pick kernels
-            if split:
-                _split_backward(where, layer, module, value, parameters)  # warm-up of the split path
-            forward_times, backward_times = [], []
-            input_times, weight_times = [], []
-            for _ in range(num_repeats):
-                seconds, output = _timed(where, apply_layer, layer, module, _detached_input(value))
-                forward_times.append(seconds)
-                if needs_backward:
-                    seconds, _ = _timed(where, _backward, output)
-                    backward_times.append(seconds)
-                if split:
-                    input_s, weight_s = _split_backward(where, layer, module, value, parameters)
-                    input_times.append(input_s)
-                    weight_times.append(weight_s)
-            for parameter in parameters:
-                parameter.grad = None
-            result.append(
-                LayerProfile(
-                    forward_s=statistics.median(forward_times),
-                    backward_s=statistics.median(backward_times) if backward_times else 0.0,
-                    activation_bytes=activation_bytes,
-                    parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
-                    output=TensorMeta.of(output, what="the output of a profiled layer"),
-                    input_grad_s=_median_or_zero(input_times) if split_backward else None,
-                    weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
-                    loss_bytes=loss_bytes,
+                targets = target.to(where)
+                kept |= _storages([targets])
+                loss = functools.partial(_apply_loss, loss_fn, targets, dtype)
+            with _held_casts(dtype):
+                measured, output = _measure_layer(
+                    where, forward, dtype, layer, module, value, parameters, loss, kept, num_repeats,
+                    split_backward, is_last=index == last,
                 )
-            )
+            result.append(measured)
             value = tuple(t.detach() for t in _tensors(output))
             value = value[0] if isinstance(output, Tensor) else value
     return result
+
+
+def _measure_layer(
+    where: torch.device, forward: Callable[..., Any], dtype: torch.dtype | None, layer: LayerLike,
+    module: nn.Module, value: Any, parameters: Sequence[Tensor], loss: Callable[[Any], Any] | None,
+    kept: set[int], num_repeats: int, split_backward: bool, *, is_last: bool,
+) -> tuple[LayerProfile, Any]:
+    """One layer's profile, and its output (the next layer's input, as it leaves the layer)."""
+    output, activation_bytes, loss_bytes, cast_bytes = _saved_bytes(
+        forward, dtype, layer, module, value, _storages(parameters), loss, kept
+    )
+    needs_backward = any(t.requires_grad for t in _tensors(output))
+    split = split_backward and needs_backward
+    if needs_backward:
+        _backward(output)  # warm-up: first calls allocate and pick kernels
+    if split:
+        _split_backward(where, forward, layer, module, value, parameters)  # warm-up of the split path
+    forward_times, backward_times = [], []
+    input_times, weight_times = [], []
+    for _ in range(num_repeats):
+        seconds, output = _timed(where, forward, layer, module, _detached_input(value))
+        forward_times.append(seconds)
+        if needs_backward:
+            seconds, _ = _timed(where, _backward, output)
+            backward_times.append(seconds)
+        if split:
+            input_s, weight_s = _split_backward(where, forward, layer, module, value, parameters)
+            input_times.append(input_s)
+            weight_times.append(weight_s)
+    for parameter in parameters:
+        parameter.grad = None
+    # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
+    # and the last stage hands the loss its 16-bit outputs in fp32 (runtime.stage.Stage).
+    boundary = output
+    if dtype is not None:
+        boundary = cast_floating(output, dtype, torch.float32) if is_last else cast_floating(
+            output, torch.float32, dtype)
+    measured = LayerProfile(
+        forward_s=statistics.median(forward_times),
+        backward_s=statistics.median(backward_times) if backward_times else 0.0,
+        activation_bytes=activation_bytes,
+        parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
+        output=TensorMeta.of(boundary, what="the output of a profiled layer"),
+        input_grad_s=_median_or_zero(input_times) if split_backward else None,
+        weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
+        loss_bytes=loss_bytes,
+        cast_bytes=cast_bytes,
+    )
+    return measured, output

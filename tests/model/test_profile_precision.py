@@ -1,0 +1,135 @@
+"""`profile(..., precision=)`: layers measured as the runtime's stages run them in 16 bits, and the
+planner's memory in that precision (one process)."""
+
+import pytest
+import torch
+from torch import nn
+
+from pipefold.errors import ConfigError
+from pipefold.model import LayerSpec, build_reference
+from pipefold.model.zoo import gpt_layers, gpt_loss
+from pipefold.plan import ModelCosts, gpt_costs
+from pipefold.plan.evaluate import evaluate
+from pipefold.plan.space import Config
+from pipefold.runtime import profile
+from pipefold.runtime.memory import ActivationCounter
+from pipefold.runtime.stage import Stage, held_casts
+from pipefold.simulate import Link
+
+ROWS, IN, OUT = 8, 24, 40
+
+
+def _linear(precision):
+    # A layer after it, so the linear's output is a boundary a stage sends (the last one's feeds the loss).
+    layers = [LayerSpec(nn.Linear, IN, OUT), LayerSpec(nn.ReLU)]
+    return profile(layers, torch.randn(ROWS, IN), num_repeats=1, precision=precision)[0]
+
+
+def test_a_linear_layer_saves_half_the_bytes_in_16_bits_and_its_weight_copy_once():
+    fp32, bf16, fp16, pure = (_linear(p) for p in ("fp32", "bf16", "fp16", "bf16-pure"))
+    # fp32: the input (rows x in x 4 bytes); the weight is a parameter, not an activation.
+    assert fp32.activation_bytes == ROWS * IN * 4 and fp32.cast_bytes == 0
+    for half in (bf16, fp16):
+        # Autocast: the input's 16-bit copy per micro-batch, and the weight's 16-bit copy, held for
+        # the step (the same tensor for every micro-batch), apart from the activations.
+        assert half.activation_bytes == fp32.activation_bytes // 2
+        assert half.cast_bytes == OUT * IN * 2
+        assert half.parameter_bytes == fp32.parameter_bytes == (OUT * IN + OUT) * 4  # fp32 weights
+        assert half.output.num_bytes == fp32.output.num_bytes // 2 == ROWS * OUT * 2  # the boundary
+    # bf16 weights: nothing to cast, half the parameter bytes.
+    assert pure.activation_bytes == fp32.activation_bytes // 2 and pure.cast_bytes == 0
+    assert pure.parameter_bytes == fp32.parameter_bytes // 2
+    assert pure.output.dtypes == (torch.bfloat16,)
+
+
+def test_the_last_layer_hands_the_loss_fp32_and_its_saved_bytes_match_fp32s():
+    layers = gpt_layers(64, 16, 2, 1, 8)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    fp32 = profile(layers, ids, num_repeats=1, loss_fn=gpt_loss, target=ids)
+    bf16 = profile(layers, ids, num_repeats=1, loss_fn=gpt_loss, target=ids, precision="bf16")
+    # The last stage casts its 16-bit outputs to fp32 for the loss, as the runtime does: the loss
+    # keeps fp32 log-probabilities either way.
+    assert bf16[-1].output == fp32[-1].output and bf16[-1].loss_bytes == fp32[-1].loss_bytes > 0
+    pairs = zip(bf16[:-1], fp32[:-1], strict=True)
+    assert all(b.output.num_bytes * 2 == f.output.num_bytes for b, f in pairs)
+    assert sum(p.activation_bytes for p in bf16) < sum(p.activation_bytes for p in fp32)
+    assert bf16[2].cast_bytes > 0  # the block's matrix weights
+
+
+def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batches():
+    """Two micro-batches through one runtime `Stage` in bf16 with the step's held casts: the saved-
+    tensor counter of the runtime sees each micro-batch's activations and the weight copies once."""
+    layers = [LayerSpec(nn.Linear, IN, OUT), LayerSpec(nn.GELU), LayerSpec(nn.LayerNorm, OUT),
+              LayerSpec(nn.Linear, OUT, IN)]
+    sample = torch.randn(ROWS, IN)
+    profiles = profile(layers, sample, num_repeats=1, precision="bf16")
+    modules = list(build_reference(layers, torch.device("cpu"), seed=0))
+    stage = Stage(0, range(len(layers)), layers, modules, is_first=True, is_last=False,
+                  recompute_all=False, recompute_layers=frozenset())
+    stage.compute_dtype = torch.bfloat16
+    counter = ActivationCounter(stage.parameters)
+    outputs = []
+    with counter.counting(), held_casts([stage], weights_fixed=True):
+        for microbatch in range(2):
+            outputs.append(stage.forward(sample.clone().requires_grad_(True), microbatch))
+        held = counter.current
+    per_microbatch = sum(p.activation_bytes for p in profiles)
+    casts = sum(p.cast_bytes for p in profiles)
+    assert casts == (OUT * IN + IN * OUT) * 2
+    assert held == 2 * per_microbatch + casts
+    assert outputs[0].dtype == torch.bfloat16  # a stage that is not the last sends 16 bits
+
+
+def test_pure_bf16_leaves_the_callers_modules_in_fp32():
+    plain = nn.Linear(3, 3)
+    profile([plain], torch.ones(2, 3), num_repeats=1, precision="bf16-pure")
+    assert plain.weight.dtype == torch.float32 and plain.weight.grad is None
+
+
+@pytest.mark.parametrize("precision", ["bf32", "auto", "", None])
+def test_an_unknown_precision_is_refused_with_the_choices(precision):
+    expected = rf"precision = {precision!r}; use one of fp32, bf16, fp16, bf16-pure"
+    with pytest.raises(ConfigError, match=expected):
+        profile([nn.ReLU()], torch.zeros(1), num_repeats=1, precision=precision)
+
+
+def _plan_memory(costs):
+    """Per rank, the planner's memory for 1f1b, 2 ranks, 4 micro-batches of the profiled rows."""
+    config = Config("1f1b", 1, 4, costs.reference_rows)
+    return evaluate(costs, config, 2, (0, 3, len(costs.layers)), (), Link()).memory
+
+
+def test_the_plans_memory_follows_the_precision():
+    layers = gpt_layers(64, 32, 2, 2, 16)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    memory = {}
+    for precision, optimizer in (("fp32", 2.0), ("bf16", 2.0), ("bf16-pure", 6.0)):
+        profiles = profile(layers, ids, num_repeats=1, loss_fn=gpt_loss, target=ids, precision=precision)
+        costs = ModelCosts.from_profile(profiles, rows=2, optimizer_bytes_per_parameter_byte=optimizer)
+        memory[precision] = _plan_memory(costs)
+        casts = sum(p.cast_bytes for p in profiles)
+        assert costs.cast_bytes_per_parameter_byte == pytest.approx(casts / costs.parameter_bytes)
+    for rank in range(2):
+        fp32, bf16, pure = (memory[p][rank] for p in ("fp32", "bf16", "bf16-pure"))
+        # Autocast keeps fp32 weights, gradients and moments; it adds the held 16-bit copies.
+        state = ("weights", "gradients", "optimizer")
+        assert [getattr(bf16, kind) for kind in state] == [getattr(fp32, kind) for kind in state]
+        assert fp32.casts == 0 < bf16.casts < bf16.weights // 2 + 1
+        assert bf16.activations < fp32.activations
+        # bf16 weights: half the weights and gradients, fp32 master and moments (12 bytes a weight).
+        assert pure.weights * 2 == fp32.weights and pure.gradients == pure.weights
+        assert pure.optimizer == 6 * pure.weights and pure.casts == 0
+        assert pure.total == pure.weights * 8 + pure.activations
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_embeddings):
+    layers = gpt_layers(64, 32, 2, 2, 16, tie_embeddings=tie_embeddings)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    measured = sum(p.cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16"))
+    sizes = {"num_layers": 2, "d_model": 32, "num_heads": 2, "seq_len": 16, "vocab_size": 64,
+             "tie_embeddings": tie_embeddings}
+    mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
+    assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(measured)
+    assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
+    assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0
