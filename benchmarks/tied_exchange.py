@@ -52,6 +52,10 @@ def _rank(args: argparse.Namespace, out: str) -> None:
     from pipefold.runtime.processes.launch import init_process_group_from_env
     from pipefold.runtime.tied import TiedGradients
 
+    if args.chunk_bytes is not None:  # an experiment: the owners' exchange in chunks of this size
+        import pipefold.runtime.tied as tied_module
+
+        tied_module.OWNER_CHUNK_BYTES = args.chunk_bytes  # type: ignore[misc]
     init_process_group_from_env()
     rank = dist.get_rank()
     timings: list[float] = []
@@ -93,10 +97,21 @@ def _rank(args: argparse.Namespace, out: str) -> None:
             for work in works:
                 work.wait()
             bare.append(time.perf_counter() - start)
-        rows.append({"vocab": vocab, "table_bytes": table.numel() * table.element_size(),
+        path = "shared memory" if any(e is not None for e in pipe.tied.exchanges) else "process group"
+        # The same again through the owners' shared-memory exchange, where the runtime has one.
+        exchange = next((e for e in pipe.tied.exchanges if e is not None), None)
+        alone = []
+        for _ in range(args.steps if exchange is not None else 0):
+            mine = torch.ones_like(table.detach())
+            dist.barrier()
+            start = time.perf_counter()
+            exchange.sum_in_rank_order(mine, watchdog=pipe._watchdog, what="benchmark")
+            alone.append(time.perf_counter() - start)
+        rows.append({"vocab": vocab, "table_bytes": table.numel() * table.element_size(), "path": path,
                      "measured_ms": 1e3 * statistics.median(last.tolist()),
                      "first_rank_ms": 1e3 * statistics.median(first.tolist()),
-                     "process_group_ms": 1e3 * statistics.median(bare), "steps": len(timings) - 1})
+                     "process_group_ms": 1e3 * statistics.median(bare),
+                     "shared_memory_ms": 1e3 * statistics.median(alone) if alone else None, "steps": len(timings) - 1})
         del pipe
     if rank == 0:
         with open(out, "w") as file:
@@ -108,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--chunk-bytes", type=int, default=None,
+                        help="the owners' shared-memory exchange's chunk (default: the runtime's)")
     args = parser.parse_args()
     from pipefold.runtime.processes.launch import spawn
 
