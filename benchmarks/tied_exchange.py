@@ -105,7 +105,7 @@ def _rank(args: argparse.Namespace, out: str) -> None:
             mine = torch.ones_like(table.detach())
             dist.barrier()
             start = time.perf_counter()
-            exchange.sum_in_rank_order(mine, watchdog=pipe._watchdog, what="benchmark")
+            exchange.sum_in_rank_order(mine, watchdog=pipe._watchdog, what="benchmark", out=mine)
             alone.append(time.perf_counter() - start)
         rows.append({"vocab": vocab, "table_bytes": table.numel() * table.element_size(), "path": path,
                      "measured_ms": 1e3 * statistics.median(last.tolist()),
