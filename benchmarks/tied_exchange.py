@@ -5,14 +5,17 @@ through shared memory), builds the built-in GPT (`gpt_layers`, tied embedding an
 1F1B pipeline for each vocabulary size in `--vocab`, and times `TiedGradients.sum` (the
 exchange the runtime runs after the flush: each rank sends its contribution to the other and
 receives theirs, then adds) over `--steps` steps. Rank 0 prints one JSON line per vocabulary:
-the table's bytes, the median over steps of the sum on the rank that reaches it last (`measured_ms`: the
-step's cost; `first_rank_ms` the other's, which also waits for it), the same exchange alone
-through the process group outside a step (`process_group_ms`), and what the
-planner prices for it on the `cpu` hardware preset (`priced_ms`: the planner's
-`Candidate.tied_exchange_s` for the same GPT at pp=2, 1f1b).
+the table's bytes, the path the runtime took (`path`: "shared memory" where the step's
+collectives go through shared memory, else "process group"), the median over steps of the sum
+on the rank that reaches it last (`measured_ms`: the step's cost; `first_rank_ms` the other's,
+which also waits for it), the same exchange alone outside a step through the process group
+(`process_group_ms`: isend + irecv, no add) and through the owners' shared-memory exchange
+(`shared_memory_ms`: copy in and add, in place), and what the planner prices for it on the `cpu`
+hardware preset (`priced_ms`: the planner's `Candidate.tied_exchange_s` for the same GPT at
+pp=2, 1f1b). `--chunk-bytes` sets the shared-memory exchange's chunk (an experiment).
 
 Run:
-    .venv/bin/python benchmarks/tied_exchange.py                     # vocab 2048, 8192, 32768
+    .venv/bin/python benchmarks/tied_exchange.py                     # vocab 128, 4096, 32768: 128 KiB, 4 MiB, 32 MiB
     .venv/bin/python benchmarks/tied_exchange.py --vocab 8192 --steps 20
 """
 
@@ -121,7 +124,7 @@ def _rank(args: argparse.Namespace, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128, 4096, 32768])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--chunk-bytes", type=int, default=None,
                         help="the owners' shared-memory exchange's chunk (default: the runtime's)")
