@@ -15,7 +15,7 @@ hardware preset (`priced_ms`: the planner's `Candidate.tied_exchange_s` for the 
 pp=2, 1f1b). `--chunk-bytes` sets the shared-memory exchange's chunk (an experiment).
 
 Run:
-    .venv/bin/python benchmarks/tied_exchange.py                     # vocab 128, 4096, 32768: 128 KiB, 4 MiB, 32 MiB
+    .venv/bin/python benchmarks/tied_exchange.py                 # vocab 128, 4096, 32768 (128 KiB to 32 MiB)
     .venv/bin/python benchmarks/tied_exchange.py --vocab 8192 --steps 20
 """
 
@@ -114,7 +114,8 @@ def _rank(args: argparse.Namespace, out: str) -> None:
                      "measured_ms": 1e3 * statistics.median(last.tolist()),
                      "first_rank_ms": 1e3 * statistics.median(first.tolist()),
                      "process_group_ms": 1e3 * statistics.median(bare),
-                     "shared_memory_ms": 1e3 * statistics.median(alone) if alone else None, "steps": len(timings) - 1})
+                     "shared_memory_ms": 1e3 * statistics.median(alone) if alone else None,
+                     "steps": len(timings) - 1})
         del pipe
     if rank == 0:
         with open(out, "w") as file:

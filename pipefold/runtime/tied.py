@@ -182,7 +182,8 @@ class TiedGradients:
                     total = exchange.sum_in_rank_order(
                         delta, watchdog=self._watchdog, what="tied-gradient exchange", out=delta
                     )
-                    param.grad = laid_out_as(param, total if previous is None else total.add_(local(previous)))
+                    summed = total if previous is None else total.add_(local(previous))
+                    param.grad = laid_out_as(param, summed)
                     continue
                 parts: dict[int, Tensor] = {self.rank: delta}
                 pending: list[Transfer] = []

@@ -103,7 +103,8 @@ def test_a_dead_owner_is_noticed_before_the_timeout(tmp_path):
     exchanges[0].peer_alive = lambda: False
     start = time.monotonic()
     with pytest.raises(PeerFailure, match="tied-gradient exchange"):
-        exchanges[0].sum_in_rank_order(torch.ones(10), watchdog=_watchdog(0, 30.0), what="tied-gradient exchange")
+        exchanges[0].sum_in_rank_order(torch.ones(10), watchdog=_watchdog(0, 30.0),
+                                       what="tied-gradient exchange")
     assert time.monotonic() - start < 5.0
 
 
@@ -125,6 +126,11 @@ def pool4():
 
 def _digest(tensor):
     return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _step_doorbell(pipe):
+    base = pipe.transport.collectives.exchange
+    return None if base is None else base.doorbell
 
 
 def tied_paths(num_steps: int = 2) -> dict:
@@ -155,6 +161,10 @@ def tied_paths(num_steps: int = 2) -> dict:
             "paths": ["shared memory" if e is not None else "process group" for e in pipe.tied.exchanges],
             "owners": [list(owners) for owners, _ in pipe.tied.groups],
             "digests": [_digest(p.grad) for _, params in pipe.tied.groups for p in params],
+            # The other owner's process watched (a dead one fails the wait), and the step
+            # exchange's doorbell borrowed where it has one (ranks sharing cores).
+            "peer_alive": [e.peer_alive() for e in pipe.tied.exchanges if e is not None and e.peer_alive],
+            "doorbell": [e.doorbell is _step_doorbell(pipe) for e in pipe.tied.exchanges if e is not None],
         }
     return result
 
@@ -167,6 +177,7 @@ def test_tied_owners_sum_through_shared_memory_bit_for_bit_as_through_the_group(
     for rank in owners:
         assert results[rank][True]["owners"] == [[0, 3]]
         assert results[rank][True]["paths"] == ["shared memory"]
+        assert results[rank][True]["peer_alive"] == [True] and results[rank][True]["doorbell"] == [True]
         assert results[rank][False]["paths"] == ["process group"]
         # The same bits either way, on both owners.
         assert results[rank][True]["digests"] == results[rank][False]["digests"]

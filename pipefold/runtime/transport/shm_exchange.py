@@ -159,7 +159,9 @@ class ShmExchange:
         per_chunk = self.capacity // itemsize
         if per_chunk < 1:
             raise ValueError(f"capacity {self.capacity} holds no element of {flat.dtype}")
-        if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype or not out.is_contiguous()):
+        if out is not None and not (
+            out.shape == tensor.shape and out.dtype == tensor.dtype and out.is_contiguous()
+        ):
             raise ValueError(f"out must be a contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
         result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
         total = result.detach().view(-1)

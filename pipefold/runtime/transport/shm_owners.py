@@ -22,7 +22,7 @@ from pipefold.runtime.transport.comm import Collectives, _process_alive
 from pipefold.runtime.transport.shm import SHM_DIR, new_token, shm_name
 from pipefold.runtime.transport.shm_exchange import ShmExchange
 
-__all__ = ["OWNER_CHUNK_BYTES", "close_owner_exchange", "owner_exchanges"]
+__all__ = ["OWNER_CHUNK_BYTES", "owner_exchanges"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ Group = tuple[tuple[int, ...], int]
 owns none of the group)."""
 
 
-def owner_exchanges(collectives: Collectives, *, rank: int, groups: Sequence[Group]) -> list[ShmExchange | None]:
+def owner_exchanges(
+    collectives: Collectives, *, rank: int, groups: Sequence[Group]
+) -> list[ShmExchange | None]:
     """For each group: a shared-memory exchange among its owners where this rank is one and every
     owner opened it, else None. `groups` is the same list on every rank of the pipeline."""
     result: list[ShmExchange | None] = [None] * len(groups)
@@ -90,18 +92,13 @@ def owner_exchanges(collectives: Collectives, *, rank: int, groups: Sequence[Gro
         if all(_process_alive(pid) for pid in pids):
             exchange.peer_alive = functools.partial(_all_alive, tuple(pids))
         if base.doorbell is not None and len(base.ringers) == len(others):
-            # Shared with the step exchange: a wait checks its own flag before it blocks, so a
-            # ring meant for either only wakes a waiter early.
+            # Shared with the step exchange (whose `close` closes them; this exchange is left to
+            # the garbage collector, as the step's is): a wait checks its own flag before it
+            # blocks, so a ring meant for either only wakes a waiter early.
             exchange.doorbell = base.doorbell
             exchange.ringers = [base.ringers[others.index(peer)] for peer in peers]
         result[index] = exchange
     return result
-
-
-def close_owner_exchange(exchange: ShmExchange) -> None:
-    """Close `exchange`, leaving the step exchange's doorbell and ringers it borrowed open."""
-    exchange.doorbell, exchange.ringers = None, []
-    exchange.close()
 
 
 def _all_alive(pids: Sequence[int]) -> bool:
