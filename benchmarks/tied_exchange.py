@@ -5,14 +5,17 @@ through shared memory), builds the built-in GPT (`gpt_layers`, tied embedding an
 1F1B pipeline for each vocabulary size in `--vocab`, and times `TiedGradients.sum` (the
 exchange the runtime runs after the flush: each rank sends its contribution to the other and
 receives theirs, then adds) over `--steps` steps. Rank 0 prints one JSON line per vocabulary:
-the table's bytes, the median over steps of the sum on the rank that reaches it last (`measured_ms`: the
-step's cost; `first_rank_ms` the other's, which also waits for it), the same exchange alone
-through the process group outside a step (`process_group_ms`), and what the
-planner prices for it on the `cpu` hardware preset (`priced_ms`: the planner's
-`Candidate.tied_exchange_s` for the same GPT at pp=2, 1f1b).
+the table's bytes, the path the runtime took (`path`: "shared memory" where the step's
+collectives go through shared memory, else "process group"), the median over steps of the sum
+on the rank that reaches it last (`measured_ms`: the step's cost; `first_rank_ms` the other's,
+which also waits for it), the same exchange alone outside a step through the process group
+(`process_group_ms`: isend + irecv, no add) and through the owners' shared-memory exchange
+(`shared_memory_ms`: copy in and add, in place), and what the planner prices for it on the `cpu`
+hardware preset (`priced_ms`: the planner's `Candidate.tied_exchange_s` for the same GPT at
+pp=2, 1f1b). `--chunk-bytes` sets the shared-memory exchange's chunk (an experiment).
 
 Run:
-    .venv/bin/python benchmarks/tied_exchange.py                     # vocab 2048, 8192, 32768
+    .venv/bin/python benchmarks/tied_exchange.py                 # vocab 128, 4096, 32768 (128 KiB to 32 MiB)
     .venv/bin/python benchmarks/tied_exchange.py --vocab 8192 --steps 20
 """
 
@@ -52,6 +55,10 @@ def _rank(args: argparse.Namespace, out: str) -> None:
     from pipefold.runtime.processes.launch import init_process_group_from_env
     from pipefold.runtime.tied import TiedGradients
 
+    if args.chunk_bytes is not None:  # an experiment: the owners' exchange in chunks of this size
+        import pipefold.runtime.tied as tied_module
+
+        tied_module.OWNER_CHUNK_BYTES = args.chunk_bytes  # type: ignore[misc]
     init_process_group_from_env()
     rank = dist.get_rank()
     timings: list[float] = []
@@ -93,10 +100,22 @@ def _rank(args: argparse.Namespace, out: str) -> None:
             for work in works:
                 work.wait()
             bare.append(time.perf_counter() - start)
-        rows.append({"vocab": vocab, "table_bytes": table.numel() * table.element_size(),
+        path = "shared memory" if any(e is not None for e in pipe.tied.exchanges) else "process group"
+        # The same again through the owners' shared-memory exchange, where the runtime has one.
+        exchange = next((e for e in pipe.tied.exchanges if e is not None), None)
+        alone = []
+        for _ in range(args.steps if exchange is not None else 0):
+            mine = torch.ones_like(table.detach())
+            dist.barrier()
+            start = time.perf_counter()
+            exchange.sum_in_rank_order(mine, watchdog=pipe._watchdog, what="benchmark", out=mine)
+            alone.append(time.perf_counter() - start)
+        rows.append({"vocab": vocab, "table_bytes": table.numel() * table.element_size(), "path": path,
                      "measured_ms": 1e3 * statistics.median(last.tolist()),
                      "first_rank_ms": 1e3 * statistics.median(first.tolist()),
-                     "process_group_ms": 1e3 * statistics.median(bare), "steps": len(timings) - 1})
+                     "process_group_ms": 1e3 * statistics.median(bare),
+                     "shared_memory_ms": 1e3 * statistics.median(alone) if alone else None,
+                     "steps": len(timings) - 1})
         del pipe
     if rank == 0:
         with open(out, "w") as file:
@@ -106,8 +125,10 @@ def _rank(args: argparse.Namespace, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128, 4096, 32768])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--chunk-bytes", type=int, default=None,
+                        help="the owners' shared-memory exchange's chunk (default: the runtime's)")
     args = parser.parse_args()
     from pipefold.runtime.processes.launch import spawn
 

@@ -7,6 +7,7 @@ predictions (`plan` searches by calling it; `pipefold.plan.adaptive` prices per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from pipefold.errors import ConfigError
@@ -37,7 +38,7 @@ def evaluate(
     link_overrides: tuple[tuple[tuple[int, int], Link], ...] = (), placed: str = "",
     recompute_attention: bool = False, rank_speeds: tuple[float, ...] = (),
     rank_limits: tuple[int, ...] = (), shard: str = "replicate", free_between: bool = False,
-    gather_lookahead: int = 0, price_exposure: bool = True,
+    gather_lookahead: int = 0, price_exposure: bool = True, memory_bandwidth: float = math.inf,
 ) -> Candidate:
     """Simulate one configuration and price its memory: the planner's only source of predictions.
 
@@ -56,14 +57,16 @@ def evaluate(
     with the weight gathers and gradient reduce-scatters on `dp_link`, whose `costs` carry one
     replica's share of the optimizer state; with `price_exposure` (one more simulation) the
     candidate records how much of the step the gathers leave exposed, else None there
-    (`pipefold.plan.shard_search`).
+    (`pipefold.plan.shard_search`). `memory_bandwidth`: the device's (the hardware file's), at
+    which the tied owners add their gradients after the exchange (`CostModel.tied_sum_bandwidth`).
     """
     sizes = (num_ranks, config.num_microbatches, config.num_virtual)
     placement = family_placement(config.schedule, num_ranks, config.num_virtual)
     layout = StageLayout(bounds, config.microbatch_rows)
     speeds = tuple(rank_speeds[rank] for rank in placement) if rank_speeds else None
     model = first_stage_backward(
-        stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds), costs, bounds)
+        stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds, memory_bandwidth),
+        costs, bounds)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0

@@ -346,6 +346,8 @@ class _Search:
             rank_speeds=links.rank_speeds, rank_limits=links.rank_memory,
             shard=record.config.shard, free_between=record.config.free_between,
             gather_lookahead=record.config.gather_lookahead, price_exposure=price_exposure,
+            memory_bandwidth=(math.inf if self.options.hardware is None
+                              else self.options.hardware.memory_bandwidth),
         )
 
     def keep(self, candidate: Candidate | None) -> None:

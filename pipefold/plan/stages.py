@@ -7,6 +7,7 @@ Recompute is per stage, as `LayoutOptions(recompute=...)` runs it (docs/decision
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -109,12 +110,14 @@ def stage_cost_model(
     num_cores: float | None = None,
     link_overrides: Sequence[tuple[tuple[int, int], Link]] = (),
     stage_speeds: Sequence[float] | None = None,
+    memory_bandwidth: float = math.inf,
 ) -> CostModel:
     """The simulator's costs for `layout`, stages in `recompute` recomputed (docs/decisions.md,
     "Recompute model"); `num_cores` where the ranks share cores (docs/decisions.md, "Shared
     cores"); `link_overrides`: (rank, rank) pairs whose sends take another link (across nodes).
     `stage_speeds`: per stage, its rank's device speed on a mix of device kinds: the stage's work
-    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change."""
+    takes 1 / speed as long; fixed costs per call (overhead, all-reduce latency) do not change.
+    `memory_bandwidth`: the device's, at which the tied owners add their gradients (inf: free)."""
     arrays = stage_arrays(costs, layout, recompute, stage_speeds)
     bounds = np.asarray(layout.bounds, dtype=np.intp)
     kept = arrays.activation_bytes.tolist()
@@ -126,7 +129,7 @@ def stage_cost_model(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
         weight_grad_bytes=list(kept), weight_bytes=weights, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
-        tied_weights=tied_weights(costs, layout.bounds),
+        tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
     )
 
 

@@ -251,7 +251,7 @@ class Pipeline:
             self._local_modules,
             p2p,
             self._watchdog,
-            shared=self._shared,
+            shared=self._shared, collectives=collectives_,
         )
         """The tied modules and shared parameters this rank holds with others, whose gradients
         each step sums."""

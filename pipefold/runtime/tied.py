@@ -1,7 +1,8 @@
 """Tied modules and shared parameters across ranks: one weight at several stages, its gradient
 summed over the ranks that hold it.
 
-    tied = TiedGradients.of(layers, schedule, partition, rank, local_modules, p2p, watchdog, shared)
+    tied = TiedGradients.of(layers, schedule, partition, rank, local_modules, p2p, watchdog, shared,
+                            collectives=collectives)
     before = tied.snapshot()      # before the step's backward
     ...                           # the step accumulates into .grad
     tied.sum(before)              # every owner now holds the sum of this step's contributions
@@ -10,9 +11,12 @@ Two kinds of weight are tied: a `TiedLayerSpec` key (every occurrence is one mod
 parameter that several layers hold (`shared`, from `pipefold.model.build.shared_parameters`:
 `head.weight = embed.weight` in a plain list, the tied embedding and head of a split module).
 Only this step's contribution is exchanged (the gradient minus its snapshot), so gradients
-accumulated across steps stay exact. After a flush step the owners exchange point-to-point
-over the pipeline's own group (no process group per tied module: a `new_group` would have to be
-called by every rank of the world). An asynchronous schedule sums at every STEP instead, over
+accumulated across steps stay exact. After a flush step the owners exchange it: through a
+shared-memory exchange of the owners (runtime/transport/shm_owners.py) where the step's own
+collectives go through shared memory (CPU, every rank on one host), else point-to-point over the
+pipeline's own group (no process group per tied module: a `new_group` would have to be called by
+every rank of the world). Either way every owner adds the contributions in rank order, so the
+owners' gradients are bit-identical. An asynchronous schedule sums at every STEP instead, over
 process groups of the owners made once at construction (runtime/update_reduction.py).
 """
 
@@ -29,7 +33,9 @@ from pipefold.model import LayerLike, Partition, owner_indices, tied_groups
 from pipefold.model.build import shared_names
 from pipefold.runtime.failure import Watchdog
 from pipefold.runtime.parallel.tensor_parallel import local
-from pipefold.runtime.transport.comm import P2P, Transfer
+from pipefold.runtime.transport.comm import P2P, Collectives, Transfer
+from pipefold.runtime.transport.shm_exchange import ShmExchange
+from pipefold.runtime.transport.shm_owners import OWNER_CHUNK_BYTES, owner_exchanges
 from pipefold.schedule import Schedule
 
 __all__ = ["TiedGradients", "grad_copy", "laid_out_as"]
@@ -50,6 +56,12 @@ def laid_out_as(param: nn.Parameter, shard: Tensor) -> Tensor:
     return shard
 
 
+def _local_bytes(param: nn.Parameter) -> int:
+    """Bytes of this rank's part of `param` (its shard where tensor parallelism splits it)."""
+    part = local(param)
+    return part.numel() * part.element_size()
+
+
 def grad_copy(param: nn.Parameter) -> Tensor | None:
     return None if param.grad is None else param.grad.detach().clone()
 
@@ -64,8 +76,14 @@ class TiedGradients:
         p2p: P2P | None,
         watchdog: Watchdog,
         all_owners: Sequence[tuple[int, ...]] = (),
+        exchanges: Sequence[ShmExchange | None] = (),
     ) -> None:
         self.groups = tuple(groups)
+        self.exchanges = tuple(exchanges) or (None,) * len(self.groups)
+        """Per group, the owners' shared-memory exchange its gradient is summed through, or None
+        (the process group)."""
+        if len(self.exchanges) != len(self.groups):
+            raise ValueError(f"{len(self.exchanges)} exchanges for {len(self.groups)} tied groups")
         self.rank = rank
         self._p2p = p2p
         self._watchdog = watchdog
@@ -84,11 +102,15 @@ class TiedGradients:
         p2p: P2P | None,
         watchdog: Watchdog,
         shared: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+        collectives: Collectives | None = None,
     ) -> TiedGradients:
         """For each tied module, and each parameter of `shared` (its name -> the layers that hold
         it and their names for it, as `shared_parameter_uses` gives them), held by several ranks
-        and by this one: its owners and this rank's parameters."""
+        and by this one: its owners and this rank's parameters. Given the pipeline's
+        `collectives` (every rank passes them alike), the owners sum through shared memory where
+        those do (`owner_exchanges`)."""
         found: list[TiedGroup] = []
+        indices: list[int] = []  # each found group's index in `every`
         if p2p is None:
             return cls(found, rank, p2p, watchdog)
 
@@ -104,6 +126,7 @@ class TiedGradients:
                 continue
             local = next(i for i in occurrences if i in local_modules)
             found.append((owners, tuple(local_modules[local].parameters())))
+            indices.append(len(every) - 1)
             logger.debug("tied module %r is shared by ranks %s", key, owners)
         owner = owner_indices(layers)
         # After the tied modules, in name order: every owner walks the same list.
@@ -118,8 +141,17 @@ class TiedGradients:
             names = shared_names(local, owner[local], module, shared)
             path = next(path for path, full in names.items() if full == name)
             found.append((owners, (module.get_parameter(path),)))
+            indices.append(len(every) - 1)
             logger.debug("shared parameter %r is held by ranks %s", name, owners)
-        return cls(found, rank, p2p, watchdog, every)
+        exchanges: list[ShmExchange | None] = [None] * len(found)
+        if collectives is not None:
+            payload = [0] * len(every)
+            for index, (_, params) in zip(indices, found, strict=True):
+                largest = max(_local_bytes(p) for p in params)
+                payload[index] = max(min(largest, OWNER_CHUNK_BYTES), 1)
+            opened = owner_exchanges(collectives, rank=rank, groups=list(zip(every, payload, strict=True)))
+            exchanges = [opened[index] for index in indices]
+        return cls(found, rank, p2p, watchdog, every, exchanges)
 
     @property
     def p2p(self) -> P2P | None:
@@ -136,12 +168,23 @@ class TiedGradients:
         p2p = self._p2p
         if p2p is None:
             return
-        for (owners, params), old in zip(self.groups, before, strict=True):
+        for (owners, params), old, exchange in zip(self.groups, before, self.exchanges, strict=True):
             for param, previous in zip(params, old, strict=True):
                 # A tensor-parallel weight (split by vocabulary) exchanges this rank's rows:
                 # every owner of the same tp rank holds the same rows.
                 grad = local(param.grad) if param.grad is not None else torch.zeros_like(local(param))
                 delta = (grad if previous is None else grad - local(previous)).contiguous()
+                if exchange is not None:
+                    # In place: `delta` is this step's own tensor (or the gradient itself, which
+                    # keeps its identity, as the replicas' sum keeps it); a new 32 MiB tensor
+                    # costs more page faults than the sum costs copies. `total + previous` is
+                    # `previous + total` bit for bit (addition commutes).
+                    total = exchange.sum_in_rank_order(
+                        delta, watchdog=self._watchdog, what="tied-gradient exchange", out=delta
+                    )
+                    summed = total if previous is None else total.add_(local(previous))
+                    param.grad = laid_out_as(param, summed)
+                    continue
                 parts: dict[int, Tensor] = {self.rank: delta}
                 pending: list[Transfer] = []
                 for peer in owners:

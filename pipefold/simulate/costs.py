@@ -121,6 +121,10 @@ class CostModel:
     """Weights that several layers hold, each counted in every holder's `weight_bytes` (a tied
     embedding and head): per weight, ((stage, how many of its layers that stage holds), ...) and
     its bytes. A rank holding several of them holds the weight once (`held_weight_bytes`)."""
+    tied_sum_bandwidth: float = math.inf
+    """Bytes/s of memory traffic at which each owner of a tied weight adds the owners'
+    contributions after the exchange (reads each, writes the sum): the device's memory bandwidth;
+    inf: free (`tied_exchange_time`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -160,6 +164,14 @@ class CostModel:
                     "and bytes >= 0"
                 )
         set_(self, "tied_weights", tied)
+        if isinstance(self.tied_sum_bandwidth, bool) or not (
+            isinstance(self.tied_sum_bandwidth, (int, float)) and self.tied_sum_bandwidth > 0
+        ):
+            raise CostModelError(
+                f"tied_sum_bandwidth = {self.tied_sum_bandwidth!r} bytes/s; give a number > 0 (the "
+                "device's memory bandwidth; inf where the owners' add is free)"
+            )
+        set_(self, "tied_sum_bandwidth", float(self.tied_sum_bandwidth))
         for name in ("action_overhead", "step_overhead"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -194,7 +206,11 @@ class CostModel:
         (`pipefold.runtime.tied.TiedGradients.sum`): every owner sends its contribution to every
         other owner and receives theirs, all at once, on the link between the two ranks; weight
         after weight. An owner's sends share its link, so it takes the sum of its peers'
-        transfers; the slowest owner sets the time. 0 where one rank holds every tied weight.
+        transfers; the slowest owner sets the time. Then each owner adds the contributions, reading
+        each and writing the sum at `tied_sum_bandwidth`. On one host through shared memory (CPU)
+        the link is the copy into the owners' segment, and the add reads the others' parts from it
+        (docs/decisions.md, "tied gradients through shared memory"). 0 where one rank holds every
+        tied weight.
         `gradient_bytes_per_byte`: the gradient's bytes per weight byte (its dtype's)."""
         seconds = 0.0
         for counts, size in self.tied_weights:
@@ -206,7 +222,7 @@ class CostModel:
                 sum(self.link_between(owner, peer).transfer_time(num_bytes)
                     for peer in owners if peer != owner)
                 for owner in owners
-            )
+            ) + (len(owners) + 1) * num_bytes / self.tied_sum_bandwidth
         return seconds
 
     def shares_cores(self, num_ranks: int) -> bool:
@@ -280,6 +296,7 @@ class CostModel:
         gather: Sequence[float] = (),
         reduce_scatter: Sequence[float] = (),
         tied_weights: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
+        tied_sum_bandwidth: float = math.inf,
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -301,6 +318,7 @@ class CostModel:
             gather=tuple(gather),
             reduce_scatter=tuple(reduce_scatter),
             tied_weights=tuple((tuple(counts), size) for counts, size in tied_weights),
+            tied_sum_bandwidth=tied_sum_bandwidth,
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -383,6 +401,7 @@ class CostModel:
             "gather": list(self.gather),
             "reduce_scatter": list(self.reduce_scatter),
             "tied_weights": [[[list(pair) for pair in counts], size] for counts, size in self.tied_weights],
+            "tied_sum_bandwidth": None if math.isinf(self.tied_sum_bandwidth) else self.tied_sum_bandwidth,
         }
 
     @classmethod
@@ -398,7 +417,7 @@ class CostModel:
         known = {
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
-            "num_cores", "gather", "reduce_scatter", "tied_weights",
+            "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -437,6 +456,8 @@ class CostModel:
             reduce_scatter=data.get("reduce_scatter", ()),
             tied_weights=[([(stage, count) for stage, count in counts], size)
                           for counts, size in data.get("tied_weights", ())],
+            tied_sum_bandwidth=(math.inf if data.get("tied_sum_bandwidth") is None
+                                else float(data["tied_sum_bandwidth"])),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

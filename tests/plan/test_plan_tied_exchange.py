@@ -167,3 +167,35 @@ def test_pipefold_simulate_agrees_with_the_planner(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["tied_exchange_s"] == pytest.approx(LINK.transfer_time(TIED))
     assert summary["makespan"] + summary["tied_exchange_s"] == pytest.approx(priced(costs).step_time)
+
+
+def test_the_owners_add_is_priced_at_the_memory_bandwidth():
+    """Each owner reads both contributions and writes the sum (3 tables of traffic at 2 owners), at
+    the device's memory bandwidth: the planner, the simulator and a cost model read back from JSON
+    agree; the `cpu` preset prices its shared-memory copy and the add so."""
+    bandwidth = 100.0
+    added = priced(costs_of(), memory_bandwidth=bandwidth)
+    assert added.tied_exchange_s == pytest.approx(LINK.transfer_time(TIED) + 3 * TIED / bandwidth)
+    model = stage_cost_model(costs_of(), StageLayout((0, 4, 8), 1), (), LINK, memory_bandwidth=bandwidth)
+    schedule = family_schedule("1f1b", 2, 4, 1)
+    assert step_end_time(schedule, model) == pytest.approx(added.tied_exchange_s)
+    again = type(model).from_json(json.loads(json.dumps(model.to_json())))
+    assert again.tied_sum_bandwidth == bandwidth
+    free = replace(model, tied_sum_bandwidth=float("inf"))
+    assert type(model).from_json(json.loads(json.dumps(free.to_json()))).tied_sum_bandwidth == float("inf")
+    cpu = load_hardware("cpu")
+    estimate = GptEstimate(num_layers=2, d_model=256, num_heads=4, seq_len=64, vocab_size=4096, hardware=cpu)
+    options = PlanOptions(num_ranks=2, global_batch=8, microbatches=4, schedules=("1f1b",), order_search_s=0,
+                          recompute="none", hardware=cpu)
+    table = 4096 * 256 * estimate.gradient_element_bytes
+    assert plan(estimate, options).choice.tied_exchange_s == pytest.approx(
+        cpu.intra_node.transfer_time(table) + 3 * table / cpu.memory_bandwidth)
+
+
+def test_a_bad_sum_bandwidth_is_refused_naming_the_field():
+    from pipefold.errors import CostModelError
+
+    model = stage_cost_model(costs_of(), StageLayout((0, 4, 8), 1), (), LINK)
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(CostModelError, match="tied_sum_bandwidth"):
+            replace(model, tied_sum_bandwidth=bad)

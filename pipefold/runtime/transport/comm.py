@@ -358,6 +358,12 @@ class Collectives:
         return self._exchange is not None
 
     @property
+    def exchange(self) -> ShmExchange | None:
+        """The step's shared-memory exchange (every rank on this host, CPU), else None; its
+        doorbell and ringers serve other exchanges among these ranks too (`shm_owners`)."""
+        return self._exchange
+
+    @property
     def uses_doorbells(self) -> bool:
         """Whether the exchange's waits block on doorbells."""
         return self._exchange is not None and self._exchange.doorbell is not None

@@ -145,6 +145,50 @@ class ShmExchange:
             gathered.append(self._data[start : start + num_bytes].view(flat.dtype).view(tensor.shape).clone())
         return gathered
 
+    def sum_in_rank_order(
+        self, tensor: Tensor, *, watchdog: Watchdog, what: str, out: Tensor | None = None
+    ) -> Tensor:
+        """The elementwise sum of every rank's `tensor` (same shape and dtype everywhere, CPU),
+        added in rank order on every rank (`t0 + t1 + ...`), so every rank gets the same bits;
+        written into `out` where given (a contiguous tensor of `tensor`'s shape and dtype, which
+        may be `tensor` itself: each chunk is copied in before its sum is written), else into a
+        new tensor. A tensor larger than `capacity` goes through in chunks of it, one operation
+        each: the sum of a chunk is its elements' sums, so chunking changes no bit."""
+        flat = tensor.detach().contiguous().view(-1)
+        itemsize = flat.element_size()
+        per_chunk = self.capacity // itemsize
+        if per_chunk < 1:
+            raise ValueError(f"capacity {self.capacity} holds no element of {flat.dtype}")
+        if out is not None and not (
+            out.shape == tensor.shape and out.dtype == tensor.dtype and out.is_contiguous()
+        ):
+            raise ValueError(f"out must be a contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
+        result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
+        total = result.detach().view(-1)
+        for start in range(0, flat.numel(), per_chunk):
+            piece = flat[start : start + per_chunk]
+            num_bytes = piece.numel() * itemsize
+            op = self._op + 1
+            self._op = op
+            # The buffer of this parity last held op - 2: every rank read it before publishing op - 1.
+            self._wait_all(op - 1, watchdog, what)
+            offset = self._payload_offset(self.rank, op)
+            self._data[offset : offset + num_bytes].view(flat.dtype).copy_(piece)
+            self._publish(op)
+            self._wait_all(op, watchdog, what)
+            parts = [
+                self._data[at : at + num_bytes].view(flat.dtype)
+                for at in (self._payload_offset(rank, op) for rank in range(self.num_ranks))
+            ]
+            chunk = total[start : start + piece.numel()]
+            if len(parts) == 1:
+                chunk.copy_(parts[0])
+                continue
+            torch.add(parts[0], parts[1], out=chunk)
+            for part in parts[2:]:
+                chunk.add_(part)
+        return result
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _counter(self, rank: int) -> int:
