@@ -86,6 +86,19 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
     return ratios
 
 
+def _fitted(calibration: dict[str, Any]) -> str:
+    """The calibration's lines over rows, where it measured several sizes."""
+    if not calibration.get("fixed_s"):
+        return ""
+
+    def ms(key: str) -> str:
+        return "/".join(f"{x * 1e3:.2f}" for x in calibration[key])
+
+    return (f"; at {'/'.join(map(str, calibration['measured_rows']))} rows per micro-batch, per stage F "
+            f"{ms('fixed_s')} ms + {ms('forward_s_per_row')} ms per row, B + {ms('backward_s_per_row')} ms per "
+            f"row, largest miss {calibration['fit_error']:.0%}")
+
+
 def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "plan", "--profile", "--ranks", str(args.ranks), "--cores",
                str(args.cores), "--top", str(args.top), "--batch-size", str(args.batch_size), "--json",
@@ -289,7 +302,8 @@ def main() -> None:
               + ("" if calibration is None else
                  f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
                  + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
-                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage)"),
+                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage"
+                 + _fitted(calibration) + ")"),
               file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     files: dict[str, Path | None] = {}

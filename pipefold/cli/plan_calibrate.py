@@ -42,8 +42,9 @@ from pipefold.simulate import CostModel
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps"]
 
 DEFAULT_STEPS = 12
-"""Steps of the calibration run at each micro-batch size: the costs are of the last 10, the first
-`pipefold.job.calibration.WARMUP_STEPS` (allocation, or the switched order's tables) left out."""
+"""Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
+(`pipefold.job.calibration.blocks`): the costs are of the steps after each block's first (the
+first block's first two: allocation)."""
 
 NUM_SIZES = 3
 """Micro-batch sizes the calibration run measures at most (`calibration_microbatches`)."""
@@ -201,11 +202,11 @@ def calibrate(
     (run, rows), others = points[0], points[1:]
     priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others)
     seconds = time.perf_counter() - started
-    first, warmup = measured["phases"][0], int(measured["warmup_steps"])
-    walls = first["step_seconds"][warmup:]
+    first = measured["phases"][0]
+    walls = first["kept_step_seconds"]
     measured_step = statistics.median(walls)
-    share = statistics.median(cpu / wall for cpu, wall in zip(first["step_cpu_seconds"][warmup:], walls,
-                                                              strict=True) if wall > 0)
+    share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
+                              if wall > 0)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share)
     if share < BUSY_SHARE and args.device != "cuda":
         print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "

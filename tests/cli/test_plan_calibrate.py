@@ -42,7 +42,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
             assert after.b[stage] == pytest.approx(fixed + rows * calibration["backward_s_per_row"][stage])
     for stage in range(2):
         assert calibration["forward_scale"][stage] > 0 and calibration["backward_scale"][stage] > 0
-        assert before.f[stage] > 0 and calibration["forward_s_per_row"][stage] > 0
+        assert before.f[stage] > 0 and calibration["forward_s_per_row"][stage] >= 0
     assert calibration["fit_error"] >= 0 and calibration["tied_exchange_s"] >= 0
     assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
     assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
