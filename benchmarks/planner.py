@@ -226,8 +226,9 @@ def _forecast(
 
 def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, recompute: tuple[int, ...],
             args: argparse.Namespace, latency: float) -> float:
-    """The planner's step time (makespan + update) for what a run ran, its schedule (a family's,
-    or a searched order's file) simulated on the stage costs of `costs_path`."""
+    """The planner's step time (makespan + the tied gradient's exchange + update) for what a run
+    ran, its schedule (a family's, or a searched order's file) simulated on the stage costs of
+    `costs_path`."""
     from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import first_stage_backward, update_time
     from pipefold.plan.memory import static_weight_bytes
@@ -235,6 +236,7 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     from pipefold.schedule.io import load
     from pipefold.schedule.registry import build
     from pipefold.simulate import Link, simulate
+    from pipefold.simulate.engine import step_end_time
 
     costs = ModelCosts.from_json(costs_path)
     bounds = _bounds(run["partition"])
@@ -249,7 +251,7 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     model = first_stage_backward(
         stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
     update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
-    return float(simulate(schedule, model).makespan + update)
+    return float(simulate(schedule, model).makespan + step_end_time(schedule, model) + update)
 
 
 def _spread(rounds: list[float], middle: float) -> str:
