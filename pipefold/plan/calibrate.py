@@ -22,11 +22,14 @@ where the runtime runs it.
 
 `at_run_prices` prices the layers as a short run of `pipefold train` measured them: a profile
 taken in one process moves by a quarter between two runs on the same quiet host, while the
-runtime's own stage costs predict its steps (docs/plan.md, "Forecast and measurement"). Each
-stage's measured F and B over the profile's price for the same partition and rows scales that
-stage's layers (their fixed seconds with F), so the profile's costs reproduce the run's stage
-costs exactly, and the run's time per action and per step outside the actions replace the
-profile's.
+runtime's own stage costs predict its steps (docs/plan.md, "Forecast and measurement"). Where
+the run measured its stages at several micro-batch sizes, each stage's F and B are fitted as a
+line over rows (`fit_stage_line`: one fixed part per call, as `LayerCost.fixed_s` prices F and
+B alike, and a part per row each) and the stage's layers are priced on it, the profile giving
+only their shares; with one size, each stage's measured F and B over the profile's price scales
+that stage's layers (their fixed seconds with F). Either way the run's time per action and per
+step outside the actions (less the tied gradient's exchange, which the plan prices apart)
+replace the profile's.
 """
 
 from __future__ import annotations
