@@ -86,6 +86,19 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
     return ratios
 
 
+def _fitted(calibration: dict[str, Any]) -> str:
+    """The calibration's lines over rows, where it measured several sizes."""
+    if not calibration.get("fixed_s"):
+        return ""
+
+    def ms(key: str) -> str:
+        return "/".join(f"{x * 1e3:.2f}" for x in calibration[key])
+
+    return (f"; at {'/'.join(map(str, calibration['measured_rows']))} rows per micro-batch, per stage F "
+            f"{ms('fixed_s')} ms + {ms('forward_s_per_row')} ms per row, B + {ms('backward_s_per_row')} ms per "
+            f"row, largest miss {calibration['fit_error']:.0%}")
+
+
 def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     command = [PYTHON, "-m", "pipefold", "plan", "--profile", "--ranks", str(args.ranks), "--cores",
                str(args.cores), "--top", str(args.top), "--batch-size", str(args.batch_size), "--json",
@@ -213,8 +226,9 @@ def _forecast(
 
 def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, recompute: tuple[int, ...],
             args: argparse.Namespace, latency: float) -> float:
-    """The planner's step time (makespan + update) for what a run ran, its schedule (a family's,
-    or a searched order's file) simulated on the stage costs of `costs_path`."""
+    """The planner's step time (makespan + the tied gradient's exchange + update) for what a run
+    ran, its schedule (a family's, or a searched order's file) simulated on the stage costs of
+    `costs_path`."""
     from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import first_stage_backward, update_time
     from pipefold.plan.memory import static_weight_bytes
@@ -222,6 +236,7 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     from pipefold.schedule.io import load
     from pipefold.schedule.registry import build
     from pipefold.simulate import Link, simulate
+    from pipefold.simulate.engine import step_end_time
 
     costs = ModelCosts.from_json(costs_path)
     bounds = _bounds(run["partition"])
@@ -236,7 +251,7 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     model = first_stage_backward(
         stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
     update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
-    return float(simulate(schedule, model).makespan + update)
+    return float(simulate(schedule, model).makespan + step_end_time(schedule, model) + update)
 
 
 def _spread(rounds: list[float], middle: float) -> str:
@@ -289,7 +304,8 @@ def main() -> None:
               + ("" if calibration is None else
                  f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
                  + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
-                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage)"),
+                 + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage"
+                 + _fitted(calibration) + ")"),
               file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     files: dict[str, Path | None] = {}

@@ -1,20 +1,22 @@
 """`pipefold plan --profile`'s calibration: a short `pipefold train` run prices the profile as the ranks run.
 
-    pipefold plan --profile --ranks 2                        # profile, then 12 steps of train's default
+    pipefold plan --profile --ranks 2                        # profile, then train's default at 3 sizes
     pipefold plan --profile --ranks 2 --calibrate-steps 0    # the one-process profile's prices alone
 
 A profile times each layer in one process; on a CPU host the same layers inside a run of
 `pipefold train` (several processes, each pinned to one thread, sharing caches and memory
 bandwidth) take another time, and that ratio moved by a quarter between two profiles on the
-same quiet host. So after profiling, `plan` trains `pipefold train`'s default pipeline (1F1B,
-its default partition, the profile's micro-batches, the planned ranks, fp32 as profiled) for
-`--calibrate-steps` steps on the same model and batch, reads the stage costs the run measured
-(its `costs.json`), and scales the profile's layers stage by stage so that they price that
-run's stages as it measured them (`pipefold.plan.calibrate.at_run_prices`). Every candidate is
-then priced at run-time prices; the runtime's measured time per action and per step outside the
-actions replace the profile's too, and without link flags a message costs the run's measured
-latency. It costs one launch of the ranks and the steps (the seconds
-are said in the costs' `source` and the plan JSON's `calibration`).
+same quiet host, and how a layer's time grows with its rows differs as much. So after profiling,
+`plan` trains `pipefold train`'s default pipeline (1F1B, its default partition, the planned
+ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` steps at each of
+up to three micro-batch counts (the profile's, its half and its quarter), in one launch of the
+ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's F and B
+over rows (a fixed part and a part per row) and prices the profile's layers on those lines
+(`pipefold.plan.calibrate.at_run_prices`). Every candidate, at any micro-batch size and
+partition, is then priced at run-time prices; the runtime's measured time per action and per
+step outside the actions replace the profile's too, and without link flags a message costs the
+run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
+the costs' `source` and the plan JSON's `calibration`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,12 @@ from pipefold.simulate import CostModel
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps"]
 
 DEFAULT_STEPS = 12
-"""Steps of the calibration run: its report's stage costs are of the last 10, so the first two
-(allocation, warm-up) are left out."""
+"""Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
+(`pipefold.job.calibration.blocks`): the costs are of the steps after each block's first (the
+first block's first two: allocation)."""
+
+NUM_SIZES = 3
+"""Micro-batch sizes the calibration run measures at most (`calibration_microbatches`)."""
 
 BUSY_SHARE = 0.8
 """Below this share of a core per CPU rank, the calibration says the host was busy."""
@@ -74,10 +80,18 @@ class Calibrated:
         def scales(values: tuple[float, ...]) -> str:
             return "/".join(f"{value:.2f}" for value in values)
 
-        return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps, "
-                f"{cal.rows} rows per micro-batch, partition {list(cal.bounds)}, median step "
-                f"{self.measured_step_s * 1e3:.0f} ms; {self.seconds:.1f} s): the profile's F x "
-                f"{scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage, runtime "
+        def ms(values: tuple[float, ...]) -> str:
+            return "/".join(f"{value * 1e3:.2f}" for value in values)
+
+        sizes = "/".join(map(str, cal.measured_rows or (cal.rows,)))
+        lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
+                 f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%})"
+                 if cal.fixed_s else "")
+        return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps at "
+                f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
+                f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the profile's "
+                f"F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at {cal.rows} rows"
+                f"{lines}, runtime "
                 f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
                 f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
                 f"{self.core_share:.0%} of a core")
@@ -88,7 +102,10 @@ class Calibrated:
                 "bounds": list(cal.bounds), "forward_scale": list(cal.forward_scale),
                 "backward_scale": list(cal.backward_scale), "action_overhead_s": cal.action_overhead_s,
                 "step_overhead_s": cal.step_overhead_s, "message_latency_s": cal.message_latency_s,
-                "measured_step_s": self.measured_step_s,
+                "measured_step_s": self.measured_step_s, "measured_rows": list(cal.measured_rows),
+                "fixed_s": list(cal.fixed_s), "forward_s_per_row": list(cal.forward_s_per_row),
+                "backward_s_per_row": list(cal.backward_s_per_row), "fit_error": cal.fit_error,
+                "tied_exchange_s": cal.tied_exchange_s,
                 "core_share": self.core_share,
                 "profile_costs": self.profile_costs.to_json()}
 
@@ -97,8 +114,9 @@ def add_arguments(parser: Any) -> None:
     """The flag of the calibration run."""
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
-                        f"pipeline for N steps on the planned ranks and price every candidate at the stage "
-                        f"costs that run measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
+                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES} micro-batch "
+                        f"sizes (one launch) and price every candidate on the stage costs over rows that run "
+                        f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
                         "profile's prices alone)")
 
@@ -127,12 +145,25 @@ def _bounds(partition: str) -> tuple[int, ...]:
     return tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
 
 
-def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf: bool) -> list[str]:
+def calibration_microbatches(microbatches: int, batch_size: int) -> tuple[int, ...]:
+    """The micro-batch counts the calibration run measures: the profile's, then halved while the
+    rows per micro-batch change (up to `NUM_SIZES` sizes), so the fit sees how a stage's time
+    grows with rows (8 micro-batches of a batch of 32: 8, 4 and 2, of 4, 8 and 16 rows)."""
+    counts = [microbatches]
+    while len(counts) < NUM_SIZES and counts[-1] > 1:
+        count = counts[-1] // 2
+        if math.ceil(batch_size / count) != math.ceil(batch_size / counts[-1]):
+            counts.append(count)
+        else:
+            break
+    return tuple(counts)
+
+
+def _train_words(args: argparse.Namespace, ranks: int, out: Path, hf: bool) -> list[str]:
     # The profile's micro-batches (pinned, else train's default capped at the batch): its rows.
     microbatches = args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size)
-    words = [sys.executable, "-m", "pipefold", "train", "--ranks", str(ranks), "--steps", str(steps),
-             "--batch-size", str(args.batch_size), "--microbatches", str(microbatches), "--out", str(out),
-             "--device", args.device,
+    words = ["--ranks", str(ranks), "--batch-size", str(args.batch_size), "--microbatches", str(microbatches),
+             "--out", str(out), "--device", args.device,
              "--precision", getattr(args, "precision", None) or "fp32",
              "--set", "sample_tokens=0", "--set", "eval_every=0"]
     if hf:
@@ -144,31 +175,39 @@ def _train_words(args: argparse.Namespace, ranks: int, steps: int, out: Path, hf
 def calibrate(
     args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
 ) -> Calibrated:
-    """Train `pipefold train`'s default pipeline for `steps` on `ranks` (None: `DEFAULT_RANKS`),
-    then `costs` at the prices that run measured."""
+    """Train `pipefold train`'s default pipeline for `steps` at each of its micro-batch counts
+    (`calibration_microbatches`) in one launch of `ranks` (None: `DEFAULT_RANKS`), then `costs`
+    at the prices that run measured."""
     ranks = DEFAULT_RANKS if ranks is None else ranks
+    microbatches = calibration_microbatches(
+        args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
-        out = Path(folder) / "run"
-        words = _train_words(args, ranks, steps, out, hf)
-        print(f"calibrating: {ranks} ranks of pipefold train's default pipeline for {steps} steps",
-              file=sys.stderr)
+        result_file = Path(folder) / "calibration.json"
+        words = [sys.executable, "-m", "pipefold.cli.calibration_run", "--result", str(result_file),
+                 "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps), "--",
+                 *_train_words(args, ranks, Path(folder) / "run", hf)]
+        print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
+              f"{', '.join(map(str, microbatches))} micro-batches", file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not (out / "costs.json").exists():
+        if done.returncode != 0 or not result_file.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
             raise PipefoldError(
-                f"the calibration run of pipefold train ({ranks} ranks, {steps} steps) failed (exit "
-                f"{done.returncode}): {' | '.join(tail)}; fix it, or plan at the profile's prices with "
-                "--calibrate-steps 0"
+                f"the calibration run of pipefold train ({ranks} ranks, {steps} steps at each of "
+                f"{microbatches} micro-batches) failed (exit {done.returncode}): {' | '.join(tail)}; fix it, "
+                "or plan at the profile's prices with --calibrate-steps 0"
             )
-        run = CostModel.from_json(json.loads((out / "costs.json").read_text()))
-        summary = json.loads((out / "summary.json").read_text())
-    rows = math.ceil(args.batch_size / int(summary["config"]["schedule"]["num_microbatches"]))
-    priced, calibration = at_run_prices(costs, run, _bounds(summary["partition"]), rows)
+        measured = json.loads(result_file.read_text())
+    points = [(CostModel.from_json(phase["costs"]), math.ceil(args.batch_size / int(phase["num_microbatches"])))
+              for phase in measured["phases"]]
+    (run, rows), others = points[0], points[1:]
+    priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others)
     seconds = time.perf_counter() - started
-    measured_step = float(summary["step_time"]["measured_wall_median_recent"])
-    walls, cpus = summary["step_seconds"][1:], summary["step_cpu_seconds"][1:]
-    share = statistics.median(cpu / wall for cpu, wall in zip(cpus, walls, strict=True) if wall > 0)
+    first = measured["phases"][0]
+    walls = first["kept_step_seconds"]
+    measured_step = statistics.median(walls)
+    share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
+                              if wall > 0)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share)
     if share < BUSY_SHARE and args.device != "cuda":
         print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "

@@ -22,25 +22,31 @@ where the runtime runs it.
 
 `at_run_prices` prices the layers as a short run of `pipefold train` measured them: a profile
 taken in one process moves by a quarter between two runs on the same quiet host, while the
-runtime's own stage costs predict its steps (docs/plan.md, "Forecast and measurement"). Each
-stage's measured F and B over the profile's price for the same partition and rows scales that
-stage's layers (their fixed seconds with F), so the profile's costs reproduce the run's stage
-costs exactly, and the run's time per action and per step outside the actions replace the
-profile's.
+runtime's own stage costs predict its steps (docs/plan.md, "Forecast and measurement"). Where
+the run measured its stages at several micro-batch sizes, each stage's F and B are fitted as a
+line over rows (`fit_stage_line`: one fixed part per call, as `LayerCost.fixed_s` prices F and
+B alike, and a part per row each) and the stage's layers are priced on it, the profile giving
+only their shares; with one size, each stage's measured F and B over the profile's price scales
+that stage's layers (their fixed seconds with F). Either way the run's time per action and per
+step outside the actions (less the tied gradient's exchange, which the plan prices apart)
+replace the profile's.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
-__all__ = ["RunCalibration", "at_run_prices", "first_stage_backward", "fixed_seconds", "update_time",
-           "with_fixed_costs"]
+__all__ = ["RunCalibration", "StageLine", "at_run_prices", "first_stage_backward", "fit_stage_line",
+           "fixed_seconds", "update_time", "with_fixed_costs"]
 
 
 def fixed_seconds(at_rows: LayerCost, rows: int, at_other: LayerCost, other_rows: int) -> float:
@@ -110,43 +116,175 @@ def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[i
 
 @dataclass(frozen=True)
 class RunCalibration:
-    """How a run's measured stage costs compared with the profile's price of the same stages."""
+    """How a run's measured stage costs compared with the profile's price of the same stages, and
+    the lines fitted through them where the run measured several micro-batch sizes."""
 
     bounds: tuple[int, ...]
     """The run's partition: stage s held layers [bounds[s], bounds[s + 1])."""
     rows: int
-    """Samples per micro-batch of the run."""
+    """Samples per micro-batch of the run (its first micro-batch size, `pipefold train`'s default)."""
     forward_scale: tuple[float, ...]
-    """Per stage, the run's F over the profile's: what that stage's layers' F was multiplied by."""
+    """Per stage, the run's F over the profile's at `rows`."""
     backward_scale: tuple[float, ...]
-    """Per stage, the run's B over the profile's."""
+    """Per stage, the run's B over the profile's at `rows`."""
     action_overhead_s: float
     """The run's seconds between two compute actions of a rank (the profile's one-rank figure before)."""
     step_overhead_s: float
     """The run's seconds per step outside the schedule's actions (exchanges, norm, optimizer update)."""
     message_latency_s: float = 0.0
     """The run's measured seconds per message between ranks (its `CostModel.link` latency)."""
+    measured_rows: tuple[int, ...] = ()
+    """Every micro-batch size the run measured, `rows` first; one: the profile's growth with rows kept."""
+    fixed_s: tuple[float, ...] = ()
+    """Per stage, the fitted seconds per F and per B that do not grow with rows (with several sizes)."""
+    forward_s_per_row: tuple[float, ...] = ()
+    """Per stage, the fitted F seconds per row."""
+    backward_s_per_row: tuple[float, ...] = ()
+    """Per stage, the fitted B seconds per row."""
+    fit_error: float = 0.0
+    """The fit's largest relative miss of a measured F or B (0 with one size: reproduced exactly)."""
+    tied_exchange_s: float = 0.0
+    """The tied gradient's exchange priced for the run, left out of the update's seconds (the plan
+    adds it apart, `pipefold.plan.evaluate.tied_exchange_time`)."""
 
 
 def at_run_prices(
-    costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int
+    costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
+    others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
-    """`costs` scaled so that the partition `bounds` at `rows` per micro-batch prices each stage's
-    F and B as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank) measured
-    them: every layer of stage s gets that stage's scales. The run's time per action becomes
-    `action_overhead_s`, and its time per step outside the actions, over the largest stage's
-    parameter bytes, `update_s_per_parameter_byte`."""
+    """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
+    unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
+    measured them.
+
+    With `others` (the same run's stages measured at other rows per micro-batch), each stage's F
+    and B are fitted as a line over rows (`fit_stage_line`: one fixed part shared by F and B,
+    and a part per row each) and the stage's layers take that line: their fixed seconds share
+    the fixed part, their F and B the parts per row, so any partition and micro-batch size is
+    priced by how the run's time grew with rows. With one size, every layer of stage s gets
+    that stage's scales of F and B, and the profile's growth with rows is kept.
+
+    The run's time per action becomes `action_overhead_s`; its time per step outside the
+    actions, less the tied gradient's exchange (priced apart by the plan), over the largest
+    stage's parameter bytes, `update_s_per_parameter_byte`."""
     layout = StageLayout(tuple(bounds), rows)
-    if run.num_stages != layout.num_stages or layout.bounds[0] != 0 or layout.bounds[-1] != costs.num_layers:
-        raise ConfigError(
-            f"the run measured {run.num_stages} stages, the partition {tuple(bounds)} has "
-            f"{layout.num_stages} over {costs.num_layers} layers; calibrate with the run's own partition of "
-            "every layer"
-        )
+    points = [(run, rows), *others]
+    for measured, _ in points:
+        if measured.num_stages != layout.num_stages or layout.bounds[0] != 0 or (
+                layout.bounds[-1] != costs.num_layers):
+            raise ConfigError(
+                f"the run measured {measured.num_stages} stages, the partition {tuple(bounds)} has "
+                f"{layout.num_stages} over {costs.num_layers} layers; calibrate with the run's own partition "
+                "of every layer"
+            )
     planned = stage_cost_model(costs, layout, (), Link())
-    scale = rows / costs.reference_rows
+    forward_scale = tuple(planned.f[s] and run.f[s] / planned.f[s] for s in range(layout.num_stages))
+    backward_scale = tuple(planned.b[s] and run.b[s] / planned.b[s] for s in range(layout.num_stages))
+    measured_rows = tuple(dict.fromkeys(r for _, r in points))
+    fits: list[StageLine] = []
+    if len(measured_rows) > 1:
+        layers = list(costs.layers)
+        for stage in range(layout.num_stages):
+            start, stop = layout.bounds[stage], layout.bounds[stage + 1]
+            shared = costs.overhead_s * (stop - start)  # per layer and action, one for the whole model: kept
+            line = fit_stage_line([(r, m.f[stage] - shared, m.b[stage] - shared) for m, r in points])
+            fits.append(line)
+            layers[start:stop] = _on_line(layers[start:stop], line, costs.reference_rows)
+    else:
+        layers = _scaled(costs, run, layout)
+    latency = statistics.fmean(m.link.latency for m, _ in points)
+    priced = replace(costs, layers=tuple(layers),
+                     action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
+    step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
+    on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
+    # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
+    tied = stage_cost_model(priced, layout, (), Link(latency=latency)).tied_exchange_time(
+        on_ranks, costs.gradient_bytes_per_parameter_byte)
+    largest = max(sum(layer.parameter_bytes for layer in costs.layers[start:stop])
+                  for start, stop in zip(layout.bounds, layout.bounds[1:], strict=False))
+    update = step_overhead - tied
+    per_byte = update / largest if largest and update > 0 else costs.update_s_per_parameter_byte
+    calibration = RunCalibration(
+        bounds=layout.bounds, rows=rows, forward_scale=forward_scale, backward_scale=backward_scale,
+        action_overhead_s=priced.action_overhead_s, step_overhead_s=step_overhead, message_latency_s=latency,
+        measured_rows=measured_rows, fixed_s=tuple(line.fixed_s for line in fits),
+        forward_s_per_row=tuple(line.forward_s_per_row for line in fits),
+        backward_s_per_row=tuple(line.backward_s_per_row for line in fits),
+        fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
+    )
+    return replace(priced, update_s_per_parameter_byte=per_byte), calibration
+
+
+@dataclass(frozen=True)
+class StageLine:
+    """One stage's F and B over rows: `fixed_s + forward_s_per_row * rows` and `fixed_s +
+    backward_s_per_row * rows` (seconds)."""
+
+    fixed_s: float
+    forward_s_per_row: float
+    backward_s_per_row: float
+    error: float = 0.0
+    """The largest relative miss of a measured F or B."""
+
+
+def fit_stage_line(points: Sequence[tuple[int, float, float]]) -> StageLine:
+    """The line through (rows, F seconds, B seconds) measured at two or more row counts, by least
+    relative squares. F and B share the fixed part: a layer's fixed seconds per call price its
+    forward and its backward alike (`LayerCost.fixed_s`). The fixed part is kept within [0, 90%
+    of the smallest measured action] (a negative one is noise; a larger one would leave a part per
+    row near zero or negative)."""
+    if len({rows for rows, _, _ in points}) < 2:
+        raise ConfigError(f"points at rows {[rows for rows, _, _ in points]}; measure two different row counts")
+    floor = 1e-12  # a zero measurement (no work) weighs as a tiny one
+    rows = np.asarray([float(r) for r, _, _ in points])
+    f = np.maximum([float(x) for _, x, _ in points], floor)
+    b = np.maximum([float(x) for _, _, x in points], floor)
+    zeros = np.zeros_like(rows)
+    # Each row divided by its measurement: relative misses weigh alike at every size.
+    matrix = np.concatenate([np.stack([1 / f, rows / f, zeros], axis=1), np.stack([1 / b, zeros, rows / b], axis=1)])
+    solved = np.linalg.lstsq(matrix, np.ones(2 * len(rows)), rcond=None)[0]
+    smallest = float(min(f[np.argmin(rows)], b[np.argmin(rows)]))
+    fixed = min(max(float(solved[0]), 0.0), 0.9 * smallest)
+
+    def per_row(measured: np.ndarray) -> float:
+        # The best part per row with the fixed part set: least relative squares in one unknown.
+        weights = rows / measured
+        return max(float(np.sum(weights * (measured - fixed) / measured) / np.sum(weights * weights)), 0.0)
+
+    forward, backward = per_row(f), per_row(b)
+    error = max(float(np.max(np.abs(fixed + slope * rows - measured) / measured))
+                for slope, measured in ((forward, f), (backward, b)))
+    return StageLine(fixed, forward, backward, error)
+
+
+def _on_line(layers: Sequence[LayerCost], line: StageLine, reference_rows: int) -> list[LayerCost]:
+    """A stage's layers priced on `line`: the fixed part shared in proportion to their fixed
+    seconds (else their time, else alike), F and B per row in proportion to theirs (else alike);
+    each layer keeps its W share of B."""
+
+    def shares(values: Sequence[float]) -> list[float]:
+        total = sum(values)
+        return [value / total for value in values] if total > 0 else [1 / len(values)] * len(values)
+
+    fixed = shares([layer.fixed_s for layer in layers]) if sum(layer.fixed_s for layer in layers) > 0 else (
+        shares([layer.forward_s + layer.backward_s for layer in layers]))
+    forward = shares([layer.forward_s for layer in layers])
+    backward = shares([layer.backward_s for layer in layers])
+    priced = []
+    for index, layer in enumerate(layers):
+        b = line.backward_s_per_row * reference_rows * backward[index]
+        w_share = 0.5 if layer.weight_grad_s is None or layer.backward_s <= 0 else (
+            layer.weight_grad_s / layer.backward_s)
+        priced.append(replace(layer, fixed_s=line.fixed_s * fixed[index],
+                              forward_s=line.forward_s_per_row * reference_rows * forward[index],
+                              backward_s=b, weight_grad_s=None if layer.weight_grad_s is None else b * w_share))
+    return priced
+
+
+def _scaled(costs: ModelCosts, run: CostModel, layout: StageLayout) -> list[LayerCost]:
+    """The layers with each stage's F and B scaled to the run's at the layout's rows (one size
+    measured: the profile's growth with rows kept)."""
+    scale = layout.rows / costs.reference_rows
     layers = list(costs.layers)
-    forward_scale, backward_scale = [], []
     for stage in range(layout.num_stages):
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
         shared = costs.overhead_s * (stop - start)  # per layer and action, one for the whole model: kept
@@ -156,25 +294,12 @@ def at_run_prices(
         f = _ratio(run.f[stage] - shared, own + forward_rows)
         # B = shared + own * f + backward_rows * b reproduces the run's B, with the fixed part as F's.
         b = _ratio(run.b[stage] - shared - own * f, backward_rows) if backward_rows > 0 else 1.0
-        forward_scale.append(planned.f[stage] and run.f[stage] / planned.f[stage])
-        backward_scale.append(planned.b[stage] and run.b[stage] / planned.b[stage])
         for index in range(start, stop):
             layer = layers[index]
             weight = None if layer.weight_grad_s is None else layer.weight_grad_s * b
             layers[index] = replace(layer, forward_s=layer.forward_s * f, fixed_s=layer.fixed_s * f,
                                     backward_s=layer.backward_s * b, weight_grad_s=weight)
-    largest = max(sum(layer.parameter_bytes for layer in costs.layers[start:stop])
-                  for start, stop in zip(layout.bounds, layout.bounds[1:], strict=False))
-    per_byte = run.step_overhead / largest if largest and run.step_overhead > 0 else (
-        costs.update_s_per_parameter_byte)
-    calibration = RunCalibration(
-        bounds=layout.bounds, rows=rows, forward_scale=tuple(forward_scale),
-        backward_scale=tuple(backward_scale), action_overhead_s=run.action_overhead,
-        step_overhead_s=run.step_overhead, message_latency_s=run.link.latency,
-    )
-    priced = replace(costs, layers=tuple(layers), action_overhead_s=run.action_overhead,
-                     update_s_per_parameter_byte=per_byte)
-    return priced, calibration
+    return layers
 
 
 def _ratio(measured: float, priced: float) -> float:

@@ -23,20 +23,27 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     calibration = result["calibration"]
     assert calibration["ranks"] == 2 and calibration["steps"] == 3 and calibration["seconds"] > 0
     assert 0 < calibration["core_share"] <= 1.5  # CPU over wall seconds of rank 0
-    # pipefold train's default: 8 micro-batches of the batch of 8, one row each, on its own partition.
+    # pipefold train's default: 8 micro-batches of the batch of 8, one row each, on its own partition;
+    # then 4 and 2 micro-batches in the same launch.
     assert calibration["rows"] == 1 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
+    assert calibration["measured_rows"] == [1, 2, 4]
     profile = ModelCosts.from_json(calibration["profile_costs"])
     priced = ModelCosts.from_json(saved)
     assert "calibrated on a 2-rank run of pipefold train's default" in priced.source
     assert result["source"] == priced.source
-    # The run's prices per stage: each stage of the run's partition costs its scale x the profile's.
-    layout = StageLayout(tuple(calibration["bounds"]), calibration["rows"])
-    before = stage_cost_model(profile, layout, (), Link())
-    after = stage_cost_model(priced, layout, (), Link())
+    # Each stage of the run's partition costs the line fitted through what the run measured, at
+    # any rows; the scales say the run's F and B over the profile's at its first size.
+    before = stage_cost_model(profile, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
+    for rows in (1, 3, 8):
+        after = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), rows), (), Link())
+        for stage in range(2):
+            fixed = calibration["fixed_s"][stage]
+            assert after.f[stage] == pytest.approx(fixed + rows * calibration["forward_s_per_row"][stage])
+            assert after.b[stage] == pytest.approx(fixed + rows * calibration["backward_s_per_row"][stage])
     for stage in range(2):
-        assert after.f[stage] == pytest.approx(before.f[stage] * calibration["forward_scale"][stage])
-        assert after.b[stage] == pytest.approx(before.b[stage] * calibration["backward_scale"][stage])
         assert calibration["forward_scale"][stage] > 0 and calibration["backward_scale"][stage] > 0
+        assert before.f[stage] > 0 and calibration["forward_s_per_row"][stage] >= 0
+    assert calibration["fit_error"] >= 0 and calibration["tied_exchange_s"] >= 0
     assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
     assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
     assert result["choice"]["step_time"] > 0

@@ -10,6 +10,7 @@ from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
 from pipefold.plan.calibrate import (
     at_run_prices,
     first_stage_backward,
+    fit_stage_line,
     fixed_seconds,
     update_time,
     with_fixed_costs,
@@ -224,3 +225,80 @@ def test_at_run_prices_refuses_a_run_of_another_partition():
         at_run_prices(costs, _run([1.0, 1.0], [1.0, 1.0]), (0, 3), 4)
     with pytest.raises(ConfigError, match="every layer"):
         at_run_prices(costs, _run([1.0, 1.0], [1.0, 1.0]), (0, 1, 2), 4)
+
+
+def test_fit_stage_line_recovers_a_line_with_one_fixed_part():
+    # F = 0.3 + 0.5 r and B = 0.3 + 1.0 r, measured at 4, 8 and 16 rows.
+    line = fit_stage_line([(r, 0.3 + 0.5 * r, 0.3 + 1.0 * r) for r in (4, 8, 16)])
+    assert (line.fixed_s, line.forward_s_per_row, line.backward_s_per_row) == pytest.approx((0.3, 0.5, 1.0))
+    assert line.error == pytest.approx(0.0, abs=1e-9)
+    # Two sizes are enough; F and B that disagree on the fixed part share the mean of theirs,
+    # each missed by a few % at most.
+    two = fit_stage_line([(4, 0.2 + 0.5 * 4, 0.4 + 1.0 * 4), (8, 0.2 + 0.5 * 8, 0.4 + 1.0 * 8)])
+    assert 0.2 < two.fixed_s < 0.4 and 0 < two.error < 0.05
+
+
+def test_fit_stage_line_keeps_the_fixed_part_within_bounds_and_needs_two_sizes():
+    # Time that grows faster than the rows gives a negative intercept: no fixed part, all per row.
+    line = fit_stage_line([(4, 1.0, 2.0), (8, 3.0, 6.0)])
+    assert line.fixed_s == 0.0 and line.forward_s_per_row > 0 and line.backward_s_per_row > 0
+    # Time that does not grow: at most 90% of the smallest action fixed, the rest per row.
+    flat = fit_stage_line([(4, 1.0, 2.0), (8, 1.0, 2.0)])
+    assert flat.fixed_s == pytest.approx(0.9) and flat.forward_s_per_row > 0
+    with pytest.raises(ConfigError, match="two different row counts"):
+        fit_stage_line([(4, 1.0, 2.0), (4, 1.1, 2.1)])
+
+
+def _truth(costs, per_row):
+    """`costs` with each layer's F and B per row times `per_row[layer]` (its fixed part twice)."""
+    return replace(costs, layers=tuple(
+        replace(layer, forward_s=layer.forward_s * k, backward_s=layer.backward_s * k, fixed_s=2 * layer.fixed_s,
+                weight_grad_s=layer.weight_grad_s * k)
+        for layer, k in zip(costs.layers, per_row, strict=True)))
+
+
+def test_at_run_prices_at_several_sizes_prices_the_runs_growth_with_rows():
+    # The run's layers grow 1.5x (stage 0) and 3x (stage 1) as fast with rows as the profile's,
+    # their fixed parts twice the profile's: measured at 2, 4 and 8 rows on the partition (0, 1, 3).
+    profile = _costs_with_fixed()
+    truth = _truth(profile, (1.5, 3.0, 3.0))
+    bounds = (0, 1, 3)
+
+    def measured(rows):
+        model = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
+        return _run(model.f, model.b)
+
+    priced, calibration = at_run_prices(profile, measured(2), bounds, 2, [(measured(r), r) for r in (4, 8)])
+    assert calibration.measured_rows == (2, 4, 8) and calibration.fit_error == pytest.approx(0, abs=1e-9)
+    assert calibration.fixed_s == pytest.approx((0.2, 0.4))
+    # At the run's partition, any rows are priced as the run's layers cost (3 rows: not measured),
+    # and so is a partition the run did not measure where a stage's layers shared their growth.
+    for layout in (StageLayout(bounds, 3), StageLayout(bounds, 16), StageLayout((0, 1, 2, 3), 6)):
+        now = stage_cost_model(priced, layout, (), Link())
+        true = stage_cost_model(truth, layout, (), Link())
+        assert now.f == pytest.approx(true.f) and now.b == pytest.approx(true.b)
+        assert now.w == pytest.approx(true.w)  # each layer keeps its W share of B
+    # One size: the profile's growth kept, only the level set at the measured rows.
+    one, single = at_run_prices(profile, measured(2), bounds, 2)
+    assert single.measured_rows == (2,) and single.fixed_s == ()
+    at_8 = stage_cost_model(one, StageLayout(bounds, 8), (), Link())
+    assert at_8.f[1] < 0.99 * stage_cost_model(truth, StageLayout(bounds, 8), (), Link()).f[1]
+
+
+def test_at_run_prices_leaves_the_tied_exchange_out_of_the_update():
+    # A tied embedding and head on two ranks: the run's time outside the actions holds their
+    # gradient's exchange, which the plan adds apart; the update is the rest.
+    layers = tuple(_layer(1.0, 2.0, weight=1.0, parameter_bytes=100) for _ in range(4))
+    costs = ModelCosts(layers=layers, reference_rows=1, tied_layers=((0, 3),))
+    bounds, rows, latency = (0, 2, 4), 1, 2e-4
+    model = stage_cost_model(costs, StageLayout(bounds, rows), (), Link())
+    run = _run(model.f, model.b, step_overhead=0.01)  # its link: 2e-4 s per message
+    priced, calibration = at_run_prices(costs, run, bounds, rows)
+    assert calibration.tied_exchange_s == pytest.approx(latency)  # one message each way, at once
+    assert update_time(priced, [200, 200]) == pytest.approx(0.01 - latency)
+    # The plan's step for the run's own configuration: its time outside the actions once.
+    config, link = Config("1f1b", 1, 8, rows), Link(latency=latency)
+    candidate = evaluate(priced, config, 2, bounds, (), link)
+    bare = evaluate(replace(priced, update_s_per_parameter_byte=0.0), config, 2, bounds, (), link)
+    assert candidate.tied_exchange_s == pytest.approx(latency)
+    assert candidate.step_time - (bare.step_time - bare.tied_exchange_s) == pytest.approx(0.01)

@@ -1,0 +1,55 @@
+"""The process `pipefold plan --profile` starts for its calibration run (`pipefold.cli.plan_calibrate`):
+`pipefold train`'s flags, then one launch of the ranks at several micro-batch counts
+(`pipefold.job.calibration`).
+
+    python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4 --phase-steps 12 \\
+        -- --ranks 2 --batch-size 32 --out DIR ...        # any `pipefold train` flags
+
+A process of its own, as `pipefold train` would be: the ranks' output and failures stay out of
+the plan's (its `--json` goes to stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pipefold.errors import PipefoldError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipefold.cli.calibration_run")
+    parser.add_argument("--result", required=True, help="the JSON file rank 0 writes")
+    parser.add_argument("--microbatches", required=True, help="micro-batch counts, the first the pipeline's own")
+    parser.add_argument("--phase-steps", type=int, required=True, help="steps per micro-batch count")
+    parser.add_argument("train", nargs=argparse.REMAINDER, help="-- then pipefold train's flags")
+    args = parser.parse_args(argv)
+    words = args.train[1:] if args.train[:1] == ["--"] else args.train
+    from pipefold.cli.train import add_parser, config_from_args
+    from pipefold.job.outdir import check_out_dir, resolve_out_dir
+
+    train_parser = argparse.ArgumentParser(prog="pipefold")
+    add_parser(train_parser.add_subparsers(dest="command"))
+    try:
+        config = resolve_out_dir(config_from_args(train_parser.parse_args(["train", *words])))
+        check_out_dir(config)
+        microbatches = tuple(int(part) for part in args.microbatches.split(","))
+        from pipefold.job.calibration import calibration_worker, check_microbatches
+        from pipefold.runtime.processes.launch import spawn
+
+        check_microbatches(config, microbatches, args.phase_steps)
+    except PipefoldError as error:
+        print(f"calibration run: error: {error}", file=sys.stderr)
+        return 2
+    result = spawn(calibration_worker, config.schedule.num_processes,
+                   (config, microbatches, args.phase_steps, args.result))
+    if not result.ok:
+        print(f"calibration run: {result.describe()}", file=sys.stderr)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The calibration run's sizes and rounds (pure logic, one process): which micro-batch counts
+`pipefold plan --profile` measures, how their steps alternate, and what the run refuses."""
+
+import pytest
+
+from pipefold.cli.calibration_run import main
+from pipefold.cli.plan_calibrate import calibration_microbatches
+from pipefold.errors import ConfigError
+from pipefold.job.calibration import MAX_ROUNDS, blocks, check_microbatches
+from pipefold.job.config import load_config
+
+
+def test_calibration_microbatches_halve_while_the_rows_change():
+    assert calibration_microbatches(8, 32) == (8, 4, 2)  # 4, 8 and 16 rows
+    assert calibration_microbatches(2, 32) == (2, 1)
+    assert calibration_microbatches(1, 32) == (1,)  # one size: the profile's growth with rows kept
+    assert calibration_microbatches(5, 5) == (5, 2, 1)  # 1, 3 and 5 rows
+
+
+def test_blocks_alternate_the_sizes_in_rounds():
+    assert blocks(12, 3) == [4, 4, 4]  # 3 rounds of 4 steps at each size
+    assert blocks(14, 3) == [5, 5, 4]
+    assert blocks(3, 3) == [3]  # too few steps for rounds
+    assert blocks(12, 1) == [12]  # one size: one block
+    assert len(blocks(100, 3)) == MAX_ROUNDS and sum(blocks(100, 3)) == 100
+
+
+def test_check_microbatches_refuses_what_a_running_pipeline_cannot_switch_to():
+    config = load_config(overrides={"schedule.num_microbatches": 8})
+    check_microbatches(config, (8, 4, 2), 12)
+    with pytest.raises(ConfigError, match="start with the pipeline's own 8"):
+        check_microbatches(config, (4, 8), 12)
+    with pytest.raises(ConfigError, match="from 1 to the first"):
+        check_microbatches(config, (8, 16), 12)
+    with pytest.raises(ConfigError, match="each count once"):
+        check_microbatches(config, (8, 4, 4), 12)
+    with pytest.raises(ConfigError, match="give more than 2"):
+        check_microbatches(config, (8, 4), 2)
+
+
+def test_the_calibration_process_refuses_bad_sizes_before_any_rank_starts(tmp_path, capsys):
+    code = main(["--result", str(tmp_path / "r.json"), "--microbatches", "4,2", "--phase-steps", "6", "--",
+                 "--ranks", "2", "--microbatches", "8", "--out", str(tmp_path / "run")])
+    assert code == 2 and "start with the pipeline's own 8" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
