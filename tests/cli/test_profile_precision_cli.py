@@ -118,7 +118,7 @@ def test_the_calibration_run_trains_in_the_measured_precision(tmp_path, precisio
 
     args = argparse.Namespace(microbatches=2, batch_size=4, device="cpu", model=None, num_layers=2,
                               d_model=16, num_heads=2, seq_len=8, precision=precision)
-    words = _train_words(args, 2, 3, tmp_path, hf=False)
+    words = _train_words(args, 2, tmp_path, hf=False)
     assert words[words.index("--precision") + 1] == trained
 
 
