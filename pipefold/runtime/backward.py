@@ -165,24 +165,18 @@ def backward_input(
     key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
     )
-    shape = known_shape(key)
+    shape = cache.shape(key) if cache is not None else known_shape(key)
     if shape is None:
         shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
     prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
     result: list[Tensor | None] = [None] * len(inputs)
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
-        # flat lists that the shape's plans index. `tuple.__new__` builds each captured edge
-        # without `GradientEdge.__new__`'s Python frame.
-        new = tuple.__new__
-        engine_inputs: list[Tensor | GradientEdge] = list(wanted_inputs)
-        engine_inputs += [
-            new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)
-        ]
+        # flat lists that the shape's plans index.
         found = _run_engine(
             roots,
             root_grads,
-            engine_inputs,
+            [*wanted_inputs, *prepared.captured_edges(nodes)],
             retain_graph=True,
             accumulate_grad=False,
             tensors=(*roots, *wanted_inputs),
@@ -193,7 +187,7 @@ def backward_input(
         lean = WeightGradState(
             _disjoint=shape.disjoint,
             _plans=prepared.plans,
-            _nodes=list(map(nodes.__getitem__, prepared.frontier_nodes)),
+            _nodes=prepared.frontiers(nodes),
             _kept=list(found[num_wanted:]),
             _direct=direct,
         )
@@ -307,7 +301,7 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
             for plan in plans:
                 found = plan.direct
                 if found is not None and direct:
-                    position, at, _ = plan.frontiers[0]
+                    position, at = plan.first
                     node = nodes[position]
                     assert node is not None
                     if accumulate_at(found, node, kept[at]):
