@@ -6,7 +6,8 @@ Runs `backward_input` then `backward_weight` (and `backward_full` for scale) ove
 micro-batches of several stages (the per-action table's residual MLP at one and four rows, a
 linear without bias, a weight used twice, a checkpointed region, `direct=False`, a first stage
 whose input needs no gradient, an output that reaches a parameter directly, a hooked parameter,
-a non-contiguous gradient slot, two outputs one of which gets no gradient), each checkout in its
+a non-contiguous gradient slot, two outputs one of which gets no gradient, an addmm whose
+alpha is not 1 beside a float64 linear), each checkout in its
 own process with its own `pipefold` first on the path, and prints per stage the SHA-256 of every
 input gradient and every parameter's `.grad` (as bytes), and whether the checkouts agree. Exit
 status 1 when any digest differs. Without `--baseline` it prints this checkout's digests.
@@ -86,12 +87,29 @@ class TwoOutputs(nn.Module):
         return h, self.b(torch.relu(h))
 
 
+class Scaled(nn.Module):
+    # A linear, then an addmm whose alpha is not 1 (a direct form by its graph, refused by its
+    # values in W), then a linear (in float64 for "scaled-mixed"): W's checks fail part way.
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.b = nn.Linear(D, D)
+        self.c = nn.Linear(D, D).to(dtype)
+
+    def forward(self, x):
+        h = torch.addmm(self.b.bias, torch.relu(self.a(x)), self.b.weight.t(), alpha=2.0)
+        return self.c(h.to(self.c.weight.dtype)).float()
+
+
 def stage(name):
     if name in ("mlp", "mlp-rows4", "no-direct", "first", "hooked", "odd-slot"):
         return nn.Sequential(*[Residual() for _ in range(4)])
     if name == "no-bias":
         return nn.Sequential(Residual(bias=False), Residual(bias=False))
-    return {"tied": Tied, "checkpointed": Checkpointed, "output-seed": OutputSeed, "two-outputs": TwoOutputs}[name]()
+    kinds = {"tied": Tied, "checkpointed": Checkpointed, "output-seed": OutputSeed, "two-outputs": TwoOutputs,
+             "scaled": lambda: Scaled(torch.float32), "scaled-mixed": lambda: Scaled(torch.float64)}
+    return kinds[name]()
 
 
 def digest(tensors):
@@ -131,7 +149,7 @@ def run(name, split):
 
 
 NAMES = ["mlp", "mlp-rows4", "no-bias", "tied", "checkpointed", "no-direct", "first", "output-seed",
-         "hooked", "odd-slot", "two-outputs"]
+         "hooked", "odd-slot", "two-outputs", "scaled", "scaled-mixed"]
 print(json.dumps({f"{n} {'I+W' if s else 'B'}": run(n, s) for n in NAMES for s in (True, False)}))
 """
 
