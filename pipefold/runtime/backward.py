@@ -29,9 +29,7 @@ from pipefold.runtime.backward_groups import (
     Group,
     accumulate_at,
     accumulate_direct,
-    apply_direct,
     collector,
-    params_ready,
 )
 from pipefold.runtime.backward_plan import (
     GroupCache,
@@ -77,8 +75,6 @@ class WeightGradState:
     """The lean form's gradients kept at the frontier nodes (`GroupPlan.frontiers` slots)."""
     _direct: bool = True
     """The lean form: `W` may compute a group with a direct form itself."""
-    _direct_params: tuple[Tensor, ...] | None = None
-    """The lean form where every group has a direct form: their parameters (`Prepared`)."""
     _whole: tuple[list[GradientEdge], list[Tensor], Sequence[Tensor]] | None = None
     """Where `I` had nothing to compute: the output edges, their gradients and the parameters
     for `W`'s one engine call."""
@@ -194,7 +190,6 @@ def backward_input(
             _nodes=prepared.frontiers(nodes),
             _kept=list(found[num_wanted:]),
             _direct=direct,
-            _direct_params=prepared.direct_params if direct else None,
         )
         return tuple(result), lean
     groups = groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
@@ -303,29 +298,7 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
     with scope:
         torch._C._set_grad_enabled(False)
         try:
-            done = 0
-            if state._direct_params is not None:
-                # Every group direct: check the parameters together once (nothing but these
-                # groups' own accumulations runs before each is used, and those change no
-                # parameter's readiness), then each group only for its own gradient and graph.
-                # The first group that fails a check, and every one after it, takes the path
-                # below, which checks each anew as it comes.
-                dtype = params_ready(state._direct_params)
-                if dtype is not None:
-                    for plan in plans:
-                        position, at = plan.first
-                        grad, node = kept[at], nodes[position]
-                        if (
-                            grad is None
-                            or type(grad) is not Tensor
-                            or grad.dtype is not dtype
-                            or node is None
-                            or not apply_direct(plan.direct, node, grad, dtype)  # type: ignore[arg-type]
-                        ):
-                            break
-                        nodes[position] = kept[at] = None
-                        done += 1
-            for plan in plans[done:] if done else plans:
+            for plan in plans:
                 found = plan.direct
                 if found is not None and direct:
                     position, at = plan.first

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -22,11 +21,9 @@ __all__ = [
     "Group",
     "accumulate_at",
     "accumulate_direct",
-    "apply_direct",
     "collector",
     "has_hooks",
     "match_direct",
-    "params_ready",
 ]
 
 Grads = tuple[Tensor | None, ...]
@@ -240,61 +237,6 @@ def _ready(param: Tensor, dtype: torch.dtype) -> bool:
     )
 
 
-_dtype_of = attrgetter("dtype")
-_layout_of = attrgetter("layout")
-_grad_of = attrgetter("grad")
-_shape_of = attrgetter("shape")
-_requires_grad = attrgetter("requires_grad")
-_backward_hooks = attrgetter("_backward_hooks")
-_contiguous = torch.Tensor.is_contiguous
-_PLAIN_SET = frozenset(_PLAIN_TYPES)
-_STRIDED_SET = frozenset((_STRIDED,))
-_post_hooks: Callable[[Tensor], object] = (
-    attrgetter("_post_accumulate_grad_hooks")
-    if hasattr(torch.Tensor, "_post_accumulate_grad_hooks")
-    else lambda param: None
-)
-_grad_dtype: Callable[[Tensor], object] | None = (
-    attrgetter("grad_dtype") if hasattr(torch.Tensor, "grad_dtype") else None
-)
-
-
-def params_ready(params: tuple[Tensor, ...]) -> torch.dtype | None:
-    """The one dtype every parameter of `params` has, where each is `_ready` for it, else None.
-
-    The same checks as `_ready` on every parameter, as C loops over the tuple (`map` with
-    attribute getters) instead of a Python call per parameter: `W` checks a stage's direct
-    parameters this way once, and then each group only for its gradient's dtype."""
-    dtypes = set(map(_dtype_of, params))
-    if len(dtypes) != 1:
-        return None
-    dtype: torch.dtype = next(iter(dtypes))
-    if not (
-        set(map(type, params)) <= _PLAIN_SET
-        and set(map(_layout_of, params)) == _STRIDED_SET
-        and all(map(_contiguous, params))
-        and not any(map(_backward_hooks, params))
-        and not any(map(_post_hooks, params))
-        and (_grad_dtype is None or set(map(_grad_dtype, params)) == {dtype})
-    ):
-        return None
-    grads = list(map(_grad_of, params))
-    if not any(grad is not None for grad in grads):
-        return dtype
-    pairs = [(grad, param) for grad, param in zip(grads, params, strict=True) if grad is not None]
-    held = [grad for grad, _ in pairs]
-    if not (
-        set(map(type, held)) <= _PLAIN_SET
-        and set(map(_dtype_of, held)) == {dtype}
-        and set(map(_layout_of, held)) == _STRIDED_SET
-        and all(map(_contiguous, held))
-        and not any(map(_requires_grad, held))
-        and list(map(_shape_of, held)) == [param.shape for _, param in pairs]
-    ):
-        return None
-    return dtype
-
-
 def _grad_slot_ok(param: Tensor) -> bool:
     """`param.grad` can take an in-place accumulation exactly as AccumulateGrad would."""
     if getattr(param, "grad_dtype", param.dtype) != param.dtype:
@@ -325,14 +267,6 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     weight, bias = direct.weight, direct.bias
     if (weight is not None and not _ready(weight, dtype)) or (bias is not None and not _ready(bias, dtype)):
         return False
-    return apply_direct(direct, node, grad, dtype)
-
-
-def apply_direct(direct: Direct, node: Node, grad: Tensor, dtype: torch.dtype) -> bool:
-    """`accumulate_at` once its parameters are known ready for `dtype` (`grad`'s, a plain
-    `Tensor`): the checks of the graph's own values, then the arithmetic. False (nothing done)
-    where a check fails."""
-    weight, bias = direct.weight, direct.bias
     kind = direct.kind
     if kind == "layer_norm":
         return _layer_norm_direct(weight, bias, node, grad, dtype)

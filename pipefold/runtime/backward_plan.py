@@ -97,8 +97,8 @@ class Prepared:
     """A plan (`PlanShape`) for one stage's parameters: each group's parameter list and direct
     form, and the lean form (`WeightGradState`) where the plan allows it."""
 
-    __slots__ = ("_edge_nodes_of", "_frontiers_of", "direct_params", "edge_nodes", "edge_outputs", "frontier_nodes",
-                 "groups", "lean", "plans")
+    __slots__ = ("_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
+                 "plans")
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
         self.groups = tuple(
@@ -126,14 +126,6 @@ class Prepared:
             group_params, found = self.groups[index]
             plans.append(GroupPlan(group_params, found, tuple(frontiers), num_nodes))
         self.plans = tuple(plans)
-        directs = [plan.direct for plan in plans]
-        self.direct_params = (
-            tuple(p for found in directs if found is not None for p in (found.weight, found.bias) if p is not None)
-            if self.lean and all(found is not None for found in directs)
-            else None
-        )
-        """Where every group of the lean form has a direct form: the parameters of all of them,
-        which `W` checks together (`params_ready`)."""
         self.frontier_nodes = tuple(frontier_nodes)
         """Walk indices of the frontier nodes, in the order `GroupPlan.frontiers` numbers them."""
         self.edge_nodes = tuple(edge_nodes)
