@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
-from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node
 from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
@@ -39,6 +39,7 @@ from pipefold.runtime.backward_plan import (
     known_shape,
     plan_shape,
     prepare_all,
+    root_edge,
 )
 from pipefold.runtime.sent_outputs import output_shape
 
@@ -159,7 +160,7 @@ def backward_input(
         # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
         # whole backward, one engine call from the outputs into `params`, so no walk or plan.
         # It holds the outputs' edges, not the outputs.
-        whole = (list(map(get_gradient_edge, roots)), root_grads, params) if roots and params else None
+        whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
         return tuple(None for _ in inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[i] for i in wanted]
     key, nodes, edges = graph_shape(

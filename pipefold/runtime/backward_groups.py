@@ -290,11 +290,12 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
+        # (`mT` is `t()` for a matrix, the same view, read as a property.)
         weight_grad = weight.grad
         if weight_grad is None:
-            weight.grad = _mm(grad.t(), saved_input)
+            weight.grad = _mm(grad.mT, saved_input)
         else:
-            weight_grad.addmm_(grad.t(), saved_input)
+            weight_grad.addmm_(grad.mT, saved_input)
     if bias is not None:
         # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
         bias_grad = _sum(grad, 0)
@@ -320,7 +321,7 @@ def _layer_norm_direct(
     _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
-        list(node._saved_normalized_shape),  # type: ignore[attr-defined]
+        node._saved_normalized_shape,  # type: ignore[attr-defined]
         node._saved_result1,  # type: ignore[attr-defined]
         node._saved_result2,  # type: ignore[attr-defined]
         node._saved_weight,  # type: ignore[attr-defined]
