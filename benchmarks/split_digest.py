@@ -139,7 +139,8 @@ def run(name, split):
         if name == "two-outputs" and mb % 2:
             grads = (None, grads[1])
         if split:
-            got, state = bw.backward_input(outputs, grads, (x,), params, direct=name != "no-direct", cache=cache)
+            direct = name != "no-direct"
+            got, state = bw.backward_input(outputs, grads, (x,), params, direct=direct, cache=cache)
             del outputs
             bw.backward_weight(state)
         else:
@@ -156,7 +157,8 @@ print(json.dumps({f"{n} {'I+W' if s else 'B'}": run(n, s) for n in NAMES for s i
 
 def _digests(checkout: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _WORKER], capture_output=True, text=True, env=env, cwd=checkout)
+    command = [sys.executable, "-c", _WORKER]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=checkout)
     if out.returncode != 0:
         raise SystemExit(f"{checkout}: the digest run failed:\n{out.stderr}")
     result: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])

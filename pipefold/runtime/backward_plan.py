@@ -97,8 +97,10 @@ class Prepared:
     """A plan (`PlanShape`) for one stage's parameters: each group's parameter list and direct
     form, and the lean form (`WeightGradState`) where the plan allows it."""
 
-    __slots__ = ("_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
-                 "plans")
+    __slots__ = (
+        "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
+        "plans",
+    )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
         self.groups = tuple(
@@ -141,7 +143,7 @@ class Prepared:
     def captured_edges(self, nodes: Sequence[Node]) -> Iterator[GradientEdge]:
         """The edges `I` captures a gradient at, over one walk's `nodes`: built by C loops, each
         edge a (node, output) tuple of class `GradientEdge` without its `__new__`'s frame."""
-        pairs = zip(self._edge_nodes_of(nodes), self.edge_outputs)
+        pairs = zip(self._edge_nodes_of(nodes), self.edge_outputs, strict=True)
         return map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
 
 
