@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/backward_breakdown.py", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1500)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--cpu-time", action="store_true", help="the thread's CPU clock instead of the wall clock")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
-    from torch.autograd.graph import GradientEdge
 
     import pipefold.runtime.backward as bw
     import pipefold.runtime.backward_groups as bg
@@ -46,14 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     cache = bp.GroupCache()
-    clock = time.perf_counter
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     engine = torch.autograd.graph._engine_run_backward
     layer_norm_backward = bg._native_layer_norm_backward
     steps = ["(nothing)", "roots", "check inputs", "graph walk", "plan lookup", "group cache", "capture edges",
              "engine (I)", "state"]
     extra = ["W", "W's torch calls alone", "engine as B", "engine, input only"]
     times: dict[str, list[float]] = {name: [] for name in [*steps, "I total", *extra]}
-    new = tuple.__new__
     for repeat in range(args.repeats):
         leaf = x.detach().requires_grad_()
         out = stage(leaf)
@@ -66,21 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         marks.append(clock())
         key, nodes, edges = bp.graph_shape(roots, wanted_inputs, params, cache.leaves(params))
         marks.append(clock())
-        shape = bp.known_shape(key)
+        shape = cache.shape(key)
         if shape is None:
             shape = bp.plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
         marks.append(clock())
         prepared = cache.get(shape, params)
         assert prepared.lean, "the stage's plan is expected to take the lean path"
         marks.append(clock())
-        engine_inputs: list[object] = list(wanted_inputs)
-        engine_inputs += [new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)]
+        engine_inputs = [*wanted_inputs, *prepared.captured_edges(nodes)]
         marks.append(clock())
         found = bw._run_engine(roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False,  # type: ignore[arg-type]
                                tensors=(*roots, *wanted_inputs))
         marks.append(clock())
         state = bw.WeightGradState(_disjoint=shape.disjoint, _plans=prepared.plans,
-                                   _nodes=list(map(nodes.__getitem__, prepared.frontier_nodes)),
+                                   _nodes=prepared.frontiers(nodes),
                                    _kept=list(found[len(wanted):]))
         del nodes, edges, engine_inputs, found
         marks.append(clock())

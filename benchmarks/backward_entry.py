@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--first", action="store_true", help="a first stage: its input needs no gradient, so I has nothing to compute"
     )
+    parser.add_argument(
+        "--cpu-time", action="store_true",
+        help="time with the thread's CPU clock (time.thread_time) instead of the wall clock: on a host "
+        "shared with other work it does not count the time the process waits for a core",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
@@ -54,23 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     relative = Path("pipefold/runtime/backward.py")
     modules = {"new": _load(ROOT / relative, "backward_new")}
     if args.baseline is not None:
-        # The baseline's backward.py imports its own backward_groups.py (where it has one):
-        # lend it that module while it loads, then give this checkout's back.
-        groups_name = "pipefold.runtime.backward_groups"
-        ours = sys.modules.get(groups_name)
-        base_groups = args.baseline / "pipefold/runtime/backward_groups.py"
-        if base_groups.exists():
-            sys.modules[groups_name] = _load(base_groups, "backward_groups_base")
+        # The baseline's backward.py imports its own backward_groups.py and backward_plan.py
+        # (where it has them): lend it those modules while it loads, then give this checkout's back.
+        names = ("backward_groups", "backward_plan")
+        ours = {name: sys.modules.get(f"pipefold.runtime.{name}") for name in names}
         try:
+            for name in names:
+                path = args.baseline / f"pipefold/runtime/{name}.py"
+                if path.exists():
+                    sys.modules[f"pipefold.runtime.{name}"] = _load(path, f"{name}_base")
             modules["base"] = _load(args.baseline / relative, "backward_base")
         finally:
-            if ours is not None:
-                sys.modules[groups_name] = ours
+            for name, module in ours.items():
+                if module is not None:
+                    sys.modules[f"pipefold.runtime.{name}"] = module
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
     params = tuple(stage.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
-    clock = time.perf_counter
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     times: dict[str, dict[str, list[float]]] = {
         label: {"I": [], "W": [], "B": [], "I+W": []} for label in modules
     }

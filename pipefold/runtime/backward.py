@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
-from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node
 from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
@@ -39,6 +39,7 @@ from pipefold.runtime.backward_plan import (
     known_shape,
     plan_shape,
     prepare_all,
+    root_edge,
 )
 from pipefold.runtime.sent_outputs import output_shape
 
@@ -159,30 +160,24 @@ def backward_input(
         # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
         # whole backward, one engine call from the outputs into `params`, so no walk or plan.
         # It holds the outputs' edges, not the outputs.
-        whole = (list(map(get_gradient_edge, roots)), root_grads, params) if roots and params else None
+        whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
         return tuple(None for _ in inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[i] for i in wanted]
     key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
     )
-    shape = known_shape(key)
+    shape = cache.shape(key) if cache is not None else known_shape(key)
     if shape is None:
         shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
     prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
     result: list[Tensor | None] = [None] * len(inputs)
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
-        # flat lists that the shape's plans index. `tuple.__new__` builds each captured edge
-        # without `GradientEdge.__new__`'s Python frame.
-        new = tuple.__new__
-        engine_inputs: list[Tensor | GradientEdge] = list(wanted_inputs)
-        engine_inputs += [
-            new(GradientEdge, (nodes[i], k)) for i, k in zip(prepared.edge_nodes, prepared.edge_outputs)
-        ]
+        # flat lists that the shape's plans index.
         found = _run_engine(
             roots,
             root_grads,
-            engine_inputs,
+            [*wanted_inputs, *prepared.captured_edges(nodes)],
             retain_graph=True,
             accumulate_grad=False,
             tensors=(*roots, *wanted_inputs),
@@ -193,7 +188,7 @@ def backward_input(
         lean = WeightGradState(
             _disjoint=shape.disjoint,
             _plans=prepared.plans,
-            _nodes=list(map(nodes.__getitem__, prepared.frontier_nodes)),
+            _nodes=prepared.frontiers(nodes),
             _kept=list(found[num_wanted:]),
             _direct=direct,
         )
@@ -307,7 +302,7 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
             for plan in plans:
                 found = plan.direct
                 if found is not None and direct:
-                    position, at, _ = plan.frontiers[0]
+                    position, at = plan.first
                     node = nodes[position]
                     assert node is not None
                     if accumulate_at(found, node, kept[at]):

@@ -211,12 +211,10 @@ def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
     )
 
 
-def _ready(param: Tensor | None, dtype: torch.dtype) -> bool:
+def _ready(param: Tensor, dtype: torch.dtype) -> bool:
     """`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
-    accumulation, or True for no parameter: one call per parameter on `W`'s direct path.
-    (Dtypes and layouts are singletons, so `is` compares them without a rich compare.)"""
-    if param is None:
-        return True
+    accumulation: one call per parameter on `W`'s direct path. (Dtypes and layouts are
+    singletons, so `is` compares them without a rich compare.)"""
     if not (
         type(param) in _PLAIN_TYPES
         and param.dtype is dtype
@@ -263,15 +261,15 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
 def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
     the gradient that arrived at the node's first output (the layer's output)."""
-    if grad is None:
+    if grad is None or type(grad) is not Tensor:
         return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
-    if not (_ready(weight, dtype) and _ready(bias, dtype)):
+    if (weight is not None and not _ready(weight, dtype)) or (bias is not None and not _ready(bias, dtype)):
         return False
     kind = direct.kind
     if kind == "layer_norm":
-        return _layer_norm_direct(direct, node, grad)
+        return _layer_norm_direct(weight, bias, node, grad, dtype)
     saved_input: Tensor
     if kind == "addmm":
         if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
@@ -279,7 +277,7 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         saved_input = node._saved_mat1  # type: ignore[attr-defined]
     else:
         saved_input = node._saved_self  # type: ignore[attr-defined]
-    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != dtype:
+    if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
     grad_shape, input_shape = grad.shape, saved_input.shape
     if (
@@ -292,37 +290,48 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
-        if weight.grad is None:
-            weight.grad = torch.mm(grad.t(), saved_input)
+        # (`mT` is `t()` for a matrix, the same view, read as a property.)
+        weight_grad = weight.grad
+        if weight_grad is None:
+            weight.grad = _mm(grad.mT, saved_input)
         else:
-            weight.grad.addmm_(grad.t(), saved_input)
+            weight_grad.addmm_(grad.mT, saved_input)
     if bias is not None:
-        _accumulate(bias, grad.sum(0))
+        # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
+        bias_grad = _sum(grad, 0)
+        if bias.grad is None:
+            bias.grad = bias_grad  # a reduction's result is contiguous
+        else:
+            bias.grad.add_(bias_grad)
     return True
 
 
+_mm = torch.mm
+_sum = torch.sum
 # The overload itself: the packet's `__call__` resolves it in Python on every call.
 _native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
-def _layer_norm_direct(direct: Direct, node: Node, grad: Tensor) -> bool:
+def _layer_norm_direct(
+    weight: Tensor | None, bias: Tensor | None, node: Node, grad: Tensor, dtype: torch.dtype
+) -> bool:
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
-    if type(grad) is not Tensor or type(saved_input) is not Tensor or saved_input.dtype != grad.dtype:
+    if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
     _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
-        list(node._saved_normalized_shape),  # type: ignore[attr-defined]
+        node._saved_normalized_shape,  # type: ignore[attr-defined]
         node._saved_result1,  # type: ignore[attr-defined]
         node._saved_result2,  # type: ignore[attr-defined]
         node._saved_weight,  # type: ignore[attr-defined]
         node._saved_bias,  # type: ignore[attr-defined]
-        [False, direct.weight is not None, direct.bias is not None],
+        [False, weight is not None, bias is not None],
     )
-    if direct.weight is not None:
-        _accumulate(direct.weight, weight_grad)
-    if direct.bias is not None:
-        _accumulate(direct.bias, bias_grad)
+    if weight is not None:
+        _accumulate(weight, weight_grad)
+    if bias is not None:
+        _accumulate(bias, bias_grad)
     return True
 
 

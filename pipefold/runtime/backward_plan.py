@@ -8,9 +8,12 @@ Design notes: docs/decisions.md, "split backward" and "direct weight gradients".
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 
+import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
@@ -60,7 +63,7 @@ _MAX_PREPARED = 64
 class GroupPlan:
     """One group of a `Prepared`, for the lean form of `WeightGradState`."""
 
-    __slots__ = ("direct", "frontiers", "num_nodes", "params")
+    __slots__ = ("direct", "first", "frontiers", "num_nodes", "params")
 
     def __init__(
         self,
@@ -74,6 +77,8 @@ class GroupPlan:
         self.frontiers = frontiers
         """Per frontier node: (its position in the state's nodes, the position of its first
         kept gradient, how many it receives)."""
+        self.first = frontiers[0][:2] if frontiers else (-1, -1)
+        """The first frontier's (position, first kept gradient): a direct group's only one."""
         self.num_nodes = num_nodes
 
     def group(self, nodes: Sequence[Node | None], kept: Sequence[Tensor | None], *, direct: bool) -> Group:
@@ -92,7 +97,10 @@ class Prepared:
     """A plan (`PlanShape`) for one stage's parameters: each group's parameter list and direct
     form, and the lean form (`WeightGradState`) where the plan allows it."""
 
-    __slots__ = ("edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean", "plans")
+    __slots__ = (
+        "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
+        "plans",
+    )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
         self.groups = tuple(
@@ -125,6 +133,28 @@ class Prepared:
         self.edge_nodes = tuple(edge_nodes)
         """Walk index of the node of each edge `I` captures a gradient at, and its output."""
         self.edge_outputs = tuple(edge_outputs)
+        self._frontiers_of = _getter(self.frontier_nodes)
+        self._edge_nodes_of = _getter(self.edge_nodes)
+
+    def frontiers(self, nodes: Sequence[Node]) -> list[Node | None]:
+        """The frontier nodes among one walk's `nodes`, in `frontier_nodes`' order."""
+        return list(self._frontiers_of(nodes))
+
+    def captured_edges(self, nodes: Sequence[Node]) -> Iterator[GradientEdge]:
+        """The edges `I` captures a gradient at, over one walk's `nodes`: built by C loops, each
+        edge a (node, output) tuple of class `GradientEdge` without its `__new__`'s frame."""
+        pairs = zip(self._edge_nodes_of(nodes), self.edge_outputs, strict=True)
+        return map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
+
+
+def _getter(indices: tuple[int, ...]) -> Callable[[Sequence[Node]], tuple[Node, ...]]:
+    """`lambda seq: tuple(seq[i] for i in indices)` as one C call (`itemgetter`)."""
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    if len(indices) == 1:
+        only = itemgetter(indices[0])
+        return lambda seq: (only(seq),)
+    return lambda seq: ()
 
 
 class GroupCache:
@@ -137,6 +167,18 @@ class GroupCache:
         # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
         self._entries: dict[int, tuple[PlanShape, Sequence[Tensor], Prepared]] = {}
         self._leaves: _Leaves | None = None
+        self._last: tuple[tuple[object, ...], PlanShape] | None = None
+
+    def shape(self, key: tuple[object, ...]) -> PlanShape | None:
+        """`known_shape(key)`, comparing with the last key this cache found first: a stage's
+        micro-batches mostly share one shape, and a compare costs less than hashing the key."""
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        shape = _plan_shapes.get(key)
+        if shape is not None:
+            self._last = (key, shape)
+        return shape
 
     def get(self, shape: PlanShape, params: Sequence[Tensor]) -> Prepared:
         entry = self._entries.get(id(shape))
@@ -179,8 +221,20 @@ class _Leaves:
         self.nodes.update(found)
 
 
-_is_leaf_node: dict[type, bool] = {}
-"""Node class -> whether it is AccumulateGrad (the only nodes with a `variable`)."""
+_ACCUMULATE_GRAD: type = type(get_gradient_edge(torch.empty(0, requires_grad=True)).node)
+"""The class of autograd's leaf nodes (AccumulateGrad, the only nodes with a `variable`)."""
+_FUNCTION_BASE: type = torch._C._FunctionBase
+"""The class of `torch.autograd.Function` nodes, whose Python object does not own the graph."""
+_new = tuple.__new__
+
+
+def root_edge(root: Tensor) -> GradientEdge:
+    """`get_gradient_edge(root)` without its Python frame where `root` has a built-in grad_fn
+    (an edge to a custom Function's node carries an ownership token: built by torch)."""
+    node = root.grad_fn
+    if node is None or isinstance(node, _FUNCTION_BASE):
+        return get_gradient_edge(root)
+    return _new(GradientEdge, (node, root.output_nr, None))
 
 
 def graph_shape(
@@ -198,41 +252,41 @@ def graph_shape(
     entries, children are ints or tuples and None ends them. Two graphs with equal keys are
     the same graph up to the node objects, so `_plan_groups` (a function of exactly that)
     plans them alike. `leaves` (a stage's, from its `GroupCache`) knows the parameter leaves
-    met before, so they are recognised without reading the tensor each holds."""
+    met before, so they are recognised without reading the tensor each holds.
+
+    One dict gives each node met its entry (a walk index, or a parameter leaf's position), so
+    a child costs one lookup; `next_functions` (a new tuple per call) is most of what is left."""
     if leaves is None:
         held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
-        no_nodes: dict[Node, object] = {}
-        known = no_nodes.get
+        entry: dict[Node, object] = {}
     else:
         held_by = leaves.held_by
-        known = leaves.nodes.get
-    inputs_at = {id(tensor): ("input", i) for i, tensor in enumerate(inputs)}
-    edges = [get_gradient_edge(root) for root in roots]
-    index: dict[Node, int] = {}
+        entry = leaves.nodes.copy()
+    edges = [root_edge(root) for root in roots]
     nodes: list[Node] = []
     key: list[object] = []
     for edge in edges:
-        at = index.get(edge.node)
-        if at is None:
-            at = index[edge.node] = len(nodes)
-            nodes.append(edge.node)
+        node = edge.node
+        at = entry.get(node)
+        if type(at) is not int:  # a root's node is walked, even a parameter's leaf
+            at = entry[node] = len(nodes)
+            nodes.append(node)
         key.append((at, edge.output_nr))
-    find, add_node, add_key = index.get, nodes.append, key.append
-    is_leaf_node = _is_leaf_node
+    find, add_node, add_key = entry.get, nodes.append, key.append
+    accumulate_grad = _ACCUMULATE_GRAD
     learned: list[tuple[Node, object]] = []
     for node in nodes:  # grows while it is walked: breadth first
         node_type = type(node)
         add_key(node_type)
-        leaf = is_leaf_node.get(node_type)
-        if leaf is None:
-            leaf = is_leaf_node[node_type] = node.name() == "torch::autograd::AccumulateGrad"
-        if leaf:  # no children; a parameter's only where it is a root (children are not walked)
-            variable = getattr(node, "variable", None)
+        if node_type is accumulate_grad:  # no children; a parameter's only where it is a root
+            variable = node.variable  # type: ignore[attr-defined]
             if variable is None:
                 add_key(None)
                 continue
             held = held_by.get(id(variable))
-            add_key(held if held is not None else inputs_at.get(id(variable), "other"))
+            if held is None:
+                held = {id(t): ("input", i) for i, t in enumerate(inputs)}.get(id(variable), "other")
+            add_key(held)
             continue
         for child, _ in node.next_functions:
             if child is None:
@@ -240,22 +294,15 @@ def graph_shape(
                 continue
             at = find(child)
             if at is None:
-                held = known(child)
-                if held is not None:
-                    add_key(held)
-                    continue
-                child_type = type(child)
-                leaf = is_leaf_node.get(child_type)
-                if leaf is None:
-                    leaf = is_leaf_node[child_type] = child.name() == "torch::autograd::AccumulateGrad"
-                if leaf:
-                    variable = getattr(child, "variable", None)
+                if type(child) is accumulate_grad:
+                    variable = child.variable  # type: ignore[attr-defined]
                     held = None if variable is None else held_by.get(id(variable))
                     if held is not None:  # a parameter's leaf: its position, not a walk index
                         learned.append((child, held))
+                        entry[child] = held
                         add_key(held)
                         continue
-                at = index[child] = len(nodes)
+                at = entry[child] = len(nodes)
                 add_node(child)
             add_key(at)
         add_key(None)

@@ -560,3 +560,45 @@ def test_one_group_cache_serves_stages_of_one_shape_with_their_own_parameters():
     for stage, want in zip(stages, expected, strict=True):
         for got_grad, want_grad in zip(_param_grads(stage), want, strict=True):
             torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_root_edge_is_get_gradient_edge():
+    """`root_edge` builds the edge itself only for a built-in node; a custom Function's node
+    (whose edge carries an ownership token) and a leaf's accumulator come from torch."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    leaf = torch.randn(3, requires_grad=True)
+    for tensor in (leaf * 3, Double.apply(leaf), leaf):
+        edge, want = backward_plan.root_edge(tensor), torch.autograd.graph.get_gradient_edge(tensor)
+        assert (edge.node, edge.output_nr) == (want.node, want.output_nr)
+        assert (edge.ownership_token is None) == (want.ownership_token is None)
+
+
+def test_group_cache_follows_the_shape_after_its_last_one(monkeypatch):
+    """A stage's cache answers a repeated key from its last lookup and a new key from the
+    shared plans, never the last plan for another key."""
+    monkeypatch.setattr(backward_plan, "_plan_shapes", {})
+    module = _Branching()
+    params = tuple(module.parameters())
+    cache = GroupCache()
+    found = {}
+    for wide in (False, False, True, True, False):
+        module.wide = wide
+        (leaf,) = _stage_inputs((torch.randn(4, D),))
+        out = module(leaf)
+        key, nodes, edges = backward_plan.graph_shape([out], [leaf], params, cache.leaves(params))
+        shape = cache.shape(key)
+        if shape is None:
+            grads = [torch.randn(out.shape)]
+            shape = backward_plan.plan_shape(key, nodes, edges, [out], grads, [leaf], params)
+        assert found.setdefault(wide, shape) is shape
+        assert cache.shape(key) is shape
+    assert found[False] is not found[True]
