@@ -185,6 +185,24 @@ def _categories(stats, steps: int, actions: int) -> dict[str, float]:  # type: i
     return {k: v / steps / actions * 1e6 for k, v in own.items()}
 
 
+# What a wait's polling calls (their number follows the wait's length, not the work per action).
+_POLLS = ("wait_until", "sched_yield", "monotonic", "shm_exchange.py", "ready_check", "<lambda>",
+          "builtins.all", "builtins.min", "time.sleep")
+
+
+def _calls_per_action(stats, steps: int, actions: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Calls per compute action under cProfile (deterministic, unlike times), polls left out:
+    every function's and C call's, and those of pipefold's own modules."""
+    every = own = 0
+    for (filename, _, function), (_, calls, _, _, _) in stats.stats.items():
+        if any(p in filename or p in function for p in _POLLS):
+            continue
+        every += calls
+        if "pipefold/runtime/" in filename:
+            own += calls
+    return every / steps / actions, own / steps / actions
+
+
 def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.root)
     import torch
@@ -256,13 +274,17 @@ def _worker(args: argparse.Namespace) -> None:
             stats.sort_stats("tottime").print_stats(args.profile_top)
             text = out.getvalue()
             total_calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+            counted = _calls_per_action(stats, args.steps, actions)
             own = _categories(stats, args.steps, actions)
             gathered = [None] * num_ranks
-            dist.all_gather_object(gathered, (text, total_calls, own))
+            dist.all_gather_object(gathered, (text, total_calls, own, counted))
             results[name]["profile_us_per_action"] = [g[2] for g in gathered]
+            results[name]["calls_per_action"] = [g[3] for g in gathered]
             if rank == 0:
-                for r, (t, calls, _) in enumerate(gathered):
-                    print(f"=== {name} rank {r}: {calls / args.steps:.0f} Python calls per step", file=sys.stderr)
+                for r, (t, calls, _, (every, own_calls)) in enumerate(gathered):
+                    print(f"=== {name} rank {r}: {calls / args.steps:.0f} Python calls per step; per compute "
+                          f"action, polls left out: {every:.1f} calls, {own_calls:.1f} of pipefold's "
+                          "functions", file=sys.stderr)
                     print(t, file=sys.stderr)
         del sides
     import pipefold
