@@ -13,8 +13,12 @@ runtimes, so a drifting machine hits them alike; the table reports medians over 
 per-round medians, and pipefold/torch ratios (each round's torch is timed beside it).
 
 `--floor` also times, in the same ranks and alternation, every rank's stages run by plain
-torch calls without messages (forward of every micro-batch, then every backward): what the
-actions cost with no runtime at all. `--profile` runs cProfile around pipefold's timed steps
+torch calls without messages: what the actions cost with no runtime at all. Two floors
+(`--floor-order`, both by default): "plain torch", per stage every micro-batch's forward, then
+every backward (the floor issue 31's target is measured over), and "plain torch in schedule
+order", each rank's F, B, I, W in the order of the schedule that runs (what the schedule's
+order alone costs plain torch: caches, allocator reuse, live activations). The table gives
+each runtime's step less each floor of the same launch, per action. `--profile` runs cProfile around pipefold's timed steps
 on every rank, prints each rank's top functions by own time and a table of µs per action in
 the hot path's parts (cProfile inflates small Python calls: read it as shares).
 """
@@ -76,6 +80,70 @@ class _PlainSide:
                 value.backward(None if stage == self._last else torch.ones_like(value))
 
 
+class _ScheduleOrderPlainSide:
+    """This rank's stages run by plain torch calls in the order of the rank's own actions in
+    the schedule that runs (the pipeline's, I/W pairs it fuses included), no messages: F is
+    the stage's forward (and the loss on the last stage), B its backward, I the input
+    gradient (`torch.autograd.grad` w.r.t. the stage's input, graph kept; nothing on a first
+    stage), W the weights' gradients (`torch.autograd.backward(..., inputs=weights)`, which
+    accumulates into `.grad` as B does; it walks the graph again, as a plain user's split
+    would). A non-last stage's backward takes ones_like its output as output gradient. The
+    floor of `_PlainSide` with the schedule's order of F and B (caches, allocator reuse,
+    live activations) instead of every forward, then every backward."""
+
+    label = "plain-order"
+
+    def __init__(self, work, layers, schedule_pair, schedule, *, rank, num_microbatches):  # type: ignore[no-untyped-def]
+        import copy
+
+        import torch
+        from benchmarks.harness.layout import stage_bounds
+
+        bounds = stage_bounds(len(schedule.placement))
+        self._loss_fn = work.loss_fn
+        self._num_microbatches = num_microbatches
+        self._last = len(schedule.placement) - 1
+        self._modules = {
+            stage: torch.nn.Sequential(*copy.deepcopy(layers[bounds[stage][0]:bounds[stage][1]]))
+            for stage, owner in enumerate(schedule.placement) if owner == rank
+        }
+        self._weights = {stage: list(module.parameters()) for stage, module in self._modules.items()}
+        self._actions = [
+            (action.op.value, action.stage, action.microbatch)
+            for action in schedule.actions[rank] if action.op.value in ("F", "B", "I", "W")
+        ]
+
+    def zero_grad(self) -> None:
+        for module in self._modules.values():
+            module.zero_grad(set_to_none=True)
+
+    def step(self, inputs, targets) -> None:  # type: ignore[no-untyped-def]
+        import torch
+
+        xs = inputs.chunk(self._num_microbatches)
+        ys = targets.chunk(self._num_microbatches)
+        last = self._last
+        live: dict = {}
+        for op, stage, microbatch in self._actions:
+            key = (stage, microbatch)
+            if op == "F":
+                leaf = xs[microbatch].detach().requires_grad_(stage > 0)
+                out = self._modules[stage](leaf)
+                live[key] = (leaf, self._loss_fn(out, ys[microbatch]) if stage == last else out)
+            elif op == "B":
+                leaf, value = live.pop(key)
+                value.backward(None if stage == last else torch.ones_like(value))
+            elif op == "I":
+                leaf, value = live[key]
+                grad = None if stage == last else torch.ones_like(value)
+                if stage > 0:
+                    torch.autograd.grad(value, leaf, grad, retain_graph=True)
+                live[key] = (leaf, value, grad)
+            else:
+                _, value, grad = live.pop(key)
+                torch.autograd.backward(value, grad, inputs=self._weights[stage])
+
+
 # cProfile categories of the executor loop's time: (file, function prefix, caller's function
 # prefix or None); a category's own time is its cumulative time minus the categories it calls.
 _PROFILE_FUNCTIONS: dict[str, tuple[str, str, str | None]] = {
@@ -117,6 +185,24 @@ def _categories(stats, steps: int, actions: int) -> dict[str, float]:  # type: i
     return {k: v / steps / actions * 1e6 for k, v in own.items()}
 
 
+# What a wait's polling calls (their number follows the wait's length, not the work per action).
+_POLLS = ("wait_until", "sched_yield", "monotonic", "shm_exchange.py", "ready_check", "<lambda>",
+          "builtins.all", "builtins.min", "time.sleep")
+
+
+def _calls_per_action(stats, steps: int, actions: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Calls per compute action under cProfile (deterministic, unlike times), polls left out:
+    every function's and C call's, and those of pipefold's own modules."""
+    every = own = 0
+    for (filename, _, function), (_, calls, _, _, _) in stats.stats.items():
+        if any(p in filename or p in function for p in _POLLS):
+            continue
+        every += calls
+        if "pipefold/runtime/" in filename:
+            own += calls
+    return every / steps / actions, own / steps / actions
+
+
 def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.root)
     import torch
@@ -142,9 +228,12 @@ def _worker(args: argparse.Namespace) -> None:
         if not args.no_torch and schedule_pair.peer_refusal(num_ranks, args.microbatches) is None:
             sides.append(TorchSide(work, layers, schedule_pair, rank=rank, num_ranks=num_ranks,
                                    num_microbatches=args.microbatches))
-        if args.floor:
+        if args.floor and "stage" in args.floor_order:
             sides.append(_PlainSide(work, layers, schedule_pair, rank=rank, num_ranks=num_ranks,
                                     num_microbatches=args.microbatches))
+        if args.floor and "schedule" in args.floor_order:
+            sides.append(_ScheduleOrderPlainSide(work, layers, schedule_pair, sides[0].pipe.schedule,
+                                                 rank=rank, num_microbatches=args.microbatches))
         program = lower(sides[0].pipe.schedule)
         actions = max(
             sum(1 for action in row if action.op.is_compute and action.op.name != "STEP")
@@ -185,13 +274,17 @@ def _worker(args: argparse.Namespace) -> None:
             stats.sort_stats("tottime").print_stats(args.profile_top)
             text = out.getvalue()
             total_calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+            counted = _calls_per_action(stats, args.steps, actions)
             own = _categories(stats, args.steps, actions)
             gathered = [None] * num_ranks
-            dist.all_gather_object(gathered, (text, total_calls, own))
+            dist.all_gather_object(gathered, (text, total_calls, own, counted))
             results[name]["profile_us_per_action"] = [g[2] for g in gathered]
+            results[name]["calls_per_action"] = [g[3] for g in gathered]
             if rank == 0:
-                for r, (t, calls, _) in enumerate(gathered):
-                    print(f"=== {name} rank {r}: {calls / args.steps:.0f} Python calls per step", file=sys.stderr)
+                for r, (t, calls, _, (every, own_calls)) in enumerate(gathered):
+                    print(f"=== {name} rank {r}: {calls / args.steps:.0f} Python calls per step; per compute "
+                          f"action, polls left out: {every:.1f} calls, {own_calls:.1f} of pipefold's "
+                          "functions", file=sys.stderr)
                     print(t, file=sys.stderr)
         del sides
     import pipefold
@@ -209,7 +302,7 @@ def _launch(root: str, num_ranks: int, args: argparse.Namespace) -> dict:
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules,
         *(["--profile", "--profile-top", str(args.profile_top)] if args.profile else []),
         *(["--no-torch"] if args.no_torch else []),
-        *(["--floor"] if args.floor else []),
+        *(["--floor", "--floor-order", *args.floor_order] if args.floor else []),
     ]
     env = {**os.environ, "PYTHONPATH": root}
     done = subprocess.run(
@@ -223,6 +316,9 @@ def _launch(root: str, num_ranks: int, args: argparse.Namespace) -> dict:
             result: dict = json.loads(line[len("RESULT "):])
             return result
     raise RuntimeError(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+_FLOOR_NAMES = {"plain": "plain torch", "plain-order": "plain torch in schedule order"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--floor", action="store_true",
         help="also time every rank's stages by plain torch calls, no runtime (the compute floor)",
+    )
+    parser.add_argument(
+        "--floor-order", nargs="+", choices=("stage", "schedule"), default=["stage", "schedule"],
+        help="with --floor, which floors to time: 'stage' (per stage, every forward, then every "
+        "backward: the floor the 50 µs target is measured over) and/or 'schedule' (each rank's "
+        "F, B, I, W in the order of the schedule that runs); both by default",
     )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, help="also write every round's numbers here")
@@ -271,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     ) + " torch µs/action |" + "".join(f" torch / {label} |" for label in roots)
     if "base" in roots:
         header += " base / new |"
-    if args.floor:
-        header += " plain torch µs/action |"
+    floors = [label for order, label in (("stage", "plain"), ("schedule", "plain-order"))
+              if args.floor and order in args.floor_order]
+    for floor in floors:
+        header += f" {_FLOOR_NAMES[floor]} µs/action |" + "".join(
+            f" {label} over {_FLOOR_NAMES[floor]} µs (each launch) |" for label in roots
+        )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for num_ranks in args.ranks:
@@ -297,9 +403,16 @@ def main(argv: list[str] | None = None) -> int:
                     for r in rounds[num_ranks]
                 ]
                 row += f" {statistics.median(pairs):.2f} |"
-            if args.floor:
-                plain = [r["new"][name]["step_s"]["plain"] for r in rounds[num_ranks]]
+            for floor in floors:
+                plain = [r["new"][name]["step_s"][floor] for r in rounds[num_ranks]]
                 row += f" {statistics.median(plain) / actions * 1e6:.0f} |"
+                for label in roots:
+                    # The step less the floor timed in the same launch, per action.
+                    over = [
+                        (r[label][name]["step_s"]["pipefold"] - r[label][name]["step_s"][floor]) / actions * 1e6
+                        for r in rounds[num_ranks]
+                    ]
+                    row += f" {statistics.median(over):.0f} ({', '.join(f'{v:.0f}' for v in over)}) |"
             print(row)
     for num_ranks in args.ranks:
         for name in args.schedules:

@@ -300,15 +300,22 @@ class Executor:
 
     def _inputs(self) -> StepInputs:
         if self._step_inputs is None:
-            raise PipelineError("the executor ran an action outside run(); call run(step)")
+            raise self._outside_run()
         return self._step_inputs
 
     def _comm(self) -> tuple[P2P, Watchdog]:
         if self._p2p is None or self._watchdog is None:
-            raise PipelineError(
-                f"rank {self.rank} reached a communication action but the pipeline has no process group"
-            )
+            raise self._no_group()
         return self._p2p, self._watchdog
+
+    @staticmethod
+    def _outside_run() -> PipelineError:
+        return PipelineError("the executor ran an action outside run(); call run(step)")
+
+    def _no_group(self) -> PipelineError:
+        return PipelineError(
+            f"rank {self.rank} reached a communication action but the pipeline has no process group"
+        )
 
     def _require_losses(self) -> list[Tensor]:
         losses = []
@@ -321,11 +328,14 @@ class Executor:
         return losses
 
     def _complete(self, pending: Pending, consumer: Action) -> Any:
-        p2p, watchdog = self._comm()
+        p2p, watchdog = self._p2p, self._watchdog
+        if p2p is None or watchdog is None:
+            raise self._no_group()
         start = time.perf_counter()
         pending.transfer.wait(watchdog, pending.what)
         end = self._ready_at = time.perf_counter()
-        p2p.after_recv()
+        if p2p.orders_streams:
+            p2p.after_recv()
         self._waits.append((consumer, start - self._t0, end - self._t0))
         return pending.value
 
@@ -380,7 +390,11 @@ class Executor:
     def _forward(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch
         stage = self._stages[s]
-        step = self._inputs()
+        # The checks of `_inputs` and `_comm` are inlined in the per-action handlers: a
+        # Python call each, on the caches a stage's autograd leaves cold.
+        step = self._step_inputs
+        if step is None:
+            raise self._outside_run()
         if stage.is_first:
             if step.inputs is None:
                 raise PipelineError(f"rank {self.rank} owns stage 0 but the step has no inputs")
@@ -427,7 +441,10 @@ class Executor:
     def _send_forward(self, action: Action, *, peer: int) -> None:
         s, mb = action.stage, action.microbatch
         outputs = self._outputs[s][mb]
-        expected = self._inputs().boundaries[mb][self._out_layer[s]]
+        step = self._step_inputs
+        if step is None:
+            raise self._outside_run()
+        expected = step.boundaries[mb][self._out_layer[s]]
         problem = None if matches(expected, outputs) else expected.mismatch(
             outputs if expected.is_tuple else outputs[0]
         )
@@ -437,9 +454,13 @@ class Executor:
                 f"on rank {peer} does not expect (its buffers come from the meta-device trace): {problem}; "
                 f"layer outputs must not depend on tensor values"
             )
-        tensors = tuple(t.detach() for t in outputs)
-        p2p, _ = self._comm()
-        self._keep_until_sent(p2p.send(tensors, peer), action, tensors)
+        p2p = self._p2p
+        if p2p is None:
+            raise self._no_group()
+        tensors = (outputs[0].detach(),) if len(outputs) == 1 else tuple(t.detach() for t in outputs)
+        transfer = p2p.send(tensors, peer)
+        if self._sends or not transfer.done():
+            self._keep_until_sent(transfer, action, tensors)
         # The backward needs the outputs' graph, not their values: free what the send no
         # longer reads (a process-group send keeps its own detached tensors until done). Not
         # under a weight stash (asynchronous schedules): freeing there broke the streaming
@@ -458,9 +479,13 @@ class Executor:
 
     def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
-        meta = self._inputs().boundaries[mb][self._in_layer[s]]
-        value, buffers, views = self._receive_buffers.input(s, mb, meta)
-        p2p, _ = self._comm()
+        step = self._step_inputs
+        p2p = self._p2p
+        if step is None:
+            raise self._outside_run()
+        if p2p is None:
+            raise self._no_group()
+        value, buffers, views = self._receive_buffers.input(s, mb, step.boundaries[mb][self._in_layer[s]])
         self._recv_f[s][mb] = Pending(value, p2p.recv(buffers, peer, views), peer, what)
 
     # -- backward ----------------------------------------------------------------------------
@@ -469,7 +494,9 @@ class Executor:
         s, mb = action.stage, action.microbatch
         if self._stages[s].is_last:
             loss = self._outputs[s][mb][0]
-            step = self._inputs()
+            step = self._step_inputs
+            if step is None:
+                raise self._outside_run()
             return (torch.full_like(loss, seed_value(step.scales[mb], step.loss_scale, loss.dtype)),)
         pending = self._recv_b[s][mb]
         if pending is not None:
@@ -489,12 +516,19 @@ class Executor:
             return
         # Every differentiable boundary tensor gets a gradient (zeros when the stage did not
         # use it), so both sides agree on what crosses without looking at values.
-        full = tuple(
-            (grad if grad is not None else torch.zeros_like(leaf)) if leaf.requires_grad else None
-            for leaf, grad in zip(leaves, grads, strict=True)
-        )
+        full: tuple[Tensor | None, ...]
+        if len(leaves) == 1 and len(grads) == 1:  # a stage's usual boundary: no generators
+            (leaf,), (grad,) = leaves, grads
+            full = ((grad if grad is not None else torch.zeros_like(leaf)) if leaf.requires_grad else None,)
+        else:
+            full = tuple(
+                (grad if grad is not None else torch.zeros_like(leaf)) if leaf.requires_grad else None
+                for leaf, grad in zip(leaves, grads, strict=True)
+            )
         if self._prev_local[s]:
             self._grad_handoff[s - 1][mb] = full
+        elif len(full) == 1 and full[0] is not None:
+            self._send_grads[s][mb] = full
         else:
             self._send_grads[s][mb] = tuple(g for g in full if g is not None)
 
@@ -541,14 +575,22 @@ class Executor:
         s, mb = action.stage, action.microbatch
         grads = self._send_grads[s][mb]
         self._send_grads[s][mb] = None
-        p2p, _ = self._comm()
-        self._keep_until_sent(p2p.send(grads, peer), action, grads)
+        p2p = self._p2p
+        if p2p is None:
+            raise self._no_group()
+        transfer = p2p.send(grads, peer)
+        if self._sends or not transfer.done():
+            self._keep_until_sent(transfer, action, grads)
 
     def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
         s, mb = action.stage, action.microbatch
-        meta = self._inputs().boundaries[mb][self._out_layer[s]]
-        grads, buffers, views = self._receive_buffers.output_grads(s, mb, meta)
-        p2p, _ = self._comm()
+        step = self._step_inputs
+        p2p = self._p2p
+        if step is None:
+            raise self._outside_run()
+        if p2p is None:
+            raise self._no_group()
+        grads, buffers, views = self._receive_buffers.output_grads(s, mb, step.boundaries[mb][self._out_layer[s]])
         self._recv_b[s][mb] = Pending(grads, p2p.recv(buffers, peer, views), peer, what)
 
     # -- optimizer ---------------------------------------------------------------------------

@@ -88,9 +88,10 @@ class StepRecord:
         return tuple(Wait(self.rank, action, start, end) for action, start, end in self.wait_stamps)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
-    """A posted receive: where the data lands and the transfer to wait for."""
+    """A posted receive: where the data lands and the transfer to wait for (slotted: one is
+    made per message)."""
 
     value: Any
     transfer: Transfer

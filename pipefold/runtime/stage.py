@@ -253,8 +253,10 @@ def as_leaves(value: Any) -> tuple[Any, tuple[Tensor, ...]]:
     from a stage on the same rank goes through here too, so each stage's graph stays
     separate and the backward of one stage never runs into the previous one.
     """
-    if isinstance(value, Tensor):
-        leaf = _leaf(value)
+    if isinstance(value, Tensor):  # `_leaf`, inlined: once per received micro-batch
+        leaf = value.detach()
+        if leaf.is_floating_point() or leaf.is_complex():
+            leaf.requires_grad_(True)
         return leaf, (leaf,)
     leaves = tuple(_leaf(tensor) for tensor in value)
     return leaves, leaves

@@ -42,3 +42,37 @@ def test_parts_nest_and_the_rest_is_the_executors_own():
     assert parts["layer forward (torch modules)"] == pytest.approx(1.0)
     assert parts[overhead.OTHER] == pytest.approx(10.0 - 2.0 - 1.0 - 3.5 - 0.5 - 1.0)
     assert parts["executor loop, total"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
+def test_the_schedule_order_floor_computes_what_the_stage_order_floor_does(name):
+    """Each rank's share, in one process: the floor in the schedule's order (I and W kept apart,
+    a first stage's I empty) leaves every stage's weights the same gradients as the floor that
+    runs every forward, then every backward."""
+    import torch
+
+    from benchmarks.harness.pairs import pair
+    from benchmarks.harness.workloads import workload
+    from pipefold.runtime.arguments import resolve_schedule
+    from pipefold.schedule import Op
+
+    work = workload("tiny")
+    inputs, targets = work.make_batch(0)
+    layers = work.build_layers(0)
+    schedule_pair = pair(name)
+    num_microbatches = 4
+    schedule = resolve_schedule(schedule_pair.schedule, 2, num_microbatches, schedule_pair.num_virtual)
+    assert name not in ("zb-h1", "zb-v") or any(a.op is Op.I for row in schedule.actions for a in row)
+    for rank in range(2):
+        plain = overhead._PlainSide(work, layers, schedule_pair, rank=rank, num_ranks=2,
+                                    num_microbatches=num_microbatches)
+        ordered = overhead._ScheduleOrderPlainSide(work, layers, schedule_pair, schedule, rank=rank,
+                                                   num_microbatches=num_microbatches)
+        plain.step(inputs, targets)
+        ordered.step(inputs, targets)
+        stages = dict(plain._stages)
+        assert sorted(stages) == sorted(ordered._modules)
+        for stage, module in ordered._modules.items():
+            for (label, mine), theirs in zip(module.named_parameters(), stages[stage].parameters(), strict=True):
+                assert mine.grad is not None, (name, rank, stage, label)
+                torch.testing.assert_close(mine.grad, theirs.grad, msg=f"{name} rank {rank} stage {stage} {label}")

@@ -122,6 +122,8 @@ class P2P:
         self._comm_stream = (
             torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
         )
+        self.orders_streams = self._comm_stream is not None
+        """Whether `after_recv` has work to do (a device with a communication stream)."""
         self._send_channels: dict[int, ShmChannel] = {}
         self._recv_channels: dict[int, ShmChannel] = {}
         self._peer_alive: dict[int, Callable[[], bool]] = {}
