@@ -133,3 +133,14 @@ def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_e
     assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(measured)
     assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
     assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0
+
+
+def test_the_once_a_step_cast_is_timed_where_autocast_casts_fp32_weights():
+    # A wide weight and one row: casting it (4M values) dwarfs the 16-bit product with one row.
+    layers = [LayerSpec(nn.Linear, 2048, 2048), LayerSpec(nn.ReLU)]
+    sample = torch.randn(1, 2048)
+    timed = {p: profile(layers, sample, num_repeats=3, precision=p)[0] for p in ("fp32", "bf16", "bf16-pure")}
+    assert timed["bf16"].cast_s > 0
+    assert timed["fp32"].cast_s == 0 and timed["bf16-pure"].cast_s == 0  # nothing cast
+    costs = ModelCosts.from_profile([timed["bf16"]], rows=1)
+    assert costs.cast_s_per_parameter_byte == pytest.approx(timed["bf16"].cast_s / timed["bf16"].parameter_bytes)
