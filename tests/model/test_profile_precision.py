@@ -56,10 +56,11 @@ def test_the_last_layer_hands_the_loss_fp32_and_its_saved_bytes_match_fp32s():
     assert bf16[2].cast_bytes > 0  # the block's matrix weights
 
 
-@pytest.mark.parametrize("weights_fixed", [True, False])
-def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batches(weights_fixed):
+@pytest.mark.parametrize(("weights_fixed", "recompute"), [(True, False), (True, True), (False, False)])
+def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batches(weights_fixed, recompute):
     """Two micro-batches through one runtime `Stage` in bf16 with the step's held casts: the saved-
-    tensor counter of the runtime sees each micro-batch's activations and the weight copies once.
+    tensor counter of the runtime sees each micro-batch's activations, and the weight copies the
+    step holds are measured apart (`Stage.held_cast_bytes`), recomputed or not.
     Where the runtime holds no casts (full sharding gathers the weights anew, `weights_fixed`
     false), each micro-batch's forward casts again and keeps its own copies, as the planner prices
     it (`pipefold.plan.precision_costs.recast_every_forward`)."""
@@ -69,7 +70,7 @@ def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batc
     profiles = profile(layers, sample, num_repeats=1, precision="bf16")
     modules = list(build_reference(layers, torch.device("cpu"), seed=0))
     stage = Stage(0, range(len(layers)), layers, modules, is_first=True, is_last=False,
-                  recompute_all=False, recompute_layers=frozenset())
+                  recompute_all=recompute, recompute_layers=frozenset())
     stage.compute_dtype = torch.bfloat16
     counter = ActivationCounter(stage.parameters)
     outputs = []
@@ -80,7 +81,14 @@ def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batc
     per_microbatch = sum(p.activation_bytes for p in profiles)
     casts = sum(p.cast_bytes for p in profiles)
     assert casts == (OUT * IN + IN * OUT) * 2
-    assert held == 2 * per_microbatch + (casts if weights_fixed else 2 * casts)
+    if recompute:
+        assert held == 2 * ROWS * IN * 4  # a checkpointed forward keeps its fp32 input, no copy
+    else:
+        assert held == 2 * per_microbatch + (0 if weights_fixed else 2 * casts)
+    # Measured at the step's end from autocast's cache: the copies it holds once, recomputed or not;
+    # the cache holds the biases' copies too, which no backward saves (so the profile has not them).
+    biases = (OUT + IN) * 2
+    assert stage.held_cast_bytes == (casts + biases if weights_fixed else None)
     assert outputs[0].dtype == torch.bfloat16  # a stage that is not the last sends 16 bits
 
 
