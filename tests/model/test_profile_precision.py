@@ -155,4 +155,5 @@ def test_the_once_a_step_cast_is_timed_where_autocast_casts_fp32_weights():
     assert timed["bf16"].cast_s > 0
     assert timed["fp32"].cast_s == 0 and timed["bf16-pure"].cast_s == 0  # nothing cast
     costs = ModelCosts.from_profile([timed["bf16"]], rows=1)
-    assert costs.cast_s_per_parameter_byte == pytest.approx(timed["bf16"].cast_s / timed["bf16"].parameter_bytes)
+    per_byte = timed["bf16"].cast_s / timed["bf16"].parameter_bytes
+    assert costs.cast_s_per_parameter_byte == pytest.approx(per_byte)
