@@ -14,15 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from pipefold.runtime.stage import Stage
-
 __all__ = ["holding", "is_weight_copy", "measure_held_copies"]
+
+class CastHolder(Protocol):
+    """What `measure_held_copies` reads and sets of a `pipefold.runtime.stage.Stage`."""
+
+    held_cast_bytes: int | None
+    compute_dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def parameters(self) -> Sequence[torch.nn.Parameter]: ...
+
 
 _depth = [0]
 """How many `holding()` blocks are open: a list, so the counter's hook reads it without a global."""
@@ -57,7 +65,7 @@ def is_weight_copy(tensor: Tensor, parameters: Container[int]) -> bool:
     return type(variable) is torch.nn.Parameter and id(variable) in parameters
 
 
-def measure_held_copies(stages: Sequence[Stage]) -> None:
+def measure_held_copies(stages: Sequence[CastHolder]) -> None:
     """Set each stage's `held_cast_bytes` (where not set yet) to the bytes of the weight copies
     autocast's cache holds for it now: called at the end of a step, with the cache still held.
 
