@@ -75,18 +75,21 @@ def measure_held_copies(stages: Sequence[CastHolder]) -> None:
     todo = [stage for stage in stages if stage.held_cast_bytes is None and stage.compute_dtype is not None]
     if not todo:
         return
+    seen: set[int] = set()  # a weight two stages of the rank hold (tied) is one copy: the first's
     with torch.enable_grad():
         marker = _next_node_number()
         for stage in todo:
             dtype = stage.compute_dtype
             assert dtype is not None
-            found: dict[int, int] = {}
+            held = 0
             for param in stage.parameters:
                 copy = _cast_of(param, stage.device_type, dtype)
                 if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
                     storage = copy.untyped_storage()
-                    found[storage.data_ptr()] = storage.nbytes()
-            stage.held_cast_bytes = sum(found.values())
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        held += storage.nbytes()
+            stage.held_cast_bytes = held
 
 
 def _next_node_number() -> int:

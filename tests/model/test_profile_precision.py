@@ -157,3 +157,24 @@ def test_the_once_a_step_cast_is_timed_where_autocast_casts_fp32_weights():
     costs = ModelCosts.from_profile([timed["bf16"]], rows=1)
     per_byte = timed["bf16"].cast_s / timed["bf16"].parameter_bytes
     assert costs.cast_s_per_parameter_byte == pytest.approx(per_byte)
+
+
+def test_a_weight_two_stages_of_a_rank_hold_is_one_held_copy():
+    from types import SimpleNamespace
+
+    from pipefold.runtime.held_copies import holding, measure_held_copies
+
+    shared = nn.Linear(IN, IN)
+    stages = [SimpleNamespace(held_cast_bytes=None, compute_dtype=torch.bfloat16, device_type="cpu",
+                              parameters=tuple(shared.parameters())) for _ in range(2)]
+    torch.autocast_increment_nesting()
+    try:
+        with holding():
+            for _ in stages:  # each stage's forward: the second takes the first's cached copies
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    shared(torch.randn(ROWS, IN))
+            measure_held_copies(stages)
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.clear_autocast_cache()
+    assert [stage.held_cast_bytes for stage in stages] == [(IN * IN + IN) * 2, 0]
