@@ -27,7 +27,7 @@ from pipefold.plan.memory import RankMemory
 from pipefold.plan.space import is_asynchronous
 from pipefold.simulate import CostModel
 
-__all__ = ["casts_every_forward", "cast_time", "recast_every_forward", "without_held_casts"]
+__all__ = ["casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "without_held_casts"]
 
 
 def casts_every_forward(schedule: str, shard: str) -> bool:
@@ -62,6 +62,13 @@ def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collect
         activation_bytes=_plus_bytes(model.activation_bytes, copies),
         weight_grad_bytes=_plus_bytes(model.weight_grad_bytes, copies),
     )
+
+
+def recast_for(
+    model: CostModel, costs: ModelCosts, schedule: str, shard: str, recompute: Collection[int]
+) -> CostModel:
+    """`model` as `schedule` under `shard` runs it: `recast_every_forward` where it holds no casts."""
+    return recast_every_forward(model, costs, recompute) if casts_every_forward(schedule, shard) else model
 
 
 def without_held_casts(memory: Sequence[RankMemory]) -> tuple[RankMemory, ...]:

@@ -61,3 +61,19 @@ def test_the_cast_price_survives_the_costs_file():
     assert again.cast_s_per_parameter_byte == CAST_S
     with pytest.raises(Exception, match="cast_s_per_parameter_byte"):
         replace(costs, cast_s_per_parameter_byte=-1.0)
+
+
+@pytest.mark.parametrize("shard", ["replicate", "full"])
+def test_the_search_prices_the_copies_as_evaluate_does(shard):
+    from pipefold.plan import PlanOptions, plan
+
+    costs = _costs(cast_s_per_parameter_byte=CAST_S, cast_bytes_per_parameter_byte=CAST_BYTES)
+    options = PlanOptions(num_ranks=2, data_parallel=2, global_batch=8, order_search_s=0, schedules=("1f1b",),
+                          microbatches=4, recompute="none", shard=shard)
+    choice = plan(costs, options).choice
+    again = evaluate(costs, Config("1f1b", 1, 4, choice.microbatch_rows, shard=shard), 2, choice.bounds,
+                     choice.recompute, Link(), num_data_parallel=2, shard=shard)
+    # (The search's costs carry one replica's share of the optimizer state under full sharding.)
+    assert [(m.activations, m.casts) for m in choice.memory] == [(m.activations, m.casts) for m in again.memory]
+    assert choice.step_time == pytest.approx(again.step_time)
+    assert all((m.casts == 0) == (shard == "full") for m in choice.memory)
