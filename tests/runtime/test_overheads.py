@@ -38,12 +38,26 @@ def test_the_update_is_timed_as_each_precision_runs_it():
     assert all(p.dtype == torch.float32 and p.grad is None for p in layer.parameters())
     with pytest.raises(ConfigError, match="precision = 'fp8'"):
         update_seconds_per_byte(layer.parameters(), precision="fp8")
-    # bf16-pure steps an fp32 master per bf16 weight and rounds it back: the same AdamW work as
-    # fp32 and more, over half the bytes, so more time per byte (about 2-3x here); the fastest
-    # of alternated calls, as the host's other work only adds time.
-    wide = [nn.Parameter(torch.randn(1024, 1024))]
-    timed: dict[str, list[float]] = {"fp32": [], "bf16-pure": []}
-    for _ in range(3):
-        for precision, times in timed.items():
-            times.append(update_seconds_per_byte(wide, num_repeats=3, precision=precision))
-    assert min(timed["bf16-pure"]) > min(timed["fp32"])
+
+
+def test_pure_bf16_updates_bf16_weights_through_fp32_masters(monkeypatch):
+    import pipefold.runtime.overheads as overheads
+
+    made: list[set[torch.dtype]] = []
+    real = overheads.fp32_master_weights
+
+    def spy(optimizer_class):
+        class Spied(real(optimizer_class)):
+            def __init__(self, params, **options):
+                params = list(params)
+                made.append({p.dtype for p in params})
+                super().__init__(params, **options)
+
+        return Spied
+
+    monkeypatch.setattr(overheads, "fp32_master_weights", spy)
+    layer = nn.Linear(16, 16)
+    fp32 = update_seconds_per_byte(layer.parameters(), num_repeats=1)
+    assert made == [] and fp32 > 0  # fp32 (and bf16, fp16): AdamW on the fp32 weights
+    update_seconds_per_byte(layer.parameters(), num_repeats=1, precision="bf16-pure")
+    assert made == [{torch.bfloat16}]  # bf16 weights, stepped through their fp32 masters
