@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["holding", "is_weight_copy", "measure_held_copies"]
+__all__ = ["CastHolder", "holding", "is_weight_copy", "measure_held_copies"]
+
 
 class CastHolder(Protocol):
     """What `measure_held_copies` reads and sets of a `pipefold.runtime.stage.Stage`."""
@@ -33,7 +34,7 @@ class CastHolder(Protocol):
 
 
 _depth = [0]
-"""How many `holding()` blocks are open: a list, so the counter's hook reads it without a global."""
+"""How many `holding()` blocks are open (a list, changed in place)."""
 
 
 @contextmanager
@@ -44,10 +45,6 @@ def holding() -> Iterator[None]:
         yield
     finally:
         _depth[0] -= 1
-
-
-def casts_are_held() -> bool:
-    return _depth[0] > 0
 
 
 def is_weight_copy(tensor: Tensor, parameters: Container[int]) -> bool:
