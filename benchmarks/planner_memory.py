@@ -21,8 +21,9 @@ dropouts) at the same partition, schedule, micro-batches and recomputation (none
 selective: the attention core), through the planner's own `evaluate`.
 
 `--precision bf16|fp16|bf16-pure` profiles, plans and trains in that precision (`plan --profile
---precision`): the plan's total then includes the 16-bit weight copies autocast holds for a step
-(`casts`), which the job's saved-tensor hooks count among its activations.
+--precision`): the 16-bit weight copies autocast holds for a step are then a column of their
+own on both sides, the plan's `casts` and the job's (summary.json's memory `casts`, measured from
+autocast's cache and left out of the counted activations: pipefold.runtime.held_copies).
 """
 
 from __future__ import annotations
@@ -60,21 +61,21 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
     for entry in sorted(counted, key=lambda e: e["pipeline_rank"]):
         rank = entry["pipeline_rank"]
         predicted = planned["choice"]["memory"][rank]
-        total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
+        # The job holds autocast's weight copies once a step (mixed precision) and reports them
+        # apart from the counted activations, as the plan prices them (`casts`).
+        casts = entry.get("casts", 0)
+        total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"] + casts
         # The hooks do not see the layer a recomputing backward rebuilds for a moment, so the
-        # like-for-like total leaves the plan's recompute transient out (shown apart). They count
-        # autocast's held weight copies among the activations: the plan's `casts` go with them.
+        # like-for-like total leaves the plan's recompute transient out (shown apart).
         like = predicted["total"] - predicted["recompute"]
+        mixed = precision != "fp32"
         rows.append((
-            f"{schedule} m={num_microbatches} recompute={recompute}" + (
-                f" {precision}" if precision != "fp32" else ""), str(rank),
-            f"{(predicted['activations'] + predicted['casts']) / 2**10:.0f}",
-            f"{entry['activations_peak'] / 2**10:.0f}",
+            f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else ""),
+            str(rank),
+            f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
+            *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}") if mixed else ()),
             f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
             f"{like / total - 1:+.1%}",
-            # Under full recomputation no tensor the forward saves is such a copy (autocast's cache
-            # holds them), so the hooks miss them: the error without them, for comparison.
-            *((f"{(like - predicted['casts']) / total - 1:+.1%}",) if precision != "fp32" else ()),
         ))
     return rows
 
@@ -159,9 +160,10 @@ def main() -> None:
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
     ]
-    header = ("configuration", "rank", "activations (+ casts) KiB (plan)", "activations KiB (counted)",
+    casts = ("casts KiB (plan)", "casts KiB (job)") if args.precision != "fp32" else ()
+    header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)", *casts,
               "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
-              "error", *(("error without casts",) if args.precision != "fp32" else ()))
+              "error")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as tmp:

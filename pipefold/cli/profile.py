@@ -196,7 +196,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
         return _profile(layers, other, device, threads, args.repeats,
                         functools.partial(profile, loss_fn=gpt_loss, target=other, precision=precision))[0]
 
-    costs = _with_overheads(costs, at, layers, device, threads)
+    costs = _with_overheads(costs, at, layers, device, threads, precision)
     # What `pipefold train --tensor-parallel` splits, so the planner can price a tp degree.
     costs = with_gpt_tensor_parallel(
         costs, num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads
@@ -261,7 +261,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
                               generator=torch.Generator().manual_seed(0))
         return _profile(lm.layers, other, device, threads, args.repeats, in_precision)[0]
 
-    costs = _with_overheads(costs, at, lm.layers, device, threads)
+    costs = _with_overheads(costs, at, lm.layers, device, threads, precision)
     names = tuple(
         f"{layer.kind} {', '.join(layer.paths)}" if isinstance(layer, SplitPiece) else layer_name(layer)
         for layer in lm.layers
@@ -271,6 +271,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
 
 def _with_overheads(
     costs: ModelCosts, at: Callable[[int], list[LayerProfile]], layers: Any, device: str, threads: int | None,
+    precision: str = "fp32",
 ) -> ModelCosts:
     """`costs` with what a step costs beyond the layers' time at the measured rows: each layer's
     fixed seconds per call (measured again at one row, or two where the costs are of one), the
@@ -294,7 +295,7 @@ def _with_overheads(
         with torch.random.fork_rng(devices=[]):
             model = build_reference(as_layers(layers), torch.device(device), seed=0)
         per_action = action_overhead(device)
-        per_byte = update_seconds_per_byte(model.parameters())
+        per_byte = update_seconds_per_byte(model.parameters(), precision=precision)
     finally:
         torch.set_num_threads(previous_threads)
     return dataclasses.replace(
@@ -414,7 +415,9 @@ def print_table(measured: GptProfile, console: Console) -> None:
     if casts:
         console.print(
             f"16-bit weight copies autocast holds for a step: {mib(casts)} MiB (once per rank, not per "
-            "micro-batch; not in act MiB)", highlight=False, markup=False, soft_wrap=True,
+            "micro-batch; not in act MiB), made in "
+            f"{sum(p.cast_s for p in measured.profiles) * 1e3:.2f} ms at a step's first forwards (not in F)",
+            highlight=False, markup=False, soft_wrap=True,
         )
     console.print(f"costs: {measured.costs.source}", highlight=False, markup=False, soft_wrap=True)
 

@@ -420,7 +420,7 @@ def _gather_memory(
 ) -> list[dict[str, int]] | None:
     """Per world rank (on rank 0; None elsewhere): the bytes it holds in weights and optimizer
     state (shards where tensor-parallel or ZeRO-sharded; gradients, during the step, are as
-    large as the weights), and its counted activation peak."""
+    large as the weights), its counted activation peak and the 16-bit weight copies it holds."""
     params = list(pipe.parameters())
     peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
     mine = {
@@ -436,6 +436,8 @@ def _gather_memory(
             if isinstance(value, Tensor) and value.dim() > 0
         ),
         "activations_peak": int(peaks[pipe.rank]) if pipe.rank < len(peaks) else 0,
+        # Mixed precision: autocast's weight copies the step holds once (runtime.held_copies).
+        "casts": sum(stage.held_cast_bytes or 0 for stage in pipe.stages),
     }
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [mine]

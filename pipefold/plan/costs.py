@@ -141,7 +141,7 @@ _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
-    "tied_parameter_bytes", "cast_bytes_per_parameter_byte",
+    "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
 )
 
 
@@ -165,6 +165,10 @@ class ModelCosts:
     each matrix weight once a step and its backward keeps the copy (a profile in bf16 or fp16
     measures it: `LayerProfile.cast_bytes`); 0 in fp32 and with bf16 weights. A rank holds them
     once, beside its weights (`pipefold.plan.memory.RankMemory.casts`)."""
+    cast_s_per_parameter_byte: float = 0.0
+    """Seconds autocast spends making those copies, per parameter byte (`LayerProfile.cast_s`): once
+    a step, at each stage's first forward (under full sharding at every forward of the gathered
+    weights: `pipefold.plan.precision_costs`)."""
     overhead_s: float = 0.0
     """Fixed seconds per layer and per compute action (F, B, I or W), independent of rows."""
     source: str = ""
@@ -238,7 +242,7 @@ class ModelCosts:
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
-                     "update_s_per_parameter_byte"):
+                     "update_s_per_parameter_byte", "cast_s_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(
@@ -354,6 +358,8 @@ class ModelCosts:
         casts = sum(getattr(p, "cast_bytes", 0) for p in profiles)
         if casts and parameters:
             options.setdefault("cast_bytes_per_parameter_byte", casts / parameters)
+            cast_s = sum(getattr(p, "cast_s", 0.0) for p in profiles)
+            options.setdefault("cast_s_per_parameter_byte", cast_s / parameters)
         return cls(layers=layers, reference_rows=rows, input_bytes=input_bytes, **options)
 
     # -- serialization -----------------------------------------------------------------------

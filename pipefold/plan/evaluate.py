@@ -22,6 +22,12 @@ from pipefold.plan.orders import (
     family_placement,
     family_schedule,
 )
+from pipefold.plan.precision_costs import (
+    cast_time,
+    casts_every_forward,
+    recast_every_forward,
+    without_held_casts,
+)
 from pipefold.plan.result import Candidate
 from pipefold.plan.shard_search import gather_exposed, sharded_memory, simulate_sharded, stage_ties
 from pipefold.plan.space import Config, is_asynchronous
@@ -67,6 +73,9 @@ def evaluate(
     model = first_stage_backward(
         stage_cost_model(costs, layout, recompute, link, num_cores, link_overrides, speeds, memory_bandwidth),
         costs, bounds)
+    recast = casts_every_forward(config.schedule, shard)
+    if recast:  # no casts held for the step: each forward casts again (plan.precision_costs)
+        model = recast_every_forward(model, costs, recompute)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0
@@ -101,6 +110,9 @@ def evaluate(
     update_shared = sharded_optimizer or shard == "full"
     update = update_time(costs, static_weight_bytes(model, placement, num_ranks)) / (
         num_data_parallel if update_shared else 1)
+    casts = cast_time(costs, model, config.schedule, shard)
+    if recast:
+        memory = without_held_casts(memory)
     return Candidate(
         schedule=config.schedule,
         num_ranks=num_ranks,
@@ -109,7 +121,7 @@ def evaluate(
         microbatch_rows=config.microbatch_rows,
         bounds=bounds,
         recompute=tuple(sorted(recompute)),
-        step_time=makespan + allreduce + tied + update,
+        step_time=makespan + allreduce + tied + update + casts,
         bubble_fraction=bubble,
         memory=memory,
         num_data_parallel=num_data_parallel,

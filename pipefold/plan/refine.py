@@ -23,6 +23,12 @@ from pipefold.plan.memory import (
 )
 from pipefold.plan.order_search import search_schedule
 from pipefold.plan.orders import compiles, family_placement, family_schedule
+from pipefold.plan.precision_costs import (
+    cast_time,
+    casts_every_forward,
+    recast_every_forward,
+    without_held_casts,
+)
 from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor
 from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
@@ -86,6 +92,9 @@ def search_order(
         options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel), link_overrides,
         speeds,
     ), costs, choice.bounds)
+    recast = casts_every_forward(choice.schedule, choice.shard)
+    if recast:  # as evaluate prices it: every forward casts its weights again
+        model = recast_every_forward(model, costs, choice.recompute)
     transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).
@@ -113,13 +122,16 @@ def search_order(
         timeline = simulate(found.schedule, model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
         memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
+    if recast:
+        memory = without_held_casts(memory)
     if max(excess_per_rank(memory, options.memory_limit, choice.rank_limits)) > 0:
         return None
     return SearchedOrder(
         schedule=found.schedule,
         family=choice.schedule,
         step_time=makespan + choice.allreduce_s + choice.tied_exchange_s
-        + _update(costs, model, family.placement, choice),
+        + _update(costs, model, family.placement, choice)
+        + cast_time(costs, model, choice.schedule, choice.shard),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,
         memory=memory,

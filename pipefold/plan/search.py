@@ -44,16 +44,12 @@ from pipefold.plan.orders import (
     family_placement,
     order_peaks,
 )
+from pipefold.plan.precision_costs import recast_for
 from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import OrderTarget, Refinement, refine_orders
 from pipefold.plan.result import Candidate, Plan, Verdict
-from pipefold.plan.shard_search import (
-    searched_layouts,
-    sharded_memory,
-    sharded_static_bytes,
-    stage_ties,
-)
+from pipefold.plan.shard_search import searched_layouts, sharded_memory, sharded_static_bytes, stage_ties
 from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
 from pipefold.plan.stages import (
@@ -476,7 +472,9 @@ class _Search:
             return record.tried[recompute].memory
         config, degree = record.config, record.degree
         sizes = (degree.num_ranks, config.num_microbatches, config.num_virtual)
-        model = self.model(record, recompute)
+        # Where no casts are held (full sharding), every forward casts: plan.precision_costs.
+        model = recast_for(self.model(record, recompute), self.costs_of(record), config.schedule,
+                           config.shard, recompute)
         if not compiles_order(family_order(config.schedule, *sizes), model):
             return None
         peaks = order_peaks(config.schedule, *sizes, model)

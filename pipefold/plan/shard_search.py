@@ -224,6 +224,9 @@ def sharded_memory(
     memory was priced from, a weight several of a rank's stages hold (one unit) counts once in
     its gradients and optimizer state too."""
     weights = _shard_and_gathered(model, config, placement, len(memory), num_data_parallel, ties)
+    # The gathered weights are cast at every forward: no copies held for the step (each micro-batch
+    # keeps its own among its activations: `pipefold.plan.precision_costs.recast_every_forward`).
+    memory = [replace(held, casts=0) for held in memory]
     if costs is None or not ties.groups:
         return tuple(replace(held, weights=weights[rank]) for rank, held in enumerate(memory))
     owned = _owned(model, placement, len(memory), ties)

@@ -4,8 +4,9 @@ Every tensor autograd saves for a backward passes through the pack hook. Bytes a
 counted per storage (a tensor saved by two ops, or two views of one buffer, count
 once) and released when the last saved reference to that storage is freed, which
 is when the graph holding it is freed (after B, or after W for a split backward).
-Parameters are not activations, so their storages are never counted. Stage inputs
-kept for a recomputing backward are counted through `hold`.
+Parameters are not activations, so their storages are never counted, nor autocast's copies of
+them while a step holds its casts (counted apart: runtime.held_copies). Stage inputs kept for a
+recomputing backward are counted through `hold`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from pipefold.runtime.held_copies import is_weight_copy
 from pipefold.runtime.parallel.tensor_parallel import local
 
 __all__ = ["ActivationCounter", "CountingTurns"]
@@ -85,6 +87,8 @@ class ActivationCounter:
         parameter = self._parameters.get(id(tensor))
         if parameter is not None and parameter() is tensor:
             return tensor  # a parameter is not an activation
+        if is_weight_copy(tensor, self._parameters):
+            return tensor  # held once for the step, not per micro-batch: runtime.held_copies
         key = self._acquire(tensor)
         # Keep a detached alias, not the tensor: a node that saves its own output would
         # otherwise hold that output, whose grad_fn is the node itself, a cycle through

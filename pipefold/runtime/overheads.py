@@ -12,7 +12,8 @@ planner's forecast prices what `pipefold train`'s wall step holds besides the la
   layers and the same layers called by plain torch, alternated; the difference per compute
   action is the executor's (dispatch, the stage's and the backward's entry, recording).
 - `update_seconds_per_byte` times what `pipefold train` does after the schedule on parameters
-  holding gradients: the global gradient norm, AdamW's step and `zero_grad`, per parameter byte.
+  holding gradients: the global gradient norm, AdamW's step and `zero_grad`, per parameter byte,
+  in the run's `precision` (bf16-pure: fp32 masters stepped and rounded into bf16 weights).
 
 The fastest of `num_repeats` runs (action overhead) and the median (update); both take well
 under a second on a CPU.
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
-from pipefold.runtime.options import LayoutOptions
+from pipefold.runtime.master import fp32_master_weights
+from pipefold.runtime.options import PRECISIONS, PURE_PRECISIONS, LayoutOptions
 from pipefold.runtime.pipeline import Pipeline
 
 __all__ = ["action_overhead", "update_seconds_per_byte"]
@@ -91,17 +93,28 @@ def action_overhead(
     return max(extra, 0.0) / (2 * num_microbatches)
 
 
-def update_seconds_per_byte(parameters: Iterable[Tensor], *, num_repeats: int = 5) -> float:
+def update_seconds_per_byte(
+    parameters: Iterable[Tensor], *, num_repeats: int = 5, precision: str = "fp32"
+) -> float:
     """Seconds per parameter byte of the update after a flush step (gradient norm, AdamW step,
     zero_grad), timed on copies of `parameters` with random gradients (the originals are left
-    alone)."""
+    alone), as `pipefold train --precision` runs it: bf16-pure holds the weights and gradients
+    in bf16 and steps fp32 master copies (`fp32_master_weights(AdamW)`), rounding them back into
+    the weights; fp16 checks the gradients for overflow and unscales them first (the loss scale).
+    Per byte of the weights as held (2 a value in bf16-pure, as its profile's `parameter_bytes`)."""
     _check_repeats(num_repeats)
-    copies = [nn.Parameter(p.detach().clone()) for p in parameters if p.is_floating_point()]
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision = {precision!r}; use one of {', '.join(PRECISIONS)}")
+    held = torch.bfloat16 if precision in PURE_PRECISIONS else None
+    copies = [nn.Parameter(p.detach().to(held or p.dtype, copy=True))
+              for p in parameters if p.is_floating_point()]
     if not copies:
         raise ConfigError("update_seconds_per_byte: no floating-point parameters to update")
     where = copies[0].device
     num_bytes = sum(p.numel() * p.element_size() for p in copies)
-    optimizer = torch.optim.AdamW(copies, lr=1e-3)
+    adamw = fp32_master_weights(torch.optim.AdamW) if held is not None else torch.optim.AdamW
+    optimizer = adamw(copies, lr=1e-3)
+    scaled = precision == "fp16"
     times = []
     for repeat in range(num_repeats + 1):
         for p in copies:
@@ -109,6 +122,13 @@ def update_seconds_per_byte(parameters: Iterable[Tensor], *, num_repeats: int = 
         _sync(where)
         start = time.perf_counter()
         grads = [p.grad for p in copies if p.grad is not None]
+        if scaled:  # as runtime.loss_scale: an overflow flag over every gradient, then 1 / scale
+            flag = torch.zeros(1, device=where)
+            for grad in grads:
+                flag = torch.maximum(flag, (~torch.isfinite(grad)).any().to(flag.dtype))
+            bool(flag.item() > 0)
+            for grad in grads:
+                grad.mul_(1 / 1024.0)
         torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

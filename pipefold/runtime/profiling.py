@@ -74,6 +74,10 @@ class LayerProfile:
     """Under autocast: bytes the layer saves for its backward that are the same tensors for every
     micro-batch (held once per step, not per micro-batch in flight): autocast's 16-bit weight
     copies, and a buffer saved as it is; 0 in fp32 (where a saved buffer counts as an activation)."""
+    cast_s: float = 0.0
+    """Under autocast: seconds a step's first forward spends casting the layer's weights to 16 bits
+    (once a step: later forwards take the held copies); the fastest forward with an empty cast
+    cache less the fastest with the casts held, 0 where that is not above 0 or in fp32."""
 
     @property
     def total_s(self) -> float:
@@ -296,6 +300,7 @@ def _measure_layer(
             input_s, weight_s = _split_backward(where, forward, layer, module, value, parameters)
             input_times.append(input_s)
             weight_times.append(weight_s)
+    cast_s = _cast_seconds(where, forward, layer, module, value, num_repeats) if cast_bytes else 0.0
     for parameter in parameters:
         parameter.grad = None
     # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
@@ -314,5 +319,22 @@ def _measure_layer(
         weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
         loss_bytes=loss_bytes,
         cast_bytes=cast_bytes,
+        cast_s=cast_s,
     )
     return measured, output
+
+
+def _cast_seconds(
+    where: torch.device, forward: Callable[..., Any], layer: LayerLike, module: nn.Module, value: Any,
+    num_repeats: int,
+) -> float:
+    """A step's first forward less a later one: autocast's weight casts, made once a step. Called
+    under `_held_casts`: emptying the cache makes the next forward cast again, as a step's first."""
+    fresh, held = [], []
+    with torch.no_grad():  # the casts are the same with or without a graph; nothing is saved
+        for _ in range(num_repeats + 1):  # alternated, so a change of load meets both alike
+            torch.clear_autocast_cache()
+            fresh.append(_timed(where, forward, layer, module, value)[0])
+            held.append(_timed(where, forward, layer, module, value)[0])
+    # The fastest of each (the first pair warms up): the host's other work only ever adds time.
+    return max(min(fresh[1:]) - min(held[1:]), 0.0)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, TiedLayerSpec
 from pipefold.model.dropout import enter_microbatch, replay_scope
+from pipefold.runtime.held_copies import holding, measure_held_copies
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
@@ -91,6 +92,9 @@ class Stage:
         `device_type`; fp32 outputs of a stage other than the last leave in this dtype (the
         boundary), the last stage's outputs in this dtype leave in fp32 (for the loss)."""
         self.device_type = "cpu"
+        self.held_cast_bytes: int | None = None
+        """Bytes of autocast's weight copies the step holds for this stage, measured at the end of
+        the first step that holds them (`runtime.held_copies`); None until then."""
 
     def set_recompute(self, recompute_all: bool) -> None:
         """Recompute the whole stage in its backward from the next step on, or stop (selective
@@ -287,7 +291,9 @@ def held_casts(stages: Sequence[Stage], *, weights_fixed: bool) -> Iterator[None
         return
     torch.autocast_increment_nesting()
     try:
-        yield
+        with holding():
+            yield
+            measure_held_copies(stages)  # once per stage: what the cache holds for the step
     finally:
         if torch.autocast_decrement_nesting() == 0:
             torch.clear_autocast_cache()

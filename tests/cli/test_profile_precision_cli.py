@@ -82,9 +82,9 @@ def test_bf16_on_a_gpu_without_it_is_refused_before_measuring(capsys, monkeypatc
 @pytest.mark.timeout(240)
 def test_the_bf16_plans_memory_is_what_the_bf16_job_counts(tmp_path, capfd):
     """`plan --profile --precision bf16` pinned to 1F1B at 2 ranks, then its train command for one
-    step: per rank, weights + gradients + optimizer state + activations (with autocast's held
-    weight copies, which the job's hooks count among them) within 10% of the job's count (as
-    benchmarks/planner_memory.py --precision bf16, where it is within 0.6%)."""
+    step: per rank, weights + gradients + optimizer state + activations + autocast's held weight
+    copies (which the job measures apart from its counted activations) within 10% of the job's
+    count (as benchmarks/planner_memory.py --precision bf16)."""
     model = ["--num-layers", "2", "--d-model", "64", "--num-heads", "4", "--seq-len", "32",
              "--batch-size", "8"]
     assert main(["plan", "--profile", *model, "--repeats", "1", "--device", "cpu", "--ranks", "2",
@@ -103,10 +103,14 @@ def test_the_bf16_plans_memory_is_what_the_bf16_job_counts(tmp_path, capfd):
         predicted = planned["choice"]["memory"][entry["pipeline_rank"]]
         assert predicted["casts"] > 0
         assert predicted["weights"] == entry["weights"]  # fp32 weights, to the byte
-        counted = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
+        counted = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"] + entry["casts"]
         assert abs(predicted["total"] / counted - 1) < 0.10, (predicted, entry)
-        # Without the copies the plan would miss what the job holds by more than the model's error.
-        assert predicted["total"] - predicted["casts"] < counted * 0.97
+        assert abs(predicted["activations"] / entry["activations_peak"] - 1) < 0.10, (predicted, entry)
+    # The job measures the copies autocast holds (the biases' too) apart from its activations; the
+    # plan spreads them over the ranks by their parameter bytes, so they agree in sum.
+    planned_casts = sum(m["casts"] for m in planned["choice"]["memory"])
+    held_casts = sum(entry["casts"] for entry in summary["memory"])
+    assert planned_casts <= held_casts < planned_casts * 1.05
 
 
 @pytest.mark.parametrize(("precision", "trained"),

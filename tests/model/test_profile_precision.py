@@ -56,27 +56,39 @@ def test_the_last_layer_hands_the_loss_fp32_and_its_saved_bytes_match_fp32s():
     assert bf16[2].cast_bytes > 0  # the block's matrix weights
 
 
-def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batches():
+@pytest.mark.parametrize(("weights_fixed", "recompute"), [(True, False), (True, True), (False, False)])
+def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batches(weights_fixed, recompute):
     """Two micro-batches through one runtime `Stage` in bf16 with the step's held casts: the saved-
-    tensor counter of the runtime sees each micro-batch's activations and the weight copies once."""
+    tensor counter of the runtime sees each micro-batch's activations, and the weight copies the
+    step holds are measured apart (`Stage.held_cast_bytes`), recomputed or not.
+    Where the runtime holds no casts (full sharding gathers the weights anew, `weights_fixed`
+    false), each micro-batch's forward casts again and keeps its own copies, as the planner prices
+    it (`pipefold.plan.precision_costs.recast_every_forward`)."""
     layers = [LayerSpec(nn.Linear, IN, OUT), LayerSpec(nn.GELU), LayerSpec(nn.LayerNorm, OUT),
               LayerSpec(nn.Linear, OUT, IN)]
     sample = torch.randn(ROWS, IN)
     profiles = profile(layers, sample, num_repeats=1, precision="bf16")
     modules = list(build_reference(layers, torch.device("cpu"), seed=0))
     stage = Stage(0, range(len(layers)), layers, modules, is_first=True, is_last=False,
-                  recompute_all=False, recompute_layers=frozenset())
+                  recompute_all=recompute, recompute_layers=frozenset())
     stage.compute_dtype = torch.bfloat16
     counter = ActivationCounter(stage.parameters)
     outputs = []
-    with counter.counting(), held_casts([stage], weights_fixed=True):
+    with counter.counting(), held_casts([stage], weights_fixed=weights_fixed):
         for microbatch in range(2):
             outputs.append(stage.forward(sample.clone().requires_grad_(True), microbatch))
         held = counter.current
     per_microbatch = sum(p.activation_bytes for p in profiles)
     casts = sum(p.cast_bytes for p in profiles)
     assert casts == (OUT * IN + IN * OUT) * 2
-    assert held == 2 * per_microbatch + casts
+    if recompute:
+        assert held == 2 * ROWS * IN * 4  # a checkpointed forward keeps its fp32 input, no copy
+    else:
+        assert held == 2 * per_microbatch + (0 if weights_fixed else 2 * casts)
+    # Measured at the step's end from autocast's cache: the copies it holds once, recomputed or not;
+    # the cache holds the biases' copies too, which no backward saves (so the profile has not them).
+    biases = (OUT + IN) * 2
+    assert stage.held_cast_bytes == (casts + biases if weights_fixed else None)
     assert outputs[0].dtype == torch.bfloat16  # a stage that is not the last sends 16 bits
 
 
@@ -133,3 +145,37 @@ def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_e
     assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(measured)
     assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
     assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0
+
+
+def test_the_once_a_step_cast_is_timed_where_autocast_casts_fp32_weights():
+    # A wide weight and one row: casting it (8M values) dwarfs the 16-bit product with one row; the
+    # fastest of 5 casting forwards less the fastest of 5 holding ones (a loaded host only adds).
+    layers = [LayerSpec(nn.Linear, 2048, 4096), LayerSpec(nn.ReLU)]
+    sample = torch.randn(1, 2048)
+    timed = {p: profile(layers, sample, num_repeats=5, precision=p)[0] for p in ("fp32", "bf16", "bf16-pure")}
+    assert timed["bf16"].cast_s > 0
+    assert timed["fp32"].cast_s == 0 and timed["bf16-pure"].cast_s == 0  # nothing cast
+    costs = ModelCosts.from_profile([timed["bf16"]], rows=1)
+    per_byte = timed["bf16"].cast_s / timed["bf16"].parameter_bytes
+    assert costs.cast_s_per_parameter_byte == pytest.approx(per_byte)
+
+
+def test_a_weight_two_stages_of_a_rank_hold_is_one_held_copy():
+    from types import SimpleNamespace
+
+    from pipefold.runtime.held_copies import holding, measure_held_copies
+
+    shared = nn.Linear(IN, IN)
+    stages = [SimpleNamespace(held_cast_bytes=None, compute_dtype=torch.bfloat16, device_type="cpu",
+                              parameters=tuple(shared.parameters())) for _ in range(2)]
+    torch.autocast_increment_nesting()
+    try:
+        with holding():
+            for _ in stages:  # each stage's forward: the second takes the first's cached copies
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    shared(torch.randn(ROWS, IN))
+            measure_held_copies(stages)
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.clear_autocast_cache()
+    assert [stage.held_cast_bytes for stage in stages] == [(IN * IN + IN) * 2, 0]

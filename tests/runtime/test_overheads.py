@@ -28,3 +28,36 @@ def test_update_is_timed_on_copies_and_per_byte():
         update_seconds_per_byte([torch.zeros(3, dtype=torch.long)])
     with pytest.raises(ConfigError, match="num_repeats"):
         update_seconds_per_byte(layer.parameters(), num_repeats=True)
+
+
+def test_the_update_is_timed_as_each_precision_runs_it():
+    layer = nn.Linear(16, 16)
+    for precision in ("bf16", "fp16", "bf16-pure"):
+        seconds = update_seconds_per_byte(layer.parameters(), num_repeats=1, precision=precision)
+        assert math.isfinite(seconds) and seconds > 0
+    assert all(p.dtype == torch.float32 and p.grad is None for p in layer.parameters())
+    with pytest.raises(ConfigError, match="precision = 'fp8'"):
+        update_seconds_per_byte(layer.parameters(), precision="fp8")
+
+
+def test_pure_bf16_updates_bf16_weights_through_fp32_masters(monkeypatch):
+    import pipefold.runtime.overheads as overheads
+
+    made: list[set[torch.dtype]] = []
+    real = overheads.fp32_master_weights
+
+    def spy(optimizer_class):
+        class Spied(real(optimizer_class)):
+            def __init__(self, params, **options):
+                params = list(params)
+                made.append({p.dtype for p in params})
+                super().__init__(params, **options)
+
+        return Spied
+
+    monkeypatch.setattr(overheads, "fp32_master_weights", spy)
+    layer = nn.Linear(16, 16)
+    fp32 = update_seconds_per_byte(layer.parameters(), num_repeats=1)
+    assert made == [] and fp32 > 0  # fp32 (and bf16, fp16): AdamW on the fp32 weights
+    update_seconds_per_byte(layer.parameters(), num_repeats=1, precision="bf16-pure")
+    assert made == [{torch.bfloat16}]  # bf16 weights, stepped through their fp32 masters

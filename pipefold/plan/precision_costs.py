@@ -1,0 +1,84 @@
+"""What autocast's 16-bit weight copies cost a step, in time and memory, as the runtime makes them.
+
+    step_time += cast_time(costs, model, config.schedule, shard)        # casts held for the step
+    model = recast_every_forward(model, costs, recompute)               # full sharding: every F
+    memory = without_held_casts(memory)                                  # ... and none held once
+
+Under mixed precision (bf16, fp16: fp32 weights, forwards under autocast) the runtime holds
+autocast's casts for a flush step (`pipefold.runtime.stage.held_casts`): a stage's first
+forward of the step casts its matrix weights and every later forward and recomputation takes
+those copies, held once per rank (`RankMemory.casts`). The fill's chain of first forwards passes
+every stage in turn, each waiting on the one before, so the step is priced the casts of all the
+pipeline's stages once (`cast_time`).
+
+Where the weights are gathered per step by full sharding (`shard="full"`), or change inside the
+step (an asynchronous schedule), the runtime holds no casts: every forward, and every
+recomputing backward's forward, casts its stage's weights again, and each micro-batch's backward
+keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+
+from pipefold.plan.costs import ModelCosts
+from pipefold.plan.memory import RankMemory
+from pipefold.plan.space import is_asynchronous
+from pipefold.simulate import CostModel
+
+__all__ = ["casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "without_held_casts"]
+
+
+def casts_every_forward(schedule: str, shard: str) -> bool:
+    """Whether the runtime casts the weights at every forward (holds no casts for the step)."""
+    return shard == "full" or is_asynchronous(schedule)
+
+
+def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str) -> float:
+    """Seconds the step adds for the casts held once a step: every stage's first forward casts its
+    weights (`ModelCosts.cast_s_per_parameter_byte`), one after another along the fill. 0 where
+    every forward casts (priced in the forwards: `recast_every_forward`)."""
+    if not costs.cast_s_per_parameter_byte or casts_every_forward(schedule, shard):
+        return 0.0
+    return costs.cast_s_per_parameter_byte * sum(model.weight_bytes)
+
+
+def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collection[int]) -> CostModel:
+    """`model` where each forward casts its stage's weights: F, and the forward a recomputed stage
+    reruns in B, I and W, take the casts' time; a stage not recomputed keeps its copies per
+    micro-batch in flight, as activations (a recomputed stage's checkpointed forward saves none)."""
+    seconds = costs.cast_s_per_parameter_byte
+    per_byte = costs.cast_bytes_per_parameter_byte
+    if not seconds and not per_byte:
+        return model
+    cast = [seconds * weights for weights in model.weight_bytes]
+    again = [cast[stage] if stage in recompute else 0.0 for stage in range(model.num_stages)]
+    copies = [0 if stage in recompute else round(per_byte * weights)
+              for stage, weights in enumerate(model.weight_bytes)]
+    return replace(
+        model,
+        f=_plus(model.f, cast), b=_plus(model.b, again), i=_plus(model.i, again), w=_plus(model.w, again),
+        activation_bytes=_plus_bytes(model.activation_bytes, copies),
+        weight_grad_bytes=_plus_bytes(model.weight_grad_bytes, copies),
+    )
+
+
+def recast_for(
+    model: CostModel, costs: ModelCosts, schedule: str, shard: str, recompute: Collection[int]
+) -> CostModel:
+    """`model` as `schedule` under `shard` runs it: `recast_every_forward` where it holds no casts."""
+    return recast_every_forward(model, costs, recompute) if casts_every_forward(schedule, shard) else model
+
+
+def without_held_casts(memory: Sequence[RankMemory]) -> tuple[RankMemory, ...]:
+    """`memory` with no copies held for the step (they are in the activations instead)."""
+    return tuple(replace(rank, casts=0) for rank in memory)
+
+
+def _plus(values: Sequence[float], extra: Sequence[float]) -> tuple[float, ...]:
+    return tuple(value + more for value, more in zip(values, extra, strict=True))
+
+
+def _plus_bytes(values: Sequence[int], extra: Sequence[int]) -> tuple[int, ...]:
+    return tuple(value + more for value, more in zip(values, extra, strict=True))
