@@ -98,14 +98,14 @@ def update_time(costs: ModelCosts, weight_bytes_per_rank: Sequence[int]) -> floa
 def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[int]) -> CostModel:
     """`model` (the stage costs of the partition `bounds`) with the first stage's I moved into its
     W where the model input takes no gradient (`costs.input_requires_grad` false: token ids).
-    Its I keeps the layers' fixed seconds per call (and a recomputed stage's forward, which the
-    runtime reruns there); B is unchanged."""
+    Its I keeps the layers' fixed seconds per call and the split's own seconds (and a recomputed
+    stage's forward, which the runtime reruns there); B is unchanged."""
     if costs.input_requires_grad or not bounds or bounds[0] != 0 or model.num_stages == 0:
         return model
     own = sum(layer.fixed_s for layer in costs.layers[bounds[0]:bounds[1]])
-    # b = fixed + own + I + W and w = fixed + W (a recomputed stage adds its forward to both),
-    # so b - w - own is the stage's I work, whatever the rows, speeds and recompute were.
-    moved = max(model.b[0] - model.w[0] - own, 0.0)
+    # b = fixed + own + I + W and w = fixed + split + W (a recomputed stage adds its forward to
+    # both), so b - w - own + split is the stage's I work, whatever the rows, speeds and recompute were.
+    moved = max(model.b[0] - model.w[0] - own + costs.split_overhead_s, 0.0)
     moved = min(moved, model.i[0])
     if moved == 0.0:
         return model
@@ -146,11 +146,20 @@ class RunCalibration:
     tied_exchange_s: float = 0.0
     """The tied gradient's exchange priced for the run, left out of the update's seconds (the plan
     adds it apart, `pipefold.plan.evaluate.tied_exchange_time`)."""
+    split_overhead_s: float = 0.0
+    """Seconds each I and each W took beyond its part of the stage's B, where the run measured a
+    split backward too (`ModelCosts.split_overhead_s`); 0 otherwise."""
+    weight_share: tuple[float, ...] = ()
+    """Per stage, the W share of the backward's work the split phase measured (empty: none run;
+    a first stage fed token ids, whose I has no work, the other stages' mean)."""
+    split_action_overhead_s: float = 0.0
+    """The split phase's measured seconds between two compute actions of a rank."""
 
 
 def at_run_prices(
     costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
+    split: CostModel | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -163,11 +172,19 @@ def at_run_prices(
     priced by how the run's time grew with rows. With one size, every layer of stage s gets
     that stage's scales of F and B, and the profile's growth with rows is kept.
 
+    With `split` (the same run's stages measured at `rows` under a split-backward family of the
+    same partition and placement, zb-h1), each I and W is priced as that phase measured it
+    (`_split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
+    stage, W's share of the backward's work; F and B stay as fitted.
+
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
     stage's parameter bytes, `update_s_per_parameter_byte`."""
     layout = StageLayout(tuple(bounds), rows)
     points = [(run, rows), *others]
+    if split is not None and split.num_stages != layout.num_stages:
+        raise ConfigError(f"the split phase measured {split.num_stages} stages, the run {layout.num_stages}; "
+                          "measure both on the run's own partition")
     for measured, _ in points:
         if measured.num_stages != layout.num_stages or layout.bounds[0] != 0 or (
                 layout.bounds[-1] != costs.num_layers):
@@ -194,6 +211,9 @@ def at_run_prices(
     latency = statistics.fmean(m.link.latency for m, _ in points)
     priced = replace(costs, layers=tuple(layers),
                      action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
+    split_fit = _SplitFit()
+    if split is not None:
+        priced, split_fit = _split_prices(priced, run, split, layout)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
@@ -210,6 +230,8 @@ def at_run_prices(
         forward_s_per_row=tuple(line.forward_s_per_row for line in fits),
         backward_s_per_row=tuple(line.backward_s_per_row for line in fits),
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
+        split_overhead_s=priced.split_overhead_s, weight_share=split_fit.weight_share,
+        split_action_overhead_s=split_fit.action_overhead_s,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -305,3 +327,70 @@ def _scaled(costs: ModelCosts, run: CostModel, layout: StageLayout) -> list[Laye
 def _ratio(measured: float, priced: float) -> float:
     """`measured / priced`, 1.0 where either is not positive (nothing to scale by)."""
     return measured / priced if measured > 0 and priced > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class _SplitFit:
+    weight_share: tuple[float, ...] = ()
+    action_overhead_s: float = 0.0
+
+
+def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout) -> tuple[
+        ModelCosts, _SplitFit]:
+    """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
+    phase of the run, same partition, at `layout.rows`) measured them.
+
+    The seconds per I and per W beyond B: per stage, half of what its I + W took beyond the
+    run's B (less the layers' fixed seconds, which I and W pay each: `stage_arrays`), plus the
+    split phase's longer gap between actions (three gaps per micro-batch and stage, paid by I
+    and W), as the stages' mean (one figure per action, whatever its stage). Then each stage's
+    layers move W's share of their backward by one factor, so the stage's W takes the measured
+    share of its work; B is unchanged. A first stage fed token ids has no I work (its W runs
+    the whole backward: `first_stage_backward`), so its layers take the other stages' mean factor."""
+    gap = 1.5 * (split.action_overhead - run.action_overhead)
+    spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
+    extras = [(split.i[stage] + split.w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
+              for stage, (start, stop) in enumerate(spans)]
+    inside = max(statistics.fmean(extras), 0.0)  # inside the actions' measured seconds
+    extra = max(inside + gap, 0.0)
+    scale = layout.rows / costs.reference_rows
+    layers = list(costs.layers)
+    shares: list[float | None] = []
+    factors: list[float | None] = []
+    for stage, (start, stop) in enumerate(spans):
+        if stage == 0 and not costs.input_requires_grad:
+            shares.append(None)
+            factors.append(None)
+            continue
+        fixed = costs.overhead_s * (stop - start)
+        own = sum(layer.fixed_s for layer in layers[start:stop])
+        weight_work = max(split.w[stage] - fixed - inside, 0.0)
+        input_work = max(split.i[stage] - fixed - own - inside, 0.0)
+        weight_now = scale * sum(layer.weight_s for layer in layers[start:stop])
+        backward_now = scale * sum(layer.backward_s for layer in layers[start:stop])
+        if weight_work + input_work <= 0 or weight_now <= 0:
+            shares.append(None)
+            factors.append(None)
+            continue
+        share = weight_work / (weight_work + input_work)
+        shares.append(share)
+        factors.append(share * backward_now / weight_now)
+    known = [factor for factor in factors if factor is not None]
+    mean = statistics.fmean(known) if known else 1.0
+    for stage, (start, stop) in enumerate(spans):
+        factor = factors[stage]
+        for index in range(start, stop):
+            layer = layers[index]
+            weight = min(layer.weight_s * (mean if factor is None else factor), layer.backward_s)
+            layers[index] = replace(layer, weight_grad_s=weight)
+    # A stage not measured (a first stage of token ids) reports the share its layers now hold.
+    measured = tuple(
+        share if share is not None else _weight_share(layers[start:stop])
+        for share, (start, stop) in zip(shares, spans, strict=True))
+    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra)
+    return priced, _SplitFit(measured, split.action_overhead)
+
+
+def _weight_share(layers: Sequence[LayerCost]) -> float:
+    backward = sum(layer.backward_s for layer in layers)
+    return sum(layer.weight_s for layer in layers) / backward if backward > 0 else 0.0
