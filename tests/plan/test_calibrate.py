@@ -348,12 +348,13 @@ def test_at_run_prices_split_phase_of_a_first_stage_fed_token_ids():
     profile = replace(_costs_with_fixed(), input_requires_grad=False)
     truth = _split_truth(profile, (1.0, 1.5, 1.5), 0.04)
     bounds, rows = (0, 1, 3), 2
-    measured = first_stage_backward(stage_cost_model(truth, StageLayout(bounds, rows), (), Link()), truth, bounds)
+    layout = StageLayout(bounds, rows)
+    measured = first_stage_backward(stage_cost_model(truth, layout, (), Link()), truth, bounds)
     run = _run(measured.f, measured.b)
     split = replace(measured, action_overhead=run.action_overhead)
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split)
     assert calibration.split_overhead_s == pytest.approx(0.04)
-    now = first_stage_backward(stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds)
+    now = first_stage_backward(stage_cost_model(priced, layout, (), Link()), priced, bounds)
     assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
     assert now.b == pytest.approx(measured.b)
     # Its layers take the other stage's factor (1.5x W share), kept within their B.
