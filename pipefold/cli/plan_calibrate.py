@@ -12,8 +12,10 @@ ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` ste
 up to three micro-batch counts (the profile's, its half and its quarter), in one launch of the
 ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's F and B
 over rows (a fixed part and a part per row) and prices the profile's layers on those lines
-(`pipefold.plan.calibrate.at_run_prices`). Every candidate, at any micro-batch size and
-partition, is then priced at run-time prices; the runtime's measured time per action and per
+(`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
+backward split) for a few steps at the first count, so the split backward's I and W are priced
+as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). Every candidate,
+at any micro-batch size and partition, is then priced at run-time prices; the runtime's measured time per action and per
 step outside the actions replace the profile's too, and without link flags a message costs the
 run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
 the costs' `source` and the plan JSON's `calibration`).

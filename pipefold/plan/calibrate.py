@@ -29,7 +29,10 @@ B alike, and a part per row each) and the stage's layers are priced on it, the p
 only their shares; with one size, each stage's measured F and B over the profile's price scales
 that stage's layers (their fixed seconds with F). Either way the run's time per action and per
 step outside the actions (less the tied gradient's exchange, which the plan prices apart)
-replace the profile's.
+replace the profile's. Where the run also measured a split backward (zb-h1 on the same stages),
+each I and W costs what that phase measured: the seconds each takes beyond its part of B
+(`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
+as fitted.
 """
 
 from __future__ import annotations
