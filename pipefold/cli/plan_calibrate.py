@@ -15,9 +15,9 @@ over rows (a fixed part and a part per row) and prices the profile's layers on t
 (`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
 backward split) for a few steps at the first count, so the split backward's I and W are priced
 as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). Every candidate,
-at any micro-batch size and partition, is then priced at run-time prices; the runtime's measured time per action and per
-step outside the actions replace the profile's too, and without link flags a message costs the
-run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
+at any micro-batch size and partition, is then priced at run-time prices; the runtime's
+measured time per action and per step outside the actions replace the profile's too, and
+without link flags a message costs the run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
 the costs' `source` and the plan JSON's `calibration`).
 """
 
@@ -214,7 +214,8 @@ def calibrate(
     (run, rows), others = points[0], points[1:]
     split = measured.get("split_phase")
     priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others,
-                                        split=None if split is None else CostModel.from_json(split["costs"]))
+                                        split=None if split is None else CostModel.from_json(split["costs"]),
+                                        split_stages=None if split is None else split["split_stages"])
     seconds = time.perf_counter() - started
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]

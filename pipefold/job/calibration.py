@@ -132,8 +132,12 @@ class _Phase:
                               "micro-batches was kept; give more steps")
         costs = measured_cost_model([t for _, _, t in self.kept], self.schedule,
                                     step_times=[wall for wall, _, _ in self.kept])
+        # The stages whose I and W ran apart (the runtime fuses a pair nothing separates on a
+        # stage no other rank waits for: the first).
+        split = sorted({action.stage for row in self.schedule.actions for action in row if action.op is Op.I})
         return {"num_microbatches": self.num_microbatches, "schedule": self.schedule.name,
-                "costs": costs.to_json(), "kept_step_seconds": [wall for wall, _, _ in self.kept],
+                "costs": costs.to_json(), "split_stages": split,
+                "kept_step_seconds": [wall for wall, _, _ in self.kept],
                 "kept_step_cpu_seconds": [cpu for _, cpu, _ in self.kept],
                 "step_seconds": self.walls, "step_cpu_seconds": self.cpus}
 

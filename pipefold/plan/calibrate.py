@@ -38,7 +38,7 @@ as fitted.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -162,7 +162,7 @@ class RunCalibration:
 def at_run_prices(
     costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
-    split: CostModel | None = None,
+    split: CostModel | None = None, split_stages: Collection[int] | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -178,7 +178,10 @@ def at_run_prices(
     With `split` (the same run's stages measured at `rows` under a split-backward family of the
     same partition and placement, zb-h1), each I and W is priced as that phase measured it
     (`_split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
-    stage, W's share of the backward's work; F and B stay as fitted.
+    stage, W's share of the backward's work; F and B stay as fitted. `split_stages`: the stages
+    whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
+    on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
+    what those measured.
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
@@ -216,7 +219,8 @@ def at_run_prices(
                      action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
     split_fit = _SplitFit()
     if split is not None:
-        priced, split_fit = _split_prices(priced, run, split, layout)
+        stages = range(layout.num_stages) if split_stages is None else split_stages
+        priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages))
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
@@ -338,8 +342,8 @@ class _SplitFit:
     action_overhead_s: float = 0.0
 
 
-def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout) -> tuple[
-        ModelCosts, _SplitFit]:
+def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout,
+                  split_stages: frozenset[int]) -> tuple[ModelCosts, _SplitFit]:
     """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
     phase of the run, same partition, at `layout.rows`) measured them.
 
@@ -349,11 +353,14 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     and W), as the stages' mean (one figure per action, whatever its stage). Then each stage's
     layers move W's share of their backward by one factor, so the stage's W takes the measured
     share of its work; B is unchanged. A first stage fed token ids has no I work (its W runs
-    the whole backward: `first_stage_backward`), so its layers take the other stages' mean factor."""
-    gap = 1.5 * (split.action_overhead - run.action_overhead)
+    the whole backward: `first_stage_backward`), so its layers take the other stages' mean factor,
+    and so do a stage's outside `split_stages` (its I and W not run apart), which add no extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     extras = [(split.i[stage] + split.w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
-              for stage, (start, stop) in enumerate(spans)]
+              for stage, (start, stop) in enumerate(spans) if stage in split_stages]
+    if not extras:
+        return costs, _SplitFit()
+    gap = 1.5 * (split.action_overhead - run.action_overhead)
     inside = max(statistics.fmean(extras), 0.0)  # inside the actions' measured seconds
     extra = max(inside + gap, 0.0)
     scale = layout.rows / costs.reference_rows
@@ -361,7 +368,7 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     shares: list[float | None] = []
     factors: list[float | None] = []
     for stage, (start, stop) in enumerate(spans):
-        if stage == 0 and not costs.input_requires_grad:
+        if (stage == 0 and not costs.input_requires_grad) or stage not in split_stages:
             shares.append(None)
             factors.append(None)
             continue

@@ -360,3 +360,22 @@ def test_at_run_prices_split_phase_of_a_first_stage_fed_token_ids():
     # Its layers take the other stage's factor (1.5x W share), kept within their B.
     assert priced.layers[0].weight_grad_s == pytest.approx(min(1.5 * 1.5, 2.0))
     assert calibration.weight_share[0] == pytest.approx(1.0)
+
+
+def test_at_run_prices_split_phase_prices_a_fused_stage_from_the_others():
+    # The runtime ran stage 0's I and W as one B (nothing between them, no other rank waiting):
+    # its measured I and W are B's halves and say nothing of the split; stage 1's are priced.
+    profile = _costs_with_fixed()
+    truth = _split_truth(profile, (1.5, 1.5, 1.5), 0.05)
+    bounds, rows = (0, 1, 3), 4
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
+    run = _run(measured.f, measured.b)
+    fused = replace(measured, i=(measured.b[0] / 2, measured.i[1]), w=(measured.b[0] / 2, measured.w[1]),
+                    action_overhead=run.action_overhead)
+    priced, calibration = at_run_prices(profile, run, bounds, rows, split=fused, split_stages=[1])
+    assert calibration.split_overhead_s == pytest.approx(0.05)
+    now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+    assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
+    # Measured on no stage: no split prices.
+    plain, none = at_run_prices(profile, run, bounds, rows, split=fused, split_stages=[])
+    assert plain.split_overhead_s == 0.0 and none.weight_share == ()
