@@ -347,8 +347,9 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
     phase of the run, same partition, at `layout.rows`) measured them.
 
-    The seconds per I and per W beyond B: per stage, half of what its I + W took beyond the
-    run's B (less the layers' fixed seconds, which I and W pay each: `stage_arrays`), plus the
+    The split block's times are first scaled, per stage, by the 1F1B block's F over its own (the
+    same F at the same size: what moved is the host's load). The seconds per I and per W beyond
+    B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed seconds, which I and W pay each: `stage_arrays`), plus the
     split phase's longer gap between actions (three gaps per micro-batch and stage, paid by I
     and W), as the stages' mean (one figure per action, whatever its stage). Then each stage's
     layers move W's share of their backward by one factor, so the stage's W takes the measured
@@ -356,11 +357,16 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     the whole backward: `first_stage_backward`), so its layers take the other stages' mean factor,
     and so do a stage's outside `split_stages` (its I and W not run apart), which add no extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
-    extras = [(split.i[stage] + split.w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
+    # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
+    # load, so the split block's times are taken at the 1F1B block's level.
+    drift = [_ratio(run.f[stage], split.f[stage]) for stage in range(layout.num_stages)]
+    i = [split.i[stage] * drift[stage] for stage in range(layout.num_stages)]
+    w = [split.w[stage] * drift[stage] for stage in range(layout.num_stages)]
+    extras = [(i[stage] + w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
               for stage, (start, stop) in enumerate(spans) if stage in split_stages]
     if not extras:
         return costs, _SplitFit()
-    gap = 1.5 * (split.action_overhead - run.action_overhead)
+    gap = 1.5 * (split.action_overhead * statistics.fmean(drift) - run.action_overhead)
     inside = max(statistics.fmean(extras), 0.0)  # inside the actions' measured seconds
     extra = max(inside + gap, 0.0)
     scale = layout.rows / costs.reference_rows
@@ -374,8 +380,8 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
             continue
         fixed = costs.overhead_s * (stop - start)
         own = sum(layer.fixed_s for layer in layers[start:stop])
-        weight_work = max(split.w[stage] - fixed - inside, 0.0)
-        input_work = max(split.i[stage] - fixed - own - inside, 0.0)
+        weight_work = max(w[stage] - fixed - inside, 0.0)
+        input_work = max(i[stage] - fixed - own - inside, 0.0)
         weight_now = scale * sum(layer.weight_s for layer in layers[start:stop])
         backward_now = scale * sum(layer.backward_s for layer in layers[start:stop])
         if weight_work + input_work <= 0 or weight_now <= 0:

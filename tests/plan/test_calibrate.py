@@ -379,3 +379,20 @@ def test_at_run_prices_split_phase_prices_a_fused_stage_from_the_others():
     # Measured on no stage: no split prices.
     plain, none = at_run_prices(profile, run, bounds, rows, split=fused, split_stages=[])
     assert plain.split_overhead_s == 0.0 and none.weight_share == ()
+
+
+def test_at_run_prices_split_phase_takes_the_load_of_the_1f1b_block():
+    # The host's load moved between the blocks: the split block's every time is 1.5x, its F too,
+    # so its I and W are taken at the 1F1B block's level.
+    profile = _costs_with_fixed()
+    truth = _split_truth(profile, (1.2, 1.5, 1.5), 0.05)
+    bounds, rows = (0, 1, 3), 4
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
+    run = _run(measured.f, measured.b)
+    slow = replace(measured, f=tuple(1.5 * x for x in measured.f), i=tuple(1.5 * x for x in measured.i),
+                   w=tuple(1.5 * x for x in measured.w), b=tuple(1.5 * x for x in measured.b),
+                   action_overhead=run.action_overhead * 1.5)
+    priced, calibration = at_run_prices(profile, run, bounds, rows, split=slow)
+    assert calibration.split_overhead_s == pytest.approx(0.05)
+    now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+    assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
