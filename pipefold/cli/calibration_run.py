@@ -2,8 +2,8 @@
 `pipefold train`'s flags, then one launch of the ranks at several micro-batch counts
 (`pipefold.job.calibration`).
 
-    python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4 --phase-steps 12 --split zb-h1 \\
-        -- --ranks 2 --batch-size 32 --out DIR ...        # any `pipefold train` flags
+    python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4 --phase-steps 12 \\
+        --split zb-h1 -- --ranks 2 --batch-size 32 --out DIR ...        # any `pipefold train` flags
 
 A process of its own, as `pipefold train` would be: the ranks' output and failures stay out of
 the plan's (its `--json` goes to stdout).

@@ -17,8 +17,9 @@ backward split) for a few steps at the first count, so the split backward's I an
 as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
-without link flags a message costs the run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
-the costs' `source` and the plan JSON's `calibration`).
+without link flags a message costs the run's measured latency. It costs one launch of the
+ranks and the steps (the seconds are said in the costs' `source` and the plan JSON's
+`calibration`).
 """
 
 from __future__ import annotations

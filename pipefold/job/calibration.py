@@ -1,7 +1,8 @@
 """One launch of `pipefold train`'s pipeline measured at several micro-batch sizes: what
 `pipefold plan --profile` calibrates its prices on (`pipefold.cli.plan_calibrate`).
 
-    spawn(calibration_worker, config.schedule.num_processes, (config, (8, 4), 12, "/tmp/cal.json", "zb-h1"))
+    spawn(calibration_worker, config.schedule.num_processes,
+          (config, (8, 4), 12, "/tmp/cal.json", "zb-h1"))
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each micro-batch count as train's loop runs them (the pipeline call, the

@@ -107,7 +107,8 @@ def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[i
         return model
     own = sum(layer.fixed_s for layer in costs.layers[bounds[0]:bounds[1]])
     # b = fixed + own + I + W and w = fixed + split + W (a recomputed stage adds its forward to
-    # both), so b - w - own + split is the stage's I work, whatever the rows, speeds and recompute were.
+    # both), so b - w - own + split is the stage's I work, whatever the rows, speeds and
+    # recompute were.
     moved = max(model.b[0] - model.w[0] - own + costs.split_overhead_s, 0.0)
     moved = min(moved, model.i[0])
     if moved == 0.0:
@@ -349,13 +350,14 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
 
     The split block's times are first scaled, per stage, by the 1F1B block's F over its own (the
     same F at the same size: what moved is the host's load). The seconds per I and per W beyond
-    B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed seconds, which I and W pay each: `stage_arrays`), plus the
-    split phase's longer gap between actions (three gaps per micro-batch and stage, paid by I
-    and W), as the stages' mean (one figure per action, whatever its stage). Then each stage's
-    layers move W's share of their backward by one factor, so the stage's W takes the measured
-    share of its work; B is unchanged. A first stage fed token ids has no I work (its W runs
-    the whole backward: `first_stage_backward`), so its layers take the other stages' mean factor,
-    and so do a stage's outside `split_stages` (its I and W not run apart), which add no extra."""
+    B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
+    seconds, which I and W pay each: `stage_arrays`), plus the split phase's longer gap between
+    actions (three gaps per micro-batch and stage, paid by I and W), as the stages' mean (one
+    figure per action, whatever its stage). Then each stage's layers move W's share of their
+    backward by one factor, so the stage's W takes the measured share of its work; B is
+    unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
+    `first_stage_backward`), so its layers take the other stages' mean factor, and so does a
+    stage outside `split_stages` (its I and W not run apart), which adds no extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
     # load, so the split block's times are taken at the 1F1B block's level.

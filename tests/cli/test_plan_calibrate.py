@@ -53,7 +53,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert len(calibration["weight_share"]) == 2 and all(0 <= x <= 1 for x in calibration["weight_share"])
     assert calibration["split_action_overhead_s"] > 0
     at_run = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
-    for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:])):
+    for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
             at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
     assert "split backward (zb-h1 at 1 rows)" in priced.source
