@@ -87,16 +87,19 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
 
 
 def _fitted(calibration: dict[str, Any]) -> str:
-    """The calibration's lines over rows, where it measured several sizes."""
+    """The calibration's lines over rows, where it measured several sizes, and its split backward."""
+    shares = calibration.get("weight_share") or []
+    split = (f"; zb-h1: W {'/'.join(f'{x:.2f}' for x in shares)} of the backward per stage, I and W "
+             f"{calibration['split_overhead_s'] * 1e6:.0f} us each beyond B" if shares else "")
     if not calibration.get("fixed_s"):
-        return ""
+        return split
 
     def ms(key: str) -> str:
         return "/".join(f"{x * 1e3:.2f}" for x in calibration[key])
 
     return (f"; at {'/'.join(map(str, calibration['measured_rows']))} rows per micro-batch, per stage F "
             f"{ms('fixed_s')} ms + {ms('forward_s_per_row')} ms per row, B + {ms('backward_s_per_row')} ms per "
-            f"row, largest miss {calibration['fit_error']:.0%}")
+            f"row, largest miss {calibration['fit_error']:.0%}{split}")
 
 
 def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:

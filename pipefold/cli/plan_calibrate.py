@@ -12,11 +12,14 @@ ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` ste
 up to three micro-batch counts (the profile's, its half and its quarter), in one launch of the
 ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's F and B
 over rows (a fixed part and a part per row) and prices the profile's layers on those lines
-(`pipefold.plan.calibrate.at_run_prices`). Every candidate, at any micro-batch size and
-partition, is then priced at run-time prices; the runtime's measured time per action and per
-step outside the actions replace the profile's too, and without link flags a message costs the
-run's measured latency. It costs one launch of the ranks and the steps (the seconds are said in
-the costs' `source` and the plan JSON's `calibration`).
+(`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
+backward split) for a few steps at the first count, so the split backward's I and W are priced
+as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). Every candidate,
+at any micro-batch size and partition, is then priced at run-time prices; the runtime's
+measured time per action and per step outside the actions replace the profile's too, and
+without link flags a message costs the run's measured latency. It costs one launch of the
+ranks and the steps (the seconds are said in the costs' `source` and the plan JSON's
+`calibration`).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class Calibrated:
             return "/".join(f"{value * 1e3:.2f}" for value in values)
 
         sizes = "/".join(map(str, cal.measured_rows or (cal.rows,)))
+        split = (f"; split backward (zb-h1 at {cal.rows} rows): W {scales(cal.weight_share)} of the "
+                 f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
+                 if cal.weight_share else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%})"
                  if cal.fixed_s else "")
@@ -91,7 +97,7 @@ class Calibrated:
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
                 f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the profile's "
                 f"F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at {cal.rows} rows"
-                f"{lines}, runtime "
+                f"{lines}{split}, runtime "
                 f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
                 f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
                 f"{self.core_share:.0%} of a core")
@@ -105,7 +111,9 @@ class Calibrated:
                 "measured_step_s": self.measured_step_s, "measured_rows": list(cal.measured_rows),
                 "fixed_s": list(cal.fixed_s), "forward_s_per_row": list(cal.forward_s_per_row),
                 "backward_s_per_row": list(cal.backward_s_per_row), "fit_error": cal.fit_error,
-                "tied_exchange_s": cal.tied_exchange_s,
+                "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
+                "weight_share": list(cal.weight_share),
+                "split_action_overhead_s": cal.split_action_overhead_s,
                 "core_share": self.core_share,
                 "profile_costs": self.profile_costs.to_json()}
 
@@ -181,14 +189,18 @@ def calibrate(
     ranks = DEFAULT_RANKS if ranks is None else ranks
     microbatches = calibration_microbatches(
         args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
+    from pipefold.job.calibration import SPLIT_FAMILY
+
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
         result_file = Path(folder) / "calibration.json"
         words = [sys.executable, "-m", "pipefold.cli.calibration_run", "--result", str(result_file),
-                 "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps), "--",
+                 "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
+                 "--split", SPLIT_FAMILY, "--",
                  *_train_words(args, ranks, Path(folder) / "run", hf)]
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
-              f"{', '.join(map(str, microbatches))} micro-batches", file=sys.stderr)
+              f"{', '.join(map(str, microbatches))} micro-batches, and {SPLIT_FAMILY} at "
+              f"{microbatches[0]} for its split backward", file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not result_file.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -201,7 +213,10 @@ def calibrate(
     points = [(CostModel.from_json(phase["costs"]), math.ceil(args.batch_size / int(phase["num_microbatches"])))
               for phase in measured["phases"]]
     (run, rows), others = points[0], points[1:]
-    priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others)
+    split = measured.get("split_phase")
+    priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others,
+                                        split=None if split is None else CostModel.from_json(split["costs"]),
+                                        split_stages=None if split is None else split["split_stages"])
     seconds = time.perf_counter() - started
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]

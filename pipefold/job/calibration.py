@@ -1,7 +1,8 @@
 """One launch of `pipefold train`'s pipeline measured at several micro-batch sizes: what
 `pipefold plan --profile` calibrates its prices on (`pipefold.cli.plan_calibrate`).
 
-    spawn(calibration_worker, config.schedule.num_processes, (config, (8, 4), 12, "/tmp/cal.json"))
+    spawn(calibration_worker, config.schedule.num_processes,
+          (config, (8, 4), 12, "/tmp/cal.json", "zb-h1"))
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each micro-batch count as train's loop runs them (the pipeline call, the
@@ -12,6 +13,10 @@ instead of passing for a cost that does not grow with rows. Rank 0 writes one JS
 partition and, per micro-batch count, the stage costs its kept steps measured
 (`measured_cost_model`, as train's costs.json) and every step's wall and CPU seconds. One
 launch for every count: the ranks' start-up (seconds) is paid once.
+
+With a split family (`SPLIT_FAMILY`), each round also runs a short block of it at the first count
+on the same stages (`split_blocks`), so the file's "split_phase" holds the I and W the planner's
+split-backward schedules pay: 1F1B never splits its backward.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import gc
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +37,12 @@ from pipefold.job.config import TrainConfig
 from pipefold.job.optim import accumulated_step
 from pipefold.job.setup import Job, set_up
 from pipefold.runtime.measured import measured_cost_model
-from pipefold.schedule import Schedule
+from pipefold.schedule import Op, Schedule
 from pipefold.schedule.registry import build
 from pipefold.timeline import Timeline
 
-__all__ = ["MAX_ROUNDS", "WARMUP_STEPS", "blocks", "calibration_worker", "check_microbatches"]
+__all__ = ["MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker", "check_microbatches",
+           "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -43,6 +50,10 @@ switched to, leaves out its first."""
 
 MAX_ROUNDS = 3
 """Rounds over the micro-batch counts at most (`blocks`)."""
+
+SPLIT_FAMILY = "zb-h1"
+"""The split-backward family of the split phase: 1F1B's stages and placement, its backward split
+into I and W, so the run measures what the planner's split schedules pay for them."""
 
 
 def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: int) -> None:
@@ -63,10 +74,28 @@ def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: 
         raise ConfigError(f"calibration micro-batches {tuple(microbatches)}: give each count once")
 
 
-def calibration_worker(config: TrainConfig, microbatches: Sequence[int], steps: int, out: str) -> None:
+def check_split(config: TrainConfig, split: str | None) -> None:
+    """Refuse a split phase `calibration_worker` cannot run, before any rank starts: `split` must
+    name a family that splits the backward into I and W on the pipeline's own stages (one per rank)."""
+    if split is None:
+        return
+    virtual = config.schedule.virtual
+    if virtual not in (0, 1):
+        raise ConfigError(f"calibration split phase {split!r}: the pipeline runs {virtual} stages per rank; "
+                          "measure the split backward on one stage per rank (train's default)")
+    schedule = build(split, num_ranks=config.schedule.ranks,
+                     num_microbatches=config.schedule.num_microbatches, num_virtual=1)
+    if not any(action.op is Op.I for row in schedule.actions for action in row):
+        raise ConfigError(f"calibration split phase {split!r} runs no split backward; name a family that "
+                          f"does ({SPLIT_FAMILY}), or none")
+
+
+def calibration_worker(
+    config: TrainConfig, microbatches: Sequence[int], steps: int, out: str, split: str | None = None
+) -> None:
     """Entry point of one spawned rank (every rank calls it)."""
     try:
-        _calibrate(set_up(config), microbatches, steps, Path(out))
+        _calibrate(set_up(config), microbatches, steps, Path(out), split)
     finally:
         gc.collect()  # as train_worker: the pipeline's cycles hold the rendezvous store
         if dist.is_initialized():
@@ -88,48 +117,78 @@ def _step(job: Job) -> None:
         scheduler.step()
 
 
-def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path) -> None:
+@dataclass
+class _Phase:
+    """One schedule the run measures, and what its kept steps recorded."""
+
+    schedule: Schedule
+    num_microbatches: int
+    kept: list[tuple[float, float, Timeline]] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.kept:
+            raise ConfigError(f"calibration: no step of {self.schedule.name} at {self.num_microbatches} "
+                              "micro-batches was kept; give more steps")
+        costs = measured_cost_model([t for _, _, t in self.kept], self.schedule,
+                                    step_times=[wall for wall, _, _ in self.kept])
+        # The stages whose I and W ran apart (the runtime fuses a pair nothing separates on a
+        # stage no other rank waits for: the first).
+        split = sorted({action.stage for row in self.schedule.actions for action in row if action.op is Op.I})
+        return {"num_microbatches": self.num_microbatches, "schedule": self.schedule.name,
+                "costs": costs.to_json(), "split_stages": split,
+                "kept_step_seconds": [wall for wall, _, _ in self.kept],
+                "kept_step_cpu_seconds": [cpu for _, cpu, _ in self.kept],
+                "step_seconds": self.walls, "step_cpu_seconds": self.cpus}
+
+
+def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, split: str | None) -> None:
     pipe = job.pipe
     family = job.config.schedule.name
-    num_virtual = pipe.schedule.num_stages // pipe.schedule.num_ranks
-    schedules = {count: pipe.schedule if index == 0 else build(
-        family, num_ranks=pipe.schedule.num_ranks, num_microbatches=count, num_virtual=num_virtual)
-        for index, count in enumerate(microbatches)}
-    kept: dict[int, list[tuple[float, float, Timeline]]] = {count: [] for count in microbatches}
-    walls: dict[int, list[float]] = {count: [] for count in microbatches}
-    cpus: dict[int, list[float]] = {count: [] for count in microbatches}
-    running: dict[int, Schedule] = {}
-    for round_index, block in enumerate(blocks(steps, len(microbatches))):
-        for index, count in enumerate(microbatches):
+    num_ranks = pipe.schedule.num_ranks
+    num_virtual = pipe.schedule.num_stages // num_ranks
+    phases = [_Phase(pipe.schedule if index == 0 else build(
+        family, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual), count)
+        for index, count in enumerate(microbatches)]
+    sizes = blocks(steps, len(microbatches))
+    # The split phase runs at the first count, right after that count's 1F1B block in each
+    # round, so a change of the host's load meets both alike.
+    order: list[tuple[_Phase, list[int]]] = [(phase, sizes) for phase in phases]
+    split_phase = None
+    if split is not None:
+        split_phase = _Phase(build(split, num_ranks=num_ranks, num_microbatches=microbatches[0],
+                                   num_virtual=num_virtual), microbatches[0])
+        order.insert(1, (split_phase, split_blocks(sizes)))
+    for round_index in range(len(sizes)):
+        for index, (phase, phase_blocks) in enumerate(order):
             if round_index or index:
-                pipe.use_schedule(schedules[count])
-            running[count] = pipe.running_schedule
+                pipe.use_schedule(phase.schedule)
+            phase.schedule = pipe.running_schedule
             # The first step of a block runs a freshly switched order; the very first allocates too.
             skip = WARMUP_STEPS if round_index == 0 and index == 0 else 1
-            for step in range(block):
+            for step in range(phase_blocks[round_index]):
                 started, cpu_started = time.perf_counter(), time.process_time()
                 _step(job)
                 wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-                walls[count].append(wall)
-                cpus[count].append(cpu)
+                phase.walls.append(wall)
+                phase.cpus.append(cpu)
                 timeline = pipe.last_timeline if job.rank == 0 else None
                 if step >= skip and timeline is not None:
-                    kept[count].append((wall, cpu, timeline))
+                    phase.kept.append((wall, cpu, timeline))
     if job.rank == 0:
-        phases = []
-        for count in microbatches:
-            measured = kept[count]
-            if not measured:
-                raise ConfigError(f"calibration: no step of {count} micro-batches was kept; give more steps")
-            costs = measured_cost_model([t for _, _, t in measured], running[count],
-                                        step_times=[wall for wall, _, _ in measured])
-            phases.append({"num_microbatches": count, "costs": costs.to_json(),
-                           "kept_step_seconds": [wall for wall, _, _ in measured],
-                           "kept_step_cpu_seconds": [cpu for _, cpu, _ in measured],
-                           "step_seconds": walls[count], "step_cpu_seconds": cpus[count]})
-        result = {"partition": str(pipe.partition), "batch_size": job.config.batch_size, "phases": phases}
+        result: dict[str, Any] = {"partition": str(pipe.partition), "batch_size": job.config.batch_size,
+                                  "phases": [phase.to_json() for phase in phases]}
+        if split_phase is not None:
+            result["split_phase"] = split_phase.to_json()
         write_atomic(out, json.dumps(result, indent=1) + "\n")
     dist.barrier()  # peers wait for rank 0's file (as train's report)
+
+
+def split_blocks(sizes: Sequence[int]) -> list[int]:
+    """Steps per round of the split phase: half of each round's block of a size, at least 2 (its
+    first, just switched to, is left out), so the phase adds about half of one size's steps."""
+    return [max(2, (size + 1) // 2) for size in sizes]
 
 
 def blocks(steps: int, num_sizes: int) -> list[int]:

@@ -29,13 +29,16 @@ B alike, and a part per row each) and the stage's layers are priced on it, the p
 only their shares; with one size, each stage's measured F and B over the profile's price scales
 that stage's layers (their fixed seconds with F). Either way the run's time per action and per
 step outside the actions (less the tied gradient's exchange, which the plan prices apart)
-replace the profile's.
+replace the profile's. Where the run also measured a split backward (zb-h1 on the same stages),
+each I and W costs what that phase measured: the seconds each takes beyond its part of B
+(`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
+as fitted.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -98,14 +101,15 @@ def update_time(costs: ModelCosts, weight_bytes_per_rank: Sequence[int]) -> floa
 def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[int]) -> CostModel:
     """`model` (the stage costs of the partition `bounds`) with the first stage's I moved into its
     W where the model input takes no gradient (`costs.input_requires_grad` false: token ids).
-    Its I keeps the layers' fixed seconds per call (and a recomputed stage's forward, which the
-    runtime reruns there); B is unchanged."""
+    Its I keeps the layers' fixed seconds per call and the split's own seconds (and a recomputed
+    stage's forward, which the runtime reruns there); B is unchanged."""
     if costs.input_requires_grad or not bounds or bounds[0] != 0 or model.num_stages == 0:
         return model
     own = sum(layer.fixed_s for layer in costs.layers[bounds[0]:bounds[1]])
-    # b = fixed + own + I + W and w = fixed + W (a recomputed stage adds its forward to both),
-    # so b - w - own is the stage's I work, whatever the rows, speeds and recompute were.
-    moved = max(model.b[0] - model.w[0] - own, 0.0)
+    # b = fixed + own + I + W and w = fixed + split + W (a recomputed stage adds its forward to
+    # both), so b - w - own + split is the stage's I work, whatever the rows, speeds and
+    # recompute were.
+    moved = max(model.b[0] - model.w[0] - own + costs.split_overhead_s, 0.0)
     moved = min(moved, model.i[0])
     if moved == 0.0:
         return model
@@ -146,11 +150,20 @@ class RunCalibration:
     tied_exchange_s: float = 0.0
     """The tied gradient's exchange priced for the run, left out of the update's seconds (the plan
     adds it apart, `pipefold.plan.evaluate.tied_exchange_time`)."""
+    split_overhead_s: float = 0.0
+    """Seconds each I and each W took beyond its part of the stage's B, where the run measured a
+    split backward too (`ModelCosts.split_overhead_s`); 0 otherwise."""
+    weight_share: tuple[float, ...] = ()
+    """Per stage, the W share of the backward's work the split phase measured (empty: none run;
+    a first stage fed token ids, whose I has no work, the other stages' mean)."""
+    split_action_overhead_s: float = 0.0
+    """The split phase's measured seconds between two compute actions of a rank."""
 
 
 def at_run_prices(
     costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
+    split: CostModel | None = None, split_stages: Collection[int] | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -163,11 +176,22 @@ def at_run_prices(
     priced by how the run's time grew with rows. With one size, every layer of stage s gets
     that stage's scales of F and B, and the profile's growth with rows is kept.
 
+    With `split` (the same run's stages measured at `rows` under a split-backward family of the
+    same partition and placement, zb-h1), each I and W is priced as that phase measured it
+    (`_split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
+    stage, W's share of the backward's work; F and B stay as fitted. `split_stages`: the stages
+    whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
+    on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
+    what those measured.
+
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
     stage's parameter bytes, `update_s_per_parameter_byte`."""
     layout = StageLayout(tuple(bounds), rows)
     points = [(run, rows), *others]
+    if split is not None and split.num_stages != layout.num_stages:
+        raise ConfigError(f"the split phase measured {split.num_stages} stages, the run {layout.num_stages}; "
+                          "measure both on the run's own partition")
     for measured, _ in points:
         if measured.num_stages != layout.num_stages or layout.bounds[0] != 0 or (
                 layout.bounds[-1] != costs.num_layers):
@@ -192,8 +216,14 @@ def at_run_prices(
     else:
         layers = _scaled(costs, run, layout)
     latency = statistics.fmean(m.link.latency for m, _ in points)
-    priced = replace(costs, layers=tuple(layers),
+    # The run's F already holds the once-a-step casts of a 16-bit run (spread over its first
+    # forwards), so the calibrated costs price none apart.
+    priced = replace(costs, layers=tuple(layers), cast_s_per_parameter_byte=0.0,
                      action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
+    split_fit = _SplitFit()
+    if split is not None:
+        stages = range(layout.num_stages) if split_stages is None else split_stages
+        priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages))
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
@@ -210,6 +240,8 @@ def at_run_prices(
         forward_s_per_row=tuple(line.forward_s_per_row for line in fits),
         backward_s_per_row=tuple(line.backward_s_per_row for line in fits),
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
+        split_overhead_s=priced.split_overhead_s, weight_share=split_fit.weight_share,
+        split_action_overhead_s=split_fit.action_overhead_s,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -305,3 +337,80 @@ def _scaled(costs: ModelCosts, run: CostModel, layout: StageLayout) -> list[Laye
 def _ratio(measured: float, priced: float) -> float:
     """`measured / priced`, 1.0 where either is not positive (nothing to scale by)."""
     return measured / priced if measured > 0 and priced > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class _SplitFit:
+    weight_share: tuple[float, ...] = ()
+    action_overhead_s: float = 0.0
+
+
+def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout,
+                  split_stages: frozenset[int]) -> tuple[ModelCosts, _SplitFit]:
+    """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
+    phase of the run, same partition, at `layout.rows`) measured them.
+
+    The split block's times are first scaled, per stage, by the 1F1B block's F over its own (the
+    same F at the same size: what moved is the host's load). The seconds per I and per W beyond
+    B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
+    seconds, which I and W pay each: `stage_arrays`), plus the split phase's longer gap between
+    actions (three gaps per micro-batch and stage, paid by I and W), as the stages' mean (one
+    figure per action, whatever its stage). Then each stage's layers move W's share of their
+    backward by one factor, so the stage's W takes the measured share of its work; B is
+    unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
+    `first_stage_backward`), so its layers take the other stages' mean factor, and so does a
+    stage outside `split_stages` (its I and W not run apart), which adds no extra."""
+    spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
+    # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
+    # load, so the split block's times are taken at the 1F1B block's level.
+    drift = [_ratio(run.f[stage], split.f[stage]) for stage in range(layout.num_stages)]
+    i = [split.i[stage] * drift[stage] for stage in range(layout.num_stages)]
+    w = [split.w[stage] * drift[stage] for stage in range(layout.num_stages)]
+    extras = [(i[stage] + w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
+              for stage, (start, stop) in enumerate(spans) if stage in split_stages]
+    if not extras:
+        return costs, _SplitFit()
+    gap = 1.5 * (split.action_overhead * statistics.fmean(drift) - run.action_overhead)
+    inside = max(statistics.fmean(extras), 0.0)  # inside the actions' measured seconds
+    extra = max(inside + gap, 0.0)
+    scale = layout.rows / costs.reference_rows
+    layers = list(costs.layers)
+    shares: list[float | None] = []
+    factors: list[float | None] = []
+    for stage, (start, stop) in enumerate(spans):
+        if (stage == 0 and not costs.input_requires_grad) or stage not in split_stages:
+            shares.append(None)
+            factors.append(None)
+            continue
+        fixed = costs.overhead_s * (stop - start)
+        own = sum(layer.fixed_s for layer in layers[start:stop])
+        weight_work = max(w[stage] - fixed - inside, 0.0)
+        input_work = max(i[stage] - fixed - own - inside, 0.0)
+        weight_now = scale * sum(layer.weight_s for layer in layers[start:stop])
+        backward_now = scale * sum(layer.backward_s for layer in layers[start:stop])
+        if weight_work + input_work <= 0 or weight_now <= 0:
+            shares.append(None)
+            factors.append(None)
+            continue
+        share = weight_work / (weight_work + input_work)
+        shares.append(share)
+        factors.append(share * backward_now / weight_now)
+    known = [factor for factor in factors if factor is not None]
+    mean = statistics.fmean(known) if known else 1.0
+    for stage, (start, stop) in enumerate(spans):
+        factor = factors[stage]
+        for index in range(start, stop):
+            layer = layers[index]
+            weight = min(layer.weight_s * (mean if factor is None else factor), layer.backward_s)
+            layers[index] = replace(layer, weight_grad_s=weight)
+    # A stage not measured (a first stage of token ids) reports the share its layers now hold.
+    measured = tuple(
+        share if share is not None else _weight_share(layers[start:stop])
+        for share, (start, stop) in zip(shares, spans, strict=True))
+    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra)
+    return priced, _SplitFit(measured, split.action_overhead)
+
+
+def _weight_share(layers: Sequence[LayerCost]) -> float:
+    backward = sum(layer.backward_s for layer in layers)
+    return sum(layer.weight_s for layer in layers) / backward if backward > 0 else 0.0

@@ -142,6 +142,7 @@ _FIELDS = (
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
+    "split_overhead_s",
 )
 
 
@@ -193,6 +194,10 @@ class ModelCosts:
     action_overhead_s: float = 0.0
     """Runtime seconds per compute action beyond its layers' own (the executor's dispatch, the
     stage's entry, the backward's entry, recording): the simulator's `CostModel.action_overhead`."""
+    split_overhead_s: float = 0.0
+    """Seconds each I and each W action takes beyond its part of the B it splits (the runtime's
+    second entry into the stage's backward): a split backward costs B plus twice this, per
+    micro-batch and stage (measured by `pipefold plan --profile`'s calibration run)."""
     update_s_per_parameter_byte: float = 0.0
     """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
     outside the pipeline's actions: the step adds it for the rank holding the most
@@ -242,7 +247,7 @@ class ModelCosts:
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
-                     "update_s_per_parameter_byte", "cast_s_per_parameter_byte"):
+                     "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(

@@ -87,8 +87,9 @@ def stage_arrays(
     # input-gradient half, where the all-reduces run; W has none.
     own = span(_FIXED)
     forward = (fixed + own) + scale * span(_F)
-    input_grad = (fixed + own) + scale * span(_I)
-    weight_grad = fixed + scale * span(_W)
+    # A split backward's I and W each pay the second entry into the backward (split_overhead_s).
+    input_grad = (fixed + own + costs.split_overhead_s) + scale * span(_I)
+    weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
     # One B per layer is one action: its fixed cost is paid once, not once per half.
     backward = (fixed + own) + scale * (span(_I) + span(_W))
     recomputed = np.zeros(layout.num_stages, dtype=bool)

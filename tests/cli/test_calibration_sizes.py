@@ -6,7 +6,14 @@ import pytest
 from pipefold.cli.calibration_run import main
 from pipefold.cli.plan_calibrate import calibration_microbatches
 from pipefold.errors import ConfigError
-from pipefold.job.calibration import MAX_ROUNDS, blocks, check_microbatches
+from pipefold.job.calibration import (
+    MAX_ROUNDS,
+    SPLIT_FAMILY,
+    blocks,
+    check_microbatches,
+    check_split,
+    split_blocks,
+)
 from pipefold.job.config import load_config
 
 
@@ -42,4 +49,29 @@ def test_the_calibration_process_refuses_bad_sizes_before_any_rank_starts(tmp_pa
     code = main(["--result", str(tmp_path / "r.json"), "--microbatches", "4,2", "--phase-steps", "6", "--",
                  "--ranks", "2", "--microbatches", "8", "--out", str(tmp_path / "run")])
     assert code == 2 and "start with the pipeline's own 8" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_split_blocks_add_half_a_size_and_keep_a_step_each_round():
+    assert split_blocks(blocks(12, 3)) == [2, 2, 2]  # 3 kept steps: each block's first is left out
+    assert split_blocks(blocks(3, 3)) == [2]
+    assert split_blocks([9, 8]) == [5, 4]
+
+
+def test_check_split_refuses_a_family_without_a_split_backward_or_a_virtual_layout():
+    config = load_config(overrides={"schedule.num_microbatches": 8})
+    check_split(config, SPLIT_FAMILY)
+    check_split(config, None)  # no split phase
+    with pytest.raises(ConfigError, match="runs no split backward"):
+        check_split(config, "1f1b")
+    with pytest.raises(ConfigError, match="2 stages per rank"):
+        check_split(load_config(overrides={"schedule.name": "interleaved-1f1b", "schedule.virtual": 2}),
+                    SPLIT_FAMILY)
+
+
+def test_the_calibration_process_refuses_a_bad_split_family_before_any_rank_starts(tmp_path, capsys):
+    code = main(["--result", str(tmp_path / "r.json"), "--microbatches", "8,4", "--phase-steps", "6",
+                 "--split", "gpipe", "--", "--ranks", "2", "--microbatches", "8",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and "'gpipe' runs no split backward" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()

@@ -46,6 +46,17 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert calibration["fit_error"] >= 0 and calibration["tied_exchange_s"] >= 0
     assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
     assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
+    # The same launch ran zb-h1 on the same stages at the first size: the split backward's I and W
+    # are priced as it measured them, B kept as fitted (I + W = B + the layers' fixed seconds + 2 x
+    # the split's own per micro-batch and stage).
+    assert priced.split_overhead_s == calibration["split_overhead_s"] >= 0
+    assert len(calibration["weight_share"]) == 2 and all(0 <= x <= 1 for x in calibration["weight_share"])
+    assert calibration["split_action_overhead_s"] > 0
+    at_run = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
+    for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
+        assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
+            at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
+    assert "split backward (zb-h1 at 1 rows)" in priced.source
     assert result["choice"]["step_time"] > 0
 
 
