@@ -275,6 +275,25 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def relative_errors(rows: list[dict]) -> list[tuple[str, float]]:
+    """Each ranked configuration's forecast relative to the defaults' forecast, against its measured
+    step relative to the defaults' measured in the same rounds, less one: the forecast's error with
+    the host's speed of the moment taken out (the defaults are the calibration run's own
+    configuration, so a host that runs every configuration 20% slower than during the calibration
+    moves both ratios alike). Empty without a defaults row."""
+    default = next((row for row in rows if row["label"].startswith("default (")), None)
+    if default is None:
+        return []
+    return [(row["label"], (row["forecast_s"] / default["forecast_s"])
+             / (row["measured_s"] / default["measured_s"]) - 1)
+            for row in rows if not row["label"].startswith(("default (", "former default ("))]
+
+
+def _print_relative(rows: list[dict]) -> None:
+    for label, error in relative_errors(rows):
+        print(f"forecast relative to the defaults' (host speed taken out), {label}: {error:+.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +313,12 @@ def main() -> None:
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--relative", type=Path, metavar="JSON",
+                        help="print the forecast errors relative to the defaults' from an earlier --json, and stop")
     args = parser.parse_args()
+    if args.relative is not None:
+        _print_relative(json.loads(args.relative.read_text())["rows"])
+        return
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
 
@@ -423,6 +447,7 @@ def main() -> None:
                  None: "one round: give --rounds 2 or more to resolve it"}[resolved] + "); "
               f"choice forecast / in-run prediction: "
               f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
+        _print_relative(rows)
     if args.json is not None:
         report = {"plan_seconds": plan.get("plan_seconds"), "calibration": plan.get("calibration"),
                   "ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
