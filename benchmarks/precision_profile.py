@@ -35,6 +35,7 @@ def main() -> int:
 
     import pipefold.model.zoo.gpt as gpt
     from pipefold.model import materialize
+    from pipefold.runtime.held_copies import casts_kept
     from pipefold.runtime.stage import cast_floating
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,17 +69,8 @@ def main() -> int:
     tokens = torch.randint(0, 256, (args.rows, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    @contextlib.contextmanager
-    def held() -> Any:  # what held_casts does around a pipeline step
-        torch.autocast_increment_nesting()
-        try:
-            yield
-        finally:
-            if torch.autocast_decrement_nesting() == 0:
-                torch.clear_autocast_cache()
-
     def step(modules: list[Any], autocast: bool) -> None:
-        with held() if autocast and not args.casts_per_forward else contextlib.nullcontext():
+        with casts_kept() if autocast and not args.casts_per_forward else contextlib.nullcontext():
             for _ in range(args.microbatches):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     value = inputs

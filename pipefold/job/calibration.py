@@ -34,7 +34,7 @@ import torch.distributed as dist
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.job.config import TrainConfig
-from pipefold.job.optim import accumulated_step
+from pipefold.job.optim import accumulated_step, apply_update
 from pipefold.job.setup import Job, set_up
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Op, Schedule
@@ -105,16 +105,12 @@ def calibration_worker(
 def _step(job: Job) -> None:
     """One step as `pipefold train`'s loop runs it (no streaming, no adaptive choice)."""
     pipe, optimizer, scheduler = job.pipe, job.optimizer, job.scheduler
+    scaler = pipe.loss_scale
+    skipped_before = 0 if scaler is None else scaler.num_skipped
     accumulated_step(pipe, [job.next_batch() for _ in range(job.config.grad_accumulation)])
     if optimizer is not None and scheduler is not None:
-        clip = job.config.clip_norm
-        if clip:
-            pipe.clip_grad_norm_(clip)
-        else:
-            pipe.gradient_scope().total_norm()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        skipped = scaler is not None and scaler.num_skipped > skipped_before  # fp16 overflow
+        apply_update(pipe, optimizer, scheduler, job.config.clip_norm, skipped=skipped)
 
 
 @dataclass

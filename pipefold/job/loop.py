@@ -38,7 +38,7 @@ from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.hf.model import finish_save, save_causal_lm, state_dict_of
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.metrics import MetricsWriter
-from pipefold.job.optim import accumulated_step
+from pipefold.job.optim import accumulated_step, apply_update
 from pipefold.job.outcome import name_the_step, record_failure
 from pipefold.job.outdir import check_out_dir
 from pipefold.job.recovery import RESTART_ENV, die, exit_step, resume_after_restart
@@ -136,15 +136,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             grad_norm: float | None = None
             lr: float | None = None
             if optimizer is not None and scheduler is not None:
-                # The flush step's gradient is complete: its norm over the whole model (clipped
-                # to `clip` where asked), the same on every rank.
-                grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
                 lr = float(optimizer.param_groups[0]["lr"])
-                if not skipped:
-                    with pipe.phase("optimizer step"):  # names it if a rank dies in it
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                grad_norm = apply_update(pipe, optimizer, scheduler, clip, skipped=skipped)
             seconds = time.perf_counter() - started if streams is None else streams.seconds
             cpu_seconds = time.process_time() - cpu_started if streams is None else None
             timeline = _last_timeline(pipe.last_timeline)

@@ -32,7 +32,8 @@ from pipefold.runtime import Pipeline
 from pipefold.runtime.adaptive import AdaptiveRunner
 from pipefold.runtime.clip import scale_gradients_
 
-__all__ = ["LR_SCHEDULES", "accumulated_step", "lr_factor", "lr_scheduler", "no_decay", "parameter_groups"]
+__all__ = ["LR_SCHEDULES", "accumulated_step", "apply_update", "lr_factor", "lr_scheduler", "no_decay",
+           "parameter_groups"]
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
 
@@ -121,3 +122,20 @@ def accumulated_step(
     if len(batches) > 1:
         scale_gradients_(pipe.parameters(), 1.0 / len(batches))
     return sum(losses) / len(losses)
+
+
+def apply_update(
+    pipe: Pipeline, optimizer: torch.optim.Optimizer, scheduler: Any, clip: float | None, *,
+    skipped: bool = False,
+) -> float:
+    """The update after a flush step, as `pipefold train` runs it: the gradient's norm over the
+    whole model (clipped to `clip` where given; the same on every rank), the optimizer's step
+    unless the batch was `skipped` (fp16 overflow), then the gradients cleared and the learning
+    rate advanced. Returns the norm."""
+    grad_norm = pipe.clip_grad_norm_(clip) if clip else pipe.gradient_scope().total_norm()
+    if not skipped:
+        with pipe.phase("optimizer step"):  # names it if a rank dies in it
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["CastHolder", "holding", "is_weight_copy", "measure_held_copies"]
+__all__ = ["CastHolder", "casts_kept", "holding", "is_weight_copy", "measure_held_copies"]
 
 
 class CastHolder(Protocol):
@@ -35,6 +35,19 @@ class CastHolder(Protocol):
 
 _depth = [0]
 """How many `holding()` blocks are open (a list, changed in place)."""
+
+
+@contextmanager
+def casts_kept() -> Iterator[None]:
+    """Keep autocast's cache of weight casts until the outermost holder leaves: an autocast
+    nesting level held open (autocast itself stays off outside the forwards), so the forwards
+    inside reuse the first one's 16-bit copy of each weight. What a step and a profile hold."""
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
 
 
 @contextmanager

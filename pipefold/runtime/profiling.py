@@ -33,7 +33,7 @@ import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
 from pipefold.model.spec import LayerLike
 from pipefold.runtime.backward import backward_input, backward_weight
+from pipefold.runtime.held_copies import casts_kept
 from pipefold.runtime.options import COMPUTE_DTYPES, PRECISIONS, PURE_PRECISIONS
 from pipefold.runtime.stage import cast_floating
 
@@ -108,18 +109,9 @@ def _apply(dtype: torch.dtype | None, layer: LayerLike, module: nn.Module, value
         return apply_layer(layer, module, value)
 
 
-@contextlib.contextmanager
-def _held_casts(dtype: torch.dtype | None) -> Iterator[None]:
+def _held_casts(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
     # As `runtime.stage.held_casts` around a step: autocast's weight casts outlive one forward.
-    if dtype is None:
-        yield
-        return
-    torch.autocast_increment_nesting()
-    try:
-        yield
-    finally:
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
+    return contextlib.nullcontext() if dtype is None else casts_kept()
 
 
 def _storages(tensors: Sequence[Tensor]) -> set[int]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, TiedLayerSpec
 from pipefold.model.dropout import enter_microbatch, replay_scope
-from pipefold.runtime.held_copies import holding, measure_held_copies
+from pipefold.runtime.held_copies import casts_kept, holding, measure_held_copies
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
 
@@ -289,11 +289,6 @@ def held_casts(stages: Sequence[Stage], *, weights_fixed: bool) -> Iterator[None
     if not fixed or all(stage.compute_dtype is None for stage in stages):
         yield
         return
-    torch.autocast_increment_nesting()
-    try:
-        with holding():
-            yield
-            measure_held_copies(stages)  # once per stage: what the cache holds for the step
-    finally:
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
+    with casts_kept(), holding():
+        yield
+        measure_held_copies(stages)  # once per stage: what the cache holds for the step
