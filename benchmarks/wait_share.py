@@ -14,6 +14,11 @@ a core, so under other processes' load it moves less than wall time (their cache
 reach it); a busy wait burns CPU, which is why it is taken out. If the 1F1B family's runtime
 work over its schedule-order floor is the same as GPipe's, its larger wall excess comes from
 the waits (the coupling of the ranks), not from work per action.
+
+`--breakdown` also times every handler (`Executor.intercept`, about 2 µs an action more): the
+CPU split into compute handlers (F, B, I, W, with the receive's completion they run), message
+handlers and the rest, and per compute op the CPU of a call that waited for its message against
+one that did not.
 """
 
 from __future__ import annotations
@@ -28,6 +33,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timed_handlers(by_op: dict[str, list[float]], waits: dict[str, float]):  # type: ignore[no-untyped-def]
+    """An `Executor.intercept` wrapper that adds each handler's thread CPU time, less the CPU of
+    the waits inside it, to `by_op[key]` ([seconds, calls]; the key is the op's name, with "~"
+    after it where the handler waited for its message): two clock reads per action, about 1 µs
+    each."""
+    def wrapper(action, handler):  # type: ignore[no-untyped-def]
+        name = action.op.name
+        clock = time.thread_time
+
+        def timed(action):  # type: ignore[no-untyped-def]
+            count, waited, start = waits["count"], waits["cpu"], clock()
+            handler(action)
+            spent = (clock() - start) - (waits["cpu"] - waited)
+            entry = by_op.setdefault(name + "~" if waits["count"] != count else name, [0.0, 0])
+            entry[0] += spent
+            entry[1] += 1
+
+        return timed
+
+    return wrapper
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -66,6 +93,9 @@ def _worker(args: argparse.Namespace) -> None:
         schedule_pair = pair(name)
         layers = work.build_layers(0)
         pipefold = PipefoldSide(work, layers, schedule_pair, num_ranks=num_ranks, num_microbatches=args.microbatches)
+        by_op: dict[str, list[float]] = {}
+        if args.breakdown:
+            pipefold.pipe.executor.intercept(_timed_handlers(by_op, waits))
         schedule = pipefold.pipe.schedule
         sides = [
             pipefold,
@@ -79,11 +109,13 @@ def _worker(args: argparse.Namespace) -> None:
         receives = sum(1 for action in row if action.op.name.startswith("RECV"))
         samples: dict[str, list[tuple[float, float]]] = {side.label: [] for side in sides}
         wait_samples: list[tuple[int, float, float]] = []
+        op_samples: list[dict[str, list[float]]] = []
         for index in range(args.warmup + args.steps):
             for side in sides:
                 side.zero_grad()
                 dist.barrier()
                 waits.update(count=0, wall=0.0, cpu=0.0)
+                by_op.clear()
                 wall, cpu = time.perf_counter(), time.thread_time()
                 side.step(inputs, targets)
                 cpu = time.thread_time() - cpu
@@ -92,8 +124,9 @@ def _worker(args: argparse.Namespace) -> None:
                     samples[side.label].append((wall, cpu))
                     if side.label == "pipefold":
                         wait_samples.append((int(waits["count"]), waits["wall"], waits["cpu"]))
+                        op_samples.append({k: list(v) for k, v in by_op.items()})
         gathered: list = [None] * num_ranks
-        dist.all_gather_object(gathered, (samples, wait_samples, actions, receives))
+        dist.all_gather_object(gathered, (samples, wait_samples, actions, receives, op_samples))
         results[name] = gathered
         del sides, pipefold
     if rank == 0:
@@ -115,13 +148,49 @@ def summarize(results: dict) -> dict:  # type: ignore[type-arg]
             for label in ranks[0][0]
         }
         per_rank = []
-        for samples, wait_samples, rank_actions, receives in ranks:
+        for samples, wait_samples, rank_actions, receives, *rest in ranks:
             per = 1e6 / rank_actions
             cpu = {label: med(s[1] for s in values) * per for label, values in samples.items()}
             # Per step, pipefold's CPU less the CPU its waits burnt, then the median.
             work = med(s[1] - w[2] for s, w in zip(samples["pipefold"], wait_samples, strict=True)) * per
             waited = med(w[0] for w in wait_samples)
+            op_samples = rest[0] if rest else []
+            parts: dict[str, float] = {}
+            if op_samples and op_samples[0]:
+                compute = ("F", "B", "I", "W")
+                # Per step: compute handlers, message handlers, and the rest of pipefold's CPU
+                # (the loop, the step's start and end), each less the waits inside it.
+                steps = [
+                    (sum(v[0] for k, v in ops.items() if k.rstrip("~") in compute),
+                     sum(v[0] for k, v in ops.items() if k.rstrip("~") not in compute),
+                     s[1] - w[2])
+                    for ops, s, w in zip(op_samples, samples["pipefold"], wait_samples, strict=True)
+                ]
+                # A compute handler's CPU per call, by whether it waited for its message (all
+                # steps pooled): where a waiting rank gave its core away, the caches it comes
+                # back to are another process's.
+                pooled: dict[str, list[float]] = {}
+                for ops in op_samples:
+                    for key, (spent, calls) in ops.items():
+                        if key.rstrip("~") in compute:
+                            total = pooled.setdefault(key, [0.0, 0])
+                            total[0] += spent
+                            total[1] += calls
+                parts = {
+                    # op -> (µs per call that waited, calls; µs per call that did not, calls)
+                    "compute_by_wait": {
+                        op: [pooled.get(op + "~", [0.0, 0])[0] / max(pooled.get(op + "~", [0.0, 0])[1], 1) * 1e6,
+                             pooled.get(op + "~", [0.0, 0])[1],
+                             pooled.get(op, [0.0, 0])[0] / max(pooled.get(op, [0.0, 0])[1], 1) * 1e6,
+                             pooled.get(op, [0.0, 0])[1]]
+                        for op in compute if op in pooled or op + "~" in pooled
+                    },
+                    "compute_handlers_cpu_us": med(c for c, _, _ in steps) * per,
+                    "message_handlers_cpu_us": med(m for _, m, _ in steps) * per,
+                    "rest_cpu_us": med(t - c - m for c, m, t in steps) * per,
+                }
             per_rank.append({
+                **parts,
                 "actions": rank_actions,
                 "receives": receives,
                 "waited": waited,
@@ -157,6 +226,15 @@ def _report(results: dict) -> None:  # type: ignore[type-arg]
                 f"runtime's work over them {r['work_over_stage_floor_us']:.0f} / "
                 f"{r['work_over_schedule_floor_us']:.0f}"
             )
+            if "compute_handlers_cpu_us" in r:
+                print(
+                    f"    CPU per action µs, waits out: compute handlers {r['compute_handlers_cpu_us']:.0f} "
+                    f"(over the schedule-order floor {r['compute_handlers_cpu_us'] - r['schedule_floor_cpu_us']:.0f}), "
+                    f"message handlers {r['message_handlers_cpu_us']:.0f}, the rest {r['rest_cpu_us']:.0f}; "
+                    "µs per handler call that waited / did not (calls): " + ", ".join(
+                        f"{op} {w:.0f} / {n:.0f} ({nw} / {nn})" for op, (w, nw, n, nn) in r["compute_by_wait"].items()
+                    )
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time every handler (Executor.intercept): pipefold's CPU split into "
+                        "compute handlers, message handlers and the rest (adds ~2 µs an action)")
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
     worker = ["--worker", "--microbatches", str(args.microbatches), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--schedules", *args.schedules]
+              "--warmup", str(args.warmup), "--schedules", *args.schedules,
+              *(["--breakdown"] if args.breakdown else [])]
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],

@@ -39,3 +39,20 @@ def test_waits_are_taken_out_of_the_cpu_and_the_slowest_rank_is_the_step():
     assert first["work_over_stage_floor_us"] == pytest.approx(100.0)
     assert first["work_over_schedule_floor_us"] == pytest.approx(50.0)
     assert second["waited_share"] == 0.0 and second["work_over_schedule_floor_us"] == pytest.approx(200.0)
+
+
+def test_breakdown_splits_the_cpu_and_compares_handlers_that_waited():
+    ops = [
+        {"F": [0.010, 40], "B~": [0.012, 10], "B": [0.030, 30], "SEND_F": [0.002, 40], "RECV_B": [0.001, 40]},
+        {"F": [0.010, 40], "B": [0.040, 40], "SEND_F": [0.002, 40], "RECV_B": [0.001, 40]},
+    ]
+    rank = _rank([(0.06, 0.06), (0.06, 0.06)], [(0.05, 0.05)] * 2, [(0.05, 0.05)] * 2,
+                 [(10, 0.01, 0.003), (0, 0.0, 0.0)], actions=80, receives=40)
+    entry = wait_share.summarize({"gpipe": [(*rank, ops)]})["gpipe"]["ranks"][0]
+    # Step 1: compute 0.052, messages 0.003, pipefold less waits 0.057; step 2: 0.050, 0.003, 0.060.
+    assert entry["compute_handlers_cpu_us"] == pytest.approx(0.051 / 80 * 1e6)
+    assert entry["message_handlers_cpu_us"] == pytest.approx(0.003 / 80 * 1e6)
+    assert entry["rest_cpu_us"] == pytest.approx((0.002 + 0.007) / 2 / 80 * 1e6)
+    # B: 10 calls that waited at 1200 µs, 70 that did not at 1000 µs; F never waited.
+    assert entry["compute_by_wait"]["B"] == pytest.approx([1200.0, 10, 1000.0, 70])
+    assert entry["compute_by_wait"]["F"] == pytest.approx([0.0, 0, 250.0, 80])
