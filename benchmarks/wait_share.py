@@ -92,14 +92,16 @@ def _worker(args: argparse.Namespace) -> None:
     for name in args.schedules:
         schedule_pair = pair(name)
         layers = work.build_layers(0)
-        pipefold = PipefoldSide(work, layers, schedule_pair, num_ranks=num_ranks, num_microbatches=args.microbatches)
+        pipefold = PipefoldSide(work, layers, schedule_pair, num_ranks=num_ranks,
+                                num_microbatches=args.microbatches)
         by_op: dict[str, list[float]] = {}
         if args.breakdown:
             pipefold.pipe.executor.intercept(_timed_handlers(by_op, waits))
         schedule = pipefold.pipe.schedule
         sides = [
             pipefold,
-            _PlainSide(work, layers, schedule_pair, rank=rank, num_ranks=num_ranks, num_microbatches=args.microbatches),
+            _PlainSide(work, layers, schedule_pair, rank=rank, num_ranks=num_ranks,
+                       num_microbatches=args.microbatches),
             _ScheduleOrderPlainSide(work, layers, schedule_pair, schedule, rank=rank,
                                     num_microbatches=args.microbatches),
         ]
@@ -135,6 +137,13 @@ def _worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def _per_call(entry: list[float] | None) -> tuple[float, int]:
+    """(µs per call, calls) of a [seconds, calls] total; (0, 0) for none."""
+    if not entry or not entry[1]:
+        return 0.0, 0
+    return entry[0] / entry[1] * 1e6, int(entry[1])
+
+
 def summarize(results: dict) -> dict:  # type: ignore[type-arg]
     """Per schedule: the wall step per action and over each floor (the slowest rank's, as
     overhead.py takes it), and per rank the waits and the CPU time per compute action."""
@@ -144,7 +153,8 @@ def summarize(results: dict) -> dict:  # type: ignore[type-arg]
         actions = max(entry[2] for entry in ranks)
         num_steps = len(ranks[0][0]["pipefold"])
         wall = {
-            label: med(max(entry[0][label][i][0] for entry in ranks) for i in range(num_steps)) / actions * 1e6
+            label: med(max(entry[0][label][i][0] for entry in ranks) for i in range(num_steps))
+            / actions * 1e6
             for label in ranks[0][0]
         }
         per_rank = []
@@ -179,10 +189,7 @@ def summarize(results: dict) -> dict:  # type: ignore[type-arg]
                 parts = {
                     # op -> (µs per call that waited, calls; µs per call that did not, calls)
                     "compute_by_wait": {
-                        op: [pooled.get(op + "~", [0.0, 0])[0] / max(pooled.get(op + "~", [0.0, 0])[1], 1) * 1e6,
-                             pooled.get(op + "~", [0.0, 0])[1],
-                             pooled.get(op, [0.0, 0])[0] / max(pooled.get(op, [0.0, 0])[1], 1) * 1e6,
-                             pooled.get(op, [0.0, 0])[1]]
+                        op: [*_per_call(pooled.get(op + "~")), *_per_call(pooled.get(op))]
                         for op in compute if op in pooled or op + "~" in pooled
                     },
                     "compute_handlers_cpu_us": med(c for c, _, _ in steps) * per,
@@ -222,17 +229,20 @@ def _report(results: dict) -> None:  # type: ignore[type-arg]
                 f"  rank {rank}: {r['actions']} actions, {r['receives']} receives, waited {r['waited']:.0f} "
                 f"({r['waited_share']:.0%}); per action µs: waits wall {r['wait_wall_us']:.0f} "
                 f"(CPU {r['wait_cpu_us']:.0f}); CPU: pipefold less waits {r['work_cpu_us']:.0f}, stage-order "
-                f"floor {r['stage_floor_cpu_us']:.0f}, schedule-order floor {r['schedule_floor_cpu_us']:.0f}; "
+                f"floor {r['stage_floor_cpu_us']:.0f}, schedule-order floor "
+                f"{r['schedule_floor_cpu_us']:.0f}; "
                 f"runtime's work over them {r['work_over_stage_floor_us']:.0f} / "
                 f"{r['work_over_schedule_floor_us']:.0f}"
             )
             if "compute_handlers_cpu_us" in r:
                 print(
                     f"    CPU per action µs, waits out: compute handlers {r['compute_handlers_cpu_us']:.0f} "
-                    f"(over the schedule-order floor {r['compute_handlers_cpu_us'] - r['schedule_floor_cpu_us']:.0f}), "
+                    "(over the schedule-order floor "
+                    f"{r['compute_handlers_cpu_us'] - r['schedule_floor_cpu_us']:.0f}), "
                     f"message handlers {r['message_handlers_cpu_us']:.0f}, the rest {r['rest_cpu_us']:.0f}; "
                     "µs per handler call that waited / did not (calls): " + ", ".join(
-                        f"{op} {w:.0f} / {n:.0f} ({nw} / {nn})" for op, (w, nw, n, nn) in r["compute_by_wait"].items()
+                        f"{op} {w:.0f} / {n:.0f} ({nw} / {nn})"
+                        for op, (w, nw, n, nn) in r["compute_by_wait"].items()
                     )
                 )
 
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=args.timeout, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=args.timeout,
+        capture_output=True, text=True,
     )
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
