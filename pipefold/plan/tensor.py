@@ -15,6 +15,7 @@ from pipefold.simulate import Link
 __all__ = [
     "GPT_BLOCK_SEQUENCE_PARALLEL_SHARE",
     "LinearCosts",
+    "gpt_block_cast_parameters",
     "gpt_block_parameters",
     "split_costs",
     "tensor_parallel_problem",
@@ -68,6 +69,7 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         activation_bytes=round(layer.activation_bytes * (1 - activation_share + activation_share / degree)),
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
+        cast_bytes=round(layer.cast_bytes * keep),  # a shard's copies, split as its weights are
         # What is left of the layer is a tp rank's slice: it does not split again.
         tensor_parallel_share=0.0,
         tensor_parallel_activation_share=None,
@@ -98,6 +100,12 @@ def gpt_block_parameters(d_model: int) -> int:
     """A GPT decoder block's parameters: 12 d^2 for q/k/v, the projection and the 4x MLP, 13 d
     for their biases and the two layer norms."""
     return 12 * d_model * d_model + 13 * d_model
+
+
+def gpt_block_cast_parameters(d_model: int) -> int:
+    """The parameters of a GPT decoder block that autocast casts to 16 bits (and holds for a step):
+    the 12 d^2 weights of its four linear layers and their 9 d biases (not the layer norms)."""
+    return 12 * d_model * d_model + 9 * d_model
 
 
 def with_gpt_tensor_parallel(

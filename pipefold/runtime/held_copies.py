@@ -12,14 +12,14 @@ planner prices them (`RankMemory.casts`).
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["CastHolder", "casts_kept", "holding", "is_weight_copy", "measure_held_copies"]
+__all__ = ["CastHolder", "casts_kept", "held_copy_bytes", "holding", "is_weight_copy", "measure_held_copies"]
 
 
 class CastHolder(Protocol):
@@ -86,24 +86,36 @@ def measure_held_copies(stages: Sequence[CastHolder]) -> None:
     if not todo:
         return
     seen: set[int] = set()  # a weight two stages of the rank hold (tied) is one copy: the first's
-    with torch.enable_grad():
-        marker = _next_node_number()
-        for stage in todo:
-            dtype = stage.compute_dtype
-            assert dtype is not None
-            held = 0
-            for param in stage.parameters:
-                copy = _cast_of(param, stage.device_type, dtype)
-                if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
-                    storage = copy.untyped_storage()
-                    if storage.data_ptr() not in seen:
-                        seen.add(storage.data_ptr())
-                        held += storage.nbytes()
-            stage.held_cast_bytes = held
+    marker = _next_node_number()
+    for stage in todo:
+        dtype = stage.compute_dtype
+        assert dtype is not None
+        stage.held_cast_bytes = held_copy_bytes(stage.parameters, stage.device_type, dtype, marker, seen)
+
+
+def held_copy_bytes(parameters: Iterable[Tensor], device_type: str, dtype: torch.dtype,
+                    marker: int | None = None, seen: set[int] | None = None) -> int:
+    """Bytes of the copies of `parameters` autocast's cache holds now (with `casts_kept` open),
+    made before `marker` (`_next_node_number()` taken before any probe; None: now), each storage
+    once (`seen`: those counted already, shared across calls). What `measure_held_copies` counts
+    per stage and `pipefold.runtime.profile` per layer (`LayerProfile.held_cast_bytes`)."""
+    seen = set() if seen is None else seen
+    held = 0
+    with torch.enable_grad(), holding():  # the probe's casts are the held kind (is_weight_copy)
+        marker = _next_node_number() if marker is None else marker
+        for param in parameters:
+            copy = _cast_of(param, device_type, dtype)
+            if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
+                storage = copy.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    held += storage.nbytes()
+    return held
 
 
 def _next_node_number() -> int:
-    node = torch.zeros(1, requires_grad=True).clone().grad_fn
+    with torch.enable_grad():
+        node = torch.zeros(1, requires_grad=True).clone().grad_fn
     assert node is not None
     return int(node._sequence_nr())
 
