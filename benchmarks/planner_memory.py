@@ -23,7 +23,8 @@ selective: the attention core), through the planner's own `evaluate`.
 `--precision bf16|fp16|bf16-pure` profiles, plans and trains in that precision (`plan --profile
 --precision`): the 16-bit weight copies autocast holds for a step are then a column of their
 own on both sides, the plan's `casts` and the job's (summary.json's memory `casts`, measured from
-autocast's cache and left out of the counted activations: pipefold.runtime.held_copies).
+autocast's cache and left out of the counted activations: pipefold.runtime.held_copies), with
+their error per rank (the plan prices each rank's from its own layers' profiled copies).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
             f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else ""),
             str(rank),
             f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
-            *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}") if mixed else ()),
+            *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}",
+               f"{predicted['casts'] / casts - 1:+.1%}" if casts else "-") if mixed else ()),
             f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
             f"{like / total - 1:+.1%}",
         ))
@@ -160,7 +162,7 @@ def main() -> None:
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
     ]
-    casts = ("casts KiB (plan)", "casts KiB (job)") if args.precision != "fp32" else ()
+    casts = ("casts KiB (plan)", "casts KiB (job)", "casts error") if args.precision != "fp32" else ()
     header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)", *casts,
               "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
               "error")

@@ -5,7 +5,8 @@ schedule, no full sharding), each weight autocast casts is copied once for the s
 per micro-batch. So the saved-tensor counter (`runtime.memory.ActivationCounter`) leaves those
 copies out of the activations (`is_weight_copy`), and at the end of a step the copies the cache
 holds are measured per stage (`measure_held_copies`, once: `Stage.held_cast_bytes`), those of
-recomputed layers included, whose checkpointed forward saves none of them. `pipefold train`
+recomputed layers included, whose checkpointed forward saves none of them, and of a
+tensor-parallel weight (a DTensor) this rank's shard's. `pipefold train`
 reports them per rank (summary.json's memory `casts`), beside the counted activations, as the
 planner prices them (`RankMemory.casts`).
 """
@@ -18,6 +19,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
+
+from pipefold.runtime.parallel.tensor_parallel import local
 
 __all__ = ["CastHolder", "casts_kept", "held_copy_bytes", "holding", "is_weight_copy", "measure_held_copies"]
 
@@ -71,8 +75,8 @@ def is_weight_copy(tensor: Tensor, parameters: Container[int]) -> bool:
         return False
     source = node.next_functions[0][0]
     variable = getattr(source, "variable", None)
-    # A plain weight: a tensor-parallel shard's copies stay among the activations (not measured).
-    return type(variable) is torch.nn.Parameter and id(variable) in parameters
+    # A weight, plain or a tensor-parallel shard (a DTensor: autocast caches its cast as any leaf's).
+    return isinstance(variable, (torch.nn.Parameter, DTensor)) and id(variable) in parameters
 
 
 def measure_held_copies(stages: Sequence[CastHolder]) -> None:
@@ -106,7 +110,7 @@ def held_copy_bytes(parameters: Iterable[Tensor], device_type: str, dtype: torch
         for param in parameters:
             copy = _cast_of(param, device_type, dtype)
             if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
-                storage = copy.untyped_storage()
+                storage = local(copy).untyped_storage()  # a shard's copy: this rank's part
                 if storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
                     held += storage.nbytes()
@@ -122,9 +126,9 @@ def _next_node_number() -> int:
 
 def _cast_of(param: Tensor, device_type: str, dtype: torch.dtype) -> Tensor | None:
     """Autocast's 16-bit cast of `param` (from its cache where it holds one); None where autocast
-    would not cache one (not an fp32 leaf taking a gradient, a tensor-parallel shard, a scalar)."""
-    if (type(param) is not torch.nn.Parameter or param.dtype != torch.float32 or not param.requires_grad
-            or param.dim() == 0):
+    would not cache one (not an fp32 leaf taking a gradient, a scalar)."""
+    if (not isinstance(param, (torch.nn.Parameter, DTensor)) or param.dtype != torch.float32
+            or not param.requires_grad or not param.is_leaf or param.dim() == 0):
         return None
     saved: list[Tensor] = []
 
@@ -134,8 +138,11 @@ def _cast_of(param: Tensor, device_type: str, dtype: torch.dtype) -> Tensor | No
 
     # A matrix product with a factor that takes a gradient saves the weight's cast for it (a
     # product with no columns: nothing is computed).
-    other = param.new_zeros(param.shape[-1], 0) if param.dim() >= 2 else param.new_zeros(param.shape[0])
-    other.requires_grad_(True)
+    shape = (param.shape[-1], 0) if param.dim() >= 2 else (param.shape[0],)
+    other: Tensor = torch.zeros(shape, device=local(param).device, requires_grad=True)
+    if isinstance(param, DTensor):
+        # Whole on every rank of the shard's mesh: the product with a shard then moves nothing.
+        other = DTensor.from_local(other, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         with torch.autocast(device_type, dtype=dtype):
             torch.matmul(param, other)
