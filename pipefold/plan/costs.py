@@ -44,8 +44,8 @@ class LayerCost:
     cast_bytes: int = 0
     """Mixed precision: bytes of the 16-bit copies of the layer's weights that autocast holds for a
     step (its matrix products' weights and biases, not norms or embeddings; a profile measures them
-    from autocast's cache: `LayerProfile.held_cast_bytes`). A tensor-parallel split divides them
-    as it divides `parameter_bytes`. 0 in every layer: `ModelCosts.cast_bytes_per_parameter_byte`
+    from autocast's cache: `LayerProfile.held_cast_bytes`). A tensor-parallel split divides their
+    `tensor_parallel_cast_share`: each tp rank casts its own shard. 0 in every layer: `ModelCosts.cast_bytes_per_parameter_byte`
     prices them."""
     weight_grad_s: float | None = None
     """The weight-gradient part (W) of `backward_s`; None takes half of it, the I = W split of
@@ -61,6 +61,8 @@ class LayerCost:
     num_tensor_parallel_allreduces: int = 0
     """All-reduces of the layer's output (`output_bytes`) the split adds to each forward, and of
     the input gradient (as large) to each backward."""
+    tensor_parallel_cast_share: float | None = None
+    """The share of its `cast_bytes` that the split divides; None: `tensor_parallel_share`."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -71,7 +73,7 @@ class LayerCost:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
-        for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                      "sequence_parallel_activation_share"):
             share = getattr(self, name)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
@@ -427,7 +429,8 @@ class ModelCosts:
             raise ConfigError(f"unknown model costs field(s) {unknown}; known fields: {sorted(_FIELDS)}")
         layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                         "cast_bytes", "weight_grad_s", "fixed_s", "tensor_parallel_share",
-                        "tensor_parallel_activation_share", "num_tensor_parallel_allreduces",
+                        "tensor_parallel_activation_share", "tensor_parallel_cast_share",
+                        "num_tensor_parallel_allreduces",
                         "sequence_parallel_activation_share"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):

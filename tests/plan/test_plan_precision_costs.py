@@ -180,3 +180,17 @@ def test_the_hardware_estimate_prices_the_shards_copies_and_their_time(tensor_pa
                                hardware=hardware, dtype="bf16").at(1, t, Link(), False)
     assert not any(layer.cast_bytes for layer in bf16_weights.layers)
     assert bf16_weights.cast_s_per_parameter_byte == 0
+
+
+def test_the_gpts_split_casts_each_shard_and_the_row_split_biases_whole():
+    from pipefold.plan import gpt_costs
+    from pipefold.plan.tensor import split_costs
+
+    d = 32
+    costs = gpt_costs(num_layers=2, d_model=d, num_heads=2, seq_len=16, vocab_size=64, bytes_per_value=2,
+                      parameter_bytes_per_value=4)
+    split = split_costs(costs, 2, Link())
+    # As the job measures a tp rank's held copies (pipefold.runtime.held_copies): its shard of the
+    # four linears' weights and the column-split biases, the projection's and fc_out's biases whole.
+    assert split.layers[2].cast_bytes == ((12 * d * d + 7 * d) // 2 + 2 * d) * 2
+    assert split.layers[-1].cast_bytes == costs.layers[-1].cast_bytes  # the head is not split
