@@ -328,7 +328,7 @@ class ModelCosts:
     @property
     def casts_per_layer(self) -> bool:
         """Whether the layers carry their own weight copies (`LayerCost.cast_bytes`)."""
-        return any(layer.cast_bytes for layer in self.layers)
+        return self._prefix[_CAST_COLUMN][-1] > 0
 
     @property
     def splits(self) -> bool:
