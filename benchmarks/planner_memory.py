@@ -4,6 +4,7 @@
     python benchmarks/planner_memory.py --quick    # 1f1b, m = 4 only
     python benchmarks/planner_memory.py --megatron # Megatron-LM's GPT: `plan --megatron`'s model
     python benchmarks/planner_memory.py --quick --precision bf16   # profiled and trained in bf16
+    python benchmarks/planner_memory.py --quick --precision bf16 --tensor-parallel 2   # 4 processes
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -23,7 +24,9 @@ selective: the attention core), through the planner's own `evaluate`.
 `--precision bf16|fp16|bf16-pure` profiles, plans and trains in that precision (`plan --profile
 --precision`): the 16-bit weight copies autocast holds for a step are then a column of their
 own on both sides, the plan's `casts` and the job's (summary.json's memory `casts`, measured from
-autocast's cache and left out of the counted activations: pipefold.runtime.held_copies).
+autocast's cache and left out of the counted activations: pipefold.runtime.held_copies), with
+their error per rank (the plan prices each rank's from its own layers' profiled copies; under
+`--tensor-parallel`, each tp rank's from its shards).
 """
 
 from __future__ import annotations
@@ -48,17 +51,20 @@ def _cli(args: list[str], cwd: Path) -> str:
 
 
 def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
-            precision: str = "fp32") -> list[tuple[str, ...]]:
+            precision: str = "fp32", tensor_parallel: int = 1) -> list[tuple[str, ...]]:
+    split = ["--tensor-parallel", str(tensor_parallel), "--devices", str(2 * tensor_parallel)]
     planned = json.loads(_cli(
         ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
          str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json",
-         "--calibrate-steps", "0", "--precision", precision], work))  # memory: times do not matter here
+         "--calibrate-steps", "0", "--precision", precision, *(split if tensor_parallel > 1 else [])],
+        work))  # memory: times do not matter here
     command = shlex.split(planned["train_command"])[1:]  # without the leading "pipefold"
-    out = work / f"{schedule}-{recompute}-{num_microbatches}-{precision}"
+    out = work / f"{schedule}-{recompute}-{num_microbatches}-{precision}-tp{tensor_parallel}"
     _cli([*command, "--steps", "2", "--out", str(out)], work)
     counted = json.loads((out / "summary.json").read_text())["memory"]
     rows = []
-    for entry in sorted(counted, key=lambda e: e["pipeline_rank"]):
+    # One entry per process: with tensor parallelism, each tp rank of a stage against its plan.
+    for entry in sorted(counted, key=lambda e: (e["pipeline_rank"], e["world_rank"])):
         rank = entry["pipeline_rank"]
         predicted = planned["choice"]["memory"][rank]
         # The job holds autocast's weight copies once a step (mixed precision) and reports them
@@ -70,10 +76,12 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
         like = predicted["total"] - predicted["recompute"]
         mixed = precision != "fp32"
         rows.append((
-            f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else ""),
-            str(rank),
+            f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else "")
+            + (f" tp={tensor_parallel}" if tensor_parallel > 1 else ""),
+            str(rank) if tensor_parallel == 1 else f"{rank} (process {entry['world_rank']})",
             f"{predicted['activations'] / 2**10:.0f}", f"{entry['activations_peak'] / 2**10:.0f}",
-            *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}") if mixed else ()),
+            *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}",
+               f"{predicted['casts'] / casts - 1:+.1%}" if casts else "-") if mixed else ()),
             f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
             f"{like / total - 1:+.1%}",
         ))
@@ -149,6 +157,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1f1b at m = 4 only")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "bf16-pure"), default="fp32",
                         help="profile, plan and train in this precision (default fp32)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                        help="T tensor-parallel ranks per stage (2 T processes; default 1)")
     parser.add_argument("--megatron", action="store_true",
                         help="Megatron-LM's GPT (unfused attention, dropout) against the model "
                         "`plan --megatron` prices")
@@ -160,7 +170,7 @@ def main() -> None:
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
     ]
-    casts = ("casts KiB (plan)", "casts KiB (job)") if args.precision != "fp32" else ()
+    casts = ("casts KiB (plan)", "casts KiB (job)", "casts error") if args.precision != "fp32" else ()
     header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)", *casts,
               "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
               "error")
@@ -168,7 +178,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for schedule, recompute, m in cases:
-            for row in measure(schedule, recompute, m, Path(tmp), args.precision):
+            for row in measure(schedule, recompute, m, Path(tmp), args.precision, args.tensor_parallel):
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

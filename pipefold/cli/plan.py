@@ -191,7 +191,8 @@ def add_parser(subparsers: Any) -> None:
     gpt.add_argument("--bytes-per-value", type=int, help="4 for fp32 (default), 2 for bf16")
     gpt.add_argument("--precision", choices=tuple(PRECISION_BYTES),
                      help="price activations and boundaries as `pipefold train --precision` sends them "
-                     "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); with --profile / "
+                     "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); with --hardware: compute "
+                     "in its dtype; with --profile / "
                      "--measure: measure the layers in it, as pipefold profile --precision; default fp32")
     gpt.add_argument("--overhead", type=float, metavar="SECONDS",
                      help="fixed seconds per layer and action (kernel launches); default 0")
@@ -214,10 +215,18 @@ def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
                 "gives "
                 "peak FLOP/s per dtype and the matmul efficiency; pick the dtype with --dtype)"
             )
+    dtype, parameter_bytes = args.dtype or "", 0
+    if args.precision is not None:
+        # As pipefold train runs it: 16-bit compute (autocast) over fp32 weights, bf16-pure's bf16 weights.
+        dtype = {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(args.precision, "fp32")
+        if args.dtype is not None and args.dtype != dtype:
+            raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} (computing in {dtype}) "
+                              "disagree; give one")
+        parameter_bytes = PRECISION_BYTES[args.precision][1]
     return GptEstimate(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
-        vocab_size=args.vocab_size, hardware=hardware, dtype=args.dtype or "", megatron=args.megatron,
-        overhead_s=0.0 if args.overhead is None else args.overhead,
+        vocab_size=args.vocab_size, hardware=hardware, dtype=dtype, megatron=args.megatron,
+        overhead_s=0.0 if args.overhead is None else args.overhead, parameter_bytes=parameter_bytes,
     )
 
 

@@ -21,7 +21,7 @@ bits with fp32 weights (bf16-pure: bf16 weights), the weight casts held for the 
 boundaries in 16 bits. Times, activation bytes and boundary bytes are the precision's own; the
 costs price weights, gradients and optimizer state as the runtime keeps them (fp32 weights and
 Adam moments; bf16-pure: bf16 weights and gradients, fp32 master and moments in the optimizer)
-and the 16-bit weight copies autocast holds for a step (`cast_bytes_per_parameter_byte`).
+and the 16-bit weight copies autocast holds for a step (each layer's `cast_bytes`).
 
 `--model DIR_OR_CONFIG` measures a Hugging Face decoder instead (a model directory or a
 config.json; random weights from its config: times do not depend on the values): the layers
@@ -411,7 +411,7 @@ def print_table(measured: GptProfile, console: Console) -> None:
             "keeps each layer's B and splits it by the layer's W share.",
             highlight=False, markup=False, soft_wrap=True,
         )
-    casts = sum(p.cast_bytes for p in measured.profiles)
+    casts = sum(p.held_cast_bytes for p in measured.profiles)
     if casts:
         console.print(
             f"16-bit weight copies autocast holds for a step: {mib(casts)} MiB (once per rank, not per "

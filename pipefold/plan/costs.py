@@ -41,6 +41,12 @@ class LayerCost:
     """Bytes of the layer's output: what crosses a stage boundary cut after this layer."""
     parameter_bytes: int = 0
     """Bytes of the layer's weights (a tied module counts at each occurrence: each holder stores it)."""
+    cast_bytes: int = 0
+    """Mixed precision: bytes of the 16-bit copies of the layer's weights that autocast holds for a
+    step (its matrix products' weights and biases, not norms or embeddings; a profile measures them
+    from autocast's cache: `LayerProfile.held_cast_bytes`). A tensor-parallel split divides their
+    `tensor_parallel_cast_share`: each tp rank casts its own shard. 0 in every layer: `ModelCosts.cast_bytes_per_parameter_byte`
+    prices them."""
     weight_grad_s: float | None = None
     """The weight-gradient part (W) of `backward_s`; None takes half of it, the I = W split of
     matrix-product layers (Qi et al., 2023)."""
@@ -55,6 +61,8 @@ class LayerCost:
     num_tensor_parallel_allreduces: int = 0
     """All-reduces of the layer's output (`output_bytes`) the split adds to each forward, and of
     the input gradient (as large) to each backward."""
+    tensor_parallel_cast_share: float | None = None
+    """The share of its `cast_bytes` that the split divides; None: `tensor_parallel_share`."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -63,9 +71,9 @@ class LayerCost:
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
-                     "fixed_s", "num_tensor_parallel_allreduces"):
+                     "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
-        for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                      "sequence_parallel_activation_share"):
             share = getattr(self, name)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
@@ -75,7 +83,7 @@ class LayerCost:
                 f"LayerCost.num_tensor_parallel_allreduces = {self.num_tensor_parallel_allreduces!r}; "
                 "give a whole number"
             )
-        for name in ("activation_bytes", "output_bytes", "parameter_bytes"):
+        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -137,6 +145,16 @@ def _measured_weight_grad_s(profile: ProfileLike) -> float | None:
     return min(profile.backward_s, profile.backward_s * share)
 
 
+def _held_cast_bytes(profile: ProfileLike) -> int:
+    """The copies autocast's cache holds for the layer (`held_cast_bytes`, biases' included); a
+    profile without it: the copies its backward saves (`cast_bytes`)."""
+    held = getattr(profile, "held_cast_bytes", None)
+    return int(getattr(profile, "cast_bytes", 0) if held is None else held)
+
+
+_CAST_COLUMN = 7
+"""`ModelCosts.span`'s column of the layers' `cast_bytes`."""
+
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
@@ -162,10 +180,12 @@ class ModelCosts:
     """Optimizer state per parameter byte (Adam: two moments, 2; with bf16 weights and fp32 master
     copies, `precision="bf16-pure"`: the master and two fp32 moments, 6)."""
     cast_bytes_per_parameter_byte: float = 0.0
-    """The 16-bit weight copies mixed precision holds for a step, per parameter byte: autocast casts
-    each matrix weight once a step and its backward keeps the copy (a profile in bf16 or fp16
-    measures it: `LayerProfile.cast_bytes`); 0 in fp32 and with bf16 weights. A rank holds them
-    once, beside its weights (`pipefold.plan.memory.RankMemory.casts`)."""
+    """The 16-bit weight copies mixed precision holds for a step, per parameter byte of the whole
+    model: autocast casts each matrix weight once a step and its backward keeps the copy; 0 in
+    fp32 and with bf16 weights. A rank holds them once, beside its weights
+    (`pipefold.plan.memory.RankMemory.casts`). Where layers carry their own (`LayerCost.cast_bytes`,
+    from a profile or the FLOP estimate) each stage is priced its layers' own instead, and this
+    is only their sum over the parameter bytes (`pipefold.plan.stages.stage_cost_model`)."""
     cast_s_per_parameter_byte: float = 0.0
     """Seconds autocast spends making those copies, per parameter byte (`LayerProfile.cast_s`): once
     a step, at each stage's first forward (under full sharding at every forward of the gathered
@@ -271,6 +291,7 @@ class ModelCosts:
             # What a checkpointed layer keeps: its input, the previous layer's output.
             [float(self.input_bytes)] + [float(layer.output_bytes) for layer in self.layers[:-1]],
             [layer.fixed_s for layer in self.layers],
+            [float(layer.cast_bytes) for layer in self.layers],
         )
         prefixes = []
         for column in columns:
@@ -298,6 +319,18 @@ class ModelCosts:
         return sum(layer.parameter_bytes for layer in self.layers)
 
     @property
+    def cast_s_per_cast_byte(self) -> float:
+        """Seconds per byte of the layers' weight copies (`LayerCost.cast_bytes`): the casts' time
+        (`cast_s_per_parameter_byte` over the model) spread over the copies it makes; 0 without."""
+        copies = self._prefix[_CAST_COLUMN][-1]
+        return self.cast_s_per_parameter_byte * self.parameter_bytes / copies if copies else 0.0
+
+    @property
+    def casts_per_layer(self) -> bool:
+        """Whether the layers carry their own weight copies (`LayerCost.cast_bytes`)."""
+        return self._prefix[_CAST_COLUMN][-1] > 0
+
+    @property
     def splits(self) -> bool:
         """Whether any layer has a tensor-parallel share."""
         return any(layer.tensor_parallel_share > 0 for layer in self.layers)
@@ -313,7 +346,7 @@ class ModelCosts:
 
     def span(self, kind: int, start: int, stop: int) -> float:
         """Sum over layers [start, stop) of column `kind`: 0 F, 1 I, 2 W (seconds), 3 activation
-        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`), 6 fixed seconds."""
+        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`), 6 fixed seconds, 7 cast bytes."""
         prefix = self._prefix[kind]
         return prefix[stop] - prefix[start]
 
@@ -352,15 +385,17 @@ class ModelCosts:
                 activation_bytes=p.activation_bytes,
                 output_bytes=p.output.num_bytes,
                 parameter_bytes=p.parameter_bytes,
+                cast_bytes=_held_cast_bytes(p),
                 weight_grad_s=weight_grad_s(p),
             )
             for p in profiles
         )
         options.setdefault("source", "measured profile")
         options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
-        # A profile under autocast saves 16-bit weight copies; priced per parameter byte of a rank.
+        # A profile under autocast measures each layer's 16-bit weight copies (priced per stage from
+        # its layers); their sum per parameter byte summarises them.
         parameters = sum(p.parameter_bytes for p in profiles)
-        casts = sum(getattr(p, "cast_bytes", 0) for p in profiles)
+        casts = sum(layer.cast_bytes for layer in layers)
         if casts and parameters:
             options.setdefault("cast_bytes_per_parameter_byte", casts / parameters)
             cast_s = sum(getattr(p, "cast_s", 0.0) for p in profiles)
@@ -393,8 +428,9 @@ class ModelCosts:
         if unknown:
             raise ConfigError(f"unknown model costs field(s) {unknown}; known fields: {sorted(_FIELDS)}")
         layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
-                        "weight_grad_s", "fixed_s", "tensor_parallel_share",
-                        "tensor_parallel_activation_share", "num_tensor_parallel_allreduces",
+                        "cast_bytes", "weight_grad_s", "fixed_s", "tensor_parallel_share",
+                        "tensor_parallel_activation_share", "tensor_parallel_cast_share",
+                        "num_tensor_parallel_allreduces",
                         "sequence_parallel_activation_share"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.hardware import Hardware
-from pipefold.plan.tensor import gpt_block_parameters, with_gpt_tensor_parallel
+from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.simulate import Link
 
 __all__ = [
@@ -100,11 +100,15 @@ def gpt_costs(
     tie_embeddings: bool = True,
     overhead_s: float = 0.0,
     parameter_bytes_per_value: int | None = None,
+    memory_bandwidth: float | None = None,
 ) -> ModelCosts:
     """Per-sample costs (reference_rows = 1) of `gpt_layers(vocab_size, d_model, num_heads, num_layers,
     seq_len)`, estimated as the module docstring says. `bytes_per_value` prices activations and
     boundaries, `parameter_bytes_per_value` (default the same) weights: mixed precision keeps
-    fp32 weights (4) and 16-bit activations (2); see `PRECISION_BYTES`."""
+    fp32 weights (4) and 16-bit activations (2); see `PRECISION_BYTES`. There autocast's 16-bit
+    copies of the matrix products' weights and biases are each layer's `cast_bytes`, and with the
+    device's `memory_bandwidth` (bytes/s) their making is timed as a copy (read the weights, write
+    the copies); without it the casts take no time."""
     if parameter_bytes_per_value is None:
         parameter_bytes_per_value = bytes_per_value
     sizes = {"num_layers": num_layers, "d_model": d_model, "num_heads": num_heads, "seq_len": seq_len,
@@ -117,10 +121,15 @@ def gpt_costs(
         raise ConfigError(f"gpt_costs: d_model={d_model} is not divisible by num_heads={num_heads}")
     if not flops > 0:
         raise ConfigError(f"gpt_costs: flops = {flops!r}; give the device's FLOP/s, e.g. 1e14")
+    if memory_bandwidth is not None and not memory_bandwidth > 0:
+        raise ConfigError(f"gpt_costs: memory_bandwidth = {memory_bandwidth!r}; give the device's bytes/s, "
+                          "e.g. 2e12 (or None: the casts take no time)")
     t, d, v, b, p = seq_len, d_model, vocab_size, bytes_per_value, parameter_bytes_per_value
     hidden = t * d * b
 
-    def layer(fwd_flops: float, weight_flops: float, kept: int, params: int) -> LayerCost:
+    mixed = b < p  # 16-bit values with wider weights: autocast casts the products' weights
+
+    def layer(fwd_flops: float, weight_flops: float, kept: int, params: int, cast: int = 0) -> LayerCost:
         return LayerCost(
             forward_s=fwd_flops / flops,
             backward_s=2 * fwd_flops / flops,
@@ -128,18 +137,23 @@ def gpt_costs(
             activation_bytes=kept,
             output_bytes=hidden,
             parameter_bytes=params * parameter_bytes_per_value,
+            cast_bytes=cast * b if mixed else 0,
         )
 
     products = 24 * t * d * d
-    block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d))
+    block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d),
+                  gpt_block_cast_parameters(d))
     head_flops = 2 * t * d * v
     layers = [
-        layer(0.0, 0.0, 0, v * d),  # a gather: no FLOPs worth counting; ids are not kept as floats
+        # A gather (autocast casts no embedding): no FLOPs worth counting; ids are not kept as floats.
+        layer(0.0, 0.0, 0, v * d),
         layer(t * d, 0.0, 0, t * d),
         *([block] * num_layers),
         layer(8 * t * d, 2 * t * d, t * d * b, 2 * d),
-        layer(head_flops, head_flops, t * (d + v) * b, v * d),
+        layer(head_flops, head_flops, t * (d + v) * b, v * d, v * d),  # no bias, tied or not
     ]
+    cast_elements = sum(layer.cast_bytes for layer in layers) // b
+    parameters = sum(layer.parameter_bytes for layer in layers)
     costs = ModelCosts(
         layers=tuple(layers),
         reference_rows=1,
@@ -147,11 +161,11 @@ def gpt_costs(
         # Adam's two moments in the weights' dtype; with 16-bit weights fp32 moments and master
         # copies (12 bytes per weight: 6 per byte of a bf16 weight), as `GptEstimate` prices them.
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
-        # 16-bit values with wider weights (mixed precision): autocast's 16-bit copies of the matrix
-        # weights (the blocks' and the head's), held once a step, as a profile in bf16 measures them.
-        cast_bytes_per_parameter_byte=(
-            (num_layers * 12 * d * d + v * d) * b / sum(layer.parameter_bytes for layer in layers)
-            if b < p else 0.0
+        # Each layer's own copies price its stage; the ratio only sums them up.
+        cast_bytes_per_parameter_byte=cast_elements * b / parameters,
+        # A cast reads each weight and writes its copy, at the device's memory bandwidth.
+        cast_s_per_parameter_byte=(
+            cast_elements * (p + b) / memory_bandwidth / parameters if memory_bandwidth else 0.0
         ),
         overhead_s=overhead_s,
         tied_layers=((0, len(layers) - 1),) if tie_embeddings else (),  # the head is the embedding
@@ -354,7 +368,15 @@ class GptEstimate:
             output_bytes=logits * max(v, 4),
             parameter_bytes=vocab * h // vt * pe,
         )
+        # fp32 weights under 16-bit autocast: each product's weight and bias shard is cast once a
+        # step (the blocks' row-split biases whole), a copy timed at the memory bandwidth.
+        casting = pe > v
+        block_casts = round((12 * h * h + 7 * h) / t + 2 * h) if casting else 0
+        head_casts = vocab * h // vt if casting else 0
+        block = replace(block, cast_bytes=block_casts * v)
+        head = replace(head, cast_bytes=head_casts * v)
         layers = (embed, position, *([block] * self.num_layers), norm, head)
+        cast_s = (self.num_layers * block_casts + head_casts) * (pe + v) / bandwidth
         degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)
         shape = (f"layers={self.num_layers}, d_model={self.d_model}, heads={self.num_heads}, "
                  f"seq_len={self.seq_len}, "
@@ -368,6 +390,7 @@ class GptEstimate:
             optimizer_bytes_per_parameter_byte=self.optimizer_element_bytes / pe,
             tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
             loss_bytes=logits * max(v, 4),
+            cast_s_per_parameter_byte=cast_s / sum(layer.parameter_bytes for layer in layers),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

@@ -14,7 +14,7 @@ from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
 __all__ = [
-    "RankMemory", "excess_per_rank", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+    "RankMemory", "cast_bytes", "excess_per_rank", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
 ]
 
 
@@ -28,8 +28,9 @@ class RankMemory:
     activations: int
     recompute: int = 0
     casts: int = 0
-    """The 16-bit weight copies mixed precision holds for the step
-    (`ModelCosts.cast_bytes_per_parameter_byte`)."""
+    """The 16-bit weight copies mixed precision holds for the step: its stages' own
+    (`CostModel.cast_bytes`, from `LayerCost.cast_bytes`), else its weights times
+    `ModelCosts.cast_bytes_per_parameter_byte`."""
 
     @property
     def total(self) -> int:
@@ -103,6 +104,18 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     return owned
 
 
+def cast_bytes(costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    """Per rank, the 16-bit weight copies it holds for a step: its stages' `CostModel.cast_bytes`
+    where the model has them, else its weights (a tied weight once) times the model's ratio."""
+    if any(model.cast_bytes):
+        held = [0] * num_ranks
+        for stage, rank in enumerate(placement):
+            held[rank] += model.cast_bytes[stage]
+        return held
+    return [round(owned * costs.cast_bytes_per_parameter_byte)
+            for owned in _owned_weight_bytes(model, placement, num_ranks)]
+
+
 def static_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
     """Per rank, the bytes of its stages' weights (a tied weight it holds in several layers, once:
     `CostModel.tied_weights`)."""
@@ -118,8 +131,9 @@ def static_bytes(
         owned
         + round(owned * costs.gradient_bytes_per_parameter_byte)
         + round(owned * costs.optimizer_bytes_per_parameter_byte)
-        + round(owned * costs.cast_bytes_per_parameter_byte)
-        for owned in _owned_weight_bytes(model, placement, num_ranks)
+        + casts
+        for owned, casts in zip(_owned_weight_bytes(model, placement, num_ranks),
+                                cast_bytes(costs, model, placement, num_ranks), strict=True)
     )
 
 
@@ -158,6 +172,7 @@ def memory_of_peaks(
     schedule's own: `pipefold.simulate.compiled`)."""
     num_ranks = len(activation_peaks)
     owned = _owned_weight_bytes(model, placement, num_ranks)
+    casts = cast_bytes(costs, model, placement, num_ranks)
     return tuple(
         RankMemory(
             weights=weight_peaks[rank],
@@ -165,7 +180,7 @@ def memory_of_peaks(
             optimizer=round(owned[rank] * costs.optimizer_bytes_per_parameter_byte),
             activations=activation_peaks[rank],
             recompute=transient[rank],
-            casts=round(owned[rank] * costs.cast_bytes_per_parameter_byte),
+            casts=casts[rank],
         )
         for rank in range(num_ranks)
     )

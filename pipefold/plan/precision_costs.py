@@ -15,6 +15,10 @@ Where the weights are gathered per step by full sharding (`shard="full"`), or ch
 step (an asynchronous schedule), the runtime holds no casts: every forward, and every
 recomputing backward's forward, casts its stage's weights again, and each micro-batch's backward
 keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`).
+
+Each stage's copies, and their time, are its own layers' (`LayerCost.cast_bytes`, summed per
+stage into `CostModel.cast_bytes`: `stage_cast_seconds`); costs whose layers carry none are
+priced by one ratio per weight byte (`ModelCosts.cast_bytes_per_parameter_byte`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from pipefold.plan.memory import RankMemory
 from pipefold.plan.space import is_asynchronous
 from pipefold.simulate import CostModel
 
-__all__ = ["casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "without_held_casts"]
+__all__ = [
+    "casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "stage_cast_seconds",
+    "without_held_casts",
+]
 
 
 def casts_every_forward(schedule: str, shard: str) -> bool:
@@ -41,21 +48,33 @@ def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str) ->
     every forward casts (priced in the forwards: `recast_every_forward`)."""
     if not costs.cast_s_per_parameter_byte or casts_every_forward(schedule, shard):
         return 0.0
-    return costs.cast_s_per_parameter_byte * sum(model.weight_bytes)
+    return sum(stage_cast_seconds(costs, model))
+
+
+def stage_cast_seconds(costs: ModelCosts, model: CostModel) -> list[float]:
+    """Per stage, the seconds its casts take: its own copies' bytes (`CostModel.cast_bytes`) at
+    the model's seconds per copied byte where it has them, else its weights at the ratio."""
+    if any(model.cast_bytes):
+        per_byte = costs.cast_s_per_cast_byte
+        return [per_byte * copies for copies in model.cast_bytes]
+    return [costs.cast_s_per_parameter_byte * weights for weights in model.weight_bytes]
 
 
 def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collection[int]) -> CostModel:
     """`model` where each forward casts its stage's weights: F, and the forward a recomputed stage
     reruns in B, I and W, take the casts' time; a stage not recomputed keeps its copies per
-    micro-batch in flight, as activations (a recomputed stage's checkpointed forward saves none)."""
+    micro-batch in flight, as activations (a recomputed stage's checkpointed forward saves none;
+    the biases' copies, priced among a layer's `cast_bytes`, are not saved by a forward: an
+    over-estimate by about one part in the model width)."""
     seconds = costs.cast_s_per_parameter_byte
     per_byte = costs.cast_bytes_per_parameter_byte
-    if not seconds and not per_byte:
+    if not seconds and not per_byte and not any(model.cast_bytes):
         return model
-    cast = [seconds * weights for weights in model.weight_bytes]
+    cast = stage_cast_seconds(costs, model)
     again = [cast[stage] if stage in recompute else 0.0 for stage in range(model.num_stages)]
-    copies = [0 if stage in recompute else round(per_byte * weights)
-              for stage, weights in enumerate(model.weight_bytes)]
+    # Each stage's own copies where the model has them (`CostModel.cast_bytes`), else by the ratio.
+    own = model.cast_bytes if any(model.cast_bytes) else [round(per_byte * w) for w in model.weight_bytes]
+    copies = [0 if stage in recompute else own[stage] for stage in range(model.num_stages)]
     return replace(
         model,
         f=_plus(model.f, cast), b=_plus(model.b, again), i=_plus(model.i, again), w=_plus(model.w, again),

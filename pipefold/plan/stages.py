@@ -22,7 +22,7 @@ __all__ = [
     "stage_weights",
 ]
 
-_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED = range(7)
+_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED, _CAST = range(8)
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,15 @@ def stage_cost_model(
     kept = arrays.activation_bytes.tolist()
     weights = np.rint(costs.prefix_array[_PARAM][bounds[1:]] - costs.prefix_array[_PARAM][bounds[:-1]]).astype(
         np.int64).tolist()
+    # Each stage's weight copies from its own layers, where they carry them (else `rank_memory`
+    # prices a rank's by the model's one ratio).
+    casts = np.rint(costs.prefix_array[_CAST][bounds[1:]] - costs.prefix_array[_CAST][bounds[:-1]]).astype(
+        np.int64).tolist() if costs.casts_per_layer else []
     rows_scale = layout.rows / costs.reference_rows
     messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
-        weight_grad_bytes=list(kept), weight_bytes=weights, message_bytes=messages, link=link, num_cores=num_cores,
+        weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
     )

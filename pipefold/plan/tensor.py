@@ -15,6 +15,7 @@ from pipefold.simulate import Link
 __all__ = [
     "GPT_BLOCK_SEQUENCE_PARALLEL_SHARE",
     "LinearCosts",
+    "gpt_block_cast_parameters",
     "gpt_block_parameters",
     "split_costs",
     "tensor_parallel_problem",
@@ -46,6 +47,7 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         return replace(layer, output_bytes=output_bytes, sequence_parallel_activation_share=None)
     keep = 1 - share + share / degree
     time_keep = 1 / degree if by_position else keep
+    cast_share = share if layer.tensor_parallel_cast_share is None else layer.tensor_parallel_cast_share
     activation_share = share if layer.tensor_parallel_activation_share is None else (
         layer.tensor_parallel_activation_share
     )
@@ -68,9 +70,11 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         activation_bytes=round(layer.activation_bytes * (1 - activation_share + activation_share / degree)),
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
+        cast_bytes=round(layer.cast_bytes * (1 - cast_share + cast_share / degree)),  # a shard's copies
         # What is left of the layer is a tp rank's slice: it does not split again.
         tensor_parallel_share=0.0,
         tensor_parallel_activation_share=None,
+        tensor_parallel_cast_share=None,
         num_tensor_parallel_allreduces=0,
         sequence_parallel_activation_share=None,
     )
@@ -100,6 +104,12 @@ def gpt_block_parameters(d_model: int) -> int:
     return 12 * d_model * d_model + 13 * d_model
 
 
+def gpt_block_cast_parameters(d_model: int) -> int:
+    """The parameters of a GPT decoder block that autocast casts to 16 bits (and holds for a step):
+    the 12 d^2 weights of its four linear layers and their 9 d biases (not the layer norms)."""
+    return 12 * d_model * d_model + 9 * d_model
+
+
 def with_gpt_tensor_parallel(
     costs: ModelCosts, *, num_layers: int, d_model: int, num_heads: int
 ) -> ModelCosts:
@@ -119,6 +129,8 @@ def with_gpt_tensor_parallel(
             layer,
             tensor_parallel_share=split / parameters,
             tensor_parallel_activation_share=0.75,
+            # Of its cast weights and biases, all but the row-split linears' biases (2d).
+            tensor_parallel_cast_share=1 - 2 * d / gpt_block_cast_parameters(d),
             num_tensor_parallel_allreduces=2,
             sequence_parallel_activation_share=GPT_BLOCK_SEQUENCE_PARALLEL_SHARE,
         )

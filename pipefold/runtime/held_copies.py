@@ -5,21 +5,25 @@ schedule, no full sharding), each weight autocast casts is copied once for the s
 per micro-batch. So the saved-tensor counter (`runtime.memory.ActivationCounter`) leaves those
 copies out of the activations (`is_weight_copy`), and at the end of a step the copies the cache
 holds are measured per stage (`measure_held_copies`, once: `Stage.held_cast_bytes`), those of
-recomputed layers included, whose checkpointed forward saves none of them. `pipefold train`
+recomputed layers included, whose checkpointed forward saves none of them, and of a
+tensor-parallel weight (a DTensor) this rank's shard's. `pipefold train`
 reports them per rank (summary.json's memory `casts`), beside the counted activations, as the
 planner prices them (`RankMemory.casts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
 
-__all__ = ["CastHolder", "casts_kept", "holding", "is_weight_copy", "measure_held_copies"]
+from pipefold.runtime.parallel.tensor_parallel import local
+
+__all__ = ["CastHolder", "casts_kept", "held_copy_bytes", "holding", "is_weight_copy", "measure_held_copies"]
 
 
 class CastHolder(Protocol):
@@ -71,8 +75,8 @@ def is_weight_copy(tensor: Tensor, parameters: Container[int]) -> bool:
         return False
     source = node.next_functions[0][0]
     variable = getattr(source, "variable", None)
-    # A plain weight: a tensor-parallel shard's copies stay among the activations (not measured).
-    return type(variable) is torch.nn.Parameter and id(variable) in parameters
+    # A weight, plain or a tensor-parallel shard (a DTensor: autocast caches its cast as any leaf's).
+    return isinstance(variable, (torch.nn.Parameter, DTensor)) and id(variable) in parameters
 
 
 def measure_held_copies(stages: Sequence[CastHolder]) -> None:
@@ -86,33 +90,45 @@ def measure_held_copies(stages: Sequence[CastHolder]) -> None:
     if not todo:
         return
     seen: set[int] = set()  # a weight two stages of the rank hold (tied) is one copy: the first's
-    with torch.enable_grad():
-        marker = _next_node_number()
-        for stage in todo:
-            dtype = stage.compute_dtype
-            assert dtype is not None
-            held = 0
-            for param in stage.parameters:
-                copy = _cast_of(param, stage.device_type, dtype)
-                if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
-                    storage = copy.untyped_storage()
-                    if storage.data_ptr() not in seen:
-                        seen.add(storage.data_ptr())
-                        held += storage.nbytes()
-            stage.held_cast_bytes = held
+    marker = _next_node_number()
+    for stage in todo:
+        dtype = stage.compute_dtype
+        assert dtype is not None
+        stage.held_cast_bytes = held_copy_bytes(stage.parameters, stage.device_type, dtype, marker, seen)
+
+
+def held_copy_bytes(parameters: Iterable[Tensor], device_type: str, dtype: torch.dtype,
+                    marker: int | None = None, seen: set[int] | None = None) -> int:
+    """Bytes of the copies of `parameters` autocast's cache holds now (with `casts_kept` open),
+    made before `marker` (`_next_node_number()` taken before any probe; None: now), each storage
+    once (`seen`: those counted already, shared across calls). What `measure_held_copies` counts
+    per stage and `pipefold.runtime.profile` per layer (`LayerProfile.held_cast_bytes`)."""
+    seen = set() if seen is None else seen
+    held = 0
+    with torch.enable_grad(), holding():  # the probe's casts are the held kind (is_weight_copy)
+        marker = _next_node_number() if marker is None else marker
+        for param in parameters:
+            copy = _cast_of(param, device_type, dtype)
+            if copy is not None and copy.grad_fn is not None and copy.grad_fn._sequence_nr() < marker:
+                storage = local(copy).untyped_storage()  # a shard's copy: this rank's part
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    held += storage.nbytes()
+    return held
 
 
 def _next_node_number() -> int:
-    node = torch.zeros(1, requires_grad=True).clone().grad_fn
+    with torch.enable_grad():
+        node = torch.zeros(1, requires_grad=True).clone().grad_fn
     assert node is not None
     return int(node._sequence_nr())
 
 
 def _cast_of(param: Tensor, device_type: str, dtype: torch.dtype) -> Tensor | None:
     """Autocast's 16-bit cast of `param` (from its cache where it holds one); None where autocast
-    would not cache one (not an fp32 leaf taking a gradient, a tensor-parallel shard, a scalar)."""
-    if (type(param) is not torch.nn.Parameter or param.dtype != torch.float32 or not param.requires_grad
-            or param.dim() == 0):
+    would not cache one (not an fp32 leaf taking a gradient, a scalar)."""
+    if (not isinstance(param, (torch.nn.Parameter, DTensor)) or param.dtype != torch.float32
+            or not param.requires_grad or not param.is_leaf or param.dim() == 0):
         return None
     saved: list[Tensor] = []
 
@@ -122,8 +138,11 @@ def _cast_of(param: Tensor, device_type: str, dtype: torch.dtype) -> Tensor | No
 
     # A matrix product with a factor that takes a gradient saves the weight's cast for it (a
     # product with no columns: nothing is computed).
-    other = param.new_zeros(param.shape[-1], 0) if param.dim() >= 2 else param.new_zeros(param.shape[0])
-    other.requires_grad_(True)
+    shape = (param.shape[-1], 0) if param.dim() >= 2 else (param.shape[0],)
+    other: Tensor = torch.zeros(shape, device=local(param).device, requires_grad=True)
+    if isinstance(param, DTensor):
+        # Whole on every rank of the shard's mesh: the product with a shard then moves nothing.
+        other = DTensor.from_local(other, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         with torch.autocast(device_type, dtype=dtype):
             torch.matmul(param, other)

@@ -23,7 +23,8 @@ the 16-bit dtype (the backward outside it), with autocast's weight casts held fo
 measurement as the runtime holds them for a step (`runtime.stage.held_casts`); "bf16-pure"
 holds the weights in bf16 too. Times and saved bytes are then the precision's own; the 16-bit
 weight copies autocast saves (the same tensors for every micro-batch) are `cast_bytes`, apart
-from the per-micro-batch `activation_bytes`, and `output` is the boundary as a stage sends it
+from the per-micro-batch `activation_bytes` (all the copies its cache holds, biases' too, are
+`held_cast_bytes`: what a step holds), and `output` is the boundary as a stage sends it
 (fp32 floats in the 16-bit dtype; the last layer's output in fp32, for the loss).
 """
 
@@ -44,7 +45,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
 from pipefold.model.spec import LayerLike
 from pipefold.runtime.backward import backward_input, backward_weight
-from pipefold.runtime.held_copies import casts_kept
+from pipefold.runtime.held_copies import casts_kept, held_copy_bytes
 from pipefold.runtime.options import COMPUTE_DTYPES, PRECISIONS, PURE_PRECISIONS
 from pipefold.runtime.stage import cast_floating
 
@@ -75,6 +76,10 @@ class LayerProfile:
     """Under autocast: bytes the layer saves for its backward that are the same tensors for every
     micro-batch (held once per step, not per micro-batch in flight): autocast's 16-bit weight
     copies, and a buffer saved as it is; 0 in fp32 (where a saved buffer counts as an activation)."""
+    held_cast_bytes: int = 0
+    """Under autocast: bytes of the 16-bit copies of the layer's weights autocast's cache holds once
+    a forward has run (`pipefold.runtime.held_copies.held_copy_bytes`): `cast_bytes`' weight copies
+    and those no backward saves (a linear layer's bias), what a step holds for the layer; 0 in fp32."""
     cast_s: float = 0.0
     """Under autocast: seconds a step's first forward spends casting the layer's weights to 16 bits
     (once a step: later forwards take the held copies); the fastest forward with an empty cast
@@ -274,6 +279,8 @@ def _measure_layer(
     output, activation_bytes, loss_bytes, cast_bytes = _saved_bytes(
         forward, dtype, layer, module, value, _storages(parameters), loss, kept
     )
+    # Still inside the profile's held casts: the copies the two forwards left in autocast's cache.
+    held_cast_bytes = 0 if dtype is None else held_copy_bytes(parameters, where.type, dtype)
     needs_backward = any(t.requires_grad for t in _tensors(output))
     split = split_backward and needs_backward
     if needs_backward:
@@ -292,7 +299,7 @@ def _measure_layer(
             input_s, weight_s = _split_backward(where, forward, layer, module, value, parameters)
             input_times.append(input_s)
             weight_times.append(weight_s)
-    cast_s = _cast_seconds(where, forward, layer, module, value, num_repeats) if cast_bytes else 0.0
+    cast_s = _cast_seconds(where, forward, layer, module, value, num_repeats) if held_cast_bytes else 0.0
     for parameter in parameters:
         parameter.grad = None
     # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
@@ -311,6 +318,7 @@ def _measure_layer(
         weight_grad_s=_median_or_zero(weight_times) if split_backward else None,
         loss_bytes=loss_bytes,
         cast_bytes=cast_bytes,
+        held_cast_bytes=held_cast_bytes,
         cast_s=cast_s,
     )
     return measured, output

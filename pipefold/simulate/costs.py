@@ -98,6 +98,9 @@ class CostModel:
     """Bytes an I keeps for its W, held from the end of I to the end of W."""
     weight_bytes: tuple[int, ...] = ()
     """Bytes of one version of a stage's weights."""
+    cast_bytes: tuple[int, ...] = ()
+    """Bytes of the 16-bit copies of a stage's weights that mixed precision holds for a step
+    (autocast's casts, made at the stage's first forward of the step); defaults 0."""
     message_bytes: tuple[int, ...] = ()
     """Bytes crossing each stage boundary s -> s+1 (num_stages - 1 entries)."""
     link: Link = field(default_factory=Link)
@@ -139,7 +142,7 @@ class CostModel:
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
-        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes"):
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -289,6 +292,7 @@ class CostModel:
         weight_bytes: Sequence[int] = (),
         message_bytes: Sequence[int] = (),
         link: Link | None = None,
+        cast_bytes: Sequence[int] = (),
         link_overrides: Mapping[tuple[int, int], Link] | None = None,
         action_overhead: float = 0.0,
         step_overhead: float = 0.0,
@@ -309,6 +313,7 @@ class CostModel:
             activation_bytes=tuple(activation_bytes),
             weight_grad_bytes=tuple(weight_grad_bytes),
             weight_bytes=tuple(weight_bytes),
+            cast_bytes=tuple(cast_bytes),
             message_bytes=tuple(message_bytes),
             link=link or Link(),
             link_overrides=dict(link_overrides or {}),
@@ -402,6 +407,7 @@ class CostModel:
             "reduce_scatter": list(self.reduce_scatter),
             "tied_weights": [[[list(pair) for pair in counts], size] for counts, size in self.tied_weights],
             "tied_sum_bandwidth": None if math.isinf(self.tied_sum_bandwidth) else self.tied_sum_bandwidth,
+            **({"cast_bytes": list(self.cast_bytes)} if any(self.cast_bytes) else {}),
         }
 
     @classmethod
@@ -417,7 +423,7 @@ class CostModel:
         known = {
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
-            "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth",
+            "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -446,6 +452,7 @@ class CostModel:
             activation_bytes=data.get("activation_bytes", ()),
             weight_grad_bytes=data.get("weight_grad_bytes", ()),
             weight_bytes=data.get("weight_bytes", ()),
+            cast_bytes=data.get("cast_bytes", ()),
             message_bytes=data.get("message_bytes", ()),
             link=link_of(data.get("link", {})),
             link_overrides=overrides,

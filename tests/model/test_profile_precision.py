@@ -89,6 +89,8 @@ def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batc
     # the cache holds the biases' copies too, which no backward saves (so the profile has not them).
     biases = (OUT + IN) * 2
     assert stage.held_cast_bytes == (casts + biases if weights_fixed else None)
+    # The profile measures those held copies per layer too (the planner prices a step's from them).
+    assert [p.held_cast_bytes for p in profiles] == [(OUT * IN + OUT) * 2, 0, 0, (IN * OUT + IN) * 2]
     assert outputs[0].dtype == torch.bfloat16  # a stage that is not the last sends 16 bits
 
 
@@ -119,8 +121,11 @@ def test_the_plans_memory_follows_the_precision():
         profiles = profile(layers, ids, num_repeats=1, loss_fn=gpt_loss, target=ids, precision=precision)
         costs = ModelCosts.from_profile(profiles, rows=2, optimizer_bytes_per_parameter_byte=optimizer)
         memory[precision] = _plan_memory(costs)
-        casts = sum(p.cast_bytes for p in profiles)
-        assert costs.cast_bytes_per_parameter_byte == pytest.approx(casts / costs.parameter_bytes)
+        casts = [p.held_cast_bytes for p in profiles]
+        assert [layer.cast_bytes for layer in costs.layers] == casts
+        assert costs.cast_bytes_per_parameter_byte == pytest.approx(sum(casts) / costs.parameter_bytes)
+        # Each rank is priced its own layers' copies (layers 0-2 | 3-6 at these bounds).
+        assert [m.casts for m in memory[precision]] == [sum(casts[:3]), sum(casts[3:])]
     for rank in range(2):
         fp32, bf16, pure = (memory[p][rank] for p in ("fp32", "bf16", "bf16-pure"))
         # Autocast keeps fp32 weights, gradients and moments; it adds the held 16-bit copies.
@@ -138,11 +143,13 @@ def test_the_plans_memory_follows_the_precision():
 def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_embeddings):
     layers = gpt_layers(64, 32, 2, 2, 16, tie_embeddings=tie_embeddings)
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
-    measured = sum(p.cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16"))
+    measured = [p.held_cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16")]
     sizes = {"num_layers": 2, "d_model": 32, "num_heads": 2, "seq_len": 16, "vocab_size": 64,
              "tie_embeddings": tie_embeddings}
     mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
-    assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(measured)
+    # Layer by layer (the blocks' weights and biases, the head's weight; no norm, no embedding).
+    assert [layer.cast_bytes for layer in mixed.layers] == measured
+    assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(sum(measured))
     assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
     assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0
 

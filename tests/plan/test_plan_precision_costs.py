@@ -77,3 +77,120 @@ def test_the_search_prices_the_copies_as_evaluate_does(shard):
     assert [(m.activations, m.casts) for m in choice.memory] == [(m.activations, m.casts) for m in again.memory]
     assert choice.step_time == pytest.approx(again.step_time)
     assert all((m.casts == 0) == (shard == "full") for m in choice.memory)
+
+
+# Per layer: the first two layers' copies are 3x the last two's, for the same weight bytes; one
+# ratio over the model would give both ranks the same copies (200 + 200 each).
+LAYER_CASTS = (300, 300, 100, 100)
+
+
+def _layered(**fields):
+    layers = tuple(LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=100, output_bytes=10,
+                             parameter_bytes=WEIGHT_BYTES, cast_bytes=casts) for casts in LAYER_CASTS)
+    return ModelCosts(layers=layers, cast_bytes_per_parameter_byte=sum(LAYER_CASTS) / (NUM_LAYERS * WEIGHT_BYTES),
+                      **fields)
+
+
+def test_each_rank_holds_its_own_layers_copies_not_the_models_ratio():
+    casting = _evaluate(_layered())
+    assert [m.casts for m in casting.memory] == [600, 200]
+    assert [m.total - m.casts for m in casting.memory] == [m.total for m in _evaluate(_costs()).memory]
+
+
+def test_each_stages_cast_time_follows_its_copies():
+    cast_s = CAST_S * NUM_LAYERS * WEIGHT_BYTES  # the model's casts in all
+    options = {"num_data_parallel": 2, "shard": "full", "price_exposure": False}
+    plain = _evaluate(_costs(), **options)
+    casting = _evaluate(_layered(cast_s_per_parameter_byte=CAST_S), **options)
+    from pipefold.plan.precision_costs import stage_cast_seconds
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+
+    costs = _layered(cast_s_per_parameter_byte=CAST_S)
+    model = stage_cost_model(costs, StageLayout((0, 2, NUM_LAYERS), 1), (), Link())
+    assert model.cast_bytes == (600, 200)
+    assert stage_cast_seconds(costs, model) == pytest.approx([0.75 * cast_s, 0.25 * cast_s])
+    # Every forward casts: the copies in flight are each stage's own (2 micro-batches on rank 0, 1 on 1).
+    copies = [c.activations - p.activations for c, p in zip(casting.memory, plain.memory, strict=True)]
+    assert copies == [2 * 600, 200]
+    held = _evaluate(_layered(cast_s_per_parameter_byte=CAST_S))
+    assert held.step_time - _evaluate(_costs()).step_time == pytest.approx(cast_s)
+
+
+def test_a_tensor_parallel_split_prices_a_shards_copies():
+    from pipefold.plan.tensor import split_costs
+
+    layer = LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=100, output_bytes=10,
+                      parameter_bytes=1000, cast_bytes=400, tensor_parallel_share=1.0)
+    split = split_costs(ModelCosts(layers=(layer,)), 4, Link())
+    assert split.layers[0].cast_bytes == 100 and split.layers[0].parameter_bytes == 250
+
+
+def test_per_layer_copies_survive_the_costs_file_and_the_search():
+    from pipefold.plan import PlanOptions, plan
+
+    costs = _layered(cast_s_per_parameter_byte=CAST_S)
+    assert ModelCosts.from_json(costs.to_json()) == costs
+    options = PlanOptions(num_ranks=2, order_search_s=0, schedules=("1f1b",), microbatches=4, recompute="none",
+                          global_batch=4)
+    choice = plan(costs, options).choice
+    again = evaluate(costs, Config("1f1b", 1, 4, choice.microbatch_rows), 2, choice.bounds, choice.recompute,
+                     Link())
+    assert [m.casts for m in choice.memory] == [m.casts for m in again.memory]
+    held = [sum(LAYER_CASTS[choice.bounds[s]:choice.bounds[s + 1]]) for s in range(2)]
+    assert [m.casts for m in choice.memory] == held
+
+
+def test_the_flop_estimate_times_the_casts_at_the_memory_bandwidth():
+    from pipefold.errors import ConfigError
+    from pipefold.plan import gpt_costs
+
+    sizes = {"num_layers": 2, "d_model": 32, "num_heads": 2, "seq_len": 16, "vocab_size": 64}
+    bandwidth = 1e10
+    mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4, memory_bandwidth=bandwidth)
+    elements = 2 * (12 * 32 * 32 + 9 * 32) + 64 * 32  # the blocks' linears (weights, biases), the head
+    # Each cast reads the fp32 weight (4 bytes) and writes its copy (2).
+    assert mixed.cast_s_per_parameter_byte * mixed.parameter_bytes == pytest.approx(elements * 6 / bandwidth)
+    plain = evaluate(gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4),
+                     Config("1f1b", 1, 4, 1), 2, (0, 3, 6), (), Link())
+    timed = evaluate(mixed, Config("1f1b", 1, 4, 1), 2, (0, 3, 6), (), Link())
+    assert timed.step_time - plain.step_time == pytest.approx(elements * 6 / bandwidth)
+    assert gpt_costs(**sizes, memory_bandwidth=bandwidth).cast_s_per_parameter_byte == 0  # fp32: no casts
+    with pytest.raises(ConfigError, match="memory_bandwidth = 0"):
+        gpt_costs(**sizes, memory_bandwidth=0)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_the_hardware_estimate_prices_the_shards_copies_and_their_time(tensor_parallel):
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.hardware import load_hardware
+
+    hardware = load_hardware("a100-80gb")
+    h, vocab, t = 64, 128, tensor_parallel
+    estimate = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab, hardware=hardware,
+                           dtype="bf16", parameter_bytes=4)
+    costs = estimate.at(1, t, Link(), False)
+    # A block's tp rank casts its shard of the four linears' weights and split biases, the row-split
+    # biases whole; the head (whole on each tp rank) its weight; nothing else.
+    block = (12 * h * h + 7 * h) // t + 2 * h
+    assert [layer.cast_bytes for layer in costs.layers] == [0, 0, 2 * block, 2 * block, 0, 2 * vocab * h]
+    elements = 2 * block + vocab * h
+    assert costs.cast_s_per_parameter_byte * costs.parameter_bytes == pytest.approx(
+        elements * 6 / hardware.memory_bandwidth)
+    bf16_weights = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                               hardware=hardware, dtype="bf16").at(1, t, Link(), False)
+    assert not any(layer.cast_bytes for layer in bf16_weights.layers)
+    assert bf16_weights.cast_s_per_parameter_byte == 0
+
+
+def test_the_gpts_split_casts_each_shard_and_the_row_split_biases_whole():
+    from pipefold.plan import gpt_costs
+    from pipefold.plan.tensor import split_costs
+
+    d = 32
+    costs = gpt_costs(num_layers=2, d_model=d, num_heads=2, seq_len=16, vocab_size=64, bytes_per_value=2,
+                      parameter_bytes_per_value=4)
+    split = split_costs(costs, 2, Link())
+    # As the job measures a tp rank's held copies (pipefold.runtime.held_copies): its shard of the
+    # four linears' weights and the column-split biases, the projection's and fc_out's biases whole.
+    assert split.layers[2].cast_bytes == ((12 * d * d + 7 * d) // 2 + 2 * d) * 2
+    assert split.layers[-1].cast_bytes == costs.layers[-1].cast_bytes  # the head is not split
