@@ -143,7 +143,10 @@ class FailureBoard:
         if self._store is None:
             return
         try:
-            self._store.delete_key(f"{self._key}/waiting/{rank}")
+            # Emptied, never deleted: another rank may have just found the key (`waiting`'s
+            # check) and be about to get it, and a store's get of a missing key blocks for the
+            # store's whole timeout, far past the watchdog's (docs/decisions.md, "order of timeouts").
+            self._store.set(f"{self._key}/waiting/{rank}", "")
         except Exception as error:
             self._lose("withdrawing a wait beside", error)
 
@@ -159,6 +162,8 @@ class FailureBoard:
         except Exception as error:
             self._lose("reading a wait beside", error)
             return None
+        if not raw:  # withdrawn
+            return None
         try:
             return WaitNotice.decode(raw)
         except (ValueError, KeyError, TypeError):
@@ -168,6 +173,7 @@ class FailureBoard:
         if self._store is None:
             return None
         try:
+            # Safe to get once found: the failure key is only ever written (`publish`), never removed.
             if not self._store.check([self._key]):
                 return None
             raw = self._store.get(self._key)

@@ -44,9 +44,6 @@ class _Store:
                 self.data[key] = desired
             return self.data[key].encode()
 
-    def delete_key(self, key: str) -> bool:
-        with self._lock:
-            return self.data.pop(key, None) is not None
 
 
 def _watchdog(store: _Store, rank: int, timeout_s: float) -> Watchdog:
@@ -85,7 +82,8 @@ def test_the_first_rank_to_give_up_names_the_stuck_rank_at_the_end_of_the_chain(
         )
         assert "rank 2 is stuck or stopped" in text and text.endswith("|2"), (rank, text)
     assert "rank 0 waited at B0.1 on rank 1, which waits on rank 2" in errors[0]
-    assert not [key for key in store.data if "/waiting/" in key], "every wait withdrew its announcement"
+    notices = {key: value for key, value in store.data.items() if "/waiting/" in key}
+    assert notices and not any(notices.values()), "every wait withdrew (emptied) its announcement"
 
 
 def test_a_stale_announcement_of_a_stopped_rank_does_not_make_a_cycle():
@@ -193,3 +191,38 @@ def test_a_chain_ending_in_a_collective_blames_the_one_rank_not_waiting():
     with pytest.raises(PeerFailure, match=r"^rank 3 failed at loss and timeline gather") as caught:
         _watchdog(store, 0, 0.3).wait_until(lambda: False, what="B0.0", peer=1)
     assert caught.value.failed_rank == 3
+
+
+def test_a_notice_withdrawn_between_check_and_get_reads_as_withdrawn_at_once(tmp_path):
+    """Ranks that time out together (a collective's) read each other's notices while each
+    withdraws its own; a store's get of a key removed since the check blocks for the store's
+    whole timeout (60 s in the fault suite, whose zb-h1 4-rank stop at W once took 64 s so).
+    A withdrawn notice must read as none, at once, and leave the store trusted."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    store.set_timeout(timedelta(seconds=5))
+    peer = FailureBoard(store, KEY)
+    peer.announce_wait(3, WaitNotice(peer=None, what="loss all-reduce", time=time.time()))
+
+    class _WithdrawnAfterCheck:
+        """The real store, but rank 3 withdraws its notice just after this rank's check."""
+
+        def check(self, keys: list[str]) -> bool:
+            found = store.check(keys)
+            peer.withdraw_wait(3)
+            return found
+
+        def get(self, key: str) -> bytes:
+            return store.get(key)
+
+    board = FailureBoard(_WithdrawnAfterCheck(), KEY)  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert board.waiting(3) is None
+    assert time.monotonic() - started < 1.0
+    assert board.lost is None
+    peer.announce_wait(3, WaitNotice(peer=2, what="F3.1", time=time.time()))
+    notice = FailureBoard(store, KEY).waiting(3)
+    assert notice is not None and notice.peer == 2
