@@ -121,6 +121,16 @@ def backward_full(
         return tuple(None for _ in inputs)
     # Inputs are leaves, so autograd accumulates their gradient into `.grad`; lend it an
     # empty `.grad` and hand back what it had, so the caller's tensors are unchanged.
+    if len(inputs) == 1 and wanted:  # a stage's usual boundary: the same, without the lists
+        (leaf,) = inputs
+        kept = leaf.grad
+        leaf.grad = None
+        try:
+            _run_engine(roots, root_grads, (), retain_graph=False, accumulate_grad=True, tensors=tuple(roots))
+            found = leaf.grad
+        finally:
+            leaf.grad = kept
+        return (found,)
     previous = [inputs[i].grad for i in wanted]
     for i in wanted:
         inputs[i].grad = None

@@ -357,6 +357,28 @@ def test_one_output_and_one_input_take_the_general_rules():
         assert one == many
 
 
+def test_b_leaves_the_inputs_grad_as_it_was():
+    """B lends a stage input an empty `.grad` and hands back what it had, also when the engine
+    fails; one input (its own path) and with a second input beside it alike."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    spare = torch.zeros(1)
+    for inputs_of in (lambda leaf: (leaf,), lambda leaf: (leaf, spare)):
+        leaf = torch.randn(2, D, requires_grad=True)
+        before = torch.full((2, D), 7.0)
+        leaf.grad = before
+        out = module(leaf)
+        grad = torch.randn(2, D)
+        (got, *_) = backward_full((out,), (grad,), inputs_of(leaf))
+        assert leaf.grad is before and torch.equal(before, torch.full((2, D), 7.0))
+        other = leaf.detach().requires_grad_()
+        (want,) = torch.autograd.grad(module(other), other, grad)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(RuntimeError):  # the graph was freed by the first call
+            backward_full((out,), (grad,), inputs_of(leaf))
+        assert leaf.grad is before
+
+
 @pytest.mark.skipif(
     not hasattr(torch.utils.checkpoint, "GraphExecGroup"), reason="torch without GraphExecGroup"
 )
