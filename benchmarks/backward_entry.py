@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     sys.modules[f"pipefold.runtime.{name}"] = module
     if args.python_only:
         for module in modules.values():
-            module._engine_run_backward = _stub_engine
+            module.__dict__["_engine_run_backward"] = _stub_engine
     stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
     params = tuple(stage.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
