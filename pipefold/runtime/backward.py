@@ -52,6 +52,7 @@ _engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
 )
 
 _PreHook = Callable[[Grads], Grads | None]
+_has_torch_function = torch.overrides.has_torch_function
 
 
 @dataclass(eq=False)
@@ -120,11 +121,21 @@ def backward_full(
         return tuple(None for _ in inputs)
     # Inputs are leaves, so autograd accumulates their gradient into `.grad`; lend it an
     # empty `.grad` and hand back what it had, so the caller's tensors are unchanged.
+    if len(inputs) == 1 and wanted:  # a stage's usual boundary: the same, without the lists
+        (leaf,) = inputs
+        kept = leaf.grad
+        leaf.grad = None
+        try:
+            _run_engine(roots, root_grads, (), retain_graph=False, accumulate_grad=True, tensors=tuple(roots))
+            found = leaf.grad
+        finally:
+            leaf.grad = kept
+        return (found,)
     previous = [inputs[i].grad for i in wanted]
     for i in wanted:
         inputs[i].grad = None
     try:
-        _run_engine(roots, root_grads, (), retain_graph=False, accumulate_grad=True)
+        _run_engine(roots, root_grads, (), retain_graph=False, accumulate_grad=True, tensors=tuple(roots))
         result: list[Tensor | None] = [None] * len(inputs)
         for i in wanted:
             result[i] = inputs[i].grad
@@ -185,13 +196,10 @@ def backward_input(
         num_wanted = len(wanted)
         for i, grad in zip(wanted, found, strict=False):
             result[i] = grad
-        lean = WeightGradState(
-            _disjoint=shape.disjoint,
-            _plans=prepared.plans,
-            _nodes=prepared.frontiers(nodes),
-            _kept=list(found[num_wanted:]),
-            _direct=direct,
-        )
+        # Positional: a dataclass's keyword call costs twice as much.
+        kept = list(found[num_wanted:])
+        frontier_nodes = prepared.frontiers(nodes)
+        lean = WeightGradState([], shape.disjoint, False, prepared.plans, frontier_nodes, kept, direct)
         return tuple(result), lean
     groups = groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
     state = WeightGradState(groups, _disjoint=shape.disjoint)
@@ -362,7 +370,7 @@ def _run_engine(
     """
     if tensors is None:
         tensors = tuple(t for t in (*roots, *inputs) if isinstance(t, Tensor))
-    if _engine_run_backward is None or torch.overrides.has_torch_function(tensors):
+    if _engine_run_backward is None or _has_torch_function(tensors):
         # Mixes of tensors and edges, which both functions accept.
         public_roots: Any = list(roots)
         public_inputs: Any = list(inputs)
@@ -410,6 +418,22 @@ def _roots(
     A None gradient means "d(output) = 1" for a one-element output (the loss) and "no
     gradient" for any other output (the next stage did not use it).
     """
+    if len(outputs) == 1 and len(output_grads) == 1:
+        # A stage's usual boundary, without the loop's iterators (the same checks).
+        (output,), (grad,) = outputs, output_grads
+        if output.requires_grad:
+            shape = output_shape(output)
+            if grad is None:
+                if shape.numel() == 1:
+                    return [output], [torch.ones_like(output)]
+            elif grad.shape != shape:
+                raise BoundaryMismatch(
+                    f"output_grads[0] has shape {tuple(grad.shape)} but output 0 has shape "
+                    f"{tuple(shape)}; the gradient must match its output"
+                )
+            else:
+                return [output], [grad]
+        return [], []
     if len(outputs) != len(output_grads):
         raise PipelineError(
             f"got {len(outputs)} outputs but {len(output_grads)} output gradients; "
@@ -438,6 +462,8 @@ def _roots(
 
 def _check_inputs(inputs: Sequence[Tensor]) -> list[int]:
     """Indices of the inputs that need a gradient; each must be a leaf."""
+    if len(inputs) == 1 and (not inputs[0].requires_grad or inputs[0].grad_fn is None):
+        return [0] if inputs[0].requires_grad else []
     wanted = []
     for index, tensor in enumerate(inputs):
         if not tensor.requires_grad:

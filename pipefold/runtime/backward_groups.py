@@ -211,30 +211,36 @@ def _plain(tensor: Tensor, dtype: torch.dtype) -> bool:
     )
 
 
-def _ready(param: Tensor, dtype: torch.dtype) -> bool:
-    """`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
-    accumulation: one call per parameter on `W`'s direct path. (Dtypes and layouts are
-    singletons, so `is` compares them without a rich compare.)"""
+def _ready(param: Tensor, dtype: torch.dtype) -> tuple[bool, Tensor | None]:
+    """(`_plain(param, dtype) and _grad_slot_ok(param)` with no hook on its gradient's
+    accumulation, `param.grad`): one call per parameter on `W`'s direct path, which then
+    uses the gradient slot it read. (Dtypes and layouts are singletons, so `is` compares them
+    without a rich compare.)"""
     if not (
         type(param) in _PLAIN_TYPES
         and param.dtype is dtype
         and param.layout is _STRIDED
         and param.is_contiguous()
     ):
-        return False
+        return _NOT_READY
     if param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
-        return False  # only autograd's path runs them
+        return _NOT_READY  # only autograd's path runs them
     if getattr(param, "grad_dtype", dtype) is not dtype:
-        return False  # autograd would cast to the declared gradient dtype
+        return _NOT_READY  # autograd would cast to the declared gradient dtype
     grad = param.grad
-    return grad is None or (
+    if grad is None or (
         type(grad) in _PLAIN_TYPES
         and grad.dtype is dtype
         and grad.layout is _STRIDED
         and grad.is_contiguous()
         and not grad.requires_grad
         and grad.shape == param.shape
-    )
+    ):
+        return True, grad
+    return _NOT_READY
+
+
+_NOT_READY: tuple[bool, Tensor | None] = (False, None)
 
 
 def _grad_slot_ok(param: Tensor) -> bool:
@@ -265,11 +271,18 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
-    if (weight is not None and not _ready(weight, dtype)) or (bias is not None and not _ready(bias, dtype)):
-        return False
+    weight_grad = bias_grad = None
+    if weight is not None:
+        ready, weight_grad = _ready(weight, dtype)
+        if not ready:
+            return False
+    if bias is not None:
+        ready, bias_grad = _ready(bias, dtype)
+        if not ready:
+            return False
     kind = direct.kind
     if kind == "layer_norm":
-        return _layer_norm_direct(weight, bias, node, grad, dtype)
+        return _layer_norm_direct(weight, bias, weight_grad, bias_grad, node, grad, dtype)
     saved_input: Tensor
     if kind == "addmm":
         if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
@@ -287,22 +300,21 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         or (bias is not None and bias.shape != (grad_shape[1],))
     ):
         return False
+    # The gradient slots `_ready` read: nothing runs between the read and the write.
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
         # (`mT` is `t()` for a matrix, the same view, read as a property.)
-        weight_grad = weight.grad
         if weight_grad is None:
             weight.grad = _mm(grad.mT, saved_input)
         else:
             weight_grad.addmm_(grad.mT, saved_input)
     if bias is not None:
         # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
-        bias_grad = _sum(grad, 0)
-        if bias.grad is None:
-            bias.grad = bias_grad  # a reduction's result is contiguous
+        if bias_grad is None:
+            bias.grad = _sum(grad, 0)  # a reduction's result is contiguous
         else:
-            bias.grad.add_(bias_grad)
+            bias_grad.add_(_sum(grad, 0))
     return True
 
 
@@ -313,8 +325,16 @@ _native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
 def _layer_norm_direct(
-    weight: Tensor | None, bias: Tensor | None, node: Node, grad: Tensor, dtype: torch.dtype
+    weight: Tensor | None,
+    bias: Tensor | None,
+    weight_slot: Tensor | None,
+    bias_slot: Tensor | None,
+    node: Node,
+    grad: Tensor,
+    dtype: torch.dtype,
 ) -> bool:
+    """The layer norm's weight half; `weight_slot` and `bias_slot` are the parameters' `.grad`
+    as `_ready` read them."""
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
@@ -329,18 +349,23 @@ def _layer_norm_direct(
         [False, weight is not None, bias is not None],
     )
     if weight is not None:
-        _accumulate(weight, weight_grad)
+        _accumulate_into(weight, weight_slot, weight_grad)
     if bias is not None:
-        _accumulate(bias, bias_grad)
+        _accumulate_into(bias, bias_slot, bias_grad)
     return True
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
     """AccumulateGrad's rule for a plain dense parameter outside autograd."""
-    if param.grad is None:
+    _accumulate_into(param, param.grad, grad)
+
+
+def _accumulate_into(param: Tensor, slot: Tensor | None, grad: Tensor) -> None:
+    """`_accumulate` given `param.grad` (`slot`), read just before."""
+    if slot is None:
         param.grad = grad if grad.is_contiguous() else grad.contiguous()
     else:
-        param.grad.add_(grad)
+        slot.add_(grad)
 
 
 def has_hooks(param: Tensor) -> bool:

@@ -320,6 +320,65 @@ def test_gradient_shape_mismatch_is_refused():
         backward_full((out,), (torch.ones(2, D), None), (x,))
 
 
+def test_one_output_and_one_input_take_the_general_rules():
+    """`_roots` and `_check_inputs` have a path for one output and one input; it answers as the
+    loop over several does (the second output needs no gradient, the second input none)."""
+    from pipefold.runtime.sent_outputs import release_sent
+
+    spare = torch.zeros(1)
+    x = torch.randn(2, D, requires_grad=True)
+    released = x * 3
+    assert release_sent((released,))
+    cases = [
+        (x * 2, torch.ones(2, D)),  # a plain boundary
+        ((x * 2).sum(), None),  # a loss: seeded with ones
+        (x * 2, None),  # an output the next stage did not use
+        (torch.randn(2, D), torch.ones(2, D)),  # an output without a graph
+        (released, torch.ones(2, D)),  # a sent output: its kept shape
+    ]
+    for output, grad in cases:
+        one = backward_module._roots((output,), (grad,))
+        many = backward_module._roots((output, spare), (grad, None))
+        assert [r is output for r in one[0]] == [r is output for r in many[0]] == [True] * len(one[0])
+        assert len(one[1]) == len(many[1])
+        assert all(torch.equal(a, b) for a, b in zip(one[1], many[1], strict=True))
+    mismatch = r"output_grads\[0\] has shape \(3, 16\) but output 0 has shape \(2, 16\)"
+    with pytest.raises(BoundaryMismatch, match=mismatch):
+        backward_module._roots((released,), (torch.ones(3, D),))
+    for leaf in (x, torch.randn(2, D), x * 2):
+        try:
+            many: object = backward_module._check_inputs((leaf, spare))
+        except PipelineError as error:
+            many = str(error)
+        try:
+            one: object = backward_module._check_inputs((leaf,))
+        except PipelineError as error:
+            one = str(error)
+        assert one == many
+
+
+def test_b_leaves_the_inputs_grad_as_it_was():
+    """B lends a stage input an empty `.grad` and hands back what it had, also when the engine
+    fails; one input (its own path) and with a second input beside it alike."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    spare = torch.zeros(1)
+    for inputs_of in (lambda leaf: (leaf,), lambda leaf: (leaf, spare)):
+        leaf = torch.randn(2, D, requires_grad=True)
+        before = torch.full((2, D), 7.0)
+        leaf.grad = before
+        out = module(leaf)
+        grad = torch.randn(2, D)
+        (got, *_) = backward_full((out,), (grad,), inputs_of(leaf))
+        assert leaf.grad is before and torch.equal(before, torch.full((2, D), 7.0))
+        other = leaf.detach().requires_grad_()
+        (want,) = torch.autograd.grad(module(other), other, grad)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(RuntimeError):  # the graph was freed by the first call
+            backward_full((out,), (grad,), inputs_of(leaf))
+        assert leaf.grad is before
+
+
 @pytest.mark.skipif(
     not hasattr(torch.utils.checkpoint, "GraphExecGroup"), reason="torch without GraphExecGroup"
 )
