@@ -71,8 +71,8 @@ class CallCounter:
     """A `sys.setprofile` function charging each call to `label()` (None: not counted).
 
     `counts[label][(category, name)]` is the number of calls. A call opens a region when it
-    is a compute entry (its nested calls are INSIDE, or HOOK where the function is in
-    `runtime_files`) or a poll (its nested calls are POLL); regions end when the frame that
+    is a compute entry (its nested calls are INSIDE, or HOOK where the function, or a C call's
+    caller, is in `runtime_files`) or a poll (its nested calls are POLL); regions end when the frame that
     opened them returns.
     """
 
@@ -86,7 +86,9 @@ class CallCounter:
         self._label = label
         self._runtime_files = runtime_files
         self._compute_codes = compute_codes
-        self.counts: dict[str, collections.Counter[tuple[str, str]]] = collections.defaultdict(collections.Counter)
+        self.counts: dict[str, collections.Counter[tuple[str, str]]] = collections.defaultdict(
+            collections.Counter
+        )
         self._depth = 0
         self._region: str | None = None
         self._region_depth = 0
@@ -116,7 +118,8 @@ class CallCounter:
             runtime = any(part in code.co_filename for part in self._runtime_files)
         else:
             name = c_name(arg)
-            runtime = False
+            # A C call's frame is its caller's: the runtime's hook calling a builtin is the hook's.
+            runtime = any(part in frame.f_code.co_filename for part in self._runtime_files)
         region = self._region
         if region == POLL:
             category = POLL
@@ -158,7 +161,9 @@ def runtime_per_compute_action(
     """The runtime's calls (its own, its C calls, its hooks, the compute entries themselves)
     over the step's compute actions, every op's charged: the headline count."""
     kept = (RUNTIME, COMPUTE, HOOK)
-    total = sum(calls for counter in counts.values() for (category, _), calls in counter.items() if category in kept)
+    total = sum(
+        calls for counter in counts.values() for (category, _), calls in counter.items() if category in kept
+    )
     return total / num_compute
 
 
@@ -187,7 +192,7 @@ def _worker(args: argparse.Namespace) -> None:
         instructions = [action for handler, action, timed, code in executor._dispatch]
         actions = collections.Counter(action.op.name for action in instructions)
 
-        def label() -> str | None:
+        def label(executor: Any = executor) -> str | None:
             current = executor.current
             return None if current is None else current.op.name
 
@@ -225,8 +230,8 @@ def _print(results: dict[str, Any]) -> None:
     categories = (RUNTIME, COMPUTE, HOOK, INSIDE, POLL)
     for name, ranks in results.items():
         for rank, row in enumerate(ranks):
-            print(f"\n## {name} rank {rank}: {row['runtime_per_compute_action']:.1f} runtime calls per compute "
-                  "action (messages charged to the compute actions)")
+            print(f"\n## {name} rank {rank}: {row['runtime_per_compute_action']:.1f} runtime calls per "
+                  "compute action (messages charged to the compute actions)")
             print("| op | actions | " + " | ".join(categories) + " |")
             print("|---" * (len(categories) + 2) + "|")
             for op, values in row["per_action"].items():
@@ -266,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json:
                 _print(results)
             return 0
-    print(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
+    print(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
+          file=sys.stderr)
     return 1
 
 
