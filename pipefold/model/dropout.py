@@ -112,6 +112,11 @@ class _Scope:
     pinned: tuple[int, int, int] | None = None
 
 
+MicrobatchScope = _Scope
+"""The class whose `microbatch` a stage forward sets and restores itself (`enter_microbatch`
+inlined: a Python call each way per forward on the executor's path)."""
+
+
 def _current() -> tuple[int, int, int] | None:
     if _Scope.pinned is not None:
         return _Scope.pinned

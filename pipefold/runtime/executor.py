@@ -5,7 +5,9 @@ every compute and communication action; the executor dispatches each through the
 handler table `{Op.F: ..., Op.B: ..., ...}` and keeps the per-(stage, micro-batch)
 values the handlers hand each other. The dispatch list (handler, action, timed) is
 built once at construction, so the per-action loop does no lookups and allocates
-nothing beyond the tensors and the timeline event it records.
+nothing beyond the tensors; it stores each compute action's start and end stamps into
+arrays made at construction (the timeline's events are built after the loop), and a
+message handler calls the peer's send or receive function resolved once per step.
 
 Values kept per (stage, micro-batch), in `[stage][microbatch]` tables:
 - the stage's input leaves and outputs from F, until its B (or I);
@@ -37,7 +39,6 @@ from pipefold.runtime.backward import (
 from pipefold.runtime.executor_parts import (
     Grads,
     LossFn,
-    Pending,
     ShardingActions,
     StageHooks,
     Stamp,
@@ -176,6 +177,11 @@ class Executor:
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
         ] = {}
         self._dispatch = tuple(dispatch)
+        self._starts = [0.0] * (len(dispatch) + 1)
+        self._ends = [0.0] * (len(dispatch) + 1)
+        self._message_peers = tuple(sorted({peer for _, peer in self._messages}))
+        self._senders: dict[int, Callable[[tuple[Tensor, ...]], Transfer | None]] = {}
+        self._receivers: dict[int, Callable[[tuple[Tensor, ...], Any], Transfer]] = {}
         self._group_caches = {s: GroupCache() for s in stages}
         self._receive_buffers = ReceiveBuffers(schedule.num_stages, schedule.num_microbatches, device)
         self._run_counter: ActivationCounter | None = counter
@@ -235,11 +241,19 @@ class Executor:
             send_bytes, recv_bytes = self._traffic(step)
             self._p2p.begin_step(send_bytes, recv_bytes, self._watchdog)
             self.sent_bytes = sum(send_bytes.values())
+        if self._p2p is not None and self._messages:
+            # Resolved once a step (after begin_step decided which channels carry it), so a
+            # message pays no channel lookup.
+            p2p = self._p2p
+            self._senders = {peer: p2p.sender(peer) for peer in self._message_peers}
+            self._receivers = {peer: p2p.receiver(peer) for peer in self._message_peers}
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
         clock = time.perf_counter
         # This rank's progress slot: the code of the action it runs (pipefold/runtime/progress.py).
         progress, slot = self._progress.slots, self._progress.slot
+        # Compute actions' start and end, by progress code: stored, not appended, in the loop.
+        starts, ends = self._starts, self._ends
         with counter.counting() if counter is not None else contextlib.nullcontext(), collection_paused():
             for handler, action, timed, code in self._dispatch:
                 self.current = action
@@ -247,6 +261,7 @@ class Executor:
                 if not timed:
                     handler(action)
                 elif cuda:
+                    self._ready_at = clock()  # where a receive's wait starts (`_complete`)
                     begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                     end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                     begin.record()
@@ -256,10 +271,17 @@ class Executor:
                 else:
                     self._ready_at = clock()
                     handler(action)
+                    ends[code] = clock()
                     # A consumer first waits for its message (recorded as a Wait by
                     # _complete, which moves _ready_at); the compute event starts after it.
-                    events.append((action, self._ready_at - t0, clock() - t0))
+                    starts[code] = self._ready_at
         self.current = None
+        if not cuda:
+            events = [
+                (action, starts[code] - t0, ends[code] - t0)
+                for _, action, timed, code in self._dispatch
+                if timed
+            ]
         self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
@@ -287,8 +309,9 @@ class Executor:
         self._held: list[list[Any]] = table()
         self._forward_handoff: list[list[Any]] = table()
         self._grad_handoff: list[list[Any]] = table()
-        self._recv_f: list[list[Pending | None]] = table()
-        self._recv_b: list[list[Pending | None]] = table()
+        # Posted receives: (the value the data lands in, the transfer, the consumer's name).
+        self._recv_f: list[list[tuple[Any, Transfer, str] | None]] = table()
+        self._recv_b: list[list[tuple[Any, Transfer, str] | None]] = table()
         self._send_grads: list[list[Any]] = table()
         self._weight_state: list[list[WeightGradState | None]] = table()
         self._losses: list[Tensor | None] = [None] * mbs
@@ -327,17 +350,19 @@ class Executor:
             losses.append(loss)
         return losses
 
-    def _complete(self, pending: Pending, consumer: Action) -> Any:
+    def _complete(self, pending: tuple[Any, Transfer, str], consumer: Action) -> Any:
         p2p, watchdog = self._p2p, self._watchdog
         if p2p is None or watchdog is None:
             raise self._no_group()
-        start = time.perf_counter()
-        pending.transfer.wait(watchdog, pending.what)
+        # The wait starts where the loop stamped the action's start (a few calls earlier).
+        start = self._ready_at
+        value, transfer, what = pending
+        transfer.wait(watchdog, what)
         end = self._ready_at = time.perf_counter()
         if p2p.orders_streams:
             p2p.after_recv()
         self._waits.append((consumer, start - self._t0, end - self._t0))
-        return pending.value
+        return value
 
     def _traffic(self, step: StepInputs) -> tuple[dict[int, int], dict[int, int]]:
         """Bytes this step sends to and receives from each peer, laid out as the
@@ -418,7 +443,8 @@ class Executor:
             if step.targets is None:
                 raise PipelineError(f"rank {self.rank} owns the last stage but the step has no targets")
             loss = self._loss_fn(output, step.targets[mb])
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
+            # `ndim` is an attribute read; `numel()` a call, made only for a non-scalar loss.
+            if not isinstance(loss, Tensor) or (loss.ndim != 0 and loss.numel() != 1):
                 raise PipelineError(
                     f"loss_fn returned {type(loss).__name__}"
                     f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}"
@@ -445,21 +471,27 @@ class Executor:
         if step is None:
             raise self._outside_run()
         expected = step.boundaries[mb][self._out_layer[s]]
-        problem = None if matches(expected, outputs) else expected.mismatch(
-            outputs if expected.is_tuple else outputs[0]
-        )
+        single = len(outputs) == 1
+        if single and not expected.is_tuple:  # `matches` of one tensor, inlined
+            output = outputs[0]
+            try:
+                same = output.dtype == expected.dtypes[0] and output.shape == expected.shapes[0]
+            except AttributeError:  # not a tensor: `mismatch` says what it is
+                same = False
+        else:
+            same = matches(expected, outputs)
+        problem = None if same else expected.mismatch(outputs if expected.is_tuple else outputs[0])
         if problem is not None:
             raise BoundaryMismatch(
                 f"rank {self.rank}: stage {s} produced an output for micro-batch {mb} that stage {s + 1} "
                 f"on rank {peer} does not expect (its buffers come from the meta-device trace): {problem}; "
                 f"layer outputs must not depend on tensor values"
             )
-        p2p = self._p2p
-        if p2p is None:
+        if self._p2p is None:
             raise self._no_group()
-        tensors = (outputs[0].detach(),) if len(outputs) == 1 else tuple(t.detach() for t in outputs)
-        transfer = p2p.send(tensors, peer)
-        if self._sends or not transfer.done():
+        tensors = (outputs[0].detach(),) if single else tuple(t.detach() for t in outputs)
+        transfer = self._senders[peer](tensors)
+        if transfer is not None or self._sends:
             self._keep_until_sent(transfer, action, tensors)
         # The backward needs the outputs' graph, not their values: free what the send no
         # longer reads (a process-group send keeps its own detached tensors until done). Not
@@ -469,12 +501,14 @@ class Executor:
                 and self._run_counter is not None:
             self._held[s][mb] = self._run_counter.hold(self._inputs_of[s][mb])
 
-    def _keep_until_sent(self, transfer: Transfer, action: Action, tensors: tuple[Tensor, ...]) -> None:
+    def _keep_until_sent(
+        self, transfer: Transfer | None, action: Action, tensors: tuple[Tensor, ...]
+    ) -> None:
         """Keep `tensors` alive while `transfer` may still read them (a shared-memory send has
-        copied them when it returns: nothing to keep); drop those of sends completed since."""
+        copied them when it returns: None, nothing to keep); drop those of sends completed since."""
         if self._sends:
             self._sends = [entry for entry in self._sends if not entry[0].done()]
-        if not transfer.done():
+        if transfer is not None and not transfer.done():
             self._sends.append((transfer, action, tensors))
 
     def _recv_forward(self, action: Action, *, peer: int, what: str) -> None:
@@ -486,7 +520,7 @@ class Executor:
         if p2p is None:
             raise self._no_group()
         value, buffers, views = self._receive_buffers.input(s, mb, step.boundaries[mb][self._in_layer[s]])
-        self._recv_f[s][mb] = Pending(value, p2p.recv(buffers, peer, views), peer, what)
+        self._recv_f[s][mb] = (value, self._receivers[peer](buffers, views), what)
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -537,7 +571,7 @@ class Executor:
         grads = self._output_grads(action)
         leaves = self._inputs_of[s][mb]
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
-        self._release(s, mb)
+        self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
         stash = self._stages[s].stash
         if stash is not None:
             stash.after_backward(mb)
@@ -575,11 +609,10 @@ class Executor:
         s, mb = action.stage, action.microbatch
         grads = self._send_grads[s][mb]
         self._send_grads[s][mb] = None
-        p2p = self._p2p
-        if p2p is None:
+        if self._p2p is None:
             raise self._no_group()
-        transfer = p2p.send(grads, peer)
-        if self._sends or not transfer.done():
+        transfer = self._senders[peer](grads)
+        if transfer is not None or self._sends:
             self._keep_until_sent(transfer, action, grads)
 
     def _recv_backward(self, action: Action, *, peer: int, what: str) -> None:
@@ -591,7 +624,7 @@ class Executor:
         if p2p is None:
             raise self._no_group()
         grads, buffers, views = self._receive_buffers.output_grads(s, mb, step.boundaries[mb][self._out_layer[s]])
-        self._recv_b[s][mb] = Pending(grads, p2p.recv(buffers, peer, views), peer, what)
+        self._recv_b[s][mb] = (grads, self._receivers[peer](buffers, views), what)
 
     # -- optimizer ---------------------------------------------------------------------------
 

@@ -16,14 +16,12 @@ import torch
 from torch import Tensor
 
 from pipefold.model import TensorMeta
-from pipefold.runtime.transport.comm import Transfer
 from pipefold.schedule import Action, Op
 from pipefold.timeline import Event, Wait
 
 __all__ = [
     "Grads",
     "LossFn",
-    "Pending",
     "ShardingActions",
     "StageHooks",
     "Stamp",
@@ -86,18 +84,6 @@ class StepRecord:
     @property
     def waits(self) -> tuple[Wait, ...]:
         return tuple(Wait(self.rank, action, start, end) for action, start, end in self.wait_stamps)
-
-
-@dataclass(eq=False, slots=True)
-class Pending:
-    """A posted receive: where the data lands and the transfer to wait for (slotted: one is
-    made per message)."""
-
-    value: Any
-    transfer: Transfer
-    peer: int
-    what: str
-    """The consuming action's name (e.g. "F1.3"), for wait notices and errors."""
 
 
 class StageHooks(Protocol):

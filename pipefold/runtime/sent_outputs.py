@@ -51,8 +51,9 @@ def release_sent(outputs: Sequence[Tensor]) -> bool:
         return False
     setattr(output, _SHAPE, output.shape)
     key = (output.dtype, output.device)
-    empty = _EMPTY.get(key)
-    if empty is None:
+    try:  # a subscript, not `dict.get`: once per sent message, and the key is there after the first
+        empty = _EMPTY[key]
+    except KeyError:
         empty = _EMPTY[key] = torch.empty(0, dtype=output.dtype, device=output.device)
     output.data = empty
     return True

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerLike, TiedLayerSpec
-from pipefold.model.dropout import enter_microbatch, replay_scope
+from pipefold.model.dropout import MicrobatchScope, replay_scope
 from pipefold.runtime.held_copies import casts_kept, holding, measure_held_copies
 from pipefold.runtime.parallel.tensor_parallel import is_sharded
 from pipefold.runtime.stash import WeightStash
@@ -68,7 +68,8 @@ class Stage:
         )
         self._recompute_all = recompute_all
         self._checkpointed = tuple(i in recompute_layers for i in layer_indices)
-        self.recomputes = recompute_all or any(self._checkpointed)
+        self._any_checkpointed = any(self._checkpointed)
+        self.recomputes = recompute_all or self._any_checkpointed
         """Whether some of this stage's forward is recomputed in its backward."""
         seen: set[int] = set()
         params: list[nn.Parameter] = []
@@ -121,15 +122,28 @@ class Stage:
 
     def forward(self, value: Any, microbatch: int) -> Any:
         dtype = self.compute_dtype
-        # Seeded dropout draws this micro-batch's masks (pipefold.model.dropout).
-        outer = enter_microbatch(microbatch)
+        # Seeded dropout draws this micro-batch's masks (pipefold.model.dropout): the scope is
+        # set and restored here, as is a plain stage's `_forward` and `_run` inlined (once per
+        # micro-batch on the executor's path, where each Python call counts).
+        scope = MicrobatchScope
+        outer = scope.microbatch
+        scope.microbatch = microbatch
         try:
             if dtype is None:
+                if (
+                    self.stash is None
+                    and not self._recompute_all
+                    and not self._any_checkpointed
+                    and not self.check_plain_output
+                ):
+                    for call in self._calls:
+                        value = call(value)
+                    return value
                 return self._forward(value, microbatch)
             with torch.autocast(self.device_type, dtype=dtype):
                 output = self._forward(value, microbatch)
         finally:
-            enter_microbatch(outer)
+            scope.microbatch = outer
         return self._cast_output(output, dtype)
 
     def forward_only(self, value: Any) -> Any:
@@ -259,7 +273,8 @@ def as_leaves(value: Any) -> tuple[Any, tuple[Tensor, ...]]:
     """
     if isinstance(value, Tensor):  # `_leaf`, inlined: once per received micro-batch
         leaf = value.detach()
-        if leaf.is_floating_point() or leaf.is_complex():
+        dtype = leaf.dtype  # attribute reads, not the two method calls
+        if dtype.is_floating_point or dtype.is_complex:
             leaf.requires_grad_(True)
         return leaf, (leaf,)
     leaves = tuple(_leaf(tensor) for tensor in value)

@@ -254,6 +254,29 @@ class P2P:
         with torch.cuda.stream(self._comm_stream):
             yield
 
+    def sender(self, peer: int) -> Callable[[Sequence[Tensor]], Transfer | None]:
+        """`send` to `peer` resolved for this step (call after `begin_step`): a function of the
+        tensors returning the transfer, or None where the send is complete when it returns (a
+        shared-memory send has copied the tensors). The executor resolves one per peer per step,
+        so a message pays no channel lookup."""
+        channel = self._send_channels.get(peer)
+        if channel is not None and channel.active:
+            return channel.send
+        return functools.partial(self.send_direct, peer=peer)
+
+    def receiver(self, peer: int) -> Callable[[Sequence[Tensor], Sequence[memoryview] | None], Transfer]:
+        """`recv` from `peer` resolved for this step (call after `begin_step`), as `sender`: a
+        function of (buffers, their byte views or None)."""
+        channel = self._recv_channels.get(peer)
+        if channel is not None and channel.active:
+            return functools.partial(_shm_receive, channel, peer, self._peer_alive.get(peer))
+        return functools.partial(self._recv_direct_of, peer)
+
+    def _recv_direct_of(
+        self, peer: int, buffers: Sequence[Tensor], views: Sequence[memoryview] | None
+    ) -> Transfer:
+        return self.recv_direct(buffers, peer)
+
     def send(self, tensors: Sequence[Tensor], peer: int) -> Transfer:
         """Start sending `tensors` (in order) to pipeline rank `peer` (a step's message)."""
         channel = self._send_channels.get(peer)
@@ -272,8 +295,7 @@ class P2P:
         """
         channel = self._recv_channels.get(peer)
         if channel is not None and channel.active:
-            sequence, offsets, _ = channel.claim(buffers)
-            return _ShmReceive(channel, sequence, buffers, offsets, peer, self._peer_alive.get(peer), views)
+            return _shm_receive(channel, peer, self._peer_alive.get(peer), buffers, views)
         return self.recv_direct(buffers, peer)
 
     def send_direct(self, tensors: Sequence[Tensor], peer: int, *, tag: int = 0) -> Transfer:
@@ -310,6 +332,18 @@ class P2P:
         """Order the compute stream after completed receives (no-op on CPU)."""
         if self._comm_stream is not None:
             torch.cuda.current_stream(self._comm_stream.device).wait_stream(self._comm_stream)
+
+
+def _shm_receive(
+    channel: ShmChannel,
+    peer: int,
+    peer_alive: Callable[[], bool] | None,
+    buffers: Sequence[Tensor],
+    views: Sequence[memoryview] | None,
+) -> Transfer:
+    """Claim the next message's slots of `channel` for `buffers`: the posted receive."""
+    sequence, offsets, _ = channel.claim(buffers)
+    return _ShmReceive(channel, sequence, buffers, offsets, peer, peer_alive, views)
 
 
 def _channel_name(token: int, sender: int, receiver: int) -> str:

@@ -351,9 +351,13 @@ class ShmChannel:
         words = self._words
         return lambda: words[_PUBLISHED] >= sequence  # type: ignore[no-any-return]
 
-    def claim(self, buffers: Sequence[Tensor]) -> tuple[int, list[int], int]:
+    def claim(self, buffers: Sequence[Tensor]) -> tuple[int, Sequence[int], int]:
         """Receiver: reserve the next message's slots; returns (sequence, offsets, end)."""
-        offsets, end = _slots(buffers, self._offset)
+        if len(buffers) == 1:  # a stage's usual boundary: one tensor, no list of slots (as `send`)
+            offsets: Sequence[int] = ((self._offset + _ALIGN - 1) // _ALIGN * _ALIGN,)
+            end = offsets[0] + buffers[0].nbytes
+        else:
+            offsets, end = _slots(buffers, self._offset)
         if end > self._announced:
             raise PipelineError(
                 f"same-host channel {self.path.name}: a receive ends at byte {end} but the step "
