@@ -5,6 +5,7 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
     .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
     .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
+    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 30 s each)
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
@@ -18,6 +19,12 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    rounds; its spread (the lowest and highest round's median, as +/- % of that median); tokens
    per second from it; the median measured bubble.
 
+4. `--pairs N` adjacent pairs (default 3), pair i right after round i: a fresh
+   `plan --profile` (its calibration run included), then its choice trained at once with the
+   same flags and kept steps as the rounds: the forecast against a measurement of the same
+   minute of the host, where the rounds meet it minutes after the calibration (a host whose
+   speed moves between the two reads as a forecast error there, not here).
+
 Reported: the forecast error of the choice (target: within 10%), and how far the choice is from
 the best measured (target: within 5%), with whether the rounds resolve that difference (the
 two configurations' round medians do not overlap). Beside them, per configuration, what depends
@@ -26,7 +33,8 @@ costs it measured), per action kind the planner's stage costs against those the 
 (F, I, W, B: the sum over the stages that ran that kind, planner / run), the last steps'
 makespan against their wall time, rank 0's core share (its CPU seconds over wall seconds), and
 the time a rank spends between two actions after one whose output it sent to another rank
-against after the others (what a send costs its sender, not priced by the planner).
+against after the others (what a send costs its sender, not priced by the planner). After the
+table, the adjacent pairs: each pair's forecast error and their median.
 A benchmark, not a test: timings depend on the machine and its load (every rank and the planner
 share the host's cores).
 """
@@ -294,6 +302,50 @@ def _print_relative(rows: list[dict]) -> None:
         print(f"forecast relative to the defaults' (host speed taken out), {label}: {error:+.1%}")
 
 
+def pair_errors(pairs: list[dict[str, Any]]) -> tuple[list[float], float | None]:
+    """Each adjacent pair's forecast error (its plan's forecast of its choice over the step that
+    choice measured right after, less one) and their median; (empty, None) without pairs."""
+    errors = [pair["forecast_s"] / pair["measured_s"] - 1 for pair in pairs]
+    return errors, statistics.median(errors) if errors else None
+
+
+def pairs_after_round(round_index: int, num_rounds: int, num_pairs: int) -> range:
+    """The adjacent pairs run right after round `round_index`: pair i after round i, every pair
+    beyond the rounds after the last."""
+    end = num_pairs if round_index == num_rounds - 1 else min(round_index + 1, num_pairs)
+    return range(min(round_index, end), end)
+
+
+def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One adjacent pair: a fresh `plan --profile` (its calibration run included), then its choice
+    trained at once, so the forecast meets a measurement of the same minute of the host."""
+    work.mkdir(parents=True)
+    plan = _plan(args, work)
+    entry = plan["top"][0]
+    run = _train(_candidate_args(entry, 0, work), args, work / "run")
+    calibration = plan.get("calibration") or {}
+    return {"label": _label(entry), "forecast_s": float(entry["step_time"]), "measured_s": run["step_s"],
+            "steps_s": run["steps_s"], "calibration_step_s": calibration.get("measured_step_s"),
+            "plan_seconds": plan["plan_seconds"]}
+
+
+def _print_pairs(pairs: list[dict[str, Any]]) -> None:
+    errors, middle = pair_errors(pairs)
+    if middle is None:
+        return
+    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once; the calibration "
+          "run's own median step of the defaults beside):")
+    print("| pair | choice | calibration's defaults ms | forecast ms | measured ms | forecast error |")
+    print("|---|---|---|---|---|---|")
+    for number, (pair, error) in enumerate(zip(pairs, errors, strict=True), start=1):
+        calibration = pair["calibration_step_s"]
+        calibrated = "-" if calibration is None else f"{calibration * 1e3:.0f}"
+        print(f"| {number} | {pair['label']} | {calibrated} | "
+              f"{pair['forecast_s'] * 1e3:.0f} | {pair['measured_s'] * 1e3:.0f} | {error:+.1%} |")
+    print(f"forecast error over {len(errors)} adjacent pairs: median {middle:+.1%} "
+          f"(from {min(errors):+.1%} to {max(errors):+.1%}; target within 10%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,6 +364,9 @@ def main() -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
+    parser.add_argument("--pairs", type=int, default=3, metavar="N",
+                        help="adjacent pairs: a fresh plan --profile, then its choice trained at once; "
+                        "pair i runs after round i, the rest after the last (default 3; 0: none)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--relative", type=Path, metavar="JSON",
                         help="print the forecast errors relative to the defaults' from an earlier --json, and stop")
@@ -319,11 +374,25 @@ def main() -> None:
     if args.relative is not None:
         _print_relative(json.loads(args.relative.read_text())["rows"])
         return
+    if args.pairs < 0 or args.rounds < 0:
+        parser.error("give --pairs and --rounds as 0 or more")
+    if args.pairs and args.top < 1:
+        parser.error("--pairs trains the plan's choice; give --top 1 or more, or --pairs 0")
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
     started = time.perf_counter()
+    pairs: list[dict[str, Any]] = []
+    if args.rounds == 0:  # the adjacent pairs alone
+        pairs = [_pair(args, work / f"pair{index}") for index in range(args.pairs)]
+        _print_pairs(pairs)
+        if args.json is not None:
+            errors, middle = pair_errors(pairs)
+            args.json.write_text(json.dumps({"ranks": args.ranks, "steps": args.steps, "warmup": args.warmup,
+                                             "pairs": pairs, "pair_forecast_errors": errors,
+                                             "pair_forecast_error_median": middle}, indent=1))
+        return
     plan = _plan(args, work) if args.top > 0 else {"top": []}
     if "plan_seconds" in plan:
         calibration = plan.get("calibration")
@@ -355,6 +424,11 @@ def main() -> None:
             runs[label].append(result)
             print(f"round {round_index + 1} {label}: step {result['step_s'] * 1e3:.0f} ms, "
                   f"bubble {result['bubble']:.0%}", file=sys.stderr)
+        # Pair i right after round i: the pairs alternate with the rounds.
+        for index in pairs_after_round(round_index, args.rounds, args.pairs):
+            pairs.append(_pair(args, work / f"pair{index}"))
+            print(f"pair {index + 1}: {pairs[-1]['label']}: forecast {pairs[-1]['forecast_s'] * 1e3:.0f} ms, "
+                  f"measured {pairs[-1]['measured_s'] * 1e3:.0f} ms", file=sys.stderr)
 
     tokens = args.batch_size * ModelConfig().seq_len
     costs_path = work / "costs.json"
@@ -448,10 +522,13 @@ def main() -> None:
               f"choice forecast / in-run prediction: "
               f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
         _print_relative(rows)
+    _print_pairs(pairs)
     if args.json is not None:
         report = {"plan_seconds": plan.get("plan_seconds"), "calibration": plan.get("calibration"),
                   "ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                  "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved}
+                  "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved,
+                  "pairs": pairs, "pair_forecast_errors": pair_errors(pairs)[0],
+                  "pair_forecast_error_median": pair_errors(pairs)[1]}
         args.json.write_text(json.dumps(report, indent=1))
 
 

@@ -1,0 +1,28 @@
+"""benchmarks/planner.py's adjacent pairs: their forecast errors and where they run among the rounds."""
+
+import pytest
+
+from benchmarks.planner import pair_errors, pairs_after_round
+
+
+def _pair(forecast, measured):
+    return {"forecast_s": forecast, "measured_s": measured}
+
+
+def test_each_pair_reads_its_forecast_over_its_own_measured_step_and_the_median_of_them():
+    errors, middle = pair_errors([_pair(0.150, 0.200), _pair(0.220, 0.200), _pair(0.200, 0.250)])
+    assert errors == pytest.approx([-0.25, 0.10, -0.20])
+    assert middle == pytest.approx(-0.20)
+    assert pair_errors([]) == ([], None)
+
+
+@pytest.mark.parametrize(("num_rounds", "num_pairs", "expected"), [
+    (4, 3, [[0], [1], [2], []]),       # fewer pairs than rounds: one after each of the first
+    (2, 5, [[0], [1, 2, 3, 4]]),       # more: the rest after the last round
+    (3, 0, [[], [], []]),
+    (1, 2, [[0, 1]]),
+])
+def test_pair_i_runs_after_round_i_and_the_rest_after_the_last(num_rounds, num_pairs, expected):
+    placed = [list(pairs_after_round(index, num_rounds, num_pairs)) for index in range(num_rounds)]
+    assert placed == expected
+    assert sorted(sum(placed, [])) == list(range(num_pairs))  # every pair once
