@@ -26,3 +26,12 @@ def test_pair_i_runs_after_round_i_and_the_rest_after_the_last(num_rounds, num_p
     placed = [list(pairs_after_round(index, num_rounds, num_pairs)) for index in range(num_rounds)]
     assert placed == expected
     assert sorted(sum(placed, [])) == list(range(num_pairs))  # every pair once
+
+
+def test_host_speed_reads_the_first_run_against_the_later_ones_and_a_run_by_its_thirds():
+    from benchmarks.host_speed import after_idle_ratio, thirds
+
+    assert after_idle_ratio([0.150, 0.200, 0.220, 0.210]) == pytest.approx(0.150 / 0.210)
+    assert after_idle_ratio([0.150]) is None
+    assert thirds([0.3, 0.2, 0.2, 0.25, 0.25, 0.25, 0.4]) == pytest.approx((0.25, 0.325))
+    assert thirds([0.2, 0.3]) == pytest.approx((0.2, 0.3))
