@@ -88,7 +88,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for index, run in enumerate(runs, start=1):
         print(f"| {index} | {run['began_s']:.0f} | {run['median_s'] * 1e3:.0f} | "
-              f"{run['first_third_s'] * 1e3:.0f} | {run['last_third_s'] * 1e3:.0f} | {run['core_share']:.2f} | {run['load']} |")
+              f"{run['first_third_s'] * 1e3:.0f} | {run['last_third_s'] * 1e3:.0f} | "
+              f"{run['core_share']:.2f} | {run['load']} |")
     ratio = after_idle_ratio([run["median_s"] for run in runs])
     if ratio is not None:
         print(f"first run after the idle over the later runs: {ratio:.2f} (below 1: faster after idling)")
