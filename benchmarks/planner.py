@@ -23,7 +23,10 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    `plan --profile` (its calibration run included), then its choice trained at once with the
    same flags and kept steps as the rounds: the forecast against a measurement of the same
    minute of the host, where the rounds meet it minutes after the calibration (a host whose
-   speed moves between the two reads as a forecast error there, not here).
+   speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
+   before the first plan: its calibration then follows an idle host, the pairs' the rounds'
+   load, and the calibration runs' own step of the defaults, printed side by side, says whether
+   this host runs faster after idling.
 
 Reported: the forecast error of the choice (target: within 10%), and how far the choice is from
 the best measured (target: within 5%), with whether the rounds resolve that difference (the
@@ -367,6 +370,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, metavar="N",
                         help="adjacent pairs: a fresh plan --profile, then its choice trained at once; "
                         "pair i runs after round i, the rest after the last (default 3; 0: none)")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                        help="sleep this long before the first plan, so its calibration run follows an idle "
+                        "host and the pairs' follow the rounds' load (default 0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--relative", type=Path, metavar="JSON",
                         help="print the forecast errors relative to the defaults' from an earlier --json, and stop")
@@ -393,6 +399,9 @@ def main() -> None:
                                              "pairs": pairs, "pair_forecast_errors": errors,
                                              "pair_forecast_error_median": middle}, indent=1))
         return
+    if args.idle:
+        print(f"idling {args.idle:.0f} s before the plan", file=sys.stderr)
+        time.sleep(args.idle)
     plan = _plan(args, work) if args.top > 0 else {"top": []}
     if "plan_seconds" in plan:
         calibration = plan.get("calibration")
@@ -523,9 +532,17 @@ def main() -> None:
               f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
         _print_relative(rows)
     _print_pairs(pairs)
+    calibrated = [pair["calibration_step_s"] for pair in pairs if pair["calibration_step_s"] is not None]
+    defaults = next(row for row in rows if row["label"].startswith("default ("))
+    if calibrated and plan.get("calibration"):
+        print("the defaults' step in the calibration runs: the first plan's "
+              f"{plan['calibration']['measured_step_s'] * 1e3:.0f} ms, the pairs' "
+              + "/".join(f"{value * 1e3:.0f}" for value in calibrated)
+              + f" ms; in the rounds {defaults['measured_s'] * 1e3:.0f} ms (median)")
     if args.json is not None:
         report = {"plan_seconds": plan.get("plan_seconds"), "calibration": plan.get("calibration"),
                   "ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                  "idle_s": args.idle,
                   "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved,
                   "pairs": pairs, "pair_forecast_errors": pair_errors(pairs)[0],
                   "pair_forecast_error_median": pair_errors(pairs)[1]}
