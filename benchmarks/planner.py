@@ -319,6 +319,37 @@ def pairs_after_round(round_index: int, num_rounds: int, num_pairs: int) -> rang
     return range(min(round_index, end), end)
 
 
+def calibration_blocks(steps_s: list[float], sizes: list[int], warmup: int) -> tuple[float, float] | None:
+    """The calibration run's first size: the median kept step of its first block (the launch's
+    first steps, before any switch of size) and of its later blocks (each after the run switched
+    back from the other sizes); None with one block. `sizes`: steps per block
+    (`pipefold.job.calibration.blocks`), `warmup`: the first block's steps left out (a later
+    block leaves out its first)."""
+    if len(sizes) < 2 or sum(sizes) != len(steps_s):
+        return None
+    first = steps_s[warmup:sizes[0]]
+    later: list[float] = []
+    start = sizes[0]
+    for size in sizes[1:]:
+        later += steps_s[start + 1:start + size]
+        start += size
+    return (statistics.median(first), statistics.median(later)) if first and later else None
+
+
+def _blocks_text(calibration: dict[str, Any] | None) -> str:
+    """The calibration's first block against its later blocks, for the log."""
+    from pipefold.job.calibration import WARMUP_STEPS, blocks
+
+    if not calibration or not calibration.get("step_seconds"):
+        return ""
+    sizes = blocks(int(calibration["steps"]), max(1, len(calibration.get("measured_rows") or [])))
+    split = calibration_blocks(calibration["step_seconds"], sizes, WARMUP_STEPS)
+    steps = "/".join(f"{x * 1e3:.0f}" for x in calibration["step_seconds"])
+    return (f"; its first size's steps {steps} ms"
+            + ("" if split is None else
+               f" (first block {split[0] * 1e3:.0f}, later blocks {split[1] * 1e3:.0f} ms)"))
+
+
 def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One adjacent pair: a fresh `plan --profile` (its calibration run included), then its choice
     trained at once, so the forecast meets a measurement of the same minute of the host."""
@@ -327,9 +358,13 @@ def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     entry = plan["top"][0]
     run = _train(_candidate_args(entry, 0, work), args, work / "run")
     calibration = plan.get("calibration") or {}
+    note = _blocks_text(calibration)
+    print(f"pair {work.name}: {_label(entry)}: forecast {float(entry['step_time']) * 1e3:.0f} ms, "
+          f"measured {run['step_s'] * 1e3:.0f} ms{note}", file=sys.stderr)
     return {"label": _label(entry), "forecast_s": float(entry["step_time"]), "measured_s": run["step_s"],
             "steps_s": run["steps_s"], "calibration_step_s": calibration.get("measured_step_s"),
-            "plan_seconds": plan["plan_seconds"]}
+            "calibration_steps_s": calibration.get("step_seconds"),
+            "plan_seconds": plan["plan_seconds"], "calibration_note": note}
 
 
 def _print_pairs(pairs: list[dict[str, Any]]) -> None:
@@ -410,7 +445,7 @@ def main() -> None:
                  f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
                  + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
                  + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage"
-                 + _fitted(calibration) + ")"),
+                 + _fitted(calibration) + ")" + _blocks_text(calibration)),
               file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     files: dict[str, Path | None] = {}
@@ -434,10 +469,8 @@ def main() -> None:
             print(f"round {round_index + 1} {label}: step {result['step_s'] * 1e3:.0f} ms, "
                   f"bubble {result['bubble']:.0%}", file=sys.stderr)
         # Pair i right after round i: the pairs alternate with the rounds.
-        for index in pairs_after_round(round_index, args.rounds, args.pairs):
-            pairs.append(_pair(args, work / f"pair{index}"))
-            print(f"pair {index + 1}: {pairs[-1]['label']}: forecast {pairs[-1]['forecast_s'] * 1e3:.0f} ms, "
-                  f"measured {pairs[-1]['measured_s'] * 1e3:.0f} ms", file=sys.stderr)
+        pairs += [_pair(args, work / f"pair{index}") for index in pairs_after_round(round_index, args.rounds,
+                                                                                      args.pairs)]
 
     tokens = args.batch_size * ModelConfig().seq_len
     costs_path = work / "costs.json"

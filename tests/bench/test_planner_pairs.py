@@ -35,3 +35,13 @@ def test_host_speed_reads_the_first_run_against_the_later_ones_and_a_run_by_its_
     assert after_idle_ratio([0.150]) is None
     assert thirds([0.3, 0.2, 0.2, 0.25, 0.25, 0.25, 0.4]) == pytest.approx((0.25, 0.325))
     assert thirds([0.2, 0.3]) == pytest.approx((0.2, 0.3))
+
+
+def test_the_calibrations_first_block_is_read_apart_from_its_later_blocks():
+    from benchmarks.planner import calibration_blocks
+
+    # blocks of 4: the first leaves out 2 (allocation), a later block its first (a switch)
+    steps = [0.9, 0.5, 0.30, 0.32, 0.6, 0.20, 0.21, 0.22, 0.7, 0.23, 0.24, 0.25]
+    assert calibration_blocks(steps, [4, 4, 4], 2) == pytest.approx((0.31, 0.225))
+    assert calibration_blocks(steps[:4], [4], 2) is None  # one block: nothing to compare
+    assert calibration_blocks(steps, [4, 4], 2) is None   # steps that are not those blocks'
