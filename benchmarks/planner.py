@@ -312,6 +312,13 @@ def pair_errors(pairs: list[dict[str, Any]]) -> tuple[list[float], float | None]
     return errors, statistics.median(errors) if errors else None
 
 
+def calibration_over_train(pairs: list[dict[str, Any]]) -> list[float]:
+    """Per pair, the defaults' step in its calibration run over the same configuration's step in
+    `pipefold train` right after (pairs whose plan ran no calibration left out)."""
+    return [pair["calibration_step_s"] / pair["defaults_measured_s"] for pair in pairs
+            if pair["calibration_step_s"] is not None]
+
+
 def pairs_after_round(round_index: int, num_rounds: int, num_pairs: int) -> range:
     """The adjacent pairs run right after round `round_index`: pair i after round i, every pair
     beyond the rounds after the last."""
@@ -357,13 +364,17 @@ def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     plan = _plan(args, work)
     entry = plan["top"][0]
     run = _train(_candidate_args(entry, 0, work), args, work / "run")
+    # Then the calibration's own configuration: the calibration run's step against train's, a
+    # minute apart, with no pricing between them.
+    defaults = _train(["--ranks", str(args.ranks)], args, work / "defaults")
     calibration = plan.get("calibration") or {}
     note = _blocks_text(calibration)
     print(f"pair {work.name}: {_label(entry)}: forecast {float(entry['step_time']) * 1e3:.0f} ms, "
-          f"measured {run['step_s'] * 1e3:.0f} ms{note}", file=sys.stderr)
+          f"measured {run['step_s'] * 1e3:.0f} ms; the defaults {defaults['step_s'] * 1e3:.0f} ms{note}",
+          file=sys.stderr)
     return {"label": _label(entry), "forecast_s": float(entry["step_time"]), "measured_s": run["step_s"],
             "steps_s": run["steps_s"], "calibration_step_s": calibration.get("measured_step_s"),
-            "calibration_steps_s": calibration.get("step_seconds"),
+            "calibration_steps_s": calibration.get("step_seconds"), "defaults_measured_s": defaults["step_s"],
             "plan_seconds": plan["plan_seconds"], "calibration_note": note}
 
 
@@ -371,17 +382,25 @@ def _print_pairs(pairs: list[dict[str, Any]]) -> None:
     errors, middle = pair_errors(pairs)
     if middle is None:
         return
-    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once; the calibration "
-          "run's own median step of the defaults beside):")
-    print("| pair | choice | calibration's defaults ms | forecast ms | measured ms | forecast error |")
-    print("|---|---|---|---|---|---|")
+    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once, then the defaults; "
+          "the defaults' step in the pair's calibration run against train's right after):")
+    print("| pair | choice | forecast ms | measured ms | forecast error | defaults: calibration ms "
+          "| defaults: train ms | calibration / train |")
+    print("|---|---|---|---|---|---|---|---|")
     for number, (pair, error) in enumerate(zip(pairs, errors, strict=True), start=1):
         calibration = pair["calibration_step_s"]
-        calibrated = "-" if calibration is None else f"{calibration * 1e3:.0f}"
-        print(f"| {number} | {pair['label']} | {calibrated} | "
-              f"{pair['forecast_s'] * 1e3:.0f} | {pair['measured_s'] * 1e3:.0f} | {error:+.1%} |")
+        trained = pair["defaults_measured_s"]
+        cells = ["-", f"{trained * 1e3:.0f}", "-"] if calibration is None else [
+            f"{calibration * 1e3:.0f}", f"{trained * 1e3:.0f}", f"{calibration / trained:.2f}"]
+        print(f"| {number} | {pair['label']} | {pair['forecast_s'] * 1e3:.0f} | "
+              f"{pair['measured_s'] * 1e3:.0f} | {error:+.1%} | {' | '.join(cells)} |")
     print(f"forecast error over {len(errors)} adjacent pairs: median {middle:+.1%} "
           f"(from {min(errors):+.1%} to {max(errors):+.1%}; target within 10%)")
+    ratios = calibration_over_train(pairs)
+    if ratios:
+        print("the defaults' step, calibration run over train right after: median "
+              f"{statistics.median(ratios):.2f} (from {min(ratios):.2f} to {max(ratios):.2f}; below 1 the "
+              "calibration ran faster)")
 
 
 def main() -> None:

@@ -45,3 +45,12 @@ def test_the_calibrations_first_block_is_read_apart_from_its_later_blocks():
     assert calibration_blocks(steps, [4, 4, 4], 2) == pytest.approx((0.31, 0.225))
     assert calibration_blocks(steps[:4], [4], 2) is None  # one block: nothing to compare
     assert calibration_blocks(steps, [4, 4], 2) is None   # steps that are not those blocks'
+
+
+def test_each_pairs_calibration_reads_against_the_defaults_trained_right_after():
+    from benchmarks.planner import calibration_over_train
+
+    pairs = [{"calibration_step_s": 0.160, "defaults_measured_s": 0.200},
+             {"calibration_step_s": None, "defaults_measured_s": 0.200},  # --calibrate-steps 0
+             {"calibration_step_s": 0.220, "defaults_measured_s": 0.200}]
+    assert calibration_over_train(pairs) == pytest.approx([0.8, 1.1])
