@@ -21,7 +21,8 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
 
 4. `--pairs N` adjacent pairs (default 3), pair i right after round i: a fresh
    `plan --profile` (its calibration run included), then its choice trained at once with the
-   same flags and kept steps as the rounds: the forecast against a measurement of the same
+   same flags and kept steps as the rounds, then the defaults (the calibration's configuration:
+   its calibration step over train's, no pricing between): the forecast against a measurement of the same
    minute of the host, where the rounds meet it minutes after the calibration (a host whose
    speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
    before the first plan: its calibration then follows an idle host, the pairs' the rounds'
