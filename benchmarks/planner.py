@@ -5,7 +5,7 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
     .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
     .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
-    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 30 s each)
+    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 40 s each)
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
@@ -22,9 +22,9 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
 4. `--pairs N` adjacent pairs (default 3), pair i right after round i: a fresh
    `plan --profile` (its calibration run included), then its choice trained at once with the
    same flags and kept steps as the rounds, then the defaults (the calibration's configuration:
-   its calibration step over train's, no pricing between): the forecast against a measurement of the same
-   minute of the host, where the rounds meet it minutes after the calibration (a host whose
-   speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
+   its calibration step over train's, no pricing between): the forecast against a measurement
+   of the same minute of the host, where the rounds meet it minutes after the calibration (a
+   host whose speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
    before the first plan: its calibration then follows an idle host, the pairs' the rounds'
    load, and the calibration runs' own step of the defaults, printed side by side, says whether
    this host runs faster after idling.
@@ -423,7 +423,7 @@ def main() -> None:
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
     parser.add_argument("--pairs", type=int, default=3, metavar="N",
-                        help="adjacent pairs: a fresh plan --profile, then its choice trained at once; "
+                        help="adjacent pairs: a fresh plan --profile, then its choice and the defaults trained at once; "
                         "pair i runs after round i, the rest after the last (default 3; 0: none)")
     parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
                         help="sleep this long before the first plan, so its calibration run follows an idle "
