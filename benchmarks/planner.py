@@ -423,8 +423,8 @@ def main() -> None:
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
     parser.add_argument("--pairs", type=int, default=3, metavar="N",
-                        help="adjacent pairs: a fresh plan --profile, then its choice and the defaults trained at once; "
-                        "pair i runs after round i, the rest after the last (default 3; 0: none)")
+                        help="adjacent pairs: a fresh plan --profile, then its choice and the defaults "
+                        "trained at once; pair i runs after round i, the rest after the last (default 3; 0: none)")
     parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
                         help="sleep this long before the first plan, so its calibration run follows an idle "
                         "host and the pairs' follow the rounds' load (default 0)")
