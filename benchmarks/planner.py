@@ -424,7 +424,8 @@ def main() -> None:
                         "prices alone)")
     parser.add_argument("--pairs", type=int, default=3, metavar="N",
                         help="adjacent pairs: a fresh plan --profile, then its choice and the defaults "
-                        "trained at once; pair i runs after round i, the rest after the last (default 3; 0: none)")
+                        "trained at once; pair i runs after round i, the rest after the last "
+                        "(default 3; 0: none)")
     parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
                         help="sleep this long before the first plan, so its calibration run follows an idle "
                         "host and the pairs' follow the rounds' load (default 0)")
