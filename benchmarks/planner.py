@@ -422,10 +422,10 @@ def main() -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
-    parser.add_argument("--pairs", type=int, default=3, metavar="N",
+    parser.add_argument("--pairs", type=int, metavar="N",
                         help="adjacent pairs: a fresh plan --profile, then its choice and the defaults "
                         "trained at once; pair i runs after round i, the rest after the last "
-                        "(default 3; 0: none)")
+                        "(default 3, with --top 0 none; 0: none)")
     parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
                         help="sleep this long before the first plan, so its calibration run follows an idle "
                         "host and the pairs' follow the rounds' load (default 0)")
@@ -436,6 +436,8 @@ def main() -> None:
     if args.relative is not None:
         _print_relative(json.loads(args.relative.read_text())["rows"])
         return
+    if args.pairs is None:  # --top 0 (the defaults alone) has no choice to pair
+        args.pairs = 3 if args.top > 0 else 0
     if args.pairs < 0 or args.rounds < 0:
         parser.error("give --pairs and --rounds as 0 or more")
     if args.pairs and args.top < 1:
@@ -445,6 +447,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
     started = time.perf_counter()
+    if args.idle:
+        print(f"idling {args.idle:.0f} s before the plan", file=sys.stderr)
+        time.sleep(args.idle)
     pairs: list[dict[str, Any]] = []
     if args.rounds == 0:  # the adjacent pairs alone
         pairs = [_pair(args, work / f"pair{index}") for index in range(args.pairs)]
@@ -455,9 +460,6 @@ def main() -> None:
                                              "pairs": pairs, "pair_forecast_errors": errors,
                                              "pair_forecast_error_median": middle}, indent=1))
         return
-    if args.idle:
-        print(f"idling {args.idle:.0f} s before the plan", file=sys.stderr)
-        time.sleep(args.idle)
     plan = _plan(args, work) if args.top > 0 else {"top": []}
     if "plan_seconds" in plan:
         calibration = plan.get("calibration")
