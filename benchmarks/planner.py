@@ -5,6 +5,7 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
     .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
     .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
+    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 40 s each)
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
@@ -18,6 +19,16 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    rounds; its spread (the lowest and highest round's median, as +/- % of that median); tokens
    per second from it; the median measured bubble.
 
+4. `--pairs N` adjacent pairs (default 3), pair i right after round i: a fresh
+   `plan --profile` (its calibration run included), then its choice trained at once with the
+   same flags and kept steps as the rounds, then the defaults (the calibration's configuration:
+   its calibration step over train's, no pricing between): the forecast against a measurement
+   of the same minute of the host, where the rounds meet it minutes after the calibration (a
+   host whose speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
+   before the first plan: its calibration then follows an idle host, the pairs' the rounds'
+   load, and the calibration runs' own step of the defaults, printed side by side, says whether
+   this host runs faster after idling.
+
 Reported: the forecast error of the choice (target: within 10%), and how far the choice is from
 the best measured (target: within 5%), with whether the rounds resolve that difference (the
 two configurations' round medians do not overlap). Beside them, per configuration, what depends
@@ -26,7 +37,8 @@ costs it measured), per action kind the planner's stage costs against those the 
 (F, I, W, B: the sum over the stages that ran that kind, planner / run), the last steps'
 makespan against their wall time, rank 0's core share (its CPU seconds over wall seconds), and
 the time a rank spends between two actions after one whose output it sent to another rank
-against after the others (what a send costs its sender, not priced by the planner).
+against after the others (what a send costs its sender, not priced by the planner). After the
+table, the adjacent pairs: each pair's forecast error and their median.
 A benchmark, not a test: timings depend on the machine and its load (every rank and the planner
 share the host's cores).
 """
@@ -294,6 +306,104 @@ def _print_relative(rows: list[dict]) -> None:
         print(f"forecast relative to the defaults' (host speed taken out), {label}: {error:+.1%}")
 
 
+def pair_errors(pairs: list[dict[str, Any]]) -> tuple[list[float], float | None]:
+    """Each adjacent pair's forecast error (its plan's forecast of its choice over the step that
+    choice measured right after, less one) and their median; (empty, None) without pairs."""
+    errors = [pair["forecast_s"] / pair["measured_s"] - 1 for pair in pairs]
+    return errors, statistics.median(errors) if errors else None
+
+
+def calibration_over_train(pairs: list[dict[str, Any]]) -> list[float]:
+    """Per pair, the defaults' step in its calibration run over the same configuration's step in
+    `pipefold train` right after (pairs whose plan ran no calibration left out)."""
+    return [pair["calibration_step_s"] / pair["defaults_measured_s"] for pair in pairs
+            if pair["calibration_step_s"] is not None]
+
+
+def pairs_after_round(round_index: int, num_rounds: int, num_pairs: int) -> range:
+    """The adjacent pairs run right after round `round_index`: pair i after round i, every pair
+    beyond the rounds after the last."""
+    end = num_pairs if round_index == num_rounds - 1 else min(round_index + 1, num_pairs)
+    return range(min(round_index, end), end)
+
+
+def calibration_blocks(steps_s: list[float], sizes: list[int], warmup: int) -> tuple[float, float] | None:
+    """The calibration run's first size: the median kept step of its first block (the launch's
+    first steps, before any switch of size) and of its later blocks (each after the run switched
+    back from the other sizes); None with one block. `sizes`: steps per block
+    (`pipefold.job.calibration.blocks`), `warmup`: the first block's steps left out (a later
+    block leaves out its first)."""
+    if len(sizes) < 2 or sum(sizes) != len(steps_s):
+        return None
+    first = steps_s[warmup:sizes[0]]
+    later: list[float] = []
+    start = sizes[0]
+    for size in sizes[1:]:
+        later += steps_s[start + 1:start + size]
+        start += size
+    return (statistics.median(first), statistics.median(later)) if first and later else None
+
+
+def _blocks_text(calibration: dict[str, Any] | None) -> str:
+    """The calibration's first block against its later blocks, for the log."""
+    from pipefold.job.calibration import WARMUP_STEPS, blocks
+
+    if not calibration or not calibration.get("step_seconds"):
+        return ""
+    sizes = blocks(int(calibration["steps"]), max(1, len(calibration.get("measured_rows") or [])))
+    split = calibration_blocks(calibration["step_seconds"], sizes, WARMUP_STEPS)
+    steps = "/".join(f"{x * 1e3:.0f}" for x in calibration["step_seconds"])
+    return (f"; its first size's steps {steps} ms"
+            + ("" if split is None else
+               f" (first block {split[0] * 1e3:.0f}, later blocks {split[1] * 1e3:.0f} ms)"))
+
+
+def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One adjacent pair: a fresh `plan --profile` (its calibration run included), then its choice
+    trained at once, so the forecast meets a measurement of the same minute of the host."""
+    work.mkdir(parents=True)
+    plan = _plan(args, work)
+    entry = plan["top"][0]
+    run = _train(_candidate_args(entry, 0, work), args, work / "run")
+    # Then the calibration's own configuration: the calibration run's step against train's, a
+    # minute apart, with no pricing between them.
+    defaults = _train(["--ranks", str(args.ranks)], args, work / "defaults")
+    calibration = plan.get("calibration") or {}
+    note = _blocks_text(calibration)
+    print(f"pair {work.name}: {_label(entry)}: forecast {float(entry['step_time']) * 1e3:.0f} ms, "
+          f"measured {run['step_s'] * 1e3:.0f} ms; the defaults {defaults['step_s'] * 1e3:.0f} ms{note}",
+          file=sys.stderr)
+    return {"label": _label(entry), "forecast_s": float(entry["step_time"]), "measured_s": run["step_s"],
+            "steps_s": run["steps_s"], "calibration_step_s": calibration.get("measured_step_s"),
+            "calibration_steps_s": calibration.get("step_seconds"), "defaults_measured_s": defaults["step_s"],
+            "plan_seconds": plan["plan_seconds"], "calibration_note": note}
+
+
+def _print_pairs(pairs: list[dict[str, Any]]) -> None:
+    errors, middle = pair_errors(pairs)
+    if middle is None:
+        return
+    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once, then the defaults; "
+          "the defaults' step in the pair's calibration run against train's right after):")
+    print("| pair | choice | forecast ms | measured ms | forecast error | defaults: calibration ms "
+          "| defaults: train ms | calibration / train |")
+    print("|---|---|---|---|---|---|---|---|")
+    for number, (pair, error) in enumerate(zip(pairs, errors, strict=True), start=1):
+        calibration = pair["calibration_step_s"]
+        trained = pair["defaults_measured_s"]
+        cells = ["-", f"{trained * 1e3:.0f}", "-"] if calibration is None else [
+            f"{calibration * 1e3:.0f}", f"{trained * 1e3:.0f}", f"{calibration / trained:.2f}"]
+        print(f"| {number} | {pair['label']} | {pair['forecast_s'] * 1e3:.0f} | "
+              f"{pair['measured_s'] * 1e3:.0f} | {error:+.1%} | {' | '.join(cells)} |")
+    print(f"forecast error over {len(errors)} adjacent pairs: median {middle:+.1%} "
+          f"(from {min(errors):+.1%} to {max(errors):+.1%}; target within 10%)")
+    ratios = calibration_over_train(pairs)
+    if ratios:
+        print("the defaults' step, calibration run over train right after: median "
+              f"{statistics.median(ratios):.2f} (from {min(ratios):.2f} to {max(ratios):.2f}; below 1 the "
+              "calibration ran faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,6 +422,13 @@ def main() -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help="pipefold plan --calibrate-steps (default: plan's; 0: the one-process profile's "
                         "prices alone)")
+    parser.add_argument("--pairs", type=int, metavar="N",
+                        help="adjacent pairs: a fresh plan --profile, then its choice and the defaults "
+                        "trained at once; pair i runs after round i, the rest after the last "
+                        "(default 3, with --top 0 none; 0: none)")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                        help="sleep this long before the first plan, so its calibration run follows an idle "
+                        "host and the pairs' follow the rounds' load (default 0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--relative", type=Path, metavar="JSON",
                         help="print the forecast errors relative to the defaults' from an earlier --json, and stop")
@@ -319,11 +436,30 @@ def main() -> None:
     if args.relative is not None:
         _print_relative(json.loads(args.relative.read_text())["rows"])
         return
+    if args.pairs is None:  # --top 0 (the defaults alone) has no choice to pair
+        args.pairs = 3 if args.top > 0 else 0
+    if args.pairs < 0 or args.rounds < 0:
+        parser.error("give --pairs and --rounds as 0 or more")
+    if args.pairs and args.top < 1:
+        parser.error("--pairs trains the plan's choice; give --top 1 or more, or --pairs 0")
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
     started = time.perf_counter()
+    if args.idle:
+        print(f"idling {args.idle:.0f} s before the plan", file=sys.stderr)
+        time.sleep(args.idle)
+    pairs: list[dict[str, Any]] = []
+    if args.rounds == 0:  # the adjacent pairs alone
+        pairs = [_pair(args, work / f"pair{index}") for index in range(args.pairs)]
+        _print_pairs(pairs)
+        if args.json is not None:
+            errors, middle = pair_errors(pairs)
+            args.json.write_text(json.dumps({"ranks": args.ranks, "steps": args.steps, "warmup": args.warmup,
+                                             "pairs": pairs, "pair_forecast_errors": errors,
+                                             "pair_forecast_error_median": middle}, indent=1))
+        return
     plan = _plan(args, work) if args.top > 0 else {"top": []}
     if "plan_seconds" in plan:
         calibration = plan.get("calibration")
@@ -332,7 +468,7 @@ def main() -> None:
                  f", of which the calibration run {calibration['seconds']:.1f} s (the profile's F x "
                  + "/".join(f"{x:.2f}" for x in calibration["forward_scale"]) + ", B x "
                  + "/".join(f"{x:.2f}" for x in calibration["backward_scale"]) + " per stage"
-                 + _fitted(calibration) + ")"),
+                 + _fitted(calibration) + ")" + _blocks_text(calibration)),
               file=sys.stderr)
     configs: list[tuple[str, list[str], float | None, tuple[int, ...]]] = []
     files: dict[str, Path | None] = {}
@@ -355,6 +491,9 @@ def main() -> None:
             runs[label].append(result)
             print(f"round {round_index + 1} {label}: step {result['step_s'] * 1e3:.0f} ms, "
                   f"bubble {result['bubble']:.0%}", file=sys.stderr)
+        # Pair i right after round i: the pairs alternate with the rounds.
+        pairs += [_pair(args, work / f"pair{index}") for index in pairs_after_round(round_index, args.rounds,
+                                                                                      args.pairs)]
 
     tokens = args.batch_size * ModelConfig().seq_len
     costs_path = work / "costs.json"
@@ -448,10 +587,21 @@ def main() -> None:
               f"choice forecast / in-run prediction: "
               f"{choice['forecast_s'] / choice['in_run_predicted_s']:.2f}")
         _print_relative(rows)
+    _print_pairs(pairs)
+    calibrated = [pair["calibration_step_s"] for pair in pairs if pair["calibration_step_s"] is not None]
+    defaults = next(row for row in rows if row["label"].startswith("default ("))
+    if calibrated and plan.get("calibration"):
+        print("the defaults' step in the calibration runs: the first plan's "
+              f"{plan['calibration']['measured_step_s'] * 1e3:.0f} ms, the pairs' "
+              + "/".join(f"{value * 1e3:.0f}" for value in calibrated)
+              + f" ms; in the rounds {defaults['measured_s'] * 1e3:.0f} ms (median)")
     if args.json is not None:
         report = {"plan_seconds": plan.get("plan_seconds"), "calibration": plan.get("calibration"),
                   "ranks": args.ranks, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                  "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved}
+                  "idle_s": args.idle,
+                  "rows": rows, "forecast_error": error, "choice_vs_best_resolved": resolved,
+                  "pairs": pairs, "pair_forecast_errors": pair_errors(pairs)[0],
+                  "pair_forecast_error_median": pair_errors(pairs)[1]}
         args.json.write_text(json.dumps(report, indent=1))
 
 

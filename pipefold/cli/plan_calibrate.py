@@ -75,6 +75,9 @@ class Calibrated:
     """The run's median wall step (its last steps)."""
     core_share: float
     """Rank 0's CPU seconds over its wall seconds per step (median): below 1, other work shared its core."""
+    step_seconds: tuple[float, ...] = ()
+    """Every wall step of the run's first size, in order (its first block's warm-up steps too): how
+    the run's speed moved while it measured."""
 
     def describe(self) -> str:
         """One line: the run, the scales per stage, its cost in seconds."""
@@ -114,7 +117,7 @@ class Calibrated:
                 "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
-                "core_share": self.core_share,
+                "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "profile_costs": self.profile_costs.to_json()}
 
 
@@ -223,7 +226,8 @@ def calibrate(
     measured_step = statistics.median(walls)
     share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
                               if wall > 0)
-    result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share)
+    result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share,
+                        tuple(first["step_seconds"]))
     if share < BUSY_SHARE and args.device != "cuda":
         print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "
               "the plan is priced at that load and holds while it lasts", file=sys.stderr)

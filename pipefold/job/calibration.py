@@ -6,9 +6,11 @@
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each micro-batch count as train's loop runs them (the pipeline call, the
-gradient norm, the optimizer update), in rounds of one block per count (`blocks`), switching the
-running schedule between them (`Pipeline.use_schedule`: the same family, ranks and stages,
-fewer and larger micro-batches): a change of the host's load then meets every count alike
+gradient norm, the optimizer update; the batch drawn before the clock starts, as the loop draws
+it, so a step here and a step of train's summary time the same work), in rounds of one block per
+count (`blocks`), switching the running schedule between them (`Pipeline.use_schedule`: the
+same family, ranks and stages, fewer and larger micro-batches): a change of the host's load
+then meets every count alike
 instead of passing for a cost that does not grow with rows. Rank 0 writes one JSON file: the
 partition and, per micro-batch count, the stage costs its kept steps measured
 (`measured_cost_model`, as train's costs.json) and every step's wall and CPU seconds. One
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch import Tensor
 
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
@@ -102,12 +105,13 @@ def calibration_worker(
             dist.destroy_process_group()
 
 
-def _step(job: Job) -> None:
-    """One step as `pipefold train`'s loop runs it (no streaming, no adaptive choice)."""
+def _step(job: Job, batches: list[tuple[Tensor, Tensor]]) -> None:
+    """One step as `pipefold train`'s loop runs it (no streaming, no adaptive choice), on batches
+    drawn before its clock starts, as the loop draws them."""
     pipe, optimizer, scheduler = job.pipe, job.optimizer, job.scheduler
     scaler = pipe.loss_scale
     skipped_before = 0 if scaler is None else scaler.num_skipped
-    accumulated_step(pipe, [job.next_batch() for _ in range(job.config.grad_accumulation)])
+    accumulated_step(pipe, batches)
     if optimizer is not None and scheduler is not None:
         skipped = scaler is not None and scaler.num_skipped > skipped_before  # fp16 overflow
         apply_update(pipe, optimizer, scheduler, job.config.clip_norm, skipped=skipped)
@@ -164,8 +168,9 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
             # The first step of a block runs a freshly switched order; the very first allocates too.
             skip = WARMUP_STEPS if round_index == 0 and index == 0 else 1
             for step in range(phase_blocks[round_index]):
+                batches = [job.next_batch() for _ in range(job.config.grad_accumulation)]
                 started, cpu_started = time.perf_counter(), time.process_time()
-                _step(job)
+                _step(job, batches)
                 wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
                 phase.walls.append(wall)
                 phase.cpus.append(cpu)

@@ -27,6 +27,10 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     # then 4 and 2 micro-batches in the same launch.
     assert calibration["rows"] == 1 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
     assert calibration["measured_rows"] == [1, 2, 4]
+    # Every wall step of the first size in order (3 steps are one block, its 2 warm-up steps
+    # included); the median step is of the kept one.
+    assert len(calibration["step_seconds"]) == 3 and min(calibration["step_seconds"]) > 0
+    assert calibration["measured_step_s"] == pytest.approx(calibration["step_seconds"][2])
     profile = ModelCosts.from_json(calibration["profile_costs"])
     priced = ModelCosts.from_json(saved)
     assert "calibrated on a 2-rank run of pipefold train's default" in priced.source
