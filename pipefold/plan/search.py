@@ -14,6 +14,7 @@ from typing import Literal
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import (
+    SERIAL_FAMILIES,
     Backward,
     Boundaries,
     BoundTerms,
@@ -27,7 +28,13 @@ from pipefold.plan.costs import CostSource, ModelCosts
 from pipefold.plan.degree import Degree, degree_problem
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.evaluate import evaluate, replica_sync_time
-from pipefold.plan.explain import degree_verdicts, family_verdicts, layout_verdicts, setting_verdicts
+from pipefold.plan.explain import (
+    degree_verdicts,
+    family_verdicts,
+    layout_verdicts,
+    nothing_to_search,
+    setting_verdicts,
+)
 from pipefold.plan.held import HeldTerms, held_terms
 from pipefold.plan.memory import (
     RankMemory,
@@ -68,7 +75,6 @@ from pipefold.simulate import CostModel, Link
 __all__ = ["plan", "evaluate"]
 
 
-
 class _Search:
     def __init__(self, source: CostSource, options: PlanOptions) -> None:
         self.source = source
@@ -103,6 +109,7 @@ class _Search:
         self._boundaries: dict[tuple[object, ...], Boundaries] = {}
         self._link_tables: dict[tuple[int, int, int], LinkTable] = {}
         self._arrays: dict[tuple[object, ...], StageArrays] = {}
+        self._static: dict[tuple[object, ...], tuple[int, ...]] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
@@ -247,10 +254,11 @@ class _Search:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
         backward = record.backward if backward is None else backward
         config = record.config
+        serial = config.schedule in SERIAL_FAMILIES
         if recompute:
             model = self.model(record, recompute)
             terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-            return record.allreduce_s + terms.at(config.num_microbatches)
+            return record.allreduce_s + terms.at(config.num_microbatches, serial)
         # Without recompute the terms are shared by every m (and family of one placement), and the
         # families of one placement mostly share the micro-batch count too.
         key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
@@ -258,9 +266,9 @@ class _Search:
         if key not in self._terms:
             model = self.model(record, ())
             self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-        at_key = (key, config.num_microbatches)
+        at_key = (key, config.num_microbatches, serial)
         if at_key not in self._bound_at:
-            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches)
+            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches, serial)
         return record.allreduce_s + self._bound_at[at_key]
 
     def held_bound(self, record: Record) -> float:
@@ -301,13 +309,19 @@ class _Search:
         return self._arrays[key]
 
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
-        """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
+        """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it
+        (`model`: the record's without recompute)."""
         config, pp = record.config, record.degree.num_ranks
         if config.shard == "full":
             costs = self.costs_of(record)
             return sharded_static_bytes(costs, model, config, record.placement, pp,
                                         record.degree.num_data_parallel, stage_ties(costs, record.bounds))
-        return static_bytes(self.costs_of(record), model, record.placement, pp)
+        # The same for every family and m of one split, rows, partition, placement and sharing.
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement, config.shard)
+        if key not in self._static:
+            self._static[key] = static_bytes(self.costs_of(record), model, record.placement, pp)
+        return self._static[key]
 
     @property
     def threshold(self) -> float:
@@ -578,27 +592,6 @@ class _Search:
             self.run(record, ())
 
 
-def _splits_name(options: PlanOptions) -> str:
-    return "dp x pp x tp" if options.searches_tensor_parallel else "dp x pp"
-
-
-def _nothing_to_search(search: _Search) -> ConfigError:
-    if not search.options.searches_degree and not search.rejected:
-        (excluded,) = search.excluded.values()
-        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in excluded.items())
-        return ConfigError(f"nothing to search: no schedule family applies ({reasons})")
-    parts = list(search.rejected.values())
-    for degree, excluded in search.excluded.items():
-        why = "; ".join(dict.fromkeys(reason for _, reason in excluded.values()))
-        parts.append(f"{degree.text}: no schedule family applies ({why})")
-    devices = search.options.num_devices
-    where = f"of {devices} devices" if devices is not None else "of the options"
-    return ConfigError(
-        f"nothing to search: no {_splits_name(search.options)} split {where} can run this batch "
-        f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
-    )
-
-
 def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
     docs/decisions.md, "Planner search"). Raises `NoFeasiblePlan` naming the least memory that would do.
@@ -611,7 +604,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     costs = search.costs
     records = search.records()
     if not records:
-        raise _nothing_to_search(search)
+        raise nothing_to_search(options, search.rejected, search.excluded)
     for record in records:
         if record.lower_bound > search.threshold:
             record.prune(record.lower_bound)
