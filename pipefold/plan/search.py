@@ -25,7 +25,7 @@ from pipefold.plan.bounds import (
 )
 from pipefold.plan.calibrate import first_stage_backward
 from pipefold.plan.costs import CostSource, ModelCosts
-from pipefold.plan.degree import Degree, degree_problem
+from pipefold.plan.degree import Degree
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.evaluate import evaluate, replica_sync_time
 from pipefold.plan.explain import (
@@ -59,6 +59,7 @@ from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.shard_search import searched_layouts, sharded_memory, sharded_static_bytes, stage_ties
 from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
+from pipefold.plan.splits import floor_problem, searched_degrees
 from pipefold.plan.stages import (
     StageArrays,
     StageLayout,
@@ -67,7 +68,7 @@ from pipefold.plan.stages import (
     stage_weights,
     transient_bytes,
 )
-from pipefold.plan.tensor import LinearCosts, tensor_parallel_problem
+from pipefold.plan.tensor import LinearCosts
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
 from pipefold.simulate import CostModel, Link
@@ -76,7 +77,7 @@ __all__ = ["plan", "evaluate"]
 
 
 class _Search:
-    def __init__(self, source: CostSource, options: PlanOptions) -> None:
+    def __init__(self, source: CostSource, options: PlanOptions, floors: bool = True) -> None:
         self.source = source
         self.costs = source.base
         self.by_rows = not isinstance(source, LinearCosts)
@@ -93,6 +94,9 @@ class _Search:
                 )
             self.selective = recomputed()
         self.limit = options.memory_limit
+        self.floors = floors and options.searches_degree
+        """Whether splits over the limit by `static_floor` are refused before their configurations."""
+        self.num_floored = 0
         self.num_simulated = 0
         self.num_untimed = 0
         """Configurations over the limit in their family order not timed for the order search (budget)."""
@@ -368,29 +372,10 @@ class _Search:
 
     # -- the search --------------------------------------------------------------------------
 
-    def degrees(self) -> list[Degree]:
-        """The dp x pp (x tp) splits to search; the others go to `rejected` with their reason."""
-        options = self.options
-        found = []
-        for dp, pp, tp in options.degree_splits():
-            problem = degree_problem(options.global_batch, dp, options.microbatches, options.uneven)
-            if problem is not None:
-                self.rejected[(dp, pp, tp)] = f"dp={dp}: {problem}"
-            elif pp > self.costs.num_layers:
-                self.rejected[(dp, pp, tp)] = (
-                    f"pp={pp}: {pp} pipeline ranks need {pp} stages but the model has "
-                    f"{self.costs.num_layers} layers (a stage holds at least one)"
-                )
-            elif not self.costs.allows_tensor_parallel(tp):
-                self.rejected[(dp, pp, tp)] = f"tp={tp}: {tensor_parallel_problem(self.costs)}"
-            else:
-                found.append(Degree(dp, pp, options.global_batch // dp, tp))
-        return found
-
     def records(self) -> list[Record]:
         records = []
         options = self.options
-        for degree in self.degrees():
+        for degree in searched_degrees(options, self.costs, self.rejected):
             space = search_space(options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
             configs = list(space.configs)
@@ -406,6 +391,8 @@ class _Search:
                     options.shard, options.zero, dp, tp, config.num_virtual)
             ]
             pp = degree.num_ranks
+            if self.floors and self.over_floor(degree, configs):
+                continue
             links = self.links(degree)
             for config in configs:
                 placement = family_placement(config.schedule, pp, config.num_virtual)
@@ -432,6 +419,15 @@ class _Search:
             r.config.num_virtual, r.config.num_microbatches,
         ))
         return records
+
+    def over_floor(self, degree: Degree, configs: list[Config]) -> bool:
+        """Whether `degree` is refused by its floor (`pipefold.plan.splits`), with the reason."""
+        problem = floor_problem(lambda rows, attention, shard: self.costs_at(degree, rows, attention, shard),
+                                configs, degree.num_ranks, max(self.limits(degree)))
+        if problem is not None:
+            self.rejected[degree.split] = problem
+            self.num_floored += 1
+        return problem is not None
 
     def recompute_choices(self, record: Record) -> RecomputeChoice:
         if is_asynchronous(record.config.schedule):
@@ -592,6 +588,18 @@ class _Search:
             self.run(record, ())
 
 
+def _searched(source: CostSource, options: PlanOptions, floors: bool) -> tuple[_Search, list[Record]]:
+    """Every configuration visited in bound order: simulated, or pruned by its bound."""
+    search = _Search(source, options, floors)
+    records = search.records()
+    for record in records:
+        if record.lower_bound > search.threshold:
+            record.prune(record.lower_bound)
+            continue
+        search.search_config(record)
+    return search, records
+
+
 def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     """The fastest configuration whose every rank fits `options.memory_limit`, and why (see
     docs/decisions.md, "Planner search"). Raises `NoFeasiblePlan` naming the least memory that would do.
@@ -600,16 +608,14 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     each (rows, tp) itself (`pipefold.plan.estimate.GptEstimate` on a hardware file).
     """
     source: CostSource = LinearCosts(costs) if isinstance(costs, ModelCosts) else costs
-    search = _Search(source, options)
-    costs = search.costs
-    records = search.records()
+    search, records = _searched(source, options, floors=True)
+    if not search.top and search.num_floored:
+        # Nothing fits: the error names the least memory any configuration reaches, the splits
+        # refused by their floor included.
+        search, records = _searched(source, options, floors=False)
     if not records:
         raise nothing_to_search(options, search.rejected, search.excluded)
-    for record in records:
-        if record.lower_bound > search.threshold:
-            record.prune(record.lower_bound)
-            continue
-        search.search_config(record)
+    costs = search.costs
     family_choice = search.top[0] if search.top else None
     if family_choice is None:
         search.leanest_everywhere(records)
