@@ -135,9 +135,10 @@ def degree_verdicts(
     splits: Sequence[tuple[int, int, int]],
     choice: Candidate,
     limit: float,
+    floored: dict[tuple[int, int, int], str] | None = None,
 ) -> tuple[Verdict, ...]:
     """One verdict per dp x pp x tp split in `splits` (dp, then tp ascending): at its best over every
-    family and setting."""
+    family and setting; `floored`: splits refused unsearched, no setting fitting (with why)."""
     verdicts = []
     by_split: dict[tuple[int, int, int], list[Record]] = {}
     for record in records:
@@ -146,6 +147,9 @@ def degree_verdicts(
         subject = split_text(*split)
         if split in rejected:
             verdicts.append(Verdict(subject, "not-applicable", rejected[split]))
+            continue
+        if floored and split in floored:
+            verdicts.append(Verdict(subject, "over-memory", floored[split]))
             continue
         group = by_split.get(split, [])
         if not group:

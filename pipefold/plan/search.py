@@ -96,7 +96,8 @@ class _Search:
         self.limit = options.memory_limit
         self.floors = floors and options.searches_degree
         """Whether splits over the limit by `static_floor` are refused before their configurations."""
-        self.num_floored = 0
+        self.floored: dict[tuple[int, int, int], str] = {}
+        """(dp, pp, tp) -> why no setting of that split fits (its floor), refused unsearched."""
         self.num_simulated = 0
         self.num_untimed = 0
         """Configurations over the limit in their family order not timed for the order search (budget)."""
@@ -421,12 +422,11 @@ class _Search:
         return records
 
     def over_floor(self, degree: Degree, configs: list[Config]) -> bool:
-        """Whether `degree` is refused by its floor (`pipefold.plan.splits`), with the reason."""
+        """Whether `degree` is refused by its floor (`pipefold.plan.splits`), kept with the reason."""
         problem = floor_problem(lambda rows, attention, shard: self.costs_at(degree, rows, attention, shard),
                                 configs, degree.num_ranks, max(self.limits(degree)))
         if problem is not None:
-            self.rejected[degree.split] = problem
-            self.num_floored += 1
+            self.floored[degree.split] = problem
         return problem is not None
 
     def recompute_choices(self, record: Record) -> RecomputeChoice:
@@ -609,7 +609,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     """
     source: CostSource = LinearCosts(costs) if isinstance(costs, ModelCosts) else costs
     search, records = _searched(source, options, floors=True)
-    if not search.top and search.num_floored:
+    if not search.top and search.floored:
         # Nothing fits: the error names the least memory any configuration reaches, the splits
         # refused by their floor included.
         search, records = _searched(source, options, floors=False)
@@ -668,7 +668,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:
         degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_splits(), choice,
-                                  options.memory_limit)
+                                  options.memory_limit, search.floored)
         if choice.is_searched_order:
             # No family candidate is the choice, so the chosen split reads "slower" than itself otherwise.
             degrees = tuple(

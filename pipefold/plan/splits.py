@@ -67,6 +67,8 @@ def floor_problem(costs_at: Callable[[int, bool, bool], ModelCosts], configs: It
                  for rows, attention, shard in settings), default=0.0)
     if floor <= limit:
         return None
-    return (f"weights, gradients and optimizer state alone need at least {format_bytes(floor)} on some "
-            f"rank in every setting (their total over pp={num_ranks}), over the {format_bytes(limit)} "
-            "limit; more pipeline or tensor-parallel ranks split them")
+    where, least = ("rank 0", "") if num_ranks == 1 else ("some rank", "at least ")
+    return (f"weights, gradients and optimizer state alone exceed the limit on {where} by {least}"
+            f"{format_bytes(floor - limit)} in every setting" + (
+                f" (their total shared over pp={num_ranks}); more pipeline or tensor-parallel ranks "
+                "split them" if num_ranks > 1 else ""))

@@ -90,6 +90,8 @@ def test_a_split_over_its_floor_is_refused_with_the_reason():
                        optimizer_bytes_per_parameter_byte=2.0)
     result = plan(costs, PlanOptions(num_devices=8, global_batch=8, memory_limit=10_000_000, order_search_s=0))
     verdicts = {v.subject: v for v in result.degrees}
-    refused = [v for v in verdicts.values() if "alone need at least" in v.reason]
-    assert refused and all(v.status == "not-applicable" for v in refused)
+    refused = [v for v in verdicts.values() if "in every setting" in v.reason]
+    assert refused and all(v.status == "over-memory" for v in refused)
+    # One pipeline rank holds all 32 MB: the floor is its exact excess.
+    assert "exceed the limit on rank 0 by 21 MiB" in verdicts["dp=8 x pp=1"].reason
     assert result.choice.num_ranks >= 4
