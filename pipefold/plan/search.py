@@ -257,9 +257,10 @@ class _Search:
 
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
-        backward = record.backward if backward is None else backward
         config = record.config
-        serial = config.schedule in SERIAL_FAMILIES
+        # Only the family's own order of a serial family runs one micro-batch at a time.
+        serial = backward is None and config.schedule in SERIAL_FAMILIES
+        backward = record.backward if backward is None else backward
         if recompute:
             model = self.model(record, recompute)
             terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))

@@ -61,3 +61,22 @@ def test_serial_bound_is_exact_for_naive_on_equal_stages(p, m):
     assert makespan == pytest.approx(m * p * 3.0)
     if p > 1 and m > 1:
         assert step_time_lower_bound(costs, schedule.placement, m, "B") < makespan
+
+
+def test_the_serial_bound_is_the_naive_orders_alone():
+    # The order search bounds any order of a configuration's actions ("any"), which a naive
+    # record may stand for: there the serial bound does not hold.
+    from pipefold.plan import LayerCost, ModelCosts, PlanOptions
+    from pipefold.plan.search import _Search
+    from pipefold.plan.tensor import LinearCosts
+
+    costs = ModelCosts(layers=tuple(LayerCost(1.0, 2.0, 100, 10) for _ in range(4)))
+    search = _Search(LinearCosts(costs), PlanOptions(num_ranks=4, global_batch=8, microbatches=8,
+                                                     schedules=("naive", "1f1b")))
+    records = {r.config.schedule: r for r in search.records()}
+    naive, one_f_one_b = records["naive"], records["1f1b"]
+    assert naive.bounds == one_f_one_b.bounds and naive.placement == one_f_one_b.placement
+    assert search.bound(naive, (), "any") == search.bound(one_f_one_b, (), "any")
+    # m round trips of F and the input-gradient half (the order's backward kind not read yet).
+    assert search.bound(naive, ()) == pytest.approx(8 * 4 * (1.0 + 1.0))
+    assert search.bound(naive, ()) > search.bound(one_f_one_b, ())
