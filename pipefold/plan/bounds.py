@@ -32,8 +32,15 @@ from pipefold.simulate import CostModel
 
 __all__ = [
     "step_time_lower_bound", "bound_terms", "BoundTerms", "backward_kind", "Backward", "Boundaries",
-    "boundary_times", "running_sums", "LinkTable", "link_table",
+    "boundary_times", "running_sums", "LinkTable", "link_table", "SERIAL_FAMILIES",
 ]
+
+SERIAL_FAMILIES = frozenset({"naive"})
+"""Families whose order runs one micro-batch at a time through the whole pipeline: a rank's next
+forward comes after its backward of the micro-batch before, so on the first stage's rank each
+micro-batch's round trip starts after the last one's ended, and the step lasts at least m of them
+(`BoundTerms.at(m, serial=True)`). Without it naive's bound is 1F1B's, and at cluster sizes the
+search simulated its orders, the costliest to time, only to find them p times slower."""
 
 Backward = Literal["B", "I", "any"]
 """How a schedule runs its backwards: "B" whole, "I" split (I + W), "any" mixed or not known."""
@@ -62,9 +69,14 @@ class BoundTerms:
     num_cores: float | None
     num_ranks: int
 
-    def at(self, num_microbatches: int) -> float:
+    def at(self, num_microbatches: int, serial: bool = False) -> float:
+        """The bound at m micro-batches; `serial`: of a family in `SERIAL_FAMILIES`."""
         # A plain loop: over tens of ranks it is faster than numpy's per-call cost.
         bound = self.chain
+        if serial:
+            # m round trips one after another: the same terms the simulator adds, in another order,
+            # so a rounding's worth under.
+            bound = max(bound, num_microbatches * self.chain * (1 - 1e-12))
         total = 0.0
         for start, busy, chained, drain in self.ranks:
             bound = max(bound, start + num_microbatches * busy, start + num_microbatches * chained + drain)
@@ -144,11 +156,13 @@ def running_sums(work: np.ndarray, sends: np.ndarray) -> np.ndarray:
 
 
 def step_time_lower_bound(
-    model: CostModel, placement: tuple[int, ...], num_microbatches: int, backward: Backward = "any"
+    model: CostModel, placement: tuple[int, ...], num_microbatches: int, backward: Backward = "any",
+    serial: bool = False,
 ) -> float:
     """The least step any order of these actions can take (see the module docstring); `backward` says
-    how the schedule runs its backwards ("any": the cheaper of B and I + W per stage, valid for all)."""
-    return bound_terms(model, placement, backward).at(num_microbatches)
+    how the schedule runs its backwards ("any": the cheaper of B and I + W per stage, valid for all);
+    `serial`: the order is one of `SERIAL_FAMILIES`'."""
+    return bound_terms(model, placement, backward).at(num_microbatches, serial)
 
 
 def bound_terms(

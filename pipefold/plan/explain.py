@@ -6,15 +6,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from pipefold.errors import ConfigError
 from pipefold.plan.degree import Degree, split_text
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.result import Candidate, Verdict, exposed_text
 from pipefold.plan.shard_search import layout_subject
-from pipefold.plan.space import Config
+from pipefold.plan.space import Config, PlanOptions
 from pipefold.plan.units import format_bytes
 from pipefold.schedule import names
 
-__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts", "layout_verdict", "layout_verdicts"]
+__all__ = ["family_verdicts", "setting_verdicts", "degree_verdicts", "layout_verdict", "layout_verdicts",
+           "nothing_to_search"]
 
 _MAX_VALUES = 8
 """Settings with more values than this list only the chosen value's neighbours and the extremes."""
@@ -133,9 +135,10 @@ def degree_verdicts(
     splits: Sequence[tuple[int, int, int]],
     choice: Candidate,
     limit: float,
+    floored: dict[tuple[int, int, int], str] | None = None,
 ) -> tuple[Verdict, ...]:
     """One verdict per dp x pp x tp split in `splits` (dp, then tp ascending): at its best over every
-    family and setting."""
+    family and setting; `floored`: splits refused unsearched, no setting fitting (with why)."""
     verdicts = []
     by_split: dict[tuple[int, int, int], list[Record]] = {}
     for record in records:
@@ -144,6 +147,9 @@ def degree_verdicts(
         subject = split_text(*split)
         if split in rejected:
             verdicts.append(Verdict(subject, "not-applicable", rejected[split]))
+            continue
+        if floored and split in floored:
+            verdicts.append(Verdict(subject, "over-memory", floored[split]))
             continue
         group = by_split.get(split, [])
         if not group:
@@ -222,3 +228,24 @@ def layout_verdicts(records: list[Record], choice: Candidate, limit: float) -> t
     if len(groups) < 2:
         return ()
     return tuple(layout_verdict(subject, group, choice, limit) for subject, group in groups.items())
+
+
+def nothing_to_search(options: PlanOptions, rejected: dict[tuple[int, int, int], str],
+                      excluded: dict[Degree, dict[str, tuple[str, str]]]) -> ConfigError:
+    """The error when no split can run the batch (`rejected`: why, per split) or no family applies
+    at any searched one (`excluded`: per degree, family -> (status, reason))."""
+    if not options.searches_degree and not rejected:
+        (only,) = excluded.values()
+        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in only.items())
+        return ConfigError(f"nothing to search: no schedule family applies ({reasons})")
+    parts = list(rejected.values())
+    for degree, families in excluded.items():
+        why = "; ".join(dict.fromkeys(reason for _, reason in families.values()))
+        parts.append(f"{degree.text}: no schedule family applies ({why})")
+    devices = options.num_devices
+    where = f"of {devices} devices" if devices is not None else "of the options"
+    splits = "dp x pp x tp" if options.searches_tensor_parallel else "dp x pp"
+    return ConfigError(
+        f"nothing to search: no {splits} split {where} can run this batch "
+        f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
+    )

@@ -95,12 +95,15 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     owned = [0] * num_ranks
     for stage, rank in enumerate(placement):
         owned[rank] += model.weight_bytes[stage]
-    if model.tied_weights:
-        # A tied weight (an embedding and head) its rank holds in several layers is one tensor.
-        mine: list[list[int]] = [[] for _ in range(num_ranks)]
-        for stage, rank in enumerate(placement):
-            mine[rank].append(stage)
-        owned = [model.held_weight_bytes(stages) for stages in mine]
+    for counts, size in model.tied_weights:
+        # A tied weight (an embedding and head) its rank holds in several layers is one tensor
+        # (`CostModel.held_weight_bytes` of each rank's stages, for every rank in one pass).
+        copies = [0] * num_ranks
+        for stage, count in counts:
+            copies[placement[stage]] += count
+        for rank, held in enumerate(copies):
+            if held > 1:
+                owned[rank] -= (held - 1) * size
     return owned
 
 

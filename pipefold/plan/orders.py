@@ -71,9 +71,28 @@ def compiled_family(name: str, num_ranks: int, num_microbatches: int, num_virtua
     return CompiledSchedule(order.shell(), order.rows)
 
 
+_FIXED_BACKWARD: dict[str, Backward] = {
+    "naive": "B", "gpipe": "B", "1f1b": "B", "interleaved-1f1b": "B", "looped-bfs": "B", "pipedream": "B",
+    "pipedream-2bw": "B", "zb-h1": "I", "zb-h2": "I", "zb-v": "I", "v-half": "I", "v-min": "I",
+}
+"""The built-in families whose orders run the same backward kind at every size (a name is registered
+once, so these cannot be replaced): the search reads it without generating the order, which at
+cluster sizes cost seconds (the greedy V orders most). dualpipe-v's depends on the size.
+`tests/plan/test_plan_orders_backward.py` checks the table against generated orders."""
+
+
 @functools.lru_cache(maxsize=512)
 def family_backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
     """Whether the family's order at this size runs B, I + W, or both (as `pipefold.plan.bounds.backward_kind`)."""
+    fixed = _FIXED_BACKWARD.get(name)
+    if fixed is not None:
+        family(name).check(num_ranks, num_microbatches, num_virtual)
+        return fixed
+    return generated_backward(name, num_ranks, num_microbatches, num_virtual)
+
+
+def generated_backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
+    """`family_backward` read from the generated order."""
     return _backward_of(family_order(name, num_ranks, num_microbatches, num_virtual))
 
 

@@ -22,7 +22,7 @@ from pipefold.plan.memory import (
     static_weight_bytes,
 )
 from pipefold.plan.order_search import search_schedule
-from pipefold.plan.orders import compiles, family_placement, family_schedule
+from pipefold.plan.orders import compiles, family_placement
 from pipefold.plan.precision_costs import (
     cast_time,
     casts_every_forward,
@@ -82,11 +82,12 @@ def search_order(
     if not searchable(choice):
         return None
     pp, v, m = choice.num_ranks, choice.num_virtual, choice.num_microbatches
-    family = family_schedule(choice.schedule, pp, m, v)
-    layout = layout_of(family.placement, pp, v)
+    # The placement alone: the family's `Schedule` at 64 ranks x 512 micro-batches took seconds to build.
+    placement = family_placement(choice.schedule, pp, v)
+    layout = layout_of(placement, pp, v)
     assert layout is not None  # searchable
     stages = StageLayout(choice.bounds, choice.microbatch_rows)
-    speeds = tuple(choice.rank_speeds[rank] for rank in family.placement) if choice.rank_speeds else None
+    speeds = tuple(choice.rank_speeds[rank] for rank in placement) if choice.rank_speeds else None
     model = first_stage_backward(stage_cost_model(
         costs, stages, choice.recompute, options.link if link is None else link,
         options.cores_per_pipeline(choice.num_data_parallel, choice.num_tensor_parallel), link_overrides,
@@ -95,12 +96,12 @@ def search_order(
     recast = casts_every_forward(choice.schedule, choice.shard)
     if recast:  # as evaluate prices it: every forward casts its weights again
         model = recast_every_forward(model, costs, choice.recompute)
-    transient = transient_bytes(costs, stages, choice.recompute, family.placement, pp)
+    transient = transient_bytes(costs, stages, choice.recompute, placement, pp)
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).
         cap: int | None = sum(model.activation_bytes) * m
     else:
-        fixed = static_bytes(costs, model, family.placement, pp)
+        fixed = static_bytes(costs, model, placement, pp)
         limits = [min(options.memory_limit, own) for own in choice.rank_limits] or [options.memory_limit] * pp
         cap = int(min(limits[r] - fixed[r] - transient[r] for r in range(pp)))
         if cap < 0:
@@ -130,7 +131,7 @@ def search_order(
         schedule=found.schedule,
         family=choice.schedule,
         step_time=makespan + choice.allreduce_s + choice.tied_exchange_s
-        + _update(costs, model, family.placement, choice)
+        + _update(costs, model, placement, choice)
         + cast_time(costs, model, choice.schedule, choice.shard),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,

@@ -14,6 +14,7 @@ from typing import Literal
 from pipefold.balance import balance
 from pipefold.errors import ConfigError
 from pipefold.plan.bounds import (
+    SERIAL_FAMILIES,
     Backward,
     Boundaries,
     BoundTerms,
@@ -24,10 +25,16 @@ from pipefold.plan.bounds import (
 )
 from pipefold.plan.calibrate import first_stage_backward
 from pipefold.plan.costs import CostSource, ModelCosts
-from pipefold.plan.degree import Degree, degree_problem
+from pipefold.plan.degree import Degree
 from pipefold.plan.errors import NoFeasiblePlan
 from pipefold.plan.evaluate import evaluate, replica_sync_time
-from pipefold.plan.explain import degree_verdicts, family_verdicts, layout_verdicts, setting_verdicts
+from pipefold.plan.explain import (
+    degree_verdicts,
+    family_verdicts,
+    layout_verdicts,
+    nothing_to_search,
+    setting_verdicts,
+)
 from pipefold.plan.held import HeldTerms, held_terms
 from pipefold.plan.memory import (
     RankMemory,
@@ -52,6 +59,7 @@ from pipefold.plan.result import Candidate, Plan, Verdict
 from pipefold.plan.shard_search import searched_layouts, sharded_memory, sharded_static_bytes, stage_ties
 from pipefold.plan.shard_variants import GatherVariants, price_exposures
 from pipefold.plan.space import Config, PlanOptions, RecomputeChoice, is_asynchronous, search_space
+from pipefold.plan.splits import floor_problem, searched_degrees
 from pipefold.plan.stages import (
     StageArrays,
     StageLayout,
@@ -60,7 +68,7 @@ from pipefold.plan.stages import (
     stage_weights,
     transient_bytes,
 )
-from pipefold.plan.tensor import LinearCosts, tensor_parallel_problem
+from pipefold.plan.tensor import LinearCosts
 from pipefold.plan.topology import MeshLinks, place
 from pipefold.schedule import names
 from pipefold.simulate import CostModel, Link
@@ -68,9 +76,8 @@ from pipefold.simulate import CostModel, Link
 __all__ = ["plan", "evaluate"]
 
 
-
 class _Search:
-    def __init__(self, source: CostSource, options: PlanOptions) -> None:
+    def __init__(self, source: CostSource, options: PlanOptions, floors: bool = True) -> None:
         self.source = source
         self.costs = source.base
         self.by_rows = not isinstance(source, LinearCosts)
@@ -87,6 +94,10 @@ class _Search:
                 )
             self.selective = recomputed()
         self.limit = options.memory_limit
+        self.floors = floors and options.searches_degree
+        """Whether splits over the limit by `static_floor` are refused before their configurations."""
+        self.floored: dict[tuple[int, int, int], str] = {}
+        """(dp, pp, tp) -> why no setting of that split fits (its floor), refused unsearched."""
         self.num_simulated = 0
         self.num_untimed = 0
         """Configurations over the limit in their family order not timed for the order search (budget)."""
@@ -103,6 +114,7 @@ class _Search:
         self._boundaries: dict[tuple[object, ...], Boundaries] = {}
         self._link_tables: dict[tuple[int, int, int], LinkTable] = {}
         self._arrays: dict[tuple[object, ...], StageArrays] = {}
+        self._static: dict[tuple[object, ...], tuple[int, ...]] = {}
         self.variants = GatherVariants()
         """Full sharding: each configuration's default variant, which bounds its siblings."""
         self.excluded: dict[Degree, dict[str, tuple[str, str]]] = {}
@@ -245,12 +257,14 @@ class _Search:
 
     def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float:
         """Lower bound on the step of `record`'s family order (`backward` "any": of any order)."""
-        backward = record.backward if backward is None else backward
         config = record.config
+        # Only the family's own order of a serial family runs one micro-batch at a time.
+        serial = backward is None and config.schedule in SERIAL_FAMILIES
+        backward = record.backward if backward is None else backward
         if recompute:
             model = self.model(record, recompute)
             terms = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-            return record.allreduce_s + terms.at(config.num_microbatches)
+            return record.allreduce_s + terms.at(config.num_microbatches, serial)
         # Without recompute the terms are shared by every m (and family of one placement), and the
         # families of one placement mostly share the micro-batch count too.
         key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
@@ -258,9 +272,9 @@ class _Search:
         if key not in self._terms:
             model = self.model(record, ())
             self._terms[key] = bound_terms(model, record.placement, backward, self.boundaries(record, model))
-        at_key = (key, config.num_microbatches)
+        at_key = (key, config.num_microbatches, serial)
         if at_key not in self._bound_at:
-            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches)
+            self._bound_at[at_key] = self._terms[key].at(config.num_microbatches, serial)
         return record.allreduce_s + self._bound_at[at_key]
 
     def held_bound(self, record: Record) -> float:
@@ -301,13 +315,19 @@ class _Search:
         return self._arrays[key]
 
     def static_of(self, record: Record, model: CostModel) -> tuple[int, ...]:
-        """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it."""
+        """Per rank, weights, gradients and optimizer state at the peak: a lower bound on it
+        (`model`: the record's without recompute)."""
         config, pp = record.config, record.degree.num_ranks
         if config.shard == "full":
             costs = self.costs_of(record)
             return sharded_static_bytes(costs, model, config, record.placement, pp,
                                         record.degree.num_data_parallel, stage_ties(costs, record.bounds))
-        return static_bytes(self.costs_of(record), model, record.placement, pp)
+        # The same for every family and m of one split, rows, partition, placement and sharing.
+        key = (record.degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement, config.shard)
+        if key not in self._static:
+            self._static[key] = static_bytes(self.costs_of(record), model, record.placement, pp)
+        return self._static[key]
 
     @property
     def threshold(self) -> float:
@@ -354,29 +374,10 @@ class _Search:
 
     # -- the search --------------------------------------------------------------------------
 
-    def degrees(self) -> list[Degree]:
-        """The dp x pp (x tp) splits to search; the others go to `rejected` with their reason."""
-        options = self.options
-        found = []
-        for dp, pp, tp in options.degree_splits():
-            problem = degree_problem(options.global_batch, dp, options.microbatches, options.uneven)
-            if problem is not None:
-                self.rejected[(dp, pp, tp)] = f"dp={dp}: {problem}"
-            elif pp > self.costs.num_layers:
-                self.rejected[(dp, pp, tp)] = (
-                    f"pp={pp}: {pp} pipeline ranks need {pp} stages but the model has "
-                    f"{self.costs.num_layers} layers (a stage holds at least one)"
-                )
-            elif not self.costs.allows_tensor_parallel(tp):
-                self.rejected[(dp, pp, tp)] = f"tp={tp}: {tensor_parallel_problem(self.costs)}"
-            else:
-                found.append(Degree(dp, pp, options.global_batch // dp, tp))
-        return found
-
     def records(self) -> list[Record]:
         records = []
         options = self.options
-        for degree in self.degrees():
+        for degree in searched_degrees(options, self.costs, self.rejected):
             space = search_space(options, self.costs.num_layers, degree)
             self.excluded[degree] = space.excluded
             configs = list(space.configs)
@@ -392,6 +393,8 @@ class _Search:
                     options.shard, options.zero, dp, tp, config.num_virtual)
             ]
             pp = degree.num_ranks
+            if self.floors and self.over_floor(degree, configs):
+                continue
             links = self.links(degree)
             for config in configs:
                 placement = family_placement(config.schedule, pp, config.num_virtual)
@@ -418,6 +421,14 @@ class _Search:
             r.config.num_virtual, r.config.num_microbatches,
         ))
         return records
+
+    def over_floor(self, degree: Degree, configs: list[Config]) -> bool:
+        """Whether `degree` is refused by its floor (`pipefold.plan.splits`), kept with the reason."""
+        problem = floor_problem(lambda rows, attention, shard: self.costs_at(degree, rows, attention, shard),
+                                configs, degree.num_ranks, max(self.limits(degree)))
+        if problem is not None:
+            self.floored[degree.split] = problem
+        return problem is not None
 
     def recompute_choices(self, record: Record) -> RecomputeChoice:
         if is_asynchronous(record.config.schedule):
@@ -578,25 +589,16 @@ class _Search:
             self.run(record, ())
 
 
-def _splits_name(options: PlanOptions) -> str:
-    return "dp x pp x tp" if options.searches_tensor_parallel else "dp x pp"
-
-
-def _nothing_to_search(search: _Search) -> ConfigError:
-    if not search.options.searches_degree and not search.rejected:
-        (excluded,) = search.excluded.values()
-        reasons = "; ".join(f"{name}: {reason}" for name, (_, reason) in excluded.items())
-        return ConfigError(f"nothing to search: no schedule family applies ({reasons})")
-    parts = list(search.rejected.values())
-    for degree, excluded in search.excluded.items():
-        why = "; ".join(dict.fromkeys(reason for _, reason in excluded.values()))
-        parts.append(f"{degree.text}: no schedule family applies ({why})")
-    devices = search.options.num_devices
-    where = f"of {devices} devices" if devices is not None else "of the options"
-    return ConfigError(
-        f"nothing to search: no {_splits_name(search.options)} split {where} can run this batch "
-        f"({'; '.join(parts)}); change num_devices, global_batch or the pins"
-    )
+def _searched(source: CostSource, options: PlanOptions, floors: bool) -> tuple[_Search, list[Record]]:
+    """Every configuration visited in bound order: simulated, or pruned by its bound."""
+    search = _Search(source, options, floors)
+    records = search.records()
+    for record in records:
+        if record.lower_bound > search.threshold:
+            record.prune(record.lower_bound)
+            continue
+        search.search_config(record)
+    return search, records
 
 
 def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
@@ -607,16 +609,14 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     each (rows, tp) itself (`pipefold.plan.estimate.GptEstimate` on a hardware file).
     """
     source: CostSource = LinearCosts(costs) if isinstance(costs, ModelCosts) else costs
-    search = _Search(source, options)
-    costs = search.costs
-    records = search.records()
+    search, records = _searched(source, options, floors=True)
+    if not search.top and search.floored:
+        # Nothing fits: the error names the least memory any configuration reaches, the splits
+        # refused by their floor included.
+        search, records = _searched(source, options, floors=False)
     if not records:
-        raise _nothing_to_search(search)
-    for record in records:
-        if record.lower_bound > search.threshold:
-            record.prune(record.lower_bound)
-            continue
-        search.search_config(record)
+        raise nothing_to_search(options, search.rejected, search.excluded)
+    costs = search.costs
     family_choice = search.top[0] if search.top else None
     if family_choice is None:
         search.leanest_everywhere(records)
@@ -669,7 +669,7 @@ def plan(costs: ModelCosts | CostSource, options: PlanOptions) -> Plan:
     degrees: tuple[Verdict, ...] = ()
     if options.searches_degree:
         degrees = degree_verdicts(records, search.rejected, search.excluded, options.degree_splits(), choice,
-                                  options.memory_limit)
+                                  options.memory_limit, search.floored)
         if choice.is_searched_order:
             # No family candidate is the choice, so the chosen split reads "slower" than itself otherwise.
             degrees = tuple(

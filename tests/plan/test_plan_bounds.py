@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
-from pipefold.plan.bounds import backward_kind, step_time_lower_bound
+from pipefold.plan.bounds import SERIAL_FAMILIES, backward_kind, step_time_lower_bound
 from pipefold.schedule import build, names
 from pipefold.simulate import CostModel, Link, simulate
 
@@ -39,7 +39,7 @@ def test_lower_bound_holds(name, p, m, v, data, num_cores):
     )
     makespan = simulate(schedule, costs).makespan
     for backward in ("any", backward_kind(schedule)):
-        bound = step_time_lower_bound(costs, schedule.placement, m, backward)
+        bound = step_time_lower_bound(costs, schedule.placement, m, backward, serial=name in SERIAL_FAMILIES)
         assert bound <= makespan * (1 + 1e-9) + 1e-9
 
 
@@ -49,3 +49,34 @@ def test_lower_bound_is_exact_for_1f1b_on_equal_stages(p, m):
     costs = CostModel.uniform(p, f=1.0, i=1.0, w=1.0, b=2.0)
     bound = step_time_lower_bound(costs, schedule.placement, m, backward_kind(schedule))
     assert bound == pytest.approx(simulate(schedule, costs).makespan)
+
+
+@pytest.mark.parametrize("p,m", [(1, 5), (2, 8), (4, 4), (8, 3)])
+def test_serial_bound_is_exact_for_naive_on_equal_stages(p, m):
+    # m round trips of p stages each, where the plain bound is 1F1B's (m + p - 1) (f + b).
+    schedule = build("naive", num_ranks=p, num_microbatches=m)
+    costs = CostModel.uniform(p, f=1.0, i=1.0, w=1.0, b=2.0)
+    makespan = simulate(schedule, costs).makespan
+    assert step_time_lower_bound(costs, schedule.placement, m, "B", serial=True) == pytest.approx(makespan)
+    assert makespan == pytest.approx(m * p * 3.0)
+    if p > 1 and m > 1:
+        assert step_time_lower_bound(costs, schedule.placement, m, "B") < makespan
+
+
+def test_the_serial_bound_is_the_naive_orders_alone():
+    # The order search bounds any order of a configuration's actions ("any"), which a naive
+    # record may stand for: there the serial bound does not hold.
+    from pipefold.plan import LayerCost, ModelCosts, PlanOptions
+    from pipefold.plan.search import _Search
+    from pipefold.plan.tensor import LinearCosts
+
+    costs = ModelCosts(layers=tuple(LayerCost(1.0, 2.0, 100, 10) for _ in range(4)))
+    search = _Search(LinearCosts(costs), PlanOptions(num_ranks=4, global_batch=8, microbatches=8,
+                                                     schedules=("naive", "1f1b")))
+    records = {r.config.schedule: r for r in search.records()}
+    naive, one_f_one_b = records["naive"], records["1f1b"]
+    assert naive.bounds == one_f_one_b.bounds and naive.placement == one_f_one_b.placement
+    assert search.bound(naive, (), "any") == search.bound(one_f_one_b, (), "any")
+    # m round trips of F and the input-gradient half (the order's backward kind not read yet).
+    assert search.bound(naive, ()) == pytest.approx(8 * 4 * (1.0 + 1.0))
+    assert search.bound(naive, ()) > search.bound(one_f_one_b, ())
