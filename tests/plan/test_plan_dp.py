@@ -15,6 +15,7 @@ from pipefold.plan.ranking import rank_key
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule import build
 from pipefold.simulate import Link, simulate
+from tests.plan._layer_costs import layer_costs
 
 
 def costs_of(num_layers=8, parameter_bytes=500, activation_bytes=1000):
@@ -241,14 +242,7 @@ def test_plans_without_dp_read_as_before():
 
 # -- property -------------------------------------------------------------------------------------
 
-layers = st.builds(
-    LayerCost,
-    forward_s=st.floats(0.01, 5.0),
-    backward_s=st.floats(0.01, 10.0),
-    activation_bytes=st.integers(0, 5000),
-    output_bytes=st.integers(1, 500),
-    parameter_bytes=st.integers(0, 3000),
-)
+layers = layer_costs(3000)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,15 +15,9 @@ from pipefold.plan.splits import static_floor
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights
 from pipefold.schedule.ir import contiguous_placement
 from pipefold.simulate import Link
+from tests.plan._layer_costs import layer_costs
 
-layers = st.builds(
-    LayerCost,
-    forward_s=st.floats(0.01, 5.0),
-    backward_s=st.floats(0.01, 10.0),
-    activation_bytes=st.integers(0, 5000),
-    output_bytes=st.integers(1, 500),
-    parameter_bytes=st.integers(1, 20000),
-)
+layers = layer_costs(20000, min_parameter_bytes=1)
 
 
 def _costs(layer_list: list[LayerCost], tie: bool, optimizer: float) -> ModelCosts:

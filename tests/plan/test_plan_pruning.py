@@ -8,21 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipefold.balance import balance
-from pipefold.plan import LayerCost, ModelCosts, NoFeasiblePlan, PlanOptions, plan
+from pipefold.plan import ModelCosts, NoFeasiblePlan, PlanOptions, plan
 from pipefold.plan.ranking import time_bucket
 from pipefold.plan.space import search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.schedule import build
 from pipefold.simulate import Link, simulate
+from tests.plan._layer_costs import layer_costs
 
-layers = st.builds(
-    LayerCost,
-    forward_s=st.floats(0.01, 5.0),
-    backward_s=st.floats(0.01, 10.0),
-    activation_bytes=st.integers(0, 5000),
-    output_bytes=st.integers(1, 500),
-    parameter_bytes=st.integers(0, 2000),
-)
+layers = layer_costs(2000)
 
 
 def _exhaustive(costs: ModelCosts, options: PlanOptions) -> list[tuple[float, int]]:
