@@ -172,6 +172,7 @@ def gpt_costs(
         source=(
             f"FLOP estimate for a GPT (layers={num_layers}, d_model={d_model}, heads={num_heads}, "
             f"seq_len={seq_len}, vocab={vocab_size}) at {flops:.3g} FLOP/s, not a measurement"
+            + (f"; weight casts at {memory_bandwidth:.3g} B/s" if mixed and memory_bandwidth else "")
         ),
     )
     return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads)
