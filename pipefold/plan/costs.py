@@ -315,6 +315,20 @@ class ModelCosts:
         return tuple(min(self.layers[i].parameter_bytes for i in group) for group in self.tied_layers)
 
     @property
+    def tied_copies(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """Per group of `tied_layers` whose shared weight two or more of its layers cast (mixed
+        precision): those layers and the bytes of that weight's 16-bit copy, half its fp32 bytes
+        (`tied_bytes`: autocast casts fp32 weights only). A layer is taken to cast it where its own
+        copies (`LayerCost.cast_bytes`) are at least that copy's (an embedding casts nothing)."""
+        found = []
+        for group, size in zip(self.tied_layers, self.tied_bytes, strict=True):
+            copy = size // 2
+            casting = tuple(index for index in group if copy and self.layers[index].cast_bytes >= copy)
+            if len(casting) > 1:
+                found.append((casting, copy))
+        return tuple(found)
+
+    @property
     def parameter_bytes(self) -> int:
         return sum(layer.parameter_bytes for layer in self.layers)
 

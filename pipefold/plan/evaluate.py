@@ -110,7 +110,7 @@ def evaluate(
     update_shared = sharded_optimizer or shard == "full"
     update = update_time(costs, static_weight_bytes(model, placement, num_ranks)) / (
         num_data_parallel if update_shared else 1)
-    casts = cast_time(costs, model, config.schedule, shard)
+    casts = cast_time(costs, model, config.schedule, shard, placement)
     if recast:
         memory = without_held_casts(memory)
     return Candidate(

@@ -18,7 +18,9 @@ keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`
 
 Each stage's copies, and their time, are its own layers' (`LayerCost.cast_bytes`, summed per
 stage into `CostModel.cast_bytes`: `stage_cast_seconds`); costs whose layers carry none are
-priced by one ratio per weight byte (`ModelCosts.cast_bytes_per_parameter_byte`).
+priced by one ratio per weight byte (`ModelCosts.cast_bytes_per_parameter_byte`). A tied weight
+that several layers cast is one copy per stage, and while the casts are held one per rank
+(`ModelCosts.tied_copies`, `CostModel.tied_casts`, `pipefold.plan.memory.repeated_casts`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import RankMemory
+from pipefold.plan.memory import RankMemory, repeated_casts
 from pipefold.plan.space import is_asynchronous
 from pipefold.simulate import CostModel
 
@@ -42,13 +44,18 @@ def casts_every_forward(schedule: str, shard: str) -> bool:
     return shard == "full" or is_asynchronous(schedule)
 
 
-def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str) -> float:
+def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str,
+              placement: Sequence[int] | None = None) -> float:
     """Seconds the step adds for the casts held once a step: every stage's first forward casts its
-    weights (`ModelCosts.cast_s_per_parameter_byte`), one after another along the fill. 0 where
-    every forward casts (priced in the forwards: `recast_every_forward`)."""
+    weights (`ModelCosts.cast_s_per_parameter_byte`), one after another along the fill; a tied
+    weight several stages of one rank cast, once (`placement`: each stage's rank; None: one rank
+    a stage). 0 where every forward casts (priced in the forwards: `recast_every_forward`)."""
     if not costs.cast_s_per_parameter_byte or casts_every_forward(schedule, shard):
         return 0.0
-    return sum(stage_cast_seconds(costs, model))
+    seconds = sum(stage_cast_seconds(costs, model))
+    if placement is None or not any(model.cast_bytes):
+        return seconds
+    return seconds - costs.cast_s_per_cast_byte * sum(repeated_casts(model, placement, max(placement) + 1))
 
 
 def stage_cast_seconds(costs: ModelCosts, model: CostModel) -> list[float]:

@@ -132,7 +132,7 @@ def search_order(
         family=choice.schedule,
         step_time=makespan + choice.allreduce_s + choice.tied_exchange_s
         + _update(costs, model, placement, choice)
-        + cast_time(costs, model, choice.schedule, choice.shard),
+        + cast_time(costs, model, choice.schedule, choice.shard, placement),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,
         memory=memory,
