@@ -264,10 +264,12 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
     bandwidth, bandwidth_source = _estimate_bandwidth(args)
     if _is_hf(args):
         files = inspect_model(args.model, field="--model")
-        return hf_costs(
+        costs = hf_costs(
             files.config, seq_len=args.seq_len, flops=1e12 if args.flops is None else args.flops,
             bytes_per_value=args.bytes_per_value or value_bytes, overhead_s=overhead,
+            parameter_bytes_per_value=args.bytes_per_value or parameter_bytes, memory_bandwidth=bandwidth,
         )
+        return _with_bandwidth_source(costs, bandwidth_source)
     costs = gpt_costs(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
         vocab_size=args.vocab_size, flops=1e12 if args.flops is None else args.flops,
