@@ -75,7 +75,7 @@ def evaluate(
         costs, bounds)
     recast = casts_every_forward(config.schedule, shard)
     if recast:  # no casts held for the step: each forward casts again (plan.precision_costs)
-        model = recast_every_forward(model, costs, recompute)
+        model = recast_every_forward(model, costs, recompute, bounds)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0

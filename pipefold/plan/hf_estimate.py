@@ -182,7 +182,7 @@ def hf_costs(
         norm_params = d
 
     def layer(fwd_flops: float, weight_flops: float, kept_values: int, output_values: int,
-              params: int, cast: int = 0) -> LayerCost:
+              params: int, cast: int = 0, saved: int = 0) -> LayerCost:
         return LayerCost(
             forward_s=fwd_flops / flops,
             backward_s=2 * fwd_flops / flops,
@@ -191,16 +191,18 @@ def hf_costs(
             output_bytes=output_values * b,
             parameter_bytes=params * p,
             cast_bytes=cast * b if mixed else 0,
+            saved_cast_bytes=saved * b if mixed else None,  # the weights' copies, not the biases'
         )
 
     head_flops = 2 * t * d * v
     norms = 4 * d if gpt2 else 2 * d  # a block's two norms: the only weights autocast does not cast
     layers = [
         layer(t * d, 0.0, 0, carried, prefix_params),  # embeddings: gathers, nothing cast
-        *([layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms)]
-          * num_layers),
+        *([layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms,
+                 products // (2 * t))] * num_layers),
         # The final norm, and the head's V x d weight (no bias) cast.
-        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params, v * d),
+        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params, v * d,
+              v * d),
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)

@@ -95,7 +95,7 @@ def search_order(
     ), costs, choice.bounds)
     recast = casts_every_forward(choice.schedule, choice.shard)
     if recast:  # as evaluate prices it: every forward casts its weights again
-        model = recast_every_forward(model, costs, choice.recompute)
+        model = recast_every_forward(model, costs, choice.recompute, choice.bounds)
     transient = transient_bytes(costs, stages, choice.recompute, placement, pp)
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).

@@ -127,10 +127,13 @@ def test_the_copies_are_what_a_bf16_profile_holds_layer_by_layer(config):
     model = classes[config["model_type"]](transformers.AutoConfig.for_model(**config))
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     layers = split(model, example_inputs=(ids,))
-    measured = [p.held_cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16")]
+    profiles = profile(layers, ids, num_repeats=1, precision="bf16")
+    measured = [p.held_cast_bytes for p in profiles]
     mixed = hf_costs(config, seq_len=8, bytes_per_value=2, parameter_bytes_per_value=4)
     # The linears' (Conv1D's) weights and biases, the head's weight; no norm, no embedding.
     assert [layer.cast_bytes for layer in mixed.layers] == measured
+    # ... of which a forward keeps the weights' copies for its backward (full sharding: per micro-batch).
+    assert [layer.saved_casts for layer in mixed.layers] == [p.cast_bytes for p in profiles]
     assert measured[0] == 0 and all(measured[1:])
     assert [layer.parameter_bytes for layer in mixed.layers] == [
         sum(p.numel() * 4 for p in layer.parameters()) for layer in layers]

@@ -262,3 +262,44 @@ def test_tied_copies_survive_the_cost_model_file():
     model = stage_cost_model(_tied(), StageLayout((0, 1, 2, 3, 4), 1), (), Link())
     assert model.tied_casts == ((((0, 1), (3, 1)), 400),)
     assert CostModel.from_json(model.to_json()) == model
+
+
+def test_full_sharding_keeps_per_micro_batch_the_copies_a_forward_saves_not_the_biases():
+    from pipefold.errors import ConfigError
+
+    saved = (250, 250, 80, 80)  # each layer's weights' copies, of its 300 / 100 held with the biases'
+    costs = _layered(cast_s_per_parameter_byte=CAST_S)
+    costs = replace(costs, layers=tuple(replace(layer, saved_cast_bytes=kept)
+                                        for layer, kept in zip(costs.layers, saved, strict=True)))
+    assert ModelCosts.from_json(costs.to_json()) == costs
+    options = {"num_data_parallel": 2, "shard": "full", "price_exposure": False}
+    plain = _evaluate(_costs(), **options)
+    casting = _evaluate(costs, **options)
+    # 2 micro-batches in flight on rank 0 at its peak, 1 on rank 1 (1f1b, 2 ranks).
+    copies = [c.activations - p.activations for c, p in zip(casting.memory, plain.memory, strict=True)]
+    assert copies == [2 * 500, 160]
+    # Held for the step (no full sharding), the cache's copies are the biases' too.
+    assert [m.casts for m in _evaluate(costs).memory] == [600, 200]
+    with pytest.raises(ConfigError, match="saved_cast_bytes = 400"):
+        LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=0, output_bytes=0, cast_bytes=300,
+                  saved_cast_bytes=400)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_the_estimates_save_the_weights_copies_of_a_tp_rank(tensor_parallel):
+    from pipefold.plan import gpt_costs
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.hardware import load_hardware
+    from pipefold.plan.tensor import split_costs
+
+    h, vocab, t = 64, 128, tensor_parallel
+    estimate = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                           hardware=load_hardware("a100-80gb"), dtype="bf16", parameter_bytes=4)
+    costs = estimate.at(1, t, Link(), False)
+    assert [layer.saved_casts for layer in costs.layers] == [0, 0, 2 * 12 * h * h // t, 2 * 12 * h * h // t,
+                                                             0, 2 * vocab * h]
+    flop = split_costs(gpt_costs(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                                 bytes_per_value=2, parameter_bytes_per_value=4), t, Link())
+    # The split shares the held copies' split: a block's weights (and, unsplit, 2 h biases' share).
+    assert 2 * 12 * h * h // t <= flop.layers[2].saved_casts <= 2 * (12 * h * h // t + 2 * h)
+    assert flop.layers[-1].saved_casts == 2 * vocab * h
