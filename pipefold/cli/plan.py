@@ -189,6 +189,9 @@ def add_parser(subparsers: Any) -> None:
     gpt.add_argument("--flops", type=_rate_flag("--flops"),
                      help="sustained FLOP/s of one device (default 1e12)")
     gpt.add_argument("--bytes-per-value", type=int, help="4 for fp32 (default), 2 for bf16")
+    gpt.add_argument("--memory-bandwidth", type=_rate_flag("--memory-bandwidth"), metavar="BYTES/S",
+                     help="the device's memory bandwidth, at which --precision bf16/fp16 times autocast's "
+                     "weight casts (read fp32, write 16 bits); default the cpu preset's (see the costs line)")
     gpt.add_argument("--precision", choices=tuple(PRECISION_BYTES),
                      help="price activations and boundaries as `pipefold train --precision` sends them "
                      "(bf16/fp16: 2 bytes) and weights as fp32 masters (4 bytes); with --hardware: compute "
@@ -208,7 +211,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
-    for flag in ("--flops", "--bytes-per-value"):
+    for flag in ("--flops", "--bytes-per-value", "--memory-bandwidth"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
                 f"{flag} and --hardware both say how fast the device is; drop {flag} (the hardware file "
@@ -245,6 +248,9 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
     if args.save_costs:
         raise ConfigError("--save-costs writes measured costs; add --profile (or --model gpt --measure)")
     if args.costs:
+        if args.memory_bandwidth is not None:
+            raise ConfigError("--memory-bandwidth times the FLOP estimate's weight casts; a --costs file "
+                              "prices them itself (cast_s_per_parameter_byte); drop --memory-bandwidth")
         return ModelCosts.from_json(args.costs)
     overhead = 0.0 if args.overhead is None else args.overhead
     if overhead < 0:
@@ -255,23 +261,44 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
             "bytes of a value; give one"
         )
     value_bytes, parameter_bytes = PRECISION_BYTES[args.precision or "fp32"]
+    bandwidth, bandwidth_source = _estimate_bandwidth(args)
     if _is_hf(args):
         files = inspect_model(args.model, field="--model")
-        return hf_costs(
+        costs = hf_costs(
             files.config, seq_len=args.seq_len, flops=1e12 if args.flops is None else args.flops,
             bytes_per_value=args.bytes_per_value or value_bytes, overhead_s=overhead,
+            parameter_bytes_per_value=args.bytes_per_value or parameter_bytes, memory_bandwidth=bandwidth,
         )
-    return gpt_costs(
+        return _with_bandwidth_source(costs, bandwidth_source)
+    costs = gpt_costs(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
         vocab_size=args.vocab_size, flops=1e12 if args.flops is None else args.flops,
         bytes_per_value=args.bytes_per_value or value_bytes, overhead_s=overhead,
-        parameter_bytes_per_value=args.bytes_per_value or parameter_bytes,
+        parameter_bytes_per_value=args.bytes_per_value or parameter_bytes, memory_bandwidth=bandwidth,
     )
+    return _with_bandwidth_source(costs, bandwidth_source)
+
+
+def _estimate_bandwidth(args: argparse.Namespace) -> tuple[float, str]:
+    """The memory bandwidth at which the FLOP estimate times autocast's weight casts, and where it
+    comes from: `--memory-bandwidth`, else the `cpu` preset's (this machine's, measured), so
+    bf16/fp16 casts take time as they do under --hardware."""
+    if args.memory_bandwidth is not None:
+        return args.memory_bandwidth, "--memory-bandwidth"
+    preset = load_hardware("cpu").memory_bandwidth
+    return preset, "the cpu preset's; give the device's with --memory-bandwidth"
+
+
+def _with_bandwidth_source(costs: ModelCosts, source: str) -> ModelCosts:
+    """`costs` whose description names where its casts' memory bandwidth came from (where it times some)."""
+    if not costs.cast_s_per_parameter_byte:
+        return costs
+    return dataclasses.replace(costs, source=f"{costs.source} ({source})")
 
 
 def _measured_costs(args: argparse.Namespace) -> Any:
     """Profile the built-in GPT as `pipefold profile` does; show the table unless --json."""
-    for flag in ("--flops", "--bytes-per-value", "--overhead"):
+    for flag in ("--flops", "--bytes-per-value", "--overhead", "--memory-bandwidth"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
                 f"{flag} shapes the FLOP estimate, but --profile / --measure time the model here (in "

@@ -63,6 +63,10 @@ class LayerCost:
     the input gradient (as large) to each backward."""
     tensor_parallel_cast_share: float | None = None
     """The share of its `cast_bytes` that the split divides; None: `tensor_parallel_share`."""
+    saved_cast_bytes: int | None = None
+    """The part of `cast_bytes` a forward's backward saves: its weights' copies, not its biases'
+    (a bias's gradient needs no copy; `LayerProfile.cast_bytes`). Where the casts are not held for
+    the step (full sharding), each micro-batch in flight keeps these. None: all of `cast_bytes`."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -87,6 +91,11 @@ class LayerCost:
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.saved_cast_bytes is not None:
+            saved = self.saved_cast_bytes
+            if isinstance(saved, bool) or not isinstance(saved, int) or not 0 <= saved <= self.cast_bytes:
+                raise ConfigError(f"LayerCost.saved_cast_bytes = {saved!r}; give whole bytes from 0 to "
+                                  f"cast_bytes = {self.cast_bytes} (or leave it out: all of them)")
         if self.weight_grad_s is not None:
             _non_negative("LayerCost", "weight_grad_s", self.weight_grad_s)
             if self.weight_grad_s > self.backward_s:
@@ -99,6 +108,11 @@ class LayerCost:
     def weight_s(self) -> float:
         """W time: the weight-gradient part of the backward."""
         return self.backward_s / 2 if self.weight_grad_s is None else self.weight_grad_s
+
+    @property
+    def saved_casts(self) -> int:
+        """`saved_cast_bytes`, or all of `cast_bytes` where not given."""
+        return self.cast_bytes if self.saved_cast_bytes is None else self.saved_cast_bytes
 
     @property
     def input_s(self) -> float:
@@ -153,7 +167,7 @@ def _held_cast_bytes(profile: ProfileLike) -> int:
 
 
 _CAST_COLUMN = 7
-"""`ModelCosts.span`'s column of the layers' `cast_bytes`."""
+"""`ModelCosts.span`'s column of the layers' `cast_bytes` (8: their `saved_casts`)."""
 
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
@@ -292,6 +306,7 @@ class ModelCosts:
             [float(self.input_bytes)] + [float(layer.output_bytes) for layer in self.layers[:-1]],
             [layer.fixed_s for layer in self.layers],
             [float(layer.cast_bytes) for layer in self.layers],
+            [float(layer.saved_casts) for layer in self.layers],
         )
         prefixes = []
         for column in columns:
@@ -315,6 +330,20 @@ class ModelCosts:
         return tuple(min(self.layers[i].parameter_bytes for i in group) for group in self.tied_layers)
 
     @property
+    def tied_copies(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """Per group of `tied_layers` whose shared weight two or more of its layers cast (mixed
+        precision): those layers and the bytes of that weight's 16-bit copy, half its fp32 bytes
+        (`tied_bytes`: autocast casts fp32 weights only). A layer is taken to cast it where its own
+        copies (`LayerCost.cast_bytes`) are at least that copy's (an embedding casts nothing)."""
+        found = []
+        for group, size in zip(self.tied_layers, self.tied_bytes, strict=True):
+            copy = size // 2
+            casting = tuple(index for index in group if copy and self.layers[index].cast_bytes >= copy)
+            if len(casting) > 1:
+                found.append((casting, copy))
+        return tuple(found)
+
+    @property
     def parameter_bytes(self) -> int:
         return sum(layer.parameter_bytes for layer in self.layers)
 
@@ -324,6 +353,12 @@ class ModelCosts:
         (`cast_s_per_parameter_byte` over the model) spread over the copies it makes; 0 without."""
         copies = self._prefix[_CAST_COLUMN][-1]
         return self.cast_s_per_parameter_byte * self.parameter_bytes / copies if copies else 0.0
+
+    def saved_casts_between(self, bounds: Sequence[int]) -> list[int]:
+        """Per stage cut at `bounds`, its layers' `LayerCost.saved_casts`: the copies one of its
+        forwards keeps for the backward where the casts are not held for the step."""
+        column = self._prefix[_CAST_COLUMN + 1]
+        return [round(column[stop] - column[start]) for start, stop in zip(bounds, bounds[1:], strict=False)]
 
     @property
     def casts_per_layer(self) -> bool:
@@ -386,6 +421,7 @@ class ModelCosts:
                 output_bytes=p.output.num_bytes,
                 parameter_bytes=p.parameter_bytes,
                 cast_bytes=_held_cast_bytes(p),
+                saved_cast_bytes=min(int(getattr(p, "cast_bytes", 0)), _held_cast_bytes(p)),
                 weight_grad_s=weight_grad_s(p),
             )
             for p in profiles
@@ -430,7 +466,7 @@ class ModelCosts:
         layer_fields = {"forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                         "cast_bytes", "weight_grad_s", "fixed_s", "tensor_parallel_share",
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
-                        "num_tensor_parallel_allreduces",
+                        "num_tensor_parallel_allreduces", "saved_cast_bytes",
                         "sequence_parallel_activation_share"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):

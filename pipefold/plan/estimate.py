@@ -129,7 +129,8 @@ def gpt_costs(
 
     mixed = b < p  # 16-bit values with wider weights: autocast casts the products' weights
 
-    def layer(fwd_flops: float, weight_flops: float, kept: int, params: int, cast: int = 0) -> LayerCost:
+    def layer(fwd_flops: float, weight_flops: float, kept: int, params: int, cast: int = 0,
+              saved: int = 0) -> LayerCost:
         return LayerCost(
             forward_s=fwd_flops / flops,
             backward_s=2 * fwd_flops / flops,
@@ -138,11 +139,12 @@ def gpt_costs(
             output_bytes=hidden,
             parameter_bytes=params * parameter_bytes_per_value,
             cast_bytes=cast * b if mixed else 0,
+            saved_cast_bytes=saved * b if mixed else None,  # the weights' copies, not the biases'
         )
 
     products = 24 * t * d * d
     block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d),
-                  gpt_block_cast_parameters(d))
+                  gpt_block_cast_parameters(d), 12 * d * d)
     head_flops = 2 * t * d * v
     layers = [
         # A gather (autocast casts no embedding): no FLOPs worth counting; ids are not kept as floats.
@@ -150,7 +152,7 @@ def gpt_costs(
         layer(t * d, 0.0, 0, t * d),
         *([block] * num_layers),
         layer(8 * t * d, 2 * t * d, t * d * b, 2 * d),
-        layer(head_flops, head_flops, t * (d + v) * b, v * d, v * d),  # no bias, tied or not
+        layer(head_flops, head_flops, t * (d + v) * b, v * d, v * d, v * d),  # no bias, tied or not
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)
@@ -172,6 +174,7 @@ def gpt_costs(
         source=(
             f"FLOP estimate for a GPT (layers={num_layers}, d_model={d_model}, heads={num_heads}, "
             f"seq_len={seq_len}, vocab={vocab_size}) at {flops:.3g} FLOP/s, not a measurement"
+            + (f"; weight casts at {memory_bandwidth:.3g} B/s" if mixed and memory_bandwidth else "")
         ),
     )
     return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads)
@@ -373,8 +376,10 @@ class GptEstimate:
         casting = pe > v
         block_casts = round((12 * h * h + 7 * h) / t + 2 * h) if casting else 0
         head_casts = vocab * h // vt if casting else 0
-        block = replace(block, cast_bytes=block_casts * v)
-        head = replace(head, cast_bytes=head_casts * v)
+        # A forward saves the weights' copies for its backward, not the biases'.
+        block = replace(block, cast_bytes=block_casts * v,
+                        saved_cast_bytes=round(12 * h * h / t) * v if casting else None)
+        head = replace(head, cast_bytes=head_casts * v, saved_cast_bytes=head_casts * v if casting else None)
         layers = (embed, position, *([block] * self.num_layers), norm, head)
         cast_s = (self.num_layers * block_casts + head_casts) * (pe + v) / bandwidth
         degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)

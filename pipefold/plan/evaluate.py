@@ -75,7 +75,7 @@ def evaluate(
         costs, bounds)
     recast = casts_every_forward(config.schedule, shard)
     if recast:  # no casts held for the step: each forward casts again (plan.precision_costs)
-        model = recast_every_forward(model, costs, recompute)
+        model = recast_every_forward(model, costs, recompute, bounds)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0
@@ -110,7 +110,7 @@ def evaluate(
     update_shared = sharded_optimizer or shard == "full"
     update = update_time(costs, static_weight_bytes(model, placement, num_ranks)) / (
         num_data_parallel if update_shared else 1)
-    casts = cast_time(costs, model, config.schedule, shard)
+    casts = cast_time(costs, model, config.schedule, shard, placement)
     if recast:
         memory = without_held_casts(memory)
     return Candidate(

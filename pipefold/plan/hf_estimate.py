@@ -13,12 +13,17 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
   16·T·d and 12d² + 13d);
 - Llama-style block (llama, mistral, qwen2: h query heads of width d/h, g key/value heads,
   gated MLP): 2·T·(2d² + 2d·g·d/h + 3dI) FLOPs plus 4·T²·d, keeps T·(5d + 2g·d/h + 3I),
-  2d² + 2d·g·d/h + 3dI + 2d parameters; its output also carries the rotary tables (2·T·d/h);
+  2d² + 2d·g·d/h + 3dI + 2d parameters (plus qwen2's query/key/value biases, and llama's with
+  `attention_bias` / `mlp_bias`); its output also carries the rotary tables (2·T·d/h);
 - backward twice the forward, the products' share of it being the weight gradient;
+- mixed precision (16-bit values over fp32 weights: `parameter_bytes_per_value`): autocast's
+  16-bit copies of every linear's (GPT-2: Conv1D's) weight and bias, held once a step, are each
+  layer's `cast_bytes`: a block's parameters less its norms', the head's V·d, none for the
+  embeddings (measured the same, layer by layer, by a bf16 profile: tests/plan/test_hf_estimate.py);
 - the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends,
   and the costs' `tied_layers` name the prefix and the suffix as holding that one weight
-  (`tied_parameter_bytes`: V·d·b), so the planner counts it once on a rank holding both (full
-  sharding on a V schedule's rank 0: one gather unit). The tie is transformers' own rule,
+  (`tied_parameter_bytes`: V·d at the weights' bytes), so the planner counts it once on a rank
+  holding both (full sharding on a V schedule's rank 0: one gather unit). The tie is transformers' own rule,
   `tie_word_embeddings` (default: the family's, `hf_ties`), which is what `pipefold.split` finds
   in the built model (`pipefold.model.ties.layer_ties`; a test holds the two equal); measured
   costs (`pipefold profile --model DIR`) take the split's finding directly.
@@ -109,12 +114,18 @@ def hf_costs(
     bytes_per_value: int = 4,
     overhead_s: float = 0.0,
     ties: Sequence[tuple[Sequence[int], int]] | None = None,
+    parameter_bytes_per_value: int | None = None,
+    memory_bandwidth: float | None = None,
 ) -> ModelCosts:
     """Per-sample costs (reference_rows = 1) of the decoder `config` (a parsed config.json) as
     `pipefold.split` layers it, estimated as the module docstring says. `seq_len` defaults to the
     config's maximum positions. `ties`: the layers that hold one weight and its number of values
     (`LayerTies`, as `pipefold.model.ties.layer_ties` finds them in the split model); default
-    `hf_ties(config)`."""
+    `hf_ties(config)`. `bytes_per_value` prices activations and boundaries,
+    `parameter_bytes_per_value` (default the same) weights, as `gpt_costs` (`PRECISION_BYTES`):
+    with 16-bit values over fp32 weights (bf16, fp16) each layer's `cast_bytes` are autocast's
+    copies of its linear (GPT-2: Conv1D) weights and biases, timed at `memory_bandwidth` (bytes/s;
+    None: no time) as a copy (read 4 bytes, write 2, an element)."""
     model_type = str(config.get("model_type", ""))
     gpt2 = model_type == "gpt2"
     if not gpt2 and model_type not in LLAMA_FAMILIES:
@@ -140,7 +151,14 @@ def hf_costs(
         raise ConfigError(f"hf_costs: bytes_per_value = {bytes_per_value!r}; give 4 (fp32) or 2 (bf16)")
     if not flops > 0:
         raise ConfigError(f"hf_costs: flops = {flops!r}; give the device's FLOP/s, e.g. 1e14")
+    p = bytes_per_value if parameter_bytes_per_value is None else parameter_bytes_per_value
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ConfigError(f"hf_costs: parameter_bytes_per_value = {p!r}; give 4 (fp32 weights) or 2 (bf16)")
+    if memory_bandwidth is not None and not memory_bandwidth > 0:
+        raise ConfigError(f"hf_costs: memory_bandwidth = {memory_bandwidth!r}; give the device's bytes/s, "
+                          "e.g. 2e12 (or None: the casts take no time)")
     b = bytes_per_value
+    mixed = b < p  # 16-bit values with wider weights: autocast casts the linears' weights and biases
     found = hf_ties(config) if ties is None else tuple((tuple(group), size) for group, size in ties)
     tied = bool(found)
     if gpt2:
@@ -157,39 +175,66 @@ def hf_costs(
         kv_width = _size(config, "num_key_value_heads", default=num_heads) * head_dim
         products = 2 * t * (2 * d * d + 2 * d * kv_width + 3 * d * inner)
         kept = t * (5 * d + 2 * kv_width + 3 * inner)
-        block_params = 2 * d * d + 2 * d * kv_width + 3 * d * inner + 2 * d
+        block_params = (2 * d * d + 2 * d * kv_width + 3 * d * inner + 2 * d
+                        + _llama_biases(config, d, kv_width, inner))
         carried = t * d + 2 * t * head_dim  # the hidden state and the rotary cos/sin tables
         prefix_params = v * d
         norm_params = d
 
     def layer(fwd_flops: float, weight_flops: float, kept_values: int, output_values: int,
-              params: int) -> LayerCost:
+              params: int, cast: int = 0, saved: int = 0) -> LayerCost:
         return LayerCost(
             forward_s=fwd_flops / flops,
             backward_s=2 * fwd_flops / flops,
             weight_grad_s=weight_flops / flops,
             activation_bytes=kept_values * b,
             output_bytes=output_values * b,
-            parameter_bytes=params * b,
+            parameter_bytes=params * p,
+            cast_bytes=cast * b if mixed else 0,
+            saved_cast_bytes=saved * b if mixed else None,  # the weights' copies, not the biases'
         )
 
     head_flops = 2 * t * d * v
+    norms = 4 * d if gpt2 else 2 * d  # a block's two norms: the only weights autocast does not cast
     layers = [
-        layer(t * d, 0.0, 0, carried, prefix_params),
-        *([layer(products + 4 * t * t * d, products, kept, carried, block_params)] * num_layers),
-        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params),
+        layer(t * d, 0.0, 0, carried, prefix_params),  # embeddings: gathers, nothing cast
+        *([layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms,
+                 products // (2 * t))] * num_layers),
+        # The final norm, and the head's V x d weight (no bias) cast.
+        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params, v * d,
+              v * d),
     ]
+    cast_elements = sum(layer.cast_bytes for layer in layers) // b
+    parameters = sum(layer.parameter_bytes for layer in layers)
     return ModelCosts(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
         overhead_s=overhead_s,
+        # Adam in the weights' dtype; with 16-bit weights fp32 moments and master copies (as gpt_costs).
+        optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
+        cast_bytes_per_parameter_byte=cast_elements * b / parameters,
+        cast_s_per_parameter_byte=(
+            cast_elements * (p + b) / memory_bandwidth / parameters if memory_bandwidth else 0.0
+        ),
         tied_layers=tuple(group for group, _ in found),
-        tied_parameter_bytes=tuple(size * b for _, size in found),
+        tied_parameter_bytes=tuple(size * p for _, size in found),
         source=(
             f"FLOP estimate for a Hugging Face {model_type} (blocks={num_layers}, hidden={d}, "
             f"heads={num_heads}, "
             f"intermediate={inner}, vocab={v}, seq_len={t}{', tied head' if tied else ''}) at {flops:.3g} "
             "FLOP/s, not a measurement"
+            + (f"; weight casts at {memory_bandwidth:.3g} B/s" if mixed and memory_bandwidth else "")
         ),
     )
+
+
+def _llama_biases(config: Mapping[str, Any], d: int, kv_width: int, inner: int) -> int:
+    """A Llama-style block's linear biases: qwen2's query, key and value projections'; llama's
+    with `attention_bias` (the four attention projections) and `mlp_bias` (the three MLP ones)."""
+    model_type = str(config.get("model_type", ""))
+    biases = d + 2 * kv_width if model_type == "qwen2" else 0
+    if model_type == "llama":
+        biases += (2 * d + 2 * kv_width) if config.get("attention_bias") else 0
+        biases += (2 * inner + d) if config.get("mlp_bias") else 0
+    return biases

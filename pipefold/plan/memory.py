@@ -6,6 +6,7 @@ what is not counted: docs/decisions.md, "Planner memory model".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipefold.timeline import Timeline
 
 __all__ = [
     "RankMemory", "cast_bytes", "excess_per_rank", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+    "repeated_casts",
 ]
 
 
@@ -107,11 +109,26 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     return owned
 
 
+def repeated_casts(model: CostModel, placement: Sequence[int], num_ranks: int) -> list[int]:
+    """Per rank, the bytes of the tied weights' copies (`CostModel.tied_casts`) that several of its
+    stages count in their `cast_bytes` beyond the first: the rank casts and holds each once while
+    the step's casts are held (autocast's cache spans its stages)."""
+    repeated = [0] * num_ranks
+    for counts, size in model.tied_casts:
+        stages = [0] * num_ranks
+        for stage, _ in counts:
+            stages[placement[stage]] += 1
+        for rank, held in enumerate(stages):
+            repeated[rank] += max(held - 1, 0) * size
+    return repeated
+
+
 def cast_bytes(costs: ModelCosts, model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
     """Per rank, the 16-bit weight copies it holds for a step: its stages' `CostModel.cast_bytes`
-    where the model has them, else its weights (a tied weight once) times the model's ratio."""
+    (a tied weight's copy once: `repeated_casts`) where the model has them, else its weights (a
+    tied weight once) times the model's ratio."""
     if any(model.cast_bytes):
-        held = [0] * num_ranks
+        held = [-repeated for repeated in repeated_casts(model, placement, num_ranks)]
         for stage, rank in enumerate(placement):
             held[rank] += model.cast_bytes[stage]
         return held

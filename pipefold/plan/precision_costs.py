@@ -18,7 +18,9 @@ keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`
 
 Each stage's copies, and their time, are its own layers' (`LayerCost.cast_bytes`, summed per
 stage into `CostModel.cast_bytes`: `stage_cast_seconds`); costs whose layers carry none are
-priced by one ratio per weight byte (`ModelCosts.cast_bytes_per_parameter_byte`).
+priced by one ratio per weight byte (`ModelCosts.cast_bytes_per_parameter_byte`). A tied weight
+that several layers cast is one copy per stage, and while the casts are held one per rank
+(`ModelCosts.tied_copies`, `CostModel.tied_casts`, `pipefold.plan.memory.repeated_casts`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from pipefold.plan.costs import ModelCosts
-from pipefold.plan.memory import RankMemory
+from pipefold.plan.memory import RankMemory, repeated_casts
 from pipefold.plan.space import is_asynchronous
 from pipefold.simulate import CostModel
 
@@ -42,13 +44,18 @@ def casts_every_forward(schedule: str, shard: str) -> bool:
     return shard == "full" or is_asynchronous(schedule)
 
 
-def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str) -> float:
+def cast_time(costs: ModelCosts, model: CostModel, schedule: str, shard: str,
+              placement: Sequence[int] | None = None) -> float:
     """Seconds the step adds for the casts held once a step: every stage's first forward casts its
-    weights (`ModelCosts.cast_s_per_parameter_byte`), one after another along the fill. 0 where
-    every forward casts (priced in the forwards: `recast_every_forward`)."""
+    weights (`ModelCosts.cast_s_per_parameter_byte`), one after another along the fill; a tied
+    weight several stages of one rank cast, once (`placement`: each stage's rank; None: one rank
+    a stage). 0 where every forward casts (priced in the forwards: `recast_every_forward`)."""
     if not costs.cast_s_per_parameter_byte or casts_every_forward(schedule, shard):
         return 0.0
-    return sum(stage_cast_seconds(costs, model))
+    seconds = sum(stage_cast_seconds(costs, model))
+    if placement is None or not any(model.cast_bytes):
+        return seconds
+    return seconds - costs.cast_s_per_cast_byte * sum(repeated_casts(model, placement, max(placement) + 1))
 
 
 def stage_cast_seconds(costs: ModelCosts, model: CostModel) -> list[float]:
@@ -60,20 +67,27 @@ def stage_cast_seconds(costs: ModelCosts, model: CostModel) -> list[float]:
     return [costs.cast_s_per_parameter_byte * weights for weights in model.weight_bytes]
 
 
-def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collection[int]) -> CostModel:
-    """`model` where each forward casts its stage's weights: F, and the forward a recomputed stage
-    reruns in B, I and W, take the casts' time; a stage not recomputed keeps its copies per
-    micro-batch in flight, as activations (a recomputed stage's checkpointed forward saves none;
-    the biases' copies, priced among a layer's `cast_bytes`, are not saved by a forward: an
-    over-estimate by about one part in the model width)."""
+def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collection[int],
+                         bounds: Sequence[int]) -> CostModel:
+    """`model` (of the stages cut at `bounds`) where each forward casts its stage's weights: F,
+    and the forward a recomputed stage reruns in B, I and W, take the casts' time; a stage not
+    recomputed keeps the copies its forward saves per micro-batch in flight, as activations: its
+    layers' weights' copies (`LayerCost.saved_casts`: not the biases', which no backward needs; a
+    tied weight's once), where a recomputed stage's checkpointed forward saves none."""
     seconds = costs.cast_s_per_parameter_byte
     per_byte = costs.cast_bytes_per_parameter_byte
     if not seconds and not per_byte and not any(model.cast_bytes):
         return model
     cast = stage_cast_seconds(costs, model)
     again = [cast[stage] if stage in recompute else 0.0 for stage in range(model.num_stages)]
-    # Each stage's own copies where the model has them (`CostModel.cast_bytes`), else by the ratio.
-    own = model.cast_bytes if any(model.cast_bytes) else [round(per_byte * w) for w in model.weight_bytes]
+    # Each stage's own copies where the layers carry them, else by the ratio.
+    if any(model.cast_bytes):
+        own = costs.saved_casts_between(bounds)
+        for counts, size in model.tied_casts:
+            for stage, count in counts:  # one copy of a tied weight per forward (autocast's cache)
+                own[stage] -= (count - 1) * size
+    else:
+        own = [round(per_byte * w) for w in model.weight_bytes]
     copies = [0 if stage in recompute else own[stage] for stage in range(model.num_stages)]
     return replace(
         model,
@@ -84,10 +98,13 @@ def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collect
 
 
 def recast_for(
-    model: CostModel, costs: ModelCosts, schedule: str, shard: str, recompute: Collection[int]
+    model: CostModel, costs: ModelCosts, schedule: str, shard: str, recompute: Collection[int],
+    bounds: Sequence[int],
 ) -> CostModel:
     """`model` as `schedule` under `shard` runs it: `recast_every_forward` where it holds no casts."""
-    return recast_every_forward(model, costs, recompute) if casts_every_forward(schedule, shard) else model
+    if casts_every_forward(schedule, shard):
+        return recast_every_forward(model, costs, recompute, bounds)
+    return model
 
 
 def without_held_casts(memory: Sequence[RankMemory]) -> tuple[RankMemory, ...]:

@@ -95,7 +95,7 @@ def search_order(
     ), costs, choice.bounds)
     recast = casts_every_forward(choice.schedule, choice.shard)
     if recast:  # as evaluate prices it: every forward casts its weights again
-        model = recast_every_forward(model, costs, choice.recompute)
+        model = recast_every_forward(model, costs, choice.recompute, choice.bounds)
     transient = transient_bytes(costs, stages, choice.recompute, placement, pp)
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).
@@ -132,7 +132,7 @@ def search_order(
         family=choice.schedule,
         step_time=makespan + choice.allreduce_s + choice.tied_exchange_s
         + _update(costs, model, placement, choice)
-        + cast_time(costs, model, choice.schedule, choice.shard),
+        + cast_time(costs, model, choice.schedule, choice.shard, placement),
         family_step_time=choice.step_time,
         bubble_fraction=bubble,
         memory=memory,

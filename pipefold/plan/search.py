@@ -485,7 +485,7 @@ class _Search:
         sizes = (degree.num_ranks, config.num_microbatches, config.num_virtual)
         # Where no casts are held (full sharding), every forward casts: plan.precision_costs.
         model = recast_for(self.model(record, recompute), self.costs_of(record), config.schedule,
-                           config.shard, recompute)
+                           config.shard, recompute, record.bounds)
         if not compiles_order(family_order(config.schedule, *sizes), model):
             return None
         peaks = order_peaks(config.schedule, *sizes, model)

@@ -128,6 +128,10 @@ def stage_cost_model(
     # prices a rank's by the model's one ratio).
     casts = np.rint(costs.prefix_array[_CAST][bounds[1:]] - costs.prefix_array[_CAST][bounds[:-1]]).astype(
         np.int64).tolist() if costs.casts_per_layer else []
+    copies = tied_weights(costs, layout.bounds, costs.tied_copies)
+    for counts, size in copies:
+        for stage, count in counts:  # a stage's forward casts a tied weight once (autocast's cache)
+            casts[stage] -= (count - 1) * size
     rows_scale = layout.rows / costs.reference_rows
     messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
     return CostModel.from_lists(
@@ -135,17 +139,22 @@ def stage_cost_model(
         weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
+        tied_casts=copies,
     )
 
 
 def tied_weights(
-    costs: ModelCosts, bounds: Sequence[int]
+    costs: ModelCosts, bounds: Sequence[int],
+    groups: Sequence[tuple[Sequence[int], int]] | None = None,
 ) -> tuple[tuple[tuple[tuple[int, int], ...], int], ...]:
     """`costs.tied_layers` cut at `bounds` (`CostModel.tied_weights`): per tied weight, ((stage, its
     layers there), ...) and its bytes (`ModelCosts.tied_bytes`); layers outside the bounds are
-    held by no stage."""
+    held by no stage. `groups`: other (layers, bytes) to cut instead (`ModelCosts.tied_copies`:
+    `CostModel.tied_casts`)."""
     found = []
-    for group, size in zip(costs.tied_layers, costs.tied_bytes, strict=True):
+    if groups is None:
+        groups = tuple(zip(costs.tied_layers, costs.tied_bytes, strict=True))
+    for group, size in groups:
         inside = [layer for layer in group if bounds[0] <= layer < bounds[-1]]
         if inside:
             counts = Counter(bisect.bisect_right(bounds, layer) - 1 for layer in inside)

@@ -71,6 +71,9 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
         cast_bytes=round(layer.cast_bytes * (1 - cast_share + cast_share / degree)),  # a shard's copies
+        saved_cast_bytes=None if layer.saved_cast_bytes is None else min(
+            round(layer.saved_cast_bytes * (1 - cast_share + cast_share / degree)),
+            round(layer.cast_bytes * (1 - cast_share + cast_share / degree))),
         # What is left of the layer is a tp rank's slice: it does not split again.
         tensor_parallel_share=0.0,
         tensor_parallel_activation_share=None,

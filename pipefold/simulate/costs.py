@@ -124,6 +124,10 @@ class CostModel:
     """Weights that several layers hold, each counted in every holder's `weight_bytes` (a tied
     embedding and head): per weight, ((stage, how many of its layers that stage holds), ...) and
     its bytes. A rank holding several of them holds the weight once (`held_weight_bytes`)."""
+    tied_casts: tuple[tuple[tuple[tuple[int, int], ...], int], ...] = ()
+    """As `tied_weights`, for the 16-bit copy of a tied weight that several layers cast: per copy,
+    ((stage, how many of its layers cast it), ...) and its bytes, counted once in each such
+    stage's `cast_bytes`. A rank holding the step's casts holds it once (autocast's cache)."""
     tied_sum_bandwidth: float = math.inf
     """Bytes/s of memory traffic at which each owner of a tied weight adds the owners'
     contributions after the exchange (reads each, writes the sum): the device's memory bandwidth;
@@ -158,15 +162,16 @@ class CostModel:
                     "ranks >= 0 and values are Link objects"
                 )
         set_(self, "link_overrides", dict(self.link_overrides))
-        tied = tuple((tuple((int(stage), int(count)) for stage, count in counts), int(size))
-                     for counts, size in self.tied_weights)
-        for counts, size in tied:
-            if size < 0 or any(not 0 <= stage < n or count < 1 for stage, count in counts):
-                raise CostModelError(
-                    f"tied_weights entry {(counts, size)!r}: give ((stage in 0..{n - 1}, layers >= 1), ...) "
-                    "and bytes >= 0"
-                )
-        set_(self, "tied_weights", tied)
+        for name in ("tied_weights", "tied_casts"):
+            tied = tuple((tuple((int(stage), int(count)) for stage, count in counts), int(size))
+                         for counts, size in getattr(self, name))
+            for counts, size in tied:
+                if size < 0 or any(not 0 <= stage < n or count < 1 for stage, count in counts):
+                    raise CostModelError(
+                        f"{name} entry {(counts, size)!r}: give ((stage in 0..{n - 1}, layers >= 1), ...) "
+                        "and bytes >= 0"
+                    )
+            set_(self, name, tied)
         if isinstance(self.tied_sum_bandwidth, bool) or not (
             isinstance(self.tied_sum_bandwidth, (int, float)) and self.tied_sum_bandwidth > 0
         ):
@@ -301,6 +306,7 @@ class CostModel:
         reduce_scatter: Sequence[float] = (),
         tied_weights: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
         tied_sum_bandwidth: float = math.inf,
+        tied_casts: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -324,6 +330,7 @@ class CostModel:
             reduce_scatter=tuple(reduce_scatter),
             tied_weights=tuple((tuple(counts), size) for counts, size in tied_weights),
             tied_sum_bandwidth=tied_sum_bandwidth,
+            tied_casts=tuple((tuple(counts), size) for counts, size in tied_casts),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -408,6 +415,8 @@ class CostModel:
             "tied_weights": [[[list(pair) for pair in counts], size] for counts, size in self.tied_weights],
             "tied_sum_bandwidth": None if math.isinf(self.tied_sum_bandwidth) else self.tied_sum_bandwidth,
             **({"cast_bytes": list(self.cast_bytes)} if any(self.cast_bytes) else {}),
+            **({"tied_casts": [[[list(pair) for pair in counts], size] for counts, size in self.tied_casts]}
+               if self.tied_casts else {}),
         }
 
     @classmethod
@@ -424,6 +433,7 @@ class CostModel:
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
             "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
+            "tied_casts",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -465,6 +475,8 @@ class CostModel:
                           for counts, size in data.get("tied_weights", ())],
             tied_sum_bandwidth=(math.inf if data.get("tied_sum_bandwidth") is None
                                 else float(data["tied_sum_bandwidth"])),
+            tied_casts=[([(stage, count) for stage, count in counts], size)
+                        for counts, size in data.get("tied_casts", ())],
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

@@ -85,6 +85,14 @@ def test_profiled_bytes_are_what_a_stage_under_autocast_holds_for_its_micro_batc
         assert held == 2 * ROWS * IN * 4  # a checkpointed forward keeps its fp32 input, no copy
     else:
         assert held == 2 * per_microbatch + (0 if weights_fixed else 2 * casts)
+    if not weights_fixed:
+        # The plan under full sharding prices each micro-batch in flight what its forward keeps:
+        # the weights' copies (`LayerCost.saved_casts`), not the biases' the cache also held.
+        costs = ModelCosts.from_profile(profiles, rows=ROWS)
+        assert [layer.saved_casts for layer in costs.layers] == [p.cast_bytes for p in profiles]
+        plan = evaluate(costs, Config("gpipe", 1, 2, ROWS, shard="full"), 1, (0, len(layers)), (), Link(),
+                        num_data_parallel=2, shard="full", price_exposure=False)
+        assert plan.memory[0].activations == held and plan.memory[0].casts == 0
     # Measured at the step's end from autocast's cache: the copies it holds once, recomputed or not;
     # the cache holds the biases' copies too, which no backward saves (so the profile has not them).
     biases = (OUT + IN) * 2
@@ -143,12 +151,15 @@ def test_the_plans_memory_follows_the_precision():
 def test_the_gpt_estimate_prices_the_weight_copies_a_bf16_profile_measures(tie_embeddings):
     layers = gpt_layers(64, 32, 2, 2, 16, tie_embeddings=tie_embeddings)
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
-    measured = [p.held_cast_bytes for p in profile(layers, ids, num_repeats=1, precision="bf16")]
+    profiles = profile(layers, ids, num_repeats=1, precision="bf16")
+    measured = [p.held_cast_bytes for p in profiles]
     sizes = {"num_layers": 2, "d_model": 32, "num_heads": 2, "seq_len": 16, "vocab_size": 64,
              "tie_embeddings": tie_embeddings}
     mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
     # Layer by layer (the blocks' weights and biases, the head's weight; no norm, no embedding).
     assert [layer.cast_bytes for layer in mixed.layers] == measured
+    # ... of which a forward keeps the weights' copies for its backward (full sharding: per micro-batch).
+    assert [layer.saved_casts for layer in mixed.layers] == [p.cast_bytes for p in profiles]
     assert mixed.cast_bytes_per_parameter_byte * mixed.parameter_bytes == pytest.approx(sum(measured))
     assert gpt_costs(**sizes, bytes_per_value=2).cast_bytes_per_parameter_byte == 0  # bf16 weights
     assert gpt_costs(**sizes).cast_bytes_per_parameter_byte == 0

@@ -28,6 +28,8 @@ LLAMA = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 32,
     "tie_word_embeddings": False,
 }
+QWEN2 = {**LLAMA, "model_type": "qwen2", "tie_word_embeddings": True}  # biased q, k, v projections
+LLAMA_BIASES = {**LLAMA, "attention_bias": True, "mlp_bias": True}
 
 
 def test_a_gpt2_config_is_priced_as_the_builtin_gpt():
@@ -49,7 +51,9 @@ def test_parameter_bytes_are_the_real_models():
     transformers = pytest.importorskip("transformers")
     from pipefold.model import split
 
-    for config, cls in ((GPT2, transformers.GPT2LMHeadModel), (LLAMA, transformers.LlamaForCausalLM)):
+    llama = transformers.LlamaForCausalLM
+    for config, cls in ((GPT2, transformers.GPT2LMHeadModel), (LLAMA, llama),
+                        (QWEN2, transformers.Qwen2ForCausalLM), (LLAMA_BIASES, llama)):
         model = cls(transformers.AutoConfig.for_model(**config))
         layers = split(model, example_inputs=(torch.zeros(1, 8, dtype=torch.long),))
         real = [sum(p.numel() * 4 for p in layer.parameters()) for layer in layers]
@@ -108,3 +112,68 @@ def test_plan_refuses_an_unsupported_family_without_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "torch imported: False exit 2" in result.stdout, result.stderr
     assert "model_type='bert', a family pipefold does not support" in result.stderr
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA, QWEN2], ids=lambda config: config["model_type"])
+def test_the_copies_are_what_a_bf16_profile_holds_layer_by_layer(config):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pipefold.model import split
+    from pipefold.runtime import profile
+
+    classes = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
+               "qwen2": transformers.Qwen2ForCausalLM}
+    torch.manual_seed(0)
+    model = classes[config["model_type"]](transformers.AutoConfig.for_model(**config))
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    layers = split(model, example_inputs=(ids,))
+    profiles = profile(layers, ids, num_repeats=1, precision="bf16")
+    measured = [p.held_cast_bytes for p in profiles]
+    mixed = hf_costs(config, seq_len=8, bytes_per_value=2, parameter_bytes_per_value=4)
+    # The linears' (Conv1D's) weights and biases, the head's weight; no norm, no embedding.
+    assert [layer.cast_bytes for layer in mixed.layers] == measured
+    # ... of which a forward keeps the weights' copies for its backward (full sharding: per micro-batch).
+    assert [layer.saved_casts for layer in mixed.layers] == [p.cast_bytes for p in profiles]
+    assert measured[0] == 0 and all(measured[1:])
+    assert [layer.parameter_bytes for layer in mixed.layers] == [
+        sum(p.numel() * 4 for p in layer.parameters()) for layer in layers]
+    # fp32, and bf16 weights (bf16-pure): nothing cast.
+    for fields in ({}, {"bytes_per_value": 2}):
+        assert not any(layer.cast_bytes for layer in hf_costs(config, seq_len=8, **fields).layers)
+
+
+def test_the_estimate_in_bf16_prices_fp32_weights_their_copies_and_the_casts_time():
+    bandwidth = 1e10
+    mixed = hf_costs(GPT2, seq_len=16, bytes_per_value=2, parameter_bytes_per_value=4,
+                     memory_bandwidth=bandwidth)
+    fp32 = hf_costs(GPT2, seq_len=16)
+    pure = hf_costs(GPT2, seq_len=16, bytes_per_value=2)
+    assert [layer.parameter_bytes for layer in mixed.layers] == [
+        layer.parameter_bytes for layer in fp32.layers]
+    assert mixed.tied_bytes == fp32.tied_bytes == (64 * 16 * 4,)
+    assert pure.optimizer_bytes_per_parameter_byte == 6 == 3 * mixed.optimizer_bytes_per_parameter_byte
+    elements = sum(layer.cast_bytes for layer in mixed.layers) // 2
+    # Read each fp32 weight, write its copy: 6 bytes an element, at the device's memory bandwidth.
+    assert mixed.cast_s_per_parameter_byte * mixed.parameter_bytes == pytest.approx(elements * 6 / bandwidth)
+    assert "weight casts at 1e+10 B/s" in mixed.source
+    with pytest.raises(ConfigError, match="memory_bandwidth = 0"):
+        hf_costs(GPT2, memory_bandwidth=0)
+
+
+def test_plan_a_config_json_in_bf16_prices_the_copies(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GPT2))
+    argv = ["plan", "--model", str(path), "--seq-len", "16", "--ranks", "2", "--batch-size", "8",
+            "--schedule", "1f1b", "--microbatches", "4", "--recompute", "none", "--order-search", "0",
+            "--json"]
+    plans = {}
+    for precision in ("fp32", "bf16"):
+        assert main([*argv, "--precision", precision]) == 0
+        plans[precision] = json.loads(capsys.readouterr().out)
+    for fp32, bf16 in zip(plans["fp32"]["choice"]["memory"], plans["bf16"]["choice"]["memory"], strict=True):
+        assert fp32["casts"] == 0 < bf16["casts"] and fp32["weights"] == bf16["weights"]
+    # The blocks' linears and the head's weight (tied to the embedding, which casts nothing), 2 bytes each.
+    blocks = 3 * (4 * 16 * 16 + 2 * 16 * 64 + 5 * 16 + 64)
+    assert sum(rank["casts"] for rank in plans["bf16"]["choice"]["memory"]) == 2 * (blocks + 64 * 16)
+    assert "weight casts at 9e+09 B/s (the cpu preset's" in plans["bf16"]["source"]
+    assert "--precision bf16" in plans["bf16"]["train_command"]

@@ -194,3 +194,112 @@ def test_the_gpts_split_casts_each_shard_and_the_row_split_biases_whole():
     # four linears' weights and the column-split biases, the projection's and fc_out's biases whole.
     assert split.layers[2].cast_bytes == ((12 * d * d + 7 * d) // 2 + 2 * d) * 2
     assert split.layers[-1].cast_bytes == costs.layers[-1].cast_bytes  # the head is not split
+
+
+# A tied weight of 800 bytes (fp32) that layers 0 and 3 both cast: a 400-byte copy each counts,
+# beside 100 bytes of their own; layers 1 and 2 cast 100 each.
+TIED_CASTS = (500, 100, 100, 500)
+
+
+def _tied(**fields):
+    layers = tuple(LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=100, output_bytes=10,
+                             parameter_bytes=WEIGHT_BYTES, cast_bytes=casts) for casts in TIED_CASTS)
+    return ModelCosts(layers=layers, tied_layers=((0, 3),), tied_parameter_bytes=(800,),
+                      cast_s_per_parameter_byte=CAST_S, **fields)
+
+
+def _cast_s(copies, costs):
+    return copies * costs.cast_s_per_cast_byte
+
+
+def test_a_tied_weight_cast_by_two_layers_of_one_stage_is_one_copy():
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+
+    costs = _tied()
+    assert costs.tied_copies == (((0, 3), 400),)
+    model = stage_cost_model(costs, StageLayout((0, NUM_LAYERS), 1), (), Link())
+    assert model.cast_bytes == (sum(TIED_CASTS) - 400,)
+    config, bounds = Config("1f1b", 1, 4, 1), (0, NUM_LAYERS)
+    single = evaluate(costs, config, 1, bounds, (), Link())
+    plain = evaluate(replace(costs, cast_s_per_parameter_byte=0.0), config, 1, bounds, (), Link())
+    assert [m.casts for m in single.memory] == [sum(TIED_CASTS) - 400]
+    assert single.step_time - plain.step_time == pytest.approx(_cast_s(sum(TIED_CASTS) - 400, costs))
+
+
+def test_a_tied_weight_two_stages_of_one_rank_cast_is_held_once_and_cast_once():
+    # zb-v on 2 ranks: rank 0 holds stages 0 and 3 (layers 0 and 3), rank 1 stages 1 and 2.
+    costs = _tied()
+    config = Config("zb-v", 2, 4, 1)
+    timed = evaluate(costs, config, 2, (0, 1, 2, 3, 4), (), Link())
+    plain = evaluate(replace(costs, cast_s_per_parameter_byte=0.0), config, 2, (0, 1, 2, 3, 4), (), Link())
+    assert [m.casts for m in timed.memory] == [500 + 500 - 400, 200]
+    assert timed.step_time - plain.step_time == pytest.approx(_cast_s(sum(TIED_CASTS) - 400, costs))
+
+
+def test_a_tied_weight_on_two_ranks_is_a_copy_on_each():
+    costs = _tied()
+    timed = _evaluate(costs)  # 1f1b, layers 0-1 on rank 0, 2-3 on rank 1
+    plain = _evaluate(replace(costs, cast_s_per_parameter_byte=0.0))
+    assert [m.casts for m in timed.memory] == [600, 600]
+    assert timed.step_time - plain.step_time == pytest.approx(_cast_s(sum(TIED_CASTS), costs))
+
+
+def test_a_tied_weight_only_one_layer_casts_is_priced_as_before():
+    # The built-in GPT's: the embedding casts nothing, the head its weight (and a smaller copy
+    # than the tied weight's is not it).
+    tied = _tied()
+    for first in (0, 300):
+        costs = replace(tied, layers=(replace(tied.layers[0], cast_bytes=first), *tied.layers[1:]))
+        assert costs.tied_copies == ()
+        held = _evaluate(costs)
+        assert [m.casts for m in held.memory] == [first + 100, 600]
+
+
+def test_tied_copies_survive_the_cost_model_file():
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    from pipefold.simulate import CostModel
+
+    model = stage_cost_model(_tied(), StageLayout((0, 1, 2, 3, 4), 1), (), Link())
+    assert model.tied_casts == ((((0, 1), (3, 1)), 400),)
+    assert CostModel.from_json(model.to_json()) == model
+
+
+def test_full_sharding_keeps_per_micro_batch_the_copies_a_forward_saves_not_the_biases():
+    from pipefold.errors import ConfigError
+
+    saved = (250, 250, 80, 80)  # each layer's weights' copies, of its 300 / 100 held with the biases'
+    costs = _layered(cast_s_per_parameter_byte=CAST_S)
+    costs = replace(costs, layers=tuple(replace(layer, saved_cast_bytes=kept)
+                                        for layer, kept in zip(costs.layers, saved, strict=True)))
+    assert ModelCosts.from_json(costs.to_json()) == costs
+    options = {"num_data_parallel": 2, "shard": "full", "price_exposure": False}
+    plain = _evaluate(_costs(), **options)
+    casting = _evaluate(costs, **options)
+    # 2 micro-batches in flight on rank 0 at its peak, 1 on rank 1 (1f1b, 2 ranks).
+    copies = [c.activations - p.activations for c, p in zip(casting.memory, plain.memory, strict=True)]
+    assert copies == [2 * 500, 160]
+    # Held for the step (no full sharding), the cache's copies are the biases' too.
+    assert [m.casts for m in _evaluate(costs).memory] == [600, 200]
+    with pytest.raises(ConfigError, match="saved_cast_bytes = 400"):
+        LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=0, output_bytes=0, cast_bytes=300,
+                  saved_cast_bytes=400)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_the_estimates_save_the_weights_copies_of_a_tp_rank(tensor_parallel):
+    from pipefold.plan import gpt_costs
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.hardware import load_hardware
+    from pipefold.plan.tensor import split_costs
+
+    h, vocab, t = 64, 128, tensor_parallel
+    estimate = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                           hardware=load_hardware("a100-80gb"), dtype="bf16", parameter_bytes=4)
+    costs = estimate.at(1, t, Link(), False)
+    assert [layer.saved_casts for layer in costs.layers] == [0, 0, 2 * 12 * h * h // t, 2 * 12 * h * h // t,
+                                                             0, 2 * vocab * h]
+    flop = split_costs(gpt_costs(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                                 bytes_per_value=2, parameter_bytes_per_value=4), t, Link())
+    # The split shares the held copies' split: a block's weights (and, unsplit, 2 h biases' share).
+    assert 2 * 12 * h * h // t <= flop.layers[2].saved_casts <= 2 * (12 * h * h // t + 2 * h)
+    assert flop.layers[-1].saved_casts == 2 * vocab * h
