@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.order_pair import kind_costs, round_ratios, rotation
+from benchmarks.order_pair import kind_costs, rotation, round_ratios
 
 
 def test_each_round_starts_at_the_next_configuration():
@@ -23,3 +23,18 @@ def test_kind_costs_sum_the_stages_that_ran_the_kind():
     sums = kind_costs({"F": [1.0, 2.0], "I": [nan, 0.5], "W": [nan, 0.25], "B": [3.0, nan]})
     assert sums == pytest.approx({"F": 3.0, "I": 0.5, "W": 0.25, "B": 3.0})
     assert kind_costs({"F": [1.0], "I": [nan], "W": [nan], "B": [2.0]})["I"] is None
+
+
+def test_cross_simulation_prices_each_order_on_the_same_costs():
+    from benchmarks.order_pair import cross_ratios
+    from pipefold.schedule import build
+    from pipefold.simulate import CostModel, simulate
+
+    gpipe = build("gpipe", num_ranks=2, num_microbatches=4)
+    one_f_one_b = build("1f1b", num_ranks=2, num_microbatches=4)
+    fast = CostModel.from_lists([1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    slow = CostModel.from_lists([3.0, 3.0], [3.0, 3.0], [3.0, 3.0])  # a run on a host 3x slower
+    ratios = cross_ratios([gpipe, one_f_one_b], [fast, slow])
+    assert ratios[0] == [1.0, 1.0]
+    expected = simulate(one_f_one_b, fast).makespan / simulate(gpipe, fast).makespan
+    assert ratios[1] == pytest.approx([expected, expected])  # the host's speed cancels
