@@ -124,6 +124,7 @@ def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(done.stdout)
+    (work / "plan.json").write_text(done.stdout)  # for benchmarks/order_pair.py --plan
     result["plan_seconds"] = time.perf_counter() - started
     calibration = result.get("calibration")
     if calibration is not None:  # the one-process profile's own prices, for the columns beside
@@ -446,6 +447,7 @@ def main() -> None:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-planner-"))
+    print(f"work folder {work} (plan.json, costs.json, the runs)", file=sys.stderr)
     started = time.perf_counter()
     if args.idle:
         print(f"idling {args.idle:.0f} s before the plan", file=sys.stderr)

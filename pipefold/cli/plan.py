@@ -44,6 +44,7 @@ from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
 from pipefold.hf.files import inspect_model
 from pipefold.plan import ModelCosts, PlanOptions, format_bytes, gpt_costs, parse_bytes, plan
+from pipefold.plan.alike import pool_alike
 from pipefold.plan.estimate import PRECISION_BYTES, GptEstimate
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.hf_estimate import hf_costs
@@ -309,7 +310,7 @@ def _measured_costs(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--calibrate-steps {steps} trains the model with pipefold train, which reads "
                           "bytes (vocabulary 256); drop --calibrate-steps, or plan --vocab-size 256")
     measured = measure(args, profile_rows(args))
-    costs = measured.costs
+    costs = pool_alike(measured.costs)  # identical blocks timed apart differ by noise only
     calibrated = None
     if steps and _trains_the_planned_model(args):
         # The planned ranks: --ranks, else 4 without --devices (plan's default), else the fewest.

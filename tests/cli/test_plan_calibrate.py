@@ -8,6 +8,7 @@ import pytest
 
 from pipefold.cli.main import main
 from pipefold.plan import ModelCosts
+from pipefold.plan.alike import alike_groups
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import Link
 
@@ -33,6 +34,9 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert calibration["measured_step_s"] == pytest.approx(calibration["step_seconds"][2])
     profile = ModelCosts.from_json(calibration["profile_costs"])
     priced = ModelCosts.from_json(saved)
+    # The two blocks, timed apart by the profile, are priced alike (pipefold.plan.alike).
+    (blocks,) = alike_groups(profile)
+    assert len(blocks) == 2 and profile.layers[blocks[0]] == profile.layers[blocks[1]]
     assert "calibrated on a 2-rank run of pipefold train's default" in priced.source
     assert result["source"] == priced.source
     # Each stage of the run's partition costs the line fitted through what the run measured, at
