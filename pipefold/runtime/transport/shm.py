@@ -322,7 +322,8 @@ class ShmChannel:
             ):
                 _memmove(address + offset, tensor.data_ptr(), tensor.nbytes)
             else:
-                self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
+                # Detached: a tensor that carries a graph must not put the channel's view in it.
+                self._view(offset, tensor.dtype, tensor.shape).copy_(tensor.detach())
         self._offset = end
         self._sequence += 1
         # After the data (x86 keeps stores in order): a receiver that sees the count sees the data.
