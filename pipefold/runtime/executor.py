@@ -3,8 +3,10 @@
 The executor holds no schedule logic. `pipefold.schedule.lower` decides the order of
 every compute and communication action; the executor dispatches each through the
 handler table `{Op.F: ..., Op.B: ..., ...}` and keeps the per-(stage, micro-batch)
-values the handlers hand each other. The dispatch list (handler, action, timed) is
-built once at construction, so the per-action loop does no lookups and allocates
+values the handlers hand each other. A compute action followed by the send of its output
+(every send `lower` places) runs as one handler call that sends right after the compute
+(docs/decisions.md, "sends from the compute handler"). The dispatch list (handler, action,
+timed) is built once at construction, so the per-action loop does no lookups and allocates
 nothing beyond the tensors; it stores each compute action's start and end stamps into
 arrays made at construction (the timeline's events are built after the loop), and a
 message handler calls the peer's send or receive function resolved once per step.
