@@ -59,15 +59,40 @@ def _instrument() -> dict[str, list]:  # type: ignore[type-arg]
     stamps: dict[str, list] = {"sends": [], "receives": [], "events": []}  # type: ignore[type-arg]
     clock = time.perf_counter_ns
     entered = [0]
-    for method in ("_send_forward", "_send_backward"):
-        original = getattr(executor.Executor, method)
+    # The send's start inside the executor: a forward's outputs go through `_send_outputs`, a
+    # gradient through `_send_backward`, whether the send runs as its own action or from its
+    # compute's handler (then `action` is the compute: named here as its send).
+    def send_name(action) -> str:  # type: ignore[no-untyped-def]
+        if action.op.name.startswith("SEND"):
+            return str(action)
+        return f"{'SEND_F' if action.op.name == 'F' else 'SEND_B'}{action.stage}.{action.microbatch}"
 
-        def handler(self, action, *, peer, _original=original):  # type: ignore[no-untyped-def]
+    if hasattr(executor.Executor, "_send_outputs"):
+        send_outputs = executor.Executor._send_outputs
+
+        def outputs_handler(self, action, outputs, peer):  # type: ignore[no-untyped-def]
             entered[0] = clock()
-            _CURRENT[0] = str(action)
-            _original(self, action, peer=peer)
+            _CURRENT[0] = send_name(action)
+            send_outputs(self, action, outputs, peer)
 
-        setattr(executor.Executor, method, handler)
+        executor.Executor._send_outputs = outputs_handler  # type: ignore[method-assign]
+    else:  # a checkout whose sends are always actions of their own (`--root`)
+        send_forward = executor.Executor._send_forward
+
+        def forward_handler(self, action, *, peer):  # type: ignore[no-untyped-def]
+            entered[0] = clock()
+            _CURRENT[0] = send_name(action)
+            send_forward(self, action, peer=peer)
+
+        executor.Executor._send_forward = forward_handler  # type: ignore[method-assign]
+    send_backward = executor.Executor._send_backward
+
+    def backward_handler(self, action, *, peer):  # type: ignore[no-untyped-def]
+        entered[0] = clock()
+        _CURRENT[0] = send_name(action)
+        send_backward(self, action, peer=peer)
+
+    executor.Executor._send_backward = backward_handler  # type: ignore[method-assign]
     run = executor.Executor.run
 
     def timed_run(self, step, **kwargs):  # type: ignore[no-untyped-def]

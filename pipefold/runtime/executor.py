@@ -3,8 +3,10 @@
 The executor holds no schedule logic. `pipefold.schedule.lower` decides the order of
 every compute and communication action; the executor dispatches each through the
 handler table `{Op.F: ..., Op.B: ..., ...}` and keeps the per-(stage, micro-batch)
-values the handlers hand each other. The dispatch list (handler, action, timed) is
-built once at construction, so the per-action loop does no lookups and allocates
+values the handlers hand each other. A compute action followed by the send of its output
+(every send `lower` places) runs as one handler call that sends right after the compute
+(docs/decisions.md, "sends from the compute handler"). The dispatch list (handler, action,
+timed) is built once at construction, so the per-action loop does no lookups and allocates
 nothing beyond the tensors; it stores each compute action's start and end stamps into
 arrays made at construction (the timeline's events are built after the loop), and a
 message handler calls the peer's send or receive function resolved once per step.
@@ -46,9 +48,11 @@ from pipefold.runtime.executor_parts import (
     StepRecord,
     after,
     before,
+    compute_then_send,
     collection_paused,
     consumer_names,
     first_forward_and_last_backward,
+    message_bytes,
     matches,
     scaled_losses,
     seed_value,
@@ -60,7 +64,6 @@ from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.sent_outputs import release_sent
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
-from pipefold.runtime.transport.shm import layout
 from pipefold.schedule import Action, Op, Program
 from pipefold.schedule.shard import gather_waits
 
@@ -117,7 +120,7 @@ class Executor:
             self._in_layer[s] = stage.layer_indices.start - 1
             self._out_layer[s] = stage.layer_indices.stop - 1
 
-        handlers: dict[Op, Callable[[Action], None]] = {
+        handlers: dict[Op, Callable[..., None]] = {
             Op.F: self._forward,
             Op.B: self._backward,
             Op.I: self._backward_input,
@@ -151,7 +154,24 @@ class Executor:
             if stage_hooks is not None
             else ({}, {})
         )
-        for index, action in enumerate(program.instructions[rank]):
+        actions = program.instructions[rank]
+
+        def wrapped(index: int, action: Action, handler: Callable[[Action], None]) -> Callable[[Action], None]:
+            if sharding is not None and index in waits_for_gather:
+                handler = self._after_gather(sharding.wait_gathered, handler)
+            if stage_hooks is not None and index == firsts.get(action.stage):
+                handler = before(stage_hooks.before_first_forward, handler)
+            if stage_hooks is not None and index == lasts.get(action.stage):
+                handler = after(stage_hooks.after_last_backward, handler)
+            return handler
+
+        # A compute action whose output's send comes next sends from inside its handler, right
+        # after the compute and before its bookkeeping, and the send's own entry is dropped:
+        # the peer waiting for it gets it a loop turn and the bookkeeping sooner
+        # (docs/decisions.md, "sends from the compute handler").
+        senders_next = compute_then_send(actions)
+        fused = []
+        for index, action in enumerate(actions):
             handler: Callable[[Action], None]
             if action.op.is_message:
                 peer = self._peers[action] = program.peer_of(action)
@@ -162,26 +182,33 @@ class Executor:
                     handler = functools.partial(messages[action.op], peer=peer)
             else:
                 handler = handlers[action.op]
-            if sharding is not None and index in waits_for_gather:
-                handler = self._after_gather(sharding.wait_gathered, handler)
-            if stage_hooks is not None and index == firsts.get(action.stage):
-                handler = before(stage_hooks.before_first_forward, handler)
-            if stage_hooks is not None and index == lasts.get(action.stage):
-                handler = after(stage_hooks.after_last_backward, handler)
             # The last entry is the action's progress code (pipefold/runtime/progress.py).
-            dispatch.append((handler, action, not action.op.is_message, index + 1))
+            entry = (wrapped(index, action, handler), action, not action.op.is_message, index + 1)
+            dispatch.append(entry)
+            if index in senders_next:
+                send = functools.partial(
+                    handlers[action.op], send_to=program.peer_of(actions[index + 1]), code=index + 1
+                )
+                fused.append((wrapped(index, action, send), action, True, index + 1))
+            elif index - 1 not in senders_next:
+                fused.append(entry)
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if action.op.is_message
         )
         self._traffic_cache: dict[
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
         ] = {}
-        self._dispatch = tuple(dispatch)
+        self._plain_dispatch = tuple(dispatch)
+        self._dispatch = tuple(fused)
+        self._fused_codes = tuple(index + 1 for index in sorted(senders_next))
         self._starts = [0.0] * (len(dispatch) + 1)
         self._ends = [0.0] * (len(dispatch) + 1)
+        # A fused compute action's end, stamped before its send (the event excludes the send).
+        self._compute_ends = [0.0] * (len(dispatch) + 1)
         self._message_peers = tuple(sorted({peer for _, peer in self._messages}))
         self._senders: dict[int, Callable[[tuple[Tensor, ...]], Transfer | None]] = {}
         self._receivers: dict[int, Callable[[tuple[Tensor, ...], Any], Transfer]] = {}
+        self._copying_peers: frozenset[int] = frozenset()
         self._group_caches = {s: GroupCache() for s in stages}
         self._receive_buffers = ReceiveBuffers(schedule.num_stages, schedule.num_microbatches, device)
         self._run_counter: ActivationCounter | None = counter
@@ -217,9 +244,12 @@ class Executor:
         installed by the test's own code, so nothing a checkpoint, a flag or the environment
         holds can trigger it, and the loop pays nothing when none is installed.
         """
-        self._dispatch = tuple(
-            (wrapper(action, handler), action, timed, code) for handler, action, timed, code in self._dispatch
+        # Every action gets its own handler call here, sends included (none is fused).
+        self._plain_dispatch = self._dispatch = tuple(
+            (wrapper(action, handler), action, timed, code)
+            for handler, action, timed, code in self._plain_dispatch
         )
+        self._fused_codes = ()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -246,6 +276,7 @@ class Executor:
             # message pays no channel lookup.
             p2p = self._p2p
             self._senders = {peer: p2p.sender(peer) for peer in self._message_peers}
+            self._copying_peers = frozenset(p for p in self._message_peers if p2p.copies_on_send(p))
             self._receivers = {peer: p2p.receiver(peer) for peer in self._message_peers}
         self._t0 = t0 = time.perf_counter()
         rank = self.rank
@@ -277,6 +308,9 @@ class Executor:
                     starts[code] = self._ready_at
         self.current = None
         if not cuda:
+            compute_ends = self._compute_ends
+            for code in self._fused_codes:
+                ends[code] = compute_ends[code]
             events = [
                 (action, starts[code] - t0, ends[code] - t0)
                 for _, action, timed, code in self._dispatch
@@ -371,23 +405,7 @@ class Executor:
         cached = self._traffic_cache.get(key)
         if cached is not None:
             return cached[1], cached[2]
-        sent: dict[int, int] = {}
-        received: dict[int, int] = {}
-        for action, peer in self._messages:
-            s, mb = action.stage, action.microbatch
-            op = action.op
-            forward = op in (Op.SEND_F, Op.RECV_F)
-            # A forward message carries a stage's output (send) or input (receive); a
-            # backward one the gradient of the other side, differentiable entries only.
-            at_output = op in (Op.SEND_F, Op.RECV_B)
-            meta = step.boundaries[mb][self._out_layer[s] if at_output else self._in_layer[s]]
-            sizes = [
-                size
-                for size, grad in zip(meta.byte_sizes, meta.differentiable, strict=True)
-                if forward or grad
-            ]
-            totals = sent if op in (Op.SEND_F, Op.SEND_B) else received
-            totals[peer] = layout(sizes, totals.get(peer, 0))[1]
+        sent, received = message_bytes(self._messages, step.boundaries, self._in_layer, self._out_layer)
         # The entry keeps its lists alive, so their ids stay theirs (the pipeline's shape cache
         # may drop a shape, and a list made later could otherwise take a dropped one's id).
         self._traffic_cache[key] = (tuple(step.boundaries), sent, received)
@@ -412,7 +430,9 @@ class Executor:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _forward(self, action: Action) -> None:
+    def _forward(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
+        """F; with `send_to`, then its SEND_F to that peer (`code`: its progress code), sent as
+        soon as the output exists."""
         s, mb = action.stage, action.microbatch
         stage = self._stages[s]
         # The checks of `_inputs` and `_comm` are inlined in the per-action handlers: a
@@ -429,7 +449,8 @@ class Executor:
             pending = self._recv_f[s][mb]
             if pending is not None:
                 self._recv_f[s][mb] = None
-                raw = self._complete(pending, action)
+                # The leaves were made when the receive was posted (`_recv_forward`).
+                value, leaves = self._complete(pending, action)
             else:
                 raw = self._forward_handoff[s][mb]
                 self._forward_handoff[s][mb] = None
@@ -437,7 +458,7 @@ class Executor:
                     raise PipelineError(
                         f"rank {self.rank}: {action} has no input (neither received nor handed over)"
                     )
-            value, leaves = as_leaves(raw)
+                value, leaves = as_leaves(raw)
         output = stage.forward(value, mb)
         if stage.is_last:
             if step.targets is None:
@@ -457,16 +478,26 @@ class Executor:
             outputs: tuple[Tensor, ...] = (loss,)
         else:
             outputs = flatten(output)
-            if self._next_local[s]:
+            if send_to is not None:
+                self._compute_ends[code] = time.perf_counter()
+                self._send_outputs(action, outputs, send_to)
+            elif self._next_local[s]:
                 self._forward_handoff[s + 1][mb] = output
         self._outputs[s][mb] = outputs
         self._inputs_of[s][mb] = leaves
         if self._run_counter is not None:
             self._held[s][mb] = self._run_counter.hold(leaves + outputs)
+        if send_to is not None:
+            self._release_sent(s, mb, outputs)
 
     def _send_forward(self, action: Action, *, peer: int) -> None:
         s, mb = action.stage, action.microbatch
         outputs = self._outputs[s][mb]
+        self._send_outputs(action, outputs, peer)
+        self._release_sent(s, mb, outputs)
+
+    def _send_outputs(self, action: Action, outputs: tuple[Tensor, ...], peer: int) -> None:
+        s, mb = action.stage, action.microbatch
         step = self._step_inputs
         if step is None:
             raise self._outside_run()
@@ -489,10 +520,17 @@ class Executor:
             )
         if self._p2p is None:
             raise self._no_group()
-        tensors = (outputs[0].detach(),) if single else tuple(t.detach() for t in outputs)
+        # A shared-memory send copies the bytes before it returns and keeps nothing: it takes
+        # the outputs as they are; a process-group send keeps detached ones until done.
+        if peer in self._copying_peers:
+            tensors = outputs
+        else:
+            tensors = (outputs[0].detach(),) if single else tuple(t.detach() for t in outputs)
         transfer = self._senders[peer](tensors)
         if transfer is not None or self._sends:
             self._keep_until_sent(transfer, action, tensors)
+
+    def _release_sent(self, s: int, mb: int, outputs: tuple[Tensor, ...]) -> None:
         # The backward needs the outputs' graph, not their values: free what the send no
         # longer reads (a process-group send keeps its own detached tensors until done). Not
         # under a weight stash (asynchronous schedules): freeing there broke the streaming
@@ -520,7 +558,9 @@ class Executor:
         if p2p is None:
             raise self._no_group()
         value, buffers, views = self._receive_buffers.input(s, mb, step.boundaries[mb][self._in_layer[s]])
-        self._recv_f[s][mb] = (value, self._receivers[peer](buffers, views), what)
+        # The consumer's leaves are made now, off the path from the message's arrival to its
+        # compute: they share the buffers' memory, which the receive fills.
+        self._recv_f[s][mb] = (as_leaves(value), self._receivers[peer](buffers, views), what)
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -566,18 +606,25 @@ class Executor:
         else:
             self._send_grads[s][mb] = tuple(g for g in full if g is not None)
 
-    def _backward(self, action: Action) -> None:
+    def _backward(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
+        """B; with `send_to`, then its SEND_B (as `_forward`), sent before the graph is freed."""
         s, mb = action.stage, action.microbatch
         grads = self._output_grads(action)
         leaves = self._inputs_of[s][mb]
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
+        if send_to is not None:
+            self._compute_ends[code] = time.perf_counter()
+            self._route_input_grads(s, mb, leaves, input_grads)
+            self._send_backward(action, peer=send_to)
         self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
         stash = self._stages[s].stash
         if stash is not None:
             stash.after_backward(mb)
-        self._route_input_grads(s, mb, leaves, input_grads)
+        if send_to is None:
+            self._route_input_grads(s, mb, leaves, input_grads)
 
-    def _backward_input(self, action: Action) -> None:
+    def _backward_input(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
+        """I; with `send_to`, then its SEND_B (as `_backward`)."""
         s, mb = action.stage, action.microbatch
         grads = self._output_grads(action)
         leaves = self._inputs_of[s][mb]
@@ -588,9 +635,14 @@ class Executor:
             self._outputs[s][mb], grads, leaves, stage.parameters, direct=not stage.recomputes,
             cache=self._group_caches[s],
         )
+        if send_to is not None:
+            self._compute_ends[code] = time.perf_counter()
+            self._route_input_grads(s, mb, leaves, input_grads)
+            self._send_backward(action, peer=send_to)
+        else:
+            self._route_input_grads(s, mb, leaves, input_grads)
         self._weight_state[s][mb] = state
         self._release(s, mb)
-        self._route_input_grads(s, mb, leaves, input_grads)
 
     def _backward_weight(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pipefold.model import TensorMeta
+from pipefold.runtime.transport.shm import layout
 from pipefold.schedule import Action, Op
 from pipefold.timeline import Event, Wait
 
@@ -30,9 +31,11 @@ __all__ = [
     "after",
     "before",
     "collection_paused",
+    "compute_then_send",
     "consumer_names",
     "first_forward_and_last_backward",
     "matches",
+    "message_bytes",
     "scaled_losses",
     "seed_value",
 ]
@@ -137,6 +140,46 @@ def first_forward_and_last_backward(
         elif action.op in (Op.B, Op.W):
             last[action.stage] = index
     return first, last
+
+
+def compute_then_send(actions: Sequence[Action]) -> set[int]:
+    """Indices of the compute actions in one rank's program directly followed by the send of
+    their output (F then its SEND_F, B or I then its SEND_B): the executor runs each such pair
+    as one handler call."""
+    pairs = {Op.F: Op.SEND_F, Op.B: Op.SEND_B, Op.I: Op.SEND_B}
+    return {
+        index
+        for index, (action, following) in enumerate(zip(actions, actions[1:]))
+        if pairs.get(action.op) is following.op
+        and following.stage == action.stage
+        and following.microbatch == action.microbatch
+    }
+
+
+def message_bytes(
+    messages: Iterable[tuple[Action, int]],
+    boundaries: Sequence[Sequence[TensorMeta]],
+    in_layer: Sequence[int],
+    out_layer: Sequence[int],
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Bytes a step's `messages` (action, peer) send to and receive from each peer, laid out as
+    the shared-memory channels lay them out (see `shm.layout`). `boundaries[mb][layer]`
+    describes layer `layer`'s output; a stage's input is its `in_layer`'s, its output its
+    `out_layer`'s."""
+    sent: dict[int, int] = {}
+    received: dict[int, int] = {}
+    for action, peer in messages:
+        s, mb = action.stage, action.microbatch
+        op = action.op
+        forward = op in (Op.SEND_F, Op.RECV_F)
+        # A forward message carries a stage's output (send) or input (receive); a
+        # backward one the gradient of the other side, differentiable entries only.
+        at_output = op in (Op.SEND_F, Op.RECV_B)
+        meta = boundaries[mb][out_layer[s] if at_output else in_layer[s]]
+        sizes = [size for size, grad in zip(meta.byte_sizes, meta.differentiable, strict=True) if forward or grad]
+        totals = sent if op in (Op.SEND_F, Op.SEND_B) else received
+        totals[peer] = layout(sizes, totals.get(peer, 0))[1]
+    return sent, received
 
 
 def consumer_names(actions: Sequence[Action]) -> dict[tuple[Op, int, int], str]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipefold.model import TensorMeta
+from pipefold.runtime.executor_parts import compute_then_send
 from pipefold.runtime.executor_parts import consumer_names as _consumer_names
 from pipefold.runtime.executor_parts import matches as _matches
 from pipefold.schedule import Op, build, lower
@@ -55,6 +56,23 @@ def test_every_receive_is_named_after_the_action_that_waits_for_it(family):
             elif action.op is Op.RECV_B:
                 name = names[(action.op, action.stage, action.microbatch)]
                 assert name in later and name[0] in "BI" and name[1:] == f"{action.stage}.{action.microbatch}"
+
+
+@pytest.mark.parametrize("family", ["gpipe", "1f1b", "zb-h1", "zb-v", "interleaved-1f1b", "dualpipe-v"])
+def test_every_send_runs_from_the_handler_of_the_compute_it_follows(family):
+    # The executor drops the entry of each send that follows its compute (the compute's handler
+    # sends): every send of a lowered program must be one of those, and nothing else is fused.
+    num_virtual = 1 if family in ("gpipe", "1f1b", "zb-h1") else 2
+    program = lower(build(family, num_ranks=2, num_microbatches=4, num_virtual=num_virtual))
+    for actions in program.instructions:
+        fused = compute_then_send(actions)
+        sends = [i for i, a in enumerate(actions) if a.op in (Op.SEND_F, Op.SEND_B)]
+        assert sorted(i + 1 for i in fused) == sends
+        for index in fused:
+            compute, send = actions[index], actions[index + 1]
+            assert (compute.stage, compute.microbatch) == (send.stage, send.microbatch)
+            assert send.op is (Op.SEND_F if compute.op is Op.F else Op.SEND_B)
+            assert compute.op in (Op.F, Op.B, Op.I)
 
 
 def test_chunk_sizes_are_tensor_splits() -> None:

@@ -123,6 +123,44 @@ def test_a_send_copies_every_kind_of_tensor_exactly(tmp_path):
         receiver.close()
 
 
+def test_a_one_tensor_send_copies_every_kind_exactly_and_leaves_no_graph(tmp_path):
+    # The one-tensor path of `send` (a stage's usual boundary) takes the same kinds, each alone,
+    # and tensors that carry a graph (the executor sends outputs undetached): the channel's
+    # views must not join the graph.
+    base = torch.randn(4, 6)
+    leaf = torch.randn(3, requires_grad=True)
+    sent = (
+        base.t(),
+        torch._neg_view(torch.randn(3)),
+        torch.randn(2, dtype=torch.complex64).conj(),
+        torch.nn.Parameter(torch.randn(5)),
+        base[1:3],
+        torch.zeros(0, 3),
+        torch.randn(BYTE_VIEW_MAX_BYTES // 4 + 3),
+        leaf * 2,
+        (leaf * 2).t().unsqueeze(0).transpose(0, 1),
+    )
+    total = layout([t.nbytes for t in sent], 0)[1]
+    token = new_token()
+    sender = ShmChannel.create(tmp_path, "single", total, token)
+    receiver = ShmChannel.open(tmp_path, "single", total, token)
+    assert receiver is not None
+    try:
+        sender.begin_step(total)
+        receiver.begin_step(total)
+        for tensor in sent:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+            sequence, offsets, _ = receiver.claim((buffer,))
+            sender.send((tensor,))
+            receiver.read(sequence, (buffer,), offsets)
+            assert torch.equal(buffer, tensor.detach().resolve_conj().resolve_neg())
+        assert all(view.grad_fn is None and not view.requires_grad for view in sender._views.values())
+        assert sender._data.grad_fn is None and not sender._data.requires_grad
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_byte_view_refuses_what_is_not_plain_contiguous_memory():
     assert byte_view(torch.zeros(0)) is None
     assert byte_view(torch.zeros(4, 3).t()) is None

@@ -264,6 +264,12 @@ class P2P:
             return channel.send
         return functools.partial(self.send_direct, peer=peer)
 
+    def copies_on_send(self, peer: int) -> bool:
+        """Whether this step's send to `peer` copies the tensors before it returns and keeps no
+        reference (shared memory): the caller may then pass tensors that carry a graph."""
+        channel = self._send_channels.get(peer)
+        return channel is not None and channel.active
+
     def receiver(self, peer: int) -> Callable[[Sequence[Tensor], Sequence[memoryview] | None], Transfer]:
         """`recv` from `peer` resolved for this step (call after `begin_step`), as `sender`: a
         function of (buffers, their byte views or None)."""

@@ -297,38 +297,64 @@ class ShmChannel:
 
     def send(self, tensors: Sequence[Tensor]) -> None:
         """Copy `tensors` into the next slots and publish them (sender)."""
-        if len(tensors) == 1:  # a stage's usual boundary: one tensor, no list of slots
-            offsets: list[int] | tuple[int] = ((self._offset + _ALIGN - 1) // _ALIGN * _ALIGN,)
-            end = offsets[0] + tensors[0].nbytes
-        else:
-            offsets, end = _slots(tensors, self._offset)
-        if end > self._announced:
-            raise PipelineError(
-                f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
-                f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
-            )
-        address = self._address
-        for tensor, offset in zip(tensors, offsets, strict=True):
-            # A plain dense CPU tensor goes in as bytes, anything else through a tensor copy
-            # (docs/decisions.md, "byte copies into the channel").
-            if (
+        if len(tensors) == 1:
+            # A stage's usual boundary: one tensor, its size read once, no list of slots (the
+            # path from a compute's end to this flag is on the critical path of 1F1B's hops).
+            tensor = tensors[0]
+            offset = (self._offset + _ALIGN - 1) // _ALIGN * _ALIGN
+            size = tensor.nbytes
+            end = offset + size
+            if end > self._announced:
+                raise self._overflow(end)
+            if (  # `_copy_bytes`, inlined
                 type(tensor) is Tensor
                 and tensor.is_cpu
                 and tensor.layout is _STRIDED
                 and tensor.is_contiguous()
                 and not tensor.is_neg()
                 and not tensor.is_conj()
-                and tensor.nbytes <= BYTE_VIEW_MAX_BYTES
+                and size <= BYTE_VIEW_MAX_BYTES
             ):
-                _memmove(address + offset, tensor.data_ptr(), tensor.nbytes)
+                _memmove(self._address + offset, tensor.data_ptr(), size)
             else:
-                self._view(offset, tensor.dtype, tensor.shape).copy_(tensor)
+                # Detached: a tensor that carries a graph must not put the channel's view in it.
+                self._view(offset, tensor.dtype, tensor.shape).copy_(tensor.detach())
+        else:
+            offsets, end = _slots(tensors, self._offset)
+            if end > self._announced:
+                raise self._overflow(end)
+            for tensor, offset in zip(tensors, offsets, strict=True):
+                if not self._copy_bytes(tensor, offset, tensor.nbytes):
+                    self._view(offset, tensor.dtype, tensor.shape).copy_(tensor.detach())
         self._offset = end
         self._sequence += 1
         # After the data (x86 keeps stores in order): a receiver that sees the count sees the data.
         self._words[_PUBLISHED] = self._sequence
         if self.ringer is not None:
             self.ringer.ring()
+
+    def _copy_bytes(self, tensor: Tensor, offset: int, size: int) -> bool:
+        """Copy a plain dense CPU `tensor` of `size` bytes to `offset` as bytes; False (nothing
+        copied) for anything else, which takes a tensor copy (docs/decisions.md, "byte copies
+        into the channel")."""
+        if (
+            type(tensor) is Tensor
+            and tensor.is_cpu
+            and tensor.layout is _STRIDED
+            and tensor.is_contiguous()
+            and not tensor.is_neg()
+            and not tensor.is_conj()
+            and size <= BYTE_VIEW_MAX_BYTES
+        ):
+            _memmove(self._address + offset, tensor.data_ptr(), size)
+            return True
+        return False
+
+    def _overflow(self, end: int) -> PipelineError:
+        return PipelineError(
+            f"same-host channel {self.path.name}: a message ends at byte {end} but the step "
+            f"announced {self._announced}; the boundary shapes disagree with the meta-device trace"
+        )
 
     def _view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> Tensor:
         """The data region from `offset` as a tensor of `dtype` and `shape`."""
@@ -377,8 +403,12 @@ class ShmChannel:
         """Receiver: `read` into buffers given as byte views of their memory (`byte_view`), one
         per buffer of the claim, each exactly that buffer's bytes."""
         data = self._bytes
-        for target, offset in zip(targets, offsets, strict=True):
+        if len(targets) == 1:  # one tensor: no iterator between the flag and the consumer's compute
+            target, offset = targets[0], offsets[0]
             target[:] = data[offset : offset + len(target)]
+        else:
+            for target, offset in zip(targets, offsets, strict=True):
+                target[:] = data[offset : offset + len(target)]
         if sequence > self._consumed:  # `_mark_consumed`, inlined: once per received message
             self._consumed = sequence
             self._words[_CONSUMED] = sequence
