@@ -42,7 +42,7 @@ from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import RunCalibration, at_run_prices
 from pipefold.simulate import CostModel
 
-__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps"]
+__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps", "speed_spread"]
 
 DEFAULT_STEPS = 12
 """Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
@@ -54,6 +54,11 @@ NUM_SIZES = 3
 
 BUSY_SHARE = 0.8
 """Below this share of a core per CPU rank, the calibration says the host was busy."""
+
+UNSTEADY_SPREAD = 0.15
+"""Above this interquartile spread of the run's kept steps, the calibration says so: the same steps
+took different times (the host's load or speed moved, or the run had not settled), and a
+forecast priced at their median inherits that uncertainty."""
 
 DEFAULT_RANKS = 2
 """Ranks of the calibration run where `--ranks` is not given (pp searched with `--devices`)."""
@@ -78,6 +83,8 @@ class Calibrated:
     step_seconds: tuple[float, ...] = ()
     """Every wall step of the run's first size, in order (its first block's warm-up steps too): how
     the run's speed moved while it measured."""
+    step_spread: float = 0.0
+    """The kept steps' interquartile range over their median (`speed_spread`)."""
 
     def describe(self) -> str:
         """One line: the run, the scales per stage, its cost in seconds."""
@@ -103,7 +110,7 @@ class Calibrated:
                 f"{lines}{split}, runtime "
                 f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
                 f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
-                f"{self.core_share:.0%} of a core")
+                f"{self.core_share:.0%} of a core, its steps an interquartile spread of {self.step_spread:.0%}")
 
     def to_json(self) -> dict[str, Any]:
         cal = self.calibration
@@ -118,7 +125,19 @@ class Calibrated:
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
+                "step_spread": self.step_spread,
                 "profile_costs": self.profile_costs.to_json()}
+
+
+def speed_spread(step_seconds: tuple[float, ...] | list[float]) -> float:
+    """The steps' interquartile range over their median: how far the host's speed moved while a
+    run measured (0 for fewer than 4 steps). Quartiles, not the extremes: one slow step (a
+    collection, a page fault) does not make a steady run look unsteady."""
+    if len(step_seconds) < 4:
+        return 0.0
+    first, _, third = statistics.quantiles(step_seconds, n=4)
+    median = statistics.median(step_seconds)
+    return (third - first) / median if median > 0 else 0.0
 
 
 def add_arguments(parser: Any) -> None:
@@ -226,9 +245,15 @@ def calibrate(
     measured_step = statistics.median(walls)
     share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
                               if wall > 0)
+    spread = speed_spread(walls)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share,
-                        tuple(first["step_seconds"]))
+                        tuple(first["step_seconds"]), spread)
     if share < BUSY_SHARE and args.device != "cuda":
         print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "
               "the plan is priced at that load and holds while it lasts", file=sys.stderr)
+    if spread > UNSTEADY_SPREAD:
+        print(f"note: the calibration run's steps spread by {spread:.0%} of their median (interquartile; "
+              f"{min(walls) * 1e3:.0f}-{max(walls) * 1e3:.0f} ms): the same steps did not take the same "
+              "time, and a forecast priced at their median is as uncertain; plan again when the host is "
+              "quiet, or pick by measurement with --measure-top K", file=sys.stderr)
     return replace(result, costs=replace(priced, source=f"{costs.source}; {result.describe()}"))
