@@ -89,12 +89,11 @@ def test_a_receive_into_byte_views_gets_every_byte_and_marks_it_consumed(pair):
         sent = tuple(t + 1 for t in sent)
 
 
-def test_a_send_copies_every_kind_of_tensor_exactly(tmp_path):
-    # Plain dense tensors go in as bytes, everything else through a tensor copy: the receiver
-    # gets the values either way (a transposed or lazily negated or conjugated view, a
-    # Parameter, a view with an offset, no elements, more bytes than a byte copy takes).
+def _tensor_kinds() -> tuple[torch.Tensor, ...]:
+    """What a send meets besides plain dense tensors: a transposed, lazily negated or conjugated
+    view, a Parameter, a view with an offset, no elements, more bytes than a byte copy takes."""
     base = torch.randn(4, 6)
-    sent = (
+    return (
         base.t(),
         torch._neg_view(torch.randn(3)),
         torch.randn(2, dtype=torch.complex64).conj(),
@@ -102,8 +101,14 @@ def test_a_send_copies_every_kind_of_tensor_exactly(tmp_path):
         base[1:3],
         torch.zeros(0, 3),
         torch.randn(BYTE_VIEW_MAX_BYTES // 4 + 3),
-        torch.tensor([True, False, True]),
     )
+
+
+def test_a_send_copies_every_kind_of_tensor_exactly(tmp_path):
+    # Plain dense tensors go in as bytes, everything else through a tensor copy: the receiver
+    # gets the values either way (a transposed or lazily negated or conjugated view, a
+    # Parameter, a view with an offset, no elements, more bytes than a byte copy takes).
+    sent = (*_tensor_kinds(), torch.tensor([True, False, True]))
     total = layout([t.nbytes for t in sent], 0)[1]
     token = new_token()
     sender = ShmChannel.create(tmp_path, "kinds", total, token)
@@ -127,19 +132,8 @@ def test_a_one_tensor_send_copies_every_kind_exactly_and_leaves_no_graph(tmp_pat
     # The one-tensor path of `send` (a stage's usual boundary) takes the same kinds, each alone,
     # and tensors that carry a graph (the executor sends outputs undetached): the channel's
     # views must not join the graph.
-    base = torch.randn(4, 6)
     leaf = torch.randn(3, requires_grad=True)
-    sent = (
-        base.t(),
-        torch._neg_view(torch.randn(3)),
-        torch.randn(2, dtype=torch.complex64).conj(),
-        torch.nn.Parameter(torch.randn(5)),
-        base[1:3],
-        torch.zeros(0, 3),
-        torch.randn(BYTE_VIEW_MAX_BYTES // 4 + 3),
-        leaf * 2,
-        (leaf * 2).t().unsqueeze(0).transpose(0, 1),
-    )
+    sent = (*_tensor_kinds(), leaf * 2, (leaf * 2).t().unsqueeze(0).transpose(0, 1))
     total = layout([t.nbytes for t in sent], 0)[1]
     token = new_token()
     sender = ShmChannel.create(tmp_path, "single", total, token)
