@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -259,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     worker = ["--worker", "--microbatches", str(args.microbatches), "--warmup", str(args.warmup),
               "--functions", str(args.functions), "--schedules", *args.schedules]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout, capture=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             results = json.loads(line[len("RESULT "):])

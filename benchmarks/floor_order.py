@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     worker = ["--worker", "--microbatches", str(args.microbatches), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--schedules", *args.schedules]
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, cwd=ROOT,
-        timeout=args.timeout,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout, capture=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -199,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         worker = ["--worker", "--out", directory, "--code", str(Path(args.code).resolve()), "--microbatches", str(args.microbatches),
                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules]
         started = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-            env={**os.environ, "PYTHONPATH": str(Path(args.code).resolve())}, cwd=args.code,
-            timeout=args.timeout,
-        )
+        # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.harness.ranks import launch_workers
+
+        done = launch_workers(__file__, args.ranks, worker, code=Path(args.code).resolve(),
+                              timeout=args.timeout)
         if done.returncode != 0:
             return done.returncode
         print("\n".join(report(Path(directory), args.ranks)))

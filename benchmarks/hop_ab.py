@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     worker = ["--worker", "--microbatches", str(args.microbatches), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--schedules", *args.schedules]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=args.timeout,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout)
     print(f"({time.perf_counter() - started:.0f} s; load {os.getloadavg()[0]:.2f})")
     return done.returncode
 

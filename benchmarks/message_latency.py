@@ -25,9 +25,7 @@ docs/decisions.md, "busy polling"); `--root` runs another checkout's runtime.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -257,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     worker = ["--worker", "--root", str(args.root.resolve()), "--microbatches", str(args.microbatches), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--schedules", *args.schedules, "--policies", *args.policies]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(args.root.resolve())}, cwd=args.root, timeout=args.timeout,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, args.ranks, worker, code=args.root.resolve(), timeout=args.timeout)
     print(f"({time.perf_counter() - started:.0f} s)")
     return done.returncode
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -304,11 +302,11 @@ def _launch(root: str, num_ranks: int, args: argparse.Namespace) -> dict:
         *(["--no-torch"] if args.no_torch else []),
         *(["--floor", "--floor-order", *args.floor_order] if args.floor else []),
     ]
-    env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(num_ranks), "--", __file__, *worker],
-        env=env, capture_output=True, text=True, cwd=root, timeout=args.timeout,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, num_ranks, worker, code=root, timeout=args.timeout, capture=True)
     if args.profile:
         print(done.stderr, file=sys.stderr)
     for line in done.stdout.splitlines():

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -268,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
               "--warmup", str(args.warmup), "--schedules", *args.schedules,
               *(["--breakdown"] if args.breakdown else [])]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipefold", "launch", "-n", str(args.ranks), "--", __file__, *worker],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=args.timeout,
-        capture_output=True, text=True,
-    )
+    # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness.ranks import launch_workers
+
+    done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout, capture=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             results = json.loads(line[len("RESULT "):])
