@@ -22,6 +22,7 @@ measures those sizes exactly, so two layers that match in all of them are the sa
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from statistics import fmean
 from typing import Any
 
 from pipefold.plan.costs import LayerCost, ModelCosts
@@ -54,15 +55,12 @@ def pool_alike(costs: ModelCosts) -> ModelCosts:
     layers = list(costs.layers)
     for group in alike_groups(costs):
         members = [costs.layers[index] for index in group]
-
-        def mean(values: list[float]) -> float:
-            return sum(values) / len(values)
-
-        backward = mean([layer.backward_s for layer in members])
+        forward = fmean(layer.forward_s for layer in members)
+        backward = fmean(layer.backward_s for layer in members)
         weight = None if members[0].weight_grad_s is None else min(
-            backward, mean([layer.weight_s for layer in members]))
+            backward, fmean(layer.weight_s for layer in members))
+        fixed = fmean(layer.fixed_s for layer in members)
         for index in group:
-            layers[index] = replace(layers[index], forward_s=mean([layer.forward_s for layer in members]),
-                                    backward_s=backward, weight_grad_s=weight,
-                                    fixed_s=mean([layer.fixed_s for layer in members]))
+            layers[index] = replace(layers[index], forward_s=forward, backward_s=backward,
+                                    weight_grad_s=weight, fixed_s=fixed)
     return replace(costs, layers=tuple(layers))
