@@ -81,8 +81,9 @@ class LayerCost:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
-        for name in ("tensor_parallel_share", "tensor_parallel_activation_share", "tensor_parallel_cast_share",
-                     "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share"):
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
+                     "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
+                     "sequence_parallel_activation_share"):
             share = getattr(self, name)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
                 raise ConfigError(f"LayerCost.{name} = {share!r}; give a fraction in [0, 1]")

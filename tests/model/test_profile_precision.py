@@ -226,8 +226,10 @@ class _RerunBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         making = torch.is_grad_enabled()  # a rerun forward (a backward's own ops run without grad)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        copy = func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in self._weights
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        cast = func is torch.ops.aten._to_copy.default
+        copy = cast and tensors[0].untyped_storage().data_ptr() in self._weights
         for tensor in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
             key = tensor.untyped_storage().data_ptr()
             if key in self._held:  # an alias (a view, the detached tensor a checkpoint keeps) holds it too
@@ -263,8 +265,8 @@ def test_a_recomputing_backward_under_full_sharding_holds_one_layers_copies_as_t
     blocks = range(2, 2 + num_blocks)
     modules = list(build_reference(layers, torch.device("cpu"), seed=0))
     # Each block under its own checkpoint, as the plan's recompute runs (`recompute=[layers]`).
-    stage = Stage(1, blocks, layers[2:2 + num_blocks], modules[2:2 + num_blocks], is_first=False, is_last=False,
-                  recompute_all=False, recompute_layers=frozenset(blocks))
+    stage = Stage(1, blocks, layers[2:2 + num_blocks], modules[2:2 + num_blocks], is_first=False,
+                  is_last=False, recompute_all=False, recompute_layers=frozenset(blocks))
     stage.compute_dtype = torch.bfloat16
     sample = torch.randn(rows, 16, 32, requires_grad=True)
     with held_casts([stage], weights_fixed=False):  # full sharding: the step holds no casts

@@ -333,8 +333,8 @@ def test_a_recomputing_backward_holds_its_rerun_layers_copies_where_no_casts_are
     if asynchronous:
         return
     # The search prices them as evaluate does (its own memory path: `known_memory`).
-    search = PlanOptions(num_ranks=2, data_parallel=2, global_batch=8, order_search_s=0, schedules=(schedule,),
-                         microbatches=4, recompute="full", shard=shard)
+    search = PlanOptions(num_ranks=2, data_parallel=2, global_batch=8, order_search_s=0,
+                         schedules=(schedule,), microbatches=4, recompute="full", shard=shard)
     choice = plan(costs, search).choice
     again = evaluate(costs, Config(schedule, 1, 4, choice.microbatch_rows, shard=shard), 2, choice.bounds,
                      choice.recompute, Link(), num_data_parallel=2, shard=shard)
