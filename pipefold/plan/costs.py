@@ -67,6 +67,10 @@ class LayerCost:
     """The part of `cast_bytes` a forward's backward saves: its weights' copies, not its biases'
     (a bias's gradient needs no copy; `LayerProfile.cast_bytes`). Where the casts are not held for
     the step (full sharding), each micro-batch in flight keeps these. None: all of `cast_bytes`."""
+    tensor_parallel_saved_cast_share: float | None = None
+    """The share of its `saved_cast_bytes` that a tensor-parallel split divides; None:
+    `tensor_parallel_cast_share`. The built-in GPT's block: 1, every weight it saves a copy of is
+    split (the row-split biases it keeps whole are cast, not saved)."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -77,7 +81,8 @@ class LayerCost:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces"):
             _non_negative("LayerCost", name, getattr(self, name))
-        for name in ("tensor_parallel_share", "tensor_parallel_activation_share", "tensor_parallel_cast_share",
+        for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
+                     "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
                      "sequence_parallel_activation_share"):
             share = getattr(self, name)
             if share is not None and not (isinstance(share, (int, float)) and 0 <= share <= 1):
@@ -467,7 +472,7 @@ class ModelCosts:
                         "cast_bytes", "weight_grad_s", "fixed_s", "tensor_parallel_share",
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
-                        "sequence_parallel_activation_share"}
+                        "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

@@ -26,6 +26,7 @@ from pipefold.plan.precision_costs import (
     cast_time,
     casts_every_forward,
     recast_every_forward,
+    rerun_copies,
     without_held_casts,
 )
 from pipefold.plan.result import Candidate
@@ -76,7 +77,8 @@ def evaluate(
     recast = casts_every_forward(config.schedule, shard)
     if recast:  # no casts held for the step: each forward casts again (plan.precision_costs)
         model = recast_every_forward(model, costs, recompute, bounds)
-    transient = transient_bytes(costs, layout, recompute, placement, num_ranks)
+    transient = transient_bytes(costs, layout, recompute, placement, num_ranks,
+                                rerun_copies(costs, config.schedule, shard))
     sync_link = link if dp_link is None else dp_link
     exposed: float | None = 0.0
     if shard == "full":

@@ -2,6 +2,7 @@
 
     step_time += cast_time(costs, model, config.schedule, shard)        # casts held for the step
     model = recast_every_forward(model, costs, recompute)               # full sharding: every F
+    transient = transient_bytes(..., rerun_copies(costs, schedule, shard))  # ... every rerun F
     memory = without_held_casts(memory)                                  # ... and none held once
 
 Under mixed precision (bf16, fp16: fp32 weights, forwards under autocast) the runtime holds
@@ -14,7 +15,8 @@ pipeline's stages once (`cast_time`).
 Where the weights are gathered per step by full sharding (`shard="full"`), or change inside the
 step (an asynchronous schedule), the runtime holds no casts: every forward, and every
 recomputing backward's forward, casts its stage's weights again, and each micro-batch's backward
-keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`).
+keeps its own copies until it runs (`recast_every_forward`, `without_held_casts`); a recomputing
+backward holds its rerun layer's copies beside its rebuilt activations (`rerun_copies`).
 
 Each stage's copies, and their time, are its own layers' (`LayerCost.cast_bytes`, summed per
 stage into `CostModel.cast_bytes`: `stage_cast_seconds`); costs whose layers carry none are
@@ -34,8 +36,8 @@ from pipefold.plan.space import is_asynchronous
 from pipefold.simulate import CostModel
 
 __all__ = [
-    "casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "stage_cast_seconds",
-    "without_held_casts",
+    "casts_every_forward", "cast_time", "recast_every_forward", "recast_for", "rerun_copies",
+    "stage_cast_seconds", "without_held_casts",
 ]
 
 
@@ -95,6 +97,29 @@ def recast_every_forward(model: CostModel, costs: ModelCosts, recompute: Collect
         activation_bytes=_plus_bytes(model.activation_bytes, copies),
         weight_grad_bytes=_plus_bytes(model.weight_grad_bytes, copies),
     )
+
+
+def rerun_copies(costs: ModelCosts, schedule: str, shard: str) -> tuple[int, ...]:
+    """Per layer, the 16-bit weight copies a recomputing backward's rerun of it holds at its peak
+    beside its rebuilt activations (`pipefold.plan.stages.transient_bytes`); () where the step
+    holds its casts (the rerun takes the held copies).
+
+    A recomputed stage checkpoints each layer apart, so each backward reruns one layer at a time
+    and the rerun's copies die with its activations, before the next layer's (counted on a
+    runtime `Stage`: tests/model/test_profile_precision.py). Under full sharding the gathered
+    weights are leaves, whose casts autocast caches for the rerun: until it ends, the cache holds
+    the layer's biases' copies too (`LayerCost.cast_bytes`). A weight stash's weights (an
+    asynchronous schedule) are not leaves, so autocast caches none: a bias's copy dies with its
+    product and the rerun holds its weights' copies (`LayerCost.saved_casts`). Costs whose layers
+    carry no copies: each layer's weights at the model's ratio."""
+    if not casts_every_forward(schedule, shard):
+        return ()
+    if costs.casts_per_layer:
+        if is_asynchronous(schedule):
+            return tuple(layer.saved_casts for layer in costs.layers)
+        return tuple(layer.cast_bytes for layer in costs.layers)
+    ratio = costs.cast_bytes_per_parameter_byte
+    return tuple(round(ratio * layer.parameter_bytes) for layer in costs.layers) if ratio else ()
 
 
 def recast_for(

@@ -27,6 +27,7 @@ from pipefold.plan.precision_costs import (
     cast_time,
     casts_every_forward,
     recast_every_forward,
+    rerun_copies,
     without_held_casts,
 )
 from pipefold.plan.ranking import SLACK, bucket_ceiling, bucket_floor
@@ -96,7 +97,8 @@ def search_order(
     recast = casts_every_forward(choice.schedule, choice.shard)
     if recast:  # as evaluate prices it: every forward casts its weights again
         model = recast_every_forward(model, costs, choice.recompute, choice.bounds)
-    transient = transient_bytes(costs, stages, choice.recompute, placement, pp)
+    transient = transient_bytes(costs, stages, choice.recompute, placement, pp,
+                                rerun_copies(costs, choice.schedule, choice.shard))
     if math.isinf(options.memory_limit):
         # No limit: as many activations as the family that holds the most (every micro-batch).
         cap: int | None = sum(model.activation_bytes) * m

@@ -51,7 +51,7 @@ from pipefold.plan.orders import (
     family_placement,
     order_peaks,
 )
-from pipefold.plan.precision_costs import recast_for
+from pipefold.plan.precision_costs import recast_for, rerun_copies
 from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
 from pipefold.plan.record import OverMemory, Record
 from pipefold.plan.refine import OrderTarget, Refinement, refine_orders
@@ -495,7 +495,8 @@ class _Search:
             return None
         costs = self.costs_of(record)
         layout = StageLayout(record.bounds, config.microbatch_rows)
-        transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks)
+        transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks,
+                                    rerun_copies(costs, config.schedule, config.shard))
         weights = tuple(static_weight_bytes(model, record.placement, degree.num_ranks))
         memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
         if config.shard == "full":

@@ -168,13 +168,18 @@ def transient_bytes(
     recompute: Collection[int],
     placement: Sequence[int],
     num_ranks: int,
+    copies: Sequence[int] = (),
 ) -> tuple[int, ...]:
-    """Per rank, the largest one-layer activation a recomputing backward rebuilds for a moment."""
+    """Per rank, the largest one-layer activation a recomputing backward rebuilds for a moment.
+    `copies`: per layer, the 16-bit weight copies its rerun forward makes and holds with that
+    activation where no casts are held for the step (`pipefold.plan.precision_costs.rerun_copies`;
+    whole weights: they do not scale with the rows); empty: none."""
     scale = layout.rows / costs.reference_rows
     peaks = [0] * num_ranks
     for stage in recompute:
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
-        largest = max(costs.layers[index].activation_bytes for index in range(start, stop))
+        largest = max(round(scale * costs.layers[index].activation_bytes) + (copies[index] if copies else 0)
+                      for index in range(start, stop))
         rank = placement[stage]
-        peaks[rank] = max(peaks[rank], round(scale * largest))
+        peaks[rank] = max(peaks[rank], largest)
     return tuple(peaks)

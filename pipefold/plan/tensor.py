@@ -48,6 +48,9 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
     keep = 1 - share + share / degree
     time_keep = 1 / degree if by_position else keep
     cast_share = share if layer.tensor_parallel_cast_share is None else layer.tensor_parallel_cast_share
+    saved_share = cast_share if layer.tensor_parallel_saved_cast_share is None else (
+        layer.tensor_parallel_saved_cast_share
+    )
     activation_share = share if layer.tensor_parallel_activation_share is None else (
         layer.tensor_parallel_activation_share
     )
@@ -71,13 +74,15 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
         cast_bytes=round(layer.cast_bytes * (1 - cast_share + cast_share / degree)),  # a shard's copies
+        # The weights' copies, split by their own share (a bias kept whole is cast, not saved).
         saved_cast_bytes=None if layer.saved_cast_bytes is None else min(
-            round(layer.saved_cast_bytes * (1 - cast_share + cast_share / degree)),
+            round(layer.saved_cast_bytes * (1 - saved_share + saved_share / degree)),
             round(layer.cast_bytes * (1 - cast_share + cast_share / degree))),
         # What is left of the layer is a tp rank's slice: it does not split again.
         tensor_parallel_share=0.0,
         tensor_parallel_activation_share=None,
         tensor_parallel_cast_share=None,
+        tensor_parallel_saved_cast_share=None,
         num_tensor_parallel_allreduces=0,
         sequence_parallel_activation_share=None,
     )
@@ -132,8 +137,10 @@ def with_gpt_tensor_parallel(
             layer,
             tensor_parallel_share=split / parameters,
             tensor_parallel_activation_share=0.75,
-            # Of its cast weights and biases, all but the row-split linears' biases (2d).
+            # Of its cast weights and biases, all but the row-split linears' biases (2d); of the
+            # copies its forward saves (the weights'), all.
             tensor_parallel_cast_share=1 - 2 * d / gpt_block_cast_parameters(d),
+            tensor_parallel_saved_cast_share=1.0,
             num_tensor_parallel_allreduces=2,
             sequence_parallel_activation_share=GPT_BLOCK_SEQUENCE_PARALLEL_SHARE,
         )

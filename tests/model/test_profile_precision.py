@@ -1,9 +1,13 @@
 """`profile(..., precision=)`: layers measured as the runtime's stages run them in 16 bits, and the
 planner's memory in that precision (one process)."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pipefold.errors import ConfigError
 from pipefold.model import LayerSpec, build_reference
@@ -197,3 +201,96 @@ def test_a_weight_two_stages_of_a_rank_hold_is_one_held_copy():
         torch.autocast_decrement_nesting()
         torch.clear_autocast_cache()
     assert [stage.held_cast_bytes for stage in stages] == [(IN * IN + IN) * 2, 0]
+
+
+class _RerunBytes(TorchDispatchMode):
+    """Live bytes of what a backward's recomputations make (the ops that run with grad enabled
+    inside a backward: the rerun forwards), each storage once until its last tensor dies, and
+    of those the stage's weights' 16-bit copies; with the current and peak bytes of both."""
+
+    def __init__(self, parameters):
+        super().__init__()
+        self._weights = {p.untyped_storage().data_ptr() for p in parameters}
+        self._held = {}  # storage pointer -> [live tensors, bytes, is a weight's copy]
+        self.current = self.copies = self.peak = self.copies_at_peak = self.peak_copies = 0
+
+    def _release(self, key):
+        entry = self._held[key]
+        entry[0] -= 1
+        if not entry[0]:
+            del self._held[key]
+            self.current -= entry[1]
+            self.copies -= entry[1] if entry[2] else 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        making = torch.is_grad_enabled()  # a rerun forward (a backward's own ops run without grad)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        cast = func is torch.ops.aten._to_copy.default
+        copy = cast and tensors[0].untyped_storage().data_ptr() in self._weights
+        for tensor in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+            key = tensor.untyped_storage().data_ptr()
+            if key in self._held:  # an alias (a view, the detached tensor a checkpoint keeps) holds it too
+                self._held[key][0] += 1
+            elif making and key and key not in inputs:
+                size = tensor.untyped_storage().nbytes()
+                self._held[key] = [1, size, copy]
+                self.current += size
+                self.copies += size if copy else 0
+            else:
+                continue
+            weakref.finalize(tensor, self._release, key)
+            if self.current > self.peak:
+                self.peak, self.copies_at_peak = self.current, self.copies
+            self.peak_copies = max(self.peak_copies, self.copies)
+        return out
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_recomputing_backward_under_full_sharding_holds_one_layers_copies_as_the_plan_prices(split):
+    """Under full sharding (no casts held) a recomputed stage's backward reruns each checkpointed
+    layer's forward, which casts that layer's weights again: the copies live at the backward's peak
+    are one block's (freed before the next), its biases' too (the rerun's cache holds them until
+    it ends), and the plan's recompute transient prices exactly them beside the block's activations
+    (`pipefold.plan.precision_costs.rerun_copies`). B, or I of a split backward."""
+    from pipefold.runtime.backward import backward_input
+
+    num_blocks = 2
+    layers = gpt_layers(64, 32, 2, num_blocks, 16)
+    rows = 2
+    ids = torch.randint(0, 64, (rows, 16), generator=torch.Generator().manual_seed(0))
+    profiles = profile(layers, ids, num_repeats=1, loss_fn=gpt_loss, target=ids, precision="bf16")
+    blocks = range(2, 2 + num_blocks)
+    modules = list(build_reference(layers, torch.device("cpu"), seed=0))
+    # Each block under its own checkpoint, as the plan's recompute runs (`recompute=[layers]`).
+    stage = Stage(1, blocks, layers[2:2 + num_blocks], modules[2:2 + num_blocks], is_first=False,
+                  is_last=False, recompute_all=False, recompute_layers=frozenset(blocks))
+    stage.compute_dtype = torch.bfloat16
+    sample = torch.randn(rows, 16, 32, requires_grad=True)
+    with held_casts([stage], weights_fixed=False):  # full sharding: the step holds no casts
+        output = stage.forward(sample, 0)
+    counted = _RerunBytes(stage.parameters)
+    with counted:
+        if split:
+            backward_input([output], [torch.ones_like(output)], [sample], stage.parameters, direct=False)
+        else:
+            output.backward(torch.ones_like(output))
+    block_copies = [profiles[index].held_cast_bytes for index in blocks]
+    # Freed between layers: the peak holds one block's copies, weights' and biases', not the stage's.
+    assert counted.peak_copies == counted.copies_at_peak == max(block_copies) < sum(block_copies)
+    assert max(block_copies) > profiles[blocks[0]].cast_bytes  # ... the biases' with the weights'
+
+    costs = ModelCosts.from_profile(profiles, rows=rows)
+    config = {"num_data_parallel": 2, "price_exposure": False}
+    whole = (0, len(layers))
+    replicated = evaluate(costs, Config("gpipe", 1, 2, rows), 1, whole, (0,), Link(), **config)
+    sharded = evaluate(costs, Config("gpipe", 1, 2, rows, shard="full"), 1, whole, (0,), Link(), shard="full",
+                       **config)
+    # The plan adds to the recompute transient exactly the copies live at the counted peak.
+    assert sharded.memory[0].recompute - replicated.memory[0].recompute == counted.copies_at_peak
+    # ... beside the block's activations, which the plan counts with the block's input (kept anyway
+    # among the checkpointed inputs, not rebuilt): the count lies between.
+    block_input = profiles[blocks[0] - 1].output.num_bytes
+    assert sharded.memory[0].recompute - block_input <= counted.peak <= sharded.memory[0].recompute

@@ -300,6 +300,51 @@ def test_the_estimates_save_the_weights_copies_of_a_tp_rank(tensor_parallel):
                                                              0, 2 * vocab * h]
     flop = split_costs(gpt_costs(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
                                  bytes_per_value=2, parameter_bytes_per_value=4), t, Link())
-    # The split shares the held copies' split: a block's weights (and, unsplit, 2 h biases' share).
-    assert 2 * 12 * h * h // t <= flop.layers[2].saved_casts <= 2 * (12 * h * h // t + 2 * h)
+    # The FLOP estimate's split saves a block's weights' shards too, not a share of the row-split
+    # biases kept whole (`LayerCost.tensor_parallel_saved_cast_share`).
+    assert flop.layers[2].saved_casts == 2 * 12 * h * h // t
     assert flop.layers[-1].saved_casts == 2 * vocab * h
+
+
+# (Full sharding steps a flush schedule.)
+@pytest.mark.parametrize(("shard", "schedule"), [("replicate", "1f1b"), ("full", "1f1b"),
+                                                 ("replicate", "pipedream-2bw")])
+def test_a_recomputing_backward_holds_its_rerun_layers_copies_where_no_casts_are_held(shard, schedule):
+    from pipefold.plan import PlanOptions, plan
+    from pipefold.plan.precision_costs import rerun_copies
+
+    saved = (250, 250, 80, 80)  # each layer's weights' copies, of its 300 / 100 held with the biases'
+    costs = _layered(cast_s_per_parameter_byte=CAST_S)
+    costs = replace(costs, layers=tuple(replace(layer, saved_cast_bytes=kept)
+                                        for layer, kept in zip(costs.layers, saved, strict=True)))
+    asynchronous = schedule != "1f1b"
+    options = {"num_data_parallel": 2, "shard": shard, "price_exposure": False} if shard == "full" else {}
+    config = Config(schedule, 1, 4, 1, shard=shard)
+    recomputed = evaluate(costs, config, 2, (0, 2, NUM_LAYERS), (0, 1), Link(), **options)
+    plain = evaluate(_costs(), config, 2, (0, 2, NUM_LAYERS), (0, 1), Link(), **options)
+    # One layer reruns at a time and its copies die with it: each rank the largest of its layers'
+    # (activations 100 a layer). Full sharding's gathered weights are leaves, so the rerun's cache
+    # holds the biases' copies too; a weight stash's are not, so only the weights' copies live on.
+    expected = {("replicate", False): [0, 0], ("full", False): [300, 100], ("replicate", True): [250, 80]}
+    extra = [r.recompute - p.recompute for r, p in zip(recomputed.memory, plain.memory, strict=True)]
+    assert extra == expected[shard, asynchronous]
+    assert rerun_copies(costs, schedule, shard) == (() if extra == [0, 0] else
+                                                   tuple(LAYER_CASTS) if shard == "full" else saved)
+    if asynchronous:
+        return
+    # The search prices them as evaluate does (its own memory path: `known_memory`).
+    search = PlanOptions(num_ranks=2, data_parallel=2, global_batch=8, order_search_s=0,
+                         schedules=(schedule,), microbatches=4, recompute="full", shard=shard)
+    choice = plan(costs, search).choice
+    again = evaluate(costs, Config(schedule, 1, 4, choice.microbatch_rows, shard=shard), 2, choice.bounds,
+                     choice.recompute, Link(), num_data_parallel=2, shard=shard)
+    assert [m.recompute for m in choice.memory] == [m.recompute for m in again.memory]
+
+
+def test_costs_without_their_own_copies_rerun_each_layers_weights_at_the_ratio():
+    from pipefold.plan.precision_costs import rerun_copies
+
+    costs = _costs(cast_bytes_per_parameter_byte=CAST_BYTES)
+    assert rerun_copies(costs, "1f1b", "full") == (round(CAST_BYTES * WEIGHT_BYTES),) * NUM_LAYERS
+    assert rerun_copies(costs, "1f1b", "replicate") == ()
+    assert rerun_copies(_costs(), "1f1b", "full") == ()  # fp32: nothing cast
