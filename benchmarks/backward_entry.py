@@ -7,7 +7,8 @@ so autograd's arithmetic is nearly free and what remains is the Python around it
 (`backward_input`: plan the parameter groups, run the engine to the input), `W`
 (`backward_weight`) and, for scale, `B` (`backward_full`) and autograd's engine called as `B`
 calls it with nothing around it (the floor a split schedule's `I` + `W` is measured against).
-Each repeat runs a fresh forward (not timed) and then one call; the checkouts'
+`--recompute` checkpoints each block and keeps `W` on autograd's path, as the runtime runs a
+recomputed stage. Each repeat runs a fresh forward (not timed) and then one call; the checkouts'
 `pipefold/runtime/backward.py` alternate call by call, so a drifting machine hits both alike.
 Prints median µs per call and base / new.
 """
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         "--first", action="store_true", help="a first stage: its input needs no gradient, so I has nothing to compute"
     )
     parser.add_argument(
+        "--recompute", action="store_true",
+        help="each block under its own non-reentrant checkpoint and W on autograd's path (direct=False), "
+        "as the runtime runs a recomputed stage: I and W each rerun the blocks' forwards",
+    )
+    parser.add_argument(
         "--cpu-time", action="store_true",
         help="time with the thread's CPU clock (time.thread_time) instead of the wall clock: on a host "
         "shared with other work it does not count the time the process waits for a core",
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
+    import torch.utils.checkpoint
 
     from pipefold.model.zoo import ResidualMLP
 
@@ -88,8 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.python_only:
         for module in modules.values():
             module.__dict__["_engine_run_backward"] = _stub_engine
-    stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
-    params = tuple(stage.parameters())  # as the executor passes a stage's
+    blocks = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
+
+    def stage(h: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if args.recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        return h
+
+    options = {"direct": False} if args.recompute else {}
+    params = tuple(blocks.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.thread_time if args.cpu_time else time.perf_counter
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             leaf = x.detach().requires_grad_(wants_grad)
             out = stage(leaf)
             start = clock()
-            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label])
+            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label], **options)
             middle = clock()
             if not args.python_only:
                 module.backward_weight(state)
