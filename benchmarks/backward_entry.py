@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         "as the runtime runs a recomputed stage: I and W each rerun the blocks' forwards",
     )
     parser.add_argument(
+        "--keep-heap", action="store_true",
+        help="keep freed memory in the process's heap as a CPU pipeline does "
+        "(pipefold.runtime.processes.allocator), instead of glibc's default trimming",
+    )
+    parser.add_argument(
         "--cpu-time", action="store_true",
         help="time with the thread's CPU clock (time.thread_time) instead of the wall clock: on a host "
         "shared with other work it does not count the time the process waits for a core",
@@ -72,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.utils.checkpoint
 
     from pipefold.model.zoo import ResidualMLP
+    from pipefold.runtime.processes.allocator import keep_freed_memory
+
+    if args.keep_heap and not keep_freed_memory():
+        raise SystemExit("--keep-heap: this platform's allocator cannot be told to keep freed memory")
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
