@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         "(pipefold.runtime.processes.allocator), instead of glibc's default trimming",
     )
     parser.add_argument(
+        "--between-mib", type=int, default=0,
+        help="write this many MiB between I and W (not timed), as the actions a schedule runs between "
+        "them do: zero-bubble schedules defer W, and an I its W follows directly runs as B",
+    )
+    parser.add_argument(
         "--cpu-time", action="store_true",
         help="time with the thread's CPU clock (time.thread_time) instead of the wall clock: on a host "
         "shared with other work it does not count the time the process waits for a core",
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return h
 
     options = {"direct": False} if args.recompute else {}
+    between = torch.empty(args.between_mib << 18) if args.between_mib > 0 else None
     params = tuple(blocks.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             start = clock()
             _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label], **options)
             middle = clock()
+            if between is not None:
+                between.fill_(float(repeat))
+                resumed = clock()
+                start += resumed - middle  # I + W without the writes between them
+                middle = resumed
             if not args.python_only:
                 module.backward_weight(state)
             end = clock()
