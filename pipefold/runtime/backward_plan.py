@@ -448,7 +448,7 @@ def _shape_of(
 
 def _rerun_order(groups: Sequence[Group]) -> tuple[int, ...]:
     """The groups by the latest autograd sequence number among their anchor nodes, highest
-    first: the order the engine reached them in `I`, the last layer's first.
+    first: about the order the engine reached them in `I`, the last layer's first.
 
     Under non-reentrant activation checkpointing `W`'s first unpack in a layer reruns the
     layer's forward, and the checkpoint keeps each rerun tensor until its saved slot is
