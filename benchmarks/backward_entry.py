@@ -7,7 +7,8 @@ so autograd's arithmetic is nearly free and what remains is the Python around it
 (`backward_input`: plan the parameter groups, run the engine to the input), `W`
 (`backward_weight`) and, for scale, `B` (`backward_full`) and autograd's engine called as `B`
 calls it with nothing around it (the floor a split schedule's `I` + `W` is measured against).
-Each repeat runs a fresh forward (not timed) and then one call; the checkouts'
+`--recompute` checkpoints each block and keeps `W` on autograd's path, as the runtime runs a
+recomputed stage. Each repeat runs a fresh forward (not timed) and then one call; the checkouts'
 `pipefold/runtime/backward.py` alternate call by call, so a drifting machine hits both alike.
 Prints median µs per call and base / new.
 """
@@ -50,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         "--first", action="store_true", help="a first stage: its input needs no gradient, so I has nothing to compute"
     )
     parser.add_argument(
+        "--recompute", action="store_true",
+        help="each block under its own non-reentrant checkpoint and W on autograd's path (direct=False), "
+        "as the runtime runs a recomputed stage: I and W each rerun the blocks' forwards",
+    )
+    parser.add_argument(
+        "--keep-heap", action="store_true",
+        help="keep freed memory in the process's heap as a CPU pipeline does "
+        "(pipefold.runtime.processes.allocator), instead of glibc's default trimming",
+    )
+    parser.add_argument(
+        "--between-mib", type=int, default=0,
+        help="write this many MiB between I and W (not timed), as the actions a schedule runs between "
+        "them do: zero-bubble schedules defer W, and an I its W follows directly runs as B",
+    )
+    parser.add_argument(
         "--cpu-time", action="store_true",
         help="time with the thread's CPU clock (time.thread_time) instead of the wall clock: on a host "
         "shared with other work it does not count the time the process waits for a core",
@@ -63,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
+    import torch.utils.checkpoint
 
     from pipefold.model.zoo import ResidualMLP
+    from pipefold.runtime.processes.allocator import keep_freed_memory
+
+    if args.keep_heap and not keep_freed_memory():
+        raise SystemExit("--keep-heap: this platform's allocator cannot be told to keep freed memory")
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -88,8 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.python_only:
         for module in modules.values():
             module.__dict__["_engine_run_backward"] = _stub_engine
-    stage = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
-    params = tuple(stage.parameters())  # as the executor passes a stage's
+    blocks = torch.nn.Sequential(*[ResidualMLP(args.width) for _ in range(4)])
+
+    def stage(h: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if args.recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        return h
+
+    options = {"direct": False} if args.recompute else {}
+    between = torch.empty(args.between_mib << 18) if args.between_mib > 0 else None
+    params = tuple(blocks.parameters())  # as the executor passes a stage's
     x = torch.randn(1, args.width)
     grad = torch.randn(1, args.width)
     clock = time.thread_time if args.cpu_time else time.perf_counter
@@ -115,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             leaf = x.detach().requires_grad_(wants_grad)
             out = stage(leaf)
             start = clock()
-            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label])
+            _, state = module.backward_input((out,), (grad,), (leaf,), params, **caches[label], **options)
             middle = clock()
+            if between is not None:
+                between.fill_(float(repeat))
+                resumed = clock()
+                start += resumed - middle  # I + W without the writes between them
+                middle = resumed
             if not args.python_only:
                 module.backward_weight(state)
             end = clock()

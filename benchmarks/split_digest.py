@@ -4,7 +4,8 @@
 
 Runs `backward_input` then `backward_weight` (and `backward_full` for scale) over four
 micro-batches of several stages (the per-action table's residual MLP at one and four rows, a
-linear without bias, a weight used twice, a checkpointed region, `direct=False`, a first stage
+linear without bias, a weight used twice, a checkpointed region, three checkpointed blocks with
+dropout under `direct=False` (a recomputed stage's W), `direct=False`, a first stage
 whose input needs no gradient, an output that reaches a parameter directly, a hooked parameter,
 a non-contiguous gradient slot, two outputs one of which gets no gradient, an addmm whose
 alpha is not 1 beside a float64 linear), each checkout in its
@@ -66,6 +67,20 @@ class Checkpointed(nn.Module):
         return self.out(checkpoint(self.inner, x, use_reentrant=False))
 
 
+class Rerun(nn.Module):
+    # Three blocks each under its own checkpoint, W on autograd's path (`direct=False`), as a
+    # recomputed stage runs: W reruns one layer at a time, the last first (dropout included:
+    # each rerun restores its forward's random state).
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Residual() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = checkpoint(lambda h, b=block: torch.nn.functional.dropout(b(h), 0.25), x, use_reentrant=False)
+        return x
+
+
 class OutputSeed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -107,7 +122,8 @@ def stage(name):
         return nn.Sequential(*[Residual() for _ in range(4)])
     if name == "no-bias":
         return nn.Sequential(Residual(bias=False), Residual(bias=False))
-    kinds = {"tied": Tied, "checkpointed": Checkpointed, "output-seed": OutputSeed, "two-outputs": TwoOutputs,
+    kinds = {"tied": Tied, "checkpointed": Checkpointed, "rerun": Rerun, "output-seed": OutputSeed,
+             "two-outputs": TwoOutputs,
              "scaled": lambda: Scaled(torch.float32), "scaled-mixed": lambda: Scaled(torch.float64)}
     return kinds[name]()
 
@@ -139,7 +155,7 @@ def run(name, split):
         if name == "two-outputs" and mb % 2:
             grads = (None, grads[1])
         if split:
-            direct = name != "no-direct"
+            direct = name not in ("no-direct", "rerun")
             got, state = bw.backward_input(outputs, grads, (x,), params, direct=direct, cache=cache)
             del outputs
             bw.backward_weight(state)
@@ -149,7 +165,7 @@ def run(name, split):
     return digest(found + [p.grad for p in params])
 
 
-NAMES = ["mlp", "mlp-rows4", "no-bias", "tied", "checkpointed", "no-direct", "first", "output-seed",
+NAMES = ["mlp", "mlp-rows4", "no-bias", "tied", "checkpointed", "rerun", "no-direct", "first", "output-seed",
          "hooked", "odd-slot", "two-outputs", "scaled", "scaled-mixed"]
 print(json.dumps({f"{n} {'I+W' if s else 'B'}": run(n, s) for n in NAMES for s in (True, False)}))
 """

@@ -199,7 +199,10 @@ def backward_input(
         # Positional: a dataclass's keyword call costs twice as much.
         kept = list(found[num_wanted:])
         frontier_nodes = prepared.frontiers(nodes)
-        lean = WeightGradState([], shape.disjoint, False, prepared.plans, frontier_nodes, kept, direct)
+        # Recomputed (`direct` false): the groups one layer at a time, the last first, so W
+        # holds one layer's rerun at a time (`PlanShape.rerun_order`).
+        plans = prepared.plans if direct else prepared.rerun_plans
+        lean = WeightGradState([], shape.disjoint, False, plans, frontier_nodes, kept, direct)
         return tuple(result), lean
     groups = groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
     state = WeightGradState(groups, _disjoint=shape.disjoint)
@@ -236,15 +239,18 @@ def backward_input(
     # W takes the groups whose gradients I kept last first: those are likeliest still in
     # cache, and the activations there were the last I touched. (Captured, a frontier's
     # `order` is its node's place in the walk from the outputs, which the engine follows, so
-    # the plan holds the order; with hooks it is when each hook ran.)
+    # the plan holds the order; with hooks it is when each hook ran.) A recomputed stage's W
+    # (`direct` false) goes one layer at a time instead, the last first, for its memory.
     if captured:
         at = len(wanted)
         for frontier in frontiers:
             frontier.grads = grads[at : at + frontier.num_outputs]
             at += frontier.num_outputs
-        state._groups = [groups[i] for i in shape.weight_order]
-    else:
+        state._groups = [groups[i] for i in (shape.weight_order if direct else shape.rerun_order)]
+    elif direct:
         state._groups.sort(key=_last_kept, reverse=True)
+    else:  # recomputed: one layer at a time, the last first (see `PlanShape.rerun_order`)
+        state._groups = [groups[i] for i in shape.rerun_order]
     return tuple(result), state
 
 

@@ -45,6 +45,11 @@ class PlanShape:
     weight_order: tuple[int, ...]
     """The groups in the order `W` runs them when `I` captured the frontier gradients: the
     group whose frontier node comes last in the walk first (see `backward_input`)."""
+    rerun_order: tuple[int, ...]
+    """The groups in the order `W` runs them where the stage recomputes (`direct=False`): by
+    the autograd sequence number of their anchor nodes (frontier nodes, output seeds), the
+    last created first, so the groups of one checkpointed layer run together and the last
+    layer's first (see `_rerun_order`)."""
     disjoint: bool
     """`groups_are_disjoint` of the groups."""
     captured: bool
@@ -99,7 +104,7 @@ class Prepared:
 
     __slots__ = (
         "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
-        "plans",
+        "plans", "rerun_plans",
     )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
@@ -117,6 +122,7 @@ class Prepared:
         edge_nodes: list[int] = []
         edge_outputs: list[int] = []
         plans = []
+        plan_of: dict[int, GroupPlan] = {}
         for index in shape.weight_order:
             _, frontier_indices, _, num_nodes = shape.groups[index]
             frontiers = []
@@ -126,8 +132,12 @@ class Prepared:
                 edge_nodes.extend([node_index] * num_outputs)
                 edge_outputs.extend(range(num_outputs))
             group_params, found = self.groups[index]
-            plans.append(GroupPlan(group_params, found, tuple(frontiers), num_nodes))
+            plan_of[index] = GroupPlan(group_params, found, tuple(frontiers), num_nodes)
+            plans.append(plan_of[index])
         self.plans = tuple(plans)
+        """The groups in `PlanShape.weight_order`."""
+        self.rerun_plans = tuple(plan_of[index] for index in shape.rerun_order)
+        """The same groups in `PlanShape.rerun_order` (they index the same frontier lists)."""
         self.frontier_nodes = tuple(frontier_nodes)
         """Walk indices of the frontier nodes, in the order `GroupPlan.frontiers` numbers them."""
         self.edge_nodes = tuple(edge_nodes)
@@ -430,9 +440,33 @@ def _shape_of(
         num_outputs,
         tuple(directs),
         weight_order=tuple(weight_order),
+        rerun_order=_rerun_order(groups),
         disjoint=groups_are_disjoint(groups),
         captured=all(n > 0 for per_group in num_outputs for n in per_group),
     )
+
+
+def _rerun_order(groups: Sequence[Group]) -> tuple[int, ...]:
+    """The groups by the latest autograd sequence number among their anchor nodes, highest
+    first: about the order the engine reached them in `I`, the last layer's first.
+
+    Under non-reentrant activation checkpointing `W`'s first unpack in a layer reruns the
+    layer's forward, and the checkpoint keeps each rerun tensor until its saved slot is
+    unpacked in that call or the node holding the slot dies. `W` never unpacks what only
+    the input closure's nodes read (an attention core's saved tensors, a layer norm's
+    statistics, ...), and those nodes live while any node above them does. Run in the walk's
+    order (`weight_order`, which interleaves the layers along the residual path), `W` reran
+    every layer before finishing any and held them all at its peak; from the inputs up, each
+    finished layer's leftovers stay held by the layers above. From the last layer down, a
+    layer's nodes (and so its leftovers) die with its last group, before the next layer's
+    rerun: `W`'s peak is one layer's rerun, as `I`'s is. A checkpointed layer's nodes are
+    created together in its forward, so their sequence numbers are contiguous and its
+    groups run together. (`tests/model/test_profile_precision.py` counts it.)"""
+    anchors = [
+        [f.node for f in group.frontiers] + [edge.node for edge, _ in group.output_seeds] for group in groups
+    ]
+    latest = [max((node._sequence_nr() for node in nodes), default=-1) for nodes in anchors]
+    return tuple(sorted(range(len(groups)), key=lambda i: latest[i], reverse=True))
 
 
 def _num_outputs(node: Node) -> int:

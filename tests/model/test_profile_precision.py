@@ -254,8 +254,8 @@ def test_a_recomputing_backward_under_full_sharding_holds_one_layers_copies_as_t
     layer's forward, which casts that layer's weights again: the copies live at the backward's peak
     are one block's (freed before the next), its biases' too (the rerun's cache holds them until
     it ends), and the plan's recompute transient prices exactly them beside the block's activations
-    (`pipefold.plan.precision_costs.rerun_copies`). B, or I of a split backward."""
-    from pipefold.runtime.backward import backward_input
+    (`pipefold.plan.precision_costs.rerun_copies`). B, or I and W of a split backward."""
+    from pipefold.runtime.backward import backward_input, backward_weight
 
     num_blocks = 2
     layers = gpt_layers(64, 32, 2, num_blocks, 16)
@@ -274,9 +274,16 @@ def test_a_recomputing_backward_under_full_sharding_holds_one_layers_copies_as_t
     counted = _RerunBytes(stage.parameters)
     with counted:
         if split:
-            backward_input([output], [torch.ones_like(output)], [sample], stage.parameters, direct=False)
+            _, state = backward_input([output], [torch.ones_like(output)], [sample], stage.parameters,
+                                      direct=False)
         else:
             output.backward(torch.ones_like(output))
+    seed = output.numel() * output.element_size()  # I's count holds its `ones_like` seed too
+    del output
+    counted_weight = _RerunBytes(stage.parameters)  # W's reruns (see the next test)
+    if split:
+        with counted_weight:
+            backward_weight(state)
     block_copies = [profiles[index].held_cast_bytes for index in blocks]
     # Freed between layers: the peak holds one block's copies, weights' and biases', not the stage's.
     assert counted.peak_copies == counted.copies_at_peak == max(block_copies) < sum(block_copies)
@@ -294,3 +301,52 @@ def test_a_recomputing_backward_under_full_sharding_holds_one_layers_copies_as_t
     # among the checkpointed inputs, not rebuilt): the count lies between.
     block_input = profiles[blocks[0] - 1].output.num_bytes
     assert sharded.memory[0].recompute - block_input <= counted.peak <= sharded.memory[0].recompute
+    if split:  # W reruns each block once more, one at a time too: I's rerun, within the same price
+        assert counted_weight.peak_copies == max(block_copies)
+        assert counted_weight.peak == counted.peak - seed <= sharded.memory[0].recompute
+
+
+def _split_backward_reruns(num_blocks, precision):
+    """A recomputed stage of `num_blocks` d = 32 GPT blocks (each under its own checkpoint), its
+    split backward's I then W counted apart by `_RerunBytes`: (I's count, W's count). In bf16
+    under full sharding (no casts held: each rerun casts its layer's weights again), or fp32."""
+    from pipefold.runtime.backward import backward_input, backward_weight
+
+    layers = gpt_layers(64, 32, 2, num_blocks, 16)
+    blocks = range(2, 2 + num_blocks)
+    modules = list(build_reference(layers, torch.device("cpu"), seed=0))
+    stage = Stage(1, blocks, layers[2:2 + num_blocks], modules[2:2 + num_blocks], is_first=False,
+                  is_last=False, recompute_all=False, recompute_layers=frozenset(blocks))
+    stage.compute_dtype = torch.bfloat16 if precision == "bf16" else None
+    sample = torch.randn(2, 16, 32, requires_grad=True)
+    with held_casts([stage], weights_fixed=False):
+        output = stage.forward(sample, 0)
+    counted_input, counted_weight = _RerunBytes(stage.parameters), _RerunBytes(stage.parameters)
+    seed = torch.ones_like(output)  # made outside the counts: they hold the reruns alone
+    with counted_input:  # as the runtime runs a recomputed stage: W on autograd's path
+        _, state = backward_input([output], [seed], [sample], stage.parameters, direct=False)
+    del output  # the executor drops the outputs after I
+    with counted_weight:
+        backward_weight(state)
+    assert counted_weight.current == 0  # W frees every rerun tensor by its end
+    return counted_input, counted_weight
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_split_backwards_w_holds_one_layers_rerun_however_many_layers_it_reruns(precision):
+    """W of a recomputed stage reruns each checkpointed layer once more, and the checkpoint keeps
+    a rerun tensor until W unpacks it or the node holding its slot dies; what only I's nodes read
+    W never unpacks. W runs its groups one layer at a time, the last first
+    (`PlanShape.rerun_order`), so a layer's nodes and leftovers die before the next layer's rerun:
+    its peak is one layer's, on one, two or three blocks, as I's is. (In the walk's order, which
+    interleaves the layers, W held every layer's rerun at once: 137024 bytes on two blocks in
+    bf16, 196928 on three, against 68928 on one.)"""
+    counts = {n: _split_backward_reruns(n, precision) for n in (1, 2, 3)}
+    one_input, one_weight = counts[1]
+    for num_blocks in (2, 3):
+        counted_input, counted_weight = counts[num_blocks]
+        assert counted_weight.peak == one_weight.peak  # not growing with the layers
+        assert counted_weight.peak_copies == one_weight.peak_copies  # one block's copies (bf16)
+        assert counted_input.peak == one_input.peak
+    assert one_weight.peak == one_input.peak > 0  # I's one layer, which the plan prices
+    assert (one_weight.peak_copies > 0) == (precision == "bf16")
