@@ -100,3 +100,16 @@ def test_seed_gives_the_scaled_losses_gradients_bit_for_bit() -> None:
             assert torch.equal(weight.grad, expected)
             recorded = scaled_losses([loss.detach()], [scale])
             assert torch.equal(recorded[0], (loss.detach() * scale).to(torch.float64))
+
+
+def test_scaled_losses_round_each_product_as_loss_times_scale() -> None:
+    # float32 and float64 take one multiply of the stacked losses; other dtypes one op per loss.
+    from pipefold.runtime.executor_parts import scaled_losses
+
+    generator = torch.Generator().manual_seed(1)
+    scales = [1 / 3, 1 / 64, 0.1, 7 / 1000, 2 / 3, 1.0, 5 / 11, 1 / 6]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for magnitude in (1e-30, 1e-3, 1.0, 1e4, 1e30):
+            losses = [(torch.randn((), generator=generator) * magnitude).to(dtype) for _ in scales]
+            expected = torch.stack([(loss * scale).to(torch.float64) for loss, scale in zip(losses, scales)])
+            assert torch.equal(scaled_losses(losses, scales), expected), (dtype, magnitude)

@@ -391,7 +391,10 @@ class Collectives:
         self._device = device
         self._watchdog = watchdog
         self._exchange: ShmExchange | None = None
-        self.progress = Progress(None, rank=dist.get_rank(group), num_ranks=len(self._global))
+        # This process's rank in `group`, read once (a call into c10d each time otherwise, on
+        # the step's start: `broadcast_object` of the batch's description).
+        self._rank = dist.get_rank(group)
+        self.progress = Progress(None, rank=self._rank, num_ranks=len(self._global))
         """Where each rank is (pipefold/runtime/progress.py); shared when the exchange is."""
 
     @property
@@ -516,7 +519,7 @@ class Collectives:
 
     def broadcast_object(self, value: Any, *, src: int, what: str) -> Any:
         """`value` from pipeline rank `src` on every rank (pickled; small objects only)."""
-        is_src = dist.get_rank(self._group) == src
+        is_src = self._rank == src
         payload = pickle.dumps(value) if is_src else b""
         if self._exchange is not None:
             shared = self._exchange.broadcast(
