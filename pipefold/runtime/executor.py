@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,7 @@ from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.sent_outputs import release_sent
+from pipefold.runtime.step_gather import EVENT_FIELDS, op_code
 from pipefold.runtime.stage import Stage, as_leaves, flatten
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Action, Op, Program
@@ -218,6 +220,7 @@ class Executor:
         out in shared memory: each tensor aligned, see `shm.layout`)."""
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
+        self._timed_layout()
         self._reset(None)
 
     def _after_gather(
@@ -250,6 +253,7 @@ class Executor:
             for handler, action, timed, code in self._plain_dispatch
         )
         self._fused_codes = ()
+        self._timed_layout()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -307,15 +311,10 @@ class Executor:
                     # _complete, which moves _ready_at); the compute event starts after it.
                     starts[code] = self._ready_at
         self.current = None
+        table = None
         if not cuda:
-            compute_ends = self._compute_ends
-            for code in self._fused_codes:
-                ends[code] = compute_ends[code]
-            events = [
-                (action, starts[code] - t0, ends[code] - t0)
-                for _, action, timed, code in self._dispatch
-                if timed
-            ]
+            table = self._event_table(t0)
+            events = list(zip(self._timed_actions, table[:, 3].tolist(), table[:, 4].tolist()))
         self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
@@ -330,7 +329,30 @@ class Executor:
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
-        return StepRecord(losses, tuple(events), waits, peak, t0, rank)
+        return StepRecord(losses, tuple(events), waits, peak, t0, rank, event_table=table)
+
+    def _timed_layout(self) -> None:
+        """The compute actions' progress codes and fields (`step_gather.EVENT_FIELDS`' first
+        three), in the loop's order, and those of the fused ones (whose end is the compute's)."""
+        timed = [(action, code) for _, action, is_timed, code in self._dispatch if is_timed]
+        self._timed_actions = tuple(action for action, _ in timed)
+        self._timed_codes = np.array([code for _, code in timed], dtype=np.intp)
+        fields = [(op_code(action.op), action.stage, action.microbatch) for action, _ in timed]
+        self._timed_fields = np.array(fields, dtype=np.float64).reshape(len(timed), 3)
+        self._fused_index = np.array(self._fused_codes, dtype=np.intp)
+
+    def _event_table(self, t0: float) -> np.ndarray:
+        """This step's compute events as rows (op code, stage, micro-batch, start, end), times
+        from `t0`, built with array operations (a step has a few hundred)."""
+        ends = np.array(self._ends)
+        if len(self._fused_index):
+            ends[self._fused_index] = np.array(self._compute_ends)[self._fused_index]
+        codes = self._timed_codes
+        table = np.empty((len(codes), EVENT_FIELDS), dtype=np.float64)
+        table[:, :3] = self._timed_fields
+        table[:, 3] = np.array(self._starts)[codes] - t0
+        table[:, 4] = ends[codes] - t0
+        return table
 
     def _reset(self, step: StepInputs | None) -> None:
         stages, mbs = self._num_stages, self._num_microbatches

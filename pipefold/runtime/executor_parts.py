@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,6 +80,9 @@ class StepRecord:
     origin: float = 0.0
     """`time.perf_counter()` at the step's start on this rank; event times are relative to it."""
     rank: int = 0
+    event_table: np.ndarray | None = field(default=None, compare=False)
+    """`event_stamps` as rows of numbers (`step_gather.EVENT_FIELDS`: op code, stage,
+    micro-batch, start, end), where the executor built them so (for the step's gather)."""
 
     @property
     def events(self) -> tuple[Event, ...]:
