@@ -636,8 +636,20 @@ class Executor:
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
         if send_to is not None:
             self._compute_ends[code] = time.perf_counter()
-            self._route_input_grads(s, mb, leaves, input_grads)
-            self._send_backward(action, peer=send_to)
+            if (
+                len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
+                and self._p2p is not None
+            ):
+                # The usual boundary: its one gradient is what `_route_input_grads` would put
+                # in `_send_grads` for `_send_backward` (a send means the previous stage is on
+                # another rank), sent without the two calls and the table's round trip.
+                sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
+                transfer = self._senders[send_to](sent)
+                if transfer is not None or self._sends:
+                    self._keep_until_sent(transfer, action, sent)
+            else:
+                self._route_input_grads(s, mb, leaves, input_grads)
+                self._send_backward(action, peer=send_to)
         self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
         stash = self._stages[s].stash
         if stash is not None:
