@@ -64,7 +64,7 @@ from pipefold.runtime.progress import Progress
 from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.sent_outputs import release_sent
 from pipefold.runtime.step_gather import EVENT_FIELDS, op_code
-from pipefold.runtime.stage import Stage, as_leaves, flatten
+from pipefold.runtime.stage import Stage, as_leaves
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Action, Op, Program
 from pipefold.schedule.shard import gather_waits
@@ -499,7 +499,9 @@ class Executor:
             self._losses[mb] = loss.detach()
             outputs: tuple[Tensor, ...] = (loss,)
         else:
-            outputs = flatten(output)
+            # `flatten`, inlined for a stage's usual one tensor: on the path from the compute's
+            # end to the send's flag.
+            outputs = (output,) if isinstance(output, Tensor) else tuple(output)
             if send_to is not None:
                 self._compute_ends[code] = time.perf_counter()
                 self._send_outputs(action, outputs, send_to)
@@ -654,7 +656,7 @@ class Executor:
         stash = self._stages[s].stash
         if stash is not None:
             stash.after_backward(mb)
-        if send_to is None:
+        if send_to is None and s:  # stage 0 has no input gradient to route (`_route_input_grads`)
             self._route_input_grads(s, mb, leaves, input_grads)
 
     def _backward_input(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
