@@ -56,6 +56,7 @@ from pipefold.runtime.executor_parts import (
     message_bytes,
     matches,
     scaled_losses,
+    seed_tensor,
     seed_value,
 )
 from pipefold.runtime.failure import Watchdog
@@ -588,13 +589,19 @@ class Executor:
 
     # -- backward ----------------------------------------------------------------------------
 
-    def _output_grads(self, action: Action) -> Grads:
+    def _output_grads(self, action: Action, *, shared_seed: bool = False) -> Grads:
+        """The gradients at the outputs of `action`'s stage: received, handed over, or at the
+        last stage the loss's seed. `shared_seed`: the seed may be a tensor other backwards read
+        too (`seed_tensor`), for B, whose engine only reads it; I keeps its own, since W's direct
+        weight gradients may keep a gradient they are handed as a parameter's `.grad`."""
         s, mb = action.stage, action.microbatch
         if self._stages[s].is_last:
             loss = self._outputs[s][mb][0]
             step = self._step_inputs
             if step is None:
                 raise self._outside_run()
+            if shared_seed:
+                return (seed_tensor(step.scales[mb], step.loss_scale, loss),)
             return (torch.full_like(loss, seed_value(step.scales[mb], step.loss_scale, loss.dtype)),)
         pending = self._recv_b[s][mb]
         if pending is not None:
@@ -633,7 +640,7 @@ class Executor:
     def _backward(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
         """B; with `send_to`, then its SEND_B (as `_forward`), sent before the graph is freed."""
         s, mb = action.stage, action.microbatch
-        grads = self._output_grads(action)
+        grads = self._output_grads(action, shared_seed=True)
         leaves = self._inputs_of[s][mb]
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
         if send_to is not None:
