@@ -14,6 +14,12 @@ call, the loss function, the autograd engine), and what those entries run: torch
 there yet (`Watchdog.wait_until`) depend on timing, so they are counted apart and left out.
 The table gives, per op, calls per action (averaged over that op's actions in the step), and
 the headline: runtime calls per compute action (F, B, I, W; messages charged to them).
+
+The step's edges, the calls of `Pipeline.step` outside the executor's loop (the batch's split
+and the broadcast of its description, the run's set-up, the loss and timeline gather, the
+gradients' finish: what a step pays once, whatever its micro-batches), are counted apart, per
+step, in the row `EDGES` (not in the headline); `--code DIR` counts another checkout's (e.g.
+`git archive <commit> | tar -x -C DIR`) with this script's counting.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ COMPUTE = "compute entry"
 INSIDE = "inside compute"
 HOOK = "runtime hook inside compute"
 POLL = "polls (timing-dependent, left out)"
+EDGES = "EDGES"
+"""The label of calls outside the executor's loop: the step's start and end (per step)."""
 
 # Python functions whose whole call is torch's compute (a module call, autograd's engine).
 _COMPUTE_FUNCTIONS = frozenset({"_wrapped_call_impl", "_call_impl", "_engine_run_backward"})
@@ -192,7 +200,7 @@ def _worker(args: argparse.Namespace) -> None:
 
         def label(executor: Any = executor) -> str | None:
             current = executor.current
-            return None if current is None else current.op.name
+            return EDGES if current is None else current.op.name
 
         counter = CallCounter(label, compute_codes=frozenset({loss_code}) if loss_code else frozenset())
         side.zero_grad()
@@ -203,14 +211,16 @@ def _worker(args: argparse.Namespace) -> None:
         finally:
             sys.setprofile(None)
         num_compute = sum(n for op, n in actions.items() if op in ("F", "B", "I", "W"))
+        edges = counter.counts.pop(EDGES, collections.Counter())
+        actions[EDGES] = 1  # per step
         functions: collections.Counter[str] = collections.Counter()
-        for op, calls in counter.counts.items():
+        for op, calls in (*counter.counts.items(), (EDGES, edges)):
             for (category, function), number in calls.items():
                 if category in (RUNTIME, COMPUTE, HOOK):
                     functions[f"{op} {category}: {function}"] += number
         row = {
             "actions": dict(actions),
-            "per_action": per_action(counter.counts, dict(actions)),
+            "per_action": {**per_action(counter.counts, dict(actions)), **per_action({EDGES: edges}, {EDGES: 1})},
             "runtime_per_compute_action": runtime_per_compute_action(counter.counts, num_compute),
             "functions": [(f, n / actions[f.split()[0]]) for f, n in functions.most_common(args.functions)],
         }
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--functions", type=int, default=0, help="list this many functions per rank")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    parser.add_argument("--code", help="count this checkout's runtime instead (its pipefold and harness)")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     if args.worker:
@@ -261,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from benchmarks.harness.ranks import launch_workers
 
-    done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout, capture=True)
+    code = Path(args.code).resolve() if args.code else ROOT
+    # The ranks import `code`'s pipefold and harness (its directory first on their path); this
+    # script's own counting runs there.
+    done = launch_workers(__file__, args.ranks, worker, code=code, timeout=args.timeout, capture=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             results = json.loads(line[len("RESULT "):])

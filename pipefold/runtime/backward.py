@@ -41,7 +41,7 @@ from pipefold.runtime.backward_plan import (
     prepare_all,
     root_edge,
 )
-from pipefold.runtime.sent_outputs import output_shape
+from pipefold.runtime.sent_outputs import SENT_SHAPE, output_shape
 
 __all__ = ["GroupCache", "WeightGradState", "backward_full", "backward_input", "backward_weight"]
 
@@ -115,6 +115,35 @@ def backward_full(
     every leaf of the stage's graph, as `loss.backward()` would). The inputs' own `.grad`
     is left as it was. For the last stage pass `outputs=(loss,)`, `output_grads=(None,)`.
     """
+    if len(outputs) == 1 and len(output_grads) == 1 and len(inputs) <= 1 and _engine_run_backward is not None:
+        # A stage's usual B: one output with its gradient, one input leaf that wants its
+        # gradient or none (a first stage). `_roots`, `_check_inputs` and `_run_engine`
+        # inlined, with the same checks (whatever fails one takes the general path below, which
+        # raises or handles it): four Python calls fewer on each B, which runs right after
+        # autograd's engine left the caches cold.
+        (output,), (grad,) = outputs, output_grads
+        root = (output,)
+        if (
+            grad is not None
+            and output.requires_grad
+            and grad.shape == getattr(output, SENT_SHAPE, output.shape)  # `output_shape`, inlined
+            and not _has_torch_function(root)
+        ):
+            if not inputs:
+                _engine_run_backward(root, (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+                return ()
+            (leaf,) = inputs
+            if leaf.requires_grad and leaf.grad_fn is None:
+                kept = leaf.grad
+                leaf.grad = None
+                try:
+                    _engine_run_backward(
+                        root, (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True
+                    )
+                    found = leaf.grad
+                finally:
+                    leaf.grad = kept
+                return (found,)
     roots, root_grads = _roots(outputs, output_grads)
     wanted = _check_inputs(inputs)
     if not roots:

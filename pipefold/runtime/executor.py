@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,6 +56,7 @@ from pipefold.runtime.executor_parts import (
     message_bytes,
     matches,
     scaled_losses,
+    seed_tensor,
     seed_value,
 )
 from pipefold.runtime.failure import Watchdog
@@ -62,7 +64,8 @@ from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.sent_outputs import release_sent
-from pipefold.runtime.stage import Stage, as_leaves, flatten
+from pipefold.runtime.step_gather import EVENT_FIELDS, op_code
+from pipefold.runtime.stage import Stage, as_leaves
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Action, Op, Program
 from pipefold.schedule.shard import gather_waits
@@ -218,6 +221,7 @@ class Executor:
         out in shared memory: each tensor aligned, see `shm.layout`)."""
         self.current: Action | None = None
         """The action running (or last run); names the failure point in error reports."""
+        self._timed_layout()
         self._reset(None)
 
     def _after_gather(
@@ -250,6 +254,7 @@ class Executor:
             for handler, action, timed, code in self._plain_dispatch
         )
         self._fused_codes = ()
+        self._timed_layout()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -307,15 +312,10 @@ class Executor:
                     # _complete, which moves _ready_at); the compute event starts after it.
                     starts[code] = self._ready_at
         self.current = None
+        table = None
         if not cuda:
-            compute_ends = self._compute_ends
-            for code in self._fused_codes:
-                ends[code] = compute_ends[code]
-            events = [
-                (action, starts[code] - t0, ends[code] - t0)
-                for _, action, timed, code in self._dispatch
-                if timed
-            ]
+            table = self._event_table(t0)
+            events = list(zip(self._timed_actions, table[:, 3].tolist(), table[:, 4].tolist()))
         self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
@@ -330,7 +330,30 @@ class Executor:
         peak = counter.peak if counter is not None else 0
         waits = tuple(self._waits)
         self._reset(None)
-        return StepRecord(losses, tuple(events), waits, peak, t0, rank)
+        return StepRecord(losses, tuple(events), waits, peak, t0, rank, event_table=table)
+
+    def _timed_layout(self) -> None:
+        """The compute actions' progress codes and fields (`step_gather.EVENT_FIELDS`' first
+        three), in the loop's order, and those of the fused ones (whose end is the compute's)."""
+        timed = [(action, code) for _, action, is_timed, code in self._dispatch if is_timed]
+        self._timed_actions = tuple(action for action, _ in timed)
+        self._timed_codes = np.array([code for _, code in timed], dtype=np.intp)
+        fields = [(op_code(action.op), action.stage, action.microbatch) for action, _ in timed]
+        self._timed_fields = np.array(fields, dtype=np.float64).reshape(len(timed), 3)
+        self._fused_index = np.array(self._fused_codes, dtype=np.intp)
+
+    def _event_table(self, t0: float) -> np.ndarray:
+        """This step's compute events as rows (op code, stage, micro-batch, start, end), times
+        from `t0`, built with array operations (a step has a few hundred)."""
+        ends = np.array(self._ends)
+        if len(self._fused_index):
+            ends[self._fused_index] = np.array(self._compute_ends)[self._fused_index]
+        codes = self._timed_codes
+        table = np.empty((len(codes), EVENT_FIELDS), dtype=np.float64)
+        table[:, :3] = self._timed_fields
+        table[:, 3] = np.array(self._starts)[codes] - t0
+        table[:, 4] = ends[codes] - t0
+        return table
 
     def _reset(self, step: StepInputs | None) -> None:
         stages, mbs = self._num_stages, self._num_microbatches
@@ -477,7 +500,9 @@ class Executor:
             self._losses[mb] = loss.detach()
             outputs: tuple[Tensor, ...] = (loss,)
         else:
-            outputs = flatten(output)
+            # `flatten`, inlined for a stage's usual one tensor: on the path from the compute's
+            # end to the send's flag.
+            outputs = (output,) if isinstance(output, Tensor) else tuple(output)
             if send_to is not None:
                 self._compute_ends[code] = time.perf_counter()
                 self._send_outputs(action, outputs, send_to)
@@ -564,13 +589,19 @@ class Executor:
 
     # -- backward ----------------------------------------------------------------------------
 
-    def _output_grads(self, action: Action) -> Grads:
+    def _output_grads(self, action: Action, *, shared_seed: bool = False) -> Grads:
+        """The gradients at the outputs of `action`'s stage: received, handed over, or at the
+        last stage the loss's seed. `shared_seed`: the seed may be a tensor other backwards read
+        too (`seed_tensor`), for B, whose engine only reads it; I keeps its own, since W's direct
+        weight gradients may keep a gradient they are handed as a parameter's `.grad`."""
         s, mb = action.stage, action.microbatch
         if self._stages[s].is_last:
             loss = self._outputs[s][mb][0]
             step = self._step_inputs
             if step is None:
                 raise self._outside_run()
+            if shared_seed:
+                return (seed_tensor(step.scales[mb], step.loss_scale, loss),)
             return (torch.full_like(loss, seed_value(step.scales[mb], step.loss_scale, loss.dtype)),)
         pending = self._recv_b[s][mb]
         if pending is not None:
@@ -609,18 +640,30 @@ class Executor:
     def _backward(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
         """B; with `send_to`, then its SEND_B (as `_forward`), sent before the graph is freed."""
         s, mb = action.stage, action.microbatch
-        grads = self._output_grads(action)
+        grads = self._output_grads(action, shared_seed=True)
         leaves = self._inputs_of[s][mb]
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
         if send_to is not None:
             self._compute_ends[code] = time.perf_counter()
-            self._route_input_grads(s, mb, leaves, input_grads)
-            self._send_backward(action, peer=send_to)
+            if (
+                len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
+                and self._p2p is not None
+            ):
+                # The usual boundary: its one gradient is what `_route_input_grads` would put
+                # in `_send_grads` for `_send_backward` (a send means the previous stage is on
+                # another rank), sent without the two calls and the table's round trip.
+                sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
+                transfer = self._senders[send_to](sent)
+                if transfer is not None or self._sends:
+                    self._keep_until_sent(transfer, action, sent)
+            else:
+                self._route_input_grads(s, mb, leaves, input_grads)
+                self._send_backward(action, peer=send_to)
         self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
         stash = self._stages[s].stash
         if stash is not None:
             stash.after_backward(mb)
-        if send_to is None:
+        if send_to is None and s:  # stage 0 has no input gradient to route (`_route_input_grads`)
             self._route_input_grads(s, mb, leaves, input_grads)
 
     def _backward_input(self, action: Action, send_to: int | None = None, code: int = 0) -> None:

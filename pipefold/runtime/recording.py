@@ -83,6 +83,7 @@ class StepRecorder:
             host=host,
             losses=record.losses,
             num_slots=slots,
+            event_table=record.event_table,
         )
         rows = self._collectives.all_gather(row, what="loss and timeline gather")
         losses = step_gather.losses_of(rows, slots, self.schedule.num_microbatches)

@@ -24,10 +24,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["output_shape", "release_sent"]
+__all__ = ["SENT_SHAPE", "output_shape", "release_sent"]
 
 _SHAPE = "_pipefold_sent_shape"
 """The attribute a released output keeps its shape in."""
+SENT_SHAPE = _SHAPE
+"""`_SHAPE` for code that inlines `output_shape` (the backward's one-output path)."""
 
 # The backward seeds a released output through autograd's engine entry (runtime.backward's
 # `_run_engine`), which checks each seed against the graph's own record of the shape; the public

@@ -108,7 +108,10 @@ def split_batch(
             )
         described = _describe(inputs, "inputs")
     if collectives is not None:
-        described = collectives.broadcast_object(described, src=first_rank, what=f"{caller} start")
+        # A description is a frozen TensorMeta (or a tuple of them) that nothing changes.
+        described = collectives.broadcast_object(
+            described, src=first_rank, what=f"{caller} start", immutable=True
+        )
     if isinstance(described, tuple):
         parts: tuple[TensorMeta, ...] | None = described
         if len(described) != num_microbatches:

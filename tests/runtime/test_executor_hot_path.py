@@ -100,3 +100,39 @@ def test_seed_gives_the_scaled_losses_gradients_bit_for_bit() -> None:
             assert torch.equal(weight.grad, expected)
             recorded = scaled_losses([loss.detach()], [scale])
             assert torch.equal(recorded[0], (loss.detach() * scale).to(torch.float64))
+
+
+def test_scaled_losses_round_each_product_as_loss_times_scale() -> None:
+    # float32 and float64 take one multiply of the stacked losses; other dtypes one op per loss.
+    from pipefold.runtime.executor_parts import scaled_losses
+
+    generator = torch.Generator().manual_seed(1)
+    scales = [1 / 3, 1 / 64, 0.1, 7 / 1000, 2 / 3, 1.0, 5 / 11, 1 / 6]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for magnitude in (1e-30, 1e-3, 1.0, 1e4, 1e30):
+            losses = [(torch.randn((), generator=generator) * magnitude).to(dtype) for _ in scales]
+            expected = torch.stack([(loss * scale).to(torch.float64) for loss, scale in zip(losses, scales)])
+            assert torch.equal(scaled_losses(losses, scales), expected), (dtype, magnitude)
+
+
+def test_a_shared_seed_is_read_never_written():
+    # B's seed at the loss is one tensor per value (executor_parts.seed_tensor): a backward must
+    # leave it as it was, even where the loss adds a parameter directly (its gradient is then
+    # the seed itself, which accumulation must copy, not keep).
+    from pipefold.runtime.backward import backward_full
+    from pipefold.runtime.executor_parts import seed_tensor, seed_value
+
+    weight = torch.randn(3, requires_grad=True)
+    bias = torch.zeros((), requires_grad=True)
+    x = torch.randn(3)
+    seed = None
+    for _ in range(3):
+        loss = (weight * x).sum() + bias
+        seed = seed_tensor(1 / 3, 1.0, loss)
+        assert seed is seed_tensor(1 / 3, 1.0, loss.detach().clone())
+        backward_full((loss,), (seed,), ())
+        assert torch.equal(seed, torch.full_like(loss, seed_value(1 / 3, 1.0, loss.dtype)))
+        assert bias.grad is not seed
+    assert torch.equal(bias.grad, 3 * torch.full((), seed_value(1 / 3, 1.0, torch.float32)))
+    assert seed_tensor(1 / 3, 1.0, torch.zeros(1)) is not seed  # another shape
+    assert seed_tensor(1 / 3, 1.0, torch.zeros((), dtype=torch.float64)).dtype == torch.float64

@@ -136,3 +136,23 @@ def test_open_refuses_another_file(tmp_path):
     assert ShmExchange.open(tmp_path, "exchange", num_ranks=2, rank=1, capacity=CAPACITY, token=wrong) is None
     assert ShmExchange.open(tmp_path, "exchange", num_ranks=3, rank=1, capacity=CAPACITY, token=token) is None
     assert ShmExchange.open(tmp_path, "missing", num_ranks=2, rank=1, capacity=CAPACITY, token=token) is None
+
+
+def test_last_pickle_reuses_only_what_is_equal():
+    # The step's batch description is broadcast with it (Collectives.broadcast_object(immutable=True)).
+    from pipefold.model import TensorMeta
+    from pipefold.runtime.transport.comm import LastPickle
+
+    sender, receiver = LastPickle(), LastPickle()
+    first = TensorMeta(shapes=((64, 8),), dtypes=(torch.float32,), is_tuple=False)
+    payload = sender.dumps(first)
+    value = receiver.loads(payload)
+    assert value == first
+    # The next step's equal description (a new object): the same payload, the same value back.
+    again = sender.dumps(TensorMeta(shapes=((64, 8),), dtypes=(torch.float32,), is_tuple=False))
+    assert again is payload and receiver.loads(bytes(again)) is value
+    # Another shape, or an equal tuple that is not the same type: pickled and unpickled anew.
+    other = TensorMeta(shapes=((32, 8),), dtypes=(torch.float32,), is_tuple=False)
+    assert receiver.loads(sender.dumps(other)) == other
+    assert sender.dumps((1, 2)) != sender.dumps([1, 2])
+    assert receiver.loads(sender.dumps([1, 2])) == [1, 2]

@@ -59,3 +59,48 @@ def test_gathered_step_decodes_once_and_only_when_read():
     assert calls == []
     assert step.timeline() is timeline and step.timeline() is timeline
     assert calls == [1]
+
+
+def test_the_executors_event_table_packs_as_its_stamps():
+    # The executor hands the gather its events as an array (`StepRecord.event_table`); the row
+    # must be the one its stamps give. One process, two stages on one rank (a hand-off).
+    from torch import nn
+
+    from pipefold import Pipeline
+    from pipefold.runtime import LayoutOptions
+
+    layers = [nn.Linear(4, 4) for _ in range(4)]
+    pipe = Pipeline(layers, loss_fn=nn.functional.mse_loss, schedule="interleaved-1f1b", num_microbatches=4,
+                    num_virtual=2, layout=LayoutOptions(partition=[2, 2]))
+    seen = []
+    run = pipe.executor.run
+    pipe.executor.run = lambda *args, **kwargs: seen.append(run(*args, **kwargs)) or seen[-1]  # type: ignore[method-assign]
+    pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+    (record,) = seen
+    assert record.event_table is not None and len(record.event_stamps) == 16
+    expected = [(step_gather.op_code(action.op), action.stage, action.microbatch, start, end)
+                for action, start, end in record.event_stamps]
+    assert record.event_table.tolist() == [list(row) for row in expected]
+    kwargs = dict(activation_bytes_peak=1, weight_versions_peak=1, origin=2.0, host=3,
+                  losses=torch.zeros(4, dtype=torch.float64), num_slots=40)
+    with_table = step_gather.pack_stamps(record.event_stamps, record.wait_stamps, event_table=record.event_table,
+                                         **kwargs)
+    assert torch.equal(with_table, step_gather.pack_stamps(record.event_stamps, record.wait_stamps, **kwargs))
+
+
+def test_a_fused_actions_event_ends_at_its_compute():
+    # A compute action that sends from its handler: its event ends where its compute did, not
+    # after the send (the loop's end stamp).
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipefold.runtime.executor import Executor
+
+    fake = SimpleNamespace(
+        _starts=[0.0, 10.0, 20.0, 30.0], _ends=[0.0, 15.0, 26.0, 38.0], _compute_ends=[0.0, 0.0, 24.0, 0.0],
+        _fused_index=np.array([2]), _timed_codes=np.array([1, 2, 3]),
+        _timed_fields=np.array([[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 1]]),
+    )
+    table = Executor._event_table(fake, 10.0)  # type: ignore[arg-type]
+    assert table[:, 3].tolist() == [0.0, 10.0, 20.0] and table[:, 4].tolist() == [5.0, 14.0, 28.0]
