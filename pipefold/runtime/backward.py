@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.runtime.backward_groups import (
+    Adds,
     Frontier,
     Grads,
     Group,
@@ -194,15 +195,33 @@ def backward_input(
     (docs/decisions.md, "direct weight gradients"). `cache` (one per stage, kept by the
     caller) saves rebuilding what every graph of a shape shares.
     """
-    roots, root_grads = _roots(outputs, output_grads)
-    wanted = _check_inputs(inputs)
+    roots: list[Tensor]
+    root_grads: list[Tensor]
+    if len(outputs) == 1 and len(output_grads) == 1 and len(inputs) == 1:
+        # A stage's usual boundary: `_roots` and `_check_inputs` inlined, with the same checks
+        # (whatever fails one takes their calls, which raise or handle it).
+        (output,), (grad,), (leaf,) = outputs, output_grads, inputs
+        if (
+            grad is not None
+            and output.requires_grad
+            and grad.shape == getattr(output, SENT_SHAPE, output.shape)  # `output_shape`, inlined
+            and leaf.requires_grad
+            and leaf.grad_fn is None
+        ):
+            roots, root_grads, wanted = [output], [grad], [0]
+        else:
+            roots, root_grads = _roots(outputs, output_grads)
+            wanted = _check_inputs(inputs)
+    else:
+        roots, root_grads = _roots(outputs, output_grads)
+        wanted = _check_inputs(inputs)
     if not wanted or not roots:
         # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
         # whole backward, one engine call from the outputs into `params`, so no walk or plan.
         # It holds the outputs' edges, not the outputs.
         whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
         return tuple(None for _ in inputs), WeightGradState(_whole=whole)
-    wanted_inputs = [inputs[i] for i in wanted]
+    wanted_inputs = [inputs[0]] if len(inputs) == 1 else [inputs[i] for i in wanted]
     key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
     )
@@ -214,14 +233,18 @@ def backward_input(
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        found = _run_engine(
-            roots,
-            root_grads,
-            [*wanted_inputs, *prepared.captured_edges(nodes)],
-            retain_graph=True,
-            accumulate_grad=False,
-            tensors=(*roots, *wanted_inputs),
-        )
+        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *prepared.captured_edges(nodes))
+        tensors = (*roots, *wanted_inputs)
+        if _engine_run_backward is not None and not _has_torch_function(tensors):
+            # `_run_engine`'s common case, without its frame and conversions.
+            found = _engine_run_backward(
+                tuple(roots), tuple(root_grads), True, False, engine_inputs,
+                allow_unreachable=True, accumulate_grad=False,
+            )
+        else:
+            found = _run_engine(
+                roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False, tensors=tensors
+            )
         num_wanted = len(wanted)
         for i, grad in zip(wanted, found, strict=False):
             result[i] = grad
@@ -339,6 +362,9 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
     # tensors recomputes its region, once per scope.
     scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     enabled = torch.is_grad_enabled()
+    # The direct groups' additions into existing gradients, run together (`Adds`): at the
+    # end, or before an autograd group, whose hooks could read or replace a gradient.
+    adds = Adds()
     with scope:
         torch._C._set_grad_enabled(False)
         try:
@@ -348,10 +374,11 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
                     position, at = plan.first
                     node = nodes[position]
                     assert node is not None
-                    if accumulate_at(found, node, kept[at]):
+                    if accumulate_at(found, node, kept[at], adds):
                         # Freed as it runs, as the other form drops each group (see there).
                         nodes[position] = kept[at] = None
                         continue
+                adds.run()
                 group = plan.group(nodes, kept, direct=False)
                 for position, at, num_outputs in plan.frontiers:
                     nodes[position] = None
@@ -363,9 +390,12 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
                     torch._C._set_grad_enabled(False)
                 del group
         finally:
-            torch._C._set_grad_enabled(enabled)
-            nodes.clear()
-            kept.clear()
+            try:
+                adds.run()  # what ran before an error is accumulated, as group by group
+            finally:
+                torch._C._set_grad_enabled(enabled)
+                nodes.clear()
+                kept.clear()
 
 
 def _run_group(group: Group, retain_graph: bool) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 __all__ = [
+    "Adds",
     "Direct",
     "Frontier",
     "Group",
@@ -82,6 +83,19 @@ class Direct:
     bias: Tensor | None
     slots: tuple[tuple[int, Tensor], ...] = ()
     """"compiled": (output index of `node`, the parameter whose gradient it is), per edge."""
+    # The readiness memo (`accumulate_at`): once `_ready` passed for the parameters in one
+    # stretch (`GroupCache.reset` ends it), a later call checks only what can change without
+    # a step boundary in between, see `accumulate_at`.
+    ready: torch.dtype | None = None
+    """The gradient dtype `_ready` passed both parameters for; None: check them again."""
+    weight_slot: Tensor | None = None
+    """`weight.grad` as `_ready` passed it or `W` last left it (None: was None)."""
+    bias_slot: Tensor | None = None
+    """`bias.grad`, likewise."""
+
+    def forget(self) -> None:
+        """End the readiness memo: the next call checks the parameters in full."""
+        self.ready = self.weight_slot = self.bias_slot = None
 
 
 def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
@@ -264,25 +278,62 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     return accumulate_at(direct, frontier.node, grads[0])
 
 
-def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
+def accumulate_at(direct: Direct, node: Node, grad: Tensor | None, adds: Adds | None = None) -> bool:
     """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
-    the gradient that arrived at the node's first output (the layer's output)."""
+    the gradient that arrived at the node's first output (the layer's output).
+
+    `adds`: where given, the plain additions into existing gradients (`slot.add_(value)`: a
+    linear's bias, a layer norm's weight and bias) are appended to it instead of run, for the
+    caller to run together (`Adds.run`, before anything else can touch those gradients).
+
+    The parameters' readiness (`_ready`) is checked in full once and then remembered on
+    `direct` (`Direct.ready`) until `GroupCache.reset`, which the executor calls at each step's
+    start and after each action that may swap a parameter's data (STEP under a weight stash,
+    the sharding actions). In between, a call checks per parameter only what user code can
+    change at any time without touching the parameter's data: `.grad` is the tensor checked
+    or last written here (an assignment, `zero_grad(set_to_none=True)`, autograd's fallback
+    replacing it), and no hook sits on its accumulation. (What the memo holds besides is set
+    once when a model is built: the parameters' type, dtype, layout, contiguity and
+    `grad_dtype`, and their gradients'.)"""
     if grad is None or type(grad) is not Tensor:
         return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
     weight_grad = bias_grad = None
-    if weight is not None:
-        ready, weight_grad = _ready(weight, dtype)
-        if not ready:
-            return False
-    if bias is not None:
-        ready, bias_grad = _ready(bias, dtype)
-        if not ready:
-            return False
+    if (
+        direct.ready is dtype
+        and (
+            weight is None
+            or (
+                weight.grad is direct.weight_slot
+                and not weight._backward_hooks
+                and not weight._post_accumulate_grad_hooks
+            )
+        )
+        and (
+            bias is None
+            or (
+                bias.grad is direct.bias_slot
+                and not bias._backward_hooks
+                and not bias._post_accumulate_grad_hooks
+            )
+        )
+    ):
+        weight_grad, bias_grad = direct.weight_slot, direct.bias_slot
+    else:
+        direct.ready = None
+        if weight is not None:
+            ready, weight_grad = _ready(weight, dtype)
+            if not ready:
+                return False
+        if bias is not None:
+            ready, bias_grad = _ready(bias, dtype)
+            if not ready:
+                return False
+        direct.ready, direct.weight_slot, direct.bias_slot = dtype, weight_grad, bias_grad
     kind = direct.kind
     if kind == "layer_norm":
-        return _layer_norm_direct(weight, bias, weight_grad, bias_grad, node, grad, dtype)
+        return _layer_norm_direct(direct, weight_grad, bias_grad, node, grad, dtype, adds)
     saved_input: Tensor
     if kind == "addmm":
         if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
@@ -300,44 +351,68 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         or (bias is not None and bias.shape != (grad_shape[1],))
     ):
         return False
-    # The gradient slots `_ready` read: nothing runs between the read and the write.
+    # The gradient slots as checked: nothing runs between the check and the write.
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
         # (`mT` is `t()` for a matrix, the same view, read as a property.)
         if weight_grad is None:
-            weight.grad = _mm(grad.mT, saved_input)
+            weight.grad = direct.weight_slot = _mm(grad.mT, saved_input)
         else:
             weight_grad.addmm_(grad.mT, saved_input)
     if bias is not None:
         # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
         if bias_grad is None:
-            bias.grad = _sum(grad, 0)  # a reduction's result is contiguous
-        else:
+            bias.grad = direct.bias_slot = _sum(grad, 0)  # a reduction's result is contiguous
+        elif adds is None:
             bias_grad.add_(_sum(grad, 0))
+        else:
+            adds.slots.append(bias_grad)
+            adds.values.append(_sum(grad, 0))
     return True
+
+
+class Adds:
+    """Additions into existing gradients (`slot.add_(value)`) that `W`'s direct groups leave
+    for one `torch._foreach_add_` (`run`): on a CPU it runs each `add_` in C++ (the same kernel,
+    so the same bits), without a Python call and argument parse per gradient. Each parameter
+    is in one group, so a slot appears at most once."""
+
+    __slots__ = ("slots", "values")
+
+    def __init__(self) -> None:
+        self.slots: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def run(self) -> None:
+        if self.slots:
+            _foreach_add_(self.slots, self.values)
+            self.slots.clear()
+            self.values.clear()
 
 
 _mm = torch.mm
 _sum = torch.sum
+_foreach_add_ = torch._foreach_add_
 # The overload itself: the packet's `__call__` resolves it in Python on every call.
 _native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
 def _layer_norm_direct(
-    weight: Tensor | None,
-    bias: Tensor | None,
+    direct: Direct,
     weight_slot: Tensor | None,
     bias_slot: Tensor | None,
     node: Node,
     grad: Tensor,
     dtype: torch.dtype,
+    adds: Adds | None,
 ) -> bool:
     """The layer norm's weight half; `weight_slot` and `bias_slot` are the parameters' `.grad`
-    as `_ready` read them."""
+    as checked (`accumulate_at`)."""
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
+    weight, bias = direct.weight, direct.bias
     _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
@@ -349,10 +424,26 @@ def _layer_norm_direct(
         [False, weight is not None, bias is not None],
     )
     if weight is not None:
-        _accumulate_into(weight, weight_slot, weight_grad)
+        if weight_slot is None:
+            weight.grad = direct.weight_slot = _contiguous(weight_grad)
+        elif adds is None:
+            weight_slot.add_(weight_grad)
+        else:
+            adds.slots.append(weight_slot)
+            adds.values.append(weight_grad)
     if bias is not None:
-        _accumulate_into(bias, bias_slot, bias_grad)
+        if bias_slot is None:
+            bias.grad = direct.bias_slot = _contiguous(bias_grad)
+        elif adds is None:
+            bias_slot.add_(bias_grad)
+        else:
+            adds.slots.append(bias_slot)
+            adds.values.append(bias_grad)
     return True
+
+
+def _contiguous(grad: Tensor) -> Tensor:
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
