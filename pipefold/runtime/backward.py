@@ -24,7 +24,6 @@ from torch.utils.hooks import RemovableHandle
 
 from pipefold.errors import BoundaryMismatch, PipelineError
 from pipefold.runtime.backward_groups import (
-    Adds,
     Frontier,
     Grads,
     Group,
@@ -53,6 +52,8 @@ _engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
 )
 
 _PreHook = Callable[[Grads], Grads | None]
+_HAS_EXEC_GROUP = hasattr(torch.utils.checkpoint, "GraphExecGroup")
+"""Whether this torch has `GraphExecGroup` (see `backward_weight`)."""
 _has_torch_function = torch.overrides.has_torch_function
 
 
@@ -312,12 +313,12 @@ def _last_kept(group: Group) -> int:
 
 def backward_weight(state: WeightGradState) -> None:
     """Weight half (`W`): accumulate the weight gradients into `param.grad`, free the state."""
-    if state.done:
+    if state._done:
         raise PipelineError(
             "backward_weight was called twice with the same WeightGradState; run W exactly once after each I"
         )
     disjoint = state._disjoint
-    share = disjoint and hasattr(torch.utils.checkpoint, "GraphExecGroup")
+    share = disjoint and _HAS_EXEC_GROUP
     state._done = True
     if state._plans:
         _weight_lean(state, share)
@@ -362,9 +363,6 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
     # tensors recomputes its region, once per scope.
     scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     enabled = torch.is_grad_enabled()
-    # The direct groups' additions into existing gradients, run together (`Adds`): at the
-    # end, or before an autograd group, whose hooks could read or replace a gradient.
-    adds = Adds()
     with scope:
         torch._C._set_grad_enabled(False)
         try:
@@ -374,11 +372,10 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
                     position, at = plan.first
                     node = nodes[position]
                     assert node is not None
-                    if accumulate_at(found, node, kept[at], adds):
+                    if accumulate_at(found, node, kept[at]):
                         # Freed as it runs, as the other form drops each group (see there).
                         nodes[position] = kept[at] = None
                         continue
-                adds.run()
                 group = plan.group(nodes, kept, direct=False)
                 for position, at, num_outputs in plan.frontiers:
                     nodes[position] = None
@@ -390,12 +387,9 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
                     torch._C._set_grad_enabled(False)
                 del group
         finally:
-            try:
-                adds.run()  # what ran before an error is accumulated, as group by group
-            finally:
-                torch._C._set_grad_enabled(enabled)
-                nodes.clear()
-                kept.clear()
+            torch._C._set_grad_enabled(enabled)
+            nodes.clear()
+            kept.clear()
 
 
 def _run_group(group: Group, retain_graph: bool) -> None:

@@ -16,7 +16,6 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 __all__ = [
-    "Adds",
     "Direct",
     "Frontier",
     "Group",
@@ -278,13 +277,9 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
     return accumulate_at(direct, frontier.node, grads[0])
 
 
-def accumulate_at(direct: Direct, node: Node, grad: Tensor | None, adds: Adds | None = None) -> bool:
+def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
     the gradient that arrived at the node's first output (the layer's output).
-
-    `adds`: where given, the plain additions into existing gradients (`slot.add_(value)`: a
-    linear's bias, a layer norm's weight and bias) are appended to it instead of run, for the
-    caller to run together (`Adds.run`, before anything else can touch those gradients).
 
     The parameters' readiness (`_ready`) is checked in full once and then remembered on
     `direct` (`Direct.ready`) until `GroupCache.reset`, which the executor calls at each step's
@@ -333,7 +328,7 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None, adds: Adds | 
         direct.ready, direct.weight_slot, direct.bias_slot = dtype, weight_grad, bias_grad
     kind = direct.kind
     if kind == "layer_norm":
-        return _layer_norm_direct(direct, weight_grad, bias_grad, node, grad, dtype, adds)
+        return _layer_norm_direct(direct, weight_grad, bias_grad, node, grad, dtype)
     saved_input: Tensor
     if kind == "addmm":
         if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
@@ -364,36 +359,13 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None, adds: Adds | 
         # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
         if bias_grad is None:
             bias.grad = direct.bias_slot = _sum(grad, 0)  # a reduction's result is contiguous
-        elif adds is None:
-            bias_grad.add_(_sum(grad, 0))
         else:
-            adds.slots.append(bias_grad)
-            adds.values.append(_sum(grad, 0))
+            bias_grad.add_(_sum(grad, 0))
     return True
-
-
-class Adds:
-    """Additions into existing gradients (`slot.add_(value)`) that `W`'s direct groups leave
-    for one `torch._foreach_add_` (`run`): on a CPU it runs each `add_` in C++ (the same kernel,
-    so the same bits), without a Python call and argument parse per gradient. Each parameter
-    is in one group, so a slot appears at most once."""
-
-    __slots__ = ("slots", "values")
-
-    def __init__(self) -> None:
-        self.slots: list[Tensor] = []
-        self.values: list[Tensor] = []
-
-    def run(self) -> None:
-        if self.slots:
-            _foreach_add_(self.slots, self.values)
-            self.slots.clear()
-            self.values.clear()
 
 
 _mm = torch.mm
 _sum = torch.sum
-_foreach_add_ = torch._foreach_add_
 # The overload itself: the packet's `__call__` resolves it in Python on every call.
 _native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
@@ -405,7 +377,6 @@ def _layer_norm_direct(
     node: Node,
     grad: Tensor,
     dtype: torch.dtype,
-    adds: Adds | None,
 ) -> bool:
     """The layer norm's weight half; `weight_slot` and `bias_slot` are the parameters' `.grad`
     as checked (`accumulate_at`)."""
@@ -426,19 +397,13 @@ def _layer_norm_direct(
     if weight is not None:
         if weight_slot is None:
             weight.grad = direct.weight_slot = _contiguous(weight_grad)
-        elif adds is None:
-            weight_slot.add_(weight_grad)
         else:
-            adds.slots.append(weight_slot)
-            adds.values.append(weight_grad)
+            weight_slot.add_(weight_grad)
     if bias is not None:
         if bias_slot is None:
             bias.grad = direct.bias_slot = _contiguous(bias_grad)
-        elif adds is None:
-            bias_slot.add_(bias_grad)
         else:
-            adds.slots.append(bias_slot)
-            adds.values.append(bias_grad)
+            bias_slot.add_(bias_grad)
     return True
 
 

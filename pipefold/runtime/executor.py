@@ -330,6 +330,8 @@ class Executor:
                     # _complete, which moves _ready_at); the compute event starts after it.
                     starts[code] = self._ready_at
         self.current = None
+        # The memo holds the gradients it checked: let them go with the step (`zero_grad`).
+        self._forget_readiness()
         table = None
         if not cuda:
             table = self._event_table(t0)
