@@ -221,7 +221,7 @@ def backward_input(
         # whole backward, one engine call from the outputs into `params`, so no walk or plan.
         # It holds the outputs' edges, not the outputs.
         whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
-        return tuple(None for _ in inputs), WeightGradState(_whole=whole)
+        return (None,) * len(inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[0]] if len(inputs) == 1 else [inputs[i] for i in wanted]
     key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None

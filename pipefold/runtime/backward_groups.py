@@ -91,6 +91,12 @@ class Direct:
     """`weight.grad` as `_ready` passed it or `W` last left it (None: was None)."""
     bias_slot: Tensor | None = None
     """`bias.grad`, likewise."""
+    rows: int = -1
+    """A linear's: the size the gradient's and the bias's last dim must have (the weight's rows),
+    as the memo's check found it."""
+    columns: int = -1
+    """A linear's: the size the saved input's last dim must have (the weight's columns); -1
+    where there is no weight."""
 
     def forget(self) -> None:
         """End the readiness memo: the next call checks the parameters in full."""
@@ -288,7 +294,7 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     change at any time without touching the parameter's data: `.grad` is the tensor checked
     or last written here (an assignment, `zero_grad(set_to_none=True)`, autograd's fallback
     replacing it), and no hook sits on its accumulation. (What the memo holds besides is set
-    once when a model is built: the parameters' type, dtype, layout, contiguity and
+    once when a model is built: the parameters' type, dtype, layout, contiguity, shape and
     `grad_dtype`, and their gradients'.)"""
     if grad is None or type(grad) is not Tensor:
         return False
@@ -325,6 +331,11 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
             ready, bias_grad = _ready(bias, dtype)
             if not ready:
                 return False
+        if direct.kind != "layer_norm":
+            dims = _linear_dims(weight, bias)
+            if dims is None:
+                return False
+            direct.rows, direct.columns = dims
         direct.ready, direct.weight_slot, direct.bias_slot = dtype, weight_grad, bias_grad
     kind = direct.kind
     if kind == "layer_norm":
@@ -339,11 +350,12 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
     grad_shape, input_shape = grad.shape, saved_input.shape
+    columns = direct.columns
     if (
         len(grad_shape) != 2
         or len(input_shape) != 2
-        or (weight is not None and weight.shape != (grad_shape[1], input_shape[1]))
-        or (bias is not None and bias.shape != (grad_shape[1],))
+        or grad_shape[1] != direct.rows  # the parameters' shapes, as the memo's check read them
+        or (columns >= 0 and input_shape[1] != columns)
     ):
         return False
     # The gradient slots as checked: nothing runs between the check and the write.
@@ -362,6 +374,18 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         else:
             bias_grad.add_(_sum(grad, 0))
     return True
+
+
+def _linear_dims(weight: Tensor | None, bias: Tensor | None) -> tuple[int, int] | None:
+    """(`Direct.rows`, `Direct.columns`) for a linear's parameters: a weight of shape (rows,
+    columns) and a bias of (rows,); None where they do not fit together (no direct path)."""
+    if weight is not None:
+        if weight.dim() != 2 or (bias is not None and bias.shape != (weight.shape[0],)):
+            return None
+        return weight.shape[0], weight.shape[1]
+    if bias is None or bias.dim() != 1:
+        return None
+    return bias.shape[0], -1
 
 
 _mm = torch.mm
@@ -384,14 +408,17 @@ def _layer_norm_direct(
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
     weight, bias = direct.weight, direct.bias
+    # The node saved the parameters themselves (a leaf is saved as the tensor, not a copy), so
+    # a parameter is what unpacking its slot gives, without the unpack. (The kernel reads only
+    # their shapes here: their values enter the input's gradient, which is masked off.)
     _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
         node._saved_normalized_shape,  # type: ignore[attr-defined]
         node._saved_result1,  # type: ignore[attr-defined]
         node._saved_result2,  # type: ignore[attr-defined]
-        node._saved_weight,  # type: ignore[attr-defined]
-        node._saved_bias,  # type: ignore[attr-defined]
+        weight if weight is not None else node._saved_weight,  # type: ignore[attr-defined]
+        bias if bias is not None else node._saved_bias,  # type: ignore[attr-defined]
         [False, weight is not None, bias is not None],
     )
     if weight is not None:
