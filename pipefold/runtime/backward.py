@@ -188,8 +188,9 @@ def backward_input(
     """Input half (`I`) of the backward of one stage for one micro-batch.
 
     Returns the input gradients (as `backward_full` does) and the state that
-    `backward_weight` needs to accumulate the gradients of `params` later. No parameter's
-    `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
+    `backward_weight` needs to accumulate the gradients of `params` later (where no input
+    needs a gradient, `W` is the whole backward and accumulates into every leaf of the graph,
+    as `backward_full` does). No parameter's `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
     the activations the weight gradients need); the caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
@@ -218,8 +219,8 @@ def backward_input(
         wanted = _check_inputs(inputs)
     if not wanted or not roots:
         # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
-        # whole backward, one engine call from the outputs into `params`, so no walk or plan.
-        # It holds the outputs' edges, not the outputs.
+        # whole backward, `B`'s engine call from the outputs, so no walk or plan. It holds the
+        # outputs' edges, not the outputs.
         whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
         return (None,) * len(inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[0]] if len(inputs) == 1 else [inputs[i] for i in wanted]
@@ -324,8 +325,13 @@ def backward_weight(state: WeightGradState) -> None:
         _weight_lean(state, share)
         return
     if state._whole is not None:
-        (roots, grads, params), state._whole = state._whole, None
-        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True, tensors=tuple(params))
+        (roots, grads, _), state._whole = state._whole, None
+        # Into every leaf of the graph, as `B` accumulates (`backward_full`), not into `params`
+        # as inputs: naming them makes the engine mark the nodes that lead to them first (its
+        # `exec_info`, 12 µs a call on the 4-block d=8 stage), and a stage's leaves are its
+        # parameters. The same nodes run in the same order: the same bits. (The roots are
+        # edges: a tensor subclass is among the gradients, if anywhere.)
+        _run_engine(roots, grads, (), retain_graph=False, accumulate_grad=True, tensors=tuple(grads))
         return
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []

@@ -234,6 +234,30 @@ def test_first_stage_without_input_gradient_does_all_weight_work_in_w():
         torch.testing.assert_close(got, want)
 
 
+def test_first_stage_w_is_b_with_a_leaf_outside_params():
+    """Where no input needs a gradient, W is the stage's whole backward: B's engine call, into
+    every leaf of the graph (here a tensor the module holds that is not one of `params`), with
+    the same bits as B."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    scale = torch.randn(D, requires_grad=True)  # a leaf, not a parameter
+    x = torch.randn(4, D)
+    grad = torch.randn(4, D)
+    found = {}
+    for split in (False, True):
+        module.zero_grad(set_to_none=True)
+        scale.grad = None
+        out = module(x) * scale
+        if split:
+            _, state = backward_input((out,), (grad,), (x,), tuple(module.parameters()))
+            backward_weight(state)
+        else:
+            backward_full((out,), (grad,), (x,))
+        found[split] = [scale.grad, *(p.grad for p in module.parameters())]
+    for got, want in zip(found[True], found[False], strict=True):
+        assert got is not None and torch.equal(got, want)
+
+
 def test_unreached_parameter_keeps_none_grad():
     torch.manual_seed(0)
     module = MLPBlock()
