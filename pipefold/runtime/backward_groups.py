@@ -289,7 +289,7 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
 
     The parameters' readiness (`_ready`) is checked in full once and then remembered on
     `direct` (`Direct.ready`) until `GroupCache.reset`, which the executor calls at each step's
-    start and after each action that may swap a parameter's data (STEP under a weight stash,
+    start and end and after each action that may swap a parameter's data (STEP under a weight stash,
     the sharding actions). In between, a call checks per parameter only what user code can
     change at any time without touching the parameter's data: `.grad` is the tensor checked
     or last written here (an assignment, `zero_grad(set_to_none=True)`, autograd's fallback

@@ -204,8 +204,8 @@ class GroupCache:
     def reset(self) -> None:
         """End the direct groups' readiness memo (`accumulate_at`): their next `W` checks the
         parameters in full. Call it wherever a parameter's data or a gradient's properties may
-        have changed other than by assigning `.grad` (the executor: at each step's start, and
-        after each STEP and sharding action), e.g. `param.data = ...`, which no version counter
+        have changed other than by assigning `.grad` (the executor: at each step's start and end,
+        and after each STEP and sharding action), e.g. `param.data = ...`, which no version counter
         or `.grad` identity sees."""
         for _, _, prepared in self._entries.values():
             for _, found in prepared.groups:
