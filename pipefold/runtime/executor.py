@@ -143,7 +143,9 @@ class Executor:
             # Each swaps the stage's parameters or their gradients: W's readiness memo ends.
             handlers[Op.UNSHARD] = self._then_forget(lambda action: sharding.unshard(action.stage))
             handlers[Op.RESHARD] = self._then_forget(lambda action: sharding.reshard(action.stage))
-            handlers[Op.REDUCE_GRAD] = self._then_forget(lambda action: sharding.reduce_grad(action.stage))
+            handlers[Op.REDUCE_GRAD] = self._then_forget(
+                lambda action: sharding.reduce_grad(action.stage)
+            )
             waits_for_gather = set(gather_waits(program.instructions[rank]))
         elif any(action.op.is_sharding for action in program.instructions[rank]):
             raise PipelineError(

@@ -522,7 +522,9 @@ def test_direct_w_falls_back_when_the_gradient_slot_is_unusual(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
-def _split_once(module: nn.Module, params: tuple[Tensor, ...], cache: GroupCache, x: Tensor, seed: int) -> None:
+def _split_once(
+    module: nn.Module, params: tuple[Tensor, ...], cache: GroupCache, x: Tensor, seed: int
+) -> None:
     inputs = _stage_inputs((x,))
     outputs = _as_tuple(module(*inputs))
     _, state = backward_input(outputs, _output_grads(outputs, seed), inputs, params, cache=cache)

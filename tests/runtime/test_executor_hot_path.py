@@ -159,7 +159,9 @@ def test_each_step_starts_with_the_readiness_memo_of_every_stage_ended(monkeypat
     torch.set_num_threads(1)
     try:
         # One rank, two stages (zb-v): the second splits its backward into I and W.
-        pipe = Pipeline(gpt_layers(64, 16, 2, 2, seq_len=8), loss_fn=gpt_loss, schedule="zb-v", num_microbatches=2)
+        pipe = Pipeline(
+            gpt_layers(64, 16, 2, 2, seq_len=8), loss_fn=gpt_loss, schedule="zb-v", num_microbatches=2
+        )
         tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
         pipe.step(tokens, tokens)
         first = list(ended)
