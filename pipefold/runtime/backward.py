@@ -52,6 +52,8 @@ _engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
 )
 
 _PreHook = Callable[[Grads], Grads | None]
+_HAS_EXEC_GROUP = hasattr(torch.utils.checkpoint, "GraphExecGroup")
+"""Whether this torch has `GraphExecGroup` (see `backward_weight`)."""
 _has_torch_function = torch.overrides.has_torch_function
 
 
@@ -186,23 +188,42 @@ def backward_input(
     """Input half (`I`) of the backward of one stage for one micro-batch.
 
     Returns the input gradients (as `backward_full` does) and the state that
-    `backward_weight` needs to accumulate the gradients of `params` later. No parameter's
-    `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
+    `backward_weight` needs to accumulate the gradients of `params` later (where no input
+    needs a gradient, `W` is the whole backward and accumulates into every leaf of the graph,
+    as `backward_full` does). No parameter's `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
     the activations the weight gradients need); the caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
     (docs/decisions.md, "direct weight gradients"). `cache` (one per stage, kept by the
     caller) saves rebuilding what every graph of a shape shares.
     """
-    roots, root_grads = _roots(outputs, output_grads)
-    wanted = _check_inputs(inputs)
+    roots: list[Tensor]
+    root_grads: list[Tensor]
+    if len(outputs) == 1 and len(output_grads) == 1 and len(inputs) == 1:
+        # A stage's usual boundary: `_roots` and `_check_inputs` inlined, with the same checks
+        # (whatever fails one takes their calls, which raise or handle it).
+        (output,), (grad,), (leaf,) = outputs, output_grads, inputs
+        if (
+            grad is not None
+            and output.requires_grad
+            and grad.shape == getattr(output, SENT_SHAPE, output.shape)  # `output_shape`, inlined
+            and leaf.requires_grad
+            and leaf.grad_fn is None
+        ):
+            roots, root_grads, wanted = [output], [grad], [0]
+        else:
+            roots, root_grads = _roots(outputs, output_grads)
+            wanted = _check_inputs(inputs)
+    else:
+        roots, root_grads = _roots(outputs, output_grads)
+        wanted = _check_inputs(inputs)
     if not wanted or not roots:
         # Nothing for `I` to compute (a first stage's inputs need no gradient): `W` is the
-        # whole backward, one engine call from the outputs into `params`, so no walk or plan.
-        # It holds the outputs' edges, not the outputs.
+        # whole backward, `B`'s engine call from the outputs, so no walk or plan. It holds the
+        # outputs' edges, not the outputs.
         whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
-        return tuple(None for _ in inputs), WeightGradState(_whole=whole)
-    wanted_inputs = [inputs[i] for i in wanted]
+        return (None,) * len(inputs), WeightGradState(_whole=whole)
+    wanted_inputs = [inputs[0]] if len(inputs) == 1 else [inputs[i] for i in wanted]
     key, nodes, edges = graph_shape(
         roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
     )
@@ -214,14 +235,18 @@ def backward_input(
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        found = _run_engine(
-            roots,
-            root_grads,
-            [*wanted_inputs, *prepared.captured_edges(nodes)],
-            retain_graph=True,
-            accumulate_grad=False,
-            tensors=(*roots, *wanted_inputs),
-        )
+        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *prepared.captured_edges(nodes))
+        tensors = (*roots, *wanted_inputs)
+        if _engine_run_backward is not None and not _has_torch_function(tensors):
+            # `_run_engine`'s common case, without its frame and conversions.
+            found = _engine_run_backward(
+                tuple(roots), tuple(root_grads), True, False, engine_inputs,
+                allow_unreachable=True, accumulate_grad=False,
+            )
+        else:
+            found = _run_engine(
+                roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False, tensors=tensors
+            )
         num_wanted = len(wanted)
         for i, grad in zip(wanted, found, strict=False):
             result[i] = grad
@@ -289,19 +314,24 @@ def _last_kept(group: Group) -> int:
 
 def backward_weight(state: WeightGradState) -> None:
     """Weight half (`W`): accumulate the weight gradients into `param.grad`, free the state."""
-    if state.done:
+    if state._done:
         raise PipelineError(
             "backward_weight was called twice with the same WeightGradState; run W exactly once after each I"
         )
     disjoint = state._disjoint
-    share = disjoint and hasattr(torch.utils.checkpoint, "GraphExecGroup")
+    share = disjoint and _HAS_EXEC_GROUP
     state._done = True
     if state._plans:
         _weight_lean(state, share)
         return
     if state._whole is not None:
-        (roots, grads, params), state._whole = state._whole, None
-        _run_engine(roots, grads, params, retain_graph=False, accumulate_grad=True, tensors=tuple(params))
+        (roots, grads, _), state._whole = state._whole, None
+        # Into every leaf of the graph, as `B` accumulates (`backward_full`), not into `params`
+        # as inputs: naming them makes the engine mark the nodes that lead to them first (its
+        # `exec_info`, 12 µs a call on the 4-block d=8 stage), and a stage's leaves are its
+        # parameters. The same nodes run in the same order: the same bits. (The roots are
+        # edges: a tensor subclass is among the gradients, if anywhere.)
+        _run_engine(roots, grads, (), retain_graph=False, accumulate_grad=True, tensors=tuple(grads))
         return
     recompute_scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
     groups, state._groups = state._groups, []

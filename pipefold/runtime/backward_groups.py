@@ -82,6 +82,25 @@ class Direct:
     bias: Tensor | None
     slots: tuple[tuple[int, Tensor], ...] = ()
     """"compiled": (output index of `node`, the parameter whose gradient it is), per edge."""
+    # The readiness memo (`accumulate_at`): once `_ready` passed for the parameters in one
+    # stretch (`GroupCache.reset` ends it), a later call checks only what can change without
+    # a step boundary in between, see `accumulate_at`.
+    ready: torch.dtype | None = None
+    """The gradient dtype `_ready` passed both parameters for; None: check them again."""
+    weight_slot: Tensor | None = None
+    """`weight.grad` as `_ready` passed it or `W` last left it (None: was None)."""
+    bias_slot: Tensor | None = None
+    """`bias.grad`, likewise."""
+    rows: int = -1
+    """A linear's: the size the gradient's and the bias's last dim must have (the weight's rows),
+    as the memo's check found it."""
+    columns: int = -1
+    """A linear's: the size the saved input's last dim must have (the weight's columns); -1
+    where there is no weight."""
+
+    def forget(self) -> None:
+        """End the readiness memo: the next call checks the parameters in full."""
+        self.ready = self.weight_slot = self.bias_slot = None
 
 
 def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
@@ -266,23 +285,61 @@ def accumulate_direct(direct: Direct, frontier: Frontier) -> bool:
 
 def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     """`accumulate_direct` for a linear or layer norm `direct` at its frontier `node`, given
-    the gradient that arrived at the node's first output (the layer's output)."""
+    the gradient that arrived at the node's first output (the layer's output).
+
+    The parameters' readiness (`_ready`) is checked in full once and then remembered on
+    `direct` (`Direct.ready`) until `GroupCache.reset`, which the executor calls at each step's
+    start and end and after each action that may swap a parameter's data (STEP under a weight stash,
+    the sharding actions). In between, a call checks per parameter only what user code can
+    change at any time without touching the parameter's data: `.grad` is the tensor checked
+    or last written here (an assignment, `zero_grad(set_to_none=True)`, autograd's fallback
+    replacing it), and no hook sits on its accumulation. (What the memo holds besides is set
+    once when a model is built: the parameters' type, dtype, layout, contiguity, shape and
+    `grad_dtype`, and their gradients'.)"""
     if grad is None or type(grad) is not Tensor:
         return False
     dtype = grad.dtype
     weight, bias = direct.weight, direct.bias
     weight_grad = bias_grad = None
-    if weight is not None:
-        ready, weight_grad = _ready(weight, dtype)
-        if not ready:
-            return False
-    if bias is not None:
-        ready, bias_grad = _ready(bias, dtype)
-        if not ready:
-            return False
+    if (
+        direct.ready is dtype
+        and (
+            weight is None
+            or (
+                weight.grad is direct.weight_slot
+                and not weight._backward_hooks
+                and not weight._post_accumulate_grad_hooks
+            )
+        )
+        and (
+            bias is None
+            or (
+                bias.grad is direct.bias_slot
+                and not bias._backward_hooks
+                and not bias._post_accumulate_grad_hooks
+            )
+        )
+    ):
+        weight_grad, bias_grad = direct.weight_slot, direct.bias_slot
+    else:
+        direct.ready = None
+        if weight is not None:
+            ready, weight_grad = _ready(weight, dtype)
+            if not ready:
+                return False
+        if bias is not None:
+            ready, bias_grad = _ready(bias, dtype)
+            if not ready:
+                return False
+        if direct.kind != "layer_norm":
+            dims = _linear_dims(weight, bias)
+            if dims is None:
+                return False
+            direct.rows, direct.columns = dims
+        direct.ready, direct.weight_slot, direct.bias_slot = dtype, weight_grad, bias_grad
     kind = direct.kind
     if kind == "layer_norm":
-        return _layer_norm_direct(weight, bias, weight_grad, bias_grad, node, grad, dtype)
+        return _layer_norm_direct(direct, weight_grad, bias_grad, node, grad, dtype)
     saved_input: Tensor
     if kind == "addmm":
         if node._saved_alpha != 1 or node._saved_beta != 1:  # type: ignore[attr-defined]
@@ -293,29 +350,42 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
     grad_shape, input_shape = grad.shape, saved_input.shape
+    columns = direct.columns
     if (
         len(grad_shape) != 2
         or len(input_shape) != 2
-        or (weight is not None and weight.shape != (grad_shape[1], input_shape[1]))
-        or (bias is not None and bias.shape != (grad_shape[1],))
+        or grad_shape[1] != direct.rows  # the parameters' shapes, as the memo's check read them
+        or (columns >= 0 and input_shape[1] != columns)
     ):
         return False
-    # The gradient slots `_ready` read: nothing runs between the read and the write.
+    # The gradient slots as checked: nothing runs between the check and the write.
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
         # (`mT` is `t()` for a matrix, the same view, read as a property.)
         if weight_grad is None:
-            weight.grad = _mm(grad.mT, saved_input)
+            weight.grad = direct.weight_slot = _mm(grad.mT, saved_input)
         else:
             weight_grad.addmm_(grad.mT, saved_input)
     if bias is not None:
         # `torch.sum(grad, 0)` is `grad.sum(0)` (one overload) with a cheaper argument parse.
         if bias_grad is None:
-            bias.grad = _sum(grad, 0)  # a reduction's result is contiguous
+            bias.grad = direct.bias_slot = _sum(grad, 0)  # a reduction's result is contiguous
         else:
             bias_grad.add_(_sum(grad, 0))
     return True
+
+
+def _linear_dims(weight: Tensor | None, bias: Tensor | None) -> tuple[int, int] | None:
+    """(`Direct.rows`, `Direct.columns`) for a linear's parameters: a weight of shape (rows,
+    columns) and a bias of (rows,); None where they do not fit together (no direct path)."""
+    if weight is not None:
+        if weight.dim() != 2 or (bias is not None and bias.shape != (weight.shape[0],)):
+            return None
+        return weight.shape[0], weight.shape[1]
+    if bias is None or bias.dim() != 1:
+        return None
+    return bias.shape[0], -1
 
 
 _mm = torch.mm
@@ -325,8 +395,7 @@ _native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
 def _layer_norm_direct(
-    weight: Tensor | None,
-    bias: Tensor | None,
+    direct: Direct,
     weight_slot: Tensor | None,
     bias_slot: Tensor | None,
     node: Node,
@@ -334,25 +403,39 @@ def _layer_norm_direct(
     dtype: torch.dtype,
 ) -> bool:
     """The layer norm's weight half; `weight_slot` and `bias_slot` are the parameters' `.grad`
-    as `_ready` read them."""
+    as checked (`accumulate_at`)."""
     saved_input: Tensor = node._saved_input  # type: ignore[attr-defined]
     if type(saved_input) is not Tensor or saved_input.dtype is not dtype:
         return False
+    weight, bias = direct.weight, direct.bias
+    # The node saved the parameters themselves (a leaf is saved as the tensor, not a copy), so
+    # a parameter is what unpacking its slot gives, without the unpack. (The kernel reads only
+    # their shapes here: their values enter the input's gradient, which is masked off.)
     _, weight_grad, bias_grad = _native_layer_norm_backward(
         grad,
         saved_input,
         node._saved_normalized_shape,  # type: ignore[attr-defined]
         node._saved_result1,  # type: ignore[attr-defined]
         node._saved_result2,  # type: ignore[attr-defined]
-        node._saved_weight,  # type: ignore[attr-defined]
-        node._saved_bias,  # type: ignore[attr-defined]
+        weight if weight is not None else node._saved_weight,  # type: ignore[attr-defined]
+        bias if bias is not None else node._saved_bias,  # type: ignore[attr-defined]
         [False, weight is not None, bias is not None],
     )
     if weight is not None:
-        _accumulate_into(weight, weight_slot, weight_grad)
+        if weight_slot is None:
+            weight.grad = direct.weight_slot = _contiguous(weight_grad)
+        else:
+            weight_slot.add_(weight_grad)
     if bias is not None:
-        _accumulate_into(bias, bias_slot, bias_grad)
+        if bias_slot is None:
+            bias.grad = direct.bias_slot = _contiguous(bias_grad)
+        else:
+            bias_slot.add_(bias_grad)
     return True
+
+
+def _contiguous(grad: Tensor) -> Tensor:
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

@@ -171,7 +171,8 @@ class GroupCache:
     """What `backward_input` keeps for one stage between its calls: per graph shape, each
     group's parameters and direct form (ignoring hooks, checked per call), which every graph of
     the shape shares for the stage's parameters. Owned by the caller (the executor keeps one
-    per stage), so it lives and dies with the stage's parameters it holds."""
+    per stage), so it lives and dies with the stage's parameters it holds. Its direct forms
+    also remember that their parameters passed `W`'s readiness checks until `reset`."""
 
     def __init__(self) -> None:
         # id(plan) -> (plan, params, prepared): the entry holds both, so their ids stay theirs.
@@ -199,6 +200,17 @@ class GroupCache:
             self._entries.clear()
         self._entries[id(shape)] = (shape, params, prepared)
         return prepared
+
+    def reset(self) -> None:
+        """End the direct groups' readiness memo (`accumulate_at`): their next `W` checks the
+        parameters in full. Call it wherever a parameter's data or a gradient's properties may
+        have changed other than by assigning `.grad` (the executor: at each step's start and end,
+        and after each STEP and sharding action), e.g. `param.data = ...`, which no version counter
+        or `.grad` identity sees."""
+        for _, _, prepared in self._entries.values():
+            for _, found in prepared.groups:
+                if found is not None:
+                    found.forget()
 
     def leaves(self, params: Sequence[Tensor]) -> _Leaves | None:
         """The parameter leaves of `params` met so far, for `graph_shape`; None unless

@@ -140,9 +140,12 @@ class Executor:
         }
         waits_for_gather: set[int] = set()
         if sharding is not None:
-            handlers[Op.UNSHARD] = lambda action: sharding.unshard(action.stage)
-            handlers[Op.RESHARD] = lambda action: sharding.reshard(action.stage)
-            handlers[Op.REDUCE_GRAD] = lambda action: sharding.reduce_grad(action.stage)
+            # Each swaps the stage's parameters or their gradients: W's readiness memo ends.
+            handlers[Op.UNSHARD] = self._then_forget(lambda action: sharding.unshard(action.stage))
+            handlers[Op.RESHARD] = self._then_forget(lambda action: sharding.reshard(action.stage))
+            handlers[Op.REDUCE_GRAD] = self._then_forget(
+                lambda action: sharding.reduce_grad(action.stage)
+            )
             waits_for_gather = set(gather_waits(program.instructions[rank]))
         elif any(action.op.is_sharding for action in program.instructions[rank]):
             raise PipelineError(
@@ -224,6 +227,20 @@ class Executor:
         self._timed_layout()
         self._reset(None)
 
+    def _then_forget(self, handler: Callable[[Action], None]) -> Callable[[Action], None]:
+        """`handler`, then the end of `W`'s readiness memo on every stage here
+        (`GroupCache.reset`), for an action that may change parameters other than by `.grad`."""
+
+        def run(action: Action) -> None:
+            handler(action)
+            self._forget_readiness()
+
+        return run
+
+    def _forget_readiness(self) -> None:
+        for cache in self._group_caches.values():
+            cache.reset()
+
     def _after_gather(
         self, wait: Callable[[int], None], handler: Callable[[Action], None]
     ) -> Callable[[Action], None]:
@@ -262,6 +279,9 @@ class Executor:
         """Execute one step. `count_memory=False` skips the saved-tensor hooks (a Python
         call per saved tensor, a few percent of a CPU step); the peak is then reported as 0."""
         self._reset(step)
+        # Between steps anything may have changed the parameters (`param.data = ...`, `.to()`,
+        # `grad_dtype`): W checks them in full again (`GroupCache.reset`).
+        self._forget_readiness()
         counter = self._run_counter = self._counter if count_memory else None
         if counter is not None:
             counter.reset_peak()
@@ -312,6 +332,8 @@ class Executor:
                     # _complete, which moves _ready_at); the compute event starts after it.
                     starts[code] = self._ready_at
         self.current = None
+        # The memo holds the gradients it checked: let them go with the step (`zero_grad`).
+        self._forget_readiness()
         table = None
         if not cuda:
             table = self._event_table(t0)
@@ -680,12 +702,22 @@ class Executor:
         )
         if send_to is not None:
             self._compute_ends[code] = time.perf_counter()
-            self._route_input_grads(s, mb, leaves, input_grads)
-            self._send_backward(action, peer=send_to)
+            if (
+                len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
+                and self._p2p is not None
+            ):
+                # The usual boundary, sent as `_backward` sends it (see there).
+                sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
+                transfer = self._senders[send_to](sent)
+                if transfer is not None or self._sends:
+                    self._keep_until_sent(transfer, action, sent)
+            else:
+                self._route_input_grads(s, mb, leaves, input_grads)
+                self._send_backward(action, peer=send_to)
         else:
             self._route_input_grads(s, mb, leaves, input_grads)
         self._weight_state[s][mb] = state
-        self._release(s, mb)
+        self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
 
     def _backward_weight(self, action: Action) -> None:
         s, mb = action.stage, action.microbatch
@@ -731,3 +763,5 @@ class Executor:
                 "Pipeline(parallel=ParallelOptions(optimizer=lambda params: ...))"
             )
         self._step_fn(action.stage, action.microbatch)
+        # A weight stash's step gives the live parameters new data (`WeightStash.step`).
+        self._forget_readiness()

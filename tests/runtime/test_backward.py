@@ -234,6 +234,30 @@ def test_first_stage_without_input_gradient_does_all_weight_work_in_w():
         torch.testing.assert_close(got, want)
 
 
+def test_first_stage_w_is_b_with_a_leaf_outside_params():
+    """Where no input needs a gradient, W is the stage's whole backward: B's engine call, into
+    every leaf of the graph (here a tensor the module holds that is not one of `params`), with
+    the same bits as B."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    scale = torch.randn(D, requires_grad=True)  # a leaf, not a parameter
+    x = torch.randn(4, D)
+    grad = torch.randn(4, D)
+    found = {}
+    for split in (False, True):
+        module.zero_grad(set_to_none=True)
+        scale.grad = None
+        out = module(x) * scale
+        if split:
+            _, state = backward_input((out,), (grad,), (x,), tuple(module.parameters()))
+            backward_weight(state)
+        else:
+            backward_full((out,), (grad,), (x,))
+        found[split] = [scale.grad, *(p.grad for p in module.parameters())]
+    for got, want in zip(found[True], found[False], strict=True):
+        assert got is not None and torch.equal(got, want)
+
+
 def test_unreached_parameter_keeps_none_grad():
     torch.manual_seed(0)
     module = MLPBlock()
@@ -422,14 +446,17 @@ class LinearZoo(nn.Module):
 
 
 def _engine_calls(monkeypatch) -> list[int]:
+    # Every engine call goes through the entry point (`_run_engine` and the inlined common
+    # paths of `B` and `I` alike), so count there.
     calls: list[int] = []
-    real = backward_module._run_engine
+    real = backward_module._engine_run_backward
+    assert real is not None
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backward_module, "_run_engine", counted)
+    monkeypatch.setattr(backward_module, "_engine_run_backward", counted)
     return calls
 
 
@@ -491,6 +518,75 @@ def test_direct_w_falls_back_when_the_gradient_slot_is_unusual(monkeypatch):
     _, state = backward_input(outputs, _output_grads(outputs, 4), inputs, list(module.parameters()))
     backward_weight(state)
     assert len(calls) == 2  # I, and W for fc2's group
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _split_once(
+    module: nn.Module, params: tuple[Tensor, ...], cache: GroupCache, x: Tensor, seed: int
+) -> None:
+    inputs = _stage_inputs((x,))
+    outputs = _as_tuple(module(*inputs))
+    _, state = backward_input(outputs, _output_grads(outputs, seed), inputs, params, cache=cache)
+    backward_weight(state)
+
+
+def _summed_references(module: nn.Module, x: Tensor, seeds: range) -> list[Tensor]:
+    references = [_reference(module, (x,), seed=seed)[1] for seed in seeds]
+    return [sum(r[i] for r in references) for i in range(len(references[0]))]  # type: ignore[misc]
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+def test_the_readiness_memo_sees_a_replaced_gradient_and_a_new_hook(monkeypatch):
+    """Between two `GroupCache.reset`s a direct group checks its parameters in full once, and
+    then only what user code may change at any time: `.grad` being the tensor it checked or
+    wrote (here replaced by a transposed one, which only autograd's path accumulates into), and
+    the hooks (here one registered after the check)."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    params = tuple(module.parameters())
+    cache = GroupCache()
+    x = torch.randn(4, D)
+    expected = _summed_references(module, x, range(40, 43))
+    calls = _engine_calls(monkeypatch)
+    _split_once(module, params, cache, x, 40)
+    assert len(calls) == 1  # I; W's two groups are direct
+    weight = module.fc2.weight
+    assert weight.grad is not None
+    weight.grad = weight.grad.t().contiguous().t()  # the same values, transposed
+    _split_once(module, params, cache, x, 41)
+    assert len(calls) == 3  # I, and W for fc2's group: the new `.grad` was checked
+    seen: list[Tensor] = []
+    module.fc1.bias.register_hook(lambda grad: seen.append(grad) or grad)
+    _split_once(module, params, cache, x, 42)
+    assert len(seen) == 1, "W's direct path skipped a hook registered after its check"
+    assert len(calls) == 6  # I, fc2's group (still transposed), fc1's group (hooked)
+    for got, want in zip(_param_grads(module), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+def test_a_reset_ends_the_readiness_memo(monkeypatch):
+    """What no `.grad` identity or version counter shows (a parameter's data swapped, as a
+    weight stash's step or `module.to()` does) is remembered until `GroupCache.reset`, which the
+    executor calls at each step's start and after STEP and sharding actions; after it, W checks
+    the parameters in full again."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    params = tuple(module.parameters())
+    cache = GroupCache()
+    x = torch.randn(4, D)
+    expected = _summed_references(module, x, range(50, 53))
+    calls = _engine_calls(monkeypatch)
+    _split_once(module, params, cache, x, 50)
+    weight = module.fc2.weight
+    with torch.no_grad():
+        weight.data = weight.data.t().contiguous().t()  # the same values, transposed: not W's to compute
+    _split_once(module, params, cache, x, 51)
+    assert len(calls) == 2  # I and I: within one stretch the memo stands
+    cache.reset()
+    _split_once(module, params, cache, x, 52)
+    assert len(calls) == 4, "after reset, W did not check the swapped parameter again"  # I, fc2's group
     for got, want in zip(_param_grads(module), expected, strict=True):
         torch.testing.assert_close(got, want)
 

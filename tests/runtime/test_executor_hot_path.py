@@ -136,3 +136,39 @@ def test_a_shared_seed_is_read_never_written():
     assert torch.equal(bias.grad, 3 * torch.full((), seed_value(1 / 3, 1.0, torch.float32)))
     assert seed_tensor(1 / 3, 1.0, torch.zeros(1)) is not seed  # another shape
     assert seed_tensor(1 / 3, 1.0, torch.zeros((), dtype=torch.float64)).dtype == torch.float64
+
+
+def test_each_step_starts_with_the_readiness_memo_of_every_stage_ended(monkeypatch):
+    """W's direct groups remember their parameters' readiness until `GroupCache.reset`
+    (pipefold/runtime/backward_groups.py, `accumulate_at`); between steps anything may change a
+    parameter (`param.data = ...`), so the executor ends the memo of each of its stages' caches
+    when a step starts."""
+    from pipefold import Pipeline
+    from pipefold.model.zoo import gpt_layers, gpt_loss
+    from pipefold.runtime.backward_plan import GroupCache
+
+    ended: list[GroupCache] = []
+    real = GroupCache.reset
+
+    def reset(cache: GroupCache) -> None:
+        ended.append(cache)
+        real(cache)
+
+    monkeypatch.setattr(GroupCache, "reset", reset)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # One rank, two stages (zb-v): the second splits its backward into I and W.
+        pipe = Pipeline(
+            gpt_layers(64, 16, 2, 2, seq_len=8), loss_fn=gpt_loss, schedule="zb-v", num_microbatches=2
+        )
+        tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+        pipe.step(tokens, tokens)
+        first = list(ended)
+        pipe.step(tokens, tokens)
+    finally:
+        torch.set_num_threads(threads)
+    # Each stage's cache at the step's start, and at its end (the memo holds the gradients it
+    # checked, which the optimizer's `zero_grad` may drop), at every step.
+    assert len(first) == 4 and len({id(cache) for cache in first}) == 2
+    assert ended[len(first):] == first
