@@ -659,6 +659,25 @@ class Executor:
         else:
             self._send_grads[s][mb] = tuple(g for g in full if g is not None)
 
+    def _send_input_grads(
+        self, action: Action, leaves: tuple[Tensor, ...], input_grads: Grads, peer: int
+    ) -> None:
+        """SEND_B fused into `action` (B or I): its input gradients to the previous stage on `peer`."""
+        if (
+            len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
+            and self._p2p is not None
+        ):
+            # The usual boundary: its one gradient is what `_route_input_grads` would put in
+            # `_send_grads` for `_send_backward` (a send means the previous stage is on another
+            # rank), sent without those two calls and the table's round trip.
+            sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
+            transfer = self._senders[peer](sent)
+            if transfer is not None or self._sends:
+                self._keep_until_sent(transfer, action, sent)
+        else:
+            self._route_input_grads(action.stage, action.microbatch, leaves, input_grads)
+            self._send_backward(action, peer=peer)
+
     def _backward(self, action: Action, send_to: int | None = None, code: int = 0) -> None:
         """B; with `send_to`, then its SEND_B (as `_forward`), sent before the graph is freed."""
         s, mb = action.stage, action.microbatch
@@ -667,20 +686,7 @@ class Executor:
         input_grads = backward_full(self._outputs[s][mb], grads, leaves)
         if send_to is not None:
             self._compute_ends[code] = time.perf_counter()
-            if (
-                len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
-                and self._p2p is not None
-            ):
-                # The usual boundary: its one gradient is what `_route_input_grads` would put
-                # in `_send_grads` for `_send_backward` (a send means the previous stage is on
-                # another rank), sent without the two calls and the table's round trip.
-                sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
-                transfer = self._senders[send_to](sent)
-                if transfer is not None or self._sends:
-                    self._keep_until_sent(transfer, action, sent)
-            else:
-                self._route_input_grads(s, mb, leaves, input_grads)
-                self._send_backward(action, peer=send_to)
+            self._send_input_grads(action, leaves, input_grads, send_to)
         self._inputs_of[s][mb] = self._outputs[s][mb] = self._held[s][mb] = None  # `_release`, inlined
         stash = self._stages[s].stash
         if stash is not None:
@@ -702,18 +708,7 @@ class Executor:
         )
         if send_to is not None:
             self._compute_ends[code] = time.perf_counter()
-            if (
-                len(input_grads) == 1 and input_grads[0] is not None and leaves[0].requires_grad
-                and self._p2p is not None
-            ):
-                # The usual boundary, sent as `_backward` sends it (see there).
-                sent: tuple[Tensor, ...] = input_grads  # type: ignore[assignment]  # its one entry is not None
-                transfer = self._senders[send_to](sent)
-                if transfer is not None or self._sends:
-                    self._keep_until_sent(transfer, action, sent)
-            else:
-                self._route_input_grads(s, mb, leaves, input_grads)
-                self._send_backward(action, peer=send_to)
+            self._send_input_grads(action, leaves, input_grads, send_to)
         else:
             self._route_input_grads(s, mb, leaves, input_grads)
         self._weight_state[s][mb] = state
