@@ -39,6 +39,7 @@ from pipefold.runtime.backward import (
     backward_input,
     backward_weight,
 )
+from pipefold.runtime.dispatch import dispatch_tables
 from pipefold.runtime.executor_parts import (
     Grads,
     LossFn,
@@ -47,11 +48,7 @@ from pipefold.runtime.executor_parts import (
     Stamp,
     StepInputs,
     StepRecord,
-    after,
-    before,
-    compute_then_send,
     collection_paused,
-    consumer_names,
     first_forward_and_last_backward,
     message_bytes,
     matches,
@@ -130,15 +127,13 @@ class Executor:
             Op.W: self._backward_weight,
             Op.STEP: self._step,
         }
-        # Message handlers get their peer (and a receive the name of the action that will
-        # wait for it) bound here, so the loop neither hashes actions nor formats names.
         messages: dict[Op, Callable[..., None]] = {
             Op.SEND_F: self._send_forward,
             Op.RECV_F: self._recv_forward,
             Op.SEND_B: self._send_backward,
             Op.RECV_B: self._recv_backward,
         }
-        waits_for_gather: set[int] = set()
+        waits_for_gather: frozenset[int] = frozenset()
         if sharding is not None:
             # Each swaps the stage's parameters or their gradients: W's readiness memo ends.
             handlers[Op.UNSHARD] = self._then_forget(lambda action: sharding.unshard(action.stage))
@@ -146,71 +141,34 @@ class Executor:
             handlers[Op.REDUCE_GRAD] = self._then_forget(
                 lambda action: sharding.reduce_grad(action.stage)
             )
-            waits_for_gather = set(gather_waits(program.instructions[rank]))
+            waits_for_gather = frozenset(gather_waits(program.instructions[rank]))
         elif any(action.op.is_sharding for action in program.instructions[rank]):
             raise PipelineError(
                 f"rank {self.rank}: the program holds sharding actions (UNSHARD, RESHARD, REDUCE_GRAD) "
                 "but the pipeline shards nothing; build it with ParallelOptions(shard='full')"
             )
-        self._peers: dict[Action, int] = {}
-        consumers = consumer_names(program.instructions[rank])
-        dispatch = []
-        firsts, lasts = (
-            first_forward_and_last_backward(program.instructions[rank], stage_hooks.stages)
-            if stage_hooks is not None
-            else ({}, {})
+        tables = dispatch_tables(
+            program, rank, handlers, messages,
+            wrap_gather=(
+                None if sharding is None
+                else functools.partial(self._after_gather, sharding.wait_gathered)
+            ),
+            gather_indices=waits_for_gather, stage_hooks=stage_hooks,
         )
-        actions = program.instructions[rank]
-
-        def wrapped(index: int, action: Action, handler: Callable[[Action], None]) -> Callable[[Action], None]:
-            if sharding is not None and index in waits_for_gather:
-                handler = self._after_gather(sharding.wait_gathered, handler)
-            if stage_hooks is not None and index == firsts.get(action.stage):
-                handler = before(stage_hooks.before_first_forward, handler)
-            if stage_hooks is not None and index == lasts.get(action.stage):
-                handler = after(stage_hooks.after_last_backward, handler)
-            return handler
-
-        # A compute action whose output's send comes next sends from inside its handler, right
-        # after the compute and before its bookkeeping, and the send's own entry is dropped:
-        # the peer waiting for it gets it a loop turn and the bookkeeping sooner
-        # (docs/decisions.md, "sends from the compute handler").
-        senders_next = compute_then_send(actions)
-        fused = []
-        for index, action in enumerate(actions):
-            handler: Callable[[Action], None]
-            if action.op.is_message:
-                peer = self._peers[action] = program.peer_of(action)
-                if action.op in (Op.RECV_F, Op.RECV_B):
-                    what = consumers.get((action.op, action.stage, action.microbatch), str(action))
-                    handler = functools.partial(messages[action.op], peer=peer, what=what)
-                else:
-                    handler = functools.partial(messages[action.op], peer=peer)
-            else:
-                handler = handlers[action.op]
-            # The last entry is the action's progress code (pipefold/runtime/progress.py).
-            entry = (wrapped(index, action, handler), action, not action.op.is_message, index + 1)
-            dispatch.append(entry)
-            if index in senders_next:
-                send = functools.partial(
-                    handlers[action.op], send_to=program.peer_of(actions[index + 1]), code=index + 1
-                )
-                fused.append((wrapped(index, action, send), action, True, index + 1))
-            elif index - 1 not in senders_next:
-                fused.append(entry)
+        self._peers = tables.peers
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if action.op.is_message
         )
         self._traffic_cache: dict[
             tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
         ] = {}
-        self._plain_dispatch = tuple(dispatch)
-        self._dispatch = tuple(fused)
-        self._fused_codes = tuple(index + 1 for index in sorted(senders_next))
-        self._starts = [0.0] * (len(dispatch) + 1)
-        self._ends = [0.0] * (len(dispatch) + 1)
+        self._plain_dispatch = tables.plain
+        self._dispatch = tables.fused
+        self._fused_codes = tables.fused_codes
+        self._starts = [0.0] * (len(tables.plain) + 1)
+        self._ends = [0.0] * (len(tables.plain) + 1)
         # A fused compute action's end, stamped before its send (the event excludes the send).
-        self._compute_ends = [0.0] * (len(dispatch) + 1)
+        self._compute_ends = [0.0] * (len(tables.plain) + 1)
         self._message_peers = tuple(sorted({peer for _, peer in self._messages}))
         self._senders: dict[int, Callable[[tuple[Tensor, ...]], Transfer | None]] = {}
         self._receivers: dict[int, Callable[[tuple[Tensor, ...], Any], Transfer]] = {}
