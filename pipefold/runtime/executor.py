@@ -43,14 +43,13 @@ from pipefold.runtime.dispatch import dispatch_tables
 from pipefold.runtime.executor_parts import (
     Grads,
     LossFn,
+    MessageTraffic,
     ShardingActions,
     StageHooks,
     Stamp,
     StepInputs,
     StepRecord,
     collection_paused,
-    first_forward_and_last_backward,
-    message_bytes,
     matches,
     scaled_losses,
     seed_tensor,
@@ -61,8 +60,8 @@ from pipefold.runtime.memory import ActivationCounter
 from pipefold.runtime.progress import Progress
 from pipefold.runtime.receive_buffers import ReceiveBuffers
 from pipefold.runtime.sent_outputs import release_sent
-from pipefold.runtime.step_gather import EVENT_FIELDS, op_code
 from pipefold.runtime.stage import Stage, as_leaves
+from pipefold.runtime.step_gather import EVENT_FIELDS, op_code
 from pipefold.runtime.transport.comm import P2P, Transfer
 from pipefold.schedule import Action, Op, Program
 from pipefold.schedule.shard import gather_waits
@@ -73,8 +72,8 @@ __all__ = [
     "StageHooks",
     "StepInputs",
     "StepRecord",
-    "first_forward_and_last_backward",
 ]
+
 
 class Executor:
     """Runs `program.instructions[rank]` over the local `stages` once per `run`."""
@@ -147,21 +146,16 @@ class Executor:
                 f"rank {self.rank}: the program holds sharding actions (UNSHARD, RESHARD, REDUCE_GRAD) "
                 "but the pipeline shards nothing; build it with ParallelOptions(shard='full')"
             )
+        gather = None if sharding is None else functools.partial(self._after_gather, sharding.wait_gathered)
         tables = dispatch_tables(
-            program, rank, handlers, messages,
-            wrap_gather=(
-                None if sharding is None
-                else functools.partial(self._after_gather, sharding.wait_gathered)
-            ),
+            program, rank, handlers, messages, wrap_gather=gather,
             gather_indices=waits_for_gather, stage_hooks=stage_hooks,
         )
         self._peers = tables.peers
         self._messages = tuple(
             (action, self._peers[action]) for action in program.instructions[rank] if action.op.is_message
         )
-        self._traffic_cache: dict[
-            tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]
-        ] = {}
+        self._traffic = MessageTraffic(self._messages, self._in_layer, self._out_layer)
         self._plain_dispatch = tables.plain
         self._dispatch = tables.fused
         self._fused_codes = tables.fused_codes
@@ -251,7 +245,7 @@ class Executor:
         if origin is not None:
             origin.record()
         if self._p2p is not None and self._watchdog is not None and self._messages:
-            send_bytes, recv_bytes = self._traffic(step)
+            send_bytes, recv_bytes = self._traffic.of(step.boundaries)
             self._p2p.begin_step(send_bytes, recv_bytes, self._watchdog)
             self.sent_bytes = sum(send_bytes.values())
         if self._p2p is not None and self._messages:
@@ -400,23 +394,6 @@ class Executor:
             p2p.after_recv()
         self._waits.append((consumer, start - self._t0, end - self._t0))
         return value
-
-    def _traffic(self, step: StepInputs) -> tuple[dict[int, int], dict[int, int]]:
-        """Bytes this step sends to and receives from each peer, laid out as the
-        shared-memory channels lay them out (see `shm.layout`); cached per batch shape."""
-        key = tuple(map(id, step.boundaries))
-        cached = self._traffic_cache.get(key)
-        if cached is not None:
-            return cached[1], cached[2]
-        sent, received = message_bytes(self._messages, step.boundaries, self._in_layer, self._out_layer)
-        # The entry keeps its lists alive, so their ids stay theirs (the pipeline's shape cache
-        # may drop a shape, and a list made later could otherwise take a dropped one's id).
-        self._traffic_cache[key] = (tuple(step.boundaries), sent, received)
-        # The cache keys on the identity of the boundary lists, which the pipeline keeps
-        # per batch shape; a caller building new lists every step would grow it, so bound it.
-        if len(self._traffic_cache) > 64:
-            self._traffic_cache.pop(next(iter(self._traffic_cache)))
-        return sent, received
 
     def _wait_sends(self) -> None:
         if not self._sends:

@@ -187,6 +187,36 @@ def message_bytes(
     return sent, received
 
 
+class MessageTraffic:
+    """Bytes a rank's step sends to and receives from each peer (`message_bytes`), cached per
+    batch shape: keyed on the identity of the step's boundary lists, which the pipeline keeps per
+    shape."""
+
+    _MAX_SHAPES = 64
+
+    def __init__(
+        self, messages: Sequence[tuple[Action, int]], in_layer: Sequence[int], out_layer: Sequence[int]
+    ) -> None:
+        self._messages = messages
+        self._in_layer = in_layer
+        self._out_layer = out_layer
+        self._cache: dict[tuple[int, ...], tuple[tuple[object, ...], dict[int, int], dict[int, int]]] = {}
+
+    def of(self, boundaries: Sequence[Sequence[TensorMeta]]) -> tuple[dict[int, int], dict[int, int]]:
+        key = tuple(map(id, boundaries))
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached[1], cached[2]
+        sent, received = message_bytes(self._messages, boundaries, self._in_layer, self._out_layer)
+        # The entry keeps its lists alive, so their ids stay theirs (the pipeline's shape cache
+        # may drop a shape, and a list made later could otherwise take a dropped one's id).
+        self._cache[key] = (tuple(boundaries), sent, received)
+        # A caller building new lists every step would grow it, so bound it.
+        if len(self._cache) > self._MAX_SHAPES:
+            self._cache.pop(next(iter(self._cache)))
+        return sent, received
+
+
 def consumer_names(actions: Sequence[Action]) -> dict[tuple[Op, int, int], str]:
     """{(RECV_F or RECV_B, stage, micro-batch): name of the compute action that waits for that
     message}: the F of the same stage and micro-batch for a forward message, its B or I for a

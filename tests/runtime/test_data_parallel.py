@@ -408,7 +408,7 @@ def test_buckets_split_by_size_and_dtype():
 
 
 def test_stage_hooks_sit_at_each_stages_first_forward_and_last_backward():
-    from pipefold.runtime.executor import first_forward_and_last_backward
+    from pipefold.runtime.executor_parts import first_forward_and_last_backward
     from pipefold.schedule import build, lower
 
     program = lower(build("zb-v", num_ranks=2, num_microbatches=3))
