@@ -1,4 +1,5 @@
 import ipaddress
+import multiprocessing.forkserver
 import os
 import socket
 import sys
@@ -19,6 +20,7 @@ from pipefold.runtime.processes.launch import (
     loopback_store,
     script_command,
     spawn,
+    stop_fork_server,
     worker_env,
 )
 
@@ -229,3 +231,23 @@ def test_interrupt_stops_everyone(tmp_path, monkeypatch):
     monkeypatch.setattr("pipefold.runtime.processes.launch.time.sleep", fake_sleep)
     result = launch_script([script], 2, grace_s=5.0)
     assert result.interrupted and result.exit_code == 130
+
+
+@pytest.mark.timeout(30)
+def test_the_fork_server_is_stopped_without_its_slow_exit(tmp_path, monkeypatch):
+    # A server whose interpreter exit takes two minutes (as torch's takes about half a second):
+    # stopping it must not wait for that exit, or the launcher's end would leave it running
+    # beside whatever the user starts next.
+    (tmp_path / "slow_exit.py").write_text("import atexit, time\natexit.register(time.sleep, 120)\n")
+    # The server's interpreter reads PYTHONPATH (this Python's server ignores a sys.path passed).
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    server = multiprocessing.forkserver.ForkServer()
+    server.set_forkserver_preload(["slow_exit"])
+    monkeypatch.setattr(multiprocessing.forkserver, "_forkserver", server)
+    server.ensure_running()
+    pid = server._forkserver_pid
+    assert stop_fork_server()
+    assert server._forkserver_pid is None  # forgotten: a later launch starts a new one
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not stop_fork_server()
