@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipefold.cli.main import main as pipefold_main  # noqa: E402
 from pipefold.runtime.processes import launch  # noqa: E402
 
-_FORK_SERVER = launch._rank_context
+_FORK_SERVER = launch.rank_context
 
 
 def _spawned() -> multiprocessing.context.BaseContext:
@@ -55,7 +55,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"fork server": [], "spawn": []}
     for _ in range(args.rounds):
         for name, context in (("fork server", _FORK_SERVER), ("spawn", _spawned)):
-            launch._rank_context = context  # type: ignore[assignment]
+            launch.rank_context = context  # type: ignore[assignment]
             seconds = _train(args.ranks)
             times[name].append(seconds)
             print(f"{name}: {seconds:.2f} s", flush=True)

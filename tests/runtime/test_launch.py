@@ -12,6 +12,7 @@ import torch.distributed
 
 from pipefold.cli.main import main
 from pipefold.errors import ConfigError
+from pipefold.runtime.processes.fork_server import stop_fork_server
 from pipefold.runtime.processes.launch import (
     LaunchResult,
     free_port,
@@ -20,7 +21,6 @@ from pipefold.runtime.processes.launch import (
     loopback_store,
     script_command,
     spawn,
-    stop_fork_server,
     worker_env,
 )
 

@@ -25,14 +25,12 @@ Several machines: use torchrun, which sets the same variables, e.g. on each node
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import ipaddress
 import json
 import logging
 import multiprocessing
-import multiprocessing.forkserver
 import multiprocessing.reduction
 import os
 import re
@@ -53,6 +51,7 @@ from typing import IO, Any, Protocol
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.runtime.processes.elastic import record_for_torchrun
+from pipefold.runtime.processes.fork_server import launcher_output, rank_context
 from pipefold.runtime.processes.janitor import start_janitor, sweep
 from pipefold.runtime.processes.orphan import arm_orphan_guard, die_with_parent, die_with_supervisor
 from pipefold.runtime.transport.shm import JOB_ENV, job_prefix
@@ -268,78 +267,6 @@ class _ScriptWorker:
         return tuple(self._tail)
 
 
-# What a rank imports before it runs anything: the fork server imports it once, and every rank
-# forked from it starts with these modules loaded (a torch import costs seconds per process).
-# torch._dynamo: a pipeline's first optimizer step imports it (about 0.5 CPU s per rank).
-_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "pipefold.runtime"]
-
-
-def _rank_context() -> multiprocessing.context.BaseContext:
-    """The multiprocessing context ranks start from: a fork server with torch imported where the
-    platform has one (POSIX), else "spawn". The server is a fresh interpreter started once per
-    launching process (never a fork of it: the launcher's threads and CUDA state stay its own);
-    each rank forked from it gets the launcher's sys.path and working directory as under spawn
-    (multiprocessing prepares them), and `_run_function` gives it the launcher's environment."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    global _stop_registered
-    if not _stop_registered:
-        atexit.register(stop_fork_server)
-        _stop_registered = True
-    return context
-
-
-_stop_registered = False
-
-
-def stop_fork_server() -> bool:
-    """Kill this process's fork server, if it started one; True if there was one to stop.
-
-    Run at the launcher's exit: left to itself, the server notices the launcher's end only then
-    and runs a whole interpreter shutdown with torch loaded (about half a second of a core),
-    beside whatever the user starts next, e.g. a benchmark's next run or `pipefold train` right
-    after `pipefold plan`. The server holds no state of ours (ranks have ended, and each watches
-    its launcher anyway), so it is killed, then reaped by multiprocessing's own stop, which
-    also forgets it: a later launch in this process starts a new one."""
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    pid = getattr(server, "_forkserver_pid", None)
-    stop = getattr(server, "_stop", None)
-    if server is None or pid is None or stop is None:
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    stop()
-    return True
-
-
-class _InheritedFd:
-    """A file descriptor of the launcher that a rank gets a duplicate of, however it starts
-    (pickled through multiprocessing's `DupFd`, which a fork server passes along)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_received_fd, (multiprocessing.reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
-
-
-def _launcher_output() -> tuple[_InheritedFd, _InheritedFd] | None:
-    """This process's stdout and stderr for a rank, or None where either is closed."""
-    try:
-        os.fstat(1)
-        os.fstat(2)
-    except OSError:
-        return None
-    return _InheritedFd(1), _InheritedFd(2)
-
-
-def _received_fd(duplicate: Any) -> int:
-    fd: int = duplicate.detach()
-    return fd
-
-
 def _run_function(
     fn: Callable[..., object],
     rank: int,
@@ -400,9 +327,9 @@ class _FunctionWorker:
     ) -> None:
         self.rank = rank
         self._error_path = os.path.join(error_dir, f"rank{rank}.err")
-        self._process: multiprocessing.process.BaseProcess = _rank_context().Process(  # type: ignore[attr-defined]
+        self._process: multiprocessing.process.BaseProcess = rank_context().Process(  # type: ignore[attr-defined]
             target=_run_function,
-            args=(fn, rank, env, num_threads, args, self._error_path, _launcher_output()),
+            args=(fn, rank, env, num_threads, args, self._error_path, launcher_output()),
             name=f"pipefold-rank{rank}",
         )
         self._process.start()
@@ -531,7 +458,7 @@ def spawn(
 ) -> LaunchResult:
     """Run `fn(*args)` in `num_ranks` fresh processes; `fn` must be importable by name.
 
-    The processes are forked from a server that has imported torch (see `_rank_context`), or
+    The processes are forked from a server that has imported torch (see `rank_context`), or
     spawned where the platform has no fork server.
 
     `env`: more variables for every worker (over the current environment and torchrun's).
