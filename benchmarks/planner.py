@@ -5,7 +5,7 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
     .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
     .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
-    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 40 s each)
+    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 50 s each)
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
@@ -24,7 +24,11 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    same flags and kept steps as the rounds, then the defaults (the calibration's configuration:
    its calibration step over train's, no pricing between): the forecast against a measurement
    of the same minute of the host, where the rounds meet it minutes after the calibration (a
-   host whose speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
+   host whose speed moves between the two reads as a forecast error there, not here); then the
+   choice again (is the first run after a plan the slow one?). Each pair's forecast error is
+   printed as the product of the calibration / train ratio of the defaults (two launches of one
+   configuration) and the choice's forecast relative to the defaults' over measured (the
+   pricing, the launch taken out: `pair_parts`). `--idle S` sleeps
    before the first plan: its calibration then follows an idle host, the pairs' the rounds'
    load, and the calibration runs' own step of the defaults, printed side by side, says whether
    this host runs faster after idling.
