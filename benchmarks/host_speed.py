@@ -14,6 +14,18 @@
    above 1 the host ran slower after idling, below 1 faster (a burst the calibration run, right
    after a pause, would price and the runs after it would not get).
 
+`--against-calibration N` asks instead whether `plan --profile`'s calibration run measures the
+defaults as `pipefold train` does: N alternated pairs (ABBA: pair i runs the calibration first
+where i is even, train first where odd, so "right after the other" meets both alike), each the
+calibration run exactly as `pipefold plan --profile --ranks R` starts it
+(`pipefold.cli.plan_calibrate.calibration_command`: 3 sizes and zb-h1 in one launch) and
+`pipefold train --steps S` at the same configuration (the rounds' flags and kept steps). Per
+pair: the calibration's measured step (its first size's kept steps, as the plan reads it), its
+first block against its later blocks, train's median kept step, and their ratio; then the
+median ratio and its spread over the pairs (below 1: the calibration measures faster).
+
+    .venv/bin/python benchmarks/host_speed.py --against-calibration 12 --steps 8 --idle 0
+
 A benchmark, not a test: other work on the host moves every number; repeat it and compare.
 """
 
@@ -52,6 +64,106 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+QUIET_SHARE = 0.9
+"""`--against-calibration`'s quiet pairs: rank 0 had at least this share of a core on both sides."""
+
+
+def calibration_first(pair_index: int) -> bool:
+    """ABBA order of `--against-calibration`: even pairs run the calibration first, odd ones train."""
+    return pair_index % 2 == 0
+
+
+def _calibration(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The calibration run as `pipefold plan --profile --ranks R` starts it; its first size's steps."""
+    import subprocess
+
+    from benchmarks.planner import calibration_blocks
+    from pipefold.cli.main import build_parser
+    from pipefold.cli.plan_calibrate import DEFAULT_STEPS, calibration_command
+    from pipefold.job.calibration import WARMUP_STEPS, blocks
+
+    plan_args = build_parser().parse_args(["plan", "--profile", "--ranks", str(args.ranks), "--batch-size",
+                                           str(args.batch_size), "--device", args.device])
+    work.mkdir(parents=True)
+    command = calibration_command(plan_args, args.ranks, DEFAULT_STEPS, work, hf=False)
+    subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    result = json.loads((work / "calibration.json").read_text())
+    first = result["phases"][0]
+    sizes = blocks(DEFAULT_STEPS, len(result["phases"]))
+    split = calibration_blocks(first["step_seconds"], sizes, WARMUP_STEPS)
+    shares = [cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], first["kept_step_seconds"],
+                                              strict=True) if wall > 0]
+    return {"step_s": statistics.median(first["kept_step_seconds"]), "steps_s": first["step_seconds"],
+            "core_share": statistics.median(shares),
+            "first_block_s": None if split is None else split[0],
+            "later_blocks_s": None if split is None else split[1]}
+
+
+def _against_calibration(args: argparse.Namespace, work: Path) -> None:
+    pairs: list[dict[str, Any]] = []
+    for index in range(args.against_calibration):
+        order = ("calibration", "train") if calibration_first(index) else ("train", "calibration")
+        pair: dict[str, Any] = {"order": order, "load_before": _load()}
+        for side in order:
+            folder = work / f"pair{index}-{side}"
+            pair[side] = (_calibration(args, folder) if side == "calibration"
+                          else _train(["--ranks", str(args.ranks)], args, folder))
+        pair["load_after"] = _load()
+        pair["ratio"] = pair["calibration"]["step_s"] / pair["train"]["step_s"]
+        pairs.append(pair)
+        cal = pair["calibration"]
+        print(f"pair {index + 1} ({' then '.join(order)}): calibration {cal['step_s'] * 1e3:.1f} ms, train "
+              f"{pair['train']['step_s'] * 1e3:.1f} ms, ratio {pair['ratio']:.3f}; "
+              f"load {pair['load_before']} "
+              f"-> {pair['load_after']}", file=sys.stderr)
+    print(f"{len(pairs)} alternated pairs (ABBA): the calibration run as `plan --profile --ranks "
+          f"{args.ranks}` starts it, and `pipefold train --steps {args.steps}` ({args.warmup} left out) "
+          "at its configuration")
+    print("| pair | first | calibration ms | its first block ms | its later blocks ms | train ms "
+          "| calibration / train | core share: calibration, train | load average before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for number, pair in enumerate(pairs, start=1):
+        cal = pair["calibration"]
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value * 1e3:.1f}"
+
+        print(f"| {number} | {pair['order'][0]} | {ms(cal['step_s'])} | {ms(cal['first_block_s'])} | "
+              f"{ms(cal['later_blocks_s'])} | {ms(pair['train']['step_s'])} | {pair['ratio']:.3f} | "
+              f"{cal['core_share']:.2f}, {pair['train']['core_share']:.2f} | "
+              f"{pair['load_before']} -> {pair['load_after']} |")
+    ratios = sorted(pair["ratio"] for pair in pairs)
+    if ratios:
+        low, high = ratio_quartiles(ratios)
+        print(f"calibration / train: median {statistics.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f}, "
+              f"from {ratios[0]:.3f} to {ratios[-1]:.3f}); {sum(r < 1 for r in ratios)} of {len(ratios)} "
+              "below 1")
+        quiet = quiet_ratios(pairs)
+        if quiet:
+            print(f"pairs where rank 0 had at least {QUIET_SHARE:.0%} of a core on both sides: {len(quiet)}, "
+                  f"calibration / train median {statistics.median(quiet):.3f} (from {quiet[0]:.3f} to "
+                  f"{quiet[-1]:.3f}); {sum(r < 1 for r in quiet)} below 1")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"against_calibration": pairs, "steps": args.steps,
+                                         "warmup": args.warmup}, indent=1))
+
+
+def quiet_ratios(pairs: list[dict[str, Any]], share: float = QUIET_SHARE) -> list[float]:
+    """The calibration / train ratios of the pairs where rank 0 had at least `share` of a core on
+    both sides, sorted: a pair where either side shared its core with other work on the host
+    compares that work's timing, not the two programs."""
+    return sorted(pair["ratio"] for pair in pairs
+                  if min(pair["calibration"]["core_share"], pair["train"]["core_share"]) >= share)
+
+
+def ratio_quartiles(ratios: list[float]) -> tuple[float, float]:
+    """The first and third quartile of `ratios` (both the one value where there is one)."""
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    first, _, third = statistics.quantiles(ratios, n=4)
+    return first, third
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,11 +175,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--against-calibration", type=int, default=0, metavar="N",
+                        help="instead: N alternated pairs of plan --profile's calibration run and "
+                        "pipefold train "
+                        "at its configuration (default 0: none)")
     args = parser.parse_args()
     if args.steps <= args.warmup + 2:
         parser.error(f"--steps {args.steps}: give more than --warmup + 2 = {args.warmup + 2}")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-host-speed-"))
+    if args.against_calibration:
+        if args.idle:
+            print(f"idling {args.idle:.0f} s (load average {_load()})", file=sys.stderr)
+            time.sleep(args.idle)
+        _against_calibration(args, work)
+        return
     print(f"idling {args.idle:.0f} s (load average {_load()})", file=sys.stderr)
     time.sleep(args.idle)
     print(f"idle done (load average {_load()})", file=sys.stderr)

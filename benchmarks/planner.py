@@ -5,7 +5,7 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
     .venv/bin/python benchmarks/planner.py --ranks 4 --rounds 3 --json /tmp/planner4.json
     .venv/bin/python benchmarks/planner.py --ranks 4 --top 0 --rounds 6   # defaults only
     .venv/bin/python benchmarks/planner.py --rounds 1 --steps 6  # a quick check that it runs
-    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 40 s each)
+    .venv/bin/python benchmarks/planner.py --rounds 0 --pairs 4  # adjacent pairs alone (about 50 s each)
 
 1. `pipefold plan --profile --ranks R --cores C --top K --json` (the default model and batch of
    `pipefold train`) measures the layers here and ranks the configurations.
@@ -24,7 +24,11 @@ and `pipefold train`'s defaults, each trained with `pipefold train`, alternated 
    same flags and kept steps as the rounds, then the defaults (the calibration's configuration:
    its calibration step over train's, no pricing between): the forecast against a measurement
    of the same minute of the host, where the rounds meet it minutes after the calibration (a
-   host whose speed moves between the two reads as a forecast error there, not here). `--idle S` sleeps
+   host whose speed moves between the two reads as a forecast error there, not here); then the
+   choice again (is the first run after a plan the slow one?). Each pair's forecast error is
+   printed as the product of the calibration / train ratio of the defaults (two launches of one
+   configuration) and the choice's forecast relative to the defaults' over measured (the
+   pricing, the launch taken out: `pair_parts`). `--idle S` sleeps
    before the first plan: its calibration then follows an idle host, the pairs' the rounds'
    load, and the calibration runs' own step of the defaults, printed side by side, says whether
    this host runs faster after idling.
@@ -321,6 +325,20 @@ def calibration_over_train(pairs: list[dict[str, Any]]) -> list[float]:
             if pair["calibration_step_s"] is not None]
 
 
+def pair_parts(pair: dict[str, Any]) -> tuple[float, float] | None:
+    """A pair's forecast over its measured step, as two factors whose product it is: the defaults'
+    step in the pair's calibration run over train's right after (the same configuration measured
+    by two launches: the launches' difference), and the plan's choice relative to the defaults,
+    forecast over measured ((forecast / calibration's defaults) / (choice / defaults), both in
+    the pair: the pricing's error with the launch taken out). None without a calibration."""
+    calibration = pair["calibration_step_s"]
+    if calibration is None:
+        return None
+    launches = calibration / pair["defaults_measured_s"]
+    relative = (pair["forecast_s"] / calibration) / (pair["measured_s"] / pair["defaults_measured_s"])
+    return launches, relative
+
+
 def pairs_after_round(round_index: int, num_rounds: int, num_pairs: int) -> range:
     """The adjacent pairs run right after round `round_index`: pair i after round i, every pair
     beyond the rounds after the last."""
@@ -369,12 +387,17 @@ def _pair(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # Then the calibration's own configuration: the calibration run's step against train's, a
     # minute apart, with no pricing between them.
     defaults = _train(["--ranks", str(args.ranks)], args, work / "defaults")
+    # The choice again, after the defaults: whether the first run after a plan is the slow one
+    # (the pair's forecast error reads the first).
+    again = _train(_candidate_args(entry, 0, work), args, work / "again")
     calibration = plan.get("calibration") or {}
     note = _blocks_text(calibration)
     print(f"pair {work.name}: {_label(entry)}: forecast {float(entry['step_time']) * 1e3:.0f} ms, "
-          f"measured {run['step_s'] * 1e3:.0f} ms; the defaults {defaults['step_s'] * 1e3:.0f} ms{note}",
-          file=sys.stderr)
+          f"measured {run['step_s'] * 1e3:.0f} ms, again after the defaults "
+          f"{again['step_s'] * 1e3:.0f} ms; "
+          f"the defaults {defaults['step_s'] * 1e3:.0f} ms{note}", file=sys.stderr)
     return {"label": _label(entry), "forecast_s": float(entry["step_time"]), "measured_s": run["step_s"],
+            "again_s": again["step_s"], "order": entry.get("order"),
             "steps_s": run["steps_s"], "calibration_step_s": calibration.get("measured_step_s"),
             "calibration_steps_s": calibration.get("step_seconds"), "defaults_measured_s": defaults["step_s"],
             "plan_seconds": plan["plan_seconds"], "calibration_note": note}
@@ -384,18 +407,24 @@ def _print_pairs(pairs: list[dict[str, Any]]) -> None:
     errors, middle = pair_errors(pairs)
     if middle is None:
         return
-    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once, then the defaults; "
-          "the defaults' step in the pair's calibration run against train's right after):")
-    print("| pair | choice | forecast ms | measured ms | forecast error | defaults: calibration ms "
-          "| defaults: train ms | calibration / train |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\nAdjacent pairs (a fresh `plan --profile`, then its choice trained at once, then the defaults, "
+          "then the choice again; the defaults' step in the pair's calibration run against train's right "
+          "after; the forecast error as the product of that ratio and the choice's forecast relative to "
+          "the defaults', over measured):")
+    print("| pair | choice | forecast ms | measured ms | again ms | forecast error "
+          "| defaults: calibration ms | defaults: train ms | calibration / train "
+          "| relative forecast / measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for number, (pair, error) in enumerate(zip(pairs, errors, strict=True), start=1):
         calibration = pair["calibration_step_s"]
         trained = pair["defaults_measured_s"]
-        cells = ["-", f"{trained * 1e3:.0f}", "-"] if calibration is None else [
-            f"{calibration * 1e3:.0f}", f"{trained * 1e3:.0f}", f"{calibration / trained:.2f}"]
+        parts = pair_parts(pair)
+        cells = ["-", f"{trained * 1e3:.0f}", "-", "-"] if calibration is None or parts is None else [
+            f"{calibration * 1e3:.0f}", f"{trained * 1e3:.0f}", f"{parts[0]:.2f}", f"{parts[1]:.2f}"]
+        again = pair.get("again_s")
         print(f"| {number} | {pair['label']} | {pair['forecast_s'] * 1e3:.0f} | "
-              f"{pair['measured_s'] * 1e3:.0f} | {error:+.1%} | {' | '.join(cells)} |")
+              f"{pair['measured_s'] * 1e3:.0f} | {'-' if again is None else f'{again * 1e3:.0f}'} | "
+              f"{error:+.1%} | {' | '.join(cells)} |")
     print(f"forecast error over {len(errors)} adjacent pairs: median {middle:+.1%} "
           f"(from {min(errors):+.1%} to {max(errors):+.1%}; target within 10%)")
     ratios = calibration_over_train(pairs)
@@ -403,6 +432,15 @@ def _print_pairs(pairs: list[dict[str, Any]]) -> None:
         print("the defaults' step, calibration run over train right after: median "
               f"{statistics.median(ratios):.2f} (from {min(ratios):.2f} to {max(ratios):.2f}; below 1 the "
               "calibration ran faster)")
+    relative = [parts[1] for pair in pairs if (parts := pair_parts(pair)) is not None]
+    if relative:
+        print("the choice's forecast relative to the defaults', over measured in the pair: median "
+              f"{statistics.median(relative):.2f} (from {min(relative):.2f} to {max(relative):.2f})")
+    again = [pair["again_s"] / pair["measured_s"] for pair in pairs if pair.get("again_s")]
+    if again:
+        print("the choice again after the defaults over its first run right after the plan: median "
+              f"{statistics.median(again):.2f} (from {min(again):.2f} to {max(again):.2f}; below 1 the run "
+              "right after the plan was the slower)")
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import RunCalibration, at_run_prices
 from pipefold.simulate import CostModel
 
-__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_steps", "speed_spread"]
+__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_steps",
+           "speed_spread"]
 
 DEFAULT_STEPS = 12
 """Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
@@ -202,6 +203,21 @@ def _train_words(args: argparse.Namespace, ranks: int, out: Path, hf: bool) -> l
             "--num-heads", str(args.num_heads), "--seq-len", str(args.seq_len)]
 
 
+def calibration_command(
+    args: argparse.Namespace, ranks: int, steps: int, folder: Path, hf: bool
+) -> list[str]:
+    """The calibration run's command line (`pipefold.cli.calibration_run`): its result goes to
+    `folder`/calibration.json, its run folder is `folder`/run. `benchmarks/host_speed.py` runs
+    the same command beside `pipefold train`."""
+    from pipefold.job.calibration import SPLIT_FAMILY
+
+    microbatches = calibration_microbatches(
+        args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
+    return [sys.executable, "-m", "pipefold.cli.calibration_run",
+            "--result", str(folder / "calibration.json"), "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
+            "--split", SPLIT_FAMILY, "--", *_train_words(args, ranks, folder / "run", hf)]
+
+
 def calibrate(
     args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
 ) -> Calibrated:
@@ -216,10 +232,7 @@ def calibrate(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
         result_file = Path(folder) / "calibration.json"
-        words = [sys.executable, "-m", "pipefold.cli.calibration_run", "--result", str(result_file),
-                 "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
-                 "--split", SPLIT_FAMILY, "--",
-                 *_train_words(args, ranks, Path(folder) / "run", hf)]
+        words = calibration_command(args, ranks, steps, Path(folder), hf)
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
               f"{', '.join(map(str, microbatches))} micro-batches, and {SPLIT_FAMILY} at "
               f"{microbatches[0]} for its split backward", file=sys.stderr)

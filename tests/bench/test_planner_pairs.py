@@ -54,3 +54,29 @@ def test_each_pairs_calibration_reads_against_the_defaults_trained_right_after()
              {"calibration_step_s": None, "defaults_measured_s": 0.200},  # --calibrate-steps 0
              {"calibration_step_s": 0.220, "defaults_measured_s": 0.200}]
     assert calibration_over_train(pairs) == pytest.approx([0.8, 1.1])
+
+
+def test_host_speed_alternates_the_calibration_and_train_and_keeps_the_pairs_that_had_a_core():
+    from benchmarks.host_speed import calibration_first, quiet_ratios
+
+    assert [calibration_first(index) for index in range(4)] == [True, False, True, False]
+
+    def pair(ratio, calibration_share, train_share):
+        return {"ratio": ratio, "calibration": {"core_share": calibration_share},
+                "train": {"core_share": train_share}}
+
+    pairs = [pair(1.04, 1.0, 0.99), pair(1.77, 0.49, 0.99), pair(0.60, 0.99, 0.5), pair(0.96, 0.95, 0.91)]
+    assert quiet_ratios(pairs) == [0.96, 1.04]
+    assert quiet_ratios(pairs, share=0.4) == [0.60, 0.96, 1.04, 1.77]
+
+
+def test_a_pairs_forecast_error_is_the_launches_ratio_times_the_relative_pricing():
+    from benchmarks.planner import pair_parts
+
+    pair = {"forecast_s": 0.125, "measured_s": 0.134, "calibration_step_s": 0.136,
+            "defaults_measured_s": 0.152}
+    launches, relative = pair_parts(pair)
+    assert launches == pytest.approx(0.136 / 0.152)
+    assert relative == pytest.approx((0.125 / 0.136) / (0.134 / 0.152))
+    assert launches * relative == pytest.approx(0.125 / 0.134)  # the forecast over measured, exactly
+    assert pair_parts({**pair, "calibration_step_s": None}) is None

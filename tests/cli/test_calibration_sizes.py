@@ -75,3 +75,28 @@ def test_the_calibration_process_refuses_a_bad_split_family_before_any_rank_star
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "'gpipe' runs no split backward" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_calibration_command_trains_what_pipefold_train_runs_by_default(tmp_path):
+    """`plan --profile`'s calibration run (the command `benchmarks/host_speed.py
+    --against-calibration` runs too) is `pipefold train`'s default job: the same schedule,
+    partition, model, batch and update, only fp32 (as profiled) with no sampling or evaluation,
+    which run outside the step's clock."""
+    import argparse
+    import dataclasses
+
+    from pipefold.cli.main import build_parser
+    from pipefold.cli.plan_calibrate import DEFAULT_STEPS, calibration_command
+    from pipefold.cli.train import add_parser, config_from_args
+
+    plan_args = build_parser().parse_args(["plan", "--profile", "--ranks", "2", "--device", "cpu"])
+    words = calibration_command(plan_args, 2, DEFAULT_STEPS, tmp_path, hf=False)
+    assert words[words.index("--microbatches") + 1] == "8,4,2"
+    train_words = words[words.index("--") + 1:]
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    calibrated = config_from_args(parser.parse_args(["train", *train_words]))
+    trained = config_from_args(parser.parse_args(
+        ["train", "--ranks", "2", "--device", "cpu", "--precision", "fp32", "--set", "sample_tokens=0",
+         "--set", "eval_every=0", "--out", str(tmp_path / "run")]))
+    assert dataclasses.replace(calibrated, steps=trained.steps) == trained
