@@ -284,11 +284,18 @@ def graph_shape(
     else:
         held_by = leaves.held_by
         entry = leaves.nodes.copy()
-    edges = [root_edge(root) for root in roots]
     nodes: list[Node] = []
     key: list[object] = []
-    for edge in edges:
-        node = edge.node
+    edges: list[GradientEdge] = []
+    for root in roots:
+        # `root_edge`, inlined (a call's frame per root).
+        node = root.grad_fn
+        if node is None or isinstance(node, _FUNCTION_BASE):
+            edge = get_gradient_edge(root)
+            node = edge.node
+        else:
+            edge = _new(GradientEdge, (node, root.output_nr, None))
+        edges.append(edge)
         at = entry.get(node)
         if type(at) is not int:  # a root's node is walked, even a parameter's leaf
             at = entry[node] = len(nodes)
@@ -306,9 +313,7 @@ def graph_shape(
                 add_key(None)
                 continue
             held = held_by.get(id(variable))
-            if held is None:
-                held = {id(t): ("input", i) for i, t in enumerate(inputs)}.get(id(variable), "other")
-            add_key(held)
+            add_key(held if held is not None else _input_entry(variable, inputs))
             continue
         for child, _ in node.next_functions:
             if child is None:
@@ -331,6 +336,21 @@ def graph_shape(
     if leaves is not None and learned:
         leaves.learn(learned)
     return tuple(key), nodes, edges
+
+
+_INPUT_ENTRIES = tuple(("input", i) for i in range(8))
+"""`graph_shape`'s key entry of the leaf of input i, one object for every walk (a compare of
+equal keys then finds them identical)."""
+
+
+def _input_entry(variable: Tensor, inputs: Sequence[Tensor]) -> object:
+    """The key entry of a walked leaf holding `variable` that is no parameter: ("input", i) for
+    the last i with `inputs[i] is variable`, else "other". (A loop, not a dict of the inputs'
+    ids per walk: a stage has one input or a few.)"""
+    for i in range(len(inputs) - 1, -1, -1):
+        if inputs[i] is variable:
+            return _INPUT_ENTRIES[i] if i < len(_INPUT_ENTRIES) else ("input", i)
+    return "other"
 
 
 def plan_shape(
