@@ -237,7 +237,8 @@ def backward_input(
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *prepared.captured_edges(nodes))
+        frontier_nodes, captured_edges = prepared.capture(nodes)
+        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *captured_edges)
         tensors = (*roots, *wanted_inputs)
         if _engine_run_backward is not None and not _has_torch_function(tensors):
             # `_run_engine`'s common case, without its frame and conversions.
@@ -260,7 +261,6 @@ def backward_input(
             input_grads = tuple(result)
         # Positional: a dataclass's keyword call costs twice as much.
         kept = list(found[num_wanted:])
-        frontier_nodes = prepared.frontiers(nodes)
         # Recomputed (`direct` false): the groups one layer at a time, the last first, so W
         # holds one layer's rerun at a time (`PlanShape.rerun_order`).
         plans = prepared.plans if direct else prepared.rerun_plans
