@@ -55,6 +55,9 @@ _PreHook = Callable[[Grads], Grads | None]
 _HAS_EXEC_GROUP = hasattr(torch.utils.checkpoint, "GraphExecGroup")
 """Whether this torch has `GraphExecGroup` (see `backward_weight`)."""
 _has_torch_function = torch.overrides.has_torch_function
+# What `GraphExecGroup` enters and exits by (absent where `_HAS_EXEC_GROUP` is false).
+_get_graph_exec_group: Callable[[], object] = getattr(torch._C, "_get_graph_exec_group", lambda: None)
+_set_graph_exec_group: Callable[[object], None] = getattr(torch._C, "_set_graph_exec_group", lambda group: None)
 
 
 @dataclass(eq=False)
@@ -231,11 +234,11 @@ def backward_input(
     if shape is None:
         shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
     prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
-    result: list[Tensor | None] = [None] * len(inputs)
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *prepared.captured_edges(nodes))
+        frontier_nodes, captured_edges = prepared.capture(nodes)
+        engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *captured_edges)
         tensors = (*roots, *wanted_inputs)
         if _engine_run_backward is not None and not _has_torch_function(tensors):
             # `_run_engine`'s common case, without its frame and conversions.
@@ -248,16 +251,22 @@ def backward_input(
                 roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False, tensors=tensors
             )
         num_wanted = len(wanted)
-        for i, grad in zip(wanted, found, strict=False):
-            result[i] = grad
+        input_grads: Grads
+        if num_wanted == len(inputs):  # every input wants its gradient (`wanted` is 0, 1, ...)
+            input_grads = found[:num_wanted]
+        else:
+            result: list[Tensor | None] = [None] * len(inputs)
+            for i, grad in zip(wanted, found, strict=False):
+                result[i] = grad
+            input_grads = tuple(result)
         # Positional: a dataclass's keyword call costs twice as much.
         kept = list(found[num_wanted:])
-        frontier_nodes = prepared.frontiers(nodes)
         # Recomputed (`direct` false): the groups one layer at a time, the last first, so W
         # holds one layer's rerun at a time (`PlanShape.rerun_order`).
         plans = prepared.plans if direct else prepared.rerun_plans
         lean = WeightGradState([], shape.disjoint, False, plans, frontier_nodes, kept, direct)
-        return tuple(result), lean
+        return input_grads, lean
+    result = [None] * len(inputs)
     groups = groups_of(shape, prepared, nodes, edges, root_grads, direct=direct)
     state = WeightGradState(groups, _disjoint=shape.disjoint)
     frontiers = [frontier for group in groups for frontier in group.frontiers]
@@ -366,10 +375,16 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
     nodes, kept, direct = state._nodes, state._kept, state._direct
     retain_graph = not state._disjoint
     # Inside the scope even for the direct groups: reading a checkpointed node's saved
-    # tensors recomputes its region, once per scope.
-    scope = torch.utils.checkpoint.GraphExecGroup() if share else contextlib.nullcontext()
+    # tensors recomputes its region, once per scope. The scope's `__enter__` and `__exit__`
+    # inlined (two Python frames and the `with` protocol a call): the same nesting check.
+    if share:
+        if _get_graph_exec_group() is not None:
+            raise RuntimeError(
+                f"GraphExecGroup contexts cannot be nested. Already inside group {_get_graph_exec_group()}"
+            )
+        _set_graph_exec_group(torch.utils.checkpoint.GraphExecGroup())
     enabled = torch.is_grad_enabled()
-    with scope:
+    try:
         torch._C._set_grad_enabled(False)
         try:
             for plan in plans:
@@ -396,6 +411,9 @@ def _weight_lean(state: WeightGradState, share: bool) -> None:
             torch._C._set_grad_enabled(enabled)
             nodes.clear()
             kept.clear()
+    finally:
+        if share:
+            _set_graph_exec_group(None)
 
 
 def _run_group(group: Group, retain_graph: bool) -> None:

@@ -390,8 +390,13 @@ def _linear_dims(weight: Tensor | None, bias: Tensor | None) -> tuple[int, int] 
 
 _mm = torch.mm
 _sum = torch.sum
-# The overload itself: the packet's `__call__` resolves it in Python on every call.
-_native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+# The overload's operator itself: the packet's `__call__` resolves the overload in Python on
+# every call, and the overload's `__call__` is one more Python frame around `_op` (0.5 of
+# 5.8 µs a call, measured with timeit); where a torch has no `_op`, the overload.
+_native_layer_norm_overload = torch.ops.aten.native_layer_norm_backward.default
+_native_layer_norm_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = getattr(
+    _native_layer_norm_overload, "_op", _native_layer_norm_overload
+)
 
 
 def _layer_norm_direct(

@@ -104,7 +104,7 @@ class Prepared:
 
     __slots__ = (
         "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
-        "plans", "rerun_plans",
+        "_one_edge_each", "plans", "rerun_plans",
     )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
@@ -145,10 +145,22 @@ class Prepared:
         self.edge_outputs = tuple(edge_outputs)
         self._frontiers_of = _getter(self.frontier_nodes)
         self._edge_nodes_of = _getter(self.edge_nodes)
+        self._one_edge_each = self.edge_nodes == self.frontier_nodes
+        """Every frontier node receives one gradient (a layer's one output): its edges are at
+        the frontier nodes, so `capture` indexes the walk once."""
 
     def frontiers(self, nodes: Sequence[Node]) -> list[Node | None]:
         """The frontier nodes among one walk's `nodes`, in `frontier_nodes`' order."""
         return list(self._frontiers_of(nodes))
+
+    def capture(self, nodes: Sequence[Node]) -> tuple[list[Node | None], Iterator[GradientEdge]]:
+        """(`frontiers(nodes)`, `captured_edges(nodes)`), indexing `nodes` once where every
+        frontier node receives one gradient."""
+        if not self._one_edge_each:
+            return self.frontiers(nodes), self.captured_edges(nodes)
+        frontier = self._frontiers_of(nodes)
+        pairs = zip(frontier, self.edge_outputs, strict=True)
+        return list(frontier), map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
 
     def captured_edges(self, nodes: Sequence[Node]) -> Iterator[GradientEdge]:
         """The edges `I` captures a gradient at, over one walk's `nodes`: built by C loops, each
@@ -267,11 +279,12 @@ def graph_shape(
 ) -> tuple[tuple[object, ...], list[Node], list[GradientEdge]]:
     """(key, nodes, root edges): one breadth-first walk from the roots. The key holds, per root,
     (walk index of its node, output number), then per node in walk order its class, and either
-    the entries of its children and None, or for a leaf (AccumulateGrad, which has no children)
-    which input it holds ("other" for none of them, None for no tensor). A child's entry is its
-    walk index (-1 for none), or, for the leaf of a parameter, the ("param", position) it holds:
+    the entries of its children, or for a leaf (AccumulateGrad, which has no children) which
+    input it holds ("other" for none of them, None for no tensor). A child's entry is its walk
+    index (-1 for none), or, for the leaf of a parameter, the ("param", position) it holds:
     parameter leaves are not walked. Flat, and unambiguous because a class starts each node's
-    entries, children are ints or tuples and None ends them. Two graphs with equal keys are
+    entries and no entry is a class (a node's entries end where the next class starts, so no
+    terminator is appended: 29 appends fewer on the 4-block stage). Two graphs with equal keys are
     the same graph up to the node objects, so `_plan_groups` (a function of exactly that)
     plans them alike. `leaves` (a stage's, from its `GroupCache`) knows the parameter leaves
     met before, so they are recognised without reading the tensor each holds.
@@ -280,20 +293,28 @@ def graph_shape(
     a child costs one lookup; `next_functions` (a new tuple per call) is most of what is left."""
     if leaves is None:
         held_by: dict[int, object] = {id(p): ("param", i) for i, p in enumerate(params)}
-        entry: dict[Node, object] = {}
+        entry: dict[Node | None, object] = {}
     else:
         held_by = leaves.held_by
-        entry = leaves.nodes.copy()
-    edges = [root_edge(root) for root in roots]
+        entry = leaves.nodes.copy()  # type: ignore[assignment]  # and None, below
     nodes: list[Node] = []
     key: list[object] = []
-    for edge in edges:
-        node = edge.node
+    edges: list[GradientEdge] = []
+    for root in roots:
+        # `root_edge`, inlined (a call's frame per root).
+        node = root.grad_fn
+        if node is None or isinstance(node, _FUNCTION_BASE):
+            edge = get_gradient_edge(root)
+            node = edge.node
+        else:
+            edge = _new(GradientEdge, (node, root.output_nr, None))
+        edges.append(edge)
         at = entry.get(node)
         if type(at) is not int:  # a root's node is walked, even a parameter's leaf
             at = entry[node] = len(nodes)
             nodes.append(node)
         key.append((at, edge.output_nr))
+    entry[None] = -1  # a missing child's entry, found as any other's (no test per child)
     find, add_node, add_key = entry.get, nodes.append, key.append
     accumulate_grad = _ACCUMULATE_GRAD
     learned: list[tuple[Node, object]] = []
@@ -306,31 +327,40 @@ def graph_shape(
                 add_key(None)
                 continue
             held = held_by.get(id(variable))
-            if held is None:
-                held = {id(t): ("input", i) for i, t in enumerate(inputs)}.get(id(variable), "other")
-            add_key(held)
+            add_key(held if held is not None else _input_entry(variable, inputs))
             continue
         for child, _ in node.next_functions:
-            if child is None:
-                add_key(-1)
-                continue
-            at = find(child)
+            at = find(child)  # a missing child (None) finds -1
             if at is None:
                 if type(child) is accumulate_grad:
-                    variable = child.variable  # type: ignore[attr-defined]
+                    variable = child.variable  # type: ignore[union-attr]
                     held = None if variable is None else held_by.get(id(variable))
                     if held is not None:  # a parameter's leaf: its position, not a walk index
-                        learned.append((child, held))
+                        learned.append((child, held))  # type: ignore[arg-type]  # not None: found -1
                         entry[child] = held
                         add_key(held)
                         continue
                 at = entry[child] = len(nodes)
-                add_node(child)
+                add_node(child)  # type: ignore[arg-type]  # not None: None finds -1
             add_key(at)
-        add_key(None)
     if leaves is not None and learned:
         leaves.learn(learned)
     return tuple(key), nodes, edges
+
+
+_INPUT_ENTRIES = tuple(("input", i) for i in range(8))
+"""`graph_shape`'s key entry of the leaf of input i, one object for every walk (a compare of
+equal keys then finds them identical)."""
+
+
+def _input_entry(variable: Tensor, inputs: Sequence[Tensor]) -> object:
+    """The key entry of a walked leaf holding `variable` that is no parameter: ("input", i) for
+    the last i with `inputs[i] is variable`, else "other". (A loop, not a dict of the inputs'
+    ids per walk: a stage has one input or a few.)"""
+    for i in range(len(inputs) - 1, -1, -1):
+        if inputs[i] is variable:
+            return _INPUT_ENTRIES[i] if i < len(_INPUT_ENTRIES) else ("input", i)
+    return "other"
 
 
 def plan_shape(

@@ -422,6 +422,31 @@ def test_checkpointed_region_is_recomputed_once_in_w():
     assert len(calls) == 3
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.utils.checkpoint, "GraphExecGroup"), reason="torch without GraphExecGroup"
+)
+def test_w_leaves_no_exec_group_behind_and_refuses_to_nest():
+    """W enters its GraphExecGroup without the context manager: it clears it after the groups
+    ran, and inside another group it raises as the context manager does, before any group."""
+    torch.manual_seed(0)
+    module = CheckpointedStage()
+    params = list(module.parameters())
+    x = torch.randn(3, 5, D, requires_grad=True)
+    out = module(x)
+    _, state = backward_input((out,), (torch.randn_like(out),), (x,), params)
+    backward_weight(state)
+    assert torch._C._get_graph_exec_group() is None
+    out = module(x)
+    _, state = backward_input((out,), (torch.randn_like(out),), (x,), params)
+    before = [p.grad.clone() for p in params]
+    with torch.utils.checkpoint.GraphExecGroup():
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            backward_weight(state)
+    assert torch._C._get_graph_exec_group() is None
+    for param, grad in zip(params, before, strict=True):
+        assert torch.equal(param.grad, grad)
+
+
 # -- direct weight gradients ([Note: direct weight gradients] in backward.py) ---------------
 
 
