@@ -1,7 +1,8 @@
 """The fork server ranks start from: a fresh interpreter that has imported torch once, which
 every rank of a launch is forked from (`rank_context`), stopped when the launcher exits
 (`stop_fork_server`); and the launcher's stdout and stderr handed to a rank through it
-(`launcher_output`). Why a fork server: docs/decisions.md, "Processes"."""
+(`launcher_output`). Why a fork server: docs/decisions.md, "Ranks fork from a server that has
+imported torch"."""
 
 from __future__ import annotations
 
