@@ -214,7 +214,8 @@ def calibration_command(
     microbatches = calibration_microbatches(
         args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
     return [sys.executable, "-m", "pipefold.cli.calibration_run",
-            "--result", str(folder / "calibration.json"), "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
+            "--result", str(folder / "calibration.json"),
+            "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
             "--split", SPLIT_FAMILY, "--", *_train_words(args, ranks, folder / "run", hf)]
 
 

@@ -57,7 +57,9 @@ _HAS_EXEC_GROUP = hasattr(torch.utils.checkpoint, "GraphExecGroup")
 _has_torch_function = torch.overrides.has_torch_function
 # What `GraphExecGroup` enters and exits by (absent where `_HAS_EXEC_GROUP` is false).
 _get_graph_exec_group: Callable[[], object] = getattr(torch._C, "_get_graph_exec_group", lambda: None)
-_set_graph_exec_group: Callable[[object], None] = getattr(torch._C, "_set_graph_exec_group", lambda group: None)
+_set_graph_exec_group: Callable[[object], None] = getattr(
+    torch._C, "_set_graph_exec_group", lambda group: None
+)
 
 
 @dataclass(eq=False)
