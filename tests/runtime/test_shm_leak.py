@@ -28,7 +28,12 @@ _RANK = textwrap.dedent("""
     path = f"/dev/shm/pipefold-{os.environ['PIPEFOLD_JOB']}-{os.environ['RANK']}-test"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     os.ftruncate(fd, 64 << 20)
-    open(sys.argv[1] + f"/created{os.environ['RANK']}", "w").write(path)
+    # Written under another name, then renamed: the test reads a marker as soon as it appears,
+    # and a marker created empty and filled afterwards read as "" once (a flaky count).
+    partial = sys.argv[1] + f"/partial{os.environ['RANK']}"
+    with open(partial, "w") as marker:
+        marker.write(path)
+    os.rename(partial, sys.argv[1] + f"/created{os.environ['RANK']}")
     if os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(300)
