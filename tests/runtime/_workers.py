@@ -33,6 +33,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pipefold.runtime.processes.fork_server import launcher_output
+
 HERE = Path(__file__).resolve().parent
 _KEPT_WORLD_SIZES = (1, 2, 4)
 RANK_PRELOAD = [
@@ -60,32 +62,6 @@ def rank_context() -> Any:
 
     forkserver.ensure_running()
     return context
-
-
-class _Fd:
-    """One of the test process's file descriptors, duplicated into a rank as it starts (however
-    it starts: multiprocessing's DupFd, which a fork server passes along)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_detached, (multiprocessing.reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
-
-
-def _detached(duplicate: Any) -> int:
-    return int(duplicate.detach())
-
-
-def _output() -> tuple[_Fd, _Fd] | None:
-    """The test process's stdout and stderr (pytest's capture while a fixture starts the ranks),
-    or None where either is closed."""
-    try:
-        os.fstat(1)
-        os.fstat(2)
-    except OSError:
-        return None
-    return _Fd(1), _Fd(2)
 
 
 def _worker(
@@ -142,7 +118,8 @@ class _Ranks:
             context.Process(
                 target=_worker,
                 args=(
-                    rank, world_size, init_file, self.tasks[rank], self.results, dict(os.environ), _output()
+                    rank, world_size, init_file, self.tasks[rank], self.results, dict(os.environ),
+                    launcher_output(),
                 ),
                 daemon=True,
             )

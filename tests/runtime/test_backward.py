@@ -561,19 +561,23 @@ def _summed_references(module: nn.Module, x: Tensor, seeds: range) -> list[Tenso
     return [sum(r[i] for r in references) for i in range(len(references[0]))]  # type: ignore[misc]
 
 
+def _memo_case(monkeypatch, seeds):
+    """An MLP block, its parameters, a fresh `GroupCache`, an input, the gradients summed over
+    one-process references at `seeds`, and the engine calls list the memo tests count."""
+    torch.manual_seed(0)
+    module = MLPBlock()
+    x = torch.randn(4, D)
+    expected = _summed_references(module, x, seeds)
+    return module, tuple(module.parameters()), GroupCache(), x, expected, _engine_calls(monkeypatch)
+
+
 @pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
 def test_the_readiness_memo_sees_a_replaced_gradient_and_a_new_hook(monkeypatch):
     """Between two `GroupCache.reset`s a direct group checks its parameters in full once, and
     then only what user code may change at any time: `.grad` being the tensor it checked or
     wrote (here replaced by a transposed one, which only autograd's path accumulates into), and
     the hooks (here one registered after the check)."""
-    torch.manual_seed(0)
-    module = MLPBlock()
-    params = tuple(module.parameters())
-    cache = GroupCache()
-    x = torch.randn(4, D)
-    expected = _summed_references(module, x, range(40, 43))
-    calls = _engine_calls(monkeypatch)
+    module, params, cache, x, expected, calls = _memo_case(monkeypatch, range(40, 43))
     _split_once(module, params, cache, x, 40)
     assert len(calls) == 1  # I; W's two groups are direct
     weight = module.fc2.weight
@@ -596,13 +600,7 @@ def test_a_reset_ends_the_readiness_memo(monkeypatch):
     weight stash's step or `module.to()` does) is remembered until `GroupCache.reset`, which the
     executor calls at each step's start and after STEP and sharding actions; after it, W checks
     the parameters in full again."""
-    torch.manual_seed(0)
-    module = MLPBlock()
-    params = tuple(module.parameters())
-    cache = GroupCache()
-    x = torch.randn(4, D)
-    expected = _summed_references(module, x, range(50, 53))
-    calls = _engine_calls(monkeypatch)
+    module, params, cache, x, expected, calls = _memo_case(monkeypatch, range(50, 53))
     _split_once(module, params, cache, x, 50)
     weight = module.fc2.weight
     with torch.no_grad():
