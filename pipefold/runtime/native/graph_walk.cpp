@@ -27,7 +27,7 @@
 #include <cstring>
 #include <memory>
 #include <typeinfo>
-#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -36,7 +36,62 @@ using torch::autograd::AccumulateGrad;
 using torch::autograd::Edge;
 using torch::autograd::Node;
 using torch::autograd::PyNode;
-using ParamAt = std::unordered_map<const c10::TensorImpl*, int64_t>;
+
+// A pointer -> entry table, open addressing: a stage's walk meets a few dozen nodes, where
+// std::unordered_map's allocation per insert cost as much as the rest of the walk.
+class PointerTable {
+ public:
+  PointerTable() { slots_.resize(64); }
+
+  // The value under `key`, or nullptr.
+  const int64_t* find(const void* key) const {
+    for (size_t i = slot_of(key);; i = (i + 1) & (slots_.size() - 1)) {
+      const Slot& slot = slots_[i];
+      if (slot.key == key) return &slot.value;
+      if (slot.key == nullptr) return nullptr;
+    }
+  }
+
+  // Set `key` (not null) to `value`.
+  void set(const void* key, int64_t value) {
+    if (2 * (used_.size() + 1) > slots_.size()) grow();
+    size_t i = slot_of(key);
+    while (slots_[i].key != nullptr && slots_[i].key != key) i = (i + 1) & (slots_.size() - 1);
+    if (slots_[i].key == nullptr) used_.push_back(i);
+    slots_[i] = {key, value};
+  }
+
+  void clear() {  // only the slots in use: the table keeps its size
+    for (size_t i : used_) slots_[i] = {};
+    used_.clear();
+  }
+
+ private:
+  struct Slot {
+    const void* key = nullptr;
+    int64_t value = 0;
+  };
+
+  size_t slot_of(const void* key) const {
+    uint64_t hashed = (reinterpret_cast<uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull;
+    return static_cast<size_t>(hashed >> 32) & (slots_.size() - 1);
+  }
+
+  void grow() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(old.size() * 2, Slot{});
+    used_.clear();
+    for (const Slot& slot : old) {
+      if (slot.key != nullptr) set(slot.key, slot.value);
+    }
+  }
+
+  std::vector<Slot> slots_;
+  std::vector<size_t> used_;
+};
+
+using ParamAt = PointerTable;
 
 // Entries of children and leaves (the Python key's -1, "other", None, ("param", i), ("input", i)).
 constexpr int64_t kMissing = -1;
@@ -64,7 +119,7 @@ struct Walk {
   std::vector<int64_t> code;
   std::vector<const c10::intrusive_ptr<Node>*> nodes;  // into the graph's edges or `roots`
   std::vector<Edge> roots;
-  std::unordered_map<const Node*, int64_t> entry;
+  PointerTable entry;
   std::vector<PyObject*> classes;  // borrowed
   std::vector<const c10::TensorImpl*> inputs;
 };
@@ -75,13 +130,15 @@ bool is_leaf(const Node* node) { return typeid(*node) == typeid(AccumulateGrad);
 PyTypeObject* function_base = nullptr;
 
 // Whether `type` is torch's PyNode (a custom Function's node in C++), by its mangled name: its
-// type_info is not exported from libtorch_python, so no dynamic_cast; cached per type.
+// type_info is not exported from libtorch_python, so no dynamic_cast. The answers are kept per
+// type, in a list searched by address (a stage's graph has a dozen node types).
 bool is_py_node_type(const std::type_info& type) {
-  static std::unordered_map<const std::type_info*, bool> known;
-  auto found = known.find(&type);
-  if (found != known.end()) return found->second;
+  static std::vector<std::pair<const std::type_info*, bool>> known;
+  for (const auto& [seen, py_node] : known) {
+    if (seen == &type) return py_node;
+  }
   bool py_node = std::strcmp(type.name(), "N5torch8autograd6PyNodeE") == 0;  // Itanium ABI
-  known.emplace(&type, py_node);
+  known.emplace_back(&type, py_node);
   return py_node;
 }
 
@@ -104,8 +161,7 @@ int64_t leaf_entry(const AccumulateGrad* leaf, const Walk& w, const ParamAt& par
   const at::Tensor& variable = leaf->variable;
   if (!variable.defined()) return kNoVariable;
   const c10::TensorImpl* impl = variable.unsafeGetTensorImpl();
-  auto param = param_at.find(impl);
-  if (param != param_at.end()) return param_entry(param->second);
+  if (const int64_t* param = param_at.find(impl)) return param_entry(*param);
   for (int64_t i = static_cast<int64_t>(w.inputs.size()) - 1; i >= 0; --i) {
     if (w.inputs[i] == impl) return input_entry(i);
   }
@@ -139,13 +195,13 @@ bool walk(Walk& w, PyObject* roots, PyObject* inputs, const ParamAt& param_at) {
     w.roots.push_back(torch::autograd::impl::gradient_edge(THPVariable_Unpack(root)));
     const Edge& edge = w.roots.back();
     if (!edge.is_valid()) return false;
-    auto found = w.entry.find(edge.function.get());
+    const int64_t* found = w.entry.find(edge.function.get());
     int64_t at;
-    if (found != w.entry.end()) {
-      at = found->second;
+    if (found != nullptr) {
+      at = *found;
     } else {  // a root's node is walked, even a parameter's leaf
       at = static_cast<int64_t>(w.nodes.size());
-      w.entry.emplace(edge.function.get(), at);
+      w.entry.set(edge.function.get(), at);
       w.nodes.push_back(&edge.function);
     }
     w.code.push_back(at);
@@ -168,25 +224,23 @@ bool walk(Walk& w, PyObject* roots, PyObject* inputs, const ParamAt& param_at) {
         w.code.push_back(kMissing);
         continue;
       }
-      auto found = w.entry.find(child);
-      if (found != w.entry.end()) {
-        w.code.push_back(found->second);
+      if (const int64_t* found = w.entry.find(child)) {
+        w.code.push_back(*found);
         continue;
       }
       if (is_leaf(child)) {  // a parameter's leaf: its position, not walked
         const at::Tensor& variable = static_cast<const AccumulateGrad*>(child)->variable;
         if (variable.defined()) {
-          auto param = param_at.find(variable.unsafeGetTensorImpl());
-          if (param != param_at.end()) {
-            int64_t held = param_entry(param->second);
-            w.entry.emplace(child, held);
+          if (const int64_t* param = param_at.find(variable.unsafeGetTensorImpl())) {
+            int64_t held = param_entry(*param);
+            w.entry.set(child, held);
             w.code.push_back(held);
             continue;
           }
         }
       }
       int64_t at = static_cast<int64_t>(w.nodes.size());
-      w.entry.emplace(child, at);
+      w.entry.set(child, at);
       w.nodes.push_back(&edge.function);
       w.code.push_back(at);
     }
@@ -222,7 +276,7 @@ PyObject* record(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(params); ++i) {
       PyObject* param = PyTuple_GET_ITEM(params, i);
       if (!THPVariable_Check(param)) Py_RETURN_NONE;
-      sig->param_at[THPVariable_Unpack(param).unsafeGetTensorImpl()] = i;  // the last wins
+      sig->param_at.set(THPVariable_Unpack(param).unsafeGetTensorImpl(), i);  // the last wins
     }
     Walk& w = scratch();
     Release release{w};
