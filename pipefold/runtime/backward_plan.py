@@ -1,6 +1,8 @@
 """The split backward's cached plans: per graph shape of a stage's backward, which parameter
 groups `W` runs and how (`GroupCache`, one per stage). `pipefold.runtime.backward` walks the graph
-once per micro-batch to key the plan (`graph_shape`) and reads the plan it finds.
+once per micro-batch to key the plan (`graph_shape`) and reads the plan it finds; where the C++
+walk is built (`pipefold.runtime.native`), a graph of the last planned shape is recognised by it
+instead (`GroupCache.walked`) and the Python walk runs only for a new shape.
 
 Design notes: docs/decisions.md, "split backward" and "direct weight gradients".
 """

@@ -202,3 +202,23 @@ def test_a_failed_build_is_logged_once_and_not_retried(
         assert native.build() is None
     assert caplog.text.count("building the C++ graph walk failed") == 1
     assert (native.build_dir() / "build-failed.txt").exists()
+
+
+def test_a_c_walk_stricter_than_the_python_key_is_dropped_for_the_stage(walk: native.GraphWalk) -> None:
+    """A miss where the Python walk then finds the recorded plan (never seen with the real walk)
+    stops the stage asking the C++ walk, instead of paying for both walks every micro-batch."""
+    params = _params()
+    cache = GroupCache()
+    roots, inputs = _graph(params)
+    _, state = backward_input(roots, [torch.ones_like(roots[0])], inputs, params, cache=cache)
+    backward_weight(state)
+    assert cache.walked is not None
+    cache.walked = cache.walked._replace(match=lambda *args: None)
+    roots, inputs = _graph(params)
+    _, state = backward_input(roots, [torch.ones_like(roots[0])], inputs, params, cache=cache)
+    backward_weight(state)
+    assert cache.walked is None
+    roots, inputs = _graph(params)
+    _, state = backward_input(roots, [torch.ones_like(roots[0])], inputs, params, cache=cache)
+    backward_weight(state)
+    assert cache.walked is None  # not recorded again
