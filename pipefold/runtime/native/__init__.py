@@ -12,12 +12,12 @@ by `pipefold train`'s launcher where the schedule splits its backward, and by
 `~/.cache/pipefold/native`), under a file lock so concurrent launches build it once. A rank only
 loads what is built (`load`): it never builds, stalls or fails; where nothing is built (no
 compiler, a failed build) it uses the Python walk, with the same results. `PIPEFOLD_PYTHON_WALK=1`
-forces the Python walk. Design note: docs/decisions.md, "the split backward's walk in C++".
+forces the Python walk. Design note: docs/decisions.md, "The split backward's steady-state graph walk
+is C++".
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -78,6 +78,8 @@ def build() -> Path | None:
     None where it cannot be built (logged once per build folder). Never raises. Concurrent
     callers, in one process or many, wait for one build under a file lock."""
     try:
+        import fcntl  # POSIX only: elsewhere the except below logs it and the Python walk runs
+
         where = build_dir()
         target = where / f"{_NAME}.so"
         if target.exists():

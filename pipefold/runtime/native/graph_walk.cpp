@@ -19,7 +19,6 @@
 
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
-#include <torch/csrc/autograd/python_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -35,7 +34,6 @@ namespace {
 using torch::autograd::AccumulateGrad;
 using torch::autograd::Edge;
 using torch::autograd::Node;
-using torch::autograd::PyNode;
 
 // A pointer -> entry table, open addressing: a stage's walk meets a few dozen nodes, where
 // std::unordered_map's allocation per insert cost as much as the rest of the walk.
