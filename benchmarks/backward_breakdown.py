@@ -7,7 +7,10 @@ called as the executor calls it (the stage's parameter tuple, one `GroupCache`).
 runs a fresh forward (not timed), then `I`'s steps one by one with a clock read between them
 (the same calls `backward_input` makes on its common path), then `W`; then, after fresh
 forwards, autograd's engine as `B` calls it and as an `I` with no captured edges calls it, and
-`W`'s torch calls alone (the direct groups' arithmetic with no checks around it). Prints the
+`W`'s torch calls alone (the direct groups' arithmetic with no checks around it). "graph walk" is
+the C++ walk where it is built (`pipefold.runtime.native`; then "plan lookup" and "group cache"
+are nothing and "capture edges" builds the edges from its frontier nodes), the Python walk with
+`--python-walk`. Prints the
 median µs of each part ("(nothing)": two clock reads in a row). Every graph is dropped outside
 the timed parts (freeing one costs tens of µs, which a rebound name would charge to a step). The parts are this checkout's internals: it runs against no baseline.
 """
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1500)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--cpu-time", action="store_true", help="the thread's CPU clock instead of the wall clock")
+    parser.add_argument("--python-walk", action="store_true",
+                        help="always the Python walk (`graph_shape`), as where the C++ walk is not built")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import torch
@@ -63,24 +68,39 @@ def main(argv: list[str] | None = None) -> int:
         wanted = bw._check_inputs((leaf,))
         wanted_inputs = [leaf]
         marks.append(clock())
-        key, nodes, edges = bp.graph_shape(roots, wanted_inputs, params, cache.leaves(params))
+        # The C++ walk (`GroupCache.walked`, as `backward_input` asks it) where it is built and
+        # has seen the stage's shape, else the Python walk and its plan lookups.
+        walked = None if args.python_walk else cache.walked
+        frontier = None if walked is None else walked.match(walked.signature, roots, wanted_inputs, params)
+        nodes = edges = None
+        if frontier is None:
+            key, nodes, edges = bp.graph_shape(roots, wanted_inputs, params, cache.leaves(params))
         marks.append(clock())
-        shape = cache.shape(key)
-        if shape is None:
-            shape = bp.plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+        if frontier is None:
+            shape = cache.shape(key)
+            if shape is None:
+                shape = bp.plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+        else:
+            shape = walked.shape
         marks.append(clock())
-        prepared = cache.get(shape, params)
+        if frontier is None:
+            prepared = cache.get(shape, params)
+            if not args.python_walk:
+                cache.remember(roots, wanted_inputs, params, shape, prepared)
+            frontier = prepared.frontiers(nodes)
+        else:
+            prepared = walked.prepared
         assert prepared.lean, "the stage's plan is expected to take the lean path"
         marks.append(clock())
-        engine_inputs = [*wanted_inputs, *prepared.captured_edges(nodes)]
+        engine_inputs = [*wanted_inputs, *prepared.edges_at(frontier)]
         marks.append(clock())
         found = bw._run_engine(roots, root_grads, engine_inputs, retain_graph=True, accumulate_grad=False,  # type: ignore[arg-type]
                                tensors=(*roots, *wanted_inputs))
         marks.append(clock())
         state = bw.WeightGradState(_disjoint=shape.disjoint, _plans=prepared.plans,
-                                   _nodes=prepared.frontiers(nodes),
+                                   _nodes=frontier,
                                    _kept=list(found[len(wanted):]))
-        del nodes, edges, engine_inputs, found
+        del frontier, nodes, edges, engine_inputs, found
         marks.append(clock())
         w_start = clock()
         bw.backward_weight(state)
@@ -117,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         i_start = clock()
         engine((out,), (grad,), False, False, (leaf,), allow_unreachable=True, accumulate_grad=False)
         i_end = clock()
-        del roots, root_grads, wanted, wanted_inputs, key, shape, prepared, state, out, leaf
+        del roots, root_grads, wanted, wanted_inputs, shape, prepared, state, out, leaf, walked
         if repeat >= args.repeats // 10:  # the first tenth warms up
             for name, start, end in zip(steps, marks[:-1], marks[1:], strict=True):
                 times[name].append(end - start)

@@ -47,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipefoldError as error:
         print(f"calibration run: error: {error}", file=sys.stderr)
         return 2
+    from pipefold.runtime import native
+
+    if args.split:  # a split backward's graph walk: built once per machine, before the ranks
+        native.build()
+    else:
+        native.build_for(config.schedule.built)
     result = spawn(calibration_worker, config.schedule.num_processes,
                    (config, microbatches, args.phase_steps, args.result, args.split))
     if not result.ok:

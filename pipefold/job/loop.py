@@ -57,6 +57,7 @@ from pipefold.job.setup import RNG_KEY, Job, check_resume, set_up, shard_rows
 from pipefold.job.streaming import Streams
 from pipefold.model.dropout import dropout_steps, replica_seed
 from pipefold.plan.estimate import model_flops_utilization
+from pipefold.runtime import native
 from pipefold.runtime.checkpoint import save_checkpoint
 from pipefold.runtime.checkpoint_async import AsyncCheckpointer
 from pipefold.runtime.parallel.tensor_parallel import whole
@@ -243,6 +244,7 @@ def run_local(config: TrainConfig, *, show: bool = True) -> LaunchResult:
     """
     check_resume(config)
     check_out_dir(config)
+    native.build_for(config.schedule.built)  # once per machine, before the ranks load it
     result = spawn(train_worker, config.schedule.num_processes, (config, show))
     for restart in range(1, config.max_restarts + 1):
         if result.ok or result.interrupted:

@@ -229,17 +229,29 @@ def backward_input(
         whole = (list(map(root_edge, roots)), root_grads, params) if roots and params else None
         return (None,) * len(inputs), WeightGradState(_whole=whole)
     wanted_inputs = [inputs[0]] if len(inputs) == 1 else [inputs[i] for i in wanted]
-    key, nodes, edges = graph_shape(
-        roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
-    )
-    shape = cache.shape(key) if cache is not None else known_shape(key)
-    if shape is None:
-        shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
-    prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
+    walked = cache.walked if cache is not None else None
+    # The C++ walk first (`GroupCache.walked`): a graph of the last one's shape gives just its
+    # frontier nodes, with no Python object for the others; any other graph the Python walk.
+    frontier_nodes = None if walked is None else walked.match(walked.signature, roots, wanted_inputs, params)
+    if frontier_nodes is not None:
+        shape, prepared = walked.shape, walked.prepared  # type: ignore[union-attr]  # matched
+        captured_edges = prepared.edges_at(frontier_nodes)
+    else:
+        key, nodes, edges = graph_shape(
+            roots, wanted_inputs, params, cache.leaves(params) if cache is not None else None
+        )
+        shape = cache.shape(key) if cache is not None else known_shape(key)
+        if shape is None:
+            shape = plan_shape(key, nodes, edges, roots, root_grads, wanted_inputs, params)
+        prepared = cache.get(shape, params) if cache is not None else prepare_all(shape, params)
+        if cache is not None:
+            cache.remember(roots, wanted_inputs, params, shape, prepared)
+        if prepared.lean:
+            frontier_nodes, captured_edges = prepared.capture(nodes)
     if prepared.lean:
         # The common path: no object per group, the frontier nodes and their gradients in two
         # flat lists that the shape's plans index.
-        frontier_nodes, captured_edges = prepared.capture(nodes)
+        assert frontier_nodes is not None
         engine_inputs: tuple[Tensor | GradientEdge, ...] = (*wanted_inputs, *captured_edges)
         tensors = (*roots, *wanted_inputs)
         if _engine_run_backward is not None and not _has_torch_function(tensors):

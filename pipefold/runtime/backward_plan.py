@@ -1,6 +1,8 @@
 """The split backward's cached plans: per graph shape of a stage's backward, which parameter
 groups `W` runs and how (`GroupCache`, one per stage). `pipefold.runtime.backward` walks the graph
-once per micro-batch to key the plan (`graph_shape`) and reads the plan it finds.
+once per micro-batch to key the plan (`graph_shape`) and reads the plan it finds; where the C++
+walk is built (`pipefold.runtime.native`), a graph of the last planned shape is recognised by it
+instead (`GroupCache.walked`) and the Python walk runs only for a new shape.
 
 Design notes: docs/decisions.md, "split backward" and "direct weight gradients".
 """
@@ -12,11 +14,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from pipefold.runtime import native
 from pipefold.runtime.backward_groups import (
     Direct,
     Frontier,
@@ -25,7 +29,7 @@ from pipefold.runtime.backward_groups import (
     match_direct,
 )
 
-__all__ = ["GroupCache", "GroupPlan", "PlanShape", "Prepared", "graph_shape", "groups_are_disjoint",
+__all__ = ["GroupCache", "GroupPlan", "PlanShape", "Prepared", "Walked", "graph_shape", "groups_are_disjoint",
            "groups_of", "known_shape", "plan_shape", "prepare_all"]
 
 
@@ -103,8 +107,8 @@ class Prepared:
     form, and the lean form (`WeightGradState`) where the plan allows it."""
 
     __slots__ = (
-        "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes", "groups", "lean",
-        "_one_edge_each", "plans", "rerun_plans",
+        "_edge_frontiers_of", "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes",
+        "groups", "lean", "_one_edge_each", "plans", "rerun_plans",
     )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:
@@ -121,6 +125,7 @@ class Prepared:
         frontier_nodes: list[int] = []
         edge_nodes: list[int] = []
         edge_outputs: list[int] = []
+        edge_frontiers: list[int] = []
         plans = []
         plan_of: dict[int, GroupPlan] = {}
         for index in shape.weight_order:
@@ -128,6 +133,7 @@ class Prepared:
             frontiers = []
             for node_index, num_outputs in zip(frontier_indices, shape.num_outputs[index], strict=True):
                 frontiers.append((len(frontier_nodes), len(edge_nodes), num_outputs))
+                edge_frontiers.extend([len(frontier_nodes)] * num_outputs)
                 frontier_nodes.append(node_index)
                 edge_nodes.extend([node_index] * num_outputs)
                 edge_outputs.extend(range(num_outputs))
@@ -145,6 +151,8 @@ class Prepared:
         self.edge_outputs = tuple(edge_outputs)
         self._frontiers_of = _getter(self.frontier_nodes)
         self._edge_nodes_of = _getter(self.edge_nodes)
+        self._edge_frontiers_of = _getter(tuple(edge_frontiers))
+        """Each captured edge's node as its position among the frontier nodes."""
         self._one_edge_each = self.edge_nodes == self.frontier_nodes
         """Every frontier node receives one gradient (a layer's one output): its edges are at
         the frontier nodes, so `capture` indexes the walk once."""
@@ -162,6 +170,13 @@ class Prepared:
         pairs = zip(frontier, self.edge_outputs, strict=True)
         return list(frontier), map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
 
+    def edges_at(self, frontier: Sequence[Node | None]) -> Iterator[GradientEdge]:
+        """`captured_edges` over the frontier nodes alone (`frontiers`' answer, or the C++ walk's
+        `GraphWalk.match`, which hands back only those)."""
+        nodes = frontier if self._one_edge_each else self._edge_frontiers_of(frontier)
+        pairs = zip(nodes, self.edge_outputs, strict=True)
+        return map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
+
     def captured_edges(self, nodes: Sequence[Node]) -> Iterator[GradientEdge]:
         """The edges `I` captures a gradient at, over one walk's `nodes`: built by C loops, each
         edge a (node, output) tuple of class `GradientEdge` without its `__new__`'s frame."""
@@ -169,7 +184,7 @@ class Prepared:
         return map(tuple.__new__, repeat(GradientEdge), pairs)  # type: ignore[arg-type]
 
 
-def _getter(indices: tuple[int, ...]) -> Callable[[Sequence[Node]], tuple[Node, ...]]:
+def _getter(indices: tuple[int, ...]) -> Callable[[Sequence[Node | None]], tuple[Node | None, ...]]:
     """`lambda seq: tuple(seq[i] for i in indices)` as one C call (`itemgetter`)."""
     if len(indices) >= 2:
         return itemgetter(*indices)
@@ -191,6 +206,11 @@ class GroupCache:
         self._entries: dict[int, tuple[PlanShape, Sequence[Tensor], Prepared]] = {}
         self._leaves: _Leaves | None = None
         self._last: tuple[tuple[object, ...], PlanShape] | None = None
+        self._walk = native.load()
+        self.walked: Walked | None = None
+        """The C++ walk's signature of the last graph `graph_shape` keyed, with that graph's lean
+        plan: `backward_input` asks `Walked.match` first and walks in Python only where it finds
+        another graph (None: no C++ walk, or the plan is not lean)."""
 
     def shape(self, key: tuple[object, ...]) -> PlanShape | None:
         """`known_shape(key)`, comparing with the last key this cache found first: a stage's
@@ -210,8 +230,34 @@ class GroupCache:
         prepared = prepare_all(shape, params)
         if len(self._entries) >= _MAX_PREPARED:
             self._entries.clear()
+            self.walked = None  # its plan must stay where `reset` reaches it
         self._entries[id(shape)] = (shape, params, prepared)
         return prepared
+
+    def remember(
+        self,
+        roots: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        params: Sequence[Tensor],
+        shape: PlanShape,
+        prepared: Prepared,
+    ) -> None:
+        """After `graph_shape` keyed a graph to `shape` (and `get` gave `prepared`): record the
+        graph's C++ signature, so the next graph of the same shape skips the Python walk. Only
+        a lean plan (`backward_input`'s fast path needs just the frontier nodes) over a tuple of
+        parameters (the signature names them by position in that one tuple)."""
+        walked = self.walked
+        if walked is not None and walked.shape is shape and walked.params is params:
+            # The C++ walk told apart a graph the Python key did not: it is stricter than the
+            # key for this stage's graphs (never seen), so stop asking it instead of paying twice.
+            self._walk = None
+        walk = self._walk
+        self.walked = None
+        if walk is None or not prepared.lean or type(params) is not tuple:
+            return
+        signature = walk.record(roots, inputs, params, prepared.frontier_nodes)
+        if signature is not None:
+            self.walked = Walked(walk.match, signature, shape, prepared, params)
 
     def reset(self) -> None:
         """End the direct groups' readiness memo (`accumulate_at`): their next `W` checks the
@@ -233,6 +279,16 @@ class GroupCache:
         if leaves is None or leaves.params is not params:
             leaves = self._leaves = _Leaves(params)
         return leaves
+
+
+class Walked(NamedTuple):
+    """`GroupCache.walked`: what the C++ walk needs to recognise a stage's next graph."""
+
+    match: Callable[[object, Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], list[Node | None] | None]
+    signature: object
+    shape: PlanShape
+    prepared: Prepared
+    params: tuple[Tensor, ...]
 
 
 class _Leaves:
