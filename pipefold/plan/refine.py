@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pipefold.errors import ScheduleError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
 from pipefold.plan.memory import (
     excess_per_rank,
     memory_of_peaks,
@@ -115,16 +116,25 @@ def search_order(
         )
     except ScheduleError:
         return None  # not even one micro-batch per rank fits beside the weights
-    if compiles(found.schedule, model):
-        run = CompiledSchedule(found.schedule).run(model)
-        makespan, bubble = run.makespan, run.bubble_fraction(pp)
-        weights = tuple(static_weight_bytes(model, found.schedule.placement, pp))
-        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, found.schedule.placement,
-                                 transient)
-    else:
-        timeline = simulate(found.schedule, model)
-        makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
+    held: tuple[tuple[float, float], ...] = ()
+    for pricing in (False, True):
+        if compiles(found.schedule, model):
+            run = CompiledSchedule(found.schedule).run(model)
+            makespan, bubble = run.makespan, run.bubble_fraction(pp)
+            weights = tuple(static_weight_bytes(model, found.schedule.placement, pp))
+            memory = memory_of_peaks(costs, model, weights, run.activation_peaks, found.schedule.placement,
+                                     transient)
+        else:
+            timeline = simulate(found.schedule, model)
+            makespan, bubble = timeline.makespan, timeline.bubble_fraction
+            memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
+        if pricing or not prices_held(costs):
+            break
+        # The order was searched on the costs as measured; its ranks then pay for the activations
+        # they hold (the order fixes the peaks: plan.held_cost), priced as `evaluate` prices a family.
+        peaks = tuple(rank.activations for rank in memory)
+        held = held_extra(costs, peaks)
+        model = with_held_cost(model, costs, found.schedule.placement, peaks)
     if recast:
         memory = without_held_casts(memory)
     if max(excess_per_rank(memory, options.memory_limit, choice.rank_limits)) > 0:
@@ -140,6 +150,7 @@ def search_order(
         memory=memory,
         origin=found.origin,
         family_fits=choice.over_limit(options.memory_limit) <= 0,
+        held_slowdown=held,
     )
 
 
@@ -155,6 +166,7 @@ def searched_candidate(base: Candidate, found: SearchedOrder) -> Candidate:
     return replace(
         base, schedule=SEARCHED_ORDER, step_time=found.step_time, bubble_fraction=found.bubble_fraction,
         memory=found.memory, order=found.schedule, base_family=base.schedule,
+        held_slowdown=found.held_slowdown,
     )
 
 
