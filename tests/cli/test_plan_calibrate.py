@@ -68,7 +68,8 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per
     # activation byte its rank holds, fitted against the bytes each block held (the planner's model).
     assert len(calibration["held_bytes"]) == len(calibration["held_block_bytes"]) == 2
-    assert all(g > o > 0 for g, o in zip(calibration["held_block_bytes"], calibration["held_bytes"], strict=True))
+    assert all(g > o > 0 for g, o in zip(calibration["held_block_bytes"], calibration["held_bytes"],
+                                         strict=True))
     assert priced.held_forward_per_byte == calibration["held_forward_per_byte"] >= 0
     assert priced.held_backward_per_byte == calibration["held_backward_per_byte"] >= 0
     assert priced.held_reference_bytes == max(calibration["held_bytes"])

@@ -164,5 +164,5 @@ def test_at_run_prices_fits_the_slopes_from_a_held_block_and_prices_the_run_as_m
 
 
 def test_costs_refuse_a_negative_slope():
-    with pytest.raises(ConfigError, match=r"ModelCosts.held_forward_per_byte = -1.0; give a finite number >= 0"):
+    with pytest.raises(ConfigError, match=r"ModelCosts.held_forward_per_byte = -1.0; give a finite number"):
         _costs(held_forward_per_byte=-1.0)
