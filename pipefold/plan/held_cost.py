@@ -6,9 +6,9 @@
 
 On a CPU host a rank's actions run slower while it holds more activations: GPipe on 1F1B's own
 two stages (the same layers, calls and messages) ran F 1.23-1.26x and B 1.06-1.12x 1F1B's,
-holding 4-8x the bytes (docs/decisions.md, "A stage costs what its layers cost"). The
-calibration measures 1F1B, which holds the least, so without this term a candidate that holds
-more is priced too cheaply. `pipefold plan --profile`'s calibration runs a short GPipe block on
+holding 4-8x the bytes (docs/decisions.md, "A stage costs what its layers cost, with no
+part of its own"). The calibration measures 1F1B, which holds the least, so without this term
+a candidate that holds more is priced too cheaply. `pipefold plan --profile`'s calibration runs a short GPipe block on
 its stages and fits, per action kind, the extra fraction of an action's time per byte held
 (`ModelCosts.held_forward_per_byte`, `held_backward_per_byte`); the planner then slows each
 rank's actions by `1 + slope * max(0, held - ModelCosts.held_reference_bytes)`, held being the
