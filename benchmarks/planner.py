@@ -77,10 +77,36 @@ def _bounds(partition: str) -> tuple[int, ...]:
     return tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
 
 
+def _run_schedule(run: dict[str, Any], schedule_file: Path | None, args: argparse.Namespace) -> Any:
+    """The schedule a run ran: a searched order's file, else its family's."""
+    from pipefold.schedule.io import load
+    from pipefold.schedule.registry import build
+
+    if schedule_file is not None:
+        return load(schedule_file)
+    return build(run["schedule"]["name"], num_ranks=args.ranks, num_microbatches=int(run["num_microbatches"]),
+                 num_virtual=run["schedule"]["virtual"] or None)
+
+
+def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | None,
+          args: argparse.Namespace) -> Any:
+    """`model` with each rank slowed by the activations it holds in the run's schedule, as the plan
+    prices it (`pipefold.plan.held_cost`); `model` itself where the costs price none."""
+    from pipefold.plan.held_cost import prices_held, with_held_cost
+    from pipefold.simulate import simulate
+
+    if not prices_held(costs):
+        return model
+    schedule = _run_schedule(run, schedule_file, args)
+    peaks = simulate(schedule, model).activation_bytes_peak
+    return with_held_cost(model, costs, schedule.placement, peaks)
+
+
 def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...],
-               args: argparse.Namespace) -> dict[str, float | None]:
+               args: argparse.Namespace, schedule_file: Path | None = None) -> dict[str, float | None]:
     """Per action kind: the planner's stage costs for this configuration (from the costs its plan
-    measured) over the run's own, summed over the stages that ran that kind; None where none did."""
+    measured, each rank slowed by the activations it holds where they price it) over the run's
+    own, summed over the stages that ran that kind; None where none did."""
     from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import first_stage_backward
     from pipefold.plan.stages import StageLayout, stage_cost_model
@@ -92,6 +118,7 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
     layout = StageLayout(bounds, rows)
     model = first_stage_backward(stage_cost_model(costs, layout, recompute, Link(), float(args.cores)),
                                  costs, bounds)
+    model = _held(model, costs, run, schedule_file, args)
     ratios: dict[str, float | None] = {}
     for kind in _KINDS:
         planned = getattr(model, kind.lower())
@@ -253,23 +280,17 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     from pipefold.plan.calibrate import first_stage_backward, update_time
     from pipefold.plan.memory import static_weight_bytes
     from pipefold.plan.stages import StageLayout, stage_cost_model
-    from pipefold.schedule.io import load
-    from pipefold.schedule.registry import build
     from pipefold.simulate import Link, simulate
     from pipefold.simulate.engine import step_end_time
 
     costs = ModelCosts.from_json(costs_path)
     bounds = _bounds(run["partition"])
-    config = run["schedule"]
     m = int(run["num_microbatches"])
-    if schedule_file is not None:
-        schedule = load(schedule_file)
-    else:
-        schedule = build(config["name"], num_ranks=args.ranks, num_microbatches=m,
-                         num_virtual=config["virtual"] or None)
+    schedule = _run_schedule(run, schedule_file, args)
     layout = StageLayout(bounds, -(-args.batch_size // m))
     model = first_stage_backward(
         stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
+    model = _held(model, costs, run, schedule_file, args)  # each rank slowed by what it holds
     update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
     return float(simulate(schedule, model).makespan + step_end_time(schedule, model) + update)
 
@@ -546,7 +567,8 @@ def main() -> None:
         if forecast is None and costs_path.exists():
             forecast = _forecast(costs_path, done[0], args, latency)
         step = statistics.median(s for r in done for s in r["steps_s"])
-        ratios = [_op_ratios(costs_path, r, recompute, args) for r in done] if costs_path.exists() else []
+        ratios = ([_op_ratios(costs_path, r, recompute, args, files.get(label)) for r in done]
+                  if costs_path.exists() else [])
         op_ratio: dict[str, float | None] = {}
         for kind in _KINDS:
             values = [value for r in ratios if (value := r[kind]) is not None]
@@ -555,7 +577,7 @@ def main() -> None:
         profile_forecast = profile_f = profile_b = None
         if profile_path.exists():
             profile_forecast = _priced(profile_path, done[0], files.get(label), recompute, args, 0.0)
-            raw = [_op_ratios(profile_path, r, recompute, args) for r in done]
+            raw = [_op_ratios(profile_path, r, recompute, args, files.get(label)) for r in done]
             profile_f = _median_of([r["F"] for r in raw])
             profile_b = _median_of([r["B"] for r in raw])
             if forecast is not None and label in files:  # the repricing reproduces the plan's own

@@ -3,7 +3,7 @@
 (`pipefold.job.calibration`).
 
     python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4 --phase-steps 12 \\
-        --split zb-h1 -- --ranks 2 --batch-size 32 --out DIR ...        # any `pipefold train` flags
+        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 32 --out DIR ...   # any train flags
 
 A process of its own, as `pipefold train` would be: the ranks' output and failures stay out of
 the plan's (its `--json` goes to stdout).
@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phase-steps", type=int, required=True, help="steps per micro-batch count")
     parser.add_argument("--split", metavar="FAMILY",
                         help="also run short blocks of this split-backward family (zb-h1) at the first count")
+    parser.add_argument("--held", metavar="FAMILY",
+                        help="on a CPU host, also run short blocks of this family, holding more activations "
+                        "(gpipe), at the first count")
     parser.add_argument("train", nargs=argparse.REMAINDER, help="-- then pipefold train's flags")
     args = parser.parse_args(argv)
     words = args.train[1:] if args.train[:1] == ["--"] else args.train
@@ -39,11 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_out_dir(config_from_args(train_parser.parse_args(["train", *words])))
         check_out_dir(config)
         microbatches = tuple(int(part) for part in args.microbatches.split(","))
-        from pipefold.job.calibration import calibration_worker, check_microbatches, check_split
+        from pipefold.job.calibration import calibration_worker, check_held, check_microbatches, check_split
         from pipefold.runtime.processes.launch import spawn
 
         check_microbatches(config, microbatches, args.phase_steps)
         check_split(config, args.split)
+        check_held(config, args.held)
     except PipefoldError as error:
         print(f"calibration run: error: {error}", file=sys.stderr)
         return 2
@@ -54,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         native.build_for(config.schedule.built)
     result = spawn(calibration_worker, config.schedule.num_processes,
-                   (config, microbatches, args.phase_steps, args.result, args.split))
+                   (config, microbatches, args.phase_steps, args.result, args.split, args.held))
     if not result.ok:
         print(f"calibration run: {result.describe()}", file=sys.stderr)
     return result.exit_code

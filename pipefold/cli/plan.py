@@ -468,6 +468,15 @@ def _save_schedule(result: Any, path: str) -> None:
     print(f"wrote {what} to {path}; run it with partition={list(choice.partition.counts)}", file=sys.stderr)
 
 
+def _held_cell(candidate: Any) -> str:
+    """The largest extra F a rank of `candidate` pays for the activations it holds, and the rank."""
+    extra = [f for f, _ in candidate.held_slowdown]
+    if not extra or max(extra) <= 0:
+        return "-"
+    rank = max(range(len(extra)), key=extra.__getitem__)
+    return f"+{extra[rank]:.1%} ({rank})"
+
+
 def _degree_cell(candidate: Any, with_tp: bool) -> str:
     cell = f"{candidate.num_data_parallel} x {candidate.num_ranks}"
     return f"{cell} x {candidate.num_tensor_parallel}" if with_tp else cell
@@ -600,6 +609,11 @@ def run(args: argparse.Namespace) -> int:
     degree_column = "dp x pp x tp" if with_tp else "dp x pp"
     columns = ["#", *([degree_column] if with_dp else []), "schedule", "v", "m x rows", "recompute", "step s",
                *(["all-reduce s"] if with_dp else []), "bubble", "peak (rank)"]
+    # A column for the activations held only where a candidate's ranks pay for them (a CPU
+    # calibration's slope: pipefold.plan.held_cost).
+    with_held = any(candidate.held_text() for candidate in result.top)
+    if with_held:
+        columns.append("held F (rank)")
     for column in columns:
         table.add_column(column, justify="left" if column in ("schedule", "recompute") else "right",
                          overflow="fold")
@@ -611,6 +625,7 @@ def run(args: argparse.Namespace) -> int:
             f"{candidate.step_time:.4g}", *([f"{candidate.allreduce_s:.3g}"] if with_dp else []),
             f"{candidate.bubble_fraction:.1%}",
             f"{format_bytes(candidate.peak_memory)} ({candidate.peak_rank})",
+            *([_held_cell(candidate)] if with_held else []),
         )
     console.print(table)
     console.print(result.explain(), highlight=False, markup=False, soft_wrap=True)

@@ -14,7 +14,10 @@ ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each st
 over rows (a fixed part and a part per row) and prices the profile's layers on those lines
 (`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
 backward split) for a few steps at the first count, so the split backward's I and W are priced
-as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). Every candidate,
+as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). On a CPU host it
+also runs GPipe on the same stages for a few steps, so an action's slowdown with the activation
+memory its rank holds is priced (`ModelCosts.held_forward_per_byte`, `pipefold.plan.held_cost`);
+a GPU's kernels do not slow so, and GPipe could exceed the memory 1F1B fits in. Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
 without link flags a message costs the run's measured latency. It costs one launch of the
@@ -39,7 +42,8 @@ from typing import Any
 from pipefold.errors import ConfigError, PipefoldError
 from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
-from pipefold.plan.calibrate import RunCalibration, at_run_prices
+from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
+from pipefold.plan.held_cost import order_held_bytes
 from pipefold.simulate import CostModel
 
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_steps",
@@ -101,6 +105,10 @@ class Calibrated:
         split = (f"; split backward (zb-h1 at {cal.rows} rows): W {scales(cal.weight_share)} of the "
                  f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
                  if cal.weight_share else "")
+        held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank "
+                f"against {_mib(cal.held_bytes)}): F +{cal.held_forward_per_byte * 2**20:.2%}, B "
+                f"+{cal.held_backward_per_byte * 2**20:.2%} per MiB a rank holds beyond "
+                f"{max(cal.held_bytes) / 2**20:.1f} MiB" if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%})"
                  if cal.fixed_s else "")
@@ -108,7 +116,7 @@ class Calibrated:
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
                 f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the profile's "
                 f"F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at {cal.rows} rows"
-                f"{lines}{split}, runtime "
+                f"{lines}{split}{held}, runtime "
                 f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
                 f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
                 f"{self.core_share:.0%} of a core, its steps an interquartile spread of {self.step_spread:.0%}")
@@ -125,9 +133,16 @@ class Calibrated:
                 "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
+                "held_forward_per_byte": cal.held_forward_per_byte,
+                "held_backward_per_byte": cal.held_backward_per_byte,
+                "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread,
                 "profile_costs": self.profile_costs.to_json()}
+
+
+def _mib(values: tuple[int, ...]) -> str:
+    return "/".join(f"{value / 2**20:.1f}" for value in values)
 
 
 def speed_spread(step_seconds: tuple[float, ...] | list[float]) -> float:
@@ -209,14 +224,30 @@ def calibration_command(
     """The calibration run's command line (`pipefold.cli.calibration_run`): its result goes to
     `folder`/calibration.json, its run folder is `folder`/run. `benchmarks/host_speed.py` runs
     the same command beside `pipefold train`."""
-    from pipefold.job.calibration import SPLIT_FAMILY
+    from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
     microbatches = calibration_microbatches(
         args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
     return [sys.executable, "-m", "pipefold.cli.calibration_run",
             "--result", str(folder / "calibration.json"),
             "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
-            "--split", SPLIT_FAMILY, "--", *_train_words(args, ranks, folder / "run", hf)]
+            "--split", SPLIT_FAMILY, "--held", HELD_FAMILY, "--",
+            *_train_words(args, ranks, folder / "run", hf)]
+
+
+def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, ...], rows: int, ranks: int
+                ) -> HeldBlock | None:
+    """The run's held phase (GPipe on its stages) with the activation bytes each block held per
+    rank in the planner's memory model (`order_held_bytes`); None where the run had none."""
+    phase = measured.get("held_phase")
+    if phase is None:
+        return None
+    first = measured["phases"][0]
+    count = int(first["num_microbatches"])
+    return HeldBlock(CostModel.from_json(phase["costs"]),
+                     order_held_bytes(costs, bounds, rows, str(first["schedule"]), ranks, count),
+                     order_held_bytes(costs, bounds, rows, str(phase["schedule"]), ranks,
+                                      int(phase["num_microbatches"])))
 
 
 def calibrate(
@@ -228,7 +259,7 @@ def calibrate(
     ranks = DEFAULT_RANKS if ranks is None else ranks
     microbatches = calibration_microbatches(
         args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
-    from pipefold.job.calibration import SPLIT_FAMILY
+    from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
@@ -236,7 +267,9 @@ def calibrate(
         words = calibration_command(args, ranks, steps, Path(folder), hf)
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
               f"{', '.join(map(str, microbatches))} micro-batches, and {SPLIT_FAMILY} at "
-              f"{microbatches[0]} for its split backward", file=sys.stderr)
+              f"{microbatches[0]} for its split backward"
+              + (f" and {HELD_FAMILY} for the activations it holds" if args.device != "cuda" else ""),
+              file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not result_file.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
@@ -250,9 +283,12 @@ def calibrate(
               for phase in measured["phases"]]
     (run, rows), others = points[0], points[1:]
     split = measured.get("split_phase")
-    priced, calibration = at_run_prices(costs, run, _bounds(measured["partition"]), rows, others,
+    bounds = _bounds(measured["partition"])
+    held = _held_block(costs, measured, bounds, rows, ranks)
+    priced, calibration = at_run_prices(costs, run, bounds, rows, others,
                                         split=None if split is None else CostModel.from_json(split["costs"]),
-                                        split_stages=None if split is None else split["split_stages"])
+                                        split_stages=None if split is None else split["split_stages"],
+                                        held=held)
     seconds = time.perf_counter() - started
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]

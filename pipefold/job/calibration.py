@@ -18,7 +18,11 @@ launch for every count: the ranks' start-up (seconds) is paid once.
 
 With a split family (`SPLIT_FAMILY`), each round also runs a short block of it at the first count
 on the same stages (`split_blocks`), so the file's "split_phase" holds the I and W the planner's
-split-backward schedules pay: 1F1B never splits its backward.
+split-backward schedules pay: 1F1B never splits its backward. With a held family
+(`HELD_FAMILY`, GPipe), each round also runs a short block of it at the first count on the same
+stages (as short as the split's), so the file's "held_phase" measures the same layers, calls and
+messages while the ranks hold every micro-batch's activations: what the planner's slope of an
+action's time per byte held is fitted on (`pipefold.plan.held_cost`).
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from pipefold.schedule import Op, Schedule
 from pipefold.schedule.registry import build
 from pipefold.timeline import Timeline
 
-__all__ = ["MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker", "check_microbatches",
-           "check_split", "split_blocks"]
+__all__ = ["HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker",
+           "check_held", "check_microbatches", "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -57,6 +61,11 @@ MAX_ROUNDS = 3
 SPLIT_FAMILY = "zb-h1"
 """The split-backward family of the split phase: 1F1B's stages and placement, its backward split
 into I and W, so the run measures what the planner's split schedules pay for them."""
+
+
+HELD_FAMILY = "gpipe"
+"""The family of the held phase: 1F1B's stages, placement and actions, every micro-batch's
+activations held at once (4-8x 1F1B's on 2 ranks at 8 micro-batches)."""
 
 
 def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: int) -> None:
@@ -93,12 +102,30 @@ def check_split(config: TrainConfig, split: str | None) -> None:
                           f"does ({SPLIT_FAMILY}), or none")
 
 
+def check_held(config: TrainConfig, held: str | None) -> None:
+    """Refuse a held phase `calibration_worker` cannot run, before any rank starts: `held` must
+    name a flush family of one stage per rank that runs no split backward (its F and B are
+    compared with the pipeline's own)."""
+    if held is None:
+        return
+    virtual = config.schedule.virtual
+    if virtual not in (0, 1):
+        raise ConfigError(f"calibration held phase {held!r}: the pipeline runs {virtual} stages per rank; "
+                          "measure it on one stage per rank (train's default)")
+    schedule = build(held, num_ranks=config.schedule.ranks,
+                     num_microbatches=config.schedule.num_microbatches, num_virtual=1)
+    if any(action.op is Op.I for row in schedule.actions for action in row):
+        raise ConfigError(f"calibration held phase {held!r} splits its backward; name a family that runs "
+                          f"whole backwards ({HELD_FAMILY}), or none")
+
+
 def calibration_worker(
-    config: TrainConfig, microbatches: Sequence[int], steps: int, out: str, split: str | None = None
+    config: TrainConfig, microbatches: Sequence[int], steps: int, out: str, split: str | None = None,
+    held: str | None = None,
 ) -> None:
     """Entry point of one spawned rank (every rank calls it)."""
     try:
-        _calibrate(set_up(config), microbatches, steps, Path(out), split)
+        _calibrate(set_up(config), microbatches, steps, Path(out), split, held)
     finally:
         gc.collect()  # as train_worker: the pipeline's cycles hold the rendezvous store
         if dist.is_initialized():
@@ -143,7 +170,8 @@ class _Phase:
                 "step_seconds": self.walls, "step_cpu_seconds": self.cpus}
 
 
-def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, split: str | None) -> None:
+def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, split: str | None,
+               held: str | None = None) -> None:
     pipe = job.pipe
     family = job.config.schedule.name
     num_ranks = pipe.schedule.num_ranks
@@ -160,6 +188,15 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
         split_phase = _Phase(build(split, num_ranks=num_ranks, num_microbatches=microbatches[0],
                                    num_virtual=num_virtual), microbatches[0])
         order.insert(1, (split_phase, split_blocks(sizes)))
+    held_phase = None
+    # On a CPU host only: there a rank's actions slow with the memory it holds, and on a GPU GPipe
+    # could exceed the memory the pipeline's own 1F1B fits in.
+    if held is not None and job.device.type == "cpu":
+        # Right after the first count's 1F1B block too (before the split's), so the host's load
+        # meets both alike: the held block's F over 1F1B's is what the slope is fitted on.
+        held_phase = _Phase(build(held, num_ranks=num_ranks, num_microbatches=microbatches[0],
+                                  num_virtual=num_virtual), microbatches[0])
+        order.insert(1, (held_phase, split_blocks(sizes)))
     for round_index in range(len(sizes)):
         for index, (phase, phase_blocks) in enumerate(order):
             if round_index or index:
@@ -182,6 +219,8 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
                                   "phases": [phase.to_json() for phase in phases]}
         if split_phase is not None:
             result["split_phase"] = split_phase.to_json()
+        if held_phase is not None:
+            result["held_phase"] = held_phase.to_json()
         write_atomic(out, json.dumps(result, indent=1) + "\n")
     dist.barrier()  # peers wait for rank 0's file (as train's report)
 

@@ -32,7 +32,10 @@ step outside the actions (less the tied gradient's exchange, which the plan pric
 replace the profile's. Where the run also measured a split backward (zb-h1 on the same stages),
 each I and W costs what that phase measured: the seconds each takes beyond its part of B
 (`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
-as fitted.
+as fitted. Where the run also measured a block that holds more activations on the same stages
+(GPipe, `HeldBlock`), the extra fraction of an F and of a B per byte a rank holds is fitted
+from the two blocks (`pipefold.plan.held_cost`), and the planner slows a candidate's ranks that
+hold more than the run did.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.held_cost import fit_held_slope
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
-__all__ = ["RunCalibration", "StageLine", "at_run_prices", "first_stage_backward", "fit_stage_line",
-           "fixed_seconds", "update_time", "with_fixed_costs"]
+__all__ = ["HeldBlock", "RunCalibration", "StageLine", "at_run_prices", "first_stage_backward",
+           "fit_stage_line", "fixed_seconds", "update_time", "with_fixed_costs"]
 
 
 def fixed_seconds(at_rows: LayerCost, rows: int, at_other: LayerCost, other_rows: int) -> float:
@@ -158,12 +162,36 @@ class RunCalibration:
     a first stage fed token ids, whose I has no work, the other stages' mean)."""
     split_action_overhead_s: float = 0.0
     """The split phase's measured seconds between two compute actions of a rank."""
+    held_forward_per_byte: float = 0.0
+    """The extra fraction of an F per activation byte a rank holds, where the run measured a block
+    holding more (`ModelCosts.held_forward_per_byte`); 0 otherwise."""
+    held_backward_per_byte: float = 0.0
+    """The same for B (`ModelCosts.held_backward_per_byte`)."""
+    held_bytes: tuple[int, ...] = ()
+    """Per rank, the activation bytes the run held (the planner's memory model); empty without a
+    held block."""
+    held_block_bytes: tuple[int, ...] = ()
+    """Per rank, the activation bytes the held block held (the planner's memory model)."""
+
+
+@dataclass(frozen=True)
+class HeldBlock:
+    """A block of the calibration run that holds more activations on the run's own stages and
+    placement (GPipe beside 1F1B), and what each held per rank in the planner's memory model."""
+
+    measured: CostModel
+    """The block's measured stage costs, at the run's first size."""
+    run_bytes: tuple[int, ...]
+    """Per rank, the activation peak of the run's own family (1F1B)."""
+    block_bytes: tuple[int, ...]
+    """Per rank, the activation peak of the block's family."""
 
 
 def at_run_prices(
     costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
     split: CostModel | None = None, split_stages: Collection[int] | None = None,
+    held: HeldBlock | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -224,6 +252,12 @@ def at_run_prices(
     if split is not None:
         stages = range(layout.num_stages) if split_stages is None else split_stages
         priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages))
+    held_fit = (0.0, 0.0)
+    if held is not None:
+        on = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
+        held_fit = _held_slopes(run, held, on)
+        priced = replace(priced, held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
+                         held_reference_bytes=float(max(held.run_bytes)))
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
@@ -242,8 +276,27 @@ def at_run_prices(
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
         split_overhead_s=priced.split_overhead_s, weight_share=split_fit.weight_share,
         split_action_overhead_s=split_fit.action_overhead_s,
+        held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
+        held_bytes=() if held is None else held.run_bytes,
+        held_block_bytes=() if held is None else held.block_bytes,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
+
+
+def _held_slopes(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> tuple[float, float]:
+    """The F and B slopes per byte held (`fit_held_slope`) from the run and the held block, each
+    stage's bytes those of its rank."""
+    if held.measured.num_stages != run.num_stages:
+        raise ConfigError(f"the held block measured {held.measured.num_stages} stages, the run "
+                          f"{run.num_stages}; measure both on the run's own partition")
+    num_ranks = max(placement) + 1
+    if len(held.run_bytes) != num_ranks or len(held.block_bytes) != num_ranks:
+        raise ConfigError(f"held block bytes for {len(held.run_bytes)} and {len(held.block_bytes)} ranks, "
+                          f"the run has {num_ranks}; give one activation peak per rank")
+    base = [held.run_bytes[rank] for rank in placement]
+    more = [held.block_bytes[rank] for rank in placement]
+    return (fit_held_slope(run.f, held.measured.f, base, more, kind="F"),
+            fit_held_slope(run.b, held.measured.b, base, more, kind="B"))
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ _FIELDS = (
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
-    "split_overhead_s",
+    "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
 )
 
 
@@ -241,6 +241,16 @@ class ModelCosts:
     """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
     outside the pipeline's actions: the step adds it for the rank holding the most
     (`pipefold.plan.calibrate.update_time`)."""
+    held_forward_per_byte: float = 0.0
+    """The extra fraction of an F's time per activation byte its rank holds beyond
+    `held_reference_bytes` (a CPU host's actions slow with the memory a rank holds; fitted by
+    `pipefold plan --profile`'s calibration from a GPipe block beside its 1F1B run:
+    `pipefold.plan.held_cost`). 0: not priced."""
+    held_backward_per_byte: float = 0.0
+    """The same for B, I and W."""
+    held_reference_bytes: float = 0.0
+    """The activation bytes held at calibration (the most any rank of its 1F1B run held, in the
+    planner's memory model): a rank holding no more is priced as measured."""
     input_requires_grad: bool = True
     """Whether the model's input takes a gradient (a float input does; token ids do not). Without
     one the first stage's backward has no input half: the runtime's I of that stage only enters
@@ -286,7 +296,8 @@ class ModelCosts:
             )
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
-                     "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s"):
+                     "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
+                     "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(

@@ -14,6 +14,7 @@ from pipefold.errors import ConfigError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
+from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
 from pipefold.plan.orders import (
     compiled_family,
@@ -21,6 +22,7 @@ from pipefold.plan.orders import (
     family_order,
     family_placement,
     family_schedule,
+    order_peaks,
 )
 from pipefold.plan.precision_costs import (
     cast_time,
@@ -77,6 +79,11 @@ def evaluate(
     recast = casts_every_forward(config.schedule, shard)
     if recast:  # no casts held for the step: each forward casts again (plan.precision_costs)
         model = recast_every_forward(model, costs, recompute, bounds)
+    held: tuple[tuple[float, float], ...] = ()
+    if prices_held(costs):  # each rank slowed by the activations it holds (plan.held_cost)
+        peaks = _order_peaks(config, sizes, model)
+        held = held_extra(costs, peaks)
+        model = with_held_cost(model, costs, placement, peaks)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks,
                                 rerun_copies(costs, config.schedule, shard))
     sync_link = link if dp_link is None else dp_link
@@ -140,7 +147,21 @@ def evaluate(
         free_between_microbatches=free_between and shard == "full",
         gather_lookahead=gather_lookahead if shard == "full" else 0,
         gather_exposed_s=exposed,
+        held_slowdown=held,
     )
+
+
+def _order_peaks(config: Config, sizes: tuple[int, int, int], model: CostModel) -> tuple[int, ...]:
+    """Per rank, the activation peak of the family's order on `model` (the order fixes it; the
+    timing does not): from the order's cached counts where it tells it, else simulated once."""
+    peaks = None
+    if compiles_order(family_order(config.schedule, *sizes), model):
+        peaks = order_peaks(config.schedule, *sizes, model)
+        if peaks is None:
+            peaks = compiled_family(config.schedule, *sizes).order_activation_peaks(model)
+    if peaks is None:
+        peaks = simulate(family_schedule(config.schedule, *sizes), model).activation_bytes_peak
+    return tuple(peaks)
 
 
 def replica_sync_time(

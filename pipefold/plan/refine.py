@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pipefold.errors import ScheduleError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
 from pipefold.plan.memory import (
+    RankMemory,
     excess_per_rank,
     memory_of_peaks,
     rank_memory,
@@ -35,7 +37,7 @@ from pipefold.plan.result import Candidate, SearchedOrder
 from pipefold.plan.space import SEARCHED_ORDER, PlanOptions, is_asynchronous
 from pipefold.plan.stages import StageLayout, stage_cost_model, transient_bytes
 from pipefold.plan.topology import MeshLinks
-from pipefold.schedule import layout_of
+from pipefold.schedule import Schedule, layout_of
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.compiled import CompiledSchedule
 
@@ -115,16 +117,15 @@ def search_order(
         )
     except ScheduleError:
         return None  # not even one micro-batch per rank fits beside the weights
-    if compiles(found.schedule, model):
-        run = CompiledSchedule(found.schedule).run(model)
-        makespan, bubble = run.makespan, run.bubble_fraction(pp)
-        weights = tuple(static_weight_bytes(model, found.schedule.placement, pp))
-        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, found.schedule.placement,
-                                 transient)
-    else:
-        timeline = simulate(found.schedule, model)
-        makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = rank_memory(costs, model, timeline, found.schedule.placement, transient)
+    makespan, bubble, memory = _priced_order(found.schedule, model, costs, transient)
+    held: tuple[tuple[float, float], ...] = ()
+    if prices_held(costs):
+        # The order was searched on the costs as measured; its ranks then pay for the activations
+        # they hold (the order fixes the peaks: plan.held_cost), as `evaluate` prices a family.
+        peaks = tuple(rank.activations for rank in memory)
+        held = held_extra(costs, peaks)
+        model = with_held_cost(model, costs, found.schedule.placement, peaks)
+        makespan, bubble, memory = _priced_order(found.schedule, model, costs, transient)
     if recast:
         memory = without_held_casts(memory)
     if max(excess_per_rank(memory, options.memory_limit, choice.rank_limits)) > 0:
@@ -140,7 +141,22 @@ def search_order(
         memory=memory,
         origin=found.origin,
         family_fits=choice.over_limit(options.memory_limit) <= 0,
+        held_slowdown=held,
     )
+
+
+def _priced_order(schedule: Schedule, model: CostModel, costs: ModelCosts, transient: tuple[int, ...]
+                  ) -> tuple[float, float, tuple[RankMemory, ...]]:
+    """A searched order's makespan, bubble and memory per rank on `model`."""
+    pp = schedule.num_ranks
+    if compiles(schedule, model):
+        run = CompiledSchedule(schedule).run(model)
+        weights = tuple(static_weight_bytes(model, schedule.placement, pp))
+        return (run.makespan, run.bubble_fraction(pp),
+                memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient))
+    timeline = simulate(schedule, model)
+    return (timeline.makespan, timeline.bubble_fraction,
+            rank_memory(costs, model, timeline, schedule.placement, transient))
 
 
 def _update(costs: ModelCosts, model: CostModel, placement: tuple[int, ...], choice: Candidate) -> float:
@@ -155,6 +171,7 @@ def searched_candidate(base: Candidate, found: SearchedOrder) -> Candidate:
     return replace(
         base, schedule=SEARCHED_ORDER, step_time=found.step_time, bubble_fraction=found.bubble_fraction,
         memory=found.memory, order=found.schedule, base_family=base.schedule,
+        held_slowdown=found.held_slowdown,
     )
 
 

@@ -98,6 +98,9 @@ class Candidate(PeakMemory):
     """Full sharding: seconds the weight gathers add to the simulated step (the step less the same
     schedule with instant gathers); the look-ahead is chosen to shrink it. None where the search
     did not price it (a variant neither shown nor ranked)."""
+    held_slowdown: tuple[tuple[float, float], ...] = ()
+    """Per pipeline rank, the extra fraction of its F and of its B, I and W for the activations it
+    holds beyond the calibration's (`pipefold.plan.held_cost`); empty where the costs price none."""
 
     @property
     def is_searched_order(self) -> bool:
@@ -107,6 +110,16 @@ class Candidate(PeakMemory):
     def schedule_text(self) -> str:
         """'zb-h2', or for a searched order 'auto (vs zb-h2)'."""
         return f"{self.schedule} (vs {self.base_family})" if self.is_searched_order else self.schedule
+
+    def held_text(self) -> str:
+        """'activations held: +3.1% F, +1.2% B on rank 0; ...' for the ranks priced slower for the
+        activations they hold; empty where none is."""
+        parts = [f"+{f:.1%} F, +{b:.1%} B on rank {rank}" for rank, (f, b) in enumerate(self.held_slowdown)
+                 if f > 0 or b > 0]
+        if not parts:
+            return ""
+        return ("activations held: " + "; ".join(parts) + " (a CPU rank's actions slow with the activation "
+                "memory it holds beyond the calibration run's)")
 
     @property
     def num_devices(self) -> int:
@@ -243,6 +256,7 @@ class Candidate(PeakMemory):
             "free_between_microbatches": self.free_between_microbatches,
             "gather_lookahead": self.gather_lookahead,
             "gather_exposed_s": self.gather_exposed_s,
+            "held_slowdown": [list(pair) for pair in self.held_slowdown],
         }
 
     @classmethod
@@ -274,6 +288,7 @@ class Candidate(PeakMemory):
             free_between_microbatches=bool(data.get("free_between_microbatches", False)),
             gather_lookahead=int(data.get("gather_lookahead", 0)),
             gather_exposed_s=_optional_float(data.get("gather_exposed_s", 0.0)),
+            held_slowdown=tuple((float(f), float(b)) for f, b in data.get("held_slowdown", ())),
         )
 
 
@@ -317,6 +332,8 @@ class SearchedOrder:
     family_fits: bool = True
     """Whether the base family's order fits the memory limit (a searched order can fit where it
     does not: docs/decisions.md, "Planner refinement")."""
+    held_slowdown: tuple[tuple[float, float], ...] = ()
+    """Per rank, as `Candidate.held_slowdown`: its order's activations priced (`pipefold.plan.held_cost`)."""
 
     @property
     def gain(self) -> float:
@@ -356,6 +373,7 @@ class SearchedOrder:
             "memory": [memory.to_json() for memory in self.memory],
             "origin": self.origin,
             "family_fits": self.family_fits,
+            "held_slowdown": [list(pair) for pair in self.held_slowdown],
         }
 
     @classmethod
@@ -369,6 +387,7 @@ class SearchedOrder:
             memory=tuple(RankMemory.from_json(entry) for entry in data["memory"]),
             origin=str(data["origin"]),
             family_fits=bool(data.get("family_fits", True)),
+            held_slowdown=tuple((float(f), float(b)) for f, b in data.get("held_slowdown", ())),
         )
 
 
@@ -490,6 +509,8 @@ class Plan:
         ]
         if choice.rank_speeds:
             lines.append("  " + choice.devices_text(self.memory_limit))
+        if choice.held_text():
+            lines.append("  " + choice.held_text())
         if choice.sharded_optimizer:
             lines.append(
                 f"  ZeRO-1: the optimizer state sharded over the {choice.num_data_parallel} replicas "

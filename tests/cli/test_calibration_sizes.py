@@ -7,9 +7,11 @@ from pipefold.cli.calibration_run import main
 from pipefold.cli.plan_calibrate import calibration_microbatches
 from pipefold.errors import ConfigError
 from pipefold.job.calibration import (
+    HELD_FAMILY,
     MAX_ROUNDS,
     SPLIT_FAMILY,
     blocks,
+    check_held,
     check_microbatches,
     check_split,
     split_blocks,
@@ -69,6 +71,17 @@ def test_check_split_refuses_a_family_without_a_split_backward_or_a_virtual_layo
                     SPLIT_FAMILY)
 
 
+def test_check_held_refuses_a_split_family_or_a_virtual_layout():
+    config = load_config(overrides={"schedule.num_microbatches": 8})
+    check_held(config, HELD_FAMILY)
+    check_held(config, None)  # no held phase
+    with pytest.raises(ConfigError, match="'zb-h1' splits its backward; name a family that runs whole"):
+        check_held(config, SPLIT_FAMILY)
+    with pytest.raises(ConfigError, match="held phase 'gpipe': the pipeline runs 2 stages per rank"):
+        check_held(load_config(overrides={"schedule.name": "interleaved-1f1b", "schedule.virtual": 2}),
+                   HELD_FAMILY)
+
+
 def test_the_calibration_process_refuses_a_bad_split_family_before_any_rank_starts(tmp_path, capsys):
     code = main(["--result", str(tmp_path / "r.json"), "--microbatches", "8,4", "--phase-steps", "6",
                  "--split", "gpipe", "--", "--ranks", "2", "--microbatches", "8",
@@ -92,6 +105,7 @@ def test_the_calibration_command_trains_what_pipefold_train_runs_by_default(tmp_
     plan_args = build_parser().parse_args(["plan", "--profile", "--ranks", "2", "--device", "cpu"])
     words = calibration_command(plan_args, 2, DEFAULT_STEPS, tmp_path, hf=False)
     assert words[words.index("--microbatches") + 1] == "8,4,2"
+    assert words[words.index("--held") + 1] == HELD_FAMILY  # run on a CPU host only
     train_words = words[words.index("--") + 1:]
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -65,6 +65,15 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
             at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
     assert "split backward (zb-h1 at 1 rows)" in priced.source
+    # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per
+    # activation byte its rank holds, fitted against the bytes each block held (the planner's model).
+    assert len(calibration["held_bytes"]) == len(calibration["held_block_bytes"]) == 2
+    assert all(g > o > 0 for g, o in zip(calibration["held_block_bytes"], calibration["held_bytes"],
+                                         strict=True))
+    assert priced.held_forward_per_byte == calibration["held_forward_per_byte"] >= 0
+    assert priced.held_backward_per_byte == calibration["held_backward_per_byte"] >= 0
+    assert priced.held_reference_bytes == max(calibration["held_bytes"])
+    assert "activations held (gpipe at 1 rows" in priced.source
     assert result["choice"]["step_time"] > 0
 
 

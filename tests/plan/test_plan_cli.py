@@ -38,6 +38,29 @@ def test_costs_file_and_pins(tmp_path, capsys):
     assert (out["choice"]["schedule"], out["choice"]["num_microbatches"]) == ("1f1b", 4)
 
 
+def test_the_table_and_explanation_say_the_activations_held_where_they_are_priced(tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table's columns unfolded
+    layer = LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=1000, output_bytes=100,
+                      parameter_bytes=500)
+    path = tmp_path / "costs.json"
+    words = ["plan", "--costs", str(path), "--ranks", "2", "--batch", "8", "--schedule", "gpipe",
+             "--microbatches", "4", "--order-search", "0"]
+    path.write_text(json.dumps(ModelCosts(layers=(layer,) * 6).to_json()))
+    assert main(words) == 0
+    plain = capsys.readouterr().out
+    assert "activations held" not in plain and "held F" not in plain
+    # 0.01% per byte beyond 1000: each rank holds 4 micro-batches of 2 rows of 3 layers (24000
+    # bytes), F +230%, B +115%.
+    held = ModelCosts(layers=(layer,) * 6, held_forward_per_byte=1e-4, held_backward_per_byte=5e-5,
+                      held_reference_bytes=1000.0)
+    path.write_text(json.dumps(held.to_json()))
+    assert main(words) == 0
+    out = capsys.readouterr().out
+    assert "held F (rank)" in out and "+230.0% (0)" in out
+    assert "activations held: +230.0% F, +115.0% B on rank 0; +230.0% F, +115.0% B on rank 1" in out
+
+
 def test_infeasible_limit_is_a_clear_error(capsys):
     assert main([*GPT, "--memory", "1KiB"]) == 2
     err = capsys.readouterr().err
