@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_out_dir(config_from_args(train_parser.parse_args(["train", *words])))
         check_out_dir(config)
         microbatches = tuple(int(part) for part in args.microbatches.split(","))
-        from pipefold.job.calibration import calibration_worker, check_held, check_microbatches, check_split
+        from pipefold.job.calibration import (
+            build_graph_walk, calibration_worker, check_held, check_microbatches, check_split,
+        )
         from pipefold.runtime.processes.launch import spawn
 
         check_microbatches(config, microbatches, args.phase_steps)
@@ -51,12 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipefoldError as error:
         print(f"calibration run: error: {error}", file=sys.stderr)
         return 2
-    from pipefold.runtime import native
-
-    if args.split:  # a split backward's graph walk: built once per machine, before the ranks
-        native.build()
-    else:
-        native.build_for(config.schedule.built)
+    build_graph_walk(config, args.split)  # once per machine, before the ranks load it
     result = spawn(calibration_worker, config.schedule.num_processes,
                    (config, microbatches, args.phase_steps, args.result, args.split, args.held))
     if not result.ok:

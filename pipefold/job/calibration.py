@@ -43,13 +43,14 @@ from pipefold.files import write_atomic
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import accumulated_step, apply_update
 from pipefold.job.setup import Job, set_up
+from pipefold.runtime import native
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Op, Schedule
 from pipefold.schedule.registry import build
 from pipefold.timeline import Timeline
 
 __all__ = ["HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker",
-           "check_held", "check_microbatches", "check_split", "split_blocks"]
+           "build_graph_walk", "check_held", "check_microbatches", "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -84,6 +85,15 @@ def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: 
         raise ConfigError(f"calibration steps = {steps}; give more than {WARMUP_STEPS} per micro-batch count")
     if len(set(microbatches)) != len(microbatches):
         raise ConfigError(f"calibration micro-batches {tuple(microbatches)}: give each count once")
+
+
+def build_graph_walk(config: TrainConfig, split: str | None) -> None:
+    """Build the split backward's C++ graph walk (`pipefold.runtime.native`) before the ranks
+    start, where this run splits a backward: its split block (`split`) or its own schedule."""
+    if split is not None:
+        native.build()
+    else:
+        native.build_for(config.schedule.built)
 
 
 def check_split(config: TrainConfig, split: str | None) -> None:
