@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.row_scales import row_scale
 from pipefold.simulate import CostModel, Link
 
 __all__ = [
@@ -92,6 +93,12 @@ def stage_arrays(
     weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
     # One B per layer is one action: its fixed cost is paid once, not once per half.
     backward = (fixed + own) + scale * (span(_I) + span(_W))
+    if costs.row_scales:
+        # Between the sizes a calibration run measured, its measured time over the line's.
+        forward_scale, backward_scale = row_scale(costs.row_scales, layout.rows)
+        forward = forward * forward_scale
+        input_grad, weight_grad, backward = (input_grad * backward_scale, weight_grad * backward_scale,
+                                             backward * backward_scale)
     recomputed = np.zeros(layout.num_stages, dtype=bool)
     recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
     input_grad = np.where(recomputed, input_grad + forward, input_grad)
