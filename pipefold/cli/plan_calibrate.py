@@ -9,10 +9,13 @@ bandwidth) take another time, and that ratio moved by a quarter between two prof
 same quiet host, and how a layer's time grows with its rows differs as much. So after profiling,
 `plan` trains `pipefold train`'s default pipeline (1F1B, its default partition, the planned
 ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` steps at each of
-up to three micro-batch counts (the profile's, its half and its quarter), in one launch of the
-ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's F and B
-over rows (a fixed part and a part per row) and prices the profile's layers on those lines
-(`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
+up to five micro-batch counts (the profile's, its half and its quarter, then fewer rows down to
+the fewest the search prices: `calibration_microbatches`), in one launch of the ranks built for
+the most of them (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's
+F and B over rows (a fixed part and a part per row), prices the profile's layers on those lines
+and, at each measured size, keeps the measured time over the line's, so a size between two
+measured ones is priced between them (`pipefold.plan.calibrate.at_run_prices`,
+`ModelCosts.row_scales`). The same launch runs zb-h1 (1F1B's stages, its
 backward split) for a few steps at the first count, so the split backward's I and W are priced
 as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). On a CPU host it
 also runs GPipe on the same stages for a few steps, so an action's slowdown with the activation
@@ -115,7 +118,10 @@ class Calibrated:
                 f"+{cal.held_backward_per_byte * 2**20:.2%} per MiB a rank holds beyond "
                 f"{max(cal.held_bytes) / 2**20:.1f} MiB" if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
-                 f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%})"
+                 f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
+                 f"through each size at measured / line F {scales(tuple(e[1] for e in cal.row_scales))}, B "
+                 f"{scales(tuple(e[2] for e in cal.row_scales))} at "
+                 f"{'/'.join(str(e[0]) for e in cal.row_scales)} rows)"
                  if cal.fixed_s else "")
         return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps at "
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
@@ -141,6 +147,7 @@ class Calibrated:
                 "held_forward_per_byte": cal.held_forward_per_byte,
                 "held_backward_per_byte": cal.held_backward_per_byte,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
+                "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread,
                 "profile_costs": self.profile_costs.to_json()}
@@ -165,8 +172,8 @@ def add_arguments(parser: Any) -> None:
     """The flag of the calibration run."""
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
-                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES} micro-batch "
-                        f"sizes (one launch) and price every candidate on the stage costs over rows that run "
+                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
+                        f"micro-batch sizes (one launch) and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
                         "profile's prices alone)")

@@ -172,6 +172,9 @@ class RunCalibration:
     held block."""
     held_block_bytes: tuple[int, ...] = ()
     """Per rank, the activation bytes the held block held (the planner's memory model)."""
+    row_scales: tuple[tuple[int, float, float], ...] = ()
+    """Per measured size (rows, F, B), the measured stage times over the fitted line's
+    (`ModelCosts.row_scales`); empty with one size."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ def at_run_prices(
         split_action_overhead_s=split_fit.action_overhead_s,
         held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
         held_bytes=() if held is None else held.run_bytes,
-        held_block_bytes=() if held is None else held.block_bytes,
+        held_block_bytes=() if held is None else held.block_bytes, row_scales=priced.row_scales,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
