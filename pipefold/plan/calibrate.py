@@ -292,15 +292,19 @@ def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int
                         ) -> tuple[tuple[int, float, float], ...]:
     """Per measured micro-batch size (rows, its stage costs on the partition `bounds`), the mean
     over the stages of the measured F and B over `costs`' (priced on the fitted lines, without row
-    scales): `ModelCosts.row_scales`, so the planner's price passes through every measured size
+    scales; both less the runtime's seconds per layer, `overhead_s`, which are not scaled): `ModelCosts.row_scales`, so the planner's price passes through every measured size
     and interpolates between them (`pipefold.plan.row_scales`). One scale per size, not per stage:
     a candidate's stages are not the run's."""
     unscaled = replace(costs, row_scales=())
+    # The runtime's seconds per layer and action (one figure for the whole model) are not scaled.
+    shared = [costs.overhead_s * (stop - start) for start, stop in zip(bounds, bounds[1:], strict=False)]
     scales = []
     for measured, rows in sorted(points, key=lambda point: point[1]):
         line = stage_arrays(unscaled, StageLayout(tuple(bounds), rows), ())
-        forward = [_ratio(measured.f[stage], float(line.f[stage])) for stage in range(measured.num_stages)]
-        backward = [_ratio(measured.b[stage], float(line.b[stage])) for stage in range(measured.num_stages)]
+        forward = [_ratio(measured.f[stage] - shared[stage], float(line.f[stage]) - shared[stage])
+                   for stage in range(measured.num_stages)]
+        backward = [_ratio(measured.b[stage] - shared[stage], float(line.b[stage]) - shared[stage])
+                    for stage in range(measured.num_stages)]
         scales.append((rows, statistics.fmean(forward), statistics.fmean(backward)))
     return tuple(scales)
 

@@ -94,11 +94,13 @@ def stage_arrays(
     # One B per layer is one action: its fixed cost is paid once, not once per half.
     backward = (fixed + own) + scale * (span(_I) + span(_W))
     if costs.row_scales:
-        # Between the sizes a calibration run measured, its measured time over the line's.
+        # Between the sizes a calibration run measured, its measured time of the layers over the
+        # line's; the runtime's seconds per layer and per split action are not scaled.
         forward_scale, backward_scale = row_scale(costs.row_scales, layout.rows)
-        forward = forward * forward_scale
-        input_grad, weight_grad, backward = (input_grad * backward_scale, weight_grad * backward_scale,
-                                             backward * backward_scale)
+        forward = fixed + forward_scale * (own + scale * span(_F))
+        input_grad = (fixed + costs.split_overhead_s) + backward_scale * (own + scale * span(_I))
+        weight_grad = (fixed + costs.split_overhead_s) + backward_scale * scale * span(_W)
+        backward = fixed + backward_scale * (own + scale * (span(_I) + span(_W)))
     recomputed = np.zeros(layout.num_stages, dtype=bool)
     recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
     input_grad = np.where(recomputed, input_grad + forward, input_grad)

@@ -79,7 +79,8 @@ def test_at_run_prices_passes_through_sizes_a_line_misses():
         return _run([x * k for x in model.f], [x * k for x in model.b])
 
     sizes = (4, 8, 16, 2, 1)
-    priced, calibration = at_run_prices(profile, measured(4), bounds, 4, [(measured(r), r) for r in sizes[1:]])
+    others = [(measured(r), r) for r in sizes[1:]]
+    priced, calibration = at_run_prices(profile, measured(4), bounds, 4, others)
     assert calibration.fit_error > 0.05  # one line does not fit 1 to 16 rows
     assert [entry[0] for entry in priced.row_scales] == [1, 2, 4, 8, 16]
     line = replace(priced, row_scales=())
@@ -104,8 +105,8 @@ def test_at_run_prices_passes_through_sizes_a_line_misses():
 def test_measured_row_scales_are_one_where_the_line_fits():
     profile = _costs()
     bounds = (0, 1, 3)
-    points = [(_run(*(lambda m: (m.f, m.b))(stage_cost_model(profile, StageLayout(bounds, r), (), Link()))), r)
-              for r in (4, 1, 8)]
+    lines = {r: stage_cost_model(profile, StageLayout(bounds, r), (), Link()) for r in (4, 1, 8)}
+    points = [(_run(model.f, model.b), r) for r, model in lines.items()]
     scales = measured_row_scales(profile, points, bounds)
     assert [entry[0] for entry in scales] == [1, 4, 8]
     assert [value for entry in scales for value in entry[1:]] == pytest.approx([1.0] * 6)
