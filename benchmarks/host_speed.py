@@ -18,7 +18,7 @@
 defaults as `pipefold train` does: N alternated pairs (ABBA: pair i runs the calibration first
 where i is even, train first where odd, so "right after the other" meets both alike), each the
 calibration run exactly as `pipefold plan --profile --ranks R` starts it
-(`pipefold.cli.plan_calibrate.calibration_command`: 3 sizes and zb-h1 in one launch) and
+(`pipefold.cli.plan_calibrate.calibration_command`: its sizes and zb-h1 in one launch) and
 `pipefold train --steps S` at the same configuration (the rounds' flags and kept steps). Per
 pair: the calibration's measured step (its first size's kept steps, as the plan reads it), its
 first block against its later blocks, train's median kept step, and their ratio; then the

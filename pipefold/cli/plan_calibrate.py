@@ -9,10 +9,13 @@ bandwidth) take another time, and that ratio moved by a quarter between two prof
 same quiet host, and how a layer's time grows with its rows differs as much. So after profiling,
 `plan` trains `pipefold train`'s default pipeline (1F1B, its default partition, the planned
 ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` steps at each of
-up to three micro-batch counts (the profile's, its half and its quarter), in one launch of the
-ranks (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's F and B
-over rows (a fixed part and a part per row) and prices the profile's layers on those lines
-(`pipefold.plan.calibrate.at_run_prices`). The same launch runs zb-h1 (1F1B's stages, its
+up to five micro-batch counts (the profile's, its half and its quarter, then fewer rows down to
+the fewest the search prices: `calibration_microbatches`), in one launch of the ranks built for
+the most of them (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's
+F and B over rows (a fixed part and a part per row), prices the profile's layers on those lines
+and, at each measured size, keeps the measured time over the line's, so a size between two
+measured ones is priced between them (`pipefold.plan.calibrate.at_run_prices`,
+`ModelCosts.row_scales`). The same launch runs zb-h1 (1F1B's stages, its
 backward split) for a few steps at the first count, so the split backward's I and W are priced
 as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). On a CPU host it
 also runs GPipe on the same stages for a few steps, so an action's slowdown with the activation
@@ -46,8 +49,8 @@ from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
 from pipefold.plan.held_cost import order_held_bytes
 from pipefold.simulate import CostModel
 
-__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_steps",
-           "speed_spread"]
+__all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_microbatches",
+           "calibration_steps", "run_microbatches", "speed_spread"]
 
 DEFAULT_STEPS = 12
 """Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
@@ -55,7 +58,12 @@ DEFAULT_STEPS = 12
 first block's first two: allocation)."""
 
 NUM_SIZES = 3
-"""Micro-batch sizes the calibration run measures at most (`calibration_microbatches`)."""
+"""Micro-batch sizes of the profile's rows or more the calibration run measures at most
+(`calibration_microbatches`)."""
+
+NUM_SMALLER = 2
+"""Micro-batch sizes of fewer rows than the profile's the calibration run measures at most: the
+fewest rows the search prices and one between (`calibration_microbatches`)."""
 
 BUSY_SHARE = 0.8
 """Below this share of a core per CPU rank, the calibration says the host was busy."""
@@ -110,7 +118,10 @@ class Calibrated:
                 f"+{cal.held_backward_per_byte * 2**20:.2%} per MiB a rank holds beyond "
                 f"{max(cal.held_bytes) / 2**20:.1f} MiB" if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
-                 f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%})"
+                 f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
+                 f"through each size at measured / line F {scales(tuple(e[1] for e in cal.row_scales))}, B "
+                 f"{scales(tuple(e[2] for e in cal.row_scales))} at "
+                 f"{'/'.join(str(e[0]) for e in cal.row_scales)} rows)"
                  if cal.fixed_s else "")
         return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps at "
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
@@ -136,6 +147,7 @@ class Calibrated:
                 "held_forward_per_byte": cal.held_forward_per_byte,
                 "held_backward_per_byte": cal.held_backward_per_byte,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
+                "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread,
                 "profile_costs": self.profile_costs.to_json()}
@@ -160,8 +172,8 @@ def add_arguments(parser: Any) -> None:
     """The flag of the calibration run."""
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
-                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES} micro-batch "
-                        f"sizes (one launch) and price every candidate on the stage costs over rows that run "
+                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
+                        f"micro-batch sizes (one launch) and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
                         "profile's prices alone)")
@@ -191,23 +203,61 @@ def _bounds(partition: str) -> tuple[int, ...]:
     return tuple(int(start) for start, _ in stages) + (int(stages[-1][1]),)
 
 
-def calibration_microbatches(microbatches: int, batch_size: int) -> tuple[int, ...]:
-    """The micro-batch counts the calibration run measures: the profile's, then halved while the
-    rows per micro-batch change (up to `NUM_SIZES` sizes), so the fit sees how a stage's time
-    grows with rows (8 micro-batches of a batch of 32: 8, 4 and 2, of 4, 8 and 16 rows)."""
+def calibration_microbatches(
+    microbatches: int, batch_size: int, most_microbatches: int | None = None
+) -> tuple[int, ...]:
+    """The micro-batch counts the calibration run measures: the profile's first (the reference),
+    then halved while the rows per micro-batch change (up to `NUM_SIZES` sizes, larger rows), then
+    up to `NUM_SMALLER` counts of fewer rows than the profile's, down to the fewest rows the
+    search prices (`most_microbatches`, the most it searches; None: the batch): the fit then
+    prices the small micro-batches between measured sizes instead of extrapolating a line below
+    them, which undershot a one-row micro-batch by ~20%. A batch of 32 at 8 micro-batches: 8, 4,
+    2 (4, 8, 16 rows), then 16 and 32 (2 and 1 row)."""
+    for name, value in (("microbatches", microbatches), ("batch_size", batch_size),
+                        ("most_microbatches", most_microbatches)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"calibration {name} = {value!r}; give an integer of 1 or more")
+    if microbatches > batch_size:
+        raise ConfigError(f"calibration microbatches = {microbatches} exceeds batch_size = {batch_size}; "
+                          "give at most one micro-batch per sample")
+
+    def rows(count: int) -> int:
+        return math.ceil(batch_size / count)
+
     counts = [microbatches]
     while len(counts) < NUM_SIZES and counts[-1] > 1:
         count = counts[-1] // 2
-        if math.ceil(batch_size / count) != math.ceil(batch_size / counts[-1]):
+        if rows(count) != rows(counts[-1]):
             counts.append(count)
         else:
             break
-    return tuple(counts)
+    most = min(batch_size, batch_size if most_microbatches is None else most_microbatches)
+    # The fewest rows the search prices, at the fewest micro-batches that give them.
+    fewest = min((count for count in range(microbatches, most + 1) if rows(count) == rows(most)),
+                 default=None)
+    if fewest is None or rows(fewest) >= rows(microbatches):
+        return tuple(counts)
+    # Halfway between the reference and the fewest rows, a power of 2 times the reference (a divisor
+    # of a batch the reference divides, as far as it can be), where its rows differ from both.
+    middle = microbatches * 2 ** round(math.log2(fewest / microbatches) / 2)
+    smaller = [middle] if rows(fewest) < rows(middle) < rows(microbatches) else []
+    return (*counts, *smaller[:NUM_SMALLER - 1], fewest)
+
+
+def run_microbatches(args: argparse.Namespace) -> tuple[int, ...]:
+    """`calibration_microbatches` for `plan`'s flags: the profile's count (pinned, else train's
+    default capped at the batch) first, down to the fewest rows the search prices (a pinned count:
+    that one; else the batch, or `--max-microbatches`, micro-batches)."""
+    pinned = args.microbatches
+    reference = pinned or min(ScheduleConfig.num_microbatches, args.batch_size)
+    return calibration_microbatches(reference, args.batch_size,
+                                    pinned or getattr(args, "max_microbatches", None))
 
 
 def _train_words(args: argparse.Namespace, ranks: int, out: Path, hf: bool) -> list[str]:
-    # The profile's micro-batches (pinned, else train's default capped at the batch): its rows.
-    microbatches = args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size)
+    # The pipeline is built for the most micro-batches the run measures: a running pipeline
+    # switches only to as many or fewer (`pipefold.job.calibration.check_microbatches`).
+    microbatches = max(run_microbatches(args))
     words = ["--ranks", str(ranks), "--batch-size", str(args.batch_size), "--microbatches", str(microbatches),
              "--out", str(out), "--device", args.device,
              "--precision", getattr(args, "precision", None) or "fp32",
@@ -226,8 +276,7 @@ def calibration_command(
     the same command beside `pipefold train`."""
     from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
-    microbatches = calibration_microbatches(
-        args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
+    microbatches = run_microbatches(args)
     return [sys.executable, "-m", "pipefold.cli.calibration_run",
             "--result", str(folder / "calibration.json"),
             "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
@@ -257,8 +306,7 @@ def calibrate(
     (`calibration_microbatches`) in one launch of `ranks` (None: `DEFAULT_RANKS`), then `costs`
     at the prices that run measured."""
     ranks = DEFAULT_RANKS if ranks is None else ranks
-    microbatches = calibration_microbatches(
-        args.microbatches or min(ScheduleConfig.num_microbatches, args.batch_size), args.batch_size)
+    microbatches = run_microbatches(args)
     from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
     started = time.perf_counter()

@@ -2,14 +2,16 @@
 `pipefold plan --profile` calibrates its prices on (`pipefold.cli.plan_calibrate`).
 
     spawn(calibration_worker, config.schedule.num_processes,
-          (config, (8, 4), 12, "/tmp/cal.json", "zb-h1"))
+          (config, (8, 4, 2, 16, 32), 12, "/tmp/cal.json", "zb-h1"))   # config built for 32
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each micro-batch count as train's loop runs them (the pipeline call, the
 gradient norm, the optimizer update; the batch drawn before the clock starts, as the loop draws
 it, so a step here and a step of train's summary time the same work), in rounds of one block per
 count (`blocks`), switching the running schedule between them (`Pipeline.use_schedule`: the
-same family, ranks and stages, fewer and larger micro-batches): a change of the host's load
+same family, ranks and stages, as many or fewer micro-batches than the pipeline is built with, so
+it is built for the most of them and the first, the reference, is switched to before its first
+step): a change of the host's load
 then meets every count alike
 instead of passing for a cost that does not grow with rows. Rank 0 writes one JSON file: the
 partition and, per micro-batch count, the stage costs its kept steps measured
@@ -71,15 +73,17 @@ activations held at once (4-8x 1F1B's on 2 ranks at 8 micro-batches)."""
 
 def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: int) -> None:
     """Refuse what `calibration_worker` cannot run, before any rank starts."""
-    if not microbatches or microbatches[0] != config.schedule.num_microbatches:
+    if not microbatches or any(count < 1 for count in microbatches):
         raise ConfigError(
-            f"calibration micro-batches {tuple(microbatches)}: start with the pipeline's own "
-            f"{config.schedule.num_microbatches} (its transport is sized for the first)"
+            f"calibration micro-batches {tuple(microbatches)}: give one or more counts, each 1 or more "
+            "(the first is the reference the others are compared with)"
         )
-    if any(count < 1 or count > microbatches[0] for count in microbatches):
+    if max(microbatches) != config.schedule.num_microbatches:
         raise ConfigError(
-            f"calibration micro-batches {tuple(microbatches)}: give counts from 1 to the first, "
-            f"{microbatches[0]} (a running pipeline switches only to as many or fewer)"
+            f"calibration micro-batches {tuple(microbatches)}: build the pipeline for the most of them, "
+            f"{max(microbatches)}, not {config.schedule.num_microbatches} (train's --microbatches): its "
+            "transport is sized for the count it is built with, and a running pipeline switches only to "
+            "as many or fewer"
         )
     if steps <= WARMUP_STEPS:
         raise ConfigError(f"calibration steps = {steps}; give more than {WARMUP_STEPS} per micro-batch count")
@@ -186,9 +190,11 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
     family = job.config.schedule.name
     num_ranks = pipe.schedule.num_ranks
     num_virtual = pipe.schedule.num_stages // num_ranks
-    phases = [_Phase(pipe.schedule if index == 0 else build(
+    # The pipeline is built for the most micro-batches (`check_microbatches`); the first count, the
+    # reference, need not be that one, and is switched to before the first step where it is not.
+    phases = [_Phase(pipe.schedule if count == pipe.schedule.num_microbatches else build(
         family, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual), count)
-        for index, count in enumerate(microbatches)]
+        for count in microbatches]
     sizes = blocks(steps, len(microbatches))
     # The split phase runs at the first count, right after that count's 1F1B block in each
     # round, so a change of the host's load meets both alike.
@@ -209,7 +215,7 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
         order.insert(1, (held_phase, split_blocks(sizes)))
     for round_index in range(len(sizes)):
         for index, (phase, phase_blocks) in enumerate(order):
-            if round_index or index:
+            if round_index or index or phase.schedule is not pipe.schedule:
                 pipe.use_schedule(phase.schedule)
             phase.schedule = pipe.running_schedule
             # The first step of a block runs a freshly switched order; the very first allocates too.

@@ -49,11 +49,11 @@ import numpy as np
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.held_cost import fit_held_slope
-from pipefold.plan.stages import StageLayout, stage_cost_model
+from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
 __all__ = ["HeldBlock", "RunCalibration", "StageLine", "at_run_prices", "first_stage_backward",
-           "fit_stage_line", "fixed_seconds", "update_time", "with_fixed_costs"]
+           "fit_stage_line", "fixed_seconds", "measured_row_scales", "update_time", "with_fixed_costs"]
 
 
 def fixed_seconds(at_rows: LayerCost, rows: int, at_other: LayerCost, other_rows: int) -> float:
@@ -172,6 +172,9 @@ class RunCalibration:
     held block."""
     held_block_bytes: tuple[int, ...] = ()
     """Per rank, the activation bytes the held block held (the planner's memory model)."""
+    row_scales: tuple[tuple[int, float, float], ...] = ()
+    """Per measured size (rows, F, B), the measured stage times over the fitted line's
+    (`ModelCosts.row_scales`); empty with one size."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,8 @@ def at_run_prices(
     # forwards), so the calibrated costs price none apart.
     priced = replace(costs, layers=tuple(layers), cast_s_per_parameter_byte=0.0,
                      action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
+    if fits:
+        priced = replace(priced, row_scales=measured_row_scales(priced, points, layout.bounds))
     split_fit = _SplitFit()
     if split is not None:
         stages = range(layout.num_stages) if split_stages is None else split_stages
@@ -278,9 +283,30 @@ def at_run_prices(
         split_action_overhead_s=split_fit.action_overhead_s,
         held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
         held_bytes=() if held is None else held.run_bytes,
-        held_block_bytes=() if held is None else held.block_bytes,
+        held_block_bytes=() if held is None else held.block_bytes, row_scales=priced.row_scales,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
+
+
+def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int]], bounds: Sequence[int]
+                        ) -> tuple[tuple[int, float, float], ...]:
+    """Per measured micro-batch size (rows, its stage costs on the partition `bounds`), the mean
+    over the stages of the measured F and B over `costs`' (priced on the fitted lines, without row
+    scales; both less the runtime's seconds per layer, `overhead_s`, which are not scaled): `ModelCosts.row_scales`, so the planner's price passes through every measured size
+    and interpolates between them (`pipefold.plan.row_scales`). One scale per size, not per stage:
+    a candidate's stages are not the run's."""
+    unscaled = replace(costs, row_scales=())
+    # The runtime's seconds per layer and action (one figure for the whole model) are not scaled.
+    shared = [costs.overhead_s * (stop - start) for start, stop in zip(bounds, bounds[1:], strict=False)]
+    scales = []
+    for measured, rows in sorted(points, key=lambda point: point[1]):
+        line = stage_arrays(unscaled, StageLayout(tuple(bounds), rows), ())
+        forward = [_ratio(measured.f[stage] - shared[stage], float(line.f[stage]) - shared[stage])
+                   for stage in range(measured.num_stages)]
+        backward = [_ratio(measured.b[stage] - shared[stage], float(line.b[stage]) - shared[stage])
+                    for stage in range(measured.num_stages)]
+        scales.append((rows, statistics.fmean(forward), statistics.fmean(backward)))
+    return tuple(scales)
 
 
 def _held_slopes(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> tuple[float, float]:

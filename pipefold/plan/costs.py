@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipefold.errors import ConfigError
+from pipefold.plan.row_scales import check_row_scales
 
 __all__ = ["CostSource", "LayerCost", "ModelCosts", "ProfileLike"]
 
@@ -180,6 +181,7 @@ _FIELDS = (
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
+    "row_scales",
 )
 
 
@@ -251,6 +253,11 @@ class ModelCosts:
     held_reference_bytes: float = 0.0
     """The activation bytes held at calibration (the most any rank of its 1F1B run held, in the
     planner's memory model): a rank holding no more is priced as measured."""
+    row_scales: tuple[tuple[int, float, float], ...] = ()
+    """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
+    rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
+    those rows is multiplied, linear in rows between them (`pipefold.plan.row_scales`). Empty:
+    the line alone."""
     input_requires_grad: bool = True
     """Whether the model's input takes a gradient (a float input does; token ids do not). Without
     one the first stage's backward has no input half: the runtime's I of that stage only enters
@@ -304,6 +311,7 @@ class ModelCosts:
                 f"ModelCosts.input_requires_grad = {self.input_requires_grad!r}; give true (a float model "
                 "input) or false (token ids)"
             )
+        object.__setattr__(self, "row_scales", check_row_scales(self.row_scales))
         degrees = tuple(self.tensor_parallel_degrees)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
             raise ConfigError(
@@ -462,6 +470,7 @@ class ModelCosts:
         data["tensor_parallel_degrees"] = list(self.tensor_parallel_degrees)
         data["tied_layers"] = [list(group) for group in self.tied_layers]
         data["tied_parameter_bytes"] = list(self.tied_parameter_bytes)
+        data["row_scales"] = [list(entry) for entry in self.row_scales]
         return data
 
     @classmethod
@@ -503,6 +512,11 @@ class ModelCosts:
             rest["tied_layers"] = tuple(tuple(group) for group in rest["tied_layers"])
         if "tied_parameter_bytes" in rest:
             rest["tied_parameter_bytes"] = tuple(rest["tied_parameter_bytes"])
+        if "row_scales" in rest:
+            if not isinstance(rest["row_scales"], list):
+                raise ConfigError(f"model costs row_scales = {rest['row_scales']!r}; give a list of "
+                                  "[rows, F scale, B scale]")
+            rest["row_scales"] = tuple(rest["row_scales"])
         return cls(layers=tuple(layers), **rest)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.row_scales import row_scale
 from pipefold.simulate import CostModel, Link
 
 __all__ = [
@@ -92,6 +93,14 @@ def stage_arrays(
     weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
     # One B per layer is one action: its fixed cost is paid once, not once per half.
     backward = (fixed + own) + scale * (span(_I) + span(_W))
+    if costs.row_scales:
+        # Between the sizes a calibration run measured, its measured time of the layers over the
+        # line's; the runtime's seconds per layer and per split action are not scaled.
+        forward_scale, backward_scale = row_scale(costs.row_scales, layout.rows)
+        forward = fixed + forward_scale * (own + scale * span(_F))
+        input_grad = (fixed + costs.split_overhead_s) + backward_scale * (own + scale * span(_I))
+        weight_grad = (fixed + costs.split_overhead_s) + backward_scale * scale * span(_W)
+        backward = fixed + backward_scale * (own + scale * (span(_I) + span(_W)))
     recomputed = np.zeros(layout.num_stages, dtype=bool)
     recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
     input_grad = np.where(recomputed, input_grad + forward, input_grad)

@@ -20,10 +20,33 @@ from pipefold.job.config import load_config
 
 
 def test_calibration_microbatches_halve_while_the_rows_change():
-    assert calibration_microbatches(8, 32) == (8, 4, 2)  # 4, 8 and 16 rows
-    assert calibration_microbatches(2, 32) == (2, 1)
-    assert calibration_microbatches(1, 32) == (1,)  # one size: the profile's growth with rows kept
-    assert calibration_microbatches(5, 5) == (5, 2, 1)  # 1, 3 and 5 rows
+    # The search prices only the profile's rows or more (the most micro-batches it searches: 8).
+    assert calibration_microbatches(8, 32, 8) == (8, 4, 2)  # 4, 8 and 16 rows
+    assert calibration_microbatches(2, 32, 2) == (2, 1)
+    assert calibration_microbatches(1, 32, 1) == (1,)  # one size: the profile's growth with rows kept
+    assert calibration_microbatches(5, 5) == (5, 2, 1)  # 1, 3 and 5 rows: none fewer to search
+
+
+def test_calibration_microbatches_add_fewer_rows_down_to_the_fewest_searched():
+    # 4, 8, 16 rows, then 2 and 1: the one-row micro-batch the search prices is measured, not extrapolated.
+    assert calibration_microbatches(8, 32) == (8, 4, 2, 16, 32)
+    assert calibration_microbatches(8, 32, 16) == (8, 4, 2, 16)  # --max-microbatches 16: 2 rows at fewest
+    assert calibration_microbatches(8, 32, 100) == (8, 4, 2, 16, 32)  # capped at the batch
+    assert calibration_microbatches(8, 512) == (8, 4, 2, 64, 512)  # 64 rows, then 8 and 1
+    assert calibration_microbatches(4, 8) == (4, 2, 1, 8)  # 1 row: no size between 2 and 1
+
+
+@pytest.mark.parametrize(("args", "field"), [((0, 32), "microbatches = 0"), ((8, -1), "batch_size = -1"),
+                                             ((8, 32, 0), "most_microbatches = 0"),
+                                             ((True, 32), "microbatches = True")])
+def test_calibration_microbatches_refuse_a_count_below_one(args, field):
+    with pytest.raises(ConfigError, match=f"calibration {field}; give an integer of 1 or more"):
+        calibration_microbatches(*args)
+
+
+def test_calibration_microbatches_refuse_more_micro_batches_than_samples():
+    with pytest.raises(ConfigError, match="microbatches = 16 exceeds batch_size = 8; give at most one"):
+        calibration_microbatches(16, 8)
 
 
 def test_blocks_alternate_the_sizes_in_rounds():
@@ -37,10 +60,15 @@ def test_blocks_alternate_the_sizes_in_rounds():
 def test_check_microbatches_refuses_what_a_running_pipeline_cannot_switch_to():
     config = load_config(overrides={"schedule.num_microbatches": 8})
     check_microbatches(config, (8, 4, 2), 12)
-    with pytest.raises(ConfigError, match="start with the pipeline's own 8"):
-        check_microbatches(config, (4, 8), 12)
-    with pytest.raises(ConfigError, match="from 1 to the first"):
+    check_microbatches(config, (4, 2, 8), 12)  # the reference first, the pipeline built for the most
+    with pytest.raises(ConfigError, match=r"build the pipeline for the most of them, 16, not 8 \(train's"):
         check_microbatches(config, (8, 16), 12)
+    with pytest.raises(ConfigError, match=r"build the pipeline for the most of them, 4, not 8"):
+        check_microbatches(config, (4, 2), 12)
+    with pytest.raises(ConfigError, match="each 1 or more"):
+        check_microbatches(config, (8, 0), 12)
+    with pytest.raises(ConfigError, match="each 1 or more"):
+        check_microbatches(config, (), 12)
     with pytest.raises(ConfigError, match="each count once"):
         check_microbatches(config, (8, 4, 4), 12)
     with pytest.raises(ConfigError, match="give more than 2"):
@@ -50,7 +78,7 @@ def test_check_microbatches_refuses_what_a_running_pipeline_cannot_switch_to():
 def test_the_calibration_process_refuses_bad_sizes_before_any_rank_starts(tmp_path, capsys):
     code = main(["--result", str(tmp_path / "r.json"), "--microbatches", "4,2", "--phase-steps", "6", "--",
                  "--ranks", "2", "--microbatches", "8", "--out", str(tmp_path / "run")])
-    assert code == 2 and "start with the pipeline's own 8" in capsys.readouterr().err
+    assert code == 2 and "build the pipeline for the most of them, 4, not 8" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
@@ -104,7 +132,7 @@ def test_the_calibration_command_trains_what_pipefold_train_runs_by_default(tmp_
 
     plan_args = build_parser().parse_args(["plan", "--profile", "--ranks", "2", "--device", "cpu"])
     words = calibration_command(plan_args, 2, DEFAULT_STEPS, tmp_path, hf=False)
-    assert words[words.index("--microbatches") + 1] == "8,4,2"
+    assert words[words.index("--microbatches") + 1] == "8,4,2,16,32"  # 4, 8, 16, 2 and 1 rows
     assert words[words.index("--held") + 1] == HELD_FAMILY  # run on a CPU host only
     train_words = words[words.index("--") + 1:]
     parser = argparse.ArgumentParser()
@@ -113,4 +141,8 @@ def test_the_calibration_command_trains_what_pipefold_train_runs_by_default(tmp_
     trained = config_from_args(parser.parse_args(
         ["train", "--ranks", "2", "--device", "cpu", "--precision", "fp32", "--set", "sample_tokens=0",
          "--set", "eval_every=0", "--out", str(tmp_path / "run")]))
-    assert dataclasses.replace(calibrated, steps=trained.steps) == trained
+    # Built for the most micro-batches it measures (32: a running pipeline switches only to as many or
+    # fewer); its first, the reference, is train's 8.
+    assert calibrated.schedule.num_microbatches == 32
+    built_for_eight = dataclasses.replace(calibrated.schedule, num_microbatches=8)
+    assert dataclasses.replace(calibrated, steps=trained.steps, schedule=built_for_eight) == trained

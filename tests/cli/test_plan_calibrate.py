@@ -9,6 +9,7 @@ import pytest
 from pipefold.cli.main import main
 from pipefold.plan import ModelCosts
 from pipefold.plan.alike import alike_groups
+from pipefold.plan.row_scales import row_scale
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import Link
 
@@ -40,14 +41,22 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert "calibrated on a 2-rank run of pipefold train's default" in priced.source
     assert result["source"] == priced.source
     # Each stage of the run's partition costs the line fitted through what the run measured, at
-    # any rows; the scales say the run's F and B over the profile's at its first size.
+    # any rows, times the measured / line ratio there (interpolated between the measured sizes);
+    # the scales say the run's F and B over the profile's at its first size.
+    assert [entry[0] for entry in calibration["row_scales"]] == [1, 2, 4]
+    assert priced.row_scales == tuple(tuple(entry) for entry in calibration["row_scales"])
     before = stage_cost_model(profile, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
     for rows in (1, 3, 8):
         after = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), rows), (), Link())
+        f_scale, b_scale = row_scale(priced.row_scales, rows)
         for stage in range(2):
             fixed = calibration["fixed_s"][stage]
-            assert after.f[stage] == pytest.approx(fixed + rows * calibration["forward_s_per_row"][stage])
-            assert after.b[stage] == pytest.approx(fixed + rows * calibration["backward_s_per_row"][stage])
+            shared = priced.overhead_s * (calibration["bounds"][stage + 1] - calibration["bounds"][stage])
+            forward, backward = (fixed + rows * calibration[f"{kind}_s_per_row"][stage]
+                                 for kind in ("forward", "backward"))
+            # The line is of the layers' part (the runtime's seconds per layer apart), which is scaled.
+            assert after.f[stage] == pytest.approx(shared + f_scale * forward)
+            assert after.b[stage] == pytest.approx(shared + b_scale * backward)
     for stage in range(2):
         assert calibration["forward_scale"][stage] > 0 and calibration["backward_scale"][stage] > 0
         assert before.f[stage] > 0 and calibration["forward_s_per_row"][stage] >= 0
