@@ -105,13 +105,7 @@ def check_split(config: TrainConfig, split: str | None) -> None:
     name a family that splits the backward into I and W on the pipeline's own stages (one per rank)."""
     if split is None:
         return
-    virtual = config.schedule.virtual
-    if virtual not in (0, 1):
-        raise ConfigError(f"calibration split phase {split!r}: the pipeline runs {virtual} stages per rank; "
-                          "measure the split backward on one stage per rank (train's default)")
-    schedule = build(split, num_ranks=config.schedule.ranks,
-                     num_microbatches=config.schedule.num_microbatches, num_virtual=1)
-    if not any(action.op is Op.I for row in schedule.actions for action in row):
+    if not _splits_backward(_phase_schedule(config, "split", split)):
         raise ConfigError(f"calibration split phase {split!r} runs no split backward; name a family that "
                           f"does ({SPLIT_FAMILY}), or none")
 
@@ -122,15 +116,24 @@ def check_held(config: TrainConfig, held: str | None) -> None:
     compared with the pipeline's own)."""
     if held is None:
         return
-    virtual = config.schedule.virtual
-    if virtual not in (0, 1):
-        raise ConfigError(f"calibration held phase {held!r}: the pipeline runs {virtual} stages per rank; "
-                          "measure it on one stage per rank (train's default)")
-    schedule = build(held, num_ranks=config.schedule.ranks,
-                     num_microbatches=config.schedule.num_microbatches, num_virtual=1)
-    if any(action.op is Op.I for row in schedule.actions for action in row):
+    if _splits_backward(_phase_schedule(config, "held", held)):
         raise ConfigError(f"calibration held phase {held!r} splits its backward; name a family that runs "
                           f"whole backwards ({HELD_FAMILY}), or none")
+
+
+def _phase_schedule(config: TrainConfig, phase: str, family: str) -> Schedule:
+    """The schedule of a calibration phase (`phase`: "split" or "held") of `family` on the
+    pipeline's own stages, which must be one per rank (the phase swaps schedules in place)."""
+    virtual = config.schedule.virtual
+    if virtual not in (0, 1):
+        raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per rank; "
+                          "measure it on one stage per rank (train's default)")
+    return build(family, num_ranks=config.schedule.ranks,
+                 num_microbatches=config.schedule.num_microbatches, num_virtual=1)
+
+
+def _splits_backward(schedule: Schedule) -> bool:
+    return any(action.op is Op.I for row in schedule.actions for action in row)
 
 
 def calibration_worker(
