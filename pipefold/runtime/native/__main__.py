@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from pipefold.runtime.native import build
+from pipefold.runtime.native import build, logger
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     built = build()
-    print(f"pipefold: C++ graph walk {built}" if built is not None else "pipefold: no C++ graph walk; the Python walk runs")
+    if built is not None:
+        logger.info("pipefold: C++ graph walk %s", built)
+    else:
+        logger.info("pipefold: no C++ graph walk; the Python walk runs")
