@@ -87,12 +87,6 @@ def stage_arrays(
     # The layers' own fixed seconds (a tp all-reduce's latency) come with F and with the
     # input-gradient half, where the all-reduces run; W has none.
     own = span(_FIXED)
-    forward = (fixed + own) + scale * span(_F)
-    # A split backward's I and W each pay the second entry into the backward (split_overhead_s).
-    input_grad = (fixed + own + costs.split_overhead_s) + scale * span(_I)
-    weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
-    # One B per layer is one action: its fixed cost is paid once, not once per half.
-    backward = (fixed + own) + scale * (span(_I) + span(_W))
     if costs.row_scales:
         # Between the sizes a calibration run measured, its measured time of the layers over the
         # line's; the runtime's seconds per layer and per split action are not scaled.
@@ -101,6 +95,13 @@ def stage_arrays(
         input_grad = (fixed + costs.split_overhead_s) + backward_scale * (own + scale * span(_I))
         weight_grad = (fixed + costs.split_overhead_s) + backward_scale * scale * span(_W)
         backward = fixed + backward_scale * (own + scale * (span(_I) + span(_W)))
+    else:
+        forward = (fixed + own) + scale * span(_F)
+        # A split backward's I and W each pay the second entry into the backward (split_overhead_s).
+        input_grad = (fixed + own + costs.split_overhead_s) + scale * span(_I)
+        weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
+        # One B per layer is one action: its fixed cost is paid once, not once per half.
+        backward = (fixed + own) + scale * (span(_I) + span(_W))
     recomputed = np.zeros(layout.num_stages, dtype=bool)
     recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
     input_grad = np.where(recomputed, input_grad + forward, input_grad)

@@ -284,7 +284,7 @@ class GroupCache:
 class Walked(NamedTuple):
     """`GroupCache.walked`: what the C++ walk needs to recognise a stage's next graph."""
 
-    match: Callable[[object, Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], list[Node | None] | None]
+    match: native.MatchFn
     signature: object
     shape: PlanShape
     prepared: Prepared

@@ -38,7 +38,8 @@ from pipefold.schedule.ir import Op
 if TYPE_CHECKING:
     from pipefold.schedule.ir import Schedule
 
-__all__ = ["FORCE_PYTHON_ENV", "NATIVE_DIR_ENV", "GraphWalk", "build", "build_dir", "build_for", "load"]
+__all__ = ["FORCE_PYTHON_ENV", "NATIVE_DIR_ENV", "GraphWalk", "MatchFn", "RecordFn", "build", "build_dir", "build_for",
+           "load"]
 
 FORCE_PYTHON_ENV = "PIPEFOLD_PYTHON_WALK"
 """Set to 1: `load` gives None, so the split backward walks its graphs in Python."""
@@ -51,13 +52,19 @@ _FAILED = "build-failed.txt"
 logger = logging.getLogger(__name__)
 
 
+RecordFn = Callable[[Sequence[Tensor], Sequence[Tensor], tuple[Tensor, ...], tuple[int, ...]], object]
+"""`GraphWalk.record`'s type."""
+MatchFn = Callable[[object, Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], list[Node | None] | None]
+"""`GraphWalk.match`'s type."""
+
+
 class GraphWalk(NamedTuple):
     """The extension's two functions, typed (the module itself is untyped)."""
 
-    record: Callable[[Sequence[Tensor], Sequence[Tensor], tuple[Tensor, ...], tuple[int, ...]], object]
+    record: RecordFn
     """record(roots, inputs, params, wanted): the graph's signature, or None where the walk does
     not handle it; `match` later hands back the nodes at the walk indices `wanted`."""
-    match: Callable[[object, Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], list[Node | None] | None]
+    match: MatchFn
     """match(signature, roots, inputs, params): the wanted nodes of this graph where it has the
     recorded graph's shape (so `graph_shape` would key it alike) and `params` is the recorded
     tuple, else None."""
@@ -167,10 +174,8 @@ def _import(target: Path) -> GraphWalk:
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return GraphWalk(
-        record=cast("Callable[[Sequence[Tensor], Sequence[Tensor], tuple[Tensor, ...], tuple[int, ...]], object]",
-                    module.record),
-        match=cast("Callable[[object, Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]], list[Node | None] | None]",
-                   module.match),
+        record=cast(RecordFn, module.record),
+        match=cast(MatchFn, module.match),
     )
 
 
