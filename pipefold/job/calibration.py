@@ -202,10 +202,15 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
     # The split phase runs at the first count, right after that count's 1F1B block in each
     # round, so a change of the host's load meets both alike.
     order: list[tuple[_Phase, list[int]]] = [(phase, sizes) for phase in phases]
+
+    def at_reference(phase_family: str) -> _Phase:
+        """A block of `phase_family` on the same stages at the first (reference) count."""
+        return _Phase(build(phase_family, num_ranks=num_ranks, num_microbatches=microbatches[0],
+                            num_virtual=num_virtual), microbatches[0])
+
     split_phase = None
     if split is not None:
-        split_phase = _Phase(build(split, num_ranks=num_ranks, num_microbatches=microbatches[0],
-                                   num_virtual=num_virtual), microbatches[0])
+        split_phase = at_reference(split)
         order.insert(1, (split_phase, split_blocks(sizes)))
     held_phase = None
     # On a CPU host only: there a rank's actions slow with the memory it holds, and on a GPU GPipe
@@ -213,8 +218,7 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
     if held is not None and job.device.type == "cpu":
         # Right after the first count's 1F1B block too (before the split's), so the host's load
         # meets both alike: the held block's F over 1F1B's is what the slope is fitted on.
-        held_phase = _Phase(build(held, num_ranks=num_ranks, num_microbatches=microbatches[0],
-                                  num_virtual=num_virtual), microbatches[0])
+        held_phase = at_reference(held)
         order.insert(1, (held_phase, split_blocks(sizes)))
     for round_index in range(len(sizes)):
         for index, (phase, phase_blocks) in enumerate(order):
