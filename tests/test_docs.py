@@ -48,3 +48,28 @@ def test_relative_links_stay_inside_the_repository():
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
                 broken.append((path.relative_to(ROOT).as_posix(), target))
     assert not broken, f"links that leave the repository or point nowhere: {broken}"
+
+
+def test_hardware_files_shown_in_the_docs_load_as_their_preset():
+    """Every TOML hardware file README.md and docs/plan.md show is valid, and one that names a
+    preset agrees with it in each figure it gives (a shortened copy may leave dtypes out)."""
+    import tomllib
+
+    from pipefold.plan.hardware import PRESETS, hardware_from_mapping, load_hardware
+
+    shown = 0
+    for path in (ROOT / "README.md", ROOT / "docs" / "plan.md"):
+        for block in re.findall(r"```toml\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            data = tomllib.loads(block)
+            if "devices_per_node" not in data:
+                continue
+            shown += 1
+            hardware = hardware_from_mapping(data, origin=path.name)
+            if hardware.name not in PRESETS:
+                continue
+            preset = load_hardware(hardware.name)
+            assert {dtype: preset.peak_flops[dtype] for dtype in hardware.peak_flops} == dict(hardware.peak_flops)
+            for field in ("matmul", "memory_bandwidth", "memory_bytes", "reserve_bytes", "devices_per_node",
+                          "intra_node", "inter_node", "default_dtype"):
+                assert getattr(hardware, field) == getattr(preset, field), (path.name, field)
+    assert shown >= 2
