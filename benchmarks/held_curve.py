@@ -1,0 +1,245 @@
+"""How much slower are a rank's actions when it holds a little more activation memory than 1F1B?
+`pipefold plan --profile` prices a rank that holds more than its calibration's 1F1B run by a
+slope per byte fitted against GPipe, which holds 4-8x as much (docs/plan.md, "Measured costs").
+Schedules that hold only a little more (zb-h1 and zb-h2's last rank, the v=2 orders on
+[3,1,1,3]) were priced 5-14% cheap relative to train's defaults in the planner benchmark. This
+measures the same stages [4,4] (the same layers on the same ranks, 8 micro-batches of 4 rows) run
+by families that hold 1x (1F1B), about 2x on the last rank (zb-h1), about 1.5x and 3x (zb-h2) and
+4-8x (GPipe) 1F1B's activations, alternated in rounds of `pipefold train` launches:
+
+    .venv/bin/python benchmarks/held_curve.py                        # 4 rounds, 2 calibration runs
+    .venv/bin/python benchmarks/held_curve.py --rounds 6 --calibrations 0 --json /tmp/held_curve.json
+
+1. Per round and rank: each family's F and backward (B, or I + W) over 1F1B's in the same round,
+   with the rank's activation peak (train's `activations_peak`) and rank 0's core share (its CPU
+   over wall seconds: below ~0.9 another process took the core, and the round's ratios are the
+   load's). What the per-byte slope predicts is in the last columns: GPipe's ratio scaled down to
+   each family's extra bytes (a straight line through 1F1B's and GPipe's points).
+2. `--calibrations N` runs of the calibration run `plan --profile` starts (1F1B at 8 and 4
+   micro-batches, its zb-h1 and GPipe blocks at 8 between them: `pipefold.cli.calibration_run`),
+   printing per stage the zb-h1 and GPipe blocks' F over the 1F1B block's. The calibration takes
+   the zb-h1 block's F over 1F1B's as the host's drift and divides it out of that block's I and W
+   (`pipefold.plan.calibrate._split_prices`); where the last rank's F ratio stands above the first
+   rank's (which holds what 1F1B holds), that is not drift but the memory held.
+
+A benchmark, not a test: the ranks share the host's cores with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+FAMILIES = ("1f1b", "zb-h1", "zb-h2", "gpipe")
+TRAIN = [
+    "--batch-size",
+    "32",
+    "--ranks",
+    "2",
+    "--microbatches",
+    "8",
+    "--partition",
+    "4,4",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--set",
+    "sample_tokens=0",
+    "--set",
+    "eval_every=0",
+]
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def _train(family: str, steps: int, warmup: int, out: Path) -> dict[str, Any]:
+    command = [
+        PYTHON,
+        "-m",
+        "pipefold",
+        "train",
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--schedule",
+        family,
+        *TRAIN,
+    ]
+    load = _load()
+    subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    costs = json.loads((out / "costs.json").read_text())
+    walls, cpus = summary["step_seconds"][warmup:], summary["step_cpu_seconds"][warmup:]
+    return {
+        "step_s": statistics.median(walls),
+        "load": load,
+        "core_share": statistics.median(c / w for c, w in zip(cpus, walls, strict=True)),
+        # `b` is a stage's B, or its I + W where the stage ran them apart (`measured_cost_model`).
+        "f": costs["f"],
+        "backward": costs["b"],
+        "peaks_mib": [m["activations_peak"] / 2**20 for m in summary["memory"]],
+    }
+
+
+def slope_prediction(base_peak: float, gpipe_peak: float, gpipe_ratio: float, peak: float) -> float:
+    """The ratio a straight line through (base_peak, 1) and (gpipe_peak, gpipe_ratio) gives at `peak`
+    (what a slope per byte fitted against GPipe prices), never below 1."""
+    if gpipe_peak <= base_peak:
+        return 1.0
+    return max(1.0, 1 + (gpipe_ratio - 1) * (peak - base_peak) / (gpipe_peak - base_peak))
+
+
+def _rounds(args: argparse.Namespace, work: Path) -> list[dict[str, dict[str, Any]]]:
+    done = []
+    for index in range(args.rounds):
+        runs = {
+            family: _train(family, args.steps, args.warmup, work / f"r{index}_{family}")
+            for family in FAMILIES
+        }
+        done.append(runs)
+        print(
+            f"round {index + 1}: "
+            + ", ".join(
+                f"{family} {run['step_s'] * 1e3:.0f} ms (load {run['load']}, share {run['core_share']:.2f})"
+                for family, run in runs.items()
+            ),
+            file=sys.stderr,
+        )
+    return done
+
+
+def _print_rounds(done: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    print(
+        "| round | family | rank | peak MiB (1F1B's) | F / 1F1B's | backward / 1F1B's "
+        "| GPipe's line predicts | core share | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    table: dict[str, Any] = {}
+    for index, runs in enumerate(done, start=1):
+        base, gpipe = runs["1f1b"], runs["gpipe"]
+        for family in FAMILIES[1:]:
+            run = runs[family]
+            for rank in range(2):
+                f = run["f"][rank] / base["f"][rank]
+                b = run["backward"][rank] / base["backward"][rank]
+                line = slope_prediction(
+                    base["peaks_mib"][rank],
+                    gpipe["peaks_mib"][rank],
+                    gpipe["f"][rank] / base["f"][rank],
+                    run["peaks_mib"][rank],
+                )
+                quiet = min(run["core_share"], base["core_share"]) >= 0.9
+                table.setdefault(f"{family} rank {rank}", []).append(
+                    {
+                        "f": f,
+                        "backward": b,
+                        "line": line,
+                        "quiet": quiet,
+                        "peak": run["peaks_mib"][rank],
+                        "base_peak": base["peaks_mib"][rank],
+                    }
+                )
+                peaks = f"{run['peaks_mib'][rank]:.0f} ({base['peaks_mib'][rank]:.0f})"
+                print(
+                    f"| {index} | {family} | {rank} | {peaks} "
+                    f"| {f:.3f} | {b:.3f} | {line:.3f} | {run['core_share']:.2f} / {base['core_share']:.2f} "
+                    f"| {run['load']} |"
+                )
+    print("\nMedians over the rounds where both launches had >= 0.9 of a core (else over all rounds):")
+    for key, rows in table.items():
+        kept = [row for row in rows if row["quiet"]] or rows
+        print(
+            f"  {key}: F {statistics.median(r['f'] for r in kept):.3f}, backward "
+            f"{statistics.median(r['backward'] for r in kept):.3f}, GPipe's line "
+            f"{statistics.median(r['line'] for r in kept):.3f} ({len(kept)} of {len(rows)} rounds)"
+        )
+    return table
+
+
+def _calibrations(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    found = []
+    for index in range(args.calibrations):
+        folder = work / f"cal{index}"
+        folder.mkdir()
+        command = [
+            PYTHON,
+            "-m",
+            "pipefold.cli.calibration_run",
+            "--result",
+            str(folder / "calibration.json"),
+            "--microbatches",
+            "8,4",
+            "--phase-steps",
+            "12",
+            "--split",
+            "zb-h1",
+            "--held",
+            "gpipe",
+            "--",
+            "--out",
+            str(folder / "run"),
+            *TRAIN,
+        ]
+        load = _load()
+        subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        measured = json.loads((folder / "calibration.json").read_text())
+        base = measured["phases"][0]
+        row: dict[str, Any] = {
+            "load": load,
+            "share": statistics.median(
+                c / w for c, w in zip(base["kept_step_cpu_seconds"], base["kept_step_seconds"], strict=True)
+            ),
+        }
+        for key, name in (("split_phase", "zb-h1"), ("held_phase", "gpipe")):
+            phase = measured[key]
+            row[name] = [f / b for f, b in zip(phase["costs"]["f"], base["costs"]["f"], strict=True)]
+        found.append(row)
+        print(
+            f"calibration {index + 1} (load {load}, 1F1B block's core share {row['share']:.2f}): "
+            f"zb-h1 F / 1F1B's per stage {'/'.join(f'{x:.3f}' for x in row['zb-h1'])}, "
+            f"GPipe {'/'.join(f'{x:.3f}' for x in row['gpipe'])}"
+        )
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the four launches (default 4)")
+    parser.add_argument("--steps", type=int, default=8, help="steps per launch (default 8)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="first steps of each launch left out (default 2)"
+    )
+    parser.add_argument(
+        "--calibrations", type=int, default=2, help="calibration runs after the rounds (default 2)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
+    work = Path(tempfile.mkdtemp(prefix="pipefold-held-curve-"))
+    print(f"work folder {work}", file=sys.stderr)
+    done = _rounds(args, work)
+    table = _print_rounds(done) if done else {}
+    calibrations = _calibrations(args, work)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"rounds": done, "table": table, "calibrations": calibrations}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
