@@ -3,7 +3,8 @@
 (`pipefold.job.calibration`).
 
     python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4,2,32,32x1 --phase-steps 12 \\
-        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 128 --microbatches 32 --out DIR ...   # any train flags
+        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 128 --microbatches 32 \\
+        --out DIR ...   # any train flags
 
 `--microbatches` lists the sizes (`pipefold.job.calibration_size`): a count runs the whole batch
 in that many micro-batches, COUNTxROWS runs COUNT micro-batches of ROWS rows (the batch's first
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--result", required=True, help="the JSON file rank 0 writes")
     parser.add_argument("--microbatches", required=True,
                         help="sizes, the first the reference: a micro-batch count (the whole batch) or "
-                        "COUNTxROWS (COUNT micro-batches of ROWS rows, a slice of the batch), comma-separated")
+                        "COUNTxROWS (COUNT micro-batches of ROWS rows, a slice of the batch), "
+                        "comma-separated")
     parser.add_argument("--phase-steps", type=int, required=True, help="steps per size")
     parser.add_argument("--split", metavar="FAMILY",
                         help="also run short blocks of this split-backward family (zb-h1) at the first count")
@@ -50,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out_dir(config)
         sizes = parse_sizes(args.microbatches)
         from pipefold.job.calibration import (
-            build_graph_walk, calibration_worker, check_held, check_sizes, check_split,
+            build_graph_walk,
+            calibration_worker,
+            check_held,
+            check_sizes,
+            check_split,
         )
         from pipefold.runtime.processes.launch import spawn
 

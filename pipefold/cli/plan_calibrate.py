@@ -191,7 +191,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
                         f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
-                        f"micro-batch sizes (one launch; one of few rows on a slice of the batch) and price every candidate on the stage costs over rows that run "
+                        f"micro-batch sizes (one launch; one of few rows on a slice of the batch) "
+                        "and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
                         "profile's prices alone)")
@@ -230,7 +231,8 @@ def calibration_microbatches(
     search prices (`most_microbatches`, the most it searches; None: the batch): the fit then
     prices the small micro-batches between measured sizes instead of extrapolating a line below
     them, which undershot a one-row micro-batch by ~20%. A batch of 32 at 8 micro-batches: 8, 4,
-    2 (4, 8, 16 rows), then 16 and 32 (2 and 1 row)."""
+    2 (4, 8, 16 rows), then 16 and 32 (2 and 1 row). The run caps the counts of fewer rows
+    (`calibration_sizes`)."""
     for name, value in (("microbatches", microbatches), ("batch_size", batch_size),
                         ("most_microbatches", most_microbatches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -6,7 +6,8 @@
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each size (`CalibrationSize`: a micro-batch count of the whole batch, or of a
-slice of it: 32x1 runs the batch's first 32 rows as 32 one-row micro-batches) as train's loop runs them (the pipeline call, the
+slice of it: 32x1 runs the batch's first 32 rows as 32 one-row micro-batches) as train's loop
+runs them (the pipeline call, the
 gradient norm, the optimizer update; the batch drawn before the clock starts, as the loop draws
 it, so a step here and a step of train's summary time the same work), in rounds of one block per
 count (`blocks`), switching the running schedule between them (`Pipeline.use_schedule`: the
@@ -98,14 +99,14 @@ def check_sizes(config: TrainConfig, sizes: Sequence[CalibrationSize], steps: in
     for size in sizes:
         if size.step_rows(batch_rows) > batch_rows:
             raise ConfigError(
-                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the batch has "
-                f"{batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} rows per "
+                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the batch "
+                f"has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} rows per "
                 f"micro-batch at {size.num_microbatches}, or a larger --batch-size"
             )
     rows = [size.microbatch_rows(batch_rows) for size in sizes]
     if len(set(rows)) != len(rows):
-        raise ConfigError(f"calibration --microbatches {named}: {rows} rows per micro-batch; give each number "
-                          "of rows once (two sizes of the same rows measure the same actions)")
+        raise ConfigError(f"calibration --microbatches {named}: {rows} rows per micro-batch; give each "
+                          "number of rows once (two sizes of the same rows measure the same actions)")
 
 
 def build_graph_walk(config: TrainConfig, split: str | None) -> None:
@@ -231,7 +232,8 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
         return _Phase(build(phase_family, num_ranks=num_ranks, num_microbatches=size.num_microbatches,
                             num_virtual=num_virtual), size, batch_rows)
 
-    phases = [_Phase(pipe.schedule, size, batch_rows) if size.num_microbatches == pipe.schedule.num_microbatches
+    built_for = pipe.schedule.num_microbatches
+    phases = [_Phase(pipe.schedule, size, batch_rows) if size.num_microbatches == built_for
               else phase_of(family, size) for size in sizes]
     steps_per_block = blocks(steps, len(sizes))
     # The split phase runs at the first count, right after that count's 1F1B block in each

@@ -47,7 +47,8 @@ class CalibrationSize:
         return math.ceil(batch_rows / self.num_microbatches)
 
     def __str__(self) -> str:
-        return str(self.num_microbatches) if self.sliced_rows is None else f"{self.num_microbatches}x{self.sliced_rows}"
+        count = self.num_microbatches
+        return str(count) if self.sliced_rows is None else f"{count}x{self.sliced_rows}"
 
 
 def format_sizes(sizes: Sequence[CalibrationSize]) -> str:

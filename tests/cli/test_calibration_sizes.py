@@ -4,7 +4,11 @@
 import pytest
 
 from pipefold.cli.calibration_run import main
-from pipefold.cli.plan_calibrate import SMALL_MICROBATCHES_PER_REFERENCE, calibration_microbatches, calibration_sizes
+from pipefold.cli.plan_calibrate import (
+    SMALL_MICROBATCHES_PER_REFERENCE,
+    calibration_microbatches,
+    calibration_sizes,
+)
 from pipefold.errors import ConfigError
 from pipefold.job.calibration import (
     HELD_FAMILY,
@@ -73,15 +77,16 @@ def test_calibration_sizes_of_few_rows_run_a_bounded_slice_at_any_batch(batch_si
 
 
 def test_calibration_sizes_cap_with_the_ranks_and_within_the_batch():
-    assert format_sizes(calibration_sizes(8, 512, None, 2)) == "8,4,2,32x8,32x1"  # was 64 and 512 micro-batches
+    # Uncapped: 64 and 512 micro-batches of the whole batch.
+    assert format_sizes(calibration_sizes(8, 512, None, 2)) == "8,4,2,32x8,32x1"
     assert format_sizes(calibration_sizes(8, 512, None, 16)) == "8,4,2,64,64x1"  # 4 x 16 ranks
     # 48 micro-batches of 2 rows at a batch of 94, capped to 32 x 2 = 64 rows: within the batch.
     assert calibration_sizes(8, 94, 47, 2)[-1] == CalibrationSize(32, 2)
     # 24 micro-batches of 5 rows (the one between, 3 x 8: not the fewest of 5 rows, 20) on 5 ranks
     # capped at 20: 20 x 5 rows would exceed the batch of 97, so as many as it holds, 19.
     assert calibration_microbatches(3, 97) == (3, 1, 24, 97)
-    assert calibration_sizes(3, 97, None, 5) == (CalibrationSize(3), CalibrationSize(1), CalibrationSize(19, 5),
-                                                 CalibrationSize(20, 1))
+    assert calibration_sizes(3, 97, None, 5) == (
+        CalibrationSize(3), CalibrationSize(1), CalibrationSize(19, 5), CalibrationSize(20, 1))
     for reference, num_ranks in ((8, 2), (8, 12), (3, 5), (3, 11), (5, 1)):
         for batch_size in range(reference, 1001):
             sizes = calibration_sizes(reference, batch_size, None, num_ranks)
@@ -100,7 +105,7 @@ def test_parse_sizes_reads_what_format_sizes_writes():
 @pytest.mark.parametrize("text", ["8,", "8,x1", "8,32x", "8,32x0", "8,0", "8,2.5", "8,32y1", "8,32x1x1"])
 def test_parse_sizes_refuses_a_bad_entry_naming_it(text):
     entry = text.split(",")[1]
-    with pytest.raises(ConfigError, match=f"--microbatches entry '{entry}' of '{text}': give a micro-batch count"):
+    with pytest.raises(ConfigError, match=f"--microbatches entry '{entry}' of '{text}': give a micro-batch"):
         parse_sizes(text)
 
 
@@ -133,7 +138,7 @@ def test_check_sizes_refuses_what_a_running_pipeline_cannot_switch_to():
         check("8,4,4")
     with pytest.raises(ConfigError, match=r"\[4, 8, 4\] rows per micro-batch"):
         check("8,4,8x4")  # a slice of the reference's rows
-    with pytest.raises(ConfigError, match="entry 8x5: 40 rows, but the batch has 32 .per replica.; give at most 4 rows"):
+    with pytest.raises(ConfigError, match="entry 8x5: 40 rows, but the batch has 32 .per replica.; give at most 4"):
         check("8,4,8x5")
     with pytest.raises(ConfigError, match="give more than 2"):
         check("8,4", 2)

@@ -22,7 +22,8 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     # A batch of 64: train's default 8 micro-batches have 8 rows, so the search's one-row size is
     # measured too, as 32 one-row micro-batches of the batch's first rows (the cap: not 64 of the
     # whole batch), in a pipeline built for 32 micro-batches that runs its own 8 first.
-    argv = [*TINY[: TINY.index("--batch-size")], "--batch-size", "64", *TINY[TINY.index("--batch-size") + 2 :]]
+    at = TINY.index("--batch-size")
+    argv = [*TINY[:at], "--batch-size", "64", *TINY[at + 2 :]]
     assert main(["plan", "--profile", *argv, "--calibrate-steps", "3", "--save-costs", str(saved),
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
