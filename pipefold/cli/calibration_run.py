@@ -2,8 +2,13 @@
 `pipefold train`'s flags, then one launch of the ranks at several micro-batch counts
 (`pipefold.job.calibration`).
 
-    python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4 --phase-steps 12 \\
-        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 32 --out DIR ...   # any train flags
+    python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4,2,32,32x1 --phase-steps 12 \\
+        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 128 --microbatches 32 \\
+        --out DIR ...   # any train flags
+
+`--microbatches` lists the sizes (`pipefold.job.calibration_size`): a count runs the whole batch
+in that many micro-batches, COUNTxROWS runs COUNT micro-batches of ROWS rows (the batch's first
+COUNT x ROWS rows); train's own `--microbatches` builds the pipeline for the most of them.
 
 A process of its own, as `pipefold train` would be: the ranks' output and failures stay out of
 the plan's (its `--json` goes to stdout).
@@ -16,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from pipefold.errors import PipefoldError
+from pipefold.job.calibration_size import parse_sizes
 
 __all__ = ["main"]
 
@@ -23,8 +29,11 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipefold.cli.calibration_run")
     parser.add_argument("--result", required=True, help="the JSON file rank 0 writes")
-    parser.add_argument("--microbatches", required=True, help="micro-batch counts, the first the pipeline's own")
-    parser.add_argument("--phase-steps", type=int, required=True, help="steps per micro-batch count")
+    parser.add_argument("--microbatches", required=True,
+                        help="sizes, the first the reference: a micro-batch count (the whole batch) or "
+                        "COUNTxROWS (COUNT micro-batches of ROWS rows, a slice of the batch), "
+                        "comma-separated")
+    parser.add_argument("--phase-steps", type=int, required=True, help="steps per size")
     parser.add_argument("--split", metavar="FAMILY",
                         help="also run short blocks of this split-backward family (zb-h1) at the first count")
     parser.add_argument("--held", metavar="FAMILY",
@@ -41,13 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve_out_dir(config_from_args(train_parser.parse_args(["train", *words])))
         check_out_dir(config)
-        microbatches = tuple(int(part) for part in args.microbatches.split(","))
+        sizes = parse_sizes(args.microbatches)
         from pipefold.job.calibration import (
-            build_graph_walk, calibration_worker, check_held, check_microbatches, check_split,
+            build_graph_walk,
+            calibration_worker,
+            check_held,
+            check_sizes,
+            check_split,
         )
         from pipefold.runtime.processes.launch import spawn
 
-        check_microbatches(config, microbatches, args.phase_steps)
+        check_sizes(config, sizes, args.phase_steps)
         check_split(config, args.split)
         check_held(config, args.held)
     except PipefoldError as error:
@@ -55,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     build_graph_walk(config, args.split)  # once per machine, before the ranks load it
     result = spawn(calibration_worker, config.schedule.num_processes,
-                   (config, microbatches, args.phase_steps, args.result, args.split, args.held))
+                   (config, sizes, args.phase_steps, args.result, args.split, args.held))
     if not result.ok:
         print(f"calibration run: {result.describe()}", file=sys.stderr)
     return result.exit_code

@@ -9,9 +9,11 @@ bandwidth) take another time, and that ratio moved by a quarter between two prof
 same quiet host, and how a layer's time grows with its rows differs as much. So after profiling,
 `plan` trains `pipefold train`'s default pipeline (1F1B, its default partition, the planned
 ranks, fp32 as profiled) on the same model and batch for `--calibrate-steps` steps at each of
-up to five micro-batch counts (the profile's, its half and its quarter, then fewer rows down to
-the fewest the search prices: `calibration_microbatches`), in one launch of the ranks built for
-the most of them (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's
+up to five micro-batch sizes (the profile's count, its half and its quarter, then fewer rows
+down to the fewest the search prices: `calibration_microbatches`; a size of fewer rows runs at
+most `SMALL_MICROBATCHES_PER_REFERENCE` x the reference's micro-batches, on a slice of the batch,
+so the run's cost does not grow with the batch: `calibration_sizes`), in one launch of the ranks
+built for the most of them (`pipefold.cli.calibration_run`, `pipefold.job.calibration`), fits each stage's
 F and B over rows (a fixed part and a part per row), prices the profile's layers on those lines
 and, at each measured size, keeps the measured time over the line's, so a size between two
 measured ones is priced between them (`pipefold.plan.calibrate.at_run_prices`,
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipefold.errors import ConfigError, PipefoldError
+from pipefold.job.calibration_size import CalibrationSize, format_sizes
 from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
@@ -50,7 +53,7 @@ from pipefold.plan.held_cost import order_held_bytes
 from pipefold.simulate import CostModel
 
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_microbatches",
-           "calibration_steps", "run_microbatches", "speed_spread"]
+           "calibration_sizes", "calibration_steps", "run_sizes", "speed_spread"]
 
 DEFAULT_STEPS = 12
 """Steps of the calibration run at each micro-batch size, in 3 rounds over the sizes
@@ -64,6 +67,17 @@ NUM_SIZES = 3
 NUM_SMALLER = 2
 """Micro-batch sizes of fewer rows than the profile's the calibration run measures at most: the
 fewest rows the search prices and one between (`calibration_microbatches`)."""
+
+SMALL_MICROBATCHES_PER_REFERENCE = 4
+"""A size of fewer rows than the profile's runs at most this many times the reference's
+micro-batches, or of the ranks if more (`calibration_sizes`). The fit uses per-action costs
+(`measured_cost_model`: each stage's typical F and B), which need the schedule's steady state,
+not the whole batch: 1F1B on p ranks holds min(m, p) micro-batches' activations, so beyond p
+more micro-batches add only more of the same actions. 4x gives a small size as many steady
+actions per rank as the reference (8) has, and more: 3/4 of its actions run in the steady state
+where m = 4p; and it keeps a batch of 32 at train's 8 micro-batches measured as before (16 and
+32 micro-batches, 2 and 1 row), where a batch of 512 would otherwise run 512 one-row
+micro-batches a step in a pipeline built for 512."""
 
 BUSY_SHARE = 0.8
 """Below this share of a core per CPU rank, the calibration says the host was busy."""
@@ -98,6 +112,8 @@ class Calibrated:
     the run's speed moved while it measured."""
     step_spread: float = 0.0
     """The kept steps' interquartile range over their median (`speed_spread`)."""
+    sizes: tuple[CalibrationSize, ...] = ()
+    """The sizes the run measured, in order (`calibration_sizes`): a sliced one ran part of the batch."""
 
     def describe(self) -> str:
         """One line: the run, the scales per stage, its cost in seconds."""
@@ -110,6 +126,8 @@ class Calibrated:
             return "/".join(f"{value * 1e3:.2f}" for value in values)
 
         sizes = "/".join(map(str, cal.measured_rows or (cal.rows,)))
+        if self.sizes:
+            sizes += f" ({format_sizes(self.sizes)} micro-batches)"
         split = (f"; split backward (zb-h1 at {cal.rows} rows): W {scales(cal.weight_share)} of the "
                  f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
                  if cal.weight_share else "")
@@ -149,7 +167,7 @@ class Calibrated:
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
-                "step_spread": self.step_spread,
+                "step_spread": self.step_spread, "sizes": [str(size) for size in self.sizes],
                 "profile_costs": self.profile_costs.to_json()}
 
 
@@ -173,7 +191,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
                         f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
-                        f"micro-batch sizes (one launch) and price every candidate on the stage costs over rows that run "
+                        f"micro-batch sizes (one launch; one of few rows on a slice of the batch) "
+                        "and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
                         "profile's prices alone)")
@@ -212,7 +231,8 @@ def calibration_microbatches(
     search prices (`most_microbatches`, the most it searches; None: the batch): the fit then
     prices the small micro-batches between measured sizes instead of extrapolating a line below
     them, which undershot a one-row micro-batch by ~20%. A batch of 32 at 8 micro-batches: 8, 4,
-    2 (4, 8, 16 rows), then 16 and 32 (2 and 1 row)."""
+    2 (4, 8, 16 rows), then 16 and 32 (2 and 1 row). The run caps the counts of fewer rows
+    (`calibration_sizes`)."""
     for name, value in (("microbatches", microbatches), ("batch_size", batch_size),
                         ("most_microbatches", most_microbatches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -244,20 +264,46 @@ def calibration_microbatches(
     return (*counts, *smaller[:NUM_SMALLER - 1], fewest)
 
 
-def run_microbatches(args: argparse.Namespace) -> tuple[int, ...]:
-    """`calibration_microbatches` for `plan`'s flags: the profile's count (pinned, else train's
-    default capped at the batch) first, down to the fewest rows the search prices (a pinned count:
-    that one; else the batch, or `--max-microbatches`, micro-batches)."""
+def calibration_sizes(
+    microbatches: int, batch_size: int, most_microbatches: int | None = None, num_ranks: int = 1
+) -> tuple[CalibrationSize, ...]:
+    """`calibration_microbatches`' counts as the run measures them: a count of fewer rows than the
+    reference (`microbatches`) above `SMALL_MICROBATCHES_PER_REFERENCE` x the reference or
+    `num_ranks`, whichever is more (the cap), runs the cap's micro-batches of its rows, on the
+    batch's first rows; every other count, on the whole batch as train runs it. A batch of 32 at
+    8 micro-batches on 2 ranks: 8, 4, 2, 16, 32 (none capped); of 512: 8, 4, 2, 32x8, 32x1
+    (64 and 512 micro-batches of 8 and 1 row capped to 32), in a pipeline built for 32."""
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ConfigError(f"calibration num_ranks = {num_ranks!r}; give an integer of 1 or more")
+    counts = calibration_microbatches(microbatches, batch_size, most_microbatches)
+    cap = SMALL_MICROBATCHES_PER_REFERENCE * max(microbatches, num_ranks)
+
+    def size(count: int) -> CalibrationSize:
+        if count <= cap:
+            return CalibrationSize(count)
+        rows = math.ceil(batch_size / count)
+        # The cap's micro-batches of these rows may exceed the batch where `count` is not the
+        # fewest micro-batches of its rows (the one between, a power of 2 x the reference): then
+        # as many as the batch holds.
+        return CalibrationSize(min(cap, batch_size // rows), rows)
+
+    return tuple(size(count) for count in counts)
+
+
+def run_sizes(args: argparse.Namespace, ranks: int) -> tuple[CalibrationSize, ...]:
+    """`calibration_sizes` for `plan`'s flags and a run on `ranks`: the profile's count (pinned,
+    else train's default capped at the batch) first, down to the fewest rows the search prices (a
+    pinned count: that one; else the batch, or `--max-microbatches`, micro-batches)."""
     pinned = args.microbatches
     reference = pinned or min(ScheduleConfig.num_microbatches, args.batch_size)
-    return calibration_microbatches(reference, args.batch_size,
-                                    pinned or getattr(args, "max_microbatches", None))
+    return calibration_sizes(reference, args.batch_size, pinned or getattr(args, "max_microbatches", None),
+                             ranks)
 
 
 def _train_words(args: argparse.Namespace, ranks: int, out: Path, hf: bool) -> list[str]:
     # The pipeline is built for the most micro-batches the run measures: a running pipeline
-    # switches only to as many or fewer (`pipefold.job.calibration.check_microbatches`).
-    microbatches = max(run_microbatches(args))
+    # switches only to as many or fewer (`pipefold.job.calibration.check_sizes`).
+    microbatches = max(size.num_microbatches for size in run_sizes(args, ranks))
     words = ["--ranks", str(ranks), "--batch-size", str(args.batch_size), "--microbatches", str(microbatches),
              "--out", str(out), "--device", args.device,
              "--precision", getattr(args, "precision", None) or "fp32",
@@ -276,10 +322,9 @@ def calibration_command(
     the same command beside `pipefold train`."""
     from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
-    microbatches = run_microbatches(args)
     return [sys.executable, "-m", "pipefold.cli.calibration_run",
             "--result", str(folder / "calibration.json"),
-            "--microbatches", ",".join(map(str, microbatches)), "--phase-steps", str(steps),
+            "--microbatches", format_sizes(run_sizes(args, ranks)), "--phase-steps", str(steps),
             "--split", SPLIT_FAMILY, "--held", HELD_FAMILY, "--",
             *_train_words(args, ranks, folder / "run", hf)]
 
@@ -302,11 +347,12 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
 def calibrate(
     args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
 ) -> Calibrated:
-    """Train `pipefold train`'s default pipeline for `steps` at each of its micro-batch counts
-    (`calibration_microbatches`) in one launch of `ranks` (None: `DEFAULT_RANKS`), then `costs`
-    at the prices that run measured."""
+    """Train `pipefold train`'s default pipeline for `steps` at each of its micro-batch sizes
+    (`calibration_sizes`) in one launch of `ranks` (None: `DEFAULT_RANKS`), then `costs` at the
+    prices that run measured."""
     ranks = DEFAULT_RANKS if ranks is None else ranks
-    microbatches = run_microbatches(args)
+    sizes = run_sizes(args, ranks)
+    named = ", ".join(map(str, sizes))
     from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
 
     started = time.perf_counter()
@@ -314,8 +360,8 @@ def calibrate(
         result_file = Path(folder) / "calibration.json"
         words = calibration_command(args, ranks, steps, Path(folder), hf)
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
-              f"{', '.join(map(str, microbatches))} micro-batches, and {SPLIT_FAMILY} at "
-              f"{microbatches[0]} for its split backward"
+              f"{named} micro-batches (NxR: N of R rows, a slice of the batch), and {SPLIT_FAMILY} at "
+              f"{sizes[0]} for its split backward"
               + (f" and {HELD_FAMILY} for the activations it holds" if args.device != "cuda" else ""),
               file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
@@ -323,12 +369,12 @@ def calibrate(
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
             raise PipefoldError(
                 f"the calibration run of pipefold train ({ranks} ranks, {steps} steps at each of "
-                f"{microbatches} micro-batches) failed (exit {done.returncode}): {' | '.join(tail)}; fix it, "
+                f"{named} micro-batches) failed (exit {done.returncode}): {' | '.join(tail)}; fix it, "
                 "or plan at the profile's prices with --calibrate-steps 0"
             )
         measured = json.loads(result_file.read_text())
-    points = [(CostModel.from_json(phase["costs"]), math.ceil(args.batch_size / int(phase["num_microbatches"])))
-              for phase in measured["phases"]]
+    # Each size's rows per micro-batch as the run cut them (a sliced size's are not the batch's share).
+    points = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"])) for phase in measured["phases"]]
     (run, rows), others = points[0], points[1:]
     split = measured.get("split_phase")
     bounds = _bounds(measured["partition"])
@@ -345,7 +391,7 @@ def calibrate(
                               if wall > 0)
     spread = speed_spread(walls)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share,
-                        tuple(first["step_seconds"]), spread)
+                        tuple(first["step_seconds"]), spread, sizes)
     if share < BUSY_SHARE and args.device != "cuda":
         print(f"note: during the calibration run rank 0 had {share:.0%} of a core (other work on this host): "
               "the plan is priced at that load and holds while it lasts", file=sys.stderr)

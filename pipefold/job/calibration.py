@@ -2,10 +2,12 @@
 `pipefold plan --profile` calibrates its prices on (`pipefold.cli.plan_calibrate`).
 
     spawn(calibration_worker, config.schedule.num_processes,
-          (config, (8, 4, 2, 16, 32), 12, "/tmp/cal.json", "zb-h1"))   # config built for 32
+          (config, parse_sizes("8,4,2,32,32x1"), 12, "/tmp/cal.json", "zb-h1"))   # config built for 32
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
-`steps` steps at each micro-batch count as train's loop runs them (the pipeline call, the
+`steps` steps at each size (`CalibrationSize`: a micro-batch count of the whole batch, or of a
+slice of it: 32x1 runs the batch's first 32 rows as 32 one-row micro-batches) as train's loop
+runs them (the pipeline call, the
 gradient norm, the optimizer update; the batch drawn before the clock starts, as the loop draws
 it, so a step here and a step of train's summary time the same work), in rounds of one block per
 count (`blocks`), switching the running schedule between them (`Pipeline.use_schedule`: the
@@ -14,8 +16,12 @@ it is built for the most of them and the first, the reference, is switched to be
 step): a change of the host's load
 then meets every count alike
 instead of passing for a cost that does not grow with rows. Rank 0 writes one JSON file: the
-partition and, per micro-batch count, the stage costs its kept steps measured
-(`measured_cost_model`, as train's costs.json) and every step's wall and CPU seconds. One
+partition and, per size, its micro-batch count and rows per micro-batch, the stage costs its
+kept steps measured (`measured_cost_model`, as train's costs.json) and every step's wall and CPU
+seconds. A slice's step runs fewer rows than train's, and its update is of their gradient: the
+loss is the slice's mean (each micro-batch's loss weighted by its share of the step's rows, as
+any batch), so the update is as large as a whole batch's and nothing needs rescaling; its
+actions are what the fit uses. One
 launch for every count: the ranks' start-up (seconds) is paid once.
 
 With a split family (`SPLIT_FAMILY`), each round also runs a short block of it at the first count
@@ -42,6 +48,7 @@ from torch import Tensor
 
 from pipefold.errors import ConfigError
 from pipefold.files import write_atomic
+from pipefold.job.calibration_size import CalibrationSize
 from pipefold.job.config import TrainConfig
 from pipefold.job.optim import accumulated_step, apply_update
 from pipefold.job.setup import Job, set_up
@@ -52,7 +59,7 @@ from pipefold.schedule.registry import build
 from pipefold.timeline import Timeline
 
 __all__ = ["HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker",
-           "build_graph_walk", "check_held", "check_microbatches", "check_split", "split_blocks"]
+           "build_graph_walk", "check_held", "check_sizes", "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -71,24 +78,35 @@ HELD_FAMILY = "gpipe"
 activations held at once (4-8x 1F1B's on 2 ranks at 8 micro-batches)."""
 
 
-def check_microbatches(config: TrainConfig, microbatches: Sequence[int], steps: int) -> None:
+def check_sizes(config: TrainConfig, sizes: Sequence[CalibrationSize], steps: int) -> None:
     """Refuse what `calibration_worker` cannot run, before any rank starts."""
-    if not microbatches or any(count < 1 for count in microbatches):
+    named = ",".join(map(str, sizes))
+    if not sizes:
+        raise ConfigError("calibration --microbatches is empty; give one or more sizes (the first is the "
+                          "reference the others are compared with)")
+    most = max(size.num_microbatches for size in sizes)
+    if most != config.schedule.num_microbatches:
         raise ConfigError(
-            f"calibration micro-batches {tuple(microbatches)}: give one or more counts, each 1 or more "
-            "(the first is the reference the others are compared with)"
-        )
-    if max(microbatches) != config.schedule.num_microbatches:
-        raise ConfigError(
-            f"calibration micro-batches {tuple(microbatches)}: build the pipeline for the most of them, "
-            f"{max(microbatches)}, not {config.schedule.num_microbatches} (train's --microbatches): its "
+            f"calibration --microbatches {named}: build the pipeline for the most of them, "
+            f"{most}, not {config.schedule.num_microbatches} (train's --microbatches): its "
             "transport is sized for the count it is built with, and a running pipeline switches only to "
             "as many or fewer"
         )
     if steps <= WARMUP_STEPS:
         raise ConfigError(f"calibration steps = {steps}; give more than {WARMUP_STEPS} per micro-batch count")
-    if len(set(microbatches)) != len(microbatches):
-        raise ConfigError(f"calibration micro-batches {tuple(microbatches)}: give each count once")
+    # Each replica's rows of the batch (`Job.next_batch`): what a step cuts or slices.
+    batch_rows = config.batch_size // config.schedule.data_parallel
+    for size in sizes:
+        if size.step_rows(batch_rows) > batch_rows:
+            raise ConfigError(
+                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the batch "
+                f"has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} rows per "
+                f"micro-batch at {size.num_microbatches}, or a larger --batch-size"
+            )
+    rows = [size.microbatch_rows(batch_rows) for size in sizes]
+    if len(set(rows)) != len(rows):
+        raise ConfigError(f"calibration --microbatches {named}: {rows} rows per micro-batch; give each "
+                          "number of rows once (two sizes of the same rows measure the same actions)")
 
 
 def build_graph_walk(config: TrainConfig, split: str | None) -> None:
@@ -137,12 +155,12 @@ def _splits_backward(schedule: Schedule) -> bool:
 
 
 def calibration_worker(
-    config: TrainConfig, microbatches: Sequence[int], steps: int, out: str, split: str | None = None,
+    config: TrainConfig, sizes: Sequence[CalibrationSize], steps: int, out: str, split: str | None = None,
     held: str | None = None,
 ) -> None:
     """Entry point of one spawned rank (every rank calls it)."""
     try:
-        _calibrate(set_up(config), microbatches, steps, Path(out), split, held)
+        _calibrate(set_up(config), sizes, steps, Path(out), split, held)
     finally:
         gc.collect()  # as train_worker: the pipeline's cycles hold the rendezvous store
         if dist.is_initialized():
@@ -166,61 +184,74 @@ class _Phase:
     """One schedule the run measures, and what its kept steps recorded."""
 
     schedule: Schedule
-    num_microbatches: int
+    size: CalibrationSize
+    batch_rows: int
+    """Rows of each batch the job draws (per replica); a sliced size runs its first rows."""
     kept: list[tuple[float, float, Timeline]] = field(default_factory=list)
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
 
+    def batches(self, job: Job) -> list[tuple[Tensor, Tensor]]:
+        """One step's batches, drawn as train's loop draws them; a sliced size keeps their first rows."""
+        drawn = [job.next_batch() for _ in range(job.config.grad_accumulation)]
+        rows = self.size.step_rows(self.batch_rows)
+        if rows == self.batch_rows:
+            return drawn
+        return [(inputs[:rows], targets[:rows]) for inputs, targets in drawn]
+
     def to_json(self) -> dict[str, Any]:
         if not self.kept:
-            raise ConfigError(f"calibration: no step of {self.schedule.name} at {self.num_microbatches} "
+            raise ConfigError(f"calibration: no step of {self.schedule.name} at {self.size} "
                               "micro-batches was kept; give more steps")
         costs = measured_cost_model([t for _, _, t in self.kept], self.schedule,
                                     step_times=[wall for wall, _, _ in self.kept])
         # The stages whose I and W ran apart (the runtime fuses a pair nothing separates on a
         # stage no other rank waits for: the first).
         split = sorted({action.stage for row in self.schedule.actions for action in row if action.op is Op.I})
-        return {"num_microbatches": self.num_microbatches, "schedule": self.schedule.name,
+        return {"num_microbatches": self.size.num_microbatches,
+                "microbatch_rows": self.size.microbatch_rows(self.batch_rows),
+                "step_rows": self.size.step_rows(self.batch_rows), "schedule": self.schedule.name,
                 "costs": costs.to_json(), "split_stages": split,
                 "kept_step_seconds": [wall for wall, _, _ in self.kept],
                 "kept_step_cpu_seconds": [cpu for _, cpu, _ in self.kept],
                 "step_seconds": self.walls, "step_cpu_seconds": self.cpus}
 
 
-def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, split: str | None,
+def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path, split: str | None,
                held: str | None = None) -> None:
     pipe = job.pipe
     family = job.config.schedule.name
     num_ranks = pipe.schedule.num_ranks
     num_virtual = pipe.schedule.num_stages // num_ranks
-    # The pipeline is built for the most micro-batches (`check_microbatches`); the first count, the
+    batch_rows = job.config.batch_size // job.config.schedule.data_parallel  # `Job.next_batch`'s
+    # The pipeline is built for the most micro-batches (`check_sizes`); the first size, the
     # reference, need not be that one, and is switched to before the first step where it is not.
-    phases = [_Phase(pipe.schedule if count == pipe.schedule.num_microbatches else build(
-        family, num_ranks=num_ranks, num_microbatches=count, num_virtual=num_virtual), count)
-        for count in microbatches]
-    sizes = blocks(steps, len(microbatches))
+
+    def phase_of(phase_family: str, size: CalibrationSize) -> _Phase:
+        """A block of `phase_family` on the pipeline's stages at `size`."""
+        return _Phase(build(phase_family, num_ranks=num_ranks, num_microbatches=size.num_microbatches,
+                            num_virtual=num_virtual), size, batch_rows)
+
+    built_for = pipe.schedule.num_microbatches
+    phases = [_Phase(pipe.schedule, size, batch_rows) if size.num_microbatches == built_for
+              else phase_of(family, size) for size in sizes]
+    steps_per_block = blocks(steps, len(sizes))
     # The split phase runs at the first count, right after that count's 1F1B block in each
     # round, so a change of the host's load meets both alike.
-    order: list[tuple[_Phase, list[int]]] = [(phase, sizes) for phase in phases]
-
-    def at_reference(phase_family: str) -> _Phase:
-        """A block of `phase_family` on the same stages at the first (reference) count."""
-        return _Phase(build(phase_family, num_ranks=num_ranks, num_microbatches=microbatches[0],
-                            num_virtual=num_virtual), microbatches[0])
-
+    order: list[tuple[_Phase, list[int]]] = [(phase, steps_per_block) for phase in phases]
     split_phase = None
     if split is not None:
-        split_phase = at_reference(split)
-        order.insert(1, (split_phase, split_blocks(sizes)))
+        split_phase = phase_of(split, sizes[0])  # on the same stages at the first (reference) size
+        order.insert(1, (split_phase, split_blocks(steps_per_block)))
     held_phase = None
     # On a CPU host only: there a rank's actions slow with the memory it holds, and on a GPU GPipe
     # could exceed the memory the pipeline's own 1F1B fits in.
     if held is not None and job.device.type == "cpu":
         # Right after the first count's 1F1B block too (before the split's), so the host's load
         # meets both alike: the held block's F over 1F1B's is what the slope is fitted on.
-        held_phase = at_reference(held)
-        order.insert(1, (held_phase, split_blocks(sizes)))
-    for round_index in range(len(sizes)):
+        held_phase = phase_of(held, sizes[0])
+        order.insert(1, (held_phase, split_blocks(steps_per_block)))
+    for round_index in range(len(steps_per_block)):
         for index, (phase, phase_blocks) in enumerate(order):
             if round_index or index or phase.schedule is not pipe.schedule:
                 pipe.use_schedule(phase.schedule)
@@ -228,7 +259,7 @@ def _calibrate(job: Job, microbatches: Sequence[int], steps: int, out: Path, spl
             # The first step of a block runs a freshly switched order; the very first allocates too.
             skip = WARMUP_STEPS if round_index == 0 and index == 0 else 1
             for step in range(phase_blocks[round_index]):
-                batches = [job.next_batch() for _ in range(job.config.grad_accumulation)]
+                batches = phase.batches(job)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 _step(job, batches)
                 wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -19,19 +19,22 @@ TINY = ["--num-layers", "2", "--d-model", "32", "--num-heads", "2", "--seq-len",
 
 def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp_path, capsys):
     saved = tmp_path / "costs.json"
-    # A batch of 16: train's default 8 micro-batches have 2 rows, so the search's one-row size is
-    # measured too, in a pipeline built for 16 micro-batches that runs its own 8 first.
-    argv = [*TINY[: TINY.index("--batch-size")], "--batch-size", "16", *TINY[TINY.index("--batch-size") + 2 :]]
+    # A batch of 64: train's default 8 micro-batches have 8 rows, so the search's one-row size is
+    # measured too, as 32 one-row micro-batches of the batch's first rows (the cap: not 64 of the
+    # whole batch), in a pipeline built for 32 micro-batches that runs its own 8 first.
+    at = TINY.index("--batch-size")
+    argv = [*TINY[:at], "--batch-size", "64", *TINY[at + 2 :]]
     assert main(["plan", "--profile", *argv, "--calibrate-steps", "3", "--save-costs", str(saved),
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     calibration = result["calibration"]
     assert calibration["ranks"] == 2 and calibration["steps"] == 3 and calibration["seconds"] > 0
     assert 0 < calibration["core_share"] <= 1.5  # CPU over wall seconds of rank 0
-    # pipefold train's default: 8 micro-batches of the batch of 16, two rows each, on its own
-    # partition; then 4 and 2 micro-batches, and 16 of one row, in the same launch.
-    assert calibration["rows"] == 2 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
-    assert calibration["measured_rows"] == [2, 4, 8, 1]
+    # pipefold train's default: 8 micro-batches of the batch of 64, 8 rows each, on its own
+    # partition; then 4 and 2 micro-batches, 32 of 2 rows, and 32 of one row, in the same launch.
+    assert calibration["rows"] == 8 and calibration["bounds"][0] == 0 and len(calibration["bounds"]) == 3
+    assert calibration["measured_rows"] == [8, 16, 32, 2, 1]
+    assert calibration["sizes"] == ["8", "4", "2", "32", "32x1"]
     # Every wall step of the first size in order (3 steps are one block, its 2 warm-up steps
     # included); the median step is of the kept one.
     assert len(calibration["step_seconds"]) == 3 and min(calibration["step_seconds"]) > 0
@@ -46,7 +49,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     # Each stage of the run's partition costs the line fitted through what the run measured, at
     # any rows, times the measured / line ratio there (interpolated between the measured sizes);
     # the scales say the run's F and B over the profile's at its first size.
-    assert [entry[0] for entry in calibration["row_scales"]] == [1, 2, 4, 8]
+    assert [entry[0] for entry in calibration["row_scales"]] == [1, 2, 8, 16, 32]
     assert priced.row_scales == tuple(tuple(entry) for entry in calibration["row_scales"])
     before = stage_cost_model(profile, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
     for rows in (1, 3, 8):
@@ -76,7 +79,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
             at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
-    assert "split backward (zb-h1 at 2 rows)" in priced.source
+    assert "split backward (zb-h1 at 8 rows)" in priced.source
     # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per
     # activation byte its rank holds, fitted against the bytes each block held (the planner's model).
     assert len(calibration["held_bytes"]) == len(calibration["held_block_bytes"]) == 2
@@ -85,7 +88,7 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert priced.held_forward_per_byte == calibration["held_forward_per_byte"] >= 0
     assert priced.held_backward_per_byte == calibration["held_backward_per_byte"] >= 0
     assert priced.held_reference_bytes == max(calibration["held_bytes"])
-    assert "activations held (gpipe at 2 rows" in priced.source
+    assert "activations held (gpipe at 8 rows" in priced.source
     assert result["choice"]["step_time"] > 0
 
 
