@@ -33,9 +33,11 @@ replace the profile's. Where the run also measured a split backward (zb-h1 on th
 each I and W costs what that phase measured: the seconds each takes beyond its part of B
 (`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
 as fitted. Where the run also measured a block that holds more activations on the same stages
-(GPipe, `HeldBlock`), the extra fraction of an F and of a B per byte a rank holds is fitted
-from the two blocks (`pipefold.plan.held_cost`), and the planner slows a candidate's ranks that
-hold more than the run did.
+(GPipe, `HeldBlock`), the slowdown of a rank's actions with the bytes it holds is priced on a
+curve through every point the blocks measured (GPipe's ranks, and the split block's ranks that
+held more there than in 1F1B: `pipefold.plan.held_curve`), each layer against the bytes its own
+rank held in the run, and the planner slows a candidate's layers whose rank holds more than
+theirs did (`pipefold.plan.held_cost`).
 """
 
 from __future__ import annotations
@@ -227,6 +229,13 @@ def at_run_prices(
     whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
     on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
     what those measured.
+
+    With `held` (the same run's GPipe block and the bytes each block held per rank), the held
+    curve (`ModelCosts.held_curve`) is fitted through GPipe's points and, where `held` gives the
+    split block's bytes, the split block's ranks that held more than in 1F1B (its load taken out
+    by `_split_drift`, from the ranks that did not); each layer's reference is the bytes its rank
+    held in the run (`held_reference_layer_bytes`), and the split block's I and W are divided by
+    the curve's B factor at their rank's bytes, so that slowdown is priced once, by the curve.
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
