@@ -17,10 +17,17 @@ by families that hold 1x (1F1B), about 2x on the last rank (zb-h1), about 1.5x a
    each family's extra bytes (a straight line through 1F1B's and GPipe's points).
 2. `--calibrations N` runs of the calibration run `plan --profile` starts (1F1B at 8 and 4
    micro-batches, its zb-h1 and GPipe blocks at 8 between them: `pipefold.cli.calibration_run`),
-   printing per stage the zb-h1 and GPipe blocks' F over the 1F1B block's. The calibration takes
-   the zb-h1 block's F over 1F1B's as the host's drift and divides it out of that block's I and W
-   (`pipefold.plan.calibrate._split_prices`); where the last rank's F ratio stands above the first
-   rank's (which holds what 1F1B holds), that is not drift but the memory held.
+   printing per stage the zb-h1 and GPipe blocks' F over the 1F1B block's. Where the last rank's
+   F ratio stands above the first rank's (which holds what 1F1B holds), that is not drift but the
+   memory held.
+3. For each calibration, what the plan prices from it (`pipefold.plan.calibrate.at_run_prices`,
+   the bytes from the planner's memory model of a `pipefold profile` of the same model, or
+   `--costs FILE`): the held curve's knots, and per family and rank its F and backward over
+   1F1B's as the curve prices them beside what the straight line through GPipe's points (the
+   price before the curve) gives, to hold against the measured medians of 1.
+
+`--from DIR` reprices a stored work folder (its rounds and calibrations) without launching:
+what a change to the pricing does to the same measurements.
 
 A benchmark, not a test: the ranks share the host's cores with whatever else runs.
 """
@@ -120,6 +127,28 @@ def _rounds(args: argparse.Namespace, work: Path) -> list[dict[str, dict[str, An
     return done
 
 
+def _stored_rounds(work: Path, warmup: int) -> list[dict[str, dict[str, Any]]]:
+    """The rounds of a stored work folder (`r{index}_{family}` run folders), as `_rounds` gives them."""
+    done = []
+    index = 0
+    while all((work / f"r{index}_{family}" / "summary.json").exists() for family in FAMILIES):
+        runs = {}
+        for family in FAMILIES:
+            out = work / f"r{index}_{family}"
+            summary = json.loads((out / "summary.json").read_text())
+            costs = json.loads((out / "costs.json").read_text())
+            walls, cpus = summary["step_seconds"][warmup:], summary["step_cpu_seconds"][warmup:]
+            runs[family] = {
+                "step_s": statistics.median(walls), "load": "?",
+                "core_share": statistics.median(c / w for c, w in zip(cpus, walls, strict=True)),
+                "f": costs["f"], "backward": costs["b"],
+                "peaks_mib": [m["activations_peak"] / 2**20 for m in summary["memory"]],
+            }
+        done.append(runs)
+        index += 1
+    return done
+
+
 def _print_rounds(done: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     print(
         "| round | family | rank | peak MiB (1F1B's) | F / 1F1B's | backward / 1F1B's "
@@ -214,6 +243,88 @@ def _calibrations(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     return found
 
 
+def _profile_costs(args: argparse.Namespace, work: Path) -> Path:
+    """The costs whose memory model gives each block's bytes: `--costs`, else a quick profile."""
+    if args.costs is not None:
+        return Path(args.costs)
+    out = work / "profile_costs.json"
+    if not out.exists():
+        subprocess.run([PYTHON, "-m", "pipefold", "profile", "--batch-size", "32", "--microbatches", "8",
+                        "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out
+
+
+def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
+    """What the plan prices from one stored calibration run: the held curve and, per family and
+    rank, F and backward (I + W where the family splits it, on the last rank) over 1F1B's, by the
+    curve ("curve") and as before it ("line": the split block's drift taken per stage and one
+    straight line through GPipe's points over the most any rank held, `fit_held_slope`)."""
+    from dataclasses import replace
+
+    from pipefold.cli.plan_calibrate import _bounds, _held_block
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import at_run_prices, first_stage_backward
+    from pipefold.plan.held_cost import fit_held_slope, order_held_bytes, with_held_cost
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    from pipefold.simulate import CostModel, Link
+
+    costs = ModelCosts.from_json(costs_path)
+    measured = json.loads(calibration.read_text())
+    first = measured["phases"][0]
+    rows = -(-int(measured["batch_size"]) // int(first["num_microbatches"]))
+    bounds = _bounds(measured["partition"])
+    run = CostModel.from_json(first["costs"])
+    split = CostModel.from_json(measured["split_phase"]["costs"])
+    split_stages = measured["split_phase"]["split_stages"]
+    held = _held_block(costs, measured, bounds, rows, len(bounds) - 1)
+    assert held is not None
+    curve, cal = at_run_prices(costs, run, bounds, rows, split=split, split_stages=split_stages, held=held)
+    before, _ = at_run_prices(costs, run, bounds, rows, split=split, split_stages=split_stages)
+    line = replace(before, held_forward_per_byte=fit_held_slope(run.f, held.measured.f, held.run_bytes,
+                                                                held.block_bytes, kind="F"),
+                   held_backward_per_byte=fit_held_slope(run.b, held.measured.b, held.run_bytes,
+                                                         held.block_bytes, kind="B"),
+                   held_reference_bytes=float(max(held.run_bytes)))
+    placement = tuple(range(len(bounds) - 1))
+    count = int(first["num_microbatches"])
+    peaks = {family: order_held_bytes(costs, bounds, rows, family, len(placement), count) for family in FAMILIES}
+
+    def model(priced: ModelCosts, family: str) -> CostModel:
+        base = first_stage_backward(stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds)
+        return with_held_cost(base, priced, placement, peaks[family], bounds)
+
+    families: dict[str, Any] = {}
+    for family in FAMILIES[1:]:
+        ranks = []
+        for rank in placement:
+            split_here = family != "gpipe" and rank == placement[-1]  # the first stage's pair runs fused
+            row: dict[str, float] = {"mib": peaks[family][rank] / 2**20}
+            for name, priced in (("curve", curve), ("line", line)):
+                now, base = model(priced, family), model(priced, "1f1b")
+                backward = now.i[rank] + now.w[rank] if split_here else now.b[rank]
+                row[f"f_{name}"] = now.f[rank] / base.f[rank]
+                row[f"backward_{name}"] = backward / base.b[rank]
+            ranks.append(row)
+        families[family] = ranks
+    return {"curve_mib": [[x / 2**20, f, b] for x, f, b in cal.held_curve], "drift": cal.split_drift,
+            "split_overhead_us": cal.split_overhead_s * 1e6, "before_split_overhead_us": before.split_overhead_s * 1e6,
+            "families": families}
+
+
+def _print_priced(priced: list[dict[str, Any]]) -> None:
+    for index, found in enumerate(priced, start=1):
+        knots = ", ".join(f"+{x:.1f} MiB: F {f:.3f} B {b:.3f}" for x, f, b in found["curve_mib"])
+        drift = "per stage" if found["drift"] is None else f"{found['drift']:.3f}"
+        print(f"\ncalibration {index} priced: curve {knots}; split drift {drift}, split overhead "
+              f"{found['split_overhead_us']:.0f} us per I and W (before: {found['before_split_overhead_us']:.0f})")
+        print("| family | rank | MiB | F curve | F line (before) | backward curve | backward line (before) |")
+        print("|---|---|---|---|---|---|---|")
+        for family, ranks in found["families"].items():
+            for rank, row in enumerate(ranks):
+                print(f"| {family} | {rank} | {row['mib']:.0f} | {row['f_curve']:.3f} | {row['f_line']:.3f} "
+                      f"| {row['backward_curve']:.3f} | {row['backward_line']:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -227,17 +338,30 @@ def main() -> None:
         "--calibrations", type=int, default=2, help="calibration runs after the rounds (default 2)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--costs", type=Path, help="model costs whose memory model gives the blocks' bytes "
+                        "(default: a quick `pipefold profile` of the model)")
+    parser.add_argument("--from", dest="stored", type=Path, metavar="DIR",
+                        help="reprice a stored work folder's rounds and calibrations; launch nothing")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}; give more steps")
-    work = Path(tempfile.mkdtemp(prefix="pipefold-held-curve-"))
-    print(f"work folder {work}", file=sys.stderr)
-    done = _rounds(args, work)
-    table = _print_rounds(done) if done else {}
-    calibrations = _calibrations(args, work)
+    if args.stored is not None:
+        work = args.stored
+        done = _stored_rounds(work, args.warmup)
+        table = _print_rounds(done) if done else {}
+        calibrations = []
+    else:
+        work = Path(tempfile.mkdtemp(prefix="pipefold-held-curve-"))
+        print(f"work folder {work}", file=sys.stderr)
+        done = _rounds(args, work)
+        table = _print_rounds(done) if done else {}
+        calibrations = _calibrations(args, work)
+    found = sorted(work.glob("cal*/calibration.json"))
+    priced = [_priced(_profile_costs(args, work), path) for path in found] if found else []
+    _print_priced(priced)
     if args.json is not None:
         args.json.write_text(
-            json.dumps({"rounds": done, "table": table, "calibrations": calibrations}, indent=1)
+            json.dumps({"rounds": done, "table": table, "calibrations": calibrations, "priced": priced}, indent=1)
         )
 
 

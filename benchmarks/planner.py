@@ -89,7 +89,7 @@ def _run_schedule(run: dict[str, Any], schedule_file: Path | None, args: argpars
 
 
 def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | None,
-          args: argparse.Namespace) -> Any:
+          args: argparse.Namespace, bounds: tuple[int, ...]) -> Any:
     """`model` with each rank slowed by the activations it holds in the run's schedule, as the plan
     prices it (`pipefold.plan.held_cost`); `model` itself where the costs price none."""
     from pipefold.plan.held_cost import prices_held, with_held_cost
@@ -99,7 +99,7 @@ def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | Non
         return model
     schedule = _run_schedule(run, schedule_file, args)
     peaks = simulate(schedule, model).activation_bytes_peak
-    return with_held_cost(model, costs, schedule.placement, peaks)
+    return with_held_cost(model, costs, schedule.placement, peaks, bounds)
 
 
 def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...],
@@ -118,7 +118,7 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
     layout = StageLayout(bounds, rows)
     model = first_stage_backward(stage_cost_model(costs, layout, recompute, Link(), float(args.cores)),
                                  costs, bounds)
-    model = _held(model, costs, run, schedule_file, args)
+    model = _held(model, costs, run, schedule_file, args, bounds)
     ratios: dict[str, float | None] = {}
     for kind in _KINDS:
         planned = getattr(model, kind.lower())
@@ -290,7 +290,7 @@ def _priced(costs_path: Path, run: dict[str, Any], schedule_file: Path | None, r
     layout = StageLayout(bounds, -(-args.batch_size // m))
     model = first_stage_backward(
         stage_cost_model(costs, layout, recompute, Link(latency=latency), float(args.cores)), costs, bounds)
-    model = _held(model, costs, run, schedule_file, args)  # each rank slowed by what it holds
+    model = _held(model, costs, run, schedule_file, args, bounds)  # each rank slowed by what it holds
     update = update_time(costs, static_weight_bytes(model, schedule.placement, schedule.num_ranks))
     return float(simulate(schedule, model).makespan + step_end_time(schedule, model) + update)
 

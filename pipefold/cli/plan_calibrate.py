@@ -21,7 +21,8 @@ measured ones is priced between them (`pipefold.plan.calibrate.at_run_prices`,
 backward split) for a few steps at the first count, so the split backward's I and W are priced
 as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). On a CPU host it
 also runs GPipe on the same stages for a few steps, so an action's slowdown with the activation
-memory its rank holds is priced (`ModelCosts.held_forward_per_byte`, `pipefold.plan.held_cost`);
+memory its rank holds is priced, on a curve through GPipe's ranks and zb-h1's ranks that hold
+more than in 1F1B (`ModelCosts.held_curve`, `pipefold.plan.held_cost`);
 a GPU's kernels do not slow so, and GPipe could exceed the memory 1F1B fits in. Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
@@ -131,10 +132,11 @@ class Calibrated:
         split = (f"; split backward (zb-h1 at {cal.rows} rows): W {scales(cal.weight_share)} of the "
                  f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
                  if cal.weight_share else "")
-        held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank "
-                f"against {_mib(cal.held_bytes)}): F +{cal.held_forward_per_byte * 2**20:.2%}, B "
-                f"+{cal.held_backward_per_byte * 2**20:.2%} per MiB a rank holds beyond "
-                f"{max(cal.held_bytes) / 2**20:.1f} MiB" if cal.held_bytes else "")
+        knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
+        split_held = f", zb-h1 {_mib(cal.held_split_bytes)}" if cal.held_split_bytes else ""
+        held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
+                f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
+                if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
                  f"through each size at measured / line F {scales(tuple(e[1] for e in cal.row_scales))}, B "
@@ -165,6 +167,8 @@ class Calibrated:
                 "held_forward_per_byte": cal.held_forward_per_byte,
                 "held_backward_per_byte": cal.held_backward_per_byte,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
+                "held_split_bytes": list(cal.held_split_bytes),
+                "held_curve": [list(knot) for knot in cal.held_curve], "split_drift": cal.split_drift,
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread, "sizes": [str(size) for size in self.sizes],
@@ -338,10 +342,15 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
         return None
     first = measured["phases"][0]
     count = int(first["num_microbatches"])
+    split = measured.get("split_phase")
+    # The split block (zb-h1) holds a little more than 1F1B on its later ranks: the curve's points
+    # at small excesses, and its other ranks the host's drift between the blocks.
+    split_bytes = () if split is None else order_held_bytes(costs, bounds, rows, str(split["schedule"]), ranks,
+                                                            int(split["num_microbatches"]))
     return HeldBlock(CostModel.from_json(phase["costs"]),
                      order_held_bytes(costs, bounds, rows, str(first["schedule"]), ranks, count),
                      order_held_bytes(costs, bounds, rows, str(phase["schedule"]), ranks,
-                                      int(phase["num_microbatches"])))
+                                      int(phase["num_microbatches"])), split_bytes)
 
 
 def calibrate(

@@ -33,9 +33,11 @@ replace the profile's. Where the run also measured a split backward (zb-h1 on th
 each I and W costs what that phase measured: the seconds each takes beyond its part of B
 (`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
 as fitted. Where the run also measured a block that holds more activations on the same stages
-(GPipe, `HeldBlock`), the extra fraction of an F and of a B per byte a rank holds is fitted
-from the two blocks (`pipefold.plan.held_cost`), and the planner slows a candidate's ranks that
-hold more than the run did.
+(GPipe, `HeldBlock`), the slowdown of a rank's actions with the bytes it holds is priced on a
+curve through every point the blocks measured (GPipe's ranks, and the split block's ranks that
+held more there than in 1F1B: `pipefold.plan.held_curve`), each layer against the bytes its own
+rank held in the run, and the planner slows a candidate's layers whose rank holds more than
+theirs did (`pipefold.plan.held_cost`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
-from pipefold.plan.held_cost import fit_held_slope
+from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
@@ -163,15 +165,23 @@ class RunCalibration:
     split_action_overhead_s: float = 0.0
     """The split phase's measured seconds between two compute actions of a rank."""
     held_forward_per_byte: float = 0.0
-    """The extra fraction of an F per activation byte a rank holds, where the run measured a block
-    holding more (`ModelCosts.held_forward_per_byte`); 0 otherwise."""
+    """The straight line's extra fraction of an F per activation byte a rank holds, which
+    calibrations fitted before `held_curve` (`ModelCosts.held_forward_per_byte`); 0 now."""
     held_backward_per_byte: float = 0.0
-    """The same for B (`ModelCosts.held_backward_per_byte`)."""
+    """The same for B (`ModelCosts.held_backward_per_byte`); 0 now."""
     held_bytes: tuple[int, ...] = ()
     """Per rank, the activation bytes the run held (the planner's memory model); empty without a
     held block."""
     held_block_bytes: tuple[int, ...] = ()
     """Per rank, the activation bytes the held block held (the planner's memory model)."""
+    held_split_bytes: tuple[int, ...] = ()
+    """Per rank, the activation bytes the split block held (the planner's memory model); empty
+    where it gave no points."""
+    held_curve: tuple[tuple[float, float, float], ...] = ()
+    """The fitted slowdown per byte held beyond a layer's own rank's (`ModelCosts.held_curve`)."""
+    split_drift: float | None = None
+    """The host's drift between the 1F1B and split blocks, the 1F1B block's F over the split
+    block's on the ranks that held no more there (`_split_drift`); None: taken per stage."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """Per measured size (rows, F, B), the measured stage times over the fitted line's
     (`ModelCosts.row_scales`); empty with one size."""
@@ -188,6 +198,11 @@ class HeldBlock:
     """Per rank, the activation peak of the run's own family (1F1B)."""
     block_bytes: tuple[int, ...]
     """Per rank, the activation peak of the block's family."""
+    split_bytes: tuple[int, ...] = ()
+    """Per rank, the activation peak of the run's split block's family (zb-h1), where it ran one:
+    its ranks that hold more than in 1F1B (on 2 ranks the last) give the curve its points at
+    small excesses, and those that do not the host's drift between the blocks (`_split_drift`).
+    Empty: GPipe's points alone, the drift per stage."""
 
 
 def at_run_prices(
@@ -214,6 +229,13 @@ def at_run_prices(
     whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
     on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
     what those measured.
+
+    With `held` (the same run's GPipe block and the bytes each block held per rank), the held
+    curve (`ModelCosts.held_curve`) is fitted through GPipe's points and, where `held` gives the
+    split block's bytes, the split block's ranks that held more than in 1F1B (its load taken out
+    by `_split_drift`, from the ranks that did not); each layer's reference is the bytes its rank
+    held in the run (`held_reference_layer_bytes`), and the split block's I and W are divided by
+    the curve's B factor at their rank's bytes, so that slowdown is priced once, by the curve.
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
@@ -253,16 +275,28 @@ def at_run_prices(
                      action_overhead_s=statistics.fmean(m.action_overhead for m, _ in points))
     if fits:
         priced = replace(priced, row_scales=measured_row_scales(priced, points, layout.bounds))
+    on = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
+    drift: float | None = None
+    held_curve: HeldCurve = ()
+    split_backward = [1.0] * layout.num_stages  # per stage, the split block's held B factor
+    if held is not None:
+        _check_held(run, held, on)
+        if split is not None and held.split_bytes:
+            drift = _split_drift(run, split, held, on)
+        held_curve = _held_curve(run, held, on, split, drift)
+        # Each layer's measured time is its time at the bytes its own rank held in the run.
+        references = tuple(float(held.run_bytes[on[stage]]) for stage, (start, stop)
+                           in enumerate(zip(layout.bounds, layout.bounds[1:], strict=False))
+                           for _ in range(start, stop))
+        priced = replace(priced, held_curve=held_curve, held_reference_layer_bytes=references,
+                         held_reference_bytes=float(max(held.run_bytes)))
+        if held.split_bytes:
+            split_backward = [held_factor(held_curve, held.split_bytes[rank] - held.run_bytes[rank])[1]
+                              for rank in on]
     split_fit = _SplitFit()
     if split is not None:
         stages = range(layout.num_stages) if split_stages is None else split_stages
-        priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages))
-    held_fit = (0.0, 0.0)
-    if held is not None:
-        on = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
-        held_fit = _held_slopes(run, held, on)
-        priced = replace(priced, held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
-                         held_reference_bytes=float(max(held.run_bytes)))
+        priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages), drift, split_backward)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
@@ -281,9 +315,10 @@ def at_run_prices(
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
         split_overhead_s=priced.split_overhead_s, weight_share=split_fit.weight_share,
         split_action_overhead_s=split_fit.action_overhead_s,
-        held_forward_per_byte=held_fit[0], held_backward_per_byte=held_fit[1],
         held_bytes=() if held is None else held.run_bytes,
-        held_block_bytes=() if held is None else held.block_bytes, row_scales=priced.row_scales,
+        held_block_bytes=() if held is None else held.block_bytes,
+        held_split_bytes=() if held is None else held.split_bytes, held_curve=held_curve,
+        split_drift=drift, row_scales=priced.row_scales,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -309,20 +344,47 @@ def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int
     return tuple(scales)
 
 
-def _held_slopes(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> tuple[float, float]:
-    """The F and B slopes per byte held (`fit_held_slope`) from the run and the held block, each
-    stage's bytes those of its rank."""
+def _check_held(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> None:
+    """Refuse a held block that does not match the run's stages and ranks."""
     if held.measured.num_stages != run.num_stages:
         raise ConfigError(f"the held block measured {held.measured.num_stages} stages, the run "
                           f"{run.num_stages}; measure both on the run's own partition")
     num_ranks = max(placement) + 1
-    if len(held.run_bytes) != num_ranks or len(held.block_bytes) != num_ranks:
-        raise ConfigError(f"held block bytes for {len(held.run_bytes)} and {len(held.block_bytes)} ranks, "
+    if len(held.run_bytes) != num_ranks or len(held.block_bytes) != num_ranks or (
+            held.split_bytes and len(held.split_bytes) != num_ranks):
+        raise ConfigError(f"held block bytes for {len(held.run_bytes)} and {len(held.block_bytes)} ranks"
+                          f"{f' (split block {len(held.split_bytes)})' if held.split_bytes else ''}, "
                           f"the run has {num_ranks}; give one activation peak per rank")
-    base = [held.run_bytes[rank] for rank in placement]
-    more = [held.block_bytes[rank] for rank in placement]
-    return (fit_held_slope(run.f, held.measured.f, base, more, kind="F"),
-            fit_held_slope(run.b, held.measured.b, base, more, kind="B"))
+
+
+def _split_drift(run: CostModel, split: CostModel, held: HeldBlock, placement: Sequence[int]) -> float:
+    """The host's drift between the 1F1B block and the split block: the mean over the stages whose
+    rank held no more in the split block than in 1F1B of the 1F1B block's F over the split
+    block's (the same F at the same size and bytes: what moved is the host's load); 1 where every
+    rank held more (nothing separates the load from the bytes then: the blocks alternate in
+    rounds, so the load meets both alike, as GPipe's points assume). Not per stage: on a rank
+    that holds more the F ratio is the held slowdown too, which a per-stage drift would divide
+    out of its I and W (zb-h2's I and W were priced 0.86 of their runs so)."""
+    steady = [_ratio(run.f[stage], split.f[stage]) for stage, rank in enumerate(placement)
+              if held.split_bytes[rank] <= held.run_bytes[rank]]
+    return statistics.fmean(steady) if steady else 1.0
+
+
+def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split: CostModel | None,
+                drift: float | None) -> HeldCurve:
+    """The held curve (`fit_held_curve`) through every stage's point: the held block's F over the
+    run's at the bytes its rank held beyond the run's, and the split block's, its load taken out
+    (`drift`), on the ranks that held more there; B from the held block's points alone (a split
+    block's I + W carries the split's own seconds)."""
+    forward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.f[stage], run.f[stage]))
+               for stage, rank in enumerate(placement)]
+    backward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.b[stage], run.b[stage]))
+                for stage, rank in enumerate(placement)]
+    if split is not None and held.split_bytes:
+        load = 1.0 if drift is None else drift
+        forward += [(float(held.split_bytes[rank] - held.run_bytes[rank]), _ratio(split.f[stage] * load, run.f[stage]))
+                    for stage, rank in enumerate(placement) if held.split_bytes[rank] > held.run_bytes[rank]]
+    return fit_held_curve(forward, backward)
 
 
 @dataclass(frozen=True)
@@ -425,12 +487,17 @@ class _SplitFit:
 
 
 def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout,
-                  split_stages: frozenset[int]) -> tuple[ModelCosts, _SplitFit]:
+                  split_stages: frozenset[int], load: float | None = None,
+                  held_backward: Sequence[float] | None = None) -> tuple[ModelCosts, _SplitFit]:
     """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
     phase of the run, same partition, at `layout.rows`) measured them.
 
-    The split block's times are first scaled, per stage, by the 1F1B block's F over its own (the
-    same F at the same size: what moved is the host's load). The seconds per I and per W beyond
+    The split block's times are first scaled by the host's drift between the blocks, `load`
+    (`_split_drift`: from the ranks that held no more in the split block), or where none is
+    given, per stage by the 1F1B block's F over its own (the same F at the same size: what moved
+    is the host's load), and divided by each stage's held B factor, `held_backward` (its rank's
+    slowdown for the bytes it held beyond 1F1B's, which the held curve prices apart, so it is
+    priced once: by the curve, at any candidate's bytes). The seconds per I and per W beyond
     B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
     seconds, which I and W pay each: `stage_arrays`), plus the split phase's longer gap between
     actions (three gaps per micro-batch and stage, paid by I and W), as the stages' mean (one
@@ -442,9 +509,11 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
     # load, so the split block's times are taken at the 1F1B block's level.
-    drift = [_ratio(run.f[stage], split.f[stage]) for stage in range(layout.num_stages)]
-    i = [split.i[stage] * drift[stage] for stage in range(layout.num_stages)]
-    w = [split.w[stage] * drift[stage] for stage in range(layout.num_stages)]
+    drift = ([_ratio(run.f[stage], split.f[stage]) for stage in range(layout.num_stages)] if load is None
+             else [load] * layout.num_stages)
+    held = [1.0] * layout.num_stages if held_backward is None else list(held_backward)
+    i = [split.i[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
+    w = [split.w[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
     extras = [(i[stage] + w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
               for stage, (start, stop) in enumerate(spans) if stage in split_stages]
     if not extras:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipefold.errors import ConfigError
+from pipefold.plan.held_curve import check_held_curve
 from pipefold.plan.row_scales import check_row_scales
 
 __all__ = ["CostSource", "LayerCost", "ModelCosts", "ProfileLike"]
@@ -181,7 +182,7 @@ _FIELDS = (
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
-    "row_scales",
+    "row_scales", "held_curve", "held_reference_layer_bytes",
 )
 
 
@@ -245,14 +246,25 @@ class ModelCosts:
     (`pipefold.plan.calibrate.update_time`)."""
     held_forward_per_byte: float = 0.0
     """The extra fraction of an F's time per activation byte its rank holds beyond
-    `held_reference_bytes` (a CPU host's actions slow with the memory a rank holds; fitted by
-    `pipefold plan --profile`'s calibration from a GPipe block beside its 1F1B run:
-    `pipefold.plan.held_cost`). 0: not priced."""
+    `held_reference_bytes`, a straight line (what calibrations fitted before `held_curve`; a CPU
+    host's actions slow with the memory a rank holds: `pipefold.plan.held_cost`). 0: not priced.
+    Ignored where `held_curve` is given."""
     held_backward_per_byte: float = 0.0
     """The same for B, I and W."""
     held_reference_bytes: float = 0.0
     """The activation bytes held at calibration (the most any rank of its 1F1B run held, in the
-    planner's memory model): a rank holding no more is priced as measured."""
+    planner's memory model): a rank holding no more is priced as measured. Every layer's
+    reference where `held_reference_layer_bytes` is empty."""
+    held_curve: tuple[tuple[float, float, float], ...] = ()
+    """(bytes beyond the reference, F factor, B factor) knots of the slowdown of a layer whose
+    rank holds that many activation bytes beyond its reference, in increasing bytes, factors >= 1
+    and non-decreasing: linear from (0, 1, 1) between them, the last one's past it
+    (`pipefold.plan.held_cost.held_factor`; fitted by `pipefold plan --profile`'s calibration
+    from its GPipe and zb-h1 blocks beside its 1F1B run). Empty: the slopes above, if any."""
+    held_reference_layer_bytes: tuple[float, ...] = ()
+    """Per layer, the activation bytes its rank held in the calibration's 1F1B run (the planner's
+    memory model): its measured time is its time at those bytes. Empty: `held_reference_bytes`
+    for every layer."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -312,6 +324,16 @@ class ModelCosts:
                 "input) or false (token ids)"
             )
         object.__setattr__(self, "row_scales", check_row_scales(self.row_scales))
+        object.__setattr__(self, "held_curve", check_held_curve(self.held_curve))
+        references = tuple(self.held_reference_layer_bytes)
+        if references and (len(references) != len(self.layers) or any(
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")
+                for value in references)):
+            raise ConfigError(
+                f"ModelCosts.held_reference_layer_bytes = {self.held_reference_layer_bytes!r}; give one finite "
+                f"number >= 0 per layer ({len(self.layers)}), the bytes its calibration rank held, or leave it empty"
+            )
+        object.__setattr__(self, "held_reference_layer_bytes", tuple(float(value) for value in references))
         degrees = tuple(self.tensor_parallel_degrees)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
             raise ConfigError(
@@ -471,6 +493,8 @@ class ModelCosts:
         data["tied_layers"] = [list(group) for group in self.tied_layers]
         data["tied_parameter_bytes"] = list(self.tied_parameter_bytes)
         data["row_scales"] = [list(entry) for entry in self.row_scales]
+        data["held_curve"] = [list(entry) for entry in self.held_curve]
+        data["held_reference_layer_bytes"] = list(self.held_reference_layer_bytes)
         return data
 
     @classmethod
@@ -517,6 +541,11 @@ class ModelCosts:
                 raise ConfigError(f"model costs row_scales = {rest['row_scales']!r}; give a list of "
                                   "[rows, F scale, B scale]")
             rest["row_scales"] = tuple(rest["row_scales"])
+        for name in ("held_curve", "held_reference_layer_bytes"):
+            if name in rest:
+                if not isinstance(rest[name], list):
+                    raise ConfigError(f"model costs {name} = {rest[name]!r}; give a list (see ModelCosts.{name})")
+                rest[name] = tuple(rest[name])
         return cls(layers=tuple(layers), **rest)
 
 

@@ -82,8 +82,8 @@ def evaluate(
     held: tuple[tuple[float, float], ...] = ()
     if prices_held(costs):  # each rank slowed by the activations it holds (plan.held_cost)
         peaks = _order_peaks(config, sizes, model)
-        held = held_extra(costs, peaks)
-        model = with_held_cost(model, costs, placement, peaks)
+        held = held_extra(costs, peaks, placement, bounds)
+        model = with_held_cost(model, costs, placement, peaks, bounds)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks,
                                 rerun_copies(costs, config.schedule, shard))
     sync_link = link if dp_link is None else dp_link

@@ -1,25 +1,34 @@
 """A rank's actions priced slower the more activation memory the rank holds.
 
-    slope = fit_held_slope(base_seconds, more_seconds, base_bytes, more_bytes, kind="F")
+    curve = fit_held_curve(forward_points, backward_points)   # (bytes beyond, ratio) per stage
     peaks = order_held_bytes(costs, bounds, rows, "gpipe", num_ranks, num_microbatches)
-    model = with_held_cost(model, costs, placement, peaks)       # F, I, W and B per rank
+    model = with_held_cost(model, costs, placement, peaks, bounds)   # F, I, W and B per stage
 
 On a CPU host a rank's actions run slower while it holds more activations: GPipe on 1F1B's own
 two stages (the same layers, calls and messages) ran F 1.23-1.26x and B 1.06-1.12x 1F1B's,
 holding 4-8x the bytes (docs/decisions.md, "A stage costs what its layers cost, with no
 part of its own"). The calibration measures 1F1B, which holds the least, so without this term
-a candidate that holds more is priced too cheaply. `pipefold plan --profile`'s calibration runs a short GPipe block on
-its stages and fits, per action kind, the extra fraction of an action's time per byte held
-(`ModelCosts.held_forward_per_byte`, `held_backward_per_byte`); the planner then slows each
-rank's actions by `1 + slope * max(0, held - ModelCosts.held_reference_bytes)`, held being the
-rank's activation peak in the planner's memory model (which the order fixes, not the timing).
+a candidate that holds more is priced too cheaply.
 
-The bytes on both sides are the planner's modelled peaks, not the run's measured ones: the
-slope is applied to modelled bytes, so a model that counts a byte more or less than the
-runtime does would otherwise scale the slope by its error. A factor never below 1 keeps every
-lower bound on the step (`pipefold.plan.bounds`, `pipefold.plan.held`) valid: they are taken on
-the unslowed costs. Costs without a fitted slope (hardware presets, profiles without the block)
-price as before, and nothing extra is computed for them (`prices_held`).
+The slowdown is concave in the bytes: zb-h1's last rank, holding ~9 MiB more than in 1F1B,
+already ran F 7-11% slower, GPipe's ranks (+48-63 MiB) 11-37% (BENCHMARKS.md, "the lean of v=2
+[3,1,1,3] and zb-h2"). So `pipefold plan --profile`'s calibration measures it at every point its
+blocks give (GPipe's ranks and, from its zb-h1 block, the ranks that hold more there than in
+1F1B) and the costs carry a curve through them (`ModelCosts.held_curve`: knots of bytes beyond
+the reference, F factor, B factor; `fit_held_curve`), linear in bytes between knots from
+(0, 1, 1), flat past the last (`held_factor`). A layer's reference is what its own calibration
+rank held (`ModelCosts.held_reference_layer_bytes`): each layer's measured time is its time at
+those bytes, so a layer is slowed by the curve at its rank's activation peak less its own
+reference, and a stage by its layers' factors weighted by their time (`stage_held_factors`).
+Costs of older calibrations (a slope per byte, `held_forward_per_byte`, over one
+`held_reference_bytes`) price as they did: `1 + slope * max(0, peak - reference)`.
+
+The bytes are the planner's modelled peaks, not the run's measured ones: the curve is applied to
+modelled bytes, so a model that counts a byte more or less than the runtime does would otherwise
+shift it by its error. Every factor is at least 1 (the knots are, and the curve is monotone), so
+every lower bound on the step (`pipefold.plan.bounds`, `pipefold.plan.held`), taken on the
+unslowed costs, stays valid. Costs without a curve or slope (hardware presets, profiles without
+the blocks) price as before, and nothing extra is computed for them (`prices_held`).
 """
 
 from __future__ import annotations
@@ -29,27 +38,30 @@ from dataclasses import replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.held_curve import HeldCurve, check_held_curve, fit_held_curve, held_factor
 from pipefold.plan.orders import family_schedule
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["fit_held_slope", "held_extra", "order_held_bytes", "prices_held", "with_held_cost"]
+__all__ = ["HeldCurve", "check_held_curve", "fit_held_curve", "fit_held_slope", "held_extra", "held_factor",
+           "order_held_bytes", "prices_held", "stage_held_factors", "with_held_cost"]
 
 
 def prices_held(costs: ModelCosts) -> bool:
-    """Whether `costs` slow a rank's actions by the activations it holds (a fitted slope)."""
-    return costs.held_forward_per_byte > 0 or costs.held_backward_per_byte > 0
+    """Whether `costs` slow a rank's actions by the activations it holds (a curve or a fitted slope)."""
+    return bool(costs.held_curve) or costs.held_forward_per_byte > 0 or costs.held_backward_per_byte > 0
 
 
 def fit_held_slope(
     base_seconds: Sequence[float], more_seconds: Sequence[float], base_bytes: Sequence[float],
     more_bytes: Sequence[float], kind: str = "F",
 ) -> float:
-    """The extra fraction of an action's time per byte its rank holds: per stage, the same action
-    measured while its rank held `base_bytes` and `more_bytes` (`base_seconds`, `more_seconds`),
-    fitted as `more / base - 1 = slope * (more_bytes - base_bytes)` by least squares through the
-    origin over the stages. Kept >= 0: a negative fit is noise, and a factor below 1 would break
-    the search's lower bounds. `kind` names the action in errors."""
+    """The extra fraction of an action's time per byte its rank holds, a straight line: per stage,
+    the same action measured while its rank held `base_bytes` and `more_bytes` (`base_seconds`,
+    `more_seconds`), fitted as `more / base - 1 = slope * (more_bytes - base_bytes)` by least
+    squares through the origin over the stages (what calibrations priced before `fit_held_curve`).
+    Kept >= 0: a negative fit is noise, and a factor below 1 would break the search's lower
+    bounds. `kind` names the action in errors."""
     lengths = {"base_seconds": len(base_seconds), "more_seconds": len(more_seconds),
                "base_bytes": len(base_bytes), "more_bytes": len(more_bytes)}
     if len(set(lengths.values())) != 1 or not base_seconds:
@@ -70,25 +82,96 @@ def fit_held_slope(
     return max(slope, 0.0)
 
 
-def held_extra(costs: ModelCosts, peaks: Sequence[int]) -> tuple[tuple[float, float], ...]:
+def _factors(costs: ModelCosts, peak: float, reference: float) -> tuple[float, float]:
+    """F and B factors of a layer whose calibration rank held `reference` bytes, on a rank that holds `peak`."""
+    if costs.held_curve:
+        return held_factor(costs.held_curve, float(peak) - reference)
+    beyond = max(0.0, float(peak) - reference)
+    return 1 + costs.held_forward_per_byte * beyond, 1 + costs.held_backward_per_byte * beyond
+
+
+def _layers_factor(costs: ModelCosts, start: int, stop: int, peak: float) -> tuple[float, float]:
+    """F and B factors of layers [start, stop) on a rank holding `peak` bytes: one layer's, where
+    they share one reference (older costs: every layer), else their factors weighted by their
+    time at the reference rows (F: forward and fixed seconds; B: backward and fixed)."""
+    references = costs.held_reference_layer_bytes
+    if not references or len(set(references[start:stop])) <= 1:
+        reference = references[start] if references and stop > start else costs.held_reference_bytes
+        return _factors(costs, peak, reference)
+    layers = costs.layers[start:stop]
+    factors = [_factors(costs, peak, references[index]) for index in range(start, stop)]
+    result = []
+    for kind, weights in ((0, [layer.forward_s + layer.fixed_s for layer in layers]),
+                          (1, [layer.backward_s + layer.fixed_s for layer in layers])):
+        total = sum(weights)
+        if total <= 0:
+            weights, total = [1.0] * len(layers), float(len(layers))
+        result.append(sum(w * factor[kind] for w, factor in zip(weights, factors, strict=True)) / total)
+    return result[0], result[1]
+
+
+def _check_stages(bounds: Sequence[int], placement: Sequence[int], peaks: Sequence[int]) -> None:
+    if len(bounds) != len(placement) + 1 or any(rank < 0 or rank >= len(peaks) for rank in placement):
+        raise ConfigError(f"held-memory price: bounds {list(bounds)} for placement {list(placement)} over "
+                          f"{len(peaks)} ranks' peaks; give one bound more than stages, each stage on a rank "
+                          "with a peak")
+
+
+def stage_held_factors(costs: ModelCosts, bounds: Sequence[int], placement: Sequence[int], peaks: Sequence[int]
+                       ) -> tuple[tuple[float, float], ...]:
+    """Per stage of the partition `bounds` (stage s on rank `placement[s]`), the factor of its F
+    and of its B, I and W for the activations its rank holds (`peaks[rank]`)."""
+    _check_stages(bounds, placement, peaks)
+    return tuple(_layers_factor(costs, start, stop, peaks[rank])
+                 for start, stop, rank in zip(bounds, bounds[1:], placement, strict=False))
+
+
+def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int], bounds: Sequence[int]
+               ) -> tuple[tuple[float, float], ...]:
     """Per rank, the extra fraction of its F and of its B (I and W alike) for holding `peaks[rank]`
-    activation bytes: slope times the bytes beyond `costs.held_reference_bytes` (none below it)."""
+    activation bytes: over its layers together (`_layers_factor`), less 1."""
+    _check_stages(bounds, placement, peaks)
+    if not costs.held_curve and not costs.held_reference_layer_bytes:  # older costs: one line, as they priced
+        return tuple((costs.held_forward_per_byte * max(0.0, float(peak) - costs.held_reference_bytes),
+                      costs.held_backward_per_byte * max(0.0, float(peak) - costs.held_reference_bytes))
+                     for peak in peaks)
     extra = []
-    for peak in peaks:
-        beyond = max(0.0, float(peak) - costs.held_reference_bytes)
-        extra.append((costs.held_forward_per_byte * beyond, costs.held_backward_per_byte * beyond))
+    for rank, peak in enumerate(peaks):
+        spans = [(start, stop) for start, stop, on in zip(bounds, bounds[1:], placement, strict=False)
+                 if on == rank]
+        if len(spans) == 1:
+            forward, backward = _layers_factor(costs, *spans[0], peak)
+        else:
+            # Several stages (or none): their layers together, as `_layers_factor` weighs one stage's.
+            parts = [(_layers_factor(costs, start, stop, peak),
+                      sum(layer.forward_s + layer.fixed_s for layer in costs.layers[start:stop]),
+                      sum(layer.backward_s + layer.fixed_s for layer in costs.layers[start:stop]))
+                     for start, stop in spans]
+            forward = _weighted([(factor[0], weight) for factor, weight, _ in parts])
+            backward = _weighted([(factor[1], weight) for factor, _, weight in parts])
+        extra.append((forward - 1, backward - 1))
     return tuple(extra)
 
 
-def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int], peaks: Sequence[int]
-                   ) -> CostModel:
-    """`model` with each stage's F scaled by `1 +` its rank's F extra and its I, W and B by `1 +`
-    the B extra (`held_extra`); `model` itself where no rank holds more than the reference."""
-    extra = held_extra(costs, peaks)
-    if all(f == 0 and b == 0 for f, b in extra):
+def _weighted(pairs: Sequence[tuple[float, float]]) -> float:
+    """The mean of (value, weight) pairs by weight (alike where the weights are 0; 1 for none)."""
+    if not pairs:
+        return 1.0
+    total = sum(weight for _, weight in pairs)
+    if total <= 0:
+        return sum(value for value, _ in pairs) / len(pairs)
+    return sum(value * weight for value, weight in pairs) / total
+
+
+def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int], peaks: Sequence[int],
+                   bounds: Sequence[int]) -> CostModel:
+    """`model` (the stages of the partition `bounds`) with each stage's F scaled by its F factor and
+    its I, W and B by its B factor (`stage_held_factors`); `model` itself where every factor is 1."""
+    factors = stage_held_factors(costs, bounds, placement, peaks)
+    if all(f == 1 and b == 1 for f, b in factors):
         return model
-    forward = [1 + extra[placement[stage]][0] for stage in range(model.num_stages)]
-    backward = [1 + extra[placement[stage]][1] for stage in range(model.num_stages)]
+    forward = [f for f, _ in factors]
+    backward = [b for _, b in factors]
     return replace(
         model,
         f=tuple(t * k for t, k in zip(model.f, forward, strict=True)),

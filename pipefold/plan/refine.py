@@ -123,8 +123,8 @@ def search_order(
         # The order was searched on the costs as measured; its ranks then pay for the activations
         # they hold (the order fixes the peaks: plan.held_cost), as `evaluate` prices a family.
         peaks = tuple(rank.activations for rank in memory)
-        held = held_extra(costs, peaks)
-        model = with_held_cost(model, costs, found.schedule.placement, peaks)
+        held = held_extra(costs, peaks, found.schedule.placement, choice.bounds)
+        model = with_held_cost(model, costs, found.schedule.placement, peaks, choice.bounds)
         makespan, bubble, memory = _priced_order(found.schedule, model, costs, transient)
     if recast:
         memory = without_held_casts(memory)

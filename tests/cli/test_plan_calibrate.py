@@ -85,8 +85,15 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert len(calibration["held_bytes"]) == len(calibration["held_block_bytes"]) == 2
     assert all(g > o > 0 for g, o in zip(calibration["held_block_bytes"], calibration["held_bytes"],
                                          strict=True))
-    assert priced.held_forward_per_byte == calibration["held_forward_per_byte"] >= 0
-    assert priced.held_backward_per_byte == calibration["held_backward_per_byte"] >= 0
+    # A curve through GPipe's ranks and zb-h1's that hold more than in 1F1B, each layer against the
+    # bytes its own rank held in the run.
+    assert len(calibration["held_split_bytes"]) == 2
+    assert priced.held_curve == tuple(tuple(knot) for knot in calibration["held_curve"])
+    assert priced.held_curve and all(f >= 1 and b >= 1 for _, f, b in priced.held_curve)
+    bounds = calibration["bounds"]
+    assert priced.held_reference_layer_bytes == tuple(
+        float(calibration["held_bytes"][stage]) for stage in range(2) for _ in range(bounds[stage], bounds[stage + 1]))
+    assert priced.held_forward_per_byte == calibration["held_forward_per_byte"] == 0.0
     assert priced.held_reference_bytes == max(calibration["held_bytes"])
     assert "activations held (gpipe at 8 rows" in priced.source
     assert result["choice"]["step_time"] > 0

@@ -62,9 +62,9 @@ def test_a_rank_holding_more_is_priced_slower_by_exactly_its_factor():
     costs = _costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
                    held_reference_bytes=3 * MB)
     model = stage_cost_model(costs, StageLayout((0, 2, 4), 1), (), Link())
-    slowed = with_held_cost(model, costs, (0, 1), (10 * MB, 2 * MB))
+    slowed = with_held_cost(model, costs, (0, 1), (10 * MB, 2 * MB), (0, 2, 4))
     # Rank 0 holds 7 MB beyond the reference: F +2.8%, B, I and W +0.7%; rank 1 holds less: as measured.
-    assert _flat(held_extra(costs, (10 * MB, 2 * MB))) == pytest.approx([0.028, 0.007, 0.0, 0.0])
+    assert _flat(held_extra(costs, (10 * MB, 2 * MB), (0, 1), (0, 2, 4))) == pytest.approx([0.028, 0.007, 0.0, 0.0])
     assert slowed.f == pytest.approx((model.f[0] * 1.028, model.f[1]), rel=1e-12)
     for kind in ("b", "i", "w"):
         assert getattr(slowed, kind) == pytest.approx(
@@ -126,9 +126,10 @@ def test_searched_orders_are_priced_with_the_activations_their_ranks_hold():
         model = first_stage_backward(stage_cost_model(costs, layout, candidate.recompute, Link()), costs,
                                      candidate.bounds)
         peaks = simulate(candidate.order, model).activation_bytes_peak
-        slowed = with_held_cost(model, costs, candidate.order.placement, peaks)
+        slowed = with_held_cost(model, costs, candidate.order.placement, peaks, candidate.bounds)
         assert candidate.step_time == pytest.approx(simulate(candidate.order, slowed).makespan)
-        assert _flat(candidate.held_slowdown) == pytest.approx(_flat(held_extra(costs, peaks)))
+        assert _flat(candidate.held_slowdown) == pytest.approx(
+            _flat(held_extra(costs, peaks, candidate.order.placement, candidate.bounds)))
 
 
 def _run(f, b):
@@ -136,29 +137,44 @@ def _run(f, b):
                                 action_overhead=50e-6, step_overhead=0.01, link=Link(latency=2e-4))
 
 
-def test_at_run_prices_fits_the_slopes_from_a_held_block_and_prices_the_run_as_measured():
+def test_at_run_prices_fits_the_curve_from_a_held_block_and_prices_the_run_as_measured():
     profile = _costs()
     bounds, rows = (0, 2, 4), 1
     one_f_one_b = order_held_bytes(profile, bounds, rows, "1f1b", 2, 8)
     gpipe = order_held_bytes(profile, bounds, rows, "gpipe", 2, 8)
     assert all(g > o for g, o in zip(gpipe, one_f_one_b, strict=True))
     run = _run([0.020, 0.021], [0.040, 0.041])
-    slope_f, slope_b = 0.004 / MB, 0.0015 / MB
-    block = _run([t * (1 + slope_f * (g - o)) for t, g, o in zip(run.f, gpipe, one_f_one_b, strict=True)],
-                 [t * (1 + slope_b * (g - o)) for t, g, o in zip(run.b, gpipe, one_f_one_b, strict=True)])
+    # GPipe's F 1.10x / 1.12x and B 1.05x / 1.06x per rank: a knot at each rank's bytes beyond its
+    # own 1F1B's, B on F's shape scaled (here exactly half of F's excess).
+    block = _run([run.f[0] * 1.10, run.f[1] * 1.12], [run.b[0] * 1.05, run.b[1] * 1.06])
     priced, calibration = at_run_prices(profile, run, bounds, rows, held=HeldBlock(block, one_f_one_b, gpipe))
-    assert priced.held_forward_per_byte == pytest.approx(slope_f) == calibration.held_forward_per_byte
-    assert priced.held_backward_per_byte == pytest.approx(slope_b) == calibration.held_backward_per_byte
+    excess = sorted(g - o for g, o in zip(gpipe, one_f_one_b, strict=True))
+    assert [knot[0] for knot in priced.held_curve] == excess and calibration.held_curve == priced.held_curve
+    assert sorted(knot[1] for knot in priced.held_curve) == pytest.approx([1.10, 1.12])
+    assert [knot[2] - 1 for knot in priced.held_curve] == pytest.approx(
+        [(knot[1] - 1) / 2 for knot in priced.held_curve])
+    # Each layer's reference is what its own rank held in the run; the line's fields stay unset.
+    assert priced.held_reference_layer_bytes == (one_f_one_b[0],) * 2 + (one_f_one_b[1],) * 2
+    assert priced.held_forward_per_byte == 0.0 == calibration.held_forward_per_byte
     assert priced.held_reference_bytes == max(one_f_one_b)
     assert calibration.held_bytes == one_f_one_b and calibration.held_block_bytes == gpipe
-    # The run's own configuration is priced as it measured (no rank holds more than the reference).
-    config = Config("1f1b", 1, 8, rows)
+    # The run's own configuration is priced as it measured (no rank holds more than its reference),
+    # and GPipe's as its block measured it, each stage at its rank's point.
     plain, _ = at_run_prices(profile, run, bounds, rows)
-    assert evaluate(priced, config, 2, bounds, (), Link()).step_time == evaluate(
-        plain, config, 2, bounds, (), Link()).step_time
-    assert plain.held_forward_per_byte == 0.0 and not prices_held(plain)
-    # The costs carry the slopes through their JSON.
-    assert ModelCosts.from_json(priced.to_json()).held_forward_per_byte == priced.held_forward_per_byte
+    for family, expected in (("1f1b", (1.0, 1.0)), ("gpipe", (1.10, 1.12))):
+        config = Config(family, 1, 8, rows)
+        model = stage_cost_model(plain, StageLayout(bounds, rows), (), Link())
+        peaks = order_held_bytes(profile, bounds, rows, family, 2, 8)
+        slowed = with_held_cost(model, priced, (0, 1), peaks, bounds)
+        assert [f / g for f, g in zip(slowed.f, model.f, strict=True)] == pytest.approx(expected)
+        if family == "1f1b":
+            assert evaluate(priced, config, 2, bounds, (), Link()).step_time == evaluate(
+                plain, config, 2, bounds, (), Link()).step_time
+    assert plain.held_curve == () and not prices_held(plain)
+    # The costs carry the curve and the references through their JSON.
+    again = ModelCosts.from_json(priced.to_json())
+    assert again.held_curve == priced.held_curve
+    assert again.held_reference_layer_bytes == priced.held_reference_layer_bytes
     with pytest.raises(ConfigError, match="held block bytes for 1 and 2 ranks, the run has 2"):
         at_run_prices(profile, run, bounds, rows, held=HeldBlock(block, one_f_one_b[:1], gpipe))
 
