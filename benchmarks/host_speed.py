@@ -26,6 +26,18 @@ median ratio and its spread over the pairs (below 1: the calibration measures fa
 
     .venv/bin/python benchmarks/host_speed.py --against-calibration 12 --steps 8 --idle 0
 
+`--after-plan N` asks whether the first `pipefold train` after a `plan --profile` is the slow
+one (`benchmarks/planner.py`'s pairs read the choice trained right after the plan 1-8% slower
+than the same choice trained again after the defaults): N rounds, each with two preludes in
+turn (ABBA over the rounds), the calibration run exactly as `plan --profile` starts it (what
+takes nearly all of a plan's time) and idling for as long as it took; after each prelude
+`--runs` back-to-back launches of `pipefold train` (the defaults, or `--train-args`, e.g. a
+planned choice's `--schedule-file F --partition 3,1,1,3`). Per round and prelude: the first
+launch's median step over the later launches' mean. Above 1 after the calibration and not
+after idling: the plan slows the run after it.
+
+    .venv/bin/python benchmarks/host_speed.py --after-plan 3 --runs 3 --steps 10 --idle 0
+
 A benchmark, not a test: other work on the host moves every number; repeat it and compare.
 """
 
@@ -148,6 +160,43 @@ def _against_calibration(args: argparse.Namespace, work: Path) -> None:
                                          "warmup": args.warmup}, indent=1))
 
 
+def _after_plan(args: argparse.Namespace, work: Path) -> None:
+    extra = ["--ranks", str(args.ranks), *args.train_args.split()]
+    seconds = 0.0
+    rows: list[dict[str, Any]] = []
+    for index in range(args.after_plan):
+        preludes = ("calibration", "idle") if calibration_first(index) else ("idle", "calibration")
+        for prelude in preludes:
+            load = _load()
+            if prelude == "calibration":
+                began = time.perf_counter()
+                _calibration(args, work / f"round{index}-calibration")
+                seconds = time.perf_counter() - began
+            else:
+                time.sleep(seconds or 30.0)  # as long as the last calibration took (30 s before any)
+            steps = [_train(extra, args, work / f"round{index}-{prelude}-{run}")["step_s"]
+                     for run in range(args.runs)]
+            ratio = steps[0] / statistics.fmean(steps[1:])
+            rows.append({"round": index + 1, "prelude": prelude, "steps_s": steps, "first_over_later": ratio,
+                         "load_before": load})
+            print(f"round {index + 1} after {prelude}: {' '.join(f'{s * 1e3:.0f}' for s in steps)} ms, "
+                  f"first / later {ratio:.3f}; load {load}", file=sys.stderr)
+    print(f"{args.after_plan} rounds (ABBA) of a prelude then {args.runs} launches of `pipefold train "
+          f"--steps {args.steps}` ({args.warmup} left out) {' '.join(extra)}")
+    print("| round | prelude | median step per launch ms | first / later | load average before |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['round']} | {row['prelude']} | {' / '.join(f'{s * 1e3:.0f}' for s in row['steps_s'])} | "
+              f"{row['first_over_later']:.3f} | {row['load_before']} |")
+    for prelude in ("calibration", "idle"):
+        ratios = [row["first_over_later"] for row in rows if row["prelude"] == prelude]
+        print(f"after {prelude}: first / later launches mean {statistics.fmean(ratios):.3f} "
+              f"({', '.join(f'{r:.3f}' for r in ratios)})")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"after_plan": rows, "steps": args.steps, "warmup": args.warmup},
+                                        indent=1))
+
+
 def quiet_ratios(pairs: list[dict[str, Any]], share: float = QUIET_SHARE) -> list[float]:
     """The calibration / train ratios of the pairs where rank 0 had at least `share` of a core on
     both sides, sorted: a pair where either side shared its core with other work on the host
@@ -179,11 +228,24 @@ def main() -> None:
                         help="instead: N alternated pairs of plan --profile's calibration run and "
                         "pipefold train "
                         "at its configuration (default 0: none)")
+    parser.add_argument("--after-plan", type=int, default=0, metavar="N",
+                        help="instead: N rounds of the calibration run or as long idle, each followed by "
+                        "--runs launches of pipefold train (default 0: none)")
+    parser.add_argument("--train-args", default="", help="with --after-plan: train flags beyond --ranks "
+                        "(default: the defaults)")
     args = parser.parse_args()
     if args.steps <= args.warmup + 2:
         parser.error(f"--steps {args.steps}: give more than --warmup + 2 = {args.warmup + 2}")
 
     work = Path(tempfile.mkdtemp(prefix="pipefold-host-speed-"))
+    if args.after_plan:
+        if args.runs < 2:
+            parser.error(f"--runs {args.runs}: --after-plan compares the first launch with later ones; give 2 or more")
+        if args.idle:
+            print(f"idling {args.idle:.0f} s (load average {_load()})", file=sys.stderr)
+            time.sleep(args.idle)
+        _after_plan(args, work)
+        return
     if args.against_calibration:
         if args.idle:
             print(f"idling {args.idle:.0f} s (load average {_load()})", file=sys.stderr)
