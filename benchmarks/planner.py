@@ -313,7 +313,7 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def relative_errors(rows: list[dict]) -> list[tuple[str, float]]:
+def relative_errors(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
     """Each ranked configuration's forecast relative to the defaults' forecast, against its measured
     step relative to the defaults' measured in the same rounds, less one: the forecast's error with
     the host's speed of the moment taken out (the defaults are the calibration run's own
@@ -327,7 +327,7 @@ def relative_errors(rows: list[dict]) -> list[tuple[str, float]]:
             for row in rows if not row["label"].startswith(("default (", "former default ("))]
 
 
-def _print_relative(rows: list[dict]) -> None:
+def _print_relative(rows: list[dict[str, Any]]) -> None:
     for label, error in relative_errors(rows):
         print(f"forecast relative to the defaults' (host speed taken out), {label}: {error:+.1%}")
 
