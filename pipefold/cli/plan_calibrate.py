@@ -164,8 +164,6 @@ class Calibrated:
                 "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
-                "held_forward_per_byte": cal.held_forward_per_byte,
-                "held_backward_per_byte": cal.held_backward_per_byte,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
                 "held_split_bytes": list(cal.held_split_bytes),
                 "held_curve": [list(knot) for knot in cal.held_curve], "split_drift": cal.split_drift,

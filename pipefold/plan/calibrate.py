@@ -164,11 +164,6 @@ class RunCalibration:
     a first stage fed token ids, whose I has no work, the other stages' mean)."""
     split_action_overhead_s: float = 0.0
     """The split phase's measured seconds between two compute actions of a rank."""
-    held_forward_per_byte: float = 0.0
-    """The straight line's extra fraction of an F per activation byte a rank holds, which
-    calibrations fitted before `held_curve` (`ModelCosts.held_forward_per_byte`); 0 now."""
-    held_backward_per_byte: float = 0.0
-    """The same for B (`ModelCosts.held_backward_per_byte`); 0 now."""
     held_bytes: tuple[int, ...] = ()
     """Per rank, the activation bytes the run held (the planner's memory model); empty without a
     held block."""
@@ -298,10 +293,9 @@ def at_run_prices(
         stages = range(layout.num_stages) if split_stages is None else split_stages
         priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages), drift, split_backward)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
-    on_ranks = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
     tied = stage_cost_model(priced, layout, (), Link(latency=latency)).tied_exchange_time(
-        on_ranks, costs.gradient_bytes_per_parameter_byte)
+        on, costs.gradient_bytes_per_parameter_byte)
     largest = max(sum(layer.parameter_bytes for layer in costs.layers[start:stop])
                   for start, stop in zip(layout.bounds, layout.bounds[1:], strict=False))
     update = step_overhead - tied

@@ -129,26 +129,16 @@ def stage_held_factors(costs: ModelCosts, bounds: Sequence[int], placement: Sequ
 def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int], bounds: Sequence[int]
                ) -> tuple[tuple[float, float], ...]:
     """Per rank, the extra fraction of its F and of its B (I and W alike) for holding `peaks[rank]`
-    activation bytes: over its layers together (`_layers_factor`), less 1."""
+    activation bytes: its stages' factors (`_layers_factor`) weighted by their layers' time, less 1."""
     _check_stages(bounds, placement, peaks)
-    if not costs.held_curve and not costs.held_reference_layer_bytes:  # older costs: one line, as they priced
-        return tuple((costs.held_forward_per_byte * max(0.0, float(peak) - costs.held_reference_bytes),
-                      costs.held_backward_per_byte * max(0.0, float(peak) - costs.held_reference_bytes))
-                     for peak in peaks)
     extra = []
     for rank, peak in enumerate(peaks):
-        spans = [(start, stop) for start, stop, on in zip(bounds, bounds[1:], placement, strict=False)
-                 if on == rank]
-        if len(spans) == 1:
-            forward, backward = _layers_factor(costs, *spans[0], peak)
-        else:
-            # Several stages (or none): their layers together, as `_layers_factor` weighs one stage's.
-            parts = [(_layers_factor(costs, start, stop, peak),
-                      sum(layer.forward_s + layer.fixed_s for layer in costs.layers[start:stop]),
-                      sum(layer.backward_s + layer.fixed_s for layer in costs.layers[start:stop]))
-                     for start, stop in spans]
-            forward = _weighted([(factor[0], weight) for factor, weight, _ in parts])
-            backward = _weighted([(factor[1], weight) for factor, _, weight in parts])
+        parts = [(_layers_factor(costs, start, stop, peak),
+                  sum(layer.forward_s + layer.fixed_s for layer in costs.layers[start:stop]),
+                  sum(layer.backward_s + layer.fixed_s for layer in costs.layers[start:stop]))
+                 for start, stop, on in zip(bounds, bounds[1:], placement, strict=False) if on == rank]
+        forward = _weighted([(factor[0], weight) for factor, weight, _ in parts])
+        backward = _weighted([(factor[1], weight) for factor, _, weight in parts])
         extra.append((forward - 1, backward - 1))
     return tuple(extra)
 

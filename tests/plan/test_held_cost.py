@@ -155,7 +155,7 @@ def test_at_run_prices_fits_the_curve_from_a_held_block_and_prices_the_run_as_me
         [(knot[1] - 1) / 2 for knot in priced.held_curve])
     # Each layer's reference is what its own rank held in the run; the line's fields stay unset.
     assert priced.held_reference_layer_bytes == (one_f_one_b[0],) * 2 + (one_f_one_b[1],) * 2
-    assert priced.held_forward_per_byte == 0.0 == calibration.held_forward_per_byte
+    assert priced.held_forward_per_byte == 0.0 == priced.held_backward_per_byte
     assert priced.held_reference_bytes == max(one_f_one_b)
     assert calibration.held_bytes == one_f_one_b and calibration.held_block_bytes == gpipe
     # The run's own configuration is priced as it measured (no rank holds more than its reference),
