@@ -13,11 +13,12 @@ blocks, so each run is priced both ways (`pipefold.plan.calibrate.at_run_prices`
 zb-h1 block as the split block, as calibrations before did) and "1f1b+split" (this one), the
 same load and the same 1F1B block under both.
 
-Then rounds of `pipefold train` launches of 1F1B, zb-h1 and zb-h2 on the calibration's stages
-[4,4] (8 micro-batches of 4 rows), alternated. Per round, family and split stage (on 2 ranks the
-last: the first stage's pair runs fused), the priced I and W over the measured, each taken
-relative to 1F1B's B on that stage (priced over the same round's 1F1B launch's measured), so
-the host's load in the calibration and in the round both cancel. 1.00: priced as measured.
+Then rounds of `pipefold train` launches (`CONFIGURATIONS`: 1F1B on the calibration's stages
+[4,4], zb-h1 and zb-h2 on them, zb-v and dualpipe-v on [3,1,1,3], 8 micro-batches of 4 rows),
+alternated with the calibrations. Per configuration and action kind, the planner's stage costs
+over the run's own (`benchmarks/planner.py`'s per-kind ratio, each rank slowed by what it
+holds), over the same round's 1F1B B ratio, so the host's load in the calibration and in the
+round both cancel as far as they touch every action alike. 1.00: priced as 1F1B's B is.
 A benchmark, not a test: the ranks share the host's cores with whatever else runs.
 """
 
@@ -38,6 +39,19 @@ PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
 TRAIN = ["--batch-size", "32", "--ranks", "2", "--microbatches", "8", "--partition", "4,4", "--device", "cpu",
          "--precision", "fp32", "--set", "sample_tokens=0", "--set", "eval_every=0"]
+CONFIGURATIONS = {
+    "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
+    "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
+    "zb-h2 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h2", "--microbatches", "8", "--partition", "4,4"],
+    "zb-v v=2 m=8 [3,1,1,3]": ["--ranks", "2", "--schedule", "zb-v", "--virtual", "2", "--microbatches", "8",
+                               "--partition", "3,1,1,3"],
+    "dualpipe-v v=2 m=8 [3,1,1,3]": ["--ranks", "2", "--schedule", "dualpipe-v", "--virtual", "2",
+                                     "--microbatches", "8", "--partition", "3,1,1,3"],
+}
+"""What the rounds launch: the calibration's own 1F1B (the reference), and split orders the planner
+ranks (zb-h1, zb-h2; zb-v and dualpipe-v on [3,1,1,3], as its choices run)."""
+BASE = "1f1b m=8 [4,4]"
+LAYOUTS = ("zb-h1", "1f1b+split")
 
 
 def _load() -> str:
@@ -53,19 +67,9 @@ def _calibrate(folder: Path) -> Path:
     return result
 
 
-def _train(family: str, steps: int, warmup: int, out: Path) -> dict[str, Any]:
-    load = _load()
-    subprocess.run([PYTHON, "-m", "pipefold", "train", "--steps", str(steps), "--out", str(out), "--schedule",
-                    family, *TRAIN], cwd=ROOT, capture_output=True, text=True, check=True)
-    summary = json.loads((out / "summary.json").read_text())
-    costs = json.loads((out / "costs.json").read_text())
-    walls, cpus = summary["step_seconds"][warmup:], summary["step_cpu_seconds"][warmup:]
-    return {"load": load, "core_share": statistics.median(c / w for c, w in zip(cpus, walls, strict=True)),
-            "i": costs["i"], "w": costs["w"], "b": costs["b"]}
-
-
 def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
-    """Per layout, per family, per stage: the priced I, W and B (the family's held factors in)."""
+    """Per layout, per family, per stage: the priced I, W and B (the family's held factors in), and
+    the priced costs (`costs`, ModelCosts JSON)."""
     from dataclasses import replace
 
     from pipefold.cli.plan_calibrate import _bounds, _held_block
@@ -102,6 +106,7 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
             model = with_held_cost(model, priced, placement, peaks[family], bounds)
             families[family] = {"i": list(model.i), "w": list(model.w), "b": list(model.b)}
         layouts[name] = {"families": families, "split_overhead_us": cal.split_overhead_s * 1e6,
+                         "costs": priced.to_json(),
                          "weight_share": list(cal.weight_share),
                          "curve": [[x / 2**20, f, b] for x, f, b in cal.held_curve]}
     return layouts
@@ -116,7 +121,20 @@ def _profile_costs(args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
+def _ratios(costs: dict[str, Any], run: dict[str, Any], work: Path) -> dict[str, float | None]:
+    """Per action kind, the planner's stage costs for what `run` ran over its own
+    (`benchmarks/planner.py`'s `_op_ratios`: each rank slowed by the activations it holds)."""
+    from benchmarks.planner import _op_ratios
+
+    path = work / "priced_costs.json"
+    path.write_text(json.dumps(costs))
+    options = argparse.Namespace(batch_size=32, cores=2, ranks=2)
+    return _op_ratios(path, run, (), options)
+
+
 def main() -> None:
+    from benchmarks.planner import _train
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrations", type=int, default=2, help="calibration runs (default 2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the launches (default 4)")
@@ -128,6 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= args.warmup or args.calibrations < 1 or args.rounds < 1:
         parser.error("give --steps above --warmup, and at least one calibration and one round")
+    train = argparse.Namespace(steps=args.steps, warmup=args.warmup, batch_size=32, device="cpu")
     work = Path(tempfile.mkdtemp(prefix="pipefold-split-price-"))
     print(f"work folder {work}", file=sys.stderr)
     costs = _profile_costs(args, work)
@@ -138,33 +157,37 @@ def main() -> None:
             print(f"calibration {index + 1} (load {_load()})", file=sys.stderr)
             priced.append(_priced(costs, _calibrate(work / f"cal{index}")))
         if index < args.rounds:
-            runs = {family: _train(family, args.steps, args.warmup, work / f"r{index}_{family}") for family in FAMILIES}
-            print(f"round {index + 1}: " + ", ".join(f"{family} share {run['core_share']:.2f} (load {run['load']})"
-                                                  for family, run in runs.items()), file=sys.stderr)
+            runs: dict[str, dict[str, Any]] = {}
+            for label, words in CONFIGURATIONS.items():
+                load = _load()
+                runs[label] = {**_train(words, train, work / f"r{index}_{len(runs)}"), "load": load}
+            print(f"round {index + 1}: " + ", ".join(f"{label} share {run['core_share']:.2f} (load {run['load']})"
+                                                  for label, run in runs.items()), file=sys.stderr)
             rounds.append(runs)
     for index, layouts in enumerate(priced, start=1):
         print(f"calibration {index}: " + "; ".join(
             f"{name}: I and W {found['split_overhead_us']:.0f} us beyond B, W share "
             f"{'/'.join(f'{x:.2f}' for x in found['weight_share'])}" for name, found in layouts.items()))
-    print("\n| family | stage | kind | priced over measured, split block zb-h1 (before) | 1f1b+split (now) |")
-    print("|---|---|---|---|---|")
+    print("\n| configuration | kind | priced / measured, split block zb-h1 (before) | 1f1b+split (now) |")
+    print("|---|---|---|---|")
     table: dict[str, Any] = {}
-    for family in FAMILIES[1:]:
-        for stage in (1,):  # on 2 ranks the first stage's pair runs fused: only the last splits
-            for kind in ("i", "w"):
-                cells = []
-                for layout in ("zb-h1", "1f1b+split"):
-                    ratios = []
-                    for layouts in priced:
-                        model, base = layouts[layout]["families"][family], layouts[layout]["families"]["1f1b"]
-                        for runs in rounds:
-                            planned = model[kind][stage] / base["b"][stage]
-                            measured = runs[family][kind][stage] / runs["1f1b"]["b"][stage]
-                            ratios.append(planned / measured)
-                    table[f"{family} {stage} {kind} {layout}"] = ratios
-                    cells.append(f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
-                print(f"| {family} | {stage} | {kind.upper()} | {cells[0]} | {cells[1]} |")
-    print("\n(median over calibrations x rounds, range in brackets; each relative to 1F1B's B on the stage)")
+    for label in CONFIGURATIONS:
+        for kind in ("F", "I", "W", "B"):
+            cells = []
+            for layout in LAYOUTS:
+                ratios = []
+                for layouts in priced:
+                    for runs in rounds:
+                        here = _ratios(layouts[layout]["costs"], runs[label], work)[kind]
+                        base = _ratios(layouts[layout]["costs"], runs[BASE], work)["B"]
+                        if here is not None and base:
+                            ratios.append(here / base)
+                table[f"{label} {kind} {layout}"] = ratios
+                cells.append(f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+                             if ratios else "-")
+            if cells != ["-", "-"]:
+                print(f"| {label} | {kind} | {cells[0]} | {cells[1]} |")
+    print("\n(median over calibrations x rounds, range in brackets; each over the same round's 1F1B [4,4] B ratio)")
     if args.json is not None:
         args.json.write_text(json.dumps({"priced": priced, "rounds": rounds, "table": table}, indent=1))
 
