@@ -17,8 +17,10 @@ Then rounds of `pipefold train` launches (`CONFIGURATIONS`: 1F1B on the calibrat
 [4,4], zb-h1 and zb-h2 on them, zb-v and dualpipe-v on [3,1,1,3], 8 micro-batches of 4 rows),
 alternated with the calibrations. Per configuration and action kind, the planner's stage costs
 over the run's own (`benchmarks/planner.py`'s per-kind ratio, each rank slowed by what it
-holds), over the same round's 1F1B B ratio, so the host's load in the calibration and in the
-round both cancel as far as they touch every action alike. 1.00: priced as 1F1B's B is.
+holds), over the same round's 1F1B B ratio (the calibration's load out: 1.00 is priced as
+1F1B's B is), and I and W over the same launch's F ratio (the launch's load out too, which on a
+shared host moves 2x between launches: F is priced alike by both layouts). `--from JSON`
+reprints a stored run's tables.
 A benchmark, not a test: the ranks share the host's cores with whatever else runs.
 """
 
@@ -132,6 +134,40 @@ def _ratios(costs: dict[str, Any], run: dict[str, Any], work: Path) -> dict[str,
     return _op_ratios(path, run, (), options)
 
 
+def _print_table(priced: list[dict[str, Any]], rounds: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    """Per configuration and kind, the priced / measured ratio two ways, each layout: over the same
+    round's 1F1B B ratio (the calibration's load out), and I and W over the same launch's F ratio
+    (the launch's load out too: F is priced alike by both layouts)."""
+    print("\n| configuration | kind | zb-h1 block (before): over 1F1B's B | over its F "
+          "| 1f1b+split block (now): over 1F1B's B | over its F |")
+    print("|---|---|---|---|---|---|")
+    table: dict[str, Any] = {}
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.2f}-{max(values):.2f})" if values else "-"
+
+    for label in CONFIGURATIONS:
+        for kind in ("F", "I", "W", "B"):
+            cells = []
+            for layout in LAYOUTS:
+                over_base, over_f = [], []
+                for layouts in priced:
+                    for runs in rounds:
+                        here = _ratios(layouts[layout]["costs"], runs[label], work)
+                        base = _ratios(layouts[layout]["costs"], runs[BASE], work)["B"]
+                        ratio, forward = here[kind], here["F"]
+                        if ratio is not None and base:
+                            over_base.append(ratio / base)
+                            if kind in ("I", "W") and forward:
+                                over_f.append(ratio / forward)
+                table[f"{label} {kind} {layout}"] = {"over_1f1b_b": over_base, "over_f": over_f}
+                cells += [cell(over_base), cell(over_f)]
+            if cells[0] != "-":
+                print(f"| {label} | {kind} | " + " | ".join(cells) + " |")
+    print("\n(median over calibrations x rounds, range in brackets)")
+    return table
+
+
 def main() -> None:
     from benchmarks.planner import _train
 
@@ -143,7 +179,12 @@ def main() -> None:
     parser.add_argument("--costs", type=Path, help="model costs whose memory model gives the blocks' bytes "
                         "(default: a quick `pipefold profile` of the model)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--from", dest="stored", type=Path, metavar="JSON", help="reprint a stored --json's tables")
     args = parser.parse_args()
+    if args.stored is not None:
+        stored = json.loads(args.stored.read_text())
+        _print_table(stored["priced"], stored["rounds"], Path(tempfile.mkdtemp(prefix="pipefold-split-price-")))
+        return
     if args.steps <= args.warmup or args.calibrations < 1 or args.rounds < 1:
         parser.error("give --steps above --warmup, and at least one calibration and one round")
     train = argparse.Namespace(steps=args.steps, warmup=args.warmup, batch_size=32, device="cpu")
@@ -168,26 +209,7 @@ def main() -> None:
         print(f"calibration {index}: " + "; ".join(
             f"{name}: I and W {found['split_overhead_us']:.0f} us beyond B, W share "
             f"{'/'.join(f'{x:.2f}' for x in found['weight_share'])}" for name, found in layouts.items()))
-    print("\n| configuration | kind | priced / measured, split block zb-h1 (before) | 1f1b+split (now) |")
-    print("|---|---|---|---|")
-    table: dict[str, Any] = {}
-    for label in CONFIGURATIONS:
-        for kind in ("F", "I", "W", "B"):
-            cells = []
-            for layout in LAYOUTS:
-                ratios = []
-                for layouts in priced:
-                    for runs in rounds:
-                        here = _ratios(layouts[layout]["costs"], runs[label], work)[kind]
-                        base = _ratios(layouts[layout]["costs"], runs[BASE], work)["B"]
-                        if here is not None and base:
-                            ratios.append(here / base)
-                table[f"{label} {kind} {layout}"] = ratios
-                cells.append(f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-                             if ratios else "-")
-            if cells != ["-", "-"]:
-                print(f"| {label} | {kind} | {cells[0]} | {cells[1]} |")
-    print("\n(median over calibrations x rounds, range in brackets; each over the same round's 1F1B [4,4] B ratio)")
+    table = _print_table(priced, rounds, work)
     if args.json is not None:
         args.json.write_text(json.dumps({"priced": priced, "rounds": rounds, "table": table}, indent=1))
 
