@@ -16,7 +16,8 @@ by families that hold 1x (1F1B), about 2x on the last rank (zb-h1), about 1.5x a
    load's). What the per-byte slope predicts is in the last columns: GPipe's ratio scaled down to
    each family's extra bytes (a straight line through 1F1B's and GPipe's points).
 2. `--calibrations N` runs of the calibration run `plan --profile` starts (1F1B at 8 and 4
-   micro-batches, its split (1f1b+split), GPipe and zb-h1 blocks at 8 between them: `pipefold.cli.calibration_run`),
+   micro-batches, its split (1f1b+split), GPipe and zb-h1 blocks at 8 between them:
+   `pipefold.cli.calibration_run`),
    printing per stage the zb-h1 and GPipe blocks' F over the 1F1B block's. Where the last rank's
    F ratio stands above the first rank's (which holds what 1F1B holds), that is not drift but the
    memory held.

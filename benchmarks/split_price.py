@@ -39,16 +39,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
-TRAIN = ["--batch-size", "32", "--ranks", "2", "--microbatches", "8", "--partition", "4,4", "--device", "cpu",
-         "--precision", "fp32", "--set", "sample_tokens=0", "--set", "eval_every=0"]
+TRAIN = [
+    "--batch-size",
+    "32",
+    "--ranks",
+    "2",
+    "--microbatches",
+    "8",
+    "--partition",
+    "4,4",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--set",
+    "sample_tokens=0",
+    "--set",
+    "eval_every=0",
+]
 CONFIGURATIONS = {
     "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
     "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
     "zb-h2 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h2", "--microbatches", "8", "--partition", "4,4"],
-    "zb-v v=2 m=8 [3,1,1,3]": ["--ranks", "2", "--schedule", "zb-v", "--virtual", "2", "--microbatches", "8",
-                               "--partition", "3,1,1,3"],
-    "dualpipe-v v=2 m=8 [3,1,1,3]": ["--ranks", "2", "--schedule", "dualpipe-v", "--virtual", "2",
-                                     "--microbatches", "8", "--partition", "3,1,1,3"],
+    "zb-v v=2 m=8 [3,1,1,3]": [
+        "--ranks",
+        "2",
+        "--schedule",
+        "zb-v",
+        "--virtual",
+        "2",
+        "--microbatches",
+        "8",
+        "--partition",
+        "3,1,1,3",
+    ],
+    "dualpipe-v v=2 m=8 [3,1,1,3]": [
+        "--ranks",
+        "2",
+        "--schedule",
+        "dualpipe-v",
+        "--virtual",
+        "2",
+        "--microbatches",
+        "8",
+        "--partition",
+        "3,1,1,3",
+    ],
 }
 """What the rounds launch: the calibration's own 1F1B (the reference), and split orders the planner
 ranks (zb-h1, zb-h2; zb-v and dualpipe-v on [3,1,1,3], as its choices run)."""
@@ -63,9 +99,33 @@ def _load() -> str:
 def _calibrate(folder: Path) -> Path:
     folder.mkdir()
     result = folder / "calibration.json"
-    subprocess.run([PYTHON, "-m", "pipefold.cli.calibration_run", "--result", str(result), "--microbatches",
-                    "8,4", "--phase-steps", "12", "--split", "1f1b+split", "--held", "gpipe", "--curve", "zb-h1",
-                    "--", "--out", str(folder / "run"), *TRAIN], cwd=ROOT, capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pipefold.cli.calibration_run",
+            "--result",
+            str(result),
+            "--microbatches",
+            "8,4",
+            "--phase-steps",
+            "12",
+            "--split",
+            "1f1b+split",
+            "--held",
+            "gpipe",
+            "--curve",
+            "zb-h1",
+            "--",
+            "--out",
+            str(folder / "run"),
+            *TRAIN,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result
 
 
@@ -90,13 +150,27 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     ranks = len(bounds) - 1
     held = _held_block(costs, measured, bounds, rows, ranks)
     assert held is not None and held.curve is not None
-    new, new_cal = at_run_prices(costs, run, bounds, rows, split=CostModel.from_json(measured["split_phase"]["costs"]),
-                                 split_stages=measured["split_phase"]["split_stages"], held=held)
+    new, new_cal = at_run_prices(
+        costs,
+        run,
+        bounds,
+        rows,
+        split=CostModel.from_json(measured["split_phase"]["costs"]),
+        split_stages=measured["split_phase"]["split_stages"],
+        held=held,
+    )
     # As a calibration before the curve block: the zb-h1 block is the split block (and the curve's).
     zb = measured["curve_phase"]
     old_held = replace(held, split_bytes=held.curve_bytes, curve=None, curve_bytes=())
-    old, old_cal = at_run_prices(costs, run, bounds, rows, split=CostModel.from_json(zb["costs"]),
-                                 split_stages=zb["split_stages"], held=old_held)
+    old, old_cal = at_run_prices(
+        costs,
+        run,
+        bounds,
+        rows,
+        split=CostModel.from_json(zb["costs"]),
+        split_stages=zb["split_stages"],
+        held=old_held,
+    )
     placement = tuple(range(ranks))
     count = int(first["num_microbatches"])
     peaks = {family: order_held_bytes(costs, bounds, rows, family, ranks, count) for family in FAMILIES}
@@ -104,13 +178,18 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     for name, priced, cal in (("zb-h1", old, old_cal), ("1f1b+split", new, new_cal)):
         families = {}
         for family in FAMILIES:
-            model = first_stage_backward(stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds)
+            model = first_stage_backward(
+                stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds
+            )
             model = with_held_cost(model, priced, placement, peaks[family], bounds)
             families[family] = {"i": list(model.i), "w": list(model.w), "b": list(model.b)}
-        layouts[name] = {"families": families, "split_overhead_us": cal.split_overhead_s * 1e6,
-                         "costs": priced.to_json(),
-                         "weight_share": list(cal.weight_share),
-                         "curve": [[x / 2**20, f, b] for x, f, b in cal.held_curve]}
+        layouts[name] = {
+            "families": families,
+            "split_overhead_us": cal.split_overhead_s * 1e6,
+            "costs": priced.to_json(),
+            "weight_share": list(cal.weight_share),
+            "curve": [[x / 2**20, f, b] for x, f, b in cal.held_curve],
+        }
     return layouts
 
 
@@ -118,8 +197,26 @@ def _profile_costs(args: argparse.Namespace, work: Path) -> Path:
     if args.costs is not None:
         return Path(args.costs)
     out = work / "profile_costs.json"
-    subprocess.run([PYTHON, "-m", "pipefold", "profile", "--batch-size", "32", "--microbatches", "8", "--repeats",
-                    "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pipefold",
+            "profile",
+            "--batch-size",
+            "32",
+            "--microbatches",
+            "8",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out
 
 
@@ -138,8 +235,10 @@ def _print_table(priced: list[dict[str, Any]], rounds: list[dict[str, Any]], wor
     """Per configuration and kind, the priced / measured ratio two ways, each layout: over the same
     round's 1F1B B ratio (the calibration's load out), and I and W over the same launch's F ratio
     (the launch's load out too: F is priced alike by both layouts)."""
-    print("\n| configuration | kind | zb-h1 block (before): over 1F1B's B | over its F "
-          "| 1f1b+split block (now): over 1F1B's B | over its F |")
+    print(
+        "\n| configuration | kind | zb-h1 block (before): over 1F1B's B | over its F "
+        "| 1f1b+split block (now): over 1F1B's B | over its F |"
+    )
     print("|---|---|---|---|---|---|")
     table: dict[str, Any] = {}
 
@@ -171,19 +270,31 @@ def _print_table(priced: list[dict[str, Any]], rounds: list[dict[str, Any]], wor
 def main() -> None:
     from benchmarks.planner import _train
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calibrations", type=int, default=2, help="calibration runs (default 2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the launches (default 4)")
     parser.add_argument("--steps", type=int, default=8, help="steps per launch (default 8)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps of each launch left out (default 2)")
-    parser.add_argument("--costs", type=Path, help="model costs whose memory model gives the blocks' bytes "
-                        "(default: a quick `pipefold profile` of the model)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="first steps of each launch left out (default 2)"
+    )
+    parser.add_argument(
+        "--costs",
+        type=Path,
+        help="model costs whose memory model gives the blocks' bytes "
+        "(default: a quick `pipefold profile` of the model)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--from", dest="stored", type=Path, metavar="JSON", help="reprint a stored --json's tables")
+    parser.add_argument(
+        "--from", dest="stored", type=Path, metavar="JSON", help="reprint a stored --json's tables"
+    )
     args = parser.parse_args()
     if args.stored is not None:
         stored = json.loads(args.stored.read_text())
-        _print_table(stored["priced"], stored["rounds"], Path(tempfile.mkdtemp(prefix="pipefold-split-price-")))
+        _print_table(
+            stored["priced"], stored["rounds"], Path(tempfile.mkdtemp(prefix="pipefold-split-price-"))
+        )
         return
     if args.steps <= args.warmup or args.calibrations < 1 or args.rounds < 1:
         parser.error("give --steps above --warmup, and at least one calibration and one round")
@@ -202,13 +313,24 @@ def main() -> None:
             for label, words in CONFIGURATIONS.items():
                 load = _load()
                 runs[label] = {**_train(words, train, work / f"r{index}_{len(runs)}"), "load": load}
-            print(f"round {index + 1}: " + ", ".join(f"{label} share {run['core_share']:.2f} (load {run['load']})"
-                                                  for label, run in runs.items()), file=sys.stderr)
+            print(
+                f"round {index + 1}: "
+                + ", ".join(
+                    f"{label} share {run['core_share']:.2f} (load {run['load']})"
+                    for label, run in runs.items()
+                ),
+                file=sys.stderr,
+            )
             rounds.append(runs)
     for index, layouts in enumerate(priced, start=1):
-        print(f"calibration {index}: " + "; ".join(
-            f"{name}: I and W {found['split_overhead_us']:.0f} us beyond B, W share "
-            f"{'/'.join(f'{x:.2f}' for x in found['weight_share'])}" for name, found in layouts.items()))
+        print(
+            f"calibration {index}: "
+            + "; ".join(
+                f"{name}: I and W {found['split_overhead_us']:.0f} us beyond B, W share "
+                f"{'/'.join(f'{x:.2f}' for x in found['weight_share'])}"
+                for name, found in layouts.items()
+            )
+        )
     table = _print_table(priced, rounds, work)
     if args.json is not None:
         args.json.write_text(json.dumps({"priced": priced, "rounds": rounds, "table": table}, indent=1))

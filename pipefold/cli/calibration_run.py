@@ -35,14 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "comma-separated")
     parser.add_argument("--phase-steps", type=int, required=True, help="steps per size")
     parser.add_argument("--split", metavar="FAMILY",
-                        help="also run short blocks of this split-backward order at the first count: a family "
-                        "(zb-h1) or FAMILY+split, its every B run as I then W (1f1b+split)")
+                        help="also run short blocks of this split-backward order at the first count: a "
+                        "family (zb-h1) or FAMILY+split, its every B run as I then W (1f1b+split)")
     parser.add_argument("--held", metavar="FAMILY",
                         help="on a CPU host, also run short blocks of this family, holding more activations "
                         "(gpipe), at the first count")
     parser.add_argument("--curve", metavar="FAMILY",
-                        help="on a CPU host, also run short blocks of this family, some of its ranks holding a "
-                        "little more activations (zb-h1), at the first count")
+                        help="on a CPU host, also run short blocks of this family, some of its ranks "
+                        "holding a little more activations (zb-h1), at the first count")
     parser.add_argument("train", nargs=argparse.REMAINDER, help="-- then pipefold train's flags")
     args = parser.parse_args(argv)
     words = args.train[1:] if args.train[:1] == ["--"] else args.train

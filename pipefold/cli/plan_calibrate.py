@@ -135,10 +135,10 @@ class Calibrated:
                  f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
+        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
+        split_bytes = () if cal.held_split_bytes == cal.held_bytes else cal.held_split_bytes
         split_held = "".join(f", {name} {_mib(values)}" for name, values in (
-            ("zb-h1", cal.held_curve_block_bytes),
-            (cal.split_schedule or "zb-h1", () if cal.held_split_bytes == cal.held_bytes else cal.held_split_bytes))
-            if values)
+            ("zb-h1", cal.held_curve_block_bytes), (cal.split_schedule or "zb-h1", split_bytes)) if values)
         held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
                 f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
                 if cal.held_bytes else "")
@@ -352,7 +352,8 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
     curve = measured.get("curve_phase")
 
     def held_by(block: dict[str, Any]) -> tuple[int, ...]:
-        return order_held_bytes(costs, bounds, rows, str(block["schedule"]), ranks, int(block["num_microbatches"]))
+        return order_held_bytes(costs, bounds, rows, str(block["schedule"]), ranks,
+                                int(block["num_microbatches"]))
 
     # The curve block (zb-h1) holds a little more than 1F1B on its later ranks: the curve's points
     # at small excesses, and its other ranks the host's drift between the blocks. The split block
@@ -383,7 +384,8 @@ def calibrate(
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
               f"{named} micro-batches (NxR: N of R rows, a slice of the batch), and {SPLIT_FAMILY} at "
               f"{sizes[0]} for its split backward"
-              + (f", {HELD_FAMILY} and {CURVE_FAMILY} for the activations they hold" if args.device != "cuda" else ""),
+              + (f", {HELD_FAMILY} and {CURVE_FAMILY} for the activations they hold"
+                 if args.device != "cuda" else ""),
               file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not result_file.exists():

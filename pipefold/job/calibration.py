@@ -62,8 +62,8 @@ from pipefold.schedule.split_backward import build_named
 from pipefold.timeline import Timeline
 
 __all__ = ["CURVE_FAMILY", "HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks",
-           "build_graph_walk", "calibration_worker", "check_curve", "check_held", "check_sizes", "check_split",
-           "split_blocks"]
+           "build_graph_walk", "calibration_worker", "check_curve", "check_held", "check_sizes",
+           "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just

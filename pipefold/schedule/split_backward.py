@@ -33,23 +33,37 @@ def split_every_backward(schedule: Schedule) -> Schedule:
     """`schedule` with each `B(s, m)` replaced by `I(s, m)` then `W(s, m)` in its place, named
     `name + SPLIT_SUFFIX`; validated. Refused where it has no B to split."""
     if not any(action.op is Op.B for row in schedule.actions for action in row):
-        raise ScheduleError(f"schedule {schedule.name!r} runs no whole backward (B) to split; give a family "
-                            "that does (1f1b)")
+        raise ScheduleError(
+            f"schedule {schedule.name!r} runs no whole backward (B) to split; give a family that does (1f1b)"
+        )
     rows = tuple(
-        tuple(part for action in row for part in (
-            (Action(Op.I, action.stage, action.microbatch), Action(Op.W, action.stage, action.microbatch))
-            if action.op is Op.B else (action,)))
-        for row in schedule.actions)
+        tuple(
+            part
+            for action in row
+            for part in (
+                (Action(Op.I, action.stage, action.microbatch), Action(Op.W, action.stage, action.microbatch))
+                if action.op is Op.B
+                else (action,)
+            )
+        )
+        for row in schedule.actions
+    )
     split = replace(schedule, name=f"{schedule.name}{SPLIT_SUFFIX}", actions=rows)
     validate(split)
     return split
 
 
-def build_named(name: str, *, num_ranks: int, num_microbatches: int, num_virtual: int | None = None) -> Schedule:
+def build_named(
+    name: str, *, num_ranks: int, num_microbatches: int, num_virtual: int | None = None
+) -> Schedule:
     """`build(name, ...)`, or for `FAMILY+split` that family's schedule with every B split
     (`split_every_backward`); an unknown family is refused by `build` (ScheduleError)."""
     if name.endswith(SPLIT_SUFFIX):
-        base = build(name[: -len(SPLIT_SUFFIX)], num_ranks=num_ranks, num_microbatches=num_microbatches,
-                     num_virtual=num_virtual)
+        base = build(
+            name[: -len(SPLIT_SUFFIX)],
+            num_ranks=num_ranks,
+            num_microbatches=num_microbatches,
+            num_virtual=num_virtual,
+        )
         return split_every_backward(base)
     return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)

@@ -187,7 +187,8 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
     base, split_bytes, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                 for family in ("1f1b", "1f1b+split", "gpipe"))
     assert split_bytes == base  # the split in place holds what 1F1B holds
-    measured = stage_cost_model(replace(profile, split_overhead_s=0.004), StageLayout(bounds, rows), (), Link())
+    truth = replace(profile, split_overhead_s=0.004)
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)
     load = 1.1
     split = _split_block(measured, run, load, {1}, forward_after_w=1.2)
@@ -199,10 +200,12 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
     model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     assert model.i[1] == pytest.approx(measured.i[1]) and model.w[1] == pytest.approx(measured.w[1])
     # Its ranks held no more: no points of its own on the curve (GPipe's alone here).
-    assert [knot[0] for knot in priced.held_curve] == sorted({float(g - b) for g, b in zip(gpipe, base, strict=True)})
+    gpipe_excess = sorted({float(g - b) for g, b in zip(gpipe, base, strict=True)})
+    assert [knot[0] for knot in priced.held_curve] == gpipe_excess
     # Where every stage ran I and W apart, its ranks that held no more give the drift, as before.
     both = _split_block(measured, run, load, {0, 1})
-    _, every = at_run_prices(profile, run, bounds, rows, split=both, held=HeldBlock(block, base, gpipe, split_bytes))
+    _, every = at_run_prices(profile, run, bounds, rows, split=both,
+                             held=HeldBlock(block, base, gpipe, split_bytes))
     assert every.split_drift == pytest.approx(1 / load)
 
 
@@ -212,7 +215,8 @@ def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_s
     base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                     for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))
     assert zb[0] <= base[0] and zb[1] > base[1]
-    measured = stage_cost_model(replace(profile, split_overhead_s=0.004), StageLayout(bounds, rows), (), Link())
+    truth = replace(profile, split_overhead_s=0.004)
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)
     # The curve block (zb-h1): F 1.08x on its last rank (its excess), the host 5% slower during it;
     # its I and W carry whatever they carry, unused. The split block: 1F1B's bytes, the host 10% slower.

@@ -17,9 +17,15 @@ def test_every_b_becomes_i_then_w_in_place_holding_what_1f1b_holds(ranks, microb
     split = build_named("1f1b+split", num_ranks=ranks, num_microbatches=microbatches)
     assert split.name == "1f1b+split" and split == split_every_backward(plain)
     for before, after in zip(plain.actions, split.actions, strict=True):
-        expected = [part for action in before for part in (
-            [Action(Op.I, action.stage, action.microbatch), Action(Op.W, action.stage, action.microbatch)]
-            if action.op is Op.B else [action])]
+        expected = [
+            part
+            for action in before
+            for part in (
+                [Action(Op.I, action.stage, action.microbatch), Action(Op.W, action.stage, action.microbatch)]
+                if action.op is Op.B
+                else [action]
+            )
+        ]
         assert list(after) == expected
     # The activations each rank holds at its peak are 1F1B's (W frees what I left before the next F).
     costs = CostModel.uniform(ranks, f=1.0, i=1.0, w=1.0, activation_bytes=100, weight_grad_bytes=40)
@@ -35,4 +41,6 @@ def test_a_family_without_a_whole_backward_or_an_unknown_one_is_refused():
         build_named("zb-h1+split", num_ranks=2, num_microbatches=4)
     with pytest.raises(ScheduleError, match="unknown schedule 'nope'"):
         build_named("nope+split", num_ranks=2, num_microbatches=4)
-    assert build_named("zb-h1", num_ranks=2, num_microbatches=4) == build("zb-h1", num_ranks=2, num_microbatches=4)
+    assert build_named("zb-h1", num_ranks=2, num_microbatches=4) == build(
+        "zb-h1", num_ranks=2, num_microbatches=4
+    )
