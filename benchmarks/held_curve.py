@@ -16,7 +16,8 @@ by families that hold 1x (1F1B), about 2x on the last rank (zb-h1), about 1.5x a
    load's). What the per-byte slope predicts is in the last columns: GPipe's ratio scaled down to
    each family's extra bytes (a straight line through 1F1B's and GPipe's points).
 2. `--calibrations N` runs of the calibration run `plan --profile` starts (1F1B at 8 and 4
-   micro-batches, its zb-h1 and GPipe blocks at 8 between them: `pipefold.cli.calibration_run`),
+   micro-batches, its split (1f1b+split), GPipe and zb-h1 blocks at 8 between them:
+   `pipefold.cli.calibration_run`),
    printing per stage the zb-h1 and GPipe blocks' F over the 1F1B block's. Where the last rank's
    F ratio stands above the first rank's (which holds what 1F1B holds), that is not drift but the
    memory held.
@@ -213,9 +214,11 @@ def _calibrations(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             "--phase-steps",
             "12",
             "--split",
-            "zb-h1",
+            "1f1b+split",
             "--held",
             "gpipe",
+            "--curve",
+            "zb-h1",
             "--",
             "--out",
             str(folder / "run"),
@@ -231,7 +234,9 @@ def _calibrations(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 c / w for c, w in zip(base["kept_step_cpu_seconds"], base["kept_step_seconds"], strict=True)
             ),
         }
-        for key, name in (("split_phase", "zb-h1"), ("held_phase", "gpipe")):
+        # zb-h1 ran as the curve block (a stored run before it: as the split block).
+        zb_key = "curve_phase" if "curve_phase" in measured else "split_phase"
+        for key, name in ((zb_key, "zb-h1"), ("held_phase", "gpipe")):
             phase = measured[key]
             row[name] = [f / b for f, b in zip(phase["costs"]["f"], base["costs"]["f"], strict=True)]
         found.append(row)

@@ -132,7 +132,8 @@ def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...]
 def _fitted(calibration: dict[str, Any]) -> str:
     """The calibration's lines over rows, where it measured several sizes, and its split backward."""
     shares = calibration.get("weight_share") or []
-    split = (f"; zb-h1: W {'/'.join(f'{x:.2f}' for x in shares)} of the backward per stage, I and W "
+    block = calibration.get("split_schedule") or "zb-h1"  # the split block's order (zb-h1 before 1f1b+split)
+    split = (f"; {block}: W {'/'.join(f'{x:.2f}' for x in shares)} of the backward per stage, I and W "
              f"{calibration['split_overhead_s'] * 1e6:.0f} us each beyond B" if shares else "")
     if not calibration.get("fixed_s"):
         return split

@@ -3,7 +3,7 @@
 (`pipefold.job.calibration`).
 
     python -m pipefold.cli.calibration_run --result FILE --microbatches 8,4,2,32,32x1 --phase-steps 12 \\
-        --split zb-h1 --held gpipe -- --ranks 2 --batch-size 128 --microbatches 32 \\
+        --split 1f1b+split --held gpipe --curve zb-h1 -- --ranks 2 --batch-size 128 --microbatches 32 \\
         --out DIR ...   # any train flags
 
 `--microbatches` lists the sizes (`pipefold.job.calibration_size`): a count runs the whole batch
@@ -35,10 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "comma-separated")
     parser.add_argument("--phase-steps", type=int, required=True, help="steps per size")
     parser.add_argument("--split", metavar="FAMILY",
-                        help="also run short blocks of this split-backward family (zb-h1) at the first count")
+                        help="also run short blocks of this split-backward order at the first count: a "
+                        "family (zb-h1) or FAMILY+split, its every B run as I then W (1f1b+split)")
     parser.add_argument("--held", metavar="FAMILY",
                         help="on a CPU host, also run short blocks of this family, holding more activations "
                         "(gpipe), at the first count")
+    parser.add_argument("--curve", metavar="FAMILY",
+                        help="on a CPU host, also run short blocks of this family, some of its ranks "
+                        "holding a little more activations (zb-h1), at the first count")
     parser.add_argument("train", nargs=argparse.REMAINDER, help="-- then pipefold train's flags")
     args = parser.parse_args(argv)
     words = args.train[1:] if args.train[:1] == ["--"] else args.train
@@ -54,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipefold.job.calibration import (
             build_graph_walk,
             calibration_worker,
+            check_curve,
             check_held,
             check_sizes,
             check_split,
@@ -63,12 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sizes(config, sizes, args.phase_steps)
         check_split(config, args.split)
         check_held(config, args.held)
+        check_curve(config, args.curve)
     except PipefoldError as error:
         print(f"calibration run: error: {error}", file=sys.stderr)
         return 2
     build_graph_walk(config, args.split)  # once per machine, before the ranks load it
     result = spawn(calibration_worker, config.schedule.num_processes,
-                   (config, sizes, args.phase_steps, args.result, args.split, args.held))
+                   (config, sizes, args.phase_steps, args.result, args.split, args.held, args.curve))
     if not result.ok:
         print(f"calibration run: {result.describe()}", file=sys.stderr)
     return result.exit_code

@@ -17,13 +17,14 @@ built for the most of them (`pipefold.cli.calibration_run`, `pipefold.job.calibr
 F and B over rows (a fixed part and a part per row), prices the profile's layers on those lines
 and, at each measured size, keeps the measured time over the line's, so a size between two
 measured ones is priced between them (`pipefold.plan.calibrate.at_run_prices`,
-`ModelCosts.row_scales`). The same launch runs zb-h1 (1F1B's stages, its
-backward split) for a few steps at the first count, so the split backward's I and W are priced
-as the ranks run them too (`ModelCosts.split_overhead_s`, W's share per stage). On a CPU host it
-also runs GPipe on the same stages for a few steps, so an action's slowdown with the activation
-memory its rank holds is priced, on a curve through GPipe's ranks and zb-h1's ranks that hold
-more than in 1F1B (`ModelCosts.held_curve`, `pipefold.plan.held_cost`);
-a GPU's kernels do not slow so, and GPipe could exceed the memory 1F1B fits in. Every candidate,
+`ModelCosts.row_scales`). The same launch runs 1F1B with each B run as I then W ("1f1b+split":
+the same stages, order and activations held) for a few steps at the first count, so the split
+backward's I and W are priced as the ranks run them too (`ModelCosts.split_overhead_s`, W's
+share per stage). On a CPU host it also runs GPipe and zb-h1 on the same stages for a few steps
+each, so an action's slowdown with the activation memory its rank holds is priced, on a curve
+through GPipe's ranks and zb-h1's ranks that hold more than in 1F1B (`ModelCosts.held_curve`,
+`pipefold.plan.held_cost`); a GPU's kernels do not slow so, and GPipe could exceed the memory
+1F1B fits in. Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
 without link flags a message costs the run's measured latency. It costs one launch of the
@@ -129,11 +130,15 @@ class Calibrated:
         sizes = "/".join(map(str, cal.measured_rows or (cal.rows,)))
         if self.sizes:
             sizes += f" ({format_sizes(self.sizes)} micro-batches)"
-        split = (f"; split backward (zb-h1 at {cal.rows} rows): W {scales(cal.weight_share)} of the "
+        split = (f"; split backward ({cal.split_schedule or 'zb-h1'} at {cal.rows} rows): W "
+                 f"{scales(cal.weight_share)} of the "
                  f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
-        split_held = f", zb-h1 {_mib(cal.held_split_bytes)}" if cal.held_split_bytes else ""
+        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
+        split_bytes = () if cal.held_split_bytes == cal.held_bytes else cal.held_split_bytes
+        split_held = "".join(f", {name} {_mib(values)}" for name, values in (
+            ("zb-h1", cal.held_curve_block_bytes), (cal.split_schedule or "zb-h1", split_bytes)) if values)
         held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
                 f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
                 if cal.held_bytes else "")
@@ -167,6 +172,8 @@ class Calibrated:
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
                 "held_split_bytes": list(cal.held_split_bytes),
                 "held_curve": [list(knot) for knot in cal.held_curve], "split_drift": cal.split_drift,
+                "held_curve_block_bytes": list(cal.held_curve_block_bytes), "curve_drift": cal.curve_drift,
+                "split_schedule": cal.split_schedule,
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread, "sizes": [str(size) for size in self.sizes],
@@ -322,33 +329,41 @@ def calibration_command(
     """The calibration run's command line (`pipefold.cli.calibration_run`): its result goes to
     `folder`/calibration.json, its run folder is `folder`/run. `benchmarks/host_speed.py` runs
     the same command beside `pipefold train`."""
-    from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
+    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY
 
     return [sys.executable, "-m", "pipefold.cli.calibration_run",
             "--result", str(folder / "calibration.json"),
             "--microbatches", format_sizes(run_sizes(args, ranks)), "--phase-steps", str(steps),
-            "--split", SPLIT_FAMILY, "--held", HELD_FAMILY, "--",
+            "--split", SPLIT_FAMILY, "--held", HELD_FAMILY, "--curve", CURVE_FAMILY, "--",
             *_train_words(args, ranks, folder / "run", hf)]
 
 
 def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, ...], rows: int, ranks: int
                 ) -> HeldBlock | None:
-    """The run's held phase (GPipe on its stages) with the activation bytes each block held per
-    rank in the planner's memory model (`order_held_bytes`); None where the run had none."""
+    """The run's held phase (GPipe on its stages) and curve phase (zb-h1) with the activation
+    bytes each block held per rank in the planner's memory model (`order_held_bytes`); None where
+    the run had no held phase."""
     phase = measured.get("held_phase")
     if phase is None:
         return None
     first = measured["phases"][0]
     count = int(first["num_microbatches"])
     split = measured.get("split_phase")
-    # The split block (zb-h1) holds a little more than 1F1B on its later ranks: the curve's points
-    # at small excesses, and its other ranks the host's drift between the blocks.
-    split_bytes = () if split is None else order_held_bytes(costs, bounds, rows, str(split["schedule"]), ranks,
-                                                            int(split["num_microbatches"]))
+    curve = measured.get("curve_phase")
+
+    def held_by(block: dict[str, Any]) -> tuple[int, ...]:
+        return order_held_bytes(costs, bounds, rows, str(block["schedule"]), ranks,
+                                int(block["num_microbatches"]))
+
+    # The curve block (zb-h1) holds a little more than 1F1B on its later ranks: the curve's points
+    # at small excesses, and its other ranks the host's drift between the blocks. The split block
+    # ("1f1b+split") holds what 1F1B holds; a zb-h1 split block (a run before the curve block)
+    # served as the curve block too.
     return HeldBlock(CostModel.from_json(phase["costs"]),
                      order_held_bytes(costs, bounds, rows, str(first["schedule"]), ranks, count),
-                     order_held_bytes(costs, bounds, rows, str(phase["schedule"]), ranks,
-                                      int(phase["num_microbatches"])), split_bytes)
+                     held_by(phase), () if split is None else held_by(split),
+                     None if curve is None else CostModel.from_json(curve["costs"]),
+                     () if curve is None else held_by(curve))
 
 
 def calibrate(
@@ -360,7 +375,7 @@ def calibrate(
     ranks = DEFAULT_RANKS if ranks is None else ranks
     sizes = run_sizes(args, ranks)
     named = ", ".join(map(str, sizes))
-    from pipefold.job.calibration import HELD_FAMILY, SPLIT_FAMILY
+    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
@@ -369,7 +384,8 @@ def calibrate(
         print(f"calibrating: {ranks} ranks of pipefold train's default pipeline, {steps} steps at each of "
               f"{named} micro-batches (NxR: N of R rows, a slice of the batch), and {SPLIT_FAMILY} at "
               f"{sizes[0]} for its split backward"
-              + (f" and {HELD_FAMILY} for the activations it holds" if args.device != "cuda" else ""),
+              + (f", {HELD_FAMILY} and {CURVE_FAMILY} for the activations they hold"
+                 if args.device != "cuda" else ""),
               file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not result_file.exists():
@@ -390,6 +406,8 @@ def calibrate(
                                         split=None if split is None else CostModel.from_json(split["costs"]),
                                         split_stages=None if split is None else split["split_stages"],
                                         held=held)
+    if split is not None:
+        calibration = replace(calibration, split_schedule=str(split["schedule"]))
     seconds = time.perf_counter() - started
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]

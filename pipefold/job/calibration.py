@@ -2,7 +2,7 @@
 `pipefold plan --profile` calibrates its prices on (`pipefold.cli.plan_calibrate`).
 
     spawn(calibration_worker, config.schedule.num_processes,
-          (config, parse_sizes("8,4,2,32,32x1"), 12, "/tmp/cal.json", "zb-h1"))   # config built for 32
+          (config, parse_sizes("8,4,2,32,32x1"), 12, "/tmp/cal.json", "1f1b+split", "gpipe", "zb-h1"))
 
 Every rank sets the job up as `pipefold train` does (`pipefold.job.setup.set_up`) and runs
 `steps` steps at each size (`CalibrationSize`: a micro-batch count of the whole batch, or of a
@@ -24,13 +24,16 @@ any batch), so the update is as large as a whole batch's and nothing needs resca
 actions are what the fit uses. One
 launch for every count: the ranks' start-up (seconds) is paid once.
 
-With a split family (`SPLIT_FAMILY`), each round also runs a short block of it at the first count
-on the same stages (`split_blocks`), so the file's "split_phase" holds the I and W the planner's
-split-backward schedules pay: 1F1B never splits its backward. With a held family
-(`HELD_FAMILY`, GPipe), each round also runs a short block of it at the first count on the same
-stages (as short as the split's), so the file's "held_phase" measures the same layers, calls and
-messages while the ranks hold every micro-batch's activations: what the planner's slope of an
-action's time per byte held is fitted on (`pipefold.plan.held_cost`).
+With a split family (`SPLIT_FAMILY`: 1F1B with every B run as I then W in its place), each round
+also runs a short block of it at the first count on the same stages (`split_blocks`), so the
+file's "split_phase" holds the I and W the planner's split-backward schedules pay: 1F1B never
+splits its backward. With a held family (`HELD_FAMILY`, GPipe), each round also runs a short
+block of it at the first count on the same stages (as short as the split's), so the file's
+"held_phase" measures the same layers, calls and messages while the ranks hold every
+micro-batch's activations; with a curve family (`CURVE_FAMILY`, zb-h1, whose later ranks hold a
+little more than in 1F1B) one more such block, the file's "curve_phase": the points the
+planner's held-memory curve is fitted on (`pipefold.plan.held_cost`), at large and at small
+excesses. The split block holds what 1F1B holds, so its I and W carry no held slowdown.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ from pipefold.job.setup import Job, set_up
 from pipefold.runtime import native
 from pipefold.runtime.measured import measured_cost_model
 from pipefold.schedule import Op, Schedule
-from pipefold.schedule.registry import build
+from pipefold.schedule.split_backward import build_named
 from pipefold.timeline import Timeline
 
-__all__ = ["HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks", "calibration_worker",
-           "build_graph_walk", "check_held", "check_sizes", "check_split", "split_blocks"]
+__all__ = ["CURVE_FAMILY", "HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks",
+           "build_graph_walk", "calibration_worker", "check_curve", "check_held", "check_sizes",
+           "check_split", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -68,9 +72,18 @@ switched to, leaves out its first."""
 MAX_ROUNDS = 3
 """Rounds over the micro-batch counts at most (`blocks`)."""
 
-SPLIT_FAMILY = "zb-h1"
-"""The split-backward family of the split phase: 1F1B's stages and placement, its backward split
-into I and W, so the run measures what the planner's split schedules pay for them."""
+SPLIT_FAMILY = "1f1b+split"
+"""The split-backward order of the split phase: 1F1B's stages, placement and order with each B run
+as I then W in its place (`pipefold.schedule.split_backward`), so the run measures what the
+planner's split schedules pay for the split itself and nothing else: the ranks hold what 1F1B
+holds. (zb-h1, the phase's family before, defers W on its later ranks, which then hold more and
+run slower for it: a slowdown the split's seconds could not be told from.)"""
+
+CURVE_FAMILY = "zb-h1"
+"""The family of the curve phase: 1F1B's stages and placement, its later ranks holding a little
+more than in 1F1B (W deferred), its first no more: the held-memory curve's points at small
+excesses (GPipe's are 4-8x 1F1B's), and the host's drift between the blocks from its first rank.
+Only its F is used (its I and W carry the split's own seconds)."""
 
 
 HELD_FAMILY = "gpipe"
@@ -128,6 +141,13 @@ def check_split(config: TrainConfig, split: str | None) -> None:
                           f"does ({SPLIT_FAMILY}), or none")
 
 
+def check_curve(config: TrainConfig, curve: str | None) -> None:
+    """Refuse a curve phase `calibration_worker` cannot run, before any rank starts: `curve` must
+    name a flush family of one stage per rank (only its F is compared with the pipeline's own)."""
+    if curve is not None:
+        _phase_schedule(config, "curve", curve)
+
+
 def check_held(config: TrainConfig, held: str | None) -> None:
     """Refuse a held phase `calibration_worker` cannot run, before any rank starts: `held` must
     name a flush family of one stage per rank that runs no split backward (its F and B are
@@ -140,14 +160,15 @@ def check_held(config: TrainConfig, held: str | None) -> None:
 
 
 def _phase_schedule(config: TrainConfig, phase: str, family: str) -> Schedule:
-    """The schedule of a calibration phase (`phase`: "split" or "held") of `family` on the
-    pipeline's own stages, which must be one per rank (the phase swaps schedules in place)."""
+    """The schedule of a calibration phase (`phase`: "split", "held" or "curve") of `family` (a
+    family's name, or `FAMILY+split`: `build_named`) on the pipeline's own stages, which must be
+    one per rank (the phase swaps schedules in place)."""
     virtual = config.schedule.virtual
     if virtual not in (0, 1):
         raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per rank; "
                           "measure it on one stage per rank (train's default)")
-    return build(family, num_ranks=config.schedule.ranks,
-                 num_microbatches=config.schedule.num_microbatches, num_virtual=1)
+    return build_named(family, num_ranks=config.schedule.ranks,
+                       num_microbatches=config.schedule.num_microbatches, num_virtual=1)
 
 
 def _splits_backward(schedule: Schedule) -> bool:
@@ -156,11 +177,11 @@ def _splits_backward(schedule: Schedule) -> bool:
 
 def calibration_worker(
     config: TrainConfig, sizes: Sequence[CalibrationSize], steps: int, out: str, split: str | None = None,
-    held: str | None = None,
+    held: str | None = None, curve: str | None = None,
 ) -> None:
     """Entry point of one spawned rank (every rank calls it)."""
     try:
-        _calibrate(set_up(config), sizes, steps, Path(out), split, held)
+        _calibrate(set_up(config), sizes, steps, Path(out), split, held, curve)
     finally:
         gc.collect()  # as train_worker: the pipeline's cycles hold the rendezvous store
         if dist.is_initialized():
@@ -218,7 +239,7 @@ class _Phase:
 
 
 def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path, split: str | None,
-               held: str | None = None) -> None:
+               held: str | None = None, curve: str | None = None) -> None:
     pipe = job.pipe
     family = job.config.schedule.name
     num_ranks = pipe.schedule.num_ranks
@@ -229,8 +250,8 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
 
     def phase_of(phase_family: str, size: CalibrationSize) -> _Phase:
         """A block of `phase_family` on the pipeline's stages at `size`."""
-        return _Phase(build(phase_family, num_ranks=num_ranks, num_microbatches=size.num_microbatches,
-                            num_virtual=num_virtual), size, batch_rows)
+        return _Phase(build_named(phase_family, num_ranks=num_ranks, num_microbatches=size.num_microbatches,
+                                  num_virtual=num_virtual), size, batch_rows)
 
     built_for = pipe.schedule.num_microbatches
     phases = [_Phase(pipe.schedule, size, batch_rows) if size.num_microbatches == built_for
@@ -243,12 +264,15 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
     if split is not None:
         split_phase = phase_of(split, sizes[0])  # on the same stages at the first (reference) size
         order.insert(1, (split_phase, split_blocks(steps_per_block)))
-    held_phase = None
+    held_phase = curve_phase = None
     # On a CPU host only: there a rank's actions slow with the memory it holds, and on a GPU GPipe
     # could exceed the memory the pipeline's own 1F1B fits in.
+    if curve is not None and job.device.type == "cpu":
+        curve_phase = phase_of(curve, sizes[0])
+        order.insert(1, (curve_phase, split_blocks(steps_per_block)))
     if held is not None and job.device.type == "cpu":
-        # Right after the first count's 1F1B block too (before the split's), so the host's load
-        # meets both alike: the held block's F over 1F1B's is what the slope is fitted on.
+        # Right after the first count's 1F1B block too (before the curve's and split's), so the
+        # host's load meets them alike: each block's F over 1F1B's is what the curve is fitted on.
         held_phase = phase_of(held, sizes[0])
         order.insert(1, (held_phase, split_blocks(steps_per_block)))
     for round_index in range(len(steps_per_block)):
@@ -275,6 +299,8 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
             result["split_phase"] = split_phase.to_json()
         if held_phase is not None:
             result["held_phase"] = held_phase.to_json()
+        if curve_phase is not None:
+            result["curve_phase"] = curve_phase.to_json()
         write_atomic(out, json.dumps(result, indent=1) + "\n")
     dist.barrier()  # peers wait for rank 0's file (as train's report)
 

@@ -29,15 +29,19 @@ B alike, and a part per row each) and the stage's layers are priced on it, the p
 only their shares; with one size, each stage's measured F and B over the profile's price scales
 that stage's layers (their fixed seconds with F). Either way the run's time per action and per
 step outside the actions (less the tied gradient's exchange, which the plan prices apart)
-replace the profile's. Where the run also measured a split backward (zb-h1 on the same stages),
-each I and W costs what that phase measured: the seconds each takes beyond its part of B
+replace the profile's. Where the run also measured a split backward on the same stages (1F1B's
+order with each B run as I then W, "1f1b+split"; zb-h1 in calibrations before), each I and W
+costs what that phase measured: the seconds each takes beyond its part of B
 (`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
-as fitted. Where the run also measured a block that holds more activations on the same stages
-(GPipe, `HeldBlock`), the slowdown of a rank's actions with the bytes it holds is priced on a
-curve through every point the blocks measured (GPipe's ranks, and the split block's ranks that
-held more there than in 1F1B: `pipefold.plan.held_curve`), each layer against the bytes its own
-rank held in the run, and the planner slows a candidate's layers whose rank holds more than
-theirs did (`pipefold.plan.held_cost`).
+as fitted. Where the run also measured blocks that hold more activations on the same stages
+(GPipe, and zb-h1, whose later ranks hold a little more: `HeldBlock`), the slowdown of a rank's
+actions with the bytes it holds is priced on a curve through every point the blocks measured
+(their ranks that held more there than in 1F1B: `pipefold.plan.held_curve`), each layer against
+the bytes its own rank held in the run, and the planner slows a candidate's layers whose rank
+holds more than theirs did (`pipefold.plan.held_cost`). The split block of "1f1b+split" holds
+what 1F1B holds, so its I and W carry the split's own seconds alone; a zb-h1 split block's later
+ranks held more, and the curve's B factor there, which priced only part of their slowdown, left
+the rest in the split's seconds, charged to every split stage of every candidate.
 """
 
 from __future__ import annotations
@@ -176,7 +180,15 @@ class RunCalibration:
     """The fitted slowdown per byte held beyond a layer's own rank's (`ModelCosts.held_curve`)."""
     split_drift: float | None = None
     """The host's drift between the 1F1B and split blocks, the 1F1B block's F over the split
-    block's on the ranks that held no more there (`_split_drift`); None: taken per stage."""
+    block's on the stages that ran 1F1B's actions at 1F1B's bytes there (`_block_drift`); None:
+    taken per stage."""
+    held_curve_block_bytes: tuple[int, ...] = ()
+    """Per rank, the activation bytes the curve block (zb-h1) held (the planner's memory model);
+    empty where the run had none."""
+    curve_drift: float | None = None
+    """The host's drift between the 1F1B and curve blocks (`_block_drift`); None: no curve block."""
+    split_schedule: str = ""
+    """The split block's order ("1f1b+split"; "zb-h1" before), as its run named it; empty: none run."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """Per measured size (rows, F, B), the measured stage times over the fitted line's
     (`ModelCosts.row_scales`); empty with one size."""
@@ -194,10 +206,16 @@ class HeldBlock:
     block_bytes: tuple[int, ...]
     """Per rank, the activation peak of the block's family."""
     split_bytes: tuple[int, ...] = ()
-    """Per rank, the activation peak of the run's split block's family (zb-h1), where it ran one:
-    its ranks that hold more than in 1F1B (on 2 ranks the last) give the curve its points at
-    small excesses, and those that do not the host's drift between the blocks (`_split_drift`).
-    Empty: GPipe's points alone, the drift per stage."""
+    """Per rank, the activation peak of the run's split block's order, where it ran one: "1f1b+split"
+    holds 1F1B's bytes (its drift from its unsplit stages: `_block_drift`); a zb-h1 split block
+    (calibrations before the curve block) held more on its later ranks, which give the curve
+    points at small excesses. Empty: no points from it, the drift per stage."""
+    curve: CostModel | None = None
+    """The curve block's measured stage costs (zb-h1 on the run's stages at its first size), whose
+    ranks that held more than in 1F1B give the curve its points at small excesses (F only: its I
+    and W carry the split's own seconds); None: none run."""
+    curve_bytes: tuple[int, ...] = ()
+    """Per rank, the activation peak of the curve block's family; given with `curve`."""
 
 
 def at_run_prices(
@@ -225,12 +243,13 @@ def at_run_prices(
     on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
     what those measured.
 
-    With `held` (the same run's GPipe block and the bytes each block held per rank), the held
-    curve (`ModelCosts.held_curve`) is fitted through GPipe's points and, where `held` gives the
-    split block's bytes, the split block's ranks that held more than in 1F1B (its load taken out
-    by `_split_drift`, from the ranks that did not); each layer's reference is the bytes its rank
-    held in the run (`held_reference_layer_bytes`), and the split block's I and W are divided by
-    the curve's B factor at their rank's bytes, so that slowdown is priced once, by the curve.
+    With `held` (the same run's GPipe block, its zb-h1 curve block, and the bytes each block
+    held per rank), the held curve (`ModelCosts.held_curve`) is fitted through GPipe's points
+    and every other block's ranks that held more than in 1F1B (the curve block's, and a zb-h1
+    split block's; each block's load taken out by `_block_drift`); each layer's reference is the
+    bytes its rank held in the run (`held_reference_layer_bytes`), and the split block's I and W
+    are divided by the curve's B factor at their rank's bytes (1 for "1f1b+split", which holds
+    1F1B's), so that slowdown is priced once, by the curve.
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
@@ -274,11 +293,15 @@ def at_run_prices(
     drift: float | None = None
     held_curve: HeldCurve = ()
     split_backward = [1.0] * layout.num_stages  # per stage, the split block's held B factor
+    split_on = frozenset(range(layout.num_stages) if split_stages is None else split_stages)
+    curve_drift: float | None = None
     if held is not None:
         _check_held(run, held, on)
         if split is not None and held.split_bytes:
-            drift = _split_drift(run, split, held, on)
-        held_curve = _held_curve(run, held, on, split, drift)
+            drift = _block_drift(run, split, held.run_bytes, held.split_bytes, on, split_on)
+        if held.curve is not None:
+            curve_drift = _block_drift(run, held.curve, held.run_bytes, held.curve_bytes, on)
+        held_curve = _held_curve(run, held, on, split, drift, curve_drift)
         # Each layer's measured time is its time at the bytes its own rank held in the run.
         references = tuple(float(held.run_bytes[on[stage]]) for stage, (start, stop)
                            in enumerate(zip(layout.bounds, layout.bounds[1:], strict=False))
@@ -290,8 +313,7 @@ def at_run_prices(
                               for rank in on]
     split_fit = _SplitFit()
     if split is not None:
-        stages = range(layout.num_stages) if split_stages is None else split_stages
-        priced, split_fit = _split_prices(priced, run, split, layout, frozenset(stages), drift, split_backward)
+        priced, split_fit = _split_prices(priced, run, split, layout, split_on, drift, split_backward)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
     tied = stage_cost_model(priced, layout, (), Link(latency=latency)).tied_exchange_time(
@@ -313,6 +335,7 @@ def at_run_prices(
         held_block_bytes=() if held is None else held.block_bytes,
         held_split_bytes=() if held is None else held.split_bytes, held_curve=held_curve,
         split_drift=drift, row_scales=priced.row_scales,
+        held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -339,45 +362,59 @@ def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int
 
 
 def _check_held(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> None:
-    """Refuse a held block that does not match the run's stages and ranks."""
-    if held.measured.num_stages != run.num_stages:
-        raise ConfigError(f"the held block measured {held.measured.num_stages} stages, the run "
-                          f"{run.num_stages}; measure both on the run's own partition")
+    """Refuse a held block (or curve block) that does not match the run's stages and ranks."""
+    for name, block in (("held", held.measured), ("curve", held.curve)):
+        if block is not None and block.num_stages != run.num_stages:
+            raise ConfigError(f"the {name} block measured {block.num_stages} stages, the run "
+                              f"{run.num_stages}; measure both on the run's own partition")
     num_ranks = max(placement) + 1
     if len(held.run_bytes) != num_ranks or len(held.block_bytes) != num_ranks or (
             held.split_bytes and len(held.split_bytes) != num_ranks):
         raise ConfigError(f"held block bytes for {len(held.run_bytes)} and {len(held.block_bytes)} ranks"
                           f"{f' (split block {len(held.split_bytes)})' if held.split_bytes else ''}, "
                           f"the run has {num_ranks}; give one activation peak per rank")
+    if held.curve is not None and len(held.curve_bytes) != num_ranks:
+        raise ConfigError(f"HeldBlock.curve_bytes has {len(held.curve_bytes)} peaks, the run {num_ranks} ranks; "
+                          "give the curve block's activation peak per rank with its costs")
 
 
-def _split_drift(run: CostModel, split: CostModel, held: HeldBlock, placement: Sequence[int]) -> float:
-    """The host's drift between the 1F1B block and the split block: the mean over the stages whose
-    rank held no more in the split block than in 1F1B of the 1F1B block's F over the split
-    block's (the same F at the same size and bytes: what moved is the host's load); 1 where every
-    rank held more (nothing separates the load from the bytes then: the blocks alternate in
-    rounds, so the load meets both alike, as GPipe's points assume). Not per stage: on a rank
+def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], block_bytes: Sequence[int],
+                 placement: Sequence[int], split_stages: Collection[int] = ()) -> float:
+    """The host's drift between the 1F1B block and another block of the run (the split or curve
+    block): the mean of the 1F1B block's F over the block's on the stages that ran 1F1B's own
+    actions there, at no more bytes (the same F at the same size and bytes: what moved is the
+    host's load). Those are the stages whose rank held no more, and of them the ones outside
+    `split_stages` where any is: a stage that runs I and W apart runs each F after a W, not after
+    a B, which is slower on this host whatever the load (an F after an I or W ran ~20% above
+    one after a B), so it would read as drift and be divided out of the split's I and W. 1 where
+    every rank held more (nothing separates the load from the bytes then: the blocks alternate
+    in rounds, so the load meets both alike, as GPipe's points assume). Not per stage: on a rank
     that holds more the F ratio is the held slowdown too, which a per-stage drift would divide
     out of its I and W (zb-h2's I and W were priced 0.86 of their runs so)."""
-    steady = [_ratio(run.f[stage], split.f[stage]) for stage, rank in enumerate(placement)
-              if held.split_bytes[rank] <= held.run_bytes[rank]]
-    return statistics.fmean(steady) if steady else 1.0
+    steady = [stage for stage, rank in enumerate(placement) if block_bytes[rank] <= run_bytes[rank]]
+    unsplit = [stage for stage in steady if stage not in split_stages]
+    chosen = unsplit or steady
+    return statistics.fmean(_ratio(run.f[stage], block.f[stage]) for stage in chosen) if chosen else 1.0
 
 
 def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split: CostModel | None,
-                drift: float | None) -> HeldCurve:
+                drift: float | None, curve_drift: float | None = None) -> HeldCurve:
     """The held curve (`fit_held_curve`) through every stage's point: the held block's F over the
-    run's at the bytes its rank held beyond the run's, and the split block's, its load taken out
-    (`drift`), on the ranks that held more there; B from the held block's points alone (a split
-    block's I + W carries the split's own seconds)."""
+    run's at the bytes its rank held beyond the run's, and the curve block's and split block's,
+    each block's load taken out (`curve_drift`, `drift`), on the ranks that held more there (a
+    "1f1b+split" split block holds no more: no points); B from the held block's points alone (a
+    split block's I + W carries the split's own seconds)."""
     forward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.f[stage], run.f[stage]))
                for stage, rank in enumerate(placement)]
     backward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.b[stage], run.b[stage]))
                 for stage, rank in enumerate(placement)]
-    if split is not None and held.split_bytes:
-        load = 1.0 if drift is None else drift
-        forward += [(float(held.split_bytes[rank] - held.run_bytes[rank]), _ratio(split.f[stage] * load, run.f[stage]))
-                    for stage, rank in enumerate(placement) if held.split_bytes[rank] > held.run_bytes[rank]]
+    others = [(held.curve, held.curve_bytes, curve_drift), (split, held.split_bytes, drift)]
+    for block, block_bytes, load in others:
+        if block is None or not block_bytes:
+            continue
+        scale = 1.0 if load is None else load
+        forward += [(float(block_bytes[rank] - held.run_bytes[rank]), _ratio(block.f[stage] * scale, run.f[stage]))
+                    for stage, rank in enumerate(placement) if block_bytes[rank] > held.run_bytes[rank]]
     return fit_held_curve(forward, backward)
 
 
@@ -487,7 +524,7 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     phase of the run, same partition, at `layout.rows`) measured them.
 
     The split block's times are first scaled by the host's drift between the blocks, `load`
-    (`_split_drift`: from the ranks that held no more in the split block), or where none is
+    (`_block_drift`: from the stages that ran 1F1B's actions at its bytes there), or where none is
     given, per stage by the 1F1B block's F over its own (the same F at the same size: what moved
     is the host's load), and divided by each stage's held B factor, `held_backward` (its rank's
     slowdown for the bytes it held beyond 1F1B's, which the held curve prices apart, so it is

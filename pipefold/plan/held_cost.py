@@ -41,6 +41,7 @@ from pipefold.plan.costs import ModelCosts
 from pipefold.plan.held_curve import HeldCurve, check_held_curve, fit_held_curve, held_factor
 from pipefold.plan.orders import family_schedule
 from pipefold.plan.stages import StageLayout, stage_cost_model
+from pipefold.schedule.split_backward import SPLIT_SUFFIX, build_named
 from pipefold.simulate import CostModel, Link, simulate
 
 __all__ = ["HeldCurve", "check_held_curve", "fit_held_curve", "fit_held_slope", "held_extra", "held_factor",
@@ -173,9 +174,11 @@ def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int]
 
 def order_held_bytes(costs: ModelCosts, bounds: Sequence[int], rows: int, family: str, num_ranks: int,
                      num_microbatches: int) -> tuple[int, ...]:
-    """Per rank, the activation peak the planner's memory model gives `family` (one stage per rank)
+    """Per rank, the activation peak the planner's memory model gives `family` (one stage per rank;
+    `FAMILY+split`: that family with every B split in place, `pipefold.schedule.split_backward`)
     on the partition `bounds` at `rows` per micro-batch, no stage recomputed: what a calibration
     block held, in the units the planner prices candidates in."""
     model = stage_cost_model(costs, StageLayout(tuple(bounds), rows), (), Link())
-    schedule = family_schedule(family, num_ranks, num_microbatches, 1)
+    schedule = (build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=1)
+                if family.endswith(SPLIT_SUFFIX) else family_schedule(family, num_ranks, num_microbatches, 1))
     return tuple(simulate(schedule, model).activation_bytes_peak)

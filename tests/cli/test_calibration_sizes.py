@@ -9,12 +9,14 @@ from pipefold.cli.plan_calibrate import (
     calibration_microbatches,
     calibration_sizes,
 )
-from pipefold.errors import ConfigError
+from pipefold.errors import ConfigError, ScheduleError
 from pipefold.job.calibration import (
+    CURVE_FAMILY,
     HELD_FAMILY,
     MAX_ROUNDS,
     SPLIT_FAMILY,
     blocks,
+    check_curve,
     check_held,
     check_sizes,
     check_split,
@@ -172,12 +174,35 @@ def test_check_split_refuses_a_family_without_a_split_backward_or_a_virtual_layo
                     SPLIT_FAMILY)
 
 
+def test_check_split_takes_a_family_with_every_backward_split_and_refuses_an_unknown_one():
+    config = load_config(overrides={"schedule.num_microbatches": 8})
+    check_split(config, "1f1b+split")
+    check_split(config, "zb-h1")  # the split block of calibrations before
+    with pytest.raises(ScheduleError, match="unknown schedule 'nope'"):
+        check_split(config, "nope+split")
+    with pytest.raises(ScheduleError, match="runs no whole backward"):
+        check_split(config, "zb-h1+split")
+
+
+def test_check_curve_refuses_an_unknown_family_or_a_virtual_layout():
+    config = load_config(overrides={"schedule.num_microbatches": 8})
+    check_curve(config, CURVE_FAMILY)
+    check_curve(config, None)  # no curve phase
+    with pytest.raises(ScheduleError, match="unknown schedule 'zb-h9'"):
+        check_curve(config, "zb-h9")
+    with pytest.raises(ConfigError, match="curve phase 'zb-h1': the pipeline runs 2 stages per rank"):
+        check_curve(load_config(overrides={"schedule.name": "interleaved-1f1b", "schedule.virtual": 2}),
+                    CURVE_FAMILY)
+
+
 def test_check_held_refuses_a_split_family_or_a_virtual_layout():
     config = load_config(overrides={"schedule.num_microbatches": 8})
     check_held(config, HELD_FAMILY)
     check_held(config, None)  # no held phase
-    with pytest.raises(ConfigError, match="'zb-h1' splits its backward; name a family that runs whole"):
+    with pytest.raises(ConfigError, match="'1f1b[+]split' splits its backward; name a family that runs"):
         check_held(config, SPLIT_FAMILY)
+    with pytest.raises(ConfigError, match="'zb-h1' splits its backward; name a family that runs whole"):
+        check_held(config, CURVE_FAMILY)
     with pytest.raises(ConfigError, match="held phase 'gpipe': the pipeline runs 2 stages per rank"):
         check_held(load_config(overrides={"schedule.name": "interleaved-1f1b", "schedule.virtual": 2}),
                    HELD_FAMILY)
@@ -207,6 +232,8 @@ def test_the_calibration_command_trains_what_pipefold_train_runs_by_default(tmp_
     words = calibration_command(plan_args, 2, DEFAULT_STEPS, tmp_path, hf=False)
     assert words[words.index("--microbatches") + 1] == "8,4,2,16,32"  # 4, 8, 16, 2 and 1 rows: none capped
     assert words[words.index("--held") + 1] == HELD_FAMILY  # run on a CPU host only
+    assert words[words.index("--curve") + 1] == CURVE_FAMILY  # so is the curve's block
+    assert words[words.index("--split") + 1] == SPLIT_FAMILY == "1f1b+split"
     train_words = words[words.index("--") + 1:]
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -69,9 +69,9 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert calibration["fit_error"] >= 0 and calibration["tied_exchange_s"] >= 0
     assert priced.action_overhead_s == calibration["action_overhead_s"] > 0
     assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
-    # The same launch ran zb-h1 on the same stages at the first size: the split backward's I and W
-    # are priced as it measured them, B kept as fitted (I + W = B + the layers' fixed seconds + 2 x
-    # the split's own per micro-batch and stage).
+    # The same launch ran 1F1B with each B as I then W on the same stages at the first size: the
+    # split backward's I and W are priced as it measured them, B kept as fitted (I + W = B + the
+    # layers' fixed seconds + 2 x the split's own per micro-batch and stage).
     assert priced.split_overhead_s == calibration["split_overhead_s"] >= 0
     assert len(calibration["weight_share"]) == 2 and all(0 <= x <= 1 for x in calibration["weight_share"])
     assert calibration["split_action_overhead_s"] > 0
@@ -79,15 +79,18 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
             at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
-    assert "split backward (zb-h1 at 8 rows)" in priced.source
+    assert "split backward (1f1b+split at 8 rows)" in priced.source
+    assert calibration["split_schedule"] == "1f1b+split"
     # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per
     # activation byte its rank holds, fitted against the bytes each block held (the planner's model).
     assert len(calibration["held_bytes"]) == len(calibration["held_block_bytes"]) == 2
     assert all(g > o > 0 for g, o in zip(calibration["held_block_bytes"], calibration["held_bytes"],
                                          strict=True))
-    # A curve through GPipe's ranks and zb-h1's that hold more than in 1F1B, each layer against the
-    # bytes its own rank held in the run.
-    assert len(calibration["held_split_bytes"]) == 2
+    # A curve through GPipe's ranks and zb-h1's (the curve block) that hold more than in 1F1B, each
+    # layer against the bytes its own rank held in the run; the split block held 1F1B's bytes.
+    assert calibration["held_split_bytes"] == calibration["held_bytes"]
+    assert len(calibration["held_curve_block_bytes"]) == 2 and calibration["curve_drift"] > 0
+    assert calibration["held_curve_block_bytes"][1] > calibration["held_bytes"][1]
     assert priced.held_curve == tuple(tuple(knot) for knot in calibration["held_curve"])
     assert priced.held_curve and all(f >= 1 and b >= 1 for _, f, b in priced.held_curve)
     bounds = calibration["bounds"]

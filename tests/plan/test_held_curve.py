@@ -166,3 +166,77 @@ def test_a_priced_step_is_never_below_the_unslowed_one():
     assert count > 0  # the curve priced something
     options = PlanOptions(num_ranks=2, global_batch=8, max_virtual=2, order_search_s=0.0)
     assert plan(costs, options).choice.step_time >= plan(plain, options).choice.step_time
+
+
+def _split_block(measured, run, load, split_on, forward_after_w=1.0):
+    """A "1f1b+split" block as the runtime measures it: its first stage's I and W run as one B
+    (fused: the halves of B), the others' I and W apart at the split's price; every time `load`x;
+    a split stage's F `forward_after_w`x (an F after a W, not after a B)."""
+    f = [t * load * (forward_after_w if stage in split_on else 1.0) for stage, t in enumerate(measured.f)]
+    i = [t * load if stage in split_on else run.b[stage] * load / 2 for stage, t in enumerate(measured.i)]
+    w = [t * load if stage in split_on else run.b[stage] * load / 2 for stage, t in enumerate(measured.w)]
+    return _run(f, run.b, i, w, action_overhead=50e-6 * load)
+
+
+def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_there():
+    # "1f1b+split" holds 1F1B's bytes on every rank, but its split stage runs each F after a W,
+    # 20% slower on this host: that is not the host's load, and divided out of its I and W it
+    # would price the split's seconds low. The drift comes from the fused first stage alone.
+    profile = _costs()
+    bounds, rows = (0, 2, 4), 1
+    base, split_bytes, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
+                                for family in ("1f1b", "1f1b+split", "gpipe"))
+    assert split_bytes == base  # the split in place holds what 1F1B holds
+    truth = replace(profile, split_overhead_s=0.004)
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
+    run = _run(measured.f, measured.b)
+    load = 1.1
+    split = _split_block(measured, run, load, {1}, forward_after_w=1.2)
+    block = _run([t * 1.13 for t in run.f], [t * 1.065 for t in run.b])
+    priced, calibration = at_run_prices(profile, run, bounds, rows, split=split, split_stages=[1],
+                                        held=HeldBlock(block, base, gpipe, split_bytes))
+    assert calibration.split_drift == pytest.approx(1 / load)
+    assert priced.split_overhead_s == pytest.approx(0.004)
+    model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+    assert model.i[1] == pytest.approx(measured.i[1]) and model.w[1] == pytest.approx(measured.w[1])
+    # Its ranks held no more: no points of its own on the curve (GPipe's alone here).
+    gpipe_excess = sorted({float(g - b) for g, b in zip(gpipe, base, strict=True)})
+    assert [knot[0] for knot in priced.held_curve] == gpipe_excess
+    # Where every stage ran I and W apart, its ranks that held no more give the drift, as before.
+    both = _split_block(measured, run, load, {0, 1})
+    _, every = at_run_prices(profile, run, bounds, rows, split=both,
+                             held=HeldBlock(block, base, gpipe, split_bytes))
+    assert every.split_drift == pytest.approx(1 / load)
+
+
+def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_splits_seconds():
+    profile = _costs()
+    bounds, rows = (0, 2, 4), 1
+    base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
+                                    for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))
+    assert zb[0] <= base[0] and zb[1] > base[1]
+    truth = replace(profile, split_overhead_s=0.004)
+    measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
+    run = _run(measured.f, measured.b)
+    # The curve block (zb-h1): F 1.08x on its last rank (its excess), the host 5% slower during it;
+    # its I and W carry whatever they carry, unused. The split block: 1F1B's bytes, the host 10% slower.
+    curve_load = 1.05
+    curve = _run([t * curve_load * k for t, k in zip(measured.f, (1.0, 1.08), strict=True)], measured.b,
+                 [t * 2.0 for t in measured.i], [t * 2.0 for t in measured.w])
+    split = _split_block(measured, run, 1.1, {1}, forward_after_w=1.2)
+    block = _run([t * 1.13 for t in run.f], [t * 1.065 for t in run.b])
+    held = HeldBlock(block, base, gpipe, split_bytes, curve, zb)
+    priced, calibration = at_run_prices(profile, run, bounds, rows, split=split, split_stages=[1], held=held)
+    assert calibration.curve_drift == pytest.approx(1 / curve_load)
+    assert calibration.held_curve_block_bytes == zb
+    assert held_factor(priced.held_curve, zb[1] - base[1])[0] == pytest.approx(1.08)
+    # The split's seconds are the split's own: no held factor divided out of them (its bytes are
+    # 1F1B's), none of zb-h1's slowdown left in them.
+    assert priced.split_overhead_s == pytest.approx(0.004)
+    model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
+    assert model.i[1] == pytest.approx(measured.i[1]) and model.w[1] == pytest.approx(measured.w[1])
+    # A curve block of other stages or peaks is refused, naming the fix.
+    with pytest.raises(ConfigError, match="the curve block measured 1 stages"):
+        at_run_prices(profile, run, bounds, rows, held=replace(held, curve=_run([1.0], [1.0])))
+    with pytest.raises(ConfigError, match="HeldBlock.curve_bytes has 1 peaks"):
+        at_run_prices(profile, run, bounds, rows, held=replace(held, curve_bytes=zb[:1]))
