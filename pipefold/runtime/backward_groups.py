@@ -105,7 +105,7 @@ class Direct:
 
     @property
     def planned_kind(self) -> str:
-        """`kind` as `PlanShape.directs` keeps it (a cast linear's marked: `from_planned`)."""
+        """`kind` as `PlanShape.directs` keeps it (a cast linear's marked: `direct_from_planned` reads it)."""
         return self.kind + _CAST_MARK if self.cast else self.kind
 
     def forget(self) -> None:
