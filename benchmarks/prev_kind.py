@@ -20,7 +20,8 @@ to measure it:
    4:8, the tied head and the loss) on one core, through the runtime's own backward functions,
    running in blocks of 8 micro-batches, alternated: `FB` (1F1B's last rank: F(k) B(k)), `FIW`
    (zb-h1's last rank: F(k) I(k) W(k-1), one I state held at each F), `FIW2` (zb-h2's last rank:
-   F(k) I(k) W(k-2), two held), `FIWs` (F(k) I(k) W(k): the split without a held state). Thread CPU medians of F and of the backward per micro-batch.
+   F(k) I(k) W(k-2), two held), `FIWs` (F(k) I(k) W(k): the split without a held state).
+   Thread CPU medians of F and of the backward per micro-batch.
 
 A benchmark, not a test: compare only rows of one invocation, and give the load.
 """
@@ -56,7 +57,8 @@ def _worker(train_args: list[str]) -> int:
     from pipefold.runtime.stage import Stage
 
     dump = Path(os.environ[_DUMP_ENV])
-    measured = getattr(report, "measured_cost_model")  # what the report prices costs.json with
+    # What the report prices costs.json with (getattr/setattr: the module does not export them).
+    measured = getattr(report, "measured_cost_model")  # noqa: B009
     calls: list[tuple[str, float, float]] = []
 
     def dumping(timelines: Any, *args: Any, **kwargs: Any) -> Any:
@@ -83,10 +85,10 @@ def _worker(train_args: list[str]) -> int:
         return call
 
     # The names the executor calls them by (it imports the backward functions into its module).
-    setattr(report, "measured_cost_model", dumping)
+    setattr(report, "measured_cost_model", dumping)  # noqa: B010
     for op, name in (("B", "backward_full"), ("I", "backward_input"), ("W", "backward_weight")):
         setattr(executor, name, timed(op, getattr(executor, name)))
-    setattr(Stage, "forward", timed("F", Stage.forward))
+    setattr(Stage, "forward", timed("F", Stage.forward))  # noqa: B010
     try:
         return main(["train", *train_args])
     finally:
@@ -131,7 +133,11 @@ def _launch(family: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }
 
 
-def group_by_previous(steps: list[list[list[tuple[str, int, int, float, float]]]]) -> dict[tuple[int, str, str], list[float]]:
+Events = list[list[tuple[str, int, int, float, float]]]
+"""One step's compute events per rank: (op, stage, micro-batch, start, end)."""
+
+
+def group_by_previous(steps: list[Events]) -> dict[tuple[int, str, str], list[float]]:
     """Durations keyed by (rank, op, the op of the compute action before it on the rank; "-" for
     a step's first action)."""
     grouped: dict[tuple[int, str, str], list[float]] = {}
@@ -144,7 +150,9 @@ def group_by_previous(steps: list[list[list[tuple[str, int, int, float, float]]]
     return grouped
 
 
-def calls_by_previous(calls: list[list[tuple[str, float, float]]]) -> dict[tuple[int, str, str], list[float]]:
+def calls_by_previous(
+    calls: list[list[tuple[str, float, float]]],
+) -> dict[tuple[int, str, str], list[float]]:
     """Thread CPU seconds of each call keyed by (rank, op, the op of the call before it)."""
     grouped: dict[tuple[int, str, str], list[float]] = {}
     for rank, rank_calls in enumerate(calls):
@@ -159,7 +167,10 @@ def _summary(launches: list[dict[str, Any]], field: str) -> dict[tuple[int, str,
     pooled: dict[tuple[int, str, str], list[float]] = {}
     per_round: dict[tuple[int, str, str], list[float]] = {}
     for launch in launches:
-        for key, values in (group_by_previous(launch["steps"]) if field == "steps" else calls_by_previous(launch["calls"])).items():
+        grouped = (
+            group_by_previous(launch["steps"]) if field == "steps" else calls_by_previous(launch["calls"])
+        )
+        for key, values in grouped.items():
             pooled.setdefault(key, []).extend(values)
             per_round.setdefault(key, []).append(statistics.median(values))
     return {
@@ -182,7 +193,13 @@ def one_process(dtype_name: str, iterations: int, block: int = 8) -> dict[str, d
 
     from pipefold.model.zoo import gpt_layers, gpt_loss
     from pipefold.model.zoo.gpt import tied_head
-    from pipefold.runtime.backward import GroupCache, WeightGradState, backward_full, backward_input, backward_weight
+    from pipefold.runtime.backward import (
+        GroupCache,
+        WeightGradState,
+        backward_full,
+        backward_input,
+        backward_weight,
+    )
     from pipefold.runtime.held_copies import casts_kept
     from pipefold.runtime.processes.allocator import keep_freed_memory
 
@@ -238,7 +255,8 @@ def one_process(dtype_name: str, iterations: int, block: int = 8) -> dict[str, d
                 for param in params:
                     param.grad = None  # a step's end
     return {
-        loop: {kind: statistics.median(values) * 1e3 for kind, values in rows.items()} | {"n": len(rows["F"])}
+        loop: {kind: statistics.median(values) * 1e3 for kind, values in rows.items()}
+        | {"n": len(rows["F"])}
         for loop, rows in found.items()
     }
 
@@ -248,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         rest = argv[1:]
         return _worker(rest[1:] if rest[:1] == ["--"] else rest)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--families", nargs="+", default=["1f1b", "zb-h1", "zb-h2"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30, help="train steps per launch (the last 10 are kept)")
