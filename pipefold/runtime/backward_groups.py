@@ -22,6 +22,7 @@ __all__ = [
     "accumulate_at",
     "accumulate_direct",
     "collector",
+    "direct_from_planned",
     "has_hooks",
     "match_direct",
 ]
@@ -97,6 +98,15 @@ class Direct:
     columns: int = -1
     """A linear's: the size the saved input's last dim must have (the weight's columns); -1
     where there is no weight."""
+    cast: bool = False
+    """A linear under autocast: its parameters reach it through their 16-bit casts
+    (`ToCopyBackward0`), so its product is in the compute dtype and is accumulated into the
+    parameters' own (fp32) gradients, as autograd's cast node and AccumulateGrad do."""
+
+    @property
+    def planned_kind(self) -> str:
+        """`kind` as `PlanShape.directs` keeps it (a cast linear's marked: `direct_from_planned` reads it)."""
+        return self.kind + _CAST_MARK if self.cast else self.kind
 
     def forget(self) -> None:
         """End the readiness memo: the next call checks the parameters in full."""
@@ -111,11 +121,34 @@ def _leaf_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
     return None
 
 
-def _transposed_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
-    """The group parameter reached through exactly one `TBackward0` (a linear weight)."""
+def _transposed_param(node: Node | None, params: dict[int, Tensor], *, cast: bool = False) -> Tensor | None:
+    """The group parameter reached through exactly one `TBackward0` (a linear weight); with
+    `cast`, through a `TBackward0` and then autocast's cast of the weight (`_cast_param`)."""
     if node is None or node.name() != "TBackward0" or len(node.next_functions) != 1:
         return None
+    child = node.next_functions[0][0]
+    return _cast_param(child, params) if cast else _leaf_param(child, params)
+
+
+def _cast_param(node: Node | None, params: dict[int, Tensor]) -> Tensor | None:
+    """The group parameter reached through exactly one `ToCopyBackward0` (autocast's 16-bit copy
+    of a weight or bias, whose backward casts the gradient back: `accumulate_at` does that)."""
+    if node is None or node.name() != "ToCopyBackward0" or len(node.next_functions) != 1:
+        return None
     return _leaf_param(node.next_functions[0][0], params)
+
+
+_CAST_MARK = "+cast"
+"""Appended to a cast linear's kind in `PlanShape.directs` (`Direct.planned_kind`)."""
+
+
+def direct_from_planned(
+    kind: str, weight: Tensor | None, bias: Tensor | None, slots: tuple[tuple[int, Tensor], ...]
+) -> Direct:
+    """The `Direct` a planned kind (`Direct.planned_kind`) and its parameters describe."""
+    if kind.endswith(_CAST_MARK):
+        return Direct(kind[: -len(_CAST_MARK)], weight, bias, slots, cast=True)
+    return Direct(kind, weight, bias, slots)
 
 
 _DIRECT_NODES = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0", "CompiledFunctionBackward"}
@@ -141,14 +174,21 @@ def match_direct(group: Group, *, check_hooks: bool = True) -> Direct | None:
         return match_compiled(group, node, params, check_hooks=check_hooks)
     weight: Tensor | None
     bias: Tensor | None = None
+    cast = False
     if name == "AddmmBackward0" and len(edges) == 3:  # addmm(self=bias, mat1=input, mat2=weight.t())
         kind, weight = "addmm", _transposed_param(edges[2][0], params)
+        if weight is None:  # under autocast: mat2 = the weight's 16-bit cast, transposed
+            weight = _transposed_param(edges[2][0], params, cast=True)
+            cast = weight is not None
         if edges[0][0] is not None:
-            bias = _leaf_param(edges[0][0], params)
+            bias = _cast_param(edges[0][0], params) if cast else _leaf_param(edges[0][0], params)
             if bias is None:
                 return None
     elif name == "MmBackward0" and len(edges) == 2:  # mm(self=input, mat2=weight.t())
         kind, weight = "mm", _transposed_param(edges[1][0], params)
+        if weight is None:
+            weight = _transposed_param(edges[1][0], params, cast=True)
+            cast = weight is not None
     elif name == "NativeLayerNormBackward0" and len(edges) == 3:  # (input, weight, bias)
         kind, weight = "layer_norm", _leaf_param(edges[1][0], params)
         if edges[2][0] is not None:
@@ -164,7 +204,7 @@ def match_direct(group: Group, *, check_hooks: bool = True) -> Direct | None:
         return None
     if check_hooks and any(has_hooks(param) for param in found):
         return None
-    return Direct(kind, weight, bias)
+    return Direct(kind, weight, bias, cast=cast)
 
 
 def match_compiled(
@@ -323,12 +363,25 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         weight_grad, bias_grad = direct.weight_slot, direct.bias_slot
     else:
         direct.ready = None
+        # A cast linear's parameters and gradients are in their own dtype (autocast's fp32
+        # masters), its product in the compute dtype: a real cast, on the same device (a
+        # `ToCopyBackward0` that moved devices takes autograd's path).
+        owned = dtype
+        if direct.cast:
+            owned = (weight if weight is not None else bias).dtype  # type: ignore[union-attr]  # match_direct found one
+            if owned is dtype or any(p is not None and p.device != grad.device for p in (weight, bias)):
+                return False
+        elif direct.kind == "layer_norm":
+            # A 16-bit input normed with fp32 parameters (CPU autocast keeps layer norm's
+            # parameters uncast): the kernel returns their gradients in their own dtype, as
+            # autograd's node does (`_layer_norm_direct` checks).
+            owned = (weight if weight is not None else bias).dtype  # type: ignore[union-attr]  # match_direct found one
         if weight is not None:
-            ready, weight_grad = _ready(weight, dtype)
+            ready, weight_grad = _ready(weight, owned)
             if not ready:
                 return False
         if bias is not None:
-            ready, bias_grad = _ready(bias, dtype)
+            ready, bias_grad = _ready(bias, owned)
             if not ready:
                 return False
         if direct.kind != "layer_norm":
@@ -359,6 +412,24 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
     ):
         return False
     # The gradient slots as checked: nothing runs between the check and the write.
+    if direct.cast:
+        # Autograd's path: the product in the compute dtype (mm_mat2_backward on the cast
+        # weight's transpose, transposed back), `ToCopyBackward0` casting it to the master's
+        # dtype, AccumulateGrad adding it: the same bits (an add_ of a 16-bit tensor into an
+        # fp32 one converts it exactly first).
+        if weight is not None:
+            product = _mm(grad.mT, saved_input)
+            if weight_grad is None:
+                weight.grad = direct.weight_slot = product.to(weight.dtype)
+            else:
+                weight_grad.add_(product)
+        if bias is not None:
+            summed = _sum(grad, 0)
+            if bias_grad is None:
+                bias.grad = direct.bias_slot = summed.to(bias.dtype)
+            else:
+                bias_grad.add_(summed)
+        return True
     if weight is not None:
         # The product autograd forms for a linear weight (mm_mat2_backward on W.t(),
         # transposed back), accumulated inside the GEMM.
@@ -426,6 +497,10 @@ def _layer_norm_direct(
         bias if bias is not None else node._saved_bias,  # type: ignore[attr-defined]
         [False, weight is not None, bias is not None],
     )
+    if (weight is not None and weight_grad.dtype is not weight.dtype) or (
+        bias is not None and bias_grad.dtype is not bias.dtype
+    ):
+        return False  # nothing written: autograd's path (which casts as AccumulateGrad would)
     if weight is not None:
         if weight_slot is None:
             weight.grad = direct.weight_slot = _contiguous(weight_grad)

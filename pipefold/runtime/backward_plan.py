@@ -25,6 +25,7 @@ from pipefold.runtime.backward_groups import (
     Direct,
     Frontier,
     Group,
+    direct_from_planned,
     has_hooks,
     match_direct,
 )
@@ -488,7 +489,7 @@ def _prepare(
     if found is None:
         return group_params, None
     kind, _, weight, bias, slots = found
-    return group_params, Direct(
+    return group_params, direct_from_planned(
         kind,
         params[weight] if weight >= 0 else None,
         params[bias] if bias >= 0 else None,
@@ -521,7 +522,7 @@ def _shape_of(
             None
             if found is None
             else (
-                found.kind,
+                found.planned_kind,
                 node_at[group.frontiers[0].node],
                 -1 if found.weight is None else param_at[id(found.weight)],
                 -1 if found.bias is None else param_at[id(found.bias)],

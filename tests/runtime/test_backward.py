@@ -780,3 +780,54 @@ def test_group_cache_follows_the_shape_after_its_last_one(monkeypatch):
         assert found.setdefault(wide, shape) is shape
         assert cache.shape(key) is shape
     assert found[False] is not found[True]
+
+
+class _AutocastStage(nn.Module):
+    """A layer norm, a linear with a bias and one without (a tied head's `mm`), run under CPU
+    autocast in bf16 as a mixed-precision stage runs: the linears see 16-bit casts of their fp32
+    weights (`ToCopyBackward0` between the product and the weight), the layer norm a 16-bit
+    input with its fp32 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc = nn.Linear(D, 2 * D)
+        self.head = nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.head(torch.relu(self.fc(self.norm(x))))
+
+
+def test_direct_w_under_autocast_equals_b_bit_for_bit_without_the_engine(monkeypatch):
+    """W computes autocast's linears and layer norms itself: the product in bf16, cast and
+    accumulated into the fp32 gradients as autograd's cast node and AccumulateGrad do."""
+    torch.manual_seed(0)
+    module = _AutocastStage()
+    xs = [torch.randn(3, 5, D).to(torch.bfloat16) for _ in range(3)]
+    params = list(module.parameters())
+
+    def run(split: bool) -> list[Tensor]:
+        for param in params:
+            param.grad = None
+        states = []
+        for mb, x in enumerate(xs):
+            inputs = _stage_inputs((x,))
+            outputs = _as_tuple(module(*inputs))
+            grads = tuple(g.to(torch.bfloat16) for g in _output_grads(outputs, 30 + mb) if g is not None)
+            if split:
+                states.append(backward_input(outputs, grads, inputs, params)[1])
+            else:
+                backward_full(outputs, grads, inputs)
+        calls = _engine_calls(monkeypatch)
+        for state in states:  # in B's order, so the sums' order is B's too
+            backward_weight(state)
+        assert not calls, "W ran autograd although every group has a direct form under autocast"
+        return [p.grad.clone() for p in params]  # type: ignore[union-attr]
+
+    split = run(True)
+    monkeypatch.undo()
+    whole = run(False)
+    assert all(p.dtype == torch.float32 for p in split)
+    for got, want in zip(split, whole, strict=True):
+        assert torch.equal(got, want)
