@@ -269,7 +269,7 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     from pipefold.cli.plan_calibrate import _bounds, _held_block
     from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import at_run_prices, first_stage_backward
-    from pipefold.plan.held_cost import fit_held_slope, order_held_bytes, with_held_cost
+    from pipefold.plan.held_cost import family_state_weights, fit_held_slope, order_held_bytes, with_held_cost
     from pipefold.plan.stages import StageLayout, stage_cost_model
     from pipefold.simulate import CostModel, Link
 
@@ -296,7 +296,8 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
 
     def model(priced: ModelCosts, family: str) -> CostModel:
         base = first_stage_backward(stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds)
-        return with_held_cost(base, priced, placement, peaks[family], bounds)
+        states = family_state_weights(family, len(placement), count, 1) if priced.held_state_forward else ()
+        return with_held_cost(base, priced, placement, peaks[family], bounds, states)
 
     families: dict[str, Any] = {}
     for family in FAMILIES[1:]:

@@ -90,16 +90,19 @@ def _run_schedule(run: dict[str, Any], schedule_file: Path | None, args: argpars
 
 def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | None,
           args: argparse.Namespace, bounds: tuple[int, ...]) -> Any:
-    """`model` with each rank slowed by the activations it holds in the run's schedule, as the plan
-    prices it (`pipefold.plan.held_cost`); `model` itself where the costs price none."""
+    """`model` with each rank slowed by the activations and I states it holds in the run's
+    schedule, as the plan prices it (`pipefold.plan.held_cost`, `held_states`); `model` itself
+    where the costs price none."""
     from pipefold.plan.held_cost import prices_held, with_held_cost
+    from pipefold.plan.held_states import stage_state_weights
     from pipefold.simulate import simulate
 
     if not prices_held(costs):
         return model
     schedule = _run_schedule(run, schedule_file, args)
     peaks = simulate(schedule, model).activation_bytes_peak
-    return with_held_cost(model, costs, schedule.placement, peaks, bounds)
+    states = stage_state_weights(schedule) if costs.held_state_forward > 0 else ()
+    return with_held_cost(model, costs, schedule.placement, peaks, bounds, states)
 
 
 def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...],

@@ -22,9 +22,10 @@ the same stages, order and activations held) for a few steps at the first count,
 backward's I and W are priced as the ranks run them too (`ModelCosts.split_overhead_s`, W's
 share per stage). On a CPU host it also runs GPipe and zb-h1 on the same stages for a few steps
 each, so an action's slowdown with the activation memory its rank holds is priced, on a curve
-through GPipe's ranks and zb-h1's ranks that hold more than in 1F1B (`ModelCosts.held_curve`,
-`pipefold.plan.held_cost`); a GPU's kernels do not slow so, and GPipe could exceed the memory
-1F1B fits in. Every candidate,
+through GPipe's ranks (`ModelCosts.held_curve`, `pipefold.plan.held_cost`), and an F's slowdown
+with the I states its rank holds (input-gradient backwards waiting for their W), from zb-h1's last
+rank (`ModelCosts.held_state_forward`, `pipefold.plan.held_states`); a GPU's kernels do not slow
+so, and GPipe could exceed the memory 1F1B fits in. Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
 without link flags a message costs the run's measured latency. It costs one launch of the
@@ -51,7 +52,7 @@ from pipefold.job.calibration_size import CalibrationSize, format_sizes
 from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
-from pipefold.plan.held_cost import order_held_bytes
+from pipefold.plan.held_cost import family_state_weights, order_held_bytes
 from pipefold.simulate import CostModel
 
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_microbatches",
@@ -141,6 +142,8 @@ class Calibrated:
             ("zb-h1", cal.held_curve_block_bytes), (cal.split_schedule or "zb-h1", split_bytes)) if values)
         held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
                 f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
+                + (f"; an F x{1 + cal.held_state_forward:.3f} with one I state held (zb-h1)"
+                   if cal.held_state_forward else "")
                 if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
@@ -173,6 +176,7 @@ class Calibrated:
                 "held_split_bytes": list(cal.held_split_bytes),
                 "held_curve": [list(knot) for knot in cal.held_curve], "split_drift": cal.split_drift,
                 "held_curve_block_bytes": list(cal.held_curve_block_bytes), "curve_drift": cal.curve_drift,
+                "held_state_forward": cal.held_state_forward,
                 "split_schedule": cal.split_schedule,
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
@@ -363,7 +367,9 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
                      order_held_bytes(costs, bounds, rows, str(first["schedule"]), ranks, count),
                      held_by(phase), () if split is None else held_by(split),
                      None if curve is None else CostModel.from_json(curve["costs"]),
-                     () if curve is None else held_by(curve))
+                     () if curve is None else held_by(curve),
+                     () if curve is None else family_state_weights(str(curve["schedule"]), ranks,
+                                                                   int(curve["num_microbatches"]), 1))
 
 
 def calibrate(

@@ -55,6 +55,7 @@ import numpy as np
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
+from pipefold.plan.held_states import fit_state_slowdown
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
@@ -187,6 +188,9 @@ class RunCalibration:
     empty where the run had none."""
     curve_drift: float | None = None
     """The host's drift between the 1F1B and curve blocks (`_block_drift`); None: no curve block."""
+    held_state_forward: float = 0.0
+    """`s(1)`, the extra fraction of an F's time with one I state held, fitted on the curve block
+    (`ModelCosts.held_state_forward`); 0: not fitted."""
     split_schedule: str = ""
     """The split block's order ("1f1b+split"; "zb-h1" before), as its run named it; empty: none run."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
@@ -216,6 +220,11 @@ class HeldBlock:
     and W carry the split's own seconds); None: none run."""
     curve_bytes: tuple[int, ...] = ()
     """Per rank, the activation peak of the curve block's family; given with `curve`."""
+    curve_state_weights: tuple[float, ...] = ()
+    """Per stage, the mean `s(n) / s(1)` over the curve block's F of the I states their rank held
+    (`pipefold.plan.held_states.stage_state_weights` of its order). Given: its F ratios fit the
+    I-state term (`ModelCosts.held_state_forward`) and the held curve takes GPipe's points alone;
+    empty (the callers before the term): its ranks that held more are the curve's points."""
 
 
 def at_run_prices(
@@ -295,19 +304,26 @@ def at_run_prices(
     split_backward = [1.0] * layout.num_stages  # per stage, the split block's held B factor
     split_on = frozenset(range(layout.num_stages) if split_stages is None else split_stages)
     curve_drift: float | None = None
+    state_forward = 0.0
     if held is not None:
         _check_held(run, held, on)
         if split is not None and held.split_bytes:
             drift = _block_drift(run, split, held.run_bytes, held.split_bytes, on, split_on)
         if held.curve is not None:
             curve_drift = _block_drift(run, held.curve, held.run_bytes, held.curve_bytes, on)
-        held_curve = _held_curve(run, held, on, split, drift, curve_drift)
+        states = bool(held.curve_state_weights)
+        # With the I states counted, the curve block's slowdown is theirs, not its bytes': the
+        # curve keeps GPipe's points (which hold no I state) and the block fits the state term.
+        held_curve = _held_curve(run, replace(held, curve=None) if states else held, on, split, drift,
+                                 curve_drift)
+        if states:
+            state_forward = _state_slowdown(run, held, on, held_curve, curve_drift)
         # Each layer's measured time is its time at the bytes its own rank held in the run.
         references = tuple(float(held.run_bytes[on[stage]]) for stage, (start, stop)
                            in enumerate(zip(layout.bounds, layout.bounds[1:], strict=False))
                            for _ in range(start, stop))
         priced = replace(priced, held_curve=held_curve, held_reference_layer_bytes=references,
-                         held_reference_bytes=float(max(held.run_bytes)))
+                         held_reference_bytes=float(max(held.run_bytes)), held_state_forward=state_forward)
         if held.split_bytes:
             split_backward = [held_factor(held_curve, held.split_bytes[rank] - held.run_bytes[rank])[1]
                               for rank in on]
@@ -336,6 +352,7 @@ def at_run_prices(
         held_split_bytes=() if held is None else held.split_bytes, held_curve=held_curve,
         split_drift=drift, row_scales=priced.row_scales,
         held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
+        held_state_forward=state_forward,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -395,6 +412,23 @@ def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], blo
     unsplit = [stage for stage in steady if stage not in split_stages]
     chosen = unsplit or steady
     return statistics.fmean(_ratio(run.f[stage], block.f[stage]) for stage in chosen) if chosen else 1.0
+
+
+def _state_slowdown(run: CostModel, held: HeldBlock, placement: Sequence[int], curve: HeldCurve,
+                    curve_drift: float | None) -> float:
+    """`s(1)` (`fit_state_slowdown`) from the curve block: per stage, its F over the run's, the
+    host's drift (`curve_drift`, from the ranks that held no more) and the bytes curve's F factor
+    at what its rank held beyond the run taken out, against the I states its rank held at its F."""
+    if held.curve is None or len(held.curve_state_weights) != held.curve.num_stages:
+        stages = 0 if held.curve is None else held.curve.num_stages
+        raise ConfigError(f"HeldBlock.curve_state_weights has {len(held.curve_state_weights)} entries for "
+                          f"{stages} curve-block stages; give one per stage with the curve block "
+                          "(stage_state_weights of its order)")
+    scale = 1.0 if curve_drift is None else curve_drift
+    ratios = [_ratio(held.curve.f[stage] * scale, run.f[stage])
+              / held_factor(curve, held.curve_bytes[rank] - held.run_bytes[rank])[0]
+              for stage, rank in enumerate(placement)]
+    return fit_state_slowdown(ratios, held.curve_state_weights)
 
 
 def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split: CostModel | None,

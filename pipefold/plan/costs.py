@@ -182,7 +182,7 @@ _FIELDS = (
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
-    "row_scales", "held_curve", "held_reference_layer_bytes",
+    "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward",
 )
 
 
@@ -265,6 +265,11 @@ class ModelCosts:
     """Per layer, the activation bytes its rank held in the calibration's 1F1B run (the planner's
     memory model): its measured time is its time at those bytes. Empty: `held_reference_bytes`
     for every layer."""
+    held_state_forward: float = 0.0
+    """`s(1)`: the extra fraction of an F's time on a rank that holds one I state (an input-gradient
+    backward whose W has not run), more states priced by `pipefold.plan.held_states.state_weight`
+    (fitted by `pipefold plan --profile`'s calibration from its zb-h1 block; then the held curve
+    holds GPipe's points alone). 0: not priced (costs without that block, hardware presets)."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -316,7 +321,8 @@ class ModelCosts:
         for name in ("input_bytes", "gradient_bytes_per_parameter_byte", "optimizer_bytes_per_parameter_byte",
                      "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
-                     "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes"):
+                     "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
+                     "held_state_forward"):
             _non_negative("ModelCosts", name, getattr(self, name))
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(
@@ -495,6 +501,8 @@ class ModelCosts:
         data["row_scales"] = [list(entry) for entry in self.row_scales]
         data["held_curve"] = [list(entry) for entry in self.held_curve]
         data["held_reference_layer_bytes"] = list(self.held_reference_layer_bytes)
+        if not self.held_state_forward:  # written only where priced: costs without it read as before
+            del data["held_state_forward"]
         return data
 
     @classmethod

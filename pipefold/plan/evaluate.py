@@ -14,7 +14,7 @@ from pipefold.errors import ConfigError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
-from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
+from pipefold.plan.held_cost import family_state_weights, held_extra, prices_held, with_held_cost
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
 from pipefold.plan.orders import (
     compiled_family,
@@ -82,8 +82,9 @@ def evaluate(
     held: tuple[tuple[float, float], ...] = ()
     if prices_held(costs):  # each rank slowed by the activations it holds (plan.held_cost)
         peaks = _order_peaks(config, sizes, model)
-        held = held_extra(costs, peaks, placement, bounds)
-        model = with_held_cost(model, costs, placement, peaks, bounds)
+        states = family_state_weights(config.schedule, *sizes) if costs.held_state_forward > 0 else ()
+        held = held_extra(costs, peaks, placement, bounds, states)
+        model = with_held_cost(model, costs, placement, peaks, bounds, states)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks,
                                 rerun_copies(costs, config.schedule, shard))
     sync_link = link if dp_link is None else dp_link

@@ -33,24 +33,28 @@ the blocks) price as before, and nothing extra is computed for them (`prices_hel
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.held_curve import HeldCurve, check_held_curve, fit_held_curve, held_factor
+from pipefold.plan.held_states import stage_state_factors, stage_state_weights
 from pipefold.plan.orders import family_schedule
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule.split_backward import SPLIT_SUFFIX, build_named
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["HeldCurve", "check_held_curve", "fit_held_curve", "fit_held_slope", "held_extra", "held_factor",
+__all__ = ["HeldCurve", "check_held_curve", "family_state_weights", "fit_held_curve", "fit_held_slope",
+           "held_extra", "held_factor",
            "order_held_bytes", "prices_held", "stage_held_factors", "with_held_cost"]
 
 
 def prices_held(costs: ModelCosts) -> bool:
     """Whether `costs` slow a rank's actions by the activations it holds (a curve or a fitted slope)."""
-    return bool(costs.held_curve) or costs.held_forward_per_byte > 0 or costs.held_backward_per_byte > 0
+    return (bool(costs.held_curve) or costs.held_forward_per_byte > 0 or costs.held_backward_per_byte > 0
+            or costs.held_state_forward > 0)
 
 
 def fit_held_slope(
@@ -127,21 +131,30 @@ def stage_held_factors(costs: ModelCosts, bounds: Sequence[int], placement: Sequ
                  for start, stop, rank in zip(bounds, bounds[1:], placement, strict=False))
 
 
-def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int], bounds: Sequence[int]
-               ) -> tuple[tuple[float, float], ...]:
+def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int], bounds: Sequence[int],
+               state_weights: Sequence[float] = ()) -> tuple[tuple[float, float], ...]:
     """Per rank, the extra fraction of its F and of its B (I and W alike) for holding `peaks[rank]`
-    activation bytes: its stages' factors (`_layers_factor`) weighted by their layers' time, less 1."""
+    activation bytes (and, with `state_weights`, F for the I states it holds: `with_held_cost`):
+    its stages' factors (`_layers_factor`) weighted by their layers' time, less 1."""
     _check_stages(bounds, placement, peaks)
+    states = (stage_state_factors(state_weights, costs.held_state_forward)
+              if state_weights and costs.held_state_forward > 0 else (1.0,) * (len(bounds) - 1))
     extra = []
     for rank, peak in enumerate(peaks):
-        parts = [(_layers_factor(costs, start, stop, peak),
+        parts = [(_with_states(_layers_factor(costs, start, stop, peak), states[stage]),
                   sum(layer.forward_s + layer.fixed_s for layer in costs.layers[start:stop]),
                   sum(layer.backward_s + layer.fixed_s for layer in costs.layers[start:stop]))
-                 for start, stop, on in zip(bounds, bounds[1:], placement, strict=False) if on == rank]
+                 for stage, (start, stop, on) in enumerate(zip(bounds, bounds[1:], placement, strict=False))
+                 if on == rank]
         forward = _weighted([(factor[0], weight) for factor, weight, _ in parts])
         backward = _weighted([(factor[1], weight) for factor, _, weight in parts])
         extra.append((forward - 1, backward - 1))
     return tuple(extra)
+
+
+def _with_states(factors: tuple[float, float], state_factor: float) -> tuple[float, float]:
+    """F and B factors with F's I-state factor in (B holds no I state)."""
+    return factors[0] * state_factor, factors[1]
 
 
 def _weighted(pairs: Sequence[tuple[float, float]]) -> float:
@@ -155,13 +168,21 @@ def _weighted(pairs: Sequence[tuple[float, float]]) -> float:
 
 
 def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int], peaks: Sequence[int],
-                   bounds: Sequence[int]) -> CostModel:
+                   bounds: Sequence[int], state_weights: Sequence[float] = ()) -> CostModel:
     """`model` (the stages of the partition `bounds`) with each stage's F scaled by its F factor and
-    its I, W and B by its B factor (`stage_held_factors`); `model` itself where every factor is 1."""
+    its I, W and B by its B factor (`stage_held_factors`); `model` itself where every factor is 1.
+    With `state_weights` (the order's `pipefold.plan.held_states.stage_state_weights`) and costs
+    that price held I states (`ModelCosts.held_state_forward`), each stage's F also by its
+    I-state factor (`stage_state_factors`); empty: none counted."""
     factors = stage_held_factors(costs, bounds, placement, peaks)
-    if all(f == 1 and b == 1 for f, b in factors):
+    states = (stage_state_factors(state_weights, costs.held_state_forward)
+              if state_weights and costs.held_state_forward > 0 else (1.0,) * len(factors))
+    if len(states) != len(factors):
+        raise ConfigError(f"held I-state price: state_weights for {len(states)} stages, the partition "
+                          f"{list(bounds)} {len(factors)}; price the order on its own partition")
+    if all(f == 1 and b == 1 for f, b in factors) and all(k == 1 for k in states):
         return model
-    forward = [f for f, _ in factors]
+    forward = [f * k for (f, _), k in zip(factors, states, strict=True)]
     backward = [b for _, b in factors]
     return replace(
         model,
@@ -170,6 +191,18 @@ def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int]
         w=tuple(t * k for t, k in zip(model.w, backward, strict=True)),
         b=tuple(t * k for t, k in zip(model.b, backward, strict=True)),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def family_state_weights(family: str, num_ranks: int, num_microbatches: int, num_virtual: int
+                         ) -> tuple[float, ...]:
+    """`stage_state_weights` of a family's order (`FAMILY+split` as `order_held_bytes` builds it),
+    kept per order (a tuple of floats per stage): the planner prices each family at many partitions."""
+    schedule = (build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                            num_virtual=num_virtual)
+                if family.endswith(SPLIT_SUFFIX) else family_schedule(family, num_ranks, num_microbatches,
+                                                                       num_virtual))
+    return stage_state_weights(schedule)
 
 
 def order_held_bytes(costs: ModelCosts, bounds: Sequence[int], rows: int, family: str, num_ranks: int,

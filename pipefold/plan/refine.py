@@ -15,6 +15,7 @@ from pipefold.errors import ScheduleError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
+from pipefold.plan.held_states import stage_state_weights
 from pipefold.plan.memory import (
     RankMemory,
     excess_per_rank,
@@ -123,8 +124,9 @@ def search_order(
         # The order was searched on the costs as measured; its ranks then pay for the activations
         # they hold (the order fixes the peaks: plan.held_cost), as `evaluate` prices a family.
         peaks = tuple(rank.activations for rank in memory)
-        held = held_extra(costs, peaks, found.schedule.placement, choice.bounds)
-        model = with_held_cost(model, costs, found.schedule.placement, peaks, choice.bounds)
+        states = stage_state_weights(found.schedule) if costs.held_state_forward > 0 else ()
+        held = held_extra(costs, peaks, found.schedule.placement, choice.bounds, states)
+        model = with_held_cost(model, costs, found.schedule.placement, peaks, choice.bounds, states)
         makespan, bubble, memory = _priced_order(found.schedule, model, costs, transient)
     if recast:
         memory = without_held_casts(memory)
