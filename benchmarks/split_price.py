@@ -39,24 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
-TRAIN = [
-    "--batch-size",
-    "32",
-    "--ranks",
-    "2",
-    "--microbatches",
-    "8",
-    "--partition",
-    "4,4",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-    "--set",
-    "sample_tokens=0",
-    "--set",
-    "eval_every=0",
-]
+# The launches' train flags: held_curve.py's, so both benchmarks launch the same job.
+from benchmarks.held_curve import TRAIN  # noqa: E402
 CONFIGURATIONS = {
     "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
     "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
