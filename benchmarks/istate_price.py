@@ -184,23 +184,10 @@ def _table(
 
 
 def main() -> None:
-    from benchmarks.planner import _train
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calibrations", type=int, default=2, help="calibration runs (default 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the launches (default 3)")
-    parser.add_argument("--steps", type=int, default=8, help="steps per launch (default 8)")
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="first steps of each launch left out (default 2)"
-    )
-    parser.add_argument(
-        "--costs",
-        type=Path,
-        help="the profile whose memory model gives the blocks' bytes "
-        "(default: a quick `pipefold profile` of the model)",
-    )
+    split_price.add_run_arguments(parser, rounds=3)
     parser.add_argument("--json", type=Path, help="also write the launches and calibrations here")
     parser.add_argument(
         "--min-share",
@@ -227,32 +214,15 @@ def main() -> None:
         parser.error("give --steps above --warmup, and at least one calibration and one round")
     print(f"work folder {work}", file=sys.stderr)
     costs = split_price._profile_costs(argparse.Namespace(costs=args.costs), work)
-    train = argparse.Namespace(steps=args.steps, warmup=args.warmup, batch_size=32, device="cpu")
-    calibrations: list[str] = []
-    rounds: list[dict[str, Any]] = []
-    for index in range(max(args.calibrations, args.rounds)):
-        # Calibrations and rounds alternate, so a change of the host's load meets both.
-        if index < args.calibrations:
-            print(f"calibration {index + 1} (load {split_price._load()})", file=sys.stderr)
-            calibrations.append(str(split_price._calibrate(work / f"cal{index}")))
-        if index < args.rounds:
-            runs = {
-                label: {**_train(words, train, work / f"r{index}_{number}"), "load": split_price._load()}
-                for number, (label, words) in enumerate(CONFIGURATIONS.items())
-            }
-            print(
-                f"round {index + 1}: "
-                + ", ".join(
-                    f"{label} share {run['core_share']:.2f} (load {run['load']})"
-                    for label, run in runs.items()
-                ),
-                file=sys.stderr,
-            )
-            rounds.append(runs)
+    train = split_price.train_options(args)
+
+    def write(calibrations: list[Path], rounds: list[dict[str, Any]]) -> None:
         if args.json is not None:
-            args.json.write_text(
-                json.dumps({"costs": str(costs), "calibrations": calibrations, "rounds": rounds}, indent=1)
-            )
+            args.json.write_text(json.dumps(
+                {"costs": str(costs), "calibrations": [str(path) for path in calibrations], "rounds": rounds},
+                indent=1))
+
+    calibrations, rounds = split_price.alternate_runs(args, train, work, CONFIGURATIONS, write)
     _table([_priced(costs, Path(path)) for path in calibrations], rounds, work, args.min_share)
 
 

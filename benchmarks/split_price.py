@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,14 +255,11 @@ def _print_table(priced: list[dict[str, Any]], rounds: list[dict[str, Any]], wor
     return table
 
 
-def main() -> None:
-    from benchmarks.planner import _train
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The flags of a benchmark that alternates calibrations with rounds of launches
+    (`alternate_runs`): this one's and `istate_price.py`'s."""
     parser.add_argument("--calibrations", type=int, default=2, help="calibration runs (default 2)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of the launches (default 4)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds of the launches (default {rounds})")
     parser.add_argument("--steps", type=int, default=8, help="steps per launch (default 8)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="first steps of each launch left out (default 2)"
@@ -272,6 +270,56 @@ def main() -> None:
         help="model costs whose memory model gives the blocks' bytes "
         "(default: a quick `pipefold profile` of the model)",
     )
+
+
+def train_options(args: argparse.Namespace) -> argparse.Namespace:
+    """What `benchmarks.planner._train` reads, from `add_run_arguments`' flags."""
+    return argparse.Namespace(steps=args.steps, warmup=args.warmup, batch_size=32, device="cpu")
+
+
+def alternate_runs(
+    args: argparse.Namespace,
+    train: argparse.Namespace,
+    work: Path,
+    configurations: dict[str, list[str]],
+    after_each: Callable[[list[Path], list[dict[str, Any]]], None] | None = None,
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """`args.calibrations` calibration runs and `args.rounds` rounds of `configurations` launched
+    in turn, alternated (a calibration, then a round), so a change of the host's load meets both;
+    each launch keeps the load it started at. `after_each` sees both lists after each step (to
+    write them as they grow). Returns the calibrations' result files and the rounds."""
+    from benchmarks.planner import _train
+
+    calibrations: list[Path] = []
+    rounds: list[dict[str, Any]] = []
+    for index in range(max(args.calibrations, args.rounds)):
+        if index < args.calibrations:
+            print(f"calibration {index + 1} (load {_load()})", file=sys.stderr)
+            calibrations.append(_calibrate(work / f"cal{index}"))
+        if index < args.rounds:
+            runs: dict[str, dict[str, Any]] = {}
+            for label, words in configurations.items():
+                load = _load()
+                runs[label] = {**_train(words, train, work / f"r{index}_{len(runs)}"), "load": load}
+            print(
+                f"round {index + 1}: "
+                + ", ".join(
+                    f"{label} share {run['core_share']:.2f} (load {run['load']})"
+                    for label, run in runs.items()
+                ),
+                file=sys.stderr,
+            )
+            rounds.append(runs)
+        if after_each is not None:
+            after_each(calibrations, rounds)
+    return calibrations, rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, rounds=4)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--from", dest="stored", type=Path, metavar="JSON", help="reprint a stored --json's tables"
@@ -285,30 +333,12 @@ def main() -> None:
         return
     if args.steps <= args.warmup or args.calibrations < 1 or args.rounds < 1:
         parser.error("give --steps above --warmup, and at least one calibration and one round")
-    train = argparse.Namespace(steps=args.steps, warmup=args.warmup, batch_size=32, device="cpu")
+    train = train_options(args)
     work = Path(tempfile.mkdtemp(prefix="pipefold-split-price-"))
     print(f"work folder {work}", file=sys.stderr)
     costs = _profile_costs(args, work)
-    priced, rounds = [], []
-    for index in range(max(args.calibrations, args.rounds)):
-        # Calibrations and rounds alternate, so a change of the host's load meets both.
-        if index < args.calibrations:
-            print(f"calibration {index + 1} (load {_load()})", file=sys.stderr)
-            priced.append(_priced(costs, _calibrate(work / f"cal{index}")))
-        if index < args.rounds:
-            runs: dict[str, dict[str, Any]] = {}
-            for label, words in CONFIGURATIONS.items():
-                load = _load()
-                runs[label] = {**_train(words, train, work / f"r{index}_{len(runs)}"), "load": load}
-            print(
-                f"round {index + 1}: "
-                + ", ".join(
-                    f"{label} share {run['core_share']:.2f} (load {run['load']})"
-                    for label, run in runs.items()
-                ),
-                file=sys.stderr,
-            )
-            rounds.append(runs)
+    calibrations, rounds = alternate_runs(args, train, work, CONFIGURATIONS)
+    priced = [_priced(costs, path) for path in calibrations]
     for index, layouts in enumerate(priced, start=1):
         print(
             f"calibration {index}: "

@@ -43,6 +43,7 @@ from pipefold.plan.held_curve import HeldCurve, check_held_curve, fit_held_curve
 from pipefold.plan.held_states import stage_state_factors, stage_state_weights
 from pipefold.plan.orders import family_schedule
 from pipefold.plan.stages import StageLayout, stage_cost_model
+from pipefold.schedule.ir import Schedule
 from pipefold.schedule.split_backward import SPLIT_SUFFIX, build_named
 from pipefold.simulate import CostModel, Link, simulate
 
@@ -137,8 +138,7 @@ def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int]
     activation bytes (and, with `state_weights`, F for the I states it holds: `with_held_cost`):
     its stages' factors (`_layers_factor`) weighted by their layers' time, less 1."""
     _check_stages(bounds, placement, peaks)
-    states = (stage_state_factors(state_weights, costs.held_state_forward)
-              if state_weights and costs.held_state_forward > 0 else (1.0,) * (len(bounds) - 1))
+    states = _state_factors(costs, state_weights, len(bounds) - 1)
     extra = []
     for rank, peak in enumerate(peaks):
         parts = [(_with_states(_layers_factor(costs, start, stop, peak), states[stage]),
@@ -150,6 +150,17 @@ def held_extra(costs: ModelCosts, peaks: Sequence[int], placement: Sequence[int]
         backward = _weighted([(factor[1], weight) for factor, _, weight in parts])
         extra.append((forward - 1, backward - 1))
     return tuple(extra)
+
+
+def _state_factors(costs: ModelCosts, state_weights: Sequence[float], num_stages: int) -> tuple[float, ...]:
+    """Per stage, its F's I-state factor (`stage_state_factors`), 1 where the costs price none or
+    no weights are given; refused where the weights are not the partition's stages'."""
+    if not state_weights or costs.held_state_forward <= 0:
+        return (1.0,) * num_stages
+    if len(state_weights) != num_stages:
+        raise ConfigError(f"held I-state price: state_weights for {len(state_weights)} stages, the partition "
+                          f"{num_stages}; price the order on its own partition")
+    return stage_state_factors(state_weights, costs.held_state_forward)
 
 
 def _with_states(factors: tuple[float, float], state_factor: float) -> tuple[float, float]:
@@ -175,11 +186,7 @@ def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int]
     that price held I states (`ModelCosts.held_state_forward`), each stage's F also by its
     I-state factor (`stage_state_factors`); empty: none counted."""
     factors = stage_held_factors(costs, bounds, placement, peaks)
-    states = (stage_state_factors(state_weights, costs.held_state_forward)
-              if state_weights and costs.held_state_forward > 0 else (1.0,) * len(factors))
-    if len(states) != len(factors):
-        raise ConfigError(f"held I-state price: state_weights for {len(states)} stages, the partition "
-                          f"{list(bounds)} {len(factors)}; price the order on its own partition")
+    states = _state_factors(costs, state_weights, len(factors))
     if all(f == 1 and b == 1 for f, b in factors) and all(k == 1 for k in states):
         return model
     forward = [f * k for (f, _), k in zip(factors, states, strict=True)]
@@ -198,11 +205,15 @@ def family_state_weights(family: str, num_ranks: int, num_microbatches: int, num
                          ) -> tuple[float, ...]:
     """`stage_state_weights` of a family's order (`FAMILY+split` as `order_held_bytes` builds it),
     kept per order (a tuple of floats per stage): the planner prices each family at many partitions."""
-    schedule = (build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                            num_virtual=num_virtual)
-                if family.endswith(SPLIT_SUFFIX) else family_schedule(family, num_ranks, num_microbatches,
-                                                                       num_virtual))
-    return stage_state_weights(schedule)
+    return stage_state_weights(_family_order(family, num_ranks, num_microbatches, num_virtual))
+
+
+def _family_order(family: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Schedule:
+    """A family's order as the planner prices it (`family_schedule`), or for `FAMILY+split` that
+    family with every B split in place (`pipefold.schedule.split_backward`)."""
+    if family.endswith(SPLIT_SUFFIX):
+        return build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+    return family_schedule(family, num_ranks, num_microbatches, num_virtual)
 
 
 def order_held_bytes(costs: ModelCosts, bounds: Sequence[int], rows: int, family: str, num_ranks: int,
@@ -212,6 +223,4 @@ def order_held_bytes(costs: ModelCosts, bounds: Sequence[int], rows: int, family
     on the partition `bounds` at `rows` per micro-batch, no stage recomputed: what a calibration
     block held, in the units the planner prices candidates in."""
     model = stage_cost_model(costs, StageLayout(tuple(bounds), rows), (), Link())
-    schedule = (build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=1)
-                if family.endswith(SPLIT_SUFFIX) else family_schedule(family, num_ranks, num_microbatches, 1))
-    return tuple(simulate(schedule, model).activation_bytes_peak)
+    return tuple(simulate(_family_order(family, num_ranks, num_microbatches, 1), model).activation_bytes_peak)

@@ -363,19 +363,16 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         weight_grad, bias_grad = direct.weight_slot, direct.bias_slot
     else:
         direct.ready = None
-        # A cast linear's parameters and gradients are in their own dtype (autocast's fp32
-        # masters), its product in the compute dtype: a real cast, on the same device (a
-        # `ToCopyBackward0` that moved devices takes autograd's path).
+        # The gradients' dtype is the parameters' own. A cast linear's (autocast's fp32 masters)
+        # differs from its product's compute dtype: a real cast, on the same device (a
+        # `ToCopyBackward0` that moved devices takes autograd's path). A layer norm may get a
+        # 16-bit input with fp32 parameters (CPU autocast keeps them uncast): its kernel returns
+        # their gradients in their own dtype, as autograd's node does (`_layer_norm_direct` checks).
         owned = dtype
-        if direct.cast:
+        if direct.cast or direct.kind == "layer_norm":
             owned = (weight if weight is not None else bias).dtype  # type: ignore[union-attr]  # match_direct found one
-            if owned is dtype or any(p is not None and p.device != grad.device for p in (weight, bias)):
-                return False
-        elif direct.kind == "layer_norm":
-            # A 16-bit input normed with fp32 parameters (CPU autocast keeps layer norm's
-            # parameters uncast): the kernel returns their gradients in their own dtype, as
-            # autograd's node does (`_layer_norm_direct` checks).
-            owned = (weight if weight is not None else bias).dtype  # type: ignore[union-attr]  # match_direct found one
+        if direct.cast and (owned is dtype or any(p is not None and p.device != grad.device for p in (weight, bias))):
+            return False
         if weight is not None:
             ready, weight_grad = _ready(weight, owned)
             if not ready:
