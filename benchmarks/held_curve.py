@@ -67,6 +67,18 @@ TRAIN = [
 ]
 
 
+
+def calibration_command(folder: Path) -> list[str]:
+    """The calibration run `plan --profile` makes (its blocks: 1F1B at 8 and 4 micro-batches, the
+    split, GPipe held and zb-h1 curve blocks), on `TRAIN`'s job, writing into `folder`
+    (`calibration.json`, `run/`)."""
+    return [
+        PYTHON, "-m", "pipefold.cli.calibration_run", "--result", str(folder / "calibration.json"),
+        "--microbatches", "8,4", "--phase-steps", "12", "--split", "1f1b+split", "--held", "gpipe",
+        "--curve", "zb-h1", "--", "--out", str(folder / "run"), *TRAIN,
+    ]
+
+
 def _load() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -203,27 +215,7 @@ def _calibrations(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for index in range(args.calibrations):
         folder = work / f"cal{index}"
         folder.mkdir()
-        command = [
-            PYTHON,
-            "-m",
-            "pipefold.cli.calibration_run",
-            "--result",
-            str(folder / "calibration.json"),
-            "--microbatches",
-            "8,4",
-            "--phase-steps",
-            "12",
-            "--split",
-            "1f1b+split",
-            "--held",
-            "gpipe",
-            "--curve",
-            "zb-h1",
-            "--",
-            "--out",
-            str(folder / "run"),
-            *TRAIN,
-        ]
+        command = calibration_command(folder)
         load = _load()
         subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
         measured = json.loads((folder / "calibration.json").read_text())

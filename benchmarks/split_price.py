@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
 # The launches' train flags: held_curve.py's, so both benchmarks launch the same job.
-from benchmarks.held_curve import TRAIN  # noqa: E402
+from benchmarks.held_curve import TRAIN, calibration_command  # noqa: E402
 CONFIGURATIONS = {
     "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
     "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
@@ -85,27 +85,7 @@ def _calibrate(folder: Path) -> Path:
     folder.mkdir()
     result = folder / "calibration.json"
     subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pipefold.cli.calibration_run",
-            "--result",
-            str(result),
-            "--microbatches",
-            "8,4",
-            "--phase-steps",
-            "12",
-            "--split",
-            "1f1b+split",
-            "--held",
-            "gpipe",
-            "--curve",
-            "zb-h1",
-            "--",
-            "--out",
-            str(folder / "run"),
-            *TRAIN,
-        ],
+        calibration_command(folder),
         cwd=ROOT,
         capture_output=True,
         text=True,
