@@ -5,6 +5,7 @@ Language Model Training on GPU Clusters Using Megatron-LM", SC'21 (GPT, s = 2048
     python benchmarks/paper.py                  # Table 1, every row, the paper's configuration pinned
     python benchmarks/paper.py --rows 1.7B 18.4B --search    # also the planner's own choice
     python benchmarks/paper.py --figures        # Table 1 and the sweeps of Figures 12, 13, 16, 17
+    python benchmarks/paper.py --figures --matmul-from h100.toml   # Fig. 16 also on a measured curve
 
 Every configuration is the one Megatron-LM's own scripts for the paper run (its repository,
 examples/sc21/run_table_1.sh and run_figure_*.sh: t, p, micro-batch size, layers per virtual stage,
@@ -14,6 +15,13 @@ on the a100-80gb preset (pipefold/plan/presets/a100-80gb.toml). TFLOP/s per GPU 
 recomputed forward). For the figures, whose values the paper gives only as plots, the script
 prints the paper's stated finding beside the prediction and checks whether the prediction shows
 it; it does not compare against numbers read off a plot.
+
+`--matmul-from FILE_OR_PRESET` takes the matrix-product efficiency curve of another hardware file
+(one `pipefold profile --hardware` wrote on a GPU, say) and prices Figure 16 a third time on the
+a100-80gb preset with that curve in place of its assumed one: the figure's trend hangs on how far
+below peak a micro-batch of one sequence runs (docs/plan.md, "Figure 16, not reproduced"). The
+curve is each product's share of its own file's peak, so an H100's measured shape stands in for
+an A100's until one is measured; the column says which file it came from.
 """
 
 from __future__ import annotations
@@ -260,28 +268,44 @@ def print_figure_13(points: dict[tuple[int, int, int], Prediction]) -> None:
 
 
 def print_figure_16(points: dict[tuple[int, int], Prediction],
-                    what_if: dict[tuple[int, int], Prediction]) -> None:
+                    what_if: dict[tuple[int, int], Prediction],
+                    measured: tuple[str, dict[tuple[int, int], Prediction]] | None = None) -> None:
     print("### Figure 16: micro-batch size, 91B GPT, (t, p) = (8, 8), 64 GPUs\n")
     print("1F1B, every stage recomputed. What-if: the same with the matmul curve's half_flops at "
           f"{WHAT_IF_HALF_FLOPS:.0e} instead of the preset's {HARDWARE.matmul.half_flops:.1e} "
-          "(an assumption, not a measurement).\n")
+          "(an assumption, not a measurement)"
+          + (f"; measured: the matmul curve of {measured[0]} (its share of its own peak)" if measured else "")
+          + ".\n")
     batches = sorted({batch for batch, _ in points})
     sizes = sorted({b for _, b in points})
-    columns = (f"batch {b} TFLOP/s | peak memory | what-if TFLOP/s" for b in batches)
+    extra = " | measured-curve TFLOP/s" if measured else ""
+    columns = (f"batch {b} TFLOP/s | peak memory | what-if TFLOP/s{extra}" for b in batches)
     print("| micro-batch | " + " | ".join(columns) + " |")
-    print("|---|" + "---|---|---|" * len(batches))
+    print("|---|" + ("---|---|---|---|" if measured else "---|---|---|") * len(batches))
     for size in sizes:
         cells = [str(size)]
         for batch in batches:
             cells += [f"{points[batch, size].tflops:.0f}", memory_text(points[batch, size]),
                       f"{what_if[batch, size].tflops:.0f}"]
+            if measured:
+                cells.append(f"{measured[1][batch, size].tflops:.0f}")
         print("| " + " | ".join(cells) + " |")
     best = {batch: _best(sizes, {b: points[batch, b].tflops for b in sizes}) for batch in batches}
     best_if = {batch: _best(sizes, {b: what_if[batch, b].tflops for b in sizes}) for batch in batches}
     print("\nPaper: the best micro-batch size is 2 for this model (bubble grows with it, kernel "
           "efficiency too). Prediction: best " + ", ".join(f"{best[b]} at batch {b}" for b in batches)
           + f" ({_holds(all(v == '2' for v in best.values()))}); with the what-if curve: best "
-          + ", ".join(f"{best_if[b]} at batch {b}" for b in batches) + ".\n")
+          + ", ".join(f"{best_if[b]} at batch {b}" for b in batches)
+          + _measured_best(sizes, batches, measured) + ".\n")
+
+
+def _measured_best(sizes: list[int], batches: list[int],
+                   measured: tuple[str, dict[tuple[int, int], Prediction]] | None) -> str:
+    if measured is None:
+        return ""
+    best = {batch: _best(sizes, {b: measured[1][batch, b].tflops for b in sizes}) for batch in batches}
+    return ("; with the measured curve: best " + ", ".join(f"{best[b]} at batch {b}" for b in batches)
+            + f" ({_holds(all(v == '2' for v in best.values()))})")
 
 
 def _best(sizes: list[int], tflops: dict[int, float]) -> str:
@@ -321,12 +345,18 @@ def print_figure_17(points: dict[tuple[int, str], Prediction]) -> None:
           f"as an out-of-memory from 16 would: {ratio_16:.2f}x.\n")
 
 
-def figures() -> None:
+def with_curve_of(source: str) -> Hardware:
+    """The a100-80gb preset with the matrix-product curve of `source` (a preset or a file)."""
+    return replace(HARDWARE, matmul=load_hardware(source).matmul)
+
+
+def figures(matmul_from: str | None = None) -> None:
     start = time.perf_counter()
     print_figure_12(figure_12())
     print_figure_13(figure_13())
     what_if = replace(HARDWARE, matmul=replace(HARDWARE.matmul, half_flops=WHAT_IF_HALF_FLOPS))
-    print_figure_16(figure_16(), figure_16(hardware=what_if))
+    measured = (matmul_from, figure_16(hardware=with_curve_of(matmul_from))) if matmul_from else None
+    print_figure_16(figure_16(), figure_16(hardware=what_if), measured)
     print_figure_17(figure_17())
     print(f"(figures planned in {time.perf_counter() - start:.1f} s)")
 
@@ -337,11 +367,17 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", help="model sizes to run (default: all)")
     parser.add_argument("--search", action="store_true", help="also the planner's own choice")
     parser.add_argument("--figures", action="store_true", help="also the sweeps of Figures 12, 13, 16 and 17")
+    parser.add_argument("--matmul-from", metavar="FILE_OR_PRESET",
+                        help="also price Figure 16 with this hardware file's matmul curve (with --figures)")
     args = parser.parse_args()
+    if args.matmul_from and not args.figures:
+        parser.error("--matmul-from prices Figure 16: add --figures")
+    if args.matmul_from:
+        with_curve_of(args.matmul_from)  # a bad file is refused before anything is planned
     print(f"hardware: {HARDWARE.name} ({HARDWARE.source})\n")
     table_1(args.rows, args.search)
     if args.figures:
-        figures()
+        figures(args.matmul_from)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,18 @@ def test_pinned_configurations_are_the_ones_run():
     # A Table 1 row that runs interleaved with micro-batches of 2 (predict checks the rows it ran).
     row = next(r for r in paper.ROWS if r.name == "145.6B")
     assert math.isfinite(paper.pinned(row).tflops)
+
+
+def test_figure_16_on_another_files_curve(capsys):
+    # The cpu preset's measured table in place of the a100 preset's assumed curve (its largest
+    # products fall out of the cache to 60% of peak): the same configurations price otherwise,
+    # and the table gets the measured column and verdict.
+    hardware = paper.with_curve_of("cpu")
+    assert hardware.matmul.table and hardware.devices_per_node == paper.HARDWARE.devices_per_node
+    assumed = paper.figure_16(batches=(128,), microbatches=(1, 2))
+    measured = paper.figure_16(batches=(128,), microbatches=(1, 2), hardware=hardware)
+    _finite(measured)
+    assert measured[128, 1].tflops != assumed[128, 1].tflops
+    paper.print_figure_16(assumed, assumed, ("cpu", measured))
+    out = capsys.readouterr().out
+    assert "measured-curve TFLOP/s" in out and "with the measured curve: best" in out
