@@ -68,6 +68,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 MODEL = ["--num-layers", "2", "--d-model", "64", "--num-heads", "4", "--seq-len", "32", "--batch-size", "8"]
 GPU_MODEL = ["--num-layers", "4", "--d-model", "1024", "--num-heads", "16", "--seq-len", "128",
@@ -136,8 +137,10 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
 
 
 def measure_cuda(schedule: str, recompute: str, num_microbatches: int, work: Path, precision: str = "fp32",
-                 num_ranks: int = 1) -> list[tuple[str, ...]]:
-    """Plan on the GPU, train there, and compare each rank's plan with its allocator's peaks."""
+                 num_ranks: int = 1) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+    """Plan on the GPU, train there, and compare each rank's plan with its allocator's peaks:
+    the table's rows, and what they came from (the plan's memory, summary.json's memory)."""
+    started = time.perf_counter()
     planned = json.loads(_cli(
         ["plan", "--profile", "--device", "cuda", "--ranks", str(num_ranks), *GPU_MODEL, "--schedule",
          schedule, "--microbatches", str(num_microbatches), "--recompute", recompute, "--order-search", "0",
@@ -148,8 +151,12 @@ def measure_cuda(schedule: str, recompute: str, num_microbatches: int, work: Pat
     counted = json.loads((out / "summary.json").read_text())["memory"]
     label = f"{schedule} m={num_microbatches} recompute={recompute}" + (
         f" {precision}" if precision != "fp32" else "")
-    return [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]])
+    rows = [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]])
             for entry in sorted(counted, key=lambda e: (e["pipeline_rank"], e["world_rank"]))]
+    record = {"configuration": label, "train_command": planned["train_command"],
+              "plan_memory": planned["choice"]["memory"], "summary_memory": counted,
+              "seconds": time.perf_counter() - started}
+    return rows, record
 
 
 def cuda_train_command(train_command: str) -> list[str]:
@@ -301,12 +308,15 @@ def main() -> None:
     parser.add_argument("--hardware", default="h100-80gb", metavar="FILE_OR_PRESET",
                         help="--device cuda: the hardware file whose reserve is shown beside the "
                         "allocator's slack (default h100-80gb)")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="--device cuda: also write each configuration's plan and summary.json "
+                        "memory to FILE (rewritten after each one)")
     args = parser.parse_args()
     if args.megatron:
         megatron(args.quick)
         return
     if args.device == "cuda":
-        cuda(args.quick, args.precision, args.ranks, args.hardware)
+        cuda(args.quick, args.precision, args.ranks, args.hardware, args.json)
         return
     cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if args.quick else [
         (schedule, recompute, m)
@@ -324,7 +334,7 @@ def main() -> None:
                 print("| " + " | ".join(row) + " |", flush=True)
 
 
-def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str) -> None:
+def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str, json_file: Path | None) -> None:
     import torch
 
     if not torch.cuda.is_available():
@@ -344,12 +354,13 @@ def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str) -> N
     print("| " + " | ".join(ALLOCATOR_HEADER) + " |")
     print("|" + "---|" * len(ALLOCATOR_HEADER))
     rows: list[tuple[str, ...]] = []
+    records: list[dict[str, Any]] = []
     num_failed = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for schedule, recompute, m in cases:
             try:
-                measured = measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks)
+                measured, record = measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks)
             except (RunFailed, subprocess.TimeoutExpired) as error:  # the other configurations still run
                 num_failed += 1
                 print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)
@@ -357,6 +368,10 @@ def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str) -> N
             for row in measured:
                 print("| " + " | ".join(row) + " |", flush=True)
             rows.extend(measured)
+            records.append(record)
+            if json_file is not None:  # after each configuration: a run stopped at its limit keeps the rest
+                json_file.write_text(json.dumps({"header": ALLOCATOR_HEADER, "rows": rows, "runs": records},
+                                                indent=1) + "\n")
     print(allocator_verdict(rows, num_failed))
     print(reserve_note(hardware, rows))
     print(f"{len(cases)} configurations in {time.perf_counter() - started:.0f} s")
