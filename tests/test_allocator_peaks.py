@@ -3,6 +3,7 @@ allocator (no GPU here), and the report's line of them; a CPU rank records none.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipefold.job.allocator_peaks import CUDA_MEMORY_KEYS, AllocatorPeaks, AllocatorReading, allocator_peaks
@@ -125,3 +126,26 @@ def test_the_report_prints_the_allocator_line_on_cuda_only():
         "(pipeline call 9.0 / 9.0), peak reserved 12.0 / 12.0; allocated before the first step "
         "2.0 / 2.0, between steps 6.0 / 6.0"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a CUDA device's allocator")
+def test_on_a_gpu_the_kept_peak_is_the_kept_steps_own_allocation():
+    device = torch.device("cuda", torch.cuda.current_device())
+    peaks = allocator_peaks(device, num_steps=2)
+    assert peaks is not None
+    weights = torch.empty(MiB // 4, device=device)  # 1 MiB of fp32, held through the steps
+    peaks.before_steps()
+    for temporary_mib in (64, 8):  # the warm-up's larger temporary is in no peak
+        peaks.step_begins()
+        temporary = torch.empty(temporary_mib * MiB // 4, device=device)
+        del temporary
+        peaks.pipeline_done()
+        peaks.step_ends()
+    summary = peaks.summary()
+    assert summary["cuda_allocated_kept_start"] == summary["cuda_allocated_before_steps"]
+    # Blocks of a MiB multiple are not rounded up: the peak is the kept step's 8 MiB exactly.
+    assert summary["cuda_allocated_peak"] - summary["cuda_allocated_kept_start"] == 8 * MiB
+    assert summary["cuda_allocated_peak_pipeline"] == summary["cuda_allocated_peak"]
+    assert summary["cuda_reserved_peak"] >= summary["cuda_allocated_peak"]
+    assert summary["cuda_allocated_before_steps"] >= weights.nbytes
+    assert summary["cuda_kept_steps"] == 1
