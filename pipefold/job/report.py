@@ -419,9 +419,11 @@ def _allocator_line(memory: Sequence[Mapping[str, int]]) -> str | None:
     def column(key: str) -> str:
         return " / ".join(f"{entry[key] / 2**20:.1f}" for entry in ranks)
 
+    num_kept = ranks[0]["cuda_kept_steps"]
     return (
-        f"CUDA allocator per rank (MiB), replica 0, {ranks[0]['cuda_kept_steps']} kept steps: peak allocated "
-        f"{column('cuda_allocated_peak')} (pipeline call {column('cuda_allocated_peak_pipeline')}), "
+        f"CUDA allocator per rank (MiB), replica 0, {num_kept} kept step{'' if num_kept == 1 else 's'}: "
+        f"peak allocated {column('cuda_allocated_peak')} "
+        f"(pipeline call {column('cuda_allocated_peak_pipeline')}), "
         f"peak reserved {column('cuda_reserved_peak')}; allocated before the first step "
         f"{column('cuda_allocated_before_steps')}, between steps {column('cuda_allocated_kept_start')}"
     )
