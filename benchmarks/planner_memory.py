@@ -5,7 +5,7 @@
     python benchmarks/planner_memory.py --megatron # Megatron-LM's GPT: `plan --megatron`'s model
     python benchmarks/planner_memory.py --quick --precision bf16   # profiled and trained in bf16
     python benchmarks/planner_memory.py --quick --precision bf16 --tensor-parallel 2   # 4 processes
-    PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda          # the allocator's peaks
+    PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda [--quick] [--json FILE]  # GPU allocator
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
