@@ -36,6 +36,7 @@ from torch import Tensor
 
 from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.hf.model import finish_save, save_causal_lm, state_dict_of
+from pipefold.job.allocator_peaks import allocator_peaks
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.metrics import MetricsWriter
 from pipefold.job.optim import accumulated_step, apply_update
@@ -109,6 +110,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     # schedule.streaming: runs of steps overlap in one pipeline call (pipefold.job.streaming).
     streams = Streams(job, stops=(fault_step,)) if config.schedule.streaming else None
     metrics = MetricsWriter(Path(config.out), append=bool(config.resume)) if job.rank == 0 else None
+    # On CUDA, the allocator's peaks over the kept steps (pipefold.job.allocator_peaks); None elsewhere.
+    peaks = allocator_peaks(job.device, config.steps - job.start_step)
+    if peaks is not None:
+        peaks.before_steps()
     with progress(report, config.steps - job.start_step) as update, recorded, _closing(metrics):
         for step in range(job.start_step, config.steps):
             if step == fault_step:
@@ -122,6 +127,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             # replica holds an equal shard of the global batch.
             tokens_per_step = sum(inputs.numel() for inputs, _ in batches) * pipe.num_data_parallel
             seq_len = max(inputs.shape[1] for inputs, _ in batches) if config.data.bucket_by_length else None
+            if peaks is not None:  # outside the timed step: a reset and a read of the allocator
+                peaks.step_begins()
             started, cpu_started = time.perf_counter(), time.process_time()
             scaler = pipe.loss_scale
             skipped_before = 0 if scaler is None else scaler.num_skipped
@@ -132,6 +139,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 loss = accumulated_step(pipe, batches, job.adaptive) if streams is None else streams.loss(step)
             except NonFiniteLoss as error:
                 raise name_the_step(error, step + 1) from None
+            if peaks is not None:
+                peaks.pipeline_done()
             # fp16: a batch that overflowed on any rank was dropped on every rank; so is the update.
             skipped = scaler is not None and scaler.num_skipped > skipped_before
             grad_norm: float | None = None
@@ -141,6 +150,8 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
                 grad_norm = apply_update(pipe, optimizer, scheduler, clip, skipped=skipped)
             seconds = time.perf_counter() - started if streams is None else streams.seconds
             cpu_seconds = time.process_time() - cpu_started if streams is None else None
+            if peaks is not None:  # before the step's validation and checkpoint, which are no part of it
+                peaks.step_ends()
             timeline = _last_timeline(pipe.last_timeline)
             if job.adaptive is not None and job.adaptive.num_switches != switches_before:
                 recent.clear()  # the report's prediction is of the choice now running: its steps only
@@ -180,7 +191,7 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
 
     if job.hf is not None:
         save_hf(job)
-    gathered = gather(job, recent[-1] if recent else None)
+    gathered = gather(job, recent[-1] if recent else None, peaks.summary() if peaks is not None else {})
     result = TrainResult(steps=records)
     if job.rank == 0 and gathered.state is not None:
         result = finish(

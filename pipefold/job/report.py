@@ -170,9 +170,10 @@ class Gathered:
     memory: list[dict[str, int]] | None
 
 
-def gather(job: Job, last: Timeline | None) -> Gathered:
-    """Every rank calls it: the whole model's parameters and every rank's memory, on rank 0."""
-    memory = _gather_memory(job.pipe, job.optimizers, last)
+def gather(job: Job, last: Timeline | None, allocator: Mapping[str, int] | None = None) -> Gathered:
+    """Every rank calls it: the whole model's parameters and every rank's memory, on rank 0
+    (`allocator`: this rank's CUDA allocator peaks, pipefold.job.allocator_peaks; empty off CUDA)."""
+    memory = _gather_memory(job.pipe, job.optimizers, last, allocator)
     state = _gather_state_dict(dict(job.pipe.state_dict()))
     return Gathered(state, memory)
 
@@ -279,7 +280,7 @@ def finish(
         },
         "measured_timeline": timeline.summary(),
         # Per world rank: its weights and optimizer state after the last step, and its
-        # counted activation peak.
+        # counted activation peak; on CUDA its allocator's peaks over the kept steps (cuda_*).
         "memory": memory or [],
         # Where schedule.retune_every switched the order (pipefold/job/retune.py): the step, what
         # ran before and after, both predictions, both measurements, and whether it was kept.
@@ -303,6 +304,9 @@ def finish(
         )
         if memory:
             console.print(_memory_line(memory))
+            allocator_line = _allocator_line(memory)
+            if allocator_line is not None:
+                console.print(allocator_line)
         for row in summary["adaptive"] or []:
             console.print(_adaptive_line(row))
         if sample:
@@ -404,6 +408,27 @@ def _memory_line(memory: Sequence[Mapping[str, int]]) -> str:
     )
 
 
+def _allocator_line(memory: Sequence[Mapping[str, int]]) -> str | None:
+    """On CUDA, 'CUDA allocator per rank (MiB), replica 0, 2 kept steps: peak allocated 958.1 /
+    ...'; None where no rank reports its allocator (any other device)."""
+    ranks = sorted((entry for entry in memory if entry["replica"] == 0 and "cuda_allocated_peak" in entry),
+                   key=lambda e: e["world_rank"])
+    if not ranks:
+        return None
+
+    def column(key: str) -> str:
+        return " / ".join(f"{entry[key] / 2**20:.1f}" for entry in ranks)
+
+    num_kept = ranks[0]["cuda_kept_steps"]
+    return (
+        f"CUDA allocator per rank (MiB), replica 0, {num_kept} kept step{'' if num_kept == 1 else 's'}: "
+        f"peak allocated {column('cuda_allocated_peak')} "
+        f"(pipeline call {column('cuda_allocated_peak_pipeline')}), "
+        f"peak reserved {column('cuda_reserved_peak')}; allocated before the first step "
+        f"{column('cuda_allocated_before_steps')}, between steps {column('cuda_allocated_kept_start')}"
+    )
+
+
 def _local_bytes(tensor: Tensor) -> int:
     """Bytes this rank stores for `tensor` (a tensor-parallel shard's, not the whole's)."""
     held = local(tensor)
@@ -416,11 +441,14 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
 
 
 def _gather_memory(
-    pipe: Pipeline, optimizers: Sequence[torch.optim.Optimizer], timeline: Timeline | None
+    pipe: Pipeline, optimizers: Sequence[torch.optim.Optimizer], timeline: Timeline | None,
+    allocator: Mapping[str, int] | None = None,
 ) -> list[dict[str, int]] | None:
     """Per world rank (on rank 0; None elsewhere): the bytes it holds in weights and optimizer
     state (shards where tensor-parallel or ZeRO-sharded; gradients, during the step, are as
-    large as the weights), its counted activation peak and the 16-bit weight copies it holds."""
+    large as the weights), its counted activation peak and the 16-bit weight copies it holds;
+    on CUDA also its allocator's peaks (`allocator`, the keys of
+    pipefold.job.allocator_peaks.CUDA_MEMORY_KEYS; absent on any other device)."""
     params = list(pipe.parameters())
     peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
     mine = {
@@ -438,6 +466,7 @@ def _gather_memory(
         "activations_peak": int(peaks[pipe.rank]) if pipe.rank < len(peaks) else 0,
         # Mixed precision: autocast's weight copies the step holds once (runtime.held_copies).
         "casts": sum(stage.held_cast_bytes or 0 for stage in pipe.stages),
+        **(allocator or {}),
     }
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [mine]

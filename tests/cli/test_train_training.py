@@ -59,6 +59,9 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     assert all(len(line["activation_bytes_peak"]) == 2 for line in lines)
     assert all(peak > 0 for line in lines for peak in line["activation_bytes_peak"])
     last = {entry["pipeline_rank"]: entry["activations_peak"] for entry in one["memory"] if entry["replica"] == 0}
+    # On CPU the memory entries keep their keys, and no allocator's (cuda_*: pipefold.job.allocator_peaks).
+    assert all(set(entry) == {"world_rank", "pipeline_rank", "replica", "weights", "optimizer",
+                              "activations_peak", "casts"} for entry in one["memory"])
     assert lines[-1]["activation_bytes_peak"] == [last[rank] for rank in range(2)]
     assert [line.get("eval_loss") for line in lines] == [None, *(entry["loss"] for entry in one["evals"])]
     assert lines[-1]["eval_perplexity"] == pytest.approx(one["evals"][-1]["perplexity"])
