@@ -17,6 +17,7 @@ with CUDA events around the calls, read after the end event has completed.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -166,25 +167,37 @@ def _product(shape: Shape, device: str, dtype: torch.dtype) -> Callable[[], obje
 def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s: float, repeats: int,
                  min_sample_s: float = 2e-3) -> list[MatmulSample]:
     """Each of `shapes` (FLOPs ascending) in `dtype`, until the next would not finish within
-    `budget_s` at the speed of the last one measured (speed grows with size, so the guess errs
-    long); at least the first."""
+    `budget_s`; at least the first. The guess: its operands made at the last shape's seconds per
+    byte, its calls at the median speed of the last `_GUESS_FROM` products (speed grows with size,
+    so the guess errs long, and one slow shape does not stop the climb)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtypes: {dtype!r} is not a dtype pipefold prices; give some of "
                           f"{', '.join(DTYPES)}")
     started = time.perf_counter()
     samples: list[MatmulSample] = []
+    value_bytes = DTYPES[dtype].itemsize
+    setup_s_per_byte = 0.0
     with _tf32(dtype == "tf32"):
         for shape in shapes:
             if samples:
-                guess = shape.flops / samples[-1].rate
-                cost = 2 * guess + repeats * max(guess, min_sample_s)
+                rate = statistics.median(sample.rate for sample in samples[-_GUESS_FROM:])
+                guess = shape.flops / rate
+                setup = setup_s_per_byte * shape.num_bytes(value_bytes)
+                cost = setup + 2 * guess + repeats * max(guess, min_sample_s)
                 if time.perf_counter() - started + cost > budget_s:
                     break
+            setup_started = time.perf_counter()
             call = _product(shape, timer.device, DTYPES[dtype])
+            timer.sync()
+            setup_s_per_byte = (time.perf_counter() - setup_started) / shape.num_bytes(value_bytes)
             seconds = timer.per_call(call, repeats, min_sample_s)
             samples.append(MatmulSample(shape.name, shape.m, shape.k, shape.n, seconds, shape.batch))
             del call
     return samples
+
+
+_GUESS_FROM = 6
+"""Products whose median speed guesses the next one's time: one width and token count's six."""
 
 
 def copy_bandwidth(timer: Timer, num_bytes: int, repeats: int) -> tuple[float, float]:

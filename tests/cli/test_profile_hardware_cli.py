@@ -109,3 +109,12 @@ def test_layer_shapes_ascend_and_fit():
     assert all(s.num_bytes(4) <= 2**20 for s in shapes)
     assert {s.name for s in shapes} == {"qkv", "proj", "mlp_up", "mlp_down", "scores", "context"}
     assert shapes[0].flops == 2 * 32**3
+
+
+def test_products_are_timed_until_the_budget_and_at_least_one():
+    shapes = layer_shapes(max_bytes=2**20, value_bytes=4)[:3]
+    timer = hardware_probe.Timer("cpu")
+    assert len(hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=0, repeats=1)) == 1
+    samples = hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=60, repeats=1)
+    assert [(s.name, s.m, s.k, s.n) for s in samples] == [(s.name, s.m, s.k, s.n) for s in shapes]
+    assert all(s.seconds > 0 for s in samples)
