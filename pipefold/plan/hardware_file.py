@@ -205,7 +205,8 @@ def render_hardware(measured: MeasuredHardware) -> str:
     lines += [
         "#   matmul: products of a transformer layer's shapes (M = rows x tokens; K, N multiples of the",
         "#     width h: qkv M x h x 3h, proj M x h x h, mlp_up M x h x 4h, mlp_down M x 4h x h; the",
-        "#     attention core's batched scores and context, heads of 64), each the best of its repeats;",
+        "#     attention core's batched scores and context, heads of 64), each the best of its repeats,",
+        "#     a new result allocated per call as a layer does;",
         "#     per octave of FLOPs the MEDIAN speed of its shapes (the planner prices a product by FLOPs",
         "#     alone), at the geometric mean of their FLOPs, over the dtype's peak. Every sample below.",
         f"#   memory_bandwidth (M): {measured.memory_bandwidth_note}",

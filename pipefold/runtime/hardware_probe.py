@@ -148,8 +148,9 @@ def _tf32(allowed: bool) -> Iterator[None]:
 
 
 def _product(shape: Shape, device: str, dtype: torch.dtype) -> Callable[[], object]:
-    """A call computing `shape` into a result allocated once, as the model's layers pass their
-    operands (a transposed weight or key view on the right)."""
+    """A call computing `shape` as the model's layers do: a transposed weight or key view on the
+    right, and a new result each call (its allocation, cheap from torch's caches, is part of
+    what a layer pays per product)."""
     generator = torch.Generator(device=device).manual_seed(0)
     left = torch.randn(shape.batch, shape.m, shape.k, device=device, dtype=dtype, generator=generator)
     if shape.transposed:
@@ -157,11 +158,10 @@ def _product(shape: Shape, device: str, dtype: torch.dtype) -> Callable[[], obje
                             generator=generator).transpose(1, 2)
     else:
         right = torch.randn(shape.batch, shape.k, shape.n, device=device, dtype=dtype, generator=generator)
-    out = torch.empty(shape.batch, shape.m, shape.n, device=device, dtype=dtype)
     if shape.batch == 1:
-        left2, right2, out2 = left[0], right[0], out[0]
-        return lambda: torch.mm(left2, right2, out=out2)
-    return lambda: torch.bmm(left, right, out=out)
+        left2, right2 = left[0], right[0]
+        return lambda: torch.matmul(left2, right2)
+    return lambda: torch.matmul(left, right)
 
 
 def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s: float, repeats: int,
