@@ -39,7 +39,7 @@ else from `--links-from PRESET_OR_FILE` or `--intra-node`/`--inter-node BANDWIDT
 comments say what was measured and what assumed. docs/plan.md, "Hardware files".
 
     pipefold profile --hardware here.toml                   # this CPU, fp32, one thread
-    pipefold profile --hardware h100.toml --device cuda --links-from h100-80gb --budget 120
+    pipefold profile --hardware h100.toml --device cuda --links-from h100-80gb --devices-per-node 8
 
 Any other model, from Python:
 

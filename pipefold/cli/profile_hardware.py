@@ -1,7 +1,7 @@
 """`pipefold profile --hardware FILE`: measure this machine's device and write a hardware file.
 
     pipefold profile --hardware here.toml                       # CPU: fp32, one thread, ~30 s
-    pipefold profile --hardware h100.toml --device cuda --links-from h100-80gb
+    pipefold profile --hardware h100.toml --device cuda --links-from h100-80gb --devices-per-node 8
     pipefold profile --hardware h100.toml --device cuda --dtypes bf16,fp32 \\
         --peak-flops bf16=989e12,fp32=67e12 --inter-node 50e9,1e-5 --intra-node 450e9,5e-6
     pipefold plan --hardware here.toml --model gpt --ranks 4 ...
@@ -273,6 +273,9 @@ def measure_hardware(args: argparse.Namespace, device: str, threads: int | None)
         + f" (operands within {format_bytes(max_bytes)}; a longer --budget reaches larger ones, and "
         "the table holds flat past its last point)",
     ]
+    if cuda and args.devices_per_node is None and num_visible == 1:
+        notes.append("devices_per_node = 1: one GPU is visible here; a node of 8 (DGX, HGX) wants "
+                     "--devices-per-node 8, or tensor parallelism is priced across nodes")
     if cuda and "fp32" in dtypes:
         notes.append("fp32 products are timed with TF32 off (torch's default, as pipefold train runs)")
     return MeasuredHardware(

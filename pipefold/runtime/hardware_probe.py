@@ -167,7 +167,7 @@ def _product(shape: Shape, device: str, dtype: torch.dtype) -> Callable[[], obje
 def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s: float, repeats: int,
                  min_sample_s: float = 2e-3) -> list[MatmulSample]:
     """Each of `shapes` (FLOPs ascending) in `dtype`, until the next would not finish within
-    `budget_s`; at least the first. The guess: its operands made at the last shape's seconds per
+    `budget_s`; at least the first `MIN_PRODUCTS`. The guess: its operands made at the last shape's seconds per
     byte, its calls at the median speed of the last `_GUESS_FROM` products (speed grows with size,
     so the guess errs long, and one slow shape does not stop the climb)."""
     if dtype not in DTYPES:
@@ -179,7 +179,7 @@ def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s:
     setup_s_per_byte = 0.0
     with _tf32(dtype == "tf32"):
         for shape in shapes:
-            if samples:
+            if len(samples) >= MIN_PRODUCTS:
                 rate = statistics.median(sample.rate for sample in samples[-_GUESS_FROM:])
                 guess = shape.flops / rate
                 setup = setup_s_per_byte * shape.num_bytes(value_bytes)
@@ -195,6 +195,10 @@ def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s:
             del call
     return samples
 
+
+MIN_PRODUCTS = 12
+"""Products timed whatever the budget: a curve needs points, and the dozen smallest (widths 32
+and 64) take well under a second together."""
 
 _GUESS_FROM = 6
 """Products whose median speed guesses the next one's time: one width and token count's six."""

@@ -111,10 +111,11 @@ def test_layer_shapes_ascend_and_fit():
     assert shapes[0].flops == 2 * 32**3
 
 
-def test_products_are_timed_until_the_budget_and_at_least_one():
-    shapes = layer_shapes(max_bytes=2**20, value_bytes=4)[:3]
+def test_products_are_timed_until_the_budget_and_at_least_a_few():
+    shapes = layer_shapes(max_bytes=2**20, value_bytes=4)[:hardware_probe.MIN_PRODUCTS + 3]
     timer = hardware_probe.Timer("cpu")
-    assert len(hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=0, repeats=1)) == 1
+    timed = hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=0, repeats=1)
+    assert len(timed) == hardware_probe.MIN_PRODUCTS
     samples = hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=60, repeats=1)
     assert [(s.name, s.m, s.k, s.n) for s in samples] == [(s.name, s.m, s.k, s.n) for s in shapes]
     assert all(s.seconds > 0 for s in samples)
