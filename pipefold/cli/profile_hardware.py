@@ -181,6 +181,25 @@ def _host_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def _device_facts(device: str, threads: int | None, num_visible: int) -> tuple[str, int, str, int, str]:
+    """The device in words, its memory and devices per node, each with how it was obtained."""
+    import torch
+
+    if device == "cuda":
+        index = torch.cuda.current_device()
+        properties = torch.cuda.get_device_properties(index)
+        return (f"cuda:{index} {properties.name}", int(properties.total_memory),
+                "torch.cuda.get_device_properties().total_memory (M)", num_visible,
+                "torch.cuda.device_count() (M)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    host = _host_memory()
+    return (f"cpu {_cpu_name()}, {cores} core(s), {threads or torch.get_num_threads()} thread(s)",
+            host // (CPU_RANKS_PER_CORE * cores) // 2**20 * 2**20,
+            f"the host's {format_bytes(host)} over {CPU_RANKS_PER_CORE} ranks per core x {cores} cores "
+            "(A: the cpu preset's rule)",
+            64, "every rank is a process of this host (A: the cpu preset's 64)")
+
+
 def measure_hardware(args: argparse.Namespace, device: str, threads: int | None) -> MeasuredHardware:
     """Everything checked first (flags, the file's folder, where each link comes from), then the
     measurement within `--budget` seconds; nothing is written here."""
@@ -202,21 +221,7 @@ def measure_hardware(args: argparse.Namespace, device: str, threads: int | None)
     num_visible = torch.cuda.device_count() if cuda else 1
     sources = link_sources(device, num_visible, given=given_links, links_from=args.links_from)
     reference = load_hardware(args.links_from) if args.links_from else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cuda:
-        index = torch.cuda.current_device()
-        properties = torch.cuda.get_device_properties(index)
-        device_name = f"cuda:{index} {properties.name}"
-        memory = int(properties.total_memory)
-        memory_note = "torch.cuda.get_device_properties().total_memory (M)"
-        per_node, per_node_note = num_visible, "torch.cuda.device_count() (M)"
-    else:
-        device_name = f"cpu {_cpu_name()}, {cores} core(s), {threads or torch.get_num_threads()} thread(s)"
-        host = _host_memory()
-        memory = host // (CPU_RANKS_PER_CORE * cores) // 2**20 * 2**20
-        memory_note = (f"the host's {format_bytes(host)} over {CPU_RANKS_PER_CORE} ranks per core x {cores} "
-                       "cores (A: the cpu preset's rule)")
-        per_node, per_node_note = 64, "every rank is a process of this host (A: the cpu preset's 64)"
+    device_name, memory, memory_note, per_node, per_node_note = _device_facts(device, threads, num_visible)
     if args.memory_per_device is not None:
         memory = parse_bytes(args.memory_per_device, what="--memory-per-device")
         memory_note = "given by --memory-per-device"
