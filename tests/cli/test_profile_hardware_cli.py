@@ -119,3 +119,51 @@ def test_products_are_timed_until_the_budget_and_at_least_a_few():
     samples = hardware_probe.time_matmuls(timer, "fp32", shapes, budget_s=60, repeats=1)
     assert [(s.name, s.m, s.k, s.n) for s in samples] == [(s.name, s.m, s.k, s.n) for s in shapes]
     assert all(s.seconds > 0 for s in samples)
+
+
+def test_one_gpu_without_a_link_source_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """As on a machine lent one GPU: CUDA reported present with one device, nothing timed."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_args, **_kwargs: True)
+    monkeypatch.setattr(hardware_probe, "copy_bandwidth", None)
+    assert main(["profile", "--hardware", str(tmp_path / "h100.toml"), "--device", "cuda"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "links.intra_node cannot be measured on cuda with 1 device(s)" in err
+    assert "--links-from PRESET_OR_FILE" in err and "--intra-node BANDWIDTH,LATENCY" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_samples_are_read_from_events_after_the_end_event(monkeypatch):
+    """The CUDA timer's calls on a stand-in for torch.cuda's events: record, then the end event
+    waited for, then the elapsed milliseconds read."""
+    import time as clock
+
+    import torch
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = clock.perf_counter()
+            calls.append("record")
+
+        def synchronize(self):
+            calls.append("synchronize")
+
+        def elapsed_time(self, end):
+            assert calls[-1] == "synchronize"  # read only after the end event completed
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_args: None)
+    timer = hardware_probe.Timer("cuda")
+    assert timer.per_call(lambda: sum(range(100)), repeats=2, min_sample_s=1e-4) > 0
+    assert calls[:3] == ["record", "record", "synchronize"]
