@@ -100,7 +100,8 @@ def add_measure_arguments(parser: Any) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads torch uses (default on CPU: 1, as each rank of pipefold train)")
     parser.add_argument("--repeats", type=int, default=5, metavar="N",
-                        help="timed runs per layer, the median is kept (default 5)")
+                        help="timed runs per layer, the median is kept (default 5; profile --hardware: "
+                        "samples per figure, the best is kept)")
     parser.add_argument("--rows", type=int, metavar="N",
                         help="sequences per profiled micro-batch (default: batch size / micro-batches, "
                         "rounded up)")
