@@ -28,6 +28,19 @@ config.json; random weights from its config: times do not depend on the values):
 `pipefold.split` cuts it into and `pipefold train --model` trains (prefix, each block,
 suffix), on `--seq-len` tokens; the GPT's size flags do not apply.
 
+`--hardware FILE` measures the device instead (or as well, with `--out` or `--json`) and writes a
+hardware file that `pipefold plan --hardware FILE` reads: matrix-product efficiency by FLOPs over
+a transformer layer's shapes in each of `--dtypes` (peak: the fastest measured, or
+`--peak-flops DTYPE=X`), memory bandwidth from a large copy, memory per device and an assumed
+reserve (`--memory-per-device`, `--reserve`), devices per node, and the links: measured where
+this machine can (CPU: the shared-memory path; CUDA with 2+ GPUs: a device-to-device copy),
+else from `--links-from PRESET_OR_FILE` or `--intra-node`/`--inter-node BANDWIDTH,LATENCY`
+(refused when neither is given). All within `--budget` seconds (30 by default); the file's
+comments say what was measured and what assumed. docs/plan.md, "Hardware files".
+
+    pipefold profile --hardware here.toml                   # this CPU, fp32, one thread
+    pipefold profile --hardware h100.toml --device cuda --links-from h100-80gb --devices-per-node 8
+
 Any other model, from Python:
 
     from pipefold.runtime import profile
@@ -46,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipefold.cli.profile_hardware import add_hardware_arguments, measure_hardware, summary, write_hardware
 from pipefold.errors import ConfigError
 from pipefold.job.sections import ScheduleConfig
 
@@ -86,7 +100,8 @@ def add_measure_arguments(parser: Any) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads torch uses (default on CPU: 1, as each rank of pipefold train)")
     parser.add_argument("--repeats", type=int, default=5, metavar="N",
-                        help="timed runs per layer, the median is kept (default 5)")
+                        help="timed runs per layer, the median is kept (default 5; profile --hardware: "
+                        "samples per figure, the best is kept)")
     parser.add_argument("--rows", type=int, metavar="N",
                         help="sequences per profiled micro-batch (default: batch size / micro-batches, "
                         "rounded up)")
@@ -122,6 +137,7 @@ def add_parser(subparsers: Any) -> None:
                         help="measure as pipefold train --precision runs the layers (default fp32)")
     parser.add_argument("--out", metavar="FILE", help="write the ModelCosts JSON here (for plan --costs)")
     parser.add_argument("--json", action="store_true", help="print the ModelCosts JSON instead of the table")
+    add_hardware_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -439,6 +455,14 @@ def write_costs(costs: ModelCosts, path: str, *, flag: str = "--out") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hardware is not None:
+        device, threads = _device_and_threads(args)
+        hardware = measure_hardware(args, device, threads)
+        write_hardware(hardware, args.hardware)
+        for line in summary(hardware, args.hardware):
+            print(line)
+        if not (args.out or args.json):
+            return 0
     measured = measure(args, profile_rows(args))
     if args.out:
         write_costs(measured.costs, args.out)

@@ -281,7 +281,7 @@ class GptEstimate:
 
     def _gemm(self, flops: float) -> float:
         peak = self.hardware.peak(self.dtype)
-        return flops / (peak * self.hardware.matmul(flops)) if flops > 0 else 0.0
+        return flops / (peak * self.hardware.matmul_for(self.dtype)(flops)) if flops > 0 else 0.0
 
     def block_activation_bytes(self, rows: int, tensor_parallel: int, sequence_parallel: bool) -> int:
         """What one decoder block keeps for its backward (module docstring; Korthikanti Table 2)."""

@@ -20,7 +20,7 @@ import bisect
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,13 @@ class Hardware:
     device_groups: tuple[DeviceGroup, ...] = ()
     """A mix of device kinds, in device order (docs/plan.md, "Heterogeneous devices"); empty:
     every device is the file's [compute] and [memory] device, in any number."""
+    matmul_by_dtype: Mapping[str, MatmulEfficiency] = field(default_factory=dict)
+    """Curves of their own for some dtypes (`[compute.matmul.DTYPE]`, as `pipefold profile
+    --hardware` measures each dtype); a dtype without one uses `matmul`."""
+
+    def matmul_for(self, dtype: str) -> MatmulEfficiency:
+        """The efficiency curve of products in `dtype`: its own where the file gives one."""
+        return self.matmul_by_dtype.get(dtype, self.matmul)
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -229,33 +236,57 @@ def _link(origin: str, links: Mapping[str, Any], key: str) -> Link:
     return Link(latency=float(latency), bandwidth=bandwidth)
 
 
+_CURVE_KEYS = ("table", "max_efficiency", "half_flops")
+
+
 def _matmul(origin: str, compute: Mapping[str, Any]) -> MatmulEfficiency:
     data = compute.get("matmul")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{_where(origin, 'compute.matmul')} is missing; add [compute.matmul] with "
                           "max_efficiency and half_flops, or a table of [flops, efficiency] points")
+    return _curve(origin, data, "compute.matmul")
+
+
+def _matmul_by_dtype(origin: str, compute: Mapping[str, Any], peaks: Mapping[str, float]
+                     ) -> dict[str, MatmulEfficiency]:
+    """The `[compute.matmul.DTYPE]` sub-tables: a curve per dtype that has a peak."""
+    data = compute["matmul"]
+    curves = {}
+    for key, value in data.items():
+        if key in _CURVE_KEYS:
+            continue
+        if key not in peaks or not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{_where(origin, 'compute.matmul.' + key)} = {value!r}: unknown; [compute.matmul] holds "
+                f"{', '.join(_CURVE_KEYS)} and [compute.matmul.DTYPE] curves for a dtype of "
+                f"[compute.peak_flops] ({', '.join(sorted(peaks))})"
+            )
+        curves[key] = _curve(origin, value, f"compute.matmul.{key}")
+    return curves
+
+
+def _curve(origin: str, data: Mapping[str, Any], where: str) -> MatmulEfficiency:
     if "table" in data:
         points = data["table"]
         if not isinstance(points, list) or not points or not all(
             isinstance(p, list) and len(p) == 2 for p in points
         ):
-            raise ConfigError(f"{_where(origin, 'compute.matmul.table')} = {points!r}; give a list of "
+            raise ConfigError(f"{_where(origin, where + '.table')} = {points!r}; give a list of "
                               "[flops, efficiency] pairs, flops ascending")
         table = []
         for index, (flops, efficiency) in enumerate(points):
             entry = {"flops": flops, "efficiency": efficiency}
             table.append((
-                _positive(origin, entry, "flops", f"compute.matmul.table[{index}][0]"),
-                _positive(origin, entry, "efficiency", f"compute.matmul.table[{index}][1]", fraction=True),
+                _positive(origin, entry, "flops", f"{where}.table[{index}][0]"),
+                _positive(origin, entry, "efficiency", f"{where}.table[{index}][1]", fraction=True),
             ))
         if any(b[0] <= a[0] for a, b in zip(table, table[1:], strict=False)):
-            raise ConfigError(f"{_where(origin, 'compute.matmul.table')}: flops must ascend strictly; "
+            raise ConfigError(f"{_where(origin, where + '.table')}: flops must ascend strictly; "
                               "sort the points by size")
         return MatmulEfficiency(table=tuple(table))
     return MatmulEfficiency(
-        max_efficiency=_positive(origin, data, "max_efficiency", "compute.matmul.max_efficiency",
-                                 fraction=True),
-        half_flops=_positive(origin, data, "half_flops", "compute.matmul.half_flops"),
+        max_efficiency=_positive(origin, data, "max_efficiency", f"{where}.max_efficiency", fraction=True),
+        half_flops=_positive(origin, data, "half_flops", f"{where}.half_flops"),
     )
 
 
@@ -357,6 +388,7 @@ def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") ->
         default_dtype=str(default_dtype),
         source=str(data.get("source", "")),
         device_groups=groups,
+        matmul_by_dtype=_matmul_by_dtype(origin, compute, peak_flops),
     )
 
 
