@@ -346,8 +346,10 @@ def print_figure_17(points: dict[tuple[int, str], Prediction]) -> None:
 
 
 def with_curve_of(source: str) -> Hardware:
-    """The a100-80gb preset with the matrix-product curve of `source` (a preset or a file)."""
-    return replace(HARDWARE, matmul=load_hardware(source).matmul)
+    """The a100-80gb preset with the matrix-product curve of `source` (a preset or a file): its
+    curve for the preset's dtype (bf16) where it measured one, else its default curve."""
+    curve = load_hardware(source).matmul_for(HARDWARE.default_dtype)
+    return replace(HARDWARE, matmul=curve, matmul_by_dtype={})
 
 
 def figures(matmul_from: str | None = None) -> None:
