@@ -580,9 +580,9 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     with the rows as B did, 5-7% of it from 1 to 16 rows, so a constant fitted at one size
     priced other sizes wrong); and apart, in seconds per action (`split_overhead_s`), the split
     phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and W),
-    which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each stage's layers move W's share of their
-    backward by one factor, so the stage's W takes the measured share of its work; B is
-    unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
+    which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each
+    stage's layers move W's share of their backward by one factor, so the stage's W takes the
+    measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
     `first_stage_backward`), so its layers take the other stages' mean factor, and so does a
     stage outside `split_stages` (its I and W not run apart), which adds no extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
@@ -600,8 +600,8 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     # the split's own seconds inside the actions grow with it (`ModelCosts.split_backward_share`).
     work = {stage: max(run.b[stage] - costs.overhead_s * (spans[stage][1] - spans[stage][0]), 0.0)
             for stage in measured}
-    extras = {stage: (i[stage] + w[stage] - run.b[stage] - costs.overhead_s * (spans[stage][1] - spans[stage][0]))
-              / 2 for stage in measured}
+    extras = {stage: (i[stage] + w[stage] - run.b[stage]
+                      - costs.overhead_s * (spans[stage][1] - spans[stage][0])) / 2 for stage in measured}
     gap = 1.5 * (split.action_overhead * statistics.fmean(drift) - run.action_overhead)
     # Inside the actions' measured seconds, as a share of each stage's work (kept below 0.5: a
     # larger one would leave I or W no part of B).

@@ -309,7 +309,8 @@ def _split_truth(costs, weight_factor, split_backward_share, split_overhead_s=0.
     share of the backward's work (and seconds per action)."""
     layers = tuple(replace(layer, weight_grad_s=min(layer.weight_s * k, layer.backward_s))
                    for layer, k in zip(costs.layers, weight_factor, strict=True))
-    return replace(costs, layers=layers, split_backward_share=split_backward_share, split_overhead_s=split_overhead_s)
+    return replace(costs, layers=layers, split_backward_share=split_backward_share,
+                   split_overhead_s=split_overhead_s)
 
 
 def test_at_run_prices_prices_i_and_w_as_the_split_phase_measured_them():
