@@ -582,9 +582,10 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and W),
     which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each
     stage's layers move W's share of their backward by one factor, so the stage's W takes the
-    measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
-    `first_stage_backward`), so its layers take the other stages' mean factor, and so does a
-    stage outside `split_stages` (its I and W not run apart), which adds no extra."""
+    measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W
+    runs the whole backward: `first_stage_backward`), so its layers take the other stages' mean
+    factor, and so does a stage outside `split_stages` (its I and W not run apart), which adds no
+    extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
     # load, so the split block's times are taken at the 1F1B block's level.
