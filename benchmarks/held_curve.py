@@ -306,6 +306,8 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
         families[family] = ranks
     return {"curve_mib": [[x / 2**20, f, b] for x, f, b in cal.held_curve], "drift": cal.split_drift,
             "split_overhead_us": cal.split_overhead_s * 1e6, "before_split_overhead_us": before.split_overhead_s * 1e6,
+            "split_backward_share": cal.split_backward_share,
+            "before_split_backward_share": before.split_backward_share,
             "families": families}
 
 
@@ -314,7 +316,9 @@ def _print_priced(priced: list[dict[str, Any]]) -> None:
         knots = ", ".join(f"+{x:.1f} MiB: F {f:.3f} B {b:.3f}" for x, f, b in found["curve_mib"])
         drift = "per stage" if found["drift"] is None else f"{found['drift']:.3f}"
         print(f"\ncalibration {index} priced: curve {knots}; split drift {drift}, split overhead "
-              f"{found['split_overhead_us']:.0f} us per I and W (before: {found['before_split_overhead_us']:.0f})")
+              f"{found['split_overhead_us']:.0f} us + {found.get('split_backward_share', 0.0):.3f} of the stage's "
+              f"backward per I and W (before: {found['before_split_overhead_us']:.0f} us + "
+              f"{found.get('before_split_backward_share', 0.0):.3f})")
         print("| family | rank | MiB | F curve | F line (before) | backward curve | backward line (before) |")
         print("|---|---|---|---|---|---|---|")
         for family, ranks in found["families"].items():

@@ -136,8 +136,12 @@ def _fitted(calibration: dict[str, Any]) -> str:
     """The calibration's lines over rows, where it measured several sizes, and its split backward."""
     shares = calibration.get("weight_share") or []
     block = calibration.get("split_schedule") or "zb-h1"  # the split block's order (zb-h1 before 1f1b+split)
+    # The split's share of the stage's backward work (calibrations before it: none, seconds alone).
+    share = calibration.get("split_backward_share", 0.0)
     split = (f"; {block}: W {'/'.join(f'{x:.2f}' for x in shares)} of the backward per stage, I and W "
-             f"{calibration['split_overhead_s'] * 1e6:.0f} us each beyond B" if shares else "")
+             f"{share:.1%} of the stage's backward + {calibration['split_overhead_s'] * 1e6:.0f} us each "
+             "beyond B"
+             if shares else "")
     if not calibration.get("fixed_s"):
         return split
 

@@ -154,6 +154,7 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
         layouts[name] = {
             "families": families,
             "split_overhead_us": cal.split_overhead_s * 1e6,
+            "split_backward_share": cal.split_backward_share,
             "costs": priced.to_json(),
             "weight_share": list(cal.weight_share),
             "curve": [[x / 2**20, f, b] for x, f, b in cal.held_curve],
@@ -323,7 +324,8 @@ def main() -> None:
         print(
             f"calibration {index}: "
             + "; ".join(
-                f"{name}: I and W {found['split_overhead_us']:.0f} us beyond B, W share "
+                f"{name}: I and W {found.get('split_backward_share', 0.0):.3f} of the stage's backward "
+                f"+ {found['split_overhead_us']:.0f} us beyond B, W share "
                 f"{'/'.join(f'{x:.2f}' for x in found['weight_share'])}"
                 for name, found in layouts.items()
             )

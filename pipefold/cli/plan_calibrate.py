@@ -133,7 +133,8 @@ class Calibrated:
             sizes += f" ({format_sizes(self.sizes)} micro-batches)"
         split = (f"; split backward ({cal.split_schedule or 'zb-h1'} at {cal.rows} rows): W "
                  f"{scales(cal.weight_share)} of the "
-                 f"backward's work per stage, I and W {cal.split_overhead_s * 1e6:.0f} us each beyond B"
+                 f"backward's work per stage, I and W each {cal.split_backward_share:.1%} of their stage's "
+                 f"backward work + {cal.split_overhead_s * 1e6:.0f} us beyond B"
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
         # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
@@ -170,6 +171,7 @@ class Calibrated:
                 "fixed_s": list(cal.fixed_s), "forward_s_per_row": list(cal.forward_s_per_row),
                 "backward_s_per_row": list(cal.backward_s_per_row), "fit_error": cal.fit_error,
                 "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
+                "split_backward_share": cal.split_backward_share,
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),

@@ -32,7 +32,9 @@ step outside the actions (less the tied gradient's exchange, which the plan pric
 replace the profile's. Where the run also measured a split backward on the same stages (1F1B's
 order with each B run as I then W, "1f1b+split"; zb-h1 in calibrations before), each I and W
 costs what that phase measured: the seconds each takes beyond its part of B
-(`ModelCosts.split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay
+as a share of the stage's backward work (`ModelCosts.split_backward_share`: it grows with the
+rows and the stage's layers) beside the seconds per action of the phase's longer gaps
+(`ModelCosts.split_overhead_s`), and, per stage, W's share of the backward's work; F and B stay
 as fitted. Where the run also measured blocks that hold more activations on the same stages
 (GPipe, and zb-h1, whose later ranks hold a little more: `HeldBlock`), the slowdown of a rank's
 actions with the bytes it holds is priced on a curve through every point the blocks measured
@@ -117,10 +119,14 @@ def first_stage_backward(model: CostModel, costs: ModelCosts, bounds: Sequence[i
     if costs.input_requires_grad or not bounds or bounds[0] != 0 or model.num_stages == 0:
         return model
     own = sum(layer.fixed_s for layer in costs.layers[bounds[0]:bounds[1]])
-    # b = fixed + own + I + W and w = fixed + split + W (a recomputed stage adds its forward to
-    # both), so b - w - own + split is the stage's I work, whatever the rows, speeds and
-    # recompute were.
-    moved = max(model.b[0] - model.w[0] - own + costs.split_overhead_s, 0.0)
+    # b = fixed + X and w = fixed + split + share X + W, with X = own + I + W the stage's backward
+    # work and i = fixed + own + split + share X + I (a recomputed stage adds its forward to all
+    # three), so b - w - own + split + share X is the stage's I work, and 2b - i - w + 2 split =
+    # (1 - 2 share) X, whatever the rows, speeds and recompute were.
+    share = costs.split_backward_share
+    work = ((2 * model.b[0] - model.i[0] - model.w[0] + 2 * costs.split_overhead_s) / (1 - 2 * share)
+            if share else 0.0)
+    moved = max(model.b[0] - model.w[0] - own + costs.split_overhead_s + share * work, 0.0)
     moved = min(moved, model.i[0])
     if moved == 0.0:
         return model
@@ -163,7 +169,11 @@ class RunCalibration:
     adds it apart, `pipefold.plan.evaluate.tied_exchange_time`)."""
     split_overhead_s: float = 0.0
     """Seconds each I and each W took beyond its part of the stage's B, where the run measured a
-    split backward too (`ModelCosts.split_overhead_s`); 0 otherwise."""
+    split backward too, that do not grow with its work (`ModelCosts.split_overhead_s`: the split
+    phase's longer gaps between actions); 0 otherwise."""
+    split_backward_share: float = 0.0
+    """The share of a stage's backward work each I and W took beyond its part of B
+    (`ModelCosts.split_backward_share`); 0 where no split phase ran."""
     weight_share: tuple[float, ...] = ()
     """Per stage, the W share of the backward's work the split phase measured (empty: none run;
     a first stage fed token ids, whose I has no work, the other stages' mean)."""
@@ -345,7 +355,8 @@ def at_run_prices(
         forward_s_per_row=tuple(line.forward_s_per_row for line in fits),
         backward_s_per_row=tuple(line.backward_s_per_row for line in fits),
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
-        split_overhead_s=priced.split_overhead_s, weight_share=split_fit.weight_share,
+        split_overhead_s=priced.split_overhead_s, split_backward_share=priced.split_backward_share,
+        weight_share=split_fit.weight_share,
         split_action_overhead_s=split_fit.action_overhead_s,
         held_bytes=() if held is None else held.run_bytes,
         held_block_bytes=() if held is None else held.block_bytes,
@@ -562,15 +573,19 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     given, per stage by the 1F1B block's F over its own (the same F at the same size: what moved
     is the host's load), and divided by each stage's held B factor, `held_backward` (its rank's
     slowdown for the bytes it held beyond 1F1B's, which the held curve prices apart, so it is
-    priced once: by the curve, at any candidate's bytes). The seconds per I and per W beyond
-    B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
-    seconds, which I and W pay each: `stage_arrays`), plus the split phase's longer gap between
-    actions (three gaps per micro-batch and stage, paid by I and W), as the stages' mean (one
-    figure per action, whatever its stage). Then each stage's layers move W's share of their
-    backward by one factor, so the stage's W takes the measured share of its work; B is
-    unchanged. A first stage fed token ids has no I work (its W runs the whole backward:
-    `first_stage_backward`), so its layers take the other stages' mean factor, and so does a
-    stage outside `split_stages` (its I and W not run apart), which adds no extra."""
+    priced once: by the curve, at any candidate's bytes). What each I and W takes beyond its part
+    of B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
+    seconds, which I and W pay each: `stage_arrays`) over the stage's backward work (B less
+    those seconds), the stages' mean (`split_backward_share`: in one process these seconds grew
+    with the rows as B did, 5-7% of it from 1 to 16 rows, so a constant fitted at one size
+    priced other sizes wrong); and apart, in seconds per action (`split_overhead_s`), the split
+    phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and W),
+    which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each
+    stage's layers move W's share of their backward by one factor, so the stage's W takes the
+    measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W
+    runs the whole backward: `first_stage_backward`), so its layers take the other stages' mean
+    factor, and so does a stage outside `split_stages` (its I and W not run apart), which adds no
+    extra."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
     # load, so the split block's times are taken at the 1F1B block's level.
@@ -579,13 +594,24 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
     held = [1.0] * layout.num_stages if held_backward is None else list(held_backward)
     i = [split.i[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
     w = [split.w[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
-    extras = [(i[stage] + w[stage] - run.b[stage] - costs.overhead_s * (stop - start)) / 2
-              for stage, (start, stop) in enumerate(spans) if stage in split_stages]
-    if not extras:
+    measured = [stage for stage in range(layout.num_stages) if stage in split_stages]
+    if not measured:
         return costs, _SplitFit()
+    # Per stage, its backward work in the run (B less the runtime's seconds per layer and action):
+    # the split's own seconds inside the actions grow with it (`ModelCosts.split_backward_share`).
+    work = {stage: max(run.b[stage] - costs.overhead_s * (spans[stage][1] - spans[stage][0]), 0.0)
+            for stage in measured}
+    extras = {stage: (i[stage] + w[stage] - run.b[stage]
+                      - costs.overhead_s * (spans[stage][1] - spans[stage][0])) / 2 for stage in measured}
     gap = 1.5 * (split.action_overhead * statistics.fmean(drift) - run.action_overhead)
-    inside = max(statistics.fmean(extras), 0.0)  # inside the actions' measured seconds
-    extra = max(inside + gap, 0.0)
+    # Inside the actions' measured seconds, as a share of each stage's work (kept below 0.5: a
+    # larger one would leave I or W no part of B).
+    inside = _share_of_work([extras[stage] for stage in measured], [work[stage] for stage in measured])
+    # The longer gaps between a split stage's actions do not grow with its work: seconds per
+    # action; a shorter gap (noise) is taken from the share instead, as from the seconds before.
+    extra = max(gap, 0.0)
+    share = inside if gap >= 0 else _share_of_work([extras[stage] + gap for stage in measured],
+                                                   [work[stage] for stage in measured])
     scale = layout.rows / costs.reference_rows
     layers = list(costs.layers)
     shares: list[float | None] = []
@@ -597,17 +623,18 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
             continue
         fixed = costs.overhead_s * (stop - start)
         own = sum(layer.fixed_s for layer in layers[start:stop])
-        weight_work = max(w[stage] - fixed - inside, 0.0)
-        input_work = max(i[stage] - fixed - own - inside, 0.0)
+        own_split = inside * work[stage]
+        weight_work = max(w[stage] - fixed - own_split, 0.0)
+        input_work = max(i[stage] - fixed - own - own_split, 0.0)
         weight_now = scale * sum(layer.weight_s for layer in layers[start:stop])
         backward_now = scale * sum(layer.backward_s for layer in layers[start:stop])
         if weight_work + input_work <= 0 or weight_now <= 0:
             shares.append(None)
             factors.append(None)
             continue
-        share = weight_work / (weight_work + input_work)
-        shares.append(share)
-        factors.append(share * backward_now / weight_now)
+        weight_share = weight_work / (weight_work + input_work)
+        shares.append(weight_share)
+        factors.append(weight_share * backward_now / weight_now)
     known = [factor for factor in factors if factor is not None]
     mean = statistics.fmean(known) if known else 1.0
     for stage, (start, stop) in enumerate(spans):
@@ -617,11 +644,23 @@ def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: S
             weight = min(layer.weight_s * (mean if factor is None else factor), layer.backward_s)
             layers[index] = replace(layer, weight_grad_s=weight)
     # A stage not measured (a first stage of token ids) reports the share its layers now hold.
-    measured = tuple(
-        share if share is not None else _weight_share(layers[start:stop])
-        for share, (start, stop) in zip(shares, spans, strict=True))
-    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra)
-    return priced, _SplitFit(measured, split.action_overhead)
+    shares_now = tuple(
+        found if found is not None else _weight_share(layers[start:stop])
+        for found, (start, stop) in zip(shares, spans, strict=True))
+    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra, split_backward_share=share)
+    return priced, _SplitFit(shares_now, split.action_overhead)
+
+
+_LARGEST_SPLIT_SHARE = 0.45
+"""The most of a stage's backward work the fit lets each I and W take beyond its part of B (a
+share of 0.5 or more would leave B no part to split; `ModelCosts.split_backward_share`)."""
+
+
+def _share_of_work(extras: Sequence[float], work: Sequence[float]) -> float:
+    """The stages' mean of each one's extra seconds per split action over its backward work, kept
+    in [0, `_LARGEST_SPLIT_SHARE`] (a negative mean is noise); a stage without work counts 0."""
+    ratios = [extra / seconds if seconds > 0 else 0.0 for extra, seconds in zip(extras, work, strict=True)]
+    return min(max(statistics.fmean(ratios), 0.0), _LARGEST_SPLIT_SHARE)
 
 
 def _weight_share(layers: Sequence[LayerCost]) -> float:

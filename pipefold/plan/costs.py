@@ -182,7 +182,7 @@ _FIELDS = (
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
-    "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward",
+    "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
 )
 
 
@@ -239,7 +239,16 @@ class ModelCosts:
     split_overhead_s: float = 0.0
     """Seconds each I and each W action takes beyond its part of the B it splits (the runtime's
     second entry into the stage's backward): a split backward costs B plus twice this, per
-    micro-batch and stage (measured by `pipefold plan --profile`'s calibration run)."""
+    micro-batch and stage (measured by `pipefold plan --profile`'s calibration run). With
+    `split_backward_share`, only the part that does not grow with the stage's work (the runtime's
+    longer gaps between a split stage's actions)."""
+    split_backward_share: float = 0.0
+    """The share of a stage's backward work (its B less the runtime's seconds per layer and action,
+    `overhead_s`) that each I and each W takes beyond its part of B: a split backward costs B plus
+    twice this share of it, so the split's own seconds grow with the micro-batch's rows and the
+    stage's layers (one process, train's default GPT: 5-7% of B at 1-16 rows, from 110 us at 1
+    row to 1.2 ms at 16 on its last stage; BENCHMARKS.md, "Does the split's own cost grow with
+    rows"). In [0, 0.5); 0: the split's seconds are `split_overhead_s` alone (costs before it)."""
     update_s_per_parameter_byte: float = 0.0
     """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
     outside the pipeline's actions: the step adds it for the rank holding the most
@@ -324,6 +333,12 @@ class ModelCosts:
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward"):
             _non_negative("ModelCosts", name, getattr(self, name))
+        share = self.split_backward_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
+            raise ConfigError(
+                f"ModelCosts.split_backward_share = {share!r}; give a number in [0, 0.5): the share of a "
+                "stage's backward work each I and W takes beyond its part of B (0: none)"
+            )
         if not isinstance(self.input_requires_grad, bool):
             raise ConfigError(
                 f"ModelCosts.input_requires_grad = {self.input_requires_grad!r}; give true (a float model "
@@ -503,6 +518,8 @@ class ModelCosts:
         data["held_reference_layer_bytes"] = list(self.held_reference_layer_bytes)
         if not self.held_state_forward:  # written only where priced: costs without it read as before
             del data["held_state_forward"]
+        if not self.split_backward_share:  # the same: costs fitted before it read and write as before
+            del data["split_backward_share"]
         return data
 
     @classmethod

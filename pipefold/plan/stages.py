@@ -102,6 +102,11 @@ def stage_arrays(
         weight_grad = (fixed + costs.split_overhead_s) + scale * span(_W)
         # One B per layer is one action: its fixed cost is paid once, not once per half.
         backward = (fixed + own) + scale * (span(_I) + span(_W))
+    if costs.split_backward_share:
+        # The split's seconds that grow with the stage's work (`ModelCosts.split_backward_share`).
+        own_split = costs.split_backward_share * (backward - fixed)
+        input_grad = input_grad + own_split
+        weight_grad = weight_grad + own_split
     recomputed = np.zeros(layout.num_stages, dtype=bool)
     recomputed[[stage for stage in recompute if 0 <= stage < layout.num_stages]] = True
     input_grad = np.where(recomputed, input_grad + forward, input_grad)

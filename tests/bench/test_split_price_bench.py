@@ -69,9 +69,11 @@ def test_a_calibration_is_priced_with_either_block_as_the_split_block(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(calibration))
     found = _priced(costs, path)
-    assert found["1f1b+split"]["split_overhead_us"] == pytest.approx(1000)
-    # The zb-h1 block's held slowdown beyond the curve's B factor lands in the split's seconds.
-    assert found["zb-h1"]["split_overhead_us"] > 1500
+    # 1 ms per I and W on the last stage's backward work of 41 ms; no longer gaps between actions.
+    assert found["1f1b+split"]["split_backward_share"] == pytest.approx(0.001 / 0.041)
+    assert found["1f1b+split"]["split_overhead_us"] == pytest.approx(0.0)
+    # The zb-h1 block's held slowdown beyond the curve's B factor lands in the split's share.
+    assert found["zb-h1"]["split_backward_share"] > 1.5 * found["1f1b+split"]["split_backward_share"]
     assert found["zb-h1"]["curve"] == found["1f1b+split"]["curve"]  # one curve, the same points
     now, before = found["1f1b+split"]["families"]["1f1b"], found["zb-h1"]["families"]["1f1b"]
     assert now["b"] == pytest.approx(before["b"]) and now["w"][1] < before["w"][1]

@@ -71,14 +71,18 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert calibration["message_latency_s"] >= 0  # the plan's link: no --latency / --bandwidth given
     # The same launch ran 1F1B with each B as I then W on the same stages at the first size: the
     # split backward's I and W are priced as it measured them, B kept as fitted (I + W = B + the
-    # layers' fixed seconds + 2 x the split's own per micro-batch and stage).
+    # layers' fixed seconds + 2 x the split's own per micro-batch and stage: a share of the stage's
+    # backward work and seconds per action).
     assert priced.split_overhead_s == calibration["split_overhead_s"] >= 0
+    assert priced.split_backward_share == calibration["split_backward_share"] >= 0
     assert len(calibration["weight_share"]) == 2 and all(0 <= x <= 1 for x in calibration["weight_share"])
     assert calibration["split_action_overhead_s"] > 0
     at_run = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
     for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
+        fixed = priced.overhead_s * (stop - start)
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
-            at_run.b[stage] + priced.overhead_s * (stop - start) + 2 * priced.split_overhead_s)
+            at_run.b[stage] + fixed + 2 * priced.split_overhead_s
+            + 2 * priced.split_backward_share * (at_run.b[stage] - fixed))
     assert "split backward (1f1b+split at 8 rows)" in priced.source
     assert calibration["split_schedule"] == "1f1b+split"
     # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per

@@ -304,32 +304,37 @@ def test_at_run_prices_leaves_the_tied_exchange_out_of_the_update():
     assert candidate.step_time - (bare.step_time - bare.tied_exchange_s) == pytest.approx(0.01)
 
 
-def _split_truth(costs, weight_factor, split_overhead_s):
-    """`costs` with each layer's W share of B times `weight_factor[layer]` and the split's seconds."""
+def _split_truth(costs, weight_factor, split_backward_share, split_overhead_s=0.0):
+    """`costs` with each layer's W share of B times `weight_factor[layer]` and the split's own
+    share of the backward's work (and seconds per action)."""
     layers = tuple(replace(layer, weight_grad_s=min(layer.weight_s * k, layer.backward_s))
                    for layer, k in zip(costs.layers, weight_factor, strict=True))
-    return replace(costs, layers=layers, split_overhead_s=split_overhead_s)
+    return replace(costs, layers=layers, split_backward_share=split_backward_share,
+                   split_overhead_s=split_overhead_s)
 
 
 def test_at_run_prices_prices_i_and_w_as_the_split_phase_measured_them():
     # The run's split backward: W takes 1.2x (stage 0) and 1.5x (stage 1) the profile's share of
-    # B, and each I and W 0.05 s beyond its part of B; its gap between actions 20 us longer.
+    # B, and each I and W 6% of its stage's backward work beyond its part of B; its gap between
+    # actions 20 us longer.
     profile = replace(_costs_with_fixed(), overhead_s=0.01)
-    truth = _split_truth(profile, (1.2, 1.5, 1.5), 0.05)
+    truth = _split_truth(profile, (1.2, 1.5, 1.5), 0.06)
     bounds, rows = (0, 1, 3), 4
     measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)  # 1F1B: F and B only
     split = replace(measured, action_overhead=run.action_overhead + 20e-6)
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split)
-    assert calibration.split_overhead_s == pytest.approx(0.05 + 1.5 * 20e-6)
+    assert calibration.split_backward_share == pytest.approx(0.06)
+    assert calibration.split_overhead_s == pytest.approx(1.5 * 20e-6)  # the gaps: seconds per action
     assert priced.split_overhead_s == calibration.split_overhead_s
+    assert priced.split_backward_share == calibration.split_backward_share
     assert calibration.split_action_overhead_s == pytest.approx(70e-6)
     assert calibration.weight_share == pytest.approx(
         [sum(layer.weight_s for layer in truth.layers[start:stop]) / sum(
             layer.backward_s for layer in truth.layers[start:stop]) for start, stop in ((0, 1), (1, 3))])
     for layout in (StageLayout(bounds, rows), StageLayout(bounds, 8), StageLayout((0, 1, 2, 3), 1)):
         # The longer gap is priced with I and W: their actions' own seconds as measured.
-        now = stage_cost_model(replace(priced, split_overhead_s=0.05), layout, (), Link())
+        now = stage_cost_model(replace(priced, split_overhead_s=0.0), layout, (), Link())
         true = stage_cost_model(truth, layout, (), Link())
         # F and B as the 1F1B phase measured them; I and W as the split phase did, at any rows.
         assert now.f == pytest.approx(true.f) and now.b == pytest.approx(true.b)
@@ -337,6 +342,7 @@ def test_at_run_prices_prices_i_and_w_as_the_split_phase_measured_them():
     # Without the split phase, I + W is priced at B's cost and W keeps the profile's share.
     plain, none = at_run_prices(profile, run, bounds, rows)
     assert plain.split_overhead_s == 0.0 and none.weight_share == () and none.split_overhead_s == 0.0
+    assert plain.split_backward_share == 0.0 == none.split_backward_share
     model = stage_cost_model(plain, StageLayout(bounds, rows), (), Link())
     assert model.w[1] < 0.9 * measured.w[1]
     with pytest.raises(ConfigError, match="the split phase measured 1 stages"):
@@ -353,7 +359,7 @@ def test_at_run_prices_split_phase_of_a_first_stage_fed_token_ids():
     run = _run(measured.f, measured.b)
     split = replace(measured, action_overhead=run.action_overhead)
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split)
-    assert calibration.split_overhead_s == pytest.approx(0.04)
+    assert calibration.split_backward_share == pytest.approx(0.04)
     now = first_stage_backward(stage_cost_model(priced, layout, (), Link()), priced, bounds)
     assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
     assert now.b == pytest.approx(measured.b)
@@ -373,7 +379,7 @@ def test_at_run_prices_split_phase_prices_a_fused_stage_from_the_others():
     fused = replace(measured, i=(measured.b[0] / 2, measured.i[1]), w=(measured.b[0] / 2, measured.w[1]),
                     action_overhead=run.action_overhead)
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=fused, split_stages=[1])
-    assert calibration.split_overhead_s == pytest.approx(0.05)
+    assert calibration.split_backward_share == pytest.approx(0.05)
     now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
     # Measured on no stage: no split prices.
@@ -393,7 +399,7 @@ def test_at_run_prices_split_phase_takes_the_load_of_the_1f1b_block():
                    w=tuple(1.5 * x for x in measured.w), b=tuple(1.5 * x for x in measured.b),
                    action_overhead=run.action_overhead * 1.5)
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=slow)
-    assert calibration.split_overhead_s == pytest.approx(0.05)
+    assert calibration.split_backward_share == pytest.approx(0.05)
     now = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     assert now.i == pytest.approx(measured.i) and now.w == pytest.approx(measured.w)
 

@@ -122,7 +122,7 @@ def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there(
     bounds, rows = (0, 2, 4), 1
     base, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8) for family in ("1f1b", "zb-h1", "gpipe"))
     assert zb[0] <= base[0] and zb[1] > base[1]  # on 2 ranks zb-h1's last rank holds more, its first not
-    measured = stage_cost_model(replace(profile, split_overhead_s=0.004), StageLayout(bounds, rows), (), Link())
+    measured = stage_cost_model(replace(profile, split_backward_share=0.1), StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)
     # The truth: F 1.08x and B 1.04x on zb-h1's last rank (its excess), GPipe F 1.13x, B 1.065x; the
     # host 10% slower during the whole split block.
@@ -137,7 +137,7 @@ def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there(
     # zb-h1's last rank gives the curve's first point, its load out: F 1.08 at its excess.
     assert held_factor(priced.held_curve, zb[1] - base[1]) == pytest.approx((1.08, 1.04))
     # Its held B slowdown priced by the curve, not in the split's own seconds: recovered exactly.
-    assert priced.split_overhead_s == pytest.approx(0.004)
+    assert priced.split_backward_share == pytest.approx(0.1)
     # The run's zb-h1 is priced as its block measured it (the load out): F, I and W per stage.
     model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     slowed = with_held_cost(model, priced, (0, 1), zb, bounds)
@@ -145,7 +145,7 @@ def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there(
         assert getattr(slowed, kind) == pytest.approx([t / load for t in getattr(split, kind)])
     # Taken per stage, as before, the last rank's held slowdown left its I and W (priced 1.04x low).
     per_stage, _ = at_run_prices(profile, run, bounds, rows, split=split)
-    assert per_stage.split_overhead_s < 0.004 - 0.02 * measured.b[1] / 2
+    assert per_stage.split_backward_share < 0.1 - 0.02 / 2  # its work: its B (no seconds per layer)
 
 
 def test_a_priced_step_is_never_below_the_unslowed_one():
@@ -187,7 +187,7 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
     base, split_bytes, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                 for family in ("1f1b", "1f1b+split", "gpipe"))
     assert split_bytes == base  # the split in place holds what 1F1B holds
-    truth = replace(profile, split_overhead_s=0.004)
+    truth = replace(profile, split_backward_share=0.1)
     measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)
     load = 1.1
@@ -196,7 +196,7 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split, split_stages=[1],
                                         held=HeldBlock(block, base, gpipe, split_bytes))
     assert calibration.split_drift == pytest.approx(1 / load)
-    assert priced.split_overhead_s == pytest.approx(0.004)
+    assert priced.split_backward_share == pytest.approx(0.1)
     model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     assert model.i[1] == pytest.approx(measured.i[1]) and model.w[1] == pytest.approx(measured.w[1])
     # Its ranks held no more: no points of its own on the curve (GPipe's alone here).
@@ -215,7 +215,7 @@ def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_s
     base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                     for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))
     assert zb[0] <= base[0] and zb[1] > base[1]
-    truth = replace(profile, split_overhead_s=0.004)
+    truth = replace(profile, split_backward_share=0.1)
     measured = stage_cost_model(truth, StageLayout(bounds, rows), (), Link())
     run = _run(measured.f, measured.b)
     # The curve block (zb-h1): F 1.08x on its last rank (its excess), the host 5% slower during it;
@@ -232,7 +232,7 @@ def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_s
     assert held_factor(priced.held_curve, zb[1] - base[1])[0] == pytest.approx(1.08)
     # The split's seconds are the split's own: no held factor divided out of them (its bytes are
     # 1F1B's), none of zb-h1's slowdown left in them.
-    assert priced.split_overhead_s == pytest.approx(0.004)
+    assert priced.split_backward_share == pytest.approx(0.1)
     model = stage_cost_model(priced, StageLayout(bounds, rows), (), Link())
     assert model.i[1] == pytest.approx(measured.i[1]) and model.w[1] == pytest.approx(measured.w[1])
     # A curve block of other stages or peaks is refused, naming the fix.
