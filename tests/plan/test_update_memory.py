@@ -131,3 +131,22 @@ def test_tensor_parallel_shrinks_the_per_rank_tensors():
     split = gpt_parameter_numels(2, 64, 32, 256, 2, tied=True)
     assert sum(split) < sum(whole) and max(split) == max(whole)  # the embedding stays whole
     assert len(gpt_parameter_numels(2, 64, 32, 256, 1, tied=False)) == len(whole) + 1
+
+
+PLAN = ["plan", "--model", "gpt", "--hardware", "h100-80gb", "--num-layers", "2", "--d-model", "256",
+        "--num-heads", "4", "--seq-len", "32", "--vocab-size", "256", "--batch-size", "4", "--ranks", "1",
+        "--schedule", "1f1b", "--microbatches", "4", "--recompute", "full", "--order-search", "0", "--dtype",
+        "fp32"]
+
+
+def test_the_plan_shows_where_a_rank_peaks_and_its_json_keeps_every_field(capsys):
+    import json
+
+    from pipefold.cli.main import main
+
+    assert main(PLAN) == 0
+    assert "rank 0's peak is in the update" in " ".join(capsys.readouterr().out.split())
+    assert main([*PLAN, "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["choice"]["memory"][0]
+    assert memory["update"] > 0 and memory["total"] == memory["update_total"] > memory["pipeline_total"]
+    assert memory["total"] == memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["update"]
