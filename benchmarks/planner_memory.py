@@ -13,8 +13,9 @@ that command then runs 2 steps, and its summary.json gives what each rank held: 
 optimizer state (the tensors' bytes), gradients (as large as the weights during a step) and the
 activation peak the saved-tensor hooks counted. Runs one job at a time (each is 2 processes).
 Prints one row per (configuration, rank): predicted and counted activations and totals, and the
-total's error (without the plan's recompute transient, which the hooks do not see). A benchmark,
-not a test.
+total's error (the plan's pipeline call without its recompute transient, which the hooks do not
+see; the update after the step, which they do not count either, is the last column). A
+benchmark, not a test.
 
 `--megatron` checks the model `pipefold plan --megatron` prices (`GptEstimate(megatron=True)`
 on the `cpu` hardware preset, fp32: Korthikanti et al. 2022's activations) against
@@ -32,15 +33,16 @@ their error per rank (the plan prices each rank's from its own layers' profiled 
 `--device cuda` checks the plan against a GPU's caching allocator instead of the runtime's own
 count: `plan --profile --device cuda` measures the layers on the GPU, and the job it pins trains
 there for 3 steps; summary.json's memory then has each rank's allocator peaks over the kept
-steps 2-3 (`cuda_*`, pipefold.job.allocator_peaks). The table compares the plan's whole total
-(its recompute transient included: the allocator sees the rebuilt layer) with the peak allocated
-bytes, and the plan's weights + optimizer state with what stays allocated between steps (the
-update's zero_grad frees the gradients); it also shows the pipeline call's own peak, the
+steps 2-3 (`cuda_*`, pipefold.job.allocator_peaks). The table compares the plan's whole-step
+total (`total`: the larger of its pipeline call, recompute transient included since the
+allocator sees the rebuilt layer, and its update, whose temporaries it prices as `update`:
+pipefold.plan.update_memory) with the step's peak allocated bytes, the plan's pipeline call
+(`pipeline_total`) with that call's own peak, and the plan's weights + optimizer state with what
+stays allocated between steps (the update's zero_grad frees the gradients); it also shows the
 activations the runtime's hooks counted and the peak reserved bytes. The model is larger than on
 CPU (`GPU_MODEL`: 4 layers, d_model 1024, 128 positions, batch 8; 0.76 GiB of weights, gradients
 and AdamW state), so that fixed costs no layer explains (cuBLAS workspaces) are a few percent, not
-the whole. The error is the whole step's (the update's temporaries included); a second error
-compares the plan with the pipeline call's own peak, before the update. After
+the whole. The error is the whole step's; a second error is the pipeline call's. After
 the table: the rows within the 10% target, and the `--hardware` file's reserve beside the
 allocator's slack (reserved - allocated at peak; the CUDA context and NCCL's buffers are outside
 the allocator and not measured). A configuration that fails is reported and the others still run.
