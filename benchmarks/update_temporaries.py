@@ -66,7 +66,8 @@ def exact_step_bytes(optimizer: torch.optim.Optimizer, foreach: bool, masters: b
     if foreach:
         step = 4 * max(sum(group) for group in groups)
     else:
-        step = 4 * max(max(2 * n + (group[i - 1] if i else 0) for i, n in enumerate(group)) for group in groups)
+        step = 4 * max(max(2 * n + (group[i - 1] if i else 0) for i, n in enumerate(group))
+                       for group in groups)
     copies = 4 * sum(sum(group) for group in groups) if masters else 0
     return copies + step
 
@@ -83,7 +84,8 @@ def row(shape: str, device: str, precision: str, foreach: bool) -> tuple[str, ..
     fields = update_temporaries([p.numel() for p in params], value_bytes=2 if masters else 4,
                                 foreach=foreach, masters=masters)
     parameter_bytes = sum(p.numel() * p.element_size() for p in params)
-    planned = round(parameter_bytes * fields["update_bytes_per_parameter_byte"]) + fields["update_tensor_bytes"]
+    per_byte, tensor = fields["update_bytes_per_parameter_byte"], fields["update_tensor_bytes"]
+    planned = round(parameter_bytes * per_byte) + tensor
     step = peak_bytes(optimizer.step, device)
     exact = exact_step_bytes(optimizer, foreach, masters)
     scope = GradientScope(params=tuple(params), not_counted=frozenset(), tp_group=None, tp_rank=0,
@@ -101,7 +103,8 @@ HEADER = ("model", "precision", "AdamW path", "parameters KiB", "step measured K
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     args = parser.parse_args()

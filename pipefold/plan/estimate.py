@@ -97,7 +97,8 @@ def gpt_parameter_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows
     layer norms' gains and biases around attention (qkv, proj) and the MLP (fc_in, fc_out), the
     final norm, the head unless tied. `vocab_rows`: the embedding's rows on this tp rank."""
     h, t = d_model, tensor_parallel
-    block = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]
+    attention = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h]  # ln_1, qkv, proj (its bias whole)
+    block = [*attention, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]  # ln_2, fc_in, fc_out
     return [vocab_rows * h, seq_len * h, *block * num_layers, h, h, *([] if tied else [vocab_rows * h])]
 
 
@@ -413,7 +414,8 @@ class GptEstimate:
             # tp rank's tensors: pipefold.plan.update_memory.
             **update_temporaries(
                 gpt_parameter_numels(self.num_layers, h, s, vocab // vt, t, tied=self.tie_embeddings),
-                value_bytes=pe, foreach=self.hardware.device == "cuda", masters=self.optimizer_element_bytes > 2 * pe),
+                value_bytes=pe, foreach=self.hardware.device == "cuda",
+                masters=self.optimizer_element_bytes > 2 * pe),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

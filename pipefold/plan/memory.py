@@ -17,7 +17,8 @@ from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
 __all__ = [
-    "RankMemory", "cast_bytes", "excess_per_rank", "update_bytes", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+    "RankMemory", "cast_bytes", "excess_per_rank", "update_bytes", "rank_memory", "memory_of_peaks",
+    "static_bytes", "static_weight_bytes", "gradient_bytes",
     "repeated_casts",
 ]
 
@@ -194,7 +195,8 @@ def update_bytes(costs: ModelCosts, owned: Sequence[int]) -> list[int]:
     larger (`pipefold.plan.update_memory`). A rank without parameters allocates none."""
     return [
         max(costs.gradient_norm_bytes,
-            round(held * costs.update_bytes_per_parameter_byte) + costs.update_tensor_bytes) if held > 0 else 0
+            round(held * costs.update_bytes_per_parameter_byte) + costs.update_tensor_bytes)
+        if held > 0 else 0
         for held in owned
     ]
 

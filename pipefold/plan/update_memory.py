@@ -64,7 +64,7 @@ def update_temporaries(numels: Sequence[int], *, value_bytes: int, foreach: bool
     if value_bytes <= 0:
         raise ValueError(f"value_bytes = {value_bytes}; give the parameters' element size (4 fp32, 2 bf16)")
     # Per parameter byte of a rank: its fp32 gradient copies (masters), and foreach's list of square roots.
-    per_byte = (STATE_BYTES / value_bytes if masters else 0.0) + (STATE_BYTES / value_bytes if foreach else 0.0)
+    per_byte = STATE_BYTES / value_bytes * ((1 if masters else 0) + (1 if foreach else 0))
     largest = sorted(numels, reverse=True)[:2] + [0, 0]
     tensor = 0 if foreach else STATE_BYTES * (2 * largest[0] + largest[1])
     return {

@@ -39,7 +39,8 @@ def _peak_allocated(fn) -> int:
 def _model(dtype=torch.float32) -> nn.Sequential:
     torch.manual_seed(0)
     # Two matrices of different sizes (decay group), norms and biases (no decay group).
-    return nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 96), nn.LayerNorm(96)).to(dtype)
+    layers = (nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 96), nn.LayerNorm(96))
+    return nn.Sequential(*layers).to(dtype)
 
 
 def _stepped(model, *, foreach, masters):
@@ -61,7 +62,8 @@ def test_adamw_step_allocates_what_the_plan_prices(foreach, masters):
     fields = update_temporaries([p.numel() for p in params], value_bytes=2 if masters else 4,
                                 foreach=foreach, masters=masters)
     parameter_bytes = sum(p.numel() * p.element_size() for p in params)
-    priced = round(parameter_bytes * fields["update_bytes_per_parameter_byte"]) + fields["update_tensor_bytes"]
+    per_byte, tensor = fields["update_bytes_per_parameter_byte"], fields["update_tensor_bytes"]
+    priced = round(parameter_bytes * per_byte) + tensor
     # What torch allocates, exactly: the groups are separate calls whose temporaries are freed
     # at return. foreach: the larger group's list of fp32 square roots; single-tensor: a
     # parameter's sqrt and denominator beside the previous one's denominator, in its group's order.
@@ -70,7 +72,8 @@ def test_adamw_step_allocates_what_the_plan_prices(foreach, masters):
     if foreach:
         step = 4 * max(sum(group) for group in groups)
     else:
-        step = 4 * max(max(n + (group[i - 1] if i else 0) + n for i, n in enumerate(group)) for group in groups)
+        step = 4 * max(max(2 * n + (group[i - 1] if i else 0) for i, n in enumerate(group))
+                       for group in groups)
     fp32_gradients = 4 * sum(p.numel() for p in params) if masters else 0
     exact = fp32_gradients + step
     measured = _peak_allocated(optimizer.step)
