@@ -16,7 +16,9 @@
 #      writes $OUT/gpu.toml; the links are the h100-80gb preset's (one GPU measures no link);
 #   5. Megatron-LM's Figure 16 priced on the a100-80gb preset with that measured curve
 #      (`benchmarks/paper.py --matmul-from`: the figure's trend hangs on the curve, docs/plan.md);
-#   6. the planner's memory model against the allocator's peaks of `pipefold train --device cuda`
+#   6. the update's temporaries (the gradient norm, AdamW foreach and single-tensor, fp32 and
+#      bf16-pure) against the CUDA allocator's peak (`benchmarks/update_temporaries.py`: seconds);
+#   7. the planner's memory model against the allocator's peaks of `pipefold train --device cuda`
 #      (`benchmarks/planner_memory.py --device cuda`: one rank on one GPU, since NCCL refuses two
 #      ranks on one device).
 # Everything printed also goes to $OUT/gpu_check.log; the files under $OUT are at most 6 (the
@@ -52,6 +54,7 @@ if [[ -f "$OUT/gpu.toml" ]]; then
   step figure-16 60 bash -c "$PY benchmarks/paper.py --rows 1.7B --figures --matmul-from '$OUT/gpu.toml' \
     | sed -n '/Figure 16/,/Figure 17/p' | tee '$OUT/figure16.txt'"
 fi
+step update-temporaries 90 "$PY" benchmarks/update_temporaries.py --device cuda --shapes gpu
 step planner-memory 300 "$PY" benchmarks/planner_memory.py --device cuda "${MEMORY_FLAGS[@]}" \
   --json "$OUT/planner_memory_cuda.json"
 echo "== gpu_check: $failed step(s) failed${QUICK:+ (quick)}; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"

@@ -13,8 +13,9 @@ that command then runs 2 steps, and its summary.json gives what each rank held: 
 optimizer state (the tensors' bytes), gradients (as large as the weights during a step) and the
 activation peak the saved-tensor hooks counted. Runs one job at a time (each is 2 processes).
 Prints one row per (configuration, rank): predicted and counted activations and totals, and the
-total's error (without the plan's recompute transient, which the hooks do not see). A benchmark,
-not a test.
+total's error (the plan's pipeline call without its recompute transient, which the hooks do not
+see; the update after the step, which they do not count either, is the last column). A
+benchmark, not a test.
 
 `--megatron` checks the model `pipefold plan --megatron` prices (`GptEstimate(megatron=True)`
 on the `cpu` hardware preset, fp32: Korthikanti et al. 2022's activations) against
@@ -32,15 +33,16 @@ their error per rank (the plan prices each rank's from its own layers' profiled 
 `--device cuda` checks the plan against a GPU's caching allocator instead of the runtime's own
 count: `plan --profile --device cuda` measures the layers on the GPU, and the job it pins trains
 there for 3 steps; summary.json's memory then has each rank's allocator peaks over the kept
-steps 2-3 (`cuda_*`, pipefold.job.allocator_peaks). The table compares the plan's whole total
-(its recompute transient included: the allocator sees the rebuilt layer) with the peak allocated
-bytes, and the plan's weights + optimizer state with what stays allocated between steps (the
-update's zero_grad frees the gradients); it also shows the pipeline call's own peak, the
+steps 2-3 (`cuda_*`, pipefold.job.allocator_peaks). The table compares the plan's whole-step
+total (`total`: the larger of its pipeline call, recompute transient included since the
+allocator sees the rebuilt layer, and its update, whose temporaries it prices as `update`:
+pipefold.plan.update_memory) with the step's peak allocated bytes, the plan's pipeline call
+(`pipeline_total`) with that call's own peak, and the plan's weights + optimizer state with what
+stays allocated between steps (the update's zero_grad frees the gradients); it also shows the
 activations the runtime's hooks counted and the peak reserved bytes. The model is larger than on
 CPU (`GPU_MODEL`: 4 layers, d_model 1024, 128 positions, batch 8; 0.76 GiB of weights, gradients
 and AdamW state), so that fixed costs no layer explains (cuBLAS workspaces) are a few percent, not
-the whole. The error is the whole step's (the update's temporaries included); a second error
-compares the plan with the pipeline call's own peak, before the update. After
+the whole. The error is the whole step's; a second error is the pipeline call's. After
 the table: the rows within the 10% target, and the `--hardware` file's reserve beside the
 allocator's slack (reserved - allocated at peak; the CUDA context and NCCL's buffers are outside
 the allocator and not measured). A configuration that fails is reported and the others still run.
@@ -121,7 +123,7 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
         total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"] + casts
         # The hooks do not see the layer a recomputing backward rebuilds for a moment, so the
         # like-for-like total leaves the plan's recompute transient out (shown apart).
-        like = predicted["total"] - predicted["recompute"]
+        like = pipeline_total(predicted) - predicted["recompute"]
         mixed = precision != "fp32"
         rows.append((
             f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else "")
@@ -131,9 +133,15 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
             *((f"{predicted['casts'] / 2**10:.1f}", f"{casts / 2**10:.1f}",
                f"{predicted['casts'] / casts - 1:+.1%}" if casts else "-") if mixed else ()),
             f"{predicted['recompute'] / 2**10:.0f}", f"{like / 2**10:.0f}", f"{total / 2**10:.0f}",
-            f"{like / total - 1:+.1%}",
+            f"{like / total - 1:+.1%}", f"{predicted.get('update', 0) / 2**10:.0f}",
         ))
     return rows
+
+
+def pipeline_total(predicted: Mapping[str, int]) -> int:
+    """The plan's peak during the pipeline's call (RankMemory.pipeline_total): its `total` in a plan
+    written before the update's temporaries were priced."""
+    return predicted.get("pipeline_total", predicted["total"])
 
 
 def measure_cuda(schedule: str, recompute: str, num_microbatches: int, work: Path, precision: str = "fp32",
@@ -168,16 +176,19 @@ def cuda_train_command(train_command: str) -> list[str]:
 
 ALLOCATOR_HEADER = (
     "configuration", "rank", "activations MiB (plan)", "activations MiB (counted)",
-    "weights + optimizer MiB (plan)", "allocated between steps MiB", "total MiB (plan)",
-    "allocated peak MiB", "pipeline call peak MiB", "reserved peak MiB", "error (pipeline call)", "error",
+    "weights + optimizer MiB (plan)", "allocated between steps MiB", "update temporaries MiB (plan)",
+    "pipeline call MiB (plan)", "total MiB (plan)", "allocated peak MiB", "pipeline call peak MiB",
+    "reserved peak MiB", "error (pipeline call)", "error",
 )
 
 
 def allocator_error(predicted: Mapping[str, int], entry: Mapping[str, int],
                     peak: str = "cuda_allocated_peak") -> float:
-    """The plan's total (recompute transient included) over the allocator's `peak`, less 1: the
-    whole step's, or (cuda_allocated_peak_pipeline) the pipeline call's, before the update."""
-    return predicted["total"] / entry[peak] - 1
+    """The plan against the allocator's `peak`, less 1: the plan's whole-step total (the larger of
+    the pipeline's call and the update, recompute transient included) against the whole step's
+    peak, or (cuda_allocated_peak_pipeline) the plan's pipeline call against that call's own peak."""
+    planned = pipeline_total(predicted) if peak == "cuda_allocated_peak_pipeline" else predicted["total"]
+    return planned / entry[peak] - 1
 
 
 def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, int]) -> tuple[str, ...]:
@@ -193,6 +204,7 @@ def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, 
     return (
         label, str(entry["pipeline_rank"]), mib(predicted["activations"]), mib(entry["activations_peak"]),
         mib(predicted["weights"] + predicted["optimizer"]), mib(entry["cuda_allocated_kept_start"]),
+        mib(predicted.get("update", 0)), mib(pipeline_total(predicted)),
         mib(predicted["total"]), mib(entry["cuda_allocated_peak"]),
         mib(entry["cuda_allocated_peak_pipeline"]), mib(entry["cuda_reserved_peak"]),
         f"{allocator_error(predicted, entry, 'cuda_allocated_peak_pipeline'):+.1%}",
@@ -277,7 +289,7 @@ def measure_megatron(
         rank = entry["pipeline_rank"]
         predicted = planned[rank]
         total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
-        like = predicted["total"] - predicted["recompute"]
+        like = pipeline_total(predicted) - predicted["recompute"]
         activations = predicted["activations"] / entry["activations_peak"] - 1
         with_output = (predicted["activations"] + predicted["held_output"]) / entry["activations_peak"] - 1
         rows.append((
@@ -325,7 +337,7 @@ def main() -> None:
     casts = ("casts KiB (plan)", "casts KiB (job)", "casts error") if args.precision != "fp32" else ()
     header = ("configuration", "rank", "activations KiB (plan)", "activations KiB (counted)", *casts,
               "recompute transient KiB (plan)", "total KiB (plan, without it)", "total KiB (counted)",
-              "error")
+              "error", "update temporaries KiB (plan)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as tmp:

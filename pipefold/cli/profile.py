@@ -204,7 +204,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     # Token ids take no gradient: the first stage's backward has no input half.
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, tied_layers=tied, input_requires_grad=False,
-                                    **_state_bytes(precision))
+                                    **_state_bytes(precision), **_update_fields(layers, device, precision))
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
@@ -270,7 +270,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
                                     source=source, input_requires_grad=False,
                                     tied_layers=tuple(group for group, _ in ties),
                                     tied_parameter_bytes=tuple(value_bytes * values for _, values in ties),
-                                    **_state_bytes(precision))
+                                    **_state_bytes(precision), **_update_fields(lm.layers, device, precision))
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
@@ -346,6 +346,32 @@ def _state_bytes(precision: str) -> dict[str, float]:
     master (`_PURE_OPTIMIZER_BYTES`)."""
     optimizer = _PURE_OPTIMIZER_BYTES if precision == "bf16-pure" else 2.0
     return {"gradient_bytes_per_parameter_byte": 1.0, "optimizer_bytes_per_parameter_byte": optimizer}
+
+
+def _update_fields(layers: Any, device: str, precision: str) -> dict[str, Any]:
+    """The update's temporaries (`ModelCosts.update_bytes_per_parameter_byte` and the two beside it)
+    as `pipefold train` will allocate them on `device`: torch's AdamW takes its foreach path where
+    every parameter is on CUDA and the single-tensor one on CPU (`pipefold.plan.update_memory`).
+    The parameters in the order a rank visits them, a tied one once."""
+    from pipefold.model.spec import LayerSpec, TiedLayerSpec
+    from pipefold.plan.update_memory import update_temporaries
+
+    seen: set[int] = set()
+    keys: set[str] = set()
+    numels: list[int] = []
+    for layer in layers:
+        if isinstance(layer, TiedLayerSpec):
+            if layer.key in keys:  # one tensor for all its occurrences
+                continue
+            keys.add(layer.key)
+        # A spec is built on the meta device: shapes without memory.
+        module = layer.build("meta") if isinstance(layer, LayerSpec) else layer
+        for param in module.parameters():
+            if id(param) not in seen and param.requires_grad:
+                seen.add(id(param))
+                numels.append(param.numel())
+    pure = precision == "bf16-pure"
+    return update_temporaries(numels, value_bytes=2 if pure else 4, foreach=device == "cuda", masters=pure)
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:

@@ -183,6 +183,7 @@ _FIELDS = (
     "tied_parameter_bytes", "cast_bytes_per_parameter_byte", "cast_s_per_parameter_byte",
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
+    "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
 )
 
 
@@ -253,6 +254,21 @@ class ModelCosts:
     """Seconds of the optimizer update (step, zero_grad, gradient norm) per parameter byte of a rank,
     outside the pipeline's actions: the step adds it for the rank holding the most
     (`pipefold.plan.calibrate.update_time`)."""
+    update_bytes_per_parameter_byte: float = 0.0
+    """The optimizer update's temporaries per parameter byte of a rank, live at once during the
+    step (`pipefold.plan.update_memory`): torch's foreach AdamW (its default on CUDA) makes a
+    square root of every parameter's state in one list (1 in fp32); bf16 weights with fp32
+    masters add the fp32 copies of their gradients (4 in bf16-pure with foreach, 2 without).
+    0: not priced (costs written before it, the single-tensor AdamW in fp32)."""
+    update_tensor_bytes: int = 0
+    """The update's temporaries of one parameter at a time, at their largest over the model (the
+    single-tensor AdamW, torch's default on CPU: two fp32 tensors of a parameter's size and one of
+    the previous one's, priced on the model's two largest), added to the per-byte part on every
+    rank (an upper bound where the largest sit on another rank)."""
+    gradient_norm_bytes: int = 0
+    """The most the gradient norm before the update holds at once (float64 copies of one or two
+    gradients: `pipefold.plan.update_memory.gradient_norm_bytes`); it runs before the step, so a
+    rank's update holds the larger of it and the step's temporaries (`RankMemory.update`)."""
     held_forward_per_byte: float = 0.0
     """The extra fraction of an F's time per activation byte its rank holds beyond
     `held_reference_bytes`, a straight line (what calibrations fitted before `held_curve`; a CPU
@@ -331,7 +347,8 @@ class ModelCosts:
                      "cast_bytes_per_parameter_byte", "overhead_s", "loss_bytes", "action_overhead_s",
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
-                     "held_state_forward"):
+                     "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
+                     "gradient_norm_bytes"):
             _non_negative("ModelCosts", name, getattr(self, name))
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
@@ -520,6 +537,9 @@ class ModelCosts:
             del data["held_state_forward"]
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
+        for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes"):
+            if not getattr(self, name):  # the same: costs without the update's temporaries as before
+                del data[name]
         return data
 
     @classmethod

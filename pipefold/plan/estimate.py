@@ -26,9 +26,11 @@ from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
+from pipefold.plan.update_memory import update_temporaries
 from pipefold.simulate import Link
 
 __all__ = [
+    "gpt_parameter_numels",
     "PRECISION_BYTES",
     "GptEstimate",
     "decoder_flops_per_token",
@@ -86,6 +88,18 @@ def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_fl
     if not peak_flops > 0:
         raise ConfigError(f"model_flops_utilization: peak_flops = {peak_flops!r}; give the devices' FLOP/s")
     return flops_per_token * tokens_per_s / peak_flops
+
+
+def gpt_parameter_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows: int, tensor_parallel: int,
+                         *, tied: bool) -> list[int]:
+    """The elements of each parameter of the built-in GPT on one tp rank, in the order a rank
+    visits them (`pipefold.model.zoo.gpt_layers`): token and position embeddings, per block two
+    layer norms' gains and biases around attention (qkv, proj) and the MLP (fc_in, fc_out), the
+    final norm, the head unless tied. `vocab_rows`: the embedding's rows on this tp rank."""
+    h, t = d_model, tensor_parallel
+    attention = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h]  # ln_1, qkv, proj (its bias whole)
+    block = [*attention, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]  # ln_2, fc_in, fc_out
+    return [vocab_rows * h, seq_len * h, *block * num_layers, h, h, *([] if tied else [vocab_rows * h])]
 
 
 def gpt_costs(
@@ -396,6 +410,12 @@ class GptEstimate:
             tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
             loss_bytes=logits * max(v, 4),
             cast_s_per_parameter_byte=cast_s / sum(layer.parameter_bytes for layer in layers),
+            # The update's temporaries on the hardware's device (AdamW foreach on CUDA), from one
+            # tp rank's tensors: pipefold.plan.update_memory.
+            **update_temporaries(
+                gpt_parameter_numels(self.num_layers, h, s, vocab // vt, t, tied=self.tie_embeddings),
+                value_bytes=pe, foreach=self.hardware.device == "cuda",
+                masters=self.optimizer_element_bytes > 2 * pe),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

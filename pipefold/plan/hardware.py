@@ -34,9 +34,12 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 has no tomllib; tomli is the same parser under its PyPI name.
     import tomli as tomllib
 
-__all__ = ["DeviceGroup", "Hardware", "MatmulEfficiency", "PRESETS", "load_hardware", "hardware_from_mapping"]
+__all__ = ["DEVICE_KINDS", "DeviceGroup", "Hardware", "MatmulEfficiency", "PRESETS", "load_hardware",
+           "hardware_from_mapping"]
 
 PRESETS = ("a100-80gb", "h100-80gb", "cpu")
+DEVICE_KINDS = ("cuda", "cpu")
+"""A hardware file's `device`."""
 """Hardware files shipped with pipefold (pipefold/plan/presets/NAME.toml)."""
 
 
@@ -122,6 +125,10 @@ class Hardware:
     matmul_by_dtype: Mapping[str, MatmulEfficiency] = field(default_factory=dict)
     """Curves of their own for some dtypes (`[compute.matmul.DTYPE]`, as `pipefold profile
     --hardware` measures each dtype); a dtype without one uses `matmul`."""
+    device: str = "cuda"
+    """What runs the ranks, "cuda" or "cpu" (the file's `device`; "cuda" where it gives none):
+    torch's AdamW takes its foreach path on CUDA and its single-tensor one on CPU, whose
+    temporaries differ (`pipefold.plan.update_memory`)."""
 
     def matmul_for(self, dtype: str) -> MatmulEfficiency:
         """The efficiency curve of products in `dtype`: its own where the file gives one."""
@@ -342,13 +349,17 @@ def _device_groups(origin: str, data: Any, per_node: int, peak: float, reserve: 
 
 def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") -> Hardware:
     """A `Hardware` from parsed TOML; `origin` names the file in errors."""
-    known = {"name", "source", "devices_per_node", "compute", "memory", "links", "device_groups"}
+    known = {"name", "source", "device", "devices_per_node", "compute", "memory", "links", "device_groups"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"hardware {origin}: unknown field(s) {unknown}; known: {sorted(known)}")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{_where(origin, 'name')} = {name!r}; give the machine type's name")
+    device = data.get("device", "cuda")
+    if device not in DEVICE_KINDS:
+        raise ConfigError(f"{_where(origin, 'device')} = {device!r}; give one of {', '.join(DEVICE_KINDS)} "
+                          "(what runs the ranks; it sets which optimizer path the plan prices)")
     per_node = data.get("devices_per_node")
     if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
         raise ConfigError(f"{_where(origin, 'devices_per_node')} = {per_node!r}; give an integer >= 1")
@@ -389,6 +400,7 @@ def hardware_from_mapping(data: Mapping[str, Any], origin: str = "<mapping>") ->
         source=str(data.get("source", "")),
         device_groups=groups,
         matmul_by_dtype=_matmul_by_dtype(origin, compute, peak_flops),
+        device=str(device),
     )
 
 

@@ -219,6 +219,7 @@ def render_hardware(measured: MeasuredHardware) -> str:
         f"name = {_string(measured.name)}",
         "source = "
         + _string(f"measured on {measured.device_name} by pipefold profile --hardware, {measured.date}"),
+        f"device = {_string('cpu' if measured.device_name.startswith('cpu') else 'cuda')}",
         f"devices_per_node = {measured.devices_per_node}",
         "",
         "[compute]",

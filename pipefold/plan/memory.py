@@ -1,7 +1,9 @@
 """Peak memory per rank: what a rank holds for its weights, and at most for activations.
 
-Weights, gradients, optimizer state, simulated activations and the recompute transient;
-what is not counted: docs/decisions.md, "Planner memory model".
+Weights, gradients, optimizer state, simulated activations and the recompute transient during
+the pipeline's call; then the update's temporaries (`pipefold.plan.update_memory`) beside the
+weights, gradients and state, when no activation is held. What is not counted:
+docs/decisions.md, "Planner memory model".
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pipefold.simulate import CostModel
 from pipefold.timeline import Timeline
 
 __all__ = [
-    "RankMemory", "cast_bytes", "excess_per_rank", "rank_memory", "memory_of_peaks", "static_bytes", "static_weight_bytes", "gradient_bytes",
+    "RankMemory", "cast_bytes", "excess_per_rank", "update_bytes", "rank_memory", "memory_of_peaks",
+    "static_bytes", "static_weight_bytes", "gradient_bytes",
     "repeated_casts",
 ]
 
@@ -33,21 +36,39 @@ class RankMemory:
     """The 16-bit weight copies mixed precision holds for the step: its stages' own
     (`CostModel.cast_bytes`, from `LayerCost.cast_bytes`), else its weights times
     `ModelCosts.cast_bytes_per_parameter_byte`."""
+    update: int = 0
+    """The most the update after the step allocates for a moment: the gradient norm's float64
+    copies or the optimizer step's temporaries, whichever is larger (`update_bytes`). Live beside
+    the weights, gradients and optimizer state; the activations and casts are freed by then."""
+
+    @property
+    def pipeline_total(self) -> int:
+        """The peak during the pipeline's call (what `total` was before the update was priced)."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute + self.casts
+
+    @property
+    def update_total(self) -> int:
+        """The peak during the update: weights, gradients and optimizer state, and its temporaries."""
+        return self.weights + self.gradients + self.optimizer + self.update
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute + self.casts
+        """The rank's peak over the whole step: the pipeline's call or the update after it."""
+        return max(self.pipeline_total, self.update_total)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
             "activations": self.activations, "recompute": self.recompute, "casts": self.casts,
+            "update": self.update, "pipeline_total": self.pipeline_total, "update_total": self.update_total,
             "total": self.total,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RankMemory:
-        return cls(**{key: int(value) for key, value in data.items() if key != "total"})
+        # A plan written before `update` existed reads with none (its total was the pipeline's).
+        derived = {"total", "pipeline_total", "update_total"}
+        return cls(**{key: int(value) for key, value in data.items() if key not in derived})
 
 
 class PeakMemory:
@@ -168,6 +189,18 @@ def gradient_bytes(
     )
 
 
+def update_bytes(costs: ModelCosts, owned: Sequence[int]) -> list[int]:
+    """Per rank owning `owned` parameter bytes, the update's temporaries at their most: the
+    gradient norm's, or the optimizer step's (a per-byte list and one tensor's), whichever is
+    larger (`pipefold.plan.update_memory`). A rank without parameters allocates none."""
+    return [
+        max(costs.gradient_norm_bytes,
+            round(held * costs.update_bytes_per_parameter_byte) + costs.update_tensor_bytes)
+        if held > 0 else 0
+        for held in owned
+    ]
+
+
 def rank_memory(
     costs: ModelCosts,
     model: CostModel,
@@ -193,6 +226,7 @@ def memory_of_peaks(
     num_ranks = len(activation_peaks)
     owned = _owned_weight_bytes(model, placement, num_ranks)
     casts = cast_bytes(costs, model, placement, num_ranks)
+    update = update_bytes(costs, owned)
     return tuple(
         RankMemory(
             weights=weight_peaks[rank],
@@ -201,6 +235,7 @@ def memory_of_peaks(
             activations=activation_peaks[rank],
             recompute=transient[rank],
             casts=casts[rank],
+            update=update[rank],
         )
         for rank in range(num_ranks)
     )

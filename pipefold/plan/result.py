@@ -507,6 +507,13 @@ class Plan:
                 f"{k}={v!r}" for k, v in choice.layout_kwargs().items()
             ) + "))" + ("  # FILE: pipefold plan --save-schedule FILE writes it" if choice.order else ""),
         ]
+        peak = choice.memory[choice.peak_rank]
+        if peak.update:
+            where = "the update" if peak.update_total > peak.pipeline_total else "the pipeline's call"
+            lines.append(
+                f"  rank {choice.peak_rank}'s peak is in {where}: {format_bytes(peak.pipeline_total)} during "
+                f"the pipeline's call, {format_bytes(peak.update_total)} during the update (its temporaries "
+                f"{format_bytes(peak.update)}: the gradient norm's or AdamW's, pipefold.plan.update_memory)")
         if choice.rank_speeds:
             lines.append("  " + choice.devices_text(self.memory_limit))
         if choice.held_text():

@@ -145,7 +145,9 @@ class _Search:
             costs = source.at(rows, tp, link, self.options.splits_sequence(tp))
             if zero:
                 share = costs.optimizer_bytes_per_parameter_byte / dp
-                costs = replace(costs, optimizer_bytes_per_parameter_byte=share)
+                # Each replica steps only the parameters it owns: the update's list shrinks alike.
+                costs = replace(costs, optimizer_bytes_per_parameter_byte=share,
+                                update_bytes_per_parameter_byte=costs.update_bytes_per_parameter_byte / dp)
             self._split[key] = costs
         return self._split[key]
 

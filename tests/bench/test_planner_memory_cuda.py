@@ -26,9 +26,22 @@ ENTRY = {"world_rank": 0, "pipeline_rank": 0, "replica": 0, "weights": 200 * MiB
          "cuda_reserved_peak": 1400 * MiB, "cuda_kept_steps": 2}
 
 
-def test_the_error_is_the_plans_whole_total_over_the_peak_of_the_step_or_of_its_pipeline_call():
+PRICED = {**PLAN, "update": 400 * MiB, "pipeline_total": 1000 * MiB, "update_total": 1200 * MiB,
+          "total": 1200 * MiB}
+"""A plan that prices the update's temporaries (RankMemory.to_json): the step peaks in the update."""
+
+
+def test_a_plan_without_the_update_is_compared_as_before():
     assert allocator_error(PLAN, ENTRY) == pytest.approx(1000 / 1250 - 1)  # -20%: the update's peak
     assert allocator_error(PLAN, ENTRY, "cuda_allocated_peak_pipeline") == pytest.approx(0.0)
+
+
+def test_the_whole_step_total_meets_the_steps_peak_and_the_pipeline_part_the_calls():
+    assert allocator_error(PRICED, ENTRY) == pytest.approx(1200 / 1250 - 1)
+    assert allocator_error(PRICED, ENTRY, "cuda_allocated_peak_pipeline") == pytest.approx(0.0)
+    row = dict(zip(ALLOCATOR_HEADER, allocator_row("1f1b m=4 recompute=none", ENTRY, PRICED), strict=True))
+    columns = ("update temporaries MiB (plan)", "pipeline call MiB (plan)", "total MiB (plan)")
+    assert tuple(row[column] for column in columns) == ("400.0", "1000.0", "1200.0")
 
 
 def test_a_row_puts_each_side_in_its_column():
@@ -37,6 +50,7 @@ def test_a_row_puts_each_side_in_its_column():
         "configuration": "1f1b m=4 recompute=full", "rank": "0",
         "activations MiB (plan)": "150.0", "activations MiB (counted)": "140.0",
         "weights + optimizer MiB (plan)": "600.0", "allocated between steps MiB": "632.0",
+        "update temporaries MiB (plan)": "0.0", "pipeline call MiB (plan)": "1000.0",
         "total MiB (plan)": "1000.0", "allocated peak MiB": "1250.0", "pipeline call peak MiB": "1000.0",
         "reserved peak MiB": "1400.0", "error (pipeline call)": "+0.0%", "error": "-20.0%",
     }

@@ -103,6 +103,14 @@ def test_the_rendered_file_loads_with_every_field_and_a_curve_per_dtype(tmp_path
     assert estimate._gemm(big) == pytest.approx(big / (1e11 * fp32(big)))
 
 
+def test_the_file_says_which_device_it_measured(tmp_path):
+    # The planner prices AdamW's foreach path on CUDA and its single-tensor one on CPU.
+    for device_name, device in (("cuda:0 Toy GPU", "cuda"), ("cpu, 1 thread(s)", "cpu")):
+        path = tmp_path / f"{device}.toml"
+        write_atomically(path, render_hardware(measured(device_name=device_name)))
+        assert load_hardware(path).device == device
+
+
 def test_a_curve_for_a_dtype_without_a_peak_is_refused(tmp_path):
     text = render_hardware(measured()).replace("[compute.matmul.fp32]", "[compute.matmul.fp16]")
     (tmp_path / "x.toml").write_text(text)
