@@ -20,7 +20,9 @@ micro-batches and the first round left out):
   last rank);
 - `FIW2`: F(k) I(k) W(k-2): the same with two held (zb-h2's last rank);
 - `FWI`: F(k) W(k-1) I(k): W right after an F of another micro-batch, I with none held;
-- `FBW`: F(a) I(a) F(b) B(b) W(a): W right after a B of another micro-batch, I with none held.
+- `FBW`: F(a) I(a) F(b) B(b) W(a): W right after a B of another micro-batch, I with none held;
+- `FIIWW`: F(a) I(a) F(b) I(b) W(a) W(b): a cool-down's pair, W(a) after another I (kept as
+  `FIIWW`), W(b) after a W (kept as `FIIWW+`), I(b) with one other state held.
 
 Thread CPU seconds (`time.thread_time`: the time another process held the core left out) and wall
 seconds of each action. Per round the median of each (loop, action); per (stage, rows) each
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOOPS = ("FB", "FIW", "FIW1", "FIW2", "FWI", "FBW")
+LOOPS = ("FB", "FIW", "FIW1", "FIW2", "FWI", "FBW", "FIIWW")
 STAGES = ("last", "middle")
 CLOCKS = ("cpu", "wall")
 
@@ -126,11 +128,15 @@ def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) 
                         if pending:
                             timed("W", keep, backward_weight, pending.pop(0))
                         run_i(keep, leaf, output, grad)
-                    elif index % 2 == 0:  # FBW: F(a) I(a), then F(b) B(b) W(a)
+                    elif index % 2 == 0:  # FBW, FIIWW: F(a) I(a), then F(b) ...
                         run_i(keep, leaf, output, grad)
-                    else:
+                    elif loop == "FBW":  # ... B(b) W(a)
                         timed("B", keep, backward_full, [output], [grad], [leaf])
                         timed("W", keep, backward_weight, pending.pop(0))
+                    else:  # FIIWW: ... I(b) W(a) W(b), the second W kept apart as "B" (after a W)
+                        run_i(keep, leaf, output, grad)
+                        timed("W", keep, backward_weight, pending.pop(0))
+                        timed("B", keep, backward_weight, pending.pop(0))
                 while pending:  # a step's end: the last W, then the gradients dropped
                     backward_weight(pending.pop(0))
                 for param in params[stage]:
@@ -156,9 +162,9 @@ def report(found: dict[str, Any], rows_list: list[int]) -> dict[str, Any]:
         print(f"\n{clock} clock: per round, over the same round's FIW (W after its own I; I with none "
               "held); median over rounds (quartiles)")
         print("| stage | rows | FIW W ms | FIW I ms | W: FIW1 (after other I) | W: FIW2 | W: FWI (after F) "
-              "| W: FBW (after B) | I: FIW1 (1 held) | I: FIW2 (2 held) | I: FWI | I: FBW | F: FIW1 / FB "
-              "| (I + W) FIW / B |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| W: FBW (after B) | W: FIIWW (after other I) | W: FIIWW+ (after W) | I: FIW1 (1 held) "
+              "| I: FIW2 (2 held) | I: FWI | I: FBW | F: FIW1 / FB | (I + W) FIW / B |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for stage in STAGES:
             for rows in rows_list:
                 at = found[stage][rows]
@@ -167,10 +173,12 @@ def report(found: dict[str, Any], rows_list: list[int]) -> dict[str, Any]:
                 key = f"{stage} {rows} {clock}"
                 summary[key] = {"W_FIW_ms": statistics.median(base_w) * 1e3,
                                 "I_FIW_ms": statistics.median(base_i) * 1e3}
-                for kind, base, loops in (("W", base_w, ("FIW1", "FIW2", "FWI", "FBW")),
+                for kind, base, loops in (("W", base_w, ("FIW1", "FIW2", "FWI", "FBW", "FIIWW", "FIIWW+")),
                                           ("I", base_i, ("FIW1", "FIW2", "FWI", "FBW"))):
                     for loop in loops:
-                        ratios = [x / y for x, y in zip(at[loop][kind][clock], base, strict=True)]
+                        # FIIWW+: the cool-down's second W (after a W), recorded as FIIWW's "B".
+                        values = at["FIIWW"]["B"][clock] if loop == "FIIWW+" else at[loop][kind][clock]
+                        ratios = [x / y for x, y in zip(values, base, strict=True)]
                         low, mid, high = _quartiles(ratios)
                         cells.append(f"{mid:.3f} ({low:.2f}-{high:.2f})")
                         summary[key][f"{kind} {loop}"] = ratios
