@@ -51,10 +51,14 @@ def test_a_w_is_deferred_unless_its_own_i_ran_just_before_it_on_its_rank():
     schedule = _one_rank("F0.0", "I0.0", "W0.0", "F0.1", "F0.2", "I0.1", "I0.2", "W0.1", "F1.0", "W0.2",
                          "I1.0", "F1.1", "F1.2", "B1.2", "W1.0", "I1.1", "F0.3", "I0.3", "W1.1")
     assert stage_deferred_shares(schedule) == pytest.approx((2 / 3, 1.0))
+    # A cool-down's I(a) I(b) W(a) W(b): W(a) deferred (I(b) between), W(b) not (only a W between).
+    cool_down = _one_rank("F0.0", "F1.0", "I1.0", "I0.0", "W1.0", "W0.0")
+    assert stage_deferred_shares(cool_down) == (0.0, 1.0)
     # No W: 0 (1F1B's stages).
     assert stage_deferred_shares(build("1f1b", num_ranks=2, num_microbatches=8)) == (0.0, 0.0)
-    # zb-h1: stage 0's I and W adjacent (the runtime's B), the last stage's every W after the next I.
-    assert family_deferred_shares("zb-h1", 2, 8, 1) == (0.0, 1.0)
+    # zb-h1: stage 0's I and W adjacent (the runtime's B); the last stage's W after the next I but
+    # its last (after the W before it: I(7) W(6) W(7)).
+    assert family_deferred_shares("zb-h1", 2, 8, 1) == (0.0, 7 / 8)
     assert stage_deferred_factors((0.0, 0.5, 1.0), 0.2) == pytest.approx((1.0, 1.1, 1.2))
     with pytest.raises(ConfigError, match="ModelCosts.deferred_weight_grad"):
         stage_deferred_factors((1.0,), -0.1)
@@ -81,7 +85,7 @@ def test_an_order_is_slowed_on_its_deferred_ws_only_with_the_term():
     model = stage_cost_model(costs, StageLayout(bounds, 1), (), Link())
     shares = family_deferred_shares("zb-h1", 2, 8, 1)
     slowed = with_held_cost(model, costs, (0, 1), (0, 0), bounds, (), shares)
-    assert slowed.w == pytest.approx((model.w[0], model.w[1] * 1.2))
+    assert slowed.w == pytest.approx((model.w[0], model.w[1] * (1 + 0.2 * 7 / 8)))
     assert (slowed.f, slowed.i, slowed.b) == (model.f, model.i, model.b)  # W only
     # A first stage fed token ids has no I work: its W is its whole backward, never slowed.
     ids = replace(costs, input_requires_grad=False)
@@ -129,17 +133,18 @@ def test_the_calibration_fits_the_term_from_its_zb_h1_w_over_its_split_blocks():
     half = [x / 2 for x in measured.b]
     run = _run(measured.f, half, half)
     split = _run(measured.f, [x * 1.05 for x in half], [x * 1.05 for x in half])
-    # The zb-h1 block ran on a host 4% slower; its last stage's W 1.17x the split block's.
-    load, extra = 1.04, 0.17
+    # The zb-h1 block ran on a host 4% slower; its last stage's deferred W (7 of 8) 1.17x the
+    # split block's, so its mean W 1 + 0.17 * 7 / 8.
+    load, extra, share = 1.04, 0.17, 7 / 8
     curve = _run([t * load for t in measured.f], [x * 1.05 * load for x in half],
-                 [half[0] * 1.05 * load, half[1] * 1.05 * load * (1 + extra)])
+                 [half[0] * 1.05 * load, half[1] * 1.05 * load * (1 + extra * share)])
     block = _run([t * 1.13 for t in run.f], [t * 1.065 for t in run.i], [t * 1.065 for t in run.w])
     held = HeldBlock(block, base, gpipe, split_bytes, curve, zb, family_state_weights("zb-h1", 2, 8, 1),
                      family_deferred_shares("zb-h1", 2, 8, 1))
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split, split_stages=[1], held=held)
     # The curve block's drift (from its rank 0) and its B factor on the held curve taken out.
     bytes_factor = held_factor(priced.held_curve, zb[1] - base[1])[1]
-    assert priced.deferred_weight_grad == pytest.approx((1 + extra) / bytes_factor - 1)
+    assert priced.deferred_weight_grad == pytest.approx(((1 + extra * share) / bytes_factor - 1) / share)
     assert calibration.deferred_weight_grad == priced.deferred_weight_grad
     # Without the shares (callers before the term), or without a split block: not fitted.
     before, old = at_run_prices(profile, run, bounds, rows, split=split, split_stages=[1],
