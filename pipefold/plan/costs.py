@@ -281,11 +281,11 @@ class ModelCosts:
     (fitted by `pipefold plan --profile`'s calibration from its zb-h1 block; then the held curve
     holds GPipe's points alone). 0: not priced (costs without that block, hardware presets)."""
     deferred_weight_grad: float = 0.0
-    """The extra fraction of a W's time where it does not run right after its own I on its rank
-    (after another micro-batch's I, an F, a B or another W): the calibration's split block runs
-    each W right after its I, whose output gradients are then still in cache; elsewhere W reads
-    them back cold (one process, train's default GPT: 1.00-1.27x, BENCHMARKS.md, "Does W cost
-    more away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
+    """The extra fraction of a W's time where an F, a B or another I ran between its own I and it on
+    its rank (deferred; other W between do not count): the calibration's split block runs each W
+    right after its I, whose output gradients are then still in cache; a deferred W reads them
+    back cold (one process, train's default GPT: 1.00-1.27x, BENCHMARKS.md, "Does W cost more
+    away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
     block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
     without those blocks, hardware presets)."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
