@@ -12,6 +12,16 @@ fitted from its zb-h1 block's W against its split block's) and again with that t
 slowed as the plan prices the order) over the launch's, and the planner's step over the
 launch's, over the same round's 1F1B launch's ratio (the calibration's load out); medians over
 calibrations x rounds (range). Pure code over stored measurements: nothing runs.
+
+    .venv/bin/python benchmarks/deferred_price.py --fits '/tmp/*/cal*/calibration.json'
+
+`--fits`: instead, every stored calibration file (a `plan --profile` run's `calibration.json`, kept
+by `split_price.py`, `istate_price.py`, `split_rows.py`) with a "1f1b+split" split block and a
+zb-h1 curve block, fitted as `plan --profile` fits it: per file the lowest core share of rank 0
+over its 1F1B, curve and split blocks, `s(1)` (`held_state_forward`) and the deferred W's extra
+(`deferred_weight_grad`), then their spread over all files, the quiet ones (every block >= 0.97 of
+a core) and the quiet ones at 4 rows. The profile for the memory model: the file's folder's
+`profile_{batch}.json` or `profile_costs.json`, else `--profile`.
 """
 
 from __future__ import annotations
@@ -54,13 +64,70 @@ def _ratios(costs_json: dict[str, Any], run: dict[str, Any], latency: float, wor
     return w, (step or float("nan")) / run["step_s"]
 
 
+def fits(pattern: str, fallback: Path) -> None:
+    """`--fits`: see the module docstring."""
+    import glob
+    import os
+    import time
+
+    from pipefold.cli.plan_calibrate import _bounds, _held_block
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import at_run_prices
+    from pipefold.simulate import CostModel
+
+    found = []
+    for path in sorted(glob.glob(pattern)):
+        measured = json.loads(Path(path).read_text())
+        split = measured.get("split_phase", {})
+        if "curve_phase" not in measured or split.get("schedule") != "1f1b+split":
+            continue
+        folder = Path(path).parent.parent
+        candidates = (folder / f"profile_{measured['batch_size']}.json", folder / "profile_costs.json")
+        profile = next((candidate for candidate in candidates if candidate.exists()), fallback)
+        costs = ModelCosts.from_json(profile)
+        first = measured["phases"][0]
+        rows, bounds = int(first["microbatch_rows"]), _bounds(measured["partition"])
+        others = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"]))
+                  for phase in measured["phases"][1:]]
+        _, calibration = at_run_prices(costs, CostModel.from_json(first["costs"]), bounds, rows, others,
+                                       split=CostModel.from_json(split["costs"]),
+                                       split_stages=split["split_stages"],
+                                       held=_held_block(costs, measured, bounds, rows, len(bounds) - 1))
+        share = min(statistics.median(cpu / wall for cpu, wall in
+                                      zip(block["kept_step_cpu_seconds"], block["kept_step_seconds"], strict=True))
+                    for block in (first, measured["curve_phase"], split))
+        found.append((os.path.getmtime(path), path, rows, share, calibration.held_state_forward,
+                      calibration.deferred_weight_grad))
+    print("| calibration | written (UTC) | rows | least core share | s(1) | deferred W extra |")
+    print("|---|---|---|---|---|---|")
+    for written, path, rows, share, state, deferred in sorted(found):
+        print(f"| {path} | {time.strftime('%H:%M', time.gmtime(written))} | {rows} | {share:.2f} "
+              f"| {state:.3f} | {deferred:.3f} |")
+    for label, chosen in (("all", found), ("quiet (>= 0.97)", [f for f in found if f[3] >= 0.97]),
+                          ("quiet, 4 rows", [f for f in found if f[3] >= 0.97 and f[2] == 4])):
+        if len(chosen) < 2:
+            continue
+        for index, name in ((4, "s(1)"), (5, "deferred W extra")):
+            values = [entry[index] for entry in chosen]
+            low, _, high = statistics.quantiles(values, n=4)
+            print(f"{label} ({len(values)}): {name} median {statistics.median(values):.3f}, quartiles "
+                  f"{low:.3f}-{high:.3f}, range {min(values):.3f}-{max(values):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="stored istate_price.py --json files")
+    parser.add_argument("runs", type=Path, nargs="*", help="stored istate_price.py --json files")
+    parser.add_argument("--fits", metavar="GLOB",
+                        help="instead: fit every stored calibration file matching GLOB")
+    parser.add_argument("--profile", type=Path, default=Path("/tmp/istate/profile_costs.json"),
+                        help="--fits: the profile costs where a file's folder has none")
     parser.add_argument("--min-share", type=float, default=0.0,
                         help="keep launches whose rank 0 (and its round's 1F1B's) had this share of a core")
     args = parser.parse_args()
+    if args.fits:
+        fits(args.fits, args.profile)
+        return
     work = Path(tempfile.mkdtemp(prefix="pipefold-deferred-price-"))
     for stored_path in args.runs:
         stored = json.loads(stored_path.read_text())
