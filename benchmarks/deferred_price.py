@@ -93,9 +93,11 @@ def fits(pattern: str, fallback: Path) -> None:
                                        split=CostModel.from_json(split["costs"]),
                                        split_stages=split["split_stages"],
                                        held=_held_block(costs, measured, bounds, rows, len(bounds) - 1))
+        blocks = (first, measured["curve_phase"], split)
         share = min(statistics.median(cpu / wall for cpu, wall in
-                                      zip(block["kept_step_cpu_seconds"], block["kept_step_seconds"], strict=True))
-                    for block in (first, measured["curve_phase"], split))
+                                      zip(block["kept_step_cpu_seconds"], block["kept_step_seconds"],
+                                          strict=True))
+                    for block in blocks)
         found.append((os.path.getmtime(path), path, rows, share, calibration.held_state_forward,
                       calibration.deferred_weight_grad))
     print("| calibration | written (UTC) | rows | least core share | s(1) | deferred W extra |")
