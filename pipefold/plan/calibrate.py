@@ -240,8 +240,8 @@ class HeldBlock:
     I-state term (`ModelCosts.held_state_forward`) and the held curve takes GPipe's points alone;
     empty (the callers before the term): its ranks that held more are the curve's points."""
     curve_deferred_shares: tuple[float, ...] = ()
-    """Per stage, the share of the curve block's W that did not run right after their own I
-    (`pipefold.plan.deferred_weight.stage_deferred_shares` of its order). Given, with a split
+    """Per stage, the share of the curve block's W deferred from their own I (an F, B or other I
+    between: `pipefold.plan.deferred_weight.stage_deferred_shares` of its order). Given, with a split
     block: its W over the split block's fit `ModelCosts.deferred_weight_grad`; empty: not fitted."""
 
 
@@ -432,7 +432,7 @@ def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], blo
     above one after a B), so it would read as drift and be divided out of the split's I and W.
     On a stage outside `split_stages` its F and B together (both 1F1B's own actions there: twice
     the actions and three times the seconds of its F alone, so the sampling noise is less; over
-    33 stored calibrations the curve block's `s(1)` then ranged 0-0.21 against 0-0.31 with F
+    33 stored calibrations the curve block's `s(1)` then ranged 0-0.20 against 0-0.26 with F
     alone, BENCHMARKS.md, "Does W cost more away from its own I"); on a split stage (no stage
     outside) its F alone. 1 where every rank held more (nothing separates the load from the
     bytes then: the blocks alternate in rounds, so the load meets both alike, as GPipe's points
@@ -472,7 +472,7 @@ def _deferred_slowdown(run: CostModel, split: CostModel, held: HeldBlock, placem
     block's level (`curve_drift`; `drift`, else per stage the 1F1B block's F over the split
     block's, as `_split_prices` takes it) and its held B factor at its rank's bytes taken out
     (`split_backward` for the split block; the curve's at the curve block's bytes), against the
-    share of the curve block's W on that stage that did not follow their own I."""
+    share of the curve block's W on that stage deferred from their own I."""
     shares = held.curve_deferred_shares
     if held.curve is None or len(shares) != held.curve.num_stages:
         stages = 0 if held.curve is None else held.curve.num_stages
