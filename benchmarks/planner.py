@@ -91,8 +91,9 @@ def _run_schedule(run: dict[str, Any], schedule_file: Path | None, args: argpars
 def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | None,
           args: argparse.Namespace, bounds: tuple[int, ...]) -> Any:
     """`model` with each rank slowed by the activations and I states it holds in the run's
-    schedule, as the plan prices it (`pipefold.plan.held_cost`, `held_states`); `model` itself
-    where the costs price none."""
+    schedule, as the plan prices it (`pipefold.plan.held_cost`, `held_states`; each W away from
+    its own I, `deferred_weight`); `model` itself where the costs price none."""
+    from pipefold.plan.deferred_weight import stage_deferred_shares
     from pipefold.plan.held_cost import prices_held, with_held_cost
     from pipefold.plan.held_states import stage_state_weights
     from pipefold.simulate import simulate
@@ -102,7 +103,8 @@ def _held(model: Any, costs: Any, run: dict[str, Any], schedule_file: Path | Non
     schedule = _run_schedule(run, schedule_file, args)
     peaks = simulate(schedule, model).activation_bytes_peak
     states = stage_state_weights(schedule) if costs.held_state_forward > 0 else ()
-    return with_held_cost(model, costs, schedule.placement, peaks, bounds, states)
+    late = stage_deferred_shares(schedule) if costs.deferred_weight_grad > 0 else ()
+    return with_held_cost(model, costs, schedule.placement, peaks, bounds, states, late)
 
 
 def _op_ratios(costs_path: Path, run: dict[str, Any], recompute: tuple[int, ...],

@@ -52,7 +52,7 @@ from pipefold.job.calibration_size import CalibrationSize, format_sizes
 from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
-from pipefold.plan.held_cost import family_state_weights, order_held_bytes
+from pipefold.plan.held_cost import family_deferred_shares, family_state_weights, order_held_bytes
 from pipefold.simulate import CostModel
 
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_microbatches",
@@ -145,6 +145,8 @@ class Calibrated:
                 f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
                 + (f"; an F x{1 + cal.held_state_forward:.3f} with one I state held (zb-h1)"
                    if cal.held_state_forward else "")
+                + (f"; a W x{1 + cal.deferred_weight_grad:.3f} away from its own I (zb-h1)"
+                   if cal.deferred_weight_grad else "")
                 if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
@@ -179,6 +181,7 @@ class Calibrated:
                 "held_curve": [list(knot) for knot in cal.held_curve], "split_drift": cal.split_drift,
                 "held_curve_block_bytes": list(cal.held_curve_block_bytes), "curve_drift": cal.curve_drift,
                 "held_state_forward": cal.held_state_forward,
+                "deferred_weight_grad": cal.deferred_weight_grad,
                 "split_schedule": cal.split_schedule,
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
@@ -371,7 +374,9 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
                      None if curve is None else CostModel.from_json(curve["costs"]),
                      () if curve is None else held_by(curve),
                      () if curve is None else family_state_weights(str(curve["schedule"]), ranks,
-                                                                   int(curve["num_microbatches"]), 1))
+                                                                   int(curve["num_microbatches"]), 1),
+                     () if curve is None else family_deferred_shares(str(curve["schedule"]), ranks,
+                                                                     int(curve["num_microbatches"]), 1))
 
 
 def calibrate(

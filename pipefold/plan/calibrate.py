@@ -56,6 +56,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.deferred_weight import fit_deferred_weight
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.held_states import fit_state_slowdown
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
@@ -201,6 +202,9 @@ class RunCalibration:
     held_state_forward: float = 0.0
     """`s(1)`, the extra fraction of an F's time with one I state held, fitted on the curve block
     (`ModelCosts.held_state_forward`); 0: not fitted."""
+    deferred_weight_grad: float = 0.0
+    """The extra fraction of a W's time away from its own I, fitted on the curve block's W against
+    the split block's (`ModelCosts.deferred_weight_grad`); 0: not fitted."""
     split_schedule: str = ""
     """The split block's order ("1f1b+split"; "zb-h1" before), as its run named it; empty: none run."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
@@ -235,6 +239,10 @@ class HeldBlock:
     (`pipefold.plan.held_states.stage_state_weights` of its order). Given: its F ratios fit the
     I-state term (`ModelCosts.held_state_forward`) and the held curve takes GPipe's points alone;
     empty (the callers before the term): its ranks that held more are the curve's points."""
+    curve_deferred_shares: tuple[float, ...] = ()
+    """Per stage, the share of the curve block's W deferred from their own I (an F, B or other I
+    between: `pipefold.plan.deferred_weight.stage_deferred_shares` of its order). Given, with a split
+    block: its W over the split block's fit `ModelCosts.deferred_weight_grad`; empty: not fitted."""
 
 
 def at_run_prices(
@@ -268,7 +276,9 @@ def at_run_prices(
     split block's; each block's load taken out by `_block_drift`); each layer's reference is the
     bytes its rank held in the run (`held_reference_layer_bytes`), and the split block's I and W
     are divided by the curve's B factor at their rank's bytes (1 for "1f1b+split", which holds
-    1F1B's), so that slowdown is priced once, by the curve.
+    1F1B's), so that slowdown is priced once, by the curve. With the curve block's deferred W
+    shares (`HeldBlock.curve_deferred_shares`) and a split block, its W over the split block's
+    fits `ModelCosts.deferred_weight_grad` (`_deferred_slowdown`).
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
@@ -320,7 +330,7 @@ def at_run_prices(
         if split is not None and held.split_bytes:
             drift = _block_drift(run, split, held.run_bytes, held.split_bytes, on, split_on)
         if held.curve is not None:
-            curve_drift = _block_drift(run, held.curve, held.run_bytes, held.curve_bytes, on)
+            curve_drift = _block_drift(run, held.curve, held.run_bytes, held.curve_bytes, on, split_on)
         states = bool(held.curve_state_weights)
         # With the I states counted, the curve block's slowdown is theirs, not its bytes': the
         # curve keeps GPipe's points (which hold no I state) and the block fits the state term.
@@ -338,8 +348,13 @@ def at_run_prices(
             split_backward = [held_factor(held_curve, held.split_bytes[rank] - held.run_bytes[rank])[1]
                               for rank in on]
     split_fit = _SplitFit()
+    deferred = 0.0
     if split is not None:
         priced, split_fit = _split_prices(priced, run, split, layout, split_on, drift, split_backward)
+        if held is not None and held.curve is not None and held.curve_deferred_shares:
+            deferred = _deferred_slowdown(run, split, held, on, held_curve, drift, curve_drift, split_on,
+                                          split_backward)
+            priced = replace(priced, deferred_weight_grad=deferred)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
     tied = stage_cost_model(priced, layout, (), Link(latency=latency)).tied_exchange_time(
@@ -363,7 +378,7 @@ def at_run_prices(
         held_split_bytes=() if held is None else held.split_bytes, held_curve=held_curve,
         split_drift=drift, row_scales=priced.row_scales,
         held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
-        held_state_forward=state_forward,
+        held_state_forward=state_forward, deferred_weight_grad=deferred,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -409,20 +424,27 @@ def _check_held(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> No
 def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], block_bytes: Sequence[int],
                  placement: Sequence[int], split_stages: Collection[int] = ()) -> float:
     """The host's drift between the 1F1B block and another block of the run (the split or curve
-    block): the mean of the 1F1B block's F over the block's on the stages that ran 1F1B's own
-    actions there, at no more bytes (the same F at the same size and bytes: what moved is the
-    host's load). Those are the stages whose rank held no more, and of them the ones outside
-    `split_stages` where any is: a stage that runs I and W apart runs each F after a W, not after
-    a B, which is slower on this host whatever the load (an F after an I or W ran ~20% above
-    one after a B), so it would read as drift and be divided out of the split's I and W. 1 where
-    every rank held more (nothing separates the load from the bytes then: the blocks alternate
-    in rounds, so the load meets both alike, as GPipe's points assume). Not per stage: on a rank
-    that holds more the F ratio is the held slowdown too, which a per-stage drift would divide
-    out of its I and W (zb-h2's I and W were priced 0.86 of their runs so)."""
+    block): the mean of the 1F1B block's seconds over the block's on the stages that ran 1F1B's
+    own actions there, at no more bytes (the same actions at the same size and bytes: what moved
+    is the host's load). Those are the stages whose rank held no more, and of them the ones
+    outside `split_stages` where any is: a stage that runs I and W apart runs each F after a W,
+    not after a B, which is slower on this host whatever the load (an F after an I or W ran ~20%
+    above one after a B), so it would read as drift and be divided out of the split's I and W.
+    On a stage outside `split_stages` its F and B together (both 1F1B's own actions there: twice
+    the actions and three times the seconds of its F alone, so the sampling noise is less; over
+    33 stored calibrations the curve block's `s(1)` then ranged 0-0.20 against 0-0.26 with F
+    alone, BENCHMARKS.md, "Does W cost more away from its own I"); on a split stage (no stage
+    outside) its F alone. 1 where every rank held more (nothing separates the load from the
+    bytes then: the blocks alternate in rounds, so the load meets both alike, as GPipe's points
+    assume). Not per stage: on a rank that holds more the F ratio is the held slowdown too, which
+    a per-stage drift would divide out of its I and W (zb-h2's I and W were priced 0.86 of their
+    runs so)."""
     steady = [stage for stage, rank in enumerate(placement) if block_bytes[rank] <= run_bytes[rank]]
     unsplit = [stage for stage in steady if stage not in split_stages]
-    chosen = unsplit or steady
-    return statistics.fmean(_ratio(run.f[stage], block.f[stage]) for stage in chosen) if chosen else 1.0
+    if unsplit:
+        return statistics.fmean(_ratio(run.f[stage] + run.b[stage], block.f[stage] + block.b[stage])
+                                for stage in unsplit)
+    return statistics.fmean(_ratio(run.f[stage], block.f[stage]) for stage in steady) if steady else 1.0
 
 
 def _state_slowdown(run: CostModel, held: HeldBlock, placement: Sequence[int], curve: HeldCurve,
@@ -440,6 +462,35 @@ def _state_slowdown(run: CostModel, held: HeldBlock, placement: Sequence[int], c
               / held_factor(curve, held.curve_bytes[rank] - held.run_bytes[rank])[0]
               for stage, rank in enumerate(placement)]
     return fit_state_slowdown(ratios, held.curve_state_weights)
+
+
+def _deferred_slowdown(run: CostModel, split: CostModel, held: HeldBlock, placement: Sequence[int],
+                       curve: HeldCurve, drift: float | None, curve_drift: float | None,
+                       split_stages: Collection[int], split_backward: Sequence[float]) -> float:
+    """`ModelCosts.deferred_weight_grad` (`fit_deferred_weight`) from the curve block's W against
+    the split block's, on the stages whose I and W both ran apart: each block's W at the 1F1B
+    block's level (`curve_drift`; `drift`, else per stage the 1F1B block's F over the split
+    block's, as `_split_prices` takes it) and its held B factor at its rank's bytes taken out
+    (`split_backward` for the split block; the curve's at the curve block's bytes), against the
+    share of the curve block's W on that stage deferred from their own I."""
+    shares = held.curve_deferred_shares
+    if held.curve is None or len(shares) != held.curve.num_stages:
+        stages = 0 if held.curve is None else held.curve.num_stages
+        raise ConfigError(f"HeldBlock.curve_deferred_shares has {len(shares)} entries for {stages} "
+                          "curve-block stages; give one per stage with the curve block "
+                          "(stage_deferred_shares of its order)")
+    curve_scale = 1.0 if curve_drift is None else curve_drift
+    ratios, weights = [], []
+    for stage, rank in enumerate(placement):
+        if stage not in split_stages or split.w[stage] <= 0 or held.curve.w[stage] <= 0:
+            continue
+        split_scale = _ratio(run.f[stage], split.f[stage]) if drift is None else drift
+        split_w = split.w[stage] * split_scale / split_backward[stage]
+        curve_w = (held.curve.w[stage] * curve_scale
+                   / held_factor(curve, held.curve_bytes[rank] - held.run_bytes[rank])[1])
+        ratios.append(curve_w / split_w)
+        weights.append(shares[stage])
+    return fit_deferred_weight(ratios, weights)
 
 
 def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split: CostModel | None,

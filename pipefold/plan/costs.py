@@ -184,6 +184,7 @@ _FIELDS = (
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
+    "deferred_weight_grad",
 )
 
 
@@ -295,6 +296,14 @@ class ModelCosts:
     backward whose W has not run), more states priced by `pipefold.plan.held_states.state_weight`
     (fitted by `pipefold plan --profile`'s calibration from its zb-h1 block; then the held curve
     holds GPipe's points alone). 0: not priced (costs without that block, hardware presets)."""
+    deferred_weight_grad: float = 0.0
+    """The extra fraction of a W's time where an F, a B or another I ran between its own I and it on
+    its rank (deferred; other W between do not count): the calibration's split block runs each W
+    right after its I, whose output gradients are then still in cache; a deferred W reads them
+    back cold (one process, train's default GPT: 1.00-1.27x, BENCHMARKS.md, "Does W cost more
+    away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
+    block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
+    without those blocks, hardware presets)."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -348,7 +357,7 @@ class ModelCosts:
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "deferred_weight_grad"):
             _non_negative("ModelCosts", name, getattr(self, name))
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
@@ -537,8 +546,9 @@ class ModelCosts:
             del data["held_state_forward"]
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
-        for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes"):
-            if not getattr(self, name):  # the same: costs without the update's temporaries as before
+        for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
+                     "deferred_weight_grad"):
+            if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         return data
 

@@ -14,7 +14,13 @@ from pipefold.errors import ConfigError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
 from pipefold.plan.degree import allgather_time, allreduce_time
-from pipefold.plan.held_cost import family_state_weights, held_extra, prices_held, with_held_cost
+from pipefold.plan.held_cost import (
+    family_deferred_shares,
+    family_state_weights,
+    held_extra,
+    prices_held,
+    with_held_cost,
+)
 from pipefold.plan.memory import gradient_bytes, memory_of_peaks, rank_memory, static_weight_bytes
 from pipefold.plan.orders import (
     compiled_family,
@@ -84,7 +90,8 @@ def evaluate(
         peaks = _order_peaks(config, sizes, model)
         states = family_state_weights(config.schedule, *sizes) if costs.held_state_forward > 0 else ()
         held = held_extra(costs, peaks, placement, bounds, states)
-        model = with_held_cost(model, costs, placement, peaks, bounds, states)
+        late = family_deferred_shares(config.schedule, *sizes) if costs.deferred_weight_grad > 0 else ()
+        model = with_held_cost(model, costs, placement, peaks, bounds, states, late)
     transient = transient_bytes(costs, layout, recompute, placement, num_ranks,
                                 rerun_copies(costs, config.schedule, shard))
     sync_link = link if dp_link is None else dp_link

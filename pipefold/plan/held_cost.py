@@ -39,6 +39,7 @@ from dataclasses import replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.deferred_weight import stage_deferred_factors, stage_deferred_shares
 from pipefold.plan.held_curve import HeldCurve, check_held_curve, fit_held_curve, held_factor
 from pipefold.plan.held_states import stage_state_factors, stage_state_weights
 from pipefold.plan.orders import family_schedule
@@ -47,7 +48,8 @@ from pipefold.schedule.ir import Schedule
 from pipefold.schedule.split_backward import SPLIT_SUFFIX, build_named
 from pipefold.simulate import CostModel, Link, simulate
 
-__all__ = ["HeldCurve", "check_held_curve", "family_state_weights", "fit_held_curve", "fit_held_slope",
+__all__ = ["HeldCurve", "check_held_curve", "family_deferred_shares", "family_state_weights",
+           "fit_held_curve", "fit_held_slope",
            "held_extra", "held_factor",
            "order_held_bytes", "prices_held", "stage_held_factors", "with_held_cost"]
 
@@ -55,7 +57,7 @@ __all__ = ["HeldCurve", "check_held_curve", "family_state_weights", "fit_held_cu
 def prices_held(costs: ModelCosts) -> bool:
     """Whether `costs` slow a rank's actions by the activations it holds (a curve or a fitted slope)."""
     return (bool(costs.held_curve) or costs.held_forward_per_byte > 0 or costs.held_backward_per_byte > 0
-            or costs.held_state_forward > 0)
+            or costs.held_state_forward > 0 or costs.deferred_weight_grad > 0)
 
 
 def fit_held_slope(
@@ -178,16 +180,38 @@ def _weighted(pairs: Sequence[tuple[float, float]]) -> float:
     return sum(value * weight for value, weight in pairs) / total
 
 
+def _deferred_factors(costs: ModelCosts, deferred_shares: Sequence[float], num_stages: int
+                      ) -> tuple[float, ...]:
+    """Per stage, its W's factor for running away from its own I (`stage_deferred_factors`), 1
+    where the costs price none or no shares are given; refused where the shares are not the
+    partition's stages'."""
+    if not deferred_shares or costs.deferred_weight_grad <= 0:
+        return (1.0,) * num_stages
+    if len(deferred_shares) != num_stages:
+        raise ConfigError(f"deferred W price: deferred_shares for {len(deferred_shares)} stages, the "
+                          f"partition {num_stages}; price the order on its own partition")
+    factors = stage_deferred_factors(deferred_shares, costs.deferred_weight_grad)
+    if not costs.input_requires_grad:
+        # A first stage fed token ids has no I work: its W is its whole backward, a B wherever it
+        # runs (`pipefold.plan.calibrate.first_stage_backward`), not a W reading I's gradients.
+        factors = (1.0, *factors[1:])
+    return factors
+
+
 def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int], peaks: Sequence[int],
-                   bounds: Sequence[int], state_weights: Sequence[float] = ()) -> CostModel:
+                   bounds: Sequence[int], state_weights: Sequence[float] = (),
+                   deferred_shares: Sequence[float] = ()) -> CostModel:
     """`model` (the stages of the partition `bounds`) with each stage's F scaled by its F factor and
     its I, W and B by its B factor (`stage_held_factors`); `model` itself where every factor is 1.
     With `state_weights` (the order's `pipefold.plan.held_states.stage_state_weights`) and costs
     that price held I states (`ModelCosts.held_state_forward`), each stage's F also by its
-    I-state factor (`stage_state_factors`); empty: none counted."""
+    I-state factor (`stage_state_factors`); empty: none counted. With `deferred_shares` (the
+    order's `pipefold.plan.deferred_weight.stage_deferred_shares`) and costs that price a W away
+    from its I (`ModelCosts.deferred_weight_grad`), each stage's W also by that factor."""
     factors = stage_held_factors(costs, bounds, placement, peaks)
     states = _state_factors(costs, state_weights, len(factors))
-    if all(f == 1 and b == 1 for f, b in factors) and all(k == 1 for k in states):
+    late = _deferred_factors(costs, deferred_shares, len(factors))
+    if all(f == 1 and b == 1 for f, b in factors) and all(k == 1 for k in (*states, *late)):
         return model
     forward = [f * k for (f, _), k in zip(factors, states, strict=True)]
     backward = [b for _, b in factors]
@@ -195,9 +219,16 @@ def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int]
         model,
         f=tuple(t * k for t, k in zip(model.f, forward, strict=True)),
         i=tuple(t * k for t, k in zip(model.i, backward, strict=True)),
-        w=tuple(t * k for t, k in zip(model.w, backward, strict=True)),
+        w=tuple(t * k * d for t, k, d in zip(model.w, backward, late, strict=True)),
         b=tuple(t * k for t, k in zip(model.b, backward, strict=True)),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def family_deferred_shares(family: str, num_ranks: int, num_microbatches: int, num_virtual: int
+                           ) -> tuple[float, ...]:
+    """`stage_deferred_shares` of a family's order, kept per order (as `family_state_weights`)."""
+    return stage_deferred_shares(_family_order(family, num_ranks, num_microbatches, num_virtual))
 
 
 @functools.lru_cache(maxsize=256)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pipefold.errors import ScheduleError
 from pipefold.plan.calibrate import first_stage_backward, update_time
 from pipefold.plan.costs import ModelCosts
+from pipefold.plan.deferred_weight import stage_deferred_shares
 from pipefold.plan.held_cost import held_extra, prices_held, with_held_cost
 from pipefold.plan.held_states import stage_state_weights
 from pipefold.plan.memory import (
@@ -126,7 +127,8 @@ def search_order(
         peaks = tuple(rank.activations for rank in memory)
         states = stage_state_weights(found.schedule) if costs.held_state_forward > 0 else ()
         held = held_extra(costs, peaks, found.schedule.placement, choice.bounds, states)
-        model = with_held_cost(model, costs, found.schedule.placement, peaks, choice.bounds, states)
+        late = stage_deferred_shares(found.schedule) if costs.deferred_weight_grad > 0 else ()
+        model = with_held_cost(model, costs, found.schedule.placement, peaks, choice.bounds, states, late)
         makespan, bubble, memory = _priced_order(found.schedule, model, costs, transient)
     if recast:
         memory = without_held_casts(memory)

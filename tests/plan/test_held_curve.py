@@ -175,7 +175,8 @@ def _split_block(measured, run, load, split_on, forward_after_w=1.0):
     f = [t * load * (forward_after_w if stage in split_on else 1.0) for stage, t in enumerate(measured.f)]
     i = [t * load if stage in split_on else run.b[stage] * load / 2 for stage, t in enumerate(measured.i)]
     w = [t * load if stage in split_on else run.b[stage] * load / 2 for stage, t in enumerate(measured.w)]
-    return _run(f, run.b, i, w, action_overhead=50e-6 * load)
+    b = [t if stage in split_on else t * load for stage, t in enumerate(run.b)]  # the fused B at the load too
+    return _run(f, b, i, w, action_overhead=50e-6 * load)
 
 
 def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_there():
@@ -221,8 +222,10 @@ def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_s
     # The curve block (zb-h1): F 1.08x on its last rank (its excess), the host 5% slower during it;
     # its I and W carry whatever they carry, unused. The split block: 1F1B's bytes, the host 10% slower.
     curve_load = 1.05
-    curve = _run([t * curve_load * k for t, k in zip(measured.f, (1.0, 1.08), strict=True)], measured.b,
-                 [t * 2.0 for t in measured.i], [t * 2.0 for t in measured.w])
+    # (Its first stage's B, 1F1B's own there, at the load too.)
+    curve = _run([t * curve_load * k for t, k in zip(measured.f, (1.0, 1.08), strict=True)],
+                 [t * curve_load for t in measured.b], [t * 2.0 for t in measured.i],
+                 [t * 2.0 for t in measured.w])
     split = _split_block(measured, run, 1.1, {1}, forward_after_w=1.2)
     block = _run([t * 1.13 for t in run.f], [t * 1.065 for t in run.b])
     held = HeldBlock(block, base, gpipe, split_bytes, curve, zb)
