@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.held_curve import planned_profile  # noqa: E402
 from benchmarks.istate_price import BASE, CONFIGURATIONS, _priced  # noqa: E402
 
 
@@ -71,7 +72,6 @@ def fits(pattern: str, fallback: Path) -> None:
     import time
 
     from pipefold.cli.plan_calibrate import _bounds, _held_block
-    from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import at_run_prices
     from pipefold.simulate import CostModel
 
@@ -84,7 +84,7 @@ def fits(pattern: str, fallback: Path) -> None:
         folder = Path(path).parent.parent
         candidates = (folder / f"profile_{measured['batch_size']}.json", folder / "profile_costs.json")
         profile = next((candidate for candidate in candidates if candidate.exists()), fallback)
-        costs = ModelCosts.from_json(profile)
+        costs = planned_profile(profile)  # as plan --profile prices it
         first = measured["phases"][0]
         rows, bounds = int(first["microbatch_rows"]), _bounds(measured["partition"])
         others = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"]))

@@ -251,6 +251,19 @@ def _profile_costs(args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
+def planned_profile(costs_path: Path) -> Any:
+    """The profile's `ModelCosts` as `pipefold plan --profile` hands them to its calibration:
+    identical blocks at their mean (`pipefold.plan.alike.pool_alike`). A quick profile (one
+    repeat) times the GPT's four blocks 1.2x apart in forward and 1.7x in fixed seconds, and
+    `at_run_prices` shares each calibrated stage's time over its layers by those times, so stages
+    that cut a calibrated stage (v=2 [3,1,1,3] from 1F1B's [4,4]) would inherit that noise: the
+    V layouts' rank 0 F was priced 3-4% high and rank 1's as low (BENCHMARKS.md, h-vrank0)."""
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.alike import pool_alike
+
+    return pool_alike(ModelCosts.from_json(costs_path))
+
+
 def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     """What the plan prices from one stored calibration run: the held curve and, per family and
     rank, F and backward (I + W where the family splits it, on the last rank) over 1F1B's, by the
@@ -265,7 +278,7 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     from pipefold.plan.stages import StageLayout, stage_cost_model
     from pipefold.simulate import CostModel, Link
 
-    costs = ModelCosts.from_json(costs_path)
+    costs = planned_profile(costs_path)  # as plan --profile prices it
     measured = json.loads(calibration.read_text())
     first = measured["phases"][0]
     rows = -(-int(measured["batch_size"]) // int(first["num_microbatches"]))

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import split_price  # noqa: E402
+from benchmarks.held_curve import planned_profile  # noqa: E402
 
 CONFIGURATIONS = {
     **split_price.CONFIGURATIONS,
@@ -61,11 +62,10 @@ WAYS = ("bytes", "states")
 def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     """Per way, the priced costs (ModelCosts JSON), the held curve and s(1)."""
     from pipefold.cli.plan_calibrate import _bounds, _held_block
-    from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import at_run_prices
     from pipefold.simulate import CostModel
 
-    costs = ModelCosts.from_json(costs_path)
+    costs = planned_profile(costs_path)  # as plan --profile prices it
     measured = json.loads(calibration.read_text())
     first = measured["phases"][0]
     rows = int(first["microbatch_rows"])

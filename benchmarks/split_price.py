@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
 # The launches' train flags: held_curve.py's, so both benchmarks launch the same job.
-from benchmarks.held_curve import TRAIN, calibration_command  # noqa: E402
+from benchmarks.held_curve import TRAIN, calibration_command, planned_profile  # noqa: E402
 CONFIGURATIONS = {
     "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
     "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
@@ -100,13 +100,12 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     from dataclasses import replace
 
     from pipefold.cli.plan_calibrate import _bounds, _held_block
-    from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import at_run_prices, first_stage_backward
     from pipefold.plan.held_cost import order_held_bytes, with_held_cost
     from pipefold.plan.stages import StageLayout, stage_cost_model
     from pipefold.simulate import CostModel, Link
 
-    costs = ModelCosts.from_json(costs_path)
+    costs = planned_profile(costs_path)  # as plan --profile prices it
     measured = json.loads(calibration.read_text())
     first = measured["phases"][0]
     rows = int(first["microbatch_rows"])

@@ -6,8 +6,12 @@ import json
 import pytest
 
 
-def test_a_calibration_is_priced_by_bytes_and_by_i_states(tmp_path):
-    from benchmarks.istate_price import _priced
+def _calibration(tmp_path, forward_scales=(1.0, 1.0, 1.0, 1.0), fixed_s=0.0):
+    """A stored calibration of 1F1B's [2, 2] over four identical layers, and the profile's costs
+    path, its layers' forward and fixed seconds (`fixed_s` each) scaled by `forward_scales` (a
+    profile's noise)."""
+    from dataclasses import replace
+
     from pipefold.plan import LayerCost, ModelCosts
     from pipefold.simulate import CostModel, Link
 
@@ -18,9 +22,13 @@ def test_a_calibration_is_priced_by_bytes_and_by_i_states(tmp_path):
         output_bytes=1000,
         parameter_bytes=4000,
         weight_grad_s=0.01,
+        fixed_s=fixed_s,
+    )
+    layers = tuple(
+        replace(layer, forward_s=layer.forward_s * k, fixed_s=layer.fixed_s * k) for k in forward_scales
     )
     costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps(ModelCosts(layers=(layer,) * 4, reference_rows=1).to_json()))
+    costs.write_text(json.dumps(ModelCosts(layers=layers, reference_rows=1).to_json()))
 
     def model(f, b):
         return CostModel.from_lists(
@@ -55,7 +63,13 @@ def test_a_calibration_is_priced_by_bytes_and_by_i_states(tmp_path):
     }
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(calibration))
-    found = _priced(costs, path)
+    return costs, path
+
+
+def test_a_calibration_is_priced_by_bytes_and_by_i_states(tmp_path):
+    from benchmarks.istate_price import _priced
+
+    found = _priced(*_calibration(tmp_path))
     assert found["bytes"]["state_forward"] == 0.0
     assert found["states"]["state_forward"] > 0.0
     # By bytes the zb-h1 point is a knot below GPipe's; by states the curve is GPipe's alone.
@@ -64,3 +78,18 @@ def test_a_calibration_is_priced_by_bytes_and_by_i_states(tmp_path):
     assert [knot[0] for knot in knots[1:]] == [knot[0] for knot in gpipe]
     assert [knot[1] for knot in gpipe] == pytest.approx([1.10, 1.20])  # GPipe's own F ratios
     assert knots[0][1] > 1.10  # zb-h1's 1.12 pooled with GPipe's 1.10 (the monotone fit)
+
+
+def test_identical_blocks_share_a_calibrated_stage_alike(tmp_path):
+    """As `pipefold plan --profile`: the profile's noise between identical blocks (layer 0 timed
+    1.4x layer 1) does not move a calibrated stage's F between the stages that would cut it."""
+    from benchmarks.istate_price import _priced
+    from pipefold.plan import ModelCosts
+
+    found = _priced(*_calibration(tmp_path, (1.4, 1.0, 0.8, 1.1), fixed_s=0.001))
+    for way in ("bytes", "states"):
+        layers = ModelCosts.from_json(found[way]["costs"]).layers
+        for stage in ((0, 1), (2, 3)):
+            first, second = (layers[index] for index in stage)
+            assert first.forward_s == pytest.approx(second.forward_s)
+            assert first.fixed_s == pytest.approx(second.fixed_s)
