@@ -62,11 +62,14 @@ from typing import TYPE_CHECKING, Any
 from pipefold.cli.profile_hardware import add_hardware_arguments, measure_hardware, summary, write_hardware
 from pipefold.errors import ConfigError
 from pipefold.job.sections import ScheduleConfig
+from pipefold.plan import ModelCosts
+from pipefold.plan.calibrate import with_fixed_costs
+from pipefold.plan.tensor import with_gpt_tensor_parallel
+from pipefold.plan.update_memory import update_temporaries
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipefold.plan import ModelCosts
     from pipefold.runtime import LayerProfile
 
 _ID_BYTES = 8
@@ -180,8 +183,6 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.model import tied_groups
     from pipefold.model.spec import TiedLayerSpec, layer_name
     from pipefold.model.zoo import gpt_layers, gpt_loss
-    from pipefold.plan import ModelCosts
-    from pipefold.plan.tensor import with_gpt_tensor_parallel
     from pipefold.runtime import profile
 
     device, threads = _device_and_threads(args)
@@ -246,7 +247,6 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     from pipefold.model.spec import layer_name
     from pipefold.model.split import SplitPiece
     from pipefold.model.ties import layer_ties
-    from pipefold.plan import ModelCosts
     from pipefold.runtime import profile
 
     device, threads = _device_and_threads(args)
@@ -298,8 +298,6 @@ def _with_overheads(
     import torch
 
     from pipefold.model.build import as_layers, build_reference
-    from pipefold.plan import ModelCosts
-    from pipefold.plan.calibrate import with_fixed_costs
     from pipefold.runtime.overheads import action_overhead, update_seconds_per_byte
 
     other_rows = 1 if costs.reference_rows > 1 else 2
@@ -354,7 +352,6 @@ def _update_fields(layers: Any, device: str, precision: str) -> dict[str, Any]:
     every parameter is on CUDA and the single-tensor one on CPU (`pipefold.plan.update_memory`).
     The parameters in the order a rank visits them, a tied one once."""
     from pipefold.model.spec import LayerSpec, TiedLayerSpec
-    from pipefold.plan.update_memory import update_temporaries
 
     seen: set[int] = set()
     keys: set[str] = set()

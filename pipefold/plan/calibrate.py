@@ -59,6 +59,7 @@ from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.deferred_weight import fit_deferred_weight
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.held_states import fit_state_slowdown
+from pipefold.plan.split_fit import SplitFit, ratio, split_prices
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
 
@@ -264,7 +265,7 @@ def at_run_prices(
 
     With `split` (the same run's stages measured at `rows` under a split-backward family of the
     same partition and placement, zb-h1), each I and W is priced as that phase measured it
-    (`_split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
+    (`pipefold.plan.split_fit.split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
     stage, W's share of the backward's work; F and B stay as fitted. `split_stages`: the stages
     whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
     on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
@@ -347,10 +348,10 @@ def at_run_prices(
         if held.split_bytes:
             split_backward = [held_factor(held_curve, held.split_bytes[rank] - held.run_bytes[rank])[1]
                               for rank in on]
-    split_fit = _SplitFit()
+    split_fit = SplitFit()
     deferred = 0.0
     if split is not None:
-        priced, split_fit = _split_prices(priced, run, split, layout, split_on, drift, split_backward)
+        priced, split_fit = split_prices(priced, run, split, layout, split_on, drift, split_backward)
         if held is not None and held.curve is not None and held.curve_deferred_shares:
             deferred = _deferred_slowdown(run, split, held, on, held_curve, drift, curve_drift, split_on,
                                           split_backward)
@@ -396,9 +397,9 @@ def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int
     scales = []
     for measured, rows in sorted(points, key=lambda point: point[1]):
         line = stage_arrays(unscaled, StageLayout(tuple(bounds), rows), ())
-        forward = [_ratio(measured.f[stage] - shared[stage], float(line.f[stage]) - shared[stage])
+        forward = [ratio(measured.f[stage] - shared[stage], float(line.f[stage]) - shared[stage])
                    for stage in range(measured.num_stages)]
-        backward = [_ratio(measured.b[stage] - shared[stage], float(line.b[stage]) - shared[stage])
+        backward = [ratio(measured.b[stage] - shared[stage], float(line.b[stage]) - shared[stage])
                     for stage in range(measured.num_stages)]
         scales.append((rows, statistics.fmean(forward), statistics.fmean(backward)))
     return tuple(scales)
@@ -442,9 +443,9 @@ def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], blo
     steady = [stage for stage, rank in enumerate(placement) if block_bytes[rank] <= run_bytes[rank]]
     unsplit = [stage for stage in steady if stage not in split_stages]
     if unsplit:
-        return statistics.fmean(_ratio(run.f[stage] + run.b[stage], block.f[stage] + block.b[stage])
+        return statistics.fmean(ratio(run.f[stage] + run.b[stage], block.f[stage] + block.b[stage])
                                 for stage in unsplit)
-    return statistics.fmean(_ratio(run.f[stage], block.f[stage]) for stage in steady) if steady else 1.0
+    return statistics.fmean(ratio(run.f[stage], block.f[stage]) for stage in steady) if steady else 1.0
 
 
 def _state_slowdown(run: CostModel, held: HeldBlock, placement: Sequence[int], curve: HeldCurve,
@@ -458,7 +459,7 @@ def _state_slowdown(run: CostModel, held: HeldBlock, placement: Sequence[int], c
                           f"{stages} curve-block stages; give one per stage with the curve block "
                           "(stage_state_weights of its order)")
     scale = 1.0 if curve_drift is None else curve_drift
-    ratios = [_ratio(held.curve.f[stage] * scale, run.f[stage])
+    ratios = [ratio(held.curve.f[stage] * scale, run.f[stage])
               / held_factor(curve, held.curve_bytes[rank] - held.run_bytes[rank])[0]
               for stage, rank in enumerate(placement)]
     return fit_state_slowdown(ratios, held.curve_state_weights)
@@ -470,7 +471,7 @@ def _deferred_slowdown(run: CostModel, split: CostModel, held: HeldBlock, placem
     """`ModelCosts.deferred_weight_grad` (`fit_deferred_weight`) from the curve block's W against
     the split block's, on the stages whose I and W both ran apart: each block's W at the 1F1B
     block's level (`curve_drift`; `drift`, else per stage the 1F1B block's F over the split
-    block's, as `_split_prices` takes it) and its held B factor at its rank's bytes taken out
+    block's, as `split_prices` takes it) and its held B factor at its rank's bytes taken out
     (`split_backward` for the split block; the curve's at the curve block's bytes), against the
     share of the curve block's W on that stage deferred from their own I."""
     shares = held.curve_deferred_shares
@@ -484,7 +485,7 @@ def _deferred_slowdown(run: CostModel, split: CostModel, held: HeldBlock, placem
     for stage, rank in enumerate(placement):
         if stage not in split_stages or split.w[stage] <= 0 or held.curve.w[stage] <= 0:
             continue
-        split_scale = _ratio(run.f[stage], split.f[stage]) if drift is None else drift
+        split_scale = ratio(run.f[stage], split.f[stage]) if drift is None else drift
         split_w = split.w[stage] * split_scale / split_backward[stage]
         curve_w = (held.curve.w[stage] * curve_scale
                    / held_factor(curve, held.curve_bytes[rank] - held.run_bytes[rank])[1])
@@ -500,16 +501,16 @@ def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split
     each block's load taken out (`curve_drift`, `drift`), on the ranks that held more there (a
     "1f1b+split" split block holds no more: no points); B from the held block's points alone (a
     split block's I + W carries the split's own seconds)."""
-    forward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.f[stage], run.f[stage]))
+    forward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), ratio(held.measured.f[stage], run.f[stage]))
                for stage, rank in enumerate(placement)]
-    backward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), _ratio(held.measured.b[stage], run.b[stage]))
+    backward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), ratio(held.measured.b[stage], run.b[stage]))
                 for stage, rank in enumerate(placement)]
     others = [(held.curve, held.curve_bytes, curve_drift), (split, held.split_bytes, drift)]
     for block, block_bytes, load in others:
         if block is None or not block_bytes:
             continue
         scale = 1.0 if load is None else load
-        forward += [(float(block_bytes[rank] - held.run_bytes[rank]), _ratio(block.f[stage] * scale, run.f[stage]))
+        forward += [(float(block_bytes[rank] - held.run_bytes[rank]), ratio(block.f[stage] * scale, run.f[stage]))
                     for stage, rank in enumerate(placement) if block_bytes[rank] > held.run_bytes[rank]]
     return fit_held_curve(forward, backward)
 
@@ -591,129 +592,12 @@ def _scaled(costs: ModelCosts, run: CostModel, layout: StageLayout) -> list[Laye
         own = sum(layer.fixed_s for layer in layers[start:stop])
         forward_rows = scale * sum(layer.forward_s for layer in layers[start:stop])
         backward_rows = scale * sum(layer.backward_s for layer in layers[start:stop])
-        f = _ratio(run.f[stage] - shared, own + forward_rows)
+        f = ratio(run.f[stage] - shared, own + forward_rows)
         # B = shared + own * f + backward_rows * b reproduces the run's B, with the fixed part as F's.
-        b = _ratio(run.b[stage] - shared - own * f, backward_rows) if backward_rows > 0 else 1.0
+        b = ratio(run.b[stage] - shared - own * f, backward_rows) if backward_rows > 0 else 1.0
         for index in range(start, stop):
             layer = layers[index]
             weight = None if layer.weight_grad_s is None else layer.weight_grad_s * b
             layers[index] = replace(layer, forward_s=layer.forward_s * f, fixed_s=layer.fixed_s * f,
                                     backward_s=layer.backward_s * b, weight_grad_s=weight)
     return layers
-
-
-def _ratio(measured: float, priced: float) -> float:
-    """`measured / priced`, 1.0 where either is not positive (nothing to scale by)."""
-    return measured / priced if measured > 0 and priced > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class _SplitFit:
-    weight_share: tuple[float, ...] = ()
-    action_overhead_s: float = 0.0
-
-
-def _split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout,
-                  split_stages: frozenset[int], load: float | None = None,
-                  held_backward: Sequence[float] | None = None) -> tuple[ModelCosts, _SplitFit]:
-    """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
-    phase of the run, same partition, at `layout.rows`) measured them.
-
-    The split block's times are first scaled by the host's drift between the blocks, `load`
-    (`_block_drift`: from the stages that ran 1F1B's actions at its bytes there), or where none is
-    given, per stage by the 1F1B block's F over its own (the same F at the same size: what moved
-    is the host's load), and divided by each stage's held B factor, `held_backward` (its rank's
-    slowdown for the bytes it held beyond 1F1B's, which the held curve prices apart, so it is
-    priced once: by the curve, at any candidate's bytes). What each I and W takes beyond its part
-    of B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
-    seconds, which I and W pay each: `stage_arrays`) over the stage's backward work (B less
-    those seconds), the stages' mean (`split_backward_share`: in one process these seconds grew
-    with the rows as B did, 5-7% of it from 1 to 16 rows, so a constant fitted at one size
-    priced other sizes wrong); and apart, in seconds per action (`split_overhead_s`), the split
-    phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and W),
-    which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each
-    stage's layers move W's share of their backward by one factor, so the stage's W takes the
-    measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W
-    runs the whole backward: `first_stage_backward`), so its layers take the other stages' mean
-    factor, and so does a stage outside `split_stages` (its I and W not run apart), which adds no
-    extra."""
-    spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
-    # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
-    # load, so the split block's times are taken at the 1F1B block's level.
-    drift = ([_ratio(run.f[stage], split.f[stage]) for stage in range(layout.num_stages)] if load is None
-             else [load] * layout.num_stages)
-    held = [1.0] * layout.num_stages if held_backward is None else list(held_backward)
-    i = [split.i[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
-    w = [split.w[stage] * drift[stage] / held[stage] for stage in range(layout.num_stages)]
-    measured = [stage for stage in range(layout.num_stages) if stage in split_stages]
-    if not measured:
-        return costs, _SplitFit()
-    # Per stage, its backward work in the run (B less the runtime's seconds per layer and action):
-    # the split's own seconds inside the actions grow with it (`ModelCosts.split_backward_share`).
-    work = {stage: max(run.b[stage] - costs.overhead_s * (spans[stage][1] - spans[stage][0]), 0.0)
-            for stage in measured}
-    extras = {stage: (i[stage] + w[stage] - run.b[stage]
-                      - costs.overhead_s * (spans[stage][1] - spans[stage][0])) / 2 for stage in measured}
-    gap = 1.5 * (split.action_overhead * statistics.fmean(drift) - run.action_overhead)
-    # Inside the actions' measured seconds, as a share of each stage's work (kept below 0.5: a
-    # larger one would leave I or W no part of B).
-    inside = _share_of_work([extras[stage] for stage in measured], [work[stage] for stage in measured])
-    # The longer gaps between a split stage's actions do not grow with its work: seconds per
-    # action; a shorter gap (noise) is taken from the share instead, as from the seconds before.
-    extra = max(gap, 0.0)
-    share = inside if gap >= 0 else _share_of_work([extras[stage] + gap for stage in measured],
-                                                   [work[stage] for stage in measured])
-    scale = layout.rows / costs.reference_rows
-    layers = list(costs.layers)
-    shares: list[float | None] = []
-    factors: list[float | None] = []
-    for stage, (start, stop) in enumerate(spans):
-        if (stage == 0 and not costs.input_requires_grad) or stage not in split_stages:
-            shares.append(None)
-            factors.append(None)
-            continue
-        fixed = costs.overhead_s * (stop - start)
-        own = sum(layer.fixed_s for layer in layers[start:stop])
-        own_split = inside * work[stage]
-        weight_work = max(w[stage] - fixed - own_split, 0.0)
-        input_work = max(i[stage] - fixed - own - own_split, 0.0)
-        weight_now = scale * sum(layer.weight_s for layer in layers[start:stop])
-        backward_now = scale * sum(layer.backward_s for layer in layers[start:stop])
-        if weight_work + input_work <= 0 or weight_now <= 0:
-            shares.append(None)
-            factors.append(None)
-            continue
-        weight_share = weight_work / (weight_work + input_work)
-        shares.append(weight_share)
-        factors.append(weight_share * backward_now / weight_now)
-    known = [factor for factor in factors if factor is not None]
-    mean = statistics.fmean(known) if known else 1.0
-    for stage, (start, stop) in enumerate(spans):
-        factor = factors[stage]
-        for index in range(start, stop):
-            layer = layers[index]
-            weight = min(layer.weight_s * (mean if factor is None else factor), layer.backward_s)
-            layers[index] = replace(layer, weight_grad_s=weight)
-    # A stage not measured (a first stage of token ids) reports the share its layers now hold.
-    shares_now = tuple(
-        found if found is not None else _weight_share(layers[start:stop])
-        for found, (start, stop) in zip(shares, spans, strict=True))
-    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra, split_backward_share=share)
-    return priced, _SplitFit(shares_now, split.action_overhead)
-
-
-_LARGEST_SPLIT_SHARE = 0.45
-"""The most of a stage's backward work the fit lets each I and W take beyond its part of B (a
-share of 0.5 or more would leave B no part to split; `ModelCosts.split_backward_share`)."""
-
-
-def _share_of_work(extras: Sequence[float], work: Sequence[float]) -> float:
-    """The stages' mean of each one's extra seconds per split action over its backward work, kept
-    in [0, `_LARGEST_SPLIT_SHARE`] (a negative mean is noise); a stage without work counts 0."""
-    ratios = [extra / seconds if seconds > 0 else 0.0 for extra, seconds in zip(extras, work, strict=True)]
-    return min(max(statistics.fmean(ratios), 0.0), _LARGEST_SPLIT_SHARE)
-
-
-def _weight_share(layers: Sequence[LayerCost]) -> float:
-    backward = sum(layer.backward_s for layer in layers)
-    return sum(layer.weight_s for layer in layers) / backward if backward > 0 else 0.0

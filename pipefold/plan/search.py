@@ -144,8 +144,7 @@ class _Search:
             source = self.selective if recompute_attention and self.selective is not None else self.source
             costs = source.at(rows, tp, link, self.options.splits_sequence(tp))
             if zero:
-                share = costs.optimizer_bytes_per_parameter_byte / dp
-                # Each replica steps only the parameters it owns: the update's list shrinks alike.
+                share = costs.optimizer_bytes_per_parameter_byte / dp  # a replica updates its share
                 costs = replace(costs, optimizer_bytes_per_parameter_byte=share,
                                 update_bytes_per_parameter_byte=costs.update_bytes_per_parameter_byte / dp)
             self._split[key] = costs
