@@ -40,6 +40,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +51,32 @@ LOOPS = ("FB", "FIW", "FIW1")
 STAGES = ("last", "middle")
 
 
-def _load() -> str:
+def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) -> dict[str, Any]:
-    """Per (stage, rows, loop, kind, clock), the per-round medians of each action's seconds."""
+@dataclass(frozen=True)
+class Stages:
+    """Train's default GPT cut as the calibration's 2-rank runs cut it: "last" (layers 4:7 with the
+    tied head and the loss, the split stage) and "middle" (one block fed a float input)."""
+
+    params: dict[str, list[Any]]
+    """Each stage's parameters, as its W accumulates them (the last stage's: the tied embedding's too)."""
+    caches: dict[tuple[str, int], Any]
+    """A `GroupCache` per (stage, rows), as the runtime keeps one per stage."""
+    forward: Callable[[str, int], tuple[Any, Any, Any]]
+    """(stage, rows) -> (input leaf, output or loss, output gradient or None for the loss)."""
+
+
+def build_stages(rows_list: list[int], dtype_name: str) -> Stages:
+    """The two stages on one thread, as a rank runs, with inputs for each of `rows_list` (its
+    micro-batch rows) in `dtype_name` ("fp32", or "bf16" under autocast). `benchmarks/w_context.py`
+    times the same stages."""
     import torch
 
     from pipefold.model.zoo import gpt_layers, gpt_loss
     from pipefold.model.zoo.gpt import tied_head
-    from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
-    from pipefold.runtime.held_copies import casts_kept
+    from pipefold.runtime.backward import GroupCache
     from pipefold.runtime.processes.allocator import keep_freed_memory
 
     torch.set_num_threads(1)  # as a rank runs
@@ -70,27 +86,35 @@ def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) 
     torch.manual_seed(0)
     modules = [spec.build() for spec in gpt_layers(256, 128, 4, 4, 128)]
     embedding = modules[0]
-    last_layers, middle_layers = modules[4:7], modules[3:4]
-    params = {
-        "last": [p for layer in last_layers for p in layer.parameters()]
-        + [embedding.get_parameter("weight")],
-        "middle": [p for layer in middle_layers for p in layer.parameters()],
-    }
+    stage_layers = {"last": modules[4:7], "middle": modules[3:4]}
+    params = {"last": [p for layer in stage_layers["last"] for p in layer.parameters()]
+              + [embedding.get_parameter("weight")],
+              "middle": [p for layer in stage_layers["middle"] for p in layer.parameters()]}
     inputs = {rows: torch.randn(rows, 128, 128).to(dtype) for rows in rows_list}
     targets = {rows: torch.randint(0, 256, (rows, 128)) for rows in rows_list}
     grads = {rows: torch.randn(rows, 128, 128).to(dtype) for rows in rows_list}
-    caches = {(stage, rows): GroupCache() for stage in STAGES for rows in rows_list}
 
-    def forward(stage: str, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(stage: str, rows: int) -> tuple[Any, Any, Any]:
         leaf = inputs[rows].detach().requires_grad_()
         with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             value = leaf
-            for layer in last_layers if stage == "last" else middle_layers:
+            for layer in stage_layers[stage]:
                 value = layer(value)
             if stage == "last":
                 return leaf, gpt_loss(tied_head(embedding, value).float(), targets[rows]), None
         return leaf, value, grads[rows]
 
+    caches = {(stage, rows): GroupCache() for stage in STAGES for rows in rows_list}
+    return Stages(params, caches, forward)
+
+
+def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) -> dict[str, Any]:
+    """Per (stage, rows, loop, kind, clock), the per-round medians of each action's seconds."""
+    from pipefold.runtime.backward import backward_full, backward_input, backward_weight
+    from pipefold.runtime.held_copies import casts_kept
+
+    stages = build_stages(rows_list, dtype_name)
+    params, caches, forward = stages.params, stages.caches, stages.forward
     clocks = {"cpu": time.thread_time, "wall": time.perf_counter}
     # found[stage][rows][loop][kind][clock]: one median per round
     found: dict[str, Any] = {
@@ -238,7 +262,7 @@ def calibrations(batch_sizes: list[int], count: int) -> list[dict[str, Any]]:
             command = calibration_command(folder)
             at = command.index(TRAIN[0], command.index("--")) + 1  # --batch-size's value
             command[at] = str(batch)
-            load, started = _load(), time.time()
+            load, started = load_average(), time.time()
             subprocess.run(command, cwd=root, check=True, capture_output=True)
             measured = json.loads((folder / "calibration.json").read_text())
             first = measured["phases"][0]
@@ -288,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rounds < 2 or len(set(args.rows)) < 2 or min(args.rows) < 1:
         parser.error("give --rounds >= 2 and two or more different --rows >= 1")
-    start_load, started = _load(), time.time()
+    start_load, started = load_average(), time.time()
     found = measure(sorted(set(args.rows)), args.rounds, args.precision)
     print(f"one process, {args.precision}, {args.rounds} rounds, {time.time() - started:.0f} s, "
-          f"load {start_load} -> {_load()}")
+          f"load {start_load} -> {load_average()}")
     summary = report(found, sorted(set(args.rows)))
     if args.json is not None:
         args.json.write_text(json.dumps({"found": found, "summary": summary}, indent=1))

@@ -40,50 +40,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
+
+from benchmarks.split_rows import STAGES, build_stages, load_average  # noqa: E402
+
 LOOPS = ("FB", "FIW", "FIW1", "FIW2", "FWI", "FBW", "FIIWW")
-STAGES = ("last", "middle")
 CLOCKS = ("cpu", "wall")
-
-
-def _load() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) -> dict[str, Any]:
     """found[stage][rows][loop][kind][clock]: one median per kept round."""
-    import torch
-
-    from pipefold.model.zoo import gpt_layers, gpt_loss
-    from pipefold.model.zoo.gpt import tied_head
-    from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
+    from pipefold.runtime.backward import backward_full, backward_input, backward_weight
     from pipefold.runtime.held_copies import casts_kept
-    from pipefold.runtime.processes.allocator import keep_freed_memory
 
-    torch.set_num_threads(1)  # as a rank runs
-    keep_freed_memory()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    autocast = dtype is not torch.float32
-    torch.manual_seed(0)
-    modules = [spec.build() for spec in gpt_layers(256, 128, 4, 4, 128)]
-    embedding = modules[0]
-    stage_layers = {"last": modules[4:7], "middle": modules[3:4]}
-    params = {"last": [p for layer in stage_layers["last"] for p in layer.parameters()]
-              + [embedding.get_parameter("weight")],
-              "middle": [p for layer in stage_layers["middle"] for p in layer.parameters()]}
-    inputs = {rows: torch.randn(rows, 128, 128).to(dtype) for rows in rows_list}
-    targets = {rows: torch.randint(0, 256, (rows, 128)) for rows in rows_list}
-    grads = {rows: torch.randn(rows, 128, 128).to(dtype) for rows in rows_list}
-    caches = {(stage, rows): GroupCache() for stage in STAGES for rows in rows_list}
-
-    def forward(stage: str, rows: int) -> tuple[Any, Any, Any]:
-        leaf = inputs[rows].detach().requires_grad_()
-        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            value = leaf
-            for layer in stage_layers[stage]:
-                value = layer(value)
-            if stage == "last":
-                return leaf, gpt_loss(tied_head(embedding, value).float(), targets[rows]), None
-        return leaf, value, grads[rows]
+    stages = build_stages(rows_list, dtype_name)
+    params, caches, forward = stages.params, stages.caches, stages.forward
 
     def now() -> tuple[float, float]:
         return time.thread_time(), time.perf_counter()
@@ -203,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2 or min(args.rows) < 1:
         parser.error("give --rounds >= 2 and --rows >= 1")
     rows_list = sorted(set(args.rows))
-    start_load, started = _load(), time.time()
+    start_load, started = load_average(), time.time()
     found = measure(rows_list, args.rounds, args.precision)
     print(f"one process, {args.precision}, {args.rounds} rounds, {time.time() - started:.0f} s, "
-          f"load {start_load} -> {_load()}")
+          f"load {start_load} -> {load_average()}")
     summary = report(found, rows_list)
     if args.json is not None:
         args.json.write_text(json.dumps({"found": found, "summary": summary}, indent=1))
