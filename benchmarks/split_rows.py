@@ -108,6 +108,26 @@ def build_stages(rows_list: list[int], dtype_name: str) -> Stages:
     return Stages(params, caches, forward)
 
 
+def end_block(pending: list[Any], stage_params: list[Any], backward_weight: Callable[[Any], Any]) -> None:
+    """A step's end: the W still pending, then the gradients dropped."""
+    while pending:
+        backward_weight(pending.pop(0))
+    for param in stage_params:
+        param.grad = None
+
+
+Samples = dict[str, dict[str, list[float]]]
+"""Seconds per action kind (F, B, I, W) and clock (cpu, wall)."""
+
+
+def keep_medians(found: Samples, samples: Samples) -> None:
+    """A block's median per action kind and clock, appended to what the rounds found."""
+    for kind, by_clock in samples.items():
+        for clock, values in by_clock.items():
+            if values:
+                found[kind][clock].append(statistics.median(values))
+
+
 def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) -> dict[str, Any]:
     """Per (stage, rows, loop, kind, clock), the per-round medians of each action's seconds."""
     from pipefold.runtime.backward import backward_full, backward_input, backward_weight
@@ -150,16 +170,9 @@ def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) 
                         for position, kind in enumerate(kinds):
                             for slot, clock in enumerate(clocks):
                                 samples[kind][clock].append(marks[position + 1][slot] - marks[position][slot])
-                while pending:  # a step's end: the last W, then the gradients dropped
-                    backward_weight(pending.pop(0))
-                for param in params[stage]:
-                    param.grad = None
-                if round_index == 0:
-                    continue  # warm-up round
-                for kind, by_clock in samples.items():
-                    for clock, values in by_clock.items():
-                        if values:
-                            found[stage][rows][loop][kind][clock].append(statistics.median(values))
+                end_block(pending, params[stage], backward_weight)
+                if round_index > 0:  # the first round warms up
+                    keep_medians(found[stage][rows][loop], samples)
     return found
 
 

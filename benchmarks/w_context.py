@@ -42,7 +42,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 
-from benchmarks.split_rows import STAGES, build_stages, load_average  # noqa: E402
+from benchmarks.split_rows import (  # noqa: E402
+    STAGES,
+    build_stages,
+    end_block,
+    keep_medians,
+    load_average,
+    quartiles,
+)
 
 LOOPS = ("FB", "FIW", "FIW1", "FIW2", "FWI", "FBW", "FIIWW")
 CLOCKS = ("cpu", "wall")
@@ -108,22 +115,10 @@ def measure(rows_list: list[int], rounds: int, dtype_name: str, block: int = 8) 
                         run_i(keep, leaf, output, grad)
                         timed("W", keep, backward_weight, pending.pop(0))
                         timed("B", keep, backward_weight, pending.pop(0))
-                while pending:  # a step's end: the last W, then the gradients dropped
-                    backward_weight(pending.pop(0))
-                for param in params[stage]:
-                    param.grad = None
-                if round_index == 0:
-                    continue  # warm-up round
-                for kind, by_clock in samples.items():
-                    for clock, values in by_clock.items():
-                        if values:
-                            found[stage][rows][loop][kind][clock].append(statistics.median(values))
+                end_block(pending, params[stage], backward_weight)
+                if round_index > 0:  # the first round warms up
+                    keep_medians(found[stage][rows][loop], samples)
     return found
-
-
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return q[0], statistics.median(values), q[2]
 
 
 def report(found: dict[str, Any], rows_list: list[int]) -> dict[str, Any]:
@@ -150,7 +145,7 @@ def report(found: dict[str, Any], rows_list: list[int]) -> dict[str, Any]:
                         # FIIWW+: the cool-down's second W (after a W), recorded as FIIWW's "B".
                         values = at["FIIWW"]["B"][clock] if loop == "FIIWW+" else at[loop][kind][clock]
                         ratios = [x / y for x, y in zip(values, base, strict=True)]
-                        low, mid, high = _quartiles(ratios)
+                        low, mid, high = quartiles(ratios)
                         cells.append(f"{mid:.3f} ({low:.2f}-{high:.2f})")
                         summary[key][f"{kind} {loop}"] = ratios
                 forward = [x / y for x, y in zip(at["FIW1"]["F"][clock], at["FB"]["F"][clock], strict=True)]
