@@ -38,31 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.held_curve import planned_profile  # noqa: E402
-from benchmarks.istate_price import BASE, CONFIGURATIONS, _priced  # noqa: E402
+from benchmarks.istate_price import BASE, CONFIGURATIONS, _priced, priced_launch  # noqa: E402
 
 
 def _ratios(costs_json: dict[str, Any], run: dict[str, Any], latency: float, work: Path
             ) -> tuple[float | None, float]:
     """The planner's W over the launch's (None: no W ran) and its step over the launch's."""
-    from benchmarks.planner import _bounds, _forecast, _held
-    from pipefold.plan import ModelCosts
-    from pipefold.plan.calibrate import first_stage_backward
-    from pipefold.plan.stages import StageLayout, stage_cost_model
-    from pipefold.simulate import Link
-
-    path = work / "priced_costs.json"
-    path.write_text(json.dumps(costs_json))
-    options = argparse.Namespace(batch_size=32, cores=2, ranks=2)
-    priced = ModelCosts.from_json(path)
-    bounds = tuple(_bounds(run["partition"]))
-    layout = StageLayout(bounds, -(-32 // int(run["num_microbatches"])))
-    model = first_stage_backward(stage_cost_model(priced, layout, (), Link(), 2.0), priced, bounds)
-    model = _held(model, priced, run, None, options, bounds)
+    model, _, step = priced_launch(costs_json, run, latency, work)
     measured_w = run["op_seconds"]["W"]
     stages = [s for s, value in enumerate(measured_w) if value and value == value]  # NaN: none ran
     w = sum(model.w[s] for s in stages) / sum(measured_w[s] for s in stages) if stages else None
-    step = _forecast(path, run, options, latency)
-    return w, (step or float("nan")) / run["step_s"]
+    return w, step
 
 
 def fits(pattern: str, fallback: Path) -> None:

@@ -39,18 +39,7 @@ from benchmarks.held_curve import planned_profile  # noqa: E402
 
 CONFIGURATIONS = {
     **split_price.CONFIGURATIONS,
-    "interleaved-1f1b v=2 m=8 [3,1,1,3]": [
-        "--ranks",
-        "2",
-        "--schedule",
-        "interleaved-1f1b",
-        "--virtual",
-        "2",
-        "--microbatches",
-        "8",
-        "--partition",
-        "3,1,1,3",
-    ],
+    "interleaved-1f1b v=2 m=8 [3,1,1,3]": split_price.v_launch("interleaved-1f1b"),
 }
 """`split_price`'s launches, and a v=2 [3,1,1,3] order without a split: it holds more bytes than
 1F1B on its ranks and no I state."""
@@ -98,9 +87,11 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
     return ways
 
 
-def _rank_forward(way: dict[str, Any], run: dict[str, Any], work: Path) -> tuple[list[float], float]:
-    """Per rank, the planner's F seconds over the launch's (summed over the rank's stages), and the
-    planner's step time over the launch's."""
+def priced_launch(costs_json: dict[str, Any], run: dict[str, Any], latency: float, work: Path
+                  ) -> tuple[Any, Any, float]:
+    """A launch of `run` priced on `costs_json` as the planner prices it (2 ranks, batch 32): the
+    stage costs with the held terms for its order, its schedule's placement, and the planner's
+    step over the launch's. `benchmarks/deferred_price.py` prices the same way."""
     from benchmarks.planner import _bounds, _forecast, _held, _run_schedule
     from pipefold.plan import ModelCosts
     from pipefold.plan.calibrate import first_stage_backward
@@ -108,7 +99,7 @@ def _rank_forward(way: dict[str, Any], run: dict[str, Any], work: Path) -> tuple
     from pipefold.simulate import Link
 
     path = work / "priced_costs.json"
-    path.write_text(json.dumps(way["costs"]))
+    path.write_text(json.dumps(costs_json))
     options = argparse.Namespace(batch_size=32, cores=2, ranks=2)
     priced = ModelCosts.from_json(path)
     bounds = tuple(_bounds(run["partition"]))
@@ -116,12 +107,19 @@ def _rank_forward(way: dict[str, Any], run: dict[str, Any], work: Path) -> tuple
     model = first_stage_backward(stage_cost_model(priced, layout, (), Link(), 2.0), priced, bounds)
     model = _held(model, priced, run, None, options, bounds)
     placement = _run_schedule(run, None, options).placement
+    step = _forecast(path, run, options, latency)
+    return model, placement, (step or float("nan")) / run["step_s"]
+
+
+def _rank_forward(way: dict[str, Any], run: dict[str, Any], work: Path) -> tuple[list[float], float]:
+    """Per rank, the planner's F seconds over the launch's (summed over the rank's stages), and the
+    planner's step time over the launch's."""
+    model, placement, step = priced_launch(way["costs"], run, way["latency"], work)
     ratios = []
     for rank in range(2):
         stages = [stage for stage, on in enumerate(placement) if on == rank]
         ratios.append(sum(model.f[s] for s in stages) / sum(run["op_seconds"]["F"][s] for s in stages))
-    step = _forecast(path, run, options, way["latency"])
-    return ratios, (step or float("nan")) / run["step_s"]
+    return ratios, step
 
 
 def _table(

@@ -42,34 +42,21 @@ PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
 # The launches' train flags: held_curve.py's, so both benchmarks launch the same job.
 from benchmarks.held_curve import TRAIN, calibration_command, planned_profile  # noqa: E402
+
+
+def v_launch(schedule: str) -> list[str]:
+    """`pipefold train`'s flags for `schedule` at v=2, 8 micro-batches, on [3,1,1,3] (the layout
+    of the planner's choices)."""
+    return ["--ranks", "2", "--schedule", schedule, "--virtual", "2", "--microbatches", "8",
+            "--partition", "3,1,1,3"]
+
+
 CONFIGURATIONS = {
     "1f1b m=8 [4,4]": ["--ranks", "2", "--microbatches", "8", "--partition", "4,4"],
     "zb-h1 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h1", "--microbatches", "8", "--partition", "4,4"],
     "zb-h2 m=8 [4,4]": ["--ranks", "2", "--schedule", "zb-h2", "--microbatches", "8", "--partition", "4,4"],
-    "zb-v v=2 m=8 [3,1,1,3]": [
-        "--ranks",
-        "2",
-        "--schedule",
-        "zb-v",
-        "--virtual",
-        "2",
-        "--microbatches",
-        "8",
-        "--partition",
-        "3,1,1,3",
-    ],
-    "dualpipe-v v=2 m=8 [3,1,1,3]": [
-        "--ranks",
-        "2",
-        "--schedule",
-        "dualpipe-v",
-        "--virtual",
-        "2",
-        "--microbatches",
-        "8",
-        "--partition",
-        "3,1,1,3",
-    ],
+    "zb-v v=2 m=8 [3,1,1,3]": v_launch("zb-v"),
+    "dualpipe-v v=2 m=8 [3,1,1,3]": v_launch("dualpipe-v"),
 }
 """What the rounds launch: the calibration's own 1F1B (the reference), and split orders the planner
 ranks (zb-h1, zb-h2; zb-v and dualpipe-v on [3,1,1,3], as its choices run)."""

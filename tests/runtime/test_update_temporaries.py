@@ -10,8 +10,8 @@ CUDA, the same list of square roots. What the formulas leave out is a few bytes 
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.update_temporaries import peak_bytes
 from pipefold.cli.profile import _update_fields
 from pipefold.job.optim import parameter_groups
 from pipefold.model.zoo import gpt_layers
@@ -22,18 +22,6 @@ from pipefold.runtime.master import fp32_master_weights
 
 COUNTERS = 2048
 """Bytes the formulas do not count: step counters and scalars."""
-
-
-def _peak_allocated(fn) -> int:
-    """The most bytes `fn` holds at once beyond what was live when it started (CPU allocator)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _model(dtype=torch.float32) -> nn.Sequential:
@@ -76,7 +64,7 @@ def test_adamw_step_allocates_what_the_plan_prices(foreach, masters):
                        for group in groups)
     fp32_gradients = 4 * sum(p.numel() for p in params) if masters else 0
     exact = fp32_gradients + step
-    measured = _peak_allocated(optimizer.step)
+    measured = peak_bytes(optimizer.step, "cpu")
     assert 0 <= measured - exact < COUNTERS, (measured, exact, priced)
     assert measured <= priced + COUNTERS
 
@@ -87,7 +75,7 @@ def test_gradient_norm_allocates_what_the_plan_prices():
         param.grad = torch.randn_like(param)
     scope = GradientScope(params=tuple(model.parameters()), not_counted=frozenset(), tp_group=None, tp_rank=0,
                           collectives=None, watchdog=None)
-    measured = _peak_allocated(scope.total_norm)
+    measured = peak_bytes(scope.total_norm, "cpu")
     predicted = gradient_norm_bytes([p.numel() for p in model.parameters()])
     assert 0 <= measured - predicted < COUNTERS, (measured, predicted)
 
