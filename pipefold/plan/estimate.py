@@ -31,6 +31,7 @@ from pipefold.simulate import Link
 
 __all__ = [
     "gpt_parameter_numels",
+    "gpt_parameter_no_decay",
     "PRECISION_BYTES",
     "GptEstimate",
     "decoder_flops_per_token",
@@ -100,6 +101,14 @@ def gpt_parameter_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows
     attention = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h]  # ln_1, qkv, proj (its bias whole)
     block = [*attention, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]  # ln_2, fc_in, fc_out
     return [vocab_rows * h, seq_len * h, *block * num_layers, h, h, *([] if tied else [vocab_rows * h])]
+
+
+def gpt_parameter_no_decay(num_layers: int, *, tied: bool) -> list[bool]:
+    """Per parameter of `gpt_parameter_numels`, whether `pipefold.job.optim.parameter_groups` puts it
+    in the group without weight decay: the embeddings, the norms' gains and biases, every bias;
+    the matrices (and an untied head) decay."""
+    block = [True, True, False, True, False, True] * 2  # ln, qkv/fc_in (weight, bias), proj/fc_out
+    return [True, True, *block * num_layers, True, True, *([] if tied else [False])]
 
 
 def gpt_costs(
@@ -348,6 +357,8 @@ class GptEstimate:
             activation_bytes=self.block_activation_bytes(rows, t, sp),
             output_bytes=sbh * v // (t if sp else 1),
             parameter_bytes=round(((12 * h * h + 7 * h) / t + 6 * h) * self.parameter_element_bytes),
+            # Its biases (the column-split ones on this tp rank) and its norms: no weight decay.
+            no_decay_parameter_bytes=round((7 * h / t + 6 * h) * self.parameter_element_bytes),
         )
         vt = t if self.vocab_parallel else 1
         pe = self.parameter_element_bytes
@@ -359,6 +370,7 @@ class GptEstimate:
             activation_bytes=0,
             output_bytes=sbh * v,
             parameter_bytes=vocab * h // vt * pe,
+            no_decay_parameter_bytes=vocab * h // vt * pe,
         )
         position = LayerCost(
             forward_s=(3 * sbh * v + sbh * mask) / bandwidth,
@@ -367,11 +379,13 @@ class GptEstimate:
             activation_bytes=sbh * mask // (t if sp else 1),
             output_bytes=sbh * v // (t if sp else 1),
             parameter_bytes=s * h * pe,
+            no_decay_parameter_bytes=s * h * pe,
         )
         norm_s = 4 * sbh * v / (t if sp else 1) / bandwidth
         norm = LayerCost(
             forward_s=norm_s, backward_s=2 * norm_s, weight_grad_s=norm_s / 2,
             activation_bytes=sbh * v // (t if sp else 1), output_bytes=sbh * v, parameter_bytes=2 * h * pe,
+            no_decay_parameter_bytes=2 * h * pe,
         )
         head_flops = 2 * sbh * vocab / vt
         head_s = self._gemm(head_flops)
@@ -384,6 +398,8 @@ class GptEstimate:
             activation_bytes=sbh * v,
             output_bytes=logits * max(v, 4),
             parameter_bytes=vocab * h // vt * pe,
+            # A tied head is the token embedding (no decay); an untied one a decayed matrix.
+            no_decay_parameter_bytes=vocab * h // vt * pe if self.tie_embeddings else 0,
         )
         # fp32 weights under 16-bit autocast: each product's weight and bias shard is cast once a
         # step (the blocks' row-split biases whole), a copy timed at the memory bandwidth.
@@ -415,7 +431,8 @@ class GptEstimate:
             **update_temporaries(
                 gpt_parameter_numels(self.num_layers, h, s, vocab // vt, t, tied=self.tie_embeddings),
                 value_bytes=pe, foreach=self.hardware.device == "cuda",
-                masters=self.optimizer_element_bytes > 2 * pe),
+                masters=self.optimizer_element_bytes > 2 * pe,
+                no_decay=gpt_parameter_no_decay(self.num_layers, tied=self.tie_embeddings)),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),
