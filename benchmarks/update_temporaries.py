@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from pipefold.job.optim import no_decay, parameter_groups
 from pipefold.model.build import as_layers, build_reference
 from pipefold.model.zoo import gpt_layers
-from pipefold.plan import LayerCost, ModelCosts
+from pipefold.plan import LayerCost, ModelCosts, RankMemory
 from pipefold.plan.memory import update_bytes
 from pipefold.plan.update_memory import gradient_norm_bytes, overflow_check_bytes, update_temporaries
 from pipefold.runtime.clip import GradientScope
@@ -45,6 +46,7 @@ group without weight decay the larger, as in a GPT-2 small's 38.6 M of 124 M).""
 VOCAB = {"vocab": 8192}
 """Vocabulary per shape where not 256; those models tie the head to the embedding."""
 KiB = 2**10
+MiB = 2**20
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
@@ -146,6 +148,52 @@ def overflow_row(shape: str, device: str) -> tuple[str, ...]:
             f"{unscale / KiB:.2f}", f"{gradient_norm_bytes(numels) / KiB:.1f}")
 
 
+GPT2: dict[str, Any] = dict(num_layers=12, d_model=768, num_heads=12, seq_len=1024, vocab_size=50257)
+"""GPT-2 small (tied head): its 38.6 M-element embedding is 31% of its weights, all without decay."""
+GPT2_BOUNDS = (0, 5, 8, 11, 16)
+"""Four stages of its 16 layers (embeddings, 12 blocks, norm, head): 3 blocks each, the embeddings
+with the first, the norm and tied head with the last."""
+
+
+def plan_rows() -> list[tuple[str, ...]]:
+    """What `pipefold plan --hardware h100-80gb` prices per rank for GPT-2 small, 1F1B over four
+    ranks at 4 micro-batches of one sample: the step's temporaries with the groups and as a cost
+    file without them prices them (the whole rank's list; the same costs otherwise), the
+    gradient norm's (one figure for every rank: the model's), and the rank's total."""
+    from dataclasses import replace
+
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.evaluate import evaluate
+    from pipefold.plan.hardware import load_hardware
+    from pipefold.plan.space import Config
+    from pipefold.simulate import Link
+
+    def memory(costs: ModelCosts) -> tuple[RankMemory, ...]:
+        return evaluate(costs, Config("1f1b", 1, 4, 1), num_ranks=4, bounds=GPT2_BOUNDS, recompute=(),
+                        link=Link()).memory
+
+    found: list[tuple[str, ...]] = []
+    for precision, dtype, parameter_bytes in (("fp32", "fp32", 0), ("bf16-pure", "bf16", 2)):
+        costs = GptEstimate(hardware=load_hardware("h100-80gb"), dtype=dtype, parameter_bytes=parameter_bytes,
+                            **GPT2).at(1, 1, Link(), False)
+        old = replace(costs, layers=tuple(replace(layer, no_decay_parameter_bytes=0) for layer in costs.layers),
+                      update_bytes_per_parameter_byte=(costs.update_bytes_per_parameter_byte
+                                                       + costs.update_group_bytes_per_parameter_byte),
+                      update_group_bytes_per_parameter_byte=0.0)
+        ranks = memory(costs)
+        step = memory(replace(costs, gradient_norm_bytes=0))
+        step_before = memory(replace(old, gradient_norm_bytes=0))
+        for rank, held in enumerate(ranks):
+            found.append((precision, str(rank), f"{held.weights / MiB:.0f}", f"{step_before[rank].update / MiB:.0f}",
+                          f"{step[rank].update / MiB:.0f}", f"{costs.gradient_norm_bytes / MiB:.0f}",
+                          f"{held.total / MiB:.0f}", "update" if held.total == held.update_total else "pipeline"))
+    return found
+
+
+PLAN_HEADER = ("precision", "rank", "weights MiB", "step before MiB", "step MiB", "norm MiB", "total MiB",
+               "peak in")
+
+
 OVERFLOW_HEADER = ("model", "largest gradient K elements", "check measured KiB", "check formula KiB",
                    "unscale measured KiB", "norm plan KiB")
 
@@ -172,6 +220,11 @@ def main() -> None:
     print("|" + "---|" * len(OVERFLOW_HEADER))
     for shape in args.shapes:
         print("| " + " | ".join(overflow_row(shape, args.device)) + " |", flush=True)
+    print()
+    print("| " + " | ".join(PLAN_HEADER) + " |")
+    print("|" + "---|" * len(PLAN_HEADER))
+    for entry in plan_rows():
+        print("| " + " | ".join(entry) + " |")
 
 
 if __name__ == "__main__":
