@@ -65,7 +65,7 @@ from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import with_fixed_costs
 from pipefold.plan.tensor import with_gpt_tensor_parallel
-from pipefold.plan.update_memory import update_temporaries
+from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -206,7 +206,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, tied_layers=tied, input_requires_grad=False,
                                     **_state_bytes(precision), **_update_fields(layers, device, precision))
-    costs = _with_no_decay(costs, layers)
+    costs = _with_update_split(costs, layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
@@ -272,7 +272,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
                                     tied_layers=tuple(group for group, _ in ties),
                                     tied_parameter_bytes=tuple(value_bytes * values for _, values in ties),
                                     **_state_bytes(precision), **_update_fields(lm.layers, device, precision))
-    costs = _with_no_decay(costs, lm.layers)
+    costs = _with_update_split(costs, lm.layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
@@ -390,16 +390,20 @@ def _update_fields(layers: Any, device: str, precision: str) -> dict[str, Any]:
                               no_decay=exempt)
 
 
-def _with_no_decay(costs: ModelCosts, layers: Any) -> ModelCosts:
-    """`costs` with each layer's `no_decay_parameter_bytes`: its measured parameter bytes times the
-    share of its parameters' elements that take no weight decay (whatever their dtype)."""
+def _with_update_split(costs: ModelCosts, layers: Any) -> ModelCosts:
+    """`costs` with each layer's part of the update: `no_decay_parameter_bytes` (its measured
+    parameter bytes times the share of its parameters' elements that take no weight decay,
+    whatever their dtype) and `gradient_norm_bytes` (its tensors' float64 copies in order:
+    `pipefold.plan.update_memory.layer_norm_bytes`)."""
+    found = _layer_parameters(layers)
     shares = []
-    for params in _layer_parameters(layers):
+    for params in found:
         total = sum(param.numel() for param, _ in params)
         shares.append(sum(param.numel() for param, free in params if free) / total if total else 0.0)
+    norms = layer_norm_bytes([[param.numel() for param, _ in params] for params in found])
     return replace(costs, layers=tuple(
-        replace(layer, no_decay_parameter_bytes=round(layer.parameter_bytes * share))
-        for layer, share in zip(costs.layers, shares, strict=True)))
+        replace(layer, no_decay_parameter_bytes=round(layer.parameter_bytes * share), gradient_norm_bytes=norm)
+        for layer, share, norm in zip(costs.layers, shares, norms, strict=True)))
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:

@@ -78,6 +78,12 @@ class LayerCost:
     biases: `pipefold.job.optim.parameter_groups`): AdamW steps each group apart, so foreach's
     temporaries are the larger group's (`ModelCosts.update_group_bytes_per_parameter_byte`). 0:
     all in the decayed group (costs written before it price the whole rank, as they did)."""
+    gradient_norm_bytes: int = 0
+    """The most the gradient norm before the update holds at once over this layer's gradients
+    (float64 copies: 8 x (n_prev + 2 n) over its tensors in order, n_prev of its first the
+    previous layer's last: `pipefold.plan.update_memory.layer_norm_bytes`). A rank's norm is its
+    layers' largest. 0 in every layer: `ModelCosts.gradient_norm_bytes` on every rank (costs
+    written before it)."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -86,7 +92,8 @@ class LayerCost:
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
-                     "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces", "no_decay_parameter_bytes"):
+                     "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces", "no_decay_parameter_bytes",
+                     "gradient_norm_bytes"):
             _non_negative("LayerCost", name, getattr(self, name))
         for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
                      "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
@@ -99,7 +106,8 @@ class LayerCost:
                 f"LayerCost.num_tensor_parallel_allreduces = {self.num_tensor_parallel_allreduces!r}; "
                 "give a whole number"
             )
-        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes"):
+        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes",
+                     "gradient_norm_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -286,8 +294,10 @@ class ModelCosts:
     another rank)."""
     gradient_norm_bytes: int = 0
     """The most the gradient norm before the update holds at once (float64 copies of one or two
-    gradients: `pipefold.plan.update_memory.gradient_norm_bytes`); it runs before the step, so a
-    rank's update holds the larger of it and the step's temporaries (`RankMemory.update`)."""
+    gradients: `pipefold.plan.update_memory.gradient_norm_bytes`), over the whole model: every
+    rank's, where the layers do not carry their own (`LayerCost.gradient_norm_bytes`); it runs
+    before the step, so a rank's update holds the larger of it and the step's temporaries
+    (`RankMemory.update`)."""
     held_forward_per_byte: float = 0.0
     """The extra fraction of an F's time per activation byte its rank holds beyond
     `held_reference_bytes`, a straight line (what calibrations fitted before `held_curve`; a CPU
@@ -334,6 +344,9 @@ class ModelCosts:
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
     """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
+    norm_array: np.ndarray = field(init=False, repr=False, compare=False)
+    """The layers' `LayerCost.gradient_norm_bytes` and a 0 after them (int64), for a stage's
+    largest at once (`pipefold.plan.stages.stage_cost_model`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -428,6 +441,8 @@ class ModelCosts:
             prefixes.append(tuple(running))
         object.__setattr__(self, "_prefix", tuple(prefixes))
         object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
+        object.__setattr__(self, "norm_array", np.array(
+            [layer.gradient_norm_bytes for layer in self.layers] + [0], dtype=np.int64))
 
     @property
     def num_layers(self) -> int:
@@ -471,6 +486,11 @@ class ModelCosts:
         forwards keeps for the backward where the casts are not held for the step."""
         column = self._prefix[_CAST_COLUMN + 1]
         return [round(column[stop] - column[start]) for start, stop in zip(bounds, bounds[1:], strict=False)]
+
+    @property
+    def norms_per_layer(self) -> bool:
+        """Whether the layers carry their own gradient norm bytes (`LayerCost.gradient_norm_bytes`)."""
+        return bool(self.norm_array.any())
 
     @property
     def casts_per_layer(self) -> bool:
@@ -571,8 +591,9 @@ class ModelCosts:
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
-            if not layer["no_decay_parameter_bytes"]:  # layers without the split write as before
-                del layer["no_decay_parameter_bytes"]
+            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes"):
+                if not layer[name]:  # layers without these write as before
+                    del layer[name]
         return data
 
     @classmethod
@@ -595,7 +616,7 @@ class ModelCosts:
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
                         "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
-                        "no_decay_parameter_bytes"}
+                        "no_decay_parameter_bytes", "gradient_norm_bytes"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

@@ -26,7 +26,7 @@ from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
-from pipefold.plan.update_memory import update_temporaries
+from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
 from pipefold.simulate import Link
 
 __all__ = [
@@ -97,10 +97,18 @@ def gpt_parameter_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows
     visits them (`pipefold.model.zoo.gpt_layers`): token and position embeddings, per block two
     layer norms' gains and biases around attention (qkv, proj) and the MLP (fc_in, fc_out), the
     final norm, the head unless tied. `vocab_rows`: the embedding's rows on this tp rank."""
+    layers = gpt_layer_numels(num_layers, d_model, seq_len, vocab_rows, tensor_parallel)
+    return [numel for layer in (layers if not tied else layers[:-1]) for numel in layer]
+
+
+def gpt_layer_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows: int, tensor_parallel: int
+                     ) -> list[list[int]]:
+    """`gpt_parameter_numels` per layer (embeddings, blocks, final norm, head), the head's whether
+    tied or not (a tied head holds the embedding's table)."""
     h, t = d_model, tensor_parallel
     attention = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h]  # ln_1, qkv, proj (its bias whole)
     block = [*attention, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]  # ln_2, fc_in, fc_out
-    return [vocab_rows * h, seq_len * h, *block * num_layers, h, h, *([] if tied else [vocab_rows * h])]
+    return [[vocab_rows * h], [seq_len * h], *[block] * num_layers, [h, h], [vocab_rows * h]]
 
 
 def gpt_parameter_no_decay(num_layers: int, *, tied: bool) -> list[bool]:
@@ -410,6 +418,12 @@ class GptEstimate:
         block = replace(block, cast_bytes=block_casts * v,
                         saved_cast_bytes=round(12 * h * h / t) * v if casting else None)
         head = replace(head, cast_bytes=head_casts * v, saved_cast_bytes=head_casts * v if casting else None)
+        # Each layer's gradient-norm copies (the blocks alike but for the first's preceding tensor:
+        # their largest for all).
+        norms = layer_norm_bytes(gpt_layer_numels(self.num_layers, h, s, vocab // vt, t))
+        block = replace(block, gradient_norm_bytes=max(norms[2:-2]))
+        embed, position, norm, head = (replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
+                                       zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
         layers = (embed, position, *([block] * self.num_layers), norm, head)
         cast_s = (self.num_layers * block_casts + head_casts) * (pe + v) / bandwidth
         degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)

@@ -206,21 +206,34 @@ def gradient_bytes(
     )
 
 
-def update_bytes(costs: ModelCosts, owned: Sequence[int], no_decay: Sequence[int] = ()) -> list[int]:
+def update_bytes(costs: ModelCosts, owned: Sequence[int], no_decay: Sequence[int] = (),
+                 norms: Sequence[int] = ()) -> list[int]:
     """Per rank owning `owned` parameter bytes, `no_decay` of them in the group without weight
-    decay (empty: none), the update's temporaries at their most: the gradient norm's, or the
+    decay (empty: none), the update's temporaries at their most: the gradient norm's (per rank
+    `norms`; empty: the model's `ModelCosts.gradient_norm_bytes` on every rank), or the
     optimizer step's (the rank's per-byte copies, its larger group's foreach list and one
     tensor's), whichever is larger (`pipefold.plan.update_memory`). A rank without parameters
     allocates none."""
     exempt = list(no_decay) or [0] * len(owned)
+    norm = list(norms) or [costs.gradient_norm_bytes] * len(owned)
     return [
-        max(costs.gradient_norm_bytes,
+        max(norm[rank],
             round(held * costs.update_bytes_per_parameter_byte)
             + round(max(held - free, free) * costs.update_group_bytes_per_parameter_byte)
             + costs.update_tensor_bytes)
         if held > 0 else 0
-        for held, free in zip(owned, exempt, strict=True)
+        for rank, (held, free) in enumerate(zip(owned, exempt, strict=True))
     ]
+
+
+def _rank_norm_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    """Per rank, its stages' largest `CostModel.gradient_norm_bytes`; empty where no stage has one."""
+    if not any(model.gradient_norm_bytes):
+        return []
+    most = [0] * num_ranks
+    for stage, rank in enumerate(placement):
+        most[rank] = max(most[rank], model.gradient_norm_bytes[stage])
+    return most
 
 
 def rank_memory(
@@ -248,7 +261,8 @@ def memory_of_peaks(
     num_ranks = len(activation_peaks)
     owned = _owned_weight_bytes(model, placement, num_ranks)
     casts = cast_bytes(costs, model, placement, num_ranks)
-    update = update_bytes(costs, owned, _owned_no_decay_bytes(model, placement, owned))
+    update = update_bytes(costs, owned, _owned_no_decay_bytes(model, placement, owned),
+                          _rank_norm_bytes(model, placement, num_ranks))
     return tuple(
         RankMemory(
             weights=weight_peaks[rank],

@@ -12,7 +12,12 @@ beyond the weights, gradients and state the plan already counts (torch 2.x, `tor
 - **The gradient norm** converts each gradient to float64 and takes its absolute value
   (`grad.to(float64).abs()`: two float64 copies at once) while the previous gradient's `values` is
   still bound, then squares it (`values.pow(2)`): 8 bytes x (n_prev + 2 n) at most, for the
-  consecutive tensors of n_prev and n elements that make it largest.
+  consecutive tensors of n_prev and n elements that make it largest among the rank's own: each
+  layer carries its figure (`layer_norm_bytes`, `LayerCost.gradient_norm_bytes`) and a rank
+  holds its layers' largest, so a rank of blocks is not priced the embedding's copies (costs
+  without the layers' figures: the model's, `gradient_norm_bytes`, on every rank). A layer's
+  first tensor is priced after the previous layer's last, which at a rank's first layer sits on
+  another rank: an upper bound by 8 bytes x that tensor (none for a GPT block, led by a norm).
 - **foreach ("multi-tensor")**, torch's default when every parameter is on CUDA (or another
   device with foreach kernels): `torch._foreach_sqrt(exp_avg_sqs)` makes one tensor per
   parameter of the group, in the state's dtype, live until the call returns: the group's whole
@@ -50,7 +55,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FLOAT64_BYTES", "STATE_BYTES", "gradient_norm_bytes", "overflow_check_bytes", "update_temporaries"]
+__all__ = ["FLOAT64_BYTES", "STATE_BYTES", "gradient_norm_bytes", "layer_norm_bytes", "overflow_check_bytes",
+           "update_temporaries"]
 
 FLOAT64_BYTES = 8
 """The gradient norm's arithmetic is float64 whatever the gradients' dtype."""
@@ -67,6 +73,23 @@ def gradient_norm_bytes(numels: Sequence[int]) -> int:
         most = max(most, FLOAT64_BYTES * (previous + 2 * numel))
         previous = numel
     return most
+
+
+def layer_norm_bytes(layer_numels: Sequence[Sequence[int]]) -> list[int]:
+    """Per layer of tensors of `layer_numels` elements (in the order a rank visits them), the most
+    the gradient norm holds while over its gradients (`LayerCost.gradient_norm_bytes`): 8 bytes x
+    (n_prev + 2 n), n_prev of a layer's first tensor the previous layer's last (an upper bound at
+    a rank's first layer, whose previous tensor is on another rank). A rank's norm is its layers'
+    largest; the model's, all layers' (`gradient_norm_bytes`)."""
+    found = []
+    previous = 0
+    for numels in layer_numels:
+        most = 0
+        for numel in numels:
+            most = max(most, FLOAT64_BYTES * (previous + 2 * numel))
+            previous = numel
+        found.append(most)
+    return found
 
 
 def overflow_check_bytes(numels: Sequence[int], gradient_element_bytes: int) -> int:

@@ -102,6 +102,10 @@ class CostModel:
     """The part of a stage's `weight_bytes` in the optimizer group without weight decay (embeddings,
     norms, biases): the planner prices the update's per-group temporaries on a rank's larger
     group; defaults 0 (all decayed)."""
+    gradient_norm_bytes: tuple[int, ...] = ()
+    """The most the gradient norm after a flush holds at once over a stage's gradients (its
+    layers' largest): the planner prices a rank's update with its stages' largest; defaults 0
+    (the model's one figure then)."""
     cast_bytes: tuple[int, ...] = ()
     """Bytes of the 16-bit copies of a stage's weights that mixed precision holds for a step
     (autocast's casts, made at the stage's first forward of the step); defaults 0."""
@@ -150,7 +154,8 @@ class CostModel:
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
-        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes"):
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes",
+                     "gradient_norm_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -312,6 +317,7 @@ class CostModel:
         tied_sum_bandwidth: float = math.inf,
         tied_casts: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
         no_decay_weight_bytes: Sequence[int] = (),
+        gradient_norm_bytes: Sequence[int] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -337,6 +343,7 @@ class CostModel:
             tied_sum_bandwidth=tied_sum_bandwidth,
             tied_casts=tuple((tuple(counts), size) for counts, size in tied_casts),
             no_decay_weight_bytes=tuple(no_decay_weight_bytes),
+            gradient_norm_bytes=tuple(gradient_norm_bytes),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -425,6 +432,7 @@ class CostModel:
                if self.tied_casts else {}),
             **({"no_decay_weight_bytes": list(self.no_decay_weight_bytes)} if any(self.no_decay_weight_bytes)
                else {}),
+            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes) else {}),
         }
 
     @classmethod
@@ -441,7 +449,7 @@ class CostModel:
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
             "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
-            "tied_casts", "no_decay_weight_bytes",
+            "tied_casts", "no_decay_weight_bytes", "gradient_norm_bytes",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -486,6 +494,7 @@ class CostModel:
             tied_casts=[([(stage, count) for stage, count in counts], size)
                         for counts, size in data.get("tied_casts", ())],
             no_decay_weight_bytes=data.get("no_decay_weight_bytes", ()),
+            gradient_norm_bytes=data.get("gradient_norm_bytes", ()),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

@@ -11,7 +11,8 @@ from pipefold.plan.evaluate import evaluate
 from pipefold.plan.hardware import hardware_from_mapping, load_hardware
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
-from pipefold.plan.update_memory import gradient_norm_bytes, overflow_check_bytes, update_temporaries
+from pipefold.plan.update_memory import (
+    gradient_norm_bytes, layer_norm_bytes, overflow_check_bytes, update_temporaries)
 from pipefold.simulate import CostModel, Link
 
 
@@ -21,6 +22,12 @@ def test_gradient_norm_holds_the_previous_values_and_two_copies_of_the_current()
     assert gradient_norm_bytes([100, 10, 99]) == 8 * (10 + 2 * 99)
     assert gradient_norm_bytes([7]) == 8 * 14
     assert gradient_norm_bytes([]) == 0
+
+
+def test_a_layers_norm_copies_take_the_previous_layers_last_tensor():
+    assert layer_norm_bytes([[10, 100], [5], [], [7, 1]]) == [8 * (10 + 200), 8 * (100 + 10), 0, 8 * (5 + 14)]
+    layers = [[10, 100], [5, 300], [7]]
+    assert max(layer_norm_bytes(layers)) == gradient_norm_bytes([n for layer in layers for n in layer])
 
 
 def test_foreach_prices_a_list_per_byte_and_single_tensor_the_largest_tensor():
@@ -142,6 +149,20 @@ def test_a_layers_undecayed_part_is_checked_and_travels_in_cost_files():
                                                            Link()).to_json()
 
 
+def test_each_rank_prices_its_own_layers_norm():
+    layers = tuple(LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=1000, output_bytes=10,
+                             parameter_bytes=4000, gradient_norm_bytes=norm) for norm in (9000, 100, 300, 200))
+    costs = ModelCosts(layers=layers, gradient_norm_bytes=9000)
+    assert [rank.update for rank in _memory(costs).memory] == [9000, 300]
+    model = stage_cost_model(costs, StageLayout((0, 1, 3, 4), 1), (), Link())
+    assert model.gradient_norm_bytes == (9000, 300, 200)
+    assert CostModel.from_json(model.to_json()) == model
+    assert ModelCosts.from_json(costs.to_json()) == costs
+    # Layers without their own (a cost file written before them): the model's on every rank.
+    assert [rank.update for rank in _memory(_costs(gradient_norm_bytes=9000)).memory] == [9000, 9000]
+    assert "gradient_norm_bytes" not in stage_cost_model(_costs(), StageLayout((0, 2, 4), 1), (), Link()).to_json()
+
+
 def test_the_update_hides_under_a_larger_activation_peak():
     # GPipe at 8 micro-batches holds 8 x 2000 activation bytes on rank 0; the update's 8000 less.
     costs = _costs(update_bytes_per_parameter_byte=1.0)
@@ -203,6 +224,11 @@ def test_the_estimates_layers_split_as_its_parameters(tied, tp):
     held_twice = 4 * 256 * 64 if tied else 0  # the head holds the embedding again
     assert sum(layer.no_decay_parameter_bytes for layer in costs.layers) == free + held_twice
     assert costs.parameter_bytes == 4 * sum(numels) + held_twice
+    # Each layer's norm copies: the blocks' largest (the MLP's pair), the embedding's own table.
+    h = 64
+    block = 8 * (max(h, 4 * h // tp) + 2 * 4 * h * h // tp)
+    assert [layer.gradient_norm_bytes for layer in costs.layers] == [
+        8 * 2 * 256 * h, 8 * (256 * h + 2 * 32 * h), block, block, 8 * 3 * h, 8 * (h + 2 * 256 * h)]
 
 
 def test_a_hardware_file_with_an_unknown_device_is_refused():

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from benchmarks.update_temporaries import exact_step_bytes, peak_bytes
-from pipefold.cli.profile import _update_fields, _with_no_decay
+from pipefold.cli.profile import _update_fields, _with_update_split
 from pipefold.job.optim import no_decay, parameter_groups
 from pipefold.model.zoo import gpt_layers
 from pipefold.plan import LayerCost, ModelCosts
 from pipefold.plan.estimate import GptEstimate, gpt_parameter_no_decay, gpt_parameter_numels
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.memory import update_bytes
-from pipefold.plan.update_memory import gradient_norm_bytes, overflow_check_bytes, update_temporaries
+from pipefold.plan.update_memory import (
+    gradient_norm_bytes, layer_norm_bytes, overflow_check_bytes, update_temporaries)
 from pipefold.runtime.clip import GradientScope
 from pipefold.runtime.loss_scale import DynamicLossScale
 from pipefold.runtime.master import fp32_master_weights
@@ -92,6 +93,25 @@ def test_gradient_norm_allocates_what_the_plan_prices():
     assert 0 <= measured - predicted < COUNTERS, (measured, predicted)
 
 
+def test_a_ranks_gradient_norm_is_its_layers_largest():
+    # A rank holding the model's layers from `first` on: its norm's copies against its layers'
+    # `gradient_norm_bytes`, which take the previous layer's last tensor as the rank's first's
+    # predecessor (an upper bound by 8 bytes x that tensor at the rank's first layer).
+    layers = list(_model())
+    for layer in layers:
+        for param in layer.parameters():
+            param.grad = torch.randn_like(param)
+    per_layer = layer_norm_bytes([[p.numel() for p in layer.parameters()] for layer in layers])
+    for first in range(len(layers)):
+        params = tuple(p for layer in layers[first:] for p in layer.parameters())
+        scope = GradientScope(params=params, not_counted=frozenset(), tp_group=None, tp_rank=0, collectives=None,
+                              watchdog=None)
+        measured = peak_bytes(scope.total_norm, "cpu")
+        priced = max(per_layer[first:])
+        before = list(layers[first - 1].parameters())[-1].numel() if first else 0
+        assert 0 <= priced - measured + COUNTERS and priced - measured <= 8 * before, (first, measured, priced)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-gradients", "fp16-gradients"])
 def test_fp16s_overflow_check_allocates_less_than_the_priced_norm_and_its_unscale_nothing(dtype):
     # pipefold train --precision fp16 keeps fp32 weights (autocast): fp32 gradients; fp16 ones
@@ -129,6 +149,13 @@ def test_the_estimates_tensors_and_groups_are_the_built_in_gpts(tied):
     unsplit = ModelCosts(layers=tuple(
         LayerCost(forward_s=0.0, backward_s=0.0, activation_bytes=0, output_bytes=0,
                   parameter_bytes=layer.parameter_bytes) for layer in estimate.layers))
-    profiled = _with_no_decay(unsplit, layers)
+    profiled = _with_update_split(unsplit, layers)
     assert [layer.no_decay_parameter_bytes for layer in profiled.layers] == [
         layer.no_decay_parameter_bytes for layer in estimate.layers]
+    # And each layer's norm copies: the profile's exact per layer, the estimate's blocks their largest.
+    blocks = slice(2, -2)
+    assert max(layer.gradient_norm_bytes for layer in profiled.layers[blocks]) == (
+        estimate.layers[2].gradient_norm_bytes)
+    assert [layer.gradient_norm_bytes for layer in profiled.layers[:2]] + [
+        layer.gradient_norm_bytes for layer in profiled.layers[-2:]] == [
+        layer.gradient_norm_bytes for layer in (*estimate.layers[:2], *estimate.layers[-2:])]
