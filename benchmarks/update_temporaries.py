@@ -158,8 +158,9 @@ with the first, the norm and tied head with the last."""
 def plan_rows() -> list[tuple[str, ...]]:
     """What `pipefold plan --hardware h100-80gb` prices per rank for GPT-2 small, 1F1B over four
     ranks at 4 micro-batches of one sample: the step's temporaries with the groups and as a cost
-    file without them prices them (the whole rank's list; the same costs otherwise), the
-    gradient norm's (one figure for every rank: the model's), and the rank's total."""
+    file without them prices them (the whole rank's list), the gradient norm's per rank (its
+    layers' largest) and as such a file prices it (the model's, on every rank), and the rank's
+    update and total with all of that and as before (the same costs otherwise)."""
     from dataclasses import replace
 
     from pipefold.plan.estimate import GptEstimate
@@ -172,26 +173,34 @@ def plan_rows() -> list[tuple[str, ...]]:
         return evaluate(costs, Config("1f1b", 1, 4, 1), num_ranks=4, bounds=GPT2_BOUNDS, recompute=(),
                         link=Link()).memory
 
+    def without_norm(costs: ModelCosts) -> ModelCosts:
+        return replace(costs, gradient_norm_bytes=0,
+                       layers=tuple(replace(layer, gradient_norm_bytes=0) for layer in costs.layers))
+
     found: list[tuple[str, ...]] = []
     for precision, dtype, parameter_bytes in (("fp32", "fp32", 0), ("bf16-pure", "bf16", 2)):
         costs = GptEstimate(hardware=load_hardware("h100-80gb"), dtype=dtype, parameter_bytes=parameter_bytes,
                             **GPT2).at(1, 1, Link(), False)
-        old = replace(costs, layers=tuple(replace(layer, no_decay_parameter_bytes=0) for layer in costs.layers),
+        old = replace(costs, layers=tuple(replace(layer, no_decay_parameter_bytes=0, gradient_norm_bytes=0)
+                                          for layer in costs.layers),
                       update_bytes_per_parameter_byte=(costs.update_bytes_per_parameter_byte
                                                        + costs.update_group_bytes_per_parameter_byte),
                       update_group_bytes_per_parameter_byte=0.0)
-        ranks = memory(costs)
-        step = memory(replace(costs, gradient_norm_bytes=0))
-        step_before = memory(replace(old, gradient_norm_bytes=0))
-        for rank, held in enumerate(ranks):
-            found.append((precision, str(rank), f"{held.weights / MiB:.0f}", f"{step_before[rank].update / MiB:.0f}",
-                          f"{step[rank].update / MiB:.0f}", f"{costs.gradient_norm_bytes / MiB:.0f}",
+        ranks, ranks_before = memory(costs), memory(old)
+        step, step_before = memory(without_norm(costs)), memory(without_norm(old))
+        norms = memory(replace(costs, update_bytes_per_parameter_byte=0.0, update_group_bytes_per_parameter_byte=0.0,
+                               update_tensor_bytes=0))
+        for rank, (held, before) in enumerate(zip(ranks, ranks_before, strict=True)):
+            found.append((precision, str(rank), f"{held.weights / MiB:.0f}",
+                          f"{step_before[rank].update / MiB:.0f}", f"{step[rank].update / MiB:.0f}",
+                          f"{costs.gradient_norm_bytes / MiB:.0f}", f"{norms[rank].update / MiB:.0f}",
+                          f"{before.update / MiB:.0f}", f"{held.update / MiB:.0f}", f"{before.total / MiB:.0f}",
                           f"{held.total / MiB:.0f}", "update" if held.total == held.update_total else "pipeline"))
     return found
 
 
-PLAN_HEADER = ("precision", "rank", "weights MiB", "step before MiB", "step MiB", "norm MiB", "total MiB",
-               "peak in")
+PLAN_HEADER = ("precision", "rank", "weights MiB", "step before MiB", "step MiB", "norm before MiB", "norm MiB",
+               "update before MiB", "update MiB", "total before MiB", "total MiB", "peak in")
 
 
 OVERFLOW_HEADER = ("model", "largest gradient K elements", "check measured KiB", "check formula KiB",
