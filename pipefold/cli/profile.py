@@ -55,7 +55,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import with_fixed_costs
 from pipefold.plan.tensor import with_gpt_tensor_parallel
-from pipefold.plan.update_memory import update_temporaries
+from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -206,6 +206,7 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, tied_layers=tied, input_requires_grad=False,
                                     **_state_bytes(precision), **_update_fields(layers, device, precision))
+    costs = _with_update_split(costs, layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, args.vocab_size, (other_rows, args.seq_len),
@@ -271,6 +272,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
                                     tied_layers=tuple(group for group, _ in ties),
                                     tied_parameter_bytes=tuple(value_bytes * values for _, values in ties),
                                     **_state_bytes(precision), **_update_fields(lm.layers, device, precision))
+    costs = _with_update_split(costs, lm.layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
@@ -346,29 +348,62 @@ def _state_bytes(precision: str) -> dict[str, float]:
     return {"gradient_bytes_per_parameter_byte": 1.0, "optimizer_bytes_per_parameter_byte": optimizer}
 
 
+def _layer_parameters(layers: Any) -> list[list[tuple[Any, bool]]]:
+    """Per layer, each parameter that takes a gradient and whether it takes no weight decay, as
+    `pipefold train`'s parameter groups see it (`pipefold.job.optim.no_decay`). A spec is built on
+    the meta device: shapes without memory. The parameters themselves, so their ids stay unique
+    while the caller holds them (a module freed early could hand its ids on)."""
+    from pipefold.job.optim import no_decay
+    from pipefold.model.spec import LayerSpec
+
+    found = []
+    for layer in layers:
+        module = layer.build("meta") if isinstance(layer, LayerSpec) else layer
+        exempt = no_decay([module])
+        found.append([(param, id(param) in exempt) for param in module.parameters() if param.requires_grad])
+    return found
+
+
 def _update_fields(layers: Any, device: str, precision: str) -> dict[str, Any]:
-    """The update's temporaries (`ModelCosts.update_bytes_per_parameter_byte` and the two beside it)
+    """The update's temporaries (`ModelCosts.update_bytes_per_parameter_byte` and the three beside it)
     as `pipefold train` will allocate them on `device`: torch's AdamW takes its foreach path where
-    every parameter is on CUDA and the single-tensor one on CPU (`pipefold.plan.update_memory`).
-    The parameters in the order a rank visits them, a tied one once."""
-    from pipefold.model.spec import LayerSpec, TiedLayerSpec
+    every parameter is on CUDA and the single-tensor one on CPU, group by group
+    (`pipefold.plan.update_memory`). The parameters in the order a rank visits them, a tied one once."""
+    from pipefold.model.spec import TiedLayerSpec
 
     seen: set[int] = set()
     keys: set[str] = set()
     numels: list[int] = []
-    for layer in layers:
+    exempt: list[bool] = []
+    for layer, params in zip(layers, _layer_parameters(layers), strict=True):
         if isinstance(layer, TiedLayerSpec):
             if layer.key in keys:  # one tensor for all its occurrences
                 continue
             keys.add(layer.key)
-        # A spec is built on the meta device: shapes without memory.
-        module = layer.build("meta") if isinstance(layer, LayerSpec) else layer
-        for param in module.parameters():
-            if id(param) not in seen and param.requires_grad:
+        for param, free in params:
+            if id(param) not in seen:
                 seen.add(id(param))
                 numels.append(param.numel())
+                exempt.append(free)
     pure = precision == "bf16-pure"
-    return update_temporaries(numels, value_bytes=2 if pure else 4, foreach=device == "cuda", masters=pure)
+    return update_temporaries(numels, value_bytes=2 if pure else 4, foreach=device == "cuda", masters=pure,
+                              no_decay=exempt)
+
+
+def _with_update_split(costs: ModelCosts, layers: Any) -> ModelCosts:
+    """`costs` with each layer's part of the update: `no_decay_parameter_bytes` (its measured
+    parameter bytes times the share of its parameters' elements that take no weight decay,
+    whatever their dtype) and `gradient_norm_bytes` (its tensors' float64 copies in order:
+    `pipefold.plan.update_memory.layer_norm_bytes`)."""
+    found = _layer_parameters(layers)
+    shares = []
+    for params in found:
+        total = sum(param.numel() for param, _ in params)
+        shares.append(sum(param.numel() for param, free in params if free) / total if total else 0.0)
+    norms = layer_norm_bytes([[param.numel() for param, _ in params] for params in found])
+    return replace(costs, layers=tuple(
+        replace(layer, no_decay_parameter_bytes=round(layer.parameter_bytes * share), gradient_norm_bytes=norm)
+        for layer, share, norm in zip(costs.layers, shares, norms, strict=True)))
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[str, int | None]:

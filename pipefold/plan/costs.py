@@ -73,6 +73,17 @@ class LayerCost:
     """The share of its `saved_cast_bytes` that a tensor-parallel split divides; None:
     `tensor_parallel_cast_share`. The built-in GPT's block: 1, every weight it saves a copy of is
     split (the row-split biases it keeps whole are cast, not saved)."""
+    no_decay_parameter_bytes: int = 0
+    """The part of `parameter_bytes` in the optimizer group without weight decay (embeddings, norms,
+    biases: `pipefold.job.optim.parameter_groups`): AdamW steps each group apart, so foreach's
+    temporaries are the larger group's (`ModelCosts.update_group_bytes_per_parameter_byte`). 0:
+    all in the decayed group (costs written before it price the whole rank, as they did)."""
+    gradient_norm_bytes: int = 0
+    """The most the gradient norm before the update holds at once over this layer's gradients
+    (float64 copies: 8 x (n_prev + 2 n) over its tensors in order, n_prev of its first the
+    previous layer's last: `pipefold.plan.update_memory.layer_norm_bytes`). A rank's norm is its
+    layers' largest. 0 in every layer: `ModelCosts.gradient_norm_bytes` on every rank (costs
+    written before it)."""
     sequence_parallel_activation_share: float | None = None
     """Set on the layers whose output sequence parallelism splits along the sequence (from the
     position embedding through the last block): the share of the layer's activation bytes
@@ -81,7 +92,8 @@ class LayerCost:
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
-                     "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces"):
+                     "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces", "no_decay_parameter_bytes",
+                     "gradient_norm_bytes"):
             _non_negative("LayerCost", name, getattr(self, name))
         for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
                      "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
@@ -94,10 +106,16 @@ class LayerCost:
                 f"LayerCost.num_tensor_parallel_allreduces = {self.num_tensor_parallel_allreduces!r}; "
                 "give a whole number"
             )
-        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes"):
+        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes",
+                     "gradient_norm_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.no_decay_parameter_bytes > self.parameter_bytes:
+            raise ConfigError(
+                f"LayerCost.no_decay_parameter_bytes = {self.no_decay_parameter_bytes} exceeds parameter_bytes = "
+                f"{self.parameter_bytes}; give the part of the layer's weights without weight decay (at most all)"
+            )
         if self.saved_cast_bytes is not None:
             saved = self.saved_cast_bytes
             if isinstance(saved, bool) or not isinstance(saved, int) or not 0 <= saved <= self.cast_bytes:
@@ -174,7 +192,8 @@ def _held_cast_bytes(profile: ProfileLike) -> int:
 
 
 _CAST_COLUMN = 7
-"""`ModelCosts.span`'s column of the layers' `cast_bytes` (8: their `saved_casts`)."""
+"""`ModelCosts.span`'s column of the layers' `cast_bytes` (8: their `saved_casts`, 9: their
+`no_decay_parameter_bytes`)."""
 
 _FIELDS = (
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
@@ -184,7 +203,7 @@ _FIELDS = (
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-    "deferred_weight_grad",
+    "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
 )
 
 
@@ -257,19 +276,28 @@ class ModelCosts:
     (`pipefold.plan.calibrate.update_time`)."""
     update_bytes_per_parameter_byte: float = 0.0
     """The optimizer update's temporaries per parameter byte of a rank, live at once during the
-    step (`pipefold.plan.update_memory`): torch's foreach AdamW (its default on CUDA) makes a
-    square root of every parameter's state in one list (1 in fp32); bf16 weights with fp32
-    masters add the fp32 copies of their gradients (4 in bf16-pure with foreach, 2 without).
-    0: not priced (costs written before it, the single-tensor AdamW in fp32)."""
+    step (`pipefold.plan.update_memory`): bf16 weights with fp32 masters copy every gradient to
+    fp32 before it (2 in bf16-pure). Costs written before `update_group_bytes_per_parameter_byte`
+    also carry foreach's square roots here, priced on the whole rank (1 in fp32, 4 in bf16-pure).
+    0: not priced (fp32 and autocast: no copies)."""
+    update_group_bytes_per_parameter_byte: float = 0.0
+    """The step's temporaries per parameter byte of the rank's larger optimizer group (decayed or
+    not: `LayerCost.no_decay_parameter_bytes`): torch's foreach AdamW (its default on CUDA) makes a
+    square root of each of a group's states in one list, group by group (1 in fp32, 2 in
+    bf16-pure, whose state is fp32). Added to `update_bytes_per_parameter_byte`'s part. 0: none
+    (the single-tensor AdamW; costs written before it)."""
     update_tensor_bytes: int = 0
     """The update's temporaries of one parameter at a time, at their largest over the model (the
     single-tensor AdamW, torch's default on CPU: two fp32 tensors of a parameter's size and one of
-    the previous one's, priced on the model's two largest), added to the per-byte part on every
-    rank (an upper bound where the largest sit on another rank)."""
+    the previous one's, priced on the two largest of one optimizer group, the group where that is
+    most), added to the per-byte parts on every rank (an upper bound where the largest sit on
+    another rank)."""
     gradient_norm_bytes: int = 0
     """The most the gradient norm before the update holds at once (float64 copies of one or two
-    gradients: `pipefold.plan.update_memory.gradient_norm_bytes`); it runs before the step, so a
-    rank's update holds the larger of it and the step's temporaries (`RankMemory.update`)."""
+    gradients: `pipefold.plan.update_memory.gradient_norm_bytes`), over the whole model: every
+    rank's, where the layers do not carry their own (`LayerCost.gradient_norm_bytes`); it runs
+    before the step, so a rank's update holds the larger of it and the step's temporaries
+    (`RankMemory.update`)."""
     held_forward_per_byte: float = 0.0
     """The extra fraction of an F's time per activation byte its rank holds beyond
     `held_reference_bytes`, a straight line (what calibrations fitted before `held_curve`; a CPU
@@ -316,6 +344,9 @@ class ModelCosts:
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
     """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
+    norm_array: np.ndarray = field(init=False, repr=False, compare=False)
+    """The layers' `LayerCost.gradient_norm_bytes` and a 0 after them (int64), for a stage's
+    largest at once (`pipefold.plan.stages.stage_cost_model`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -357,7 +388,7 @@ class ModelCosts:
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
-                     "gradient_norm_bytes", "deferred_weight_grad"):
+                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
@@ -400,6 +431,7 @@ class ModelCosts:
             [layer.fixed_s for layer in self.layers],
             [float(layer.cast_bytes) for layer in self.layers],
             [float(layer.saved_casts) for layer in self.layers],
+            [float(layer.no_decay_parameter_bytes) for layer in self.layers],
         )
         prefixes = []
         for column in columns:
@@ -409,6 +441,8 @@ class ModelCosts:
             prefixes.append(tuple(running))
         object.__setattr__(self, "_prefix", tuple(prefixes))
         object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
+        object.__setattr__(self, "norm_array", np.array(
+            [layer.gradient_norm_bytes for layer in self.layers] + [0], dtype=np.int64))
 
     @property
     def num_layers(self) -> int:
@@ -454,6 +488,11 @@ class ModelCosts:
         return [round(column[stop] - column[start]) for start, stop in zip(bounds, bounds[1:], strict=False)]
 
     @property
+    def norms_per_layer(self) -> bool:
+        """Whether the layers carry their own gradient norm bytes (`LayerCost.gradient_norm_bytes`)."""
+        return bool(self.norm_array.any())
+
+    @property
     def casts_per_layer(self) -> bool:
         """Whether the layers carry their own weight copies (`LayerCost.cast_bytes`)."""
         return self._prefix[_CAST_COLUMN][-1] > 0
@@ -474,7 +513,8 @@ class ModelCosts:
 
     def span(self, kind: int, start: int, stop: int) -> float:
         """Sum over layers [start, stop) of column `kind`: 0 F, 1 I, 2 W (seconds), 3 activation
-        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`), 6 fixed seconds, 7 cast bytes."""
+        bytes, 4 parameter bytes, 5 input bytes (at `reference_rows`), 6 fixed seconds, 7 cast bytes,
+        8 saved casts, 9 parameter bytes without weight decay."""
         prefix = self._prefix[kind]
         return prefix[stop] - prefix[start]
 
@@ -547,9 +587,13 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
+        for layer in data["layers"]:
+            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes"):
+                if not layer[name]:  # layers without these write as before
+                    del layer[name]
         return data
 
     @classmethod
@@ -571,7 +615,8 @@ class ModelCosts:
                         "cast_bytes", "weight_grad_s", "fixed_s", "tensor_parallel_share",
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
-                        "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share"}
+                        "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
+                        "no_decay_parameter_bytes", "gradient_norm_bytes"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

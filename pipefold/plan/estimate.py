@@ -26,11 +26,12 @@ from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
-from pipefold.plan.update_memory import update_temporaries
+from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
 from pipefold.simulate import Link
 
 __all__ = [
     "gpt_parameter_numels",
+    "gpt_parameter_no_decay",
     "PRECISION_BYTES",
     "GptEstimate",
     "decoder_flops_per_token",
@@ -96,10 +97,26 @@ def gpt_parameter_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows
     visits them (`pipefold.model.zoo.gpt_layers`): token and position embeddings, per block two
     layer norms' gains and biases around attention (qkv, proj) and the MLP (fc_in, fc_out), the
     final norm, the head unless tied. `vocab_rows`: the embedding's rows on this tp rank."""
+    layers = gpt_layer_numels(num_layers, d_model, seq_len, vocab_rows, tensor_parallel)
+    return [numel for layer in (layers if not tied else layers[:-1]) for numel in layer]
+
+
+def gpt_layer_numels(num_layers: int, d_model: int, seq_len: int, vocab_rows: int, tensor_parallel: int
+                     ) -> list[list[int]]:
+    """`gpt_parameter_numels` per layer (embeddings, blocks, final norm, head), the head's whether
+    tied or not (a tied head holds the embedding's table)."""
     h, t = d_model, tensor_parallel
     attention = [h, h, 3 * h * h // t, 3 * h // t, h * h // t, h]  # ln_1, qkv, proj (its bias whole)
     block = [*attention, h, h, 4 * h * h // t, 4 * h // t, 4 * h * h // t, h]  # ln_2, fc_in, fc_out
-    return [vocab_rows * h, seq_len * h, *block * num_layers, h, h, *([] if tied else [vocab_rows * h])]
+    return [[vocab_rows * h], [seq_len * h], *[block] * num_layers, [h, h], [vocab_rows * h]]
+
+
+def gpt_parameter_no_decay(num_layers: int, *, tied: bool) -> list[bool]:
+    """Per parameter of `gpt_parameter_numels`, whether `pipefold.job.optim.parameter_groups` puts it
+    in the group without weight decay: the embeddings, the norms' gains and biases, every bias;
+    the matrices (and an untied head) decay."""
+    block = [True, True, False, True, False, True] * 2  # ln, qkv/fc_in (weight, bias), proj/fc_out
+    return [True, True, *block * num_layers, True, True, *([] if tied else [False])]
 
 
 def gpt_costs(
@@ -348,6 +365,8 @@ class GptEstimate:
             activation_bytes=self.block_activation_bytes(rows, t, sp),
             output_bytes=sbh * v // (t if sp else 1),
             parameter_bytes=round(((12 * h * h + 7 * h) / t + 6 * h) * self.parameter_element_bytes),
+            # Its biases (the column-split ones on this tp rank) and its norms: no weight decay.
+            no_decay_parameter_bytes=round((7 * h / t + 6 * h) * self.parameter_element_bytes),
         )
         vt = t if self.vocab_parallel else 1
         pe = self.parameter_element_bytes
@@ -359,6 +378,7 @@ class GptEstimate:
             activation_bytes=0,
             output_bytes=sbh * v,
             parameter_bytes=vocab * h // vt * pe,
+            no_decay_parameter_bytes=vocab * h // vt * pe,
         )
         position = LayerCost(
             forward_s=(3 * sbh * v + sbh * mask) / bandwidth,
@@ -367,11 +387,13 @@ class GptEstimate:
             activation_bytes=sbh * mask // (t if sp else 1),
             output_bytes=sbh * v // (t if sp else 1),
             parameter_bytes=s * h * pe,
+            no_decay_parameter_bytes=s * h * pe,
         )
         norm_s = 4 * sbh * v / (t if sp else 1) / bandwidth
         norm = LayerCost(
             forward_s=norm_s, backward_s=2 * norm_s, weight_grad_s=norm_s / 2,
             activation_bytes=sbh * v // (t if sp else 1), output_bytes=sbh * v, parameter_bytes=2 * h * pe,
+            no_decay_parameter_bytes=2 * h * pe,
         )
         head_flops = 2 * sbh * vocab / vt
         head_s = self._gemm(head_flops)
@@ -384,6 +406,8 @@ class GptEstimate:
             activation_bytes=sbh * v,
             output_bytes=logits * max(v, 4),
             parameter_bytes=vocab * h // vt * pe,
+            # A tied head is the token embedding (no decay); an untied one a decayed matrix.
+            no_decay_parameter_bytes=vocab * h // vt * pe if self.tie_embeddings else 0,
         )
         # fp32 weights under 16-bit autocast: each product's weight and bias shard is cast once a
         # step (the blocks' row-split biases whole), a copy timed at the memory bandwidth.
@@ -394,6 +418,12 @@ class GptEstimate:
         block = replace(block, cast_bytes=block_casts * v,
                         saved_cast_bytes=round(12 * h * h / t) * v if casting else None)
         head = replace(head, cast_bytes=head_casts * v, saved_cast_bytes=head_casts * v if casting else None)
+        # Each layer's gradient-norm copies (the blocks alike but for the first's preceding tensor:
+        # their largest for all).
+        norms = layer_norm_bytes(gpt_layer_numels(self.num_layers, h, s, vocab // vt, t))
+        block = replace(block, gradient_norm_bytes=max(norms[2:-2]))
+        embed, position, norm, head = (replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
+                                       zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
         layers = (embed, position, *([block] * self.num_layers), norm, head)
         cast_s = (self.num_layers * block_casts + head_casts) * (pe + v) / bandwidth
         degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)
@@ -415,7 +445,8 @@ class GptEstimate:
             **update_temporaries(
                 gpt_parameter_numels(self.num_layers, h, s, vocab // vt, t, tied=self.tie_embeddings),
                 value_bytes=pe, foreach=self.hardware.device == "cuda",
-                masters=self.optimizer_element_bytes > 2 * pe),
+                masters=self.optimizer_element_bytes > 2 * pe,
+                no_decay=gpt_parameter_no_decay(self.num_layers, tied=self.tie_embeddings)),
             source=(f"estimate for {what} ({shape}) on {self.hardware.name} in {self.dtype}"
                     + (", attention core recomputed" if self.recompute_attention else "")
                     + ", not a measurement"),

@@ -130,6 +130,23 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
     return owned
 
 
+def _owned_no_decay_bytes(model: CostModel, placement: tuple[int, ...], owned: Sequence[int]) -> list[int]:
+    """Per rank, the part of its `owned` weight bytes without weight decay (`CostModel.no_decay_weight_bytes`).
+    A tied weight its rank holds in several layers counts once: its repeats come off this part as
+    far as it goes (pipefold's rule puts a tied embedding / head there: `pipefold.job.optim`)."""
+    held = [0] * len(owned)
+    for stage, rank in enumerate(placement):
+        held[rank] += model.no_decay_weight_bytes[stage]
+    for counts, size in model.tied_weights:
+        copies = [0] * len(owned)
+        for stage, count in counts:
+            copies[placement[stage]] += count
+        for rank, num_copies in enumerate(copies):
+            if num_copies > 1:
+                held[rank] -= min(held[rank], (num_copies - 1) * size)
+    return [min(part, whole) for part, whole in zip(held, owned, strict=True)]
+
+
 def repeated_casts(model: CostModel, placement: Sequence[int], num_ranks: int) -> list[int]:
     """Per rank, the bytes of the tied weights' copies (`CostModel.tied_casts`) that several of its
     stages count in their `cast_bytes` beyond the first: the rank casts and holds each once while
@@ -189,16 +206,34 @@ def gradient_bytes(
     )
 
 
-def update_bytes(costs: ModelCosts, owned: Sequence[int]) -> list[int]:
-    """Per rank owning `owned` parameter bytes, the update's temporaries at their most: the
-    gradient norm's, or the optimizer step's (a per-byte list and one tensor's), whichever is
-    larger (`pipefold.plan.update_memory`). A rank without parameters allocates none."""
+def update_bytes(costs: ModelCosts, owned: Sequence[int], no_decay: Sequence[int] = (),
+                 norms: Sequence[int] = ()) -> list[int]:
+    """Per rank owning `owned` parameter bytes, `no_decay` of them in the group without weight
+    decay (empty: none), the update's temporaries at their most: the gradient norm's (per rank
+    `norms`; empty: the model's `ModelCosts.gradient_norm_bytes` on every rank), or the
+    optimizer step's (the rank's per-byte copies, its larger group's foreach list and one
+    tensor's), whichever is larger (`pipefold.plan.update_memory`). A rank without parameters
+    allocates none."""
+    exempt = list(no_decay) or [0] * len(owned)
+    norm = list(norms) or [costs.gradient_norm_bytes] * len(owned)
     return [
-        max(costs.gradient_norm_bytes,
-            round(held * costs.update_bytes_per_parameter_byte) + costs.update_tensor_bytes)
+        max(norm[rank],
+            round(held * costs.update_bytes_per_parameter_byte)
+            + round(max(held - free, free) * costs.update_group_bytes_per_parameter_byte)
+            + costs.update_tensor_bytes)
         if held > 0 else 0
-        for held in owned
+        for rank, (held, free) in enumerate(zip(owned, exempt, strict=True))
     ]
+
+
+def _rank_norm_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    """Per rank, its stages' largest `CostModel.gradient_norm_bytes`; empty where no stage has one."""
+    if not any(model.gradient_norm_bytes):
+        return []
+    most = [0] * num_ranks
+    for stage, rank in enumerate(placement):
+        most[rank] = max(most[rank], model.gradient_norm_bytes[stage])
+    return most
 
 
 def rank_memory(
@@ -226,7 +261,8 @@ def memory_of_peaks(
     num_ranks = len(activation_peaks)
     owned = _owned_weight_bytes(model, placement, num_ranks)
     casts = cast_bytes(costs, model, placement, num_ranks)
-    update = update_bytes(costs, owned)
+    update = update_bytes(costs, owned, _owned_no_decay_bytes(model, placement, owned),
+                          _rank_norm_bytes(model, placement, num_ranks))
     return tuple(
         RankMemory(
             weights=weight_peaks[rank],

@@ -146,7 +146,9 @@ class _Search:
             if zero:
                 share = costs.optimizer_bytes_per_parameter_byte / dp  # a replica updates its share
                 costs = replace(costs, optimizer_bytes_per_parameter_byte=share,
-                                update_bytes_per_parameter_byte=costs.update_bytes_per_parameter_byte / dp)
+                                update_bytes_per_parameter_byte=costs.update_bytes_per_parameter_byte / dp,
+                                update_group_bytes_per_parameter_byte=(
+                                    costs.update_group_bytes_per_parameter_byte / dp))
             self._split[key] = costs
         return self._split[key]
 

@@ -23,7 +23,7 @@ __all__ = [
     "stage_weights",
 ]
 
-_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED, _CAST = range(8)
+_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED, _CAST, _SAVED_CAST, _NO_DECAY = range(10)
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,15 @@ def stage_cost_model(
     # prices a rank's by the model's one ratio).
     casts = np.rint(costs.prefix_array[_CAST][bounds[1:]] - costs.prefix_array[_CAST][bounds[:-1]]).astype(
         np.int64).tolist() if costs.casts_per_layer else []
+    # The weights' part without weight decay, where the layers carry it (the update's group split).
+    no_decay = np.rint(costs.prefix_array[_NO_DECAY][bounds[1:]] - costs.prefix_array[_NO_DECAY][bounds[:-1]]
+                       ).astype(np.int64).tolist()
+    norms: list[int] = []
+    if costs.norms_per_layer:
+        # Each stage's largest layer norm (0 for a stage without layers).
+        starts, stops = bounds[:-1], bounds[1:]
+        largest = np.maximum.reduceat(costs.norm_array, starts)
+        norms = np.where(stops > starts, largest, 0).tolist()
     copies = tied_weights(costs, layout.bounds, costs.tied_copies)
     for counts, size in copies:
         for stage, count in counts:  # a stage's forward casts a tied weight once (autocast's cache)
@@ -154,7 +163,7 @@ def stage_cost_model(
         weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
-        tied_casts=copies,
+        tied_casts=copies, no_decay_weight_bytes=no_decay, gradient_norm_bytes=norms,
     )
 
 

@@ -73,6 +73,14 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         activation_bytes=round(layer.activation_bytes * (1 - activation_share + activation_share / degree)),
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
+        # The share applies to the undecayed part too: a block's biases split with their matrices,
+        # its norms do not, so this errs by the norms' few bytes (the built-in GPT's estimate
+        # prices each degree's own: `pipefold.plan.estimate`).
+        no_decay_parameter_bytes=min(round(layer.no_decay_parameter_bytes * keep),
+                                     round(layer.parameter_bytes * keep)),
+        # The norm's largest tensors are the split matrices where the layer splits (an upper bound
+        # where a whole norm or bias is among them).
+        gradient_norm_bytes=round(layer.gradient_norm_bytes * keep),
         cast_bytes=round(layer.cast_bytes * (1 - cast_share + cast_share / degree)),  # a shard's copies
         # The weights' copies, split by their own share (a bias kept whole is cast, not saved).
         saved_cast_bytes=None if layer.saved_cast_bytes is None else min(

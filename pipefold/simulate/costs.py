@@ -98,6 +98,14 @@ class CostModel:
     """Bytes an I keeps for its W, held from the end of I to the end of W."""
     weight_bytes: tuple[int, ...] = ()
     """Bytes of one version of a stage's weights."""
+    no_decay_weight_bytes: tuple[int, ...] = ()
+    """The part of a stage's `weight_bytes` in the optimizer group without weight decay (embeddings,
+    norms, biases): the planner prices the update's per-group temporaries on a rank's larger
+    group; defaults 0 (all decayed)."""
+    gradient_norm_bytes: tuple[int, ...] = ()
+    """The most the gradient norm after a flush holds at once over a stage's gradients (its
+    layers' largest): the planner prices a rank's update with its stages' largest; defaults 0
+    (the model's one figure then)."""
     cast_bytes: tuple[int, ...] = ()
     """Bytes of the 16-bit copies of a stage's weights that mixed precision holds for a step
     (autocast's casts, made at the stage's first forward of the step); defaults 0."""
@@ -146,7 +154,8 @@ class CostModel:
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
-        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes"):
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes",
+                     "gradient_norm_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -307,6 +316,8 @@ class CostModel:
         tied_weights: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
         tied_sum_bandwidth: float = math.inf,
         tied_casts: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
+        no_decay_weight_bytes: Sequence[int] = (),
+        gradient_norm_bytes: Sequence[int] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -331,6 +342,8 @@ class CostModel:
             tied_weights=tuple((tuple(counts), size) for counts, size in tied_weights),
             tied_sum_bandwidth=tied_sum_bandwidth,
             tied_casts=tuple((tuple(counts), size) for counts, size in tied_casts),
+            no_decay_weight_bytes=tuple(no_decay_weight_bytes),
+            gradient_norm_bytes=tuple(gradient_norm_bytes),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -417,6 +430,9 @@ class CostModel:
             **({"cast_bytes": list(self.cast_bytes)} if any(self.cast_bytes) else {}),
             **({"tied_casts": [[[list(pair) for pair in counts], size] for counts, size in self.tied_casts]}
                if self.tied_casts else {}),
+            **({"no_decay_weight_bytes": list(self.no_decay_weight_bytes)} if any(self.no_decay_weight_bytes)
+               else {}),
+            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes) else {}),
         }
 
     @classmethod
@@ -433,7 +449,7 @@ class CostModel:
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
             "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
-            "tied_casts",
+            "tied_casts", "no_decay_weight_bytes", "gradient_norm_bytes",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -477,6 +493,8 @@ class CostModel:
                                 else float(data["tied_sum_bandwidth"])),
             tied_casts=[([(stage, count) for stage, count in counts], size)
                         for counts, size in data.get("tied_casts", ())],
+            no_decay_weight_bytes=data.get("no_decay_weight_bytes", ()),
+            gradient_norm_bytes=data.get("gradient_norm_bytes", ()),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(
