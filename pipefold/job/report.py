@@ -413,13 +413,12 @@ def _allocator_line(memory: Sequence[Mapping[str, int]]) -> str | None:
     """On CUDA, 'CUDA allocator per rank (MiB), replica 0, 2 kept steps: peak allocated 958.1 /
     ...'; on CPU with memory_peaks, 'CPU allocations per rank (MiB), ...' (no reserved peak);
     None where no rank reports its allocator."""
-    for device, name in (("cuda", "CUDA allocator"), ("cpu", "CPU allocations")):
-        ranks = sorted((entry for entry in memory
-                        if entry["replica"] == 0 and f"{device}_allocated_peak" in entry),
-                       key=lambda e: e["world_rank"])
-        if ranks:
-            break
-    else:
+    device = "cuda" if any("cuda_allocated_peak" in entry for entry in memory) else "cpu"
+    name = "CUDA allocator" if device == "cuda" else "CPU allocations"
+    ranks = sorted((entry for entry in memory
+                    if entry["replica"] == 0 and f"{device}_allocated_peak" in entry),
+                   key=lambda e: e["world_rank"])
+    if not ranks:
         return None
 
     def column(key: str) -> str:
