@@ -14,7 +14,8 @@ tensors a side stream keeps alive, and rounding to the allocator's blocks. The f
 warm-up (lazy optimizer state, first cuBLAS handles, allocator segments), as the report's
 median leaves it out; the peaks are reset at the start of each kept step and read at its end,
 so a validation or a checkpoint between steps is in none of them. Two reads and one reset per
-step, on CUDA only; a CPU run builds no tracker and the loop's only cost is `peaks is None`.
+step, on CUDA only; a CPU run without `--memory-peaks` builds no tracker and the loop's only cost
+is `peaks is None`.
 
 On CPU torch keeps no allocator counters: only its profiler, with `profile_memory`, sees each
 allocation and free of the CPU allocator, as a "[memory]" event with signed bytes. A profiled
@@ -22,7 +23,8 @@ rank (`ProfiledCpuPeaks`) runs one profiler session from before the first step t
 last, and leaves a marker (a `record_function` range) at each call of the loop; at the end it
 replays the same `AllocatorPeaks` over the recorded events, with an allocator whose counters are
 the running sum of the events up to each marker (`EventTimeline`). The profiler sees nothing
-allocated before it started (its frees are not reported either): the rank's weights, gradients,
+allocated before it started (nor its frees: the counts would stay high by such a free, which
+torch logs as "Memory block of unknown size"): the rank's weights, gradients,
 buffers and optimizer state then held are counted from their tensors' bytes instead (the job's
 data and anything else of its set-up are in no count, as they are off a GPU's allocator). The
 profiler records every operator too, which slows the steps (opt-in, and for a few steps: its
