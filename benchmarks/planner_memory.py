@@ -365,8 +365,8 @@ def main() -> None:
                         help="--device cuda: the hardware file whose reserve is shown beside the "
                         "allocator's slack (default h100-80gb)")
     parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="--device cuda or --allocator: also write each configuration's plan and summary.json "
-                        "memory to FILE (rewritten after each one)")
+                        help="--device cuda or --allocator: also write each configuration's plan and "
+                        "summary.json memory to FILE (rewritten after each one)")
     args = parser.parse_args()
     if args.megatron:
         megatron(args.quick)
