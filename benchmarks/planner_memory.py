@@ -6,6 +6,7 @@
     python benchmarks/planner_memory.py --quick --precision bf16   # profiled and trained in bf16
     python benchmarks/planner_memory.py --quick --precision bf16 --tensor-parallel 2   # 4 processes
     PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda [--quick] [--json FILE]  # GPU allocator
+    python benchmarks/planner_memory.py --allocator [--quick] [--precision bf16]  # CPU allocations, profiled
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -46,6 +47,12 @@ the whole. The error is the whole step's; a second error is the pipeline call's.
 the table: the rows within the 10% target, and the `--hardware` file's reserve beside the
 allocator's slack (reserved - allocated at peak; the CUDA context and NCCL's buffers are outside
 the allocator and not measured). A configuration that fails is reported and the others still run.
+
+`--allocator` makes the same comparison on CPU, at 2 ranks and the CPU run's model: the plan
+pinned to each configuration trains for 3 steps with `--memory-peaks`, which records each
+rank's allocations and frees with torch's profiler (summary.json's `cpu_*` keys,
+pipefold.job.allocator_peaks.ProfiledCpuPeaks); the CPU allocator keeps no cache, so there is
+no reserved peak.
 
 On one GPU the pipeline has 1 rank (`--ranks` defaults to min(2, the GPUs)): the runtime's CUDA
 ranks talk over NCCL, one device per rank (`ParallelDims.check_device` refuses gloo for a CUDA
@@ -167,6 +174,29 @@ def measure_cuda(schedule: str, recompute: str, num_microbatches: int, work: Pat
     return rows, record
 
 
+def measure_cpu_allocator(schedule: str, recompute: str, num_microbatches: int, work: Path,
+                          precision: str = "fp32") -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+    """As `measure_cuda` on CPU at 2 ranks: the job's allocations profiled (`--memory-peaks`)."""
+    started = time.perf_counter()
+    planned = json.loads(_cli(
+        ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
+         str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json",
+         "--calibrate-steps", "0", "--precision", precision], work))
+    out = work / f"cpu-{schedule}-{recompute}-{num_microbatches}-{precision}"
+    command = shlex.split(planned["train_command"])[1:]
+    _cli([*command, "--steps", str(GPU_STEPS), "--eval-every", "0", "--set", "sample_tokens=0",
+          "--memory-peaks", "--out", str(out)], work)
+    counted = json.loads((out / "summary.json").read_text())["memory"]
+    label = f"{schedule} m={num_microbatches} recompute={recompute}" + (
+        f" {precision}" if precision != "fp32" else "")
+    rows = [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]], device="cpu")
+            for entry in sorted(counted, key=lambda e: (e["pipeline_rank"], e["world_rank"]))]
+    record = {"configuration": label, "train_command": planned["train_command"],
+              "plan_memory": planned["choice"]["memory"], "summary_memory": counted,
+              "seconds": time.perf_counter() - started}
+    return rows, record
+
+
 def cuda_train_command(train_command: str) -> list[str]:
     """The plan's `pipefold train` command (without "pipefold") on the GPU for `GPU_STEPS` steps,
     with no validation through the pipeline and no text sample (time the check does not need)."""
@@ -182,33 +212,44 @@ ALLOCATOR_HEADER = (
 )
 
 
+def cpu_header() -> tuple[str, ...]:
+    """`ALLOCATOR_HEADER` of a CPU rank's profiled allocations: in KiB (the tiny model's)."""
+    return tuple(column.replace("MiB", "KiB") for column in ALLOCATOR_HEADER)
+
+
 def allocator_error(predicted: Mapping[str, int], entry: Mapping[str, int],
                     peak: str = "cuda_allocated_peak") -> float:
+    # (cpu_allocated_peak, cpu_allocated_peak_pipeline: a profiled CPU rank's, alike)
     """The plan against the allocator's `peak`, less 1: the plan's whole-step total (the larger of
     the pipeline's call and the update, recompute transient included) against the whole step's
     peak, or (cuda_allocated_peak_pipeline) the plan's pipeline call against that call's own peak."""
-    planned = pipeline_total(predicted) if peak == "cuda_allocated_peak_pipeline" else predicted["total"]
+    planned = pipeline_total(predicted) if peak.endswith("_allocated_peak_pipeline") else predicted["total"]
     return planned / entry[peak] - 1
 
 
-def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, int]) -> tuple[str, ...]:
+def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, int],
+                  device: str = "cuda") -> tuple[str, ...]:
     """One row of `ALLOCATOR_HEADER`: a rank's plan (RankMemory.to_json) beside its summary.json
-    memory entry; refuses an entry without allocator peaks (a run that did not train on CUDA)."""
-    if "cuda_allocated_peak" not in entry:
+    memory entry (`device`'s keys: cuda_*, or cpu_* of a `--memory-peaks` run, whose reserved
+    peak is "-"); refuses an entry without allocator peaks (a run that did not train on CUDA,
+    or on CPU without --memory-peaks)."""
+    if f"{device}_allocated_peak" not in entry:
         raise RunFailed(f"{label}: summary.json's memory for world rank {entry.get('world_rank')} has no "
-                        "cuda_allocated_peak: the job did not train on CUDA (see its device line)")
+                        f"{device}_allocated_peak: the job did not train on {device.upper()}"
+                        + (" with --memory-peaks" if device == "cpu" else " (see its device line)"))
 
-    def mib(value: int) -> str:
-        return f"{value / MiB:.1f}"
+    def mib(value: int) -> str:  # KiB on CPU (`cpu_header`): its model holds about a MiB
+        return f"{value / MiB:.1f}" if device == "cuda" else f"{value / 2**10:.0f}"
 
     return (
         label, str(entry["pipeline_rank"]), mib(predicted["activations"]), mib(entry["activations_peak"]),
-        mib(predicted["weights"] + predicted["optimizer"]), mib(entry["cuda_allocated_kept_start"]),
+        mib(predicted["weights"] + predicted["optimizer"]), mib(entry[f"{device}_allocated_kept_start"]),
         mib(predicted.get("update", 0)), mib(pipeline_total(predicted)),
-        mib(predicted["total"]), mib(entry["cuda_allocated_peak"]),
-        mib(entry["cuda_allocated_peak_pipeline"]), mib(entry["cuda_reserved_peak"]),
-        f"{allocator_error(predicted, entry, 'cuda_allocated_peak_pipeline'):+.1%}",
-        f"{allocator_error(predicted, entry):+.1%}",
+        mib(predicted["total"]), mib(entry[f"{device}_allocated_peak"]),
+        mib(entry[f"{device}_allocated_peak_pipeline"]),
+        mib(entry["cuda_reserved_peak"]) if device == "cuda" else "-",
+        f"{allocator_error(predicted, entry, f'{device}_allocated_peak_pipeline'):+.1%}",
+        f"{allocator_error(predicted, entry, f'{device}_allocated_peak'):+.1%}",
     )
 
 
@@ -315,20 +356,23 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: plan and train on the GPU and compare with its allocator's peaks "
                         "(default cpu: with what the runtime counts)")
+    parser.add_argument("--allocator", action="store_true",
+                        help="on CPU: compare with each rank's allocations as torch's profiler records them "
+                        "(train --memory-peaks), as --device cuda does with the GPU's allocator")
     parser.add_argument("--ranks", type=int, metavar="P",
                         help="--device cuda: pipeline ranks, one GPU each (default min(2, the GPUs))")
     parser.add_argument("--hardware", default="h100-80gb", metavar="FILE_OR_PRESET",
                         help="--device cuda: the hardware file whose reserve is shown beside the "
                         "allocator's slack (default h100-80gb)")
     parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="--device cuda: also write each configuration's plan and summary.json "
-                        "memory to FILE (rewritten after each one)")
+                        help="--device cuda or --allocator: also write each configuration's plan and "
+                        "summary.json memory to FILE (rewritten after each one)")
     args = parser.parse_args()
     if args.megatron:
         megatron(args.quick)
         return
-    if args.device == "cuda":
-        cuda(args.quick, args.precision, args.ranks, args.hardware, args.json)
+    if args.device == "cuda" or args.allocator:
+        allocator_check(args.quick, args.precision, args.ranks, args.hardware, args.json, device=args.device)
         return
     cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if args.quick else [
         (schedule, recompute, m)
@@ -346,25 +390,28 @@ def main() -> None:
                 print("| " + " | ".join(row) + " |", flush=True)
 
 
-def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str, json_file: Path | None) -> None:
+def allocator_check(quick: bool, precision: str, num_ranks: int | None, hardware: str, json_file: Path | None,
+         device: str = "cuda") -> None:
+    """The table of the plan against an allocator: the GPU's (`device` cuda), or a CPU rank's
+    profiled allocations at 2 ranks (`device` cpu, `--allocator`)."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
-    num_gpus = torch.cuda.device_count()
-    if num_ranks is None:
-        num_ranks = min(2, num_gpus)
-    elif not 1 <= num_ranks <= num_gpus:
-        raise SystemExit(f"--ranks {num_ranks}: each rank needs a GPU of its own (NCCL) and this machine "
-                         f"has {num_gpus}; use --ranks 1 to {num_gpus}")
-    print(f"{torch.cuda.get_device_name()} x {num_gpus}, torch {torch.__version__}: {num_ranks} pipeline "
-          f"rank(s), {GPU_STEPS} steps (the first is warm-up); model {' '.join(GPU_MODEL)}", flush=True)
+    if device == "cpu":
+        num_ranks = 2
+        print(f"CPU, torch {torch.__version__}: 2 pipeline ranks, {GPU_STEPS} steps (the first is warm-up), "
+              f"allocations profiled (train --memory-peaks); model {' '.join(MODEL)}", flush=True)
+    else:
+        num_ranks = cuda_ranks(num_ranks)
+        print(f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}, torch {torch.__version__}: "
+              f"{num_ranks} pipeline rank(s), {GPU_STEPS} steps (the first is warm-up); model "
+              f"{' '.join(GPU_MODEL)}", flush=True)
     cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if quick else [
         (schedule, recompute, m)
         for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
     ]
-    print("| " + " | ".join(ALLOCATOR_HEADER) + " |")
-    print("|" + "---|" * len(ALLOCATOR_HEADER))
+    header = ALLOCATOR_HEADER if device == "cuda" else cpu_header()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     rows: list[tuple[str, ...]] = []
     records: list[dict[str, Any]] = []
     num_failed = 0
@@ -372,7 +419,9 @@ def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str, json
     with tempfile.TemporaryDirectory() as tmp:
         for schedule, recompute, m in cases:
             try:
-                measured, record = measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks)
+                measured, record = (
+                    measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks) if device == "cuda"
+                    else measure_cpu_allocator(schedule, recompute, m, Path(tmp), precision))
             except (RunFailed, subprocess.TimeoutExpired) as error:  # the other configurations still run
                 num_failed += 1
                 print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)
@@ -382,13 +431,29 @@ def cuda(quick: bool, precision: str, num_ranks: int | None, hardware: str, json
             rows.extend(measured)
             records.append(record)
             if json_file is not None:  # after each configuration: a run stopped at its limit keeps the rest
-                json_file.write_text(json.dumps({"header": ALLOCATOR_HEADER, "rows": rows, "runs": records},
+                json_file.write_text(json.dumps({"header": header, "rows": rows, "runs": records},
                                                 indent=1) + "\n")
     print(allocator_verdict(rows, num_failed))
-    print(reserve_note(hardware, rows))
+    if device == "cuda":
+        print(reserve_note(hardware, rows))
     print(f"{len(cases)} configurations in {time.perf_counter() - started:.0f} s")
     if num_failed:
         raise SystemExit(1)
+
+
+def cuda_ranks(num_ranks: int | None) -> int:
+    """The pipeline ranks on this machine's GPUs, one each: `num_ranks`, or min(2, the GPUs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    num_gpus = torch.cuda.device_count()
+    if num_ranks is None:
+        return min(2, num_gpus)
+    if not 1 <= num_ranks <= num_gpus:
+        raise SystemExit(f"--ranks {num_ranks}: each rank needs a GPU of its own (NCCL) and this machine "
+                         f"has {num_gpus}; use --ranks 1 to {num_gpus}")
+    return num_ranks
 
 
 def megatron(quick: bool) -> None:

@@ -1,12 +1,21 @@
-"""pipefold.job.allocator_peaks: which steps a CUDA rank's allocator peaks cover, on a scripted
-allocator (no GPU here), and the report's line of them; a CPU rank records none."""
+"""pipefold.job.allocator_peaks: which steps a rank's allocator peaks cover, on a scripted CUDA
+allocator (no GPU here) and a profiled CPU rank's real allocations, and the report's line of them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipefold.job.allocator_peaks import CUDA_MEMORY_KEYS, AllocatorPeaks, AllocatorReading, allocator_peaks
+from pipefold.job.allocator_peaks import (
+    CPU_MEMORY_KEYS,
+    CUDA_MEMORY_KEYS,
+    AllocatorPeaks,
+    AllocatorReading,
+    EventTimeline,
+    ProfiledCpuPeaks,
+    allocator_peaks,
+    held_tensor_bytes,
+)
 from pipefold.job.report import _allocator_line, _memory_line
 
 MiB = 2**20
@@ -149,3 +158,60 @@ def test_on_a_gpu_the_kept_peak_is_the_kept_steps_own_allocation():
     assert summary["cuda_reserved_peak"] >= summary["cuda_allocated_peak"]
     assert summary["cuda_allocated_before_steps"] >= weights.nbytes
     assert summary["cuda_kept_steps"] == 1
+
+
+def test_a_profiled_cpu_rank_replays_its_allocations_at_each_call_of_the_loop():
+    """Real allocations under torch's profiler, in one process: the weights (held before the
+    profiler starts) counted from their tensors, the warm-up step's larger temporary and the
+    evaluation between steps in no peak, the update's temporary in the step's peak only."""
+    weights = torch.empty(1000, dtype=torch.uint8)
+    peaks = allocator_peaks(torch.device("cpu"), num_steps=3,
+                            profile_cpu=lambda: held_tensor_bytes([weights]))
+    assert isinstance(peaks, ProfiledCpuPeaks)
+    peaks.before_steps()
+    state: list[torch.Tensor] = []
+    for activations, update_temp, between in ((50_000, 10, 0), (4000, 300, 70_000), (3000, 6000, 0)):
+        peaks.step_begins()
+        held = torch.empty(activations, dtype=torch.uint8)
+        grads = torch.empty(100, dtype=torch.uint8)
+        del held
+        peaks.pipeline_done()
+        if not state:
+            state.append(torch.empty(200, dtype=torch.uint8))  # the optimizer's state, made once
+        temporary = torch.empty(update_temp, dtype=torch.uint8)
+        del temporary, grads
+        peaks.step_ends()
+        evaluation = torch.empty(between, dtype=torch.uint8)
+        del evaluation
+    summary = peaks.summary()
+    assert summary == {
+        "cpu_allocated_before_steps": 1000,
+        "cpu_allocated_kept_start": 1000 + 200,
+        "cpu_allocated_peak": 1000 + 200 + 100 + 6000,       # step 3's update temporary
+        "cpu_allocated_peak_pipeline": 1000 + 200 + 4000 + 100,  # step 2's call, not the warm-up's
+        "cpu_kept_steps": 2,
+    }
+    assert list(summary) == list(CPU_MEMORY_KEYS)
+
+
+def test_an_event_timeline_reads_as_an_allocator_at_each_time():
+    timeline = EventTimeline([(30, -5), (10, 8), (20, 4)], base=100)  # out of order: sorted by time
+    timeline.advance_to(20)
+    assert timeline.read() == AllocatorReading(112, 112, 112)
+    timeline.reset_peaks()
+    timeline.advance_to(30)
+    assert timeline.read() == AllocatorReading(107, 112, 112)
+
+
+def test_held_tensor_bytes_counts_a_shared_storage_once():
+    base = torch.zeros(10)
+    assert held_tensor_bytes([base, base[2:], None, torch.zeros(3, dtype=torch.float64)]) == 40 + 24
+
+
+def test_the_report_prints_a_profiled_cpu_ranks_allocations_without_a_reserved_peak():
+    cpu = {"cpu_allocated_before_steps": 2 * MiB, "cpu_allocated_kept_start": 6 * MiB,
+           "cpu_allocated_peak": 10 * MiB, "cpu_allocated_peak_pipeline": 9 * MiB, "cpu_kept_steps": 1}
+    assert _allocator_line([_entry(0, 0, **cpu)]) == (
+        "CPU allocations per rank (MiB), replica 0, 1 kept step: peak allocated 10.0 (pipeline call 9.0); "
+        "allocated before the first step 2.0, between steps 6.0"
+    )

@@ -92,6 +92,7 @@ _FLAGS: dict[str, str] = {
     "overwrite": "overwrite",
     "max_restarts": "max_restarts",
     "async_checkpoint": "async_checkpoint",
+    "memory_peaks": "memory_peaks",
 }
 
 
@@ -246,6 +247,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--async-checkpoint", action="store_true", default=None,
                         help="write checkpoints in the background: the step loop waits only for the copy "
                         "to host memory (not with --data-parallel / --tensor-parallel)")
+    parser.add_argument("--memory-peaks", action="store_true", default=None,
+                        help="on CPU, record each rank's allocated-bytes peaks with torch's profiler "
+                        "(summary.json's memory: cpu_allocated_*; slows the steps: a check of a few steps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, e.g. --set optimizer.warmup_steps=50 (repeatable)")
     parser.set_defaults(func=run)

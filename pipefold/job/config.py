@@ -33,6 +33,7 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     overwrite = false          # replace the checkpoint of an earlier run in `out` (else refused)
     max_restarts = 0           # local runs: restart all ranks from the latest checkpoint after a failure
     async_checkpoint = false   # write checkpoints in the background (the loop waits only for a host copy)
+    memory_peaks = false       # CPU: each rank's allocated-bytes peaks by torch's profiler (slower steps)
 
     [model]
     path = ""                  # a Hugging Face model directory or config.json ("" = the built-in GPT)
@@ -230,6 +231,12 @@ class TrainConfig:
     """Write checkpoints in a background thread: the step loop waits only for the copy of this
     rank's tensors to host memory (pipefold.runtime.checkpoint_async.AsyncCheckpointer); the next save
     and the end of the run wait for the write."""
+    memory_peaks: bool = False
+    """On CPU, record each rank's allocated-bytes peaks over the kept steps with torch's profiler
+    (`profile_memory`: every allocation and free), as a CUDA rank's allocator reports them:
+    summary.json's memory gets the cpu_* keys (pipefold.job.allocator_peaks.CPU_MEMORY_KEYS).
+    The profiler slows the steps and keeps its events until the run ends: for a check of a few
+    steps, not a timed run. A CUDA rank records its allocator's peaks either way."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "use at least 1 step")

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from pipefold.errors import NonFiniteLoss, PipelineError
 from pipefold.hf.model import finish_save, save_causal_lm, state_dict_of
-from pipefold.job.allocator_peaks import allocator_peaks
+from pipefold.job.allocator_peaks import allocator_peaks, held_bytes
 from pipefold.job.config import CHECKPOINT_DIR, HF_DIR, TrainConfig
 from pipefold.job.metrics import MetricsWriter
 from pipefold.job.optim import accumulated_step, apply_update
@@ -110,8 +110,10 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     # schedule.streaming: runs of steps overlap in one pipeline call (pipefold.job.streaming).
     streams = Streams(job, stops=(fault_step,)) if config.schedule.streaming else None
     metrics = MetricsWriter(Path(config.out), append=bool(config.resume)) if job.rank == 0 else None
-    # On CUDA, the allocator's peaks over the kept steps (pipefold.job.allocator_peaks); None elsewhere.
-    peaks = allocator_peaks(job.device, config.steps - job.start_step)
+    # On CUDA, the allocator's peaks over the kept steps (pipefold.job.allocator_peaks); on CPU
+    # with memory_peaks, the profiler's record of them; None elsewhere.
+    held_before = (lambda: held_bytes(pipe, job.optimizers)) if config.memory_peaks else None
+    peaks = allocator_peaks(job.device, config.steps - job.start_step, profile_cpu=held_before)
     if peaks is not None:
         peaks.before_steps()
     with progress(report, config.steps - job.start_step) as update, recorded, _closing(metrics):

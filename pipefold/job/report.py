@@ -172,7 +172,8 @@ class Gathered:
 
 def gather(job: Job, last: Timeline | None, allocator: Mapping[str, int] | None = None) -> Gathered:
     """Every rank calls it: the whole model's parameters and every rank's memory, on rank 0
-    (`allocator`: this rank's CUDA allocator peaks, pipefold.job.allocator_peaks; empty off CUDA)."""
+    (`allocator`: this rank's allocator peaks, pipefold.job.allocator_peaks: CUDA's, or a profiled
+    CPU rank's; else empty)."""
     memory = _gather_memory(job.pipe, job.optimizers, last, allocator)
     state = _gather_state_dict(dict(job.pipe.state_dict()))
     return Gathered(state, memory)
@@ -410,22 +411,26 @@ def _memory_line(memory: Sequence[Mapping[str, int]]) -> str:
 
 def _allocator_line(memory: Sequence[Mapping[str, int]]) -> str | None:
     """On CUDA, 'CUDA allocator per rank (MiB), replica 0, 2 kept steps: peak allocated 958.1 /
-    ...'; None where no rank reports its allocator (any other device)."""
-    ranks = sorted((entry for entry in memory if entry["replica"] == 0 and "cuda_allocated_peak" in entry),
+    ...'; on CPU with memory_peaks, 'CPU allocations per rank (MiB), ...' (no reserved peak);
+    None where no rank reports its allocator."""
+    device = "cuda" if any("cuda_allocated_peak" in entry for entry in memory) else "cpu"
+    name = "CUDA allocator" if device == "cuda" else "CPU allocations"
+    ranks = sorted((entry for entry in memory
+                    if entry["replica"] == 0 and f"{device}_allocated_peak" in entry),
                    key=lambda e: e["world_rank"])
     if not ranks:
         return None
 
     def column(key: str) -> str:
-        return " / ".join(f"{entry[key] / 2**20:.1f}" for entry in ranks)
+        return " / ".join(f"{entry[f'{device}_{key}'] / 2**20:.1f}" for entry in ranks)
 
-    num_kept = ranks[0]["cuda_kept_steps"]
+    num_kept = ranks[0][f"{device}_kept_steps"]
+    reserved = f", peak reserved {column('reserved_peak')}" if device == "cuda" else ""
     return (
-        f"CUDA allocator per rank (MiB), replica 0, {num_kept} kept step{'' if num_kept == 1 else 's'}: "
-        f"peak allocated {column('cuda_allocated_peak')} "
-        f"(pipeline call {column('cuda_allocated_peak_pipeline')}), "
-        f"peak reserved {column('cuda_reserved_peak')}; allocated before the first step "
-        f"{column('cuda_allocated_before_steps')}, between steps {column('cuda_allocated_kept_start')}"
+        f"{name} per rank (MiB), replica 0, {num_kept} kept step{'' if num_kept == 1 else 's'}: "
+        f"peak allocated {column('allocated_peak')} (pipeline call {column('allocated_peak_pipeline')})"
+        f"{reserved}; allocated before the first step {column('allocated_before_steps')}, between steps "
+        f"{column('allocated_kept_start')}"
     )
 
 
@@ -448,7 +453,8 @@ def _gather_memory(
     state (shards where tensor-parallel or ZeRO-sharded; gradients, during the step, are as
     large as the weights), its counted activation peak and the 16-bit weight copies it holds;
     on CUDA also its allocator's peaks (`allocator`, the keys of
-    pipefold.job.allocator_peaks.CUDA_MEMORY_KEYS; absent on any other device)."""
+    pipefold.job.allocator_peaks.CUDA_MEMORY_KEYS), on CPU with memory_peaks the profiler's
+    (CPU_MEMORY_KEYS); absent otherwise."""
     params = list(pipe.parameters())
     peaks = tuple(getattr(timeline, "activation_bytes_peak", ()))
     mine = {

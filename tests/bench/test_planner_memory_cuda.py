@@ -60,6 +60,8 @@ def test_a_summary_without_allocator_peaks_is_refused_not_compared():
     cpu_entry = {key: value for key, value in ENTRY.items() if not key.startswith("cuda_")}
     with pytest.raises(RunFailed, match="did not train on CUDA"):
         allocator_row("gpipe m=2 recompute=none", cpu_entry, PLAN)
+    with pytest.raises(RunFailed, match="did not train on CPU with --memory-peaks"):
+        allocator_row("gpipe m=2 recompute=none", cpu_entry, PLAN, device="cpu")
 
 
 def test_the_verdict_counts_rows_within_ten_percent_and_names_the_largest_error():

@@ -22,16 +22,20 @@ _TINY = (
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, capfd):
-    """2 accumulated batches of 4 rows == 1 batch of 8 rows (same rows, same micro-batch size)."""
+    """2 accumulated batches of 4 rows == 1 batch of 8 rows (same rows, same micro-batch size).
+    The accumulated run also records its CPU allocations (--memory-peaks): its losses are the same."""
     summaries = {}
+    reports = {}
     for name, extra in {
-        "accumulated": ["--batch-size", "4", "--microbatches", "2", "--grad-accumulation", "2"],
+        "accumulated": ["--batch-size", "4", "--microbatches", "2", "--grad-accumulation", "2",
+                        "--memory-peaks"],
         # Evaluated through the pipeline at steps 2 and 3, on the batches the final check uses.
         "one": ["--batch-size", "8", "--microbatches", "4", "--eval-every", "2"],
     }.items():
         out = tmp_path / name
         assert main([*_TINY, *extra, "--out", str(out)]) == 0, capfd.readouterr().err
         summaries[name] = json.loads((out / "summary.json").read_text())
+        reports[name] = capfd.readouterr().out
     accumulated, one = summaries["accumulated"], summaries["one"]
     # float32 summation order differs between the two (AdamW carries it along three steps).
     assert accumulated["losses"] == pytest.approx(one["losses"], rel=1e-4)
@@ -59,6 +63,17 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     assert all(len(line["activation_bytes_peak"]) == 2 for line in lines)
     assert all(peak > 0 for line in lines for peak in line["activation_bytes_peak"])
     last = {entry["pipeline_rank"]: entry["activations_peak"] for entry in one["memory"] if entry["replica"] == 0}
+    # --memory-peaks: each rank's profiled allocations over the kept steps 2-3 (cpu_*: a fresh
+    # run's ranks hold only their weights before the first step; the steps then keep AdamW's
+    # state and more, and each step's pipeline call allocates beyond that).
+    for entry in accumulated["memory"]:
+        assert entry["cpu_kept_steps"] == 2
+        assert entry["cpu_allocated_before_steps"] >= entry["weights"]
+        assert entry["cpu_allocated_kept_start"] >= entry["weights"] + entry["optimizer"]
+        kept_start = entry["cpu_allocated_kept_start"]
+        assert entry["cpu_allocated_peak"] >= entry["cpu_allocated_peak_pipeline"] > kept_start
+    assert "CPU allocations per rank (MiB), replica 0, 2 kept steps" in reports["accumulated"]
+    assert "CPU allocations" not in reports["one"]
     # On CPU the memory entries keep their keys, and no allocator's (cuda_*: pipefold.job.allocator_peaks).
     assert all(set(entry) == {"world_rank", "pipeline_rank", "replica", "weights", "optimizer",
                               "activations_peak", "casts"} for entry in one["memory"])
