@@ -15,6 +15,15 @@ load.
 
     .venv/bin/python benchmarks/deferred_rows.py --profiles 9 --rows 4
 
+    .venv/bin/python benchmarks/deferred_rows.py --planner-run /tmp/pipefold-planner-XXXX --batch-size 64
+
+`--planner-run DIR`: instead, a stored `benchmarks/planner.py` run's launches repriced (pure code):
+per configuration that ran W, each stage's share of deferred W in its order, its W priced without
+the deferred term, and its measured W over that price (median over rounds); then the
+configuration's W priced over measured as fitted, without the term, and with a cap of `d` times
+the calibration's split stage W at its first size (what a second block fits where the extra had
+stopped growing there).
+
 `--profiles N`: instead, N profiles alone (as `plan --profile` takes them, at `--rows`), each one's
 estimate of the split share on the 2-rank run's split stage (layers 4:8 of [4,4]:
 `pipefold.plan.split_fit.profile_split_share`).
@@ -103,6 +112,70 @@ def profiles(batch_size: int, rows: int, count: int) -> list[float | None]:
     return found
 
 
+def planner_run(work: Path, batch_size: int) -> None:
+    """`--planner-run`: see the module docstring."""
+    import dataclasses
+    import math
+    import statistics
+
+    from benchmarks import planner
+    from pipefold.plan import ModelCosts
+    from pipefold.plan.calibrate import first_stage_backward
+    from pipefold.plan.deferred_weight import stage_deferred_shares
+    from pipefold.plan.stages import StageLayout, stage_cost_model
+    from pipefold.simulate import Link
+
+    plan = json.loads((work / "plan.json").read_text())
+    args = argparse.Namespace(ranks=2, cores=2, batch_size=batch_size, warmup=2)
+    fitted = ModelCosts.from_json(work / "costs.json")
+    cal = plan["calibration"]
+    first_w = stage_cost_model(fitted, StageLayout(tuple(cal["bounds"]), cal["rows"]), (), Link()).w[-1]
+    variants = {"as fitted": fitted, "no term": dataclasses.replace(fitted, deferred_weight_grad=0.0),
+                "cap d x W1": dataclasses.replace(fitted, deferred_weight_most_s=fitted.deferred_weight_grad
+                                                   * first_w)}
+    print(f"d {fitted.deferred_weight_grad:.3f}, the calibration's split stage W at {cal['rows']} rows "
+          f"{first_w * 1e3:.2f} ms")
+    print("| configuration | rows | deferred share per stage | W ms per stage (no term) | measured / that "
+          "| W priced / measured: as fitted | no term | cap d x W1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    found = {path.parent.name.split("c")[1] for path in work.glob("r*c*/summary.json")}  # rRcC: config C
+    for folder in sorted(found, key=int):
+        runs = []
+        for out in sorted(work.glob(f"r*c{folder}")):
+            summary = json.loads((out / "summary.json").read_text())
+            runs.append({"op_seconds": planner._op_seconds(out), "partition": summary["partition"],
+                         "num_microbatches": summary["config"]["schedule"]["num_microbatches"],
+                         "schedule": summary["config"]["schedule"]})
+        order = work / f"order{folder}.json"
+        schedule_file = order if order.exists() else None
+        if all(math.isnan(value) for value in runs[0]["op_seconds"]["W"]):
+            continue
+        bounds = planner._bounds(runs[0]["partition"])
+        rows = -(-batch_size // int(runs[0]["num_microbatches"]))
+        plain = variants["no term"]
+        model = stage_cost_model(plain, StageLayout(bounds, rows), (), Link(), 2.0)
+        model = first_stage_backward(model, plain, bounds)
+        model = planner._held(model, plain, runs[0], schedule_file, args, bounds)
+        shares = stage_deferred_shares(planner._run_schedule(runs[0], schedule_file, args))
+        per_stage = []
+        for stage in range(len(bounds) - 1):
+            values = [run["op_seconds"]["W"][stage] / model.w[stage] for run in runs
+                      if not math.isnan(run["op_seconds"]["W"][stage])]
+            per_stage.append(f"{statistics.median(values):.3f}" if values else "-")
+        cells = []
+        for costs in variants.values():
+            path = work.parent / f"{work.name}-deferred-rows-costs.json"
+            path.write_text(json.dumps(costs.to_json()))
+            ratios = [planner._op_ratios(path, run, (), args, schedule_file)["W"] for run in runs]
+            path.unlink()
+            cells.append(f"{statistics.median(r for r in ratios if r is not None):.3f}")
+        name = "searched order" if schedule_file else runs[0]["schedule"]["name"]
+        sizes = [stop - start for start, stop in zip(bounds, bounds[1:], strict=False)]
+        print(f"| c{folder} {name} m={runs[0]['num_microbatches']} {sizes} | {rows} "
+              f"| {' '.join(f'{x:.2f}' for x in shares)} | {' '.join(f'{x * 1e3:.2f}' for x in model.w)} "
+              f"| {' '.join(per_stage)} | {' | '.join(cells)} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profiles", type=int, default=0, help="instead, this many profiles alone")
     parser.add_argument("--rows", type=int, default=4, help="--profiles: rows per micro-batch")
+    parser.add_argument("--planner-run", type=Path, default=None,
+                        help="instead, reprice a stored planner run")
     args = parser.parse_args(argv)
     if args.calibrations < 1 or args.profiles < 0 or args.rows < 1:
         parser.error("give --calibrations >= 1, --profiles >= 0, --rows >= 1")
     sys.path.insert(0, str(ROOT))
+    if args.planner_run is not None:
+        planner_run(args.planner_run, args.batch_size)
+        return 0
     if args.profiles:
         shares = profiles(args.batch_size, args.rows, args.profiles)
         if args.json is not None:
