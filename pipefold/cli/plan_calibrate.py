@@ -415,8 +415,9 @@ def calibrate(
     ranks = DEFAULT_RANKS if ranks is None else ranks
     sizes = run_sizes(args, ranks)
     named = ", ".join(map(str, sizes))
-    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY
+    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY, curve_rows_size
 
+    second = curve_rows_size(sizes, args.batch_size, ranks)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
         result_file = Path(folder) / "calibration.json"
@@ -425,6 +426,8 @@ def calibrate(
               f"{named} micro-batches (NxR: N of R rows, a slice of the batch), and {SPLIT_FAMILY} at "
               f"{sizes[0]} for its split backward"
               + (f", {HELD_FAMILY} and {CURVE_FAMILY} for the activations they hold"
+                 + (f" ({CURVE_FAMILY} at {second} too, for a deferred W at twice the rows)"
+                    if second else "")
                  if args.device != "cuda" else ""),
               file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
