@@ -85,17 +85,17 @@ def fits(pattern: str, fallback: Path) -> None:
                                           strict=True))
                     for block in blocks)
         found.append((os.path.getmtime(path), path, rows, share, calibration.held_state_forward,
-                      calibration.deferred_weight_grad))
-    print("| calibration | written (UTC) | rows | least core share | s(1) | deferred W extra |")
-    print("|---|---|---|---|---|---|")
-    for written, path, rows, share, state, deferred in sorted(found):
+                      calibration.deferred_weight_grad, calibration.split_backward_share))
+    print("| calibration | written (UTC) | rows | least core share | s(1) | deferred W extra | split share |")
+    print("|---|---|---|---|---|---|---|")
+    for written, path, rows, share, state, deferred, split_share in sorted(found):
         print(f"| {path} | {time.strftime('%H:%M', time.gmtime(written))} | {rows} | {share:.2f} "
-              f"| {state:.3f} | {deferred:.3f} |")
+              f"| {state:.3f} | {deferred:.3f} | {split_share:.3f} |")
     for label, chosen in (("all", found), ("quiet (>= 0.97)", [f for f in found if f[3] >= 0.97]),
                           ("quiet, 4 rows", [f for f in found if f[3] >= 0.97 and f[2] == 4])):
         if len(chosen) < 2:
             continue
-        for index, name in ((4, "s(1)"), (5, "deferred W extra")):
+        for index, name in ((4, "s(1)"), (5, "deferred W extra"), (6, "split share")):
             values = [entry[index] for entry in chosen]
             low, _, high = statistics.quantiles(values, n=4)
             print(f"{label} ({len(values)}): {name} median {statistics.median(values):.3f}, quartiles "

@@ -315,7 +315,7 @@ def _measured_costs(args: argparse.Namespace) -> Any:
     if steps and _trains_the_planned_model(args):
         # The planned ranks: --ranks, else 4 without --devices (plan's default), else the fewest.
         ranks = args.ranks if args.ranks is not None or args.devices is not None else 4
-        calibrated = plan_calibrate.calibrate(args, costs, steps, _is_hf(args), ranks)
+        calibrated = plan_calibrate.calibrate(args, costs, steps, _is_hf(args), ranks, measured.layer_split())
         costs = calibrated.costs
         args.calibration = calibrated.to_json()
     if args.save_costs:

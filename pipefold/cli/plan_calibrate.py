@@ -24,8 +24,12 @@ share per stage). On a CPU host it also runs GPipe and zb-h1 on the same stages 
 each, so an action's slowdown with the activation memory its rank holds is priced, on a curve
 through GPipe's ranks (`ModelCosts.held_curve`, `pipefold.plan.held_cost`), and an F's slowdown
 with the I states its rank holds (input-gradient backwards waiting for their W), from zb-h1's last
-rank (`ModelCosts.held_state_forward`, `pipefold.plan.held_states`); a GPU's kernels do not slow
-so, and GPipe could exceed the memory 1F1B fits in. Every candidate,
+rank (`ModelCosts.held_state_forward`, `pipefold.plan.held_states`), and a W run away from its own
+I, from zb-h1's W over the split block's (`ModelCosts.deferred_weight_grad`), with a second zb-h1
+block at the second size (twice the rows) for the most seconds that costs
+(`ModelCosts.deferred_weight_most_s`); a GPU's kernels do not slow so, and GPipe could exceed the
+memory 1F1B fits in. The split's share is pooled with the profile's own estimate of it (its I, W
+and B per layer: `pipefold.plan.split_fit.pooled_split_share`). Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
 measured time per action and per step outside the actions replace the profile's too, and
 without link flags a message costs the run's measured latency. It costs one launch of the
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +140,8 @@ class Calibrated:
                  f"{scales(cal.weight_share)} of the "
                  f"backward's work per stage, I and W each {cal.split_backward_share:.1%} of their stage's "
                  f"backward work + {cal.split_overhead_s * 1e6:.0f} us beyond B"
+                 + (f" (the block {cal.split_share_block:.1%}, the profile {cal.split_share_profile:.1%})"
+                    if cal.split_share_profile is not None else "")
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
         # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
@@ -147,6 +154,8 @@ class Calibrated:
                    if cal.held_state_forward else "")
                 + (f"; a W x{1 + cal.deferred_weight_grad:.3f} away from its own I (zb-h1)"
                    if cal.deferred_weight_grad else "")
+                + (f", at most {cal.deferred_weight_most_s * 1e3:.2f} ms more (zb-h1 at "
+                   f"{2 * cal.rows} rows)" if cal.deferred_weight_most_s else "")
                 if cal.held_bytes else "")
         lines = (f"; per stage F {ms(cal.fixed_s)} ms + {ms(cal.forward_s_per_row)} ms per row, B the same "
                  f"fixed + {ms(cal.backward_s_per_row)} ms per row (largest miss {cal.fit_error:.0%}; priced "
@@ -174,6 +183,7 @@ class Calibrated:
                 "backward_s_per_row": list(cal.backward_s_per_row), "fit_error": cal.fit_error,
                 "tied_exchange_s": cal.tied_exchange_s, "split_overhead_s": cal.split_overhead_s,
                 "split_backward_share": cal.split_backward_share,
+                "split_share_block": cal.split_share_block, "split_share_profile": cal.split_share_profile,
                 "weight_share": list(cal.weight_share),
                 "split_action_overhead_s": cal.split_action_overhead_s,
                 "held_bytes": list(cal.held_bytes), "held_block_bytes": list(cal.held_block_bytes),
@@ -182,6 +192,7 @@ class Calibrated:
                 "held_curve_block_bytes": list(cal.held_curve_block_bytes), "curve_drift": cal.curve_drift,
                 "held_state_forward": cal.held_state_forward,
                 "deferred_weight_grad": cal.deferred_weight_grad,
+                "deferred_weight_most_s": cal.deferred_weight_most_s,
                 "split_schedule": cal.split_schedule,
                 "row_scales": [list(entry) for entry in cal.row_scales],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
@@ -368,6 +379,19 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
     # at small excesses, and its other ranks the host's drift between the blocks. The split block
     # ("1f1b+split") holds what 1F1B holds; a zb-h1 split block (a run before the curve block)
     # served as the curve block too.
+    second = measured.get("curve_rows_phase")
+    second_fields: dict[str, Any] = {}
+    if second is not None and curve is not None:
+        at = int(second["microbatch_rows"])
+        count = int(second["num_microbatches"])
+        run_at = next(block for block in measured["phases"] if int(block["microbatch_rows"]) == at)
+        second_fields = {"curve_rows": CostModel.from_json(second["costs"]), "curve_rows_at": at,
+                         "run_rows_bytes": order_held_bytes(costs, bounds, at, str(run_at["schedule"]), ranks,
+                                                            int(run_at["num_microbatches"])),
+                         "curve_rows_bytes": order_held_bytes(costs, bounds, at, str(second["schedule"]),
+                                                              ranks, count),
+                         "curve_rows_deferred_shares": family_deferred_shares(str(second["schedule"]), ranks,
+                                                                              count, 1)}
     return HeldBlock(CostModel.from_json(phase["costs"]),
                      order_held_bytes(costs, bounds, rows, str(first["schedule"]), ranks, count),
                      held_by(phase), () if split is None else held_by(split),
@@ -376,20 +400,24 @@ def _held_block(costs: ModelCosts, measured: dict[str, Any], bounds: tuple[int, 
                      () if curve is None else family_state_weights(str(curve["schedule"]), ranks,
                                                                    int(curve["num_microbatches"]), 1),
                      () if curve is None else family_deferred_shares(str(curve["schedule"]), ranks,
-                                                                     int(curve["num_microbatches"]), 1))
+                                                                     int(curve["num_microbatches"]), 1),
+                     **second_fields)
 
 
 def calibrate(
-    args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None
+    args: argparse.Namespace, costs: ModelCosts, steps: int, hf: bool, ranks: int | None,
+    layer_split: Sequence[tuple[float, float, float]] | None = None,
 ) -> Calibrated:
     """Train `pipefold train`'s default pipeline for `steps` at each of its micro-batch sizes
     (`calibration_sizes`) in one launch of `ranks` (None: `DEFAULT_RANKS`), then `costs` at the
-    prices that run measured."""
+    prices that run measured. `layer_split`: the profile's (I, W, B) seconds per layer, whose
+    estimate of the split's share is pooled with the split block's (`at_run_prices`)."""
     ranks = DEFAULT_RANKS if ranks is None else ranks
     sizes = run_sizes(args, ranks)
     named = ", ".join(map(str, sizes))
-    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY
+    from pipefold.job.calibration import CURVE_FAMILY, HELD_FAMILY, SPLIT_FAMILY, curve_rows_size
 
+    second = curve_rows_size(sizes, args.batch_size, ranks)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pipefold-calibrate-") as folder:
         result_file = Path(folder) / "calibration.json"
@@ -398,6 +426,8 @@ def calibrate(
               f"{named} micro-batches (NxR: N of R rows, a slice of the batch), and {SPLIT_FAMILY} at "
               f"{sizes[0]} for its split backward"
               + (f", {HELD_FAMILY} and {CURVE_FAMILY} for the activations they hold"
+                 + (f" ({CURVE_FAMILY} at {second} too, for a deferred W at twice the rows)"
+                    if second else "")
                  if args.device != "cuda" else ""),
               file=sys.stderr)
         done = subprocess.run(words, capture_output=True, text=True, check=False)
@@ -418,7 +448,7 @@ def calibrate(
     priced, calibration = at_run_prices(costs, run, bounds, rows, others,
                                         split=None if split is None else CostModel.from_json(split["costs"]),
                                         split_stages=None if split is None else split["split_stages"],
-                                        held=held)
+                                        held=held, layer_split=layer_split)
     if split is not None:
         calibration = replace(calibration, split_schedule=str(split["schedule"]))
     seconds = time.perf_counter() - started

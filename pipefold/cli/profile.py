@@ -95,6 +95,15 @@ class GptProfile:
     device: str
     """The device in words ("cpu, 1 thread", "cuda:0 NVIDIA H100 80GB HBM3")."""
 
+    def layer_split(self) -> tuple[tuple[float, float, float], ...] | None:
+        """Per layer, the profile's I, W and B seconds (timed apart, one process): what
+        `pipefold plan --profile` pools the calibration's split share with
+        (`pipefold.plan.split_fit.profile_split_share`); None where a layer's I/W was not timed."""
+        if any(p.input_grad_s is None or p.weight_grad_s is None for p in self.profiles):
+            return None
+        return tuple((float(p.input_grad_s or 0.0), float(p.weight_grad_s or 0.0), p.backward_s)
+                     for p in self.profiles)
+
 
 def add_measure_arguments(parser: Any) -> None:
     """The flags of a measurement, shared by `pipefold profile` and `pipefold plan --profile`."""

@@ -33,7 +33,10 @@ block of it at the first count on the same stages (as short as the split's), so 
 micro-batch's activations; with a curve family (`CURVE_FAMILY`, zb-h1, whose later ranks hold a
 little more than in 1F1B) one more such block, the file's "curve_phase": the points the
 planner's held-memory curve is fitted on (`pipefold.plan.held_cost`), at large and at small
-excesses. The split block holds what 1F1B holds, so its I and W carry no held slowdown.
+excesses. The split block holds what 1F1B holds, so its I and W carry no held slowdown. Where
+the run's second size has twice the first's rows (`curve_rows_size`), one more curve block runs
+at it, right after that size's 1F1B block (as short: 6 steps at the defaults), the file's
+"curve_rows_phase": its W prices how a deferred W's extra grows with the rows.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from pipefold.timeline import Timeline
 
 __all__ = ["CURVE_FAMILY", "HELD_FAMILY", "MAX_ROUNDS", "SPLIT_FAMILY", "WARMUP_STEPS", "blocks",
            "build_graph_walk", "calibration_worker", "check_curve", "check_held", "check_sizes",
-           "check_split", "split_blocks"]
+           "check_split", "curve_rows_size", "split_blocks"]
 
 WARMUP_STEPS = 2
 """Steps of the first block left out of its costs (allocation, warm-up); a later block, just
@@ -267,9 +270,16 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
     held_phase = curve_phase = None
     # On a CPU host only: there a rank's actions slow with the memory it holds, and on a GPU GPipe
     # could exceed the memory the pipeline's own 1F1B fits in.
+    curve_rows_phase = None
     if curve is not None and job.device.type == "cpu":
         curve_phase = phase_of(curve, sizes[0])
         order.insert(1, (curve_phase, split_blocks(steps_per_block)))
+        second = curve_rows_size(sizes, batch_rows, num_ranks)
+        if second is not None:
+            # Right after that size's 1F1B block, whose F and B on the first rank give its drift.
+            curve_rows_phase = phase_of(curve, second)
+            at = next(index for index, (phase, _) in enumerate(order) if phase is phases[1])
+            order.insert(at + 1, (curve_rows_phase, split_blocks(steps_per_block)))
     if held is not None and job.device.type == "cpu":
         # Right after the first count's 1F1B block too (before the curve's and split's), so the
         # host's load meets them alike: each block's F over 1F1B's is what the curve is fitted on.
@@ -301,8 +311,26 @@ def _calibrate(job: Job, sizes: Sequence[CalibrationSize], steps: int, out: Path
             result["held_phase"] = held_phase.to_json()
         if curve_phase is not None:
             result["curve_phase"] = curve_phase.to_json()
+        if curve_rows_phase is not None:
+            result["curve_rows_phase"] = curve_rows_phase.to_json()
         write_atomic(out, json.dumps(result, indent=1) + "\n")
     dist.barrier()  # peers wait for rank 0's file (as train's report)
+
+
+def curve_rows_size(sizes: Sequence[CalibrationSize], batch_rows: int, num_ranks: int
+                    ) -> CalibrationSize | None:
+    """The size of the second curve block: the run's second size where it has twice the first's
+    rows per micro-batch and at least 4 micro-batches and the ranks' (zb-h1's later stages then
+    defer 3 of every 4 W or more); None: none runs. Its W against the split block's, scaled by
+    the stage's B between the two sizes, fits how far a deferred W's extra grows with its rows
+    (`pipefold.plan.deferred_weight.fit_deferred_most`); twice the rows, because W's share of B
+    held within 1% from 4 to 8 rows in one process but rose 4-8% by 16."""
+    if len(sizes) < 2:
+        return None
+    first, second = sizes[0], sizes[1]
+    if second.microbatch_rows(batch_rows) != 2 * first.microbatch_rows(batch_rows):
+        return None
+    return second if second.num_microbatches >= max(4, num_ranks) else None
 
 
 def split_blocks(sizes: Sequence[int]) -> list[int]:

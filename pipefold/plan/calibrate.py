@@ -56,7 +56,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
-from pipefold.plan.deferred_weight import fit_deferred_weight
+from pipefold.plan.deferred_weight import fit_deferred_most, fit_deferred_weight
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.held_states import fit_state_slowdown
 from pipefold.plan.split_fit import SplitFit, ratio, split_prices
@@ -176,6 +176,11 @@ class RunCalibration:
     split_backward_share: float = 0.0
     """The share of a stage's backward work each I and W took beyond its part of B
     (`ModelCosts.split_backward_share`); 0 where no split phase ran."""
+    split_share_block: float = 0.0
+    """The split block's own fit of that share, before pooling with the profile's."""
+    split_share_profile: float | None = None
+    """The one-process profile's estimate of that share (`pipefold.plan.split_fit.profile_split_share`);
+    None: none given (the share is the block's)."""
     weight_share: tuple[float, ...] = ()
     """Per stage, the W share of the backward's work the split phase measured (empty: none run;
     a first stage fed token ids, whose I has no work, the other stages' mean)."""
@@ -206,6 +211,9 @@ class RunCalibration:
     deferred_weight_grad: float = 0.0
     """The extra fraction of a W's time away from its own I, fitted on the curve block's W against
     the split block's (`ModelCosts.deferred_weight_grad`); 0: not fitted."""
+    deferred_weight_most_s: float = 0.0
+    """The most seconds a deferred W costs beyond its time right after its I, fitted on the second
+    curve block (`ModelCosts.deferred_weight_most_s`); 0: no cap."""
     split_schedule: str = ""
     """The split block's order ("1f1b+split"; "zb-h1" before), as its run named it; empty: none run."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
@@ -244,13 +252,26 @@ class HeldBlock:
     """Per stage, the share of the curve block's W deferred from their own I (an F, B or other I
     between: `pipefold.plan.deferred_weight.stage_deferred_shares` of its order). Given, with a split
     block: its W over the split block's fit `ModelCosts.deferred_weight_grad`; empty: not fitted."""
+    curve_rows: CostModel | None = None
+    """A second curve block's measured stage costs (zb-h1 on the run's stages at `curve_rows_at`
+    rows, one of the run's other sizes): its W against the split block's, scaled by the stage's B
+    between the sizes, fits `ModelCosts.deferred_weight_most_s`; None: none run."""
+    curve_rows_at: int = 0
+    """Rows per micro-batch of `curve_rows` (a size the run measured 1F1B at too)."""
+    run_rows_bytes: tuple[int, ...] = ()
+    """Per rank, 1F1B's activation peak at `curve_rows_at` rows; given with `curve_rows`."""
+    curve_rows_bytes: tuple[int, ...] = ()
+    """Per rank, the second curve block's activation peak; given with `curve_rows`."""
+    curve_rows_deferred_shares: tuple[float, ...] = ()
+    """Per stage, the share of the second curve block's W deferred from their own I; given with
+    `curve_rows`."""
 
 
 def at_run_prices(
     costs: ModelCosts, run: CostModel, bounds: Sequence[int], rows: int,
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
     split: CostModel | None = None, split_stages: Collection[int] | None = None,
-    held: HeldBlock | None = None,
+    held: HeldBlock | None = None, layer_split: Sequence[tuple[float, float, float]] | None = None,
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -266,7 +287,10 @@ def at_run_prices(
     With `split` (the same run's stages measured at `rows` under a split-backward family of the
     same partition and placement, zb-h1), each I and W is priced as that phase measured it
     (`pipefold.plan.split_fit.split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
-    stage, W's share of the backward's work; F and B stay as fitted. `split_stages`: the stages
+    stage, W's share of the backward's work; F and B stay as fitted. With `layer_split` (the
+    one-process profile's (I, W, B) seconds per layer), the split's share is the block's pooled
+    with the profile's estimate of it (`pipefold.plan.split_fit.pooled_split_share`).
+    `split_stages`: the stages
     whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
     on a stage no other rank waits for as one B, `RuntimeOptions.fuse_backward`); the others take
     what those measured.
@@ -351,11 +375,16 @@ def at_run_prices(
     split_fit = SplitFit()
     deferred = 0.0
     if split is not None:
-        priced, split_fit = split_prices(priced, run, split, layout, split_on, drift, split_backward)
+        priced, split_fit = split_prices(priced, run, split, layout, split_on, drift, split_backward,
+                                         layer_split)
         if held is not None and held.curve is not None and held.curve_deferred_shares:
             deferred = _deferred_slowdown(run, split, held, on, held_curve, drift, curve_drift, split_on,
                                           split_backward)
             priced = replace(priced, deferred_weight_grad=deferred)
+            if held.curve_rows is not None and deferred > 0:
+                most = _deferred_most(costs, layout, run, others, split, held, on, held_curve, drift,
+                                      split_on, split_backward, deferred)
+                priced = replace(priced, deferred_weight_most_s=most)
     step_overhead = statistics.fmean(m.step_overhead for m, _ in points)
     # The run's time outside the actions holds the tied gradient's exchange; the plan prices it apart.
     tied = stage_cost_model(priced, layout, (), Link(latency=latency)).tied_exchange_time(
@@ -372,7 +401,8 @@ def at_run_prices(
         backward_s_per_row=tuple(line.backward_s_per_row for line in fits),
         fit_error=max((line.error for line in fits), default=0.0), tied_exchange_s=tied,
         split_overhead_s=priced.split_overhead_s, split_backward_share=priced.split_backward_share,
-        weight_share=split_fit.weight_share,
+        weight_share=split_fit.weight_share, split_share_block=split_fit.block_share,
+        split_share_profile=split_fit.profile_share,
         split_action_overhead_s=split_fit.action_overhead_s,
         held_bytes=() if held is None else held.run_bytes,
         held_block_bytes=() if held is None else held.block_bytes,
@@ -380,6 +410,7 @@ def at_run_prices(
         split_drift=drift, row_scales=priced.row_scales,
         held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
         held_state_forward=state_forward, deferred_weight_grad=deferred,
+        deferred_weight_most_s=priced.deferred_weight_most_s,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
 
@@ -492,6 +523,50 @@ def _deferred_slowdown(run: CostModel, split: CostModel, held: HeldBlock, placem
         ratios.append(curve_w / split_w)
         weights.append(shares[stage])
     return fit_deferred_weight(ratios, weights)
+
+
+def _deferred_most(costs: ModelCosts, layout: StageLayout, run: CostModel,
+                   others: Sequence[tuple[CostModel, int]], split: CostModel, held: HeldBlock,
+                   placement: Sequence[int], curve: HeldCurve, drift: float | None,
+                   split_stages: Collection[int], split_backward: Sequence[float], deferred: float) -> float:
+    """`ModelCosts.deferred_weight_most_s` (`fit_deferred_most`) from the second curve block: per
+    stage whose I and W ran apart, its W (the host's drift from the 1F1B block at its size and the
+    curve's B factor at its rank's bytes taken out) over the split block's W at the first size (as
+    `_deferred_slowdown` takes it), scaled to the second size by the stage's B there over its B at
+    the first (the runtime's seconds per layer and action kept), against the share of its W there
+    deferred from their own I."""
+    block = held.curve_rows
+    second = next((measured for measured, rows in others if rows == held.curve_rows_at), None)
+    if block is None or second is None:
+        raise ConfigError(f"the second curve block ran at {held.curve_rows_at} rows, a size the run did not "
+                          "measure 1F1B at; run it at one of the run's sizes")
+    shares = held.curve_rows_deferred_shares
+    num_ranks = max(placement) + 1
+    if (block.num_stages != run.num_stages or len(shares) != block.num_stages
+            or len(held.run_rows_bytes) != num_ranks or len(held.curve_rows_bytes) != num_ranks):
+        raise ConfigError(f"the second curve block: {block.num_stages} stages, {len(shares)} deferred "
+                          f"shares, {len(held.run_rows_bytes)} and {len(held.curve_rows_bytes)} activation "
+                          f"peaks for a run of {run.num_stages} stages on {num_ranks} ranks; give one per "
+                          "stage and rank")
+    load = _block_drift(second, block, held.run_rows_bytes, held.curve_rows_bytes, placement, split_stages)
+    first_w, ratios, kept, weight_s = [], [], [], []
+    for stage, rank in enumerate(placement):
+        if stage not in split_stages or split.w[stage] <= 0 or block.w[stage] <= 0:
+            continue
+        shared = costs.overhead_s * (layout.bounds[stage + 1] - layout.bounds[stage])
+        split_scale = ratio(run.f[stage], split.f[stage]) if drift is None else drift
+        at_first = split.w[stage] * split_scale / split_backward[stage]
+        growth = ratio(second.b[stage] - shared, run.b[stage] - shared)
+        at_second = shared + max(at_first - shared, 0.0) * growth
+        if at_second <= 0:
+            continue
+        measured = block.w[stage] * load / held_factor(curve, held.curve_rows_bytes[rank]
+                                                       - held.run_rows_bytes[rank])[1]
+        first_w.append(at_first)
+        weight_s.append(at_second)
+        ratios.append(measured / at_second)
+        kept.append(shares[stage])
+    return fit_deferred_most(deferred, first_w, ratios, kept, weight_s)
 
 
 def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split: CostModel | None,

@@ -203,7 +203,7 @@ _FIELDS = (
     "split_overhead_s", "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-    "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+    "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "deferred_weight_most_s",
 )
 
 
@@ -332,6 +332,13 @@ class ModelCosts:
     away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
     block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
     without those blocks, hardware presets)."""
+    deferred_weight_most_s: float = 0.0
+    """The most seconds a deferred W costs beyond its time right after its own I: a stage's W
+    factor is `1 + share * min(deferred_weight_grad, deferred_weight_most_s / W)`, W its seconds at
+    the candidate's rows (one process: the extra stopped growing at ~1.4 ms once a stage's W
+    outgrew the cache, so the fraction fell from 1.24 at 4 rows to 1.08 at 16 on the last stage;
+    `pipefold.plan.deferred_weight`). Fitted by the calibration from a second zb-h1 block at twice
+    its first rows. 0: no cap (costs before it, or a second block whose fraction did not fall)."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -388,7 +395,8 @@ class ModelCosts:
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
-                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
+                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+                     "deferred_weight_most_s"):
             _non_negative("ModelCosts", name, getattr(self, name))
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
@@ -587,7 +595,7 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "deferred_weight_most_s"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:

@@ -22,11 +22,27 @@ So a W deferred from its own I (an F, a B or another I ran between them on its r
 fitted on the calibration's zb-h1 block (its W over the split block's per split stage, the
 host's drift taken out, against the share of that stage's W there that were deferred: all of
 zb-h1's last stage's). A stage's W is one figure in the simulator's `CostModel`, so it takes the
-mean factor over its W in the order. One figure for every context and size: the calibration
-measures the "after another I" one at its first size; after an F it was a few % less, and at 16
-rows on the last stage all were less (1.04-1.11), which this over-prices. Counted from the
-rank's program: the latest action before W(s, m) on its rank that is not a W is I(s, m) or not.
-Every factor is >= 1, so the lower bounds taken on unslowed costs stay valid.
+mean factor over its W in the order. One fraction for every context: the calibration
+measures the "after another I" one; after an F it was a few % less. Counted from the rank's
+program: the latest action before W(s, m) on its rank that is not a W is I(s, m) or not.
+
+**Not one fraction for every size.** One process again (`benchmarks/w_context.py --rows 1 2 4 8
+16`, fp32, thread CPU; BENCHMARKS.md, "A deferred W's extra over rows"), W after another
+micro-batch's I over W right after its own, on the last stage (2 blocks, norm, head) 1.16, 1.21,
+1.24, 1.18, 1.08 at 1, 2, 4, 8, 16 rows and on a one-block stage 1.08, 1.12, 1.17, 1.28, 1.19: the
+fraction rises, then falls, where a stage's W grows past the cache (this CPU: 4 MiB L2 per core).
+In seconds the extra stops growing there: 0.97, 1.47, 1.34 ms on the last stage at 4, 8, 16 rows
+and 0.95, 1.41 ms on the one-block stage at 8, 16 (W 4.1 to 17.7 ms): what a W right after its I
+finds in cache is at most the cache, whatever the rows. So a deferred W costs `extra` of its time
+up to at most `most_s` seconds, `ModelCosts.deferred_weight_most_s`: factor `1 + share *
+min(extra, most_s / W)` per stage (W: the stage's W seconds at the candidate's rows). The
+calibration fits `most_s` from a second zb-h1 block at its second size (twice the rows; its W
+over the split block's scaled by the stage's B between the sizes: `fit_deferred_most`). It is
+at least `extra` times the first size's W, so sizes up to the calibration's are priced as before,
+and 0 (no cap) where the second block's fraction did not fall, or no such block ran (costs
+before it price as before). Below the calibration's size the fraction also fell (1.16 and 1.08
+at 1 row), which this still over-prices, by well under a millisecond a W. Every factor is >= 1,
+so the lower bounds taken on unslowed costs stay valid.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from collections.abc import Sequence
 from pipefold.errors import ConfigError
 from pipefold.schedule.ir import Op, Schedule
 
-__all__ = ["LARGEST_DEFERRED_WEIGHT", "fit_deferred_weight", "stage_deferred_factors",
+__all__ = ["LARGEST_DEFERRED_WEIGHT", "fit_deferred_most", "fit_deferred_weight", "stage_deferred_factors",
            "stage_deferred_shares"]
 
 LARGEST_DEFERRED_WEIGHT = 0.5
@@ -65,13 +81,22 @@ def stage_deferred_shares(schedule: Schedule) -> tuple[float, ...]:
     return tuple(late / count if count else 0.0 for late, count in zip(deferred, total, strict=True))
 
 
-def stage_deferred_factors(shares: Sequence[float], extra: float) -> tuple[float, ...]:
-    """Per stage, the factor of its W, `1 + extra * share` (`shares`: `stage_deferred_shares` of
-    the order; `extra`: `ModelCosts.deferred_weight_grad`)."""
-    if not (math.isfinite(extra) and extra >= 0):
-        raise ConfigError(f"deferred W slowdown = {extra!r}; give a finite number >= 0 "
-                          "(ModelCosts.deferred_weight_grad)")
-    return tuple(1.0 + extra * share for share in shares)
+def stage_deferred_factors(shares: Sequence[float], extra: float, most_s: float = 0.0,
+                           weight_s: Sequence[float] = ()) -> tuple[float, ...]:
+    """Per stage, the factor of its W, `1 + share * min(extra, most_s / W)` (`shares`:
+    `stage_deferred_shares` of the order; `extra`: `ModelCosts.deferred_weight_grad`; `most_s`:
+    `ModelCosts.deferred_weight_most_s`, 0 for no cap; `weight_s`: per stage its W's seconds at
+    the candidate's rows, needed with a cap). Never below 1."""
+    for name, value in (("deferred_weight_grad", extra), ("deferred_weight_most_s", most_s)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"deferred W {name} = {value!r}; give a finite number >= 0 (ModelCosts.{name})")
+    if most_s <= 0:
+        return tuple(1.0 + extra * share for share in shares)
+    if len(weight_s) != len(shares):
+        raise ConfigError(f"deferred W price: {len(weight_s)} W times for {len(shares)} stages' shares; give "
+                          "each stage's W seconds with ModelCosts.deferred_weight_most_s")
+    return tuple(1.0 + share * (min(extra, most_s / seconds) if seconds > 0 else extra)
+                 for share, seconds in zip(shares, weight_s, strict=True))
 
 
 def fit_deferred_weight(ratios: Sequence[float], shares: Sequence[float]) -> float:
@@ -97,3 +122,35 @@ def fit_deferred_weight(ratios: Sequence[float], shares: Sequence[float]) -> flo
     if spread <= 0:
         return 0.0
     return min(max(sum(share * excess for share, excess in pairs) / spread, 0.0), LARGEST_DEFERRED_WEIGHT)
+
+
+def fit_deferred_most(extra: float, first_weight_s: Sequence[float], ratios: Sequence[float],
+                      shares: Sequence[float], weight_s: Sequence[float]) -> float:
+    """`ModelCosts.deferred_weight_most_s`, the most seconds a deferred W costs beyond its time
+    right after its I, from a second block at more rows than the one `extra` was fitted on: per
+    stage its W over the W right after its I at those rows (`ratios`, the host's drift taken
+    out), the share of its W deferred there (`shares`), that reference W's seconds (`weight_s`)
+    and the one at the first size (`first_weight_s`). Each stage's extra seconds per deferred W,
+    `(ratio - 1) * W / share`, fitted as one figure by least squares through the origin (`ratio
+    - 1 = share * most / W`). 0 (no cap) where `extra` is 0 or the second block's fraction did
+    not fall below it (the cache not outgrown between the sizes: the fraction prices both);
+    else at least `extra` times the first size's W (the same weights), so the first size keeps
+    its price."""
+    lengths = {len(first_weight_s), len(ratios), len(shares), len(weight_s)}
+    if len(lengths) != 1:
+        raise ConfigError(f"deferred W cap fit: {len(first_weight_s)} first W times, {len(ratios)} ratios, "
+                          f"{len(shares)} shares and {len(weight_s)} W times; give one of each per stage")
+    for name, values in (("first_weight_s", first_weight_s), ("weight_s", weight_s)):
+        for value in values:
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"deferred W cap fit: {name} holds {value!r}; give each stage's W "
+                                  "seconds (>= 0)")
+    fitted = [(share, ratio, seconds, first) for share, ratio, seconds, first
+              in zip(shares, ratios, weight_s, first_weight_s, strict=True) if share > 0 and seconds > 0]
+    fraction = fit_deferred_weight([ratio for _, ratio, _, _ in fitted], [share for share, _, _, _ in fitted])
+    if extra <= 0 or not fitted or fraction >= extra:
+        return 0.0
+    spread = sum(share * share for share, _, _, _ in fitted)
+    most = sum(share * (ratio - 1) * seconds for share, ratio, seconds, _ in fitted) / spread
+    at_first = extra * sum(share * share * first for share, _, _, first in fitted) / spread
+    return max(most, at_first)

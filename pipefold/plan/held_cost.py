@@ -180,17 +180,19 @@ def _weighted(pairs: Sequence[tuple[float, float]]) -> float:
     return sum(value * weight for value, weight in pairs) / total
 
 
-def _deferred_factors(costs: ModelCosts, deferred_shares: Sequence[float], num_stages: int
-                      ) -> tuple[float, ...]:
-    """Per stage, its W's factor for running away from its own I (`stage_deferred_factors`), 1
-    where the costs price none or no shares are given; refused where the shares are not the
+def _deferred_factors(costs: ModelCosts, deferred_shares: Sequence[float], num_stages: int,
+                      weight_s: Sequence[float]) -> tuple[float, ...]:
+    """Per stage, its W's factor for running away from its own I (`stage_deferred_factors`; its
+    extra seconds capped by `ModelCosts.deferred_weight_most_s` against the stage's W, `weight_s`),
+    1 where the costs price none or no shares are given; refused where the shares are not the
     partition's stages'."""
     if not deferred_shares or costs.deferred_weight_grad <= 0:
         return (1.0,) * num_stages
     if len(deferred_shares) != num_stages:
         raise ConfigError(f"deferred W price: deferred_shares for {len(deferred_shares)} stages, the "
                           f"partition {num_stages}; price the order on its own partition")
-    factors = stage_deferred_factors(deferred_shares, costs.deferred_weight_grad)
+    factors = stage_deferred_factors(deferred_shares, costs.deferred_weight_grad,
+                                     costs.deferred_weight_most_s, weight_s)
     if not costs.input_requires_grad:
         # A first stage fed token ids has no I work: its W is its whole backward, a B wherever it
         # runs (`pipefold.plan.calibrate.first_stage_backward`), not a W reading I's gradients.
@@ -207,10 +209,11 @@ def with_held_cost(model: CostModel, costs: ModelCosts, placement: Sequence[int]
     that price held I states (`ModelCosts.held_state_forward`), each stage's F also by its
     I-state factor (`stage_state_factors`); empty: none counted. With `deferred_shares` (the
     order's `pipefold.plan.deferred_weight.stage_deferred_shares`) and costs that price a W away
-    from its I (`ModelCosts.deferred_weight_grad`), each stage's W also by that factor."""
+    from its I (`ModelCosts.deferred_weight_grad`), each stage's W also by that factor (its extra
+    seconds at most `ModelCosts.deferred_weight_most_s`, against the stage's W in `model`)."""
     factors = stage_held_factors(costs, bounds, placement, peaks)
     states = _state_factors(costs, state_weights, len(factors))
-    late = _deferred_factors(costs, deferred_shares, len(factors))
+    late = _deferred_factors(costs, deferred_shares, len(factors), model.w)
     if all(f == 1 and b == 1 for f, b in factors) and all(k == 1 for k in (*states, *late)):
         return model
     forward = [f * k for (f, _), k in zip(factors, states, strict=True)]

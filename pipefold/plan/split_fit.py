@@ -7,19 +7,33 @@ each stage's backward work and in seconds per action, and W's share of each stag
     priced.split_backward_share, priced.split_overhead_s
 
 Used by `pipefold.plan.calibrate.at_run_prices` (docs/plan.md, "Forecast and measurement").
+
+    prior = profile_split_share(layer_split, layout.bounds, split_stages)   # the profile's estimate
+    share = pooled_split_share(block_share, prior)
+
+The split block's share comes from three kept steps and moves between calibrations (24 quiet
+stored ones: 0.008-0.066 of the stage's backward work, quartiles 0.030-0.050; a quiet planner
+run fitted 0.019 where the two before it fitted 0.050 and 0.054). The one-process profile that
+`plan --profile` runs first times each layer's I, W and B apart, so its `(I + W - B) / 2B` over
+the same stages is a second, independent estimate of the same share (nine profiles of train's
+default GPT, layers 4:8 at 4 rows: 0.026-0.068, median 0.050, quartiles 0.031-0.053;
+BENCHMARKS.md, "A deferred W's extra over rows; the split share pooled"), as spread as the
+blocks and centred near them: the two are averaged with equal weights (inverse-variance weights
+of equal spreads), so one noisy block moves the priced share half as far.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
+from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.stages import StageLayout
 from pipefold.simulate import CostModel
 
-__all__ = ["SplitFit", "ratio", "split_prices"]
+__all__ = ["SplitFit", "pooled_split_share", "profile_split_share", "ratio", "split_prices"]
 
 
 def ratio(measured: float, priced: float) -> float:
@@ -31,11 +45,46 @@ def ratio(measured: float, priced: float) -> float:
 class SplitFit:
     weight_share: tuple[float, ...] = ()
     action_overhead_s: float = 0.0
+    block_share: float = 0.0
+    """The split block's own `split_backward_share`, before it was pooled with the profile's."""
+    profile_share: float | None = None
+    """The profile's estimate of it (`profile_split_share`); None: none given."""
+
+
+def profile_split_share(layer_split: Sequence[tuple[float, float, float]], bounds: Sequence[int],
+                        split_stages: Collection[int]) -> float | None:
+    """The one-process profile's estimate of `ModelCosts.split_backward_share` on the calibration's
+    partition `bounds`: per stage in `split_stages`, half of what its layers' I + W took beyond
+    their B, over that B (`layer_split`: per layer, the profile's (I, W, B) seconds), the stages'
+    mean, kept in [0, `_LARGEST_SPLIT_SHARE`] as the block's fit is. None where no such stage has
+    a timed backward (a profile without the I/W split, or no split stage)."""
+    if len(layer_split) != bounds[-1]:
+        raise ConfigError(f"the profile's I/W split has {len(layer_split)} layers, the partition "
+                          f"{tuple(bounds)} covers {bounds[-1]}; give one (I, W, B) per profiled layer")
+    shares = []
+    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if stage not in split_stages:
+            continue
+        backward = sum(b for _, _, b in layer_split[start:stop])
+        if backward > 0:
+            shares.append(sum(i + w - b for i, w, b in layer_split[start:stop]) / (2 * backward))
+    if not shares:
+        return None
+    return min(max(statistics.fmean(shares), 0.0), _LARGEST_SPLIT_SHARE)
+
+
+def pooled_split_share(block: float, profile: float | None) -> float:
+    """The split share priced: the mean of the block's fit and the profile's estimate, which
+    measure the same share apart and read alike on this host's stored runs (module docstring);
+    the block's alone without a profile's."""
+    return block if profile is None else (block + profile) / 2
 
 
 def split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: StageLayout,
                   split_stages: frozenset[int], load: float | None = None,
-                  held_backward: Sequence[float] | None = None) -> tuple[ModelCosts, SplitFit]:
+                  held_backward: Sequence[float] | None = None,
+                  layer_split: Sequence[tuple[float, float, float]] | None = None,
+                  ) -> tuple[ModelCosts, SplitFit]:
     """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
     phase of the run, same partition, at `layout.rows`) measured them.
 
@@ -56,7 +105,9 @@ def split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: St
     measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W
     runs the whole backward: `first_stage_backward`), so its layers take the other stages' mean
     factor, and so does a stage outside `split_stages` (its I and W not run apart), which adds no
-    extra."""
+    extra. With `layer_split` (the one-process profile's (I, W, B) seconds per layer), the share
+    priced is the block's pooled with the profile's estimate (`pooled_split_share`); W's share per
+    stage stays the block's."""
     spans = list(zip(layout.bounds, layout.bounds[1:], strict=False))
     # Both blocks ran the same F at the same size: a stage's F moving between them is the host's
     # load, so the split block's times are taken at the 1F1B block's level.
@@ -118,8 +169,10 @@ def split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: St
     shares_now = tuple(
         found if found is not None else _weight_share(layers[start:stop])
         for found, (start, stop) in zip(shares, spans, strict=True))
-    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra, split_backward_share=share)
-    return priced, SplitFit(shares_now, split.action_overhead)
+    prior = None if layer_split is None else profile_split_share(layer_split, layout.bounds, measured)
+    pooled = pooled_split_share(share, prior)
+    priced = replace(costs, layers=tuple(layers), split_overhead_s=extra, split_backward_share=pooled)
+    return priced, SplitFit(shares_now, split.action_overhead, share, prior)
 
 
 _LARGEST_SPLIT_SHARE = 0.45

@@ -84,6 +84,12 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
             at_run.b[stage] + fixed + 2 * priced.split_overhead_s
             + 2 * priced.split_backward_share * (at_run.b[stage] - fixed))
     assert "split backward (1f1b+split at 8 rows)" in priced.source
+    # The share priced is the block's pooled with the profile's own estimate (its I, W, B per layer).
+    assert calibration["split_share_profile"] is not None
+    assert calibration["split_backward_share"] == pytest.approx(
+        (calibration["split_share_block"] + calibration["split_share_profile"]) / 2)
+    # The second zb-h1 block (4 micro-batches of 16 rows, twice the first's) ran: a cap, or 0 for none.
+    assert calibration["deferred_weight_most_s"] >= 0
     assert calibration["split_schedule"] == "1f1b+split"
     # On a CPU host the launch ran GPipe on the same stages too: the slope of an action's time per
     # activation byte its rank holds, fitted against the bytes each block held (the planner's model).
