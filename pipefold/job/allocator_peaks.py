@@ -41,6 +41,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from pipefold.runtime.parallel.tensor_parallel import local
+
 __all__ = [
     "CPU_MEMORY_KEYS", "CUDA_MEMORY_KEYS", "AllocatorPeaks", "AllocatorReading", "CudaAllocator",
     "EventTimeline", "PeakTracker", "ProfiledCpuPeaks", "allocator_peaks", "held_bytes", "held_tensor_bytes",
@@ -297,8 +299,6 @@ class ProfiledCpuPeaks:
 def held_tensor_bytes(tensors: Iterable[Tensor | None]) -> int:
     """The bytes of the storages under `tensors` (each once; a tensor-parallel parameter's local
     shard; None skipped): what they hold in the allocator."""
-    from pipefold.runtime.parallel.tensor_parallel import local
-
     seen: dict[int, int] = {}
     for tensor in tensors:
         if tensor is None:
