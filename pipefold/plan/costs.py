@@ -89,11 +89,30 @@ class LayerCost:
     position embedding through the last block): the share of the layer's activation bytes
     that the split divides then. None: sequence parallelism leaves the layer as tensor
     parallelism does."""
+    # -- The backward's temporaries (docs/plan.md, "The backward's temporaries") --
+    backward_temporary_bytes: int = 0
+    """The most bytes the layer's backward holds at once beyond what its forward saved, per
+    `ModelCosts.reference_rows` samples: the gradient handed to it, the one it hands on, a new
+    weight gradient before it is added into the held one, its own temporaries (an MLP's hidden
+    gradient). No saved-tensor hook sees them (`LayerProfile.backward_temporary_bytes`). A rank's
+    pipeline call adds its stages' largest (`pipefold.plan.memory.RankMemory.temporary`); 0 in every
+    layer: none (costs written before it price as they did)."""
+    backward_temporary_fixed_bytes: int = 0
+    """The part of `backward_temporary_bytes` that does not grow with the rows (a new weight
+    gradient): a micro-batch of r rows holds it plus the rest times r / `reference_rows`
+    (`backward_temporary_at`). Fitted by `pipefold profile` from its two row counts; 0: all of it
+    scales with the rows."""
+
+    def backward_temporary_at(self, rows_scale: float) -> int:
+        """`backward_temporary_bytes` for micro-batches of `rows_scale` x `ModelCosts.reference_rows` rows."""
+        fixed = min(self.backward_temporary_fixed_bytes, self.backward_temporary_bytes)
+        return fixed + round(rows_scale * (self.backward_temporary_bytes - fixed))
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces", "no_decay_parameter_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "backward_temporary_bytes",
+                     "backward_temporary_fixed_bytes"):
             _non_negative("LayerCost", name, getattr(self, name))
         for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
                      "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
@@ -107,7 +126,8 @@ class LayerCost:
                 "give a whole number"
             )
         for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "backward_temporary_bytes",
+                     "backward_temporary_fixed_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -204,6 +224,8 @@ _FIELDS = (
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
     "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+    # The backward's temporaries and the CPU runtime's receive buffers (h-bwmem).
+    "loss_backward_bytes", "keeps_receive_buffers",
 )
 
 
@@ -332,6 +354,18 @@ class ModelCosts:
     away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
     block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
     without those blocks, hardware presets)."""
+    # -- The backward's temporaries and the CPU runtime's receive buffers (h-bwmem) --
+    loss_backward_bytes: int = 0
+    """The most bytes the loss's backward holds at once per `reference_rows` samples (a
+    cross-entropy's gradients of the log-probabilities and of the logits: two tensors as large as
+    the logits; `LayerProfile.loss_backward_bytes`): a temporary of the last stage's backward,
+    priced as a layer's `LayerCost.backward_temporary_bytes`. 0: none (costs written before it)."""
+    keeps_receive_buffers: bool = False
+    """Whether the runtime keeps its receive buffers from step to step: one per (stage, micro-batch)
+    and direction on CPU (`pipefold.runtime.receive_buffers`), none on CUDA, where every message gets
+    a fresh buffer. True: a rank's pipeline call adds those it holds beyond the activations in
+    flight (`pipefold.plan.memory.RankMemory.received`). Set where the costs are measured or
+    estimated for a CPU."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -388,8 +422,12 @@ class ModelCosts:
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
-                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
+                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+                     "loss_backward_bytes"):
             _non_negative("ModelCosts", name, getattr(self, name))
+        if not isinstance(self.keeps_receive_buffers, bool):
+            raise ConfigError(f"ModelCosts.keeps_receive_buffers = {self.keeps_receive_buffers!r}; give true "
+                              "(the runtime keeps its receive buffers between steps: CPU) or false")
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
             raise ConfigError(
@@ -556,11 +594,13 @@ class ModelCosts:
                 cast_bytes=_held_cast_bytes(p),
                 saved_cast_bytes=min(int(getattr(p, "cast_bytes", 0)), _held_cast_bytes(p)),
                 weight_grad_s=weight_grad_s(p),
+                backward_temporary_bytes=int(getattr(p, "backward_temporary_bytes", 0)),
             )
             for p in profiles
         )
         options.setdefault("source", "measured profile")
         options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
+        options.setdefault("loss_backward_bytes", int(getattr(profiles[-1], "loss_backward_bytes", 0)) if profiles else 0)
         # A profile under autocast measures each layer's 16-bit weight copies (priced per stage from
         # its layers); their sum per parameter byte summarises them.
         parameters = sum(p.parameter_bytes for p in profiles)
@@ -587,11 +627,13 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "loss_backward_bytes",
+                     "keeps_receive_buffers"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
-            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes"):
+            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
+                         "backward_temporary_fixed_bytes"):
                 if not layer[name]:  # layers without these write as before
                     del layer[name]
         return data
@@ -616,7 +658,8 @@ class ModelCosts:
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
                         "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
-                        "no_decay_parameter_bytes", "gradient_norm_bytes"}
+                        "no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
+                        "backward_temporary_fixed_bytes"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

@@ -35,7 +35,7 @@ from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
     "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward", "family_placement",
-    "compiles", "held_counts", "held_counts_of", "order_peaks",
+    "compiles", "held_counts", "held_counts_of", "later_held_counts", "order_peaks", "order_peaks_and_later",
 ]
 
 
@@ -141,6 +141,15 @@ def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     return held_counts_of(family_order(name, num_ranks, num_microbatches, num_virtual))
 
 
+@functools.lru_cache(maxsize=4096)
+def later_held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
+                      ) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
+    """As `held_counts`, the count vectors from the end of each rank's first backward (B or I) on
+    (`CompiledSchedule.order_peaks_and_later`'s later peaks); all of them where it has none."""
+    return tuple(_held_counts_of_row(kinds, stages_of, after_first_backward=True)
+                 for kinds, stages_of, _ in family_order(name, num_ranks, num_microbatches, num_virtual).rows)
+
+
 def held_counts_of(order: Order) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
     """`held_counts` of any order."""
     return tuple(_packed_held_counts(kinds, stages_of) or _held_counts_of_row(kinds, stages_of)
@@ -180,8 +189,10 @@ def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple
     return tuple(int(stage) for stage in stages), rows.astype(np.float64)
 
 
-def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
-    """One rank's held counts, from its table of count vectors."""
+def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray, after_first_backward: bool = False
+                        ) -> tuple[tuple[int, ...], np.ndarray]:
+    """One rank's held counts, from its table of count vectors; `after_first_backward`: those from
+    the end of its first B or I on (all where it has none)."""
     stages, column = np.unique(stages_of, return_inverse=True)
     width = len(stages)
     counted = kinds <= KIND_W  # F, B, I, W change the counts; a STEP does not
@@ -196,6 +207,10 @@ def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple
     changes[at, column] = held
     changes[at, column + width] = waiting
     totals = np.cumsum(changes, axis=0)
+    if after_first_backward:
+        backwards = np.flatnonzero((kinds == KIND_B) | (kinds == KIND_I))
+        if len(backwards):
+            totals = totals[backwards[0] + 1:]  # (row j + 1: after action j)
     seen = _distinct_rows(totals)
     return tuple(int(stage) for stage in stages), seen.astype(np.float64).reshape(len(seen), 2 * width)
 
@@ -220,8 +235,26 @@ def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     """Per rank, the activation peak `CompiledSchedule.order_activation_peaks` gives, from the cached
     counts of the family's order (`held_counts`); None where that one would say None (a duration
     so small that the order alone cannot tell which of two actions ends first)."""
+    if not _order_tells(name, num_ranks, num_microbatches, num_virtual, costs):
+        return None
+    return _largest_products(held_counts(name, num_ranks, num_microbatches, num_virtual), costs)
+
+
+def order_peaks_and_later(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
+                          ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """`order_peaks`, and per rank the later peak `CompiledSchedule.order_peaks_and_later` gives (the
+    most held from the end of its first backward on), from the cached counts; None where
+    `order_peaks` is."""
+    if not _order_tells(name, num_ranks, num_microbatches, num_virtual, costs):
+        return None
+    sizes = (name, num_ranks, num_microbatches, num_virtual)
+    return _largest_products(held_counts(*sizes), costs), _largest_products(later_held_counts(*sizes), costs)
+
+
+def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel) -> bool:
+    """Whether the order alone tells the peaks (no duration so small that it could vanish in a sum)."""
     # An upper bound on the compiled check's longest step (every action at the longest duration,
-    # overhead and send), so this says None wherever that check would.
+    # overhead and send), so this says False wherever that check says None.
     compute = [d for table in (costs.f, costs.b, costs.i, costs.w) for d in table]
     placement = family_placement(name, num_ranks, num_virtual)
     sends = [costs.transfer_time(s, placement[s], placement[t]) for s in range(costs.num_stages - 1)
@@ -231,9 +264,14 @@ def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     longest = num_actions * (max(compute, default=0.0) + costs.action_overhead
                              + 3 * costs.num_stages * max(sends, default=0.0))
     if compute and min(compute) <= longest * _ABSORBED:
-        return None
+        return False
+    return True
+
+
+def _largest_products(held: tuple[tuple[tuple[int, ...], np.ndarray], ...], costs: CostModel) -> tuple[int, ...]:
+    """Per rank, the largest product of its count vectors with its stages' bytes."""
     peaks = []
-    for stages, counts in held_counts(name, num_ranks, num_microbatches, num_virtual):
+    for stages, counts in held:
         weights = np.array([costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages],
                            dtype=np.float64)
         peaks.append(int(round(float((counts @ weights).max()))) if counts.size else 0)
