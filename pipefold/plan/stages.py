@@ -180,8 +180,15 @@ def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Coll
     if not costs.loss_backward_bytes and not any(layer.backward_temporary_bytes for layer in costs.layers):
         return []
     rows_scale = layout.rows / costs.reference_rows
-    recomputed = set(recompute)
     layers = costs.layers
+    if not any(layer.backward_temporary_bytes for layer in layers):
+        # The loss's alone (a FLOP estimate's): a layer's moment holds at most its rebuilt
+        # activations, which the recompute transient prices already (`RankMemory.temporary`).
+        found = [0] * layout.num_stages
+        if layout.bounds[-1] == len(layers):
+            found[-1] = round(rows_scale * costs.loss_backward_bytes)
+        return found
+    recomputed = set(recompute)
     found = []
     for stage, (start, stop) in enumerate(zip(layout.bounds[:-1], layout.bounds[1:], strict=True)):
         ends_model = stop == len(layers)

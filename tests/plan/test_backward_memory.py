@@ -7,7 +7,9 @@ import json
 import pytest
 
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.estimate import GptEstimate
 from pipefold.plan.evaluate import evaluate
+from pipefold.plan.hardware import load_hardware
 from pipefold.plan.memory import RankMemory, kept_receive_bytes, memory_of_peaks
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, backward_temporaries, stage_cost_model
@@ -77,6 +79,19 @@ def test_a_stages_temporary_is_its_backwards_largest_moment():
     # Costs without temporaries (files written before them) price none.
     plain = ModelCosts(layers=tuple(LayerCost(1.0, 1.0, 10, 4) for _ in range(2)))
     assert backward_temporaries(plain, one_row) == []
+    # The loss's alone (a FLOP estimate's): on the stage that ends the model.
+    loss_only = ModelCosts(layers=plain.layers, loss_bytes=7, loss_backward_bytes=30)
+    assert backward_temporaries(loss_only, StageLayout((0, 1, 2), 2)) == [0, 60]
+    assert backward_temporaries(loss_only, StageLayout((0, 1, 2), 2), recompute=(1,)) == [0, 60]
+
+
+def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers():
+    for preset, keeps in (("cpu", True), ("a100-80gb", False)):
+        estimate = GptEstimate(num_layers=2, d_model=64, num_heads=4, seq_len=32, vocab_size=256,
+                               hardware=load_hardware(preset))
+        costs = estimate.at(4, 1, Link(), False)
+        assert costs.loss_backward_bytes == 2 * 4 * 32 * 256 * 4  # fp32 gradients of two logits tensors
+        assert costs.keeps_receive_buffers is keeps
 
 
 def test_the_cpu_runtimes_kept_receive_buffers_beyond_the_activations_in_flight():
