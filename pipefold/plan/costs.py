@@ -89,7 +89,7 @@ class LayerCost:
     position embedding through the last block): the share of the layer's activation bytes
     that the split divides then. None: sequence parallelism leaves the layer as tensor
     parallelism does."""
-    # -- The backward's temporaries (docs/plan.md, "The backward's temporaries") --
+    # -- The backward's temporaries (docs/decisions.md, "Planner memory model") --
     backward_temporary_bytes: int = 0
     """The most bytes the layer's backward holds at once beyond what its forward saved, per
     `ModelCosts.reference_rows` samples: the gradient handed to it, the one it hands on, a new
@@ -224,7 +224,7 @@ _FIELDS = (
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
     "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
-    # The backward's temporaries and the CPU runtime's receive buffers (h-bwmem).
+    # The backward's temporaries and the CPU runtime's receive buffers.
     "loss_backward_bytes", "keeps_receive_buffers",
 )
 
@@ -354,7 +354,7 @@ class ModelCosts:
     away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
     block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
     without those blocks, hardware presets)."""
-    # -- The backward's temporaries and the CPU runtime's receive buffers (h-bwmem) --
+    # -- The backward's temporaries and the CPU receive buffers (decisions.md, "Planner memory model") --
     loss_backward_bytes: int = 0
     """The most bytes the loss's backward holds at once per `reference_rows` samples (a
     cross-entropy's gradients of the log-probabilities and of the logits: two tensors as large as

@@ -40,7 +40,7 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
     """Per rank, the most activation bytes held from the end of its first backward (B or I) on, as
     `activation_bytes_peak` counts them: the rank's gradients exist from then on (a step's update
     frees them: `zero_grad(set_to_none=True)`), so the planner adds them to this figure, not to
-    the peak before it (docs/plan.md, "Gradients from the first backward on"). A rank without a
+    the peak before it (docs/decisions.md, "Planner memory model"). A rank without a
     backward: its peak."""
     result = []
     for row, peak in zip(timeline.events, activation_bytes_peak(timeline, costs), strict=True):
