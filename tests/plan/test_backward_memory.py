@@ -128,3 +128,16 @@ def test_evaluate_prices_gpipe_without_gradients_at_its_first_backward():
         # Four micro-batches of 2000 before the first backward, three after it, beside 200 of gradients.
         assert (rank.activations, rank.later_activations) == (8000, 6000)
         assert rank.pipeline_total == rank.weights + rank.optimizer + 8000
+
+
+def test_the_later_peaks_of_huge_bytes_take_pythons_integers_alike():
+    # Bytes whose sums could overflow 64 bits: the compiled schedule counts them one action at a time.
+    huge = 2**61
+    model = CostModel.from_lists([1.0, 1.5], [1.0, 1.2], [0.5, 0.7], activation_bytes=[3 * huge, huge],
+                                 weight_grad_bytes=[huge, 2 * huge])
+    for name in ("gpipe", "1f1b", "zb-h1"):
+        schedule = build(name, num_ranks=2, num_microbatches=4)
+        run = CompiledSchedule(schedule).run(model)
+        timeline = simulate(schedule, model)
+        assert run.activation_peaks == timeline.activation_bytes_peak
+        assert run.later_peaks == later_activation_bytes_peak(timeline, model)
