@@ -600,7 +600,8 @@ class ModelCosts:
         )
         options.setdefault("source", "measured profile")
         options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
-        options.setdefault("loss_backward_bytes", int(getattr(profiles[-1], "loss_backward_bytes", 0)) if profiles else 0)
+        options.setdefault("loss_backward_bytes",
+                           int(getattr(profiles[-1], "loss_backward_bytes", 0)) if profiles else 0)
         # A profile under autocast measures each layer's 16-bit weight copies (priced per stage from
         # its layers); their sum per parameter byte summarises them.
         parameters = sum(p.parameter_bytes for p in profiles)

@@ -107,8 +107,8 @@ def evaluate(
         exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
                                  gather_lookahead, makespan, ties) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
-        memory = sharded_memory(rank_memory(costs, model, timeline, placement, transient, config.num_microbatches), model,
-                                sharded, placement, num_data_parallel, ties, costs)
+        counted = rank_memory(costs, model, timeline, placement, transient, config.num_microbatches)
+        memory = sharded_memory(counted, model, sharded, placement, num_data_parallel, ties, costs)
     elif compiles_order(family_order(config.schedule, *sizes), model):
         # The compiled family order, built from its integer arrays: no `Schedule` of `Action`s.
         run = compiled_family(config.schedule, *sizes).run(model)

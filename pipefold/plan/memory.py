@@ -273,8 +273,9 @@ def rank_memory(
 ) -> tuple[RankMemory, ...]:
     """Per rank, the peak memory of a simulated timeline (see docs/decisions.md, "Planner memory
     model"); `num_microbatches` as `memory_of_peaks`."""
+    later = later_activation_bytes_peak(timeline, model)
     return memory_of_peaks(costs, model, timeline.weight_bytes_peak, timeline.activation_bytes_peak,
-                           placement, transient, later_activation_bytes_peak(timeline, model), num_microbatches)
+                           placement, transient, later, num_microbatches)
 
 
 def memory_of_peaks(
@@ -350,6 +351,7 @@ def kept_receive_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: 
         if below == above:
             continue  # passed on within the rank: nothing received
         kept[below] += num_microbatches * size  # the gradients from above
-        in_flight = min(num_microbatches, held[above] // per_microbatch[above]) if per_microbatch[above] else 0
+        per = per_microbatch[above]
+        in_flight = min(num_microbatches, held[above] // per) if per else 0
         kept[above] += (num_microbatches - in_flight) * size
     return kept

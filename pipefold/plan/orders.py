@@ -161,7 +161,8 @@ def split_held_counts(name: str, num_ranks: int, num_microbatches: int, num_virt
                 found.append((stages, rows, len(before)))
                 continue
         stages, first = _held_counts_of_row(kinds, stages_of, "before")
-        found.append((stages, np.concatenate([first, _held_counts_of_row(kinds, stages_of, "after")[1]]), len(first)))
+        after = _held_counts_of_row(kinds, stages_of, "after")[1]
+        found.append((stages, np.concatenate([first, after]), len(first)))
     return tuple(found)
 
 
@@ -296,11 +297,13 @@ def order_peaks_and_later(name: str, num_ranks: int, num_microbatches: int, num_
     for stages, counts, num_before in split_held_counts(name, num_ranks, num_microbatches, num_virtual):
         products = counts @ _stage_weights(stages, costs)
         peaks.append(int(round(float(products.max()))) if counts.size else 0)
-        later.append(int(round(float(products[num_before:].max()))) if len(counts) > num_before else peaks[-1])
+        after = products[num_before:]
+        later.append(int(round(float(after.max()))) if len(after) else peaks[-1])
     return tuple(peaks), tuple(later)
 
 
-def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel) -> bool:
+def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
+                 ) -> bool:
     """Whether the order alone tells the peaks (no duration so small that it could vanish in a sum)."""
     # An upper bound on the compiled check's longest step (every action at the longest duration,
     # overhead and send), so this says False wherever that check says None.
@@ -319,11 +322,12 @@ def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: 
 
 def _stage_weights(stages: tuple[int, ...], costs: CostModel) -> np.ndarray:
     """The bytes each count column stands for: the stages' activations, then their W inputs."""
-    return np.array([costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages],
-                    dtype=np.float64)
+    held = [costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages]
+    return np.array(held, dtype=np.float64)
 
 
-def _largest_products(held: tuple[tuple[tuple[int, ...], np.ndarray], ...], costs: CostModel) -> tuple[int, ...]:
+def _largest_products(held: tuple[tuple[tuple[int, ...], np.ndarray], ...], costs: CostModel
+                      ) -> tuple[int, ...]:
     """Per rank, the largest product of its count vectors with its stages' bytes."""
     peaks = []
     for stages, counts in held:

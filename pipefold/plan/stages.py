@@ -169,7 +169,8 @@ def stage_cost_model(
     )
 
 
-def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Collection[int] = ()) -> list[int]:
+def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Collection[int] = ()
+                         ) -> list[int]:
     """Per stage, the most its backward of one micro-batch holds at once beyond that micro-batch's
     kept activations (`CostModel.backward_temporary_bytes`; empty where no layer and no loss has
     temporaries). The backward runs its layers last to first, one at a time: at layer L's it holds

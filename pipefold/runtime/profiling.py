@@ -224,7 +224,8 @@ def _backward_peak_bytes(where: torch.device, prepare: Callable[[], Any], run: C
         torch.cuda.synchronize(where)
         return max(torch.cuda.max_memory_allocated(where) - start, 0)
     marker = "pipefold::backward_peak"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
         state = prepare()
         with torch.profiler.record_function(marker):
             pass

@@ -14,7 +14,9 @@ from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.simulate.costs import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["activation_bytes_peak", "gathered_weight_bytes_peak", "later_activation_bytes_peak", "weight_versions"]
+__all__ = [
+    "activation_bytes_peak", "gathered_weight_bytes_peak", "later_activation_bytes_peak", "weight_versions",
+]
 
 
 def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:

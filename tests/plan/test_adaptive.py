@@ -84,7 +84,8 @@ def test_a_tight_limit_moves_a_long_bucket_to_recomputation_and_short_ones_not()
     assert free.recompute == "none"
     # Below every choice without recomputation (their peaks differ: a schedule whose peak comes at
     # its first backward holds no gradient there).
-    limit = min(c.peak_memory for c in AdaptiveChooser(_costs, _space()).priced(1, 512) if c.recompute == "none") - 1
+    priced = AdaptiveChooser(_costs, _space()).priced(1, 512)
+    limit = min(c.peak_memory for c in priced if c.recompute == "none") - 1
     chooser = AdaptiveChooser(_costs, _space(memory_limit=limit))
     long = chooser.choose(1, 512)  # one row: no more micro-batches to cut it into
     assert long.recompute == "full" and long.peak_memory <= limit

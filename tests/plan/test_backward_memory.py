@@ -20,15 +20,18 @@ from pipefold.simulate.memory import later_activation_bytes_peak
 
 
 def _model(**fields: object) -> CostModel:
-    return CostModel.from_lists([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[100, 50],
-                                weight_bytes=[1000, 1000], message_bytes=[10], **fields)  # type: ignore[arg-type]
+    return CostModel.from_lists(  # type: ignore[arg-type]
+        [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[100, 50], weight_bytes=[1000, 1000],
+        message_bytes=[10], **fields)
 
 
 def test_gradients_count_only_beside_the_activations_held_from_the_first_backward_on():
     costs = ModelCosts(layers=(LayerCost(1.0, 1.0, 0, 0),))
     # Rank 0 peaks at 400 before its first backward, holds 150 at most after it; rank 1 holds 300 after.
-    memory = memory_of_peaks(costs, _model(), (1000, 1000), (400, 300), (0, 1), (0, 0), later_peaks=(150, 300))
-    assert memory[0].held_activations == max(400, 150 + 1000) and memory[0].pipeline_total == 1000 + 2000 + 1150
+    memory = memory_of_peaks(costs, _model(), (1000, 1000), (400, 300), (0, 1), (0, 0),
+                             later_peaks=(150, 300))
+    assert memory[0].held_activations == max(400, 150 + 1000)
+    assert memory[0].pipeline_total == 1000 + 2000 + 1150
     assert memory[1].held_activations == 300 + 1000
     big = memory_of_peaks(costs, _model(), (1000, 1000), (4000, 300), (0, 1), (0, 0), later_peaks=(150, 300))
     assert big[0].held_activations == 4000  # the first backward's peak, before any gradient exists
@@ -95,13 +98,14 @@ def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers():
 
 
 def test_the_cpu_runtimes_kept_receive_buffers_beyond_the_activations_in_flight():
-    model = _model()  # one boundary of 10 bytes between rank 0 (stage 0) and rank 1 (stage 1, 50 a micro-batch)
+    model = _model()  # a boundary of 10 bytes between rank 0 (stage 0) and rank 1 (stage 1: 50 a micro-batch)
     # Rank 0 keeps every micro-batch's gradient buffer; rank 1 its activation buffers but those in flight.
     assert kept_receive_bytes(model, (0, 1), 2, 4, held=(400, 100)) == [40, 20]
     assert kept_receive_bytes(model, (0, 1), 2, 4, held=(400, 200)) == [40, 0]
     assert kept_receive_bytes(model, (0, 0), 1, 4, held=(150,)) == [0]  # within one rank: none received
     cpu = ModelCosts(layers=(LayerCost(1.0, 1.0, 0, 0),), keeps_receive_buffers=True)
-    memory = memory_of_peaks(cpu, model, (1000, 1000), (400, 200), (0, 1), (0, 0), (300, 100), num_microbatches=4)
+    memory = memory_of_peaks(cpu, model, (1000, 1000), (400, 200), (0, 1), (0, 0), (300, 100),
+                             num_microbatches=4)
     assert [rank.received for rank in memory] == [40, 20]
     cuda = ModelCosts(layers=(LayerCost(1.0, 1.0, 0, 0),))
     assert [rank.received for rank in memory_of_peaks(cuda, model, (1000, 1000), (400, 200), (0, 1), (0, 0),
@@ -120,7 +124,8 @@ def test_new_cost_fields_round_trip_and_old_files_write_as_before():
 
 
 def test_evaluate_prices_gpipe_without_gradients_at_its_first_backward():
-    layers = tuple(LayerCost(1.0, 1.0, activation_bytes=1000, output_bytes=10, parameter_bytes=100) for _ in range(4))
+    layers = tuple(LayerCost(1.0, 1.0, activation_bytes=1000, output_bytes=10, parameter_bytes=100)
+                   for _ in range(4))
     costs = ModelCosts(layers=layers)
     config = Config("gpipe", 1, 4, 1)
     candidate = evaluate(costs, config, num_ranks=2, bounds=(0, 2, 4), recompute=(), link=Link())

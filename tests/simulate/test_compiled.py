@@ -58,7 +58,8 @@ def test_compiled_run_equals_simulate(name: str) -> None:
                 assert run.activation_peaks == timeline.activation_bytes_peak
                 # The most held from each rank's first backward on (its gradients exist from there).
                 later = later_activation_bytes_peak(timeline, costs)
-                assert all(after <= peak for after, peak in zip(later, timeline.activation_bytes_peak, strict=True))
+                peaks = timeline.activation_bytes_peak
+                assert all(after <= peak for after, peak in zip(later, peaks, strict=True))
                 if not zeros:  # (equal end times aside, where the two may split a tie apart)
                     assert run.later_peaks == later
                 assert run.bubble_fraction(num_ranks) == pytest.approx(timeline.bubble_fraction, abs=1e-12)
@@ -103,7 +104,8 @@ def test_level_by_level_equals_one_at_a_time(name: str, monkeypatch: pytest.Monk
                 assert run.activation_peaks == timeline.activation_bytes_peak
                 # The most held from each rank's first backward on (its gradients exist from there).
                 later = later_activation_bytes_peak(timeline, costs)
-                assert all(after <= peak for after, peak in zip(later, timeline.activation_bytes_peak, strict=True))
+                peaks = timeline.activation_bytes_peak
+                assert all(after <= peak for after, peak in zip(later, peaks, strict=True))
                 if not zeros:  # (equal end times aside, where the two may split a tie apart)
                     assert run.later_peaks == later
             checked += 1
