@@ -7,7 +7,7 @@ from torch import nn
 from pipefold.runtime import profile
 
 
-def test_a_linear_layers_backward_holds_its_gradients_at_once():
+def test_a_linear_layers_backward_holds_its_gradients_at_once() -> None:
     for rows, width in ((4, 16), (8, 32)):
         measured = profile(nn.Sequential(nn.Linear(width, width), nn.Linear(width, width)),
                            torch.randn(rows, width), num_repeats=1)
@@ -17,7 +17,7 @@ def test_a_linear_layers_backward_holds_its_gradients_at_once():
         assert [p.loss_backward_bytes for p in measured] == [0, 0]
 
 
-def test_a_cross_entropys_backward_holds_two_logits_sized_gradients():
+def test_a_cross_entropys_backward_holds_two_logits_sized_gradients() -> None:
     rows, width, classes = 4, 8, 64
     measured = profile(nn.Sequential(nn.Linear(width, classes)), torch.randn(rows, width), num_repeats=1,
                        loss_fn=nn.functional.cross_entropy, target=torch.randint(0, classes, (rows,)))

@@ -19,13 +19,13 @@ from pipefold.simulate.compiled import CompiledSchedule
 from pipefold.simulate.memory import later_activation_bytes_peak
 
 
-def _model(**fields: object) -> CostModel:
-    return CostModel.from_lists(  # type: ignore[arg-type]
-        [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[100, 50], weight_bytes=[1000, 1000],
-        message_bytes=[10], **fields)
+def _model(temporaries: tuple[int, ...] = ()) -> CostModel:
+    return CostModel.from_lists([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[100, 50],
+                                weight_bytes=[1000, 1000], message_bytes=[10],
+                                backward_temporary_bytes=temporaries)
 
 
-def test_gradients_count_only_beside_the_activations_held_from_the_first_backward_on():
+def test_gradients_count_only_beside_the_activations_held_from_the_first_backward_on() -> None:
     costs = ModelCosts(layers=(LayerCost(1.0, 1.0, 0, 0),))
     # Rank 0 peaks at 400 before its first backward, holds 150 at most after it; rank 1 holds 300 after.
     memory = memory_of_peaks(costs, _model(), (1000, 1000), (400, 300), (0, 1), (0, 0),
@@ -42,7 +42,7 @@ def test_gradients_count_only_beside_the_activations_held_from_the_first_backwar
     assert RankMemory.from_json(memory[0].to_json()) == memory[0]
 
 
-def test_a_gpipe_rank_peaks_before_its_gradients_and_a_1f1b_rank_after():
+def test_a_gpipe_rank_peaks_before_its_gradients_and_a_1f1b_rank_after() -> None:
     model = _model()
     gpipe = simulate(build("gpipe", num_ranks=2, num_microbatches=4), model)
     # GPipe: all four forwards before the first backward; after it, three micro-batches at most.
@@ -52,9 +52,9 @@ def test_a_gpipe_rank_peaks_before_its_gradients_and_a_1f1b_rank_after():
     assert (onef.activation_peaks, onef.later_peaks) == ((200, 50), (200, 50))
 
 
-def test_a_rank_adds_its_stages_largest_backward_temporary_beyond_the_rebuilt_layer():
+def test_a_rank_adds_its_stages_largest_backward_temporary_beyond_the_rebuilt_layer() -> None:
     costs = ModelCosts(layers=(LayerCost(1.0, 1.0, 0, 0),))
-    model = _model(backward_temporary_bytes=[70, 300])
+    model = _model((70, 300))
     memory = memory_of_peaks(costs, model, (1000, 1000), (100, 50), (0, 0), (0, 0))  # one rank, both stages
     assert memory[0].temporary == 300
     # A recomputed stage's temporary counts its rebuilt layer, which `recompute` holds already.
@@ -63,7 +63,7 @@ def test_a_rank_adds_its_stages_largest_backward_temporary_beyond_the_rebuilt_la
     assert rebuilt[1].pipeline_total == 1000 + 1000 + 2000 + 50 + 250 + 50
 
 
-def test_a_stages_temporary_is_its_backwards_largest_moment():
+def test_a_stages_temporary_is_its_backwards_largest_moment() -> None:
     layers = (LayerCost(1.0, 1.0, activation_bytes=10, output_bytes=4, backward_temporary_bytes=5),
               LayerCost(1.0, 1.0, activation_bytes=20, output_bytes=6, backward_temporary_bytes=50,
                         backward_temporary_fixed_bytes=30))
@@ -88,7 +88,7 @@ def test_a_stages_temporary_is_its_backwards_largest_moment():
     assert backward_temporaries(loss_only, StageLayout((0, 1, 2), 2), recompute=(1,)) == [0, 60]
 
 
-def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers():
+def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers() -> None:
     for preset, keeps in (("cpu", True), ("a100-80gb", False)):
         estimate = GptEstimate(num_layers=2, d_model=64, num_heads=4, seq_len=32, vocab_size=256,
                                hardware=load_hardware(preset))
@@ -97,7 +97,7 @@ def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers():
         assert costs.keeps_receive_buffers is keeps
 
 
-def test_the_cpu_runtimes_kept_receive_buffers_beyond_the_activations_in_flight():
+def test_the_cpu_runtimes_kept_receive_buffers_beyond_the_activations_in_flight() -> None:
     model = _model()  # a boundary of 10 bytes between rank 0 (stage 0) and rank 1 (stage 1: 50 a micro-batch)
     # Rank 0 keeps every micro-batch's gradient buffer; rank 1 its activation buffers but those in flight.
     assert kept_receive_bytes(model, (0, 1), 2, 4, held=(400, 100)) == [40, 20]
@@ -112,7 +112,7 @@ def test_the_cpu_runtimes_kept_receive_buffers_beyond_the_activations_in_flight(
                                                       (300, 100), num_microbatches=4)] == [0, 0]
 
 
-def test_new_cost_fields_round_trip_and_old_files_write_as_before():
+def test_new_cost_fields_round_trip_and_old_files_write_as_before() -> None:
     layers = (LayerCost(1.0, 1.0, 10, 4, backward_temporary_bytes=9, backward_temporary_fixed_bytes=3),)
     costs = ModelCosts(layers=layers, loss_backward_bytes=8, keeps_receive_buffers=True)
     assert ModelCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
@@ -123,7 +123,7 @@ def test_new_cost_fields_round_trip_and_old_files_write_as_before():
         ModelCosts(layers=layers, keeps_receive_buffers=1)  # type: ignore[arg-type]
 
 
-def test_evaluate_prices_gpipe_without_gradients_at_its_first_backward():
+def test_evaluate_prices_gpipe_without_gradients_at_its_first_backward() -> None:
     layers = tuple(LayerCost(1.0, 1.0, activation_bytes=1000, output_bytes=10, parameter_bytes=100)
                    for _ in range(4))
     costs = ModelCosts(layers=layers)
@@ -135,7 +135,7 @@ def test_evaluate_prices_gpipe_without_gradients_at_its_first_backward():
         assert rank.pipeline_total == rank.weights + rank.optimizer + 8000
 
 
-def test_the_later_peaks_of_huge_bytes_take_pythons_integers_alike():
+def test_the_later_peaks_of_huge_bytes_take_pythons_integers_alike() -> None:
     # Bytes whose sums could overflow 64 bits: the compiled schedule counts them one action at a time.
     huge = 2**61
     model = CostModel.from_lists([1.0, 1.5], [1.0, 1.2], [0.5, 0.7], activation_bytes=[3 * huge, huge],
