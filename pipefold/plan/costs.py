@@ -216,6 +216,8 @@ _CAST_COLUMN = 7
 `no_decay_parameter_bytes`)."""
 
 _FIELDS = (
+    # The backward's temporaries and the CPU runtime's receive buffers.
+    "loss_backward_bytes", "keeps_receive_buffers",
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
@@ -224,8 +226,6 @@ _FIELDS = (
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
     "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
-    # The backward's temporaries and the CPU runtime's receive buffers.
-    "loss_backward_bytes", "keeps_receive_buffers",
 )
 
 
@@ -266,6 +266,18 @@ class ModelCosts:
     """Bytes the loss saves for its backward per `reference_rows` samples (a cross-entropy's
     log-probabilities: as large as the logits), held by the last stage per micro-batch in flight,
     recomputed or not (the loss runs outside the stage's checkpoints)."""
+    # -- The backward's temporaries and the CPU receive buffers (decisions.md, "Planner memory model") --
+    loss_backward_bytes: int = 0
+    """The most bytes the loss's backward holds at once per `reference_rows` samples (a
+    cross-entropy's gradients of the log-probabilities and of the logits: two tensors as large as
+    the logits; `LayerProfile.loss_backward_bytes`): a temporary of the last stage's backward,
+    priced as a layer's `LayerCost.backward_temporary_bytes`. 0: none (costs written before it)."""
+    keeps_receive_buffers: bool = False
+    """Whether the runtime keeps its receive buffers from step to step: one per (stage, micro-batch)
+    and direction on CPU (`pipefold.runtime.receive_buffers`), none on CUDA, where every message gets
+    a fresh buffer. True: a rank's pipeline call adds those it holds beyond the activations in
+    flight (`pipefold.plan.memory.RankMemory.received`). Set where the costs are measured or
+    estimated for a CPU."""
     tied_layers: tuple[tuple[int, ...], ...] = ()
     """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
     each holding it whole. A rank holding several of them holds the weight once
@@ -354,18 +366,6 @@ class ModelCosts:
     away from its own I"). Fitted by `pipefold plan --profile`'s calibration from its zb-h1
     block's W against its split block's (`pipefold.plan.deferred_weight`). 0: not priced (costs
     without those blocks, hardware presets)."""
-    # -- The backward's temporaries and the CPU receive buffers (decisions.md, "Planner memory model") --
-    loss_backward_bytes: int = 0
-    """The most bytes the loss's backward holds at once per `reference_rows` samples (a
-    cross-entropy's gradients of the log-probabilities and of the logits: two tensors as large as
-    the logits; `LayerProfile.loss_backward_bytes`): a temporary of the last stage's backward,
-    priced as a layer's `LayerCost.backward_temporary_bytes`. 0: none (costs written before it)."""
-    keeps_receive_buffers: bool = False
-    """Whether the runtime keeps its receive buffers from step to step: one per (stage, micro-batch)
-    and direction on CPU (`pipefold.runtime.receive_buffers`), none on CUDA, where every message gets
-    a fresh buffer. True: a rank's pipeline call adds those it holds beyond the activations in
-    flight (`pipefold.plan.memory.RankMemory.received`). Set where the costs are measured or
-    estimated for a CPU."""
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """(rows, F scale, B scale) at each micro-batch size a calibration run measured, in increasing
     rows: its measured stage times over the fitted line's, by which a stage's F (and B, I, W) at
@@ -422,12 +422,8 @@ class ModelCosts:
                      "update_s_per_parameter_byte", "cast_s_per_parameter_byte", "split_overhead_s",
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
-                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
-                     "loss_backward_bytes"):
+                     "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
             _non_negative("ModelCosts", name, getattr(self, name))
-        if not isinstance(self.keeps_receive_buffers, bool):
-            raise ConfigError(f"ModelCosts.keeps_receive_buffers = {self.keeps_receive_buffers!r}; give true "
-                              "(the runtime keeps its receive buffers between steps: CPU) or false")
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
             raise ConfigError(
@@ -481,6 +477,10 @@ class ModelCosts:
         object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
         object.__setattr__(self, "norm_array", np.array(
             [layer.gradient_norm_bytes for layer in self.layers] + [0], dtype=np.int64))
+        _non_negative("ModelCosts", "loss_backward_bytes", self.loss_backward_bytes)
+        if not isinstance(self.keeps_receive_buffers, bool):
+            raise ConfigError(f"ModelCosts.keeps_receive_buffers = {self.keeps_receive_buffers!r}; give true "
+                              "(the runtime keeps its receive buffers between steps: CPU) or false")
 
     @property
     def num_layers(self) -> int:
@@ -628,8 +628,7 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "loss_backward_bytes",
-                     "keeps_receive_buffers"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
@@ -637,6 +636,9 @@ class ModelCosts:
                          "backward_temporary_fixed_bytes"):
                 if not layer[name]:  # layers without these write as before
                     del layer[name]
+        for name in ("loss_backward_bytes", "keeps_receive_buffers"):
+            if not data[name]:  # costs without the backward's temporaries or a CPU's buffers, as before
+                del data[name]
         return data
 
     @classmethod
