@@ -45,12 +45,9 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
     the peak before it (docs/decisions.md, "Planner memory model"). A rank without a
     backward: its peak."""
     result = []
-    for row, peak in zip(timeline.events, activation_bytes_peak(timeline, costs), strict=True):
+    for row in timeline.events:
         ends = [event.end for event in row if event.action.op.is_backward]
-        if not ends:
-            result.append(peak)
-            continue
-        first_end = min(ends)
+        first_end = min(ends, default=None)
         changes: list[tuple[float, int]] = []
         for event in row:
             action = event.action
@@ -62,6 +59,9 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
                     changes.append((event.end, costs.weight_grad_bytes[action.stage]))
             elif action.op is Op.W:
                 changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+        if first_end is None:
+            result.append(_peak_held(changes))
+            continue
         held = 0
         later = None
         for time, delta in sorted(changes):
@@ -70,7 +70,7 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
                 later = held  # the first release at the first backward's end: from here on
             elif later is not None:
                 later = max(later, held)
-        result.append(peak if later is None else later)
+        result.append(_peak_held(changes) if later is None else later)
     return tuple(result)
 
 
