@@ -14,9 +14,11 @@ that command then runs 2 steps, and its summary.json gives what each rank held: 
 optimizer state (the tensors' bytes), gradients (as large as the weights during a step) and the
 activation peak the saved-tensor hooks counted. Runs one job at a time (each is 2 processes).
 Prints one row per (configuration, rank): predicted and counted activations and totals, and the
-total's error (the plan's pipeline call without its recompute transient, which the hooks do not
-see; the update after the step, which they do not count either, is the last column). A
-benchmark, not a test.
+total's error (the plan's pipeline call as the hooks count one: weights, gradients, optimizer
+state and the activation peak, without what only an allocator sees: the recompute transient,
+the backward's temporaries, the kept receive buffers, and that no gradient exists before a
+rank's first backward, which `--allocator` checks; the update after the step, which the hooks
+do not count either, is the last column). A benchmark, not a test.
 
 `--megatron` checks the model `pipefold plan --megatron` prices (`GptEstimate(megatron=True)`
 on the `cpu` hardware preset, fp32: Korthikanti et al. 2022's activations) against
@@ -129,8 +131,10 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
         casts = entry.get("casts", 0)
         total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"] + casts
         # The hooks do not see the layer a recomputing backward rebuilds for a moment, so the
-        # like-for-like total leaves the plan's recompute transient out (shown apart).
-        like = pipeline_total(predicted) - predicted["recompute"]
+        # like-for-like total leaves the plan's recompute transient out (shown apart), and what
+        # else only the allocator sees: the backward's temporaries, the kept receive buffers,
+        # and when the gradients are made (the job counts them beside its whole peak).
+        like = hook_counted_total(predicted)
         mixed = precision != "fp32"
         rows.append((
             f"{schedule} m={num_microbatches} recompute={recompute}" + (f" {precision}" if mixed else "")
@@ -143,6 +147,14 @@ def measure(schedule: str, recompute: str, num_microbatches: int, work: Path,
             f"{like / total - 1:+.1%}", f"{predicted.get('update', 0) / 2**10:.0f}",
         ))
     return rows
+
+
+def hook_counted_total(predicted: Mapping[str, int]) -> int:
+    """The plan's pipeline call as the saved-tensor hooks count one: weights, gradients beside the
+    activation peak, optimizer state and casts (RankMemory.pipeline_total without the recompute
+    transient, the backward's temporaries and the receive buffers, and with every gradient)."""
+    return (predicted["weights"] + predicted["gradients"] + predicted["optimizer"] + predicted["activations"]
+            + predicted.get("casts", 0))
 
 
 def pipeline_total(predicted: Mapping[str, int]) -> int:
@@ -330,7 +342,7 @@ def measure_megatron(
         rank = entry["pipeline_rank"]
         predicted = planned[rank]
         total = 2 * entry["weights"] + entry["optimizer"] + entry["activations_peak"]
-        like = pipeline_total(predicted) - predicted["recompute"]
+        like = hook_counted_total(predicted)
         activations = predicted["activations"] / entry["activations_peak"] - 1
         with_output = (predicted["activations"] + predicted["held_output"]) / entry["activations_peak"] - 1
         rows.append((

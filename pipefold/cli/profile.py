@@ -214,7 +214,9 @@ def measure_gpt(args: argparse.Namespace, rows: int) -> GptProfile:
     # Token ids take no gradient: the first stage's backward has no input half.
     costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=rows * args.seq_len * _ID_BYTES,
                                     source=source, tied_layers=tied, input_requires_grad=False,
-                                    **_state_bytes(precision), **_update_fields(layers, device, precision))
+                                    **_state_bytes(precision), **_update_fields(layers, device, precision),
+                                    # The CPU runtime keeps its receive buffers between steps.
+                                    keeps_receive_buffers=device == "cpu")
     costs = _with_update_split(costs, layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
@@ -280,7 +282,9 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
                                     source=source, input_requires_grad=False,
                                     tied_layers=tuple(group for group, _ in ties),
                                     tied_parameter_bytes=tuple(value_bytes * values for _, values in ties),
-                                    **_state_bytes(precision), **_update_fields(lm.layers, device, precision))
+                                    **_state_bytes(precision), **_update_fields(lm.layers, device, precision),
+                                    # The CPU runtime keeps its receive buffers between steps.
+                                    keeps_receive_buffers=device == "cpu")
     costs = _with_update_split(costs, lm.layers)
 
     def at(other_rows: int) -> list[LayerProfile]:
@@ -312,7 +316,8 @@ def _with_overheads(
     from pipefold.runtime.overheads import action_overhead, update_seconds_per_byte
 
     other_rows = 1 if costs.reference_rows > 1 else 2
-    costs = with_fixed_costs(costs, ModelCosts.from_profile(at(other_rows), rows=other_rows))
+    other = ModelCosts.from_profile(at(other_rows), rows=other_rows)
+    costs = _with_fixed_temporaries(with_fixed_costs(costs, other), other)
     previous_threads = torch.get_num_threads()
     try:
         if threads is not None:
@@ -328,6 +333,22 @@ def _with_overheads(
         source=f"{costs.source}; runtime {per_action * 1e6:.0f} us per action, optimizer update "
         f"{per_byte * 2**20 * 1e3:.2f} ms per MiB of parameters",
     )
+
+
+def _with_fixed_temporaries(costs: ModelCosts, other: ModelCosts) -> ModelCosts:
+    """`costs` with each layer's `backward_temporary_fixed_bytes`: the intercept of the line through
+    its backward's temporaries at `costs`' rows and at `other`'s (a new weight gradient is as large
+    whatever the rows), kept within [0, the temporaries at `costs`' rows]."""
+    import dataclasses
+
+    rows, other_rows = costs.reference_rows, other.reference_rows
+    layers = []
+    for layer, at_other in zip(costs.layers, other.layers, strict=True):
+        slope = (layer.backward_temporary_bytes - at_other.backward_temporary_bytes) / (rows - other_rows)
+        fixed = round(layer.backward_temporary_bytes - slope * rows)
+        layers.append(dataclasses.replace(
+            layer, backward_temporary_fixed_bytes=min(max(fixed, 0), layer.backward_temporary_bytes)))
+    return dataclasses.replace(costs, layers=tuple(layers))
 
 
 def _precision(args: argparse.Namespace, device: str) -> str:

@@ -89,11 +89,30 @@ class LayerCost:
     position embedding through the last block): the share of the layer's activation bytes
     that the split divides then. None: sequence parallelism leaves the layer as tensor
     parallelism does."""
+    # -- The backward's temporaries (docs/decisions.md, "Planner memory model") --
+    backward_temporary_bytes: int = 0
+    """The most bytes the layer's backward holds at once beyond what its forward saved, per
+    `ModelCosts.reference_rows` samples: the gradient handed to it, the one it hands on, a new
+    weight gradient before it is added into the held one, its own temporaries (an MLP's hidden
+    gradient). No saved-tensor hook sees them (`LayerProfile.backward_temporary_bytes`). A rank's
+    pipeline call adds its stages' largest (`pipefold.plan.memory.RankMemory.temporary`); 0 in every
+    layer: none (costs written before it price as they did)."""
+    backward_temporary_fixed_bytes: int = 0
+    """The part of `backward_temporary_bytes` that does not grow with the rows (a new weight
+    gradient): a micro-batch of r rows holds it plus the rest times r / `reference_rows`
+    (`backward_temporary_at`). Fitted by `pipefold profile` from its two row counts; 0: all of it
+    scales with the rows."""
+
+    def backward_temporary_at(self, rows_scale: float) -> int:
+        """`backward_temporary_bytes` for micro-batches of `rows_scale` x `ModelCosts.reference_rows` rows."""
+        fixed = min(self.backward_temporary_fixed_bytes, self.backward_temporary_bytes)
+        return fixed + round(rows_scale * (self.backward_temporary_bytes - fixed))
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "activation_bytes", "output_bytes", "parameter_bytes",
                      "cast_bytes", "fixed_s", "num_tensor_parallel_allreduces", "no_decay_parameter_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "backward_temporary_bytes",
+                     "backward_temporary_fixed_bytes"):
             _non_negative("LayerCost", name, getattr(self, name))
         for name in ("tensor_parallel_share", "tensor_parallel_activation_share",
                      "tensor_parallel_cast_share", "tensor_parallel_saved_cast_share",
@@ -107,7 +126,8 @@ class LayerCost:
                 "give a whole number"
             )
         for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "backward_temporary_bytes",
+                     "backward_temporary_fixed_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -196,6 +216,8 @@ _CAST_COLUMN = 7
 `no_decay_parameter_bytes`)."""
 
 _FIELDS = (
+    # The backward's temporaries and the CPU runtime's receive buffers.
+    "loss_backward_bytes", "keeps_receive_buffers",
     "layers", "reference_rows", "input_bytes", "gradient_bytes_per_parameter_byte",
     "optimizer_bytes_per_parameter_byte", "overhead_s", "source", "tensor_parallel_degrees", "loss_bytes",
     "tied_layers", "action_overhead_s", "update_s_per_parameter_byte", "input_requires_grad",
@@ -244,6 +266,18 @@ class ModelCosts:
     """Bytes the loss saves for its backward per `reference_rows` samples (a cross-entropy's
     log-probabilities: as large as the logits), held by the last stage per micro-batch in flight,
     recomputed or not (the loss runs outside the stage's checkpoints)."""
+    # -- The backward's temporaries and the CPU receive buffers (decisions.md, "Planner memory model") --
+    loss_backward_bytes: int = 0
+    """The most bytes the loss's backward holds at once per `reference_rows` samples (a
+    cross-entropy's gradients of the log-probabilities and of the logits: two tensors as large as
+    the logits; `LayerProfile.loss_backward_bytes`): a temporary of the last stage's backward,
+    priced as a layer's `LayerCost.backward_temporary_bytes`. 0: none (costs written before it)."""
+    keeps_receive_buffers: bool = False
+    """Whether the runtime keeps its receive buffers from step to step: one per (stage, micro-batch)
+    and direction on CPU (`pipefold.runtime.receive_buffers`), none on CUDA, where every message gets
+    a fresh buffer. True: a rank's pipeline call adds those it holds beyond the activations in
+    flight (`pipefold.plan.memory.RankMemory.received`). Set where the costs are measured or
+    estimated for a CPU."""
     tied_layers: tuple[tuple[int, ...], ...] = ()
     """Groups of layers that hold one weight (a tied embedding and head: `((0, num_layers - 1),)`),
     each holding it whole. A rank holding several of them holds the weight once
@@ -451,6 +485,10 @@ class ModelCosts:
         object.__setattr__(self, "prefix_array", np.array(prefixes, dtype=np.float64))
         object.__setattr__(self, "norm_array", np.array(
             [layer.gradient_norm_bytes for layer in self.layers] + [0], dtype=np.int64))
+        _non_negative("ModelCosts", "loss_backward_bytes", self.loss_backward_bytes)
+        if not isinstance(self.keeps_receive_buffers, bool):
+            raise ConfigError(f"ModelCosts.keeps_receive_buffers = {self.keeps_receive_buffers!r}; give true "
+                              "(the runtime keeps its receive buffers between steps: CPU) or false")
 
     @property
     def num_layers(self) -> int:
@@ -564,11 +602,14 @@ class ModelCosts:
                 cast_bytes=_held_cast_bytes(p),
                 saved_cast_bytes=min(int(getattr(p, "cast_bytes", 0)), _held_cast_bytes(p)),
                 weight_grad_s=weight_grad_s(p),
+                backward_temporary_bytes=int(getattr(p, "backward_temporary_bytes", 0)),
             )
             for p in profiles
         )
         options.setdefault("source", "measured profile")
         options.setdefault("loss_bytes", getattr(profiles[-1], "loss_bytes", 0) if profiles else 0)
+        options.setdefault("loss_backward_bytes",
+                           int(getattr(profiles[-1], "loss_backward_bytes", 0)) if profiles else 0)
         # A profile under autocast measures each layer's 16-bit weight copies (priced per stage from
         # its layers); their sum per parameter byte summarises them.
         parameters = sum(p.parameter_bytes for p in profiles)
@@ -599,9 +640,13 @@ class ModelCosts:
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
-            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes"):
+            for name in ("no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
+                         "backward_temporary_fixed_bytes"):
                 if not layer[name]:  # layers without these write as before
                     del layer[name]
+        for name in ("loss_backward_bytes", "keeps_receive_buffers"):
+            if not data[name]:  # costs without the backward's temporaries or a CPU's buffers, as before
+                del data[name]
         return data
 
     @classmethod
@@ -624,7 +669,8 @@ class ModelCosts:
                         "tensor_parallel_activation_share", "tensor_parallel_cast_share",
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
                         "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
-                        "no_decay_parameter_bytes", "gradient_norm_bytes"}
+                        "no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
+                        "backward_temporary_fixed_bytes"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

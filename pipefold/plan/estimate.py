@@ -439,6 +439,11 @@ class GptEstimate:
             optimizer_bytes_per_parameter_byte=self.optimizer_element_bytes / pe,
             tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
             loss_bytes=logits * max(v, 4),
+            # The loss's backward holds the gradients of the fp32 log-probabilities and of the
+            # logits at once; the layers' own backward temporaries are not estimated (0).
+            loss_backward_bytes=2 * logits * 4,
+            # The CPU runtime keeps its receive buffers between steps (none on CUDA).
+            keeps_receive_buffers=self.hardware.device == "cpu",
             cast_s_per_parameter_byte=cast_s / sum(layer.parameter_bytes for layer in layers),
             # The update's temporaries on the hardware's device (AdamW foreach on CUDA), from one
             # tp rank's tensors: pipefold.plan.update_memory.

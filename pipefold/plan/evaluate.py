@@ -107,18 +107,19 @@ def evaluate(
         exposed = gather_exposed(schedule, model, costs, num_data_parallel, sync_link, free_between,
                                  gather_lookahead, makespan, ties) if price_exposure else None
         sharded = replace(config, free_between=free_between, gather_lookahead=gather_lookahead)
-        memory = sharded_memory(rank_memory(costs, model, timeline, placement, transient), model,
-                                sharded, placement, num_data_parallel, ties, costs)
+        counted = rank_memory(costs, model, timeline, placement, transient, config.num_microbatches)
+        memory = sharded_memory(counted, model, sharded, placement, num_data_parallel, ties, costs)
     elif compiles_order(family_order(config.schedule, *sizes), model):
         # The compiled family order, built from its integer arrays: no `Schedule` of `Action`s.
         run = compiled_family(config.schedule, *sizes).run(model)
         makespan, bubble = run.makespan, run.bubble_fraction(num_ranks)
         weights = tuple(static_weight_bytes(model, placement, num_ranks))
-        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, placement, transient)
+        memory = memory_of_peaks(costs, model, weights, run.activation_peaks, placement, transient,
+                                 run.later_peaks, config.num_microbatches)
     else:
         timeline = simulate(family_schedule(config.schedule, *sizes), model)
         makespan, bubble = timeline.makespan, timeline.bubble_fraction
-        memory = rank_memory(costs, model, timeline, placement, transient)
+        memory = rank_memory(costs, model, timeline, placement, transient, config.num_microbatches)
     allreduce = 0.0 if shard == "full" else replica_sync_time(
         costs, model, placement, num_ranks, num_data_parallel, sync_link, sharded_optimizer)
     tied = tied_exchange_time(costs, model, config.schedule, placement,

@@ -14,12 +14,13 @@ from typing import Any
 
 from pipefold.plan.costs import ModelCosts
 from pipefold.simulate import CostModel
+from pipefold.simulate.memory import later_activation_bytes_peak
 from pipefold.timeline import Timeline
 
 __all__ = [
     "RankMemory", "cast_bytes", "excess_per_rank", "update_bytes", "rank_memory", "memory_of_peaks",
     "static_bytes", "static_weight_bytes", "gradient_bytes",
-    "repeated_casts",
+    "repeated_casts", "kept_receive_bytes",
 ]
 
 
@@ -40,11 +41,32 @@ class RankMemory:
     """The most the update after the step allocates for a moment: the gradient norm's float64
     copies or the optimizer step's temporaries, whichever is larger (`update_bytes`). Live beside
     the weights, gradients and optimizer state; the activations and casts are freed by then."""
+    later_activations: int | None = None
+    """The most activation bytes held from the end of the rank's first backward on, when its
+    gradients exist: `zero_grad(set_to_none=True)` frees them at each update and a backward makes
+    them, so the pipeline call holds the larger of `activations` without the gradients and this
+    with them. None: the gradients beside the whole peak (plans written before it)."""
+    temporary: int = 0
+    """What a backward of the rank's stages holds at once beyond its micro-batch's kept activations
+    (`CostModel.backward_temporary_bytes`: the gradients handed on, a new weight gradient, the
+    loss's gradients, and a recomputed layer's rebuilt activations), beyond `recompute` (the
+    rebuilt layer counted there): the pipeline call adds both."""
+    received: int = 0
+    """Receive buffers the runtime keeps from step to step beyond those holding activations in
+    flight (CPU only: `ModelCosts.keeps_receive_buffers`; `kept_receive_bytes`)."""
+
+    @property
+    def held_activations(self) -> int:
+        """The activations and gradients of the pipeline call's peak: the larger of the peak
+        without the gradients and the later peak with them (`later_activations`)."""
+        later = self.activations if self.later_activations is None else self.later_activations
+        return max(self.activations, later + self.gradients)
 
     @property
     def pipeline_total(self) -> int:
         """The peak during the pipeline's call (what `total` was before the update was priced)."""
-        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute + self.casts
+        return (self.weights + self.optimizer + self.held_activations + self.recompute + self.casts
+                + self.temporary + self.received)
 
     @property
     def update_total(self) -> int:
@@ -62,13 +84,18 @@ class RankMemory:
             "activations": self.activations, "recompute": self.recompute, "casts": self.casts,
             "update": self.update, "pipeline_total": self.pipeline_total, "update_total": self.update_total,
             "total": self.total,
+            # Written only where priced: plans without them read and write as before.
+            **({"later_activations": self.later_activations} if self.later_activations is not None else {}),
+            **({"temporary": self.temporary} if self.temporary else {}),
+            **({"received": self.received} if self.received else {}),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RankMemory:
         # A plan written before `update` existed reads with none (its total was the pipeline's).
         derived = {"total", "pipeline_total", "update_total"}
-        return cls(**{key: int(value) for key, value in data.items() if key not in derived})
+        return cls(**{key: None if value is None else int(value)  # type: ignore[arg-type]
+                      for key, value in data.items() if key not in derived})
 
 
 class PeakMemory:
@@ -242,10 +269,13 @@ def rank_memory(
     timeline: Timeline,
     placement: tuple[int, ...],
     transient: tuple[int, ...],
+    num_microbatches: int = 0,
 ) -> tuple[RankMemory, ...]:
-    """Per rank, the peak memory of a simulated timeline (see docs/decisions.md, "Planner memory model")."""
+    """Per rank, the peak memory of a simulated timeline (see docs/decisions.md, "Planner memory
+    model"); `num_microbatches` as `memory_of_peaks`."""
+    later = later_activation_bytes_peak(timeline, model)
     return memory_of_peaks(costs, model, timeline.weight_bytes_peak, timeline.activation_bytes_peak,
-                           placement, transient)
+                           placement, transient, later, num_microbatches)
 
 
 def memory_of_peaks(
@@ -255,14 +285,28 @@ def memory_of_peaks(
     activation_peaks: tuple[int, ...],
     placement: tuple[int, ...],
     transient: tuple[int, ...],
+    later_peaks: Sequence[int] = (),
+    num_microbatches: int = 0,
 ) -> tuple[RankMemory, ...]:
     """Per rank, the peak memory given its weight and activation peaks (a timeline's, or a flush
-    schedule's own: `pipefold.simulate.compiled`)."""
+    schedule's own: `pipefold.simulate.compiled`). `later_peaks`: per rank, the most activations
+    held from the end of its first backward on (`RankMemory.later_activations`); empty: the
+    gradients beside the whole peak. `num_microbatches`: the step's, for the receive buffers the
+    runtime keeps where `costs.keeps_receive_buffers` (0: none priced)."""
     num_ranks = len(activation_peaks)
     owned = _owned_weight_bytes(model, placement, num_ranks)
     casts = cast_bytes(costs, model, placement, num_ranks)
     update = update_bytes(costs, owned, _owned_no_decay_bytes(model, placement, owned),
                           _rank_norm_bytes(model, placement, num_ranks))
+    # The stages' temporaries count a recomputed layer's rebuilt activations, `transient` too.
+    temporary = [max(most - rebuilt, 0) for most, rebuilt in zip(
+        _rank_largest(model.backward_temporary_bytes, placement, num_ranks), transient, strict=True)]
+    later: list[int | None] = list(later_peaks) if later_peaks else [None] * num_ranks
+    received = [0] * num_ranks
+    if costs.keeps_receive_buffers and num_microbatches:
+        # In flight at the later peak, where the gradients are (the fewer in flight, the more kept).
+        held = [peak if after is None else after for peak, after in zip(activation_peaks, later, strict=True)]
+        received = kept_receive_bytes(model, placement, num_ranks, num_microbatches, held)
     return tuple(
         RankMemory(
             weights=weight_peaks[rank],
@@ -272,6 +316,42 @@ def memory_of_peaks(
             recompute=transient[rank],
             casts=casts[rank],
             update=update[rank],
+            later_activations=later[rank],
+            temporary=temporary[rank],
+            received=received[rank],
         )
         for rank in range(num_ranks)
     )
+
+
+def _rank_largest(per_stage: Sequence[int], placement: tuple[int, ...], num_ranks: int) -> list[int]:
+    """Per rank, the largest of its stages' `per_stage` (0 where it has none)."""
+    most = [0] * num_ranks
+    for stage, value in enumerate(per_stage):
+        rank = placement[stage]
+        if value > most[rank]:
+            most[rank] = value
+    return most
+
+
+def kept_receive_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: int, num_microbatches: int,
+                       held: Sequence[int]) -> list[int]:
+    """Per rank, the bytes of the receive buffers the CPU runtime keeps from step to step
+    (`pipefold.runtime.receive_buffers`: one per (stage, micro-batch) and direction, each a
+    boundary's `CostModel.message_bytes`) that hold no activation in flight: every gradient buffer
+    (a backward's incoming gradient is in its `temporary`), and each activation buffer but those
+    of the micro-batches in flight at `held` activation bytes (a stage's first layer saves its
+    input: the buffer is counted among the activations), at most all of them."""
+    kept = [0] * num_ranks
+    per_microbatch = [0] * num_ranks
+    for stage, rank in enumerate(placement):
+        per_microbatch[rank] += model.activation_bytes[stage]
+    for boundary, size in enumerate(model.message_bytes):
+        below, above = placement[boundary], placement[boundary + 1]
+        if below == above:
+            continue  # passed on within the rank: nothing received
+        kept[below] += num_microbatches * size  # the gradients from above
+        per = per_microbatch[above]
+        in_flight = min(num_microbatches, held[above] // per) if per else 0
+        kept[above] += (num_microbatches - in_flight) * size
+    return kept

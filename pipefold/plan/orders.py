@@ -12,6 +12,7 @@ What the search needs of an order (its backward kind, held counts, compiled grap
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
     "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward", "family_placement",
-    "compiles", "held_counts", "held_counts_of", "order_peaks",
+    "compiles", "held_counts", "held_counts_of", "split_held_counts", "order_peaks", "order_peaks_and_later",
 ]
 
 
@@ -141,6 +142,30 @@ def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     return held_counts_of(family_order(name, num_ranks, num_microbatches, num_virtual))
 
 
+@functools.lru_cache(maxsize=4096)
+def split_held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
+                      ) -> tuple[tuple[tuple[int, ...], np.ndarray, int], ...]:
+    """As `held_counts`, split at each rank's first backward (B or I): per rank its stages, the
+    distinct count vectors up to that backward's start and then (a second set) those from its end
+    on, where its gradients exist (`CompiledSchedule.order_peaks_and_later`'s later peaks), and how
+    many rows the first set has; a rank without a backward has all of them in both. One pass, and
+    one product per rank prices both (`order_peaks_and_later`)."""
+    found = []
+    for kinds, stages_of, _ in family_order(name, num_ranks, num_microbatches, num_virtual).rows:
+        packed = _packed_codes(kinds, stages_of)
+        if packed is not None:
+            stages, codes, decode = packed
+            before = sorted_unique(_part(codes, kinds, "before"))
+            rows = decode(np.concatenate([before, sorted_unique(_part(codes, kinds, "after"))]), unique=False)
+            if rows is not None:
+                found.append((stages, rows, len(before)))
+                continue
+        stages, first = _held_counts_of_row(kinds, stages_of, "before")
+        after = _held_counts_of_row(kinds, stages_of, "after")[1]
+        found.append((stages, np.concatenate([first, after]), len(first)))
+    return tuple(found)
+
+
 def held_counts_of(order: Order) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
     """`held_counts` of any order."""
     return tuple(_packed_held_counts(kinds, stages_of) or _held_counts_of_row(kinds, stages_of)
@@ -153,11 +178,25 @@ _WAITING = np.array([0, 0, 1, -1, 0], dtype=np.int64)
 """Per kind its change to its stage's inputs held for a W."""
 
 
-def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray] | None:
+def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray, part: str = "all"
+                        ) -> tuple[tuple[int, ...], np.ndarray] | None:
     """`_held_counts_of_row` with each count vector packed into one integer as it is summed: every
     count offset by half its field (so a field never borrows), the first column most significant
     (so the codes sort as the rows do); one cumulative sum and one sort of integers. None
-    where the fields would not fit 62 bits, or a count is negative."""
+    where the fields would not fit 62 bits, or a count is negative. `part` as `_held_counts_of_row`'s."""
+    packed = _packed_codes(kinds, stages_of)
+    if packed is None:
+        return None
+    stages, codes, decode = packed
+    rows = decode(_part(codes, kinds, part))
+    return None if rows is None else (stages, rows)
+
+
+def _packed_codes(kinds: np.ndarray, stages_of: np.ndarray
+                  ) -> tuple[tuple[int, ...], np.ndarray, Callable[..., np.ndarray | None]] | None:
+    """A row's stages, its packed count vector before and after each action (`_packed_held_counts`),
+    and what decodes a set of them into distinct rows (None where a count is negative; `unique=False`:
+    codes already distinct, decoded in their order)."""
     if not len(stages_of) or int(stages_of.min()) < 0:
         return None
     stages = np.flatnonzero(np.bincount(stages_of))  # (a rank's stages: a few small numbers)
@@ -173,15 +212,37 @@ def _packed_held_counts(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple
     bias = 1 << (bits - 1)
     shifts = np.arange(2 * width - 1, -1, -1, dtype=np.int64) * bits
     start = int((bias << shifts).sum())
-    codes = sorted_unique(np.concatenate([[start], start + np.cumsum(change[kinds, stages_of])]))
-    rows = ((codes[:, None] >> shifts) & ((1 << bits) - 1)) - bias
-    if int(rows.min()) < 0:
-        return None
-    return tuple(int(stage) for stage in stages), rows.astype(np.float64)
+    codes = np.concatenate([[start], start + np.cumsum(change[kinds, stages_of])])
+
+    def decode(part: np.ndarray, unique: bool = True) -> np.ndarray | None:
+        if unique:
+            part = sorted_unique(part)
+        rows = ((part[:, None] >> shifts) & ((1 << bits) - 1)) - bias
+        if rows.size and int(rows.min()) < 0:
+            return None
+        decoded: np.ndarray = rows.astype(np.float64)
+        return decoded
+
+    return tuple(int(stage) for stage in stages), codes, decode
 
 
-def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
-    """One rank's held counts, from its table of count vectors."""
+def _part(totals: np.ndarray, kinds: np.ndarray, part: str) -> np.ndarray:
+    """Of a row's count vectors before and after each of its `kinds` (one more than actions), all;
+    those up to its first backward's start ("before"); or those from its end on ("after"). A row
+    without a backward: all of them for either."""
+    if part == "all":
+        return totals
+    backwards = np.flatnonzero((kinds == KIND_B) | (kinds == KIND_I))
+    if not len(backwards):
+        return totals
+    cut = backwards[0] + 1  # (vector j: after action j - 1)
+    return totals[:cut] if part == "before" else totals[cut:]
+
+
+def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray, part: str = "all"
+                        ) -> tuple[tuple[int, ...], np.ndarray]:
+    """One rank's held counts, from its table of count vectors; `part` "before": those up to the start
+    of its first B or I, "after": those from its end on (`_part`)."""
     stages, column = np.unique(stages_of, return_inverse=True)
     width = len(stages)
     counted = kinds <= KIND_W  # F, B, I, W change the counts; a STEP does not
@@ -195,7 +256,7 @@ def _held_counts_of_row(kinds: np.ndarray, stages_of: np.ndarray) -> tuple[tuple
     waiting = np.select([kinds == KIND_I, kinds == KIND_W], [1, -1], 0)
     changes[at, column] = held
     changes[at, column + width] = waiting
-    totals = np.cumsum(changes, axis=0)
+    totals = _part(np.cumsum(changes, axis=0), kinds, part)
     seen = _distinct_rows(totals)
     return tuple(int(stage) for stage in stages), seen.astype(np.float64).reshape(len(seen), 2 * width)
 
@@ -220,8 +281,32 @@ def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     """Per rank, the activation peak `CompiledSchedule.order_activation_peaks` gives, from the cached
     counts of the family's order (`held_counts`); None where that one would say None (a duration
     so small that the order alone cannot tell which of two actions ends first)."""
+    if not _order_tells(name, num_ranks, num_microbatches, num_virtual, costs):
+        return None
+    return _largest_products(held_counts(name, num_ranks, num_microbatches, num_virtual), costs)
+
+
+def order_peaks_and_later(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
+                          ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """`order_peaks`, and per rank the later peak `CompiledSchedule.order_peaks_and_later` gives (the
+    most held from the end of its first backward on), from the cached counts; None where
+    `order_peaks` is."""
+    if not _order_tells(name, num_ranks, num_microbatches, num_virtual, costs):
+        return None
+    peaks, later = [], []
+    for stages, counts, num_before in split_held_counts(name, num_ranks, num_microbatches, num_virtual):
+        products = counts @ _stage_weights(stages, costs)
+        peaks.append(int(round(float(products.max()))) if counts.size else 0)
+        after = products[num_before:]
+        later.append(int(round(float(after.max()))) if len(after) else peaks[-1])
+    return tuple(peaks), tuple(later)
+
+
+def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
+                 ) -> bool:
+    """Whether the order alone tells the peaks (no duration so small that it could vanish in a sum)."""
     # An upper bound on the compiled check's longest step (every action at the longest duration,
-    # overhead and send), so this says None wherever that check would.
+    # overhead and send), so this says False wherever that check says None.
     compute = [d for table in (costs.f, costs.b, costs.i, costs.w) for d in table]
     placement = family_placement(name, num_ranks, num_virtual)
     sends = [costs.transfer_time(s, placement[s], placement[t]) for s in range(costs.num_stages - 1)
@@ -231,10 +316,20 @@ def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: i
     longest = num_actions * (max(compute, default=0.0) + costs.action_overhead
                              + 3 * costs.num_stages * max(sends, default=0.0))
     if compute and min(compute) <= longest * _ABSORBED:
-        return None
+        return False
+    return True
+
+
+def _stage_weights(stages: tuple[int, ...], costs: CostModel) -> np.ndarray:
+    """The bytes each count column stands for: the stages' activations, then their W inputs."""
+    held = [costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages]
+    return np.array(held, dtype=np.float64)
+
+
+def _largest_products(held: tuple[tuple[tuple[int, ...], np.ndarray], ...], costs: CostModel
+                      ) -> tuple[int, ...]:
+    """Per rank, the largest product of its count vectors with its stages' bytes."""
     peaks = []
-    for stages, counts in held_counts(name, num_ranks, num_microbatches, num_virtual):
-        weights = np.array([costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages],
-                           dtype=np.float64)
-        peaks.append(int(round(float((counts @ weights).max()))) if counts.size else 0)
+    for stages, counts in held:
+        peaks.append(int(round(float((counts @ _stage_weights(stages, costs)).max()))) if counts.size else 0)
     return tuple(peaks)

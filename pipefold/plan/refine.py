@@ -157,10 +157,11 @@ def _priced_order(schedule: Schedule, model: CostModel, costs: ModelCosts, trans
         run = CompiledSchedule(schedule).run(model)
         weights = tuple(static_weight_bytes(model, schedule.placement, pp))
         return (run.makespan, run.bubble_fraction(pp),
-                memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient))
+                memory_of_peaks(costs, model, weights, run.activation_peaks, schedule.placement, transient,
+                                run.later_peaks, schedule.num_microbatches))
     timeline = simulate(schedule, model)
     return (timeline.makespan, timeline.bubble_fraction,
-            rank_memory(costs, model, timeline, schedule.placement, transient))
+            rank_memory(costs, model, timeline, schedule.placement, transient, schedule.num_microbatches))
 
 
 def _update(costs: ModelCosts, model: CostModel, placement: tuple[int, ...], choice: Candidate) -> float:

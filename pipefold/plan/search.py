@@ -49,7 +49,7 @@ from pipefold.plan.orders import (
     family_backward,
     family_order,
     family_placement,
-    order_peaks,
+    order_peaks_and_later,
 )
 from pipefold.plan.precision_costs import recast_for, rerun_copies
 from pipefold.plan.ranking import SLACK, bucket_ceiling, rank_key
@@ -491,17 +491,19 @@ class _Search:
                            config.shard, recompute, record.bounds)
         if not compiles_order(family_order(config.schedule, *sizes), model):
             return None
-        peaks = order_peaks(config.schedule, *sizes, model)
-        if peaks is None:
-            peaks = compiled_family(config.schedule, *sizes).order_activation_peaks(model)
-        if peaks is None:
+        both = order_peaks_and_later(config.schedule, *sizes, model)
+        if both is None:
+            both = compiled_family(config.schedule, *sizes).order_peaks_and_later(model)
+        if both is None:
             return None
+        peaks, later = both
         costs = self.costs_of(record)
         layout = StageLayout(record.bounds, config.microbatch_rows)
         transient = transient_bytes(costs, layout, recompute, record.placement, degree.num_ranks,
                                     rerun_copies(costs, config.schedule, config.shard))
         weights = tuple(static_weight_bytes(model, record.placement, degree.num_ranks))
-        memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient)
+        memory = memory_of_peaks(costs, model, weights, peaks, record.placement, transient, later,
+                                 config.num_microbatches)
         if config.shard == "full":
             # The sharding actions hold no activations: a flush's activation peaks are its order's.
             return sharded_memory(memory, model, config, record.placement, degree.num_data_parallel,

@@ -158,13 +158,54 @@ def stage_cost_model(
             casts[stage] -= (count - 1) * size
     rows_scale = layout.rows / costs.reference_rows
     messages = [round(rows_scale * costs.layers[stop - 1].output_bytes) for stop in layout.bounds[1:-1]]
+    temporaries = backward_temporaries(costs, layout, recompute)
     return CostModel.from_lists(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
         weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
         tied_casts=copies, no_decay_weight_bytes=no_decay, gradient_norm_bytes=norms,
+        backward_temporary_bytes=temporaries,
     )
+
+
+def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Collection[int] = ()
+                         ) -> list[int]:
+    """Per stage, the most its backward of one micro-batch holds at once beyond that micro-batch's
+    kept activations (`CostModel.backward_temporary_bytes`; empty where no layer and no loss has
+    temporaries). The backward runs its layers last to first, one at a time: at layer L's it holds
+    L's temporaries (`LayerCost.backward_temporary_at` the layout's rows) and, where the stage is
+    recomputed, L's rebuilt activations, while what the layers above L kept (and the loss's
+    saved log-probabilities) is freed already; before them the loss's backward holds its own
+    (`ModelCosts.loss_backward_bytes`) with nothing freed. The largest such moment, at least 0."""
+    if not costs.loss_backward_bytes and not any(layer.backward_temporary_bytes for layer in costs.layers):
+        return []
+    rows_scale = layout.rows / costs.reference_rows
+    layers = costs.layers
+    if not any(layer.backward_temporary_bytes for layer in layers):
+        # The loss's alone (a FLOP estimate's): a layer's moment holds at most its rebuilt
+        # activations, which the recompute transient prices already (`RankMemory.temporary`).
+        found = [0] * layout.num_stages
+        if layout.bounds[-1] == len(layers):
+            found[-1] = round(rows_scale * costs.loss_backward_bytes)
+        return found
+    recomputed = set(recompute)
+    found = []
+    for stage, (start, stop) in enumerate(zip(layout.bounds[:-1], layout.bounds[1:], strict=True)):
+        ends_model = stop == len(layers)
+        freed = round(rows_scale * costs.loss_bytes) if ends_model else 0
+        most = round(rows_scale * costs.loss_backward_bytes) if ends_model else 0
+        for index in range(stop - 1, start - 1, -1):
+            layer = layers[index]
+            rebuilt = round(rows_scale * layer.activation_bytes) if stage in recomputed else 0
+            most = max(most, layer.backward_temporary_at(rows_scale) + rebuilt - freed)
+            if stage in recomputed:  # a checkpointed layer keeps its input
+                kept = costs.input_bytes if index == 0 else layers[index - 1].output_bytes
+            else:
+                kept = layer.activation_bytes
+            freed += round(rows_scale * kept)
+        found.append(max(most, 0))
+    return found
 
 
 def tied_weights(

@@ -84,6 +84,16 @@ class LayerProfile:
     """Under autocast: seconds a step's first forward spends casting the layer's weights to 16 bits
     (once a step: later forwards take the held copies); the fastest forward with an empty cast
     cache less the fastest with the casts held, 0 where that is not above 0 or in fp32."""
+    backward_temporary_bytes: int = 0
+    """The most bytes the layer's backward holds at once beyond what its forward saved: the gradient
+    it is handed (made by the layer above), the input gradient it hands on, a new weight gradient
+    before it is added into the held one, and its own temporaries (the gradient of an MLP's
+    hidden activation); what autograd frees of the saved tensors as it goes comes off. Measured
+    from the allocator (`_backward_peak_bytes`); no saved-tensor hook sees these."""
+    loss_backward_bytes: int = 0
+    """With `loss_fn`, the last layer's: the most bytes the loss's backward holds at once (a
+    cross-entropy's gradients of the log-probabilities and of the logits, each as large as the
+    logits), measured as `backward_temporary_bytes`."""
 
     @property
     def total_s(self) -> float:
@@ -199,6 +209,70 @@ def _split_backward(
     return input_s, weight_s
 
 
+def _backward_peak_bytes(where: torch.device, prepare: Callable[[], Any], run: Callable[[Any], None]) -> int:
+    """The most bytes allocated while `run(prepare())` runs, beyond those allocated when it starts.
+    On CUDA from the caching allocator's counters; on CPU, which keeps none, from the allocations
+    and frees torch's profiler records (as `pipefold.job.allocator_peaks`), around `prepare` too:
+    a free of a block allocated before the profiler started would not be seen, and a backward
+    frees the tensors its forward saved."""
+    if where.type == "cuda":
+        state = prepare()
+        torch.cuda.synchronize(where)
+        start = torch.cuda.memory_allocated(where)
+        torch.cuda.reset_peak_memory_stats(where)
+        run(state)
+        torch.cuda.synchronize(where)
+        return max(torch.cuda.max_memory_allocated(where) - start, 0)
+    marker = "pipefold::backward_peak"
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        state = prepare()
+        with torch.profiler.record_function(marker):
+            pass
+        run(state)
+        del state
+    # The "[memory]" events' signed bytes (`nbytes`) are not in torch's type stubs.
+    events: list[Any] = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    marks = [event.start_ns() for event in events if event.name() == marker]
+    if not marks:
+        return 0
+    deltas = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
+    live = start = peak = 0
+    for time_ns, nbytes in deltas:
+        live += nbytes
+        if time_ns < marks[0]:
+            start = peak = live
+        else:
+            peak = max(peak, live)
+    return max(peak - start, 0)
+
+
+def _layer_backward_bytes(where: torch.device, forward: Callable[..., Any], layer: LayerLike,
+                          module: nn.Module, value: Any) -> int:
+    """`LayerProfile.backward_temporary_bytes`: one forward, then its backward from a gradient of
+    ones, as the layer above would hand it (allocated inside, so it counts). Called with the
+    parameters' gradients held, as every backward but a step's first meets them."""
+
+    def prepare() -> list[Tensor]:
+        output = forward(layer, module, _detached_input(value))
+        return [t for t in _tensors(output) if t.requires_grad]
+
+    def run(outputs: list[Tensor]) -> None:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+    return _backward_peak_bytes(where, prepare, run)
+
+
+def _loss_backward_bytes(where: torch.device, loss: Callable[[Any], Any], output: Any) -> int:
+    """`LayerProfile.loss_backward_bytes`: the loss's backward alone, on the layer's output."""
+
+    def prepare() -> Tensor:
+        scalar: Tensor = loss(_detached_input(output))
+        return scalar
+
+    return _backward_peak_bytes(where, prepare, lambda scalar: scalar.backward())
+
+
 def _median_or_zero(times: Sequence[float]) -> float:
     return statistics.median(times) if times else 0.0
 
@@ -300,6 +374,11 @@ def _measure_layer(
             input_times.append(input_s)
             weight_times.append(weight_s)
     cast_s = _cast_seconds(where, forward, layer, module, value, num_repeats) if held_cast_bytes else 0.0
+    # After the timed backwards: the parameters hold their gradients.
+    backward_bytes = _layer_backward_bytes(where, forward, layer, module, value) if needs_backward else 0
+    loss_backward_bytes = 0
+    if loss is not None and any(t.is_floating_point() for t in _tensors(output)):
+        loss_backward_bytes = _loss_backward_bytes(where, loss, output)
     for parameter in parameters:
         parameter.grad = None
     # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
@@ -320,6 +399,8 @@ def _measure_layer(
         cast_bytes=cast_bytes,
         held_cast_bytes=held_cast_bytes,
         cast_s=cast_s,
+        backward_temporary_bytes=backward_bytes,
+        loss_backward_bytes=loss_backward_bytes,
     )
     return measured, output
 

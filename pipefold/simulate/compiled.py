@@ -80,6 +80,9 @@ class CompiledRun:
     """Seconds computed, over all ranks."""
     activation_peaks: tuple[int, ...]
     """Per rank, as `pipefold.simulate.memory.activation_bytes_peak` of the simulated timeline."""
+    later_peaks: tuple[int, ...] = ()
+    """Per rank, as `pipefold.simulate.memory.later_activation_bytes_peak`: the most held once the
+    rank's first backward has ended (its gradients exist from then on); empty: not counted."""
 
     def bubble_fraction(self, num_ranks: int) -> float:
         """As `Timeline.bubble_fraction` (up to round-off in the busy sum)."""
@@ -352,7 +355,7 @@ class CompiledSchedule:
         lengths = self._durations(costs)
         durations = lengths.tolist()
         if not durations:
-            return CompiledRun(0.0, 0.0, (0,) * self.num_ranks)
+            return CompiledRun(0.0, 0.0, (0,) * self.num_ranks, (0,) * self.num_ranks)
         delays = [costs.transfer_time(*key) for key in self._links]
         if self._levels is None:
             ends_list, first_start = self._run_in_order(costs, lengths, delays)
@@ -363,7 +366,8 @@ class CompiledSchedule:
             latest = float(ends_array.max())
             ends = ends_array
         # Each rank's actions run one after another, so its first action starts first.
-        return CompiledRun(latest - first_start, sum(durations), self._peaks(costs, ends))
+        peaks, later = self._peaks(costs, ends)
+        return CompiledRun(latest - first_start, sum(durations), peaks, later)
 
     def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels
                     ) -> tuple[np.ndarray, float]:
@@ -430,7 +434,10 @@ class CompiledSchedule:
             ends[action_id] = start + duration
         return ends, first_start
 
-    def _peaks(self, costs: CostModel, ends: list[float] | np.ndarray | None) -> tuple[int, ...]:
+    def _peaks(self, costs: CostModel, ends: list[float] | np.ndarray | None
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per rank, the activation peak, and the most held once its first backward (B or I) has
+        ended (`CompiledRun.later_peaks`; a rank without one: its peak)."""
         # Changes at equal end times are released first (as activation_bytes_peak sorts them); a
         # rank's ends never decrease, so the held bytes only need checking where the end time moves.
         activation = costs.activation_bytes
@@ -439,12 +446,15 @@ class CompiledSchedule:
         if largest * (self._num_actions + 1) < 2**62:
             return self._array_peaks(activation, held_for_w, ends)
         kinds, stages = self._kind_array.tolist(), self._stage_array.tolist()
-        peaks = []
+        peaks, later_peaks = [], []
         for first, length in self._rows:
             held = peak = 0
+            later: int | None = None
             for action_id in range(first, first + length):
                 kind = kinds[action_id]
                 stage = stages[action_id]
+                if later is None and (kind == _B or kind == _I):
+                    later = 0
                 if kind == _F:
                     held += activation[stage]
                 elif kind == _B:
@@ -456,34 +466,52 @@ class CompiledSchedule:
                 if ends is None or action_id + 1 == first + length or ends[action_id + 1] != ends[action_id]:
                     if held > peak:
                         peak = held
+                    if later is not None and held > later:
+                        later = held
             peaks.append(peak)
-        return tuple(peaks)
+            later_peaks.append(peak if later is None else later)
+        return tuple(peaks), tuple(later_peaks)
 
     def _array_peaks(self, activation: Sequence[int], held_for_w: Sequence[int],
-                     ends: list[float] | np.ndarray | None) -> tuple[int, ...]:
+                     ends: list[float] | np.ndarray | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """`_peaks` with numpy: the same integer sums, where they cannot overflow 64 bits."""
         kinds, stages = self._kind_array, self._stage_array
         act = np.asarray(activation, dtype=np.int64)[stages]
         held = np.asarray(held_for_w, dtype=np.int64)[stages]
         change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
         times = None if ends is None else np.asarray(ends, dtype=np.float64)
-        peaks = []
+        is_backward = (kinds == _B) | (kinds == _I)
+        peaks, later_peaks = [], []
         for first, length in self._rows:
             if not length:
                 peaks.append(0)
+                later_peaks.append(0)
                 continue
             totals = np.cumsum(change[first:first + length])
             # Checked where the rank's end time moves on (changes at one time are released first).
             checked = np.ones(length, dtype=bool)
             if times is not None:
                 checked[:-1] = times[first + 1:first + length] != times[first:first + length - 1]
-            peaks.append(max(0, int(totals[checked].max())))
-        return tuple(peaks)
+            peak = max(0, int(totals[checked].max()))
+            peaks.append(peak)
+            backwards = np.flatnonzero(is_backward[first:first + length])
+            if not len(backwards):
+                later_peaks.append(peak)
+                continue
+            # From the first backward's end on (its release counted): where its gradients exist.
+            after = backwards[0]
+            later_peaks.append(max(0, int(totals[after:][checked[after:]].max(initial=0))))
+        return tuple(peaks), tuple(later_peaks)
 
     def order_activation_peaks(self, costs: CostModel) -> tuple[int, ...] | None:
         """Per rank, the activation peak `run(costs)` will report, from each rank's order alone (no
         timing); None where the order alone cannot tell it (a duration so small that two actions of a
         rank may end at the same time, where the timed peak releases first)."""
+        both = self.order_peaks_and_later(costs)
+        return None if both is None else both[0]
+
+    def order_peaks_and_later(self, costs: CostModel) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """`order_activation_peaks` and `CompiledRun.later_peaks` from each rank's order alone."""
         costs.check_schedule(self.schedule)
         lengths = self._durations(costs)
         durations = lengths.tolist()

@@ -109,6 +109,11 @@ class CostModel:
     cast_bytes: tuple[int, ...] = ()
     """Bytes of the 16-bit copies of a stage's weights that mixed precision holds for a step
     (autocast's casts, made at the stage's first forward of the step); defaults 0."""
+    backward_temporary_bytes: tuple[int, ...] = ()
+    """The most bytes a stage's backward holds at once beyond its saved activations (the gradients
+    it is handed and hands on, a new weight gradient, the loss's gradients on the last stage):
+    the planner adds a rank's stages' largest to its pipeline call; defaults 0. The simulator's
+    activation counts leave them out."""
     message_bytes: tuple[int, ...] = ()
     """Bytes crossing each stage boundary s -> s+1 (num_stages - 1 entries)."""
     link: Link = field(default_factory=Link)
@@ -155,7 +160,7 @@ class CostModel:
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
         for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes",
-                     "gradient_norm_bytes"):
+                     "gradient_norm_bytes", "backward_temporary_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -318,6 +323,7 @@ class CostModel:
         tied_casts: Sequence[tuple[Sequence[tuple[int, int]], int]] = (),
         no_decay_weight_bytes: Sequence[int] = (),
         gradient_norm_bytes: Sequence[int] = (),
+        backward_temporary_bytes: Sequence[int] = (),
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -344,6 +350,7 @@ class CostModel:
             tied_casts=tuple((tuple(counts), size) for counts, size in tied_casts),
             no_decay_weight_bytes=tuple(no_decay_weight_bytes),
             gradient_norm_bytes=tuple(gradient_norm_bytes),
+            backward_temporary_bytes=tuple(backward_temporary_bytes),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -433,6 +440,8 @@ class CostModel:
             **({"no_decay_weight_bytes": list(self.no_decay_weight_bytes)} if any(self.no_decay_weight_bytes)
                else {}),
             **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes) else {}),
+            **({"backward_temporary_bytes": list(self.backward_temporary_bytes)}
+               if any(self.backward_temporary_bytes) else {}),
         }
 
     @classmethod
@@ -449,7 +458,7 @@ class CostModel:
             "num_stages", "f", "i", "w", "b", "step", "activation_bytes", "weight_grad_bytes",
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
             "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
-            "tied_casts", "no_decay_weight_bytes", "gradient_norm_bytes",
+            "tied_casts", "no_decay_weight_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -495,6 +504,7 @@ class CostModel:
                         for counts, size in data.get("tied_casts", ())],
             no_decay_weight_bytes=data.get("no_decay_weight_bytes", ()),
             gradient_norm_bytes=data.get("gradient_norm_bytes", ()),
+            backward_temporary_bytes=data.get("backward_temporary_bytes", ()),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

@@ -14,7 +14,9 @@ from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.simulate.costs import CostModel
 from pipefold.timeline import Timeline
 
-__all__ = ["activation_bytes_peak", "gathered_weight_bytes_peak", "weight_versions"]
+__all__ = [
+    "activation_bytes_peak", "gathered_weight_bytes_peak", "later_activation_bytes_peak", "weight_versions",
+]
 
 
 def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
@@ -34,6 +36,42 @@ def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ..
                 changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
         peaks.append(_peak_held(changes))
     return tuple(peaks)
+
+
+def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
+    """Per rank, the most activation bytes held from the end of its first backward (B or I) on, as
+    `activation_bytes_peak` counts them: the rank's gradients exist from then on (a step's update
+    frees them: `zero_grad(set_to_none=True)`), so the planner adds them to this figure, not to
+    the peak before it (docs/decisions.md, "Planner memory model"). A rank without a
+    backward: its peak."""
+    result = []
+    for row in timeline.events:
+        ends = [event.end for event in row if event.action.op.is_backward]
+        first_end = min(ends, default=None)
+        changes: list[tuple[float, int]] = []
+        for event in row:
+            action = event.action
+            if action.op is Op.F:
+                changes.append((event.end, costs.activation_bytes[action.stage]))
+            elif action.op.is_backward:
+                changes.append((event.end, -costs.activation_bytes[action.stage]))
+                if action.op is Op.I:
+                    changes.append((event.end, costs.weight_grad_bytes[action.stage]))
+            elif action.op is Op.W:
+                changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+        if first_end is None:
+            result.append(_peak_held(changes))
+            continue
+        held = 0
+        later = None
+        for time, delta in sorted(changes):
+            held += delta
+            if time >= first_end and delta < 0 and later is None:
+                later = held  # the first release at the first backward's end: from here on
+            elif later is not None:
+                later = max(later, held)
+        result.append(_peak_held(changes) if later is None else later)
+    return tuple(result)
 
 
 def gathered_weight_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:

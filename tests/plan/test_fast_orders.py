@@ -383,4 +383,10 @@ def test_packed_held_counts_equal_the_table_of_count_vectors() -> None:
         assert stages == want_stages
         np.testing.assert_array_equal(counts, want)
         assert counts.dtype == want.dtype
+        # The same up to the row's first backward and from its end on (`split_held_counts`).
+        for part in ("before", "after"):
+            half = _packed_held_counts(kinds, stages_of, part)
+            want_stages, want = _held_counts_of_row(kinds, stages_of, part)
+            assert half is not None and half[0] == want_stages
+            np.testing.assert_array_equal(half[1], want)
     assert 0 < declined < 200

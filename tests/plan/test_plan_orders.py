@@ -4,7 +4,7 @@ from the same order, under any per-stage bytes (so the planner reads memory with
 import random
 
 from pipefold.errors import ScheduleError
-from pipefold.plan.orders import compiled_family, order_peaks
+from pipefold.plan.orders import compiled_family, order_peaks, order_peaks_and_later
 from pipefold.schedule import build, names
 from pipefold.schedule.ir import WeightUpdate
 from pipefold.simulate import CostModel
@@ -31,6 +31,8 @@ def test_order_peaks_equal_the_compiled_order_peaks_for_every_flush_family():
                 weight_grad_bytes=[rng.randint(0, 1000) for _ in range(n)],
             )
             assert order_peaks(name, p, m, v, costs) == compiled_family(name, p, m, v).order_activation_peaks(costs)
+            assert order_peaks_and_later(name, p, m, v, costs) == compiled_family(name, p, m, v
+                                                                                ).order_peaks_and_later(costs)
             checked += 1
     assert checked > 30
 

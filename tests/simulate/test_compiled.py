@@ -12,6 +12,7 @@ from pipefold.schedule import build, names
 from pipefold.schedule.registry import family
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.compiled import CompiledSchedule
+from pipefold.simulate.memory import later_activation_bytes_peak
 
 
 def _random_costs(rng: random.Random, num_stages: int, num_ranks: int, zeros: bool) -> CostModel:
@@ -55,12 +56,20 @@ def test_compiled_run_equals_simulate(name: str) -> None:
                 run = compiled.run(costs)
                 assert run.makespan == timeline.makespan
                 assert run.activation_peaks == timeline.activation_bytes_peak
+                # The most held from each rank's first backward on (its gradients exist from there).
+                later = later_activation_bytes_peak(timeline, costs)
+                peaks = timeline.activation_bytes_peak
+                assert all(after <= peak for after, peak in zip(later, peaks, strict=True))
+                if not zeros:  # (equal end times aside, where the two may split a tie apart)
+                    assert run.later_peaks == later
                 assert run.bubble_fraction(num_ranks) == pytest.approx(timeline.bubble_fraction, abs=1e-12)
                 order = compiled.order_activation_peaks(costs)
                 if not zeros:
                     assert order is not None
                 if order is not None:
                     assert order == timeline.activation_bytes_peak
+                    both = compiled.order_peaks_and_later(costs)
+                    assert both is not None and both == (run.activation_peaks, run.later_peaks)
                 checked += 1
     assert checked > 0
 
@@ -93,6 +102,12 @@ def test_level_by_level_equals_one_at_a_time(name: str, monkeypatch: pytest.Monk
                 timeline = simulate(schedule, costs)
                 assert run.makespan == timeline.makespan
                 assert run.activation_peaks == timeline.activation_bytes_peak
+                # The most held from each rank's first backward on (its gradients exist from there).
+                later = later_activation_bytes_peak(timeline, costs)
+                peaks = timeline.activation_bytes_peak
+                assert all(after <= peak for after, peak in zip(later, peaks, strict=True))
+                if not zeros:  # (equal end times aside, where the two may split a tie apart)
+                    assert run.later_peaks == later
             checked += 1
     assert checked > 0
 
