@@ -17,6 +17,7 @@ from pipefold.job.allocator_peaks import (
     held_tensor_bytes,
 )
 from pipefold.job.report import _allocator_line, _memory_line
+from pipefold.runtime.allocations import AllocationRecorder
 
 MiB = 2**20
 
@@ -215,3 +216,19 @@ def test_the_report_prints_a_profiled_cpu_ranks_allocations_without_a_reserved_p
         "CPU allocations per rank (MiB), replica 0, 1 kept step: peak allocated 10.0 (pipeline call 9.0); "
         "allocated before the first step 2.0, between steps 6.0"
     )
+
+
+def test_allocation_recorder_records_marks_and_bytes_and_keeps_kineto_off_stderr(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    recorder = AllocationRecorder("pipefold::test_mark")
+    recorder.start()
+    recorder.mark()
+    block = torch.empty(1024, dtype=torch.float32)
+    del block
+    recorder.mark()
+    deltas, marks = recorder.stop()
+    assert not recorder.running
+    assert len(marks) == 2
+    between = [nbytes for time_ns, nbytes in deltas if marks[0] <= time_ns <= marks[1]]
+    assert 4096 in between and -4096 in between
+    assert "profiler_start" not in capfd.readouterr().err

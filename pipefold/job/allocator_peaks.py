@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from pipefold.runtime.allocations import AllocationRecorder
 from pipefold.runtime.parallel.tensor_parallel import local
 
 __all__ = [
@@ -240,23 +241,20 @@ class ProfiledCpuPeaks:
         self._held_before = held_before
         self._base = 0
         self._calls: list[Callable[[AllocatorPeaks], None]] = []
-        self._profile: torch.profiler.profile | None = None
+        self._recorder = AllocationRecorder(MARKER)
         self._deltas: list[tuple[int, int]] = []
         self._marks: list[int] = []
         self._num_ended = 0
 
     def _mark(self, call: Callable[[AllocatorPeaks], None]) -> None:
-        if self._profile is None:
+        if not self._recorder.running:
             return
-        with torch.profiler.record_function(MARKER):
-            pass
+        self._recorder.mark()
         self._calls.append(call)
 
     def before_steps(self) -> None:
         self._base = self._held_before()
-        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                               profile_memory=True)
-        self._profile.start()
+        self._recorder.start()
         self._mark(AllocatorPeaks.before_steps)
 
     def step_begins(self) -> None:
@@ -272,17 +270,8 @@ class ProfiledCpuPeaks:
             self._stop()  # what follows the last step (the final checkpoint) is no part of it
 
     def _stop(self) -> None:
-        if self._profile is None:
-            return
-        self._profile.stop()
-        # The "[memory]" events' signed bytes (`nbytes`) are not in torch's type stubs.
-        events: list[Any] = self._profile.profiler.kineto_results.events()  # type: ignore[union-attr]
-        for event in events:
-            if event.name() == "[memory]":
-                self._deltas.append((event.start_ns(), event.nbytes()))
-            elif event.name() == MARKER:
-                self._marks.append(event.start_ns())
-        self._profile = None
+        if self._recorder.running:
+            self._deltas, self._marks = self._recorder.stop()
 
     def summary(self) -> dict[str, int]:
         self._stop()

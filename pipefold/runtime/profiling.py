@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from pipefold.errors import ConfigError
 from pipefold.model.build import TensorMeta, apply_layer, as_layers, build_reference
 from pipefold.model.spec import LayerLike
+from pipefold.runtime.allocations import AllocationRecorder
 from pipefold.runtime.backward import backward_input, backward_weight
 from pipefold.runtime.held_copies import casts_kept, held_copy_bytes
 from pipefold.runtime.options import COMPUTE_DTYPES, PRECISIONS, PURE_PRECISIONS
@@ -223,20 +224,17 @@ def _backward_peak_bytes(where: torch.device, prepare: Callable[[], Any], run: C
         run(state)
         torch.cuda.synchronize(where)
         return max(torch.cuda.max_memory_allocated(where) - start, 0)
-    marker = "pipefold::backward_peak"
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+    recorder = AllocationRecorder("pipefold::backward_peak")
+    recorder.start()
+    try:
         state = prepare()
-        with torch.profiler.record_function(marker):
-            pass
+        recorder.mark()
         run(state)
         del state
-    # The "[memory]" events' signed bytes (`nbytes`) are not in torch's type stubs.
-    events: list[Any] = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-    marks = [event.start_ns() for event in events if event.name() == marker]
+    finally:
+        deltas, marks = recorder.stop()
     if not marks:
         return 0
-    deltas = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
     live = start = peak = 0
     for time_ns, nbytes in deltas:
         live += nbytes
