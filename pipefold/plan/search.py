@@ -143,13 +143,7 @@ class _Search:
         if key not in self._split:
             source = self.selective if recompute_attention and self.selective is not None else self.source
             costs = source.at(rows, tp, link, self.options.splits_sequence(tp))
-            if zero:
-                share = costs.optimizer_bytes_per_parameter_byte / dp  # a replica updates its share
-                costs = replace(costs, optimizer_bytes_per_parameter_byte=share,
-                                update_bytes_per_parameter_byte=costs.update_bytes_per_parameter_byte / dp,
-                                update_group_bytes_per_parameter_byte=(
-                                    costs.update_group_bytes_per_parameter_byte / dp))
-            self._split[key] = costs
+            self._split[key] = costs.zero_sharded(dp) if zero else costs
         return self._split[key]
 
     def links(self, degree: Degree) -> MeshLinks:
