@@ -14,6 +14,7 @@ from pipefold.plan.space import search_space
 from pipefold.plan.stages import StageLayout, stage_cost_model, stage_weights, transient_bytes
 from pipefold.schedule import build
 from pipefold.simulate import Link, simulate
+from pipefold.simulate.memory import later_activation_bytes_peak
 from tests.plan._layer_costs import layer_costs
 
 layers = layer_costs(2000)
@@ -38,8 +39,11 @@ def _exhaustive(costs: ModelCosts, options: PlanOptions) -> list[tuple[float, in
                 owned = [0] * num_ranks
                 for stage, rank in enumerate(schedule.placement):
                     owned[rank] += model.weight_bytes[stage]
-                peak = max(timeline.weight_bytes_peak[r] + 3 * owned[r] + timeline.activation_bytes_peak[r]
-                           + transient[r] for r in range(num_ranks))
+                # Weights, two Adam moments per weight byte, and the gradients beside what the rank
+                # holds from its first backward on (none exist before it: the update frees them).
+                later = later_activation_bytes_peak(timeline, model)
+                peak = max(timeline.weight_bytes_peak[r] + 2 * owned[r] + transient[r]
+                           + max(timeline.activation_bytes_peak[r], later[r] + owned[r]) for r in range(num_ranks))
                 found.append((timeline.makespan, peak))
     return found
 
