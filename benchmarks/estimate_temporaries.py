@@ -2,6 +2,7 @@
 
     python benchmarks/estimate_temporaries.py            # every shape, fp32 and bf16, fused and unfused
     python benchmarks/estimate_temporaries.py --quick    # two shapes
+    python benchmarks/estimate_temporaries.py --selective    # fp32 unfused blocks, attention core recomputed
 
 For each shape of the built-in GPT (one block, vocabulary 256; d_model, heads, seq_len and rows
 varied), precision (fp32; bf16: autocast over fp32 weights, as `pipefold train --precision bf16`)
@@ -56,10 +57,57 @@ def formula(d_model: int, heads: int, seq_len: int, rows: int, precision: str, a
     return [total for total, _ in estimate.backward_temporaries(rows, 1, False)]
 
 
+def measured_selective(d_model: int, heads: int, seq_len: int, rows: int) -> int:
+    """An fp32 unfused block's backward temporaries with its attention core recomputed (what
+    `--recompute selective` sets), measured as the profile measures a layer (its private helper:
+    `profile` builds its layers as given, without the flag)."""
+    import functools
+
+    import torch
+
+    from pipefold.model.build import as_layers, build_reference
+    from pipefold.runtime import profiling
+
+    from pipefold.model.zoo.gpt import DecoderBlock, gpt_layers
+
+    layers = gpt_layers(VOCAB, d_model, heads, 1, seq_len, attention="unfused", dropout=0.1)
+    description = as_layers(layers)
+    model = build_reference(description, torch.device("cpu"), seed=0)
+    block = model[2]
+    assert isinstance(block, DecoderBlock)
+    block.attn.recompute_core = True
+    for parameter in block.parameters():  # held, as every backward but a step's first meets them
+        parameter.grad = torch.zeros_like(parameter)
+    forward = functools.partial(profiling._apply, None)
+    hidden = torch.randn(rows, seq_len, d_model)
+    return profiling._layer_backward_bytes(torch.device("cpu"), forward, description[2], block, hidden)
+
+
+def selective(shapes: tuple[tuple[int, int, int, int], ...]) -> None:
+    from pipefold.plan.estimate import GptEstimate
+    from pipefold.plan.hardware import load_hardware
+
+    print(f"{'d,a,s,b':>14} {'formula KiB':>12} {'measured KiB':>13}  error   (fp32 unfused block, core recomputed)")
+    for shape in shapes:
+        d_model, heads, seq_len, rows = shape
+        estimate = GptEstimate(num_layers=1, d_model=d_model, num_heads=heads, seq_len=seq_len,
+                               vocab_size=VOCAB, hardware=load_hardware("cpu"), megatron=True,
+                               recompute_attention=True)
+        want = estimate.backward_temporaries(rows, 1, False)[2][0]
+        have = measured_selective(*shape)
+        print(f"{','.join(map(str, shape)):>14} {want / 1024:12.0f} {have / 1024:13.0f}  {want / have - 1:+.1%}",
+              flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--selective", action="store_true",
+                        help="fp32 unfused blocks with the attention core recomputed instead")
     args = parser.parse_args()
+    if args.selective:
+        selective(QUICK if args.quick else SHAPES)
+        return 0
     print(f"# load average {os.getloadavg()[0]:.2f}; formula / measured bytes per layer "
           f"({', '.join(LAYERS)}); vocab {VOCAB}")
     print(f"{'d,a,s,b':>14} {'prec':>5} {'attn':>8} " + " ".join(f"{name:>15}" for name in LAYERS) + "  worst")
