@@ -24,6 +24,14 @@ from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
+from pipefold.plan.estimate_temporaries import (
+    GptTemporaryShape,
+    block_backward_temporary,
+    embedding_backward_temporary,
+    head_backward_temporary,
+    norm_backward_temporary,
+    position_backward_temporary,
+)
 from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
@@ -424,6 +432,11 @@ class GptEstimate:
         block = replace(block, gradient_norm_bytes=max(norms[2:-2]))
         embed, position, norm, head = (replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
                                        zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
+        # What each backward allocates beyond its saved tensors (estimate_temporaries).
+        temporaries = self.backward_temporaries(rows, t, sp)
+        embed, position, block, norm, head = (
+            replace(layer, backward_temporary_bytes=total, backward_temporary_fixed_bytes=fixed)
+            for layer, (total, fixed) in zip((embed, position, block, norm, head), temporaries, strict=True))
         layers = (embed, position, *([block] * self.num_layers), norm, head)
         cast_s = (self.num_layers * block_casts + head_casts) * (pe + v) / bandwidth
         degrees = tuple(d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0)
@@ -440,7 +453,7 @@ class GptEstimate:
             tied_layers=((0, len(layers) - 1),) if self.tie_embeddings else (),  # the head is the embedding
             loss_bytes=logits * max(v, 4),
             # The loss's backward holds the gradients of the fp32 log-probabilities and of the
-            # logits at once; the layers' own backward temporaries are not estimated (0).
+            # logits at once.
             loss_backward_bytes=2 * logits * 4,
             # The CPU runtime keeps its receive buffers between steps (none on CUDA).
             keeps_receive_buffers=self.hardware.device == "cpu",
@@ -463,6 +476,21 @@ class GptEstimate:
         marked = with_gpt_tensor_parallel(costs, num_layers=self.num_layers, d_model=self.d_model,
                                           num_heads=self.num_heads)
         return replace(marked, tensor_parallel_degrees=degrees)
+
+    def backward_temporaries(self, rows: int, tensor_parallel: int, sequence_parallel: bool
+                             ) -> tuple[tuple[int, int], ...]:
+        """(total, fixed) backward temporary bytes of the token embedding, the position embedding,
+        a block, the final norm and the head on one tp rank (`pipefold.plan.estimate_temporaries`)."""
+        shape = GptTemporaryShape(
+            rows=rows, seq_len=self.seq_len, d_model=self.d_model, num_heads=self.num_heads,
+            vocab_size=self.vocab_size, tensor_parallel=tensor_parallel,
+            sequence_parallel=sequence_parallel and tensor_parallel > 1, vocab_parallel=self.vocab_parallel,
+            value_bytes=self.value_bytes, parameter_bytes=self.parameter_element_bytes)
+        block = block_backward_temporary(
+            shape, unfused_dropout=not self.fused_attention, recompute_attention=self.recompute_attention,
+            saved_bytes=self.block_activation_bytes(rows, tensor_parallel, shape.sequence_parallel))
+        return (embedding_backward_temporary(shape), position_backward_temporary(shape, dropout=self.dropout), block,
+                norm_backward_temporary(shape), head_backward_temporary(shape))
 
     @property
     def parameter_element_bytes(self) -> int:
