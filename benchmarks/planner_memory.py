@@ -7,6 +7,7 @@
     python benchmarks/planner_memory.py --quick --precision bf16 --tensor-parallel 2   # 4 processes
     PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda [--quick] [--json FILE]  # GPU allocator
     python benchmarks/planner_memory.py --allocator [--quick] [--precision bf16]  # CPU allocations, profiled
+    python benchmarks/planner_memory.py --allocator --precision bf16 --tensor-parallel 2   # 4 processes
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
