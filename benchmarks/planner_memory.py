@@ -7,6 +7,7 @@
     python benchmarks/planner_memory.py --quick --precision bf16 --tensor-parallel 2   # 4 processes
     PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda [--quick] [--json FILE]  # GPU allocator
     python benchmarks/planner_memory.py --allocator [--quick] [--precision bf16]  # CPU allocations, profiled
+    python benchmarks/planner_memory.py --allocator --precision bf16 --tensor-parallel 2   # 4 processes
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -187,21 +188,25 @@ def measure_cuda(schedule: str, recompute: str, num_microbatches: int, work: Pat
 
 
 def measure_cpu_allocator(schedule: str, recompute: str, num_microbatches: int, work: Path,
-                          precision: str = "fp32") -> tuple[list[tuple[str, ...]], dict[str, Any]]:
-    """As `measure_cuda` on CPU at 2 ranks: the job's allocations profiled (`--memory-peaks`)."""
+                          precision: str = "fp32", tensor_parallel: int = 1,
+                          ) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+    """As `measure_cuda` on CPU at 2 ranks: the job's allocations profiled (`--memory-peaks`);
+    with `tensor_parallel` > 1, each of a stage's tp processes against its plan."""
     started = time.perf_counter()
+    split = ["--tensor-parallel", str(tensor_parallel), "--devices", str(2 * tensor_parallel)]
     planned = json.loads(_cli(
         ["plan", "--profile", "--ranks", "2", *MODEL, "--schedule", schedule, "--microbatches",
          str(num_microbatches), "--recompute", recompute, "--order-search", "0", "--json",
-         "--calibrate-steps", "0", "--precision", precision], work))
-    out = work / f"cpu-{schedule}-{recompute}-{num_microbatches}-{precision}"
+         "--calibrate-steps", "0", "--precision", precision, *(split if tensor_parallel > 1 else [])], work))
+    out = work / f"cpu-{schedule}-{recompute}-{num_microbatches}-{precision}-tp{tensor_parallel}"
     command = shlex.split(planned["train_command"])[1:]
     _cli([*command, "--steps", str(GPU_STEPS), "--eval-every", "0", "--set", "sample_tokens=0",
           "--memory-peaks", "--out", str(out)], work)
     counted = json.loads((out / "summary.json").read_text())["memory"]
     label = f"{schedule} m={num_microbatches} recompute={recompute}" + (
-        f" {precision}" if precision != "fp32" else "")
-    rows = [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]], device="cpu")
+        f" {precision}" if precision != "fp32" else "") + (f" tp={tensor_parallel}" if tensor_parallel > 1 else "")
+    rows = [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]], device="cpu",
+                          show_process=tensor_parallel > 1)
             for entry in sorted(counted, key=lambda e: (e["pipeline_rank"], e["world_rank"]))]
     record = {"configuration": label, "train_command": planned["train_command"],
               "plan_memory": planned["choice"]["memory"], "summary_memory": counted,
@@ -240,7 +245,7 @@ def allocator_error(predicted: Mapping[str, int], entry: Mapping[str, int],
 
 
 def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, int],
-                  device: str = "cuda") -> tuple[str, ...]:
+                  device: str = "cuda", show_process: bool = False) -> tuple[str, ...]:
     """One row of `ALLOCATOR_HEADER`: a rank's plan (RankMemory.to_json) beside its summary.json
     memory entry (`device`'s keys: cuda_*, or cpu_* of a `--memory-peaks` run, whose reserved
     peak is "-"); refuses an entry without allocator peaks (a run that did not train on CUDA,
@@ -254,7 +259,8 @@ def allocator_row(label: str, entry: Mapping[str, int], predicted: Mapping[str, 
         return f"{value / MiB:.1f}" if device == "cuda" else f"{value / 2**10:.0f}"
 
     return (
-        label, str(entry["pipeline_rank"]), mib(predicted["activations"]), mib(entry["activations_peak"]),
+        label, f"{entry['pipeline_rank']} (process {entry['world_rank']})" if show_process
+        else str(entry["pipeline_rank"]), mib(predicted["activations"]), mib(entry["activations_peak"]),
         mib(predicted["weights"] + predicted["optimizer"]), mib(entry[f"{device}_allocated_kept_start"]),
         mib(predicted.get("update", 0)), mib(pipeline_total(predicted)),
         mib(predicted["total"]), mib(entry[f"{device}_allocated_peak"]),
@@ -337,7 +343,7 @@ def measure_megatron(
           "--attention", "unfused", "--dropout", "0.1", "--precision", "fp32", "--steps", "2",
           "--out", str(out)], work)
     counted = json.loads((out / "summary.json").read_text())["memory"]
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for entry in sorted(counted, key=lambda e: e["pipeline_rank"]):
         rank = entry["pipeline_rank"]
         predicted = planned[rank]
@@ -384,7 +390,8 @@ def main() -> None:
         megatron(args.quick)
         return
     if args.device == "cuda" or args.allocator:
-        allocator_check(args.quick, args.precision, args.ranks, args.hardware, args.json, device=args.device)
+        allocator_check(args.quick, args.precision, args.ranks, args.hardware, args.json, device=args.device,
+                        tensor_parallel=args.tensor_parallel)
         return
     cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if args.quick else [
         (schedule, recompute, m)
@@ -403,9 +410,13 @@ def main() -> None:
 
 
 def allocator_check(quick: bool, precision: str, num_ranks: int | None, hardware: str, json_file: Path | None,
-         device: str = "cuda") -> None:
+         device: str = "cuda", tensor_parallel: int = 1) -> None:
     """The table of the plan against an allocator: the GPU's (`device` cuda), or a CPU rank's
-    profiled allocations at 2 ranks (`device` cpu, `--allocator`)."""
+    profiled allocations at 2 ranks (`device` cpu, `--allocator`; with `tensor_parallel` > 1,
+    2 x that many processes)."""
+    if tensor_parallel > 1 and device == "cuda":
+        raise SystemExit(f"--tensor-parallel {tensor_parallel} with --device cuda: the GPU check runs one "
+                         "process per GPU without tensor parallelism; use --allocator (CPU) for tp")
     import torch
 
     if device == "cpu":
@@ -433,7 +444,7 @@ def allocator_check(quick: bool, precision: str, num_ranks: int | None, hardware
             try:
                 measured, record = (
                     measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks) if device == "cuda"
-                    else measure_cpu_allocator(schedule, recompute, m, Path(tmp), precision))
+                    else measure_cpu_allocator(schedule, recompute, m, Path(tmp), precision, tensor_parallel))
             except (RunFailed, subprocess.TimeoutExpired) as error:  # the other configurations still run
                 num_failed += 1
                 print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)

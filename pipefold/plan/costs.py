@@ -326,8 +326,8 @@ class ModelCosts:
             [layer.weight_s for layer in self.layers],
             [float(layer.activation_bytes) for layer in self.layers],
             [float(layer.parameter_bytes) for layer in self.layers],
-            # What a checkpointed layer keeps: its input, the previous layer's output.
-            [float(self.input_bytes)] + [float(layer.output_bytes) for layer in self.layers[:-1]],
+            # What a checkpointed layer keeps: its input, the previous layer's output (`kept_input_bytes`).
+            [float(self.kept_input_bytes(index)) for index in range(len(self.layers))],
             [layer.fixed_s for layer in self.layers],
             [float(layer.cast_bytes) for layer in self.layers],
             [float(layer.saved_casts) for layer in self.layers],
@@ -347,6 +347,18 @@ class ModelCosts:
         if not isinstance(self.keeps_receive_buffers, bool):
             raise ConfigError(f"ModelCosts.keeps_receive_buffers = {self.keeps_receive_buffers!r}; give true "
                               "(the runtime keeps its receive buffers between steps: CPU) or false")
+
+    def kept_input_bytes(self, index: int) -> int:
+        """What layer `index` keeps per `reference_rows` samples when it runs under its own
+        checkpoint (a recomputed stage): its input (`input_bytes` for the first layer, else the
+        previous layer's output), but nothing where its forward saves nothing
+        (`activation_bytes` 0, e.g. a position embedding's add): torch's non-reentrant checkpoint
+        holds its inputs only through the saved tensors it packs, so with none packed the input
+        is freed (measured: the 2-rank tiny GPT's rank 0, docs/plan.md "Against the CPU
+        allocator")."""
+        if not self.layers[index].activation_bytes:
+            return 0
+        return self.input_bytes if index == 0 else self.layers[index - 1].output_bytes
 
     def zero_sharded(self, num_data_parallel: int) -> ModelCosts:
         """What one of `num_data_parallel` ZeRO replicas keeps and updates: its share of the

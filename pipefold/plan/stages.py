@@ -199,8 +199,8 @@ def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Coll
             layer = layers[index]
             rebuilt = round(rows_scale * layer.activation_bytes) if stage in recomputed else 0
             most = max(most, layer.backward_temporary_at(rows_scale) + rebuilt - freed)
-            if stage in recomputed:  # a checkpointed layer keeps its input
-                kept = costs.input_bytes if index == 0 else layers[index - 1].output_bytes
+            if stage in recomputed:  # a checkpointed layer keeps its input (if it saves anything)
+                kept = costs.kept_input_bytes(index)
             else:
                 kept = layer.activation_bytes
             freed += round(rows_scale * kept)

@@ -36,6 +36,18 @@ def _allreduce(num_bytes: float, degree: int, link: Link) -> tuple[float, float]
     return steps / degree * num_bytes / link.bandwidth, steps * link.latency
 
 
+def _split_temporary(layer: LayerCost, keep: float, activation_keep: float) -> tuple[int, int]:
+    """A tp rank's share of the layer's measured backward temporaries (`backward_temporary_bytes`,
+    its fixed part): the fixed part is a new weight gradient, which splits as the weights do
+    (`keep`); the part that grows with the rows is gradients of the layer's activations (an MLP's
+    hidden gradient splits, a layer norm's and the residual stream's do not, unless sequence
+    parallelism splits them by position), priced as the activations split (`activation_keep`).
+    Returns (bytes, fixed bytes)."""
+    fixed = min(layer.backward_temporary_fixed_bytes, layer.backward_temporary_bytes)
+    split_fixed = round(fixed * keep)
+    return split_fixed + round((layer.backward_temporary_bytes - fixed) * activation_keep), split_fixed
+
+
 def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: bool) -> LayerCost:
     share = layer.tensor_parallel_share
     by_position = sequence_parallel and layer.sequence_parallel_activation_share is not None
@@ -56,6 +68,8 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
     )
     if by_position:
         activation_share = layer.sequence_parallel_activation_share or 0.0
+    activation_keep = 1 - activation_share + activation_share / degree
+    temporary, temporary_fixed = _split_temporary(layer, keep, activation_keep)
     n = layer.num_tensor_parallel_allreduces
     # Priced on the whole output: the all-gather + reduce-scatter of sequence parallelism move
     # what the all-reduce would.
@@ -70,7 +84,9 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         backward_s=layer.backward_s * time_keep + n * moving + regather,
         weight_grad_s=weight,
         fixed_s=layer.fixed_s + n * fixed,
-        activation_bytes=round(layer.activation_bytes * (1 - activation_share + activation_share / degree)),
+        activation_bytes=round(layer.activation_bytes * activation_keep),
+        backward_temporary_bytes=temporary,
+        backward_temporary_fixed_bytes=temporary_fixed,
         output_bytes=output_bytes,
         parameter_bytes=round(layer.parameter_bytes * keep),
         # The share applies to the undecayed part too: a block's biases split with their matrices,

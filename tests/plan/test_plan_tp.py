@@ -254,3 +254,22 @@ def test_sequence_parallelism_lowers_the_planned_activations_and_is_recorded():
     ).choice
     with pytest.raises(ConfigError, match="sequence_parallel = 1"):
         PlanOptions(**alone, sequence_parallel=1)
+
+
+def test_a_tp_rank_s_backward_temporaries_split_weight_part_as_weights_and_rows_part_as_activations():
+    # 300 bytes of new weight gradient (fixed) + 900 that grow with the rows (the gradients of
+    # the activations); a layer the split leaves whole keeps all of its own.
+    block = LayerCost(**{**SPLIT.__dict__, "backward_temporary_bytes": 1200, "backward_temporary_fixed_bytes": 300})
+    norm = LayerCost(**{**WHOLE.__dict__, "backward_temporary_bytes": 500, "backward_temporary_fixed_bytes": 20})
+    link = Link(latency=0.0, bandwidth=1e12)
+    (block4, norm4) = split_costs(ModelCosts(layers=(block, norm)), 4, link).layers
+    fixed = round(300 * (1 - 0.75 + 0.75 / 4))  # the weights' share
+    assert block4.backward_temporary_fixed_bytes == fixed
+    assert block4.backward_temporary_bytes == fixed + round(900 * (1 - 0.5 + 0.5 / 4))  # the activations'
+    assert (norm4.backward_temporary_bytes, norm4.backward_temporary_fixed_bytes) == (500, 20)
+    # At twice the rows only the rows part doubles, as on one rank.
+    assert block4.backward_temporary_at(2.0) == fixed + 2 * (block4.backward_temporary_bytes - fixed)
+    # Sequence parallelism splits the rows part by position too (its activation share, 1 here).
+    sp = LayerCost(**{**block.__dict__, "sequence_parallel_activation_share": 1.0})
+    (sp4,) = split_costs(ModelCosts(layers=(sp,)), 4, link, sequence_parallel=True).layers
+    assert sp4.backward_temporary_bytes == fixed + round(900 / 4)
