@@ -9,31 +9,39 @@ What a (stage, micro-batch) holds, and when, is in docs/decisions.md, "What a ra
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from pipefold.schedule.ir import Op, WeightUpdate
 from pipefold.simulate.costs import CostModel
-from pipefold.timeline import Timeline
+from pipefold.timeline import Event, Timeline
 
 __all__ = [
     "activation_bytes_peak", "gathered_weight_bytes_peak", "later_activation_bytes_peak", "weight_versions",
 ]
 
 
+def _held_changes(row: Sequence[Event], costs: CostModel) -> list[tuple[float, int]]:
+    """(time, bytes) of each change of what one rank's actions hold: an F's activations from its
+    end, released at its backward's (B or I) end; an I's weight-gradient inputs until its W ends."""
+    changes: list[tuple[float, int]] = []
+    for event in row:
+        action = event.action
+        if action.op is Op.F:
+            changes.append((event.end, costs.activation_bytes[action.stage]))
+        elif action.op.is_backward:
+            changes.append((event.end, -costs.activation_bytes[action.stage]))
+            if action.op is Op.I:
+                changes.append((event.end, costs.weight_grad_bytes[action.stage]))
+        elif action.op is Op.W:
+            changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+    return changes
+
+
 def activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[int, ...]:
     """Per rank, the most activation bytes held at once (see docs/decisions.md, "What a rank holds")."""
     peaks = []
     for row in timeline.events:
-        changes: list[tuple[float, int]] = []
-        for event in row:
-            action = event.action
-            if action.op is Op.F:
-                changes.append((event.end, costs.activation_bytes[action.stage]))
-            elif action.op.is_backward:
-                changes.append((event.end, -costs.activation_bytes[action.stage]))
-                if action.op is Op.I:
-                    changes.append((event.end, costs.weight_grad_bytes[action.stage]))
-            elif action.op is Op.W:
-                changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+        changes = _held_changes(row, costs)
         peaks.append(_peak_held(changes))
     return tuple(peaks)
 
@@ -48,17 +56,7 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
     for row in timeline.events:
         ends = [event.end for event in row if event.action.op.is_backward]
         first_end = min(ends, default=None)
-        changes: list[tuple[float, int]] = []
-        for event in row:
-            action = event.action
-            if action.op is Op.F:
-                changes.append((event.end, costs.activation_bytes[action.stage]))
-            elif action.op.is_backward:
-                changes.append((event.end, -costs.activation_bytes[action.stage]))
-                if action.op is Op.I:
-                    changes.append((event.end, costs.weight_grad_bytes[action.stage]))
-            elif action.op is Op.W:
-                changes.append((event.end, -costs.weight_grad_bytes[action.stage]))
+        changes = _held_changes(row, costs)
         if first_end is None:
             result.append(_peak_held(changes))
             continue
