@@ -10,7 +10,7 @@ import pytest
 from pipefold.errors import ConfigError
 from pipefold.job.calibration import curve_rows_size
 from pipefold.job.calibration_size import CalibrationSize
-from pipefold.plan import LayerCost, ModelCosts
+from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, at_run_prices
 from pipefold.plan.deferred_weight import fit_deferred_most, stage_deferred_factors
 from pipefold.plan.evaluate import evaluate
@@ -24,14 +24,7 @@ from pipefold.plan.held_curve import held_factor
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link
-
-MB = 2**20
-
-
-def _costs(**options):
-    layer = LayerCost(forward_s=0.01, backward_s=0.02, activation_bytes=MB, output_bytes=1000,
-                      parameter_bytes=4000, weight_grad_s=0.01)
-    return ModelCosts(layers=(layer,) * 4, reference_rows=1, **options)
+from tests.plan._four_layers import four_layer_costs
 
 
 def test_the_cap_limits_a_deferred_ws_extra_seconds_and_never_lowers_a_factor_below_1():
@@ -69,8 +62,8 @@ def test_the_cap_is_fitted_from_the_second_sizes_extra_seconds_and_keeps_the_fir
 
 
 def test_an_order_is_priced_with_the_cap_against_its_stages_w_at_the_candidates_rows():
-    capped = _costs(deferred_weight_grad=0.2, deferred_weight_most_s=0.004)
-    plain = _costs(deferred_weight_grad=0.2)
+    capped = four_layer_costs(deferred_weight_grad=0.2, deferred_weight_most_s=0.004)
+    plain = four_layer_costs(deferred_weight_grad=0.2)
     bounds = (0, 2, 4)
     shares = family_deferred_shares("zb-h1", 2, 8, 1)
     for rows, capped_at in ((1, False), (4, True)):
@@ -82,18 +75,19 @@ def test_an_order_is_priced_with_the_cap_against_its_stages_w_at_the_candidates_
         assert (slowed.w[1] < before.w[1]) is capped_at and slowed.w[1] >= model.w[1]
     # The planner prices zb-h1 at 4 rows cheaper with the cap, never below the unslowed order.
     config = Config("zb-h1", 1, 8, 4)
-    times = [evaluate(costs, config, 2, bounds, (), Link()).step_time for costs in (capped, plain, _costs())]
+    times = [evaluate(costs, config, 2, bounds, (), Link()).step_time
+             for costs in (capped, plain, four_layer_costs())]
     assert times[2] <= times[0] < times[1]
 
 
 def test_costs_write_the_cap_only_where_fitted_and_older_files_price_as_before():
-    before = _costs(deferred_weight_grad=0.2)
+    before = four_layer_costs(deferred_weight_grad=0.2)
     assert "deferred_weight_most_s" not in before.to_json()
     assert ModelCosts.from_json(before.to_json()) == before
     capped = replace(before, deferred_weight_most_s=0.004)
     assert ModelCosts.from_json(capped.to_json()) == capped
     with pytest.raises(ConfigError, match="deferred_weight_most_s = -0.1"):
-        _costs(deferred_weight_most_s=-0.1)
+        four_layer_costs(deferred_weight_most_s=-0.1)
 
 
 def test_the_second_curve_block_runs_at_the_second_size_where_it_has_twice_the_rows():
@@ -112,7 +106,7 @@ def _run(f, i, w, b=None):
 
 
 def test_the_calibration_fits_the_cap_from_its_second_curve_block():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows, second_rows = (0, 2, 4), 1, 2
     held_at = {family: order_held_bytes(profile, bounds, rows, family, 2, 8)
                for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe")}

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pipefold.errors import ConfigError
-from pipefold.plan import LayerCost, ModelCosts
+from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, at_run_prices
 from pipefold.plan.deferred_weight import (
     LARGEST_DEFERRED_WEIGHT,
@@ -29,14 +29,7 @@ from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule.ir import Action, Op, Schedule
 from pipefold.schedule.registry import build
 from pipefold.simulate import CostModel, Link
-
-MB = 2**20
-
-
-def _costs(**options):
-    layer = LayerCost(forward_s=0.01, backward_s=0.02, activation_bytes=MB, output_bytes=1000,
-                      parameter_bytes=4000, weight_grad_s=0.01)
-    return ModelCosts(layers=(layer,) * 4, reference_rows=1, **options)
+from tests.plan._four_layers import four_layer_costs
 
 
 def _one_rank(*names: str) -> Schedule:
@@ -79,8 +72,8 @@ def test_the_extra_is_fitted_through_the_origin_over_the_stages_with_deferred_ws
 
 
 def test_an_order_is_slowed_on_its_deferred_ws_only_with_the_term():
-    costs = _costs(deferred_weight_grad=0.2)
-    assert prices_held(costs) and not prices_held(_costs())
+    costs = four_layer_costs(deferred_weight_grad=0.2)
+    assert prices_held(costs) and not prices_held(four_layer_costs())
     bounds = (0, 2, 4)
     model = stage_cost_model(costs, StageLayout(bounds, 1), (), Link())
     shares = family_deferred_shares("zb-h1", 2, 8, 1)
@@ -93,29 +86,29 @@ def test_an_order_is_slowed_on_its_deferred_ws_only_with_the_term():
         (model.w[0], model.w[1] * 1.2))
     # No shares, or costs without the term: the model itself.
     assert with_held_cost(model, costs, (0, 1), (0, 0), bounds) is model
-    assert with_held_cost(model, _costs(), (0, 1), (0, 0), bounds, (), shares) is model
+    assert with_held_cost(model, four_layer_costs(), (0, 1), (0, 0), bounds, (), shares) is model
     with pytest.raises(ConfigError, match="deferred_shares for 1 stages"):
         with_held_cost(model, costs, (0, 1), (0, 0), bounds, (), (0.5,))
     # The planner prices a family with it: zb-h1 slower, 1F1B (no W) alike.
     for family, slower in (("zb-h1", True), ("1f1b", False)):
         config = Config(family, 1, 8, 1)
         priced = evaluate(costs, config, 2, bounds, (), Link()).step_time
-        plain = evaluate(_costs(), config, 2, bounds, (), Link()).step_time
+        plain = evaluate(four_layer_costs(), config, 2, bounds, (), Link()).step_time
         assert (priced > plain) is slower and priced >= plain
 
 
 def test_costs_write_the_term_only_where_priced_and_older_files_read_and_price_as_before():
-    plain = _costs()
+    plain = four_layer_costs()
     data = plain.to_json()
     assert "deferred_weight_grad" not in data
     assert ModelCosts.from_json(data) == plain
-    priced = _costs(deferred_weight_grad=0.17)
+    priced = four_layer_costs(deferred_weight_grad=0.17)
     assert ModelCosts.from_json(priced.to_json()).deferred_weight_grad == 0.17
     config = Config("zb-h1", 1, 8, 1)
     assert (evaluate(ModelCosts.from_json(data), config, 2, (0, 2, 4), (), Link()).step_time
             == evaluate(plain, config, 2, (0, 2, 4), (), Link()).step_time)
     with pytest.raises(ConfigError, match="deferred_weight_grad = -0.1"):
-        _costs(deferred_weight_grad=-0.1)
+        four_layer_costs(deferred_weight_grad=-0.1)
 
 
 def _run(f, i, w):
@@ -125,7 +118,7 @@ def _run(f, i, w):
 
 
 def test_the_calibration_fits_the_term_from_its_zb_h1_w_over_its_split_blocks():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                     for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))

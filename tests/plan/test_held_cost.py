@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pipefold.errors import ConfigError
-from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
+from pipefold.plan import ModelCosts, PlanOptions, plan
 from pipefold.plan.calibrate import HeldBlock, at_run_prices, first_stage_backward
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.held_cost import (
@@ -20,18 +20,11 @@ from pipefold.plan.held_cost import (
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link, simulate
-
-MB = 2**20
+from tests.plan._four_layers import MB, four_layer_costs
 
 
 def _flat(pairs):
     return [value for pair in pairs for value in pair]
-
-
-def _costs(**options):
-    layer = LayerCost(forward_s=0.01, backward_s=0.02, activation_bytes=MB, output_bytes=1000,
-                      parameter_bytes=4000, weight_grad_s=0.01)
-    return ModelCosts(layers=(layer,) * 4, reference_rows=1, **options)
 
 
 def test_fit_recovers_the_slope_of_synthetic_measurements():
@@ -59,7 +52,7 @@ def test_fit_refuses_bad_input_with_the_field_and_the_fix(arguments, message):
 
 
 def test_a_rank_holding_more_is_priced_slower_by_exactly_its_factor():
-    costs = _costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
+    costs = four_layer_costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
                    held_reference_bytes=3 * MB)
     model = stage_cost_model(costs, StageLayout((0, 2, 4), 1), (), Link())
     slowed = with_held_cost(model, costs, (0, 1), (10 * MB, 2 * MB), (0, 2, 4))
@@ -75,7 +68,7 @@ def test_a_rank_holding_more_is_priced_slower_by_exactly_its_factor():
 def test_evaluate_slows_a_candidate_by_the_activations_its_ranks_hold():
     # One rank running GPipe: the step is m x (F + B), every action slowed by the rank's factor.
     slope = 0.003 / MB
-    plain = _costs()
+    plain = four_layer_costs()
     held = replace(plain, held_forward_per_byte=slope, held_backward_per_byte=slope,
                    held_reference_bytes=2 * MB)
     config = Config("gpipe", 1, 8, 1)
@@ -91,19 +84,20 @@ def test_evaluate_slows_a_candidate_by_the_activations_its_ranks_hold():
 
 def test_costs_without_a_slope_price_every_candidate_as_before_bit_equal():
     options = PlanOptions(num_ranks=2, global_batch=8, max_virtual=2, order_search_s=0.0)
-    base = plan(_costs(), options)
+    base = plan(four_layer_costs(), options)
     # A reference without a slope, and a slope whose reference no candidate reaches: no factor.
-    for costs in (_costs(held_reference_bytes=5.0 * MB),
-                  _costs(held_forward_per_byte=1e-6, held_backward_per_byte=1e-6, held_reference_bytes=1e12)):
+    for costs in (four_layer_costs(held_reference_bytes=5.0 * MB),
+                  four_layer_costs(held_forward_per_byte=1e-6, held_backward_per_byte=1e-6,
+                                   held_reference_bytes=1e12)):
         other = plan(costs, options)
         assert [c.step_time for c in other.top] == [c.step_time for c in base.top]
         assert other.choice.step_time == base.choice.step_time
         assert "activations held" not in other.explain()
-    assert not prices_held(_costs(held_reference_bytes=5.0))
+    assert not prices_held(four_layer_costs(held_reference_bytes=5.0))
 
 
 def test_the_explain_says_the_term_where_it_is_not_zero():
-    costs = _costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
+    costs = four_layer_costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
                    held_reference_bytes=1 * MB)
     result = plan(costs, PlanOptions(num_ranks=2, global_batch=8, schedules=("gpipe",), order_search_s=0.0))
     line = next(line for line in result.explain().splitlines() if "activations held" in line)
@@ -114,7 +108,7 @@ def test_the_explain_says_the_term_where_it_is_not_zero():
 
 
 def test_searched_orders_are_priced_with_the_activations_their_ranks_hold():
-    costs = _costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.002 / MB,
+    costs = four_layer_costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.002 / MB,
                    held_reference_bytes=1 * MB)
     result = plan(costs, PlanOptions(num_ranks=2, global_batch=8, max_virtual=2, order_search_s=0.15,
                                      order_search_total_s=0.6))
@@ -138,7 +132,7 @@ def _run(f, b):
 
 
 def test_at_run_prices_fits_the_curve_from_a_held_block_and_prices_the_run_as_measured():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     one_f_one_b = order_held_bytes(profile, bounds, rows, "1f1b", 2, 8)
     gpipe = order_held_bytes(profile, bounds, rows, "gpipe", 2, 8)
@@ -181,4 +175,4 @@ def test_at_run_prices_fits_the_curve_from_a_held_block_and_prices_the_run_as_me
 
 def test_costs_refuse_a_negative_slope():
     with pytest.raises(ConfigError, match=r"ModelCosts.held_forward_per_byte = -1.0; give a finite number"):
-        _costs(held_forward_per_byte=-1.0)
+        four_layer_costs(held_forward_per_byte=-1.0)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from pipefold.errors import ConfigError
-from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
+from pipefold.plan import ModelCosts, PlanOptions, plan
 from pipefold.plan.calibrate import HeldBlock, at_run_prices
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.held_cost import held_extra, order_held_bytes, stage_held_factors, with_held_cost
@@ -16,14 +16,7 @@ from pipefold.plan.held_curve import check_held_curve, fit_held_curve, held_fact
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link
-
-MB = 2**20
-
-
-def _costs(**options):
-    layer = LayerCost(forward_s=0.01, backward_s=0.02, activation_bytes=MB, output_bytes=1000,
-                      parameter_bytes=4000, weight_grad_s=0.01)
-    return ModelCosts(layers=(layer,) * 4, reference_rows=1, **options)
+from tests.plan._four_layers import MB, four_layer_costs
 
 
 def test_the_curve_passes_through_every_point_linear_between_and_flat_past_the_last():
@@ -71,17 +64,18 @@ def test_a_bad_curve_is_refused_with_the_field_and_the_fix(knots, message):
     with pytest.raises(ConfigError, match=message):
         check_held_curve(knots)
     with pytest.raises(ConfigError, match=message):
-        _costs(held_curve=tuple(knots))
+        four_layer_costs(held_curve=tuple(knots))
 
 
 def test_bad_layer_references_are_refused_and_costs_without_the_new_fields_load_as_before():
     with pytest.raises(ConfigError, match=r"held_reference_layer_bytes = \(1.0, 2.0\); give one finite number "
                                           r">= 0 per layer \(4\)"):
-        _costs(held_reference_layer_bytes=(1.0, 2.0))
+        four_layer_costs(held_reference_layer_bytes=(1.0, 2.0))
     with pytest.raises(ConfigError, match="model costs held_curve = 3; give a list"):
-        ModelCosts.from_json({**_costs().to_json(), "held_curve": 3})
+        ModelCosts.from_json({**four_layer_costs().to_json(), "held_curve": 3})
     # A costs file of an earlier calibration (a slope, one reference, no curve): priced by the line.
-    old = _costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB, held_reference_bytes=3 * MB)
+    old = four_layer_costs(held_forward_per_byte=0.004 / MB, held_backward_per_byte=0.001 / MB,
+                           held_reference_bytes=3 * MB)
     data = old.to_json()
     del data["held_curve"], data["held_reference_layer_bytes"]
     loaded = ModelCosts.from_json(data)
@@ -93,7 +87,7 @@ def test_bad_layer_references_are_refused_and_costs_without_the_new_fields_load_
 def test_each_layer_is_priced_against_the_bytes_its_own_calibration_rank_held():
     # Layers 0-1 measured on a rank holding 16 MB, layers 2-3 on one holding 9 MB.
     curve = ((8 * MB, 1.08, 1.04), (48 * MB, 1.16, 1.08))
-    costs = _costs(held_curve=curve, held_reference_layer_bytes=(16 * MB,) * 2 + (9 * MB,) * 2,
+    costs = four_layer_costs(held_curve=curve, held_reference_layer_bytes=(16 * MB,) * 2 + (9 * MB,) * 2,
                    held_reference_bytes=16 * MB)
     # Rank 1 holding 17 MB: 8 MB beyond its layers' 9 (+8% F), where the most any rank held (16)
     # would leave it +1 MB (+1%).
@@ -118,7 +112,7 @@ def _run(f, b, i=None, w=None, action_overhead=50e-6):
 
 
 def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     base, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8) for family in ("1f1b", "zb-h1", "gpipe"))
     assert zb[0] <= base[0] and zb[1] > base[1]  # on 2 ranks zb-h1's last rank holds more, its first not
@@ -151,8 +145,8 @@ def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there(
 def test_a_priced_step_is_never_below_the_unslowed_one():
     # The search's lower bounds are taken on the unslowed costs: every factor >= 1 keeps them valid.
     curve = fit_held_curve([(0.5 * MB, 1.3), (2 * MB, 1.2), (6 * MB, 1.5)], [(6 * MB, 1.2)])
-    costs = _costs(held_curve=curve, held_reference_layer_bytes=(3 * MB, 3 * MB, 1 * MB, 1 * MB))
-    plain = _costs()
+    costs = four_layer_costs(held_curve=curve, held_reference_layer_bytes=(3 * MB, 3 * MB, 1 * MB, 1 * MB))
+    plain = four_layer_costs()
     count = 0
     for family in ("1f1b", "gpipe", "zb-h1", "zb-h2", "interleaved-1f1b"):
         for m in (2, 4, 8):
@@ -183,7 +177,7 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
     # "1f1b+split" holds 1F1B's bytes on every rank, but its split stage runs each F after a W,
     # 20% slower on this host: that is not the host's load, and divided out of its I and W it
     # would price the split's seconds low. The drift comes from the fused first stage alone.
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     base, split_bytes, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                 for family in ("1f1b", "1f1b+split", "gpipe"))
@@ -211,7 +205,7 @@ def test_the_split_blocks_drift_is_taken_from_the_stages_that_ran_1f1bs_actions_
 
 
 def test_the_curve_block_gives_the_small_excess_points_and_the_split_block_the_splits_seconds():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                     for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))

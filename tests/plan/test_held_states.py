@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pipefold.errors import ConfigError
-from pipefold.plan import LayerCost, ModelCosts
+from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, at_run_prices
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.held_cost import (
@@ -30,14 +30,7 @@ from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.schedule.ir import Action, Op, Schedule
 from pipefold.schedule.registry import build
 from pipefold.simulate import CostModel, Link
-
-MB = 2**20
-
-
-def _costs(**options):
-    layer = LayerCost(forward_s=0.01, backward_s=0.02, activation_bytes=MB, output_bytes=1000,
-                      parameter_bytes=4000, weight_grad_s=0.01)
-    return ModelCosts(layers=(layer,) * 4, reference_rows=1, **options)
+from tests.plan._four_layers import four_layer_costs
 
 
 def _one_rank(*names: str) -> Schedule:
@@ -88,8 +81,8 @@ def test_the_slowdown_is_fitted_through_the_origin_over_the_stages_that_held_sta
 
 
 def test_an_order_holding_states_is_slowed_by_them_and_only_with_the_term():
-    costs = _costs(held_state_forward=0.1)
-    assert prices_held(costs) and not prices_held(_costs())
+    costs = four_layer_costs(held_state_forward=0.1)
+    assert prices_held(costs) and not prices_held(four_layer_costs())
     bounds = (0, 2, 4)
     model = stage_cost_model(costs, StageLayout(bounds, 1), (), Link())
     peaks = (0, 0)
@@ -103,25 +96,25 @@ def test_an_order_holding_states_is_slowed_by_them_and_only_with_the_term():
     assert held_extra(costs, peaks, (0, 1), bounds) == ((0.0, 0.0), (0.0, 0.0))
     # No weights (an order not counted), or costs without the term: as before.
     assert with_held_cost(model, costs, (0, 1), peaks, bounds) is model
-    assert with_held_cost(model, _costs(), (0, 1), peaks, bounds, weights) is model
+    assert with_held_cost(model, four_layer_costs(), (0, 1), peaks, bounds, weights) is model
     with pytest.raises(ConfigError, match="state_weights for 1 stages"):
         with_held_cost(model, costs, (0, 1), peaks, bounds, (0.5,))
     # The planner prices a family with it: zb-h1 slower with the term, 1F1B (no state) alike.
     for family, slower in (("zb-h1", True), ("1f1b", False)):
         config = Config(family, 1, 8, 1)
         priced = evaluate(costs, config, 2, bounds, (), Link()).step_time
-        plain = evaluate(_costs(), config, 2, bounds, (), Link()).step_time
+        plain = evaluate(four_layer_costs(), config, 2, bounds, (), Link()).step_time
         assert (priced > plain) is slower and priced >= plain
 
 
 def test_costs_write_the_term_only_where_priced_and_older_files_read_without_it():
-    plain = _costs()
+    plain = four_layer_costs()
     assert "held_state_forward" not in plain.to_json()
     assert ModelCosts.from_json(plain.to_json()) == plain
-    priced = _costs(held_state_forward=0.12)
+    priced = four_layer_costs(held_state_forward=0.12)
     assert ModelCosts.from_json(priced.to_json()).held_state_forward == 0.12
     with pytest.raises(ConfigError, match="held_state_forward = -0.1"):
-        _costs(held_state_forward=-0.1)
+        four_layer_costs(held_state_forward=-0.1)
 
 
 def _run(f, b):
@@ -130,7 +123,7 @@ def _run(f, b):
 
 
 def test_the_calibration_fits_the_term_on_its_zb_h1_block_and_the_curve_keeps_gpipes_points():
-    profile = _costs()
+    profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
     base, split_bytes, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
                                     for family in ("1f1b", "1f1b+split", "zb-h1", "gpipe"))
