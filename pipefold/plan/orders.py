@@ -36,7 +36,7 @@ from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
     "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward", "family_placement",
-    "compiles", "held_counts", "held_counts_of", "split_held_counts", "order_peaks", "order_peaks_and_later",
+    "compiles", "held_counts_of", "split_held_counts", "order_peaks", "order_peaks_and_later",
 ]
 
 
@@ -134,18 +134,12 @@ _ABSORBED = 1e-15
 
 
 @functools.lru_cache(maxsize=4096)
-def held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
-                ) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
-    """Per rank, its stages and every distinct (activations held, W inputs held) count vector per
-    stage after each of its actions, in the family's order: the activation peak under any costs is
-    the largest product of these with the per-stage bytes (`order_peaks`), without compiling."""
-    return held_counts_of(family_order(name, num_ranks, num_microbatches, num_virtual))
-
-
-@functools.lru_cache(maxsize=4096)
 def split_held_counts(name: str, num_ranks: int, num_microbatches: int, num_virtual: int
                       ) -> tuple[tuple[tuple[int, ...], np.ndarray, int], ...]:
-    """As `held_counts`, split at each rank's first backward (B or I): per rank its stages, the
+    """Per rank, its stages and every distinct (activations held, W inputs held) count vector per
+    stage after each of its actions, in the family's order (`held_counts_of`), split at the rank's
+    first backward (B or I): the activation peak under any costs is the largest product of these
+    with the per-stage bytes (`order_peaks`), without compiling. Per rank its stages, the
     distinct count vectors up to that backward's start and then (a second set) those from its end
     on, where its gradients exist (`CompiledSchedule.order_peaks_and_later`'s later peaks), and how
     many rows the first set has; a rank without a backward has all of them in both. One pass, and
@@ -167,7 +161,8 @@ def split_held_counts(name: str, num_ranks: int, num_microbatches: int, num_virt
 
 
 def held_counts_of(order: Order) -> tuple[tuple[tuple[int, ...], np.ndarray], ...]:
-    """`held_counts` of any order."""
+    """Per rank, its stages and every distinct (activations held, W inputs held) count vector per
+    stage after each of its actions, of any order."""
     return tuple(_packed_held_counts(kinds, stages_of) or _held_counts_of_row(kinds, stages_of)
                  for kinds, stages_of, _ in order.rows)
 
@@ -279,11 +274,10 @@ def _distinct_rows(table: np.ndarray) -> np.ndarray:
 def order_peaks(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
                 ) -> tuple[int, ...] | None:
     """Per rank, the activation peak `CompiledSchedule.order_activation_peaks` gives, from the cached
-    counts of the family's order (`held_counts`); None where that one would say None (a duration
-    so small that the order alone cannot tell which of two actions ends first)."""
-    if not _order_tells(name, num_ranks, num_microbatches, num_virtual, costs):
-        return None
-    return _largest_products(held_counts(name, num_ranks, num_microbatches, num_virtual), costs)
+    counts of the family's order (`split_held_counts`); None where that one would say None (a
+    duration so small that the order alone cannot tell which of two actions ends first)."""
+    both = order_peaks_and_later(name, num_ranks, num_microbatches, num_virtual, costs)
+    return None if both is None else both[0]
 
 
 def order_peaks_and_later(name: str, num_ranks: int, num_microbatches: int, num_virtual: int, costs: CostModel
@@ -324,12 +318,3 @@ def _stage_weights(stages: tuple[int, ...], costs: CostModel) -> np.ndarray:
     """The bytes each count column stands for: the stages' activations, then their W inputs."""
     held = [costs.activation_bytes[s] for s in stages] + [costs.weight_grad_bytes[s] for s in stages]
     return np.array(held, dtype=np.float64)
-
-
-def _largest_products(held: tuple[tuple[tuple[int, ...], np.ndarray], ...], costs: CostModel
-                      ) -> tuple[int, ...]:
-    """Per rank, the largest product of its count vectors with its stages' bytes."""
-    peaks = []
-    for stages, counts in held:
-        peaks.append(int(round(float((counts @ _stage_weights(stages, costs)).max()))) if counts.size else 0)
-    return tuple(peaks)
