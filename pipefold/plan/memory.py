@@ -257,10 +257,7 @@ def _rank_norm_bytes(model: CostModel, placement: tuple[int, ...], num_ranks: in
     """Per rank, its stages' largest `CostModel.gradient_norm_bytes`; empty where no stage has one."""
     if not any(model.gradient_norm_bytes):
         return []
-    most = [0] * num_ranks
-    for stage, rank in enumerate(placement):
-        most[rank] = max(most[rank], model.gradient_norm_bytes[stage])
-    return most
+    return _rank_largest(model.gradient_norm_bytes, placement, num_ranks)
 
 
 def rank_memory(
