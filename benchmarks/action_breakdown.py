@@ -72,7 +72,7 @@ def _worker(args: argparse.Namespace) -> None:
                         durations.setdefault(event.action.op.name, []).append(duration)
                     waits_per_action.append(sum(w.end - w.start for w in waits) / len(events) * 1e6)
                     # A consumer's event starts when its wait ends: the gaps hold the waits.
-                    gaps = sum(b.start - a.end for a, b in zip(events, events[1:]))
+                    gaps = sum(b.start - a.end for a, b in zip(events, events[1:], strict=False))
                     gaps -= sum(w.end - w.start for w in waits)
                     gaps_per_action.append(gaps / len(events) * 1e6)
                     for wait in waits:

@@ -220,7 +220,9 @@ def _worker(args: argparse.Namespace) -> None:
                     functions[f"{op} {category}: {function}"] += number
         row = {
             "actions": dict(actions),
-            "per_action": {**per_action(counter.counts, dict(actions)), **per_action({EDGES: edges}, {EDGES: 1})},
+            "per_action": {
+                **per_action(counter.counts, dict(actions)), **per_action({EDGES: edges}, {EDGES: 1})
+            },
             "runtime_per_compute_action": runtime_per_compute_action(counter.counts, num_compute),
             "functions": [(f, n / actions[f.split()[0]]) for f, n in functions.most_common(args.functions)],
         }

@@ -10,9 +10,10 @@ forwards, autograd's engine as `B` calls it and as an `I` with no captured edges
 `W`'s torch calls alone (the direct groups' arithmetic with no checks around it). "graph walk" is
 the C++ walk where it is built (`pipefold.runtime.native`; then "plan lookup" and "group cache"
 are nothing and "capture edges" builds the edges from its frontier nodes), the Python walk with
-`--python-walk`. Prints the
-median µs of each part ("(nothing)": two clock reads in a row). Every graph is dropped outside
-the timed parts (freeing one costs tens of µs, which a rebound name would charge to a step). The parts are this checkout's internals: it runs against no baseline.
+`--python-walk`. Prints the median µs of each part ("(nothing)": two clock reads in a row).
+Every graph is dropped outside the timed parts (freeing one costs tens of µs, which a rebound
+name would charge to a step). The parts are this checkout's internals: it runs against no
+baseline.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/backward_breakdown.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/backward_breakdown.py",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1500)
     parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--cpu-time", action="store_true", help="the thread's CPU clock instead of the wall clock")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="the thread's CPU clock instead of the wall clock")
     parser.add_argument("--python-walk", action="store_true",
                         help="always the Python walk (`graph_shape`), as where the C++ walk is not built")
     args = parser.parse_args(argv)
@@ -54,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     engine = torch.autograd.graph._engine_run_backward
     layer_norm_backward = bg._native_layer_norm_backward
-    steps = ["(nothing)", "roots", "check inputs", "graph walk", "plan lookup", "group cache", "capture edges",
-             "engine (I)", "state"]
+    steps = ["(nothing)", "roots", "check inputs", "graph walk", "plan lookup", "group cache",
+             "capture edges", "engine (I)", "state"]
     extra = ["W", "W's torch calls alone", "engine as B", "engine, input only"]
     times: dict[str, list[float]] = {name: [] for name in [*steps, "I total", *extra]}
     for repeat in range(args.repeats):

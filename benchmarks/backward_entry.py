@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument(
-        "--first", action="store_true", help="a first stage: its input needs no gradient, so I has nothing to compute"
+        "--first", action="store_true",
+        help="a first stage: its input needs no gradient, so I has nothing to compute",
     )
     parser.add_argument(
         "--recompute", action="store_true",

@@ -72,7 +72,9 @@ def _rank(overrides: dict[str, Any], rounds: int, scratch: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--d-model", type=int, default=None)
     parser.add_argument("--num-layers", type=int, default=None)

@@ -66,9 +66,8 @@ def measured_selective(d_model: int, heads: int, seq_len: int, rows: int) -> int
     import torch
 
     from pipefold.model.build import as_layers, build_reference
-    from pipefold.runtime import profiling
-
     from pipefold.model.zoo.gpt import DecoderBlock, gpt_layers
+    from pipefold.runtime import profiling
 
     layers = gpt_layers(VOCAB, d_model, heads, 1, seq_len, attention="unfused", dropout=0.1)
     description = as_layers(layers)
@@ -87,7 +86,8 @@ def selective(shapes: tuple[tuple[int, int, int, int], ...]) -> None:
     from pipefold.plan.estimate import GptEstimate
     from pipefold.plan.hardware import load_hardware
 
-    print(f"{'d,a,s,b':>14} {'formula KiB':>12} {'measured KiB':>13}  error   (fp32 unfused block, core recomputed)")
+    print(f"{'d,a,s,b':>14} {'formula KiB':>12} {'measured KiB':>13}  error   "
+          "(fp32 unfused block, core recomputed)")
     for shape in shapes:
         d_model, heads, seq_len, rows = shape
         estimate = GptEstimate(num_layers=1, d_model=d_model, num_heads=heads, seq_len=seq_len,
@@ -95,8 +95,8 @@ def selective(shapes: tuple[tuple[int, int, int, int], ...]) -> None:
                                recompute_attention=True)
         want = estimate.backward_temporaries(rows, 1, False)[2][0]
         have = measured_selective(*shape)
-        print(f"{','.join(map(str, shape)):>14} {want / 1024:12.0f} {have / 1024:13.0f}  {want / have - 1:+.1%}",
-              flush=True)
+        print(f"{','.join(map(str, shape)):>14} {want / 1024:12.0f} {have / 1024:13.0f}  "
+              f"{want / have - 1:+.1%}", flush=True)
 
 
 def main() -> int:
@@ -110,7 +110,8 @@ def main() -> int:
         return 0
     print(f"# load average {os.getloadavg()[0]:.2f}; formula / measured bytes per layer "
           f"({', '.join(LAYERS)}); vocab {VOCAB}")
-    print(f"{'d,a,s,b':>14} {'prec':>5} {'attn':>8} " + " ".join(f"{name:>15}" for name in LAYERS) + "  worst")
+    print(f"{'d,a,s,b':>14} {'prec':>5} {'attn':>8} "
+          + " ".join(f"{name:>15}" for name in LAYERS) + "  worst")
     worst_all = 0.0
     for shape in QUICK if args.quick else SHAPES:
         for precision in ("fp32", "bf16"):

@@ -20,7 +20,9 @@ from pipefold.simulate.compiled import CompiledSchedule
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ranks", type=int, default=64)
     parser.add_argument("--microbatches", type=int, default=512)
     args = parser.parse_args()
@@ -37,7 +39,8 @@ def main() -> None:
             num_stages=num_stages, f=tuple(1.0 + 0.01 * s for s in range(num_stages)), b=(2.0,) * num_stages,
             i=(1.1,) * num_stages, w=(0.9,) * num_stages,
             activation_bytes=tuple(100 + s for s in range(num_stages)), weight_grad_bytes=(7,) * num_stages,
-            message_bytes=(50,) * (num_stages - 1), link=Link(latency=0.01, bandwidth=1e3), action_overhead=0.003)
+            message_bytes=(50,) * (num_stages - 1), link=Link(latency=0.01, bandwidth=1e3),
+            action_overhead=0.003)
         run = compiled.run(costs)
         times.append(time.process_time())
         held_counts_of(order)

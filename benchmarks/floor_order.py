@@ -72,8 +72,11 @@ def _worker(args: argparse.Namespace) -> None:
         per = 1e6 / actions
         results[name] = {
             "actions_per_rank": actions,
-            "wall_us": [statistics.median(max(column) for column in zip(*(g[0][k] for g in gathered))) * per
-                        for k in (0, 1)],
+            "wall_us": [
+                statistics.median(max(column) for column in zip(*(g[0][k] for g in gathered), strict=True))
+                * per
+                for k in (0, 1)
+            ],
             "cpu_us": [[statistics.median(g[1][k]) * per for k in (0, 1)] for g in gathered],
         }
     if rank == 0:
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     done = launch_workers(__file__, args.ranks, worker, code=ROOT, timeout=args.timeout, capture=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     results = json.loads(lines[-1][len("RESULT "):])
     cpu_header = "".join(f" rank {r} CPU stage / schedule |" for r in range(args.ranks))
     print("| schedule | actions/rank | wall stage order | wall schedule order | wall difference |"
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         stage, ordered = r["wall_us"]
         cpu = "".join(f" {c[0]:.0f} / {c[1]:.0f} |" for c in r["cpu_us"])
         diffs = ", ".join(f"{c[1] - c[0]:+.0f}" for c in r["cpu_us"])
-        print(f"| {name} | {r['actions_per_rank']} | {stage:.0f} | {ordered:.0f} | {ordered - stage:+.0f} |{cpu} {diffs} |")
-    print("\nµs per compute action; wall: the slowest rank's step, median of steps; CPU: each rank's thread CPU time")
+        print(f"| {name} | {r['actions_per_rank']} | {stage:.0f} | {ordered:.0f} | "
+              f"{ordered - stage:+.0f} |{cpu} {diffs} |")
+    print("\nµs per compute action; wall: the slowest rank's step, median of steps; "
+          "CPU: each rank's thread CPU time")
     return 0
 
 

@@ -151,7 +151,9 @@ class _Run:
         return {
             "weights": _bytes(pipe.parameters()),
             "grads": self.grads,
-            "optimizer": _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+            "optimizer": _bytes(
+                v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+            ),
             "gathered": gathered,
             "gathers_per_step": gathers,
             "step_ms": 1e3 * statistics.median(self.times[1:] or self.times),

@@ -247,7 +247,8 @@ def _profile_costs(args: argparse.Namespace, work: Path) -> Path:
     out = work / "profile_costs.json"
     if not out.exists():
         subprocess.run([PYTHON, "-m", "pipefold", "profile", "--batch-size", "32", "--microbatches", "8",
-                        "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
+                        "--repeats", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
     return out
 
 
@@ -297,10 +298,14 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
                    held_reference_bytes=float(max(held.run_bytes)))
     placement = tuple(range(len(bounds) - 1))
     count = int(first["num_microbatches"])
-    peaks = {family: order_held_bytes(costs, bounds, rows, family, len(placement), count) for family in FAMILIES}
+    peaks = {
+        family: order_held_bytes(costs, bounds, rows, family, len(placement), count) for family in FAMILIES
+    }
 
     def model(priced: ModelCosts, family: str) -> CostModel:
-        base = first_stage_backward(stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds)
+        base = first_stage_backward(
+            stage_cost_model(priced, StageLayout(bounds, rows), (), Link()), priced, bounds
+        )
         states = family_state_weights(family, len(placement), count, 1) if priced.held_state_forward else ()
         return with_held_cost(base, priced, placement, peaks[family], bounds, states)
 
@@ -318,7 +323,8 @@ def _priced(costs_path: Path, calibration: Path) -> dict[str, Any]:
             ranks.append(row)
         families[family] = ranks
     return {"curve_mib": [[x / 2**20, f, b] for x, f, b in cal.held_curve], "drift": cal.split_drift,
-            "split_overhead_us": cal.split_overhead_s * 1e6, "before_split_overhead_us": before.split_overhead_s * 1e6,
+            "split_overhead_us": cal.split_overhead_s * 1e6,
+            "before_split_overhead_us": before.split_overhead_s * 1e6,
             "split_backward_share": cal.split_backward_share,
             "before_split_backward_share": before.split_backward_share,
             "families": families}
@@ -329,8 +335,8 @@ def _print_priced(priced: list[dict[str, Any]]) -> None:
         knots = ", ".join(f"+{x:.1f} MiB: F {f:.3f} B {b:.3f}" for x, f, b in found["curve_mib"])
         drift = "per stage" if found["drift"] is None else f"{found['drift']:.3f}"
         print(f"\ncalibration {index} priced: curve {knots}; split drift {drift}, split overhead "
-              f"{found['split_overhead_us']:.0f} us + {found.get('split_backward_share', 0.0):.3f} of the stage's "
-              f"backward per I and W (before: {found['before_split_overhead_us']:.0f} us + "
+              f"{found['split_overhead_us']:.0f} us + {found.get('split_backward_share', 0.0):.3f} "
+              f"of the stage's backward per I and W (before: {found['before_split_overhead_us']:.0f} us + "
               f"{found.get('before_split_backward_share', 0.0):.3f})")
         print("| family | rank | MiB | F curve | F line (before) | backward curve | backward line (before) |")
         print("|---|---|---|---|---|---|---|")
@@ -376,7 +382,9 @@ def main() -> None:
     _print_priced(priced)
     if args.json is not None:
         args.json.write_text(
-            json.dumps({"rounds": done, "table": table, "calibrations": calibrations, "priced": priced}, indent=1)
+            json.dumps(
+                {"rounds": done, "table": table, "calibrations": calibrations, "priced": priced}, indent=1
+            )
         )
 
 

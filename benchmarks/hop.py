@@ -151,7 +151,9 @@ def report(directory: Path, num_ranks: int) -> list[str]:
                 for op, stage, mb, entered, seen in log["seen"]:
                     # The consumer F s waits for SEND_F s-1; B/I s for SEND_B s+1.
                     sent = ("SEND_F", stage - 1, mb) if op == "F" else ("SEND_B", stage + 1, mb)
-                    producers = [("F", stage - 1, mb)] if op == "F" else [("B", stage + 1, mb), ("I", stage + 1, mb)]
+                    producers = (
+                        [("F", stage - 1, mb)] if op == "F" else [("B", stage + 1, mb), ("I", stage + 1, mb)]
+                    )
                     flag = flags.get(sent)
                     produced = next((compute[p] for p in producers if p in compute), None)
                     started = compute.get((op, stage, mb))
@@ -195,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args)
         return 0
     with tempfile.TemporaryDirectory() as directory:
-        worker = ["--worker", "--out", directory, "--code", str(Path(args.code).resolve()), "--microbatches", str(args.microbatches),
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules]
+        worker = ["--worker", "--out", directory, "--code", str(Path(args.code).resolve()),
+                  "--microbatches", str(args.microbatches), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup), "--schedules", *args.schedules]
         started = time.perf_counter()
         # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
         sys.path.insert(0, str(ROOT))

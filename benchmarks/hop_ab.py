@@ -2,13 +2,13 @@
 
     .venv/bin/python benchmarks/hop_ab.py --ranks 2 --schedules 1f1b gpipe zb-h1 --steps 40
 
-The `tiny` workload (M=64). In the same ranks and pipeline, steps 0 and 3 of every 4 run the executor's
-dispatch as it is (each compute action sends its output from its own handler: docs/decisions.md,
-"sends from the compute handler") and steps 1 and 2 its one-handler-per-action dispatch (what
-`Executor.intercept` runs, and what the executor ran before), so a drifting or loaded host hits
-both alike (no step counts activation bytes after the first). Prints per schedule the median step time of each and the difference per compute
-action. Everything else on the message path (no detach on shared memory, leaves made at post)
-is the same in both.
+The `tiny` workload (M=64). In the same ranks and pipeline, steps 0 and 3 of every 4 run the
+executor's dispatch as it is (each compute action sends its output from its own handler:
+docs/decisions.md, "sends from the compute handler") and steps 1 and 2 its one-handler-per-action
+dispatch (what `Executor.intercept` runs, and what the executor ran before), so a drifting or
+loaded host hits both alike (no step counts activation bytes after the first). Prints per
+schedule the median step time of each and the difference per compute action. Everything else on
+the message path (no detach on shared memory, leaves made at post) is the same in both.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ def _after_plan(args: argparse.Namespace, work: Path) -> None:
     print("| round | prelude | median step per launch ms | first / later | load average before |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['round']} | {row['prelude']} | {' / '.join(f'{s * 1e3:.0f}' for s in row['steps_s'])} | "
+        print(f"| {row['round']} | {row['prelude']} | "
+              f"{' / '.join(f'{s * 1e3:.0f}' for s in row['steps_s'])} | "
               f"{row['first_over_later']:.3f} | {row['load_before']} |")
     for prelude in ("calibration", "idle"):
         ratios = [row["first_over_later"] for row in rows if row["prelude"] == prelude]
@@ -240,7 +241,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pipefold-host-speed-"))
     if args.after_plan:
         if args.runs < 2:
-            parser.error(f"--runs {args.runs}: --after-plan compares the first launch with later ones; give 2 or more")
+            parser.error(
+                f"--runs {args.runs}: --after-plan compares the first launch with later ones; give 2 or more"
+            )
         if args.idle:
             print(f"idling {args.idle:.0f} s (load average {_load()})", file=sys.stderr)
             time.sleep(args.idle)

@@ -197,7 +197,7 @@ def _report(name: str, args: argparse.Namespace, gathered: list) -> None:  # typ
                     producer = max(candidates)
             if producer is not None:
                 dispatch_us.append((entered - producer) / 1e3)
-    steps = [max(column) for column in zip(*(g[1] for g in gathered))]
+    steps = [max(column) for column in zip(*(g[1] for g in gathered), strict=True)]
     print(f"== {name} ({num_ranks} ranks, M={args.microbatches}, {args.steps} steps; "
           f"step median {statistics.median(steps) * 1e3:.1f} ms)")
     print(f"  sender: compute end -> send handler µs: {_q(dispatch_us)}")
@@ -207,7 +207,7 @@ def _report(name: str, args: argparse.Namespace, gathered: list) -> None:  # typ
         wake, copy_out, slack = [], [], []
         waited = 0
         peer_us = 0.0
-        for channel, sequence, what, called, seen, done, ready in stamps["receives"]:
+        for channel, sequence, _what, called, seen, done, ready in stamps["receives"]:
             copy_out.append((done - seen) / 1e3)
             sent = published.get((channel, sequence))
             if sent is None:
@@ -222,7 +222,8 @@ def _report(name: str, args: argparse.Namespace, gathered: list) -> None:  # typ
         events_us = sum(end - start for _, start, end in stamps["events"]) / 1e3
         own_sends = sum((e - s) / 1e3 for a, c, q, n, s, e in stamps["sends"])
         print(f"  rank {r}: {len(stamps['receives'])} receives, {waited} waited; {actions} compute events")
-        print(f"    per action µs: step {steps_total / actions:.0f} = compute events {events_us / actions:.0f}"
+        print(f"    per action µs: step {steps_total / actions:.0f}"
+              f" = compute events {events_us / actions:.0f}"
               f" + waiting for the peer's publish {peer_us / actions:.1f}"
               f" + wake {sum(wake) / actions:.1f} + copy out {sum(copy_out) / actions:.1f}"
               f" + sends {own_sends / actions:.1f} + the rest")
@@ -252,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    worker = ["--worker", "--root", str(args.root.resolve()), "--microbatches", str(args.microbatches), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--schedules", *args.schedules, "--policies", *args.policies]
+    worker = ["--worker", "--root", str(args.root.resolve()), "--microbatches", str(args.microbatches),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules,
+              "--policies", *args.policies]
     started = time.perf_counter()
     # Parent only: on a rank, this checkout first on the path would shadow `code`'s pipefold.
     sys.path.insert(0, str(ROOT))

@@ -18,9 +18,10 @@ torch calls without messages: what the actions cost with no runtime at all. Two 
 every backward (the floor issue 31's target is measured over), and "plain torch in schedule
 order", each rank's F, B, I, W in the order of the schedule that runs (what the schedule's
 order alone costs plain torch: caches, allocator reuse, live activations). The table gives
-each runtime's step less each floor of the same launch, per action. `--profile` runs cProfile around pipefold's timed steps
-on every rank, prints each rank's top functions by own time and a table of µs per action in
-the hot path's parts (cProfile inflates small Python calls: read it as shares).
+each runtime's step less each floor of the same launch, per action. `--profile` runs cProfile
+around pipefold's timed steps on every rank, prints each rank's top functions by own time and a
+table of µs per action in the hot path's parts (cProfile inflates small Python calls: read it as
+shares).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _PlainSide:
         import copy
 
         import torch
+
         from benchmarks.harness.layout import stage_bounds
 
         placement = schedule_pair.placement(num_ranks)
@@ -95,6 +97,7 @@ class _ScheduleOrderPlainSide:
         import copy
 
         import torch
+
         from benchmarks.harness.layout import stage_bounds
 
         bounds = stage_bounds(len(schedule.placement))
@@ -261,7 +264,7 @@ def _worker(args: argparse.Namespace) -> None:
         for label, values in times.items():
             gathered: list = [None] * num_ranks
             dist.all_gather_object(gathered, values)
-            medians[label] = statistics.median(max(column) for column in zip(*gathered))
+            medians[label] = statistics.median(max(column) for column in zip(*gathered, strict=True))
         results[name] = {"actions_per_rank": actions, "step_s": medians}
         if profiler is not None:
             import io
@@ -313,7 +316,9 @@ def _launch(root: str, num_ranks: int, args: argparse.Namespace) -> dict:
         if line.startswith("RESULT "):
             result: dict = json.loads(line[len("RESULT "):])
             return result
-    raise RuntimeError(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    raise RuntimeError(
+        f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
 
 
 _FLOOR_NAMES = {"plain": "plain torch", "plain-order": "plain torch in schedule order"}
@@ -407,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 for label in roots:
                     # The step less the floor timed in the same launch, per action.
                     over = [
-                        (r[label][name]["step_s"]["pipefold"] - r[label][name]["step_s"][floor]) / actions * 1e6
+                        (r[label][name]["step_s"]["pipefold"] - r[label][name]["step_s"][floor])
+                        / actions * 1e6
                         for r in rounds[num_ranks]
                     ]
                     row += f" {statistics.median(over):.0f} ({', '.join(f'{v:.0f}' for v in over)}) |"
@@ -422,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("| part |" + "".join(f" rank {r} |" for r in range(num_ranks)))
                 print("|---|" + "---|" * num_ranks)
                 for part in (*_PROFILE_FUNCTIONS, OTHER, "executor loop, total"):
-                    cells = [statistics.median(p[r].get(part, 0.0) for p in profiles) for r in range(num_ranks)]
+                    cells = [
+                        statistics.median(p[r].get(part, 0.0) for p in profiles) for r in range(num_ranks)
+                    ]
                     print(f"| {part} |" + "".join(f" {c:.0f} |" for c in cells))
     return 0
 

@@ -31,7 +31,8 @@ GPT_145B = GptEstimate(num_layers=80, d_model=12288, num_heads=96, seq_len=2048,
 NO_SEARCH = {"order_search_s": 0.0, "order_search_total_s": 0.0, "hardware": HARDWARE}
 CASES: dict[str, tuple[GptEstimate, dict[str, Any]]] = {
     "18b-256": (GPT_18B, {"num_devices": 256, "global_batch": 1024, "max_tensor_parallel": 8}),
-    "18b-64-pinned": (GPT_18B, {"num_devices": 64, "global_batch": 512, "num_ranks": 8, "tensor_parallel": 8}),
+    "18b-64-pinned": (GPT_18B, {"num_devices": 64, "global_batch": 512, "num_ranks": 8,
+                                "tensor_parallel": 8}),
     "145b-128": (GPT_145B, {"num_devices": 128, "global_batch": 256, "max_tensor_parallel": 8,
                             "recompute_attention": True}),
     "145b-t8p16": (GPT_145B, {"num_devices": 128, "global_batch": 64, "num_ranks": 16, "tensor_parallel": 8}),
@@ -48,7 +49,9 @@ LARGE: dict[str, tuple[GptEstimate, dict[str, Any]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--large", action="store_true")
     parser.add_argument("--only", default="", help="one case by name")

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def before() -> object:
         built = base.RankRecord(
-            tuple(Event(0, a, s, e) for a, s, e in events), tuple(Wait(0, a, s, e) for a, s, e in waits), 0, 1, 0.0, 1
+            tuple(Event(0, a, s, e) for a, s, e in events), tuple(Wait(0, a, s, e) for a, s, e in waits),
+            0, 1, 0.0, 1,
         )
         return base.pack(built, losses, slots)
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, values in times.items():
         step = statistics.median(values) * 1e6
         print(f"{label}: {step:.0f} µs per step, {step / len(actions):.2f} µs per compute action")
-    print(f"base / new: {statistics.median(b / n for b, n in zip(times['base'], times['new'], strict=True)):.1f}")
+    print("base / new: "
+          f"{statistics.median(b / n for b, n in zip(times['base'], times['new'], strict=True)):.1f}")
     print("rows equal")
     return 0
 

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipefold.model.zoo import ResidualMLP
-from pipefold.runtime.processes.allocator import keep_freed_memory
 from pipefold.runtime.backward import GroupCache, backward_full, backward_input, backward_weight
 from pipefold.runtime.processes.allocator import keep_freed_memory
 

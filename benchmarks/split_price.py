@@ -32,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 PYTHON = sys.executable
 FAMILIES = ("1f1b", "zb-h1", "zb-h2")
 # The launches' train flags: held_curve.py's, so both benchmarks launch the same job.
-from benchmarks.held_curve import TRAIN, calibration_command, planned_profile  # noqa: E402
+from benchmarks.held_curve import calibration_command, planned_profile  # noqa: E402
 
 
 def v_launch(schedule: str) -> list[str]:
@@ -226,7 +226,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int) -> None:
     """The flags of a benchmark that alternates calibrations with rounds of launches
     (`alternate_runs`): this one's and `istate_price.py`'s."""
     parser.add_argument("--calibrations", type=int, default=2, help="calibration runs (default 2)")
-    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds of the launches (default {rounds})")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"rounds of the launches (default {rounds})"
+    )
     parser.add_argument("--steps", type=int, default=8, help="steps per launch (default 8)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="first steps of each launch left out (default 2)"

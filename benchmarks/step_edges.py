@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (module, owner in it or "", function, label): the parts, in the order a step runs them.
 PARTS = (
     ("pipefold.runtime.pipeline", "", "split_batch", "split the batch (with the broadcast)"),
-    ("pipefold.runtime.transport.comm", "Collectives", "broadcast_object", "  of which: the description's broadcast"),
+    ("pipefold.runtime.transport.comm", "Collectives", "broadcast_object",
+     "  of which: the description's broadcast"),
     ("pipefold.runtime.step_batch", "", "split", "  of which: the cut into micro-batches"),
     ("pipefold.runtime.executor", "Executor", "_reset", "run: tables made (start) and dropped (end)"),
     ("pipefold.runtime.transport.comm", "P2P", "begin_step", "run: channels' step start"),
@@ -117,7 +118,9 @@ def _launch(code: Path, args: argparse.Namespace) -> dict[str, Any]:
         if line.startswith("RESULT "):
             result: dict[str, Any] = json.loads(line[len("RESULT "):])
             return result
-    raise RuntimeError(f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    raise RuntimeError(
+        f"ranks failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

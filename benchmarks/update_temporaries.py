@@ -120,7 +120,8 @@ def row(shape: str, device: str, precision: str, foreach: bool) -> tuple[str, ..
     planned_norm = gradient_norm_bytes([p.numel() for p in params])
     update = max(planned_norm, planned)
     return (shape, precision, "foreach" if foreach else "single-tensor", f"{parameter_bytes / KiB:.0f}",
-            f"{free / parameter_bytes:.0%}", f"{step / KiB:.1f}", f"{exact / KiB:.1f}", f"{planned / KiB:.1f}",
+            f"{free / parameter_bytes:.0%}", f"{step / KiB:.1f}", f"{exact / KiB:.1f}",
+            f"{planned / KiB:.1f}",
             f"{planned / step - 1:+.1%}", f"{before / KiB:.1f}", f"{before / step - 1:+.1%}",
             f"{norm / KiB:.1f}", f"{planned_norm / KiB:.1f}", f"{update / KiB:.1f}")
 
@@ -188,19 +189,20 @@ def plan_rows() -> list[tuple[str, ...]]:
                       update_group_bytes_per_parameter_byte=0.0)
         ranks, ranks_before = memory(costs), memory(old)
         step, step_before = memory(without_norm(costs)), memory(without_norm(old))
-        norms = memory(replace(costs, update_bytes_per_parameter_byte=0.0, update_group_bytes_per_parameter_byte=0.0,
-                               update_tensor_bytes=0))
+        norms = memory(replace(costs, update_bytes_per_parameter_byte=0.0,
+                               update_group_bytes_per_parameter_byte=0.0, update_tensor_bytes=0))
         for rank, (held, before) in enumerate(zip(ranks, ranks_before, strict=True)):
             found.append((precision, str(rank), f"{held.weights / MiB:.0f}",
                           f"{step_before[rank].update / MiB:.0f}", f"{step[rank].update / MiB:.0f}",
                           f"{costs.gradient_norm_bytes / MiB:.0f}", f"{norms[rank].update / MiB:.0f}",
-                          f"{before.update / MiB:.0f}", f"{held.update / MiB:.0f}", f"{before.total / MiB:.0f}",
-                          f"{held.total / MiB:.0f}", "update" if held.total == held.update_total else "pipeline"))
+                          f"{before.update / MiB:.0f}", f"{held.update / MiB:.0f}",
+                          f"{before.total / MiB:.0f}", f"{held.total / MiB:.0f}",
+                          "update" if held.total == held.update_total else "pipeline"))
     return found
 
 
-PLAN_HEADER = ("precision", "rank", "weights MiB", "step before MiB", "step MiB", "norm before MiB", "norm MiB",
-               "update before MiB", "update MiB", "total before MiB", "total MiB", "peak in")
+PLAN_HEADER = ("precision", "rank", "weights MiB", "step before MiB", "step MiB", "norm before MiB",
+               "norm MiB", "update before MiB", "update MiB", "total before MiB", "total MiB", "peak in")
 
 
 OVERFLOW_HEADER = ("model", "largest gradient K elements", "check measured KiB", "check formula KiB",

@@ -186,14 +186,17 @@ def balance(
     for stage, cost in enumerate(costs):
         low, high = ends[stage]
         if first == last and low == high:  # one cell (most of them): the comprehension below, unrolled
-            best = [max(best[0], (cumulative[low] - cumulative[first]) / speeds[stage] if first < low else inf)]
+            best = [max(best[0],
+                        (cumulative[low] - cumulative[first]) / speeds[stage] if first < low else inf)]
         elif (last - first + 1) * (high - low + 1) <= _SMALL_BLOCK:
             speed = speeds[stage]
             best = [min(max(slowest, (cumulative[end] - cumulative[start]) / speed if start < end else inf)
                         for start, slowest in zip(range(first, last + 1), best, strict=True))
                     for end in range(low, high + 1)]
         else:
-            best = np.maximum(np.asarray(best)[:, None], cost[first:last + 1, low:high + 1]).min(axis=0).tolist()
+            best = np.maximum(
+                np.asarray(best)[:, None], cost[first:last + 1, low:high + 1]
+            ).min(axis=0).tolist()
         first, last = low, high
     (bottleneck,) = best
 
@@ -201,7 +204,9 @@ def balance(
 
 
 @functools.lru_cache(maxsize=256)
-def _tables(values: tuple[float, ...], speeds: frozenset[float]) -> tuple[list[float], dict[float, np.ndarray]]:
+def _tables(
+    values: tuple[float, ...], speeds: frozenset[float]
+) -> tuple[list[float], dict[float, np.ndarray]]:
     """The weights' prefix sums, and per distinct speed the (start, end) matrix of stage times
     (infinite where the stage would be empty): the same for every stage count, so the planner's
     many counts of one model's weights build them once."""

@@ -6,9 +6,9 @@ import pytest
 import pipefold.job.config as config_module
 import pipefold.job.sections as sections_module
 from pipefold.errors import ConfigError
+from pipefold.files import write_atomic
 from pipefold.job.config import TrainConfig, load_config, parse_override
 from pipefold.schedule import build
-from pipefold.files import write_atomic
 from pipefold.schedule.io import dumps, load
 
 if sys.version_info >= (3, 11):

@@ -68,7 +68,9 @@ def test_hardware_files_shown_in_the_docs_load_as_their_preset():
             if hardware.name not in PRESETS:
                 continue
             preset = load_hardware(hardware.name)
-            assert {dtype: preset.peak_flops[dtype] for dtype in hardware.peak_flops} == dict(hardware.peak_flops)
+            assert {dtype: preset.peak_flops[dtype] for dtype in hardware.peak_flops} == dict(
+                hardware.peak_flops
+            )
             for field in ("matmul", "memory_bandwidth", "memory_bytes", "reserve_bytes", "devices_per_node",
                           "intra_node", "inter_node", "default_dtype"):
                 assert getattr(hardware, field) == getattr(preset, field), (path.name, field)

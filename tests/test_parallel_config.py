@@ -188,9 +188,11 @@ def test_pipeline_asks_the_rulebook_and_keeps_its_answer():
     ("fields", "words"),
     [
         ({**ASYNC, "adaptive": True}, "adaptive=True is not allowed: schedule='pipedream' updates weights"),
-        ({"adaptive": True, "dp": 2, "zero": True}, "zero=True is not allowed: the adaptive choice (adaptive)"),
+        ({"adaptive": True, "dp": 2, "zero": True},
+         "zero=True is not allowed: the adaptive choice (adaptive)"),
         ({"adaptive": True, "dp": 2, "shard": "full"}, "shard='full' is not allowed: the adaptive choice"),
-        ({"adaptive": True, "tp": 2, "vocab_parallel": True}, "vocab_parallel=True is not allowed: the adaptive"),
+        ({"adaptive": True, "tp": 2, "vocab_parallel": True},
+         "vocab_parallel=True is not allowed: the adaptive"),
         ({"adaptive": True, "recompute": "full"}, "it chooses the recomputation per batch itself"),
     ],
 )

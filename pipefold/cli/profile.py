@@ -432,7 +432,8 @@ def _with_update_split(costs: ModelCosts, layers: Any) -> ModelCosts:
         shares.append(sum(param.numel() for param, free in params if free) / total if total else 0.0)
     norms = layer_norm_bytes([[param.numel() for param, _ in params] for params in found])
     return replace(costs, layers=tuple(
-        replace(layer, no_decay_parameter_bytes=round(layer.parameter_bytes * share), gradient_norm_bytes=norm)
+        replace(layer, no_decay_parameter_bytes=round(layer.parameter_bytes * share),
+                gradient_norm_bytes=norm)
         for layer, share, norm in zip(costs.layers, shares, norms, strict=True)))
 
 

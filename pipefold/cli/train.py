@@ -204,8 +204,8 @@ def add_parser(subparsers: Any) -> None:
                         f"--megatron` prices); default {ModelConfig.attention}")
     parser.add_argument(
         "--partition",
-        help='"flops" (default: stages of even estimated FLOPs), "uniform" (even layer counts), "parameters", '
-        '"profile", "type:<regex>" or per-stage counts "3,5"'
+        help='"flops" (default: stages of even estimated FLOPs), "uniform" (even layer counts), '
+        '"parameters", "profile", "type:<regex>" or per-stage counts "3,5"'
     )
     parser.add_argument("--recompute", choices=("none", "full", "selective"),
                         help="activation recomputation: full (each stage keeps its input) or selective "

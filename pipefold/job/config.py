@@ -14,7 +14,8 @@ TOML layout (every key optional; these are the defaults, as tests/test_config.py
     steps = 300
     batch_size = 32
     seed = 0
-    partition = "flops"        # stages of even estimated FLOPs; "uniform" (layer counts), or counts, e.g. [3, 5]
+    partition = "flops"        # stages of even estimated FLOPs; "uniform" (layer counts), or counts,
+                               # e.g. [3, 5]
     recompute = "none"         # "full", "selective" (attention cores), or a list of layer indices
     out = ""                   # "" = runs/<timestamp>
     timeout_s = 60.0
@@ -308,7 +309,8 @@ class TrainConfig:
         require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "use >= 0 (0 = no restarts)")
         require(
             not (self.max_restarts and not self.checkpoint_every), "max_restarts", self.max_restarts,
-            "a restart resumes from the latest checkpoint; also set checkpoint_every (e.g. --checkpoint-every 50)",
+            "a restart resumes from the latest checkpoint; also set checkpoint_every "
+            "(e.g. --checkpoint-every 50)",
         )
         require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "use >= 1")
         require(self.eval_every >= 0, "eval_every", self.eval_every, "use a number of steps, or 0 (never)")
@@ -533,7 +535,8 @@ class TrainConfig:
         )
         require(
             self.data.bucket_min_len <= self.model.seq_len, "data.bucket_min_len", self.data.bucket_min_len,
-            f"the shortest bucket must fit model.seq_len={self.model.seq_len}; use at most {self.model.seq_len}",
+            f"the shortest bucket must fit model.seq_len={self.model.seq_len}; "
+            f"use at most {self.model.seq_len}",
         )
 
     def _check_adaptive(self) -> None:

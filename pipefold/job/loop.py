@@ -101,7 +101,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
     retuner = Retuner(pipe, config.schedule.retune_every, report) if config.schedule.retune_every else None
     recent: collections.deque[Timeline] = collections.deque(maxlen=_NUM_COST_STEPS)
     checkpoint = Path(config.out) / CHECKPOINT_DIR
-    held_out = job.corpus.val if job.corpus is not None else job.tokens.val if job.tokens is not None else None
+    held_out = (
+        job.corpus.val if job.corpus is not None else job.tokens.val if job.tokens is not None else None
+    )
     val_batches = validation_batches(config, held_out) if config.eval_every and held_out is not None else []
     step = job.start_step
     recorded = _recorded(config, records, job.rank, lambda: step)
@@ -138,7 +140,9 @@ def train(config: TrainConfig, *, console: Console | None = None) -> TrainResult
             # --adaptive: each batch's micro-batches, family and recomputation (job/adaptive.py).
             switches_before = job.adaptive.num_switches if job.adaptive is not None else 0
             try:
-                loss = accumulated_step(pipe, batches, job.adaptive) if streams is None else streams.loss(step)
+                loss = (
+                    accumulated_step(pipe, batches, job.adaptive) if streams is None else streams.loss(step)
+                )
             except NonFiniteLoss as error:
                 raise name_the_step(error, step + 1) from None
             if peaks is not None:
@@ -279,8 +283,10 @@ def evaluate(job: Job, batches: list[tuple[Tensor, Tensor]]) -> float:
     for module in modules:
         module.eval()
     try:
-        losses = [job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
-                  for batch in batches]
+        losses = [
+            job.pipe.evaluate(*shard_rows(batch, job.pipe.data_parallel_rank, job.pipe.num_data_parallel))
+            for batch in batches
+        ]
     finally:
         for module in modules:
             module.train()

@@ -37,7 +37,9 @@ def estimated_layer_costs(model: ModelConfig) -> list[float]:
     return [layer.forward_s + layer.backward_s for layer in costs.layers]
 
 
-def job_bounds(partition: str | tuple[int, ...], num_stages: int, model: ModelConfig) -> tuple[int, ...] | None:
+def job_bounds(
+    partition: str | tuple[int, ...], num_stages: int, model: ModelConfig
+) -> tuple[int, ...] | None:
     """The stage bounds of the job's `partition` setting where the configuration alone tells them
     ("flops", "uniform" or per-stage counts); None where the layers are needed (parameters, types,
     profile). Stage s runs on any rank: the ranks are taken as equally fast."""

@@ -38,7 +38,9 @@ def restart_count() -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{RESTART_ENV}={text!r} is not a restart count; unset it or give an integer") from None
+        raise ConfigError(
+            f"{RESTART_ENV}={text!r} is not a restart count; unset it or give an integer"
+        ) from None
 
 
 def resume_after_restart(config: TrainConfig) -> TrainConfig:

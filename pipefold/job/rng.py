@@ -53,7 +53,9 @@ def capture_rng_state(sampler: BatchSampler | LengthBuckets | None, device: torc
     return state
 
 
-def set_rng_state(state: dict[str, Any], sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> None:
+def set_rng_state(
+    state: dict[str, Any], sampler: BatchSampler | LengthBuckets | None, device: torch.device
+) -> None:
     """Put this process's generators where `capture_rng_state` found them."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -66,14 +68,18 @@ def set_rng_state(state: dict[str, Any], sampler: BatchSampler | LengthBuckets |
         sampler.set_state(_decode(state["sampler"]))
 
 
-def gather_rng_states(sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> list[dict[str, Any]]:
+def gather_rng_states(
+    sampler: BatchSampler | LengthBuckets | None, device: torch.device
+) -> list[dict[str, Any]]:
     """Every rank's random states, indexed by world rank; collective (call on every rank)."""
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, capture_rng_state(sampler, device))
     return states
 
 
-def restore_rng_state(states: Any, sampler: BatchSampler | LengthBuckets | None, device: torch.device) -> bool:
+def restore_rng_state(
+    states: Any, sampler: BatchSampler | LengthBuckets | None, device: torch.device
+) -> bool:
     """Restore this rank's entry of `gather_rng_states`'s list; False (nothing restored) where
     `states` is not such a list for this world size (a checkpoint saved without them, or by a
     different number of processes), so the caller falls back to re-seeding."""

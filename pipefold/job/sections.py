@@ -129,7 +129,9 @@ class ModelConfig:
             self.num_heads,
             f"it must divide model.d_model={self.d_model} (e.g. num_heads=4 for d_model=128)",
         )
-        require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a probability in [0, 1), e.g. 0.1")
+        require(
+            0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a probability in [0, 1), e.g. 0.1"
+        )
         require(
             self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
             "use " + " or ".join(f'"{choice}"' for choice in ATTENTION_CHOICES),
@@ -199,7 +201,9 @@ class DataConfig:
     """The shortest bucket; a line's tail shorter than it is dropped."""
 
     def __post_init__(self) -> None:
-        require(self.bucket_min_len >= 1, "data.bucket_min_len", self.bucket_min_len, "use at least 1 (e.g. 8)")
+        require(
+            self.bucket_min_len >= 1, "data.bucket_min_len", self.bucket_min_len, "use at least 1 (e.g. 8)"
+        )
         require(self.max_bytes >= 1024, "data.max_bytes", self.max_bytes, "use at least 1024 bytes")
         require(
             0.0 < self.val_fraction < 1.0,
@@ -296,7 +300,8 @@ class ScheduleConfig:
         require(
             isinstance(self.gather_lookahead, int) and not isinstance(self.gather_lookahead, bool)
             and self.gather_lookahead >= 0,
-            "schedule.gather_lookahead", self.gather_lookahead, "give an integer >= 0 (0: gather right before use)",
+            "schedule.gather_lookahead", self.gather_lookahead,
+            "give an integer >= 0 (0: gather right before use)",
         )
         for field_name, value, default in (
             ("free_between_microbatches", self.free_between_microbatches, False),
@@ -305,7 +310,8 @@ class ScheduleConfig:
             require(
                 value == default or self.shard == "full",
                 f"schedule.{field_name}", value,
-                f"it places full sharding's weight gathers; set schedule.shard='full' or leave it at {default!r}",
+                f"it places full sharding's weight gathers; set schedule.shard='full' "
+                f"or leave it at {default!r}",
             )
         require(
             self.retune_every >= 0, "schedule.retune_every", self.retune_every, "use 0 (never) or steps"

@@ -192,7 +192,9 @@ def _keep(shape: tuple[int, ...], key: int, p: float, device: torch.device, head
     keep = torch.empty(shape, dtype=torch.bool, device=device)
     head_shape = shape[:head_dim] + shape[head_dim + 1 :]
     for index in range(shape[head_dim]):
-        keep.select(head_dim, index).copy_(_uniform(head_shape, head_key(key, first_head + index), device) >= p)
+        keep.select(head_dim, index).copy_(
+            _uniform(head_shape, head_key(key, first_head + index), device) >= p
+        )
     return keep
 
 

@@ -24,8 +24,9 @@ of the same structure (`pipefold.model.twin` makes one for Hugging Face models).
 meta module get real weights with `SplitPiece.materialize_`, which
 `pipefold.model.build.materialize` calls for the layers a rank owns.
 
-Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so the pipeline's gathered state dict is the module's, and a parameter the module shares
-between two places (a tied embedding and head) is one tied parameter of the pipeline.
+Parameter names stay the module's own (`transformer.h.3.attn.c_attn.weight`), so the
+pipeline's gathered state dict is the module's, and a parameter the module shares between two
+places (a tied embedding and head) is one tied parameter of the pipeline.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ def _capture(
         if not isinstance(arg, Tensor):
             raise ConfigError(
                 f"{where}: example_inputs[{position}] is a {type(arg).__name__}; the graph route takes "
-                "tensor inputs only: bind the others (functools.partial, or a wrapper module) before splitting"
+                "tensor inputs only: bind the others (functools.partial, or a wrapper module) "
+                "before splitting"
             )
     on_meta = on_meta_device(module)
     if on_meta:
@@ -230,7 +231,9 @@ def graph_split(
     nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     kinds = {spec.arg.name: spec for spec in signature.input_specs if hasattr(spec.arg, "name")}
     user_inputs = [
-        node for node in graph.nodes if node.op == "placeholder" and kinds[node.name].kind.name == "USER_INPUT"
+        node
+        for node in graph.nodes
+        if node.op == "placeholder" and kinds[node.name].kind.name == "USER_INPUT"
     ]
     # Keyword arguments (call_kwargs) are inputs of the graph too; their values are fixed at capture.
     fixed = [node for node in user_inputs if not isinstance(_val(node), Tensor)]
@@ -267,8 +270,8 @@ def graph_split(
         if len(calls) > 1:
             raise ConfigError(
                 f"{where}: split point {point!r} is called {len(calls)} times in one forward (it, or a "
-                "module holding it, is used twice), so 'before its call' names no single place; cut at a module "
-                "called once, before the first use"
+                "module holding it, is used twice), so 'before its call' names no single place; "
+                "cut at a module called once, before the first use"
             )
         indices = next(iter(calls.values()))
         cuts.append((indices[0] if side == "before" else indices[-1] + 1, point))

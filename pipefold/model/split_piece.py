@@ -73,7 +73,8 @@ class SplitPiece(nn.Module):
         """This piece's buffer names -> their names in the whole module."""
         canonical = {id(buffer): name for name, buffer in self.root.named_buffers(remove_duplicate=True)}
         return {
-            name: canonical.get(id(buffer), name) for name, buffer in self.named_buffers(remove_duplicate=False)
+            name: canonical.get(id(buffer), name)
+            for name, buffer in self.named_buffers(remove_duplicate=False)
         }
 
     def is_meta(self) -> bool:

@@ -137,7 +137,9 @@ def backward_full(
             and not _has_torch_function(root)
         ):
             if not inputs:
-                _engine_run_backward(root, (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+                _engine_run_backward(
+                    root, (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True
+                )
                 return ()
             (leaf,) = inputs
             if leaf.requires_grad and leaf.grad_fn is None:
@@ -195,8 +197,9 @@ def backward_input(
     Returns the input gradients (as `backward_full` does) and the state that
     `backward_weight` needs to accumulate the gradients of `params` later (where no input
     needs a gradient, `W` is the whole backward and accumulates into every leaf of the graph,
-    as `backward_full` does). No parameter's `.grad` changes here. The stage's graph stays alive until `backward_weight` (it holds
-    the activations the weight gradients need); the caller may drop `outputs`.
+    as `backward_full` does). No parameter's `.grad` changes here. The stage's graph stays
+    alive until `backward_weight` (it holds the activations the weight gradients need); the
+    caller may drop `outputs`.
     `direct=False` makes `W` use autograd for every group; pass it where the stage
     recomputes activations or hooks sit on its parameters' AccumulateGrad nodes
     (docs/decisions.md, "direct weight gradients"). `cache` (one per stage, kept by the

@@ -371,7 +371,9 @@ def accumulate_at(direct: Direct, node: Node, grad: Tensor | None) -> bool:
         owned = dtype
         if direct.cast or direct.kind == "layer_norm":
             owned = (weight if weight is not None else bias).dtype  # type: ignore[union-attr]  # match_direct found one
-        if direct.cast and (owned is dtype or any(p is not None and p.device != grad.device for p in (weight, bias))):
+        if direct.cast and (
+            owned is dtype or any(p is not None and p.device != grad.device for p in (weight, bias))
+        ):
             return False
         if weight is not None:
             ready, weight_grad = _ready(weight, owned)

@@ -98,7 +98,9 @@ class GroupPlan:
             node = nodes[position]
             assert node is not None, "the group already ran"
             frontiers.append(
-                Frontier(node, grads=tuple(kept[at : at + num_outputs]), order=position, num_outputs=num_outputs)
+                Frontier(
+                    node, grads=tuple(kept[at : at + num_outputs]), order=position, num_outputs=num_outputs
+                )
             )
         return Group(self.params, frontiers, [], self.direct if direct else None, self.num_nodes)
 
@@ -108,8 +110,8 @@ class Prepared:
     form, and the lean form (`WeightGradState`) where the plan allows it."""
 
     __slots__ = (
-        "_edge_frontiers_of", "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs", "frontier_nodes",
-        "groups", "lean", "_one_edge_each", "plans", "rerun_plans",
+        "_edge_frontiers_of", "_edge_nodes_of", "_frontiers_of", "edge_nodes", "edge_outputs",
+        "frontier_nodes", "groups", "lean", "_one_edge_each", "plans", "rerun_plans",
     )
 
     def __init__(self, shape: PlanShape, params: Sequence[Tensor]) -> None:

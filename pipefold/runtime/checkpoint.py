@@ -125,8 +125,8 @@ def _save(pipe: Pipeline, target: Path, optimizer: Optimizers, step: int | None,
     consolidate(as_list(optimizer))
     replicas = _replica_group(pipe)
     # Data-parallel replicas hold equal weights and optimizer states (or, fully sharded, their
-    # parts of them): replica 0 writes, the others wait for its outcome, so no rank returns before the checkpoint is in place and
-    # a failure is raised everywhere.
+    # parts of them): replica 0 writes, the others wait for its outcome, so no rank returns before
+    # the checkpoint is in place and a failure is raised everywhere.
     if replicas is not None and dist.get_rank(replicas) != 0:
         if pipe.sharding is not None:
             # Fully sharded replicas hold 1/dp of each tensor: every replica joins each gather
@@ -191,7 +191,8 @@ def prepare_save(
 
 
 def write_and_publish(
-    tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str, group: dist.ProcessGroup | None
+    tensors: dict[str, Tensor], meta: dict[str, Any], target: Path, token: str,
+    group: dist.ProcessGroup | None,
 ) -> None:
     """Write the files into a staging directory, digest them, and (rank 0) move it to `target`;
     collective over `group`. A failure anywhere leaves the previous checkpoint in place."""

@@ -289,7 +289,7 @@ class Executor:
         table = None
         if not cuda:
             table = self._event_table(t0)
-            events = list(zip(self._timed_actions, table[:, 3].tolist(), table[:, 4].tolist()))
+            events = list(zip(self._timed_actions, table[:, 3].tolist(), table[:, 4].tolist(), strict=True))
         self._progress.mark("the end of the step (loss and gradient reduction)")
         self._wait_sends()
         if origin is not None:
@@ -680,7 +680,9 @@ class Executor:
             raise self._outside_run()
         if p2p is None:
             raise self._no_group()
-        grads, buffers, views = self._receive_buffers.output_grads(s, mb, step.boundaries[mb][self._out_layer[s]])
+        grads, buffers, views = self._receive_buffers.output_grads(
+            s, mb, step.boundaries[mb][self._out_layer[s]]
+        )
         self._recv_b[s][mb] = (grads, self._receivers[peer](buffers, views), what)
 
     # -- optimizer ---------------------------------------------------------------------------

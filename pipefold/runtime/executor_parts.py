@@ -154,7 +154,7 @@ def compute_then_send(actions: Sequence[Action]) -> set[int]:
     pairs = {Op.F: Op.SEND_F, Op.B: Op.SEND_B, Op.I: Op.SEND_B}
     return {
         index
-        for index, (action, following) in enumerate(zip(actions, actions[1:]))
+        for index, (action, following) in enumerate(zip(actions, actions[1:], strict=False))
         if pairs.get(action.op) is following.op
         and following.stage == action.stage
         and following.microbatch == action.microbatch
@@ -181,7 +181,9 @@ def message_bytes(
         # backward one the gradient of the other side, differentiable entries only.
         at_output = op in (Op.SEND_F, Op.RECV_B)
         meta = boundaries[mb][out_layer[s] if at_output else in_layer[s]]
-        sizes = [size for size, grad in zip(meta.byte_sizes, meta.differentiable, strict=True) if forward or grad]
+        sizes = [
+            size for size, grad in zip(meta.byte_sizes, meta.differentiable, strict=True) if forward or grad
+        ]
         totals = sent if op in (Op.SEND_F, Op.SEND_B) else received
         totals[peer] = layout(sizes, totals.get(peer, 0))[1]
     return sent, received
@@ -237,7 +239,7 @@ def matches(expected: TensorMeta, outputs: tuple[Tensor, ...]) -> bool:
     if len(outputs) != len(shapes):
         return False
     try:
-        for tensor, shape, dtype in zip(outputs, shapes, dtypes):
+        for tensor, shape, dtype in zip(outputs, shapes, dtypes, strict=True):
             if tensor.dtype != dtype or tensor.shape != shape:
                 return False
     except AttributeError:  # not a tensor: `mismatch` says what it is

@@ -167,9 +167,9 @@ def _product(shape: Shape, device: str, dtype: torch.dtype) -> Callable[[], obje
 def time_matmuls(timer: Timer, dtype: str, shapes: Sequence[Shape], *, budget_s: float, repeats: int,
                  min_sample_s: float = 2e-3) -> list[MatmulSample]:
     """Each of `shapes` (FLOPs ascending) in `dtype`, until the next would not finish within
-    `budget_s`; at least the first `MIN_PRODUCTS`. The guess: its operands made at the last shape's seconds per
-    byte, its calls at the median speed of the last `_GUESS_FROM` products (speed grows with size,
-    so the guess errs long, and one slow shape does not stop the climb)."""
+    `budget_s`; at least the first `MIN_PRODUCTS`. The guess: its operands made at the last
+    shape's seconds per byte, its calls at the median speed of the last `_GUESS_FROM` products
+    (speed grows with size, so the guess errs long, and one slow shape does not stop the climb)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtypes: {dtype!r} is not a dtype pipefold prices; give some of "
                           f"{', '.join(DTYPES)}")

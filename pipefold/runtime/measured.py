@@ -117,7 +117,9 @@ def measured_cost_model(
         action_overhead=measured_action_overhead(found),
         step_overhead=step_overhead,
         num_cores=cores,
-        gather=[typical_duration(gather[stage]) if gather[stage] else 0.0 for stage in range(schedule.num_stages)],
+        gather=[
+            typical_duration(gather[stage]) if gather[stage] else 0.0 for stage in range(schedule.num_stages)
+        ],
         reduce_scatter=[typical(Op.REDUCE_GRAD, stage) or 0.0 for stage in range(schedule.num_stages)],
     )
 

@@ -126,7 +126,8 @@ class ParallelOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.free_between_microbatches, bool):
             raise ConfigError(
-                f"ParallelOptions.free_between_microbatches = {self.free_between_microbatches!r}; use True or False"
+                f"ParallelOptions.free_between_microbatches = {self.free_between_microbatches!r}; "
+                "use True or False"
             )
         lookahead = self.gather_lookahead
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
@@ -140,7 +141,9 @@ class ParallelOptions:
                 f"gathers, but shard={self.shard!r}; set shard='full' or leave them at their defaults"
             )
         if not isinstance(self.overlap_reduction, bool):
-            raise ConfigError(f"ParallelOptions.overlap_reduction = {self.overlap_reduction!r}; use True or False")
+            raise ConfigError(
+                f"ParallelOptions.overlap_reduction = {self.overlap_reduction!r}; use True or False"
+            )
         shard: str = self.shard
         if shard not in SHARD_MODES:
             hint = (

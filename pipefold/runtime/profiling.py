@@ -309,7 +309,8 @@ def profile(
     if (loss_fn is None) != (target is None):
         raise ConfigError(
             "profile: loss_fn and target go together (the loss's saved tensors are measured on a "
-            f"micro-batch of targets); got loss_fn={loss_fn!r}, target={'given' if target is not None else None}"
+            f"micro-batch of targets); got loss_fn={loss_fn!r}, "
+            f"target={'given' if target is not None else None}"
         )
     TensorMeta.of(sample, what="sample", fix="pass a batch tensor, or a tuple of them, as the sample")
     where = torch.device(device)

@@ -49,7 +49,12 @@ def release_sent(outputs: Sequence[Tensor]) -> bool:
     if not _ENGINE_ENTRY or len(outputs) != 1:
         return False
     (output,) = outputs
-    if type(output) is not Tensor or output.grad_fn is None or output._base is not None or hasattr(output, _SHAPE):
+    if (
+        type(output) is not Tensor
+        or output.grad_fn is None
+        or output._base is not None
+        or hasattr(output, _SHAPE)
+    ):
         return False
     setattr(output, _SHAPE, output.shape)
     key = (output.dtype, output.device)

@@ -144,7 +144,9 @@ def split_batch(
     split_targets = None
     if rank == last_rank:
         if targets is None:
-            raise ConfigError(f"rank {rank} holds the last stage but {caller}() got targets=None; pass them here")
+            raise ConfigError(
+                f"rank {rank} holds the last stage but {caller}() got targets=None; pass them here"
+            )
         if isinstance(targets, Microbatches) != (parts is not None):
             given = "Microbatches" if isinstance(targets, Microbatches) else "one batch"
             raise ConfigError(
@@ -174,12 +176,15 @@ def _describe(value: Any, what: str) -> TensorMeta | tuple[TensorMeta, ...]:
     fix = "pass a tensor or a tuple of tensors, batch first"
     if isinstance(value, Microbatches):
         return tuple(
-            TensorMeta.of(part, what=f"{what} micro-batch {mb}", fix=fix) for mb, part in enumerate(value.parts)
+            TensorMeta.of(part, what=f"{what} micro-batch {mb}", fix=fix)
+            for mb, part in enumerate(value.parts)
         )
     return TensorMeta.of(value, what=what, fix=fix)
 
 
-def _cut(value: Any, parts: tuple[TensorMeta, ...] | None, num_microbatches: int, device: torch.device) -> list[Any]:
+def _cut(
+    value: Any, parts: tuple[TensorMeta, ...] | None, num_microbatches: int, device: torch.device
+) -> list[Any]:
     if parts is None:
         return split(value, num_microbatches, device)
     return [

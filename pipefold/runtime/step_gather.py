@@ -115,7 +115,9 @@ def pack_stamps(
     row = np.zeros(_HEADER + 2 * _FIELDS * num_slots, dtype=np.float64)
     row[:_HEADER] = (len(events), len(waits), activation_bytes_peak, weight_versions_peak, origin, host)
     code = _OP_CODE
-    stamped: tuple[tuple[int, Sequence[Stamp]], ...] = ((_HEADER, events), (_HEADER + _FIELDS * num_slots, waits))
+    stamped: tuple[tuple[int, Sequence[Stamp]], ...] = (
+        (_HEADER, events), (_HEADER + _FIELDS * num_slots, waits)
+    )
     if event_table is not None:
         if event_table.shape != (len(events), _FIELDS):
             raise PipelineError(

@@ -34,7 +34,8 @@ def _stored_calibration(tmp_path):
 
     def model(f, b):
         return CostModel.from_lists(list(f), [x / 2 for x in b], [x / 2 for x in b], b=list(b),
-                                    action_overhead=50e-6, step_overhead=0.01, link=Link(latency=2e-4)).to_json()
+                                    action_overhead=50e-6, step_overhead=0.01,
+                                    link=Link(latency=2e-4)).to_json()
 
     run_f, run_b = (0.020, 0.021), (0.040, 0.041)
     phase = {"num_microbatches": 8, "schedule": "1f1b", "costs": model(run_f, run_b)}
@@ -43,7 +44,8 @@ def _stored_calibration(tmp_path):
         "split_phase": {"num_microbatches": 8, "schedule": "zb-h1", "split_stages": [1],
                         "costs": model((run_f[0], run_f[1] * 1.06), run_b)},
         "held_phase": {"num_microbatches": 8, "schedule": "gpipe",
-                       "costs": model((run_f[0] * 1.10, run_f[1] * 1.20), (run_b[0] * 1.05, run_b[1] * 1.10))},
+                       "costs": model((run_f[0] * 1.10, run_f[1] * 1.20),
+                                      (run_b[0] * 1.05, run_b[1] * 1.10))},
     }
     folder = tmp_path / "cal0"
     folder.mkdir()

@@ -32,6 +32,8 @@ def test_each_message_is_split_at_its_flag_and_its_sighting(tmp_path: Path) -> N
     (tmp_path / "rank1.json").write_text(json.dumps(rank1))
     lines = {line.split(" n=")[0].split(None, 1)[1].strip(): line for line in hop.report(tmp_path, 2)}
     # Forward: (a) 13 - 10, (b) 15 - 13, (c) 19 - 15; gradient: (a) 50 - 40, (b) 52 - 50, (c) 55 - 52.
-    assert "(a) compute end -> flag 3.0 µs, (b) flag -> seen 2.0 µs, (c) seen -> compute start 4.0 µs" in lines["waited F"]
-    assert "(a) compute end -> flag 10.0 µs, (b) flag -> seen 2.0 µs, (c) seen -> compute start 3.0 µs" in lines["waited B"]
+    assert ("(a) compute end -> flag 3.0 µs, (b) flag -> seen 2.0 µs, (c) seen -> compute start 4.0 µs"
+            in lines["waited F"])
+    assert ("(a) compute end -> flag 10.0 µs, (b) flag -> seen 2.0 µs, (c) seen -> compute start 3.0 µs"
+            in lines["waited B"])
     assert "n=    2" in lines["all"] and "n=    2" in lines["waited"]

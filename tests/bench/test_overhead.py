@@ -25,7 +25,10 @@ def test_parts_nest_and_the_rest_is_the_executors_own():
         ("pipefold/runtime/executor.py", 2, "_complete"): _entry(3.0),
         # waits inside a receive count; the step-end exchange's wait (another caller) does not
         ("pipefold/runtime/failure.py", 3, "wait_until"): _entry(
-            5.0, {("comm.py", 1, "wait"): (1, 1, 0.0, 2.0), ("shm_exchange.py", 1, "all_gather"): (1, 1, 0.0, 3.0)}
+            5.0, {
+                ("comm.py", 1, "wait"): (1, 1, 0.0, 2.0),
+                ("shm_exchange.py", 1, "all_gather"): (1, 1, 0.0, 3.0),
+            }
         ),
         ("pipefold/runtime/backward.py", 4, "backward_full"): _entry(
             4.0, {("executor.py", 5, "_backward"): (1, 1, 0.0, 4.0)}
@@ -73,6 +76,10 @@ def test_the_schedule_order_floor_computes_what_the_stage_order_floor_does(name)
         stages = dict(plain._stages)
         assert sorted(stages) == sorted(ordered._modules)
         for stage, module in ordered._modules.items():
-            for (label, mine), theirs in zip(module.named_parameters(), stages[stage].parameters(), strict=True):
+            for (label, mine), theirs in zip(
+                module.named_parameters(), stages[stage].parameters(), strict=True
+            ):
                 assert mine.grad is not None, (name, rank, stage, label)
-                torch.testing.assert_close(mine.grad, theirs.grad, msg=f"{name} rank {rank} stage {stage} {label}")
+                torch.testing.assert_close(
+                    mine.grad, theirs.grad, msg=f"{name} rank {rank} stage {stage} {label}"
+                )

@@ -140,7 +140,9 @@ def test_check_sizes_refuses_what_a_running_pipeline_cannot_switch_to():
         check("8,4,4")
     with pytest.raises(ConfigError, match=r"\[4, 8, 4\] rows per micro-batch"):
         check("8,4,8x4")  # a slice of the reference's rows
-    with pytest.raises(ConfigError, match="entry 8x5: 40 rows, but the batch has 32 .per replica.; give at most 4"):
+    with pytest.raises(
+        ConfigError, match="entry 8x5: 40 rows, but the batch has 32 .per replica.; give at most 4"
+    ):
         check("8,4,8x5")
     with pytest.raises(ConfigError, match="give more than 2"):
         check("8,4", 2)

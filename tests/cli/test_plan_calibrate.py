@@ -78,7 +78,9 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert len(calibration["weight_share"]) == 2 and all(0 <= x <= 1 for x in calibration["weight_share"])
     assert calibration["split_action_overhead_s"] > 0
     at_run = stage_cost_model(priced, StageLayout(tuple(calibration["bounds"]), 1), (), Link())
-    for stage, (start, stop) in enumerate(zip(calibration["bounds"], calibration["bounds"][1:], strict=False)):
+    for stage, (start, stop) in enumerate(
+        zip(calibration["bounds"], calibration["bounds"][1:], strict=False)
+    ):
         fixed = priced.overhead_s * (stop - start)
         assert at_run.i[stage] + at_run.w[stage] == pytest.approx(
             at_run.b[stage] + fixed + 2 * priced.split_overhead_s
@@ -105,8 +107,12 @@ def test_plan_profile_prices_the_layers_as_the_calibration_run_measured_them(tmp
     assert priced.held_curve and all(f >= 1 and b >= 1 for _, f, b in priced.held_curve)
     bounds = calibration["bounds"]
     assert priced.held_reference_layer_bytes == tuple(
-        float(calibration["held_bytes"][stage]) for stage in range(2) for _ in range(bounds[stage], bounds[stage + 1]))
-    assert priced.held_forward_per_byte == 0.0 and "held_forward_per_byte" not in calibration  # the line is gone
+        float(calibration["held_bytes"][stage])
+        for stage in range(2)
+        for _ in range(bounds[stage], bounds[stage + 1])
+    )
+    # The held_forward_per_byte line is gone.
+    assert priced.held_forward_per_byte == 0.0 and "held_forward_per_byte" not in calibration
     assert priced.held_reference_bytes == max(calibration["held_bytes"])
     assert "activations held (gpipe at 8 rows" in priced.source
     assert result["choice"]["step_time"] > 0

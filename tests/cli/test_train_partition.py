@@ -13,8 +13,8 @@ import pytest
 
 from pipefold.cli import train as train_cli
 from pipefold.job.config import TrainConfig, load_config
-from pipefold.job.sections import ModelConfig
 from pipefold.job.partition_costs import estimated_layer_costs, flops_counts, job_bounds
+from pipefold.job.sections import ModelConfig
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -27,7 +27,7 @@ def _stage_costs(config: TrainConfig) -> list[float]:
     costs = estimated_layer_costs(config.model)
     bounds = job_bounds(config.partition, config.schedule.built.num_stages, config.model)
     assert bounds is not None
-    return [sum(costs[start:end]) for start, end in zip(bounds, bounds[1:])]
+    return [sum(costs[start:end]) for start, end in zip(bounds, bounds[1:], strict=False)]
 
 
 def _within(stage_costs: list[float], tolerance: float) -> bool:
@@ -85,6 +85,6 @@ def test_a_hugging_face_config_is_priced_by_its_estimate(tmp_path):
     assert job_bounds("uniform", 4, model) == (0, 2, 4, 5, 6)
     bounds = job_bounds("flops", 4, model)
     assert bounds is not None
-    stage_costs = [sum(costs[start:end]) for start, end in zip(bounds, bounds[1:])]
+    stage_costs = [sum(costs[start:end]) for start, end in zip(bounds, bounds[1:], strict=False)]
     # The untied 256-word head is as costly as 0.3 of a block: the best cut is within 35%.
     assert _within(stage_costs, 0.35), stage_costs

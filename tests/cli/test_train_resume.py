@@ -10,8 +10,8 @@ import torch
 
 from pipefold.cli import train as train_cli
 from pipefold.cli.main import main
-from pipefold.errors import ConfigError
 from pipefold.data import BatchSampler
+from pipefold.errors import ConfigError
 from pipefold.job.config import load_config
 from pipefold.job.recovery import FAULT_ENV, RESTART_ENV, exit_step, resume_after_restart
 from pipefold.job.rng import capture_rng_state, set_rng_state
@@ -83,7 +83,9 @@ def test_resume_continues_the_loss_of_an_uninterrupted_run(tmp_path, capfd, stra
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_a_killed_rank_is_restarted_from_the_latest_checkpoint(tmp_path, capfd, caplog, monkeypatch, straight):
+def test_a_killed_rank_is_restarted_from_the_latest_checkpoint(
+    tmp_path, capfd, caplog, monkeypatch, straight
+):
     # Rank 1 dies by SIGKILL before step 3 (0-based): steps 0-2 ran, the checkpoint is of step 2,
     # so the restart repeats step 2 and must give the uninterrupted run's losses from there on.
     monkeypatch.setenv(FAULT_ENV, "1:3")
@@ -117,7 +119,9 @@ def test_random_states_round_trip_through_json_and_give_the_same_dropout():
 def test_dropout_zero_keeps_the_gpt_unchanged_and_bad_values_are_refused():
     plain = gpt_layers(256, 16, 2, 1, 8)
     assert plain[2].args == gpt_layers(256, 16, 2, 1, 8, dropout=0.0)[2].args
-    assert sorted(GPT(plain).state_dict()) == sorted(GPT(gpt_layers(256, 16, 2, 1, 8, dropout=0.2)).state_dict())
+    assert sorted(GPT(plain).state_dict()) == sorted(
+        GPT(gpt_layers(256, 16, 2, 1, 8, dropout=0.2)).state_dict()
+    )
     with pytest.raises(ConfigError, match="dropout"):
         gpt_layers(256, 16, 2, 1, 8, dropout=1.0)
     with pytest.raises(ConfigError, match="model.dropout=-0.1"):

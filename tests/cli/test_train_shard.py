@@ -17,13 +17,19 @@ _TINY = (
 
 
 def test_shard_is_a_config_field_and_zero_stays_its_alias():
-    assert load_config(overrides={"schedule.shard": "zero1", "schedule.data_parallel": 2}).schedule.shard == "zero1"
-    with pytest.raises(ConfigError, match=r"schedule.shard='full' is not allowed: .*\(schedule.data_parallel=1\)"):
+    assert load_config(
+        overrides={"schedule.shard": "zero1", "schedule.data_parallel": 2}
+    ).schedule.shard == "zero1"
+    with pytest.raises(
+        ConfigError, match=r"schedule.shard='full' is not allowed: .*\(schedule.data_parallel=1\)"
+    ):
         load_config(overrides={"schedule.shard": "full"})
     # The GPT's tied embedding and head, and fp16's loss scale, compose with it.
     tied = load_config(overrides={"schedule.shard": "full", "schedule.data_parallel": 2, "precision": "fp16"})
     assert tied.model.tie_embeddings and tied.schedule.shard == "full"
-    with pytest.raises(ConfigError, match=r"full sharding already shards the optimizer state .*; drop optimizer.zero"):
+    with pytest.raises(
+        ConfigError, match=r"full sharding already shards the optimizer state .*; drop optimizer.zero"
+    ):
         load_config(overrides={
             "schedule.shard": "full", "schedule.data_parallel": 2, "optimizer.zero": True,
         })
@@ -55,18 +61,25 @@ def test_gather_options_are_config_fields_and_flags_that_need_full_sharding():
     from pipefold.cli.train import add_parser, config_from_args
 
     full = {"schedule.shard": "full", "schedule.data_parallel": 2}
-    config = load_config(overrides={**full, "schedule.gather_lookahead": 2, "schedule.free_between_microbatches": True})
+    config = load_config(
+        overrides={**full, "schedule.gather_lookahead": 2, "schedule.free_between_microbatches": True}
+    )
     assert (config.schedule.gather_lookahead, config.schedule.free_between_microbatches) == (2, True)
-    with pytest.raises(ConfigError, match=r"schedule.gather_lookahead=2 is not allowed: .*schedule.shard='full'"):
+    with pytest.raises(
+        ConfigError, match=r"schedule.gather_lookahead=2 is not allowed: .*schedule.shard='full'"
+    ):
         load_config(overrides={"schedule.gather_lookahead": 2})
     with pytest.raises(ConfigError, match=r"schedule.free_between_microbatches=True is not allowed"):
         load_config(overrides={"schedule.free_between_microbatches": True})
-    with pytest.raises(ConfigError, match=r"schedule.gather_lookahead=-1 is not allowed: give an integer >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"schedule.gather_lookahead=-1 is not allowed: give an integer >= 0"
+    ):
         load_config(overrides={**full, "schedule.gather_lookahead": -1})
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args([
-        "train", "--data-parallel", "2", "--shard", "full", "--gather-lookahead", "1", "--free-between-microbatches",
+        "train", "--data-parallel", "2", "--shard", "full", "--gather-lookahead", "1",
+        "--free-between-microbatches",
     ])
     schedule = config_from_args(args).schedule
     assert (schedule.gather_lookahead, schedule.free_between_microbatches) == (1, True)

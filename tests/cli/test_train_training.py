@@ -62,7 +62,9 @@ def test_accumulation_trains_as_one_larger_batch_and_reports_norms(tmp_path, cap
     # Every pipeline rank's activation peak each step; the run's last equals the summary's memory.
     assert all(len(line["activation_bytes_peak"]) == 2 for line in lines)
     assert all(peak > 0 for line in lines for peak in line["activation_bytes_peak"])
-    last = {entry["pipeline_rank"]: entry["activations_peak"] for entry in one["memory"] if entry["replica"] == 0}
+    last = {
+        entry["pipeline_rank"]: entry["activations_peak"] for entry in one["memory"] if entry["replica"] == 0
+    }
     # --memory-peaks: each rank's profiled allocations over the kept steps 2-3 (cpu_*: a fresh
     # run's ranks hold only their weights before the first step; the steps then keep AdamW's
     # state and more, and each step's pipeline call allocates beyond that).

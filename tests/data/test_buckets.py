@@ -26,7 +26,9 @@ def test_bucket_lengths():
 
 
 def test_windows_stay_inside_one_document_and_fit_the_budget():
-    batches = LengthBuckets(_stream(LENGTHS), separator=0, token_budget=512, max_len=64, row_multiple=2, seed=3)
+    batches = LengthBuckets(
+        _stream(LENGTHS), separator=0, token_budget=512, max_len=64, row_multiple=2, seed=3
+    )
     seen = set()
     for _ in range(batches.batches_per_epoch):
         inputs, targets = batches.next_batch()
@@ -35,7 +37,7 @@ def test_windows_stay_inside_one_document_and_fit_the_budget():
         assert rows == 512 // length // 2 * 2
         assert inputs.dtype == targets.dtype == torch.int64 and targets.shape == inputs.shape
         torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])  # targets: inputs shifted by one
-        for row, target in zip(inputs, targets):
+        for row, target in zip(inputs, targets, strict=True):
             assert (row == row[0]).all() and row[0] != 0  # one document, never its separator
             assert target[-1] in (row[0], 0)
         seen.add(length)
@@ -45,7 +47,9 @@ def test_windows_stay_inside_one_document_and_fit_the_budget():
 def test_every_token_but_a_short_tail_is_in_a_window():
     batches = LengthBuckets(_stream(LENGTHS), separator=0, token_budget=256, max_len=64, min_len=8)
     # A document of n ids and its separator has n predictions; all but n % 8 are covered.
-    assert sum(length * count for length, count in batches.num_windows.items()) == sum(n - n % 8 for n in LENGTHS)
+    assert sum(length * count for length, count in batches.num_windows.items()) == sum(
+        n - n % 8 for n in LENGTHS
+    )
 
 
 def test_seeded_order_and_resume():

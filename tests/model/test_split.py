@@ -17,7 +17,7 @@ from pipefold.errors import ConfigError
 from pipefold.model.build import meta_layers, named_parameters, shared_parameters
 from pipefold.model.split import SplitPiece, find_blocks, split
 
-from .split_models import DIM, SEQ, VOCAB, Block, NaturalTransformer, gpt2_model, llama_model
+from .split_models import DIM, SEQ, VOCAB, NaturalTransformer, gpt2_model, llama_model
 
 
 def _run(layers, x):

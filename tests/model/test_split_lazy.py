@@ -96,7 +96,9 @@ def test_weights_from_a_state_dict_read_per_rank(tmp_path):
     }
     for layer in built.values():
         for name, global_name in layer.parameter_names().items():
-            torch.testing.assert_close(layer.get_parameter(name), source.state_dict()[global_name], rtol=0, atol=0)
+            torch.testing.assert_close(
+                layer.get_parameter(name), source.state_dict()[global_name], rtol=0, atol=0
+            )
     with pytest.raises(ConfigError, match=r"missing from the state dict"):
         _, layers = _meta_split(init={})
         materialize(layers, [0], "cpu")
@@ -106,7 +108,9 @@ def test_a_tensor_without_an_init_is_refused_and_a_custom_init_is_used():
     with torch.device("meta"):
         model = NaturalTransformer()  # `position` is set on the top module: no reset_parameters
     layers = split(model, example_inputs=(EXAMPLE,))
-    with pytest.raises(ConfigError, match=r"NaturalTransformer at '\(the top module\)' holds \['position'\] .*init="):
+    with pytest.raises(
+        ConfigError, match=r"NaturalTransformer at '\(the top module\)' holds \['position'\] .*init="
+    ):
         materialize(layers, [0], "cpu")
 
     def init(path, module):

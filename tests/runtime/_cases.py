@@ -658,15 +658,17 @@ def varlen(
     for length in lengths:
         per_microbatch = [length] * num_microbatches if isinstance(length, int) else list(length)
         sizes = [len(c) for c in torch.tensor_split(torch.empty(rows), num_microbatches)]
-        xs = [torch.randint(0, 13, (size, n), generator=generator) for size, n in zip(sizes, per_microbatch)]
-        ys = [torch.randint(0, 13, (size, n), generator=generator) for size, n in zip(sizes, per_microbatch)]
+        xs = [torch.randint(0, 13, (size, n), generator=generator)
+              for size, n in zip(sizes, per_microbatch, strict=True)]
+        ys = [torch.randint(0, 13, (size, n), generator=generator)
+              for size, n in zip(sizes, per_microbatch, strict=True)]
         for param in (*pipe.parameters(), *reference.parameters()):
             param.grad = None
         if isinstance(length, int):
             loss = pipe.step(torch.cat(xs), torch.cat(ys))
         else:
             loss = pipe.step(Microbatches(xs), Microbatches(ys))
-        expected = sum(gpt_loss(reference(x), y) * (len(x) / rows) for x, y in zip(xs, ys))
+        expected = sum(gpt_loss(reference(x), y) * (len(x) / rows) for x, y in zip(xs, ys, strict=True))
         expected.backward()
         torch.testing.assert_close(loss, expected.item(), rtol=1e-5, atol=1e-6)
         for name, param in pipe.named_parameters():

@@ -134,7 +134,11 @@ def exact(
         # no points, the skip connection around the blocks sends it through the graph route too.
         points = SKIP_POINTS if model == "skip" else HF_POINTS.get(model)
         layers = split(module, split_points=points, example_inputs=(_batch(vocab, 0)[0],))
-        forward = reference if model in ("natural", "skip", "skip-blocks") else (lambda x: reference(x, use_cache=False).logits)
+        forward = (
+            reference
+            if model in ("natural", "skip", "skip-blocks")
+            else (lambda x: reference(x, use_cache=False).logits)
+        )
     pipe = Pipeline(
         layers, loss_fn=_loss_fn, schedule=schedule, num_microbatches=4, num_virtual=num_virtual,
         runtime=RuntimeOptions(timeout_s=60),

@@ -677,7 +677,9 @@ def test_graph_key_is_the_same_with_and_without_known_parameter_leaves():
         plain, _, _ = backward_plan.graph_shape([out], [leaf], params)
         known, nodes, _ = backward_plan.graph_shape([out], [leaf], params, leaves)
         assert known == plain
-        assert not any(type(node).__name__ == "AccumulateGrad" and node.variable is not leaf for node in nodes)
+        assert not any(
+            type(node).__name__ == "AccumulateGrad" and node.variable is not leaf for node in nodes
+        )
         if mb >= 2:
             assert keys[wide] == known
         keys[wide] = known

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipefold.errors import ConfigError, PeerFailure, PipefoldError
 from pipefold.model import LayerSpec, build_reference
+from pipefold.plan.shard_layout import layout_bytes
 from pipefold.runtime import (
     LayoutOptions,
     ParallelOptions,
@@ -30,9 +31,8 @@ from pipefold.runtime import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
-from pipefold.plan.shard_layout import layout_bytes
 from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.parallel.data_parallel import _buckets, _by_stage, split_mesh
 from pipefold.schedule import gathers_per_step
 
 
@@ -315,8 +315,8 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
         params = [param for _, param in pipe.named_parameters()]
         planned = layout_bytes(sum(4 * p.numel() for p in params), num_data_parallel=2, layout="full")
         step(99)  # gradients of one more step, reduce-scattered into the shards
-        measured = (sum(4 * p.to_local().numel() for p in params), sum(4 * p.grad.to_local().numel() for p in params),
-                    4 * state)
+        measured = (sum(4 * p.to_local().numel() for p in params),
+                    sum(4 * p.grad.to_local().numel() for p in params), 4 * state)
         # FSDP splits each tensor's first dim unevenly where dp does not divide it (the Linear(8, 3)
         # head): a replica holds up to one row per tensor more or less than 1/dp of the bytes.
         padding = sum(4 * (p.numel() // p.shape[0]) for p in params)
@@ -332,13 +332,18 @@ def fsdp_exact(*, schedule, num_virtual=None, rows=12, num_microbatches=3, adam_
             "num_stages": len(pipe.sharding.stages),
             "gathers": pipe.sharding.num_gathers,
             # The measured timeline shows the schedule's sharding actions of this rank.
-            "timeline": sorted(str(e.action) for e in pipe.last_timeline.events[pipe.rank] if e.action.op.is_sharding),
+            "timeline": sorted(
+                str(e.action) for e in pipe.last_timeline.events[pipe.rank] if e.action.op.is_sharding
+            ),
             "expected_timeline": sorted(
                 str(a) for a in pipe.sharding.schedule(pipe.schedule).actions[pipe.rank] if a.op.is_sharding
             ),
             # What the schedule says this rank gathers per step.
-            "scheduled": sum(count for stage, count in gathers_per_step(pipe.sharding.schedule(pipe.schedule)).items()
-                             if stage in pipe.sharding.stages),
+            "scheduled": sum(
+                count
+                for stage, count in gathers_per_step(pipe.sharding.schedule(pipe.schedule)).items()
+                if stage in pipe.sharding.stages
+            ),
             "at_rest": at_rest,
             "state_numel": state,
         }
@@ -381,7 +386,9 @@ def fsdp_checkpoint(*, directory):
     save_checkpoint(pipe, directory, optimizer=optimizer, step=2)
     names = sorted(pipe.state_dict())
     results = {}
-    for what, shape, dims, shard in (("sharded", (2, 2), ("dp", "pp"), "full"), ("plain", (4,), ("pp",), "replicate")):
+    for what, shape, dims, shard in (
+        ("sharded", (2, 2), ("dp", "pp"), "full"), ("plain", (4,), ("pp",), "replicate")
+    ):
         again = pipeline(shape, dims, shard)
         optimizer = torch.optim.AdamW(again.parameters(), lr=0.01)
         load_checkpoint(again, directory, optimizer=optimizer)

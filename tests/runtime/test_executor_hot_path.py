@@ -39,7 +39,8 @@ def test_the_fast_output_check_never_passes_what_mismatch_refuses(expected, outp
     slow = expected.mismatch(outputs if expected.is_tuple else outputs[0])
     if _matches(expected, outputs):
         assert slow is None
-    exact = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in zip(expected.shapes, expected.dtypes))
+    exact = tuple(torch.empty(shape, dtype=dtype)
+                  for shape, dtype in zip(expected.shapes, expected.dtypes, strict=True))
     assert _matches(expected, exact)
 
 
@@ -52,7 +53,8 @@ def test_every_receive_is_named_after_the_action_that_waits_for_it(family):
         later = {str(a) for a in actions if a.op.is_compute}
         for action in actions:
             if action.op is Op.RECV_F:
-                assert names[(action.op, action.stage, action.microbatch)] == f"F{action.stage}.{action.microbatch}"
+                assert (names[(action.op, action.stage, action.microbatch)]
+                        == f"F{action.stage}.{action.microbatch}")
             elif action.op is Op.RECV_B:
                 name = names[(action.op, action.stage, action.microbatch)]
                 assert name in later and name[0] in "BI" and name[1:] == f"{action.stage}.{action.microbatch}"
@@ -111,7 +113,8 @@ def test_scaled_losses_round_each_product_as_loss_times_scale() -> None:
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for magnitude in (1e-30, 1e-3, 1.0, 1e4, 1e30):
             losses = [(torch.randn((), generator=generator) * magnitude).to(dtype) for _ in scales]
-            expected = torch.stack([(loss * scale).to(torch.float64) for loss, scale in zip(losses, scales)])
+            expected = torch.stack([(loss * scale).to(torch.float64)
+                                    for loss, scale in zip(losses, scales, strict=True)])
             assert torch.equal(scaled_losses(losses, scales), expected), (dtype, magnitude)
 
 

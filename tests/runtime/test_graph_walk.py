@@ -77,7 +77,8 @@ def _graph(params: tuple[Tensor, ...], change: str = "") -> tuple[list[Tensor], 
     return roots, [x]
 
 
-CHANGES = ["node kind", "child", "param swapped", "input leaf", "function class", "frozen param", "extra output"]
+CHANGES = ["node kind", "child", "param swapped", "input leaf", "function class", "frozen param",
+           "extra output"]
 
 
 def _agree(walk: native.GraphWalk, change: str) -> bool:

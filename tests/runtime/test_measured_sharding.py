@@ -14,7 +14,8 @@ from pipefold.simulate import CostModel, simulate
 @pytest.mark.parametrize("lookahead", [0, 2])
 def test_gather_and_reduce_scatter_times_come_back_from_the_timeline(lookahead):
     schedule = add_sharding(build("1f1b", num_ranks=2, num_microbatches=4), lookahead=lookahead)
-    truth = CostModel.from_lists([1.0, 2.0], [1.0, 1.0], [1.0, 1.0], gather=[0.5, 0.25], reduce_scatter=[0.3, 0.7])
+    truth = CostModel.from_lists([1.0, 2.0], [1.0, 1.0], [1.0, 1.0], gather=[0.5, 0.25],
+                                 reduce_scatter=[0.3, 0.7])
     timeline = simulate(schedule, truth)
     costs = measured_cost_model(timeline, schedule, with_link=False, num_cores=None)
     assert costs.reduce_scatter == pytest.approx(truth.reduce_scatter)

@@ -34,11 +34,13 @@ def test_each_micro_batch_keeps_its_shape():
 @pytest.mark.parametrize(
     ("inputs", "targets", "message"),
     [
-        (Microbatches([torch.zeros(2, 4)]), Microbatches([torch.zeros(2, 4)]), "1 parts but num_microbatches is 2"),
+        (Microbatches([torch.zeros(2, 4)]), Microbatches([torch.zeros(2, 4)]),
+         "1 parts but num_microbatches is 2"),
         (Microbatches([torch.zeros(2, 4), torch.zeros(0, 4)]), None, "at least one row"),
         (Microbatches([torch.zeros(2, 4), torch.zeros(1, 4)]), torch.zeros(3, 4), "both as Microbatches"),
         (torch.zeros(3, 4), Microbatches([torch.zeros(2, 4), torch.zeros(1, 4)]), "both as Microbatches"),
-        (Microbatches([torch.zeros(2, 4), torch.zeros(1, 4)]), Microbatches([torch.zeros(1, 4), torch.zeros(2, 4)]),
+        (Microbatches([torch.zeros(2, 4), torch.zeros(1, 4)]),
+         Microbatches([torch.zeros(1, 4), torch.zeros(2, 4)]),
          r"target micro-batches have \[1, 2\] rows"),
     ],
 )

@@ -73,7 +73,7 @@ def test_a_receive_into_byte_views_gets_every_byte_and_marks_it_consumed(pair):
     sender, receiver = pair
     sent = (torch.randn(3, 5), torch.arange(7, dtype=torch.int16), torch.randn(2, dtype=torch.bfloat16))
     total = layout([t.nbytes for t in sent], 0)[1]
-    for step in range(2):  # the second step's bytes land in the same slots and are read anew
+    for _step in range(2):  # the second step's bytes land in the same slots and are read anew
         sender.begin_step(total)
         receiver.begin_step(total)
         buffers = tuple(torch.empty_like(t) for t in sent)

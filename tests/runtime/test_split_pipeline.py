@@ -2,12 +2,12 @@
 
 For a transformer written the natural way, one with a skip connection around its blocks cut at
 named points through a graph capture (the skip crosses the cuts), Hugging Face GPT-2 (head tied
-to the embedding) and Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss, every gradient and,
-after each of 3 SGD steps, every weight equal the unsplit module's on one process (the tied
-GPT-2 weight on two ranks trained two diverging copies before it was tied). The gathered state
-dict has the module's own keys. A plain layer list whose head shares the embedding's weight is
-tied the same way; what cannot be tied is refused naming both uses. The ranks' side is
-tests/runtime/_split_cases.py; 4 ranks run in tests/runtime/test_runtime_exact.py.
+to the embedding) and Llama, under 1f1b, interleaved-1f1b (v=2), zb-v and dualpipe-v: the loss,
+every gradient and, after each of 3 SGD steps, every weight equal the unsplit module's on one
+process (the tied GPT-2 weight on two ranks trained two diverging copies before it was tied).
+The gathered state dict has the module's own keys. A plain layer list whose head shares the
+embedding's weight is tied the same way; what cannot be tied is refused naming both uses. The
+ranks' side is tests/runtime/_split_cases.py; 4 ranks run in tests/runtime/test_runtime_exact.py.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def test_the_executors_event_table_packs_as_its_stamps():
     assert record.event_table.tolist() == [list(row) for row in expected]
     kwargs = dict(activation_bytes_peak=1, weight_versions_peak=1, origin=2.0, host=3,
                   losses=torch.zeros(4, dtype=torch.float64), num_slots=40)
-    with_table = step_gather.pack_stamps(record.event_stamps, record.wait_stamps, event_table=record.event_table,
-                                         **kwargs)
+    with_table = step_gather.pack_stamps(record.event_stamps, record.wait_stamps,
+                                         event_table=record.event_table, **kwargs)
     assert torch.equal(with_table, step_gather.pack_stamps(record.event_stamps, record.wait_stamps, **kwargs))
 
 

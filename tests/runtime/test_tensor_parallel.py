@@ -168,7 +168,9 @@ def tp_exact(
             # bias is replicated).
             halved = grad.to_local().numel() * 2 == reference_params[name].numel()
             # Fully sharded: split over "dp" too (a quarter of a tp-split tensor, half of a whole one).
-            assert full_shard or halved or all(placement.is_replicate() for placement in param.placements), name
+            assert full_shard or halved or all(
+                placement.is_replicate() for placement in param.placements
+            ), name
             grad = grad.full_tensor()
         torch.testing.assert_close(grad, reference_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
     if full_shard:  # the shards' AdamW step gives the whole model's weights
@@ -183,8 +185,8 @@ def tp_exact(
         optimizer.step()
         expected_optimizer.step()
         for name, param in pipe.named_parameters():
-            torch.testing.assert_close(param.full_tensor(), reference_params[name].detach(), rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(param.full_tensor(), reference_params[name].detach(), rtol=1e-5,
+                                       atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     return {
         "gathers": None if pipe.sharding is None else pipe.sharding.num_gathers,
         "pp_rank": pipe.rank,
@@ -748,7 +750,9 @@ def test_full_sharding_with_tensor_parallelism_equals_one_process(pool8):
     """dp=2 x pp=2 x tp=2, each stage fully sharded over "dp" on top of its tp split (2-D DTensors),
     zb-h1's split backward: loss, every gradient, then the weights after an Adam step. Then the
     GPT under zb-v: its tied embedding and head on pipeline rank 0, one FSDP unit there."""
-    results = pool8.run("tp_exact", schedule="zb-h1", num_microbatches=2, num_dp=2, full_shard=True, timeout_s=300)
+    results = pool8.run(
+        "tp_exact", schedule="zb-h1", num_microbatches=2, num_dp=2, full_shard=True, timeout_s=300
+    )
     assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the global loss"
     assert [r["gathers"] for r in results] == [2] * 8  # one per stage per step, two steps
     results = pool8.run(

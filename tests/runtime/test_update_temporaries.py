@@ -22,7 +22,11 @@ from pipefold.plan.estimate import GptEstimate, gpt_parameter_no_decay, gpt_para
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.memory import update_bytes
 from pipefold.plan.update_memory import (
-    gradient_norm_bytes, layer_norm_bytes, overflow_check_bytes, update_temporaries)
+    gradient_norm_bytes,
+    layer_norm_bytes,
+    overflow_check_bytes,
+    update_temporaries,
+)
 from pipefold.runtime.clip import GradientScope
 from pipefold.runtime.loss_scale import DynamicLossScale
 from pipefold.runtime.master import fp32_master_weights
@@ -36,7 +40,8 @@ def _model(dtype=torch.float32) -> nn.Sequential:
     torch.manual_seed(0)
     # An embedding, norms and biases (the group without decay, 34 K elements) beside two matrices
     # of different sizes (the decayed group, 41 K): the whole rank's list would be 1.8x the larger.
-    layers = (nn.Embedding(512, 64), nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 96), nn.LayerNorm(96))
+    layers = (nn.Embedding(512, 64), nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 96),
+              nn.LayerNorm(96))
     return nn.Sequential(*layers).to(dtype)
 
 
@@ -60,8 +65,8 @@ def _priced(model, *, foreach, masters) -> int:
     fields["gradient_norm_bytes"] = 0
     owned = sum(p.numel() * p.element_size() for p in params)
     free = sum(p.numel() * p.element_size() for p in params if id(p) in exempt)
-    layer = LayerCost(forward_s=0.0, backward_s=0.0, activation_bytes=0, output_bytes=0, parameter_bytes=owned,
-                      no_decay_parameter_bytes=free)
+    layer = LayerCost(forward_s=0.0, backward_s=0.0, activation_bytes=0, output_bytes=0,
+                      parameter_bytes=owned, no_decay_parameter_bytes=free)
     return update_bytes(ModelCosts(layers=(layer,), **fields), [owned], [free])[0]
 
 
@@ -104,12 +109,14 @@ def test_a_ranks_gradient_norm_is_its_layers_largest():
     per_layer = layer_norm_bytes([[p.numel() for p in layer.parameters()] for layer in layers])
     for first in range(len(layers)):
         params = tuple(p for layer in layers[first:] for p in layer.parameters())
-        scope = GradientScope(params=params, not_counted=frozenset(), tp_group=None, tp_rank=0, collectives=None,
-                              watchdog=None)
+        scope = GradientScope(params=params, not_counted=frozenset(), tp_group=None, tp_rank=0,
+                              collectives=None, watchdog=None)
         measured = peak_bytes(scope.total_norm, "cpu")
         priced = max(per_layer[first:])
         before = list(layers[first - 1].parameters())[-1].numel() if first else 0
-        assert 0 <= priced - measured + COUNTERS and priced - measured <= 8 * before, (first, measured, priced)
+        assert 0 <= priced - measured + COUNTERS and priced - measured <= 8 * before, (
+            first, measured, priced
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-gradients", "fp16-gradients"])
@@ -145,7 +152,8 @@ def test_the_estimates_tensors_and_groups_are_the_built_in_gpts(tied):
     # Each layer's undecayed bytes: a profile's (parameter bytes x the layer's undecayed share) and
     # the estimate's.
     estimate = GptEstimate(hardware=load_hardware("h100-80gb"), num_layers=2, d_model=64, num_heads=4,
-                           seq_len=32, vocab_size=256, dtype="fp32", tie_embeddings=tied).at(1, 1, Link(), False)
+                           seq_len=32, vocab_size=256, dtype="fp32",
+                           tie_embeddings=tied).at(1, 1, Link(), False)
     unsplit = ModelCosts(layers=tuple(
         LayerCost(forward_s=0.0, backward_s=0.0, activation_bytes=0, output_bytes=0,
                   parameter_bytes=layer.parameter_bytes) for layer in estimate.layers))

@@ -13,8 +13,9 @@ shared pool (`WorkerPool(2, cases=__name__)`, one task with every schedule): 1f1
 backward) and interleaved 1f1b at pp2, with full, selective and no recomputation, and at pp1 x
 tp2 with and without sequence parallelism, against one process drawing each micro-batch's masks
 in `dropout_scope`; and on the four ranks at pp2 x tp2 (sequence and vocabulary parallelism,
-recomputation) and dp2 x tp2 (each replica its own seed; replicated and fully sharded): each tp rank's heads draw the
-one-process heads' masks, and a sequence slice its slice of the one-process mask.
+recomputation) and dp2 x tp2 (each replica its own seed; replicated and fully sharded): each tp
+rank's heads draw the one-process heads' masks, and a sequence slice its slice of the
+one-process mask.
 """
 
 from __future__ import annotations
@@ -310,7 +311,8 @@ def megatron_tp_exact(*, cases, dp_cases=()):
             _megatron_layers(), loss_fn=gpt_loss, schedule="gpipe", num_microbatches=num_microbatches,
             layout=LayoutOptions(recompute=recompute, seed=7),
             parallel=ParallelOptions(
-                process_group=mesh, tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel),
+                process_group=mesh,
+                tensor_parallel=gpt_tensor_parallel_plan(sequence_parallel=sequence_parallel),
                 shard=shard,
             ),
             runtime=RuntimeOptions(timeout_s=60),

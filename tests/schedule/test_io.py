@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipefold.errors import ScheduleError
-from pipefold.schedule import Action, Op, WeightUpdate, build, family, names
 from pipefold.files import write_atomic
+from pipefold.schedule import Action, Op, WeightUpdate, build, family, names
 from pipefold.schedule.io import dumps, from_json, from_torch_csv, load, to_json, to_torch_csv
 
 ASYNC = {"pipedream", "pipedream-2bw"}

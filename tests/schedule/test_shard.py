@@ -191,7 +191,8 @@ def test_re_gathering_between_microbatches_costs_time_and_saves_gathered_bytes()
 
 
 def test_cost_model_carries_gather_and_reduce_times_through_json():
-    costs = CostModel.from_lists([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], gather=[0.1, 0.2], reduce_scatter=[0.3, 0.4])
+    costs = CostModel.from_lists([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], gather=[0.1, 0.2],
+                                 reduce_scatter=[0.3, 0.4])
     again = CostModel.from_json(costs.to_json())
     assert again.gather == (0.1, 0.2) and again.reduce_scatter == (0.3, 0.4)
     assert CostModel.uniform(2).gather == (0.0, 0.0)

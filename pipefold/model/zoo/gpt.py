@@ -180,7 +180,9 @@ class CausalSelfAttention(nn.Module):
         self.head_qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.unfused = attention == "unfused"
-        self.attention_dropout = SeededDropout(dropout, layer, 1, head_dim=1) if dropout > 0 else nn.Identity()
+        self.attention_dropout = (
+            SeededDropout(dropout, layer, 1, head_dim=1) if dropout > 0 else nn.Identity()
+        )
 
     def _first_head(self, num_local_heads: int) -> int:
         """The global index of this rank's first head: a column split of `head_qkv` (tensor

@@ -38,8 +38,8 @@ from pipefold.schedule.ir import Op
 if TYPE_CHECKING:
     from pipefold.schedule.ir import Schedule
 
-__all__ = ["FORCE_PYTHON_ENV", "NATIVE_DIR_ENV", "GraphWalk", "MatchFn", "RecordFn", "build", "build_dir", "build_for",
-           "load"]
+__all__ = ["FORCE_PYTHON_ENV", "NATIVE_DIR_ENV", "GraphWalk", "MatchFn", "RecordFn", "build", "build_dir",
+           "build_for", "load"]
 
 FORCE_PYTHON_ENV = "PIPEFOLD_PYTHON_WALK"
 """Set to 1: `load` gives None, so the split backward walks its graphs in Python."""
@@ -102,7 +102,9 @@ def build() -> Path | None:
                 return None
             return _compile(where, target)
     except Exception as error:  # a cache folder we cannot write, a lock we cannot take
-        logger.warning("pipefold: the C++ graph walk cannot be built (%s); the Python walk runs instead", error)
+        logger.warning(
+            "pipefold: the C++ graph walk cannot be built (%s); the Python walk runs instead", error
+        )
         return None
 
 

@@ -176,7 +176,9 @@ class DataParallel:
         self._buckets = () if reduced_in_schedule else _buckets(self._params, bucket_bytes)
         self._set_aside: list[Tensor | None] | None = None
         self._stage_buckets = (
-            {} if reduced_in_schedule or stage_params is None else _by_stage(self._params, stage_params, bucket_bytes)
+            {}
+            if reduced_in_schedule or stage_params is None
+            else _by_stage(self._params, stage_params, bucket_bytes)
         )
         self._rows = 0.0
         self._in_flight: list[tuple[_Bucket, Tensor, dist.Work | None]] = []

@@ -283,10 +283,10 @@ def _joined(stages: Sequence[Stage]) -> list[list[Stage]]:
 
 
 def _policy(members: Sequence[Stage]) -> MixedPrecisionPolicy:
-    """FSDP's precision for a unit of `members` stages: the weights as they are held (FSDP casts nothing for the
-    forward; autocast does that under mixed precision), and 16-bit gradients (bf16 weights,
-    `precision="bf16-pure"`) reduce-scattered in fp32, as the replicas' all-reduce does
-    without sharding (`data_parallel.reduce_dtype`): the sum rounds once, into bf16."""
+    """FSDP's precision for a unit of `members` stages: the weights as they are held (FSDP casts
+    nothing for the forward; autocast does that under mixed precision), and 16-bit gradients
+    (bf16 weights, `precision="bf16-pure"`) reduce-scattered in fp32, as the replicas' all-reduce
+    does without sharding (`data_parallel.reduce_dtype`): the sum rounds once, into bf16."""
     dtypes = {param.dtype for stage in members for param in stage.parameters if param.is_floating_point()}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != reduce_dtype(dtype):
         return MixedPrecisionPolicy(reduce_dtype=reduce_dtype(dtype))

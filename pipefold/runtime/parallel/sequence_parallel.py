@@ -93,7 +93,9 @@ class DropoutOnSequence(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         if isinstance(module, SeededDropout):
-            module.sequence_shard = (self.sequence_dim, int(device_mesh.get_local_rank()), int(device_mesh.size()))
+            module.sequence_shard = (
+                self.sequence_dim, int(device_mesh.get_local_rank()), int(device_mesh.size())
+            )
         return module
 
 
