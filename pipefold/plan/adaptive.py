@@ -122,7 +122,8 @@ class AdaptiveSpace:
         if min(degrees) < 1:
             raise ConfigError(
                 f"AdaptiveSpace: num_ranks={self.num_ranks}, num_virtual={self.num_virtual}, "
-                f"num_data_parallel={self.num_data_parallel}, num_tensor_parallel={self.num_tensor_parallel}; "
+                f"num_data_parallel={self.num_data_parallel}, "
+                f"num_tensor_parallel={self.num_tensor_parallel}; "
                 "use >= 1"
             )
         if len(self.bounds) != self.num_ranks * self.num_virtual + 1:

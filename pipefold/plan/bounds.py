@@ -166,7 +166,8 @@ def step_time_lower_bound(
 
 
 def bound_terms(
-    model: CostModel, placement: tuple[int, ...], backward: Backward = "any", boundaries: Boundaries | None = None
+    model: CostModel, placement: tuple[int, ...], backward: Backward = "any",
+    boundaries: Boundaries | None = None,
 ) -> BoundTerms:
     """The m-free terms of `step_time_lower_bound`; `boundaries`: `boundary_times(model, placement)`
     where the caller keeps them."""

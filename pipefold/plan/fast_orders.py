@@ -104,7 +104,8 @@ def _concat(*rows: Row) -> Row:
 
 def _run(kind: int, stage: int | np.ndarray, microbatches: np.ndarray) -> Row:
     size = len(microbatches)
-    return (np.full(size, kind, dtype=np.int64), np.broadcast_to(np.asarray(stage, dtype=np.int64), (size,)).copy(),
+    return (np.full(size, kind, dtype=np.int64),
+            np.broadcast_to(np.asarray(stage, dtype=np.int64), (size,)).copy(),
             microbatches.astype(np.int64))
 
 
@@ -117,15 +118,20 @@ def _one_f_one_b_row(num_ranks: int, num_microbatches: int, rank: int) -> Row:
     steady = np.arange(m - warmup)
     middle = _blocks(np.tile([KIND_F, KIND_B], (len(steady), 1)), np.full((len(steady), 2), rank),
                      np.stack([steady + warmup, steady], axis=1), np.ones((len(steady), 2), dtype=bool))
-    return _concat(_run(KIND_F, rank, np.arange(warmup)), middle, _run(KIND_B, rank, np.arange(m - warmup, m)))
+    return _concat(_run(KIND_F, rank, np.arange(warmup)), middle,
+                   _run(KIND_B, rank, np.arange(m - warmup, m)))
 
 
-def _one_f_one_b(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+def _one_f_one_b(
+    num_ranks: int, num_microbatches: int, num_virtual: int
+) -> tuple[tuple[int, ...], list[Row]]:
     return contiguous_placement(num_ranks), [_one_f_one_b_row(num_ranks, num_microbatches, r)
                                             for r in range(num_ranks)]
 
 
-def _interleaved(num_ranks: int, num_microbatches: int, num_virtual: int) -> tuple[tuple[int, ...], list[Row]]:
+def _interleaved(
+    num_ranks: int, num_microbatches: int, num_virtual: int
+) -> tuple[tuple[int, ...], list[Row]]:
     p, v = num_ranks, num_virtual
     placement = looped_placement(p, v)
     if v == 1:

@@ -329,8 +329,8 @@ def _device_groups(origin: str, data: Any, per_node: int, peak: float, reserve: 
         given = [key for key in ("speed", "peak_flops") if key in entry]
         if len(given) != 1:
             raise ConfigError(
-                f"{_where(origin, where)} gives {' and '.join(given) or 'neither speed nor peak_flops'}; give "
-                "exactly one: speed (relative to [compute], e.g. 0.5) or peak_flops (FLOP/s at "
+                f"{_where(origin, where)} gives {' and '.join(given) or 'neither speed nor peak_flops'}; "
+                "give exactly one: speed (relative to [compute], e.g. 0.5) or peak_flops (FLOP/s at "
                 "compute.default_dtype)"
             )
         if given == ["speed"]:
@@ -341,8 +341,8 @@ def _device_groups(origin: str, data: Any, per_node: int, peak: float, reserve: 
         group_reserve = (int(_positive(origin, entry, "reserve", where + ".reserve", size=True))
                          if "reserve" in entry else reserve)
         if group_reserve >= memory_bytes:
-            raise ConfigError(f"{_where(origin, where + '.reserve')} = {group_reserve} is not below its memory "
-                              f"= {memory_bytes}; give a smaller reserve (or set it on the group)")
+            raise ConfigError(f"{_where(origin, where + '.reserve')} = {group_reserve} is not below its "
+                              f"memory = {memory_bytes}; give a smaller reserve (or set it on the group)")
         groups.append(DeviceGroup(name, count, speed, memory_bytes, group_reserve))
     return tuple(groups)
 

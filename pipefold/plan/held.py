@@ -60,7 +60,9 @@ class HeldTerms:
         return float(times.min(axis=1).max()) if times.size else 0.0
 
 
-def _round_trip(model: CostModel, placement: Sequence[int], boundaries: Boundaries | None = None) -> np.ndarray:
+def _round_trip(
+    model: CostModel, placement: Sequence[int], boundaries: Boundaries | None = None
+) -> np.ndarray:
     """Per stage, the least time from the end of its forward to the start of its backward."""
     if boundaries is None:
         boundaries = boundary_times(model, placement)
@@ -104,8 +106,8 @@ def _ranks_of(placement: tuple[int, ...], num_ranks: int
 
 
 def held_terms(
-    plain: CostModel, recomputed: CostModel | StageArrays, placement: Sequence[int], headroom: Sequence[float],
-    allowed: Literal["auto", "none", "full"], boundaries: Boundaries | None = None,
+    plain: CostModel, recomputed: CostModel | StageArrays, placement: Sequence[int],
+    headroom: Sequence[float], allowed: Literal["auto", "none", "full"], boundaries: Boundaries | None = None,
 ) -> HeldTerms:
     """The terms for `plain` (no stage recomputed) and `recomputed` (every stage: its model, or
     only its times and kept bytes, `pipefold.plan.stages.stage_arrays`), with `headroom`
@@ -126,7 +128,9 @@ def held_terms(
     drain = running_sums(half, boundaries.back)
 
     # Each stage's terms once, kept and recomputed, as arrays (the same float operations per stage).
-    def per_stage(f: np.ndarray, b: np.ndarray, i: np.ndarray, w: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    def per_stage(
+        f: np.ndarray, b: np.ndarray, i: np.ndarray, w: np.ndarray, activations: np.ndarray
+    ) -> np.ndarray:
         terms = np.empty((len(f), 3), dtype=np.float64)  # (stages, 3)
         terms[:, 0] = f + np.minimum(b, i + w)
         terms[:, 1] = f + np.minimum(b, i)
@@ -138,7 +142,9 @@ def held_terms(
     rooms = np.array([float(headroom[rank]) for rank in ranks], dtype=np.float64)
     # Per rank, 2 ** its stages options at most (one where each stage is taken apart or the
     # choice is pinned); ranks with fewer options repeat their last one (a duplicate changes no minimum).
-    widths = {count: 1 if allowed != "auto" or 2 ** count > _MAX_SUBSETS else 2 ** count for count, _, _ in groups}
+    widths = {
+        count: 1 if allowed != "auto" or 2 ** count > _MAX_SUBSETS else 2 ** count for count, _, _ in groups
+    }
     table = np.zeros((len(ranks), max(widths.values(), default=0), 3), dtype=np.float64)
     # The ranks of one stage count at once: (ranks, options, 3) per group.
     for num_stages, group, at in groups:

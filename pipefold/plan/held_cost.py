@@ -84,14 +84,16 @@ def fit_held_slope(
     deltas = [more - base for base, more in zip(base_bytes, more_bytes, strict=True)]
     if all(delta <= 0 for delta in deltas):
         raise ConfigError(f"held-memory fit of {kind}: more_bytes {list(more_bytes)} is nowhere above "
-                          f"base_bytes {list(base_bytes)}; measure a block that holds more (gpipe against 1f1b)")
+                          f"base_bytes {list(base_bytes)}; measure a block that holds more "
+                          "(gpipe against 1f1b)")
     slowdowns = [more / base - 1 for base, more in zip(base_seconds, more_seconds, strict=True)]
     slope = sum(s * d for s, d in zip(slowdowns, deltas, strict=True)) / sum(d * d for d in deltas)
     return max(slope, 0.0)
 
 
 def _factors(costs: ModelCosts, peak: float, reference: float) -> tuple[float, float]:
-    """F and B factors of a layer whose calibration rank held `reference` bytes, on a rank that holds `peak`."""
+    """F and B factors of a layer whose calibration rank held `reference` bytes, on a rank that
+    holds `peak`."""
     if costs.held_curve:
         return held_factor(costs.held_curve, float(peak) - reference)
     beyond = max(0.0, float(peak) - reference)
@@ -125,8 +127,9 @@ def _check_stages(bounds: Sequence[int], placement: Sequence[int], peaks: Sequen
                           "with a peak")
 
 
-def stage_held_factors(costs: ModelCosts, bounds: Sequence[int], placement: Sequence[int], peaks: Sequence[int]
-                       ) -> tuple[tuple[float, float], ...]:
+def stage_held_factors(
+    costs: ModelCosts, bounds: Sequence[int], placement: Sequence[int], peaks: Sequence[int]
+) -> tuple[tuple[float, float], ...]:
     """Per stage of the partition `bounds` (stage s on rank `placement[s]`), the factor of its F
     and of its B, I and W for the activations its rank holds (`peaks[rank]`)."""
     _check_stages(bounds, placement, peaks)
@@ -246,7 +249,8 @@ def _family_order(family: str, num_ranks: int, num_microbatches: int, num_virtua
     """A family's order as the planner prices it (`family_schedule`), or for `FAMILY+split` that
     family with every B split in place (`pipefold.schedule.split_backward`)."""
     if family.endswith(SPLIT_SUFFIX):
-        return build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
+        return build_named(family, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                           num_virtual=num_virtual)
     return family_schedule(family, num_ranks, num_microbatches, num_virtual)
 
 

@@ -105,12 +105,13 @@ def fit_held_curve(forward_points: Sequence[tuple[float, float]],
     for name, points in (("forward_points", forward_points), ("backward_points", backward_points)):
         for excess, ratio in points:
             if not (math.isfinite(excess) and math.isfinite(ratio) and ratio > 0):
-                raise ConfigError(f"held-memory curve: {name} holds ({excess!r}, {ratio!r}); give (bytes held "
-                                  "beyond the 1F1B run's, a positive ratio of times) per measured stage")
+                raise ConfigError(f"held-memory curve: {name} holds ({excess!r}, {ratio!r}); give "
+                                  "(bytes held beyond the 1F1B run's, a positive ratio of times) per "
+                                  "measured stage")
     beyond = [(excess, max(ratio, 1.0)) for excess, ratio in forward_points if excess > 0]
     if not beyond:
-        raise ConfigError(f"held-memory curve: no stage held more than in the 1F1B run ({list(forward_points)}); "
-                          "measure a block that holds more (gpipe against 1f1b)")
+        raise ConfigError("held-memory curve: no stage held more than in the 1F1B run "
+                          f"({list(forward_points)}); measure a block that holds more (gpipe against 1f1b)")
     forward = _monotone(beyond)
 
     def at(excess: float) -> float:

@@ -26,7 +26,9 @@ class TargetSource(Protocol):
     limit: float
     num_untimed: int
 
-    def bound(self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None) -> float: ...
+    def bound(
+        self, record: Record, recompute: tuple[int, ...], backward: Backward | None = None
+    ) -> float: ...
 
     def run(self, record: Record, recompute: tuple[int, ...]) -> Candidate: ...
 

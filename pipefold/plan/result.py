@@ -154,7 +154,8 @@ class Candidate(PeakMemory):
             else:
                 kinds.append(([rank], speed, usable))
         parts = [
-            f"rank{'s' if len(ranks) > 1 else ''} {_ranges(tuple(ranks))} speed {speed:.3g}, {format_bytes(usable)}"
+            f"rank{'s' if len(ranks) > 1 else ''} {_ranges(tuple(ranks))} speed {speed:.3g}, "
+            f"{format_bytes(usable)}"
             for ranks, speed, usable in kinds
         ]
         layers = ", ".join(str(self.num_layers_of(rank)) for rank in range(self.num_ranks))

@@ -162,7 +162,8 @@ class _Search:
         return self._links[key]
 
     def stage_speeds(self, degree: Degree, placement: tuple[int, ...]) -> tuple[float, ...] | None:
-        """Per stage, its rank's device speed on a mix of device kinds; None where all are the reference device."""
+        """Per stage, its rank's device speed on a mix of device kinds; None where all are the
+        reference device."""
         speeds = self.links(degree).rank_speeds
         return tuple(speeds[rank] for rank in placement) if speeds else None
 
@@ -281,8 +282,8 @@ class _Search:
             return 0.0
         config, degree = record.config, record.degree
         allowed = self.recompute_choices(record)
-        key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds, record.placement,
-               allowed, config.shard, config.free_between, config.gather_lookahead)
+        key = (degree.split, config.microbatch_rows, config.recompute_attention, record.bounds,
+               record.placement, allowed, config.shard, config.free_between, config.gather_lookahead)
         if key not in self._held:
             plain = self.model(record, ())
             everything = self.recomputed_arrays(record)
@@ -383,7 +384,9 @@ class _Search:
             dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
             configs = [
                 # (`replace` is slow enough to show over the search's ten thousand configurations.)
-                config if (shard, free_between, ahead) == (config.shard, config.free_between, config.gather_lookahead)
+                config
+                if (shard, free_between, ahead)
+                == (config.shard, config.free_between, config.gather_lookahead)
                 else replace(config, shard=shard, free_between=free_between, gather_lookahead=ahead)
                 for config in configs
                 for shard, free_between, ahead in searched_layouts(

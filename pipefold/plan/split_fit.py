@@ -88,20 +88,20 @@ def split_prices(costs: ModelCosts, run: CostModel, split: CostModel, layout: St
     """`costs` (priced at the run's F and B) with I and W priced as `split` (a split-backward
     phase of the run, same partition, at `layout.rows`) measured them.
 
-    The split block's times are first scaled by the host's drift between the blocks, `load`
-    (the calibration's block drift: from the stages that ran 1F1B's actions at its bytes
-    there), or where none is given, per stage by the 1F1B block's F over its own (the same F at
-    the same size: what moved is the host's load), and divided by each stage's held B factor, `held_backward` (its rank's
-    slowdown for the bytes it held beyond 1F1B's, which the held curve prices apart, so it is
-    priced once: by the curve, at any candidate's bytes). What each I and W takes beyond its part
-    of B: per stage, half of what its I + W took beyond the run's B (less the layers' fixed
-    seconds, which I and W pay each: `stage_arrays`) over the stage's backward work (B less
-    those seconds), the stages' mean (`split_backward_share`: in one process these seconds grew
-    with the rows as B did, 5-7% of it from 1 to 16 rows, so a constant fitted at one size
-    priced other sizes wrong); and apart, in seconds per action (`split_overhead_s`), the split
-    phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and W),
-    which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then each
-    stage's layers move W's share of their backward by one factor, so the stage's W takes the
+    The split block's times are first scaled by the host's drift between the blocks, `load` (the
+    calibration's block drift: from the stages that ran 1F1B's actions at its bytes there), or
+    where none is given, per stage by the 1F1B block's F over its own (the same F at the same
+    size: what moved is the host's load), and divided by each stage's held B factor,
+    `held_backward` (its rank's slowdown for the bytes it held beyond 1F1B's, which the held curve
+    prices apart, so it is priced once: by the curve, at any candidate's bytes). What each I and W
+    takes beyond its part of B: per stage, half of what its I + W took beyond the run's B (less
+    the layers' fixed seconds, which I and W pay each: `stage_arrays`) over the stage's backward
+    work (B less those seconds), the stages' mean (`split_backward_share`: in one process these
+    seconds grew with the rows as B did, 5-7% of it from 1 to 16 rows, so a constant fitted at one
+    size priced other sizes wrong); and apart, in seconds per action (`split_overhead_s`), the
+    split phase's longer gap between actions (three gaps per micro-batch and stage, paid by I and
+    W), which the executor pays whatever the rows (a shorter gap, noise, lowers the share). Then
+    each stage's layers move W's share of their backward by one factor, so the stage's W takes the
     measured share of its work; B is unchanged. A first stage fed token ids has no I work (its W
     runs the whole backward: `first_stage_backward`), so its layers take the other stages' mean
     factor, and so does a stage outside `split_stages` (its I and W not run apart), which adds no

@@ -58,8 +58,10 @@ def static_floor(costs: ModelCosts, shard: str, num_ranks: int) -> float:
     return max(0.0, (per_byte * max(held - len(costs.layers), 0) / num_ranks - 4) * (1 - 1e-9))
 
 
-def floor_problem(costs_at: Callable[[int, bool, bool], ModelCosts], configs: Iterable[Config], num_ranks: int,
-                  limit: float) -> str | None:
+def floor_problem(
+    costs_at: Callable[[int, bool, bool], ModelCosts], configs: Iterable[Config], num_ranks: int,
+    limit: float,
+) -> str | None:
     """Why a split of `num_ranks` pipeline ranks cannot fit `limit` bytes in any of `configs`
     (`costs_at(rows, recompute_attention, sharded)`: its costs), or None where one may."""
     settings = {(c.microbatch_rows, c.recompute_attention, c.shard) for c in configs}

@@ -121,7 +121,9 @@ def update_temporaries(numels: Sequence[int], *, value_bytes: int, foreach: bool
         raise ValueError(f"no_decay has {len(no_decay)} entries for {len(numels)} parameters; give one per "
                          "parameter (or none)")
     flags = list(no_decay) or [False] * len(numels)
-    groups = [[n for n, exempt in zip(numels, flags, strict=True) if exempt == wanted] for wanted in (False, True)]
+    groups = [
+        [n for n, exempt in zip(numels, flags, strict=True) if exempt == wanted] for wanted in (False, True)
+    ]
     ratio = STATE_BYTES / value_bytes
     return {
         # The masters' fp32 gradient copies are made for the whole rank before the step ...

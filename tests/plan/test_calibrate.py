@@ -252,8 +252,8 @@ def test_fit_stage_line_keeps_the_fixed_part_within_bounds_and_needs_two_sizes()
 def _truth(costs, per_row):
     """`costs` with each layer's F and B per row times `per_row[layer]` (its fixed part twice)."""
     return replace(costs, layers=tuple(
-        replace(layer, forward_s=layer.forward_s * k, backward_s=layer.backward_s * k, fixed_s=2 * layer.fixed_s,
-                weight_grad_s=layer.weight_grad_s * k)
+        replace(layer, forward_s=layer.forward_s * k, backward_s=layer.backward_s * k,
+                fixed_s=2 * layer.fixed_s, weight_grad_s=layer.weight_grad_s * k)
         for layer, k in zip(costs.layers, per_row, strict=True)))
 
 

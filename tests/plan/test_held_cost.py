@@ -57,7 +57,8 @@ def test_a_rank_holding_more_is_priced_slower_by_exactly_its_factor():
     model = stage_cost_model(costs, StageLayout((0, 2, 4), 1), (), Link())
     slowed = with_held_cost(model, costs, (0, 1), (10 * MB, 2 * MB), (0, 2, 4))
     # Rank 0 holds 7 MB beyond the reference: F +2.8%, B, I and W +0.7%; rank 1 holds less: as measured.
-    assert _flat(held_extra(costs, (10 * MB, 2 * MB), (0, 1), (0, 2, 4))) == pytest.approx([0.028, 0.007, 0.0, 0.0])
+    assert _flat(held_extra(costs, (10 * MB, 2 * MB), (0, 1), (0, 2, 4))) == pytest.approx(
+        [0.028, 0.007, 0.0, 0.0])
     assert slowed.f == pytest.approx((model.f[0] * 1.028, model.f[1]), rel=1e-12)
     for kind in ("b", "i", "w"):
         assert getattr(slowed, kind) == pytest.approx(

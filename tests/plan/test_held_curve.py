@@ -21,7 +21,8 @@ from tests.plan._four_layers import MB, four_layer_costs
 
 def test_the_curve_passes_through_every_point_linear_between_and_flat_past_the_last():
     # The concave shape measured: +9 MiB already most of +49 MiB's slowdown.
-    curve = fit_held_curve([(9 * MB, 1.08), (49 * MB, 1.13), (63 * MB, 1.15)], [(49 * MB, 1.065), (63 * MB, 1.075)])
+    curve = fit_held_curve([(9 * MB, 1.08), (49 * MB, 1.13), (63 * MB, 1.15)],
+                           [(49 * MB, 1.065), (63 * MB, 1.075)])
     assert [knot[0] for knot in curve] == [9 * MB, 49 * MB, 63 * MB]
     assert [knot[1] for knot in curve] == pytest.approx([1.08, 1.13, 1.15])
     assert held_factor(curve, 9 * MB)[0] == pytest.approx(1.08)
@@ -68,8 +69,8 @@ def test_a_bad_curve_is_refused_with_the_field_and_the_fix(knots, message):
 
 
 def test_bad_layer_references_are_refused_and_costs_without_the_new_fields_load_as_before():
-    with pytest.raises(ConfigError, match=r"held_reference_layer_bytes = \(1.0, 2.0\); give one finite number "
-                                          r">= 0 per layer \(4\)"):
+    with pytest.raises(ConfigError, match=r"held_reference_layer_bytes = \(1.0, 2.0\); give one finite "
+                                          r"number >= 0 per layer \(4\)"):
         four_layer_costs(held_reference_layer_bytes=(1.0, 2.0))
     with pytest.raises(ConfigError, match="model costs held_curve = 3; give a list"):
         ModelCosts.from_json({**four_layer_costs().to_json(), "held_curve": 3})
@@ -80,8 +81,8 @@ def test_bad_layer_references_are_refused_and_costs_without_the_new_fields_load_
     del data["held_curve"], data["held_reference_layer_bytes"]
     loaded = ModelCosts.from_json(data)
     assert loaded == old
-    assert stage_held_factors(loaded, (0, 2, 4), (0, 1), (10 * MB, 2 * MB)) == ((1 + 0.004 * 7, 1 + 0.001 * 7),
-                                                                                 (1.0, 1.0))
+    assert stage_held_factors(loaded, (0, 2, 4), (0, 1), (10 * MB, 2 * MB)) == (
+        (1 + 0.004 * 7, 1 + 0.001 * 7), (1.0, 1.0))
 
 
 def test_each_layer_is_priced_against_the_bytes_its_own_calibration_rank_held():
@@ -107,23 +108,27 @@ def test_each_layer_is_priced_against_the_bytes_its_own_calibration_rank_held():
 
 
 def _run(f, b, i=None, w=None, action_overhead=50e-6):
-    return CostModel.from_lists(list(f), list(i or [x / 2 for x in b]), list(w or [x / 2 for x in b]), b=list(b),
-                                action_overhead=action_overhead, step_overhead=0.01, link=Link(latency=2e-4))
+    return CostModel.from_lists(list(f), list(i or [x / 2 for x in b]), list(w or [x / 2 for x in b]),
+                                b=list(b), action_overhead=action_overhead, step_overhead=0.01,
+                                link=Link(latency=2e-4))
 
 
 def test_the_split_blocks_drift_is_taken_from_the_ranks_that_held_no_more_there():
     profile = four_layer_costs()
     bounds, rows = (0, 2, 4), 1
-    base, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8) for family in ("1f1b", "zb-h1", "gpipe"))
+    base, zb, gpipe = (order_held_bytes(profile, bounds, rows, family, 2, 8)
+                       for family in ("1f1b", "zb-h1", "gpipe"))
     assert zb[0] <= base[0] and zb[1] > base[1]  # on 2 ranks zb-h1's last rank holds more, its first not
-    measured = stage_cost_model(replace(profile, split_backward_share=0.1), StageLayout(bounds, rows), (), Link())
+    measured = stage_cost_model(replace(profile, split_backward_share=0.1), StageLayout(bounds, rows), (),
+                                Link())
     run = _run(measured.f, measured.b)
     # The truth: F 1.08x and B 1.04x on zb-h1's last rank (its excess), GPipe F 1.13x, B 1.065x; the
     # host 10% slower during the whole split block.
     load, held_f, held_b = 1.1, (1.0, 1.08), (1.0, 1.04)
     split = _run([t * load * k for t, k in zip(measured.f, held_f, strict=True)], measured.b,
                  [t * load * k for t, k in zip(measured.i, held_b, strict=True)],
-                 [t * load * k for t, k in zip(measured.w, held_b, strict=True)], action_overhead=50e-6 * load)
+                 [t * load * k for t, k in zip(measured.w, held_b, strict=True)],
+                 action_overhead=50e-6 * load)
     block = _run([t * 1.13 for t in run.f], [t * 1.065 for t in run.b])
     priced, calibration = at_run_prices(profile, run, bounds, rows, split=split,
                                         held=HeldBlock(block, base, gpipe, zb))

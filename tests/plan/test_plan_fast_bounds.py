@@ -82,7 +82,8 @@ def _round_trip_reference(model: CostModel, placement: tuple[int, ...]) -> list[
 
 
 @settings(max_examples=200, deadline=None)
-@given(num_ranks=st.integers(1, 6), num_virtual=st.integers(1, 4), seed=st.integers(0, 2**16), cores=st.booleans())
+@given(num_ranks=st.integers(1, 6), num_virtual=st.integers(1, 4), seed=st.integers(0, 2**16),
+       cores=st.booleans())
 def test_bounds_equal_the_loops(num_ranks: int, num_virtual: int, seed: int, cores: bool) -> None:
     rng = random.Random(seed)
     num_stages = num_ranks * num_virtual
@@ -115,7 +116,8 @@ def _balance_band(weights: list[float], num_stages: int, speeds: list[float]) ->
     best = np.full(spare + 1, np.inf)
     best[0] = 0.0
     for stage, cost in enumerate(costs):
-        best = np.maximum(best[:, None], cost[stage:stage + spare + 1, stage + 1:stage + spare + 2]).min(axis=0)
+        best = np.maximum(best[:, None],
+                          cost[stage:stage + spare + 1, stage + 1:stage + spare + 2]).min(axis=0)
     bottleneck = best[spare]
     allowed = {speed: np.where(cost <= bottleneck, cost**2, np.inf) for speed, cost in by_speed.items()}
     squares = np.full(spare + 1, np.inf)
@@ -142,11 +144,12 @@ def test_balance_equals_the_whole_band(num_layers: int, seed: int, data: st.Data
         weights = [rng.uniform(0, 3)] + [block] * (num_layers - 2) + [rng.uniform(0, 3)]
         weights = weights[:num_layers]
     elif kind == "random":
-        weights = [rng.choice([0.0, rng.uniform(0.0, 10.0), 10.0 ** rng.randint(-6, 3)]) for _ in range(num_layers)]
+        weights = [rng.choice([0.0, rng.uniform(0.0, 10.0), 10.0 ** rng.randint(-6, 3)])
+                   for _ in range(num_layers)]
     else:
         weights = [0.0] * num_layers
     num_stages = data.draw(st.integers(1, num_layers))
-    speeds = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 1.5, 3.0]), min_size=num_stages,
-                                                       max_size=num_stages)))
+    speeds = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.5, 1.0, 1.5, 3.0]),
+                                                     min_size=num_stages, max_size=num_stages)))
     assert balance(weights, num_stages, speeds).bounds == _balance_band(weights, num_stages,
                                                                          speeds or [1.0] * num_stages)

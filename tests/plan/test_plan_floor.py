@@ -25,9 +25,10 @@ def _costs(layer_list: list[LayerCost], tie: bool, optimizer: float) -> ModelCos
     if tied:  # a tied pair holds one weight: give both ends the same bytes
         first = layer_list[0]
         layer_list = [*layer_list[:-1], LayerCost(layer_list[-1].forward_s, layer_list[-1].backward_s,
-                                                  layer_list[-1].activation_bytes, layer_list[-1].output_bytes,
-                                                  first.parameter_bytes)]
-    return ModelCosts(layers=tuple(layer_list), tied_layers=tied, optimizer_bytes_per_parameter_byte=optimizer)
+                                                  layer_list[-1].activation_bytes,
+                                                  layer_list[-1].output_bytes, first.parameter_bytes)]
+    return ModelCosts(layers=tuple(layer_list), tied_layers=tied,
+                      optimizer_bytes_per_parameter_byte=optimizer)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,7 +83,8 @@ def test_a_split_over_its_floor_is_refused_with_the_reason():
     # one pipeline rank needs 32 MB, two 16 MB each, four 8 MB.
     costs = ModelCosts(layers=tuple(LayerCost(1.0, 2.0, 1000, 100, 1_000_000) for _ in range(8)),
                        optimizer_bytes_per_parameter_byte=2.0)
-    result = plan(costs, PlanOptions(num_devices=8, global_batch=8, memory_limit=10_000_000, order_search_s=0))
+    result = plan(costs, PlanOptions(num_devices=8, global_batch=8, memory_limit=10_000_000,
+                                     order_search_s=0))
     verdicts = {v.subject: v for v in result.degrees}
     refused = [v for v in verdicts.values() if "in every setting" in v.reason]
     assert refused and all(v.status == "over-memory" for v in refused)

@@ -40,7 +40,8 @@ def test_held_bound_holds_for_every_recompute_choice_that_fits(name, p, m, v, da
     messages = data.draw(st.lists(st.integers(0, 1000), min_size=n - 1, max_size=n - 1))
     link = Link(latency=data.draw(st.floats(0.0, 1.0)), bandwidth=data.draw(st.floats(100.0, 1e4)))
     plain = _model(f, i, w, b, full, messages, link)
-    recomputed = _model(f, [x + y for x, y in zip(i, f, strict=True)], [x + y for x, y in zip(w, f, strict=True)],
+    recomputed = _model(f, [x + y for x, y in zip(i, f, strict=True)],
+                        [x + y for x, y in zip(w, f, strict=True)],
                         [x + y for x, y in zip(b, f, strict=True)], lean, messages, link)
     subset = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
     chosen = CostModel.from_lists(

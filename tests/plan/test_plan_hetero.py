@@ -117,7 +117,8 @@ def test_each_rank_fits_its_own_devices_memory():
 def test_a_mix_too_small_names_the_rank_and_its_devices():
     costs = _costs(activation_bytes=64 * MiB)
     tiny = {"name": "tiny", "count": 2, "speed": 1.0, "memory": "110MiB", "reserve": "100MiB"}
-    with pytest.raises(NoFeasiblePlan, match=r"on rank [01], whose devices give 10 MiB.*\[\[device_groups\]\]"):
+    with pytest.raises(NoFeasiblePlan,
+                       match=r"on rank [01], whose devices give 10 MiB.*\[\[device_groups\]\]"):
         _plan(_mix(tiny, FAST), costs)
 
 
@@ -212,8 +213,8 @@ def test_cli_plans_on_a_mixed_hardware_file(tmp_path, capsys):
     assert choice["rank_limits"] == [15 * 2**30, 15 * 2**30, 7 * 2**30, 7 * 2**30]
     assert choice["pipeline_kwargs"]["partition"] == [4, 4, 2, 2]
     assert main(argv) == 0
-    assert "devices (a mix): ranks 0-1 speed 1, 15 GiB; ranks 2-3 speed 0.5, 7 GiB; layers per rank 4, 4, 2, 2" \
-        in capsys.readouterr().out
+    assert ("devices (a mix): ranks 0-1 speed 1, 15 GiB; ranks 2-3 speed 0.5, 7 GiB; "
+            "layers per rank 4, 4, 2, 2") in capsys.readouterr().out
     # Without --ranks the search splits the mix's 4 devices; --devices 8 is refused.
     assert main([*argv[:5], "--batch-size", "8", "--order-search", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["choice"]["num_devices"] == 4

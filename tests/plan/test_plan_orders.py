@@ -30,13 +30,15 @@ def test_order_peaks_equal_the_compiled_order_peaks_for_every_flush_family():
                 draw(), draw(), draw(), activation_bytes=[rng.randint(0, 1000) for _ in range(n)],
                 weight_grad_bytes=[rng.randint(0, 1000) for _ in range(n)],
             )
-            assert order_peaks(name, p, m, v, costs) == compiled_family(name, p, m, v).order_activation_peaks(costs)
-            assert order_peaks_and_later(name, p, m, v, costs) == compiled_family(name, p, m, v
-                                                                                ).order_peaks_and_later(costs)
+            assert (order_peaks(name, p, m, v, costs)
+                    == compiled_family(name, p, m, v).order_activation_peaks(costs))
+            assert (order_peaks_and_later(name, p, m, v, costs)
+                    == compiled_family(name, p, m, v).order_peaks_and_later(costs))
             checked += 1
     assert checked > 30
 
 
 def test_order_peaks_say_none_where_a_duration_vanishes():
-    costs = CostModel.from_lists([1.0, 0.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[1, 1], weight_grad_bytes=[1, 1])
+    costs = CostModel.from_lists([1.0, 0.0], [1.0, 1.0], [1.0, 1.0], activation_bytes=[1, 1],
+                                 weight_grad_bytes=[1, 1])
     assert order_peaks("1f1b", 2, 4, 1, costs) is None

@@ -74,7 +74,8 @@ def test_the_search_prices_the_copies_as_evaluate_does(shard):
     again = evaluate(costs, Config("1f1b", 1, 4, choice.microbatch_rows, shard=shard), 2, choice.bounds,
                      choice.recompute, Link(), num_data_parallel=2, shard=shard)
     # (The search's costs carry one replica's share of the optimizer state under full sharding.)
-    assert [(m.activations, m.casts) for m in choice.memory] == [(m.activations, m.casts) for m in again.memory]
+    assert ([(m.activations, m.casts) for m in choice.memory]
+            == [(m.activations, m.casts) for m in again.memory])
     assert choice.step_time == pytest.approx(again.step_time)
     assert all((m.casts == 0) == (shard == "full") for m in choice.memory)
 
@@ -87,8 +88,8 @@ LAYER_CASTS = (300, 300, 100, 100)
 def _layered(**fields):
     layers = tuple(LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=100, output_bytes=10,
                              parameter_bytes=WEIGHT_BYTES, cast_bytes=casts) for casts in LAYER_CASTS)
-    return ModelCosts(layers=layers, cast_bytes_per_parameter_byte=sum(LAYER_CASTS) / (NUM_LAYERS * WEIGHT_BYTES),
-                      **fields)
+    return ModelCosts(layers=layers,
+                      cast_bytes_per_parameter_byte=sum(LAYER_CASTS) / (NUM_LAYERS * WEIGHT_BYTES), **fields)
 
 
 def test_each_rank_holds_its_own_layers_copies_not_the_models_ratio():
@@ -130,8 +131,8 @@ def test_per_layer_copies_survive_the_costs_file_and_the_search():
 
     costs = _layered(cast_s_per_parameter_byte=CAST_S)
     assert ModelCosts.from_json(costs.to_json()) == costs
-    options = PlanOptions(num_ranks=2, order_search_s=0, schedules=("1f1b",), microbatches=4, recompute="none",
-                          global_batch=4)
+    options = PlanOptions(num_ranks=2, order_search_s=0, schedules=("1f1b",), microbatches=4,
+                          recompute="none", global_batch=4)
     choice = plan(costs, options).choice
     again = evaluate(costs, Config("1f1b", 1, 4, choice.microbatch_rows), 2, choice.bounds, choice.recompute,
                      Link())
@@ -166,8 +167,8 @@ def test_the_hardware_estimate_prices_the_shards_copies_and_their_time(tensor_pa
 
     hardware = load_hardware("a100-80gb")
     h, vocab, t = 64, 128, tensor_parallel
-    estimate = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab, hardware=hardware,
-                           dtype="bf16", parameter_bytes=4)
+    estimate = GptEstimate(num_layers=2, d_model=h, num_heads=4, seq_len=32, vocab_size=vocab,
+                           hardware=hardware, dtype="bf16", parameter_bytes=4)
     costs = estimate.at(1, t, Link(), False)
     # A block's tp rank casts its shard of the four linears' weights and split biases, the row-split
     # biases whole; the head (whole on each tp rank) its weight; nothing else.

@@ -43,7 +43,8 @@ def _exhaustive(costs: ModelCosts, options: PlanOptions) -> list[tuple[float, in
                 # holds from its first backward on (none exist before it: the update frees them).
                 later = later_activation_bytes_peak(timeline, model)
                 peak = max(timeline.weight_bytes_peak[r] + 2 * owned[r] + transient[r]
-                           + max(timeline.activation_bytes_peak[r], later[r] + owned[r]) for r in range(num_ranks))
+                           + max(timeline.activation_bytes_peak[r], later[r] + owned[r])
+                           for r in range(num_ranks))
                 found.append((timeline.makespan, peak))
     return found
 

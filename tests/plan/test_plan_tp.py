@@ -259,8 +259,10 @@ def test_sequence_parallelism_lowers_the_planned_activations_and_is_recorded():
 def test_a_tp_rank_s_backward_temporaries_split_weight_part_as_weights_and_rows_part_as_activations():
     # 300 bytes of new weight gradient (fixed) + 900 that grow with the rows (the gradients of
     # the activations); a layer the split leaves whole keeps all of its own.
-    block = LayerCost(**{**SPLIT.__dict__, "backward_temporary_bytes": 1200, "backward_temporary_fixed_bytes": 300})
-    norm = LayerCost(**{**WHOLE.__dict__, "backward_temporary_bytes": 500, "backward_temporary_fixed_bytes": 20})
+    block = LayerCost(**{**SPLIT.__dict__, "backward_temporary_bytes": 1200,
+                         "backward_temporary_fixed_bytes": 300})
+    norm = LayerCost(**{**WHOLE.__dict__, "backward_temporary_bytes": 500,
+                        "backward_temporary_fixed_bytes": 20})
     link = Link(latency=0.0, bandwidth=1e12)
     (block4, norm4) = split_costs(ModelCosts(layers=(block, norm)), 4, link).layers
     fixed = round(300 * (1 - 0.75 + 0.75 / 4))  # the weights' share

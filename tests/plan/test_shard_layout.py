@@ -7,8 +7,8 @@ import pytest
 
 from pipefold.errors import ConfigError
 from pipefold.plan.shard_layout import choose_layout, layout_bytes
-from pipefold.simulate import CostModel, Link, simulate
 from pipefold.schedule import add_sharding, build
+from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.memory import gathered_weight_bytes_peak
 
 OWNED = 8 * 2**20

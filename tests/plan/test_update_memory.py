@@ -12,7 +12,11 @@ from pipefold.plan.hardware import hardware_from_mapping, load_hardware
 from pipefold.plan.space import Config
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.plan.update_memory import (
-    gradient_norm_bytes, layer_norm_bytes, overflow_check_bytes, update_temporaries)
+    gradient_norm_bytes,
+    layer_norm_bytes,
+    overflow_check_bytes,
+    update_temporaries,
+)
 from pipefold.simulate import CostModel, Link
 
 
@@ -45,7 +49,8 @@ def test_foreach_prices_a_list_per_byte_and_single_tensor_the_largest_tensor():
     # bf16 weights with fp32 masters: every gradient copied to fp32 (2 per bf16 byte), and the
     # foreach list in fp32 (2 more).
     pure = update_temporaries(numels, value_bytes=2, foreach=True, masters=True)
-    assert pure["update_bytes_per_parameter_byte"] == 2.0 and pure["update_group_bytes_per_parameter_byte"] == 2.0
+    assert (pure["update_bytes_per_parameter_byte"] == 2.0
+            and pure["update_group_bytes_per_parameter_byte"] == 2.0)
     pure_single = update_temporaries(numels, value_bytes=2, foreach=False, masters=True)
     assert pure_single["update_bytes_per_parameter_byte"] == 2.0
     assert pure_single["update_group_bytes_per_parameter_byte"] == 0.0
@@ -117,8 +122,12 @@ def test_foreach_prices_a_ranks_larger_group():
     assert [rank.update for rank in both.memory] == [16000 + 10000, 16000 + 14000]
     # Without the layers' split (a cost file written before it) the larger group is the whole rank,
     # and an old file's per-byte field prices as it did.
-    assert [rank.update for rank in _memory(_costs(update_group_bytes_per_parameter_byte=1.0)).memory] == [8000, 8000]
-    assert [rank.update for rank in _memory(_costs(update_bytes_per_parameter_byte=1.0)).memory] == [8000, 8000]
+    assert [
+        rank.update for rank in _memory(_costs(update_group_bytes_per_parameter_byte=1.0)).memory
+    ] == [8000, 8000]
+    assert [
+        rank.update for rank in _memory(_costs(update_bytes_per_parameter_byte=1.0)).memory
+    ] == [8000, 8000]
 
 
 def test_a_tied_weight_a_rank_holds_twice_counts_once_in_its_undecayed_group():
@@ -152,7 +161,8 @@ def test_a_layers_undecayed_part_is_checked_and_travels_in_cost_files():
 
 def test_each_rank_prices_its_own_layers_norm():
     layers = tuple(LayerCost(forward_s=1.0, backward_s=2.0, activation_bytes=1000, output_bytes=10,
-                             parameter_bytes=4000, gradient_norm_bytes=norm) for norm in (9000, 100, 300, 200))
+                             parameter_bytes=4000, gradient_norm_bytes=norm)
+                   for norm in (9000, 100, 300, 200))
     costs = ModelCosts(layers=layers, gradient_norm_bytes=9000)
     assert [rank.update for rank in _memory(costs).memory] == [9000, 300]
     model = stage_cost_model(costs, StageLayout((0, 1, 3, 4), 1), (), Link())
@@ -161,7 +171,8 @@ def test_each_rank_prices_its_own_layers_norm():
     assert ModelCosts.from_json(costs.to_json()) == costs
     # Layers without their own (a cost file written before them): the model's on every rank.
     assert [rank.update for rank in _memory(_costs(gradient_norm_bytes=9000)).memory] == [9000, 9000]
-    assert "gradient_norm_bytes" not in stage_cost_model(_costs(), StageLayout((0, 2, 4), 1), (), Link()).to_json()
+    assert "gradient_norm_bytes" not in stage_cost_model(
+        _costs(), StageLayout((0, 2, 4), 1), (), Link()).to_json()
 
 
 def test_the_update_hides_under_a_larger_activation_peak():
