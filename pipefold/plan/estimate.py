@@ -185,12 +185,21 @@ def gpt_costs(
     block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d),
                   gpt_block_cast_parameters(d), 12 * d * d)
     head_flops = 2 * t * d * v
+    embed, position, norm = layer(0.0, 0.0, 0, v * d), layer(t * d, 0.0, 0, t * d), layer(
+        8 * t * d, 2 * t * d, t * d * b, 2 * d)
+    if mixed:
+        # Inside a stage the residual stream is in the weights' dtype from the embeddings on, and
+        # a block handed a 16-bit boundary passes it on in 16 bits; the final norm returns fp32
+        # (CUDA's autocast) whatever it is handed (`pipefold.plan.kept_inputs`).
+        stream = t * d * p
+        embed, position, norm = (replace(cost, stage_output_bytes=stream) for cost in (embed, position, norm))
+        block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=hidden)
     layers = [
         # A gather (autocast casts no embedding): no FLOPs worth counting; ids are not kept as floats.
-        layer(0.0, 0.0, 0, v * d),
-        layer(t * d, 0.0, 0, t * d),
+        embed,
+        position,
         *([block] * num_layers),
-        layer(8 * t * d, 2 * t * d, t * d * b, 2 * d),
+        norm,
         layer(head_flops, head_flops, t * (d + v) * b, v * d, v * d, v * d),  # no bias, tied or not
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
@@ -426,12 +435,15 @@ class GptEstimate:
         block = replace(block, cast_bytes=block_casts * v,
                         saved_cast_bytes=round(12 * h * h / t) * v if casting else None)
         head = replace(head, cast_bytes=head_casts * v, saved_cast_bytes=head_casts * v if casting else None)
+        if casting:
+            embed, position, block, norm = self._stage_outputs(rows, t, sp, (embed, position, block, norm))
         # Each layer's gradient-norm copies (the blocks alike but for the first's preceding tensor:
         # their largest for all).
         norms = layer_norm_bytes(gpt_layer_numels(self.num_layers, h, s, vocab // vt, t))
         block = replace(block, gradient_norm_bytes=max(norms[2:-2]))
-        embed, position, norm, head = (replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
-                                       zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
+        embed, position, norm, head = (
+            replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
+            zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
         # What each backward allocates beyond its saved tensors (estimate_temporaries).
         temporaries = self.backward_temporaries(rows, t, sp)
         embed, position, block, norm, head = (
@@ -477,6 +489,25 @@ class GptEstimate:
                                           num_heads=self.num_heads)
         return replace(marked, tensor_parallel_degrees=degrees)
 
+    def _stage_outputs(self, rows: int, tensor_parallel: int, sequence_parallel: bool,
+                       layers: tuple[LayerCost, LayerCost, LayerCost, LayerCost]
+                       ) -> tuple[LayerCost, LayerCost, LayerCost, LayerCost]:
+        """The token embedding, position embedding, a block and the final norm with their outputs
+        inside a stage under autocast (`LayerCost.stage_output_bytes`, what a recomputed stage's
+        next layer keeps: `pipefold.plan.kept_inputs`): the residual stream is fp32 from the
+        embeddings on (fp32 tables; an fp32 tensor plus a 16-bit one is fp32), and a block handed
+        a 16-bit boundary passes it on in 16 bits. The final norm returns fp32 on CUDA (autocast's
+        fp32 list), its input's dtype on CPU."""
+        embed, position, block, norm = layers
+        stream = self.seq_len * rows * self.d_model * 4
+        split = tensor_parallel if sequence_parallel else 1
+        from_boundary = stream if self.hardware.device == "cuda" else norm.output_bytes
+        return (replace(embed, stage_output_bytes=stream),
+                replace(position, stage_output_bytes=stream // split),
+                replace(block, stage_output_bytes=stream // split,
+                        stage_output_bytes_from_boundary=block.output_bytes),
+                replace(norm, stage_output_bytes=stream, stage_output_bytes_from_boundary=from_boundary))
+
     def backward_temporaries(self, rows: int, tensor_parallel: int, sequence_parallel: bool
                              ) -> tuple[tuple[int, int], ...]:
         """(total, fixed) backward temporary bytes of the token embedding, the position embedding,
@@ -489,8 +520,8 @@ class GptEstimate:
         block = block_backward_temporary(
             shape, unfused_dropout=not self.fused_attention, recompute_attention=self.recompute_attention,
             saved_bytes=self.block_activation_bytes(rows, tensor_parallel, shape.sequence_parallel))
-        return (embedding_backward_temporary(shape), position_backward_temporary(shape, dropout=self.dropout), block,
-                norm_backward_temporary(shape), head_backward_temporary(shape))
+        return (embedding_backward_temporary(shape), position_backward_temporary(shape, dropout=self.dropout),
+                block, norm_backward_temporary(shape), head_backward_temporary(shape))
 
     @property
     def parameter_element_bytes(self) -> int:

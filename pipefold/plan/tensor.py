@@ -55,8 +55,14 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         return layer
     # A boundary after a layer of the split stream carries this tp rank's positions only.
     output_bytes = layer.output_bytes // degree if by_position else layer.output_bytes
+    # So does its output inside a stage (what the next layer keeps under recomputation).
+    inside: dict[str, int] = {}
+    if by_position:
+        names = ("stage_output_bytes", "stage_output_bytes_from_boundary")
+        sizes = {name: getattr(layer, name) for name in names}
+        inside = {name: size // degree for name, size in sizes.items() if size is not None}
     if share == 0:  # the position embedding: computed whole, its output split
-        return replace(layer, output_bytes=output_bytes, sequence_parallel_activation_share=None)
+        return replace(layer, output_bytes=output_bytes, sequence_parallel_activation_share=None, **inside)
     keep = 1 - share + share / degree
     time_keep = 1 / degree if by_position else keep
     cast_share = share if layer.tensor_parallel_cast_share is None else layer.tensor_parallel_cast_share
@@ -88,6 +94,7 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         backward_temporary_bytes=temporary,
         backward_temporary_fixed_bytes=temporary_fixed,
         output_bytes=output_bytes,
+        **inside,
         parameter_bytes=round(layer.parameter_bytes * keep),
         # The share applies to the undecayed part too: a block's biases split with their matrices,
         # its norms do not, so this errs by the norms' few bytes (the built-in GPT's estimate

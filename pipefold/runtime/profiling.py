@@ -96,6 +96,15 @@ class LayerProfile:
     cross-entropy's gradients of the log-probabilities and of the logits, each as large as the
     logits), measured as `backward_temporary_bytes`."""
 
+    stage_output_bytes: int | None = None
+    """Under autocast: bytes of the layer's output as it leaves the layer (`output` is cast to the
+    boundary's dtype), on the profile's chain from the model's input: what the next layer of a
+    stage keeps under its own checkpoint (a GPT's fp32 residual stream). None in fp32."""
+    stage_output_bytes_from_boundary: int | None = None
+    """Under autocast: the same from the layer's input cast to the 16-bit dtype, as a stage's
+    first layer receives it (a residual block then returns 16 bits, an embedding or a norm fp32).
+    None in fp32."""
+
     @property
     def total_s(self) -> float:
         """Forward plus backward time: the layer's cost for `partition(method="profile", costs=...)`."""
@@ -309,7 +318,8 @@ def profile(
     if (loss_fn is None) != (target is None):
         raise ConfigError(
             "profile: loss_fn and target go together (the loss's saved tensors are measured on a "
-            f"micro-batch of targets); got loss_fn={loss_fn!r}, target={'given' if target is not None else None}"
+            f"micro-batch of targets); got loss_fn={loss_fn!r}, "
+            f"target={'given' if target is not None else None}"
         )
     TensorMeta.of(sample, what="sample", fix="pass a batch tensor, or a tuple of them, as the sample")
     where = torch.device(device)
@@ -382,7 +392,9 @@ def _measure_layer(
     # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
     # and the last stage hands the loss its 16-bit outputs in fp32 (runtime.stage.Stage).
     boundary = output
+    inside: dict[str, int] = {}
     if dtype is not None:
+        inside = _stage_output_bytes(forward, dtype, layer, module, value, output)
         boundary = cast_floating(output, dtype, torch.float32) if is_last else cast_floating(
             output, torch.float32, dtype)
     measured = LayerProfile(
@@ -399,8 +411,21 @@ def _measure_layer(
         cast_s=cast_s,
         backward_temporary_bytes=backward_bytes,
         loss_backward_bytes=loss_backward_bytes,
+        **inside,
     )
     return measured, output
+
+
+def _stage_output_bytes(forward: Callable[..., Any], dtype: torch.dtype, layer: LayerLike, module: nn.Module,
+                        value: Any, output: Any) -> dict[str, int]:
+    """`LayerProfile.stage_output_bytes` and `stage_output_bytes_from_boundary`: the output as it
+    leaves the layer, and as it leaves it from an input in the 16-bit dtype (a forward without a
+    graph: only the output's dtype matters)."""
+    with torch.no_grad():
+        received = forward(layer, module, cast_floating(value, torch.float32, dtype))
+    what = "a profiled layer's output"
+    return {"stage_output_bytes": TensorMeta.of(output, what=what).num_bytes,
+            "stage_output_bytes_from_boundary": TensorMeta.of(received, what=what).num_bytes}
 
 
 def _cast_seconds(
