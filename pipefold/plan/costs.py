@@ -17,7 +17,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.held_curve import check_held_curve
-from pipefold.plan.kept_inputs import KeptInputs
+from pipefold.plan.in_stage import InStageBytes
 from pipefold.plan.layer_cost import LayerCost, non_negative
 from pipefold.plan.row_scales import check_row_scales
 
@@ -244,8 +244,8 @@ class ModelCosts:
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
     """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
-    kept_inputs: KeptInputs = field(init=False, repr=False, compare=False)
-    """What each layer of a recomputed stage keeps, as running sums (`pipefold.plan.kept_inputs`)."""
+    in_stage: InStageBytes = field(init=False, repr=False, compare=False)
+    """What each layer of a recomputed stage keeps, as running sums (`pipefold.plan.in_stage`)."""
     norm_array: np.ndarray = field(init=False, repr=False, compare=False)
     """The layers' `LayerCost.gradient_norm_bytes` and a 0 after them (int64), for a stage's
     largest at once (`pipefold.plan.stages.stage_cost_model`)."""
@@ -325,7 +325,7 @@ class ModelCosts:
             )
         object.__setattr__(self, "tensor_parallel_degrees", tuple(sorted(set(degrees))))
         # What each layer of a recomputed stage keeps, in its in-stage dtype (`stage_kept_input_bytes`).
-        object.__setattr__(self, "kept_inputs", KeptInputs.of(self.layers, self.input_bytes))
+        object.__setattr__(self, "in_stage", InStageBytes.of(self.layers, self.input_bytes))
         # Prefix sums, so a stage's totals cost O(1) whatever the partition (the search asks often).
         columns = (
             [layer.forward_s for layer in self.layers],
@@ -334,7 +334,7 @@ class ModelCosts:
             [float(layer.activation_bytes) for layer in self.layers],
             [float(layer.parameter_bytes) for layer in self.layers],
             # What a checkpointed layer keeps as its stage's first (`kept_input_bytes`; a stage's
-            # total, the dtype inside it included: `kept_inputs`).
+            # total, the dtype inside it included: `in_stage`).
             [float(self.kept_input_bytes(index)) for index in range(len(self.layers))],
             [layer.fixed_s for layer in self.layers],
             [float(layer.cast_bytes) for layer in self.layers],
@@ -365,12 +365,17 @@ class ModelCosts:
         packs, so with none packed the input is freed (measured: the 2-rank tiny GPT's rank 0,
         docs/plan.md "Against the CPU allocator"). Later layers of a stage keep their input in
         its in-stage dtype: `stage_kept_input_bytes`."""
-        return int(self.kept_inputs.first[index])
+        return int(self.in_stage.first[index])
 
     def stage_kept_input_bytes(self, start: int, stop: int) -> list[int]:
         """Per layer of the recomputed stage [start, stop), first to last, what it keeps per
-        `reference_rows` samples under its own checkpoint (`pipefold.plan.kept_inputs`)."""
-        return [round(size) for size in self.kept_inputs.layer_bytes(start, stop)]
+        `reference_rows` samples under its own checkpoint (`pipefold.plan.in_stage`)."""
+        return [round(size) for size in self.in_stage.layer_bytes(start, stop)]
+
+    def stage_activation_bytes(self, start: int, stop: int) -> list[int]:
+        """Per layer of the stage [start, stop), first to last, what its forward saves per
+        `reference_rows` samples, from the dtype its input has in the stage (`pipefold.plan.in_stage`)."""
+        return [round(size) for size in self.in_stage.layer_activations(start, stop)]
 
     def zero_sharded(self, num_data_parallel: int) -> ModelCosts:
         """What one of `num_data_parallel` ZeRO replicas keeps and updates: its share of the
@@ -498,6 +503,7 @@ class ModelCosts:
                 backward_temporary_bytes=int(getattr(p, "backward_temporary_bytes", 0)),
                 stage_output_bytes=getattr(p, "stage_output_bytes", None),
                 stage_output_bytes_from_boundary=getattr(p, "stage_output_bytes_from_boundary", None),
+                activation_bytes_from_boundary=getattr(p, "activation_bytes_from_boundary", None),
             )
             for p in profiles
         )
@@ -540,7 +546,8 @@ class ModelCosts:
                          "backward_temporary_fixed_bytes"):
                 if not layer[name]:  # layers without these write as before
                     del layer[name]
-            for name in ("stage_output_bytes", "stage_output_bytes_from_boundary"):
+            for name in ("stage_output_bytes", "stage_output_bytes_from_boundary",
+                         "activation_bytes_from_boundary"):
                 if layer[name] is None:  # the same: fp32 costs and costs before them
                     del layer[name]
         for name in ("loss_backward_bytes", "keeps_receive_buffers"):
@@ -570,7 +577,7 @@ class ModelCosts:
                         "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
                         "no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
                         "backward_temporary_fixed_bytes", "stage_output_bytes",
-                        "stage_output_bytes_from_boundary"}
+                        "stage_output_bytes_from_boundary", "activation_bytes_from_boundary"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):

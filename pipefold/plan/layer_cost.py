@@ -99,12 +99,24 @@ class LayerCost:
     """The layer's output as the next layer of its stage receives it, on the model's own chain:
     not cast to the boundary's dtype (under autocast a GPT's residual stream is fp32 inside a stage,
     16-bit across a boundary: `output_bytes`). What that next layer keeps under its own checkpoint
-    (`pipefold.plan.kept_inputs`). None: `output_bytes` (costs written before it, fp32)."""
+    (`pipefold.plan.in_stage`). None: `output_bytes` (costs written before it, fp32)."""
     stage_output_bytes_from_boundary: int | None = None
     """The same where the layer's input arrived in the boundary's 16-bit dtype, as a stage's first
     layer's does: a residual block passes a 16-bit stream on in 16 bits, an embedding or a norm
     returns fp32 whatever it is handed. None: `stage_output_bytes` (the layer's output dtype does
     not follow its input's)."""
+
+    activation_bytes_from_boundary: int | None = None
+    """What the forward saves where the layer's input arrived in the boundary's 16-bit dtype (passed
+    on from its stage's received input): on CPU a layer norm handed 16 bits saves them as they are,
+    where from an fp32 stream it saves fp32 (CUDA's autocast saves an fp32 copy either way). None:
+    `activation_bytes`."""
+
+    @property
+    def activations_from_boundary(self) -> int:
+        """`activation_bytes_from_boundary`, or `activation_bytes` where not given."""
+        given = self.activation_bytes_from_boundary
+        return self.activation_bytes if given is None else given
 
     @property
     def stage_output(self) -> int:
@@ -151,7 +163,8 @@ class LayerCost:
                 f"parameter_bytes = {self.parameter_bytes}; give the part of the layer's weights without "
                 "weight decay (at most all)"
             )
-        for name in ("stage_output_bytes", "stage_output_bytes_from_boundary"):
+        for name in ("stage_output_bytes", "stage_output_bytes_from_boundary",
+                     "activation_bytes_from_boundary"):
             size = getattr(self, name)
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
                 raise ConfigError(f"LayerCost.{name} = {size!r}; give whole bytes >= 0 (or leave it out: "

@@ -112,9 +112,11 @@ def stage_arrays(
     input_grad = np.where(recomputed, input_grad + forward, input_grad)
     weight_grad = np.where(recomputed, weight_grad + forward, weight_grad)
     backward = np.where(recomputed, backward + forward, backward)
-    # A recomputed stage keeps each layer's input, in the dtype it has there (`kept_inputs`).
-    inputs = costs.kept_inputs.stage_bytes(starts, stops)
-    kept = np.rint(rows_scale * np.where(recomputed, inputs, span(_ACT))).astype(np.int64)
+    # A recomputed stage keeps each layer's input, the others what their forwards save, each in
+    # the dtype it has inside the stage (`pipefold.plan.in_stage`).
+    inputs = costs.in_stage.stage_bytes(starts, stops)
+    saved = costs.in_stage.stage_activations(starts, stops)
+    kept = np.rint(rows_scale * np.where(recomputed, inputs, saved)).astype(np.int64)
     if layout.bounds[-1] == len(costs.layers):
         kept[-1] += round(rows_scale * costs.loss_bytes)
     return StageArrays(forward, input_grad, weight_grad, backward, kept)
@@ -200,11 +202,12 @@ def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Coll
         most = round(rows_scale * costs.loss_backward_bytes) if ends_model else 0
         # A checkpointed layer keeps its input (if it saves anything), in its in-stage dtype.
         inputs = costs.stage_kept_input_bytes(start, stop) if stage in recomputed else []
+        saved = costs.stage_activation_bytes(start, stop)
         for index in range(stop - 1, start - 1, -1):
             layer = layers[index]
-            rebuilt = round(rows_scale * layer.activation_bytes) if stage in recomputed else 0
+            rebuilt = round(rows_scale * saved[index - start]) if stage in recomputed else 0
             most = max(most, layer.backward_temporary_at(rows_scale) + rebuilt - freed)
-            kept = inputs[index - start] if stage in recomputed else layer.activation_bytes
+            kept = inputs[index - start] if stage in recomputed else saved[index - start]
             freed += round(rows_scale * kept)
         found.append(max(most, 0))
     return found
@@ -245,7 +248,8 @@ def transient_bytes(
     peaks = [0] * num_ranks
     for stage in recompute:
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
-        largest = max(round(scale * costs.layers[index].activation_bytes) + (copies[index] if copies else 0)
+        saved = costs.stage_activation_bytes(start, stop)
+        largest = max(round(scale * saved[index - start]) + (copies[index] if copies else 0)
                       for index in range(start, stop))
         rank = placement[stage]
         peaks[rank] = max(peaks[rank], largest)

@@ -91,6 +91,8 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         weight_grad_s=weight,
         fixed_s=layer.fixed_s + n * fixed,
         activation_bytes=round(layer.activation_bytes * activation_keep),
+        activation_bytes_from_boundary=None if layer.activation_bytes_from_boundary is None else round(
+            layer.activation_bytes_from_boundary * activation_keep),
         backward_temporary_bytes=temporary,
         backward_temporary_fixed_bytes=temporary_fixed,
         output_bytes=output_bytes,

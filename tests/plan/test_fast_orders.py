@@ -26,7 +26,7 @@ from pipefold.plan.fast_orders import (
     sorted_unique,
 )
 from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
-from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _PARAM, _W, StageLayout
+from pipefold.plan.stages import _F, _FIXED, _I, _PARAM, _W, StageLayout
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.ir import Action, Op
 from pipefold.schedule.registry import family
@@ -304,7 +304,7 @@ def _stage_cost_model_reference(  # type: ignore[no-untyped-def]
             backward += forward
             kept = round(rows_scale * sum(costs.stage_kept_input_bytes(start, stop)))
         else:
-            kept = round(rows_scale * costs.span(_ACT, start, stop))
+            kept = round(rows_scale * sum(costs.stage_activation_bytes(start, stop)))
         if stage == layout.num_stages - 1 and stop == len(costs.layers):
             kept += round(rows_scale * costs.loss_bytes)
         activations.append(kept)
@@ -334,7 +334,8 @@ def test_stage_cost_model_equals_the_per_stage_loop(seed: int, num_layers: int, 
                              fixed_s=rng.choice([0.0, rng.uniform(0, 1)]),
                              # Outputs inside a stage in another dtype than across a boundary, or not.
                              stage_output_bytes=rng.choice([None, rng.randrange(0, 10**7)]),
-                             stage_output_bytes_from_boundary=rng.choice([None, rng.randrange(0, 10**7)]))
+                             stage_output_bytes_from_boundary=rng.choice([None, rng.randrange(0, 10**7)]),
+                             activation_bytes_from_boundary=rng.choice([None, rng.randrange(0, 10**9)]))
                    for _ in range(num_layers))
     costs = ModelCosts(layers=layers, reference_rows=rng.choice([1, 2, 4]),
                        input_bytes=rng.randrange(0, 10**6), overhead_s=rng.uniform(0, 0.1),

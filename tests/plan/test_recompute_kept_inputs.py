@@ -130,3 +130,23 @@ def test_the_flop_estimate_under_autocast_keeps_the_fp32_stream_inside_a_stage()
     assert mixed.stage_kept_input_bytes(3, 6) == [32 * 64 * 2, 32 * 64 * 2, 32 * 64 * 4]
     fp32 = gpt_costs(num_layers=2, d_model=64, num_heads=4, seq_len=32)
     assert all(layer.stage_output_bytes is None for layer in fp32.layers)
+
+
+def test_layers_handed_a_16_bit_boundary_save_what_they_save_from_it():
+    # The blocks save 4000 from a 16-bit stream (their layer norms' inputs in 16 bits on CPU).
+    passing = replace(PASSING, activation_bytes_from_boundary=4000)
+    setting = replace(SETTING, activation_bytes_from_boundary=20)
+    layers = (EMBEDDING, STREAM, passing, passing, setting, passing, passing)
+    costs = ModelCosts(layers=layers, input_bytes=20, reference_rows=4)
+    # The first stage starts from the model's input: the profile's chain throughout.
+    assert costs.stage_activation_bytes(0, 4) == [10, 0, 5000, 5000]
+    # From a boundary: the blocks and the norm are handed 16 bits; after the norm, fp32 again.
+    assert costs.stage_activation_bytes(2, 7) == [4000, 4000, 20, 5000, 5000]
+    assert costs.stage_activation_bytes(5, 7) == [4000, 4000]
+    layout = StageLayout(bounds=(0, 2, 5, 7), rows=8)
+    kept = stage_arrays(costs, layout, recompute=[]).activation_bytes.tolist()
+    assert kept == [2 * 10, 2 * (4000 + 4000 + 20), 2 * (4000 + 4000)]
+    # Split by tp as the chain's activations are.
+    marked = replace(passing, tensor_parallel_share=0.5)
+    split = split_costs(ModelCosts(layers=(EMBEDDING, marked)), 2, Link()).layers[1]
+    assert (split.activation_bytes, split.activation_bytes_from_boundary) == (3750, 3000)
