@@ -187,13 +187,9 @@ def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Coll
         return []
     rows_scale = layout.rows / costs.reference_rows
     layers = costs.layers
-    if not any(layer.backward_temporary_bytes for layer in layers):
-        # The loss's alone (a FLOP estimate's): a layer's moment holds at most its rebuilt
-        # activations, which the recompute transient prices already (`RankMemory.temporary`).
-        found = [0] * layout.num_stages
-        if layout.bounds[-1] == len(layers):
-            found[-1] = round(rows_scale * costs.loss_backward_bytes)
-        return found
+    # Where only the loss has temporaries, a layer's moment is its rebuilt activations less what
+    # was freed: at most the rank's recompute transient, which `RankMemory.temporary` subtracts, so
+    # such a stage prices the loss's alone, as no walk at all would.
     recomputed = set(recompute)
     found = []
     for stage, (start, stop) in enumerate(zip(layout.bounds[:-1], layout.bounds[1:], strict=True)):
