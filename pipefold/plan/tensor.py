@@ -48,6 +48,17 @@ def _split_temporary(layer: LayerCost, keep: float, activation_keep: float) -> t
     return split_fixed + round((layer.backward_temporary_bytes - fixed) * activation_keep), split_fixed
 
 
+def _split_from_boundary(layer: LayerCost, activation_keep: float, degree: int, by_position: bool
+                         ) -> int | None:
+    """A tp rank's `activation_bytes_from_boundary`: its split activations less what a 16-bit input
+    saves less, which is the residual stream's (on CPU a layer norm's 16-bit input), kept whole by
+    tensor parallelism and split by position by sequence parallelism."""
+    if layer.activation_bytes_from_boundary is None:
+        return None
+    fewer = (layer.activation_bytes - layer.activation_bytes_from_boundary) / (degree if by_position else 1)
+    return max(round(layer.activation_bytes * activation_keep - fewer), 0)
+
+
 def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: bool) -> LayerCost:
     share = layer.tensor_parallel_share
     by_position = sequence_parallel and layer.sequence_parallel_activation_share is not None
@@ -91,8 +102,7 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         weight_grad_s=weight,
         fixed_s=layer.fixed_s + n * fixed,
         activation_bytes=round(layer.activation_bytes * activation_keep),
-        activation_bytes_from_boundary=None if layer.activation_bytes_from_boundary is None else round(
-            layer.activation_bytes_from_boundary * activation_keep),
+        activation_bytes_from_boundary=_split_from_boundary(layer, activation_keep, degree, by_position),
         backward_temporary_bytes=temporary,
         backward_temporary_fixed_bytes=temporary_fixed,
         output_bytes=output_bytes,

@@ -146,7 +146,10 @@ def test_layers_handed_a_16_bit_boundary_save_what_they_save_from_it():
     layout = StageLayout(bounds=(0, 2, 5, 7), rows=8)
     kept = stage_arrays(costs, layout, recompute=[]).activation_bytes.tolist()
     assert kept == [2 * 10, 2 * (4000 + 4000 + 20), 2 * (4000 + 4000)]
-    # Split by tp as the chain's activations are.
-    marked = replace(passing, tensor_parallel_share=0.5)
+    # Split by tp as the chain's activations are, less the whole stream's 1000 (the norms' inputs,
+    # which tp keeps whole and sequence parallelism splits by position).
+    marked = replace(passing, tensor_parallel_share=0.5, sequence_parallel_activation_share=1.0)
     split = split_costs(ModelCosts(layers=(EMBEDDING, marked)), 2, Link()).layers[1]
-    assert (split.activation_bytes, split.activation_bytes_from_boundary) == (3750, 3000)
+    assert (split.activation_bytes, split.activation_bytes_from_boundary) == (3750, 3750 - 1000)
+    split = split_costs(ModelCosts(layers=(EMBEDDING, marked)), 2, Link(), sequence_parallel=True).layers[1]
+    assert (split.activation_bytes, split.activation_bytes_from_boundary) == (2500, 2500 - 500)
