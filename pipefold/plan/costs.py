@@ -17,6 +17,7 @@ import numpy as np
 
 from pipefold.errors import ConfigError
 from pipefold.plan.held_curve import check_held_curve
+from pipefold.plan.in_stage import InStageBytes
 from pipefold.plan.layer_cost import LayerCost, non_negative
 from pipefold.plan.row_scales import check_row_scales
 
@@ -243,6 +244,8 @@ class ModelCosts:
     _prefix: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     prefix_array: np.ndarray = field(init=False, repr=False, compare=False)
     """`span`'s running sums as one (kind, layers + 1) array, for sums over many stages at once."""
+    in_stage: InStageBytes = field(init=False, repr=False, compare=False)
+    """What each layer of a recomputed stage keeps, as running sums (`pipefold.plan.in_stage`)."""
     norm_array: np.ndarray = field(init=False, repr=False, compare=False)
     """The layers' `LayerCost.gradient_norm_bytes` and a 0 after them (int64), for a stage's
     largest at once (`pipefold.plan.stages.stage_cost_model`)."""
@@ -305,11 +308,13 @@ class ModelCosts:
         object.__setattr__(self, "held_curve", check_held_curve(self.held_curve))
         references = tuple(self.held_reference_layer_bytes)
         if references and (len(references) != len(self.layers) or any(
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
                 for value in references)):
             raise ConfigError(
-                f"ModelCosts.held_reference_layer_bytes = {self.held_reference_layer_bytes!r}; give one finite "
-                f"number >= 0 per layer ({len(self.layers)}), the bytes its calibration rank held, or leave it empty"
+                f"ModelCosts.held_reference_layer_bytes = {self.held_reference_layer_bytes!r}; give one "
+                f"finite number >= 0 per layer ({len(self.layers)}), the bytes its calibration rank held, "
+                "or leave it empty"
             )
         object.__setattr__(self, "held_reference_layer_bytes", tuple(float(value) for value in references))
         degrees = tuple(self.tensor_parallel_degrees)
@@ -319,6 +324,8 @@ class ModelCosts:
                 "(empty: any degree)"
             )
         object.__setattr__(self, "tensor_parallel_degrees", tuple(sorted(set(degrees))))
+        # What each layer of a recomputed stage keeps, in its in-stage dtype (`stage_kept_input_bytes`).
+        object.__setattr__(self, "in_stage", InStageBytes.of(self.layers, self.input_bytes))
         # Prefix sums, so a stage's totals cost O(1) whatever the partition (the search asks often).
         columns = (
             [layer.forward_s for layer in self.layers],
@@ -326,7 +333,8 @@ class ModelCosts:
             [layer.weight_s for layer in self.layers],
             [float(layer.activation_bytes) for layer in self.layers],
             [float(layer.parameter_bytes) for layer in self.layers],
-            # What a checkpointed layer keeps: its input, the previous layer's output (`kept_input_bytes`).
+            # What a checkpointed layer keeps as its stage's first (`kept_input_bytes`; a stage's
+            # total, the dtype inside it included: `in_stage`).
             [float(self.kept_input_bytes(index)) for index in range(len(self.layers))],
             [layer.fixed_s for layer in self.layers],
             [float(layer.cast_bytes) for layer in self.layers],
@@ -350,15 +358,24 @@ class ModelCosts:
 
     def kept_input_bytes(self, index: int) -> int:
         """What layer `index` keeps per `reference_rows` samples when it runs under its own
-        checkpoint (a recomputed stage): its input (`input_bytes` for the first layer, else the
-        previous layer's output), but nothing where its forward saves nothing
-        (`activation_bytes` 0, e.g. a position embedding's add): torch's non-reentrant checkpoint
-        holds its inputs only through the saved tensors it packs, so with none packed the input
-        is freed (measured: the 2-rank tiny GPT's rank 0, docs/plan.md "Against the CPU
-        allocator")."""
-        if not self.layers[index].activation_bytes:
-            return 0
-        return self.input_bytes if index == 0 else self.layers[index - 1].output_bytes
+        checkpoint (a recomputed stage) as its stage's first layer: its input (`input_bytes` for
+        the first layer, else the boundary, the previous layer's `output_bytes`), but nothing
+        where its forward saves nothing (`activation_bytes` 0, e.g. a position embedding's add):
+        torch's non-reentrant checkpoint holds its inputs only through the saved tensors it
+        packs, so with none packed the input is freed (measured: the 2-rank tiny GPT's rank 0,
+        docs/plan.md "Against the CPU allocator"). Later layers of a stage keep their input in
+        its in-stage dtype: `stage_kept_input_bytes`."""
+        return int(self.in_stage.first[index])
+
+    def stage_kept_input_bytes(self, start: int, stop: int) -> list[int]:
+        """Per layer of the recomputed stage [start, stop), first to last, what it keeps per
+        `reference_rows` samples under its own checkpoint (`pipefold.plan.in_stage`)."""
+        return [round(size) for size in self.in_stage.layer_bytes(start, stop)]
+
+    def stage_activation_bytes(self, start: int, stop: int) -> list[int]:
+        """Per layer of the stage [start, stop), first to last, what its forward saves per
+        `reference_rows` samples, from the dtype its input has in the stage (`pipefold.plan.in_stage`)."""
+        return [round(size) for size in self.in_stage.layer_activations(start, stop)]
 
     def zero_sharded(self, num_data_parallel: int) -> ModelCosts:
         """What one of `num_data_parallel` ZeRO replicas keeps and updates: its share of the
@@ -367,7 +384,8 @@ class ModelCosts:
             self,
             optimizer_bytes_per_parameter_byte=self.optimizer_bytes_per_parameter_byte / num_data_parallel,
             update_bytes_per_parameter_byte=self.update_bytes_per_parameter_byte / num_data_parallel,
-            update_group_bytes_per_parameter_byte=self.update_group_bytes_per_parameter_byte / num_data_parallel,
+            update_group_bytes_per_parameter_byte=(
+                self.update_group_bytes_per_parameter_byte / num_data_parallel),
         )
 
     @property
@@ -483,6 +501,9 @@ class ModelCosts:
                 saved_cast_bytes=min(int(getattr(p, "cast_bytes", 0)), _held_cast_bytes(p)),
                 weight_grad_s=weight_grad_s(p),
                 backward_temporary_bytes=int(getattr(p, "backward_temporary_bytes", 0)),
+                stage_output_bytes=getattr(p, "stage_output_bytes", None),
+                stage_output_bytes_from_boundary=getattr(p, "stage_output_bytes_from_boundary", None),
+                activation_bytes_from_boundary=getattr(p, "activation_bytes_from_boundary", None),
             )
             for p in profiles
         )
@@ -516,13 +537,18 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "deferred_weight_most_s"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+                     "deferred_weight_most_s"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
             for name in ("no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
                          "backward_temporary_fixed_bytes"):
                 if not layer[name]:  # layers without these write as before
+                    del layer[name]
+            for name in ("stage_output_bytes", "stage_output_bytes_from_boundary",
+                         "activation_bytes_from_boundary"):
+                if layer[name] is None:  # the same: fp32 costs and costs before them
                     del layer[name]
         for name in ("loss_backward_bytes", "keeps_receive_buffers"):
             if not data[name]:  # costs without the backward's temporaries or a CPU's buffers, as before
@@ -550,7 +576,8 @@ class ModelCosts:
                         "num_tensor_parallel_allreduces", "saved_cast_bytes",
                         "tensor_parallel_saved_cast_share", "sequence_parallel_activation_share",
                         "no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
-                        "backward_temporary_fixed_bytes"}
+                        "backward_temporary_fixed_bytes", "stage_output_bytes",
+                        "stage_output_bytes_from_boundary", "activation_bytes_from_boundary"}
         layers = []
         for index, entry in enumerate(data.get("layers") or ()):
             if not isinstance(entry, Mapping):
@@ -578,7 +605,8 @@ class ModelCosts:
         for name in ("held_curve", "held_reference_layer_bytes"):
             if name in rest:
                 if not isinstance(rest[name], list):
-                    raise ConfigError(f"model costs {name} = {rest[name]!r}; give a list (see ModelCosts.{name})")
+                    raise ConfigError(
+                        f"model costs {name} = {rest[name]!r}; give a list (see ModelCosts.{name})")
                 rest[name] = tuple(rest[name])
         return cls(layers=tuple(layers), **rest)
 

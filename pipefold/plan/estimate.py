@@ -10,7 +10,10 @@ vocabulary V, and b bytes per value:
 - a block keeps 16·T·d values for its backward (layer-norm inputs, q/k/v, attention
   output, MLP input, pre- and post-activation: no dropout, fused attention, so no
   T² scores), and emits T·d;
-- the head does 2·T·d·V FLOPs forward and keeps its input and the logits (T·(d+V));
+- the head does 2·T·d·V FLOPs forward and keeps its input (T·d), the loss its fp32
+  log-probabilities (T·V·max(b, 4): `loss_bytes`, held on the last stage, recomputed or not);
+- each layer's backward holds temporaries beyond what its forward saved, and the loss's backward
+  two fp32 logits-sized gradients, as `GptEstimate` prices them (`estimate_temporaries`);
 - parameters: 12·d² + 13·d per block, V·d per embedding table (held by each of the
   two tied layers), T·d for positions.
 The blocks carry what `pipefold train --tensor-parallel` splits (`with_gpt_tensor_parallel`
@@ -24,14 +27,7 @@ from dataclasses import dataclass, replace
 
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
-from pipefold.plan.estimate_temporaries import (
-    GptTemporaryShape,
-    block_backward_temporary,
-    embedding_backward_temporary,
-    head_backward_temporary,
-    norm_backward_temporary,
-    position_backward_temporary,
-)
+from pipefold.plan.estimate_temporaries import GptTemporaryShape, gpt_backward_temporaries
 from pipefold.plan.hardware import Hardware
 from pipefold.plan.tensor import gpt_block_cast_parameters, gpt_block_parameters, with_gpt_tensor_parallel
 from pipefold.plan.update_memory import layer_norm_bytes, update_temporaries
@@ -185,13 +181,33 @@ def gpt_costs(
     block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d),
                   gpt_block_cast_parameters(d), 12 * d * d)
     head_flops = 2 * t * d * v
+    embed, position, norm = layer(0.0, 0.0, 0, v * d), layer(t * d, 0.0, 0, t * d), layer(
+        8 * t * d, 2 * t * d, t * d * b, 2 * d)
+    if mixed:
+        # Inside a stage the residual stream is in the weights' dtype from the embeddings on, and
+        # a block handed a 16-bit boundary passes it on in 16 bits; the final norm returns fp32
+        # (CUDA's autocast) whatever it is handed (`pipefold.plan.in_stage`).
+        stream = t * d * p
+        embed, position, norm = (replace(cost, stage_output_bytes=stream) for cost in (embed, position, norm))
+        block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=hidden)
+    # The head keeps its input; the loss its fp32 log-probabilities (`loss_bytes`), as `GptEstimate`.
+    head = layer(head_flops, head_flops, t * d * b, v * d, v * d, v * d)  # no bias, tied or not
+    # What each backward allocates beyond its saved tensors, as `GptEstimate` prices it
+    # (estimate_temporaries; the built-in GPT: fused attention, no dropout).
+    shape = GptTemporaryShape(rows=1, seq_len=t, d_model=d, num_heads=num_heads, vocab_size=v,
+                              value_bytes=b, parameter_bytes=p)
+    embed, position, block, norm, head = (
+        replace(cost, backward_temporary_bytes=total, backward_temporary_fixed_bytes=fixed)
+        for cost, (total, fixed) in zip(
+            (embed, position, block, norm, head),
+            gpt_backward_temporaries(shape, block_saved_bytes=block.activation_bytes), strict=True))
     layers = [
         # A gather (autocast casts no embedding): no FLOPs worth counting; ids are not kept as floats.
-        layer(0.0, 0.0, 0, v * d),
-        layer(t * d, 0.0, 0, t * d),
+        embed,
+        position,
         *([block] * num_layers),
-        layer(8 * t * d, 2 * t * d, t * d * b, 2 * d),
-        layer(head_flops, head_flops, t * (d + v) * b, v * d, v * d, v * d),  # no bias, tied or not
+        norm,
+        head,
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)
@@ -199,6 +215,9 @@ def gpt_costs(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
+        loss_bytes=t * v * max(b, 4),
+        # The loss's backward holds the gradients of the fp32 log-probabilities and of the logits.
+        loss_backward_bytes=2 * t * v * 4,
         # Adam's two moments in the weights' dtype; with 16-bit weights fp32 moments and master
         # copies (12 bytes per weight: 6 per byte of a bf16 weight), as `GptEstimate` prices them.
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
@@ -426,12 +445,15 @@ class GptEstimate:
         block = replace(block, cast_bytes=block_casts * v,
                         saved_cast_bytes=round(12 * h * h / t) * v if casting else None)
         head = replace(head, cast_bytes=head_casts * v, saved_cast_bytes=head_casts * v if casting else None)
+        if casting:
+            embed, position, block, norm = self._stage_outputs(rows, t, sp, (embed, position, block, norm))
         # Each layer's gradient-norm copies (the blocks alike but for the first's preceding tensor:
         # their largest for all).
         norms = layer_norm_bytes(gpt_layer_numels(self.num_layers, h, s, vocab // vt, t))
         block = replace(block, gradient_norm_bytes=max(norms[2:-2]))
-        embed, position, norm, head = (replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
-                                       zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
+        embed, position, norm, head = (
+            replace(layer, gradient_norm_bytes=bytes_) for layer, bytes_ in
+            zip((embed, position, norm, head), (*norms[:2], *norms[-2:]), strict=True))
         # What each backward allocates beyond its saved tensors (estimate_temporaries).
         temporaries = self.backward_temporaries(rows, t, sp)
         embed, position, block, norm, head = (
@@ -477,6 +499,25 @@ class GptEstimate:
                                           num_heads=self.num_heads)
         return replace(marked, tensor_parallel_degrees=degrees)
 
+    def _stage_outputs(self, rows: int, tensor_parallel: int, sequence_parallel: bool,
+                       layers: tuple[LayerCost, LayerCost, LayerCost, LayerCost]
+                       ) -> tuple[LayerCost, LayerCost, LayerCost, LayerCost]:
+        """The token embedding, position embedding, a block and the final norm with their outputs
+        inside a stage under autocast (`LayerCost.stage_output_bytes`, what a recomputed stage's
+        next layer keeps: `pipefold.plan.in_stage`): the residual stream is fp32 from the
+        embeddings on (fp32 tables; an fp32 tensor plus a 16-bit one is fp32), and a block handed
+        a 16-bit boundary passes it on in 16 bits. The final norm returns fp32 on CUDA (autocast's
+        fp32 list), its input's dtype on CPU."""
+        embed, position, block, norm = layers
+        stream = self.seq_len * rows * self.d_model * 4
+        split = tensor_parallel if sequence_parallel else 1
+        from_boundary = stream if self.hardware.device == "cuda" else norm.output_bytes
+        return (replace(embed, stage_output_bytes=stream),
+                replace(position, stage_output_bytes=stream // split),
+                replace(block, stage_output_bytes=stream // split,
+                        stage_output_bytes_from_boundary=block.output_bytes),
+                replace(norm, stage_output_bytes=stream, stage_output_bytes_from_boundary=from_boundary))
+
     def backward_temporaries(self, rows: int, tensor_parallel: int, sequence_parallel: bool
                              ) -> tuple[tuple[int, int], ...]:
         """(total, fixed) backward temporary bytes of the token embedding, the position embedding,
@@ -486,11 +527,11 @@ class GptEstimate:
             vocab_size=self.vocab_size, tensor_parallel=tensor_parallel,
             sequence_parallel=sequence_parallel and tensor_parallel > 1, vocab_parallel=self.vocab_parallel,
             value_bytes=self.value_bytes, parameter_bytes=self.parameter_element_bytes)
-        block = block_backward_temporary(
-            shape, unfused_dropout=not self.fused_attention, recompute_attention=self.recompute_attention,
-            saved_bytes=self.block_activation_bytes(rows, tensor_parallel, shape.sequence_parallel))
-        return (embedding_backward_temporary(shape), position_backward_temporary(shape, dropout=self.dropout), block,
-                norm_backward_temporary(shape), head_backward_temporary(shape))
+        saved = self.block_activation_bytes(rows, tensor_parallel, shape.sequence_parallel)
+        return gpt_backward_temporaries(
+            shape, block_saved_bytes=saved,
+            dropout=self.dropout, fused_attention=self.fused_attention,
+            recompute_attention=self.recompute_attention)
 
     @property
     def parameter_element_bytes(self) -> int:

@@ -1,7 +1,8 @@
 """What the backward of each of the GPT's layers allocates beyond what its forward saved, analytically.
 
-`GptEstimate` prices these as `LayerCost.backward_temporary_bytes` (and the part that does not grow
-with the rows as `backward_temporary_fixed_bytes`), as `pipefold profile` measures them for a layer
+`GptEstimate` and `gpt_costs` price these as `LayerCost.backward_temporary_bytes` (and the part that
+does not grow with the rows as `backward_temporary_fixed_bytes`), as `pipefold profile` measures them
+for a layer
 (`LayerProfile.backward_temporary_bytes`): the most bytes live at once during one backward from a
 gradient the layer above hands it, counted from the end of the forward, so a saved tensor the
 backward frees before that moment counts against it. Tokens N = s x b of one micro-batch, width h,
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 from pipefold.errors import ConfigError
 
 __all__ = ["GptTemporaryShape", "block_backward_temporary", "embedding_backward_temporary",
-           "head_backward_temporary", "norm_backward_temporary", "position_backward_temporary"]
+           "gpt_backward_temporaries", "head_backward_temporary", "norm_backward_temporary",
+           "position_backward_temporary"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,18 @@ def block_backward_temporary(shape: GptTemporaryShape, *, unfused_dropout: bool,
     if attention > mlp:
         return attention, 0
     return mlp, fixed
+
+
+def gpt_backward_temporaries(shape: GptTemporaryShape, *, block_saved_bytes: int, dropout: bool = False,
+                             fused_attention: bool = True, recompute_attention: bool = False
+                             ) -> tuple[tuple[int, int], ...]:
+    """(total, fixed) backward temporary bytes of the token embedding, the position embedding, a
+    block, the final norm and the head on one tp rank, `block_saved_bytes` what a block's forward
+    keeps: what both GPT estimates price (`pipefold.plan.gpt_costs`, `pipefold.plan.GptEstimate`)."""
+    block = block_backward_temporary(shape, unfused_dropout=not fused_attention,
+                                     recompute_attention=recompute_attention, saved_bytes=block_saved_bytes)
+    return (embedding_backward_temporary(shape), position_backward_temporary(shape, dropout=dropout), block,
+            norm_backward_temporary(shape), head_backward_temporary(shape))
 
 
 def embedding_backward_temporary(shape: GptTemporaryShape) -> tuple[int, int]:

@@ -38,8 +38,8 @@ class LayerCost:
     """Mixed precision: bytes of the 16-bit copies of the layer's weights that autocast holds for a
     step (its matrix products' weights and biases, not norms or embeddings; a profile measures them
     from autocast's cache: `LayerProfile.held_cast_bytes`). A tensor-parallel split divides their
-    `tensor_parallel_cast_share`: each tp rank casts its own shard. 0 in every layer: `ModelCosts.cast_bytes_per_parameter_byte`
-    prices them."""
+    `tensor_parallel_cast_share`: each tp rank casts its own shard. 0 in every layer:
+    `ModelCosts.cast_bytes_per_parameter_byte` prices them."""
     weight_grad_s: float | None = None
     """The weight-gradient part (W) of `backward_s`; None takes half of it, the I = W split of
     matrix-product layers (Qi et al., 2023)."""
@@ -94,6 +94,41 @@ class LayerCost:
     (`backward_temporary_at`). Fitted by `pipefold profile` from its two row counts; 0: all of it
     scales with the rows."""
 
+    # -- The dtype of what a recomputed stage keeps (docs/plan.md, "Memory model") --
+    stage_output_bytes: int | None = None
+    """The layer's output as the next layer of its stage receives it, on the model's own chain:
+    not cast to the boundary's dtype (under autocast a GPT's residual stream is fp32 inside a stage,
+    16-bit across a boundary: `output_bytes`). What that next layer keeps under its own checkpoint
+    (`pipefold.plan.in_stage`). None: `output_bytes` (costs written before it, fp32)."""
+    stage_output_bytes_from_boundary: int | None = None
+    """The same where the layer's input arrived in the boundary's 16-bit dtype, as a stage's first
+    layer's does: a residual block passes a 16-bit stream on in 16 bits, an embedding or a norm
+    returns fp32 whatever it is handed. None: `stage_output_bytes` (the layer's output dtype does
+    not follow its input's)."""
+
+    activation_bytes_from_boundary: int | None = None
+    """What the forward saves where the layer's input arrived in the boundary's 16-bit dtype (passed
+    on from its stage's received input): on CPU a layer norm handed 16 bits saves them as they are,
+    where from an fp32 stream it saves fp32 (CUDA's autocast saves an fp32 copy either way). None:
+    `activation_bytes`."""
+
+    @property
+    def activations_from_boundary(self) -> int:
+        """`activation_bytes_from_boundary`, or `activation_bytes` where not given."""
+        given = self.activation_bytes_from_boundary
+        return self.activation_bytes if given is None else given
+
+    @property
+    def stage_output(self) -> int:
+        """`stage_output_bytes`, or `output_bytes` where not given."""
+        return self.output_bytes if self.stage_output_bytes is None else self.stage_output_bytes
+
+    @property
+    def stage_output_from_boundary(self) -> int:
+        """`stage_output_bytes_from_boundary`, or `stage_output` where not given."""
+        given = self.stage_output_bytes_from_boundary
+        return self.stage_output if given is None else given
+
     def backward_temporary_at(self, rows_scale: float) -> int:
         """`backward_temporary_bytes` for micro-batches of `rows_scale` x `ModelCosts.reference_rows` rows."""
         fixed = min(self.backward_temporary_fixed_bytes, self.backward_temporary_bytes)
@@ -116,17 +151,24 @@ class LayerCost:
                 f"LayerCost.num_tensor_parallel_allreduces = {self.num_tensor_parallel_allreduces!r}; "
                 "give a whole number"
             )
-        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes", "no_decay_parameter_bytes",
-                     "gradient_norm_bytes", "backward_temporary_bytes",
+        for name in ("activation_bytes", "output_bytes", "parameter_bytes", "cast_bytes",
+                     "no_decay_parameter_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
                      "backward_temporary_fixed_bytes"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"LayerCost.{name} = {getattr(self, name)!r}; sizes are whole bytes")
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.no_decay_parameter_bytes > self.parameter_bytes:
             raise ConfigError(
-                f"LayerCost.no_decay_parameter_bytes = {self.no_decay_parameter_bytes} exceeds parameter_bytes = "
-                f"{self.parameter_bytes}; give the part of the layer's weights without weight decay (at most all)"
+                f"LayerCost.no_decay_parameter_bytes = {self.no_decay_parameter_bytes} exceeds "
+                f"parameter_bytes = {self.parameter_bytes}; give the part of the layer's weights without "
+                "weight decay (at most all)"
             )
+        for name in ("stage_output_bytes", "stage_output_bytes_from_boundary",
+                     "activation_bytes_from_boundary"):
+            size = getattr(self, name)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+                raise ConfigError(f"LayerCost.{name} = {size!r}; give whole bytes >= 0 (or leave it out: "
+                                  "output_bytes)")
         if self.saved_cast_bytes is not None:
             saved = self.saved_cast_bytes
             if isinstance(saved, bool) or not isinstance(saved, int) or not 0 <= saved <= self.cast_bytes:

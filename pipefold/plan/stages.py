@@ -23,7 +23,7 @@ __all__ = [
     "stage_weights",
 ]
 
-_F, _I, _W, _ACT, _PARAM, _INPUT, _FIXED, _CAST, _SAVED_CAST, _NO_DECAY = range(10)
+_F, _I, _W, _ACT, _PARAM, _FIRST_INPUT, _FIXED, _CAST, _SAVED_CAST, _NO_DECAY = range(10)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,11 @@ def stage_arrays(
     input_grad = np.where(recomputed, input_grad + forward, input_grad)
     weight_grad = np.where(recomputed, weight_grad + forward, weight_grad)
     backward = np.where(recomputed, backward + forward, backward)
-    kept = np.rint(rows_scale * np.where(recomputed, span(_INPUT), span(_ACT))).astype(np.int64)
+    # A recomputed stage keeps each layer's input, the others what their forwards save, each in
+    # the dtype it has inside the stage (`pipefold.plan.in_stage`).
+    inputs = costs.in_stage.stage_bytes(starts, stops)
+    saved = costs.in_stage.stage_activations(starts, stops)
+    kept = np.rint(rows_scale * np.where(recomputed, inputs, saved)).astype(np.int64)
     if layout.bounds[-1] == len(costs.layers):
         kept[-1] += round(rows_scale * costs.loss_bytes)
     return StageArrays(forward, input_grad, weight_grad, backward, kept)
@@ -137,8 +141,8 @@ def stage_cost_model(
     arrays = stage_arrays(costs, layout, recompute, stage_speeds)
     bounds = np.asarray(layout.bounds, dtype=np.intp)
     kept = arrays.activation_bytes.tolist()
-    weights = np.rint(costs.prefix_array[_PARAM][bounds[1:]] - costs.prefix_array[_PARAM][bounds[:-1]]).astype(
-        np.int64).tolist()
+    weights = np.rint(costs.prefix_array[_PARAM][bounds[1:]] - costs.prefix_array[_PARAM][bounds[:-1]]
+                      ).astype(np.int64).tolist()
     # Each stage's weight copies from its own layers, where they carry them (else `rank_memory`
     # prices a rank's by the model's one ratio).
     casts = np.rint(costs.prefix_array[_CAST][bounds[1:]] - costs.prefix_array[_CAST][bounds[:-1]]).astype(
@@ -161,8 +165,9 @@ def stage_cost_model(
     temporaries = backward_temporaries(costs, layout, recompute)
     return CostModel.from_lists(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
-        weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
-        link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
+        weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages,
+        link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
+        action_overhead=costs.action_overhead_s,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
         tied_casts=copies, no_decay_weight_bytes=no_decay, gradient_norm_bytes=norms,
         backward_temporary_bytes=temporaries,
@@ -182,27 +187,23 @@ def backward_temporaries(costs: ModelCosts, layout: StageLayout, recompute: Coll
         return []
     rows_scale = layout.rows / costs.reference_rows
     layers = costs.layers
-    if not any(layer.backward_temporary_bytes for layer in layers):
-        # The loss's alone (a FLOP estimate's): a layer's moment holds at most its rebuilt
-        # activations, which the recompute transient prices already (`RankMemory.temporary`).
-        found = [0] * layout.num_stages
-        if layout.bounds[-1] == len(layers):
-            found[-1] = round(rows_scale * costs.loss_backward_bytes)
-        return found
+    # Where only the loss has temporaries, a layer's moment is its rebuilt activations less what
+    # was freed: at most the rank's recompute transient, which `RankMemory.temporary` subtracts, so
+    # such a stage prices the loss's alone, as no walk at all would.
     recomputed = set(recompute)
     found = []
     for stage, (start, stop) in enumerate(zip(layout.bounds[:-1], layout.bounds[1:], strict=True)):
         ends_model = stop == len(layers)
         freed = round(rows_scale * costs.loss_bytes) if ends_model else 0
         most = round(rows_scale * costs.loss_backward_bytes) if ends_model else 0
+        # A checkpointed layer keeps its input (if it saves anything), in its in-stage dtype.
+        inputs = costs.stage_kept_input_bytes(start, stop) if stage in recomputed else []
+        saved = costs.stage_activation_bytes(start, stop)
         for index in range(stop - 1, start - 1, -1):
             layer = layers[index]
-            rebuilt = round(rows_scale * layer.activation_bytes) if stage in recomputed else 0
+            rebuilt = round(rows_scale * saved[index - start]) if stage in recomputed else 0
             most = max(most, layer.backward_temporary_at(rows_scale) + rebuilt - freed)
-            if stage in recomputed:  # a checkpointed layer keeps its input (if it saves anything)
-                kept = costs.kept_input_bytes(index)
-            else:
-                kept = layer.activation_bytes
+            kept = inputs[index - start] if stage in recomputed else saved[index - start]
             freed += round(rows_scale * kept)
         found.append(max(most, 0))
     return found
@@ -243,7 +244,8 @@ def transient_bytes(
     peaks = [0] * num_ranks
     for stage in recompute:
         start, stop = layout.bounds[stage], layout.bounds[stage + 1]
-        largest = max(round(scale * costs.layers[index].activation_bytes) + (copies[index] if copies else 0)
+        saved = costs.stage_activation_bytes(start, stop)
+        largest = max(round(scale * saved[index - start]) + (copies[index] if copies else 0)
                       for index in range(start, stop))
         rank = placement[stage]
         peaks[rank] = max(peaks[rank], largest)

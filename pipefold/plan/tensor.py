@@ -48,6 +48,17 @@ def _split_temporary(layer: LayerCost, keep: float, activation_keep: float) -> t
     return split_fixed + round((layer.backward_temporary_bytes - fixed) * activation_keep), split_fixed
 
 
+def _split_from_boundary(layer: LayerCost, activation_keep: float, degree: int, by_position: bool
+                         ) -> int | None:
+    """A tp rank's `activation_bytes_from_boundary`: its split activations less what a 16-bit input
+    saves less, which is the residual stream's (on CPU a layer norm's 16-bit input), kept whole by
+    tensor parallelism and split by position by sequence parallelism."""
+    if layer.activation_bytes_from_boundary is None:
+        return None
+    fewer = (layer.activation_bytes - layer.activation_bytes_from_boundary) / (degree if by_position else 1)
+    return max(round(layer.activation_bytes * activation_keep - fewer), 0)
+
+
 def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: bool) -> LayerCost:
     share = layer.tensor_parallel_share
     by_position = sequence_parallel and layer.sequence_parallel_activation_share is not None
@@ -55,8 +66,14 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         return layer
     # A boundary after a layer of the split stream carries this tp rank's positions only.
     output_bytes = layer.output_bytes // degree if by_position else layer.output_bytes
+    # So does its output inside a stage (what the next layer keeps under recomputation).
+    inside: dict[str, int] = {}
+    if by_position:
+        names = ("stage_output_bytes", "stage_output_bytes_from_boundary")
+        sizes = {name: getattr(layer, name) for name in names}
+        inside = {name: size // degree for name, size in sizes.items() if size is not None}
     if share == 0:  # the position embedding: computed whole, its output split
-        return replace(layer, output_bytes=output_bytes, sequence_parallel_activation_share=None)
+        return replace(layer, output_bytes=output_bytes, sequence_parallel_activation_share=None, **inside)
     keep = 1 - share + share / degree
     time_keep = 1 / degree if by_position else keep
     cast_share = share if layer.tensor_parallel_cast_share is None else layer.tensor_parallel_cast_share
@@ -85,9 +102,11 @@ def _split_layer(layer: LayerCost, degree: int, link: Link, sequence_parallel: b
         weight_grad_s=weight,
         fixed_s=layer.fixed_s + n * fixed,
         activation_bytes=round(layer.activation_bytes * activation_keep),
+        activation_bytes_from_boundary=_split_from_boundary(layer, activation_keep, degree, by_position),
         backward_temporary_bytes=temporary,
         backward_temporary_fixed_bytes=temporary_fixed,
         output_bytes=output_bytes,
+        **inside,
         parameter_bytes=round(layer.parameter_bytes * keep),
         # The share applies to the undecayed part too: a block's biases split with their matrices,
         # its norms do not, so this errs by the norms' few bytes (the built-in GPT's estimate

@@ -96,6 +96,18 @@ class LayerProfile:
     cross-entropy's gradients of the log-probabilities and of the logits, each as large as the
     logits), measured as `backward_temporary_bytes`."""
 
+    stage_output_bytes: int | None = None
+    """Under autocast: bytes of the layer's output as it leaves the layer (`output` is cast to the
+    boundary's dtype), on the profile's chain from the model's input: what the next layer of a
+    stage keeps under its own checkpoint (a GPT's fp32 residual stream). None in fp32."""
+    stage_output_bytes_from_boundary: int | None = None
+    """Under autocast: the same from the layer's input cast to the 16-bit dtype, as a stage's
+    first layer receives it (a residual block then returns 16 bits, an embedding fp32).
+    None in fp32."""
+    activation_bytes_from_boundary: int | None = None
+    """Under autocast: `activation_bytes` from that 16-bit input (on CPU a layer norm saves a
+    16-bit input as it is, where it saves fp32 from the fp32 chain). None in fp32."""
+
     @property
     def total_s(self) -> float:
         """Forward plus backward time: the layer's cost for `partition(method="profile", costs=...)`."""
@@ -383,7 +395,9 @@ def _measure_layer(
     # What crosses the boundary after the layer: a stage sends fp32 floats in the compute dtype,
     # and the last stage hands the loss its 16-bit outputs in fp32 (runtime.stage.Stage).
     boundary = output
+    inside: dict[str, int] = {}
     if dtype is not None:
+        inside = _from_boundary(forward, dtype, layer, module, value, parameters, output)
         boundary = cast_floating(output, dtype, torch.float32) if is_last else cast_floating(
             output, torch.float32, dtype)
     measured = LayerProfile(
@@ -400,8 +414,24 @@ def _measure_layer(
         cast_s=cast_s,
         backward_temporary_bytes=backward_bytes,
         loss_backward_bytes=loss_backward_bytes,
+        **inside,
     )
     return measured, output
+
+
+def _from_boundary(forward: Callable[..., Any], dtype: torch.dtype, layer: LayerLike, module: nn.Module,
+                   value: Any, parameters: Sequence[Tensor], output: Any) -> dict[str, int]:
+    """`LayerProfile.stage_output_bytes`, `stage_output_bytes_from_boundary` and
+    `activation_bytes_from_boundary`: the output as it leaves the layer, and the output and saved
+    bytes from the layer's input cast to the 16-bit dtype, as a stage's first layer receives it
+    (`_saved_bytes` tells autocast's held weight copies apart, as for the chain's input)."""
+    received = cast_floating(value, torch.float32, dtype)
+    from_received, activations, _, _ = _saved_bytes(
+        forward, dtype, layer, module, received, _storages(parameters), None, _storages(_tensors(received)))
+    what = "a profiled layer's output"
+    return {"stage_output_bytes": TensorMeta.of(output, what=what).num_bytes,
+            "stage_output_bytes_from_boundary": TensorMeta.of(from_received, what=what).num_bytes,
+            "activation_bytes_from_boundary": activations}
 
 
 def _cast_seconds(

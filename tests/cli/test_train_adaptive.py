@@ -53,6 +53,11 @@ _TINY = [
 ]
 
 
+_LONG_FIRST = ["--partition", "4,2"]
+"""Both blocks on rank 0: its peak, which grows with the bucket length (the position table's
+weights, gradients and AdamW state), is the job's, not rank 1's loss and head (the tokens' alone)."""
+
+
 def test_a_batch_no_choice_fits_is_refused_before_any_process_starts():
     """The longest batch (8 rows x 64) needs more than 100 kB per rank under every choice."""
     with pytest.raises(ConfigError, match=r"8 rows x seq_len=64 \(bucket 64\)") as error:
@@ -77,12 +82,13 @@ def test_adaptive_training_equals_one_process_batch_by_batch(tmp_path, capfd):
 
     out = tmp_path / "run"
     num_steps = 8
-    code = main([*_TINY, "--steps", str(num_steps), "--memory-limit", "880000", "--out", str(out)])
+    code = main([*_TINY, *_LONG_FIRST, "--steps", str(num_steps), "--memory-limit", "1710000",
+                 "--out", str(out)])
     assert code == 0, capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     adaptive = summary["adaptive"]
     assert {row["recompute"] for row in adaptive} == {"none", "full"}, adaptive
-    assert all(row["peak_memory"] <= 880000 for row in adaptive)
+    assert all(row["peak_memory"] <= 1710000 for row in adaptive)
     assert sum(row["steps"] for row in adaptive) == num_steps
     assert "adaptive: length <=" in capfd.readouterr().out
 
@@ -155,12 +161,13 @@ def test_adaptive_with_replicas_and_accumulation_equals_one_process(tmp_path, ca
     out = tmp_path / "run"
     num_steps, num_accumulated = 4, 2
     argv = [*_TINY, "--data-parallel", "2", "--grad-accumulation", str(num_accumulated)]
-    code = main([*argv, "--steps", str(num_steps), "--memory-limit", "620000", "--out", str(out)])
+    code = main([*argv, *_LONG_FIRST, "--steps", str(num_steps), "--memory-limit", "1140000",
+                 "--out", str(out)])
     assert code == 0, capfd.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     adaptive = summary["adaptive"]
     assert {row["recompute"] for row in adaptive} == {"none", "full"}, adaptive
-    assert all(row["peak_memory"] <= 620000 for row in adaptive)
+    assert all(row["peak_memory"] <= 1140000 for row in adaptive)
     assert sum(row["steps"] for row in adaptive) == num_steps * num_accumulated  # pipeline calls
     assert {row["rows"] for row in adaptive} <= {4, 8, 16, 32}  # one replica's rows
 

@@ -351,3 +351,43 @@ def test_a_split_backwards_w_holds_one_layers_rerun_however_many_layers_it_rerun
         assert counted_input.peak == one_input.peak
     assert one_weight.peak == one_input.peak > 0  # I's one layer, which the plan prices
     assert (one_weight.peak_copies > 0) == (precision == "bf16")
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_a_stage_keeps_what_its_layers_see_in_their_dtype_inside_the_stage(recompute):
+    """Two stages of a GPT in bf16. Each layer under its own checkpoint, as a recomputed stage runs
+    them: the first keeps the block's fp32 input (the embeddings' fp32 stream), the second its
+    16-bit boundary and what its layers pass on from it. Without recomputation, the second's
+    layers save what they save from that 16-bit stream (on CPU its layer norms keep 16 bits). The
+    plan prices what the runtime's saved-tensor counter sees, from the profile's in-stage bytes
+    (`pipefold.plan.in_stage`)."""
+    layers = gpt_layers(64, 16, 2, 2, 8)  # token and position embeddings, 2 blocks, norm, head
+    rows, cut = 2, 3
+    ids = torch.randint(0, 64, (rows, 8), generator=torch.Generator().manual_seed(0))
+    profiles = profile(layers, ids, num_repeats=1, precision="bf16")
+    costs = ModelCosts.from_profile(profiles, rows=rows, input_bytes=ids.numel() * ids.element_size())
+    modules = list(build_reference(layers, torch.device("cpu"), seed=0))
+    received = torch.randn(rows, 8, 16, dtype=torch.bfloat16, requires_grad=True)  # a 16-bit boundary
+    for start, stop, value in ((0, cut, ids), (cut, len(layers), received)):
+        stage = Stage(start, range(start, stop), layers[start:stop], modules[start:stop],
+                      is_first=start == 0, is_last=stop == len(layers), recompute_all=False,
+                      recompute_layers=frozenset(range(start, stop) if recompute else ()))
+        stage.compute_dtype = torch.bfloat16
+        counter = ActivationCounter(stage.parameters)
+        with counter.counting(), held_casts([stage], weights_fixed=True):
+            output = stage.forward(value, 0)
+            held = counter.current
+        assert output is not None
+        planned = costs.stage_kept_input_bytes if recompute else costs.stage_activation_bytes
+        assert held == sum(planned(start, stop))
+    stream = rows * 8 * 16
+    # From the 16-bit boundary the second stage's layer norms (two per block, and the final one)
+    # save 16-bit inputs where the profile's fp32 chain saved fp32 ones.
+    saved = costs.stage_activation_bytes(cut, len(layers))
+    assert [p.activation_bytes for p in profiles[cut:]] == [saved[0] + 2 * stream * 2, saved[1] + stream * 2,
+                                                            saved[2]]
+    # The first stage: the ids, nothing for the position embedding (it saves nothing), and the
+    # block's fp32 input, where the boundary's 16-bit size was priced before.
+    assert costs.stage_kept_input_bytes(0, cut) == [ids.numel() * 8, 0, stream * 4]
+    # The second: every input 16-bit, passed on from its boundary (a block and, on CPU, the norm).
+    assert costs.stage_kept_input_bytes(cut, len(layers)) == [stream * 2] * 3

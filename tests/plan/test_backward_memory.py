@@ -12,7 +12,7 @@ from pipefold.plan.evaluate import evaluate
 from pipefold.plan.hardware import load_hardware
 from pipefold.plan.memory import RankMemory, kept_receive_bytes, memory_of_peaks
 from pipefold.plan.space import Config
-from pipefold.plan.stages import StageLayout, backward_temporaries, stage_cost_model
+from pipefold.plan.stages import StageLayout, backward_temporaries, stage_cost_model, transient_bytes
 from pipefold.schedule import build
 from pipefold.simulate import CostModel, Link, simulate
 from pipefold.simulate.compiled import CompiledSchedule
@@ -82,10 +82,19 @@ def test_a_stages_temporary_is_its_backwards_largest_moment() -> None:
     # Costs without temporaries (files written before them) price none.
     plain = ModelCosts(layers=tuple(LayerCost(1.0, 1.0, 10, 4) for _ in range(2)))
     assert backward_temporaries(plain, one_row) == []
-    # The loss's alone (a FLOP estimate's): on the stage that ends the model.
+    # The loss's alone (costs that measured no layer's): on the stage that ends the model.
     loss_only = ModelCosts(layers=plain.layers, loss_bytes=7, loss_backward_bytes=30)
-    assert backward_temporaries(loss_only, StageLayout((0, 1, 2), 2)) == [0, 60]
-    assert backward_temporaries(loss_only, StageLayout((0, 1, 2), 2), recompute=(1,)) == [0, 60]
+    two = StageLayout((0, 1, 2), 2)
+    assert backward_temporaries(loss_only, two) == [0, 60]
+    assert backward_temporaries(loss_only, two, recompute=(1,)) == [0, 60]
+    # A recomputed stage's moment is then its rebuilt layer (20 at two rows), less what was freed,
+    # which the rank's recompute transient holds already: the rank adds nothing beyond it.
+    assert backward_temporaries(loss_only, two, recompute=(0, 1)) == [20, 60]
+    transient = transient_bytes(loss_only, two, (0, 1), (0, 1), 2)
+    assert transient == (20, 20)
+    model = stage_cost_model(loss_only, two, (0, 1), Link())
+    memory = memory_of_peaks(loss_only, model, (0, 0), (8, 8), (0, 1), transient)
+    assert [rank.temporary for rank in memory] == [0, 60 - 20]
 
 
 def test_the_estimate_prices_the_losss_two_logits_and_cpu_receive_buffers() -> None:

@@ -6,6 +6,7 @@ import torch
 
 from pipefold.errors import ConfigError
 from pipefold.model.zoo.gpt import gpt_layers, gpt_loss
+from pipefold.plan.costs import ModelCosts
 from pipefold.plan.estimate import GptEstimate
 from pipefold.plan.estimate_temporaries import (
     GptTemporaryShape,
@@ -37,10 +38,12 @@ def test_unfused_attention_holds_two_score_tensors_and_more_when_recomputed() ->
     scores = 8 * 512 * 512 * 2
     total, fixed = block_backward_temporary(shape, unfused_dropout=True, saved_bytes=0)
     assert fixed == 0 and total > 2 * 2 * scores * 0.9  # the scores' moment, no weight gradient in it
-    recomputed, _ = block_backward_temporary(shape, unfused_dropout=True, saved_bytes=0, recompute_attention=True)
+    recomputed, _ = block_backward_temporary(shape, unfused_dropout=True, saved_bytes=0,
+                                             recompute_attention=True)
     assert recomputed - total == 5 * scores  # the rebuilt softmax output, mask and dropped probabilities
-    split, _ = block_backward_temporary(_shape(seq_len=512, num_heads=8, d_model=32, value_bytes=2, parameter_bytes=2,
-                                               tensor_parallel=2), unfused_dropout=True, saved_bytes=0)
+    split, _ = block_backward_temporary(_shape(seq_len=512, num_heads=8, d_model=32, value_bytes=2,
+                                               parameter_bytes=2, tensor_parallel=2),
+                                        unfused_dropout=True, saved_bytes=0)
     assert split < total * 0.6  # a tp rank holds its heads' scores
 
 
@@ -83,3 +86,36 @@ def test_fp32_formulas_within_5_percent_of_the_profile(attention: str) -> None:
                            hardware=load_hardware("cpu"), megatron=attention == "unfused")
     formula = [total for total, _ in estimate.backward_temporaries(rows, 1, False)]
     assert all(abs(f / m - 1) < 0.05 for f, m in zip(formula, measured, strict=True)), (formula, measured)
+
+
+@pytest.mark.parametrize(("value_bytes", "parameter_bytes", "dtype", "preset"),
+                         [(4, 4, "fp32", "cpu"), (2, 4, "bf16", "a100-80gb"), (2, 2, "bf16", "a100-80gb")])
+def test_the_flop_estimate_prices_the_temporaries_the_hardware_estimate_does(
+        value_bytes: int, parameter_bytes: int, dtype: str, preset: str) -> None:
+    from pipefold.plan import gpt_costs
+    from pipefold.plan.stages import StageLayout, backward_temporaries
+
+    sizes = {"num_layers": 2, "d_model": 64, "num_heads": 4, "seq_len": 32, "vocab_size": 256}
+    flop = gpt_costs(**sizes, bytes_per_value=value_bytes, parameter_bytes_per_value=parameter_bytes)
+    estimate = GptEstimate(**sizes, hardware=load_hardware(preset), dtype=dtype,
+                           parameter_bytes=parameter_bytes)
+    one_row = estimate.at(1, 1, Link(), False)
+
+    def temporaries(costs: ModelCosts) -> list[tuple[int, int]]:
+        return [(layer.backward_temporary_bytes, layer.backward_temporary_fixed_bytes)
+                for layer in costs.layers]
+
+    # Per sample, each layer's backward and the loss's, and what the loss keeps, alike.
+    assert temporaries(flop) == temporaries(one_row)
+    loss = (one_row.loss_bytes, one_row.loss_backward_bytes)
+    assert (flop.loss_bytes, flop.loss_backward_bytes) == loss != (0, 0)
+    # At 4 rows a stage's largest moment too (the weight gradients' part does not scale with the
+    # rows), but not under autocast: there a block's moment at the end of its backward (the weight
+    # gradients' fp32 copies, as its saved tensors are freed) shrinks per row, which one line per
+    # sample cannot follow (docs/plan.md, "What the estimate prices").
+    if parameter_bytes > value_bytes:
+        return
+    layout = StageLayout((0, 3, 6), 4)
+    for recompute in ((), (0, 1)):
+        assert backward_temporaries(flop, layout, recompute) == backward_temporaries(
+            estimate.at(4, 1, Link(), False), layout, recompute)

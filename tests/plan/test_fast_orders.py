@@ -26,7 +26,7 @@ from pipefold.plan.fast_orders import (
     sorted_unique,
 )
 from pipefold.plan.orders import _backward_of, _distinct_rows, held_counts_of
-from pipefold.plan.stages import _ACT, _F, _FIXED, _I, _INPUT, _PARAM, _W, StageLayout
+from pipefold.plan.stages import _F, _FIXED, _I, _PARAM, _W, StageLayout
 from pipefold.schedule import Schedule, build
 from pipefold.schedule.ir import Action, Op
 from pipefold.schedule.registry import family
@@ -125,13 +125,15 @@ def test_the_v_rows_from_patterns_equal_the_builders() -> None:
             for rank in range(p):
                 zb_v_m, dualpipe_m = 2 * p - 1 + extra, 2 * p + extra
                 for fast, slow in ((_zb_v_row(p, zb_v_m, rank), zb_v_order(p, zb_v_m, rank)),
-                                   (_dualpipe_v_row(p, dualpipe_m, rank), dualpipe_v_order(p, dualpipe_m, rank))):
+                                   (_dualpipe_v_row(p, dualpipe_m, rank),
+                                    dualpipe_v_order(p, dualpipe_m, rank))):
                     for got, want in zip(fast, _row(*slow), strict=True):
                         np.testing.assert_array_equal(got, want)
 
 
 def test_the_fast_families_are_the_flush_families_the_planner_times_most() -> None:
-    assert set(fast_families()) >= {"1f1b", "interleaved-1f1b", "gpipe", "zb-h1", "zb-h2", "zb-v", "v-min", "v-half"}
+    assert set(fast_families()) >= {"1f1b", "interleaved-1f1b", "gpipe", "zb-h1", "zb-h2", "zb-v", "v-min",
+                                    "v-half"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -155,10 +157,12 @@ def test_compiled_rows_keep_the_errors() -> None:
     twice = Schedule("twice", 1, 1, 2, (0,), ((Action(Op.F, 0, 0), Action(Op.F, 0, 0)),))
     with pytest.raises(ScheduleError, match="appears twice"):
         CompiledSchedule(twice)
-    orphan = Schedule("orphan", 2, 2, 1, (0, 1), ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.B, 1, 0),)))
+    orphan = Schedule("orphan", 2, 2, 1, (0, 1),
+                      ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.B, 1, 0),)))
     with pytest.raises(ScheduleError, match=r"orphan: B1.0 needs F1.0, which no rank runs"):
         CompiledSchedule(orphan)
-    no_grad = Schedule("no_grad", 2, 2, 1, (0, 1), ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.F, 1, 0),)))
+    no_grad = Schedule("no_grad", 2, 2, 1, (0, 1),
+                       ((Action(Op.F, 0, 0), Action(Op.B, 0, 0)), (Action(Op.F, 1, 0),)))
     with pytest.raises(ScheduleError, match=r"no_grad: B0.0 needs B1.0"):
         CompiledSchedule(no_grad)
     no_i = Schedule("no_i", 1, 1, 1, (0,), ((Action(Op.F, 0, 0), Action(Op.W, 0, 0)),))
@@ -251,7 +255,8 @@ def _balance_reference(weights: list[float], num_stages: int, speeds: list[float
 
 
 @settings(max_examples=150, deadline=None)
-@given(weights=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 10.0)), min_size=1, max_size=30),
+@given(weights=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 10.0)),
+                       min_size=1, max_size=30),
        data=st.data())
 def test_balance_equals_the_reference(weights: list[float], data: st.DataObject) -> None:
     from pipefold.balance import balance
@@ -297,9 +302,9 @@ def _stage_cost_model_reference(  # type: ignore[no-untyped-def]
         if stage in recompute:
             input_grad, weight_grad = input_grad + forward, weight_grad + forward
             backward += forward
-            kept = round(rows_scale * costs.span(_INPUT, start, stop))
+            kept = round(rows_scale * sum(costs.stage_kept_input_bytes(start, stop)))
         else:
-            kept = round(rows_scale * costs.span(_ACT, start, stop))
+            kept = round(rows_scale * sum(costs.stage_activation_bytes(start, stop)))
         if stage == layout.num_stages - 1 and stop == len(costs.layers):
             kept += round(rows_scale * costs.loss_bytes)
         activations.append(kept)
@@ -325,10 +330,16 @@ def test_stage_cost_model_equals_the_per_stage_loop(seed: int, num_layers: int, 
     rng = random.Random(seed)
     layers = tuple(LayerCost(forward_s=rng.uniform(0, 2), backward_s=rng.uniform(0, 4),
                              activation_bytes=rng.randrange(0, 10**9), output_bytes=rng.randrange(0, 10**7),
-                             parameter_bytes=rng.randrange(0, 10**9), fixed_s=rng.choice([0.0, rng.uniform(0, 1)]))
+                             parameter_bytes=rng.randrange(0, 10**9),
+                             fixed_s=rng.choice([0.0, rng.uniform(0, 1)]),
+                             # Outputs inside a stage in another dtype than across a boundary, or not.
+                             stage_output_bytes=rng.choice([None, rng.randrange(0, 10**7)]),
+                             stage_output_bytes_from_boundary=rng.choice([None, rng.randrange(0, 10**7)]),
+                             activation_bytes_from_boundary=rng.choice([None, rng.randrange(0, 10**9)]))
                    for _ in range(num_layers))
-    costs = ModelCosts(layers=layers, reference_rows=rng.choice([1, 2, 4]), input_bytes=rng.randrange(0, 10**6),
-                       overhead_s=rng.uniform(0, 0.1), loss_bytes=rng.randrange(0, 10**6))
+    costs = ModelCosts(layers=layers, reference_rows=rng.choice([1, 2, 4]),
+                       input_bytes=rng.randrange(0, 10**6), overhead_s=rng.uniform(0, 0.1),
+                       loss_bytes=rng.randrange(0, 10**6))
     num_stages = data.draw(st.integers(1, num_layers))
     cuts = sorted(data.draw(st.lists(st.integers(1, num_layers - 1), min_size=num_stages - 1,
                                      max_size=num_stages - 1, unique=True))) if num_layers > 1 else []
