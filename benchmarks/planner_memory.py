@@ -203,8 +203,9 @@ def measure_cpu_allocator(schedule: str, recompute: str, num_microbatches: int, 
     _cli([*command, "--steps", str(GPU_STEPS), "--eval-every", "0", "--set", "sample_tokens=0",
           "--memory-peaks", "--out", str(out)], work)
     counted = json.loads((out / "summary.json").read_text())["memory"]
-    label = f"{schedule} m={num_microbatches} recompute={recompute}" + (
-        f" {precision}" if precision != "fp32" else "") + (f" tp={tensor_parallel}" if tensor_parallel > 1 else "")
+    label = (f"{schedule} m={num_microbatches} recompute={recompute}"
+             + (f" {precision}" if precision != "fp32" else "")
+             + (f" tp={tensor_parallel}" if tensor_parallel > 1 else ""))
     rows = [allocator_row(label, entry, planned["choice"]["memory"][entry["pipeline_rank"]], device="cpu",
                           show_process=tensor_parallel > 1)
             for entry in sorted(counted, key=lambda e: (e["pipeline_rank"], e["world_rank"]))]

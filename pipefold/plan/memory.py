@@ -158,7 +158,8 @@ def _owned_weight_bytes(model: CostModel, placement: tuple[int, ...], num_ranks:
 
 
 def _owned_no_decay_bytes(model: CostModel, placement: tuple[int, ...], owned: Sequence[int]) -> list[int]:
-    """Per rank, the part of its `owned` weight bytes without weight decay (`CostModel.no_decay_weight_bytes`).
+    """Per rank, the part of its `owned` weight bytes without weight decay
+    (`CostModel.no_decay_weight_bytes`).
     A tied weight its rank holds in several layers counts once: its repeats come off this part as
     far as it goes (pipefold's rule puts a tied embedding / head there: `pipefold.job.optim`)."""
     held = [0] * len(owned)
