@@ -307,7 +307,8 @@ def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: 
              for t in (s, s + 1)] + [costs.transfer_time(s, placement[s + 1], placement[s])
                                      for s in range(costs.num_stages - 1)]
     num_actions = 4 * num_microbatches * costs.num_stages
-    longest = num_actions * (max(compute, default=0.0) + costs.action_overhead
+    occupied = max((costs.send_time(s) for s in range(costs.num_stages - 1)), default=0.0)
+    longest = num_actions * (max(compute, default=0.0) + costs.action_overhead + occupied
                              + 3 * costs.num_stages * max(sends, default=0.0))
     if compute and min(compute) <= longest * _ABSORBED:
         return False

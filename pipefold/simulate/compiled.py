@@ -19,8 +19,9 @@ step of a flush or asynchronous schedule on ranks that do not share cores (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NoReturn
 
 import numpy as np
@@ -177,6 +178,11 @@ class CompiledSchedule:
         flat[codes.reshape(-1) >= 0] = numbers
         numbered = flat.reshape(-1, 2)
         by_number = distinct[np.argsort(rank_of_code)]
+        # The boundary each action's output crosses to another rank (`sent_boundary`), -1 where none:
+        # a priced send occupies the sender after it.
+        below = placement[np.maximum(stages - 1, 0)] if num_stages else owner
+        self._sent = np.where((kinds == _F) & (stages < num_stages - 1) & (above != owner), stages,
+                              np.where(is_backward & (stages > 0) & (below != owner), stages - 1, -1))
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
         self._kind_array, self._stage_array = kinds, stages
@@ -357,20 +363,32 @@ class CompiledSchedule:
         if not durations:
             return CompiledRun(0.0, 0.0, (0,) * self.num_ranks, (0,) * self.num_ranks)
         delays = [costs.transfer_time(*key) for key in self._links]
+        after = self._after(costs)
         if self._levels is None:
-            ends_list, first_start = self._run_in_order(costs, lengths, delays)
+            ends_list, first_start = self._run_in_order(costs, lengths, delays, after)
             latest = max(ends_list)
             ends: list[float] | np.ndarray = ends_list
         else:
-            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels)
+            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels, after)
             latest = float(ends_array.max())
             ends = ends_array
         # Each rank's actions run one after another, so its first action starts first.
         peaks, later = self._peaks(costs, ends)
         return CompiledRun(latest - first_start, sum(durations), peaks, later)
 
-    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels
-                    ) -> tuple[np.ndarray, float]:
+    def _after(self, costs: CostModel) -> np.ndarray | None:
+        """Per action, the seconds its rank spends after it before its next action: the overhead, and
+        the send of its output to another rank (`CostModel.send_time`); None where no send is priced
+        (the overhead alone, one number)."""
+        if not costs.prices_sends:
+            return None
+        sends = np.array([costs.send_time(boundary) for boundary in range(costs.num_stages - 1)] + [0.0],
+                         dtype=np.float64)
+        after: np.ndarray = costs.action_overhead + sends[self._sent]  # -1 (none): the 0.0 at the end
+        return after
+
+    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels,
+                    after: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Each action's end, level by level: per action the same float operations as
         `_run_in_order` (a start is the largest of the previous end plus the overhead and each input's
         arrival, an end its start plus the duration), so the same floats."""
@@ -386,7 +404,10 @@ class CompiledSchedule:
         # Per level and lane what is added to each of the three ends read: the overhead to the previous
         # action's, each input's link delay to its.
         offsets = np.empty(levels.inputs.shape, dtype=np.float64)
-        offsets[:, 0] = overhead
+        if after is None:
+            offsets[:, 0] = overhead
+        else:  # the previous action's own (a rank's first: the overhead, as above)
+            offsets[:, 0] = np.append(after, (0.0, overhead, 0.0))[levels.inputs[:, 0]]
         offsets[:, 1] = link_delays[levels.first_links]
         offsets[:, 2] = link_delays[levels.second_links]
         for ids, inputs, offset, length in zip(levels.ids, levels.inputs, offsets, lengths, strict=True):
@@ -406,10 +427,13 @@ class CompiledSchedule:
             np.maximum(starts, arrivals, out=starts)
         return ends[:num_actions], float(starts.min())
 
-    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float]
-                      ) -> tuple[list[float], float]:
+    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float],
+                      after: np.ndarray | None = None) -> tuple[list[float], float]:
         """Each action's end, one action at a time in the topological order, and the first start."""
         overhead = costs.action_overhead
+        # Per action in order, the seconds after its previous action on the rank.
+        gaps: Iterable[float] = repeat(overhead) if after is None else (
+            np.append(after, overhead)[self._previous[self._order_arrays[0]]].tolist())
         ends = [0.0] * len(durations)
         first_start = float("inf")
         # Per action in order its duration and each input's link delay, gathered at once.
@@ -418,9 +442,9 @@ class CompiledSchedule:
         link_delays = np.asarray(delays + [0.0], dtype=np.float64)
         first_delays = link_delays[first_links].tolist()
         second_delays = link_delays[second_links].tolist()
-        for action_id, prev, first, second, first_delay, second_delay, duration in zip(
-                *self._steps, first_delays, second_delays, in_order, strict=True):
-            start = ends[prev] + overhead if prev >= 0 else 0.0
+        for action_id, prev, first, second, first_delay, second_delay, duration, gap in zip(
+                *self._steps, first_delays, second_delays, in_order, gaps, strict=False):
+            start = ends[prev] + gap if prev >= 0 else 0.0
             if first >= 0:
                 arrival = ends[first] + first_delay
                 if arrival > start:
@@ -515,7 +539,8 @@ class CompiledSchedule:
         costs.check_schedule(self.schedule)
         lengths = self._durations(costs)
         durations = lengths.tolist()
-        longest = sum(durations) + len(durations) * costs.action_overhead + sum(
+        sends = max((costs.send_time(boundary) for boundary in range(costs.num_stages - 1)), default=0.0)
+        longest = sum(durations) + len(durations) * (costs.action_overhead + sends) + sum(
             costs.transfer_time(*key) for key in self._links) * len(durations)
         compute = lengths[self._kind_array != _STEP]
         if compute.size and float(compute.min()) <= longest * _ABSORBED:
