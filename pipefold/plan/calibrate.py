@@ -59,6 +59,7 @@ from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.deferred_weight import fit_deferred_most, fit_deferred_weight
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.held_states import fit_state_slowdown
+from pipefold.plan.send_fit import SendFit, SendGaps, fit_send_costs
 from pipefold.plan.split_fit import SplitFit, ratio, split_prices
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
@@ -219,6 +220,15 @@ class RunCalibration:
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """Per measured size (rows, F, B), the measured stage times over the fitted line's
     (`ModelCosts.row_scales`); empty with one size."""
+    send_overhead_s: float = 0.0
+    """The fixed seconds a send occupied its sender (`ModelCosts.send_overhead_s`); 0: not fitted."""
+    send_s_per_byte: float = 0.0
+    """Its seconds per message byte (`ModelCosts.send_s_per_byte`)."""
+    mean_gap_s: float = 0.0
+    """The run's mean gap over every action, sends included (what `action_overhead_s` was before
+    the send was priced apart); 0: the send not fitted (`action_overhead_s` is that mean)."""
+    send_points: tuple[tuple[int, float, int], ...] = ()
+    """Per size, (message bytes, the gap after a send less the others, gaps after a send)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,7 @@ def at_run_prices(
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
     split: CostModel | None = None, split_stages: Collection[int] | None = None,
     held: HeldBlock | None = None, layer_split: Sequence[tuple[float, float, float]] | None = None,
+    send_gaps: Sequence[SendGaps] = (),
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -307,7 +318,11 @@ def at_run_prices(
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
-    stage's parameter bytes, `update_s_per_parameter_byte`."""
+    stage's parameter bytes, `update_s_per_parameter_byte`. With `send_gaps` (per measured size,
+    `run`'s first, the gaps after an action whose output went to another rank and after the
+    others), the time per action is the latter's mean and a send's occupancy is priced apart
+    (`ModelCosts.send_overhead_s`, `send_s_per_byte`: `pipefold.plan.send_fit.fit_send_costs`,
+    over the bytes of each size's messages across ranks)."""
     layout = StageLayout(tuple(bounds), rows)
     points = [(run, rows), *others]
     if split is not None and split.num_stages != layout.num_stages:
@@ -344,6 +359,10 @@ def at_run_prices(
     if fits:
         priced = replace(priced, row_scales=measured_row_scales(priced, points, layout.bounds))
     on = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
+    send = _send_fit(costs, layout.bounds, on, points, send_gaps)
+    if send is not None:
+        priced = replace(priced, action_overhead_s=send.action_overhead_s, send_overhead_s=send.send_overhead_s,
+                         send_s_per_byte=send.send_s_per_byte)
     drift: float | None = None
     held_curve: HeldCurve = ()
     split_backward = [1.0] * layout.num_stages  # per stage, the split block's held B factor
@@ -411,8 +430,30 @@ def at_run_prices(
         held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
         held_state_forward=state_forward, deferred_weight_grad=deferred,
         deferred_weight_most_s=priced.deferred_weight_most_s,
+        send_overhead_s=priced.send_overhead_s, send_s_per_byte=priced.send_s_per_byte,
+        mean_gap_s=0.0 if send is None else statistics.fmean(m.action_overhead for m, _ in points),
+        send_points=() if send is None else send.points,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
+
+
+def _send_fit(costs: ModelCosts, bounds: Sequence[int], placement: Sequence[int],
+              points: Sequence[tuple[CostModel, int]], send_gaps: Sequence[SendGaps]) -> SendFit | None:
+    """`fit_send_costs` over the measured sizes, each with the mean bytes of the messages its stages
+    sent across ranks (`stage_cost_model`'s, as the planner prices them); None without gaps."""
+    if not send_gaps:
+        return None
+    if len(send_gaps) != len(points):
+        raise ConfigError(f"{len(send_gaps)} send gaps for {len(points)} measured sizes; give one per size, "
+                          "the run's first")
+    crossing = [boundary for boundary in range(len(bounds) - 2) if placement[boundary] != placement[boundary + 1]]
+    if not crossing:
+        return None
+    blocks = []
+    for gaps, (_, rows) in zip(send_gaps, points, strict=True):
+        sizes = stage_cost_model(costs, StageLayout(tuple(bounds), rows), (), Link()).message_bytes
+        blocks.append((gaps, round(statistics.fmean(sizes[boundary] for boundary in crossing))))
+    return fit_send_costs(blocks)
 
 
 def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int]], bounds: Sequence[int]
