@@ -148,12 +148,14 @@ class Calibrated:
                     if cal.split_share_profile is not None else "")
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
-        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
+        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve
+        # block).
         split_bytes = () if cal.held_split_bytes == cal.held_bytes else cal.held_split_bytes
         split_held = "".join(f", {name} {_mib(values)}" for name, values in (
             ("zb-h1", cal.held_curve_block_bytes), (cal.split_schedule or "zb-h1", split_bytes)) if values)
         held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
-                f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
+                f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own "
+                "rank's"
                 + (f"; an F x{1 + cal.held_state_forward:.3f} with one I state held (zb-h1)"
                    if cal.held_state_forward else "")
                 + (f"; a W x{1 + cal.deferred_weight_grad:.3f} away from its own I (zb-h1)"
@@ -167,18 +169,21 @@ class Calibrated:
                  f"{scales(tuple(e[2] for e in cal.row_scales))} at "
                  f"{'/'.join(str(e[0]) for e in cal.row_scales)} rows)"
                  if cal.fixed_s else "")
-        sends = (f" and a send {cal.send_overhead_s * 1e6:.0f} us + {cal.send_s_per_byte * 2**20 * 1e6:.0f} us "
-                 f"per MiB (its gaps after a send less the others': "
-                 + ", ".join(f"{gap * 1e6:.0f} us at {size / 2**10:.0f} KiB" for size, gap, _ in cal.send_points)
-                 + f"; {cal.mean_gap_s * 1e6:.0f} us per action over all)" if cal.mean_gap_s else "")
+        measured_sends = ", ".join(f"{gap * 1e6:.0f} us at {size / 2**10:.0f} KiB"
+                                   for size, gap, _ in cal.send_points)
+        sends = (f" and a send {cal.send_overhead_s * 1e6:.0f} us + "
+                 f"{cal.send_s_per_byte * 2**20 * 1e6:.0f} us per MiB (its gaps after a send less the "
+                 f"others': {measured_sends}; {cal.mean_gap_s * 1e6:.0f} us per action over all)"
+                 if cal.mean_gap_s else "")
         return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps at "
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
-                f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the profile's "
-                f"F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at {cal.rows} rows"
-                f"{lines}{split}{held}, runtime "
-                f"{cal.action_overhead_s * 1e6:.0f} us per action{sends}, {cal.message_latency_s * 1e6:.0f} us "
-                f"per message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
-                f"{self.core_share:.0%} of a core, its steps an interquartile spread of {self.step_spread:.0%}")
+                f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the "
+                f"profile's F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at "
+                f"{cal.rows} rows{lines}{split}{held}, runtime {cal.action_overhead_s * 1e6:.0f} us per "
+                f"action{sends}, {cal.message_latency_s * 1e6:.0f} us per message, "
+                f"{cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
+                f"{self.core_share:.0%} of a core, its steps an interquartile spread of "
+                f"{self.step_spread:.0%}")
 
     def to_json(self) -> dict[str, Any]:
         cal = self.calibration
@@ -229,8 +234,9 @@ def add_arguments(parser: Any) -> None:
     """The flag of the calibration run."""
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
-                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
-                        f"micro-batch sizes (one launch; one of few rows on a slice of the batch) "
+                        "pipeline on the planned ranks for N steps at each of up to "
+                        f"{NUM_SIZES + NUM_SMALLER} micro-batch sizes (one launch; one of few rows on a "
+                        "slice of the batch) "
                         "and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
@@ -450,7 +456,8 @@ def calibrate(
             )
         measured = json.loads(result_file.read_text())
     # Each size's rows per micro-batch as the run cut them (a sliced size's are not the batch's share).
-    points = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"])) for phase in measured["phases"]]
+    points = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"]))
+              for phase in measured["phases"]]
     (run, rows), others = points[0], points[1:]
     split = measured.get("split_phase")
     bounds = _bounds(measured["partition"])
@@ -469,7 +476,8 @@ def calibrate(
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]
     measured_step = statistics.median(walls)
-    share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
+    share = statistics.median(cpu / wall
+                              for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
                               if wall > 0)
     spread = speed_spread(walls)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share,

@@ -19,10 +19,10 @@ instead of passing for a cost that does not grow with rows. Rank 0 writes one JS
 partition and, per size, its micro-batch count and rows per micro-batch, the stage costs its
 kept steps measured (`measured_cost_model`, as train's costs.json) and every step's wall and CPU
 seconds, and the gaps its ranks left after an action whose output went to another rank against
-after the others (`measured_send_gaps`: what a send costs its sender). A slice's step runs fewer rows than train's, and its update is of their gradient: the
-loss is the slice's mean (each micro-batch's loss weighted by its share of the step's rows, as
-any batch), so the update is as large as a whole batch's and nothing needs rescaling; its
-actions are what the fit uses. One
+after the others (`measured_send_gaps`: what a send costs its sender). A slice's step runs fewer
+rows than train's, and its update is of their gradient: the loss is the slice's mean (each
+micro-batch's loss weighted by its share of the step's rows, as any batch), so the update is as
+large as a whole batch's and nothing needs rescaling; its actions are what the fit uses. One
 launch for every count: the ranks' start-up (seconds) is paid once.
 
 With a split family (`SPLIT_FAMILY`: 1F1B with every B run as I then W in its place), each round
@@ -117,9 +117,9 @@ def check_sizes(config: TrainConfig, sizes: Sequence[CalibrationSize], steps: in
     for size in sizes:
         if size.step_rows(batch_rows) > batch_rows:
             raise ConfigError(
-                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the batch "
-                f"has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} rows per "
-                f"micro-batch at {size.num_microbatches}, or a larger --batch-size"
+                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the "
+                f"batch has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} "
+                f"rows per micro-batch at {size.num_microbatches}, or a larger --batch-size"
             )
     rows = [size.microbatch_rows(batch_rows) for size in sizes]
     if len(set(rows)) != len(rows):
@@ -170,8 +170,8 @@ def _phase_schedule(config: TrainConfig, phase: str, family: str) -> Schedule:
     one per rank (the phase swaps schedules in place)."""
     virtual = config.schedule.virtual
     if virtual not in (0, 1):
-        raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per rank; "
-                          "measure it on one stage per rank (train's default)")
+        raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per "
+                          "rank; measure it on one stage per rank (train's default)")
     return build_named(family, num_ranks=config.schedule.ranks,
                        num_microbatches=config.schedule.num_microbatches, num_virtual=1)
 

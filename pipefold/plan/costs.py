@@ -314,11 +314,12 @@ class ModelCosts:
         object.__setattr__(self, "held_curve", check_held_curve(self.held_curve))
         references = tuple(self.held_reference_layer_bytes)
         if references and (len(references) != len(self.layers) or any(
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")
-                for value in references)):
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf") for value in references)):
             raise ConfigError(
-                f"ModelCosts.held_reference_layer_bytes = {self.held_reference_layer_bytes!r}; give one finite "
-                f"number >= 0 per layer ({len(self.layers)}), the bytes its calibration rank held, or leave it empty"
+                f"ModelCosts.held_reference_layer_bytes = {self.held_reference_layer_bytes!r}; give one "
+                f"finite number >= 0 per layer ({len(self.layers)}), the bytes its calibration rank held, "
+                "or leave it empty"
             )
         object.__setattr__(self, "held_reference_layer_bytes", tuple(float(value) for value in references))
         degrees = tuple(self.tensor_parallel_degrees)
@@ -376,7 +377,8 @@ class ModelCosts:
             self,
             optimizer_bytes_per_parameter_byte=self.optimizer_bytes_per_parameter_byte / num_data_parallel,
             update_bytes_per_parameter_byte=self.update_bytes_per_parameter_byte / num_data_parallel,
-            update_group_bytes_per_parameter_byte=self.update_group_bytes_per_parameter_byte / num_data_parallel,
+            update_group_bytes_per_parameter_byte=(self.update_group_bytes_per_parameter_byte
+                                                   / num_data_parallel),
         )
 
     @property
@@ -525,8 +527,8 @@ class ModelCosts:
         if not self.split_backward_share:  # the same: costs fitted before it read and write as before
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
-                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "deferred_weight_most_s",
-                     "send_overhead_s", "send_s_per_byte"):
+                     "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
+                     "deferred_weight_most_s", "send_overhead_s", "send_s_per_byte"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:
@@ -588,7 +590,8 @@ class ModelCosts:
         for name in ("held_curve", "held_reference_layer_bytes"):
             if name in rest:
                 if not isinstance(rest[name], list):
-                    raise ConfigError(f"model costs {name} = {rest[name]!r}; give a list (see ModelCosts.{name})")
+                    raise ConfigError(f"model costs {name} = {rest[name]!r}; give a list "
+                                      f"(see ModelCosts.{name})")
                 rest[name] = tuple(rest[name])
         return cls(layers=tuple(layers), **rest)
 

@@ -49,13 +49,15 @@ class SendGaps:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SendGaps:
         try:
-            gaps = cls(float(data["sent_s"]), float(data["kept_s"]), int(data["num_sent"]), int(data["num_kept"]))
+            gaps = cls(float(data["sent_s"]), float(data["kept_s"]), int(data["num_sent"]),
+                       int(data["num_kept"]))
         except (KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"calibration send_gaps = {dict(data)!r}: {error}; give sent_s, kept_s, num_sent "
-                              "and num_kept (as measured_send_gaps writes them)") from None
+            raise ConfigError(f"calibration send_gaps = {dict(data)!r}: {error}; give sent_s, kept_s, "
+                              "num_sent and num_kept (as measured_send_gaps writes them)") from None
         for name in ("sent_s", "kept_s", "num_sent", "num_kept"):
             if not getattr(gaps, name) >= 0:
-                raise ConfigError(f"calibration send_gaps {name} = {getattr(gaps, name)!r}; give a number >= 0")
+                raise ConfigError(f"calibration send_gaps {name} = {getattr(gaps, name)!r}; give a "
+                                  "number >= 0")
         return gaps
 
 
@@ -87,7 +89,8 @@ def fit_send_costs(blocks: Sequence[tuple[SendGaps, int]]) -> SendFit | None:
         raise ConfigError(f"send fit: message bytes {[b for _, b in used]}; give sizes >= 0")
     kept = sum(gaps.kept_s * gaps.num_kept for gaps, _ in used) / sum(gaps.num_kept for gaps, _ in used)
     # Each block's occupancy against its own other gaps: the same minutes of the host.
-    points = tuple((num_bytes, max(gaps.sent_s - gaps.kept_s, 0.0), gaps.num_sent) for gaps, num_bytes in used)
+    points = tuple((num_bytes, max(gaps.sent_s - gaps.kept_s, 0.0), gaps.num_sent)
+                   for gaps, num_bytes in used)
     x = np.array([float(num_bytes) for num_bytes, _, _ in points])
     y = np.array([occupancy for _, occupancy, _ in points])
     counts = np.array([float(count) for _, _, count in points])

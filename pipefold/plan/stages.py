@@ -137,8 +137,8 @@ def stage_cost_model(
     arrays = stage_arrays(costs, layout, recompute, stage_speeds)
     bounds = np.asarray(layout.bounds, dtype=np.intp)
     kept = arrays.activation_bytes.tolist()
-    weights = np.rint(costs.prefix_array[_PARAM][bounds[1:]] - costs.prefix_array[_PARAM][bounds[:-1]]).astype(
-        np.int64).tolist()
+    parameters = costs.prefix_array[_PARAM]
+    weights = np.rint(parameters[bounds[1:]] - parameters[bounds[:-1]]).astype(np.int64).tolist()
     # Each stage's weight copies from its own layers, where they carry them (else `rank_memory`
     # prices a rank's by the model's one ratio).
     casts = np.rint(costs.prefix_array[_CAST][bounds[1:]] - costs.prefix_array[_CAST][bounds[:-1]]).astype(
@@ -161,7 +161,8 @@ def stage_cost_model(
     temporaries = backward_temporaries(costs, layout, recompute)
     return CostModel.from_lists(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
-        weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages, link=link, num_cores=num_cores,
+        weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages,
+        link=link, num_cores=num_cores,
         link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
         send_overhead=costs.send_overhead_s, send_seconds_per_byte=costs.send_s_per_byte,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,

@@ -106,7 +106,8 @@ class CompiledSchedule:
         lengths = [len(row[0]) for row in rows]
         kinds = np.concatenate([np.asarray(row[0], dtype=np.int64) for row in rows]) if rows else _EMPTY
         stages = np.concatenate([np.asarray(row[1], dtype=np.int64) for row in rows]) if rows else _EMPTY
-        microbatches = np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows]) if rows else _EMPTY
+        microbatches = (np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows]) if rows
+                        else _EMPTY)
         num_actions = len(kinds)
         starts = np.cumsum([0, *lengths])[:-1].astype(np.int64)
         owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
@@ -166,7 +167,8 @@ class CompiledSchedule:
             distinct = np.flatnonzero(first_use < len(used))
             first_at = first_use[distinct]
             number_of = np.zeros(num_codes, dtype=np.int64)
-            number_of[distinct[np.argsort(first_at, kind="stable")]] = np.arange(len(distinct), dtype=np.int64)
+            by_first_use = distinct[np.argsort(first_at, kind="stable")]
+            number_of[by_first_use] = np.arange(len(distinct), dtype=np.int64)
             rank_of_code = number_of[distinct]
             numbers = number_of[used]
         else:
@@ -502,7 +504,8 @@ class CompiledSchedule:
         kinds, stages = self._kind_array, self._stage_array
         act = np.asarray(activation, dtype=np.int64)[stages]
         held = np.asarray(held_for_w, dtype=np.int64)[stages]
-        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
+        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W],
+                           [act, -act, held - act, -held], 0)
         times = None if ends is None else np.asarray(ends, dtype=np.float64)
         is_backward = (kinds == _B) | (kinds == _I)
         peaks, later_peaks = [], []

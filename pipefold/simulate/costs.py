@@ -182,8 +182,8 @@ class CostModel:
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
-        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes",
-                     "gradient_norm_bytes", "backward_temporary_bytes"):
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes",
+                     "no_decay_weight_bytes", "gradient_norm_bytes", "backward_temporary_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -475,7 +475,8 @@ class CostModel:
                if self.tied_casts else {}),
             **({"no_decay_weight_bytes": list(self.no_decay_weight_bytes)} if any(self.no_decay_weight_bytes)
                else {}),
-            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes) else {}),
+            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes)
+               else {}),
             **({"backward_temporary_bytes": list(self.backward_temporary_bytes)}
                if any(self.backward_temporary_bytes) else {}),
             # Written only where priced: a model without them reads and writes as before.

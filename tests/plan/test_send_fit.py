@@ -54,7 +54,8 @@ def test_fit_recovers_known_costs_from_simulated_timelines():
 def test_fit_of_one_size_or_a_falling_line_prices_no_bytes():
     one = fit_send_costs([(SendGaps(150e-6, 40e-6, 10, 10), 2**18)])
     assert one is not None and one.send_overhead_s == pytest.approx(110e-6) and one.send_s_per_byte == 0.0
-    falling = fit_send_costs([(SendGaps(150e-6, 40e-6, 10, 10), 2**16), (SendGaps(100e-6, 40e-6, 10, 10), 2**18)])
+    falling = fit_send_costs([(SendGaps(150e-6, 40e-6, 10, 10), 2**16),
+                              (SendGaps(100e-6, 40e-6, 10, 10), 2**18)])
     assert falling is not None and falling.send_s_per_byte == 0.0
     assert falling.send_overhead_s == pytest.approx(85e-6)
     # A line through the points would cross zero below them: through zero instead.
@@ -76,7 +77,8 @@ def test_at_run_prices_takes_the_sends_apart_from_the_time_per_action():
     priced, calibration = at_run_prices(costs, runs[0], bounds, sizes[0], [(runs[1], sizes[1])],
                                         send_gaps=gaps)
     assert priced.action_overhead_s == pytest.approx(KEPT)
-    assert priced.send_overhead_s == pytest.approx(FIXED) and priced.send_s_per_byte == pytest.approx(PER_BYTE)
+    assert priced.send_overhead_s == pytest.approx(FIXED)
+    assert priced.send_s_per_byte == pytest.approx(PER_BYTE)
     assert calibration.mean_gap_s == pytest.approx(90e-6) and len(calibration.send_points) == 2
     model = stage_cost_model(priced, StageLayout(bounds, 8), (), Link())
     assert model.send_time(0) == pytest.approx(FIXED + PER_BYTE * model.message_bytes[0])
