@@ -180,11 +180,8 @@ class CompiledSchedule:
         flat[codes.reshape(-1) >= 0] = numbers
         numbered = flat.reshape(-1, 2)
         by_number = distinct[np.argsort(rank_of_code)]
-        # The boundary each action's output crosses to another rank (`sent_boundary`), -1 where none:
-        # a priced send occupies the sender after it.
-        below = placement[np.maximum(stages - 1, 0)] if num_stages else owner
-        self._sent = np.where((kinds == _F) & (stages < num_stages - 1) & (above != owner), stages,
-                              np.where(is_backward & (stages > 0) & (below != owner), stages - 1, -1))
+        self._owner = owner
+        self._sent: np.ndarray | None = None  # `_sent_boundaries`, once a priced send asks
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
         self._kind_array, self._stage_array = kinds, stages
@@ -384,10 +381,26 @@ class CompiledSchedule:
         (the overhead alone, one number)."""
         if not costs.prices_sends:
             return None
+        if self._sent is None:
+            self._sent = self._sent_boundaries()
         sends = np.array([costs.send_time(boundary) for boundary in range(costs.num_stages - 1)] + [0.0],
                          dtype=np.float64)
         after: np.ndarray = costs.action_overhead + sends[self._sent]  # -1 (none): the 0.0 at the end
         return after
+
+    def _sent_boundaries(self) -> np.ndarray:
+        """Per action, the boundary its output crosses to another rank (`sent_boundary`), -1 where none."""
+        kinds, stages, owner = self._kind_array, self._stage_array, self._owner
+        placement = np.asarray(self.schedule.placement, dtype=np.int64)
+        num_stages = len(placement)
+        if not num_stages:
+            return np.full(len(kinds), -1, dtype=np.int64)
+        above = placement[np.minimum(stages + 1, num_stages - 1)]
+        below = placement[np.maximum(stages - 1, 0)]
+        forward = (kinds == _F) & (stages < num_stages - 1) & (above != owner)
+        backward = ((kinds == _B) | (kinds == _I)) & (stages > 0) & (below != owner)
+        sent: np.ndarray = np.where(forward, stages, np.where(backward, stages - 1, -1))
+        return sent
 
     def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels,
                     after: np.ndarray | None = None) -> tuple[np.ndarray, float]:
