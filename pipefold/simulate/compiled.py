@@ -405,8 +405,9 @@ class CompiledSchedule:
     def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels,
                     after: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Each action's end, level by level: per action the same float operations as
-        `_run_in_order` (a start is the largest of the previous end plus the overhead and each input's
-        arrival, an end its start plus the duration), so the same floats."""
+        `_run_in_order` (a start is the largest of the previous end plus the overhead, and the
+        previous action's send where `after` prices one, and each input's arrival, an end its start
+        plus the duration), so the same floats."""
         num_actions = len(durations)
         overhead = costs.action_overhead
         # The slots past the actions: a missing input arrives never; a rank's first action starts
