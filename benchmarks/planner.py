@@ -41,7 +41,8 @@ costs it measured), per action kind the planner's stage costs against those the 
 (F, I, W, B: the sum over the stages that ran that kind, planner / run), the last steps'
 makespan against their wall time, rank 0's core share (its CPU seconds over wall seconds), and
 the time a rank spends between two actions after one whose output it sent to another rank
-against after the others (what a send costs its sender, not priced by the planner). After the
+against after the others (what a send costs its sender: the calibration prices the latter as
+the runtime's time per action and the difference as a send's occupancy). After the
 table, the adjacent pairs: each pair's forecast error and their median.
 A benchmark, not a test: timings depend on the machine and its load (every rank and the planner
 share the host's cores).
@@ -144,6 +145,11 @@ def _fitted(calibration: dict[str, Any]) -> str:
              f"{share:.1%} of the stage's backward + {calibration['split_overhead_s'] * 1e6:.0f} us each "
              "beyond B"
              if shares else "")
+    if calibration.get("mean_gap_s"):  # the send priced apart (calibrations before it: not)
+        split += (f"; runtime {calibration['action_overhead_s'] * 1e6:.0f} us per action and a send "
+                  f"{calibration['send_overhead_s'] * 1e6:.0f} us + "
+                  f"{calibration['send_s_per_byte'] * 2**20 * 1e6:.0f} us per MiB (the mean gap "
+                  f"{calibration['mean_gap_s'] * 1e6:.0f} us)")
     if not calibration.get("fixed_s"):
         return split
 
@@ -151,8 +157,8 @@ def _fitted(calibration: dict[str, Any]) -> str:
         return "/".join(f"{x * 1e3:.2f}" for x in calibration[key])
 
     return (f"; at {'/'.join(map(str, calibration['measured_rows']))} rows per micro-batch, per stage F "
-            f"{ms('fixed_s')} ms + {ms('forward_s_per_row')} ms per row, B + {ms('backward_s_per_row')} ms per "
-            f"row, largest miss {calibration['fit_error']:.0%}{split}")
+            f"{ms('fixed_s')} ms + {ms('forward_s_per_row')} ms per row, B + {ms('backward_s_per_row')} "
+            f"ms per row, largest miss {calibration['fit_error']:.0%}{split}")
 
 
 def _plan(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -213,7 +219,7 @@ def _gaps(out: Path) -> tuple[float | None, float | None]:
     """From the run's last step (`trace.json`): the median time a rank spent between an action
     and its next, less its waits, after an action whose output it sent to another rank, and
     after the others (an output kept on the rank, or a W that sends nothing): what a send costs
-    its sender, which the planner does not price."""
+    its sender (the calibration fits both from its own blocks: `pipefold.plan.send_fit`)."""
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     actions = [e for e in trace if e.get("ph") == "X" and e.get("tid") == 0 and e.get("cat") in _KINDS]
     waits = [e for e in trace if e.get("ph") == "X" and e.get("tid") == 1]
@@ -501,7 +507,8 @@ def main() -> None:
                         "host and the pairs' follow the rounds' load (default 0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--relative", type=Path, metavar="JSON",
-                        help="print the forecast errors relative to the defaults' from an earlier --json, and stop")
+                        help="print the forecast errors relative to the defaults' from an earlier --json, "
+                        "and stop")
     args = parser.parse_args()
     if args.relative is not None:
         _print_relative(json.loads(args.relative.read_text())["rows"])
@@ -634,8 +641,9 @@ def main() -> None:
     print("\nF, I, W, B: the planner's stage costs for the configuration over the run's own "
           "(the sum over the stages that ran that kind; median over rounds). Gaps: the time a rank spent "
           "between two actions, less its waits, after an action whose output it sent to the other rank "
-          "and after the others (the last step of each run; the planner prices every gap alike, the "
-          "profile's runtime per action). Profile-only forecast, profile F and B: the same at the "
+          "and after the others (the last step of each run; the calibrated plan prices the second as "
+          "the runtime's time per action and a send's occupancy beside it after the first, the "
+          "profile alone every gap alike). Profile-only forecast, profile F and B: the same at the "
           "one-process profile's prices, before `plan --profile`'s calibration run.")
     error = None
     resolved: bool | None = None

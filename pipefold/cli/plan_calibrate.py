@@ -31,8 +31,11 @@ block at the second size (twice the rows) for the most seconds that costs
 memory 1F1B fits in. The split's share is pooled with the profile's own estimate of it (its I, W
 and B per layer: `pipefold.plan.split_fit.pooled_split_share`). Every candidate,
 at any micro-batch size and partition, is then priced at run-time prices; the runtime's
-measured time per action and per step outside the actions replace the profile's too, and
-without link flags a message costs the run's measured latency. It costs one launch of the
+measured time per action and per step outside the actions replace the profile's too, a send's
+occupancy of its sender is priced apart from the time per action (the ranks' gaps after an action
+whose output went to the other rank, against after the others, at each size: a fixed part and a
+part per byte, `pipefold.plan.send_fit`), and without link flags a message costs the run's
+measured latency. It costs one launch of the
 ranks and the steps (the seconds are said in the costs' `source` and the plan JSON's
 `calibration`).
 """
@@ -58,6 +61,7 @@ from pipefold.job.sections import ScheduleConfig
 from pipefold.plan import ModelCosts
 from pipefold.plan.calibrate import HeldBlock, RunCalibration, at_run_prices
 from pipefold.plan.held_cost import family_deferred_shares, family_state_weights, order_held_bytes
+from pipefold.plan.send_fit import SendGaps
 from pipefold.simulate import CostModel
 
 __all__ = ["Calibrated", "add_arguments", "calibrate", "calibration_command", "calibration_microbatches",
@@ -144,12 +148,14 @@ class Calibrated:
                     if cal.split_share_profile is not None else "")
                  if cal.weight_share else "")
         knots = ", ".join(f"x{f:.3f} F, x{b:.3f} B at +{x / 2**20:.1f}" for x, f, b in cal.held_curve)
-        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve block).
+        # The split block's bytes where they differ from 1F1B's (a zb-h1 split block before the curve
+        # block).
         split_bytes = () if cal.held_split_bytes == cal.held_bytes else cal.held_split_bytes
         split_held = "".join(f", {name} {_mib(values)}" for name, values in (
             ("zb-h1", cal.held_curve_block_bytes), (cal.split_schedule or "zb-h1", split_bytes)) if values)
         held = (f"; activations held (gpipe at {cal.rows} rows, {_mib(cal.held_block_bytes)} MiB per rank"
-                f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own rank's"
+                f"{split_held} against 1f1b's {_mib(cal.held_bytes)}): {knots} MiB beyond a layer's own "
+                "rank's"
                 + (f"; an F x{1 + cal.held_state_forward:.3f} with one I state held (zb-h1)"
                    if cal.held_state_forward else "")
                 + (f"; a W x{1 + cal.deferred_weight_grad:.3f} away from its own I (zb-h1)"
@@ -163,14 +169,21 @@ class Calibrated:
                  f"{scales(tuple(e[2] for e in cal.row_scales))} at "
                  f"{'/'.join(str(e[0]) for e in cal.row_scales)} rows)"
                  if cal.fixed_s else "")
+        measured_sends = ", ".join(f"{gap * 1e6:.0f} us at {size / 2**10:.0f} KiB"
+                                   for size, gap, _ in cal.send_points)
+        sends = (f" and a send {cal.send_overhead_s * 1e6:.0f} us + "
+                 f"{cal.send_s_per_byte * 2**20 * 1e6:.0f} us per MiB (its gaps after a send less the "
+                 f"others': {measured_sends}; {cal.mean_gap_s * 1e6:.0f} us per action over all)"
+                 if cal.mean_gap_s else "")
         return (f"calibrated on a {self.ranks}-rank run of pipefold train's default ({self.steps} steps at "
                 f"each of {sizes} rows per micro-batch, partition {list(cal.bounds)}, median step "
-                f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the profile's "
-                f"F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at {cal.rows} rows"
-                f"{lines}{split}{held}, runtime "
-                f"{cal.action_overhead_s * 1e6:.0f} us per action, {cal.message_latency_s * 1e6:.0f} us per "
-                f"message, {cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
-                f"{self.core_share:.0%} of a core, its steps an interquartile spread of {self.step_spread:.0%}")
+                f"{self.measured_step_s * 1e3:.0f} ms at {cal.rows} rows; {self.seconds:.1f} s): the "
+                f"profile's F x {scales(cal.forward_scale)}, B x {scales(cal.backward_scale)} per stage at "
+                f"{cal.rows} rows{lines}{split}{held}, runtime {cal.action_overhead_s * 1e6:.0f} us per "
+                f"action{sends}, {cal.message_latency_s * 1e6:.0f} us per message, "
+                f"{cal.step_overhead_s * 1e3:.1f} ms per step outside the actions; rank 0 had "
+                f"{self.core_share:.0%} of a core, its steps an interquartile spread of "
+                f"{self.step_spread:.0%}")
 
     def to_json(self) -> dict[str, Any]:
         cal = self.calibration
@@ -195,6 +208,8 @@ class Calibrated:
                 "deferred_weight_most_s": cal.deferred_weight_most_s,
                 "split_schedule": cal.split_schedule,
                 "row_scales": [list(entry) for entry in cal.row_scales],
+                "send_overhead_s": cal.send_overhead_s, "send_s_per_byte": cal.send_s_per_byte,
+                "mean_gap_s": cal.mean_gap_s, "send_points": [list(point) for point in cal.send_points],
                 "core_share": self.core_share, "step_seconds": list(self.step_seconds),
                 "step_spread": self.step_spread, "sizes": [str(size) for size in self.sizes],
                 "profile_costs": self.profile_costs.to_json()}
@@ -219,8 +234,9 @@ def add_arguments(parser: Any) -> None:
     """The flag of the calibration run."""
     parser.add_argument("--calibrate-steps", type=int, metavar="N",
                         help=f"with --profile / --measure: after profiling, train pipefold train's default "
-                        f"pipeline on the planned ranks for N steps at each of up to {NUM_SIZES + NUM_SMALLER} "
-                        f"micro-batch sizes (one launch; one of few rows on a slice of the batch) "
+                        "pipeline on the planned ranks for N steps at each of up to "
+                        f"{NUM_SIZES + NUM_SMALLER} micro-batch sizes (one launch; one of few rows on a "
+                        "slice of the batch) "
                         "and price every candidate on the stage costs over rows that run "
                         f"measured (default {DEFAULT_STEPS} for the built-in GPT, 0 for a "
                         "Hugging Face model, whose training needs its tokenizer or data; 0: the one-process "
@@ -440,22 +456,28 @@ def calibrate(
             )
         measured = json.loads(result_file.read_text())
     # Each size's rows per micro-batch as the run cut them (a sliced size's are not the batch's share).
-    points = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"])) for phase in measured["phases"]]
+    points = [(CostModel.from_json(phase["costs"]), int(phase["microbatch_rows"]))
+              for phase in measured["phases"]]
     (run, rows), others = points[0], points[1:]
     split = measured.get("split_phase")
     bounds = _bounds(measured["partition"])
     held = _held_block(costs, measured, bounds, rows, ranks)
+    # Each size's gaps after a send and after the other actions (a run before them: none, the send
+    # then not priced apart).
+    gaps = [SendGaps.from_json(phase["send_gaps"]) for phase in measured["phases"] if "send_gaps" in phase]
     priced, calibration = at_run_prices(costs, run, bounds, rows, others,
                                         split=None if split is None else CostModel.from_json(split["costs"]),
                                         split_stages=None if split is None else split["split_stages"],
-                                        held=held, layer_split=layer_split)
+                                        held=held, layer_split=layer_split,
+                                        send_gaps=gaps if len(gaps) == len(points) else ())
     if split is not None:
         calibration = replace(calibration, split_schedule=str(split["schedule"]))
     seconds = time.perf_counter() - started
     first = measured["phases"][0]
     walls = first["kept_step_seconds"]
     measured_step = statistics.median(walls)
-    share = statistics.median(cpu / wall for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
+    share = statistics.median(cpu / wall
+                              for cpu, wall in zip(first["kept_step_cpu_seconds"], walls, strict=True)
                               if wall > 0)
     spread = speed_spread(walls)
     result = Calibrated(priced, costs, calibration, seconds, ranks, steps, measured_step, share,

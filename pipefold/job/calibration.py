@@ -18,10 +18,11 @@ then meets every count alike
 instead of passing for a cost that does not grow with rows. Rank 0 writes one JSON file: the
 partition and, per size, its micro-batch count and rows per micro-batch, the stage costs its
 kept steps measured (`measured_cost_model`, as train's costs.json) and every step's wall and CPU
-seconds. A slice's step runs fewer rows than train's, and its update is of their gradient: the
-loss is the slice's mean (each micro-batch's loss weighted by its share of the step's rows, as
-any batch), so the update is as large as a whole batch's and nothing needs rescaling; its
-actions are what the fit uses. One
+seconds, and the gaps its ranks left after an action whose output went to another rank against
+after the others (`measured_send_gaps`: what a send costs its sender). A slice's step runs fewer
+rows than train's, and its update is of their gradient: the loss is the slice's mean (each
+micro-batch's loss weighted by its share of the step's rows, as any batch), so the update is as
+large as a whole batch's and nothing needs rescaling; its actions are what the fit uses. One
 launch for every count: the ranks' start-up (seconds) is paid once.
 
 With a split family (`SPLIT_FAMILY`: 1F1B with every B run as I then W in its place), each round
@@ -60,6 +61,7 @@ from pipefold.job.optim import accumulated_step, apply_update
 from pipefold.job.setup import Job, set_up
 from pipefold.runtime import native
 from pipefold.runtime.measured import measured_cost_model
+from pipefold.runtime.send_gaps import measured_send_gaps
 from pipefold.schedule import Op, Schedule
 from pipefold.schedule.split_backward import build_named
 from pipefold.timeline import Timeline
@@ -115,9 +117,9 @@ def check_sizes(config: TrainConfig, sizes: Sequence[CalibrationSize], steps: in
     for size in sizes:
         if size.step_rows(batch_rows) > batch_rows:
             raise ConfigError(
-                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the batch "
-                f"has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} rows per "
-                f"micro-batch at {size.num_microbatches}, or a larger --batch-size"
+                f"calibration --microbatches entry {size}: {size.step_rows(batch_rows)} rows, but the "
+                f"batch has {batch_rows} (per replica); give at most {batch_rows // size.num_microbatches} "
+                f"rows per micro-batch at {size.num_microbatches}, or a larger --batch-size"
             )
     rows = [size.microbatch_rows(batch_rows) for size in sizes]
     if len(set(rows)) != len(rows):
@@ -168,8 +170,8 @@ def _phase_schedule(config: TrainConfig, phase: str, family: str) -> Schedule:
     one per rank (the phase swaps schedules in place)."""
     virtual = config.schedule.virtual
     if virtual not in (0, 1):
-        raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per rank; "
-                          "measure it on one stage per rank (train's default)")
+        raise ConfigError(f"calibration {phase} phase {family!r}: the pipeline runs {virtual} stages per "
+                          "rank; measure it on one stage per rank (train's default)")
     return build_named(family, num_ranks=config.schedule.ranks,
                        num_microbatches=config.schedule.num_microbatches, num_virtual=1)
 
@@ -227,8 +229,8 @@ class _Phase:
         if not self.kept:
             raise ConfigError(f"calibration: no step of {self.schedule.name} at {self.size} "
                               "micro-batches was kept; give more steps")
-        costs = measured_cost_model([t for _, _, t in self.kept], self.schedule,
-                                    step_times=[wall for wall, _, _ in self.kept])
+        timelines = [t for _, _, t in self.kept]
+        costs = measured_cost_model(timelines, self.schedule, step_times=[wall for wall, _, _ in self.kept])
         # The stages whose I and W ran apart (the runtime fuses a pair nothing separates on a
         # stage no other rank waits for: the first).
         split = sorted({action.stage for row in self.schedule.actions for action in row if action.op is Op.I})
@@ -236,6 +238,9 @@ class _Phase:
                 "microbatch_rows": self.size.microbatch_rows(self.batch_rows),
                 "step_rows": self.size.step_rows(self.batch_rows), "schedule": self.schedule.name,
                 "costs": costs.to_json(), "split_stages": split,
+                # A rank's gaps after an action whose output went to another rank, and after the
+                # others: what a send costs its sender (`pipefold.plan.send_fit`).
+                "send_gaps": measured_send_gaps(timelines, self.schedule),
                 "kept_step_seconds": [wall for wall, _, _ in self.kept],
                 "kept_step_cpu_seconds": [cpu for _, cpu, _ in self.kept],
                 "step_seconds": self.walls, "step_cpu_seconds": self.cpus}

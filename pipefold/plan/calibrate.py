@@ -59,6 +59,7 @@ from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.deferred_weight import fit_deferred_most, fit_deferred_weight
 from pipefold.plan.held_curve import HeldCurve, fit_held_curve, held_factor
 from pipefold.plan.held_states import fit_state_slowdown
+from pipefold.plan.send_fit import SendFit, SendGaps, fit_send_costs
 from pipefold.plan.split_fit import SplitFit, ratio, split_prices
 from pipefold.plan.stages import StageLayout, stage_arrays, stage_cost_model
 from pipefold.simulate import CostModel, Link
@@ -219,6 +220,15 @@ class RunCalibration:
     row_scales: tuple[tuple[int, float, float], ...] = ()
     """Per measured size (rows, F, B), the measured stage times over the fitted line's
     (`ModelCosts.row_scales`); empty with one size."""
+    send_overhead_s: float = 0.0
+    """The fixed seconds a send occupied its sender (`ModelCosts.send_overhead_s`); 0: not fitted."""
+    send_s_per_byte: float = 0.0
+    """Its seconds per message byte (`ModelCosts.send_s_per_byte`)."""
+    mean_gap_s: float = 0.0
+    """The run's mean gap over every action, sends included (what `action_overhead_s` was before
+    the send was priced apart); 0: the send not fitted (`action_overhead_s` is that mean)."""
+    send_points: tuple[tuple[int, float, int], ...] = ()
+    """Per size, (message bytes, the gap after a send less the others, gaps after a send)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,7 @@ def at_run_prices(
     others: Sequence[tuple[CostModel, int]] = (), placement: Sequence[int] | None = None,
     split: CostModel | None = None, split_stages: Collection[int] | None = None,
     held: HeldBlock | None = None, layer_split: Sequence[tuple[float, float, float]] | None = None,
+    send_gaps: Sequence[SendGaps] = (),
 ) -> tuple[ModelCosts, RunCalibration]:
     """`costs` priced as `run` (a `pipefold train` run's measured `CostModel`, one stage per rank
     unless `placement` says otherwise, of the partition `bounds` at `rows` per micro-batch)
@@ -286,9 +297,10 @@ def at_run_prices(
 
     With `split` (the same run's stages measured at `rows` under a split-backward family of the
     same partition and placement, zb-h1), each I and W is priced as that phase measured it
-    (`pipefold.plan.split_fit.split_prices`): the split's seconds beyond B per action (`split_overhead_s`) and, per
-    stage, W's share of the backward's work; F and B stay as fitted. With `layer_split` (the
-    one-process profile's (I, W, B) seconds per layer), the split's share is the block's pooled
+    (`pipefold.plan.split_fit.split_prices`): the split's seconds beyond B per action
+    (`split_overhead_s`) and, per stage, W's share of the backward's work; F and B stay as fitted.
+    With `layer_split` (the one-process profile's (I, W, B) seconds per layer), the split's share is
+    the block's pooled
     with the profile's estimate of it (`pipefold.plan.split_fit.pooled_split_share`).
     `split_stages`: the stages
     whose I and W that phase ran apart (None: all; the runtime runs a pair that nothing separates
@@ -307,7 +319,11 @@ def at_run_prices(
 
     The run's time per action becomes `action_overhead_s`; its time per step outside the
     actions, less the tied gradient's exchange (priced apart by the plan), over the largest
-    stage's parameter bytes, `update_s_per_parameter_byte`."""
+    stage's parameter bytes, `update_s_per_parameter_byte`. With `send_gaps` (per measured size,
+    `run`'s first, the gaps after an action whose output went to another rank and after the
+    others), the time per action is the latter's mean and a send's occupancy is priced apart
+    (`ModelCosts.send_overhead_s`, `send_s_per_byte`: `pipefold.plan.send_fit.fit_send_costs`,
+    over the bytes of each size's messages across ranks)."""
     layout = StageLayout(tuple(bounds), rows)
     points = [(run, rows), *others]
     if split is not None and split.num_stages != layout.num_stages:
@@ -344,6 +360,10 @@ def at_run_prices(
     if fits:
         priced = replace(priced, row_scales=measured_row_scales(priced, points, layout.bounds))
     on = tuple(range(layout.num_stages)) if placement is None else tuple(placement)
+    send = _send_fit(costs, layout.bounds, on, points, send_gaps)
+    if send is not None:
+        priced = replace(priced, action_overhead_s=send.action_overhead_s,
+                         send_overhead_s=send.send_overhead_s, send_s_per_byte=send.send_s_per_byte)
     drift: float | None = None
     held_curve: HeldCurve = ()
     split_backward = [1.0] * layout.num_stages  # per stage, the split block's held B factor
@@ -411,16 +431,40 @@ def at_run_prices(
         held_curve_block_bytes=() if held is None else held.curve_bytes, curve_drift=curve_drift,
         held_state_forward=state_forward, deferred_weight_grad=deferred,
         deferred_weight_most_s=priced.deferred_weight_most_s,
+        send_overhead_s=priced.send_overhead_s, send_s_per_byte=priced.send_s_per_byte,
+        mean_gap_s=0.0 if send is None else statistics.fmean(m.action_overhead for m, _ in points),
+        send_points=() if send is None else send.points,
     )
     return replace(priced, update_s_per_parameter_byte=per_byte), calibration
+
+
+def _send_fit(costs: ModelCosts, bounds: Sequence[int], placement: Sequence[int],
+              points: Sequence[tuple[CostModel, int]], send_gaps: Sequence[SendGaps]) -> SendFit | None:
+    """`fit_send_costs` over the measured sizes, each with the mean bytes of the messages its stages
+    sent across ranks (`stage_cost_model`'s, as the planner prices them); None without gaps."""
+    if not send_gaps:
+        return None
+    if len(send_gaps) != len(points):
+        raise ConfigError(f"{len(send_gaps)} send gaps for {len(points)} measured sizes; give one per size, "
+                          "the run's first")
+    crossing = [boundary for boundary in range(len(bounds) - 2)
+                if placement[boundary] != placement[boundary + 1]]
+    if not crossing:
+        return None
+    blocks = []
+    for gaps, (_, rows) in zip(send_gaps, points, strict=True):
+        sizes = stage_cost_model(costs, StageLayout(tuple(bounds), rows), (), Link()).message_bytes
+        blocks.append((gaps, round(statistics.fmean(sizes[boundary] for boundary in crossing))))
+    return fit_send_costs(blocks)
 
 
 def measured_row_scales(costs: ModelCosts, points: Sequence[tuple[CostModel, int]], bounds: Sequence[int]
                         ) -> tuple[tuple[int, float, float], ...]:
     """Per measured micro-batch size (rows, its stage costs on the partition `bounds`), the mean
     over the stages of the measured F and B over `costs`' (priced on the fitted lines, without row
-    scales; both less the runtime's seconds per layer, `overhead_s`, which are not scaled): `ModelCosts.row_scales`, so the planner's price passes through every measured size
-    and interpolates between them (`pipefold.plan.row_scales`). One scale per size, not per stage:
+    scales; both less the runtime's seconds per layer, `overhead_s`, which are not scaled):
+    `ModelCosts.row_scales`, so the planner's price passes through every measured size and
+    interpolates between them (`pipefold.plan.row_scales`). One scale per size, not per stage:
     a candidate's stages are not the run's."""
     unscaled = replace(costs, row_scales=())
     # The runtime's seconds per layer and action (one figure for the whole model) are not scaled.
@@ -449,8 +493,8 @@ def _check_held(run: CostModel, held: HeldBlock, placement: Sequence[int]) -> No
                           f"{f' (split block {len(held.split_bytes)})' if held.split_bytes else ''}, "
                           f"the run has {num_ranks}; give one activation peak per rank")
     if held.curve is not None and len(held.curve_bytes) != num_ranks:
-        raise ConfigError(f"HeldBlock.curve_bytes has {len(held.curve_bytes)} peaks, the run {num_ranks} ranks; "
-                          "give the curve block's activation peak per rank with its costs")
+        raise ConfigError(f"HeldBlock.curve_bytes has {len(held.curve_bytes)} peaks, the run {num_ranks} "
+                          "ranks; give the curve block's activation peak per rank with its costs")
 
 
 def _block_drift(run: CostModel, block: CostModel, run_bytes: Sequence[int], block_bytes: Sequence[int],
@@ -576,16 +620,17 @@ def _held_curve(run: CostModel, held: HeldBlock, placement: Sequence[int], split
     each block's load taken out (`curve_drift`, `drift`), on the ranks that held more there (a
     "1f1b+split" split block holds no more: no points); B from the held block's points alone (a
     split block's I + W carries the split's own seconds)."""
-    forward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), ratio(held.measured.f[stage], run.f[stage]))
-               for stage, rank in enumerate(placement)]
-    backward = [(float(held.block_bytes[rank] - held.run_bytes[rank]), ratio(held.measured.b[stage], run.b[stage]))
-                for stage, rank in enumerate(placement)]
+    excess = [float(held.block_bytes[rank] - held.run_bytes[rank]) for rank in placement]  # per stage
+    stages = range(len(placement))
+    forward = [(excess[stage], ratio(held.measured.f[stage], run.f[stage])) for stage in stages]
+    backward = [(excess[stage], ratio(held.measured.b[stage], run.b[stage])) for stage in stages]
     others = [(held.curve, held.curve_bytes, curve_drift), (split, held.split_bytes, drift)]
     for block, block_bytes, load in others:
         if block is None or not block_bytes:
             continue
         scale = 1.0 if load is None else load
-        forward += [(float(block_bytes[rank] - held.run_bytes[rank]), ratio(block.f[stage] * scale, run.f[stage]))
+        forward += [(float(block_bytes[rank] - held.run_bytes[rank]),
+                     ratio(block.f[stage] * scale, run.f[stage]))
                     for stage, rank in enumerate(placement) if block_bytes[rank] > held.run_bytes[rank]]
     return fit_held_curve(forward, backward)
 
@@ -609,14 +654,16 @@ def fit_stage_line(points: Sequence[tuple[int, float, float]]) -> StageLine:
     of the smallest measured action] (a negative one is noise; a larger one would leave a part per
     row near zero or negative)."""
     if len({rows for rows, _, _ in points}) < 2:
-        raise ConfigError(f"points at rows {[rows for rows, _, _ in points]}; measure two different row counts")
+        raise ConfigError(f"points at rows {[rows for rows, _, _ in points]}; measure two different row "
+                          "counts")
     floor = 1e-12  # a zero measurement (no work) weighs as a tiny one
     rows = np.asarray([float(r) for r, _, _ in points])
     f = np.maximum([float(x) for _, x, _ in points], floor)
     b = np.maximum([float(x) for _, _, x in points], floor)
     zeros = np.zeros_like(rows)
     # Each row divided by its measurement: relative misses weigh alike at every size.
-    matrix = np.concatenate([np.stack([1 / f, rows / f, zeros], axis=1), np.stack([1 / b, zeros, rows / b], axis=1)])
+    matrix = np.concatenate([np.stack([1 / f, rows / f, zeros], axis=1),
+                             np.stack([1 / b, zeros, rows / b], axis=1)])
     solved = np.linalg.lstsq(matrix, np.ones(2 * len(rows)), rcond=None)[0]
     smallest = float(min(f[np.argmin(rows)], b[np.argmin(rows)]))
     fixed = min(max(float(solved[0]), 0.0), 0.9 * smallest)
@@ -652,7 +699,8 @@ def _on_line(layers: Sequence[LayerCost], line: StageLine, reference_rows: int) 
             layer.weight_grad_s / layer.backward_s)
         priced.append(replace(layer, fixed_s=line.fixed_s * fixed[index],
                               forward_s=line.forward_s_per_row * reference_rows * forward[index],
-                              backward_s=b, weight_grad_s=None if layer.weight_grad_s is None else b * w_share))
+                              backward_s=b,
+                              weight_grad_s=None if layer.weight_grad_s is None else b * w_share))
     return priced
 
 

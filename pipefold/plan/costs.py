@@ -85,6 +85,7 @@ _FIELDS = (
     "row_scales", "held_curve", "held_reference_layer_bytes", "held_state_forward", "split_backward_share",
     "update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
     "deferred_weight_grad", "update_group_bytes_per_parameter_byte", "deferred_weight_most_s",
+    "send_overhead_s", "send_s_per_byte",
 )
 
 
@@ -150,6 +151,14 @@ class ModelCosts:
     action_overhead_s: float = 0.0
     """Runtime seconds per compute action beyond its layers' own (the executor's dispatch, the
     stage's entry, the backward's entry, recording): the simulator's `CostModel.action_overhead`."""
+    send_overhead_s: float = 0.0
+    """Seconds a rank spends handing a message to another rank after the action that produced it,
+    before its next action (beyond `action_overhead_s`): the simulator's `CostModel.send_overhead`,
+    charged after an F whose next stage, or a B or I whose previous stage, is on another rank.
+    Fitted by `pipefold plan --profile`'s calibration from its ranks' gaps after such actions
+    against the others' (`pipefold.plan.send_fit`); 0: not priced (costs before it)."""
+    send_s_per_byte: float = 0.0
+    """The part of that time per byte of the message (`CostModel.send_seconds_per_byte`)."""
     split_overhead_s: float = 0.0
     """Seconds each I and each W action takes beyond its part of the B it splits (the runtime's
     second entry into the stage's backward): a split backward costs B plus twice this, per
@@ -291,7 +300,7 @@ class ModelCosts:
                      "held_forward_per_byte", "held_backward_per_byte", "held_reference_bytes",
                      "held_state_forward", "update_bytes_per_parameter_byte", "update_tensor_bytes",
                      "gradient_norm_bytes", "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
-                     "deferred_weight_most_s"):
+                     "deferred_weight_most_s", "send_overhead_s", "send_s_per_byte"):
             non_negative("ModelCosts", name, getattr(self, name))
         share = self.split_backward_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 0.5:
@@ -538,7 +547,7 @@ class ModelCosts:
             del data["split_backward_share"]
         for name in ("update_bytes_per_parameter_byte", "update_tensor_bytes", "gradient_norm_bytes",
                      "deferred_weight_grad", "update_group_bytes_per_parameter_byte",
-                     "deferred_weight_most_s"):
+                     "deferred_weight_most_s", "send_overhead_s", "send_s_per_byte"):
             if not getattr(self, name):  # the same: costs without these terms as before
                 del data[name]
         for layer in data["layers"]:

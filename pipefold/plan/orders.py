@@ -35,7 +35,8 @@ from pipefold.simulate import CostModel
 from pipefold.simulate.compiled import CompiledSchedule
 
 __all__ = [
-    "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward", "family_placement",
+    "family_schedule", "family_order", "compiled_family", "compiles_order", "family_backward",
+    "family_placement",
     "compiles", "held_counts_of", "split_held_counts", "order_peaks", "order_peaks_and_later",
 ]
 
@@ -46,8 +47,9 @@ def family_schedule(name: str, num_ranks: int, num_microbatches: int, num_virtua
     if num_ranks * num_microbatches <= 256:
         return build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, num_virtual=num_virtual)
     # A large family schedule is generated without `validate`, which costs as much as simulating it
-    # (seconds at 64 ranks x 512 micro-batches, and most of a search's time at sizes in between): the families are validated at many sizes by their
-    # tests, and the compiled simulation refuses an order that deadlocks.
+    # (seconds at 64 ranks x 512 micro-batches, and most of a search's time at sizes in between):
+    # the families are validated at many sizes by their tests, and the compiled simulation refuses
+    # an order that deadlocks.
     entry = family(name)
     entry.check(num_ranks, num_microbatches, num_virtual)
     return entry.generate(num_ranks, num_microbatches, num_virtual)
@@ -61,7 +63,9 @@ def family_order(name: str, num_ranks: int, num_microbatches: int, num_virtual: 
         return order_of(family_schedule(name, num_ranks, num_microbatches, num_virtual))  # (validated)
     family(name).check(num_ranks, num_microbatches, num_virtual)
     fast = fast_order(name, num_ranks, num_microbatches, num_virtual)
-    return fast if fast is not None else order_of(family_schedule(name, num_ranks, num_microbatches, num_virtual))
+    if fast is not None:
+        return fast
+    return order_of(family_schedule(name, num_ranks, num_microbatches, num_virtual))
 
 
 @functools.lru_cache(maxsize=32)  # up to about 50 MB each (64 ranks x 2 stages x 512 micro-batches)
@@ -84,7 +88,8 @@ cluster sizes cost seconds (the greedy V orders most). dualpipe-v's depends on t
 
 @functools.lru_cache(maxsize=512)
 def family_backward(name: str, num_ranks: int, num_microbatches: int, num_virtual: int) -> Backward:
-    """Whether the family's order at this size runs B, I + W, or both (as `pipefold.plan.bounds.backward_kind`)."""
+    """Whether the family's order at this size runs B, I + W, or both (as
+    `pipefold.plan.bounds.backward_kind`)."""
     fixed = _FIXED_BACKWARD.get(name)
     if fixed is not None:
         family(name).check(num_ranks, num_microbatches, num_virtual)
@@ -307,7 +312,8 @@ def _order_tells(name: str, num_ranks: int, num_microbatches: int, num_virtual: 
              for t in (s, s + 1)] + [costs.transfer_time(s, placement[s + 1], placement[s])
                                      for s in range(costs.num_stages - 1)]
     num_actions = 4 * num_microbatches * costs.num_stages
-    longest = num_actions * (max(compute, default=0.0) + costs.action_overhead
+    occupied = max((costs.send_time(s) for s in range(costs.num_stages - 1)), default=0.0)
+    longest = num_actions * (max(compute, default=0.0) + costs.action_overhead + occupied
                              + 3 * costs.num_stages * max(sends, default=0.0))
     if compute and min(compute) <= longest * _ABSORBED:
         return False

@@ -166,8 +166,9 @@ def stage_cost_model(
     return CostModel.from_lists(
         arrays.f.tolist(), arrays.i.tolist(), arrays.w.tolist(), b=arrays.b.tolist(), activation_bytes=kept,
         weight_grad_bytes=list(kept), weight_bytes=weights, cast_bytes=casts, message_bytes=messages,
-        link=link, num_cores=num_cores, link_overrides=dict(link_overrides),
-        action_overhead=costs.action_overhead_s,
+        link=link, num_cores=num_cores,
+        link_overrides=dict(link_overrides), action_overhead=costs.action_overhead_s,
+        send_overhead=costs.send_overhead_s, send_seconds_per_byte=costs.send_s_per_byte,
         tied_weights=tied_weights(costs, layout.bounds), tied_sum_bandwidth=memory_bandwidth,
         tied_casts=copies, no_decay_weight_bytes=no_decay, gradient_norm_bytes=norms,
         backward_temporary_bytes=temporaries,

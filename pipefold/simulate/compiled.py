@@ -19,8 +19,9 @@ step of a flush or asynchronous schedule on ranks that do not share cores (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NoReturn
 
 import numpy as np
@@ -105,7 +106,8 @@ class CompiledSchedule:
         lengths = [len(row[0]) for row in rows]
         kinds = np.concatenate([np.asarray(row[0], dtype=np.int64) for row in rows]) if rows else _EMPTY
         stages = np.concatenate([np.asarray(row[1], dtype=np.int64) for row in rows]) if rows else _EMPTY
-        microbatches = np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows]) if rows else _EMPTY
+        microbatches = (np.concatenate([np.asarray(row[2], dtype=np.int64) for row in rows]) if rows
+                        else _EMPTY)
         num_actions = len(kinds)
         starts = np.cumsum([0, *lengths])[:-1].astype(np.int64)
         owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
@@ -165,7 +167,8 @@ class CompiledSchedule:
             distinct = np.flatnonzero(first_use < len(used))
             first_at = first_use[distinct]
             number_of = np.zeros(num_codes, dtype=np.int64)
-            number_of[distinct[np.argsort(first_at, kind="stable")]] = np.arange(len(distinct), dtype=np.int64)
+            by_first_use = distinct[np.argsort(first_at, kind="stable")]
+            number_of[by_first_use] = np.arange(len(distinct), dtype=np.int64)
             rank_of_code = number_of[distinct]
             numbers = number_of[used]
         else:
@@ -177,6 +180,8 @@ class CompiledSchedule:
         flat[codes.reshape(-1) >= 0] = numbers
         numbered = flat.reshape(-1, 2)
         by_number = distinct[np.argsort(rank_of_code)]
+        self._owner = owner
+        self._sent: np.ndarray | None = None  # `_sent_boundaries`, once a priced send asks
         self.schedule = schedule
         self.num_ranks = schedule.num_ranks
         self._kind_array, self._stage_array = kinds, stages
@@ -357,23 +362,52 @@ class CompiledSchedule:
         if not durations:
             return CompiledRun(0.0, 0.0, (0,) * self.num_ranks, (0,) * self.num_ranks)
         delays = [costs.transfer_time(*key) for key in self._links]
+        after = self._after(costs)
         if self._levels is None:
-            ends_list, first_start = self._run_in_order(costs, lengths, delays)
+            ends_list, first_start = self._run_in_order(costs, lengths, delays, after)
             latest = max(ends_list)
             ends: list[float] | np.ndarray = ends_list
         else:
-            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels)
+            ends_array, first_start = self._run_levels(costs, lengths, delays, self._levels, after)
             latest = float(ends_array.max())
             ends = ends_array
         # Each rank's actions run one after another, so its first action starts first.
         peaks, later = self._peaks(costs, ends)
         return CompiledRun(latest - first_start, sum(durations), peaks, later)
 
-    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels
-                    ) -> tuple[np.ndarray, float]:
+    def _after(self, costs: CostModel) -> np.ndarray | None:
+        """Per action, the seconds its rank spends after it before its next action: the overhead, and
+        the send of its output to another rank (`CostModel.send_time`); None where no send is priced
+        (the overhead alone, one number)."""
+        if not costs.prices_sends:
+            return None
+        if self._sent is None:
+            self._sent = self._sent_boundaries()
+        sends = np.array([costs.send_time(boundary) for boundary in range(costs.num_stages - 1)] + [0.0],
+                         dtype=np.float64)
+        after: np.ndarray = costs.action_overhead + sends[self._sent]  # -1 (none): the 0.0 at the end
+        return after
+
+    def _sent_boundaries(self) -> np.ndarray:
+        """Per action, the boundary its output crosses to another rank (`sent_boundary`), -1 where none."""
+        kinds, stages, owner = self._kind_array, self._stage_array, self._owner
+        placement = np.asarray(self.schedule.placement, dtype=np.int64)
+        num_stages = len(placement)
+        if not num_stages:
+            return np.full(len(kinds), -1, dtype=np.int64)
+        above = placement[np.minimum(stages + 1, num_stages - 1)]
+        below = placement[np.maximum(stages - 1, 0)]
+        forward = (kinds == _F) & (stages < num_stages - 1) & (above != owner)
+        backward = ((kinds == _B) | (kinds == _I)) & (stages > 0) & (below != owner)
+        sent: np.ndarray = np.where(forward, stages, np.where(backward, stages - 1, -1))
+        return sent
+
+    def _run_levels(self, costs: CostModel, durations: np.ndarray, delays: list[float], levels: _Levels,
+                    after: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Each action's end, level by level: per action the same float operations as
-        `_run_in_order` (a start is the largest of the previous end plus the overhead and each input's
-        arrival, an end its start plus the duration), so the same floats."""
+        `_run_in_order` (a start is the largest of the previous end plus the overhead, and the
+        previous action's send where `after` prices one, and each input's arrival, an end its start
+        plus the duration), so the same floats."""
         num_actions = len(durations)
         overhead = costs.action_overhead
         # The slots past the actions: a missing input arrives never; a rank's first action starts
@@ -386,7 +420,10 @@ class CompiledSchedule:
         # Per level and lane what is added to each of the three ends read: the overhead to the previous
         # action's, each input's link delay to its.
         offsets = np.empty(levels.inputs.shape, dtype=np.float64)
-        offsets[:, 0] = overhead
+        if after is None:
+            offsets[:, 0] = overhead
+        else:  # the previous action's own (a rank's first: the overhead, as above)
+            offsets[:, 0] = np.append(after, (0.0, overhead, 0.0))[levels.inputs[:, 0]]
         offsets[:, 1] = link_delays[levels.first_links]
         offsets[:, 2] = link_delays[levels.second_links]
         for ids, inputs, offset, length in zip(levels.ids, levels.inputs, offsets, lengths, strict=True):
@@ -406,10 +443,13 @@ class CompiledSchedule:
             np.maximum(starts, arrivals, out=starts)
         return ends[:num_actions], float(starts.min())
 
-    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float]
-                      ) -> tuple[list[float], float]:
+    def _run_in_order(self, costs: CostModel, durations: np.ndarray, delays: list[float],
+                      after: np.ndarray | None = None) -> tuple[list[float], float]:
         """Each action's end, one action at a time in the topological order, and the first start."""
         overhead = costs.action_overhead
+        # Per action in order, the seconds after its previous action on the rank.
+        gaps: Iterable[float] = repeat(overhead) if after is None else (
+            np.append(after, overhead)[self._previous[self._order_arrays[0]]].tolist())
         ends = [0.0] * len(durations)
         first_start = float("inf")
         # Per action in order its duration and each input's link delay, gathered at once.
@@ -418,9 +458,9 @@ class CompiledSchedule:
         link_delays = np.asarray(delays + [0.0], dtype=np.float64)
         first_delays = link_delays[first_links].tolist()
         second_delays = link_delays[second_links].tolist()
-        for action_id, prev, first, second, first_delay, second_delay, duration in zip(
-                *self._steps, first_delays, second_delays, in_order, strict=True):
-            start = ends[prev] + overhead if prev >= 0 else 0.0
+        for action_id, prev, first, second, first_delay, second_delay, duration, gap in zip(
+                *self._steps, first_delays, second_delays, in_order, gaps, strict=False):
+            start = ends[prev] + gap if prev >= 0 else 0.0
             if first >= 0:
                 arrival = ends[first] + first_delay
                 if arrival > start:
@@ -478,7 +518,8 @@ class CompiledSchedule:
         kinds, stages = self._kind_array, self._stage_array
         act = np.asarray(activation, dtype=np.int64)[stages]
         held = np.asarray(held_for_w, dtype=np.int64)[stages]
-        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W], [act, -act, held - act, -held], 0)
+        change = np.select([kinds == _F, kinds == _B, kinds == _I, kinds == _W],
+                           [act, -act, held - act, -held], 0)
         times = None if ends is None else np.asarray(ends, dtype=np.float64)
         is_backward = (kinds == _B) | (kinds == _I)
         peaks, later_peaks = [], []
@@ -515,7 +556,8 @@ class CompiledSchedule:
         costs.check_schedule(self.schedule)
         lengths = self._durations(costs)
         durations = lengths.tolist()
-        longest = sum(durations) + len(durations) * costs.action_overhead + sum(
+        sends = max((costs.send_time(boundary) for boundary in range(costs.num_stages - 1)), default=0.0)
+        longest = sum(durations) + len(durations) * (costs.action_overhead + sends) + sum(
             costs.transfer_time(*key) for key in self._links) * len(durations)
         compute = lengths[self._kind_array != _STEP]
         if compute.size and float(compute.min()) <= longest * _ABSORBED:

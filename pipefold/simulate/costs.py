@@ -6,8 +6,9 @@ loaded from JSON. No torch import.
 
 Messages: latency + bytes / bandwidth per link (docs/decisions.md, "Link model").
 
-Executor time between actions and between steps: `action_overhead`, `step_overhead`
-(docs/decisions.md, "Runtime overheads").
+Executor time between actions and between steps: `action_overhead`, `step_overhead`, and the
+time a rank spends sending an action's output to another rank, `send_overhead` plus
+`send_seconds_per_byte` per byte (docs/decisions.md, "Runtime overheads").
 
 Ranks sharing cores: `num_cores`, processor sharing (docs/decisions.md, "Shared cores").
 """
@@ -24,7 +25,23 @@ from typing import Any
 from pipefold.errors import CostModelError
 from pipefold.schedule.ir import Action, Op, Schedule
 
-__all__ = ["Link", "CostModel"]
+__all__ = ["Link", "CostModel", "sent_boundary"]
+
+
+def sent_boundary(action: Action, placement: Sequence[int]) -> int:
+    """The stage boundary across which `action`'s output goes to another rank (an F's to the next
+    stage, a B's or I's gradient to the previous one, where that stage is on another rank; the
+    boundary numbered by its lower stage), or -1 where it sends nothing to another rank."""
+    stage = action.stage
+    if action.op is Op.F:
+        to = stage + 1
+    elif action.op is Op.B or action.op is Op.I:
+        to = stage - 1
+    else:
+        return -1
+    if not 0 <= to < len(placement) or placement[to] == placement[stage]:
+        return -1
+    return min(stage, to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +142,12 @@ class CostModel:
     "Runtime overheads")."""
     step_overhead: float = 0.0
     """Seconds per step outside the actions, on every rank (docs/decisions.md, "Runtime overheads")."""
+    send_overhead: float = 0.0
+    """Seconds a rank spends handing an action's output to another rank before its next action
+    (beyond `action_overhead`): charged after an F whose next stage, or a B or I whose previous
+    stage, is on another rank (docs/decisions.md, "Runtime overheads"); 0: not priced."""
+    send_seconds_per_byte: float = 0.0
+    """The part of that time per byte of the message (`message_bytes` of the boundary crossed)."""
     num_cores: float | None = None
     """Ranks that can compute at full speed at once when they share cores; None: a device
     per rank (docs/decisions.md, "Shared cores")."""
@@ -159,8 +182,8 @@ class CostModel:
         set_(self, "step", _floats("step", self.step or (0.0,) * n, n))
         set_(self, "gather", _floats("gather", self.gather or (0.0,) * n, n))
         set_(self, "reduce_scatter", _floats("reduce_scatter", self.reduce_scatter or (0.0,) * n, n))
-        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes", "no_decay_weight_bytes",
-                     "gradient_norm_bytes", "backward_temporary_bytes"):
+        for name in ("activation_bytes", "weight_grad_bytes", "weight_bytes", "cast_bytes",
+                     "no_decay_weight_bytes", "gradient_norm_bytes", "backward_temporary_bytes"):
             set_(self, name, _ints(name, getattr(self, name) or (0,) * n, n, "(virtual) stage"))
         set_(
             self,
@@ -194,7 +217,7 @@ class CostModel:
                 "device's memory bandwidth; inf where the owners' add is free)"
             )
         set_(self, "tied_sum_bandwidth", float(self.tied_sum_bandwidth))
-        for name in ("action_overhead", "step_overhead"):
+        for name in ("action_overhead", "step_overhead", "send_overhead", "send_seconds_per_byte"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 math.isfinite(value) and value >= 0
@@ -246,6 +269,15 @@ class CostModel:
                 for owner in owners
             ) + (len(owners) + 1) * num_bytes / self.tied_sum_bandwidth
         return seconds
+
+    @property
+    def prices_sends(self) -> bool:
+        """Whether a sender is charged for its messages (`send_overhead`, `send_seconds_per_byte`)."""
+        return self.send_overhead > 0 or self.send_seconds_per_byte > 0
+
+    def send_time(self, boundary: int) -> float:
+        """Seconds a rank spends sending one message across stage boundary `boundary` (to another rank)."""
+        return self.send_overhead + self.send_seconds_per_byte * self.message_bytes[boundary]
 
     def shares_cores(self, num_ranks: int) -> bool:
         """Whether `num_ranks` ranks outnumber `num_cores` (docs/decisions.md, "Shared cores")."""
@@ -324,6 +356,8 @@ class CostModel:
         no_decay_weight_bytes: Sequence[int] = (),
         gradient_norm_bytes: Sequence[int] = (),
         backward_temporary_bytes: Sequence[int] = (),
+        send_overhead: float = 0.0,
+        send_seconds_per_byte: float = 0.0,
     ) -> CostModel:
         """Per-stage lists; `num_stages` is `len(f)` and every other list must match it."""
         return cls(
@@ -351,6 +385,8 @@ class CostModel:
             no_decay_weight_bytes=tuple(no_decay_weight_bytes),
             gradient_norm_bytes=tuple(gradient_norm_bytes),
             backward_temporary_bytes=tuple(backward_temporary_bytes),
+            send_overhead=send_overhead,
+            send_seconds_per_byte=send_seconds_per_byte,
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -439,9 +475,13 @@ class CostModel:
                if self.tied_casts else {}),
             **({"no_decay_weight_bytes": list(self.no_decay_weight_bytes)} if any(self.no_decay_weight_bytes)
                else {}),
-            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes) else {}),
+            **({"gradient_norm_bytes": list(self.gradient_norm_bytes)} if any(self.gradient_norm_bytes)
+               else {}),
             **({"backward_temporary_bytes": list(self.backward_temporary_bytes)}
                if any(self.backward_temporary_bytes) else {}),
+            # Written only where priced: a model without them reads and writes as before.
+            **({"send_overhead": self.send_overhead} if self.send_overhead else {}),
+            **({"send_seconds_per_byte": self.send_seconds_per_byte} if self.send_seconds_per_byte else {}),
         }
 
     @classmethod
@@ -459,6 +499,7 @@ class CostModel:
             "weight_bytes", "message_bytes", "link", "link_overrides", "action_overhead", "step_overhead",
             "num_cores", "gather", "reduce_scatter", "tied_weights", "tied_sum_bandwidth", "cast_bytes",
             "tied_casts", "no_decay_weight_bytes", "gradient_norm_bytes", "backward_temporary_bytes",
+            "send_overhead", "send_seconds_per_byte",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -505,6 +546,8 @@ class CostModel:
             no_decay_weight_bytes=data.get("no_decay_weight_bytes", ()),
             gradient_norm_bytes=data.get("gradient_norm_bytes", ()),
             backward_temporary_bytes=data.get("backward_temporary_bytes", ()),
+            send_overhead=float(data.get("send_overhead", 0.0)),
+            send_seconds_per_byte=float(data.get("send_seconds_per_byte", 0.0)),
         )
         if "num_stages" in data and data["num_stages"] != model.num_stages:
             raise CostModelError(

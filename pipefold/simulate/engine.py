@@ -15,7 +15,7 @@ from pipefold.errors import ConfigError, ScheduleError
 from pipefold.schedule.deps import backward_of, data_inputs
 from pipefold.schedule.ir import Action, Schedule, WeightUpdate, format_grid
 from pipefold.schedule.shard import gather_waits
-from pipefold.simulate.costs import CostModel
+from pipefold.simulate.costs import CostModel, sent_boundary
 from pipefold.simulate.memory import activation_bytes_peak, weight_versions
 from pipefold.timeline import Event, Timeline, Wait
 
@@ -27,14 +27,16 @@ class _Prepared:
     """The schedule flattened for speed: every action gets an id (its index in rank-major
     order) so the hot loop indexes lists instead of hashing `Action`s.
 
-    `inputs[id]` holds (producer id, arrival delay) pairs.
+    `inputs[id]` holds (producer id, arrival delay) pairs; `after[id]` the seconds the rank
+    spends after action `id` before its next action of the step (`CostModel.action_overhead`, and
+    the send of its output to another rank where that is priced).
     """
 
     actions: tuple[tuple[Action, ...], ...]
     first_id: tuple[int, ...]
     durations: tuple[float, ...]
     inputs: tuple[tuple[tuple[int, float], ...], ...]
-    action_overhead: float = 0.0
+    after: tuple[float, ...]
 
 
 def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
@@ -53,9 +55,14 @@ def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
         )
     durations = []
     inputs = []
+    after = []
+    overhead = costs.action_overhead
+    sends = costs.prices_sends
     for rank, row in enumerate(schedule.actions):
         for action in row:
             durations.append(costs.time_of(action))
+            boundary = sent_boundary(action, placement) if sends else -1
+            after.append(overhead + costs.send_time(boundary) if boundary >= 0 else overhead)
             delayed = []
             for producer in data_inputs(action, schedule, backward):
                 if producer not in id_of:
@@ -69,9 +76,7 @@ def _prepare(schedule: Schedule, costs: CostModel) -> _Prepared:
                 delayed.append((id_of[producer], delay))
             inputs.append(tuple(delayed))
     _add_gathers(schedule, costs, id_of, inputs)
-    return _Prepared(
-        schedule.actions, tuple(first_id), tuple(durations), tuple(inputs), costs.action_overhead
-    )
+    return _Prepared(schedule.actions, tuple(first_id), tuple(durations), tuple(inputs), tuple(after))
 
 
 def _add_gathers(
@@ -105,7 +110,7 @@ def _run(
     num_actions = len(prepared.durations)
     durations = prepared.durations
     all_inputs = prepared.inputs
-    overhead = prepared.action_overhead
+    after = prepared.after
     # ends[local_step * num_actions + id]: end time, or -1.0 while not yet run (times are >= 0).
     ends = [-1.0] * (num_actions * num_steps)
     positions = [0] * num_ranks
@@ -123,7 +128,7 @@ def _run(
             local_step, index = divmod(position, row_length)
             action_id = first_id + index
             offset = local_step * num_actions
-            ready = rank_free + overhead if index else rank_free
+            ready = rank_free + after[action_id - 1] if index else rank_free
             start = ready if ready > not_before else not_before
             missing = -1
             for producer, delay in all_inputs[action_id]:
@@ -192,7 +197,7 @@ def _run_shared(
     num_ranks = schedule.num_ranks
     num_actions = len(prepared.durations)
     durations = prepared.durations
-    overhead = prepared.action_overhead
+    after = prepared.after
     ends = [-1.0] * (num_actions * num_steps)
     positions = [0] * num_ranks
     totals = [len(row) * num_steps for row in prepared.actions]
@@ -209,7 +214,7 @@ def _run_shared(
             local_step, index = divmod(position, len(prepared.actions[rank]))
             action_id = prepared.first_id[rank] + index
             offset = local_step * num_actions
-            ready = free[rank] + overhead if index else free[rank]
+            ready = free[rank] + after[action_id - 1] if index else free[rank]
             start = max(ready, not_before)
             for producer, delay in prepared.inputs[action_id]:
                 produced = ends[offset + producer]

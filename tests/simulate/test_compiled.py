@@ -1,5 +1,5 @@
 """`CompiledSchedule.run` equals `simulate` (makespan and activation peaks) on every family, with
-random heterogeneous costs, links, overheads and zero-length actions; the order-only peaks equal
+random heterogeneous costs, links, overheads, priced sends and zero-length actions; the order-only peaks equal
 the timed ones wherever they are given."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def _random_costs(rng: random.Random, num_stages: int, num_ranks: int, zeros: bo
         return rng.uniform(0.1, 2.0)
 
     far = Link(rng.uniform(0, 0.5), rng.uniform(1e3, 1e5))
+    # Priced sends from a generator of their own: the other costs stay the draws they were.
+    sends = random.Random(f"sends {num_stages} {num_ranks} {zeros}")
     overrides = {(0, num_ranks - 1): far} if num_ranks > 1 else {}
     return CostModel.from_lists(
         [time() for _ in range(num_stages)], [time() for _ in range(num_stages)],
@@ -33,6 +35,8 @@ def _random_costs(rng: random.Random, num_stages: int, num_ranks: int, zeros: bo
         link=Link(rng.uniform(0, 0.2), rng.uniform(1e3, 1e6)),
         link_overrides=overrides,
         action_overhead=rng.choice([0.0, 0.01]),
+        send_overhead=sends.choice([0.0, 0.02]),
+        send_seconds_per_byte=sends.choice([0.0, 1e-5]),
     )
 
 
