@@ -60,15 +60,19 @@ def later_activation_bytes_peak(timeline: Timeline, costs: CostModel) -> tuple[i
         if first_end is None:
             result.append(_peak_held(changes))
             continue
+        # Held bytes read once all changes at one time are in (releases sort first, so a state
+        # between them is never above both its neighbours), from the first backward's end on. Not
+        # "from the first release on": a first backward whose stage keeps nothing releases 0 bytes,
+        # and what its rank holds then counts (as `CompiledRun.later_peaks` counts it).
         held = 0
-        later = None
-        for time, delta in sorted(changes):
+        later = 0
+        ordered = sorted(changes)
+        for index, (time, delta) in enumerate(ordered):
             held += delta
-            if time >= first_end and delta < 0 and later is None:
-                later = held  # the first release at the first backward's end: from here on
-            elif later is not None:
+            last_at_time = index + 1 == len(ordered) or ordered[index + 1][0] != time
+            if time >= first_end and last_at_time:
                 later = max(later, held)
-        result.append(_peak_held(changes) if later is None else later)
+        result.append(later)
     return tuple(result)
 
 

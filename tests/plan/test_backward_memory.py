@@ -155,3 +155,16 @@ def test_the_later_peaks_of_huge_bytes_take_pythons_integers_alike() -> None:
         timeline = simulate(schedule, model)
         assert run.activation_peaks == timeline.activation_bytes_peak
         assert run.later_peaks == later_activation_bytes_peak(timeline, model)
+
+
+def test_a_first_backward_that_releases_nothing_starts_the_later_peak() -> None:
+    # Interleaved 1F1B, 2 ranks, v=2: rank 0's first backward is B2.0, and stage 2 keeps nothing,
+    # so it releases 0 bytes. The gradients exist from its end on, and rank 0 then runs F0.3 while
+    # holding three of stage 0's micro-batches: 400 bytes after its first backward, not the 300
+    # left once stage 0's first release comes.
+    schedule = build("interleaved-1f1b", num_ranks=2, num_microbatches=4, num_virtual=2)
+    costs = CostModel.from_lists([1.0] * 4, [1.0] * 4, [1.0] * 4, b=[2.0] * 4,
+                                 activation_bytes=[100, 10, 0, 1], weight_grad_bytes=[0] * 4)
+    timeline = simulate(schedule, costs)
+    assert later_activation_bytes_peak(timeline, costs) == (400, 30)
+    assert CompiledSchedule(schedule).run(costs).later_peaks == (400, 30)
