@@ -172,8 +172,12 @@ def _raise_if_stuck(prepared: _Prepared, schedule: Schedule, positions: list[int
         )
 
 
-_DONE = 1e-12
-"""Seconds of work below which a running action counts as finished (float round-off)."""
+_WAIT_FLOOR = 1e-12
+"""Seconds of wait below which a rank's wait is not recorded (float round-off)."""
+
+_DONE_SHARE = 1e-12
+"""The share of an action's own work below which what is left of it is round-off: relative, so an
+action of 1e-13 s (a costs file may hold one) still takes its time."""
 
 
 def _run_shared(
@@ -201,7 +205,7 @@ def _run_shared(
     ends = [-1.0] * (num_actions * num_steps)
     positions = [0] * num_ranks
     totals = [len(row) * num_steps for row in prepared.actions]
-    # rank -> [remaining work (s), start, key into `ends`]
+    # rank -> [remaining work (s), start, key into `ends`, whole work (s)]
     running: dict[int, list[float]] = {}
     now = not_before
     while True:
@@ -227,10 +231,10 @@ def _run_shared(
                 continue
             # Times only move forward to the next start or end, so `start` is `now` here
             # but for round-off.
-            if now > ready + _DONE:
+            if now > ready + _WAIT_FLOOR:
                 action = prepared.actions[rank][index]
                 waits[rank].append(Wait(rank, action, ready, now, first_step + local_step))
-            running[rank] = [durations[action_id], now, float(offset + action_id)]
+            running[rank] = [durations[action_id], now, float(offset + action_id), durations[action_id]]
             began = True
         if began:
             continue  # zero-length actions may have begun: settle them before time moves
@@ -248,7 +252,7 @@ def _run_shared(
             entry[0] -= progress
             # Done when what is left is round-off, or too little to move the clock at all
             # (late in a long step, now + 1e-12 == now): waiting for it would never end.
-            if entry[0] > _DONE and now + entry[0] / rate > now:
+            if entry[0] > _DONE_SHARE * entry[3] and now + entry[0] / rate > now:
                 continue
             del running[rank]
             key = int(entry[2])
