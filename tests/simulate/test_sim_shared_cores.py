@@ -131,3 +131,14 @@ def test_tiny_and_huge_costs_together_still_finish(name, data, num_cores):
         signal.signal(signal.SIGALRM, previous)
     total_work = sum(costs.time_of(a) for row in schedule.actions for a in row)
     assert timeline.makespan >= total_work / num_cores * (1 - 1e-9)
+
+
+def test_actions_shorter_than_a_picosecond_still_take_their_time() -> None:
+    # Found by hypothesis: with a round-off floor of 1e-12 s, every action below it finished as
+    # soon as any progress was made, and 1f1b's 18 actions of 3 ranks on 2 cores ended in the
+    # time of 3. Rank 0 alone runs stage 0's 6 F and 6 B, one after another.
+    tiny = 7.224582208251515e-299
+    schedule = build("1f1b", num_ranks=3, num_microbatches=6)
+    costs = CostModel.from_lists([tiny, 0.0, 0.0], [tiny, 0.0, 0.0], [tiny, 0.0, 0.0], num_cores=2)
+    timeline = simulate(schedule, costs)
+    assert timeline.makespan >= (6 * tiny + 6 * 2 * tiny) * (1 - 1e-9)
