@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from pipefold.errors import CostModelError
@@ -23,8 +23,8 @@ from pipefold.simulate import CostModel, Link
 from pipefold.timeline import Timeline
 
 __all__ = [
-    "event_work", "measured_action_overhead", "measured_cost_model", "measured_gathers", "measured_link",
-    "recorded_cores",
+    "action_gaps", "event_work", "measured_action_overhead", "measured_cost_model", "measured_gathers",
+    "measured_link", "recorded_cores", "trimmed_mean",
 ]
 
 
@@ -198,10 +198,10 @@ def typical_duration(values: Sequence[float]) -> float:
     return statistics.fmean(kept)
 
 
-def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
-    """Mean gap between consecutive compute actions of a rank, not counting waits (see
-    docs/decisions.md, "measured costs"); 0 when no rank ran two actions."""
-    gaps: list[float] = []
+def action_gaps(timelines: Sequence[Timeline]) -> Iterator[tuple[Action, float]]:
+    """Each compute action that a rank's next one follows in the same step, with the gap between
+    them: from its end to the next action's start or the start of the wait before it (a wait is
+    not the runtime's time)."""
     for timeline in timelines:
         for rank, row in enumerate(timeline.events):
             waited = {(wait.step, wait.waiting_for): wait.start for wait in timeline.waits[rank]}
@@ -209,12 +209,21 @@ def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
                 if after.step != before.step:
                     continue
                 until = waited.get((after.step, after.action), after.start)
-                gaps.append(max(until - before.end, 0.0))
-    if not gaps:
-        return 0.0
-    gaps.sort()
-    kept = gaps[: len(gaps) - len(gaps) // 20]  # without the largest 5% (none below 20 gaps)
-    return sum(kept) / len(kept)
+                yield before.action, max(until - before.end, 0.0)
+
+
+def trimmed_mean(values: Sequence[float]) -> float:
+    """The mean without the largest 5% (none below 20 values: a preemption is not a cost); 0
+    without values."""
+    ordered = sorted(values)
+    kept = ordered[: len(ordered) - len(ordered) // 20]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+def measured_action_overhead(timelines: Sequence[Timeline]) -> float:
+    """Mean gap between consecutive compute actions of a rank, not counting waits (see
+    docs/decisions.md, "measured costs"), without the largest 5%; 0 when no rank ran two actions."""
+    return trimmed_mean([gap for _, gap in action_gaps(timelines)])
 
 
 def _producers(consumer: Action) -> tuple[Action, ...]:

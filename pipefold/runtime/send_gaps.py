@@ -13,18 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipefold.runtime.measured import action_gaps, trimmed_mean
 from pipefold.schedule import Schedule
 from pipefold.simulate.costs import sent_boundary
 from pipefold.timeline import Timeline
 
 __all__ = ["measured_send_gaps"]
-
-
-def _trimmed_mean(values: list[float]) -> float:
-    """The mean without the largest 5% (as `measured_action_overhead`: a preemption is not a cost)."""
-    values = sorted(values)
-    kept = values[: len(values) - len(values) // 20]
-    return sum(kept) / len(kept) if kept else 0.0
 
 
 def measured_send_gaps(timelines: Sequence[Timeline], schedule: Schedule) -> dict[str, float | int]:
@@ -34,15 +28,7 @@ def measured_send_gaps(timelines: Sequence[Timeline], schedule: Schedule) -> dic
     (`kept_s`, over `num_kept`); each without its largest 5%; 0 where none."""
     sent: list[float] = []
     kept: list[float] = []
-    placement = schedule.placement
-    for timeline in timelines:
-        for rank, row in enumerate(timeline.events):
-            waited = {(wait.step, wait.waiting_for): wait.start for wait in timeline.waits[rank]}
-            for before, after in zip(row, row[1:], strict=False):
-                if after.step != before.step:
-                    continue
-                until = waited.get((after.step, after.action), after.start)
-                gap = max(until - before.end, 0.0)
-                (sent if sent_boundary(before.action, placement) >= 0 else kept).append(gap)
-    return {"sent_s": _trimmed_mean(sent), "kept_s": _trimmed_mean(kept), "num_sent": len(sent),
+    for action, gap in action_gaps(timelines):
+        (sent if sent_boundary(action, schedule.placement) >= 0 else kept).append(gap)
+    return {"sent_s": trimmed_mean(sent), "kept_s": trimmed_mean(kept), "num_sent": len(sent),
             "num_kept": len(kept)}
