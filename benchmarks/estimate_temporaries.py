@@ -13,6 +13,10 @@ profile measures each layer's `backward_temporary_bytes` from the CPU allocator'
 (`pipefold.plan.estimate_temporaries`, through `GptEstimate.backward_temporaries` at tp = 1; the
 temporaries do not depend on the hardware file, h100-80gb gives the bf16 dtype). Prints one row per
 (shape, precision, attention) with formula / measured per layer and the worst error.
+`--activations` compares each layer's saved bytes instead (`activation_bytes`, and in bf16
+`activation_bytes_from_boundary`: from the layer's input cast to 16 bits, as a stage's first layer
+receives it), with the estimate on the `cpu` preset (the CPU's saved dtypes: its norms keep a 16-bit
+input as it is, the built-in GPT's fused core saves fp32).
 """
 
 from __future__ import annotations
