@@ -9,7 +9,9 @@ vocabulary V, and b bytes per value:
   being the weight gradient (W = 24·T·d²);
 - a block keeps 16·T·d values for its backward (layer-norm inputs, q/k/v, attention
   output, MLP input, pre- and post-activation: no dropout, fused attention, so no
-  T² scores), and emits T·d;
+  T² scores), and emits T·d; under autocast over fp32 weights the two layer-norm inputs (and the
+  final norm's) are the fp32 residual stream, 4 bytes each (CUDA's autocast: its norms save an
+  fp32 copy of a 16-bit input too, so a stage's first block saves as much);
 - the head does 2·T·d·V FLOPs forward and keeps its input (T·d), the loss its fp32
   log-probabilities (T·V·max(b, 4): `loss_bytes`, held on the last stage, recomputed or not);
 - each layer's backward holds temporaries beyond what its forward saved, and the loss's backward
@@ -178,11 +180,15 @@ def gpt_costs(
         )
 
     products = 24 * t * d * d
-    block = layer(products + 4 * t * t * d, products, 16 * t * d * b, gpt_block_parameters(d),
+    # The norms save their inputs, the residual stream: fp32 under autocast over fp32 weights (in a
+    # stage and, CUDA's autocast, from a 16-bit boundary: an fp32 copy), else the values' bytes.
+    norm_input = 4 if mixed else b
+    whole, split = 2 * t * d * (norm_input + b), 12 * t * d * b  # tp keeps LN, qkv and MLP inputs whole
+    block = layer(products + 4 * t * t * d, products, whole + split, gpt_block_parameters(d),
                   gpt_block_cast_parameters(d), 12 * d * d)
     head_flops = 2 * t * d * v
     embed, position, norm = layer(0.0, 0.0, 0, v * d), layer(t * d, 0.0, 0, t * d), layer(
-        8 * t * d, 2 * t * d, t * d * b, 2 * d)
+        8 * t * d, 2 * t * d, t * d * norm_input, 2 * d)
     if mixed:
         # Inside a stage the residual stream is in the weights' dtype from the embeddings on, and
         # a block handed a 16-bit boundary passes it on in 16 bits; the final norm returns fp32
@@ -235,7 +241,8 @@ def gpt_costs(
             + (f"; weight casts at {memory_bandwidth:.3g} B/s" if mixed and memory_bandwidth else "")
         ),
     )
-    return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads)
+    return with_gpt_tensor_parallel(costs, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                                    activation_share=split / (whole + split))
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,12 @@ class GptEstimate:
       and output) plus, unless the attention is fused (flash), a s^2 b softmax output and, with
       dropout, its dropped copy, and masks of a s^2 b + 2 sbh bytes; tp splits all but the LN
       inputs, qkv and MLP inputs and masks of the stream, sequence parallelism splits everything;
-      `megatron` at v = 2 gives Korthikanti's sbh (34 + 5 a s / h);
+      `megatron` at v = 2 gives Korthikanti's sbh (34 + 5 a s / h). Under autocast over fp32
+      weights the LN inputs (and the final norm's) are the fp32 residual stream (a CPU's norms
+      handed a 16-bit stage input save it in 16 bits: `activation_bytes_from_boundary`), and on a
+      CPU the fused core saves q, k, v and its output in fp32 (the built-in GPT runs it in fp32
+      there) beside the projection's 16-bit input; the norms' per-token mean and 1/std and the
+      fused core's log-sum-exp (fp32, 16 + 4 a bytes per token) are left out;
     - selective recomputation (`recompute_attention`): the softmax, dropout and their s^2 terms
       are not kept, and the backward runs the attention core's forward again.
     - the token embedding and output layer: split over the vocabulary under tp where
@@ -341,21 +353,59 @@ class GptEstimate:
         peak = self.hardware.peak(self.dtype)
         return flops / (peak * self.hardware.matmul_for(self.dtype)(flops)) if flops > 0 else 0.0
 
-    def block_activation_bytes(self, rows: int, tensor_parallel: int, sequence_parallel: bool) -> int:
-        """What one decoder block keeps for its backward (module docstring; Korthikanti Table 2)."""
-        s, b, h, a, t, v = self.seq_len, rows, self.d_model, self.num_heads, tensor_parallel, self.value_bytes
-        sbh = s * b * h
-        mask = 1 if self.dropout else 0
-        # Kept whole on every tp rank without sequence parallelism: the two LN inputs, the qkv and
-        # MLP inputs (4 sbh values) and the two stream dropout masks.
-        whole = 4 * sbh * v + 2 * sbh * mask
-        # Split by tp: q, k, v, the projection input, GELU input and output (12 sbh values).
-        split = 12 * sbh * v
-        if not self.fused_attention and not self.recompute_attention:
-            split += a * s * s * b * (v + (v + mask if self.dropout else 0))
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes per value of the residual stream inside a stage: fp32 under autocast over fp32
+        weights (the embeddings' tables are fp32, and an fp32 tensor plus a 16-bit one is fp32),
+        else the compute dtype's."""
+        return 4 if self.parameter_element_bytes > self.value_bytes else self.value_bytes
+
+    @property
+    def core_bytes(self) -> int:
+        """Bytes per value of what the fused attention core saves: fp32 on a CPU in 16 bits (the
+        built-in GPT runs its core in fp32 there: `pipefold.model.zoo.gpt._attention_core`), else
+        the compute dtype's. A recomputed core keeps only its 16-bit inputs."""
+        fp32_core = (self.fused_attention and not self.recompute_attention and self.hardware.device == "cpu"
+                     and self.value_bytes < 4)
+        return 4 if fp32_core else self.value_bytes
+
+    def block_activation_bytes(self, rows: int, tensor_parallel: int, sequence_parallel: bool, *,
+                               from_boundary: bool = False) -> int:
+        """What one decoder block keeps for its backward (module docstring; Korthikanti Table 2,
+        with the dtypes the runtime saves in). `from_boundary`: the block handed its stage's 16-bit
+        input, whose layer norms save that input as it is on a CPU (`activation_bytes_from_boundary`;
+        CUDA's autocast saves an fp32 copy either way)."""
+        whole, split = self._block_activation_parts(rows, from_boundary=from_boundary)
+        t = tensor_parallel
         if sequence_parallel:
             return (whole + split) // t
         return whole + split // t
+
+    def block_tensor_parallel_share(self) -> float:
+        """The share of a block's activation bytes tensor parallelism divides (`LayerCost.
+        tensor_parallel_activation_share`): 0.75 where every value has the compute dtype's bytes,
+        less where the layer norms' fp32 inputs, kept whole, weigh more."""
+        whole, split = self._block_activation_parts(1, from_boundary=False)
+        return split / (whole + split)
+
+    def _block_activation_parts(self, rows: int, *, from_boundary: bool) -> tuple[int, int]:
+        """(kept whole, split by tp) bytes of one block's saved tensors, whole (tp = 1)."""
+        s, b, h, a, v = self.seq_len, rows, self.d_model, self.num_heads, self.value_bytes
+        sbh = s * b * h
+        mask = 1 if self.dropout else 0
+        # The two LN inputs are the residual stream (fp32 under autocast over fp32 weights; on a
+        # CPU a 16-bit stream passed on from a boundary stays 16-bit).
+        norm_input = v if from_boundary and self.hardware.device == "cpu" else self.stream_bytes
+        # Kept whole on every tp rank without sequence parallelism: the two LN inputs, the qkv and
+        # MLP inputs (4 sbh values) and the two stream dropout masks.
+        whole = 2 * sbh * norm_input + 2 * sbh * v + 2 * sbh * mask
+        # Split by tp: q, k, v, the projection input, GELU input and output (12 sbh values); a core
+        # run in fp32 saves q, k, v and its output in fp32, and the projection its 16-bit copy.
+        core = self.core_bytes
+        split = 4 * sbh * core + (sbh * v if core != v else 0) + 8 * sbh * v
+        if not self.fused_attention and not self.recompute_attention:
+            split += a * s * s * b * (v + (v + mask if self.dropout else 0))
+        return whole, split
 
     def at(self, rows: int, tensor_parallel: int, link: Link, sequence_parallel: bool) -> ModelCosts:
         s, b, h, a, t = self.seq_len, rows, self.d_model, self.num_heads, tensor_parallel
@@ -419,7 +469,9 @@ class GptEstimate:
         norm_s = 4 * sbh * v / (t if sp else 1) / bandwidth
         norm = LayerCost(
             forward_s=norm_s, backward_s=2 * norm_s, weight_grad_s=norm_s / 2,
-            activation_bytes=sbh * v // (t if sp else 1), output_bytes=sbh * v, parameter_bytes=2 * h * pe,
+            # It saves its input, the residual stream (fp32 under autocast over fp32 weights).
+            activation_bytes=sbh * self.stream_bytes // (t if sp else 1), output_bytes=sbh * v,
+            parameter_bytes=2 * h * pe,
             no_decay_parameter_bytes=2 * h * pe,
         )
         head_flops = 2 * sbh * vocab / vt
@@ -496,7 +548,8 @@ class GptEstimate:
         # At tp = 1 the blocks carry their tp shares, so the planner knows which degrees split (the
         # split itself is priced by `at`, not by `split_costs`).
         marked = with_gpt_tensor_parallel(costs, num_layers=self.num_layers, d_model=self.d_model,
-                                          num_heads=self.num_heads)
+                                          num_heads=self.num_heads,
+                                          activation_share=self.block_tensor_parallel_share())
         return replace(marked, tensor_parallel_degrees=degrees)
 
     def _stage_outputs(self, rows: int, tensor_parallel: int, sequence_parallel: bool,
@@ -507,16 +560,24 @@ class GptEstimate:
         next layer keeps: `pipefold.plan.in_stage`): the residual stream is fp32 from the
         embeddings on (fp32 tables; an fp32 tensor plus a 16-bit one is fp32), and a block handed
         a 16-bit boundary passes it on in 16 bits. The final norm returns fp32 on CUDA (autocast's
-        fp32 list), its input's dtype on CPU."""
+        fp32 list), its input's dtype on CPU. On CPU a block or the final norm handed that 16-bit
+        stream saves its norms' inputs in 16 bits (`activation_bytes_from_boundary`); CUDA's
+        autocast saves their fp32 copies, as from the fp32 stream."""
         embed, position, block, norm = layers
         stream = self.seq_len * rows * self.d_model * 4
         split = tensor_parallel if sequence_parallel else 1
-        from_boundary = stream if self.hardware.device == "cuda" else norm.output_bytes
+        cpu = self.hardware.device == "cpu"
+        from_boundary = norm.output_bytes if cpu else stream
+        block_saved = self.block_activation_bytes(rows, tensor_parallel, sequence_parallel,
+                                                  from_boundary=True) if cpu else None
+        norm_saved = self.seq_len * rows * self.d_model * self.value_bytes // split if cpu else None
         return (replace(embed, stage_output_bytes=stream),
                 replace(position, stage_output_bytes=stream // split),
                 replace(block, stage_output_bytes=stream // split,
-                        stage_output_bytes_from_boundary=block.output_bytes),
-                replace(norm, stage_output_bytes=stream, stage_output_bytes_from_boundary=from_boundary))
+                        stage_output_bytes_from_boundary=block.output_bytes,
+                        activation_bytes_from_boundary=block_saved),
+                replace(norm, stage_output_bytes=stream, stage_output_bytes_from_boundary=from_boundary,
+                        activation_bytes_from_boundary=norm_saved))
 
     def backward_temporaries(self, rows: int, tensor_parallel: int, sequence_parallel: bool
                              ) -> tuple[tuple[int, int], ...]:

@@ -27,6 +27,11 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
   `tie_word_embeddings` (default: the family's, `hf_ties`), which is what `pipefold.split` finds
   in the built model (`pipefold.model.ties.layer_ties`; a test holds the two equal); measured
   costs (`pipefold profile --model DIR`) take the split's finding directly.
+- mixed precision, inside a stage (what a recomputed stage's layers keep: `LayerCost.
+  stage_output_bytes`, `stage_output_bytes_from_boundary`): the prefix and each block hand the
+  next layer the hidden state (and rotary tables) in fp32, a block handed its stage's 16-bit input
+  passes it on in 16 bits (measured the same by a bf16 profile of GPT-2 and Llama); a GPT-2
+  block's two layer norms save the fp32 stream (4 bytes a value), as the built-in GPT's.
 No tensor-parallel split is priced (train splits these blocks; this estimate does not).
 Times are FLOPs / `flops`: a shape, not a measurement.
 """
@@ -34,6 +39,7 @@ Times are FLOPs / `flops`: a shape, not a measurement.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pipefold.errors import ConfigError
@@ -196,10 +202,23 @@ def hf_costs(
 
     head_flops = 2 * t * d * v
     norms = 4 * d if gpt2 else 2 * d  # a block's two norms: the only weights autocast does not cast
+    prefix = layer(t * d, 0.0, 0, carried, prefix_params)  # embeddings: gathers, nothing cast
+    block = layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms,
+                  products // (2 * t))
+    if mixed:
+        # Inside a stage the hidden state (and Llama's rotary tables, made in its dtype) is fp32
+        # from the fp32 embeddings on (an fp32 tensor plus a 16-bit one is fp32); a block handed a
+        # 16-bit boundary passes it on in 16 bits, as the built-in GPT's (`pipefold.plan.in_stage`).
+        stream = carried * 4
+        prefix = replace(prefix, stage_output_bytes=stream)
+        block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=block.output_bytes)
+        if gpt2:
+            # Its two layer norms save their inputs, the fp32 stream, as the built-in GPT's (CUDA's
+            # autocast saves an fp32 copy of a 16-bit one too: `gpt_costs`).
+            block = replace(block, activation_bytes=block.activation_bytes + 2 * t * d * (4 - b))
     layers = [
-        layer(t * d, 0.0, 0, carried, prefix_params),  # embeddings: gathers, nothing cast
-        *([layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms,
-                 products // (2 * t))] * num_layers),
+        prefix,
+        *([block] * num_layers),
         # The final norm, and the head's V x d weight (no bias) cast.
         layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params, v * d,
               v * d),

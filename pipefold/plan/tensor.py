@@ -162,13 +162,14 @@ def gpt_block_cast_parameters(d_model: int) -> int:
 
 
 def with_gpt_tensor_parallel(
-    costs: ModelCosts, *, num_layers: int, d_model: int, num_heads: int
+    costs: ModelCosts, *, num_layers: int, d_model: int, num_heads: int, activation_share: float = 0.75
 ) -> ModelCosts:
     """The built-in GPT's costs (layers of `pipefold.model.zoo.gpt_layers`) with its decoder
     blocks marked as `gpt_tensor_parallel_plan` splits them: attention by heads and the MLP,
     every weight but the two layer norms and the row-split linears' biases, two all-reduces
-    per forward (and two per backward), three quarters of the activations (the
-    layer norms' inputs and outputs stay whole), degrees dividing `num_heads`; and, for
+    per forward (and two per backward), `activation_share` of the activations (three quarters
+    where every saved value has the same bytes: the layer norms' inputs and outputs stay whole;
+    less under autocast over fp32 weights, whose norms save fp32), degrees dividing `num_heads`; and, for
     sequence parallelism, the layers whose output it splits (the position embedding and
     the blocks)."""
     d = d_model
@@ -179,7 +180,7 @@ def with_gpt_tensor_parallel(
         replace(
             layer,
             tensor_parallel_share=split / parameters,
-            tensor_parallel_activation_share=0.75,
+            tensor_parallel_activation_share=activation_share,
             # Of its cast weights and biases, all but the row-split linears' biases (2d); of the
             # copies its forward saves (the weights'), all.
             tensor_parallel_cast_share=1 - 2 * d / gpt_block_cast_parameters(d),
