@@ -121,14 +121,24 @@ def test_gpt_estimate_prices_16_bit_activations_and_fp32_weights():
     sizes = {"num_layers": 2, "d_model": 32, "num_heads": 4, "seq_len": 16}
     fp32 = gpt_costs(**sizes)
     mixed = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=4)
-    for full, half in zip(fp32.layers, mixed.layers, strict=True):
-        assert half.activation_bytes * 2 == full.activation_bytes
-        assert half.output_bytes * 2 == full.output_bytes
-        assert half.parameter_bytes == full.parameter_bytes
+    pure = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=2)
+    for full, half, autocast in zip(fp32.layers, pure.layers, mixed.layers, strict=True):
+        assert half.activation_bytes * 2 == full.activation_bytes  # one 16-bit dtype throughout
+        assert autocast.output_bytes * 2 == half.output_bytes * 2 == full.output_bytes
+        assert autocast.parameter_bytes == full.parameter_bytes
+    # Under autocast over fp32 weights the layer norms save the fp32 residual stream: each block's
+    # two norms 2 more bytes a value than 16 bits (T x d values each), the final norm its fp32 input.
+    tokens_by_width = 16 * 32
+    embeddings, blocks = mixed.layers[:2], mixed.layers[2:4]
+    final_norm, head = mixed.layers[4], mixed.layers[5]
+    assert [layer.activation_bytes for layer in embeddings] == [0, 0]
+    assert all(layer.activation_bytes == pure.layers[2].activation_bytes + 2 * tokens_by_width * 2
+               for layer in blocks)
+    assert final_norm.activation_bytes == fp32.layers[4].activation_bytes
+    assert head.activation_bytes == pure.layers[5].activation_bytes
     # Adam's fp32 moments: 8 bytes per weight; with bf16 weights (bf16-pure) also the fp32
     # masters, 12 bytes per weight, 6 per byte of a bf16 weight (what the job report measures).
     assert fp32.optimizer_bytes_per_parameter_byte == mixed.optimizer_bytes_per_parameter_byte == 2.0
-    pure = gpt_costs(**sizes, bytes_per_value=2, parameter_bytes_per_value=2)
     assert pure.optimizer_bytes_per_parameter_byte == 6.0
     def optimizer_bytes(costs):
         return costs.parameter_bytes * costs.optimizer_bytes_per_parameter_byte
