@@ -135,7 +135,7 @@ def hf_costs(
     with 16-bit values over fp32 weights (bf16, fp16) each layer's `cast_bytes` are autocast's
     copies of its linear (GPT-2: Conv1D) weights and biases, timed at `memory_bandwidth` (bytes/s;
     None: no time) as a copy (read 4 bytes, write 2, an element). `device` ("cpu", measured; "cuda",
-    assumed) is where the runtime saves the activations: see "Saved tensors" above."""
+    assumed) is where the runtime saves the activations (`pipefold.plan.hf_saved`)."""
     model_type = str(config.get("model_type", ""))
     gpt2 = model_type == "gpt2"
     if not gpt2 and model_type not in LLAMA_FAMILIES:
