@@ -5,14 +5,15 @@
 
 The layers are what `pipefold.split` cuts the model into (and `pipefold train --model`
 trains): the prefix (token embedding, GPT-2's position embedding), one layer per decoder
-block, the suffix (final norm and head). The formulas are the built-in GPT's
-(`pipefold.plan.estimate`) with the config's sizes; per sample of T tokens, width d,
-intermediate (MLP) width I, vocabulary V, b bytes per value:
+block, the suffix (final norm and head). The FLOP and parameter formulas are the built-in
+GPT's (`pipefold.plan.estimate`) with the config's sizes; the saved bytes are what the model's own
+code saves (`pipefold.plan.hf_saved`: the activation function, the dropouts, sdpa's math path and
+its T x T tensors, RMSNorm's fp32 copies, autocast's copy per linear); per sample of T tokens,
+width d, intermediate (MLP) width I, vocabulary V, b bytes per value:
 - GPT-2 block: 2·T·(4d² + 2dI) FLOPs of matrix products forward plus 4·T²·d for attention,
-  keeps T·(8d + 2I) values, has 4d² + 2dI + 9d + I parameters (I = 4d gives the GPT's 24·T·d²,
-  16·T·d and 12d² + 13d);
+  has 4d² + 2dI + 9d + I parameters (I = 4d gives the GPT's 24·T·d² and 12d² + 13d);
 - Llama-style block (llama, mistral, qwen2: h query heads of width d/h, g key/value heads,
-  gated MLP): 2·T·(2d² + 2d·g·d/h + 3dI) FLOPs plus 4·T²·d, keeps T·(5d + 2g·d/h + 3I),
+  gated MLP): 2·T·(2d² + 2d·g·d/h + 3dI) FLOPs plus 4·T²·d,
   2d² + 2d·g·d/h + 3dI + 2d parameters (plus qwen2's query/key/value biases, and llama's with
   `attention_bias` / `mlp_bias`); its output also carries the rotary tables (2·T·d/h);
 - backward twice the forward, the products' share of it being the weight gradient;
@@ -20,7 +21,8 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
   16-bit copies of every linear's (GPT-2: Conv1D's) weight and bias, held once a step, are each
   layer's `cast_bytes`: a block's parameters less its norms', the head's V·d, none for the
   embeddings (measured the same, layer by layer, by a bf16 profile: tests/plan/test_hf_estimate.py);
-- the head: 2·T·d·V FLOPs, keeps T·(d + V); a tied head counts the V·d table on both ends,
+- the head: 2·T·d·V FLOPs, keeps the final norm's and its own inputs and, for the loss, T·V
+  logits; a tied head counts the V·d table on both ends,
   and the costs' `tied_layers` name the prefix and the suffix as holding that one weight
   (`tied_parameter_bytes`: V·d at the weights' bytes), so the planner counts it once on a rank
   holding both (full sharding on a V schedule's rank 0: one gather unit). The tie is transformers' own rule,
@@ -30,8 +32,7 @@ intermediate (MLP) width I, vocabulary V, b bytes per value:
 - mixed precision, inside a stage (what a recomputed stage's layers keep: `LayerCost.
   stage_output_bytes`, `stage_output_bytes_from_boundary`): the prefix and each block hand the
   next layer the hidden state (and rotary tables) in fp32, a block handed its stage's 16-bit input
-  passes it on in 16 bits (measured the same by a bf16 profile of GPT-2 and Llama); a GPT-2
-  block's two layer norms save the fp32 stream (4 bytes a value), as the built-in GPT's.
+  passes it on in 16 bits (measured the same by a bf16 profile of GPT-2 and Llama).
 No tensor-parallel split is priced (train splits these blocks; this estimate does not).
 Times are FLOPs / `flops`: a shape, not a measurement.
 """
@@ -45,6 +46,7 @@ from typing import Any
 from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.estimate import decoder_flops_per_token
+from pipefold.plan.hf_saved import SAVED_ON, hf_saved_bytes
 
 __all__ = ["LLAMA_FAMILIES", "LayerTies", "hf_costs", "hf_flops_per_token", "hf_ties"]
 
@@ -122,6 +124,7 @@ def hf_costs(
     ties: Sequence[tuple[Sequence[int], int]] | None = None,
     parameter_bytes_per_value: int | None = None,
     memory_bandwidth: float | None = None,
+    device: str = "cpu",
 ) -> ModelCosts:
     """Per-sample costs (reference_rows = 1) of the decoder `config` (a parsed config.json) as
     `pipefold.split` layers it, estimated as the module docstring says. `seq_len` defaults to the
@@ -131,7 +134,8 @@ def hf_costs(
     `parameter_bytes_per_value` (default the same) weights, as `gpt_costs` (`PRECISION_BYTES`):
     with 16-bit values over fp32 weights (bf16, fp16) each layer's `cast_bytes` are autocast's
     copies of its linear (GPT-2: Conv1D) weights and biases, timed at `memory_bandwidth` (bytes/s;
-    None: no time) as a copy (read 4 bytes, write 2, an element)."""
+    None: no time) as a copy (read 4 bytes, write 2, an element). `device` ("cpu", measured; "cuda",
+    assumed) is where the runtime saves the activations (`pipefold.plan.hf_saved`)."""
     model_type = str(config.get("model_type", ""))
     gpt2 = model_type == "gpt2"
     if not gpt2 and model_type not in LLAMA_FAMILIES:
@@ -163,6 +167,8 @@ def hf_costs(
     if memory_bandwidth is not None and not memory_bandwidth > 0:
         raise ConfigError(f"hf_costs: memory_bandwidth = {memory_bandwidth!r}; give the device's bytes/s, "
                           "e.g. 2e12 (or None: the casts take no time)")
+    if device not in SAVED_ON:
+        raise ConfigError(f"hf_costs: device = {device!r}; give one of {', '.join(SAVED_ON)}")
     b = bytes_per_value
     mixed = b < p  # 16-bit values with wider weights: autocast casts the linears' weights and biases
     found = hf_ties(config) if ties is None else tuple((tuple(group), size) for group, size in ties)
@@ -170,7 +176,6 @@ def hf_costs(
     if gpt2:
         inner = _size(config, "n_inner", default=4 * d)
         products = 2 * t * (4 * d * d + 2 * d * inner)
-        kept = t * (8 * d + 2 * inner)
         block_params = 4 * d * d + 2 * d * inner + 9 * d + inner
         carried = t * d
         prefix_params = v * d + max_positions * d
@@ -180,7 +185,6 @@ def hf_costs(
         head_dim = _size(config, "head_dim", default=d // num_heads)
         kv_width = _size(config, "num_key_value_heads", default=num_heads) * head_dim
         products = 2 * t * (2 * d * d + 2 * d * kv_width + 3 * d * inner)
-        kept = t * (5 * d + 2 * kv_width + 3 * inner)
         block_params = (2 * d * d + 2 * d * kv_width + 3 * d * inner + 2 * d
                         + _llama_biases(config, d, kv_width, inner))
         carried = t * d + 2 * t * head_dim  # the hidden state and the rotary cos/sin tables
@@ -200,11 +204,14 @@ def hf_costs(
             saved_cast_bytes=saved * b if mixed else None,  # the weights' copies, not the biases'
         )
 
+    saved = hf_saved_bytes(config, seq_len=t, bytes_per_value=b, parameter_bytes_per_value=p, device=device)
     head_flops = 2 * t * d * v
     norms = 4 * d if gpt2 else 2 * d  # a block's two norms: the only weights autocast does not cast
     prefix = layer(t * d, 0.0, 0, carried, prefix_params)  # embeddings: gathers, nothing cast
-    block = layer(products + 4 * t * t * d, products, kept, carried, block_params, block_params - norms,
+    prefix = replace(prefix, activation_bytes=saved.prefix)
+    block = layer(products + 4 * t * t * d, products, 0, carried, block_params, block_params - norms,
                   products // (2 * t))
+    block = replace(block, activation_bytes=saved.block)
     if mixed:
         # Inside a stage the hidden state (and Llama's rotary tables, made in its dtype) is fp32
         # from the fp32 embeddings on (an fp32 tensor plus a 16-bit one is fp32); a block handed a
@@ -212,16 +219,13 @@ def hf_costs(
         stream = carried * 4
         prefix = replace(prefix, stage_output_bytes=stream)
         block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=block.output_bytes)
-        if gpt2:
-            # Its two layer norms save their inputs, the fp32 stream, as the built-in GPT's (CUDA's
-            # autocast saves an fp32 copy of a 16-bit one too: `gpt_costs`).
-            block = replace(block, activation_bytes=block.activation_bytes + 2 * t * d * (4 - b))
     layers = [
         prefix,
         *([block] * num_layers),
         # The final norm, and the head's V x d weight (no bias) cast.
-        layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * (d + v), t * v, v * d + norm_params, v * d,
-              v * d),
+        # It saves the norm's and the head's inputs (`hf_saved_bytes`) and, for the loss, the logits.
+        replace(layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * v, t * v, v * d + norm_params,
+                      v * d, v * d), activation_bytes=saved.suffix + t * v * b),
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)
