@@ -234,6 +234,41 @@ def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
     )
 
 
+def _hf_hardware_estimate(args: argparse.Namespace, hardware: Any) -> ModelCosts:
+    """`hf_costs` of the Hugging Face model `--model` on a hardware file: FLOPs at the file's peak
+    for the compute dtype times its matrix-product efficiency at one sample's d x d product (the
+    estimate has no per-product shapes), element-wise casts at its memory bandwidth, and what the
+    layers save as its `device` saves it."""
+    for flag in ("--flops", "--bytes-per-value", "--memory-bandwidth"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise ConfigError(f"{flag} and --hardware both say how fast the device is; drop {flag}")
+    for flag, given in (("--megatron", args.megatron), ("--recompute-attention", args.recompute_attention)):
+        if given:
+            raise ConfigError(f"{flag} shapes the built-in GPT's estimate, not a Hugging Face model's "
+                              f"(--model {args.model}); drop {flag}")
+    dtype = args.dtype or hardware.default_dtype
+    if args.precision is not None:
+        computed = {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(args.precision, "fp32")
+        if args.dtype is not None and args.dtype != computed:
+            raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} (computing in "
+                              f"{computed}) disagree; give one")
+        dtype = computed
+    value_bytes = 2 if dtype in ("bf16", "fp16") else 4
+    parameter_bytes = PRECISION_BYTES[args.precision][1] if args.precision is not None else value_bytes
+    files = inspect_model(args.model, field="--model")
+    width = files.hidden_size
+    efficiency = hardware.matmul_for(dtype)(2.0 * args.seq_len * width * width)
+    flops = hardware.peak(dtype) * efficiency
+    costs = hf_costs(
+        files.config, seq_len=args.seq_len, flops=flops, bytes_per_value=value_bytes,
+        overhead_s=0.0 if args.overhead is None else args.overhead,
+        parameter_bytes_per_value=parameter_bytes, memory_bandwidth=hardware.memory_bandwidth,
+        device=hardware.device,
+    )
+    return dataclasses.replace(
+        costs, source=f"{costs.source} (hardware {hardware.name}: its {dtype} peak x {efficiency:.3g})")
+
+
 def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
     estimate_only = [flag for flag, given in (("--dtype", args.dtype), ("--megatron", args.megatron),
                                                ("--recompute-attention", args.recompute_attention)) if given]
@@ -241,6 +276,8 @@ def _costs(args: argparse.Namespace, hardware: Any = None) -> Any:
         raise ConfigError(f"{estimate_only[0]} shapes the estimate of --model gpt on a --hardware file; add "
                           f"--hardware (and --model gpt without --measure), or drop {estimate_only[0]}")
     if args.model and not args.measure and hardware is not None:
+        if _is_hf(args):
+            return _hf_hardware_estimate(args, hardware)
         return _hardware_estimate(args, hardware)
     if args.measure and not args.model:
         raise ConfigError("--measure goes with --model gpt (or use --profile); --costs are already numbers")

@@ -101,6 +101,20 @@ def test_plan_a_config_json_and_get_the_train_command(tmp_path, capsys):
     assert f"--model {path} --seq-len 16 --partition " in command and "--num-layers" not in command
 
 
+def test_plan_a_config_json_on_a_hardware_file_prices_that_model(tmp_path, capsys):
+    # --hardware once planned the built-in GPT's default sizes in place of --model DIR.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GPT2))
+    words = ["plan", "--model", str(path), "--seq-len", "16", "--ranks", "2", "--batch-size", "8",
+             "--schedule", "1f1b", "--order-search", "0", "--json"]
+    assert main([*words, "--hardware", "h100-80gb"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Hugging Face gpt2" in out["source"] and "hardware h100-80gb: its bf16 peak" in out["source"]
+    assert sum(out["choice"]["pipeline_kwargs"]["partition"]) == 5  # the config's 3 blocks, not the GPT's
+    assert main([*words, "--hardware", "h100-80gb", "--megatron"]) != 0
+    assert "--megatron shapes the built-in GPT's estimate" in capsys.readouterr().err
+
+
 def test_plan_refuses_an_unsupported_family_without_torch(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**GPT2, "model_type": "bert"}))
