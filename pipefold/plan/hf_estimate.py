@@ -47,6 +47,7 @@ from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.estimate import decoder_flops_per_token
 from pipefold.plan.hf_saved import SAVED_ON, hf_saved_bytes
+from pipefold.plan.hf_temporaries import hf_backward_temporaries
 
 __all__ = ["LLAMA_FAMILIES", "LayerTies", "hf_costs", "hf_flops_per_token", "hf_ties"]
 
@@ -219,13 +220,19 @@ def hf_costs(
         stream = carried * 4
         prefix = replace(prefix, stage_output_bytes=stream)
         block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=block.output_bytes)
+    suffix = replace(layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * v, t * v, v * d + norm_params,
+                           v * d, v * d), activation_bytes=saved.suffix + t * v * b)
+    # What each backward allocates beyond its saved tensors (`pipefold.plan.hf_temporaries`).
+    prefix, block, suffix = (
+        replace(cost, backward_temporary_bytes=total, backward_temporary_fixed_bytes=fixed)
+        for cost, (total, fixed) in zip((prefix, block, suffix), hf_backward_temporaries(
+            config, seq_len=t, bytes_per_value=b, parameter_bytes_per_value=p), strict=True))
     layers = [
         prefix,
         *([block] * num_layers),
         # The final norm, and the head's V x d weight (no bias) cast.
         # It saves the norm's and the head's inputs (`hf_saved_bytes`) and, for the loss, the logits.
-        replace(layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * v, t * v, v * d + norm_params,
-                      v * d, v * d), activation_bytes=saved.suffix + t * v * b),
+        suffix,
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)
@@ -233,6 +240,10 @@ def hf_costs(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
+        # The loss's backward holds the gradients of the fp32 log-probabilities and of the logits.
+        loss_backward_bytes=2 * t * v * 4,
+        # The CPU runtime keeps its receive buffers between steps (none on CUDA).
+        keeps_receive_buffers=device == "cpu",
         overhead_s=overhead_s,
         # Adam in the weights' dtype; with 16-bit weights fp32 moments and master copies (as gpt_costs).
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,
