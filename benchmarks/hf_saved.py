@@ -65,9 +65,11 @@ def _measured(config: dict[str, Any], seq_len: int, rows: int, precision: str) -
 
 def _estimated(costs_of: Callable[..., Any], config: dict[str, Any], seq_len: int, rows: int,
                b: int) -> list[int]:
-    layers = costs_of(config, seq_len=seq_len, bytes_per_value=b, parameter_bytes_per_value=4).layers
-    saved = [rows * layer.activation_bytes for layer in layers]
-    return [saved[0], saved[1], saved[-1] - rows * seq_len * VOCAB * b]  # prefix, a block, suffix less logits
+    costs = costs_of(config, seq_len=seq_len, bytes_per_value=b, parameter_bytes_per_value=4)
+    saved = [rows * layer.activation_bytes for layer in costs.layers]
+    # An estimate older than `loss_bytes` priced the loss's logits in the suffix.
+    logits = 0 if getattr(costs, "loss_bytes", 0) else rows * seq_len * VOCAB * b
+    return [saved[0], saved[1], saved[-1] - logits]  # prefix, a block, suffix less logits
 
 
 def main() -> None:

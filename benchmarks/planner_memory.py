@@ -8,6 +8,7 @@
     PYTHONPATH=. python3 benchmarks/planner_memory.py --device cuda [--quick] [--json FILE]  # GPU allocator
     python benchmarks/planner_memory.py --allocator [--quick] [--precision bf16]  # CPU allocations, profiled
     python benchmarks/planner_memory.py --allocator --precision bf16 --tensor-parallel 2   # 4 processes
+    python benchmarks/planner_memory.py --allocator --model gpt2|llama|CONFIG  # planner_memory_hf.py
 
 For each configuration: `pipefold plan --profile` pinned to it (the layers measured here, the
 partition balanced on them) gives the predicted memory per rank and the command that trains it;
@@ -386,7 +387,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="--device cuda or --allocator: also write each configuration's plan and "
                         "summary.json memory to FILE (rewritten after each one)")
+    parser.add_argument("--model", metavar="gpt2|llama|DIR_OR_CONFIG",
+                        help="--allocator: a Hugging Face model (benchmarks/planner_memory_hf.py) instead of "
+                        "the built-in GPT")
     args = parser.parse_args()
+    if args.model is not None:
+        if not args.allocator or args.device != "cpu" or args.tensor_parallel != 1 or args.megatron:
+            raise SystemExit(f"--model {args.model} is checked against the CPU allocator only: add "
+                             "--allocator (without --device cuda, --tensor-parallel or --megatron)")
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.planner_memory_hf import hf_allocator_check
+
+        hf_allocator_check(args.model, args.quick, args.precision, args.json)
+        return
     if args.megatron:
         megatron(args.quick)
         return

@@ -255,7 +255,7 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
         )
     import torch
 
-    from pipefold.hf.model import load_causal_lm
+    from pipefold.hf.model import load_causal_lm, next_token_loss
     from pipefold.model.spec import layer_name
     from pipefold.model.split import SplitPiece
     from pipefold.model.ties import layer_ties
@@ -263,10 +263,14 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
 
     device, threads = _device_and_threads(args)
     precision = _precision(args, device)
-    in_precision = functools.partial(profile, precision=precision)
     lm = load_causal_lm(files.config_path, seq_len=args.seq_len)
     ids = torch.randint(0, files.vocab_size, (rows, args.seq_len), generator=torch.Generator().manual_seed(0))
-    profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, in_precision)
+    # With train's loss: what it saves (fp32 log-probabilities, as large as the logits) is the last
+    # stage's per micro-batch in flight, and its backward's two logits-sized gradients a temporary
+    # (`loss_bytes`, `loss_backward_bytes`); without it `plan --model DIR --measure` priced neither
+    # and was up to 15% under the CPU allocator's peak of GPipe's last rank (BENCHMARKS.md, h-hfpeaks).
+    with_loss = functools.partial(profile, loss_fn=next_token_loss, target=ids, precision=precision)
+    profiles, where = _profile(lm.layers, ids, device, threads, args.repeats, with_loss)
     source = (
         f"measured on {_in(where, precision)}, median of {args.repeats}: Hugging Face {files.model_type} "
         "from "
@@ -290,7 +294,8 @@ def measure_hf(args: argparse.Namespace, rows: int) -> GptProfile:
     def at(other_rows: int) -> list[LayerProfile]:
         other = torch.randint(0, files.vocab_size, (other_rows, args.seq_len),
                               generator=torch.Generator().manual_seed(0))
-        return _profile(lm.layers, other, device, threads, args.repeats, in_precision)[0]
+        return _profile(lm.layers, other, device, threads, args.repeats, functools.partial(
+            profile, loss_fn=next_token_loss, target=other, precision=precision))[0]
 
     costs = _with_overheads(costs, at, lm.layers, device, threads, precision)
     names = tuple(

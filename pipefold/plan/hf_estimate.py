@@ -21,8 +21,13 @@ width d, intermediate (MLP) width I, vocabulary V, b bytes per value:
   16-bit copies of every linear's (GPT-2: Conv1D's) weight and bias, held once a step, are each
   layer's `cast_bytes`: a block's parameters less its norms', the head's V·d, none for the
   embeddings (measured the same, layer by layer, by a bf16 profile: tests/plan/test_hf_estimate.py);
-- the head: 2·T·d·V FLOPs, keeps the final norm's and its own inputs and, for the loss, T·V
-  logits; a tied head counts the V·d table on both ends,
+- the head: 2·T·d·V FLOPs, keeps the final norm's and its own inputs; the loss its T·V fp32
+  log-probabilities (`loss_bytes`, held per micro-batch in flight with full recomputation too:
+  the head's 16-bit logits, b bytes, were priced in its place, 7-9% under the CPU allocator's
+  peak of GPipe's recomputing last rank) and, in its backward, two such gradients
+  (`loss_backward_bytes`); each layer's backward its temporaries (`pipefold.plan.hf_temporaries`);
+  on "cpu" the runtime's kept receive buffers (`keeps_receive_buffers`); a tied head counts the
+  V·d table on both ends,
   and the costs' `tied_layers` name the prefix and the suffix as holding that one weight
   (`tied_parameter_bytes`: V·d at the weights' bytes), so the planner counts it once on a rank
   holding both (full sharding on a V schedule's rank 0: one gather unit). The tie is transformers' own rule,
@@ -47,6 +52,7 @@ from pipefold.errors import ConfigError
 from pipefold.plan.costs import LayerCost, ModelCosts
 from pipefold.plan.estimate import decoder_flops_per_token
 from pipefold.plan.hf_saved import SAVED_ON, hf_saved_bytes
+from pipefold.plan.hf_temporaries import hf_backward_temporaries
 
 __all__ = ["LLAMA_FAMILIES", "LayerTies", "hf_costs", "hf_flops_per_token", "hf_ties"]
 
@@ -219,13 +225,20 @@ def hf_costs(
         stream = carried * 4
         prefix = replace(prefix, stage_output_bytes=stream)
         block = replace(block, stage_output_bytes=stream, stage_output_bytes_from_boundary=block.output_bytes)
+    # The head saves the final norm's and its own inputs (`hf_saved_bytes`); the loss's fp32
+    # log-probabilities (`next_token_loss` upcasts the logits) are `loss_bytes`: the last stage holds
+    # them per micro-batch in flight, recomputed or not, as the loss runs outside its checkpoints.
+    suffix = replace(layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * v, t * v, v * d + norm_params,
+                           v * d, v * d), activation_bytes=saved.suffix)
+    # What each backward allocates beyond its saved tensors (`pipefold.plan.hf_temporaries`).
+    prefix, block, suffix = (
+        replace(cost, backward_temporary_bytes=total, backward_temporary_fixed_bytes=fixed)
+        for cost, (total, fixed) in zip((prefix, block, suffix), hf_backward_temporaries(
+            config, seq_len=t, bytes_per_value=b, parameter_bytes_per_value=p), strict=True))
     layers = [
         prefix,
         *([block] * num_layers),
-        # The final norm, and the head's V x d weight (no bias) cast.
-        # It saves the norm's and the head's inputs (`hf_saved_bytes`) and, for the loss, the logits.
-        replace(layer(head_flops + 8 * t * d, head_flops + 2 * t * d, t * v, t * v, v * d + norm_params,
-                      v * d, v * d), activation_bytes=saved.suffix + t * v * b),
+        suffix,  # the final norm, and the head's V x d weight (no bias) cast
     ]
     cast_elements = sum(layer.cast_bytes for layer in layers) // b
     parameters = sum(layer.parameter_bytes for layer in layers)
@@ -233,6 +246,11 @@ def hf_costs(
         layers=tuple(layers),
         reference_rows=1,
         input_bytes=t * 8,  # int64 token ids
+        loss_bytes=t * v * 4,
+        # The loss's backward holds the gradients of the fp32 log-probabilities and of the logits.
+        loss_backward_bytes=2 * t * v * 4,
+        # The CPU runtime keeps its receive buffers between steps (none on CUDA).
+        keeps_receive_buffers=device == "cpu",
         overhead_s=overhead_s,
         # Adam in the weights' dtype; with 16-bit weights fp32 moments and master copies (as gpt_costs).
         optimizer_bytes_per_parameter_byte=2.0 if p >= 4 else 12 / p,

@@ -52,7 +52,7 @@ from typing import Any
 
 from pipefold.errors import ConfigError
 
-__all__ = ["ACTIVATION_SAVES", "SAVED_ON", "SavedBytes", "hf_saved_bytes"]
+__all__ = ["ACTIVATION_SAVES", "GPT2_DROPOUT", "SAVED_ON", "SavedBytes", "hf_saved_bytes", "probability"]
 
 ACTIVATION_SAVES = {
     "gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "relu": 0, "quick_gelu": 2, "gelu_new": 4,
@@ -80,7 +80,7 @@ GPT2_DROPOUT = 0.1
 the Llama family's `attention_dropout` defaults to 0)."""
 
 
-def _probability(config: Mapping[str, Any], key: str, default: float = 0.0) -> float:
+def probability(config: Mapping[str, Any], key: str, default: float = 0.0) -> float:
     value = config.get(key, default)
     if value is None:
         return default
@@ -120,22 +120,22 @@ def hf_saved_bytes(
     if gpt2:
         inner = int(config.get("n_inner") or 4 * d)
         kv = d
-        attention_dropout = _probability(config, "attn_pdrop", GPT2_DROPOUT)
+        attention_dropout = probability(config, "attn_pdrop", GPT2_DROPOUT)
         own = _activation(config, "activation_function", "gelu_new")
     else:
         inner = int(config["intermediate_size"])
         head_dim = int(config.get("head_dim") or d // heads)
         kv = int(config.get("num_key_value_heads") or heads) * head_dim
-        attention_dropout = _probability(config, "attention_dropout")
+        attention_dropout = probability(config, "attention_dropout")
         own = _activation(config, "hidden_act", "silu")
     if attention_dropout and not cuda:  # sdpa's math path: fp32 q, k, v over all heads, three T x T
         attention = 12 * d + b * d + 12 * heads * t
     else:
         attention = (2 * d + 2 * kv) * b + 4 * heads
     if gpt2:
-        residual_masks = 2 * d * mask_bytes if _probability(config, "resid_pdrop", GPT2_DROPOUT) else 0
+        residual_masks = 2 * d * mask_bytes if probability(config, "resid_pdrop", GPT2_DROPOUT) else 0
         per_token = (2 * (s * d + 8) + 2 * b * d + attention + residual_masks + (own + 1) * inner * b)
-        embedding_mask = d * (1 if cuda else s) if _probability(config, "embd_pdrop", GPT2_DROPOUT) else 0
+        embedding_mask = d * (1 if cuda else s) if probability(config, "embd_pdrop", GPT2_DROPOUT) else 0
         prefix = 8 + embedding_mask
         suffix = s * d + 8 + b * d
     else:

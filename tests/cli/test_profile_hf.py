@@ -47,6 +47,10 @@ def test_profile_measures_the_split_layers(config_json, tmp_path, capsys):
         layer.parameter_bytes for layer in estimate.layers
     ]
     assert costs.tied_layers == estimate.tied_layers == ()  # untied: the split finds no shared weight
+    # Measured with train's loss: its fp32 log-probabilities (2 rows x 8 tokens x 64 ids), held by
+    # the last stage per micro-batch in flight, and its backward's gradients beside them.
+    logits = 2 * 8 * 64 * 4
+    assert costs.loss_bytes >= logits and costs.loss_backward_bytes >= logits
 
 
 def test_plan_measures_then_plans(config_json, capsys):

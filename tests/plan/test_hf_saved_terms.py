@@ -73,11 +73,12 @@ def test_llama_casts_a_copy_of_the_norms_output_per_linear_under_autocast():
     assert mixed - pure == t * (3 * D * 2 + 2 * (2 * D) + 2 * (D // 4) * 2)
 
 
-def test_the_estimate_prices_the_terms_and_the_head_keeps_its_logits():
+def test_the_estimate_prices_the_terms_and_the_loss_keeps_its_log_probabilities():
     costs = hf_costs(GPT2, seq_len=8, bytes_per_value=2, parameter_bytes_per_value=4)
     saved = hf_saved_bytes(GPT2, seq_len=8, bytes_per_value=2, parameter_bytes_per_value=4)
     assert [layer.activation_bytes for layer in costs.layers] == [
-        saved.prefix, saved.block, saved.block, saved.suffix + 8 * 64 * 2]
+        saved.prefix, saved.block, saved.block, saved.suffix]
+    assert costs.loss_bytes == 8 * 64 * 4  # the loss's fp32 log-probabilities, apart from the head's
 
 
 @pytest.mark.parametrize(("field", "value"), [("activation_function", "mish"), ("attn_pdrop", 1.5),
