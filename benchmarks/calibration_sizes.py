@@ -46,7 +46,7 @@ from pipefold.cli.plan_calibrate import (  # noqa: E402
     calibration_microbatches,
 )
 from pipefold.job.calibration_size import parse_sizes  # noqa: E402
-from pipefold.plan.calibrate import fit_stage_line  # noqa: E402
+from pipefold.plan.stage_line import fit_stage_line  # noqa: E402
 
 
 def _uncapped(words: list[str], batch_size: int) -> list[str]:

@@ -79,7 +79,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -442,40 +442,60 @@ def allocator_check(quick: bool, precision: str, num_ranks: int | None, hardware
         print(f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}, torch {torch.__version__}: "
               f"{num_ranks} pipeline rank(s), {GPU_STEPS} steps (the first is warm-up); model "
               f"{' '.join(GPU_MODEL)}", flush=True)
-    cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if quick else [
-        (schedule, recompute, m)
-        for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
-    ]
+    cases = allocator_cases(quick)
     header = ALLOCATOR_HEADER if device == "cuda" else cpu_header()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    rows: list[tuple[str, ...]] = []
-    records: list[dict[str, Any]] = []
-    num_failed = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for schedule, recompute, m in cases:
-            try:
-                measured, record = (
-                    measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks) if device == "cuda"
-                    else measure_cpu_allocator(schedule, recompute, m, Path(tmp), precision, tensor_parallel))
-            except (RunFailed, subprocess.TimeoutExpired) as error:  # the other configurations still run
-                num_failed += 1
-                print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)
-                continue
-            for row in measured:
-                print("| " + " | ".join(row) + " |", flush=True)
-            rows.extend(measured)
-            records.append(record)
-            if json_file is not None:  # after each configuration: a run stopped at its limit keeps the rest
-                json_file.write_text(json.dumps({"header": header, "rows": rows, "runs": records},
-                                                indent=1) + "\n")
+
+        def measure(schedule: str, recompute: str, m: int) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+            if device == "cuda":
+                return measure_cuda(schedule, recompute, m, Path(tmp), precision, num_ranks)
+            return measure_cpu_allocator(schedule, recompute, m, Path(tmp), precision, tensor_parallel)
+
+        rows, num_failed = run_cases(cases, measure, header, json_file)
     print(allocator_verdict(rows, num_failed))
     if device == "cuda":
         print(reserve_note(hardware, rows))
     print(f"{len(cases)} configurations in {time.perf_counter() - started:.0f} s")
     if num_failed:
         raise SystemExit(1)
+
+
+def allocator_cases(quick: bool) -> list[tuple[str, str, int]]:
+    """(schedule, recompute, micro-batches) of an allocator check: 1f1b and gpipe, recompute none
+    and full, m = 2 and 4; `quick`: 1f1b at m = 4."""
+    if quick:
+        return [("1f1b", "none", 4), ("1f1b", "full", 4)]
+    return [(schedule, recompute, m)
+            for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)]
+
+
+def run_cases(cases: list[tuple[str, str, int]],
+              measure: Callable[[str, str, int], tuple[list[tuple[str, ...]], dict[str, Any]]],
+              header: list[str], json_file: Path | None) -> tuple[list[tuple[str, ...]], int]:
+    """Measure each case, printing its rows under `header` as they come, and writing them (with
+    each run's record) to `json_file` after each one, so a run stopped at its limit keeps the rest;
+    a case that fails is reported and the others still run. Returns the rows and the failures."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows: list[tuple[str, ...]] = []
+    records: list[dict[str, Any]] = []
+    num_failed = 0
+    for schedule, recompute, m in cases:
+        try:
+            measured, record = measure(schedule, recompute, m)
+        except (RunFailed, subprocess.TimeoutExpired) as error:
+            num_failed += 1
+            print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)
+            continue
+        for row in measured:
+            print("| " + " | ".join(row) + " |", flush=True)
+        rows.extend(measured)
+        records.append(record)
+        if json_file is not None:
+            record_json = {"header": header, "rows": rows, "runs": records}
+            json_file.write_text(json.dumps(record_json, indent=1) + "\n")
+    return rows, num_failed
 
 
 def cuda_ranks(num_ranks: int | None) -> int:

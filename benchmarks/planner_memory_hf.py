@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +39,12 @@ from benchmarks.planner_memory import (
     GPU_STEPS,
     RunFailed,
     _cli,
+    allocator_cases,
     allocator_error,
     allocator_row,
     allocator_verdict,
     cpu_header,
+    run_cases,
 )
 
 SEQ_LEN, BATCH = 32, 8
@@ -142,13 +143,7 @@ def hf_allocator_check(model: str, quick: bool, precision: str, json_file: Path 
     """The table for `model` (a `TINY` name or a config.json / model directory)."""
     import torch
 
-    cases = [("1f1b", "none", 4), ("1f1b", "full", 4)] if quick else [
-        (schedule, recompute, m)
-        for schedule in ("1f1b", "gpipe") for recompute in ("none", "full") for m in (2, 4)
-    ]
-    rows: list[tuple[str, ...]] = []
-    records: list[dict[str, Any]] = []
-    num_failed = 0
+    cases = allocator_cases(quick)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         config, tokens = write_model(model, Path(tmp))
@@ -156,23 +151,11 @@ def hf_allocator_check(model: str, quick: bool, precision: str, json_file: Path 
         print(f"CPU, torch {torch.__version__}: Hugging Face {model} ({family}), 2 pipeline ranks, "
               f"seq-len {SEQ_LEN}, batch {BATCH}, {precision}, {GPU_STEPS} steps (the first is warm-up), "
               "allocations profiled (train --memory-peaks)", flush=True)
-        print("| " + " | ".join(header()) + " |")
-        print("|" + "---|" * len(header()))
-        for schedule, recompute, m in cases:
-            try:
-                measured, record = measure_hf(config, tokens, schedule, recompute, m, Path(tmp), precision,
-                                              with_measured)
-            except (RunFailed, subprocess.TimeoutExpired) as error:  # the other configurations still run
-                num_failed += 1
-                print(f"{schedule} m={m} recompute={recompute}: {error}", file=sys.stderr, flush=True)
-                continue
-            for row in measured:
-                print("| " + " | ".join(row) + " |", flush=True)
-            rows.extend(measured)
-            records.append(record)
-            if json_file is not None:
-                json_file.write_text(json.dumps({"header": header(), "rows": rows, "runs": records},
-                                                indent=1) + "\n")
+
+        def measure(schedule: str, recompute: str, m: int) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+            return measure_hf(config, tokens, schedule, recompute, m, Path(tmp), precision, with_measured)
+
+        rows, num_failed = run_cases(cases, measure, header(), json_file)
     print(f"estimate: {allocator_verdict(rows, num_failed)}")
     if with_measured:
         errors = [row[-2] for row in rows if row[-2] != "-"]

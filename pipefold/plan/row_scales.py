@@ -5,7 +5,7 @@
     row_scale(scales, 3)      # (1.025, 1.015): halfway between 2 and 4 rows
 
 `pipefold plan --profile` prices a stage's F and B on a line over rows fitted through the sizes
-its calibration run measured (`pipefold.plan.calibrate.fit_stage_line`). On a CPU host one line
+its calibration run measured (`pipefold.plan.stage_line.fit_stage_line`). On a CPU host one line
 does not fit a one-row micro-batch and a sixteen-row one alike (per call costs that are not
 linear, caches): the line misses the smallest size most, and a search that prefers many small
 micro-batches takes that miss for a gain. So the calibration keeps, at each size it measured,

@@ -10,12 +10,12 @@ micro-batch); the suffix exactly (the loss's log-probabilities are priced apart,
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipefold.plan.hf_estimate import hf_costs
-from pipefold.runtime import profile
 
-transformers = pytest.importorskip("transformers")
+from .hf_tiny import profiled_tiny
+
+pytest.importorskip("transformers")
 
 T, ROWS, VOCAB = 16, 2, 64
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": VOCAB, "n_positions": T}
@@ -29,15 +29,7 @@ LLAMA = {
 @pytest.mark.parametrize(("config", "precision"), [(GPT2, "bf16"), (LLAMA, "bf16"), (LLAMA, "fp32")],
                          ids=["gpt2-bf16", "llama-bf16", "llama-fp32"])
 def test_the_estimate_saves_what_the_split_model_saves(config, precision):
-    from pipefold.hf.model import load_causal_lm
-
-    made = transformers.CONFIG_MAPPING[config["model_type"]](**{k: v for k, v in config.items()
-                                                                 if k != "model_type"})
-    lm = load_causal_lm(made, seq_len=T)
-    for layer in lm.layers:
-        layer.materialize_("cpu")
-    ids = torch.randint(0, VOCAB, (ROWS, T), generator=torch.Generator().manual_seed(0))
-    profiled = profile(lm.layers, ids, num_repeats=1, precision=precision)
+    profiled = profiled_tiny(config, seq_len=T, rows=ROWS, vocab=VOCAB, precision=precision)
     measured = [layer.activation_bytes for layer in profiled]
     b = 4 if precision == "fp32" else 2
     costs = hf_costs(config, seq_len=T, bytes_per_value=b, parameter_bytes_per_value=4)

@@ -10,13 +10,13 @@ from pipefold.plan import LayerCost, ModelCosts, PlanOptions, plan
 from pipefold.plan.calibrate import (
     at_run_prices,
     first_stage_backward,
-    fit_stage_line,
     fixed_seconds,
     update_time,
     with_fixed_costs,
 )
 from pipefold.plan.evaluate import evaluate
 from pipefold.plan.space import Config
+from pipefold.plan.stage_line import fit_stage_line
 from pipefold.plan.stages import StageLayout, stage_cost_model
 from pipefold.simulate import CostModel, Link, simulate
 

@@ -8,12 +8,12 @@ totals were 7-12% under the CPU allocator's peaks of `pipefold train` (BENCHMARK
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipefold.plan.hf_estimate import hf_costs
-from pipefold.runtime import profile
 
-transformers = pytest.importorskip("transformers")
+from .hf_tiny import profiled_tiny
+
+pytest.importorskip("transformers")
 
 T, ROWS, VOCAB = 32, 2, 256
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": VOCAB, "n_positions": T}
@@ -29,16 +29,8 @@ LLAMA = {
                           (LLAMA, "bf16", 0.05)],
                          ids=["gpt2-fp32", "gpt2-bf16", "llama-fp32", "llama-bf16"])
 def test_the_estimate_prices_the_backward_temporaries_the_profile_measures(config, precision, block_within):
-    from pipefold.hf.model import load_causal_lm
-
-    made = transformers.CONFIG_MAPPING[config["model_type"]](**{k: v for k, v in config.items()
-                                                                 if k != "model_type"})
-    lm = load_causal_lm(made, seq_len=T)
-    for layer in lm.layers:
-        layer.materialize_("cpu")
-    ids = torch.randint(0, VOCAB, (ROWS, T), generator=torch.Generator().manual_seed(0))
-    measured = [layer.backward_temporary_bytes for layer in profile(lm.layers, ids, num_repeats=1,
-                                                                     precision=precision)]
+    measured = [layer.backward_temporary_bytes
+                for layer in profiled_tiny(config, seq_len=T, rows=ROWS, vocab=VOCAB, precision=precision)]
     b = 4 if precision == "fp32" else 2
     costs = hf_costs(config, seq_len=T, bytes_per_value=b, parameter_bytes_per_value=4)
     # A cost is per sample plus a part that does not grow with the rows (the weight gradients).
