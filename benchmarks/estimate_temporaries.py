@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,7 +38,8 @@ QUICK = ((64, 4, 32, 2), (32, 8, 256, 2))
 VOCAB = 256
 
 
-def measured(d_model: int, heads: int, seq_len: int, rows: int, precision: str, attention: str) -> list[int]:
+def _profiled(d_model: int, heads: int, seq_len: int, rows: int, precision: str, attention: str) -> list[Any]:
+    """`pipefold profile` of a one-block GPT of these sizes on random tokens, with its loss."""
     import torch
 
     from pipefold.model.zoo.gpt import gpt_layers, gpt_loss
@@ -49,6 +51,11 @@ def measured(d_model: int, heads: int, seq_len: int, rows: int, precision: str, 
     tokens = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
     targets = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
     found = profile(layers, tokens, num_repeats=1, loss_fn=gpt_loss, target=targets, precision=precision)
+    return list(found)
+
+
+def measured(d_model: int, heads: int, seq_len: int, rows: int, precision: str, attention: str) -> list[int]:
+    found = _profiled(d_model, heads, seq_len, rows, precision, attention)
     return [layer.backward_temporary_bytes for layer in found]
 
 
@@ -91,17 +98,7 @@ def measured_activations(d_model: int, heads: int, seq_len: int, rows: int, prec
                          ) -> list[tuple[int, int]]:
     """Per layer, (activation_bytes, activation_bytes_from_boundary) as `pipefold profile` measures
     them on CPU (the latter: from the layer's input cast to 16 bits; the chain's in fp32)."""
-    import torch
-
-    from pipefold.model.zoo.gpt import gpt_layers, gpt_loss
-    from pipefold.runtime import profile
-
-    layers = gpt_layers(VOCAB, d_model, heads, 1, seq_len, attention=attention,
-                        dropout=0.1 if attention == "unfused" else 0.0)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
-    targets = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
-    found = profile(layers, tokens, num_repeats=1, loss_fn=gpt_loss, target=targets, precision=precision)
+    found = _profiled(d_model, heads, seq_len, rows, precision, attention)
     return [(layer.activation_bytes, layer.activation_bytes_from_boundary or layer.activation_bytes)
             for layer in found]
 

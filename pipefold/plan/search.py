@@ -382,11 +382,9 @@ class _Search:
             if self.selective is not None:
                 configs += [replace(config, recompute_attention=True) for config in space.configs]
             dp, tp = degree.num_data_parallel, degree.num_tensor_parallel
-            configs = [
-                # (`replace` is slow enough to show over the search's ten thousand configurations.)
-                config
-                if (shard, free_between, ahead)
-                == (config.shard, config.free_between, config.gather_lookahead)
+            configs = [  # (`replace` is slow enough to show over the search's ten thousand configurations.)
+                config if (shard, free_between, ahead) == (config.shard, config.free_between,
+                                                           config.gather_lookahead)
                 else replace(config, shard=shard, free_between=free_between, gather_lookahead=ahead)
                 for config in configs
                 for shard, free_between, ahead in searched_layouts(

@@ -11,6 +11,20 @@ import torch
 from pipefold.runtime import profile
 
 
+def gpt2_config(*, width: int, seq_len: int, vocab: int) -> dict[str, Any]:
+    """A two-block GPT-2 config.json of `width` with four heads."""
+    return {"model_type": "gpt2", "n_layer": 2, "n_embd": width, "n_head": 4, "vocab_size": vocab,
+            "n_positions": seq_len}
+
+
+def llama_config(*, width: int, seq_len: int, vocab: int, **extra: Any) -> dict[str, Any]:
+    """A two-block Llama config.json of `width` (MLP twice as wide), four query and two key/value
+    heads, an untied head; `extra` fields added."""
+    return {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": width,
+            "intermediate_size": 2 * width, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": vocab, "max_position_embeddings": seq_len, "tie_word_embeddings": False, **extra}
+
+
 def profiled_tiny(config: Mapping[str, Any], *, seq_len: int, rows: int, vocab: int,
                   precision: str) -> list[Any]:
     """`profile` of the model `config` (a config.json's fields) built from a random initialization,

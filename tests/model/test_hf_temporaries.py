@@ -11,17 +11,13 @@ import pytest
 
 from pipefold.plan.hf_estimate import hf_costs
 
-from .hf_tiny import profiled_tiny
+from .hf_tiny import gpt2_config, llama_config, profiled_tiny
 
 pytest.importorskip("transformers")
 
 T, ROWS, VOCAB = 32, 2, 256
-GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": VOCAB, "n_positions": T}
-LLAMA = {
-    "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": T,
-    "tie_word_embeddings": False,
-}
+GPT2 = gpt2_config(width=64, seq_len=T, vocab=VOCAB)
+LLAMA = llama_config(width=64, seq_len=T, vocab=VOCAB)
 
 
 @pytest.mark.parametrize(("config", "precision", "block_within"),
