@@ -211,22 +211,28 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
+def _hardware_dtype(args: argparse.Namespace) -> tuple[str, int]:
+    """The compute dtype ("" where neither --dtype nor --precision names one: the file's default)
+    and the weights' bytes (0: the dtype's) of an estimate on a hardware file, which says how fast
+    the device is itself."""
     for flag in ("--flops", "--bytes-per-value", "--memory-bandwidth"):
         if getattr(args, flag[2:].replace("-", "_")) is not None:
             raise ConfigError(
                 f"{flag} and --hardware both say how fast the device is; drop {flag} (the hardware file "
-                "gives "
-                "peak FLOP/s per dtype and the matmul efficiency; pick the dtype with --dtype)"
+                "gives peak FLOP/s per dtype and the matmul efficiency; pick the dtype with --dtype)"
             )
-    dtype, parameter_bytes = args.dtype or "", 0
-    if args.precision is not None:
-        # As pipefold train runs it: 16-bit compute (autocast) over fp32 weights, bf16-pure's bf16 weights.
-        dtype = {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(args.precision, "fp32")
-        if args.dtype is not None and args.dtype != dtype:
-            raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} (computing in {dtype}) "
-                              "disagree; give one")
-        parameter_bytes = PRECISION_BYTES[args.precision][1]
+    if args.precision is None:
+        return args.dtype or "", 0
+    # As pipefold train runs it: 16-bit compute (autocast) over fp32 weights, bf16-pure's bf16 weights.
+    dtype = {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(args.precision, "fp32")
+    if args.dtype is not None and args.dtype != dtype:
+        raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} (computing in {dtype}) "
+                          "disagree; give one")
+    return dtype, PRECISION_BYTES[args.precision][1]
+
+
+def _hardware_estimate(args: argparse.Namespace, hardware: Any) -> Any:
+    dtype, parameter_bytes = _hardware_dtype(args)
     return GptEstimate(
         num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, seq_len=args.seq_len,
         vocab_size=args.vocab_size, hardware=hardware, dtype=dtype, megatron=args.megatron,
@@ -239,22 +245,14 @@ def _hf_hardware_estimate(args: argparse.Namespace, hardware: Any) -> ModelCosts
     for the compute dtype times its matrix-product efficiency at one sample's d x d product (the
     estimate has no per-product shapes), element-wise casts at its memory bandwidth, and what the
     layers save as its `device` saves it."""
-    for flag in ("--flops", "--bytes-per-value", "--memory-bandwidth"):
-        if getattr(args, flag[2:].replace("-", "_")) is not None:
-            raise ConfigError(f"{flag} and --hardware both say how fast the device is; drop {flag}")
     for flag, given in (("--megatron", args.megatron), ("--recompute-attention", args.recompute_attention)):
         if given:
             raise ConfigError(f"{flag} shapes the built-in GPT's estimate, not a Hugging Face model's "
                               f"(--model {args.model}); drop {flag}")
-    dtype = args.dtype or hardware.default_dtype
-    if args.precision is not None:
-        computed = {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(args.precision, "fp32")
-        if args.dtype is not None and args.dtype != computed:
-            raise ConfigError(f"--dtype {args.dtype} and --precision {args.precision} (computing in "
-                              f"{computed}) disagree; give one")
-        dtype = computed
+    dtype, parameter_bytes = _hardware_dtype(args)
+    dtype = dtype or hardware.default_dtype
     value_bytes = 2 if dtype in ("bf16", "fp16") else 4
-    parameter_bytes = PRECISION_BYTES[args.precision][1] if args.precision is not None else value_bytes
+    parameter_bytes = parameter_bytes or value_bytes
     files = inspect_model(args.model, field="--model")
     width = files.hidden_size
     efficiency = hardware.matmul_for(dtype)(2.0 * args.seq_len * width * width)
